@@ -1,0 +1,81 @@
+"""envelope: the sealstream message format, an AWS Encryption SDK message (version 2,
+algorithm suite 0x0478, framed), written and read incrementally.
+
+Pure: bytes in, bytes out; no I/O and no framework. See docs/FORMAT.md for the bytes.
+"""
+
+from envelope.context import EncryptionContext
+from envelope.decrypt import Decryptor, FrameReader
+from envelope.encrypt import Encryptor
+from envelope.errors import (
+    AuthenticationError,
+    CommitmentMismatch,
+    DataKeyUnavailable,
+    EncryptionContextMismatch,
+    EnvelopeError,
+    FrameAuthenticationError,
+    FrameSequenceError,
+    HeaderAuthenticationError,
+    HeaderLimitExceeded,
+    InvalidParameter,
+    MessageFormatError,
+    StateError,
+    TrailingData,
+    TruncatedMessage,
+    UnsupportedMessage,
+)
+from envelope.header import (
+    DEFAULT_LIMITS,
+    MAX_FRAME_LENGTH,
+    MIN_FRAME_LENGTH,
+    EncryptedDataKey,
+    Header,
+    HeaderReader,
+    Limits,
+    parse_header,
+)
+from envelope.keyrings import PROVIDER_ID, AesKeyring, Keyring, MlKemKeyring, RsaKeyring
+from envelope.message import DEFAULT_FRAME_LENGTH, check_frame_length, new_message, open_message
+from envelope.ranged import FrameSpan, MessageLayout, RangeDecryptor
+
+__all__ = [
+    "DEFAULT_FRAME_LENGTH",
+    "DEFAULT_LIMITS",
+    "MAX_FRAME_LENGTH",
+    "MIN_FRAME_LENGTH",
+    "PROVIDER_ID",
+    "AesKeyring",
+    "AuthenticationError",
+    "CommitmentMismatch",
+    "DataKeyUnavailable",
+    "Decryptor",
+    "EncryptedDataKey",
+    "EncryptionContext",
+    "EncryptionContextMismatch",
+    "Encryptor",
+    "EnvelopeError",
+    "FrameAuthenticationError",
+    "FrameReader",
+    "FrameSequenceError",
+    "FrameSpan",
+    "Header",
+    "HeaderAuthenticationError",
+    "HeaderLimitExceeded",
+    "HeaderReader",
+    "InvalidParameter",
+    "Keyring",
+    "Limits",
+    "MessageFormatError",
+    "MessageLayout",
+    "MlKemKeyring",
+    "RangeDecryptor",
+    "RsaKeyring",
+    "StateError",
+    "TrailingData",
+    "TruncatedMessage",
+    "UnsupportedMessage",
+    "check_frame_length",
+    "new_message",
+    "open_message",
+    "parse_header",
+]

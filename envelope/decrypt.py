@@ -1,0 +1,190 @@
+"""Streaming decryption: message bytes in chunks of any size in, verified plaintext out.
+
+Nothing is returned before the tag that covers it has verified: the header must
+authenticate (and the key commitment match) before any frame is read, and each frame's
+plaintext is released only after its own tag verifies. A message is complete only when
+its final frame has been read; `finish` raises `TruncatedMessage` otherwise.
+
+`FrameReader` is the frame half on its own, so a ranged read can start at any frame.
+"""
+
+import struct
+from collections.abc import Mapping, Sequence
+
+from envelope.errors import (
+    FrameSequenceError,
+    MessageFormatError,
+    StateError,
+    TrailingData,
+    TruncatedMessage,
+)
+from envelope.frames import (
+    END_MARKER,
+    FINAL_OVERHEAD,
+    FINAL_PREFIX,
+    MAX_SEQUENCE_NUMBER,
+    REGULAR_OVERHEAD,
+    FrameCipher,
+)
+from envelope.header import DEFAULT_LIMITS, Header, HeaderReader, Limits
+from envelope.keyrings.base import Keyring
+from envelope.message import open_message
+
+_U32 = struct.Struct(">I")
+
+
+class FrameReader:
+    """Opens consecutive frames, starting at `first_sequence_number`, from chunked bytes.
+
+    Bytes that straddle two chunks are copied once into a frame buffer; whole frames inside
+    a chunk are opened in place.
+    """
+
+    def __init__(self, cipher: FrameCipher, frame_length: int, first_sequence_number: int = 1):
+        self._cipher = cipher
+        self._frame_length = frame_length
+        # One buffer for the largest frame, reused: fresh megabyte buffers per frame cost
+        # more in page faults than the copy itself.
+        self._buffer = bytearray(frame_length + FINAL_OVERHEAD)
+        self._filled = 0
+        self.next_sequence_number = first_sequence_number
+        self.final_frame_read = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back until the rest of their frame arrives."""
+        return self._filled
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Plaintexts of the frames `data` completes; raises on any bad frame."""
+        view = memoryview(data).cast("B")
+        out: list[bytes] = []
+        while view and not self.final_frame_read:
+            if self._filled:
+                view = self._fill(view)
+                held = memoryview(self._buffer)[: self._filled]
+                if self._filled < self._unit_length(held):
+                    break
+                out.append(self._open(held))
+                self._filled = 0
+            else:
+                needed = self._unit_length(view)
+                if len(view) < needed:
+                    self._store(view)
+                    return out
+                out.append(self._open(view[:needed]))
+                view = view[needed:]
+        if view:
+            raise TrailingData("bytes follow the final frame")
+        return out
+
+    def _store(self, piece: memoryview) -> None:
+        """Append `piece` to the frame buffer; it always fits, being part of one frame."""
+        self._buffer[self._filled : self._filled + len(piece)] = piece
+        self._filled += len(piece)
+
+    def _fill(self, view: memoryview) -> memoryview:
+        """Move bytes from `view` into the frame buffer until it is whole or `view` is empty."""
+        needed = self._unit_length(memoryview(self._buffer)[: self._filled])
+        while view and self._filled < needed:
+            take = min(needed - self._filled, len(view))
+            self._store(view[:take])
+            view = view[take:]
+            needed = self._unit_length(memoryview(self._buffer)[: self._filled])
+        return view
+
+    def _unit_length(self, head: bytes | bytearray | memoryview) -> int:
+        """The frame's full length once `head` holds enough of it to tell, else a lower bound.
+
+        Sequence numbers and the final frame's length are checked here, as soon as they
+        arrive, so a bad stream fails before a whole frame of it is buffered.
+        """
+        if len(head) < 4:
+            return 4
+        (marker,) = _U32.unpack_from(head, 0)
+        if marker != END_MARKER:
+            self._check_sequence(marker)
+            return REGULAR_OVERHEAD + self._frame_length
+        if len(head) < FINAL_PREFIX.size:
+            return FINAL_PREFIX.size
+        _, sequence_number, _, length = FINAL_PREFIX.unpack_from(head, 0)
+        self._check_sequence(int(sequence_number))
+        if length > self._frame_length:
+            raise MessageFormatError(
+                f"the final frame claims {length} bytes, more than the frame length"
+            )
+        return FINAL_OVERHEAD + int(length)
+
+    def _check_sequence(self, sequence_number: int) -> None:
+        if sequence_number != self.next_sequence_number:
+            raise FrameSequenceError(
+                f"expected frame {self.next_sequence_number}, found frame {sequence_number}"
+            )
+
+    def _open(self, frame: memoryview) -> bytes:
+        final = _U32.unpack_from(frame, 0)[0] == END_MARKER
+        sequence_number = self.next_sequence_number
+        if not final and sequence_number >= MAX_SEQUENCE_NUMBER:
+            raise FrameSequenceError("the message has more frames than the format allows")
+        plaintext = self._cipher.open(sequence_number, frame, final=final)
+        self.next_sequence_number += 1
+        self.final_frame_read = final
+        return plaintext
+
+
+class Decryptor:
+    """Decrypts one message with whichever of `keyrings` unwraps one of its data keys.
+
+    `required_context` pairs must all be in the message's encryption context. After any
+    error the decryptor is spent: further calls raise `StateError`.
+    """
+
+    def __init__(
+        self,
+        keyrings: Sequence[Keyring],
+        *,
+        required_context: Mapping[str, str] | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._keyrings = tuple(keyrings)
+        self._required_context = dict(required_context or {})
+        self._header_reader = HeaderReader(limits)
+        self._frames: FrameReader | None = None
+        self._failed = False
+        self._finished = False
+        self.plaintext_length = 0
+
+    @property
+    def header(self) -> Header | None:
+        """The authenticated header, once it has been read."""
+        return self._header_reader.header if self._frames is not None else None
+
+    def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Take more ciphertext; return the plaintext of every frame it completes."""
+        if self._failed or self._finished:
+            raise StateError("the decryptor has finished or failed")
+        try:
+            plaintexts = self._update(data)
+        except BaseException:
+            self._failed = True
+            raise
+        self.plaintext_length += sum(len(p) for p in plaintexts)
+        return plaintexts
+
+    def finish(self) -> None:
+        """Declare the input complete; raises `TruncatedMessage` if the final frame is missing."""
+        if self._failed or self._finished:
+            raise StateError("the decryptor has finished or failed")
+        self._finished = True
+        if self._frames is None or not self._frames.final_frame_read:
+            raise TruncatedMessage("the message ended before its final frame")
+
+    def _update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        if self._frames is None:
+            header = self._header_reader.feed(data)
+            if header is None:
+                return []
+            cipher = open_message(header, self._keyrings, self._required_context)
+            self._frames = FrameReader(cipher, header.frame_length)
+            data = self._header_reader.remainder
+        return self._frames.feed(data)

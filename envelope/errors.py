@@ -1,0 +1,70 @@
+"""The exceptions the envelope raises: one hierarchy, rooted at `EnvelopeError`.
+
+Decrypting hostile bytes raises nothing else: parsing, limit, authentication and key
+failures each have their own class so that callers can map them to distinct answers
+(a malformed upload is the client's fault; a failed tag may be tampering).
+"""
+
+
+class EnvelopeError(Exception):
+    """Base class of every error raised by the `envelope` package."""
+
+
+class InvalidParameter(EnvelopeError, ValueError):
+    """A caller passed an argument the format cannot honour (frame length, context, keys)."""
+
+
+class MessageFormatError(EnvelopeError):
+    """The bytes are not a well-formed message of the supported format."""
+
+
+class UnsupportedMessage(MessageFormatError):
+    """A well-formed field names a version, algorithm suite or content type we do not read."""
+
+
+class HeaderLimitExceeded(MessageFormatError):
+    """The header claims more (keys, bytes, frame length) than the configured limits allow."""
+
+
+class FrameSequenceError(MessageFormatError):
+    """A frame arrived out of order: reordered, duplicated or dropped frames."""
+
+
+class TruncatedMessage(MessageFormatError):
+    """The stream ended before the final frame: the message is incomplete."""
+
+
+class TrailingData(MessageFormatError):
+    """Bytes follow the final frame."""
+
+
+class AuthenticationError(EnvelopeError):
+    """An authentication tag did not verify: the bytes were changed or the key is wrong."""
+
+
+class HeaderAuthenticationError(AuthenticationError):
+    """The header authentication tag did not verify."""
+
+
+class FrameAuthenticationError(AuthenticationError):
+    """A frame's authentication tag did not verify."""
+
+    def __init__(self, sequence_number: int) -> None:
+        super().__init__(f"frame {sequence_number} failed authentication")
+        self.sequence_number = sequence_number
+
+
+class CommitmentMismatch(AuthenticationError):
+    """The data key does not match the header's key commitment."""
+
+
+class DataKeyUnavailable(EnvelopeError):
+    """None of the message's encrypted data keys could be unwrapped by the given keyrings."""
+
+
+class EncryptionContextMismatch(EnvelopeError):
+    """A required encryption-context pair is missing from the message or has another value."""
+
+
+class StateError(EnvelopeError):
+    """An encryptor or decryptor was used after it finished or failed."""

@@ -1,0 +1,168 @@
+"""Interoperability with the `aws-encryption-sdk` package, both ways, through its raw keyrings.
+
+sealstream's AES and RSA keyrings must be byte-compatible with the SDK's raw AES and raw RSA
+(OAEP-SHA256) keyrings given the same key material, namespace `sealstream` and key name.
+"""
+
+import io
+import os
+from typing import Any
+
+import aws_encryption_sdk
+import pytest
+from aws_cryptographic_material_providers.mpl import AwsCryptographicMaterialProviders
+from aws_cryptographic_material_providers.mpl.config import MaterialProvidersConfig
+from aws_cryptographic_material_providers.mpl.models import (
+    AesWrappingAlg,
+    CreateRawAesKeyringInput,
+    CreateRawRsaKeyringInput,
+    PaddingScheme,
+)
+from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from envelope import (
+    PROVIDER_ID,
+    AesKeyring,
+    Decryptor,
+    Encryptor,
+    Keyring,
+    RsaKeyring,
+    UnsupportedMessage,
+)
+
+MIB = 1024 * 1024
+AES_KEY = os.urandom(32)
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+SDK = aws_encryption_sdk.EncryptionSDKClient(
+    commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+)
+MPL = AwsCryptographicMaterialProviders(config=MaterialProvidersConfig())
+
+
+def sdk_keyring(kind: str) -> Any:
+    """The SDK's own raw keyring for the same key material as `our_keyring(kind)`."""
+    if kind == "aes":
+        return MPL.create_raw_aes_keyring(
+            input=CreateRawAesKeyringInput(
+                key_namespace=PROVIDER_ID,
+                key_name="data-key#1",
+                wrapping_key=AES_KEY,
+                wrapping_alg=AesWrappingAlg.ALG_AES256_GCM_IV12_TAG16,
+            )
+        )
+    return MPL.create_raw_rsa_keyring(
+        input=CreateRawRsaKeyringInput(
+            key_namespace=PROVIDER_ID,
+            key_name="rsa-key#3",
+            padding_scheme=PaddingScheme.OAEP_SHA256_MGF1,
+            public_key=RSA_KEY.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            private_key=RSA_KEY.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+    )
+
+
+def our_keyring(kind: str) -> Keyring:
+    if kind == "aes":
+        return AesKeyring("data-key#1", AES_KEY)
+    return RsaKeyring("rsa-key#3", RSA_KEY)
+
+
+def our_encrypt(kind: str, data: bytes, frame_length: int, context: dict[str, str]) -> bytes:
+    encryptor = Encryptor([our_keyring(kind)], frame_length=frame_length, context=context)
+    out = bytearray()
+    for offset in range(0, len(data), 100_000):
+        for chunk in encryptor.update(data[offset : offset + 100_000]):
+            out += chunk
+    for chunk in encryptor.finish():
+        out += chunk
+    return bytes(out)
+
+
+def our_decrypt(kind: str, message: bytes, required: dict[str, str]) -> bytes:
+    decryptor = Decryptor([our_keyring(kind)], required_context=required)
+    out = b"".join(
+        p
+        for offset in range(0, len(message), 65_536)
+        for p in decryptor.update(message[offset : offset + 65_536])
+    )
+    decryptor.finish()
+    return out
+
+
+CASES = [
+    pytest.param(
+        kind, frame, context, size, id=f"{kind}-{frame}-{'ctx' if context else 'noctx'}-{size}"
+    )
+    for kind in ("aes", "rsa")
+    for frame in (4096, MIB)
+    for context in ({}, {"department": "finance", "purpose": "interop"})
+    for size in (0, 4096, 3 * MIB + 17)
+]
+
+
+@pytest.mark.parametrize(("kind", "frame_length", "context", "size"), CASES)
+def test_the_sdk_decrypts_what_sealstream_writes(
+    kind: str, frame_length: int, context: dict[str, str], size: int
+) -> None:
+    data = os.urandom(size)
+    message = our_encrypt(kind, data, frame_length, context)
+    plaintext, header = SDK.decrypt(source=message, keyring=sdk_keyring(kind))
+    assert plaintext == data
+    assert dict(header.encryption_context) == context
+    assert header.frame_length == frame_length
+
+
+@pytest.mark.parametrize(("kind", "frame_length", "context", "size"), CASES)
+def test_sealstream_decrypts_what_the_sdk_writes(
+    kind: str, frame_length: int, context: dict[str, str], size: int
+) -> None:
+    data = os.urandom(size)
+    message, _ = SDK.encrypt(
+        source=data,
+        keyring=sdk_keyring(kind),
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        frame_length=frame_length,
+        encryption_context=context,
+    )
+    assert our_decrypt(kind, message, required=context) == data
+
+
+def test_sixteen_mib_frames_interoperate() -> None:
+    data = os.urandom(17 * MIB)
+    message = our_encrypt("aes", data, 16 * MIB, {})
+    plaintext, _ = SDK.decrypt(source=message, keyring=sdk_keyring("aes"))
+    assert plaintext == data
+    sdk_message, _ = SDK.encrypt(
+        source=data,
+        keyring=sdk_keyring("aes"),
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        frame_length=16 * MIB,
+    )
+    assert our_decrypt("aes", sdk_message, {}) == data
+
+
+def test_sdk_streaming_output_decrypts() -> None:
+    data = os.urandom(2 * MIB + 3)
+    with SDK.stream(
+        mode="e",
+        source=io.BytesIO(data),
+        keyring=sdk_keyring("aes"),
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        frame_length=65_536,
+    ) as stream:
+        message = b"".join(stream)
+    assert our_decrypt("aes", message, {}) == data
+
+
+def test_the_sdk_default_signed_suite_is_refused_clearly() -> None:
+    message, _ = SDK.encrypt(source=b"signed", keyring=sdk_keyring("aes"))
+    with pytest.raises(UnsupportedMessage, match="0x0578"):
+        our_decrypt("aes", message, {})

@@ -1,0 +1,133 @@
+"""Random access: plaintext ranges map to whole frames, which decrypt to exactly the range."""
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envelope import (
+    AesKeyring,
+    Encryptor,
+    FrameAuthenticationError,
+    InvalidParameter,
+    MessageFormatError,
+    MessageLayout,
+    RangeDecryptor,
+    TruncatedMessage,
+    open_message,
+    parse_header,
+)
+
+FRAME = 4096
+KEYRING = AesKeyring("ranged#1", os.urandom(32))
+
+
+def make_message(size: int) -> tuple[bytes, bytes]:
+    data = os.urandom(size)
+    encryptor = Encryptor([KEYRING], frame_length=FRAME)
+    return data, b"".join(encryptor.update(data) + encryptor.finish())
+
+
+def read_range(message: bytes, first: int, last: int, chunk: int = 1000) -> bytes:
+    """What a ranged read does: header, layout from the total length, then only the span."""
+    header = parse_header(message[:8192])
+    layout = MessageLayout.of(header, len(message))
+    span = layout.span(first, last)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    ciphertext = message[span.start : span.end]
+    out = b"".join(
+        p
+        for i in range(0, len(ciphertext), chunk)
+        for p in decryptor.update(ciphertext[i : i + chunk])
+    )
+    decryptor.finish()
+    return out
+
+
+@pytest.mark.parametrize("size", [1, FRAME - 1, FRAME, FRAME + 1, 5 * FRAME, 5 * FRAME + 77])
+def test_layout_matches_the_message(size: int) -> None:
+    _, message = make_message(size)
+    layout = MessageLayout.of(parse_header(message), len(message))
+    assert layout.plaintext_length == size
+    assert layout.message_length == len(message)
+
+
+EDGES = [
+    (0, 0),
+    (0, FRAME - 1),
+    (FRAME - 1, FRAME),
+    (FRAME, FRAME),
+    (FRAME, 2 * FRAME - 1),
+    (2 * FRAME - 1, 3 * FRAME + 1),
+    (5 * FRAME, 5 * FRAME + 76),
+    (5 * FRAME + 76, 5 * FRAME + 76),
+    (0, 5 * FRAME + 76),
+]
+
+
+@pytest.mark.parametrize(("first", "last"), EDGES)
+def test_ranges_at_frame_edges(first: int, last: int) -> None:
+    data, message = make_message(5 * FRAME + 77)
+    assert read_range(message, first, last) == data[first : last + 1]
+
+
+def test_a_whole_number_of_frames_ends_in_an_empty_final_frame() -> None:
+    data, message = make_message(3 * FRAME)
+    layout = MessageLayout.of(parse_header(message), len(message))
+    assert (layout.regular_frames, layout.final_frame_length) == (3, 0)
+    assert read_range(message, 2 * FRAME, 3 * FRAME - 1) == data[2 * FRAME :]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_random_ranges(draw: st.DataObject) -> None:
+    size = draw.draw(st.integers(1, 8 * FRAME))
+    data, message = make_message(size)
+    first = draw.draw(st.integers(0, size - 1))
+    last = draw.draw(st.integers(first, size - 1))
+    chunk = draw.draw(st.integers(1, 3 * FRAME))
+    assert read_range(message, first, last, chunk) == data[first : last + 1]
+
+
+def test_ranges_outside_the_plaintext_are_refused() -> None:
+    _, message = make_message(FRAME)
+    layout = MessageLayout.of(parse_header(message), len(message))
+    for first, last in [(-1, 0), (5, 4), (0, FRAME), (FRAME, FRAME)]:
+        with pytest.raises(InvalidParameter):
+            layout.span(first, last)
+    _, empty = make_message(0)
+    with pytest.raises(InvalidParameter):
+        MessageLayout.of(parse_header(empty), len(empty)).span(0, 0)
+
+
+def test_impossible_lengths_are_refused() -> None:
+    _, message = make_message(FRAME)
+    header = parse_header(message)
+    with pytest.raises(TruncatedMessage):
+        MessageLayout.of(header, header.length + 10)
+    with pytest.raises(MessageFormatError):
+        MessageLayout.of(header, len(message) + FRAME + 20)  # a final frame longer than a frame
+
+
+def test_a_tampered_frame_in_the_span_fails() -> None:
+    _, message = make_message(4 * FRAME)
+    header = parse_header(message)
+    layout = MessageLayout.of(header, len(message))
+    span = layout.span(FRAME + 10, 2 * FRAME + 10)
+    tampered = bytearray(message)
+    tampered[span.start + 100] ^= 1
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    with pytest.raises(FrameAuthenticationError):
+        decryptor.update(bytes(tampered[span.start : span.end]))
+
+
+def test_a_short_span_is_truncated() -> None:
+    _, message = make_message(4 * FRAME)
+    header = parse_header(message)
+    layout = MessageLayout.of(header, len(message))
+    span = layout.span(0, 2 * FRAME)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    decryptor.update(message[span.start : span.end - 1])
+    with pytest.raises(TruncatedMessage):
+        decryptor.finish()

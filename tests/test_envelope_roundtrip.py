@@ -1,0 +1,179 @@
+"""Round trips through Encryptor and Decryptor: sizes at frame edges, any chunking, any keyring."""
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import mlkem, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from envelope import (
+    AesKeyring,
+    DataKeyUnavailable,
+    Decryptor,
+    Encryptor,
+    InvalidParameter,
+    Keyring,
+    MlKemKeyring,
+    RsaKeyring,
+    StateError,
+)
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
+
+FRAME = 4096
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+AES_KEY = os.urandom(32)
+
+
+def keyring_of(kind: str) -> Keyring:
+    if kind == "aes":
+        return AesKeyring("aes#1", AES_KEY)
+    if kind == "rsa":
+        return RsaKeyring("rsa#1", RSA_KEY)
+    if kind == "mlkem768":
+        return MlKemKeyring("pq#1", mlkem.MLKEM768PrivateKey.generate())
+    return MlKemKeyring("pq#2", mlkem.MLKEM1024PrivateKey.generate())
+
+
+def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
+    """`data` cut into pieces of the given sizes, cycling, then the rest."""
+    offset, index = 0, 0
+    while offset < len(data):
+        size = sizes[index % len(sizes)] if sizes else len(data)
+        yield data[offset : offset + size]
+        offset += size
+        index += 1
+
+
+def encrypt(keyrings: list[Keyring], data: bytes, sizes: list[int], **options: object) -> bytes:
+    encryptor = Encryptor(keyrings, frame_length=FRAME, **options)  # type: ignore[arg-type]
+    out = bytearray()
+    for piece in pieces(data, sizes):
+        for chunk in encryptor.update(piece):
+            out += chunk
+    for chunk in encryptor.finish():
+        out += chunk
+    return bytes(out)
+
+
+def decrypt(keyrings: list[Keyring], message: bytes, sizes: list[int]) -> bytes:
+    decryptor = Decryptor(keyrings)
+    out = b"".join(p for piece in pieces(message, sizes) for p in decryptor.update(piece))
+    decryptor.finish()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["aes", "rsa", "mlkem768", "mlkem1024"])
+@pytest.mark.parametrize("size", [0, 1, FRAME - 1, FRAME, FRAME + 1, 7 * FRAME, 7 * FRAME + 123])
+def test_sizes_at_frame_edges_round_trip(kind: str, size: int) -> None:
+    keyring = keyring_of(kind)
+    data = os.urandom(size)
+    message = encrypt([keyring], data, [1000])
+    assert decrypt([keyring], message, [777]) == data
+
+
+@pytest.mark.parametrize("size", [0, FRAME, 3 * FRAME, 3 * FRAME + 5])
+def test_message_length_is_header_plus_frames(size: int) -> None:
+    keyring = keyring_of("aes")
+    encryptor = Encryptor([keyring], frame_length=FRAME)
+    message = b"".join(encryptor.update(os.urandom(size)) + encryptor.finish())
+    regular, final = divmod(size, FRAME)  # a whole number of frames ends with an empty final frame
+    expected = encryptor.header.length + regular * (FRAME + REGULAR_OVERHEAD)
+    assert len(message) == expected + FINAL_OVERHEAD + final
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=5 * FRAME + 300),
+    encrypt_sizes=st.lists(st.integers(1, 3 * FRAME), max_size=6),
+    decrypt_sizes=st.lists(st.integers(1, 3 * FRAME), max_size=6),
+)
+def test_any_chunking_round_trips(
+    data: bytes, encrypt_sizes: list[int], decrypt_sizes: list[int]
+) -> None:
+    keyring = keyring_of("aes")
+    message = encrypt([keyring], data, encrypt_sizes)
+    assert decrypt([keyring], message, decrypt_sizes) == data
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    size=st.sampled_from([0, 1, FRAME - 1, FRAME, FRAME + 1, 4 * FRAME + 1]),
+    decrypt_sizes=st.lists(st.integers(1, 64), min_size=1, max_size=4),
+)
+def test_tiny_chunks_round_trip(size: int, decrypt_sizes: list[int]) -> None:
+    keyring = keyring_of("aes")
+    data = os.urandom(size)
+    assert decrypt([keyring], encrypt([keyring], data, [3]), decrypt_sizes) == data
+
+
+def test_each_keyring_of_a_multi_key_message_decrypts_alone() -> None:
+    keyrings = [keyring_of(kind) for kind in ("aes", "rsa", "mlkem768", "mlkem1024")]
+    data = os.urandom(2 * FRAME + 9)
+    message = encrypt(keyrings, data, [FRAME])
+    for keyring in keyrings:
+        assert decrypt([keyring], message, [5000]) == data
+    assert decrypt([keyring_of("aes"), keyrings[2]], message, []) == data
+
+
+def test_public_keys_encrypt_but_cannot_decrypt() -> None:
+    private = mlkem.MLKEM768PrivateKey.generate()
+    for public_only, private_keyring in [
+        (RsaKeyring("r#1", RSA_KEY.public_key()), RsaKeyring("r#1", RSA_KEY)),
+        (MlKemKeyring("m#1", private.public_key()), MlKemKeyring("m#1", private)),
+    ]:
+        message = encrypt([public_only], b"secret", [])
+        with pytest.raises(DataKeyUnavailable):
+            decrypt([public_only], message, [])
+        assert decrypt([private_keyring], message, []) == b"secret"
+
+
+def test_encryption_context_is_carried_and_required_pairs_checked() -> None:
+    keyring = keyring_of("aes")
+    message = encrypt([keyring], b"x" * 10, [], context={"tenant": "t1", "purpose": "test"})
+    decryptor = Decryptor([keyring], required_context={"tenant": "t1"})
+    assert b"".join(decryptor.update(message)) == b"x" * 10
+    decryptor.finish()
+    assert decryptor.header is not None
+    assert decryptor.header.context == {"tenant": "t1", "purpose": "test"}
+
+
+@pytest.mark.parametrize("frame_length", [0, 4095, 4096 + 1, 16 * 1024 * 1024 + 128])
+def test_frame_lengths_the_format_refuses(frame_length: int) -> None:
+    with pytest.raises(InvalidParameter):
+        Encryptor([keyring_of("aes")], frame_length=frame_length)
+
+
+def test_bad_encryptor_arguments_are_refused() -> None:
+    with pytest.raises(InvalidParameter):
+        Encryptor([])
+    with pytest.raises(InvalidParameter):
+        Encryptor([keyring_of("aes")], context={"aws-crypto-public-key": "x"})
+    with pytest.raises(InvalidParameter):
+        AesKeyring("k#1", b"short")
+    with pytest.raises(InvalidParameter):
+        RsaKeyring("k#1", rsa.generate_private_key(public_exponent=65537, key_size=1024))
+
+
+def test_finished_encryptor_and_decryptor_refuse_more() -> None:
+    keyring = keyring_of("aes")
+    encryptor = Encryptor([keyring], frame_length=FRAME)
+    message = b"".join(encryptor.update(b"abc") + encryptor.finish())
+    with pytest.raises(StateError):
+        encryptor.update(b"more")
+    with pytest.raises(StateError):
+        encryptor.finish()
+    decryptor = Decryptor([keyring])
+    decryptor.update(message)
+    decryptor.finish()
+    with pytest.raises(StateError):
+        decryptor.update(b"")
+
+
+def test_regular_frames_leave_the_encryptor_as_soon_as_they_are_whole() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    first = encryptor.update(b"a" * (FRAME - 1))
+    assert len(first) == 1  # the header only
+    assert len(encryptor.update(b"a")) == 1  # one whole frame
+    assert len(encryptor.update(b"a" * (2 * FRAME))) == 2
