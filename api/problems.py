@@ -1,0 +1,161 @@
+"""Errors as `application/problem+json` (RFC 9457), each with a stable machine `code`.
+
+Every failure the API answers — ours, the key store's, the object store's, FastAPI's own
+validation and routing errors — leaves through here, so clients see one shape and no
+stack trace. Validation errors never echo the input back: it may hold key material.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import keystore
+import storage
+
+logger = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """An error the API answers with its status and a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        errors: Sequence[Mapping[str, Any]] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = list(errors)
+        self.headers = dict(headers or {})
+
+    def document(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"urn:sealstream:problem:{self.code}",
+            "title": HTTPStatus(self.status).phrase,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        if self.errors:
+            body["errors"] = self.errors
+        return body
+
+    def response(self, instance: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            self.document(instance),
+            status_code=self.status,
+            media_type=MEDIA_TYPE,
+            headers=self.headers,
+        )
+
+
+# Status of each key-store and object-store error; the most specific class listed wins.
+_STATUS: dict[type[Exception], int] = {
+    keystore.KeyNotFound: 404,
+    keystore.KeyExists: 409,
+    keystore.InvalidArgument: 422,
+    keystore.InvalidKeyState: 409,
+    keystore.ExportabilityIsOneWay: 409,
+    keystore.ConcurrentUpdate: 409,
+    keystore.OperationNotPermitted: 403,
+    keystore.KeyNotExportable: 403,
+    keystore.KekError: 503,
+    keystore.KeystoreError: 500,
+    storage.ObjectNotFound: 404,
+    storage.BucketNotFound: 404,
+    storage.ObjectExists: 409,
+    storage.PreconditionFailed: 412,
+    storage.InvalidObjectKey: 400,
+    storage.InvalidMetadata: 400,
+    storage.InvalidRange: 416,
+    storage.StorageUnavailable: 503,
+    storage.StorageError: 502,
+}
+
+
+def from_domain_error(exc: Exception) -> Problem:
+    """The problem for a key-store or object-store error."""
+    status = next(_STATUS[cls] for cls in type(exc).__mro__ if cls in _STATUS)
+    return Problem(status, _code_of(exc), str(exc))
+
+
+def _code_of(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):
+        return code
+    # Storage errors carry no code attribute: derive it from the class name.
+    name = type(exc).__name__
+    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> Problem:
+    """422 with each failing field; the code is the first custom error type, if any."""
+    errors = [
+        {"loc": [str(part) for part in error["loc"]], "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors()
+    ]
+    # pydantic's own error types are snake_case; ours are kebab-case problem codes.
+    custom = [str(error["type"]) for error in exc.errors() if "-" in error["type"]]
+    code = custom[0] if custom else "invalid-request"
+    fields = ", ".join(".".join(map(str, error["loc"])) or "body" for error in exc.errors())
+    return Problem(422, code, f"invalid request: {fields}", errors=errors)
+
+
+def install(app: FastAPI) -> None:
+    """Route every error raised while serving `app` through a problem document."""
+
+    async def problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Problem)
+        return exc.response(request.url.path)
+
+    async def validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError | ValidationError)
+        return from_validation_error(exc).response(request.url.path)
+
+    async def http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
+        detail = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
+        return Problem(exc.status_code, code, detail, headers=exc.headers).response(
+            request.url.path
+        )
+
+    async def domain(request: Request, exc: Exception) -> JSONResponse:
+        return from_domain_error(exc).response(request.url.path)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.error(
+            "unhandled %s on %s %s",
+            type(exc).__name__,
+            request.method,
+            request.url.path,
+            exc_info=exc,
+        )
+        return Problem(500, "internal-error", "the server failed to handle the request").response(
+            request.url.path
+        )
+
+    app.add_exception_handler(Problem, problem)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(ValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(keystore.KeystoreError, domain)
+    app.add_exception_handler(storage.StorageError, domain)
+    app.add_exception_handler(Exception, unexpected)

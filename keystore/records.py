@@ -1,0 +1,291 @@
+"""The key record as persisted (pydantic models, camelCase JSON), the specs that create
+one, the public view of one, and the pure rules of its life cycle.
+
+A record holds every version's material only wrapped under the KEK; neither the
+wrapped material nor an imported JWK appears in any repr. Transitions (`rotated`,
+`disabled`, ...) return a new record and never touch storage; `KeyStore` persists them.
+"""
+
+import base64
+import re
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+)
+from pydantic.alias_generators import to_camel
+
+from keystore.algorithms import Jwk, KeyParams
+from keystore.errors import (
+    ExportabilityIsOneWay,
+    InvalidExpiry,
+    InvalidKeyOps,
+    InvalidKeyState,
+    InvalidKid,
+    InvalidRotationPeriod,
+    KeyDisabled,
+    KeyExpired,
+    KeyNotFound,
+    KeyPendingDeletion,
+    OperationNotPermitted,
+)
+
+KeyOp = Literal["encrypt", "decrypt"]
+KEY_OPS: tuple[KeyOp, ...] = ("encrypt", "decrypt")
+MIN_ROTATION_PERIOD = timedelta(hours=1)
+# No leading "." so no kid is a hidden, "." or ".." name in a store path.
+KID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+class KeyStatus(StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    PENDING_DELETION = "pending-deletion"
+
+
+class KeyOrigin(StrEnum):
+    GENERATED = "generated"
+    IMPORTED = "imported"
+
+
+def _from_base64(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return base64.b64decode(value, validate=True)
+    raise ValueError("expected base64 text")
+
+
+Base64Bytes = Annotated[
+    bytes,
+    PlainValidator(_from_base64),
+    PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str),
+]
+
+
+class CamelModel(BaseModel):
+    """Python names in code, camelCase names in JSON (both accepted on input)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        frozen=True,
+    )
+
+
+class KeyPolicy(CamelModel):
+    """What every new key states, whether generated or imported."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kid: str
+    key_ops: list[str] = Field(default_factory=lambda: list[str](KEY_OPS))
+    exportable: bool = False
+    expires_at: AwareDatetime | None = None
+    rotation_period: timedelta | None = None
+
+    def checked_key_ops(self) -> tuple[KeyOp, ...]:
+        """keyOps in canonical order; `InvalidKeyOps` unless a non-empty set of ours."""
+        ops = self.key_ops
+        if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(KEY_OPS):
+            raise InvalidKeyOps(f"keyOps must be a non-empty subset of {list(KEY_OPS)}")
+        return tuple(op for op in KEY_OPS if op in ops)
+
+    def check(self, now: datetime) -> None:
+        """Refuse a kid, keyOps, expiry or rotation period no key may have."""
+        check_kid(self.kid)
+        self.checked_key_ops()
+        if self.expires_at is not None and self.expires_at <= now:
+            raise InvalidExpiry("expiresAt must lie in the future")
+        if self.rotation_period is not None and self.rotation_period < MIN_ROTATION_PERIOD:
+            raise InvalidRotationPeriod(f"rotationPeriod must be at least {MIN_ROTATION_PERIOD}")
+
+
+class KeySpec(KeyPolicy):
+    """A request to generate a key; the seed product's body works as written."""
+
+    kty: str
+    alg: str | None = None
+    key_size: int | None = None
+
+
+class ImportSpec(KeyPolicy):
+    """A request to import key material (BYOK) given as a private JWK."""
+
+    # The JWK holds material: keep it out of reprs and out of validation error messages.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    jwk: dict[str, Any] = Field(repr=False)
+
+
+class VersionInfo(CamelModel):
+    version: int = Field(ge=1)
+    created_at: AwareDatetime
+
+
+class KeyVersion(VersionInfo):
+    """One version: its material wrapped under the KEK, and its public JWK if asymmetric."""
+
+    wrapped_material: Base64Bytes = Field(repr=False)
+    public_jwk: Jwk | None = None
+
+
+class KeyMetadata(CamelModel):
+    """Everything about a key but its versions."""
+
+    kid: str
+    tenant: str
+    kty: str
+    alg: str
+    key_size: int | None = None
+    key_ops: tuple[KeyOp, ...]
+    exportable: bool
+    status: KeyStatus
+    primary_version: int
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+    deletion_date: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    rotation_period: timedelta | None = None
+    usage_count: int = 0
+    last_used_at: AwareDatetime | None = None
+    origin: KeyOrigin
+
+
+class KeyView(KeyMetadata):
+    """What a key's readers see: metadata, the primary public JWK, version numbers."""
+
+    public_jwk: Jwk | None
+    versions: tuple[VersionInfo, ...]
+
+
+class KeyRecord(KeyMetadata):
+    """The stored record."""
+
+    versions: tuple[KeyVersion, ...]
+
+    @property
+    def params(self) -> KeyParams:
+        return KeyParams(self.kty, self.alg, self.key_size)
+
+    @property
+    def primary(self) -> KeyVersion:
+        return self.version(self.primary_version)
+
+    def has_version(self, number: int) -> bool:
+        return any(version.version == number for version in self.versions)
+
+    def version(self, number: int) -> KeyVersion:
+        for version in self.versions:
+            if version.version == number:
+                return version
+        raise KeyNotFound(f"key {self.kid!r} has no version {number}")
+
+    def public_view(self) -> KeyView:
+        metadata = {name: getattr(self, name) for name in KeyMetadata.model_fields}
+        return KeyView(
+            **metadata,
+            public_jwk=self.primary.public_jwk,
+            versions=tuple(
+                VersionInfo(version=v.version, created_at=v.created_at) for v in self.versions
+            ),
+        )
+
+    # Checks: each raises the error that tells the caller why the key cannot serve.
+
+    def check_usable(self, operation: KeyOp, now: datetime) -> None:
+        """Refuse `operation` unless the key is enabled, allows it and (to encrypt) is
+        not expired; expired keys still decrypt so that their data stays readable."""
+        self.check_enabled()
+        if operation not in self.key_ops:
+            raise OperationNotPermitted(f"key {self.kid!r} does not allow {operation!r}")
+        if operation == "encrypt" and self.expires_at is not None and self.expires_at <= now:
+            raise KeyExpired(f"key {self.kid!r} expired at {self.expires_at.isoformat()}")
+
+    def check_enabled(self) -> None:
+        self.check_not_pending_deletion()
+        if self.status is KeyStatus.DISABLED:
+            raise KeyDisabled(f"key {self.kid!r} is disabled")
+
+    def check_not_pending_deletion(self) -> None:
+        if self.status is KeyStatus.PENDING_DELETION:
+            raise KeyPendingDeletion(f"key {self.kid!r} is pending deletion")
+
+    def rotation_due(self, now: datetime) -> bool:
+        return (
+            self.status is KeyStatus.ENABLED
+            and self.rotation_period is not None
+            and self.primary.created_at + self.rotation_period <= now
+        )
+
+    def destruction_due(self, now: datetime) -> bool:
+        return (
+            self.status is KeyStatus.PENDING_DELETION
+            and self.deletion_date is not None
+            and self.deletion_date <= now
+        )
+
+    # Transitions: the new record, or `self` when nothing changes.
+
+    def with_version(self, version: KeyVersion, now: datetime) -> Self:
+        return self._changed(
+            now, versions=(*self.versions, version), primary_version=version.version
+        )
+
+    def disabled(self, now: datetime) -> Self:
+        self.check_not_pending_deletion()
+        return self._with_status(KeyStatus.DISABLED, now)
+
+    def enabled(self, now: datetime) -> Self:
+        self.check_not_pending_deletion()
+        return self._with_status(KeyStatus.ENABLED, now)
+
+    def scheduled_for_deletion(self, deletion_date: datetime, now: datetime) -> Self:
+        if self.status is KeyStatus.PENDING_DELETION:
+            return self  # the first schedule stands, as a repeated DELETE expects
+        return self._changed(now, status=KeyStatus.PENDING_DELETION, deletion_date=deletion_date)
+
+    def deletion_cancelled(self, now: datetime) -> Self:
+        if self.status is not KeyStatus.PENDING_DELETION:
+            raise InvalidKeyState(f"key {self.kid!r} is not pending deletion")
+        if self.destruction_due(now):
+            raise KeyPendingDeletion(f"key {self.kid!r} is past its deletion date")
+        # As AWS KMS does: a key brought back from deletion must be enabled on purpose.
+        return self._changed(now, status=KeyStatus.DISABLED, deletion_date=None)
+
+    def with_exportable(self, exportable: bool, now: datetime) -> Self:
+        if exportable == self.exportable:
+            return self
+        if exportable:
+            raise ExportabilityIsOneWay(f"key {self.kid!r} was created non-exportable")
+        return self._changed(now, exportable=False)
+
+    def with_usage(self, count: int, last_used_at: datetime) -> Self:
+        # Usage is bookkeeping, not a change to the key: updatedAt stays.
+        latest = max(filter(None, (self.last_used_at, last_used_at)))
+        return self.model_copy(
+            update={"usage_count": self.usage_count + count, "last_used_at": latest}
+        )
+
+    def next_version_number(self) -> int:
+        return max(version.version for version in self.versions) + 1
+
+    def _with_status(self, status: KeyStatus, now: datetime) -> Self:
+        return self if self.status is status else self._changed(now, status=status)
+
+    def _changed(self, now: datetime, **changes: Any) -> Self:
+        return self.model_copy(update={**changes, "updated_at": now})
+
+
+def check_kid(kid: str) -> None:
+    if not KID_PATTERN.fullmatch(kid):
+        raise InvalidKid("kid must be 1 to 128 of [A-Za-z0-9._-], not starting with '.'")

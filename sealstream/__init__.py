@@ -1,0 +1,1 @@
+"""sealstream: the service's settings and the wiring that builds its parts from them."""

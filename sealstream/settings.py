@@ -1,0 +1,51 @@
+"""The one settings object: every knob of the service, read from `SEALSTREAM_*` variables.
+
+The same names are the options of `sealstream serve` (`--storage-url` for
+`SEALSTREAM_STORAGE_URL`, and so on).
+"""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Configuration of an API server or worker."""
+
+    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address the API listens on")
+    port: int = Field(8080, ge=0, le=65535, description="port the API listens on")
+    storage_url: str = Field(
+        "file://./.sealstream",
+        description="object storage: file:///dir (the embedded default) or s3://bucket",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="endpoint of an S3-compatible server (MinIO, Ceph, moto...)"
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for the job queue and job records; absent: jobs run in-process"
+    )
+    kek_file: Path | None = Field(
+        None, description="file holding the 32-byte key-encryption key (generated if absent)"
+    )
+    kms_key_id: str | None = Field(
+        None, description="AWS KMS key that wraps key material instead of a KEK file"
+    )
+    kms_endpoint_url: str | None = Field(
+        None, description="endpoint of a KMS-compatible server (defaults to AWS)"
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bootstrap admin token; generated and printed at start when absent"
+    )
+    key_cache_ttl: float = Field(
+        5.0, gt=0, le=300, description="seconds a key or token is cached in a process"
+    )
+    max_json_body: int = Field(
+        64 * 1024, ge=1024, description="largest JSON request body accepted, in bytes"
+    )
+    s3_part_size: int = Field(8 * MIB, ge=5 * MIB, description="first multipart part size")
+    s3_parts_in_flight: int = Field(4, ge=1, le=32, description="parts uploading at once")

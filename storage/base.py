@@ -1,0 +1,263 @@
+"""The object-store interface every backend implements: `ObjectStore`, `MultipartWriter`,
+`ObjectInfo`.
+
+What must behave the same on every backend lives here once: range checks, metadata
+checks, `put` as a one-part upload, and the writer's life cycle (open → completed or
+aborted, and abort on any failure). Backends fill in the underscored hooks.
+"""
+
+import builtins  # `list` names a store method inside the store classes
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from types import TracebackType
+from typing import Self
+
+from storage.errors import InvalidMetadata, InvalidObjectKey, InvalidRange, StorageError
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+# S3 sends user metadata as `x-amz-meta-<name>` headers and lowercases the names; anything
+# outside these patterns would be refused or altered there, so every backend refuses it.
+_METADATA_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
+_METADATA_VALUE = re.compile(r"(?:[!-~](?:[ -~]*[!-~])?)?")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object.
+
+    `etag` is opaque: it changes when the content changes, and is not comparable across
+    backends. `last_modified` is timezone-aware (UTC).
+    """
+
+    key: str
+    size: int
+    etag: str
+    metadata: dict[str, str]
+    last_modified: datetime
+
+
+class MultipartWriter(ABC):
+    """An object written incrementally; invisible until `complete()` returns.
+
+    Any failure inside `write()` or `complete()` aborts the upload before it propagates,
+    so a writer ends either completed or aborted, never half-visible. As a context manager
+    it aborts on leaving the block unless `complete()` has returned: it never completes
+    implicitly. One writer is used by one thread at a time.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.bytes_written = 0
+        self._state = _WriterState.OPEN
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append `data`; may block while earlier parts upload (backpressure)."""
+        self._require_open()
+        view = memoryview(data).cast("B")
+        if not view.nbytes:
+            return
+        try:
+            self._write(view)
+        except BaseException:
+            self.abort()
+            raise
+        self.bytes_written += view.nbytes
+
+    def complete(self) -> ObjectInfo:
+        """Make the object visible, if the writer's condition still holds."""
+        self._require_open()
+        try:
+            info = self._complete()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = _WriterState.COMPLETED
+        return info
+
+    def abort(self) -> None:
+        """Discard everything written; idempotent, and a no-op after `complete()`."""
+        if self._state is not _WriterState.OPEN:
+            return
+        self._state = _WriterState.ABORTED
+        self._abort()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    def _require_open(self) -> None:
+        if self._state is not _WriterState.OPEN:
+            raise StorageError(f"the upload of {self.key!r} is already {self._state.value}")
+
+    @abstractmethod
+    def _write(self, view: memoryview) -> None:
+        """Take a non-empty run of bytes; `view` is only valid during the call."""
+
+    @abstractmethod
+    def _complete(self) -> ObjectInfo:
+        """Make the object visible and describe it."""
+
+    @abstractmethod
+    def _abort(self) -> None:
+        """Release everything the upload holds; called at most once."""
+
+
+class _WriterState(Enum):
+    OPEN = "open"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+class ObjectStore(ABC):
+    """A key → bytes store bound to one bucket; thread-safe."""
+
+    bucket: str
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> ObjectInfo:
+        """Store `data` under `key`, conditionally as `multipart` explains."""
+        with self.multipart(
+            key, metadata=metadata, if_absent=if_absent, if_match=if_match
+        ) as writer:
+            writer.write(data)
+            return writer.complete()
+
+    def multipart(
+        self,
+        key: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> MultipartWriter:
+        """A writer for an object too large or too incremental for one `put`.
+
+        Its `complete` is conditional: with `if_absent` it raises `ObjectExists` if the
+        key is taken; with `if_match` (an etag from `head`) it replaces only that version
+        of the object, raising `PreconditionFailed` if another has replaced it and
+        `ObjectNotFound` if it was deleted.
+        """
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
+        return self._open_writer(key, checked_metadata(metadata), if_absent, if_match)
+
+    def read(
+        self,
+        key: str,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> Iterator[bytes]:
+        """Stream bytes [start, end) of the object (end None: to its end) in chunks.
+
+        The object's size is looked up now, so a missing object or a range outside it
+        raises here rather than on the first chunk; an object that shrinks while it is
+        read raises `StorageError` instead of reading as a shorter one.
+        """
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        size = self.head(key).size
+        stop = size if end is None else end
+        if not 0 <= start <= stop <= size:
+            raise InvalidRange(f"range [{start}, {stop}) is not within {key!r} ({size} bytes)")
+        if start == stop:
+            return iter(())
+        return _exactly(key, stop - start, self._read_range(key, start, stop, chunk_size))
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole object: for small ones (key records, manifests)."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """The object's size, etag, metadata and modification time."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose keys start with `prefix`, in lexicographic key order.
+
+        Listings carry no user metadata (`metadata` is empty): S3 would need one request
+        per object to return it. Use `head` for that.
+        """
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; removing a missing object is not an error."""
+
+    @abstractmethod
+    def pending_uploads(self, prefix: str = "") -> builtins.list[str]:
+        """Sorted keys under `prefix` that have unfinished uploads."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Readiness probe: `StorageUnavailable` or `BucketNotFound` when not usable."""
+
+    @abstractmethod
+    def _open_writer(
+        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+    ) -> MultipartWriter:
+        """A writer for `key`; `metadata` and the condition are already checked."""
+
+    @abstractmethod
+    def _read_range(
+        self, key: str, start: int, stop: int, chunk_size: int
+    ) -> Generator[bytes, None, None]:
+        """Bytes [start, stop) of the object, a non-empty range already checked."""
+
+
+def encoded_key(key: str) -> bytes:
+    """The key's UTF-8 bytes, refusing keys no backend can name."""
+    if not key:
+        raise InvalidObjectKey("the object key is empty")
+    try:
+        return key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidObjectKey(f"{key!r} is not valid Unicode text") from None
+
+
+def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """A copy of `metadata`, refusing names and values that S3 would refuse or alter."""
+    checked = dict(metadata or {})
+    for name, value in checked.items():
+        if not _METADATA_NAME.fullmatch(name):
+            raise InvalidMetadata(f"metadata name {name!r} is not lowercase [a-z0-9-]")
+        if not _METADATA_VALUE.fullmatch(value):
+            raise InvalidMetadata(
+                f"metadata value of {name!r} is not printable ASCII without outer spaces"
+            )
+    return checked
+
+
+def _exactly(
+    key: str, length: int, chunks: Generator[bytes, None, None]
+) -> Generator[bytes, None, None]:
+    """`chunks`, required to add up to `length` bytes."""
+    received = 0
+    try:
+        for chunk in chunks:
+            received += len(chunk)
+            yield chunk
+    finally:
+        chunks.close()
+    if received != length:
+        raise StorageError(f"{key!r} changed while it was read: {received} of {length} bytes")

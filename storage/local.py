@@ -1,0 +1,352 @@
+"""The local-directory backend, the embedded default: one directory is one bucket.
+
+Layout under the root directory:
+
+    <key>                          the object's bytes (key segments are path segments)
+    .meta/<key>.json               its sidecar: {"etag": hex SHA-256 of the bytes, "metadata"}
+    .meta/.lock                    flock'd: exclusive while names change, shared while an
+                                   object and its sidecar are read together
+    <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload")
+
+Names starting with "." at the first level belong to the store and its neighbours (the
+keystore keeps its `.kek` there), so keys may not start with ".". Every write goes to a
+temporary file that is fsync'd and renamed into place, sidecar first, so a visible object
+is always complete and always has its metadata. The lock is an flock, so it also holds
+between processes sharing the directory on one machine.
+"""
+
+import builtins  # `list` names a store method inside the store classes
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any
+
+from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
+from storage.errors import (
+    BucketNotFound,
+    InvalidObjectKey,
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+)
+
+META_DIR = ".meta"
+TEMP_PREFIX = ".tmp-"
+# A temporary name adds ".tmp-" + 32 hex digits + "-" (and a sidecar ".json") to a segment;
+# this keeps every such name under the 255-byte limit of common filesystems.
+MAX_SEGMENT_BYTES = 200
+_TEMP_NAME_OVERHEAD = len(TEMP_PREFIX) + 32 + 1
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under `root`; the bucket is named after the directory.
+
+    The directory is created if it is missing, as the embedded default expects.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.bucket = self.root.name
+        (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> bytes:
+        path = self._object_path(key)
+        with self._os_errors():
+            return path.read_bytes()
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._object_path(key)
+        with self._os_errors(), self._locked(fcntl.LOCK_SH):
+            stat = path.stat()
+            if not S_ISREG(stat.st_mode):
+                raise ObjectNotFound(f"{key!r} is not an object")
+            sidecar = self._read_sidecar(key)
+        return ObjectInfo(
+            key=key,
+            size=stat.st_size,
+            etag=sidecar["etag"],
+            metadata=sidecar["metadata"],
+            last_modified=datetime.fromtimestamp(stat.st_mtime, UTC),
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for parent, name in self._files(prefix):
+            key = parent + name
+            if _is_reserved(parent, name) or not key.startswith(prefix):
+                continue
+            try:
+                yield replace(self.head(key), metadata={})
+            except ObjectNotFound:
+                continue  # deleted since the directory was scanned
+
+    def delete(self, key: str) -> None:
+        path = self._object_path(key)
+        sidecar = self._sidecar_path(key)
+        with self._os_errors(), self._locked(fcntl.LOCK_EX):
+            if not path.is_file():
+                return
+            path.unlink()
+            sidecar.unlink(missing_ok=True)
+            _fsync_directory(path.parent)
+            _prune_empty(path.parent, self.root)
+            _prune_empty(sidecar.parent, self.root / META_DIR)
+
+    def pending_uploads(self, prefix: str = "") -> builtins.list[str]:
+        keys = {
+            parent + name[_TEMP_NAME_OVERHEAD:]
+            for parent, name in self._files(prefix)
+            if name.startswith(TEMP_PREFIX)
+        }
+        return sorted(key for key in keys if key.startswith(prefix))
+
+    def check(self) -> None:
+        self._require_bucket()
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"the store directory {self.root} is not writable")
+
+    def _open_writer(
+        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+    ) -> MultipartWriter:
+        return _LocalWriter(self, key, metadata, if_absent, if_match)
+
+    def _read_range(
+        self, key: str, start: int, stop: int, chunk_size: int
+    ) -> Generator[bytes, None, None]:
+        with self._os_errors(), self._object_path(key).open("rb") as file:
+            file.seek(start)
+            remaining = stop - start
+            while remaining:
+                chunk = file.read(min(chunk_size, remaining))
+                if not chunk:
+                    return  # the caller reports the short read
+                remaining -= len(chunk)
+                yield chunk
+
+    def _object_path(self, key: str) -> Path:
+        """Where `key` lives, after refusing keys that are not safe as a relative path."""
+        segments = encoded_key(key).split(b"/")
+        if "\0" in key or "\\" in key:
+            raise InvalidObjectKey(f"{key!r} contains NUL or a backslash")
+        if any(segment in (b"", b".", b"..") for segment in segments):
+            raise InvalidObjectKey(f"{key!r} has an empty, '.' or '..' segment")
+        if segments[0].startswith(b"."):
+            raise InvalidObjectKey(f"{key!r} starts with '.', reserved for the store")
+        if any(segment.startswith(TEMP_PREFIX.encode()) for segment in segments):
+            raise InvalidObjectKey(f"{key!r} has a segment starting with {TEMP_PREFIX!r}")
+        if any(len(segment) > MAX_SEGMENT_BYTES for segment in segments):
+            raise InvalidObjectKey(f"{key!r} has a segment over {MAX_SEGMENT_BYTES} bytes")
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidObjectKey(f"{key!r} resolves outside the store directory")
+        return path
+
+    def _sidecar_path(self, key: str) -> Path:
+        return self.root / META_DIR / f"{key}.json"
+
+    def _read_sidecar(self, key: str) -> dict[str, Any]:
+        try:
+            sidecar: dict[str, Any] = json.loads(self._sidecar_path(key).read_bytes())
+        except (FileNotFoundError, ValueError) as error:
+            raise StorageError(
+                f"{key!r} has a missing or unreadable metadata sidecar: {error}"
+            ) from error
+        return sidecar
+
+    def _files(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(parent key prefix, file name) of files that may match `prefix`, in key order."""
+        self._require_bucket()
+        directory_key, _, name_start = prefix.rpartition("/")
+        if not directory_key:
+            yield from _walk(self.root, "", name_start)
+            return
+        try:
+            directory = self._object_path(directory_key)
+        except InvalidObjectKey:
+            return  # no valid key lies under such a prefix
+        yield from _walk(directory, f"{directory_key}/", name_start)
+
+    def _commit(self, writer: "_LocalWriter", sidecar: bytes) -> None:
+        """Rename the writer's finished file into place, its sidecar first."""
+        path = writer.path
+        with self._os_errors(), self._locked(fcntl.LOCK_EX):
+            if writer.if_absent and path.exists():
+                raise ObjectExists(f"{writer.key!r} already exists")
+            if writer.if_match is not None:
+                self._require_etag(writer.key, path, writer.if_match)
+            _write_atomically(self._sidecar_path(writer.key), sidecar)
+            try:
+                if writer.if_absent:
+                    path.hardlink_to(writer.temp)  # fails atomically if the name is taken
+                    writer.temp.unlink()
+                else:
+                    writer.temp.replace(path)
+            except FileExistsError:
+                raise ObjectExists(f"{writer.key!r} already exists") from None
+            except IsADirectoryError:
+                raise InvalidObjectKey(f"{writer.key!r} is a prefix of other keys") from None
+            _fsync_directory(path.parent)
+
+    def _require_etag(self, key: str, path: Path, etag: str) -> None:
+        """Refuse to replace anything but the version of `key` whose etag is `etag`."""
+        if not path.is_file():
+            raise ObjectNotFound(f"{key!r} does not exist")
+        if self._read_sidecar(key)["etag"] != etag:
+            raise PreconditionFailed(f"{key!r} is no longer the version {etag}")
+
+    def _require_bucket(self) -> None:
+        if not self.root.is_dir():
+            raise BucketNotFound(f"the store directory {self.root} does not exist")
+
+    @contextmanager
+    def _locked(self, operation: int) -> Iterator[None]:
+        descriptor = os.open(self.root / META_DIR / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, operation)
+            yield
+        finally:
+            os.close(descriptor)
+
+    @contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        """Translate OS errors into the storage hierarchy."""
+        try:
+            yield
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
+            self._require_bucket()
+            raise ObjectNotFound(f"no object at {error.filename}") from error
+        except OSError as error:
+            raise StorageUnavailable(f"the store directory failed: {error}") from error
+
+
+class _LocalWriter(MultipartWriter):
+    """Appends to a temporary file beside the final name; `complete` renames it in place."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        key: str,
+        metadata: dict[str, str],
+        if_absent: bool,
+        if_match: str | None,
+    ) -> None:
+        super().__init__(key)
+        self.if_absent = if_absent
+        self.if_match = if_match
+        self._store = store
+        self._metadata = metadata
+        self.path = path = store._object_path(key)
+        self.temp = _temp_beside(path)
+        self._hash = hashlib.sha256()
+        with store._os_errors(), store._locked(fcntl.LOCK_EX):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidObjectKey(f"a prefix of {key!r} is another object") from None
+            self._file = self.temp.open("xb")
+
+    def _write(self, view: memoryview) -> None:
+        with self._store._os_errors():
+            self._file.write(view)
+        self._hash.update(view)
+
+    def _complete(self) -> ObjectInfo:
+        etag = self._hash.hexdigest()
+        with self._store._os_errors():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            modified = os.fstat(self._file.fileno()).st_mtime
+            self._file.close()
+        sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
+        self._store._commit(self, sidecar)
+        return ObjectInfo(
+            key=self.key,
+            size=self.bytes_written,
+            etag=etag,
+            metadata=self._metadata,
+            last_modified=datetime.fromtimestamp(modified, UTC),
+        )
+
+    def _abort(self) -> None:
+        with self._store._os_errors():
+            try:
+                self._file.close()
+            finally:
+                self.temp.unlink(missing_ok=True)
+
+
+def _walk(directory: Path, parent: str, name_start: str) -> Iterator[tuple[str, str]]:
+    """(parent key prefix, name) of files under `directory`, in the byte order of whole
+    keys, as S3 lists them.
+
+    At this level only subdirectories starting with `name_start` are entered; files are
+    all yielded, since upload temporaries carry their key's name behind a prefix.
+    """
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=_key_order)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if not _is_directory(entry):
+            yield parent, entry.name
+        elif entry.name.startswith(name_start) and not _is_reserved(parent, entry.name):
+            yield from _walk(Path(entry.path), f"{parent}{entry.name}/", "")
+
+
+def _key_order(entry: os.DirEntry[str]) -> str:
+    """Sorting a directory "d" as "d/" makes a depth-first walk list whole keys in order."""
+    return entry.name + "/" if _is_directory(entry) else entry.name
+
+
+def _is_directory(entry: os.DirEntry[str]) -> bool:
+    return entry.is_dir(follow_symlinks=False)
+
+
+def _is_reserved(parent: str, name: str) -> bool:
+    """Whether a name under the `parent` key prefix belongs to the store, not to a key."""
+    return name.startswith(".") if not parent else name.startswith(TEMP_PREFIX)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_beside(path)
+    with temp.open("xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    temp.replace(path)
+    _fsync_directory(path.parent)
+
+
+def _temp_beside(path: Path) -> Path:
+    """A fresh temporary name in the same directory, so a rename can put it in place."""
+    return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable: the new name is an entry of the directory."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _prune_empty(directory: Path, stop: Path) -> None:
+    """Remove now-empty directories from `directory` up to, not including, `stop`."""
+    while directory != stop:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty: another key still lives here
+        directory = directory.parent

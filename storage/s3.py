@@ -1,0 +1,154 @@
+"""The S3 backend: any S3-compatible service through one boto3 client per store.
+
+Credentials and region come from boto3's usual environment. Retries are botocore's
+standard mode; whatever still fails is translated by `storage.s3_errors`.
+"""
+
+import builtins  # `list` names a store method inside the store classes
+from collections.abc import Generator, Iterator
+from datetime import UTC
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+
+from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
+from storage.errors import BucketNotFound, InvalidObjectKey
+from storage.s3_errors import s3_errors
+from storage.s3_multipart import (
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_PART_SIZE,
+    MIN_PART_SIZE,
+    S3MultipartWriter,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+DEFAULT_MAX_ATTEMPTS = 5
+MAX_KEY_BYTES = 1024
+MAX_PAGE_SIZE = 1000  # what S3 returns per listing page at most
+# Connections beyond the part uploads, for heads, reads and listings running meanwhile.
+SPARE_CONNECTIONS = 4
+
+
+class S3Store(ObjectStore):
+    """Objects in one S3 bucket.
+
+    `part_size` is the first part size of multipart uploads (see `part_size_for`) and
+    `max_in_flight` how many parts one writer uploads at once; `page_size` bounds each
+    listing request (small values exercise pagination in tests).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        page_size: int = MAX_PAGE_SIZE,
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be positive")
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be in [1, {MAX_PAGE_SIZE}]")
+        self.bucket = bucket
+        self._part_size = part_size
+        self._max_in_flight = max_in_flight
+        self._page_size = page_size
+        config = Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            max_pool_connections=max_in_flight + SPARE_CONNECTIONS,
+            # S3-compatible servers (MinIO, moto) are addressed by path, not by bucket host.
+            s3={"addressing_style": "path"} if endpoint_url else None,
+        )
+        # A session of its own: boto3's default session is not safe to share across threads.
+        self.client: S3Client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, config=config
+        )
+
+    def get(self, key: str) -> bytes:
+        _check_key(key)
+        with s3_errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def head(self, key: str) -> ObjectInfo:
+        _check_key(key)
+        with s3_errors(key):
+            response = self.client.head_object(Bucket=self.bucket, Key=key)
+        return ObjectInfo(
+            key=key,
+            size=response["ContentLength"],
+            etag=response["ETag"].strip('"'),
+            metadata=response.get("Metadata", {}),
+            last_modified=response["LastModified"].astimezone(UTC),
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self._page_size}
+        )
+        with s3_errors(prefix):
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    yield ObjectInfo(
+                        key=entry["Key"],
+                        size=entry["Size"],
+                        etag=entry["ETag"].strip('"'),
+                        metadata={},
+                        last_modified=entry["LastModified"].astimezone(UTC),
+                    )
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        with s3_errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def pending_uploads(self, prefix: str = "") -> builtins.list[str]:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        with s3_errors(prefix):
+            keys = {upload["Key"] for page in pages for upload in page.get("Uploads", [])}
+        return sorted(keys)
+
+    def check(self) -> None:
+        with s3_errors(self.bucket, missing=BucketNotFound):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def _open_writer(
+        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+    ) -> MultipartWriter:
+        _check_key(key)
+        return S3MultipartWriter(
+            self.client,
+            self.bucket,
+            key,
+            metadata=metadata,
+            if_absent=if_absent,
+            if_match=if_match,
+            first_part_size=self._part_size,
+            max_in_flight=self._max_in_flight,
+            describe=self.head,
+        )
+
+    def _read_range(
+        self, key: str, start: int, stop: int, chunk_size: int
+    ) -> Generator[bytes, None, None]:
+        with s3_errors(key):
+            body = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{stop - 1}"
+            )["Body"]
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
+
+
+def _check_key(key: str) -> None:
+    if len(encoded_key(key)) > MAX_KEY_BYTES:
+        raise InvalidObjectKey(f"{key[:40]!r}… is longer than S3's {MAX_KEY_BYTES} bytes")

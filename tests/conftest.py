@@ -1,0 +1,122 @@
+"""Shared fixtures: the moto S3 server, a fresh store of each backend per test, and a live
+API server on each backend."""
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import httpx
+import pytest
+
+from api import create_app
+from sealstream.settings import Settings
+from storage import MIN_PART_SIZE, LocalStore, ObjectStore, S3Store
+from tests.services import AWS_TEST_ENVIRONMENT, api_server, moto_server
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+# Small pages make a listing of a few dozen keys cross page boundaries.
+TEST_PAGE_SIZE = 7
+
+S3StoreFactory = Callable[..., S3Store]
+
+
+@pytest.fixture(scope="session")
+def aws_environment() -> Iterator[None]:
+    """Dummy AWS credentials and region for this process, so no real account is ever used."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in AWS_TEST_ENVIRONMENT.items():
+            patch.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(aws_environment: None) -> Iterator[str]:
+    """The URL of a moto server shared by the session."""
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def moto_s3(moto_endpoint: str) -> "S3Client":
+    """A plain boto3 client of the moto server, to arrange what a test needs."""
+    return boto3.session.Session().client("s3", endpoint_url=moto_endpoint)
+
+
+@pytest.fixture
+def s3_bucket(moto_s3: "S3Client") -> str:
+    """A new, empty bucket on the moto server."""
+    name = f"test-{uuid.uuid4().hex}"
+    moto_s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def make_s3_store(moto_endpoint: str, s3_bucket: str) -> S3StoreFactory:
+    """Builds S3 stores on the test's bucket with small parts and pages; kwargs override."""
+
+    def make(**options: Any) -> S3Store:
+        settings: dict[str, Any] = {
+            "endpoint_url": moto_endpoint,
+            "part_size": MIN_PART_SIZE,
+            "page_size": TEST_PAGE_SIZE,
+        }
+        settings.update(options)
+        return S3Store(settings.pop("bucket", s3_bucket), **settings)
+
+    return make
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """A fresh, empty store of each backend."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "bucket")
+    make: S3StoreFactory = request.getfixturevalue("make_s3_store")
+    return make()
+
+
+ADMIN_TOKEN = "test-admin-token-" + "x" * 24
+
+
+@dataclass
+class Api:
+    """A live API server of one backend, and what a test needs to talk to it."""
+
+    url: str
+    settings: Settings
+    objects: ObjectStore
+
+    def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def api_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings for a server on the local-directory backend or the moto S3 server."""
+    common: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "key_cache_ttl": 0.5}
+    if backend == "local":
+        return Settings(storage_url=f"file://{tmp_path / 'storage'}", **common)
+    kek_file = tmp_path / "kek"
+    kek_file.write_bytes(os.urandom(32))
+    return Settings(
+        storage_url=f"s3://{request.getfixturevalue('s3_bucket')}",
+        s3_endpoint_url=request.getfixturevalue("moto_endpoint"),
+        kek_file=kek_file,
+        s3_part_size=MIN_PART_SIZE,
+        **common,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    """A live API server (uvicorn over HTTP) on each storage backend."""
+    settings = api_settings(request.param, tmp_path, request)
+    app = create_app(settings)
+    with api_server(app) as url:
+        yield Api(url, settings, app.state.services.objects)

@@ -1,0 +1,129 @@
+"""What only the local-directory backend has: key safety, its files on disk, its lock."""
+
+import hashlib
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from storage import BucketNotFound, InvalidObjectKey, LocalStore
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "bucket")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "",
+        "/etc/passwd",
+        "a\0b",
+        "a\\b",
+        "a//b",
+        "a/",
+        "a/./b",
+        "a/../b",
+        "..",
+        ".kek",
+        ".meta/x.json",
+        "a/.tmp-123-b",
+        "x" * 201,
+        "a/\udcff",
+    ],
+)
+def test_unsafe_keys_are_refused_by_every_operation(local: LocalStore, key: str) -> None:
+    with pytest.raises(InvalidObjectKey):
+        local.put(key, b"x")
+    with pytest.raises(InvalidObjectKey):
+        local.multipart(key)
+    for operation in (local.get, local.head, local.read, local.delete):
+        with pytest.raises(InvalidObjectKey):
+            operation(key)
+
+
+def test_a_key_through_a_symlink_out_of_the_root_is_refused(
+    local: LocalStore, tmp_path: Path
+) -> None:
+    (tmp_path / "outside").mkdir()
+    (local.root / "link").symlink_to(tmp_path / "outside")
+
+    with pytest.raises(InvalidObjectKey):
+        local.put("link/file", b"x")
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+def test_dot_names_below_the_first_level_are_ordinary_keys(local: LocalStore) -> None:
+    local.put("a/.hidden", b"x")
+    assert [info.key for info in local.list()] == ["a/.hidden"]
+
+
+def test_store_files_and_uploads_in_progress_are_not_listed(local: LocalStore) -> None:
+    (local.root / ".kek").write_bytes(b"not an object")
+    local.put("visible", b"x")
+    with local.multipart("top") as top, local.multipart("dir/nested") as nested:
+        top.write(b"partial")
+        nested.write(b"partial")
+
+        assert [info.key for info in local.list()] == ["visible"]
+        assert local.pending_uploads() == ["dir/nested", "top"]
+        assert local.pending_uploads("dir/") == ["dir/nested"]
+        assert local.pending_uploads("to") == ["top"]
+
+
+def test_object_bytes_and_sidecar_live_where_documented(local: LocalStore) -> None:
+    info = local.put("a/b.bin", b"content", metadata={"m": "1"})
+
+    assert (local.root / "a" / "b.bin").read_bytes() == b"content"
+    assert (local.root / ".meta" / "a" / "b.bin.json").is_file()
+    assert info.etag == hashlib.sha256(b"content").hexdigest()
+
+    local.delete("a/b.bin")
+
+    assert sorted(path.name for path in local.root.iterdir()) == [".meta"]
+    assert [path.name for path in (local.root / ".meta").iterdir()] == [".lock"]
+
+
+def test_an_object_cannot_also_be_a_prefix(local: LocalStore) -> None:
+    local.put("a", b"object")
+    with pytest.raises(InvalidObjectKey):
+        local.put("a/b", b"below an object")
+
+    local.delete("a")
+    local.put("a/b", b"now fine")
+    with pytest.raises(InvalidObjectKey):
+        local.put("a", b"above other keys")
+
+    local.delete("a/b")
+    local.put("a", b"fine again: deleting pruned the empty directory")
+
+
+def test_concurrent_overwrites_keep_each_object_with_its_own_etag(local: LocalStore) -> None:
+    writers = 6
+    start = threading.Barrier(writers)
+
+    def overwrite(index: int) -> None:
+        start.wait()
+        for round_number in range(10):
+            local.put("k", f"{index}:{round_number}".encode() * (index + 1))
+
+    threads = [threading.Thread(target=overwrite, args=(index,)) for index in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert local.head("k").etag == hashlib.sha256(local.get("k")).hexdigest()
+
+
+def test_a_removed_directory_is_a_missing_bucket(local: LocalStore) -> None:
+    shutil.rmtree(local.root)
+
+    with pytest.raises(BucketNotFound):
+        local.check()
+    with pytest.raises(BucketNotFound):
+        local.head("k")
+    with pytest.raises(BucketNotFound):
+        local.put("k", b"x")

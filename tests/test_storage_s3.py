@@ -1,0 +1,182 @@
+"""What only the S3 backend has: the part-size schedule, parts uploading in the background
+(backpressure, failures, aborts in flight), and errors from the service and the network."""
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from storage import (
+    DEFAULT_PART_SIZE,
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    BucketNotFound,
+    InvalidObjectKey,
+    ObjectNotFound,
+    S3Store,
+    StorageError,
+    StorageUnavailable,
+    part_size_for,
+)
+from tests.services import free_port
+
+TIB = 1 << 40
+GIB = 1 << 30
+
+S3StoreFactory = Callable[..., S3Store]
+
+
+class PartGate:
+    """Holds every UploadPart request until opened: a slow S3, seen through botocore's own
+    event hooks, so the writer's real code paths run unchanged."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.holding = threading.Event()
+        self._open = threading.Event()
+        store.client.meta.events.register("before-send.s3.UploadPart", self._hold)
+
+    def open(self) -> None:
+        self._open.set()
+
+    def _hold(self, **_: object) -> None:
+        self.holding.set()
+        self._open.wait(timeout=30)
+
+
+@pytest.fixture
+def slow_store(make_s3_store: S3StoreFactory) -> Iterator[tuple[S3Store, PartGate]]:
+    store = make_s3_store(max_in_flight=1)
+    gate = PartGate(store)
+    yield store, gate
+    gate.open()  # never leave an upload thread waiting
+
+
+def test_ten_thousand_parts_reach_five_tib_within_s3_part_limits() -> None:
+    sizes = [part_size_for(number) for number in range(1, MAX_PARTS + 1)]
+
+    assert sum(sizes) >= 5 * TIB
+    assert min(sizes) >= MIN_PART_SIZE and max(sizes) <= MAX_PART_SIZE
+
+
+@pytest.mark.parametrize("first", [MIN_PART_SIZE, DEFAULT_PART_SIZE, 64 << 20, GIB])
+def test_part_sizes_double_every_thousand_parts_up_to_the_cap(first: int) -> None:
+    sizes = [part_size_for(number, first) for number in range(1, MAX_PARTS + 1)]
+
+    assert sizes[0] == sizes[999] == first
+    assert sizes[1000] == min(2 * first, MAX_PART_SIZE)
+    assert sizes == sorted(sizes)
+    assert min(sizes) >= MIN_PART_SIZE and max(sizes) <= MAX_PART_SIZE
+
+
+def test_parts_below_the_s3_minimum_are_refused() -> None:
+    with pytest.raises(ValueError, match="part_size"):
+        S3Store("bucket", part_size=MIN_PART_SIZE - 1)
+
+
+def test_large_objects_go_up_in_parts_and_small_ones_in_one_put(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    store = make_s3_store()
+    store.put("big", os.urandom(2 * MIN_PART_SIZE + 1))
+    small = store.put("small", b"x" * (MIN_PART_SIZE - 1))
+
+    assert store.head("big").etag.endswith("-3")  # S3's etag of a three-part upload
+    assert "-" not in small.etag
+
+
+def test_write_blocks_while_max_in_flight_parts_upload(
+    slow_store: tuple[S3Store, PartGate],
+) -> None:
+    store, gate = slow_store
+    part = os.urandom(MIN_PART_SIZE)
+    writer = store.multipart("slow")
+    writer.write(part)  # fills part 1, which takes the only upload slot
+    assert gate.holding.wait(timeout=10)
+
+    second = threading.Thread(target=writer.write, args=(part,))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive(), "write() returned while no upload slot was free"
+
+    gate.open()
+    second.join(timeout=10)
+    assert not second.is_alive()
+    writer.complete()
+    assert store.get("slow") == part * 2
+
+
+def test_abort_waits_for_parts_in_flight_then_leaves_nothing(
+    slow_store: tuple[S3Store, PartGate],
+) -> None:
+    store, gate = slow_store
+    writer = store.multipart("slow")
+    writer.write(os.urandom(MIN_PART_SIZE))
+    assert gate.holding.wait(timeout=10)
+
+    aborting = threading.Thread(target=writer.abort)
+    aborting.start()
+    aborting.join(timeout=0.3)
+    assert aborting.is_alive(), "abort() did not wait for the part in flight"
+    gate.open()
+    aborting.join(timeout=10)
+
+    assert not aborting.is_alive()
+    assert store.pending_uploads() == []
+    with pytest.raises(ObjectNotFound):
+        store.head("slow")
+
+
+def test_a_failed_part_fails_a_later_write_and_leaves_nothing(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    store = make_s3_store(max_in_flight=1, max_attempts=1)
+    part = os.urandom(MIN_PART_SIZE)
+    writer = store.multipart("doomed")
+    writer.write(part)
+    # The upload vanishes under the writer (as a bucket lifecycle rule would abort it).
+    (upload,) = store.client.list_multipart_uploads(Bucket=store.bucket)["Uploads"]
+    store.client.abort_multipart_upload(
+        Bucket=store.bucket, Key="doomed", UploadId=upload["UploadId"]
+    )
+
+    # With one slot, each write waits for the previous part, so a failure shows by the third.
+    with pytest.raises(StorageError):
+        for _ in range(3):
+            writer.write(part)
+
+    with pytest.raises(StorageError):
+        writer.complete()
+    assert store.pending_uploads() == []
+    assert list(store.list()) == []
+
+
+def test_check_on_a_missing_bucket_raises_bucket_not_found(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    store = make_s3_store(bucket="no-such-bucket")
+
+    with pytest.raises(BucketNotFound):
+        store.check()
+    with pytest.raises(BucketNotFound):
+        store.put("k", b"x")
+
+
+@pytest.mark.usefixtures("aws_environment")
+def test_an_unreachable_endpoint_raises_storage_unavailable() -> None:
+    store = S3Store("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+
+    with pytest.raises(StorageUnavailable):
+        store.check()
+    with pytest.raises(StorageUnavailable):
+        store.get("k")
+    with pytest.raises(StorageUnavailable):
+        list(store.list())
+    with pytest.raises(StorageUnavailable):
+        store.put("k", b"x")
+
+
+def test_keys_longer_than_s3_allows_are_refused(make_s3_store: S3StoreFactory) -> None:
+    with pytest.raises(InvalidObjectKey):
+        make_s3_store().put("k" * 1025, b"x")
