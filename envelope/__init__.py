@@ -34,9 +34,23 @@ from envelope.header import (
     Limits,
     parse_header,
 )
-from envelope.keyrings import PROVIDER_ID, AesKeyring, Keyring, MlKemKeyring, RsaKeyring
-from envelope.message import DEFAULT_FRAME_LENGTH, check_frame_length, new_message, open_message
+from envelope.keyrings import (
+    PROVIDER_ID,
+    AesKeyring,
+    Keyring,
+    MlKemKeyring,
+    RsaKeyring,
+    key_names,
+)
+from envelope.message import (
+    DEFAULT_FRAME_LENGTH,
+    OpenedMessage,
+    check_frame_length,
+    new_message,
+    open_message,
+)
 from envelope.ranged import FrameSpan, MessageLayout, RangeDecryptor
+from envelope.rewrap import rewrap_header
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -68,6 +82,7 @@ __all__ = [
     "MessageFormatError",
     "MessageLayout",
     "MlKemKeyring",
+    "OpenedMessage",
     "RangeDecryptor",
     "RsaKeyring",
     "StateError",
@@ -75,7 +90,9 @@ __all__ = [
     "TruncatedMessage",
     "UnsupportedMessage",
     "check_frame_length",
+    "key_names",
     "new_message",
     "open_message",
     "parse_header",
+    "rewrap_header",
 ]

@@ -153,6 +153,7 @@ class Decryptor:
         self._failed = False
         self._finished = False
         self.plaintext_length = 0
+        self.keyring: Keyring | None = None  # the keyring that opened the message
 
     @property
     def header(self) -> Header | None:
@@ -184,7 +185,8 @@ class Decryptor:
             header = self._header_reader.feed(data)
             if header is None:
                 return []
-            cipher = open_message(header, self._keyrings, self._required_context)
-            self._frames = FrameReader(cipher, header.frame_length)
+            opened = open_message(header, self._keyrings, self._required_context)
+            self.keyring = opened.keyring
+            self._frames = FrameReader(opened.cipher, header.frame_length)
             data = self._header_reader.remainder
         return self._frames.feed(data)

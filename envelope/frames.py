@@ -68,6 +68,17 @@ class FrameCipher:
         self._aead.encrypt_into(iv, plaintext, aad, memoryview(frame)[len(prefix) :])
         return frame
 
+    def seal_in_place(self, sequence_number: int, frame: bytearray) -> bytearray:
+        """Seal a regular frame whose plaintext already fills `frame` after its prefix:
+        `frame` is `REGULAR_OVERHEAD + frame length` bytes and becomes the serialized frame."""
+        iv = frame_iv(sequence_number)
+        length = len(frame) - REGULAR_OVERHEAD
+        REGULAR_PREFIX.pack_into(frame, 0, sequence_number, iv)
+        body = memoryview(frame)[REGULAR_PREFIX.size :]
+        aad = self._aad(sequence_number, length, final=False)
+        self._aead.encrypt_into(iv, body[:length], aad, body)
+        return frame
+
     def open(self, sequence_number: int, frame: memoryview, *, final: bool) -> bytes:
         """The plaintext of a whole serialized frame whose sequence number was checked."""
         iv_offset, prefix_size = (8, FINAL_PREFIX.size) if final else (4, REGULAR_PREFIX.size)

@@ -9,6 +9,7 @@ from the body, so a wrong key or a changed header fails here, never halfway thro
 import hmac
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from envelope.context import (
     EncryptionContext,
@@ -84,13 +85,22 @@ def new_message(
     return header, cipher
 
 
+@dataclass(frozen=True)
+class OpenedMessage:
+    """An authenticated header, the cipher for its frames, and the keyring that opened it."""
+
+    header: Header
+    cipher: FrameCipher
+    keyring: Keyring
+
+
 def open_message(
     header: Header,
     keyrings: Sequence[Keyring],
     required_context: Mapping[str, str] | None = None,
-) -> FrameCipher:
-    """The frame cipher of an authenticated header; raises if any check fails."""
-    data_key = _unwrap_data_key(header, keyrings)
+) -> OpenedMessage:
+    """Unwrap the data key and authenticate the header; raises if any check fails."""
+    data_key, keyring = _unwrap_data_key(header, keyrings)
     keys = derive_keys(data_key, header.message_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
         raise CommitmentMismatch("the data key does not match the header's key commitment")
@@ -101,15 +111,15 @@ def open_message(
         raise EncryptionContextMismatch(
             "the encryption context lacks or differs on: " + ", ".join(sorted(missing))
         )
-    return cipher
+    return OpenedMessage(header, cipher, keyring)
 
 
-def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> bytes:
+def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> tuple[bytes, Keyring]:
     for edk in header.encrypted_data_keys:
         for keyring in keyrings:
             data_key = keyring.unwrap(edk, header.context_bytes)
             if data_key is not None and len(data_key) == DATA_KEY_LENGTH:
-                return data_key
+                return data_key, keyring
     raise DataKeyUnavailable(
         f"none of the message's {len(header.encrypted_data_keys)} encrypted data keys "
         "could be unwrapped with the given keys"

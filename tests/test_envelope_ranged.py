@@ -34,7 +34,7 @@ def read_range(message: bytes, first: int, last: int, chunk: int = 1000) -> byte
     header = parse_header(message[:8192])
     layout = MessageLayout.of(header, len(message))
     span = layout.span(first, last)
-    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
     ciphertext = message[span.start : span.end]
     out = b"".join(
         p
@@ -117,7 +117,7 @@ def test_a_tampered_frame_in_the_span_fails() -> None:
     span = layout.span(FRAME + 10, 2 * FRAME + 10)
     tampered = bytearray(message)
     tampered[span.start + 100] ^= 1
-    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
     with pytest.raises(FrameAuthenticationError):
         decryptor.update(bytes(tampered[span.start : span.end]))
 
@@ -127,7 +127,7 @@ def test_a_short_span_is_truncated() -> None:
     header = parse_header(message)
     layout = MessageLayout.of(header, len(message))
     span = layout.span(0, 2 * FRAME)
-    decryptor = RangeDecryptor(open_message(header, [KEYRING]), layout, span)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
     decryptor.update(message[span.start : span.end - 1])
     with pytest.raises(TruncatedMessage):
         decryptor.finish()
