@@ -9,7 +9,7 @@ aborted, and abort on any failure). Backends fill in the underscored hooks.
 import builtins  # `list` names a store method inside the store classes
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -57,16 +57,20 @@ class MultipartWriter(ABC):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append `data`; may block while earlier parts upload (backpressure)."""
-        self._require_open()
         view = memoryview(data).cast("B")
-        if not view.nbytes:
+        self._append(view.nbytes, lambda: self._write(view))
+
+    def _append(self, count: int, step: Callable[[], None]) -> None:
+        """Run `step`, which appends `count` bytes; abort the upload if it fails."""
+        self._require_open()
+        if not count:
             return
         try:
-            self._write(view)
+            step()
         except BaseException:
             self.abort()
             raise
-        self.bytes_written += view.nbytes
+        self.bytes_written += count
 
     def complete(self) -> ObjectInfo:
         """Make the object visible, if the writer's condition still holds."""
@@ -182,7 +186,44 @@ class ObjectStore(ABC):
             raise InvalidRange(f"range [{start}, {stop}) is not within {key!r} ({size} bytes)")
         if start == stop:
             return iter(())
-        return _exactly(key, stop - start, self._read_range(key, start, stop, chunk_size))
+        # To the end: S3 then needs no Range header, so a whole read is one plain GET.
+        until = None if stop == size else stop
+        return _exactly(key, stop - start, self._read_range(key, start, until, chunk_size))
+
+    def rewrite_head(
+        self,
+        source_key: str,
+        target_key: str,
+        head: bytes,
+        skip: int,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
+    ) -> ObjectInfo:
+        """A new object at `target_key`: `head`, then the source's bytes from `skip` on.
+
+        The source's own metadata is kept unless `metadata` is given; `if_match` makes the
+        write conditional as in `multipart`. Backends that can copy server-side do so for
+        the bytes after the head, so a large object is not streamed through this process.
+        """
+        source = self.head(source_key)
+        if not 0 <= skip <= source.size:
+            raise InvalidRange(f"cannot skip {skip} bytes of {source_key!r} ({source.size})")
+        kept = source.metadata if metadata is None else metadata
+        with self.multipart(target_key, metadata=kept, if_match=if_match) as writer:
+            writer.write(head)
+            self._append_range(writer, source_key, skip, source.size)
+            return writer.complete()
+
+    def copy(self, source_key: str, target_key: str, *, if_match: str | None = None) -> ObjectInfo:
+        """A copy of the source, metadata included, at `target_key`; conditional with
+        `if_match` as in `multipart`."""
+        return self.rewrite_head(source_key, target_key, b"", 0, if_match=if_match)
+
+    def _append_range(self, writer: MultipartWriter, key: str, start: int, stop: int) -> None:
+        """Append bytes [start, stop) of the object `key` to `writer`."""
+        for chunk in self.read(key, start, stop):
+            writer.write(chunk)
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -209,6 +250,14 @@ class ObjectStore(ABC):
         """Sorted keys under `prefix` that have unfinished uploads."""
 
     @abstractmethod
+    def abort_pending(self, prefix: str) -> int:
+        """Abort every unfinished upload under `prefix`; how many were aborted.
+
+        For uploads no writer will finish: those of a process killed mid-upload. A live
+        writer whose upload is aborted fails on its next `write` or on `complete`.
+        """
+
+    @abstractmethod
     def check(self) -> None:
         """Readiness probe: `StorageUnavailable` or `BucketNotFound` when not usable."""
 
@@ -220,9 +269,10 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _read_range(
-        self, key: str, start: int, stop: int, chunk_size: int
+        self, key: str, start: int, stop: int | None, chunk_size: int
     ) -> Generator[bytes, None, None]:
-        """Bytes [start, stop) of the object, a non-empty range already checked."""
+        """Bytes [start, stop) of the object (stop None: to its end), a non-empty range
+        already checked."""
 
 
 def encoded_key(key: str) -> bytes:

@@ -6,6 +6,7 @@ standard mode; whatever still fails is translated by `storage.s3_errors`.
 
 import builtins  # `list` names a store method inside the store classes
 from collections.abc import Generator, Iterator
+from contextlib import suppress
 from datetime import UTC
 from typing import TYPE_CHECKING
 
@@ -13,17 +14,20 @@ import boto3
 from botocore.config import Config
 
 from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
-from storage.errors import BucketNotFound, InvalidObjectKey
+from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound, PreconditionFailed
 from storage.s3_errors import s3_errors
 from storage.s3_multipart import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PART_SIZE,
+    MAX_PART_SIZE,
     MIN_PART_SIZE,
     S3MultipartWriter,
+    entity_tag,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CopyObjectRequestTypeDef
 
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_KEY_BYTES = 1024
@@ -116,9 +120,48 @@ class S3Store(ObjectStore):
             keys = {upload["Key"] for page in pages for upload in page.get("Uploads", [])}
         return sorted(keys)
 
+    def abort_pending(self, prefix: str) -> int:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        with s3_errors(prefix):
+            uploads = [upload for page in pages for upload in page.get("Uploads", [])]
+        for upload in uploads:
+            # NoSuchUpload: finished or aborted meanwhile, which is what was wanted.
+            with suppress(ObjectNotFound), s3_errors(upload["Key"]):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+        return len(uploads)
+
     def check(self) -> None:
         with s3_errors(self.bucket, missing=BucketNotFound):
             self.client.head_bucket(Bucket=self.bucket)
+
+    def copy(self, source_key: str, target_key: str, *, if_match: str | None = None) -> ObjectInfo:
+        """Server-side: one CopyObject up to its 5 GiB limit, a multipart copy beyond."""
+        _check_key(target_key)
+        if self.head(source_key).size > MAX_PART_SIZE:
+            return super().copy(source_key, target_key, if_match=if_match)
+        request: CopyObjectRequestTypeDef = {
+            "Bucket": self.bucket,
+            "Key": target_key,
+            "CopySource": {"Bucket": self.bucket, "Key": source_key},
+        }
+        if if_match is not None:
+            request["IfMatch"] = entity_tag(if_match)
+        with s3_errors(target_key, conflict=PreconditionFailed):
+            self.client.copy_object(**request)
+        return self.head(target_key)
+
+    def _append_range(self, writer: MultipartWriter, key: str, start: int, stop: int) -> None:
+        """Fill the part being filled (the head's) from a ranged read, so that it reaches
+        S3's 5 MiB minimum, then copy the rest server-side."""
+        assert isinstance(writer, S3MultipartWriter)
+        copy_from = min(stop, start + writer.room_in_part)
+        super()._append_range(writer, key, start, copy_from)
+        if copy_from < stop:
+            writer.copy(key, copy_from, stop)
 
     def _open_writer(
         self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
@@ -137,12 +180,16 @@ class S3Store(ObjectStore):
         )
 
     def _read_range(
-        self, key: str, start: int, stop: int, chunk_size: int
+        self, key: str, start: int, stop: int | None, chunk_size: int
     ) -> Generator[bytes, None, None]:
         with s3_errors(key):
-            body = self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{stop - 1}"
-            )["Body"]
+            if start == 0 and stop is None:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            else:
+                last = "" if stop is None else str(stop - 1)
+                body = self.client.get_object(
+                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{last}"
+                )["Body"]
             try:
                 yield from body.iter_chunks(chunk_size)
             finally:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from storage.base import MultipartWriter, ObjectInfo
@@ -71,7 +72,10 @@ class S3MultipartWriter(MultipartWriter):
         self._first_part_size = first_part_size
         self._max_in_flight = max_in_flight
         self._describe = describe
+        # The part being filled: allocated once at its full size and filled in place, since
+        # growing it by appends would copy each part several times over.
         self._buffer = bytearray()
+        self._filled = 0
         self._part_number = 1  # the part being filled
         self._upload_id: str | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -79,18 +83,54 @@ class S3MultipartWriter(MultipartWriter):
         self._in_flight: list[Future[CompletedPartTypeDef]] = []
         self._parts: list[CompletedPartTypeDef] = []
 
+    @property
+    def room_in_part(self) -> int:
+        """Bytes to write before the part being filled is full and a copy may follow;
+        0 when no part is being filled."""
+        if not self._filled:
+            return 0
+        return self._part_size() - self._filled
+
+    def copy(self, source_key: str, start: int, stop: int) -> None:
+        """Append bytes [start, stop) of another object of the bucket, copied server-side
+        (UploadPartCopy), in parts of the usual sizes.
+
+        Only at a part boundary (`room_in_part` is 0). The range's last part may be
+        short, so a range shorter than a part, or not a multiple of one, ends the object:
+        S3 refuses to complete an upload with a short part in the middle.
+        """
+        if self._filled:
+            raise StorageError(f"a copy into {self.key!r} must start at a part boundary")
+        self._append(stop - start, lambda: self._copy_parts(source_key, start, stop))
+
     def _write(self, view: memoryview) -> None:
         self._collect_finished_parts()
         offset = 0
         while offset < view.nbytes:
-            if self._part_number > MAX_PARTS:
-                raise StorageError(f"{self.key!r} outgrew the {MAX_PARTS} parts S3 allows")
-            room = part_size_for(self._part_number, self._first_part_size) - len(self._buffer)
+            self._check_part_count()
+            if not self._filled:
+                self._buffer = bytearray(self._part_size())
+            room = len(self._buffer) - self._filled
             taken = view[offset : offset + room]
-            self._buffer += taken
+            self._buffer[self._filled : self._filled + taken.nbytes] = taken
+            self._filled += taken.nbytes
             offset += taken.nbytes
             if taken.nbytes == room:
                 self._ship_buffer()
+
+    def _copy_parts(self, source_key: str, start: int, stop: int) -> None:
+        while start < stop:
+            self._check_part_count()
+            end = min(stop, start + self._part_size())
+            self._submit(partial(self._copy_part, source_key, start, end))
+            start = end
+
+    def _part_size(self) -> int:
+        return part_size_for(self._part_number, self._first_part_size)
+
+    def _check_part_count(self) -> None:
+        if self._part_number > MAX_PARTS:
+            raise StorageError(f"{self.key!r} outgrew the {MAX_PARTS} parts S3 allows")
 
     def _complete(self) -> ObjectInfo:
         if self._upload_id is None:
@@ -100,7 +140,7 @@ class S3MultipartWriter(MultipartWriter):
         return self._describe(self.key)
 
     def _abort(self) -> None:
-        self._buffer = bytearray()
+        self._buffer, self._filled = bytearray(), 0
         if self._executor is not None:
             # In-flight parts finish (or fail) before the abort, so none lands after it.
             self._executor.shutdown(wait=True, cancel_futures=True)
@@ -111,17 +151,22 @@ class S3MultipartWriter(MultipartWriter):
                 )
 
     def _ship_buffer(self) -> None:
-        """Hand the filled buffer to an upload thread once a slot is free."""
+        """Hand the filled buffer to an upload thread."""
+        del self._buffer[self._filled :]  # the last part may be short
+        body, self._buffer, self._filled = self._buffer, bytearray(), 0
+        self._submit(partial(self._upload_part, body=body))
+
+    def _submit(self, send: Callable[[int], "CompletedPartTypeDef"]) -> None:
+        """Run `send(part number)` for the next part on an upload thread once a slot is free."""
         if self._upload_id is None:
             self._start_upload()
         self._slots.acquire()  # the backpressure: blocks while max_in_flight parts upload
         self._collect_finished_parts()  # the slot may have been freed by a failure
         assert self._executor is not None
-        future = self._executor.submit(self._upload_part, self._part_number, self._buffer)
+        future = self._executor.submit(send, self._part_number)
         # Released once the future is done, so whoever takes the slot next sees its outcome.
         future.add_done_callback(lambda _: self._slots.release())
         self._in_flight.append(future)
-        self._buffer = bytearray()
         self._part_number += 1
 
     def _collect_finished_parts(self) -> None:
@@ -153,9 +198,25 @@ class S3MultipartWriter(MultipartWriter):
             )
         return {"PartNumber": part_number, "ETag": response["ETag"]}
 
+    def _copy_part(
+        self, source_key: str, start: int, stop: int, part_number: int
+    ) -> "CompletedPartTypeDef":
+        """Runs on an upload thread."""
+        assert self._upload_id is not None
+        with s3_errors(source_key):
+            response = self._client.upload_part_copy(
+                Bucket=self._bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=part_number,
+                CopySource={"Bucket": self._bucket, "Key": source_key},
+                CopySourceRange=f"bytes={start}-{stop - 1}",
+            )
+        return {"PartNumber": part_number, "ETag": response["CopyPartResult"]["ETag"]}
+
     def _complete_upload(self) -> None:
         assert self._upload_id is not None and self._executor is not None
-        if self._buffer:
+        if self._filled:
             self._ship_buffer()
         for future in self._in_flight:
             self._parts.append(future.result())
@@ -177,7 +238,7 @@ class S3MultipartWriter(MultipartWriter):
         request: PutObjectRequestTypeDef = {
             "Bucket": self._bucket,
             "Key": self.key,
-            "Body": _as_body(self._buffer),
+            "Body": _as_body(self._buffer[: self._filled]),
             "Metadata": self._metadata,
         }
         self._add_condition(request)
@@ -191,7 +252,7 @@ class S3MultipartWriter(MultipartWriter):
         if self._if_absent:
             request["IfNoneMatch"] = "*"
         if self._if_match is not None:
-            request["IfMatch"] = _entity_tag(self._if_match)
+            request["IfMatch"] = entity_tag(self._if_match)
 
     def _condition_errors(self) -> AbstractContextManager[None]:
         """Errors of the request that makes the object visible: a 412 is the lost condition."""
@@ -199,7 +260,7 @@ class S3MultipartWriter(MultipartWriter):
         return s3_errors(self.key, conflict=conflict)
 
 
-def _entity_tag(etag: str) -> str:
+def entity_tag(etag: str) -> str:
     """An etag as HTTP quotes it in If-Match; `ObjectInfo.etag` is kept unquoted."""
     return f'"{etag}"'
 
