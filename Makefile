@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint system bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# Debian packages the tests run for real: redis-server (started by the tests on free
+# ports) and docker-compose (validates docker-compose.yml; no Docker engine is needed).
+system:
+	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
+	@command -v docker-compose >/dev/null || apt-get install -y --no-install-recommends docker-compose \
+		|| { apt-get update && apt-get install -y --no-install-recommends docker-compose; } \
+		|| { echo "docker-compose is missing: apt-get install docker-compose"; exit 1; }
+
+test: lint system
 	$(BIN)/pytest -n 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/format.py
+	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -2,30 +2,32 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import fields
 
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import admin, health, keys
+from api.routes import admin, crypto, health, jobs, keys
 from api.services import Services
 from api.tokens import TokenStore
 from sealstream.settings import Settings
-from sealstream.wiring import ConfigurationError, open_keystore, open_object_store
+from sealstream.wiring import ConfigurationError
+from workers.runner import open_runner
+from workers.services import build_worker_services
 
 
 def build_services(settings: Settings) -> Services:
     if settings.admin_token is None:
         raise ConfigurationError("set SEALSTREAM_ADMIN_TOKEN (`sealstream serve` generates one)")
-    objects = open_object_store(settings)
+    core = build_worker_services(settings)
     return Services(
-        settings=settings,
-        objects=objects,
-        keys=open_keystore(settings, objects),
+        **{field.name: getattr(core, field.name) for field in fields(core)},
         tokens=TokenStore(
-            objects,
+            core.objects,
             settings.admin_token.get_secret_value(),
             cache_ttl=settings.key_cache_ttl,
         ),
+        runner=open_runner(core),
     )
 
 
@@ -36,11 +38,12 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        services.runner.close()
         services.keys.close()
 
     app = FastAPI(title="sealstream", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     problems.install(app)
-    for module in (health, keys, admin):
+    for module in (health, keys, crypto, jobs, admin):
         app.include_router(module.router)
     return app

@@ -14,10 +14,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import envelope
 import keystore
 import storage
+from sealstream.errors import error_code
+from sealstream.spaces import BucketNotAllowed
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +70,21 @@ class Problem(Exception):
         )
 
 
-# Status of each key-store and object-store error; the most specific class listed wins.
+# Status of each domain error; the most specific class listed wins (codes: error_code).
 _STATUS: dict[type[Exception], int] = {
+    envelope.UnsupportedMessage: 400,
+    envelope.HeaderLimitExceeded: 400,
+    envelope.FrameSequenceError: 400,
+    envelope.TruncatedMessage: 400,
+    envelope.TrailingData: 400,
+    envelope.MessageFormatError: 400,
+    envelope.AuthenticationError: 400,
+    envelope.DataKeyUnavailable: 422,
+    envelope.EncryptionContextMismatch: 422,
+    envelope.EnvelopeError: 422,
     keystore.KeyNotFound: 404,
     keystore.KeyExists: 409,
+    keystore.KeyMismatch: 422,
     keystore.InvalidArgument: 422,
     keystore.InvalidKeyState: 409,
     keystore.ExportabilityIsOneWay: 409,
@@ -87,22 +102,14 @@ _STATUS: dict[type[Exception], int] = {
     storage.InvalidRange: 416,
     storage.StorageUnavailable: 503,
     storage.StorageError: 502,
+    BucketNotAllowed: 403,
 }
 
 
 def from_domain_error(exc: Exception) -> Problem:
     """The problem for a key-store or object-store error."""
     status = next(_STATUS[cls] for cls in type(exc).__mro__ if cls in _STATUS)
-    return Problem(status, _code_of(exc), str(exc))
-
-
-def _code_of(exc: Exception) -> str:
-    code = getattr(exc, "code", None)
-    if isinstance(code, str):
-        return code
-    # Storage errors carry no code attribute: derive it from the class name.
-    name = type(exc).__name__
-    return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+    return Problem(status, error_code(exc), str(exc))
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> Problem:
@@ -140,6 +147,10 @@ def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         return from_domain_error(exc).response(request.url.path)
 
+    async def job_store_down(request: Request, exc: Exception) -> JSONResponse:
+        problem = Problem(503, "job-store-unavailable", f"Redis is not reachable: {exc}")
+        return problem.response(request.url.path)
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
             "unhandled %s on %s %s",
@@ -158,4 +169,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http)
     app.add_exception_handler(keystore.KeystoreError, domain)
     app.add_exception_handler(storage.StorageError, domain)
+    app.add_exception_handler(envelope.EnvelopeError, domain)
+    app.add_exception_handler(BucketNotAllowed, domain)
+    app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

@@ -1,21 +1,20 @@
-"""The long-lived parts a running API holds, built once at startup and shared by requests."""
+"""The long-lived parts a running API holds, built once at startup and shared by requests:
+everything a job needs (the API runs jobs itself when there is no Redis), plus tokens and
+the job runner."""
 
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from api.tokens import TokenStore
-from keystore import KeyStore
-from sealstream.settings import Settings
-from storage import ObjectStore
+from workers.runner import JobRunner
+from workers.services import WorkerServices
 
 
 @dataclass(frozen=True)
-class Services:
-    settings: Settings
-    objects: ObjectStore
-    keys: KeyStore
+class Services(WorkerServices):
     tokens: TokenStore
+    runner: JobRunner
 
 
 def services(request: Request) -> Services:

@@ -84,6 +84,12 @@ class KeyNotFound(KeystoreError):
     code = "key-not-found"
 
 
+class KeyMismatch(KeystoreError):
+    """A message is not sealed for the key the caller said it is."""
+
+    code = "key-mismatch"
+
+
 class KeyExists(KeystoreError):
     """A key with this kid already exists for this tenant."""
 

@@ -13,9 +13,10 @@ import functools
 import itertools
 import logging
 import random
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,8 +33,10 @@ from keystore.errors import (
     InvalidPendingWindow,
     InvalidTenant,
     KeyExists,
+    KeyMismatch,
     KeyNotExportable,
     KeyNotFound,
+    KeystoreError,
 )
 from keystore.kek import Kek
 from keystore.records import (
@@ -190,6 +193,34 @@ class KeyStore:
             entry = self._cached(tenant, kid)
         entry.record.check_usable("decrypt", self._clock())
         return entry.record, [self._keyring(entry, version) for version in entry.record.versions]
+
+    def opening_keyrings(
+        self, tenant: str, key_names: Iterable[str], *, expected_kid: str | None = None
+    ) -> tuple[KeyRecord, builtins.list[Keyring]]:
+        """The keyrings of the first of a message's key names (`kid#version`) that name a
+        usable key of this tenant; names of other forms are skipped.
+
+        `expected_kid` restricts the search to that key (`KeyMismatch` if the message does
+        not name it). When no named key is usable, the first reason is raised (a disabled
+        key says so; keys that do not exist answer `KeyNotFound`).
+        """
+        matches = [m for m in map(KEY_NAME_PATTERN.fullmatch, key_names) if m is not None]
+        if expected_kid is not None:
+            matches = [m for m in matches if m["kid"] == expected_kid]
+            if not matches:
+                raise KeyMismatch(f"the message is not sealed for key {expected_kid!r}")
+        first_error: KeystoreError | None = None
+        for match in matches:
+            try:
+                return self.decryption_keyrings(
+                    tenant, match["kid"], needs_version=int(match["version"])
+                )
+            except KeystoreError as error:
+                if first_error is None or isinstance(first_error, KeyNotFound):
+                    first_error = error
+        if first_error is not None:
+            raise first_error
+        raise KeyNotFound("the message is not sealed for any key of this tenant")
 
     def record_usage(self, tenant: str, kid: str, count: int = 1) -> None:
         """Count uses of a key; written in batches, at most every flush interval."""
@@ -467,6 +498,9 @@ class KeyStore:
 
     def _seconds(self) -> float:
         return self._clock().timestamp()
+
+
+KEY_NAME_PATTERN = re.compile(rf"(?P<kid>{KID_PATTERN.pattern})#(?P<version>[1-9][0-9]{{0,8}})")
 
 
 def _key_name(kid: str, version: int) -> str:

@@ -47,5 +47,35 @@ class Settings(BaseSettings):
     max_json_body: int = Field(
         64 * 1024, ge=1024, description="largest JSON request body accepted, in bytes"
     )
+    job_ttl: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="seconds a job record stays in Redis after its last update",
+    )
+    job_visibility_timeout: int = Field(
+        6 * 3600,
+        ge=1,
+        description="seconds before Redis hands an unacknowledged job to another worker; "
+        "longer than the longest job",
+    )
+    job_stale_after: int = Field(
+        6 * 3600 + 600,
+        ge=1,
+        description="seconds without progress after which a running job is marked failed",
+    )
+    job_lease_ttl: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a worker's hold on a running job lasts unless renewed; after a "
+        "worker dies, its job can be taken over this long after the task comes back",
+    )
+    lifecycle_interval: float = Field(
+        60.0, gt=0, description="seconds between key-rotation, key-destruction and stale-job sweeps"
+    )
+    tenant_buckets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="buckets besides the default one each tenant may name, as JSON "
+        '{"tenant": ["bucket", ...]}; a tenant\'s objects always live under tenants/<tenant>/',
+    )
     s3_part_size: int = Field(8 * MIB, ge=5 * MIB, description="first multipart part size")
     s3_parts_in_flight: int = Field(4, ge=1, le=32, description="parts uploading at once")

@@ -4,6 +4,7 @@ API server on each backend."""
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,11 +98,26 @@ class Api:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
 
+TEST_SETTINGS: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "key_cache_ttl": 0.5}
+
+
+def local_settings(root: Path) -> Settings:
+    """Settings for a server on the local-directory backend under `root`."""
+    return Settings(storage_url=f"file://{root / 'storage'}", **TEST_SETTINGS)
+
+
+@contextmanager
+def live_api(settings: Settings) -> Iterator[Api]:
+    """A live API server (uvicorn over HTTP) built from `settings`."""
+    app = create_app(settings)
+    with api_server(app) as url:
+        yield Api(url, settings, app.state.services.objects)
+
+
 def api_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     """Settings for a server on the local-directory backend or the moto S3 server."""
-    common: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "key_cache_ttl": 0.5}
     if backend == "local":
-        return Settings(storage_url=f"file://{tmp_path / 'storage'}", **common)
+        return local_settings(tmp_path)
     kek_file = tmp_path / "kek"
     kek_file.write_bytes(os.urandom(32))
     return Settings(
@@ -109,14 +125,60 @@ def api_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
         s3_endpoint_url=request.getfixturevalue("moto_endpoint"),
         kek_file=kek_file,
         s3_part_size=MIN_PART_SIZE,
-        **common,
+        **TEST_SETTINGS,
     )
 
 
 @pytest.fixture(params=["local", "s3"])
 def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
     """A live API server (uvicorn over HTTP) on each storage backend."""
-    settings = api_settings(request.param, tmp_path, request)
-    app = create_app(settings)
-    with api_server(app) as url:
-        yield Api(url, settings, app.state.services.objects)
+    with live_api(api_settings(request.param, tmp_path, request)) as api:
+        yield api
+
+
+# Job tests: a redis-server, Celery worker processes, and a whole job stack
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> "Iterator[RedisServer]":
+    """A `redis-server` of the test's own on a free port (fails if it is not installed)."""
+    from tests.services import redis_server as start_redis
+
+    with start_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def celery_worker(tmp_path: Path) -> "Iterator[Callable[[dict[str, str]], CeleryWorker]]":
+    """Starts `celery -A workers.celery_app worker` processes with the given `SEALSTREAM_*`
+    environment; each is stopped (SIGKILL at the latest) at the end of the test."""
+    from contextlib import ExitStack
+
+    from tests.services import celery_worker as start_worker
+
+    with ExitStack() as workers:
+
+        def start(env: dict[str, str]) -> "CeleryWorker":
+            log = tmp_path / f"worker-{uuid.uuid4().hex[:8]}.log"
+            return workers.enter_context(start_worker(env, log))
+
+        yield start
+
+
+@pytest.fixture
+def job_stack(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> "Iterator[JobStack]":
+    """A redis-server, an API server whose jobs go to Celery, and one Celery worker process
+    that reaches the moto bucket through a `SlowS3Proxy` (unpaced until a test paces it),
+    sharing the bucket and KEK; the key `mySymKey` exists in the default tenant."""
+    from tests.jobs_helpers import job_stack as start_stack
+    from tests.stream_helpers import create_key
+
+    with start_stack(tmp_path, moto_endpoint, s3_bucket, proxied=True) as stack:
+        with stack.client() as client:
+            create_key(client)
+        yield stack
+
+
+if TYPE_CHECKING:
+    from tests.jobs_helpers import JobStack
+    from tests.services import CeleryWorker, RedisServer

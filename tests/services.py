@@ -3,16 +3,21 @@ where to reach it, and stops it on the way out."""
 
 import logging
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 import uvicorn
 from moto.server import ThreadedMotoServer
 from starlette.types import ASGIApp
@@ -82,6 +87,16 @@ def api_server(app: ASGIApp) -> Iterator[str]:
         listener.close()
 
 
+def terminate(process: "subprocess.Popen[str] | subprocess.Popen[bytes]") -> None:
+    """Terminate a service process, killing it if it does not go within ten seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class ServeProcess:
     """A `sealstream serve` process and what it printed on the way up."""
@@ -119,10 +134,180 @@ def sealstream_serve(
         token = next(line.split(":", 1)[1].strip() for line in banner if "admin token:" in line)
         yield ServeProcess(f"http://{LOCALHOST}:{port}", token, process, banner)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
         process.stdout.close()
+
+
+# Redis and Celery worker processes, for the job tests
+
+REDIS_INSTALL_HINT = "redis-server is not installed (Debian: apt-get install redis-server)"
+
+
+class RedisServer:
+    """A throwaway `redis-server` on a local port with persistence off. It can be stopped
+    and started again on the same port, coming back empty as a restarted Redis does."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(REDIS_INSTALL_HINT)
+        self._binary = binary
+        self.directory = directory
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start on a free port, or on the port it had before if it has run already."""
+        ports = [self.port] * 3 if self.port else [free_port() for _ in range(5)]
+        for port in ports:  # another process may take a port between probe and bind
+            if self._launch(port):
+                self.port = port
+                return
+        raise RuntimeError(f"redis-server did not start; see {self.directory}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        terminate(self.process)
+        self.process = None
+
+    def restart(self) -> None:
+        """Stop, then start a new, empty server on the same port."""
+        self.stop()
+        self.start()
+
+    def _launch(self, port: int) -> bool:
+        self.starts += 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = self.directory / f"redis-{self.starts}.log"
+        command = [
+            self._binary,
+            "--port", str(port),
+            "--bind", LOCALHOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", str(log),
+        ]  # fmt: skip
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        client = redis.Redis(host=LOCALHOST, port=port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        try:
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        self.process = process
+                        return True
+                except redis.RedisError:
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        process.kill()
+        process.wait()
+        return False
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    """A `redis-server` of its own in `directory` (logs); stopped on the way out."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class CeleryWorker:
+    """A `celery worker` process (the leader of its own process group) and its log."""
+
+    name: str
+    process: "subprocess.Popen[bytes]"
+    log: Path
+    hostname: str = ""  # name@host, as remote control addresses it; known once ready
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pool_pids(self) -> list[int]:
+        """The worker's child processes (its prefork pool), read from /proc."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.process.pid:  # the parent pid
+                    children.append(int(stat.parent.name))
+        return children
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the worker and its pool processes."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the worker dies with no chance to clean up."""
+        self.signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self, grace: float = 10) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL if it takes longer than `grace` seconds
+        (0: SIGKILL at once, for a worker whose Redis and bucket are thrown away next)."""
+        if grace > 0 and self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace)
+        self.kill()  # also any pool process left behind
+
+
+@contextmanager
+def celery_worker(
+    env: dict[str, str],
+    log: Path,
+    *,
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+    stop_grace: float = 10,
+) -> Iterator[CeleryWorker]:
+    """`celery -A workers.celery_app worker` as its own process group, configured by `env`
+    (`SEALSTREAM_*`) and the dummy AWS credentials, one task at a time; yields once it
+    reports ready, and is stopped on the way out (see `CeleryWorker.stop`)."""
+    name = f"sealstream-test-{uuid.uuid4().hex[:8]}"
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "-P", pool, "-c", "1", "-n", f"{name}@%h", "-l", loglevel,
+        "--without-heartbeat", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+    full_env = {**inherited, **AWS_TEST_ENVIRONMENT, "PYTHONUNBUFFERED": "1", **env}
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            command,
+            cwd=Path(__file__).resolve().parents[1],
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = CeleryWorker(name, process, log)
+    try:
+        deadline = time.monotonic() + 60
+        ready = re.compile(rf"({re.escape(name)}@\S+) ready\.")
+        while (found := ready.search(worker.output())) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not start:\n{worker.output()[-4000:]}")
+            time.sleep(0.05)
+        worker.hostname = found.group(1)
+        yield worker
+    finally:
+        worker.stop(stop_grace)

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
@@ -19,10 +20,19 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> JSONResponse | dict[str, object]:
-    """The process can do its work: object storage answers."""
+    """The process can do its work: object storage answers, and Redis when jobs use it."""
+    svc = services(request)
+    checks = {"storage": "ok"}
     try:
-        await run_in_threadpool(services(request).objects.check)
+        await run_in_threadpool(svc.objects.check)
     except StorageError as exc:
         problem = Problem(503, "not-ready", f"object storage is not reachable: {exc}")
         return problem.response(request.url.path)
-    return {"status": "ready", "checks": {"storage": "ok"}}
+    if svc.settings.redis_url:
+        try:
+            await run_in_threadpool(svc.jobs.ping)
+        except RedisError as exc:
+            problem = Problem(503, "not-ready", f"Redis is not reachable: {exc}")
+            return problem.response(request.url.path)
+        checks["redis"] = "ok"
+    return {"status": "ready", "checks": checks}

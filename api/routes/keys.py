@@ -5,8 +5,7 @@ Responses show metadata and public keys only; material leaves solely through exp
 and only for keys created exportable.
 """
 
-from collections.abc import Callable
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict
@@ -23,9 +22,6 @@ Reader = Annotated[Principal, Depends(require("keys:read"))]
 Writer = Annotated[Principal, Depends(require("keys:write"))]
 Exporter = Annotated[Principal, Depends(require("keys:export"))]
 
-P = ParamSpec("P")
-T = TypeVar("T")
-
 
 class KeyChange(BaseModel):
     """What PATCH may change: today only exportable, and only from true to false."""
@@ -37,10 +33,6 @@ class KeyChange(BaseModel):
 
 def view(record: KeyRecord) -> dict[str, Any]:
     return record.public_view().model_dump(mode="json")
-
-
-async def in_thread(function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await run_in_threadpool(function, *args, **kwargs)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -56,13 +48,13 @@ async def list_supported_algorithms(_: Reader) -> dict[str, Any]:
 @router.post("/keys", status_code=201)
 async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(KeySpec, await json_body(request))
-    return view(await in_thread(services(request).keys.create, principal.tenant, spec))
+    return view(await run_in_threadpool(services(request).keys.create, principal.tenant, spec))
 
 
 @router.post("/keys/import", status_code=201)
 async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(ImportSpec, await json_body(request))
-    return view(await in_thread(services(request).keys.import_jwk, principal.tenant, spec))
+    return view(await run_in_threadpool(services(request).keys.import_jwk, principal.tenant, spec))
 
 
 @router.get("/keys")
@@ -72,7 +64,7 @@ async def list_keys(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: str | None = None,
 ) -> dict[str, Any]:
-    records, cursor = await in_thread(
+    records, cursor = await run_in_threadpool(
         services(request).keys.list, principal.tenant, limit=limit, after=after
     )
     return {"keys": [view(record) for record in records], "next": cursor}
@@ -80,29 +72,31 @@ async def list_keys(
 
 @router.get("/keys/{kid}")
 async def get_key(request: Request, kid: str, principal: Reader) -> dict[str, Any]:
-    return view(await in_thread(services(request).keys.get, principal.tenant, kid))
+    return view(await run_in_threadpool(services(request).keys.get, principal.tenant, kid))
 
 
 @router.patch("/keys/{kid}")
 async def change_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     change = parse(KeyChange, await json_body(request))
     keys = services(request).keys
-    return view(await in_thread(keys.set_exportable, principal.tenant, kid, change.exportable))
+    return view(
+        await run_in_threadpool(keys.set_exportable, principal.tenant, kid, change.exportable)
+    )
 
 
 @router.post("/keys/{kid}/rotate")
 async def rotate_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
-    return view(await in_thread(services(request).keys.rotate, principal.tenant, kid))
+    return view(await run_in_threadpool(services(request).keys.rotate, principal.tenant, kid))
 
 
 @router.post("/keys/{kid}/disable")
 async def disable_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
-    return view(await in_thread(services(request).keys.disable, principal.tenant, kid))
+    return view(await run_in_threadpool(services(request).keys.disable, principal.tenant, kid))
 
 
 @router.post("/keys/{kid}/enable")
 async def enable_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
-    return view(await in_thread(services(request).keys.enable, principal.tenant, kid))
+    return view(await run_in_threadpool(services(request).keys.enable, principal.tenant, kid))
 
 
 @router.delete("/keys/{kid}")
@@ -114,13 +108,17 @@ async def schedule_key_deletion(
 ) -> dict[str, Any]:
     """Schedule the key's destruction after a pending window (1 to 30 days)."""
     keys = services(request).keys
-    return view(await in_thread(keys.schedule_deletion, principal.tenant, kid, pending_window_days))
+    return view(
+        await run_in_threadpool(keys.schedule_deletion, principal.tenant, kid, pending_window_days)
+    )
 
 
 @router.post("/keys/{kid}/cancel-deletion")
 async def cancel_key_deletion(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     """Keep the key; it comes back disabled, as an AWS KMS key does."""
-    return view(await in_thread(services(request).keys.cancel_deletion, principal.tenant, kid))
+    return view(
+        await run_in_threadpool(services(request).keys.cancel_deletion, principal.tenant, kid)
+    )
 
 
 @router.get("/keys/{kid}/export")
@@ -131,5 +129,5 @@ async def export_key(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> dict[str, Any]:
     """The material of one version (the primary by default) as a private JWK."""
-    jwk = await in_thread(services(request).keys.export_jwk, principal.tenant, kid, version)
+    jwk = await run_in_threadpool(services(request).keys.export_jwk, principal.tenant, kid, version)
     return dict(jwk)

@@ -1,0 +1,53 @@
+"""A streaming response that may run while the request body is still being read.
+
+Starlette's `StreamingResponse` listens for disconnects by calling `receive()` (ASGI spec
+2.3 and later), which steals request-body chunks from an endpoint still reading them: a
+1 GiB upload came back as a valid 255 KB message. This response never calls `receive()`.
+
+A body that fails after the headers went out is aborted, not finished: the response
+returns without its final message, so the server (uvicorn: "ASGI callable returned
+without completing response") drops the connection without the terminating chunk, and
+the client sees a broken transfer instead of a short file that looks complete. Returning
+rather than raising keeps an expected event (a tampered frame, a client gone) to one
+log line instead of a traceback.
+"""
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+
+class DuplexStreamingResponse(Response):
+    def __init__(
+        self,
+        content: AsyncIterator[bytes | bytearray | memoryview],
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self.body_iterator = content
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = background
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:
+            logger.warning("aborting a streamed response: %s: %s", type(exc).__name__, exc)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()

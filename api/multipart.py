@@ -1,0 +1,196 @@
+"""Streaming multipart/form-data: a `metadata` JSON part, then a `file` part read chunk by chunk.
+
+The body is parsed incrementally from the ASGI receive stream with python-multipart's
+low-level parser. It never goes through `request.form()` or `UploadFile`, which spool
+uploads over 1 MiB to a temporary file: that would put plaintext on disk.
+
+A form is complete only when its closing boundary has been seen: python-multipart's
+`finalize()` accepts a body that stops without one, which would make a truncated upload
+look like a short, valid file.
+"""
+
+import json
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from api.problems import Problem
+
+METADATA_PART = "metadata"
+FILE_PART = "file"
+
+
+class FormError(Problem):
+    """The body is not the form the route expects: a 4xx with its own code."""
+
+    def __init__(self, code: str, detail: str, status: int = 400) -> None:
+        super().__init__(status, code, detail)
+
+
+@dataclass(frozen=True)
+class PartStarted:
+    name: str
+    filename: str | None
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class PartData:
+    data: memoryview
+
+
+@dataclass(frozen=True)
+class PartEnded:
+    pass
+
+
+@dataclass(frozen=True)
+class FormEnded:
+    pass
+
+
+Event = PartStarted | PartData | PartEnded | FormEnded
+
+
+class FormParser:
+    """Turns body chunks into part events; knows nothing of what the parts mean."""
+
+    def __init__(self, content_type: str | None) -> None:
+        media_type, options = parse_options_header(content_type or "")
+        if media_type != b"multipart/form-data":
+            raise FormError("not-multipart", "send the body as multipart/form-data", status=415)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise FormError("missing-boundary", "the Content-Type has no multipart boundary")
+        self._events: list[Event] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._field = bytearray()
+        self._value = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_data": self._on_part_data,
+                "on_part_end": lambda: self._events.append(PartEnded()),
+                "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),
+                "on_header_value": lambda d, s, e: self._value.extend(d[s:e]),
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_end": lambda: self._events.append(FormEnded()),
+            },
+        )
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError:
+            raise FormError("malformed-multipart", "the multipart body is malformed") from None
+        events, self._events = self._events, []
+        return events
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._events.append(PartData(memoryview(data)[start:end]))
+
+    def _on_header_end(self) -> None:
+        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in options:
+            raise FormError("malformed-multipart", "a part lacks a form-data name")
+        content_type = self._headers.get(b"content-type")
+        filename = options.get(b"filename")
+        self._events.append(
+            PartStarted(
+                name=options[b"name"].decode("utf-8", "replace"),
+                filename=filename.decode("utf-8", "replace") if filename is not None else None,
+                content_type=content_type.decode("latin-1") if content_type else None,
+            )
+        )
+        self._headers = {}
+
+
+class UploadForm:
+    """The request as the crypto routes read it: `metadata` first, then the `file` part.
+
+    `metadata()` reads just far enough to return the parsed metadata (which is what lets a
+    route answer a clean 4xx, or the Expect: 100-continue handshake proceed, before any
+    response starts). `file_chunks()` then streams the file part and checks that the
+    form ends properly after it.
+    """
+
+    def __init__(self, request: Request, metadata_limit: int) -> None:
+        self._parser = FormParser(request.headers.get("content-type"))
+        self._chunks = request.stream()
+        self._metadata_limit = metadata_limit
+        self._pending: deque[Event] = deque()
+        self._ended = False
+
+    async def metadata(self) -> dict[str, Any]:
+        started = await self._next_event()
+        if isinstance(started, FormEnded):
+            raise FormError("missing-metadata", "the form has no metadata part")
+        if not isinstance(started, PartStarted) or started.name != METADATA_PART:
+            name = started.name if isinstance(started, PartStarted) else "?"
+            code = "file-before-metadata" if name == FILE_PART else "unexpected-part"
+            raise FormError(code, f"the first part must be 'metadata', not {name!r}")
+        raw = bytearray()
+        while not isinstance(event := await self._next_event(), PartEnded):
+            assert isinstance(event, PartData)
+            raw += event.data
+            if len(raw) > self._metadata_limit:
+                raise FormError(
+                    "metadata-too-large",
+                    f"the metadata part exceeds {self._metadata_limit} bytes",
+                    status=413,
+                )
+        try:
+            metadata = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FormError("invalid-metadata", "the metadata part is not valid JSON") from None
+        if not isinstance(metadata, dict):
+            raise FormError("invalid-metadata", "the metadata part must be a JSON object")
+        return metadata
+
+    async def start_file(self) -> None:
+        """Read up to the start of the `file` part's data."""
+        event = await self._next_event()
+        if isinstance(event, FormEnded):
+            raise FormError("missing-file", "the form has no file part")
+        if not isinstance(event, PartStarted) or event.name != FILE_PART:
+            raise FormError("unexpected-part", "the part after 'metadata' must be 'file'")
+
+    async def file_chunks(self) -> AsyncIterator[memoryview]:
+        """The `file` part's bytes as they arrive; raises if the form is cut short."""
+        while not isinstance(event := await self._next_event(), PartEnded):
+            assert isinstance(event, PartData)
+            if event.data:
+                yield event.data
+        await self.expect_end()
+
+    async def expect_end(self) -> None:
+        """Require the closing boundary next: no further parts."""
+        if not isinstance(await self._next_event(), FormEnded):
+            raise FormError("unexpected-part", "the form has parts after the ones expected")
+
+    async def _next_event(self) -> Event:
+        while not self._pending:
+            if self._ended:
+                raise FormError(
+                    "unterminated-multipart", "the body ended before the closing boundary"
+                )
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._ended = True
+                continue
+            except ClientDisconnect:
+                raise FormError("client-disconnected", "the client went away") from None
+            self._pending.extend(self._parser.feed(chunk))
+        return self._pending.popleft()

@@ -1,0 +1,146 @@
+"""Streaming encryption and decryption: `metadata` then `file` in, the other side out.
+
+- `POST /api/crypto/stream/encrypt`: ciphertext streamed back frame by frame while the
+  upload is still arriving, or, with `metadata.destination`, written into object storage
+  through a multipart upload (201 with what was stored).
+- `POST /api/crypto/stream/decrypt`: plaintext streamed back; or, with `metadata.source`,
+  an object read from storage, where `Range: bytes=a-b` reads only the frames it needs.
+
+Nothing is answered before the metadata (and, to decrypt, the message header) has been
+read and checked, so bad input gets a clean 4xx. After that, a failure aborts the
+response or the upload: never a clean end to a short stream, never a visible partial
+object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import require
+from api.body import parse
+from api.duplex import DuplexStreamingResponse
+from api.multipart import UploadForm
+from api.routes.jobs import start_job, verify_params
+from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength
+from api.sealing import (
+    decrypt_object,
+    decrypt_upload,
+    encrypt_to_client,
+    encrypt_to_storage,
+    start_encryption,
+)
+from api.services import services
+from api.tokens import Principal
+from sealstream.spaces import ObjectRef
+from workers.jobs import JobKind
+
+router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
+EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
+DecryptScope = Annotated[Principal, Depends(require("crypto:decrypt"))]
+
+
+class _Metadata(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="forbid")
+
+    encryption_context: ClientContext
+
+
+class Destination(ObjectRef):
+    overwrite: bool = False
+
+
+class EncryptMetadata(_Metadata):
+    kid: str
+    frame_length: FrameLength = DEFAULT_FRAME_LENGTH
+    destination: Destination | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def kid_is_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kid" not in data:
+            raise PydanticCustomError("missing-kid", "the metadata must name a key: 'kid'")
+        return data
+
+
+class DecryptMetadata(_Metadata):
+    kid: str | None = None  # if given, the message must be sealed for this key
+    source: ObjectRef | None = None
+
+
+@router.post("/encrypt", response_model=None)
+async def encrypt(request: Request, principal: EncryptScope) -> Response:
+    """Encrypt the `file` part under the key `metadata.kid`."""
+    svc = services(request)
+    form = UploadForm(request, svc.settings.max_json_body)
+    metadata = parse(EncryptMetadata, await form.metadata())
+    placement = None
+    if metadata.destination is not None:
+        placement = svc.spaces.place(principal.tenant, metadata.destination)
+    job = await run_in_threadpool(
+        start_encryption,
+        svc.keys,
+        principal.tenant,
+        metadata.kid,
+        metadata.encryption_context,
+        metadata.frame_length,
+    )
+    await form.start_file()
+    if placement is None or metadata.destination is None:
+        return DuplexStreamingResponse(
+            encrypt_to_client(form, job),
+            media_type="application/octet-stream",
+            headers=job.headers,
+        )
+    stored = await encrypt_to_storage(
+        form, job, placement, overwrite=metadata.destination.overwrite, records=svc.objects
+    )
+    body = {
+        "bucket": stored.bucket,
+        "key": placement.key,
+        "storageKey": stored.key,
+        "ciphertextSize": stored.ciphertext_size,
+        "plaintextSize": stored.plaintext_size,
+        "plaintextSha256": stored.plaintext_sha256,
+        "etag": stored.etag,
+        "kid": stored.kid,
+        "keyVersion": stored.key_version,
+        "frameLength": stored.frame_length,
+    }
+    verification = await run_in_threadpool(
+        start_job, svc, JobKind.VERIFY, principal.tenant, verify_params(placement)
+    )
+    body["verifyJob"] = verification.id
+    return JSONResponse(body, status_code=201, headers=job.headers)
+
+
+@router.post("/decrypt", response_model=None)
+async def decrypt(request: Request, principal: DecryptScope) -> Response:
+    """Decrypt the `file` part, or the object `metadata.source` (ranges allowed)."""
+    svc = services(request)
+    form = UploadForm(request, svc.settings.max_json_body)
+    metadata = parse(DecryptMetadata, await form.metadata())
+    if metadata.source is not None:
+        await form.expect_end()
+        placement = svc.spaces.place(principal.tenant, metadata.source)
+        return await decrypt_object(
+            svc.keys,
+            principal.tenant,
+            placement,
+            request.headers.get("range"),
+            records=svc.objects,
+            expected_kid=metadata.kid,
+            required_context=metadata.encryption_context,
+        )
+    await form.start_file()
+    return await decrypt_upload(
+        svc.keys,
+        principal.tenant,
+        form,
+        expected_kid=metadata.kid,
+        required_context=metadata.encryption_context,
+    )

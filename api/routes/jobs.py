@@ -1,0 +1,271 @@
+"""Jobs: start verification, batch encryption and rewrap; poll, list and cancel them.
+
+A job belongs to the tenant that started it; another tenant's job id answers 404.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import require
+from api.body import parse, read_json_object
+from api.problems import Problem
+from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength
+from api.services import Services, services
+from api.tokens import Principal
+from sealstream.objects import start_sealing
+from sealstream.spaces import ObjectRef, Placement, check_object_key, tenant_prefix
+from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+Reader = Annotated[Principal, Depends(require("jobs:read"))]
+Writer = Annotated[Principal, Depends(require("jobs:write"))]
+
+
+def start_job(svc: Services, kind: JobKind, tenant: str, params: dict[str, Any]) -> JobRecord:
+    """Save a new job record and hand the job to the runner."""
+    record = JobRecord.new(kind, tenant, params)
+    try:
+        svc.jobs.save(record)
+        svc.runner.submit(record)
+    except (RedisError, OperationalError) as error:
+        raise Problem(503, "job-queue-unavailable", f"cannot queue the job: {error}") from None
+    return record
+
+
+def verify_params(placement: Placement) -> dict[str, Any]:
+    return {"bucket": placement.bucket, "key": placement.key, "storageKey": placement.storage_key}
+
+
+@router.post("/verify", status_code=202)
+async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
+    """Verify a stored object against what its upload recorded."""
+    svc = services(request)
+    ref = parse(ObjectRef, await read_json_object(request, svc.settings.max_json_body))
+    placement = svc.spaces.place(principal.tenant, ref)
+    await run_in_threadpool(placement.store.head, placement.storage_key)  # 404 if absent
+    params = verify_params(placement)
+    record = await run_in_threadpool(start_job, svc, JobKind.VERIFY, principal.tenant, params)
+    return record.public()
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="forbid")
+
+
+class Source(_Request):
+    """An archive object (`key`) or every object under a `prefix`."""
+
+    key: str | None = None
+    prefix: str | None = None
+    bucket: str | None = None
+
+    @model_validator(mode="after")
+    def one_of_key_or_prefix(self) -> "Source":
+        if (self.key is None) == (self.prefix is None):
+            raise PydanticCustomError("invalid-source", "give exactly one of 'key' and 'prefix'")
+        return self
+
+
+class Destination(_Request):
+    """Where the output goes: a `prefix` for members, a `key` for a whole archive."""
+
+    key: str | None = None
+    prefix: str | None = None
+    bucket: str | None = None
+
+
+class BatchEncryptRequest(_Request):
+    kid: str
+    source: Source
+    destination: Destination
+    mode: Literal["members", "whole"] = "members"
+    format: Literal["auto", "tar", "tar.gz", "tar.bz2", "zip"] = "auto"
+    encryption_context: ClientContext
+    frame_length: FrameLength = DEFAULT_FRAME_LENGTH
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def destination_fits_mode(self) -> "BatchEncryptRequest":
+        wanted = "prefix" if self.mode == "members" else "key"
+        given = self.destination.prefix if wanted == "prefix" else self.destination.key
+        other = self.destination.key if wanted == "prefix" else self.destination.prefix
+        if given is None or other is not None:
+            raise PydanticCustomError(
+                "invalid-destination",
+                "mode {mode} writes to a destination {wanted}",
+                {"mode": self.mode, "wanted": wanted},
+            )
+        if self.mode == "whole" and self.source.key is None:
+            raise PydanticCustomError("invalid-source", "mode whole encrypts one archive: a key")
+        return self
+
+
+class RewrapRequest(_Request):
+    kid: str
+    key: str | None = None
+    prefix: str | None = None
+    bucket: str | None = None
+
+    @model_validator(mode="after")
+    def one_of_key_or_prefix(self) -> "RewrapRequest":
+        if (self.key is None) == (self.prefix is None):
+            raise PydanticCustomError("invalid-source", "give exactly one of 'key' and 'prefix'")
+        return self
+
+
+def _place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) -> dict[str, str]:
+    """A prefix in the tenant's space: '' is the whole space, else it must end in '/'."""
+    if prefix and not prefix.endswith("/"):
+        raise Problem(400, "invalid-prefix", "a prefix is empty or ends with '/'")
+    if prefix:
+        check_object_key(prefix.removesuffix("/"))
+    store = svc.spaces.store(tenant, bucket)
+    return {
+        "bucket": store.bucket,
+        "prefix": prefix,
+        "storagePrefix": tenant_prefix(tenant) + prefix,
+    }
+
+
+def _place_key(svc: Services, tenant: str, key: str, bucket: str | None) -> dict[str, str]:
+    placement = svc.spaces.place(tenant, ObjectRef(key=key, bucket=bucket))
+    return verify_params(placement)
+
+
+def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> dict[str, Any]:
+    """The job's parameters, with every name resolved to where it is stored."""
+    source, destination = spec.source, spec.destination
+    placed_source = (
+        _place_key(svc, tenant, source.key, source.bucket)
+        if source.key is not None
+        else _place_prefix(svc, tenant, source.prefix or "", source.bucket)
+    )
+    placed_destination = (
+        _place_prefix(svc, tenant, destination.prefix, destination.bucket)
+        if destination.prefix is not None
+        else _place_key(svc, tenant, destination.key or "", destination.bucket)
+    )
+    source_prefix = placed_source.get("storagePrefix")
+    destination_prefix = placed_destination.get("storagePrefix")
+    if (
+        source_prefix is not None
+        and destination_prefix is not None
+        and placed_source["bucket"] == placed_destination["bucket"]
+        and source_prefix.startswith(destination_prefix)
+    ):
+        # The job skips its own output, so a source inside the destination holds nothing.
+        raise Problem(400, "overlapping-prefixes", "the source prefix lies inside the destination")
+    return {
+        "kid": spec.kid,
+        "mode": spec.mode,
+        "format": spec.format,
+        "encryptionContext": spec.encryption_context,
+        "frameLength": spec.frame_length,
+        "overwrite": spec.overwrite,
+        "source": placed_source,
+        "destination": placed_destination,
+    }
+
+
+def rewrap_params(svc: Services, tenant: str, spec: RewrapRequest) -> dict[str, Any]:
+    target = (
+        _place_key(svc, tenant, spec.key, spec.bucket)
+        if spec.key is not None
+        else _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
+    )
+    return {"kid": spec.kid, **target}
+
+
+@router.post("/batch-encrypt", status_code=202)
+async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, Any]:
+    """Encrypt an archive's members (or every object under a prefix) one object each,
+    with a manifest; or encrypt the whole archive as one object."""
+    svc = services(request)
+    spec = parse(BatchEncryptRequest, await read_json_object(request, svc.settings.max_json_body))
+    await run_in_threadpool(start_sealing_check, svc, principal.tenant, spec)
+    params = batch_params(svc, principal.tenant, spec)
+    if "storageKey" in params["source"]:
+        source = params["source"]
+        store = svc.spaces.store(principal.tenant, source["bucket"])
+        await run_in_threadpool(store.head, source["storageKey"])  # 404 if absent
+    record = await run_in_threadpool(
+        start_job, svc, JobKind.BATCH_ENCRYPT, principal.tenant, params
+    )
+    return record.public()
+
+
+def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -> None:
+    """Refuse at once what the job would fail on: an unusable key or frame length."""
+    start_sealing(svc.keys, tenant, spec.kid, spec.encryption_context, spec.frame_length)
+
+
+@router.post("/rewrap", status_code=202)
+async def start_rewrap(request: Request, principal: Writer) -> dict[str, Any]:
+    """Re-wrap the data keys of stored objects to the key's primary version."""
+    svc = services(request)
+    spec = parse(RewrapRequest, await read_json_object(request, svc.settings.max_json_body))
+    await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
+    params = rewrap_params(svc, principal.tenant, spec)
+    record = await run_in_threadpool(start_job, svc, JobKind.REWRAP, principal.tenant, params)
+    return record.public()
+
+
+def _find(svc: Services, tenant: str, job_id: str) -> JobRecord:
+    record = svc.jobs.find(tenant, job_id)
+    if record is None:
+        raise Problem(404, "job-not-found", f"no job {job_id!r}")
+    return fail_if_stale(svc.jobs, record, timedelta(seconds=svc.settings.job_stale_after))
+
+
+@router.get("/{job_id}")
+async def get_job(request: Request, job_id: str, principal: Reader) -> dict[str, Any]:
+    record = await run_in_threadpool(_find, services(request), principal.tenant, job_id)
+    return record.public()
+
+
+@router.get("")
+async def list_jobs(
+    request: Request,
+    principal: Reader,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    after: str | None = None,
+) -> dict[str, Any]:
+    records, cursor = await run_in_threadpool(
+        lambda: services(request).jobs.list(
+            principal.tenant, status=status, kind=kind, limit=limit, after=after
+        )
+    )
+    return {"jobs": [record.public() for record in records], "next": cursor}
+
+
+def _cancel(svc: Services, tenant: str, job_id: str) -> JobRecord:
+    record = _find(svc, tenant, job_id)
+    if record.status.finished:
+        raise Problem(409, "job-finished", f"job {job_id!r} has already {record.status.value}")
+    svc.jobs.request_cancel(job_id)
+    if record.status is JobStatus.QUEUED:
+        # Not started: it will never start (a worker picking it up sees the request).
+        now = datetime.now(UTC)
+        record = record.model_copy(
+            update={"status": JobStatus.CANCELLED, "finished_at": now, "updated_at": now}
+        )
+        svc.jobs.save(record)
+        svc.jobs.write_report(record)
+    return record
+
+
+@router.post("/{job_id}/cancel", status_code=202)
+async def cancel_job(request: Request, job_id: str, principal: Writer) -> dict[str, Any]:
+    """Cancel a job: a queued job at once, a running one at its next frame or member."""
+    record = await run_in_threadpool(_cancel, services(request), principal.tenant, job_id)
+    return record.public()

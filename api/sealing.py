@@ -1,0 +1,351 @@
+"""The encrypt and decrypt pipelines behind the crypto routes.
+
+Request chunks (uvicorn hands over at most 256,000 bytes at a time) are gathered into
+batches of a few frames, and each batch is sealed, hashed and, for storage, handed to
+the multipart writer in one worker-thread call: the event loop only moves bytes.
+Backpressure holds end to end: the next chunk is read only once the previous batch has
+been sent to the client or accepted by the writer, which blocks while its parts in
+flight are at their limit.
+"""
+
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from api.duplex import DuplexStreamingResponse
+from api.multipart import UploadForm
+from api.problems import Problem
+from envelope import (
+    Decryptor,
+    Encryptor,
+    FrameReader,
+    Header,
+    HeaderReader,
+    Keyring,
+    MessageLayout,
+    RangeDecryptor,
+    TruncatedMessage,
+    open_message,
+)
+from keystore import KeyRecord, KeyStore
+from sealstream.objects import (
+    ObjectSealer,
+    Sealing,
+    opening_keyrings,
+    read_stored_header,
+    start_sealing,
+)
+from sealstream.objects import (
+    required_context as required,
+)
+from sealstream.spaces import Placement
+from storage import ObjectNotFound, ObjectStore
+from storage.records import ObjectRecord, load_record
+
+KEY_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming key is still usable
+# A thread hop costs about as much as sealing a quarter of a megabyte: batch a few frames.
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class EncryptionJob:
+    """One encryption under way: the sealing, its response headers, and the key's watch."""
+
+    sealing: Sealing
+    headers: dict[str, str]
+    watch: "KeyWatch"
+
+
+def start_encryption(
+    keys: KeyStore, tenant: str, kid: str, context: Mapping[str, str], frame_length: int
+) -> EncryptionJob:
+    """Check the key may encrypt now and start a message under its primary version."""
+    sealing = start_sealing(keys, tenant, kid, context, frame_length)
+    return EncryptionJob(
+        sealing=sealing,
+        headers=key_headers(kid, sealing.key, sealing.keyring),
+        watch=KeyWatch(partial(keys.encryption_keyring, tenant, kid)),
+    )
+
+
+def key_headers(requested: str, record: KeyRecord, keyring: Keyring) -> dict[str, str]:
+    """The seed product's headers naming the key asked for, the key used, and its algorithm."""
+    return {
+        "X-Key-Requested": requested,
+        "X-Key-Used": keyring.key_name,
+        "X-Algorithm-Used": record.alg,
+    }
+
+
+@dataclass
+class KeyWatch:
+    """Re-checks, at most once per interval, that a key may still serve a running stream, so
+    that disabling a key stops long transfers too (within the key cache's TTL)."""
+
+    check: Callable[[], object]
+    last: float = field(default_factory=time.monotonic)
+
+    async def __call__(self) -> None:
+        if time.monotonic() - self.last >= KEY_CHECK_INTERVAL:
+            await run_in_threadpool(self.check)
+            self.last = time.monotonic()
+
+
+async def frame_batches(
+    chunks: AsyncIterator[memoryview], frame_length: int
+) -> AsyncIterator[list[memoryview]]:
+    """Chunks grouped into batches of at least a frame and at least `BATCH_BYTES` (the
+    last may be shorter): each batch is one hop to a worker thread."""
+    size = max(frame_length, BATCH_BYTES)
+    batch: list[memoryview] = []
+    total = 0
+    async for chunk in chunks:
+        batch.append(chunk)
+        total += len(chunk)
+        if total >= size:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+def _seal(encryptor: Encryptor, batch: Sequence[memoryview]) -> list[bytearray]:
+    return [piece for chunk in batch for piece in encryptor.update(chunk)]
+
+
+async def encrypt_to_client(form: UploadForm, job: EncryptionJob) -> AsyncIterator[bytearray]:
+    """The message, frame by frame, as the file part arrives."""
+    encryptor = job.sealing.encryptor
+    async for batch in frame_batches(form.file_chunks(), encryptor.frame_length):
+        await job.watch()
+        for piece in await run_in_threadpool(_seal, encryptor, batch):
+            yield piece
+    for piece in await run_in_threadpool(encryptor.finish):
+        yield piece
+
+
+async def encrypt_to_storage(
+    form: UploadForm,
+    job: EncryptionJob,
+    placement: Placement,
+    *,
+    overwrite: bool,
+    records: ObjectStore,
+) -> ObjectRecord:
+    """Seal the file part into `placement` through a multipart upload, and record it.
+
+    Any failure on the way (client gone, malformed body, storage error, key disabled)
+    aborts the upload, so nothing becomes visible and no upload is left pending.
+    """
+    sealer = await run_in_threadpool(
+        partial(ObjectSealer, job.sealing, placement, overwrite=overwrite, records=records)
+    )
+    try:
+        async for batch in frame_batches(form.file_chunks(), job.sealing.encryptor.frame_length):
+            await job.watch()
+            await run_in_threadpool(sealer.write, batch)
+        return await run_in_threadpool(sealer.complete)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(sealer.abort)
+        raise
+
+
+# Decryption
+
+
+@dataclass
+class OpeningKeys:
+    """The keyrings that may open a message, the record they came from, and its watch."""
+
+    record: KeyRecord
+    keyrings: list[Keyring]
+    watch: KeyWatch
+
+
+def keys_for(keys: KeyStore, tenant: str, header: Header, expected_kid: str | None) -> OpeningKeys:
+    """The tenant's keyrings for the keys the header names (`kid#version`)."""
+    record, keyrings = opening_keyrings(keys, tenant, header, expected_kid)
+    return OpeningKeys(
+        record, keyrings, KeyWatch(partial(keys.decryption_keyrings, tenant, record.kid))
+    )
+
+
+async def decrypt_upload(
+    keys: KeyStore,
+    tenant: str,
+    form: UploadForm,
+    *,
+    expected_kid: str | None,
+    required_context: Mapping[str, str],
+) -> Response:
+    """Read the uploaded message's header, find its key, then stream the plaintext back."""
+    chunks = form.file_chunks()
+    reader = HeaderReader()
+    header = None
+    async for chunk in chunks:
+        header = reader.feed(chunk)
+        if header is not None:
+            break
+    if header is None:
+        raise TruncatedMessage("the message ends inside its header")
+    opening = await run_in_threadpool(keys_for, keys, tenant, header, expected_kid)
+    decryptor = Decryptor(opening.keyrings, required_context=required(required_context, tenant))
+    first = await run_in_threadpool(decryptor.update, header.to_bytes() + reader.remainder)
+    assert decryptor.keyring is not None
+
+    async def plaintext() -> AsyncIterator[bytes]:
+        for piece in first:
+            yield piece
+        async for batch in frame_batches(chunks, header.frame_length):
+            await opening.watch()
+            for piece in await run_in_threadpool(_open, decryptor, batch):
+                yield piece
+        decryptor.finish()
+
+    return DuplexStreamingResponse(
+        plaintext(),
+        media_type="application/octet-stream",
+        headers=key_headers(expected_kid or opening.record.kid, opening.record, decryptor.keyring),
+    )
+
+
+def _open(decryptor: Decryptor, batch: Sequence[memoryview]) -> list[bytes]:
+    return [piece for chunk in batch for piece in decryptor.update(chunk)]
+
+
+async def decrypt_object(
+    keys: KeyStore,
+    tenant: str,
+    placement: Placement,
+    range_header: str | None,
+    *,
+    records: ObjectStore,
+    expected_kid: str | None,
+    required_context: Mapping[str, str],
+) -> Response:
+    """Decrypt a stored object, or just the frames a `Range` needs (206)."""
+    store, storage_key = placement.store, placement.storage_key
+    size = (await run_in_threadpool(store.head, storage_key)).size
+    await run_in_threadpool(_check_against_record, records, placement, size)
+    header = await run_in_threadpool(read_stored_header, store, storage_key, size)
+    opening = await run_in_threadpool(keys_for, keys, tenant, header, expected_kid)
+    opened = await run_in_threadpool(
+        open_message, header, opening.keyrings, required(required_context, tenant)
+    )
+    layout = MessageLayout.of(header, size)
+    total = layout.plaintext_length
+    wanted = parse_range(range_header, total)
+    headers = {
+        "Accept-Ranges": "bytes",
+        **key_headers(expected_kid or opening.record.kid, opening.record, opened.keyring),
+    }
+    if wanted is None:
+        frames = FrameReader(opened.cipher, header.frame_length)
+        body = _pump(store.read(storage_key, header.length, size), frames.feed)
+        return DuplexStreamingResponse(
+            _checked(body, lambda: frames.final_frame_read),
+            media_type="application/octet-stream",
+            headers={**headers, "Content-Length": str(total)},
+        )
+    first, last = wanted
+    span = layout.span(first, last)
+    ranged = RangeDecryptor(opened.cipher, layout, span)
+    body = _pump(store.read(storage_key, span.start, span.end), ranged.update)
+
+    async def checked_range() -> AsyncIterator[bytes]:
+        async for piece in body:
+            yield piece
+        ranged.finish()
+
+    return DuplexStreamingResponse(
+        checked_range(),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers={
+            **headers,
+            "Content-Length": str(last - first + 1),
+            "Content-Range": f"bytes {first}-{last}/{total}",
+        },
+    )
+
+
+def _check_against_record(records: ObjectStore, placement: Placement, size: int) -> None:
+    """Refuse an object whose size differs from the one its upload recorded: cut short or
+    replaced behind the service's back, its layout (and so every range) would be wrong."""
+    try:
+        recorded = load_record(records, placement.bucket, placement.storage_key)
+    except ObjectNotFound:
+        return  # not written by encrypt-to-storage: its frames still authenticate it
+    if recorded.ciphertext_size != size:
+        raise Problem(
+            502,
+            "object-damaged",
+            f"the stored object is {size} bytes; its upload recorded {recorded.ciphertext_size}",
+        )
+
+
+async def _pump(
+    chunks: Iterator[bytes], open_chunk: Callable[[bytes], list[bytes]]
+) -> AsyncIterator[bytes]:
+    """Read stored chunks and open them, each step in a worker thread."""
+
+    def step() -> list[bytes] | None:
+        chunk = next(chunks, None)
+        return None if chunk is None else open_chunk(chunk)
+
+    while (pieces := await run_in_threadpool(step)) is not None:
+        for piece in pieces:
+            yield piece
+
+
+async def _checked(
+    body: AsyncIterator[bytes], complete: Callable[[], bool]
+) -> AsyncIterator[bytes]:
+    async for piece in body:
+        yield piece
+    if not complete():
+        raise TruncatedMessage("the stored message ends before its final frame")
+
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """The inclusive byte range a `Range` header asks for, or None to send everything.
+
+    A header this server cannot honour as one range (bad syntax, several ranges) is
+    ignored, as RFC 9110 allows; a well-formed range outside the plaintext is a 416.
+    """
+    if header is None:
+        return None
+    match = _RANGE.match(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    start, end = match.group(1), match.group(2)
+    if start == "":  # suffix: the last N bytes
+        length = int(end)
+        if length == 0 or total == 0:
+            raise _unsatisfiable(total)
+        return max(0, total - length), total - 1
+    first = int(start)
+    if end and int(end) < first:
+        return None  # an invalid range-spec: ignored like any header we cannot honour
+    if first >= total:
+        raise _unsatisfiable(total)
+    return first, min(int(end), total - 1) if end else total - 1
+
+
+def _unsatisfiable(total: int) -> Problem:
+    return Problem(
+        416,
+        "range-not-satisfiable",
+        f"the range lies outside the {total} bytes of plaintext",
+        headers={"Content-Range": f"bytes */{total}"},
+    )

@@ -1,0 +1,797 @@
+"""The live server's streaming memory and throughput, each figure next to its ceiling.
+
+Starts the API (uvicorn, one worker, httptools and uvloop, as `sealstream serve` runs it,
+on a free port, local-directory storage in a temporary directory, the admin token and a
+key created through the API) with one bench-only route, `POST /bench/echo`
+(`bench/echo_app.py`): the file part streamed back through the same multipart reader and
+the same duplex response as the encrypt route, with no crypto. Then prints, in one run:
+
+1. memory: the server's peak RSS (Linux VmHWM, reset through /proc/<pid>/clear_refs
+   before each upload) while a 1 GiB and a 4 GiB upload are encrypted and streamed back.
+   Goal: the two peaks within 32 MiB of each other, both under 200 MiB.
+2. stream-back: encrypt-to-client MB/s next to its ceiling, the same server echoing the
+   same bytes (goal ratio >= 0.8), rounds alternated, best of each kept; with each, the
+   server process's CPU seconds per GiB (all threads; /proc/<pid>/stat), which says what
+   the encryption costs the server apart from the client's share of the 2 cores.
+3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
+   (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
+   own overhead of storing; boto3 has no local-directory ceiling); then against an S3
+   server (moto, its own process), encrypt-to-storage MB/s next to boto3's own
+   `upload_fileobj` of the same bytes with the same part size and parts in flight (goal
+   ratio >= 0.9). moto is slow (≈ 50-90 MB/s) and memory-hungry, so this part uploads
+   `--s3-mib` (256 MiB by default); a second API server, configured for S3, serves it,
+   since one server has one default store. Each stored object's verification job (which
+   the server runs itself) must succeed, and is waited for, untimed, before going on.
+4. 8 concurrent streams of 256 MiB (8 stream-back encrypts at once, each through its own
+   curl, whose output is piped into a second curl that decrypts it through the API): the
+   aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
+
+The client is curl, which reads the response while it sends (DESIGN §10), fed from a
+generator thread. The file part is `-F file=@/dev/stdin`: curl 7.88 reads all of a
+`-F file=@-` stdin into memory before sending, while a named non-regular file is streamed
+(chunked). No plaintext touches disk: data is generated on the fly (a few random 1 MiB
+blocks, cycled), and moto's part files go to a tmpfs. The machines are shared and noisy
+(2 cores), so only ratios measured in the same run mean anything.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import boto3
+import httpx
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+BLOCK = MIB
+# The bench server is run as a module rather than imported: bench/ is not a package.
+ECHO_APP = "bench.echo_app"
+ECHO_PATH = "/bench/echo"  # bench.echo_app.ECHO_PATH
+ENCRYPT_PATH = "/api/crypto/stream/encrypt"
+DECRYPT_PATH = "/api/crypto/stream/decrypt"
+KID = "bench-stream"
+LOCALHOST = "127.0.0.1"
+CURL_MAX_SECONDS = 1800
+JOB_WAIT_SECONDS = 600
+PIPE_SIZE = MIB
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent
+AWS_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+
+class BenchError(Exception):
+    """The server or a client misbehaved: the figures would mean nothing."""
+
+
+# Generated data
+
+
+class Plaintext:
+    """`total` bytes made by cycling a few random blocks; each instance its own blocks."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._blocks = [os.urandom(BLOCK) for _ in range(4)]
+
+    def chunks(self) -> Iterator[bytes]:
+        sent = 0
+        while sent < self.total:
+            piece = self._blocks[(sent // BLOCK) % 4][: self.total - sent]
+            sent += len(piece)
+            yield piece
+
+
+class PlaintextStream(io.RawIOBase):
+    """A read-only raw file over a `Plaintext`; buffered, a file object for boto3."""
+
+    def __init__(self, data: Plaintext) -> None:
+        self._chunks = data.chunks()
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        target = memoryview(buffer).cast("B")
+        count = min(len(target), len(self._pending))
+        target[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    @classmethod
+    def open(cls, data: Plaintext) -> io.BufferedReader:
+        return io.BufferedReader(cls(data), buffer_size=BLOCK)
+
+
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOCALHOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_until(ready: Callable[[], bool], process: "subprocess.Popen[bytes]", what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not ready():
+        if process.poll() is not None:
+            raise BenchError(f"{what} exited with status {process.returncode}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not come up within 60 s")
+        time.sleep(0.1)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.TransportError:
+        return False
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], env: dict[str, str], log: Path, ready_url: str, what: str
+) -> Iterator["subprocess.Popen[bytes]"]:
+    """`command` as a child process, up once `ready_url` answers; stopped on the way out."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until(lambda: answers(ready_url), process, what)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def client_cpu_seconds() -> float:
+    """CPU time of this process and of its children waited for (the curl clients)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+@dataclass
+class Server:
+    """A live API server the bench started, and what talking to it takes."""
+
+    url: str
+    token: str
+    pid: int
+    storage_dir: Path | None
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def settle(self, stored: dict[str, Any]) -> None:
+        """Wait for the verification job an upload to storage started (it runs in the server,
+        so it would eat into the next measurement) and require it to succeed."""
+        job_id = stored.get("verifyJob")
+        if job_id is None:
+            return
+        deadline = time.monotonic() + JOB_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            response = httpx.get(
+                f"{self.url}/api/jobs/{job_id}",
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=30,
+            )
+            job = response.json()
+            if job.get("status") == "succeeded":
+                return
+            if job.get("status") in ("failed", "cancelled"):
+                raise BenchError(f"verification job {job_id} {job['status']}: {job.get('error')}")
+            time.sleep(0.2)
+        raise BenchError(f"verification job {job_id} still running after {JOB_WAIT_SECONDS} s")
+
+    def create_key(self) -> None:
+        response = httpx.post(
+            f"{self.url}/api/key-management/keys",
+            headers={"Authorization": f"Bearer {self.token}"},
+            json={
+                "kid": KID,
+                "kty": "oct",
+                "alg": "AES-256",
+                "keyOps": ["encrypt", "decrypt"],
+                "exportable": False,
+            },
+            timeout=30,
+        )
+        if response.status_code != 201:
+            raise BenchError(f"creating the key: {response.status_code} {response.text}")
+
+
+@contextlib.contextmanager
+def api_server(workdir: Path, name: str, env: dict[str, str]) -> Iterator[Server]:
+    """`bench.echo_app` (the service's app plus `/bench/echo`) in a process of its own."""
+    port = free_port()
+    token = "bench-" + os.urandom(16).hex()
+    env = {
+        **env,
+        "SEALSTREAM_HOST": LOCALHOST,
+        "SEALSTREAM_PORT": str(port),
+        "SEALSTREAM_ADMIN_TOKEN": token,
+    }
+    url = f"http://{LOCALHOST}:{port}"
+    command = [sys.executable, "-m", ECHO_APP]
+    with running(command, env, workdir / f"{name}.log", f"{url}/healthz", name) as process:
+        storage_url = env["SEALSTREAM_STORAGE_URL"]
+        storage_dir = Path(storage_url[7:]) if storage_url.startswith("file://") else None
+        server = Server(url, token, process.pid, storage_dir)
+        server.create_key()
+        yield server
+
+
+# Memory
+
+
+class PeakRss:
+    """Peak resident set size of another process of this user, between reset and read."""
+
+    def __init__(self, pid: int) -> None:
+        self._proc = Path(f"/proc/{pid}")
+
+    def reset(self) -> None:
+        (self._proc / "clear_refs").write_text("5")  # VmHWM := current RSS
+
+    def _field_mib(self, name: str) -> float:
+        for line in (self._proc / "status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1]) / 1024
+        raise BenchError(f"no {name} in {self._proc}/status")
+
+    def peak_mib(self) -> float:
+        return self._field_mib("VmHWM")
+
+    def current_mib(self) -> float:
+        return self._field_mib("VmRSS")
+
+
+# curl clients
+
+
+@dataclass
+class Transfer:
+    """One curl request's outcome."""
+
+    seconds: float
+    status: int
+    uploaded: int
+    downloaded: int
+    body: bytes = b""
+    sent_sha256: str = ""
+    received_sha256: str = ""
+    errors: list[str] = field(default_factory=list)
+    server_cpu: float = 0.0  # CPU seconds the server process spent meanwhile, all threads
+
+    def mb_per_s(self, total: int) -> float:
+        return total / self.seconds / 1e6
+
+
+WRITE_OUT = "%{stderr}\nbench-write-out %{http_code} %{size_upload} %{size_download}\n"
+
+
+def curl_command(server: Server, path: str, metadata: dict[str, Any], output: str) -> list[str]:
+    return [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        str(CURL_MAX_SECONDS),
+        "--header",
+        f"Authorization: Bearer {server.token}",
+        "--form",
+        f"metadata={json.dumps(metadata, separators=(',', ':'))};type=application/json",
+        "--form",
+        "file=@/dev/stdin;type=application/octet-stream",
+        "--output",
+        output,
+        "--write-out",
+        WRITE_OUT,
+        f"{server.url}{path}",
+    ]
+
+
+def _widen(pipe: IO[bytes] | None) -> None:
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def _feed(
+    data: Plaintext, pipe: IO[bytes], digest: "hashlib._Hash | None", errors: list[str]
+) -> None:
+    try:
+        for chunk in data.chunks():
+            if digest is not None:
+                digest.update(chunk)
+            pipe.write(chunk)
+    except BrokenPipeError:
+        errors.append("curl stopped reading its input early")
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            pipe.close()
+
+
+def _drain(pipe: IO[bytes], digest: "hashlib._Hash", counted: list[int]) -> None:
+    while chunk := pipe.read(MIB):
+        digest.update(chunk)
+        counted[0] += len(chunk)
+
+
+def _write_out(process: "subprocess.Popen[bytes]", errors: list[str]) -> tuple[int, int, int]:
+    assert process.stderr is not None
+    text = process.stderr.read().decode(errors="replace")
+    status = uploaded = downloaded = 0
+    for line in text.splitlines():
+        if line.startswith("bench-write-out "):
+            status, uploaded, downloaded = (int(word) for word in line.split()[1:])
+        elif line.strip():
+            errors.append(f"curl: {line.strip()}")
+    if process.wait(timeout=CURL_MAX_SECONDS) != 0:
+        errors.append(f"curl exited with status {process.returncode}")
+    return status, uploaded, downloaded
+
+
+def upload(server: Server, path: str, metadata: dict[str, Any], data: Plaintext) -> Transfer:
+    """POST `data` as the form's file part; the response body is discarded (or kept if small)."""
+    errors: list[str] = []
+    keep = "destination" in metadata
+    cpu_before = server.cpu_seconds()
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        curl_command(server, path, metadata, "-" if keep else os.devnull),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE if keep else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    _widen(process.stdin)
+    feeder = threading.Thread(target=_feed, args=(data, process.stdin, None, errors))
+    feeder.start()
+    body = process.stdout.read() if process.stdout is not None else b""
+    status, uploaded, downloaded = _write_out(process, errors)
+    feeder.join()
+    seconds = time.perf_counter() - start
+    cpu = server.cpu_seconds() - cpu_before
+    return Transfer(seconds, status, uploaded, downloaded, body, errors=errors, server_cpu=cpu)
+
+
+def round_trip(server: Server, data: Plaintext) -> Transfer:
+    """Encrypt `data` streamed back, piped into a second curl that decrypts it; both SHA-256."""
+    errors: list[str] = []
+    sent, received, counted = hashlib.sha256(), hashlib.sha256(), [0]
+    start = time.perf_counter()
+    encrypt = subprocess.Popen(
+        curl_command(server, ENCRYPT_PATH, {"kid": KID}, "-"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    decrypt = subprocess.Popen(
+        curl_command(server, DECRYPT_PATH, {"kid": KID}, "-"),
+        stdin=encrypt.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert encrypt.stdin is not None and encrypt.stdout is not None
+    assert decrypt.stdout is not None
+    encrypt.stdout.close()  # the decrypting curl holds it now
+    _widen(encrypt.stdin)
+    feeder = threading.Thread(target=_feed, args=(data, encrypt.stdin, sent, errors))
+    drainer = threading.Thread(target=_drain, args=(decrypt.stdout, received, counted))
+    feeder.start()
+    drainer.start()
+    status, uploaded, _ = _write_out(encrypt, errors)
+    decrypt_status, _, _ = _write_out(decrypt, errors)
+    feeder.join()
+    drainer.join()
+    seconds = time.perf_counter() - start
+    if decrypt_status != 200:
+        errors.append(f"decrypt answered {decrypt_status}")
+    return Transfer(
+        seconds,
+        status,
+        uploaded,
+        counted[0],
+        sent_sha256=sent.hexdigest(),
+        received_sha256=received.hexdigest(),
+        errors=errors,
+    )
+
+
+def checked(transfer: Transfer, what: str, expected_status: int = 200) -> Transfer:
+    if transfer.status != expected_status or transfer.errors:
+        detail = "; ".join(transfer.errors) or f"status {transfer.status}"
+        raise BenchError(f"{what}: {detail}")
+    return transfer
+
+
+# The figures
+
+
+def mb_per_s(total: int, seconds: float) -> float:
+    return total / seconds / 1e6
+
+
+def memory_figures(server: Server, sizes: list[int]) -> None:
+    rss = PeakRss(server.pid)
+    idle = rss.current_mib()
+    print(
+        f"1. memory: server peak RSS (VmHWM) while encrypting, streamed back; idle {idle:.1f} MiB"
+    )
+    peaks = []
+    for total in sizes:
+        rss.reset()
+        before = rss.current_mib()
+        data = Plaintext(total)
+        transfer = checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "encrypt")
+        if transfer.downloaded <= total:
+            raise BenchError(f"encrypt returned {transfer.downloaded} B for {total} B")
+        peak = rss.peak_mib()
+        peaks.append(peak)
+        print(
+            f"  {total / GIB:5.2f} GiB   peak {peak:7.1f} MiB  (+{peak - before:5.1f} over "
+            f"the {before:.1f} MiB before it)   {transfer.mb_per_s(total):6.0f} MB/s"
+        )
+    spread = max(peaks) - min(peaks)
+    print(
+        f"  peaks differ by {spread:.1f} MiB (goal <= 32 MiB); highest {max(peaks):.1f} MiB "
+        "(goal < 200 MiB)"
+    )
+
+
+@dataclass
+class Best:
+    """The fastest of a kind of upload, and the least server CPU any round of it took."""
+
+    seconds: float = float("inf")
+    server_cpu: float = float("inf")
+
+    def add(self, transfer: Transfer) -> None:
+        self.seconds = min(self.seconds, transfer.seconds)
+        self.server_cpu = min(self.server_cpu, transfer.server_cpu)
+
+    def figures(self, total: int) -> str:
+        return (
+            f"{mb_per_s(total, self.seconds):6.0f} MB/s "
+            f"(server CPU {self.server_cpu / (total / GIB):4.2f} s/GiB)"
+        )
+
+
+@dataclass
+class StreamBack:
+    """Each kind of upload, alternated on one server."""
+
+    total: int
+    echo: Best = field(default_factory=Best)
+    encrypt: Best = field(default_factory=Best)
+    local: Best = field(default_factory=Best)
+    disk: float = float("inf")
+
+
+def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
+    """Echo, encrypt and (if asked) encrypt to local storage, alternated; best of each."""
+    data = Plaintext(total)
+    best = StreamBack(total)
+    assert server.storage_dir is not None
+    store = LocalStore(server.storage_dir)
+    for number in range(rounds):
+        transfer = checked(upload(server, ECHO_PATH, {"kid": KID}, data), "echo")
+        if transfer.downloaded != total:
+            raise BenchError(f"echo returned {transfer.downloaded} B of {total} B")
+        best.echo.add(transfer)
+        transfer = checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "encrypt")
+        if transfer.downloaded <= total:
+            raise BenchError(f"encrypt returned {transfer.downloaded} B for {total} B")
+        best.encrypt.add(transfer)
+        if not to_storage:
+            continue
+        metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
+        transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
+        stored = json.loads(transfer.body)
+        if stored["plaintextSize"] != total:
+            raise BenchError(f"stored {stored['plaintextSize']} B of {total} B")
+        server.settle(stored)
+        store.delete(stored["storageKey"])
+        best.local.add(transfer)
+        best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
+    print(
+        f"2. stream-back, {total / MIB:.0f} MiB per upload, best of {rounds} rounds "
+        "(echo and encrypt alternated on one server)"
+    )
+    print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
+    print(f"  ceiling: echo, no crypto       {best.echo.figures(total)}")
+    print(
+        f"  ratio {best.echo.seconds / best.encrypt.seconds:.3f}  (goal >= 0.80)   "
+        f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
+    )
+    return best
+
+
+def disk_write_seconds(directory: Path, size: int) -> float:
+    """Seconds to write `size` bytes of ciphertext-like data to a file there and fsync it.
+
+    The bytes are AES-GCM output over generated blocks: no plaintext goes to disk.
+    """
+    aead = AESGCM(os.urandom(32))
+    blocks = [aead.encrypt(os.urandom(12), os.urandom(BLOCK), None)[:BLOCK] for _ in range(4)]
+    path = directory / f".bench-disk-{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        with path.open("xb") as file:
+            for offset in range(0, size, BLOCK):
+                file.write(blocks[(offset // BLOCK) % 4][: size - offset])
+            file.flush()
+            os.fsync(file.fileno())
+        return time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def local_storage_figures(best: StreamBack) -> None:
+    total = best.total
+    print(f"3. to storage; local directory, {total / MIB:.0f} MiB, in the rounds of 2.")
+    print(f"  sealstream encrypt -> storage  {best.local.figures(total)}")
+    print(
+        f"  ceiling: the disk, as many bytes written and fsync'd {mb_per_s(total, best.disk):6.0f}"
+        f" MB/s   ratio {best.disk / best.local.seconds:.3f}"
+    )
+    print(
+        f"  next to stream-back encrypt {mb_per_s(total, best.encrypt.seconds):6.0f} MB/s: "
+        f"ratio {best.encrypt.seconds / best.local.seconds:.3f} (our own overhead of storing)"
+    )
+
+
+def concurrency_figures(server: Server, streams: int, total: int, single: float) -> bool:
+    datas = [Plaintext(total) for _ in range(streams)]
+    results: list[Transfer | BaseException] = []
+    lock = threading.Lock()
+
+    def run(data: Plaintext) -> None:
+        try:
+            outcome: Transfer | BaseException = round_trip(server, data)
+        except Exception as exc:
+            outcome = exc
+        with lock:
+            results.append(outcome)
+
+    rss = PeakRss(server.pid)
+    rss.reset()
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(data,)) for data in datas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    peak = rss.peak_mib()
+    failures = []
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            failures.append(f"{type(outcome).__name__}: {outcome}")
+        elif outcome.errors or outcome.status != 200:
+            failures.append("; ".join(outcome.errors) or f"status {outcome.status}")
+        elif outcome.sent_sha256 != outcome.received_sha256 or outcome.downloaded != total:
+            failures.append(f"plaintext differs ({outcome.downloaded} B back of {total} B)")
+    aggregate = mb_per_s(streams * total, seconds)
+    print(
+        f"4. {streams} concurrent {total / MIB:.0f} MiB streams, each encrypted (streamed back) "
+        "and piped into a decrypt on the same server"
+    )
+    print(
+        f"  aggregate {aggregate:6.0f} MB/s of plaintext encrypted, and as much decrypted "
+        f"(server total {2 * aggregate:.0f} MB/s)   single-stream encrypt {single:6.0f} MB/s"
+    )
+    print(f"  server peak RSS meanwhile {peak:.1f} MiB ({2 * streams} streams open)")
+    correct = streams - len(failures)
+    verdict = f"all {streams} correct" if not failures else f"{correct} of {streams} correct"
+    print(f"  {verdict} (SHA-256 of each decrypted stream = SHA-256 of what was sent)")
+    for failure in failures:
+        print(f"    failed: {failure}")
+    return not failures
+
+
+@contextlib.contextmanager
+def moto_server(workdir: Path) -> Iterator[tuple[str, int]]:
+    """A moto S3 server in its own process, its temporary files on a tmpfs when there is one."""
+    port = free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    shm = Path("/dev/shm")
+    spool = Path(tempfile.mkdtemp(prefix="bench-moto-", dir=shm if shm.is_dir() else workdir))
+    command = [str(Path(sys.executable).with_name("moto_server")), "-H", LOCALHOST, "-p", str(port)]
+    env = {**AWS_ENVIRONMENT, "TMPDIR": str(spool)}
+    try:
+        with running(command, env, workdir / "moto.log", f"{url}/moto-api/", "moto_server") as moto:
+            yield url, moto.pid
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+@dataclass
+class S3Best:
+    """The fastest upload to S3, and the least CPU its uploader and moto took in a round."""
+
+    seconds: float = float("inf")
+    uploader_cpu: float = float("inf")
+    moto_cpu: float = float("inf")
+
+    def add(self, seconds: float, uploader_cpu: float, moto_cpu: float) -> None:
+        self.seconds = min(self.seconds, seconds)
+        self.uploader_cpu = min(self.uploader_cpu, uploader_cpu)
+        self.moto_cpu = min(self.moto_cpu, moto_cpu)
+
+    def figures(self, total: int, uploader: str) -> str:
+        gib = total / GIB
+        return (
+            f"{mb_per_s(total, self.seconds):6.0f} MB/s (CPU s/GiB: {uploader} "
+            f"{self.uploader_cpu / gib:4.2f}, moto {self.moto_cpu / gib:4.2f})"
+        )
+
+
+def s3_figures(workdir: Path, total: int, rounds: int) -> None:
+    with moto_server(workdir) as (endpoint, moto_pid):
+        s3 = boto3.session.Session(
+            aws_access_key_id=AWS_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"],
+            region_name=AWS_ENVIRONMENT["AWS_DEFAULT_REGION"],
+        ).client(
+            "s3",
+            endpoint_url=endpoint,
+            config=Config(
+                s3={"addressing_style": "path"},
+                max_pool_connections=DEFAULT_MAX_IN_FLIGHT + 4,
+            ),
+        )
+        bucket = "bench-stream"
+        s3.create_bucket(Bucket=bucket)
+        kek = workdir / "kek"
+        kek.write_bytes(os.urandom(32))
+        kek.chmod(0o600)
+        env = {
+            **AWS_ENVIRONMENT,
+            "SEALSTREAM_STORAGE_URL": f"s3://{bucket}",
+            "SEALSTREAM_S3_ENDPOINT_URL": endpoint,
+            "SEALSTREAM_KEK_FILE": str(kek),
+            "SEALSTREAM_S3_PART_SIZE": str(DEFAULT_PART_SIZE),
+            "SEALSTREAM_S3_PARTS_IN_FLIGHT": str(DEFAULT_MAX_IN_FLIGHT),
+        }
+        transfer_config = TransferConfig(
+            multipart_threshold=DEFAULT_PART_SIZE,
+            multipart_chunksize=DEFAULT_PART_SIZE,
+            max_concurrency=DEFAULT_MAX_IN_FLIGHT,
+        )
+        data = Plaintext(total)
+        ours, theirs = S3Best(), S3Best()
+        with api_server(workdir, "api-s3", env) as server:
+            for number in range(rounds):
+                key = f"bench/boto3-{number}"
+                moto_before, client_before = cpu_seconds(moto_pid), client_cpu_seconds()
+                start = time.perf_counter()
+                s3.upload_fileobj(PlaintextStream.open(data), bucket, key, Config=transfer_config)
+                theirs.add(
+                    time.perf_counter() - start,
+                    client_cpu_seconds() - client_before,
+                    cpu_seconds(moto_pid) - moto_before,
+                )
+                if s3.head_object(Bucket=bucket, Key=key)["ContentLength"] != total:
+                    raise BenchError("boto3 stored the wrong size")
+                s3.delete_object(Bucket=bucket, Key=key)
+                metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
+                moto_before, client_before = cpu_seconds(moto_pid), client_cpu_seconds()
+                transfer = checked(
+                    upload(server, ENCRYPT_PATH, metadata, data), "encrypt to S3", 201
+                )
+                ours.add(
+                    transfer.seconds,
+                    transfer.server_cpu + client_cpu_seconds() - client_before,
+                    cpu_seconds(moto_pid) - moto_before,
+                )
+                stored = json.loads(transfer.body)
+                if stored["plaintextSize"] != total:
+                    raise BenchError(f"stored {stored['plaintextSize']} B of {total} B")
+                server.settle(stored)
+                s3.delete_object(Bucket=bucket, Key=stored["storageKey"])
+    print(
+        f"  S3: moto server, {total / MIB:.0f} MiB, {DEFAULT_PART_SIZE // MIB} MiB parts, "
+        f"{DEFAULT_MAX_IN_FLIGHT} in flight, best of {rounds} (CPU: least of any round)"
+    )
+    print(f"  sealstream encrypt -> storage  {ours.figures(total, 'server + curl')}")
+    print(f"  ceiling: boto3 upload_fileobj  {theirs.figures(total, 'boto3')}")
+    print(f"  ratio {theirs.seconds / ours.seconds:.3f}  (goal >= 0.90)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="stream-back upload size, GiB")
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        nargs="+",
+        default=[1.0, 4.0],
+        help="upload sizes whose peak RSS is compared, GiB",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--stream-mib", type=int, default=256, help="size of each, MiB")
+    parser.add_argument("--s3-mib", type=int, default=256, help="upload size against moto")
+    parser.add_argument("--skip-storage", action="store_true", help="no to-storage figures")
+    args = parser.parse_args()
+
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as scratch:
+        workdir = Path(scratch)
+        env = {"SEALSTREAM_STORAGE_URL": f"file://{workdir / 'storage'}"}
+        try:
+            with api_server(workdir, "api", env) as server:
+                print(
+                    f"live server pid {server.pid}: uvicorn, 1 worker, httptools + uvloop; "
+                    f"client {' '.join(curl.stdout.split()[:2])}, reading while it sends; "
+                    f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+                )
+                memory_figures(server, [int(gib * GIB) for gib in args.memory_gib])
+                total = int(args.gib * GIB)
+                best = stream_back_figures(server, total, args.rounds, not args.skip_storage)
+                if not args.skip_storage:
+                    local_storage_figures(best)
+                    s3_figures(workdir, args.s3_mib * MIB, args.rounds)
+                single = mb_per_s(total, best.encrypt.seconds)
+                ok = concurrency_figures(server, args.streams, args.stream_mib * MIB, single)
+        except BenchError as exc:
+            print(f"FAILED: {exc}")
+            for log in sorted(workdir.glob("*.log")):
+                print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-2000:]}")
+            raise SystemExit(1) from None
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine)")
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Sealing plaintext streams into stored objects, and opening stored objects again.
+
+The API (encrypt-to-storage, decrypt from storage) and the workers (verify,
+batch-encrypt, rewrap) share these pieces, so an object is written, recorded and read
+back the same way whoever handles it.
+"""
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from envelope import Encryptor, Header, HeaderReader, Keyring, TruncatedMessage, key_names
+from keystore import KeyRecord, KeyStore
+from sealstream.spaces import Placement
+from storage import ObjectInfo, ObjectStore, StorageError
+from storage.records import ObjectRecord, save_record
+
+RESERVED_CONTEXT_PREFIX = "sealstream:"
+TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
+HEADER_READ_SIZE = 64 * 1024
+
+
+@dataclass
+class Sealing:
+    """A message being written under a key's primary version."""
+
+    tenant: str
+    key: KeyRecord
+    keyring: Keyring
+    encryptor: Encryptor
+
+
+def start_sealing(
+    keys: KeyStore, tenant: str, kid: str, context: Mapping[str, str], frame_length: int
+) -> Sealing:
+    """Check the key may encrypt now, and start a message under its primary version.
+
+    The service adds `sealstream:` context pairs naming the tenant and the key, so a
+    message names its owner in authenticated data and can be refused to anyone else.
+    """
+    record, keyring = keys.encryption_keyring(tenant, kid)
+    sealed_context = {
+        **context,
+        TENANT_CONTEXT_KEY: tenant,
+        f"{RESERVED_CONTEXT_PREFIX}kid": kid,
+        f"{RESERVED_CONTEXT_PREFIX}key-version": str(record.primary_version),
+    }
+    encryptor = Encryptor([keyring], context=sealed_context, frame_length=frame_length)
+    return Sealing(tenant, record, keyring, encryptor)
+
+
+def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
+    """What a decrypt demands: the caller's pairs, and that the message is the tenant's."""
+    return {**context, TENANT_CONTEXT_KEY: tenant}
+
+
+class ObjectSealer:
+    """Writes one sealed message into storage: multipart upload, plaintext SHA-256, record.
+
+    Nothing is visible until `complete()`; `abort()` (which the writer also does itself
+    on any storage failure) leaves no object and no pending upload.
+    """
+
+    def __init__(
+        self,
+        sealing: Sealing,
+        placement: Placement,
+        *,
+        overwrite: bool,
+        records: ObjectStore,
+    ) -> None:
+        self._sealing = sealing
+        self._placement = placement
+        self._records = records
+        self._digest = hashlib.sha256()
+        self._writer = placement.store.multipart(
+            placement.storage_key,
+            metadata={
+                "sealstream-kid": sealing.key.kid,
+                "sealstream-key-version": str(sealing.key.primary_version),
+                "sealstream-frame-length": str(sealing.encryptor.frame_length),
+            },
+            if_absent=not overwrite,
+        )
+
+    def write(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in chunks:
+            self._digest.update(chunk)
+            for piece in self._sealing.encryptor.update(chunk):
+                self._writer.write(piece)
+
+    def complete(self) -> ObjectRecord:
+        """Seal the final frame, make the object visible, and record it."""
+        encryptor = self._sealing.encryptor
+        for piece in encryptor.finish():
+            self._writer.write(piece)
+        info = self._writer.complete()
+        try:
+            return self._record(info)
+        except BaseException:
+            # An object without its record could never be verified: take it back.
+            with suppress(StorageError):
+                self._placement.store.delete(self._placement.storage_key)
+            raise
+
+    def _record(self, info: ObjectInfo) -> ObjectRecord:
+        encryptor = self._sealing.encryptor
+        record = ObjectRecord(
+            bucket=self._placement.bucket,
+            key=self._placement.storage_key,
+            tenant=self._sealing.tenant,
+            kid=self._sealing.key.kid,
+            key_version=self._sealing.key.primary_version,
+            alg=self._sealing.key.alg,
+            frame_length=encryptor.frame_length,
+            plaintext_size=encryptor.plaintext_length,
+            plaintext_sha256=self._digest.hexdigest(),
+            ciphertext_size=info.size,
+            etag=info.etag,
+            created_at=datetime.now(UTC),
+        )
+        save_record(self._records, record)
+        return record
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Header:
+    """The header of a stored message, read in small ranged requests (one, nearly always:
+    headers are a few hundred bytes) rather than by opening the whole object."""
+    reader = HeaderReader()
+    for start in range(0, size, HEADER_READ_SIZE):
+        end = min(size, start + HEADER_READ_SIZE)
+        for chunk in store.read(storage_key, start, end, chunk_size=HEADER_READ_SIZE):
+            header = reader.feed(chunk)
+            if header is not None:
+                return header
+    raise TruncatedMessage("the object ends inside its header")
+
+
+def opening_keyrings(
+    keys: KeyStore, tenant: str, header: Header, expected_kid: str | None = None
+) -> tuple[KeyRecord, list[Keyring]]:
+    """The tenant's keyrings for the keys a message's header names."""
+    return keys.opening_keyrings(tenant, key_names(header), expected_kid=expected_kid)

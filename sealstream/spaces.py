@@ -1,0 +1,87 @@
+"""Where a tenant's encrypted objects may live: its own prefix, in buckets it is allowed.
+
+A request names an object by a key relative to the tenant's space (and optionally a
+bucket); the stored key is `tenants/<tenant>/<key>`, so no key a client sends can reach
+another tenant's objects or the service's own records. Keys that could be read as paths
+elsewhere (`..`, a leading `/`, control characters) are refused outright.
+"""
+
+import re
+import threading
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sealstream.settings import Settings
+from sealstream.wiring import open_object_store
+from storage import InvalidObjectKey, ObjectStore
+
+MAX_KEY_BYTES = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class BucketNotAllowed(Exception):
+    """The tenant may not use this bucket."""
+
+    code = "bucket-not-allowed"
+
+
+class ObjectRef(BaseModel):
+    """An object as a request names it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    bucket: str | None = Field(None, min_length=3, max_length=63)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a named object is stored."""
+
+    store: ObjectStore
+    bucket: str
+    key: str  # relative to the tenant's space, as the client named it
+    storage_key: str  # where it is stored
+
+
+def tenant_prefix(tenant: str) -> str:
+    return f"tenants/{tenant}/"
+
+
+def check_object_key(key: str) -> None:
+    """Refuse keys that are empty, too long, or could be read as a path escape."""
+    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidObjectKey(f"object keys take 1 to {MAX_KEY_BYTES} bytes")
+    if key.startswith("/") or "\\" in key or _CONTROL.search(key):
+        raise InvalidObjectKey(
+            "object keys may not start with '/' or hold '\\' or control characters"
+        )
+    if any(segment in ("", ".", "..") for segment in key.split("/")):
+        raise InvalidObjectKey("object keys may not have empty, '.' or '..' segments")
+
+
+class Spaces:
+    """Resolves object references for tenants; keeps one store per bucket."""
+
+    def __init__(self, settings: Settings, default: ObjectStore) -> None:
+        self._settings = settings
+        self._default = default
+        self._stores: dict[str, ObjectStore] = {default.bucket: default}
+        self._lock = threading.Lock()
+
+    def place(self, tenant: str, ref: ObjectRef) -> Placement:
+        check_object_key(ref.key)
+        store = self.store(tenant, ref.bucket)
+        return Placement(store, store.bucket, ref.key, tenant_prefix(tenant) + ref.key)
+
+    def store(self, tenant: str, bucket: str | None) -> ObjectStore:
+        """The store of `bucket` (the default one if None), if the tenant may use it."""
+        if bucket is None or bucket == self._default.bucket:
+            return self._default
+        if bucket not in self._settings.tenant_buckets.get(tenant, []):
+            raise BucketNotAllowed(f"this tenant may not use bucket {bucket!r}")
+        with self._lock:
+            if bucket not in self._stores:
+                self._stores[bucket] = open_object_store(self._settings, bucket)
+            return self._stores[bucket]

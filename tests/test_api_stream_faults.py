@@ -1,0 +1,485 @@
+"""Streaming crypto when things go wrong part-way: plaintext never on disk, clients that
+vanish, an S3 server that fails, tampered messages, keys disabled mid-stream and bodies
+cut short. Each ends with a clear error, no visible object and no pending upload; a
+response that had started is aborted (no terminating chunk), never cleanly ended."""
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from api import create_app
+from sealstream.settings import Settings
+from storage import MIN_PART_SIZE
+from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
+from tests.services import api_server
+from tests.stream_helpers import (
+    CLOSE,
+    DECRYPT,
+    ENCRYPT,
+    FORM_TYPE,
+    KEYS,
+    Exchange,
+    FailingS3Proxy,
+    KiB,
+    MiB,
+    PartsAfter,
+    Rule,
+    Tally,
+    audited_serve,
+    auth,
+    create_key,
+    decrypt,
+    encrypt,
+    exchange,
+    flipped,
+    form,
+    form_bytes,
+    frame_count,
+    frame_offset,
+    marked_chunks,
+    nothing_stored,
+    part_head,
+    pieces,
+    problem,
+    random_bytes,
+    raw_upload,
+    read_object,
+    requests_matching,
+    wait_until,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+FRAME = 4096
+DESTINATION = {"kid": "mySymKey", "destination": {"key": "big/object.bin"}}
+
+
+def aborted(response: Exchange) -> None:
+    """The response started (200) and was then cut off: no clean end to its body."""
+    assert response.status == 200
+    assert not response.complete, "a failed stream must not end cleanly"
+
+
+def nothing_in_bucket(s3: "S3Client", bucket: str) -> bool:
+    """Seen by moto directly: no object under tenants/ and no multipart upload at all."""
+    objects = s3.list_objects_v2(Bucket=bucket, Prefix="tenants/").get("KeyCount", 0)
+    return objects == 0 and not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+# Plaintext never touches the server's disk
+
+
+def _files_under(directory: Path) -> Iterator[Path]:
+    return (path for path in directory.rglob("*") if path.is_file())
+
+
+def _holds(path: Path, marker: bytes) -> bool:
+    overlap = len(marker) - 1
+    tail = b""
+    with path.open("rb") as file:
+        while block := file.read(MiB):
+            if marker in tail + block:
+                return True
+            tail = block[-overlap:]
+    return False
+
+
+@pytest.mark.parametrize("destination", [False, True], ids=["stream-back-s3", "stored-locally"])
+def test_no_plaintext_touches_the_servers_disk(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, destination: bool
+) -> None:
+    """64 MB through `sealstream serve`, far past Starlette's 1 MiB spool threshold, with
+    an audit hook reporting every open for writing, temp file, rename and link."""
+    temp_dir, cwd, storage_dir = tmp_path / "tmp", tmp_path / "cwd", tmp_path / "storage"
+    for directory in (temp_dir, cwd):
+        directory.mkdir()
+    env = {"TMPDIR": str(temp_dir)}
+    if destination:
+        env["SEALSTREAM_STORAGE_URL"] = f"file://{storage_dir}"
+    else:  # no local storage at all: any write after start-up is a leak
+        (tmp_path / "kek").write_bytes(os.urandom(32))
+        env |= {
+            "SEALSTREAM_STORAGE_URL": f"s3://{s3_bucket}",
+            "SEALSTREAM_S3_ENDPOINT_URL": moto_endpoint,
+            "SEALSTREAM_KEK_FILE": str(tmp_path / "kek"),
+        }
+    marker = os.urandom(16)
+    sent = Tally()
+    with audited_serve(cwd, env) as server:
+        with httpx.Client(base_url=server.url, headers=auth(ADMIN_TOKEN)) as client:
+            create_key(client)
+        plaintext = sent.through(marked_chunks(64 * MiB, marker))
+        metadata = DESTINATION if destination else {"kid": "mySymKey"}
+        response = exchange(server.url, ENCRYPT, form(metadata, plaintext), keep_body=False)
+        assert response.complete and sent.size == 64 * MiB
+        if destination:
+            assert response.status == 201
+            source = {"source": DESTINATION["destination"]}
+            opened = exchange(server.url, DECRYPT, form(source, None), keep_body=False)
+        else:
+            assert response.status == 200 and response.size > sent.size
+            opened = None
+    assert list(temp_dir.iterdir()) == [], "the server left files in TMPDIR"
+    assert list(cwd.iterdir()) == []
+    writes = [(event, (cwd / path).resolve()) for event, path in server.writes()]
+    if not destination:
+        assert writes == [], "the server wrote files while streaming"
+        return
+    assert opened is not None and opened.complete and opened.sha256 == sent.sha256
+    # Everything written went under the storage directory, and none of it is plaintext.
+    assert writes, "the audit hook saw no write at all"
+    assert all(path.is_relative_to(storage_dir) for _, path in writes), writes
+    stored = list(_files_under(storage_dir))
+    assert any(path.stat().st_size > 64 * MiB for path in stored)
+    assert not [path for path in stored if _holds(path, marker)]
+
+
+# The client goes away
+
+
+def _upload_head(total: int) -> tuple[bytes, int]:
+    """The form up to the file's data, and the declared length of a body of `total`."""
+    head = form_bytes(DESTINATION, None, terminated=False)
+    head += b"\r\n" + part_head("file", "application/octet-stream", "big.bin")
+    return head, len(head) + total + len(b"\r\n--x--\r\n")
+
+
+def test_client_disconnecting_mid_upload_leaves_nothing(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+    head, length = _upload_head(40 * MiB)
+    with raw_upload(api.url, ENCRYPT, length) as sock:
+        sock.sendall(head)
+        for piece in pieces(random_bytes(10 * MiB, seed=1), 256 * KiB):
+            sock.sendall(piece)
+        # Past the first 5 MiB part, even batched by 4 MiB: the S3 multipart upload has
+        # begun (locally, the temporary file exists from the start).
+        wait_until(lambda: bool(api.objects.pending_uploads("tenants/")), "the upload to start")
+    wait_until(lambda: nothing_stored(api.objects), "the upload to be aborted")
+
+
+# The S3 server fails part-way
+
+
+@contextmanager
+def behind_proxy(
+    tmp_path: Path, moto_endpoint: str, bucket: str, rule: Rule
+) -> Iterator[tuple[str, FailingS3Proxy]]:
+    """An API server whose S3 traffic goes through a `FailingS3Proxy`; its URL and the
+    proxy. The key `mySymKey` exists."""
+    kek = tmp_path / "kek"
+    kek.write_bytes(os.urandom(32))
+    with FailingS3Proxy(moto_endpoint, rule) as proxy:
+        settings = Settings(
+            storage_url=f"s3://{bucket}",
+            s3_endpoint_url=proxy.url,
+            kek_file=kek,
+            admin_token=ADMIN_TOKEN,
+            s3_part_size=MIN_PART_SIZE,
+            s3_parts_in_flight=2,
+        )
+        app = create_app(settings)
+        with api_server(app) as url:
+            with Api(url, settings, app.state.services.objects).client() as client:
+                create_key(client)
+            yield url, proxy
+
+
+def test_s3_failing_mid_upload_aborts_the_upload(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    parts = PartsAfter(MIN_PART_SIZE + MiB)  # the first part goes, the next ones fail
+    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, parts) as (url, proxy):
+        plaintext = pieces(random_bytes(30 * MiB, seed=2), MiB)
+        response = exchange(url, ENCRYPT, form(DESTINATION, plaintext))
+    assert parts.passed >= MIN_PART_SIZE and proxy.failed >= 1
+    problem(response, 503, "storage-unavailable")
+    assert nothing_in_bucket(moto_s3, s3_bucket)
+
+
+def test_s3_failing_to_store_the_record_leaves_no_object(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    """The object's record is written last; if that fails, the request fails, and the
+    object it describes must not stay behind (a retry would then meet 409)."""
+    records = requests_matching(rb"^PUT /[^/ ]+/sealstream/objects/")
+    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, records) as (url, proxy):
+        response = exchange(url, ENCRYPT, form(DESTINATION, random_bytes(100_000, seed=12)))
+        assert proxy.failed >= 1
+        problem(response, 503, "storage-unavailable")
+        assert nothing_in_bucket(moto_s3, s3_bucket)
+
+
+# Tampered messages
+
+
+def test_a_tampered_frame_aborts_the_stream_after_the_frames_before_it(api: Api) -> None:
+    data = random_bytes(2 * MiB, seed=3)
+    with api.client() as client:
+        create_key(client)
+        message = encrypt(client, data, frameLength=FRAME).content
+    bad_frame = 300  # about 1.2 MB into the message: well after the response has started
+    tampered = flipped(message, frame_offset(message, bad_frame) + 100)
+    response = exchange(api.url, DECRYPT, form({}, pieces(tampered, 64 * KiB)))
+    aborted(response)
+    # What came out is whole verified frames, and none from the tampered one on.
+    assert response.size % FRAME == 0 and response.size <= bad_frame * FRAME
+    assert response.body == data[: response.size]
+
+
+@pytest.mark.parametrize(
+    ("cut", "what"),
+    [
+        (lambda m: m[: frame_offset(m, frame_count(m))], "no final frame"),
+        (lambda m: m[: frame_offset(m, 200) + 50], "cut inside a frame"),
+        (lambda m: m[: len(m) - 1], "final frame one byte short"),
+        (lambda m: m + b"\x00" * 10, "bytes after the final frame"),
+        (lambda m: m[: frame_offset(m, 100)] + m[frame_offset(m, 101) :], "a frame missing"),
+    ],
+    ids=["no-final-frame", "inside-a-frame", "one-byte-short", "trailing-bytes", "frame-dropped"],
+)
+def test_a_truncated_message_never_decrypts_cleanly(
+    api: Api, cut: Callable[[bytes], bytes], what: str
+) -> None:
+    data = random_bytes(MiB, seed=4)
+    with api.client() as client:
+        create_key(client)
+        message = encrypt(client, data, frameLength=FRAME).content
+    response = exchange(api.url, DECRYPT, form({}, pieces(cut(message), 64 * KiB)))
+    aborted(response)
+    assert response.body == data[: response.size], what
+
+
+def test_a_tampered_header_is_refused_before_any_body(api: Api) -> None:
+    data = random_bytes(100_000, seed=5)
+    with api.client() as client:
+        create_key(client)
+        message = encrypt(client, data, frameLength=FRAME).content
+        header_end = frame_offset(message, 0)
+        tag = decrypt(client, flipped(message, header_end - 1))
+        problem(tag, 400, "header-authentication-failed")
+        for offset in (1, 5, 40, header_end // 2, header_end - 20):
+            refused = decrypt(client, flipped(message, offset))
+            assert 400 <= refused.status_code < 500, (offset, refused.text)
+            assert refused.headers["Content-Type"] == "application/problem+json"
+
+
+def test_a_tampered_stored_object_is_never_served_as_good(api: Api) -> None:
+    data = random_bytes(200_000, seed=6)
+    with api.client() as client:
+        create_key(client)
+        stored = encrypt(client, data, frameLength=FRAME, destination={"key": "t"}).json()
+        key = stored["storageKey"]
+        message = api.objects.get(key)
+        api.objects.put(key, flipped(message, frame_offset(message, 20) + 64))
+        # Frames before the tampered one still read by range.
+        clean = read_object(client, "t", f"bytes=0-{20 * FRAME - 1}")
+        assert clean.status_code == 206 and clean.content == data[: 20 * FRAME]
+    source = form({"source": {"key": "t"}}, None)
+    whole = exchange(api.url, DECRYPT, source)
+    aborted(whole)
+    assert whole.size < len(data) and whole.body == data[: whole.size]
+    headers = {"Range": f"bytes={20 * FRAME - 10}-{21 * FRAME}"}
+    ranged = exchange(api.url, DECRYPT, form({"source": {"key": "t"}}, None), headers=headers)
+    assert ranged.status == 206 and not ranged.complete
+    assert ranged.body == data[20 * FRAME - 10 : 20 * FRAME - 10 + ranged.size]
+    assert ranged.size < 10 + FRAME
+
+
+def test_damaged_stored_objects(api: Api) -> None:
+    """Objects that are not whole messages: a clean 4xx when the header already shows it,
+    otherwise a response that never ends cleanly, whole or by a range reaching the end."""
+    data = random_bytes(100_000, seed=13)
+    with api.client() as client:
+        create_key(client)
+        stored = encrypt(client, data, frameLength=FRAME, destination={"key": "good"}).json()
+    message = api.objects.get(stored["storageKey"])
+    damaged = {
+        "junk": b"not a message" * 10,
+        "empty": b"",
+        "header-only": message[: frame_offset(message, 0)],
+        "half": message[: len(message) // 2],
+        "frame-dropped": message[: frame_offset(message, 10)]
+        + message[frame_offset(message, 11) :],
+    }
+    for name, content in damaged.items():
+        api.objects.put(f"tenants/default/{name}", content)
+    source = {name: form({"source": {"key": name}}, None) for name in damaged}
+    problem(exchange(api.url, DECRYPT, source["junk"]), 400, "malformed-message")
+    problem(exchange(api.url, DECRYPT, source["empty"]), 400, "truncated-message")
+    problem(exchange(api.url, DECRYPT, source["header-only"]), 400, "truncated-message")
+    for name in ("half", "frame-dropped"):
+        whole = exchange(api.url, DECRYPT, form({"source": {"key": name}}, None))
+        aborted(whole)
+        assert whole.body == data[: whole.size], name
+        tail = form({"source": {"key": name}}, None)
+        ranged = exchange(api.url, DECRYPT, tail, headers={"Range": "bytes=-10"})
+        assert ranged.status == 206 and not ranged.complete, name
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="checks curl's own report")
+def test_curl_reports_an_aborted_decrypt(api: Api, tmp_path: Path) -> None:
+    data = random_bytes(3 * MiB, seed=7)
+    with api.client() as client:
+        create_key(client)
+        message = encrypt(client, data, frameLength=FRAME).content
+    # The last regular frame: the server has read the whole upload when it finds it, so
+    # curl sees the response cut short rather than its upload refused.
+    last = frame_count(message) - 1
+    (tmp_path / "tampered.enc").write_bytes(flipped(message, frame_offset(message, last) + 1))
+    done = subprocess.run(
+        [
+            "curl", "-sS", "-X", "POST", f"{api.url}{DECRYPT}",
+            "-H", f"Authorization: Bearer {ADMIN_TOKEN}",
+            "-F", "metadata={};type=application/json",
+            "-F", "file=@tampered.enc;type=application/octet-stream",
+            "--output", "out.bin",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 18, done.stderr
+    assert "transfer closed with outstanding read data remaining" in done.stderr
+    out = (tmp_path / "out.bin").read_bytes()
+    assert len(out) <= last * FRAME and out == data[: len(out)]
+
+
+# Keys disabled or deleted
+
+
+def test_a_disabled_key_neither_encrypts_nor_decrypts(api: Api) -> None:
+    data = random_bytes(10_000, seed=8)
+    with api.client() as client:
+        create_key(client)
+        message = encrypt(client, data).content
+        encrypt(client, data, destination={"key": "kept"})
+        assert client.post(f"{KEYS}/mySymKey/disable").status_code == 200
+        problem(encrypt(client, data), 409, "key-disabled")
+        problem(encrypt(client, data, destination={"key": "new"}), 409, "key-disabled")
+        problem(decrypt(client, message), 409, "key-disabled")
+        problem(read_object(client, "kept"), 409, "key-disabled")
+        problem(read_object(client, "kept", "bytes=0-9"), 409, "key-disabled")
+        assert client.post(f"{KEYS}/mySymKey/enable").status_code == 200
+        assert decrypt(client, message).content == data
+        assert client.delete(f"{KEYS}/mySymKey").status_code == 200
+        problem(encrypt(client, data), 409, "key-pending-deletion")
+        problem(decrypt(client, message), 409, "key-pending-deletion")
+        problem(read_object(client, "kept"), 409, "key-pending-deletion")
+    assert [info.key for info in api.objects.list("tenants/")] == ["tenants/default/kept"]
+
+
+@dataclass
+class SlowBody:
+    """`first`, then 8 KiB pieces with pauses for about a minute (the duplex client stops
+    sending once it has its answer); `slowing` is set once `first` has gone."""
+
+    first: bytes
+    slowing: threading.Event = field(default_factory=threading.Event)
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.first
+        self.slowing.set()
+        for _ in range(3000):
+            time.sleep(0.02)
+            yield b"z" * 8192
+
+
+@pytest.mark.parametrize("destination", [True, False], ids=["to-storage", "stream-back"])
+def test_a_key_disabled_during_a_long_upload_stops_it(
+    api: Api, destination: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server re-checks the key about every second (cache TTL 0.5 s here)."""
+    body = SlowBody(random_bytes(6 * MiB, seed=9))
+    metadata = {**DESTINATION, "frameLength": FRAME} if destination else {"kid": "mySymKey"}
+    with api.client() as client, ThreadPoolExecutor(1) as pool:
+        create_key(client)
+        running = pool.submit(exchange, api.url, ENCRYPT, form(metadata, body), keep_body=True)
+        wait_until(body.slowing.is_set, "the slow part of the upload")
+        if destination:  # the upload is under way (on S3: its first part has gone)
+            wait_until(lambda: bool(api.objects.pending_uploads("tenants/")), "the upload")
+        assert not running.done()
+        assert client.post(f"{KEYS}/mySymKey/disable").status_code == 200
+        response = running.result(timeout=60)
+    if destination:
+        problem(response, 409, "key-disabled")
+    else:
+        aborted(response)
+        assert any("is disabled" in record.getMessage() for record in caplog.records)
+    assert nothing_stored(api.objects)
+
+
+# Bodies that stop before the closing boundary
+
+
+UNFINISHED_ENDINGS = {
+    "inside-the-file": b"",
+    "crlf": b"\r\n",
+    "delimiter": b"\r\n--sealstream-test-7c2f0a",
+    "delimiter-and-one-dash": b"\r\n--sealstream-test-7c2f0a-",
+    "delimiter-and-crlf": b"\r\n--sealstream-test-7c2f0a\r\n",
+}
+
+
+@pytest.mark.parametrize("ending", UNFINISHED_ENDINGS.values(), ids=UNFINISHED_ENDINGS.keys())
+@pytest.mark.parametrize("size", [3 * FRAME, 3 * FRAME + 100], ids=["frame-edge", "mid-frame"])
+def test_an_unterminated_form_never_yields_a_message(
+    served_local: Api, ending: bytes, size: int
+) -> None:
+    """The HTTP body is complete, the multipart form inside it is not: a truncated upload
+    must not become a valid-looking short message."""
+    data = random_bytes(size, seed=10)
+    head = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, data, terminated=False)
+    response = exchange(served_local.url, ENCRYPT, [head + ending])
+    aborted(response)
+    with served_local.client() as client:
+        stored = {"kid": "mySymKey", "destination": {"key": "cut"}}
+        body = form_bytes(stored, data, terminated=False) + ending
+        refused = client.post(ENCRYPT, content=body, headers={"Content-Type": FORM_TYPE})
+        problem(refused, 400, "unterminated-multipart")
+    assert nothing_stored(served_local.objects)
+
+
+@pytest.fixture(scope="module")
+def served_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    with live_api(local_settings(tmp_path_factory.mktemp("faults"))) as api:
+        with api.client() as client:
+            create_key(client)
+        yield api
+
+
+def test_a_part_after_the_file_is_refused(served_local: Api) -> None:
+    data = random_bytes(3 * FRAME, seed=11)
+    extra = b"\r\n" + part_head("more") + b"x" + CLOSE
+    head = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, data, terminated=False)
+    aborted(exchange(served_local.url, ENCRYPT, [head + extra]))
+    stored = {"kid": "mySymKey", "destination": {"key": "extra"}}
+    body = form_bytes(stored, data, terminated=False) + extra
+    with served_local.client() as client:
+        refused = client.post(ENCRYPT, content=body, headers={"Content-Type": FORM_TYPE})
+        problem(refused, 400, "unexpected-part")
+    assert nothing_stored(served_local.objects)
+
+
+def test_a_recorded_object_cut_short_is_refused_before_any_range(api: Api) -> None:
+    """A truncated object whose upload was recorded: its layout would put every range in
+    the wrong place, so no range of it is served at all."""
+    data = random_bytes(100_000, seed=21)
+    with api.client() as client:
+        create_key(client)
+        stored = encrypt(client, data, frameLength=FRAME, destination={"key": "cut"}).json()
+        message = api.objects.get(stored["storageKey"])
+        api.objects.put(stored["storageKey"], message[: frame_offset(message, 10)])
+        for range_header in (None, "bytes=0-10", "bytes=-10"):
+            response = read_object(client, "cut", range_header)
+            problem(response, 502, "object-damaged")

@@ -1,0 +1,456 @@
+"""The client SDK (cli.client) and the `sealstream encrypt` / `decrypt` commands, against a
+live API server over HTTP (and one over HTTPS) on each storage backend."""
+
+import datetime
+import hashlib
+import io
+import ipaddress
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from api import create_app
+from cli.client import ApiError, ClientError, SealstreamClient, Transfer, TransferAborted
+from tests.conftest import ADMIN_TOKEN, Api, api_settings
+from tests.services import LOCALHOST
+
+MIB = 1024 * 1024
+KID = "mySymKey"
+SEED_KEY = {
+    "kid": KID,
+    "kty": "oct",
+    "alg": "AES-256",
+    "keyOps": ["encrypt", "decrypt"],
+    "exportable": False,
+}
+SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
+
+
+@pytest.fixture
+def client(api: Api) -> SealstreamClient:
+    """A client of the live server, with the seed product's key created through it."""
+    client = SealstreamClient(api.url, ADMIN_TOKEN, timeout=30)
+    assert client.create_key(**SEED_KEY)["kid"] == KID
+    return client
+
+
+class HashingSink:
+    """A sink that keeps only a digest and a count, and what the upload had sent by the
+    time each write arrived."""
+
+    def __init__(self, uploaded: "GeneratedPlaintext | None" = None) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.uploaded = uploaded
+        self.received_while_uploading = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        if self.uploaded is not None and not self.uploaded.done:
+            self.received_while_uploading += len(data)
+        return len(data)
+
+
+class GeneratedPlaintext:
+    """Plaintext generated on the fly: `total` bytes that never exist whole."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self.done = False
+        self.digest = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        seed = os.urandom(MIB)
+        for index in range(self.total // MIB):
+            block = seed[index % 997 :] + seed[: index % 997]
+            self.digest.update(block)
+            self.sent += len(block)
+            yield block
+        self.done = True
+
+
+def test_a_large_stream_goes_both_ways_at_once(client: SealstreamClient) -> None:
+    """200 MiB from a generator through encrypt, piped straight into decrypt: the server
+    holds only a few frames, so this finishes only if the client reads while it sends."""
+    plaintext = GeneratedPlaintext(200 * MIB)
+    read_end, write_end = os.pipe()
+    with (  # if decrypt fails, the pipe closes before the pool waits for encrypt
+        ThreadPoolExecutor(1) as pool,
+        os.fdopen(read_end, "rb") as ciphertext_in,
+        os.fdopen(write_end, "wb") as ciphertext_out,
+    ):
+
+        def encrypt() -> tuple[Transfer, HashingSink]:
+            tap = _Tee(ciphertext_out, HashingSink(uploaded=plaintext))
+            with tap:
+                return client.encrypt(KID, plaintext, tap), tap.hashing
+
+        encrypting = pool.submit(encrypt)
+        recovered = HashingSink()
+        decrypted = client.decrypt(ciphertext_in, recovered, kid=KID)
+        encrypted, ciphertext = encrypting.result()
+
+    assert encrypted.bytes_sent == plaintext.total
+    assert encrypted.bytes_received == ciphertext.size > plaintext.total
+    assert (encrypted.key_requested, encrypted.key_used) == (KID, f"{KID}#1")
+    assert encrypted.algorithm == "AES-256"
+    assert decrypted.bytes_sent == ciphertext.size
+    assert decrypted.bytes_received == recovered.size == plaintext.total
+    assert recovered.digest.hexdigest() == plaintext.digest.hexdigest()
+    assert decrypted.key_used == f"{KID}#1"
+    # Most of the ciphertext arrived while the plaintext was still being uploaded.
+    assert ciphertext.received_while_uploading > plaintext.total // 2
+
+
+class _Tee:
+    """Writes to a file and to a hashing sink; closing it closes the file (the pipe)."""
+
+    def __init__(self, file: io.BufferedWriter, hashing: HashingSink) -> None:
+        self.file = file
+        self.hashing = hashing
+
+    def write(self, data: bytes) -> int:
+        self.hashing.write(data)
+        return self.file.write(data)
+
+    def __enter__(self) -> "_Tee":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def test_storage_destination_and_ranged_reads(api: Api, client: SealstreamClient) -> None:
+    data = os.urandom(3 * MIB + 123)
+    context = {"dept": "ops"}
+    stored = client.encrypt_to_storage(
+        KID,
+        io.BytesIO(data),
+        key="reports/q1.bin",
+        frame_length=64 * 1024,
+        encryption_context=context,
+    )
+    assert stored["key"] == "reports/q1.bin"
+    assert stored["plaintextSize"] == len(data)
+    assert stored["plaintextSha256"] == hashlib.sha256(data).hexdigest()
+    assert stored["frameLength"] == 64 * 1024
+
+    whole = io.BytesIO()
+    transfer = client.decrypt_object("reports/q1.bin", whole, encryption_context=context)
+    assert whole.getvalue() == data
+    assert (transfer.status, transfer.bytes_received, transfer.key_used) == (
+        200,
+        len(data),
+        f"{KID}#1",
+    )
+
+    first, last = 100_000, 2 * MIB + 77  # spans frames, starts and ends inside them
+    part = io.BytesIO()
+    ranged = client.decrypt_object("reports/q1.bin", part, byte_range=(first, last))
+    assert part.getvalue() == data[first : last + 1]
+    assert ranged.status == 206
+    assert ranged.content_range == f"bytes {first}-{last}/{len(data)}"
+
+    tail = io.BytesIO()
+    client.decrypt_object("reports/q1.bin", tail, byte_range=(len(data) - 10, None))
+    assert tail.getvalue() == data[-10:]
+
+    with pytest.raises(ApiError) as exists:
+        client.encrypt_to_storage(KID, b"other", key="reports/q1.bin")
+    assert (exists.value.status, exists.value.code) == (409, "object-exists")
+    client.encrypt_to_storage(KID, [b"new ", b"content"], key="reports/q1.bin", overwrite=True)
+    replaced = io.BytesIO()
+    client.decrypt_object("reports/q1.bin", replaced)
+    assert replaced.getvalue() == b"new content"
+
+    with pytest.raises(ApiError) as mismatch:
+        client.decrypt_object("reports/q1.bin", io.BytesIO(), encryption_context=context)
+    assert mismatch.value.code == "encryption-context-mismatch"
+
+
+def test_a_tampered_frame_aborts_the_transfer(
+    api: Api, client: SealstreamClient, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * MIB)
+    ciphertext = io.BytesIO()
+    client.encrypt(KID, data, ciphertext, frame_length=64 * 1024)
+    tampered = bytearray(ciphertext.getvalue())
+    tampered[len(tampered) * 3 // 4] ^= 0x01  # inside a frame well after the header
+
+    sink = io.BytesIO()
+    with pytest.raises(TransferAborted) as aborted:
+        client.decrypt(bytes(tampered), sink)
+    assert aborted.value.received == len(sink.getvalue()) < len(data)
+    assert data.startswith(sink.getvalue())  # only frames that authenticated came through
+
+    # The same for a stored object, whose response has a Content-Length.
+    client.encrypt_to_storage(KID, data, key="t.bin", frame_length=64 * 1024)
+    stored = bytearray(api.objects.get("tenants/default/t.bin"))
+    stored[len(stored) * 3 // 4] ^= 0x01
+    api.objects.put("tenants/default/t.bin", bytes(stored))
+    sink = io.BytesIO()
+    with pytest.raises(TransferAborted) as aborted:
+        client.decrypt_object("t.bin", sink)
+    assert aborted.value.received == len(sink.getvalue()) < len(data)
+
+    source, output = tmp_path / "tampered.enc", tmp_path / "out.bin"
+    source.write_bytes(tampered)
+    run = sealstream(api, "decrypt", str(source), "-o", str(output))
+    assert run.returncode == 3
+    assert "incomplete" in run.stderr
+    assert not output.exists()
+
+
+def test_api_errors_carry_the_problem(api: Api, client: SealstreamClient) -> None:
+    # Refused after the metadata, while the client still has 64 MiB to send.
+    with pytest.raises(ApiError) as unknown:
+        client.encrypt("no-such-key", GeneratedPlaintext(64 * MIB), HashingSink())
+    assert (unknown.value.status, unknown.value.code) == (404, "key-not-found")
+    assert unknown.value.problem["code"] == "key-not-found"
+    assert "no-such-key" in unknown.value.detail
+
+    with pytest.raises(ApiError) as missing_key:
+        client.get_key("no-such-key")
+    assert missing_key.value.code == "key-not-found"
+    with pytest.raises(ApiError) as missing_object:
+        client.decrypt_object("nothing/here", io.BytesIO())
+    assert (missing_object.value.status, missing_object.value.code) == (404, "object-not-found")
+    with pytest.raises(ApiError) as wrong_token:
+        SealstreamClient(api.url, "not-a-token").get_key(KID)
+    assert wrong_token.value.status == 401
+    with pytest.raises(ApiError) as not_a_message:
+        client.decrypt(b"this is not a message", io.BytesIO())
+    assert not_a_message.value.status == 400
+
+
+def test_a_failing_source_raises_its_error_and_never_ends_the_upload(
+    api: Api, client: SealstreamClient
+) -> None:
+    class Broken(Exception):
+        pass
+
+    def failing() -> Iterator[bytes]:
+        yield b"x" * MIB
+        raise Broken("disk read failed")
+
+    with pytest.raises(Broken):
+        client.encrypt(KID, failing(), HashingSink())
+    with pytest.raises(Broken):
+        client.encrypt_to_storage(KID, failing(), key="half.bin")
+    assert not [info for info in api.objects.list("tenants/default/") if "half" in info.key]
+
+
+# The command line: each run starts a process, and the commands reach storage only through
+# the API, whose two backends the tests above cover; so one backend here.
+local_only = pytest.mark.parametrize("api", ["local"], indirect=True)
+
+
+def sealstream(
+    api: Api, *args: str, stdin: bytes | None = None, token: str | None = ADMIN_TOKEN
+) -> "subprocess.CompletedProcess[str]":
+    """`sealstream ARGS` with the server and token in its environment; text out."""
+    env = {**os.environ, "SEALSTREAM_URL": api.url}
+    env.pop("SEALSTREAM_TOKEN", None)
+    if token is not None:
+        env["SEALSTREAM_TOKEN"] = token
+    result = subprocess.run(
+        [SEALSTREAM, *args], input=stdin, env=env, capture_output=True, timeout=120
+    )
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode("latin-1"), result.stderr.decode()
+    )
+
+
+def sealstream_bytes(api: Api, *args: str, stdin: bytes | None = None) -> bytes:
+    env = {**os.environ, "SEALSTREAM_URL": api.url, "SEALSTREAM_TOKEN": ADMIN_TOKEN}
+    result = subprocess.run(
+        [SEALSTREAM, *args], input=stdin, env=env, capture_output=True, timeout=120, check=True
+    )
+    return result.stdout
+
+
+@local_only
+def test_cli_files_round_trip(api: Api, client: SealstreamClient, tmp_path: Path) -> None:
+    plain, sealed, opened = tmp_path / "plain.txt", tmp_path / "plain.enc", tmp_path / "out.txt"
+    plain.write_bytes(b"the quarterly numbers\n" * 1000)
+
+    run = sealstream(
+        api,
+        "encrypt",
+        "--kid",
+        KID,
+        "--context",
+        "team=finance",
+        "--frame-length",
+        "4096",
+        str(plain),
+        "-o",
+        str(sealed),
+    )
+    assert run.returncode == 0, run.stderr
+    run = sealstream(
+        api, "decrypt", str(sealed), "-o", str(opened), "--kid", KID, "--context", "team=finance"
+    )
+    assert run.returncode == 0, run.stderr
+    assert opened.read_bytes() == plain.read_bytes()
+
+    # A context the message does not carry: refused, and no output file appears.
+    refused = tmp_path / "refused.txt"
+    run = sealstream(api, "decrypt", str(sealed), "-o", str(refused), "--context", "team=hr")
+    assert run.returncode == 1
+    assert "encryption-context-mismatch" in run.stderr
+    assert not refused.exists()
+
+
+@local_only
+def test_cli_pipes_and_options(api: Api, client: SealstreamClient) -> None:
+    sealed = sealstream_bytes(api, "encrypt", "--kid", KID, stdin=b"from stdin")
+    # --url and --token as options instead of the environment.
+    run = sealstream(
+        api, "decrypt", "--url", api.url, "--token", ADMIN_TOKEN, "-", stdin=sealed, token=None
+    )
+    assert (run.returncode, run.stdout) == (0, "from stdin")
+    run = sealstream(api, "decrypt", stdin=sealed, token=None)
+    assert run.returncode == 2
+    assert "SEALSTREAM_TOKEN" in run.stderr
+
+    run = sealstream(api, "encrypt", "--kid", "no-such-key", stdin=b"data")
+    assert run.returncode == 1
+    assert "key-not-found" in run.stderr
+    assert run.stdout == ""
+
+
+@local_only
+def test_cli_storage(api: Api, client: SealstreamClient, tmp_path: Path) -> None:
+    plain = tmp_path / "letter.txt"
+    plain.write_bytes(b"0123456789abcdef")
+    run = sealstream(api, "encrypt", "--kid", KID, "--to-storage", "mail/letter", str(plain))
+    assert run.returncode == 0, run.stderr
+    assert '"plaintextSize": 16' in run.stdout
+
+    ranged = sealstream_bytes(api, "decrypt", "--from-storage", "mail/letter", "--range", "2-5")
+    assert ranged == b"2345"
+    tail = sealstream_bytes(api, "decrypt", "--from-storage", "mail/letter", "--range", "10-")
+    assert tail == b"abcdef"
+
+    run = sealstream(api, "encrypt", "--kid", KID, "--to-storage", "mail/letter", str(plain))
+    assert run.returncode == 1
+    assert "object-exists" in run.stderr
+    run = sealstream(
+        api,
+        "encrypt",
+        "--kid",
+        KID,
+        "--to-storage",
+        "mail/letter",
+        "--overwrite",
+        "-",
+        stdin=b"replaced",
+    )
+    assert run.returncode == 0, run.stderr
+    replaced = io.BytesIO()
+    client.decrypt_object("mail/letter", replaced)
+    assert replaced.getvalue() == b"replaced"
+
+
+# HTTPS
+
+
+def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same calls over TLS (memory BIOs shared by the upload and download threads)."""
+    certificate, key = _self_signed(tmp_path)
+    app = create_app(api_settings("local", tmp_path, request))
+    with _tls_server(app, certificate, key) as url:
+        trusted = ssl.create_default_context(cafile=str(certificate))
+        client = SealstreamClient(url, ADMIN_TOKEN, timeout=30, ssl_context=trusted)
+        client.create_key(**SEED_KEY)
+        plaintext = GeneratedPlaintext(24 * MIB)
+        ciphertext = io.BytesIO()
+        client.encrypt(KID, plaintext, ciphertext)
+        recovered = HashingSink()
+        client.decrypt(ciphertext.getvalue(), recovered)
+        assert recovered.digest.hexdigest() == plaintext.digest.hexdigest()
+
+        with pytest.raises(ApiError) as unknown:
+            client.get_key("no-such-key")
+        assert unknown.value.code == "key-not-found"
+
+        untrusted = SealstreamClient(url, ADMIN_TOKEN, timeout=30)
+        with pytest.raises(ClientError, match="certificate verify failed"):
+            untrusted.get_key(KID)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOCALHOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOCALHOST))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@contextmanager
+def _tls_server(app: object, certificate: Path, key: Path) -> Iterator[str]:
+    """Like tests.services.api_server, with TLS."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOCALHOST, 0))
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        log_config=None,
+        lifespan="on",
+        ssl_certfile=str(certificate),
+        ssl_keyfile=str(key),
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"https://{LOCALHOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()

@@ -1,0 +1,466 @@
+"""Batch encryption of archives and prefixes (issue: batch-encrypt job), against a live API
+on both backends: archives built in memory, members sealed one object each with a
+manifest, unsafe members refused, whole-archive mode, overwrite rules, progress, verify,
+a rerun after a crash, and cancel."""
+
+import hashlib
+import io
+import json
+import stat
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+
+from envelope import DEFAULT_FRAME_LENGTH
+from storage import MIN_PART_SIZE
+from storage.records import load_record
+from tests.conftest import Api
+from tests.stream_helpers import create_key, random_bytes, read_object
+from workers.archives import MemberKind, UnsafeMember, member_path
+from workers.batch import batch_encrypt
+from workers.execution import run_job
+from workers.jobs import JobKind, JobRecord, JobStatus
+from workers.registry import JOB_BODIES
+from workers.services import build_worker_services
+
+TENANT = "tenants/default/"
+BATCH = "/api/jobs/batch-encrypt"
+FINAL = {"succeeded", "failed", "cancelled"}
+
+# Name in the archive → what it holds; the names show the normalisation expected.
+FILES = {
+    "docs/readme.txt": b"read me\n" * 200,
+    "./nested//deep/./data.bin": random_bytes(300_000, seed=1),
+    "empty.txt": b"",
+    "top.txt": random_bytes(5_000, seed=2),
+}
+EXPECTED = {
+    "docs/readme.txt": FILES["docs/readme.txt"],
+    "nested/deep/data.bin": FILES["./nested//deep/./data.bin"],
+    "empty.txt": b"",
+    "top.txt": FILES["top.txt"],
+}
+# Regular files all the same refused: escapes, and a clash with the manifest.
+REFUSED_FILES = {"../evil": b"outside", "/etc/passwd": b"root:x:0:0", "manifest.json": b"{}"}
+
+
+# Member names
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("a.txt", "a.txt"),
+        ("./a//b", "a/b"),
+        ("dir/./sub/file", "dir/sub/file"),
+        ("trailing/", "trailing"),
+        ("ünïcode/名前.txt", "ünïcode/名前.txt"),
+    ],
+)
+def test_member_names_are_normalised(name: str, path: str) -> None:
+    assert member_path(name, MemberKind.FILE) == path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../evil",
+        "a/../../evil",
+        "a/..",
+        "C:/Windows/evil",
+        "c:evil",
+        "a\\..\\evil",
+        "nul\x00byte",
+        "line\nbreak",
+        "del\x7f",
+        "",
+        "./",
+        "x" * 1025,
+        "surrogate\udcff",
+    ],
+)
+def test_unsafe_member_names_are_refused(name: str) -> None:
+    with pytest.raises(UnsafeMember):
+        member_path(name, MemberKind.FILE)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        MemberKind.SYMLINK,
+        MemberKind.HARDLINK,
+        MemberKind.DEVICE,
+        MemberKind.FIFO,
+        MemberKind.ENCRYPTED,
+        MemberKind.OTHER,
+    ],
+)
+def test_members_that_are_not_regular_files_are_refused(kind: MemberKind) -> None:
+    with pytest.raises(UnsafeMember):
+        member_path("plain-name", kind)
+
+
+def test_directories_are_skipped() -> None:
+    assert member_path("docs/", MemberKind.DIRECTORY) is None
+
+
+# Archives built in memory
+
+
+def tar_archive(mode: str, files: dict[str, bytes] = FILES) -> bytes:
+    """A tar (mode w, w:gz, w:bz2) with `files`, refused files, a directory and links."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:  # type: ignore[call-overload]
+        tar.addfile(_tar_entry("docs", tarfile.DIRTYPE))
+        for name, data in {**files, **REFUSED_FILES}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(_tar_entry("link", tarfile.SYMTYPE, "/etc/passwd"))
+        tar.addfile(_tar_entry("hard", tarfile.LNKTYPE, "docs/readme.txt"))
+    return buffer.getvalue()
+
+
+def _tar_entry(name: str, type_: bytes, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = type_, target
+    return info
+
+
+def zip_archive() -> bytes:
+    """A zip with FILES, refused files, a directory and a Unix symlink entry."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("docs/", b"")
+        for name, data in {**FILES, **REFUSED_FILES}.items():
+            archive.writestr(name, data)
+        link = zipfile.ZipInfo("link")
+        link.create_system = 3  # Unix: the mode in the high bits says symlink
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+ARCHIVES: dict[str, Callable[[], bytes]] = {
+    "tar": partial(tar_archive, "w"),
+    "tar.gz": partial(tar_archive, "w:gz"),
+    "tar.bz2": partial(tar_archive, "w:bz2"),
+    "zip": zip_archive,
+}
+REFUSED = {
+    "tar": {*REFUSED_FILES, "link", "hard"},
+    "zip": {*REFUSED_FILES, "link"},
+}
+
+
+# Talking to the API
+
+
+def put(api: Api, key: str, data: bytes) -> None:
+    """An object in the admin tenant's space, as a client's upload would leave it."""
+    api.objects.put(TENANT + key, data)
+
+
+def start_batch(client: httpx.Client, **body: Any) -> str:
+    response = client.post(BATCH, json={"kid": "mySymKey", **body})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def wait_for(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    """Poll the job until it has a final status (the deadline only guards against a hang)."""
+    deadline = time.monotonic() + 60
+    while True:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in FINAL:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def run_batch(client: httpx.Client, **body: Any) -> dict[str, Any]:
+    return wait_for(client, start_batch(client, **body))
+
+
+def decrypted(client: httpx.Client, key: str) -> bytes:
+    response = read_object(client, key)
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def manifest_of(api: Api, prefix: str = "out/") -> dict[str, Any]:
+    manifest: dict[str, Any] = json.loads(api.objects.get(TENANT + prefix + "manifest.json"))
+    return manifest
+
+
+def stored_keys(api: Api) -> set[str]:
+    return {info.key.removeprefix(TENANT) for info in api.objects.list("tenants/")}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_members(
+    client: httpx.Client, manifest: dict[str, Any], expected: dict[str, bytes]
+) -> None:
+    """Every expected member once in the manifest, and its object decrypts to it."""
+    paths = [entry["path"] for entry in manifest["members"]]
+    assert sorted(paths) == sorted(expected)
+    for entry in manifest["members"]:
+        data = expected[entry["path"]]
+        assert entry["storageKey"] == TENANT + entry["key"]
+        assert (entry["plaintextSize"], entry["plaintextSha256"]) == (len(data), sha256(data))
+        assert decrypted(client, entry["key"]) == data
+
+
+# Members mode
+
+
+@pytest.mark.parametrize(
+    ("kind", "format_"),
+    [("tar", "auto"), ("tar.gz", "tar.gz"), ("tar.bz2", "auto"), ("zip", "auto")],
+)
+def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_: str) -> None:
+    archive = ARCHIVES[kind]()
+    put(api, "in/archive", archive)
+    with api.client() as client:
+        create_key(client)
+        job = run_batch(
+            client, source={"key": "in/archive"}, destination={"prefix": "out/"}, format=format_
+        )
+        assert job["status"] == "succeeded", job
+        manifest = manifest_of(api)
+        check_members(client, manifest, EXPECTED)
+        verify = client.post("/api/jobs/verify", json={"key": "out/nested/deep/data.bin"})
+        assert wait_for(client, verify.json()["id"])["status"] == "succeeded"
+
+    refused = REFUSED["zip" if kind == "zip" else "tar"]
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["refused"]}
+    assert set(reasons) == refused
+    assert "symbolic link" in reasons["link"]
+    assert "'..'" in reasons["../evil"]
+    assert (manifest["format"], manifest["failed"]) == (kind, [])
+    result = job["result"]
+    assert (result["manifestKey"], result["refused"]) == ("out/manifest.json", manifest["refused"])
+    entries = 1 + len(FILES) + len(refused)  # the directory is an item too, skipped
+    assert result["counts"] == {
+        "items": entries,
+        "sealed": len(EXPECTED),
+        "skipped": 1,
+        "refused": len(refused),
+        "failed": 0,
+    }
+    progress = job["progress"]
+    assert progress["itemsDone"] == progress["itemsTotal"] == entries
+    assert progress["bytesDone"] == progress["bytesTotal"] == len(archive)
+    # Nothing landed outside the destination prefix, and nothing is left half-written.
+    assert stored_keys(api) == {"in/archive", "out/manifest.json"} | {f"out/{p}" for p in EXPECTED}
+    assert api.objects.pending_uploads() == []
+
+
+def test_every_object_under_a_prefix(api: Api) -> None:
+    sources = {"a.txt": b"alpha", "sub/b.bin": random_bytes(70_000, seed=3), "empty": b""}
+    for path, data in sources.items():
+        put(api, f"src/{path}", data)
+    put(api, "src/enc/old", b"earlier output, not input")
+    with api.client() as client:
+        create_key(client)
+        job = run_batch(client, source={"prefix": "src/"}, destination={"prefix": "src/enc/"})
+        assert job["status"] == "succeeded", job
+        check_members(client, manifest_of(api, "src/enc/"), sources)
+
+    progress = job["progress"]
+    assert progress["itemsDone"] == progress["itemsTotal"] == len(sources)
+    assert progress["bytesDone"] == progress["bytesTotal"] == sum(map(len, sources.values()))
+
+
+def test_an_existing_object_fails_its_member_only(api: Api) -> None:
+    put(api, "out/top.txt", b"someone else's")
+    put(api, "in/archive.tar", tar_archive("w"))
+    with api.client() as client:
+        create_key(client)
+        job = run_batch(client, source={"key": "in/archive.tar"}, destination={"prefix": "out/"})
+        assert job["status"] == "succeeded", job
+        others = {path: data for path, data in EXPECTED.items() if path != "top.txt"}
+        manifest = manifest_of(api)
+        check_members(client, manifest, others)
+
+    assert [(f["path"], f["code"]) for f in manifest["failed"]] == [("top.txt", "object-exists")]
+    assert job["result"]["failed"] == manifest["failed"]
+    assert job["result"]["counts"]["failed"] == 1
+    assert api.objects.get(TENANT + "out/top.txt") == b"someone else's"
+
+
+def test_a_damaged_archive_fails_the_job_and_a_missing_one_is_refused(api: Api) -> None:
+    put(api, "in/archive.tar.gz", tar_archive("w:gz")[:-300])
+    put(api, "in/not-an-archive", b"just some bytes, no archive at all" * 20)
+    with api.client() as client:
+        create_key(client)
+        damaged = run_batch(
+            client, source={"key": "in/archive.tar.gz"}, destination={"prefix": "out/"}
+        )
+        garbage = run_batch(
+            client, source={"key": "in/not-an-archive"}, destination={"prefix": "junk/"}
+        )
+        missing = client.post(
+            BATCH,
+            json={
+                "kid": "mySymKey",
+                "source": {"key": "in/nothing"},
+                "destination": {"prefix": "junk/"},
+            },
+        )
+
+    assert (damaged["status"], damaged["error"]["code"]) == ("failed", "invalid-archive")
+    assert (garbage["status"], garbage["error"]["code"]) == ("failed", "invalid-archive")
+    # A missing archive is refused before any job starts.
+    assert missing.status_code == 404 and missing.json()["code"] == "object-not-found"
+    # What was sealed before the damage is kept, listed, and reported.
+    manifest = manifest_of(api)
+    assert manifest["error"]["code"] == "invalid-archive"
+    assert damaged["result"]["counts"]["sealed"] == len(manifest["members"])
+    assert not any(key.startswith("junk/") for key in stored_keys(api))
+    assert api.objects.pending_uploads() == []
+
+
+# Whole mode
+
+
+def test_whole_mode_seals_the_archive_as_one_object(api: Api) -> None:
+    archive = tar_archive("w:gz")
+    put(api, "in/archive.tgz", archive)
+    with api.client() as client:
+        create_key(client)
+        job = run_batch(
+            client,
+            mode="whole",
+            source={"key": "in/archive.tgz"},
+            destination={"key": "sealed/archive.tgz.enc"},
+        )
+        assert job["status"] == "succeeded", job
+        assert decrypted(client, "sealed/archive.tgz.enc") == archive
+        again = run_batch(
+            client,
+            mode="whole",
+            source={"key": "in/archive.tgz"},
+            destination={"key": "sealed/archive.tgz.enc"},
+        )
+
+    result = job["result"]
+    assert (result["plaintextSize"], result["plaintextSha256"]) == (len(archive), sha256(archive))
+    assert job["progress"]["bytesDone"] == job["progress"]["bytesTotal"] == len(archive)
+    assert (again["status"], again["error"]["code"]) == ("failed", "object-exists")
+    assert stored_keys(api) == {"in/archive.tgz", "sealed/archive.tgz.enc"}
+
+
+# A rerun after a crash, and cancel
+
+
+class Crash(BaseException):
+    """A worker killed mid-job: not an `Exception`, so nothing after it runs."""
+
+
+def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
+    files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
+    put(api, "in/archive.tar", tar_archive("w", files))
+    with api.client() as client:
+        create_key(client)
+    # The job body runs here, on services of its own over the server's storage, so that
+    # a crash can be injected and the same job run again, as a redelivered task is.
+    services = build_worker_services(api.settings)
+    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
+    services.jobs.save(record)
+    started: list[str] = []
+
+    def crash_at_the_third(path: str) -> None:
+        started.append(path)
+        if len(started) == 3:
+            raise Crash
+
+    crashing = partial(batch_encrypt, before_member=crash_at_the_third)
+    with pytest.raises(Crash):
+        run_job(record.id, services, {JobKind.BATCH_ENCRYPT: crashing})
+    assert stored_keys(api) >= {f"out/{path}" for path in started[:2]}
+    # The second member is complete but the journal does not say so yet; and a killed
+    # worker leaves its upload pending, which the rerun must abort.
+    leftover = api.objects.multipart(TENANT + "out/" + started[1])
+    leftover.write(bytes(MIN_PART_SIZE + 1))
+    assert api.objects.pending_uploads("tenants/") == [TENANT + "out/" + started[1]]
+
+    run_job(record.id, services, JOB_BODIES)
+
+    final = services.jobs.load(record.id)
+    assert final is not None and final.status is JobStatus.SUCCEEDED, final
+    assert final.attempts == 2
+    assert api.objects.pending_uploads() == []
+    with api.client() as client:
+        check_members(client, manifest_of(api), files)
+    assert stored_keys(api) == {"in/archive.tar", "out/manifest.json"} | {
+        f"out/{path}" for path in files
+    }
+    journal = f"sealstream/jobs/default/{record.id}.partial/"
+    assert [info.key for info in api.objects.list(journal)] == [journal + "final.json"]
+
+
+def batch_params(api: Api) -> dict[str, Any]:
+    """What `POST /api/jobs/batch-encrypt` makes of in/archive.tar → out/."""
+    bucket = api.objects.bucket
+    return {
+        "kid": "mySymKey",
+        "mode": "members",
+        "format": "auto",
+        "encryptionContext": {},
+        "frameLength": DEFAULT_FRAME_LENGTH,
+        "overwrite": False,
+        "source": {
+            "bucket": bucket,
+            "key": "in/archive.tar",
+            "storageKey": TENANT + "in/archive.tar",
+        },
+        "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
+    }
+
+
+# Many members, each one costing a few storage writes: far more work than the second or so
+# a cancel takes to arrive and be noticed, on any machine.
+MEMBERS = 3000
+MEMBER_SIZE = 1024
+
+
+def test_cancel_stops_the_job_between_or_inside_members(api: Api) -> None:
+    files = {f"m/{n:04d}": random_bytes(MEMBER_SIZE, seed=n) for n in range(MEMBERS)}
+    put(api, "in/big.tar", tar_archive("w", files))
+    with api.client() as client:
+        create_key(client)
+        job_id = start_batch(client, source={"key": "in/big.tar"}, destination={"prefix": "out/"})
+        wait_until_working(client, job_id)
+        response = client.post(f"/api/jobs/{job_id}/cancel")
+        assert response.status_code == 202, response.text
+        job = wait_for(client, job_id)
+
+    assert job["status"] == "cancelled", job
+    assert api.objects.pending_uploads() == []
+    sealed = list(api.objects.list(TENANT + "out/"))
+    assert 0 < len(sealed) < len(files)
+    for info in sealed:  # each one complete and recorded, none half-written
+        record = load_record(api.objects, api.objects.bucket, info.key)
+        assert record.ciphertext_size == info.size
+    assert "out/manifest.json" not in stored_keys(api)
+    assert list(api.objects.list(f"sealstream/jobs/default/{job_id}.partial/")) == []
+
+
+def wait_until_working(client: httpx.Client, job_id: str) -> None:
+    """Until the job reports a member done (the deadline only guards against a hang)."""
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/jobs/{job_id}").json()["progress"]["itemsDone"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

@@ -1,0 +1,401 @@
+"""The batch-encrypt job: seal each member of an archive (or each object under a prefix)
+as an object of its own under a destination prefix, with a manifest; or seal the whole
+archive as one object.
+
+Members are read as streams (`workers.archives`) and each is written like an upload to
+storage: its own message, multipart upload and object record, so `verify` works on it.
+An unsafe member is refused and a member that cannot be written (an existing object, a
+storage error) fails; either way only that member, and the manifest lists them.
+
+A redelivered job resumes rather than starts over. Before writing a member the job adds
+an entry to its journal, `sealstream/jobs/<tenant>/<job id>.partial/` in the service's
+store: the object it is about to write, and the members finished since the entry before.
+Each entry is small, so a large archive never rewrites a growing file. A rerun skips the
+finished members, aborts the upload its killed predecessor left pending on the claimed
+object, and rewrites that object even with `overwrite: false`: it is the job's own.
+"""
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import IO, Any
+
+from sealstream.errors import error_code
+from sealstream.objects import ObjectSealer, start_sealing
+from sealstream.spaces import Placement
+from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
+from storage.records import ObjectRecord
+from workers.archives import (
+    InvalidArchive,
+    Member,
+    MemberSource,
+    ObjectReader,
+    PrefixSource,
+    UnsafeMember,
+    member_path,
+    open_archive,
+)
+from workers.execution import JobCancelled, JobContext, JobFailed
+from workers.jobs import REPORTS_PREFIX
+from workers.services import WorkerServices
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+READ_SIZE = 1 << 20
+RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
+FINAL_ENTRY = "final.json"
+
+MemberHook = Callable[[str], None]
+
+
+@dataclass
+class Resumed:
+    """What earlier attempts left: members sealed (by path), the object being written when
+    the last one stopped, and the result if the job had finished."""
+
+    started: bool = False
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    claim: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class Journal:
+    """The job's progress in the service's store, one small entry per object written."""
+
+    def __init__(self, objects: ObjectStore, tenant: str, job_id: str) -> None:
+        self._objects = objects
+        self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
+        self._entries = 0
+        self._settled: list[dict[str, Any]] = []
+
+    def resume(self) -> Resumed:
+        resumed = Resumed()
+        self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
+        for info in self._objects.list(self._prefix):
+            entry = json.loads(self._objects.get(info.key))
+            resumed.started = True
+            if info.key.endswith(FINAL_ENTRY):
+                resumed.result = entry["result"]
+                continue
+            self._entries = int(info.key.removeprefix(self._prefix).removesuffix(".json"))
+            resumed.done.update((done["path"], done) for done in entry["done"])
+            resumed.claim = entry["claim"]
+        return resumed
+
+    def claim(self, storage_key: str | None) -> None:
+        """Record the members settled since the last entry, and the object about to be
+        written (None: no object is the job's until the next claim)."""
+        self._entries += 1
+        entry = {"claim": storage_key, "done": self._settled}
+        self._objects.put(f"{self._prefix}{self._entries:010d}.json", json.dumps(entry).encode())
+        self._settled = []
+
+    def settle(self, entry: dict[str, Any]) -> None:
+        self._settled.append(entry)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Keep only the result, which a rerun after a crash right now returns as it is."""
+        self._objects.put(self._prefix + FINAL_ENTRY, json.dumps({"result": result}).encode())
+        self._delete(keep=self._prefix + FINAL_ENTRY)
+
+    def discard(self) -> None:
+        """The job ended without a result: nothing will resume from the journal."""
+        try:
+            self._delete(keep=None)
+        except StorageError as error:
+            logger.warning("cannot delete the journal %s: %s", self._prefix, error)
+
+    def _delete(self, keep: str | None) -> None:
+        for info in list(self._objects.list(self._prefix)):
+            if info.key != keep:
+                self._objects.delete(info.key)
+
+
+def batch_encrypt(
+    context: JobContext, services: WorkerServices, *, before_member: MemberHook | None = None
+) -> dict[str, Any]:
+    """The job body; params as `api.routes.jobs.batch_params` builds them. `before_member`
+    is called with each member's path before it is written (tests inject crashes there)."""
+    journal = Journal(services.objects, context.record.tenant, context.record.id)
+    resumed = journal.resume() if context.record.attempts > 1 else Resumed()
+    if resumed.result is not None:
+        return resumed.result
+    try:
+        if context.params["mode"] == "whole":
+            result = _seal_whole(context, services, journal, resumed)
+        else:
+            batch = _Batch(context, services, journal, resumed, before_member)
+            result = _seal_members(batch)
+    except Exception:
+        journal.discard()
+        raise
+    journal.finish(result)
+    return result
+
+
+@dataclass
+class _Batch:
+    """One members-mode run: where it writes, and what became of each member so far."""
+
+    context: JobContext
+    services: WorkerServices
+    journal: Journal
+    resumed: Resumed
+    before_member: MemberHook | None
+    sealed: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    skipped: int = 0
+    items: int = 0
+    seen: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.params = self.context.params
+        self.source: dict[str, str] = self.params["source"]
+        self.destination: dict[str, str] = self.params["destination"]
+        self.store = self.services.spaces.store(self.tenant, self.destination["bucket"])
+        self.prefix = self.destination["prefix"]
+        self.storage_prefix = self.destination["storagePrefix"]
+
+    @property
+    def tenant(self) -> str:
+        return self.context.record.tenant
+
+    def same_bucket(self) -> bool:
+        return self.source["bucket"] == self.destination["bucket"]
+
+
+def _seal_members(batch: _Batch) -> dict[str, Any]:
+    manifest_key = batch.storage_prefix + MANIFEST_NAME
+    if not batch.resumed.started and not batch.params["overwrite"]:
+        _require_absent(batch.store, manifest_key, batch.prefix + MANIFEST_NAME)
+    if batch.resumed.claim is not None:
+        batch.store.abort_pending(batch.resumed.claim)
+    with _open_source(batch) as source:
+        batch.context.progress(
+            items_total=source.items_total, bytes_total=source.bytes_total, force=True
+        )
+        damage = _seal_each(batch, source)
+        batch.context.progress(
+            items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
+        )
+    manifest = _manifest(batch, source.format, damage)
+    batch.store.put(manifest_key, json.dumps(manifest, indent=1).encode())
+    result = _result(batch, source.format, manifest_key)
+    if damage is not None:
+        batch.context.save_partial(result)  # the failed job still reports what it sealed
+        raise JobFailed(damage.code, str(damage))
+    return result
+
+
+def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
+    store = batch.services.spaces.store(batch.tenant, batch.source["bucket"])
+    if "storageKey" in batch.source:
+        _source_size(store, batch.source)
+        return open_archive(store, batch.source["storageKey"], batch.params["format"])
+    # Earlier output under the destination is not input (a prefix may hold both).
+    skip = batch.storage_prefix if batch.same_bucket() else None
+    return nullcontext(PrefixSource(store, batch.source["storagePrefix"], skip))
+
+
+def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
+    """Seal every member; the damage if the archive breaks off part-way."""
+    try:
+        for member in source.members():
+            _take(batch, source, member)
+            batch.items += 1
+            batch.context.progress(items_done=batch.items, bytes_done=source.bytes_read)
+    except InvalidArchive as damage:
+        return damage
+    return None
+
+
+def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
+    """Seal one member, or note why not."""
+    try:
+        path = member_path(member.name, member.kind)
+        if path is None:
+            batch.skipped += 1
+            return
+        _check_destination(batch, path)
+    except UnsafeMember as refusal:
+        batch.refused.append({"path": member.name, "reason": str(refusal)})
+        return
+    if path in batch.resumed.done:
+        batch.sealed.append(batch.resumed.done[path])
+        return
+    if batch.before_member is not None:
+        batch.before_member(path)
+    try:
+        batch.sealed.append(_seal_member(batch, source, member, path))
+    except JobCancelled:
+        raise
+    except Exception as error:
+        batch.failed.append({"path": path, "code": error_code(error), "detail": str(error)})
+
+
+def _check_destination(batch: _Batch, path: str) -> None:
+    """Refuse members whose object would clash with another member, the manifest or the
+    archive being read."""
+    if path in batch.seen:
+        raise UnsafeMember("a second member of the same name")
+    batch.seen.add(path)
+    if path == MANIFEST_NAME:
+        raise UnsafeMember("the manifest's name")
+    if batch.same_bucket() and batch.storage_prefix + path == batch.source.get("storageKey"):
+        raise UnsafeMember("the name of the archive being read")
+
+
+def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> dict[str, Any]:
+    storage_key = batch.storage_prefix + path
+    ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
+    overwrite = batch.params["overwrite"] or ours
+    if not overwrite:
+        _require_absent(batch.store, storage_key, batch.prefix + path, job=False)
+    batch.journal.claim(storage_key)
+    placement = Placement(batch.store, batch.store.bucket, batch.prefix + path, storage_key)
+    try:
+        with member.open() as stream:
+            record = _seal(
+                batch.context,
+                batch.services,
+                placement,
+                overwrite,
+                stream,
+                lambda: source.bytes_read,
+            )
+    except JobCancelled:
+        raise
+    except Exception:
+        batch.journal.claim(None)  # an object there now is someone else's
+        raise
+    entry = {"path": path, **_object_entry(placement, record)}
+    batch.journal.settle(entry)
+    return entry
+
+
+def _seal(
+    context: JobContext,
+    services: WorkerServices,
+    placement: Placement,
+    overwrite: bool,
+    stream: IO[bytes],
+    bytes_read: Callable[[], int],
+) -> ObjectRecord:
+    """Write `stream` sealed at `placement`; on any failure or cancel, nothing is left."""
+    params = context.params
+    sealing = start_sealing(
+        services.keys,
+        context.record.tenant,
+        params["kid"],
+        params["encryptionContext"],
+        params["frameLength"],
+    )
+    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=services.objects)
+    try:
+        for chunk in _chunks(stream):
+            sealer.write((chunk,))
+            context.progress(bytes_done=bytes_read())  # where a cancel request is noticed
+        return sealer.complete()
+    except BaseException:
+        sealer.abort()  # no object, no pending upload
+        raise
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    return iter(partial(stream.read, READ_SIZE), b"")
+
+
+def _source_size(store: ObjectStore, source: dict[str, str]) -> int:
+    """The archive's size; a missing one fails the job without naming where it is kept."""
+    try:
+        return store.head(source["storageKey"]).size
+    except ObjectNotFound:
+        raise JobFailed("object-not-found", f"no object {source['key']!r}") from None
+
+
+def _require_absent(store: ObjectStore, storage_key: str, key: str, *, job: bool = True) -> None:
+    """Raise `object-exists` (failing the job, or with `job=False` the member)."""
+    try:
+        store.head(storage_key)
+    except ObjectNotFound:
+        return
+    detail = f"{key!r} already exists and overwrite is false"
+    raise JobFailed("object-exists", detail) if job else ObjectExists(detail)
+
+
+def _object_entry(placement: Placement, record: ObjectRecord) -> dict[str, Any]:
+    return {
+        "key": placement.key,
+        "storageKey": placement.storage_key,
+        "plaintextSize": record.plaintext_size,
+        "plaintextSha256": record.plaintext_sha256,
+        "ciphertextSize": record.ciphertext_size,
+        "keyVersion": record.key_version,
+    }
+
+
+def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> dict[str, Any]:
+    manifest = {
+        "jobId": batch.context.record.id,
+        "source": batch.source,
+        "format": format_,
+        "kid": batch.params["kid"],
+        "destination": batch.destination,
+        "createdAt": datetime.now(UTC).isoformat(),
+        "members": batch.sealed,
+        "refused": batch.refused,
+        "failed": batch.failed,
+    }
+    if damage is not None:
+        manifest["error"] = {"code": damage.code, "detail": str(damage)}
+    return manifest
+
+
+def _result(batch: _Batch, format_: str, manifest_key: str) -> dict[str, Any]:
+    return {
+        "bucket": batch.store.bucket,
+        "manifestKey": batch.prefix + MANIFEST_NAME,
+        "manifestStorageKey": manifest_key,
+        "format": format_,
+        "counts": {
+            "items": batch.items,
+            "sealed": len(batch.sealed),
+            "skipped": batch.skipped,
+            "refused": len(batch.refused),
+            "failed": len(batch.failed),
+        },
+        "refused": batch.refused[:RESULT_LIST_LIMIT],
+        "failed": batch.failed[:RESULT_LIST_LIMIT],
+    }
+
+
+def _seal_whole(
+    context: JobContext, services: WorkerServices, journal: Journal, resumed: Resumed
+) -> dict[str, Any]:
+    """The archive object sealed as it is, as one object."""
+    params, tenant = context.params, context.record.tenant
+    source, destination = params["source"], params["destination"]
+    source_store = services.spaces.store(tenant, source["bucket"])
+    store = services.spaces.store(tenant, destination["bucket"])
+    placement = Placement(store, store.bucket, destination["key"], destination["storageKey"])
+    ours = placement.storage_key == resumed.claim
+    if ours:
+        store.abort_pending(placement.storage_key)
+    overwrite = params["overwrite"] or ours
+    if not overwrite:
+        _require_absent(store, placement.storage_key, placement.key)
+    size = _source_size(source_store, source)
+    context.progress(items_total=1, bytes_total=size, force=True)
+    journal.claim(placement.storage_key)
+    reader = ObjectReader(source_store, source["storageKey"], size)
+    with io.BufferedReader(reader, READ_SIZE) as stream:
+        record = _seal(context, services, placement, overwrite, stream, lambda: reader.position)
+    context.progress(items_done=1, bytes_done=size)
+    return {"bucket": store.bucket, **_object_entry(placement, record), "kid": record.kid}

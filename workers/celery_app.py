@@ -1,0 +1,79 @@
+"""The Celery application: a Redis broker, and tasks that survive a worker killed mid-task.
+
+Run a worker with `celery -A workers.celery_app worker` and the periodic sweeps with
+`celery -A workers.celery_app beat`; both read the same `SEALSTREAM_*` settings as the API.
+
+Delivery: a task is acknowledged only when it ends (`task_acks_late`), and put back when
+its worker process dies (`task_reject_on_worker_lost`); a worker takes one task at a
+time (prefetch 1); and Redis hands an unacknowledged task to another worker after the
+visibility timeout, which must exceed the longest job. Job bodies are idempotent, so a
+redelivered job is finished, not duplicated.
+"""
+
+from functools import cache
+
+from celery import Celery, Task
+from celery.signals import worker_init, worker_process_init
+
+from sealstream.memory import keep_freed_buffers
+from sealstream.settings import Settings
+from workers.execution import JobOutcome, run_job
+from workers.lifecycle import run_sweeps
+from workers.registry import JOB_BODIES
+from workers.services import WorkerServices, build_worker_services
+
+RUN_JOB = "sealstream.run_job"
+SWEEPS = "sealstream.sweeps"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("sealstream", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={
+            "visibility_timeout": settings.job_visibility_timeout,
+            # Look for a dead worker's unacknowledged tasks every 10 s rather than every
+            # 100 s (kombu's default throttles the scan to every tenth 10-s tick).
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+        },
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweeps": {"task": SWEEPS, "schedule": settings.lifecycle_interval},
+        },
+    )
+    return app
+
+
+app = make_celery(Settings())
+
+
+@worker_init.connect
+@worker_process_init.connect
+def _tune_allocator(**_: object) -> None:
+    keep_freed_buffers()
+
+
+@cache
+def worker_services() -> WorkerServices:
+    """Built once per worker process, on its first task (after the pool has forked)."""
+    return build_worker_services(Settings())
+
+
+@app.task(name=RUN_JOB, bind=True, max_retries=None)
+def run_job_task(self: Task[[str], None], job_id: str) -> None:
+    services = worker_services()
+    if run_job(job_id, services, JOB_BODIES) is JobOutcome.BUSY:
+        # Another worker is running it: come back once its lease could have lapsed.
+        raise self.retry(countdown=services.settings.job_lease_ttl)
+
+
+@app.task(name=SWEEPS)
+def sweeps_task() -> dict[str, list[str]]:
+    return run_sweeps(worker_services())

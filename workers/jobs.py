@@ -1,0 +1,380 @@
+"""Job records: what a client polls while a worker does the long work.
+
+A record lives in Redis (or, for the embedded default, in memory) under an expiry, and
+its final state is also written to object storage, so a finished job stays readable
+after the record expires or Redis loses it. Writers always store the whole record: a
+worker that finds its record gone (Redis restarted empty) writes it back on its next
+progress update. A cancel request is kept apart from the record, so that a worker
+rewriting its record can never erase one.
+"""
+
+import secrets
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Self, cast
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from redis.lock import Lock
+
+from storage import InvalidObjectKey, ObjectNotFound, ObjectStore
+
+REPORTS_PREFIX = "sealstream/jobs/"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobKind(StrEnum):
+    VERIFY = "verify"
+    BATCH_ENCRYPT = "batch-encrypt"
+    REWRAP = "rewrap"
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True
+    )
+
+
+class Progress(_Camel):
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    items_done: int = 0
+    items_total: int | None = None
+
+
+class JobRecord(_Camel):
+    id: str
+    kind: JobKind
+    tenant: str
+    status: JobStatus = JobStatus.QUEUED
+    params: dict[str, Any] = Field(default_factory=dict)
+    progress: Progress = Field(default_factory=Progress)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+
+    @classmethod
+    def new(cls, kind: JobKind, tenant: str, params: dict[str, Any]) -> Self:
+        now = datetime.now(UTC)
+        return cls(
+            id=f"job_{secrets.token_hex(12)}",
+            kind=kind,
+            tenant=tenant,
+            params=params,
+            created_at=now,
+            updated_at=now,
+        )
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def report_key(tenant: str, job_id: str) -> str:
+    return f"{REPORTS_PREFIX}{tenant}/{job_id}.json"
+
+
+class JobLease(ABC):
+    """The right to run one job, held by one worker at a time and kept alive by renewal."""
+
+    @abstractmethod
+    def renew(self) -> bool:
+        """Extend the lease; False if another worker holds it now."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
+class JobStore(ABC):
+    """Where job records live while jobs run and for a while after."""
+
+    def __init__(self, reports: ObjectStore, ttl: timedelta) -> None:
+        self._reports = reports
+        self.ttl = ttl
+
+    @abstractmethod
+    def save(self, record: JobRecord) -> None:
+        """Store the whole record (create or replace) with a fresh expiry."""
+
+    @abstractmethod
+    def load(self, job_id: str) -> JobRecord | None:
+        """The live record, if it has not expired or been lost."""
+
+    @abstractmethod
+    def _tenant_ids(self, tenant: str) -> list[str]:
+        """The tenant's job ids, newest first (some may have expired)."""
+
+    @abstractmethod
+    def request_cancel(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    def running_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Readiness: raise if the store cannot be reached."""
+
+    @abstractmethod
+    def lease(self, job_id: str, ttl: float) -> JobLease | None:
+        """The job's lease for `ttl` seconds, or None while another worker holds it."""
+
+    def find(self, tenant: str, job_id: str) -> JobRecord | None:
+        """The tenant's job: the live record, or its final report once the record is gone."""
+        record = self.load(job_id)
+        if record is None:
+            record = self._report(tenant, job_id)
+        return record if record is not None and record.tenant == tenant else None
+
+    def list(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | None = None,
+        kind: JobKind | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
+        ids = self._tenant_ids(tenant)
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        page: list[JobRecord] = []
+        for job_id in ids:
+            record = self.load(job_id)
+            if record is None or (status and record.status != status):
+                continue
+            if kind and record.kind != kind:
+                continue
+            if len(page) == limit:
+                return page, page[-1].id
+            page.append(record)
+        return page, None
+
+    def write_report(self, record: JobRecord) -> None:
+        self._reports.put(report_key(record.tenant, record.id), record.model_dump_json().encode())
+
+    def _report(self, tenant: str, job_id: str) -> JobRecord | None:
+        try:
+            return JobRecord.model_validate_json(self._reports.get(report_key(tenant, job_id)))
+        except (ObjectNotFound, InvalidObjectKey):
+            return None
+
+
+class RedisJobStore(JobStore):
+    """Records as JSON strings with an expiry; a sorted set per tenant for listing."""
+
+    def __init__(self, client: redis.Redis, reports: ObjectStore, ttl: timedelta) -> None:
+        super().__init__(reports, ttl)
+        self._redis = client
+
+    @classmethod
+    def from_url(cls, url: str, reports: ObjectStore, ttl: timedelta) -> "RedisJobStore":
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+        )
+        return cls(client, reports, ttl)
+
+    def save(self, record: JobRecord) -> None:
+        seconds = int(self.ttl.total_seconds())
+        with self._redis.pipeline() as pipe:
+            pipe.set(f"sealstream:job:{record.id}", record.model_dump_json(), ex=seconds)
+            pipe.zadd(
+                f"sealstream:jobs:{record.tenant}", {record.id: record.created_at.timestamp()}
+            )
+            pipe.expire(f"sealstream:jobs:{record.tenant}", seconds)
+            if record.status is JobStatus.RUNNING:
+                pipe.sadd("sealstream:jobs:running", record.id)
+            else:
+                pipe.srem("sealstream:jobs:running", record.id)
+            pipe.execute()
+
+    def load(self, job_id: str) -> JobRecord | None:
+        raw = self._redis.get(f"sealstream:job:{job_id}")
+        return None if raw is None else JobRecord.model_validate_json(str(raw))
+
+    def _tenant_ids(self, tenant: str) -> list[str]:
+        ids = self._redis.zrevrange(f"sealstream:jobs:{tenant}", 0, -1)
+        return [str(job_id) for job_id in cast(list[str], ids)]
+
+    def request_cancel(self, job_id: str) -> None:
+        self._redis.set(f"sealstream:job:{job_id}:cancel", "1", ex=int(self.ttl.total_seconds()))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self._redis.exists(f"sealstream:job:{job_id}:cancel"))
+
+    def running_ids(self) -> list[str]:
+        ids = self._redis.smembers("sealstream:jobs:running")
+        return [str(job_id) for job_id in cast(set[str], ids)]
+
+    def ping(self) -> None:
+        self._redis.ping()
+
+    def lease(self, job_id: str, ttl: float) -> JobLease | None:
+        lock = self._redis.lock(
+            f"sealstream:job:{job_id}:lease", timeout=ttl, blocking=False, thread_local=False
+        )
+        return _RedisLease(lock) if lock.acquire(blocking=False) else None
+
+
+class _RedisLease(JobLease):
+    def __init__(self, lock: Lock) -> None:
+        self._lock = lock
+        self._token = lock.local.token
+
+    def renew(self) -> bool:
+        try:
+            self._lock.reacquire()
+        except LockNotOwnedError:
+            # Gone from Redis (restarted empty), or taken after it expired: take it back
+            # if it is free, under the same token.
+            return bool(self._lock.acquire(blocking=False, token=self._token))
+        except RedisError:
+            pass  # Redis away: nobody else can take the lease meanwhile either
+        return True
+
+    def release(self) -> None:
+        with suppress(LockError, RedisError):
+            self._lock.release()
+
+
+class MemoryJobStore(JobStore):
+    """The embedded default's store: this process's memory, same expiry rules."""
+
+    def __init__(self, reports: ObjectStore, ttl: timedelta) -> None:
+        super().__init__(reports, ttl)
+        self._records: dict[str, tuple[float, str]] = {}
+        self._cancelled: set[str] = set()
+        self._leased: set[str] = set()
+        self._lock = threading.Lock()
+
+    def save(self, record: JobRecord) -> None:
+        with self._lock:
+            expires = time.monotonic() + self.ttl.total_seconds()
+            self._records[record.id] = (expires, record.model_dump_json())
+
+    def load(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            entry = self._records.get(job_id)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return JobRecord.model_validate_json(entry[1])
+
+    def _records_where(self, keep: Callable[[JobRecord], bool]) -> Iterator[JobRecord]:
+        with self._lock:
+            raw = [json for expires, json in self._records.values() if expires >= time.monotonic()]
+        for data in raw:
+            record = JobRecord.model_validate_json(data)
+            if keep(record):
+                yield record
+
+    def _tenant_ids(self, tenant: str) -> list[str]:
+        records = sorted(
+            self._records_where(lambda r: r.tenant == tenant),
+            key=lambda r: r.created_at,
+            reverse=True,
+        )
+        return [r.id for r in records]
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def running_ids(self) -> list[str]:
+        return [r.id for r in self._records_where(lambda r: r.status is JobStatus.RUNNING)]
+
+    def ping(self) -> None:
+        """Memory is always there."""
+
+    def lease(self, job_id: str, ttl: float) -> JobLease | None:
+        with self._lock:
+            if job_id in self._leased:
+                return None
+            self._leased.add(job_id)
+        return _MemoryLease(self, job_id)
+
+    def _release(self, job_id: str) -> None:
+        with self._lock:
+            self._leased.discard(job_id)
+
+
+class _MemoryLease(JobLease):
+    """One process runs every job of a memory store: a lease only guards double submits."""
+
+    def __init__(self, store: MemoryJobStore, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+
+    def renew(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        self._store._release(self._job_id)
+
+
+def stale(record: JobRecord, stale_after: timedelta, now: datetime) -> bool:
+    """A running job whose worker has not reported for longer than `stale_after`."""
+    last = record.heartbeat_at or record.started_at or record.created_at
+    return record.status is JobStatus.RUNNING and now - last > stale_after
+
+
+def fail_if_stale(store: JobStore, record: JobRecord, stale_after: timedelta) -> JobRecord:
+    """Mark a stale running job failed (a lost worker), so no job stays running forever."""
+    now = datetime.now(UTC)
+    if not stale(record, stale_after, now):
+        return record
+    failed = record.model_copy(
+        update={
+            "status": JobStatus.FAILED,
+            "finished_at": now,
+            "updated_at": now,
+            "error": {
+                "code": "job-stale",
+                "detail": f"no progress reported for over {stale_after}: its worker was lost",
+            },
+        }
+    )
+    store.save(failed)
+    store.write_report(failed)
+    return failed
+
+
+def sweep_stale(store: JobStore, stale_after: timedelta) -> list[str]:
+    """Fail every stale running job; the ids of those failed."""
+    swept = []
+    for job_id in store.running_ids():
+        record = store.load(job_id)
+        if (
+            record is not None
+            and fail_if_stale(store, record, stale_after).status is JobStatus.FAILED
+        ):
+            swept.append(job_id)
+    return swept

@@ -1,0 +1,68 @@
+"""Handing jobs to whoever runs them: Celery workers over Redis, or, for the embedded
+default with no Redis, a small thread pool in the API process running the same code."""
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+
+from workers.celery_app import RUN_JOB, make_celery
+from workers.execution import run_job
+from workers.jobs import JobRecord
+from workers.lifecycle import run_sweeps
+from workers.registry import JOB_BODIES
+from workers.services import WorkerServices
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunner(ABC):
+    @abstractmethod
+    def submit(self, record: JobRecord) -> None:
+        """Queue a saved job record's job."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop taking jobs."""
+
+
+class CeleryRunner(JobRunner):
+    def __init__(self, services: WorkerServices) -> None:
+        self._app = make_celery(services.settings)
+
+    def submit(self, record: JobRecord) -> None:
+        self._app.send_task(RUN_JOB, args=[record.id])
+
+    def close(self) -> None:
+        self._app.close()
+
+
+class InProcessRunner(JobRunner):
+    """Jobs on two threads of this process; the periodic sweeps on a third."""
+
+    def __init__(self, services: WorkerServices) -> None:
+        self._services = services
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sealstream-job")
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="sealstream-sweeps", daemon=True)
+        self._sweeper.start()
+
+    def submit(self, record: JobRecord) -> None:
+        self._pool.submit(run_job, record.id, self._services, JOB_BODIES)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(self._services.settings.lifecycle_interval):
+            try:
+                run_sweeps(self._services)
+            except Exception:
+                logger.exception("periodic sweeps failed; trying again next interval")
+
+
+def open_runner(services: WorkerServices) -> JobRunner:
+    if services.settings.redis_url:
+        return CeleryRunner(services)
+    return InProcessRunner(services)
