@@ -1,8 +1,9 @@
 """Streaming multipart/form-data: a `metadata` JSON part, then a `file` part read chunk by chunk.
 
 The body is parsed incrementally from the ASGI receive stream with python-multipart's
-low-level parser. It never goes through `request.form()` or `UploadFile`, which spool
-uploads over 1 MiB to a temporary file: that would put plaintext on disk.
+low-level parser. It never goes through Starlette's form parsing (`Request.form`) or its
+upload-file objects, which spool uploads over 1 MiB to a temporary file: that would put
+plaintext on disk.
 
 A form is complete only when its closing boundary has been seen: python-multipart's
 `finalize()` accepts a body that stops without one, which would make a truncated upload
