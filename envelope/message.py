@@ -41,46 +41,79 @@ def check_frame_length(frame_length: int) -> None:
         )
 
 
-def new_message(
-    keyrings: Sequence[Keyring],
-    context: EncryptionContext,
-    frame_length: int,
-) -> tuple[Header, FrameCipher]:
-    """A sealed header for a new message and the cipher for its frames."""
-    if not keyrings:
-        raise InvalidParameter("a message needs at least one keyring")
-    if len(keyrings) > DEFAULT_LIMITS.max_encrypted_data_keys:
+def check_keyrings(keyrings: Sequence[Keyring]) -> None:
+    """Refuse a message with no recipient, or more than a reader will accept."""
+    if not 1 <= len(keyrings) <= DEFAULT_LIMITS.max_encrypted_data_keys:
         raise InvalidParameter(
-            f"a message takes at most {DEFAULT_LIMITS.max_encrypted_data_keys} keyrings"
+            f"a message takes 1 to {DEFAULT_LIMITS.max_encrypted_data_keys} keyrings"
         )
-    check_frame_length(frame_length)
+
+
+def writable_context(context: EncryptionContext) -> bytes:
+    """The serialized context, refusing what this service will not write."""
     reject_reserved_keys(context)
     context_bytes = serialize_context(context)
     if len(context_bytes) > DEFAULT_LIMITS.max_context_length:
         raise InvalidParameter(
             f"the encryption context exceeds {DEFAULT_LIMITS.max_context_length} bytes"
         )
-    data_key = os.urandom(DATA_KEY_LENGTH)
-    message_id = os.urandom(MESSAGE_ID_LENGTH)
+    return context_bytes
+
+
+def seal_header(
+    *,
+    data_key: bytes,
+    message_id: bytes,
+    keyrings: Sequence[Keyring],
+    context: EncryptionContext,
+    context_bytes: bytes,
+    frame_length: int,
+    commitment: bytes,
+    cipher: FrameCipher,
+) -> Header:
+    """A header wrapping `data_key` for each keyring, tagged with the message's cipher."""
     edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
-    keys = derive_keys(data_key, message_id)
     body = serialize_header_body(
         message_id=message_id,
         context_bytes=context_bytes,
         encrypted_data_keys=edks,
         frame_length=frame_length,
-        commitment=keys.commitment,
+        commitment=commitment,
     )
-    cipher = FrameCipher(keys.encryption_key, message_id)
-    header = Header(
+    return Header(
         message_id=message_id,
         context=dict(context),
         context_bytes=context_bytes,
         encrypted_data_keys=edks,
         frame_length=frame_length,
-        commitment=keys.commitment,
+        commitment=commitment,
         body=body,
         tag=cipher.header_tag(body),
+    )
+
+
+def new_message(
+    keyrings: Sequence[Keyring],
+    context: EncryptionContext,
+    frame_length: int,
+) -> tuple[Header, FrameCipher]:
+    """A sealed header for a new message and the cipher for its frames."""
+    check_keyrings(keyrings)
+    check_frame_length(frame_length)
+    context_bytes = writable_context(context)
+    data_key = os.urandom(DATA_KEY_LENGTH)
+    message_id = os.urandom(MESSAGE_ID_LENGTH)
+    keys = derive_keys(data_key, message_id)
+    cipher = FrameCipher(keys.encryption_key, message_id)
+    header = seal_header(
+        data_key=data_key,
+        message_id=message_id,
+        keyrings=keyrings,
+        context=context,
+        context_bytes=context_bytes,
+        frame_length=frame_length,
+        commitment=keys.commitment,
+        cipher=cipher,
     )
     return header, cipher
 
@@ -100,6 +133,15 @@ def open_message(
     required_context: Mapping[str, str] | None = None,
 ) -> OpenedMessage:
     """Unwrap the data key and authenticate the header; raises if any check fails."""
+    return open_with_data_key(header, keyrings, required_context)[1]
+
+
+def open_with_data_key(
+    header: Header,
+    keyrings: Sequence[Keyring],
+    required_context: Mapping[str, str] | None = None,
+) -> tuple[bytes, OpenedMessage]:
+    """`open_message`, also handing back the data key (for re-wrapping it)."""
     data_key, keyring = _unwrap_data_key(header, keyrings)
     keys = derive_keys(data_key, header.message_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
@@ -111,7 +153,7 @@ def open_message(
         raise EncryptionContextMismatch(
             "the encryption context lacks or differs on: " + ", ".join(sorted(missing))
         )
-    return OpenedMessage(header, cipher, keyring)
+    return data_key, OpenedMessage(header, cipher, keyring)
 
 
 def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> tuple[bytes, Keyring]:

@@ -59,17 +59,23 @@ def moto_server() -> Iterator[str]:
 
 
 @contextmanager
-def api_server(app: ASGIApp) -> Iterator[str]:
+def api_server(app: ASGIApp, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
     """`app` served by uvicorn over real HTTP on a free local port; yields its base URL.
 
-    uvicorn runs in a thread of the test process with logging left unconfigured, so
-    its log records (access lines included) reach pytest's log capture.
+    With `tls` (a certificate file and its key file) it serves HTTPS. uvicorn runs in a
+    thread of the test process with logging left unconfigured, so its log records
+    (access lines included) reach pytest's log capture.
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((LOCALHOST, 0))  # bound here, so no other process can take the port
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    certificate, key = (str(path) for path in tls) if tls else (None, None)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_config=None, lifespan="on", ssl_certfile=certificate, ssl_keyfile=key
+        )
+    )
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True
     )
@@ -80,7 +86,7 @@ def api_server(app: ASGIApp) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://{LOCALHOST}:{port}"
+        yield f"{'https' if tls else 'http'}://{LOCALHOST}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

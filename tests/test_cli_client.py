@@ -6,19 +6,14 @@ import hashlib
 import io
 import ipaddress
 import os
-import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from api import create_app
 from cli.client import ApiError, ClientError, SealstreamClient, Transfer, TransferAborted
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
-from tests.services import LOCALHOST
+from tests.services import LOCALHOST, api_server
 
 MIB = 1024 * 1024
 KID = "mySymKey"
@@ -377,7 +372,7 @@ def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The same calls over TLS (memory BIOs shared by the upload and download threads)."""
     certificate, key = _self_signed(tmp_path)
     app = create_app(api_settings("local", tmp_path, request))
-    with _tls_server(app, certificate, key) as url:
+    with api_server(app, tls=(certificate, key)) as url:
         trusted = ssl.create_default_context(cafile=str(certificate))
         client = SealstreamClient(url, ADMIN_TOKEN, timeout=30, ssl_context=trusted)
         client.create_key(**SEED_KEY)
@@ -426,31 +421,3 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
-
-
-@contextmanager
-def _tls_server(app: object, certificate: Path, key: Path) -> Iterator[str]:
-    """Like tests.services.api_server, with TLS."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((LOCALHOST, 0))
-    port = listener.getsockname()[1]
-    config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        log_config=None,
-        lifespan="on",
-        ssl_certfile=str(certificate),
-        ssl_keyfile=str(key),
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"https://{LOCALHOST}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        listener.close()
