@@ -362,7 +362,9 @@ def test_a_job_whose_worker_was_killed_is_redone_by_a_new_worker(job_stack: JobS
     assert_verified(record, stored)
     assert record["attempts"] == 2, show(record)
     assert received(first) and not succeeded(first), first.output()[-3000:]
-    assert received(second) == received(first), second.output()[-3000:]
+    # The same task, perhaps more than once: while the killed worker's lease on the job
+    # lasts, a delivery finds it held and comes back later (a retry), never runs beside it.
+    assert set(received(second)) == set(received(first)), second.output()[-3000:]
     assert succeeded(second) == received(first)
 
 
@@ -390,7 +392,10 @@ def test_a_job_whose_pool_process_was_killed_is_redone_at_once_and_counted_once(
     assert record["attempts"] == 2, show(record)
     worker = job_stack.workers[0]
     tasks = received(worker)
-    assert len(tasks) == 2 and len(set(tasks)) == 1, worker.output()[-3000:]
+    # Redelivered at once; a delivery that finds the dead process's lease still held is
+    # retried later, so the one task may be received more than twice, but runs once more.
+    assert len(tasks) >= 2 and len(set(tasks)) == 1, worker.output()[-3000:]
+    assert len(succeeded(worker)) == 1, worker.output()[-3000:]
     progress = record["progress"]
     assert progress["bytesDone"] == progress["bytesTotal"], (
         "the redone verify counted the first attempt's bytes again:\n" + show(record)
