@@ -1,13 +1,15 @@
 """The encrypt and decrypt pipelines behind the crypto routes.
 
-Request chunks (uvicorn hands over at most 256,000 bytes at a time) are gathered into
-batches of about a frame. To storage, each batch is sealed, hashed and handed to the
-multipart writer in one worker-thread call. Streamed back, a batch of a frame of up to
-2 MiB is sealed on the event loop (a fraction of a millisecond: cheaper than the thread
-hop), larger ones on a worker thread, so the loop never stalls. Backpressure holds end
-to end: the next chunk is read only once the previous batch has
-been sent to the client or accepted by the writer, which blocks while its parts in
-flight are at their limit.
+Streamed back, each request chunk is encrypted on the event loop as it arrives: the
+encryptor seals it straight into its frame, so a step costs AES-GCM over one chunk
+(uvicorn hands over at most 256,000 bytes at a time), a fraction of a millisecond
+whatever the frame length, and less than a hop to a worker thread would cost in GIL
+hand-offs. Decrypting, chunks are gathered into batches of about a frame, since a frame
+is released only once authenticated whole; a batch of up to 2 MiB is opened on the loop,
+larger ones on a worker thread, so the loop never stalls. To storage, batches are sealed,
+hashed and handed to the multipart writer in one worker-thread call. Backpressure holds
+end to end: the next chunk is read only once the previous one has been sent to the client
+or accepted by the writer, which blocks while its parts in flight are at their limit.
 """
 
 import re
@@ -26,7 +28,6 @@ from api.multipart import UploadForm
 from api.problems import Problem
 from envelope import (
     Decryptor,
-    Encryptor,
     FrameReader,
     Header,
     HeaderReader,
@@ -55,10 +56,10 @@ S = TypeVar("S")
 T = TypeVar("T")
 
 KEY_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming key is still usable
-# Streamed back, a batch of up to this many bytes is sealed (or opened) on the event loop
-# itself: about 0.2 ms of AES-GCM and copying, less than the thread hop would cost in
-# GIL hand-offs (bench/stream.py: 1.04 against 1.21 server CPU s/GiB). Larger batches
-# (frames over 2 MiB) go to a worker thread, so the loop never holds for long.
+# Decrypted and streamed back, a batch of up to this many bytes is opened on the event loop
+# itself: about 0.2 ms of AES-GCM, less than the thread hop would cost in GIL hand-offs
+# (measured sealing that way, bench/stream.py: 1.04 against 1.21 server CPU s/GiB).
+# Larger batches (frames over 2 MiB) go to a worker thread, so the loop never holds long.
 INLINE_BYTES = 2 * 1024 * 1024
 # To storage, the writer may block on parts in flight, so batches always go to a thread;
 # bigger ones make fewer hops.
@@ -137,17 +138,14 @@ async def off_loop_if_large(
     return await run_in_threadpool(work, subject, batch)
 
 
-def _seal(encryptor: Encryptor, batch: Sequence[memoryview]) -> list[bytearray]:
-    return [piece for chunk in batch for piece in encryptor.update(chunk)]
-
-
 async def encrypt_to_client(form: UploadForm, job: EncryptionJob) -> AsyncIterator[bytearray]:
     """The message, frame by frame, as the file part arrives."""
     encryptor = job.sealing.encryptor
-    async for batch in frame_batches(form.file_chunks(), encryptor.frame_length):
+    async for chunk in form.file_chunks():
         await job.watch()
-        for piece in await off_loop_if_large(_seal, encryptor, batch, encryptor.frame_length):
+        for piece in encryptor.update(chunk):
             yield piece
+    # The final frame is sealed twice over (PendingFrame): up to two frames of AES-GCM.
     for piece in await run_in_threadpool(encryptor.finish):
         yield piece
 

@@ -1,17 +1,16 @@
 """Streaming encryption: plaintext chunks of any size in, message bytes out frame by frame.
 
-Regular frames are sealed as soon as a full frame of plaintext is in hand, straight from
-the caller's buffer when it holds one. Otherwise the plaintext is copied once, into the
-payload area of the frame that will carry it, and sealed there in place. `finish` seals
-the final frame, which holds the last 0 to frame-length bytes (0 when the plaintext is a
-whole number of frames, as the reference SDK writes it).
+Each chunk is encrypted as it comes, straight into the frame that will carry it
+(`PendingFrame`), so the plaintext is read once and never copied. A frame is handed over
+once full; `finish` seals the final frame, which holds the last 0 to frame-length bytes
+(0 when the plaintext is a whole number of frames, as the reference SDK writes it).
 """
 
 from collections.abc import Sequence
 
 from envelope.context import EncryptionContext
 from envelope.errors import InvalidParameter, StateError
-from envelope.frames import MAX_SEQUENCE_NUMBER, REGULAR_OVERHEAD, REGULAR_PREFIX
+from envelope.frames import MAX_SEQUENCE_NUMBER, PendingFrame
 from envelope.header import Header
 from envelope.keyrings.base import Keyring
 from envelope.message import DEFAULT_FRAME_LENGTH, new_message
@@ -35,9 +34,8 @@ class Encryptor:
         self.header, self._cipher = new_message(keyrings, context or {}, frame_length)
         self.frame_length = frame_length
         self.plaintext_length = 0
-        self._frame = bytearray()  # the frame being filled, allocated when first needed
-        self._filled = 0  # plaintext bytes already in `_frame`
-        self._sequence_number = 1
+        self._frame: PendingFrame | None = None  # started when its first byte comes
+        self._sequence_number = 1  # the pending frame's, or the next one's
         self._header_written = False
         self._finished = False
 
@@ -48,16 +46,11 @@ class Encryptor:
         out = self._header_once()
         view = memoryview(data).cast("B")
         self.plaintext_length += len(view)
-        frame_length = self.frame_length
-        if self._filled:
-            view = self._fill(view)
-            if self._filled < frame_length:
-                return out
-            out.append(self._seal_filled())
-        while len(view) >= frame_length:
-            out.append(self._seal(view[:frame_length], final=False))
-            view = view[frame_length:]
-        self._fill(view)
+        while view:
+            frame = self._frame or self._start_frame()
+            view = frame.write(view)
+            if frame.full:
+                out.append(self._seal_regular(frame))
         return out
 
     def finish(self) -> list[bytearray]:
@@ -65,46 +58,28 @@ class Encryptor:
         if self._finished:
             raise StateError("the encryptor has finished")
         out = self._header_once()
-        pending = memoryview(self._frame)[REGULAR_PREFIX.size : REGULAR_PREFIX.size + self._filled]
-        out.append(self._seal(pending, final=True))
-        self._frame = bytearray()
+        if self._frame is not None:
+            out.append(self._frame.seal_final())
+        else:
+            out.append(self._cipher.seal(self._sequence_number, memoryview(b""), final=True))
+        self._frame = None
         self._finished = True
         return out
 
-    def _fill(self, view: memoryview) -> memoryview:
-        """Copy as much of `view` as the frame being filled takes; return the rest."""
-        take = min(len(view), self.frame_length - self._filled)
-        if take and not self._frame:
-            self._frame = bytearray(REGULAR_OVERHEAD + self.frame_length)
-        start = REGULAR_PREFIX.size + self._filled
-        self._frame[start : start + take] = view[:take]
-        self._filled += take
-        return view[take:]
+    def _start_frame(self) -> PendingFrame:
+        self._frame = PendingFrame(self._cipher, self._sequence_number, self.frame_length)
+        return self._frame
 
-    def _seal_filled(self) -> bytearray:
-        """Seal the full frame in place and hand it over; start the next one."""
-        sequence_number = self._next_regular_sequence_number()
-        frame, self._frame, self._filled = self._frame, bytearray(), 0
-        return self._cipher.seal_in_place(sequence_number, frame)
+    def _seal_regular(self, frame: PendingFrame) -> bytearray:
+        # A regular frame may not take the last number: the final frame needs one.
+        if frame.sequence_number >= MAX_SEQUENCE_NUMBER:
+            raise InvalidParameter("the plaintext is too long for one message at this frame length")
+        self._frame = None
+        self._sequence_number += 1
+        return frame.seal_regular()
 
     def _header_once(self) -> list[bytearray]:
         if self._header_written:
             return []
         self._header_written = True
         return [bytearray(self.header.to_bytes())]
-
-    def _seal(self, plaintext: memoryview, *, final: bool) -> bytearray:
-        if final:
-            sequence_number = self._sequence_number
-            self._sequence_number += 1
-        else:
-            sequence_number = self._next_regular_sequence_number()
-        return self._cipher.seal(sequence_number, plaintext, final=final)
-
-    def _next_regular_sequence_number(self) -> int:
-        sequence_number = self._sequence_number
-        # A regular frame may not take the last number: the final frame needs one.
-        if sequence_number >= MAX_SEQUENCE_NUMBER:
-            raise InvalidParameter("the plaintext is too long for one message at this frame length")
-        self._sequence_number += 1
-        return sequence_number

@@ -14,9 +14,10 @@ with an all-zero IV over the header body.
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from envelope.errors import FrameAuthenticationError, HeaderAuthenticationError
+from envelope.errors import FrameAuthenticationError, HeaderAuthenticationError, StateError
 from envelope.suite import IV_LENGTH, TAG_LENGTH
 
 END_MARKER = 0xFFFFFFFF
@@ -42,6 +43,7 @@ class FrameCipher:
 
     def __init__(self, encryption_key: bytes, message_id: bytes) -> None:
         self._aead = AESGCM(encryption_key)
+        self._aes = algorithms.AES(encryption_key)
         self._regular_aad = message_id + _FRAME_AAD
         self._final_aad = message_id + _FINAL_FRAME_AAD
 
@@ -68,16 +70,23 @@ class FrameCipher:
         self._aead.encrypt_into(iv, plaintext, aad, memoryview(frame)[len(prefix) :])
         return frame
 
-    def seal_in_place(self, sequence_number: int, frame: bytearray) -> bytearray:
-        """Seal a regular frame whose plaintext already fills `frame` after its prefix:
-        `frame` is `REGULAR_OVERHEAD + frame length` bytes and becomes the serialized frame."""
-        iv = frame_iv(sequence_number)
-        length = len(frame) - REGULAR_OVERHEAD
-        REGULAR_PREFIX.pack_into(frame, 0, sequence_number, iv)
-        body = memoryview(frame)[REGULAR_PREFIX.size :]
-        aad = self._aad(sequence_number, length, final=False)
-        self._aead.encrypt_into(iv, body[:length], aad, body)
-        return frame
+    def begin_regular(self, sequence_number: int, length: int) -> AEADEncryptionContext:
+        """An incremental sealing of a regular frame of `length` bytes: its ciphertext is
+        what `seal` would write, and its tag follows `finalize()`."""
+        context = Cipher(self._aes, modes.GCM(frame_iv(sequence_number))).encryptor()
+        context.authenticate_additional_data(self._aad(sequence_number, length, final=False))
+        return context
+
+    def reseal_as_final(self, sequence_number: int, ciphertext: memoryview) -> bytearray:
+        """The final frame for `ciphertext`, written by `begin_regular` for the same sequence
+        number but never finalized; a fresh buffer.
+
+        The same key and IV give the same keystream, so running the ciphertext through a
+        decryption that is never finalized gives back the plaintext, sealed again at once.
+        Only ciphertext this cipher wrote may come here: nothing is authenticated.
+        """
+        undo = Cipher(self._aes, modes.GCM(frame_iv(sequence_number))).decryptor()
+        return self.seal(sequence_number, memoryview(undo.update(ciphertext)), final=True)
 
     def open(self, sequence_number: int, frame: memoryview, *, final: bool) -> bytes:
         """The plaintext of a whole serialized frame whose sequence number was checked."""
@@ -95,3 +104,52 @@ class FrameCipher:
     def _aad(self, sequence_number: int, length: int, *, final: bool) -> bytes:
         base = self._final_aad if final else self._regular_aad
         return base + _SEQ_AND_LENGTH.pack(sequence_number, length)
+
+
+class PendingFrame:
+    """A regular frame sealed piece by piece as its plaintext arrives, in the buffer that
+    will carry it.
+
+    Each piece is encrypted on arrival, while it is still in the CPU's cache, instead of
+    being copied into the frame and encrypted there once the frame is full. AES-GCM's
+    ciphertext depends on the key and IV only; the AAD, which says whether a frame is the
+    final one, enters the tag alone. So pieces are encrypted under the regular frame's AAD,
+    the likely case; if the message ends before the frame is full, `seal_final` re-seals
+    what was written as the final frame, whose ciphertext is the same and whose tag is not.
+    """
+
+    def __init__(self, cipher: FrameCipher, sequence_number: int, frame_length: int) -> None:
+        self.sequence_number = sequence_number
+        self.frame_length = frame_length
+        self.filled = 0
+        self._cipher = cipher
+        self._buffer = bytearray(REGULAR_OVERHEAD + frame_length)
+        self._context = cipher.begin_regular(sequence_number, frame_length)
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.frame_length
+
+    def write(self, plaintext: memoryview) -> memoryview:
+        """Encrypt as much of `plaintext` as the frame takes into place; return the rest."""
+        take = min(len(plaintext), self.frame_length - self.filled)
+        start = REGULAR_PREFIX.size + self.filled
+        self._context.update_into(plaintext[:take], memoryview(self._buffer)[start : start + take])
+        self.filled += take
+        return plaintext[take:]
+
+    def seal_regular(self) -> bytearray:
+        """The full frame, serialized; a buffer the caller now owns."""
+        if not self.full:
+            raise StateError("a regular frame is sealed only when full")
+        self._context.finalize()
+        frame = self._buffer
+        REGULAR_PREFIX.pack_into(frame, 0, self.sequence_number, frame_iv(self.sequence_number))
+        frame[-TAG_LENGTH:] = self._context.tag
+        return frame
+
+    def seal_final(self) -> bytearray:
+        """The final frame holding what was written, serialized; a fresh buffer."""
+        end = REGULAR_PREFIX.size + self.filled
+        ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
+        return self._cipher.reseal_as_final(self.sequence_number, ciphertext)

@@ -20,6 +20,7 @@ from envelope import (
     StateError,
 )
 from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
+from tests.envelope_helpers import seal_frames
 
 FRAME = 4096
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -177,3 +178,26 @@ def test_regular_frames_leave_the_encryptor_as_soon_as_they_are_whole() -> None:
     assert len(first) == 1  # the header only
     assert len(encryptor.update(b"a")) == 1  # one whole frame
     assert len(encryptor.update(b"a" * (2 * FRAME))) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 3 * FRAME + 7),
+    sizes=st.lists(st.integers(1, 2 * FRAME), min_size=1, max_size=5),
+)
+def test_frames_sealed_piece_by_piece_are_those_sealed_whole(size: int, sizes: list[int]) -> None:
+    # The encryptor seals each piece into its frame as it comes, and re-seals a pending
+    # frame as the final one when the message ends inside it: the bytes must be exactly
+    # the frames sealed in one go.
+    plaintext = os.urandom(size)
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    message = bytearray()
+    for piece in pieces(plaintext, sizes):
+        for chunk in encryptor.update(piece):
+            message += chunk
+    for chunk in encryptor.finish():
+        message += chunk
+    header = encryptor.header.to_bytes()
+    assert message[: len(header)] == header
+    whole = seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert bytes(message[len(header) :]) == whole
