@@ -21,6 +21,7 @@ from storage.s3_multipart import (
     DEFAULT_PART_SIZE,
     MAX_PART_SIZE,
     MIN_PART_SIZE,
+    PART_CHECKSUM,
     S3MultipartWriter,
     entity_tag,
 )
@@ -147,6 +148,10 @@ class S3Store(ObjectStore):
             "Bucket": self.bucket,
             "Key": target_key,
             "CopySource": {"Bucket": self.bucket, "Key": source_key},
+            # The copy gets a whole-object checksum of its own: a multipart source's is
+            # a checksum of its parts' checksums, which moto (5.2) would carry over as if
+            # it were the copy's, failing every later read.
+            "ChecksumAlgorithm": PART_CHECKSUM,
         }
         if if_match is not None:
             request["IfMatch"] = entity_tag(if_match)
@@ -159,6 +164,8 @@ class S3Store(ObjectStore):
         S3's 5 MiB minimum, then copy the rest server-side."""
         assert isinstance(writer, S3MultipartWriter)
         copy_from = min(stop, start + writer.room_in_part)
+        if copy_from < stop:
+            writer.copy_parts_ahead()
         super()._append_range(writer, key, start, copy_from)
         if copy_from < stop:
             writer.copy(key, copy_from, stop)
