@@ -33,11 +33,12 @@ MAX_PARTS = 10_000
 PARTS_PER_SIZE_STEP = 1_000
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_MAX_IN_FLIGHT = 4
-# Each part carries its CRC32, which the server checks on arrival, and the upload declares
+# Each part carries its CRC32C, which the server checks on arrival, and the upload declares
 # it, so completing joins the parts' checksums (S3's composite checksum) instead of
 # reading the whole object again for a full-object one (what S3 and moto compute for an
-# upload that names no algorithm). boto3's own transfer manager does the same.
-PART_CHECKSUM: Final = "CRC32"
+# upload that names no algorithm). CRC32C, not boto3's default CRC32: CPUs have an
+# instruction for it, and botocore computes it with awscrt at ~20 GB/s against ~2 GB/s.
+PART_CHECKSUM: Final = "CRC32C"
 
 
 def part_size_for(part_number: int, first_part_size: int = DEFAULT_PART_SIZE) -> int:
@@ -112,7 +113,7 @@ class S3MultipartWriter(MultipartWriter):
     def copy_parts_ahead(self) -> None:
         """Announce, before the upload starts, that parts will be copied server-side.
 
-        Such an upload declares no part checksum: S3 returns a copied part's CRC32, but
+        Such an upload declares no part checksum: S3 returns a copied part's CRC32C, but
         moto (5.2) does not, and then completes the object with a checksum that fails
         every later read.
         """
@@ -224,7 +225,7 @@ class S3MultipartWriter(MultipartWriter):
             )
         part: CompletedPartTypeDef = {"PartNumber": part_number, "ETag": response["ETag"]}
         if self._part_checksums:
-            part["ChecksumCRC32"] = response["ChecksumCRC32"]
+            part["ChecksumCRC32C"] = response["ChecksumCRC32C"]
         return part
 
     def _copy_part(
