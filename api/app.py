@@ -7,6 +7,7 @@ from dataclasses import fields
 from fastapi import FastAPI
 
 from api import problems
+from api.metrics import Metrics, MetricsMiddleware
 from api.routes import admin, crypto, health, jobs, keys
 from api.services import Services
 from api.tokens import TokenStore
@@ -43,6 +44,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="sealstream", version="0.1.0", lifespan=lifespan)
     app.state.services = services
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for module in (health, keys, crypto, jobs, admin):
         app.include_router(module.router)

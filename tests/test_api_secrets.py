@@ -67,7 +67,8 @@ def stored_material(api: Api, kid: str, version: int) -> tuple[bytes, str]:
 
 
 def exercise_every_route(client: httpx.Client) -> tuple[list[httpx.Response], list[httpx.Response]]:
-    """Drive every key route for every key; return (ordinary responses, export responses)."""
+    """Drive every key route for every key, then scrape the metrics; return (ordinary
+    responses, export responses)."""
     seen: list[httpx.Response] = []
     exported: list[httpx.Response] = []
     seen.append(client.get("/api/key-management/supported-algorithms"))
@@ -95,6 +96,7 @@ def exercise_every_route(client: httpx.Client) -> tuple[list[httpx.Response], li
             seen.append(client.delete(url))
             seen.append(client.post(f"{url}/cancel-deletion"))
     seen.append(client.get(KEYS, params={"limit": 1000}))
+    seen.append(client.get("/metrics"))
     return seen, exported
 
 

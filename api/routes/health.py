@@ -1,7 +1,10 @@
-"""Liveness and readiness probes: the only routes that need no token."""
+"""Liveness and readiness probes, and Prometheus metrics: the routes that need no token.
+
+The metrics carry no tenant, kid or token (see `api.metrics`), so a scraper needs none.
+"""
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
@@ -36,3 +39,10 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
             return problem.response(request.url.path)
         checks["redis"] = "ok"
     return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Request counts, durations and body bytes by route, and the process's own figures."""
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)

@@ -1,0 +1,125 @@
+"""Prometheus metrics: what the API serves and how the process fares, at `GET /metrics`.
+
+`MetricsMiddleware` counts and times requests and counts body bytes both ways while they
+flow, so a long stream's throughput shows as it runs, not only once it ends. Labels are
+the method, the route's template and the status: never a raw path, tenant, kid or token,
+so their values stay few and say nothing confidential. A response that never reached
+its end (a stream aborted part-way, see `api.duplex`, or one that never started) counts
+with status "aborted". It is a plain ASGI middleware that only passes messages through:
+Starlette's `BaseHTTPMiddleware` would buffer and reorder the duplex streams.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
+ABORTED = "aborted"  # the status label of a response that started and was cut off
+# Request durations run from milliseconds (key routes) to hours (streams of many GiB).
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf"))
+
+
+@dataclass
+class Metrics:
+    """The API's metrics, in a registry of the app's own (several apps may share a process)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter(
+            "sealstream_http_requests",
+            "HTTP requests answered, by route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "sealstream_http_request_duration_seconds",
+            "Time from a request's arrival to its response's last byte",
+            ["method", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "sealstream_http_requests_in_progress",
+            "Requests being served now (streams included)",
+            ["method"],
+            registry=self.registry,
+        )
+        self.received = Counter(
+            "sealstream_http_request_body_bytes",
+            "Request body bytes received, counted as they arrive",
+            ["route"],
+            registry=self.registry,
+        )
+        self.sent = Counter(
+            "sealstream_http_response_body_bytes",
+            "Response body bytes sent, counted as they leave",
+            ["route"],
+            registry=self.registry,
+        )
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The registry in the format the scraper's `Accept` header asks for (Prometheus
+        or OpenMetrics text, the older text format without one), and its content type."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type
+
+
+def route_of(scope: Scope) -> str:
+    """The template of the route that took the request (known once routing has run)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics, method = self.metrics, scope["method"]
+        status: str | None = None
+        ended = False
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and message.get("body"):
+                metrics.received.labels(route_of(scope)).inc(len(message["body"]))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, ended
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    metrics.sent.labels(route_of(scope)).inc(len(message["body"]))
+                ended = not message.get("more_body", False)
+            await send(message)
+
+        start = time.perf_counter()
+        metrics.in_progress.labels(method).inc()
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            metrics.in_progress.labels(method).dec()
+            route = route_of(scope)
+            outcome = status if status is not None and ended else ABORTED
+            metrics.requests.labels(method, route, outcome).inc()
+            metrics.duration.labels(method, route).observe(time.perf_counter() - start)

@@ -1,0 +1,100 @@
+"""`GET /metrics`: Prometheus text, no token needed, requests counted by route template and
+status (aborted streams apart), body bytes both ways, and nothing confidential in it."""
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ADMIN_TOKEN, live_api, local_settings
+from tests.stream_helpers import (
+    DECRYPT,
+    ENCRYPT,
+    KiB,
+    MiB,
+    create_key,
+    encrypt,
+    exchange,
+    flipped,
+    form,
+    frame_offset,
+    pieces,
+    random_bytes,
+)
+
+FRAME = 4096
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str, accept: str = "text/plain") -> tuple[httpx.Response, Samples]:
+    response = httpx.get(f"{url}/metrics", headers={"Accept": accept}, timeout=30)  # no token
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return response, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_requests_by_route_template_and_body_bytes_both_ways(
+    tmp_path: Path,
+) -> None:
+    data = random_bytes(3 * MiB + 5, seed=11)
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        create_key(client)
+        client.get("/api/key-management/keys/mySymKey")
+        client.get("/api/key-management/keys/no-such-key")
+        client.get("/no/such/route")
+        sealed = encrypt(client, data)
+        assert sealed.status_code == 200
+        response, samples = scrape(api.url)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    requests = "sealstream_http_requests_total"
+    key_route = "/api/key-management/keys/{kid}"
+    assert value(samples, requests, method="GET", route=key_route, status="200") == 1
+    assert value(samples, requests, method="GET", route=key_route, status="404") == 1
+    assert value(samples, requests, method="GET", route="unmatched", status="404") == 1
+    assert value(samples, requests, method="POST", route=ENCRYPT, status="200") == 1
+    # The form around the file part, in; the header and frames around the plaintext, out.
+    received = value(samples, "sealstream_http_request_body_bytes_total", route=ENCRYPT)
+    sent = value(samples, "sealstream_http_response_body_bytes_total", route=ENCRYPT)
+    assert len(data) < received < len(data) + 2 * KiB
+    assert sent == len(sealed.content)
+    duration = "sealstream_http_request_duration_seconds_count"
+    assert value(samples, duration, method="POST", route=ENCRYPT) == 1
+    assert value(samples, "process_resident_memory_bytes") > 0
+    # Only the scrape itself is in progress while it is served.
+    assert value(samples, "sealstream_http_requests_in_progress", method="GET") == 1
+
+
+def test_an_aborted_stream_is_counted_apart_and_nothing_confidential_shows(
+    tmp_path: Path,
+) -> None:
+    data = random_bytes(2 * MiB, seed=12)
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        create_key(client, kid="tenant-secret-kid")
+        message = encrypt(client, data, kid="tenant-secret-kid", frameLength=FRAME).content
+        tampered = flipped(message, frame_offset(message, 300) + 100)
+        broken = exchange(api.url, DECRYPT, form({}, pieces(tampered, 64 * KiB)))
+        assert broken.status == 200 and not broken.complete  # started, then cut off
+        response, samples = scrape(api.url)
+
+    requests = "sealstream_http_requests_total"
+    assert value(samples, requests, method="POST", route=DECRYPT, status="aborted") == 1
+    assert value(samples, requests, method="POST", route=DECRYPT, status="200") == 0
+    for secret in ("tenant-secret-kid", ADMIN_TOKEN, "default"):
+        assert secret not in response.text
+
+
+def test_an_openmetrics_scraper_gets_openmetrics(tmp_path: Path) -> None:
+    with live_api(local_settings(tmp_path)) as api:
+        response = httpx.get(
+            f"{api.url}/metrics", headers={"Accept": "application/openmetrics-text"}, timeout=30
+        )
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.endswith("# EOF\n")
