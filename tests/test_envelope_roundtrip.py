@@ -49,6 +49,10 @@ def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
 
 def encrypt(keyrings: list[Keyring], data: bytes, sizes: list[int], **options: object) -> bytes:
     encryptor = Encryptor(keyrings, frame_length=FRAME, **options)  # type: ignore[arg-type]
+    return encrypt_with(encryptor, data, sizes)
+
+
+def encrypt_with(encryptor: Encryptor, data: bytes, sizes: list[int]) -> bytes:
     out = bytearray()
     for piece in pieces(data, sizes):
         for chunk in encryptor.update(piece):
@@ -191,13 +195,7 @@ def test_frames_sealed_piece_by_piece_are_those_sealed_whole(size: int, sizes: l
     # the frames sealed in one go.
     plaintext = os.urandom(size)
     encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
-    message = bytearray()
-    for piece in pieces(plaintext, sizes):
-        for chunk in encryptor.update(piece):
-            message += chunk
-    for chunk in encryptor.finish():
-        message += chunk
+    message = encrypt_with(encryptor, plaintext, sizes)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
-    whole = seal_frames(encryptor._cipher, plaintext, FRAME)
-    assert bytes(message[len(header) :]) == whole
+    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
