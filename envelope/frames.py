@@ -77,17 +77,6 @@ class FrameCipher:
         context.authenticate_additional_data(self._aad(sequence_number, length, final=False))
         return context
 
-    def reseal_as_final(self, sequence_number: int, ciphertext: memoryview) -> bytearray:
-        """The final frame for `ciphertext`, written by `begin_regular` for the same sequence
-        number but never finalized; a fresh buffer.
-
-        The same key and IV give the same keystream, so running the ciphertext through a
-        decryption that is never finalized gives back the plaintext, sealed again at once.
-        Only ciphertext this cipher wrote may come here: nothing is authenticated.
-        """
-        undo = Cipher(self._aes, modes.GCM(frame_iv(sequence_number))).decryptor()
-        return self.seal(sequence_number, memoryview(undo.update(ciphertext)), final=True)
-
     def open(self, sequence_number: int, frame: memoryview, *, final: bool) -> bytes:
         """The plaintext of a whole serialized frame whose sequence number was checked."""
         iv_offset, prefix_size = (8, FINAL_PREFIX.size) if final else (4, REGULAR_PREFIX.size)
@@ -152,4 +141,11 @@ class PendingFrame:
         """The final frame holding what was written, serialized; a fresh buffer."""
         end = REGULAR_PREFIX.size + self.filled
         ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
-        return self._cipher.reseal_as_final(self.sequence_number, ciphertext)
+        # The same key and IV give the same keystream, so running our own ciphertext through
+        # a decryption that is never finalized gives back the plaintext, sealed again at
+        # once. This lives here, not on FrameCipher: given any other ciphertext, it would
+        # tag whatever it was handed.
+        iv = frame_iv(self.sequence_number)
+        undo = Cipher(self._cipher._aes, modes.GCM(iv)).decryptor()
+        plaintext = memoryview(undo.update(ciphertext))
+        return self._cipher.seal(self.sequence_number, plaintext, final=True)
