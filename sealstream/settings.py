@@ -77,5 +77,11 @@ class Settings(BaseSettings):
         description="buckets besides the default one each tenant may name, as JSON "
         '{"tenant": ["bucket", ...]}; a tenant\'s objects always live under tenants/<tenant>/',
     )
+    batch_max_expansion: float = Field(
+        1000.0,
+        ge=1,
+        description="most bytes a batch-encrypt archive's members may unpack to, per byte of "
+        "archive; more fails the job as a decompression bomb",
+    )
     s3_part_size: int = Field(8 * MIB, ge=5 * MIB, description="first multipart part size")
     s3_parts_in_flight: int = Field(4, ge=1, le=32, description="parts uploading at once")

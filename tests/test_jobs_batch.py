@@ -12,6 +12,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ import pytest
 from envelope import DEFAULT_FRAME_LENGTH
 from storage import MIN_PART_SIZE
 from storage.records import load_record
-from tests.conftest import Api
+from tests.conftest import Api, live_api, local_settings
 from tests.stream_helpers import create_key, random_bytes, read_object
 from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt
@@ -464,3 +465,55 @@ def wait_until_working(client: httpx.Client, job_id: str) -> None:
     while client.get(f"/api/jobs/{job_id}").json()["progress"]["itemsDone"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+# Decompression bombs
+
+ZEROS = bytes(8 << 20)  # 8 MiB that gzip and zip shrink about a thousand times
+
+
+def bomb_tar_gz(names: list[str]) -> bytes:
+    """A tar.gz with a small member, then `names`, each 8 MiB of zeros."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in [("small.txt", FILES["top.txt"]), *((n, ZEROS) for n in names)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def bomb_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("small.txt", FILES["top.txt"])
+        archive.writestr("zeros.bin", ZEROS)
+    return buffer.getvalue()
+
+
+def test_an_archive_that_unpacks_too_far_fails_before_the_bomb_is_read(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path).model_copy(update={"batch_max_expansion": 50.0})
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        put(api, "in/bomb.tar.gz", bomb_tar_gz(["zeros.bin"]))
+        put(api, "in/hidden.tar.gz", bomb_tar_gz(["../refused-but-huge"]))
+        put(api, "in/bomb.zip", bomb_zip())
+        tar_job = run_batch(client, source={"key": "in/bomb.tar.gz"}, destination={"prefix": "t/"})
+        hidden = run_batch(client, source={"key": "in/hidden.tar.gz"}, destination={"prefix": "h/"})
+        zip_job = run_batch(client, source={"key": "in/bomb.zip"}, destination={"prefix": "z/"})
+        tar_manifest = manifest_of(api, "t/")
+        hidden_manifest = manifest_of(api, "h/")
+        keys = stored_keys(api)
+        pending = api.objects.pending_uploads()
+
+    for job in (tar_job, hidden, zip_job):
+        assert (job["status"], job["error"]["code"]) == ("failed", "archive-expands-too-far")
+    # A tar stream fails at the member that crosses the line; what came before it stays.
+    assert [entry["path"] for entry in tar_manifest["members"]] == ["small.txt"]
+    assert tar_manifest["error"]["code"] == "archive-expands-too-far"
+    assert "t/zeros.bin" not in keys
+    # A member that would be refused counts too: a tar stream unpacks it to skip it.
+    assert [entry["path"] for entry in hidden_manifest["members"]] == ["small.txt"]
+    # A zip is refused from its index: nothing sealed at all.
+    assert not any(key.startswith("z/") for key in keys)
+    assert pending == []

@@ -8,6 +8,12 @@ member per object. Nothing is written to disk.
 
 A member's name is only a claim: `member_path` turns it into a safe object path or
 refuses it (absolute paths, `..`, links, devices...). Nothing is ever followed.
+
+An archive may unpack to at most `max_expansion` times its own size. The sizes its
+members declare are checked before their bytes are read or skipped (a zip's all at once,
+from its index; a tar's one by one, as its headers stream past), and neither format
+reads a member past its declared size, so a decompression bomb is refused before it has
+cost anything.
 """
 
 import io
@@ -41,6 +47,13 @@ class InvalidArchive(Exception):
     """The object is not an archive of the expected format, or is damaged."""
 
     code = "invalid-archive"
+
+
+class ArchiveBomb(InvalidArchive):
+    """The members would unpack to more than the archive's size allows: a decompression
+    bomb (or an archive to split before it is sealed)."""
+
+    code = "archive-expands-too-far"
 
 
 class UnsafeMember(Exception):
@@ -201,9 +214,12 @@ class _RangedObject(io.RawIOBase):
 
 
 class _TarSource(MemberSource):
-    def __init__(self, store: ObjectStore, key: str, size: int, mode: TarMode) -> None:
+    def __init__(
+        self, store: ObjectStore, key: str, size: int, mode: TarMode, max_unpacked: int
+    ) -> None:
         self.bytes_total = size
         self.items_total = None
+        self._max_unpacked = max_unpacked
         self._reader = ObjectReader(store, key, size)
         try:
             # Kept open across `members()`; `close()` closes it.
@@ -225,6 +241,8 @@ class _TarSource(MemberSource):
             # A streamed TarFile keeps every header it has read; the list would grow with
             # the archive, and nothing here looks back.
             self._tar.members.clear()  # type: ignore[attr-defined]  # untyped, but public
+            # Where this member ends in the unpacked stream, whether it is read or skipped.
+            _check_unpacked(info.offset_data + info.size, self._max_unpacked)
             yield Member(info.name, _tar_kind(info), info.size, partial(self._open, info))
 
     def _next(self) -> tarfile.TarInfo | None:
@@ -260,7 +278,7 @@ def _tar_kind(info: tarfile.TarInfo) -> MemberKind:
 class _ZipSource(MemberSource):
     format = "zip"
 
-    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
+    def __init__(self, store: ObjectStore, key: str, size: int, max_unpacked: int) -> None:
         self.bytes_total = size
         self._raw = _RangedObject(store, key, size)
         try:
@@ -269,6 +287,7 @@ class _ZipSource(MemberSource):
             raise InvalidArchive(f"not a readable zip archive: {error}") from error
         # In the order they are stored, so that reading goes front to back.
         self._infos = sorted(self._zip.infolist(), key=lambda info: info.header_offset)
+        _check_unpacked(sum(info.file_size for info in self._infos), max_unpacked)
         self.items_total = len(self._infos)
         self._raw.furthest = 0  # the index at the end is not progress
 
@@ -344,17 +363,29 @@ class PrefixSource(MemberSource):
         return io.BufferedReader(self._current, READ_AHEAD)
 
 
+def _check_unpacked(unpacked: int, max_unpacked: int) -> None:
+    if unpacked > max_unpacked:
+        raise ArchiveBomb(
+            f"the archive's members unpack to more than {max_unpacked} bytes, "
+            "the most its size allows"
+        )
+
+
 @contextmanager
-def open_archive(store: ObjectStore, key: str, format_: str) -> Iterator[MemberSource]:
-    """The archive object `key` as members; `format_` is auto, tar, tar.gz, tar.bz2 or zip."""
+def open_archive(
+    store: ObjectStore, key: str, format_: str, max_expansion: float
+) -> Iterator[MemberSource]:
+    """The archive object `key` as members; `format_` is auto, tar, tar.gz, tar.bz2 or zip.
+    Its members may unpack to `max_expansion` times its size at most."""
     size = store.head(key).size
+    max_unpacked = int(max_expansion * size)
     if format_ == "auto" and _first_bytes(store, key, size) in ZIP_MAGICS:
         format_ = "zip"
     source: _TarSource | _ZipSource
     if format_ == "zip":
-        source = _ZipSource(store, key, size)
+        source = _ZipSource(store, key, size, max_unpacked)
     else:
-        source = _TarSource(store, key, size, TAR_MODES[format_])
+        source = _TarSource(store, key, size, TAR_MODES[format_], max_unpacked)
     try:
         yield source
     finally:

@@ -198,7 +198,12 @@ def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
     store = batch.services.spaces.store(batch.tenant, batch.source["bucket"])
     if "storageKey" in batch.source:
         _source_size(store, batch.source)
-        return open_archive(store, batch.source["storageKey"], batch.params["format"])
+        return open_archive(
+            store,
+            batch.source["storageKey"],
+            batch.params["format"],
+            batch.services.settings.batch_max_expansion,
+        )
     # Earlier output under the destination is not input (a prefix may hold both).
     skip = batch.storage_prefix if batch.same_bucket() else None
     return nullcontext(PrefixSource(store, batch.source["storagePrefix"], skip))
