@@ -81,6 +81,14 @@ class Spaces:
             return self._default
         if bucket not in self._settings.tenant_buckets.get(tenant, []):
             raise BucketNotAllowed(f"this tenant may not use bucket {bucket!r}")
+        return self._open(bucket)
+
+    def every_store(self) -> list[ObjectStore]:
+        """The default store and that of every bucket some tenant may use (for sweeps)."""
+        buckets = {b for allowed in self._settings.tenant_buckets.values() for b in allowed}
+        return [self._default, *(self._open(b) for b in sorted(buckets - {self._default.bucket}))]
+
+    def _open(self, bucket: str) -> ObjectStore:
         with self._lock:
             if bucket not in self._stores:
                 self._stores[bucket] = open_object_store(self._settings, bucket)

@@ -5,6 +5,7 @@ and left alone when verification fails; reruns, redeliveries and cancels converg
 import base64
 import hashlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from workers import execution
 from workers.execution import run_job
 from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.registry import JOB_BODIES
-from workers.rewrap import STAGING_PREFIX
+from workers.rewrap import STAGING_PREFIX, sweep_staging
 from workers.services import WorkerServices, build_worker_services
 
 KID = "mySymKey"
@@ -319,3 +320,34 @@ def test_a_cancelled_job_leaves_no_staging_object(
     assert nothing_left_over(api.objects)
     after = {key: stored_bytes(api.objects, s["storageKey"]) for key, s in stored.items()}
     assert after == before
+
+
+def test_the_sweep_clears_the_staging_of_jobs_that_are_over(
+    api: Api, worker: WorkerServices
+) -> None:
+    store = worker.objects
+
+    def job(status: JobStatus) -> str:
+        record = JobRecord.new(JobKind.REWRAP, "default", {}).model_copy(update={"status": status})
+        worker.jobs.save(record)
+        store.put(f"{STAGING_PREFIX}{record.id}/0", b"a staged object")
+        return record.id
+
+    over, running = job(JobStatus.FAILED), job(JobStatus.RUNNING)
+    gone = "job_whose_record_expired"
+    store.put(f"{STAGING_PREFIX}{gone}/3", b"a staged object")
+    left_pending = store.multipart(f"{STAGING_PREFIX}{over}/1")
+    left_pending.write(bytes(MIN_PART_SIZE + 1))  # a part shipped, never completed
+    abandoned_after = timedelta(hours=6)
+
+    def staged() -> set[str]:
+        keys = [info.key for info in store.list(STAGING_PREFIX)] + store.pending_uploads()
+        return {key.removeprefix(STAGING_PREFIX).split("/")[0] for key in keys}
+
+    assert staged() == {over, running, gone}
+    assert sweep_staging(worker, abandoned_after) == [over]
+    assert staged() == {running, gone}  # a recordless job's objects are still fresh
+    later = datetime.now(UTC) + 2 * abandoned_after
+    assert sweep_staging(worker, abandoned_after, now=later) == [gone]
+    assert staged() == {running}
+    assert sweep_staging(worker, abandoned_after, now=later) == []

@@ -17,6 +17,7 @@ with it.
 """
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from envelope import Header, key_names, rewrap_header
@@ -77,6 +78,49 @@ def rewrap(context: JobContext, services: WorkerServices) -> dict[str, Any]:
     return {**key, **report.counts(), "failures": report.failures}
 
 
+def sweep_staging(
+    services: WorkerServices, abandoned_after: timedelta, now: datetime | None = None
+) -> list[str]:
+    """Clear the staging areas that rewrap jobs left behind; the ids of those jobs.
+
+    A job clears its own staging as it goes and when it starts again, so only a job that
+    ended without finishing its step (or that will never run again) leaves some: one
+    whose record says it is over, or whose record is gone and whose staged objects are
+    all older than `abandoned_after`. Uploads still pending for a job with no record are
+    left for the bucket's lifecycle rule: their age cannot be told.
+    """
+    now = now or datetime.now(UTC)
+    cleared = []
+    for store in services.spaces.every_store():
+        newest: dict[str, datetime] = {}
+        for info in store.list(STAGING_PREFIX):
+            job_id = _staging_job(info.key)
+            newest[job_id] = max(newest.get(job_id, info.last_modified), info.last_modified)
+        pending = {_staging_job(key) for key in store.pending_uploads(STAGING_PREFIX)}
+        for job_id in sorted(newest.keys() | pending):
+            record = services.jobs.load(job_id)
+            if record is None:
+                abandoned = job_id in newest and newest[job_id] < now - abandoned_after
+            else:
+                abandoned = record.status.finished
+            if abandoned:
+                clear_staging(store, job_id)
+                cleared.append(job_id)
+    return cleared
+
+
+def clear_staging(store: ObjectStore, job_id: str) -> None:
+    """Remove what a job has staged, uploads included."""
+    prefix = f"{STAGING_PREFIX}{job_id}/"
+    store.abort_pending(prefix)
+    for info in store.list(prefix):
+        store.delete(info.key)
+
+
+def _staging_job(key: str) -> str:
+    return key.removeprefix(STAGING_PREFIX).split("/", 1)[0]
+
+
 class _RewrapJob:
     def __init__(self, context: JobContext, services: WorkerServices, store: ObjectStore) -> None:
         self.context = context
@@ -91,9 +135,7 @@ class _RewrapJob:
 
     def clear_staging(self) -> None:
         """Remove what an earlier attempt of this job left staged, uploads included."""
-        self.store.abort_pending(self.staging_prefix)
-        for info in self.store.list(self.staging_prefix):
-            self.store.delete(info.key)
+        clear_staging(self.store, self.context.record.id)
 
     def targets(self) -> list[_Target]:
         """The one object named, or every recorded object under the prefix sealed under
