@@ -96,20 +96,28 @@ class MetricsMiddleware:
         metrics, method = self.metrics, scope["method"]
         status: str | None = None
         ended = False
+        # The route's byte counters, looked up once: a stream calls these per chunk.
+        received: Counter | None = None
+        sent: Counter | None = None
 
         async def counting_receive() -> Message:
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request" and message.get("body"):
-                metrics.received.labels(route_of(scope)).inc(len(message["body"]))
+                if received is None:
+                    received = metrics.received.labels(route_of(scope))
+                received.inc(len(message["body"]))
             return message
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, ended
+            nonlocal status, ended, sent
             if message["type"] == "http.response.start":
                 status = str(message["status"])
             elif message["type"] == "http.response.body":
                 if message.get("body"):
-                    metrics.sent.labels(route_of(scope)).inc(len(message["body"]))
+                    if sent is None:
+                        sent = metrics.sent.labels(route_of(scope))
+                    sent.inc(len(message["body"]))
                 ended = not message.get("more_body", False)
             await send(message)
 
