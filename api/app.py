@@ -45,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="sealstream", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     app.state.metrics = Metrics()
+    app.state.metrics.watch_jobs(services.jobs)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for module in (health, keys, crypto, jobs, admin):

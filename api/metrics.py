@@ -7,9 +7,14 @@ so their values stay few and say nothing confidential. A response that never rea
 its end (a stream aborted part-way, see `api.duplex`, or one that never started) counts
 with status "aborted". It is a plain ASGI middleware that only passes messages through:
 Starlette's `BaseHTTPMiddleware` would buffer and reorder the duplex streams.
+
+At each scrape the job store is asked how many jobs are running (a count over all
+tenants); the jobs' own work happens in worker processes, which Celery's monitoring
+covers.
 """
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -20,8 +25,13 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from workers.jobs import JobStore
 
 UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
 ABORTED = "aborted"  # the status label of a response that started and was cut off
@@ -70,11 +80,37 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_jobs(self, jobs: JobStore) -> None:
+        """Report the jobs running now (all tenants: a count, no ids) at each scrape."""
+        self.registry.register(_JobsCollector(jobs))
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper's `Accept` header asks for (Prometheus
         or OpenMetrics text, the older text format without one), and its content type."""
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
+
+
+class _JobsCollector(Collector):
+    """Asks the job store at scrape time; a store that cannot answer shows as down."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self._jobs = jobs
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            running: int | None = len(self._jobs.running_ids())
+        except RedisError:
+            running = None
+        yield GaugeMetricFamily(
+            "sealstream_job_store_up",
+            "Whether the job store (Redis, or memory) answered this scrape",
+            value=0 if running is None else 1,
+        )
+        if running is not None:
+            yield GaugeMetricFamily(
+                "sealstream_jobs_running", "Jobs running now, in all tenants", value=running
+            )
 
 
 def route_of(scope: Scope) -> str:

@@ -6,7 +6,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from api import create_app
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
+from tests.services import api_server, free_port
 from tests.stream_helpers import (
     DECRYPT,
     ENCRYPT,
@@ -21,6 +23,7 @@ from tests.stream_helpers import (
     pieces,
     random_bytes,
 )
+from workers.jobs import JobKind, JobRecord, JobStatus
 
 FRAME = 4096
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -98,3 +101,26 @@ def test_an_openmetrics_scraper_gets_openmetrics(tmp_path: Path) -> None:
         )
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+def test_running_jobs_are_counted_and_a_job_store_that_cannot_answer_shows_down(
+    tmp_path: Path,
+) -> None:
+    app = create_app(local_settings(tmp_path))
+    jobs = app.state.services.jobs
+    with api_server(app) as url:
+        _, idle = scrape(url)
+        running = JobRecord.new(JobKind.VERIFY, "default", {})
+        jobs.save(running.model_copy(update={"status": JobStatus.RUNNING}))
+        _, busy = scrape(url)
+    assert value(idle, "sealstream_job_store_up") == 1
+    assert value(idle, "sealstream_jobs_running") == 0
+    assert value(busy, "sealstream_jobs_running") == 1
+
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = local_settings(tmp_path / "b").model_copy(update={"redis_url": unreachable})
+    with api_server(create_app(settings)) as url:
+        response, down = scrape(url)
+    assert response.status_code == 200
+    assert value(down, "sealstream_job_store_up") == 0
+    assert ("sealstream_jobs_running", frozenset()) not in down
