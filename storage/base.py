@@ -171,7 +171,7 @@ class ObjectStore(ABC):
         end: int | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> Iterator[bytes]:
+    ) -> Generator[bytes, None, None]:
         """Stream bytes [start, end) of the object (end None: to its end) in chunks.
 
         The object's size is looked up now, so a missing object or a range outside it
@@ -185,7 +185,7 @@ class ObjectStore(ABC):
         if not 0 <= start <= stop <= size:
             raise InvalidRange(f"range [{start}, {stop}) is not within {key!r} ({size} bytes)")
         if start == stop:
-            return iter(())
+            return _nothing()
         # To the end: S3 then needs no Range header, so a whole read is one plain GET.
         until = None if stop == size else stop
         return _exactly(key, stop - start, self._read_range(key, start, until, chunk_size))
@@ -296,6 +296,10 @@ def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 f"metadata value of {name!r} is not printable ASCII without outer spaces"
             )
     return checked
+
+
+def _nothing() -> Generator[bytes, None, None]:
+    yield from ()
 
 
 def _exactly(

@@ -1,9 +1,10 @@
-"""Reading ahead: fetch the next chunks of an object while the current one is worked on.
+"""Reading ahead: produce the next chunks on a thread while the current one is worked on.
 
-A verify reads an object once and hashes and decrypts every byte of it; done one after
-the other, the network and the CPU wait for each other. Both release the GIL (socket
-reads; hashlib and AES-GCM on large buffers), so a thread that keeps a few chunks ahead
-lets them overlap. Memory stays bounded: at most `depth` chunks wait in the queue.
+A verify reads, decrypts and hashes every byte of an object; done one after the other,
+the network and the CPU wait for each other. Socket reads and hashlib on large buffers
+release the GIL, so a thread that reads (and decrypts) a few chunks ahead of the one
+that hashes lets them overlap. Memory stays bounded: at most `depth` chunks wait in the
+queue.
 """
 
 import queue
