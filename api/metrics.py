@@ -25,7 +25,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
@@ -99,18 +99,32 @@ class _JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            running: int | None = len(self._jobs.running_ids())
+            running = len(self._jobs.running_ids())
+            finished = self._jobs.finished_counts()
         except RedisError:
-            running = None
+            yield _job_store_up(False)
+            return
+        yield _job_store_up(True)
         yield GaugeMetricFamily(
-            "sealstream_job_store_up",
-            "Whether the job store (Redis, or memory) answered this scrape",
-            value=0 if running is None else 1,
+            "sealstream_jobs_running", "Jobs running now, in all tenants", value=running
         )
-        if running is not None:
-            yield GaugeMetricFamily(
-                "sealstream_jobs_running", "Jobs running now, in all tenants", value=running
-            )
+        counts = CounterMetricFamily(
+            "sealstream_jobs_finished",
+            "Jobs finished, in all tenants, by kind and outcome (counted in the job store, "
+            "so every API process shows the same totals)",
+            labels=["kind", "status"],
+        )
+        for (kind, status), count in sorted(finished.items()):
+            counts.add_metric([kind, status], count)
+        yield counts
+
+
+def _job_store_up(up: bool) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "sealstream_job_store_up",
+        "Whether the job store (Redis, or memory) answered this scrape",
+        value=int(up),
+    )
 
 
 def route_of(scope: Scope) -> str:

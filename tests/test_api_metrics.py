@@ -103,19 +103,25 @@ def test_an_openmetrics_scraper_gets_openmetrics(tmp_path: Path) -> None:
     assert response.text.endswith("# EOF\n")
 
 
-def test_running_jobs_are_counted_and_a_job_store_that_cannot_answer_shows_down(
+def test_jobs_running_and_finished_are_counted_and_a_job_store_that_cannot_answer_shows_down(
     tmp_path: Path,
 ) -> None:
     app = create_app(local_settings(tmp_path))
     jobs = app.state.services.jobs
+    job = JobRecord.new(JobKind.VERIFY, "default", {})
     with api_server(app) as url:
         _, idle = scrape(url)
-        running = JobRecord.new(JobKind.VERIFY, "default", {})
-        jobs.save(running.model_copy(update={"status": JobStatus.RUNNING}))
+        jobs.save(job.model_copy(update={"status": JobStatus.RUNNING}))
         _, busy = scrape(url)
+        jobs.save(job.model_copy(update={"status": JobStatus.FAILED}))
+        _, done = scrape(url)
     assert value(idle, "sealstream_job_store_up") == 1
     assert value(idle, "sealstream_jobs_running") == 0
     assert value(busy, "sealstream_jobs_running") == 1
+    assert value(done, "sealstream_jobs_running") == 0
+    finished = "sealstream_jobs_finished_total"
+    assert value(busy, finished, kind="verify", status="failed") == 0
+    assert value(done, finished, kind="verify", status="failed") == 1
 
     unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     settings = local_settings(tmp_path / "b").model_copy(update={"redis_url": unreachable})

@@ -8,10 +8,12 @@ progress update. A cancel request is kept apart from the record, so that a worke
 rewriting its record can never erase one.
 """
 
+import math
 import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
@@ -19,6 +21,7 @@ from enum import StrEnum
 from typing import Any, Self, cast
 
 import redis
+from cachetools import TTLCache
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
@@ -136,6 +139,14 @@ class JobStore(ABC):
     def running_ids(self) -> list[str]: ...
 
     @abstractmethod
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs have finished, by (kind, status), since the store began counting.
+
+        Each job counts once, when a finished record of it is first saved: saving it again
+        (a report rewritten, a late worker) does not count it twice.
+        """
+
+    @abstractmethod
     def ping(self) -> None:
         """Readiness: raise if the store cannot be reached."""
 
@@ -185,12 +196,30 @@ class JobStore(ABC):
             return None
 
 
+# Counts a finished job once: a flag per job (kept as long as its record) guards the
+# counter, both in one step so that a crash cannot leave one without the other.
+_COUNT_FINISHED = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+end
+"""
+_RUNNING = "sealstream:jobs:running"
+_FINISHED_COUNTS = "sealstream:jobs:finished"  # fields "<kind>/<status>"
+
+
+def _kind_and_status(field: str) -> tuple[str, str]:
+    kind, _, status = field.partition("/")
+    return kind, status
+
+
 class RedisJobStore(JobStore):
-    """Records as JSON strings with an expiry; a sorted set per tenant for listing."""
+    """Records as JSON strings with an expiry; a sorted set per tenant for listing; a hash
+    of finished-job counts, by kind and status."""
 
     def __init__(self, client: redis.Redis, reports: ObjectStore, ttl: timedelta) -> None:
         super().__init__(reports, ttl)
         self._redis = client
+        self._count_finished = client.register_script(_COUNT_FINISHED)
 
     @classmethod
     def from_url(cls, url: str, reports: ObjectStore, ttl: timedelta) -> "RedisJobStore":
@@ -208,9 +237,15 @@ class RedisJobStore(JobStore):
             )
             pipe.expire(f"sealstream:jobs:{record.tenant}", seconds)
             if record.status is JobStatus.RUNNING:
-                pipe.sadd("sealstream:jobs:running", record.id)
+                pipe.sadd(_RUNNING, record.id)
             else:
-                pipe.srem("sealstream:jobs:running", record.id)
+                pipe.srem(_RUNNING, record.id)
+            if record.status.finished:
+                self._count_finished(
+                    keys=[f"sealstream:job:{record.id}:counted", _FINISHED_COUNTS],
+                    args=[seconds, f"{record.kind}/{record.status}"],
+                    client=pipe,
+                )
             pipe.execute()
 
     def load(self, job_id: str) -> JobRecord | None:
@@ -228,8 +263,22 @@ class RedisJobStore(JobStore):
         return bool(self._redis.exists(f"sealstream:job:{job_id}:cancel"))
 
     def running_ids(self) -> list[str]:
-        ids = self._redis.smembers("sealstream:jobs:running")
-        return [str(job_id) for job_id in cast(set[str], ids)]
+        ids = [str(job_id) for job_id in cast(set[str], self._redis.smembers(_RUNNING))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(f"sealstream:job:{job_id}")
+            live = pipe.execute()
+        # A record that expired while its job ran (a worker lost, no sweep since) leaves
+        # its id here; it is running nowhere, so it is dropped. A worker that is in fact
+        # alive adds it back with its next progress update, as it does after a Redis restart.
+        expired = [job_id for job_id, exists in zip(ids, live, strict=True) if not exists]
+        if expired:
+            self._redis.srem(_RUNNING, *expired)
+        return [job_id for job_id in ids if job_id not in expired]
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        counts = cast(dict[str, str], self._redis.hgetall(_FINISHED_COUNTS))
+        return {_kind_and_status(field): int(count) for field, count in counts.items()}
 
     def ping(self) -> None:
         self._redis.ping()
@@ -267,26 +316,31 @@ class MemoryJobStore(JobStore):
 
     def __init__(self, reports: ObjectStore, ttl: timedelta) -> None:
         super().__init__(reports, ttl)
-        self._records: dict[str, tuple[float, str]] = {}
-        self._cancelled: set[str] = set()
+        seconds = ttl.total_seconds()
+        # Records, cancel requests and counted flags expire as Redis's keys do, and are
+        # dropped once expired: a long-running server does not keep every job it ran.
+        self._records: TTLCache[str, str] = TTLCache(math.inf, seconds, time.monotonic)
+        self._cancelled: TTLCache[str, bool] = TTLCache(math.inf, seconds, time.monotonic)
+        self._counted: TTLCache[str, bool] = TTLCache(math.inf, seconds, time.monotonic)
+        self._finished: Counter[tuple[str, str]] = Counter()
         self._leased: set[str] = set()
         self._lock = threading.Lock()
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
-            expires = time.monotonic() + self.ttl.total_seconds()
-            self._records[record.id] = (expires, record.model_dump_json())
+            self._records[record.id] = record.model_dump_json()
+            if record.status.finished and record.id not in self._counted:
+                self._counted[record.id] = True
+                self._finished[(record.kind, record.status)] += 1
 
     def load(self, job_id: str) -> JobRecord | None:
         with self._lock:
-            entry = self._records.get(job_id)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return JobRecord.model_validate_json(entry[1])
+            raw = self._records.get(job_id)
+        return None if raw is None else JobRecord.model_validate_json(raw)
 
     def _records_where(self, keep: Callable[[JobRecord], bool]) -> Iterator[JobRecord]:
         with self._lock:
-            raw = [json for expires, json in self._records.values() if expires >= time.monotonic()]
+            raw = list(self._records.values())
         for data in raw:
             record = JobRecord.model_validate_json(data)
             if keep(record):
@@ -302,7 +356,7 @@ class MemoryJobStore(JobStore):
 
     def request_cancel(self, job_id: str) -> None:
         with self._lock:
-            self._cancelled.add(job_id)
+            self._cancelled[job_id] = True
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._lock:
@@ -310,6 +364,10 @@ class MemoryJobStore(JobStore):
 
     def running_ids(self) -> list[str]:
         return [r.id for r in self._records_where(lambda r: r.status is JobStatus.RUNNING)]
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._finished)
 
     def ping(self) -> None:
         """Memory is always there."""
