@@ -3,7 +3,8 @@
 Prints, for one run over the same generated plaintext (1 GiB by default):
 - sealstream encrypt and decrypt MB/s, each next to its ceiling: a bare AES-GCM loop over
   the same frame size (no framing, no buffering: what the format costs nothing above);
-- decrypt again fed in 256,000-byte chunks, the size uvicorn hands a request body over in;
+- decrypt again fed in 256,000-byte chunks, the size uvicorn hands a request body over in
+  (shown, with no goal: such chunks cut frames, which are then opened piece by piece);
 - the aws-encryption-sdk package's streaming encrypt and decrypt MB/s on the same data
   (same suite, same frame length), run in a child process so its imports do not count
   against our memory figure;
@@ -230,15 +231,17 @@ def main() -> None:
 
     print(f"plaintext {total / MIB:.0f} MiB, frame {frame} B, best of {rounds} rounds")
     rows = [
-        ("encrypt", encrypt, bare_encrypt),
-        ("decrypt", decrypt, bare_decrypt),
-        (f"decrypt, {UVICORN_CHUNK} B chunks", decrypt_uvicorn, bare_decrypt),
+        ("encrypt", encrypt, bare_encrypt, "goal >= 0.90"),
+        ("decrypt", decrypt, bare_decrypt, "goal >= 0.90"),
+        # The goal is the format's own cost; chunks that cut frames add the work of
+        # opening frames piece by piece, shown for what a server's decrypt pays.
+        (f"decrypt, {UVICORN_CHUNK} B chunks", decrypt_uvicorn, bare_decrypt, "shown"),
     ]
-    for name, seconds, ceiling in rows:
+    for name, seconds, ceiling, goal in rows:
         print(
             f"  sealstream {name:<28} {mb_per_s(total, seconds):8.0f} MB/s   "
             f"ceiling (bare AES-GCM) {mb_per_s(total, ceiling):8.0f} MB/s   "
-            f"ratio {ceiling / seconds:.3f}  (goal >= 0.90)"
+            f"ratio {ceiling / seconds:.3f}  ({goal})"
         )
     print(f"  peak RSS while streaming {peak:.1f} MiB  (goal < 100 MiB)")
 

@@ -24,7 +24,9 @@ from envelope.frames import (
     FINAL_PREFIX,
     MAX_SEQUENCE_NUMBER,
     REGULAR_OVERHEAD,
+    REGULAR_PREFIX,
     FrameCipher,
+    OpeningFrame,
 )
 from envelope.header import DEFAULT_LIMITS, Header, HeaderReader, Limits
 from envelope.keyrings.base import Keyring
@@ -36,74 +38,72 @@ _U32 = struct.Struct(">I")
 class FrameReader:
     """Opens consecutive frames, starting at `first_sequence_number`, from chunked bytes.
 
-    Bytes that straddle two chunks are copied once into a frame buffer; whole frames inside
-    a chunk are opened in place.
+    A frame that lies whole inside a chunk is opened in place, in one call. One that
+    straddles chunks is opened piece by piece as its bytes arrive (`OpeningFrame`), so only
+    its prefix, a few bytes, is ever copied.
     """
 
     def __init__(self, cipher: FrameCipher, frame_length: int, first_sequence_number: int = 1):
         self._cipher = cipher
         self._frame_length = frame_length
-        # One buffer for the largest frame, reused: fresh megabyte buffers per frame cost
-        # more in page faults than the copy itself.
-        self._buffer = bytearray(frame_length + FINAL_OVERHEAD)
-        self._filled = 0
+        self._prefix = bytearray()  # of the next frame, while it arrives
+        self._opening: OpeningFrame | None = None
         self.next_sequence_number = first_sequence_number
         self.final_frame_read = False
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held back until the rest of their frame arrives."""
-        return self._filled
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Plaintexts of the frames `data` completes; raises on any bad frame."""
         view = memoryview(data).cast("B")
         out: list[bytes] = []
         while view and not self.final_frame_read:
-            if self._filled:
-                view = self._fill(view)
-                held = memoryview(self._buffer)[: self._filled]
-                if self._filled < self._unit_length(held):
-                    break
-                out.append(self._open(held))
-                self._filled = 0
-            else:
-                needed = self._unit_length(view)
-                if len(view) < needed:
-                    self._store(view)
-                    return out
+            if self._opening is not None:
+                view = self._opening.write(view)
+                if self._opening.whole:
+                    out.extend(self._opening.open())
+                    self._advance(final=self._opening.final)
+                    self._opening = None
+            elif not self._prefix and len(view) >= (needed := self._unit_length(view)):
                 out.append(self._open(view[:needed]))
                 view = view[needed:]
+            else:
+                view = self._read_prefix(view)
         if view:
             raise TrailingData("bytes follow the final frame")
         return out
 
-    def _store(self, piece: memoryview) -> None:
-        """Append `piece` to the frame buffer; it always fits, being part of one frame."""
-        self._buffer[self._filled : self._filled + len(piece)] = piece
-        self._filled += len(piece)
-
-    def _fill(self, view: memoryview) -> memoryview:
-        """Move bytes from `view` into the frame buffer until it is whole or `view` is empty."""
-        needed = self._unit_length(memoryview(self._buffer)[: self._filled])
-        while view and self._filled < needed:
-            take = min(needed - self._filled, len(view))
-            self._store(view[:take])
+    def _read_prefix(self, view: memoryview) -> memoryview:
+        """Move bytes of the next frame's prefix from `view`; once it is whole, begin
+        opening the frame. Returns what is left of `view`."""
+        while view and len(self._prefix) < (size := self._prefix_size()):
+            take = min(size - len(self._prefix), len(view))
+            self._prefix += view[:take]
             view = view[take:]
-            needed = self._unit_length(memoryview(self._buffer)[: self._filled])
+        if len(self._prefix) == self._prefix_size():
+            final = _is_final(self._prefix)
+            overhead = FINAL_OVERHEAD if final else REGULAR_OVERHEAD
+            length = self._unit_length(self._prefix) - overhead
+            self._check_room(final)
+            self._opening = OpeningFrame(
+                self._cipher, self.next_sequence_number, bytes(self._prefix), length, final=final
+            )
+            self._prefix.clear()
         return view
+
+    def _prefix_size(self) -> int:
+        if len(self._prefix) < 4:
+            return 4
+        return FINAL_PREFIX.size if _is_final(self._prefix) else REGULAR_PREFIX.size
 
     def _unit_length(self, head: bytes | bytearray | memoryview) -> int:
         """The frame's full length once `head` holds enough of it to tell, else a lower bound.
 
         Sequence numbers and the final frame's length are checked here, as soon as they
-        arrive, so a bad stream fails before a whole frame of it is buffered.
+        arrive, so a bad stream fails before a whole frame of it is read.
         """
         if len(head) < 4:
             return 4
-        (marker,) = _U32.unpack_from(head, 0)
-        if marker != END_MARKER:
-            self._check_sequence(marker)
+        if not _is_final(head):
+            self._check_sequence(_U32.unpack_from(head, 0)[0])
             return REGULAR_OVERHEAD + self._frame_length
         if len(head) < FINAL_PREFIX.size:
             return FINAL_PREFIX.size
@@ -121,15 +121,25 @@ class FrameReader:
                 f"expected frame {self.next_sequence_number}, found frame {sequence_number}"
             )
 
-    def _open(self, frame: memoryview) -> bytes:
-        final = _U32.unpack_from(frame, 0)[0] == END_MARKER
-        sequence_number = self.next_sequence_number
-        if not final and sequence_number >= MAX_SEQUENCE_NUMBER:
+    def _check_room(self, final: bool) -> None:
+        """Only the final frame may take the last sequence number the format has."""
+        if not final and self.next_sequence_number >= MAX_SEQUENCE_NUMBER:
             raise FrameSequenceError("the message has more frames than the format allows")
-        plaintext = self._cipher.open(sequence_number, frame, final=final)
+
+    def _open(self, frame: memoryview) -> bytes:
+        final = _is_final(frame)
+        self._check_room(final)
+        plaintext = self._cipher.open(self.next_sequence_number, frame, final=final)
+        self._advance(final=final)
+        return plaintext
+
+    def _advance(self, *, final: bool) -> None:
         self.next_sequence_number += 1
         self.final_frame_read = final
-        return plaintext
+
+
+def _is_final(head: bytes | bytearray | memoryview) -> bool:
+    return bool(_U32.unpack_from(head, 0)[0] == END_MARKER)
 
 
 class Decryptor:

@@ -14,7 +14,13 @@ with an all-zero IV over the header body.
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext, Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    AEADEncryptionContext,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from envelope.errors import FrameAuthenticationError, HeaderAuthenticationError, StateError
@@ -36,6 +42,15 @@ _HEADER_IV = bytes(IV_LENGTH)
 
 def frame_iv(sequence_number: int) -> bytes:
     return sequence_number.to_bytes(IV_LENGTH, "big")
+
+
+def checked_iv(sequence_number: int, prefix: bytes | memoryview, *, final: bool) -> bytes:
+    """The IV a frame's `prefix` carries, which must be the one its sequence number gives."""
+    offset = 8 if final else 4
+    iv = bytes(prefix[offset : offset + IV_LENGTH])
+    if iv != frame_iv(sequence_number):
+        raise FrameAuthenticationError(sequence_number)
+    return iv
 
 
 class FrameCipher:
@@ -79,16 +94,24 @@ class FrameCipher:
 
     def open(self, sequence_number: int, frame: memoryview, *, final: bool) -> bytes:
         """The plaintext of a whole serialized frame whose sequence number was checked."""
-        iv_offset, prefix_size = (8, FINAL_PREFIX.size) if final else (4, REGULAR_PREFIX.size)
-        iv = bytes(frame[iv_offset : iv_offset + IV_LENGTH])
-        if iv != frame_iv(sequence_number):
-            raise FrameAuthenticationError(sequence_number)
+        prefix_size = FINAL_PREFIX.size if final else REGULAR_PREFIX.size
+        iv = checked_iv(sequence_number, frame[:prefix_size], final=final)
         sealed = frame[prefix_size:]
         aad = self._aad(sequence_number, len(sealed) - TAG_LENGTH, final=final)
         try:
             return self._aead.decrypt(iv, sealed, aad)
         except InvalidTag:
             raise FrameAuthenticationError(sequence_number) from None
+
+    def begin_opening(
+        self, sequence_number: int, prefix: bytes, length: int, *, final: bool
+    ) -> AEADDecryptionContext:
+        """An incremental opening of the frame `prefix` starts, of `length` ciphertext bytes.
+        Its output is unauthenticated until `finalize_with_tag` passes: see `OpeningFrame`."""
+        iv = checked_iv(sequence_number, prefix, final=final)
+        context = Cipher(self._aes, modes.GCM(iv)).decryptor()
+        context.authenticate_additional_data(self._aad(sequence_number, length, final=final))
+        return context
 
     def _aad(self, sequence_number: int, length: int, *, final: bool) -> bytes:
         base = self._final_aad if final else self._regular_aad
@@ -149,3 +172,49 @@ class PendingFrame:
         undo = Cipher(self._cipher._aes, modes.GCM(iv)).decryptor()
         plaintext = memoryview(undo.update(ciphertext))
         return self._cipher.seal(self.sequence_number, plaintext, final=True)
+
+
+class OpeningFrame:
+    """A frame opened piece by piece as its bytes arrive, for one that straddles chunks.
+
+    Each piece of ciphertext is decrypted on arrival, instead of being copied into a frame
+    buffer to be opened in one call once whole. The plaintext pieces are held back, and
+    handed out only once the tag that ends the frame has verified: before that, they are
+    unauthenticated.
+    """
+
+    def __init__(
+        self, cipher: FrameCipher, sequence_number: int, prefix: bytes, length: int, *, final: bool
+    ) -> None:
+        self.sequence_number = sequence_number
+        self.final = final
+        self._context = cipher.begin_opening(sequence_number, prefix, length, final=final)
+        self._ciphertext_left = length
+        self._plaintext: list[bytes] = []
+        self._tag = bytearray()
+
+    @property
+    def whole(self) -> bool:
+        """Whether every byte of the frame, its tag included, has arrived."""
+        return len(self._tag) == TAG_LENGTH
+
+    def write(self, data: memoryview) -> memoryview:
+        """Take as much of `data` as the frame still lacks; return the rest."""
+        take = min(self._ciphertext_left, len(data))
+        if take:
+            self._plaintext.append(self._context.update(data[:take]))
+            self._ciphertext_left -= take
+            data = data[take:]
+        take = min(TAG_LENGTH - len(self._tag), len(data))
+        self._tag += data[:take]
+        return data[take:]
+
+    def open(self) -> list[bytes]:
+        """The frame's plaintext, in pieces, once its tag has verified."""
+        if not self.whole:
+            raise StateError("a frame is opened only once all of it has arrived")
+        try:
+            self._context.finalize_with_tag(bytes(self._tag))
+        except InvalidTag:
+            raise FrameAuthenticationError(self.sequence_number) from None
+        return self._plaintext

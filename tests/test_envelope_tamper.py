@@ -15,6 +15,7 @@ import pytest
 from envelope import (
     CommitmentMismatch,
     DataKeyUnavailable,
+    Decryptor,
     EncryptionContextMismatch,
     EnvelopeError,
     FrameAuthenticationError,
@@ -323,6 +324,32 @@ def test_tampered_message_is_rejected(
     pieces = chunked(tampered, chunk_size)
     outcome = decrypt_outcome([original.keyring], pieces)
     assert_rejected(outcome, tamper.expected_for(kind), original, pieces, tamper.sequence_number)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1000, FRAME_LENGTH + 31])
+def test_a_frame_cut_across_chunks_releases_nothing_before_its_last_tag_byte(
+    chunk_size: int,
+) -> None:
+    """Frames that straddle chunks are decrypted piece by piece as they arrive; none of
+    their plaintext may come out until the last byte of their tag is in and verified."""
+    keyring = make_keyring("aes")
+    message = encrypt_all([keyring], LONG_PLAINTEXT, FRAME_LENGTH)
+    offsets = byte_offsets(message)
+    tag_ends = [offsets[f"frame[{n}].tag"][1] for n in range(1, 5)]
+    decryptor = Decryptor([keyring])
+    released = bytearray()
+    for chunk_start in range(0, len(message), chunk_size):
+        chunk_end = min(chunk_start + chunk_size, len(message))
+        # Each piece ends one byte short of a tag's end, or at the chunk's end.
+        cuts = sorted({end - 1 for end in tag_ends if chunk_start < end - 1 < chunk_end})
+        start = chunk_start
+        for end in [*cuts, chunk_end]:
+            released += b"".join(decryptor.update(message[start:end]))
+            whole = sum(1 for tag_end in tag_ends if tag_end <= end)
+            assert len(released) == min(whole * FRAME_LENGTH, len(LONG_PLAINTEXT))
+            start = end
+    decryptor.finish()
+    assert released == LONG_PLAINTEXT
 
 
 @pytest.mark.parametrize("kind", KEYRING_KINDS)
