@@ -103,11 +103,12 @@ class FrameCipher:
         except InvalidTag:
             raise FrameAuthenticationError(sequence_number) from None
 
-    def begin_opening(
+    def _begin_opening(
         self, sequence_number: int, prefix: bytes, length: int, *, final: bool
     ) -> AEADDecryptionContext:
         """An incremental opening of the frame `prefix` starts, of `length` ciphertext bytes.
-        Its output is unauthenticated until `finalize_with_tag` passes: see `OpeningFrame`."""
+        Its output is unauthenticated until `finalize_with_tag` passes, so only
+        `OpeningFrame`, which holds it back until then, uses it."""
         iv = checked_iv(sequence_number, prefix, final=final)
         context = Cipher(self._aes, modes.GCM(iv)).decryptor()
         context.authenticate_additional_data(self._aad(sequence_number, length, final=final))
@@ -188,7 +189,7 @@ class OpeningFrame:
     ) -> None:
         self.sequence_number = sequence_number
         self.final = final
-        self._context = cipher.begin_opening(sequence_number, prefix, length, final=final)
+        self._context = cipher._begin_opening(sequence_number, prefix, length, final=final)
         self._ciphertext_left = length
         self._plaintext: list[bytes] = []
         self._tag = bytearray()
