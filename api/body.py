@@ -1,25 +1,50 @@
-"""JSON request bodies read with a size cap, parsed into models with problem-coded errors.
+"""Request bodies: read with an idle timeout; JSON ones with a size cap, parsed into models
+with problem-coded errors.
 
 FastAPI's own body parameters read the whole body before any limit applies and answer
 bad JSON in their own shape; reading here gives a 413 before a large body is buffered,
-and a distinct code for each way a body can be wrong.
+and a distinct code for each way a body can be wrong. uvicorn has no timeout for a body
+that stops arriving, so a stalled client would hold what its request began (an upload to
+storage, buffers) for as long as it keeps the connection open.
 """
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from api.problems import Problem, from_validation_error
+from sealstream.settings import Settings
 
 Model = TypeVar("Model", bound=BaseModel)
 
 _JSON_TYPES = ("application/json", "application/problem+json")
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object, refusing bodies over `limit` bytes."""
+async def body_chunks(request: Request, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive; a 408 problem once none has come for
+    `idle_timeout` seconds. Only the wait for the client is timed, never the caller's own
+    work between chunks (a slow storage write, say)."""
+    chunks = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise Problem(
+                408, "body-timeout", f"no byte of the body arrived for {idle_timeout:g} seconds"
+            ) from None
+        yield chunk
+
+
+async def read_json_object(request: Request, settings: Settings) -> dict[str, Any]:
+    """The request body as a JSON object, refusing bodies over `settings.max_json_body`."""
+    limit = settings.max_json_body
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type.lower() not in _JSON_TYPES:
         raise Problem(415, "unsupported-media-type", "send the body as application/json")
@@ -27,7 +52,7 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, settings.idle_timeout):
         body += chunk
         if len(body) > limit:
             raise _too_large(limit)

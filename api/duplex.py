@@ -10,8 +10,15 @@ without completing response") drops the connection without the terminating chunk
 the client sees a broken transfer instead of a short file that looks complete. Returning
 rather than raising keeps an expected event (a tampered frame, a client gone) to one
 log line instead of a traceback.
+
+A client that stops reading is aborted the same way once a send has waited `idle_timeout`
+seconds: uvicorn's send waits for the client with no limit of its own, and meanwhile the
+request holds its upload or storage read open. That includes a client that sends its
+whole body before reading anything: it and the server would otherwise wait for each
+other for ever.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 
@@ -27,12 +34,14 @@ class DuplexStreamingResponse(Response):
         self,
         content: AsyncIterator[bytes | bytearray | memoryview],
         *,
+        idle_timeout: float,
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
         media_type: str | None = None,
         background: BackgroundTask | None = None,
     ) -> None:
         self.body_iterator = content
+        self.idle_timeout = idle_timeout
         self.status_code = status_code
         self.media_type = media_type
         self.background = background
@@ -44,10 +53,27 @@ class DuplexStreamingResponse(Response):
         )
         try:
             async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not await self._send_body(send, chunk, more=True):
+                    return
         except Exception as exc:
             logger.warning("aborting a streamed response: %s: %s", type(exc).__name__, exc)
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not await self._send_body(send, b"", more=False):
+            return
         if self.background is not None:
             await self.background()
+
+    async def _send_body(
+        self, send: Send, body: bytes | bytearray | memoryview, *, more: bool
+    ) -> bool:
+        """Send a piece of the body; False if the client read none of it in time."""
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+        except TimeoutError:
+            logger.warning(
+                "aborting a streamed response: the client read nothing for %g seconds",
+                self.idle_timeout,
+            )
+            return False
+        return True

@@ -20,7 +20,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from api.body import body_chunks
 from api.problems import Problem
+from sealstream.settings import Settings
 
 METADATA_PART = "metadata"
 FILE_PART = "file"
@@ -126,10 +128,10 @@ class UploadForm:
     form ends properly after it.
     """
 
-    def __init__(self, request: Request, metadata_limit: int) -> None:
+    def __init__(self, request: Request, settings: Settings) -> None:
         self._parser = FormParser(request.headers.get("content-type"))
-        self._chunks = request.stream()
-        self._metadata_limit = metadata_limit
+        self._chunks = body_chunks(request, settings.idle_timeout)
+        self._metadata_limit = settings.max_json_body
         self._pending: deque[Event] = deque()
         self._ended = False
 

@@ -205,6 +205,7 @@ async def decrypt_upload(
     *,
     expected_kid: str | None,
     required_context: Mapping[str, str],
+    idle_timeout: float,
 ) -> Response:
     """Read the uploaded message's header, find its key, then stream the plaintext back."""
     chunks = form.file_chunks()
@@ -232,6 +233,7 @@ async def decrypt_upload(
 
     return DuplexStreamingResponse(
         plaintext(),
+        idle_timeout=idle_timeout,
         media_type="application/octet-stream",
         headers=key_headers(expected_kid or opening.record.kid, opening.record, decryptor.keyring),
     )
@@ -250,6 +252,7 @@ async def decrypt_object(
     records: ObjectStore,
     expected_kid: str | None,
     required_context: Mapping[str, str],
+    idle_timeout: float,
 ) -> Response:
     """Decrypt a stored object, or just the frames a `Range` needs (206)."""
     store, storage_key = placement.store, placement.storage_key
@@ -272,6 +275,7 @@ async def decrypt_object(
         body = _pump(store.read(storage_key, header.length, size), frames.feed)
         return DuplexStreamingResponse(
             _checked(body, lambda: frames.final_frame_read),
+            idle_timeout=idle_timeout,
             media_type="application/octet-stream",
             headers={**headers, "Content-Length": str(total)},
         )
@@ -287,6 +291,7 @@ async def decrypt_object(
 
     return DuplexStreamingResponse(
         checked_range(),
+        idle_timeout=idle_timeout,
         status_code=206,
         media_type="application/octet-stream",
         headers={

@@ -34,10 +34,15 @@ def create_bench_app(settings: Settings) -> FastAPI:
     @app.post(ECHO_PATH, response_model=None, include_in_schema=False)
     async def echo(request: Request) -> Response:
         await authorize(request)
-        form = UploadForm(request, services(request).settings.max_json_body)
+        settings = services(request).settings
+        form = UploadForm(request, settings)
         await form.metadata()
         await form.start_file()
-        return DuplexStreamingResponse(form.file_chunks(), media_type="application/octet-stream")
+        return DuplexStreamingResponse(
+            form.file_chunks(),
+            idle_timeout=settings.idle_timeout,
+            media_type="application/octet-stream",
+        )
 
     return app
 

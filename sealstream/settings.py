@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     max_json_body: int = Field(
         64 * 1024, ge=1024, description="largest JSON request body accepted, in bytes"
     )
+    idle_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a transfer may stall, a request body with no byte arriving or a "
+        "streamed response the client does not read, before the request fails (408, or a "
+        "cut-off stream) and what it had begun is cleaned up",
+    )
     job_ttl: int = Field(
         7 * 24 * 3600,
         ge=60,

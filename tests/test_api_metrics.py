@@ -4,10 +4,10 @@ status (aborted streams apart), body bytes both ways, and nothing confidential i
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
+from tests.metrics_helpers import scrape, value
 from tests.services import api_server, free_port
 from tests.stream_helpers import (
     DECRYPT,
@@ -26,20 +26,6 @@ from tests.stream_helpers import (
 from workers.jobs import JobKind, JobRecord, JobStatus
 
 FRAME = 4096
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str, accept: str = "text/plain") -> tuple[httpx.Response, Samples]:
-    response = httpx.get(f"{url}/metrics", headers={"Accept": accept}, timeout=30)  # no token
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return response, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_metrics_count_requests_by_route_template_and_body_bytes_both_ways(

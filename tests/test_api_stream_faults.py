@@ -3,17 +3,21 @@ vanish, an S3 server that fails, tampered messages, keys disabled mid-stream and
 cut short. Each ends with a clear error, no visible object and no pending upload; a
 response that had started is aborted (no terminating chunk), never cleanly ended."""
 
+import http.client
+import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -21,7 +25,8 @@ import pytest
 from api import create_app
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
-from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
+from tests.metrics_helpers import scrape, value
 from tests.services import api_server
 from tests.stream_helpers import (
     CLOSE,
@@ -55,6 +60,7 @@ from tests.stream_helpers import (
     random_bytes,
     raw_upload,
     read_object,
+    request_head,
     requests_matching,
     wait_until,
 )
@@ -168,6 +174,105 @@ def test_client_disconnecting_mid_upload_leaves_nothing(api: Api) -> None:
         # begun (locally, the temporary file exists from the start).
         wait_until(lambda: bool(api.objects.pending_uploads("tenants/")), "the upload to start")
     wait_until(lambda: nothing_stored(api.objects), "the upload to be aborted")
+
+
+# A client that stops sending but keeps its connection open
+
+IDLE_TIMEOUT = 1.0
+
+
+@pytest.fixture(params=["local", "s3"])
+def impatient_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    """A live API server that gives up on a body after `IDLE_TIMEOUT` seconds of silence;
+    the key `mySymKey` exists."""
+    settings = api_settings(request.param, tmp_path, request)
+    with live_api(settings.model_copy(update={"idle_timeout": IDLE_TIMEOUT})) as api:
+        with api.client() as client:
+            create_key(client)
+        yield api
+
+
+def response_to(sock: socket.socket) -> tuple[int, bytes, BaseException | None]:
+    """Status, body and, if the body was cut off, the error: what the server answered."""
+    response = http.client.HTTPResponse(sock, method="POST")
+    response.begin()
+    try:
+        return response.status, response.read(), None
+    except http.client.IncompleteRead as exc:
+        return response.status, exc.partial, exc
+
+
+def test_an_upload_to_storage_that_stalls_is_refused_and_leaves_nothing(
+    impatient_api: Api,
+) -> None:
+    head, length = _upload_head(40 * MiB)
+    with raw_upload(impatient_api.url, ENCRYPT, length) as sock:
+        sock.sendall(head)
+        for piece in pieces(random_bytes(10 * MiB, seed=3), 256 * KiB):
+            sock.sendall(piece)
+        wait_until(
+            lambda: bool(impatient_api.objects.pending_uploads("tenants/")), "the upload to start"
+        )
+        status, body, cut = response_to(sock)  # the connection stays open, silent
+    assert (status, cut) == (408, None)
+    assert json.loads(body)["code"] == "body-timeout"
+    wait_until(lambda: nothing_stored(impatient_api.objects), "the upload to be aborted")
+
+
+def test_a_stream_back_that_stalls_is_cut_off(impatient_api: Api) -> None:
+    metadata = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, None, terminated=False)
+    head = metadata + b"\r\n" + part_head("file", "application/octet-stream", "big.bin")
+    with raw_upload(impatient_api.url, ENCRYPT, len(head) + 10 * MiB) as sock:
+        sock.sendall(head + random_bytes(64 * KiB, seed=4))
+        status, body, cut = response_to(sock)
+    assert status == 200
+    assert isinstance(cut, http.client.IncompleteRead), "a stalled stream must not end cleanly"
+    assert 0 < len(body) < 64 * KiB + 4 * KiB  # the frames sealed before the stall
+
+
+def test_a_client_that_never_reads_the_stream_back_is_given_up_on(impatient_api: Api) -> None:
+    """A client that sends its whole body before reading (most simple HTTP clients) and the
+    server, which reads only as fast as its ciphertext is read, would wait for each other
+    for ever; the server gives up on the request once a send has waited `IDLE_TIMEOUT`.
+    (uvicorn then keeps the socket until the client goes: it has no way to drop one whose
+    unsent bytes nobody reads.)"""
+    metadata = form_bytes({"kid": "mySymKey"}, None, terminated=False)
+    head = metadata + b"\r\n" + part_head("file", "application/octet-stream", "big.bin")
+    block = random_bytes(MiB, seed=5)
+
+    def ended() -> bool:
+        _, samples = scrape(impatient_api.url)
+        requests = "sealstream_http_requests_total"
+        aborted = value(samples, requests, method="POST", route=ENCRYPT, status="aborted")
+        in_progress = value(samples, "sealstream_http_requests_in_progress", method="POST")
+        return aborted == 1 and in_progress == 0
+
+    with raw_upload(impatient_api.url, ENCRYPT, len(head) + 1024 * MiB) as sock:
+        sock.settimeout(None)
+        sending = threading.Thread(target=send_blocks, args=(sock, head, block), daemon=True)
+        sending.start()
+        wait_until(ended, "the server to give up on the request")
+        assert sending.is_alive(), "the client is still blocked sending, reading nothing"
+        sock.shutdown(socket.SHUT_RDWR)
+    sending.join(30)
+
+
+def send_blocks(sock: socket.socket, head: bytes, block: bytes) -> None:
+    """Send `head`, then `block` until the connection fails: a client that never reads."""
+    with suppress(OSError):
+        sock.sendall(head)
+        while True:
+            sock.sendall(block)
+
+
+def test_a_json_body_that_stalls_is_refused(impatient_api: Api) -> None:
+    headers = {"Content-Type": "application/json", "Content-Length": "100", **auth(ADMIN_TOKEN)}
+    address = urlsplit(impatient_api.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(request_head(impatient_api.url, KEYS, headers) + b'{"kid": "half')
+        status, body, cut = response_to(sock)
+    assert (status, cut) == (408, None)
+    assert json.loads(body)["code"] == "body-timeout"
 
 
 # The S3 server fails part-way

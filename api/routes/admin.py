@@ -40,8 +40,7 @@ class NewToken(BaseModel):
 @router.post("/tokens", status_code=201)
 async def issue_token(request: Request, _: Admin) -> dict[str, Any]:
     """A new token; the token string is shown in this response only."""
-    limit = services(request).settings.max_json_body
-    spec = parse(NewToken, await read_json_object(request, limit))
+    spec = parse(NewToken, await read_json_object(request, services(request).settings))
     token, record = await run_in_threadpool(
         services(request).tokens.issue,
         spec.tenant,

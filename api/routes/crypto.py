@@ -76,7 +76,7 @@ class DecryptMetadata(_Metadata):
 async def encrypt(request: Request, principal: EncryptScope) -> Response:
     """Encrypt the `file` part under the key `metadata.kid`."""
     svc = services(request)
-    form = UploadForm(request, svc.settings.max_json_body)
+    form = UploadForm(request, svc.settings)
     metadata = parse(EncryptMetadata, await form.metadata())
     placement = None
     if metadata.destination is not None:
@@ -93,6 +93,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
     if placement is None or metadata.destination is None:
         return DuplexStreamingResponse(
             encrypt_to_client(form, job),
+            idle_timeout=svc.settings.idle_timeout,
             media_type="application/octet-stream",
             headers=job.headers,
         )
@@ -122,7 +123,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
 async def decrypt(request: Request, principal: DecryptScope) -> Response:
     """Decrypt the `file` part, or the object `metadata.source` (ranges allowed)."""
     svc = services(request)
-    form = UploadForm(request, svc.settings.max_json_body)
+    form = UploadForm(request, svc.settings)
     metadata = parse(DecryptMetadata, await form.metadata())
     if metadata.source is not None:
         await form.expect_end()
@@ -135,6 +136,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
             records=svc.objects,
             expected_kid=metadata.kid,
             required_context=metadata.encryption_context,
+            idle_timeout=svc.settings.idle_timeout,
         )
     await form.start_file()
     return await decrypt_upload(
@@ -143,4 +145,5 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         form,
         expected_kid=metadata.kid,
         required_context=metadata.encryption_context,
+        idle_timeout=svc.settings.idle_timeout,
     )

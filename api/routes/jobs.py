@@ -48,7 +48,7 @@ def verify_params(placement: Placement) -> dict[str, Any]:
 async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     """Verify a stored object against what its upload recorded."""
     svc = services(request)
-    ref = parse(ObjectRef, await read_json_object(request, svc.settings.max_json_body))
+    ref = parse(ObjectRef, await read_json_object(request, svc.settings))
     placement = svc.spaces.place(principal.tenant, ref)
     await run_in_threadpool(placement.store.head, placement.storage_key)  # 404 if absent
     params = verify_params(placement)
@@ -189,7 +189,7 @@ async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, 
     """Encrypt an archive's members (or every object under a prefix) one object each,
     with a manifest; or encrypt the whole archive as one object."""
     svc = services(request)
-    spec = parse(BatchEncryptRequest, await read_json_object(request, svc.settings.max_json_body))
+    spec = parse(BatchEncryptRequest, await read_json_object(request, svc.settings))
     await run_in_threadpool(start_sealing_check, svc, principal.tenant, spec)
     params = batch_params(svc, principal.tenant, spec)
     if "storageKey" in params["source"]:
@@ -211,7 +211,7 @@ def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -
 async def start_rewrap(request: Request, principal: Writer) -> dict[str, Any]:
     """Re-wrap the data keys of stored objects to the key's primary version."""
     svc = services(request)
-    spec = parse(RewrapRequest, await read_json_object(request, svc.settings.max_json_body))
+    spec = parse(RewrapRequest, await read_json_object(request, svc.settings))
     await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
     params = rewrap_params(svc, principal.tenant, spec)
     record = await run_in_threadpool(start_job, svc, JobKind.REWRAP, principal.tenant, params)

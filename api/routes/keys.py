@@ -36,7 +36,7 @@ def view(record: KeyRecord) -> dict[str, Any]:
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    return await read_json_object(request, services(request).settings.max_json_body)
+    return await read_json_object(request, services(request).settings)
 
 
 @router.get("/supported-algorithms")
