@@ -8,7 +8,6 @@ that stops arriving, so a stalled client would hold what its request began (an u
 storage, buffers) for as long as it keeps the connection open.
 """
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -16,6 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from api.idle import IdleGuard
 from api.problems import Problem, from_validation_error
 from sealstream.settings import Settings
 
@@ -29,17 +29,20 @@ async def body_chunks(request: Request, idle_timeout: float) -> AsyncIterator[by
     `idle_timeout` seconds. Only the wait for the client is timed, never the caller's own
     work between chunks (a slow storage write, say)."""
     chunks = request.stream()
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise Problem(
-                408, "body-timeout", f"no byte of the body arrived for {idle_timeout:g} seconds"
-            ) from None
-        yield chunk
+    guard = IdleGuard(idle_timeout)
+    try:
+        while True:
+            try:
+                chunk = await guard.wait(anext(chunks))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise Problem(
+                    408, "body-timeout", f"no byte of the body arrived for {idle_timeout:g} seconds"
+                ) from None
+            yield chunk
+    finally:
+        guard.close()
 
 
 async def read_json_object(request: Request, settings: Settings) -> dict[str, Any]:

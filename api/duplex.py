@@ -18,13 +18,14 @@ whole body before reading anything: it and the server would otherwise wait for e
 other for ever.
 """
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from api.idle import IdleGuard
 
 logger = logging.getLogger(__name__)
 
@@ -51,25 +52,27 @@ class DuplexStreamingResponse(Response):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
+        guard = IdleGuard(self.idle_timeout)
         try:
             async for chunk in self.body_iterator:
-                if not await self._send_body(send, chunk, more=True):
+                if not await self._sent(guard, send, chunk, more=True):
                     return
+            if not await self._sent(guard, send, b"", more=False):
+                return
         except Exception as exc:
             logger.warning("aborting a streamed response: %s: %s", type(exc).__name__, exc)
             return
-        if not await self._send_body(send, b"", more=False):
-            return
+        finally:
+            guard.close()
         if self.background is not None:
             await self.background()
 
-    async def _send_body(
-        self, send: Send, body: bytes | bytearray | memoryview, *, more: bool
+    async def _sent(
+        self, guard: IdleGuard, send: Send, body: bytes | bytearray | memoryview, *, more: bool
     ) -> bool:
         """Send a piece of the body; False if the client read none of it in time."""
         try:
-            async with asyncio.timeout(self.idle_timeout):
-                await send({"type": "http.response.body", "body": body, "more_body": more})
+            await guard.wait(send({"type": "http.response.body", "body": body, "more_body": more}))
         except TimeoutError:
             logger.warning(
                 "aborting a streamed response: the client read nothing for %g seconds",

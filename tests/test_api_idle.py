@@ -1,0 +1,70 @@
+"""`IdleGuard`: a wait on the client that lasts the timeout fails; nothing else does."""
+
+import asyncio
+
+import pytest
+
+from api.idle import IdleGuard
+
+TIMEOUT = 0.2
+
+
+async def later(seconds: float, value: str = "done") -> str:
+    await asyncio.sleep(seconds)
+    return value
+
+
+def test_a_wait_shorter_than_the_timeout_returns_its_value() -> None:
+    async def run() -> list[str]:
+        guard = IdleGuard(TIMEOUT)
+        try:  # many short waits add up to far more than the timeout
+            return [await guard.wait(later(TIMEOUT / 4, str(n))) for n in range(12)]
+        finally:
+            guard.close()
+
+    assert asyncio.run(run()) == [str(n) for n in range(12)]
+
+
+def test_a_wait_that_lasts_the_timeout_fails_with_timeout_error() -> None:
+    async def run() -> str:
+        guard = IdleGuard(TIMEOUT)
+        try:
+            await guard.wait(later(30 * TIMEOUT))
+        except TimeoutError:
+            return "timed out"
+        finally:
+            guard.close()
+        return "waited it out"
+
+    assert asyncio.run(run()) == "timed out"
+
+
+def test_time_spent_outside_a_wait_does_not_count() -> None:
+    async def run() -> str:
+        guard = IdleGuard(TIMEOUT)
+        try:
+            await guard.wait(later(0))
+            await asyncio.sleep(3 * TIMEOUT)  # the caller's own work: a slow storage write
+            return await guard.wait(later(TIMEOUT / 4))
+        finally:
+            guard.close()
+
+    assert asyncio.run(run()) == "done"
+
+
+def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
+    async def run() -> None:
+        async def waiting() -> str:
+            guard = IdleGuard(TIMEOUT)
+            try:
+                return await guard.wait(later(30 * TIMEOUT))
+            finally:
+                guard.close()
+
+        task = asyncio.create_task(waiting())
+        await asyncio.sleep(TIMEOUT / 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
