@@ -18,32 +18,35 @@ CHECKS_PER_TIMEOUT = 4  # a stalled wait fails within 1¼ timeouts
 
 
 class IdleGuard:
-    """Fails any wait through `wait` that lasts `timeout` seconds; for one task (the
-    request's), and to be closed when the request is over."""
+    """Fails any wait through `wait` that lasts `timeout` seconds; one wait at a time, and
+    to be closed when the request is over."""
 
     def __init__(self, timeout: float) -> None:
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("an IdleGuard guards the waits of a running task")
         self.timeout = timeout
-        self._task = task
         self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[object] | None = None  # the one waiting now, or last
         self._waiting_since: float | None = None
         self._cancelled = False
         self._timer: asyncio.TimerHandle | None = None
 
     async def wait(self, awaitable: Awaitable[T]) -> T:
         """`await awaitable`; `TimeoutError` once it has waited `timeout` seconds."""
+        # The waiting task is taken at each wait: a body opened while a route ran may be
+        # read on by whichever task sends the response.
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("an IdleGuard guards the waits of a running task")
+        self._task = task
         if self._timer is None:
             self._arm()
-        cancelling = self._task.cancelling()
+        cancelling = task.cancelling()
         self._waiting_since = self._loop.time()
         try:
             return await awaitable
         except asyncio.CancelledError:
             # Ours, and no other cancellation besides (a server shutting down, say):
             # the same test as `asyncio.timeout`'s.
-            if self._cancelled and self._task.uncancel() <= cancelling:
+            if self._cancelled and task.uncancel() <= cancelling:
                 self._cancelled = False
                 raise TimeoutError from None
             raise
@@ -58,12 +61,14 @@ class IdleGuard:
         self._timer = self._loop.call_later(self.timeout / CHECKS_PER_TIMEOUT, self._check)
 
     def _check(self) -> None:
-        if self._task.done():
+        task = self._task
+        if task is None or task.done():
+            self._timer = None  # rearmed by the next wait, if any
             return
         # Set only while the task is suspended inside `wait`: this callback runs on the
         # task's own loop, so the task cannot be anywhere else at this moment.
         since = self._waiting_since
         if since is not None and not self._cancelled and self._loop.time() - since >= self.timeout:
             self._cancelled = True
-            self._task.cancel()
+            task.cancel()
         self._arm()

@@ -68,3 +68,26 @@ def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
             await task
 
     asyncio.run(run())
+
+
+def test_waits_are_guarded_in_whichever_task_makes_them() -> None:
+    """A body opened while a route runs may be read on by the task that sends the response."""
+
+    async def run() -> str:
+        guard = IdleGuard(TIMEOUT)
+
+        async def wait_long() -> str:
+            try:
+                await guard.wait(later(30 * TIMEOUT))
+            except TimeoutError:
+                return "timed out"
+            return "waited it out"
+
+        try:
+            await asyncio.create_task(guard.wait(later(0)))  # a first task waits, and ends
+            await asyncio.sleep(TIMEOUT)  # the guard's checks find that task done
+            return await asyncio.create_task(wait_long())
+        finally:
+            guard.close()
+
+    assert asyncio.run(run()) == "timed out"
