@@ -91,3 +91,30 @@ def test_waits_are_guarded_in_whichever_task_makes_them() -> None:
             guard.close()
 
     assert asyncio.run(run()) == "timed out"
+
+
+def test_a_cancellation_that_comes_with_the_guards_own_stays_a_cancellation() -> None:
+    """The server shutting down just as a wait times out: the request is cancelled, not
+    answered as if only its client had stalled."""
+
+    async def cancelled_again_on_the_way_out() -> str:
+        try:
+            return await later(30 * TIMEOUT)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # a second cancellation, from elsewhere, lands meanwhile
+            raise
+
+    async def run() -> None:
+        async def waiting() -> str:
+            guard = IdleGuard(TIMEOUT)
+            try:
+                return await guard.wait(cancelled_again_on_the_way_out())
+            finally:
+                guard.close()
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(waiting())
+
+    asyncio.run(run())
