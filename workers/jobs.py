@@ -271,10 +271,10 @@ class RedisJobStore(JobStore):
         # A record that expired while its job ran (a worker lost, no sweep since) leaves
         # its id here; it is running nowhere, so it is dropped. A worker that is in fact
         # alive adds it back with its next progress update, as it does after a Redis restart.
-        expired = [job_id for job_id, exists in zip(ids, live, strict=True) if not exists]
-        if expired:
-            self._redis.srem(_RUNNING, *expired)
-        return [job_id for job_id in ids if job_id not in expired]
+        running = [job_id for job_id, exists in zip(ids, live, strict=True) if exists]
+        if len(running) < len(ids):
+            self._redis.srem(_RUNNING, *(set(ids) - set(running)))
+        return running
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
         counts = cast(dict[str, str], self._redis.hgetall(_FINISHED_COUNTS))
