@@ -145,6 +145,10 @@ async def encrypt_to_client(form: UploadForm, job: EncryptionJob) -> AsyncIterat
         await job.watch()
         for piece in encryptor.update(chunk):
             yield piece
+            # Sent, so spent: uvicorn copies each piece of a chunked body, with its
+            # chunk-size line, into one write before `send` returns. A slow reader in
+            # tests/test_api_stream.py holds the server to that.
+            encryptor.recycle(piece)
     # The final frame is sealed twice over (PendingFrame): up to two frames of AES-GCM.
     for piece in await run_in_threadpool(encryptor.finish):
         yield piece

@@ -23,7 +23,12 @@ from cryptography.hazmat.primitives.ciphers import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from envelope.errors import FrameAuthenticationError, HeaderAuthenticationError, StateError
+from envelope.errors import (
+    FrameAuthenticationError,
+    HeaderAuthenticationError,
+    InvalidParameter,
+    StateError,
+)
 from envelope.suite import IV_LENGTH, TAG_LENGTH
 
 END_MARKER = 0xFFFFFFFF
@@ -131,17 +136,31 @@ class PendingFrame:
     what was written as the final frame, whose ciphertext is the same and whose tag is not.
     """
 
-    def __init__(self, cipher: FrameCipher, sequence_number: int, frame_length: int) -> None:
+    def __init__(
+        self,
+        cipher: FrameCipher,
+        sequence_number: int,
+        frame_length: int,
+        buffer: bytearray | None = None,
+    ) -> None:
+        """`buffer`, if given, is a spent frame of the same length to seal into instead
+        of a new one; every byte of it is written again before it is handed out."""
+        size = REGULAR_OVERHEAD + frame_length
+        if buffer is not None and len(buffer) != size:
+            raise InvalidParameter(f"a frame buffer of {len(buffer)} bytes, not {size}")
         self.sequence_number = sequence_number
         self.frame_length = frame_length
         self.filled = 0
         self._cipher = cipher
-        self._buffer = bytearray(REGULAR_OVERHEAD + frame_length)
+        self._buffer = buffer if buffer is not None else bytearray(size)
         self._context = cipher.begin_regular(sequence_number, frame_length)
 
     @property
     def full(self) -> bool:
         return self.filled == self.frame_length
+
+    def seals_into(self, buffer: bytearray) -> bool:
+        return buffer is self._buffer
 
     def write(self, plaintext: memoryview) -> memoryview:
         """Encrypt as much of `plaintext` as the frame takes into place; return the rest."""

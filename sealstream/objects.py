@@ -86,10 +86,12 @@ class ObjectSealer:
         )
 
     def write(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        encryptor = self._sealing.encryptor
         for chunk in chunks:
             self._digest.update(chunk)
-            for piece in self._sealing.encryptor.update(chunk):
-                self._writer.write(piece)
+            for piece in encryptor.update(chunk):
+                self._writer.write(piece)  # writers keep nothing of it past the call
+                encryptor.recycle(piece)
 
     def complete(self) -> ObjectRecord:
         """Seal the final frame, make the object visible, and record it."""

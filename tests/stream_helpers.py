@@ -293,9 +293,11 @@ def exchange(
     headers: Mapping[str, str] | None = None,
     content_type: str = FORM_TYPE,
     keep_body: bool = True,
+    read_pause: float = 0,
     timeout: float = 60,
 ) -> Exchange:
-    """POST `body` (sent chunked, from a writer thread) while reading the response.
+    """POST `body` (sent chunked, from a writer thread) while reading the response,
+    pausing `read_pause` seconds between reads (a slow client).
 
     The writer stops as soon as the response has been read, as a client does once the
     server has answered; errors sending after that are kept in `send_error`.
@@ -345,6 +347,7 @@ def exchange(
         try:
             while chunk := response.read(256 * KiB):
                 received(chunk)
+                time.sleep(read_pause)
         except http.client.IncompleteRead as exc:
             received(exc.partial)
             error = exc

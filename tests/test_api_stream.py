@@ -305,6 +305,17 @@ def test_stream_back_round_trip_with_default_frames(api: Api) -> None:
     assert trickled.complete and trickled.body == data[:20_000]
 
 
+def test_a_stream_back_read_slowly_comes_back_whole(served: Api) -> None:
+    """The client reads slowly, so the server's writes queue up behind it while the
+    encryptor seals each next frame into a spent one (`Encryptor.recycle`)."""
+    data = random_bytes(12 * MiB + 5, seed=7)
+    slowly = form({"kid": "mySymKey"}, pieces(data, 256 * 1024))
+    sealed = exchange(served.url, ENCRYPT, slowly, read_pause=0.005)
+    assert sealed.status == 200 and sealed.complete
+    opened = exchange(served.url, DECRYPT, form({}, pieces(sealed.body, MiB)))
+    assert opened.complete and opened.body == data
+
+
 @pytest.mark.parametrize(
     ("spec", "alg"),
     [

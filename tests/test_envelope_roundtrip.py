@@ -19,7 +19,7 @@ from envelope import (
     RsaKeyring,
     StateError,
 )
-from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, PendingFrame
 from tests.envelope_helpers import seal_frames
 
 FRAME = 4096
@@ -52,11 +52,15 @@ def encrypt(keyrings: list[Keyring], data: bytes, sizes: list[int], **options: o
     return encrypt_with(encryptor, data, sizes)
 
 
-def encrypt_with(encryptor: Encryptor, data: bytes, sizes: list[int]) -> bytes:
+def encrypt_with(
+    encryptor: Encryptor, data: bytes, sizes: list[int], *, recycle: bool = False
+) -> bytes:
     out = bytearray()
     for piece in pieces(data, sizes):
         for chunk in encryptor.update(piece):
             out += chunk
+            if recycle:
+                encryptor.recycle(chunk)
     for chunk in encryptor.finish():
         out += chunk
     return bytes(out)
@@ -189,13 +193,45 @@ def test_regular_frames_leave_the_encryptor_as_soon_as_they_are_whole() -> None:
     size=st.integers(0, 3 * FRAME + 7),
     sizes=st.lists(st.integers(1, 2 * FRAME), min_size=1, max_size=5),
 )
-def test_frames_sealed_piece_by_piece_are_those_sealed_whole(size: int, sizes: list[int]) -> None:
+@pytest.mark.parametrize("recycle", [False, True])
+def test_frames_sealed_piece_by_piece_are_those_sealed_whole(
+    size: int, sizes: list[int], recycle: bool
+) -> None:
     # The encryptor seals each piece into its frame as it comes, and re-seals a pending
     # frame as the final one when the message ends inside it: the bytes must be exactly
-    # the frames sealed in one go.
+    # the frames sealed in one go, also when each frame is sealed into a spent one.
     plaintext = os.urandom(size)
     encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
-    message = encrypt_with(encryptor, plaintext, sizes)
+    message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
     assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+
+
+def test_a_recycled_frame_carries_a_later_one() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    half = b"a" * (FRAME // 2)
+    [header] = encryptor.update(half)
+    [first] = encryptor.update(half)
+    encryptor.recycle(header)  # not a frame: ignored
+    encryptor.recycle(first)
+    assert encryptor.update(half) == []
+    [second] = encryptor.update(half)
+    assert second is first
+    [third] = encryptor.update(half) + encryptor.update(half)
+    assert third is not first  # nothing was given back this time
+
+
+def test_a_frame_still_being_sealed_cannot_be_given_back() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    [_, frame] = encryptor.update(b"a" * (FRAME - 1)) + encryptor.update(b"a")
+    encryptor.recycle(frame)
+    encryptor.update(b"a")  # the next frame is now being sealed into it
+    with pytest.raises(StateError):
+        encryptor.recycle(frame)
+
+
+def test_a_pending_frame_takes_only_a_buffer_of_its_size() -> None:
+    cipher = Encryptor([keyring_of("aes")], frame_length=FRAME)._cipher
+    with pytest.raises(InvalidParameter):
+        PendingFrame(cipher, 1, FRAME, bytearray(FRAME))
