@@ -12,7 +12,9 @@ the same duplex response as the encrypt route, with no crypto. Then prints, in o
 2. stream-back: encrypt-to-client MB/s next to its ceiling, the same server echoing the
    same bytes (goal ratio >= 0.8), rounds alternated, best of each kept; with each, the
    server process's CPU seconds per GiB (all threads; /proc/<pid>/stat), which says what
-   the encryption costs the server apart from the client's share of the 2 cores.
+   the encryption costs the server apart from the client's share of the 2 cores; and
+   AES-256-GCM's own speed on one core, which varies from machine to machine (2 to 18
+   GB/s seen here) and with it this ratio.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -552,7 +554,29 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         f"  ratio {best.echo.seconds / best.encrypt.seconds:.3f}  (goal >= 0.80)   "
         f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
     )
+    aes = aes_gcm_seconds_per_gib()
+    extra = (best.encrypt.server_cpu - best.echo.server_cpu) / (total / GIB)
+    print(
+        f"  AES-256-GCM alone, one core {GIB / aes / 1e6:7.0f} MB/s ({aes:.2f} s/GiB); "
+        f"encrypt's server CPU over echo's: {extra:.2f} s/GiB"
+    )
     return best
+
+
+def aes_gcm_seconds_per_gib() -> float:
+    """Seconds per GiB of AES-256-GCM alone over 1 MiB frames on one core (best of 3):
+    the one cost encrypting adds to an echo that no code of ours can shed."""
+    aead = AESGCM(os.urandom(32))
+    blocks = [memoryview(os.urandom(MIB)) for _ in range(4)]
+    out = bytearray(MIB + 16)
+    rounds = 256  # 256 MiB
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for number in range(rounds):
+            aead.encrypt_into(number.to_bytes(12, "big"), blocks[number % 4], None, out)
+        best = min(best, time.process_time() - start)
+    return best * GIB / (rounds * MIB)
 
 
 def disk_write_seconds(directory: Path, size: int) -> float:
