@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import fields
 
+from anyio import CapacityLimiter
 from fastapi import FastAPI
 
 from api import problems
@@ -29,6 +30,7 @@ def build_services(settings: Settings) -> Services:
             cache_ttl=settings.key_cache_ttl,
         ),
         runner=open_runner(core),
+        transfers=CapacityLimiter(settings.transfer_threads),
     )
 
 

@@ -10,6 +10,10 @@ larger ones on a worker thread, so the loop never stalls. To storage, batches ar
 hashed and handed to the multipart writer in one worker-thread call. Backpressure holds
 end to end: the next chunk is read only once the previous one has been sent to the client
 or accepted by the writer, which blocks while its parts in flight are at their limit.
+
+A thread that writes into storage, or reads out of it, waits as long as the store makes
+it wait; those come from a pool of their own (`Services.transfers`), so that streams held
+up by a slow store leave the default pool to the short calls every request makes.
 """
 
 import re
@@ -20,6 +24,7 @@ from functools import partial
 from typing import TypeVar
 
 import anyio
+from anyio import CapacityLimiter, to_thread
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -161,24 +166,26 @@ async def encrypt_to_storage(
     *,
     overwrite: bool,
     records: ObjectStore,
+    transfers: CapacityLimiter,
 ) -> ObjectRecord:
     """Seal the file part into `placement` through a multipart upload, and record it.
 
     Any failure on the way (client gone, malformed body, storage error, key disabled)
     aborts the upload, so nothing becomes visible and no upload is left pending.
     """
-    sealer = await run_in_threadpool(
-        partial(ObjectSealer, job.sealing, placement, overwrite=overwrite, records=records)
+    sealer = await to_thread.run_sync(
+        partial(ObjectSealer, job.sealing, placement, overwrite=overwrite, records=records),
+        limiter=transfers,
     )
     try:
         size = max(job.sealing.encryptor.frame_length, STORAGE_BATCH_BYTES)
         async for batch in frame_batches(form.file_chunks(), size):
             await job.watch()
-            await run_in_threadpool(sealer.write, batch)
-        return await run_in_threadpool(sealer.complete)
+            await to_thread.run_sync(sealer.write, batch, limiter=transfers)
+        return await to_thread.run_sync(sealer.complete, limiter=transfers)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await run_in_threadpool(sealer.abort)
+            await to_thread.run_sync(sealer.abort, limiter=transfers)
         raise
 
 
@@ -257,6 +264,7 @@ async def decrypt_object(
     expected_kid: str | None,
     required_context: Mapping[str, str],
     idle_timeout: float,
+    transfers: CapacityLimiter,
 ) -> Response:
     """Decrypt a stored object, or just the frames a `Range` needs (206)."""
     store, storage_key = placement.store, placement.storage_key
@@ -276,7 +284,7 @@ async def decrypt_object(
     }
     if wanted is None:
         frames = FrameReader(opened.cipher, header.frame_length)
-        body = _pump(store.read(storage_key, header.length, size), frames.feed)
+        body = _pump(store.read(storage_key, header.length, size), frames.feed, transfers)
         return DuplexStreamingResponse(
             _checked(body, lambda: frames.final_frame_read),
             idle_timeout=idle_timeout,
@@ -286,7 +294,7 @@ async def decrypt_object(
     first, last = wanted
     span = layout.span(first, last)
     ranged = RangeDecryptor(opened.cipher, layout, span)
-    body = _pump(store.read(storage_key, span.start, span.end), ranged.update)
+    body = _pump(store.read(storage_key, span.start, span.end), ranged.update, transfers)
 
     async def checked_range() -> AsyncIterator[bytes]:
         async for piece in body:
@@ -322,15 +330,17 @@ def _check_against_record(records: ObjectStore, placement: Placement, size: int)
 
 
 async def _pump(
-    chunks: Iterator[bytes], open_chunk: Callable[[bytes], list[bytes]]
+    chunks: Iterator[bytes],
+    open_chunk: Callable[[bytes], list[bytes]],
+    transfers: CapacityLimiter,
 ) -> AsyncIterator[bytes]:
-    """Read stored chunks and open them, each step in a worker thread."""
+    """Read stored chunks and open them, each step in a transfer thread."""
 
     def step() -> list[bytes] | None:
         chunk = next(chunks, None)
         return None if chunk is None else open_chunk(chunk)
 
-    while (pieces := await run_in_threadpool(step)) is not None:
+    while (pieces := await to_thread.run_sync(step, limiter=transfers)) is not None:
         for piece in pieces:
             yield piece
 

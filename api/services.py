@@ -4,6 +4,7 @@ the job runner."""
 
 from dataclasses import dataclass
 
+from anyio import CapacityLimiter
 from fastapi import Request
 
 from api.tokens import TokenStore
@@ -15,6 +16,9 @@ from workers.services import WorkerServices
 class Services(WorkerServices):
     tokens: TokenStore
     runner: JobRunner
+    # The worker threads of streams into and out of storage, apart from the default pool:
+    # a stream can hold its thread for as long as the store makes it wait.
+    transfers: CapacityLimiter
 
 
 def services(request: Request) -> Services:

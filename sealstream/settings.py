@@ -54,6 +54,15 @@ class Settings(BaseSettings):
         "streamed response the client does not read, before the request fails (408, or a "
         "cut-off stream) and what it had begun is cleaned up",
     )
+    transfer_threads: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="streams into or out of object storage doing blocking work at once, "
+        "each on a thread of their own pool; more wait their turn, so that transfers held "
+        "up by a slow store cannot take the threads that authentication and key lookups "
+        "need (a separate pool of 40)",
+    )
     job_ttl: int = Field(
         7 * 24 * 3600,
         ge=60,

@@ -423,6 +423,26 @@ class PartsAfter:
             return False
 
 
+@dataclass
+class HeldParts:
+    """Holds every part upload (UploadPart) until `release()`, then lets them all through:
+    an S3 server that has stopped taking data without failing."""
+
+    held: int = 0
+    _released: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        if _UPLOAD_PART.match(head):
+            with self._lock:
+                self.held += 1
+            self._released.wait(timeout=120)
+        return False
+
+    def release(self) -> None:
+        self._released.set()
+
+
 def requests_matching(pattern: bytes) -> Rule:
     """Fails every request whose request line matches `pattern`."""
     compiled = re.compile(pattern)

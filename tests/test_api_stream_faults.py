@@ -16,13 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from anyio import to_thread
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import create_app
+from api.services import Services
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
@@ -36,6 +39,7 @@ from tests.stream_helpers import (
     KEYS,
     Exchange,
     FailingS3Proxy,
+    HeldParts,
     KiB,
     MiB,
     PartsAfter,
@@ -278,40 +282,105 @@ def test_a_json_body_that_stalls_is_refused(impatient_api: Api) -> None:
 # The S3 server fails part-way
 
 
+def with_default_threads(app: ASGIApp, threads: int) -> ASGIApp:
+    """`app`, with its event loop's default pool of worker threads cut to `threads` (anyio
+    gives it 40): what a server under heavy load has left of it."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            to_thread.current_default_thread_limiter().total_tokens = threads
+        await app(scope, receive, send)
+
+    return limited
+
+
 @contextmanager
 def behind_proxy(
-    tmp_path: Path, moto_endpoint: str, bucket: str, rule: Rule
-) -> Iterator[tuple[str, FailingS3Proxy]]:
-    """An API server whose S3 traffic goes through a `FailingS3Proxy`; its URL and the
-    proxy. The key `mySymKey` exists."""
+    tmp_path: Path,
+    moto_endpoint: str,
+    bucket: str,
+    rule: Rule,
+    *,
+    default_threads: int | None = None,
+    **settings: Any,
+) -> Iterator[tuple[str, FailingS3Proxy, Services]]:
+    """An API server whose S3 traffic goes through a `FailingS3Proxy`; its URL, the proxy
+    and its services. The key `mySymKey` exists."""
     kek = tmp_path / "kek"
     kek.write_bytes(os.urandom(32))
     with FailingS3Proxy(moto_endpoint, rule) as proxy:
-        settings = Settings(
+        configured = Settings(
             storage_url=f"s3://{bucket}",
             s3_endpoint_url=proxy.url,
             kek_file=kek,
             admin_token=ADMIN_TOKEN,
-            s3_part_size=MIN_PART_SIZE,
-            s3_parts_in_flight=2,
+            **{"s3_part_size": MIN_PART_SIZE, "s3_parts_in_flight": 2, **settings},
         )
-        app = create_app(settings)
-        with api_server(app) as url:
-            with Api(url, settings, app.state.services.objects).client() as client:
+        app = create_app(configured)
+        served = app if default_threads is None else with_default_threads(app, default_threads)
+        with api_server(served) as url:
+            with Api(url, configured, app.state.services.objects).client() as client:
                 create_key(client)
-            yield url, proxy
+            yield url, proxy, app.state.services
 
 
 def test_s3_failing_mid_upload_aborts_the_upload(
     tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
 ) -> None:
     parts = PartsAfter(MIN_PART_SIZE + MiB)  # the first part goes, the next ones fail
-    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, parts) as (url, proxy):
+    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, parts) as (url, proxy, _):
         plaintext = pieces(random_bytes(30 * MiB, seed=2), MiB)
         response = exchange(url, ENCRYPT, form(DESTINATION, plaintext))
     assert parts.passed >= MIN_PART_SIZE and proxy.failed >= 1
     problem(response, 503, "storage-unavailable")
     assert nothing_in_bucket(moto_s3, s3_bucket)
+
+
+def test_uploads_stalled_by_storage_leave_threads_for_every_other_request(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    """An upload whose parts the store does not take holds a thread. Transfers take theirs
+    from a pool of their own, so more stalled uploads than the default pool has threads
+    still leave threads for what every request needs (authentication, key lookups); the
+    uploads beyond the transfers' pool wait their turn, and all finish once S3 moves."""
+    held = HeldParts()
+    uploads = 5
+    with behind_proxy(
+        tmp_path,
+        moto_endpoint,
+        s3_bucket,
+        held,
+        default_threads=3,
+        transfer_threads=2,
+        s3_parts_in_flight=1,
+    ) as (url, _, services):
+        transfers = services.transfers
+        plaintexts = [random_bytes(12 * MiB, seed=40 + number) for number in range(uploads)]
+        with ThreadPoolExecutor(uploads) as pool:
+            responses = [
+                pool.submit(
+                    exchange,
+                    url,
+                    ENCRYPT,
+                    form({"kid": "mySymKey", "destination": {"key": f"stalled/{number}"}},
+                         pieces(plaintext, MiB)),
+                )
+                for number, plaintext in enumerate(plaintexts)
+            ]  # fmt: skip
+            try:
+                # Two writers wait for a part the proxy holds, on both transfer threads;
+                # the other uploads wait for a thread.
+                wait_until(
+                    lambda: held.held >= 2 and transfers.statistics().tasks_waiting == uploads - 2,
+                    "two uploads to stall and the others to wait their turn",
+                )
+                with httpx.Client(base_url=url, headers=auth(ADMIN_TOKEN), timeout=10) as client:
+                    assert client.get("/api/key-management/keys/mySymKey").status_code == 200
+            finally:
+                held.release()
+            statuses = [future.result().status for future in responses]
+    assert statuses == [201] * uploads
+    assert not moto_s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
 def test_s3_failing_to_store_the_record_leaves_no_object(
@@ -320,7 +389,7 @@ def test_s3_failing_to_store_the_record_leaves_no_object(
     """The object's record is written last; if that fails, the request fails, and the
     object it describes must not stay behind (a retry would then meet 409)."""
     records = requests_matching(rb"^PUT /[^/ ]+/sealstream/objects/")
-    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, records) as (url, proxy):
+    with behind_proxy(tmp_path, moto_endpoint, s3_bucket, records) as (url, proxy, _):
         response = exchange(url, ENCRYPT, form(DESTINATION, random_bytes(100_000, seed=12)))
         assert proxy.failed >= 1
         problem(response, 503, "storage-unavailable")

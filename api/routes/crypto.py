@@ -98,7 +98,12 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
             headers=job.headers,
         )
     stored = await encrypt_to_storage(
-        form, job, placement, overwrite=metadata.destination.overwrite, records=svc.objects
+        form,
+        job,
+        placement,
+        overwrite=metadata.destination.overwrite,
+        records=svc.objects,
+        transfers=svc.transfers,
     )
     body = {
         "bucket": stored.bucket,
@@ -137,6 +142,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
             expected_kid=metadata.kid,
             required_context=metadata.encryption_context,
             idle_timeout=svc.settings.idle_timeout,
+            transfers=svc.transfers,
         )
     await form.start_file()
     return await decrypt_upload(
