@@ -8,6 +8,7 @@ from anyio import CapacityLimiter
 from fastapi import FastAPI
 
 from api import problems
+from api.admission import StreamLimit
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import admin, crypto, health, jobs, keys
 from api.services import Services
@@ -48,6 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     app.state.metrics = Metrics()
     app.state.metrics.watch_jobs(services.jobs)
+    if settings.max_streams is not None:
+        # Added first, so it runs inside the metrics: refused streams are counted too.
+        app.add_middleware(StreamLimit, limit=settings.max_streams)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for module in (health, keys, crypto, jobs, admin):

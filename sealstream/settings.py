@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         "streamed response the client does not read, before the request fails (408, or a "
         "cut-off stream) and what it had begun is cleaned up",
     )
+    max_streams: int | None = Field(
+        None,
+        ge=1,
+        description="encrypt and decrypt streams one process serves at once, a bound on "
+        "the memory they hold; past it, 503 too-many-streams (unset: no cap)",
+    )
     transfer_threads: int = Field(
         16,
         ge=1,

@@ -19,6 +19,7 @@ from api import create_app
 from envelope import key_names, parse_header
 from storage.records import load_record
 from tests.conftest import Api, api_settings, live_api, local_settings
+from tests.metrics_helpers import scrape, value
 from tests.services import api_server, sealstream_serve
 from tests.stream_helpers import (
     BOUNDARY,
@@ -41,6 +42,7 @@ from tests.stream_helpers import (
     problem,
     random_bytes,
     read_object,
+    wait_until,
 )
 
 if TYPE_CHECKING:
@@ -314,6 +316,40 @@ def test_a_stream_back_read_slowly_comes_back_whole(served: Api) -> None:
     assert sealed.status == 200 and sealed.complete
     opened = exchange(served.url, DECRYPT, form({}, pieces(sealed.body, MiB)))
     assert opened.complete and opened.body == data
+
+
+IN_PROGRESS = "sealstream_http_requests_in_progress"
+
+
+def test_streams_past_the_cap_are_refused_until_one_ends(tmp_path: Path) -> None:
+    """With `max_streams`, a stream past the cap gets a 503 problem at once, other routes
+    still answer, and a stream is taken again once one has ended."""
+    settings = local_settings(tmp_path).model_copy(update={"max_streams": 1})
+    let_go = threading.Event()
+
+    def held_back() -> Iterator[bytes]:
+        yield random_bytes(300_000, seed=21)
+        let_go.wait(timeout=30)
+        yield random_bytes(300_000, seed=22)
+
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(exchange, api.url, ENCRYPT, form({"kid": "mySymKey"}, held_back()))
+            try:
+                wait_until(
+                    lambda: value(scrape(api.url)[1], IN_PROGRESS, method="POST") == 1,
+                    "the first stream to be under way",
+                )
+                refused = encrypt(client, b"more")
+                problem(refused, 503, "too-many-streams")
+                assert refused.headers["Retry-After"] == "1"
+                problem(decrypt(client, b"not yet"), 503, "too-many-streams")
+                assert client.get(f"{KEYS}/mySymKey").status_code == 200
+            finally:
+                let_go.set()
+            assert first.result().status == 200 and first.result().complete
+        assert encrypt(client, b"once it ended").status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,48 @@
+"""A cap on the streams one process serves at once (`SEALSTREAM_MAX_STREAMS`).
+
+Every stream holds memory for as long as it runs: a few MiB streamed back, and most of
+all an upload into S3, about (parts in flight + 1) × the part size. The cap bounds their
+sum. A stream past it is answered at once with `503 too-many-streams` and a
+`Retry-After`, before its body is read (curl, which waits for `100-continue`, sends none
+of it). Other routes are not counted, so keys, jobs and health still answer at the cap.
+"""
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.problems import Problem
+
+STREAM_ROUTES = "/api/crypto/stream/"
+RETRY_AFTER_SECONDS = 1
+
+
+class StreamLimit:
+    """ASGI middleware: at most `limit` requests under `STREAM_ROUTES` at once.
+
+    The count lives on the event loop alone (ASGI calls never overlap across threads),
+    so it needs no lock; a request leaves it when its response has ended or failed.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(STREAM_ROUTES):
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            busy = Problem(
+                503,
+                "too-many-streams",
+                f"the server is serving as many streams as it may ({self.limit}); "
+                "try again shortly",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+            await busy.response(scope["path"])(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
