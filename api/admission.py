@@ -3,8 +3,8 @@
 Every stream holds memory for as long as it runs: a few MiB streamed back, and most of
 all an upload into S3, about (parts in flight + 1) × the part size. The cap bounds their
 sum. A stream past it is answered at once with `503 too-many-streams` and a
-`Retry-After`, before its body is read (curl, which waits for `100-continue`, sends none
-of it). Other routes are not counted, so keys, jobs and health still answer at the cap.
+`Retry-After`, before its body is read (curl, which waits for `100-continue`, need not
+send it). Other routes are not counted, so keys, jobs and health still answer at the cap.
 """
 
 from starlette.types import ASGIApp, Receive, Scope, Send
