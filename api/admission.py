@@ -18,8 +18,8 @@ RETRY_AFTER_SECONDS = 1
 class StreamLimit:
     """ASGI middleware: at most `limit` requests under `STREAM_ROUTES` at once.
 
-    The count lives on the event loop alone (ASGI calls never overlap across threads),
-    so it needs no lock; a request leaves it when its response has ended or failed.
+    The count is only touched on the app's event loop, which runs every ASGI call, so it
+    needs no lock; a request leaves it when its response has ended or failed.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:

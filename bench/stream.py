@@ -13,8 +13,8 @@ the same duplex response as the encrypt route, with no crypto. Then prints, in o
    same bytes (goal ratio >= 0.8), rounds alternated, best of each kept; with each, the
    server process's CPU seconds per GiB (all threads; /proc/<pid>/stat), which says what
    the encryption costs the server apart from the client's share of the 2 cores; and
-   AES-256-GCM's own speed on one core, which varies from machine to machine (2 to 18
-   GB/s seen here) and with it this ratio.
+   AES-256-GCM's own speed on one core, which varies from machine to machine (2.3 GB/s
+   in DESIGN §10, 10 and 18 GB/s on later machines) and with it this ratio.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -565,7 +565,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
 
 def aes_gcm_seconds_per_gib() -> float:
     """Seconds per GiB of AES-256-GCM alone over 1 MiB frames on one core (best of 3):
-    the one cost encrypting adds to an echo that no code of ours can shed."""
+    the part of what encrypting adds to an echo that no code of ours can shed."""
     aead = AESGCM(os.urandom(32))
     blocks = [memoryview(os.urandom(MIB)) for _ in range(4)]
     out = bytearray(MIB + 16)

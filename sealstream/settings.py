@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         description="streams into or out of object storage doing blocking work at once, "
         "each on a thread of their own pool; more wait their turn, so that transfers held "
         "up by a slow store cannot take the threads that authentication and key lookups "
-        "need (a separate pool of 40)",
+        "need (anyio's default pool, 40 threads)",
     )
     job_ttl: int = Field(
         7 * 24 * 3600,
