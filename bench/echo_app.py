@@ -1,17 +1,29 @@
-"""The bench's server: the service's own app plus one bench-only route, `POST /bench/echo`.
+"""The bench's server: the service's own app plus two bench-only routes.
 
-`/bench/echo` takes the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON
-part, then `file`), with the same token check, the same multipart reader
-(`api.multipart.UploadForm`) and the same response (`api.duplex.DuplexStreamingResponse`),
-and streams the file part back unchanged: the transport ceiling the encrypt route is
-measured against, so only the crypto differs.
+Both take the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON part, then
+`file`), with the same token check, the same multipart reader (`api.multipart.UploadForm`)
+and the same response (`api.duplex.DuplexStreamingResponse`):
+
+- `POST /bench/echo` streams the file part back unchanged: the transport ceiling the
+  encrypt route is measured against, so only the crypto differs.
+- `POST /bench/aes-echo` streams it back through AES-256-GCM alone, with the buffering
+  the message format needs and nothing else of it: each chunk is encrypted as it arrives,
+  under one context, into a reused buffer of a default frame's length, which is sent once
+  full. No header, sequence numbers or tags, so its output is no message anyone could
+  open. It shows what the work every encrypting stream-back of this format must do costs
+  the echo on this machine: AES-GCM over every byte, and holding a frame until it is full,
+  since only then is it known not to be the final one, whose layout differs.
 
 Run as `python -m bench.echo_app`: configuration comes from the `SEALSTREAM_*` environment,
 and uvicorn runs one worker with httptools and uvloop, with the allocator tuned, as
 `sealstream serve` runs.
-The route lives here, never in the service.
+The routes live here, never in the service.
 """
 
+import os
+from collections.abc import AsyncIterator
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
@@ -20,29 +32,62 @@ from api.auth import require
 from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
 from api.services import services
+from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 
 ECHO_PATH = "/bench/echo"
+AES_ECHO_PATH = "/bench/aes-echo"
+
+
+async def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+    """The chunks encrypted into a frame-sized buffer, sent when full (and the rest at the
+    end). The buffer is reused: uvicorn copies a chunked body's pieces before `send`
+    returns, as `Encryptor.recycle` relies on too."""
+    context = Cipher(algorithms.AES(os.urandom(32)), modes.GCM(os.urandom(12))).encryptor()
+    frame = memoryview(bytearray(DEFAULT_FRAME_LENGTH))
+    filled = 0
+    async for chunk in chunks:
+        while chunk:
+            take = min(len(chunk), DEFAULT_FRAME_LENGTH - filled)
+            context.update_into(chunk[:take], frame[filled : filled + take])
+            filled += take
+            chunk = chunk[take:]
+            if filled == DEFAULT_FRAME_LENGTH:
+                yield frame
+                filled = 0
+    if filled:
+        yield frame[:filled]
 
 
 def create_bench_app(settings: Settings) -> FastAPI:
-    """`create_app(settings)` plus `POST /bench/echo`."""
+    """`create_app(settings)` plus `POST /bench/echo` and `POST /bench/aes-echo`."""
     app = create_app(settings)
     authorize = require("crypto:encrypt")
 
-    @app.post(ECHO_PATH, response_model=None, include_in_schema=False)
-    async def echo(request: Request) -> Response:
+    async def streamed_back(request: Request) -> UploadForm:
         await authorize(request)
-        settings = services(request).settings
-        form = UploadForm(request, settings)
+        form = UploadForm(request, services(request).settings)
         await form.metadata()
         await form.start_file()
+        return form
+
+    def response(request: Request, body: AsyncIterator[memoryview]) -> Response:
         return DuplexStreamingResponse(
-            form.file_chunks(),
-            idle_timeout=settings.idle_timeout,
+            body,
+            idle_timeout=services(request).settings.idle_timeout,
             media_type="application/octet-stream",
         )
+
+    @app.post(ECHO_PATH, response_model=None, include_in_schema=False)
+    async def echo(request: Request) -> Response:
+        form = await streamed_back(request)
+        return response(request, form.file_chunks())
+
+    @app.post(AES_ECHO_PATH, response_model=None, include_in_schema=False)
+    async def aes_echo(request: Request) -> Response:
+        form = await streamed_back(request)
+        return response(request, aes_gcm_alone(form.file_chunks()))
 
     return app
 

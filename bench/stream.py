@@ -2,9 +2,10 @@
 
 Starts the API (uvicorn, one worker, httptools and uvloop, as `sealstream serve` runs it,
 on a free port, local-directory storage in a temporary directory, the admin token and a
-key created through the API) with one bench-only route, `POST /bench/echo`
-(`bench/echo_app.py`): the file part streamed back through the same multipart reader and
-the same duplex response as the encrypt route, with no crypto. Then prints, in one run:
+key created through the API) with two bench-only routes (`bench/echo_app.py`): `POST
+/bench/echo`, the file part streamed back through the same multipart reader and the same
+duplex response as the encrypt route, with no crypto; and `POST /bench/aes-echo`, the same
+through AES-256-GCM alone, with no format. Then prints, in one run:
 
 1. memory: the server's peak RSS (Linux VmHWM, reset through /proc/<pid>/clear_refs
    before each upload) while a 1 GiB and a 4 GiB upload are encrypted and streamed back.
@@ -12,9 +13,13 @@ the same duplex response as the encrypt route, with no crypto. Then prints, in o
 2. stream-back: encrypt-to-client MB/s next to its ceiling, the same server echoing the
    same bytes (goal ratio >= 0.8), rounds alternated, best of each kept; with each, the
    server process's CPU seconds per GiB (all threads; /proc/<pid>/stat), which says what
-   the encryption costs the server apart from the client's share of the 2 cores; and
-   AES-256-GCM's own speed on one core, which varies from machine to machine (2.3 GB/s
-   in DESIGN §10, 10 and 18 GB/s on later machines) and with it this ratio.
+   the encryption costs the server apart from the client's share of the 2 cores. Between
+   them, in the same rounds, the echo through AES-GCM alone, sent in frame-sized pieces as
+   the format needs but with no header, sequence numbers or tags: what the work every
+   encrypting stream-back of this format must do costs the echo on this machine, and
+   how near the encrypt route comes to that. AES-256-GCM's speed varies from machine to
+   machine (2.3 GB/s in DESIGN §10; 1.5 to 18 GB/s on later ones), and with it both
+   ratios; its speed on one core is printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -72,6 +77,7 @@ BLOCK = MIB
 # The bench server is run as a module rather than imported: bench/ is not a package.
 ECHO_APP = "bench.echo_app"
 ECHO_PATH = "/bench/echo"  # bench.echo_app.ECHO_PATH
+AES_ECHO_PATH = "/bench/aes-echo"  # bench.echo_app.AES_ECHO_PATH
 ENCRYPT_PATH = "/api/crypto/stream/encrypt"
 DECRYPT_PATH = "/api/crypto/stream/decrypt"
 KID = "bench-stream"
@@ -513,13 +519,15 @@ class StreamBack:
 
     total: int
     echo: Best = field(default_factory=Best)
+    aes_alone: Best = field(default_factory=Best)
     encrypt: Best = field(default_factory=Best)
     local: Best = field(default_factory=Best)
     disk: float = float("inf")
 
 
 def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
-    """Echo, encrypt and (if asked) encrypt to local storage, alternated; best of each."""
+    """Echo, the echo through AES-GCM alone, encrypt and (if asked) encrypt to local storage,
+    alternated; best of each."""
     data = Plaintext(total)
     best = StreamBack(total)
     assert server.storage_dir is not None
@@ -529,6 +537,10 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         if transfer.downloaded != total:
             raise BenchError(f"echo returned {transfer.downloaded} B of {total} B")
         best.echo.add(transfer)
+        transfer = checked(upload(server, AES_ECHO_PATH, {"kid": KID}, data), "AES-GCM echo")
+        if transfer.downloaded != total:
+            raise BenchError(f"the AES-GCM echo returned {transfer.downloaded} B of {total} B")
+        best.aes_alone.add(transfer)
         transfer = checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "encrypt")
         if transfer.downloaded <= total:
             raise BenchError(f"encrypt returned {transfer.downloaded} B for {total} B")
@@ -546,13 +558,18 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
     print(
         f"2. stream-back, {total / MIB:.0f} MiB per upload, best of {rounds} rounds "
-        "(echo and encrypt alternated on one server)"
+        "(the three alternated on one server)"
     )
     print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
+    print(f"  echo through AES-GCM alone     {best.aes_alone.figures(total)}")
     print(f"  ceiling: echo, no crypto       {best.echo.figures(total)}")
     print(
         f"  ratio {best.echo.seconds / best.encrypt.seconds:.3f}  (goal >= 0.80)   "
         f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
+    )
+    print(
+        f"  AES-GCM alone reaches {best.echo.seconds / best.aes_alone.seconds:.3f} of the echo; "
+        f"sealstream encrypt {best.aes_alone.seconds / best.encrypt.seconds:.3f} of AES-GCM alone"
     )
     aes = aes_gcm_seconds_per_gib()
     extra = (best.encrypt.server_cpu - best.echo.server_cpu) / (total / GIB)
