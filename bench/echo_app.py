@@ -65,7 +65,8 @@ def create_bench_app(settings: Settings) -> FastAPI:
     app = create_app(settings)
     authorize = require("crypto:encrypt")
 
-    async def streamed_back(request: Request) -> UploadForm:
+    async def form_up_to_file(request: Request) -> UploadForm:
+        """The request authorized, and its form read up to the file part's data."""
         await authorize(request)
         form = UploadForm(request, services(request).settings)
         await form.metadata()
@@ -81,12 +82,12 @@ def create_bench_app(settings: Settings) -> FastAPI:
 
     @app.post(ECHO_PATH, response_model=None, include_in_schema=False)
     async def echo(request: Request) -> Response:
-        form = await streamed_back(request)
+        form = await form_up_to_file(request)
         return response(request, form.file_chunks())
 
     @app.post(AES_ECHO_PATH, response_model=None, include_in_schema=False)
     async def aes_echo(request: Request) -> Response:
-        form = await streamed_back(request)
+        form = await form_up_to_file(request)
         return response(request, aes_gcm_alone(form.file_chunks()))
 
     return app
