@@ -11,13 +11,14 @@ through AES-256-GCM alone, with no format. Then prints, in one run:
    before each upload) while a 1 GiB and a 4 GiB upload are encrypted and streamed back.
    Goal: the two peaks within 32 MiB of each other, both under 200 MiB.
 2. stream-back: encrypt-to-client MB/s next to its ceiling, the same server echoing the
-   same bytes (goal ratio >= 0.8), rounds alternated, best of each kept; with each, the
-   server process's CPU seconds per GiB (all threads; /proc/<pid>/stat), which says what
-   the encryption costs the server apart from the client's share of the 2 cores. Between
-   them, in the same rounds, the echo through AES-GCM alone, sent in frame-sized pieces as
-   the format needs but with no header, sequence numbers or tags: what the work every
-   encrypting stream-back of this format must do costs the echo on this machine, and
-   how near the encrypt route comes to that. AES-256-GCM's speed varies from machine to
+   same bytes (goal ratio >= 0.8), alternated in rounds whose order is reversed every
+   other round, best of each kept; with each, the server process's CPU seconds per GiB
+   (all threads; /proc/<pid>/stat), which says what the encryption costs the server
+   apart from the client's share of the 2 cores. Between them, in the same rounds, the
+   echo through AES-GCM alone, sent in frame-sized pieces as the format needs but with no
+   header, sequence numbers or tags: what the work every encrypting stream-back of this
+   format must do costs the echo on this machine, and how near the encrypt route comes
+   to that. AES-256-GCM's speed varies from machine to
    machine (2.3 GB/s in DESIGN §10; 1.5 to 18 GB/s on later ones), and with it both
    ratios; its speed on one core is printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
@@ -525,6 +526,11 @@ class StreamBack:
     disk: float = float("inf")
 
 
+def whole_reply(path: str, downloaded: int, total: int) -> bool:
+    """An echo returns every byte it was sent; an encryption more (header, frame overhead)."""
+    return downloaded > total if path == ENCRYPT_PATH else downloaded == total
+
+
 def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
     """Echo, the echo through AES-GCM alone, encrypt and (if asked) encrypt to local storage,
     alternated; best of each."""
@@ -532,19 +538,19 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
     best = StreamBack(total)
     assert server.storage_dir is not None
     store = LocalStore(server.storage_dir)
+    kinds = [
+        (ECHO_PATH, "echo", best.echo),
+        (AES_ECHO_PATH, "the AES-GCM echo", best.aes_alone),
+        (ENCRYPT_PATH, "encrypt", best.encrypt),
+    ]
     for number in range(rounds):
-        transfer = checked(upload(server, ECHO_PATH, {"kid": KID}, data), "echo")
-        if transfer.downloaded != total:
-            raise BenchError(f"echo returned {transfer.downloaded} B of {total} B")
-        best.echo.add(transfer)
-        transfer = checked(upload(server, AES_ECHO_PATH, {"kid": KID}, data), "AES-GCM echo")
-        if transfer.downloaded != total:
-            raise BenchError(f"the AES-GCM echo returned {transfer.downloaded} B of {total} B")
-        best.aes_alone.add(transfer)
-        transfer = checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "encrypt")
-        if transfer.downloaded <= total:
-            raise BenchError(f"encrypt returned {transfer.downloaded} B for {total} B")
-        best.encrypt.add(transfer)
+        # Reversed every other round, so that no kind always runs first, straight after
+        # the last round's upload to storage and its verification.
+        for path, what, kept in kinds if number % 2 == 0 else kinds[::-1]:
+            transfer = checked(upload(server, path, {"kid": KID}, data), what)
+            if not whole_reply(path, transfer.downloaded, total):
+                raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
+            kept.add(transfer)
         if not to_storage:
             continue
         metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
@@ -558,7 +564,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
     print(
         f"2. stream-back, {total / MIB:.0f} MiB per upload, best of {rounds} rounds "
-        "(the three alternated on one server)"
+        "(the three alternated on one server, the order reversed every other round)"
     )
     print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
     print(f"  echo through AES-GCM alone     {best.aes_alone.figures(total)}")
