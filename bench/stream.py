@@ -25,11 +25,12 @@ through AES-256-GCM alone, with no format. Then prints, in one run:
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
    server (moto, its own process), encrypt-to-storage MB/s next to boto3's own
-   `upload_fileobj` of the same bytes with the same part size and parts in flight (goal
-   ratio >= 0.9). moto is slow (≈ 50-90 MB/s) and memory-hungry, so this part uploads
-   `--s3-mib` (256 MiB by default); a second API server, configured for S3, serves it,
-   since one server has one default store. Each stored object's verification job (which
-   the server runs itself) must succeed, and is waited for, untimed, before going on.
+   `upload_fileobj` of the same bytes with the same part size and parts in flight,
+   alternated in the same way (goal ratio >= 0.9). moto is slow (≈ 50-90 MB/s) and
+   memory-hungry, so this part uploads `--s3-mib` (256 MiB by default); a second API
+   server, configured for S3, serves it, since one server has one default store. Each
+   stored object's verification job (which the server runs itself) must succeed, and is
+   waited for, untimed, before going on.
 4. 8 concurrent streams of 256 MiB (8 stream-back encrypts at once, each through its own
    curl, whose output is piped into a second curl that decrypts it through the API): the
    aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
@@ -71,6 +72,7 @@ from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+    from mypy_boto3_s3 import S3Client
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -722,6 +724,53 @@ class S3Best:
         )
 
 
+@dataclass
+class S3Rounds:
+    """Uploads of the same bytes to the same S3 server, by boto3 and through our API."""
+
+    s3: "S3Client"
+    bucket: str
+    server: Server
+    moto_pid: int
+    data: Plaintext
+    transfer_config: TransferConfig
+    ours: S3Best = field(default_factory=S3Best)
+    theirs: S3Best = field(default_factory=S3Best)
+
+    def boto3_upload(self, number: int) -> None:
+        key = f"bench/boto3-{number}"
+        moto_before, client_before = cpu_seconds(self.moto_pid), client_cpu_seconds()
+        start = time.perf_counter()
+        self.s3.upload_fileobj(
+            PlaintextStream.open(self.data), self.bucket, key, Config=self.transfer_config
+        )
+        self.theirs.add(
+            time.perf_counter() - start,
+            client_cpu_seconds() - client_before,
+            cpu_seconds(self.moto_pid) - moto_before,
+        )
+        if self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"] != self.data.total:
+            raise BenchError("boto3 stored the wrong size")
+        self.s3.delete_object(Bucket=self.bucket, Key=key)
+
+    def our_upload(self, number: int) -> None:
+        metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
+        moto_before, client_before = cpu_seconds(self.moto_pid), client_cpu_seconds()
+        transfer = checked(
+            upload(self.server, ENCRYPT_PATH, metadata, self.data), "encrypt to S3", 201
+        )
+        self.ours.add(
+            transfer.seconds,
+            transfer.server_cpu + client_cpu_seconds() - client_before,
+            cpu_seconds(self.moto_pid) - moto_before,
+        )
+        stored = json.loads(transfer.body)
+        if stored["plaintextSize"] != self.data.total:
+            raise BenchError(f"stored {stored['plaintextSize']} B of {self.data.total} B")
+        self.server.settle(stored)
+        self.s3.delete_object(Bucket=self.bucket, Key=stored["storageKey"])
+
+
 def s3_figures(workdir: Path, total: int, rounds: int) -> None:
     with moto_server(workdir) as (endpoint, moto_pid):
         s3 = boto3.session.Session(
@@ -754,40 +803,18 @@ def s3_figures(workdir: Path, total: int, rounds: int) -> None:
             multipart_chunksize=DEFAULT_PART_SIZE,
             max_concurrency=DEFAULT_MAX_IN_FLIGHT,
         )
-        data = Plaintext(total)
-        ours, theirs = S3Best(), S3Best()
         with api_server(workdir, "api-s3", env) as server:
+            uploads = S3Rounds(s3, bucket, server, moto_pid, Plaintext(total), transfer_config)
             for number in range(rounds):
-                key = f"bench/boto3-{number}"
-                moto_before, client_before = cpu_seconds(moto_pid), client_cpu_seconds()
-                start = time.perf_counter()
-                s3.upload_fileobj(PlaintextStream.open(data), bucket, key, Config=transfer_config)
-                theirs.add(
-                    time.perf_counter() - start,
-                    client_cpu_seconds() - client_before,
-                    cpu_seconds(moto_pid) - moto_before,
-                )
-                if s3.head_object(Bucket=bucket, Key=key)["ContentLength"] != total:
-                    raise BenchError("boto3 stored the wrong size")
-                s3.delete_object(Bucket=bucket, Key=key)
-                metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
-                moto_before, client_before = cpu_seconds(moto_pid), client_cpu_seconds()
-                transfer = checked(
-                    upload(server, ENCRYPT_PATH, metadata, data), "encrypt to S3", 201
-                )
-                ours.add(
-                    transfer.seconds,
-                    transfer.server_cpu + client_cpu_seconds() - client_before,
-                    cpu_seconds(moto_pid) - moto_before,
-                )
-                stored = json.loads(transfer.body)
-                if stored["plaintextSize"] != total:
-                    raise BenchError(f"stored {stored['plaintextSize']} B of {total} B")
-                server.settle(stored)
-                s3.delete_object(Bucket=bucket, Key=stored["storageKey"])
+                # Reversed every other round, as in the stream-back rounds.
+                steps = [uploads.boto3_upload, uploads.our_upload]
+                for step in steps if number % 2 == 0 else steps[::-1]:
+                    step(number)
+        ours, theirs = uploads.ours, uploads.theirs
     print(
         f"  S3: moto server, {total / MIB:.0f} MiB, {DEFAULT_PART_SIZE // MIB} MiB parts, "
-        f"{DEFAULT_MAX_IN_FLIGHT} in flight, best of {rounds} (CPU: least of any round)"
+        f"{DEFAULT_MAX_IN_FLIGHT} in flight, best of {rounds}, the order reversed every other "
+        "round (CPU: least of any round)"
     )
     print(f"  sealstream encrypt -> storage  {ours.figures(total, 'server + curl')}")
     print(f"  ceiling: boto3 upload_fileobj  {theirs.figures(total, 'boto3')}")
