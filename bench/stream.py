@@ -18,9 +18,9 @@ through AES-256-GCM alone, with no format. Then prints, in one run:
    echo through AES-GCM alone, sent in frame-sized pieces as the format needs but with no
    header, sequence numbers or tags: what the work every encrypting stream-back of this
    format must do costs the echo on this machine, and how near the encrypt route comes
-   to that. AES-256-GCM's speed varies from machine to
-   machine (2.3 GB/s in DESIGN §10; 1.5 to 18 GB/s on later ones), and with it both
-   ratios; its speed on one core is printed too.
+   to that. AES-256-GCM's speed varies from machine to machine (2.3 GB/s in DESIGN §10;
+   1.5 to 18 GB/s on later ones), and with it both ratios; its speed on one core is
+   printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import httpx
@@ -73,6 +73,8 @@ from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
     from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -528,6 +530,13 @@ class StreamBack:
     disk: float = float("inf")
 
 
+def in_turn(kinds: list[T], number: int) -> list[T]:
+    """The kinds of upload compared, in the order round `number` runs them: reversed every
+    other round, so that none always runs first (straight after the last round's other
+    work, such as an upload to storage and its verification) or last."""
+    return kinds if number % 2 == 0 else kinds[::-1]
+
+
 def whole_reply(path: str, downloaded: int, total: int) -> bool:
     """An echo returns every byte it was sent; an encryption more (header, frame overhead)."""
     return downloaded > total if path == ENCRYPT_PATH else downloaded == total
@@ -546,9 +555,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         (ENCRYPT_PATH, "encrypt", best.encrypt),
     ]
     for number in range(rounds):
-        # Reversed every other round, so that no kind always runs first, straight after
-        # the last round's upload to storage and its verification.
-        for path, what, kept in kinds if number % 2 == 0 else kinds[::-1]:
+        for path, what, kept in in_turn(kinds, number):
             transfer = checked(upload(server, path, {"kid": KID}, data), what)
             if not whole_reply(path, transfer.downloaded, total):
                 raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
@@ -806,9 +813,7 @@ def s3_figures(workdir: Path, total: int, rounds: int) -> None:
         with api_server(workdir, "api-s3", env) as server:
             uploads = S3Rounds(s3, bucket, server, moto_pid, Plaintext(total), transfer_config)
             for number in range(rounds):
-                # Reversed every other round, as in the stream-back rounds.
-                steps = [uploads.boto3_upload, uploads.our_upload]
-                for step in steps if number % 2 == 0 else steps[::-1]:
+                for step in in_turn([uploads.boto3_upload, uploads.our_upload], number):
                     step(number)
         ours, theirs = uploads.ours, uploads.theirs
     print(
