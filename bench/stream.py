@@ -466,6 +466,16 @@ def checked(transfer: Transfer, what: str, expected_status: int = 200) -> Transf
     return transfer
 
 
+def settled(server: Server, transfer: Transfer, total: int) -> dict[str, Any]:
+    """What an upload to storage answered, once it is known to hold all `total` bytes and
+    its verification job has succeeded."""
+    stored: dict[str, Any] = json.loads(transfer.body)
+    if stored["plaintextSize"] != total:
+        raise BenchError(f"stored {stored['plaintextSize']} B of {total} B")
+    server.settle(stored)
+    return stored
+
+
 # The figures
 
 
@@ -564,10 +574,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
             continue
         metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
         transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
-        stored = json.loads(transfer.body)
-        if stored["plaintextSize"] != total:
-            raise BenchError(f"stored {stored['plaintextSize']} B of {total} B")
-        server.settle(stored)
+        stored = settled(server, transfer, total)
         store.delete(stored["storageKey"])
         best.local.add(transfer)
         best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
@@ -771,10 +778,7 @@ class S3Rounds:
             transfer.server_cpu + client_cpu_seconds() - client_before,
             cpu_seconds(self.moto_pid) - moto_before,
         )
-        stored = json.loads(transfer.body)
-        if stored["plaintextSize"] != self.data.total:
-            raise BenchError(f"stored {stored['plaintextSize']} B of {self.data.total} B")
-        self.server.settle(stored)
+        stored = settled(self.server, transfer, self.data.total)
         self.s3.delete_object(Bucket=self.bucket, Key=stored["storageKey"])
 
 
