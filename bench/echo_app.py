@@ -1,18 +1,21 @@
-"""The bench's server: the service's own app plus two bench-only routes.
+"""The bench's server: the service's own app plus three bench-only routes.
 
-Both take the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON part, then
-`file`), with the same token check, the same multipart reader (`api.multipart.UploadForm`)
-and the same response (`api.duplex.DuplexStreamingResponse`):
+All three take the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON part,
+then `file`), with the same token check, the same multipart reader
+(`api.multipart.UploadForm`) and the same response (`api.duplex.DuplexStreamingResponse`):
 
 - `POST /bench/echo` streams the file part back unchanged: the transport ceiling the
   encrypt route is measured against, so only the crypto differs.
-- `POST /bench/aes-echo` streams it back through AES-256-GCM alone, with the buffering
-  the message format needs and nothing else of it: each chunk is encrypted as it arrives,
-  under one context, into a reused buffer of a default frame's length, which is sent once
-  full. No header, sequence numbers or tags, so its output is no message anyone could
-  open. It shows what the work every encrypting stream-back of this format must do costs
-  the echo on this machine: AES-GCM over every byte, and holding a frame until it is full,
-  since only then is it known not to be the final one, whose layout differs.
+- `POST /bench/hold-echo` streams it back a frame at a time, with no crypto: each chunk is
+  copied as it arrives into a reused buffer of a default frame's length, which is sent
+  once full. Every stream-back of this format must hold a frame until it is full, since
+  only then is it known not to be the final one, whose layout differs; this shows what
+  that hold alone costs the echo on this machine.
+- `POST /bench/aes-echo` does the same through AES-256-GCM alone: each chunk is encrypted
+  into the frame instead of copied, under one context. No header, sequence numbers or
+  tags, so its output is no message anyone could open. It shows what the work every
+  encrypting stream-back of this format must do costs the echo: the hold, and AES-GCM
+  over every byte.
 
 Run as `python -m bench.echo_app`: configuration comes from the `SEALSTREAM_*` environment,
 and uvicorn runs one worker with httptools and uvloop, with the allocator tuned, as
@@ -21,7 +24,7 @@ The routes live here, never in the service.
 """
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
@@ -37,20 +40,24 @@ from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 
 ECHO_PATH = "/bench/echo"
+HOLD_ECHO_PATH = "/bench/hold-echo"
 AES_ECHO_PATH = "/bench/aes-echo"
 
+Fill = Callable[[memoryview, memoryview], object]  # (source, target of the same length)
 
-async def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
-    """The chunks encrypted into a frame-sized buffer, sent when full (and the rest at the
-    end). The buffer is reused: uvicorn copies a chunked body's pieces before `send`
+
+async def held_in_frames(
+    chunks: AsyncIterator[memoryview], fill: Fill
+) -> AsyncIterator[memoryview]:
+    """The chunks written by `fill` into a frame-sized buffer, sent when full (and the rest
+    at the end). The buffer is reused: uvicorn copies a chunked body's pieces before `send`
     returns, as `Encryptor.recycle` relies on too."""
-    context = Cipher(algorithms.AES(os.urandom(32)), modes.GCM(os.urandom(12))).encryptor()
     frame = memoryview(bytearray(DEFAULT_FRAME_LENGTH))
     filled = 0
     async for chunk in chunks:
         while chunk:
             take = min(len(chunk), DEFAULT_FRAME_LENGTH - filled)
-            context.update_into(chunk[:take], frame[filled : filled + take])
+            fill(chunk[:take], frame[filled : filled + take])
             filled += take
             chunk = chunk[take:]
             if filled == DEFAULT_FRAME_LENGTH:
@@ -60,8 +67,18 @@ async def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memo
         yield frame[:filled]
 
 
+def copied(source: memoryview, target: memoryview) -> None:
+    target[:] = source
+
+
+def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+    """`held_in_frames`, each chunk encrypted into the frame under one AES-GCM context."""
+    context = Cipher(algorithms.AES(os.urandom(32)), modes.GCM(os.urandom(12))).encryptor()
+    return held_in_frames(chunks, context.update_into)
+
+
 def create_bench_app(settings: Settings) -> FastAPI:
-    """`create_app(settings)` plus `POST /bench/echo` and `POST /bench/aes-echo`."""
+    """`create_app(settings)` plus `POST /bench/echo`, `/bench/hold-echo` and `/bench/aes-echo`."""
     app = create_app(settings)
     authorize = require("crypto:encrypt")
 
@@ -84,6 +101,11 @@ def create_bench_app(settings: Settings) -> FastAPI:
     async def echo(request: Request) -> Response:
         form = await form_up_to_file(request)
         return response(request, form.file_chunks())
+
+    @app.post(HOLD_ECHO_PATH, response_model=None, include_in_schema=False)
+    async def hold_echo(request: Request) -> Response:
+        form = await form_up_to_file(request)
+        return response(request, held_in_frames(form.file_chunks(), copied))
 
     @app.post(AES_ECHO_PATH, response_model=None, include_in_schema=False)
     async def aes_echo(request: Request) -> Response:

@@ -2,9 +2,10 @@
 
 Starts the API (uvicorn, one worker, httptools and uvloop, as `sealstream serve` runs it,
 on a free port, local-directory storage in a temporary directory, the admin token and a
-key created through the API) with two bench-only routes (`bench/echo_app.py`): `POST
+key created through the API) with three bench-only routes (`bench/echo_app.py`): `POST
 /bench/echo`, the file part streamed back through the same multipart reader and the same
-duplex response as the encrypt route, with no crypto; and `POST /bench/aes-echo`, the same
+duplex response as the encrypt route, with no crypto; `POST /bench/hold-echo`, the same
+held and sent a frame at a time, with no crypto; and `POST /bench/aes-echo`, the same
 through AES-256-GCM alone, with no format. Then prints, in one run:
 
 1. memory: the server's peak RSS (Linux VmHWM, reset through /proc/<pid>/clear_refs
@@ -14,11 +15,13 @@ through AES-256-GCM alone, with no format. Then prints, in one run:
    same bytes (goal ratio >= 0.8), alternated in rounds whose order is reversed every
    other round, best of each kept; with each, the server process's CPU seconds per GiB
    (all threads; /proc/<pid>/stat), which says what the encryption costs the server
-   apart from the client's share of the 2 cores. Between them, in the same rounds, the
-   echo through AES-GCM alone, sent in frame-sized pieces as the format needs but with no
-   header, sequence numbers or tags: what the work every encrypting stream-back of this
-   format must do costs the echo on this machine, and how near the encrypt route comes
-   to that. AES-256-GCM's speed varies from machine to machine (2.3 GB/s in DESIGN §10;
+   apart from the client's share of the 2 cores. Between them, in the same rounds, two
+   steps from the echo towards encrypting: the echo held and sent in frame-sized pieces,
+   as the format needs (a frame is sent once it is known not to be the final one), with
+   no crypto; and that through AES-GCM alone, with no header, sequence numbers or tags.
+   They show what the hold costs the echo on this machine, what the work every encrypting
+   stream-back of this format must do costs it, and how near the encrypt route comes to
+   that. AES-256-GCM's speed varies from machine to machine (2.3 GB/s in DESIGN §10;
    1.5 to 18 GB/s on later ones), and with it both ratios; its speed on one core is
    printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
@@ -82,6 +85,7 @@ BLOCK = MIB
 # The bench server is run as a module rather than imported: bench/ is not a package.
 ECHO_APP = "bench.echo_app"
 ECHO_PATH = "/bench/echo"  # bench.echo_app.ECHO_PATH
+HOLD_ECHO_PATH = "/bench/hold-echo"  # bench.echo_app.HOLD_ECHO_PATH
 AES_ECHO_PATH = "/bench/aes-echo"  # bench.echo_app.AES_ECHO_PATH
 ENCRYPT_PATH = "/api/crypto/stream/encrypt"
 DECRYPT_PATH = "/api/crypto/stream/decrypt"
@@ -534,6 +538,7 @@ class StreamBack:
 
     total: int
     echo: Best = field(default_factory=Best)
+    held: Best = field(default_factory=Best)
     aes_alone: Best = field(default_factory=Best)
     encrypt: Best = field(default_factory=Best)
     local: Best = field(default_factory=Best)
@@ -553,14 +558,15 @@ def whole_reply(path: str, downloaded: int, total: int) -> bool:
 
 
 def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
-    """Echo, the echo through AES-GCM alone, encrypt and (if asked) encrypt to local storage,
-    alternated; best of each."""
+    """Echo, the echo held a frame at a time, that through AES-GCM alone, encrypt and (if
+    asked) encrypt to local storage, alternated; best of each."""
     data = Plaintext(total)
     best = StreamBack(total)
     assert server.storage_dir is not None
     store = LocalStore(server.storage_dir)
     kinds = [
         (ECHO_PATH, "echo", best.echo),
+        (HOLD_ECHO_PATH, "the held echo", best.held),
         (AES_ECHO_PATH, "the AES-GCM echo", best.aes_alone),
         (ENCRYPT_PATH, "encrypt", best.encrypt),
     ]
@@ -580,17 +586,19 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
     print(
         f"2. stream-back, {total / MIB:.0f} MiB per upload, best of {rounds} rounds "
-        "(the three alternated on one server, the order reversed every other round)"
+        "(the four alternated on one server, the order reversed every other round)"
     )
     print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
     print(f"  echo through AES-GCM alone     {best.aes_alone.figures(total)}")
+    print(f"  echo held a frame at a time    {best.held.figures(total)}")
     print(f"  ceiling: echo, no crypto       {best.echo.figures(total)}")
     print(
         f"  ratio {best.echo.seconds / best.encrypt.seconds:.3f}  (goal >= 0.80)   "
         f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
     )
     print(
-        f"  AES-GCM alone reaches {best.echo.seconds / best.aes_alone.seconds:.3f} of the echo; "
+        f"  of the echo: held {best.echo.seconds / best.held.seconds:.3f}, "
+        f"AES-GCM alone {best.echo.seconds / best.aes_alone.seconds:.3f}; "
         f"sealstream encrypt {best.aes_alone.seconds / best.encrypt.seconds:.3f} of AES-GCM alone"
     )
     aes = aes_gcm_seconds_per_gib()
