@@ -107,3 +107,8 @@ class Settings(BaseSettings):
     )
     s3_part_size: int = Field(8 * MIB, ge=5 * MIB, description="first multipart part size")
     s3_parts_in_flight: int = Field(4, ge=1, le=32, description="parts uploading at once")
+    s3_sign_payloads: bool = Field(
+        False,
+        description="hash request bodies into their SigV4 signatures, for buckets whose "
+        "policy refuses unsigned payloads; off, bodies are sent as UNSIGNED-PAYLOAD",
+    )

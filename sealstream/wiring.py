@@ -27,6 +27,7 @@ def open_object_store(settings: Settings, bucket: str | None = None) -> ObjectSt
         bucket=bucket,
         part_size=settings.s3_part_size,
         max_in_flight=settings.s3_parts_in_flight,
+        sign_payloads=settings.s3_sign_payloads,
     )
 
 

@@ -63,14 +63,16 @@ def open_store(
     bucket: str | None = None,
     part_size: int = DEFAULT_PART_SIZE,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    sign_payloads: bool = False,
 ) -> ObjectStore:
     """The store a storage URL names, bound to `bucket` if given.
 
     `s3://bucket` (`bucket` overrides the name; `endpoint_url` picks any S3-compatible
-    server). `file:///abs/dir`, `file://./rel/dir` or a bare path (relative ones resolve
-    against the working directory): one directory, one bucket named after it, so another
-    `bucket` raises `BucketNotFound`; `part_size` and `max_in_flight` do not apply there,
-    as a local writer appends straight to its file.
+    server; `sign_payloads` is `S3Store`'s). `file:///abs/dir`, `file://./rel/dir` or a
+    bare path (relative ones resolve against the working directory): one directory, one
+    bucket named after it, so another `bucket` raises `BucketNotFound`; `part_size`,
+    `max_in_flight` and `sign_payloads` do not apply there, as a local writer appends
+    straight to its file.
     """
     parts = urlsplit(url)
     if parts.scheme == "s3":
@@ -81,6 +83,7 @@ def open_store(
             endpoint_url=endpoint_url,
             part_size=part_size,
             max_in_flight=max_in_flight,
+            sign_payloads=sign_payloads,
         )
     if parts.scheme not in ("file", ""):
         raise ValueError(f"unsupported storage URL {url!r}: use file:// or s3://")

@@ -1,12 +1,17 @@
 """What only the S3 backend has: the part-size schedule, parts uploading in the background
-(backpressure, failures, aborts in flight), and errors from the service and the network."""
+(backpressure, failures, aborts in flight), payload signing, and errors from the service
+and the network."""
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from sealstream.settings import Settings
+from sealstream.wiring import open_object_store
 from storage import (
     DEFAULT_PART_SIZE,
     MAX_PART_SIZE,
@@ -100,6 +105,60 @@ def test_parts_carry_their_crc32c_and_copied_parts_none(make_s3_store: S3StoreFa
     copied = store.client.get_object(Bucket=store.bucket, Key="rewritten", ChecksumMode="ENABLED")
     assert "ChecksumCRC32C" not in copied
     assert copied["Body"].read() == b"head" + data
+
+
+class SentBodies:
+    """What each request that carries a body declared as its SigV4 payload hash, next to
+    the SHA-256 of the body it sent, seen through botocore's own event hooks."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.declared: dict[str, list[tuple[str, str]]] = {}
+        store.client.meta.events.register("before-send.s3.*", self._note)
+
+    def _note(self, request: Any, event_name: str, **_: object) -> None:
+        if request.body:
+            declared = request.headers["X-Amz-Content-SHA256"]  # bytes, once prepared
+            declared = declared.decode() if isinstance(declared, bytes) else declared
+            sent = hashlib.sha256(request.body).hexdigest()
+            operation = event_name.rsplit(".", 1)[-1]
+            self.declared.setdefault(operation, []).append((declared, sent))
+
+
+def test_bodies_go_unsigned_by_default(make_s3_store: S3StoreFactory) -> None:
+    store = make_s3_store()
+    bodies = SentBodies(store)
+    data = os.urandom(2 * MIN_PART_SIZE + 1)
+    store.put("big", data)
+    store.put("small", b"a record")
+
+    assert sorted(bodies.declared) == ["CompleteMultipartUpload", "PutObject", "UploadPart"]
+    assert {declared for sent in bodies.declared.values() for declared, _ in sent} == {
+        "UNSIGNED-PAYLOAD"
+    }
+    assert len(bodies.declared["UploadPart"]) == 3
+    assert store.get("big") == data  # moto took them, each part's CRC32C checked
+
+
+def test_sign_payloads_hashes_every_body_into_its_signature(
+    moto_endpoint: str, s3_bucket: str
+) -> None:
+    settings = Settings(
+        storage_url=f"s3://{s3_bucket}",
+        s3_endpoint_url=moto_endpoint,
+        s3_part_size=MIN_PART_SIZE,
+        s3_sign_payloads=True,
+    )
+    store = open_object_store(settings)
+    assert isinstance(store, S3Store)
+    bodies = SentBodies(store)
+    data = os.urandom(MIN_PART_SIZE + 1)
+    store.put("big", data)
+    store.put("small", b"a record")
+
+    signed = [pair for sent in bodies.declared.values() for pair in sent]
+    assert len(bodies.declared["UploadPart"]) == 2
+    assert all(declared == sent for declared, sent in signed)
+    assert store.get("big") == data
 
 
 def test_write_blocks_while_max_in_flight_parts_upload(
