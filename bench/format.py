@@ -43,7 +43,7 @@ def plaintext(total: int, chunk: int) -> Iterator[bytes]:
         yield piece
 
 
-def rechunk(pieces: Iterator[bytes | bytearray], size: int) -> Iterator[bytes]:
+def rechunk(pieces: Iterator[bytes | bytearray | memoryview], size: int) -> Iterator[bytes]:
     pending = bytearray()
     for piece in pieces:
         pending += piece
@@ -54,7 +54,7 @@ def rechunk(pieces: Iterator[bytes | bytearray], size: int) -> Iterator[bytes]:
         yield bytes(pending)
 
 
-def ciphertext(total: int, frame: int) -> Iterator[bytearray]:
+def ciphertext(total: int, frame: int) -> Iterator[bytearray | memoryview]:
     encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame)
     for chunk in plaintext(total, frame):
         yield from encryptor.update(chunk)
@@ -103,7 +103,7 @@ def time_bare_encrypt(total: int, frame: int) -> float:
 def time_decrypt(total: int, frame: int, chunk: int | None) -> float:
     """Seconds spent inside the decryptor only; the ciphertext is made on the fly, untimed."""
     decryptor = Decryptor([AesKeyring(KEY_NAME, KEY)])
-    source: Iterator[bytes | bytearray] = ciphertext(total, frame)
+    source: Iterator[bytes | bytearray | memoryview] = ciphertext(total, frame)
     if chunk is not None:
         source = rechunk(source, chunk)
     spent = 0.0
@@ -135,7 +135,7 @@ def best_of(rounds: int, measure: Callable[[], float]) -> float:
 class GeneratedReader(io.RawIOBase):
     """A read-only file object over an iterator of byte chunks (what the SDK streams from)."""
 
-    def __init__(self, chunks: Iterator[bytes | bytearray]) -> None:
+    def __init__(self, chunks: Iterator[bytes | bytearray | memoryview]) -> None:
         self._chunks = chunks
         self._pending = b""
 

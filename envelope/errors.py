@@ -68,3 +68,8 @@ class EncryptionContextMismatch(EnvelopeError):
 
 class StateError(EnvelopeError):
     """An encryptor or decryptor was used after it finished or failed."""
+
+
+class PlaintextTooShort(EnvelopeError):
+    """The plaintext ended inside a frame that `Encryptor.expect_length` let out as a
+    regular one: the bytes handed out so far are no message, and must not be kept as one."""

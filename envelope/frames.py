@@ -194,6 +194,34 @@ class PendingFrame:
         return self._cipher.seal(self.sequence_number, plaintext, final=True)
 
 
+class StreamedFrame:
+    """A regular frame handed out as it is sealed: its prefix first, then each piece's
+    ciphertext as it comes, then its tag.
+
+    Only for a frame known to be regular before its first byte is read: the prefix, which
+    a final frame's differs from, goes out ahead of the ciphertext. A holder of that
+    knowledge is `Encryptor.expect_length`.
+    """
+
+    def __init__(self, cipher: FrameCipher, sequence_number: int, frame_length: int) -> None:
+        self.prefix = REGULAR_PREFIX.pack(sequence_number, frame_iv(sequence_number))
+        self.room = frame_length  # plaintext bytes it still takes
+        self._context = cipher.begin_regular(sequence_number, frame_length)
+
+    def write_into(self, plaintext: memoryview, target: memoryview) -> int:
+        """Encrypt as much of `plaintext` as the frame takes into `target`; return how much."""
+        take = min(len(plaintext), self.room)
+        self._context.update_into(plaintext[:take], target[:take])
+        self.room -= take
+        return take
+
+    def tag(self) -> bytes:
+        if self.room:
+            raise StateError("a regular frame is tagged only when full")
+        self._context.finalize()
+        return self._context.tag
+
+
 class OpeningFrame:
     """A frame opened piece by piece as its bytes arrive, for one that straddles chunks.
 

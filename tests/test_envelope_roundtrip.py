@@ -16,10 +16,11 @@ from envelope import (
     InvalidParameter,
     Keyring,
     MlKemKeyring,
+    PlaintextTooShort,
     RsaKeyring,
     StateError,
 )
-from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, PendingFrame
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, REGULAR_PREFIX, PendingFrame
 from tests.envelope_helpers import seal_frames
 
 FRAME = 4096
@@ -206,6 +207,83 @@ def test_frames_sealed_piece_by_piece_are_those_sealed_whole(
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
     assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 3 * FRAME + 7),
+    shortfall=st.integers(0, FRAME + 3),
+    sizes=st.lists(st.integers(1, 2 * FRAME), min_size=1, max_size=5),
+)
+@pytest.mark.parametrize("recycle", [False, True])
+def test_streamed_frames_are_those_sealed_whole(
+    size: int, shortfall: int, sizes: list[int], recycle: bool
+) -> None:
+    # With a length promised, the frames within it leave piece by piece, prefix first and
+    # tag last, and the rest are held: whatever the promise (up to the plaintext's
+    # length) and the pieces, the bytes must be exactly the frames sealed in one go.
+    plaintext = os.urandom(size)
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.expect_length(max(0, size - shortfall))
+    message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
+    header = encryptor.header.to_bytes()
+    assert message[: len(header)] == header
+    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+
+
+def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.expect_length(2 * FRAME + 1)
+    plaintext = os.urandom(2 * FRAME + 1)
+    [header, first] = encryptor.update(plaintext[:100])
+    assert len(first) == REGULAR_PREFIX.size + 100  # the first frame's prefix and 100 bytes
+    [second] = encryptor.update(plaintext[100 : FRAME + 50])
+    # The first frame's rest and tag, the second's prefix and first 50 bytes.
+    assert len(second) == FRAME - 100 + REGULAR_OVERHEAD + 50
+    [third] = encryptor.update(plaintext[FRAME + 50 :])  # the second frame's rest and tag
+    message = b"".join([header, first, second, third, *encryptor.finish()])
+    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+
+
+def test_a_recycled_piece_carries_the_next() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.expect_length(3 * FRAME)
+    [header, first] = encryptor.update(b"a" * 100)
+    assert isinstance(first, memoryview)
+    encryptor.recycle(header)  # not a streamed piece: ignored
+    encryptor.recycle(first)
+    [second] = encryptor.update(b"a" * 50)
+    assert isinstance(second, memoryview) and second.obj is first.obj
+    [third] = encryptor.update(b"a" * 50)
+    assert isinstance(third, memoryview) and third.obj is not first.obj  # not given back
+
+
+@pytest.mark.parametrize("size", [0, FRAME - 1, FRAME, FRAME + 1, 2 * FRAME - 1, 2 * FRAME])
+def test_a_plaintext_shorter_than_promised_fails_only_inside_a_streamed_frame(size: int) -> None:
+    # Frames 1 and 2 are streamed; the third, which the promise ends inside, is held.
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.expect_length(2 * FRAME + 1)
+    plaintext = os.urandom(size)
+    message = b"".join(encryptor.update(plaintext))
+    if size % FRAME:
+        with pytest.raises(PlaintextTooShort):
+            encryptor.finish()
+        with pytest.raises(StateError):
+            encryptor.update(b"a")
+    else:  # ended at a frame's edge: a whole message, with an empty final frame
+        message += b"".join(encryptor.finish())
+        assert message == encryptor.header.to_bytes() + seal_frames(
+            encryptor._cipher, plaintext, FRAME
+        )
+
+
+def test_a_length_is_promised_before_any_plaintext() -> None:
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.update(b"a")
+    with pytest.raises(StateError):
+        encryptor.expect_length(FRAME)
+    with pytest.raises(InvalidParameter):
+        Encryptor([keyring_of("aes")], frame_length=FRAME).expect_length(-1)
 
 
 def test_a_recycled_frame_carries_a_later_one() -> None:
