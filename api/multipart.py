@@ -8,6 +8,13 @@ plaintext on disk.
 A form is complete only when its closing boundary has been seen: python-multipart's
 `finalize()` accepts a body that stops without one, which would make a truncated upload
 look like a short, valid file.
+
+When the body's length is declared (Content-Length, as curl sends a file), the file
+part's length follows from it once the part's first byte is placed: the rest of the body
+is the file, then the closing boundary and its line break, as every client we know ends
+a body. RFC 2046 lets a body end otherwise: without that line break (the file is then two
+bytes longer) or with an epilogue after it (the file is shorter). So the length worked out
+is `UploadForm.expected_file_length`, what a reader may plan on, not a fact.
 """
 
 import json
@@ -45,6 +52,7 @@ class PartStarted:
 @dataclass(frozen=True)
 class PartData:
     data: memoryview
+    offset: int | None  # of its first byte in the body; None for bytes the parser held back
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,10 @@ class FormParser:
         boundary = options.get(b"boundary")
         if not boundary:
             raise FormError("missing-boundary", "the Content-Type has no multipart boundary")
+        self.closing_length = len(b"\r\n--" + boundary + b"--\r\n")  # as clients end a body
         self._events: list[Event] = []
+        self._fed = 0  # body bytes before the chunk being parsed
+        self._chunk = b""
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
         self._value = bytearray()
@@ -88,15 +99,20 @@ class FormParser:
         )
 
     def feed(self, chunk: bytes) -> list[Event]:
+        self._chunk = chunk
         try:
             self._parser.write(chunk)
         except MultipartParseError:
             raise FormError("malformed-multipart", "the multipart body is malformed") from None
+        self._fed += len(chunk)
         events, self._events = self._events, []
         return events
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._events.append(PartData(memoryview(data)[start:end]))
+        # Bytes that might have begun a boundary are held back, and handed over later from
+        # the parser's own copy: only bytes from the chunk itself have a known place.
+        offset = self._fed + start if data is self._chunk else None
+        self._events.append(PartData(memoryview(data)[start:end], offset))
 
     def _on_header_end(self) -> None:
         self._headers[bytes(self._field).lower()] = bytes(self._value)
@@ -130,6 +146,9 @@ class UploadForm:
 
     def __init__(self, request: Request, settings: Settings) -> None:
         self._parser = FormParser(request.headers.get("content-type"))
+        declared = request.headers.get("content-length", "")
+        self._body_length = int(declared) if declared.isdigit() else None
+        self.expected_file_length: int | None = None
         self._chunks = body_chunks(request, settings.idle_timeout)
         self._metadata_limit = settings.max_json_body
         self._pending: deque[Event] = deque()
@@ -162,12 +181,26 @@ class UploadForm:
         return metadata
 
     async def start_file(self) -> None:
-        """Read up to the start of the `file` part's data."""
+        """Read up to the start of the `file` part's data, and its first bytes, which set
+        `expected_file_length`."""
         event = await self._next_event()
         if isinstance(event, FormEnded):
             raise FormError("missing-file", "the form has no file part")
         if not isinstance(event, PartStarted) or event.name != FILE_PART:
             raise FormError("unexpected-part", "the part after 'metadata' must be 'file'")
+        first = await self._next_event()
+        self._pending.appendleft(first)
+        if isinstance(first, PartData):
+            self.expected_file_length = self._file_length_from(first)
+
+    def _file_length_from(self, first: PartData) -> int | None:
+        """The file part's length if the body ends as clients end one (see the module's
+        docstring); None without a Content-Length, or if the first byte's place is not
+        known."""
+        if self._body_length is None or first.offset is None:
+            return None
+        length = self._body_length - first.offset - self._parser.closing_length
+        return length if length >= 0 else None
 
     async def file_chunks(self) -> AsyncIterator[memoryview]:
         """The `file` part's bytes as they arrive; raises if the form is cut short."""

@@ -4,10 +4,13 @@ Streamed back, each request chunk is encrypted on the event loop as it arrives: 
 encryptor seals it straight into its frame, so a step costs AES-GCM over one chunk
 (uvicorn hands over at most 256,000 bytes at a time), a fraction of a millisecond
 whatever the frame length, and less than a hop to a worker thread would cost in GIL
-hand-offs. Decrypting, chunks are gathered into batches of about a frame, since a frame
-is released only once authenticated whole; a batch of up to 2 MiB is opened on the loop,
-larger ones on a worker thread, so the loop never stalls. To storage, batches are sealed,
-hashed and handed to the multipart writer in one worker-thread call. Backpressure holds
+hand-offs. When the upload declared its length, each chunk's ciphertext is sent as soon
+as it is sealed (`Encryptor.expect_length`); otherwise each frame is held until full,
+since only then is it known not to be the final one. Decrypting, chunks are gathered
+into batches of about a frame, since a frame is released only once authenticated whole;
+a batch of up to 2 MiB is opened on the loop, larger ones on a worker thread, so the loop
+never stalls. To storage, batches are sealed, hashed and handed to the multipart writer
+in one worker-thread call. Backpressure holds
 end to end: the next chunk is read only once the previous one has been sent to the client
 or accepted by the writer, which blocks while its parts in flight are at their limit.
 
@@ -143,9 +146,14 @@ async def off_loop_if_large(
     return await run_in_threadpool(work, subject, batch)
 
 
-async def encrypt_to_client(form: UploadForm, job: EncryptionJob) -> AsyncIterator[bytearray]:
-    """The message, frame by frame, as the file part arrives."""
+async def encrypt_to_client(
+    form: UploadForm, job: EncryptionJob
+) -> AsyncIterator[bytearray | memoryview]:
+    """The message as the file part arrives: chunk by chunk if the file part's length
+    can be planned on (`UploadForm.expected_file_length`), frame by frame otherwise."""
     encryptor = job.sealing.encryptor
+    if form.expected_file_length is not None:
+        encryptor.expect_length(form.expected_file_length)
     async for chunk in form.file_chunks():
         await job.watch()
         for piece in encryptor.update(chunk):

@@ -295,16 +295,20 @@ def exchange(
     keep_body: bool = True,
     read_pause: float = 0,
     timeout: float = 60,
+    length: int | None = None,
 ) -> Exchange:
-    """POST `body` (sent chunked, from a writer thread) while reading the response,
-    pausing `read_pause` seconds between reads (a slow client).
+    """POST `body` (from a writer thread: chunked, or as `length` declared bytes) while
+    reading the response, pausing `read_pause` seconds between reads (a slow client).
 
     The writer stops as soon as the response has been read, as a client does once the
     server has answered; errors sending after that are kept in `send_error`.
     """
+    framing = (
+        {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": f"{length}"}
+    )
     all_headers = {
         "Content-Type": content_type,
-        "Transfer-Encoding": "chunked",
+        **framing,
         **auth(token),
         **(headers or {}),
     }
@@ -319,9 +323,12 @@ def exchange(
             for chunk in body:
                 if answered.is_set():
                     return
-                if chunk:
+                if chunk and length is not None:
+                    sock.sendall(chunk)
+                elif chunk:
                     sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            sock.sendall(b"0\r\n\r\n")
+            if length is None:
+                sock.sendall(b"0\r\n\r\n")
         except OSError as exc:
             send_errors.append(exc)
         except BaseException as exc:  # the body's generator failed: a bug in the test

@@ -35,12 +35,14 @@ from tests.stream_helpers import (
     encrypt,
     exchange,
     form,
+    form_bytes,
     nothing_stored,
     part_head,
     pieces,
     post_form,
     problem,
     random_bytes,
+    raw_upload,
     read_object,
     wait_until,
 )
@@ -287,12 +289,17 @@ def test_an_empty_file_is_an_empty_message(api: Api) -> None:
             assert refused.headers["Content-Range"] == "bytes */0"
 
 
-def test_stream_back_round_trip_with_default_frames(api: Api) -> None:
-    """Several MB through the duplex client: more than one default (1 MiB) frame."""
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
+def test_stream_back_round_trip_with_default_frames(api: Api, declared: bool) -> None:
+    """Several MB through the duplex client: more than one default (1 MiB) frame, the
+    upload sent chunked (so each frame is held until full) or with its length declared
+    (so each chunk's ciphertext goes out as it is sealed)."""
     data = random_bytes(5 * MiB + 12_345, seed=1)
     with api.client() as client:
         create_key(client)
-    sealed = exchange(api.url, ENCRYPT, form({"kid": "mySymKey"}, pieces(data, 256 * 1024)))
+    body = form_bytes({"kid": "mySymKey"}, data)
+    length = len(body) if declared else None
+    sealed = exchange(api.url, ENCRYPT, pieces(body, 256 * 1024), length=length)
     assert sealed.status == 200 and sealed.complete
     assert sealed.headers["Content-Type"] == "application/octet-stream"
     assert parse_header(sealed.body).frame_length == MiB
@@ -305,6 +312,52 @@ def test_stream_back_round_trip_with_default_frames(api: Api) -> None:
         small = encrypt(client, data[:20_000], frameLength=FRAME).content
     trickled = exchange(api.url, DECRYPT, form({}, pieces(small, 7)))
     assert trickled.complete and trickled.body == data[:20_000]
+
+
+def _dechunked(response: bytes) -> bytes:
+    """The body of a raw HTTP/1.1 response sent with chunked transfer coding."""
+    rest = response[response.index(b"\r\n\r\n") + 4 :]
+    body = bytearray()
+    while (size := int(rest[: rest.index(b"\r\n")], 16)) > 0:
+        start = rest.index(b"\r\n") + 2
+        body += rest[start : start + size]
+        rest = rest[start + size + 2 :]
+    return bytes(body)
+
+
+def test_with_a_declared_length_ciphertext_comes_back_before_its_frame_is_full(
+    served: Api,
+) -> None:
+    """The file's length follows from the body's, so the frames before the last are known
+    to be regular ones: each chunk's ciphertext is sent as soon as it is sealed. Here
+    300 KB of a 1 MiB frame come back while the rest of the upload waits to be sent."""
+    data = random_bytes(3 * MiB, seed=11)
+    body = form_bytes({"kid": "mySymKey"}, data)
+    sent = len(body) - len(data) - len(CLOSE) + 300_000
+    with raw_upload(served.url, ENCRYPT, len(body)) as sock:
+        sock.sendall(body[:sent])
+        sock.settimeout(10)  # held for its frame, nothing more would come: TimeoutError
+        response = bytearray()
+        while len(response) < 300_000:
+            response += sock.recv(MiB) or pytest.fail("the server closed the connection")
+        sock.sendall(body[sent:])
+        while not response.endswith(b"\r\n0\r\n\r\n"):
+            response += sock.recv(MiB) or pytest.fail("the server closed the connection")
+    assert response.startswith(b"HTTP/1.1 200 ")
+    with served.client() as client:
+        assert decrypt(client, _dechunked(bytes(response))).content == data
+
+
+@pytest.mark.parametrize("size", [3 * FRAME - 2, 3 * FRAME - 1, 3 * FRAME, 3 * FRAME + 1])
+def test_a_declared_length_body_may_end_without_a_line_break(served: Api, size: int) -> None:
+    """The closing boundary's line break is optional (RFC 2046): without it, the file is
+    two bytes longer than worked out from the body's length, which is still a message."""
+    data = random_bytes(size, seed=13)
+    body = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, data).removesuffix(b"\r\n")
+    sealed = exchange(served.url, ENCRYPT, [body], length=len(body))
+    assert sealed.status == 200 and sealed.complete
+    with served.client() as client:
+        assert decrypt(client, sealed.body).content == data
 
 
 def test_a_stream_back_read_slowly_comes_back_whole(served: Api) -> None:

@@ -632,17 +632,45 @@ def served_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         yield api
 
 
-def test_a_part_after_the_file_is_refused(served_local: Api) -> None:
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
+def test_a_part_after_the_file_is_refused(served_local: Api, declared: bool) -> None:
     data = random_bytes(3 * FRAME, seed=11)
     extra = b"\r\n" + part_head("more") + b"x" + CLOSE
     head = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, data, terminated=False)
-    aborted(exchange(served_local.url, ENCRYPT, [head + extra]))
+    body = head + extra
+    aborted(exchange(served_local.url, ENCRYPT, [body], length=len(body) if declared else None))
     stored = {"kid": "mySymKey", "destination": {"key": "extra"}}
     body = form_bytes(stored, data, terminated=False) + extra
     with served_local.client() as client:
         refused = client.post(ENCRYPT, content=body, headers={"Content-Type": FORM_TYPE})
         problem(refused, 400, "unexpected-part")
     assert nothing_stored(served_local.objects)
+
+
+@pytest.mark.parametrize(
+    ("size", "whole"),
+    [(3 * FRAME - 5, False), (3 * FRAME + 5, True)],
+    ids=["inside-a-streamed-frame", "after-the-streamed-frames"],
+)
+def test_an_epilogue_after_a_declared_length_body(
+    served_local: Api, size: int, whole: bool
+) -> None:
+    """RFC 2046 lets a body go on after its closing boundary (an epilogue), which no
+    client we know sends. With the body's length declared, the file's is worked out as if
+    nothing followed, and the frames that end within it go out as regular ones while the
+    file arrives. A file that ends inside one of them cannot be sealed: the stream is
+    aborted, never ended as if complete. Ending after them, it still makes a whole
+    message; and sent chunked, the same body is encrypted whole either way."""
+    data = random_bytes(size, seed=12)
+    body = form_bytes({"kid": "mySymKey", "frameLength": FRAME}, data) + b"an epilogue " * 2
+    declared = exchange(served_local.url, ENCRYPT, [body], length=len(body))
+    chunked = exchange(served_local.url, ENCRYPT, [body])
+    with served_local.client() as client:
+        assert decrypt(client, chunked.body).content == data
+        if whole:
+            assert declared.complete and decrypt(client, declared.body).content == data
+        else:
+            aborted(declared)
 
 
 def test_a_recorded_object_cut_short_is_refused_before_any_range(api: Api) -> None:
