@@ -8,14 +8,15 @@ then `file`), with the same token check, the same multipart reader
   encrypt route is measured against, so only the crypto differs.
 - `POST /bench/hold-echo` streams it back a frame at a time, with no crypto: each chunk is
   copied as it arrives into a reused buffer of a default frame's length, which is sent
-  once full. Every stream-back of this format must hold a frame until it is full, since
-  only then is it known not to be the final one, whose layout differs; this shows what
-  that hold alone costs the echo on this machine.
-- `POST /bench/aes-echo` does the same through AES-256-GCM alone: each chunk is encrypted
-  into the frame instead of copied, under one context. No header, sequence numbers or
-  tags, so its output is no message anyone could open. It shows what the work every
-  encrypting stream-back of this format must do costs the echo: the hold, and AES-GCM
-  over every byte.
+  once full. A stream-back of this format must hold each frame until it is full when the
+  file's length is not known (a chunked upload), since only then is it known not to be
+  the final one, whose layout differs; this shows what that hold alone costs the echo on
+  this machine.
+- `POST /bench/aes-echo` streams each chunk back as it comes through AES-256-GCM alone,
+  into a reused buffer under one context. No header, sequence numbers or tags, so its
+  output is no message anyone could open. It shows what the work every encrypting
+  stream-back must do costs the echo when nothing is held (the file's length known):
+  AES-GCM over every byte, into a buffer of its own.
 
 Run as `python -m bench.echo_app`: configuration comes from the `SEALSTREAM_*` environment,
 and uvicorn runs one worker with httptools and uvloop, with the allocator tuned, as
@@ -24,7 +25,7 @@ The routes live here, never in the service.
 """
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
@@ -43,21 +44,17 @@ ECHO_PATH = "/bench/echo"
 HOLD_ECHO_PATH = "/bench/hold-echo"
 AES_ECHO_PATH = "/bench/aes-echo"
 
-Fill = Callable[[memoryview, memoryview], object]  # (source, target of the same length)
 
-
-async def held_in_frames(
-    chunks: AsyncIterator[memoryview], fill: Fill
-) -> AsyncIterator[memoryview]:
-    """The chunks written by `fill` into a frame-sized buffer, sent when full (and the rest
-    at the end). The buffer is reused: uvicorn copies a chunked body's pieces before `send`
+async def held_in_frames(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+    """The chunks copied into a frame-sized buffer, sent when full (and the rest at the
+    end). The buffer is reused: uvicorn copies a chunked body's pieces before `send`
     returns, as `Encryptor.recycle` relies on too."""
     frame = memoryview(bytearray(DEFAULT_FRAME_LENGTH))
     filled = 0
     async for chunk in chunks:
         while chunk:
             take = min(len(chunk), DEFAULT_FRAME_LENGTH - filled)
-            fill(chunk[:take], frame[filled : filled + take])
+            frame[filled : filled + take] = chunk[:take]
             filled += take
             chunk = chunk[take:]
             if filled == DEFAULT_FRAME_LENGTH:
@@ -67,14 +64,16 @@ async def held_in_frames(
         yield frame[:filled]
 
 
-def copied(source: memoryview, target: memoryview) -> None:
-    target[:] = source
-
-
-def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
-    """`held_in_frames`, each chunk encrypted into the frame under one AES-GCM context."""
+async def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+    """Each chunk encrypted under one AES-GCM context into a reused buffer, and sent."""
     context = Cipher(algorithms.AES(os.urandom(32)), modes.GCM(os.urandom(12))).encryptor()
-    return held_in_frames(chunks, context.update_into)
+    buffer = bytearray()
+    async for chunk in chunks:
+        if len(buffer) < len(chunk):
+            buffer = bytearray(len(chunk))
+        out = memoryview(buffer)[: len(chunk)]
+        context.update_into(chunk, out)
+        yield out
 
 
 def create_bench_app(settings: Settings) -> FastAPI:
@@ -105,7 +104,7 @@ def create_bench_app(settings: Settings) -> FastAPI:
     @app.post(HOLD_ECHO_PATH, response_model=None, include_in_schema=False)
     async def hold_echo(request: Request) -> Response:
         form = await form_up_to_file(request)
-        return response(request, held_in_frames(form.file_chunks(), copied))
+        return response(request, held_in_frames(form.file_chunks()))
 
     @app.post(AES_ECHO_PATH, response_model=None, include_in_schema=False)
     async def aes_echo(request: Request) -> Response:

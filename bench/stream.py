@@ -5,25 +5,27 @@ on a free port, local-directory storage in a temporary directory, the admin toke
 key created through the API) with three bench-only routes (`bench/echo_app.py`): `POST
 /bench/echo`, the file part streamed back through the same multipart reader and the same
 duplex response as the encrypt route, with no crypto; `POST /bench/hold-echo`, the same
-held and sent a frame at a time, with no crypto; and `POST /bench/aes-echo`, the same
-through AES-256-GCM alone, with no format. Then prints, in one run:
+held and sent a frame at a time, with no crypto; and `POST /bench/aes-echo`, each chunk
+sent back through AES-256-GCM alone, with no format. Then prints, in one run:
 
 1. memory: the server's peak RSS (Linux VmHWM, reset through /proc/<pid>/clear_refs
-   before each upload) while a 1 GiB and a 4 GiB upload are encrypted and streamed back.
-   Goal: the two peaks within 32 MiB of each other, both under 200 MiB.
+   before each upload) while a 1 GiB and a 4 GiB upload are encrypted and streamed back,
+   sent chunked (so each frame is held: the most a stream-back holds). Goal: the two
+   peaks within 32 MiB of each other, both under 200 MiB.
 2. stream-back: encrypt-to-client MB/s next to its ceiling, the same server echoing the
    same bytes (goal ratio >= 0.8), alternated in rounds whose order is reversed every
    other round, best of each kept; with each, the server process's CPU seconds per GiB
    (all threads; /proc/<pid>/stat), which says what the encryption costs the server
-   apart from the client's share of the 2 cores. Between them, in the same rounds, two
-   steps from the echo towards encrypting: the echo held and sent in frame-sized pieces,
-   as the format needs (a frame is sent once it is known not to be the final one), with
-   no crypto; and that through AES-GCM alone, with no header, sequence numbers or tags.
-   They show what the hold costs the echo on this machine, what the work every encrypting
-   stream-back of this format must do costs it, and how near the encrypt route comes to
-   that. AES-256-GCM's speed varies from machine to machine (2.3 GB/s in DESIGN §10;
-   1.5 to 18 GB/s on later ones), and with it both ratios; its speed on one core is
-   printed too.
+   apart from the client's share of the 2 cores. The goal's figure is for uploads that
+   declare their length, as curl sends the seed's `-F file=@largeFile`: the service then
+   sends each chunk's ciphertext as soon as it is sealed. Beside it, in the same rounds,
+   the echo through AES-GCM alone (no header, sequence numbers or tags): what the work
+   every encrypting stream-back must do costs the echo, and how near the encrypt route
+   comes to that. Then the same for chunked uploads, whose file length is unknown, so
+   each frame is held until full (only then is it known not to be the final one), with
+   the echo held the same way and no crypto as the step between. AES-256-GCM's speed
+   varies from machine to machine (2.3 GB/s in DESIGN §10; 1.5 to 18 GB/s on later
+   ones), and with it the ratios; its speed on one core is printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -40,12 +42,14 @@ through AES-256-GCM alone, with no format. Then prints, in one run:
    curl, whose output is piped into a second curl that decrypts it through the API): the
    aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
 
-The client is curl, which reads the response while it sends (DESIGN §10), fed from a
-generator thread. The file part is `-F file=@/dev/stdin`: curl 7.88 reads all of a
+The client is curl, which reads the response while it sends (DESIGN §10). A chunked
+upload is fed from a generator thread as `-F file=@/dev/stdin`: curl 7.88 reads all of a
 `-F file=@-` stdin into memory before sending, while a named non-regular file is streamed
-(chunked). No plaintext touches disk: data is generated on the fly (a few random 1 MiB
-blocks, cycled), and moto's part files go to a tmpfs. The machines are shared and noisy
-(2 cores), so only ratios measured in the same run mean anything.
+(chunked). An upload of declared length is `-F file=@/dev/fd/<n>`, an anonymous file in
+memory (memfd) that curl sees as a regular file. No plaintext touches disk: data is
+generated (a few random 1 MiB blocks, cycled), and moto's part files go to a tmpfs. The
+machines are shared and noisy (2 cores), so only ratios measured in the same run mean
+anything.
 """
 
 import argparse
@@ -127,6 +131,26 @@ class Plaintext:
             piece = self._blocks[(sent // BLOCK) % 4][: self.total - sent]
             sent += len(piece)
             yield piece
+
+
+class PlaintextFile:
+    """A `Plaintext` in an anonymous file in memory (memfd, never on disk), which curl
+    sends as a regular file: with a Content-Length, as it sends `-F file=@path`. Its
+    descriptor is inherited by curl and named `/dev/fd/<n>`."""
+
+    def __init__(self, data: Plaintext) -> None:
+        self.total = data.total
+        self.fd = os.memfd_create("bench-plaintext")
+        with open(self.fd, "wb", closefd=False) as file:
+            for chunk in data.chunks():
+                file.write(chunk)
+
+    @property
+    def path(self) -> str:
+        return f"/dev/fd/{self.fd}"
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class PlaintextStream(io.RawIOBase):
@@ -336,7 +360,9 @@ class Transfer:
 WRITE_OUT = "%{stderr}\nbench-write-out %{http_code} %{size_upload} %{size_download}\n"
 
 
-def curl_command(server: Server, path: str, metadata: dict[str, Any], output: str) -> list[str]:
+def curl_command(
+    server: Server, path: str, metadata: dict[str, Any], output: str, source: str = "/dev/stdin"
+) -> list[str]:
     return [
         "curl",
         "--silent",
@@ -348,7 +374,7 @@ def curl_command(server: Server, path: str, metadata: dict[str, Any], output: st
         "--form",
         f"metadata={json.dumps(metadata, separators=(',', ':'))};type=application/json",
         "--form",
-        "file=@/dev/stdin;type=application/octet-stream",
+        f"file=@{source};type=application/octet-stream",
         "--output",
         output,
         "--write-out",
@@ -398,25 +424,37 @@ def _write_out(process: "subprocess.Popen[bytes]", errors: list[str]) -> tuple[i
     return status, uploaded, downloaded
 
 
-def upload(server: Server, path: str, metadata: dict[str, Any], data: Plaintext) -> Transfer:
-    """POST `data` as the form's file part; the response body is discarded (or kept if small)."""
+def upload(
+    server: Server, path: str, metadata: dict[str, Any], data: Plaintext | PlaintextFile
+) -> Transfer:
+    """POST `data` as the form's file part, chunked from a pipe (a `Plaintext`) or with its
+    length declared (a `PlaintextFile`); the response body is discarded (or kept if small)."""
     errors: list[str] = []
     keep = "destination" in metadata
+    output = "-" if keep else os.devnull
+    if isinstance(data, PlaintextFile):
+        source, stdin, inherited = data.path, subprocess.DEVNULL, [data.fd]
+    else:
+        source, stdin, inherited = "/dev/stdin", subprocess.PIPE, []
     cpu_before = server.cpu_seconds()
     start = time.perf_counter()
     process = subprocess.Popen(
-        curl_command(server, path, metadata, "-" if keep else os.devnull),
-        stdin=subprocess.PIPE,
+        curl_command(server, path, metadata, output, source),
+        stdin=stdin,
         stdout=subprocess.PIPE if keep else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        pass_fds=inherited,
     )
-    assert process.stdin is not None
-    _widen(process.stdin)
-    feeder = threading.Thread(target=_feed, args=(data, process.stdin, None, errors))
-    feeder.start()
+    feeder = None
+    if isinstance(data, Plaintext):
+        assert process.stdin is not None
+        _widen(process.stdin)
+        feeder = threading.Thread(target=_feed, args=(data, process.stdin, None, errors))
+        feeder.start()
     body = process.stdout.read() if process.stdout is not None else b""
     status, uploaded, downloaded = _write_out(process, errors)
-    feeder.join()
+    if feeder is not None:
+        feeder.join()
     seconds = time.perf_counter() - start
     cpu = server.cpu_seconds() - cpu_before
     return Transfer(seconds, status, uploaded, downloaded, body, errors=errors, server_cpu=cpu)
@@ -493,7 +531,8 @@ def memory_figures(server: Server, sizes: list[int]) -> None:
     rss = PeakRss(server.pid)
     idle = rss.current_mib()
     print(
-        f"1. memory: server peak RSS (VmHWM) while encrypting, streamed back; idle {idle:.1f} MiB"
+        f"1. memory: server peak RSS (VmHWM) while encrypting, streamed back (sent chunked, "
+        f"so frames are held); idle {idle:.1f} MiB"
     )
     peaks = []
     for total in sizes:
@@ -536,13 +575,16 @@ class Best:
 
 @dataclass
 class StreamBack:
-    """Each kind of upload, alternated on one server."""
+    """Each kind of upload, alternated on one server: the file's length declared (curl
+    sends a regular file with a Content-Length) or not (chunked, from a pipe)."""
 
     total: int
     echo: Best = field(default_factory=Best)
-    held: Best = field(default_factory=Best)
     aes_alone: Best = field(default_factory=Best)
     encrypt: Best = field(default_factory=Best)
+    chunked_echo: Best = field(default_factory=Best)
+    held: Best = field(default_factory=Best)
+    chunked_encrypt: Best = field(default_factory=Best)
     local: Best = field(default_factory=Best)
     disk: float = float("inf")
 
@@ -560,48 +602,60 @@ def whole_reply(path: str, downloaded: int, total: int) -> bool:
 
 
 def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
-    """Echo, the echo held a frame at a time, that through AES-GCM alone, encrypt and (if
-    asked) encrypt to local storage, alternated; best of each."""
-    data = Plaintext(total)
+    """With the length declared: the echo, the echo through AES-GCM alone and encrypt;
+    sent chunked: the echo, the echo held a frame at a time and encrypt; and (if asked)
+    encrypt to local storage; alternated, best of each."""
+    piped = Plaintext(total)
+    declared = PlaintextFile(piped)
     best = StreamBack(total)
     assert server.storage_dir is not None
     store = LocalStore(server.storage_dir)
-    kinds = [
-        (ECHO_PATH, "echo", best.echo),
-        (HOLD_ECHO_PATH, "the held echo", best.held),
-        (AES_ECHO_PATH, "the AES-GCM echo", best.aes_alone),
-        (ENCRYPT_PATH, "encrypt", best.encrypt),
+    kinds: list[tuple[str, str, Best, Plaintext | PlaintextFile]] = [
+        (ECHO_PATH, "echo", best.echo, declared),
+        (AES_ECHO_PATH, "the AES-GCM echo", best.aes_alone, declared),
+        (ENCRYPT_PATH, "encrypt", best.encrypt, declared),
+        (ECHO_PATH, "echo, chunked", best.chunked_echo, piped),
+        (HOLD_ECHO_PATH, "the held echo", best.held, piped),
+        (ENCRYPT_PATH, "encrypt, chunked", best.chunked_encrypt, piped),
     ]
-    for number in range(rounds):
-        for path, what, kept in in_turn(kinds, number):
-            transfer = checked(upload(server, path, {"kid": KID}, data), what)
-            if not whole_reply(path, transfer.downloaded, total):
-                raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
-            kept.add(transfer)
-        if not to_storage:
-            continue
-        metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
-        transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
-        stored = settled(server, transfer, total)
-        store.delete(stored["storageKey"])
-        best.local.add(transfer)
-        best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
+    try:
+        for number in range(rounds):
+            for path, what, kept, data in in_turn(kinds, number):
+                transfer = checked(upload(server, path, {"kid": KID}, data), what)
+                if not whole_reply(path, transfer.downloaded, total):
+                    raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
+                kept.add(transfer)
+            if to_storage:
+                store_once(server, store, best, number, piped)
+    finally:
+        declared.close()
     print(
         f"2. stream-back, {total / MIB:.0f} MiB per upload, best of {rounds} rounds "
-        "(the four alternated on one server, the order reversed every other round)"
+        "(the six alternated on one server, the order reversed every other round)"
+    )
+    print(
+        "  the file's length declared (curl -F file=@path): each chunk's ciphertext sent as sealed"
     )
     print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
     print(f"  echo through AES-GCM alone     {best.aes_alone.figures(total)}")
-    print(f"  echo held a frame at a time    {best.held.figures(total)}")
     print(f"  ceiling: echo, no crypto       {best.echo.figures(total)}")
     print(
         f"  ratio {best.echo.seconds / best.encrypt.seconds:.3f}  (goal >= 0.80)   "
         f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
     )
     print(
-        f"  of the echo: held {best.echo.seconds / best.held.seconds:.3f}, "
-        f"AES-GCM alone {best.echo.seconds / best.aes_alone.seconds:.3f}; "
+        f"  AES-GCM alone {best.echo.seconds / best.aes_alone.seconds:.3f} of the echo; "
         f"sealstream encrypt {best.aes_alone.seconds / best.encrypt.seconds:.3f} of AES-GCM alone"
+    )
+    print("  sent chunked (curl -F file=@/dev/stdin from a pipe): each frame held until full")
+    print(f"  sealstream encrypt -> client   {best.chunked_encrypt.figures(total)}")
+    print(f"  echo held a frame at a time    {best.held.figures(total)}")
+    print(f"  echo, no crypto                {best.chunked_echo.figures(total)}")
+    print(
+        f"  ratio {best.chunked_echo.seconds / best.chunked_encrypt.seconds:.3f}  (shown)   "
+        f"held {best.chunked_echo.seconds / best.held.seconds:.3f} of the echo; "
+        f"sealstream encrypt {best.held.seconds / best.chunked_encrypt.seconds:.3f} "
+        "of the held echo"
     )
     aes = aes_gcm_seconds_per_gib()
     extra = (best.encrypt.server_cpu - best.echo.server_cpu) / (total / GIB)
@@ -610,6 +664,20 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
         f"encrypt's server CPU over echo's: {extra:.2f} s/GiB"
     )
     return best
+
+
+def store_once(
+    server: Server, store: LocalStore, best: StreamBack, number: int, data: Plaintext
+) -> None:
+    """Encrypt `data` into local storage, then write as many bytes to the disk; each kept
+    if best, and the object deleted."""
+    metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
+    transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
+    stored = settled(server, transfer, data.total)
+    store.delete(stored["storageKey"])
+    best.local.add(transfer)
+    assert server.storage_dir is not None
+    best.disk = min(best.disk, disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
 
 
 def aes_gcm_seconds_per_gib() -> float:
