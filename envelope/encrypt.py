@@ -40,6 +40,24 @@ class Encryptor:
     the frames make the whole message.
     """
 
+    # Streamed, the encryptor's state is read for every chunk, by when it has gone cold in
+    # the CPU's caches: slots keep it in the object itself rather than in a dict.
+    __slots__ = (
+        "_cipher",
+        "_finished",
+        "_frame",
+        "_header_written",
+        "_lent",
+        "_sequence_number",
+        "_spare",
+        "_spare_stream",
+        "_streamed",
+        "_streamed_until",
+        "frame_length",
+        "header",
+        "plaintext_length",
+    )
+
     def __init__(
         self,
         keyrings: Sequence[Keyring],

@@ -203,6 +203,8 @@ class StreamedFrame:
     knowledge is `Encryptor.expect_length`.
     """
 
+    __slots__ = ("_context", "prefix", "room")  # read per chunk, like the Encryptor's
+
     def __init__(self, cipher: FrameCipher, sequence_number: int, frame_length: int) -> None:
         self.prefix = REGULAR_PREFIX.pack(sequence_number, frame_iv(sequence_number))
         self.room = frame_length  # plaintext bytes it still takes
