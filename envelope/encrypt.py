@@ -84,7 +84,7 @@ class Encryptor:
         frames, or pieces of streamed ones: see `expect_length`)."""
         view = memoryview(data).cast("B")
         frame = self._streamed
-        if frame is not None and len(view) < frame.room:
+        if frame is not None and 0 < len(view) < frame.room:
             # Inside a streamed frame, as most chunks are: the short way, since every
             # microsecond spent per chunk shows in a stream's speed.
             out = self._stream_buffer(len(view))
@@ -97,7 +97,7 @@ class Encryptor:
         if self._finished:
             raise StateError("the encryptor has finished")
         out: list[Piece] = [*self._header_once()]
-        if self.plaintext_length < self._streamed_until:
+        if self.plaintext_length < self._streamed_until and view:
             streamed = self._streamed_until - self.plaintext_length
             if len(view) <= streamed:
                 out.append(self._stream(view))

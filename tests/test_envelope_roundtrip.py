@@ -237,6 +237,7 @@ def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
     plaintext = os.urandom(2 * FRAME + 1)
     [header, first] = encryptor.update(plaintext[:100])
     assert len(first) == REGULAR_PREFIX.size + 100  # the first frame's prefix and 100 bytes
+    assert encryptor.update(b"") == []
     [second] = encryptor.update(plaintext[100 : FRAME + 50])
     # The first frame's rest and tag, the second's prefix and first 50 bytes.
     assert len(second) == FRAME - 100 + REGULAR_OVERHEAD + 50
