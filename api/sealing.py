@@ -10,9 +10,9 @@ since only then is it known not to be the final one. Decrypting, chunks are gath
 into batches of about a frame, since a frame is released only once authenticated whole;
 a batch of up to 2 MiB is opened on the loop, larger ones on a worker thread, so the loop
 never stalls. To storage, batches are sealed, hashed and handed to the multipart writer
-in one worker-thread call. Backpressure holds
-end to end: the next chunk is read only once the previous one has been sent to the client
-or accepted by the writer, which blocks while its parts in flight are at their limit.
+in one worker-thread call. Backpressure holds end to end: the next chunk is read only
+once the previous one has been sent to the client or accepted by the writer, which blocks
+while its parts in flight are at their limit.
 
 A thread that writes into storage, or reads out of it, waits as long as the store makes
 it wait; those come from a pool of their own (`Services.transfers`), so that streams held
