@@ -13,6 +13,7 @@ that end within `n` bytes go out as they are sealed, each chunk's ciphertext wit
 prefixes and tags around it, and only the frames after them are held.
 """
 
+from collections import deque
 from collections.abc import Sequence
 
 from envelope.context import EncryptionContext
@@ -31,6 +32,13 @@ from envelope.suite import TAG_LENGTH
 
 Piece = bytearray | memoryview  # of the message, handed out by an `Encryptor`
 
+# Streamed frames are started this many at a time, within the promised length. Made at
+# each frame's edge, right after a chunk was sealed, an AES-GCM context found the code and
+# tables it needs evicted from the CPU's caches: about 34 µs, against about 7 µs each when
+# 16 were made in a row (timed after a 6 MiB write, on a Xeon with 2 MiB of L2). At 1 MiB
+# frames, that is some 28 ms of every GiB streamed.
+FRAMES_AHEAD = 16
+
 
 class Encryptor:
     """Encrypts one message.
@@ -48,6 +56,7 @@ class Encryptor:
         "_frame",
         "_header_written",
         "_lent",
+        "_ready",
         "_sequence_number",
         "_spare",
         "_spare_stream",
@@ -72,6 +81,7 @@ class Encryptor:
         self._frame: PendingFrame | None = None  # started when its first byte comes
         self._streamed: StreamedFrame | None = None  # likewise, while frames are streamed
         self._streamed_until = 0  # the end of the last frame streamed: a whole number of frames
+        self._ready: deque[StreamedFrame] = deque()  # streamed frames started ahead
         self._spare: bytearray | None = None  # a recycled frame, for the next one
         self._lent: bytearray | None = None  # under the last streamed piece handed out
         self._spare_stream: bytearray | None = None  # that, given back, for the next one
@@ -133,6 +143,10 @@ class Encryptor:
         if self._frame is not None:
             out.append(self._frame.seal_final())
         else:
+            # Ended at a streamed frame's edge: the frames started after it were never
+            # written to, and the final frame takes the first of their sequence numbers.
+            self._sequence_number -= len(self._ready)
+            self._ready.clear()
             out.append(self._cipher.seal(self._sequence_number, memoryview(b""), final=True))
         self._frame = None
         self._finished = True
@@ -186,10 +200,7 @@ class Encryptor:
         while plaintext:
             frame = self._streamed
             if frame is None:
-                sequence_number = self._next_regular_sequence_number()
-                frame = self._streamed = StreamedFrame(
-                    self._cipher, sequence_number, self.frame_length
-                )
+                frame = self._streamed = self._next_streamed_frame()
                 out[written : written + REGULAR_PREFIX.size] = frame.prefix
                 written += REGULAR_PREFIX.size
             took = frame.write_into(plaintext, out[written:])
@@ -200,6 +211,20 @@ class Encryptor:
                 written += TAG_LENGTH
                 self._streamed = None
         return out[:written]
+
+    def _next_streamed_frame(self) -> StreamedFrame:
+        """The next streamed frame, started in a batch of up to `FRAMES_AHEAD` with those
+        after it, all within the promised length. They take their sequence numbers now,
+        in order; a plaintext that ends early at a frame's edge gives back the unused ones
+        (`finish`)."""
+        if not self._ready:
+            streamed_frames = self._streamed_until // self.frame_length
+            count = min(FRAMES_AHEAD, streamed_frames - self._sequence_number + 1)
+            self._ready.extend(
+                StreamedFrame(self._cipher, self._next_regular_sequence_number(), self.frame_length)
+                for _ in range(count)
+            )
+        return self._ready.popleft()
 
     def _stream_buffer(self, size: int) -> memoryview:
         """`size` bytes to write a streamed piece into: the last piece's buffer, if it was

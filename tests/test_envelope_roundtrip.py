@@ -20,6 +20,7 @@ from envelope import (
     RsaKeyring,
     StateError,
 )
+from envelope.encrypt import FRAMES_AHEAD
 from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, REGULAR_PREFIX, PendingFrame
 from tests.envelope_helpers import seal_frames
 
@@ -276,6 +277,26 @@ def test_a_plaintext_shorter_than_promised_fails_only_inside_a_streamed_frame(si
         assert message == encryptor.header.to_bytes() + seal_frames(
             encryptor._cipher, plaintext, FRAME
         )
+
+
+PROMISED_FRAMES = 2 * FRAMES_AHEAD + 3  # three batches of streamed frames started ahead
+
+
+@pytest.mark.parametrize(
+    "frames", [0, 1, FRAMES_AHEAD - 1, FRAMES_AHEAD, FRAMES_AHEAD + 1, PROMISED_FRAMES]
+)
+def test_a_plaintext_ending_at_any_frame_edge_within_the_promise_is_a_whole_message(
+    frames: int,
+) -> None:
+    # Streamed frames are started several at a time, each taking its sequence number
+    # then: ending at an earlier frame's edge, the final frame must take the next one.
+    encryptor = Encryptor([keyring_of("aes")], frame_length=FRAME)
+    encryptor.expect_length(PROMISED_FRAMES * FRAME)
+    plaintext = os.urandom(frames * FRAME)
+    message = encrypt_with(encryptor, plaintext, [FRAME // 3 + 1, 2 * FRAME + 5], recycle=True)
+    header = encryptor.header.to_bytes()
+    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert decrypt([keyring_of("aes")], message, [1000]) == plaintext
 
 
 def test_a_length_is_promised_before_any_plaintext() -> None:
