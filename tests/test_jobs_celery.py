@@ -104,6 +104,13 @@ def succeeded(worker: CeleryWorker) -> list[str]:
     return re.findall(rf"Task {RUN_JOB}\[([0-9a-f-]+)\] succeeded", worker.output())
 
 
+def succeeded_once_logged(worker: CeleryWorker) -> list[str]:
+    """`succeeded(worker)`, once the worker has logged a success: the task finishes its
+    job's record itself, a moment before the worker's main process logs that it returned."""
+    wait_for(lambda: bool(succeeded(worker)), "the worker to log the task's success")
+    return succeeded(worker)
+
+
 def issue_token(client: httpx.Client, tenant: str, scopes: list[str]) -> str:
     response = client.post("/api/admin/tokens", json={"tenant": tenant, "scopes": scopes})
     assert response.status_code == 201, response.text
@@ -177,7 +184,7 @@ def test_encrypt_to_storage_is_verified_by_a_worker_process(shared_stack: JobSta
     worker = shared_stack.workers[0]
     tasks = task_ids(worker, job_id)
     assert len(tasks) == 1, worker.output()[-3000:]
-    assert tasks[0] in succeeded(worker)
+    assert tasks[0] in succeeded_once_logged(worker)
 
 
 def frame_tampered(message: bytes) -> bytes:
@@ -365,7 +372,7 @@ def test_a_job_whose_worker_was_killed_is_redone_by_a_new_worker(job_stack: JobS
     # The same task, perhaps more than once: while the killed worker's lease on the job
     # lasts, a delivery finds it held and comes back later (a retry), never runs beside it.
     assert set(received(second)) == set(received(first)), second.output()[-3000:]
-    assert succeeded(second) == received(first)
+    assert succeeded_once_logged(second) == received(first)
 
 
 def redo_after_pool_kill(stack: JobStack) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -395,7 +402,7 @@ def test_a_job_whose_pool_process_was_killed_is_redone_at_once_and_counted_once(
     # Redelivered at once; a delivery that finds the dead process's lease still held is
     # retried later, so the one task may be received more than twice, but runs once more.
     assert len(tasks) >= 2 and len(set(tasks)) == 1, worker.output()[-3000:]
-    assert len(succeeded(worker)) == 1, worker.output()[-3000:]
+    assert len(succeeded_once_logged(worker)) == 1, worker.output()[-3000:]
     progress = record["progress"]
     assert progress["bytesDone"] == progress["bytesTotal"], (
         "the redone verify counted the first attempt's bytes again:\n" + show(record)
