@@ -46,10 +46,12 @@ Each kind's best round is printed, and each ratio is judged round by round: the 
 over the rounds, of the two kinds' ratio within a round (the best rounds' ratio beside
 it). These machines' speed drifts over seconds: the same upload's server CPU per GiB
 moved from 0.8 to 1.3 s between rounds, in phases the kinds of one round share. Pairing
-rounds cancels that; the ratio of two bests compares one kind's luckiest moment with
-another's. Over 40 rounds of 1 GiB, in sets of 3 rounds, stream-back's ratio judged
-round by round spread with a standard deviation of 0.039; the best rounds' ratio, 0.083;
-and the rounds paired at random, 0.090.
+rounds cancels that within a run; the ratio of two bests compares one kind's luckiest
+moment with another's. Over 40 rounds of 1 GiB on one server, in sets of 3 rounds,
+stream-back's ratio judged round by round spread with a standard deviation of 0.039; the
+best rounds' ratio, 0.083; the rounds paired at random, 0.090. From one run to the next,
+the machine varies more: over 25 whole runs, both figures spread alike (0.10), so a run
+says little alone, and the figures to quote are medians over many.
 
 The client is curl, which reads the response while it sends (DESIGN §10). A chunked
 upload is fed from a generator thread as `-F file=@/dev/stdin`: curl 7.88 reads all of a
