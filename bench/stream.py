@@ -567,15 +567,6 @@ def memory_figures(server: Server, sizes: list[int]) -> None:
     )
 
 
-def ratio(ceiling: "Timed", ours: "Timed") -> str:
-    """Our speed as a share of the ceiling's, judged round by round (see the module's
-    docstring), with the ratio of the two best rounds beside it."""
-    if len(ceiling.each) != len(ours.each):
-        raise BenchError("the two kinds compared ran a different number of rounds")
-    by_round = statistics.median(c / o for c, o in zip(ceiling.each, ours.each, strict=True))
-    return f"{by_round:.3f} (best rounds {ceiling.seconds / ours.seconds:.3f})"
-
-
 @dataclass
 class Timed:
     """Each round's seconds for a kind of upload, in order, and the fastest of them."""
@@ -583,15 +574,22 @@ class Timed:
     each: list[float] = field(default_factory=list)
 
     @property
-    def seconds(self) -> float:
+    def fastest(self) -> float:
         return min(self.each)
 
     def time(self, seconds: float) -> None:
         self.each.append(seconds)
 
 
+def ratio(ceiling: Timed, ours: Timed) -> str:
+    """Our speed as a share of the ceiling's, judged round by round (see the module's
+    docstring), with the ratio of the two best rounds beside it."""
+    by_round = statistics.median(c / o for c, o in zip(ceiling.each, ours.each, strict=True))
+    return f"{by_round:.3f} (best rounds {ceiling.fastest / ours.fastest:.3f})"
+
+
 @dataclass
-class Best(Timed):
+class Kind(Timed):
     """A kind of upload's rounds, and the least server CPU any of them took."""
 
     server_cpu: float = float("inf")
@@ -602,7 +600,7 @@ class Best(Timed):
 
     def figures(self, total: int) -> str:
         return (
-            f"{mb_per_s(total, self.seconds):6.0f} MB/s "
+            f"{mb_per_s(total, self.fastest):6.0f} MB/s "
             f"(server CPU {self.server_cpu / (total / GIB):4.2f} s/GiB)"
         )
 
@@ -613,13 +611,13 @@ class StreamBack:
     sends a regular file with a Content-Length) or not (chunked, from a pipe)."""
 
     total: int
-    echo: Best = field(default_factory=Best)
-    aes_alone: Best = field(default_factory=Best)
-    encrypt: Best = field(default_factory=Best)
-    chunked_echo: Best = field(default_factory=Best)
-    held: Best = field(default_factory=Best)
-    chunked_encrypt: Best = field(default_factory=Best)
-    local: Best = field(default_factory=Best)
+    echo: Kind = field(default_factory=Kind)
+    aes_alone: Kind = field(default_factory=Kind)
+    encrypt: Kind = field(default_factory=Kind)
+    chunked_echo: Kind = field(default_factory=Kind)
+    held: Kind = field(default_factory=Kind)
+    chunked_encrypt: Kind = field(default_factory=Kind)
+    local: Kind = field(default_factory=Kind)
     disk: Timed = field(default_factory=Timed)
 
 
@@ -638,19 +636,19 @@ def whole_reply(path: str, downloaded: int, total: int) -> bool:
 def stream_back_figures(server: Server, total: int, rounds: int, to_storage: bool) -> StreamBack:
     """With the length declared: the echo, the echo through AES-GCM alone and encrypt;
     sent chunked: the echo, the echo held a frame at a time and encrypt; and (if asked)
-    encrypt to local storage; alternated, best of each."""
+    encrypt to local storage; alternated, each round timed."""
     piped = Plaintext(total)
     declared = PlaintextFile(piped)
-    best = StreamBack(total)
+    timings = StreamBack(total)
     assert server.storage_dir is not None
     store = LocalStore(server.storage_dir)
-    kinds: list[tuple[str, str, Best, Plaintext | PlaintextFile]] = [
-        (ECHO_PATH, "echo", best.echo, declared),
-        (AES_ECHO_PATH, "the AES-GCM echo", best.aes_alone, declared),
-        (ENCRYPT_PATH, "encrypt", best.encrypt, declared),
-        (ECHO_PATH, "echo, chunked", best.chunked_echo, piped),
-        (HOLD_ECHO_PATH, "the held echo", best.held, piped),
-        (ENCRYPT_PATH, "encrypt, chunked", best.chunked_encrypt, piped),
+    kinds: list[tuple[str, str, Kind, Plaintext | PlaintextFile]] = [
+        (ECHO_PATH, "echo", timings.echo, declared),
+        (AES_ECHO_PATH, "the AES-GCM echo", timings.aes_alone, declared),
+        (ENCRYPT_PATH, "encrypt", timings.encrypt, declared),
+        (ECHO_PATH, "echo, chunked", timings.chunked_echo, piped),
+        (HOLD_ECHO_PATH, "the held echo", timings.held, piped),
+        (ENCRYPT_PATH, "encrypt, chunked", timings.chunked_encrypt, piped),
     ]
     try:
         for number in range(rounds):
@@ -660,7 +658,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
                     raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
                 kept.add(transfer)
             if to_storage:
-                store_once(server, store, best, number, piped)
+                store_once(server, store, timings, number, piped)
     finally:
         declared.close()
     print(
@@ -671,37 +669,37 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
     print(
         "  the file's length declared (curl -F file=@path): each chunk's ciphertext sent as sealed"
     )
-    print(f"  sealstream encrypt -> client   {best.encrypt.figures(total)}")
-    print(f"  echo through AES-GCM alone     {best.aes_alone.figures(total)}")
-    print(f"  ceiling: echo, no crypto       {best.echo.figures(total)}")
+    print(f"  sealstream encrypt -> client   {timings.encrypt.figures(total)}")
+    print(f"  echo through AES-GCM alone     {timings.aes_alone.figures(total)}")
+    print(f"  ceiling: echo, no crypto       {timings.echo.figures(total)}")
     print(
-        f"  ratio {ratio(best.echo, best.encrypt)}  (goal >= 0.80)   "
-        f"server CPU ratio {best.echo.server_cpu / best.encrypt.server_cpu:.3f}"
+        f"  ratio {ratio(timings.echo, timings.encrypt)}  (goal >= 0.80)   "
+        f"server CPU ratio {timings.echo.server_cpu / timings.encrypt.server_cpu:.3f}"
     )
     print(
-        f"  AES-GCM alone {ratio(best.echo, best.aes_alone)} of the echo; "
-        f"sealstream encrypt {ratio(best.aes_alone, best.encrypt)} of AES-GCM alone"
+        f"  AES-GCM alone {ratio(timings.echo, timings.aes_alone)} of the echo; "
+        f"sealstream encrypt {ratio(timings.aes_alone, timings.encrypt)} of AES-GCM alone"
     )
     print("  sent chunked (curl -F file=@/dev/stdin from a pipe): each frame held until full")
-    print(f"  sealstream encrypt -> client   {best.chunked_encrypt.figures(total)}")
-    print(f"  echo held a frame at a time    {best.held.figures(total)}")
-    print(f"  echo, no crypto                {best.chunked_echo.figures(total)}")
-    print(f"  ratio {ratio(best.chunked_echo, best.chunked_encrypt)}  (shown)")
+    print(f"  sealstream encrypt -> client   {timings.chunked_encrypt.figures(total)}")
+    print(f"  echo held a frame at a time    {timings.held.figures(total)}")
+    print(f"  echo, no crypto                {timings.chunked_echo.figures(total)}")
+    print(f"  ratio {ratio(timings.chunked_echo, timings.chunked_encrypt)}  (shown)")
     print(
-        f"  held {ratio(best.chunked_echo, best.held)} of the echo; "
-        f"sealstream encrypt {ratio(best.held, best.chunked_encrypt)} of the held echo"
+        f"  held {ratio(timings.chunked_echo, timings.held)} of the echo; "
+        f"sealstream encrypt {ratio(timings.held, timings.chunked_encrypt)} of the held echo"
     )
     aes = aes_gcm_seconds_per_gib()
-    extra = (best.encrypt.server_cpu - best.echo.server_cpu) / (total / GIB)
+    extra = (timings.encrypt.server_cpu - timings.echo.server_cpu) / (total / GIB)
     print(
         f"  AES-256-GCM alone, one core {GIB / aes / 1e6:7.0f} MB/s ({aes:.2f} s/GiB); "
         f"encrypt's server CPU over echo's: {extra:.2f} s/GiB"
     )
-    return best
+    return timings
 
 
 def store_once(
-    server: Server, store: LocalStore, best: StreamBack, number: int, data: Plaintext
+    server: Server, store: LocalStore, timings: StreamBack, number: int, data: Plaintext
 ) -> None:
     """Encrypt `data` into local storage, then write as many bytes to the disk; both timed,
     and the object deleted."""
@@ -709,9 +707,9 @@ def store_once(
     transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
     stored = settled(server, transfer, data.total)
     store.delete(stored["storageKey"])
-    best.local.add(transfer)
+    timings.local.add(transfer)
     assert server.storage_dir is not None
-    best.disk.time(disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
+    timings.disk.time(disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
 
 
 def aes_gcm_seconds_per_gib() -> float:
@@ -750,17 +748,17 @@ def disk_write_seconds(directory: Path, size: int) -> float:
         path.unlink(missing_ok=True)
 
 
-def local_storage_figures(best: StreamBack) -> None:
-    total = best.total
+def local_storage_figures(timings: StreamBack) -> None:
+    total, disk = timings.total, timings.disk
     print(f"3. to storage; local directory, {total / MIB:.0f} MiB, in the rounds of 2.")
-    print(f"  sealstream encrypt -> storage  {best.local.figures(total)}")
+    print(f"  sealstream encrypt -> storage  {timings.local.figures(total)}")
     print(
         "  ceiling: the disk, as many bytes written and fsync'd "
-        f"{mb_per_s(total, best.disk.seconds):6.0f} MB/s   ratio {ratio(best.disk, best.local)}"
+        f"{mb_per_s(total, disk.fastest):6.0f} MB/s   ratio {ratio(disk, timings.local)}"
     )
     print(
-        f"  next to stream-back encrypt {mb_per_s(total, best.encrypt.seconds):6.0f} MB/s: "
-        f"ratio {ratio(best.encrypt, best.local)} (our own overhead of storing)"
+        f"  next to stream-back encrypt {mb_per_s(total, timings.encrypt.fastest):6.0f} MB/s: "
+        f"ratio {ratio(timings.encrypt, timings.local)} (our own overhead of storing)"
     )
 
 
@@ -830,7 +828,7 @@ def moto_server(workdir: Path) -> Iterator[tuple[str, int]]:
 
 
 @dataclass
-class S3Best(Timed):
+class S3Kind(Timed):
     """A kind of upload's rounds to S3, and the least CPU its uploader and moto took in one."""
 
     uploader_cpu: float = float("inf")
@@ -844,7 +842,7 @@ class S3Best(Timed):
     def figures(self, total: int, uploader: str) -> str:
         gib = total / GIB
         return (
-            f"{mb_per_s(total, self.seconds):6.0f} MB/s (CPU s/GiB: {uploader} "
+            f"{mb_per_s(total, self.fastest):6.0f} MB/s (CPU s/GiB: {uploader} "
             f"{self.uploader_cpu / gib:4.2f}, moto {self.moto_cpu / gib:4.2f})"
         )
 
@@ -865,9 +863,9 @@ class S3Rounds:
     moto_pid: int
     data: Plaintext
     transfer_config: TransferConfig
-    ours: S3Best = field(default_factory=S3Best)
-    theirs: S3Best = field(default_factory=S3Best)
-    theirs_unsigned: S3Best = field(default_factory=S3Best)
+    ours: S3Kind = field(default_factory=S3Kind)
+    theirs: S3Kind = field(default_factory=S3Kind)
+    theirs_unsigned: S3Kind = field(default_factory=S3Kind)
 
     def boto3_upload(self, number: int) -> None:
         self._boto3_upload(self.s3, self.theirs, f"bench/boto3-{number}")
@@ -875,13 +873,13 @@ class S3Rounds:
     def boto3_unsigned_upload(self, number: int) -> None:
         self._boto3_upload(self.s3_unsigned, self.theirs_unsigned, f"bench/unsigned-{number}")
 
-    def _boto3_upload(self, s3: "S3Client", best: S3Best, key: str) -> None:
+    def _boto3_upload(self, s3: "S3Client", kind: S3Kind, key: str) -> None:
         moto_before, client_before = cpu_seconds(self.moto_pid), client_cpu_seconds()
         start = time.perf_counter()
         s3.upload_fileobj(
             PlaintextStream.open(self.data), self.bucket, key, Config=self.transfer_config
         )
-        best.add(
+        kind.add(
             time.perf_counter() - start,
             client_cpu_seconds() - client_before,
             cpu_seconds(self.moto_pid) - moto_before,
@@ -1006,11 +1004,11 @@ def main() -> None:
                 )
                 memory_figures(server, [int(gib * GIB) for gib in args.memory_gib])
                 total = int(args.gib * GIB)
-                best = stream_back_figures(server, total, args.rounds, not args.skip_storage)
+                timings = stream_back_figures(server, total, args.rounds, not args.skip_storage)
                 if not args.skip_storage:
-                    local_storage_figures(best)
+                    local_storage_figures(timings)
                     s3_figures(workdir, args.s3_mib * MIB, args.rounds)
-                single = mb_per_s(total, best.encrypt.seconds)
+                single = mb_per_s(total, timings.encrypt.fastest)
                 ok = concurrency_figures(server, args.streams, args.stream_mib * MIB, single)
         except BenchError as exc:
             print(f"FAILED: {exc}")
