@@ -50,7 +50,7 @@ from envelope.message import (
     new_message,
     open_message,
 )
-from envelope.ranged import FrameSpan, MessageLayout, RangeDecryptor
+from envelope.ranged import FinalFrameCheck, FrameSpan, MessageLayout, RangeDecryptor
 from envelope.rewrap import rewrap_header
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "EncryptionContextMismatch",
     "Encryptor",
     "EnvelopeError",
+    "FinalFrameCheck",
     "FrameAuthenticationError",
     "FrameReader",
     "FrameSequenceError",

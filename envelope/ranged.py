@@ -4,14 +4,23 @@ Every regular frame has the same length, so a message of known total length has 
 that is pure arithmetic: `n` regular frames of `frame_length + 32` bytes after the header,
 then one final frame of `length + 40` bytes. A plaintext range maps to a run of whole
 frames; `RangeDecryptor` authenticates each of them and returns just the bytes asked for.
+
+A stored message's length is whatever its store says, which anyone who can write the store
+controls: a message cut at a frame boundary has a perfectly regular layout of its own. So
+a length only says where the final frame should be. `FinalFrameCheck` reads the frame
+found there, and only an authentic final frame, with the sequence number and length the
+layout expects, makes the layout (its plaintext length, every frame's place) trustworthy.
 """
 
+import struct
 from dataclasses import dataclass
 
 from envelope.decrypt import FrameReader
 from envelope.errors import InvalidParameter, MessageFormatError, TruncatedMessage
-from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameCipher
+from envelope.frames import END_MARKER, FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameCipher
 from envelope.header import Header
+
+_FINAL_START = struct.Struct(">II")  # a final frame's end marker and sequence number
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class FrameSpan:
     end: int
     skip: int  # plaintext bytes of the first frame before the range
     length: int  # plaintext bytes in the range
+    final: bool  # whether the span ends with the message's final frame
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,8 @@ class MessageLayout:
 
     @classmethod
     def of(cls, header: Header, message_length: int) -> "MessageLayout":
-        """The layout of a message of `message_length` bytes that starts with `header`."""
+        """The layout a message of `message_length` bytes that starts with `header` has,
+        if that is its true length: only its final frame can say (`FinalFrameCheck`)."""
         body = message_length - header.length - FINAL_OVERHEAD
         if body < 0:
             raise TruncatedMessage("the message is too short to hold a final frame")
@@ -52,13 +63,13 @@ class MessageLayout:
 
     @property
     def message_length(self) -> int:
-        stride = self.frame_length + REGULAR_OVERHEAD
-        return (
-            self.header_length
-            + self.regular_frames * stride
-            + FINAL_OVERHEAD
-            + (self.final_frame_length)
-        )
+        return self._frame_start(self.regular_frames) + self._frame_size(self.regular_frames)
+
+    @property
+    def final_frame(self) -> tuple[int, int]:
+        """The ciphertext bytes [start, end) of the final frame."""
+        start = self._frame_start(self.regular_frames)
+        return start, start + self._frame_size(self.regular_frames)
 
     def span(self, first: int, last: int) -> FrameSpan:
         """The frames that hold plaintext bytes `first` to `last`, both included."""
@@ -74,6 +85,7 @@ class MessageLayout:
             end=self._frame_start(last_index) + self._frame_size(last_index),
             skip=first - first_index * self.frame_length,
             length=last - first + 1,
+            final=last_index == self.regular_frames,
         )
 
     def _frame_start(self, index: int) -> int:
@@ -85,11 +97,67 @@ class MessageLayout:
         return self.final_frame_length + FINAL_OVERHEAD
 
 
+class FinalFrameCheck:
+    """Authenticates the final frame of a message from the bytes where `claimed`, the
+    layout its length gives, puts it (`claimed.final_frame`), fed in chunks of any size.
+
+    The frame's authenticated sequence number and length, with the authenticated header's
+    frame length, fix the plaintext length and the message length; `layout()` gives that
+    layout, and refuses unless the message length is the one claimed. Anything else where
+    the final frame should be (a regular frame, part of one, a forged or foreign final
+    frame, bytes after it) fails too: the message is not whole.
+    """
+
+    def __init__(self, cipher: FrameCipher, claimed: MessageLayout) -> None:
+        self._cipher = cipher
+        self._claimed = claimed
+        self._start = bytearray()  # the frame's first bytes, until they hold its number
+        self._frames: FrameReader | None = None
+        self._plaintext_length = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        frames = self._frames
+        if frames is None:
+            take = _FINAL_START.size - len(self._start)
+            self._start += data[:take]
+            if len(self._start) < _FINAL_START.size:
+                return
+            frames = self._frames = self._reader(self._start)
+            self._plaintext_length += sum(map(len, frames.feed(self._start)))
+            data = data[take:]
+        self._plaintext_length += sum(map(len, frames.feed(data)))
+
+    def layout(self) -> MessageLayout:
+        if self._frames is None or not self._frames.final_frame_read:
+            raise TruncatedMessage("the message ends inside its final frame")
+        claimed = self._claimed
+        regular_frames = self._frames.next_sequence_number - 2  # the final frame's, less one
+        vouched = MessageLayout(
+            claimed.header_length, claimed.frame_length, regular_frames, self._plaintext_length
+        )
+        if vouched.message_length != claimed.message_length:
+            raise MessageFormatError(
+                f"its final frame ends the message at byte {vouched.message_length}, "
+                f"not at byte {claimed.message_length}"
+            )
+        return vouched
+
+    def _reader(self, start: bytes | bytearray) -> FrameReader:
+        """A reader of the frame that `start` begins, if a final frame, by its own number:
+        its tag authenticates that number, and `layout` compares what it implies."""
+        marker, sequence_number = _FINAL_START.unpack_from(start)
+        if marker != END_MARKER:
+            raise MessageFormatError("no final frame where the message's length puts it")
+        return FrameReader(self._cipher, self._claimed.frame_length, sequence_number)
+
+
 class RangeDecryptor:
     """Decrypts the ciphertext bytes of one `FrameSpan`, returning only the range's plaintext.
 
     `cipher` comes from `open_message` on the message's header, so the header is
     authenticated too; every frame in the span is authenticated before its bytes return.
+    A span that ends the message must end with its final frame, and one that does not
+    must not: so `layout` should be one its final frame vouched for.
     """
 
     def __init__(self, cipher: FrameCipher, layout: MessageLayout, span: FrameSpan) -> None:
@@ -98,6 +166,7 @@ class RangeDecryptor:
         self._received = 0
         self._skip = span.skip
         self._remaining = span.length
+        self._final = span.final
 
     def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         self._received += len(data)
@@ -115,3 +184,5 @@ class RangeDecryptor:
     def finish(self) -> None:
         if self._received != self._expected or self._remaining:
             raise TruncatedMessage("the span ended before its last frame")
+        if self._frames.final_frame_read != self._final:
+            raise MessageFormatError("the span's last frame is not where the message ends")

@@ -1,6 +1,7 @@
 """Random access: plaintext ranges map to whole frames, which decrypt to exactly the range."""
 
 import os
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -8,7 +9,9 @@ from hypothesis import strategies as st
 
 from envelope import (
     AesKeyring,
+    AuthenticationError,
     Encryptor,
+    FinalFrameCheck,
     FrameAuthenticationError,
     InvalidParameter,
     MessageFormatError,
@@ -18,6 +21,7 @@ from envelope import (
     open_message,
     parse_header,
 )
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
 
 FRAME = 4096
 KEYRING = AesKeyring("ranged#1", os.urandom(32))
@@ -131,3 +135,78 @@ def test_a_short_span_is_truncated() -> None:
     decryptor.update(message[span.start : span.end - 1])
     with pytest.raises(TruncatedMessage):
         decryptor.finish()
+
+
+STRIDE = FRAME + REGULAR_OVERHEAD
+
+
+def checked_layout(message: bytes, chunk: int = 1000) -> MessageLayout:
+    """The layout `message`'s length claims, once the final frame there has vouched for it."""
+    header = parse_header(message)
+    claimed = MessageLayout.of(header, len(message))
+    check = FinalFrameCheck(open_message(header, [KEYRING]).cipher, claimed)
+    start, end = claimed.final_frame
+    for offset in range(start, end, chunk):
+        check.update(message[offset : min(end, offset + chunk)])
+    return check.layout()
+
+
+@pytest.mark.parametrize("size", [0, 1, FRAME - 8, FRAME, 5 * FRAME, 5 * FRAME + 77])
+@pytest.mark.parametrize("chunk", [1, 3, 1000, 2 * FRAME])
+def test_the_final_frame_vouches_for_a_whole_message(size: int, chunk: int) -> None:
+    _, message = make_message(size)
+    layout = checked_layout(message, chunk)
+    assert layout == MessageLayout.of(parse_header(message), len(message))
+    assert (layout.plaintext_length, layout.message_length) == (size, len(message))
+
+
+def _body(message: bytes) -> int:
+    """Where the first frame starts."""
+    return parse_header(message).length
+
+
+def _final(message: bytes) -> int:
+    """Where the final frame starts (the messages here end in one of 77 bytes)."""
+    return len(message) - FINAL_OVERHEAD - 77
+
+
+DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    # A whole number of frames looks like a message whose final frame holds FRAME - 8.
+    "cut-at-a-frame-boundary": lambda m: m[: _body(m) + 3 * STRIDE],
+    "cut-before-the-final-frame": lambda m: m[: _final(m)],
+    "cut-inside-a-frame": lambda m: m[: _body(m) + 3 * STRIDE + 200],
+    "cut-inside-the-final-frame": lambda m: m[:-1],
+    "a-byte-appended": lambda m: m + b"\0",
+    "a-frame-appended": lambda m: m + m[_body(m) : _body(m) + STRIDE],
+    "a-frame-dropped": lambda m: m[: _body(m) + STRIDE] + m[_body(m) + 2 * STRIDE :],
+    "another-messages-final-frame": lambda m: m[: _final(m)] + make_message(len(m))[1][_final(m) :],
+    "final-frame-tampered": lambda m: m[:-5] + bytes([m[-5] ^ 1]) + m[-4:],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_a_length_that_is_not_the_messages_is_refused(damage: Callable[[bytes], bytes]) -> None:
+    """Each of these has a layout of its own, or none: never one its final frame vouches for."""
+    _, message = make_message(5 * FRAME + 77)
+    with pytest.raises((MessageFormatError, AuthenticationError)):
+        checked_layout(damage(message))
+
+
+def test_a_span_that_ends_the_message_must_end_in_its_final_frame() -> None:
+    """Read with the layout of its own length, a message cut at a frame boundary ends in a
+    regular frame exactly where that layout puts a final one: only the frame's kind tells."""
+    data, message = make_message(5 * FRAME + 77)
+    cut = message[: _body(message) + 3 * STRIDE]
+    header = parse_header(cut)
+    layout = MessageLayout.of(header, len(cut))
+    span = layout.span(0, layout.plaintext_length - 1)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
+    assert b"".join(decryptor.update(cut[span.start : span.end])) == data[: 3 * FRAME - 8]
+    with pytest.raises(MessageFormatError):
+        decryptor.finish()
+
+
+def test_a_regular_frame_where_the_final_one_should_be_is_named_so() -> None:
+    _, message = make_message(5 * FRAME + 77)
+    with pytest.raises(MessageFormatError, match="no final frame where"):
+        checked_layout(DAMAGE["cut-at-a-frame-boundary"](message))
