@@ -19,9 +19,11 @@ it wait; those come from a pool of their own (`Services.transfers`), so that str
 up by a slow store leave the default pool to the short calls every request makes.
 """
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -35,12 +37,15 @@ from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
 from api.problems import Problem
 from envelope import (
+    AuthenticationError,
     Decryptor,
     FrameReader,
     Header,
     HeaderReader,
     Keyring,
+    MessageFormatError,
     MessageLayout,
+    OpenedMessage,
     RangeDecryptor,
     TruncatedMessage,
     open_message,
@@ -51,14 +56,17 @@ from sealstream.objects import (
     Sealing,
     opening_keyrings,
     read_stored_header,
+    read_stored_layout,
     start_sealing,
 )
 from sealstream.objects import (
     required_context as required,
 )
 from sealstream.spaces import Placement
-from storage import ObjectNotFound, ObjectStore
+from storage import InvalidRange, ObjectNotFound, ObjectStore
 from storage.records import ObjectRecord, load_record
+
+logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -268,37 +276,72 @@ def _open(decryptor: Decryptor, batch: Sequence[memoryview]) -> list[bytes]:
     return [piece for chunk in batch for piece in decryptor.update(chunk)]
 
 
-async def decrypt_object(
+@dataclass
+class CheckedObject:
+    """A stored message whose header and final frame have authenticated, so its layout is
+    the message's own, and the keys that opened it."""
+
+    opening: OpeningKeys
+    opened: OpenedMessage
+    layout: MessageLayout
+
+
+async def check_object(
     keys: KeyStore,
     tenant: str,
     placement: Placement,
-    range_header: str | None,
     *,
     records: ObjectStore,
     expected_kid: str | None,
     required_context: Mapping[str, str],
-    idle_timeout: float,
     transfers: CapacityLimiter,
-) -> Response:
-    """Decrypt a stored object, or just the frames a `Range` needs (206)."""
+) -> CheckedObject:
+    """Authenticate a stored object's header and final frame: they, not the object's size
+    (which whoever writes the bucket controls), say how long its plaintext is.
+
+    An object with a record must also have the size its upload recorded; one without a
+    record (written by another ESDK client, say) is served on its own authentication.
+    An object that fails is damage in storage: 502 `object-damaged`.
+    """
     store, storage_key = placement.store, placement.storage_key
     size = (await run_in_threadpool(store.head, storage_key)).size
     await run_in_threadpool(_check_against_record, records, placement, size)
-    header = await run_in_threadpool(read_stored_header, store, storage_key, size)
-    opening = await run_in_threadpool(keys_for, keys, tenant, header, expected_kid)
-    opened = await run_in_threadpool(
-        open_message, header, opening.keyrings, required(required_context, tenant)
-    )
-    layout = MessageLayout.of(header, size)
+    with _damage_reported(placement):
+        header = await run_in_threadpool(read_stored_header, store, storage_key, size)
+        opening = await run_in_threadpool(keys_for, keys, tenant, header, expected_kid)
+        opened = await run_in_threadpool(
+            open_message, header, opening.keyrings, required(required_context, tenant)
+        )
+        layout = await to_thread.run_sync(
+            read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
+        )
+    return CheckedObject(opening, opened, layout)
+
+
+def decrypt_object(
+    checked: CheckedObject,
+    placement: Placement,
+    range_header: str | None,
+    *,
+    expected_kid: str | None,
+    idle_timeout: float,
+    transfers: CapacityLimiter,
+) -> Response:
+    """Decrypt a checked stored object, or just the frames a `Range` needs (206): every
+    length and range in the answer comes from the authenticated layout."""
+    opening, opened, layout = checked.opening, checked.opened, checked.layout
     total = layout.plaintext_length
     wanted = parse_range(range_header, total)
     headers = {
         "Accept-Ranges": "bytes",
         **key_headers(expected_kid or opening.record.kid, opening.record, opened.keyring),
     }
+    read = partial(placement.store.read, placement.storage_key)
     if wanted is None:
-        frames = FrameReader(opened.cipher, header.frame_length)
-        body = _pump(store.read(storage_key, header.length, size), frames.feed, transfers)
+        frames = FrameReader(opened.cipher, layout.frame_length)
+        body = _pump(
+            partial(read, layout.header_length, layout.message_length), frames.feed, transfers
+        )
         return DuplexStreamingResponse(
             _checked(body, lambda: frames.final_frame_read),
             idle_timeout=idle_timeout,
@@ -308,7 +351,7 @@ async def decrypt_object(
     first, last = wanted
     span = layout.span(first, last)
     ranged = RangeDecryptor(opened.cipher, layout, span)
-    body = _pump(store.read(storage_key, span.start, span.end), ranged.update, transfers)
+    body = _pump(partial(read, span.start, span.end), ranged.update, transfers)
 
     async def checked_range() -> AsyncIterator[bytes]:
         async for piece in body:
@@ -330,27 +373,56 @@ async def decrypt_object(
 
 def _check_against_record(records: ObjectStore, placement: Placement, size: int) -> None:
     """Refuse an object whose size differs from the one its upload recorded: cut short or
-    replaced behind the service's back, its layout (and so every range) would be wrong."""
+    replaced behind the service's back. An object without a record is not refused here:
+    its final frame, checked next, vouches for its length."""
     try:
         recorded = load_record(records, placement.bucket, placement.storage_key)
     except ObjectNotFound:
-        return  # not written by encrypt-to-storage: its frames still authenticate it
+        return
     if recorded.ciphertext_size != size:
-        raise Problem(
-            502,
-            "object-damaged",
-            f"the stored object is {size} bytes; its upload recorded {recorded.ciphertext_size}",
+        raise _damaged(
+            placement, f"it is {size} bytes; its upload recorded {recorded.ciphertext_size}"
         )
 
 
+@contextmanager
+def _damage_reported(placement: Placement) -> Iterator[None]:
+    """A stored object that is no whole, authentic message (malformed, cut, extended, or a
+    tag that fails) as the damage in storage it is, not as a fault of the request."""
+    try:
+        yield
+    except (MessageFormatError, AuthenticationError) as exc:
+        raise _damaged(placement, str(exc)) from None
+    except InvalidRange:  # shorter than a moment ago; its own message names the storage key
+        raise _damaged(placement, "it changed while it was read") from None
+
+
+def _damaged(placement: Placement, reason: str) -> Problem:
+    """502 `object-damaged`; the detail names the object by the key the client gave, the
+    log by its storage key, for whoever repairs the store."""
+    logger.warning(
+        "damaged object %s in bucket %s: %s", placement.storage_key, placement.bucket, reason
+    )
+    return Problem(
+        502,
+        "object-damaged",
+        f"the stored object {placement.key!r} is not a whole, authentic message: {reason}",
+    )
+
+
 async def _pump(
-    chunks: Iterator[bytes],
+    read: Callable[[], Iterator[bytes]],
     open_chunk: Callable[[bytes], list[bytes]],
     transfers: CapacityLimiter,
 ) -> AsyncIterator[bytes]:
-    """Read stored chunks and open them, each step in a transfer thread."""
+    """Read stored chunks and open them, each step in a transfer thread; the read starts
+    in one too, since starting it asks the store for the object's size."""
+    chunks: Iterator[bytes] | None = None
 
     def step() -> list[bytes] | None:
+        nonlocal chunks
+        if chunks is None:
+            chunks = read()
         chunk = next(chunks, None)
         return None if chunk is None else open_chunk(chunk)
 

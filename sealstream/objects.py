@@ -11,7 +11,17 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from envelope import Encryptor, Header, HeaderReader, Keyring, TruncatedMessage, key_names
+from envelope import (
+    Encryptor,
+    FinalFrameCheck,
+    Header,
+    HeaderReader,
+    Keyring,
+    MessageLayout,
+    TruncatedMessage,
+    key_names,
+)
+from envelope.frames import FrameCipher
 from keystore import KeyRecord, KeyStore
 from sealstream.spaces import Placement
 from storage import ObjectInfo, ObjectStore, StorageError
@@ -141,6 +151,23 @@ def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Heade
             if header is not None:
                 return header
     raise TruncatedMessage("the object ends inside its header")
+
+
+def read_stored_layout(
+    store: ObjectStore, storage_key: str, header: Header, cipher: FrameCipher, size: int
+) -> MessageLayout:
+    """The layout of a stored message of `size` bytes whose header is authenticated (by
+    `open_message`, which gave `cipher`), vouched for by its final frame: one ranged read.
+
+    The size alone is no evidence: a message cut at a frame boundary has a regular layout
+    of its own, shorter than the message's. Its final frame is what says where it ends.
+    """
+    claimed = MessageLayout.of(header, size)
+    check = FinalFrameCheck(cipher, claimed)
+    start, end = claimed.final_frame
+    for chunk in store.read(storage_key, start, end):
+        check.update(chunk)
+    return check.layout()
 
 
 def opening_keyrings(

@@ -179,6 +179,50 @@ def read_object(
     return post_form(client, DECRYPT, {"source": {"key": key}, **metadata}, None, headers)
 
 
+def range_of(spec: str, size: int) -> tuple[int, int]:
+    """The inclusive range a satisfiable `bytes=` spec selects (RFC 9110), computed apart."""
+    first, last = spec.removeprefix("bytes=").split("-")
+    if not first:
+        return max(0, size - int(last)), size - 1
+    return int(first), min(int(last), size - 1) if last else size - 1
+
+
+def sample_ranges(size: int, frame: int, seed: int) -> list[str]:
+    """First and last bytes, frame edges ±1, suffix and open ranges, and random ones."""
+    specs = ["bytes=0-0", f"bytes={size - 1}-{size - 1}", f"bytes=0-{size - 1}", "bytes=0-"]
+    specs += [f"bytes={size - 1}-", f"bytes=5-{size + 1000}", "bytes=-1", f"bytes=-{size}"]
+    specs += [f"bytes=-{size + 7}", f"bytes=-{frame}", f"bytes=-{frame + 1}"]
+    for edge in (frame, 2 * frame, (size // frame) * frame, (size // frame // 2) * frame):
+        if edge >= size:
+            continue
+        specs += [f"bytes={edge - 1}-{edge}", f"bytes={edge}-{edge}", f"bytes={edge - 1}-"]
+        specs += [f"bytes={edge + 1}-{edge + frame - 1}", f"bytes={edge - frame}-{edge - 1}"]
+        specs += [f"bytes={edge - 1}-{min(edge + 2 * frame, size - 1)}"]
+    rng = random.Random(seed)
+    for _ in range(15):
+        first = rng.randrange(size)
+        specs.append(f"bytes={first}-{rng.randrange(first, size)}")
+    return specs
+
+
+def read_back(client: httpx.Client, key: str, data: bytes, frame: int) -> list[httpx.Response]:
+    """Read the stored object `key` whole and by `sample_ranges`, each answer checked
+    against `data` (its length and range headers too); the answers."""
+    whole = read_object(client, key)
+    assert whole.status_code == 200 and whole.content == data, whole.text
+    assert whole.headers["Accept-Ranges"] == "bytes"
+    assert whole.headers["Content-Length"] == str(len(data))
+    answers = [whole]
+    for spec in sample_ranges(len(data), frame, seed=len(data)):
+        first, last = range_of(spec, len(data))
+        part = read_object(client, key, spec)
+        assert part.status_code == 206, (spec, part.text)
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/{len(data)}", spec
+        assert part.content == data[first : last + 1], spec
+        answers.append(part)
+    return answers
+
+
 def create_key(client: httpx.Client, **fields: Any) -> dict[str, Any]:
     response = client.post(KEYS, json={**SEED_KEY, **fields})
     assert response.status_code == 201, response.text

@@ -28,6 +28,7 @@ from api.multipart import UploadForm
 from api.routes.jobs import start_job, verify_params
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength
 from api.sealing import (
+    check_object,
     decrypt_object,
     decrypt_upload,
     encrypt_to_client,
@@ -133,14 +134,20 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
     if metadata.source is not None:
         await form.expect_end()
         placement = svc.spaces.place(principal.tenant, metadata.source)
-        return await decrypt_object(
+        checked = await check_object(
             svc.keys,
             principal.tenant,
             placement,
-            request.headers.get("range"),
             records=svc.objects,
             expected_kid=metadata.kid,
             required_context=metadata.encryption_context,
+            transfers=svc.transfers,
+        )
+        return decrypt_object(
+            checked,
+            placement,
+            request.headers.get("range"),
+            expected_kid=metadata.kid,
             idle_timeout=svc.settings.idle_timeout,
             transfers=svc.transfers,
         )

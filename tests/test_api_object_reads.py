@@ -1,0 +1,159 @@
+"""Reading stored objects fails closed, over real HTTP on both backends.
+
+Whoever can write the bucket controls a stored object's size, so before anything is
+answered the object's header and its final frame must authenticate, and its size must be
+the one they imply. A damaged object (cut, extended, tampered) is refused by every range
+form and whole, record or no record, before a byte of body; and an object without a
+record (written by the aws-encryption-sdk package, say) is served on its own authentication.
+"""
+
+import os
+
+import aws_encryption_sdk
+import httpx
+import pytest
+from aws_cryptographic_material_providers.mpl import AwsCryptographicMaterialProviders
+from aws_cryptographic_material_providers.mpl.config import MaterialProvidersConfig
+from aws_cryptographic_material_providers.mpl.models import (
+    AesWrappingAlg,
+    CreateRawAesKeyringInput,
+)
+from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
+
+from envelope import PROVIDER_ID
+from keystore.algorithms import b64url
+from sealstream.objects import TENANT_CONTEXT_KEY
+from storage.records import delete_record
+from tests.conftest import Api
+from tests.stream_helpers import (
+    KEYS,
+    create_key,
+    encrypt,
+    flipped,
+    frame_count,
+    frame_offset,
+    problem,
+    random_bytes,
+    read_back,
+    read_object,
+)
+
+FRAME = 4096
+SIZE = 300_000  # 73 regular frames and a final frame of 992 bytes
+DATA = random_bytes(SIZE, seed=18)
+# Every range form, and none: from the start, a slice, the middle, the end, a suffix.
+RANGE_FORMS = [
+    None,
+    "bytes=0-",
+    "bytes=0-99",
+    f"bytes={10 * FRAME + 5}-{12 * FRAME}",
+    f"bytes={SIZE - 10}-",
+    "bytes=-100",
+]
+
+
+def damaged_versions(message: bytes) -> dict[str, bytes]:
+    """`message` cut, extended or changed in each way a bucket writer might."""
+    final = frame_offset(message, frame_count(message))
+    return {
+        "cut-at-a-frame-boundary": message[: frame_offset(message, 50)],
+        "cut-before-the-final-frame": message[:final],
+        "cut-inside-a-frame": message[: frame_offset(message, 50) + 1000],
+        "cut-inside-the-final-frame": message[:-10],
+        "cut-inside-the-header": message[: frame_offset(message, 0) - 10],
+        "header-only": message[: frame_offset(message, 0)],
+        "empty": b"",
+        "bytes-appended": message + bytes(100),
+        "a-frame-appended": message + message[frame_offset(message, 7) : frame_offset(message, 8)],
+        "a-frame-dropped": message[: frame_offset(message, 10)]
+        + message[frame_offset(message, 11) :],
+        "final-frame-swapped-with-the-last-frame": message[: final - FRAME - 32]
+        + message[final:]
+        + message[final - FRAME - 32 : final],
+        "final-frame-tampered": flipped(message, len(message) - 20),
+        "header-tampered": flipped(message, frame_offset(message, 0) - 1),
+        "not-a-message": b"not a message" * 100,
+    }
+
+
+def refused_as_damaged(response: httpx.Response, key: str) -> None:
+    """A 502 problem before any body, naming the object as the client did, never by its
+    storage key."""
+    body = problem(response, 502, "object-damaged")
+    assert repr(key) in body["detail"] and "tenants/" not in body["detail"], body
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record-kept", "record-deleted"])
+def test_a_damaged_object_is_refused_by_every_range_and_whole(api: Api, record: bool) -> None:
+    with api.client() as client:
+        create_key(client)
+        for name, content in damaged_versions(
+            encrypt(client, DATA, frameLength=FRAME).content
+        ).items():
+            stored = encrypt(client, DATA, frameLength=FRAME, destination={"key": name}).json()
+            api.objects.put(stored["storageKey"], content)
+            if not record:
+                delete_record(api.objects, api.objects.bucket, stored["storageKey"])
+            for range_header in RANGE_FORMS:
+                refused_as_damaged(read_object(client, name, range_header), name)
+
+
+# Objects without a record
+
+SDK = aws_encryption_sdk.EncryptionSDKClient(
+    commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
+)
+MPL = AwsCryptographicMaterialProviders(config=MaterialProvidersConfig())
+
+
+def sdk_encrypt(material: bytes, key_name: str, data: bytes) -> bytes:
+    """`data` sealed by the aws-encryption-sdk package, with a raw AES keyring over
+    `material`, for the default tenant (the context pair every decrypt requires)."""
+    keyring = MPL.create_raw_aes_keyring(
+        input=CreateRawAesKeyringInput(
+            key_namespace=PROVIDER_ID,
+            key_name=key_name,
+            wrapping_key=material,
+            wrapping_alg=AesWrappingAlg.ALG_AES256_GCM_IV12_TAG16,
+        )
+    )
+    message, _ = SDK.encrypt(
+        source=data,
+        keyring=keyring,
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        frame_length=FRAME,
+        encryption_context={TENANT_CONTEXT_KEY: "default", "written-by": "aws-encryption-sdk"},
+    )
+    return bytes(message)
+
+
+def store_without_record(api: Api, client: httpx.Client, writer: str, data: bytes) -> str:
+    """An object holding `data`, written by `writer` and without an object record; its key."""
+    if writer == "sealstream":
+        stored = encrypt(client, data, frameLength=FRAME, destination={"key": writer}).json()
+        delete_record(api.objects, api.objects.bucket, stored["storageKey"])
+        return writer
+    material = os.urandom(32)
+    imported = {"kid": "byok", "jwk": {"kty": "oct", "alg": "AES-256", "k": b64url(material)}}
+    assert client.post(f"{KEYS}/import", json=imported).status_code == 201
+    api.objects.put(f"tenants/default/{writer}", sdk_encrypt(material, "byok#1", data))
+    return writer
+
+
+@pytest.mark.parametrize("size", [SIZE, 64 * FRAME], ids=["partial-final-frame", "exact"])
+@pytest.mark.parametrize("writer", ["sealstream", "aws-encryption-sdk"])
+def test_an_object_without_a_record_is_served_on_its_own_authentication(
+    api: Api, writer: str, size: int
+) -> None:
+    """Served whole and by every range exactly; cut at a frame boundary, refused."""
+    data = DATA[:size]
+    with api.client() as client:
+        create_key(client)
+        key = store_without_record(api, client, writer, data)
+        for response in read_back(client, key, data, FRAME):
+            assert response.headers["X-Key-Used"] in ("mySymKey#1", "byok#1")
+        storage_key = f"tenants/default/{key}"
+        message = api.objects.get(storage_key)
+        api.objects.put(storage_key, message[: frame_offset(message, frame_count(message) // 2)])
+        for range_header in RANGE_FORMS:
+            refused_as_damaged(read_object(client, key, range_header), key)
