@@ -440,7 +440,12 @@ async def _checked(
         raise TruncatedMessage("the stored message ends before its final frame")
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# One range-spec (RFC 9110 §14.1.2); the unit is case-insensitive, the digits ASCII only.
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
+# No message holds 10^18 bytes (2^32 frames of at most 16 MiB), so a position or length
+# with more significant digits than this is taken as 10^18, past the end of any plaintext,
+# rather than converted: Python refuses to convert thousands of digits.
+_MAX_DIGITS = 18
 
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
@@ -451,21 +456,27 @@ def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
     """
     if header is None:
         return None
-    match = _RANGE.match(header.strip())
+    match = _RANGE.fullmatch(header.strip(" \t"))
     if match is None or match.group(1) == match.group(2) == "":
         return None
     start, end = match.group(1), match.group(2)
     if start == "":  # suffix: the last N bytes
-        length = int(end)
+        length = _position(end)
         if length == 0 or total == 0:
             raise _unsatisfiable(total)
         return max(0, total - length), total - 1
-    first = int(start)
-    if end and int(end) < first:
+    first = _position(start)
+    last = _position(end) if end else None
+    if last is not None and last < first:
         return None  # an invalid range-spec: ignored like any header we cannot honour
     if first >= total:
         raise _unsatisfiable(total)
-    return first, min(int(end), total - 1) if end else total - 1
+    return first, total - 1 if last is None else min(last, total - 1)
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
 def _unsatisfiable(total: int) -> Problem:

@@ -3,8 +3,9 @@
 Whoever can write the bucket controls a stored object's size, so before anything is
 answered the object's header and its final frame must authenticate, and its size must be
 the one they imply. A damaged object (cut, extended, tampered) is refused by every range
-form and whole, record or no record, before a byte of body; and an object without a
-record (written by the aws-encryption-sdk package, say) is served on its own authentication.
+form and whole, record or no record, before a byte of body; an object without a record
+(written by the aws-encryption-sdk package, say) is served on its own authentication; and
+no `Range` header, however hostile, gets a 5xx.
 """
 
 import os
@@ -26,10 +27,14 @@ from sealstream.objects import TENANT_CONTEXT_KEY
 from storage.records import delete_record
 from tests.conftest import Api
 from tests.stream_helpers import (
+    DECRYPT,
     KEYS,
+    Exchange,
     create_key,
     encrypt,
+    exchange,
     flipped,
+    form,
     frame_count,
     frame_offset,
     problem,
@@ -157,3 +162,72 @@ def test_an_object_without_a_record_is_served_on_its_own_authentication(
         api.objects.put(storage_key, message[: frame_offset(message, frame_count(message) // 2)])
         for range_header in RANGE_FORMS:
             refused_as_damaged(read_object(client, key, range_header), key)
+
+
+# Range headers, hostile or odd: a 206, a 416, or ignored (the whole plaintext); never a 5xx
+
+MANY = 5000  # digits: more than Python converts to an int
+HOSTILE_RANGES: list[tuple[str, int, tuple[int, int] | None]] = [
+    # (Range, status, the range a 206 holds)
+    ("bytes=" + "9" * MANY + "-", 416, None),
+    ("bytes=0-" + "9" * MANY, 206, (0, SIZE - 1)),
+    ("bytes=-" + "9" * MANY, 206, (0, SIZE - 1)),
+    ("bytes=" + "0" * MANY + "5-" + "0" * MANY + "9", 206, (5, 9)),
+    ("bytes=" + "9" * MANY + "-" + "9" * MANY, 416, None),
+    ("bytes=-" + "0" * MANY, 416, None),
+    (f"bytes={2**64}-", 416, None),
+    (f"bytes=0-{2**64}", 206, (0, SIZE - 1)),
+    (f"bytes=-{2**64}", 206, (0, SIZE - 1)),
+    ("bytes=-0", 416, None),
+    ("bytes=-000", 416, None),
+    (f"bytes={SIZE}-{SIZE}", 416, None),
+    ("BYTES=0-9", 206, (0, 9)),
+    ("Bytes=-5", 206, (SIZE - 5, SIZE - 1)),
+    (" bytes=0-9 \t", 206, (0, 9)),  # whitespace around a field value is not part of it
+    ("bytes = 0-9", 200, None),
+    ("bytes=0 -9", 200, None),
+    ("bytes=\t0-9", 200, None),
+    ("bytes=0-9,20-29", 200, None),
+    ("bytes=0-9, 20-29", 200, None),
+    ("bytes=0-9,", 200, None),
+    ("bytes=,0-9", 200, None),
+    ("bytes=--5", 200, None),
+    ("bytes=5--", 200, None),
+    ("bytes=-5-", 200, None),
+    ("bytes=1-2-3", 200, None),
+    ("bytes=+5-", 200, None),
+    ("bytes=0x10-", 200, None),
+    ("bytes=1e3-", 200, None),
+    ("bytes=9-5", 200, None),
+    ("bytes=", 200, None),
+    ("bytes=-", 200, None),
+    ("bytes", 200, None),
+    ("items=0-9", 200, None),
+    ("", 200, None),
+]
+
+
+def read_with(api: Api, headers: dict[str, str]) -> Exchange:
+    """Read the object "ranged" with `headers` sent as they are, byte for byte."""
+    return exchange(api.url, DECRYPT, form({"source": {"key": "ranged"}}, None), headers=headers)
+
+
+def test_hostile_range_headers_never_get_a_5xx(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+        encrypt(client, DATA, frameLength=FRAME, destination={"key": "ranged"})
+    for range_header, status, wanted in HOSTILE_RANGES:
+        response = read_with(api, {"Range": range_header})
+        assert response.complete and response.status == status, range_header[:40]
+        if status == 416:
+            problem(response, 416, "range-not-satisfiable")
+            assert response.headers["Content-Range"] == f"bytes */{SIZE}"
+        elif wanted is None:
+            assert response.body == DATA, range_header[:40]
+        else:
+            first, last = wanted
+            assert response.headers["Content-Range"] == f"bytes {first}-{last}/{SIZE}"
+            assert response.body == DATA[first : last + 1], range_header[:40]
+    # Two Range lines make one list of two ranges, which is ignored like any other.
+    twice = read_with(api, {"Range": "bytes=0-9", "range": "bytes=20-29"})
+    assert twice.complete and twice.status == 200 and twice.body == DATA

@@ -146,7 +146,8 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         return decrypt_object(
             checked,
             placement,
-            request.headers.get("range"),
+            # Several Range lines are one list of ranges (RFC 9110 §5.3), as if one line.
+            ", ".join(request.headers.getlist("range")) or None,
             expected_kid=metadata.kid,
             idle_timeout=svc.settings.idle_timeout,
             transfers=svc.transfers,
