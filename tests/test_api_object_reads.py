@@ -145,8 +145,11 @@ def store_without_record(api: Api, client: httpx.Client, writer: str, data: byte
     return writer
 
 
-@pytest.mark.parametrize("size", [SIZE, 64 * FRAME], ids=["partial-final-frame", "exact"])
-@pytest.mark.parametrize("writer", ["sealstream", "aws-encryption-sdk"])
+@pytest.mark.parametrize(
+    ("writer", "size"),
+    [("sealstream", SIZE), ("aws-encryption-sdk", SIZE), ("aws-encryption-sdk", 64 * FRAME)],
+    ids=["sealstream", "aws-encryption-sdk", "aws-encryption-sdk-whole-frames"],
+)
 def test_an_object_without_a_record_is_served_on_its_own_authentication(
     api: Api, writer: str, size: int
 ) -> None:
