@@ -210,3 +210,29 @@ def test_a_regular_frame_where_the_final_one_should_be_is_named_so() -> None:
     _, message = make_message(5 * FRAME + 77)
     with pytest.raises(MessageFormatError, match="no final frame where"):
         checked_layout(DAMAGE["cut-at-a-frame-boundary"](message))
+
+
+def full_final_frame_message(frames: int) -> tuple[bytes, bytes]:
+    """A message of whole frames that ends in a full final frame (L = F), as other ESDK
+    writers may end one; sealstream and the Python ESDK end it in an empty one."""
+    data, message = make_message(frames * FRAME)
+    header = parse_header(message)
+    cipher = open_message(header, [KEYRING]).cipher
+    final = cipher.seal(frames, memoryview(data[-FRAME:]), final=True)
+    return data, message[: header.length + (frames - 1) * STRIDE] + bytes(final)
+
+
+@pytest.mark.parametrize(
+    ("first", "last"), [(0, 5 * FRAME - 1), (4 * FRAME, 5 * FRAME - 1), (4 * FRAME - 1, 4 * FRAME)]
+)
+def test_a_full_final_frame_vouches_for_its_layout_and_reads_by_range(
+    first: int, last: int
+) -> None:
+    data, message = full_final_frame_message(5)
+    layout = checked_layout(message)
+    assert (layout.regular_frames, layout.final_frame_length) == (4, FRAME)
+    header = parse_header(message)
+    span = layout.span(first, last)
+    decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
+    assert b"".join(decryptor.update(message[span.start : span.end])) == data[first : last + 1]
+    decryptor.finish()
