@@ -1,10 +1,8 @@
 """The client SDK (cli.client) and the `sealstream encrypt` / `decrypt` commands, against a
 live API server over HTTP (and one over HTTPS) on each storage backend."""
 
-import datetime
 import hashlib
 import io
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -14,15 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from api import create_app
 from cli.client import ApiError, ClientError, SealstreamClient, Transfer, TransferAborted
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
-from tests.services import LOCALHOST, api_server
+from tests.services import api_server, self_signed_certificate
 
 MIB = 1024 * 1024
 KID = "mySymKey"
@@ -370,7 +364,7 @@ def test_cli_storage(api: Api, client: SealstreamClient, tmp_path: Path) -> None
 
 def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The same calls over TLS (memory BIOs shared by the upload and download threads)."""
-    certificate, key = _self_signed(tmp_path)
+    certificate, key = self_signed_certificate(tmp_path)
     app = create_app(api_settings("local", tmp_path, request))
     with api_server(app, tls=(certificate, key)) as url:
         trusted = ssl.create_default_context(cafile=str(certificate))
@@ -390,34 +384,3 @@ def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         untrusted = SealstreamClient(url, ADMIN_TOKEN, timeout=30)
         with pytest.raises(ClientError, match="certificate verify failed"):
             untrusted.get_key(KID)
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOCALHOST)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOCALHOST))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
