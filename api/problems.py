@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import envelope
 import keystore
 import storage
-from sealstream.errors import error_code
+from sealstream.errors import error_code, public_detail
 from sealstream.spaces import BucketNotAllowed
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,12 @@ _STATUS: dict[type[Exception], int] = {
 
 
 def from_domain_error(exc: Exception) -> Problem:
-    """The problem for a key-store or object-store error."""
+    """The problem for a key-store or object-store error, in words a client may read
+    (`public_detail`); a server-side failure is logged in full."""
     status = next(_STATUS[cls] for cls in type(exc).__mro__ if cls in _STATUS)
-    return Problem(status, error_code(exc), str(exc))
+    if status >= 500:
+        logger.warning("answering %d %s: %s", status, error_code(exc), exc)
+    return Problem(status, error_code(exc), public_detail(exc))
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> Problem:

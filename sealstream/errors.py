@@ -1,10 +1,27 @@
-"""Stable machine codes for the service's errors, shared by API problems and job reports.
+"""Stable machine codes for the service's errors, and the words a client may read about
+them, shared by API problems and job reports.
 
 Key-store errors carry their own `code`; message-format errors get theirs from the table
 below; anything else is named after its class (`ObjectNotFound` → `object-not-found`).
+
+A storage error's own message is for the server's logs: it names storage keys, and a
+backend's words. A client reads `public_detail`: the object named as the client named it,
+and nothing of where or how the service keeps it.
 """
 
 import envelope
+from sealstream.spaces import client_key
+from storage import (
+    BucketNotFound,
+    InvalidMetadata,
+    InvalidObjectKey,
+    InvalidRange,
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+)
 
 _ENVELOPE_CODES: dict[type[Exception], str] = {
     envelope.InvalidParameter: "invalid-parameter",
@@ -23,6 +40,19 @@ _ENVELOPE_CODES: dict[type[Exception], str] = {
     envelope.EnvelopeError: "invalid-message",
 }
 
+# What a client reads about each storage failure, of `{subject}`; the most specific class
+# listed wins. A backend's own words (S3's message, an OS error) are never among them.
+_STORAGE_DETAILS: dict[type[StorageError], str] = {
+    ObjectExists: "{subject} already exists",
+    PreconditionFailed: "{subject} was changed by another request meanwhile",
+    ObjectNotFound: "{subject} does not exist",
+    BucketNotFound: "the bucket does not exist",
+    StorageUnavailable: "object storage is unavailable; try again later",
+    StorageError: "object storage could not serve {subject}",
+}
+# Failures the storage layer words itself about what it was asked: the reason is shown.
+_OWN_REASONS = (InvalidObjectKey, InvalidMetadata, InvalidRange)
+
 
 def error_code(error: Exception) -> str:
     code = getattr(error, "code", None)
@@ -33,3 +63,24 @@ def error_code(error: Exception) -> str:
             return _ENVELOPE_CODES[cls]
     name = type(error).__name__
     return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+def public_detail(error: Exception) -> str:
+    """What a client may read about `error`: never a server path, a storage key or a
+    credential."""
+    if not isinstance(error, StorageError):
+        return str(error) or type(error).__name__
+    subject = _subject(error.key)
+    if isinstance(error, _OWN_REASONS):
+        return error.reason if error.key is None else f"{subject}: {error.reason}"
+    template = next(_STORAGE_DETAILS[cls] for cls in type(error).__mro__ if cls in _STORAGE_DETAILS)
+    return template.format(subject=subject)
+
+
+def _subject(storage_key: str | None) -> str:
+    if storage_key is None:
+        return "the object"
+    key = client_key(storage_key)
+    if key is None:
+        return "a record the service keeps"
+    return f"object {key!r}" if key else "the tenant's objects"

@@ -45,8 +45,20 @@ class Placement:
     storage_key: str  # where it is stored
 
 
+TENANTS_ROOT = "tenants/"
+
+
 def tenant_prefix(tenant: str) -> str:
-    return f"tenants/{tenant}/"
+    return f"{TENANTS_ROOT}{tenant}/"
+
+
+def client_key(storage_key: str) -> str | None:
+    """The key a client names a stored object (or prefix) by: its storage key without the
+    tenant's prefix. None for keys outside every tenant's space: the service's own."""
+    if not storage_key.startswith(TENANTS_ROOT):
+        return None
+    _tenant, separator, key = storage_key.removeprefix(TENANTS_ROOT).partition("/")
+    return key if separator else None
 
 
 def check_object_key(key: str) -> None:

@@ -77,7 +77,7 @@ def open_store(
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if parts.path.strip("/") or not parts.netloc:
-            raise ValueError(f"an S3 storage URL names one bucket and no path: {url!r}")
+            raise ValueError("an S3 storage URL names one bucket and no path: s3://bucket")
         return S3Store(
             bucket or parts.netloc,
             endpoint_url=endpoint_url,
@@ -86,10 +86,10 @@ def open_store(
             sign_payloads=sign_payloads,
         )
     if parts.scheme not in ("file", ""):
-        raise ValueError(f"unsupported storage URL {url!r}: use file:// or s3://")
+        raise ValueError(f"unsupported storage URL scheme {parts.scheme!r}: use file:// or s3://")
     root = _local_path(url).resolve()
     if bucket is not None and bucket != root.name:
-        raise BucketNotFound(f"the local store {root} holds only the bucket {root.name!r}")
+        raise BucketNotFound(f"the local store holds only the bucket {root.name!r}")
     return LocalStore(root)
 
 

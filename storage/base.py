@@ -103,7 +103,7 @@ class MultipartWriter(ABC):
 
     def _require_open(self) -> None:
         if self._state is not _WriterState.OPEN:
-            raise StorageError(f"the upload of {self.key!r} is already {self._state.value}")
+            raise StorageError(f"the upload is already {self._state.value}", self.key)
 
     @abstractmethod
     def _write(self, view: memoryview) -> None:
@@ -183,7 +183,7 @@ class ObjectStore(ABC):
         size = self.head(key).size
         stop = size if end is None else end
         if not 0 <= start <= stop <= size:
-            raise InvalidRange(f"range [{start}, {stop}) is not within {key!r} ({size} bytes)")
+            raise InvalidRange(f"range [{start}, {stop}) is not within its {size} bytes", key)
         if start == stop:
             return _nothing()
         # To the end: S3 then needs no Range header, so a whole read is one plain GET.
@@ -208,7 +208,7 @@ class ObjectStore(ABC):
         """
         source = self.head(source_key)
         if not 0 <= skip <= source.size:
-            raise InvalidRange(f"cannot skip {skip} bytes of {source_key!r} ({source.size})")
+            raise InvalidRange(f"cannot skip {skip} of the {source.size} bytes stored", source_key)
         kept = source.metadata if metadata is None else metadata
         with self.multipart(target_key, metadata=kept, if_match=if_match) as writer:
             writer.write(head)
@@ -282,7 +282,7 @@ def encoded_key(key: str) -> bytes:
     try:
         return key.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidObjectKey(f"{key!r} is not valid Unicode text") from None
+        raise InvalidObjectKey("the key is not valid Unicode text", key) from None
 
 
 def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -314,4 +314,4 @@ def _exactly(
     finally:
         chunks.close()
     if received != length:
-        raise StorageError(f"{key!r} changed while it was read: {received} of {length} bytes")
+        raise StorageError(f"the object changed while read: {received} of {length} bytes", key)

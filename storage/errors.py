@@ -3,11 +3,20 @@
 Backends translate their own failures (botocore errors, OS errors) into these classes, so
 callers never see a backend-specific exception and can map each class to one answer
 (missing object → 404, lost race → 409 or 412, unreachable storage → 503).
+
+An error keeps apart what failed (`reason`) and the object it concerns (`key`, a storage
+key or key prefix), so that whoever answers a client can name the object the way the
+client did. A reason never holds a server path, a credential or a URL.
 """
 
 
 class StorageError(Exception):
-    """Base class of every error raised by the `storage` package."""
+    """Base class of every error raised by the `storage` package; `str()` names the key."""
+
+    def __init__(self, reason: str, key: str | None = None) -> None:
+        super().__init__(reason if key is None else f"{key!r}: {reason}")
+        self.reason = reason
+        self.key = key
 
 
 class ObjectNotFound(StorageError):

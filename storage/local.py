@@ -60,15 +60,15 @@ class LocalStore(ObjectStore):
 
     def get(self, key: str) -> bytes:
         path = self._object_path(key)
-        with self._os_errors():
+        with self._os_errors(key):
             return path.read_bytes()
 
     def head(self, key: str) -> ObjectInfo:
         path = self._object_path(key)
-        with self._os_errors(), self._locked(fcntl.LOCK_SH):
+        with self._os_errors(key), self._locked(fcntl.LOCK_SH):
             stat = path.stat()
             if not S_ISREG(stat.st_mode):
-                raise ObjectNotFound(f"{key!r} is not an object")
+                raise ObjectNotFound("the key names a prefix of objects, not an object", key)
             sidecar = self._read_sidecar(key)
         return ObjectInfo(
             key=key,
@@ -91,7 +91,7 @@ class LocalStore(ObjectStore):
     def delete(self, key: str) -> None:
         path = self._object_path(key)
         sidecar = self._sidecar_path(key)
-        with self._os_errors(), self._locked(fcntl.LOCK_EX):
+        with self._os_errors(key), self._locked(fcntl.LOCK_EX):
             if not path.is_file():
                 return
             path.unlink()
@@ -115,7 +115,7 @@ class LocalStore(ObjectStore):
             if name.startswith(TEMP_PREFIX)
             and (parent + name[_TEMP_NAME_OVERHEAD:]).startswith(prefix)
         ]
-        with self._os_errors(), self._locked(fcntl.LOCK_EX):
+        with self._os_errors(prefix), self._locked(fcntl.LOCK_EX):
             for temporary in temporaries:
                 (self.root / temporary).unlink(missing_ok=True)
         return len(temporaries)
@@ -123,7 +123,7 @@ class LocalStore(ObjectStore):
     def check(self) -> None:
         self._require_bucket()
         if not os.access(self.root, os.W_OK | os.X_OK):
-            raise StorageUnavailable(f"the store directory {self.root} is not writable")
+            raise StorageUnavailable("the store directory is not writable")
 
     def _open_writer(
         self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
@@ -133,7 +133,7 @@ class LocalStore(ObjectStore):
     def _read_range(
         self, key: str, start: int, stop: int | None, chunk_size: int
     ) -> Generator[bytes, None, None]:
-        with self._os_errors(), self._object_path(key).open("rb") as file:
+        with self._os_errors(key), self._object_path(key).open("rb") as file:
             file.seek(start)
             remaining = (os.fstat(file.fileno()).st_size if stop is None else stop) - start
             while remaining:
@@ -147,18 +147,18 @@ class LocalStore(ObjectStore):
         """Where `key` lives, after refusing keys that are not safe as a relative path."""
         segments = encoded_key(key).split(b"/")
         if "\0" in key or "\\" in key:
-            raise InvalidObjectKey(f"{key!r} contains NUL or a backslash")
+            raise InvalidObjectKey("the key contains NUL or a backslash", key)
         if any(segment in (b"", b".", b"..") for segment in segments):
-            raise InvalidObjectKey(f"{key!r} has an empty, '.' or '..' segment")
+            raise InvalidObjectKey("the key has an empty, '.' or '..' segment", key)
         if segments[0].startswith(b"."):
-            raise InvalidObjectKey(f"{key!r} starts with '.', reserved for the store")
+            raise InvalidObjectKey("the key starts with '.', reserved for the store", key)
         if any(segment.startswith(TEMP_PREFIX.encode()) for segment in segments):
-            raise InvalidObjectKey(f"{key!r} has a segment starting with {TEMP_PREFIX!r}")
+            raise InvalidObjectKey(f"the key has a segment starting with {TEMP_PREFIX!r}", key)
         if any(len(segment) > MAX_SEGMENT_BYTES for segment in segments):
-            raise InvalidObjectKey(f"{key!r} has a segment over {MAX_SEGMENT_BYTES} bytes")
+            raise InvalidObjectKey(f"the key has a segment over {MAX_SEGMENT_BYTES} bytes", key)
         path = self.root / key
         if not path.resolve().is_relative_to(self.root):
-            raise InvalidObjectKey(f"{key!r} resolves outside the store directory")
+            raise InvalidObjectKey("the key resolves outside the store directory", key)
         return path
 
     def _sidecar_path(self, key: str) -> Path:
@@ -168,9 +168,8 @@ class LocalStore(ObjectStore):
         try:
             sidecar: dict[str, Any] = json.loads(self._sidecar_path(key).read_bytes())
         except (FileNotFoundError, ValueError) as error:
-            raise StorageError(
-                f"{key!r} has a missing or unreadable metadata sidecar: {error}"
-            ) from error
+            # Not the OS error's text: it holds the sidecar's path on this server.
+            raise StorageError("the object's metadata is missing or unreadable", key) from error
         return sidecar
 
     def _files(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -189,9 +188,9 @@ class LocalStore(ObjectStore):
     def _commit(self, writer: "_LocalWriter", sidecar: bytes) -> None:
         """Rename the writer's finished file into place, its sidecar first."""
         path = writer.path
-        with self._os_errors(), self._locked(fcntl.LOCK_EX):
+        with self._os_errors(writer.key), self._locked(fcntl.LOCK_EX):
             if writer.if_absent and path.exists():
-                raise ObjectExists(f"{writer.key!r} already exists")
+                raise ObjectExists("the object already exists", writer.key)
             if writer.if_match is not None:
                 self._require_etag(writer.key, path, writer.if_match)
             _write_atomically(self._sidecar_path(writer.key), sidecar)
@@ -202,21 +201,21 @@ class LocalStore(ObjectStore):
                 else:
                     writer.temp.replace(path)
             except FileExistsError:
-                raise ObjectExists(f"{writer.key!r} already exists") from None
+                raise ObjectExists("the object already exists", writer.key) from None
             except IsADirectoryError:
-                raise InvalidObjectKey(f"{writer.key!r} is a prefix of other keys") from None
+                raise InvalidObjectKey("the key is a prefix of other keys", writer.key) from None
             _fsync_directory(path.parent)
 
     def _require_etag(self, key: str, path: Path, etag: str) -> None:
         """Refuse to replace anything but the version of `key` whose etag is `etag`."""
         if not path.is_file():
-            raise ObjectNotFound(f"{key!r} does not exist")
+            raise ObjectNotFound("the object does not exist", key)
         if self._read_sidecar(key)["etag"] != etag:
-            raise PreconditionFailed(f"{key!r} is no longer the version {etag}")
+            raise PreconditionFailed(f"the object is no longer the version {etag}", key)
 
     def _require_bucket(self) -> None:
         if not self.root.is_dir():
-            raise BucketNotFound(f"the store directory {self.root} does not exist")
+            raise BucketNotFound("the store directory does not exist")
 
     @contextmanager
     def _locked(self, operation: int) -> Iterator[None]:
@@ -228,22 +227,19 @@ class LocalStore(ObjectStore):
             os.close(descriptor)
 
     @contextmanager
-    def _os_errors(self) -> Iterator[None]:
-        """Translate OS errors into the storage hierarchy."""
+    def _os_errors(self, key: str) -> Iterator[None]:
+        """Translate OS errors about `key` (or a key prefix) into the storage hierarchy.
+
+        The errors name the failure, never the server's own paths (which OS errors quote).
+        """
         try:
             yield
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as error:
             self._require_bucket()
-            raise ObjectNotFound(f"no object {self._relative(error.filename)!r}") from error
+            raise ObjectNotFound("the object does not exist", key) from error
         except OSError as error:
-            # The message names the failure, never the server's own paths.
-            raise StorageUnavailable(f"the store directory failed: {error.strerror}") from error
-
-    def _relative(self, filename: object) -> str:
-        try:
-            return str(Path(str(filename)).relative_to(self.root))
-        except ValueError:
-            return "?"
+            reason = f"the store directory failed: {error.strerror}"
+            raise StorageUnavailable(reason, key) from error
 
 
 class _LocalWriter(MultipartWriter):
@@ -264,22 +260,22 @@ class _LocalWriter(MultipartWriter):
         self._metadata = metadata
         self.path = path = store._object_path(key)
         self.temp = _temp_beside(path)
-        with store._os_errors(), store._locked(fcntl.LOCK_EX):
+        with store._os_errors(key), store._locked(fcntl.LOCK_EX):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
-                raise InvalidObjectKey(f"a prefix of {key!r} is another object") from None
+                raise InvalidObjectKey("a prefix of the key is another object", key) from None
             self._file = self.temp.open("xb")
 
     def _write(self, view: memoryview) -> None:
-        with self._store._os_errors():
+        with self._store._os_errors(self.key):
             self._file.write(view)
 
     def _complete(self) -> ObjectInfo:
         # A version token, not a digest: hashing every stored byte again cost a fifth of
         # an encrypt-to-storage, and an etag only has to change when the object does.
         etag = uuid.uuid4().hex
-        with self._store._os_errors():
+        with self._store._os_errors(self.key):
             self._file.flush()
             os.fsync(self._file.fileno())
             modified = os.fstat(self._file.fileno()).st_mtime
@@ -295,7 +291,7 @@ class _LocalWriter(MultipartWriter):
         )
 
     def _abort(self) -> None:
-        with self._store._os_errors():
+        with self._store._os_errors(self.key):
             try:
                 self._file.close()
             finally:

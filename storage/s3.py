@@ -150,7 +150,7 @@ class S3Store(ObjectStore):
         return len(uploads)
 
     def check(self) -> None:
-        with s3_errors(self.bucket, missing=BucketNotFound):
+        with s3_errors(None, missing=BucketNotFound):
             self.client.head_bucket(Bucket=self.bucket)
 
     def copy(self, source_key: str, target_key: str, *, if_match: str | None = None) -> ObjectInfo:
@@ -219,4 +219,4 @@ class S3Store(ObjectStore):
 
 def _check_key(key: str) -> None:
     if len(encoded_key(key)) > MAX_KEY_BYTES:
-        raise InvalidObjectKey(f"{key[:40]!r}… is longer than S3's {MAX_KEY_BYTES} bytes")
+        raise InvalidObjectKey(f"the key is longer than S3's {MAX_KEY_BYTES} bytes", key)

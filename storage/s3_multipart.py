@@ -107,7 +107,7 @@ class S3MultipartWriter(MultipartWriter):
         S3 refuses to complete an upload with a short part in the middle.
         """
         if self._filled:
-            raise StorageError(f"a copy into {self.key!r} must start at a part boundary")
+            raise StorageError("a copy must start at a part boundary", self.key)
         self._append(stop - start, lambda: self._copy_parts(source_key, start, stop))
 
     def copy_parts_ahead(self) -> None:
@@ -118,7 +118,7 @@ class S3MultipartWriter(MultipartWriter):
         every later read.
         """
         if self._upload_id is not None:
-            raise StorageError(f"the upload of {self.key!r} has started")
+            raise StorageError("the upload has started", self.key)
         self._part_checksums = False
 
     def _write(self, view: memoryview) -> None:
@@ -148,7 +148,7 @@ class S3MultipartWriter(MultipartWriter):
 
     def _check_part_count(self) -> None:
         if self._part_number > MAX_PARTS:
-            raise StorageError(f"{self.key!r} outgrew the {MAX_PARTS} parts S3 allows")
+            raise StorageError(f"the object outgrew the {MAX_PARTS} parts S3 allows", self.key)
 
     def _complete(self) -> ObjectInfo:
         if self._upload_id is None:

@@ -252,6 +252,21 @@ def test_an_unreachable_endpoint_raises_storage_unavailable() -> None:
         store.put("k", b"x")
 
 
+@pytest.mark.usefixtures("aws_environment")
+def test_an_unreachable_endpoint_is_named_without_its_credentials_or_the_key() -> None:
+    """botocore quotes the request's URL: the endpoint's user:password@, and the key."""
+    address = f"127.0.0.1:{free_port()}"
+    store = S3Store("bucket", endpoint_url=f"http://user:s3cret@{address}", max_attempts=1)
+
+    with pytest.raises(StorageUnavailable) as caught:
+        store.get("tenants/acme/plans")
+    assert caught.value.key == "tenants/acme/plans"
+    assert (
+        caught.value.reason
+        == f'S3 is unavailable: Could not connect to the endpoint URL: "http://{address}"'
+    )
+
+
 def test_keys_longer_than_s3_allows_are_refused(make_s3_store: S3StoreFactory) -> None:
     with pytest.raises(InvalidObjectKey):
         make_s3_store().put("k" * 1025, b"x")

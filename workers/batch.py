@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import IO, Any
 
-from sealstream.errors import error_code
+from sealstream.errors import error_code, public_detail
 from sealstream.objects import ObjectSealer, start_sealing
 from sealstream.spaces import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
@@ -242,7 +242,9 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
     except JobCancelled:
         raise
     except Exception as error:
-        batch.failed.append({"path": path, "code": error_code(error), "detail": str(error)})
+        batch.failed.append(
+            {"path": path, "code": error_code(error), "detail": public_detail(error)}
+        )
 
 
 def _check_destination(batch: _Batch, path: str) -> None:
@@ -331,8 +333,9 @@ def _require_absent(store: ObjectStore, storage_key: str, key: str, *, job: bool
         store.head(storage_key)
     except ObjectNotFound:
         return
-    detail = f"{key!r} already exists and overwrite is false"
-    raise JobFailed("object-exists", detail) if job else ObjectExists(detail)
+    if not job:
+        raise ObjectExists("the object exists and overwrite is false", storage_key)
+    raise JobFailed("object-exists", f"{key!r} already exists and overwrite is false")
 
 
 def _object_entry(placement: Placement, record: ObjectRecord) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from tenacity import retry, stop_after_delay, wait_exponential
 
-from sealstream.errors import error_code
+from sealstream.errors import error_code, public_detail
 from workers.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress
 from workers.services import WorkerServices
 
@@ -182,7 +182,7 @@ def _run(
 
 
 def _problem(code: str, error: Exception) -> dict[str, str]:
-    return {"code": code, "detail": str(error) or type(error).__name__}
+    return {"code": code, "detail": public_detail(error)}
 
 
 def _finish(

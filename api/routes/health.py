@@ -3,6 +3,8 @@
 The metrics carry no tenant, kid or token (see `api.metrics`), so a scraper needs none.
 """
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
@@ -10,8 +12,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from api.services import services
+from sealstream.errors import error_code
 from storage import StorageError
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -29,7 +33,10 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
     try:
         await run_in_threadpool(svc.objects.check)
     except StorageError as exc:
-        problem = Problem(503, "not-ready", f"object storage is not reachable: {exc}")
+        # The error's own words (a directory, an endpoint) are for the log: this route
+        # answers without a token.
+        logger.warning("not ready: object storage: %s", exc)
+        problem = Problem(503, "not-ready", f"object storage is not ready: {error_code(exc)}")
         return problem.response(request.url.path)
     if svc.settings.redis_url:
         try:

@@ -1,0 +1,158 @@
+"""No problem a client reads tells where or how the service keeps things: no server path,
+no storage key (`tenants/…`, `sealstream/…`), no metadata sidecar (`.meta`), no storage
+endpoint. Each storage failure a request can meet is driven through the live API, on
+both backends, and every problem body (a failed job's error included) is searched."""
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from api import create_app
+from sealstream.settings import Settings
+from sealstream.wiring import local_storage_dir
+from storage import MIN_PART_SIZE
+from tests.conftest import ADMIN_TOKEN, Api
+from tests.jobs_helpers import finished_job
+from tests.services import LOCALHOST, api_server, free_port
+from tests.stream_helpers import (
+    FailingS3Proxy,
+    create_key,
+    encrypt,
+    problem,
+    read_object,
+    requests_matching,
+)
+
+VERIFY = "/api/jobs/verify"
+BATCH = "/api/jobs/batch-encrypt"
+INTERNAL = ["tenants/", "sealstream/", ".meta"]
+LONGEST_KEY = "k" * 1024  # what a client may name; with the tenant's prefix, too long to store
+
+
+class Answers:
+    """Problem documents received, each checked for its status and code."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+
+    def expect(self, response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+        body = problem(response, status, code)
+        self.bodies.append(response.text)
+        return body
+
+    def leaks(self, *forbidden: str) -> list[tuple[str, str]]:
+        return [(word, body) for body in self.bodies for word in forbidden if word in body]
+
+
+def batch_request(source: dict[str, str], destination: dict[str, str]) -> dict[str, Any]:
+    return {"kid": "mySymKey", "source": source, "destination": destination}
+
+
+def test_storage_failures_name_only_what_the_client_sent(api: Api) -> None:
+    answers = Answers()
+    with api.client() as client:
+        create_key(client)
+        answers.expect(read_object(client, "absent/object"), 404, "object-not-found")
+        answers.expect(client.post(VERIFY, json={"key": "absent"}), 404, "object-not-found")
+        missing = batch_request({"key": "absent.tar"}, {"prefix": "out/"})
+        answers.expect(client.post(BATCH, json=missing), 404, "object-not-found")
+
+        assert encrypt(client, b"taken", destination={"key": "taken"}).status_code == 201
+        again = encrypt(client, b"again", destination={"key": "taken"})
+        body = answers.expect(again, 409, "object-exists")
+        assert "'taken'" in body["detail"]
+
+        too_long = encrypt(client, b"data", destination={"key": LONGEST_KEY})
+        answers.expect(too_long, 400, "invalid-object-key")
+
+    assert answers.leaks(*INTERNAL, *_storage_names(api.settings)) == []
+
+
+def test_local_store_failures_name_no_path(tmp_path: Path) -> None:
+    """What only a directory can meet: files put there behind the service's back (no
+    metadata sidecar), keys that are directories, and the directory itself gone."""
+    settings = Settings(storage_url=f"file://{tmp_path / 'storage'}", admin_token=ADMIN_TOKEN)
+    root = tmp_path / "storage"
+    answers = Answers()
+    with live(settings) as api, api.client() as client:
+        create_key(client)
+        dropped = root / "tenants" / "default" / "in" / "dropped.tar"
+        dropped.parent.mkdir(parents=True)
+        dropped.write_bytes(b"not through the service")
+
+        answers.expect(read_object(client, "in/dropped.tar"), 502, "storage-error")
+        answers.expect(client.post(VERIFY, json={"key": "in/dropped.tar"}), 502, "storage-error")
+        whole = batch_request({"key": "in/dropped.tar"}, {"prefix": "out/"})
+        answers.expect(client.post(BATCH, json=whole), 502, "storage-error")
+        listed = client.post(BATCH, json=batch_request({"prefix": "in/"}, {"prefix": "out/"}))
+        assert listed.status_code == 202, listed.text
+        job = finished_job(client, listed.json()["id"])
+        assert job["status"] == "failed", job
+        answers.bodies.append(str(job["error"]))
+
+        assert encrypt(client, b"x", destination={"key": "dir/file"}).status_code == 201
+        answers.expect(read_object(client, "dir"), 404, "object-not-found")
+        over_prefix = encrypt(client, b"x", destination={"key": "dir", "overwrite": True})
+        answers.expect(over_prefix, 400, "invalid-object-key")
+        under_object = encrypt(client, b"x", destination={"key": "dir/file/below"})
+        answers.expect(under_object, 400, "invalid-object-key")
+
+        shutil.rmtree(root)
+        answers.expect(client.get("/readyz"), 503, "not-ready")
+        answers.expect(read_object(client, "dir/file"), 404, "bucket-not-found")
+
+    assert answers.leaks(*INTERNAL, str(root), str(tmp_path)) == []
+
+
+def test_s3_failures_name_no_endpoint_and_no_key(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    """An S3 server that fails requests (500s, retried, then given up), and one that
+    cannot be reached at all."""
+    answers = Answers()
+    with FailingS3Proxy(moto_endpoint, requests_matching(rb"\S+ \S*/unlucky")) as proxy:
+        with live(s3_settings(tmp_path, s3_bucket, proxy.url)) as api, api.client() as client:
+            create_key(client)
+            answers.expect(read_object(client, "unlucky"), 503, "storage-unavailable")
+        assert proxy.failed >= 1
+    nowhere = f"http://{LOCALHOST}:{free_port()}"
+    with live(s3_settings(tmp_path, s3_bucket, nowhere)) as api, api.client() as client:
+        answers.expect(client.get("/readyz"), 503, "not-ready")
+        answers.expect(read_object(client, "object"), 503, "storage-unavailable")
+
+    endpoints = [url.removeprefix("http://") for url in (proxy.url, nowhere, moto_endpoint)]
+    assert answers.leaks(*INTERNAL, *endpoints) == []
+
+
+def s3_settings(tmp_path: Path, bucket: str, endpoint: str) -> Settings:
+    kek = tmp_path / "kek"
+    if not kek.exists():
+        kek.write_bytes(os.urandom(32))
+    return Settings(
+        storage_url=f"s3://{bucket}",
+        s3_endpoint_url=endpoint,
+        kek_file=kek,
+        admin_token=ADMIN_TOKEN,
+        s3_part_size=MIN_PART_SIZE,
+    )
+
+
+@contextmanager
+def live(settings: Settings) -> Iterator[Api]:
+    app = create_app(settings)
+    with api_server(app) as url:
+        yield Api(url, settings, app.state.services.objects)
+
+
+def _storage_names(settings: Settings) -> list[str]:
+    """What names where the service keeps its objects: the directory, or the endpoint."""
+    directory = local_storage_dir(settings)
+    if directory is not None:
+        return [str(directory)]
+    assert settings.s3_endpoint_url is not None
+    return [settings.s3_endpoint_url.removeprefix("http://")]
