@@ -32,7 +32,7 @@ from pydantic_settings import (
 
 from cli.client import ApiError, ByteRange, ClientError, SealstreamClient, TransferAborted
 from sealstream.memory import keep_freed_buffers
-from sealstream.settings import Settings
+from sealstream.settings import Settings, without_credentials
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -60,11 +60,13 @@ class Serve(Settings):
 
     def cli_cmd(self) -> None:
         settings = self
+        generated = None
         if settings.admin_token is None:
-            settings = self.model_copy(update={"admin_token": SecretStr(secrets.token_urlsafe(32))})
+            generated = SecretStr(secrets.token_urlsafe(32))
+            settings = self.model_copy(update={"admin_token": generated})
         keep_freed_buffers()
         app = create_app(settings)
-        _announce(settings)
+        _announce(settings, generated)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
@@ -311,17 +313,32 @@ def _fail(message: str, exit_code: int) -> NoReturn:
     raise SystemExit(exit_code)
 
 
-def _announce(settings: Settings) -> None:
+def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
+    """Say where the service is and what it uses; every URL without its credentials, and
+    the admin token only if it was generated here (a supplied one is never printed)."""
     storage_dir = local_storage_dir(settings)
-    storage = f"{storage_dir} (local directory)" if storage_dir else settings.storage_url
-    assert settings.admin_token is not None
-    jobs = f"Redis at {settings.redis_url}" if settings.redis_url else "in-process"
+    if storage_dir is not None:
+        storage = f"{storage_dir} (local directory)"
+    else:
+        storage = without_credentials(settings.storage_url)
+        if settings.s3_endpoint_url:
+            storage += f" at {without_credentials(settings.s3_endpoint_url)}"
+    jobs = (
+        f"Redis at {without_credentials(settings.redis_url)}"
+        if settings.redis_url
+        else "in-process"
+    )
+    token = (
+        generated_token.get_secret_value()
+        if generated_token is not None
+        else "the one configured (SEALSTREAM_ADMIN_TOKEN)"
+    )
     lines = [
         "sealstream is starting",
         f"  URL:          http://{settings.host}:{settings.port}",
         f"  storage:      {storage}",
         f"  jobs:         {jobs}",
-        f"  admin token:  {settings.admin_token.get_secret_value()}",
+        f"  admin token:  {token}",
         "  try:         curl -H 'Authorization: Bearer <admin token>' "
         f"http://{settings.host}:{settings.port}/api/key-management/supported-algorithms",
     ]

@@ -1,15 +1,36 @@
 """The one settings object: every knob of the service, read from `SEALSTREAM_*` variables.
 
 The same names are the options of `sealstream serve` (`--storage-url` for
-`SEALSTREAM_STORAGE_URL`, and so on).
+`SEALSTREAM_STORAGE_URL`, and so on). URL settings may carry credentials
+(`redis://:password@host`); `without_credentials` is how any of them is shown.
 """
 
+import re
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+HIDDEN = "***"
+# Query parameters whose values are secrets (redis-py takes `?password=`; a presigned
+# S3 URL carries its signature and credential).
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|signature|credential", re.IGNORECASE)
+
+
+def without_credentials(url: str) -> str:
+    """`url` fit to print or log: its user name and password, and the values of query
+    parameters that hold secrets, replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return HIDDEN  # not a URL we can take apart, so not one to show
+    _credentials, at, host = parts.netloc.rpartition("@")
+    netloc = f"{HIDDEN}@{host}" if at else host
+    shown = [(name, HIDDEN if _SECRET_PARAMETER.search(name) else value) for name, value in query]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown, safe="*")))
 
 
 class Settings(BaseSettings):

@@ -143,19 +143,22 @@ def terminate(process: "subprocess.Popen[str] | subprocess.Popen[bytes]") -> Non
 
 @dataclass
 class ServeProcess:
-    """A `sealstream serve` process and what it printed on the way up."""
+    """A `sealstream serve` process, what it printed on the way up (`banner`), and all it
+    printed (`output`: the banner, then the rest once the process has stopped)."""
 
     url: str
     admin_token: str
     process: "subprocess.Popen[str]"
     banner: list[str]
+    output: list[str]
 
 
 @contextmanager
 def sealstream_serve(
     cwd: Path, env: dict[str, str] | None = None, *args: str
 ) -> Iterator[ServeProcess]:
-    """`sealstream serve` started as its own process in `cwd`; stopped with SIGTERM."""
+    """`sealstream serve` started as its own process in `cwd`; stopped with SIGTERM. Its
+    admin token is the one `env` supplies, else the one it printed."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("sealstream")), "serve", "--port", str(port)]
     process = subprocess.Popen(
@@ -168,6 +171,7 @@ def sealstream_serve(
     )
     assert process.stdout is not None
     banner: list[str] = []
+    output: list[str] = []
     try:
         for line in process.stdout:
             banner.append(line.rstrip("\n"))
@@ -175,10 +179,14 @@ def sealstream_serve(
                 break
         else:
             raise RuntimeError("sealstream serve exited:\n" + "\n".join(banner))
-        token = next(line.split(":", 1)[1].strip() for line in banner if "admin token:" in line)
-        yield ServeProcess(f"http://{LOCALHOST}:{port}", token, process, banner)
+        output.extend(banner)
+        token = (env or {}).get("SEALSTREAM_ADMIN_TOKEN") or next(
+            line.split(":", 1)[1].strip() for line in banner if "admin token:" in line
+        )
+        yield ServeProcess(f"http://{LOCALHOST}:{port}", token, process, banner, output)
     finally:
         terminate(process)
+        output.extend(process.stdout.read().splitlines())
         process.stdout.close()
 
 
