@@ -3,22 +3,18 @@ no storage key (`tenants/…`, `sealstream/…`), no metadata sidecar (`.meta`),
 endpoint. Each storage failure a request can meet is driven through the live API, on
 both backends, and every problem body (a failed job's error included) is searched."""
 
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from api import create_app
 from sealstream.settings import Settings
 from sealstream.wiring import local_storage_dir
-from storage import MIN_PART_SIZE
-from tests.conftest import ADMIN_TOKEN, Api
+from tests.conftest import Api, api_settings, live_api, local_settings
 from tests.jobs_helpers import finished_job
-from tests.services import LOCALHOST, api_server, free_port
+from tests.services import LOCALHOST, free_port
 from tests.stream_helpers import (
     FailingS3Proxy,
     create_key,
@@ -76,10 +72,9 @@ def test_storage_failures_name_only_what_the_client_sent(api: Api) -> None:
 def test_local_store_failures_name_no_path(tmp_path: Path) -> None:
     """What only a directory can meet: files put there behind the service's back (no
     metadata sidecar), keys that are directories, and the directory itself gone."""
-    settings = Settings(storage_url=f"file://{tmp_path / 'storage'}", admin_token=ADMIN_TOKEN)
     root = tmp_path / "storage"
     answers = Answers()
-    with live(settings) as api, api.client() as client:
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
         create_key(client)
         dropped = root / "tenants" / "default" / "in" / "dropped.tar"
         dropped.parent.mkdir(parents=True)
@@ -110,18 +105,18 @@ def test_local_store_failures_name_no_path(tmp_path: Path) -> None:
 
 
 def test_s3_failures_name_no_endpoint_and_no_key(
-    tmp_path: Path, moto_endpoint: str, s3_bucket: str
+    tmp_path: Path, moto_endpoint: str, request: pytest.FixtureRequest
 ) -> None:
     """An S3 server that fails requests (500s, retried, then given up), and one that
     cannot be reached at all."""
     answers = Answers()
     with FailingS3Proxy(moto_endpoint, requests_matching(rb"\S+ \S*/unlucky")) as proxy:
-        with live(s3_settings(tmp_path, s3_bucket, proxy.url)) as api, api.client() as client:
+        with live_api(s3_settings(tmp_path, request, proxy.url)) as api, api.client() as client:
             create_key(client)
             answers.expect(read_object(client, "unlucky"), 503, "storage-unavailable")
         assert proxy.failed >= 1
     nowhere = f"http://{LOCALHOST}:{free_port()}"
-    with live(s3_settings(tmp_path, s3_bucket, nowhere)) as api, api.client() as client:
+    with live_api(s3_settings(tmp_path, request, nowhere)) as api, api.client() as client:
         answers.expect(client.get("/readyz"), 503, "not-ready")
         answers.expect(read_object(client, "object"), 503, "storage-unavailable")
 
@@ -129,24 +124,10 @@ def test_s3_failures_name_no_endpoint_and_no_key(
     assert answers.leaks(*INTERNAL, *endpoints) == []
 
 
-def s3_settings(tmp_path: Path, bucket: str, endpoint: str) -> Settings:
-    kek = tmp_path / "kek"
-    if not kek.exists():
-        kek.write_bytes(os.urandom(32))
-    return Settings(
-        storage_url=f"s3://{bucket}",
-        s3_endpoint_url=endpoint,
-        kek_file=kek,
-        admin_token=ADMIN_TOKEN,
-        s3_part_size=MIN_PART_SIZE,
-    )
-
-
-@contextmanager
-def live(settings: Settings) -> Iterator[Api]:
-    app = create_app(settings)
-    with api_server(app) as url:
-        yield Api(url, settings, app.state.services.objects)
+def s3_settings(tmp_path: Path, request: pytest.FixtureRequest, endpoint: str) -> Settings:
+    """The suite's S3 settings, reaching the bucket through `endpoint`."""
+    settings = api_settings("s3", tmp_path, request)
+    return settings.model_copy(update={"s3_endpoint_url": endpoint})
 
 
 def _storage_names(settings: Settings) -> list[str]:
