@@ -3,7 +3,6 @@ no storage key (`tenants/…`, `sealstream/…`), no metadata sidecar (`.meta`),
 endpoint. Each storage failure a request can meet is driven through the live API, on
 both backends, and every problem body (a failed job's error included) is searched."""
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,7 @@ def test_local_store_failures_name_no_path(tmp_path: Path) -> None:
         under_object = encrypt(client, b"x", destination={"key": "dir/file/below"})
         answers.expect(under_object, 400, "invalid-object-key")
 
-        shutil.rmtree(root)
+        root.rename(tmp_path / "moved-away")  # at once, whatever jobs still write there
         answers.expect(client.get("/readyz"), 503, "not-ready")
         answers.expect(read_object(client, "dir/file"), 404, "bucket-not-found")
 
