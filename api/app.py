@@ -49,10 +49,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     app.state.metrics = Metrics()
     app.state.metrics.watch_jobs(services.jobs)
-    if settings.max_streams is not None:
-        # Added first, so it runs inside the metrics: refused streams are counted too
-        # (as route "unmatched": routing never ran for them).
-        app.add_middleware(StreamLimit, limit=settings.max_streams)
+    # Added first, so it runs inside the metrics: refused streams are counted too
+    # (as route "unmatched": routing never ran for them).
+    app.add_middleware(StreamLimit, limit=settings.max_streams)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     for module in (health, keys, crypto, jobs, admin):

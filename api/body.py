@@ -1,11 +1,11 @@
-"""Request bodies: read with an idle timeout; JSON ones with a size cap, parsed into models
-with problem-coded errors.
+"""Request bodies: read with an idle timeout and a minimum rate; JSON ones with a size cap,
+parsed into models with problem-coded errors.
 
 FastAPI's own body parameters read the whole body before any limit applies and answer
 bad JSON in their own shape; reading here gives a 413 before a large body is buffered,
 and a distinct code for each way a body can be wrong. uvicorn has no timeout for a body
-that stops arriving, so a stalled client would hold what its request began (an upload to
-storage, buffers) for as long as it keeps the connection open.
+that stops arriving or trickles in, so such a client would hold what its request began
+(an upload to storage, buffers) for as long as it keeps the connection open.
 """
 
 import json
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from api.idle import IdleGuard
+from api.idle import IdleGuard, TooSlow
 from api.problems import Problem, from_validation_error
 from sealstream.settings import Settings
 
@@ -24,21 +24,33 @@ Model = TypeVar("Model", bound=BaseModel)
 _JSON_TYPES = ("application/json", "application/problem+json")
 
 
-async def body_chunks(request: Request, idle_timeout: float) -> AsyncIterator[bytes]:
+async def body_chunks(request: Request, settings: Settings) -> AsyncIterator[bytes]:
     """The request body's chunks as they arrive; a 408 problem once none has come for
-    `idle_timeout` seconds. Only the wait for the client is timed, never the caller's own
-    work between chunks (a slow storage write, say)."""
+    `idle_timeout` seconds, or once they come slower than `min_body_rate` (see
+    `IdleGuard`). Only the wait for the client is timed, never the caller's own work
+    between chunks (a slow storage write, say)."""
     chunks = request.stream()
-    guard = IdleGuard(idle_timeout)
+    guard = IdleGuard(
+        settings.idle_timeout, min_rate=settings.min_body_rate, window=settings.body_rate_window
+    )
     try:
         while True:
             try:
                 chunk = await guard.wait(anext(chunks))
+                guard.delivered(len(chunk))
             except StopAsyncIteration:
                 return
+            except TooSlow:
+                raise Problem(
+                    408,
+                    "body-too-slow",
+                    f"the body arrived at under {settings.min_body_rate} bytes a second",
+                ) from None
             except TimeoutError:
                 raise Problem(
-                    408, "body-timeout", f"no byte of the body arrived for {idle_timeout:g} seconds"
+                    408,
+                    "body-timeout",
+                    f"no byte of the body arrived for {settings.idle_timeout:g} seconds",
                 ) from None
             yield chunk
     finally:
@@ -55,7 +67,7 @@ async def read_json_object(request: Request, settings: Settings) -> dict[str, An
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     body = bytearray()
-    async for chunk in body_chunks(request, settings.idle_timeout):
+    async for chunk in body_chunks(request, settings):
         body += chunk
         if len(body) > limit:
             raise _too_large(limit)

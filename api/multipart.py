@@ -149,7 +149,7 @@ class UploadForm:
         declared = request.headers.get("content-length", "")
         self._body_length = int(declared) if declared.isdigit() else None
         self.expected_file_length: int | None = None
-        self._chunks = body_chunks(request, settings.idle_timeout)
+        self._chunks = body_chunks(request, settings)
         self._metadata_limit = settings.max_json_body
         self._pending: deque[Event] = deque()
         self._ended = False

@@ -6,6 +6,7 @@ detail go to stderr), 2 on bad usage, and 3 when a transfer is aborted midway: t
 output is then incomplete, and an OUTPUT file is deleted rather than left looking whole.
 """
 
+import ipaddress
 import json
 import re
 import secrets
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 import uvicorn
 from pydantic import Field, SecretStr, ValidationError
@@ -52,6 +53,12 @@ def local_storage_dir(settings: Settings) -> Path | None:
     return storage_dir(settings)
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    from api.serving import server_options as options
+
+    return options(settings)
+
+
 class Serve(Settings):
     """Run the API. With no configuration: local storage in ./.sealstream, jobs in-process,
     a KEK generated beside the data, and a fresh admin token printed."""
@@ -67,7 +74,8 @@ class Serve(Settings):
         keep_freed_buffers()
         app = create_app(settings)
         _announce(settings, generated)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        warn_if_exposed(settings)
+        uvicorn.run(app, log_level="info", **server_options(settings))
 
 
 EXIT_FAILED = 1
@@ -313,6 +321,37 @@ def _fail(message: str, exit_code: int) -> NoReturn:
     raise SystemExit(exit_code)
 
 
+def _base_url(settings: Settings) -> str:
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{settings.host}:{settings.port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: localhost or a loopback address
+    (a name may resolve to anything)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """A loud warning when plain HTTP is served where the network can reach it."""
+    if settings.tls_cert or is_loopback(settings.host):
+        return
+    lines = [
+        "!" * 78,
+        f"WARNING: serving plain HTTP on {settings.host!r}, which is not a loopback address.",
+        "Tokens, key material and plaintext cross the network unencrypted. Serve HTTPS with",
+        "--tls-cert and --tls-key (SEALSTREAM_TLS_CERT, SEALSTREAM_TLS_KEY), or keep the",
+        "API on 127.0.0.1 behind a proxy that terminates TLS.",
+        "!" * 78,
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
     """Say where the service is and what it uses; every URL without its credentials, and
     the admin token only if it was generated here (a supplied one is never printed)."""
@@ -335,12 +374,12 @@ def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
     )
     lines = [
         "sealstream is starting",
-        f"  URL:          http://{settings.host}:{settings.port}",
+        f"  URL:          {_base_url(settings)}",
         f"  storage:      {storage}",
         f"  jobs:         {jobs}",
         f"  admin token:  {token}",
         "  try:         curl -H 'Authorization: Bearer <admin token>' "
-        f"http://{settings.host}:{settings.port}/api/key-management/supported-algorithms",
+        f"{_base_url(settings)}/api/key-management/supported-algorithms",
     ]
     print("\n".join(lines), flush=True)
 

@@ -7,12 +7,17 @@ The same names are the options of `sealstream serve` (`--storage-url` for
 
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sealstream.capacity import connection_cap, stream_cap
+
 MIB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MIB
+DEFAULT_PARTS_IN_FLIGHT = 4
 HIDDEN = "***"
 # Query parameters whose values are secrets (redis-py takes `?password=`; a presigned
 # S3 URL carries its signature and credential).
@@ -33,6 +38,14 @@ def without_credentials(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(shown, safe="*")))
 
 
+def memory_stream_cap(settings: dict[str, Any]) -> int:
+    """The streams that fit in memory, with the part size and parts in flight set."""
+    return stream_cap(
+        settings.get("s3_part_size", DEFAULT_PART_SIZE),
+        settings.get("s3_parts_in_flight", DEFAULT_PARTS_IN_FLIGHT),
+    )
+
+
 class Settings(BaseSettings):
     """Configuration of an API server or worker."""
 
@@ -40,6 +53,13 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8080, ge=0, le=65535, description="port the API listens on")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain to serve HTTPS with (with `tls_key`)"
+    )
+    tls_key: Path | None = Field(
+        None, validate_default=True, description="PEM private key of `tls_cert`"
+    )
+
     storage_url: str = Field(
         "file://./.sealstream",
         description="object storage: file:///dir (the embedded default) or s3://bucket",
@@ -75,11 +95,28 @@ class Settings(BaseSettings):
         "streamed response the client does not read, before the request fails (408, or a "
         "cut-off stream) and what it had begun is cleaned up",
     )
-    max_streams: int | None = Field(
-        None,
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers, from when "
+        "the server starts waiting for them (the connection opened, or the last response "
+        "ended); then the connection is closed, with a 408 if a request had begun",
+    )
+    min_body_rate: int = Field(
+        1024,
+        ge=0,
+        description="bytes a second a request body must average over each "
+        "`body_rate_window` seconds spent waiting for it, or the request fails like a "
+        "stalled one (408 body-too-slow, or a cut-off stream); 0: no minimum",
+    )
+    body_rate_window: float = Field(
+        30.0, gt=0, description="seconds of waiting over which `min_body_rate` is averaged"
+    )
+    max_connections: int = Field(
+        default_factory=connection_cap,
         ge=1,
-        description="encrypt and decrypt streams one process serves at once, a bound on "
-        "the memory they hold; past it, 503 too-many-streams (unset: no cap)",
+        description="connections one process holds open at once; more are answered 503 and "
+        "closed at once (default: half the open-file limit)",
     )
     transfer_threads: int = Field(
         16,
@@ -126,10 +163,29 @@ class Settings(BaseSettings):
         description="most bytes a batch-encrypt archive's members may unpack to, per byte of "
         "archive; more fails the job as a decompression bomb",
     )
-    s3_part_size: int = Field(8 * MIB, ge=5 * MIB, description="first multipart part size")
-    s3_parts_in_flight: int = Field(4, ge=1, le=32, description="parts uploading at once")
+    s3_part_size: int = Field(
+        DEFAULT_PART_SIZE, ge=5 * MIB, description="first multipart part size"
+    )
+    s3_parts_in_flight: int = Field(
+        DEFAULT_PARTS_IN_FLIGHT, ge=1, le=32, description="parts uploading at once"
+    )
     s3_sign_payloads: bool = Field(
         False,
         description="hash request bodies into their SigV4 signatures, for buckets whose "
         "policy refuses unsigned payloads; off, bodies are sent as UNSIGNED-PAYLOAD",
     )
+    max_streams: int = Field(
+        default_factory=memory_stream_cap,
+        ge=1,
+        description="encrypt and decrypt streams one process serves at once, a bound on "
+        "the memory they hold; past it, 503 too-many-streams (default: as many uploads "
+        "into S3, each (parts in flight + 1) × the part size, as fit in half the memory "
+        "available: the cgroup limit if any, else the physical memory)",
+    )
+
+    @field_validator("tls_key")
+    @classmethod
+    def _key_with_certificate(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if (key is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("a TLS certificate and its key go together: give both or neither")
+        return key

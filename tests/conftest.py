@@ -110,7 +110,7 @@ def local_settings(root: Path) -> Settings:
 def live_api(settings: Settings) -> Iterator[Api]:
     """A live API server (uvicorn over HTTP) built from `settings`."""
     app = create_app(settings)
-    with api_server(app) as url:
+    with api_server(app, settings=settings) as url:
         yield Api(url, settings, app.state.services.objects)
 
 

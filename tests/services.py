@@ -28,6 +28,9 @@ from cryptography.x509.oid import NameOID
 from moto.server import ThreadedMotoServer
 from starlette.types import ASGIApp
 
+from api.serving import server_options
+from sealstream.settings import Settings
+
 LOCALHOST = "127.0.0.1"
 
 # Dummy credentials for the moto server. The config files are hidden so that a developer's
@@ -65,8 +68,12 @@ def moto_server() -> Iterator[str]:
 
 
 @contextmanager
-def api_server(app: ASGIApp, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
-    """`app` served by uvicorn over real HTTP on a free local port; yields its base URL.
+def api_server(
+    app: ASGIApp, tls: tuple[Path, Path] | None = None, settings: Settings | None = None
+) -> Iterator[str]:
+    """`app` served by uvicorn over real HTTP on a free local port, configured as
+    `sealstream serve` configures it from `settings` (the defaults if None); yields its
+    base URL.
 
     With `tls` (a certificate file and its key file) it serves HTTPS. uvicorn runs in a
     thread of the test process with logging left unconfigured, so its log records
@@ -76,12 +83,10 @@ def api_server(app: ASGIApp, tls: tuple[Path, Path] | None = None) -> Iterator[s
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((LOCALHOST, 0))  # bound here, so no other process can take the port
     port = listener.getsockname()[1]
-    certificate, key = (str(path) for path in tls) if tls else (None, None)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, log_config=None, lifespan="on", ssl_certfile=certificate, ssl_keyfile=key
-        )
-    )
+    options = server_options(settings or Settings())
+    if tls:
+        options |= {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])}
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on", **options))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True
     )
@@ -92,7 +97,8 @@ def api_server(app: ASGIApp, tls: tuple[Path, Path] | None = None) -> Iterator[s
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"{'https' if tls else 'http'}://{LOCALHOST}:{port}"
+        https = tls or options["ssl_certfile"]
+        yield f"{'https' if https else 'http'}://{LOCALHOST}:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -155,10 +161,11 @@ class ServeProcess:
 
 @contextmanager
 def sealstream_serve(
-    cwd: Path, env: dict[str, str] | None = None, *args: str
+    cwd: Path, env: dict[str, str] | None = None, *args: str, scheme: str = "http"
 ) -> Iterator[ServeProcess]:
-    """`sealstream serve` started as its own process in `cwd`; stopped with SIGTERM. Its
-    admin token is the one `env` supplies, else the one it printed."""
+    """`sealstream serve` started as its own process in `cwd` (serving `scheme`: https
+    when given a certificate); stopped with SIGTERM. Its admin token is the one `env`
+    supplies, else the one it printed."""
     port = free_port()
     command = [str(Path(sys.executable).with_name("sealstream")), "serve", "--port", str(port)]
     process = subprocess.Popen(
@@ -183,7 +190,7 @@ def sealstream_serve(
         token = (env or {}).get("SEALSTREAM_ADMIN_TOKEN") or next(
             line.split(":", 1)[1].strip() for line in banner if "admin token:" in line
         )
-        yield ServeProcess(f"http://{LOCALHOST}:{port}", token, process, banner, output)
+        yield ServeProcess(f"{scheme}://{LOCALHOST}:{port}", token, process, banner, output)
     finally:
         terminate(process)
         output.extend(process.stdout.read().splitlines())

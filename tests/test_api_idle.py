@@ -1,10 +1,11 @@
-"""`IdleGuard`: a wait on the client that lasts the timeout fails; nothing else does."""
+"""`IdleGuard`: a wait on the client that lasts the timeout fails, and with a minimum rate
+waits that bring too few bytes; nothing else does."""
 
 import asyncio
 
 import pytest
 
-from api.idle import IdleGuard
+from api.idle import IdleGuard, TooSlow
 
 TIMEOUT = 0.2
 
@@ -118,3 +119,47 @@ def test_a_cancellation_that_comes_with_the_guards_own_stays_a_cancellation() ->
             await asyncio.create_task(waiting())
 
     asyncio.run(run())
+
+
+# A minimum rate
+
+WINDOW = 0.4
+RATE = 1000  # bytes a second
+
+
+def receive(count: int, size: int, pause: float, work: float = 0) -> str:
+    """Wait `count` times for `size` bytes that take `pause` seconds to come, doing
+    `work` seconds of the caller's own between waits."""
+
+    async def run() -> str:
+        guard = IdleGuard(30 * WINDOW, min_rate=RATE, window=WINDOW)
+        try:
+            for _ in range(count):
+                await guard.wait(later(pause))
+                guard.delivered(size)
+                await asyncio.sleep(work)
+        except TooSlow:
+            return "too slow"
+        finally:
+            guard.close()
+        return "received"
+
+    return asyncio.run(run())
+
+
+def test_bytes_that_trickle_in_are_too_slow() -> None:
+    """Each wait is far shorter than the timeout, but a window of them brings too little."""
+    assert receive(count=40, size=1, pause=WINDOW / 8) == "too slow"
+
+
+def test_bytes_that_keep_the_rate_are_received() -> None:
+    assert receive(count=20, size=int(2 * RATE * WINDOW / 8), pause=WINDOW / 8) == "received"
+
+
+def test_one_long_wait_that_brings_nothing_is_too_slow_before_the_timeout() -> None:
+    assert receive(count=1, size=0, pause=30 * WINDOW) == "too slow"
+
+
+def test_the_callers_own_work_does_not_count_against_the_client() -> None:
+    """Few bytes over a long time, but the client had them there at once every time."""
+    assert receive(count=10, size=1, pause=0, work=WINDOW / 4) == "received"

@@ -1,13 +1,20 @@
-"""`sealstream serve` with no configuration: the embedded default that `make dev` runs."""
+"""`sealstream serve`: with no configuration, the embedded default that `make dev` runs;
+over HTTPS; and its warning when plain HTTP is served off loopback."""
 
+import hashlib
+import io
 import os
+import ssl
 import stat
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.services import LOCALHOST, free_port, sealstream_serve
+from cli.client import SealstreamClient
+from cli.main import warn_if_exposed
+from sealstream.settings import Settings
+from tests.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
 from tests.stream_helpers import encrypt, problem, read_object
 
 SEED_KEY = {
@@ -94,3 +101,55 @@ def test_no_credential_is_printed_logged_or_answered(tmp_path: Path) -> None:
     assert "  admin token:  the one configured (SEALSTREAM_ADMIN_TOKEN)" in banners
     assert "  jobs:         Redis at redis://***@" + redis_url.split("@")[1] in banners
     assert any(line.startswith("  storage:      s3://bucket at http://***@") for line in banners)
+
+
+def test_serve_over_https(tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path)
+    tls = ("--tls-cert", str(certificate), "--tls-key", str(key))
+    with sealstream_serve(tmp_path, None, *tls, scheme="https") as served:
+        assert served.url.startswith("https://")
+        assert any(served.url in line for line in served.banner)
+        assert not any("WARNING" in line for line in served.banner)
+        trusted = ssl.create_default_context(cafile=str(certificate))
+        client = SealstreamClient(served.url, served.admin_token, timeout=30, ssl_context=trusted)
+        client.create_key(**SEED_KEY)
+        plaintext = os.urandom(3 * 1024 * 1024 + 5)
+        sealed, opened = io.BytesIO(), io.BytesIO()
+        client.encrypt("mySymKey", io.BytesIO(plaintext), sealed)
+        client.decrypt(sealed.getvalue(), opened)
+        assert hashlib.sha256(opened.getvalue()).digest() == hashlib.sha256(plaintext).digest()
+
+        plain = served.url.replace("https://", "http://")
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP beside HTTPS
+            httpx.get(f"{plain}/healthz", timeout=10)
+
+
+def test_a_certificate_without_its_key_is_refused(tmp_path: Path) -> None:
+    certificate, _ = self_signed_certificate(tmp_path)
+    with pytest.raises(ValueError, match="go together"):
+        Settings(tls_cert=certificate)
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"),
+    [
+        ("0.0.0.0", True),
+        ("::", True),
+        ("", True),
+        ("192.0.2.10", True),
+        ("api.example", True),
+        ("127.0.0.1", False),
+        ("127.0.0.2", False),
+        ("::1", False),
+        ("localhost", False),
+    ],
+)
+def test_plain_http_off_loopback_is_warned_about(
+    host: str, warned: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    warn_if_exposed(Settings(host=host))
+    assert ("WARNING: serving plain HTTP" in capsys.readouterr().err) is warned
+
+    certificate, key = self_signed_certificate(tmp_path)
+    warn_if_exposed(Settings(host=host, tls_cert=certificate, tls_key=key))
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,223 @@
+"""How uvicorn serves the API: its options from the settings, and the guards on
+connections that its HTTP/1.1 protocol lacks.
+
+What the app enforces holds on any ASGI server: a request body that stalls or trickles,
+a response the client stops reading (api/body.py, api/duplex.py). What happens before a
+request reaches the app, or after its response has ended, only the server sees, and
+uvicorn leaves it open: it waits for a request line and headers for ever (its keep-alive
+timeout stops at the first byte), buffers headers of any length, keeps accepting
+connections until the process runs out of file descriptors, and reads and discards the
+rest of a body the app answered without reading for as long as it keeps coming. So each
+connection here is guarded by `GuardedHttpProtocol`:
+
+- the request line and headers must arrive within `header_timeout` seconds of the server
+  starting to wait for them (the connection opened, or the last response ended), and
+  within `MAX_HEAD_BYTES`; else the connection is closed, after a 408 or 431 problem if a
+  request had begun;
+- a body still arriving after its response has ended must keep up `min_body_rate`
+  bytes a second over each `body_rate_window`, else the connection is closed;
+- a connection past `max_connections` is answered 503 at once and closed;
+- there are no WebSocket upgrades: the API has no WebSocket route.
+
+Another ASGI server must be given the same guards through its own options.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.problems import MEDIA_TYPE, Problem
+from sealstream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout: float
+    min_body_rate: int
+    body_rate_window: float
+    max_connections: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> "ConnectionLimits":
+        return cls(
+            settings.header_timeout,
+            settings.min_body_rate,
+            settings.body_rate_window,
+            settings.max_connections,
+        )
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options (`uvicorn.Config`'s keywords) for serving the API as `settings` say."""
+    limits = ConnectionLimits.of(settings)
+    protocol = type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "http": protocol,
+        "ws": "none",
+        "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
+        "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
+    }
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) with the guards of the module's docstring.
+
+    A connection is at any moment in one of three phases: waiting for a request's head
+    (timed by `header_timeout`), serving a request (the app times it), or discarding the
+    rest of a body whose response has ended (timed by the body rate).
+    """
+
+    limits: ClassVar[ConnectionLimits]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._awaiting_head = False
+        self._head_begun = False
+        self._head_bytes = 0
+        self._unsent_at_wait = 0  # of the last response, when the wait for a head began
+        self._discarding = False
+        self._discarded = 0
+
+    # uvicorn's protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > self.limits.max_connections:
+            logger.warning("refusing a connection: %d are open", len(self.connections) - 1)
+            self._refuse(
+                Problem(
+                    503,
+                    "too-many-connections",
+                    "the server holds as many connections as it may; try again shortly",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+            )
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+        elif self._discarding:
+            self._discarded += len(data)
+        super().data_received(data)
+        if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(
+                Problem(
+                    431,
+                    "header-too-large",
+                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
+                )
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_begun = True
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._stop_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._discarding:
+            self._discarding = False
+            self._await_head()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # its head is in: it starts now
+        super().on_response_complete()
+        if pipelined or self.transport.is_closing():
+            return
+        if self.cycle.more_body:
+            self._discard_body()
+        else:
+            self._await_head()
+
+    # The phases
+
+    def _await_head(self) -> None:
+        self._awaiting_head = True
+        self._head_begun = False
+        self._head_bytes = 0
+        self._unsent_at_wait = self.transport.get_write_buffer_size()
+        self._start_timer(self.limits.header_timeout, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        unsent = self.transport.get_write_buffer_size()
+        if 0 < unsent < self._unsent_at_wait:
+            # The client is still reading the last response, if slowly: its turn to send
+            # comes once it has it.
+            self._await_head()
+        elif self._head_begun:
+            self._refuse(
+                Problem(
+                    408,
+                    "header-timeout",
+                    "the request line and headers did not arrive within "
+                    f"{self.limits.header_timeout:g} seconds",
+                )
+            )
+        else:
+            self.transport.abort()  # nothing to say; anything unsent, nobody reads
+
+    def _discard_body(self) -> None:
+        if self.limits.min_body_rate == 0:
+            return  # as uvicorn does: read and drop it for as long as it comes
+        self._discarding = True
+        self._discarded = 0
+        self._start_timer(self.limits.body_rate_window, self._check_discarding)
+
+    def _check_discarding(self) -> None:
+        if self._discarded < self.limits.min_body_rate * self.limits.body_rate_window:
+            self.transport.abort()
+            return
+        self._discarded = 0
+        self._start_timer(self.limits.body_rate_window, self._check_discarding)
+
+    # Helpers
+
+    def _refuse(self, problem: Problem) -> None:
+        """Answer `problem` in place of any request, then close the connection."""
+        self._awaiting_head = False
+        if self.transport.is_closing():
+            return  # uvicorn has answered already (a malformed request: 400)
+        self._stop_timer()
+        body = json.dumps(problem.document()).encode()
+        headers = {
+            "content-type": MEDIA_TYPE,
+            "content-length": str(len(body)),
+            "connection": "close",
+            **problem.headers,
+        }
+        lines = [f"HTTP/1.1 {problem.status} {problem.document()['title']}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        self.transport.close()
+
+    def _start_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        self._stop_timer()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
