@@ -309,7 +309,8 @@ def open_flood(url: str) -> tuple[list[socket.socket], list[socket.socket]]:
     half = [connect(url) for _ in range(FLOOD_HALF)]
     for sock in half:
         sock.sendall(b"POST /api/crypto/stream/encrypt HT")
-    headers = {"Content-Type": "application/json", "Content-Length": str(10**6)}
+    # Under the JSON size cap: the app reads these bodies (and then fails them as too slow).
+    headers = {"Content-Type": "application/json", "Content-Length": str(60_000)}
     trickling = [connect(url) for _ in range(FLOOD_TRICKLING)]
     for sock in trickling:
         sock.sendall(request_head(url, KEYS, {**headers, **auth(ADMIN_TOKEN)}) + b"{")
