@@ -250,8 +250,9 @@ class ObjectStore(ABC):
         """Sorted keys under `prefix` that have unfinished uploads."""
 
     @abstractmethod
-    def abort_pending(self, prefix: str) -> int:
-        """Abort every unfinished upload under `prefix`; how many were aborted.
+    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
+        """Abort every unfinished upload under `prefix` (with `exact`, of the key `prefix`
+        itself and no other); how many were aborted.
 
         For uploads no writer will finish: those of a process killed mid-upload. A live
         writer whose upload is aborted fails on its next `write` or on `complete`.

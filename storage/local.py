@@ -108,12 +108,12 @@ class LocalStore(ObjectStore):
         }
         return sorted(key for key in keys if key.startswith(prefix))
 
-    def abort_pending(self, prefix: str) -> int:
+    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
         temporaries = [
             parent + name
             for parent, name in self._files(prefix)
             if name.startswith(TEMP_PREFIX)
-            and (parent + name[_TEMP_NAME_OVERHEAD:]).startswith(prefix)
+            and _under(parent + name[_TEMP_NAME_OVERHEAD:], prefix, exact)
         ]
         with self._os_errors(prefix), self._locked(fcntl.LOCK_EX):
             for temporary in temporaries:
@@ -329,6 +329,10 @@ def _is_directory(entry: os.DirEntry[str]) -> bool:
 def _is_reserved(parent: str, name: str) -> bool:
     """Whether a name under the `parent` key prefix belongs to the store, not to a key."""
     return name.startswith(".") if not parent else name.startswith(TEMP_PREFIX)
+
+
+def _under(key: str, prefix: str, exact: bool) -> bool:
+    return key == prefix if exact else key.startswith(prefix)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

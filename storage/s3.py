@@ -135,12 +135,17 @@ class S3Store(ObjectStore):
             keys = {upload["Key"] for page in pages for upload in page.get("Uploads", [])}
         return sorted(keys)
 
-    def abort_pending(self, prefix: str) -> int:
+    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
             Bucket=self.bucket, Prefix=prefix
         )
         with s3_errors(prefix):
-            uploads = [upload for page in pages for upload in page.get("Uploads", [])]
+            uploads = [
+                upload
+                for page in pages
+                for upload in page.get("Uploads", [])
+                if not exact or upload["Key"] == prefix
+            ]
         for upload in uploads:
             # NoSuchUpload: finished or aborted meanwhile, which is what was wanted.
             with suppress(ObjectNotFound), s3_errors(upload["Key"]):

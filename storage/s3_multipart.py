@@ -260,8 +260,23 @@ class S3MultipartWriter(MultipartWriter):
             "MultipartUpload": {"Parts": parts},
         }
         self._add_condition(request)
+        self._check_condition()
         with self._condition_errors():
             self._client.complete_multipart_upload(**request)
+
+    def _check_condition(self) -> None:
+        """Check `if_match` before completing, as well as in the completion itself.
+
+        S3 refuses to complete an upload whose If-Match no longer holds. moto (5.2) and
+        some S3-compatible servers ignore If-Match there and would replace a newer
+        version. Checked here as well, a replacement can then only slip in between this
+        HEAD and the completion.
+        """
+        if self._if_match is None:
+            return
+        current = self._describe(self.key)  # ObjectNotFound if it was deleted
+        if current.etag != self._if_match:
+            raise PreconditionFailed(f"{self.key!r} is no longer the version {self._if_match}")
 
     def _put_whole(self) -> None:
         """Store an object smaller than one part (or empty) with a single PUT."""

@@ -130,6 +130,28 @@ def test_put_if_match_replaces_only_the_version_it_names(store: ObjectStore) -> 
     assert list(store.list()) == [replace(second, metadata={})]
 
 
+def test_a_multipart_upload_if_match_replaces_only_the_version_it_names(
+    store: ObjectStore,
+) -> None:
+    """Over one part, so that S3 completes a multipart upload: the version named must
+    still be there when it completes."""
+    first = store.put("k", b"one")
+    stale = store.multipart("k", if_match=first.etag)
+    stale.write(random_bytes(MIN_PART_SIZE + 1))
+    gone = store.multipart("absent-later", if_match=store.put("absent-later", b"x").etag)
+    gone.write(random_bytes(MIN_PART_SIZE + 1))
+    second = store.put("k", b"two")
+    store.delete("absent-later")
+
+    with pytest.raises(PreconditionFailed):
+        stale.complete()
+    with pytest.raises(ObjectNotFound):
+        gone.complete()
+
+    assert store.head("k") == second
+    assert store.pending_uploads() == []
+
+
 def test_if_absent_and_if_match_exclude_each_other(store: ObjectStore) -> None:
     with pytest.raises(ValueError, match="exclude"):
         store.multipart("k", if_absent=True, if_match="etag")

@@ -41,3 +41,18 @@ def test_a_live_writer_whose_upload_was_aborted_cannot_complete(store: ObjectSto
         writer.complete()
     assert store.pending_uploads() == []
     assert list(store.list("out/")) == []
+
+
+def test_exact_aborts_the_uploads_of_one_key_only(store: ObjectStore) -> None:
+    """A rerun clears what its killed predecessor left on the one object it was writing,
+    not the uploads of keys that merely begin with that key's name."""
+    leave_pending(store, "out/a")
+    leave_pending(store, "out/a")
+    leave_pending(store, "out/ab")
+    store.put("out/a", b"finished")
+
+    assert store.abort_pending("out/a", exact=True) == 2
+
+    assert store.pending_uploads() == ["out/ab"]
+    assert store.get("out/a") == b"finished"
+    assert store.abort_pending("out/a", exact=True) == 0
