@@ -172,9 +172,19 @@ class KeyStore:
 
     # Using keys
 
-    def encryption_keyring(self, tenant: str, kid: str) -> tuple[KeyRecord, Keyring]:
-        """The primary version's keyring, if the key may encrypt now."""
+    def encryption_keyring(
+        self, tenant: str, kid: str, *, min_primary: int | None = None
+    ) -> tuple[KeyRecord, Keyring]:
+        """The primary version's keyring, if the key may encrypt now.
+
+        `min_primary` is a primary version another process has seen: a cached record
+        whose primary version is older is read again, so that a rotation made elsewhere
+        within the cache TTL is not missed.
+        """
         entry = self._cached(tenant, kid)
+        if min_primary is not None and entry.record.primary_version < min_primary:
+            self._invalidate(tenant, kid)
+            entry = self._cached(tenant, kid)
         entry.record.check_usable("encrypt", self._clock())
         return entry.record, self._keyring(entry, entry.record.primary)
 

@@ -562,6 +562,21 @@ def test_a_version_made_elsewhere_is_found_when_a_message_needs_it(
     assert decrypt_all(fresh, message) == PLAINTEXT
 
 
+def test_a_primary_version_seen_elsewhere_is_found_when_asked_for(
+    store: ObjectStore, kek: LocalKek, clock: Clock
+) -> None:
+    worker = KeyStore(store, kek, clock=clock)
+    api = KeyStore(store, kek, clock=clock)
+    worker.create(TENANT, spec())
+    worker.encryption_keyring(TENANT, "k1")
+    rotated = api.rotate(TENANT, "k1")
+
+    assert worker.encryption_keyring(TENANT, "k1")[0].primary_version == 1  # cached
+    record, keyring = worker.encryption_keyring(TENANT, "k1", min_primary=rotated.primary_version)
+    assert (record.primary_version, keyring.key_name) == (2, "k1#2")
+    assert worker.encryption_keyring(TENANT, "k1", min_primary=1)[0].primary_version == 2
+
+
 def test_a_hot_key_is_unwrapped_once_per_ttl(store: ObjectStore, clock: Clock) -> None:
     class CountingKek(LocalKek):
         unwraps = 0
