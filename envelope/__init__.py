@@ -51,7 +51,6 @@ from envelope.message import (
     open_message,
 )
 from envelope.ranged import FinalFrameCheck, FrameSpan, MessageLayout, RangeDecryptor
-from envelope.rewrap import rewrap_header
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -97,5 +96,4 @@ __all__ = [
     "new_message",
     "open_message",
     "parse_header",
-    "rewrap_header",
 ]

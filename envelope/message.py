@@ -4,6 +4,12 @@
 and seals the header. `open_message` finds a keyring that unwraps one of the header's
 data keys, then checks the key commitment and the header tag before anything is read
 from the body, so a wrong key or a changed header fails here, never halfway through.
+
+`new_message` is the only way to a header tag, and it draws the data key and message ID
+itself: a header is tagged once, under a key no other message has (docs/FORMAT.md §14).
+A message for other keys is a new message, never the old one's data key under a new
+header: the header tag's IV is always zero, so two headers tagged under one message's key
+would give away GCM's hash key, and with it a forgery of every frame.
 """
 
 import hmac
@@ -60,7 +66,7 @@ def writable_context(context: EncryptionContext) -> bytes:
     return context_bytes
 
 
-def seal_header(
+def _seal_header(
     *,
     data_key: bytes,
     message_id: bytes,
@@ -71,7 +77,8 @@ def seal_header(
     commitment: bytes,
     cipher: FrameCipher,
 ) -> Header:
-    """A header wrapping `data_key` for each keyring, tagged with the message's cipher."""
+    """A header wrapping `data_key` for each keyring, tagged with the message's cipher:
+    the one sealing under that key with the all-zero IV, which no frame uses."""
     edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
     body = serialize_header_body(
         message_id=message_id,
@@ -105,7 +112,7 @@ def new_message(
     message_id = os.urandom(MESSAGE_ID_LENGTH)
     keys = derive_keys(data_key, message_id)
     cipher = FrameCipher(keys.encryption_key, message_id)
-    header = seal_header(
+    header = _seal_header(
         data_key=data_key,
         message_id=message_id,
         keyrings=keyrings,
@@ -133,15 +140,6 @@ def open_message(
     required_context: Mapping[str, str] | None = None,
 ) -> OpenedMessage:
     """Unwrap the data key and authenticate the header; raises if any check fails."""
-    return open_with_data_key(header, keyrings, required_context)[1]
-
-
-def open_with_data_key(
-    header: Header,
-    keyrings: Sequence[Keyring],
-    required_context: Mapping[str, str] | None = None,
-) -> tuple[bytes, OpenedMessage]:
-    """`open_message`, also handing back the data key (for re-wrapping it)."""
     data_key, keyring = _unwrap_data_key(header, keyrings)
     keys = derive_keys(data_key, header.message_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
@@ -153,7 +151,7 @@ def open_with_data_key(
         raise EncryptionContextMismatch(
             "the encryption context lacks or differs on: " + ", ".join(sorted(missing))
         )
-    return data_key, OpenedMessage(header, cipher, keyring)
+    return OpenedMessage(header, cipher, keyring)
 
 
 def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> tuple[bytes, Keyring]:

@@ -1,7 +1,7 @@
 """Sealing plaintext streams into stored objects, and opening stored objects again.
 
 The API (encrypt-to-storage, decrypt from storage) and the workers (verify,
-batch-encrypt, rewrap) share these pieces, so an object is written, recorded and read
+batch-encrypt, reencrypt) share these pieces, so an object is written, recorded and read
 back the same way whoever handles it.
 """
 
@@ -61,6 +61,40 @@ def start_sealing(
     return Sealing(tenant, record, keyring, encryptor)
 
 
+def client_context(context: Mapping[str, str]) -> dict[str, str]:
+    """A message's context without the pairs the service added: what its client gave."""
+    return {k: v for k, v in context.items() if not k.startswith(RESERVED_CONTEXT_PREFIX)}
+
+
+def object_metadata(sealing: Sealing) -> dict[str, str]:
+    """The storage metadata of an object sealed by `sealing`."""
+    return {
+        "sealstream-kid": sealing.key.kid,
+        "sealstream-key-version": str(sealing.key.primary_version),
+        "sealstream-frame-length": str(sealing.encryptor.frame_length),
+    }
+
+
+def sealed_record(
+    sealing: Sealing, bucket: str, storage_key: str, plaintext_sha256: str, stored: ObjectInfo
+) -> ObjectRecord:
+    """The record of an object `sealing` has just finished and storage made visible."""
+    return ObjectRecord(
+        bucket=bucket,
+        key=storage_key,
+        tenant=sealing.tenant,
+        kid=sealing.key.kid,
+        key_version=sealing.key.primary_version,
+        alg=sealing.key.alg,
+        frame_length=sealing.encryptor.frame_length,
+        plaintext_size=sealing.encryptor.plaintext_length,
+        plaintext_sha256=plaintext_sha256,
+        ciphertext_size=stored.size,
+        etag=stored.etag,
+        created_at=datetime.now(UTC),
+    )
+
+
 def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
     """What a decrypt demands: the caller's pairs, and that the message is the tenant's."""
     return {**context, TENANT_CONTEXT_KEY: tenant}
@@ -86,13 +120,7 @@ class ObjectSealer:
         self._records = records
         self._digest = hashlib.sha256()
         self._writer = placement.store.multipart(
-            placement.storage_key,
-            metadata={
-                "sealstream-kid": sealing.key.kid,
-                "sealstream-key-version": str(sealing.key.primary_version),
-                "sealstream-frame-length": str(sealing.encryptor.frame_length),
-            },
-            if_absent=not overwrite,
+            placement.storage_key, metadata=object_metadata(sealing), if_absent=not overwrite
         )
 
     def write(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -118,20 +146,9 @@ class ObjectSealer:
             raise
 
     def _record(self, info: ObjectInfo) -> ObjectRecord:
-        encryptor = self._sealing.encryptor
-        record = ObjectRecord(
-            bucket=self._placement.bucket,
-            key=self._placement.storage_key,
-            tenant=self._sealing.tenant,
-            kid=self._sealing.key.kid,
-            key_version=self._sealing.key.primary_version,
-            alg=self._sealing.key.alg,
-            frame_length=encryptor.frame_length,
-            plaintext_size=encryptor.plaintext_length,
-            plaintext_sha256=self._digest.hexdigest(),
-            ciphertext_size=info.size,
-            etag=info.etag,
-            created_at=datetime.now(UTC),
+        placement = self._placement
+        record = sealed_record(
+            self._sealing, placement.bucket, placement.storage_key, self._digest.hexdigest(), info
         )
         save_record(self._records, record)
         return record

@@ -190,41 +190,6 @@ class ObjectStore(ABC):
         until = None if stop == size else stop
         return _exactly(key, stop - start, self._read_range(key, start, until, chunk_size))
 
-    def rewrite_head(
-        self,
-        source_key: str,
-        target_key: str,
-        head: bytes,
-        skip: int,
-        *,
-        metadata: Mapping[str, str] | None = None,
-        if_match: str | None = None,
-    ) -> ObjectInfo:
-        """A new object at `target_key`: `head`, then the source's bytes from `skip` on.
-
-        The source's own metadata is kept unless `metadata` is given; `if_match` makes the
-        write conditional as in `multipart`. Backends that can copy server-side do so for
-        the bytes after the head, so a large object is not streamed through this process.
-        """
-        source = self.head(source_key)
-        if not 0 <= skip <= source.size:
-            raise InvalidRange(f"cannot skip {skip} of the {source.size} bytes stored", source_key)
-        kept = source.metadata if metadata is None else metadata
-        with self.multipart(target_key, metadata=kept, if_match=if_match) as writer:
-            writer.write(head)
-            self._append_range(writer, source_key, skip, source.size)
-            return writer.complete()
-
-    def copy(self, source_key: str, target_key: str, *, if_match: str | None = None) -> ObjectInfo:
-        """A copy of the source, metadata included, at `target_key`; conditional with
-        `if_match` as in `multipart`."""
-        return self.rewrite_head(source_key, target_key, b"", 0, if_match=if_match)
-
-    def _append_range(self, writer: MultipartWriter, key: str, start: int, stop: int) -> None:
-        """Append bytes [start, stop) of the object `key` to `writer`."""
-        for chunk in self.read(key, start, stop):
-            writer.write(chunk)
-
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object: for small ones (key records, manifests)."""

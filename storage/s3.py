@@ -14,21 +14,17 @@ import boto3
 from botocore.config import Config
 
 from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
-from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound, PreconditionFailed
+from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound
 from storage.s3_errors import s3_errors
 from storage.s3_multipart import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PART_SIZE,
-    MAX_PART_SIZE,
     MIN_PART_SIZE,
-    PART_CHECKSUM,
     S3MultipartWriter,
-    entity_tag,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CopyObjectRequestTypeDef
 
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_KEY_BYTES = 1024
@@ -157,37 +153,6 @@ class S3Store(ObjectStore):
     def check(self) -> None:
         with s3_errors(None, missing=BucketNotFound):
             self.client.head_bucket(Bucket=self.bucket)
-
-    def copy(self, source_key: str, target_key: str, *, if_match: str | None = None) -> ObjectInfo:
-        """Server-side: one CopyObject up to its 5 GiB limit, a multipart copy beyond."""
-        _check_key(target_key)
-        if self.head(source_key).size > MAX_PART_SIZE:
-            return super().copy(source_key, target_key, if_match=if_match)
-        request: CopyObjectRequestTypeDef = {
-            "Bucket": self.bucket,
-            "Key": target_key,
-            "CopySource": {"Bucket": self.bucket, "Key": source_key},
-            # The copy gets a whole-object checksum of its own: a multipart source's is
-            # a checksum of its parts' checksums, which moto (5.2) would carry over as if
-            # it were the copy's, failing every later read.
-            "ChecksumAlgorithm": PART_CHECKSUM,
-        }
-        if if_match is not None:
-            request["IfMatch"] = entity_tag(if_match)
-        with s3_errors(target_key, conflict=PreconditionFailed):
-            self.client.copy_object(**request)
-        return self.head(target_key)
-
-    def _append_range(self, writer: MultipartWriter, key: str, start: int, stop: int) -> None:
-        """Fill the part being filled (the head's) from a ranged read, so that it reaches
-        S3's 5 MiB minimum, then copy the rest server-side."""
-        assert isinstance(writer, S3MultipartWriter)
-        copy_from = min(stop, start + writer.room_in_part)
-        if copy_from < stop:
-            writer.copy_parts_ahead()
-        super()._append_range(writer, key, start, copy_from)
-        if copy_from < stop:
-            writer.copy(key, copy_from, stop)
 
     def _open_writer(
         self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None

@@ -84,42 +84,10 @@ class S3MultipartWriter(MultipartWriter):
         self._filled = 0
         self._part_number = 1  # the part being filled
         self._upload_id: str | None = None
-        self._part_checksums = True
         self._executor: ThreadPoolExecutor | None = None
         self._slots = threading.Semaphore(max_in_flight)
         self._in_flight: list[Future[CompletedPartTypeDef]] = []
         self._parts: list[CompletedPartTypeDef] = []
-
-    @property
-    def room_in_part(self) -> int:
-        """Bytes to write before the part being filled is full and a copy may follow;
-        0 when no part is being filled."""
-        if not self._filled:
-            return 0
-        return self._part_size() - self._filled
-
-    def copy(self, source_key: str, start: int, stop: int) -> None:
-        """Append bytes [start, stop) of another object of the bucket, copied server-side
-        (UploadPartCopy), in parts of the usual sizes.
-
-        Only at a part boundary (`room_in_part` is 0). The range's last part may be
-        short, so a range shorter than a part, or not a multiple of one, ends the object:
-        S3 refuses to complete an upload with a short part in the middle.
-        """
-        if self._filled:
-            raise StorageError("a copy must start at a part boundary", self.key)
-        self._append(stop - start, lambda: self._copy_parts(source_key, start, stop))
-
-    def copy_parts_ahead(self) -> None:
-        """Announce, before the upload starts, that parts will be copied server-side.
-
-        Such an upload declares no part checksum: S3 returns a copied part's CRC32C, but
-        moto (5.2) does not, and then completes the object with a checksum that fails
-        every later read.
-        """
-        if self._upload_id is not None:
-            raise StorageError("the upload has started", self.key)
-        self._part_checksums = False
 
     def _write(self, view: memoryview) -> None:
         self._collect_finished_parts()
@@ -135,13 +103,6 @@ class S3MultipartWriter(MultipartWriter):
             offset += taken.nbytes
             if taken.nbytes == room:
                 self._ship_buffer()
-
-    def _copy_parts(self, source_key: str, start: int, stop: int) -> None:
-        while start < stop:
-            self._check_part_count()
-            end = min(stop, start + self._part_size())
-            self._submit(partial(self._copy_part, source_key, start, end))
-            start = end
 
     def _part_size(self) -> int:
         return part_size_for(self._part_number, self._first_part_size)
@@ -195,17 +156,12 @@ class S3MultipartWriter(MultipartWriter):
 
     def _start_upload(self) -> None:
         with s3_errors(self.key):
-            if self._part_checksums:
-                response = self._client.create_multipart_upload(
-                    Bucket=self._bucket,
-                    Key=self.key,
-                    Metadata=self._metadata,
-                    ChecksumAlgorithm=PART_CHECKSUM,
-                )
-            else:
-                response = self._client.create_multipart_upload(
-                    Bucket=self._bucket, Key=self.key, Metadata=self._metadata
-                )
+            response = self._client.create_multipart_upload(
+                Bucket=self._bucket,
+                Key=self.key,
+                Metadata=self._metadata,
+                ChecksumAlgorithm=PART_CHECKSUM,
+            )
         self._upload_id = response["UploadId"]
         self._executor = ThreadPoolExecutor(
             max_workers=self._max_in_flight, thread_name_prefix="s3-part"
@@ -223,26 +179,11 @@ class S3MultipartWriter(MultipartWriter):
                 Body=_as_body(body),
                 ChecksumAlgorithm=PART_CHECKSUM,
             )
-        part: CompletedPartTypeDef = {"PartNumber": part_number, "ETag": response["ETag"]}
-        if self._part_checksums:
-            part["ChecksumCRC32C"] = response["ChecksumCRC32C"]
-        return part
-
-    def _copy_part(
-        self, source_key: str, start: int, stop: int, part_number: int
-    ) -> "CompletedPartTypeDef":
-        """Runs on an upload thread."""
-        assert self._upload_id is not None
-        with s3_errors(source_key):
-            response = self._client.upload_part_copy(
-                Bucket=self._bucket,
-                Key=self.key,
-                UploadId=self._upload_id,
-                PartNumber=part_number,
-                CopySource={"Bucket": self._bucket, "Key": source_key},
-                CopySourceRange=f"bytes={start}-{stop - 1}",
-            )
-        return {"PartNumber": part_number, "ETag": response["CopyPartResult"]["ETag"]}
+        return {
+            "PartNumber": part_number,
+            "ETag": response["ETag"],
+            "ChecksumCRC32C": response["ChecksumCRC32C"],
+        }
 
     def _complete_upload(self) -> None:
         assert self._upload_id is not None and self._executor is not None
@@ -276,7 +217,9 @@ class S3MultipartWriter(MultipartWriter):
             return
         current = self._describe(self.key)  # ObjectNotFound if it was deleted
         if current.etag != self._if_match:
-            raise PreconditionFailed(f"{self.key!r} is no longer the version {self._if_match}")
+            raise PreconditionFailed(
+                f"the object is no longer the version {self._if_match}", self.key
+            )
 
     def _put_whole(self) -> None:
         """Store an object smaller than one part (or empty) with a single PUT."""

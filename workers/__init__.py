@@ -1,2 +1,2 @@
-"""workers: the long work — verification, batch encryption of archives, rewrap, key
+"""workers: the long work — verification, batch encryption of archives, re-encryption, key
 lifecycle — as Celery tasks over Redis, or in-process for the embedded default."""

@@ -11,6 +11,7 @@ redelivered job is finished, not duplicated.
 """
 
 from functools import cache
+from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init
@@ -75,5 +76,5 @@ def run_job_task(self: Task[[str], None], job_id: str) -> None:
 
 
 @app.task(name=SWEEPS)
-def sweeps_task() -> dict[str, list[str]]:
+def sweeps_task() -> dict[str, Any]:
     return run_sweeps(worker_services())

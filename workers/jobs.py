@@ -47,7 +47,8 @@ class JobStatus(StrEnum):
 class JobKind(StrEnum):
     VERIFY = "verify"
     BATCH_ENCRYPT = "batch-encrypt"
-    REWRAP = "rewrap"
+    REENCRYPT = "reencrypt"
+    REWRAP = "rewrap"  # deprecated: the reencrypt job under its former name, for one release
 
 
 class _Camel(BaseModel):

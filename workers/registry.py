@@ -3,11 +3,12 @@
 from workers.batch import batch_encrypt
 from workers.execution import JobBody
 from workers.jobs import JobKind
-from workers.rewrap import rewrap
+from workers.reencrypt import reencrypt
 from workers.verify import verify
 
 JOB_BODIES: dict[JobKind, JobBody] = {
     JobKind.VERIFY: verify,
     JobKind.BATCH_ENCRYPT: batch_encrypt,
-    JobKind.REWRAP: rewrap,
+    JobKind.REENCRYPT: reencrypt,
+    JobKind.REWRAP: reencrypt,  # the deprecated name of the same job
 }

@@ -1,4 +1,5 @@
-"""Jobs: start verification, batch encryption and rewrap; poll, list and cancel them.
+"""Jobs: start verification, batch encryption and re-encryption; poll, list and cancel
+them.
 
 A job belongs to the tenant that started it; another tenant's job id answers 404.
 """
@@ -6,7 +7,7 @@ A job belongs to the tenant that started it; another tenant's job id answers 404
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
@@ -108,14 +109,15 @@ class BatchEncryptRequest(_Request):
         return self
 
 
-class RewrapRequest(_Request):
+class ReencryptRequest(_Request):
     kid: str
     key: str | None = None
     prefix: str | None = None
     bucket: str | None = None
+    rewrapped: bool = False
 
     @model_validator(mode="after")
-    def one_of_key_or_prefix(self) -> "RewrapRequest":
+    def one_of_key_or_prefix(self) -> "ReencryptRequest":
         if (self.key is None) == (self.prefix is None):
             raise PydanticCustomError("invalid-source", "give exactly one of 'key' and 'prefix'")
         return self
@@ -175,13 +177,17 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> dict[
     }
 
 
-def rewrap_params(svc: Services, tenant: str, spec: RewrapRequest) -> dict[str, Any]:
+def reencrypt_params(
+    svc: Services, tenant: str, spec: ReencryptRequest, primary: int
+) -> dict[str, Any]:
+    """The job's parameters; `primary` is the key's primary version as this process sees
+    it, which the job moves objects to at least."""
     target = (
         _place_key(svc, tenant, spec.key, spec.bucket)
         if spec.key is not None
         else _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
     )
-    return {"kid": spec.kid, **target}
+    return {"kid": spec.kid, "keyVersion": primary, "rewrapped": spec.rewrapped, **target}
 
 
 @router.post("/batch-encrypt", status_code=202)
@@ -207,15 +213,33 @@ def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -
     start_sealing(svc.keys, tenant, spec.kid, spec.encryption_context, spec.frame_length)
 
 
-@router.post("/rewrap", status_code=202)
-async def start_rewrap(request: Request, principal: Writer) -> dict[str, Any]:
-    """Re-wrap the data keys of stored objects to the key's primary version."""
-    svc = services(request)
-    spec = parse(RewrapRequest, await read_json_object(request, svc.settings))
-    await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
-    params = rewrap_params(svc, principal.tenant, spec)
-    record = await run_in_threadpool(start_job, svc, JobKind.REWRAP, principal.tenant, params)
+@router.post("/reencrypt", status_code=202)
+async def start_reencrypt(request: Request, principal: Writer) -> dict[str, Any]:
+    """Re-encrypt stored objects for the key's primary version, each under a fresh data
+    key; with `rewrapped`, also those a header-only rewrap moved to a version."""
+    record = await _start_reencrypt(request, principal, JobKind.REENCRYPT)
     return record.public()
+
+
+# The date `rewrap` became a deprecated name of `reencrypt` (RFC 9745: a Unix time).
+REWRAP_DEPRECATED = int(datetime(2026, 12, 7, tzinfo=UTC).timestamp())
+
+
+@router.post("/rewrap", status_code=202, deprecated=True)
+async def start_rewrap(request: Request, response: Response, principal: Writer) -> dict[str, Any]:
+    """The reencrypt job under its former name, for one release: use `/reencrypt`."""
+    record = await _start_reencrypt(request, principal, JobKind.REWRAP)
+    response.headers["Deprecation"] = f"@{REWRAP_DEPRECATED}"
+    response.headers["Link"] = '</api/jobs/reencrypt>; rel="successor-version"'
+    return record.public()
+
+
+async def _start_reencrypt(request: Request, principal: Principal, kind: JobKind) -> JobRecord:
+    svc = services(request)
+    spec = parse(ReencryptRequest, await read_json_object(request, svc.settings))
+    key, _ = await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
+    params = reencrypt_params(svc, principal.tenant, spec, key.primary_version)
+    return await run_in_threadpool(start_job, svc, kind, principal.tenant, params)
 
 
 def _find(svc: Services, tenant: str, job_id: str) -> JobRecord:

@@ -1,0 +1,215 @@
+"""The reencrypt job: move stored objects to their key's primary version by re-encrypting
+them (`sealstream.reencrypt`), one object or every recorded object under a prefix.
+
+An object is due when its record names an older version of the key. With `rewrapped`,
+objects that a header-only rewrap moved to a version are due too. Those are objects whose
+record names a version created after the object was, or which were rewritten in storage
+after their record was written. Each is re-encrypted under a fresh data key, or reported
+`tampered` and left alone when it no longer decrypts to what was uploaded.
+
+Reruns converge: an object whose record names the primary version (and which is not due
+as rewrapped) is skipped, and a re-encrypted object's record is new. Before it writes an
+object, the job notes that object's key in its record. A rerun after a worker was killed
+aborts the upload that worker left pending on exactly that key, and no other. A failure
+on one object is reported in the result and leaves that object as it was; a job on one
+object fails with it.
+
+`rewrap`, the job's former name, is kept as an alias for one release. Its records,
+queued ones included, run this job. Header-only rewrap itself is gone: re-sealing a
+header under its message's key gives away GCM's hash key (docs/FORMAT.md §14).
+"""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from keystore import KeyRecord
+from sealstream.errors import error_code, public_detail
+from sealstream.reencrypt import ObjectTampered, reencrypt_object
+from sealstream.spaces import tenant_prefix
+from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
+from storage.records import ObjectRecord, load_record
+from workers.execution import JobCancelled, JobContext, JobFailed, LeaseLost
+from workers.jobs import JobKind
+from workers.services import WorkerServices
+
+# What header-only rewrap jobs staged. Each staged object held another header of a stored
+# message, which with the stored one gives away the message's GCM hash key.
+REWRAP_STAGING_PREFIX = "sealstream/staging/"
+# Time between an upload's last write reaching storage and its record being written,
+# clock skew between the service and the storage included. An object stored later than
+# that after its record was written has been rewritten since.
+RECORD_SKEW = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class _Target:
+    info: ObjectInfo
+    record: ObjectRecord
+
+
+@dataclass
+class _Report:
+    reencrypted: int = 0
+    skipped: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, Any]:
+        tampered = sum(failure["code"] == ObjectTampered.code for failure in self.failures)
+        return {
+            "reencrypted": self.reencrypted,
+            "skipped": self.skipped,
+            "tampered": tampered,
+            "failed": len(self.failures),
+            "failures": self.failures,
+        }
+
+
+def reencrypt(context: JobContext, services: WorkerServices) -> dict[str, Any]:
+    tenant, params = context.record.tenant, context.params
+    job = _ReencryptJob(context, services, services.spaces.store(tenant, params["bucket"]))
+    job.abort_left_pending()
+    targets = job.targets()
+    context.progress(
+        items_total=len(targets),
+        bytes_total=sum(target.info.size for target in targets),
+        items_done=0,
+        bytes_done=0,
+        force=True,
+    )
+    report = _Report()
+    bytes_done = 0
+    for index, target in enumerate(targets):
+        job.run(target, report)
+        bytes_done += target.info.size
+        context.progress(items_done=index + 1, bytes_done=bytes_done)
+    if "storageKey" in params and report.failures:
+        (failure,) = report.failures
+        raise JobFailed(failure["code"], failure["detail"])
+    return job.result(report)
+
+
+def clear_rewrap_staging(services: WorkerServices) -> int:
+    """Remove whatever header-only rewrap jobs left staged (nothing writes there now),
+    uploads included; how many objects and uploads were removed."""
+    cleared = 0
+    for store in services.spaces.every_store():
+        cleared += store.abort_pending(REWRAP_STAGING_PREFIX)
+        for info in store.list(REWRAP_STAGING_PREFIX):
+            store.delete(info.key)
+            cleared += 1
+    return cleared
+
+
+class _ReencryptJob:
+    def __init__(self, context: JobContext, services: WorkerServices, store: ObjectStore) -> None:
+        self.context = context
+        self.services = services
+        self.store = store
+        self.tenant = context.record.tenant
+        # Refuses a key that may not encrypt now. Objects are moved to the version that is
+        # primary when each is sealed: this one, unless the key rotates meanwhile. It is
+        # at least the one the API saw, though this process may have cached an older one.
+        self.key, _ = services.keys.encryption_keyring(
+            self.tenant, context.params["kid"], min_primary=context.params.get("keyVersion")
+        )
+        self.rewrapped = bool(context.params.get("rewrapped", False))
+
+    def abort_left_pending(self) -> None:
+        """Abort the upload a killed attempt of this job left on the object it wrote."""
+        partial = self.context.record.result or {}
+        writing = partial.get("writing")
+        if writing is not None:
+            self.store.abort_pending(writing, exact=True)
+
+    def targets(self) -> list[_Target]:
+        """The one object named, or every recorded object under the prefix sealed under
+        the key."""
+        params = self.context.params
+        if "storageKey" in params:
+            return [self._named_target(params["storageKey"])]
+        found = []
+        for info in self.store.list(params["storagePrefix"]):
+            record = self._record(info.key)
+            if record is not None and record.kid == self.key.kid:
+                found.append(_Target(info, record))
+        return found
+
+    def run(self, target: _Target, report: _Report) -> None:
+        """Re-encrypt one object if it is due, counting the outcome; its failure is
+        reported, not raised."""
+        key = target.info.key
+        try:
+            if not self._due(target):
+                report.skipped += 1
+                return
+            # Noted before its upload can begin, for a rerun to abort if this attempt dies.
+            self.context.save_partial({**report.counts(), "writing": key})
+            original = self.store.head(key)
+            reencrypt_object(
+                self.services.keys,
+                self.services.objects,
+                self.store,
+                target.record,
+                original,
+                self.context.add_bytes,
+            )
+        except (JobCancelled, LeaseLost, StorageUnavailable):
+            raise  # not about this object: the job stops
+        except Exception as error:
+            report.failures.append(
+                {
+                    "key": key.removeprefix(tenant_prefix(self.tenant)),
+                    "storageKey": key,
+                    "code": error_code(error),
+                    "detail": public_detail(error),
+                }
+            )
+            return
+        report.reencrypted += 1
+
+    def result(self, report: _Report) -> dict[str, Any]:
+        key = {
+            "bucket": self.store.bucket,
+            "kid": self.key.kid,
+            "keyVersion": self.key.primary_version,
+        }
+        counts = report.counts()
+        if self.context.record.kind is JobKind.REWRAP:
+            counts["rewrapped"] = report.reencrypted  # as the deprecated job reported it
+        return {**key, **counts}
+
+    def _due(self, target: _Target) -> bool:
+        record = target.record
+        if record.key_version != self.key.primary_version:
+            return True
+        return self.rewrapped and _rewrapped(record, self.key, target.info.last_modified)
+
+    def _named_target(self, storage_key: str) -> _Target:
+        record = self._record(storage_key)
+        if record is None:
+            raise JobFailed(
+                "object-record-missing",
+                "no upload record for this object: it was not written by encrypt-to-storage",
+            )
+        if record.kid != self.key.kid:
+            raise JobFailed(
+                "object-not-sealed-under-key",
+                f"the object is sealed under key {record.kid!r}, not {self.key.kid!r}",
+            )
+        return _Target(self.store.head(storage_key), record)
+
+    def _record(self, storage_key: str) -> ObjectRecord | None:
+        try:
+            return load_record(self.services.objects, self.store.bucket, storage_key)
+        except ObjectNotFound:
+            return None
+
+
+def _rewrapped(record: ObjectRecord, key: KeyRecord, last_modified: datetime) -> bool:
+    """Whether a header-only rewrap may have moved the object to the version its record
+    names: one created after the object was (a rewrap kept the record's `createdAt`), or
+    storage holds a version of the object written after its record was."""
+    created = record.created_at
+    version_created = key.version(record.key_version).created_at
+    return created < version_created or last_modified > created + RECORD_SKEW
