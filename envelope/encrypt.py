@@ -141,10 +141,13 @@ class Encryptor:
             )
         out: list[Piece] = [*self._header_once()]
         if self._frame is not None:
+            # The pending frame's regular tag is never made: see `PendingFrame.seal_final`.
             out.append(self._frame.seal_final())
         else:
             # Ended at a streamed frame's edge: the frames started after it were never
             # written to, and the final frame takes the first of their sequence numbers.
+            # Their contexts encrypted nothing and are never tagged, so the final frame is
+            # the only sealing under that IV that anything comes out of.
             self._sequence_number -= len(self._ready)
             self._ready.clear()
             out.append(self._cipher.seal(self._sequence_number, memoryview(b""), final=True))
@@ -249,6 +252,7 @@ class Encryptor:
         return frame.seal_regular()
 
     def _next_regular_sequence_number(self) -> int:
+        # Every regular frame's IV comes from here, once: numbers only rise.
         sequence_number = self._sequence_number
         # A regular frame may not take the last number: the final frame needs one.
         if sequence_number >= MAX_SEQUENCE_NUMBER:

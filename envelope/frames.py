@@ -9,6 +9,11 @@ the frame is the final one, the sequence number and the plaintext length, so fra
 cannot be reordered, dropped, duplicated or moved to another message, and the final
 frame cannot be cut off or passed off as a regular one. The header tag uses the same key
 with an all-zero IV over the header body.
+
+Nonces: the key is one message's own (derived from its fresh data key and message ID),
+the header tag takes the IV 0 and each frame its sequence number, from 1: every (key, IV)
+seals once, and each place below says why (docs/FORMAT.md §14). GCM cannot afford less:
+two tags under one key and IV give away its hash key, and with it a forgery of any frame.
 """
 
 import struct
@@ -68,6 +73,8 @@ class FrameCipher:
         self._final_aad = message_id + _FINAL_FRAME_AAD
 
     def header_tag(self, header_body: bytes) -> bytes:
+        # IV 0, which no frame takes. Called once per message, by `new_message`, which
+        # drew the data key and message ID this cipher's key comes from.
         return self._aead.encrypt(_HEADER_IV, b"", header_body)
 
     def verify_header_tag(self, header_body: bytes, tag: bytes) -> None:
@@ -78,6 +85,8 @@ class FrameCipher:
 
     def seal(self, sequence_number: int, plaintext: memoryview, *, final: bool) -> bytearray:
         """The serialized frame; a fresh buffer the caller owns."""
+        # The IV is the sequence number, which the encryptor hands out once per message:
+        # each regular frame takes the next, and the final frame the one after the last.
         iv = frame_iv(sequence_number)
         length = len(plaintext)
         if final:
@@ -92,7 +101,11 @@ class FrameCipher:
 
     def begin_regular(self, sequence_number: int, length: int) -> AEADEncryptionContext:
         """An incremental sealing of a regular frame of `length` bytes: its ciphertext is
-        what `seal` would write, and its tag follows `finalize()`."""
+        what `seal` would write, and its tag follows `finalize()`.
+
+        It takes the frame's sequence number as its IV, as `seal` does, so the two must
+        never both tag one sequence number: `PendingFrame` and `Encryptor.finish` say why
+        they do not."""
         context = Cipher(self._aes, modes.GCM(frame_iv(sequence_number))).encryptor()
         context.authenticate_additional_data(self._aad(sequence_number, length, final=False))
         return context
@@ -181,7 +194,15 @@ class PendingFrame:
         return frame
 
     def seal_final(self) -> bytearray:
-        """The final frame holding what was written, serialized; a fresh buffer."""
+        """The final frame holding what was written, serialized; a fresh buffer.
+
+        This seals a second time under the key and IV the regular frame's context took,
+        and that is safe only because the regular frame's tag is never made: its context
+        is never finalized, and its buffer (whose ciphertext is the same bytes as the
+        final frame's) is never handed out. One tag leaves under this IV. Were the regular
+        one released too, the two tags over different AAD would give away GCM's hash key.
+        A pending frame therefore ends either in `seal_regular` or here, never both.
+        """
         end = REGULAR_PREFIX.size + self.filled
         ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
         # The same key and IV give the same keystream, so running our own ciphertext through
@@ -201,6 +222,10 @@ class StreamedFrame:
     Only for a frame known to be regular before its first byte is read: the prefix, which
     a final frame's differs from, goes out ahead of the ciphertext. A holder of that
     knowledge is `Encryptor.expect_length`.
+
+    Its sequence number (the IV) is taken when it is made, possibly ahead of use; one made
+    but never written to gives its number back to the final frame, which is safe because
+    it encrypted nothing and was never tagged (`Encryptor.finish`).
     """
 
     __slots__ = ("_context", "prefix", "room")  # read per chunk, like the Encryptor's

@@ -52,6 +52,8 @@ class MlKemKeyring(Keyring):
         self._algorithm, self._kem_ciphertext_length = _parameter_set(self._public)
 
     def wrap(self, data_key: bytes, context_bytes: bytes) -> EncryptedDataKey:
+        # A fresh encapsulation, so a fresh shared secret: the AES key and nonce derived
+        # from it seal this one data key and nothing else.
         shared_secret, kem_ciphertext = self._public.encapsulate()
         key, nonce = self._wrapping_key(shared_secret, kem_ciphertext)
         wrapped = AESGCM(key).encrypt(nonce, data_key, context_bytes)
