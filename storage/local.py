@@ -13,11 +13,16 @@ keystore keeps its `.kek` there), so keys may not start with ".". Every write go
 temporary file that is fsync'd and renamed into place, sidecar first, so a visible object
 is always complete and always has its metadata. The lock is an flock, so it also holds
 between processes sharing the directory on one machine.
+
+The store is its owner's alone: the root and every directory in it are created 0700 and
+every file 0600 (the umask can only take more away), and a root that others can enter
+is closed to them when the store is opened.
 """
 
 import builtins  # `list` names a store method inside the store classes
 import fcntl
 import json
+import logging
 import os
 import uuid
 from collections.abc import Generator, Iterator
@@ -25,8 +30,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from stat import S_ISREG
-from typing import Any
+from stat import S_IMODE, S_ISREG
+from typing import Any, BinaryIO
 
 from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
 from storage.errors import (
@@ -39,7 +44,11 @@ from storage.errors import (
     StorageUnavailable,
 )
 
+logger = logging.getLogger(__name__)
+
 META_DIR = ".meta"
+PRIVATE_DIRECTORY = 0o700
+PRIVATE_FILE = 0o600
 TEMP_PREFIX = ".tmp-"
 # A temporary name adds ".tmp-" + 32 hex digits + "-" (and a sidecar ".json") to a segment;
 # this keeps every such name under the 255-byte limit of common filesystems.
@@ -56,7 +65,13 @@ class LocalStore(ObjectStore):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
         self.bucket = self.root.name
-        (self.root / META_DIR).mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            _private_directories(self.root / META_DIR, self.root.parent)
+        except OSError as error:
+            reason = f"the store directory cannot be created: {error.strerror}"
+            raise StorageUnavailable(reason) from error
+        _make_private(self.root)
 
     def get(self, key: str) -> bytes:
         path = self._object_path(key)
@@ -193,7 +208,7 @@ class LocalStore(ObjectStore):
                 raise ObjectExists("the object already exists", writer.key)
             if writer.if_match is not None:
                 self._require_etag(writer.key, path, writer.if_match)
-            _write_atomically(self._sidecar_path(writer.key), sidecar)
+            _write_atomically(self._sidecar_path(writer.key), sidecar, self.root)
             try:
                 if writer.if_absent:
                     path.hardlink_to(writer.temp)  # fails atomically if the name is taken
@@ -262,10 +277,10 @@ class _LocalWriter(MultipartWriter):
         self.temp = _temp_beside(path)
         with store._os_errors(key), store._locked(fcntl.LOCK_EX):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _private_directories(path.parent, store.root)
             except (FileExistsError, NotADirectoryError):
                 raise InvalidObjectKey("a prefix of the key is another object", key) from None
-            self._file = self.temp.open("xb")
+            self._file = _new_private_file(self.temp)
 
     def _write(self, view: memoryview) -> None:
         with self._store._os_errors(self.key):
@@ -335,15 +350,46 @@ def _under(key: str, prefix: str, exact: bool) -> bool:
     return key == prefix if exact else key.startswith(prefix)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomically(path: Path, data: bytes, root: Path) -> None:
+    _private_directories(path.parent, root)
     temp = _temp_beside(path)
-    with temp.open("xb") as file:
+    with _new_private_file(temp) as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
     temp.replace(path)
     _fsync_directory(path.parent)
+
+
+def _private_directories(directory: Path, root: Path) -> None:
+    """Create `directory` and whatever is missing of it below `root`, each 0700 (`mkdir
+    -p` would give the parents it creates the umask's mode). A file in the way raises
+    `FileExistsError` or `NotADirectoryError`."""
+    path = root
+    for part in directory.relative_to(root).parts:
+        path /= part
+        try:
+            path.mkdir(mode=PRIVATE_DIRECTORY)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+
+
+def _make_private(directory: Path) -> None:
+    """Take group and other access away from a directory that was left open (by an older
+    version, or made by hand)."""
+    mode = S_IMODE(directory.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        directory.chmod(mode & PRIVATE_DIRECTORY)
+    except PermissionError:
+        logger.warning("the store directory is open to others and not ours to close: %s", directory)
+
+
+def _new_private_file(path: Path) -> BinaryIO:
+    """A new file to write, 0600; the name must be free."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
 
 
 def _temp_beside(path: Path) -> Path:

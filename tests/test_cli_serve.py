@@ -36,8 +36,12 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
             assert client.get("/api/key-management/keys/mySymKey").status_code == 200
             assert client.get("/readyz").json()["status"] == "ready"
     kek = tmp_path / ".sealstream" / ".kek"
-    assert stat.S_IMODE(kek.stat().st_mode) == 0o600
     assert len(kek.read_bytes()) == 32
+    store = [tmp_path / ".sealstream", *(tmp_path / ".sealstream").rglob("*")]
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in store}
+    assert {mode for path, mode in modes.items() if path.is_dir()} == {0o700}
+    assert {mode for path, mode in modes.items() if path.is_file()} == {0o600}
+    assert kek in modes and (tmp_path / ".sealstream" / ".meta" / "sealstream") in modes
 
     # A restart keeps the KEK and the keys; the generated admin token is a new one.
     with sealstream_serve(tmp_path) as again:

@@ -1,8 +1,11 @@
 """What only the local-directory backend has: key safety, its files on disk, its lock."""
 
+import os
 import re
 import shutil
+import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,47 @@ def test_a_removed_directory_is_a_missing_bucket(local: LocalStore) -> None:
         local.head("k")
     with pytest.raises(BucketNotFound):
         local.put("k", b"x")
+
+
+# Only its owner can read the store
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The usual umask (022): files 0644 and directories 0755 unless asked otherwise."""
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_the_store_is_its_owners_alone(tmp_path: Path) -> None:
+    """Directories 0700 and files 0600: objects, sidecars, the lock, uploads under way."""
+    root = tmp_path / "parent" / "bucket"
+    store = LocalStore(root)
+    store.put("a/b/c", b"sealed", metadata={"sealstream-kid": "k"})
+    store.put("top", b"sealed")
+    with store.multipart("a/pending/d") as writer:
+        writer.write(b"half")
+        during_upload = _modes(root)
+    assert any(path.name.startswith(".tmp-") for path in during_upload)
+    for modes in (during_upload, _modes(root)):
+        assert {mode for path, mode in modes.items() if path.is_dir()} == {0o700}
+        files = {path.name: mode for path, mode in modes.items() if path.is_file()}
+        assert {"c", "top", "c.json", "top.json", ".lock"} <= files.keys()
+        assert set(files.values()) == {0o600}
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_an_open_store_directory_is_closed_when_opened(tmp_path: Path) -> None:
+    root = tmp_path / "bucket"
+    root.mkdir(mode=0o755)
+    LocalStore(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+def _modes(root: Path) -> dict[Path, int]:
+    """The permission bits of the root and of everything under it."""
+    return {path: stat.S_IMODE(path.stat().st_mode) for path in [root, *root.rglob("*")]}
