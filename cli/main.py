@@ -72,7 +72,12 @@ class Serve(Settings):
             generated = SecretStr(secrets.token_urlsafe(32))
             settings = self.model_copy(update={"admin_token": generated})
         keep_freed_buffers()
-        app = create_app(settings)
+        from sealstream.wiring import ConfigurationError
+
+        try:
+            app = create_app(settings)
+        except ConfigurationError as exc:
+            _fail(f"cannot start: {exc}", EXIT_USAGE)
         _announce(settings, generated)
         warn_if_exposed(settings)
         uvicorn.run(app, log_level="info", **server_options(settings))

@@ -1,17 +1,21 @@
 """Building the service's parts from `Settings`: object store, KEK and key store.
 
 The API and the workers both start here, so they always agree on where keys live and
-how their material is wrapped.
+how their material is wrapped. A setting that cannot make its part raises
+`ConfigurationError`, whose message starts with the setting's name.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import boto3
+from botocore.exceptions import BotoCoreError
 
-from keystore import Kek, KeyStore, KmsKek, LocalKek
+from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
 from sealstream.settings import Settings
-from storage import ObjectStore, open_store
+from storage import ObjectStore, StorageError, open_store
 
 EMBEDDED_KEK_NAME = ".kek"
 
@@ -20,15 +24,27 @@ class ConfigurationError(Exception):
     """The settings cannot make a working service; the message says what to set."""
 
 
+@contextmanager
+def configured(setting: str) -> Iterator[None]:
+    """Failures to build a part from `setting` (the environment variable's name) raised
+    as `ConfigurationError`s that name it. The messages caught quote no URL."""
+    try:
+        yield
+    except (ValueError, KekError, StorageError, BotoCoreError) as error:
+        raise ConfigurationError(f"{setting}: {error}") from error
+
+
 def open_object_store(settings: Settings, bucket: str | None = None) -> ObjectStore:
-    return open_store(
-        settings.storage_url,
-        endpoint_url=settings.s3_endpoint_url,
-        bucket=bucket,
-        part_size=settings.s3_part_size,
-        max_in_flight=settings.s3_parts_in_flight,
-        sign_payloads=settings.s3_sign_payloads,
-    )
+    endpoint = _endpoint("SEALSTREAM_S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    with configured("SEALSTREAM_STORAGE_URL"):
+        return open_store(
+            settings.storage_url,
+            endpoint_url=endpoint,
+            bucket=bucket,
+            part_size=settings.s3_part_size,
+            max_in_flight=settings.s3_parts_in_flight,
+            sign_payloads=settings.s3_sign_payloads,
+        )
 
 
 def local_storage_dir(settings: Settings) -> Path | None:
@@ -42,16 +58,20 @@ def local_storage_dir(settings: Settings) -> Path | None:
 def open_kek(settings: Settings) -> Kek:
     """The KEK: AWS KMS, a KEK file, or (embedded default only) one generated beside the data."""
     if settings.kms_key_id:
-        client = boto3.client("kms", endpoint_url=settings.kms_endpoint_url)
+        endpoint = _endpoint("SEALSTREAM_KMS_ENDPOINT_URL", settings.kms_endpoint_url)
+        with configured("SEALSTREAM_KMS_KEY_ID"):
+            client = boto3.client("kms", endpoint_url=endpoint)
         return KmsKek(settings.kms_key_id, client)
     if settings.kek_file is not None:
-        return LocalKek.from_file(settings.kek_file)
+        with configured("SEALSTREAM_KEK_FILE"):
+            return LocalKek.from_file(settings.kek_file)
     storage_dir = local_storage_dir(settings)
     if storage_dir is None:
         raise ConfigurationError(
-            "with S3 storage, set SEALSTREAM_KEK_FILE or SEALSTREAM_KMS_KEY_ID"
+            "SEALSTREAM_KEK_FILE: with S3 storage, set it or SEALSTREAM_KMS_KEY_ID"
         )
-    return LocalKek.load_or_create(storage_dir / EMBEDDED_KEK_NAME)
+    with configured("SEALSTREAM_KEK_FILE"):
+        return LocalKek.load_or_create(storage_dir / EMBEDDED_KEK_NAME)
 
 
 def open_keystore(settings: Settings, objects: ObjectStore | None = None) -> KeyStore:
@@ -60,3 +80,18 @@ def open_keystore(settings: Settings, objects: ObjectStore | None = None) -> Key
         open_kek(settings),
         cache_ttl=settings.key_cache_ttl,
     )
+
+
+def _endpoint(setting: str, url: str | None) -> str | None:
+    """An endpoint URL, checked here: botocore's own refusal would quote it, credentials
+    and all."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ConfigurationError(f"{setting}: give an http:// or https:// URL")
+    return url

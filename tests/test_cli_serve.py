@@ -6,6 +6,8 @@ import io
 import os
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -157,3 +159,43 @@ def test_plain_http_off_loopback_is_warned_about(
     certificate, key = self_signed_certificate(tmp_path)
     warn_if_exposed(Settings(host=host, tls_cert=certificate, tls_key=key))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("settings", "culprit"),
+    [
+        ({"SEALSTREAM_KEK_FILE": "{tmp}/missing"}, "SEALSTREAM_KEK_FILE"),
+        ({"SEALSTREAM_KEK_FILE": "{tmp}/short"}, "SEALSTREAM_KEK_FILE"),
+        ({"SEALSTREAM_STORAGE_URL": "s3://bucket"}, "SEALSTREAM_KEK_FILE"),
+        ({"SEALSTREAM_STORAGE_URL": "ftp://host/store"}, "SEALSTREAM_STORAGE_URL"),
+        ({"SEALSTREAM_STORAGE_URL": "file://{tmp}/short/store"}, "SEALSTREAM_STORAGE_URL"),
+        (
+            {
+                "SEALSTREAM_STORAGE_URL": "s3://bucket",
+                "SEALSTREAM_KEK_FILE": "{tmp}/kek",
+                "SEALSTREAM_S3_ENDPOINT_URL": "user:password@host",
+            },
+            "SEALSTREAM_S3_ENDPOINT_URL",
+        ),
+        ({"SEALSTREAM_REDIS_URL": "user:password@host"}, "SEALSTREAM_REDIS_URL"),
+    ],
+)
+def test_a_configuration_error_is_one_line_naming_the_setting(
+    tmp_path: Path, settings: dict[str, str], culprit: str
+) -> None:
+    (tmp_path / "short").write_bytes(b"not 32 bytes")
+    (tmp_path / "kek").write_bytes(os.urandom(32))
+    env = {name: value.format(tmp=tmp_path) for name, value in settings.items()}
+    sealstream = Path(sys.executable).with_name("sealstream")
+    run = subprocess.run(
+        [str(sealstream), "serve", "--port", str(free_port())],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (2, ""), run.stderr
+    assert run.stderr.startswith(f"sealstream: cannot start: {culprit}: "), run.stderr
+    assert run.stderr.count("\n") == 1 and "password" not in run.stderr

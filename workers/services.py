@@ -6,7 +6,7 @@ from datetime import timedelta
 from keystore import KeyStore
 from sealstream.settings import Settings
 from sealstream.spaces import Spaces
-from sealstream.wiring import open_keystore, open_object_store
+from sealstream.wiring import configured, open_keystore, open_object_store
 from storage import ObjectStore
 from workers.jobs import JobStore, MemoryJobStore, RedisJobStore
 
@@ -23,7 +23,8 @@ class WorkerServices:
 def open_job_store(settings: Settings, objects: ObjectStore) -> JobStore:
     ttl = timedelta(seconds=settings.job_ttl)
     if settings.redis_url:
-        return RedisJobStore.from_url(settings.redis_url, objects, ttl)
+        with configured("SEALSTREAM_REDIS_URL"):
+            return RedisJobStore.from_url(settings.redis_url, objects, ttl)
     return MemoryJobStore(objects, ttl)
 
 
