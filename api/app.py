@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from api import problems
 from api.admission import StreamLimit
+from api.keygen import KeyWork
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import admin, crypto, health, jobs, keys
 from api.services import Services
@@ -32,6 +33,7 @@ def build_services(settings: Settings) -> Services:
         ),
         runner=open_runner(core),
         transfers=CapacityLimiter(settings.transfer_threads),
+        key_work=KeyWork(settings.keygen_threads, settings.keygen_rate),
     )
 
 

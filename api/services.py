@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from anyio import CapacityLimiter
 from fastapi import Request
 
+from api.keygen import KeyWork
 from api.tokens import TokenStore
 from workers.runner import JobRunner
 from workers.services import WorkerServices
@@ -19,6 +20,8 @@ class Services(WorkerServices):
     # The worker threads of streams into and out of storage, apart from the default pool:
     # a stream can hold its thread for as long as the store makes it wait.
     transfers: CapacityLimiter
+    # RSA generation and import, apart from the default pool, rate-limited per tenant.
+    key_work: KeyWork
 
 
 def services(request: Request) -> Services:

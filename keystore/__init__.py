@@ -6,7 +6,13 @@
 hierarchy rooted at `KeystoreError`, each with a stable `code`.
 """
 
-from keystore.algorithms import KEY_TYPES, Jwk, KeyParams, supported_algorithms
+from keystore.algorithms import (
+    KEY_TYPES,
+    Jwk,
+    KeyParams,
+    costly_material,
+    supported_algorithms,
+)
 from keystore.errors import (
     AlgorithmMismatch,
     ConcurrentUpdate,
@@ -96,6 +102,7 @@ __all__ = [
     "UnsupportedAlgorithm",
     "UnsupportedKeyType",
     "VersionInfo",
+    "costly_material",
     "record_key",
     "supported_algorithms",
     "utcnow",

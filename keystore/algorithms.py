@@ -47,6 +47,9 @@ class KeyType(ABC):
 
     kty: ClassVar[str]
     algorithms: ClassVar[tuple[str, ...]]
+    # Material whose generation, or the checking of an imported one, takes long enough
+    # (RSA: a good part of a second of CPU) to be kept off the threads requests share.
+    costly: ClassVar[bool] = False
 
     def params(self, alg: str, key_size: int | None) -> KeyParams:
         """The parameters of a new key of algorithm `alg` (already one of ours)."""
@@ -102,6 +105,7 @@ class OctKeyType(KeyType):
 class RsaKeyType(KeyType):
     kty = "RSA"
     algorithms = ("RSA-OAEP-256",)
+    costly = True
     key_sizes = (2048, 3072, 4096)
     default_key_size = 3072
     _private_members = ("d", "p", "q", "dp", "dq", "qi")
@@ -213,6 +217,15 @@ KEY_TYPES: dict[str, KeyType] = {
     key_type.kty: key_type for key_type in (OctKeyType(), RsaKeyType(), MlKemKeyType())
 }
 _KTY_ALIASES = {MlKemKeyType.jwk_kty: MlKemKeyType.kty}
+
+
+def costly_material(kty: str) -> bool:
+    """Whether material of the key type named `kty` is costly to make or check (False for
+    a type that does not exist: it is refused at once)."""
+    try:
+        return key_type(kty).costly
+    except UnsupportedKeyType:
+        return False
 
 
 def key_type(kty: str) -> KeyType:

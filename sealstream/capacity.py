@@ -1,4 +1,5 @@
-"""Defaults sized to the machine a process runs on: its memory and its open-file limit.
+"""Defaults sized to the machine a process runs on: its memory, its open-file limit and
+its CPUs.
 
 Memory is the smallest of the physical memory and every memory limit of the process's
 control groups (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`, its own group's and
@@ -52,6 +53,11 @@ def connection_cap(open_files: int | None = None) -> int:
     if open_files is None:
         open_files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(1, int(open_files * CONNECTION_FILE_SHARE))
+
+
+def keygen_threads() -> int:
+    """Half the CPUs: key generation is CPU-bound, and requests need the rest."""
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 def _memory_limit_files(cgroup_root: Path, membership: Path) -> Iterator[Path]:

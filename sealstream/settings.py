@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from limits import parse
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sealstream.capacity import connection_cap, stream_cap
+from sealstream.capacity import connection_cap, keygen_threads, stream_cap
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MIB
@@ -127,6 +128,18 @@ class Settings(BaseSettings):
         "up by a slow store cannot take the threads that authentication and key lookups "
         "need (anyio's default pool, 40 threads)",
     )
+    keygen_threads: int = Field(
+        default_factory=keygen_threads,
+        ge=1,
+        le=64,
+        description="RSA keys generated or imported at once (to create, rotate or import "
+        "one), on threads of their own; more wait their turn (default: half the CPUs)",
+    )
+    keygen_rate: str = Field(
+        "10/minute",
+        description="RSA keys one tenant may generate or import in one process, over a "
+        "moving window, as N/second, N/minute or N/hour; past it, 429 rate-limited",
+    )
     job_ttl: int = Field(
         7 * 24 * 3600,
         ge=60,
@@ -182,6 +195,15 @@ class Settings(BaseSettings):
         "into S3, each (parts in flight + 1) × the part size, as fit in half the memory "
         "available: the cgroup limit if any, else the physical memory)",
     )
+
+    @field_validator("keygen_rate")
+    @classmethod
+    def _a_rate(cls, rate: str) -> str:
+        try:
+            parse(rate)
+        except ValueError:
+            raise ValueError("give a rate as N/second, N/minute or N/hour") from None
+        return rate
 
     @field_validator("tls_key")
     @classmethod

@@ -5,6 +5,7 @@ Responses show metadata and public keys only; material leaves solely through exp
 and only for keys created exportable.
 """
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -48,13 +49,16 @@ async def list_supported_algorithms(_: Reader) -> dict[str, Any]:
 @router.post("/keys", status_code=201)
 async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(KeySpec, await json_body(request))
-    return view(await run_in_threadpool(services(request).keys.create, principal.tenant, spec))
+    create = partial(services(request).keys.create, principal.tenant, spec)
+    return view(await services(request).key_work.run(principal.tenant, spec.kty, create))
 
 
 @router.post("/keys/import", status_code=201)
 async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(ImportSpec, await json_body(request))
-    return view(await run_in_threadpool(services(request).keys.import_jwk, principal.tenant, spec))
+    kty = str(spec.jwk.get("kty", ""))
+    import_ = partial(services(request).keys.import_jwk, principal.tenant, spec)
+    return view(await services(request).key_work.run(principal.tenant, kty, import_))
 
 
 @router.get("/keys")
@@ -86,7 +90,10 @@ async def change_key(request: Request, kid: str, principal: Writer) -> dict[str,
 
 @router.post("/keys/{kid}/rotate")
 async def rotate_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
-    return view(await run_in_threadpool(services(request).keys.rotate, principal.tenant, kid))
+    keys = services(request).keys
+    record = await run_in_threadpool(keys.get, principal.tenant, kid)
+    rotate = partial(keys.rotate, principal.tenant, kid)
+    return view(await services(request).key_work.run(principal.tenant, record.kty, rotate))
 
 
 @router.post("/keys/{kid}/disable")
