@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/reencrypt.py
+	$(BIN)/python bench/slowclients.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
