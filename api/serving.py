@@ -25,6 +25,7 @@ Another ASGI server must be given the same guards through its own options.
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.problems import MEDIA_TYPE, Problem
 from sealstream.settings import Settings
+from sealstream.wiring import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ class ConnectionLimits:
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options (`uvicorn.Config`'s keywords) for serving the API as `settings` say."""
+    """uvicorn's options (`uvicorn.Config`'s keywords) for serving the API as `settings`
+    say; `ConfigurationError` if the TLS certificate and key do not load."""
+    check_tls(settings)
     limits = ConnectionLimits.of(settings)
     protocol = type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
     return {
@@ -69,6 +73,22 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
         "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
     }
+
+
+def check_tls(settings: Settings) -> None:
+    """Load the certificate and key as the server will, so that a wrong file is one clear
+    error at start rather than a traceback from inside the server."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        reason = error.strerror or str(error)
+        raise ConfigurationError(
+            f"SEALSTREAM_TLS_CERT / SEALSTREAM_TLS_KEY: cannot load the certificate and its "
+            f"key ({reason})"
+        ) from None
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):

@@ -76,11 +76,12 @@ class Serve(Settings):
 
         try:
             app = create_app(settings)
+            options = server_options(settings)
         except ConfigurationError as exc:
             _fail(f"cannot start: {exc}", EXIT_USAGE)
         _announce(settings, generated)
         warn_if_exposed(settings)
-        uvicorn.run(app, log_level="info", **server_options(settings))
+        uvicorn.run(app, log_level="info", **options)
 
 
 EXIT_FAILED = 1

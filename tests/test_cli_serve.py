@@ -199,3 +199,23 @@ def test_a_configuration_error_is_one_line_naming_the_setting(
     assert (run.returncode, run.stdout) == (2, ""), run.stderr
     assert run.stderr.startswith(f"sealstream: cannot start: {culprit}: "), run.stderr
     assert run.stderr.count("\n") == 1 and "password" not in run.stderr
+
+
+@pytest.mark.parametrize("wrong", ["missing", "not-a-certificate"])
+def test_a_certificate_that_does_not_load_is_one_line_at_start(tmp_path: Path, wrong: str) -> None:
+    _, key = self_signed_certificate(tmp_path)
+    (tmp_path / "not-a-certificate").write_text("not PEM")
+    sealstream = Path(sys.executable).with_name("sealstream")
+    tls = ["--tls-cert", str(tmp_path / wrong), "--tls-key", str(key)]
+    run = subprocess.run(
+        [str(sealstream), "serve", "--port", str(free_port()), *tls],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SEALSTREAM_TLS_CERT" in lines[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
