@@ -27,7 +27,7 @@ def build_services(settings: Settings) -> Services:
     return Services(
         **{field.name: getattr(core, field.name) for field in fields(core)},
         tokens=TokenStore(
-            core.objects,
+            core.records,
             settings.admin_token.get_secret_value(),
             cache_ttl=settings.key_cache_ttl,
         ),

@@ -63,7 +63,8 @@ from sealstream.objects import (
     required_context as required,
 )
 from sealstream.spaces import Placement
-from storage import InvalidRange, ObjectNotFound, ObjectStore
+from storage import InvalidRange, ObjectNotFound
+from storage.integrity import Records
 from storage.records import ObjectRecord, load_record
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ async def encrypt_to_storage(
     placement: Placement,
     *,
     overwrite: bool,
-    records: ObjectStore,
+    records: Records,
     transfers: CapacityLimiter,
 ) -> ObjectRecord:
     """Seal the file part into `placement` through a multipart upload, and record it.
@@ -291,7 +292,7 @@ async def check_object(
     tenant: str,
     placement: Placement,
     *,
-    records: ObjectStore,
+    records: Records,
     expected_kid: str | None,
     required_context: Mapping[str, str],
     transfers: CapacityLimiter,
@@ -371,7 +372,7 @@ def decrypt_object(
     )
 
 
-def _check_against_record(records: ObjectStore, placement: Placement, size: int) -> None:
+def _check_against_record(records: Records, placement: Placement, size: int) -> None:
     """Refuse an object whose size differs from the one its upload recorded: cut short or
     replaced behind the service's back. An object without a record is not refused here:
     its final frame, checked next, vouches for its length."""

@@ -1,9 +1,20 @@
 """API tokens: opaque bearer strings, each bound to one tenant and a set of scopes.
 
-A token reads `sst_<id>_<secret>`. Only its SHA-256 is stored, in the object store under
-`sealstream/tokens/<id>.json`; the id locates the record, and the hash is compared in
-constant time. Records are cached for `cache_ttl` seconds, so a revocation made by
-another process takes effect within that time (at once in the process that made it).
+A token reads `sst_<id>_<secret>`. Its record, a sealed record (`storage.integrity`) at
+`sealstream/tokens/<id>.json`, holds HMAC(token-hash key, SHA-256(token)) and never the
+token: without the service's record key, neither reading the bucket nor writing it gives
+a working token. The hash is compared in constant time.
+
+Refusing a token costs no storage request unless its id is one the service issued: an id
+carries a MAC of its own random part (under a key derived from the record key), so a
+made-up id fails on arrival. Ids issued before ids carried one are listed in a sealed
+index that `sealstream upgrade-records` writes. Records (and misses) are cached for
+`cache_ttl` seconds, so a revocation made by another process takes effect within that
+time (at once in the process that made it).
+
+Two roles hold `admin`: the operator (the bootstrap token, and tokens granted `operator`)
+manages every tenant's tokens; a tenant admin manages only its own tenant's tokens, and
+grants only scopes it holds itself.
 """
 
 import hashlib
@@ -16,11 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cachetools import TTLCache
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from storage import ObjectNotFound, ObjectStore
+from storage import ObjectNotFound
+from storage.integrity import Records
 
+ADMIN_SCOPE = "admin"
+OPERATOR_SCOPE = "operator"
 SCOPES = frozenset(
     {
         "keys:read",
@@ -30,15 +44,29 @@ SCOPES = frozenset(
         "crypto:decrypt",
         "jobs:read",
         "jobs:write",
-        "admin",
+        ADMIN_SCOPE,
+        OPERATOR_SCOPE,
     }
 )
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+TOKEN_ID_PATTERN = r"^[a-z0-9]{16}$"  # noqa: S105 - a pattern, not a secret
 DEFAULT_TENANT = "default"
-_PREFIX = "sealstream/tokens/"
+RECORD_KIND = "token"
+TOKENS_PREFIX = "sealstream/tokens/"
+LEGACY_IDS_KIND = "legacy-token-ids"
+LEGACY_IDS_KEY = "sealstream/legacy-token-ids.json"
+LEGACY_IDS_TTL = 60.0  # seconds; the index changes only when an upgrade runs
 _TOKEN = re.compile(r"^sst_([a-z0-9]{16})_([A-Za-z0-9_-]{43})$")
-_TOKEN_ID = re.compile(r"^[a-z0-9]{16}$")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_ID_RANDOM_LENGTH = 8  # then as many characters of MAC
+_ID_TAG_LENGTH = 8
+
+
+class _Uncached:
+    """What the record cache holds for an id it knows nothing about."""
+
+
+_UNCACHED = _Uncached()
 
 
 class TokenError(Exception):
@@ -67,6 +95,10 @@ class Principal:
     scopes: frozenset[str]
     token_id: str
 
+    @property
+    def operator(self) -> bool:
+        return OPERATOR_SCOPE in self.scopes
+
 
 class TokenRecord(BaseModel):
     """A token as stored: everything but the token itself."""
@@ -75,21 +107,60 @@ class TokenRecord(BaseModel):
         alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True, frozen=True
     )
 
-    id: str
+    id: str = Field(pattern=TOKEN_ID_PATTERN)
     tenant: str = Field(pattern=TENANT_PATTERN)
     scopes: list[str]
     name: str = ""
-    created_at: datetime
-    expires_at: datetime | None = None
-    revoked_at: datetime | None = None
+    created_at: AwareDatetime
+    expires_at: AwareDatetime | None = None
+    revoked_at: AwareDatetime | None = None
     hash: str = Field(repr=False)
 
     def public(self) -> dict[str, object]:
         return self.model_dump(mode="json", exclude={"hash"})
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+class LegacyTokenIds(BaseModel):
+    """Ids of tokens issued before ids carried a MAC: they are looked up as they are."""
+
+    ids: list[str]
+
+
+def token_record_key(token_id: str) -> str:
+    return f"{TOKENS_PREFIX}{token_id}.json"
+
+
+class TokenHasher:
+    """What a token record keeps of its token, and whether an id is one the service made;
+    both keyed by keys derived from the record key."""
+
+    def __init__(self, records: Records) -> None:
+        self._hash_key = records.key.derive("token-hash")
+        self._id_key = records.key.derive("token-id")
+
+    def hash(self, token: str) -> str:
+        return self.rehash(hashlib.sha256(token.encode()).hexdigest())
+
+    def rehash(self, sha256_hex: str) -> str:
+        """The hash from a token's plain SHA-256, which records held before: this is how
+        they are upgraded without the tokens."""
+        return hmac.new(self._hash_key, bytes.fromhex(sha256_hex), "sha256").hexdigest()
+
+    def new_id(self) -> str:
+        random_part = "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_RANDOM_LENGTH))
+        return random_part + self._tag(random_part)
+
+    def issued_here(self, token_id: str) -> bool:
+        random_part, tag = token_id[:_ID_RANDOM_LENGTH], token_id[_ID_RANDOM_LENGTH:]
+        return hmac.compare_digest(tag, self._tag(random_part))
+
+    def _tag(self, random_part: str) -> str:
+        number = int.from_bytes(hmac.digest(self._id_key, random_part.encode(), "sha256")[:8])
+        characters = []
+        for _ in range(_ID_TAG_LENGTH):
+            number, digit = divmod(number, len(_ID_ALPHABET))
+            characters.append(_ID_ALPHABET[digit])
+        return "".join(characters)
 
 
 class TokenStore:
@@ -97,16 +168,18 @@ class TokenStore:
 
     def __init__(
         self,
-        objects: ObjectStore,
+        records: Records,
         admin_token: str,
         *,
         cache_ttl: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._objects = objects
-        self._admin_digest = _digest(admin_token)
+        self._records = records
+        self._hasher = TokenHasher(records)
+        self._admin_hash = self._hasher.hash(admin_token)
         self._clock = clock
-        self._cache: TTLCache[str, TokenRecord] = TTLCache(maxsize=4096, ttl=cache_ttl)
+        self._cache: TTLCache[str, TokenRecord | None] = TTLCache(maxsize=4096, ttl=cache_ttl)
+        self._legacy: TTLCache[str, frozenset[str]] = TTLCache(maxsize=1, ttl=LEGACY_IDS_TTL)
         self._lock = threading.Lock()
 
     def issue(
@@ -118,7 +191,7 @@ class TokenStore:
         expires_at: datetime | None = None,
     ) -> tuple[str, TokenRecord]:
         """A new token (returned once, never stored) and its record."""
-        token_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(16))
+        token_id = self._hasher.new_id()
         token = f"sst_{token_id}_{secrets.token_urlsafe(32)}"
         record = TokenRecord(
             id=token_id,
@@ -127,23 +200,21 @@ class TokenStore:
             name=name,
             created_at=self._clock(),
             expires_at=expires_at,
-            hash=_digest(token),
+            hash=self._hasher.hash(token),
         )
         self._save(record, if_absent=True)
         return token, record
 
     def authenticate(self, token: str) -> Principal:
         """The principal a token stands for; raises `TokenError` if it stands for none."""
-        if hmac.compare_digest(_digest(token), self._admin_digest):
+        digest = self._hasher.hash(token)
+        if hmac.compare_digest(digest, self._admin_hash):
             return Principal(DEFAULT_TENANT, SCOPES, "admin")
         match = _TOKEN.match(token)
-        if match is None:
+        if match is None or not self._known_id(match.group(1)):
             raise TokenError("the token is not valid")
-        try:
-            record = self._cached(match.group(1))
-        except TokenNotFound:
-            raise TokenError("the token is not valid") from None
-        if not hmac.compare_digest(_digest(token), record.hash):
+        record = self._cached(match.group(1))
+        if record is None or not hmac.compare_digest(digest, record.hash):
             raise TokenError("the token is not valid")
         if record.revoked_at is not None:
             raise RevokedToken("the token was revoked")
@@ -151,37 +222,56 @@ class TokenStore:
             raise ExpiredToken("the token has expired")
         return Principal(record.tenant, frozenset(record.scopes), record.id)
 
-    def list(self, tenant: str | None = None) -> list[TokenRecord]:
-        records = (
-            TokenRecord.model_validate_json(self._objects.get(info.key))
-            for info in self._objects.list(_PREFIX)
-        )
-        return [r for r in records if tenant is None or r.tenant == tenant]
-
-    def revoke(self, token_id: str) -> TokenRecord:
-        record = self._load(token_id).model_copy(update={"revoked_at": self._clock()})
-        self._save(record, if_absent=False)
-        return record
-
-    def _cached(self, token_id: str) -> TokenRecord:
-        with self._lock:
-            record = self._cache.get(token_id)
-        if record is None:
-            record = self._load(token_id)
-            with self._lock:
-                self._cache[token_id] = record
-        return record
-
-    def _load(self, token_id: str) -> TokenRecord:
-        if not _TOKEN_ID.match(token_id):
+    def get(self, token_id: str) -> TokenRecord:
+        """The record of a token; `TokenNotFound` if there is none."""
+        if not re.fullmatch(TOKEN_ID_PATTERN, token_id):
             raise TokenNotFound(token_id)
         try:
-            return TokenRecord.model_validate_json(self._objects.get(f"{_PREFIX}{token_id}.json"))
+            return self._records.get(RECORD_KIND, token_record_key(token_id), TokenRecord)
         except ObjectNotFound:
             raise TokenNotFound(token_id) from None
 
+    def list(self, tenant: str | None = None) -> list[TokenRecord]:
+        records = self._records.all(RECORD_KIND, TOKENS_PREFIX, TokenRecord)
+        return [r for _, r in records if tenant is None or r.tenant == tenant]
+
+    def revoke(self, token_id: str) -> TokenRecord:
+        record = self.get(token_id).model_copy(update={"revoked_at": self._clock()})
+        self._save(record, if_absent=False)
+        return record
+
+    def _known_id(self, token_id: str) -> bool:
+        """Whether the id could be one this service issued: cheap, and no storage request
+        for a made-up one."""
+        return self._hasher.issued_here(token_id) or token_id in self._legacy_ids()
+
+    def _legacy_ids(self) -> frozenset[str]:
+        with self._lock:
+            ids = self._legacy.get(LEGACY_IDS_KEY)
+        if ids is None:
+            try:
+                index = self._records.get(LEGACY_IDS_KIND, LEGACY_IDS_KEY, LegacyTokenIds)
+                ids = frozenset(index.ids)
+            except ObjectNotFound:
+                ids = frozenset()
+            with self._lock:
+                self._legacy[LEGACY_IDS_KEY] = ids
+        return ids
+
+    def _cached(self, token_id: str) -> TokenRecord | None:
+        with self._lock:
+            found = self._cache.get(token_id, _UNCACHED)
+        if not isinstance(found, _Uncached):
+            return found
+        try:
+            record: TokenRecord | None = self.get(token_id)
+        except TokenNotFound:
+            record = None  # remembered too: asking again within the TTL costs nothing
+        with self._lock:
+            self._cache[token_id] = record
+        return record
+
     def _save(self, record: TokenRecord, *, if_absent: bool) -> None:
-        data = record.model_dump_json().encode()
-        self._objects.put(f"{_PREFIX}{record.id}.json", data, if_absent=if_absent)
+        self._records.put(RECORD_KIND, token_record_key(record.id), record, if_absent=if_absent)
         with self._lock:
             self._cache[record.id] = record

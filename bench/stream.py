@@ -89,6 +89,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from keystore import LocalKek
 from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
 
 if TYPE_CHECKING:
@@ -929,7 +930,7 @@ def s3_figures(workdir: Path, total: int, rounds: int) -> None:
         bucket = "bench-stream"
         s3.create_bucket(Bucket=bucket)
         kek = workdir / "kek"
-        kek.write_bytes(os.urandom(32))
+        LocalKek.load_or_create(kek)  # mode 0600
         kek.chmod(0o600)
         env = {
             **AWS_ENVIRONMENT,

@@ -43,6 +43,7 @@ from keystore.errors import (
     UnsupportedKeyType,
 )
 from keystore.kek import Kek, KmsKek, LocalKek
+from keystore.recordkey import KekMismatch, StoreNeedsUpgrade
 from keystore.records import (
     KEY_OPS,
     ImportSpec,
@@ -79,6 +80,7 @@ __all__ = [
     "Jwk",
     "Kek",
     "KekError",
+    "KekMismatch",
     "KeyDisabled",
     "KeyExists",
     "KeyExpired",
@@ -99,6 +101,7 @@ __all__ = [
     "KmsKek",
     "LocalKek",
     "OperationNotPermitted",
+    "StoreNeedsUpgrade",
     "UnsupportedAlgorithm",
     "UnsupportedKeyType",
     "VersionInfo",

@@ -4,10 +4,15 @@
 AES-256-GCM; `KmsKek` asks AWS KMS to encrypt and decrypt. Both bind each blob to an AAD
 (the record's identity), so a wrapped blob cannot be moved to another key, tenant or
 version. Failures raise `KekError`, whose message never holds material.
+
+Each also yields the record key, under which the service authenticates the records it
+keeps in the bucket (`storage.integrity`): derived from a local KEK, so nothing needs
+storing; with KMS, a data key generated once and kept in the bucket wrapped by KMS.
 """
 
 import logging
 import os
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from base64 import b64decode
@@ -16,7 +21,9 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keystore.errors import KekError
 
@@ -28,6 +35,9 @@ _LOCAL_BLOB_VERSION = b"\x01"
 _NONCE_LENGTH = 12
 _TAG_LENGTH = 16
 _KMS_CONTEXT_KEY = "sealstream:record"
+RECORD_KEY_LENGTH = 32
+# What the record key is bound to: HKDF's info for a local KEK, the AAD of a KMS one.
+RECORD_KEY_LABEL = b"sealstream/record-key/v1"
 
 
 class Kek(ABC):
@@ -45,6 +55,11 @@ class Kek(ABC):
     def check(self) -> None:
         """Readiness probe: `KekError` when the KEK cannot be used."""
 
+    @abstractmethod
+    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+        """The record key, and what must be stored to get it back (None if nothing):
+        from `wrapped`, what an earlier call returned, or new if that is None."""
+
 
 class LocalKek(Kek):
     """AES-256-GCM under a configured key; blob = version byte, 12-byte nonce, ciphertext+tag."""
@@ -52,6 +67,7 @@ class LocalKek(Kek):
     def __init__(self, key: bytes) -> None:
         if len(key) != KEK_LENGTH:
             raise KekError(f"a local KEK takes {KEK_LENGTH} bytes, not {len(key)}")
+        self._key = key
         self._aead = AESGCM(key)
 
     def __repr__(self) -> str:
@@ -81,11 +97,20 @@ class LocalKek(Kek):
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LocalKek":
-        """A KEK read from `path` (see `from_encoded` for the accepted forms)."""
+        """A KEK read from `path` (see `from_encoded` for the accepted forms), which no one
+        but its owner may read or write."""
         try:
-            return cls.from_encoded(Path(path).read_bytes())
+            with Path(path).open("rb") as file:
+                mode = os.fstat(file.fileno()).st_mode
+                data = file.read()
         except OSError as error:
             raise KekError(f"cannot read the KEK file {path}: {error.strerror}") from None
+        if stat.S_IMODE(mode) & 0o077:
+            raise KekError(
+                f"the KEK file {path} is open to its group or others "
+                f"(mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+            )
+        return cls.from_encoded(data)
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> "LocalKek":
@@ -134,6 +159,11 @@ class LocalKek(Kek):
     def check(self) -> None:
         """Nothing can go wrong after construction: the key is in memory."""
 
+    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+        # HKDF with its own label: the KEK itself only ever keys AES-GCM wraps.
+        hkdf = HKDF(hashes.SHA256(), RECORD_KEY_LENGTH, salt=None, info=RECORD_KEY_LABEL)
+        return hkdf.derive(self._key), None
+
 
 class KmsKek(Kek):
     """AWS KMS Encrypt / Decrypt under `key_id`, the AAD carried as the encryption context.
@@ -178,6 +208,19 @@ class KmsKek(Kek):
         )
         if not usable:
             raise KekError(f"the KMS key {self.key_id!r} is not an enabled encryption key")
+
+    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+        if wrapped is not None:
+            return self.unwrap(wrapped, RECORD_KEY_LABEL), wrapped
+        try:
+            response = self._client.generate_data_key(
+                KeyId=self.key_id,
+                NumberOfBytes=RECORD_KEY_LENGTH,
+                EncryptionContext=_kms_context(RECORD_KEY_LABEL),
+            )
+        except (BotoCoreError, ClientError) as error:
+            raise KekError(f"KMS GenerateDataKey failed: {_describe(error)}") from None
+        return response["Plaintext"], response["CiphertextBlob"]
 
 
 class _DropKmsPlaintext(logging.Filter):

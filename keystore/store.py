@@ -1,7 +1,10 @@
 """`KeyStore`: key records persisted in an object store, material wrapped under a KEK,
 unwrapped keyrings cached for a few seconds.
 
-Each record is one JSON object at `sealstream/keys/{tenant}/{kid}.json`. Creation is a
+Each record is one sealed record (`storage.integrity`) at
+`sealstream/keys/{tenant}/{kid}.json`, so every policy field (exportable, keyOps, status,
+versions, dates) is authenticated and the record cannot be moved to another kid or
+tenant; one that fails is refused (`RecordTampered`), never used. Creation is a
 conditional write (`if_absent`), so of two creators of one kid exactly one wins; every
 change is a read-modify-write guarded by the object's etag (`if_match`), retried on a
 lost race. Another process's changes (a disabled key, say) are seen here within
@@ -22,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cachetools import TTLCache
-from pydantic import ValidationError
 
 from envelope import Keyring
 from keystore.algorithms import Jwk, KeyParams, import_jwk, key_type, resolve
@@ -50,8 +52,10 @@ from keystore.records import (
     KeyVersion,
     check_kid,
 )
-from storage import ObjectExists, ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
+from storage import ObjectExists, ObjectNotFound, PreconditionFailed, StorageError
+from storage.integrity import Records, RecordTampered
 
+RECORD_KIND = "key"
 RECORD_PREFIX = "sealstream/keys/"
 RECORD_SUFFIX = ".json"
 MATERIAL_AAD_PREFIX = "sealstream/key-material/v1"
@@ -99,14 +103,15 @@ class KeyStore:
 
     def __init__(
         self,
-        objects: ObjectStore,
+        records: Records,
         kek: Kek,
         *,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         usage_flush_interval: float = DEFAULT_USAGE_FLUSH_INTERVAL,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._objects = objects
+        self._records = records
+        self._objects = records.store
         self._kek = kek
         self._clock = clock
         self._lock = threading.Lock()
@@ -163,7 +168,7 @@ class KeyStore:
         record = self._read(tenant, kid)
         if not record.exportable:
             raise KeyNotExportable(f"key {kid!r} is not exportable")
-        record.check_not_pending_deletion()
+        record.check_enabled()  # a disabled key's material stays in, as its use does
         chosen = record.primary if version is None else record.version(version)
         material = self._unwrap(record, chosen)
         return key_type(record.kty).export_jwk(
@@ -352,7 +357,7 @@ class KeyStore:
             origin=origin,
         )
         try:
-            self._objects.put(record_key(tenant, policy.kid), _encode(record), if_absent=True)
+            self._records.put(RECORD_KIND, record_key(tenant, policy.kid), record, if_absent=True)
         except ObjectExists:
             raise KeyExists(f"key {policy.kid!r} already exists") from None
         self._invalidate(tenant, policy.kid)
@@ -374,7 +379,7 @@ class KeyStore:
             if changed is record:
                 return record
             try:
-                self._objects.put(record_key(tenant, kid), _encode(changed), if_match=etag)
+                self._records.put(RECORD_KIND, record_key(tenant, kid), changed, if_match=etag)
             except (PreconditionFailed, ObjectNotFound):
                 _back_off(attempt)
                 continue
@@ -387,10 +392,13 @@ class KeyStore:
         check_tenant(tenant)
         check_kid(kid)
         try:
-            data = self._objects.get(record_key(tenant, kid))
+            record = self._records.get(RECORD_KIND, record_key(tenant, kid), KeyRecord)
         except ObjectNotFound:
             raise KeyNotFound(f"no key {kid!r}") from None
-        return _decode(data, tenant, kid)
+        if (record.tenant, record.kid) != (tenant, kid):
+            # The MAC binds the name, so only a service bug could get here: refuse anyway.
+            raise CorruptRecord(f"the record stored as key {kid!r} names another key")
+        return record
 
     def _read_for_update(self, tenant: str, kid: str) -> tuple[KeyRecord, str]:
         """The record and an etag no newer than it: the etag is read first, so a change
@@ -429,7 +437,7 @@ class KeyStore:
                 record = self._read(tenant, kid)
             except KeyNotFound:
                 continue  # deleted since it was listed
-            except CorruptRecord as error:
+            except (CorruptRecord, RecordTampered) as error:
                 # One bad record must not stop the sweep for every other key.
                 logger.warning("skipping key %r of tenant %r: %s", kid, tenant, error)
                 continue
@@ -515,20 +523,6 @@ KEY_NAME_PATTERN = re.compile(rf"(?P<kid>{KID_PATTERN.pattern})#(?P<version>[1-9
 
 def _key_name(kid: str, version: int) -> str:
     return f"{kid}#{version}"
-
-
-def _encode(record: KeyRecord) -> bytes:
-    return record.model_dump_json().encode()
-
-
-def _decode(data: bytes, tenant: str, kid: str) -> KeyRecord:
-    try:
-        record = KeyRecord.model_validate_json(data)
-    except ValidationError:
-        raise CorruptRecord(f"the record of key {kid!r} does not parse") from None
-    if (record.tenant, record.kid) != (tenant, kid):
-        raise CorruptRecord(f"the record stored as key {kid!r} names another key")
-    return record
 
 
 def _add_usage(count: int, last_used_at: datetime, record: KeyRecord, _: datetime) -> KeyRecord:

@@ -25,6 +25,7 @@ from envelope.frames import FrameCipher
 from keystore import KeyRecord, KeyStore
 from sealstream.spaces import Placement
 from storage import ObjectInfo, ObjectStore, StorageError
+from storage.integrity import Records
 from storage.records import ObjectRecord, save_record
 
 RESERVED_CONTEXT_PREFIX = "sealstream:"
@@ -113,7 +114,7 @@ class ObjectSealer:
         placement: Placement,
         *,
         overwrite: bool,
-        records: ObjectStore,
+        records: Records,
     ) -> None:
         self._sealing = sealing
         self._placement = placement

@@ -1,8 +1,10 @@
-"""Building the service's parts from `Settings`: object store, KEK and key store.
+"""Building the service's parts from `Settings`: object store, KEK, sealed records and
+key store.
 
-The API and the workers both start here, so they always agree on where keys live and
-how their material is wrapped. A setting that cannot make its part raises
-`ConfigurationError`, whose message starts with the setting's name.
+The API and the workers both start here, so they always agree on where keys live, how
+their material is wrapped, and which key the records they trust are sealed under. A
+setting that cannot make its part raises `ConfigurationError`, whose message starts with
+the setting's name.
 """
 
 from collections.abc import Iterator
@@ -14,8 +16,10 @@ import boto3
 from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
+from keystore.recordkey import open_record_key
 from sealstream.settings import Settings
 from storage import ObjectStore, StorageError, open_store
+from storage.integrity import Records
 
 EMBEDDED_KEK_NAME = ".kek"
 
@@ -74,12 +78,13 @@ def open_kek(settings: Settings) -> Kek:
         return LocalKek.load_or_create(storage_dir / EMBEDDED_KEK_NAME)
 
 
-def open_keystore(settings: Settings, objects: ObjectStore | None = None) -> KeyStore:
-    return KeyStore(
-        objects or open_object_store(settings),
-        open_kek(settings),
-        cache_ttl=settings.key_cache_ttl,
-    )
+def open_records(objects: ObjectStore, kek: Kek, *, upgrading: bool = False) -> Records:
+    """The service's own store, its records sealed under the record key the KEK gives."""
+    return Records(objects, open_record_key(kek, objects, upgrading=upgrading))
+
+
+def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
+    return KeyStore(records, kek, cache_ttl=settings.key_cache_ttl)
 
 
 def _endpoint(setting: str, url: str | None) -> str | None:

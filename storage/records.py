@@ -3,7 +3,8 @@
 An object written by an encrypt-to-storage request gets a record in the service's own
 store under `sealstream/objects/<bucket>/<key>.json`: the key that sealed it, and the
 plaintext's size and SHA-256 as measured on the way in. Writing the record last means a
-record always describes a complete object.
+record always describes a complete object. Records are sealed (`storage.integrity`), so
+one changed or planted in the bucket is refused rather than believed.
 """
 
 from datetime import datetime
@@ -11,9 +12,10 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
-from storage.base import ObjectStore
+from storage.integrity import Records, RecordTampered
 
 RECORDS_PREFIX = "sealstream/objects/"
+RECORD_KIND = "object"
 
 
 class ObjectRecord(BaseModel):
@@ -39,13 +41,18 @@ def record_key(bucket: str, storage_key: str) -> str:
     return f"{RECORDS_PREFIX}{bucket}/{storage_key}.json"
 
 
-def save_record(records: ObjectStore, record: ObjectRecord) -> None:
-    records.put(record_key(record.bucket, record.key), record.model_dump_json().encode())
+def save_record(records: Records, record: ObjectRecord) -> None:
+    records.put(RECORD_KIND, record_key(record.bucket, record.key), record)
 
 
-def load_record(records: ObjectStore, bucket: str, storage_key: str) -> ObjectRecord:
-    return ObjectRecord.model_validate_json(records.get(record_key(bucket, storage_key)))
+def load_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord:
+    """The object's record: `ObjectNotFound` if it has none, `RecordTampered` if the one
+    stored is not authentic or describes another object."""
+    record = records.get(RECORD_KIND, record_key(bucket, storage_key), ObjectRecord)
+    if (record.bucket, record.key) != (bucket, storage_key):
+        raise RecordTampered(f"the record of {storage_key} describes another object")
+    return record
 
 
-def delete_record(records: ObjectStore, bucket: str, storage_key: str) -> None:
-    records.delete(record_key(bucket, storage_key))
+def delete_record(records: Records, bucket: str, storage_key: str) -> None:
+    records.store.delete(record_key(bucket, storage_key))

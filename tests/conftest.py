@@ -1,7 +1,6 @@
 """Shared fixtures: the moto S3 server, a fresh store of each backend per test, and a live
 API server on each backend."""
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,11 +13,14 @@ import httpx
 import pytest
 
 from api import create_app
+from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE, LocalStore, ObjectStore, S3Store
+from storage.integrity import Records
 from tests.services import AWS_TEST_ENVIRONMENT, api_server, moto_server
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from mypy_boto3_s3 import S3Client
 
 # Small pages make a listing of a few dozen keys cross page boundaries.
@@ -92,6 +94,13 @@ class Api:
     url: str
     settings: Settings
     objects: ObjectStore
+    records: Records  # the sealed records in `objects`
+
+    @classmethod
+    def of(cls, url: str, settings: Settings, app: "FastAPI") -> "Api":
+        """The live server at `url` serving `app`, built from `settings`."""
+        services = app.state.services
+        return cls(url, settings, services.objects, services.records)
 
     def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -111,7 +120,7 @@ def live_api(settings: Settings) -> Iterator[Api]:
     """A live API server (uvicorn over HTTP) built from `settings`."""
     app = create_app(settings)
     with api_server(app, settings=settings) as url:
-        yield Api(url, settings, app.state.services.objects)
+        yield Api.of(url, settings, app)
 
 
 def api_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
@@ -119,7 +128,7 @@ def api_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     if backend == "local":
         return local_settings(tmp_path)
     kek_file = tmp_path / "kek"
-    kek_file.write_bytes(os.urandom(32))
+    LocalKek.load_or_create(kek_file)  # mode 0600
     return Settings(
         storage_url=f"s3://{request.getfixturevalue('s3_bucket')}",
         s3_endpoint_url=request.getfixturevalue("moto_endpoint"),

@@ -10,7 +10,6 @@ test has seen (a running job with some bytes done), never at a point it hopes fo
 
 import io
 import json
-import os
 import random
 import socket
 import tarfile
@@ -28,6 +27,7 @@ import httpx
 
 from api import create_app
 from api.services import Services
+from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api
@@ -111,7 +111,7 @@ def job_stack(
     with ExitStack() as exits:
         redis = exits.enter_context(start_redis(directory / "redis"))
         kek_file = directory / "kek"
-        kek_file.write_bytes(os.urandom(32))
+        LocalKek.load_or_create(kek_file)  # mode 0600
         settings = Settings(
             storage_url=f"s3://{bucket}",
             s3_endpoint_url=moto_endpoint,
@@ -129,7 +129,7 @@ def job_stack(
         proxy = exits.enter_context(slow_s3_proxy(moto_endpoint, None)) if proxied else None
         stack = JobStack(
             redis=redis,
-            api=Api(url, settings, app.state.services.objects),
+            api=Api.of(url, settings, app),
             services=app.state.services,
             worker_env=worker_environment(settings, proxy.url if proxy else moto_endpoint),
             directory=directory,

@@ -58,7 +58,7 @@ def secrets_of(material: bytes, kty: str) -> list[bytes]:
 
 
 def stored_material(api: Api, kid: str, version: int) -> tuple[bytes, str]:
-    record = json.loads(api.objects.get(record_key("default", kid)))
+    record = json.loads(api.objects.get(record_key("default", kid)))["record"]
     wrapped = next(v for v in record["versions"] if v["version"] == version)["wrappedMaterial"]
     kek = open_kek(api.settings)
     return kek.unwrap(base64.b64decode(wrapped), material_aad("default", kid, version)), record[
@@ -151,7 +151,7 @@ def test_kms_wraps_material_at_rest(
     )
     app = create_app(settings)
     with api_server(app) as url:
-        api = Api(url, settings, app.state.services.objects)
+        api = Api.of(url, settings, app)
         with api.client() as client:
             for spec in SPECS:
                 assert client.post(KEYS, json={**spec, "exportable": True}).status_code == 201

@@ -218,7 +218,7 @@ def test_stored_objects_read_whole_and_by_range(api: Api, size: int) -> None:
         assert (stored["kid"], stored["keyVersion"]) == ("mySymKey", 1)
         info = api.objects.head(stored["storageKey"])
         assert info.size == stored["ciphertextSize"] and info.etag == stored["etag"]
-        record = load_record(api.objects, api.objects.bucket, stored["storageKey"])
+        record = load_record(api.records, api.objects.bucket, stored["storageKey"])
         assert record.plaintext_sha256 == stored["plaintextSha256"] and record.tenant == "default"
         assert (record.plaintext_size, record.ciphertext_size) == (size, info.size)
 
@@ -473,7 +473,7 @@ def test_overwrite_is_refused_unless_asked_for(api: Api, size: int) -> None:
         refused = encrypt(client, second, destination={"key": "doc"})
         problem(refused, 409, "object-exists")
         assert api.objects.head(stored["storageKey"]).etag == stored["etag"]
-        record = load_record(api.objects, api.objects.bucket, stored["storageKey"])
+        record = load_record(api.records, api.objects.bucket, stored["storageKey"])
         assert record.etag == stored["etag"]
         assert not api.objects.pending_uploads("tenants/")
         assert read_object(client, "doc").content == first
@@ -746,14 +746,14 @@ def test_a_second_bucket_the_tenant_may_use(
     app = create_app(settings)
     data = random_bytes(70_000, seed=13)
     with api_server(app) as url:
-        api = Api(url, settings, app.state.services.objects)
+        api = Api.of(url, settings, app)
         with api.client() as client:
             create_key(client)
             stored = store(client, "x.bin", data, destination={"bucket": other})
             assert (stored["bucket"], stored["storageKey"]) == (other, "tenants/default/x.bin")
             head = moto_s3.head_object(Bucket=other, Key="tenants/default/x.bin")
             assert head["ContentLength"] == stored["ciphertextSize"]
-            record = load_record(api.objects, other, "tenants/default/x.bin")
+            record = load_record(api.records, other, "tenants/default/x.bin")
             assert record.plaintext_sha256 == stored["plaintextSha256"]
             source = {"source": {"key": "x.bin", "bucket": other}}
             ranged = post_form(client, DECRYPT, source, None, {"Range": "bytes=-1000"})

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import create_app
 from api.services import Services
+from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
@@ -121,7 +122,7 @@ def test_no_plaintext_touches_the_servers_disk(
     if destination:
         env["SEALSTREAM_STORAGE_URL"] = f"file://{storage_dir}"
     else:  # no local storage at all: any write after start-up is a leak
-        (tmp_path / "kek").write_bytes(os.urandom(32))
+        LocalKek.load_or_create(tmp_path / "kek")  # mode 0600
         env |= {
             "SEALSTREAM_STORAGE_URL": f"s3://{s3_bucket}",
             "SEALSTREAM_S3_ENDPOINT_URL": moto_endpoint,
@@ -309,7 +310,7 @@ def behind_proxy(
     """An API server whose S3 traffic goes through a `FailingS3Proxy`; its URL, the proxy
     and its services. The key `mySymKey` exists."""
     kek = tmp_path / "kek"
-    kek.write_bytes(os.urandom(32))
+    LocalKek.load_or_create(kek)  # mode 0600
     with FailingS3Proxy(moto_endpoint, rule) as proxy:
         configured = Settings(
             storage_url=f"s3://{bucket}",
@@ -321,7 +322,7 @@ def behind_proxy(
         app = create_app(configured)
         served = app if default_threads is None else with_default_threads(app, default_threads)
         with api_server(served) as url:
-            with Api(url, configured, app.state.services.objects).client() as client:
+            with Api.of(url, configured, app).client() as client:
                 create_key(client)
             yield url, proxy, app.state.services
 

@@ -453,7 +453,7 @@ def test_cancel_stops_the_job_between_or_inside_members(api: Api) -> None:
     sealed = list(api.objects.list(TENANT + "out/"))
     assert 0 < len(sealed) < len(files)
     for info in sealed:  # each one complete and recorded, none half-written
-        record = load_record(api.objects, api.objects.bucket, info.key)
+        record = load_record(api.records, api.objects.bucket, info.key)
         assert record.ciphertext_size == info.size
     assert "out/manifest.json" not in stored_keys(api)
     assert list(api.objects.list(f"sealstream/jobs/default/{job_id}.partial/")) == []

@@ -203,8 +203,9 @@ def truncated(message: bytes) -> bytes:
     [
         ("frame", {"frame-authentication-failed"}),
         ("truncate", {"truncated-message"}),
-        ("digest", {"plaintext-digest-mismatch"}),
-        ("record", {"object-record-missing"}),
+        ("swapped", {"plaintext-digest-mismatch"}),
+        ("record", {"record-tampered"}),
+        ("no-record", {"object-record-missing"}),
     ],
 )
 def test_a_tampered_object_fails_verification(
@@ -225,11 +226,18 @@ def test_a_tampered_object_fails_verification(
             moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=frame_tampered(message))
         elif damage == "truncate":
             moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=truncated(message))
-        elif damage == "digest":
-            upload = json.loads(moto_s3.get_object(Bucket=bucket, Key=record_key)["Body"].read())
-            assert upload["plaintextSha256"] == sha256(data)
-            upload["plaintextSha256"] = sha256(b"something else")
-            moto_s3.put_object(Bucket=bucket, Key=record_key, Body=json.dumps(upload).encode())
+        elif damage == "swapped":
+            # Another authentic message of the same size under the same key: every frame
+            # opens, so only the plaintext digest recorded at upload tells it apart.
+            other = store_object(client, f"{key}.other", data[::-1], frameLength=64 * KiB)
+            body = moto_s3.get_object(Bucket=bucket, Key=other["storageKey"])["Body"].read()
+            moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=body)
+        elif damage == "record":
+            # The record says another plaintext, but a bucket writer cannot seal it.
+            document = json.loads(moto_s3.get_object(Bucket=bucket, Key=record_key)["Body"].read())
+            assert document["record"]["plaintextSha256"] == sha256(data)
+            document["record"]["plaintextSha256"] = sha256(b"something else")
+            moto_s3.put_object(Bucket=bucket, Key=record_key, Body=json.dumps(document).encode())
         else:
             moto_s3.delete_object(Bucket=bucket, Key=record_key)
 

@@ -1,6 +1,7 @@
 """The job stores on their own, Redis (a real `redis-server`) and memory alike: records
 expire and leave their final report readable, and finished jobs are counted once each."""
 
+import os
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from keystore import LocalKek
+from sealstream.wiring import open_records
 from storage.local import LocalStore
 from tests.services import RedisServer
 from workers.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
@@ -17,7 +20,7 @@ TTL = timedelta(seconds=1)  # Redis expires keys in whole seconds
 
 @pytest.fixture(params=["memory", "redis"])
 def jobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    reports = LocalStore(tmp_path / "reports")
+    reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
     if request.param == "memory":
         yield MemoryJobStore(reports, TTL)
         return
@@ -68,7 +71,7 @@ def test_finished_jobs_are_counted_once_each_by_kind_and_outcome(jobs: JobStore)
 def test_every_process_sees_the_same_counts_in_redis(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    reports = LocalStore(tmp_path / "reports")
+    reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
     worker, api = (RedisJobStore.from_url(redis_server.url, reports, TTL) for _ in range(2))
     worker.save(finished(JobRecord.new(JobKind.REWRAP, "default", {}), JobStatus.CANCELLED))
     assert api.finished_counts() == {("rewrap", "cancelled"): 1}

@@ -12,6 +12,7 @@ import boto3
 import pytest
 
 from keystore import KekError, KeySpec, KeyStore, KmsKek, LocalKek
+from sealstream.wiring import open_records
 from storage import LocalStore
 from tests.envelope_helpers import decrypt_all, encrypt_all
 
@@ -71,7 +72,20 @@ def test_local_kek_accepts_raw_hex_and_base64_forms(tmp_path: Path) -> None:
         assert LocalKek.from_encoded(form).unwrap(blob, AAD) == MATERIAL
     path = tmp_path / "kek"
     path.write_text(key.hex() + "\n")
+    path.chmod(0o600)
     assert LocalKek.from_file(path).unwrap(blob, AAD) == MATERIAL
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o660, 0o666])
+def test_a_kek_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "kek"
+    path.write_bytes(os.urandom(32))
+    path.chmod(mode)
+    with pytest.raises(KekError, match="chmod 600") as refused:
+        LocalKek.from_file(path)
+    assert f"{mode:04o}" in str(refused.value)
+    path.chmod(0o400)
+    LocalKek.from_file(path)  # its owner alone may read it: accepted
 
 
 @pytest.mark.parametrize(
@@ -146,11 +160,12 @@ def test_kms_kek_reports_an_unusable_key(kms_client: "KMSClient", kms_kek: KmsKe
 
 
 def test_a_key_store_works_under_the_kms_kek(kms_kek: KmsKek, tmp_path: Path) -> None:
-    keys = KeyStore(LocalStore(tmp_path / "bucket"), kms_kek)
+    keys = KeyStore(open_records(LocalStore(tmp_path / "bucket"), kms_kek), kms_kek)
     keys.create("acme", KeySpec(kid="k", kty="AKP"))
     keys.rotate("acme", "k")
     _, keyring = keys.encryption_keyring("acme", "k")
     message = encrypt_all([keyring], b"under KMS")
-    fresh = KeyStore(LocalStore(tmp_path / "bucket"), kms_kek)
+    # Another process: the record key comes back from its KMS-wrapped copy in the bucket.
+    fresh = KeyStore(open_records(LocalStore(tmp_path / "bucket"), kms_kek), kms_kek)
     _, keyrings = fresh.decryption_keyrings("acme", "k")
     assert decrypt_all(keyrings, message) == b"under KMS"

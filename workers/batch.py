@@ -304,7 +304,7 @@ def _seal(
         params["encryptionContext"],
         params["frameLength"],
     )
-    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=services.objects)
+    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=services.records)
     try:
         for chunk in _chunks(stream):
             sealer.write((chunk,))

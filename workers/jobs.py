@@ -6,6 +6,12 @@ after the record expires or Redis loses it. Writers always store the whole recor
 worker that finds its record gone (Redis restarted empty) writes it back on its next
 progress update. A cancel request is kept apart from the record, so that a worker
 rewriting its record can never erase one.
+
+Neither Redis nor the bucket is trusted: a job record is sealed (`storage.integrity`:
+an HMAC over the whole record, its id, kind, tenant and parameters included) wherever it
+is kept, and one that fails is refused. Whoever can write Redis can therefore neither run
+a job as another tenant nor make a failed job read as succeeded; deleting records or
+setting cancel flags remains possible, and is a denial of service only.
 """
 
 import math
@@ -27,9 +33,12 @@ from pydantic.alias_generators import to_camel
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
 
-from storage import InvalidObjectKey, ObjectNotFound, ObjectStore
+from storage import InvalidObjectKey, ObjectNotFound
+from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
 
 REPORTS_PREFIX = "sealstream/jobs/"
+RECORD_KIND = "job"
+REPORT_KIND = "job-report"
 
 
 class JobStatus(StrEnum):
@@ -114,17 +123,23 @@ class JobLease(ABC):
 class JobStore(ABC):
     """Where job records live while jobs run and for a while after."""
 
-    def __init__(self, reports: ObjectStore, ttl: timedelta) -> None:
-        self._reports = reports
+    def __init__(self, records: Records, ttl: timedelta) -> None:
+        self._reports = records
         self.ttl = ttl
 
     @abstractmethod
     def save(self, record: JobRecord) -> None:
         """Store the whole record (create or replace) with a fresh expiry."""
 
-    @abstractmethod
     def load(self, job_id: str) -> JobRecord | None:
-        """The live record, if it has not expired or been lost."""
+        """The live record, if it has not expired or been lost; `RecordTampered` if the
+        one stored is not authentic."""
+        raw = self._load(job_id)
+        return None if raw is None else self._unsealed(job_id, raw)
+
+    @abstractmethod
+    def _load(self, job_id: str) -> str | None:
+        """The sealed record as stored, if any."""
 
     @abstractmethod
     def _tenant_ids(self, tenant: str) -> list[str]:
@@ -177,8 +192,8 @@ class JobStore(ABC):
             ids = ids[ids.index(after) + 1 :] if after in ids else []
         page: list[JobRecord] = []
         for job_id in ids:
-            record = self.load(job_id)
-            if record is None or (status and record.status != status):
+            record = self._listable(job_id)
+            if record is None or record.tenant != tenant or (status and record.status != status):
                 continue
             if kind and record.kind != kind:
                 continue
@@ -188,13 +203,31 @@ class JobStore(ABC):
         return page, None
 
     def write_report(self, record: JobRecord) -> None:
-        self._reports.put(report_key(record.tenant, record.id), record.model_dump_json().encode())
+        self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)
 
     def _report(self, tenant: str, job_id: str) -> JobRecord | None:
         try:
-            return JobRecord.model_validate_json(self._reports.get(report_key(tenant, job_id)))
+            return self._reports.get(REPORT_KIND, report_key(tenant, job_id), JobRecord)
         except (ObjectNotFound, InvalidObjectKey):
             return None
+
+    def _listable(self, job_id: str) -> JobRecord | None:
+        """The record, or None if it is gone or refused: one bad record must not hide a
+        tenant's other jobs."""
+        try:
+            return self.load(job_id)
+        except RecordTampered:
+            return None
+
+    def _sealed(self, record: JobRecord) -> str:
+        return seal(self._reports.key, RECORD_KIND, record.id, record).decode()
+
+    def _unsealed(self, job_id: str, raw: str) -> JobRecord:
+        try:
+            return unseal(self._reports.key, RECORD_KIND, job_id, raw.encode(), JobRecord)
+        except RecordTampered as refusal:
+            note_refusal(RECORD_KIND, refusal)
+            raise
 
 
 # Counts a finished job once: a flag per job (kept as long as its record) guards the
@@ -217,22 +250,22 @@ class RedisJobStore(JobStore):
     """Records as JSON strings with an expiry; a sorted set per tenant for listing; a hash
     of finished-job counts, by kind and status."""
 
-    def __init__(self, client: redis.Redis, reports: ObjectStore, ttl: timedelta) -> None:
-        super().__init__(reports, ttl)
+    def __init__(self, client: redis.Redis, records: Records, ttl: timedelta) -> None:
+        super().__init__(records, ttl)
         self._redis = client
         self._count_finished = client.register_script(_COUNT_FINISHED)
 
     @classmethod
-    def from_url(cls, url: str, reports: ObjectStore, ttl: timedelta) -> "RedisJobStore":
+    def from_url(cls, url: str, records: Records, ttl: timedelta) -> "RedisJobStore":
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
         )
-        return cls(client, reports, ttl)
+        return cls(client, records, ttl)
 
     def save(self, record: JobRecord) -> None:
         seconds = int(self.ttl.total_seconds())
         with self._redis.pipeline() as pipe:
-            pipe.set(f"sealstream:job:{record.id}", record.model_dump_json(), ex=seconds)
+            pipe.set(f"sealstream:job:{record.id}", self._sealed(record), ex=seconds)
             pipe.zadd(
                 f"sealstream:jobs:{record.tenant}", {record.id: record.created_at.timestamp()}
             )
@@ -249,9 +282,9 @@ class RedisJobStore(JobStore):
                 )
             pipe.execute()
 
-    def load(self, job_id: str) -> JobRecord | None:
+    def _load(self, job_id: str) -> str | None:
         raw = self._redis.get(f"sealstream:job:{job_id}")
-        return None if raw is None else JobRecord.model_validate_json(str(raw))
+        return None if raw is None else str(raw)
 
     def _tenant_ids(self, tenant: str) -> list[str]:
         ids = self._redis.zrevrange(f"sealstream:jobs:{tenant}", 0, -1)
@@ -315,8 +348,8 @@ class _RedisLease(JobLease):
 class MemoryJobStore(JobStore):
     """The embedded default's store: this process's memory, same expiry rules."""
 
-    def __init__(self, reports: ObjectStore, ttl: timedelta) -> None:
-        super().__init__(reports, ttl)
+    def __init__(self, records: Records, ttl: timedelta) -> None:
+        super().__init__(records, ttl)
         seconds = ttl.total_seconds()
         # Records, cancel requests and counted flags expire as Redis's keys do, and are
         # dropped once expired: a long-running server does not keep every job it ran.
@@ -329,22 +362,21 @@ class MemoryJobStore(JobStore):
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
-            self._records[record.id] = record.model_dump_json()
+            self._records[record.id] = self._sealed(record)
             if record.status.finished and record.id not in self._counted:
                 self._counted[record.id] = True
                 self._finished[(record.kind, record.status)] += 1
 
-    def load(self, job_id: str) -> JobRecord | None:
+    def _load(self, job_id: str) -> str | None:
         with self._lock:
-            raw = self._records.get(job_id)
-        return None if raw is None else JobRecord.model_validate_json(raw)
+            return self._records.get(job_id)
 
     def _records_where(self, keep: Callable[[JobRecord], bool]) -> Iterator[JobRecord]:
         with self._lock:
-            raw = list(self._records.values())
-        for data in raw:
-            record = JobRecord.model_validate_json(data)
-            if keep(record):
+            ids = list(self._records)
+        for job_id in ids:
+            record = self._listable(job_id)
+            if record is not None and keep(record):
                 yield record
 
     def _tenant_ids(self, tenant: str) -> list[str]:

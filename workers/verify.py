@@ -45,7 +45,7 @@ def verify(context: JobContext, services: WorkerServices) -> dict[str, Any]:
     bucket, storage_key = context.params["bucket"], context.params["storageKey"]
     store = services.spaces.store(tenant, bucket)
     try:
-        recorded = load_record(services.objects, store.bucket, storage_key)
+        recorded = load_record(services.records, store.bucket, storage_key)
     except ObjectNotFound:
         raise JobFailed(
             "object-record-missing",

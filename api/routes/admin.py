@@ -1,10 +1,15 @@
-"""Token administration: issue, list and revoke API tokens for any tenant (scope `admin`)."""
+"""Token administration: issue, list and revoke API tokens (scope `admin`).
 
-from datetime import datetime
+A tenant admin manages its own tenant's tokens and grants only scopes it holds; the
+operator (the bootstrap token, or a token granted `operator`) manages every tenant's.
+Another tenant's token is not found for a tenant admin, exactly like a missing one.
+"""
+
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
@@ -12,7 +17,13 @@ from api.auth import require
 from api.body import parse, read_json_object
 from api.problems import Problem
 from api.services import services
-from api.tokens import SCOPES, TENANT_PATTERN, Principal, TokenNotFound
+from api.tokens import (
+    SCOPES,
+    TENANT_PATTERN,
+    Principal,
+    TokenNotFound,
+    TokenRecord,
+)
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 Admin = Annotated[Principal, Depends(require("admin"))]
@@ -24,7 +35,7 @@ class NewToken(BaseModel):
     tenant: str = Field(pattern=TENANT_PATTERN)
     scopes: list[str] = Field(min_length=1)
     name: str = Field("", max_length=200)
-    expires_at: datetime | None = Field(None, alias="expiresAt")
+    expires_at: AwareDatetime | None = Field(None, alias="expiresAt")
 
     @field_validator("scopes")
     @classmethod
@@ -36,11 +47,32 @@ class NewToken(BaseModel):
             )
         return scopes
 
+    @field_validator("expires_at")
+    @classmethod
+    def in_the_future(cls, expires_at: datetime | None) -> datetime | None:
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise PydanticCustomError("invalid-expiry", "expiresAt must lie in the future")
+        return expires_at
+
+
+def _check_grant(principal: Principal, spec: NewToken) -> None:
+    """Refuse a token its issuer may not grant: for another tenant unless the issuer is
+    the operator, or with a scope the issuer does not hold."""
+    if spec.tenant != principal.tenant and not principal.operator:
+        raise Problem(
+            403, "operator-required", "a tenant admin issues tokens for its own tenant only"
+        )
+    beyond = sorted(set(spec.scopes) - principal.scopes)
+    if beyond:
+        detail = "a token cannot grant scopes its issuer lacks: " + ", ".join(beyond)
+        raise Problem(403, "scope-not-held", detail)
+
 
 @router.post("/tokens", status_code=201)
-async def issue_token(request: Request, _: Admin) -> dict[str, Any]:
+async def issue_token(request: Request, principal: Admin) -> dict[str, Any]:
     """A new token; the token string is shown in this response only."""
     spec = parse(NewToken, await read_json_object(request, services(request).settings))
+    _check_grant(principal, spec)
     token, record = await run_in_threadpool(
         services(request).tokens.issue,
         spec.tenant,
@@ -54,17 +86,32 @@ async def issue_token(request: Request, _: Admin) -> dict[str, Any]:
 @router.get("/tokens")
 async def list_tokens(
     request: Request,
-    _: Admin,
+    principal: Admin,
     tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
 ) -> dict[str, Any]:
+    """The tokens of one tenant (a tenant admin's own), or of every tenant (operator)."""
+    if not principal.operator:
+        if tenant not in (None, principal.tenant):
+            raise Problem(
+                403, "operator-required", "a tenant admin lists its own tenant's tokens only"
+            )
+        tenant = principal.tenant
     records = await run_in_threadpool(services(request).tokens.list, tenant)
     return {"tokens": [record.public() for record in records]}
 
 
 @router.delete("/tokens/{token_id}")
-async def revoke_token(request: Request, token_id: str, _: Admin) -> dict[str, Any]:
+async def revoke_token(request: Request, token_id: str, principal: Admin) -> dict[str, Any]:
+    tokens = services(request).tokens
+
+    def revoke() -> TokenRecord:
+        record = tokens.get(token_id)
+        if record.tenant != principal.tenant and not principal.operator:
+            raise TokenNotFound(token_id)
+        return tokens.revoke(token_id)
+
     try:
-        record = await run_in_threadpool(services(request).tokens.revoke, token_id)
+        record = await run_in_threadpool(revoke)
     except TokenNotFound:
         raise Problem(404, "token-not-found", f"no token has id {token_id!r}") from None
     return record.public()

@@ -103,7 +103,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         job,
         placement,
         overwrite=metadata.destination.overwrite,
-        records=svc.objects,
+        records=svc.records,
         transfers=svc.transfers,
     )
     body = {
@@ -138,7 +138,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
             svc.keys,
             principal.tenant,
             placement,
-            records=svc.objects,
+            records=svc.records,
             expected_kid=metadata.kid,
             required_context=metadata.encryption_context,
             transfers=svc.transfers,
