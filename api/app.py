@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.services = services
     app.state.metrics = Metrics()
     app.state.metrics.watch_jobs(services.jobs)
+    app.state.metrics.watch_records()
     # Added first, so it runs inside the metrics: refused streams are counted too
     # (as route "unmatched": routing never ran for them).
     app.add_middleware(StreamLimit, limit=settings.max_streams)

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from storage.integrity import refusals
 from workers.jobs import JobStore
 
 UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
@@ -84,6 +85,10 @@ class Metrics:
         """Report the jobs running now (all tenants: a count, no ids) at each scrape."""
         self.registry.register(_JobsCollector(jobs))
 
+    def watch_records(self) -> None:
+        """Report the stored records this process refused, by kind, at each scrape."""
+        self.registry.register(_RefusedRecordsCollector())
+
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper's `Accept` header asks for (Prometheus
         or OpenMetrics text, the older text format without one), and its content type."""
@@ -117,6 +122,19 @@ class _JobsCollector(Collector):
         for (kind, status), count in sorted(finished.items()):
             counts.add_metric([kind, status], count)
         yield counts
+
+
+class _RefusedRecordsCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            "sealstream_records_refused",
+            "Stored records (tokens, keys, objects, jobs) that failed authentication and "
+            "were refused, by kind: alert on any",
+            labels=["kind"],
+        )
+        for kind, count in sorted(refusals().items()):
+            refused.add_metric([kind], count)
+        yield refused
 
 
 def _job_store_up(up: bool) -> GaugeMetricFamily:

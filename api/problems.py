@@ -22,6 +22,7 @@ import keystore
 import storage
 from sealstream.errors import error_code, public_detail
 from sealstream.spaces import BucketNotAllowed
+from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ _STATUS: dict[type[Exception], int] = {
     storage.InvalidMetadata: 400,
     storage.InvalidRange: 416,
     storage.StorageUnavailable: 503,
+    RecordTampered: 502,
     storage.StorageError: 502,
     BucketNotAllowed: 403,
 }

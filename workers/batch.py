@@ -25,10 +25,13 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import IO, Any
 
+from pydantic import BaseModel
+
 from sealstream.errors import error_code, public_detail
 from sealstream.objects import ObjectSealer, start_sealing
 from sealstream.spaces import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
+from storage.integrity import Records
 from storage.records import ObjectRecord
 from workers.archives import (
     InvalidArchive,
@@ -50,6 +53,7 @@ MANIFEST_NAME = "manifest.json"
 READ_SIZE = 1 << 20
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
 FINAL_ENTRY = "final.json"
+JOURNAL_KIND = "batch-journal"
 
 MemberHook = Callable[[str], None]
 
@@ -65,11 +69,25 @@ class Resumed:
     result: dict[str, Any] | None = None
 
 
-class Journal:
-    """The job's progress in the service's store, one small entry per object written."""
+class JournalEntry(BaseModel):
+    claim: str | None
+    done: list[dict[str, Any]]
 
-    def __init__(self, objects: ObjectStore, tenant: str, job_id: str) -> None:
-        self._objects = objects
+
+class JournalResult(BaseModel):
+    result: dict[str, Any]
+
+
+class Journal:
+    """The job's progress in the service's store, one small entry per object written.
+
+    Entries are sealed records: a rerun trusts them to say which object it may overwrite
+    as its own, so one planted or altered in the bucket fails the job instead.
+    """
+
+    def __init__(self, records: Records, tenant: str, job_id: str) -> None:
+        self._records = records
+        self._objects = records.store
         self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
         self._entries = 0
         self._settled: list[dict[str, Any]] = []
@@ -78,22 +96,23 @@ class Journal:
         resumed = Resumed()
         self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
         for info in self._objects.list(self._prefix):
-            entry = json.loads(self._objects.get(info.key))
             resumed.started = True
             if info.key.endswith(FINAL_ENTRY):
-                resumed.result = entry["result"]
+                final = self._records.get(JOURNAL_KIND, info.key, JournalResult)
+                resumed.result = final.result
                 continue
+            entry = self._records.get(JOURNAL_KIND, info.key, JournalEntry)
             self._entries = int(info.key.removeprefix(self._prefix).removesuffix(".json"))
-            resumed.done.update((done["path"], done) for done in entry["done"])
-            resumed.claim = entry["claim"]
+            resumed.done.update((done["path"], done) for done in entry.done)
+            resumed.claim = entry.claim
         return resumed
 
     def claim(self, storage_key: str | None) -> None:
         """Record the members settled since the last entry, and the object about to be
         written (None: no object is the job's until the next claim)."""
         self._entries += 1
-        entry = {"claim": storage_key, "done": self._settled}
-        self._objects.put(f"{self._prefix}{self._entries:010d}.json", json.dumps(entry).encode())
+        entry = JournalEntry(claim=storage_key, done=self._settled)
+        self._records.put(JOURNAL_KIND, f"{self._prefix}{self._entries:010d}.json", entry)
         self._settled = []
 
     def settle(self, entry: dict[str, Any]) -> None:
@@ -101,7 +120,7 @@ class Journal:
 
     def finish(self, result: dict[str, Any]) -> None:
         """Keep only the result, which a rerun after a crash right now returns as it is."""
-        self._objects.put(self._prefix + FINAL_ENTRY, json.dumps({"result": result}).encode())
+        self._records.put(JOURNAL_KIND, self._prefix + FINAL_ENTRY, JournalResult(result=result))
         self._delete(keep=self._prefix + FINAL_ENTRY)
 
     def discard(self) -> None:
@@ -122,7 +141,7 @@ def batch_encrypt(
 ) -> dict[str, Any]:
     """The job body; params as `api.routes.jobs.batch_params` builds them. `before_member`
     is called with each member's path before it is written (tests inject crashes there)."""
-    journal = Journal(services.objects, context.record.tenant, context.record.id)
+    journal = Journal(services.records, context.record.tenant, context.record.id)
     resumed = journal.resume() if context.record.attempts > 1 else Resumed()
     if resumed.result is not None:
         return resumed.result

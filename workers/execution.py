@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from tenacity import retry, stop_after_delay, wait_exponential
 
 from sealstream.errors import error_code, public_detail
+from storage.integrity import RecordTampered
 from workers.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress
 from workers.services import WorkerServices
 
@@ -124,7 +125,12 @@ def run_job(job_id: str, services: WorkerServices, bodies: dict[JobKind, JobBody
     """Run the job `job_id` to a final status, unless it already has one or another
     worker is running it (a task Redis handed out again after a broker hiccup)."""
     store = services.jobs
-    record = store.load(job_id)
+    try:
+        record = store.load(job_id)
+    except RecordTampered:
+        # Whoever wrote it could name any tenant, kind or parameters: never run it.
+        logger.error("job %s: its record failed authentication; not running it", job_id)
+        return JobOutcome.DONE
     if record is None:
         logger.warning("job %s: no record (expired or unknown); nothing to do", job_id)
         return JobOutcome.DONE

@@ -1,5 +1,8 @@
 """Liveness and readiness probes, and Prometheus metrics: the routes that need no token.
 
+Readiness covers what every request needs: object storage, the KEK (usable, and the one
+the store's records were sealed under), and Redis when jobs use it.
+
 The metrics carry no tenant, kid or token (see `api.metrics`), so a scraper needs none.
 """
 
@@ -11,7 +14,9 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
-from api.services import services
+from api.services import Services, services
+from keystore import KekError
+from keystore.recordkey import check_record_key
 from sealstream.errors import error_code
 from storage import StorageError
 
@@ -38,6 +43,13 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
         logger.warning("not ready: object storage: %s", exc)
         problem = Problem(503, "not-ready", f"object storage is not ready: {error_code(exc)}")
         return problem.response(request.url.path)
+    try:
+        await run_in_threadpool(_check_kek, svc)
+    except (KekError, StorageError) as exc:
+        logger.warning("not ready: the KEK: %s", exc)
+        problem = Problem(503, "not-ready", f"the KEK cannot serve: {error_code(exc)}")
+        return problem.response(request.url.path)
+    checks["kek"] = "ok"
     if svc.settings.redis_url:
         try:
             await run_in_threadpool(svc.jobs.ping)
@@ -46,6 +58,11 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
             return problem.response(request.url.path)
         checks["redis"] = "ok"
     return {"status": "ready", "checks": checks}
+
+
+def _check_kek(svc: Services) -> None:
+    svc.kek.check()
+    check_record_key(svc.records.key, svc.objects)
 
 
 @router.get("/metrics", response_class=Response)
