@@ -84,6 +84,20 @@ class Serve(Settings):
         uvicorn.run(app, log_level="info", **options)
 
 
+class UpgradeRecords(Settings):
+    """Seal the records of a store set up before records were sealed (the service refuses
+    to start on one): run once with the service's settings and KEK, and review the token
+    and key records it lists, since sealing blesses whatever the bucket holds now."""
+
+    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
+
+    def cli_cmd(self) -> None:
+        from api.upgrade import upgrade_records
+
+        for line in upgrade_records(self).lines():
+            print(line)
+
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 3
@@ -239,6 +253,7 @@ class Sealstream(BaseSettings):
     )
 
     serve: CliSubCommand[Serve]
+    upgrade_records: CliSubCommand[UpgradeRecords]
     encrypt: CliSubCommand[Encrypt]
     decrypt: CliSubCommand[Decrypt]
 

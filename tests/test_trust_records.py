@@ -1,0 +1,389 @@
+"""The bucket is not a root of trust: records written straight into it, by anyone who can
+write the bucket but holds no KEK (a backup job, a storage admin), are refused on the live
+API over both backends; a store from before records were sealed is upgraded only by an
+operator's explicit step; and what an admin token may do is bounded by its tenant."""
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api import create_app
+from api.tokens import SCOPES, TokenError, TokenStore, token_record_key
+from api.upgrade import upgrade_records
+from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
+from keystore.recordkey import DOCUMENT_KEY
+from sealstream.wiring import open_records
+from storage import LocalStore, ObjectInfo, ObjectStore
+from storage.records import record_key as object_record_key
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
+from tests.stream_helpers import (
+    ENCRYPT,
+    KEYS,
+    create_key,
+    decrypt,
+    encrypt,
+    post_form,
+    problem,
+    read_object,
+    wait_until,
+)
+
+TOKENS = "/api/admin/tokens"
+TENANT_SCOPES = ["keys:read", "keys:write", "crypto:encrypt", "crypto:decrypt", "admin"]
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def document(objects: ObjectStore, key: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(objects.get(key))
+    return loaded
+
+
+def write(objects: ObjectStore, key: str, value: dict[str, Any]) -> None:
+    objects.put(key, json.dumps(value).encode())
+
+
+def issue(client: httpx.Client, tenant: str, scopes: list[str], **fields: Any) -> dict[str, Any]:
+    response = client.post(TOKENS, json={"tenant": tenant, "scopes": scopes, **fields})
+    assert response.status_code == 201, response.text
+    issued: dict[str, Any] = response.json()
+    return issued
+
+
+def refused_eventually(api: Api, token: str, path: str, code: str, status: int = 502) -> None:
+    """`path` answers `code` once the record cached before the forgery has expired."""
+
+    def refused() -> bool:
+        with api.client(token) as client:
+            response = client.get(path)
+        return response.status_code == status and response.json().get("code") == code
+
+    wait_until(refused, f"{path} to be refused with {code}", timeout=10)
+
+
+def assert_names_no_storage_key(body: dict[str, Any]) -> None:
+    for leak in ("sealstream/", "tenants/", ".json"):
+        assert leak not in body["detail"], body
+
+
+# Tokens
+
+
+def test_a_forged_token_record_is_refused(api: Api) -> None:
+    with api.client() as admin:
+        victim = issue(admin, "acme", ["keys:read"])
+    chosen = f"sst_{victim['id']}_{'A' * 43}"
+    # The record of a real token id, rewritten in the old plain form with the writer's
+    # own token hash and every scope: what once gave a working admin token.
+    forged = {
+        "id": victim["id"],
+        "tenant": "default",
+        "scopes": sorted(SCOPES),
+        "name": "",
+        "createdAt": datetime.now(UTC).isoformat(),
+        "hash": sha256(chosen),
+    }
+    write(api.objects, token_record_key(victim["id"]), forged)
+    refused_eventually(api, chosen, KEYS, "record-tampered")
+    with api.client(chosen) as attacker:
+        body = problem(attacker.get(f"{KEYS}/anything/export"), 502, "record-tampered")
+    assert_names_no_storage_key(body)
+
+
+def test_a_sealed_token_record_altered_or_moved_is_refused(api: Api) -> None:
+    with api.client() as admin:
+        token = issue(admin, "acme", ["keys:read"])["token"]
+        other = issue(admin, "acme", ["keys:read"])
+    key = token_record_key(token.split("_")[1])
+    sealed = document(api.objects, key)
+    sealed["record"]["scopes"] = sorted(SCOPES)  # the MAC left as it was
+    write(api.objects, key, sealed)
+    refused_eventually(api, token, KEYS, "record-tampered")
+    # An authentic record, moved under another token's name: bound to its own.
+    write(api.objects, token_record_key(other["id"]), document(api.objects, key))
+    refused_eventually(api, other["token"], KEYS, "record-tampered")
+
+
+def test_a_made_up_token_id_is_refused_whatever_the_bucket_holds(api: Api) -> None:
+    made_up = "q" * 16
+    token = f"sst_{made_up}_{'B' * 43}"
+    forged = {
+        "id": made_up,
+        "tenant": "default",
+        "scopes": sorted(SCOPES),
+        "createdAt": datetime.now(UTC).isoformat(),
+        "hash": sha256(token),
+    }
+    write(api.objects, token_record_key(made_up), forged)
+    with api.client(token) as attacker:
+        problem(attacker.get(KEYS), 401, "invalid-token")
+
+
+def test_a_real_token_id_with_another_secret_is_refused(api: Api) -> None:
+    with api.client() as admin:
+        issued = issue(admin, "acme", ["keys:read"])
+    wrong = f"sst_{issued['id']}_{secrets.token_urlsafe(32)}"
+    with api.client(wrong) as attacker:
+        problem(attacker.get(KEYS), 401, "invalid-token")
+    with api.client(issued["token"]) as owner:
+        assert owner.get(KEYS).status_code == 200
+
+
+# Keys
+
+
+def test_a_key_record_made_exportable_in_the_bucket_is_refused(api: Api) -> None:
+    with api.client() as admin:
+        create_key(admin, kid="locked", exportable=False)
+        problem(admin.get(f"{KEYS}/locked/export"), 403, "key-not-exportable")
+        create_key(admin, kid="off")
+        assert admin.post(f"{KEYS}/off/disable").status_code == 200
+    for kid, change in (("locked", {"exportable": True}), ("off", {"status": "enabled"})):
+        key = record_key("default", kid)
+        sealed = document(api.objects, key)
+        sealed["record"].update(change)
+        write(api.objects, key, sealed)
+        write(api.objects, f"{key}.plain", sealed["record"])
+    refused_eventually(api, ADMIN_TOKEN, f"{KEYS}/locked/export", "record-tampered")
+    with api.client() as admin:
+        assert_names_no_storage_key(
+            problem(encrypt(admin, b"data", kid="off"), 502, "record-tampered")
+        )
+        problem(admin.get(f"{KEYS}/locked"), 502, "record-tampered")
+        # The same change written in the old, plain form: refused as well.
+        plain = api.objects.get(f"{record_key('default', 'off')}.plain")
+        api.objects.put(record_key("default", "off"), plain)
+        problem(encrypt(admin, b"data", kid="off"), 502, "record-tampered")
+        metrics = admin.get("/metrics").text
+    assert 'sealstream_records_refused_total{kind="key"}' in metrics
+
+
+def store(client: httpx.Client, key: str, data: bytes) -> dict[str, Any]:
+    response = post_form(client, ENCRYPT, {"kid": "mySymKey", "destination": {"key": key}}, data)
+    assert response.status_code == 201, response.text
+    stored: dict[str, Any] = response.json()
+    return stored
+
+
+def test_an_object_record_altered_in_the_bucket_is_refused(api: Api) -> None:
+    with api.client() as admin:
+        create_key(admin)
+        stored = store(admin, "o", os.urandom(5000))
+    key = object_record_key(api.objects.bucket, stored["storageKey"])
+    sealed = document(api.objects, key)
+    sealed["record"]["plaintextSize"] += 1000
+    write(api.objects, key, sealed)
+    with api.client() as admin:
+        assert_names_no_storage_key(problem(read_object(admin, "o"), 502, "record-tampered"))
+
+
+# Who may manage tokens
+
+
+@pytest.fixture
+def local_api(tmp_path: Path) -> Iterator[Api]:
+    with live_api(local_settings(tmp_path)) as api:
+        yield api
+
+
+def test_a_tenant_admin_manages_only_its_own_tenant(local_api: Api) -> None:
+    with local_api.client() as operator:
+        acme_admin = issue(operator, "acme", TENANT_SCOPES)["token"]
+        beta = issue(operator, "beta", ["keys:read"])
+    with local_api.client(acme_admin) as acme:
+        problem(
+            acme.post(TOKENS, json={"tenant": "beta", "scopes": ["keys:read"]}),
+            403,
+            "operator-required",
+        )
+        problem(
+            acme.post(TOKENS, json={"tenant": "acme", "scopes": ["keys:export"]}),
+            403,
+            "scope-not-held",
+        )
+        problem(
+            acme.post(TOKENS, json={"tenant": "acme", "scopes": ["operator"]}),
+            403,
+            "scope-not-held",
+        )
+        problem(acme.get(TOKENS, params={"tenant": "beta"}), 403, "operator-required")
+        problem(acme.delete(f"{TOKENS}/{beta['id']}"), 404, "token-not-found")
+        own = issue(acme, "acme", ["keys:read", "keys:write"])
+        listed = acme.get(TOKENS).json()["tokens"]
+        assert {token["tenant"] for token in listed} == {"acme"}
+        assert own["id"] in {token["id"] for token in listed}
+        assert acme.delete(f"{TOKENS}/{own['id']}").status_code == 200
+    with local_api.client(beta["token"]) as still_valid:
+        assert still_valid.get(KEYS).status_code == 200
+    with local_api.client() as operator:
+        listed = operator.get(TOKENS).json()["tokens"]
+        assert {"acme", "beta"} <= {token["tenant"] for token in listed}
+        delegate = issue(operator, "beta", ["admin", "operator", "keys:read"])["token"]
+    with local_api.client(delegate) as second_operator:
+        issue(second_operator, "acme", ["keys:read"])  # an operator it granted manages any tenant
+
+
+def test_token_expiry_must_be_an_aware_time_in_the_future(local_api: Api) -> None:
+    later = datetime.now(UTC) + timedelta(days=1)
+    with local_api.client() as operator:
+        naive = later.replace(tzinfo=None).isoformat()
+        problem(
+            operator.post(
+                TOKENS, json={"tenant": "acme", "scopes": ["keys:read"], "expiresAt": naive}
+            ),
+            422,
+            "invalid-request",
+        )
+        past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+        problem(
+            operator.post(
+                TOKENS, json={"tenant": "acme", "scopes": ["keys:read"], "expiresAt": past}
+            ),
+            422,
+            "invalid-expiry",
+        )
+        issued = issue(operator, "acme", ["keys:read"], expiresAt=later.isoformat())
+    with local_api.client(issued["token"]) as holder:
+        assert holder.get(KEYS).status_code == 200
+
+
+def test_a_disabled_or_pending_deletion_key_is_not_exported(local_api: Api) -> None:
+    with local_api.client() as admin:
+        create_key(admin, kid="x", exportable=True)
+        assert admin.get(f"{KEYS}/x/export").status_code == 200
+        admin.post(f"{KEYS}/x/disable")
+        problem(admin.get(f"{KEYS}/x/export"), 409, "key-disabled")
+        admin.delete(f"{KEYS}/x")
+        problem(admin.get(f"{KEYS}/x/export"), 409, "key-pending-deletion")
+
+
+# The KEK and the record key
+
+
+def test_another_kek_is_refused_at_start_and_by_readiness(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path)
+    with live_api(settings) as api:
+        with api.client() as admin:
+            assert admin.get("/readyz").json()["checks"]["kek"] == "ok"
+        document_of_key = document(api.objects, DOCUMENT_KEY)
+        write(api.objects, DOCUMENT_KEY, {**document_of_key, "keyId": "0" * 16})
+        with api.client() as admin:
+            problem(admin.get("/readyz"), 503, "not-ready")
+        write(api.objects, DOCUMENT_KEY, document_of_key)
+    other_kek = tmp_path / "other-kek"
+    LocalKek.load_or_create(other_kek)
+    with pytest.raises(KekMismatch):
+        create_app(settings.model_copy(update={"kek_file": other_kek}))
+
+
+# Cheap refusals
+
+
+class CountingStore(LocalStore):
+    """A local store that counts the requests a remote store would make."""
+
+    requests = 0
+
+    def get(self, key: str) -> bytes:
+        CountingStore.requests += 1
+        return super().get(key)
+
+    def head(self, key: str) -> ObjectInfo:
+        CountingStore.requests += 1
+        return super().head(key)
+
+
+def test_refusing_an_unknown_token_costs_no_storage_request(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "bucket")
+    records = open_records(store, LocalKek(os.urandom(32)))
+    tokens = TokenStore(records, ADMIN_TOKEN, cache_ttl=60)
+    issued, _ = tokens.issue("acme", ["keys:read"])
+    store.delete(token_record_key(issued.split("_")[1]))
+    tokens = TokenStore(records, ADMIN_TOKEN, cache_ttl=60)  # nothing cached
+    tokens.authenticate(ADMIN_TOKEN)
+    CountingStore.requests = 0
+    for _ in range(200):
+        made_up = f"sst_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
+        with pytest.raises(TokenError):
+            tokens.authenticate(made_up)
+    assert CountingStore.requests <= 2  # the index of ids from before ids carried a MAC
+    CountingStore.requests = 0
+    for _ in range(50):  # an id the service did issue, whose record is gone
+        with pytest.raises(TokenError):
+            tokens.authenticate(issued)
+    assert CountingStore.requests == 1
+
+
+# Upgrading a store from before records were sealed
+
+
+def unseal_store(objects: ObjectStore, tokens: dict[str, str]) -> None:
+    """Rewrite every sealed record as the service wrote it before records were sealed;
+    `tokens` maps token ids to their tokens (records then held their plain SHA-256)."""
+    objects.delete(DOCUMENT_KEY)
+    for info in list(objects.list("sealstream/")):
+        record = json.loads(objects.get(info.key))["record"]
+        if info.key.startswith("sealstream/tokens/"):
+            record["hash"] = sha256(tokens[record["id"]])
+        write(objects, info.key, record)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_store_from_before_sealing_is_upgraded_by_an_operator_only(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    settings = api_settings(backend, tmp_path, request)
+    data = os.urandom(70_000)
+    with live_api(settings) as api:
+        with api.client() as admin:
+            create_key(admin)
+            acme = issue(admin, "acme", ["keys:read"])
+            store(admin, "d", data)
+        objects = api.objects
+    legacy_id = "legacy0000000000"
+    legacy_token = f"sst_{legacy_id}_{'C' * 43}"
+    unseal_store(objects, {acme["id"]: acme["token"]})
+    legacy_record = {
+        "id": legacy_id,
+        "tenant": "default",
+        "scopes": ["keys:read"],
+        "createdAt": "2026-01-01T00:00:00+00:00",
+        "expiresAt": "2099-01-01T00:00:00",  # naive: the service once took them
+        "hash": sha256(legacy_token),
+    }
+    write(objects, token_record_key(legacy_id), legacy_record)
+
+    with pytest.raises(StoreNeedsUpgrade):
+        create_app(settings)
+    report = upgrade_records(settings)
+    lines = "\n".join(report.lines())
+    assert {token.id for token in report.tokens} == {acme["id"], legacy_id}
+    assert [key.kid for key in report.keys] == ["mySymKey"]
+    assert legacy_id in lines and "mySymKey" in lines and "exportable false" in lines
+    assert not report.refused and not report.unreadable
+
+    with live_api(settings) as api:
+        with api.client(legacy_token) as legacy, api.client(acme["token"]) as holder:
+            assert legacy.get(KEYS).json()["keys"][0]["kid"] == "mySymKey"
+            assert holder.get(KEYS).status_code == 200
+        with api.client() as admin:
+            assert read_object(admin, "d").content == data
+            assert decrypt(admin, encrypt(admin, b"after").content).content == b"after"
+        # A record planted after the upgrade stays refused...
+        planted = dict(document(objects, token_record_key(legacy_id))["record"])
+        write(objects, token_record_key(legacy_id), {**planted, "scopes": sorted(SCOPES)})
+        refused_eventually(api, legacy_token, KEYS, "record-tampered")
+    # ...until an operator runs the upgrade again: it lists what it would bless.
+    again = upgrade_records(settings)
+    assert [(token.id, token.scopes) for token in again.tokens] == [(legacy_id, sorted(SCOPES))]
+    assert again.keys == [] and again.already_sealed > 0
