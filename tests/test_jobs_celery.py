@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from redis import Redis
 
 import workers.celery_app as celery_module
 from sealstream.settings import Settings
@@ -249,6 +250,40 @@ def test_a_tampered_object_fails_verification(
     assert record["error"]["detail"], show(record)
     assert record["result"] is None
     assert record["attempts"] == 1
+
+
+# Redis is not a root of trust either
+
+
+def test_job_records_altered_or_planted_in_redis_are_refused(shared_stack: JobStack) -> None:
+    redis = Redis.from_url(shared_stack.redis.url, decode_responses=True)
+    with shared_stack.client() as client:
+        stored = store_object(client, "redis/doc.bin", b"a document")
+        done = finished_job(client, stored["verifyJob"])
+        assert done["status"] == "succeeded", show(done)
+        # A finished job's record, its verdict changed and its MAC left as it was.
+        key = f"sealstream:job:{done['id']}"
+        sealed = json.loads(str(redis.get(key)))
+        sealed["record"]["result"]["plaintextSize"] = 1
+        redis.set(key, json.dumps(sealed))
+        problem(client.get(f"{JOBS}/{done['id']}"), 502, "record-tampered")
+
+        # A job record planted as another tenant's, and its task queued: never run.
+        planted_id = f"job_{uuid.uuid4().hex[:24]}"
+        planted = dict(sealed["record"], id=planted_id, status="queued", tenant="acme")
+        planted["params"] = {**planted["params"], "storageKey": "tenants/acme/secret.bin"}
+        redis.set(f"sealstream:job:{planted_id}", json.dumps(planted))
+        redis.zadd("sealstream:jobs:default", {planted_id: 0})
+        make_celery(shared_stack.api.settings).send_task(RUN_JOB, args=[planted_id])
+        worker = shared_stack.workers[0]
+        wait_for(
+            lambda: f"job {planted_id}: its record failed authentication" in worker.output(),
+            "the worker to refuse the planted job",
+        )
+        assert json.loads(str(redis.get(f"sealstream:job:{planted_id}"))) == planted  # untouched
+        listed = client.get(JOBS, params={"limit": 500}).json()["jobs"]
+        assert planted_id not in {job["id"] for job in listed}
+        assert done["id"] not in {job["id"] for job in listed}  # refused, so not listed
 
 
 # Tenants, listing

@@ -1,0 +1,248 @@
+"""`make mutants`: disable, one at a time, each guard the service's trust rests on, and
+check that the tests notice.
+
+Each mutant is one small edit to one line of a copy of the project (the checkout is never
+touched); the tests named for it then run against that copy. A mutant is *killed* when
+they fail, and *survives* when they pass: then nothing would notice if that guard broke.
+Every mutant must be killed. The copy is imported ahead of the installed project through
+PYTHONPATH, which the servers and workers the tests start inherit too.
+
+    .venv/bin/python tools/mutants.py            # every mutant
+    .venv/bin/python tools/mutants.py token      # those whose name contains "token"
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS_FAILED = 1  # pytest's exit status when tests ran and some failed
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str  # must occur exactly once in the file
+    mutated: str
+    tests: tuple[str, ...]
+
+
+ENVELOPE_TESTS = ("tests/test_envelope_tamper.py", "tests/test_envelope_roundtrip.py")
+
+MUTANTS = (
+    Mutant(
+        "commitment check",
+        "envelope/message.py",
+        "if not hmac.compare_digest(keys.commitment, header.commitment):",
+        "if False:",
+        ENVELOPE_TESTS,
+    ),
+    Mutant(
+        "header tag",
+        "envelope/message.py",
+        "    cipher.verify_header_tag(header.body, header.tag)\n",
+        "",
+        ENVELOPE_TESTS,
+    ),
+    Mutant(
+        "frame IV",
+        "envelope/frames.py",
+        "    if iv != frame_iv(sequence_number):",
+        "    if False:",
+        ENVELOPE_TESTS,
+    ),
+    Mutant(
+        "frame sequence",
+        "envelope/decrypt.py",
+        "        if sequence_number != self.next_sequence_number:",
+        "        if False:",
+        ENVELOPE_TESTS,
+    ),
+    Mutant(
+        "final frame",
+        "envelope/decrypt.py",
+        "        if self._frames is None or not self._frames.final_frame_read:",
+        "        if self._frames is None:",
+        ENVELOPE_TESTS,
+    ),
+    Mutant(
+        "required context",
+        "envelope/message.py",
+        "    missing = missing_pairs(header.context, required_context or {})",
+        "    missing: list[str] = []",
+        (*ENVELOPE_TESTS, "tests/test_api_stream.py"),
+    ),
+    Mutant(
+        "scope check",
+        "api/auth.py",
+        "        if scope not in principal.scopes:",
+        "        if False:",
+        ("tests/test_api_keys.py",),
+    ),
+    Mutant(
+        "token secret",
+        "api/tokens.py",
+        "if record is None or not hmac.compare_digest(digest, record.hash):",
+        "if record is None:",
+        ("tests/test_trust_records.py", "tests/test_api_keys.py"),
+    ),
+    Mutant(
+        "token revocation",
+        "api/tokens.py",
+        "        if record.revoked_at is not None:",
+        "        if False:",
+        ("tests/test_api_keys.py",),
+    ),
+    Mutant(
+        "token expiry",
+        "api/tokens.py",
+        "if record.expires_at is not None and record.expires_at <= self._clock():",
+        "if False:",
+        ("tests/test_api_keys.py", "tests/test_trust_records.py"),
+    ),
+    Mutant(
+        "token id MAC",
+        "api/tokens.py",
+        "        return hmac.compare_digest(tag, self._tag(random_part))",
+        "        return True",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "tenant prefix",
+        "sealstream/spaces.py",
+        "return Placement(store, store.bucket, ref.key, tenant_prefix(tenant) + ref.key)",
+        'return Placement(store, store.bucket, ref.key, "tenants/default/" + ref.key)',
+        ("tests/test_api_stream.py", "tests/test_jobs_batch.py"),
+    ),
+    Mutant(
+        "record MAC",
+        "storage/integrity.py",
+        "    if not hmac.compare_digest(mac, key.mac(kind, name, canonical)):",
+        "    if False:",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "record key id",
+        "storage/integrity.py",
+        '    if document.get("macKey") != key.key_id:',
+        "    if False:",
+        ("tests/test_trust_records.py", "tests/test_keystore.py"),
+    ),
+    Mutant(
+        "tenant admin: other tenants",
+        "api/routes/admin.py",
+        "    if spec.tenant != principal.tenant and not principal.operator:",
+        "    if False:",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "tenant admin: scopes held",
+        "api/routes/admin.py",
+        "    beyond = sorted(set(spec.scopes) - principal.scopes)",
+        "    beyond: list[str] = []",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "tenant admin: listing",
+        "api/routes/admin.py",
+        "    if not principal.operator:\n        if tenant not in (None, principal.tenant):",
+        "    if False:\n        if tenant not in (None, principal.tenant):",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "tenant admin: revoking",
+        "api/routes/admin.py",
+        "        if record.tenant != principal.tenant and not principal.operator:",
+        "        if False:",
+        ("tests/test_trust_records.py",),
+    ),
+)
+
+
+def copy_project(target: Path) -> None:
+    """The tracked files of the checkout, as they are now, into `target`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            destination = target / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+
+
+def mutate(copy: Path, mutant: Mutant) -> None:
+    path = copy / mutant.path
+    text = path.read_text()
+    if text.count(mutant.original) != 1:
+        raise SystemExit(f"{mutant.name}: its line is not in {mutant.path} exactly once")
+    mutated = text.replace(mutant.original, mutant.mutated)
+    compile(mutated, mutant.path, "exec")  # a mutant that does not parse proves nothing
+    path.write_text(mutated)
+
+
+def run(mutant: Mutant, workers: str) -> tuple[bool, float]:
+    """Whether the mutant was killed, and how long its tests took."""
+    with tempfile.TemporaryDirectory(prefix="sealstream-mutant-") as directory:
+        copy = Path(directory)
+        copy_project(copy)
+        mutate(copy, mutant)
+        environment = {**os.environ, "PYTHONPATH": str(copy)}
+        started = time.monotonic()
+        pytest = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-n",
+            workers,
+            "-p",
+            "no:cacheprovider",
+        ]
+        result = subprocess.run(
+            [*pytest, *mutant.tests],
+            cwd=copy,
+            env=environment,
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode not in (0, TESTS_FAILED):
+            tail = result.stdout.decode(errors="replace")[-2000:]
+            raise SystemExit(f"{mutant.name}: pytest could not run the tests:\n{tail}")
+        return result.returncode == TESTS_FAILED, time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("select", nargs="?", default="", help="run mutants whose name has this")
+    parser.add_argument("--workers", default="2", help="pytest-xdist workers per mutant")
+    options = parser.parse_args()
+    chosen = [m for m in MUTANTS if options.select in m.name]
+    survived = []
+    print(f"{'mutant':<32} {'verdict':<9} seconds  tests")
+    for mutant in chosen:
+        killed, seconds = run(mutant, options.workers)
+        verdict = "killed" if killed else "SURVIVED"
+        print(
+            f"{mutant.name:<32} {verdict:<9} {seconds:7.1f}  {' '.join(mutant.tests)}", flush=True
+        )
+        if not killed:
+            survived.append(mutant.name)
+    if survived:
+        raise SystemExit(
+            f"{len(survived)} of {len(chosen)} mutants survived: {', '.join(survived)}"
+        )
+    print(f"all {len(chosen)} mutants killed")
+
+
+if __name__ == "__main__":
+    main()
