@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api import create_app
-from api.tokens import SCOPES, TokenError, TokenStore, token_record_key
+from api.tokens import SCOPES, ExpiredToken, TokenError, TokenStore, token_record_key
 from api.upgrade import upgrade_records
 from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
 from keystore.recordkey import DOCUMENT_KEY
@@ -322,6 +322,17 @@ def test_refusing_an_unknown_token_costs_no_storage_request(tmp_path: Path) -> N
         with pytest.raises(TokenError):
             tokens.authenticate(issued)
     assert CountingStore.requests == 1
+
+
+def test_a_token_is_refused_from_its_expiry_on(tmp_path: Path) -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    records = open_records(LocalStore(tmp_path / "bucket"), LocalKek(os.urandom(32)))
+    tokens = TokenStore(records, ADMIN_TOKEN, clock=lambda: now)
+    token, _ = tokens.issue("acme", ["keys:read"], expires_at=now + timedelta(hours=1))
+    assert tokens.authenticate(token).tenant == "acme"
+    now += timedelta(hours=1)
+    with pytest.raises(ExpiredToken):
+        tokens.authenticate(token)
 
 
 # Upgrading a store from before records were sealed
