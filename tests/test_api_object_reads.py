@@ -98,7 +98,7 @@ def test_a_damaged_object_is_refused_by_every_range_and_whole(api: Api, record: 
             stored = encrypt(client, DATA, frameLength=FRAME, destination={"key": name}).json()
             api.objects.put(stored["storageKey"], content)
             if not record:
-                delete_record(api.objects, api.objects.bucket, stored["storageKey"])
+                delete_record(api.records, api.objects.bucket, stored["storageKey"])
             for range_header in RANGE_FORMS:
                 refused_as_damaged(read_object(client, name, range_header), name)
 
@@ -136,7 +136,7 @@ def store_without_record(api: Api, client: httpx.Client, writer: str, data: byte
     """An object holding `data`, written by `writer` and without an object record; its key."""
     if writer == "sealstream":
         stored = encrypt(client, data, frameLength=FRAME, destination={"key": writer}).json()
-        delete_record(api.objects, api.objects.bucket, stored["storageKey"])
+        delete_record(api.records, api.objects.bucket, stored["storageKey"])
         return writer
     material = os.urandom(32)
     imported = {"kid": "byok", "jwk": {"kty": "oct", "alg": "AES-256", "k": b64url(material)}}

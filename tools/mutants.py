@@ -80,6 +80,27 @@ MUTANTS = (
         (*ENVELOPE_TESTS, "tests/test_api_stream.py"),
     ),
     Mutant(
+        "ranged read: final frame read",
+        "sealstream/objects.py",
+        "    return check.layout()\n",
+        "    return claimed\n",
+        ("tests/test_api_object_reads.py", "tests/test_envelope_ranged.py"),
+    ),
+    Mutant(
+        "ranged read: final frame vouches",
+        "envelope/ranged.py",
+        "        if vouched.message_length != claimed.message_length:",
+        "        if False:",
+        ("tests/test_api_object_reads.py", "tests/test_envelope_ranged.py"),
+    ),
+    Mutant(
+        "ranged read: span ends in it",
+        "envelope/ranged.py",
+        "        if self._frames.final_frame_read != self._final:",
+        "        if False:",
+        ("tests/test_api_object_reads.py", "tests/test_envelope_ranged.py"),
+    ),
+    Mutant(
         "scope check",
         "api/auth.py",
         "        if scope not in principal.scopes:",
