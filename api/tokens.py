@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 
 from cachetools import TTLCache
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -135,8 +136,15 @@ class TokenHasher:
     both keyed by keys derived from the record key."""
 
     def __init__(self, records: Records) -> None:
-        self._hash_key = records.key.derive("token-hash")
-        self._id_key = records.key.derive("token-id")
+        self._records = records
+
+    @cached_property
+    def _hash_key(self) -> bytes:
+        return self._records.key.derive("token-hash")
+
+    @cached_property
+    def _id_key(self) -> bytes:
+        return self._records.key.derive("token-id")
 
     def hash(self, token: str) -> str:
         return self.rehash(hashlib.sha256(token.encode()).hexdigest())
@@ -176,7 +184,7 @@ class TokenStore:
     ) -> None:
         self._records = records
         self._hasher = TokenHasher(records)
-        self._admin_hash = self._hasher.hash(admin_token)
+        self._admin_token = admin_token
         self._clock = clock
         self._cache: TTLCache[str, TokenRecord | None] = TTLCache(maxsize=4096, ttl=cache_ttl)
         self._legacy: TTLCache[str, frozenset[str]] = TTLCache(maxsize=1, ttl=LEGACY_IDS_TTL)
@@ -221,6 +229,10 @@ class TokenStore:
         if record.expires_at is not None and record.expires_at <= self._clock():
             raise ExpiredToken("the token has expired")
         return Principal(record.tenant, frozenset(record.scopes), record.id)
+
+    @cached_property
+    def _admin_hash(self) -> str:
+        return self._hasher.hash(self._admin_token)
 
     def get(self, token_id: str) -> TokenRecord:
         """The record of a token; `TokenNotFound` if there is none."""

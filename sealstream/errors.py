@@ -22,6 +22,7 @@ from storage import (
     StorageError,
     StorageUnavailable,
 )
+from storage.integrity import RecordTampered
 
 _ENVELOPE_CODES: dict[type[Exception], str] = {
     envelope.InvalidParameter: "invalid-parameter",
@@ -46,6 +47,7 @@ _STORAGE_DETAILS: dict[type[StorageError], str] = {
     ObjectExists: "{subject} already exists",
     PreconditionFailed: "{subject} was changed by another request meanwhile",
     ObjectNotFound: "{subject} does not exist",
+    RecordTampered: "{subject} failed authentication and was refused",
     BucketNotFound: "the bucket does not exist",
     StorageUnavailable: "object storage is unavailable; try again later",
     StorageError: "object storage could not serve {subject}",

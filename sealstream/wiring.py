@@ -7,8 +7,10 @@ setting that cannot make its part raises `ConfigurationError`, whose message sta
 the setting's name.
 """
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
@@ -18,10 +20,12 @@ from botocore.exceptions import BotoCoreError
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
 from keystore.recordkey import open_record_key
 from sealstream.settings import Settings
-from storage import ObjectStore, StorageError, open_store
+from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
 
 EMBEDDED_KEK_NAME = ".kek"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigurationError(Exception):
@@ -79,8 +83,18 @@ def open_kek(settings: Settings) -> Kek:
 
 
 def open_records(objects: ObjectStore, kek: Kek, *, upgrading: bool = False) -> Records:
-    """The service's own store, its records sealed under the record key the KEK gives."""
-    return Records(objects, open_record_key(kek, objects, upgrading=upgrading))
+    """The service's own store, its records sealed under the record key the KEK gives.
+
+    The key is looked for now, so that a KEK that is not the store's own, or a store that
+    needs `sealstream upgrade-records`, stops a process at its start; a store that cannot
+    be reached yet only defers that to the first request that needs a record.
+    """
+    records = Records(objects, partial(open_record_key, kek, objects, upgrading=upgrading))
+    try:
+        _ = records.key
+    except StorageUnavailable as error:
+        logger.warning("the record key will be looked for again on first use: %s", error)
+    return records
 
 
 def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:

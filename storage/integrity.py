@@ -28,7 +28,7 @@ import logging
 import struct
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -99,23 +99,24 @@ def unseal(key: RecordKey, kind: str, name: str, data: bytes, model: type[Model]
     document = _document(data, name)
     if document.get("format") != FORMAT:
         raise RecordTampered(
-            f"{name} is not a sealed record: written before records were authenticated "
-            "(run `sealstream upgrade-records`), or not by this service"
+            "not a sealed record: written before records were sealed (run `sealstream "
+            "upgrade-records`), or not by this service",
+            name,
         )
     if document.get("macKey") != key.key_id:
-        raise RecordTampered(f"{name} is sealed under another key ({document.get('macKey')!r})")
+        raise RecordTampered(f"sealed under another key ({document.get('macKey')!r})", name)
     canonical = canonical_json(document.get("record"))
     try:
         mac = base64.b64decode(str(document.get("mac")), validate=True)
     except ValueError:
         mac = b""
     if not hmac.compare_digest(mac, key.mac(kind, name, canonical)):
-        raise RecordTampered(f"{name} failed authentication as a {kind} record")
+        raise RecordTampered(f"failed authentication as a {kind} record", name)
     try:
         return model.model_validate_json(canonical)
     except ValidationError:
         # Authentic yet invalid: written by a version of the service with another schema.
-        raise RecordTampered(f"{name} is an authentic {kind} record of another shape") from None
+        raise RecordTampered(f"an authentic {kind} record of another shape", name) from None
 
 
 def is_sealed(data: bytes) -> bool:
@@ -138,9 +139,9 @@ def _document(data: bytes, name: str) -> dict[str, Any]:
     try:
         document = json.loads(data)
     except (ValueError, RecursionError):
-        raise RecordTampered(f"{name} is not a JSON record") from None
+        raise RecordTampered("not a JSON record", name) from None
     if not isinstance(document, dict):
-        raise RecordTampered(f"{name} is not a JSON record")
+        raise RecordTampered("not a JSON record", name)
     return document
 
 
@@ -169,11 +170,27 @@ def refusals() -> dict[str, int]:
 
 class Records:
     """Sealed records in an object store: each read is authenticated (a refusal is noted
-    with `note_refusal`), each write sealed."""
+    with `note_refusal`), each write sealed.
 
-    def __init__(self, store: ObjectStore, key: RecordKey) -> None:
+    The key may be given, or found on first use (`key_source`, tried again at each use
+    until it succeeds): finding it can take the store itself, which may be down when a
+    process starts.
+    """
+
+    def __init__(self, store: ObjectStore, key_source: RecordKey | Callable[[], RecordKey]) -> None:
         self.store = store
-        self.key = key
+        self._key = key_source if isinstance(key_source, RecordKey) else None
+        self._source = key_source
+        self._lock = threading.Lock()
+
+    @property
+    def key(self) -> RecordKey:
+        if self._key is None:
+            with self._lock:
+                if self._key is None and callable(self._source):
+                    self._key = self._source()
+        assert self._key is not None
+        return self._key
 
     def put(
         self,
@@ -192,7 +209,7 @@ class Records:
         it is not authentic."""
         size = self.store.head(name).size
         if size > MAX_RECORD_BYTES:
-            refusal = RecordTampered(f"{name} is {size} bytes, larger than any record")
+            refusal = RecordTampered(f"{size} bytes, larger than any record", name)
             note_refusal(kind, refusal)
             raise refusal
         return self.open(kind, name, self.store.get(name), model)

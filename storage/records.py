@@ -50,7 +50,7 @@ def load_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord
     stored is not authentic or describes another object."""
     record = records.get(RECORD_KIND, record_key(bucket, storage_key), ObjectRecord)
     if (record.bucket, record.key) != (bucket, storage_key):
-        raise RecordTampered(f"the record of {storage_key} describes another object")
+        raise RecordTampered("it describes another object", record_key(bucket, storage_key))
     return record
 
 
