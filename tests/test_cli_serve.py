@@ -15,6 +15,7 @@ import pytest
 
 from cli.client import SealstreamClient
 from cli.main import warn_if_exposed
+from keystore import LocalKek
 from sealstream.settings import Settings
 from tests.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
 from tests.stream_helpers import encrypt, problem, read_object
@@ -72,7 +73,7 @@ def test_no_credential_is_printed_logged_or_answered(tmp_path: Path) -> None:
     """A supplied admin token is never printed, and the credentials in the Redis URL and
     the S3 endpoint never reach the output or an answer, whether the services they name
     answer or not (here: nothing listens)."""
-    (tmp_path / "kek").write_bytes(os.urandom(32))
+    LocalKek.load_or_create(tmp_path / "kek")
     redis_url = f"redis://:{REDIS_PASSWORD}@{LOCALHOST}:{free_port()}/0"
     with_redis = {"SEALSTREAM_ADMIN_TOKEN": SUPPLIED_TOKEN, "SEALSTREAM_REDIS_URL": redis_url}
     with_s3 = {
