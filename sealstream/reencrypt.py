@@ -42,6 +42,7 @@ from sealstream.objects import (
 )
 from sealstream.stored import OnChunk, RecordMismatch, check_against_record, open_stored
 from storage import MultipartWriter, ObjectInfo, ObjectStore
+from storage.integrity import Records
 from storage.records import ObjectRecord, save_record
 
 
@@ -59,7 +60,7 @@ class ReadBackMismatch(Exception):
 
 def reencrypt_object(
     keys: KeyStore,
-    records: ObjectStore,
+    records: Records,
     store: ObjectStore,
     recorded: ObjectRecord,
     original: ObjectInfo,

@@ -133,7 +133,7 @@ def stored_bytes(objects: ObjectStore, storage_key: str) -> bytes:
 
 
 def record_of(api: Api, storage_key: str) -> ObjectRecord:
-    return load_record(api.objects, api.objects.bucket, storage_key)
+    return load_record(api.records, api.objects.bucket, storage_key)
 
 
 def nothing_pending(objects: ObjectStore) -> bool:
@@ -305,7 +305,7 @@ def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
         storage_key, body + cipher.header_tag(body) + message[header.length :], metadata=metadata
     )
     moved = {"key_version": 2, "etag": replaced.etag, "ciphertext_size": replaced.size}
-    save_record(api.objects, record_of(api, storage_key).model_copy(update=moved))
+    save_record(api.records, record_of(api, storage_key).model_copy(update=moved))
 
 
 def forge_first_frame(api: Api, client: httpx.Client, storage_key: str) -> None:
@@ -361,7 +361,7 @@ def test_an_object_rewrapped_after_its_version_began_is_found_by_its_storage_dat
     storage_key = stored["docs/small"]["storageKey"]
     version_2 = key_version_created(client, 2)
     late = {"created_at": version_2 + timedelta(microseconds=1)}
-    save_record(api.objects, record_of(api, storage_key).model_copy(update=late))
+    save_record(api.records, record_of(api, storage_key).model_copy(update=late))
     # Storage dates may be whole seconds: write in a later one than the record's date.
     wait_until(
         lambda: datetime.now(UTC) >= version_2.replace(microsecond=0) + timedelta(seconds=1),

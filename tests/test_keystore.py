@@ -571,10 +571,10 @@ def test_a_version_made_elsewhere_is_found_when_a_message_needs_it(
 
 
 def test_a_primary_version_seen_elsewhere_is_found_when_asked_for(
-    store: ObjectStore, kek: LocalKek, clock: Clock
+    records: Records, kek: LocalKek, clock: Clock
 ) -> None:
-    worker = KeyStore(store, kek, clock=clock)
-    api = KeyStore(store, kek, clock=clock)
+    worker = KeyStore(records, kek, clock=clock)
+    api = KeyStore(records, kek, clock=clock)
     worker.create(TENANT, spec())
     worker.encryption_keyring(TENANT, "k1")
     rotated = api.rotate(TENANT, "k1")

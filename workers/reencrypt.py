@@ -148,7 +148,7 @@ class _ReencryptJob:
             original = self.store.head(key)
             reencrypt_object(
                 self.services.keys,
-                self.services.objects,
+                self.services.records,
                 self.store,
                 target.record,
                 original,
@@ -201,7 +201,7 @@ class _ReencryptJob:
 
     def _record(self, storage_key: str) -> ObjectRecord | None:
         try:
-            return load_record(self.services.objects, self.store.bucket, storage_key)
+            return load_record(self.services.records, self.store.bucket, storage_key)
         except ObjectNotFound:
             return None
 
