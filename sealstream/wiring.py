@@ -18,7 +18,7 @@ import boto3
 from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
-from keystore.recordkey import open_record_key
+from keystore.recordkey import KekMismatch, StoreNeedsUpgrade, open_record_key
 from sealstream.settings import Settings
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
@@ -95,6 +95,18 @@ def open_records(objects: ObjectStore, kek: Kek, *, upgrading: bool = False) -> 
     except StorageUnavailable as error:
         logger.warning("the record key will be looked for again on first use: %s", error)
     return records
+
+
+def open_service_records(settings: Settings, objects: ObjectStore, kek: Kek) -> Records:
+    """`open_records` for a process that serves: a KEK that is not the store's own, or a
+    store that needs upgrading, as a `ConfigurationError` naming what to fix."""
+    kek_setting = "SEALSTREAM_KMS_KEY_ID" if settings.kms_key_id else "SEALSTREAM_KEK_FILE"
+    try:
+        return open_records(objects, kek)
+    except KekMismatch as error:
+        raise ConfigurationError(f"{kek_setting}: {error}") from error
+    except StoreNeedsUpgrade as error:
+        raise ConfigurationError(f"SEALSTREAM_STORAGE_URL: {error}") from error
 
 
 def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:

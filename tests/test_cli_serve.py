@@ -17,6 +17,8 @@ from cli.client import SealstreamClient
 from cli.main import warn_if_exposed
 from keystore import LocalKek
 from sealstream.settings import Settings
+from sealstream.wiring import open_records
+from storage import LocalStore
 from tests.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
 from tests.stream_helpers import encrypt, problem, read_object
 
@@ -167,6 +169,7 @@ def test_plain_http_off_loopback_is_warned_about(
     [
         ({"SEALSTREAM_KEK_FILE": "{tmp}/missing"}, "SEALSTREAM_KEK_FILE"),
         ({"SEALSTREAM_KEK_FILE": "{tmp}/short"}, "SEALSTREAM_KEK_FILE"),
+        ({"SEALSTREAM_KEK_FILE": "{tmp}/open-kek"}, "SEALSTREAM_KEK_FILE"),
         ({"SEALSTREAM_STORAGE_URL": "s3://bucket"}, "SEALSTREAM_KEK_FILE"),
         ({"SEALSTREAM_STORAGE_URL": "ftp://host/store"}, "SEALSTREAM_STORAGE_URL"),
         ({"SEALSTREAM_STORAGE_URL": "file://{tmp}/short/store"}, "SEALSTREAM_STORAGE_URL"),
@@ -185,8 +188,16 @@ def test_a_configuration_error_is_one_line_naming_the_setting(
     tmp_path: Path, settings: dict[str, str], culprit: str
 ) -> None:
     (tmp_path / "short").write_bytes(b"not 32 bytes")
-    (tmp_path / "kek").write_bytes(os.urandom(32))
+    (tmp_path / "short").chmod(0o600)
+    LocalKek.load_or_create(tmp_path / "kek")
+    (tmp_path / "open-kek").write_bytes(os.urandom(32))
+    (tmp_path / "open-kek").chmod(0o644)
     env = {name: value.format(tmp=tmp_path) for name, value in settings.items()}
+    assert_cannot_start(tmp_path, env, culprit)
+
+
+def assert_cannot_start(tmp_path: Path, env: dict[str, str], culprit: str) -> str:
+    """`sealstream serve` with `env` stops at once with one line naming `culprit`."""
     sealstream = Path(sys.executable).with_name("sealstream")
     run = subprocess.run(
         [str(sealstream), "serve", "--port", str(free_port())],
@@ -200,6 +211,25 @@ def test_a_configuration_error_is_one_line_naming_the_setting(
     assert (run.returncode, run.stdout) == (2, ""), run.stderr
     assert run.stderr.startswith(f"sealstream: cannot start: {culprit}: "), run.stderr
     assert run.stderr.count("\n") == 1 and "password" not in run.stderr
+    return run.stderr
+
+
+def test_a_kek_that_is_not_the_stores_own_is_one_line_at_start(tmp_path: Path) -> None:
+    open_records(LocalStore(tmp_path / "store"), LocalKek(os.urandom(32)))  # set up, another KEK
+    LocalKek.load_or_create(tmp_path / "kek")
+    env = {
+        "SEALSTREAM_STORAGE_URL": f"file://{tmp_path / 'store'}",
+        "SEALSTREAM_KEK_FILE": str(tmp_path / "kek"),
+    }
+    assert "the KEK is not the one" in assert_cannot_start(tmp_path, env, "SEALSTREAM_KEK_FILE")
+
+
+def test_a_store_from_before_sealing_is_one_line_at_start(tmp_path: Path) -> None:
+    legacy = LocalStore(tmp_path / "store")
+    legacy.put("sealstream/tokens/legacy0000000000.json", b'{"id": "legacy0000000000"}')
+    env = {"SEALSTREAM_STORAGE_URL": f"file://{tmp_path / 'store'}"}
+    stderr = assert_cannot_start(tmp_path, env, "SEALSTREAM_STORAGE_URL")
+    assert "sealstream upgrade-records" in stderr
 
 
 @pytest.mark.parametrize("wrong", ["missing", "not-a-certificate"])

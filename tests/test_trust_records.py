@@ -20,7 +20,7 @@ from api.tokens import SCOPES, ExpiredToken, TokenError, TokenStore, token_recor
 from api.upgrade import upgrade_records
 from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
 from keystore.recordkey import DOCUMENT_KEY
-from sealstream.wiring import open_records
+from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
@@ -282,8 +282,11 @@ def test_another_kek_is_refused_at_start_and_by_readiness(tmp_path: Path) -> Non
         write(api.objects, DOCUMENT_KEY, document_of_key)
     other_kek = tmp_path / "other-kek"
     LocalKek.load_or_create(other_kek)
-    with pytest.raises(KekMismatch):
+    with pytest.raises(
+        ConfigurationError, match=r"^SEALSTREAM_KEK_FILE: the KEK is not"
+    ) as refused:
         create_app(settings.model_copy(update={"kek_file": other_kek}))
+    assert isinstance(refused.value.__cause__, KekMismatch)
 
 
 # Cheap refusals
@@ -374,8 +377,9 @@ def test_a_store_from_before_sealing_is_upgraded_by_an_operator_only(
     }
     write(objects, token_record_key(legacy_id), legacy_record)
 
-    with pytest.raises(StoreNeedsUpgrade):
+    with pytest.raises(ConfigurationError, match="upgrade-records") as refused:
         create_app(settings)
+    assert isinstance(refused.value.__cause__, StoreNeedsUpgrade)
     report = upgrade_records(settings)
     lines = "\n".join(report.lines())
     assert {token.id for token in report.tokens} == {acme["id"], legacy_id}

@@ -7,7 +7,13 @@ from datetime import timedelta
 from keystore import Kek, KeyStore
 from sealstream.settings import Settings
 from sealstream.spaces import Spaces
-from sealstream.wiring import configured, open_kek, open_keystore, open_object_store, open_records
+from sealstream.wiring import (
+    configured,
+    open_kek,
+    open_keystore,
+    open_object_store,
+    open_service_records,
+)
 from storage import ObjectStore
 from storage.integrity import Records
 from workers.jobs import JobStore, MemoryJobStore, RedisJobStore
@@ -35,7 +41,7 @@ def open_job_store(settings: Settings, records: Records) -> JobStore:
 def build_worker_services(settings: Settings) -> WorkerServices:
     objects = open_object_store(settings)
     kek = open_kek(settings)
-    records = open_records(objects, kek)
+    records = open_service_records(settings, objects, kek)
     return WorkerServices(
         settings=settings,
         objects=objects,
