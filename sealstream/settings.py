@@ -16,7 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sealstream.capacity import connection_cap, keygen_threads, stream_cap
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+TIB = 1024 * GIB
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_PARTS_IN_FLIGHT = 4
 HIDDEN = "***"
@@ -175,6 +178,30 @@ class Settings(BaseSettings):
         ge=1,
         description="most bytes a batch-encrypt archive's members may unpack to, per byte of "
         "archive; more fails the job as a decompression bomb",
+    )
+    batch_max_unpacked: int = Field(
+        TIB,
+        ge=1,
+        description="most bytes one batch-encrypt archive may unpack to, members, headers and "
+        "padding together, whatever its size",
+    )
+    batch_max_member_size: int = Field(
+        256 * GIB,
+        ge=1,
+        description="most bytes one member of a batch-encrypt archive may unpack to",
+    )
+    batch_max_header_size: int = Field(
+        16 * MIB,
+        ge=64 * KIB,
+        description="largest archive header a batch-encrypt job reads into memory: one tar "
+        "member's extended headers (pax records, GNU long names and links together) or a "
+        "zip's index (its central directory, which takes about ten times its size in memory)",
+    )
+    batch_max_members: int = Field(
+        100_000,
+        ge=1,
+        description="most members (files, directories, links...) of one batch-encrypt archive, "
+        "or objects under its source prefix",
     )
     s3_part_size: int = Field(
         DEFAULT_PART_SIZE, ge=5 * MIB, description="first multipart part size"

@@ -27,10 +27,12 @@ from typing import IO, Any
 
 from sealstream.errors import error_code, public_detail
 from sealstream.objects import ObjectSealer, start_sealing
+from sealstream.settings import Settings
 from sealstream.spaces import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
 from storage.records import ObjectRecord
 from workers.archives import (
+    ArchiveLimits,
     InvalidArchive,
     Member,
     MemberSource,
@@ -196,17 +198,24 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
 
 def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
     store = batch.services.spaces.store(batch.tenant, batch.source["bucket"])
+    limits = archive_limits(batch.services.settings)
     if "storageKey" in batch.source:
         _source_size(store, batch.source)
-        return open_archive(
-            store,
-            batch.source["storageKey"],
-            batch.params["format"],
-            batch.services.settings.batch_max_expansion,
-        )
+        return open_archive(store, batch.source["storageKey"], batch.params["format"], limits)
     # Earlier output under the destination is not input (a prefix may hold both).
     skip = batch.storage_prefix if batch.same_bucket() else None
-    return nullcontext(PrefixSource(store, batch.source["storagePrefix"], skip))
+    source = PrefixSource(store, batch.source["storagePrefix"], skip, limits.max_members)
+    return nullcontext(source)
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_expansion=settings.batch_max_expansion,
+        max_unpacked=settings.batch_max_unpacked,
+        max_member_size=settings.batch_max_member_size,
+        max_header_size=settings.batch_max_header_size,
+        max_members=settings.batch_max_members,
+    )
 
 
 def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
@@ -233,13 +242,19 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
         batch.refused.append({"path": member.name, "reason": str(refusal)})
         return
     if path in batch.resumed.done:
-        batch.sealed.append(batch.resumed.done[path])
-        return
+        batch.sealed.append(batch.resumed.done[path])  # by an earlier attempt
+    else:
+        _seal_or_fail(batch, source, member, path)
+
+
+def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
+    """Seal one member, or note why it failed; an archive that breaks off while the
+    member is read fails the job (`_seal_each`), not just the member."""
     if batch.before_member is not None:
         batch.before_member(path)
     try:
         batch.sealed.append(_seal_member(batch, source, member, path))
-    except JobCancelled:
+    except (JobCancelled, InvalidArchive):
         raise
     except Exception as error:
         batch.failed.append(
