@@ -267,6 +267,10 @@ def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_:
     assert (manifest["format"], manifest["failed"]) == (kind, [])
     result = job["result"]
     assert (result["manifestKey"], result["refused"]) == ("out/manifest.json", manifest["refused"])
+    # What a client checks the manifest against: the job's result names its digest.
+    stored_manifest = api.objects.get(TENANT + "out/manifest.json")
+    assert result["manifestSha256"] == sha256(stored_manifest)
+    assert result["manifestSize"] == len(stored_manifest)
     entries = 1 + len(FILES) + len(refused)  # the directory is an item too, skipped
     assert result["counts"] == {
         "items": entries,

@@ -13,12 +13,18 @@ store: the object it is about to write, and the members finished since the entry
 Each entry is small, so a large archive never rewrites a growing file. A rerun skips the
 finished members, aborts the upload its killed predecessor left pending on the claimed
 object, and rewrites that object even with `overwrite: false`: it is the job's own.
+
+The journal is also where the manifest's member list comes from: the manifest is written
+at the end as a stream, an entry at a time, so a job of a million members never holds
+their list. Its SHA-256 and size go into the job's result, which is what a client checks
+the manifest against.
 """
 
+import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,11 +64,11 @@ MemberHook = Callable[[str], None]
 
 @dataclass
 class Resumed:
-    """What earlier attempts left: members sealed (by path), the object being written when
-    the last one stopped, and the result if the job had finished."""
+    """What earlier attempts left: the paths of the members sealed, the object being
+    written when the last one stopped, and the result if the job had finished."""
 
     started: bool = False
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
     claim: str | None = None
     result: dict[str, Any] | None = None
 
@@ -79,16 +85,26 @@ class Journal:
     def resume(self) -> Resumed:
         resumed = Resumed()
         self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
-        for info in self._objects.list(self._prefix):
-            entry = json.loads(self._objects.get(info.key))
+        for key, entry in self._read_all():
             resumed.started = True
-            if info.key.endswith(FINAL_ENTRY):
+            if key.endswith(FINAL_ENTRY):
                 resumed.result = entry["result"]
                 continue
-            self._entries = int(info.key.removeprefix(self._prefix).removesuffix(".json"))
-            resumed.done.update((done["path"], done) for done in entry["done"])
+            self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
+            resumed.done.update(done["path"] for done in entry["done"])
             resumed.claim = entry["claim"]
         return resumed
+
+    def sealed(self) -> Iterator[dict[str, Any]]:
+        """The members sealed by this attempt (up to its last claim) and those before, in
+        the order they were sealed, read back an entry at a time."""
+        for key, entry in self._read_all():
+            if not key.endswith(FINAL_ENTRY):
+                yield from entry["done"]
+
+    def _read_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for info in self._objects.list(self._prefix):
+            yield info.key, json.loads(self._objects.get(info.key))
 
     def claim(self, storage_key: str | None) -> None:
         """Record the members settled since the last entry, and the object about to be
@@ -150,7 +166,7 @@ class _Batch:
     journal: Journal
     resumed: Resumed
     before_member: MemberHook | None
-    sealed: list[dict[str, Any]] = field(default_factory=list)
+    sealed: int = 0
     refused: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     skipped: int = 0
@@ -187,9 +203,9 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
         batch.context.progress(
             items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
         )
-    manifest = _manifest(batch, source.format, damage)
-    batch.store.put(manifest_key, json.dumps(manifest, indent=1).encode())
-    result = _result(batch, source.format, manifest_key)
+    batch.journal.claim(None)  # the members settled since the last claim, for the manifest
+    manifest = _write_manifest(batch.store, manifest_key, _manifest(batch, source.format, damage))
+    result = _result(batch, source.format, manifest_key, manifest)
     if damage is not None:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
         raise JobFailed(damage.code, str(damage))
@@ -242,7 +258,7 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
         batch.refused.append({"path": member.name, "reason": str(refusal)})
         return
     if path in batch.resumed.done:
-        batch.sealed.append(batch.resumed.done[path])  # by an earlier attempt
+        batch.sealed += 1  # by an earlier attempt
     else:
         _seal_or_fail(batch, source, member, path)
 
@@ -253,7 +269,8 @@ def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str
     if batch.before_member is not None:
         batch.before_member(path)
     try:
-        batch.sealed.append(_seal_member(batch, source, member, path))
+        _seal_member(batch, source, member, path)
+        batch.sealed += 1
     except (JobCancelled, InvalidArchive):
         raise
     except Exception as error:
@@ -274,7 +291,7 @@ def _check_destination(batch: _Batch, path: str) -> None:
         raise UnsafeMember("the name of the archive being read")
 
 
-def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> dict[str, Any]:
+def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
     storage_key = batch.storage_prefix + path
     ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
     overwrite = batch.params["overwrite"] or ours
@@ -297,9 +314,7 @@ def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str)
     except Exception:
         batch.journal.claim(None)  # an object there now is someone else's
         raise
-    entry = {"path": path, **_object_entry(placement, record)}
-    batch.journal.settle(entry)
-    return entry
+    batch.journal.settle({"path": path, **_object_entry(placement, record)})
 
 
 def _seal(
@@ -364,32 +379,64 @@ def _object_entry(placement: Placement, record: ObjectRecord) -> dict[str, Any]:
     }
 
 
-def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> dict[str, Any]:
-    manifest = {
+def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Iterator[bytes]:
+    """The manifest as a JSON document, in pieces: the members come from the journal."""
+    fields: dict[str, Any] = {
         "jobId": batch.context.record.id,
         "source": batch.source,
         "format": format_,
         "kid": batch.params["kid"],
         "destination": batch.destination,
         "createdAt": datetime.now(UTC).isoformat(),
-        "members": batch.sealed,
-        "refused": batch.refused,
-        "failed": batch.failed,
     }
     if damage is not None:
-        manifest["error"] = {"code": damage.code, "detail": str(damage)}
-    return manifest
+        fields["error"] = {"code": damage.code, "detail": str(damage)}
+    lists = {"members": batch.journal.sealed(), "refused": batch.refused, "failed": batch.failed}
+    return _json_object(fields, lists)
 
 
-def _result(batch: _Batch, format_: str, manifest_key: str) -> dict[str, Any]:
+def _json_object(fields: dict[str, Any], lists: dict[str, Iterable[Any]]) -> Iterator[bytes]:
+    """A JSON object of `fields` then `lists`, each list encoded an item at a time."""
+    members = [_json_member(name, json.dumps(value)) for name, value in fields.items()]
+    yield ("{\n" + ",\n".join(members)).encode()
+    for name, items in lists.items():
+        yield (",\n" + _json_member(name, "[")).encode()
+        separator = "\n"
+        for item in items:
+            yield (separator + json.dumps(item)).encode()
+            separator = ",\n"
+        yield b"\n]"
+    yield b"\n}\n"
+
+
+def _json_member(name: str, value: str) -> str:
+    return f"{json.dumps(name)}: {value}"
+
+
+def _write_manifest(store: ObjectStore, key: str, pieces: Iterator[bytes]) -> dict[str, Any]:
+    """Write the manifest at `key` (all of it, or nothing); its SHA-256 and size."""
+    digest = hashlib.sha256()
+    with store.multipart(key) as writer:
+        for piece in pieces:
+            digest.update(piece)
+            writer.write(piece)
+        writer.complete()
+    return {"sha256": digest.hexdigest(), "size": writer.bytes_written}
+
+
+def _result(
+    batch: _Batch, format_: str, manifest_key: str, manifest: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "bucket": batch.store.bucket,
         "manifestKey": batch.prefix + MANIFEST_NAME,
         "manifestStorageKey": manifest_key,
+        "manifestSha256": manifest["sha256"],
+        "manifestSize": manifest["size"],
         "format": format_,
         "counts": {
             "items": batch.items,
-            "sealed": len(batch.sealed),
+            "sealed": batch.sealed,
             "skipped": batch.skipped,
             "refused": len(batch.refused),
             "failed": len(batch.failed),
