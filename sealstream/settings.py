@@ -203,6 +203,13 @@ class Settings(BaseSettings):
         description="most members (files, directories, links...) of one batch-encrypt archive, "
         "or objects under its source prefix",
     )
+    worker_memory_limit: int | None = Field(
+        None,
+        ge=256 * MIB,
+        description="bytes of address space each Celery pool process may use (RLIMIT_AS); a "
+        "job that needs more fails with job-out-of-memory. Unset: the machine's memory "
+        "(or its cgroup's limit) shared among the pool's processes, at least 1 GiB each",
+    )
     s3_part_size: int = Field(
         DEFAULT_PART_SIZE, ge=5 * MIB, description="first multipart part size"
     )

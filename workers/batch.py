@@ -265,13 +265,14 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
 
 def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
     """Seal one member, or note why it failed; an archive that breaks off while the
-    member is read fails the job (`_seal_each`), not just the member."""
+    member is read fails the job (`_seal_each`), not just the member, and so does
+    running out of memory."""
     if batch.before_member is not None:
         batch.before_member(path)
     try:
         _seal_member(batch, source, member, path)
         batch.sealed += 1
-    except (JobCancelled, InvalidArchive):
+    except (JobCancelled, InvalidArchive, MemoryError):
         raise
     except Exception as error:
         batch.failed.append(
