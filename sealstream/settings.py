@@ -7,7 +7,7 @@ The same names are the options of `sealstream serve` (`--storage-url` for
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from limits import parse
@@ -20,6 +20,7 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 TIB = 1024 * GIB
+ApiDocs = Literal["public", "token", "off"]
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_PARTS_IN_FLIGHT = 4
 HIDDEN = "***"
@@ -85,6 +86,13 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None, description="bootstrap admin token; generated and printed at start when absent"
+    )
+    api_docs: ApiDocs = Field(
+        "public",
+        description="who may read the API's documentation: 'public' serves /openapi.json, "
+        "/docs and /redoc to anyone (they describe the API, never a tenant's data); 'token' "
+        "serves /openapi.json to any valid token and no pages (a browser cannot send one); "
+        "'off' serves none",
     )
     key_cache_ttl: float = Field(
         5.0, gt=0, le=300, description="seconds a key or token is cached in a process"
