@@ -17,7 +17,6 @@ bytes longer) or with an epilogue after it (the file is shorter). So the length 
 is `UploadForm.expected_file_length`, what a reader may plan on, not a fact.
 """
 
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from api.body import body_chunks
+from api.body import body_chunks, parse_json
 from api.problems import Problem
 from sealstream.settings import Settings
 
@@ -173,9 +172,11 @@ class UploadForm:
                     status=413,
                 )
         try:
-            metadata = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FormError("invalid-metadata", "the metadata part is not valid JSON") from None
+            metadata = parse_json(raw)
+        except ValueError as exc:
+            raise FormError(
+                "invalid-metadata", f"the metadata part is not valid JSON: {exc}"
+            ) from None
         if not isinstance(metadata, dict):
             raise FormError("invalid-metadata", "the metadata part must be a JSON object")
         return metadata
