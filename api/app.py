@@ -7,7 +7,7 @@ from dataclasses import fields
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 
-from api import docs, problems
+from api import docs, openapi, problems
 from api.admission import StreamLimit
 from api.keygen import KeyWork
 from api.metrics import Metrics, MetricsMiddleware
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(StreamLimit, limit=settings.max_streams)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
+    openapi.install(app)
     for module in (health, keys, crypto, jobs, admin):
         app.include_router(module.router)
     docs.install(app, settings.api_docs)

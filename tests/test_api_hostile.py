@@ -62,3 +62,10 @@ def test_hostile_json_metadata_is_refused(served: Api, metadata: bytes) -> None:
             detail = problem(post_form(client, path, metadata, b"x"), 400, "invalid-metadata")
             assert detail["detail"].startswith("the metadata part is not valid JSON: ")
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_wrong_method_is_told_every_method_the_path_takes(served: Api) -> None:
+    with served.client() as client:
+        response = client.request("OPTIONS", KEYS)
+        problem(response, 405, "method-not-allowed")
+        assert response.headers["Allow"] == "GET, POST"

@@ -4,17 +4,19 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.body import parse, read_json_object
+from api.openapi import AUTHENTICATED, JSON_BODY, QUERY, answer, answers, json_request
 from api.problems import Problem
 from api.services import services
-from api.tokens import SCOPES, TENANT_PATTERN, Principal, TokenNotFound
+from api.tokens import SCOPES, TENANT_PATTERN, Principal, TokenNotFound, TokenRecord
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
+_SCOPE_NAMES: list[JsonValue] = [*sorted(SCOPES)]
 Admin = Annotated[Principal, Depends(require("admin"))]
 
 
@@ -22,7 +24,9 @@ class NewToken(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     tenant: str = Field(pattern=TENANT_PATTERN)
-    scopes: list[str] = Field(min_length=1)
+    scopes: list[str] = Field(
+        min_length=1, json_schema_extra={"items": {"type": "string", "enum": _SCOPE_NAMES}}
+    )
     name: str = Field("", max_length=200)
     expires_at: datetime | None = Field(None, alias="expiresAt")
 
@@ -37,7 +41,29 @@ class NewToken(BaseModel):
         return scopes
 
 
-@router.post("/tokens", status_code=201)
+class TokenView(TokenRecord):
+    """A token as admins see it: its record without the hash."""
+
+    hash: str = Field(exclude=True, repr=False)
+
+
+class IssuedToken(TokenView):
+    """A new token's record and the token itself, which no later answer shows."""
+
+    token: str
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenView]
+
+
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=None,
+    responses=answers({201: answer("The new token.", IssuedToken)}, AUTHENTICATED, JSON_BODY),
+    openapi_extra=json_request(NewToken),
+)
 async def issue_token(request: Request, _: Admin) -> dict[str, Any]:
     """A new token; the token string is shown in this response only."""
     spec = parse(NewToken, await read_json_object(request, services(request).settings))
@@ -51,7 +77,13 @@ async def issue_token(request: Request, _: Admin) -> dict[str, Any]:
     return {"token": token, **record.public()}
 
 
-@router.get("/tokens")
+@router.get(
+    "/tokens",
+    response_model=None,
+    responses=answers(
+        {200: answer("Every token, or a tenant's.", TokenList)}, AUTHENTICATED, QUERY
+    ),
+)
 async def list_tokens(
     request: Request,
     _: Admin,
@@ -61,7 +93,11 @@ async def list_tokens(
     return {"tokens": [record.public() for record in records]}
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete(
+    "/tokens/{token_id}",
+    response_model=None,
+    responses=answers({200: answer("The revoked token.", TokenView)}, AUTHENTICATED, (404,)),
+)
 async def revoke_token(request: Request, token_id: str, _: Admin) -> dict[str, Any]:
     try:
         record = await run_in_threadpool(services(request).tokens.revoke, token_id)
