@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from api.body import body_chunks, parse_json
@@ -77,6 +77,10 @@ class FormParser:
         boundary = options.get(b"boundary")
         if not boundary:
             raise FormError("missing-boundary", "the Content-Type has no multipart boundary")
+        if len(boundary) > MAX_BOUNDARY_LENGTH:  # RFC 2046 allows 70; the parser takes no more
+            raise FormError(
+                "invalid-boundary", f"the multipart boundary is over {MAX_BOUNDARY_LENGTH} bytes"
+            )
         self.closing_length = len(b"\r\n--" + boundary + b"--\r\n")  # as clients end a body
         self._events: list[Event] = []
         self._fed = 0  # body bytes before the chunk being parsed
