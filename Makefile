@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/archives.py
 	$(BIN)/python bench/reencrypt.py
 	$(BIN)/python bench/slowclients.py
 

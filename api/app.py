@@ -7,7 +7,7 @@ from dataclasses import fields
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 
-from api import problems
+from api import docs, openapi, problems
 from api.admission import StreamLimit
 from api.keygen import KeyWork
 from api.metrics import Metrics, MetricsMiddleware
@@ -47,7 +47,16 @@ def create_app(settings: Settings) -> FastAPI:
         services.runner.close()
         services.keys.close()
 
-    app = FastAPI(title="sealstream", version="0.1.0", lifespan=lifespan)
+    # The documentation routes are api.docs's: served from the package, and as the
+    # settings allow.
+    app = FastAPI(
+        title="sealstream",
+        version="0.1.0",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.services = services
     app.state.metrics = Metrics()
     app.state.metrics.watch_jobs(services.jobs)
@@ -57,6 +66,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(StreamLimit, limit=settings.max_streams)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
+    openapi.install(app)
     for module in (health, keys, crypto, jobs, admin):
         app.include_router(module.router)
+    docs.install(app, settings.api_docs)
     return app

@@ -2,35 +2,51 @@
 
 `Depends(require("keys:read"))` on a route answers 401 without a valid token and 403
 when the token lacks the scope, both as problem documents with a `WWW-Authenticate`
-challenge (RFC 6750).
+challenge (RFC 6750); `Depends(authenticated)` asks only for a valid token. Both read
+the token through FastAPI's `HTTPBearer`, so the OpenAPI document declares the bearer
+scheme on every route that needs one, and API explorers can send a token.
 """
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from api.services import services
 from api.tokens import SCOPES, Principal, TokenError
 
+# auto_error off: a missing token gets this API's own problem document, not FastAPI's.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    description="An API token (`sst_<id>_<secret>`), or the bootstrap admin token.",
+    auto_error=False,
+)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 
-def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+
+async def authenticated(request: Request, credentials: Credentials) -> Principal:
+    """The principal a valid bearer token stands for; 401 without one."""
+    token = _bearer_token(credentials)
+    try:
+        return await run_in_threadpool(services(request).tokens.authenticate, token)
+    except TokenError as exc:
+        raise Problem(
+            401,
+            exc.code,
+            str(exc),
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from None
+
+
+def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that authenticates the request and demands `scope`."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    async def dependency(request: Request) -> Principal:
-        token = _bearer_token(request)
-        try:
-            principal = await run_in_threadpool(services(request).tokens.authenticate, token)
-        except TokenError as exc:
-            raise Problem(
-                401,
-                exc.code,
-                str(exc),
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            ) from None
+    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         if scope not in principal.scopes:
             raise Problem(
                 403,
@@ -43,13 +59,12 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
     return dependency
 
 
-def _bearer_token(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def _bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
         raise Problem(
             401,
             "missing-token",
             "send an API token as 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return token.strip()
+    return credentials.credentials

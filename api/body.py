@@ -8,12 +8,12 @@ that stops arriving or trickles in, so such a client would hold what its request
 (an upload to storage, buffers) for as long as it keeps the connection open.
 """
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
 from api.idle import IdleGuard, TooSlow
 from api.problems import Problem, from_validation_error
@@ -72,12 +72,25 @@ async def read_json_object(request: Request, settings: Settings) -> dict[str, An
         if len(body) > limit:
             raise _too_large(limit)
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise Problem(400, "invalid-json", "the body is not valid JSON") from None
+        data = parse_json(body)
+    except ValueError as exc:
+        raise Problem(400, "invalid-json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise Problem(400, "body-not-object", "the body must be a JSON object")
     return data
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
+    """`raw` parsed as JSON by pydantic's parser; a ValueError saying where it fails.
+
+    Not `json.loads`: it recurses once per level of nesting, so a body of a few thousand
+    '[' raises RecursionError; it raises a bare ValueError for an integer of over 4300
+    digits; and it passes lone surrogate escapes ("\\ud800") into strings that fail later,
+    wherever they are encoded (a problem document, a storage key). This parser refuses
+    nesting deeper than 200 levels, numbers out of range, invalid UTF-8 and lone
+    surrogates, and NaN and Infinity, which JSON does not have.
+    """
+    return from_json(raw, allow_inf_nan=False)
 
 
 def parse(model: type[Model], data: dict[str, Any]) -> Model:

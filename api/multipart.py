@@ -17,17 +17,16 @@ bytes longer) or with an epilogue after it (the file is shorter). So the length 
 is `UploadForm.expected_file_length`, what a reader may plan on, not a fact.
 """
 
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from api.body import body_chunks
+from api.body import body_chunks, parse_json
 from api.problems import Problem
 from sealstream.settings import Settings
 
@@ -78,6 +77,10 @@ class FormParser:
         boundary = options.get(b"boundary")
         if not boundary:
             raise FormError("missing-boundary", "the Content-Type has no multipart boundary")
+        if len(boundary) > MAX_BOUNDARY_LENGTH:  # RFC 2046 allows 70; the parser takes no more
+            raise FormError(
+                "invalid-boundary", f"the multipart boundary is over {MAX_BOUNDARY_LENGTH} bytes"
+            )
         self.closing_length = len(b"\r\n--" + boundary + b"--\r\n")  # as clients end a body
         self._events: list[Event] = []
         self._fed = 0  # body bytes before the chunk being parsed
@@ -173,9 +176,11 @@ class UploadForm:
                     status=413,
                 )
         try:
-            metadata = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise FormError("invalid-metadata", "the metadata part is not valid JSON") from None
+            metadata = parse_json(raw)
+        except ValueError as exc:
+            raise FormError(
+                "invalid-metadata", f"the metadata part is not valid JSON: {exc}"
+            ) from None
         if not isinstance(metadata, dict):
             raise FormError("invalid-metadata", "the metadata part must be a JSON object")
         return metadata

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import envelope
 import keystore
@@ -130,6 +131,23 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Prob
     return Problem(422, code, f"invalid request: {fields}", errors=errors)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path. Starlette's 405 names only those of the
+    first route whose path matched, though GET and POST of one path are two routes."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
 def install(app: FastAPI) -> None:
     """Route every error raised while serving `app` through a problem document."""
 
@@ -145,9 +163,10 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "-")
         detail = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
-        return Problem(exc.status_code, code, detail, headers=exc.headers).response(
-            request.url.path
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return Problem(exc.status_code, code, detail, headers=headers).response(request.url.path)
 
     async def domain(request: Request, exc: Exception) -> JSONResponse:
         return from_domain_error(exc).response(request.url.path)

@@ -6,7 +6,9 @@ from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from envelope import DEFAULT_FRAME_LENGTH as DEFAULT_FRAME_LENGTH
-from envelope import InvalidParameter, check_frame_length
+from envelope import DEFAULT_LIMITS, InvalidParameter, check_frame_length
+from envelope.message import FRAME_LENGTH_MULTIPLE
+from keystore.records import KID_PATTERN
 from sealstream.objects import RESERVED_CONTEXT_PREFIX
 
 
@@ -34,5 +36,21 @@ ClientContext = Annotated[
 ]
 """An encryption context from a client: string pairs, none in the service's namespace."""
 
-FrameLength = Annotated[int, AfterValidator(_writable_frame_length)]
+FrameLength = Annotated[
+    int,
+    AfterValidator(_writable_frame_length),
+    Field(
+        json_schema_extra={
+            "multipleOf": FRAME_LENGTH_MULTIPLE,
+            "minimum": DEFAULT_LIMITS.min_frame_length,
+            "maximum": DEFAULT_LIMITS.max_frame_length,
+        }
+    ),
+]
 """A frame length this service writes: a multiple of 128 in [4 KiB, 16 MiB]."""
+
+Kid = Annotated[
+    str,
+    Field(json_schema_extra={"pattern": f"^{KID_PATTERN.pattern}$", "examples": ["mySymKey"]}),
+]
+"""A key's id as a request names it (checked by the key store, which gives it its own code)."""

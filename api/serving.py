@@ -147,6 +147,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 )
             )
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 (it writes plain text, even
+        into a response under way): a problem document, or, once a response has begun,
+        the connection cut, as any failure part-way through a stream is."""
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.abort()
+            return
+        self._refuse(Problem(400, "malformed-http", f"the request is not valid HTTP/1.1: {msg}"))
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_begun = True

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from api import create_app
-from api.auth import require
+from api.auth import BEARER, authenticated, require
 from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
 from api.services import services
@@ -83,7 +83,7 @@ def create_bench_app(settings: Settings) -> FastAPI:
 
     async def form_up_to_file(request: Request) -> UploadForm:
         """The request authorized, and its form read up to the file part's data."""
-        await authorize(request)
+        await authorize(await authenticated(request, await BEARER(request)))
         form = UploadForm(request, services(request).settings)
         await form.metadata()
         await form.start_file()

@@ -7,7 +7,7 @@ The same names are the options of `sealstream serve` (`--storage-url` for
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from limits import parse
@@ -16,7 +16,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sealstream.capacity import connection_cap, keygen_threads, stream_cap
 
-MIB = 1024 * 1024
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+TIB = 1024 * GIB
+ApiDocs = Literal["public", "token", "off"]
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_PARTS_IN_FLIGHT = 4
 HIDDEN = "***"
@@ -82,6 +86,13 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(
         None, description="bootstrap admin token; generated and printed at start when absent"
+    )
+    api_docs: ApiDocs = Field(
+        "public",
+        description="who may read the API's documentation: 'public' serves /openapi.json, "
+        "/docs and /redoc to anyone (they describe the API, never a tenant's data); 'token' "
+        "serves /openapi.json to any valid token and no pages (a browser cannot send one); "
+        "'off' serves none",
     )
     key_cache_ttl: float = Field(
         5.0, gt=0, le=300, description="seconds a key or token is cached in a process"
@@ -175,6 +186,37 @@ class Settings(BaseSettings):
         ge=1,
         description="most bytes a batch-encrypt archive's members may unpack to, per byte of "
         "archive; more fails the job as a decompression bomb",
+    )
+    batch_max_unpacked: int = Field(
+        TIB,
+        ge=1,
+        description="most bytes one batch-encrypt archive may unpack to, members, headers and "
+        "padding together, whatever its size",
+    )
+    batch_max_member_size: int = Field(
+        256 * GIB,
+        ge=1,
+        description="most bytes one member of a batch-encrypt archive may unpack to",
+    )
+    batch_max_header_size: int = Field(
+        16 * MIB,
+        ge=64 * KIB,
+        description="largest archive header a batch-encrypt job reads into memory: one tar "
+        "member's extended headers (pax records, GNU long names and links together) or a "
+        "zip's index (its central directory, which takes about ten times its size in memory)",
+    )
+    batch_max_members: int = Field(
+        100_000,
+        ge=1,
+        description="most members (files, directories, links...) of one batch-encrypt archive, "
+        "or objects under its source prefix",
+    )
+    worker_memory_limit: int | None = Field(
+        None,
+        ge=256 * MIB,
+        description="bytes of address space each Celery pool process may use (RLIMIT_AS); a "
+        "job that needs more fails with job-out-of-memory. Unset: the machine's memory "
+        "(or its cgroup's limit) shared among the pool's processes, at least 1 GiB each",
     )
     s3_part_size: int = Field(
         DEFAULT_PART_SIZE, ge=5 * MIB, description="first multipart part size"

@@ -1,17 +1,24 @@
 """Batch encryption of archives and prefixes (issue: batch-encrypt job), against a live API
 on both backends: archives built in memory, members sealed one object each with a
 manifest, unsafe members refused, whole-archive mode, overwrite rules, progress, verify,
-a rerun after a crash, and cancel."""
+a rerun after a crash, and cancel. Then hostile archives, each against one of the job's
+limits, with the memory the job took measured: decompression bombs, header bombs (pax,
+GNU long names and links), sparse members, member-count bombs, a zip's huge index."""
 
+import bz2
 import hashlib
 import io
 import json
+import lzma
 import stat
+import struct
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable
-from functools import partial
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from functools import cache, partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ from envelope import DEFAULT_FRAME_LENGTH
 from storage import MIN_PART_SIZE
 from storage.records import load_record
 from tests.conftest import Api, live_api, local_settings
+from tests.memory_helpers import MiB, PeakRss
 from tests.stream_helpers import create_key, random_bytes, read_object
 from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt
@@ -153,6 +161,7 @@ ARCHIVES: dict[str, Callable[[], bytes]] = {
     "tar": partial(tar_archive, "w"),
     "tar.gz": partial(tar_archive, "w:gz"),
     "tar.bz2": partial(tar_archive, "w:bz2"),
+    "tar.xz": partial(tar_archive, "w:xz"),
     "zip": zip_archive,
 }
 REFUSED = {
@@ -228,7 +237,13 @@ def check_members(
 
 @pytest.mark.parametrize(
     ("kind", "format_"),
-    [("tar", "auto"), ("tar.gz", "tar.gz"), ("tar.bz2", "auto"), ("zip", "auto")],
+    [
+        ("tar", "auto"),
+        ("tar.gz", "tar.gz"),
+        ("tar.bz2", "auto"),
+        ("tar.xz", "auto"),
+        ("zip", "auto"),
+    ],
 )
 def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_: str) -> None:
     archive = ARCHIVES[kind]()
@@ -252,6 +267,10 @@ def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_:
     assert (manifest["format"], manifest["failed"]) == (kind, [])
     result = job["result"]
     assert (result["manifestKey"], result["refused"]) == ("out/manifest.json", manifest["refused"])
+    # What a client checks the manifest against: the job's result names its digest.
+    stored_manifest = api.objects.get(TENANT + "out/manifest.json")
+    assert result["manifestSha256"] == sha256(stored_manifest)
+    assert result["manifestSize"] == len(stored_manifest)
     entries = 1 + len(FILES) + len(refused)  # the directory is an item too, skipped
     assert result["counts"] == {
         "items": entries,
@@ -517,3 +536,243 @@ def test_an_archive_that_unpacks_too_far_fails_before_the_bomb_is_read(tmp_path:
     # A zip is refused from its index: nothing sealed at all.
     assert not any(key.startswith("z/") for key in keys)
     assert pending == []
+
+
+# Hostile archives: each crosses one limit, fails the job with that limit's code and keeps
+# what was sealed before it, in memory bounded by the limit, not by what the archive claims.
+
+SMALL = b"a small member\n" * 64
+BOMB_HEADER = 64 * MiB  # what each header bomb announces; the default header limit is 16 MiB
+HEADER_LIMIT_COST = 40 * MiB  # the 16 MiB of header read up to the limit, and the rest
+SMALL_COST = 16 * MiB  # a job whose hostile part is refused before it is read
+NO_RATIO = {"batch_max_expansion": 1e12}  # so that the limit under test is the one crossed
+END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
+
+TarMember = Iterable[bytes]  # the blocks of one member, headers and data, as pieces
+
+
+def tar_stream(members: Iterable[TarMember], compression: str = "bz2") -> bytes:
+    """A tar of `members`, compressed (bz2 or gz) a piece at a time: a bomb is never whole
+    in memory."""
+    compressor = bz2.BZ2Compressor(9) if compression == "bz2" else zlib.compressobj(wbits=31)
+    pieces = chain(chain.from_iterable(members), [END_OF_ARCHIVE])
+    return b"".join(compressor.compress(piece) for piece in pieces) + compressor.flush()
+
+
+def regular(name: str, data: bytes) -> TarMember:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return [info.tobuf(tarfile.GNU_FORMAT), data, bytes(-len(data) % tarfile.BLOCKSIZE)]
+
+
+def extended_header(type_: bytes, size: int) -> Iterator[bytes]:
+    """An extended header (pax, or GNU long name or link) of `size` bytes, read in front of
+    the member that follows it; its content streamed a MiB at a time."""
+    info = tarfile.TarInfo("././@PaxHeader" if type_ == tarfile.XHDTYPE else "././@LongLink")
+    info.type, info.size = type_, size
+    yield info.tobuf(tarfile.GNU_FORMAT)
+    # A pax record is "<its length> <keyword>=<value>\n"; a long name is just bytes.
+    prefix = f"{size} comment=".encode() if type_ == tarfile.XHDTYPE else b""
+    suffix = b"\n" if prefix else b""
+    yield prefix
+    left = size - len(prefix) - len(suffix)
+    while left:
+        yield b"a" * min(left, MiB)
+        left -= min(left, MiB)
+    yield suffix + bytes(-size % tarfile.BLOCKSIZE)
+
+
+def symlink(name: str) -> TarMember:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return [info.tobuf(tarfile.GNU_FORMAT)]
+
+
+def run_hostile(
+    tmp_path: Path, archive: bytes, limits: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], int, Api]:
+    """Run a batch of `archive` on a server of its own with `limits` set: the job's final
+    record, and how far this process's peak memory (the server's and its jobs') rose."""
+    settings = local_settings(tmp_path).model_copy(update=limits or {})
+    peak = PeakRss()
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        put(api, "in/archive", archive)
+        peak.reset()
+        job = run_batch(client, source={"key": "in/archive"}, destination={"prefix": "out/"})
+        return job, peak.growth(), api
+
+
+def sealed_paths(api: Api) -> list[str]:
+    return [entry["path"] for entry in manifest_of(api)["members"]]
+
+
+def assert_failed(job: dict[str, Any], code: str) -> None:
+    assert (job["status"], job["error"]["code"]) == ("failed", code), job
+
+
+@cache
+def header_bomb(type_: bytes) -> bytes:
+    """A small member, a 64 MiB extended header, the member it belongs to: in tar.bz2."""
+    bomb = extended_header(type_, BOMB_HEADER)
+    return tar_stream([regular("small.txt", SMALL), bomb, regular("after", b"")])
+
+
+@pytest.mark.parametrize(
+    "type_", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK]
+)
+def test_a_header_bomb_fails_the_job_at_the_header_limit(tmp_path: Path, type_: bytes) -> None:
+    """A pax header, or a GNU long name or link, of 64 MiB, in a few hundred bytes of
+    tar.bz2: the job stops reading it at 16 MiB (`tarfile` would read it whole before
+    parsing it), and the member sealed before it stays listed."""
+    archive = header_bomb(type_)
+    assert len(archive) < 1024
+    job, growth, api = run_hostile(tmp_path, archive, NO_RATIO)
+
+    assert_failed(job, "archive-header-too-large")
+    assert "16777216 bytes" in job["error"]["detail"]
+    assert sealed_paths(api) == ["small.txt"]
+    assert job["result"]["counts"]["sealed"] == 1
+    assert growth < HEADER_LIMIT_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
+
+
+def test_a_header_bomb_in_a_small_archive_stops_at_its_expansion_limit(tmp_path: Path) -> None:
+    """The same pax bomb with the default limits: its few hundred bytes may unpack to a
+    thousand times that, and the job stops reading there."""
+    job, growth, api = run_hostile(tmp_path, header_bomb(tarfile.XHDTYPE))
+
+    assert_failed(job, "archive-expands-too-far")
+    assert sealed_paths(api) == ["small.txt"]
+    assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
+
+
+def test_a_run_of_small_extended_headers_is_refused_too(tmp_path: Path) -> None:
+    """Two thousand pax headers of 100 bytes in front of one member: within the headers'
+    limit, but deeper than `tarfile`, which reads them recursively, can go."""
+    run = (extended_header(tarfile.XHDTYPE, 100) for _ in range(2000))
+    archive = tar_stream([regular("small.txt", SMALL), *run, regular("after", b"")])
+    job, _, api = run_hostile(tmp_path, archive, NO_RATIO)
+
+    assert_failed(job, "archive-header-too-large")
+    assert sealed_paths(api) == ["small.txt"]
+
+
+def test_an_xz_stream_that_asks_for_a_huge_dictionary_is_refused(tmp_path: Path) -> None:
+    """An xz block header declaring a 4 GiB dictionary (`xz -9` uses 64 MiB): the
+    decompressor would take that much memory as the archive unpacks; it is refused."""
+    archive = bytearray(lzma.compress(tar_archive("w", {"a.txt": SMALL})))
+    block = 12  # the block header follows the stream header: size, flags, filter, props
+    archive[block + 4] = 40  # LZMA2's dictionary size code for 4 GiB - 1
+    archive[block + 8 : block + 12] = struct.pack("<I", zlib.crc32(archive[block : block + 8]))
+    job, _, api = run_hostile(tmp_path, bytes(archive))
+
+    assert_failed(job, "invalid-archive")
+    assert "memory usage limit" in job["error"]["detail"].lower()
+    assert not any(key.startswith("out/") for key in stored_keys(api))
+
+
+def test_sparse_members_count_at_their_unpacked_size(tmp_path: Path) -> None:
+    """A sparse member's data area is a block; it unpacks to its declared size. Members
+    that each keep under the archive's limit add up past it, and the job stops there."""
+    sparse_size = 400_000
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tar_info("small.txt", len(SMALL)), io.BytesIO(SMALL))
+        for n in range(3):
+            info = _tar_info(f"sparse-{n}", tarfile.BLOCKSIZE)
+            info.pax_headers = {
+                "GNU.sparse.map": f"0,{tarfile.BLOCKSIZE}",
+                "GNU.sparse.numblocks": "1",
+                "GNU.sparse.size": str(sparse_size),
+            }
+            tar.addfile(info, io.BytesIO(bytes(tarfile.BLOCKSIZE)))
+    archive = buffer.getvalue()
+    # Room for one sparse member and a half.
+    expansion = 1.5 * sparse_size / len(archive)
+    job, _, api = run_hostile(tmp_path, archive, {"batch_max_expansion": expansion})
+
+    assert_failed(job, "archive-expands-too-far")
+    assert sealed_paths(api) == ["small.txt", "sparse-0"]
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info
+
+
+MEMBER_LIMIT = 1000
+
+
+def test_a_tar_of_too_many_members_fails_at_the_member_limit(tmp_path: Path) -> None:
+    """100,000 symbolic links (each one a refusal to list) in a tar.gz: the job stops
+    after the member limit, the member sealed before stays listed, and the refusals
+    listed are those up to the limit."""
+    links = b"".join(chain.from_iterable(symlink(f"link-{n:03d}") for n in range(1000)))
+    archive = tar_stream([regular("small.txt", SMALL), [links] * 100], compression="gz")
+    job, growth, api = run_hostile(tmp_path, archive, {"batch_max_members": MEMBER_LIMIT})
+
+    assert_failed(job, "archive-too-many-members")
+    counts = job["result"]["counts"]
+    assert (counts["items"], counts["sealed"]) == (MEMBER_LIMIT, 1)
+    assert counts["refused"] == MEMBER_LIMIT - 1
+    assert sealed_paths(api) == ["small.txt"]
+    assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
+
+
+def zip_index(count: int) -> bytes:
+    """A zip that is nearly all index: one local header, then `count` directory entries
+    of 55 bytes in its central directory, each the same one."""
+    name = b"d0000000/"
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0)
+    entry = struct.pack(
+        "<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, *[0] * 7, len(name), *[0] * 6
+    )
+    index = (entry + name) * count
+    head = local + name
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, len(index), len(head), 0)
+    return head + index + end
+
+
+def test_a_zip_index_larger_than_the_header_limit_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """A 19 MiB index of 350,000 entries (`zipfile` holds an object for each, some ten
+    times the index's size): refused by its size, before `zipfile` reads it."""
+    archive = zip_index(350_000)
+    assert len(archive) > 16 * MiB
+    job, growth, api = run_hostile(tmp_path, archive)
+
+    assert_failed(job, "archive-header-too-large")
+    assert not any(key.startswith("out/") for key in stored_keys(api))
+    assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
+
+
+def test_a_zip_of_too_many_members_is_refused_from_its_index(tmp_path: Path) -> None:
+    job, _, api = run_hostile(
+        tmp_path, zip_index(MEMBER_LIMIT + 1), {"batch_max_members": MEMBER_LIMIT}
+    )
+
+    assert_failed(job, "archive-too-many-members")
+    assert not any(key.startswith("out/") for key in stored_keys(api))
+
+
+def test_a_member_larger_than_a_member_may_be_fails_the_job(tmp_path: Path) -> None:
+    archive = tar_stream([regular("small.txt", SMALL), regular("big.bin", bytes(2 * MiB))])
+    job, _, api = run_hostile(tmp_path, archive, {"batch_max_member_size": MiB, **NO_RATIO})
+
+    assert_failed(job, "archive-member-too-large")
+    assert sealed_paths(api) == ["small.txt"]
+
+
+def test_a_prefix_of_too_many_objects_is_refused_before_any_is_sealed(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path).model_copy(update={"batch_max_members": 5})
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        for n in range(6):
+            put(api, f"src/{n}.txt", b"object %d" % n)
+        job = run_batch(client, source={"prefix": "src/"}, destination={"prefix": "out/"})
+
+    assert_failed(job, "archive-too-many-members")
+    assert "more than 5 objects" in job["error"]["detail"]
+    assert not any(key.startswith("out/") for key in stored_keys(api))

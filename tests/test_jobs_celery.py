@@ -11,6 +11,9 @@ moto S3 server over HTTP, all started here on free ports.
   requeued at once; Redis restarted empty mid-job (and the job routes while it is down); a
   lost worker's job failed by the stale sweep; a running job cancelled; a batch-encrypt
   worker killed mid-archive.
+- Jobs that take their worker down: one whose pool process is killed during two runs is
+  failed rather than run a third time; one that needs more memory than a pool process may
+  use fails alone (the process lives on); either way the worker's next job runs.
 """
 
 import hashlib
@@ -18,7 +21,9 @@ import json
 import os
 import re
 import signal
+import tarfile
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +33,7 @@ import pytest
 from redis import Redis
 
 import workers.celery_app as celery_module
+from sealstream.capacity import available_memory
 from sealstream.settings import Settings
 from tests.jobs_helpers import (
     FINAL,
@@ -48,6 +54,7 @@ from tests.jobs_helpers import (
     wait_for_job,
 )
 from tests.jobs_helpers import job_stack as open_job_stack
+from tests.memory_helpers import PeakRss
 from tests.services import CeleryWorker
 from tests.stream_helpers import (
     create_key,
@@ -60,6 +67,7 @@ from tests.stream_helpers import (
 from workers.celery_app import RUN_JOB, SWEEPS, make_celery
 from workers.jobs import JobKind
 from workers.lifecycle import run_sweeps
+from workers.memory_limit import MIN_DEFAULT_LIMIT
 from workers.registry import JOB_BODIES
 from workers.runner import CeleryRunner
 from workers.services import build_worker_services
@@ -119,6 +127,17 @@ def issue_token(client: httpx.Client, tenant: str, scopes: list[str]) -> str:
     return token
 
 
+def start_batch(client: httpx.Client, key: str) -> str:
+    """Start a batch-encrypt job of the archive `key` into out/; the job's id."""
+    response = client.post(
+        f"{JOBS}/batch-encrypt",
+        json={"kid": "mySymKey", "source": {"key": key}, "destination": {"prefix": "out/"}},
+    )
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
 TENANT_SCOPES = ["keys:write", "crypto:encrypt", "crypto:decrypt", "jobs:read", "jobs:write"]
 
 
@@ -127,7 +146,8 @@ TENANT_SCOPES = ["keys:write", "crypto:encrypt", "crypto:decrypt", "jobs:read", 
 
 def test_celery_app_is_configured_to_redo_a_killed_workers_job(shared_stack: JobStack) -> None:
     """acks_late, reject_on_worker_lost, prefetch 1 and the visibility timeout from the
-    settings: in an app made from settings, in the module's app, and in a running worker."""
+    settings: in an app made from settings, in the module's app, and in a running worker,
+    whose pool process also holds itself to the default memory limit."""
     settings = Settings(redis_url="redis://127.0.0.1:1/0", job_visibility_timeout=1234)
     conf = make_celery(settings).conf
     assert conf.task_acks_late is True
@@ -157,6 +177,11 @@ def test_celery_app_is_configured_to_redo_a_killed_workers_job(shared_stack: Job
 
     # An API with a Redis URL hands its jobs to Celery; it runs none itself.
     assert isinstance(shared_stack.services.runner, CeleryRunner)
+
+    # With no memory limit configured, its one pool process takes the machine's memory.
+    [pool] = worker.pool_pids()
+    expected = max(available_memory(), MIN_DEFAULT_LIMIT)
+    wait_for(lambda: address_space_limit(pool) == expected, "the default memory limit")
 
 
 # Verify jobs
@@ -606,16 +631,7 @@ def test_a_batch_whose_worker_was_killed_seals_each_member_once(
     moto_s3.put_object(Bucket=bucket, Key="tenants/default/in/archive.tar", Body=archive)
     first = job_stack.workers[0]
     with job_stack.client() as client:
-        response = client.post(
-            f"{JOBS}/batch-encrypt",
-            json={
-                "kid": "mySymKey",
-                "source": {"key": "in/archive.tar"},
-                "destination": {"prefix": "out/"},
-            },
-        )
-        assert response.status_code == 202, response.text
-        job_id = response.json()["id"]
+        job_id = start_batch(client, "in/archive.tar")
         killed_at = wait_for_job(
             client,
             job_id,
@@ -658,3 +674,125 @@ def test_a_batch_whose_worker_was_killed_seals_each_member_once(
             assert opened.status_code == 200, opened.text
             assert opened.content == data, entry["path"]
     assert not moto_s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+# Jobs that take their worker down
+
+
+def kill_pool_process(worker: CeleryWorker) -> int:
+    """SIGKILL the worker's one pool process (as the kernel's OOM killer would); its pid."""
+    pool = worker.pool_pids()
+    assert len(pool) == 1, pool
+    os.kill(pool[0], signal.SIGKILL)
+    return pool[0]
+
+
+def test_a_job_whose_process_dies_in_two_runs_is_failed_and_the_next_job_runs(
+    job_stack: JobStack,
+) -> None:
+    """The pool process is killed during the job's first run and again during its second:
+    the next delivery fails the job for good instead of running it a third time (a job
+    that kills its process each time would otherwise be handed out for ever, ahead of
+    every other job), and the worker goes on to the next job."""
+    worker = job_stack.workers[0]
+    proxy = job_stack.proxy
+    assert proxy is not None
+    with job_stack.client() as client:
+        _, job_id = verify_held_mid_stream(job_stack, client)
+        killed = [kill_pool_process(worker)]
+        proxy.release(PACE)
+        wait_for_job(
+            client,
+            job_id,
+            lambda r: r["attempts"] == 2 and running_with_progress(r),
+            "the job's second run",
+            timeout=60,
+        )
+        proxy.hold()
+        wait_for(proxy.holding, "the second run's download held at the proxy")
+        killed.append(kill_pool_process(worker))
+        proxy.release()
+        record = finished_job(client, job_id, timeout=60)
+
+        assert record["status"] == "failed", show(record)
+        assert record["error"]["code"] == "job-killed-repeatedly", show(record)
+        assert record["attempts"] == 2, show(record)
+        assert killed[0] != killed[1]  # a new process for each run
+        after = store_object(client, "after.bin", b"the next job")["verifyJob"]
+        assert finished_job(client, after, timeout=60)["status"] == "succeeded"
+
+
+GiB = 1024 * MiB
+WORKER_MEMORY_LIMIT = GiB
+PAX_HOG = 512 * MiB  # `tarfile` holds a pax header twice over while it reads it
+
+
+def pax_hog_tar_gz() -> bytes:
+    """A tar.gz of half a MiB: a 512 MiB pax header (which `tarfile` reads into memory
+    whole), then an empty member."""
+    compressor = zlib.compressobj(1, wbits=31)
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, PAX_HOG
+    prefix = f"{PAX_HOG} comment=".encode()
+    pieces = [header.tobuf(tarfile.GNU_FORMAT), prefix]
+    out = [compressor.compress(piece) for piece in pieces]
+    chunk = b"a" * MiB
+    left = PAX_HOG - len(prefix) - 1
+    while left:
+        out.append(compressor.compress(chunk[: min(left, MiB)]))
+        left -= min(left, MiB)
+    member = tarfile.TarInfo("after")
+    tail = b"\n" + bytes(-PAX_HOG % 512) + member.tobuf(tarfile.GNU_FORMAT) + bytes(1024)
+    out += [compressor.compress(tail), compressor.flush()]
+    return b"".join(out)
+
+
+def address_space_limit(pid: int) -> int | None:
+    """The process's RLIMIT_AS (soft), in bytes; None if unlimited."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max address space"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    raise AssertionError(f"no address-space limit listed for process {pid}")
+
+
+def test_a_job_that_needs_more_memory_than_its_process_may_use_fails_alone(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    """A pool process is held to SEALSTREAM_WORKER_MEMORY_LIMIT from its start. A job
+    that needs more (a 512 MiB pax header, with the archive limits raised so that only
+    the memory limit stands in its way) fails with job-out-of-memory; its process stays
+    within the limit and lives on, and runs the next job."""
+    with open_job_stack(tmp_path, moto_endpoint, s3_bucket, workers=0) as stack:
+        stack.worker_env.update(
+            {
+                "SEALSTREAM_WORKER_MEMORY_LIMIT": str(WORKER_MEMORY_LIMIT),
+                "SEALSTREAM_BATCH_MAX_HEADER_SIZE": str(2 * GiB),
+                "SEALSTREAM_BATCH_MAX_EXPANSION": "1e12",
+            }
+        )
+        worker = stack.start_worker()
+        [pool] = worker.pool_pids()
+        # Set by the pool process as it starts, which may be just after its worker is ready.
+        wait_for(
+            lambda: address_space_limit(pool) == WORKER_MEMORY_LIMIT,
+            "the pool process to take its memory limit",
+            timeout=10,
+        )
+        bucket = stack.api.objects.bucket
+        moto_s3.put_object(
+            Bucket=bucket, Key="tenants/default/in/hog.tar.gz", Body=pax_hog_tar_gz()
+        )
+        with stack.client() as client:
+            create_key(client)
+            record = finished_job(client, start_batch(client, "in/hog.tar.gz"), timeout=120)
+            peak = PeakRss(pool).field("VmHWM")
+            print(f"the pool process's peak RSS: {peak / MiB:.0f} MiB")
+
+            assert record["status"] == "failed", show(record)
+            assert record["error"]["code"] == "job-out-of-memory", show(record)
+            assert record["attempts"] == 1, show(record)
+            assert worker.pool_pids() == [pool]  # the process lived on
+            after = store_object(client, "after.bin", b"the next job")["verifyJob"]
+            assert finished_job(client, after, timeout=60)["status"] == "succeeded"
+        assert peak < WORKER_MEMORY_LIMIT

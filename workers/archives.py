@@ -9,25 +9,37 @@ member per object. Nothing is written to disk.
 A member's name is only a claim: `member_path` turns it into a safe object path or
 refuses it (absolute paths, `..`, links, devices...). Nothing is ever followed.
 
-An archive may unpack to at most `max_expansion` times its own size. The sizes its
-members declare are checked before their bytes are read or skipped (a zip's all at once,
-from its index; a tar's one by one, as its headers stream past), and neither format
-reads a member past its declared size, so a decompression bomb is refused before it has
-cost anything.
+An archive is held to `ArchiveLimits`, each crossing failing the job with a code of its
+own (`ArchiveLimitExceeded`). The members' declared sizes are checked before their bytes
+are read or skipped (a zip's all at once, from its index; a tar's one by one, as its
+headers stream past), and neither format reads a member past its declared size, so a
+decompression bomb is refused before it has cost anything. What a tar's declared sizes
+do not cover, its headers, is counted as it is decompressed: a tar is decompressed here,
+a bounded read at a time, and `tarfile` reads the result through `_Bounded`, which stops
+it at the end of the member it is on plus one member's worth of headers. So a pax or GNU
+long-name header of any declared size costs at most `max_header_size` before the job
+fails; a zip's index is refused by its size before `zipfile` reads it.
 """
 
+import bz2
+import gzip
 import io
+import lzma
 import re
 import stat
 import tarfile
 import zipfile
+import zlib
+
+# `lzma.LZMAFile` takes no memory limit; the reader it is built on does.
+from _compression import DecompressReader
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING
 
 from sealstream.spaces import check_object_key
 from storage import InvalidObjectKey, ObjectStore
@@ -36,11 +48,32 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a first entry, or an empty archive
+COMPRESSION_MAGICS = {b"\x1f\x8b": "tar.gz", b"BZh": "tar.bz2", b"\xfd7zXZ\x00": "tar.xz"}
+MAGIC_LENGTH = 6  # the longest of the magics above
 WINDOW = 8 << 20  # bytes per ranged read of a front-to-back read
 READ_AHEAD = 64 << 10  # zip headers are small: fetch this much around each
+# What `xz -9` needs is 65 MiB; a stream whose dictionary needs more is refused rather
+# than given the memory its header asks for.
+XZ_MEMORY_LIMIT = 128 << 20
+# Bytes `tarfile` may read past what it has parsed: it reads its input a record at a time.
+TAR_READ_AHEAD = tarfile.RECORDSIZE
 ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError)
-TarMode = Literal["r|*", "r|", "r|gz", "r|bz2"]
-TAR_MODES: dict[str, TarMode] = {"auto": "r|*", "tar": "r|", "tar.gz": "r|gz", "tar.bz2": "r|bz2"}
+# What a decompressor raises on damaged input (a truncated stream: EOFError).
+DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """How far one job may go into an archive or a prefix."""
+
+    max_expansion: float  # unpacked bytes per byte of archive
+    max_unpacked: int  # unpacked bytes of the whole archive: members, headers, padding
+    max_member_size: int  # one member's unpacked size
+    max_header_size: int  # one tar member's extended headers, or a zip's index
+    max_members: int  # entries of an archive (files, directories, links...) or objects
+
+    def unpacked_limit(self, archive_size: int) -> int:
+        return min(int(self.max_expansion * archive_size), self.max_unpacked)
 
 
 class InvalidArchive(Exception):
@@ -49,11 +82,33 @@ class InvalidArchive(Exception):
     code = "invalid-archive"
 
 
-class ArchiveBomb(InvalidArchive):
+class ArchiveLimitExceeded(InvalidArchive):
+    """The archive goes past one of the job's `ArchiveLimits`; the message says which."""
+
+
+class ArchiveBomb(ArchiveLimitExceeded):
     """The members would unpack to more than the archive's size allows: a decompression
     bomb (or an archive to split before it is sealed)."""
 
     code = "archive-expands-too-far"
+
+
+class MemberTooLarge(ArchiveLimitExceeded):
+    """A member would unpack to more than one member may."""
+
+    code = "archive-member-too-large"
+
+
+class HeaderTooLarge(ArchiveLimitExceeded):
+    """A tar member's extended headers, or a zip's index, are larger than allowed."""
+
+    code = "archive-header-too-large"
+
+
+class TooManyMembers(ArchiveLimitExceeded):
+    """More members (or objects under a prefix) than one job may take."""
+
+    code = "archive-too-many-members"
 
 
 class UnsafeMember(Exception):
@@ -181,7 +236,7 @@ class _RangedObject(io.RawIOBase):
     """A seekable view of an object: each read fetches just the range it asks for."""
 
     def __init__(self, store: ObjectStore, key: str, size: int) -> None:
-        self._store, self._key, self._size = store, key, size
+        self._store, self._key, self.size = store, key, size
         self._position = 0
         self.furthest = 0  # the end of the furthest range fetched
 
@@ -195,7 +250,7 @@ class _RangedObject(io.RawIOBase):
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
         if base + offset < 0:
             raise ValueError("negative seek position")
         self._position = base + offset
@@ -203,7 +258,7 @@ class _RangedObject(io.RawIOBase):
 
     def readinto(self, buffer: "WriteableBuffer") -> int:
         view = memoryview(buffer).cast("B")
-        end = min(self._position + len(view), self._size)
+        end = min(self._position + len(view), self.size)
         if end <= self._position:
             return 0
         data = b"".join(self._store.read(self._key, self._position, end))
@@ -213,43 +268,125 @@ class _RangedObject(io.RawIOBase):
         return len(data)
 
 
+class _Bounded(io.RawIOBase):
+    """An archive's unpacked bytes as `tarfile` takes them, counted (`position`), and cut
+    off at a limit its reader moves as it goes (`limit_to`): a read past it raises the
+    limit's error instead, so nothing past a limit is ever decompressed."""
+
+    def __init__(
+        self, unpacked: io.BufferedIOBase, limit: int, exceeded: ArchiveLimitExceeded
+    ) -> None:
+        self._unpacked = unpacked
+        self.position = 0
+        self.limit_to(limit, exceeded)
+
+    def limit_to(self, limit: int, exceeded: ArchiveLimitExceeded) -> None:
+        self._limit, self._exceeded = limit, exceeded
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        view = memoryview(buffer).cast("B")
+        room = self._limit - self.position
+        if room <= 0:
+            if self._read(view[:1]):  # the stream goes on past the limit
+                raise self._exceeded
+            return 0
+        count = self._read(view[:room])
+        self.position += count
+        return count
+
+    def _read(self, view: memoryview) -> int:
+        try:
+            return self._unpacked.readinto(view)
+        except DECOMPRESSION_ERRORS as error:
+            raise InvalidArchive(f"cannot unpack the archive: {error}") from error
+
+    def close(self) -> None:
+        self._unpacked.close()
+        super().close()
+
+
+def _unpacked(compressed: "io.BufferedReader[ObjectReader]", format_: str) -> io.BufferedIOBase:
+    """The decompressed bytes of a tar; each read decompresses no more than it returns,
+    where `tarfile`'s own streaming mode inflates a whole input record at once."""
+    if format_ == "tar.gz":
+        return gzip.GzipFile(fileobj=compressed, mode="rb")
+    if format_ == "tar.bz2":
+        return bz2.BZ2File(compressed)
+    if format_ == "tar.xz":
+        reader = DecompressReader(
+            compressed,
+            lzma.LZMADecompressor,
+            trailing_error=lzma.LZMAError,
+            memlimit=XZ_MEMORY_LIMIT,
+        )
+        return io.BufferedReader(reader)
+    return compressed
+
+
 class _TarSource(MemberSource):
     def __init__(
-        self, store: ObjectStore, key: str, size: int, mode: TarMode, max_unpacked: int
+        self, store: ObjectStore, key: str, size: int, format_: str, limits: ArchiveLimits
     ) -> None:
+        self.format = format_
         self.bytes_total = size
         self.items_total = None
-        self._max_unpacked = max_unpacked
+        self._limits = limits
+        self._max_unpacked = limits.unpacked_limit(size)
+        self._declared = 0  # the members' declared sizes, summed
         self._reader = ObjectReader(store, key, size)
+        compressed = io.BufferedReader(self._reader, READ_AHEAD)
+        # `tarfile.open` reads the first member's headers.
+        self._stream = _Bounded(_unpacked(compressed, format_), *self._bound(end_of_member=0))
         try:
-            # Kept open across `members()`; `close()` closes it.
-            self._tar = tarfile.open(  # noqa: SIM115
-                fileobj=io.BufferedReader(self._reader, READ_AHEAD), mode=mode
-            )
-        except ARCHIVE_ERRORS as error:
+            with _tar_errors("not a readable tar archive"):
+                # Kept open across `members()`; `close()` closes it.
+                self._tar = tarfile.open(fileobj=self._stream, mode="r|")  # noqa: SIM115
+        except BaseException:
+            self._stream.close()
             self._reader.close()
-            raise InvalidArchive(f"not a readable tar archive: {error}") from error
-        comptype = getattr(self._tar.fileobj, "comptype", "tar")
-        self.format = "tar" if comptype == "tar" else f"tar.{comptype}"
+            raise
 
     @property
     def bytes_read(self) -> int:
         return self._reader.position
 
     def members(self) -> Iterator[Member]:
+        count = 0
         while (info := self._next()) is not None:
             # A streamed TarFile keeps every header it has read; the list would grow with
             # the archive, and nothing here looks back.
             self._tar.members.clear()  # type: ignore[attr-defined]  # untyped, but public
-            # Where this member ends in the unpacked stream, whether it is read or skipped.
-            _check_unpacked(info.offset_data + info.size, self._max_unpacked)
+            count += 1
+            self._check(info, count)
+            self._stream.limit_to(*self._bound(end_of_member=_data_end(info)))
             yield Member(info.name, _tar_kind(info), info.size, partial(self._open, info))
 
+    def _check(self, info: tarfile.TarInfo, count: int) -> None:
+        """The limits a member's header declares it keeps to, checked before its data is
+        read or skipped."""
+        _check_members(count, self._limits)
+        _check_member_size(info.size, self._limits)
+        # Where this member ends in the unpacked stream, whether it is read or skipped; and
+        # the sizes so far, which a sparse member's data area does not show.
+        self._declared += info.size
+        _check_unpacked(max(info.offset_data + info.size, self._declared), self._max_unpacked)
+
+    def _bound(self, end_of_member: int) -> tuple[int, ArchiveLimitExceeded]:
+        """How far `tarfile` may read: the current member's data, then only as many bytes
+        of headers as one member may have before the next one's data starts; and what
+        reading further means."""
+        max_header = self._limits.max_header_size
+        headers = end_of_member + max_header + TAR_READ_AHEAD
+        if headers >= self._max_unpacked:
+            return self._max_unpacked, _expands_too_far(self._max_unpacked)
+        return headers, HeaderTooLarge(f"a member's headers are larger than {max_header} bytes")
+
     def _next(self) -> tarfile.TarInfo | None:
-        try:
+        with _tar_errors("the tar archive is damaged"):
             return self._tar.next()
-        except ARCHIVE_ERRORS as error:
-            raise InvalidArchive(f"the tar archive is damaged: {error}") from error
 
     def _open(self, info: tarfile.TarInfo) -> IO[bytes]:
         stream = self._tar.extractfile(info)
@@ -258,7 +395,28 @@ class _TarSource(MemberSource):
 
     def close(self) -> None:
         self._tar.close()
+        self._stream.close()
         self._reader.close()
+
+
+@contextmanager
+def _tar_errors(what: str) -> Iterator[None]:
+    """`tarfile`'s errors as `InvalidArchive`, saying `what` failed."""
+    try:
+        yield
+    except ARCHIVE_ERRORS as error:
+        raise InvalidArchive(f"{what}: {error}") from error
+    except RecursionError:
+        # tarfile reads a run of extended headers recursively: within the headers'
+        # limit, a run of tiny ones could still be deeper than Python allows.
+        raise HeaderTooLarge("a member has too many extended headers") from None
+
+
+def _data_end(info: tarfile.TarInfo) -> int:
+    """Where a member's data area ends in the unpacked stream (a sparse member's is
+    shorter: its size is the unpacked one)."""
+    blocks = -(-info.size // tarfile.BLOCKSIZE)
+    return info.offset_data + blocks * tarfile.BLOCKSIZE
 
 
 def _tar_kind(info: tarfile.TarInfo) -> MemberKind:
@@ -275,19 +433,42 @@ def _tar_kind(info: tarfile.TarInfo) -> MemberKind:
     return MemberKind.FIFO if info.isfifo() else MemberKind.OTHER
 
 
+class _IndexReader(io.BufferedReader):
+    """A zip's bytes for `zipfile`. While its index is read (`budget` set), a read that
+    would take the bytes read so far past the budget is refused before anything is
+    fetched or allocated: `zipfile` reads the whole central directory in one read, and
+    then holds an entry object for each of its records."""
+
+    def __init__(self, raw: _RangedObject, budget: int) -> None:
+        super().__init__(raw, READ_AHEAD)
+        self._size = raw.size
+        self.budget: int | None = budget
+        self._spent = 0
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.budget is not None:
+            wanted = self._size - self.tell() if size is None or size < 0 else size
+            self._spent += wanted
+            if self._spent > self.budget:
+                raise HeaderTooLarge(f"the zip's index is larger than {self.budget} bytes")
+        return super().read(size)
+
+
 class _ZipSource(MemberSource):
     format = "zip"
 
-    def __init__(self, store: ObjectStore, key: str, size: int, max_unpacked: int) -> None:
+    def __init__(self, store: ObjectStore, key: str, size: int, limits: ArchiveLimits) -> None:
         self.bytes_total = size
         self._raw = _RangedObject(store, key, size)
+        reader = _IndexReader(self._raw, limits.max_header_size)
         try:
-            self._zip = zipfile.ZipFile(io.BufferedReader(self._raw, READ_AHEAD))
+            self._zip = zipfile.ZipFile(reader)
         except ARCHIVE_ERRORS as error:
             raise InvalidArchive(f"not a readable zip archive: {error}") from error
+        reader.budget = None  # the index is read; members are read within their sizes
         # In the order they are stored, so that reading goes front to back.
         self._infos = sorted(self._zip.infolist(), key=lambda info: info.header_offset)
-        _check_unpacked(sum(info.file_size for info in self._infos), max_unpacked)
+        _check_zip(self._infos, limits, limits.unpacked_limit(size))
         self.items_total = len(self._infos)
         self._raw.furthest = 0  # the index at the end is not progress
 
@@ -304,6 +485,37 @@ class _ZipSource(MemberSource):
 
     def close(self) -> None:
         self._zip.close()
+
+
+def _check_zip(infos: list[zipfile.ZipInfo], limits: ArchiveLimits, max_unpacked: int) -> None:
+    """The limits a zip's index says it keeps to, checked before any member is read."""
+    _check_members(len(infos), limits)
+    _check_member_size(max((info.file_size for info in infos), default=0), limits)
+    _check_unpacked(sum(info.file_size for info in infos), max_unpacked)
+
+
+def _check_members(count: int, limits: ArchiveLimits) -> None:
+    if count > limits.max_members:
+        raise TooManyMembers(f"the archive holds more than {limits.max_members} members")
+
+
+def _check_member_size(size: int, limits: ArchiveLimits) -> None:
+    if size > limits.max_member_size:
+        raise MemberTooLarge(
+            f"a member unpacks to {size} bytes, more than the "
+            f"{limits.max_member_size} one member may"
+        )
+
+
+def _check_unpacked(unpacked: int, max_unpacked: int) -> None:
+    if unpacked > max_unpacked:
+        raise _expands_too_far(max_unpacked)
+
+
+def _expands_too_far(max_unpacked: int) -> ArchiveBomb:
+    return ArchiveBomb(
+        f"the archive's members unpack to more than {max_unpacked} bytes, the most its size allows"
+    )
 
 
 _ZIP_MODE_KINDS = {
@@ -330,18 +542,22 @@ def _zip_kind(info: zipfile.ZipInfo) -> MemberKind:
 
 class PrefixSource(MemberSource):
     """Every object under `storage_prefix` (but those under `skip`), listed once at the
-    start, so that objects written meanwhile are never read back."""
+    start, so that objects written meanwhile are never read back; at most `max_members`."""
 
     format = "prefix"
 
-    def __init__(self, store: ObjectStore, storage_prefix: str, skip: str | None) -> None:
+    def __init__(
+        self, store: ObjectStore, storage_prefix: str, skip: str | None, max_members: int
+    ) -> None:
         self._store = store
         self._prefix = storage_prefix
-        self._objects = [
-            (info.key, info.size)
-            for info in store.list(storage_prefix)
-            if skip is None or not info.key.startswith(skip)
-        ]
+        self._objects: list[tuple[str, int]] = []
+        for info in store.list(storage_prefix):
+            if skip is not None and info.key.startswith(skip):
+                continue
+            if len(self._objects) == max_members:
+                raise TooManyMembers(f"more than {max_members} objects under the prefix")
+            self._objects.append((info.key, info.size))
         self.items_total = len(self._objects)
         self.bytes_total = sum(size for _, size in self._objects)
         self._passed = 0  # bytes of the objects before the current one
@@ -363,34 +579,34 @@ class PrefixSource(MemberSource):
         return io.BufferedReader(self._current, READ_AHEAD)
 
 
-def _check_unpacked(unpacked: int, max_unpacked: int) -> None:
-    if unpacked > max_unpacked:
-        raise ArchiveBomb(
-            f"the archive's members unpack to more than {max_unpacked} bytes, "
-            "the most its size allows"
-        )
-
-
 @contextmanager
 def open_archive(
-    store: ObjectStore, key: str, format_: str, max_expansion: float
+    store: ObjectStore, key: str, format_: str, limits: ArchiveLimits
 ) -> Iterator[MemberSource]:
-    """The archive object `key` as members; `format_` is auto, tar, tar.gz, tar.bz2 or zip.
-    Its members may unpack to `max_expansion` times its size at most."""
+    """The archive object `key` as members; `format_` is auto, tar, tar.gz, tar.bz2 or zip
+    (auto also reads tar.xz)."""
     size = store.head(key).size
-    max_unpacked = int(max_expansion * size)
-    if format_ == "auto" and _first_bytes(store, key, size) in ZIP_MAGICS:
-        format_ = "zip"
+    if format_ == "auto":
+        format_ = _detect(_first_bytes(store, key, size))
     source: _TarSource | _ZipSource
     if format_ == "zip":
-        source = _ZipSource(store, key, size, max_unpacked)
+        source = _ZipSource(store, key, size, limits)
     else:
-        source = _TarSource(store, key, size, TAR_MODES[format_], max_unpacked)
+        source = _TarSource(store, key, size, format_, limits)
     try:
         yield source
     finally:
         source.close()
 
 
+def _detect(magic: bytes) -> str:
+    if magic.startswith(ZIP_MAGICS):
+        return "zip"
+    for start, format_ in COMPRESSION_MAGICS.items():
+        if magic.startswith(start):
+            return format_
+    return "tar"
+
+
 def _first_bytes(store: ObjectStore, key: str, size: int) -> bytes:
-    return b"".join(store.read(key, 0, min(len(ZIP_MAGICS[0]), size)))
+    return b"".join(store.read(key, 0, min(MAGIC_LENGTH, size)))

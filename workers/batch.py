@@ -13,12 +13,18 @@ store: the object it is about to write, and the members finished since the entry
 Each entry is small, so a large archive never rewrites a growing file. A rerun skips the
 finished members, aborts the upload its killed predecessor left pending on the claimed
 object, and rewrites that object even with `overwrite: false`: it is the job's own.
+
+The journal is also where the manifest's member list comes from: the manifest is written
+at the end as a stream, an entry at a time, so a job of a million members never holds
+their list. Its SHA-256 and size go into the job's result, which is what a client checks
+the manifest against.
 """
 
+import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,11 +35,13 @@ from pydantic import BaseModel
 
 from sealstream.errors import error_code, public_detail
 from sealstream.objects import ObjectSealer, start_sealing
+from sealstream.settings import Settings
 from sealstream.spaces import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
 from storage.integrity import Records
 from storage.records import ObjectRecord
 from workers.archives import (
+    ArchiveLimits,
     InvalidArchive,
     Member,
     MemberSource,
@@ -60,11 +68,11 @@ MemberHook = Callable[[str], None]
 
 @dataclass
 class Resumed:
-    """What earlier attempts left: members sealed (by path), the object being written when
-    the last one stopped, and the result if the job had finished."""
+    """What earlier attempts left: the paths of the members sealed, the object being
+    written when the last one stopped, and the result if the job had finished."""
 
     started: bool = False
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
     claim: str | None = None
     result: dict[str, Any] | None = None
 
@@ -95,17 +103,27 @@ class Journal:
     def resume(self) -> Resumed:
         resumed = Resumed()
         self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
-        for info in self._objects.list(self._prefix):
+        for key, entry in self._read_all():
             resumed.started = True
-            if info.key.endswith(FINAL_ENTRY):
-                final = self._records.get(JOURNAL_KIND, info.key, JournalResult)
-                resumed.result = final.result
+            if key.endswith(FINAL_ENTRY):
+                resumed.result = entry["result"]
                 continue
-            entry = self._records.get(JOURNAL_KIND, info.key, JournalEntry)
-            self._entries = int(info.key.removeprefix(self._prefix).removesuffix(".json"))
-            resumed.done.update((done["path"], done) for done in entry.done)
-            resumed.claim = entry.claim
+            self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
+            resumed.done.update(done["path"] for done in entry["done"])
+            resumed.claim = entry["claim"]
         return resumed
+
+    def sealed(self) -> Iterator[dict[str, Any]]:
+        """The members sealed by this attempt (up to its last claim) and those before, in
+        the order they were sealed, read back an entry at a time."""
+        for key, entry in self._read_all():
+            if not key.endswith(FINAL_ENTRY):
+                yield from entry["done"]
+
+    def _read_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for info in self._objects.list(self._prefix):
+            model = JournalResult if info.key.endswith(FINAL_ENTRY) else JournalEntry
+            yield info.key, self._records.get(JOURNAL_KIND, info.key, model).model_dump()
 
     def claim(self, storage_key: str | None) -> None:
         """Record the members settled since the last entry, and the object about to be
@@ -167,7 +185,7 @@ class _Batch:
     journal: Journal
     resumed: Resumed
     before_member: MemberHook | None
-    sealed: list[dict[str, Any]] = field(default_factory=list)
+    sealed: int = 0
     refused: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     skipped: int = 0
@@ -204,9 +222,9 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
         batch.context.progress(
             items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
         )
-    manifest = _manifest(batch, source.format, damage)
-    batch.store.put(manifest_key, json.dumps(manifest, indent=1).encode())
-    result = _result(batch, source.format, manifest_key)
+    batch.journal.claim(None)  # the members settled since the last claim, for the manifest
+    manifest = _write_manifest(batch.store, manifest_key, _manifest(batch, source.format, damage))
+    result = _result(batch, source.format, manifest_key, manifest)
     if damage is not None:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
         raise JobFailed(damage.code, str(damage))
@@ -215,17 +233,24 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
 
 def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
     store = batch.services.spaces.store(batch.tenant, batch.source["bucket"])
+    limits = archive_limits(batch.services.settings)
     if "storageKey" in batch.source:
         _source_size(store, batch.source)
-        return open_archive(
-            store,
-            batch.source["storageKey"],
-            batch.params["format"],
-            batch.services.settings.batch_max_expansion,
-        )
+        return open_archive(store, batch.source["storageKey"], batch.params["format"], limits)
     # Earlier output under the destination is not input (a prefix may hold both).
     skip = batch.storage_prefix if batch.same_bucket() else None
-    return nullcontext(PrefixSource(store, batch.source["storagePrefix"], skip))
+    source = PrefixSource(store, batch.source["storagePrefix"], skip, limits.max_members)
+    return nullcontext(source)
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_expansion=settings.batch_max_expansion,
+        max_unpacked=settings.batch_max_unpacked,
+        max_member_size=settings.batch_max_member_size,
+        max_header_size=settings.batch_max_header_size,
+        max_members=settings.batch_max_members,
+    )
 
 
 def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
@@ -252,13 +277,21 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
         batch.refused.append({"path": member.name, "reason": str(refusal)})
         return
     if path in batch.resumed.done:
-        batch.sealed.append(batch.resumed.done[path])
-        return
+        batch.sealed += 1  # by an earlier attempt
+    else:
+        _seal_or_fail(batch, source, member, path)
+
+
+def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
+    """Seal one member, or note why it failed; an archive that breaks off while the
+    member is read fails the job (`_seal_each`), not just the member, and so does
+    running out of memory."""
     if batch.before_member is not None:
         batch.before_member(path)
     try:
-        batch.sealed.append(_seal_member(batch, source, member, path))
-    except JobCancelled:
+        _seal_member(batch, source, member, path)
+        batch.sealed += 1
+    except (JobCancelled, InvalidArchive, MemoryError):
         raise
     except Exception as error:
         batch.failed.append(
@@ -278,7 +311,7 @@ def _check_destination(batch: _Batch, path: str) -> None:
         raise UnsafeMember("the name of the archive being read")
 
 
-def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> dict[str, Any]:
+def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
     storage_key = batch.storage_prefix + path
     ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
     overwrite = batch.params["overwrite"] or ours
@@ -301,9 +334,7 @@ def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str)
     except Exception:
         batch.journal.claim(None)  # an object there now is someone else's
         raise
-    entry = {"path": path, **_object_entry(placement, record)}
-    batch.journal.settle(entry)
-    return entry
+    batch.journal.settle({"path": path, **_object_entry(placement, record)})
 
 
 def _seal(
@@ -368,32 +399,64 @@ def _object_entry(placement: Placement, record: ObjectRecord) -> dict[str, Any]:
     }
 
 
-def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> dict[str, Any]:
-    manifest = {
+def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Iterator[bytes]:
+    """The manifest as a JSON document, in pieces: the members come from the journal."""
+    fields: dict[str, Any] = {
         "jobId": batch.context.record.id,
         "source": batch.source,
         "format": format_,
         "kid": batch.params["kid"],
         "destination": batch.destination,
         "createdAt": datetime.now(UTC).isoformat(),
-        "members": batch.sealed,
-        "refused": batch.refused,
-        "failed": batch.failed,
     }
     if damage is not None:
-        manifest["error"] = {"code": damage.code, "detail": str(damage)}
-    return manifest
+        fields["error"] = {"code": damage.code, "detail": str(damage)}
+    lists = {"members": batch.journal.sealed(), "refused": batch.refused, "failed": batch.failed}
+    return _json_object(fields, lists)
 
 
-def _result(batch: _Batch, format_: str, manifest_key: str) -> dict[str, Any]:
+def _json_object(fields: dict[str, Any], lists: dict[str, Iterable[Any]]) -> Iterator[bytes]:
+    """A JSON object of `fields` then `lists`, each list encoded an item at a time."""
+    members = [_json_member(name, json.dumps(value)) for name, value in fields.items()]
+    yield ("{\n" + ",\n".join(members)).encode()
+    for name, items in lists.items():
+        yield (",\n" + _json_member(name, "[")).encode()
+        separator = "\n"
+        for item in items:
+            yield (separator + json.dumps(item)).encode()
+            separator = ",\n"
+        yield b"\n]"
+    yield b"\n}\n"
+
+
+def _json_member(name: str, value: str) -> str:
+    return f"{json.dumps(name)}: {value}"
+
+
+def _write_manifest(store: ObjectStore, key: str, pieces: Iterator[bytes]) -> dict[str, Any]:
+    """Write the manifest at `key` (all of it, or nothing); its SHA-256 and size."""
+    digest = hashlib.sha256()
+    with store.multipart(key) as writer:
+        for piece in pieces:
+            digest.update(piece)
+            writer.write(piece)
+        writer.complete()
+    return {"sha256": digest.hexdigest(), "size": writer.bytes_written}
+
+
+def _result(
+    batch: _Batch, format_: str, manifest_key: str, manifest: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "bucket": batch.store.bucket,
         "manifestKey": batch.prefix + MANIFEST_NAME,
         "manifestStorageKey": manifest_key,
+        "manifestSha256": manifest["sha256"],
+        "manifestSize": manifest["size"],
         "format": format_,
         "counts": {
             "items": batch.items,
-            "sealed": len(batch.sealed),
+            "sealed": batch.sealed,
             "skipped": batch.skipped,
             "refused": len(batch.refused),
             "failed": len(batch.failed),

@@ -7,19 +7,24 @@ Delivery: a task is acknowledged only when it ends (`task_acks_late`), and put b
 its worker process dies (`task_reject_on_worker_lost`); a worker takes one task at a
 time (prefetch 1); and Redis hands an unacknowledged task to another worker after the
 visibility timeout, which must exceed the longest job. Job bodies are idempotent, so a
-redelivered job is finished, not duplicated.
+redelivered job is finished, not duplicated; one whose process died during two runs is
+failed rather than run a third time (`workers.execution`). Each pool process is held to
+a memory limit (`workers.memory_limit`), so a job that would need more fails alone.
 """
 
+import os
 from functools import cache
 from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_init, worker_process_init
+from celery.worker import WorkController
 
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 from workers.execution import JobOutcome, run_job
 from workers.lifecycle import run_sweeps
+from workers.memory_limit import limit_address_space, memory_limit
 from workers.registry import JOB_BODIES
 from workers.services import WorkerServices, build_worker_services
 
@@ -55,10 +60,25 @@ def make_celery(settings: Settings) -> Celery:
 app = make_celery(Settings())
 
 
+# Worked out once in the worker's main process, which knows how many pool processes it
+# starts; they are forked from it, and each applies it to itself.
+_pool_memory_limit: int | None = None
+
+
 @worker_init.connect
-@worker_process_init.connect
-def _tune_allocator(**_: object) -> None:
+def _start_worker(sender: WorkController, **_: object) -> None:
+    global _pool_memory_limit
     keep_freed_buffers()
+    concurrency = getattr(sender, "concurrency", None)  # untyped; "auto" until resolved
+    processes = concurrency if isinstance(concurrency, int) else os.cpu_count() or 1
+    _pool_memory_limit = memory_limit(Settings(), processes)
+
+
+@worker_process_init.connect
+def _start_pool_process(**_: object) -> None:
+    keep_freed_buffers()
+    if _pool_memory_limit is not None:
+        limit_address_space(_pool_memory_limit)
 
 
 @cache

@@ -3,7 +3,11 @@
 `run_job` is what a Celery task (or the embedded default's thread pool) calls with a job
 id. It is safe to call twice for the same job — a task redelivered after its worker died
 runs it again: a finished job is left alone, and the job bodies themselves overwrite or
-resume rather than duplicate.
+resume rather than duplicate. But a job is run at most `MAX_RUNS` times: one whose
+process died during each run (killed by the kernel's OOM killer, say, or crashed) would
+otherwise be handed out again for ever, taking down a process each time, so the next
+delivery fails it (`job-killed-repeatedly`). A job that runs out of memory fails at
+once (`job-out-of-memory`): the process that raised the MemoryError lives on.
 """
 
 import logging
@@ -25,6 +29,7 @@ from workers.services import WorkerServices
 logger = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.5  # seconds between progress writes (and cancel checks)
+MAX_RUNS = 2  # runs of a job whose process dies each time
 
 
 class JobCancelled(Exception):
@@ -159,6 +164,13 @@ def _run(
     if store.cancel_requested(record.id):
         _finish(store, record, JobStatus.CANCELLED)
         return
+    if _died_in_every_run(record):
+        detail = (
+            f"the process running the job died during each of its {record.attempts} runs "
+            "(killed, or crashed); it is not run again"
+        )
+        _finish(store, record, JobStatus.FAILED, error=_error("job-killed-repeatedly", detail))
+        return
     now = datetime.now(UTC)
     record = record.model_copy(
         update={
@@ -180,6 +192,10 @@ def _run(
         _finish(store, context.record, JobStatus.CANCELLED)
     except JobFailed as failure:
         _finish(store, context.record, JobStatus.FAILED, error=_problem(failure.code, failure))
+    except MemoryError:
+        logger.error("job %s ran out of memory", record.id)
+        detail = "the job needed more memory than its process may use"
+        _finish(store, context.record, JobStatus.FAILED, error=_error("job-out-of-memory", detail))
     except Exception as error:
         logger.exception("job %s failed", record.id)
         _finish(store, context.record, JobStatus.FAILED, error=_problem(error_code(error), error))
@@ -187,8 +203,18 @@ def _run(
         _finish(store, context.record, JobStatus.SUCCEEDED, result=result)
 
 
+def _died_in_every_run(record: JobRecord) -> bool:
+    """Started `MAX_RUNS` times and never finished: this worker holds the job's lease, so
+    no other is running it now, and each run before ended with its process."""
+    return record.status is JobStatus.RUNNING and record.attempts >= MAX_RUNS
+
+
 def _problem(code: str, error: Exception) -> dict[str, str]:
-    return {"code": code, "detail": public_detail(error)}
+    return _error(code, public_detail(error))
+
+
+def _error(code: str, detail: str) -> dict[str, str]:
+    return {"code": code, "detail": detail}
 
 
 def _finish(

@@ -9,23 +9,19 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.body import parse, read_json_object
+from api.openapi import AUTHENTICATED, JSON_BODY, QUERY, answer, answers, json_request
 from api.problems import Problem
 from api.services import services
-from api.tokens import (
-    SCOPES,
-    TENANT_PATTERN,
-    Principal,
-    TokenNotFound,
-    TokenRecord,
-)
+from api.tokens import SCOPES, TENANT_PATTERN, Principal, TokenNotFound, TokenRecord
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
+_SCOPE_NAMES: list[JsonValue] = [*sorted(SCOPES)]
 Admin = Annotated[Principal, Depends(require("admin"))]
 
 
@@ -33,7 +29,9 @@ class NewToken(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     tenant: str = Field(pattern=TENANT_PATTERN)
-    scopes: list[str] = Field(min_length=1)
+    scopes: list[str] = Field(
+        min_length=1, json_schema_extra={"items": {"type": "string", "enum": _SCOPE_NAMES}}
+    )
     name: str = Field("", max_length=200)
     expires_at: AwareDatetime | None = Field(None, alias="expiresAt")
 
@@ -55,6 +53,22 @@ class NewToken(BaseModel):
         return expires_at
 
 
+class TokenView(TokenRecord):
+    """A token as admins see it: its record without the hash."""
+
+    hash: str = Field(exclude=True, repr=False)
+
+
+class IssuedToken(TokenView):
+    """A new token's record and the token itself, which no later answer shows."""
+
+    token: str
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenView]
+
+
 def _check_grant(principal: Principal, spec: NewToken) -> None:
     """Refuse a token its issuer may not grant: for another tenant unless the issuer is
     the operator, or with a scope the issuer does not hold."""
@@ -68,7 +82,13 @@ def _check_grant(principal: Principal, spec: NewToken) -> None:
         raise Problem(403, "scope-not-held", detail)
 
 
-@router.post("/tokens", status_code=201)
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=None,
+    responses=answers({201: answer("The new token.", IssuedToken)}, AUTHENTICATED, JSON_BODY),
+    openapi_extra=json_request(NewToken),
+)
 async def issue_token(request: Request, principal: Admin) -> dict[str, Any]:
     """A new token; the token string is shown in this response only."""
     spec = parse(NewToken, await read_json_object(request, services(request).settings))
@@ -83,7 +103,13 @@ async def issue_token(request: Request, principal: Admin) -> dict[str, Any]:
     return {"token": token, **record.public()}
 
 
-@router.get("/tokens")
+@router.get(
+    "/tokens",
+    response_model=None,
+    responses=answers(
+        {200: answer("A tenant's tokens, or every tenant's.", TokenList)}, AUTHENTICATED, QUERY
+    ),
+)
 async def list_tokens(
     request: Request,
     principal: Admin,
@@ -100,7 +126,11 @@ async def list_tokens(
     return {"tokens": [record.public() for record in records]}
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete(
+    "/tokens/{token_id}",
+    response_model=None,
+    responses=answers({200: answer("The revoked token.", TokenView)}, AUTHENTICATED, (404,)),
+)
 async def revoke_token(request: Request, token_id: str, principal: Admin) -> dict[str, Any]:
     tokens = services(request).tokens
 

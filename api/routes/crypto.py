@@ -25,8 +25,17 @@ from api.auth import require
 from api.body import parse
 from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
+from api.openapi import (
+    AUTHENTICATED,
+    FORM,
+    KEY_HEADERS,
+    answer,
+    answers,
+    form_request,
+    headers,
+)
 from api.routes.jobs import start_job, verify_params
-from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength
+from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.sealing import (
     check_object,
     decrypt_object,
@@ -51,14 +60,14 @@ class _Metadata(BaseModel):
     encryption_context: ClientContext
 
 
-class Destination(ObjectRef):
+class ObjectDestination(ObjectRef):
     overwrite: bool = False
 
 
 class EncryptMetadata(_Metadata):
-    kid: str
+    kid: Kid
     frame_length: FrameLength = DEFAULT_FRAME_LENGTH
-    destination: Destination | None = None
+    destination: ObjectDestination | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -69,11 +78,71 @@ class EncryptMetadata(_Metadata):
 
 
 class DecryptMetadata(_Metadata):
-    kid: str | None = None  # if given, the message must be sealed for this key
+    kid: Kid | None = None  # if given, the message must be sealed for this key
     source: ObjectRef | None = None
 
 
-@router.post("/encrypt", response_model=None)
+class StoredObject(BaseModel):
+    """What an encryption into storage wrote, and the job that verifies it."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True
+    )
+
+    bucket: str
+    key: str
+    storage_key: str
+    ciphertext_size: int
+    plaintext_size: int
+    plaintext_sha256: str
+    etag: str
+    kid: str
+    key_version: int
+    frame_length: int
+    verify_job: str
+
+
+BINARY = {"type": "string", "format": "binary"}
+OCTET_STREAM = "application/octet-stream"
+SEALED = {
+    200: answer(
+        "The message, streamed back as the file part arrives (aborted on a failure).",
+        media_type=OCTET_STREAM,
+        schema=BINARY,
+        with_headers=headers(*KEY_HEADERS),
+    ),
+    201: answer(
+        "The message was written to `metadata.destination`.",
+        StoredObject,
+        with_headers=headers(*KEY_HEADERS),
+    ),
+}
+OPENED = {
+    200: answer(
+        "The plaintext, streamed (aborted on a failure).",
+        media_type=OCTET_STREAM,
+        schema=BINARY,
+        with_headers=headers(*KEY_HEADERS, "Accept-Ranges"),
+    ),
+    206: answer(
+        "The plaintext bytes the `Range` header asked for, of the object `metadata.source`.",
+        media_type=OCTET_STREAM,
+        schema=BINARY,
+        with_headers=headers(
+            *KEY_HEADERS, "Accept-Ranges", "Content-Range", required=("Content-Range",)
+        ),
+    ),
+}
+
+
+@router.post(
+    "/encrypt",
+    response_model=None,
+    responses=answers(SEALED, AUTHENTICATED, FORM, (404, 409, 412)),
+    openapi_extra=form_request(
+        EncryptMetadata, file_required=True, file="The plaintext, streamed."
+    ),
+)
 async def encrypt(request: Request, principal: EncryptScope) -> Response:
     """Encrypt the `file` part under the key `metadata.kid`."""
     svc = services(request)
@@ -106,26 +175,35 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         records=svc.records,
         transfers=svc.transfers,
     )
-    body = {
-        "bucket": stored.bucket,
-        "key": placement.key,
-        "storageKey": stored.key,
-        "ciphertextSize": stored.ciphertext_size,
-        "plaintextSize": stored.plaintext_size,
-        "plaintextSha256": stored.plaintext_sha256,
-        "etag": stored.etag,
-        "kid": stored.kid,
-        "keyVersion": stored.key_version,
-        "frameLength": stored.frame_length,
-    }
     verification = await run_in_threadpool(
         start_job, svc, JobKind.VERIFY, principal.tenant, verify_params(placement)
     )
-    body["verifyJob"] = verification.id
-    return JSONResponse(body, status_code=201, headers=job.headers)
+    body = StoredObject(
+        bucket=stored.bucket,
+        key=placement.key,
+        storage_key=stored.key,
+        ciphertext_size=stored.ciphertext_size,
+        plaintext_size=stored.plaintext_size,
+        plaintext_sha256=stored.plaintext_sha256,
+        etag=stored.etag,
+        kid=stored.kid,
+        key_version=stored.key_version,
+        frame_length=stored.frame_length,
+        verify_job=verification.id,
+    )
+    return JSONResponse(body.model_dump(), status_code=201, headers=job.headers)
 
 
-@router.post("/decrypt", response_model=None)
+@router.post(
+    "/decrypt",
+    response_model=None,
+    responses=answers(OPENED, AUTHENTICATED, FORM, (404, 409, 416)),
+    openapi_extra=form_request(
+        DecryptMetadata,
+        file_required=False,
+        file="The message, streamed; left out with `metadata.source`.",
+    ),
+)
 async def decrypt(request: Request, principal: DecryptScope) -> Response:
     """Decrypt the `file` part, or the object `metadata.source` (ranges allowed)."""
     svc = services(request)

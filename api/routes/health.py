@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from api.openapi import answer, answers
 from api.problems import Problem
 from api.services import Services, services
 from keystore import KekError
@@ -24,13 +25,36 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+_READY = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"const": "ready"},
+        "checks": {"type": "object", "additionalProperties": {"const": "ok"}},
+    },
+}
+
+
+@router.get(
+    "/healthz",
+    response_model=None,
+    responses={
+        200: answer(
+            "Serving.",
+            schema={"type": "object", "properties": {"status": {"const": "ok"}}},
+        )
+    },
+)
 async def healthz() -> dict[str, str]:
     """The process is up and serving."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses=answers({200: answer("Ready to work.", schema=_READY)}, (503,)),
+)
 async def readyz(request: Request) -> JSONResponse | dict[str, object]:
     """The process can do its work: object storage answers, and Redis when jobs use it."""
     svc = services(request)
@@ -65,7 +89,17 @@ def _check_kek(svc: Services) -> None:
     check_record_key(svc.records.key, svc.objects)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: answer(
+            "Prometheus text, or OpenMetrics if `Accept` asks for it.",
+            media_type="text/plain",
+            schema={"type": "string"},
+        )
+    },
+)
 async def metrics(request: Request) -> Response:
     """Request counts, durations and body bytes by route, and the process's own figures."""
     body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))

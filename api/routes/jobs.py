@@ -17,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.body import parse, read_json_object
+from api.openapi import AUTHENTICATED, JSON_BODY, QUERY, answer, answers, json_request
 from api.problems import Problem
-from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength
+from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
 from sealstream.objects import start_sealing
@@ -28,6 +29,19 @@ from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]
 Writer = Annotated[Principal, Depends(require("jobs:write"))]
+
+
+JOB = {200: answer("The job as it stands.", JobRecord)}
+STARTED = {202: answer("The job, queued.", JobRecord)}
+# Starting a job checks what it names first: objects (400, 404) and keys (404, 409).
+STARTS = (AUTHENTICATED, JSON_BODY, (404, 409))
+
+
+class JobList(BaseModel):
+    """A page of jobs, newest first; `next` is the `after` of the next page."""
+
+    jobs: list[JobRecord]
+    next: str | None
 
 
 def start_job(svc: Services, kind: JobKind, tenant: str, params: dict[str, Any]) -> JobRecord:
@@ -45,7 +59,13 @@ def verify_params(placement: Placement) -> dict[str, Any]:
     return {"bucket": placement.bucket, "key": placement.key, "storageKey": placement.storage_key}
 
 
-@router.post("/verify", status_code=202)
+@router.post(
+    "/verify",
+    status_code=202,
+    response_model=None,
+    responses=answers(STARTED, *STARTS),
+    openapi_extra=json_request(ObjectRef),
+)
 async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     """Verify a stored object against what its upload recorded."""
     svc = services(request)
@@ -84,7 +104,7 @@ class Destination(_Request):
 
 
 class BatchEncryptRequest(_Request):
-    kid: str
+    kid: Kid
     source: Source
     destination: Destination
     mode: Literal["members", "whole"] = "members"
@@ -110,7 +130,7 @@ class BatchEncryptRequest(_Request):
 
 
 class ReencryptRequest(_Request):
-    kid: str
+    kid: Kid
     key: str | None = None
     prefix: str | None = None
     bucket: str | None = None
@@ -190,7 +210,13 @@ def reencrypt_params(
     return {"kid": spec.kid, "keyVersion": primary, "rewrapped": spec.rewrapped, **target}
 
 
-@router.post("/batch-encrypt", status_code=202)
+@router.post(
+    "/batch-encrypt",
+    status_code=202,
+    response_model=None,
+    responses=answers(STARTED, *STARTS),
+    openapi_extra=json_request(BatchEncryptRequest),
+)
 async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, Any]:
     """Encrypt an archive's members (or every object under a prefix) one object each,
     with a manifest; or encrypt the whole archive as one object."""
@@ -213,7 +239,13 @@ def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -
     start_sealing(svc.keys, tenant, spec.kid, spec.encryption_context, spec.frame_length)
 
 
-@router.post("/reencrypt", status_code=202)
+@router.post(
+    "/reencrypt",
+    status_code=202,
+    response_model=None,
+    responses=answers(STARTED, *STARTS),
+    openapi_extra=json_request(ReencryptRequest),
+)
 async def start_reencrypt(request: Request, principal: Writer) -> dict[str, Any]:
     """Re-encrypt stored objects for the key's primary version, each under a fresh data
     key; with `rewrapped`, also those a header-only rewrap moved to a version."""
@@ -225,7 +257,14 @@ async def start_reencrypt(request: Request, principal: Writer) -> dict[str, Any]
 REWRAP_DEPRECATED = int(datetime(2026, 12, 7, tzinfo=UTC).timestamp())
 
 
-@router.post("/rewrap", status_code=202, deprecated=True)
+@router.post(
+    "/rewrap",
+    status_code=202,
+    deprecated=True,
+    response_model=None,
+    responses=answers(STARTED, *STARTS),
+    openapi_extra=json_request(ReencryptRequest),
+)
 async def start_rewrap(request: Request, response: Response, principal: Writer) -> dict[str, Any]:
     """The reencrypt job under its former name, for one release: use `/reencrypt`."""
     record = await _start_reencrypt(request, principal, JobKind.REWRAP)
@@ -249,13 +288,17 @@ def _find(svc: Services, tenant: str, job_id: str) -> JobRecord:
     return fail_if_stale(svc.jobs, record, timedelta(seconds=svc.settings.job_stale_after))
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=None, responses=answers(JOB, AUTHENTICATED, (404,)))
 async def get_job(request: Request, job_id: str, principal: Reader) -> dict[str, Any]:
     record = await run_in_threadpool(_find, services(request), principal.tenant, job_id)
     return record.public()
 
 
-@router.get("")
+@router.get(
+    "",
+    response_model=None,
+    responses=answers({200: answer("A page of jobs.", JobList)}, AUTHENTICATED, QUERY),
+)
 async def list_jobs(
     request: Request,
     principal: Reader,
@@ -288,7 +331,14 @@ def _cancel(svc: Services, tenant: str, job_id: str) -> JobRecord:
     return record
 
 
-@router.post("/{job_id}/cancel", status_code=202)
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=None,
+    responses=answers(
+        {202: answer("The job, cancelled or asked to stop.", JobRecord)}, AUTHENTICATED, (404, 409)
+    ),
+)
 async def cancel_job(request: Request, job_id: str, principal: Writer) -> dict[str, Any]:
     """Cancel a job: a queued job at once, a running one at its next frame or member."""
     record = await run_in_threadpool(_cancel, services(request), principal.tenant, job_id)

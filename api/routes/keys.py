@@ -14,14 +14,22 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.body import parse, read_json_object
+from api.openapi import AUTHENTICATED, JSON_BODY, NAMED_KEY, QUERY, answer, answers, json_request
 from api.services import services
 from api.tokens import Principal
-from keystore import ImportSpec, KeyRecord, KeySpec, supported_algorithms
+from keystore import ImportSpec, KeyRecord, KeySpec, KeyView, supported_algorithms
 
 router = APIRouter(prefix="/api/key-management", tags=["keys"])
 Reader = Annotated[Principal, Depends(require("keys:read"))]
 Writer = Annotated[Principal, Depends(require("keys:write"))]
 Exporter = Annotated[Principal, Depends(require("keys:export"))]
+
+
+class KeyList(BaseModel):
+    """A page of keys; `next` is the `after` of the next page, null on the last."""
+
+    keys: list[KeyView]
+    next: str | None
 
 
 class KeyChange(BaseModel):
@@ -32,6 +40,12 @@ class KeyChange(BaseModel):
     exportable: bool
 
 
+KEY = {200: answer("The key as its readers see it.", KeyView)}
+CREATED = {201: answer("The new key.", KeyView)}
+JWK = {200: answer("The material as a private JWK.", schema={"type": "object"})}
+ALGORITHMS = {200: answer("Each key type: its algorithms and sizes.", schema={"type": "object"})}
+
+
 def view(record: KeyRecord) -> dict[str, Any]:
     return record.public_view().model_dump(mode="json")
 
@@ -40,20 +54,34 @@ async def json_body(request: Request) -> dict[str, Any]:
     return await read_json_object(request, services(request).settings)
 
 
-@router.get("/supported-algorithms")
+@router.get(
+    "/supported-algorithms", response_model=None, responses=answers(ALGORITHMS, AUTHENTICATED)
+)
 async def list_supported_algorithms(_: Reader) -> dict[str, Any]:
     """The kty / alg pairs a key may be generated or imported with."""
     return {"algorithms": supported_algorithms()}
 
 
-@router.post("/keys", status_code=201)
+@router.post(
+    "/keys",
+    status_code=201,
+    response_model=None,
+    responses=answers(CREATED, AUTHENTICATED, JSON_BODY, (409,)),
+    openapi_extra=json_request(KeySpec),
+)
 async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(KeySpec, await json_body(request))
     create = partial(services(request).keys.create, principal.tenant, spec)
     return view(await services(request).key_work.run(principal.tenant, spec.kty, create))
 
 
-@router.post("/keys/import", status_code=201)
+@router.post(
+    "/keys/import",
+    status_code=201,
+    response_model=None,
+    responses=answers(CREATED, AUTHENTICATED, JSON_BODY, (409,)),
+    openapi_extra=json_request(ImportSpec),
+)
 async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(ImportSpec, await json_body(request))
     kty = str(spec.jwk.get("kty", ""))
@@ -61,7 +89,11 @@ async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     return view(await services(request).key_work.run(principal.tenant, kty, import_))
 
 
-@router.get("/keys")
+@router.get(
+    "/keys",
+    response_model=None,
+    responses=answers({200: answer("A page of keys.", KeyList)}, AUTHENTICATED, QUERY),
+)
 async def list_keys(
     request: Request,
     principal: Reader,
@@ -74,12 +106,17 @@ async def list_keys(
     return {"keys": [view(record) for record in records], "next": cursor}
 
 
-@router.get("/keys/{kid}")
+@router.get("/keys/{kid}", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY))
 async def get_key(request: Request, kid: str, principal: Reader) -> dict[str, Any]:
     return view(await run_in_threadpool(services(request).keys.get, principal.tenant, kid))
 
 
-@router.patch("/keys/{kid}")
+@router.patch(
+    "/keys/{kid}",
+    response_model=None,
+    responses=answers(KEY, AUTHENTICATED, NAMED_KEY, JSON_BODY),
+    openapi_extra=json_request(KeyChange),
+)
 async def change_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     change = parse(KeyChange, await json_body(request))
     keys = services(request).keys
@@ -88,7 +125,9 @@ async def change_key(request: Request, kid: str, principal: Writer) -> dict[str,
     )
 
 
-@router.post("/keys/{kid}/rotate")
+@router.post(
+    "/keys/{kid}/rotate", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY)
+)
 async def rotate_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     keys = services(request).keys
     record = await run_in_threadpool(keys.get, principal.tenant, kid)
@@ -96,17 +135,21 @@ async def rotate_key(request: Request, kid: str, principal: Writer) -> dict[str,
     return view(await services(request).key_work.run(principal.tenant, record.kty, rotate))
 
 
-@router.post("/keys/{kid}/disable")
+@router.post(
+    "/keys/{kid}/disable", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY)
+)
 async def disable_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     return view(await run_in_threadpool(services(request).keys.disable, principal.tenant, kid))
 
 
-@router.post("/keys/{kid}/enable")
+@router.post(
+    "/keys/{kid}/enable", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY)
+)
 async def enable_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     return view(await run_in_threadpool(services(request).keys.enable, principal.tenant, kid))
 
 
-@router.delete("/keys/{kid}")
+@router.delete("/keys/{kid}", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY))
 async def schedule_key_deletion(
     request: Request,
     kid: str,
@@ -120,7 +163,11 @@ async def schedule_key_deletion(
     )
 
 
-@router.post("/keys/{kid}/cancel-deletion")
+@router.post(
+    "/keys/{kid}/cancel-deletion",
+    response_model=None,
+    responses=answers(KEY, AUTHENTICATED, NAMED_KEY),
+)
 async def cancel_key_deletion(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
     """Keep the key; it comes back disabled, as an AWS KMS key does."""
     return view(
@@ -128,7 +175,9 @@ async def cancel_key_deletion(request: Request, kid: str, principal: Writer) -> 
     )
 
 
-@router.get("/keys/{kid}/export")
+@router.get(
+    "/keys/{kid}/export", response_model=None, responses=answers(JWK, AUTHENTICATED, NAMED_KEY)
+)
 async def export_key(
     request: Request,
     kid: str,
