@@ -6,6 +6,7 @@ stack trace. Validation errors never echo the input back: it may hold key materi
 """
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -135,9 +136,17 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method some route takes at this path. Starlette's 405 names only those of the
-    first route whose path matched, though GET and POST of one path are two routes."""
-    routes = request.app.router.routes
+    """The methods the requested resource takes. Starlette's 405 names only those of the
+    first route whose path matched, though GET and POST of one path are two routes. Where
+    a literal path and a template both match (`/keys/import`, `/keys/{kid}`), the literal
+    one is the resource, as OpenAPI resolves it."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi()["paths"]
+    path = request.scope["path"]
+    matching = [template for template in paths if _template(template).fullmatch(path)]
+    if matching:
+        resource = min(matching, key=lambda template: template.count("{"))
+        return ", ".join(sorted(method.upper() for method in paths[resource]))
+    routes = request.app.router.routes  # the routes the document leaves out (its pages)
     allowed = [
         method
         for method in _METHODS
@@ -146,6 +155,10 @@ def _allowed_methods(request: Request) -> str:
         )
     ]
     return ", ".join(allowed)
+
+
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
 
 
 def install(app: FastAPI) -> None:

@@ -87,11 +87,23 @@ def test_hostile_json_metadata_is_refused(served: Api, metadata: bytes) -> None:
         assert client.get("/readyz").status_code == 200
 
 
-def test_a_wrong_method_is_told_every_method_the_path_takes(served: Api) -> None:
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        (KEYS, "GET, POST"),  # two routes
+        (f"{KEYS}/import", "POST"),  # not the kid 'import' of /keys/{kid}
+        (f"{KEYS}/mySymKey", "DELETE, GET, PATCH"),
+        ("/api/jobs/verify", "POST"),
+        ("/healthz", "GET"),
+    ],
+)
+def test_a_wrong_method_is_told_every_method_the_resource_takes(
+    served: Api, path: str, allowed: str
+) -> None:
     with served.client() as client:
-        response = client.request("OPTIONS", KEYS)
+        response = client.request("OPTIONS", path)
         problem(response, 405, "method-not-allowed")
-        assert response.headers["Allow"] == "GET, POST"
+        assert response.headers["Allow"] == allowed
 
 
 # Hostile requests written byte by byte to a socket: no HTTP client would send them.
