@@ -54,6 +54,7 @@ from keystore import KeyRecord, KeyStore
 from sealstream.objects import (
     ObjectSealer,
     Sealing,
+    check_placement,
     opening_keyrings,
     read_stored_header,
     read_stored_layout,
@@ -93,10 +94,17 @@ class EncryptionJob:
 
 
 def start_encryption(
-    keys: KeyStore, tenant: str, kid: str, context: Mapping[str, str], frame_length: int
+    keys: KeyStore,
+    tenant: str,
+    kid: str,
+    context: Mapping[str, str],
+    frame_length: int,
+    placement: Placement | None,
 ) -> EncryptionJob:
-    """Check the key may encrypt now and start a message under its primary version."""
-    sealing = start_sealing(keys, tenant, kid, context, frame_length)
+    """Check the key may encrypt now and start a message under its primary version, for
+    `placement` if it is bound for storage."""
+    object_key = None if placement is None else placement.storage_key
+    sealing = start_sealing(keys, tenant, kid, context, frame_length, object_key=object_key)
     return EncryptionJob(
         sealing=sealing,
         headers=key_headers(kid, sealing.key, sealing.keyring),
@@ -313,6 +321,7 @@ async def check_object(
         opened = await run_in_threadpool(
             open_message, header, opening.keyrings, required(required_context, tenant)
         )
+        check_placement(header, storage_key)  # authenticated now, with the header
         layout = await to_thread.run_sync(
             read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
         )

@@ -17,6 +17,7 @@ from envelope import (
     Header,
     HeaderReader,
     Keyring,
+    MessageFormatError,
     MessageLayout,
     TruncatedMessage,
     key_names,
@@ -30,6 +31,7 @@ from storage.records import ObjectRecord, save_record
 
 RESERVED_CONTEXT_PREFIX = "sealstream:"
 TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
+OBJECT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}object"
 HEADER_READ_SIZE = 64 * 1024
 
 
@@ -44,12 +46,20 @@ class Sealing:
 
 
 def start_sealing(
-    keys: KeyStore, tenant: str, kid: str, context: Mapping[str, str], frame_length: int
+    keys: KeyStore,
+    tenant: str,
+    kid: str,
+    context: Mapping[str, str],
+    frame_length: int,
+    *,
+    object_key: str | None = None,
 ) -> Sealing:
     """Check the key may encrypt now, and start a message under its primary version.
 
     The service adds `sealstream:` context pairs naming the tenant and the key, so a
-    message names its owner in authenticated data and can be refused to anyone else.
+    message names its owner in authenticated data and can be refused to anyone else; and,
+    for a message bound for storage, the storage key it is written at (`object_key`), so
+    that a copy of it put anywhere else is refused (`check_placement`).
     """
     record, keyring = keys.encryption_keyring(tenant, kid)
     sealed_context = {
@@ -58,8 +68,26 @@ def start_sealing(
         f"{RESERVED_CONTEXT_PREFIX}kid": kid,
         f"{RESERVED_CONTEXT_PREFIX}key-version": str(record.primary_version),
     }
+    if object_key is not None:
+        sealed_context[OBJECT_CONTEXT_KEY] = object_key
     encryptor = Encryptor([keyring], context=sealed_context, frame_length=frame_length)
     return Sealing(tenant, record, keyring, encryptor)
+
+
+class MisplacedObject(MessageFormatError):
+    """A stored message sealed for another storage key: an authentic object copied over
+    this one by whoever can write the bucket."""
+
+    code = "object-misplaced"
+
+
+def check_placement(header: Header, storage_key: str) -> None:
+    """Refuse a message, whose header has authenticated, that names another storage key
+    than the one it was read from. Messages that name none (written before messages named
+    their place, or by another ESDK client) pass: nothing binds them."""
+    named = header.context.get(OBJECT_CONTEXT_KEY)
+    if named is not None and named != storage_key:
+        raise MisplacedObject("the message was sealed for another object")
 
 
 def client_context(context: Mapping[str, str]) -> dict[str, str]:
@@ -116,6 +144,11 @@ class ObjectSealer:
         overwrite: bool,
         records: Records,
     ) -> None:
+        """`sealing` must have been started for this placement (`start_sealing`'s
+        `object_key`): a message that names no place could be copied anywhere."""
+        named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
+        if named != placement.storage_key:
+            raise ValueError("the sealing was not started for this object's storage key")
         self._sealing = sealing
         self._placement = placement
         self._records = records

@@ -81,7 +81,12 @@ def reencrypt_object(
     with open_stored(store, original.key, original.size, keyrings_for, tenant, on_chunk) as old:
         header = old.header
         sealing = start_sealing(
-            keys, tenant, kid, client_context(header.context), header.frame_length
+            keys,
+            tenant,
+            kid,
+            client_context(header.context),
+            header.frame_length,
+            object_key=original.key,
         )
         with store.multipart(
             original.key, metadata=object_metadata(sealing), if_match=original.etag

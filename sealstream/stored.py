@@ -12,7 +12,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage
-from sealstream.objects import required_context
+from sealstream.objects import check_placement, required_context
 from storage import ObjectStore
 from storage.readahead import ReadAhead
 from storage.records import ObjectRecord
@@ -48,7 +48,8 @@ def open_stored(
     on_chunk: OnChunk,
 ) -> Iterator[StoredMessage]:
     """The object's message opened with `keyrings_for(its header)`, which must name
-    `tenant` as its owner; `on_chunk(bytes read)` runs per chunk (a cancel point).
+    `tenant` as its owner, and no other place than `storage_key` (`check_placement`);
+    `on_chunk(bytes read)` runs per chunk (a cancel point).
 
     Two threads: one reads the object and opens its frames, the caller's works on the
     plaintext. SHA-256, which every reader of a stored object runs, is the slowest step
@@ -59,6 +60,7 @@ def open_stored(
     with closing(store.read(storage_key, 0, size)) as chunks:
         decryptor, first = _opened(chunks, keyrings_for, tenant, on_chunk)
         assert decryptor.header is not None
+        check_placement(decryptor.header, storage_key)
         with ReadAhead(_plaintext(first, decryptor, chunks, on_chunk)) as plaintext:
             yield StoredMessage(decryptor.header, decryptor, iter(plaintext))
 

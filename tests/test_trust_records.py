@@ -24,6 +24,7 @@ from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
+from tests.jobs_helpers import finished_job, start_verify
 from tests.stream_helpers import (
     ENCRYPT,
     KEYS,
@@ -185,6 +186,23 @@ def test_an_object_record_altered_in_the_bucket_is_refused(api: Api) -> None:
     write(api.objects, key, sealed)
     with api.client() as admin:
         assert_names_no_storage_key(problem(read_object(admin, "o"), 502, "record-tampered"))
+
+
+def test_an_object_copied_over_another_is_refused(api: Api) -> None:
+    # Two authentic objects of one size, under one key: only the place each message
+    # names tells them apart once one is copied over the other.
+    data = {"a": os.urandom(70_000), "b": os.urandom(70_000)}
+    with api.client() as admin:
+        create_key(admin)
+        stored = {name: store(admin, name, content) for name, content in data.items()}
+        api.objects.put(stored["a"]["storageKey"], api.objects.get(stored["b"]["storageKey"]))
+        for range_ in (None, "bytes=0-99", "bytes=-100"):
+            body = problem(read_object(admin, "a", range_), 502, "object-damaged")
+            assert "sealed for another object" in body["detail"]
+            assert_names_no_storage_key(body)
+        verified = finished_job(admin, start_verify(admin, "a")["id"])
+        assert (verified["status"], verified["error"]["code"]) == ("failed", "object-misplaced")
+        assert read_object(admin, "b").content == data["b"]
 
 
 # Who may manage tokens

@@ -101,6 +101,13 @@ MUTANTS = (
         ("tests/test_api_object_reads.py", "tests/test_envelope_ranged.py"),
     ),
     Mutant(
+        "object placement",
+        "sealstream/objects.py",
+        "    if named is not None and named != storage_key:",
+        "    if False:",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
         "scope check",
         "api/auth.py",
         "        if scope not in principal.scopes:",

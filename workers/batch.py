@@ -353,6 +353,7 @@ def _seal(
         params["kid"],
         params["encryptionContext"],
         params["frameLength"],
+        object_key=placement.storage_key,
     )
     sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=services.records)
     try:

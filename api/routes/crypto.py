@@ -158,6 +158,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         metadata.kid,
         metadata.encryption_context,
         metadata.frame_length,
+        placement,
     )
     await form.start_file()
     if placement is None or metadata.destination is None:
