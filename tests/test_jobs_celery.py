@@ -229,7 +229,8 @@ def truncated(message: bytes) -> bytes:
     [
         ("frame", {"frame-authentication-failed"}),
         ("truncate", {"truncated-message"}),
-        ("swapped", {"plaintext-digest-mismatch"}),
+        ("rolled-back", {"plaintext-digest-mismatch"}),
+        ("moved", {"object-misplaced"}),
         ("record", {"record-tampered"}),
         ("no-record", {"object-record-missing"}),
     ],
@@ -252,9 +253,20 @@ def test_a_tampered_object_fails_verification(
             moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=frame_tampered(message))
         elif damage == "truncate":
             moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=truncated(message))
-        elif damage == "swapped":
-            # Another authentic message of the same size under the same key: every frame
-            # opens, so only the plaintext digest recorded at upload tells it apart.
+        elif damage == "rolled-back":
+            # An older authentic version of the object, put back under its record: every
+            # frame opens, so only the plaintext digest recorded at upload tells it apart.
+            overwritten = store_object(
+                client,
+                key,
+                data[::-1],
+                frameLength=64 * KiB,
+                destination={"key": key, "overwrite": True},
+            )
+            assert finished_job(client, overwritten["verifyJob"])["status"] == "succeeded"
+            moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=message)
+        elif damage == "moved":
+            # Another authentic object of the same size, under the same key, copied here.
             other = store_object(client, f"{key}.other", data[::-1], frameLength=64 * KiB)
             body = moto_s3.get_object(Bucket=bucket, Key=other["storageKey"])["Body"].read()
             moto_s3.put_object(Bucket=bucket, Key=storage_key, Body=body)
