@@ -32,9 +32,22 @@ Writer = Annotated[Principal, Depends(require("jobs:write"))]
 
 
 JOB = {200: answer("The job as it stands.", JobRecord)}
-STARTED = {202: answer("The job, queued.", JobRecord)}
-# Starting a job checks what it names first: objects (400, 404) and keys (404, 409).
-STARTS = (AUTHENTICATED, JSON_BODY, (404, 409))
+
+
+def _starts_a_job(request: type[BaseModel]) -> dict[str, Any]:
+    """The route options of a route that starts a job from a JSON body read as `request`:
+    it checks what the body names first, objects (400, 404) and keys (404, 409)."""
+    return {
+        "status_code": 202,
+        "response_model": None,
+        "responses": answers(
+            {202: answer("The job, queued.", JobRecord)},
+            AUTHENTICATED,
+            JSON_BODY,
+            (404, 409),
+        ),
+        "openapi_extra": json_request(request),
+    }
 
 
 class JobList(BaseModel):
@@ -59,13 +72,7 @@ def verify_params(placement: Placement) -> dict[str, Any]:
     return {"bucket": placement.bucket, "key": placement.key, "storageKey": placement.storage_key}
 
 
-@router.post(
-    "/verify",
-    status_code=202,
-    response_model=None,
-    responses=answers(STARTED, *STARTS),
-    openapi_extra=json_request(ObjectRef),
-)
+@router.post("/verify", **_starts_a_job(ObjectRef))
 async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     """Verify a stored object against what its upload recorded."""
     svc = services(request)
@@ -210,13 +217,7 @@ def reencrypt_params(
     return {"kid": spec.kid, "keyVersion": primary, "rewrapped": spec.rewrapped, **target}
 
 
-@router.post(
-    "/batch-encrypt",
-    status_code=202,
-    response_model=None,
-    responses=answers(STARTED, *STARTS),
-    openapi_extra=json_request(BatchEncryptRequest),
-)
+@router.post("/batch-encrypt", **_starts_a_job(BatchEncryptRequest))
 async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, Any]:
     """Encrypt an archive's members (or every object under a prefix) one object each,
     with a manifest; or encrypt the whole archive as one object."""
@@ -239,13 +240,7 @@ def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -
     start_sealing(svc.keys, tenant, spec.kid, spec.encryption_context, spec.frame_length)
 
 
-@router.post(
-    "/reencrypt",
-    status_code=202,
-    response_model=None,
-    responses=answers(STARTED, *STARTS),
-    openapi_extra=json_request(ReencryptRequest),
-)
+@router.post("/reencrypt", **_starts_a_job(ReencryptRequest))
 async def start_reencrypt(request: Request, principal: Writer) -> dict[str, Any]:
     """Re-encrypt stored objects for the key's primary version, each under a fresh data
     key; with `rewrapped`, also those a header-only rewrap moved to a version."""
@@ -257,14 +252,7 @@ async def start_reencrypt(request: Request, principal: Writer) -> dict[str, Any]
 REWRAP_DEPRECATED = int(datetime(2026, 12, 7, tzinfo=UTC).timestamp())
 
 
-@router.post(
-    "/rewrap",
-    status_code=202,
-    deprecated=True,
-    response_model=None,
-    responses=answers(STARTED, *STARTS),
-    openapi_extra=json_request(ReencryptRequest),
-)
+@router.post("/rewrap", deprecated=True, **_starts_a_job(ReencryptRequest))
 async def start_rewrap(request: Request, response: Response, principal: Writer) -> dict[str, Any]:
     """The reencrypt job under its former name, for one release: use `/reencrypt`."""
     record = await _start_reencrypt(request, principal, JobKind.REWRAP)
