@@ -105,7 +105,10 @@ def unseal(key: RecordKey, kind: str, name: str, data: bytes, model: type[Model]
         )
     if document.get("macKey") != key.key_id:
         raise RecordTampered(f"sealed under another key ({document.get('macKey')!r})", name)
-    canonical = canonical_json(document.get("record"))
+    try:
+        canonical = canonical_json(document.get("record"))
+    except (ValueError, RecursionError):  # NaN or infinities: nothing this service writes
+        raise RecordTampered("not a JSON record", name) from None
     try:
         mac = base64.b64decode(str(document.get("mac")), validate=True)
     except ValueError:

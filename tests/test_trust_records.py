@@ -16,12 +16,20 @@ import httpx
 import pytest
 
 from api import create_app
-from api.tokens import SCOPES, ExpiredToken, TokenError, TokenStore, token_record_key
+from api.tokens import (
+    SCOPES,
+    ExpiredToken,
+    TokenError,
+    TokenRecord,
+    TokenStore,
+    token_record_key,
+)
 from api.upgrade import upgrade_records
 from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
 from keystore.recordkey import DOCUMENT_KEY
 from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
+from storage.integrity import RecordTampered
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.jobs_helpers import finished_job, start_verify
@@ -420,3 +428,21 @@ def test_a_store_from_before_sealing_is_upgraded_by_an_operator_only(
     again = upgrade_records(settings)
     assert [(token.id, token.scopes) for token in again.tokens] == [(legacy_id, sorted(SCOPES))]
     assert again.keys == [] and again.already_sealed > 0
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b'{"format": "sealstream-record/1", "macKey": "%s", "mac": "", "record": {"x": 1e999}}',
+        b'{"format": "sealstream-record/1", "macKey": "%s", "mac": "", "record": NaN}',
+        b'{"format": "sealstream-record/1", "macKey": "%s", "mac": "A", "record": {}}',
+        b"[" * 100_000,
+        b"\xff\xfe not JSON",
+    ],
+)
+def test_a_record_of_any_bytes_is_refused_not_crashed_on(tmp_path: Path, junk: bytes) -> None:
+    records = open_records(LocalStore(tmp_path / "bucket"), LocalKek(os.urandom(32)))
+    data = junk.replace(b"%s", records.key.key_id.encode())
+    records.store.put("sealstream/tokens/x.json", data)
+    with pytest.raises(RecordTampered):
+        records.get("token", "sealstream/tokens/x.json", TokenRecord)
