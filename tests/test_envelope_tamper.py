@@ -7,10 +7,12 @@ Fields are located with `envelope_helpers.byte_offsets`, which walks the format 
 
 import functools
 import random
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from envelope import (
     CommitmentMismatch,
@@ -616,3 +618,35 @@ def test_two_data_keys_in_one_header(kind: KeyringKind) -> None:
     for_b = build(key_b, key_b, plaintext_b)
     assert decrypt_all([keyring_b], for_b) == plaintext_b
     assert type(error(keyring_a, for_b)) is CommitmentMismatch
+
+
+# --- frame IVs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKINGS, ids=CHUNK_IDS)
+def test_a_frame_sealed_under_another_iv_is_refused(chunk_size: int | None) -> None:
+    """The format fixes each frame's IV to its sequence number. A frame whose IV field
+    says otherwise, with a tag that is valid for that IV (a writer that does not follow
+    the format, or one reusing IVs), is refused, though AES-GCM alone would accept it."""
+    keyring = make_keyring("aes")
+    rng = random.Random(99)
+    data_key, message_id = rng.randbytes(32), rng.randbytes(32)
+    message = hand_built(
+        [(keyring, data_key)],
+        message_id,
+        commit_to=data_key,
+        tag_with=data_key,
+        frames_with=data_key,
+        plaintext=LONG_PLAINTEXT,
+    )
+    first = byte_offsets(message)["frame[1]"][0]
+    other_iv = (7).to_bytes(12, "big")
+    aad = message_id + b"AWSKMSEncryptionClient Frame" + struct.pack(">IQ", 1, FRAME_LENGTH)
+    sealed = AESGCM(derive_keys(data_key, message_id).encryption_key).encrypt(
+        other_iv, LONG_PLAINTEXT[:FRAME_LENGTH], aad
+    )
+    frame = struct.pack(">I", 1) + other_iv + sealed
+    forged = message[:first] + frame + message[first + len(frame) :]
+    outcome = decrypt_outcome([keyring], chunked(forged, chunk_size))
+    assert type(outcome.error) is FrameAuthenticationError
+    assert outcome.plaintext == b""
