@@ -113,7 +113,7 @@ def start_encryption(
 
 
 def key_headers(requested: str, record: KeyRecord, keyring: Keyring) -> dict[str, str]:
-    """The seed product's headers naming the key asked for, the key used, and its algorithm."""
+    """The headers naming the key asked for, the key used (`kid#version`), and its algorithm."""
     return {
         "X-Key-Requested": requested,
         "X-Key-Used": keyring.key_name,

@@ -17,15 +17,15 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    other round; with each, the server process's CPU seconds per GiB (all threads;
    /proc/<pid>/stat), which says what the encryption costs the server apart from the
    client's share of the 2 cores. The goal's figure is for uploads that
-   declare their length, as curl sends the seed's `-F file=@largeFile`: the service then
+   declare their length, as curl sends `-F file=@largeFile.bin`: the service then
    sends each chunk's ciphertext as soon as it is sealed. Beside it, in the same rounds,
    the echo through AES-GCM alone (no header, sequence numbers or tags): what the work
    every encrypting stream-back must do costs the echo, and how near the encrypt route
    comes to that. Then the same for chunked uploads, whose file length is unknown, so
    each frame is held until full (only then is it known not to be the final one), with
    the echo held the same way and no crypto as the step between. AES-256-GCM's speed
-   varies from machine to machine (2.3 GB/s in DESIGN §10; 1.5 to 18 GB/s on later
-   ones), and with it the ratios; its speed on one core is printed too.
+   varies from machine to machine (1.5 to 18 GB/s on those in docs/benchmarks.md), and
+   with it the ratios; its speed on one core is printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -53,7 +53,7 @@ best rounds' ratio, 0.083; the rounds paired at random, 0.090. From one run to t
 the machine varies more: over 25 whole runs, both figures spread alike (0.10), so a run
 says little alone, and the figures to quote are medians over many.
 
-The client is curl, which reads the response while it sends (DESIGN §10). A chunked
+The client is curl, which reads the response while it sends. A chunked
 upload is fed from a generator thread as `-F file=@/dev/stdin`: curl 7.88 reads all of a
 `-F file=@-` stdin into memory before sending, while a named non-regular file is streamed
 (chunked). An upload of declared length is `-F file=@/dev/fd/<n>`, an anonymous file in

@@ -111,7 +111,7 @@ class KeyPolicy(CamelModel):
 
 
 class KeySpec(KeyPolicy):
-    """A request to generate a key; the seed product's body works as written."""
+    """A request to generate a key: `{"kid","kty","alg","keyOps","exportable"}` works as is."""
 
     kty: str
     alg: str | None = None
