@@ -185,7 +185,9 @@ def install(app: FastAPI) -> None:
         return from_domain_error(exc).response(request.url.path)
 
     async def job_store_down(request: Request, exc: Exception) -> JSONResponse:
-        problem = Problem(503, "job-store-unavailable", f"Redis is not reachable: {exc}")
+        # redis-py's words name Redis's host and port: for the log only.
+        logger.warning("answering 503 job-store-unavailable: %s", exc)
+        problem = Problem(503, "job-store-unavailable", "the job store is not reachable")
         return problem.response(request.url.path)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -55,6 +55,7 @@ from sealstream.objects import (
     ObjectSealer,
     Sealing,
     check_placement,
+    check_recorded_message,
     opening_keyrings,
     read_stored_header,
     read_stored_layout,
@@ -301,6 +302,7 @@ async def check_object(
     placement: Placement,
     *,
     records: Records,
+    serve_unrecorded: bool,
     expected_kid: str | None,
     required_context: Mapping[str, str],
     transfers: CapacityLimiter,
@@ -308,13 +310,16 @@ async def check_object(
     """Authenticate a stored object's header and final frame: they, not the object's size
     (which whoever writes the bucket controls), say how long its plaintext is.
 
-    An object with a record must also have the size its upload recorded; one without a
-    record (written by another ESDK client, say) is served on its own authentication.
+    An object with a record must be the message its record names, of the size its upload
+    recorded; one without a record (written by another ESDK client, say) is served on its
+    own authentication only if `serve_unrecorded`, else refused (502 `object-unrecorded`).
     An object that fails is damage in storage: 502 `object-damaged`.
     """
     store, storage_key = placement.store, placement.storage_key
     size = (await run_in_threadpool(store.head, storage_key)).size
-    await run_in_threadpool(_check_against_record, records, placement, size)
+    recorded = await run_in_threadpool(
+        partial(_recorded, serve_unrecorded=serve_unrecorded), records, placement, size
+    )
     with _damage_reported(placement):
         header = await run_in_threadpool(read_stored_header, store, storage_key, size)
         opening = await run_in_threadpool(keys_for, keys, tenant, header, expected_kid)
@@ -322,6 +327,8 @@ async def check_object(
             open_message, header, opening.keyrings, required(required_context, tenant)
         )
         check_placement(header, storage_key)  # authenticated now, with the header
+        if recorded is not None:
+            check_recorded_message(header, recorded)
         layout = await to_thread.run_sync(
             read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
         )
@@ -381,18 +388,29 @@ def decrypt_object(
     )
 
 
-def _check_against_record(records: Records, placement: Placement, size: int) -> None:
-    """Refuse an object whose size differs from the one its upload recorded: cut short or
-    replaced behind the service's back. An object without a record is not refused here:
-    its final frame, checked next, vouches for its length."""
+def _recorded(
+    records: Records, placement: Placement, size: int, *, serve_unrecorded: bool
+) -> ObjectRecord | None:
+    """The object's record, refusing an object of another size than its upload recorded
+    (cut short or replaced behind the service's back). An object without a record is
+    refused unless `serve_unrecorded`: the service cannot tell it was the one to store it,
+    and whoever holds an asymmetric key's public half can make one."""
     try:
         recorded = load_record(records, placement.bucket, placement.storage_key)
     except ObjectNotFound:
-        return
+        if serve_unrecorded:
+            return None
+        logger.warning("unrecorded object %s in bucket %s", placement.storage_key, placement.bucket)
+        raise Problem(
+            502,
+            "object-unrecorded",
+            f"the service has no record of storing {placement.key!r}, so it does not serve it",
+        ) from None
     if recorded.ciphertext_size != size:
         raise _damaged(
             placement, f"it is {size} bytes; its upload recorded {recorded.ciphertext_size}"
         )
+    return recorded
 
 
 @contextmanager

@@ -7,6 +7,10 @@ with the service's settings and KEK, and reviews what it lists. Every token and 
 record it seals is listed with what it grants; records already sealed are left alone,
 and those that fail authentication are listed too (they stay refused).
 
+Once every record of a store is sealed (the record-key document says so), an upgrade
+refuses to run unless told to run `again`: an unsealed record found after that was not
+written before records were sealed, but put there since, by someone else.
+
 Token records held a plain SHA-256 of the token: they become HMAC(token-hash key, that
 SHA-256), so no token is re-issued, and their ids go into the index of ids issued before
 ids carried a MAC. Naive datetimes, which the service once accepted, are read as UTC.
@@ -32,11 +36,12 @@ from api.tokens import (
     RECORD_KIND as TOKEN_KIND,
 )
 from keystore import KeyRecord
+from keystore.recordkey import all_sealed, mark_all_sealed
 from keystore.store import RECORD_KIND as KEY_KIND
 from keystore.store import RECORD_PREFIX as KEYS_PREFIX
 from sealstream.settings import Settings
-from sealstream.wiring import open_kek, open_object_store, open_records
-from storage import ObjectNotFound, PreconditionFailed
+from sealstream.wiring import open_kek, open_object_store, open_service_records
+from storage import ObjectNotFound, PreconditionFailed, StorageError
 from storage.integrity import Records, RecordTampered, is_sealed
 from storage.records import RECORD_KIND as OBJECT_KIND
 from storage.records import RECORDS_PREFIX as OBJECTS_PREFIX
@@ -53,7 +58,7 @@ class UpgradeReport:
 
     tokens: list[TokenRecord] = field(default_factory=list)
     keys: list[KeyRecord] = field(default_factory=list)
-    others: dict[str, int] = field(default_factory=dict)  # kind → how many sealed
+    others: dict[str, list[str]] = field(default_factory=dict)  # kind → the names sealed
     already_sealed: int = 0
     refused: list[str] = field(default_factory=list)  # sealed, yet not authentic
     unreadable: list[str] = field(default_factory=list)  # not a record of its kind at all
@@ -73,8 +78,9 @@ class UpgradeReport:
                 f"  exportable {str(key.exportable).lower()}  keyOps {','.join(key.key_ops)}"
                 f"  versions {len(key.versions)}"
             )
-        for kind, count in sorted(self.others.items()):
-            yield f"sealed {count} {kind} records"
+        for kind, names in sorted(self.others.items()):
+            yield f"sealed {len(names)} {kind} records:"
+            yield from (f"  {name}" for name in names)
         yield f"left {self.already_sealed} records alone: sealed already"
         for name in self.refused:
             yield f"REFUSED (sealed, but not by this service's key): {name}"
@@ -82,11 +88,23 @@ class UpgradeReport:
             yield f"UNREADABLE (left as it is, and refused): {name}"
 
 
-def upgrade_records(settings: Settings) -> UpgradeReport:
+class AlreadySealed(Exception):
+    """Every record of the store was sealed already: there is nothing from before."""
+
+
+def upgrade_records(settings: Settings, *, again: bool = False) -> UpgradeReport:
     """Seal every record of the store that `settings` name written before records were
-    sealed; see the module docstring."""
+    sealed; see the module docstring. Once that is done for a store (or if it never held
+    records from before), `AlreadySealed` unless `again`: an unsealed record there now was
+    put there since, by someone else."""
     objects = open_object_store(settings)
-    records = open_records(objects, open_kek(settings), upgrading=True)
+    records = open_service_records(settings, objects, open_kek(settings), upgrading=True)
+    if all_sealed(records.key, objects, records.store_id) and not again:
+        raise AlreadySealed(
+            "every record of this store has been sealed already, so an unsealed record found "
+            "there now was not written before records were sealed: find out who wrote it "
+            "before you run this again with --again, which seals what it lists"
+        )
     hasher = TokenHasher(records)
     report = UpgradeReport()
     tokens = _seal_all(records, TOKEN_KIND, TOKENS_PREFIX, _token_upgrade(hasher), report)
@@ -98,19 +116,25 @@ def upgrade_records(settings: Settings) -> UpgradeReport:
         (OBJECT_KIND, OBJECTS_PREFIX, ObjectRecord.model_validate),
         (REPORT_KIND, REPORTS_PREFIX, JobRecord.model_validate),
     ):
-        report.others[kind] = len(_seal_all(records, kind, prefix, upgrade, report))
+        _seal_all(records, kind, prefix, upgrade, report)
+    mark_all_sealed(records.key, objects, records.store_id)
     return report
 
 
 def _seal_all(
     records: Records, kind: str, prefix: str, upgrade: Upgrade, report: UpgradeReport
 ) -> list[BaseModel]:
+    """Seal the unsealed records under `prefix`; the tokens and keys sealed are returned,
+    other kinds' names go into `report.others`."""
     sealed = []
     for info in list(records.store.list(prefix)):
         kind_here, upgrade_here = _journal(info.key) or (kind, upgrade)
         try:
             data = records.store.get(info.key)
         except ObjectNotFound:
+            continue  # deleted since it was listed
+        except StorageError:
+            report.unreadable.append(info.key)
             continue
         if is_sealed(data):
             _check(records, kind_here, info.key, data, report)
@@ -125,10 +149,10 @@ def _seal_all(
         except (PreconditionFailed, ObjectNotFound):
             report.unreadable.append(info.key)  # changed meanwhile: run the upgrade again
             continue
-        if kind_here == kind:
+        if kind_here in (TOKEN_KIND, KEY_KIND):
             sealed.append(record)
         else:
-            report.others[kind_here] = report.others.get(kind_here, 0) + 1
+            report.others.setdefault(kind_here, []).append(info.key)
     return sealed
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import Field, SecretStr, ValidationError
@@ -91,10 +92,21 @@ class UpgradeRecords(Settings):
 
     model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
 
-    def cli_cmd(self) -> None:
-        from api.upgrade import upgrade_records
+    again: CliImplicitFlag[bool] = Field(
+        False,
+        description="seal unsealed records found in a store whose records were all sealed "
+        "already: someone else put them there, so review what this lists",
+    )
 
-        for line in upgrade_records(self).lines():
+    def cli_cmd(self) -> None:
+        from api.upgrade import AlreadySealed, upgrade_records
+        from sealstream.wiring import ConfigurationError
+
+        try:
+            report = upgrade_records(self, again=self.again)
+        except (AlreadySealed, ConfigurationError) as exc:
+            _fail(f"cannot upgrade: {exc}", EXIT_FAILED)
+        for line in report.lines():
             print(line)
 
 
@@ -359,18 +371,25 @@ def is_loopback(host: str) -> bool:
 
 
 def warn_if_exposed(settings: Settings) -> None:
-    """A loud warning when plain HTTP is served where the network can reach it."""
-    if settings.tls_cert or is_loopback(settings.host):
-        return
-    lines = [
-        "!" * 78,
-        f"WARNING: serving plain HTTP on {settings.host!r}, which is not a loopback address.",
-        "Tokens, key material and plaintext cross the network unencrypted. Serve HTTPS with",
-        "--tls-cert and --tls-key (SEALSTREAM_TLS_CERT, SEALSTREAM_TLS_KEY), or keep the",
-        "API on 127.0.0.1 behind a proxy that terminates TLS.",
-        "!" * 78,
-    ]
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    """A loud warning when plain HTTP crosses a network: served, or spoken to KMS."""
+    if not settings.tls_cert and not is_loopback(settings.host):
+        _warn(
+            f"WARNING: serving plain HTTP on {settings.host!r}, which is not a loopback address.",
+            "Tokens, key material and plaintext cross the network unencrypted. Serve HTTPS with",
+            "--tls-cert and --tls-key (SEALSTREAM_TLS_CERT, SEALSTREAM_TLS_KEY), or keep the",
+            "API on 127.0.0.1 behind a proxy that terminates TLS.",
+        )
+    kms = urlsplit(settings.kms_endpoint_url or "")
+    if settings.kms_key_id and kms.scheme == "http" and not is_loopback(kms.hostname or ""):
+        _warn(
+            f"WARNING: KMS at {kms.hostname!r} over plain HTTP, not a loopback address.",
+            "Every key the service unwraps, and its record key, cross the network unencrypted.",
+            "Give SEALSTREAM_KMS_ENDPOINT_URL an https:// URL.",
+        )
+
+
+def _warn(*lines: str) -> None:
+    print("\n".join(["!" * 78, *lines, "!" * 78]), file=sys.stderr, flush=True)
 
 
 def _announce(settings: Settings, generated_token: SecretStr | None) -> None:

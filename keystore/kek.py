@@ -36,7 +36,8 @@ _NONCE_LENGTH = 12
 _TAG_LENGTH = 16
 _KMS_CONTEXT_KEY = "sealstream:record"
 RECORD_KEY_LENGTH = 32
-# What the record key is bound to: HKDF's info for a local KEK, the AAD of a KMS one.
+# What the record key is bound to (with the store's id): HKDF's info for a local KEK, the
+# encryption context of a KMS one.
 RECORD_KEY_LABEL = b"sealstream/record-key/v1"
 
 
@@ -56,9 +57,12 @@ class Kek(ABC):
         """Readiness probe: `KekError` when the KEK cannot be used."""
 
     @abstractmethod
-    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
-        """The record key, and what must be stored to get it back (None if nothing):
-        from `wrapped`, what an earlier call returned, or new if that is None."""
+    def record_key(self, store: str, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+        """The record key of the store whose id is `store`, and what must be stored to get
+        it back (None if nothing): from `wrapped`, what an earlier call returned, or new
+        if that is None. Another store's id gives another key, so stores that share a KEK
+        (a clone restored from a backup, say) cannot pass their records off as each
+        other's."""
 
 
 class LocalKek(Kek):
@@ -159,9 +163,10 @@ class LocalKek(Kek):
     def check(self) -> None:
         """Nothing can go wrong after construction: the key is in memory."""
 
-    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+    def record_key(self, store: str, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
         # HKDF with its own label: the KEK itself only ever keys AES-GCM wraps.
-        hkdf = HKDF(hashes.SHA256(), RECORD_KEY_LENGTH, salt=None, info=RECORD_KEY_LABEL)
+        info = record_key_binding(store)
+        hkdf = HKDF(hashes.SHA256(), RECORD_KEY_LENGTH, salt=None, info=info)
         return hkdf.derive(self._key), None
 
 
@@ -209,14 +214,15 @@ class KmsKek(Kek):
         if not usable:
             raise KekError(f"the KMS key {self.key_id!r} is not an enabled encryption key")
 
-    def record_key(self, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+    def record_key(self, store: str, wrapped: bytes | None) -> tuple[bytes, bytes | None]:
+        binding = record_key_binding(store)
         if wrapped is not None:
-            return self.unwrap(wrapped, RECORD_KEY_LABEL), wrapped
+            return self.unwrap(wrapped, binding), wrapped
         try:
             response = self._client.generate_data_key(
                 KeyId=self.key_id,
                 NumberOfBytes=RECORD_KEY_LENGTH,
-                EncryptionContext=_kms_context(RECORD_KEY_LABEL),
+                EncryptionContext=_kms_context(binding),
             )
         except (BotoCoreError, ClientError) as error:
             raise KekError(f"KMS GenerateDataKey failed: {_describe(error)}") from None
@@ -240,6 +246,11 @@ def _keep_kms_plaintext_out_of_botocore_logs() -> None:
         logger = logging.getLogger(name)
         if _KMS_PLAINTEXT_FILTER not in logger.filters:
             logger.addFilter(_KMS_PLAINTEXT_FILTER)
+
+
+def record_key_binding(store: str) -> bytes:
+    """What a store's record key is bound to; '|' cannot occur in the label."""
+    return RECORD_KEY_LABEL + b"|" + store.encode("utf-8")
 
 
 def _unreadable_kek() -> KekError:

@@ -1,15 +1,26 @@
 """The record key's document in the bucket: which key the store's records are sealed under.
 
-`sealstream/record-key.json` names the record key by its id (and, with KMS, holds the key
-wrapped by KMS). Written at a store's first start, it then tells three things apart:
-- a KEK that is not the store's own (its record key has another id): the service refuses
-  to start, and `/readyz` says so, rather than failing every key operation later;
-- a store set up before records were sealed (records, but no document): the service
+`sealstream/record-key.json` names the store's record key by its id, the store it belongs
+to, and (with KMS) holds the key wrapped by KMS; it is authenticated by a key derived from
+the record key, so it cannot be altered or moved to another store. It tells these apart:
+- a KEK (or store id) that is not the store's own: the records were sealed under another
+  key, so the service refuses to start, and `/readyz` says so, rather than failing every
+  key operation later;
+- a store set up before records were sealed (unsealed records, no document): the service
   refuses to start until `sealstream upgrade-records` has sealed them, since sealing
   blesses whatever the bucket holds at that moment and is an operator's decision;
-- a new store (neither): the document is written and the service starts.
+- a store whose document went missing though its records are sealed: with a local KEK the
+  key is derived again and the document written back; with KMS the wrapped key is gone,
+  and only a backup of the document brings the store back;
+- a new store: the document is written and the service starts.
+
+`allSealed` says that every record of the store has been sealed (from its first start,
+or by a finished upgrade): an upgrade then refuses to run again unless told to, since an
+unsealed record found later was not written before records were sealed.
 """
 
+import base64
+import hmac
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -19,17 +30,23 @@ from keystore.errors import KekError, KeystoreError
 from keystore.kek import Kek
 from keystore.records import Base64Bytes, CamelModel
 from storage import ObjectExists, ObjectNotFound, ObjectStore
-from storage.integrity import RecordKey
+from storage.integrity import RecordKey, canonical_json, is_sealed, sealed_by
 
 DOCUMENT_KEY = "sealstream/record-key.json"
-# Where a store kept records before they were sealed; any object here means it did.
+# Where a store keeps the records its first start looks at to tell what it is.
 RECORD_PREFIXES = ("sealstream/tokens/", "sealstream/keys/")
 
 
 class KekMismatch(KekError):
-    """The KEK in use is not the one the store's records were sealed under."""
+    """The KEK or store id in use is not the one the store's records were sealed under."""
 
     code = "kek-mismatch"
+
+
+class RecordKeyMissing(KekError):
+    """The store's records are sealed, and the document that holds their key is gone."""
+
+    code = "record-key-missing"
 
 
 class StoreNeedsUpgrade(KeystoreError):
@@ -39,55 +56,113 @@ class StoreNeedsUpgrade(KeystoreError):
 
 
 class RecordKeyDocument(CamelModel):
-    format: Literal["sealstream-record-key/1"] = "sealstream-record-key/1"
+    format: Literal["sealstream-record-key/2"] = "sealstream-record-key/2"
     key_id: str
+    store: str
     wrapped_key: Base64Bytes | None = None
+    all_sealed: bool
     created_at: AwareDatetime
+    mac: str = ""
+
+    def signed(self, key: RecordKey) -> "RecordKeyDocument":
+        return self.model_copy(update={"mac": self._mac(key)})
+
+    def authentic(self, key: RecordKey) -> bool:
+        return hmac.compare_digest(self.mac, self._mac(key))
+
+    def _mac(self, key: RecordKey) -> str:
+        fields = self.model_dump(mode="json", exclude={"mac"})
+        digest = hmac.digest(key.derive("record-key-document"), canonical_json(fields), "sha256")
+        return base64.b64encode(digest).decode("ascii")
 
 
-def open_record_key(kek: Kek, objects: ObjectStore, *, upgrading: bool = False) -> RecordKey:
-    """The store's record key, checked against its document (written first if the store
-    is new, or if `upgrading` one from before records were sealed)."""
+def open_record_key(
+    kek: Kek, objects: ObjectStore, store: str, *, upgrading: bool = False
+) -> RecordKey:
+    """The record key of the store `objects`, whose id is `store`, checked against its
+    document (see the module docstring for each case)."""
     document = _read(objects)
     if document is None:
-        if not upgrading and holds_unsealed_records(objects):
+        return _set_up(kek, objects, store, upgrading=upgrading)
+    material, _ = kek.record_key(store, document.wrapped_key)
+    key = RecordKey(material)
+    _check(document, key, store)
+    return key
+
+
+def check_record_key(key: RecordKey, objects: ObjectStore, store: str) -> None:
+    """Readiness: the store's document still names this key (`KekMismatch` if not)."""
+    _checked(key, objects, store)
+
+
+def all_sealed(key: RecordKey, objects: ObjectStore, store: str) -> bool:
+    """Whether every record of the store has been sealed (see the module docstring)."""
+    return _checked(key, objects, store).all_sealed
+
+
+def mark_all_sealed(key: RecordKey, objects: ObjectStore, store: str) -> None:
+    """Say in the document that every record of the store is sealed now."""
+    document = _checked(key, objects, store)
+    marked = document.model_copy(update={"all_sealed": True}).signed(key)
+    objects.put(DOCUMENT_KEY, marked.model_dump_json().encode())
+
+
+def _set_up(kek: Kek, objects: ObjectStore, store: str, *, upgrading: bool) -> RecordKey:
+    """The record key of a store without a document, which is written now."""
+    sample = _first_record(objects)
+    if sample is None:
+        return _create(kek, objects, store, all_sealed=True)  # a new store
+    if not is_sealed(sample):
+        if not upgrading:
             raise StoreNeedsUpgrade(
                 "this store holds records written before records were sealed: run "
                 "`sealstream upgrade-records` once, with the same settings, and review "
                 "what it lists"
             )
-        return _create(kek, objects)
-    material, _ = kek.record_key(document.wrapped_key)
+        return _create(kek, objects, store, all_sealed=False)
+    material, wrapped = kek.record_key(store, None)
     key = RecordKey(material)
-    _check(document, key)
-    return key
+    if wrapped is not None:
+        raise RecordKeyMissing(
+            f"the store's records are sealed but its record-key document ({DOCUMENT_KEY}) "
+            "is missing, and with KMS it holds the only copy of their key: restore it from "
+            "a backup"
+        )
+    if sealed_by(sample) != key.key_id:
+        raise KekMismatch(
+            "the KEK (or store id) is not the one this store's records were sealed under"
+        )
+    # Derived from the KEK again, and the store's own records confirm it: write it back.
+    return _create(kek, objects, store, all_sealed=True)
 
 
-def check_record_key(key: RecordKey, objects: ObjectStore) -> None:
-    """Readiness: the store's document still names this key (`KekMismatch` if not)."""
-    document = _read(objects)
-    if document is None:
-        raise KekMismatch("the store's record-key document is missing")
-    _check(document, key)
-
-
-def holds_unsealed_records(objects: ObjectStore) -> bool:
-    return any(next(iter(objects.list(prefix)), None) for prefix in RECORD_PREFIXES)
-
-
-def _create(kek: Kek, objects: ObjectStore) -> RecordKey:
-    material, wrapped = kek.record_key(None)
+def _create(kek: Kek, objects: ObjectStore, store: str, *, all_sealed: bool) -> RecordKey:
+    material, wrapped = kek.record_key(store, None)
     key = RecordKey(material)
     document = RecordKeyDocument(
-        key_id=key.key_id, wrapped_key=wrapped, created_at=datetime.now(UTC)
-    )
+        key_id=key.key_id,
+        store=store,
+        wrapped_key=wrapped,
+        all_sealed=all_sealed,
+        created_at=datetime.now(UTC),
+    ).signed(key)
     try:
         objects.put(DOCUMENT_KEY, document.model_dump_json().encode(), if_absent=True)
     except ObjectExists:
         # Another process set the store up first: use its key (for KMS, a new one was
         # generated here and is dropped unused).
-        return open_record_key(kek, objects, upgrading=True)
+        return open_record_key(kek, objects, store, upgrading=True)
     return key
+
+
+def _first_record(objects: ObjectStore) -> bytes | None:
+    for prefix in RECORD_PREFIXES:
+        for info in objects.list(prefix):
+            try:
+                return objects.get(info.key)
+            except ObjectNotFound:
+                continue  # deleted since it was listed
+    return None
 
 
 def _read(objects: ObjectStore) -> RecordKeyDocument | None:
@@ -101,9 +176,20 @@ def _read(objects: ObjectStore) -> RecordKeyDocument | None:
         raise KekMismatch(f"the store's record-key document ({DOCUMENT_KEY}) is damaged") from None
 
 
-def _check(document: RecordKeyDocument, key: RecordKey) -> None:
-    if document.key_id != key.key_id:
+def _checked(key: RecordKey, objects: ObjectStore, store: str) -> RecordKeyDocument:
+    document = _read(objects)
+    if document is None:
+        raise RecordKeyMissing("the store's record-key document is missing")
+    _check(document, key, store)
+    return document
+
+
+def _check(document: RecordKeyDocument, key: RecordKey, store: str) -> None:
+    if document.key_id != key.key_id or document.store != store:
         raise KekMismatch(
-            "the KEK is not the one this store was set up with: its records were sealed "
-            f"under record key {document.key_id}, and this KEK gives {key.key_id}"
+            f"the KEK is not the one store {store!r} was set up with: its records were "
+            f"sealed under record key {document.key_id} (store {document.store!r}), and "
+            f"this KEK gives {key.key_id}"
         )
+    if not document.authentic(key):
+        raise KekMismatch(f"the store's record-key document ({DOCUMENT_KEY}) is not authentic")

@@ -52,8 +52,14 @@ from keystore.records import (
     KeyVersion,
     check_kid,
 )
-from storage import ObjectExists, ObjectNotFound, PreconditionFailed, StorageError
-from storage.integrity import Records, RecordTampered
+from storage import (
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+)
+from storage.integrity import Records
 
 RECORD_KIND = "key"
 RECORD_PREFIX = "sealstream/keys/"
@@ -437,7 +443,9 @@ class KeyStore:
                 record = self._read(tenant, kid)
             except KeyNotFound:
                 continue  # deleted since it was listed
-            except (CorruptRecord, RecordTampered) as error:
+            except StorageUnavailable:
+                raise  # the next sweep tries again
+            except (CorruptRecord, StorageError) as error:
                 # One bad record must not stop the sweep for every other key.
                 logger.warning("skipping key %r of tenant %r: %s", kid, tenant, error)
                 continue

@@ -90,6 +90,27 @@ def check_placement(header: Header, storage_key: str) -> None:
         raise MisplacedObject("the message was sealed for another object")
 
 
+class ReplacedObject(MessageFormatError):
+    """A stored message that is not the one its record says the service stored there:
+    another message, authentic under the same key, put in its place."""
+
+    code = "object-replaced"
+
+
+def header_digest(header: Header) -> str:
+    return hashlib.sha256(header.to_bytes()).hexdigest()
+
+
+def check_recorded_message(header: Header, recorded: ObjectRecord) -> None:
+    """Refuse a message, whose header has authenticated, that is not the one `recorded`
+    names. Anyone holding an asymmetric key's public half can seal an authentic message
+    for it with any context, even its message ID; not one with the same key commitment,
+    which only the data key gives. Only the record, which the service sealed, tells the
+    message it stored from one made to look like it."""
+    if recorded.header_sha256 is not None and recorded.header_sha256 != header_digest(header):
+        raise ReplacedObject("the message is not the one stored there")
+
+
 def client_context(context: Mapping[str, str]) -> dict[str, str]:
     """A message's context without the pairs the service added: what its client gave."""
     return {k: v for k, v in context.items() if not k.startswith(RESERVED_CONTEXT_PREFIX)}
@@ -121,6 +142,7 @@ def sealed_record(
         ciphertext_size=stored.size,
         etag=stored.etag,
         created_at=datetime.now(UTC),
+        header_sha256=header_digest(sealing.encryptor.header),
     )
 
 

@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     kek_file: Path | None = Field(
         None, description="file holding the 32-byte key-encryption key (generated if absent)"
     )
+    serve_unrecorded_objects: bool = Field(
+        False,
+        description="decrypt stored objects the service has no record of storing (put in the "
+        "bucket by another ESDK client, say), on their own authentication; anyone who can "
+        "write the bucket and holds an asymmetric key's public half can make such an object",
+    )
+    store_id: str | None = Field(
+        None,
+        description="the name the store's records are bound to (default: its bucket, or for "
+        "a local directory its name); set it to the original's on a replica that takes over "
+        "the original's records",
+    )
     kms_key_id: str | None = Field(
         None, description="AWS KMS key that wraps key material instead of a KEK file"
     )

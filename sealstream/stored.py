@@ -12,7 +12,12 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage
-from sealstream.objects import check_placement, required_context
+from sealstream.objects import (
+    ReplacedObject,
+    check_placement,
+    check_recorded_message,
+    required_context,
+)
 from storage import ObjectStore
 from storage.readahead import ReadAhead
 from storage.records import ObjectRecord
@@ -67,8 +72,14 @@ def open_stored(
 
 def check_against_record(decryptor: Decryptor, sha256: str, recorded: ObjectRecord) -> None:
     """Once the whole object has been read (`sha256`: its plaintext's, in hex): require
-    its final frame, and the plaintext's size and SHA-256 recorded at upload."""
+    its final frame, the message its record names, and the plaintext's size and SHA-256
+    recorded at upload."""
     decryptor.finish()
+    assert decryptor.header is not None
+    try:
+        check_recorded_message(decryptor.header, recorded)
+    except ReplacedObject as replaced:
+        raise RecordMismatch(replaced.code, str(replaced)) from None
     if decryptor.plaintext_length != recorded.plaintext_size:
         raise RecordMismatch(
             "plaintext-size-mismatch",

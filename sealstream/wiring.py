@@ -18,7 +18,12 @@ import boto3
 from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
-from keystore.recordkey import KekMismatch, StoreNeedsUpgrade, open_record_key
+from keystore.recordkey import (
+    KekMismatch,
+    RecordKeyMissing,
+    StoreNeedsUpgrade,
+    open_record_key,
+)
 from sealstream.settings import Settings
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
@@ -82,14 +87,19 @@ def open_kek(settings: Settings) -> Kek:
         return LocalKek.load_or_create(storage_dir / EMBEDDED_KEK_NAME)
 
 
-def open_records(objects: ObjectStore, kek: Kek, *, upgrading: bool = False) -> Records:
-    """The service's own store, its records sealed under the record key the KEK gives.
+def open_records(
+    objects: ObjectStore, kek: Kek, *, store_id: str | None = None, upgrading: bool = False
+) -> Records:
+    """The service's own store, its records sealed under the record key the KEK gives for
+    `store_id` (by default the store's bucket name).
 
     The key is looked for now, so that a KEK that is not the store's own, or a store that
     needs `sealstream upgrade-records`, stops a process at its start; a store that cannot
     be reached yet only defers that to the first request that needs a record.
     """
-    records = Records(objects, partial(open_record_key, kek, objects, upgrading=upgrading))
+    store = store_id or objects.bucket
+    source = partial(open_record_key, kek, objects, store, upgrading=upgrading)
+    records = Records(objects, source, store_id=store)
     try:
         _ = records.key
     except StorageUnavailable as error:
@@ -97,13 +107,15 @@ def open_records(objects: ObjectStore, kek: Kek, *, upgrading: bool = False) -> 
     return records
 
 
-def open_service_records(settings: Settings, objects: ObjectStore, kek: Kek) -> Records:
+def open_service_records(
+    settings: Settings, objects: ObjectStore, kek: Kek, *, upgrading: bool = False
+) -> Records:
     """`open_records` for a process that serves: a KEK that is not the store's own, or a
     store that needs upgrading, as a `ConfigurationError` naming what to fix."""
     kek_setting = "SEALSTREAM_KMS_KEY_ID" if settings.kms_key_id else "SEALSTREAM_KEK_FILE"
     try:
-        return open_records(objects, kek)
-    except KekMismatch as error:
+        return open_records(objects, kek, store_id=settings.store_id, upgrading=upgrading)
+    except (KekMismatch, RecordKeyMissing) as error:
         raise ConfigurationError(f"{kek_setting}: {error}") from error
     except StoreNeedsUpgrade as error:
         raise ConfigurationError(f"SEALSTREAM_STORAGE_URL: {error}") from error

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from storage.base import ObjectInfo, ObjectStore
-from storage.errors import ObjectNotFound, StorageError
+from storage.errors import ObjectNotFound, StorageError, StorageUnavailable
 
 FORMAT = "sealstream-record/1"
 KEY_LENGTH = 32
@@ -98,11 +98,7 @@ def unseal(key: RecordKey, kind: str, name: str, data: bytes, model: type[Model]
     key sealed there, as a `kind`, and is a valid `model`."""
     document = _document(data, name)
     if document.get("format") != FORMAT:
-        raise RecordTampered(
-            "not a sealed record: written before records were sealed (run `sealstream "
-            "upgrade-records`), or not by this service",
-            name,
-        )
+        raise RecordTampered("not a sealed record: not written by this service", name)
     if document.get("macKey") != key.key_id:
         raise RecordTampered(f"sealed under another key ({document.get('macKey')!r})", name)
     try:
@@ -125,11 +121,19 @@ def unseal(key: RecordKey, kind: str, name: str, data: bytes, model: type[Model]
 def is_sealed(data: bytes) -> bool:
     """Whether `data` has the sealed form at all (authentic or not); for the upgrade of
     records written before they were sealed."""
+    return sealed_by(data) is not None
+
+
+def sealed_by(data: bytes) -> str | None:
+    """The id of the key `data` says it is sealed under, if it has the sealed form at all
+    (authentic or not)."""
     try:
         document = json.loads(data)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(document, dict) and document.get("format") == FORMAT
+        return None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        return None
+    return str(document.get("macKey"))
 
 
 def canonical_json(value: Any) -> bytes:
@@ -180,8 +184,15 @@ class Records:
     process starts.
     """
 
-    def __init__(self, store: ObjectStore, key_source: RecordKey | Callable[[], RecordKey]) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        key_source: RecordKey | Callable[[], RecordKey],
+        *,
+        store_id: str | None = None,
+    ) -> None:
         self.store = store
+        self.store_id = store_id or store.bucket  # whose records these are
         self._key = key_source if isinstance(key_source, RecordKey) else None
         self._source = key_source
         self._lock = threading.Lock()
@@ -210,12 +221,7 @@ class Records:
     def get(self, kind: str, name: str, model: type[Model]) -> Model:
         """The record at `name`: `ObjectNotFound` if there is none, `RecordTampered` if
         it is not authentic."""
-        size = self.store.head(name).size
-        if size > MAX_RECORD_BYTES:
-            refusal = RecordTampered(f"{size} bytes, larger than any record", name)
-            note_refusal(kind, refusal)
-            raise refusal
-        return self.open(kind, name, self.store.get(name), model)
+        return self.open(kind, name, self._read(kind, name), model)
 
     def open(self, kind: str, name: str, data: bytes, model: type[Model]) -> Model:
         """`data`, read from `name` by other means, authenticated as `get` does."""
@@ -226,10 +232,26 @@ class Records:
             raise
 
     def all(self, kind: str, prefix: str, model: type[Model]) -> Iterator[tuple[str, Model]]:
-        """Every authentic record under `prefix` (skipping, but counting, those that are
-        not): for listings, where one bad record must not hide the rest."""
+        """Every authentic record under `prefix`, skipping (and logging) those that are
+        not or cannot be read: for listings, where one bad record must not hide the rest.
+        Storage that cannot be reached at all still fails the listing."""
         for info in self.store.list(prefix):
             try:
                 yield info.key, self.get(kind, info.key, model)
-            except (RecordTampered, ObjectNotFound):
-                continue  # refused and counted, or deleted since it was listed
+            except (ObjectNotFound, RecordTampered):
+                continue  # deleted since it was listed, or refused and counted
+            except StorageUnavailable:
+                raise
+            except StorageError as error:
+                logger.warning("skipping the %s record %s: %s", kind, info.key, error)
+
+    def _read(self, kind: str, name: str) -> bytes:
+        """The stored bytes of `name`, refused if larger than any record. The size is
+        asked first, then the bytes read whole: a record replaced between the two (by the
+        service's own conditional writes, which races are part of) is read as it is then."""
+        size = self.store.head(name).size
+        if size > MAX_RECORD_BYTES:
+            refusal = RecordTampered(f"{size} bytes, larger than any record", name)
+            note_refusal(kind, refusal)
+            raise refusal
+        return self.store.get(name)

@@ -4,11 +4,14 @@ Whoever can write the bucket controls a stored object's size, so before anything
 answered the object's header and its final frame must authenticate, and its size must be
 the one they imply. A damaged object (cut, extended, tampered) is refused by every range
 form and whole, record or no record, before a byte of body; an object without a record
-(written by the aws-encryption-sdk package, say) is served on its own authentication; and
-no `Range` header, however hostile, gets a 5xx.
+(written by the aws-encryption-sdk package, say) is refused, or served on its own
+authentication where `SEALSTREAM_SERVE_UNRECORDED_OBJECTS` allows it; and no `Range`
+header, however hostile, gets a 5xx.
 """
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import aws_encryption_sdk
 import httpx
@@ -25,7 +28,7 @@ from envelope import PROVIDER_ID
 from keystore.algorithms import b64url
 from sealstream.objects import TENANT_CONTEXT_KEY
 from storage.records import delete_record
-from tests.conftest import Api
+from tests.conftest import Api, api_settings, live_api
 from tests.stream_helpers import (
     DECRYPT,
     KEYS,
@@ -81,6 +84,14 @@ def damaged_versions(message: bytes) -> dict[str, bytes]:
     }
 
 
+@pytest.fixture(params=["local", "s3"])
+def lenient_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
+    """A live server of each backend that serves objects it has no record of."""
+    settings = api_settings(request.param, tmp_path, request)
+    with live_api(settings.model_copy(update={"serve_unrecorded_objects": True})) as api:
+        yield api
+
+
 def refused_as_damaged(response: httpx.Response, key: str) -> None:
     """A 502 problem before any body, naming the object as the client did, never by its
     storage key."""
@@ -89,7 +100,10 @@ def refused_as_damaged(response: httpx.Response, key: str) -> None:
 
 
 @pytest.mark.parametrize("record", [True, False], ids=["record-kept", "record-deleted"])
-def test_a_damaged_object_is_refused_by_every_range_and_whole(api: Api, record: bool) -> None:
+def test_a_damaged_object_is_refused_by_every_range_and_whole(
+    lenient_api: Api, record: bool
+) -> None:
+    api = lenient_api
     with api.client() as client:
         create_key(client)
         for name, content in damaged_versions(
@@ -151,10 +165,10 @@ def store_without_record(api: Api, client: httpx.Client, writer: str, data: byte
     ids=["sealstream", "aws-encryption-sdk", "aws-encryption-sdk-whole-frames"],
 )
 def test_an_object_without_a_record_is_served_on_its_own_authentication(
-    api: Api, writer: str, size: int
+    lenient_api: Api, writer: str, size: int
 ) -> None:
     """Served whole and by every range exactly; cut at a frame boundary, refused."""
-    data = DATA[:size]
+    api, data = lenient_api, DATA[:size]
     with api.client() as client:
         create_key(client)
         key = store_without_record(api, client, writer, data)
@@ -165,6 +179,17 @@ def test_an_object_without_a_record_is_served_on_its_own_authentication(
         api.objects.put(storage_key, message[: frame_offset(message, frame_count(message) // 2)])
         for range_header in RANGE_FORMS:
             refused_as_damaged(read_object(client, key, range_header), key)
+
+
+@pytest.mark.parametrize("writer", ["sealstream", "aws-encryption-sdk"])
+def test_an_object_without_a_record_is_refused_by_default(api: Api, writer: str) -> None:
+    """Nothing says the service stored it: anyone with a public key could have."""
+    with api.client() as client:
+        create_key(client)
+        key = store_without_record(api, client, writer, DATA)
+        for range_header in RANGE_FORMS:
+            body = problem(read_object(client, key, range_header), 502, "object-unrecorded")
+            assert repr(key) in body["detail"] and "tenants/" not in body["detail"], body
 
 
 # Range headers, hostile or odd: a 206, a 416, or ignored (the whole plaintext); never a 5xx

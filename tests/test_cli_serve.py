@@ -94,6 +94,9 @@ def test_no_credential_is_printed_logged_or_answered(tmp_path: Path) -> None:
         assert client.post("/api/key-management/keys", json=SEED_KEY).status_code == 201
         stored = encrypt(client, b"x", destination={"key": "k"})
         seen.append(problem(stored, 503, "job-queue-unavailable")["detail"])
+    # Nor does an answer name where Redis is: that is for the log.
+    redis_address = redis_url.split("@")[1].split("/")[0]
+    assert [detail for detail in seen if redis_address in detail] == []
     seen += served.output
     banners = served.banner
     with (
@@ -162,6 +165,23 @@ def test_plain_http_off_loopback_is_warned_about(
     certificate, key = self_signed_certificate(tmp_path)
     warn_if_exposed(Settings(host=host, tls_cert=certificate, tls_key=key))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warned"),
+    [
+        ("http://kms.internal:4566", True),
+        ("http://10.0.0.7", True),
+        ("https://kms.internal", False),
+        ("http://127.0.0.1:4566", False),
+        (None, False),
+    ],
+)
+def test_kms_over_plain_http_off_loopback_is_warned_about(
+    endpoint: str | None, warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    warn_if_exposed(Settings(kms_key_id="alias/kek", kms_endpoint_url=endpoint))
+    assert ("WARNING: KMS at" in capsys.readouterr().err) is warned
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import boto3
 import pytest
 
 from keystore import KekError, KeySpec, KeyStore, KmsKek, LocalKek
+from keystore.recordkey import DOCUMENT_KEY, RecordKeyMissing
 from sealstream.wiring import open_records
 from storage import LocalStore
 from tests.envelope_helpers import decrypt_all, encrypt_all
@@ -169,3 +170,28 @@ def test_a_key_store_works_under_the_kms_kek(kms_kek: KmsKek, tmp_path: Path) ->
     fresh = KeyStore(open_records(LocalStore(tmp_path / "bucket"), kms_kek), kms_kek)
     _, keyrings = fresh.decryption_keyrings("acme", "k")
     assert decrypt_all(keyrings, message) == b"under KMS"
+
+
+def test_a_lost_kms_record_key_is_not_replaced_by_a_new_one(
+    kms_kek: KmsKek, tmp_path: Path
+) -> None:
+    """With KMS the document holds the only copy of the record key: without it the store
+    refuses to open, even to an upgrade, rather than seal anything under a new key."""
+    store = LocalStore(tmp_path / "bucket")
+    KeyStore(open_records(store, kms_kek), kms_kek).create("acme", KeySpec(kid="k", kty="oct"))
+    store.delete(DOCUMENT_KEY)
+    for upgrading in (False, True):
+        with pytest.raises(RecordKeyMissing, match="restore it from a backup"):
+            open_records(LocalStore(tmp_path / "bucket"), kms_kek, upgrading=upgrading)
+    assert not store.pending_uploads() and [i.key for i in store.list(DOCUMENT_KEY)] == []
+
+
+def test_a_kms_record_key_belongs_to_one_store(kms_kek: KmsKek, tmp_path: Path) -> None:
+    """Two stores under one KMS key: one's record-key document, copied into the other,
+    does not open there (its KMS encryption context names its own store)."""
+    first, second = LocalStore(tmp_path / "first"), LocalStore(tmp_path / "second")
+    open_records(first, kms_kek)
+    open_records(second, kms_kek)
+    second.put(DOCUMENT_KEY, first.get(DOCUMENT_KEY))
+    with pytest.raises(KekError):
+        open_records(second, kms_kek)

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api import create_app
 from api.tokens import (
@@ -24,8 +25,10 @@ from api.tokens import (
     TokenStore,
     token_record_key,
 )
-from api.upgrade import upgrade_records
+from api.upgrade import AlreadySealed, upgrade_records
+from envelope import Encryptor, HeaderReader, RsaKeyring
 from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
+from keystore.algorithms import jwk_bytes
 from keystore.recordkey import DOCUMENT_KEY
 from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
@@ -213,6 +216,41 @@ def test_an_object_copied_over_another_is_refused(api: Api) -> None:
         assert read_object(admin, "b").content == data["b"]
 
 
+def test_a_message_made_with_a_public_key_is_not_served_in_a_stored_objects_place(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone can seal a message for an RSA key from its public half, with any context
+    and any message ID: the stored object's own pairs and ID, its frame length, and so its
+    size. Only the sealed record, which names the message the service stored, tells the
+    two apart."""
+    data, forged_data = os.urandom(70_000), os.urandom(70_000)
+    with api.client() as admin:
+        create_key(admin, kid="rsa", kty="RSA", alg="RSA-OAEP-256", keySize=2048)
+        stored = post_form(admin, ENCRYPT, {"kid": "rsa", "destination": {"key": "r"}}, data).json()
+        jwk = admin.get(f"{KEYS}/rsa").json()["publicJwk"]
+        message = api.objects.get(stored["storageKey"])
+        header = HeaderReader().feed(message)
+        assert header is not None
+        public = rsa.RSAPublicNumbers(
+            int.from_bytes(jwk_bytes(jwk, "e")), int.from_bytes(jwk_bytes(jwk, "n"))
+        ).public_key()
+        draws = iter([os.urandom(32), header.message_id])  # a data key, then the ID
+        monkeypatch.setattr("envelope.message.os.urandom", lambda _: next(draws))
+        forger = Encryptor(
+            [RsaKeyring("rsa#1", public)], context=header.context, frame_length=header.frame_length
+        )
+        monkeypatch.undo()
+        assert forger.header.message_id == header.message_id
+        forged = b"".join([*forger.update(forged_data), *forger.finish()])
+        assert len(forged) == len(message)
+        api.objects.put(stored["storageKey"], forged)
+        for range_ in (None, "bytes=0-99", "bytes=-100"):
+            body = problem(read_object(admin, "r", range_), 502, "object-damaged")
+            assert "not the one stored there" in body["detail"]
+        verified = finished_job(admin, start_verify(admin, "r")["id"])
+        assert (verified["status"], verified["error"]["code"]) == ("failed", "object-replaced")
+
+
 # Who may manage tokens
 
 
@@ -251,6 +289,14 @@ def test_a_tenant_admin_manages_only_its_own_tenant(local_api: Api) -> None:
         assert acme.delete(f"{TOKENS}/{own['id']}").status_code == 200
     with local_api.client(beta["token"]) as still_valid:
         assert still_valid.get(KEYS).status_code == 200
+    # Nor can it reach above itself in its own tenant: a token with scopes it lacks.
+    with local_api.client() as operator:
+        above = issue(operator, "acme", [*TENANT_SCOPES, "keys:export", "operator"])
+    with local_api.client(acme_admin) as acme:
+        assert above["id"] not in {token["id"] for token in acme.get(TOKENS).json()["tokens"]}
+        problem(acme.delete(f"{TOKENS}/{above['id']}"), 404, "token-not-found")
+    with local_api.client(above["token"]) as unrevoked:
+        assert unrevoked.get(KEYS).status_code == 200
     with local_api.client() as operator:
         listed = operator.get(TOKENS).json()["tokens"]
         assert {"acme", "beta"} <= {token["tenant"] for token in listed}
@@ -313,6 +359,38 @@ def test_another_kek_is_refused_at_start_and_by_readiness(tmp_path: Path) -> Non
     ) as refused:
         create_app(settings.model_copy(update={"kek_file": other_kek}))
     assert isinstance(refused.value.__cause__, KekMismatch)
+
+
+def test_a_lost_record_key_document_is_rewritten_from_a_local_kek(tmp_path: Path) -> None:
+    """Deleting the document is no way to make an operator run an upgrade: with a local
+    KEK the key is derived again, and the store's own sealed records confirm it."""
+    settings = local_settings(tmp_path)
+    with live_api(settings) as api:
+        with api.client() as admin:
+            token = issue(admin, "acme", ["keys:read"])["token"]
+        api.objects.delete(DOCUMENT_KEY)
+    with live_api(settings) as api, api.client(token) as holder:
+        assert holder.get(KEYS).status_code == 200
+        assert api.objects.head(DOCUMENT_KEY).size > 0
+    with pytest.raises(AlreadySealed):
+        upgrade_records(settings)
+
+
+def test_records_of_another_store_are_refused_though_the_kek_is_the_same(
+    tmp_path: Path,
+) -> None:
+    """A clone restored from a backup, or a staging store, sharing the KEK: a token issued
+    there does not work here, since each store's records have a key of their own."""
+    kek = LocalKek(os.urandom(32))
+    here = open_records(LocalStore(tmp_path / "here"), kek)
+    there = open_records(LocalStore(tmp_path / "there"), kek)
+    token, record = TokenStore(there, ADMIN_TOKEN).issue("default", sorted(SCOPES))
+    name = token_record_key(record.id)
+    here.store.put(name, there.store.get(name))
+    with pytest.raises(TokenError):  # its id carries a MAC under the other store's key
+        TokenStore(here, ADMIN_TOKEN).authenticate(token)
+    with pytest.raises(RecordTampered):  # and so does its record
+        here.get("token", name, TokenRecord)
 
 
 # Cheap refusals
@@ -424,8 +502,10 @@ def test_a_store_from_before_sealing_is_upgraded_by_an_operator_only(
         planted = dict(document(objects, token_record_key(legacy_id))["record"])
         write(objects, token_record_key(legacy_id), {**planted, "scopes": sorted(SCOPES)})
         refused_eventually(api, legacy_token, KEYS, "record-tampered")
-    # ...until an operator runs the upgrade again: it lists what it would bless.
-    again = upgrade_records(settings)
+    # ...and an upgrade will not seal it unless told to: it was not there before sealing.
+    with pytest.raises(AlreadySealed):
+        upgrade_records(settings)
+    again = upgrade_records(settings, again=True)  # an operator's choice, for review
     assert [(token.id, token.scopes) for token in again.tokens] == [(legacy_id, sorted(SCOPES))]
     assert again.keys == [] and again.already_sealed > 0
 

@@ -157,13 +157,6 @@ MUTANTS = (
         ("tests/test_trust_records.py",),
     ),
     Mutant(
-        "record key id",
-        "storage/integrity.py",
-        '    if document.get("macKey") != key.key_id:',
-        "    if False:",
-        ("tests/test_trust_records.py", "tests/test_keystore.py"),
-    ),
-    Mutant(
         "tenant admin: other tenants",
         "api/routes/admin.py",
         "    if spec.tenant != principal.tenant and not principal.operator:",
@@ -185,11 +178,25 @@ MUTANTS = (
         ("tests/test_trust_records.py",),
     ),
     Mutant(
-        "tenant admin: revoking",
+        "tenant admin: tokens it manages",
         "api/routes/admin.py",
-        "        if record.tenant != principal.tenant and not principal.operator:",
-        "        if False:",
+        "    return record.tenant == principal.tenant and set(record.scopes) <= principal.scopes",
+        "    return True",
         ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "stored object: the recorded message",
+        "sealstream/objects.py",
+        "recorded.header_sha256 is not None and recorded.header_sha256 != header_digest(header)",
+        "False",
+        ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "stored object: a record required",
+        "api/sealing.py",
+        "        if serve_unrecorded:\n            return None",
+        "        return None",
+        ("tests/test_api_object_reads.py",),
     ),
 )
 

@@ -1,8 +1,9 @@
 """Token administration: issue, list and revoke API tokens (scope `admin`).
 
-A tenant admin manages its own tenant's tokens and grants only scopes it holds; the
-operator (the bootstrap token, or a token granted `operator`) manages every tenant's.
-Another tenant's token is not found for a tenant admin, exactly like a missing one.
+A tenant admin manages its own tenant's tokens whose scopes it holds too, and grants
+only scopes it holds; the operator (the bootstrap token, or a token granted `operator`)
+manages every tenant's. A token a tenant admin does not manage is not found for it,
+exactly like a missing one.
 """
 
 from datetime import UTC, datetime
@@ -69,6 +70,14 @@ class TokenList(BaseModel):
     tokens: list[TokenView]
 
 
+def manages(principal: Principal, record: TokenRecord) -> bool:
+    """Whether `principal` may see and revoke the token `record`: a tenant admin can't
+    reach above itself, say to its tenant's operator tokens."""
+    if principal.operator:
+        return True
+    return record.tenant == principal.tenant and set(record.scopes) <= principal.scopes
+
+
 def _check_grant(principal: Principal, spec: NewToken) -> None:
     """Refuse a token its issuer may not grant: for another tenant unless the issuer is
     the operator, or with a scope the issuer does not hold."""
@@ -115,7 +124,8 @@ async def list_tokens(
     principal: Admin,
     tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
 ) -> dict[str, Any]:
-    """The tokens of one tenant (a tenant admin's own), or of every tenant (operator)."""
+    """The tokens of one tenant (those of its own a tenant admin manages), or of every
+    tenant (operator)."""
     if not principal.operator:
         if tenant not in (None, principal.tenant):
             raise Problem(
@@ -123,7 +133,7 @@ async def list_tokens(
             )
         tenant = principal.tenant
     records = await run_in_threadpool(services(request).tokens.list, tenant)
-    return {"tokens": [record.public() for record in records]}
+    return {"tokens": [record.public() for record in records if manages(principal, record)]}
 
 
 @router.delete(
@@ -135,8 +145,7 @@ async def revoke_token(request: Request, token_id: str, principal: Admin) -> dic
     tokens = services(request).tokens
 
     def revoke() -> TokenRecord:
-        record = tokens.get(token_id)
-        if record.tenant != principal.tenant and not principal.operator:
+        if not manages(principal, tokens.get(token_id)):
             raise TokenNotFound(token_id)
         return tokens.revoke(token_id)
 

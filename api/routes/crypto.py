@@ -218,6 +218,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
             principal.tenant,
             placement,
             records=svc.records,
+            serve_unrecorded=svc.settings.serve_unrecorded_objects,
             expected_kid=metadata.kid,
             required_context=metadata.encryption_context,
             transfers=svc.transfers,

@@ -78,7 +78,8 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
         try:
             await run_in_threadpool(svc.jobs.ping)
         except RedisError as exc:
-            problem = Problem(503, "not-ready", f"Redis is not reachable: {exc}")
+            logger.warning("not ready: Redis: %s", exc)
+            problem = Problem(503, "not-ready", "Redis is not reachable")
             return problem.response(request.url.path)
         checks["redis"] = "ok"
     return {"status": "ready", "checks": checks}
@@ -86,7 +87,7 @@ async def readyz(request: Request) -> JSONResponse | dict[str, object]:
 
 def _check_kek(svc: Services) -> None:
     svc.kek.check()
-    check_record_key(svc.records.key, svc.objects)
+    check_record_key(svc.records.key, svc.objects, svc.records.store_id)
 
 
 @router.get(

@@ -4,6 +4,7 @@ them.
 A job belongs to the tenant that started it; another tenant's job id answers 404.
 """
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ from sealstream.objects import start_sealing
 from sealstream.spaces import ObjectRef, Placement, check_object_key, tenant_prefix
 from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]
 Writer = Annotated[Principal, Depends(require("jobs:write"))]
@@ -64,7 +66,8 @@ def start_job(svc: Services, kind: JobKind, tenant: str, params: dict[str, Any])
         svc.jobs.save(record)
         svc.runner.submit(record)
     except (RedisError, OperationalError) as error:
-        raise Problem(503, "job-queue-unavailable", f"cannot queue the job: {error}") from None
+        logger.warning("answering 503 job-queue-unavailable: %s", error)  # names Redis's host
+        raise Problem(503, "job-queue-unavailable", "the job queue is not reachable") from None
     return record
 
 
