@@ -287,7 +287,8 @@ def test_a_second_prefix_run_skips_everything(api: Api, setup: Rotated) -> None:
 def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
     """Do to a stored object what header-only rewrap did: the same data key and message
     ID under a header for version 2, tagged under the same key and IV as the old header;
-    the record then names version 2 and keeps its createdAt."""
+    the record then names version 2 and keeps its createdAt, and (as every record of that
+    time) names no header."""
     message = stored_bytes(api.objects, storage_key)
     header = parse_header(message)
     secret = data_key(header, version_keyring(client, 1))
@@ -304,7 +305,12 @@ def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
     replaced = api.objects.put(
         storage_key, body + cipher.header_tag(body) + message[header.length :], metadata=metadata
     )
-    moved = {"key_version": 2, "etag": replaced.etag, "ciphertext_size": replaced.size}
+    moved = {
+        "key_version": 2,
+        "etag": replaced.etag,
+        "ciphertext_size": replaced.size,
+        "header_sha256": None,
+    }
     save_record(api.records, record_of(api, storage_key).model_copy(update=moved))
 
 
