@@ -41,7 +41,7 @@ MiB = 1024 * KiB
 ENCRYPT = "/api/crypto/stream/encrypt"
 DECRYPT = "/api/crypto/stream/decrypt"
 KEYS = "/api/key-management/keys"
-SEED_KEY: dict[str, Any] = {
+DOCUMENTED_KEY: dict[str, Any] = {
     "kid": "mySymKey",
     "kty": "oct",
     "alg": "AES-256",
@@ -224,7 +224,7 @@ def read_back(client: httpx.Client, key: str, data: bytes, frame: int) -> list[h
 
 
 def create_key(client: httpx.Client, **fields: Any) -> dict[str, Any]:
-    response = client.post(KEYS, json={**SEED_KEY, **fields})
+    response = client.post(KEYS, json={**DOCUMENTED_KEY, **fields})
     assert response.status_code == 201, response.text
     created: dict[str, Any] = response.json()
     return created

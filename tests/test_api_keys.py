@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, Api
 
-SEED_KEY = {
+DOCUMENTED_KEY = {
     "kid": "mySymKey",
     "kty": "oct",
     "alg": "AES-256",
@@ -32,11 +32,11 @@ def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 
 def create(client: httpx.Client, **fields: Any) -> httpx.Response:
-    return client.post(KEYS, json={**SEED_KEY, **fields})
+    return client.post(KEYS, json={**DOCUMENTED_KEY, **fields})
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="the seed's requests are curl commands")
-def test_the_seeds_key_requests_as_curl_sends_them(api: Api) -> None:
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the documented requests use curl")
+def test_the_documented_key_requests_as_curl_sends_them(api: Api) -> None:
     def curl(*args: str) -> tuple[int, str]:
         command = ["curl", "-s", "-w", "\n%{http_code}", *args]
         done = subprocess.run(command, capture_output=True, text=True, check=True)

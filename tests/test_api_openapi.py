@@ -24,7 +24,7 @@ from api import create_app
 from api.multipart import FILE_PART, METADATA_PART
 from api.tokens import SCOPES
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
-from tests.stream_helpers import SEED_KEY, create_key
+from tests.stream_helpers import DOCUMENTED_KEY, create_key
 
 SEED = 18_406
 MAX_EXAMPLES = 25
@@ -166,7 +166,7 @@ def _destructive(case: "schemathesis.Case[Any]", target: Target) -> bool:
     if method == "DELETE" and path == "/api/admin/tokens/{token_id}":
         return bool(parameters.get("token_id") == target.token_id)
     if method == "DELETE" and path == "/api/key-management/keys/{kid}":
-        return bool(parameters.get("kid") == SEED_KEY["kid"])
+        return bool(parameters.get("kid") == DOCUMENTED_KEY["kid"])
     if method == "POST" and path == "/api/key-management/keys":
         return isinstance(body, dict) and body.get("keySize") == 4096
     return False

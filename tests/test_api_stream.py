@@ -1,4 +1,4 @@
-"""Streaming encryption and decryption over real HTTP (issue 4): the seed's curl workflow,
+"""Streaming encryption and decryption over real HTTP: the documented curl workflow,
 storage destinations and ranged reads on both backends, and every way a request can be
 wrong. Failures part-way through a transfer are in test_api_stream_faults.py."""
 
@@ -51,12 +51,14 @@ from tests.stream_helpers import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="the seed uses curl")
+needs_curl = pytest.mark.skipif(
+    shutil.which("curl") is None, reason="the documented requests use curl"
+)
 FRAME = 4096
 
 
 def key_headers(response: httpx.Response, used: str = "mySymKey#1") -> None:
-    """The seed product's headers naming the key asked for and the key used."""
+    """The headers naming the key asked for and the key used."""
     assert response.headers["X-Key-Requested"] == used.split("#")[0]
     assert response.headers["X-Key-Used"] == used
     assert response.headers["X-Algorithm-Used"] == "AES-256"
@@ -72,7 +74,7 @@ def store(client: httpx.Client, key: str, data: bytes, **metadata: Any) -> dict[
     return stored
 
 
-# The seed's workflow, as curl sends it
+# The documented workflow, as curl sends it
 
 
 def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -101,11 +103,11 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# The seed's commands, character for character but for the host and the token.
-SEED_CHECK_KEY = """curl -X GET {host}/api/key-management/keys/mySymKey\\
+# The documented commands, character for character but for the host and the token.
+DOCUMENTED_CHECK_KEY = """curl -X GET {host}/api/key-management/keys/mySymKey\\
     -H "Authorization: Bearer {token}"
 """
-SEED_ENCRYPT = """curl -X POST "{host}/api/crypto/stream/encrypt"\\
+DOCUMENTED_ENCRYPT = """curl -X POST "{host}/api/crypto/stream/encrypt"\\
     -H "Authorization: Bearer {token}"\\
     -F "metadata={{\\"kid\\":\\"mySymKey\\"}};type=application/json"\\
     -F "file=@largeFile.bin;type=application/octet-stream"\\
@@ -124,21 +126,21 @@ DECRYPT_BACK = """curl -X POST "{host}/api/crypto/stream/decrypt"\\
 
 
 @needs_curl
-def test_the_seeds_two_step_workflow_with_curl(tmp_path: Path) -> None:
+def test_the_documented_two_step_workflow_with_curl(tmp_path: Path) -> None:
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     plaintext_sha256 = _write_file(client_dir / "largeFile.bin", 40 * MiB, seed=4)
     with sealstream_serve(tmp_path) as served:
         place = {"host": served.url, "token": served.admin_token}
         # 1. Check if the key exists; if it isn't found, generate it.
-        checked = _shell(SEED_CHECK_KEY.format(**place), client_dir)
+        checked = _shell(DOCUMENTED_CHECK_KEY.format(**place), client_dir)
         assert checked.returncode == 0 and '"code":"key-not-found"' in checked.stdout
         generated = _shell(GENERATE_KEY.format(**place), client_dir)
         assert '"kid":"mySymKey"' in generated.stdout, generated
-        checked = _shell(SEED_CHECK_KEY.format(**place), client_dir)
+        checked = _shell(DOCUMENTED_CHECK_KEY.format(**place), client_dir)
         assert '"status":"enabled"' in checked.stdout, checked
-        # 2. Stream encryption, the seed's command as written.
-        encrypted = _shell(SEED_ENCRYPT.format(**place), client_dir)
+        # 2. Stream encryption, the documented command as written.
+        encrypted = _shell(DOCUMENTED_ENCRYPT.format(**place), client_dir)
         assert encrypted.returncode == 0, encrypted.stderr
         message = client_dir / "largeFile.enc"
         with message.open("rb") as file:
@@ -170,8 +172,8 @@ def test_the_seeds_two_step_workflow_with_curl(tmp_path: Path) -> None:
     assert "http/1.1 200" in headers and "x-key-used: mysymkey#1" in headers
 
 
-# The seed's sample request, as raw HTTP (its trailing backquote is the page's markup).
-SEED_SAMPLE_BODY = """------Boundary
+# The documented sample request, as raw HTTP (its trailing backquote is the page's markup).
+DOCUMENTED_SAMPLE_BODY = """------Boundary
 Content-Disposition: form-data; name="metadata"
 Content-Type: application/json
 
@@ -187,9 +189,9 @@ Content-Type: application/octet-stream
 """
 
 
-def test_the_seeds_sample_request(api: Api) -> None:
+def test_the_documented_sample_request(api: Api) -> None:
     data = random_bytes(300_000, seed=14)
-    body = SEED_SAMPLE_BODY.replace("\n", "\r\n").encode()
+    body = DOCUMENTED_SAMPLE_BODY.replace("\n", "\r\n").encode()
     body = body.replace(b"<RAW_FILE_CONTENTS>", data)
     content_type = {"Content-Type": "multipart/form-data; boundary=----Boundary"}
     with api.client() as client:
@@ -414,7 +416,7 @@ def test_encryption_context_is_bound_and_can_be_required(api: Api) -> None:
 
 
 def test_decrypt_can_require_the_key(api: Api) -> None:
-    """`kid` on decrypt names the key the message must be sealed for (issue 4: 422
+    """`kid` on decrypt names the key the message must be sealed for (422
     `key-mismatch` when it is not)."""
     data = random_bytes(20_000, seed=3)
     with api.client() as client:

@@ -20,7 +20,7 @@ from tests.services import api_server, self_signed_certificate
 
 MIB = 1024 * 1024
 KID = "mySymKey"
-SEED_KEY = {
+DOCUMENTED_KEY = {
     "kid": KID,
     "kty": "oct",
     "alg": "AES-256",
@@ -32,9 +32,9 @@ SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
 
 @pytest.fixture
 def client(api: Api) -> SealstreamClient:
-    """A client of the live server, with the seed product's key created through it."""
+    """A client of the live server, with the documented key created through it."""
     client = SealstreamClient(api.url, ADMIN_TOKEN, timeout=30)
-    assert client.create_key(**SEED_KEY)["kid"] == KID
+    assert client.create_key(**DOCUMENTED_KEY)["kid"] == KID
     return client
 
 
@@ -369,7 +369,7 @@ def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     with api_server(app, tls=(certificate, key)) as url:
         trusted = ssl.create_default_context(cafile=str(certificate))
         client = SealstreamClient(url, ADMIN_TOKEN, timeout=30, ssl_context=trusted)
-        client.create_key(**SEED_KEY)
+        client.create_key(**DOCUMENTED_KEY)
         plaintext = GeneratedPlaintext(24 * MIB)
         ciphertext = io.BytesIO()
         client.encrypt(KID, plaintext, ciphertext)

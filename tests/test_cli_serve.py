@@ -22,7 +22,7 @@ from storage import LocalStore
 from tests.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
 from tests.stream_helpers import encrypt, problem, read_object
 
-SEED_KEY = {
+DOCUMENTED_KEY = {
     "kid": "mySymKey",
     "kty": "oct",
     "alg": "AES-256",
@@ -37,7 +37,7 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
         assert any(served.url in line for line in served.banner)
         headers = {"Authorization": f"Bearer {served.admin_token}"}
         with httpx.Client(base_url=served.url, headers=headers) as client:
-            assert client.post("/api/key-management/keys", json=SEED_KEY).status_code == 201
+            assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
             assert client.get("/api/key-management/keys/mySymKey").status_code == 200
             assert client.get("/readyz").json()["status"] == "ready"
     kek = tmp_path / ".sealstream" / ".kek"
@@ -61,7 +61,7 @@ def test_settings_come_from_the_environment_and_options(tmp_path: Path) -> None:
     with sealstream_serve(tmp_path, env, "--storage-url", f"file://{tmp_path}/data") as served:
         headers = {"Authorization": "Bearer from-the-environment"}
         with httpx.Client(base_url=served.url, headers=headers) as client:
-            assert client.post("/api/key-management/keys", json=SEED_KEY).status_code == 201
+            assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
     assert (tmp_path / "data" / "sealstream" / "keys" / "default" / "mySymKey.json").exists()
 
 
@@ -91,7 +91,7 @@ def test_no_credential_is_printed_logged_or_answered(tmp_path: Path) -> None:
         httpx.Client(base_url=served.url, headers=headers, timeout=60) as client,
     ):
         seen.append(problem(client.get("/readyz"), 503, "not-ready")["detail"])
-        assert client.post("/api/key-management/keys", json=SEED_KEY).status_code == 201
+        assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
         stored = encrypt(client, b"x", destination={"key": "k"})
         seen.append(problem(stored, 503, "job-queue-unavailable")["detail"])
     # Nor does an answer name where Redis is: that is for the log.
@@ -124,7 +124,7 @@ def test_serve_over_https(tmp_path: Path) -> None:
         assert not any("WARNING" in line for line in served.banner)
         trusted = ssl.create_default_context(cafile=str(certificate))
         client = SealstreamClient(served.url, served.admin_token, timeout=30, ssl_context=trusted)
-        client.create_key(**SEED_KEY)
+        client.create_key(**DOCUMENTED_KEY)
         plaintext = os.urandom(3 * 1024 * 1024 + 5)
         sealed, opened = io.BytesIO(), io.BytesIO()
         client.encrypt("mySymKey", io.BytesIO(plaintext), sealed)

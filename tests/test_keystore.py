@@ -96,7 +96,7 @@ def code_of(action: Callable[[], object]) -> str:
 # Creating and using keys
 
 
-def test_the_seed_request_body_creates_a_usable_key(keys: KeyStore) -> None:
+def test_the_documented_request_body_creates_a_usable_key(keys: KeyStore) -> None:
     body = {
         "kid": "mySymKey",
         "kty": "oct",
