@@ -254,12 +254,14 @@ def main() -> None:
     options = parser.parse_args()
     chosen = [m for m in MUTANTS if options.select in m.name]
     survived = []
-    print(f"{'mutant':<32} {'verdict':<9} seconds  tests")
+    width = max(len(mutant.name) for mutant in chosen)
+    print(f"{'mutant':<{width}} {'verdict':<9} seconds  tests")
     for mutant in chosen:
         killed, seconds = run(mutant, options.workers)
         verdict = "killed" if killed else "SURVIVED"
         print(
-            f"{mutant.name:<32} {verdict:<9} {seconds:7.1f}  {' '.join(mutant.tests)}", flush=True
+            f"{mutant.name:<{width}} {verdict:<9} {seconds:7.1f}  {' '.join(mutant.tests)}",
+            flush=True,
         )
         if not killed:
             survived.append(mutant.name)
