@@ -95,6 +95,7 @@ _STATUS: dict[type[Exception], int] = {
     keystore.OperationNotPermitted: 403,
     keystore.KeyNotExportable: 403,
     keystore.KekError: 503,
+    keystore.StoreNeedsUpgrade: 503,
     keystore.KeystoreError: 500,
     storage.ObjectNotFound: 404,
     storage.BucketNotFound: 404,

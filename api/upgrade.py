@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from api.tokens import (
     LEGACY_IDS_KEY,
@@ -35,13 +35,15 @@ from api.tokens import (
 from api.tokens import (
     RECORD_KIND as TOKEN_KIND,
 )
+from envelope import EnvelopeError
 from keystore import KeyRecord
 from keystore.recordkey import all_sealed, mark_all_sealed
 from keystore.store import RECORD_KIND as KEY_KIND
 from keystore.store import RECORD_PREFIX as KEYS_PREFIX
+from sealstream.objects import header_digest, read_stored_header
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek, open_object_store, open_service_records
-from storage import ObjectNotFound, PreconditionFailed, StorageError
+from storage import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
 from storage.integrity import Records, RecordTampered, is_sealed
 from storage.records import RECORD_KIND as OBJECT_KIND
 from storage.records import RECORDS_PREFIX as OBJECTS_PREFIX
@@ -56,6 +58,7 @@ Upgrade = Callable[[dict[str, Any]], BaseModel]
 class UpgradeReport:
     """What an upgrade did: each list holds storage keys, or the sealed records themselves."""
 
+    dry_run: bool = False  # nothing was sealed: the lists say what would be
     tokens: list[TokenRecord] = field(default_factory=list)
     keys: list[KeyRecord] = field(default_factory=list)
     others: dict[str, list[str]] = field(default_factory=dict)  # kind → the names sealed
@@ -64,14 +67,15 @@ class UpgradeReport:
     unreadable: list[str] = field(default_factory=list)  # not a record of its kind at all
 
     def lines(self) -> Iterator[str]:
-        yield f"sealed {len(self.tokens)} token records; review what each grants:"
+        sealed = "would seal" if self.dry_run else "sealed"
+        yield f"{sealed} {len(self.tokens)} token records; review what each grants:"
         for token in self.tokens:
             state = "revoked" if token.revoked_at else f"expires {token.expires_at or 'never'}"
             yield (
                 f"  token {token.id}  tenant {token.tenant}  scopes {','.join(token.scopes)}"
                 f"  name {token.name!r}  {state}"
             )
-        yield f"sealed {len(self.keys)} key records; review each one's policy:"
+        yield f"{sealed} {len(self.keys)} key records; review each one's policy:"
         for key in self.keys:
             yield (
                 f"  key {key.tenant}/{key.kid}  {key.kty} {key.alg}  {key.status}"
@@ -79,7 +83,7 @@ class UpgradeReport:
                 f"  versions {len(key.versions)}"
             )
         for kind, names in sorted(self.others.items()):
-            yield f"sealed {len(names)} {kind} records:"
+            yield f"{sealed} {len(names)} {kind} records:"
             yield from (f"  {name}" for name in names)
         yield f"left {self.already_sealed} records alone: sealed already"
         for name in self.refused:
@@ -92,32 +96,36 @@ class AlreadySealed(Exception):
     """Every record of the store was sealed already: there is nothing from before."""
 
 
-def upgrade_records(settings: Settings, *, again: bool = False) -> UpgradeReport:
+def upgrade_records(
+    settings: Settings, *, again: bool = False, dry_run: bool = False
+) -> UpgradeReport:
     """Seal every record of the store that `settings` name written before records were
-    sealed; see the module docstring. Once that is done for a store (or if it never held
-    records from before), `AlreadySealed` unless `again`: an unsealed record there now was
-    put there since, by someone else."""
+    sealed (or with `dry_run`, only list what that would seal); see the module docstring.
+    Once that is done for a store (or if it never held records from before),
+    `AlreadySealed` unless `again`: an unsealed record there now was put there since, by
+    someone else."""
     objects = open_object_store(settings)
     records = open_service_records(settings, objects, open_kek(settings), upgrading=True)
-    if all_sealed(records.key, objects, records.store_id) and not again:
+    if all_sealed(records.key, objects, records.store_id) and not (again or dry_run):
         raise AlreadySealed(
             "every record of this store has been sealed already, so an unsealed record found "
             "there now was not written before records were sealed: find out who wrote it "
             "before you run this again with --again, which seals what it lists"
         )
     hasher = TokenHasher(records)
-    report = UpgradeReport()
+    report = UpgradeReport(dry_run=dry_run)
     tokens = _seal_all(records, TOKEN_KIND, TOKENS_PREFIX, _token_upgrade(hasher), report)
     report.tokens = [token for token in tokens if isinstance(token, TokenRecord)]
-    _index_legacy_ids(records, [token.id for token in report.tokens])
     keys = _seal_all(records, KEY_KIND, KEYS_PREFIX, KeyRecord.model_validate, report)
     report.keys = [key for key in keys if isinstance(key, KeyRecord)]
     for kind, prefix, upgrade in (
-        (OBJECT_KIND, OBJECTS_PREFIX, ObjectRecord.model_validate),
+        (OBJECT_KIND, OBJECTS_PREFIX, _object_upgrade(settings, objects)),
         (REPORT_KIND, REPORTS_PREFIX, JobRecord.model_validate),
     ):
         _seal_all(records, kind, prefix, upgrade, report)
-    mark_all_sealed(records.key, objects, records.store_id)
+    if not dry_run:
+        _index_legacy_ids(records, [token.id for token in report.tokens])
+        mark_all_sealed(records.key, objects, records.store_id)
     return report
 
 
@@ -141,11 +149,12 @@ def _seal_all(
             continue
         try:
             record = upgrade_here(json.loads(data))
-        except (ValueError, RecursionError, ValidationError):
-            report.unreadable.append(info.key)
+        except (ValueError, RecursionError, KeyError, EnvelopeError, StorageError):
+            report.unreadable.append(info.key)  # a ValidationError is a ValueError
             continue
         try:
-            records.put(kind_here, info.key, record, if_match=info.etag)
+            if not report.dry_run:
+                records.put(kind_here, info.key, record, if_match=info.etag)
         except (PreconditionFailed, ObjectNotFound):
             report.unreadable.append(info.key)  # changed meanwhile: run the upgrade again
             continue
@@ -176,6 +185,23 @@ def _check(records: Records, kind: str, name: str, data: bytes, report: UpgradeR
 
 class _AnyRecord(BaseModel):
     """Any authentic record, when only its authenticity is in question."""
+
+
+def _object_upgrade(settings: Settings, default: ObjectStore) -> Upgrade:
+    """Object records name the header of the message stored, which records from before
+    did not: it is read from the object now, so sealing blesses the object as it is, as
+    it does every record (a verify job then checks its plaintext against the record)."""
+    stores = {default.bucket: default}
+
+    def upgrade(data: dict[str, Any]) -> ObjectRecord:
+        legacy = ObjectRecord.model_validate({**data, "headerSha256": "-"})
+        if legacy.bucket not in stores:
+            stores[legacy.bucket] = open_object_store(settings, legacy.bucket)
+        store = stores[legacy.bucket]
+        header = read_stored_header(store, legacy.key, store.head(legacy.key).size)
+        return legacy.model_copy(update={"header_sha256": header_digest(header)})
+
+    return upgrade
 
 
 class _LegacyTokenRecord(BaseModel):

@@ -87,8 +87,9 @@ class Serve(Settings):
 
 class UpgradeRecords(Settings):
     """Seal the records of a store set up before records were sealed (the service refuses
-    to start on one): run once with the service's settings and KEK, and review the token
-    and key records it lists, since sealing blesses whatever the bucket holds now."""
+    to start on one): run once with the service's settings and KEK, and review every
+    record it lists, since sealing blesses whatever the bucket holds now (`--dry-run`
+    lists them first, sealing nothing)."""
 
     model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
 
@@ -97,17 +98,42 @@ class UpgradeRecords(Settings):
         description="seal unsealed records found in a store whose records were all sealed "
         "already: someone else put them there, so review what this lists",
     )
+    dry_run: CliImplicitFlag[bool] = Field(
+        False, description="list what would be sealed, and seal nothing"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _ServiceEnvironment(settings_cls)
 
     def cli_cmd(self) -> None:
         from api.upgrade import AlreadySealed, upgrade_records
         from sealstream.wiring import ConfigurationError
 
         try:
-            report = upgrade_records(self, again=self.again)
+            report = upgrade_records(self, again=self.again, dry_run=self.dry_run)
         except (AlreadySealed, ConfigurationError) as exc:
             _fail(f"cannot upgrade: {exc}", EXIT_FAILED)
         for line in report.lines():
             print(line)
+
+
+class _ServiceEnvironment(EnvSettingsSource):
+    """Only the service's settings come from SEALSTREAM_* variables: what a command is
+    told to do (`--again`, say) is said on its command line, never left in the
+    environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[object, str, bool]:
+        if field_name not in Settings.model_fields:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 EXIT_FAILED = 1

@@ -30,11 +30,16 @@ from keystore.errors import KekError, KeystoreError
 from keystore.kek import Kek
 from keystore.records import Base64Bytes, CamelModel
 from storage import ObjectExists, ObjectNotFound, ObjectStore
-from storage.integrity import RecordKey, canonical_json, is_sealed, sealed_by
+from storage.integrity import RecordKey, canonical_json, sealed_by
 
 DOCUMENT_KEY = "sealstream/record-key.json"
-# Where a store keeps the records its first start looks at to tell what it is.
-RECORD_PREFIXES = ("sealstream/tokens/", "sealstream/keys/")
+# Where a store keeps its records: tokens, keys, object records, job reports and journals.
+RECORD_PREFIXES = (
+    "sealstream/tokens/",
+    "sealstream/keys/",
+    "sealstream/objects/",
+    "sealstream/jobs/",
+)
 
 
 class KekMismatch(KekError):
@@ -68,7 +73,7 @@ class RecordKeyDocument(CamelModel):
         return self.model_copy(update={"mac": self._mac(key)})
 
     def authentic(self, key: RecordKey) -> bool:
-        return hmac.compare_digest(self.mac, self._mac(key))
+        return hmac.compare_digest(self.mac.encode(), self._mac(key).encode())
 
     def _mac(self, key: RecordKey) -> str:
         fields = self.model_dump(mode="json", exclude={"mac"})
@@ -108,16 +113,19 @@ def mark_all_sealed(key: RecordKey, objects: ObjectStore, store: str) -> None:
 
 
 def _set_up(kek: Kek, objects: ObjectStore, store: str, *, upgrading: bool) -> RecordKey:
-    """The record key of a store without a document, which is written now."""
-    sample = _first_record(objects)
-    if sample is None:
+    """The record key of a store without a document, which is written now. Every record
+    of the store is looked at (only ever when the document is missing): a store that
+    holds any sealed record was set up with a document, and lost it, and is never taken
+    for one from before records were sealed, whatever else has been put there."""
+    sealed_under = _sealed_under(objects)
+    if sealed_under is None:
         return _create(kek, objects, store, all_sealed=True)  # a new store
-    if not is_sealed(sample):
+    if not sealed_under:
         if not upgrading:
             raise StoreNeedsUpgrade(
-                "this store holds records written before records were sealed: run "
-                "`sealstream upgrade-records` once, with the same settings, and review "
-                "what it lists"
+                "this store holds records written before records were sealed, and none "
+                "sealed: if a version that seals records never ran on it, run `sealstream "
+                "upgrade-records` once, with the same settings, and review what it lists"
             )
         return _create(kek, objects, store, all_sealed=False)
     material, wrapped = kek.record_key(store, None)
@@ -128,7 +136,7 @@ def _set_up(kek: Kek, objects: ObjectStore, store: str, *, upgrading: bool) -> R
             "is missing, and with KMS it holds the only copy of their key: restore it from "
             "a backup"
         )
-    if sealed_by(sample) != key.key_id:
+    if sealed_under != {key.key_id}:
         raise KekMismatch(
             "the KEK (or store id) is not the one this store's records were sealed under"
         )
@@ -155,14 +163,21 @@ def _create(kek: Kek, objects: ObjectStore, store: str, *, all_sealed: bool) -> 
     return key
 
 
-def _first_record(objects: ObjectStore) -> bytes | None:
+def _sealed_under(objects: ObjectStore) -> set[str] | None:
+    """The ids of the keys the store's records say they are sealed under (empty if none
+    is sealed), or None if the store holds no record at all."""
+    found: set[str] | None = None
     for prefix in RECORD_PREFIXES:
         for info in objects.list(prefix):
             try:
-                return objects.get(info.key)
+                data = objects.get(info.key)
             except ObjectNotFound:
                 continue  # deleted since it was listed
-    return None
+            found = found if found is not None else set()
+            key_id = sealed_by(data)
+            if key_id is not None:
+                found.add(key_id)
+    return found
 
 
 def _read(objects: ObjectStore) -> RecordKeyDocument | None:

@@ -10,6 +10,7 @@ and nothing of where or how the service keeps it.
 """
 
 import envelope
+from keystore import KekError, StoreNeedsUpgrade
 from sealstream.spaces import client_key
 from storage import (
     BucketNotFound,
@@ -70,6 +71,9 @@ def error_code(error: Exception) -> str:
 def public_detail(error: Exception) -> str:
     """What a client may read about `error`: never a server path, a storage key or a
     credential."""
+    if isinstance(error, KekError | StoreNeedsUpgrade):
+        # About the service's own set-up (store names, key ids, its documents): the log's.
+        return "the service's keys cannot serve now; its operator has been told why"
     if not isinstance(error, StorageError):
         return str(error) or type(error).__name__
     subject = _subject(error.key)

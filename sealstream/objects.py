@@ -107,7 +107,7 @@ def check_recorded_message(header: Header, recorded: ObjectRecord) -> None:
     for it with any context, even its message ID; not one with the same key commitment,
     which only the data key gives. Only the record, which the service sealed, tells the
     message it stored from one made to look like it."""
-    if recorded.header_sha256 is not None and recorded.header_sha256 != header_digest(header):
+    if recorded.header_sha256 != header_digest(header):
         raise ReplacedObject("the message is not the one stored there")
 
 

@@ -19,8 +19,6 @@ from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
 from keystore.recordkey import (
-    KekMismatch,
-    RecordKeyMissing,
     StoreNeedsUpgrade,
     open_record_key,
 )
@@ -115,7 +113,7 @@ def open_service_records(
     kek_setting = "SEALSTREAM_KMS_KEY_ID" if settings.kms_key_id else "SEALSTREAM_KEK_FILE"
     try:
         return open_records(objects, kek, store_id=settings.store_id, upgrading=upgrading)
-    except (KekMismatch, RecordKeyMissing) as error:
+    except KekError as error:  # another KEK, a lost document, KMS refusing its key
         raise ConfigurationError(f"{kek_setting}: {error}") from error
     except StoreNeedsUpgrade as error:
         raise ConfigurationError(f"SEALSTREAM_STORAGE_URL: {error}") from error

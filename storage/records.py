@@ -36,9 +36,8 @@ class ObjectRecord(BaseModel):
     etag: str
     created_at: datetime
     # SHA-256 (hex) of the stored message's header: what ties the record to the one message
-    # the service stored there (its ID, key commitment, data keys and context). None in
-    # records written before records named it.
-    header_sha256: str | None = None
+    # the service stored there (its ID, key commitment, data keys and context).
+    header_sha256: str
 
 
 def record_key(bucket: str, storage_key: str) -> str:

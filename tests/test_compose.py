@@ -21,12 +21,19 @@ PASSWORD = "a-password-from-the-environment"
 
 
 def compose(
-    *args: str, token: str | None = "t", password: str | None = PASSWORD
+    *args: str,
+    token: str | None = "t",
+    password: str | None = PASSWORD,
+    store_id: str | None = "test-stack",
 ) -> subprocess.CompletedProcess[str]:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.fail("docker-compose is missing: apt-get install docker-compose (make test does)")
-    required = {"SEALSTREAM_ADMIN_TOKEN": token, "MINIO_ROOT_PASSWORD": password}
+    required = {
+        "SEALSTREAM_ADMIN_TOKEN": token,
+        "MINIO_ROOT_PASSWORD": password,
+        "SEALSTREAM_STORE_ID": store_id,
+    }
     env = {k: v for k, v in os.environ.items() if k not in required and k != "MINIO_ROOT_USER"}
     env.update({name: value for name, value in required.items() if value is not None})
     return subprocess.run(
@@ -65,6 +72,14 @@ def test_the_stack_refuses_to_start_without_a_minio_password() -> None:
     result = compose("config", "-q", password=None)
     assert result.returncode != 0
     assert "MINIO_ROOT_PASSWORD" in result.stderr
+
+
+def test_the_stack_refuses_to_start_without_a_store_id(stack: dict[str, Any]) -> None:
+    result = compose("config", "-q", store_id=None)
+    assert result.returncode != 0
+    assert "SEALSTREAM_STORE_ID" in result.stderr
+    for name in ("api", "worker", "beat"):
+        assert stack["services"][name]["environment"]["SEALSTREAM_STORE_ID"] == "test-stack"
 
 
 def test_every_minio_password_is_the_one_given(stack: dict[str, Any]) -> None:

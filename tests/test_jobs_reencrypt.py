@@ -287,8 +287,8 @@ def test_a_second_prefix_run_skips_everything(api: Api, setup: Rotated) -> None:
 def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
     """Do to a stored object what header-only rewrap did: the same data key and message
     ID under a header for version 2, tagged under the same key and IV as the old header;
-    the record then names version 2 and keeps its createdAt, and (as every record of that
-    time) names no header."""
+    the record then names version 2 and keeps its createdAt, and (as `sealstream
+    upgrade-records` leaves a record of that time) the header the object has now."""
     message = stored_bytes(api.objects, storage_key)
     header = parse_header(message)
     secret = data_key(header, version_keyring(client, 1))
@@ -309,7 +309,7 @@ def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
         "key_version": 2,
         "etag": replaced.etag,
         "ciphertext_size": replaced.size,
-        "header_sha256": None,
+        "header_sha256": hashlib.sha256(body + cipher.header_tag(body)).hexdigest(),
     }
     save_record(api.records, record_of(api, storage_key).model_copy(update=moved))
 

@@ -13,7 +13,8 @@ import pytest
 
 from keystore import KekError, KeySpec, KeyStore, KmsKek, LocalKek
 from keystore.recordkey import DOCUMENT_KEY, RecordKeyMissing
-from sealstream.wiring import open_records
+from sealstream.settings import Settings
+from sealstream.wiring import ConfigurationError, open_records, open_service_records
 from storage import LocalStore
 from tests.envelope_helpers import decrypt_all, encrypt_all
 
@@ -195,3 +196,6 @@ def test_a_kms_record_key_belongs_to_one_store(kms_kek: KmsKek, tmp_path: Path) 
     second.put(DOCUMENT_KEY, first.get(DOCUMENT_KEY))
     with pytest.raises(KekError):
         open_records(second, kms_kek)
+    # At a service's start: one line naming the setting, not a traceback.
+    with pytest.raises(ConfigurationError, match=r"^SEALSTREAM_KMS_KEY_ID: "):
+        open_service_records(Settings(kms_key_id=kms_kek.key_id), second, kms_kek)

@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import BaseModel, ConfigDict
 
 from api import create_app
+from api.problems import from_domain_error
 from api.tokens import (
     SCOPES,
     ExpiredToken,
@@ -32,7 +34,8 @@ from keystore.algorithms import jwk_bytes
 from keystore.recordkey import DOCUMENT_KEY
 from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
-from storage.integrity import RecordTampered
+from storage.integrity import RecordTampered, seal
+from storage.records import ObjectRecord
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.jobs_helpers import finished_job, start_verify
@@ -376,6 +379,82 @@ def test_a_lost_record_key_document_is_rewritten_from_a_local_kek(tmp_path: Path
         upgrade_records(settings)
 
 
+def test_a_sealed_store_is_never_taken_for_one_from_before_sealing(tmp_path: Path) -> None:
+    """Its document deleted and unsealed records planted, ahead of every sealed one in
+    listing order: the store's sealed records still say it was sealed, so the document is
+    written back, and an upgrade refuses to bless what was planted unless told again."""
+    settings = local_settings(tmp_path)
+    with live_api(settings) as api:
+        with api.client() as admin:
+            create_key(admin, kid="locked", exportable=False)
+            issue(admin, "acme", ["keys:read"])
+        planted = {
+            "id": "0000000000000000",
+            "tenant": "default",
+            "scopes": sorted(SCOPES),
+            "createdAt": datetime.now(UTC).isoformat(),
+            "hash": sha256("sst_0000000000000000_" + "P" * 43),
+        }
+        write(api.objects, token_record_key("0000000000000000"), planted)
+        key = record_key("default", "locked")
+        write(api.objects, key, {**document(api.objects, key)["record"], "exportable": True})
+        api.objects.delete(DOCUMENT_KEY)
+    with pytest.raises(AlreadySealed):
+        upgrade_records(settings)
+    dry = upgrade_records(settings, dry_run=True)
+    assert [token.id for token in dry.tokens] == ["0000000000000000"]
+    assert [(k.kid, k.exportable) for k in dry.keys] == [("locked", True)]
+    with live_api(settings) as api, api.client() as admin:
+        problem(admin.get(f"{KEYS}/locked/export"), 502, "record-tampered")
+    with live_api(settings) as api, api.client("sst_0000000000000000_" + "P" * 43) as planter:
+        problem(planter.get(KEYS), 401, "invalid-token")
+
+
+def test_an_object_record_must_name_its_header(api: Api) -> None:
+    """A record that names no header (none is written so) is refused, not read as one
+    that vouches for any message."""
+    with api.client() as admin:
+        create_key(admin)
+        stored = store(admin, "h", os.urandom(5000))
+    name = object_record_key(api.objects.bucket, stored["storageKey"])
+    recorded = api.records.get("object", name, ObjectRecord)
+    legacy = recorded.model_dump(mode="json", by_alias=True, exclude={"header_sha256"})
+    api.objects.put(name, seal(api.records.key, "object", name, _Loose.model_validate(legacy)))
+    with api.client() as admin:
+        problem(read_object(admin, "h"), 502, "record-tampered")
+
+
+class _Loose(BaseModel):
+    """Any record at all, sealed as it is: what only the record key's holder could write."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def test_a_record_key_document_with_a_mangled_mac_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "bucket")
+    kek = LocalKek(os.urandom(32))
+    open_records(store, kek)
+    mangled = {**json.loads(store.get(DOCUMENT_KEY)), "mac": "é" * 44}
+    store.put(DOCUMENT_KEY, json.dumps(mangled).encode())
+    with pytest.raises(KekMismatch, match="not authentic"):
+        open_records(store, kek)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (StoreNeedsUpgrade("this store needs `sealstream upgrade-records`"), "store-needs-upgrade"),
+        (KekMismatch("store 'prod' sealed under record key 0123abcd"), "kek-mismatch"),
+    ],
+)
+def test_the_keys_not_serving_is_a_503_naming_nothing(error: Exception, code: str) -> None:
+    """Found on a request (the store could not be reached at start, say): the store's
+    names, key ids and documents are the operator's to read in the log."""
+    answer = from_domain_error(error)
+    assert (answer.status, answer.code) == (503, code)
+    assert str(error) not in answer.detail and "sealstream" not in answer.detail
+
+
 def test_records_of_another_store_are_refused_though_the_kek_is_the_same(
     tmp_path: Path,
 ) -> None:
@@ -453,6 +532,8 @@ def unseal_store(objects: ObjectStore, tokens: dict[str, str]) -> None:
         record = json.loads(objects.get(info.key))["record"]
         if info.key.startswith("sealstream/tokens/"):
             record["hash"] = sha256(tokens[record["id"]])
+        if info.key.startswith("sealstream/objects/"):
+            del record["headerSha256"]  # records named no header then
         write(objects, info.key, record)
 
 

@@ -187,8 +187,8 @@ MUTANTS = (
     Mutant(
         "stored object: the recorded message",
         "sealstream/objects.py",
-        "recorded.header_sha256 is not None and recorded.header_sha256 != header_digest(header)",
-        "False",
+        "    if recorded.header_sha256 != header_digest(header):",
+        "    if False:",
         ("tests/test_trust_records.py",),
     ),
     Mutant(
