@@ -59,24 +59,32 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8080, ge=0, le=65535, description="port the API listens on")
     tls_cert: Path | None = Field(
-        None, description="PEM certificate chain to serve HTTPS with (with `tls_key`)"
+        None,
+        description="PEM certificate chain to serve HTTPS with, given with its TLS key (both "
+        "or neither); unset: plain HTTP, meant for 127.0.0.1 only",
     )
     tls_key: Path | None = Field(
-        None, validate_default=True, description="PEM private key of `tls_cert`"
+        None, validate_default=True, description="PEM private key of the TLS certificate"
     )
 
     storage_url: str = Field(
         "file://./.sealstream",
-        description="object storage: file:///dir (the embedded default) or s3://bucket",
+        description="object storage: file:///dir (a local directory, as the embedded default) "
+        "or s3://bucket",
     )
     s3_endpoint_url: str | None = Field(
-        None, description="endpoint of an S3-compatible server (MinIO, Ceph, moto...)"
+        None, description="endpoint of an S3-compatible server (MinIO, Ceph...); unset: AWS"
     )
     redis_url: str | None = Field(
-        None, description="Redis for the job queue and job records; absent: jobs run in-process"
+        None,
+        description="Redis for the job queue and job records; unset: jobs run in the API process",
     )
     kek_file: Path | None = Field(
-        None, description="file holding the 32-byte key-encryption key (generated if absent)"
+        None,
+        description="file holding the 32-byte key-encryption key (raw, 64 hex digits or "
+        "base64) that no one but its owner may read or write; a file named here must exist. "
+        "Unset: with local storage, <storage dir>/.kek, generated on first start; with S3 "
+        "storage, a KEK file or a KMS key id is required",
     )
     serve_unrecorded_objects: bool = Field(
         False,
@@ -86,18 +94,21 @@ class Settings(BaseSettings):
     )
     store_id: str | None = Field(
         None,
-        description="the name the store's records are bound to (default: its bucket, or for "
-        "a local directory its name); set it to the original's on a replica that takes over "
-        "the original's records",
+        description="the name the store's records are bound to; unset: its bucket's name (a "
+        "local directory's name). On a replica that takes over a store's records, set the "
+        "original's",
     )
     kms_key_id: str | None = Field(
-        None, description="AWS KMS key that wraps key material instead of a KEK file"
+        None,
+        description="AWS KMS key that wraps key material instead of a KEK file (it wins over one)",
     )
     kms_endpoint_url: str | None = Field(
-        None, description="endpoint of a KMS-compatible server (defaults to AWS)"
+        None, description="endpoint of a KMS-compatible server; unset: AWS"
     )
     admin_token: SecretStr | None = Field(
-        None, description="bootstrap admin token; generated and printed at start when absent"
+        None,
+        description="bootstrap admin token (tenant default, every scope); unset: one is "
+        "generated and printed at start",
     )
     api_docs: ApiDocs = Field(
         "public",
@@ -107,17 +118,23 @@ class Settings(BaseSettings):
         "'off' serves none",
     )
     key_cache_ttl: float = Field(
-        5.0, gt=0, le=300, description="seconds a key or token is cached in a process"
+        5.0,
+        gt=0,
+        le=300,
+        description="seconds (at most 300) a key or token record is cached in a process",
     )
     max_json_body: int = Field(
-        64 * 1024, ge=1024, description="largest JSON request body accepted, in bytes"
+        64 * 1024,
+        ge=1024,
+        description="largest JSON request body, and largest metadata part, in bytes (413 "
+        "beyond; at least 1024)",
     )
     idle_timeout: float = Field(
         60.0,
         gt=0,
-        description="seconds a transfer may stall, a request body with no byte arriving or a "
-        "streamed response the client does not read, before the request fails (408, or a "
-        "cut-off stream) and what it had begun is cleaned up",
+        description="seconds a transfer may stall (a request body with no byte arriving, or a "
+        "streamed response the client does not read) before the request fails (408, or a "
+        "cut-off stream) and what it had begun, an upload to storage included, is aborted",
     )
     header_timeout: float = Field(
         10.0,
@@ -129,34 +146,36 @@ class Settings(BaseSettings):
     min_body_rate: int = Field(
         1024,
         ge=0,
-        description="bytes a second a request body must average over each "
-        "`body_rate_window` seconds spent waiting for it, or the request fails like a "
-        "stalled one (408 body-too-slow, or a cut-off stream); 0: no minimum",
+        description="bytes a second a request body must average over each body-rate window "
+        "spent waiting for it, or the request fails like a stalled one (408 body-too-slow, or "
+        "a cut-off stream); 0: no minimum",
     )
     body_rate_window: float = Field(
-        30.0, gt=0, description="seconds of waiting over which `min_body_rate` is averaged"
+        30.0, gt=0, description="seconds of waiting over which the minimum body rate is averaged"
     )
     max_connections: int = Field(
         default_factory=connection_cap,
         ge=1,
-        description="connections one process holds open at once; more are answered 503 and "
-        "closed at once (default: half the open-file limit)",
+        description="connections one process holds open at once; one more is answered 503 "
+        "too-many-connections and closed. By default half the open-file limit",
     )
     transfer_threads: int = Field(
         16,
         ge=1,
         le=1024,
         description="streams into or out of object storage doing blocking work at once, "
-        "each on a thread of their own pool; more wait their turn, so that transfers held "
-        "up by a slow store cannot take the threads that authentication and key lookups "
-        "need (anyio's default pool, 40 threads)",
+        "each on a thread of a pool of their own; more wait their turn, so that transfers "
+        "held up by a slow store cannot take the threads that authentication and key "
+        "lookups need",
     )
     keygen_threads: int = Field(
         default_factory=keygen_threads,
         ge=1,
         le=64,
         description="RSA keys generated or imported at once (to create, rotate or import "
-        "one), on threads of their own; more wait their turn (default: half the CPUs)",
+        "one), on threads of their own, so that a burst of them cannot take the threads "
+        "that authentication and key reads use; more wait their turn. By default half the "
+        "CPUs",
     )
     keygen_rate: str = Field(
         "10/minute",
@@ -166,7 +185,8 @@ class Settings(BaseSettings):
     job_ttl: int = Field(
         7 * 24 * 3600,
         ge=60,
-        description="seconds a job record stays in Redis after its last update",
+        description="seconds a job record stays in Redis after its last update (final "
+        "reports stay in storage)",
     )
     job_visibility_timeout: int = Field(
         6 * 3600,
@@ -231,10 +251,16 @@ class Settings(BaseSettings):
         "(or its cgroup's limit) shared among the pool's processes, at least 1 GiB each",
     )
     s3_part_size: int = Field(
-        DEFAULT_PART_SIZE, ge=5 * MIB, description="first multipart part size"
+        DEFAULT_PART_SIZE,
+        ge=5 * MIB,
+        description="bytes in each of a multipart upload's first parts (at least 5 MiB); "
+        "later parts double every 1,000",
     )
     s3_parts_in_flight: int = Field(
-        DEFAULT_PARTS_IN_FLIGHT, ge=1, le=32, description="parts uploading at once"
+        DEFAULT_PARTS_IN_FLIGHT,
+        ge=1,
+        le=32,
+        description="parts of one multipart upload uploading at once (1 to 32)",
     )
     s3_sign_payloads: bool = Field(
         False,
@@ -245,9 +271,9 @@ class Settings(BaseSettings):
         default_factory=memory_stream_cap,
         ge=1,
         description="encrypt and decrypt streams one process serves at once, a bound on "
-        "the memory they hold; past it, 503 too-many-streams (default: as many uploads "
+        "the memory they hold; past it, 503 too-many-streams. By default as many uploads "
         "into S3, each (parts in flight + 1) × the part size, as fit in half the memory "
-        "available: the cgroup limit if any, else the physical memory)",
+        "available: the cgroup limit if any, else the physical memory",
     )
 
     @field_validator("keygen_rate")
