@@ -1,189 +1,54 @@
-"""`sealstream` commands. `sealstream serve` runs the API; its options are the settings.
-`sealstream encrypt` and `sealstream decrypt` are clients of a running API (cli.client).
+"""The `sealstream` command. `sealstream encrypt` and `sealstream decrypt` are clients of a
+running API (cli.client); the server's commands (`sealstream serve`...) are found through
+the entry-point group `sealstream.commands`, so the client never imports the server.
 
 Client commands exit 0 on success, 1 when the request fails (the problem's code and
 detail go to stderr), 2 on bad usage, and 3 when a transfer is aborted midway: the
 output is then incomplete, and an OUTPUT file is deleted rather than left looking whole.
 """
 
-import ipaddress
 import json
 import re
-import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
-from urllib.parse import urlsplit
+from typing import Any, BinaryIO, cast
 
-import uvicorn
-from pydantic import Field, SecretStr, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import Field, SecretStr, ValidationError, create_model
 from pydantic_settings import (
     BaseSettings,
     CliApp,
     CliImplicitFlag,
     CliPositionalArg,
     CliSubCommand,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
 )
 
 from cli.client import ApiError, ByteRange, ClientError, SealstreamClient, TransferAborted
-from sealstream.memory import keep_freed_buffers
-from sealstream.settings import Settings, without_credentials
+from cli.exits import EXIT_ABORTED, EXIT_USAGE, CommandFailed, fail
+from cli.options import CommandOptions
 
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-
-# The server's modules (FastAPI, boto3, Celery...) load only when `serve` runs: a client
-# command then starts in a third of the time.
-def create_app(settings: Settings) -> "FastAPI":
-    from api import create_app as create
-
-    return create(settings)
+COMMANDS = "sealstream.commands"  # the entry-point group of the commands other packages add
 
 
-def local_storage_dir(settings: Settings) -> Path | None:
-    from sealstream.wiring import local_storage_dir as storage_dir
-
-    return storage_dir(settings)
-
-
-def server_options(settings: Settings) -> dict[str, Any]:
-    from api.serving import server_options as options
-
-    return options(settings)
-
-
-class Serve(Settings):
-    """Run the API. With no configuration: local storage in ./.sealstream, jobs in-process,
-    a KEK generated beside the data, and a fresh admin token printed."""
-
-    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
-
-    def cli_cmd(self) -> None:
-        settings = self
-        generated = None
-        if settings.admin_token is None:
-            generated = SecretStr(secrets.token_urlsafe(32))
-            settings = self.model_copy(update={"admin_token": generated})
-        keep_freed_buffers()
-        from sealstream.wiring import ConfigurationError
-
-        try:
-            app = create_app(settings)
-            options = server_options(settings)
-        except ConfigurationError as exc:
-            _fail(f"cannot start: {exc}", EXIT_USAGE)
-        _announce(settings, generated)
-        warn_if_exposed(settings)
-        uvicorn.run(app, log_level="info", **options)
-
-
-class UpgradeRecords(Settings):
-    """Seal the records of a store set up before records were sealed (the service refuses
-    to start on one): run once with the service's settings and KEK, and review every
-    record it lists, since sealing blesses whatever the bucket holds now (`--dry-run`
-    lists them first, sealing nothing)."""
-
-    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
-
-    again: CliImplicitFlag[bool] = Field(
-        False,
-        description="seal unsealed records found in a store whose records were all sealed "
-        "already: someone else put them there, so review what this lists",
-    )
-    dry_run: CliImplicitFlag[bool] = Field(
-        False, description="list what would be sealed, and seal nothing"
-    )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, _ServiceEnvironment(settings_cls)
-
-    def cli_cmd(self) -> None:
-        from api.upgrade import AlreadySealed, upgrade_records
-        from sealstream.wiring import ConfigurationError
-
-        try:
-            report = upgrade_records(self, again=self.again, dry_run=self.dry_run)
-        except (AlreadySealed, ConfigurationError) as exc:
-            _fail(f"cannot upgrade: {exc}", EXIT_FAILED)
-        for line in report.lines():
-            print(line)
-
-
-class _ServiceEnvironment(EnvSettingsSource):
-    """Only the service's settings come from SEALSTREAM_* variables: what a command is
-    told to do (`--again`, say) is said on its command line, never left in the
-    environment."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[object, str, bool]:
-        if field_name not in Settings.model_fields:
-            return None, field_name, False
-        return super().get_field_value(field, field_name)
-
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_ABORTED = 3
-CONNECTION_OPTIONS = ("url", "token")
-
-
-class CommandFailed(Exception):
-    """A client command stops: the message goes to stderr, the code is the exit status."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class _ConnectionEnvironment(EnvSettingsSource):
-    """Only the connection options come from SEALSTREAM_* variables: a stray
-    SEALSTREAM_OVERWRITE must not change what a command does."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[object, str, bool]:
-        if field_name not in CONNECTION_OPTIONS:
-            return None, field_name, False
-        return super().get_field_value(field, field_name)
-
-
-class ClientCommand(BaseSettings):
+class ClientCommand(CommandOptions):
     """The options of every client command: where the API is and the token to use."""
 
-    model_config = SettingsConfigDict(env_prefix="SEALSTREAM_", cli_kebab_case=True, extra="ignore")
+    # Only these come from SEALSTREAM_* variables: a stray SEALSTREAM_OVERWRITE must not
+    # change what a command does.
+    from_environment = ("url", "token")
 
     url: str = Field("http://127.0.0.1:8080", description="the API's base URL (SEALSTREAM_URL)")
     token: SecretStr | None = Field(None, description="the bearer token (SEALSTREAM_TOKEN)")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, _ConnectionEnvironment(settings_cls)
 
     def cli_cmd(self) -> None:
         try:
             self.run()
         except CommandFailed as exc:
-            _fail(str(exc), exc.exit_code)
+            fail(str(exc), exc.exit_code)
 
     def run(self) -> None:
         raise NotImplementedError
@@ -290,13 +155,25 @@ class Sealstream(BaseSettings):
         cli_prog_name="sealstream", cli_kebab_case=True, cli_shortcuts={"output": "o"}
     )
 
-    serve: CliSubCommand[Serve]
-    upgrade_records: CliSubCommand[UpgradeRecords]
-    encrypt: CliSubCommand[Encrypt]
-    decrypt: CliSubCommand[Decrypt]
-
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)
+
+
+def command_line() -> type[Sealstream]:
+    """The root command: the commands installed in the entry-point group, then the
+    client's own."""
+    commands: dict[str, Any] = {
+        command.name.replace("-", "_"): _subcommand(command.load())
+        for command in entry_points(group=COMMANDS)
+    }
+    commands |= {"encrypt": _subcommand(Encrypt), "decrypt": _subcommand(Decrypt)}
+    return create_model("Sealstream", __base__=Sealstream, __doc__=Sealstream.__doc__, **commands)
+
+
+def _subcommand(command: type[BaseSettings]) -> tuple[Any, Any]:
+    """The root command's field that runs `command` (a type made at run time, which the
+    type checker cannot follow)."""
+    return cast(Any, CliSubCommand)[command], ...
 
 
 _RANGE = re.compile(r"^(\d+)-(\d*)$")
@@ -375,88 +252,13 @@ class _Output:
             self.fate = f"the output is incomplete: {self._path} was deleted"
 
 
-def _fail(message: str, exit_code: int) -> NoReturn:
-    print(f"sealstream: {message}", file=sys.stderr)
-    raise SystemExit(exit_code)
-
-
-def _base_url(settings: Settings) -> str:
-    scheme = "https" if settings.tls_cert else "http"
-    return f"{scheme}://{settings.host}:{settings.port}"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only: localhost or a loopback address
-    (a name may resolve to anything)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def warn_if_exposed(settings: Settings) -> None:
-    """A loud warning when plain HTTP crosses a network: served, or spoken to KMS."""
-    if not settings.tls_cert and not is_loopback(settings.host):
-        _warn(
-            f"WARNING: serving plain HTTP on {settings.host!r}, which is not a loopback address.",
-            "Tokens, key material and plaintext cross the network unencrypted. Serve HTTPS with",
-            "--tls-cert and --tls-key (SEALSTREAM_TLS_CERT, SEALSTREAM_TLS_KEY), or keep the",
-            "API on 127.0.0.1 behind a proxy that terminates TLS.",
-        )
-    kms = urlsplit(settings.kms_endpoint_url or "")
-    if settings.kms_key_id and kms.scheme == "http" and not is_loopback(kms.hostname or ""):
-        _warn(
-            f"WARNING: KMS at {kms.hostname!r} over plain HTTP, not a loopback address.",
-            "Every key the service unwraps, and its record key, cross the network unencrypted.",
-            "Give SEALSTREAM_KMS_ENDPOINT_URL an https:// URL.",
-        )
-
-
-def _warn(*lines: str) -> None:
-    print("\n".join(["!" * 78, *lines, "!" * 78]), file=sys.stderr, flush=True)
-
-
-def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
-    """Say where the service is and what it uses; every URL without its credentials, and
-    the admin token only if it was generated here (a supplied one is never printed)."""
-    storage_dir = local_storage_dir(settings)
-    if storage_dir is not None:
-        storage = f"{storage_dir} (local directory)"
-    else:
-        storage = without_credentials(settings.storage_url)
-        if settings.s3_endpoint_url:
-            storage += f" at {without_credentials(settings.s3_endpoint_url)}"
-    jobs = (
-        f"Redis at {without_credentials(settings.redis_url)}"
-        if settings.redis_url
-        else "in-process"
-    )
-    token = (
-        generated_token.get_secret_value()
-        if generated_token is not None
-        else "the one configured (SEALSTREAM_ADMIN_TOKEN)"
-    )
-    lines = [
-        "sealstream is starting",
-        f"  URL:          {_base_url(settings)}",
-        f"  storage:      {storage}",
-        f"  jobs:         {jobs}",
-        f"  admin token:  {token}",
-        "  try:         curl -H 'Authorization: Bearer <admin token>' "
-        f"{_base_url(settings)}/api/key-management/supported-algorithms",
-    ]
-    print("\n".join(lines), flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
-        CliApp.run(Sealstream, cli_args=sys.argv[1:] if argv is None else argv)
+        CliApp.run(command_line(), cli_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         problems = "; ".join(
             f"--{str(error['loc'][-1]).replace('_', '-')}: {error['msg']}" for error in exc.errors()
         )
-        _fail(f"invalid options: {problems}", EXIT_USAGE)
+        fail(f"invalid options: {problems}", EXIT_USAGE)
     except SettingsError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from cli.client import SealstreamClient
-from cli.main import warn_if_exposed
 from keystore import LocalKek
+from sealstream.commands import warn_if_exposed
 from sealstream.settings import Settings
 from sealstream.wiring import open_records
 from storage import LocalStore

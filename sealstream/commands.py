@@ -1,0 +1,151 @@
+"""The server-side `sealstream` commands: `serve` runs the API, `upgrade-records` seals the
+records of a store set up before records were sealed. Their options are the settings.
+
+The `sealstream` command (cli.main) finds them through the entry-point group
+`sealstream.commands`, so the client never imports the server. They are loaded to build
+the command line of every `sealstream` call, so the server's modules (FastAPI, boto3,
+Celery, uvicorn...) are imported only when one of them runs.
+"""
+
+import ipaddress
+import secrets
+import sys
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import CliImplicitFlag
+
+from cli.exits import EXIT_FAILED, EXIT_USAGE, fail
+from cli.options import CommandOptions
+from sealstream.memory import keep_freed_buffers
+from sealstream.settings import Settings, without_credentials
+
+
+class Serve(Settings, CommandOptions):
+    """Run the API. With no configuration: local storage in ./.sealstream, jobs in-process,
+    a KEK generated beside the data, and a fresh admin token printed."""
+
+    def cli_cmd(self) -> None:
+        import uvicorn
+
+        from api import create_app
+        from api.serving import server_options
+        from sealstream.wiring import ConfigurationError
+
+        settings = self
+        generated = None
+        if settings.admin_token is None:
+            generated = SecretStr(secrets.token_urlsafe(32))
+            settings = self.model_copy(update={"admin_token": generated})
+        keep_freed_buffers()
+        try:
+            app = create_app(settings)
+            options = server_options(settings)
+        except ConfigurationError as exc:
+            fail(f"cannot start: {exc}", EXIT_USAGE)
+        _announce(settings, generated)
+        warn_if_exposed(settings)
+        uvicorn.run(app, log_level="info", **options)
+
+
+class UpgradeRecords(Settings, CommandOptions):
+    """Seal the records of a store set up before records were sealed (the service refuses
+    to start on one): run once with the service's settings and KEK, and review every
+    record it lists, since sealing blesses whatever the bucket holds now (`--dry-run`
+    lists them first, sealing nothing)."""
+
+    # What it is told to do (`--again`, say) is said on its command line, never left in
+    # the environment: only the service's settings come from SEALSTREAM_* variables.
+    from_environment = frozenset(Settings.model_fields)
+
+    again: CliImplicitFlag[bool] = Field(
+        False,
+        description="seal unsealed records found in a store whose records were all sealed "
+        "already: someone else put them there, so review what this lists",
+    )
+    dry_run: CliImplicitFlag[bool] = Field(
+        False, description="list what would be sealed, and seal nothing"
+    )
+
+    def cli_cmd(self) -> None:
+        from api.upgrade import AlreadySealed, upgrade_records
+        from sealstream.wiring import ConfigurationError
+
+        try:
+            report = upgrade_records(self, again=self.again, dry_run=self.dry_run)
+        except (AlreadySealed, ConfigurationError) as exc:
+            fail(f"cannot upgrade: {exc}", EXIT_FAILED)
+        for line in report.lines():
+            print(line)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: localhost or a loopback address
+    (a name may resolve to anything)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """A loud warning when plain HTTP crosses a network: served, or spoken to KMS."""
+    if not settings.tls_cert and not is_loopback(settings.host):
+        _warn(
+            f"WARNING: serving plain HTTP on {settings.host!r}, which is not a loopback address.",
+            "Tokens, key material and plaintext cross the network unencrypted. Serve HTTPS with",
+            "--tls-cert and --tls-key (SEALSTREAM_TLS_CERT, SEALSTREAM_TLS_KEY), or keep the",
+            "API on 127.0.0.1 behind a proxy that terminates TLS.",
+        )
+    kms = urlsplit(settings.kms_endpoint_url or "")
+    if settings.kms_key_id and kms.scheme == "http" and not is_loopback(kms.hostname or ""):
+        _warn(
+            f"WARNING: KMS at {kms.hostname!r} over plain HTTP, not a loopback address.",
+            "Every key the service unwraps, and its record key, cross the network unencrypted.",
+            "Give SEALSTREAM_KMS_ENDPOINT_URL an https:// URL.",
+        )
+
+
+def _warn(*lines: str) -> None:
+    print("\n".join(["!" * 78, *lines, "!" * 78]), file=sys.stderr, flush=True)
+
+
+def _base_url(settings: Settings) -> str:
+    scheme = "https" if settings.tls_cert else "http"
+    return f"{scheme}://{settings.host}:{settings.port}"
+
+
+def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
+    """Say where the service is and what it uses; every URL without its credentials, and
+    the admin token only if it was generated here (a supplied one is never printed)."""
+    from sealstream.wiring import local_storage_dir
+
+    storage_dir = local_storage_dir(settings)
+    if storage_dir is not None:
+        storage = f"{storage_dir} (local directory)"
+    else:
+        storage = without_credentials(settings.storage_url)
+        if settings.s3_endpoint_url:
+            storage += f" at {without_credentials(settings.s3_endpoint_url)}"
+    jobs = (
+        f"Redis at {without_credentials(settings.redis_url)}"
+        if settings.redis_url
+        else "in-process"
+    )
+    token = (
+        generated_token.get_secret_value()
+        if generated_token is not None
+        else "the one configured (SEALSTREAM_ADMIN_TOKEN)"
+    )
+    lines = [
+        "sealstream is starting",
+        f"  URL:          {_base_url(settings)}",
+        f"  storage:      {storage}",
+        f"  jobs:         {jobs}",
+        f"  admin token:  {token}",
+        "  try:         curl -H 'Authorization: Bearer <admin token>' "
+        f"{_base_url(settings)}/api/key-management/supported-algorithms",
+    ]
+    print("\n".join(lines), flush=True)
