@@ -22,8 +22,8 @@ from starlette.routing import Match
 import envelope
 import keystore
 import storage
-from sealstream.errors import error_code, public_detail
-from sealstream.spaces import BucketNotAllowed
+from services.errors import error_code, public_detail
+from services.placement import BucketNotAllowed
 from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from envelope import DEFAULT_FRAME_LENGTH as DEFAULT_FRAME_LENGTH
 from envelope import DEFAULT_LIMITS, InvalidParameter, check_frame_length
 from envelope.message import FRAME_LENGTH_MULTIPLE
 from keystore.records import KID_PATTERN
-from sealstream.objects import RESERVED_CONTEXT_PREFIX
+from services.keys import RESERVED_CONTEXT_PREFIX
 
 
 def _no_reserved_keys(context: dict[str, str]) -> dict[str, str]:

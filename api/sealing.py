@@ -51,20 +51,16 @@ from envelope import (
     open_message,
 )
 from keystore import KeyRecord, KeyStore
-from sealstream.objects import (
-    ObjectSealer,
-    Sealing,
+from services.keys import Sealing, opening_keyrings, start_sealing
+from services.keys import required_context as required
+from services.objects import (
     check_placement,
     check_recorded_message,
-    opening_keyrings,
     read_stored_header,
     read_stored_layout,
-    start_sealing,
 )
-from sealstream.objects import (
-    required_context as required,
-)
-from sealstream.spaces import Placement
+from services.placement import Placement
+from services.seal_to_storage import ObjectSealer
 from storage import InvalidRange, ObjectNotFound
 from storage.integrity import Records
 from storage.records import ObjectRecord, load_record

@@ -40,9 +40,9 @@ from keystore import KeyRecord
 from keystore.recordkey import all_sealed, mark_all_sealed
 from keystore.store import RECORD_KIND as KEY_KIND
 from keystore.store import RECORD_PREFIX as KEYS_PREFIX
-from sealstream.objects import header_digest, read_stored_header
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek, open_object_store, open_service_records
+from services.objects import header_digest, read_stored_header
 from storage import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
 from storage.integrity import Records, RecordTampered, is_sealed
 from storage.records import RECORD_KIND as OBJECT_KIND

@@ -36,9 +36,10 @@ from stream import AWS_ENVIRONMENT, moto_server
 
 from keystore import KeySpec, LocalKek
 from sealstream.memory import keep_freed_buffers
-from sealstream.objects import ObjectSealer, start_sealing
 from sealstream.settings import Settings
-from sealstream.spaces import ObjectRef
+from services.keys import start_sealing
+from services.placement import ObjectRef
+from services.seal_to_storage import ObjectSealer
 from workers.execution import run_job
 from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.registry import JOB_BODIES

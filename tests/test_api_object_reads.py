@@ -26,7 +26,7 @@ from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 
 from envelope import PROVIDER_ID
 from keystore.algorithms import b64url
-from sealstream.objects import TENANT_CONTEXT_KEY
+from services.keys import TENANT_CONTEXT_KEY
 from storage.records import delete_record
 from tests.conftest import Api, api_settings, live_api
 from tests.stream_helpers import (

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-import sealstream.objects
-import sealstream.reencrypt
+import services.keys
+import services.reencrypt
 from envelope import (
     AesKeyring,
     DataKeyUnavailable,
@@ -33,7 +33,7 @@ from envelope.context import serialize_context
 from envelope.frames import FrameCipher
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
-from sealstream.objects import Sealing
+from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
 from tests.conftest import Api, api_settings, live_api
@@ -455,7 +455,7 @@ def test_a_new_message_that_does_not_read_back_is_not_swapped_in(
 ) -> None:
     client, _, stored = setup
     before = {key: stored_bytes(api.objects, s["storageKey"]) for key, s in stored.items()}
-    start_sealing = sealstream.objects.start_sealing
+    start_sealing = services.keys.start_sealing
 
     def corrupting(*args: Any, **options: Any) -> Sealing:
         sealing = start_sealing(*args, **options)
@@ -465,7 +465,7 @@ def test_a_new_message_that_does_not_read_back_is_not_swapped_in(
         )
         return Sealing(sealing.tenant, sealing.key, sealing.keyring, encryptor)
 
-    monkeypatch.setattr(sealstream.reencrypt, "start_sealing", corrupting)
+    monkeypatch.setattr(services.reencrypt, "start_sealing", corrupting)
     result = succeeded(reencrypt_job(client, prefix="docs/"))
 
     # The empty object has no byte to change.

@@ -81,7 +81,7 @@ MUTANTS = (
     ),
     Mutant(
         "ranged read: final frame read",
-        "sealstream/objects.py",
+        "services/objects.py",
         "    return check.layout()\n",
         "    return claimed\n",
         ("tests/test_api_object_reads.py", "tests/test_envelope_ranged.py"),
@@ -102,7 +102,7 @@ MUTANTS = (
     ),
     Mutant(
         "object placement",
-        "sealstream/objects.py",
+        "services/objects.py",
         "    if named is not None and named != storage_key:",
         "    if False:",
         ("tests/test_trust_records.py",),
@@ -144,7 +144,7 @@ MUTANTS = (
     ),
     Mutant(
         "tenant prefix",
-        "sealstream/spaces.py",
+        "services/placement.py",
         "return Placement(store, store.bucket, ref.key, tenant_prefix(tenant) + ref.key)",
         'return Placement(store, store.bucket, ref.key, "tenants/default/" + ref.key)',
         ("tests/test_api_stream.py", "tests/test_jobs_batch.py"),
@@ -186,7 +186,7 @@ MUTANTS = (
     ),
     Mutant(
         "stored object: the recorded message",
-        "sealstream/objects.py",
+        "services/objects.py",
         "    if recorded.header_sha256 != header_digest(header):",
         "    if False:",
         ("tests/test_trust_records.py",),

@@ -41,7 +41,7 @@ from enum import StrEnum
 from functools import partial
 from typing import IO, TYPE_CHECKING
 
-from sealstream.spaces import check_object_key
+from services.placement import check_object_key
 from storage import InvalidObjectKey, ObjectStore
 
 if TYPE_CHECKING:

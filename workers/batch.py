@@ -33,10 +33,11 @@ from typing import IO, Any
 
 from pydantic import BaseModel
 
-from sealstream.errors import error_code, public_detail
-from sealstream.objects import ObjectSealer, start_sealing
 from sealstream.settings import Settings
-from sealstream.spaces import Placement
+from services.errors import error_code, public_detail
+from services.keys import start_sealing
+from services.placement import Placement
+from services.seal_to_storage import ObjectSealer
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
 from storage.integrity import Records
 from storage.records import ObjectRecord

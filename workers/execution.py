@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from tenacity import retry, stop_after_delay, wait_exponential
 
-from sealstream.errors import error_code, public_detail
+from services.errors import error_code, public_detail
 from storage.integrity import RecordTampered
 from workers.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress
 from workers.services import WorkerServices

@@ -1,5 +1,5 @@
 """The reencrypt job: move stored objects to their key's primary version by re-encrypting
-them (`sealstream.reencrypt`), one object or every recorded object under a prefix.
+them (`services.reencrypt`), one object or every recorded object under a prefix.
 
 An object is due when its record names an older version of the key. With `rewrapped`,
 objects that a header-only rewrap moved to a version are due too. Those are objects whose
@@ -24,9 +24,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keystore import KeyRecord
-from sealstream.errors import error_code, public_detail
-from sealstream.reencrypt import ObjectTampered, reencrypt_object
-from sealstream.spaces import tenant_prefix
+from services.errors import error_code, public_detail
+from services.placement import tenant_prefix
+from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.records import ObjectRecord, load_record
 from workers.execution import JobCancelled, JobContext, JobFailed, LeaseLost

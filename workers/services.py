@@ -3,10 +3,10 @@ spaces, job records."""
 
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from keystore import Kek, KeyStore
 from sealstream.settings import Settings
-from sealstream.spaces import Spaces
 from sealstream.wiring import (
     configured,
     open_kek,
@@ -14,6 +14,7 @@ from sealstream.wiring import (
     open_object_store,
     open_service_records,
 )
+from services.placement import Spaces
 from storage import ObjectStore
 from storage.integrity import Records
 from workers.jobs import JobStore, MemoryJobStore, RedisJobStore
@@ -48,6 +49,6 @@ def build_worker_services(settings: Settings) -> WorkerServices:
         records=records,
         kek=kek,
         keys=open_keystore(settings, records, kek),
-        spaces=Spaces(settings, objects),
+        spaces=Spaces(objects, settings.tenant_buckets, partial(open_object_store, settings)),
         jobs=open_job_store(settings, records),
     )

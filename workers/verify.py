@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from envelope import Decryptor, Header, Keyring
-from sealstream.objects import opening_keyrings
-from sealstream.stored import OnChunk, RecordMismatch, check_against_record, open_stored
+from services.keys import opening_keyrings
+from services.objects import RecordMismatch, check_against_record
+from services.open_stored import OnChunk, open_stored
 from storage import ObjectNotFound, ObjectStore
 from storage.records import ObjectRecord, load_record
 from workers.execution import JobContext, JobFailed

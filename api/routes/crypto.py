@@ -46,7 +46,7 @@ from api.sealing import (
 )
 from api.services import services
 from api.tokens import Principal
-from sealstream.spaces import ObjectRef
+from services.placement import ObjectRef
 from workers.jobs import JobKind
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])

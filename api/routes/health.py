@@ -18,7 +18,7 @@ from api.problems import Problem
 from api.services import Services, services
 from keystore import KekError
 from keystore.recordkey import check_record_key
-from sealstream.errors import error_code
+from services.errors import error_code
 from storage import StorageError
 
 logger = logging.getLogger(__name__)

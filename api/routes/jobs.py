@@ -23,8 +23,8 @@ from api.problems import Problem
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
-from sealstream.objects import start_sealing
-from sealstream.spaces import ObjectRef, Placement, check_object_key, tenant_prefix
+from services.keys import start_sealing
+from services.placement import ObjectRef, Placement, check_object_key, tenant_prefix
 from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
 
 logger = logging.getLogger(__name__)

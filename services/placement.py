@@ -8,12 +8,11 @@ elsewhere (`..`, a leading `/`, control characters) are refused outright.
 
 import re
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sealstream.settings import Settings
-from sealstream.wiring import open_object_store
 from storage import InvalidObjectKey, ObjectStore
 
 MAX_KEY_BYTES = 1024
@@ -74,10 +73,20 @@ def check_object_key(key: str) -> None:
 
 
 class Spaces:
-    """Resolves object references for tenants; keeps one store per bucket."""
+    """Resolves object references for tenants; keeps one store per bucket.
 
-    def __init__(self, settings: Settings, default: ObjectStore) -> None:
-        self._settings = settings
+    `tenant_buckets` names the buckets, besides the default store's, that each tenant may
+    use; `open_store(bucket)` opens the store of one of them, once, on first use.
+    """
+
+    def __init__(
+        self,
+        default: ObjectStore,
+        tenant_buckets: Mapping[str, Sequence[str]],
+        open_store: Callable[[str], ObjectStore],
+    ) -> None:
+        self._tenant_buckets = tenant_buckets
+        self._open_store = open_store
         self._default = default
         self._stores: dict[str, ObjectStore] = {default.bucket: default}
         self._lock = threading.Lock()
@@ -91,17 +100,17 @@ class Spaces:
         """The store of `bucket` (the default one if None), if the tenant may use it."""
         if bucket is None or bucket == self._default.bucket:
             return self._default
-        if bucket not in self._settings.tenant_buckets.get(tenant, []):
+        if bucket not in self._tenant_buckets.get(tenant, []):
             raise BucketNotAllowed(f"this tenant may not use bucket {bucket!r}")
         return self._open(bucket)
 
     def every_store(self) -> list[ObjectStore]:
         """The default store and that of every bucket some tenant may use (for sweeps)."""
-        buckets = {b for allowed in self._settings.tenant_buckets.values() for b in allowed}
+        buckets = {b for allowed in self._tenant_buckets.values() for b in allowed}
         return [self._default, *(self._open(b) for b in sorted(buckets - {self._default.bucket}))]
 
     def _open(self, bucket: str) -> ObjectStore:
         with self._lock:
             if bucket not in self._stores:
-                self._stores[bucket] = open_object_store(self._settings, bucket)
+                self._stores[bucket] = self._open_store(bucket)
             return self._stores[bucket]

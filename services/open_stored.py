@@ -1,5 +1,5 @@
-"""Reading a stored object back: its plaintext, authenticated frame by frame, and the check
-of that plaintext against the object's upload record.
+"""Open a stored object: read it back whole, its plaintext authenticated frame by frame,
+to be checked against the object's upload record (`services.objects.check_against_record`).
 
 The verify job and re-encryption read objects this way: one pass over the object, whose
 header, met first, says which keyrings open it; every frame authenticated before its
@@ -12,25 +12,12 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage
-from sealstream.objects import (
-    ReplacedObject,
-    check_placement,
-    check_recorded_message,
-    required_context,
-)
+from services.keys import required_context
+from services.objects import check_placement
 from storage import ObjectStore
 from storage.readahead import ReadAhead
-from storage.records import ObjectRecord
 
 OnChunk = Callable[[int], None]  # told the size of each chunk read (progress, heartbeat)
-
-
-class RecordMismatch(Exception):
-    """A stored object decrypts, but not to the plaintext its upload recorded."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
 
 
 @dataclass
@@ -68,29 +55,6 @@ def open_stored(
         check_placement(decryptor.header, storage_key)
         with ReadAhead(_plaintext(first, decryptor, chunks, on_chunk)) as plaintext:
             yield StoredMessage(decryptor.header, decryptor, iter(plaintext))
-
-
-def check_against_record(decryptor: Decryptor, sha256: str, recorded: ObjectRecord) -> None:
-    """Once the whole object has been read (`sha256`: its plaintext's, in hex): require
-    its final frame, the message its record names, and the plaintext's size and SHA-256
-    recorded at upload."""
-    decryptor.finish()
-    assert decryptor.header is not None
-    try:
-        check_recorded_message(decryptor.header, recorded)
-    except ReplacedObject as replaced:
-        raise RecordMismatch(replaced.code, str(replaced)) from None
-    if decryptor.plaintext_length != recorded.plaintext_size:
-        raise RecordMismatch(
-            "plaintext-size-mismatch",
-            f"the object decrypts to {decryptor.plaintext_length} bytes; "
-            f"{recorded.plaintext_size} were recorded at upload",
-        )
-    if sha256 != recorded.plaintext_sha256:
-        raise RecordMismatch(
-            "plaintext-digest-mismatch",
-            "the plaintext's SHA-256 differs from the one recorded at upload",
-        )
 
 
 def _opened(

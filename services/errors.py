@@ -11,7 +11,7 @@ and nothing of where or how the service keeps it.
 
 import envelope
 from keystore import KekError, StoreNeedsUpgrade
-from sealstream.spaces import client_key
+from services.placement import client_key
 from storage import (
     BucketNotFound,
     InvalidMetadata,

@@ -9,7 +9,7 @@ header tags together give away GCM's hash key, and with it a forgery of every fr
 else has used.
 
 One streaming pass in constant memory, with no plaintext on disk. The object is read and
-each frame authenticated and opened (`sealstream.stored`). Its plaintext is hashed and
+each frame authenticated and opened (`services.open_stored`). Its plaintext is hashed and
 sealed into the new message. Each new frame is opened again with the primary version's
 keyring alone and must give back what was sealed, and only then goes into a multipart
 upload of the object's own key. The upload completes only once
@@ -31,16 +31,20 @@ from collections.abc import Iterable
 from envelope import Decryptor, Header, Keyring
 from envelope.encrypt import Piece
 from keystore import KeyStore
-from sealstream.objects import (
+from services.keys import (
     Sealing,
     client_context,
-    object_metadata,
     opening_keyrings,
     required_context,
-    sealed_record,
     start_sealing,
 )
-from sealstream.stored import OnChunk, RecordMismatch, check_against_record, open_stored
+from services.objects import (
+    RecordMismatch,
+    check_against_record,
+    object_metadata,
+    sealed_record,
+)
+from services.open_stored import OnChunk, open_stored
 from storage import MultipartWriter, ObjectInfo, ObjectStore
 from storage.integrity import Records
 from storage.records import ObjectRecord, save_record

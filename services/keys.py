@@ -1,0 +1,70 @@
+"""The key a message is sealed under, and the encryption-context pairs the service binds
+into every message it seals.
+
+The service adds `sealstream:` pairs naming the tenant and the key, so a message names its
+owner in authenticated data and can be refused to anyone else; and, for a message bound
+for storage, the storage key it is written at, so that a copy of it put anywhere else is
+refused (`services.objects.check_placement`). A client's own pairs may not use the prefix.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from envelope import Encryptor, Header, Keyring, key_names
+from keystore import KeyRecord, KeyStore
+
+RESERVED_CONTEXT_PREFIX = "sealstream:"
+TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
+OBJECT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}object"
+
+
+@dataclass
+class Sealing:
+    """A message being written under a key's primary version."""
+
+    tenant: str
+    key: KeyRecord
+    keyring: Keyring
+    encryptor: Encryptor
+
+
+def start_sealing(
+    keys: KeyStore,
+    tenant: str,
+    kid: str,
+    context: Mapping[str, str],
+    frame_length: int,
+    *,
+    object_key: str | None = None,
+) -> Sealing:
+    """Check the key may encrypt now, and start a message under its primary version,
+    with the service's pairs added to `context`; for a message bound for storage, naming
+    the storage key it is written at (`object_key`)."""
+    record, keyring = keys.encryption_keyring(tenant, kid)
+    sealed_context = {
+        **context,
+        TENANT_CONTEXT_KEY: tenant,
+        f"{RESERVED_CONTEXT_PREFIX}kid": kid,
+        f"{RESERVED_CONTEXT_PREFIX}key-version": str(record.primary_version),
+    }
+    if object_key is not None:
+        sealed_context[OBJECT_CONTEXT_KEY] = object_key
+    encryptor = Encryptor([keyring], context=sealed_context, frame_length=frame_length)
+    return Sealing(tenant, record, keyring, encryptor)
+
+
+def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
+    """What a decrypt demands: the caller's pairs, and that the message is the tenant's."""
+    return {**context, TENANT_CONTEXT_KEY: tenant}
+
+
+def client_context(context: Mapping[str, str]) -> dict[str, str]:
+    """A message's context without the pairs the service added: what its client gave."""
+    return {k: v for k, v in context.items() if not k.startswith(RESERVED_CONTEXT_PREFIX)}
+
+
+def opening_keyrings(
+    keys: KeyStore, tenant: str, header: Header, expected_kid: str | None = None
+) -> tuple[KeyRecord, list[Keyring]]:
+    """The tenant's keyrings for the keys a message's header names."""
+    return keys.opening_keyrings(tenant, key_names(header), expected_kid=expected_kid)

@@ -1,0 +1,154 @@
+"""Stored objects and their records: what the service notes of each object it seals, and
+the checks that a stored message is the one the service stored at that place.
+
+The API (encrypt-to-storage, decrypt from storage) and the workers (verify,
+batch-encrypt, reencrypt) share these pieces, so an object is recorded and read back the
+same way whoever handles it.
+"""
+
+import hashlib
+from datetime import UTC, datetime
+
+from envelope import (
+    Decryptor,
+    FinalFrameCheck,
+    Header,
+    HeaderReader,
+    MessageFormatError,
+    MessageLayout,
+    TruncatedMessage,
+)
+from envelope.frames import FrameCipher
+from services.keys import OBJECT_CONTEXT_KEY, Sealing
+from storage import ObjectInfo, ObjectStore
+from storage.records import ObjectRecord
+
+HEADER_READ_SIZE = 64 * 1024
+
+
+class MisplacedObject(MessageFormatError):
+    """A stored message sealed for another storage key: an authentic object copied over
+    this one by whoever can write the bucket."""
+
+    code = "object-misplaced"
+
+
+def check_placement(header: Header, storage_key: str) -> None:
+    """Refuse a message, whose header has authenticated, that names another storage key
+    than the one it was read from. Messages that name none (written before messages named
+    their place, or by another ESDK client) pass: nothing binds them."""
+    named = header.context.get(OBJECT_CONTEXT_KEY)
+    if named is not None and named != storage_key:
+        raise MisplacedObject("the message was sealed for another object")
+
+
+class ReplacedObject(MessageFormatError):
+    """A stored message that is not the one its record says the service stored there:
+    another message, authentic under the same key, put in its place."""
+
+    code = "object-replaced"
+
+
+def header_digest(header: Header) -> str:
+    return hashlib.sha256(header.to_bytes()).hexdigest()
+
+
+def check_recorded_message(header: Header, recorded: ObjectRecord) -> None:
+    """Refuse a message, whose header has authenticated, that is not the one `recorded`
+    names. Anyone holding an asymmetric key's public half can seal an authentic message
+    for it with any context, even its message ID; not one with the same key commitment,
+    which only the data key gives. Only the record, which the service sealed, tells the
+    message it stored from one made to look like it."""
+    if recorded.header_sha256 != header_digest(header):
+        raise ReplacedObject("the message is not the one stored there")
+
+
+class RecordMismatch(Exception):
+    """A stored object decrypts, but not to the plaintext its upload recorded."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def check_against_record(decryptor: Decryptor, sha256: str, recorded: ObjectRecord) -> None:
+    """Once the whole object has been read (`sha256`: its plaintext's, in hex): require
+    its final frame, the message its record names, and the plaintext's size and SHA-256
+    recorded at upload."""
+    decryptor.finish()
+    assert decryptor.header is not None
+    try:
+        check_recorded_message(decryptor.header, recorded)
+    except ReplacedObject as replaced:
+        raise RecordMismatch(replaced.code, str(replaced)) from None
+    if decryptor.plaintext_length != recorded.plaintext_size:
+        raise RecordMismatch(
+            "plaintext-size-mismatch",
+            f"the object decrypts to {decryptor.plaintext_length} bytes; "
+            f"{recorded.plaintext_size} were recorded at upload",
+        )
+    if sha256 != recorded.plaintext_sha256:
+        raise RecordMismatch(
+            "plaintext-digest-mismatch",
+            "the plaintext's SHA-256 differs from the one recorded at upload",
+        )
+
+
+def object_metadata(sealing: Sealing) -> dict[str, str]:
+    """The storage metadata of an object sealed by `sealing`."""
+    return {
+        "sealstream-kid": sealing.key.kid,
+        "sealstream-key-version": str(sealing.key.primary_version),
+        "sealstream-frame-length": str(sealing.encryptor.frame_length),
+    }
+
+
+def sealed_record(
+    sealing: Sealing, bucket: str, storage_key: str, plaintext_sha256: str, stored: ObjectInfo
+) -> ObjectRecord:
+    """The record of an object `sealing` has just finished and storage made visible."""
+    return ObjectRecord(
+        bucket=bucket,
+        key=storage_key,
+        tenant=sealing.tenant,
+        kid=sealing.key.kid,
+        key_version=sealing.key.primary_version,
+        alg=sealing.key.alg,
+        frame_length=sealing.encryptor.frame_length,
+        plaintext_size=sealing.encryptor.plaintext_length,
+        plaintext_sha256=plaintext_sha256,
+        ciphertext_size=stored.size,
+        etag=stored.etag,
+        created_at=datetime.now(UTC),
+        header_sha256=header_digest(sealing.encryptor.header),
+    )
+
+
+def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Header:
+    """The header of a stored message, read in small ranged requests (one, nearly always:
+    headers are a few hundred bytes) rather than by opening the whole object."""
+    reader = HeaderReader()
+    for start in range(0, size, HEADER_READ_SIZE):
+        end = min(size, start + HEADER_READ_SIZE)
+        for chunk in store.read(storage_key, start, end, chunk_size=HEADER_READ_SIZE):
+            header = reader.feed(chunk)
+            if header is not None:
+                return header
+    raise TruncatedMessage("the object ends inside its header")
+
+
+def read_stored_layout(
+    store: ObjectStore, storage_key: str, header: Header, cipher: FrameCipher, size: int
+) -> MessageLayout:
+    """The layout of a stored message of `size` bytes whose header is authenticated (by
+    `open_message`, which gave `cipher`), vouched for by its final frame: one ranged read.
+
+    The size alone is no evidence: a message cut at a frame boundary has a regular layout
+    of its own, shorter than the message's. Its final frame is what says where it ends.
+    """
+    claimed = MessageLayout.of(header, size)
+    check = FinalFrameCheck(cipher, claimed)
+    start, end = claimed.final_frame
+    for chunk in store.read(storage_key, start, end):
+        check.update(chunk)
+    return check.layout()
