@@ -83,8 +83,8 @@ class FrameReader:
             overhead = FINAL_OVERHEAD if final else REGULAR_OVERHEAD
             length = self._unit_length(self._prefix) - overhead
             self._check_room(final)
-            self._opening = OpeningFrame(
-                self._cipher, self.next_sequence_number, bytes(self._prefix), length, final=final
+            self._opening = self._cipher.begin_opening(
+                self.next_sequence_number, bytes(self._prefix), length, final=final
             )
             self._prefix.clear()
         return view

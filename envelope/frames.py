@@ -121,16 +121,35 @@ class FrameCipher:
         except InvalidTag:
             raise FrameAuthenticationError(sequence_number) from None
 
-    def _begin_opening(
+    def begin_opening(
         self, sequence_number: int, prefix: bytes, length: int, *, final: bool
-    ) -> AEADDecryptionContext:
-        """An incremental opening of the frame `prefix` starts, of `length` ciphertext bytes.
-        Its output is unauthenticated until `finalize_with_tag` passes, so only
-        `OpeningFrame`, which holds it back until then, uses it."""
+    ) -> "OpeningFrame":
+        """An incremental opening of the frame `prefix` starts, of `length` ciphertext
+        bytes: its plaintext is handed out only once the frame's tag has verified."""
         iv = checked_iv(sequence_number, prefix, final=final)
-        context = Cipher(self._aes, modes.GCM(iv)).decryptor()
+        context = self._decrypt_unauthenticated(iv)
         context.authenticate_additional_data(self._aad(sequence_number, length, final=final))
-        return context
+        return OpeningFrame(sequence_number, context, length, final=final)
+
+    def reseal_final(self, sequence_number: int, ciphertext: memoryview) -> bytearray:
+        """The final frame of the plaintext under `ciphertext`, which this cipher encrypted
+        under `sequence_number`'s IV for a regular frame whose tag was never made; a fresh
+        buffer.
+
+        The same key and IV give the same keystream, so running that ciphertext through a
+        decryption that is never finalized gives back its plaintext, sealed again at once.
+        Handed any other ciphertext, this would tag whatever it was given: its one caller
+        is `PendingFrame.seal_final`, on the ciphertext it wrote itself.
+        """
+        undo = self._decrypt_unauthenticated(frame_iv(sequence_number))
+        plaintext = memoryview(undo.update(ciphertext))
+        return self.seal(sequence_number, plaintext, final=True)
+
+    def _decrypt_unauthenticated(self, iv: bytes) -> AEADDecryptionContext:
+        """A decryption under `iv` whose output is unauthenticated until `finalize_with_tag`
+        passes. Only this class uses it, and hands out nothing of it unverified: a test
+        checks that no code outside this module names it."""
+        return Cipher(self._aes, modes.GCM(iv)).decryptor()
 
     def _aad(self, sequence_number: int, length: int, *, final: bool) -> bytes:
         base = self._final_aad if final else self._regular_aad
@@ -205,14 +224,7 @@ class PendingFrame:
         """
         end = REGULAR_PREFIX.size + self.filled
         ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
-        # The same key and IV give the same keystream, so running our own ciphertext through
-        # a decryption that is never finalized gives back the plaintext, sealed again at
-        # once. This lives here, not on FrameCipher: given any other ciphertext, it would
-        # tag whatever it was handed.
-        iv = frame_iv(self.sequence_number)
-        undo = Cipher(self._cipher._aes, modes.GCM(iv)).decryptor()
-        plaintext = memoryview(undo.update(ciphertext))
-        return self._cipher.seal(self.sequence_number, plaintext, final=True)
+        return self._cipher.reseal_final(self.sequence_number, ciphertext)
 
 
 class StreamedFrame:
@@ -259,11 +271,13 @@ class OpeningFrame:
     """
 
     def __init__(
-        self, cipher: FrameCipher, sequence_number: int, prefix: bytes, length: int, *, final: bool
+        self, sequence_number: int, context: AEADDecryptionContext, length: int, *, final: bool
     ) -> None:
+        """`context` decrypts the frame's `length` bytes of ciphertext, its AAD given;
+        `FrameCipher.begin_opening` makes one."""
         self.sequence_number = sequence_number
         self.final = final
-        self._context = cipher._begin_opening(sequence_number, prefix, length, final=final)
+        self._context = context
         self._ciphertext_left = length
         self._plaintext: list[bytes] = []
         self._tag = bytearray()

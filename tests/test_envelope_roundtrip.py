@@ -19,9 +19,16 @@ from envelope import (
     PlaintextTooShort,
     RsaKeyring,
     StateError,
+    open_message,
 )
 from envelope.encrypt import FRAMES_AHEAD
-from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, REGULAR_PREFIX, PendingFrame
+from envelope.frames import (
+    FINAL_OVERHEAD,
+    REGULAR_OVERHEAD,
+    REGULAR_PREFIX,
+    FrameCipher,
+    PendingFrame,
+)
 from tests.envelope_helpers import seal_frames
 
 FRAME = 4096
@@ -37,6 +44,11 @@ def keyring_of(kind: str) -> Keyring:
     if kind == "mlkem768":
         return MlKemKeyring("pq#1", mlkem.MLKEM768PrivateKey.generate())
     return MlKemKeyring("pq#2", mlkem.MLKEM1024PrivateKey.generate())
+
+
+def cipher_of(encryptor: Encryptor) -> FrameCipher:
+    """The cipher of the message `encryptor` writes, as its reader opens it."""
+    return open_message(encryptor.header, [keyring_of("aes")]).cipher
 
 
 def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
@@ -207,7 +219,7 @@ def test_frames_sealed_piece_by_piece_are_those_sealed_whole(
     message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
-    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
 
 
 @settings(max_examples=60, deadline=None)
@@ -229,7 +241,7 @@ def test_streamed_frames_are_those_sealed_whole(
     message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
-    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
 
 
 def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
@@ -244,7 +256,7 @@ def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
     assert len(second) == FRAME - 100 + REGULAR_OVERHEAD + 50
     [third] = encryptor.update(plaintext[FRAME + 50 :])  # the second frame's rest and tag
     message = b"".join([header, first, second, third, *encryptor.finish()])
-    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
 
 
 def test_a_recycled_piece_carries_the_next() -> None:
@@ -275,7 +287,7 @@ def test_a_plaintext_shorter_than_promised_fails_only_inside_a_streamed_frame(si
     else:  # ended at a frame's edge: a whole message, with an empty final frame
         message += b"".join(encryptor.finish())
         assert message == encryptor.header.to_bytes() + seal_frames(
-            encryptor._cipher, plaintext, FRAME
+            cipher_of(encryptor), plaintext, FRAME
         )
 
 
@@ -295,7 +307,7 @@ def test_a_plaintext_ending_at_any_frame_edge_within_the_promise_is_a_whole_mess
     plaintext = os.urandom(frames * FRAME)
     message = encrypt_with(encryptor, plaintext, [FRAME // 3 + 1, 2 * FRAME + 5], recycle=True)
     header = encryptor.header.to_bytes()
-    assert message[len(header) :] == seal_frames(encryptor._cipher, plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
     assert decrypt([keyring_of("aes")], message, [1000]) == plaintext
 
 
@@ -332,6 +344,6 @@ def test_a_frame_still_being_sealed_cannot_be_given_back() -> None:
 
 
 def test_a_pending_frame_takes_only_a_buffer_of_its_size() -> None:
-    cipher = Encryptor([keyring_of("aes")], frame_length=FRAME)._cipher
+    cipher = FrameCipher(os.urandom(32), os.urandom(32))
     with pytest.raises(InvalidParameter):
         PendingFrame(cipher, 1, FRAME, bytearray(FRAME))
