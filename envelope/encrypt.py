@@ -33,10 +33,9 @@ from envelope.suite import TAG_LENGTH
 Piece = bytearray | memoryview  # of the message, handed out by an `Encryptor`
 
 # Streamed frames are started this many at a time, within the promised length. Made at
-# each frame's edge, right after a chunk was sealed, an AES-GCM context found the code and
-# tables it needs evicted from the CPU's caches: about 34 µs, against about 7 µs each when
-# 16 were made in a row (timed after a 6 MiB write, on a Xeon with 2 MiB of L2). At 1 MiB
-# frames, that is some 28 ms of every GiB streamed.
+# each frame's edge, right after a chunk was sealed, an AES-GCM context finds the code and
+# tables it needs evicted from the CPU's caches, and costs several times what it does when
+# made in a row with others.
 FRAMES_AHEAD = 16
 
 
@@ -178,9 +177,8 @@ class Encryptor:
         Likewise a streamed piece (see `expect_length`): the next one is written into it.
 
         That saves allocating and zeroing a frame's worth of memory per frame, and the
-        buffer is likely still in the CPU's cache: 2 to 9 % more throughput streamed
-        back, in A/B runs on a machine bound by memory bandwidth (bench/stream.py). A
-        buffer of another length (the header, a final frame) is ignored.
+        buffer is likely still in the CPU's cache, which matters where memory bandwidth
+        bounds a stream. A buffer of another length (the header, a final frame) is ignored.
         """
         if isinstance(frame, memoryview):
             if self._lent is not None and frame.obj is self._lent:
