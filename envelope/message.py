@@ -66,39 +66,6 @@ def writable_context(context: EncryptionContext) -> bytes:
     return context_bytes
 
 
-def _seal_header(
-    *,
-    data_key: bytes,
-    message_id: bytes,
-    keyrings: Sequence[Keyring],
-    context: EncryptionContext,
-    context_bytes: bytes,
-    frame_length: int,
-    commitment: bytes,
-    cipher: FrameCipher,
-) -> Header:
-    """A header wrapping `data_key` for each keyring, tagged with the message's cipher:
-    the one sealing under that key with the all-zero IV, which no frame uses."""
-    edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
-    body = serialize_header_body(
-        message_id=message_id,
-        context_bytes=context_bytes,
-        encrypted_data_keys=edks,
-        frame_length=frame_length,
-        commitment=commitment,
-    )
-    return Header(
-        message_id=message_id,
-        context=dict(context),
-        context_bytes=context_bytes,
-        encrypted_data_keys=edks,
-        frame_length=frame_length,
-        commitment=commitment,
-        body=body,
-        tag=cipher.header_tag(body),
-    )
-
-
 def new_message(
     keyrings: Sequence[Keyring],
     context: EncryptionContext,
@@ -112,15 +79,24 @@ def new_message(
     message_id = os.urandom(MESSAGE_ID_LENGTH)
     keys = derive_keys(data_key, message_id)
     cipher = FrameCipher(keys.encryption_key, message_id)
-    header = _seal_header(
-        data_key=data_key,
+    edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
+    body = serialize_header_body(
         message_id=message_id,
-        keyrings=keyrings,
-        context=context,
         context_bytes=context_bytes,
+        encrypted_data_keys=edks,
         frame_length=frame_length,
         commitment=keys.commitment,
-        cipher=cipher,
+    )
+    header = Header(
+        message_id=message_id,
+        context=dict(context),
+        context_bytes=context_bytes,
+        encrypted_data_keys=edks,
+        frame_length=frame_length,
+        commitment=keys.commitment,
+        body=body,
+        # The one sealing under this key with the all-zero IV, which no frame uses.
+        tag=cipher.header_tag(body),
     )
     return header, cipher
 
