@@ -2,9 +2,9 @@
 algorithm suite 0x0478, framed), written and read incrementally.
 
 Pure: bytes in, bytes out; no I/O and no framework. See docs/FORMAT.md for the bytes.
+Exported here is what other packages use; the rest is imported from its own module.
 """
 
-from envelope.context import EncryptionContext
 from envelope.decrypt import Decryptor, FrameReader
 from envelope.encrypt import Encryptor
 from envelope.errors import (
@@ -27,9 +27,6 @@ from envelope.errors import (
 )
 from envelope.header import (
     DEFAULT_LIMITS,
-    MAX_FRAME_LENGTH,
-    MIN_FRAME_LENGTH,
-    EncryptedDataKey,
     Header,
     HeaderReader,
     Limits,
@@ -47,24 +44,19 @@ from envelope.message import (
     DEFAULT_FRAME_LENGTH,
     OpenedMessage,
     check_frame_length,
-    new_message,
     open_message,
 )
-from envelope.ranged import FinalFrameCheck, FrameSpan, MessageLayout, RangeDecryptor
+from envelope.ranged import FinalFrameCheck, MessageLayout, RangeDecryptor
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
     "DEFAULT_LIMITS",
-    "MAX_FRAME_LENGTH",
-    "MIN_FRAME_LENGTH",
     "PROVIDER_ID",
     "AesKeyring",
     "AuthenticationError",
     "CommitmentMismatch",
     "DataKeyUnavailable",
     "Decryptor",
-    "EncryptedDataKey",
-    "EncryptionContext",
     "EncryptionContextMismatch",
     "Encryptor",
     "EnvelopeError",
@@ -72,7 +64,6 @@ __all__ = [
     "FrameAuthenticationError",
     "FrameReader",
     "FrameSequenceError",
-    "FrameSpan",
     "Header",
     "HeaderAuthenticationError",
     "HeaderLimitExceeded",
@@ -93,7 +84,6 @@ __all__ = [
     "UnsupportedMessage",
     "check_frame_length",
     "key_names",
-    "new_message",
     "open_message",
     "parse_header",
 ]

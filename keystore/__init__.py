@@ -4,109 +4,53 @@
 `ImportSpec` are what a new key is made from; `KeyRecord` is the stored record and
 `KeyView` the part of it anyone allowed to read the key may see. Errors come from one
 hierarchy rooted at `KeystoreError`, each with a stable `code`.
+
+Exported here is what other packages use; the rest is imported from its own module.
 """
 
-from keystore.algorithms import (
-    KEY_TYPES,
-    Jwk,
-    KeyParams,
-    costly_material,
-    supported_algorithms,
-)
+from keystore.algorithms import KeyParams, costly_material, supported_algorithms
 from keystore.errors import (
-    AlgorithmMismatch,
     ConcurrentUpdate,
-    CorruptRecord,
     ExportabilityIsOneWay,
     InvalidArgument,
-    InvalidExpiry,
-    InvalidJwk,
-    InvalidKeyOps,
-    InvalidKeySize,
-    InvalidKeySpec,
     InvalidKeyState,
-    InvalidKid,
-    InvalidPendingWindow,
-    InvalidRotationPeriod,
-    InvalidTenant,
     KekError,
-    KeyDisabled,
     KeyExists,
-    KeyExpired,
     KeyMismatch,
     KeyNotExportable,
     KeyNotFound,
-    KeyPendingDeletion,
     KeystoreError,
     OperationNotPermitted,
-    UnsupportedAlgorithm,
-    UnsupportedKeyType,
 )
 from keystore.kek import Kek, KmsKek, LocalKek
 from keystore.recordkey import KekMismatch, StoreNeedsUpgrade
-from keystore.records import (
-    KEY_OPS,
-    ImportSpec,
-    KeyOp,
-    KeyOrigin,
-    KeyRecord,
-    KeySpec,
-    KeyStatus,
-    KeyVersion,
-    KeyView,
-    VersionInfo,
-)
-from keystore.store import KeyStore, record_key, utcnow
+from keystore.records import ImportSpec, KeyRecord, KeySpec, KeyView
+from keystore.store import KeyStore, record_key
 
 __all__ = [
-    "KEY_OPS",
-    "KEY_TYPES",
-    "AlgorithmMismatch",
     "ConcurrentUpdate",
-    "CorruptRecord",
     "ExportabilityIsOneWay",
     "ImportSpec",
     "InvalidArgument",
-    "InvalidExpiry",
-    "InvalidJwk",
-    "InvalidKeyOps",
-    "InvalidKeySize",
-    "InvalidKeySpec",
     "InvalidKeyState",
-    "InvalidKid",
-    "InvalidPendingWindow",
-    "InvalidRotationPeriod",
-    "InvalidTenant",
-    "Jwk",
     "Kek",
     "KekError",
     "KekMismatch",
-    "KeyDisabled",
     "KeyExists",
-    "KeyExpired",
     "KeyMismatch",
     "KeyNotExportable",
     "KeyNotFound",
-    "KeyOp",
-    "KeyOrigin",
     "KeyParams",
-    "KeyPendingDeletion",
     "KeyRecord",
     "KeySpec",
-    "KeyStatus",
     "KeyStore",
-    "KeyVersion",
     "KeyView",
     "KeystoreError",
     "KmsKek",
     "LocalKek",
     "OperationNotPermitted",
     "StoreNeedsUpgrade",
-    "UnsupportedAlgorithm",
-    "UnsupportedKeyType",
-    "VersionInfo",
     "costly_material",
     "record_key",
     "supported_algorithms",
-    "utcnow",
 ]
