@@ -45,7 +45,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         services.runner.close()
-        services.keys.close()
 
     # The documentation routes are api.docs's: served from the package, and as the
     # settings allow.

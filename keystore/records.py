@@ -269,13 +269,6 @@ class KeyRecord(KeyMetadata):
             raise ExportabilityIsOneWay(f"key {self.kid!r} was created non-exportable")
         return self._changed(now, exportable=False)
 
-    def with_usage(self, count: int, last_used_at: datetime) -> Self:
-        # Usage is bookkeeping, not a change to the key: updatedAt stays.
-        latest = max(filter(None, (self.last_used_at, last_used_at)))
-        return self.model_copy(
-            update={"usage_count": self.usage_count + count, "last_used_at": latest}
-        )
-
     def next_version_number(self) -> int:
         return max(version.version for version in self.versions) + 1
 

@@ -12,7 +12,6 @@ lost race. Another process's changes (a disabled key, say) are seen here within
 """
 
 import builtins  # `list` names a method inside `KeyStore`
-import functools
 import itertools
 import logging
 import random
@@ -66,7 +65,6 @@ RECORD_PREFIX = "sealstream/keys/"
 RECORD_SUFFIX = ".json"
 MATERIAL_AAD_PREFIX = "sealstream/key-material/v1"
 DEFAULT_CACHE_TTL = 5.0
-DEFAULT_USAGE_FLUSH_INTERVAL = 5.0
 CACHE_SIZE = 4096
 MAX_LIST_LIMIT = 1000
 PENDING_WINDOW_DAYS = range(1, 31)
@@ -113,7 +111,6 @@ class KeyStore:
         kek: Kek,
         *,
         cache_ttl: float = DEFAULT_CACHE_TTL,
-        usage_flush_interval: float = DEFAULT_USAGE_FLUSH_INTERVAL,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._records = records
@@ -126,9 +123,6 @@ class KeyStore:
         )
         # Bumped by every invalidation, so a load that raced one is not cached.
         self._generation = 0
-        self._usage_flush_interval = usage_flush_interval
-        self._pending_usage: dict[tuple[str, str], tuple[int, datetime]] = {}
-        self._last_usage_flush = self._seconds()
 
     # Creating keys
 
@@ -242,35 +236,6 @@ class KeyStore:
         if first_error is not None:
             raise first_error
         raise KeyNotFound("the message is not sealed for any key of this tenant")
-
-    def record_usage(self, tenant: str, kid: str, count: int = 1) -> None:
-        """Count uses of a key; written in batches, at most every flush interval."""
-        if count < 1:
-            raise InvalidArgument("a usage count is positive")
-        now = self._clock()
-        with self._lock:
-            pending, _ = self._pending_usage.get((tenant, kid), (0, now))
-            self._pending_usage[(tenant, kid)] = (pending + count, now)
-            due = self._seconds() - self._last_usage_flush >= self._usage_flush_interval
-        if due:
-            self.flush_usage()
-
-    def flush_usage(self) -> None:
-        """Write the usage counted so far; what cannot be written now is kept for later."""
-        with self._lock:
-            batch, self._pending_usage = self._pending_usage, {}
-            self._last_usage_flush = self._seconds()
-        for (tenant, kid), (count, last_used_at) in batch.items():
-            try:
-                self._update(tenant, kid, functools.partial(_add_usage, count, last_used_at))
-            except KeyNotFound:
-                continue  # destroyed meanwhile: nothing left to count against
-            except (StorageError, ConcurrentUpdate):
-                self._keep_usage(tenant, kid, count, last_used_at)
-
-    def close(self) -> None:
-        """Write the usage still pending."""
-        self.flush_usage()
 
     # Changing keys
 
@@ -517,11 +482,6 @@ class KeyStore:
         policy.check(now)
         return now
 
-    def _keep_usage(self, tenant: str, kid: str, count: int, last_used_at: datetime) -> None:
-        with self._lock:
-            pending, latest = self._pending_usage.get((tenant, kid), (0, last_used_at))
-            self._pending_usage[(tenant, kid)] = (pending + count, max(latest, last_used_at))
-
     def _seconds(self) -> float:
         return self._clock().timestamp()
 
@@ -531,10 +491,6 @@ KEY_NAME_PATTERN = re.compile(rf"(?P<kid>{KID_PATTERN.pattern})#(?P<version>[1-9
 
 def _key_name(kid: str, version: int) -> str:
     return f"{kid}#{version}"
-
-
-def _add_usage(count: int, last_used_at: datetime, record: KeyRecord, _: datetime) -> KeyRecord:
-    return record.with_usage(count, last_used_at)
 
 
 def _back_off(attempt: int) -> None:

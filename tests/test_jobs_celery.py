@@ -574,14 +574,11 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
             stack.proxy.release()
 
             services = build_worker_services(stack.api.settings)
-            try:  # the periodic sweeps task's body, as beat runs it
 
-                def swept() -> bool:
-                    return job_id in run_sweeps(services)["staleJobs"]
+            def swept() -> bool:  # the periodic sweeps task's body, as beat runs it
+                return job_id in run_sweeps(services)["staleJobs"]
 
-                wait_for(swept, "the sweep to fail the stale job")
-            finally:
-                services.keys.close()
+            wait_for(swept, "the sweep to fail the stale job")
             record = get_job(client, job_id)
             assert record["status"] == "failed", show(record)
             assert record["error"]["code"] == "job-stale", show(record)

@@ -506,11 +506,9 @@ def test_objects_without_a_record_or_of_another_key_are_not_touched(
 
 
 @pytest.fixture
-def worker(api: Api) -> Iterator[WorkerServices]:
+def worker(api: Api) -> WorkerServices:
     """A worker's own services on the API's storage and keys."""
-    services = build_worker_services(api.settings)
-    yield services
-    services.keys.close()
+    return build_worker_services(api.settings)
 
 
 def job_record(

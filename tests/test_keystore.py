@@ -603,34 +603,6 @@ def test_a_hot_key_is_unwrapped_once_per_ttl(store: ObjectStore, clock: Clock) -
     assert CountingKek.unwraps == 2
 
 
-# Usage counting
-
-
-def test_usage_is_written_in_batches(keys: KeyStore, store: ObjectStore, clock: Clock) -> None:
-    keys.create(TENANT, spec())
-    etag = store.head(record_key(TENANT, "k1")).etag
-    for _ in range(3):
-        keys.record_usage(TENANT, "k1")
-    assert store.head(record_key(TENANT, "k1")).etag == etag
-    clock.advance(seconds=6)
-    keys.record_usage(TENANT, "k1", count=2)
-    record = keys.get(TENANT, "k1")
-    assert (record.usage_count, record.last_used_at) == (5, clock.now)
-    assert record.updated_at < clock.now
-    keys.record_usage(TENANT, "k1")
-    keys.close()
-    assert keys.get(TENANT, "k1").usage_count == 6
-
-
-def test_usage_of_a_destroyed_key_is_dropped(keys: KeyStore, clock: Clock) -> None:
-    keys.create(TENANT, spec())
-    keys.record_usage(TENANT, "k1")
-    keys.schedule_deletion(TENANT, "k1", 1)
-    clock.advance(days=1)
-    keys.destroy_due()
-    keys.close()
-
-
 # No material anywhere it should not be
 
 
