@@ -37,9 +37,9 @@ from api.tokens import (
 )
 from envelope import EnvelopeError
 from keystore import KeyRecord
+from keystore.persistence import RECORD_KIND as KEY_KIND
+from keystore.persistence import RECORD_PREFIX as KEYS_PREFIX
 from keystore.recordkey import all_sealed, mark_all_sealed
-from keystore.store import RECORD_KIND as KEY_KIND
-from keystore.store import RECORD_PREFIX as KEYS_PREFIX
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek, open_object_store, open_service_records
 from services.objects import header_digest, read_stored_header

@@ -23,9 +23,10 @@ from keystore.errors import (
     OperationNotPermitted,
 )
 from keystore.kek import Kek, KmsKek, LocalKek
+from keystore.persistence import record_key
 from keystore.recordkey import KekMismatch, StoreNeedsUpgrade
 from keystore.records import ImportSpec, KeyRecord, KeySpec, KeyView
-from keystore.store import KeyStore, record_key
+from keystore.store import KeyStore
 
 __all__ = [
     "ConcurrentUpdate",

@@ -1,105 +1,49 @@
-"""`KeyStore`: key records persisted in an object store, material wrapped under a KEK,
-unwrapped keyrings cached for a few seconds.
+"""`KeyStore`: the keys of every tenant, as the service uses and manages them.
 
-Each record is one sealed record (`storage.integrity`) at
-`sealstream/keys/{tenant}/{kid}.json`, so every policy field (exportable, keyOps, status,
-versions, dates) is authenticated and the record cannot be moved to another kid or
-tenant; one that fails is refused (`RecordTampered`), never used. Creation is a
-conditional write (`if_absent`), so of two creators of one kid exactly one wins; every
-change is a read-modify-write guarded by the object's etag (`if_match`), retried on a
-lost race. Another process's changes (a disabled key, say) are seen here within
-`cache_ttl` seconds; this instance's own changes at once.
+It ties together the records (`keystore.persistence`: sealed, written conditionally),
+the material (`keystore.material`: wrapped under a KEK) and a short cache of unwrapped
+keyrings (`keystore.cache`). Another process's changes (a disabled key, say) are seen
+here within `cache_ttl` seconds; this instance's own changes at once. The scheduled
+sweeps (`rotate_due`, `destroy_due`) are idempotent: running one twice, or on two
+workers, does its work once.
 """
 
 import builtins  # `list` names a method inside `KeyStore`
-import itertools
-import logging
-import random
-import re
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-
-from cachetools import TTLCache
 
 from envelope import Keyring
 from keystore.algorithms import Jwk, KeyParams, import_jwk, key_type, resolve
+from keystore.cache import DEFAULT_CACHE_TTL, CachedKey, KeyCache
 from keystore.errors import (
-    ConcurrentUpdate,
-    CorruptRecord,
     InvalidArgument,
     InvalidPendingWindow,
-    InvalidTenant,
-    KeyExists,
     KeyMismatch,
     KeyNotExportable,
     KeyNotFound,
     KeystoreError,
 )
 from keystore.kek import Kek
+from keystore.material import KEY_NAME_PATTERN, Material
+from keystore.persistence import KeyRecordStore, check_tenant
 from keystore.records import (
-    KID_PATTERN,
     ImportSpec,
     KeyOrigin,
     KeyPolicy,
     KeyRecord,
     KeySpec,
     KeyStatus,
-    KeyVersion,
     check_kid,
-)
-from storage import (
-    ObjectExists,
-    ObjectNotFound,
-    PreconditionFailed,
-    StorageError,
-    StorageUnavailable,
 )
 from storage.integrity import Records
 
-RECORD_KIND = "key"
-RECORD_PREFIX = "sealstream/keys/"
-RECORD_SUFFIX = ".json"
-MATERIAL_AAD_PREFIX = "sealstream/key-material/v1"
-DEFAULT_CACHE_TTL = 5.0
-CACHE_SIZE = 4096
 MAX_LIST_LIMIT = 1000
 PENDING_WINDOW_DAYS = range(1, 31)
-UPDATE_ATTEMPTS = 8
-
-logger = logging.getLogger(__name__)
-
-Change = Callable[[KeyRecord, datetime], KeyRecord]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def record_key(tenant: str, kid: str) -> str:
-    """The object key of a record."""
-    return f"{RECORD_PREFIX}{tenant}/{kid}{RECORD_SUFFIX}"
-
-
-def material_aad(tenant: str, kid: str, version: int) -> bytes:
-    """What wrapped material is bound to: '|' cannot occur in a tenant or kid."""
-    return f"{MATERIAL_AAD_PREFIX}|{tenant}|{kid}|{version}".encode()
-
-
-def check_tenant(tenant: str) -> None:
-    if not KID_PATTERN.fullmatch(tenant):
-        raise InvalidTenant("a tenant is 1 to 128 of [A-Za-z0-9._-], not starting with '.'")
-
-
-@dataclass
-class _CachedKey:
-    """A record as read, and the keyrings of its versions unwrapped so far."""
-
-    record: KeyRecord
-    keyrings: dict[int, Keyring] = field(default_factory=dict)
 
 
 class KeyStore:
@@ -113,16 +57,10 @@ class KeyStore:
         cache_ttl: float = DEFAULT_CACHE_TTL,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self._records = records
-        self._objects = records.store
-        self._kek = kek
         self._clock = clock
-        self._lock = threading.Lock()
-        self._cache: TTLCache[tuple[str, str], _CachedKey] = TTLCache(
-            maxsize=CACHE_SIZE, ttl=cache_ttl, timer=self._seconds
-        )
-        # Bumped by every invalidation, so a load that raced one is not cached.
-        self._generation = 0
+        self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
+        self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
+        self._material = Material(kek)
 
     # Creating keys
 
@@ -130,7 +68,7 @@ class KeyStore:
         """Generate a key; `KeyExists` if the tenant already has the kid."""
         now = self._checked_policy(tenant, spec)
         params = resolve(spec.kty, spec.alg, spec.key_size)
-        self._refuse_taken(tenant, spec.kid)  # before generating, which can take seconds
+        self._saved.refuse_taken(tenant, spec.kid)  # before generating, which can take seconds
         material = key_type(params.kty).generate(params)
         return self._insert(tenant, spec, params, material, KeyOrigin.GENERATED, now)
 
@@ -144,7 +82,7 @@ class KeyStore:
 
     def get(self, tenant: str, kid: str) -> KeyRecord:
         """The record as stored now; `KeyNotFound` if the tenant has no such key."""
-        return self._read(tenant, kid)
+        return self._saved.read(tenant, kid)
 
     def list(
         self, tenant: str, *, limit: int = 100, after: str | None = None
@@ -156,24 +94,21 @@ class KeyStore:
             raise InvalidArgument(f"limit must be in [1, {MAX_LIST_LIMIT}]")
         if after is not None:
             check_kid(after)
-        kids = self._kids_after(tenant, after, limit + 1)
+        kids = self._saved.kids_after(tenant, after, limit + 1)
         records = []
         for kid in kids[:limit]:
             with suppress(KeyNotFound):  # deleted since it was listed
-                records.append(self._read(tenant, kid))
+                records.append(self._saved.read(tenant, kid))
         return records, kids[limit - 1] if len(kids) > limit else None
 
     def export_jwk(self, tenant: str, kid: str, version: int | None = None) -> Jwk:
         """A version's material (the primary's by default) as a private JWK."""
-        record = self._read(tenant, kid)
+        record = self._saved.read(tenant, kid)
         if not record.exportable:
             raise KeyNotExportable(f"key {kid!r} is not exportable")
         record.check_enabled()  # a disabled key's material stays in, as its use does
         chosen = record.primary if version is None else record.version(version)
-        material = self._unwrap(record, chosen)
-        return key_type(record.kty).export_jwk(
-            _key_name(kid, chosen.version), record.params, material
-        )
+        return self._material.export_jwk(record, chosen)
 
     # Using keys
 
@@ -188,10 +123,10 @@ class KeyStore:
         """
         entry = self._cached(tenant, kid)
         if min_primary is not None and entry.record.primary_version < min_primary:
-            self._invalidate(tenant, kid)
+            self._cache.invalidate(tenant, kid)
             entry = self._cached(tenant, kid)
         entry.record.check_usable("encrypt", self._clock())
-        return entry.record, self._keyring(entry, entry.record.primary)
+        return entry.record, entry.keyring(entry.record.primary, self._material.keyring)
 
     def decryption_keyrings(
         self, tenant: str, kid: str, *, needs_version: int | None = None
@@ -204,10 +139,11 @@ class KeyStore:
         """
         entry = self._cached(tenant, kid)
         if needs_version is not None and not entry.record.has_version(needs_version):
-            self._invalidate(tenant, kid)
+            self._cache.invalidate(tenant, kid)
             entry = self._cached(tenant, kid)
         entry.record.check_usable("decrypt", self._clock())
-        return entry.record, [self._keyring(entry, version) for version in entry.record.versions]
+        unwrap = self._material.keyring
+        return entry.record, [entry.keyring(version, unwrap) for version in entry.record.versions]
 
     def opening_keyrings(
         self, tenant: str, key_names: Iterable[str], *, expected_kid: str | None = None
@@ -241,13 +177,13 @@ class KeyStore:
 
     def rotate(self, tenant: str, kid: str) -> KeyRecord:
         """Add a version and make it primary; only enabled keys rotate."""
-        return self._update(tenant, kid, self._rotated)
+        return self._saved.update(tenant, kid, self._material.rotated)
 
     def disable(self, tenant: str, kid: str) -> KeyRecord:
-        return self._update(tenant, kid, lambda record, now: record.disabled(now))
+        return self._saved.update(tenant, kid, lambda record, now: record.disabled(now))
 
     def enable(self, tenant: str, kid: str) -> KeyRecord:
-        return self._update(tenant, kid, lambda record, now: record.enabled(now))
+        return self._saved.update(tenant, kid, lambda record, now: record.enabled(now))
 
     def schedule_deletion(self, tenant: str, kid: str, pending_days: int = 7) -> KeyRecord:
         """Mark the key for destruction after `pending_days` (1 to 30); until then it is
@@ -257,7 +193,7 @@ class KeyStore:
                 f"the pending window is {PENDING_WINDOW_DAYS.start} to "
                 f"{PENDING_WINDOW_DAYS.stop - 1} days"
             )
-        return self._update(
+        return self._saved.update(
             tenant,
             kid,
             lambda record, now: record.scheduled_for_deletion(
@@ -266,11 +202,11 @@ class KeyStore:
         )
 
     def cancel_deletion(self, tenant: str, kid: str) -> KeyRecord:
-        return self._update(tenant, kid, lambda record, now: record.deletion_cancelled(now))
+        return self._saved.update(tenant, kid, lambda record, now: record.deletion_cancelled(now))
 
     def set_exportable(self, tenant: str, kid: str, exportable: bool) -> KeyRecord:
         """Make a key non-exportable; the other way raises `ExportabilityIsOneWay`."""
-        return self._update(
+        return self._saved.update(
             tenant, kid, lambda record, now: record.with_exportable(exportable, now)
         )
 
@@ -279,10 +215,11 @@ class KeyStore:
     def rotate_due(self) -> builtins.list[tuple[str, str]]:
         """Rotate the enabled keys whose rotation period has passed since their primary
         version was made; the (tenant, kid) of each key rotated."""
+        now = self._clock()
         rotated = []
-        for record in self._records_where(lambda record, now: record.rotation_due(now)):
+        for record in self._saved.records_where(lambda record: record.rotation_due(now)):
             try:
-                after = self._update(record.tenant, record.kid, self._rotated_if_due)
+                after = self._saved.update(record.tenant, record.kid, self._rotated_if_due)
             except KeyNotFound:
                 continue  # destroyed meanwhile
             if after.primary_version != record.primary_version:
@@ -291,15 +228,15 @@ class KeyStore:
 
     def destroy_due(self) -> builtins.list[tuple[str, str]]:
         """Delete the records (and so the material) of keys past their deletion date."""
+        now = self._clock()
         destroyed = []
-        for record in self._records_where(lambda record, now: record.destruction_due(now)):
+        for record in self._saved.records_where(lambda record: record.destruction_due(now)):
             # Safe without a conditional delete: past its date a key admits no change.
-            self._objects.delete(record_key(record.tenant, record.kid))
-            self._invalidate(record.tenant, record.kid)
+            self._saved.delete(record.tenant, record.kid)
             destroyed.append((record.tenant, record.kid))
         return destroyed
 
-    # Persistence
+    # Helpers
 
     def _insert(
         self,
@@ -310,6 +247,7 @@ class KeyStore:
         origin: KeyOrigin,
         now: datetime,
     ) -> KeyRecord:
+        first = self._material.new_version(tenant, policy.kid, params, 1, material, now)
         record = KeyRecord(
             kid=policy.kid,
             tenant=tenant,
@@ -320,179 +258,24 @@ class KeyStore:
             exportable=policy.exportable,
             status=KeyStatus.ENABLED,
             primary_version=1,
-            versions=(self._new_version(tenant, policy.kid, params, 1, material, now),),
+            versions=(first,),
             created_at=now,
             updated_at=now,
             expires_at=policy.expires_at,
             rotation_period=policy.rotation_period,
             origin=origin,
         )
-        try:
-            self._records.put(RECORD_KIND, record_key(tenant, policy.kid), record, if_absent=True)
-        except ObjectExists:
-            raise KeyExists(f"key {policy.kid!r} already exists") from None
-        self._invalidate(tenant, policy.kid)
+        self._saved.insert(record)
         return record
 
-    def _refuse_taken(self, tenant: str, kid: str) -> None:
-        """`KeyExists` early; the conditional write still settles races."""
-        try:
-            self._objects.head(record_key(tenant, kid))
-        except ObjectNotFound:
-            return
-        raise KeyExists(f"key {kid!r} already exists")
-
-    def _update(self, tenant: str, kid: str, change: Change) -> KeyRecord:
-        """Apply `change` to the stored record, re-reading and retrying on lost races."""
-        for attempt in range(UPDATE_ATTEMPTS):
-            record, etag = self._read_for_update(tenant, kid)
-            changed = change(record, self._clock())
-            if changed is record:
-                return record
-            try:
-                self._records.put(RECORD_KIND, record_key(tenant, kid), changed, if_match=etag)
-            except (PreconditionFailed, ObjectNotFound):
-                _back_off(attempt)
-                continue
-            finally:
-                self._invalidate(tenant, kid)
-            return changed
-        raise ConcurrentUpdate(f"key {kid!r} kept changing; gave up after {UPDATE_ATTEMPTS} tries")
-
-    def _read(self, tenant: str, kid: str) -> KeyRecord:
-        check_tenant(tenant)
-        check_kid(kid)
-        try:
-            record = self._records.get(RECORD_KIND, record_key(tenant, kid), KeyRecord)
-        except ObjectNotFound:
-            raise KeyNotFound(f"no key {kid!r}") from None
-        if (record.tenant, record.kid) != (tenant, kid):
-            # The MAC binds the name, so only a service bug could get here: refuse anyway.
-            raise CorruptRecord(f"the record stored as key {kid!r} names another key")
-        return record
-
-    def _read_for_update(self, tenant: str, kid: str) -> tuple[KeyRecord, str]:
-        """The record and an etag no newer than it: the etag is read first, so a change
-        between the two reads makes the conditional write fail rather than win."""
-        check_tenant(tenant)
-        check_kid(kid)
-        try:
-            etag = self._objects.head(record_key(tenant, kid)).etag
-        except ObjectNotFound:
-            raise KeyNotFound(f"no key {kid!r}") from None
-        return self._read(tenant, kid), etag
-
-    def _kids_after(self, tenant: str, after: str | None, count: int) -> builtins.list[str]:
-        """Up to `count` kids of the tenant, in listing order, after the kid `after`."""
-        start = record_key(tenant, after) if after is not None else ""
-        keys = self._stored_keys(f"{RECORD_PREFIX}{tenant}/", start)
-        return [kid for _, kid in itertools.islice(keys, count)]
-
-    def _stored_keys(self, prefix: str, after: str = "") -> Iterator[tuple[str, str]]:
-        """(tenant, kid) of every record under `prefix` whose object key sorts after `after`."""
-        for info in self._objects.list(prefix):
-            tenant, _, name = info.key.removeprefix(RECORD_PREFIX).partition("/")
-            kid = name.removesuffix(RECORD_SUFFIX)
-            if (
-                info.key > after
-                and name.endswith(RECORD_SUFFIX)
-                and KID_PATTERN.fullmatch(tenant)
-                and KID_PATTERN.fullmatch(kid)
-            ):
-                yield tenant, kid
-
-    def _records_where(self, due: Callable[[KeyRecord, datetime], bool]) -> Iterator[KeyRecord]:
-        now = self._clock()
-        for tenant, kid in self._stored_keys(RECORD_PREFIX):
-            try:
-                record = self._read(tenant, kid)
-            except KeyNotFound:
-                continue  # deleted since it was listed
-            except StorageUnavailable:
-                raise  # the next sweep tries again
-            except (CorruptRecord, StorageError) as error:
-                # One bad record must not stop the sweep for every other key.
-                logger.warning("skipping key %r of tenant %r: %s", kid, tenant, error)
-                continue
-            if due(record, now):
-                yield record
-
-    # Material
-
-    def _new_version(
-        self, tenant: str, kid: str, params: KeyParams, number: int, material: bytes, now: datetime
-    ) -> KeyVersion:
-        return KeyVersion(
-            version=number,
-            created_at=now,
-            wrapped_material=self._kek.wrap(material, material_aad(tenant, kid, number)),
-            public_jwk=key_type(params.kty).public_jwk(_key_name(kid, number), params, material),
-        )
-
-    def _unwrap(self, record: KeyRecord, version: KeyVersion) -> bytes:
-        aad = material_aad(record.tenant, record.kid, version.version)
-        return self._kek.unwrap(version.wrapped_material, aad)
-
-    def _rotated(self, record: KeyRecord, now: datetime) -> KeyRecord:
-        record.check_enabled()  # only enabled keys rotate
-        number = record.next_version_number()
-        material = key_type(record.kty).generate(record.params)
-        version = self._new_version(record.tenant, record.kid, record.params, number, material, now)
-        return record.with_version(version, now)
+    def _cached(self, tenant: str, kid: str) -> CachedKey:
+        return self._cache.get(tenant, kid, lambda: self._saved.read(tenant, kid))
 
     def _rotated_if_due(self, record: KeyRecord, now: datetime) -> KeyRecord:
-        return self._rotated(record, now) if record.rotation_due(now) else record
-
-    # Cache
-
-    def _cached(self, tenant: str, kid: str) -> _CachedKey:
-        with self._lock:
-            entry = self._cache.get((tenant, kid))
-            generation = self._generation
-        if entry is not None:
-            return entry
-        entry = _CachedKey(self._read(tenant, kid))
-        with self._lock:
-            if generation == self._generation:
-                self._cache[(tenant, kid)] = entry
-        return entry
-
-    def _keyring(self, entry: _CachedKey, version: KeyVersion) -> Keyring:
-        keyring = entry.keyrings.get(version.version)
-        if keyring is None:
-            record = entry.record
-            material = self._unwrap(record, version)
-            keyring = key_type(record.kty).keyring(
-                _key_name(record.kid, version.version), record.params, material
-            )
-            # Unlocked: two threads may both unwrap a version; either keyring serves.
-            entry.keyrings[version.version] = keyring
-        return keyring
-
-    def _invalidate(self, tenant: str, kid: str) -> None:
-        with self._lock:
-            self._cache.pop((tenant, kid), None)
-            self._generation += 1
-
-    # Helpers
+        return self._material.rotated(record, now) if record.rotation_due(now) else record
 
     def _checked_policy(self, tenant: str, policy: KeyPolicy) -> datetime:
         check_tenant(tenant)
         now = self._clock()
         policy.check(now)
         return now
-
-    def _seconds(self) -> float:
-        return self._clock().timestamp()
-
-
-KEY_NAME_PATTERN = re.compile(rf"(?P<kid>{KID_PATTERN.pattern})#(?P<version>[1-9][0-9]{{0,8}})")
-
-
-def _key_name(kid: str, version: int) -> str:
-    return f"{kid}#{version}"
-
-
-def _back_off(attempt: int) -> None:
-    """A short random wait, so racing writers do not collide again in lockstep."""
-    time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - jitter, not secrecy

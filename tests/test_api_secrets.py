@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api import create_app
-from keystore.store import material_aad, record_key
+from keystore.material import material_aad
+from keystore.persistence import record_key
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek
 from tests.conftest import ADMIN_TOKEN, Api
