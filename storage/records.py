@@ -55,7 +55,3 @@ def load_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord
     if (record.bucket, record.key) != (bucket, storage_key):
         raise RecordTampered("it describes another object", record_key(bucket, storage_key))
     return record
-
-
-def delete_record(records: Records, bucket: str, storage_key: str) -> None:
-    records.store.delete(record_key(bucket, storage_key))
