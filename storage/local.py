@@ -22,7 +22,6 @@ is closed to them when the store is opened.
 import builtins  # `list` names a store method inside the store classes
 import fcntl
 import json
-import logging
 import os
 import uuid
 from collections.abc import Generator, Iterator
@@ -30,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from stat import S_IMODE, S_ISREG
-from typing import Any, BinaryIO
+from stat import S_ISREG
+from typing import Any
 
 from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
 from storage.errors import (
@@ -43,17 +42,22 @@ from storage.errors import (
     StorageError,
     StorageUnavailable,
 )
-
-logger = logging.getLogger(__name__)
+from storage.local_files import (
+    TEMP_NAME_OVERHEAD,
+    TEMP_PREFIX,
+    fsync_directory,
+    make_private,
+    new_private_file,
+    private_directories,
+    prune_empty,
+    temp_beside,
+    write_atomically,
+)
 
 META_DIR = ".meta"
-PRIVATE_DIRECTORY = 0o700
-PRIVATE_FILE = 0o600
-TEMP_PREFIX = ".tmp-"
-# A temporary name adds ".tmp-" + 32 hex digits + "-" (and a sidecar ".json") to a segment;
+# A temporary name adds TEMP_NAME_OVERHEAD bytes (and a sidecar ".json") to a segment;
 # this keeps every such name under the 255-byte limit of common filesystems.
 MAX_SEGMENT_BYTES = 200
-_TEMP_NAME_OVERHEAD = len(TEMP_PREFIX) + 32 + 1
 
 
 class LocalStore(ObjectStore):
@@ -67,11 +71,11 @@ class LocalStore(ObjectStore):
         self.bucket = self.root.name
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
-            _private_directories(self.root / META_DIR, self.root.parent)
+            private_directories(self.root / META_DIR, self.root.parent)
         except OSError as error:
             reason = f"the store directory cannot be created: {error.strerror}"
             raise StorageUnavailable(reason) from error
-        _make_private(self.root)
+        make_private(self.root)
 
     def get(self, key: str) -> bytes:
         path = self._object_path(key)
@@ -111,13 +115,13 @@ class LocalStore(ObjectStore):
                 return
             path.unlink()
             sidecar.unlink(missing_ok=True)
-            _fsync_directory(path.parent)
-            _prune_empty(path.parent, self.root)
-            _prune_empty(sidecar.parent, self.root / META_DIR)
+            fsync_directory(path.parent)
+            prune_empty(path.parent, self.root)
+            prune_empty(sidecar.parent, self.root / META_DIR)
 
     def pending_uploads(self, prefix: str = "") -> builtins.list[str]:
         keys = {
-            parent + name[_TEMP_NAME_OVERHEAD:]
+            parent + name[TEMP_NAME_OVERHEAD:]
             for parent, name in self._files(prefix)
             if name.startswith(TEMP_PREFIX)
         }
@@ -128,7 +132,7 @@ class LocalStore(ObjectStore):
             parent + name
             for parent, name in self._files(prefix)
             if name.startswith(TEMP_PREFIX)
-            and _under(parent + name[_TEMP_NAME_OVERHEAD:], prefix, exact)
+            and _under(parent + name[TEMP_NAME_OVERHEAD:], prefix, exact)
         ]
         with self._os_errors(prefix), self._locked(fcntl.LOCK_EX):
             for temporary in temporaries:
@@ -208,7 +212,7 @@ class LocalStore(ObjectStore):
                 raise ObjectExists("the object already exists", writer.key)
             if writer.if_match is not None:
                 self._require_etag(writer.key, path, writer.if_match)
-            _write_atomically(self._sidecar_path(writer.key), sidecar, self.root)
+            write_atomically(self._sidecar_path(writer.key), sidecar, self.root)
             try:
                 if writer.if_absent:
                     path.hardlink_to(writer.temp)  # fails atomically if the name is taken
@@ -219,7 +223,7 @@ class LocalStore(ObjectStore):
                 raise ObjectExists("the object already exists", writer.key) from None
             except IsADirectoryError:
                 raise InvalidObjectKey("the key is a prefix of other keys", writer.key) from None
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
 
     def _require_etag(self, key: str, path: Path, etag: str) -> None:
         """Refuse to replace anything but the version of `key` whose etag is `etag`."""
@@ -274,21 +278,21 @@ class _LocalWriter(MultipartWriter):
         self._store = store
         self._metadata = metadata
         self.path = path = store._object_path(key)
-        self.temp = _temp_beside(path)
+        self.temp = temp_beside(path)
         with store._os_errors(key), store._locked(fcntl.LOCK_EX):
             try:
-                _private_directories(path.parent, store.root)
+                private_directories(path.parent, store.root)
             except (FileExistsError, NotADirectoryError):
                 raise InvalidObjectKey("a prefix of the key is another object", key) from None
-            self._file = _new_private_file(self.temp)
+            self._file = new_private_file(self.temp)
 
     def _write(self, view: memoryview) -> None:
         with self._store._os_errors(self.key):
             self._file.write(view)
 
     def _complete(self) -> ObjectInfo:
-        # A version token, not a digest: hashing every stored byte again cost a fifth of
-        # an encrypt-to-storage, and an etag only has to change when the object does.
+        # A version token, not a digest: an etag only has to change when the object does,
+        # and a digest would take another pass over every byte stored.
         etag = uuid.uuid4().hex
         with self._store._os_errors(self.key):
             self._file.flush()
@@ -348,69 +352,3 @@ def _is_reserved(parent: str, name: str) -> bool:
 
 def _under(key: str, prefix: str, exact: bool) -> bool:
     return key == prefix if exact else key.startswith(prefix)
-
-
-def _write_atomically(path: Path, data: bytes, root: Path) -> None:
-    _private_directories(path.parent, root)
-    temp = _temp_beside(path)
-    with _new_private_file(temp) as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    temp.replace(path)
-    _fsync_directory(path.parent)
-
-
-def _private_directories(directory: Path, root: Path) -> None:
-    """Create `directory` and whatever is missing of it below `root`, each 0700 (`mkdir
-    -p` would give the parents it creates the umask's mode). A file in the way raises
-    `FileExistsError` or `NotADirectoryError`."""
-    path = root
-    for part in directory.relative_to(root).parts:
-        path /= part
-        try:
-            path.mkdir(mode=PRIVATE_DIRECTORY)
-        except FileExistsError:
-            if not path.is_dir():
-                raise
-
-
-def _make_private(directory: Path) -> None:
-    """Take group and other access away from a directory that was left open (by an older
-    version, or made by hand)."""
-    mode = S_IMODE(directory.stat().st_mode)
-    if not mode & 0o077:
-        return
-    try:
-        directory.chmod(mode & PRIVATE_DIRECTORY)
-    except PermissionError:
-        logger.warning("the store directory is open to others and not ours to close: %s", directory)
-
-
-def _new_private_file(path: Path) -> BinaryIO:
-    """A new file to write, 0600; the name must be free."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
-
-
-def _temp_beside(path: Path) -> Path:
-    """A fresh temporary name in the same directory, so a rename can put it in place."""
-    return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in `directory` durable: the new name is an entry of the directory."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _prune_empty(directory: Path, stop: Path) -> None:
-    """Remove now-empty directories from `directory` up to, not including, `stop`."""
-    while directory != stop:
-        try:
-            directory.rmdir()
-        except OSError:
-            return  # not empty: another key still lives here
-        directory = directory.parent
