@@ -41,7 +41,27 @@ class ObjectInfo:
     last_modified: datetime
 
 
-class MultipartWriter(ABC):
+class Scoped(ABC):
+    """A context manager of itself: leaving its `with` block, however the block is left,
+    calls `_leave`."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._leave()
+
+    @abstractmethod
+    def _leave(self) -> None:
+        """Release what the object holds."""
+
+
+class MultipartWriter(Scoped):
     """An object written incrementally; invisible until `complete()` returns.
 
     Any failure inside `write()` or `complete()` aborts the upload before it propagates,
@@ -90,15 +110,7 @@ class MultipartWriter(ABC):
         self._state = _WriterState.ABORTED
         self._abort()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def _leave(self) -> None:
         self.abort()
 
     def _require_open(self) -> None:

@@ -11,13 +11,13 @@ import queue
 import threading
 from collections.abc import Iterator
 from contextlib import suppress
-from types import TracebackType
-from typing import Self
+
+from storage.base import Scoped
 
 _DONE = object()
 
 
-class ReadAhead:
+class ReadAhead(Scoped):
     """Iterates `chunks` on a thread of its own, at most `depth` chunks ahead of its reader.
 
     Use it as a context manager: leaving the block (also early, on an error) stops the
@@ -39,18 +39,7 @@ class ReadAhead:
             assert isinstance(item, bytes)
             yield item
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
+    def _leave(self) -> None:
         self._stopping.set()
         while self._thread.is_alive():
             with suppress(queue.Empty):  # unblock a fetcher waiting for room in the queue
