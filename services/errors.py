@@ -10,19 +10,9 @@ and nothing of where or how the service keeps it.
 """
 
 import envelope
+import storage
 from keystore import KekError, StoreNeedsUpgrade
 from services.placement import client_key
-from storage import (
-    BucketNotFound,
-    InvalidMetadata,
-    InvalidObjectKey,
-    InvalidRange,
-    ObjectExists,
-    ObjectNotFound,
-    PreconditionFailed,
-    StorageError,
-    StorageUnavailable,
-)
 from storage.integrity import RecordTampered
 
 _ENVELOPE_CODES: dict[type[Exception], str] = {
@@ -44,17 +34,17 @@ _ENVELOPE_CODES: dict[type[Exception], str] = {
 
 # What a client reads about each storage failure, of `{subject}`; the most specific class
 # listed wins. A backend's own words (S3's message, an OS error) are never among them.
-_STORAGE_DETAILS: dict[type[StorageError], str] = {
-    ObjectExists: "{subject} already exists",
-    PreconditionFailed: "{subject} was changed by another request meanwhile",
-    ObjectNotFound: "{subject} does not exist",
+_STORAGE_DETAILS: dict[type[storage.StorageError], str] = {
+    storage.ObjectExists: "{subject} already exists",
+    storage.PreconditionFailed: "{subject} was changed by another request meanwhile",
+    storage.ObjectNotFound: "{subject} does not exist",
     RecordTampered: "{subject} failed authentication and was refused",
-    BucketNotFound: "the bucket does not exist",
-    StorageUnavailable: "object storage is unavailable; try again later",
-    StorageError: "object storage could not serve {subject}",
+    storage.BucketNotFound: "the bucket does not exist",
+    storage.StorageUnavailable: "object storage is unavailable; try again later",
+    storage.StorageError: "object storage could not serve {subject}",
 }
 # Failures the storage layer words itself about what it was asked: the reason is shown.
-_OWN_REASONS = (InvalidObjectKey, InvalidMetadata, InvalidRange)
+_OWN_REASONS = (storage.InvalidObjectKey, storage.InvalidMetadata, storage.InvalidRange)
 
 
 def error_code(error: Exception) -> str:
@@ -74,7 +64,7 @@ def public_detail(error: Exception) -> str:
     if isinstance(error, KekError | StoreNeedsUpgrade):
         # About the service's own set-up (store names, key ids, its documents): the log's.
         return "the service's keys cannot serve now; its operator has been told why"
-    if not isinstance(error, StorageError):
+    if not isinstance(error, storage.StorageError):
         return str(error) or type(error).__name__
     subject = _subject(error.key)
     if isinstance(error, _OWN_REASONS):
