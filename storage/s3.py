@@ -43,12 +43,11 @@ class S3Store(ObjectStore):
     Request bodies are left out of SigV4 signatures (`UNSIGNED-PAYLOAD`) unless
     `sign_payloads`. Over HTTPS botocore already leaves out upload bodies that carry a
     checksum, as ours do; over plain HTTP it hashes every body, a SHA-256 pass over all
-    that is stored (0.8 of the 4.5 CPU seconds per GiB an upload into moto cost the
-    server and curl, in A/B runs here). That pass buys nothing here: what this service
-    stores in bulk is ciphertext that AES-GCM authenticates, every part still carries a
-    CRC32C the signature covers, and over plain HTTP whatever is read back (object or
-    record) comes unsigned anyway. `sign_payloads` is for buckets whose policy refuses
-    unsigned payloads (`s3:x-amz-content-sha256`).
+    that is stored. That pass buys nothing here: what this service stores in bulk is
+    ciphertext that AES-GCM authenticates, every part still carries a CRC32C the
+    signature covers, and over plain HTTP whatever is read back (object or record) comes
+    unsigned anyway. `sign_payloads` is for buckets whose policy refuses unsigned payloads
+    (`s3:x-amz-content-sha256`).
     """
 
     def __init__(
