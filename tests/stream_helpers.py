@@ -1,10 +1,10 @@
-"""Helpers for the streaming crypto tests: multipart bodies built from generators, a
-full-duplex HTTP client, an S3 proxy that fails on demand, and a server process whose
-file writes are reported by an audit hook.
+"""Helpers for the streaming crypto tests: multipart bodies built from generators,
+requests through the client's full-duplex transport, an S3 proxy that fails on demand,
+and a server process whose file writes are reported by an audit hook.
 
-The duplex client exists because httpx and requests send the whole body before they read
-the response: against a bounded server they deadlock on a large stream-back encrypt.
-`exchange` sends from one thread while another reads, as curl does.
+The duplex transport (cli.transport) is used because httpx and requests send the whole
+body before they read the response: against a bounded server they deadlock on a large
+stream-back encrypt. `exchange` sends from one thread while another reads, as curl does.
 """
 
 import hashlib
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from cli import transport
 from envelope import parse_header
 from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
 from storage import ObjectStore
@@ -291,12 +292,12 @@ def flipped(data: bytes, offset: int) -> bytes:
     return bytes(out)
 
 
-# A full-duplex HTTP/1.1 client
+# Requests through the client's full-duplex transport
 
 
 @dataclass
 class Exchange:
-    """One request and its response as a duplex client saw them."""
+    """One request and its response as the duplex transport saw them."""
 
     status: int
     headers: Message
@@ -305,7 +306,6 @@ class Exchange:
     sha256: str
     complete: bool  # the response body ended properly (terminating chunk or full length)
     error: BaseException | None  # what ended the body early
-    send_error: BaseException | None  # the server may stop reading once it has answered
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -319,9 +319,7 @@ def _address(url: str) -> tuple[str, int]:
 
 def request_head(url: str, path: str, headers: Mapping[str, str], method: str = "POST") -> bytes:
     host, port = _address(url)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return transport.request_head(method, path, {"Host": f"{host}:{port}", **headers})
 
 
 def auth(token: str | None) -> dict[str, str]:
@@ -341,89 +339,59 @@ def exchange(
     timeout: float = 60,
     length: int | None = None,
 ) -> Exchange:
-    """POST `body` (from a writer thread: chunked, or as `length` declared bytes) while
-    reading the response, pausing `read_pause` seconds between reads (a slow client).
-
-    The writer stops as soon as the response has been read, as a client does once the
-    server has answered; errors sending after that are kept in `send_error`.
-    """
+    """POST `body` through the client's transport (chunked, or as `length` declared
+    bytes) while reading the response, pausing `read_pause` seconds between reads (a
+    slow client). The upload stops once the response has been read, as a client's does
+    once the server has answered."""
     framing = (
         {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": f"{length}"}
     )
-    all_headers = {
-        "Content-Type": content_type,
-        **framing,
-        **auth(token),
-        **(headers or {}),
-    }
-    sock = socket.create_connection(_address(url), timeout=timeout)
-    answered = threading.Event()
-    send_errors: list[BaseException] = []
-    body_errors: list[BaseException] = []
-
-    def send() -> None:
+    all_headers = {"Content-Type": content_type, **framing, **auth(token), **(headers or {})}
+    channel = transport.Channel(socket.create_connection(_address(url), timeout=timeout))
+    head = request_head(url, path, all_headers)
+    with transport.Exchange(channel, head, body, chunked=length is None) as duplex:
         try:
-            sock.sendall(request_head(url, path, all_headers))
-            for chunk in body:
-                if answered.is_set():
-                    return
-                if chunk and length is not None:
-                    sock.sendall(chunk)
-                elif chunk:
-                    sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            if length is None:
-                sock.sendall(b"0\r\n\r\n")
-        except OSError as exc:
-            send_errors.append(exc)
-        except BaseException as exc:  # the body's generator failed: a bug in the test
-            body_errors.append(exc)
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            response = duplex.response()
+        except (http.client.HTTPException, OSError):
+            duplex.raise_source_error()  # the body's generator failed: a bug in the test
+            raise
+        answer = _read_answer(response, keep_body, read_pause)
+    duplex.raise_source_error()
+    return answer
 
-    writer = threading.Thread(target=send, name="duplex-writer", daemon=True)
-    writer.start()
+
+def _read_answer(
+    response: http.client.HTTPResponse, keep_body: bool, read_pause: float
+) -> Exchange:
     tally = Tally()
     kept = bytearray()
     error: BaseException | None = None
+
+    def received(chunk: bytes) -> None:
+        tally.size += len(chunk)
+        tally.digest.update(chunk)
+        if keep_body:
+            kept.extend(chunk)
+
     try:
-        response = http.client.HTTPResponse(sock, method="POST")
-        response.begin()
-
-        def received(chunk: bytes) -> None:
-            tally.size += len(chunk)
-            tally.digest.update(chunk)
-            if keep_body:
-                kept.extend(chunk)
-
-        try:
-            while chunk := response.read(256 * KiB):
-                received(chunk)
-                time.sleep(read_pause)
-        except http.client.IncompleteRead as exc:
-            received(exc.partial)
-            error = exc
-        except OSError as exc:
-            error = exc
-        if error is None and response.length:  # http.client does not check Content-Length
-            error = http.client.IncompleteRead(b"", response.length)
-        complete = error is None
-    finally:
-        answered.set()
-        with suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-        writer.join(timeout)
-    if body_errors:
-        raise body_errors[0]
+        while chunk := response.read(256 * KiB):
+            received(chunk)
+            time.sleep(read_pause)
+    except http.client.IncompleteRead as exc:
+        received(exc.partial)
+        error = exc
+    except OSError as exc:
+        error = exc
+    if error is None and response.length:  # http.client does not check Content-Length
+        error = http.client.IncompleteRead(b"", response.length)
     return Exchange(
         status=response.status,
         headers=response.headers,
         body=bytes(kept),
         size=tally.size,
         sha256=tally.sha256,
-        complete=complete,
+        complete=error is None,
         error=error,
-        send_error=send_errors[0] if send_errors else None,
     )
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from api import create_app
-from cli.client import ApiError, ClientError, SealstreamClient, Transfer, TransferAborted
+from cli.client import (
+    ApiError,
+    ClientError,
+    SealstreamClient,
+    Source,
+    Transfer,
+    TransferAborted,
+)
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.services import api_server, self_signed_certificate
 
@@ -106,6 +113,15 @@ def test_a_large_stream_goes_both_ways_at_once(client: SealstreamClient) -> None
     assert decrypted.key_used == f"{KID}#1"
     # Most of the ciphertext arrived while the plaintext was still being uploaded.
     assert ciphertext.received_while_uploading > plaintext.total // 2
+
+
+@pytest.mark.parametrize("empty", [b"", io.BytesIO(), iter([b""])], ids=["bytes", "file", "pieces"])
+def test_an_empty_source_round_trips(client: SealstreamClient, empty: Source) -> None:
+    sealed, opened = io.BytesIO(), io.BytesIO()
+    encrypted = client.encrypt(KID, empty, sealed)
+    assert encrypted.bytes_sent == 0 and encrypted.bytes_received == len(sealed.getvalue()) > 0
+    assert client.decrypt(sealed.getvalue(), opened).bytes_received == 0
+    assert opened.getvalue() == b""
 
 
 class _Tee:

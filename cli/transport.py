@@ -1,0 +1,233 @@
+"""The full-duplex HTTP/1.1 transport under the client: one request on a connection of its
+own, its body sent by a writer thread while the calling thread reads the response.
+
+The server is bounded: it reads the next piece of an upload only once it has sent the
+ciphertext of the last one, so a client that sends the whole body before reading the
+response (httpx, requests) deadlocks on a large stream-back. Here the writer thread sends
+the request (the body chunked, or as the bytes a declared Content-Length announces) while
+the caller reads the response with the standard library's `http.client.HTTPResponse`.
+TLS uses `ssl`'s memory BIOs, so that the two threads never use one TLS object at the same
+time.
+
+Why not a library: aiohttp's client does write the body in a task of its own while the
+response is read, and a 1.5 GB async-generator upload did stream both ways against our
+server; but with a file object as the body (aiohttp's own file payload) the same calls
+stalled after 0-2 MiB of response in every run (aiohttp 3.14.5: the whole file was sent,
+then the response was no longer read; not traced further), and it would need an event loop
+per call behind a blocking API. httpx and requests are half duplex. So the transport is
+this small module, over the parts of the standard library that do the hard work (HTTP
+response parsing, TLS). It connects directly: proxy variables are not used.
+
+Errors come as the standard library raises them (`OSError`, `ssl.SSLError`,
+`http.client.HTTPException`); the caller says what they mean. A failure to produce the
+body is kept apart, for `raise_source_error`: that, not what it did to the exchange, is
+the error.
+"""
+
+import contextlib
+import http.client
+import io
+import socket
+import ssl
+import threading
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = ["DOWNLOAD_CHUNK", "Channel", "Exchange", "TlsChannel", "request_head"]
+
+DOWNLOAD_CHUNK = 256 * 1024  # bytes read from a connection at a time
+WRITER_GRACE = 5.0  # seconds to wait for the writer thread after a failed call
+
+
+def request_head(method: str, target: str, headers: Mapping[str, str]) -> bytes:
+    """The request line and the headers of an HTTP/1.1 request, up to the blank line."""
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class Channel:
+    """A connection's bytes: `sendall` from one thread while another calls `recv_into`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_into(self, buffer: memoryview) -> int:
+        return self.sock.recv_into(buffer)
+
+
+class TlsChannel(Channel):
+    """TLS over a socket through memory BIOs: the TLS object is only used under a lock and
+    never while blocked on the socket, so one thread can send while another receives."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, hostname: str) -> None:
+        super().__init__(sock)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
+        self._lock = threading.Lock()
+        while not self._handshake_done():
+            self.sock.sendall(self._outgoing.read())
+            data = self.sock.recv(DOWNLOAD_CHUNK)
+            if not data:
+                raise ConnectionError("the server closed the connection during the handshake")
+            self._incoming.write(data)
+        self.sock.sendall(self._outgoing.read())
+
+    def _handshake_done(self) -> bool:
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        with self._lock:
+            while view:
+                view = view[self._tls.write(view) :]
+            # Also carries anything the reading side produced (a key update, say).
+            records = self._outgoing.read()
+        self.sock.sendall(records)
+
+    def recv_into(self, buffer: memoryview) -> int:
+        while True:
+            with self._lock:
+                try:
+                    # With a buffer, read() returns a count (typeshed says bytes).
+                    return cast(int, self._tls.read(len(buffer), buffer))
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return 0  # the HTTP framing tells whether the response was whole
+            data = self.sock.recv(DOWNLOAD_CHUNK)
+            with self._lock:
+                if data:
+                    self._incoming.write(data)
+                else:
+                    self._incoming.write_eof()
+
+
+class _ChannelReader(io.RawIOBase):
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        return self._channel.recv_into(memoryview(buffer).cast("B"))
+
+
+class _ResponseSocket:
+    """What `http.client.HTTPResponse` needs of a socket: `makefile`."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_ChannelReader(self._channel), DOWNLOAD_CHUNK)
+
+
+class Exchange:
+    """One request on `channel`, which it closes on the way out: `head` (`request_head`),
+    then with a `body` (sent chunked, or as is when `head` declares its Content-Length) a
+    writer thread sends the request while the caller reads the response: full duplex.
+    The writer stops at the next piece once the exchange is left."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        head: bytes,
+        body: Iterable[bytes] | None = None,
+        *,
+        chunked: bool = True,
+    ) -> None:
+        self._channel = channel
+        self._head = head
+        self._body = body
+        self._chunked = chunked
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._source_error: BaseException | None = None
+        self.sent_all = False  # the whole body went out (a request without one: never)
+
+    def __enter__(self) -> "Exchange":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._writer is not None and self._writer.is_alive():
+            self._shutdown()  # wakes a writer blocked on a server that stopped reading
+            self._writer.join(WRITER_GRACE)
+        self._channel.sock.close()
+
+    def response(self) -> http.client.HTTPResponse:
+        """Send the request and read the response's status and headers."""
+        if self._body is None:
+            self._channel.sendall(self._head)
+        else:
+            self._writer = threading.Thread(
+                target=self._send, name="sealstream-upload", daemon=True
+            )
+            self._writer.start()
+        fake_socket = cast(socket.socket, _ResponseSocket(self._channel))
+        response = http.client.HTTPResponse(fake_socket, method="POST")
+        response.begin()
+        return response
+
+    def finish(self) -> None:
+        """After a whole response: wait for the writer, and raise what the source raised."""
+        if self._writer is not None:
+            self._writer.join(WRITER_GRACE)
+        self.raise_source_error()
+
+    def raise_source_error(self) -> None:
+        """Reading the source failed: that, not what it did to the exchange, is the error."""
+        if self._source_error is not None:
+            raise self._source_error
+
+    def _send(self) -> None:
+        assert self._body is not None
+        pieces = iter(self._body)
+        try:
+            self._channel.sendall(self._head)
+            while not self._stop.is_set():
+                try:
+                    piece = next(pieces, None)
+                except BaseException as exc:
+                    # Never end the body cleanly after a failed read: break the connection.
+                    self._source_error = exc
+                    self._stop.set()
+                    self._shutdown()
+                    return
+                if piece is None:
+                    if self._chunked:
+                        self._channel.sendall(b"0\r\n\r\n")
+                    self.sent_all = True
+                    return
+                if piece:
+                    self._channel.sendall(self._framed(piece))
+        except OSError:
+            pass  # the server closed or stopped reading: the response says why
+
+    def _framed(self, piece: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(piece), piece) if self._chunked else piece
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.sock.shutdown(socket.SHUT_RDWR)
