@@ -17,7 +17,7 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE, LocalStore, ObjectStore, S3Store
 from storage.integrity import Records
-from tests.services import AWS_TEST_ENVIRONMENT, api_server, moto_server
+from tests.support.services import AWS_TEST_ENVIRONMENT, api_server, moto_server
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -151,7 +151,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> "Iterator[RedisServer]":
     """A `redis-server` of the test's own on a free port (fails if it is not installed)."""
-    from tests.services import redis_server as start_redis
+    from tests.support.services import redis_server as start_redis
 
     with start_redis(tmp_path / "redis") as server:
         yield server
@@ -163,7 +163,7 @@ def celery_worker(tmp_path: Path) -> "Iterator[Callable[[dict[str, str]], Celery
     environment; each is stopped (SIGKILL at the latest) at the end of the test."""
     from contextlib import ExitStack
 
-    from tests.services import celery_worker as start_worker
+    from tests.support.services import celery_worker as start_worker
 
     with ExitStack() as workers:
 
@@ -179,8 +179,8 @@ def job_stack(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> "Iterator[J
     """A redis-server, an API server whose jobs go to Celery, and one Celery worker process
     that reaches the moto bucket through a `SlowS3Proxy` (unpaced until a test paces it),
     sharing the bucket and KEK; the key `mySymKey` exists in the default tenant."""
-    from tests.jobs_helpers import job_stack as start_stack
-    from tests.stream_helpers import create_key
+    from tests.support.http import create_key
+    from tests.support.jobs import job_stack as start_stack
 
     with start_stack(tmp_path, moto_endpoint, s3_bucket, proxied=True) as stack:
         with stack.client() as client:
@@ -189,5 +189,5 @@ def job_stack(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> "Iterator[J
 
 
 if TYPE_CHECKING:
-    from tests.jobs_helpers import JobStack
-    from tests.services import CeleryWorker, RedisServer
+    from tests.support.jobs import JobStack
+    from tests.support.services import CeleryWorker, RedisServer

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
-from tests.stream_helpers import (
+from tests.support.http import (
     BOUNDARY,
     CLOSE,
     DECRYPT,

@@ -12,9 +12,7 @@ import pytest
 from sealstream.settings import Settings
 from sealstream.wiring import local_storage_dir
 from tests.conftest import Api, api_settings, live_api, local_settings
-from tests.jobs_helpers import finished_job
-from tests.services import LOCALHOST, free_port
-from tests.stream_helpers import (
+from tests.support.http import (
     FailingS3Proxy,
     create_key,
     encrypt,
@@ -22,6 +20,8 @@ from tests.stream_helpers import (
     read_object,
     requests_matching,
 )
+from tests.support.jobs import finished_job
+from tests.support.services import LOCALHOST, free_port
 
 VERIFY = "/api/jobs/verify"
 BATCH = "/api/jobs/batch-encrypt"

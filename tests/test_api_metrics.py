@@ -7,9 +7,7 @@ import httpx
 
 from api import create_app
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
-from tests.metrics_helpers import scrape, value
-from tests.services import api_server, free_port
-from tests.stream_helpers import (
+from tests.support.http import (
     DECRYPT,
     ENCRYPT,
     KiB,
@@ -23,6 +21,8 @@ from tests.stream_helpers import (
     pieces,
     random_bytes,
 )
+from tests.support.metrics import scrape, value
+from tests.support.services import api_server, free_port
 from workers.jobs import JobKind, JobRecord, JobStatus
 
 FRAME = 4096

@@ -29,7 +29,7 @@ from keystore.algorithms import b64url
 from services.keys import TENANT_CONTEXT_KEY
 from storage.records import record_key
 from tests.conftest import Api, api_settings, live_api
-from tests.stream_helpers import (
+from tests.support.http import (
     DECRYPT,
     KEYS,
     Exchange,

@@ -24,7 +24,7 @@ from api import create_app
 from api.multipart import FILE_PART, METADATA_PART
 from api.tokens import SCOPES
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
-from tests.stream_helpers import DOCUMENTED_KEY, create_key
+from tests.support.http import DOCUMENTED_KEY, create_key
 
 SEED = 18_406
 MAX_EXAMPLES = 25

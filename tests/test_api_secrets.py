@@ -24,7 +24,7 @@ from keystore.persistence import record_key
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek
 from tests.conftest import ADMIN_TOKEN, Api
-from tests.services import api_server
+from tests.support.services import api_server
 
 KEYS = "/api/key-management/keys"
 SPECS: list[dict[str, Any]] = [

@@ -19,9 +19,7 @@ from api import create_app
 from envelope import key_names, parse_header
 from storage.records import load_record
 from tests.conftest import Api, api_settings, live_api, local_settings
-from tests.metrics_helpers import scrape, value
-from tests.services import api_server, sealstream_serve
-from tests.stream_helpers import (
+from tests.support.http import (
     BOUNDARY,
     CLOSE,
     DECRYPT,
@@ -47,6 +45,8 @@ from tests.stream_helpers import (
     read_object,
     wait_until,
 )
+from tests.support.metrics import scrape, value
+from tests.support.services import api_server, sealstream_serve
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -31,10 +31,7 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
-from tests.jobs_helpers import finished_job
-from tests.metrics_helpers import scrape, value
-from tests.services import api_server
-from tests.stream_helpers import (
+from tests.support.http import (
     CLOSE,
     DECRYPT,
     ENCRYPT,
@@ -71,6 +68,9 @@ from tests.stream_helpers import (
     requests_matching,
     wait_until,
 )
+from tests.support.jobs import finished_job
+from tests.support.metrics import scrape, value
+from tests.support.services import api_server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

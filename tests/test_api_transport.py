@@ -20,8 +20,7 @@ import pytest
 
 from api.serving import MAX_HEAD_BYTES
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
-from tests.services import sealstream_serve
-from tests.stream_helpers import (
+from tests.support.http import (
     ENCRYPT,
     FORM_TYPE,
     KEYS,
@@ -40,6 +39,7 @@ from tests.stream_helpers import (
     request_head,
     wait_until,
 )
+from tests.support.services import sealstream_serve
 
 HEADER_TIMEOUT = 1.0
 RATE_WINDOW = 1.0

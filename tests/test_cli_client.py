@@ -23,7 +23,7 @@ from cli.client import (
     TransferAborted,
 )
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
-from tests.services import api_server, self_signed_certificate
+from tests.support.services import api_server, self_signed_certificate
 
 MIB = 1024 * 1024
 KID = "mySymKey"

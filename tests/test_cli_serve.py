@@ -19,8 +19,8 @@ from sealstream.commands import warn_if_exposed
 from sealstream.settings import Settings
 from sealstream.wiring import open_records
 from storage import LocalStore
-from tests.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
-from tests.stream_helpers import encrypt, problem, read_object
+from tests.support.http import encrypt, problem, read_object
+from tests.support.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
 
 DOCUMENTED_KEY = {
     "kid": "mySymKey",

@@ -14,7 +14,7 @@ import yaml
 
 from api import create_app
 from tests.conftest import local_settings
-from tests.services import api_server, self_signed_certificate
+from tests.support.services import api_server, self_signed_certificate
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "a-password-from-the-environment"

@@ -27,7 +27,7 @@ from envelope import (
     TruncatedMessage,
     parse_header,
 )
-from tests.envelope_helpers import (
+from tests.support.envelope import (
     KEYRING_KINDS,
     KeyringKind,
     Offsets,

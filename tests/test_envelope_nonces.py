@@ -15,9 +15,9 @@ import pytest
 
 from envelope import AesKeyring, Encryptor, PlaintextTooShort, parse_header
 from envelope.encrypt import FRAMES_AHEAD
-from tests.envelope_helpers import chunked, decrypt_all
-from tests.seal_helpers import SEALING_MODULES, SealRecorder
-from tests.stream_helpers import frame_count, frame_offset, random_bytes
+from tests.support.envelope import chunked, decrypt_all
+from tests.support.http import frame_count, frame_offset, random_bytes
+from tests.support.seals import SEALING_MODULES, SealRecorder
 
 F = 4096
 KEY_NAME, KEY = "nonce-test#1", bytes(range(32))

@@ -29,7 +29,7 @@ from envelope.frames import (
     FrameCipher,
     PendingFrame,
 )
-from tests.envelope_helpers import seal_frames
+from tests.support.envelope import seal_frames
 
 FRAME = 4096
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

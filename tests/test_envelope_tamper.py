@@ -2,7 +2,7 @@
 bytes, wrong keys and key commitment. Each case must raise the one right error class and
 release no plaintext but whole frames that precede the first changed byte.
 
-Fields are located with `envelope_helpers.byte_offsets`, which walks the format on its own.
+Fields are located with `tests.support.envelope.byte_offsets`, which walks the format on its own.
 """
 
 import functools
@@ -35,7 +35,7 @@ from envelope.context import serialize_context
 from envelope.frames import FrameCipher
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
-from tests.envelope_helpers import (
+from tests.support.envelope import (
     KEYRING_KINDS,
     KeyringKind,
     Offsets,

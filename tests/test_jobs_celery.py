@@ -35,7 +35,15 @@ from redis import Redis
 import workers.celery_app as celery_module
 from sealstream.capacity import available_memory
 from sealstream.settings import Settings
-from tests.jobs_helpers import (
+from tests.support.http import (
+    create_key,
+    flipped,
+    frame_count,
+    frame_offset,
+    problem,
+    read_object,
+)
+from tests.support.jobs import (
     FINAL,
     JOBS,
     VISIBILITY_TIMEOUT,
@@ -53,17 +61,9 @@ from tests.jobs_helpers import (
     wait_for,
     wait_for_job,
 )
-from tests.jobs_helpers import job_stack as open_job_stack
-from tests.memory_helpers import PeakRss
-from tests.services import CeleryWorker
-from tests.stream_helpers import (
-    create_key,
-    flipped,
-    frame_count,
-    frame_offset,
-    problem,
-    read_object,
-)
+from tests.support.jobs import job_stack as open_job_stack
+from tests.support.memory import PeakRss
+from tests.support.services import CeleryWorker
 from workers.celery_app import RUN_JOB, SWEEPS, make_celery
 from workers.jobs import JobKind
 from workers.lifecycle import run_sweeps

@@ -37,16 +37,8 @@ from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
 from tests.conftest import Api, api_settings, live_api
-from tests.envelope_helpers import decrypt_all
-from tests.jobs_helpers import (
-    JobStack,
-    finished_job,
-    random_chunks,
-    wait_for,
-)
-from tests.jobs_helpers import store_object as store_streamed
-from tests.seal_helpers import SealRecorder
-from tests.stream_helpers import (
+from tests.support.envelope import decrypt_all
+from tests.support.http import (
     KEYS,
     create_key,
     encrypt,
@@ -55,6 +47,14 @@ from tests.stream_helpers import (
     read_object,
     wait_until,
 )
+from tests.support.jobs import (
+    JobStack,
+    finished_job,
+    random_chunks,
+    wait_for,
+)
+from tests.support.jobs import store_object as store_streamed
+from tests.support.seals import SealRecorder
 from workers import execution, reencrypt
 from workers.execution import run_job
 from workers.jobs import JobKind, JobRecord, JobStatus

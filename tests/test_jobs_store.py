@@ -12,7 +12,7 @@ import pytest
 from keystore import LocalKek
 from sealstream.wiring import open_records
 from storage.local import LocalStore
-from tests.services import RedisServer
+from tests.support.services import RedisServer
 from workers.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
 
 TTL = timedelta(seconds=1)  # Redis expires keys in whole seconds

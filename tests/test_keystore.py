@@ -31,7 +31,7 @@ from keystore.algorithms import b64url, jwk_bytes, key_type, resolve
 from sealstream.wiring import open_records
 from storage import ObjectStore
 from storage.integrity import Records, RecordTampered
-from tests.envelope_helpers import decrypt_all, encrypt_all
+from tests.support.envelope import decrypt_all, encrypt_all
 
 TENANT = "acme"
 PLAINTEXT = b"attack at dawn " * 1000

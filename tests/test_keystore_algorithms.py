@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keystore import KeyParams, KeystoreError, supported_algorithms
 from keystore.algorithms import b64url, import_jwk, key_type, resolve
-from tests.envelope_helpers import decrypt_all, encrypt_all
+from tests.support.envelope import decrypt_all, encrypt_all
 
 PARAMS = [
     KeyParams("oct", "AES-256"),

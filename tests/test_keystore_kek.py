@@ -16,7 +16,7 @@ from keystore.recordkey import DOCUMENT_KEY, RecordKeyMissing
 from sealstream.settings import Settings
 from sealstream.wiring import ConfigurationError, open_records, open_service_records
 from storage import LocalStore
-from tests.envelope_helpers import decrypt_all, encrypt_all
+from tests.support.envelope import decrypt_all, encrypt_all
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient

@@ -38,8 +38,7 @@ from storage.integrity import RecordTampered, seal
 from storage.records import ObjectRecord
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
-from tests.jobs_helpers import finished_job, start_verify
-from tests.stream_helpers import (
+from tests.support.http import (
     ENCRYPT,
     KEYS,
     create_key,
@@ -50,6 +49,7 @@ from tests.stream_helpers import (
     read_object,
     wait_until,
 )
+from tests.support.jobs import finished_job, start_verify
 
 TOKENS = "/api/admin/tokens"
 TENANT_SCOPES = ["keys:read", "keys:write", "crypto:encrypt", "crypto:decrypt", "admin"]

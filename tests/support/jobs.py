@@ -31,9 +31,9 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api
-from tests.services import LOCALHOST, CeleryWorker, RedisServer, api_server, celery_worker
-from tests.services import redis_server as start_redis
-from tests.stream_helpers import ENCRYPT, FORM_TYPE, form
+from tests.support.http import ENCRYPT, FORM_TYPE, form
+from tests.support.services import LOCALHOST, CeleryWorker, RedisServer, api_server, celery_worker
+from tests.support.services import redis_server as start_redis
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -351,7 +351,7 @@ def celery_worker(
     with log.open("ab") as sink:
         process = subprocess.Popen(
             command,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=sink,

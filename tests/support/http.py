@@ -34,7 +34,7 @@ from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
 from storage import ObjectStore
 from storage.records import RECORDS_PREFIX
 from tests.conftest import ADMIN_TOKEN
-from tests.services import AWS_TEST_ENVIRONMENT, LOCALHOST, free_port, terminate
+from tests.support.services import AWS_TEST_ENVIRONMENT, LOCALHOST, free_port, terminate
 
 KiB = 1024
 MiB = 1024 * KiB
