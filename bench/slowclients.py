@@ -34,19 +34,14 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.ports import free_port
+
 MiB = 1024 * 1024
 TOKEN = "bench-admin-token-" + "x" * 24
 KEYS = "/api/key-management/keys"
 ENCRYPT = "/api/crypto/stream/encrypt"
 TRICKLE_PAUSE = 0.2
 GIVE_UP = 120.0  # seconds any wait of this bench may last
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> float:

@@ -71,7 +71,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -91,6 +90,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystore import LocalKek
 from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
+from tests.support.ports import LOCALHOST, free_port
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -109,7 +109,6 @@ AES_ECHO_PATH = "/bench/aes-echo"  # bench.echo_app.AES_ECHO_PATH
 ENCRYPT_PATH = "/api/crypto/stream/encrypt"
 DECRYPT_PATH = "/api/crypto/stream/decrypt"
 KID = "bench-stream"
-LOCALHOST = "127.0.0.1"
 CURL_MAX_SECONDS = 1800
 JOB_WAIT_SECONDS = 600
 PIPE_SIZE = MIB
@@ -194,13 +193,6 @@ class PlaintextStream(io.RawIOBase):
 
 
 # Processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOCALHOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until(ready: Callable[[], bool], process: "subprocess.Popen[bytes]", what: str) -> None:

@@ -177,7 +177,7 @@ def celery_worker(tmp_path: Path) -> "Iterator[Callable[[dict[str, str]], Celery
 @pytest.fixture
 def job_stack(tmp_path: Path, moto_endpoint: str, s3_bucket: str) -> "Iterator[JobStack]":
     """A redis-server, an API server whose jobs go to Celery, and one Celery worker process
-    that reaches the moto bucket through a `SlowS3Proxy` (unpaced until a test paces it),
+    that reaches the moto bucket through an `S3FaultProxy` (unpaced until a test paces it),
     sharing the bucket and KEK; the key `mySymKey` exists in the default tenant."""
     from tests.support.http import create_key
     from tests.support.jobs import job_stack as start_stack

@@ -17,8 +17,9 @@ from api.keygen import KeyWork
 from api.problems import Problem
 from sealstream.settings import Settings
 from tests.conftest import ADMIN_TOKEN, local_settings
-from tests.support.http import KEYS, problem, wait_until
+from tests.support.http import KEYS, problem
 from tests.support.services import api_server
+from tests.support.waiting import wait_until
 from tests.test_api_stream_faults import with_default_threads
 
 RATE = 4  # RSA keys a tenant may generate a minute

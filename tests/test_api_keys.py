@@ -9,14 +9,8 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, Api
+from tests.support.http import DOCUMENTED_KEY
 
-DOCUMENTED_KEY = {
-    "kid": "mySymKey",
-    "kty": "oct",
-    "alg": "AES-256",
-    "keyOps": ["encrypt", "decrypt"],
-    "exportable": False,
-}
 KEYS = "/api/key-management/keys"
 
 

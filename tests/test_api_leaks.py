@@ -12,16 +12,10 @@ import pytest
 from sealstream.settings import Settings
 from sealstream.wiring import local_storage_dir
 from tests.conftest import Api, api_settings, live_api, local_settings
-from tests.support.http import (
-    FailingS3Proxy,
-    create_key,
-    encrypt,
-    problem,
-    read_object,
-    requests_matching,
-)
+from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import finished_job
-from tests.support.services import LOCALHOST, free_port
+from tests.support.ports import LOCALHOST, free_port
+from tests.support.s3_proxy import S3FaultProxy, requests_matching
 
 VERIFY = "/api/jobs/verify"
 BATCH = "/api/jobs/batch-encrypt"
@@ -109,7 +103,7 @@ def test_s3_failures_name_no_endpoint_and_no_key(
     """An S3 server that fails requests (500s, retried, then given up), and one that
     cannot be reached at all."""
     answers = Answers()
-    with FailingS3Proxy(moto_endpoint, requests_matching(rb"\S+ \S*/unlucky")) as proxy:
+    with S3FaultProxy(moto_endpoint, requests_matching(rb"\S+ \S*/unlucky")) as proxy:
         with live_api(s3_settings(tmp_path, request, proxy.url)) as api, api.client() as client:
             create_key(client)
             answers.expect(read_object(client, "unlucky"), 503, "storage-unavailable")

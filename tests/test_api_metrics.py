@@ -7,22 +7,12 @@ import httpx
 
 from api import create_app
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
-from tests.support.http import (
-    DECRYPT,
-    ENCRYPT,
-    KiB,
-    MiB,
-    create_key,
-    encrypt,
-    exchange,
-    flipped,
-    form,
-    frame_offset,
-    pieces,
-    random_bytes,
-)
+from tests.support.data import KiB, MiB, flip_bit, pieces, random_bytes
+from tests.support.envelope import frame_offset
+from tests.support.http import DECRYPT, ENCRYPT, create_key, encrypt, exchange, form
 from tests.support.metrics import scrape, value
-from tests.support.services import api_server, free_port
+from tests.support.ports import free_port
+from tests.support.services import api_server
 from workers.jobs import JobKind, JobRecord, JobStatus
 
 FRAME = 4096
@@ -68,7 +58,7 @@ def test_an_aborted_stream_is_counted_apart_and_nothing_confidential_shows(
     with live_api(local_settings(tmp_path)) as api, api.client() as client:
         create_key(client, kid="tenant-secret-kid")
         message = encrypt(client, data, kid="tenant-secret-kid", frameLength=FRAME).content
-        tampered = flipped(message, frame_offset(message, 300) + 100)
+        tampered = flip_bit(message, frame_offset(message, 300) + 100)
         broken = exchange(api.url, DECRYPT, form({}, pieces(tampered, 64 * KiB)))
         assert broken.status == 200 and not broken.complete  # started, then cut off
         response, samples = scrape(api.url)

@@ -29,6 +29,8 @@ from keystore.algorithms import b64url
 from services.keys import TENANT_CONTEXT_KEY
 from storage.records import record_key
 from tests.conftest import Api, api_settings, live_api
+from tests.support.data import flip_bit, random_bytes
+from tests.support.envelope import frame_count, frame_offset
 from tests.support.http import (
     DECRYPT,
     KEYS,
@@ -36,12 +38,8 @@ from tests.support.http import (
     create_key,
     encrypt,
     exchange,
-    flipped,
     form,
-    frame_count,
-    frame_offset,
     problem,
-    random_bytes,
     read_back,
     read_object,
 )
@@ -78,8 +76,8 @@ def damaged_versions(message: bytes) -> dict[str, bytes]:
         "final-frame-swapped-with-the-last-frame": message[: final - FRAME - 32]
         + message[final:]
         + message[final - FRAME - 32 : final],
-        "final-frame-tampered": flipped(message, len(message) - 20),
-        "header-tampered": flipped(message, frame_offset(message, 0) - 1),
+        "final-frame-tampered": flip_bit(message, len(message) - 20),
+        "header-tampered": flip_bit(message, frame_offset(message, 0) - 1),
         "not-a-message": b"not a message" * 100,
     }
 

@@ -19,6 +19,7 @@ from api import create_app
 from envelope import key_names, parse_header
 from storage.records import load_record
 from tests.conftest import Api, api_settings, live_api, local_settings
+from tests.support.data import MiB, pieces, random_bytes
 from tests.support.http import (
     BOUNDARY,
     CLOSE,
@@ -26,7 +27,6 @@ from tests.support.http import (
     ENCRYPT,
     FORM_TYPE,
     KEYS,
-    MiB,
     as_json,
     create_key,
     decrypt,
@@ -34,19 +34,17 @@ from tests.support.http import (
     exchange,
     form,
     form_bytes,
-    nothing_stored,
     part_head,
-    pieces,
     post_form,
     problem,
-    random_bytes,
     raw_upload,
     read_back,
     read_object,
-    wait_until,
 )
 from tests.support.metrics import scrape, value
 from tests.support.services import api_server, sealstream_serve
+from tests.support.storage import nothing_stored
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -31,6 +31,9 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
+from tests.support.audited import audited_serve
+from tests.support.data import KiB, MiB, Tally, flip_bit, marked_chunks, pieces, random_bytes
+from tests.support.envelope import frame_count, frame_offset
 from tests.support.http import (
     CLOSE,
     DECRYPT,
@@ -38,39 +41,25 @@ from tests.support.http import (
     FORM_TYPE,
     KEYS,
     Exchange,
-    FailingS3Proxy,
-    HeldParts,
-    KiB,
-    MiB,
-    PartsAfter,
-    Rule,
-    Tally,
-    audited_serve,
     auth,
     create_key,
     decrypt,
     encrypt,
     exchange,
-    flipped,
     form,
     form_bytes,
-    frame_count,
-    frame_offset,
-    marked_chunks,
-    nothing_stored,
     part_head,
-    pieces,
     problem,
-    random_bytes,
     raw_upload,
     read_object,
     request_head,
-    requests_matching,
-    wait_until,
 )
 from tests.support.jobs import finished_job
 from tests.support.metrics import scrape, value
+from tests.support.s3_proxy import HeldParts, PartsAfter, Rule, S3FaultProxy, requests_matching
 from tests.support.services import api_server
+from tests.support.storage import nothing_stored
+from tests.support.waiting import wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -306,12 +295,12 @@ def behind_proxy(
     *,
     default_threads: int | None = None,
     **settings: Any,
-) -> Iterator[tuple[str, FailingS3Proxy, Services]]:
-    """An API server whose S3 traffic goes through a `FailingS3Proxy`; its URL, the proxy
+) -> Iterator[tuple[str, S3FaultProxy, Services]]:
+    """An API server whose S3 traffic goes through an `S3FaultProxy`; its URL, the proxy
     and its services. The key `mySymKey` exists."""
     kek = tmp_path / "kek"
     LocalKek.load_or_create(kek)  # mode 0600
-    with FailingS3Proxy(moto_endpoint, rule) as proxy:
+    with S3FaultProxy(moto_endpoint, rule) as proxy:
         configured = Settings(
             storage_url=f"s3://{bucket}",
             s3_endpoint_url=proxy.url,
@@ -447,7 +436,7 @@ def test_a_tampered_frame_aborts_the_stream_after_the_frames_before_it(api: Api)
         create_key(client)
         message = encrypt(client, data, frameLength=FRAME).content
     bad_frame = 300  # about 1.2 MB into the message: well after the response has started
-    tampered = flipped(message, frame_offset(message, bad_frame) + 100)
+    tampered = flip_bit(message, frame_offset(message, bad_frame) + 100)
     response = exchange(api.url, DECRYPT, form({}, pieces(tampered, 64 * KiB)))
     aborted(response)
     # What came out is whole verified frames, and none from the tampered one on.
@@ -484,10 +473,10 @@ def test_a_tampered_header_is_refused_before_any_body(api: Api) -> None:
         create_key(client)
         message = encrypt(client, data, frameLength=FRAME).content
         header_end = frame_offset(message, 0)
-        tag = decrypt(client, flipped(message, header_end - 1))
+        tag = decrypt(client, flip_bit(message, header_end - 1))
         problem(tag, 400, "header-authentication-failed")
         for offset in (1, 5, 40, header_end // 2, header_end - 20):
-            refused = decrypt(client, flipped(message, offset))
+            refused = decrypt(client, flip_bit(message, offset))
             assert 400 <= refused.status_code < 500, (offset, refused.text)
             assert refused.headers["Content-Type"] == "application/problem+json"
 
@@ -499,7 +488,7 @@ def test_a_tampered_stored_object_is_never_served_as_good(api: Api) -> None:
         stored = encrypt(client, data, frameLength=FRAME, destination={"key": "t"}).json()
         key = stored["storageKey"]
         message = api.objects.get(key)
-        api.objects.put(key, flipped(message, frame_offset(message, 20) + 64))
+        api.objects.put(key, flip_bit(message, frame_offset(message, 20) + 64))
         # Frames before the tampered one still read by range.
         clean = read_object(client, "t", f"bytes=0-{20 * FRAME - 1}")
         assert clean.status_code == 206 and clean.content == data[: 20 * FRAME]
@@ -523,7 +512,7 @@ def test_curl_reports_an_aborted_decrypt(api: Api, tmp_path: Path) -> None:
     # The last regular frame: the server has read the whole upload when it finds it, so
     # curl sees the response cut short rather than its upload refused.
     last = frame_count(message) - 1
-    (tmp_path / "tampered.enc").write_bytes(flipped(message, frame_offset(message, last) + 1))
+    (tmp_path / "tampered.enc").write_bytes(flip_bit(message, frame_offset(message, last) + 1))
     done = subprocess.run(
         [
             "curl", "-sS", "-X", "POST", f"{api.url}{DECRYPT}",

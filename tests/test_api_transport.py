@@ -20,26 +20,22 @@ import pytest
 
 from api.serving import MAX_HEAD_BYTES
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
+from tests.support.data import KiB, MiB, Tally, pieces, random_bytes
 from tests.support.http import (
     ENCRYPT,
     FORM_TYPE,
     KEYS,
-    KiB,
-    MiB,
-    Tally,
     auth,
     create_key,
     exchange,
     form,
     form_bytes,
-    nothing_stored,
     part_head,
-    pieces,
-    random_bytes,
     request_head,
-    wait_until,
 )
 from tests.support.services import sealstream_serve
+from tests.support.storage import nothing_stored
+from tests.support.waiting import wait_until
 
 HEADER_TIMEOUT = 1.0
 RATE_WINDOW = 1.0

@@ -23,17 +23,11 @@ from cli.client import (
     TransferAborted,
 )
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
+from tests.support.http import DOCUMENTED_KEY
 from tests.support.services import api_server, self_signed_certificate
 
 MIB = 1024 * 1024
 KID = "mySymKey"
-DOCUMENTED_KEY = {
-    "kid": KID,
-    "kty": "oct",
-    "alg": "AES-256",
-    "keyOps": ["encrypt", "decrypt"],
-    "exportable": False,
-}
 SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
 
 

@@ -19,16 +19,9 @@ from sealstream.commands import warn_if_exposed
 from sealstream.settings import Settings
 from sealstream.wiring import open_records
 from storage import LocalStore
-from tests.support.http import encrypt, problem, read_object
-from tests.support.services import LOCALHOST, free_port, sealstream_serve, self_signed_certificate
-
-DOCUMENTED_KEY = {
-    "kid": "mySymKey",
-    "kty": "oct",
-    "alg": "AES-256",
-    "keyOps": ["encrypt", "decrypt"],
-    "exportable": False,
-}
+from tests.support.http import DOCUMENTED_KEY, encrypt, problem, read_object
+from tests.support.ports import LOCALHOST, free_port
+from tests.support.services import sealstream_serve, self_signed_certificate
 
 
 def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from envelope import (
     TruncatedMessage,
     parse_header,
 )
+from tests.support.data import overwrite
 from tests.support.envelope import (
     KEYRING_KINDS,
     KeyringKind,
@@ -37,7 +38,6 @@ from tests.support.envelope import (
     decrypt_outcome,
     encrypt_all,
     make_keyring,
-    overwrite,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,8 +15,8 @@ import pytest
 
 from envelope import AesKeyring, Encryptor, PlaintextTooShort, parse_header
 from envelope.encrypt import FRAMES_AHEAD
-from tests.support.envelope import chunked, decrypt_all
-from tests.support.http import frame_count, frame_offset, random_bytes
+from tests.support.data import random_bytes
+from tests.support.envelope import chunked, decrypt_all, frame_count, frame_offset
 from tests.support.seals import SEALING_MODULES, SealRecorder
 
 F = 4096

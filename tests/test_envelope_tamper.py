@@ -35,6 +35,7 @@ from envelope.context import serialize_context
 from envelope.frames import FrameCipher
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
+from tests.support.data import flip_bit, overwrite
 from tests.support.envelope import (
     KEYRING_KINDS,
     KeyringKind,
@@ -46,9 +47,7 @@ from tests.support.envelope import (
     decrypt_all,
     decrypt_outcome,
     encrypt_all,
-    flip_bit,
     make_keyring,
-    overwrite,
     seal_frames,
 )
 

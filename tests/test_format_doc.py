@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from envelope import AesKeyring, Decryptor, Encryptor, MlKemKeyring  # tests only, not the decoder
+from tests.support.data import flip_bit
 
 # ---- the independent decoder (FORMAT.md §4–§8) ----
 
@@ -207,17 +208,13 @@ def test_two_edks_each_key_decodes() -> None:
     assert first.data_key == second.data_key
 
 
-def flip(message: bytes, at: int) -> bytes:
-    return message[:at] + bytes([message[at] ^ 1]) + message[at + 1 :]
-
-
 DAMAGE: dict[str, Callable[[bytes, int], bytes]] = {  # (message, header length) -> damaged
-    "context value": lambda m, h: flip(m, 44),  # the AES wrap binds the context
-    "frame length": lambda m, h: flip(m, h - 49),  # header tag
-    "commitment": lambda m, h: flip(m, h - 17),
-    "header tag": lambda m, h: flip(m, h - 1),
-    "frame content": lambda m, h: flip(m, h + 40),
-    "final frame content": lambda m, h: flip(m, len(m) - 20),
+    "context value": lambda m, h: flip_bit(m, 44),  # the AES wrap binds the context
+    "frame length": lambda m, h: flip_bit(m, h - 49),  # header tag
+    "commitment": lambda m, h: flip_bit(m, h - 17),
+    "header tag": lambda m, h: flip_bit(m, h - 1),
+    "frame content": lambda m, h: flip_bit(m, h + 40),
+    "final frame content": lambda m, h: flip_bit(m, len(m) - 20),
     "final frame dropped": lambda m, h: m[: -(40 + 5)],
     "trailing byte": lambda m, h: m + b"\x00",
 }

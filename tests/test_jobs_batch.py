@@ -29,7 +29,8 @@ from envelope import DEFAULT_FRAME_LENGTH
 from storage import MIN_PART_SIZE
 from storage.records import load_record
 from tests.conftest import Api, live_api, local_settings
-from tests.support.http import create_key, random_bytes, read_object
+from tests.support.data import random_bytes
+from tests.support.http import create_key, read_object
 from tests.support.memory import MiB, PeakRss
 from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt

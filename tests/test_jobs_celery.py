@@ -2,7 +2,7 @@
 moto S3 server over HTTP, all started here on free ports.
 
 - Encrypt-to-storage starts a verify job that a worker process runs to `succeeded`; a
-  tampered object (a flipped ciphertext byte, a truncated object, a changed recorded
+  tampered object (a flip_bit ciphertext byte, a truncated object, a changed recorded
   digest, a missing upload record) fails verification with a clear reason code.
 - A tenant can neither see, list nor cancel another tenant's jobs; listing filters and pages.
 - Faults, each injected at a point the test has seen (a running job with bytes done; the
@@ -35,35 +35,27 @@ from redis import Redis
 import workers.celery_app as celery_module
 from sealstream.capacity import available_memory
 from sealstream.settings import Settings
-from tests.support.http import (
-    create_key,
-    flipped,
-    frame_count,
-    frame_offset,
-    problem,
-    read_object,
-)
+from tests.support.data import MiB, flip_bit, random_chunks, tar_archive
+from tests.support.envelope import frame_count, frame_offset
+from tests.support.http import create_key, problem, read_object
 from tests.support.jobs import (
     FINAL,
     JOBS,
     VISIBILITY_TIMEOUT,
     JobStack,
-    MiB,
     finished_job,
     get_job,
-    random_chunks,
     running_with_progress,
     seconds_since,
     show,
     start_verify,
     store_object,
-    tar_archive,
-    wait_for,
     wait_for_job,
 )
 from tests.support.jobs import job_stack as open_job_stack
 from tests.support.memory import PeakRss
 from tests.support.services import CeleryWorker
+from tests.support.waiting import wait_until
 from workers.celery_app import RUN_JOB, SWEEPS, make_celery
 from workers.jobs import JobKind
 from workers.lifecycle import run_sweeps
@@ -116,7 +108,7 @@ def succeeded(worker: CeleryWorker) -> list[str]:
 def succeeded_once_logged(worker: CeleryWorker) -> list[str]:
     """`succeeded(worker)`, once the worker has logged a success: the task finishes its
     job's record itself, a moment before the worker's main process logs that it returned."""
-    wait_for(lambda: bool(succeeded(worker)), "the worker to log the task's success")
+    wait_until(lambda: bool(succeeded(worker)), "the worker to log the task's success")
     return succeeded(worker)
 
 
@@ -181,7 +173,7 @@ def test_celery_app_is_configured_to_redo_a_killed_workers_job(shared_stack: Job
     # With no memory limit configured, its one pool process takes the machine's memory.
     [pool] = worker.pool_pids()
     expected = max(available_memory(), MIN_DEFAULT_LIMIT)
-    wait_for(lambda: address_space_limit(pool) == expected, "the default memory limit")
+    wait_until(lambda: address_space_limit(pool) == expected, "the default memory limit")
 
 
 # Verify jobs
@@ -214,9 +206,9 @@ def test_encrypt_to_storage_is_verified_by_a_worker_process(shared_stack: JobSta
 
 
 def frame_tampered(message: bytes) -> bytes:
-    """A byte of a middle frame's ciphertext flipped."""
+    """A byte of a middle frame's ciphertext flip_bit."""
     middle = frame_offset(message, frame_count(message) // 2)
-    return flipped(message, middle + 4 + 12 + 100)  # past the sequence number and IV
+    return flip_bit(message, middle + 4 + 12 + 100)  # past the sequence number and IV
 
 
 def truncated(message: bytes) -> bytes:
@@ -313,7 +305,7 @@ def test_job_records_altered_or_planted_in_redis_are_refused(shared_stack: JobSt
         redis.zadd("sealstream:jobs:default", {planted_id: 0})
         make_celery(shared_stack.api.settings).send_task(RUN_JOB, args=[planted_id])
         worker = shared_stack.workers[0]
-        wait_for(
+        wait_until(
             lambda: f"job {planted_id}: its record failed authentication" in worker.output(),
             "the worker to refuse the planted job",
         )
@@ -410,7 +402,7 @@ def verify_held_mid_stream(stack: JobStack, client: httpx.Client) -> tuple[dict[
     job_id = stored["verifyJob"]
     wait_for_job(client, job_id, running_with_progress, "the verify job running with progress")
     stack.proxy.hold()
-    wait_for(stack.proxy.holding, "the worker's download held at the proxy")
+    wait_until(stack.proxy.holding, "the worker's download held at the proxy")
     record = get_job(client, job_id)
     assert running_with_progress(record), show(record)
     return stored, job_id
@@ -439,7 +431,7 @@ def test_a_job_whose_worker_was_killed_is_redone_by_a_new_worker(job_stack: JobS
 
         # Kombu hands back unacknowledged messages older than the visibility timeout when
         # a worker starts (a running worker looks again only every ~100 s: see the report).
-        wait_for(
+        wait_until(
             lambda: seconds_since(started_at) > VISIBILITY_TIMEOUT + 0.5,
             "the visibility timeout to pass since the job was delivered",
             timeout=VISIBILITY_TIMEOUT + 5,
@@ -502,7 +494,7 @@ def test_redis_restarted_mid_job_the_job_still_ends(job_stack: JobStack) -> None
         stored, job_id = verify_held_mid_stream(job_stack, client)
         job_stack.redis.stop()
         job_stack.proxy.release(PACE)  # the job goes on while Redis is away
-        wait_for(
+        wait_until(
             lambda: f"job {job_id}: cannot reach the job store" in worker.output(),
             "the worker to find the job store gone",
         )
@@ -517,7 +509,7 @@ def test_redis_restarted_mid_job_the_job_still_ends(job_stack: JobStack) -> None
             seen.append(response.json()["status"] if response.status_code == 200 else "absent")
             return seen[-1] in FINAL
 
-        wait_for(ended, "the job to end after the Redis restart", timeout=60)
+        wait_until(ended, "the job to end after the Redis restart", timeout=60)
         record = get_job(client, job_id)
     outcome = record["status"]
     assert outcome in ("succeeded", "failed"), show(record)
@@ -578,7 +570,7 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
             def swept() -> bool:  # the periodic sweeps task's body, as beat runs it
                 return job_id in run_sweeps(services)["staleJobs"]
 
-            wait_for(swept, "the sweep to fail the stale job")
+            wait_until(swept, "the sweep to fail the stale job")
             record = get_job(client, job_id)
             assert record["status"] == "failed", show(record)
             assert record["error"]["code"] == "job-stale", show(record)
@@ -586,13 +578,13 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
 
             # The message is still unacknowledged: a worker started after the visibility
             # timeout runs it, and the job, already failed, is left as it is.
-            wait_for(
+            wait_until(
                 lambda: seconds_since(record["startedAt"]) > VISIBILITY_TIMEOUT + 0.5,
                 "the visibility timeout to pass",
                 timeout=VISIBILITY_TIMEOUT + 5,
             )
             late = stack.start_worker()
-            wait_for(lambda: bool(succeeded(late)), "the late worker to run the message")
+            wait_until(lambda: bool(succeeded(late)), "the late worker to run the message")
             after = get_job(client, job_id)
         assert after["status"] == "failed" and after["attempts"] == 1, show(after)
         assert stored["verifyJob"] == job_id
@@ -650,7 +642,7 @@ def test_a_batch_whose_worker_was_killed_seals_each_member_once(
         )
         first.kill()
         assert killed_at["progress"]["itemsDone"] < len(members), show(killed_at)
-        wait_for(
+        wait_until(
             lambda: seconds_since(killed_at["startedAt"]) > VISIBILITY_TIMEOUT + 0.5,
             "the visibility timeout to pass",
             timeout=VISIBILITY_TIMEOUT + 5,
@@ -718,7 +710,7 @@ def test_a_job_whose_process_dies_in_two_runs_is_failed_and_the_next_job_runs(
             timeout=60,
         )
         proxy.hold()
-        wait_for(proxy.holding, "the second run's download held at the proxy")
+        wait_until(proxy.holding, "the second run's download held at the proxy")
         killed.append(kill_pool_process(worker))
         proxy.release()
         record = finished_job(client, job_id, timeout=60)
@@ -783,7 +775,7 @@ def test_a_job_that_needs_more_memory_than_its_process_may_use_fails_alone(
         worker = stack.start_worker()
         [pool] = worker.pool_pids()
         # Set by the pool process as it starts, which may be just after its worker is ready.
-        wait_for(
+        wait_until(
             lambda: address_space_limit(pool) == WORKER_MEMORY_LIMIT,
             "the pool process to take its memory limit",
             timeout=10,

@@ -37,24 +37,13 @@ from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
 from tests.conftest import Api, api_settings, live_api
-from tests.support.envelope import decrypt_all
-from tests.support.http import (
-    KEYS,
-    create_key,
-    encrypt,
-    frame_count,
-    random_bytes,
-    read_object,
-    wait_until,
-)
-from tests.support.jobs import (
-    JobStack,
-    finished_job,
-    random_chunks,
-    wait_for,
-)
+from tests.support.data import random_bytes, random_chunks
+from tests.support.envelope import decrypt_all, frame_count
+from tests.support.http import KEYS, create_key, encrypt, read_object
+from tests.support.jobs import JobStack, finished_job
 from tests.support.jobs import store_object as store_streamed
 from tests.support.seals import SealRecorder
+from tests.support.waiting import wait_until
 from workers import execution, reencrypt
 from workers.execution import run_job
 from workers.jobs import JobKind, JobRecord, JobStatus
@@ -708,9 +697,9 @@ def test_a_worker_killed_mid_object_leaves_no_upload_pending(job_stack: JobStack
         storage_key = stored["storageKey"]
         proxy.pace(PACE)
         job_id = start(client, key="big.bin").json()["id"]
-        wait_for(lambda: objects.pending_uploads() == [storage_key], "the upload to begin", 60)
+        wait_until(lambda: objects.pending_uploads() == [storage_key], "the upload to begin", 60)
         proxy.hold()
-        wait_for(proxy.holding, "the worker's download held at the proxy")
+        wait_until(proxy.holding, "the worker's download held at the proxy")
         (pool,) = worker.pool_pids()
         os.kill(pool, signal.SIGKILL)
         proxy.release()

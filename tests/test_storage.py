@@ -1,9 +1,7 @@
 """The object-store contract, run against every backend (a local directory and S3 on moto),
 and the `open_store` factory."""
 
-import random
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,23 +21,16 @@ from storage import (
     StorageError,
     open_store,
 )
+from tests.support.data import pieces, random_bytes
 
 # Bigger than two minimum parts, and not a multiple of anything, so the last part is short.
 MULTIPART_SIZE = 2 * MIN_PART_SIZE + 1_234_567
 ODD_CHUNK = 1_000_003  # crosses part boundaries at a different offset every time
 
 
-def random_bytes(size: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
-    return (data[offset : offset + size] for offset in range(0, len(data), size))
-
-
 def write_multipart(store: ObjectStore, key: str, data: bytes, *, if_absent: bool = False) -> None:
     with store.multipart(key, if_absent=if_absent) as writer:
-        for chunk in chunks_of(data, ODD_CHUNK):
+        for chunk in pieces(data, ODD_CHUNK):
             writer.write(chunk)
         writer.complete()
 
@@ -218,7 +209,7 @@ def test_multipart_round_trip_of_several_parts(store: ObjectStore) -> None:
     data = random_bytes(MULTIPART_SIZE)
 
     with store.multipart("big", metadata={"parts": "many"}) as writer:
-        for chunk in chunks_of(data, ODD_CHUNK):
+        for chunk in pieces(data, ODD_CHUNK):
             writer.write(memoryview(chunk))
         assert writer.bytes_written == len(data)
         info = writer.complete()

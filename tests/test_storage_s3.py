@@ -25,7 +25,7 @@ from storage import (
     StorageUnavailable,
     part_size_for,
 )
-from tests.support.services import free_port
+from tests.support.ports import free_port
 
 TIB = 1 << 40
 GIB = 1 << 30

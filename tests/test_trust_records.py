@@ -47,9 +47,9 @@ from tests.support.http import (
     post_form,
     problem,
     read_object,
-    wait_until,
 )
 from tests.support.jobs import finished_job, start_verify
+from tests.support.waiting import wait_until
 
 TOKENS = "/api/admin/tokens"
 TENANT_SCOPES = ["keys:read", "keys:write", "crypto:encrypt", "crypto:decrypt", "admin"]

@@ -1,5 +1,5 @@
 """Small shared helpers for envelope tests: keyrings, whole-message encrypt and decrypt,
-an independent map of where every field of a message lies, and byte mutations.
+an independent map of where every field of a message lies, and where its frames lie.
 
 `byte_offsets` walks the format on its own (it does not call `envelope.header`), so tests
 that tamper with a field by name do not trust the parser they are testing.
@@ -21,8 +21,9 @@ from envelope import (
     Keyring,
     MlKemKeyring,
     RsaKeyring,
+    parse_header,
 )
-from envelope.frames import FrameCipher
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameCipher
 
 KeyringKind = Literal["aes", "rsa", "mlkem"]
 KEYRING_KINDS: tuple[KeyringKind, ...] = ("aes", "rsa", "mlkem")
@@ -189,14 +190,18 @@ def first_difference(original: bytes, changed: bytes) -> int:
     return min(len(original), len(changed))
 
 
-def flip_bit(data: bytes, offset: int, bit: int = 0) -> bytes:
-    """`data` with bit `bit` (0 = least significant) of byte `offset` inverted."""
-    return overwrite(data, offset, bytes([data[offset] ^ (1 << bit)]))
+def frame_offset(message: bytes, index: int) -> int:
+    """Where regular frame `index` starts (the final frame, if `index` is the count), as
+    the header parser reads the message: for tests of the service, not of the format."""
+    header = parse_header(message)
+    return header.length + index * (header.frame_length + REGULAR_OVERHEAD)
 
 
-def overwrite(data: bytes, offset: int, new: bytes) -> bytes:
-    """`data` with `new` written over its bytes from `offset`."""
-    return data[:offset] + new + data[offset + len(new) :]
+def frame_count(message: bytes) -> int:
+    """The number of regular frames (the final frame not counted)."""
+    header = parse_header(message)
+    body = len(message) - header.length - FINAL_OVERHEAD
+    return body // (header.frame_length + REGULAR_OVERHEAD)
 
 
 class _Walker:

@@ -1,27 +1,16 @@
 """Helpers for the job tests: a whole job stack (a redis-server, an API server and Celery
-worker processes on one moto bucket and KEK), an S3 proxy that slows and holds what a
-worker reads, polling of job records, and data and archives made in memory.
+worker processes on one moto bucket and KEK, the workers reaching S3 through a proxy that
+can pace and hold what they read), polling of job records, and objects stored through
+the API."""
 
-The proxy is what makes the fault tests deterministic without huge objects: it paces the
-worker's S3 downloads so that a verify job reports progress for a few seconds, and it can
-hold them, so that a worker is killed, a Redis restarted or a job cancelled at a point the
-test has seen (a running job with some bytes done), never at a point it hopes for.
-"""
-
-import io
 import json
-import random
-import socket
-import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -32,11 +21,9 @@ from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.http import ENCRYPT, FORM_TYPE, form
-from tests.support.services import LOCALHOST, CeleryWorker, RedisServer, api_server, celery_worker
+from tests.support.s3_proxy import S3FaultProxy
+from tests.support.services import CeleryWorker, RedisServer, api_server, celery_worker
 from tests.support.services import redis_server as start_redis
-
-KiB = 1024
-MiB = 1024 * KiB
 
 JOBS = "/api/jobs"
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -62,7 +49,7 @@ class JobStack:
     services: Services  # the API's
     worker_env: dict[str, str]
     directory: Path
-    proxy: "SlowS3Proxy | None"
+    proxy: S3FaultProxy | None
     exits: ExitStack
     workers: list[CeleryWorker] = field(default_factory=list)
 
@@ -107,7 +94,7 @@ def job_stack(
     worker_loglevel: str = "INFO",
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
-    through a `SlowS3Proxy`, unpaced to begin with (the API does not)."""
+    through an `S3FaultProxy`, unpaced to begin with (the API does not)."""
     with ExitStack() as exits:
         redis = exits.enter_context(start_redis(directory / "redis"))
         kek_file = directory / "kek"
@@ -126,7 +113,7 @@ def job_stack(
         )
         app = create_app(settings)
         url = exits.enter_context(api_server(app))
-        proxy = exits.enter_context(slow_s3_proxy(moto_endpoint, None)) if proxied else None
+        proxy = exits.enter_context(S3FaultProxy(moto_endpoint)) if proxied else None
         stack = JobStack(
             redis=redis,
             api=Api.of(url, settings, app),
@@ -200,25 +187,7 @@ def start_verify(client: httpx.Client, key: str) -> dict[str, Any]:
     return record
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-# Data
-
-
-def random_chunks(size: int, seed: int = 0, chunk_size: int = MiB) -> Iterator[bytes]:
-    """`size` reproducible pseudo-random bytes, generated a chunk at a time."""
-    rng = random.Random(seed)
-    left = size
-    while left:
-        chunk = rng.randbytes(min(chunk_size, left))
-        left -= len(chunk)
-        yield chunk
+# Objects
 
 
 def store_object(
@@ -233,139 +202,3 @@ def store_object(
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-def tar_archive(members: dict[str, bytes]) -> bytes:
-    """An uncompressed tar archive of `members`, made in memory."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 1_700_000_000
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-# An S3 proxy that paces and holds downloads
-
-SLICE = 16 * KiB
-
-
-class SlowS3Proxy:
-    """A TCP proxy in front of an S3 server. Requests pass untouched; response bytes are
-    paced at `rate` bytes a second (None: as fast as they come) and stop altogether while
-    the proxy is held. `held_streams` counts responses waiting at the hold."""
-
-    def __init__(self, upstream: str, rate: float | None = 8 * MiB) -> None:
-        parts = urlsplit(upstream)
-        assert parts.hostname is not None and parts.port is not None
-        self._upstream = (parts.hostname, parts.port)
-        self.rate = rate
-        self._gate = threading.Condition()
-        self._held = False
-        self._closed = False
-        self._next_slot = 0.0
-        self.held_streams = 0
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server((LOCALHOST, 0))
-        self.url = f"http://{LOCALHOST}:{self._listener.getsockname()[1]}"
-        self._acceptor = threading.Thread(target=self._accept, name="s3-proxy", daemon=True)
-        self._acceptor.start()
-
-    def pace(self, rate: float | None) -> None:
-        with self._gate:
-            self.rate = rate
-
-    def hold(self) -> None:
-        with self._gate:
-            self._held = True
-
-    def release(self, rate: float | None = None) -> None:
-        """Let responses flow again, at `rate` (None: unpaced)."""
-        with self._gate:
-            self._held = False
-            self.rate = rate
-            self._gate.notify_all()
-
-    def holding(self) -> bool:
-        """Held, with a response waiting at the hold."""
-        with self._gate:
-            return self._held and self.held_streams > 0
-
-    def close(self) -> None:
-        with self._gate:
-            self._closed = True
-            self._gate.notify_all()
-            sockets, self._sockets = self._sockets, []
-        with suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self._listener.close()
-        for sock in sockets:
-            with suppress(OSError):
-                sock.close()
-        self._acceptor.join(timeout=5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._upstream, timeout=30)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._gate:
-                if self._closed:
-                    client.close()
-                    upstream.close()
-                    return
-                self._sockets += [client, upstream]
-            for source, sink, paced in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(
-                    target=self._pump, args=(source, sink, paced), name="s3-proxy-pump", daemon=True
-                ).start()
-
-    def _admit(self, size: int) -> bool:
-        """Wait while held, then for a slot at the pace; False once the proxy is closed."""
-        with self._gate:
-            while self._held and not self._closed:
-                self.held_streams += 1
-                self._gate.wait()
-                self.held_streams -= 1
-            if self._closed:
-                return False
-            if self.rate is None:
-                return True
-            now = time.monotonic()
-            start = max(now, self._next_slot)
-            self._next_slot = start + size / self.rate
-        time.sleep(max(0.0, start - now))  # pacing a simulated slow link, not timing a test
-        return True
-
-    def _pump(self, source: socket.socket, sink: socket.socket, paced: bool) -> None:
-        try:
-            while data := source.recv(64 * KiB):
-                for offset in range(0, len(data), SLICE):
-                    piece = data[offset : offset + SLICE]
-                    if paced and not self._admit(len(piece)):
-                        return
-                    sink.sendall(piece)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-@contextmanager
-def slow_s3_proxy(upstream: str, rate: float | None = 8 * MiB) -> Iterator[SlowS3Proxy]:
-    proxy = SlowS3Proxy(upstream, rate)
-    try:
-        yield proxy
-    finally:
-        proxy.close()

@@ -30,8 +30,7 @@ from starlette.types import ASGIApp
 
 from api.serving import server_options
 from sealstream.settings import Settings
-
-LOCALHOST = "127.0.0.1"
+from tests.support.ports import LOCALHOST, free_port
 
 # Dummy credentials for the moto server. The config files are hidden so that a developer's
 # own ~/.aws profile (endpoint, retries, real credentials) cannot leak into a test run.
@@ -43,14 +42,6 @@ AWS_TEST_ENVIRONMENT = {
     "AWS_CONFIG_FILE": os.devnull,
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now, for services that must be told a port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOCALHOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager
