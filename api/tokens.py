@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 from cachetools import TTLCache
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import AwareDatetime, BaseModel, Field
 
 from storage import ObjectNotFound
+from storage.documents import FrozenCamelModel
 from storage.integrity import Records
 
 ADMIN_SCOPE = "admin"
@@ -101,12 +101,8 @@ class Principal:
         return OPERATOR_SCOPE in self.scopes
 
 
-class TokenRecord(BaseModel):
+class TokenRecord(FrozenCamelModel):
     """A token as stored: everything but the token itself."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True, frozen=True
-    )
 
     id: str = Field(pattern=TOKEN_ID_PATTERN)
     tenant: str = Field(pattern=TENANT_PATTERN)

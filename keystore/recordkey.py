@@ -28,8 +28,9 @@ from pydantic import AwareDatetime, ValidationError
 
 from keystore.errors import KekError, KeystoreError
 from keystore.kek import Kek
-from keystore.records import Base64Bytes, CamelModel
+from keystore.records import Base64Bytes
 from storage import ObjectExists, ObjectNotFound, ObjectStore
+from storage.documents import FrozenCamelModel
 from storage.integrity import RecordKey, canonical_json, sealed_by
 
 DOCUMENT_KEY = "sealstream/record-key.json"
@@ -60,7 +61,7 @@ class StoreNeedsUpgrade(KeystoreError):
     code = "store-needs-upgrade"
 
 
-class RecordKeyDocument(CamelModel):
+class RecordKeyDocument(FrozenCamelModel):
     format: Literal["sealstream-record-key/2"] = "sealstream-record-key/2"
     key_id: str
     store: str

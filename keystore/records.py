@@ -14,13 +14,11 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
-    BaseModel,
     ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
 )
-from pydantic.alias_generators import to_camel
 
 from keystore.algorithms import Jwk, KeyParams
 from keystore.errors import (
@@ -36,6 +34,7 @@ from keystore.errors import (
     KeyPendingDeletion,
     OperationNotPermitted,
 )
+from storage.documents import FrozenCamelModel
 
 KeyOp = Literal["encrypt", "decrypt"]
 KEY_OPS: tuple[KeyOp, ...] = ("encrypt", "decrypt")
@@ -70,19 +69,7 @@ Base64Bytes = Annotated[
 ]
 
 
-class CamelModel(BaseModel):
-    """Python names in code, camelCase names in JSON (both accepted on input)."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        frozen=True,
-    )
-
-
-class KeyPolicy(CamelModel):
+class KeyPolicy(FrozenCamelModel):
     """What every new key states, whether generated or imported."""
 
     model_config = ConfigDict(extra="forbid")
@@ -127,7 +114,7 @@ class ImportSpec(KeyPolicy):
     jwk: dict[str, Any] = Field(repr=False)
 
 
-class VersionInfo(CamelModel):
+class VersionInfo(FrozenCamelModel):
     version: int = Field(ge=1)
     created_at: AwareDatetime
 
@@ -139,7 +126,7 @@ class KeyVersion(VersionInfo):
     public_jwk: Jwk | None = None
 
 
-class KeyMetadata(CamelModel):
+class KeyMetadata(FrozenCamelModel):
     """Everything about a key but its versions."""
 
     kid: str

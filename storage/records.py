@@ -9,20 +9,14 @@ one changed or planted in the bucket is refused rather than believed.
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
-
+from storage.documents import FrozenCamelModel
 from storage.integrity import Records, RecordTampered
 
 RECORDS_PREFIX = "sealstream/objects/"
 RECORD_KIND = "object"
 
 
-class ObjectRecord(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True, frozen=True
-    )
-
+class ObjectRecord(FrozenCamelModel):
     bucket: str
     key: str  # the storage key
     tenant: str

@@ -28,12 +28,12 @@ from typing import Any, Self, cast
 
 import redis
 from cachetools import TTLCache
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
 
 from storage import InvalidObjectKey, ObjectNotFound
+from storage.documents import CamelModel
 from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
 
 REPORTS_PREFIX = "sealstream/jobs/"
@@ -60,20 +60,14 @@ class JobKind(StrEnum):
     REWRAP = "rewrap"  # deprecated: the reencrypt job under its former name, for one release
 
 
-class _Camel(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True
-    )
-
-
-class Progress(_Camel):
+class Progress(CamelModel):
     bytes_done: int = 0
     bytes_total: int | None = None
     items_done: int = 0
     items_total: int | None = None
 
 
-class JobRecord(_Camel):
+class JobRecord(CamelModel):
     id: str
     kind: JobKind
     tenant: str

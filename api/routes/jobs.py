@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, model_validator
-from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +24,7 @@ from api.services import Services, services
 from api.tokens import Principal
 from services.keys import start_sealing
 from services.placement import ObjectRef, Placement, check_object_key, tenant_prefix
+from storage.documents import CamelModel
 from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     return record.public()
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="forbid")
+class _Request(CamelModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class Source(_Request):
