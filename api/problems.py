@@ -23,6 +23,7 @@ import envelope
 import keystore
 import storage
 from services.errors import error_code, public_detail
+from services.open_stored import StoredObjectRefused
 from services.placement import BucketNotAllowed
 from storage.integrity import RecordTampered
 
@@ -108,6 +109,7 @@ _STATUS: dict[type[Exception], int] = {
     RecordTampered: 502,
     storage.StorageError: 502,
     BucketNotAllowed: 403,
+    StoredObjectRefused: 502,
 }
 
 
@@ -211,5 +213,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(storage.StorageError, domain)
     app.add_exception_handler(envelope.EnvelopeError, domain)
     app.add_exception_handler(BucketNotAllowed, domain)
+    app.add_exception_handler(StoredObjectRefused, domain)
     app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

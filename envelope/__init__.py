@@ -5,7 +5,7 @@ Pure: bytes in, bytes out; no I/O and no framework. See docs/FORMAT.md for the b
 Exported here is what other packages use; the rest is imported from its own module.
 """
 
-from envelope.decrypt import Decryptor, FrameReader
+from envelope.decrypt import Decryptor, FrameReader, start_decryption
 from envelope.encrypt import Encryptor
 from envelope.errors import (
     AuthenticationError,
@@ -86,4 +86,5 @@ __all__ = [
     "key_names",
     "open_message",
     "parse_header",
+    "start_decryption",
 ]

@@ -6,6 +6,7 @@ plaintext is released only after its own tag verifies. A message is complete onl
 its final frame has been read; `finish` raises `TruncatedMessage` otherwise.
 
 `FrameReader` is the frame half on its own, so a ranged read can start at any frame.
+`start_decryption` takes over a message whose header was read apart, to find its keys.
 """
 
 import struct
@@ -200,3 +201,17 @@ class Decryptor:
             self._frames = FrameReader(opened.cipher, header.frame_length)
             data = self._header_reader.remainder
         return self._frames.feed(data)
+
+
+def start_decryption(
+    header: Header,
+    remainder: bytes,
+    keyrings: Sequence[Keyring],
+    *,
+    required_context: Mapping[str, str] | None = None,
+) -> tuple[Decryptor, list[bytes]]:
+    """Decrypt a message whose header was read before its keys were known: a decryptor
+    fed the header and `remainder`, the bytes read after it, and the plaintext of the
+    frames those complete. The header is authenticated here, as any decryptor does."""
+    decryptor = Decryptor(keyrings, required_context=required_context)
+    return decryptor, decryptor.update(header.to_bytes() + remainder)

@@ -1,5 +1,6 @@
-"""The key a message is sealed under, and the encryption-context pairs the service binds
-into every message it seals.
+"""The key a message is sealed or opened under, looked up once per message and checked
+again while a stream runs; and the encryption-context pairs the service binds into every
+message it seals.
 
 The service adds `sealstream:` pairs naming the tenant and the key, so a message names its
 owner in authenticated data and can be refused to anyone else; and, for a message bound
@@ -7,8 +8,12 @@ for storage, the storage key it is written at, so that a copy of it put anywhere
 refused (`services.objects.check_placement`). A client's own pairs may not use the prefix.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+from anyio import to_thread
 
 from envelope import Encryptor, Header, Keyring, key_names
 from keystore import KeyRecord, KeyStore
@@ -16,6 +21,7 @@ from keystore import KeyRecord, KeyStore
 RESERVED_CONTEXT_PREFIX = "sealstream:"
 TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
 OBJECT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}object"
+KEY_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming key is still usable
 
 
 @dataclass
@@ -63,8 +69,42 @@ def client_context(context: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in context.items() if not k.startswith(RESERVED_CONTEXT_PREFIX)}
 
 
-def opening_keyrings(
+@dataclass
+class KeyWatch:
+    """Re-checks, at most once per interval, that a key may still serve a running stream, so
+    that disabling a key stops long transfers too (within the key cache's TTL)."""
+
+    check: Callable[[], object]
+    last: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def for_sealing(cls, keys: KeyStore, sealing: Sealing) -> "KeyWatch":
+        return cls(partial(keys.encryption_keyring, sealing.tenant, sealing.key.kid))
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= KEY_CHECK_INTERVAL
+
+    async def __call__(self) -> None:
+        if self.due():
+            await to_thread.run_sync(self.check)
+            self.last = time.monotonic()
+
+
+@dataclass
+class OpeningKeys:
+    """The keyrings that may open a message, the key they are versions of, and its watch."""
+
+    key: KeyRecord
+    keyrings: list[Keyring]
+    watch: KeyWatch
+
+
+def opening_keys(
     keys: KeyStore, tenant: str, header: Header, expected_kid: str | None = None
-) -> tuple[KeyRecord, list[Keyring]]:
-    """The tenant's keyrings for the keys a message's header names."""
-    return keys.opening_keyrings(tenant, key_names(header), expected_kid=expected_kid)
+) -> OpeningKeys:
+    """The tenant's keyrings for the keys a message's header names (`kid#version`); the
+    first usable one, which must be `expected_kid` if given."""
+    record, keyrings = keys.opening_keyrings(tenant, key_names(header), expected_kid=expected_kid)
+    return OpeningKeys(
+        record, keyrings, KeyWatch(partial(keys.decryption_keyrings, tenant, record.kid))
+    )

@@ -1,5 +1,6 @@
-"""Stored objects and their records: what the service notes of each object it seals, and
-the checks that a stored message is the one the service stored at that place.
+"""Stored objects and their records: what the service notes of each object it seals, how
+answers and job results describe such an object, and the checks that a stored message is
+the one the service stored at that place.
 
 The API (encrypt-to-storage, decrypt from storage) and the workers (verify,
 batch-encrypt, reencrypt) share these pieces, so an object is recorded and read back the
@@ -8,6 +9,7 @@ same way whoever handles it.
 
 import hashlib
 from datetime import UTC, datetime
+from typing import Any, Self
 
 from envelope import (
     Decryptor,
@@ -21,9 +23,27 @@ from envelope import (
 from envelope.frames import FrameCipher
 from services.keys import OBJECT_CONTEXT_KEY, Sealing
 from storage import ObjectInfo, ObjectStore
+from storage.documents import CamelModel
 from storage.records import ObjectRecord
 
 HEADER_READ_SIZE = 64 * 1024
+# What a batch manifest says of each object sealed, and a verify job of the object read.
+MEMBER_FIELDS = (
+    "key",
+    "storage_key",
+    "plaintext_size",
+    "plaintext_sha256",
+    "ciphertext_size",
+    "key_version",
+)
+VERIFIED_FIELDS = (
+    "bucket",
+    "key",
+    "storage_key",
+    "ciphertext_size",
+    "plaintext_size",
+    "plaintext_sha256",
+)
 
 
 class MisplacedObject(MessageFormatError):
@@ -122,6 +142,45 @@ def sealed_record(
         created_at=datetime.now(UTC),
         header_sha256=header_digest(sealing.encryptor.header),
     )
+
+
+class ObjectSummary(CamelModel):
+    """A stored object the service sealed, as answers, job results and batch manifests
+    describe it (each giving the fields it needs): the key the client names it by, and
+    what its record says. Never the record's header digest: that is the service's check."""
+
+    bucket: str
+    key: str
+    storage_key: str
+    ciphertext_size: int
+    plaintext_size: int
+    plaintext_sha256: str
+    etag: str
+    kid: str
+    key_version: int
+    frame_length: int
+
+    @classmethod
+    def of(cls, record: ObjectRecord, key: str, **more: Any) -> Self:
+        """The summary of the object `record` records, which its client names `key`;
+        `more` sets the fields a subclass adds."""
+        return cls(
+            bucket=record.bucket,
+            key=key,
+            storage_key=record.key,
+            ciphertext_size=record.ciphertext_size,
+            plaintext_size=record.plaintext_size,
+            plaintext_sha256=record.plaintext_sha256,
+            etag=record.etag,
+            kid=record.kid,
+            key_version=record.key_version,
+            frame_length=record.frame_length,
+            **more,
+        )
+
+    def fields(self, *names: str) -> dict[str, Any]:
+        """The fields `names` (Python names), as JSON names them."""
+        return self.model_dump(include=set(names))
 
 
 def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Header:

@@ -34,7 +34,7 @@ from keystore import KeyStore
 from services.keys import (
     Sealing,
     client_context,
-    opening_keyrings,
+    opening_keys,
     required_context,
     start_sealing,
 )
@@ -79,7 +79,7 @@ def reencrypt_object(
     tenant, kid = recorded.tenant, recorded.kid
 
     def keyrings_for(header: Header) -> list[Keyring]:
-        return opening_keyrings(keys, tenant, header, kid)[1]
+        return opening_keys(keys, tenant, header, kid).keyrings
 
     digest = hashlib.sha256()
     with open_stored(store, original.key, original.size, keyrings_for, tenant, on_chunk) as old:

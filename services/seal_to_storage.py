@@ -1,18 +1,36 @@
 """Seal a stream into a placement: the message written through a multipart upload, its
 plaintext's SHA-256 taken on the way, and the object's record saved once storage has
-made it visible.
+made it visible. Any failure on the way aborts the upload, so nothing becomes visible and
+no upload is left pending.
+
+From a request, batches are sealed, hashed and handed to the multipart writer in one
+worker-thread call. Backpressure holds end to end: the next chunk is read only once the
+previous one has been accepted by the writer, which blocks while its parts in flight are
+at their limit. A thread that writes into storage waits as long as the store makes it
+wait; those come from a pool of their own (`transfers`), so that streams held up by a
+slow store leave the default pool to the short calls every request makes.
 """
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import suppress
+from functools import partial
 
-from services.keys import OBJECT_CONTEXT_KEY, Sealing
+import anyio
+from anyio import CapacityLimiter, to_thread
+
+from keystore import KeyStore
+from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
 from services.objects import object_metadata, sealed_record
 from services.placement import Placement
+from services.streams import frame_batches
 from storage import ObjectInfo, StorageError
 from storage.integrity import Records
 from storage.records import ObjectRecord, save_record
+
+# The writer may block on parts in flight, so batches always go to a thread; bigger ones
+# make fewer hops.
+STORAGE_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class ObjectSealer:
@@ -75,3 +93,55 @@ class ObjectSealer:
 
     def abort(self) -> None:
         self._writer.abort()
+
+
+async def seal_upload(
+    keys: KeyStore,
+    sealing: Sealing,
+    chunks: AsyncIterator[memoryview],
+    placement: Placement,
+    *,
+    overwrite: bool,
+    records: Records,
+    transfers: CapacityLimiter,
+) -> ObjectRecord:
+    """Seal `chunks`, as a request's body delivers them, into `placement`, and record it.
+    The key is checked again as the stream runs (`KeyWatch`): a key disabled meanwhile
+    aborts the upload too."""
+    watch = KeyWatch.for_sealing(keys, sealing)
+    sealer = await to_thread.run_sync(
+        partial(ObjectSealer, sealing, placement, overwrite=overwrite, records=records),
+        limiter=transfers,
+    )
+    try:
+        size = max(sealing.encryptor.frame_length, STORAGE_BATCH_BYTES)
+        async for batch in frame_batches(chunks, size):
+            await watch()
+            await to_thread.run_sync(sealer.write, batch, limiter=transfers)
+        return await to_thread.run_sync(sealer.complete, limiter=transfers)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await to_thread.run_sync(sealer.abort, limiter=transfers)
+        raise
+
+
+def seal_stream(
+    sealing: Sealing,
+    placement: Placement,
+    chunks: Iterable[bytes],
+    *,
+    overwrite: bool,
+    records: Records,
+    after_chunk: Callable[[], None],
+) -> ObjectRecord:
+    """Seal `chunks`, read from a blocking stream, into `placement`, and record it;
+    `after_chunk()` runs once each chunk is written (progress, a cancel point)."""
+    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=records)
+    try:
+        for chunk in chunks:
+            sealer.write((chunk,))
+            after_chunk()
+        return sealer.complete()
+    except BaseException:
+        sealer.abort()  # no object, no pending upload
+        raise

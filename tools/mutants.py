@@ -193,7 +193,7 @@ MUTANTS = (
     ),
     Mutant(
         "stored object: a record required",
-        "api/sealing.py",
+        "services/open_stored.py",
         "        if serve_unrecorded:\n            return None",
         "        return None",
         ("tests/test_api_object_reads.py",),

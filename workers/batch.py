@@ -36,8 +36,9 @@ from pydantic import BaseModel
 from sealstream.settings import Settings
 from services.errors import error_code, public_detail
 from services.keys import start_sealing
+from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
-from services.seal_to_storage import ObjectSealer
+from services.seal_to_storage import seal_stream
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
 from storage.integrity import Records
 from storage.records import ObjectRecord
@@ -356,15 +357,15 @@ def _seal(
         params["frameLength"],
         object_key=placement.storage_key,
     )
-    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=services.records)
-    try:
-        for chunk in _chunks(stream):
-            sealer.write((chunk,))
-            context.progress(bytes_done=bytes_read())  # where a cancel request is noticed
-        return sealer.complete()
-    except BaseException:
-        sealer.abort()  # no object, no pending upload
-        raise
+    return seal_stream(
+        sealing,
+        placement,
+        _chunks(stream),
+        overwrite=overwrite,
+        records=services.records,
+        # Where a cancel request is noticed.
+        after_chunk=lambda: context.progress(bytes_done=bytes_read()),
+    )
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
@@ -390,15 +391,10 @@ def _require_absent(store: ObjectStore, storage_key: str, key: str, *, job: bool
     raise JobFailed("object-exists", f"{key!r} already exists and overwrite is false")
 
 
-def _object_entry(placement: Placement, record: ObjectRecord) -> dict[str, Any]:
-    return {
-        "key": placement.key,
-        "storageKey": placement.storage_key,
-        "plaintextSize": record.plaintext_size,
-        "plaintextSha256": record.plaintext_sha256,
-        "ciphertextSize": record.ciphertext_size,
-        "keyVersion": record.key_version,
-    }
+def _object_entry(placement: Placement, record: ObjectRecord, *more: str) -> dict[str, Any]:
+    """What the manifest and the result say of a sealed object: `MEMBER_FIELDS` and `more`."""
+    summary = ObjectSummary.of(record, placement.key)
+    return summary.fields(*MEMBER_FIELDS, *more)
 
 
 def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Iterator[bytes]:
@@ -490,4 +486,4 @@ def _seal_whole(
     with io.BufferedReader(reader, READ_SIZE) as stream:
         record = _seal(context, services, placement, overwrite, stream, lambda: reader.position)
     context.progress(items_done=1, bytes_done=size)
-    return {"bucket": store.bucket, **_object_entry(placement, record), "kid": record.kid}
+    return _object_entry(placement, record, "bucket", "kid")

@@ -12,12 +12,13 @@ response or the upload: never a clean end to a short stream, never a visible par
 object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
 """
 
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
@@ -34,19 +35,21 @@ from api.openapi import (
     form_request,
     headers,
 )
+from api.ranges import parse_range
 from api.routes.jobs import start_job, verify_params
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
-from api.sealing import (
-    check_object,
-    decrypt_object,
-    decrypt_upload,
-    encrypt_to_client,
-    encrypt_to_storage,
-    start_encryption,
-)
-from api.services import services
+from api.services import Services, services
 from api.tokens import Principal
+from envelope import Keyring
+from keystore import KeyRecord
+from services.keys import start_sealing
+from services.objects import ObjectSummary
+from services.open_stored import check_stored, stored_plaintext, stored_range
+from services.open_upload import open_upload
 from services.placement import ObjectRef
+from services.seal_to_client import seal_to_client
+from services.seal_to_storage import seal_upload
+from storage.documents import CamelModel
 from workers.jobs import JobKind
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
@@ -54,8 +57,8 @@ EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
 DecryptScope = Annotated[Principal, Depends(require("crypto:decrypt"))]
 
 
-class _Metadata(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, extra="forbid")
+class _Metadata(CamelModel):
+    model_config = ConfigDict(extra="forbid")
 
     encryption_context: ClientContext
 
@@ -82,23 +85,9 @@ class DecryptMetadata(_Metadata):
     source: ObjectRef | None = None
 
 
-class StoredObject(BaseModel):
+class StoredObject(ObjectSummary):
     """What an encryption into storage wrote, and the job that verifies it."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, validate_by_name=True, serialize_by_alias=True
-    )
-
-    bucket: str
-    key: str
-    storage_key: str
-    ciphertext_size: int
-    plaintext_size: int
-    plaintext_sha256: str
-    etag: str
-    kid: str
-    key_version: int
-    frame_length: int
     verify_job: str
 
 
@@ -135,6 +124,30 @@ OPENED = {
 }
 
 
+def key_headers(requested: str, record: KeyRecord, keyring: Keyring) -> dict[str, str]:
+    """The headers naming the key asked for, the key used (`kid#version`), and its algorithm."""
+    return {
+        "X-Key-Requested": requested,
+        "X-Key-Used": keyring.key_name,
+        "X-Algorithm-Used": record.alg,
+    }
+
+
+def streamed(
+    body: AsyncIterator[bytes | bytearray | memoryview],
+    svc: Services,
+    headers: dict[str, str],
+    status_code: int = 200,
+) -> Response:
+    return DuplexStreamingResponse(
+        body,
+        idle_timeout=svc.settings.idle_timeout,
+        status_code=status_code,
+        media_type=OCTET_STREAM,
+        headers=headers,
+    )
+
+
 @router.post(
     "/encrypt",
     response_model=None,
@@ -148,51 +161,40 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
     svc = services(request)
     form = UploadForm(request, svc.settings)
     metadata = parse(EncryptMetadata, await form.metadata())
-    placement = None
-    if metadata.destination is not None:
-        placement = svc.spaces.place(principal.tenant, metadata.destination)
-    job = await run_in_threadpool(
-        start_encryption,
-        svc.keys,
-        principal.tenant,
-        metadata.kid,
-        metadata.encryption_context,
-        metadata.frame_length,
-        placement,
-    )
-    await form.start_file()
-    if placement is None or metadata.destination is None:
-        return DuplexStreamingResponse(
-            encrypt_to_client(form, job),
-            idle_timeout=svc.settings.idle_timeout,
-            media_type="application/octet-stream",
-            headers=job.headers,
+    destination = metadata.destination
+    placement = None if destination is None else svc.spaces.place(principal.tenant, destination)
+    sealing = await run_in_threadpool(
+        partial(
+            start_sealing,
+            svc.keys,
+            principal.tenant,
+            metadata.kid,
+            metadata.encryption_context,
+            metadata.frame_length,
+            object_key=None if placement is None else placement.storage_key,
         )
-    stored = await encrypt_to_storage(
-        form,
-        job,
+    )
+    headers = key_headers(metadata.kid, sealing.key, sealing.keyring)
+    await form.start_file()
+    if placement is None or destination is None:
+        chunks = form.file_chunks()
+        return streamed(
+            seal_to_client(svc.keys, sealing, chunks, form.expected_file_length), svc, headers
+        )
+    stored = await seal_upload(
+        svc.keys,
+        sealing,
+        form.file_chunks(),
         placement,
-        overwrite=metadata.destination.overwrite,
+        overwrite=destination.overwrite,
         records=svc.records,
         transfers=svc.transfers,
     )
     verification = await run_in_threadpool(
         start_job, svc, JobKind.VERIFY, principal.tenant, verify_params(placement)
     )
-    body = StoredObject(
-        bucket=stored.bucket,
-        key=placement.key,
-        storage_key=stored.key,
-        ciphertext_size=stored.ciphertext_size,
-        plaintext_size=stored.plaintext_size,
-        plaintext_sha256=stored.plaintext_sha256,
-        etag=stored.etag,
-        kid=stored.kid,
-        key_version=stored.key_version,
-        frame_length=stored.frame_length,
-        verify_job=verification.id,
-    )
-    return JSONResponse(body.model_dump(), status_code=201, headers=job.headers)
+    body = StoredObject.of(stored, placement.key, verify_job=verification.id)
+    return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 
 @router.post(
@@ -212,32 +214,46 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
     metadata = parse(DecryptMetadata, await form.metadata())
     if metadata.source is not None:
         await form.expect_end()
-        placement = svc.spaces.place(principal.tenant, metadata.source)
-        checked = await check_object(
-            svc.keys,
-            principal.tenant,
-            placement,
-            records=svc.records,
-            serve_unrecorded=svc.settings.serve_unrecorded_objects,
-            expected_kid=metadata.kid,
-            required_context=metadata.encryption_context,
-            transfers=svc.transfers,
-        )
-        return decrypt_object(
-            checked,
-            placement,
-            # Several Range lines are one list of ranges (RFC 9110 §5.3), as if one line.
-            ", ".join(request.headers.getlist("range")) or None,
-            expected_kid=metadata.kid,
-            idle_timeout=svc.settings.idle_timeout,
-            transfers=svc.transfers,
-        )
+        # Several Range lines are one list of ranges (RFC 9110 §5.3), as if one line.
+        ranges = ", ".join(request.headers.getlist("range")) or None
+        return await _decrypt_stored(svc, principal.tenant, metadata, metadata.source, ranges)
     await form.start_file()
-    return await decrypt_upload(
+    opened = await open_upload(
         svc.keys,
         principal.tenant,
-        form,
+        form.file_chunks(),
         expected_kid=metadata.kid,
-        required_context=metadata.encryption_context,
-        idle_timeout=svc.settings.idle_timeout,
+        context=metadata.encryption_context,
     )
+    headers = key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring)
+    return streamed(opened.plaintext, svc, headers)
+
+
+async def _decrypt_stored(
+    svc: Services, tenant: str, metadata: DecryptMetadata, source: ObjectRef, ranges: str | None
+) -> Response:
+    """The object `source`, or just the frames a `Range` needs (206): every length and
+    range in the answer comes from its authenticated layout."""
+    checked = await check_stored(
+        svc.keys,
+        tenant,
+        svc.spaces.place(tenant, source),
+        records=svc.records,
+        serve_unrecorded=svc.settings.serve_unrecorded_objects,
+        expected_kid=metadata.kid,
+        context=metadata.encryption_context,
+        transfers=svc.transfers,
+    )
+    total = checked.layout.plaintext_length
+    wanted = parse_range(ranges, total)
+    headers = {
+        "Accept-Ranges": "bytes",
+        **key_headers(metadata.kid or checked.key.kid, checked.key, checked.opened.keyring),
+    }
+    if wanted is None:
+        body = stored_plaintext(checked, svc.transfers)
+        return streamed(body, svc, {**headers, "Content-Length": str(total)})
+    first, last = wanted
+    headers["Content-Length"] = str(last - first + 1)
+    headers["Content-Range"] = f"bytes {first}-{last}/{total}"
+    return streamed(stored_range(checked, first, last, svc.transfers), svc, headers, 206)
