@@ -1,1 +1,1 @@
-"""cli: the `sealstream` command line."""
+"""cli: the `sealstream` command line and the Python client of the API."""
