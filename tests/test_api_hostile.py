@@ -5,7 +5,6 @@ byte to a socket with broken framing, forms, headers and ranges. Each gets a 4xx
 
 import http.client
 import json
-import socket
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -22,6 +21,7 @@ from tests.support.http import (
     ENCRYPT,
     FORM_TYPE,
     KEYS,
+    connect,
     create_key,
     form_bytes,
     post_form,
@@ -122,8 +122,7 @@ class RawAnswer:
 
 def raw_request(url: str, data: bytes) -> RawAnswer:
     """Send `data` as is, keep the connection open, and read whatever answer comes."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with connect(url) as sock:
         with suppress(OSError):  # the server may answer and close before it has read it all
             sock.sendall(data)
         response = http.client.HTTPResponse(sock, method="POST")

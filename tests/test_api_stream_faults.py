@@ -18,7 +18,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -42,6 +41,7 @@ from tests.support.http import (
     KEYS,
     Exchange,
     auth,
+    connect,
     create_key,
     decrypt,
     encrypt,
@@ -263,8 +263,7 @@ def send_blocks(sock: socket.socket, head: bytes, block: bytes) -> None:
 
 def test_a_json_body_that_stalls_is_refused(impatient_api: Api) -> None:
     headers = {"Content-Type": "application/json", "Content-Length": "100", **auth(ADMIN_TOKEN)}
-    address = urlsplit(impatient_api.url)
-    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+    with connect(impatient_api.url) as sock:
         sock.sendall(request_head(impatient_api.url, KEYS, headers) + b'{"kid": "half')
         status, body, cut = response_to(sock)
     assert (status, cut) == (408, None)

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -26,6 +25,7 @@ from tests.support.http import (
     FORM_TYPE,
     KEYS,
     auth,
+    connect,
     create_key,
     exchange,
     form,
@@ -59,12 +59,6 @@ def strict_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         with api.client() as client:
             create_key(client)
         yield api
-
-
-def connect(url: str) -> socket.socket:
-    address = urlsplit(url)
-    assert address.hostname is not None and address.port is not None
-    return socket.create_connection((address.hostname, address.port), timeout=SOCKET_TIMEOUT)
 
 
 def answer(sock: socket.socket, method: str = "POST") -> tuple[int, dict[str, Any]]:
@@ -112,12 +106,12 @@ def trickling(sock: socket.socket, data: bytes) -> Iterator[None]:
 
 
 def test_a_connection_that_sends_nothing_is_closed(strict_api: Api) -> None:
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         assert closed_by_server(sock)
 
 
 def test_half_a_request_line_gets_408_and_the_connection_closed(strict_api: Api) -> None:
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(b"POST /api/crypto/stream/enc")
         status, document = answer(sock)
         assert (status, document["code"]) == (408, "header-timeout")
@@ -127,7 +121,7 @@ def test_half_a_request_line_gets_408_and_the_connection_closed(strict_api: Api)
 def test_headers_trickled_in_still_meet_one_deadline(strict_api: Api) -> None:
     """Each header comes well within the timeout, but the head as a whole does not."""
     headers = b"".join(b"X-Slow-%d: yes\r\n" % n for n in range(TRICKLE_BYTES))
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
         with trickling(sock, headers):
             status, document = answer(sock, "GET")
@@ -136,7 +130,7 @@ def test_headers_trickled_in_still_meet_one_deadline(strict_api: Api) -> None:
 
 def test_a_head_past_the_cap_gets_431(strict_api: Api) -> None:
     flood = b"X-Flood: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n"
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         with suppress(OSError):  # the server may close before it has all of it
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + flood)
         status, document = answer(sock, "GET")
@@ -146,7 +140,7 @@ def test_a_head_past_the_cap_gets_431(strict_api: Api) -> None:
 def test_a_kept_alive_connection_has_the_same_deadline_for_its_next_request(
     strict_api: Api,
 ) -> None:
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(strict_api.url, "/healthz", {}, method="GET"))
         assert answer(sock, "GET")[0] == 200
         sock.sendall(b"GET /healthz HT")
@@ -160,7 +154,7 @@ def test_a_kept_alive_connection_has_the_same_deadline_for_its_next_request(
 def test_a_trickled_json_body_gets_408(strict_api: Api) -> None:
     body = json.dumps({"kid": "slowKey", "kty": "oct", "padding": "x" * TRICKLE_BYTES}).encode()
     headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(strict_api.url, KEYS, {**headers, **auth(ADMIN_TOKEN)}))
         with trickling(sock, body):
             status, document = answer(sock)
@@ -185,7 +179,7 @@ def test_an_upload_into_storage_that_trickles_gets_408_and_leaves_nothing(
     head = form_bytes(metadata, None, terminated=False)
     head += b"\r\n" + part_head("file", "application/octet-stream", "slow.bin")
     headers = {"Content-Type": FORM_TYPE, "Content-Length": str(len(head) + 40 * MiB)}
-    with connect(api.url) as sock:
+    with connect(api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(api.url, ENCRYPT, {**headers, **auth(ADMIN_TOKEN)}) + head)
         for piece in pieces(random_bytes(10 * MiB, seed=7), 256 * KiB):
             sock.sendall(piece)
@@ -200,7 +194,7 @@ def test_a_stream_back_that_trickles_is_cut_off(strict_api: Api) -> None:
     metadata = form_bytes({"kid": "mySymKey", "frameLength": 4096}, None, terminated=False)
     head = metadata + b"\r\n" + part_head("file", "application/octet-stream", "slow.bin")
     headers = {"Content-Type": FORM_TYPE, "Content-Length": str(len(head) + MiB)}
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(strict_api.url, ENCRYPT, {**headers, **auth(ADMIN_TOKEN)}))
         sock.sendall(head + random_bytes(64 * KiB, seed=9))
         with trickling(sock, random_bytes(TRICKLE_BYTES, seed=10)):
@@ -215,7 +209,7 @@ def test_a_body_the_app_left_unread_must_keep_coming(strict_api: Api) -> None:
     """A request refused before its body was read (here: no token) leaves the body to
     arrive after the response; trickled, it no longer holds the connection."""
     headers = {"Content-Type": "application/json", "Content-Length": str(10**9)}
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(strict_api.url, KEYS, headers) + b"{")
         response = http.client.HTTPResponse(sock, method="POST")
         response.begin()
@@ -242,7 +236,7 @@ def test_connections_past_the_cap_are_refused_until_one_closes(tmp_path: Path) -
             held.pop().close()
 
             def served() -> bool:
-                with connect(api.url) as sock:
+                with connect(api.url, SOCKET_TIMEOUT) as sock:
                     sock.sendall(request_head(api.url, "/healthz", {}, method="GET"))
                     return answer(sock, "GET")[0] == 200
 
@@ -257,7 +251,7 @@ def test_the_deadlines_leave_a_body_sent_at_full_speed_alone(strict_api: Api) ->
     data = random_bytes(8 * MiB, seed=11)
     body = form_bytes({"kid": "mySymKey", "destination": {"key": "fast.bin"}}, data)
     headers = {"Content-Type": FORM_TYPE, "Content-Length": str(len(body))}
-    with connect(strict_api.url) as sock:
+    with connect(strict_api.url, SOCKET_TIMEOUT) as sock:
         sock.sendall(request_head(strict_api.url, ENCRYPT, {**headers, **auth(ADMIN_TOKEN)}))
         sock.sendall(body)
         status, document = answer(sock)

@@ -208,6 +208,11 @@ def _address(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def connect(url: str, timeout: float = 30) -> socket.socket:
+    """A plain TCP connection to the server at `url`, for the test to speak HTTP on."""
+    return socket.create_connection(_address(url), timeout=timeout)
+
+
 def request_head(url: str, path: str, headers: Mapping[str, str], method: str = "POST") -> bytes:
     host, port = _address(url)
     return transport.request_head(method, path, {"Host": f"{host}:{port}", **headers})
@@ -238,7 +243,7 @@ def exchange(
         {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": f"{length}"}
     )
     all_headers = {"Content-Type": content_type, **framing, **auth(token), **(headers or {})}
-    channel = transport.Channel(socket.create_connection(_address(url), timeout=timeout))
+    channel = transport.Channel(connect(url, timeout))
     head = request_head(url, path, all_headers)
     with transport.Exchange(channel, head, body, chunked=length is None) as duplex:
         try:
@@ -293,7 +298,7 @@ def raw_upload(
     """A socket on which a POST of `length` declared body bytes has begun; the test sends
     what it likes of the body, and the connection is dropped on the way out."""
     headers = {"Content-Type": FORM_TYPE, "Content-Length": str(length), **auth(token)}
-    sock = socket.create_connection(_address(url), timeout=30)
+    sock = connect(url)
     try:
         sock.sendall(request_head(url, path, headers))
         yield sock
