@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.jobs import JobStore
 from storage.integrity import refusals
-from workers.jobs import JobStore
 
 UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
 ABORTED = "aborted"  # the status label of a response that started and was cut off

@@ -1,16 +1,22 @@
 """The long-lived parts a running API holds, built once at startup and shared by requests:
 everything a job needs (the API runs jobs itself when there is no Redis), plus tokens and
-the job runner."""
+the job runner; and starting a job through them."""
 
+import logging
 from dataclasses import dataclass
 
 from anyio import CapacityLimiter
 from fastapi import Request
+from redis.exceptions import RedisError
 
 from api.keygen import KeyWork
+from api.problems import Problem
 from api.tokens import TokenStore
-from workers.runner import JobRunner
+from services.jobs import AnyParams, JobKind, JobRecord, JobRunner, QueueUnavailable, VerifyParams
+from services.placement import Placement
 from workers.services import WorkerServices
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,25 @@ class Services(WorkerServices):
     transfers: CapacityLimiter
     # RSA generation and import, apart from the default pool, rate-limited per tenant.
     key_work: KeyWork
+
+    def start_job(self, kind: JobKind, tenant: str, params: AnyParams) -> JobRecord:
+        """Save a new job record and hand the job to the runner; 503 if either cannot be
+        reached."""
+        record = JobRecord.new(kind, tenant, params)
+        try:
+            self.jobs.save(record)
+            self.runner.submit(record)
+        except (RedisError, QueueUnavailable) as error:
+            logger.warning("answering 503 job-queue-unavailable: %s", error)  # names its host
+            raise Problem(503, "job-queue-unavailable", "the job queue is not reachable") from None
+        return record
+
+    def start_verify(self, tenant: str, placement: Placement) -> JobRecord:
+        """Start verifying the object stored at `placement`."""
+        params = VerifyParams(
+            bucket=placement.bucket, key=placement.key, storage_key=placement.storage_key
+        )
+        return self.start_job(JobKind.VERIFY, tenant, params)
 
 
 def services(request: Request) -> Services:

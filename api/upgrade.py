@@ -42,6 +42,7 @@ from keystore.persistence import RECORD_PREFIX as KEYS_PREFIX
 from keystore.recordkey import all_sealed, mark_all_sealed
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek, open_object_store, open_service_records
+from services.jobs import REPORT_KIND, REPORTS_PREFIX, JobRecord
 from services.objects import header_digest, read_stored_header
 from storage import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
 from storage.integrity import Records, RecordTampered, is_sealed
@@ -49,7 +50,6 @@ from storage.records import RECORD_KIND as OBJECT_KIND
 from storage.records import RECORDS_PREFIX as OBJECTS_PREFIX
 from storage.records import ObjectRecord
 from workers.batch import JOURNAL_KIND, JournalEntry, JournalResult
-from workers.jobs import REPORT_KIND, REPORTS_PREFIX, JobRecord
 
 Upgrade = Callable[[dict[str, Any]], BaseModel]
 

@@ -37,9 +37,9 @@ from stream import moto_server
 from verify import KID, MIB, TENANT, aws_environment, services_for, sha256_seconds, store_object
 
 from sealstream.memory import keep_freed_buffers
+from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams
 from storage import LocalStore
 from workers.execution import run_job
-from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.registry import JOB_BODIES
 from workers.services import WorkerServices
 
@@ -64,12 +64,9 @@ def reencrypt_seconds(
     """One reencrypt job over the object, after a rotation: its time, the process's peak
     RSS growth while it ran (MiB), and how many objects it re-encrypted."""
     rotated = services.keys.rotate(TENANT, KID)
-    params: dict[str, object] = {
-        "kid": KID,
-        "keyVersion": rotated.primary_version,
-        "rewrapped": False,
-        **object_params,
-    }
+    params = ReencryptParams.model_validate(
+        {"kid": KID, "keyVersion": rotated.primary_version, "rewrapped": False, **object_params}
+    )
     record = JobRecord.new(JobKind.REENCRYPT, TENANT, params)
     services.jobs.save(record)
     rss = PeakRss()

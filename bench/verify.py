@@ -37,11 +37,11 @@ from stream import AWS_ENVIRONMENT, moto_server
 from keystore import KeySpec, LocalKek
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
+from services.jobs import AnyParams, BatchEncryptParams, JobKind, JobRecord, JobStatus, VerifyParams
 from services.keys import start_sealing
 from services.placement import ObjectRef
 from services.seal_to_storage import ObjectSealer
 from workers.execution import run_job
-from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.registry import JOB_BODIES
 from workers.services import WorkerServices, build_worker_services
 
@@ -83,7 +83,7 @@ def store_object(services: WorkerServices, key: str, total: int) -> dict[str, st
     return {"bucket": placement.bucket, "key": key, "storageKey": placement.storage_key}
 
 
-def timed_job(services: WorkerServices, kind: JobKind, params: dict[str, object]) -> float:
+def timed_job(services: WorkerServices, kind: JobKind, params: AnyParams) -> float:
     record = JobRecord.new(kind, TENANT, params)
     services.jobs.save(record)
     start = time.perf_counter()
@@ -124,8 +124,8 @@ def sha256_seconds(total: int) -> float:
 
 
 def verify_figures(services: WorkerServices, endpoint: str, total: int, rounds: int) -> None:
-    params: dict[str, object] = {**store_object(services, "bench/verify.bin", total)}
-    key, bucket = str(params["storageKey"]), services.objects.bucket
+    params = VerifyParams.model_validate(store_object(services, "bench/verify.bin", total))
+    key, bucket = params.storage_key, services.objects.bucket
     s3 = boto3.client("s3", endpoint_url=endpoint)
     download = Download()
     verify = hashing = float("inf")
@@ -165,20 +165,26 @@ def tar_of_small_members(count: int) -> bytes:
 def batch_seconds(services: WorkerServices, archive: bytes) -> float:
     source = services.spaces.place(TENANT, ObjectRef(key="bench/members.tar"))
     services.objects.put(source.storage_key, archive)
-    params: dict[str, object] = {
-        "kid": KID,
-        "mode": "members",
-        "format": "tar",
-        "encryptionContext": {},
-        "frameLength": 1024 * 1024,
-        "overwrite": True,
-        "source": {"bucket": source.bucket, "key": source.key, "storageKey": source.storage_key},
-        "destination": {
-            "bucket": source.bucket,
-            "prefix": "bench/out/",
-            "storagePrefix": f"tenants/{TENANT}/bench/out/",
-        },
-    }
+    params = BatchEncryptParams.model_validate(
+        {
+            "kid": KID,
+            "mode": "members",
+            "format": "tar",
+            "encryptionContext": {},
+            "frameLength": 1024 * 1024,
+            "overwrite": True,
+            "source": {
+                "bucket": source.bucket,
+                "key": source.key,
+                "storageKey": source.storage_key,
+            },
+            "destination": {
+                "bucket": source.bucket,
+                "prefix": "bench/out/",
+                "storagePrefix": f"tenants/{TENANT}/bench/out/",
+            },
+        }
+    )
     return timed_job(services, JobKind.BATCH_ENCRYPT, params)
 
 

@@ -6,14 +6,15 @@ from pathlib import Path
 import httpx
 
 from api import create_app
+from services.jobs import JobKind, JobStatus
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
 from tests.support.data import KiB, MiB, flip_bit, pieces, random_bytes
 from tests.support.envelope import frame_offset
 from tests.support.http import DECRYPT, ENCRYPT, create_key, encrypt, exchange, form
+from tests.support.jobs import placeholder_job
 from tests.support.metrics import scrape, value
 from tests.support.ports import free_port
 from tests.support.services import api_server
-from workers.jobs import JobKind, JobRecord, JobStatus
 
 FRAME = 4096
 
@@ -84,7 +85,7 @@ def test_jobs_running_and_finished_are_counted_and_a_job_store_that_cannot_answe
 ) -> None:
     app = create_app(local_settings(tmp_path))
     jobs = app.state.services.jobs
-    job = JobRecord.new(JobKind.VERIFY, "default", {})
+    job = placeholder_job(JobKind.VERIFY, "default")
     with api_server(app) as url:
         _, idle = scrape(url)
         jobs.save(job.model_copy(update={"status": JobStatus.RUNNING}))

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from envelope import DEFAULT_FRAME_LENGTH
+from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage import MIN_PART_SIZE
 from storage.records import load_record
 from tests.conftest import Api, live_api, local_settings
@@ -35,7 +36,6 @@ from tests.support.memory import MiB, PeakRss
 from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt
 from workers.execution import run_job
-from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.registry import JOB_BODIES
 from workers.services import build_worker_services
 
@@ -432,23 +432,25 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     assert [info.key for info in api.objects.list(journal)] == [journal + "final.json"]
 
 
-def batch_params(api: Api) -> dict[str, Any]:
+def batch_params(api: Api) -> BatchEncryptParams:
     """What `POST /api/jobs/batch-encrypt` makes of in/archive.tar → out/."""
     bucket = api.objects.bucket
-    return {
-        "kid": "mySymKey",
-        "mode": "members",
-        "format": "auto",
-        "encryptionContext": {},
-        "frameLength": DEFAULT_FRAME_LENGTH,
-        "overwrite": False,
-        "source": {
-            "bucket": bucket,
-            "key": "in/archive.tar",
-            "storageKey": TENANT + "in/archive.tar",
-        },
-        "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
-    }
+    return BatchEncryptParams.model_validate(
+        {
+            "kid": "mySymKey",
+            "mode": "members",
+            "format": "auto",
+            "encryptionContext": {},
+            "frameLength": DEFAULT_FRAME_LENGTH,
+            "overwrite": False,
+            "source": {
+                "bucket": bucket,
+                "key": "in/archive.tar",
+                "storageKey": TENANT + "in/archive.tar",
+            },
+            "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
+        }
+    )
 
 
 # Many members, each one costing a few storage writes: far more work than the second or so

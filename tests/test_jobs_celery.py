@@ -35,6 +35,7 @@ from redis import Redis
 import workers.celery_app as celery_module
 from sealstream.capacity import available_memory
 from sealstream.settings import Settings
+from services.jobs import JobKind
 from tests.support.data import MiB, flip_bit, random_chunks, tar_archive
 from tests.support.envelope import frame_count, frame_offset
 from tests.support.http import create_key, problem, read_object
@@ -57,7 +58,6 @@ from tests.support.memory import PeakRss
 from tests.support.services import CeleryWorker
 from tests.support.waiting import wait_until
 from workers.celery_app import RUN_JOB, SWEEPS, make_celery
-from workers.jobs import JobKind
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import MIN_DEFAULT_LIMIT
 from workers.registry import JOB_BODIES

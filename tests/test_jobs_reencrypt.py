@@ -33,6 +33,7 @@ from envelope.context import serialize_context
 from envelope.frames import FrameCipher
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
+from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams
 from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
@@ -46,7 +47,6 @@ from tests.support.seals import SealRecorder
 from tests.support.waiting import wait_until
 from workers import execution, reencrypt
 from workers.execution import run_job
-from workers.jobs import JobKind, JobRecord, JobStatus
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
 from workers.services import WorkerServices, build_worker_services
@@ -514,7 +514,7 @@ def job_record(
         **target,
         **{storage[key]: value for key, value in placed.items()},
     }
-    record = JobRecord.new(kind, tenant, params)
+    record = JobRecord.new(kind, tenant, ReencryptParams.model_validate(params))
     worker.jobs.save(record)
     return record
 

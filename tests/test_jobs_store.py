@@ -11,9 +11,10 @@ import pytest
 
 from keystore import LocalKek
 from sealstream.wiring import open_records
+from services.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
 from storage.local import LocalStore
+from tests.support.jobs import placeholder_job
 from tests.support.services import RedisServer
-from workers.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
 
 TTL = timedelta(seconds=1)  # Redis expires keys in whole seconds
 
@@ -33,8 +34,8 @@ def finished(record: JobRecord, status: JobStatus) -> JobRecord:
 
 
 def test_a_record_expires_and_its_final_report_stays_readable(jobs: JobStore) -> None:
-    done = finished(JobRecord.new(JobKind.VERIFY, "default", {}), JobStatus.SUCCEEDED)
-    running = finished(JobRecord.new(JobKind.REWRAP, "default", {}), JobStatus.RUNNING)
+    done = finished(placeholder_job(JobKind.VERIFY, "default"), JobStatus.SUCCEEDED)
+    running = finished(placeholder_job(JobKind.REWRAP, "default"), JobStatus.RUNNING)
     jobs.save(done)
     jobs.write_report(done)
     jobs.save(running)
@@ -53,8 +54,8 @@ def test_a_record_expires_and_its_final_report_stays_readable(jobs: JobStore) ->
 
 
 def test_finished_jobs_are_counted_once_each_by_kind_and_outcome(jobs: JobStore) -> None:
-    verify = JobRecord.new(JobKind.VERIFY, "default", {})
-    batch = JobRecord.new(JobKind.BATCH_ENCRYPT, "other", {})
+    verify = placeholder_job(JobKind.VERIFY, "default")
+    batch = placeholder_job(JobKind.BATCH_ENCRYPT, "other")
     assert jobs.finished_counts() == {}
 
     jobs.save(verify)
@@ -63,7 +64,7 @@ def test_finished_jobs_are_counted_once_each_by_kind_and_outcome(jobs: JobStore)
     for _ in range(3):  # its report rewritten, a late worker: still one job
         jobs.save(finished(verify, JobStatus.SUCCEEDED))
     jobs.save(finished(batch, JobStatus.FAILED))
-    jobs.save(finished(JobRecord.new(JobKind.VERIFY, "default", {}), JobStatus.SUCCEEDED))
+    jobs.save(finished(placeholder_job(JobKind.VERIFY, "default"), JobStatus.SUCCEEDED))
 
     assert jobs.finished_counts() == {("verify", "succeeded"): 2, ("batch-encrypt", "failed"): 1}
 
@@ -73,5 +74,5 @@ def test_every_process_sees_the_same_counts_in_redis(
 ) -> None:
     reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
     worker, api = (RedisJobStore.from_url(redis_server.url, reports, TTL) for _ in range(2))
-    worker.save(finished(JobRecord.new(JobKind.REWRAP, "default", {}), JobStatus.CANCELLED))
+    worker.save(finished(placeholder_job(JobKind.REWRAP, "default"), JobStatus.CANCELLED))
     assert api.finished_counts() == {("rewrap", "cancelled"): 1}

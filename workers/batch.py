@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from sealstream.settings import Settings
 from services.errors import error_code, public_detail
+from services.jobs import REPORTS_PREFIX, BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.keys import start_sealing
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
@@ -54,7 +55,6 @@ from workers.archives import (
     open_archive,
 )
 from workers.execution import JobCancelled, JobContext, JobFailed
-from workers.jobs import REPORTS_PREFIX
 from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
@@ -159,14 +159,14 @@ class Journal:
 def batch_encrypt(
     context: JobContext, services: WorkerServices, *, before_member: MemberHook | None = None
 ) -> dict[str, Any]:
-    """The job body; params as `api.routes.jobs.batch_params` builds them. `before_member`
-    is called with each member's path before it is written (tests inject crashes there)."""
+    """The job body. `before_member` is called with each member's path before it is
+    written (tests inject crashes there)."""
     journal = Journal(services.records, context.record.tenant, context.record.id)
     resumed = journal.resume() if context.record.attempts > 1 else Resumed()
     if resumed.result is not None:
         return resumed.result
     try:
-        if context.params["mode"] == "whole":
+        if context.params(BatchEncryptParams).mode == "whole":
             result = _seal_whole(context, services, journal, resumed)
         else:
             batch = _Batch(context, services, journal, resumed, before_member)
@@ -195,24 +195,25 @@ class _Batch:
     seen: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.params = self.context.params
-        self.source: dict[str, str] = self.params["source"]
-        self.destination: dict[str, str] = self.params["destination"]
-        self.store = self.services.spaces.store(self.tenant, self.destination["bucket"])
-        self.prefix = self.destination["prefix"]
-        self.storage_prefix = self.destination["storagePrefix"]
+        self.params = self.context.params(BatchEncryptParams)
+        self.source = self.params.source
+        assert isinstance(self.params.destination, PrefixTarget)  # as members mode requires
+        self.destination = self.params.destination
+        self.store = self.services.spaces.store(self.tenant, self.destination.bucket)
+        self.prefix = self.destination.prefix
+        self.storage_prefix = self.destination.storage_prefix
 
     @property
     def tenant(self) -> str:
         return self.context.record.tenant
 
     def same_bucket(self) -> bool:
-        return self.source["bucket"] == self.destination["bucket"]
+        return self.source.bucket == self.destination.bucket
 
 
 def _seal_members(batch: _Batch) -> dict[str, Any]:
     manifest_key = batch.storage_prefix + MANIFEST_NAME
-    if not batch.resumed.started and not batch.params["overwrite"]:
+    if not batch.resumed.started and not batch.params.overwrite:
         _require_absent(batch.store, manifest_key, batch.prefix + MANIFEST_NAME)
     if batch.resumed.claim is not None:
         batch.store.abort_pending(batch.resumed.claim)
@@ -234,14 +235,14 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
 
 
 def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
-    store = batch.services.spaces.store(batch.tenant, batch.source["bucket"])
+    store = batch.services.spaces.store(batch.tenant, batch.source.bucket)
     limits = archive_limits(batch.services.settings)
-    if "storageKey" in batch.source:
+    if isinstance(batch.source, ObjectTarget):
         _source_size(store, batch.source)
-        return open_archive(store, batch.source["storageKey"], batch.params["format"], limits)
+        return open_archive(store, batch.source.storage_key, batch.params.format, limits)
     # Earlier output under the destination is not input (a prefix may hold both).
     skip = batch.storage_prefix if batch.same_bucket() else None
-    source = PrefixSource(store, batch.source["storagePrefix"], skip, limits.max_members)
+    source = PrefixSource(store, batch.source.storage_prefix, skip, limits.max_members)
     return nullcontext(source)
 
 
@@ -309,14 +310,15 @@ def _check_destination(batch: _Batch, path: str) -> None:
     batch.seen.add(path)
     if path == MANIFEST_NAME:
         raise UnsafeMember("the manifest's name")
-    if batch.same_bucket() and batch.storage_prefix + path == batch.source.get("storageKey"):
+    archive = batch.source.storage_key if isinstance(batch.source, ObjectTarget) else None
+    if batch.same_bucket() and batch.storage_prefix + path == archive:
         raise UnsafeMember("the name of the archive being read")
 
 
 def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
     storage_key = batch.storage_prefix + path
     ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
-    overwrite = batch.params["overwrite"] or ours
+    overwrite = batch.params.overwrite or ours
     if not overwrite:
         _require_absent(batch.store, storage_key, batch.prefix + path, job=False)
     batch.journal.claim(storage_key)
@@ -348,13 +350,13 @@ def _seal(
     bytes_read: Callable[[], int],
 ) -> ObjectRecord:
     """Write `stream` sealed at `placement`; on any failure or cancel, nothing is left."""
-    params = context.params
+    params = context.params(BatchEncryptParams)
     sealing = start_sealing(
         services.keys,
         context.record.tenant,
-        params["kid"],
-        params["encryptionContext"],
-        params["frameLength"],
+        params.kid,
+        params.encryption_context,
+        params.frame_length,
         object_key=placement.storage_key,
     )
     return seal_stream(
@@ -372,12 +374,12 @@ def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
     return iter(partial(stream.read, READ_SIZE), b"")
 
 
-def _source_size(store: ObjectStore, source: dict[str, str]) -> int:
+def _source_size(store: ObjectStore, source: ObjectTarget) -> int:
     """The archive's size; a missing one fails the job without naming where it is kept."""
     try:
-        return store.head(source["storageKey"]).size
+        return store.head(source.storage_key).size
     except ObjectNotFound:
-        raise JobFailed("object-not-found", f"no object {source['key']!r}") from None
+        raise JobFailed("object-not-found", f"no object {source.key!r}") from None
 
 
 def _require_absent(store: ObjectStore, storage_key: str, key: str, *, job: bool = True) -> None:
@@ -401,10 +403,10 @@ def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Ite
     """The manifest as a JSON document, in pieces: the members come from the journal."""
     fields: dict[str, Any] = {
         "jobId": batch.context.record.id,
-        "source": batch.source,
+        "source": batch.source.model_dump(mode="json"),
         "format": format_,
-        "kid": batch.params["kid"],
-        "destination": batch.destination,
+        "kid": batch.params.kid,
+        "destination": batch.destination.model_dump(mode="json"),
         "createdAt": datetime.now(UTC).isoformat(),
     }
     if damage is not None:
@@ -468,21 +470,22 @@ def _seal_whole(
     context: JobContext, services: WorkerServices, journal: Journal, resumed: Resumed
 ) -> dict[str, Any]:
     """The archive object sealed as it is, as one object."""
-    params, tenant = context.params, context.record.tenant
-    source, destination = params["source"], params["destination"]
-    source_store = services.spaces.store(tenant, source["bucket"])
-    store = services.spaces.store(tenant, destination["bucket"])
-    placement = Placement(store, store.bucket, destination["key"], destination["storageKey"])
+    params, tenant = context.params(BatchEncryptParams), context.record.tenant
+    source, destination = params.source, params.destination
+    assert isinstance(source, ObjectTarget) and isinstance(destination, ObjectTarget)
+    source_store = services.spaces.store(tenant, source.bucket)
+    store = services.spaces.store(tenant, destination.bucket)
+    placement = Placement(store, store.bucket, destination.key, destination.storage_key)
     ours = placement.storage_key == resumed.claim
     if ours:
         store.abort_pending(placement.storage_key)
-    overwrite = params["overwrite"] or ours
+    overwrite = params.overwrite or ours
     if not overwrite:
         _require_absent(store, placement.storage_key, placement.key)
     size = _source_size(source_store, source)
     context.progress(items_total=1, bytes_total=size, force=True)
     journal.claim(placement.storage_key)
-    reader = ObjectReader(source_store, source["storageKey"], size)
+    reader = ObjectReader(source_store, source.storage_key, size)
     with io.BufferedReader(reader, READ_SIZE) as stream:
         record = _seal(context, services, placement, overwrite, stream, lambda: reader.position)
     context.progress(items_done=1, bytes_done=size)

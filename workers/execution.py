@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 from tenacity import retry, stop_after_delay, wait_exponential
 
 from services.errors import error_code, public_detail
+from services.jobs import JobKind, JobLease, JobParams, JobRecord, JobStatus, JobStore, Progress
 from storage.integrity import RecordTampered
-from workers.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress
 from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
+P = TypeVar("P", bound=JobParams)
 
 REPORT_INTERVAL = 0.5  # seconds between progress writes (and cancel checks)
 MAX_RUNS = 2  # runs of a job whose process dies each time
@@ -57,9 +58,9 @@ class JobContext:
         self._keeper = keeper
         self._last_report = 0.0
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return self.record.params
+    def params(self, model: type[P]) -> P:
+        """The job's parameters, as the model its body runs them with."""
+        return self.record.params_as(model)
 
     def progress(self, *, force: bool = False, **changes: int | None) -> None:
         """Update progress (bytes_done, items_total, ...); written at most every half

@@ -6,7 +6,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from workers.jobs import sweep_stale
+from services.jobs import sweep_stale
 from workers.reencrypt import clear_rewrap_staging
 from workers.services import WorkerServices
 

@@ -25,12 +25,12 @@ from typing import Any
 
 from keystore import KeyRecord
 from services.errors import error_code, public_detail
+from services.jobs import JobKind, ObjectTarget, ReencryptParams
 from services.placement import tenant_prefix
 from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.records import ObjectRecord, load_record
 from workers.execution import JobCancelled, JobContext, JobFailed, LeaseLost
-from workers.jobs import JobKind
 from workers.services import WorkerServices
 
 # What header-only rewrap jobs staged. Each staged object held another header of a stored
@@ -66,8 +66,8 @@ class _Report:
 
 
 def reencrypt(context: JobContext, services: WorkerServices) -> dict[str, Any]:
-    tenant, params = context.record.tenant, context.params
-    job = _ReencryptJob(context, services, services.spaces.store(tenant, params["bucket"]))
+    tenant, params = context.record.tenant, context.params(ReencryptParams)
+    job = _ReencryptJob(context, services, params, services.spaces.store(tenant, params.bucket))
     job.abort_left_pending()
     targets = job.targets()
     context.progress(
@@ -83,7 +83,7 @@ def reencrypt(context: JobContext, services: WorkerServices) -> dict[str, Any]:
         job.run(target, report)
         bytes_done += target.info.size
         context.progress(items_done=index + 1, bytes_done=bytes_done)
-    if "storageKey" in params and report.failures:
+    if isinstance(params.target, ObjectTarget) and report.failures:
         (failure,) = report.failures
         raise JobFailed(failure["code"], failure["detail"])
     return job.result(report)
@@ -102,18 +102,24 @@ def clear_rewrap_staging(services: WorkerServices) -> int:
 
 
 class _ReencryptJob:
-    def __init__(self, context: JobContext, services: WorkerServices, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        context: JobContext,
+        services: WorkerServices,
+        params: ReencryptParams,
+        store: ObjectStore,
+    ) -> None:
         self.context = context
         self.services = services
+        self.params = params
         self.store = store
         self.tenant = context.record.tenant
         # Refuses a key that may not encrypt now. Objects are moved to the version that is
         # primary when each is sealed: this one, unless the key rotates meanwhile. It is
         # at least the one the API saw, though this process may have cached an older one.
         self.key, _ = services.keys.encryption_keyring(
-            self.tenant, context.params["kid"], min_primary=context.params.get("keyVersion")
+            self.tenant, params.kid, min_primary=params.key_version
         )
-        self.rewrapped = bool(context.params.get("rewrapped", False))
 
     def abort_left_pending(self) -> None:
         """Abort the upload a killed attempt of this job left on the object it wrote."""
@@ -125,11 +131,11 @@ class _ReencryptJob:
     def targets(self) -> list[_Target]:
         """The one object named, or every recorded object under the prefix sealed under
         the key."""
-        params = self.context.params
-        if "storageKey" in params:
-            return [self._named_target(params["storageKey"])]
+        target = self.params.target
+        if isinstance(target, ObjectTarget):
+            return [self._named_target(target.storage_key)]
         found = []
-        for info in self.store.list(params["storagePrefix"]):
+        for info in self.store.list(target.storage_prefix):
             record = self._record(info.key)
             if record is not None and record.kid == self.key.kid:
                 found.append(_Target(info, record))
@@ -183,7 +189,7 @@ class _ReencryptJob:
         record = target.record
         if record.key_version != self.key.primary_version:
             return True
-        return self.rewrapped and _rewrapped(record, self.key, target.info.last_modified)
+        return self.params.rewrapped and _rewrapped(record, self.key, target.info.last_modified)
 
     def _named_target(self, storage_key: str) -> _Target:
         record = self._record(storage_key)

@@ -1,8 +1,8 @@
 """Which body runs each kind of job."""
 
+from services.jobs import JobKind
 from workers.batch import batch_encrypt
 from workers.execution import JobBody
-from workers.jobs import JobKind
 from workers.reencrypt import reencrypt
 from workers.verify import verify
 

@@ -3,12 +3,13 @@ default with no Redis, a small thread pool in the API process running the same c
 
 import logging
 import threading
-from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
+from kombu.exceptions import OperationalError
+
+from services.jobs import JobRecord, JobRunner, QueueUnavailable
 from workers.celery_app import RUN_JOB, make_celery
 from workers.execution import run_job
-from workers.jobs import JobRecord
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
 from workers.services import WorkerServices
@@ -16,22 +17,17 @@ from workers.services import WorkerServices
 logger = logging.getLogger(__name__)
 
 
-class JobRunner(ABC):
-    @abstractmethod
-    def submit(self, record: JobRecord) -> None:
-        """Queue a saved job record's job."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop taking jobs."""
-
-
 class CeleryRunner(JobRunner):
+    """Sends each job to the Celery workers, by task name."""
+
     def __init__(self, services: WorkerServices) -> None:
         self._app = make_celery(services.settings)
 
     def submit(self, record: JobRecord) -> None:
-        self._app.send_task(RUN_JOB, args=[record.id])
+        try:
+            self._app.send_task(RUN_JOB, args=[record.id])
+        except OperationalError as error:  # its words name the broker's host
+            raise QueueUnavailable(str(error)) from error
 
     def close(self) -> None:
         self._app.close()

@@ -14,10 +14,10 @@ from sealstream.wiring import (
     open_object_store,
     open_service_records,
 )
+from services.jobs import JobStore, MemoryJobStore, RedisJobStore
 from services.placement import Spaces
 from storage import ObjectStore
 from storage.integrity import Records
-from workers.jobs import JobStore, MemoryJobStore, RedisJobStore
 
 
 @dataclass(frozen=True)

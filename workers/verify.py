@@ -8,6 +8,7 @@ own record, so running it twice is harmless.
 
 from typing import Any
 
+from services.jobs import VerifyParams
 from services.objects import VERIFIED_FIELDS, ObjectSummary, RecordMismatch
 from services.open_stored import verify_stored
 from storage import ObjectNotFound
@@ -17,9 +18,9 @@ from workers.services import WorkerServices
 
 
 def verify(context: JobContext, services: WorkerServices) -> dict[str, Any]:
-    tenant = context.record.tenant
-    bucket, storage_key = context.params["bucket"], context.params["storageKey"]
-    store = services.spaces.store(tenant, bucket)
+    tenant, params = context.record.tenant, context.params(VerifyParams)
+    storage_key = params.storage_key
+    store = services.spaces.store(tenant, params.bucket)
     try:
         recorded = load_record(services.records, store.bucket, storage_key)
     except ObjectNotFound:
@@ -38,7 +39,7 @@ def verify(context: JobContext, services: WorkerServices) -> dict[str, Any]:
         raise JobFailed(mismatch.code, str(mismatch)) from None
     context.progress(items_done=1, force=True)
     assert decryptor.keyring is not None
-    summary = ObjectSummary.of(recorded, context.params["key"])
+    summary = ObjectSummary.of(recorded, params.key)
     return {
         **summary.fields(*VERIFIED_FIELDS),
         "keyUsed": decryptor.keyring.key_name,

@@ -36,7 +36,6 @@ from api.openapi import (
     headers,
 )
 from api.ranges import parse_range
-from api.routes.jobs import start_job, verify_params
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
@@ -50,7 +49,6 @@ from services.placement import ObjectRef
 from services.seal_to_client import seal_to_client
 from services.seal_to_storage import seal_upload
 from storage.documents import CamelModel
-from workers.jobs import JobKind
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
@@ -190,9 +188,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         records=svc.records,
         transfers=svc.transfers,
     )
-    verification = await run_in_threadpool(
-        start_job, svc, JobKind.VERIFY, principal.tenant, verify_params(placement)
-    )
+    verification = await run_in_threadpool(svc.start_verify, principal.tenant, placement)
     body = StoredObject.of(stored, placement.key, verify_job=verification.id)
     return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 

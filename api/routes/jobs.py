@@ -4,15 +4,12 @@ them.
 A job belongs to the tenant that started it; another tenant's job id answers 404.
 """
 
-import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
-from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
@@ -22,12 +19,20 @@ from api.problems import Problem
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
+from services.jobs import (
+    BatchEncryptParams,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    ObjectTarget,
+    PrefixTarget,
+    ReencryptParams,
+    fail_if_stale,
+)
 from services.keys import start_sealing
-from services.placement import ObjectRef, Placement, check_object_key, tenant_prefix
+from services.placement import ObjectRef, check_object_key, tenant_prefix
 from storage.documents import CamelModel
-from workers.jobs import JobKind, JobRecord, JobStatus, fail_if_stale
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 Reader = Annotated[Principal, Depends(require("jobs:read"))]
 Writer = Annotated[Principal, Depends(require("jobs:write"))]
@@ -59,22 +64,6 @@ class JobList(BaseModel):
     next: str | None
 
 
-def start_job(svc: Services, kind: JobKind, tenant: str, params: dict[str, Any]) -> JobRecord:
-    """Save a new job record and hand the job to the runner."""
-    record = JobRecord.new(kind, tenant, params)
-    try:
-        svc.jobs.save(record)
-        svc.runner.submit(record)
-    except (RedisError, OperationalError) as error:
-        logger.warning("answering 503 job-queue-unavailable: %s", error)  # names Redis's host
-        raise Problem(503, "job-queue-unavailable", "the job queue is not reachable") from None
-    return record
-
-
-def verify_params(placement: Placement) -> dict[str, Any]:
-    return {"bucket": placement.bucket, "key": placement.key, "storageKey": placement.storage_key}
-
-
 @router.post("/verify", **_starts_a_job(ObjectRef))
 async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     """Verify a stored object against what its upload recorded."""
@@ -82,8 +71,7 @@ async def start_verify(request: Request, principal: Writer) -> dict[str, Any]:
     ref = parse(ObjectRef, await read_json_object(request, svc.settings))
     placement = svc.spaces.place(principal.tenant, ref)
     await run_in_threadpool(placement.store.head, placement.storage_key)  # 404 if absent
-    params = verify_params(placement)
-    record = await run_in_threadpool(start_job, svc, JobKind.VERIFY, principal.tenant, params)
+    record = await run_in_threadpool(svc.start_verify, principal.tenant, placement)
     return record.public()
 
 
@@ -153,26 +141,26 @@ class ReencryptRequest(_Request):
         return self
 
 
-def _place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) -> dict[str, str]:
+def _place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) -> PrefixTarget:
     """A prefix in the tenant's space: '' is the whole space, else it must end in '/'."""
     if prefix and not prefix.endswith("/"):
         raise Problem(400, "invalid-prefix", "a prefix is empty or ends with '/'")
     if prefix:
         check_object_key(prefix.removesuffix("/"))
     store = svc.spaces.store(tenant, bucket)
-    return {
-        "bucket": store.bucket,
-        "prefix": prefix,
-        "storagePrefix": tenant_prefix(tenant) + prefix,
-    }
+    return PrefixTarget(
+        bucket=store.bucket, prefix=prefix, storage_prefix=tenant_prefix(tenant) + prefix
+    )
 
 
-def _place_key(svc: Services, tenant: str, key: str, bucket: str | None) -> dict[str, str]:
+def _place_key(svc: Services, tenant: str, key: str, bucket: str | None) -> ObjectTarget:
     placement = svc.spaces.place(tenant, ObjectRef(key=key, bucket=bucket))
-    return verify_params(placement)
+    return ObjectTarget(
+        bucket=placement.bucket, key=placement.key, storage_key=placement.storage_key
+    )
 
 
-def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> dict[str, Any]:
+def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> BatchEncryptParams:
     """The job's parameters, with every name resolved to where it is stored."""
     source, destination = spec.source, spec.destination
     placed_source = (
@@ -185,31 +173,23 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> dict[
         if destination.prefix is not None
         else _place_key(svc, tenant, destination.key or "", destination.bucket)
     )
-    source_prefix = placed_source.get("storagePrefix")
-    destination_prefix = placed_destination.get("storagePrefix")
     if (
-        source_prefix is not None
-        and destination_prefix is not None
-        and placed_source["bucket"] == placed_destination["bucket"]
-        and source_prefix.startswith(destination_prefix)
+        isinstance(placed_source, PrefixTarget)
+        and isinstance(placed_destination, PrefixTarget)
+        and placed_source.bucket == placed_destination.bucket
+        and placed_source.storage_prefix.startswith(placed_destination.storage_prefix)
     ):
         # The job skips its own output, so a source inside the destination holds nothing.
         raise Problem(400, "overlapping-prefixes", "the source prefix lies inside the destination")
-    return {
-        "kid": spec.kid,
-        "mode": spec.mode,
-        "format": spec.format,
-        "encryptionContext": spec.encryption_context,
-        "frameLength": spec.frame_length,
-        "overwrite": spec.overwrite,
-        "source": placed_source,
-        "destination": placed_destination,
-    }
+    asked = spec.model_dump(exclude={"source", "destination"})
+    return BatchEncryptParams.model_validate(
+        {**asked, "source": placed_source, "destination": placed_destination}
+    )
 
 
 def reencrypt_params(
     svc: Services, tenant: str, spec: ReencryptRequest, primary: int
-) -> dict[str, Any]:
+) -> ReencryptParams:
     """The job's parameters; `primary` is the key's primary version as this process sees
     it, which the job moves objects to at least."""
     target = (
@@ -217,7 +197,7 @@ def reencrypt_params(
         if spec.key is not None
         else _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
     )
-    return {"kid": spec.kid, "keyVersion": primary, "rewrapped": spec.rewrapped, **target}
+    return ReencryptParams.of(spec.kid, primary, spec.rewrapped, target)
 
 
 @router.post("/batch-encrypt", **_starts_a_job(BatchEncryptRequest))
@@ -228,13 +208,10 @@ async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, 
     spec = parse(BatchEncryptRequest, await read_json_object(request, svc.settings))
     await run_in_threadpool(start_sealing_check, svc, principal.tenant, spec)
     params = batch_params(svc, principal.tenant, spec)
-    if "storageKey" in params["source"]:
-        source = params["source"]
-        store = svc.spaces.store(principal.tenant, source["bucket"])
-        await run_in_threadpool(store.head, source["storageKey"])  # 404 if absent
-    record = await run_in_threadpool(
-        start_job, svc, JobKind.BATCH_ENCRYPT, principal.tenant, params
-    )
+    if isinstance(params.source, ObjectTarget):
+        store = svc.spaces.store(principal.tenant, params.source.bucket)
+        await run_in_threadpool(store.head, params.source.storage_key)  # 404 if absent
+    record = await run_in_threadpool(svc.start_job, JobKind.BATCH_ENCRYPT, principal.tenant, params)
     return record.public()
 
 
@@ -269,7 +246,7 @@ async def _start_reencrypt(request: Request, principal: Principal, kind: JobKind
     spec = parse(ReencryptRequest, await read_json_object(request, svc.settings))
     key, _ = await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
     params = reencrypt_params(svc, principal.tenant, spec, key.primary_version)
-    return await run_in_threadpool(start_job, svc, kind, principal.tenant, params)
+    return await run_in_threadpool(svc.start_job, kind, principal.tenant, params)
 
 
 def _find(svc: Services, tenant: str, job_id: str) -> JobRecord:

@@ -18,6 +18,14 @@ from api import create_app
 from api.services import Services
 from keystore import LocalKek
 from sealstream.settings import Settings
+from services.jobs import (
+    AnyParams,
+    BatchEncryptParams,
+    JobKind,
+    JobRecord,
+    ReencryptParams,
+    VerifyParams,
+)
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.http import ENCRYPT, FORM_TYPE, form
@@ -129,6 +137,32 @@ def job_stack(
 
 
 # Job records
+
+
+def placeholder_job(kind: JobKind, tenant: str) -> JobRecord:
+    """A new record of `kind`, for tests of where records are kept: its parameters are
+    valid, and name nothing that exists."""
+    return JobRecord.new(kind, tenant, _placeholder_params(kind))
+
+
+def _placeholder_params(kind: JobKind) -> AnyParams:
+    target = {"bucket": "sealstream", "key": "k", "storage_key": "tenants/default/k"}
+    if kind is JobKind.VERIFY:
+        return VerifyParams.model_validate(target)
+    if kind is JobKind.BATCH_ENCRYPT:
+        return BatchEncryptParams.model_validate(
+            {
+                "kid": "k",
+                "mode": "whole",
+                "format": "auto",
+                "encryption_context": {},
+                "frame_length": 4096,
+                "overwrite": False,
+                "source": target,
+                "destination": target,
+            }
+        )
+    return ReencryptParams.model_validate({"kid": "k", **target})
 
 
 def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:

@@ -1,0 +1,53 @@
+"""The job contract that the API and the workers share: kinds, statuses and records of
+jobs, one parameter model per kind, the stores records live in (Redis, or memory for the
+embedded default), the failing of jobs whose worker was lost, and the runner interface
+the API hands jobs to."""
+
+from services.jobs.memory_store import MemoryJobStore
+from services.jobs.params import (
+    AnyParams,
+    BatchEncryptParams,
+    JobParams,
+    ObjectTarget,
+    PrefixTarget,
+    ReencryptParams,
+    Target,
+    VerifyParams,
+)
+from services.jobs.records import (
+    REPORT_KIND,
+    REPORTS_PREFIX,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    Progress,
+)
+from services.jobs.redis_store import RedisJobStore
+from services.jobs.runner import JobRunner, QueueUnavailable
+from services.jobs.stale import fail_if_stale, sweep_stale
+from services.jobs.store import JobLease, JobStore
+
+__all__ = [
+    "REPORTS_PREFIX",
+    "REPORT_KIND",
+    "AnyParams",
+    "BatchEncryptParams",
+    "JobKind",
+    "JobLease",
+    "JobParams",
+    "JobRecord",
+    "JobRunner",
+    "JobStatus",
+    "JobStore",
+    "MemoryJobStore",
+    "ObjectTarget",
+    "PrefixTarget",
+    "Progress",
+    "QueueUnavailable",
+    "RedisJobStore",
+    "ReencryptParams",
+    "Target",
+    "VerifyParams",
+    "fail_if_stale",
+    "sweep_stale",
+]

@@ -1,0 +1,127 @@
+"""The job store on Redis: what Celery workers and the API share."""
+
+from contextlib import suppress
+from datetime import timedelta
+from typing import cast
+
+import redis
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from redis.lock import Lock
+
+from services.jobs.records import JobRecord, JobStatus
+from services.jobs.store import JobLease, JobStore
+from storage.integrity import Records
+
+# Counts a finished job once: a flag per job (kept as long as its record) guards the
+# counter, both in one step so that a crash cannot leave one without the other.
+_COUNT_FINISHED = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+    redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+end
+"""
+_RUNNING = "sealstream:jobs:running"
+_FINISHED_COUNTS = "sealstream:jobs:finished"  # fields "<kind>/<status>"
+
+
+def _kind_and_status(field: str) -> tuple[str, str]:
+    kind, _, status = field.partition("/")
+    return kind, status
+
+
+class RedisJobStore(JobStore):
+    """Records as JSON strings with an expiry; a sorted set per tenant for listing; a hash
+    of finished-job counts, by kind and status."""
+
+    def __init__(self, client: redis.Redis, records: Records, ttl: timedelta) -> None:
+        super().__init__(records, ttl)
+        self._redis = client
+        self._count_finished = client.register_script(_COUNT_FINISHED)
+
+    @classmethod
+    def from_url(cls, url: str, records: Records, ttl: timedelta) -> "RedisJobStore":
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+        )
+        return cls(client, records, ttl)
+
+    def save(self, record: JobRecord) -> None:
+        seconds = int(self.ttl.total_seconds())
+        with self._redis.pipeline() as pipe:
+            pipe.set(f"sealstream:job:{record.id}", self._sealed(record), ex=seconds)
+            pipe.zadd(
+                f"sealstream:jobs:{record.tenant}", {record.id: record.created_at.timestamp()}
+            )
+            pipe.expire(f"sealstream:jobs:{record.tenant}", seconds)
+            if record.status is JobStatus.RUNNING:
+                pipe.sadd(_RUNNING, record.id)
+            else:
+                pipe.srem(_RUNNING, record.id)
+            if record.status.finished:
+                self._count_finished(
+                    keys=[f"sealstream:job:{record.id}:counted", _FINISHED_COUNTS],
+                    args=[seconds, f"{record.kind}/{record.status}"],
+                    client=pipe,
+                )
+            pipe.execute()
+
+    def _load(self, job_id: str) -> str | None:
+        raw = self._redis.get(f"sealstream:job:{job_id}")
+        return None if raw is None else str(raw)
+
+    def _tenant_ids(self, tenant: str) -> list[str]:
+        ids = self._redis.zrevrange(f"sealstream:jobs:{tenant}", 0, -1)
+        return [str(job_id) for job_id in cast(list[str], ids)]
+
+    def request_cancel(self, job_id: str) -> None:
+        self._redis.set(f"sealstream:job:{job_id}:cancel", "1", ex=int(self.ttl.total_seconds()))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self._redis.exists(f"sealstream:job:{job_id}:cancel"))
+
+    def running_ids(self) -> list[str]:
+        ids = [str(job_id) for job_id in cast(set[str], self._redis.smembers(_RUNNING))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(f"sealstream:job:{job_id}")
+            live = pipe.execute()
+        # A record that expired while its job ran (a worker lost, no sweep since) leaves
+        # its id here; it is running nowhere, so it is dropped. A worker that is in fact
+        # alive adds it back with its next progress update, as it does after a Redis restart.
+        running = [job_id for job_id, exists in zip(ids, live, strict=True) if exists]
+        if len(running) < len(ids):
+            self._redis.srem(_RUNNING, *(set(ids) - set(running)))
+        return running
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        counts = cast(dict[str, str], self._redis.hgetall(_FINISHED_COUNTS))
+        return {_kind_and_status(field): int(count) for field, count in counts.items()}
+
+    def ping(self) -> None:
+        self._redis.ping()
+
+    def lease(self, job_id: str, ttl: float) -> JobLease | None:
+        lock = self._redis.lock(
+            f"sealstream:job:{job_id}:lease", timeout=ttl, blocking=False, thread_local=False
+        )
+        return _RedisLease(lock) if lock.acquire(blocking=False) else None
+
+
+class _RedisLease(JobLease):
+    def __init__(self, lock: Lock) -> None:
+        self._lock = lock
+        self._token = lock.local.token
+
+    def renew(self) -> bool:
+        try:
+            self._lock.reacquire()
+        except LockNotOwnedError:
+            # Gone from Redis (restarted empty), or taken after it expired: take it back
+            # if it is free, under the same token.
+            return bool(self._lock.acquire(blocking=False, token=self._token))
+        except RedisError:
+            pass  # Redis away: nobody else can take the lease meanwhile either
+        return True
+
+    def release(self) -> None:
+        with suppress(LockError, RedisError):
+            self._lock.release()

@@ -1,0 +1,146 @@
+"""Where job records live while jobs run and for a while after: the store's interface,
+and the lease that lets one worker at a time run a job.
+
+A record lives in Redis (or, for the embedded default, in memory) under an expiry, and
+its final state is also written to object storage, so a finished job stays readable
+after the record expires or Redis loses it. Writers always store the whole record: a
+worker that finds its record gone (Redis restarted empty) writes it back on its next
+progress update. A cancel request is kept apart from the record, so that a worker
+rewriting its record can never erase one.
+
+Neither Redis nor the bucket is trusted: a job record is sealed (`storage.integrity`:
+an HMAC over the whole record, its id, kind, tenant and parameters included) wherever it
+is kept, and one that fails is refused. Whoever can write Redis can therefore neither run
+a job as another tenant nor make a failed job read as succeeded; deleting records or
+setting cancel flags remains possible, and is a denial of service only.
+"""
+
+from abc import ABC, abstractmethod
+from datetime import timedelta
+
+from services.jobs.records import REPORT_KIND, JobKind, JobRecord, JobStatus, report_key
+from storage import InvalidObjectKey, ObjectNotFound
+from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
+
+RECORD_KIND = "job"
+
+
+class JobLease(ABC):
+    """The right to run one job, held by one worker at a time and kept alive by renewal."""
+
+    @abstractmethod
+    def renew(self) -> bool:
+        """Extend the lease; False if another worker holds it now."""
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+
+class JobStore(ABC):
+    """Where job records live while jobs run and for a while after."""
+
+    def __init__(self, records: Records, ttl: timedelta) -> None:
+        self._reports = records
+        self.ttl = ttl
+
+    @abstractmethod
+    def save(self, record: JobRecord) -> None:
+        """Store the whole record (create or replace) with a fresh expiry."""
+
+    def load(self, job_id: str) -> JobRecord | None:
+        """The live record, if it has not expired or been lost; `RecordTampered` if the
+        one stored is not authentic."""
+        raw = self._load(job_id)
+        return None if raw is None else self._unsealed(job_id, raw)
+
+    @abstractmethod
+    def _load(self, job_id: str) -> str | None:
+        """The sealed record as stored, if any."""
+
+    @abstractmethod
+    def _tenant_ids(self, tenant: str) -> list[str]:
+        """The tenant's job ids, newest first (some may have expired)."""
+
+    @abstractmethod
+    def request_cancel(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    def running_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs have finished, by (kind, status), since the store began counting.
+
+        Each job counts once, when a finished record of it is first saved: saving it again
+        (a report rewritten, a late worker) does not count it twice.
+        """
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Readiness: raise if the store cannot be reached."""
+
+    @abstractmethod
+    def lease(self, job_id: str, ttl: float) -> JobLease | None:
+        """The job's lease for `ttl` seconds, or None while another worker holds it."""
+
+    def find(self, tenant: str, job_id: str) -> JobRecord | None:
+        """The tenant's job: the live record, or its final report once the record is gone."""
+        record = self.load(job_id)
+        if record is None:
+            record = self._report(tenant, job_id)
+        return record if record is not None and record.tenant == tenant else None
+
+    def list(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | None = None,
+        kind: JobKind | None = None,
+        limit: int = 50,
+        after: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
+        ids = self._tenant_ids(tenant)
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        page: list[JobRecord] = []
+        for job_id in ids:
+            record = self._listable(job_id)
+            if record is None or record.tenant != tenant or (status and record.status != status):
+                continue
+            if kind and record.kind != kind:
+                continue
+            if len(page) == limit:
+                return page, page[-1].id
+            page.append(record)
+        return page, None
+
+    def write_report(self, record: JobRecord) -> None:
+        self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)
+
+    def _report(self, tenant: str, job_id: str) -> JobRecord | None:
+        try:
+            return self._reports.get(REPORT_KIND, report_key(tenant, job_id), JobRecord)
+        except (ObjectNotFound, InvalidObjectKey):
+            return None
+
+    def _listable(self, job_id: str) -> JobRecord | None:
+        """The record, or None if it is gone or refused: one bad record must not hide a
+        tenant's other jobs."""
+        try:
+            return self.load(job_id)
+        except RecordTampered:
+            return None
+
+    def _sealed(self, record: JobRecord) -> str:
+        return seal(self._reports.key, RECORD_KIND, record.id, record).decode()
+
+    def _unsealed(self, job_id: str, raw: str) -> JobRecord:
+        try:
+            return unseal(self._reports.key, RECORD_KIND, job_id, raw.encode(), JobRecord)
+        except RecordTampered as refusal:
+            note_refusal(RECORD_KIND, refusal)
+            raise
