@@ -1,5 +1,3 @@
-"""api: the HTTP interface — FastAPI app factory, routes, auth, errors, streaming bodies."""
-
-from api.app import create_app
-
-__all__ = ["create_app"]
+"""api: the HTTP interface — FastAPI app, routes, auth, errors, streaming bodies. It starts
+jobs through the job contract (`services.jobs`) and imports nothing of the workers; the
+process that serves it is composed in `sealstream.server`."""

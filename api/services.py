@@ -1,6 +1,6 @@
 """The long-lived parts a running API holds, built once at startup and shared by requests:
-everything a job needs (the API runs jobs itself when there is no Redis), plus tokens and
-the job runner; and starting a job through them."""
+the service's parts, plus tokens, the job runner and the API's own thread pools; and
+starting a job through them."""
 
 import logging
 from dataclasses import dataclass
@@ -12,15 +12,15 @@ from redis.exceptions import RedisError
 from api.keygen import KeyWork
 from api.problems import Problem
 from api.tokens import TokenStore
+from sealstream.wiring import Parts
 from services.jobs import AnyParams, JobKind, JobRecord, JobRunner, QueueUnavailable, VerifyParams
 from services.placement import Placement
-from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Services(WorkerServices):
+class Services(Parts):
     tokens: TokenStore
     runner: JobRunner
     # The worker threads of streams into and out of storage, apart from the default pool:

@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from api import create_app
 from api.auth import BEARER, authenticated, require
 from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
 from api.services import services
 from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.memory import keep_freed_buffers
+from sealstream.server import create_app
 from sealstream.settings import Settings
 
 ECHO_PATH = "/bench/echo"

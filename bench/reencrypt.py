@@ -37,11 +37,11 @@ from stream import moto_server
 from verify import KID, MIB, TENANT, aws_environment, services_for, sha256_seconds, store_object
 
 from sealstream.memory import keep_freed_buffers
+from sealstream.wiring import Parts
 from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams
 from storage import LocalStore
 from workers.execution import run_job
 from workers.registry import JOB_BODIES
-from workers.services import WorkerServices
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -58,9 +58,7 @@ class Rounds:
     results: list[int] = field(default_factory=list)
 
 
-def reencrypt_seconds(
-    services: WorkerServices, object_params: dict[str, str]
-) -> tuple[float, float, int]:
+def reencrypt_seconds(services: Parts, object_params: dict[str, str]) -> tuple[float, float, int]:
     """One reencrypt job over the object, after a rotation: its time, the process's peak
     RSS growth while it ran (MiB), and how many objects it re-encrypted."""
     rotated = services.keys.rotate(TENANT, KID)
@@ -112,7 +110,7 @@ def local_copier(path: Path) -> Callable[[], float]:
 
 
 def measure(
-    services: WorkerServices,
+    services: Parts,
     params: dict[str, str],
     copy: Callable[[], float],
     total: int,

@@ -28,8 +28,8 @@ class Serve(Settings, CommandOptions):
     def cli_cmd(self) -> None:
         import uvicorn
 
-        from api import create_app
         from api.serving import server_options
+        from sealstream.server import create_app
         from sealstream.wiring import ConfigurationError
 
         settings = self
@@ -68,7 +68,7 @@ class UpgradeRecords(Settings, CommandOptions):
     )
 
     def cli_cmd(self) -> None:
-        from api.upgrade import AlreadySealed, upgrade_records
+        from sealstream.upgrade import AlreadySealed, upgrade_records
         from sealstream.wiring import ConfigurationError
 
         try:

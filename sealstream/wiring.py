@@ -1,5 +1,5 @@
-"""Building the service's parts from `Settings`: object store, KEK, sealed records and
-key store.
+"""Building the service's parts from `Settings`: object store, KEK, sealed records, key
+store, tenant spaces and job store (`build_parts`).
 
 The API and the workers both start here, so they always agree on where keys live, how
 their material is wrapped, and which key the records they trust are sealed under. A
@@ -10,6 +10,8 @@ the setting's name.
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
@@ -23,12 +25,27 @@ from keystore.recordkey import (
     open_record_key,
 )
 from sealstream.settings import Settings
+from services.jobs import JobStore, MemoryJobStore, RedisJobStore
+from services.placement import Spaces
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
 
 EMBEDDED_KEK_NAME = ".kek"
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What every process of the service is built from, and what a job runs with."""
+
+    settings: Settings
+    objects: ObjectStore  # the service's own store
+    records: Records  # the records kept there: keys, tokens, objects, job reports
+    kek: Kek
+    keys: KeyStore
+    spaces: Spaces
+    jobs: JobStore
 
 
 class ConfigurationError(Exception):
@@ -136,3 +153,27 @@ def _endpoint(setting: str, url: str | None) -> str | None:
     if not usable:
         raise ConfigurationError(f"{setting}: give an http:// or https:// URL")
     return url
+
+
+def open_job_store(settings: Settings, records: Records) -> JobStore:
+    """Job records in Redis, or for the embedded default (no Redis) in this process."""
+    ttl = timedelta(seconds=settings.job_ttl)
+    if settings.redis_url:
+        with configured("SEALSTREAM_REDIS_URL"):
+            return RedisJobStore.from_url(settings.redis_url, records, ttl)
+    return MemoryJobStore(records, ttl)
+
+
+def build_parts(settings: Settings) -> Parts:
+    objects = open_object_store(settings)
+    kek = open_kek(settings)
+    records = open_service_records(settings, objects, kek)
+    return Parts(
+        settings=settings,
+        objects=objects,
+        records=records,
+        kek=kek,
+        keys=open_keystore(settings, records, kek),
+        spaces=Spaces(objects, settings.tenant_buckets, partial(open_object_store, settings)),
+        jobs=open_job_store(settings, records),
+    )

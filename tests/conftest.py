@@ -12,8 +12,8 @@ import boto3
 import httpx
 import pytest
 
-from api import create_app
 from keystore import LocalKek
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE, LocalStore, ObjectStore, S3Store
 from storage.integrity import Records

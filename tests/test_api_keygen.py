@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import create_app
 from api.keygen import KeyWork
 from api.problems import Problem
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from tests.conftest import ADMIN_TOKEN, local_settings
 from tests.support.http import KEYS, problem

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 
-from api import create_app
+from sealstream.server import create_app
 from services.jobs import JobKind, JobStatus
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
 from tests.support.data import KiB, MiB, flip_bit, pieces, random_bytes

@@ -20,9 +20,9 @@ import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from api import create_app
 from api.multipart import FILE_PART, METADATA_PART
 from api.tokens import SCOPES
+from sealstream.server import create_app
 from tests.conftest import ADMIN_TOKEN, live_api, local_settings
 from tests.support.http import DOCUMENTED_KEY, create_key
 

@@ -18,9 +18,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from api import create_app
 from keystore.material import material_aad
 from keystore.persistence import record_key
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from sealstream.wiring import open_kek
 from tests.conftest import ADMIN_TOKEN, Api

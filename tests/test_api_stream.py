@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from api import create_app
 from envelope import key_names, parse_header
+from sealstream.server import create_app
 from storage.records import load_record
 from tests.conftest import Api, api_settings, live_api, local_settings
 from tests.support.data import MiB, pieces, random_bytes

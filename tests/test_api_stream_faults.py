@@ -24,9 +24,9 @@ import pytest
 from anyio import to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import create_app
 from api.services import Services
 from keystore import LocalKek
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from api import create_app
 from cli.client import (
     ApiError,
     ClientError,
@@ -22,6 +21,7 @@ from cli.client import (
     Transfer,
     TransferAborted,
 )
+from sealstream.server import create_app
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.support.http import DOCUMENTED_KEY
 from tests.support.services import api_server, self_signed_certificate

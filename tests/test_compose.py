@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from api import create_app
+from sealstream.server import create_app
 from tests.conftest import local_settings
 from tests.support.services import api_server, self_signed_certificate
 

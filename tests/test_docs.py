@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from api import create_app
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from tests.conftest import local_settings
 

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from envelope import DEFAULT_FRAME_LENGTH
+from sealstream.wiring import build_parts
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage import MIN_PART_SIZE
 from storage.records import load_record
@@ -37,7 +38,6 @@ from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt
 from workers.execution import run_job
 from workers.registry import JOB_BODIES
-from workers.services import build_worker_services
 
 TENANT = "tenants/default/"
 BATCH = "/api/jobs/batch-encrypt"
@@ -397,7 +397,7 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
         create_key(client)
     # The job body runs here, on services of its own over the server's storage, so that
     # a crash can be injected and the same job run again, as a redelivered task is.
-    services = build_worker_services(api.settings)
+    services = build_parts(api.settings)
     record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
     services.jobs.save(record)
     started: list[str] = []

@@ -35,6 +35,7 @@ from redis import Redis
 import workers.celery_app as celery_module
 from sealstream.capacity import available_memory
 from sealstream.settings import Settings
+from sealstream.wiring import build_parts
 from services.jobs import JobKind
 from tests.support.data import MiB, flip_bit, random_chunks, tar_archive
 from tests.support.envelope import frame_count, frame_offset
@@ -62,7 +63,6 @@ from workers.lifecycle import run_sweeps
 from workers.memory_limit import MIN_DEFAULT_LIMIT
 from workers.registry import JOB_BODIES
 from workers.runner import CeleryRunner
-from workers.services import build_worker_services
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -565,7 +565,7 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
             stack.workers[0].kill()
             stack.proxy.release()
 
-            services = build_worker_services(stack.api.settings)
+            services = build_parts(stack.api.settings)
 
             def swept() -> bool:  # the periodic sweeps task's body, as beat runs it
                 return job_id in run_sweeps(services)["staleJobs"]

@@ -33,6 +33,7 @@ from envelope.context import serialize_context
 from envelope.frames import FrameCipher
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
+from sealstream.wiring import Parts, build_parts
 from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams
 from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
@@ -49,7 +50,6 @@ from workers import execution, reencrypt
 from workers.execution import run_job
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
-from workers.services import WorkerServices, build_worker_services
 
 KID = "mySymKey"
 FRAME = 64 * 1024
@@ -495,13 +495,13 @@ def test_objects_without_a_record_or_of_another_key_are_not_touched(
 
 
 @pytest.fixture
-def worker(api: Api) -> WorkerServices:
+def worker(api: Api) -> Parts:
     """A worker's own services on the API's storage and keys."""
-    return build_worker_services(api.settings)
+    return build_parts(api.settings)
 
 
 def job_record(
-    worker: WorkerServices, storage_key: str, kind: JobKind = JobKind.REENCRYPT, **target: str
+    worker: Parts, storage_key: str, kind: JobKind = JobKind.REENCRYPT, **target: str
 ) -> JobRecord:
     """A saved job record for the tenant of `storage_key`, as the API writes it (without
     `rewrapped`, as the API wrote rewrap jobs)."""
@@ -519,16 +519,14 @@ def job_record(
     return record
 
 
-def run(worker: WorkerServices, record: JobRecord) -> JobRecord:
+def run(worker: Parts, record: JobRecord) -> JobRecord:
     run_job(record.id, worker, JOB_BODIES)
     final = worker.jobs.load(record.id)
     assert final is not None
     return final
 
 
-def test_a_queued_rewrap_job_runs_as_reencrypt(
-    api: Api, setup: Rotated, worker: WorkerServices
-) -> None:
+def test_a_queued_rewrap_job_runs_as_reencrypt(api: Api, setup: Rotated, worker: Parts) -> None:
     """A rewrap job queued before the upgrade (its record in the job store, its params
     as they were) re-encrypts, and reports under both names."""
     client, data, stored = setup
@@ -545,7 +543,7 @@ def test_a_queued_rewrap_job_runs_as_reencrypt(
 
 
 def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
-    api: Api, setup: Rotated, worker: WorkerServices
+    api: Api, setup: Rotated, worker: Parts
 ) -> None:
     client, data, stored = setup
     storage_key = stored["docs/big"]["storageKey"]
@@ -576,7 +574,7 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
 class _CancelOncePending:
     """Asks to cancel as soon as the job's upload is pending: mid-object, deterministically."""
 
-    def __init__(self, worker: WorkerServices) -> None:
+    def __init__(self, worker: Parts) -> None:
         self._objects = worker.objects
         self._original = worker.jobs.cancel_requested
 
@@ -585,7 +583,7 @@ class _CancelOncePending:
 
 
 def test_a_cancelled_job_leaves_no_upload_pending(
-    api: Api, setup: Rotated, worker: WorkerServices, monkeypatch: pytest.MonkeyPatch
+    api: Api, setup: Rotated, worker: Parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, _, stored = setup
     # Parts enough that the job reads on, and so checks for a cancel, after the first.
@@ -605,7 +603,7 @@ def test_a_cancelled_job_leaves_no_upload_pending(
     assert {key: record_of(api, s["storageKey"]) for key, s in stored.items()} == records
 
 
-def test_the_sweep_clears_what_rewrap_jobs_staged(api: Api, worker: WorkerServices) -> None:
+def test_the_sweep_clears_what_rewrap_jobs_staged(api: Api, worker: Parts) -> None:
     """Each staged object held a second header of a stored message: with the stored one,
     GCM's hash key. Nothing stages any more, and the sweep removes what was left."""
     store = worker.objects

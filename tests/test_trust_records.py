@@ -17,7 +17,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import BaseModel, ConfigDict
 
-from api import create_app
 from api.problems import from_domain_error
 from api.tokens import (
     SCOPES,
@@ -27,11 +26,12 @@ from api.tokens import (
     TokenStore,
     token_record_key,
 )
-from api.upgrade import AlreadySealed, upgrade_records
 from envelope import Encryptor, HeaderReader, RsaKeyring
 from keystore import KekMismatch, LocalKek, StoreNeedsUpgrade, record_key
 from keystore.algorithms import jwk_bytes
 from keystore.recordkey import DOCUMENT_KEY
+from sealstream.server import create_app
+from sealstream.upgrade import AlreadySealed, upgrade_records
 from sealstream.wiring import ConfigurationError, open_records
 from storage import LocalStore, ObjectInfo, ObjectStore
 from storage.integrity import RecordTampered, seal

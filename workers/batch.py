@@ -34,6 +34,7 @@ from typing import IO, Any
 from pydantic import BaseModel
 
 from sealstream.settings import Settings
+from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
 from services.jobs import REPORTS_PREFIX, BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.keys import start_sealing
@@ -55,7 +56,6 @@ from workers.archives import (
     open_archive,
 )
 from workers.execution import JobCancelled, JobContext, JobFailed
-from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Journal:
 
 
 def batch_encrypt(
-    context: JobContext, services: WorkerServices, *, before_member: MemberHook | None = None
+    context: JobContext, services: Parts, *, before_member: MemberHook | None = None
 ) -> dict[str, Any]:
     """The job body. `before_member` is called with each member's path before it is
     written (tests inject crashes there)."""
@@ -183,7 +183,7 @@ class _Batch:
     """One members-mode run: where it writes, and what became of each member so far."""
 
     context: JobContext
-    services: WorkerServices
+    services: Parts
     journal: Journal
     resumed: Resumed
     before_member: MemberHook | None
@@ -343,7 +343,7 @@ def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str)
 
 def _seal(
     context: JobContext,
-    services: WorkerServices,
+    services: Parts,
     placement: Placement,
     overwrite: bool,
     stream: IO[bytes],
@@ -467,7 +467,7 @@ def _result(
 
 
 def _seal_whole(
-    context: JobContext, services: WorkerServices, journal: Journal, resumed: Resumed
+    context: JobContext, services: Parts, journal: Journal, resumed: Resumed
 ) -> dict[str, Any]:
     """The archive object sealed as it is, as one object."""
     params, tenant = context.params(BatchEncryptParams), context.record.tenant

@@ -22,11 +22,11 @@ from celery.worker import WorkController
 
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
+from sealstream.wiring import Parts, build_parts
 from workers.execution import JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
 from workers.registry import JOB_BODIES
-from workers.services import WorkerServices, build_worker_services
 
 RUN_JOB = "sealstream.run_job"
 SWEEPS = "sealstream.sweeps"
@@ -82,9 +82,9 @@ def _start_pool_process(**_: object) -> None:
 
 
 @cache
-def worker_services() -> WorkerServices:
+def worker_services() -> Parts:
     """Built once per worker process, on its first task (after the pool has forked)."""
-    return build_worker_services(Settings())
+    return build_parts(Settings())
 
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)

@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 from tenacity import retry, stop_after_delay, wait_exponential
 
+from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
 from services.jobs import JobKind, JobLease, JobParams, JobRecord, JobStatus, JobStore, Progress
 from storage.integrity import RecordTampered
-from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
 P = TypeVar("P", bound=JobParams)
@@ -96,7 +96,7 @@ class JobContext:
             raise JobCancelled(self.record.id)
 
 
-JobBody = Callable[[JobContext, WorkerServices], dict[str, Any]]
+JobBody = Callable[[JobContext, Parts], dict[str, Any]]
 
 
 class JobOutcome(Enum):
@@ -127,7 +127,7 @@ class LeaseKeeper(threading.Thread):
         self._lease.release()
 
 
-def run_job(job_id: str, services: WorkerServices, bodies: dict[JobKind, JobBody]) -> JobOutcome:
+def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> JobOutcome:
     """Run the job `job_id` to a final status, unless it already has one or another
     worker is running it (a task Redis handed out again after a broker hiccup)."""
     store = services.jobs
@@ -158,7 +158,7 @@ def run_job(job_id: str, services: WorkerServices, bodies: dict[JobKind, JobBody
 def _run(
     store: JobStore,
     record: JobRecord,
-    services: WorkerServices,
+    services: Parts,
     bodies: dict[JobKind, JobBody],
     keeper: LeaseKeeper,
 ) -> None:

@@ -6,14 +6,14 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from sealstream.wiring import Parts
 from services.jobs import sweep_stale
 from workers.reencrypt import clear_rewrap_staging
-from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
 
 
-def run_sweeps(services: WorkerServices) -> dict[str, Any]:
+def run_sweeps(services: Parts) -> dict[str, Any]:
     rotated = services.keys.rotate_due()
     destroyed = services.keys.destroy_due()
     stale_after = timedelta(seconds=services.settings.job_stale_after)

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keystore import KeyRecord
+from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
 from services.jobs import JobKind, ObjectTarget, ReencryptParams
 from services.placement import tenant_prefix
@@ -31,7 +32,6 @@ from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.records import ObjectRecord, load_record
 from workers.execution import JobCancelled, JobContext, JobFailed, LeaseLost
-from workers.services import WorkerServices
 
 # What header-only rewrap jobs staged. Each staged object held another header of a stored
 # message, which with the stored one gives away the message's GCM hash key.
@@ -65,7 +65,7 @@ class _Report:
         }
 
 
-def reencrypt(context: JobContext, services: WorkerServices) -> dict[str, Any]:
+def reencrypt(context: JobContext, services: Parts) -> dict[str, Any]:
     tenant, params = context.record.tenant, context.params(ReencryptParams)
     job = _ReencryptJob(context, services, params, services.spaces.store(tenant, params.bucket))
     job.abort_left_pending()
@@ -89,7 +89,7 @@ def reencrypt(context: JobContext, services: WorkerServices) -> dict[str, Any]:
     return job.result(report)
 
 
-def clear_rewrap_staging(services: WorkerServices) -> int:
+def clear_rewrap_staging(services: Parts) -> int:
     """Remove whatever header-only rewrap jobs left staged (nothing writes there now),
     uploads included; how many objects and uploads were removed."""
     cleared = 0
@@ -105,7 +105,7 @@ class _ReencryptJob:
     def __init__(
         self,
         context: JobContext,
-        services: WorkerServices,
+        services: Parts,
         params: ReencryptParams,
         store: ObjectStore,
     ) -> None:

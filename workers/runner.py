@@ -7,12 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kombu.exceptions import OperationalError
 
+from sealstream.settings import Settings
+from sealstream.wiring import Parts
 from services.jobs import JobRecord, JobRunner, QueueUnavailable
 from workers.celery_app import RUN_JOB, make_celery
 from workers.execution import run_job
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
-from workers.services import WorkerServices
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +21,8 @@ logger = logging.getLogger(__name__)
 class CeleryRunner(JobRunner):
     """Sends each job to the Celery workers, by task name."""
 
-    def __init__(self, services: WorkerServices) -> None:
-        self._app = make_celery(services.settings)
+    def __init__(self, settings: Settings) -> None:
+        self._app = make_celery(settings)
 
     def submit(self, record: JobRecord) -> None:
         try:
@@ -36,7 +37,7 @@ class CeleryRunner(JobRunner):
 class InProcessRunner(JobRunner):
     """Jobs on two threads of this process; the periodic sweeps on a third."""
 
-    def __init__(self, services: WorkerServices) -> None:
+    def __init__(self, services: Parts) -> None:
         self._services = services
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sealstream-job")
         self._stopping = threading.Event()
@@ -56,9 +57,3 @@ class InProcessRunner(JobRunner):
                 run_sweeps(self._services)
             except Exception:
                 logger.exception("periodic sweeps failed; trying again next interval")
-
-
-def open_runner(services: WorkerServices) -> JobRunner:
-    if services.settings.redis_url:
-        return CeleryRunner(services)
-    return InProcessRunner(services)

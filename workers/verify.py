@@ -8,16 +8,16 @@ own record, so running it twice is harmless.
 
 from typing import Any
 
+from sealstream.wiring import Parts
 from services.jobs import VerifyParams
 from services.objects import VERIFIED_FIELDS, ObjectSummary, RecordMismatch
 from services.open_stored import verify_stored
 from storage import ObjectNotFound
 from storage.records import load_record
 from workers.execution import JobContext, JobFailed
-from workers.services import WorkerServices
 
 
-def verify(context: JobContext, services: WorkerServices) -> dict[str, Any]:
+def verify(context: JobContext, services: Parts) -> dict[str, Any]:
     tenant, params = context.record.tenant, context.params(VerifyParams)
     storage_key = params.storage_key
     store = services.spaces.store(tenant, params.bucket)

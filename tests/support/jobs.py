@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from api import create_app
 from api.services import Services
 from keystore import LocalKek
+from sealstream.server import create_app
 from sealstream.settings import Settings
 from services.jobs import (
     AnyParams,
