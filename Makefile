@@ -20,6 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache
 
 # Debian packages the tests run for real: redis-server (started by the tests on free
 # ports) and docker-compose (validates docker-compose.yml; no Docker engine is needed).
