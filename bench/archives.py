@@ -32,7 +32,8 @@ from typing import Any
 from sealstream.settings import Settings
 from storage import LocalStore
 from workers.archives import InvalidArchive, MemberKind, open_archive
-from workers.batch import _json_object, archive_limits
+from workers.batch import archive_limits
+from workers.manifest import json_object
 
 MIB = 1024 * 1024
 BOMB = 64 * MIB
@@ -162,7 +163,7 @@ def manifest_entries() -> Iterator[dict[str, Any]]:
 
 def manifest_streamed() -> str:
     digest = hashlib.sha256()
-    for piece in _json_object({"jobId": "job"}, {"members": manifest_entries()}):
+    for piece in json_object({"jobId": "job"}, {"members": manifest_entries()}):
         digest.update(piece)
     return digest.hexdigest()[:12]
 

@@ -49,7 +49,7 @@ from storage.integrity import Records, RecordTampered, is_sealed
 from storage.records import RECORD_KIND as OBJECT_KIND
 from storage.records import RECORDS_PREFIX as OBJECTS_PREFIX
 from storage.records import ObjectRecord
-from workers.batch import JOURNAL_KIND, JournalEntry, JournalResult
+from workers.journal import JOURNAL_KIND, JournalEntry, JournalResult
 
 Upgrade = Callable[[dict[str, Any]], BaseModel]
 

@@ -8,41 +8,34 @@ An unsafe member is refused and a member that cannot be written (an existing obj
 storage error) fails; either way only that member, and the manifest lists them.
 
 A redelivered job resumes rather than starts over. Before writing a member the job adds
-an entry to its journal, `sealstream/jobs/<tenant>/<job id>.partial/` in the service's
-store: the object it is about to write, and the members finished since the entry before.
-Each entry is small, so a large archive never rewrites a growing file. A rerun skips the
+an entry to its journal (`workers.journal`) in the service's store: the object it is
+about to write, and the members finished since the entry before. A rerun skips the
 finished members, aborts the upload its killed predecessor left pending on the claimed
 object, and rewrites that object even with `overwrite: false`: it is the job's own.
 
 The journal is also where the manifest's member list comes from: the manifest is written
-at the end as a stream, an entry at a time, so a job of a million members never holds
-their list. Its SHA-256 and size go into the job's result, which is what a client checks
-the manifest against.
+at the end as a stream (`workers.manifest`), an entry at a time, so a job of a million
+members never holds their list. Its SHA-256 and size go into the job's result, which is
+what a client checks the manifest against.
 """
 
-import hashlib
 import io
-import json
-import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import IO, Any
 
-from pydantic import BaseModel
-
 from sealstream.settings import Settings
 from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
-from services.jobs import REPORTS_PREFIX, BatchEncryptParams, ObjectTarget, PrefixTarget
+from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.keys import start_sealing
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
 from services.seal_to_storage import seal_stream
-from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
-from storage.integrity import Records
+from storage import ObjectExists, ObjectNotFound, ObjectStore
 from storage.records import ObjectRecord
 from workers.archives import (
     ArchiveLimits,
@@ -56,104 +49,14 @@ from workers.archives import (
     open_archive,
 )
 from workers.execution import JobCancelled, JobContext, JobFailed
-
-logger = logging.getLogger(__name__)
+from workers.journal import Journal, Resumed
+from workers.manifest import json_object, write_manifest
 
 MANIFEST_NAME = "manifest.json"
 READ_SIZE = 1 << 20
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
-FINAL_ENTRY = "final.json"
-JOURNAL_KIND = "batch-journal"
 
 MemberHook = Callable[[str], None]
-
-
-@dataclass
-class Resumed:
-    """What earlier attempts left: the paths of the members sealed, the object being
-    written when the last one stopped, and the result if the job had finished."""
-
-    started: bool = False
-    done: set[str] = field(default_factory=set)
-    claim: str | None = None
-    result: dict[str, Any] | None = None
-
-
-class JournalEntry(BaseModel):
-    claim: str | None
-    done: list[dict[str, Any]]
-
-
-class JournalResult(BaseModel):
-    result: dict[str, Any]
-
-
-class Journal:
-    """The job's progress in the service's store, one small entry per object written.
-
-    Entries are sealed records: a rerun trusts them to say which object it may overwrite
-    as its own, so one planted or altered in the bucket fails the job instead.
-    """
-
-    def __init__(self, records: Records, tenant: str, job_id: str) -> None:
-        self._records = records
-        self._objects = records.store
-        self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
-        self._entries = 0
-        self._settled: list[dict[str, Any]] = []
-
-    def resume(self) -> Resumed:
-        resumed = Resumed()
-        self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
-        for key, entry in self._read_all():
-            resumed.started = True
-            if key.endswith(FINAL_ENTRY):
-                resumed.result = entry["result"]
-                continue
-            self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
-            resumed.done.update(done["path"] for done in entry["done"])
-            resumed.claim = entry["claim"]
-        return resumed
-
-    def sealed(self) -> Iterator[dict[str, Any]]:
-        """The members sealed by this attempt (up to its last claim) and those before, in
-        the order they were sealed, read back an entry at a time."""
-        for key, entry in self._read_all():
-            if not key.endswith(FINAL_ENTRY):
-                yield from entry["done"]
-
-    def _read_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for info in self._objects.list(self._prefix):
-            model = JournalResult if info.key.endswith(FINAL_ENTRY) else JournalEntry
-            yield info.key, self._records.get(JOURNAL_KIND, info.key, model).model_dump()
-
-    def claim(self, storage_key: str | None) -> None:
-        """Record the members settled since the last entry, and the object about to be
-        written (None: no object is the job's until the next claim)."""
-        self._entries += 1
-        entry = JournalEntry(claim=storage_key, done=self._settled)
-        self._records.put(JOURNAL_KIND, f"{self._prefix}{self._entries:010d}.json", entry)
-        self._settled = []
-
-    def settle(self, entry: dict[str, Any]) -> None:
-        self._settled.append(entry)
-
-    def finish(self, result: dict[str, Any]) -> None:
-        """Keep only the result, which a rerun after a crash right now returns as it is."""
-        self._records.put(JOURNAL_KIND, self._prefix + FINAL_ENTRY, JournalResult(result=result))
-        self._delete(keep=self._prefix + FINAL_ENTRY)
-
-    def discard(self) -> None:
-        """The job ended without a result: nothing will resume from the journal."""
-        try:
-            self._delete(keep=None)
-        except StorageError as error:
-            logger.warning("cannot delete the journal %s: %s", self._prefix, error)
-
-    def _delete(self, keep: str | None) -> None:
-        for info in list(self._objects.list(self._prefix)):
-            if info.key != keep:
-                self._objects.delete(info.key)
 
 
 def batch_encrypt(
@@ -226,7 +129,7 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
             items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
         )
     batch.journal.claim(None)  # the members settled since the last claim, for the manifest
-    manifest = _write_manifest(batch.store, manifest_key, _manifest(batch, source.format, damage))
+    manifest = write_manifest(batch.store, manifest_key, _manifest(batch, source.format, damage))
     result = _result(batch, source.format, manifest_key, manifest)
     if damage is not None:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
@@ -412,36 +315,7 @@ def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Ite
     if damage is not None:
         fields["error"] = {"code": damage.code, "detail": str(damage)}
     lists = {"members": batch.journal.sealed(), "refused": batch.refused, "failed": batch.failed}
-    return _json_object(fields, lists)
-
-
-def _json_object(fields: dict[str, Any], lists: dict[str, Iterable[Any]]) -> Iterator[bytes]:
-    """A JSON object of `fields` then `lists`, each list encoded an item at a time."""
-    members = [_json_member(name, json.dumps(value)) for name, value in fields.items()]
-    yield ("{\n" + ",\n".join(members)).encode()
-    for name, items in lists.items():
-        yield (",\n" + _json_member(name, "[")).encode()
-        separator = "\n"
-        for item in items:
-            yield (separator + json.dumps(item)).encode()
-            separator = ",\n"
-        yield b"\n]"
-    yield b"\n}\n"
-
-
-def _json_member(name: str, value: str) -> str:
-    return f"{json.dumps(name)}: {value}"
-
-
-def _write_manifest(store: ObjectStore, key: str, pieces: Iterator[bytes]) -> dict[str, Any]:
-    """Write the manifest at `key` (all of it, or nothing); its SHA-256 and size."""
-    digest = hashlib.sha256()
-    with store.multipart(key) as writer:
-        for piece in pieces:
-            digest.update(piece)
-            writer.write(piece)
-        writer.complete()
-    return {"sha256": digest.hexdigest(), "size": writer.bytes_written}
+    return json_object(fields, lists)
 
 
 def _result(

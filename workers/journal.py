@@ -1,0 +1,113 @@
+"""A batch-encrypt job's journal: its progress in the service's store, so that a rerun
+resumes where a killed attempt stopped rather than starting over.
+
+Before writing a member the job adds an entry under `sealstream/jobs/<tenant>/<job
+id>.partial/`: the object it is about to write, and the members finished since the entry
+before. Each entry is small, so a large archive never rewrites a growing file; the
+entries, read back in order, are also the manifest's member list. When the job ends, only
+its result is kept, or nothing if it has none.
+"""
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from services.jobs import REPORTS_PREFIX
+from storage import StorageError
+from storage.integrity import Records
+
+logger = logging.getLogger(__name__)
+
+FINAL_ENTRY = "final.json"
+JOURNAL_KIND = "batch-journal"
+
+
+@dataclass
+class Resumed:
+    """What earlier attempts left: the paths of the members sealed, the object being
+    written when the last one stopped, and the result if the job had finished."""
+
+    started: bool = False
+    done: set[str] = field(default_factory=set)
+    claim: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class JournalEntry(BaseModel):
+    claim: str | None
+    done: list[dict[str, Any]]
+
+
+class JournalResult(BaseModel):
+    result: dict[str, Any]
+
+
+class Journal:
+    """The job's progress in the service's store, one small entry per object written.
+
+    Entries are sealed records: a rerun trusts them to say which object it may overwrite
+    as its own, so one planted or altered in the bucket fails the job instead.
+    """
+
+    def __init__(self, records: Records, tenant: str, job_id: str) -> None:
+        self._records = records
+        self._objects = records.store
+        self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
+        self._entries = 0
+        self._settled: list[dict[str, Any]] = []
+
+    def resume(self) -> Resumed:
+        resumed = Resumed()
+        self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
+        for key, entry in self._read_all():
+            resumed.started = True
+            if key.endswith(FINAL_ENTRY):
+                resumed.result = entry["result"]
+                continue
+            self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
+            resumed.done.update(done["path"] for done in entry["done"])
+            resumed.claim = entry["claim"]
+        return resumed
+
+    def sealed(self) -> Iterator[dict[str, Any]]:
+        """The members sealed by this attempt (up to its last claim) and those before, in
+        the order they were sealed, read back an entry at a time."""
+        for key, entry in self._read_all():
+            if not key.endswith(FINAL_ENTRY):
+                yield from entry["done"]
+
+    def _read_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for info in self._objects.list(self._prefix):
+            model = JournalResult if info.key.endswith(FINAL_ENTRY) else JournalEntry
+            yield info.key, self._records.get(JOURNAL_KIND, info.key, model).model_dump()
+
+    def claim(self, storage_key: str | None) -> None:
+        """Record the members settled since the last entry, and the object about to be
+        written (None: no object is the job's until the next claim)."""
+        self._entries += 1
+        entry = JournalEntry(claim=storage_key, done=self._settled)
+        self._records.put(JOURNAL_KIND, f"{self._prefix}{self._entries:010d}.json", entry)
+        self._settled = []
+
+    def settle(self, entry: dict[str, Any]) -> None:
+        self._settled.append(entry)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Keep only the result, which a rerun after a crash right now returns as it is."""
+        self._records.put(JOURNAL_KIND, self._prefix + FINAL_ENTRY, JournalResult(result=result))
+        self._delete(keep=self._prefix + FINAL_ENTRY)
+
+    def discard(self) -> None:
+        """The job ended without a result: nothing will resume from the journal."""
+        try:
+            self._delete(keep=None)
+        except StorageError as error:
+            logger.warning("cannot delete the journal %s: %s", self._prefix, error)
+
+    def _delete(self, keep: str | None) -> None:
+        for info in list(self._objects.list(self._prefix)):
+            if info.key != keep:
+                self._objects.delete(info.key)
