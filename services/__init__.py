@@ -16,7 +16,7 @@ What they share:
   that a stored message is the one the service stored there;
 - `placement`: where a tenant's objects may live;
 - `streams`: request chunks batched by the frame, off the event loop when large;
-- `errors`: the machine codes and client-safe words of every error.
+- `errors`: the machine codes and client-safe words of every error;
 - `jobs`: the job contract the API and the workers share: kinds, statuses and records of
   jobs, one parameter model per kind, the stores records live in, and the runner
   interface the API hands jobs to.
