@@ -3,5 +3,5 @@ processes) and `audited` (a server whose file writes are reported), `http` (requ
 forms and problem checks), `jobs` (a whole job stack and job records), `s3_proxy` (an S3
 proxy that fails, paces and holds), `data` (generated data, bit flips), `waiting`,
 `ports`, `storage` (what a store holds), `envelope` (keyrings and where the parts of a
-message lie), `seals` (watching every AES-GCM sealing), `memory` (peak resident memory)
-and `metrics` (scraping /metrics)."""
+message lie), `seals` (watching every AES-GCM sealing), `memory` (peak resident memory),
+`metrics` (scraping /metrics) and `project` (the packages pyproject.toml ships)."""
