@@ -9,6 +9,7 @@ COPY cli ./cli
 COPY envelope ./envelope
 COPY keystore ./keystore
 COPY sealstream ./sealstream
+COPY services ./services
 COPY storage ./storage
 COPY workers ./workers
 RUN pip install . && useradd --uid 10001 --no-create-home sealstream
