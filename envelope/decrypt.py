@@ -26,7 +26,7 @@ from envelope.frames import (
     MAX_SEQUENCE_NUMBER,
     REGULAR_OVERHEAD,
     REGULAR_PREFIX,
-    FrameCipher,
+    FrameOpener,
     OpeningFrame,
 )
 from envelope.header import DEFAULT_LIMITS, Header, HeaderReader, Limits
@@ -44,7 +44,7 @@ class FrameReader:
     its prefix, a few bytes, is ever copied.
     """
 
-    def __init__(self, cipher: FrameCipher, frame_length: int, first_sequence_number: int = 1):
+    def __init__(self, cipher: FrameOpener, frame_length: int, first_sequence_number: int = 1):
         self._cipher = cipher
         self._frame_length = frame_length
         self._prefix = bytearray()  # of the next frame, while it arrives

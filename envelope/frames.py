@@ -14,6 +14,10 @@ Nonces: the key is one message's own (derived from its fresh data key and messag
 the header tag takes the IV 0 and each frame its sequence number, from 1: every (key, IV)
 seals once, and each place below says why (docs/FORMAT.md §14). GCM cannot afford less:
 two tags under one key and IV give away its hash key, and with it a forgery of any frame.
+
+A message's writer seals through a `FrameSealer`; its reader opens through a `FrameOpener`,
+which can neither seal nor tag. A reader that could tag could also open a frame whose tag
+failed, by tagging its ciphertext anew.
 """
 
 import struct
@@ -63,8 +67,9 @@ def checked_iv(sequence_number: int, prefix: bytes | memoryview, *, final: bool)
     return iv
 
 
-class FrameCipher:
-    """Seals and opens the frames of one message, and makes or checks its header tag."""
+class _FrameKey:
+    """One message's encryption key and the AAD prefixes of its frames: what its sealer
+    and its opener share. Neither hands out the key or a raw cipher under it."""
 
     def __init__(self, encryption_key: bytes, message_id: bytes) -> None:
         self._aead = AESGCM(encryption_key)
@@ -72,16 +77,22 @@ class FrameCipher:
         self._regular_aad = message_id + _FRAME_AAD
         self._final_aad = message_id + _FINAL_FRAME_AAD
 
+    def _aad(self, sequence_number: int, length: int, *, final: bool) -> bytes:
+        base = self._final_aad if final else self._regular_aad
+        return base + _SEQ_AND_LENGTH.pack(sequence_number, length)
+
+
+class FrameSealer(_FrameKey):
+    """Seals the frames of one message being written, and makes its header tag.
+
+    Only the writer of a message holds one (`new_message` makes it, with the message's
+    fresh key); its reader holds a `FrameOpener`, which can neither seal nor tag.
+    """
+
     def header_tag(self, header_body: bytes) -> bytes:
         # IV 0, which no frame takes. Called once per message, by `new_message`, which
-        # drew the data key and message ID this cipher's key comes from.
+        # drew the data key and message ID this sealer's key comes from.
         return self._aead.encrypt(_HEADER_IV, b"", header_body)
-
-    def verify_header_tag(self, header_body: bytes, tag: bytes) -> None:
-        try:
-            self._aead.decrypt(_HEADER_IV, tag, header_body)
-        except InvalidTag:
-            raise HeaderAuthenticationError("the header failed authentication") from None
 
     def seal(self, sequence_number: int, plaintext: memoryview, *, final: bool) -> bytearray:
         """The serialized frame; a fresh buffer the caller owns."""
@@ -110,6 +121,35 @@ class FrameCipher:
         context.authenticate_additional_data(self._aad(sequence_number, length, final=False))
         return context
 
+    def _reseal_final(self, sequence_number: int, ciphertext: memoryview) -> bytearray:
+        """The final frame of the plaintext under `ciphertext`, which this sealer encrypted
+        under `sequence_number`'s IV for a regular frame whose tag was never made; a fresh
+        buffer.
+
+        The same key and IV give the same keystream, so running that ciphertext through a
+        decryption that is never finalized gives back its plaintext, sealed again at once.
+        Handed any other ciphertext, this would decrypt it unauthenticated and tag it, so
+        it is private to this module (a test fences it in): its one caller is
+        `PendingFrame.seal_final`, on the ciphertext it wrote itself.
+        """
+        undo = _decrypt_unauthenticated(self._aes, frame_iv(sequence_number))
+        plaintext = memoryview(undo.update(ciphertext))
+        return self.seal(sequence_number, plaintext, final=True)
+
+
+class FrameOpener(_FrameKey):
+    """Checks the header tag of one message being read, and opens its frames.
+
+    It hands out only plaintext that a tag has vouched for, and it makes no tag: a reader
+    cannot seal a frame or a header under the message's key (`open_message` makes one).
+    """
+
+    def verify_header_tag(self, header_body: bytes, tag: bytes) -> None:
+        try:
+            self._aead.decrypt(_HEADER_IV, tag, header_body)
+        except InvalidTag:
+            raise HeaderAuthenticationError("the header failed authentication") from None
+
     def open(self, sequence_number: int, frame: memoryview, *, final: bool) -> bytes:
         """The plaintext of a whole serialized frame whose sequence number was checked."""
         prefix_size = FINAL_PREFIX.size if final else REGULAR_PREFIX.size
@@ -127,33 +167,16 @@ class FrameCipher:
         """An incremental opening of the frame `prefix` starts, of `length` ciphertext
         bytes: its plaintext is handed out only once the frame's tag has verified."""
         iv = checked_iv(sequence_number, prefix, final=final)
-        context = self._decrypt_unauthenticated(iv)
+        context = _decrypt_unauthenticated(self._aes, iv)
         context.authenticate_additional_data(self._aad(sequence_number, length, final=final))
         return OpeningFrame(sequence_number, context, length, final=final)
 
-    def reseal_final(self, sequence_number: int, ciphertext: memoryview) -> bytearray:
-        """The final frame of the plaintext under `ciphertext`, which this cipher encrypted
-        under `sequence_number`'s IV for a regular frame whose tag was never made; a fresh
-        buffer.
 
-        The same key and IV give the same keystream, so running that ciphertext through a
-        decryption that is never finalized gives back its plaintext, sealed again at once.
-        Handed any other ciphertext, this would tag whatever it was given: its one caller
-        is `PendingFrame.seal_final`, on the ciphertext it wrote itself.
-        """
-        undo = self._decrypt_unauthenticated(frame_iv(sequence_number))
-        plaintext = memoryview(undo.update(ciphertext))
-        return self.seal(sequence_number, plaintext, final=True)
-
-    def _decrypt_unauthenticated(self, iv: bytes) -> AEADDecryptionContext:
-        """A decryption under `iv` whose output is unauthenticated until `finalize_with_tag`
-        passes. Only this class uses it, and hands out nothing of it unverified: a test
-        checks that no code outside this module names it."""
-        return Cipher(self._aes, modes.GCM(iv)).decryptor()
-
-    def _aad(self, sequence_number: int, length: int, *, final: bool) -> bytes:
-        base = self._final_aad if final else self._regular_aad
-        return base + _SEQ_AND_LENGTH.pack(sequence_number, length)
+def _decrypt_unauthenticated(aes: algorithms.AES, iv: bytes) -> AEADDecryptionContext:
+    """A decryption under `iv` whose output is unauthenticated until `finalize_with_tag`
+    passes. Only this module uses it, and hands out nothing of it unverified: a test
+    checks that no code outside this module names it."""
+    return Cipher(aes, modes.GCM(iv)).decryptor()
 
 
 class PendingFrame:
@@ -170,7 +193,7 @@ class PendingFrame:
 
     def __init__(
         self,
-        cipher: FrameCipher,
+        cipher: FrameSealer,
         sequence_number: int,
         frame_length: int,
         buffer: bytearray | None = None,
@@ -186,6 +209,7 @@ class PendingFrame:
         self._cipher = cipher
         self._buffer = buffer if buffer is not None else bytearray(size)
         self._context = cipher.begin_regular(sequence_number, frame_length)
+        self._sealed = False
 
     @property
     def full(self) -> bool:
@@ -206,6 +230,7 @@ class PendingFrame:
         """The full frame, serialized; a buffer the caller now owns."""
         if not self.full:
             raise StateError("a regular frame is sealed only when full")
+        self._seal_once()
         self._context.finalize()
         frame = self._buffer
         REGULAR_PREFIX.pack_into(frame, 0, self.sequence_number, frame_iv(self.sequence_number))
@@ -222,9 +247,17 @@ class PendingFrame:
         one released too, the two tags over different AAD would give away GCM's hash key.
         A pending frame therefore ends either in `seal_regular` or here, never both.
         """
+        self._seal_once()
         end = REGULAR_PREFIX.size + self.filled
         ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
-        return self._cipher.reseal_final(self.sequence_number, ciphertext)
+        return self._cipher._reseal_final(self.sequence_number, ciphertext)
+
+    def _seal_once(self) -> None:
+        # Both ways of sealing tag this frame's IV: whichever comes second would make a
+        # second tag under it.
+        if self._sealed:
+            raise StateError("a pending frame is sealed once, as a regular or a final frame")
+        self._sealed = True
 
 
 class StreamedFrame:
@@ -242,7 +275,7 @@ class StreamedFrame:
 
     __slots__ = ("_context", "prefix", "room")  # read per chunk, like the Encryptor's
 
-    def __init__(self, cipher: FrameCipher, sequence_number: int, frame_length: int) -> None:
+    def __init__(self, cipher: FrameSealer, sequence_number: int, frame_length: int) -> None:
         self.prefix = REGULAR_PREFIX.pack(sequence_number, frame_iv(sequence_number))
         self.room = frame_length  # plaintext bytes it still takes
         self._context = cipher.begin_regular(sequence_number, frame_length)
@@ -274,7 +307,7 @@ class OpeningFrame:
         self, sequence_number: int, context: AEADDecryptionContext, length: int, *, final: bool
     ) -> None:
         """`context` decrypts the frame's `length` bytes of ciphertext, its AAD given;
-        `FrameCipher.begin_opening` makes one."""
+        `FrameOpener.begin_opening` makes one."""
         self.sequence_number = sequence_number
         self.final = final
         self._context = context

@@ -29,7 +29,7 @@ from envelope.errors import (
     EncryptionContextMismatch,
     InvalidParameter,
 )
-from envelope.frames import FrameCipher
+from envelope.frames import FrameOpener, FrameSealer
 from envelope.header import DEFAULT_LIMITS, Header, serialize_header_body
 from envelope.keyrings.base import Keyring
 from envelope.suite import DATA_KEY_LENGTH, MESSAGE_ID_LENGTH, derive_keys
@@ -70,15 +70,15 @@ def new_message(
     keyrings: Sequence[Keyring],
     context: EncryptionContext,
     frame_length: int,
-) -> tuple[Header, FrameCipher]:
-    """A sealed header for a new message and the cipher for its frames."""
+) -> tuple[Header, FrameSealer]:
+    """A sealed header for a new message and the sealer for its frames."""
     check_keyrings(keyrings)
     check_frame_length(frame_length)
     context_bytes = writable_context(context)
     data_key = os.urandom(DATA_KEY_LENGTH)
     message_id = os.urandom(MESSAGE_ID_LENGTH)
     keys = derive_keys(data_key, message_id)
-    cipher = FrameCipher(keys.encryption_key, message_id)
+    cipher = FrameSealer(keys.encryption_key, message_id)
     edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
     body = serialize_header_body(
         message_id=message_id,
@@ -103,10 +103,10 @@ def new_message(
 
 @dataclass(frozen=True)
 class OpenedMessage:
-    """An authenticated header, the cipher for its frames, and the keyring that opened it."""
+    """An authenticated header, the opener of its frames, and the keyring that opened it."""
 
     header: Header
-    cipher: FrameCipher
+    cipher: FrameOpener
     keyring: Keyring
 
 
@@ -120,7 +120,7 @@ def open_message(
     keys = derive_keys(data_key, header.message_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
         raise CommitmentMismatch("the data key does not match the header's key commitment")
-    cipher = FrameCipher(keys.encryption_key, header.message_id)
+    cipher = FrameOpener(keys.encryption_key, header.message_id)
     cipher.verify_header_tag(header.body, header.tag)
     missing = missing_pairs(header.context, required_context or {})
     if missing:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from envelope.decrypt import FrameReader
 from envelope.errors import InvalidParameter, MessageFormatError, TruncatedMessage
-from envelope.frames import END_MARKER, FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameCipher
+from envelope.frames import END_MARKER, FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameOpener
 from envelope.header import Header
 
 _FINAL_START = struct.Struct(">II")  # a final frame's end marker and sequence number
@@ -108,7 +108,7 @@ class FinalFrameCheck:
     frame, bytes after it) fails too: the message is not whole.
     """
 
-    def __init__(self, cipher: FrameCipher, claimed: MessageLayout) -> None:
+    def __init__(self, cipher: FrameOpener, claimed: MessageLayout) -> None:
         self._cipher = cipher
         self._claimed = claimed
         self._start = bytearray()  # the frame's first bytes, until they hold its number
@@ -160,7 +160,7 @@ class RangeDecryptor:
     must not: so `layout` should be one its final frame vouched for.
     """
 
-    def __init__(self, cipher: FrameCipher, layout: MessageLayout, span: FrameSpan) -> None:
+    def __init__(self, cipher: FrameOpener, layout: MessageLayout, span: FrameSpan) -> None:
         self._frames = FrameReader(cipher, layout.frame_length, span.first_sequence_number)
         self._expected = span.end - span.start
         self._received = 0

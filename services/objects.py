@@ -20,7 +20,7 @@ from envelope import (
     MessageLayout,
     TruncatedMessage,
 )
-from envelope.frames import FrameCipher
+from envelope.frames import FrameOpener
 from services.keys import OBJECT_CONTEXT_KEY, Sealing
 from storage import ObjectInfo, ObjectStore
 from storage.documents import CamelModel
@@ -197,7 +197,7 @@ def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Heade
 
 
 def read_stored_layout(
-    store: ObjectStore, storage_key: str, header: Header, cipher: FrameCipher, size: int
+    store: ObjectStore, storage_key: str, header: Header, cipher: FrameOpener, size: int
 ) -> MessageLayout:
     """The layout of a stored message of `size` bytes whose header is authenticated (by
     `open_message`, which gave `cipher`), vouched for by its final frame: one ranged read.

@@ -22,6 +22,7 @@ from envelope import (
     parse_header,
 )
 from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD
+from tests.support.envelope import sealer_for
 
 FRAME = 4096
 KEYRING = AesKeyring("ranged#1", os.urandom(32))
@@ -217,8 +218,7 @@ def full_final_frame_message(frames: int) -> tuple[bytes, bytes]:
     writers may end one; sealstream and the Python ESDK end it in an empty one."""
     data, message = make_message(frames * FRAME)
     header = parse_header(message)
-    cipher = open_message(header, [KEYRING]).cipher
-    final = cipher.seal(frames, memoryview(data[-FRAME:]), final=True)
+    final = sealer_for(header, KEYRING).seal(frames, memoryview(data[-FRAME:]), final=True)
     return data, message[: header.length + (frames - 1) * STRIDE] + bytes(final)
 
 

@@ -19,17 +19,16 @@ from envelope import (
     PlaintextTooShort,
     RsaKeyring,
     StateError,
-    open_message,
 )
 from envelope.encrypt import FRAMES_AHEAD
 from envelope.frames import (
     FINAL_OVERHEAD,
     REGULAR_OVERHEAD,
     REGULAR_PREFIX,
-    FrameCipher,
+    FrameSealer,
     PendingFrame,
 )
-from tests.support.envelope import seal_frames
+from tests.support.envelope import seal_frames, sealer_for
 
 FRAME = 4096
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -46,9 +45,9 @@ def keyring_of(kind: str) -> Keyring:
     return MlKemKeyring("pq#2", mlkem.MLKEM1024PrivateKey.generate())
 
 
-def cipher_of(encryptor: Encryptor) -> FrameCipher:
-    """The cipher of the message `encryptor` writes, as its reader opens it."""
-    return open_message(encryptor.header, [keyring_of("aes")]).cipher
+def sealer_of(encryptor: Encryptor) -> FrameSealer:
+    """A sealer under the key of the message `encryptor` writes."""
+    return sealer_for(encryptor.header, keyring_of("aes"))
 
 
 def pieces(data: bytes, sizes: list[int]) -> Iterator[bytes]:
@@ -219,7 +218,7 @@ def test_frames_sealed_piece_by_piece_are_those_sealed_whole(
     message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
-    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(sealer_of(encryptor), plaintext, FRAME)
 
 
 @settings(max_examples=60, deadline=None)
@@ -241,7 +240,7 @@ def test_streamed_frames_are_those_sealed_whole(
     message = encrypt_with(encryptor, plaintext, sizes, recycle=recycle)
     header = encryptor.header.to_bytes()
     assert message[: len(header)] == header
-    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(sealer_of(encryptor), plaintext, FRAME)
 
 
 def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
@@ -256,7 +255,7 @@ def test_streamed_frames_leave_as_their_plaintext_comes() -> None:
     assert len(second) == FRAME - 100 + REGULAR_OVERHEAD + 50
     [third] = encryptor.update(plaintext[FRAME + 50 :])  # the second frame's rest and tag
     message = b"".join([header, first, second, third, *encryptor.finish()])
-    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(sealer_of(encryptor), plaintext, FRAME)
 
 
 def test_a_recycled_piece_carries_the_next() -> None:
@@ -287,7 +286,7 @@ def test_a_plaintext_shorter_than_promised_fails_only_inside_a_streamed_frame(si
     else:  # ended at a frame's edge: a whole message, with an empty final frame
         message += b"".join(encryptor.finish())
         assert message == encryptor.header.to_bytes() + seal_frames(
-            cipher_of(encryptor), plaintext, FRAME
+            sealer_of(encryptor), plaintext, FRAME
         )
 
 
@@ -307,7 +306,7 @@ def test_a_plaintext_ending_at_any_frame_edge_within_the_promise_is_a_whole_mess
     plaintext = os.urandom(frames * FRAME)
     message = encrypt_with(encryptor, plaintext, [FRAME // 3 + 1, 2 * FRAME + 5], recycle=True)
     header = encryptor.header.to_bytes()
-    assert message[len(header) :] == seal_frames(cipher_of(encryptor), plaintext, FRAME)
+    assert message[len(header) :] == seal_frames(sealer_of(encryptor), plaintext, FRAME)
     assert decrypt([keyring_of("aes")], message, [1000]) == plaintext
 
 
@@ -344,6 +343,19 @@ def test_a_frame_still_being_sealed_cannot_be_given_back() -> None:
 
 
 def test_a_pending_frame_takes_only_a_buffer_of_its_size() -> None:
-    cipher = FrameCipher(os.urandom(32), os.urandom(32))
+    cipher = FrameSealer(os.urandom(32), os.urandom(32))
     with pytest.raises(InvalidParameter):
         PendingFrame(cipher, 1, FRAME, bytearray(FRAME))
+
+
+@pytest.mark.parametrize("second", ["regular", "final"])
+@pytest.mark.parametrize("first", ["regular", "final"])
+def test_a_pending_frame_is_sealed_once(first: str, second: str) -> None:
+    """Either way of sealing a pending frame tags its IV: a second sealing, either way,
+    would make a second tag under that IV."""
+    frame = PendingFrame(FrameSealer(os.urandom(32), os.urandom(32)), 1, FRAME)
+    frame.write(memoryview(bytes(FRAME)))
+    seal = {"regular": frame.seal_regular, "final": frame.seal_final}
+    seal[first]()
+    with pytest.raises(StateError):
+        seal[second]()

@@ -32,7 +32,7 @@ from envelope import (
     UnsupportedMessage,
 )
 from envelope.context import serialize_context
-from envelope.frames import FrameCipher
+from envelope.frames import FrameSealer
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
 from tests.support.data import flip_bit, overwrite
@@ -577,8 +577,8 @@ def hand_built(
         frame_length=FRAME_LENGTH,
         commitment=derive_keys(commit_to, message_id).commitment,
     )
-    tag = FrameCipher(derive_keys(tag_with, message_id).encryption_key, message_id)
-    frames = FrameCipher(derive_keys(frames_with, message_id).encryption_key, message_id)
+    tag = FrameSealer(derive_keys(tag_with, message_id).encryption_key, message_id)
+    frames = FrameSealer(derive_keys(frames_with, message_id).encryption_key, message_id)
     return body + tag.header_tag(body) + seal_frames(frames, plaintext, FRAME_LENGTH)
 
 

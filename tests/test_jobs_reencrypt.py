@@ -30,7 +30,7 @@ from envelope import (
     parse_header,
 )
 from envelope.context import serialize_context
-from envelope.frames import FrameCipher
+from envelope.frames import FrameOpener, FrameSealer
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
 from sealstream.wiring import Parts, build_parts
@@ -289,7 +289,7 @@ def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
         frame_length=header.frame_length,
         commitment=header.commitment,
     )
-    cipher = FrameCipher(derive_keys(secret, header.message_id).encryption_key, header.message_id)
+    cipher = FrameSealer(derive_keys(secret, header.message_id).encryption_key, header.message_id)
     metadata = {**api.objects.head(storage_key).metadata, "sealstream-key-version": "2"}
     replaced = api.objects.put(
         storage_key, body + cipher.header_tag(body) + message[header.length :], metadata=metadata
@@ -310,13 +310,13 @@ def forge_first_frame(api: Api, client: httpx.Client, storage_key: str) -> None:
     message = bytearray(stored_bytes(api.objects, storage_key))
     header = parse_header(bytes(message))
     secret = data_key(header, named_keyring(client, header))
-    cipher = FrameCipher(derive_keys(secret, header.message_id).encryption_key, header.message_id)
+    key = derive_keys(secret, header.message_id).encryption_key
     final = frame_count(bytes(message)) == 0
     start, end = header.length, header.length + header.frame_length + 32
     frame = memoryview(message)[start : len(message) if final else end]
-    plaintext = bytearray(cipher.open(1, frame, final=final))
+    plaintext = bytearray(FrameOpener(key, header.message_id).open(1, frame, final=final))
     plaintext[0] ^= 1
-    forged = cipher.seal(1, memoryview(plaintext), final=final)
+    forged = FrameSealer(key, header.message_id).seal(1, memoryview(plaintext), final=final)
     message[start : start + len(forged)] = forged
     api.objects.put(storage_key, bytes(message), metadata=api.objects.head(storage_key).metadata)
 

@@ -18,12 +18,14 @@ from envelope import (
     AesKeyring,
     Decryptor,
     Encryptor,
+    Header,
     Keyring,
     MlKemKeyring,
     RsaKeyring,
     parse_header,
 )
-from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameCipher
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameSealer
+from envelope.suite import derive_keys
 
 KeyringKind = Literal["aes", "rsa", "mlkem"]
 KEYRING_KINDS: tuple[KeyringKind, ...] = ("aes", "rsa", "mlkem")
@@ -289,7 +291,15 @@ def byte_offsets(message: bytes) -> Offsets:
     return walk.fields | final_fields
 
 
-def seal_frames(cipher: FrameCipher, plaintext: bytes, frame_length: int) -> bytes:
+def sealer_for(header: Header, keyring: Keyring) -> FrameSealer:
+    """A sealer under the key of the message `header` starts, from the data key `keyring`
+    unwraps, as anyone holding that key could make one: a reader's own cipher cannot seal."""
+    data_key = keyring.unwrap(header.encrypted_data_keys[0], header.context_bytes)
+    assert data_key is not None
+    return FrameSealer(derive_keys(data_key, header.message_id).encryption_key, header.message_id)
+
+
+def seal_frames(cipher: FrameSealer, plaintext: bytes, frame_length: int) -> bytes:
     """The frames of `plaintext` sealed with `cipher`, laid out as the encryptor does."""
     frames = frame_plaintexts(plaintext, frame_length)
     return b"".join(
