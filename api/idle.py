@@ -2,10 +2,10 @@
 
 A stream waits on its client once per chunk, each way: for the next piece of the body,
 and for room to send the next piece of the response. `asyncio.timeout` around each wait
-arms and cancels a timer every time, which cost 5 to 10 % of a stream's CPU on these
-machines (bench/stream.py). An `IdleGuard` instead notes when the wait in progress began,
-and a single timer looks at that a few times per timeout; only a wait that has lasted the
-whole timeout is cancelled, and it raises `TimeoutError` as `asyncio.timeout` would.
+arms and cancels a timer every time, a cost every chunk of a stream would pay. An
+`IdleGuard` instead notes when the wait in progress began, and a single timer looks at
+that a few times per timeout; only a wait that has lasted the whole timeout is
+cancelled, and it raises `TimeoutError` as `asyncio.timeout` would.
 
 A guard given a minimum rate also fails a client that keeps a transfer alive by
 trickling: once its waits add up to `window` seconds, the bytes they brought must average

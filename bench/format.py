@@ -80,8 +80,8 @@ class PeakRss:
 def time_encrypt(total: int, frame: int) -> float:
     """Each frame is let go before the next is made, as the bare loop lets go of its output
     and as the service does (it recycles each frame once sent or stored). A loop variable
-    holding the last frame across the next call kept two frames' memory in use: 0.79 of
-    the bare loop instead of 0.94, on a machine with 2 MiB of L2 cache per core."""
+    holding the last frame across the next call would keep two frames' memory in use, more
+    than a core's cache holds, and slow the loop down for that alone."""
     encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame)
     written = 0
     start = time.perf_counter()

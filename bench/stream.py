@@ -24,8 +24,8 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    comes to that. Then the same for chunked uploads, whose file length is unknown, so
    each frame is held until full (only then is it known not to be the final one), with
    the echo held the same way and no crypto as the step between. AES-256-GCM's speed
-   varies from machine to machine (1.5 to 18 GB/s on those in docs/benchmarks.md), and
-   with it the ratios; its speed on one core is printed too.
+   varies widely from machine to machine (docs/benchmarks.md), and with it the ratios;
+   its speed on one core is printed too.
 3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
    (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
@@ -34,24 +34,21 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    alternated in the same way (goal ratio >= 0.9). boto3's defaults hash each request
    body into its SigV4 signature over plain HTTP, and the service's do not
    (`storage.S3Store`), so boto3 also runs with bodies unsigned: the like-for-like
-   ratio. moto is slow (≈ 50-90 MB/s) and memory-hungry, so this part uploads
-   `--s3-mib` (256 MiB by default); a second API server, configured for S3, serves it,
-   since one server has one default store. Each stored object's verification job (which
-   the server runs itself) must succeed, and is waited for, untimed, before going on.
+   ratio. moto is slow and memory-hungry, so this part uploads `--s3-mib` (256 MiB by
+   default); a second API server, configured for S3, serves it, since one server has one
+   default store. Each stored object's verification job (which the server runs itself)
+   must succeed, and is waited for, untimed, before going on.
 4. 8 concurrent streams of 256 MiB (8 stream-back encrypts at once, each through its own
    curl, whose output is piped into a second curl that decrypts it through the API): the
    aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
 
 Each kind's best round is printed, and each ratio is judged round by round: the median,
 over the rounds, of the two kinds' ratio within a round (the best rounds' ratio beside
-it). These machines' speed drifts over seconds: the same upload's server CPU per GiB
-moved from 0.8 to 1.3 s between rounds, in phases the kinds of one round share. Pairing
-rounds cancels that within a run; the ratio of two bests compares one kind's luckiest
-moment with another's. Over 40 rounds of 1 GiB on one server, in sets of 3 rounds,
-stream-back's ratio judged round by round spread with a standard deviation of 0.039; the
-best rounds' ratio, 0.083; the rounds paired at random, 0.090. From one run to the next,
-the machine varies more: over 25 whole runs, both figures spread alike (0.10), so a run
-says little alone, and the figures to quote are medians over many.
+it). These machines' speed drifts over seconds, in phases the kinds of one round share.
+Pairing rounds cancels that within a run, so a ratio judged round by round spreads less
+than the ratio of two bests, which compares one kind's luckiest moment with another's.
+From one run to the next the machine varies more (docs/benchmarks.md), so a run says
+little alone, and the figures to quote are medians over many.
 
 The client is curl, which reads the response while it sends. A chunked
 upload is fed from a generator thread as `-F file=@/dev/stdin`: curl 7.88 reads all of a

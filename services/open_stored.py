@@ -281,8 +281,7 @@ def open_stored(
     Two threads: one reads the object and opens its frames, the caller's works on the
     plaintext. SHA-256, which every reader of a stored object runs, is the slowest step
     by far (several times slower than AES-GCM), and hashlib releases the GIL while it
-    works. A third thread for AES-GCM was measured slower: its
-    hand-offs cost more than it took over.
+    works. A third thread for AES-GCM would cost more in hand-offs than it would take over.
     """
     with closing(store.read(storage_key, 0, size)) as chunks:
         decryptor, first = _opened(chunks, keyrings_for, tenant, on_chunk)

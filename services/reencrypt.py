@@ -143,7 +143,7 @@ class _Resealing:
             self._encryptor.recycle(piece)
 
     def _match(self, opened: bytes) -> None:
-        # As bytes: comparing memoryviews goes item by item, some 40 times slower. Pieces
+        # As bytes: comparing memoryviews goes item by item, far slower. Pieces
         # line up (a frame's plaintext each), so the slices are whole and copy nothing.
         while opened:
             if not self._unread:

@@ -37,7 +37,7 @@ DEFAULT_MAX_IN_FLIGHT = 4
 # it, so completing joins the parts' checksums (S3's composite checksum) instead of
 # reading the whole object again for a full-object one (what S3 and moto compute for an
 # upload that names no algorithm). CRC32C, not boto3's default CRC32: CPUs have an
-# instruction for it, and botocore computes it with awscrt at ~20 GB/s against ~2 GB/s.
+# instruction for it, which botocore uses through awscrt, many times faster.
 PART_CHECKSUM: Final = "CRC32C"
 
 

@@ -33,7 +33,7 @@ class KeyList(BaseModel):
 
 
 class KeyChange(BaseModel):
-    """What PATCH may change: today only exportable, and only from true to false."""
+    """What PATCH may change: only exportable, and only from true to false."""
 
     model_config = ConfigDict(extra="forbid")
 
