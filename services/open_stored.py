@@ -41,7 +41,7 @@ from envelope import (
     start_decryption,
 )
 from keystore import KeyRecord, KeyStore
-from services.keys import opening_keys, required_context
+from services.keys import KeyWatch, opening_keys, required_context
 from services.objects import (
     check_against_record,
     check_placement,
@@ -81,12 +81,14 @@ class ObjectDamaged(StoredObjectRefused):
 @dataclass
 class CheckedObject:
     """A stored message whose header and final frame have authenticated, so its layout is
-    the message's own, and the key that opened it."""
+    the message's own; the key that opened it, and the watch that stops a read of it once
+    that key may no longer decrypt."""
 
     placement: Placement
     key: KeyRecord
     opened: OpenedMessage
     layout: MessageLayout
+    watch: KeyWatch
 
 
 async def check_stored(
@@ -125,12 +127,12 @@ async def check_stored(
         layout = await to_thread.run_sync(
             read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
         )
-    return CheckedObject(placement, opening.key, opened, layout)
+    return CheckedObject(placement, opening.key, opened, layout, opening.watch)
 
 
 def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:
     """The whole plaintext of a checked object; it fails unless it ends with the final
-    frame."""
+    frame, or once its key may no longer decrypt."""
     layout = checked.layout
     frames = FrameReader(checked.opened.cipher, layout.frame_length)
     read = _reading(checked.placement, layout.header_length, layout.message_length)
@@ -139,18 +141,18 @@ def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> Asyn
         if not frames.final_frame_read:
             raise TruncatedMessage("the stored message ends before its final frame")
 
-    return _then(_pump(read, frames.feed, transfers), finish)
+    return _then(_pump(read, frames.feed, checked.watch, transfers), finish)
 
 
 def stored_range(
     checked: CheckedObject, first: int, last: int, transfers: CapacityLimiter
 ) -> AsyncIterator[bytes]:
     """Plaintext bytes `first` to `last` (inclusive) of a checked object, from just the
-    frames they lie in."""
+    frames they lie in; it fails once the object's key may no longer decrypt."""
     span = checked.layout.span(first, last)
     ranged = RangeDecryptor(checked.opened.cipher, checked.layout, span)
     read = _reading(checked.placement, span.start, span.end)
-    return _then(_pump(read, ranged.update, transfers), ranged.finish)
+    return _then(_pump(read, ranged.update, checked.watch, transfers), ranged.finish)
 
 
 def _recorded(
@@ -206,10 +208,12 @@ def _reading(placement: Placement, start: int, end: int) -> Callable[[], Iterato
 async def _pump(
     read: Callable[[], Iterator[bytes]],
     open_chunk: Callable[[bytes], list[bytes]],
+    watch: KeyWatch,
     transfers: CapacityLimiter,
 ) -> AsyncIterator[bytes]:
     """Read stored chunks and open them, each step in a transfer thread; the read starts
-    in one too, since starting it asks the store for the object's size."""
+    in one too, since starting it asks the store for the object's size. The key is
+    checked again as the read runs (`watch`): a key disabled meanwhile stops it too."""
     chunks: Iterator[bytes] | None = None
 
     def step() -> list[bytes] | None:
@@ -222,6 +226,9 @@ async def _pump(
     while (pieces := await to_thread.run_sync(step, limiter=transfers)) is not None:
         for piece in pieces:
             yield piece
+        # Asked first: asking is cheaper than awaiting the watch for every chunk.
+        if watch.due():
+            await watch()
 
 
 async def _then(body: AsyncIterator[bytes], finish: Callable[[], None]) -> AsyncIterator[bytes]:

@@ -592,6 +592,33 @@ def test_a_key_disabled_during_a_long_upload_stops_it(
     assert nothing_stored(api.objects)
 
 
+@pytest.mark.parametrize("range_", [None, "bytes=1000-"], ids=["whole", "ranged"])
+def test_a_key_disabled_during_a_long_read_of_a_stored_object_stops_it(
+    api: Api, range_: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As an upload is: the server re-checks the key about every second while it streams
+    a stored object back (cache TTL 0.5 s here), and aborts the response."""
+    data = random_bytes(24 * MiB, seed=12)
+    body = form_bytes({"source": {"key": "long"}}, None)
+    headers = {"Content-Type": FORM_TYPE, **({"Range": range_} if range_ else {})}
+    received = 0
+    with api.client() as client:
+        create_key(client)
+        assert encrypt(client, data, destination={"key": "long"}).status_code == 201
+        with (
+            pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
+            client.stream("POST", DECRYPT, content=body, headers=headers) as response,
+        ):
+            assert response.status_code == (200 if range_ is None else 206)
+            for piece in response.iter_raw(64 * KiB):
+                if not received:  # the read is under way
+                    assert client.post(f"{KEYS}/mySymKey/disable").status_code == 200
+                received += len(piece)
+                time.sleep(0.02)  # a slow reader: the whole object would take seconds
+    assert received < len(data) - 1000
+    assert any("is disabled" in record.getMessage() for record in caplog.records)
+
+
 # Bodies that stop before the closing boundary
 
 
