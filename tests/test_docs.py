@@ -1,11 +1,13 @@
 """The README and docs/ against the code they describe, so that neither drifts.
 
 The README stays a short user's guide; every link to a repository file (and to a heading
-in one) resolves; the configuration tables name exactly the settings `Settings` has, with
-its defaults; and every field a route takes, as the OpenAPI document declares it, is
-documented on the page for that route.
+in one) resolves, and every module and function the pages name exists; the configuration
+tables name exactly the settings `Settings` has, with its defaults; and every field a
+route takes, as the OpenAPI document declares it, is documented on the page for that
+route.
 """
 
+import ast
 import json
 import re
 import tempfile
@@ -34,6 +36,8 @@ _PATH = re.compile(
     r"`((?:api|bench|cli|docs|envelope|keystore|sealstream|services|storage|tests|tools|"
     r"workers)/[\w./-]+\.(?:py|md))`"
 )
+# A module in code, then a name in code: what the module defines.
+_DEFINITION = re.compile(r"`((?:[\w]+/)+\w+\.py)` `([A-Za-z_][\w.]*)")
 _VARIABLE = re.compile(r"SEALSTREAM_[A-Z0-9_]+")
 _UNITS = {
     None: 1,
@@ -94,6 +98,30 @@ def test_every_link_to_a_repository_file_resolves(page: Path) -> None:
 def test_every_module_named_exists(page: Path) -> None:
     for path in _PATH.findall(page.read_text()):
         assert (ROOT / path).exists(), (page.name, path)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_function_named_in_its_module_exists(page: Path) -> None:
+    """A module followed by a name (`api/app.py` `make_app`, `keystore/store.py`
+    `KeyStore.get`) names a function or class defined there, or a method of that class."""
+    for path, name in _DEFINITION.findall(page.read_text()):
+        assert name in definitions(ROOT / path), (page.name, path, name)
+
+
+def definitions(module: Path) -> set[str]:
+    """The functions and classes `module` defines at its top level, and their methods as
+    `Class.method`."""
+    names: set[str] = set()
+    for node in ast.parse(module.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(
+                f"{node.name}.{item.name}"
+                for item in node.body
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            )
+    return names
 
 
 # ---- settings ----
