@@ -89,9 +89,19 @@ class FrameSealer(_FrameKey):
     fresh key); its reader holds a `FrameOpener`, which can neither seal nor tag.
     """
 
+    def __init__(self, encryption_key: bytes, message_id: bytes) -> None:
+        super().__init__(encryption_key, message_id)
+        self._header_tagged = False
+
     def header_tag(self, header_body: bytes) -> bytes:
-        # IV 0, which no frame takes. Called once per message, by `new_message`, which
-        # drew the data key and message ID this sealer's key comes from.
+        """The tag of the message's header, under the IV 0, which no frame takes.
+
+        A sealer makes one and refuses a second: two tags under one IV would give away
+        GCM's hash key. `new_message`, which drew the data key and message ID this
+        sealer's key comes from, makes it before it hands the sealer out."""
+        if self._header_tagged:
+            raise StateError("a message's header is tagged once")
+        self._header_tagged = True
         return self._aead.encrypt(_HEADER_IV, b"", header_body)
 
     def seal(self, sequence_number: int, plaintext: memoryview, *, final: bool) -> bytearray:
@@ -250,7 +260,8 @@ class PendingFrame:
         self._seal_once()
         end = REGULAR_PREFIX.size + self.filled
         ciphertext = memoryview(self._buffer)[REGULAR_PREFIX.size : end]
-        return self._cipher._reseal_final(self.sequence_number, ciphertext)
+        # This module's own fenced re-seal, on the ciphertext this frame wrote itself.
+        return self._cipher._reseal_final(self.sequence_number, ciphertext)  # noqa: SLF001
 
     def _seal_once(self) -> None:
         # Both ways of sealing tag this frame's IV: whichever comes second would make a

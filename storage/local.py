@@ -262,7 +262,12 @@ class LocalStore(ObjectStore):
 
 
 class _LocalWriter(MultipartWriter):
-    """Appends to a temporary file beside the final name; `complete` renames it in place."""
+    """Appends to a temporary file beside the final name; `complete` renames it in place.
+
+    It is part of its store, and uses the store's private helpers (each such line says
+    `noqa: SLF001`): where objects live, the lock, the translation of OS errors and the
+    commit that renames a written object in place.
+    """
 
     def __init__(
         self,
@@ -277,9 +282,9 @@ class _LocalWriter(MultipartWriter):
         self.if_match = if_match
         self._store = store
         self._metadata = metadata
-        self.path = path = store._object_path(key)
+        self.path = path = store._object_path(key)  # noqa: SLF001
         self.temp = temp_beside(path)
-        with store._os_errors(key), store._locked(fcntl.LOCK_EX):
+        with store._os_errors(key), store._locked(fcntl.LOCK_EX):  # noqa: SLF001
             try:
                 private_directories(path.parent, store.root)
             except (FileExistsError, NotADirectoryError):
@@ -287,20 +292,20 @@ class _LocalWriter(MultipartWriter):
             self._file = new_private_file(self.temp)
 
     def _write(self, view: memoryview) -> None:
-        with self._store._os_errors(self.key):
+        with self._store._os_errors(self.key):  # noqa: SLF001
             self._file.write(view)
 
     def _complete(self) -> ObjectInfo:
         # A version token, not a digest: an etag only has to change when the object does,
         # and a digest would take another pass over every byte stored.
         etag = uuid.uuid4().hex
-        with self._store._os_errors(self.key):
+        with self._store._os_errors(self.key):  # noqa: SLF001
             self._file.flush()
             os.fsync(self._file.fileno())
             modified = os.fstat(self._file.fileno()).st_mtime
             self._file.close()
         sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
-        self._store._commit(self, sidecar)
+        self._store._commit(self, sidecar)  # noqa: SLF001
         return ObjectInfo(
             key=self.key,
             size=self.bytes_written,
@@ -310,7 +315,7 @@ class _LocalWriter(MultipartWriter):
         )
 
     def _abort(self) -> None:
-        with self._store._os_errors(self.key):
+        with self._store._os_errors(self.key):  # noqa: SLF001
             try:
                 self._file.close()
             finally:

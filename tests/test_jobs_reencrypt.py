@@ -290,15 +290,16 @@ def legacy_rewrap(api: Api, client: httpx.Client, storage_key: str) -> None:
         commitment=header.commitment,
     )
     cipher = FrameSealer(derive_keys(secret, header.message_id).encryption_key, header.message_id)
+    sealed_header = body + cipher.header_tag(body)
     metadata = {**api.objects.head(storage_key).metadata, "sealstream-key-version": "2"}
     replaced = api.objects.put(
-        storage_key, body + cipher.header_tag(body) + message[header.length :], metadata=metadata
+        storage_key, sealed_header + message[header.length :], metadata=metadata
     )
     moved = {
         "key_version": 2,
         "etag": replaced.etag,
         "ciphertext_size": replaced.size,
-        "header_sha256": hashlib.sha256(body + cipher.header_tag(body)).hexdigest(),
+        "header_sha256": hashlib.sha256(sealed_header).hexdigest(),
     }
     save_record(api.records, record_of(api, storage_key).model_copy(update=moved))
 

@@ -52,6 +52,13 @@ MUTANTS = (
         ENVELOPE_TESTS,
     ),
     Mutant(
+        "header tag once",
+        "envelope/frames.py",
+        "        if self._header_tagged:",
+        "        if False:",
+        ("tests/test_envelope_fences.py",),
+    ),
+    Mutant(
         "frame IV",
         "envelope/frames.py",
         "    if iv != frame_iv(sequence_number):",

@@ -97,4 +97,4 @@ class _MemoryLease(JobLease):
         return True
 
     def release(self) -> None:
-        self._store._release(self._job_id)
+        self._store._release(self._job_id)  # noqa: SLF001 (its store's lease, in its module)
