@@ -84,10 +84,16 @@ class KeyWatch:
     def due(self) -> bool:
         return time.monotonic() - self.last >= KEY_CHECK_INTERVAL
 
+    def check_if_due(self) -> None:
+        """Re-check now if the interval has passed: for a loop on a thread of its own (a
+        job's); a stream on the event loop awaits the watch instead."""
+        if self.due():
+            self.check()
+            self.last = time.monotonic()
+
     async def __call__(self) -> None:
         if self.due():
-            await to_thread.run_sync(self.check)
-            self.last = time.monotonic()
+            await to_thread.run_sync(self.check_if_due)
 
 
 @dataclass

@@ -18,7 +18,7 @@ default pool to the short calls every request makes.
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +31,6 @@ from envelope import (
     FrameReader,
     Header,
     HeaderReader,
-    Keyring,
     MessageFormatError,
     MessageLayout,
     OpenedMessage,
@@ -41,7 +40,7 @@ from envelope import (
     start_decryption,
 )
 from keystore import KeyRecord, KeyStore
-from services.keys import KeyWatch, opening_keys, required_context
+from services.keys import KeyWatch, OpeningKeys, opening_keys, required_context
 from services.objects import (
     check_against_record,
     check_placement,
@@ -260,12 +259,9 @@ def verify_stored(
     against its upload record `recorded` (`RecordMismatch` if it differs); the decryptor
     that read it, which names the keyring that opened it."""
     tenant = recorded.tenant
-
-    def keyrings_for(header: Header) -> list[Keyring]:
-        return opening_keys(keys, tenant, header).keyrings
-
     digest = hashlib.sha256()
-    with open_stored(store, storage_key, size, keyrings_for, tenant, on_chunk) as stored:
+    keys_for = partial(opening_keys, keys, tenant)
+    with open_stored(store, storage_key, size, keys_for, tenant, on_chunk) as stored:
         for piece in stored.plaintext:
             digest.update(piece)
     check_against_record(stored.decryptor, digest.hexdigest(), recorded)
@@ -277,13 +273,14 @@ def open_stored(
     store: ObjectStore,
     storage_key: str,
     size: int,
-    keyrings_for: Callable[[Header], Sequence[Keyring]],
+    keys_for: Callable[[Header], OpeningKeys],
     tenant: str,
     on_chunk: OnChunk,
 ) -> Iterator[StoredMessage]:
-    """The object's message opened with `keyrings_for(its header)`, which must name
-    `tenant` as its owner, and no other place than `storage_key` (`check_placement`);
-    `on_chunk(bytes read)` runs per chunk (a cancel point).
+    """The object's message opened with the keyrings of `keys_for(its header)`, which must
+    name `tenant` as its owner, and no other place than `storage_key` (`check_placement`);
+    `on_chunk(bytes read)` runs per chunk (a cancel point). Their key is checked again as
+    the object is read, at most once a second: a key disabled meanwhile stops the read.
 
     Two threads: one reads the object and opens its frames, the caller's works on the
     plaintext. SHA-256, which every reader of a stored object runs, is the slowest step
@@ -291,39 +288,46 @@ def open_stored(
     works. A third thread for AES-GCM would cost more in hand-offs than it would take over.
     """
     with closing(store.read(storage_key, 0, size)) as chunks:
-        decryptor, first = _opened(chunks, keyrings_for, tenant, on_chunk)
+        decryptor, first, watch = _opened(chunks, keys_for, tenant, on_chunk)
         assert decryptor.header is not None
         check_placement(decryptor.header, storage_key)
-        with ReadAhead(_plaintext(first, decryptor, chunks, on_chunk)) as plaintext:
+        with ReadAhead(_plaintext(first, decryptor, chunks, on_chunk, watch)) as plaintext:
             yield StoredMessage(decryptor.header, decryptor, iter(plaintext))
 
 
 def _opened(
     stream: Iterator[bytes],
-    keyrings_for: Callable[[Header], Sequence[Keyring]],
+    keys_for: Callable[[Header], OpeningKeys],
     tenant: str,
     on_chunk: OnChunk,
-) -> tuple[Decryptor, list[bytes]]:
-    """A decryptor past the header, which is read from the front of `stream`, and the
-    plaintext of the frames that came with it."""
+) -> tuple[Decryptor, list[bytes], KeyWatch]:
+    """A decryptor past the header, which is read from the front of `stream`, the
+    plaintext of the frames that came with it, and the watch on the key that opened it."""
     reader = HeaderReader()
     for chunk in stream:
         on_chunk(len(chunk))
         header = reader.feed(chunk)
         if header is not None:
-            return start_decryption(
+            opening = keys_for(header)
+            decryptor, first = start_decryption(
                 header,
                 reader.remainder,
-                keyrings_for(header),
+                opening.keyrings,
                 required_context=required_context({}, tenant),
             )
+            return decryptor, first, opening.watch
     raise TruncatedMessage("the object ends inside its header")
 
 
 def _plaintext(
-    first: list[bytes], decryptor: Decryptor, stream: Iterator[bytes], on_chunk: OnChunk
+    first: list[bytes],
+    decryptor: Decryptor,
+    stream: Iterator[bytes],
+    on_chunk: OnChunk,
+    watch: KeyWatch,
 ) -> Iterator[bytes]:
     yield from first
     for chunk in stream:
         yield from decryptor.update(chunk)
         on_chunk(len(chunk))
+        watch.check_if_due()

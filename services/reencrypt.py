@@ -27,11 +27,13 @@ record follows, with a fresh `createdAt`.
 import hashlib
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 
-from envelope import Decryptor, Header, Keyring
+from envelope import Decryptor
 from envelope.encrypt import Piece
 from keystore import KeyStore
 from services.keys import (
+    KeyWatch,
     Sealing,
     client_context,
     opening_keys,
@@ -74,15 +76,13 @@ def reencrypt_object(
     upload record is `recorded`, for its key's primary version; its new record.
 
     `on_chunk(bytes read)` runs for each chunk of the object read (progress, heartbeat,
-    a cancel point).
+    a cancel point). The key is checked again as the object is read and sealed, at most
+    once a second each way: a key disabled meanwhile stops the job.
     """
     tenant, kid = recorded.tenant, recorded.kid
-
-    def keyrings_for(header: Header) -> list[Keyring]:
-        return opening_keys(keys, tenant, header, kid).keyrings
-
+    keys_for = partial(opening_keys, keys, tenant, expected_kid=kid)
     digest = hashlib.sha256()
-    with open_stored(store, original.key, original.size, keyrings_for, tenant, on_chunk) as old:
+    with open_stored(store, original.key, original.size, keys_for, tenant, on_chunk) as old:
         header = old.header
         sealing = start_sealing(
             keys,
@@ -96,9 +96,11 @@ def reencrypt_object(
             original.key, metadata=object_metadata(sealing), if_match=original.etag
         ) as writer:
             new = _Resealing(sealing, writer)
+            watch = KeyWatch.for_sealing(keys, sealing)
             for piece in old.plaintext:
                 digest.update(piece)
                 new.write(piece)
+                watch.check_if_due()
             try:
                 check_against_record(old.decryptor, digest.hexdigest(), recorded)
             except RecordMismatch as mismatch:

@@ -34,7 +34,7 @@ from envelope.frames import FrameOpener, FrameSealer
 from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
 from sealstream.wiring import Parts, build_parts
-from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams
+from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams, VerifyParams
 from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
@@ -602,6 +602,64 @@ def test_a_cancelled_job_leaves_no_upload_pending(
     assert nothing_pending(api.objects)
     assert stored_bytes(api.objects, big["storageKey"]) == before["docs/bigger"]
     assert {key: record_of(api, s["storageKey"]) for key, s in stored.items()} == records
+
+
+class _DisableMidRead:
+    """Disables the key in the worker's own key store once the job is under way: when the
+    object's header has been read and opened (its second chunk), and for a job that
+    writes, once its upload is pending too."""
+
+    def __init__(self, worker: Parts, tenant: str, *, writes: bool) -> None:
+        self._worker, self._tenant, self._writes = worker, tenant, writes
+        self._original = execution.JobContext.add_bytes
+        self.chunks = 0
+        self.disabled_at: int | None = None
+
+    def __call__(self, context: execution.JobContext, count: int) -> None:
+        self._original(context, count)
+        self.chunks += 1
+        pending = bool(self._worker.objects.pending_uploads())
+        if self.disabled_at is None and self.chunks >= 2 and (pending or not self._writes):
+            self._worker.keys.disable(self._tenant, KID)
+            self.disabled_at = self.chunks
+
+
+@pytest.mark.parametrize("kind", [JobKind.VERIFY, JobKind.REENCRYPT])
+def test_a_key_disabled_while_a_job_reads_stops_the_job(
+    api: Api, setup: Rotated, worker: Parts, monkeypatch: pytest.MonkeyPatch, kind: JobKind
+) -> None:
+    """As it stops an HTTP stream: the job re-checks the key as it reads (about once a
+    second; every chunk here) and fails with the code a stream's problem has."""
+    client, _, _ = setup
+    data = random_bytes(3 * MIN_PART_SIZE, seed=10)
+    big = store_object(client, "docs/long", data)
+    if kind is JobKind.REENCRYPT:
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+    before = stored_bytes(api.objects, big["storageKey"])
+    tenant = big["storageKey"].split("/")[1]
+    monkeypatch.setattr(services.keys, "KEY_CHECK_INTERVAL", 0)
+    hook = _DisableMidRead(worker, tenant, writes=kind is JobKind.REENCRYPT)
+
+    def add_bytes(context: execution.JobContext, count: int) -> None:
+        hook(context, count)
+
+    monkeypatch.setattr(execution.JobContext, "add_bytes", add_bytes)
+    if kind is JobKind.VERIFY:
+        target = {"bucket": worker.objects.bucket, "key": "docs/long"}
+        params = VerifyParams.model_validate({**target, "storageKey": big["storageKey"]})
+        record = JobRecord.new(kind, tenant, params)
+        worker.jobs.save(record)
+    else:
+        record = job_record(worker, big["storageKey"], key="docs/long")
+
+    final = run(worker, record)
+
+    assert hook.disabled_at is not None
+    assert final.status is JobStatus.FAILED, final
+    assert final.error is not None and final.error["code"] == "key-disabled"
+    assert hook.chunks < len(data) // (1 << 20)  # it stopped reading
+    assert nothing_pending(api.objects)
+    assert stored_bytes(api.objects, big["storageKey"]) == before
 
 
 def test_the_sweep_clears_what_rewrap_jobs_staged(api: Api, worker: Parts) -> None:
