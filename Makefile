@@ -23,12 +23,16 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-logo --no-cache
 
 # Debian packages the tests run for real: redis-server (started by the tests on free
-# ports) and docker-compose (validates docker-compose.yml; no Docker engine is needed).
+# ports), docker-compose (validates docker-compose.yml; no Docker engine is needed) and
+# promtool, from prometheus (checks the alert rules and the dashboard's queries).
 system:
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
 	@command -v docker-compose >/dev/null || apt-get install -y --no-install-recommends docker-compose \
 		|| { apt-get update && apt-get install -y --no-install-recommends docker-compose; } \
 		|| { echo "docker-compose is missing: apt-get install docker-compose"; exit 1; }
+	@command -v promtool >/dev/null || apt-get install -y --no-install-recommends prometheus \
+		|| { apt-get update && apt-get install -y --no-install-recommends prometheus; } \
+		|| { echo "promtool is missing: apt-get install prometheus"; exit 1; }
 
 test: lint system
 	$(BIN)/pytest -n 2
