@@ -24,7 +24,8 @@ lint: $(STAMP)
 
 # Debian packages the tests run for real: redis-server (started by the tests on free
 # ports), docker-compose (validates docker-compose.yml; no Docker engine is needed) and
-# promtool, from prometheus (checks the alert rules and the dashboard's queries).
+# promtool, from prometheus (checks the alert rules and the dashboard's queries) and
+# haproxy (the load balancer of docker-compose.yml, run in front of two API servers).
 system:
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
 	@command -v docker-compose >/dev/null || apt-get install -y --no-install-recommends docker-compose \
@@ -33,6 +34,9 @@ system:
 	@command -v promtool >/dev/null || apt-get install -y --no-install-recommends prometheus \
 		|| { apt-get update && apt-get install -y --no-install-recommends prometheus; } \
 		|| { echo "promtool is missing: apt-get install prometheus"; exit 1; }
+	@command -v haproxy >/dev/null || apt-get install -y --no-install-recommends haproxy \
+		|| { apt-get update && apt-get install -y --no-install-recommends haproxy; } \
+		|| { echo "haproxy is missing: apt-get install haproxy"; exit 1; }
 
 test: lint system
 	$(BIN)/pytest -n 2

@@ -59,7 +59,15 @@ def test_the_compose_file_is_valid() -> None:
 
 
 def test_the_stack_has_its_services(stack: dict[str, Any]) -> None:
-    assert sorted(stack["services"]) == ["api", "beat", "create-bucket", "minio", "redis", "worker"]
+    assert sorted(stack["services"]) == [
+        "api",
+        "beat",
+        "create-bucket",
+        "lb",
+        "minio",
+        "redis",
+        "worker",
+    ]
 
 
 def test_the_api_refuses_to_start_without_an_admin_token() -> None:
@@ -93,11 +101,20 @@ def test_every_minio_password_is_the_one_given(stack: dict[str, Any]) -> None:
     assert given == [PASSWORD] * len(given)
 
 
-def test_only_the_api_publishes_a_port(stack: dict[str, Any]) -> None:
+def test_only_the_load_balancer_publishes_a_port(stack: dict[str, Any]) -> None:
+    """So `--scale api=N` works: no replica claims a host port."""
     published = {name: service.get("ports", []) for name, service in stack["services"].items()}
-    assert {name for name, ports in published.items() if ports} == {"api"}
-    assert [str(port["target"]) for port in published["api"]] == ["8443"]
+    assert {name for name, ports in published.items() if ports} == {"lb"}
+    assert [str(port["target"]) for port in published["lb"]] == ["8443"]
+    assert [str(port) for port in stack["services"]["api"]["expose"]] == ["8443"]
     assert stack["services"]["minio"]["environment"]["MINIO_BROWSER"] == "off"
+
+
+def test_the_load_balancer_runs_the_configuration_the_tests_run(stack: dict[str, Any]) -> None:
+    (volume,) = stack["services"]["lb"]["volumes"]
+    source, target, mode = volume.split(":")  # docker-compose 1.x writes the short form
+    assert Path(source) == ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+    assert (target, mode) == ("/usr/local/etc/haproxy/haproxy.cfg", "ro")
 
 
 def test_the_api_serves_tls_with_the_mounted_certificate(stack: dict[str, Any]) -> None:
