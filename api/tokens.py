@@ -167,6 +167,12 @@ class TokenHasher:
         return "".join(characters)
 
 
+def new_admin_token() -> str:
+    """A bootstrap admin token, for a server given none. Its prefix keeps it from starting
+    with `-`, which a command line would read as an option."""
+    return f"ssa_{secrets.token_urlsafe(32)}"
+
+
 class TokenStore:
     """Issues, checks, lists and revokes tokens; knows the bootstrap admin token."""
 

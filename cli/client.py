@@ -1,4 +1,5 @@
-"""The Python client of the sealstream API: streaming encrypt and decrypt, a few key calls.
+"""The Python client of the sealstream API: streaming encrypt and decrypt, and a call for
+every other route (keys, tokens, jobs).
 
     client = SealstreamClient("http://127.0.0.1:8080", token)
     with open("big.bin", "rb") as source, open("big.enc", "wb") as sink:
@@ -21,7 +22,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from cli.multipart import MultipartBody, Readable, Source
 from cli.transport import DOWNLOAD_CHUNK, Channel, Exchange, TlsChannel, request_head
@@ -91,7 +92,9 @@ class Writable(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-ByteRange = tuple[int, int | None]
+# (first, last): plaintext bytes first to last inclusive; (first, None) from first to the
+# end; (None, n) the last n bytes.
+ByteRange = tuple[int | None, int | None]
 
 
 class SealstreamClient:
@@ -198,7 +201,8 @@ class SealstreamClient:
         encryption_context: Mapping[str, str] | None = None,
     ) -> Transfer:
         """Decrypt the stored object `key` to `sink`; `byte_range` (first, last) reads
-        plaintext bytes first to last inclusive, (first, None) from first to the end.
+        plaintext bytes first to last inclusive, (first, None) from first to the end,
+        (None, n) the last n bytes.
         Raises `TransferAborted` (`sink` then holds only what arrived) if the server
         aborts midway."""
         source = {"key": key, **_metadata(bucket=bucket)}
@@ -210,12 +214,89 @@ class SealstreamClient:
 
     def create_key(self, **fields: Any) -> dict[str, Any]:
         """Generate a key: the fields as the API names them (`kid`, `kty`, `alg`,
-        `keyOps`, `exportable`...); the new key's metadata."""
-        return self._json("POST", "/api/key-management/keys", fields)
+        `keyOps`, `exportable`...; those None are left out); the new key's metadata."""
+        return self._json("POST", "/api/key-management/keys", _metadata(**fields))
+
+    def import_key(self, **fields: Any) -> dict[str, Any]:
+        """Import a key (BYOK): `jwk`, a private JWK, and the policy fields of
+        `create_key`; the new key's metadata."""
+        return self._json("POST", "/api/key-management/keys/import", _metadata(**fields))
+
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        """A page of keys: `keys`, and `next`, the `after` of the next page (or None)."""
+        return self._json("GET", "/api/key-management/keys", query={"limit": limit, "after": after})
 
     def get_key(self, kid: str) -> dict[str, Any]:
         """A key's metadata (and public JWK for asymmetric keys)."""
-        return self._json("GET", f"/api/key-management/keys/{quote(kid, safe='')}")
+        return self._json("GET", _key_path(kid))
+
+    def rotate_key(self, kid: str) -> dict[str, Any]:
+        """Add a version to the key and make it primary; the key."""
+        return self._json("POST", _key_path(kid, "rotate"))
+
+    def disable_key(self, kid: str) -> dict[str, Any]:
+        return self._json("POST", _key_path(kid, "disable"))
+
+    def enable_key(self, kid: str) -> dict[str, Any]:
+        return self._json("POST", _key_path(kid, "enable"))
+
+    def delete_key(self, kid: str, *, pending_window_days: int | None = None) -> dict[str, Any]:
+        """Schedule the key's destruction after a pending window; the key."""
+        query = {"pendingWindowDays": pending_window_days}
+        return self._json("DELETE", _key_path(kid), query=query)
+
+    def cancel_key_deletion(self, kid: str) -> dict[str, Any]:
+        """Keep a key pending deletion; it comes back disabled."""
+        return self._json("POST", _key_path(kid, "cancel-deletion"))
+
+    def update_key(self, kid: str, **fields: Any) -> dict[str, Any]:
+        """Change the key's policy (`exportable=False`, one-way); the key."""
+        return self._json("PATCH", _key_path(kid), fields)
+
+    def export_key(self, kid: str, *, version: int | None = None) -> dict[str, Any]:
+        """One version of the key (the primary by default) as a private JWK."""
+        return self._json("GET", _key_path(kid, "export"), query={"version": version})
+
+    def supported_algorithms(self) -> dict[str, Any]:
+        return self._json("GET", "/api/key-management/supported-algorithms")
+
+    # Tokens
+
+    def create_token(self, **fields: Any) -> dict[str, Any]:
+        """Issue a token (`tenant`, `scopes`, `name`, `expiresAt`); the only response
+        that shows the token string."""
+        return self._json("POST", "/api/admin/tokens", _metadata(**fields))
+
+    def list_tokens(self, *, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("GET", "/api/admin/tokens", query={"tenant": tenant})
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/admin/tokens/{quote(token_id, safe='')}")
+
+    # Jobs
+
+    def start_job(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Start a job of `kind` (`verify`, `batch-encrypt`, `reencrypt`) with the fields
+        of its request; the queued job."""
+        return self._json("POST", f"/api/jobs/{quote(kind, safe='')}", _metadata(**fields))
+
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """A page of jobs, newest first: `jobs`, and `next`, the `after` of the next page."""
+        query = {"status": status, "kind": kind, "limit": limit, "after": after}
+        return self._json("GET", "/api/jobs", query=query)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/jobs/{quote(job_id, safe='')}")
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/jobs/{quote(job_id, safe='')}/cancel")
 
     # Requests
 
@@ -257,7 +338,17 @@ class SealstreamClient:
             self._connect(), self._head("POST", path, framing | dict(headers or {})), body
         )
 
-    def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str | int | None] | None = None,
+    ) -> dict[str, Any]:
+        given = _metadata(**(query or {}))
+        if given:
+            path = f"{path}?{urlencode(given)}"
         content = b"" if body is None else json.dumps(body).encode()
         headers = {"Content-Length": str(len(content))}
         if body is not None:
@@ -334,8 +425,17 @@ def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:
     return None if context is None else dict(context)
 
 
+def _key_path(kid: str, action: str | None = None) -> str:
+    path = f"/api/key-management/keys/{quote(kid, safe='')}"
+    return path if action is None else f"{path}/{action}"
+
+
 def _range_header(byte_range: ByteRange) -> str:
     first, last = byte_range
+    if first is None:
+        if last is None or last < 1:
+            raise ValueError(f"not a byte range: {byte_range!r}")
+        return f"bytes=-{last}"
     if first < 0 or (last is not None and last < first):
         raise ValueError(f"not a byte range: {byte_range!r}")
     return f"bytes={first}-{'' if last is None else last}"

@@ -1,5 +1,6 @@
 """The server-side `sealstream` commands: `serve` runs the API, `upgrade-records` seals the
-records of a store set up before records were sealed. Their options are the settings.
+records of a store set up before records were sealed. Their options are the settings
+(cli.options makes one option of each).
 
 The `sealstream` command (cli.main) finds them through the entry-point group
 `sealstream.commands`, so the client never imports the server. They are loaded to build
@@ -8,75 +9,128 @@ Celery, uvicorn...) are imported only when one of them runs.
 """
 
 import ipaddress
-import secrets
+import os
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
-from pydantic_settings import CliImplicitFlag
+import click
+from pydantic import SecretStr
 
 from cli.exits import EXIT_FAILED, EXIT_USAGE, fail
-from cli.options import CommandOptions
+from cli.options import build_model, model_options
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings, without_credentials
 
-
-class Serve(Settings, CommandOptions):
-    """Run the API. With no configuration: local storage in ./.sealstream, jobs in-process,
-    a KEK generated beside the data, and a fresh admin token printed."""
-
-    def cli_cmd(self) -> None:
-        import uvicorn
-
-        from api.serving import server_options
-        from sealstream.server import create_app
-        from sealstream.wiring import ConfigurationError
-
-        settings = self
-        generated = None
-        if settings.admin_token is None:
-            generated = SecretStr(secrets.token_urlsafe(32))
-            settings = self.model_copy(update={"admin_token": generated})
-        keep_freed_buffers()
-        try:
-            app = create_app(settings)
-            options = server_options(settings)
-        except ConfigurationError as exc:
-            fail(f"cannot start: {exc}", EXIT_USAGE)
-        _announce(settings, generated)
-        warn_if_exposed(settings)
-        uvicorn.run(app, log_level="info", **options)
+ENV_PREFIX = "SEALSTREAM_"
+DEV_TOKEN = "dev-token"  # noqa: S105 - a file name: the generated admin token kept in a local store, for restarts
 
 
-class UpgradeRecords(Settings, CommandOptions):
-    """Seal the records of a store set up before records were sealed (the service refuses
-    to start on one): run once with the service's settings and KEK, and review every
-    record it lists, since sealing blesses whatever the bucket holds now (`--dry-run`
-    lists them first, sealing nothing)."""
+def _serve(**values: Any) -> None:
+    import uvicorn
 
-    # What it is told to do (`--again`, say) is said on its command line, never left in
-    # the environment: only the service's settings come from SEALSTREAM_* variables.
-    from_environment = frozenset(Settings.model_fields)
+    from api.serving import server_options
+    from sealstream.server import create_app
+    from sealstream.wiring import ConfigurationError
 
-    again: CliImplicitFlag[bool] = Field(
-        False,
-        description="seal unsealed records found in a store whose records were all sealed "
-        "already: someone else put them there, so review what this lists",
-    )
-    dry_run: CliImplicitFlag[bool] = Field(
-        False, description="list what would be sealed, and seal nothing"
-    )
+    settings = build_model(Settings, values)
+    generated = None
+    if settings.admin_token is None:
+        generated = _bootstrap_token(settings)
+        settings = settings.model_copy(update={"admin_token": generated})
+    keep_freed_buffers()
+    try:
+        app = create_app(settings)
+        options = server_options(settings)
+    except ConfigurationError as exc:
+        fail(f"cannot start: {exc}", EXIT_USAGE)
+    if generated is not None:
+        _keep_dev_token(settings, generated)
+    _announce(settings, generated)
+    warn_if_exposed(settings)
+    uvicorn.run(app, log_level="info", **options)
 
-    def cli_cmd(self) -> None:
-        from sealstream.upgrade import AlreadySealed, upgrade_records
-        from sealstream.wiring import ConfigurationError
 
-        try:
-            report = upgrade_records(self, again=self.again, dry_run=self.dry_run)
-        except (AlreadySealed, ConfigurationError) as exc:
-            fail(f"cannot upgrade: {exc}", EXIT_FAILED)
-        for line in report.lines():
-            print(line)
+serve = click.Command(
+    "serve",
+    callback=_serve,
+    params=model_options(Settings, ENV_PREFIX),
+    short_help="Run the API.",
+    help="Run the API. With no configuration: local storage in ./.sealstream, jobs "
+    "in-process, a KEK generated beside the data, and an admin token generated and kept "
+    "in .sealstream/dev-token for the next start (and for the `sealstream` client). "
+    "Every option can also be set by its SEALSTREAM_* variable.",
+)
+
+
+def _upgrade_records(again: bool, dry_run: bool, **values: Any) -> None:
+    from sealstream.upgrade import AlreadySealed, upgrade_records
+    from sealstream.wiring import ConfigurationError
+
+    settings = build_model(Settings, values)
+    try:
+        report = upgrade_records(settings, again=again, dry_run=dry_run)
+    except (AlreadySealed, ConfigurationError) as exc:
+        fail(f"cannot upgrade: {exc}", EXIT_FAILED)
+    for line in report.lines():
+        print(line)
+
+
+# What it is told to do (`--again`, say) is said on its command line, never left in the
+# environment: only the service's settings come from SEALSTREAM_* variables.
+upgrade_records = click.Command(
+    "upgrade-records",
+    callback=_upgrade_records,
+    params=[
+        click.Option(
+            ["--again"],
+            is_flag=True,
+            help="seal unsealed records found in a store whose records were all sealed "
+            "already: someone else put them there, so review what this lists",
+        ),
+        click.Option(
+            ["--dry-run"], is_flag=True, help="list what would be sealed, and seal nothing"
+        ),
+        *model_options(Settings, ENV_PREFIX),
+    ],
+    short_help="Seal the records of a store set up before records were sealed.",
+    help="Seal the records of a store set up before records were sealed (the service "
+    "refuses to start on one): run once with the service's settings and KEK, and review "
+    "every record it lists, since sealing blesses whatever the bucket holds now "
+    "(--dry-run lists them first, sealing nothing).",
+)
+
+
+def _bootstrap_token(settings: Settings) -> SecretStr:
+    """The admin token of a server given none: the one kept in its local store by an
+    earlier start, else a new one."""
+    from api.tokens import new_admin_token
+    from sealstream.wiring import local_storage_dir
+
+    storage_dir = local_storage_dir(settings)
+    kept = None if storage_dir is None else storage_dir / DEV_TOKEN
+    if kept is not None and kept.is_file():
+        token = kept.read_text().strip()
+        if token:
+            return SecretStr(token)
+    return SecretStr(new_admin_token())
+
+
+def _keep_dev_token(settings: Settings, token: SecretStr) -> None:
+    """Keep a generated admin token in a local store (owner-only, like its KEK), so that a
+    restart and the `sealstream` client use the same one. A supplied token is never
+    written anywhere."""
+    from sealstream.wiring import local_storage_dir
+
+    storage_dir = local_storage_dir(settings)
+    if storage_dir is None:
+        return
+    path = storage_dir / DEV_TOKEN
+    if path.is_file():
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token.get_secret_value() + "\n")
 
 
 def is_loopback(host: str) -> bool:
@@ -139,13 +193,18 @@ def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
         if generated_token is not None
         else "the one configured (SEALSTREAM_ADMIN_TOKEN)"
     )
+    kept = (
+        []
+        if storage_dir is None or generated_token is None
+        else [f"  kept in:      {storage_dir / DEV_TOKEN} (the `sealstream` client reads it)"]
+    )
     lines = [
         "sealstream is starting",
         f"  URL:          {_base_url(settings)}",
         f"  storage:      {storage}",
         f"  jobs:         {jobs}",
         f"  admin token:  {token}",
-        "  try:         curl -H 'Authorization: Bearer <admin token>' "
-        f"{_base_url(settings)}/api/key-management/supported-algorithms",
+        *kept,
+        "  try:          sealstream keys list",
     ]
     print("\n".join(lines), flush=True)

@@ -3,6 +3,7 @@ live API server over HTTP (and one over HTTPS) on each storage backend."""
 
 import hashlib
 import io
+import json
 import os
 import ssl
 import subprocess
@@ -331,7 +332,7 @@ def test_cli_pipes_and_options(api: Api, client: SealstreamClient) -> None:
     assert "SEALSTREAM_TOKEN" in run.stderr
 
     run = sealstream(api, "encrypt", "--kid", "no-such-key", stdin=b"data")
-    assert run.returncode == 1
+    assert run.returncode == 5  # not found
     assert "key-not-found" in run.stderr
     assert run.stdout == ""
 
@@ -340,17 +341,22 @@ def test_cli_pipes_and_options(api: Api, client: SealstreamClient) -> None:
 def test_cli_storage(api: Api, client: SealstreamClient, tmp_path: Path) -> None:
     plain = tmp_path / "letter.txt"
     plain.write_bytes(b"0123456789abcdef")
-    run = sealstream(api, "encrypt", "--kid", KID, "--to-storage", "mail/letter", str(plain))
+    run = sealstream(
+        api, "encrypt", "--kid", KID, "--to-storage", "mail/letter", str(plain), "--json"
+    )
     assert run.returncode == 0, run.stderr
-    assert '"plaintextSize": 16' in run.stdout
+    assert json.loads(run.stdout)["plaintextSize"] == 16
 
     ranged = sealstream_bytes(api, "decrypt", "--from-storage", "mail/letter", "--range", "2-5")
     assert ranged == b"2345"
     tail = sealstream_bytes(api, "decrypt", "--from-storage", "mail/letter", "--range", "10-")
     assert tail == b"abcdef"
 
+    tail = sealstream_bytes(api, "decrypt", "--from-storage", "mail/letter", "--range", "-3")
+    assert tail == b"def"
+
     run = sealstream(api, "encrypt", "--kid", KID, "--to-storage", "mail/letter", str(plain))
-    assert run.returncode == 1
+    assert run.returncode == 6  # conflict
     assert "object-exists" in run.stderr
     run = sealstream(
         api,

@@ -41,12 +41,16 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
     assert {mode for path, mode in modes.items() if path.is_file()} == {0o600}
     assert kek in modes and (tmp_path / ".sealstream" / ".meta" / "sealstream") in modes
 
-    # A restart keeps the KEK and the keys; the generated admin token is a new one.
+    # A restart keeps the KEK, the keys and the generated admin token (kept owner-only
+    # in the store, where the `sealstream` client finds it).
+    dev_token = tmp_path / ".sealstream" / "dev-token"
+    assert dev_token.read_text().strip() == served.admin_token
+    assert not served.admin_token.startswith("-")
     with sealstream_serve(tmp_path) as again:
         headers = {"Authorization": f"Bearer {again.admin_token}"}
         with httpx.Client(base_url=again.url, headers=headers) as client:
             assert client.get("/api/key-management/keys/mySymKey").json()["status"] == "enabled"
-        assert again.admin_token != served.admin_token
+        assert again.admin_token == served.admin_token
 
 
 def test_settings_come_from_the_environment_and_options(tmp_path: Path) -> None:
@@ -56,6 +60,13 @@ def test_settings_come_from_the_environment_and_options(tmp_path: Path) -> None:
         with httpx.Client(base_url=served.url, headers=headers) as client:
             assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
     assert (tmp_path / "data" / "sealstream" / "keys" / "default" / "mySymKey.json").exists()
+    # A supplied admin token is never written anywhere.
+    assert not any(
+        "from-the-environment" in path.read_bytes().decode("latin-1")
+        for path in (tmp_path / "data").rglob("*")
+        if path.is_file()
+    )
+    assert not (tmp_path / "data" / "dev-token").exists()
 
 
 SUPPLIED_TOKEN = "supplied-admin-token-" + "s" * 24

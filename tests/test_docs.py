@@ -27,7 +27,16 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 README_LIMIT = 16_000
 # The client command's connection settings, which are not the service's.
-CLIENT_VARIABLES = {"SEALSTREAM_URL", "SEALSTREAM_TOKEN"}
+CLIENT_VARIABLES = {
+    "SEALSTREAM_URL",
+    "SEALSTREAM_TOKEN",
+    "SEALSTREAM_TOKEN_FILE",
+    "SEALSTREAM_TOKEN_COMMAND",
+    "SEALSTREAM_CA",
+    "SEALSTREAM_KID",
+    "SEALSTREAM_PROFILE",
+    "SEALSTREAM_CONFIG",
+}
 PROSE = object()  # a documented default told in words (machine-dependent, or what unset does)
 
 _LINK = re.compile(r"\]\(([^)\s]+)\)")

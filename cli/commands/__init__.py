@@ -1,0 +1,12 @@
+"""The client's commands, one module per part of the API. A new part of the API gets a
+module here (a click group named after it, one command per route, each decorated with
+`cli.session.client_command`) and one line in `COMMANDS`."""
+
+import click
+
+from cli.commands.crypto import decrypt, encrypt
+from cli.commands.jobs import jobs
+from cli.commands.keys import keys
+from cli.commands.tokens import tokens
+
+COMMANDS: tuple[click.Command, ...] = (encrypt, decrypt, keys, tokens, jobs)

@@ -1,0 +1,293 @@
+"""`sealstream encrypt` and `sealstream decrypt`: local file or stdin to local file or
+stdout, or to and from the tenant's storage (a range of a stored object, if asked).
+
+An OUTPUT file is written as `OUTPUT.partial` and renamed to OUTPUT only once the
+transfer is whole: a transfer that fails, breaks off or is interrupted deletes the
+partial file, and never leaves an OUTPUT that looks complete (nor touches an OUTPUT that
+was there before).
+"""
+
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import click
+
+from cli.client import ByteRange, Transfer, TransferAborted
+from cli.exits import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed
+from cli.progress import Meter, transfer_bar, wanted
+from cli.session import Session, client_command, print_fields, print_json
+
+PARTIAL = ".partial"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _context_pairs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, equals, text = value.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"give a pair k=v, not {value!r}")
+        pairs[name] = text
+    return pairs
+
+
+def context_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--context",
+        "context",
+        multiple=True,
+        metavar="K=V",
+        callback=_context_pairs,
+        help=help_text,
+    )
+
+
+@click.command(short_help="Encrypt a file or stdin, to a file, stdout or storage.")
+@click.argument("input", default="-", metavar="[INPUT]")
+@click.option("--kid", help="the key to encrypt under (else the profile's kid)")
+@context_option("an encryption context pair bound to the message (repeatable)")
+@click.option("--frame-length", type=int, help="frame length in bytes  [default: 1 MiB]")
+@click.option("--output", "-o", default="-", help="where the ciphertext goes; - for stdout")
+@click.option("--to-storage", metavar="KEY", help="store the ciphertext as this object key")
+@click.option("--bucket", help="with --to-storage: the bucket")
+@click.option("--overwrite", is_flag=True, help="with --to-storage: replace an existing object")
+@client_command
+def encrypt(
+    session: Session,
+    input: str,
+    kid: str | None,
+    context: dict[str, str],
+    frame_length: int | None,
+    output: str,
+    to_storage: str | None,
+    bucket: str | None,
+    overwrite: bool,
+) -> None:
+    """Encrypt INPUT (a file, or - for stdin) under a key. The ciphertext streams back to
+    --output, or with --to-storage goes into object storage (what was stored is
+    printed)."""
+    key = session.kid(kid)
+    if to_storage is None:
+        if bucket is not None or overwrite:
+            raise CommandFailed("--bucket and --overwrite go with --to-storage", EXIT_USAGE)
+        with _source(session, input, output, "encrypt") as source, _Output(output) as sink:
+            transfer = session.client.encrypt(
+                key, source, sink, encryption_context=context, frame_length=frame_length
+            )
+        _summarise(session, transfer, output)
+        return
+    if output != "-":
+        raise CommandFailed("--to-storage prints what was stored: drop --output", EXIT_USAGE)
+    with _source(session, input, output, "encrypt") as source:
+        stored = session.client.encrypt_to_storage(
+            key,
+            source,
+            key=to_storage,
+            bucket=bucket,
+            overwrite=overwrite,
+            encryption_context=context,
+            frame_length=frame_length,
+        )
+    session.show(stored, lambda: print_fields(stored, STORED_FIELDS))
+
+
+STORED_FIELDS = (
+    "key", "bucket", "kid", "keyVersion", "plaintextSize", "ciphertextSize", "plaintextSha256",
+    "verifyJob",
+)  # fmt: skip
+
+
+@click.command(short_help="Decrypt a file, stdin or a stored object (or a range of it).")
+@click.argument("input", default="-", metavar="[INPUT]")
+@click.option("--kid", help="require the message to be sealed for this key")
+@context_option("require this encryption context pair (repeatable)")
+@click.option("--output", "-o", default="-", help="where the plaintext goes; - for stdout")
+@click.option("--from-storage", metavar="KEY", help="decrypt this stored object, not INPUT")
+@click.option("--bucket", help="with --from-storage: the bucket")
+@click.option(
+    "--range",
+    "byte_range",
+    metavar="RANGE",
+    help="with --from-storage: plaintext bytes a-b (inclusive), a- (to the end) or -n (the last n)",
+)
+@client_command
+def decrypt(
+    session: Session,
+    input: str,
+    kid: str | None,
+    context: dict[str, str],
+    output: str,
+    from_storage: str | None,
+    bucket: str | None,
+    byte_range: str | None,
+) -> None:
+    """Decrypt INPUT (a file, or - for stdin), or with --from-storage a stored object (a
+    --range of it if asked): the plaintext streams back to --output."""
+    client = session.client
+    if from_storage is None:
+        if bucket is not None or byte_range is not None:
+            raise CommandFailed("--bucket and --range go with --from-storage", EXIT_USAGE)
+        with _source(session, input, output, "decrypt") as source, _Output(output) as sink:
+            transfer = client.decrypt(source, sink, kid=kid, encryption_context=context)
+        _summarise(session, transfer, output)
+        return
+    if input != "-":
+        raise CommandFailed("give either INPUT or --from-storage, not both", EXIT_USAGE)
+    wanted_range = None if byte_range is None else parse_range(byte_range)
+    show = wanted(session.quiet)
+    with transfer_bar("decrypt", None, show=show) as meter, _Output(output, meter) as sink:
+        transfer = client.decrypt_object(
+            from_storage,
+            sink,
+            bucket=bucket,
+            byte_range=wanted_range,
+            kid=kid,
+            encryption_context=context,
+        )
+    _summarise(session, transfer, output)
+
+
+_RANGE = re.compile(r"^(?:(\d+)-(\d*)|-(\d+))$")
+
+
+def parse_range(text: str) -> ByteRange:
+    """`a-b`, `a-` or `-n` as the client's byte range."""
+    match = _RANGE.match(text.strip())
+    if match is None:
+        raise CommandFailed(f"--range takes a-b, a- or -n, not {text!r}", EXIT_USAGE)
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        if int(suffix) == 0:
+            raise CommandFailed("--range -n takes n of at least 1", EXIT_USAGE)
+        return None, int(suffix)
+    if last and int(last) < int(first):
+        raise CommandFailed(f"--range {text}: the end comes before the start", EXIT_USAGE)
+    return int(first), int(last) if last else None
+
+
+def _summarise(session: Session, transfer: Transfer, output: str) -> None:
+    """What the transfer did: JSON with `--json` (to stderr when the data took stdout),
+    else a line on stderr when the data went to a file."""
+    summary = {
+        "keyRequested": transfer.key_requested,
+        "keyUsed": transfer.key_used,
+        "algorithm": transfer.algorithm,
+        "bytesSent": transfer.bytes_sent,
+        "bytesReceived": transfer.bytes_received,
+        "status": transfer.status,
+        "contentRange": transfer.content_range,
+        "output": None if output == "-" else output,
+    }
+    if session.json:
+        if output == "-":
+            click.echo(_json_line(summary), err=True)
+        else:
+            print_json(summary)
+    elif output != "-":
+        session.note(f"{transfer.bytes_received} bytes to {output} ({transfer.key_used})")
+
+
+def _json_line(document: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(document)
+
+
+class _Counting:
+    """A source that reports the bytes read from it to a meter."""
+
+    def __init__(self, source: BinaryIO, meter: Meter) -> None:
+        self._source = source
+        self._meter = meter
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._source.read(size)
+        self._meter.advance(len(data))
+        return data
+
+
+@contextmanager
+def _source(session: Session, path: str, output: str, verb: str) -> Iterator[Any]:
+    """INPUT opened for reading, counted by a progress bar when one is drawn."""
+    if path == "-":
+        # Unbuffered: the upload thread may still be blocked reading it when an interrupted
+        # command exits, and a buffered reader's lock held then aborts the interpreter.
+        with (
+            open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin,
+            transfer_bar(verb, None, show=wanted(session.quiet)) as meter,
+        ):
+            yield _Counting(stdin, meter)
+        return
+    if output != "-" and _same_file(Path(path), Path(output)):
+        raise CommandFailed("--output is INPUT: write to another file", EXIT_USAGE)
+    try:
+        source = Path(path).open("rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CommandFailed(f"cannot read {path}: {exc.strerror or exc}") from None
+    with source, transfer_bar(verb, _size(source), show=wanted(session.quiet)) as meter:
+        yield _Counting(source, meter)
+
+
+def _size(source: BinaryIO) -> int | None:
+    try:
+        return Path(source.name).stat().st_size if Path(source.name).is_file() else None
+    except (OSError, TypeError):
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.samefile(b)
+
+
+class _Output:
+    """OUTPUT as a sink: stdout for -, else `OUTPUT.partial`, created at the first write
+    (so a refused request leaves no file) and renamed to OUTPUT once the transfer is whole.
+    Whatever stops the transfer deletes the partial file and says so."""
+
+    def __init__(self, path: str, meter: Meter | None = None) -> None:
+        self._path = None if path == "-" else Path(path)
+        self._partial = (
+            None if self._path is None else self._path.with_name(self._path.name + PARTIAL)
+        )
+        self._file: BinaryIO | None = None
+        self._meter = meter
+
+    def write(self, data: bytes) -> int:
+        if self._file is None:
+            self._file = sys.stdout.buffer if self._partial is None else self._partial.open("wb")
+        if self._meter is not None:
+            self._meter.advance(len(data))
+        return self._file.write(data)
+
+    def __enter__(self) -> "_Output":
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        if exc is None:
+            self.write(b"")  # an empty result still creates its file
+        if self._file is None:
+            return
+        if self._partial is None or self._path is None:
+            self._file.flush()
+            self._fail(exc, "the output written to stdout is incomplete")
+            return
+        self._file.close()
+        if exc is None:
+            self._partial.replace(self._path)
+            return
+        self._partial.unlink(missing_ok=True)
+        self._fail(exc, f"the output is incomplete: {self._partial} was deleted")
+
+    @staticmethod
+    def _fail(exc: BaseException | None, fate: str) -> None:
+        """Say what became of the output when the transfer stopped."""
+        if isinstance(exc, KeyboardInterrupt):
+            raise CommandFailed(f"interrupted; {fate}", EXIT_INTERRUPTED) from None
+        if isinstance(exc, TransferAborted):
+            raise CommandFailed(f"transfer aborted: {exc.reason}; {fate}", EXIT_ABORTED) from None
