@@ -41,6 +41,9 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
 4. 8 concurrent streams of 256 MiB (8 stream-back encrypts at once, each through its own
    curl, whose output is piped into a second curl that decrypts it through the API): the
    aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
+5. the `sealstream` command: `encrypt` of a file, and `decrypt` of its ciphertext, each
+   streamed back to /dev/null, next to curl doing the same with the same file and server,
+   alternated (goal ratio >= 0.9); the command's start-up is in its time.
 
 Each kind's best round is printed, and each ratio is judged round by round: the median,
 over the rounds, of the two kinds' ratio within a round (the best rounds' ratio beside
@@ -359,7 +362,9 @@ class Transfer:
         return total / self.seconds / 1e6
 
 
-WRITE_OUT = "%{stderr}\nbench-write-out %{http_code} %{size_upload} %{size_download}\n"
+WRITE_OUT = (
+    "%{stderr}\nbench-write-out %{http_code} %{size_upload} %{size_download} %{time_total}\n"
+)
 
 
 def curl_command(
@@ -418,7 +423,7 @@ def _write_out(process: "subprocess.Popen[bytes]", errors: list[str]) -> tuple[i
     status = uploaded = downloaded = 0
     for line in text.splitlines():
         if line.startswith("bench-write-out "):
-            status, uploaded, downloaded = (int(word) for word in line.split()[1:])
+            status, uploaded, downloaded = (int(word) for word in line.split()[1:4])
         elif line.strip():
             errors.append(f"curl: {line.strip()}")
     if process.wait(timeout=CURL_MAX_SECONDS) != 0:
@@ -801,6 +806,113 @@ def concurrency_figures(server: Server, streams: int, total: int, single: float)
     return not failures
 
 
+# The sealstream command next to curl
+
+SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
+
+
+@dataclass
+class Clocked:
+    """A client's rounds: whole runs (the process's start included), and the transfers
+    alone as the client times them (curl's time_total, the command's `seconds`)."""
+
+    wall: Timed = field(default_factory=Timed)
+    transfer: Timed = field(default_factory=Timed)
+
+    def add(self, wall: float, transfer: float) -> None:
+        self.wall.time(wall)
+        self.transfer.time(transfer)
+
+
+def curl_seconds(
+    server: Server, path: str, metadata: dict[str, Any], source: str, fds: tuple[int, ...] = ()
+) -> tuple[float, float]:
+    """One curl upload of the file `source` (open in `fds`), its response discarded: the
+    run's seconds, and the transfer's."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        curl_command(server, path, metadata, os.devnull, source),
+        capture_output=True,
+        pass_fds=fds,
+        timeout=CURL_MAX_SECONDS,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    lines = [line for line in done.stderr.decode().splitlines() if "bench-write-out" in line]
+    if done.returncode != 0 or not lines or lines[-1].split()[1] != "200":
+        raise BenchError(f"curl {path}: {done.stderr.decode(errors='replace')[-500:]}")
+    return seconds, float(lines[-1].split()[4])
+
+
+def cli_seconds(server: Server, args: list[str], fds: tuple[int, ...] = ()) -> tuple[float, float]:
+    """One `sealstream ARGS --json -o /dev/null` (with the descriptors `fds` open): the
+    run's seconds, and the transfer's as the command reports them."""
+    env = {**os.environ, "SEALSTREAM_URL": server.url, "SEALSTREAM_TOKEN": server.token}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [SEALSTREAM, *args, "--json", "-o", os.devnull],
+        capture_output=True,
+        env=env,
+        pass_fds=fds,
+        timeout=CURL_MAX_SECONDS,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise BenchError(f"sealstream {args[0]}: {done.stderr.decode(errors='replace')[-500:]}")
+    return seconds, float(json.loads(done.stdout)["seconds"])
+
+
+def cli_figures(server: Server, workdir: Path, total: int, rounds: int) -> None:
+    """`sealstream encrypt` and `decrypt` of a file next to curl's, on the same file and
+    server, alternated: the plaintext in memory (memfd), the ciphertext in a file, each
+    response discarded."""
+    plaintext = PlaintextFile(Plaintext(total))
+    ciphertext = workdir / "cli-bench.enc"
+    curl, ours, curl_open, ours_open = Clocked(), Clocked(), Clocked(), Clocked()
+    try:
+        sealed = subprocess.run(
+            curl_command(server, ENCRYPT_PATH, {"kid": KID}, str(ciphertext), plaintext.path),
+            capture_output=True,
+            pass_fds=[plaintext.fd],
+            timeout=CURL_MAX_SECONDS,
+            check=True,
+        )
+        if b"bench-write-out 200 " not in sealed.stderr:
+            raise BenchError("curl could not seal the ciphertext to decrypt")
+        fds = (plaintext.fd,)
+        encrypt = ["encrypt", "--kid", KID, plaintext.path]
+        kinds: list[tuple[Clocked, Callable[[], tuple[float, float]]]] = [
+            (curl, lambda: curl_seconds(server, ENCRYPT_PATH, {"kid": KID}, plaintext.path, fds)),
+            (ours, lambda: cli_seconds(server, encrypt, fds)),
+            (curl_open, lambda: curl_seconds(server, DECRYPT_PATH, {}, str(ciphertext))),
+            (ours_open, lambda: cli_seconds(server, ["decrypt", str(ciphertext)])),
+        ]
+        for number in range(rounds):
+            for kept, run in in_turn(kinds, number):
+                kept.add(*run())
+    finally:
+        plaintext.close()
+        ciphertext.unlink(missing_ok=True)
+    print(
+        f"5. the sealstream command next to curl, {total / MIB:.0f} MiB, {rounds} rounds "
+        "(the transfer as each client times it; the whole run, start-up included, beside it)"
+    )
+    for verb, theirs, mine in (("encrypt", curl, ours), ("decrypt", curl_open, ours_open)):
+        print(
+            f"  sealstream {verb}  {mb_per_s(total, mine.transfer.fastest):6.0f} MB/s   "
+            f"whole run {mb_per_s(total, mine.wall.fastest):6.0f} MB/s"
+        )
+        print(
+            f"  ceiling: curl       {mb_per_s(total, theirs.transfer.fastest):6.0f} MB/s   "
+            f"whole run {mb_per_s(total, theirs.wall.fastest):6.0f} MB/s"
+        )
+        print(
+            f"  ratio {ratio(theirs.transfer, mine.transfer)}  (goal >= 0.90)   "
+            f"whole runs {ratio(theirs.wall, mine.wall)}"
+        )
+
+
 @contextlib.contextmanager
 def moto_server(workdir: Path) -> Iterator[tuple[str, int]]:
     """A moto S3 server in its own process, its temporary files on a tmpfs when there is one."""
@@ -979,6 +1091,8 @@ def main() -> None:
     parser.add_argument("--stream-mib", type=int, default=256, help="size of each, MiB")
     parser.add_argument("--s3-mib", type=int, default=256, help="upload size against moto")
     parser.add_argument("--skip-storage", action="store_true", help="no to-storage figures")
+    parser.add_argument("--cli-mib", type=int, default=200, help="size for the command's figures")
+    parser.add_argument("--only-cli", action="store_true", help="only the command's figures")
     args = parser.parse_args()
 
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True)
@@ -992,6 +1106,9 @@ def main() -> None:
                     f"client {' '.join(curl.stdout.split()[:2])}, reading while it sends; "
                     f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
                 )
+                if args.only_cli:
+                    cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
+                    return
                 memory_figures(server, [int(gib * GIB) for gib in args.memory_gib])
                 total = int(args.gib * GIB)
                 timings = stream_back_figures(server, total, args.rounds, not args.skip_storage)
@@ -1000,6 +1117,7 @@ def main() -> None:
                     s3_figures(workdir, args.s3_mib * MIB, args.rounds)
                 single = mb_per_s(total, timings.encrypt.fastest)
                 ok = concurrency_figures(server, args.streams, args.stream_mib * MIB, single)
+                cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
         except BenchError as exc:
             print(f"FAILED: {exc}")
             for log in sorted(workdir.glob("*.log")):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
-from cli.multipart import MultipartBody, Readable, Source
+from cli.multipart import MultipartBody, Readable, Source, SourceChanged
 from cli.transport import DOWNLOAD_CHUNK, Channel, Exchange, TlsChannel, request_head
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Readable",
     "SealstreamClient",
     "Source",
+    "SourceChanged",
     "Transfer",
     "TransferAborted",
     "Writable",
@@ -332,10 +333,17 @@ class SealstreamClient:
     def _upload(
         self, path: str, body: MultipartBody, headers: Mapping[str, str] | None = None
     ) -> Exchange:
-        """A POST of the multipart `body`, sent chunked while the response is read."""
-        framing = {"Content-Type": body.content_type, "Transfer-Encoding": "chunked"}
+        """A POST of the multipart `body`, sent while the response is read: with its
+        Content-Length when its length is known, else chunked."""
+        length = body.length
+        framing = {"Content-Type": body.content_type} | (
+            {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": str(length)}
+        )
         return Exchange(
-            self._connect(), self._head("POST", path, framing | dict(headers or {})), body
+            self._connect(),
+            self._head("POST", path, framing | dict(headers or {})),
+            body,
+            chunked=length is None,
         )
 
     def _json(

@@ -16,8 +16,6 @@ shell). With none anywhere, and the local default URL, the token `sealstream ser
 in `.sealstream/dev-token` for the embedded default is used.
 """
 
-import shlex
-import subprocess
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -144,6 +142,9 @@ def _read_token_file(path: str) -> str:
 
 
 def _run_token_command(command: str) -> str:
+    import shlex  # here: most runs need neither, and every run pays for imports
+    import subprocess
+
     try:
         run = subprocess.run(  # noqa: S603 - the user's own command, split without a shell
             shlex.split(command),

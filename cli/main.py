@@ -8,13 +8,16 @@ docs/client.md).
 """
 
 import sys
-from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 import click
 from click.shell_completion import get_completion_class
 
 from cli.commands import COMMANDS
 from cli.exits import EXIT_INTERRUPTED, CommandFailed, fail
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 SERVER_COMMANDS = "sealstream.commands"  # the entry-point group of the commands other packages add
 SHELLS = ("bash", "zsh", "fish")
@@ -25,7 +28,11 @@ class Sealstream(click.Group):
     """The root command: the client's commands, then those of the entry-point group,
     each loaded only when it runs or its help is shown."""
 
-    def _installed(self) -> dict[str, EntryPoint]:
+    def _installed(self) -> "dict[str, EntryPoint]":
+        # Imported here: reading the installed distributions' metadata takes longer than
+        # the rest of the command's start, and a client command never needs it.
+        from importlib.metadata import entry_points
+
         return {point.name: point for point in entry_points(group=SERVER_COMMANDS)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:

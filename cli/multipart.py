@@ -1,12 +1,21 @@
 """The client's request bodies: a multipart/form-data encoder that reads its file part
-from a source one piece at a time, so an upload of any size is never held whole."""
+from a source one piece at a time, so an upload of any size is never held whole.
+
+A body whose source has a known size (bytes, or a regular file) has a known length, sent
+as its Content-Length: the server then knows where the file ends and streams each
+frame's ciphertext back as soon as it is sealed, where a chunked upload makes it hold
+each frame until the next one starts. The source must then deliver exactly that many
+bytes: a file that shrinks or grows while it is read fails the upload.
+"""
 
 import json
+import os
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, cast
 
-__all__ = ["MultipartBody", "Readable", "Source"]
+__all__ = ["MultipartBody", "Readable", "Source", "SourceChanged"]
 
 UPLOAD_CHUNK = 1024 * 1024  # bytes read from a source at a time
 
@@ -20,43 +29,95 @@ class Readable(Protocol):
 Source = Readable | Iterable[bytes] | bytes
 
 
+class SourceChanged(Exception):
+    """A source of known size delivered fewer or more bytes than that size."""
+
+
 class MultipartBody:
     """The pieces of a multipart/form-data body: `metadata` as JSON, then `source` (if
     any) as the `file` part, read one piece at a time. `bytes_sent` counts the bytes of
-    `source` handed out so far."""
+    `source` handed out so far; `length` is the whole body's, when `source`'s size is
+    known (else None)."""
 
     def __init__(self, metadata: dict[str, Any], source: Source | None) -> None:
         self.boundary = uuid.uuid4().hex
-        self._metadata = metadata
         self._source = source
+        self._source_size = None if source is None else source_size(source)
+        self._opening = (
+            (
+                f"--{self.boundary}\r\n"
+                'Content-Disposition: form-data; name="metadata"\r\n'
+                "Content-Type: application/json\r\n\r\n"
+            ).encode()
+            + json.dumps(metadata).encode()
+            + b"\r\n"
+        )
+        self._file_head = (
+            f"--{self.boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="file"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        self._closing = f"--{self.boundary}--\r\n".encode()
         self.bytes_sent = 0
 
     @property
     def content_type(self) -> str:
         return f"multipart/form-data; boundary={self.boundary}"
 
+    @property
+    def length(self) -> int | None:
+        if self._source is None:
+            return len(self._opening) + len(self._closing)
+        if self._source_size is None:
+            return None
+        file_part = len(self._file_head) + self._source_size + len(b"\r\n")
+        return len(self._opening) + file_part + len(self._closing)
+
     def __iter__(self) -> Iterator[bytes]:
-        boundary = self.boundary
-        yield (
-            (
-                f"--{boundary}\r\n"
-                'Content-Disposition: form-data; name="metadata"\r\n'
-                "Content-Type: application/json\r\n\r\n"
-            ).encode()
-            + json.dumps(self._metadata).encode()
-            + b"\r\n"
-        )
+        yield self._opening
         if self._source is not None:
-            yield (
-                f"--{boundary}\r\n"
-                'Content-Disposition: form-data; name="file"; filename="file"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            for piece in _pieces(self._source):
+            yield self._file_head
+            pieces = _pieces(self._source)
+            if self._source_size is not None:
+                pieces = _exactly(pieces, self._source_size)
+            for piece in pieces:
                 self.bytes_sent += len(piece)
                 yield piece
             yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
+        yield self._closing
+
+
+def source_size(source: Source) -> int | None:
+    """The bytes `source` has left to read, if that is known: bytes, or a regular file
+    (from its position); None for a pipe, a socket or an iterable."""
+    if isinstance(source, bytes | bytearray):
+        return len(source)
+    if isinstance(source, memoryview):
+        return source.nbytes
+    try:
+        descriptor = cast(Any, source).fileno()
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        position = os.lseek(descriptor, 0, os.SEEK_CUR)
+    except (AttributeError, OSError, ValueError):
+        return None
+    if callable(getattr(source, "tell", None)):
+        # A buffered file has read ahead of where its reader is.
+        position = cast(Any, source).tell()
+    return max(status.st_size - position, 0)
+
+
+def _exactly(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """`pieces`, which must add up to `size` bytes: the length the body declared."""
+    left = size
+    for piece in pieces:
+        if len(piece) > left:
+            raise SourceChanged(f"the input grew while it was read (past {size} bytes)")
+        left -= len(piece)
+        yield piece
+    if left:
+        raise SourceChanged(f"the input shrank while it was read ({size - left} of {size} bytes)")
 
 
 def _pieces(source: Source) -> Iterator[bytes]:

@@ -21,6 +21,7 @@ from cli.exits import (
     CommandFailed,
     exit_code_of_status,
 )
+from cli.multipart import SourceChanged
 
 Command = Callable[..., None]
 Row = Mapping[str, Any]
@@ -127,7 +128,7 @@ def reporting() -> Iterator[None]:
         ) from None
     except TransferAborted as exc:
         raise CommandFailed(f"transfer aborted: {exc.reason}", EXIT_ABORTED) from None
-    except (ClientError, OSError) as exc:
+    except (ClientError, SourceChanged, OSError) as exc:
         raise CommandFailed(str(exc), EXIT_FAILED) from None
 
 

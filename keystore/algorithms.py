@@ -1,6 +1,9 @@
 """The table of supported key types (kty) and algorithms (alg), and per type: material
 generation and encoding, keyring construction, public and export JWKs, import from JWK.
 
+The key API names algorithms as the product always has (`AES-256`); JWKs name them as
+RFC 7518 does (`A256GCM`), and an imported JWK may use either (docs/api.md has the table).
+
 Material is what the store wraps under the KEK: 32 raw bytes for `oct`, PKCS#8 DER for
 `RSA`, the 64-byte seed for `ML-KEM`. JWK members are base64url without padding. Errors
 about imported JWKs name members, never their values.
@@ -47,6 +50,10 @@ class KeyType(ABC):
 
     kty: ClassVar[str]
     algorithms: ClassVar[tuple[str, ...]]
+    # JWKs name algorithms as RFC 7518 (or the JOSE draft for ML-KEM) does: our name of
+    # each algorithm that a JWK writes differently, and every name a JWK may give it.
+    jwk_names: ClassVar[Mapping[str, str]] = {}
+    jwk_aliases: ClassVar[Mapping[str, str]] = {}
     # Material whose generation, or the checking of an imported one, takes long enough
     # (RSA: a good part of a second of CPU) to be kept off the threads requests share.
     costly: ClassVar[bool] = False
@@ -60,6 +67,14 @@ class KeyType(ABC):
     def describe(self) -> dict[str, Any]:
         """This type's entry in the supported-algorithms listing."""
         return {"kty": self.kty, "algorithms": list(self.algorithms), "default": self.algorithms[0]}
+
+    def jwk_alg(self, alg: str) -> str:
+        """The `alg` a JWK of ours writes for our algorithm `alg`."""
+        return self.jwk_names.get(alg, alg)
+
+    def our_alg(self, alg: str) -> str:
+        """Our name of the algorithm a JWK (or a request) names `alg`."""
+        return self.jwk_aliases.get(alg, alg)
 
     def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk | None:
         """The public key as a JWK; None for symmetric keys."""
@@ -85,6 +100,9 @@ class KeyType(ABC):
 class OctKeyType(KeyType):
     kty = "oct"
     algorithms = ("AES-256",)
+    # The key wraps data keys with AES-256-GCM: A256GCM, or as a key wrap A256GCMKW.
+    jwk_names: ClassVar[Mapping[str, str]] = {"AES-256": "A256GCM"}
+    jwk_aliases: ClassVar[Mapping[str, str]] = {"A256GCM": "AES-256", "A256GCMKW": "AES-256"}
 
     def generate(self, params: KeyParams) -> bytes:
         return os.urandom(AES_KEY_LENGTH)
@@ -93,7 +111,12 @@ class OctKeyType(KeyType):
         return AesKeyring(key_name, material)
 
     def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
-        return {"kty": "oct", "kid": key_name, "alg": params.alg, "k": b64url(material)}
+        return {
+            "kty": "oct",
+            "kid": key_name,
+            "alg": self.jwk_alg(params.alg),
+            "k": b64url(material),
+        }
 
     def import_jwk(self, jwk: Mapping[str, Any], alg: str) -> tuple[KeyParams, bytes]:
         key = jwk_bytes(jwk, "k")
@@ -135,7 +158,7 @@ class RsaKeyType(KeyType):
         return {
             "kty": "RSA",
             "kid": key_name,
-            "alg": params.alg,
+            "alg": self.jwk_alg(params.alg),
             "n": _b64url_uint(numbers.n),
             "e": _b64url_uint(numbers.e),
         }
@@ -192,7 +215,7 @@ class MlKemKeyType(KeyType):
         return {
             "kty": self.jwk_kty,
             "kid": key_name,
-            "alg": params.alg,
+            "alg": self.jwk_alg(params.alg),
             "pub": b64url(self._public_bytes(params.alg, material)),
         }
 
@@ -241,7 +264,8 @@ def key_type(kty: str) -> KeyType:
 def resolve(kty: str, alg: str | None, key_size: int | None = None) -> KeyParams:
     """The parameters of a new key; `alg` None means the type's default."""
     chosen = key_type(kty)
-    return chosen.params(_checked_algorithm(chosen, kty, alg), key_size)
+    named = None if alg is None else chosen.our_alg(alg)
+    return chosen.params(_checked_algorithm(chosen, kty, named), key_size)
 
 
 def import_jwk(jwk: Mapping[str, Any]) -> tuple[KeyParams, bytes]:
@@ -251,7 +275,8 @@ def import_jwk(jwk: Mapping[str, Any]) -> tuple[KeyParams, bytes]:
     if not isinstance(kty, str) or not isinstance(alg, str | None):
         raise InvalidJwk("members 'kty' and 'alg' must be strings")
     chosen = key_type(kty)
-    return chosen.import_jwk(jwk, _checked_algorithm(chosen, kty, alg))
+    named = None if alg is None else chosen.our_alg(alg)
+    return chosen.import_jwk(jwk, _checked_algorithm(chosen, kty, named))
 
 
 def supported_algorithms() -> list[dict[str, Any]]:

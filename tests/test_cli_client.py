@@ -19,9 +19,11 @@ from cli.client import (
     ClientError,
     SealstreamClient,
     Source,
+    SourceChanged,
     Transfer,
     TransferAborted,
 )
+from cli.multipart import MultipartBody
 from sealstream.server import create_app
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.support.http import DOCUMENTED_KEY
@@ -260,6 +262,60 @@ def test_a_failing_source_raises_its_error_and_never_ends_the_upload(
 # The command line: each run starts a process, and the commands reach storage only through
 # the API, whose two backends the tests above cover; so one backend here.
 local_only = pytest.mark.parametrize("api", ["local"], indirect=True)
+
+
+def test_a_body_of_known_size_declares_its_length(tmp_path: Path) -> None:
+    """A regular file (from where its reader is) or bytes give the body a Content-Length;
+    a pipe or an iterable leave it chunked."""
+    path = tmp_path / "sized"
+    path.write_bytes(b"x" * 5000)
+    with path.open("rb") as file:
+        file.read(1000)
+        body = MultipartBody({"kid": KID}, file)
+        assert body.length == len(b"".join(body))
+        assert body.bytes_sent == 4000
+    in_memory = MultipartBody({}, b"abc")
+    assert in_memory.length == len(b"".join(in_memory))
+    assert MultipartBody({}, iter([b"abc"])).length is None
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        assert MultipartBody({}, pipe).length is None
+
+
+class ChangingFile:
+    """A regular file whose reads return `extra` bytes more (or, if negative, fewer) than
+    its size, as if it changed while it was read."""
+
+    def __init__(self, path: Path, extra: int) -> None:
+        self._file = path.open("rb")
+        self._extra = extra
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        if data and self._extra > 0:
+            data, self._extra = data + b"y" * self._extra, 0
+        elif data and self._extra < 0:
+            data, self._extra = data[: self._extra], 0
+        return data
+
+
+@local_only
+@pytest.mark.parametrize("extra", [1, -1], ids=["grew", "shrank"])
+def test_a_file_that_changes_while_sent_fails_and_stores_nothing(
+    api: Api, client: SealstreamClient, tmp_path: Path, extra: int
+) -> None:
+    path = tmp_path / "changing"
+    path.write_bytes(b"z" * 100_000)
+    with pytest.raises(SourceChanged):
+        client.encrypt_to_storage(KID, ChangingFile(path, extra), key="changed.bin")
+    assert not [info for info in api.objects.list("tenants/default/") if "changed" in info.key]
 
 
 def sealstream(

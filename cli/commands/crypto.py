@@ -9,6 +9,7 @@ was there before).
 
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,11 +77,15 @@ def encrypt(
     if to_storage is None:
         if bucket is not None or overwrite:
             raise CommandFailed("--bucket and --overwrite go with --to-storage", EXIT_USAGE)
-        with _source(session, input, output, "encrypt") as source, _Output(output) as sink:
+        with (
+            _source(session, input, output, "encrypt") as source,
+            _Output(output) as sink,
+            _Stopwatch() as watch,
+        ):
             transfer = session.client.encrypt(
                 key, source, sink, encryption_context=context, frame_length=frame_length
             )
-        _summarise(session, transfer, output)
+        _summarise(session, transfer, output, watch.seconds)
         return
     if output != "-":
         raise CommandFailed("--to-storage prints what was stored: drop --output", EXIT_USAGE)
@@ -133,15 +138,23 @@ def decrypt(
     if from_storage is None:
         if bucket is not None or byte_range is not None:
             raise CommandFailed("--bucket and --range go with --from-storage", EXIT_USAGE)
-        with _source(session, input, output, "decrypt") as source, _Output(output) as sink:
+        with (
+            _source(session, input, output, "decrypt") as source,
+            _Output(output) as sink,
+            _Stopwatch() as watch,
+        ):
             transfer = client.decrypt(source, sink, kid=kid, encryption_context=context)
-        _summarise(session, transfer, output)
+        _summarise(session, transfer, output, watch.seconds)
         return
     if input != "-":
         raise CommandFailed("give either INPUT or --from-storage, not both", EXIT_USAGE)
     wanted_range = None if byte_range is None else parse_range(byte_range)
     show = wanted(session.quiet)
-    with transfer_bar("decrypt", None, show=show) as meter, _Output(output, meter) as sink:
+    with (
+        transfer_bar("decrypt", None, show=show) as meter,
+        _Output(output, meter) as sink,
+        _Stopwatch() as watch,
+    ):
         transfer = client.decrypt_object(
             from_storage,
             sink,
@@ -150,7 +163,7 @@ def decrypt(
             kid=kid,
             encryption_context=context,
         )
-    _summarise(session, transfer, output)
+    _summarise(session, transfer, output, watch.seconds)
 
 
 _RANGE = re.compile(r"^(?:(\d+)-(\d*)|-(\d+))$")
@@ -171,7 +184,19 @@ def parse_range(text: str) -> ByteRange:
     return int(first), int(last) if last else None
 
 
-def _summarise(session: Session, transfer: Transfer, output: str) -> None:
+class _Stopwatch:
+    """The seconds a transfer took, from its request to its last byte."""
+
+    def __enter__(self) -> "_Stopwatch":
+        self._start = time.monotonic()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.monotonic() - self._start
+
+
+def _summarise(session: Session, transfer: Transfer, output: str, seconds: float) -> None:
     """What the transfer did: JSON with `--json` (to stderr when the data took stdout),
     else a line on stderr when the data went to a file."""
     summary = {
@@ -183,6 +208,7 @@ def _summarise(session: Session, transfer: Transfer, output: str) -> None:
         "status": transfer.status,
         "contentRange": transfer.content_range,
         "output": None if output == "-" else output,
+        "seconds": round(seconds, 3),
     }
     if session.json:
         if output == "-":
@@ -210,6 +236,12 @@ class _Counting:
         data = self._source.read(size)
         self._meter.advance(len(data))
         return data
+
+    def fileno(self) -> int:
+        return self._source.fileno()
+
+    def tell(self) -> int:
+        return self._source.tell()
 
 
 @contextmanager
@@ -248,22 +280,33 @@ def _same_file(a: Path, b: Path) -> bool:
 class _Output:
     """OUTPUT as a sink: stdout for -, else `OUTPUT.partial`, created at the first write
     (so a refused request leaves no file) and renamed to OUTPUT once the transfer is whole.
-    Whatever stops the transfer deletes the partial file and says so."""
+    Whatever stops the transfer deletes the partial file and says so. An OUTPUT that
+    exists and is not a regular file (/dev/null, a pipe) is written as it is, like stdout."""
 
     def __init__(self, path: str, meter: Meter | None = None) -> None:
-        self._path = None if path == "-" else Path(path)
-        self._partial = (
-            None if self._path is None else self._path.with_name(self._path.name + PARTIAL)
-        )
+        target = None if path == "-" else Path(path)
+        streamed = target is None or (target.exists() and not target.is_file())
+        self._path = None if streamed else target
+        self._stream = None if not streamed else target  # None: stdout
         self._file: BinaryIO | None = None
         self._meter = meter
 
+    @property
+    def _partial(self) -> Path:
+        assert self._path is not None
+        return self._path.with_name(self._path.name + PARTIAL)
+
     def write(self, data: bytes) -> int:
         if self._file is None:
-            self._file = sys.stdout.buffer if self._partial is None else self._partial.open("wb")
+            self._file = self._open()
         if self._meter is not None:
             self._meter.advance(len(data))
         return self._file.write(data)
+
+    def _open(self) -> BinaryIO:
+        if self._path is not None:
+            return self._partial.open("wb")
+        return sys.stdout.buffer if self._stream is None else self._stream.open("wb")
 
     def __enter__(self) -> "_Output":
         return self
@@ -273,9 +316,12 @@ class _Output:
             self.write(b"")  # an empty result still creates its file
         if self._file is None:
             return
-        if self._partial is None or self._path is None:
+        if self._path is None:
             self._file.flush()
-            self._fail(exc, "the output written to stdout is incomplete")
+            if self._stream is not None:
+                self._file.close()
+            where = "stdout" if self._stream is None else str(self._stream)
+            self._fail(exc, f"the output written to {where} is incomplete")
             return
         self._file.close()
         if exc is None:
