@@ -19,7 +19,7 @@ import http.client
 import json
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
@@ -200,16 +200,19 @@ class SealstreamClient:
         byte_range: ByteRange | None = None,
         kid: str | None = None,
         encryption_context: Mapping[str, str] | None = None,
+        on_length: Callable[[int | None], object] | None = None,
     ) -> Transfer:
         """Decrypt the stored object `key` to `sink`; `byte_range` (first, last) reads
         plaintext bytes first to last inclusive, (first, None) from first to the end,
-        (None, n) the last n bytes.
+        (None, n) the last n bytes. `on_length` is told the plaintext's length (None if
+        not announced) once the response begins, before any byte reaches `sink`.
         Raises `TransferAborted` (`sink` then holds only what arrived) if the server
         aborts midway."""
         source = {"key": key, **_metadata(bucket=bucket)}
         metadata = _metadata(kid=kid, encryptionContext=_context(encryption_context), source=source)
         headers = {} if byte_range is None else {"Range": _range_header(byte_range)}
-        return self._stream("/api/crypto/stream/decrypt", metadata, None, sink, headers)
+        path = "/api/crypto/stream/decrypt"
+        return self._stream(path, metadata, None, sink, headers, on_length=on_length)
 
     # Keys
 
@@ -308,6 +311,8 @@ class SealstreamClient:
         source: Source | None,
         sink: Writable,
         headers: Mapping[str, str] | None = None,
+        *,
+        on_length: Callable[[int | None], object] | None = None,
     ) -> Transfer:
         body = MultipartBody(metadata, source)
         with self._upload(path, body, headers) as exchange:
@@ -318,6 +323,8 @@ class SealstreamClient:
                 raise ClientError(f"unexpected response {response.status} {response.reason}")
             if not response.chunked and response.length is None:
                 raise ClientError("the response has no length framing: cannot tell if it is whole")
+            if on_length is not None:
+                on_length(response.length)
             received = _receive(exchange, response, sink)
             _finish(exchange)
             return Transfer(

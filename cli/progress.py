@@ -14,13 +14,18 @@ if TYPE_CHECKING:
 
 
 class Meter(Protocol):
-    """Where a transfer reports the bytes it has moved."""
+    """Where a transfer reports the bytes it has moved, and its length once known."""
 
     def advance(self, count: int) -> None: ...
+
+    def expect(self, total: int | None) -> None: ...
 
 
 class _Silent:
     def advance(self, count: int) -> None:
+        pass
+
+    def expect(self, total: int | None) -> None:
         pass
 
 
@@ -31,6 +36,9 @@ class _Bar:
 
     def advance(self, count: int) -> None:
         self._progress.advance(self._task, count)
+
+    def expect(self, total: int | None) -> None:
+        self._progress.update(self._task, total=total)
 
 
 def wanted(quiet: bool) -> bool:

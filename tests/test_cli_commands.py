@@ -229,20 +229,25 @@ def test_progress_shows_on_a_terminal_only(api: Api, tmp_path: Path) -> None:
     piped = run(api, "encrypt", "--kid", KID, str(plain), "-o", str(tmp_path / "piped.enc"))
     assert piped.returncode == 0 and "encrypt" not in piped.stderr
 
+    sealed = tmp_path / "tty.enc"
+    drawn = _on_a_terminal(api, "encrypt", "--kid", KID, str(plain), "-o", str(sealed))
+    assert "encrypt" in drawn and "/s" in drawn and "/4.2 MB" in drawn
+    assert sealed.stat().st_size > plain.stat().st_size
+
+    # From storage, the bar learns the length from the response.
+    assert run(api, "encrypt", "--kid", KID, str(plain), "--to-storage", "p").returncode == 0
+    drawn = _on_a_terminal(api, "decrypt", "--from-storage", "p", "-o", str(tmp_path / "p.out"))
+    assert "decrypt" in drawn and "/4.2 MB" in drawn
+    assert (tmp_path / "p.out").read_bytes() == plain.read_bytes()
+
+
+def _on_a_terminal(api: Api, *args: str) -> str:
+    """`sealstream ARGS` with its stderr on a terminal: what it drew there."""
     leader, follower = pty.openpty()
     env = {**os.environ, "SEALSTREAM_URL": api.url, "SEALSTREAM_TOKEN": ADMIN_TOKEN}
-    shown = subprocess.run(
-        [SEALSTREAM, "encrypt", "--kid", KID, str(plain), "-o", str(tmp_path / "tty.enc")],
-        stderr=follower,
-        env=env,
-        timeout=60,
-        check=True,
-    )
+    subprocess.run([SEALSTREAM, *args], stderr=follower, env=env, timeout=60, check=True)
     os.close(follower)
-    drawn = _drain(leader)
-    assert shown.returncode == 0
-    assert "encrypt" in drawn and "/s" in drawn
-    assert (tmp_path / "tty.enc").stat().st_size > plain.stat().st_size
+    return _drain(leader)
 
 
 def _drain(descriptor: int) -> str:

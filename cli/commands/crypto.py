@@ -162,6 +162,7 @@ def decrypt(
             byte_range=wanted_range,
             kid=kid,
             encryption_context=context,
+            on_length=meter.expect,
         )
     _summarise(session, transfer, output, watch.seconds)
 
