@@ -27,7 +27,7 @@ POLL_INTERVAL = 1.0  # seconds between two looks at a watched job
 WATCH_LIMIT = 24 * 3600.0  # seconds a watch lasts at most, unless told otherwise
 
 
-@click.group()
+@click.group(short_help="List, watch, cancel and start jobs.")
 def jobs() -> None:
     """List, watch and cancel jobs; start verify, batch-encrypt and reencrypt jobs."""
 

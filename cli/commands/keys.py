@@ -18,7 +18,7 @@ KEY_FIELDS = (
 KEY_COLUMNS = ("kid", "kty", "alg", "status", "primaryVersion", "exportable", "createdAt")
 
 
-@click.group()
+@click.group(short_help="Manage keys: create, rotate, import, export...")
 def keys() -> None:
     """Create, list, rotate, disable, delete, import and export keys."""
 
