@@ -17,6 +17,7 @@ manages every tenant's tokens; a tenant admin manages only its own tenant's toke
 grants only scopes it holds itself.
 """
 
+import base64
 import hashlib
 import hmac
 import re
@@ -167,10 +168,22 @@ class TokenHasher:
         return "".join(characters)
 
 
+# A bootstrap admin token's prefix keeps it from starting with `-`, which a command line
+# would read as an option.
+ADMIN_TOKEN_PREFIX = "ssa_"  # noqa: S105 - a prefix, not a token
+
+
 def new_admin_token() -> str:
-    """A bootstrap admin token, for a server given none. Its prefix keeps it from starting
-    with `-`, which a command line would read as an option."""
-    return f"ssa_{secrets.token_urlsafe(32)}"
+    """A bootstrap admin token, for a server given none."""
+    return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def dev_admin_token(records: Records) -> str:
+    """The bootstrap admin token of a local store given none: derived from its record key,
+    so the same at every start with the same store and KEK, and unknowable without the
+    KEK. Nothing stored is trusted for it: a copy kept for the client is never read back."""
+    secret = records.key.derive("dev-admin-token")
+    return ADMIN_TOKEN_PREFIX + base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
 
 
 class TokenStore:

@@ -35,11 +35,11 @@ def _serve(**values: Any) -> None:
 
     settings = build_model(Settings, values)
     generated = None
-    if settings.admin_token is None:
-        generated = _bootstrap_token(settings)
-        settings = settings.model_copy(update={"admin_token": generated})
     keep_freed_buffers()
     try:
+        if settings.admin_token is None:
+            generated = _bootstrap_token(settings)
+            settings = settings.model_copy(update={"admin_token": generated})
         app = create_app(settings)
         options = server_options(settings)
     except ConfigurationError as exc:
@@ -57,8 +57,8 @@ serve = click.Command(
     params=model_options(Settings, ENV_PREFIX),
     short_help="Run the API.",
     help="Run the API. With no configuration: local storage in ./.sealstream, jobs "
-    "in-process, a KEK generated beside the data, and an admin token generated and kept "
-    "in .sealstream/dev-token for the next start (and for the `sealstream` client). "
+    "in-process, a KEK generated beside the data, and an admin token derived from it (the "
+    "same at every start), with a copy in .sealstream/dev-token for the `sealstream` client. "
     "Every option can also be set by its SEALSTREAM_* variable.",
 )
 
@@ -102,33 +102,34 @@ upgrade_records = click.Command(
 
 
 def _bootstrap_token(settings: Settings) -> SecretStr:
-    """The admin token of a server given none: the one kept in its local store by an
-    earlier start, else a new one."""
-    from api.tokens import new_admin_token
-    from sealstream.wiring import local_storage_dir
+    """The admin token of a server given none: with a local store, the one its KEK derives
+    (the same at every start); else a new one."""
+    from api.tokens import dev_admin_token, new_admin_token
+    from sealstream.wiring import (
+        local_storage_dir,
+        open_kek,
+        open_object_store,
+        open_service_records,
+    )
 
-    storage_dir = local_storage_dir(settings)
-    kept = None if storage_dir is None else storage_dir / DEV_TOKEN
-    if kept is not None and kept.is_file():
-        token = kept.read_text().strip()
-        if token:
-            return SecretStr(token)
-    return SecretStr(new_admin_token())
+    if local_storage_dir(settings) is None:
+        return SecretStr(new_admin_token())
+    records = open_service_records(settings, open_object_store(settings), open_kek(settings))
+    return SecretStr(dev_admin_token(records))
 
 
 def _keep_dev_token(settings: Settings, token: SecretStr) -> None:
-    """Keep a generated admin token in a local store (owner-only, like its KEK), so that a
-    restart and the `sealstream` client use the same one. A supplied token is never
-    written anywhere."""
+    """Keep a copy of a generated admin token in a local store (owner-only, like its KEK)
+    for the `sealstream` client. The server never reads it back, and a supplied token is
+    never written anywhere."""
     from sealstream.wiring import local_storage_dir
 
     storage_dir = local_storage_dir(settings)
     if storage_dir is None:
         return
-    path = storage_dir / DEV_TOKEN
-    if path.is_file():
-        return
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+    descriptor = os.open(storage_dir / DEV_TOKEN, flags, 0o600)
+    os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(token.get_secret_value() + "\n")
 

@@ -52,6 +52,13 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
             assert client.get("/api/key-management/keys/mySymKey").json()["status"] == "enabled"
         assert again.admin_token == served.admin_token
 
+    # The server derives the token from the KEK and never trusts the file: one put there
+    # by someone who can write the store is replaced, not adopted.
+    dev_token.write_text("ssa_planted-by-whoever-writes-the-store\n")
+    with sealstream_serve(tmp_path) as third:
+        assert third.admin_token == served.admin_token
+    assert dev_token.read_text().strip() == served.admin_token
+
 
 def test_settings_come_from_the_environment_and_options(tmp_path: Path) -> None:
     env = {"SEALSTREAM_ADMIN_TOKEN": "from-the-environment", "SEALSTREAM_STORAGE_URL": "ignored"}
