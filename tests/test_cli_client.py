@@ -456,3 +456,14 @@ def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         untrusted = SealstreamClient(url, ADMIN_TOKEN, timeout=30)
         with pytest.raises(ClientError, match="certificate verify failed"):
             untrusted.get_key(KID)
+
+        # The command takes the CA to check the server with from --ca (or a profile).
+        env = {**os.environ, "SEALSTREAM_URL": url, "SEALSTREAM_TOKEN": ADMIN_TOKEN}
+        env.pop("SEALSTREAM_CA", None)
+        command = [SEALSTREAM, "keys", "get", KID]
+        trusted_run = subprocess.run(
+            [*command, "--ca", str(certificate)], env=env, capture_output=True, timeout=60
+        )
+        assert trusted_run.returncode == 0, trusted_run.stderr
+        refused = subprocess.run(command, env=env, capture_output=True, timeout=60)
+        assert refused.returncode == 1 and b"certificate verify failed" in refused.stderr

@@ -240,6 +240,10 @@ def test_progress_shows_on_a_terminal_only(api: Api, tmp_path: Path) -> None:
     assert "decrypt" in drawn and "/4.2 MB" in drawn
     assert (tmp_path / "p.out").read_bytes() == plain.read_bytes()
 
+    # A watched job: bars for its items and bytes, then the job.
+    drawn = _on_a_terminal(api, "jobs", "verify", "p", "--wait")
+    assert "1/1 items" in drawn and "bytes" in drawn and "succeeded" in drawn
+
 
 def _on_a_terminal(api: Api, *args: str) -> str:
     """`sealstream ARGS` with its stderr on a terminal: what it drew there."""
