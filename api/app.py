@@ -3,6 +3,7 @@ answers and documentation. The services themselves are built by `sealstream.serv
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -13,8 +14,9 @@ from api.routes import admin, crypto, health, jobs, keys
 from api.services import Services
 
 
-def make_app(services: Services) -> FastAPI:
-    """The API over `services`; their job runner stops when the app does."""
+def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
+    """The API over `services`; their job runner stops when the app does. `metrics_dir`:
+    where the server's processes share their metrics, when there are several."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -32,9 +34,8 @@ def make_app(services: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = services
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(metrics_dir)
     app.state.metrics.watch_jobs(services.jobs)
-    app.state.metrics.watch_records()
     # Added first, so it runs inside the metrics: refused streams are counted too
     # (as route "unmatched": routing never ran for them).
     app.add_middleware(StreamLimit, limit=services.settings.max_streams)

@@ -8,6 +8,13 @@ its end (a stream aborted part-way, see `api.duplex`, or one that never started)
 with status "aborted". It is a plain ASGI middleware that only passes messages through:
 Starlette's `BaseHTTPMiddleware` would buffer and reorder the duplex streams.
 
+When several processes serve (`sealstream serve --workers N`), each writes its counts to
+files in a directory they share (prometheus_client's multiprocess mode) and a scrape of
+any of them answers for the whole server: counters and histograms summed over every
+process that has served since the start, the requests in progress over the live ones.
+The `process_*` metrics (memory, CPU, open files) are one process's, so they are left
+out then.
+
 At each scrape the job store is asked how many jobs are running (a count over all
 tenants); the jobs' own work happens in worker processes, which Celery's monitoring
 covers.
@@ -16,6 +23,7 @@ covers.
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +32,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -32,7 +41,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.jobs import JobStore
-from storage.integrity import refusals
+from storage.integrity import REFUSED_RECORDS
 
 UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
 ABORTED = "aborted"  # the status label of a response that started and was cut off
@@ -42,13 +51,27 @@ DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf
 
 @dataclass
 class Metrics:
-    """The API's metrics, in a registry of the app's own (several apps may share a process)."""
+    """The API's metrics, in a registry of the app's own (several apps may share a process).
 
+    With `shared_dir`, the directory prometheus_client's multiprocess mode writes to (its
+    `PROMETHEUS_MULTIPROC_DIR`, set before this process imported it), a scrape reads every
+    process's files there instead of this process's registry.
+    """
+
+    shared_dir: Path | None = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
+        if self.shared_dir is None:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            self.registry.register(REFUSED_RECORDS)
+            self._scraped = self.registry
+        else:
+            self._scraped = CollectorRegistry()
+            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                self._scraped, path=str(self.shared_dir)
+            )
         self.requests = Counter(
             "sealstream_http_requests",
             "HTTP requests answered, by route template and status",
@@ -67,6 +90,7 @@ class Metrics:
             "Requests being served now (streams included)",
             ["method"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.received = Counter(
             "sealstream_http_request_body_bytes",
@@ -83,17 +107,13 @@ class Metrics:
 
     def watch_jobs(self, jobs: JobStore) -> None:
         """Report the jobs running now (all tenants: a count, no ids) at each scrape."""
-        self.registry.register(_JobsCollector(jobs))
-
-    def watch_records(self) -> None:
-        """Report the stored records this process refused, by kind, at each scrape."""
-        self.registry.register(_RefusedRecordsCollector())
+        self._scraped.register(_JobsCollector(jobs))
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The registry in the format the scraper's `Accept` header asks for (Prometheus
         or OpenMetrics text, the older text format without one), and its content type."""
         encode, content_type = choose_encoder(accept or "")
-        return encode(self.registry), content_type
+        return encode(self._scraped), content_type
 
 
 class _JobsCollector(Collector):
@@ -122,19 +142,6 @@ class _JobsCollector(Collector):
         for (kind, status), count in sorted(finished.items()):
             counts.add_metric([kind, status], count)
         yield counts
-
-
-class _RefusedRecordsCollector(Collector):
-    def collect(self) -> Iterator[Metric]:
-        refused = CounterMetricFamily(
-            "sealstream_records_refused",
-            "Stored records (tokens, keys, objects, jobs) that failed authentication and "
-            "were refused, by kind: alert on any",
-            labels=["kind"],
-        )
-        for kind, count in sorted(refusals().items()):
-            refused.add_metric([kind], count)
-        yield refused
 
 
 def _job_store_up(up: bool) -> GaugeMetricFamily:

@@ -28,7 +28,8 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -63,8 +64,9 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's options (`uvicorn.Config`'s keywords) for serving the API as `settings`
     say; `ConfigurationError` if the TLS certificate and key do not load."""
     check_tls(settings)
-    limits = ConnectionLimits.of(settings)
-    protocol = type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+    # A partial rather than a subclass made here: a server process started by the
+    # supervisor gets its options pickled, and only a module's own class pickles.
+    protocol = partial(GuardedHttpProtocol, limits=ConnectionLimits.of(settings))
     return {
         "host": settings.host,
         "port": settings.port,
@@ -99,10 +101,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     rest of a body whose response has ended (timed by the body rate).
     """
 
-    limits: ClassVar[ConnectionLimits]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.limits = limits
         self._timer: asyncio.TimerHandle | None = None
         self._awaiting_head = False
         self._head_begun = False

@@ -55,6 +55,12 @@ def connection_cap(open_files: int | None = None) -> int:
     return max(1, int(open_files * CONNECTION_FILE_SHARE))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, which a container's cpuset or
+    `taskset` narrows, where `os.cpu_count` counts the whole machine's."""
+    return len(os.sched_getaffinity(0))
+
+
 def keygen_threads() -> int:
     """Half the CPUs: key generation is CPU-bound, and requests need the rest."""
     return max(1, (os.cpu_count() or 1) // 2)

@@ -19,7 +19,6 @@ from pydantic import SecretStr
 
 from cli.exits import EXIT_FAILED, EXIT_USAGE, fail
 from cli.options import build_model, model_options
-from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings, without_credentials
 
 ENV_PREFIX = "SEALSTREAM_"
@@ -27,28 +26,24 @@ DEV_TOKEN = "dev-token"  # noqa: S105 - a file name: the generated admin token k
 
 
 def _serve(**values: Any) -> None:
-    import uvicorn
-
-    from api.serving import server_options
-    from sealstream.server import create_app
+    from sealstream.processes import Launch
     from sealstream.wiring import ConfigurationError
 
     settings = build_model(Settings, values)
     generated = None
-    keep_freed_buffers()
     try:
         if settings.admin_token is None:
+            # Here, once: every server process is handed this one.
             generated = _bootstrap_token(settings)
             settings = settings.model_copy(update={"admin_token": generated})
-        app = create_app(settings)
-        options = server_options(settings)
+        launch = Launch(settings)
     except ConfigurationError as exc:
         fail(f"cannot start: {exc}", EXIT_USAGE)
     if generated is not None:
         _keep_dev_token(settings, generated)
-    _announce(settings, generated)
+    _announce(settings, generated, launch.processes)
     warn_if_exposed(settings)
-    uvicorn.run(app, log_level="info", **options)
+    launch.run()
 
 
 serve = click.Command(
@@ -172,7 +167,7 @@ def _base_url(settings: Settings) -> str:
     return f"{scheme}://{settings.host}:{settings.port}"
 
 
-def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
+def _announce(settings: Settings, generated_token: SecretStr | None, processes: int) -> None:
     """Say where the service is and what it uses; every URL without its credentials, and
     the admin token only if it was generated here (a supplied one is never printed)."""
     from sealstream.wiring import local_storage_dir
@@ -204,6 +199,7 @@ def _announce(settings: Settings, generated_token: SecretStr | None) -> None:
         f"  URL:          {_base_url(settings)}",
         f"  storage:      {storage}",
         f"  jobs:         {jobs}",
+        f"  processes:    {processes}",
         f"  admin token:  {token}",
         *kept,
         "  try:          sealstream keys list",

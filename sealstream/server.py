@@ -3,6 +3,7 @@
 the app over them. Nowhere else builds the app."""
 
 from dataclasses import fields
+from pathlib import Path
 
 from anyio import CapacityLimiter
 from fastapi import FastAPI
@@ -17,8 +18,8 @@ from services.jobs import JobRunner
 from workers.runner import CeleryRunner, InProcessRunner
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The API over the parts `settings` describes."""
+def create_app(settings: Settings, metrics_dir: Path | None = None) -> FastAPI:
+    """The API over the parts `settings` describes (`metrics_dir`: see `make_app`)."""
     if settings.admin_token is None:
         raise ConfigurationError("set SEALSTREAM_ADMIN_TOKEN (`sealstream serve` generates one)")
     parts = build_parts(settings)
@@ -33,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
         transfers=CapacityLimiter(settings.transfer_threads),
         key_work=KeyWork(settings.keygen_threads, settings.keygen_rate),
     )
-    return make_app(services)
+    return make_app(services, metrics_dir)
 
 
 def _job_runner(parts: Parts) -> JobRunner:

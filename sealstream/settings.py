@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="endpoint of an S3-compatible server (MinIO, Ceph...); unset: AWS"
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="server processes answering on the one listening socket, each restarted "
+        "if it dies; more than one needs Redis for jobs. Unset: the CPUs this process may "
+        "run on with Redis, 1 with in-process jobs",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis for the job queue and job records; unset: jobs run in the API process",
@@ -172,9 +180,10 @@ class Settings(BaseSettings):
         default_factory=keygen_threads,
         ge=1,
         le=64,
-        description="RSA keys generated or imported at once (to create, rotate or import "
-        "one), on threads of their own, so that a burst of them cannot take the threads "
-        "that authentication and key reads use; more wait their turn. By default half the "
+        description="RSA keys the server generates or imports at once (to create, rotate or "
+        "import one), on threads of their own, so that a burst of them cannot take the "
+        "threads that authentication and key reads use; more wait their turn. Shared "
+        "evenly among the server's processes (each has at least one). By default half the "
         "CPUs",
     )
     keygen_rate: str = Field(
@@ -270,10 +279,11 @@ class Settings(BaseSettings):
     max_streams: int = Field(
         default_factory=memory_stream_cap,
         ge=1,
-        description="encrypt and decrypt streams one process serves at once, a bound on "
-        "the memory they hold; past it, 503 too-many-streams. By default as many uploads "
-        "into S3, each (parts in flight + 1) × the part size, as fit in half the memory "
-        "available: the cgroup limit if any, else the physical memory",
+        description="encrypt and decrypt streams the server serves at once, a bound on "
+        "the memory they hold, shared evenly among its processes (each takes at least "
+        "one); past its share, a process answers 503 too-many-streams. By default as many "
+        "uploads into S3, each (parts in flight + 1) × the part size, as fit in half the "
+        "memory available: the cgroup limit if any, else the physical memory",
     )
 
     @field_validator("keygen_rate")

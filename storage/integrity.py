@@ -27,10 +27,10 @@ import json
 import logging
 import struct
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from storage.base import ObjectInfo, ObjectStore
@@ -157,22 +157,23 @@ def _length_prefixed(text: str) -> bytes:
     return struct.pack(">I", len(encoded)) + encoded
 
 
-_refused: Counter[str] = Counter()
-_refused_lock = threading.Lock()
+# In no registry of its own: the API's metrics show it. Being a prometheus_client metric,
+# it is counted in the files every server process shares when there are several, so one
+# scrape sees the refusals of all.
+REFUSED_RECORDS = Counter(
+    "sealstream_records_refused",
+    "Stored records (tokens, keys, objects, jobs) that failed authentication and were "
+    "refused, by kind: alert on any",
+    ["kind"],
+    registry=None,
+)
 
 
 def note_refusal(kind: str, refusal: RecordTampered) -> None:
     """Log a refused record with where it was stored (for operators: an error a client
-    sees never names it) and count it by kind for `refusals`."""
+    sees never names it) and count it by kind in `REFUSED_RECORDS`."""
     logger.error("refused a %s record: %s", kind, refusal)
-    with _refused_lock:
-        _refused[kind] += 1
-
-
-def refusals() -> dict[str, int]:
-    """Records refused in this process since it started, by kind."""
-    with _refused_lock:
-        return dict(_refused)
+    REFUSED_RECORDS.labels(kind).inc()
 
 
 class Records:

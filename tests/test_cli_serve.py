@@ -1,8 +1,6 @@
 """`sealstream serve`: with no configuration, the embedded default that `make dev` runs;
 over HTTPS; and its warning when plain HTTP is served off loopback."""
 
-import hashlib
-import io
 import os
 import ssl
 import stat
@@ -19,7 +17,7 @@ from sealstream.commands import warn_if_exposed
 from sealstream.settings import Settings
 from sealstream.wiring import open_records
 from storage import LocalStore
-from tests.support.http import DOCUMENTED_KEY, encrypt, problem, read_object
+from tests.support.http import DOCUMENTED_KEY, assert_round_trip, encrypt, problem, read_object
 from tests.support.ports import LOCALHOST, free_port
 from tests.support.services import sealstream_serve, self_signed_certificate
 
@@ -136,11 +134,7 @@ def test_serve_over_https(tmp_path: Path) -> None:
         trusted = ssl.create_default_context(cafile=str(certificate))
         client = SealstreamClient(served.url, served.admin_token, timeout=30, ssl_context=trusted)
         client.create_key(**DOCUMENTED_KEY)
-        plaintext = os.urandom(3 * 1024 * 1024 + 5)
-        sealed, opened = io.BytesIO(), io.BytesIO()
-        client.encrypt("mySymKey", io.BytesIO(plaintext), sealed)
-        client.decrypt(sealed.getvalue(), opened)
-        assert hashlib.sha256(opened.getvalue()).digest() == hashlib.sha256(plaintext).digest()
+        assert_round_trip(client, "mySymKey", 3 * 1024 * 1024 + 5)
 
         plain = served.url.replace("https://", "http://")
         with pytest.raises(httpx.HTTPError):  # no plain HTTP beside HTTPS

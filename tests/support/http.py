@@ -8,8 +8,11 @@ body before they read the response: against a bounded server they deadlock on a 
 stream-back encrypt. `exchange` sends from one thread while another reads, as curl does.
 """
 
+import hashlib
 import http.client
+import io
 import json
+import os
 import random
 import socket
 import time
@@ -23,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from cli import transport
+from cli.client import SealstreamClient
 from tests.conftest import ADMIN_TOKEN
 from tests.support.data import KiB, Tally
 
@@ -304,3 +308,13 @@ def raw_upload(
         yield sock
     finally:
         sock.close()
+
+
+def assert_round_trip(client: SealstreamClient, kid: str, size: int) -> None:
+    """`size` random bytes encrypted under `kid` and decrypted again by `client`'s streams
+    come back whole."""
+    plaintext = os.urandom(size)
+    sealed, opened = io.BytesIO(), io.BytesIO()
+    client.encrypt(kid, io.BytesIO(plaintext), sealed)
+    client.decrypt(sealed.getvalue(), opened)
+    assert hashlib.sha256(opened.getvalue()).digest() == hashlib.sha256(plaintext).digest()

@@ -1,13 +1,19 @@
 """Reading a live server's `GET /metrics` in tests."""
 
+import ssl
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(url: str, accept: str = "text/plain") -> tuple[httpx.Response, Samples]:
-    response = httpx.get(f"{url}/metrics", headers={"Accept": accept}, timeout=30)  # no token
+def scrape(
+    url: str, accept: str = "text/plain", verify: ssl.SSLContext | bool = True
+) -> tuple[httpx.Response, Samples]:
+    response = httpx.get(  # with no token
+        f"{url}/metrics", headers={"Accept": accept}, timeout=30, verify=verify
+    )
     samples: Samples = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
