@@ -45,9 +45,9 @@ from storage.errors import (
 from storage.local_files import (
     TEMP_NAME_OVERHEAD,
     TEMP_PREFIX,
+    UncachedFile,
     fsync_directory,
     make_private,
-    new_private_file,
     private_directories,
     prune_empty,
     temp_beside,
@@ -289,7 +289,7 @@ class _LocalWriter(MultipartWriter):
                 private_directories(path.parent, store.root)
             except (FileExistsError, NotADirectoryError):
                 raise InvalidObjectKey("a prefix of the key is another object", key) from None
-            self._file = new_private_file(self.temp)
+            self._file = UncachedFile(self.temp)
 
     def _write(self, view: memoryview) -> None:
         with self._store._os_errors(self.key):  # noqa: SLF001
@@ -300,9 +300,7 @@ class _LocalWriter(MultipartWriter):
         # and a digest would take another pass over every byte stored.
         etag = uuid.uuid4().hex
         with self._store._os_errors(self.key):  # noqa: SLF001
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            modified = os.fstat(self._file.fileno()).st_mtime
+            modified = self._file.sync().st_mtime
             self._file.close()
         sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
         self._store._commit(self, sidecar)  # noqa: SLF001

@@ -1,5 +1,7 @@
 """What only the local-directory backend has: key safety, its files on disk, its lock."""
 
+import errno
+import fcntl
 import os
 import re
 import shutil
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from storage import BucketNotFound, InvalidObjectKey, LocalStore
+from storage.local_files import UncachedFile
 
 
 @pytest.fixture
@@ -176,3 +179,43 @@ def test_an_open_store_directory_is_closed_when_opened(tmp_path: Path) -> None:
 def _modes(root: Path) -> dict[Path, int]:
     """The permission bits of the root and of everything under it."""
     return {path: stat.S_IMODE(path.stat().st_mode) for path in [root, *root.rglob("*")]}
+
+
+STAGE = 8192
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, STAGE, STAGE + 1, 3 * STAGE + 4097])
+@pytest.mark.parametrize("direct", [True, False], ids=["uncached", "no-o-direct"])
+def test_an_uncached_file_holds_every_byte_written_whatever_the_sizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, direct: bool
+) -> None:
+    """Written around the page cache (O_DIRECT) a staged buffer at a time, with a tail of
+    any length; or, on a filesystem that refuses O_DIRECT, through the cache."""
+    if not direct:
+        real_fcntl = fcntl.fcntl
+
+        def refusing_o_direct(descriptor: int, command: int, argument: int = 0) -> int:
+            if command == fcntl.F_SETFL and argument & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "O_DIRECT is not supported")
+            return int(real_fcntl(descriptor, command, argument))
+
+        monkeypatch.setattr(fcntl, "fcntl", refusing_o_direct)
+    data = os.urandom(size)
+    file = UncachedFile(tmp_path / "object", stage_bytes=STAGE)
+    try:
+        for start in range(0, size, 3001):  # pieces that straddle the stage's edges
+            file.write(memoryview(data)[start : start + 3001])
+        assert file.sync().st_size == size
+    finally:
+        file.close()
+    assert (tmp_path / "object").read_bytes() == data
+    assert stat.S_IMODE((tmp_path / "object").stat().st_mode) == 0o600
+
+
+def test_an_object_larger_than_the_stage_is_stored_whole(local: LocalStore) -> None:
+    data = os.urandom(9 * 1024 * 1024 + 7)
+    with local.multipart("big", metadata={}) as writer:
+        for start in range(0, len(data), 1_000_003):
+            writer.write(data[start : start + 1_000_003])
+        writer.complete()
+    assert local.get("big") == data
