@@ -41,7 +41,12 @@ system:
 test: lint system
 	$(BIN)/pytest -n 2
 
+# age (Debian) is what bench/stream.py compares one stream with: a user encrypting on
+# their own machine instead.
 bench: $(STAMP)
+	@command -v age >/dev/null || apt-get install -y --no-install-recommends age \
+		|| { apt-get update && apt-get install -y --no-install-recommends age; } \
+		|| { echo "age is missing: apt-get install age"; exit 1; }
 	$(BIN)/python bench/format.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/verify.py

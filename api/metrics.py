@@ -12,14 +12,16 @@ When several processes serve (`sealstream serve --workers N`), each writes its c
 files in a directory they share (prometheus_client's multiprocess mode) and a scrape of
 any of them answers for the whole server: counters and histograms summed over every
 process that has served since the start, the requests in progress over the live ones.
-The `process_*` metrics (memory, CPU, open files) are one process's, so they are left
-out then.
+`process_resident_memory_bytes` and `process_cpu_seconds_total` then come with a `pid`
+label, one series for each live server process, read from /proc at the scrape; the
+other `process_*` metrics (open files, virtual memory) are left out.
 
 At each scrape the job store is asked how many jobs are running (a count over all
 tenants); the jobs' own work happens in worker processes, which Celery's monitoring
 covers.
 """
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ from storage.integrity import REFUSED_RECORDS
 UNMATCHED = "unmatched"  # the route label of a request no route took (a 404)
 ABORTED = "aborted"  # the status label of a response that started and was cut off
 # Request durations run from milliseconds (key routes) to hours (streams of many GiB).
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf"))
 
 
@@ -72,6 +76,14 @@ class Metrics:
             multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
                 self._scraped, path=str(self.shared_dir)
             )
+            self._scraped.register(_ServerProcessesCollector(self.shared_dir))
+            # Its file in the shared directory is how a scrape finds this process.
+            Gauge(
+                "sealstream_process_start_time_seconds",
+                "When each live server process started (Unix time)",
+                registry=self.registry,
+                multiprocess_mode="liveall",
+            ).set_to_current_time()
         self.requests = Counter(
             "sealstream_http_requests",
             "HTTP requests answered, by route template and status",
@@ -142,6 +154,37 @@ class _JobsCollector(Collector):
         for (kind, status), count in sorted(finished.items()):
             counts.add_metric([kind, status], count)
         yield counts
+
+
+class _ServerProcessesCollector(Collector):
+    """The memory and CPU time of each live server process, found by the file its start
+    time gauge keeps in the shared directory (prometheus_client names those of a
+    "liveall" gauge `gauge_liveall_<pid>.db`, and removes them when the process dies)."""
+
+    def __init__(self, shared_dir: Path) -> None:
+        self._shared_dir = shared_dir
+
+    def collect(self) -> Iterator[Metric]:
+        memory = GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory of each server process, in bytes",
+            labels=["pid"],
+        )
+        cpu = CounterMetricFamily(
+            "process_cpu_seconds",
+            "User and system CPU time of each server process, in seconds",
+            labels=["pid"],
+        )
+        for file in sorted(self._shared_dir.glob("gauge_liveall_*.db")):
+            pid = file.stem.rsplit("_", 1)[1]
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone since: the supervisor removes its file shortly
+            cpu.add_metric([pid], (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS)
+            memory.add_metric([pid], int(stat[21]) * _PAGE_BYTES)
+        yield memory
+        yield cpu
 
 
 def _job_store_up(up: bool) -> GaugeMetricFamily:

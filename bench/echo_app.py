@@ -20,12 +20,17 @@ then `file`), with the same token check, the same multipart reader
 
 Run as `python -m bench.echo_app`: configuration comes from the `SEALSTREAM_*` environment,
 and uvicorn runs one worker with httptools and uvloop, with the allocator tuned, as
-`sealstream serve` runs.
+`sealstream serve` runs. `python -m bench.echo_app granian` (or `hypercorn`) serves the
+same app with that ASGI server instead, one worker on uvloop, for bench/asgi_servers.py;
+neither is a dependency of the service, and neither has the connection guards of
+`api.serving`.
 The routes live here, never in the service.
 """
 
 import os
+import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
@@ -114,20 +119,53 @@ def create_bench_app(settings: Settings) -> FastAPI:
     return app
 
 
-def main() -> None:
-    import uvicorn
+def app_from_environment() -> FastAPI:
+    """The bench app over the settings of the `SEALSTREAM_*` environment."""
+    return create_bench_app(Settings())
 
+
+def main() -> None:
     keep_freed_buffers()  # as `sealstream serve` does
     settings = Settings()
-    uvicorn.run(
-        create_bench_app(settings),
-        host=settings.host,
-        port=settings.port,
-        http="httptools",
-        loop="uvloop",
-        workers=1,
-        log_level="warning",
-    )
+    server = sys.argv[1] if len(sys.argv) > 1 else "uvicorn"
+    if server == "granian":
+        from granian import Granian
+
+        # Its enumerations take their values' strings.
+        options: dict[str, Any] = {"interface": "asgi", "loop": "uvloop", "log_level": "warning"}
+        Granian(
+            "bench.echo_app:app_from_environment",
+            factory=True,
+            address=settings.host,
+            port=settings.port,
+            workers=1,
+            **options,
+        ).serve()
+    elif server == "hypercorn":
+        import asyncio
+
+        import uvloop
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"{settings.host}:{settings.port}"]
+        config.loglevel = "WARNING"
+        uvloop.install()
+        app: Any = create_bench_app(settings)  # an ASGI app, as hypercorn's types do not say
+        asyncio.run(serve(app, config))
+    else:
+        import uvicorn
+
+        uvicorn.run(
+            create_bench_app(settings),
+            host=settings.host,
+            port=settings.port,
+            http="httptools",
+            loop="uvloop",
+            workers=1,
+            log_level="warning",
+        )
 
 
 if __name__ == "__main__":

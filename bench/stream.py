@@ -26,8 +26,9 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    the echo held the same way and no crypto as the step between. AES-256-GCM's speed
    varies widely from machine to machine (docs/benchmarks.md), and with it the ratios;
    its speed on one core is printed too.
-3. to storage: encrypt-to-storage MB/s on the local-directory backend, next to the disk
-   (as many ciphertext-like bytes written and fsync'd) and to the stream-back figure (our
+3. to storage: encrypt-to-storage MB/s and server CPU per GiB on the local-directory
+   backend, next to the disk (as many ciphertext-like bytes written and fsync'd, the
+   faster of through the page cache and around it) and to the stream-back figure (our
    own overhead of storing; boto3 has no local-directory ceiling); then against an S3
    server (moto, its own process), encrypt-to-storage MB/s next to boto3's own
    `upload_fileobj` of the same bytes with the same part size and parts in flight,
@@ -38,12 +39,24 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    default); a second API server, configured for S3, serves it, since one server has one
    default store. Each stored object's verification job (which the server runs itself)
    must succeed, and is waited for, untimed, before going on.
-4. 8 concurrent streams of 256 MiB (8 stream-back encrypts at once, each through its own
-   curl, whose output is piped into a second curl that decrypts it through the API): the
-   aggregate MB/s, and whether every plaintext's SHA-256 matches what was sent.
+4. next to age: one stream encrypted through the service (streamed back, its length
+   declared) and `age` (the Debian package) encrypting the same file to an X25519
+   recipient into /dev/null, in alternated rounds; curl and age pinned to the same core.
+   Goal: the service at least as fast (ratio >= 1.0).
 5. the `sealstream` command: `encrypt` of a file, and `decrypt` of its ciphertext, each
    streamed back to /dev/null, next to curl doing the same with the same file and server,
    alternated (goal ratio >= 0.9); the command's start-up is in its time.
+6. across processes: 8 concurrent streams of 256 MiB (8 stream-back encrypts at once,
+   each through its own curl, whose output is piped into a second curl that decrypts it
+   through the API) against `sealstream serve --workers 1` and `--workers` = the usable
+   cores, each with Redis for jobs and a local directory of its own, alternated round by
+   round: each one's aggregate MB/s, whether every plaintext's SHA-256 matches what was
+   sent, and the server's CPU seconds per GiB encrypted or decrypted (all its processes),
+   which shows its efficiency apart from the clients sharing the cores; then the scaling
+   ratio, aggregate(cores) / aggregate(1) (goal >= 1.25 on 2 cores), the CPU per GiB of
+   N processes over one's (goal <= 1.10), and the aggregate that CPU per GiB allows when
+   the server has every core to itself. The curl clients are pinned (`taskset`) to one
+   core, so that they take the same share of the machine in every round.
 
 Each kind's best round is printed, and each ratio is judged round by round: the median,
 over the rounds, of the two kinds' ratio within a round (the best rounds' ratio beside
@@ -65,6 +78,7 @@ anything.
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -90,7 +104,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keystore import LocalKek
 from storage import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, LocalStore
+from storage.local_files import UncachedFile
 from tests.support.ports import LOCALHOST, free_port
+from tests.support.services import redis_server
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -113,6 +129,11 @@ CURL_MAX_SECONDS = 1800
 JOB_WAIT_SECONDS = 600
 PIPE_SIZE = MIB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CORES = len(os.sched_getaffinity(0))
+# The clients of the scaling and age figures share one core, named, so that what they
+# take of the machine is the same in every round.
+CLIENT_CORE = max(os.sched_getaffinity(0))
+PINNED_CLIENTS = ("taskset", "--cpu-list", str(CLIENT_CORE))
 ROOT = Path(__file__).resolve().parent.parent
 AWS_ENVIRONMENT = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -234,9 +255,22 @@ def running(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    """User and system CPU time of a process so far, all its threads, and of its live
+    descendants (a supervisor's server processes)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0  # gone meanwhile
+    own = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(word) for word in (task / "children").read_text().split()]
+    return children
 
 
 def client_cpu_seconds() -> float:
@@ -253,6 +287,7 @@ class Server:
     token: str
     pid: int
     storage_dir: Path | None
+    client_prefix: tuple[str, ...] = ()  # `taskset -c N`, to pin the clients to a core
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
@@ -296,8 +331,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def api_server(workdir: Path, name: str, env: dict[str, str]) -> Iterator[Server]:
-    """`bench.echo_app` (the service's app plus `/bench/echo`) in a process of its own."""
+def api_server(
+    workdir: Path,
+    name: str,
+    env: dict[str, str],
+    command: tuple[str, ...] = (sys.executable, "-m", ECHO_APP),
+    client_prefix: tuple[str, ...] = (),
+) -> Iterator[Server]:
+    """`command` serving the API (by default `bench.echo_app`: the service's app plus
+    `/bench/echo`) in a process of its own, with a key made through it."""
     port = free_port()
     token = "bench-" + os.urandom(16).hex()
     env = {
@@ -307,11 +349,10 @@ def api_server(workdir: Path, name: str, env: dict[str, str]) -> Iterator[Server
         "SEALSTREAM_ADMIN_TOKEN": token,
     }
     url = f"http://{LOCALHOST}:{port}"
-    command = [sys.executable, "-m", ECHO_APP]
-    with running(command, env, workdir / f"{name}.log", f"{url}/healthz", name) as process:
+    with running(list(command), env, workdir / f"{name}.log", f"{url}/healthz", name) as process:
         storage_url = env["SEALSTREAM_STORAGE_URL"]
         storage_dir = Path(storage_url[7:]) if storage_url.startswith("file://") else None
-        server = Server(url, token, process.pid, storage_dir)
+        server = Server(url, token, process.pid, storage_dir, client_prefix)
         server.create_key()
         yield server
 
@@ -371,6 +412,7 @@ def curl_command(
     server: Server, path: str, metadata: dict[str, Any], output: str, source: str = "/dev/stdin"
 ) -> list[str]:
     return [
+        *server.client_prefix,
         "curl",
         "--silent",
         "--show-error",
@@ -724,23 +766,32 @@ def aes_gcm_seconds_per_gib() -> float:
 
 
 def disk_write_seconds(directory: Path, size: int) -> float:
-    """Seconds to write `size` bytes of ciphertext-like data to a file there and fsync it.
+    """Seconds to write `size` bytes of ciphertext-like data to a file there and fsync it,
+    the faster of through the page cache and around it (O_DIRECT, as the local store
+    writes where it can).
 
     The bytes are AES-GCM output over generated blocks: no plaintext goes to disk.
     """
     aead = AESGCM(os.urandom(32))
     blocks = [aead.encrypt(os.urandom(12), os.urandom(BLOCK), None)[:BLOCK] for _ in range(4)]
     path = directory / f".bench-disk-{os.getpid()}"
-    start = time.perf_counter()
-    try:
-        with path.open("xb") as file:
+    fastest = float("inf")
+    for uncached in (False, True):
+        start = time.perf_counter()
+        try:
+            file = UncachedFile(path) if uncached else path.open("xb")
             for offset in range(0, size, BLOCK):
-                file.write(blocks[(offset // BLOCK) % 4][: size - offset])
-            file.flush()
-            os.fsync(file.fileno())
-        return time.perf_counter() - start
-    finally:
-        path.unlink(missing_ok=True)
+                file.write(memoryview(blocks[(offset // BLOCK) % 4])[: size - offset])
+            if isinstance(file, UncachedFile):
+                file.sync()
+            else:
+                file.flush()
+                os.fsync(file.fileno())
+            file.close()
+            fastest = min(fastest, time.perf_counter() - start)
+        finally:
+            path.unlink(missing_ok=True)
+    return fastest
 
 
 def local_storage_figures(timings: StreamBack) -> None:
@@ -749,15 +800,20 @@ def local_storage_figures(timings: StreamBack) -> None:
     print(f"  sealstream encrypt -> storage  {timings.local.figures(total)}")
     print(
         "  ceiling: the disk, as many bytes written and fsync'd "
-        f"{mb_per_s(total, disk.fastest):6.0f} MB/s   ratio {ratio(disk, timings.local)}"
+        f"{mb_per_s(total, disk.fastest):6.0f} MB/s   ratio {ratio(disk, timings.local)} "
+        "(goal >= 0.80)"
     )
     print(
         f"  next to stream-back encrypt {mb_per_s(total, timings.encrypt.fastest):6.0f} MB/s: "
-        f"ratio {ratio(timings.encrypt, timings.local)} (our own overhead of storing)"
+        f"ratio {ratio(timings.encrypt, timings.local)} (our own overhead of storing); "
+        f"server CPU {timings.local.server_cpu / timings.encrypt.server_cpu:.2f} times "
+        "stream-back's (goal <= 1.50)"
     )
 
 
-def concurrency_figures(server: Server, streams: int, total: int, single: float) -> bool:
+def streams_at_once(server: Server, streams: int, total: int) -> tuple[float, float, list[str]]:
+    """`streams` round trips of `total` bytes at once: the seconds they took together, the
+    server's CPU seconds meanwhile, and what failed."""
     datas = [Plaintext(total) for _ in range(streams)]
     results: list[Transfer | BaseException] = []
     lock = threading.Lock()
@@ -770,8 +826,7 @@ def concurrency_figures(server: Server, streams: int, total: int, single: float)
         with lock:
             results.append(outcome)
 
-    rss = PeakRss(server.pid)
-    rss.reset()
+    cpu_before = server.cpu_seconds()
     start = time.perf_counter()
     threads = [threading.Thread(target=run, args=(data,)) for data in datas]
     for thread in threads:
@@ -779,7 +834,7 @@ def concurrency_figures(server: Server, streams: int, total: int, single: float)
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - start
-    peak = rss.peak_mib()
+    cpu = server.cpu_seconds() - cpu_before
     failures = []
     for outcome in results:
         if isinstance(outcome, BaseException):
@@ -788,19 +843,79 @@ def concurrency_figures(server: Server, streams: int, total: int, single: float)
             failures.append("; ".join(outcome.errors) or f"status {outcome.status}")
         elif outcome.sent_sha256 != outcome.received_sha256 or outcome.downloaded != total:
             failures.append(f"plaintext differs ({outcome.downloaded} B back of {total} B)")
-    aggregate = mb_per_s(streams * total, seconds)
+    return seconds, cpu, failures
+
+
+@contextlib.contextmanager
+def sealstream_serve(workdir: Path, name: str, workers: int, redis_url: str) -> Iterator[Server]:
+    """`sealstream serve --workers N` as a user runs it (Redis for jobs, a local directory
+    of its own for storage), the processes counted together; its clients pinned."""
+    env = {
+        "SEALSTREAM_STORAGE_URL": f"file://{workdir / name}",
+        "SEALSTREAM_REDIS_URL": redis_url,
+        "SEALSTREAM_WORKERS": str(workers),
+    }
+    command = (str(Path(sys.executable).with_name("sealstream")), "serve")
+    with api_server(workdir, name, env, command, PINNED_CLIENTS) as server:
+        yield server
+
+
+@dataclass
+class Aggregate(Timed):
+    """Rounds of streams at once: their seconds, and the server's CPU seconds in each."""
+
+    cpu: list[float] = field(default_factory=list)
+
+    def cpu_per_gib(self, moved: int) -> float:
+        return min(self.cpu) / (moved / GIB)
+
+
+def scaling_figures(workdir: Path, streams: int, total: int, rounds: int, single: float) -> bool:
+    """`streams` round trips at once against one server process and against one per core,
+    alternated round by round."""
+    moved = 2 * streams * total  # each stream's bytes are encrypted, then decrypted
+    failures: list[str] = []
+    with (
+        redis_server(workdir / "redis") as redis,
+        sealstream_serve(workdir, "one", 1, redis.url) as one,
+        sealstream_serve(workdir, "every", CORES, redis.url) as every,
+    ):
+        servers = [(one, Aggregate()), (every, Aggregate())]
+        for server, _ in servers:  # every process up and warm before the rounds
+            failures += streams_at_once(server, streams, 16 * MIB)[2]
+        for number in range(rounds):
+            for server, kept in in_turn(servers, number):
+                seconds, cpu, failed = streams_at_once(server, streams, total)
+                kept.time(seconds)
+                kept.cpu.append(cpu)
+                failures += failed
+    (_, alone), (_, together) = servers
     print(
-        f"4. {streams} concurrent {total / MIB:.0f} MiB streams, each encrypted (streamed back) "
-        "and piped into a decrypt on the same server"
+        f"6. {streams} concurrent {total / MIB:.0f} MiB streams, each encrypted (streamed back) "
+        f"and piped into a decrypt; `sealstream serve --workers 1` and `--workers {CORES}` "
+        f"(Redis for jobs), alternated, {rounds} rounds; the curl clients pinned to core "
+        f"{CLIENT_CORE}; server CPU per GiB encrypted or decrypted, all its processes"
     )
+    for workers, kept in ((1, alone), (CORES, together)):
+        aggregate = mb_per_s(streams * total, kept.fastest)
+        print(
+            f"  --workers {workers:<3} aggregate {aggregate:6.0f} MB/s encrypted + as much "
+            f"decrypted; server CPU {kept.cpu_per_gib(moved):.2f} s/GiB"
+        )
+    cpu_ratio = together.cpu_per_gib(moved) / alone.cpu_per_gib(moved)
     print(
-        f"  aggregate {aggregate:6.0f} MB/s of plaintext encrypted, and as much decrypted "
-        f"(server total {2 * aggregate:.0f} MB/s)   single-stream encrypt {single:6.0f} MB/s"
+        f"  scaling ratio aggregate({CORES}) / aggregate(1): {ratio(alone, together)} "
+        f"(goal >= 1.25 here); server CPU per GiB, {CORES} processes / 1: {cpu_ratio:.2f} "
+        "(goal <= 1.10)"
     )
-    print(f"  server peak RSS meanwhile {peak:.1f} MiB ({2 * streams} streams open)")
-    correct = streams - len(failures)
-    verdict = f"all {streams} correct" if not failures else f"{correct} of {streams} correct"
-    print(f"  {verdict} (SHA-256 of each decrypted stream = SHA-256 of what was sent)")
+    spare = CORES / together.cpu_per_gib(moved) * GIB / 1e6 / 2
+    print(
+        f"  one stream alone {single:6.0f} MB/s; with {CORES} cores for the server alone "
+        f"(clients elsewhere), its CPU per GiB bounds the aggregate at {spare:6.0f} MB/s "
+        "encrypted + as much decrypted"
+    )
+    correct = "all correct" if not failures else f"{len(failures)} failed"
+    print(f"  {correct} (SHA-256 of each decrypted stream = SHA-256 of what was sent)")
     for failure in failures:
         print(f"    failed: {failure}")
     return not failures
@@ -911,6 +1026,42 @@ def cli_figures(server: Server, workdir: Path, total: int, rounds: int) -> None:
             f"  ratio {ratio(theirs.transfer, mine.transfer)}  (goal >= 0.90)   "
             f"whole runs {ratio(theirs.wall, mine.wall)}"
         )
+
+
+def age_figures(server: Server, total: int, rounds: int) -> float:
+    """One stream encrypted through the service next to `age` encrypting the same file
+    to /dev/null, alternated round by round, both clients on the same pinned core; the
+    service's MB/s."""
+    keys = subprocess.run(["age-keygen"], capture_output=True, text=True, check=True).stdout
+    recipient = next(
+        line.split(": ", 1)[1] for line in keys.splitlines() if line.startswith("# public key")
+    )
+    pinned = dataclasses.replace(server, client_prefix=PINNED_CLIENTS)
+    data = PlaintextFile(Plaintext(total))
+    ours, theirs = Timed(), Timed()
+    try:
+        for number in range(rounds):
+            for kind in in_turn(["sealstream", "age"], number):
+                if kind == "sealstream":
+                    upload_ = upload(pinned, ENCRYPT_PATH, {"kid": KID}, data)
+                    ours.time(checked(upload_, "encrypt next to age").seconds)
+                    continue
+                command = ["age", "--recipient", recipient, "--output", os.devnull, data.path]
+                start = time.perf_counter()
+                subprocess.run([*PINNED_CLIENTS, *command], pass_fds=[data.fd], check=True)
+                theirs.time(time.perf_counter() - start)
+    finally:
+        data.close()
+    version = subprocess.run(["age", "--version"], capture_output=True, text=True).stdout.strip()
+    print(
+        f"4. one {total / MIB:.0f} MiB stream next to age {version} encrypting the same file "
+        f"(X25519 recipient) to /dev/null; {rounds} rounds alternated; curl and age on core "
+        f"{CLIENT_CORE}"
+    )
+    print(f"  sealstream encrypt -> client   {mb_per_s(total, ours.fastest):6.0f} MB/s")
+    print(f"  age -> /dev/null               {mb_per_s(total, theirs.fastest):6.0f} MB/s")
+    print(f"  ratio {ratio(theirs, ours)}  (goal >= 1.0)")
+    return mb_per_s(total, ours.fastest)
 
 
 @contextlib.contextmanager
@@ -1076,6 +1227,18 @@ def s3_figures(workdir: Path, total: int, rounds: int) -> None:
     print(f"  ratio {ratio(unsigned, ours)}  (like for like: bodies unsigned on both)")
 
 
+@contextlib.contextmanager
+def reported_failure(workdir: Path) -> Iterator[None]:
+    """A `BenchError` printed with the tails of the servers' logs, then exit status 1."""
+    try:
+        yield
+    except BenchError as exc:
+        print(f"FAILED: {exc}")
+        for log in sorted(workdir.glob("*.log")):
+            print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-2000:]}")
+        raise SystemExit(1) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="stream-back upload size, GiB")
@@ -1093,13 +1256,18 @@ def main() -> None:
     parser.add_argument("--skip-storage", action="store_true", help="no to-storage figures")
     parser.add_argument("--cli-mib", type=int, default=200, help="size for the command's figures")
     parser.add_argument("--only-cli", action="store_true", help="only the command's figures")
+    parser.add_argument(
+        "--only-scaling",
+        action="store_true",
+        help="only the figures next to age and across processes",
+    )
     args = parser.parse_args()
 
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as scratch:
         workdir = Path(scratch)
         env = {"SEALSTREAM_STORAGE_URL": f"file://{workdir / 'storage'}"}
-        try:
+        with reported_failure(workdir):
             with api_server(workdir, "api", env) as server:
                 print(
                     f"live server pid {server.pid}: uvicorn, 1 worker, httptools + uvloop; "
@@ -1109,20 +1277,17 @@ def main() -> None:
                 if args.only_cli:
                     cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
                     return
-                memory_figures(server, [int(gib * GIB) for gib in args.memory_gib])
                 total = int(args.gib * GIB)
-                timings = stream_back_figures(server, total, args.rounds, not args.skip_storage)
-                if not args.skip_storage:
+                if not args.only_scaling:
+                    memory_figures(server, [int(gib * GIB) for gib in args.memory_gib])
+                    timings = stream_back_figures(server, total, args.rounds, not args.skip_storage)
+                if not (args.skip_storage or args.only_scaling):
                     local_storage_figures(timings)
                     s3_figures(workdir, args.s3_mib * MIB, args.rounds)
-                single = mb_per_s(total, timings.encrypt.fastest)
-                ok = concurrency_figures(server, args.streams, args.stream_mib * MIB, single)
-                cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
-        except BenchError as exc:
-            print(f"FAILED: {exc}")
-            for log in sorted(workdir.glob("*.log")):
-                print(f"--- {log.name} (tail)\n{log.read_text(errors='replace')[-2000:]}")
-            raise SystemExit(1) from None
+                single = age_figures(server, total, args.rounds)
+                if not args.only_scaling:
+                    cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
+            ok = scaling_figures(workdir, args.streams, args.stream_mib * MIB, args.rounds, single)
     print(f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine)")
     if not ok:
         raise SystemExit(1)

@@ -99,6 +99,18 @@ def test_processes_share_a_socket_and_one_dies_and_is_replaced(
                 status="200",
             )
             assert requests == 5
+
+        # And the memory of each live process, once the replacement has built its app.
+        def memory_of_each() -> bool:
+            _, samples = scrape(served.url, verify=trusted)
+            reported = {
+                dict(labels)["pid"]
+                for name, labels in samples
+                if name == "process_resident_memory_bytes"
+            }
+            return reported == {str(pid) for pid in server_processes(served)}
+
+        wait_until(memory_of_each, "the memory of every server process")
     assert list(tmp_path.joinpath(".sealstream").glob("*kek*")) == [
         tmp_path / ".sealstream" / ".kek"
     ]
