@@ -695,7 +695,7 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
                     raise BenchError(f"{what} returned {transfer.downloaded} B for {total} B")
                 kept.add(transfer)
             if to_storage:
-                store_once(server, store, timings, number, piped)
+                store_once(server, store, timings, number, declared)
     finally:
         declared.close()
     print(
@@ -736,10 +736,10 @@ def stream_back_figures(server: Server, total: int, rounds: int, to_storage: boo
 
 
 def store_once(
-    server: Server, store: LocalStore, timings: StreamBack, number: int, data: Plaintext
+    server: Server, store: LocalStore, timings: StreamBack, number: int, data: PlaintextFile
 ) -> None:
-    """Encrypt `data` into local storage, then write as many bytes to the disk; both timed,
-    and the object deleted."""
+    """Encrypt `data` into local storage, its length declared as the stream-back figure's
+    is, then write as many bytes to the disk; both timed, and the object deleted."""
     metadata = {"kid": KID, "destination": {"key": f"bench/stream-{number}"}}
     transfer = checked(upload(server, ENCRYPT_PATH, metadata, data), "encrypt to storage", 201)
     stored = settled(server, transfer, data.total)
