@@ -26,12 +26,13 @@ DEV_TOKEN = "dev-token"  # noqa: S105 - a file name: the generated admin token k
 
 
 def _serve(**values: Any) -> None:
-    from sealstream.processes import Launch
+    from sealstream.processes import Launch, server_processes
     from sealstream.wiring import ConfigurationError
 
     settings = build_model(Settings, values)
     generated = None
     try:
+        server_processes(settings)  # refused before a first start creates anything
         if settings.admin_token is None:
             # Here, once: every server process is handed this one.
             generated = _bootstrap_token(settings)
