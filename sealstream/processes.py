@@ -123,9 +123,10 @@ class ServerProcessConfig(uvicorn.Config):
         )
         self.settings = settings
         self.metrics_dir = metrics_dir
+        self.supervisor = os.getpid()  # built there, pickled to each server process
 
     def load_app(self) -> Any:
-        _stop_with_the_supervisor()
+        _stop_with_the_supervisor(self.supervisor)
         keep_freed_buffers()
         try:
             return create_app(self.settings, self.metrics_dir)
@@ -152,8 +153,13 @@ class Supervisor(Multiprocess):
         self._started = running
 
 
-def _stop_with_the_supervisor() -> None:
+def _stop_with_the_supervisor(supervisor: int) -> None:
     """Have the kernel send this process SIGTERM when the supervisor dies, however it
-    dies (killed, it cannot stop its processes itself): no process serves on unsupervised."""
+    dies (killed, it cannot stop its processes itself): no process serves on unsupervised.
+    A supervisor that died before this was asked, while the process was still starting,
+    has left it to another parent: it stops at once."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:
+        logger.error("the supervisor is gone; not starting")
+        sys.exit(STARTUP_FAILURE)

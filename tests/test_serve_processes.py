@@ -2,6 +2,7 @@
 which replaces one that dies; one admin token, one KEK and one metrics view for all."""
 
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -115,6 +116,23 @@ def test_processes_share_a_socket_and_one_dies_and_is_replaced(
         tmp_path / ".sealstream" / ".kek"
     ]
     assert not metrics_dir.exists()
+
+
+def test_no_process_serves_on_when_the_supervisor_is_killed(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {"SEALSTREAM_REDIS_URL": redis_server.url, "SEALSTREAM_WORKERS": "2"}
+    with sealstream_serve(tmp_path, env) as served:
+        wait_until(lambda: len(server_processes(served)) == 2, "two server processes")
+        processes = [psutil.Process(pid) for pid in server_processes(served)]
+        metrics_dir = Path(processes[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+        served.process.kill()  # it cannot stop them itself: the kernel tells them
+        wait_until(
+            lambda: not any(process.is_running() for process in processes),
+            "the server processes gone with their supervisor",
+            timeout=120,  # one may still be starting: it stops once it has imported
+        )
+    shutil.rmtree(metrics_dir)  # what only a supervisor that exits cleans
 
 
 def test_more_than_one_process_needs_redis(tmp_path: Path) -> None:
