@@ -41,19 +41,22 @@ async def authenticated(request: Request, credentials: Credentials) -> Principal
         ) from None
 
 
-def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
-    """A dependency that authenticates the request and demands `scope`."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}")
+def require(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency that authenticates the request and demands every one of `scopes`."""
+    unknown = sorted(set(scopes) - SCOPES)
+    if not scopes or unknown:
+        raise ValueError(f"unknown scopes {unknown!r}")
 
     async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        if scope not in principal.scopes:
-            raise Problem(
-                403,
-                "insufficient-scope",
-                f"the token lacks the {scope!r} scope",
-                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
-            )
+        for scope in scopes:
+            if scope not in principal.scopes:
+                challenge = f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'
+                raise Problem(
+                    403,
+                    "insufficient-scope",
+                    f"the token lacks the {scope!r} scope",
+                    headers={"WWW-Authenticate": challenge},
+                )
         return principal
 
     return dependency

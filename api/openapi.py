@@ -82,12 +82,26 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "required": True,
     },
     "X-Key-Used": {
-        "description": "The key version that sealed or opened the message: `kid#version`.",
+        "description": "The key version that sealed, opened or signed: `kid#version`.",
         "schema": {"type": "string"},
         "required": True,
     },
     "X-Algorithm-Used": {
         "description": "The key's algorithm (`alg`).",
+        "schema": {"type": "string"},
+        "required": True,
+    },
+    "X-Source-Key-Requested": {
+        "description": "The source's kid as the request named it, or the source's own key.",
+        "schema": {"type": "string"},
+        "required": True,
+    },
+    "X-Source-Key-Used": {
+        "description": "The key version that opened the message or checked the old signature.",
+        "schema": {"type": "string"},
+    },
+    "X-Source-Algorithm-Used": {
+        "description": "The source key's algorithm (`alg`).",
         "schema": {"type": "string"},
         "required": True,
     },
@@ -102,6 +116,7 @@ _HEADERS: dict[str, dict[str, Any]] = {
 }
 
 KEY_HEADERS = ("X-Key-Requested", "X-Key-Used", "X-Algorithm-Used")
+SOURCE_KEY_HEADERS = ("X-Source-Key-Requested", "X-Source-Key-Used", "X-Source-Algorithm-Used")
 _PROBLEM_HEADERS: dict[int, tuple[str, ...]] = {
     401: ("WWW-Authenticate",),
     403: ("WWW-Authenticate",),
@@ -120,10 +135,17 @@ def _ref(model: type[BaseModel], mode: JsonSchemaMode) -> dict[str, str]:
     return {"$ref": f"{REF_PREFIX}{model.__name__}"}
 
 
-def headers(*names: str, required: Iterable[str] = ()) -> dict[str, Any]:
-    """Response headers by name; those in `required` always come with the answer."""
+def headers(
+    *names: str, required: Iterable[str] = (), optional: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Response headers by name; those in `required` always come with the answer, those
+    in `optional` not always, whatever they do elsewhere."""
     return {
-        name: {**_HEADERS[name], "required": name in required or _HEADERS[name].get("required")}
+        name: {
+            **_HEADERS[name],
+            "required": name not in optional
+            and (name in required or bool(_HEADERS[name].get("required"))),
+        }
         for name in names
     }
 

@@ -1,8 +1,8 @@
 """Request fields several routes share, validated the same way everywhere."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from envelope import DEFAULT_FRAME_LENGTH as DEFAULT_FRAME_LENGTH
@@ -10,6 +10,7 @@ from envelope import DEFAULT_LIMITS, InvalidParameter, check_frame_length
 from envelope.message import FRAME_LENGTH_MULTIPLE
 from keystore.records import KID_PATTERN
 from services.keys import RESERVED_CONTEXT_PREFIX
+from storage.documents import CamelModel
 
 
 def _no_reserved_keys(context: dict[str, str]) -> dict[str, str]:
@@ -54,3 +55,22 @@ Kid = Annotated[
     Field(json_schema_extra={"pattern": f"^{KID_PATTERN.pattern}$", "examples": ["mySymKey"]}),
 ]
 """A key's id as a request names it (checked by the key store, which gives it its own code)."""
+
+
+class Metadata(CamelModel):
+    """A form's `metadata` part: only the fields its route names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NamesKey(Metadata):
+    """Metadata that must name the key to seal or sign with: `kid`."""
+
+    kid: Kid
+
+    @model_validator(mode="before")
+    @classmethod
+    def kid_is_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kid" not in data:
+            raise PydanticCustomError("missing-kid", "the metadata must name a key: 'kid'")
+        return data

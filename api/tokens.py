@@ -44,6 +44,8 @@ SCOPES = frozenset(
         "keys:export",
         "crypto:encrypt",
         "crypto:decrypt",
+        "crypto:sign",
+        "crypto:verify",
         "jobs:read",
         "jobs:write",
         ADMIN_SCOPE,

@@ -1,5 +1,6 @@
 """envelope: the sealstream message format, an AWS Encryption SDK message (version 2,
-algorithm suite 0x0478, framed), written and read incrementally.
+algorithm suite 0x0478, framed), written and read incrementally; and detached JWS
+signatures over a streamed payload (`envelope.jws`, with the keys of `envelope.signing_keys`).
 
 Pure: bytes in, bytes out; no I/O and no framework. See docs/FORMAT.md for the bytes.
 Exported here is what other packages use; the rest is imported from its own module.
@@ -18,8 +19,19 @@ from envelope.errors import (
     HeaderAuthenticationError,
     HeaderLimitExceeded,
     InvalidParameter,
+    JwsAlgorithmMismatch,
+    JwsCritMissing,
+    JwsCritUnsupported,
+    JwsExtraSegments,
+    JwsPayloadAttached,
+    JwsPayloadEncoded,
+    MalformedJws,
     MessageFormatError,
     PlaintextTooShort,
+    SignatureError,
+    SignatureInvalid,
+    SignatureLengthInvalid,
+    SigningFailed,
     StateError,
     TrailingData,
     TruncatedMessage,
@@ -32,6 +44,7 @@ from envelope.header import (
     Limits,
     parse_header,
 )
+from envelope.jws import DetachedJws, DetachedSigner, DetachedVerifier, parse_detached
 from envelope.keyrings import (
     PROVIDER_ID,
     AesKeyring,
@@ -47,6 +60,7 @@ from envelope.message import (
     open_message,
 )
 from envelope.ranged import FinalFrameCheck, MessageLayout, RangeDecryptor
+from envelope.signing_keys import SigningKey, VerifyingKey
 
 __all__ = [
     "DEFAULT_FRAME_LENGTH",
@@ -57,6 +71,9 @@ __all__ = [
     "CommitmentMismatch",
     "DataKeyUnavailable",
     "Decryptor",
+    "DetachedJws",
+    "DetachedSigner",
+    "DetachedVerifier",
     "EncryptionContextMismatch",
     "Encryptor",
     "EnvelopeError",
@@ -69,8 +86,15 @@ __all__ = [
     "HeaderLimitExceeded",
     "HeaderReader",
     "InvalidParameter",
+    "JwsAlgorithmMismatch",
+    "JwsCritMissing",
+    "JwsCritUnsupported",
+    "JwsExtraSegments",
+    "JwsPayloadAttached",
+    "JwsPayloadEncoded",
     "Keyring",
     "Limits",
+    "MalformedJws",
     "MessageFormatError",
     "MessageLayout",
     "MlKemKeyring",
@@ -78,13 +102,20 @@ __all__ = [
     "PlaintextTooShort",
     "RangeDecryptor",
     "RsaKeyring",
+    "SignatureError",
+    "SignatureInvalid",
+    "SignatureLengthInvalid",
+    "SigningFailed",
+    "SigningKey",
     "StateError",
     "TrailingData",
     "TruncatedMessage",
     "UnsupportedMessage",
+    "VerifyingKey",
     "check_frame_length",
     "key_names",
     "open_message",
+    "parse_detached",
     "parse_header",
     "start_decryption",
 ]

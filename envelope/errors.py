@@ -73,3 +73,48 @@ class StateError(EnvelopeError):
 class PlaintextTooShort(EnvelopeError):
     """The plaintext ended inside a frame that `Encryptor.expect_length` let out as a
     regular one: the bytes handed out so far are no message, and must not be kept as one."""
+
+
+class SignatureError(EnvelopeError):
+    """A detached signature could not be made, read or checked."""
+
+
+class MalformedJws(SignatureError):
+    """The bytes are not a detached JWS this service reads (RFC 7515 compact form, over an
+    unencoded payload as RFC 7797 has it)."""
+
+
+class JwsExtraSegments(MalformedJws):
+    """The compact form has more than three segments (a JWE has five, for one)."""
+
+
+class JwsPayloadAttached(MalformedJws):
+    """The payload segment is not empty: the payload travels apart, as the file part."""
+
+
+class JwsPayloadEncoded(MalformedJws):
+    """The header does not say `"b64": false`: the signature is not over the raw bytes."""
+
+
+class JwsCritMissing(MalformedJws):
+    """`b64` is used but `crit` does not list it, as RFC 7797 requires."""
+
+
+class JwsCritUnsupported(MalformedJws):
+    """`crit` lists a header parameter this service does not understand, or is malformed."""
+
+
+class SignatureLengthInvalid(MalformedJws):
+    """The signature has a length no signature of the key can have."""
+
+
+class JwsAlgorithmMismatch(SignatureError):
+    """The header's `alg` is not the key's algorithm; the key's own algorithm decides."""
+
+
+class SignatureInvalid(SignatureError):
+    """The signature does not verify: the bytes, the header or the key differ."""
+
+
+class SigningFailed(SignatureError):
+    """A signature just made did not verify under its own key; it was not handed out."""

@@ -1,38 +1,58 @@
-"""The table of supported key types (kty) and algorithms (alg), and per type: material
-generation and encoding, keyring construction, public and export JWKs, import from JWK.
+"""The table of supported key types (kty) and algorithms (alg), and per type: the
+operations each algorithm serves, material generation and encoding, keyring or signing
+key construction, public and export JWKs, import from JWK.
 
+An algorithm either encrypts (`encrypt`, `decrypt`: AES-256, RSA-OAEP-256, ML-KEM) or
+signs (`sign`, `verify`: ES256, ES384, PS256, PS384, Ed25519, ML-DSA); no key does both.
 The key API names algorithms as the product always has (`AES-256`); JWKs name them as
 RFC 7518 does (`A256GCM`), and an imported JWK may use either (docs/api.md has the table).
 
 Material is what the store wraps under the KEK: 32 raw bytes for `oct`, PKCS#8 DER for
-`RSA`, the 64-byte seed for `ML-KEM`. JWK members are base64url without padding. Errors
-about imported JWKs name members, never their values.
+`RSA` and `EC`, the 64-byte seed for `ML-KEM`, the 32-byte seed for `ML-DSA`, the 32-byte
+private key for `OKP`. JWK members are base64url without padding. Errors about imported
+JWKs name members, never their values.
 """
 
-import base64
-import binascii
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import mlkem, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem, rsa
 
-from envelope import AesKeyring, Keyring, MlKemKeyring, RsaKeyring
+from envelope import AesKeyring, Keyring, MlKemKeyring, RsaKeyring, SigningKey, VerifyingKey
+from envelope.jws import b64url as b64url
+from envelope.jws import b64url_decode
+from envelope.signing_keys import (
+    EcdsaSigningKey,
+    EcdsaVerifyingKey,
+    MlDsaSigningKey,
+    MlDsaVerifyingKey,
+    PssSigningKey,
+    PssVerifyingKey,
+)
 from keystore.errors import (
     AlgorithmMismatch,
     InvalidJwk,
     InvalidKeySize,
+    NotForStreams,
+    OperationNotPermitted,
     UnsupportedAlgorithm,
     UnsupportedKeyType,
 )
 
 Jwk = dict[str, str]
+KeyOp = Literal["encrypt", "decrypt", "sign", "verify"]
+ENCRYPTION_OPS: tuple[KeyOp, ...] = ("encrypt", "decrypt")
+SIGNATURE_OPS: tuple[KeyOp, ...] = ("sign", "verify")
+KEY_OPS: tuple[KeyOp, ...] = ENCRYPTION_OPS + SIGNATURE_OPS
 
 AES_KEY_LENGTH = 32
 MLKEM_SEED_LENGTH = 64
+MLDSA_SEED_LENGTH = 32
+ED25519_KEY_LENGTH = 32
 RSA_PUBLIC_EXPONENT = 65537
 
 
@@ -57,6 +77,8 @@ class KeyType(ABC):
     # Material whose generation, or the checking of an imported one, takes long enough
     # (RSA: a good part of a second of CPU) to be kept off the threads requests share.
     costly: ClassVar[bool] = False
+    # Whether its signatures can be made over a stream in one pass.
+    streams: ClassVar[bool] = True
 
     def params(self, alg: str, key_size: int | None) -> KeyParams:
         """The parameters of a new key of algorithm `alg` (already one of ours)."""
@@ -64,9 +86,27 @@ class KeyType(ABC):
             raise InvalidKeySize("keySize applies to RSA keys only")
         return KeyParams(self.kty, alg)
 
+    def operations(self, alg: str) -> tuple[KeyOp, ...]:
+        """What a key of algorithm `alg` may be allowed to do."""
+        return ENCRYPTION_OPS
+
+    def default_algorithm(self, signs: bool) -> str:
+        """The algorithm a new key gets when none is named: the first that signs, if the
+        key is to sign, else the first."""
+        wanted = SIGNATURE_OPS if signs else self.operations(self.algorithms[0])
+        return next(
+            (a for a in self.algorithms if self.operations(a) == wanted), self.algorithms[0]
+        )
+
     def describe(self) -> dict[str, Any]:
         """This type's entry in the supported-algorithms listing."""
-        return {"kty": self.kty, "algorithms": list(self.algorithms), "default": self.algorithms[0]}
+        return {
+            "kty": self.kty,
+            "algorithms": list(self.algorithms),
+            "default": self.algorithms[0],
+            "operations": {alg: list(self.operations(alg)) for alg in self.algorithms},
+            "streaming": self.streams,
+        }
 
     def jwk_alg(self, alg: str) -> str:
         """The `alg` a JWK of ours writes for our algorithm `alg`."""
@@ -84,9 +124,17 @@ class KeyType(ABC):
     def generate(self, params: KeyParams) -> bytes:
         """Fresh material."""
 
-    @abstractmethod
     def keyring(self, key_name: str, params: KeyParams, material: bytes) -> Keyring:
         """The envelope keyring of one key version, able to wrap and unwrap."""
+        raise OperationNotPermitted(f"{params.alg} keys do not encrypt")
+
+    def signing_key(self, params: KeyParams, material: bytes) -> SigningKey:
+        """The key that signs streams with one key version."""
+        raise OperationNotPermitted(f"{params.alg} keys do not sign")
+
+    def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
+        """The key that checks `alg` signatures of a public JWK of this type."""
+        raise OperationNotPermitted(f"{alg} keys do not verify")
 
     @abstractmethod
     def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
@@ -127,7 +175,7 @@ class OctKeyType(KeyType):
 
 class RsaKeyType(KeyType):
     kty = "RSA"
-    algorithms = ("RSA-OAEP-256",)
+    algorithms = ("RSA-OAEP-256", "PS256", "PS384")
     costly = True
     key_sizes = (2048, 3072, 4096)
     default_key_size = 3072
@@ -145,13 +193,33 @@ class RsaKeyType(KeyType):
             "defaultKeySize": self.default_key_size,
         }
 
+    def operations(self, alg: str) -> tuple[KeyOp, ...]:
+        return ENCRYPTION_OPS if alg == self.algorithms[0] else SIGNATURE_OPS
+
     def generate(self, params: KeyParams) -> bytes:
         key_size = params.key_size or self.default_key_size
         key = rsa.generate_private_key(public_exponent=RSA_PUBLIC_EXPONENT, key_size=key_size)
         return _pkcs8(key)
 
     def keyring(self, key_name: str, params: KeyParams, material: bytes) -> Keyring:
+        if self.operations(params.alg) != ENCRYPTION_OPS:
+            return super().keyring(key_name, params, material)
         return RsaKeyring(key_name, _load_rsa(material))
+
+    def signing_key(self, params: KeyParams, material: bytes) -> SigningKey:
+        if self.operations(params.alg) != SIGNATURE_OPS:
+            return super().signing_key(params, material)
+        return PssSigningKey(params.alg, _load_rsa(material))
+
+    def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
+        if self.operations(alg) != SIGNATURE_OPS:
+            return super().verifying_key(public_jwk, alg)
+        modulus = self._checked_modulus(public_jwk)
+        public = rsa.RSAPublicNumbers(_jwk_uint(public_jwk, "e"), int.from_bytes(modulus))
+        try:
+            return PssVerifyingKey(alg, public.public_key())
+        except ValueError:
+            raise InvalidJwk("the RSA members do not make a public key") from None
 
     def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
         numbers = _load_rsa(material).public_key().public_numbers()
@@ -177,10 +245,8 @@ class RsaKeyType(KeyType):
         return self.public_jwk(key_name, params, material) | members
 
     def import_jwk(self, jwk: Mapping[str, Any], alg: str) -> tuple[KeyParams, bytes]:
-        modulus = jwk_bytes(jwk, "n")
+        modulus = self._checked_modulus(jwk)
         key_size = len(modulus) * 8
-        if key_size not in self.key_sizes or not modulus[0] & 0x80:
-            raise InvalidJwk(f"member 'n' must be an RSA modulus of {list(self.key_sizes)} bits")
         d, p, q, dp, dq, qi = (_jwk_uint(jwk, name) for name in self._private_members)
         public = rsa.RSAPublicNumbers(_jwk_uint(jwk, "e"), int.from_bytes(modulus))
         try:
@@ -189,34 +255,34 @@ class RsaKeyType(KeyType):
             raise InvalidJwk("the RSA members do not make a consistent private key") from None
         return KeyParams(self.kty, alg, key_size), _pkcs8(key)
 
+    def _checked_modulus(self, jwk: Mapping[str, Any]) -> bytes:
+        modulus = jwk_bytes(jwk, "n")
+        if len(modulus) * 8 not in self.key_sizes or not modulus[0] & 0x80:
+            raise InvalidJwk(f"member 'n' must be an RSA modulus of {list(self.key_sizes)} bits")
+        return modulus
 
-MlKemPrivateKeyClass = type[mlkem.MLKEM768PrivateKey] | type[mlkem.MLKEM1024PrivateKey]
 
+class AkpKeyType(KeyType):
+    """A key type whose JWKs are the JOSE draft's `AKP` ("algorithm key pair"): the
+    private key as its seed (`priv`), the public key as raw bytes (`pub`), the parameter
+    set named by `alg`."""
 
-class MlKemKeyType(KeyType):
-    kty = "ML-KEM"
     jwk_kty = "AKP"  # the IETF JOSE draft's name, used in JWKs and accepted on input
-    algorithms = ("ML-KEM-768", "ML-KEM-1024")
-    _classes: ClassVar[dict[str, MlKemPrivateKeyClass]] = {
-        "ML-KEM-768": mlkem.MLKEM768PrivateKey,
-        "ML-KEM-1024": mlkem.MLKEM1024PrivateKey,
-    }
+    seed_length: ClassVar[int]
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"aliases": [self.jwk_kty]}
 
-    def generate(self, params: KeyParams) -> bytes:
-        return self._classes[params.alg].generate().private_bytes_raw()
-
-    def keyring(self, key_name: str, params: KeyParams, material: bytes) -> Keyring:
-        return MlKemKeyring(key_name, self._classes[params.alg].from_seed_bytes(material))
+    @abstractmethod
+    def public_bytes(self, alg: str, seed: bytes) -> bytes:
+        """The raw public key of the key made from `seed`."""
 
     def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
         return {
             "kty": self.jwk_kty,
             "kid": key_name,
             "alg": self.jwk_alg(params.alg),
-            "pub": b64url(self._public_bytes(params.alg, material)),
+            "pub": b64url(self.public_bytes(params.alg, material)),
         }
 
     def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
@@ -226,20 +292,218 @@ class MlKemKeyType(KeyType):
         if "alg" not in jwk:
             raise InvalidJwk("an AKP JWK must name its parameter set in 'alg'")
         seed = jwk_bytes(jwk, "priv")
-        if len(seed) != MLKEM_SEED_LENGTH:
-            raise InvalidJwk(f"member 'priv' must hold the {MLKEM_SEED_LENGTH}-byte seed")
-        if "pub" in jwk and jwk_bytes(jwk, "pub") != self._public_bytes(alg, seed):
+        if len(seed) != self.seed_length:
+            raise InvalidJwk(f"member 'priv' must hold the {self.seed_length}-byte seed")
+        if "pub" in jwk and jwk_bytes(jwk, "pub") != self.public_bytes(alg, seed):
             raise InvalidJwk(f"member 'pub' is not the {alg} public key of 'priv'")
         return KeyParams(self.kty, alg), seed
 
-    def _public_bytes(self, alg: str, seed: bytes) -> bytes:
+
+MlKemPrivateKeyClass = type[mlkem.MLKEM768PrivateKey] | type[mlkem.MLKEM1024PrivateKey]
+
+
+class MlKemKeyType(AkpKeyType):
+    kty = "ML-KEM"
+    algorithms = ("ML-KEM-768", "ML-KEM-1024")
+    seed_length = MLKEM_SEED_LENGTH
+    _classes: ClassVar[dict[str, MlKemPrivateKeyClass]] = {
+        "ML-KEM-768": mlkem.MLKEM768PrivateKey,
+        "ML-KEM-1024": mlkem.MLKEM1024PrivateKey,
+    }
+
+    def generate(self, params: KeyParams) -> bytes:
+        return self._classes[params.alg].generate().private_bytes_raw()
+
+    def keyring(self, key_name: str, params: KeyParams, material: bytes) -> Keyring:
+        return MlKemKeyring(key_name, self._classes[params.alg].from_seed_bytes(material))
+
+    def public_bytes(self, alg: str, seed: bytes) -> bytes:
         return self._classes[alg].from_seed_bytes(seed).public_key().public_bytes_raw()
 
 
+class EcKeyType(KeyType):
+    kty = "EC"
+    algorithms = ("ES256", "ES384")
+    _curves: ClassVar[dict[str, tuple[str, ec.EllipticCurve]]] = {
+        "ES256": ("P-256", ec.SECP256R1()),
+        "ES384": ("P-384", ec.SECP384R1()),
+    }
+
+    def operations(self, alg: str) -> tuple[KeyOp, ...]:
+        return SIGNATURE_OPS
+
+    def generate(self, params: KeyParams) -> bytes:
+        return _pkcs8(ec.generate_private_key(self._curves[params.alg][1]))
+
+    def signing_key(self, params: KeyParams, material: bytes) -> SigningKey:
+        return EcdsaSigningKey(params.alg, _load_ec(material))
+
+    def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
+        return EcdsaVerifyingKey(alg, self._public_numbers(public_jwk, alg).public_key())
+
+    def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
+        numbers = _load_ec(material).public_key().public_numbers()
+        size = self._coordinate_length(params.alg)
+        return {
+            "kty": self.kty,
+            "kid": key_name,
+            "alg": params.alg,
+            "crv": self._curves[params.alg][0],
+            "x": b64url(numbers.x.to_bytes(size)),
+            "y": b64url(numbers.y.to_bytes(size)),
+        }
+
+    def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
+        private = _load_ec(material).private_numbers().private_value
+        size = self._coordinate_length(params.alg)
+        return self.public_jwk(key_name, params, material) | {"d": b64url(private.to_bytes(size))}
+
+    def import_jwk(self, jwk: Mapping[str, Any], alg: str) -> tuple[KeyParams, bytes]:
+        self._check_curve(jwk, alg)
+        d = jwk_bytes(jwk, "d")
+        if len(d) != self._coordinate_length(alg):
+            raise InvalidJwk(
+                f"member 'd' of an {alg} key must hold {self._coordinate_length(alg)} bytes"
+            )
+        try:
+            key = ec.derive_private_key(int.from_bytes(d), self._curves[alg][1])
+        except ValueError:
+            raise InvalidJwk("member 'd' is not a private key of the curve") from None
+        if ("x" in jwk or "y" in jwk) and self._public_numbers(
+            jwk, alg
+        ) != key.public_key().public_numbers():
+            raise InvalidJwk("members 'x' and 'y' are not the public key of 'd'")
+        return KeyParams(self.kty, alg), _pkcs8(key)
+
+    def _public_numbers(self, jwk: Mapping[str, Any], alg: str) -> ec.EllipticCurvePublicNumbers:
+        self._check_curve(jwk, alg)
+        size = self._coordinate_length(alg)
+        x, y = jwk_bytes(jwk, "x"), jwk_bytes(jwk, "y")
+        if len(x) != size or len(y) != size:
+            raise InvalidJwk(f"members 'x' and 'y' of an {alg} key hold {size} bytes each")
+        numbers = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(x), int.from_bytes(y), self._curves[alg][1]
+        )
+        try:
+            numbers.public_key()
+        except ValueError:
+            raise InvalidJwk("members 'x' and 'y' are not a point of the curve") from None
+        return numbers
+
+    def _check_curve(self, jwk: Mapping[str, Any], alg: str) -> None:
+        if jwk.get("crv") != self._curves[alg][0]:
+            raise InvalidJwk(f"member 'crv' of an {alg} key must be {self._curves[alg][0]!r}")
+
+    def _coordinate_length(self, alg: str) -> int:
+        return (self._curves[alg][1].key_size + 7) // 8
+
+
+class OkpKeyType(KeyType):
+    """Ed25519 (RFC 8037; alg named as RFC 9864 has it): for small payloads only. Pure
+    Ed25519 hashes the message twice, and `cryptography` offers no prehashed Ed25519ph,
+    so it signs no stream."""
+
+    kty = "OKP"
+    algorithms = ("Ed25519",)
+    streams = False
+    _crv = "Ed25519"
+
+    def operations(self, alg: str) -> tuple[KeyOp, ...]:
+        return SIGNATURE_OPS
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {
+            "note": "for small payloads only: pure Ed25519 reads a message twice, so it "
+            "signs and verifies no stream"
+        }
+
+    def generate(self, params: KeyParams) -> bytes:
+        return ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
+
+    def signing_key(self, params: KeyParams, material: bytes) -> SigningKey:
+        raise NotForStreams(f"{params.alg} keys sign small payloads, not streams")
+
+    def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
+        raise NotForStreams(f"{alg} keys verify small payloads, not streams")
+
+    def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
+        public = ed25519.Ed25519PrivateKey.from_private_bytes(material).public_key()
+        return {
+            "kty": self.kty,
+            "kid": key_name,
+            "alg": params.alg,
+            "crv": self._crv,
+            "x": b64url(public.public_bytes_raw()),
+        }
+
+    def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
+        return self.public_jwk(key_name, params, material) | {"d": b64url(material)}
+
+    def import_jwk(self, jwk: Mapping[str, Any], alg: str) -> tuple[KeyParams, bytes]:
+        if jwk.get("crv") != self._crv:
+            raise InvalidJwk(f"member 'crv' of an {alg} key must be {self._crv!r}")
+        d = jwk_bytes(jwk, "d")
+        if len(d) != ED25519_KEY_LENGTH:
+            raise InvalidJwk(f"member 'd' must hold {ED25519_KEY_LENGTH} bytes")
+        public = ed25519.Ed25519PrivateKey.from_private_bytes(d).public_key().public_bytes_raw()
+        if "x" in jwk and jwk_bytes(jwk, "x") != public:
+            raise InvalidJwk("member 'x' is not the public key of 'd'")
+        return KeyParams(self.kty, alg), d
+
+
+MlDsaPrivateKeyClass = (
+    type[mldsa.MLDSA44PrivateKey] | type[mldsa.MLDSA65PrivateKey] | type[mldsa.MLDSA87PrivateKey]
+)
+MlDsaPublicKeyClass = (
+    type[mldsa.MLDSA44PublicKey] | type[mldsa.MLDSA65PublicKey] | type[mldsa.MLDSA87PublicKey]
+)
+
+
+class MlDsaKeyType(AkpKeyType):
+    kty = "ML-DSA"
+    algorithms = ("ML-DSA-65", "ML-DSA-44", "ML-DSA-87")
+    seed_length = MLDSA_SEED_LENGTH
+    _classes: ClassVar[dict[str, tuple[MlDsaPrivateKeyClass, MlDsaPublicKeyClass]]] = {
+        "ML-DSA-44": (mldsa.MLDSA44PrivateKey, mldsa.MLDSA44PublicKey),
+        "ML-DSA-65": (mldsa.MLDSA65PrivateKey, mldsa.MLDSA65PublicKey),
+        "ML-DSA-87": (mldsa.MLDSA87PrivateKey, mldsa.MLDSA87PublicKey),
+    }
+
+    def operations(self, alg: str) -> tuple[KeyOp, ...]:
+        return SIGNATURE_OPS
+
+    def generate(self, params: KeyParams) -> bytes:
+        return self._classes[params.alg][0].generate().private_bytes_raw()
+
+    def signing_key(self, params: KeyParams, material: bytes) -> SigningKey:
+        return MlDsaSigningKey(params.alg, self._classes[params.alg][0].from_seed_bytes(material))
+
+    def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
+        try:
+            public = self._classes[alg][1].from_public_bytes(jwk_bytes(public_jwk, "pub"))
+        except ValueError:
+            raise InvalidJwk(f"member 'pub' is not an {alg} public key") from None
+        return MlDsaVerifyingKey(alg, public)
+
+    def public_bytes(self, alg: str, seed: bytes) -> bytes:
+        return self._classes[alg][0].from_seed_bytes(seed).public_key().public_bytes_raw()
+
+
 KEY_TYPES: dict[str, KeyType] = {
-    key_type.kty: key_type for key_type in (OctKeyType(), RsaKeyType(), MlKemKeyType())
+    key_type.kty: key_type
+    for key_type in (
+        OctKeyType(),
+        RsaKeyType(),
+        MlKemKeyType(),
+        EcKeyType(),
+        OkpKeyType(),
+        MlDsaKeyType(),
+    )
 }
-_KTY_ALIASES = {MlKemKeyType.jwk_kty: MlKemKeyType.kty}
+# `AKP` names both ML-KEM and ML-DSA keys; the algorithm tells which (ML-KEM without one).
+_KTY_ALIASES: dict[str, tuple[KeyType, ...]] = {
+    "AKP": (KEY_TYPES[MlKemKeyType.kty], KEY_TYPES[MlDsaKeyType.kty])
+}
 
 
 def costly_material(kty: str) -> bool:
@@ -251,32 +515,49 @@ def costly_material(kty: str) -> bool:
         return False
 
 
-def key_type(kty: str) -> KeyType:
-    """The key type named `kty` (or an alias of it)."""
-    try:
-        return KEY_TYPES[_KTY_ALIASES.get(kty, kty)]
-    except KeyError:
-        raise UnsupportedKeyType(
-            f"unsupported kty {kty!r}; supported: {', '.join(KEY_TYPES)}"
-        ) from None
+def key_type(kty: str, alg: str | None = None, *, signs: bool = False) -> KeyType:
+    """The key type named `kty`; for an alias, the one of its types that has `alg`, or
+    (with no `alg`) the first that signs if `signs`, else the first."""
+    if kty in KEY_TYPES:
+        return KEY_TYPES[kty]
+    candidates = _KTY_ALIASES.get(kty)
+    if candidates is None:
+        raise UnsupportedKeyType(f"unsupported kty {kty!r}; supported: {', '.join(KEY_TYPES)}")
+    if alg is None and signs:
+        return next(
+            (c for c in candidates if c.operations(c.algorithms[0]) == SIGNATURE_OPS), candidates[0]
+        )
+    return next((c for c in candidates if alg in c.algorithms), candidates[0])
 
 
-def resolve(kty: str, alg: str | None, key_size: int | None = None) -> KeyParams:
-    """The parameters of a new key; `alg` None means the type's default."""
-    chosen = key_type(kty)
-    named = None if alg is None else chosen.our_alg(alg)
+def resolve(
+    kty: str, alg: str | None, key_size: int | None = None, *, signs: bool = False
+) -> KeyParams:
+    """The parameters of a new key; `alg` None means the type's default, the default
+    signing algorithm if `signs`."""
+    chosen = key_type(kty, alg, signs=signs)
+    named = chosen.default_algorithm(signs) if alg is None else chosen.our_alg(alg)
     return chosen.params(_checked_algorithm(chosen, kty, named), key_size)
 
 
 def import_jwk(jwk: Mapping[str, Any]) -> tuple[KeyParams, bytes]:
     """Parameters and material of a private JWK (the shapes `export_jwk` writes)."""
-    kty = jwk.get("kty")
-    alg = jwk.get("alg")
-    if not isinstance(kty, str) or not isinstance(alg, str | None):
-        raise InvalidJwk("members 'kty' and 'alg' must be strings")
-    chosen = key_type(kty)
+    kty, alg = _kty_and_alg(jwk)
+    chosen = key_type(kty, alg)
     named = None if alg is None else chosen.our_alg(alg)
     return chosen.import_jwk(jwk, _checked_algorithm(chosen, kty, named))
+
+
+def verifying_key_from_jwk(jwk: Mapping[str, Any]) -> VerifyingKey:
+    """The key that checks signatures of a public JWK given by a client, for a key the
+    service does not hold. The JWK must name its `alg`: the key decides the algorithm."""
+    kty, alg = _kty_and_alg(jwk)
+    if alg is None:
+        raise InvalidJwk("a public JWK to verify with must name its 'alg'")
+    if _PRIVATE_MEMBERS & set(jwk):
+        raise InvalidJwk("send the public key only: the JWK holds private members")
+    chosen = key_type(kty, alg)
+    return chosen.verifying_key(jwk, _checked_algorithm(chosen, kty, chosen.our_alg(alg)))
 
 
 def supported_algorithms() -> list[dict[str, Any]]:
@@ -284,8 +565,15 @@ def supported_algorithms() -> list[dict[str, Any]]:
     return [key_type.describe() for key_type in KEY_TYPES.values()]
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def _kty_and_alg(jwk: Mapping[str, Any]) -> tuple[str, str | None]:
+    kty = jwk.get("kty")
+    alg = jwk.get("alg")
+    if not isinstance(kty, str) or not isinstance(alg, str | None):
+        raise InvalidJwk("members 'kty' and 'alg' must be strings")
+    return kty, alg
+
+
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k", "priv"})
 
 
 def jwk_bytes(jwk: Mapping[str, Any], name: str) -> bytes:
@@ -294,13 +582,9 @@ def jwk_bytes(jwk: Mapping[str, Any], name: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise InvalidJwk(f"member {name!r} is missing or not a string")
     try:
-        decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except (binascii.Error, ValueError):
-        decoded = b""
-    # Re-encoding catches what the decoder forgives: other alphabets, padding, stray bits.
-    if not decoded or b64url(decoded) != value:
-        raise InvalidJwk(f"member {name!r} is not unpadded base64url")
-    return decoded
+        return b64url_decode(value)
+    except ValueError:
+        raise InvalidJwk(f"member {name!r} is not unpadded base64url") from None
 
 
 def _checked_algorithm(chosen: KeyType, kty: str, alg: str | None) -> str:
@@ -322,12 +606,19 @@ def _b64url_uint(value: int) -> str:
     return b64url(value.to_bytes((value.bit_length() + 7) // 8))
 
 
-def _pkcs8(key: rsa.RSAPrivateKey) -> bytes:
+def _pkcs8(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.DER,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _load_ec(material: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_der_private_key(material, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("stored EC material is not an EC private key")
+    return key
 
 
 def _load_rsa(material: bytes) -> rsa.RSAPrivateKey:

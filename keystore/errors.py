@@ -56,6 +56,12 @@ class InvalidKeyOps(InvalidKeySpec):
     code = "invalid-key-ops"
 
 
+class MixedKeyOps(InvalidKeyOps):
+    """keyOps that would both encrypt and sign with one key pair."""
+
+    code = "mixed-key-ops"
+
+
 class InvalidKid(InvalidKeySpec):
     code = "invalid-kid"
 
@@ -118,6 +124,12 @@ class OperationNotPermitted(KeystoreError):
     """The key's keyOps do not include the operation."""
 
     code = "operation-not-permitted"
+
+
+class NotForStreams(OperationNotPermitted):
+    """The key's algorithm cannot sign or verify a stream in one pass (Ed25519)."""
+
+    code = "not-for-streams"
 
 
 class KeyNotExportable(KeystoreError):

@@ -1,5 +1,5 @@
 """Key material: made per version, wrapped under the KEK at rest, unwrapped into the
-keyring that version seals and opens messages with.
+keyring that version seals and opens messages with, or the key it signs with.
 
 Wrapped material is bound to its tenant, kid and version (`material_aad`), so material
 moved to another version, key or tenant does not unwrap. A version's keyring is named
@@ -9,7 +9,7 @@ moved to another version, key or tenant does not unwrap. A version's keyring is 
 import re
 from datetime import datetime
 
-from envelope import Keyring
+from envelope import Keyring, SigningKey
 from keystore.algorithms import Jwk, KeyParams, key_type
 from keystore.kek import Kek
 from keystore.records import KID_PATTERN, KeyRecord, KeyVersion
@@ -57,6 +57,10 @@ class Material:
         return key_type(record.kty).keyring(
             key_name(record.kid, version.version), record.params, material
         )
+
+    def signing_key(self, record: KeyRecord, version: KeyVersion) -> SigningKey:
+        material = self._unwrap(record, version)
+        return key_type(record.kty).signing_key(record.params, material)
 
     def export_jwk(self, record: KeyRecord, version: KeyVersion) -> Jwk:
         material = self._unwrap(record, version)

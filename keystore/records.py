@@ -10,7 +10,7 @@ import base64
 import re
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     AwareDatetime,
@@ -20,7 +20,7 @@ from pydantic import (
     PlainValidator,
 )
 
-from keystore.algorithms import Jwk, KeyParams
+from keystore.algorithms import ENCRYPTION_OPS, KEY_OPS, SIGNATURE_OPS, Jwk, KeyOp, KeyParams
 from keystore.errors import (
     ExportabilityIsOneWay,
     InvalidExpiry,
@@ -32,13 +32,13 @@ from keystore.errors import (
     KeyExpired,
     KeyNotFound,
     KeyPendingDeletion,
+    MixedKeyOps,
     OperationNotPermitted,
 )
 from storage.documents import FrozenCamelModel
 
-KeyOp = Literal["encrypt", "decrypt"]
-KEY_OPS: tuple[KeyOp, ...] = ("encrypt", "decrypt")
 MIN_ROTATION_PERIOD = timedelta(hours=1)
+_MAKING_OPS: tuple[KeyOp, ...] = ("encrypt", "sign")  # what an expired key no longer does
 # No leading "." so no kid is a hidden, "." or ".." name in a store path.
 KID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -75,26 +75,44 @@ class KeyPolicy(FrozenCamelModel):
     model_config = ConfigDict(extra="forbid")
 
     kid: str
-    key_ops: list[str] = Field(default_factory=lambda: list[str](KEY_OPS))
+    key_ops: list[str] | None = None  # None: every operation the key's algorithm serves
     exportable: bool = False
     expires_at: AwareDatetime | None = None
     rotation_period: timedelta | None = None
 
-    def checked_key_ops(self) -> tuple[KeyOp, ...]:
-        """keyOps in canonical order; `InvalidKeyOps` unless a non-empty set of ours."""
-        ops = self.key_ops
-        if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(KEY_OPS):
-            raise InvalidKeyOps(f"keyOps must be a non-empty subset of {list(KEY_OPS)}")
-        return tuple(op for op in KEY_OPS if op in ops)
+    @property
+    def signs(self) -> bool:
+        """Whether keyOps name signing operations (and so, once checked, only those)."""
+        return self.key_ops is not None and bool(set(self.key_ops) & set(SIGNATURE_OPS))
+
+    def checked_key_ops(self, params: KeyParams, served: tuple[KeyOp, ...]) -> tuple[KeyOp, ...]:
+        """keyOps in canonical order, `served` if none were given; `InvalidKeyOps` unless
+        a non-empty subset of what the key's algorithm serves."""
+        ops = self._checked_ops()
+        if ops is None:
+            return served
+        if not set(ops) <= set(served):
+            raise InvalidKeyOps(f"keyOps of an {params.alg} key must be a subset of {list(served)}")
+        return ops
 
     def check(self, now: datetime) -> None:
         """Refuse a kid, keyOps, expiry or rotation period no key may have."""
         check_kid(self.kid)
-        self.checked_key_ops()
+        self._checked_ops()
         if self.expires_at is not None and self.expires_at <= now:
             raise InvalidExpiry("expiresAt must lie in the future")
         if self.rotation_period is not None and self.rotation_period < MIN_ROTATION_PERIOD:
             raise InvalidRotationPeriod(f"rotationPeriod must be at least {MIN_ROTATION_PERIOD}")
+
+    def _checked_ops(self) -> tuple[KeyOp, ...] | None:
+        ops = self.key_ops
+        if ops is None:
+            return None
+        if not ops or len(set(ops)) != len(ops) or not set(ops) <= set(KEY_OPS):
+            raise InvalidKeyOps(f"keyOps must be a non-empty subset of {list(KEY_OPS)}")
+        if set(ops) & set(ENCRYPTION_OPS) and set(ops) & set(SIGNATURE_OPS):
+            raise MixedKeyOps("a key either encrypts or signs: keyOps may not name both")
+        return tuple(op for op in KEY_OPS if op in ops)
 
 
 class KeySpec(KeyPolicy):
@@ -190,12 +208,13 @@ class KeyRecord(KeyMetadata):
     # Checks: each raises the error that tells the caller why the key cannot serve.
 
     def check_usable(self, operation: KeyOp, now: datetime) -> None:
-        """Refuse `operation` unless the key is enabled, allows it and (to encrypt) is
-        not expired; expired keys still decrypt so that their data stays readable."""
+        """Refuse `operation` unless the key is enabled, allows it and (to encrypt or
+        sign) is not expired; expired keys still decrypt and verify, so that their data
+        stays readable and their signatures checkable."""
         self.check_enabled()
         if operation not in self.key_ops:
             raise OperationNotPermitted(f"key {self.kid!r} does not allow {operation!r}")
-        if operation == "encrypt" and self.expires_at is not None and self.expires_at <= now:
+        if operation in _MAKING_OPS and self.expires_at is not None and self.expires_at <= now:
             raise KeyExpired(f"key {self.kid!r} expired at {self.expires_at.isoformat()}")
 
     def check_enabled(self) -> None:

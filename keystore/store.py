@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
-from envelope import Keyring
-from keystore.algorithms import Jwk, KeyParams, import_jwk, key_type, resolve
+from envelope import Keyring, SigningKey, VerifyingKey
+from keystore.algorithms import Jwk, KeyOp, KeyParams, import_jwk, key_type, resolve
 from keystore.cache import DEFAULT_CACHE_TTL, CachedKey, KeyCache
 from keystore.errors import (
     InvalidArgument,
@@ -23,6 +23,7 @@ from keystore.errors import (
     KeyNotExportable,
     KeyNotFound,
     KeystoreError,
+    OperationNotPermitted,
 )
 from keystore.kek import Kek
 from keystore.material import KEY_NAME_PATTERN, Material
@@ -46,6 +47,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _key_ops(policy: KeyPolicy, params: KeyParams) -> tuple[KeyOp, ...]:
+    """The new key's keyOps: what it asked for, within what its algorithm serves."""
+    return policy.checked_key_ops(params, key_type(params.kty).operations(params.alg))
+
+
 class KeyStore:
     """Key records of every tenant; thread-safe, sync (callers run it in threads)."""
 
@@ -67,16 +73,18 @@ class KeyStore:
     def create(self, tenant: str, spec: KeySpec) -> KeyRecord:
         """Generate a key; `KeyExists` if the tenant already has the kid."""
         now = self._checked_policy(tenant, spec)
-        params = resolve(spec.kty, spec.alg, spec.key_size)
+        params = resolve(spec.kty, spec.alg, spec.key_size, signs=spec.signs)
+        key_ops = _key_ops(spec, params)
         self._saved.refuse_taken(tenant, spec.kid)  # before generating, which can take seconds
         material = key_type(params.kty).generate(params)
-        return self._insert(tenant, spec, params, material, KeyOrigin.GENERATED, now)
+        return self._insert(tenant, spec, params, key_ops, material, KeyOrigin.GENERATED, now)
 
     def import_jwk(self, tenant: str, spec: ImportSpec) -> KeyRecord:
         """Import material given as a private JWK (BYOK); `InvalidJwk` if malformed."""
         now = self._checked_policy(tenant, spec)
         params, material = import_jwk(spec.jwk)
-        return self._insert(tenant, spec, params, material, KeyOrigin.IMPORTED, now)
+        key_ops = _key_ops(spec, params)
+        return self._insert(tenant, spec, params, key_ops, material, KeyOrigin.IMPORTED, now)
 
     # Reading keys
 
@@ -144,6 +152,33 @@ class KeyStore:
         entry.record.check_usable("decrypt", self._clock())
         unwrap = self._material.keyring
         return entry.record, [entry.keyring(version, unwrap) for version in entry.record.versions]
+
+    def signing_key(self, tenant: str, kid: str) -> tuple[KeyRecord, SigningKey]:
+        """The primary version's signing key, if the key may sign now."""
+        entry = self._cached(tenant, kid)
+        entry.record.check_usable("sign", self._clock())
+        return entry.record, entry.signing_key(entry.record.primary, self._material.signing_key)
+
+    def verifying_key(
+        self, tenant: str, kid: str, version: int | None = None
+    ) -> tuple[KeyRecord, int, VerifyingKey]:
+        """The key that checks signatures of a version (the primary if None), if the key
+        may verify now; made from the version's public JWK, so no private material is
+        unwrapped. A cached record without `version` is read again, as to decrypt."""
+        entry = self._cached(tenant, kid)
+        if version is not None and not entry.record.has_version(version):
+            self._cache.invalidate(tenant, kid)
+            entry = self._cached(tenant, kid)
+        record = entry.record
+        record.check_usable("verify", self._clock())
+        chosen = record.primary if version is None else record.version(version)
+        if chosen.public_jwk is None:
+            raise OperationNotPermitted(f"key {kid!r} has no public key to verify with")
+        return (
+            record,
+            chosen.version,
+            key_type(record.kty).verifying_key(chosen.public_jwk, record.alg),
+        )
 
     def opening_keyrings(
         self, tenant: str, key_names: Iterable[str], *, expected_kid: str | None = None
@@ -243,6 +278,7 @@ class KeyStore:
         tenant: str,
         policy: KeyPolicy,
         params: KeyParams,
+        key_ops: tuple[KeyOp, ...],
         material: bytes,
         origin: KeyOrigin,
         now: datetime,
@@ -254,7 +290,7 @@ class KeyStore:
             kty=params.kty,
             alg=params.alg,
             key_size=params.key_size,
-            key_ops=policy.checked_key_ops(),
+            key_ops=key_ops,
             exportable=policy.exportable,
             status=KeyStatus.ENABLED,
             primary_version=1,

@@ -29,6 +29,17 @@ _ENVELOPE_CODES: dict[type[Exception], str] = {
     envelope.AuthenticationError: "authentication-failed",
     envelope.DataKeyUnavailable: "data-key-unavailable",
     envelope.EncryptionContextMismatch: "encryption-context-mismatch",
+    envelope.JwsExtraSegments: "jws-extra-segments",
+    envelope.JwsPayloadAttached: "jws-payload-attached",
+    envelope.JwsPayloadEncoded: "jws-payload-encoded",
+    envelope.JwsCritMissing: "jws-crit-missing",
+    envelope.JwsCritUnsupported: "jws-crit-unsupported",
+    envelope.SignatureLengthInvalid: "signature-length-invalid",
+    envelope.MalformedJws: "malformed-jws",
+    envelope.JwsAlgorithmMismatch: "jws-algorithm-mismatch",
+    envelope.SignatureInvalid: "signature-invalid",
+    envelope.SigningFailed: "signing-failed",
+    envelope.SignatureError: "signature-error",
     envelope.EnvelopeError: "invalid-message",
 }
 

@@ -71,7 +71,7 @@ def test_key_metadata_and_public_keys(api: Api) -> None:
         rest = client.get(KEYS, params={"limit": 2, "after": listed["next"]}).json()
         assert [k["kid"] for k in rest["keys"]] == ["pq", "rsa"] and rest["next"] is None
         algorithms = client.get("/api/key-management/supported-algorithms").json()["algorithms"]
-        assert {a["kty"] for a in algorithms} == {"oct", "RSA", "ML-KEM"}
+        assert {a["kty"] for a in algorithms} == {"oct", "RSA", "ML-KEM", "EC", "OKP", "ML-DSA"}
 
 
 def test_life_cycle(api: Api) -> None:
@@ -100,7 +100,8 @@ def test_life_cycle(api: Api) -> None:
 
 
 BAD_SPECS = [
-    ({"kty": "EC"}, "unsupported-key-type"),
+    ({"kty": "DSA"}, "unsupported-key-type"),
+    ({"keyOps": ["encrypt", "sign"]}, "mixed-key-ops"),
     ({"alg": "AES-128"}, "unsupported-algorithm"),
     ({"alg": "RSA-OAEP-256"}, "algorithm-mismatch"),
     ({"kty": "RSA", "alg": "RSA-OAEP-256", "keySize": 1024}, "invalid-key-size"),

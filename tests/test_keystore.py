@@ -391,7 +391,15 @@ def test_export_picks_a_version(keys: KeyStore) -> None:
 
 
 INVALID_SPECS: list[tuple[dict[str, Any], str]] = [
-    ({"kty": "EC"}, "unsupported-key-type"),
+    ({"kty": "DSA"}, "unsupported-key-type"),
+    ({"kty": "EC", "alg": "ES512"}, "unsupported-algorithm"),
+    ({"kty": "EC", "alg": "PS256"}, "algorithm-mismatch"),
+    ({"kty": "RSA", "alg": "ES256"}, "algorithm-mismatch"),
+    ({"kty": "AKP", "alg": "Ed25519"}, "algorithm-mismatch"),
+    ({"kty": "EC", "keyOps": ["encrypt"]}, "invalid-key-ops"),
+    ({"kty": "RSA", "alg": "PS256", "keyOps": ["decrypt"]}, "invalid-key-ops"),
+    ({"kty": "RSA", "keyOps": ["encrypt", "sign"]}, "mixed-key-ops"),
+    ({"kty": "AKP", "alg": "ML-DSA-65", "keyOps": ["verify", "decrypt"]}, "mixed-key-ops"),
     ({"kty": "oct", "alg": "AES-128"}, "unsupported-algorithm"),
     ({"kty": "oct", "alg": "RSA-OAEP-256"}, "algorithm-mismatch"),
     ({"kty": "AKP", "alg": "AES-256"}, "algorithm-mismatch"),

@@ -122,7 +122,7 @@ def test_resolve_fills_defaults_and_accepts_the_akp_alias(
 @pytest.mark.parametrize(
     ("kty", "alg", "key_size", "code"),
     [
-        ("EC", None, None, "unsupported-key-type"),
+        ("DSA", None, None, "unsupported-key-type"),
         ("aes", None, None, "unsupported-key-type"),
         ("oct", "AES-128", None, "unsupported-algorithm"),
         ("oct", "RSA-OAEP-256", None, "algorithm-mismatch"),
@@ -220,7 +220,7 @@ def test_bad_jwks_are_refused_as_invalid_jwk(case: str) -> None:
 
 def test_import_checks_kty_and_alg_like_generation() -> None:
     for jwk, code in [
-        ({"kty": "EC", "d": "AA"}, "unsupported-key-type"),
+        ({"kty": "DSA", "d": "AA"}, "unsupported-key-type"),
         ({"kty": "oct", "alg": "A128GCM", "k": b64url(bytes(32))}, "unsupported-algorithm"),
         ({"kty": "oct", "alg": "ML-KEM-768", "k": b64url(bytes(32))}, "algorithm-mismatch"),
     ]:

@@ -35,6 +35,7 @@ class Mutant:
 
 
 ENVELOPE_TESTS = ("tests/test_envelope_tamper.py", "tests/test_envelope_roundtrip.py")
+SIGNING_TESTS = ("tests/test_keystore_signing.py",)
 
 MUTANTS = (
     Mutant(
@@ -204,6 +205,41 @@ MUTANTS = (
         "        if serve_unrecorded:\n            return None",
         "        return None",
         ("tests/test_api_object_reads.py",),
+    ),
+    Mutant(
+        "signature alg from the key",
+        "envelope/jws.py",
+        "        if jws.alg != key.alg:",
+        "        if False:",
+        SIGNING_TESTS,
+    ),
+    Mutant(
+        "signature crit b64",
+        "envelope/jws.py",
+        "    if crit is None or UNENCODED not in crit:",
+        "    if False:",
+        SIGNING_TESTS,
+    ),
+    Mutant(
+        "ml-dsa mu with the empty context",
+        "envelope/signing_keys.py",
+        "        return mldsa.MLDSAMuHasher(self._key)",
+        '        return mldsa.MLDSAMuHasher(self._key, b"context")',
+        SIGNING_TESTS,
+    ),
+    Mutant(
+        "ml-dsa verify before answering",
+        "envelope/signing_keys.py",
+        "            self.public.verify(signature, digest)",
+        "            pass",
+        SIGNING_TESTS,
+    ),
+    Mutant(
+        "resign verifies the old signature",
+        "services/signing.py",
+        "    await to_thread.run_sync(verifying.verifier.verify)",
+        "    pass",
+        ("tests/test_api_signing.py",),
     ),
 )
 

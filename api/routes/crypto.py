@@ -14,12 +14,10 @@ object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
 
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ConfigDict, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
@@ -36,7 +34,7 @@ from api.openapi import (
     headers,
 )
 from api.ranges import parse_range
-from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
+from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid, Metadata, NamesKey
 from api.services import Services, services
 from api.tokens import Principal
 from envelope import Keyring
@@ -48,16 +46,13 @@ from services.open_upload import open_upload
 from services.placement import ObjectRef
 from services.seal_to_client import seal_to_client
 from services.seal_to_storage import seal_upload
-from storage.documents import CamelModel
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
 DecryptScope = Annotated[Principal, Depends(require("crypto:decrypt"))]
 
 
-class _Metadata(CamelModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _Metadata(Metadata):
     encryption_context: ClientContext
 
 
@@ -65,17 +60,9 @@ class ObjectDestination(ObjectRef):
     overwrite: bool = False
 
 
-class EncryptMetadata(_Metadata):
-    kid: Kid
+class EncryptMetadata(_Metadata, NamesKey):
     frame_length: FrameLength = DEFAULT_FRAME_LENGTH
     destination: ObjectDestination | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def kid_is_given(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "kid" not in data:
-            raise PydanticCustomError("missing-kid", "the metadata must name a key: 'kid'")
-        return data
 
 
 class DecryptMetadata(_Metadata):
