@@ -112,9 +112,9 @@ async def check_stored(
     store, storage_key = placement.store, placement.storage_key
     size = (await to_thread.run_sync(store.head, storage_key)).size
     recorded = await to_thread.run_sync(
-        partial(_recorded, serve_unrecorded=serve_unrecorded), records, placement, size
+        partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, size
     )
-    with _damage_reported(placement):
+    with damage_reported(placement):
         header = await to_thread.run_sync(read_stored_header, store, storage_key, size)
         opening = await to_thread.run_sync(opening_keys, keys, tenant, header, expected_kid)
         opened = await to_thread.run_sync(
@@ -154,7 +154,7 @@ def stored_range(
     return _then(_pump(read, ranged.update, checked.watch, transfers), ranged.finish)
 
 
-def _recorded(
+def recorded_object(
     records: Records, placement: Placement, size: int, *, serve_unrecorded: bool
 ) -> ObjectRecord | None:
     """The object's record, refusing an object of another size than its upload recorded
@@ -178,7 +178,7 @@ def _recorded(
 
 
 @contextmanager
-def _damage_reported(placement: Placement) -> Iterator[None]:
+def damage_reported(placement: Placement) -> Iterator[None]:
     """A stored object that is no whole, authentic message (malformed, cut, extended, or a
     tag that fails) as the damage in storage it is, not as a fault of the request."""
     try:

@@ -26,6 +26,7 @@ class OpenedUpload:
 
     key: KeyRecord
     keyring: Keyring  # the version of `key` whose keyring opened it
+    header: Header
     plaintext: AsyncIterator[bytes]
 
 
@@ -51,7 +52,7 @@ async def open_upload(
     decryptor, first = await to_thread.run_sync(start)
     assert decryptor.keyring is not None
     plaintext = _plaintext(first, decryptor, chunks, header.frame_length, opening.watch)
-    return OpenedUpload(opening.key, decryptor.keyring, plaintext)
+    return OpenedUpload(opening.key, decryptor.keyring, header, plaintext)
 
 
 async def _read_header(chunks: AsyncIterator[memoryview]) -> tuple[Header, bytes]:

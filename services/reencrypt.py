@@ -1,5 +1,13 @@
-"""Re-encrypting a stored object: its message opened, and sealed again over the object
-itself as a new message (a fresh data key and message ID) for its key's primary version.
+"""Re-encrypting a message: opened, and sealed again as a new message (a fresh data key
+and message ID) for a key's primary version, in one pass, frame in and frame out.
+
+An uploaded message streams back re-encrypted (`reencrypt_upload`). Each of its frames is
+authenticated before its plaintext is sealed into the new message, and the new message's
+final frame is sealed only once the old one has ended with its final frame: a tampered or
+truncated message aborts the stream before it could end as a valid message.
+
+A stored object is re-encrypted in place, for its key's primary version (the reencrypt
+job), or into another object, for any key (`reencrypt_object`), as follows.
 
 A message cannot move to another key through a new header alone. Its frames' key is
 derived from its data key and message ID, and a new header that kept both would be
@@ -26,12 +34,15 @@ record follows, with a fresh `createdAt`.
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
+
+from anyio import to_thread
 
 from envelope import Decryptor
 from envelope.encrypt import Piece
-from keystore import KeyStore
+from keystore import KeyMismatch, KeyStore
 from services.keys import (
     KeyWatch,
     Sealing,
@@ -46,7 +57,10 @@ from services.objects import (
     object_metadata,
     sealed_record,
 )
-from services.open_stored import OnChunk, open_stored
+from services.open_stored import OnChunk, damage_reported, open_stored, recorded_object
+from services.open_upload import OpenedUpload, open_upload
+from services.placement import Placement
+from services.seal_to_client import seal_to_client
 from storage import MultipartWriter, ObjectInfo, ObjectStore
 from storage.integrity import Records
 from storage.records import ObjectRecord, save_record
@@ -64,6 +78,83 @@ class ReadBackMismatch(Exception):
     code = "read-back-mismatch"
 
 
+@dataclass
+class Reencrypting:
+    """An uploaded message being re-encrypted: the message opened, the new one being
+    sealed, and the new message's bytes, to be read once."""
+
+    opened: OpenedUpload
+    sealing: Sealing
+    message: AsyncIterator[bytearray | memoryview]
+
+
+async def reencrypt_upload(
+    keys: KeyStore,
+    tenant: str,
+    chunks: AsyncIterator[memoryview],
+    *,
+    source_kid: str | None,
+    kid: str,
+    context: Mapping[str, str],
+) -> Reencrypting:
+    """Read the message's header from `chunks` and authenticate it as decrypting does
+    (with `source_kid`, if given, and demanding `context`'s pairs), then start the new
+    message for `kid`'s primary version, carrying the old one's client pairs and frame
+    length."""
+    opened = await open_upload(keys, tenant, chunks, expected_kid=source_kid, context=context)
+    header = opened.header
+    sealing = await to_thread.run_sync(
+        start_sealing, keys, tenant, kid, client_context(header.context), header.frame_length
+    )
+    # The plaintext iterator ends only once the old message's final frame has been
+    # authenticated, and only then does `seal_to_client` seal the new final frame.
+    message = seal_to_client(keys, sealing, opened.plaintext, None)
+    return Reencrypting(opened, sealing, message)
+
+
+def reencrypt_stored(
+    keys: KeyStore,
+    records: Records,
+    source: Placement,
+    *,
+    source_kid: str | None,
+    kid: str,
+    destination: Placement | None,
+    overwrite: bool = False,
+) -> tuple[ObjectRecord, ObjectRecord]:
+    """Re-encrypt the recorded object `source` (sealed for `source_kid`, if given) for
+    `kid`'s primary version, in place or into `destination`: `reencrypt_object` on a
+    client's request. Its old record and the new one."""
+    original = source.store.head(source.storage_key)
+    recorded = recorded_object(records, source, original.size, serve_unrecorded=False)
+    assert recorded is not None  # an unrecorded object was refused
+    if source_kid is not None and recorded.kid != source_kid:
+        raise KeyMismatch(f"the object is not sealed for key {source_kid!r}")
+    if destination is not None and _same_object(source, destination):
+        destination = None
+    with damage_reported(source):
+        new = reencrypt_object(
+            keys,
+            records,
+            source.store,
+            recorded,
+            original,
+            _unwatched,
+            kid=kid,
+            destination=destination,
+            overwrite=overwrite,
+        )
+    return recorded, new
+
+
+def _same_object(one: Placement, other: Placement) -> bool:
+    return (one.bucket, one.storage_key) == (other.bucket, other.storage_key)
+
+
+def _unwatched(read: int) -> None:
+    """A request reports no progress: the client sees it by the answer coming."""
+
+
 def reencrypt_object(
     keys: KeyStore,
     records: Records,
@@ -71,29 +162,45 @@ def reencrypt_object(
     recorded: ObjectRecord,
     original: ObjectInfo,
     on_chunk: OnChunk,
+    *,
+    kid: str | None = None,
+    destination: Placement | None = None,
+    overwrite: bool = False,
 ) -> ObjectRecord:
     """Re-encrypt the object `original` (its current version, as `head` gave it), whose
-    upload record is `recorded`, for its key's primary version; its new record.
+    upload record is `recorded`, for the primary version of `kid` (by default its own
+    key), in place or into `destination` (replacing an object there only if
+    `overwrite`); the new object's record.
 
     `on_chunk(bytes read)` runs for each chunk of the object read (progress, heartbeat,
-    a cancel point). The key is checked again as the object is read and sealed, at most
+    a cancel point). The keys are checked again as the object is read and sealed, at most
     once a second each way: a key disabled meanwhile stops the job.
     """
-    tenant, kid = recorded.tenant, recorded.kid
-    keys_for = partial(opening_keys, keys, tenant, expected_kid=kid)
+    tenant = recorded.tenant
+    keys_for = partial(opening_keys, keys, tenant, expected_kid=recorded.kid)
+    target_store, bucket, target_key = (
+        (store, recorded.bucket, original.key)
+        if destination is None
+        else (destination.store, destination.bucket, destination.storage_key)
+    )
     digest = hashlib.sha256()
     with open_stored(store, original.key, original.size, keys_for, tenant, on_chunk) as old:
         header = old.header
         sealing = start_sealing(
             keys,
             tenant,
-            kid,
+            kid or recorded.kid,
             client_context(header.context),
             header.frame_length,
-            object_key=original.key,
+            object_key=target_key,
         )
-        with store.multipart(
-            original.key, metadata=object_metadata(sealing), if_match=original.etag
+        # In place, only the version that was read is replaced; elsewhere, nothing unless
+        # asked to.
+        with target_store.multipart(
+            target_key,
+            metadata=object_metadata(sealing),
+            if_absent=destination is not None and not overwrite,
+            if_match=original.etag if destination is None else None,
         ) as writer:
             new = _Resealing(sealing, writer)
             watch = KeyWatch.for_sealing(keys, sealing)
@@ -106,7 +213,7 @@ def reencrypt_object(
             except RecordMismatch as mismatch:
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
             stored = new.complete()
-    record = sealed_record(sealing, recorded.bucket, recorded.key, digest.hexdigest(), stored)
+    record = sealed_record(sealing, bucket, target_key, digest.hexdigest(), stored)
     save_record(records, record)
     return record
 

@@ -20,7 +20,7 @@ from services.keys import KeyWatch, Sealing
 async def seal_to_client(
     keys: KeyStore,
     sealing: Sealing,
-    chunks: AsyncIterator[memoryview],
+    chunks: AsyncIterator[bytes] | AsyncIterator[memoryview],
     expected_length: int | None,
 ) -> AsyncIterator[bytearray | memoryview]:
     """The message as `chunks` arrive: chunk by chunk if `expected_length`, the

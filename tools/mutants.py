@@ -241,6 +241,13 @@ MUTANTS = (
         "    pass",
         ("tests/test_api_signing.py",),
     ),
+    Mutant(
+        "reencrypt waits for the source's final frame",
+        "services/open_upload.py",
+        "    decryptor.finish()\n",
+        "",
+        ("tests/test_api_reencrypt.py",),
+    ),
 )
 
 

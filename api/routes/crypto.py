@@ -14,10 +14,13 @@ object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
 
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Self
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
@@ -28,6 +31,7 @@ from api.openapi import (
     AUTHENTICATED,
     FORM,
     KEY_HEADERS,
+    SOURCE_KEY_HEADERS,
     answer,
     answers,
     form_request,
@@ -39,17 +43,20 @@ from api.services import Services, services
 from api.tokens import Principal
 from envelope import Keyring
 from keystore import KeyRecord
+from keystore.material import key_name
 from services.keys import start_sealing
 from services.objects import ObjectSummary
 from services.open_stored import check_stored, stored_plaintext, stored_range
 from services.open_upload import open_upload
 from services.placement import ObjectRef
+from services.reencrypt import reencrypt_stored, reencrypt_upload
 from services.seal_to_client import seal_to_client
 from services.seal_to_storage import seal_upload
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
 DecryptScope = Annotated[Principal, Depends(require("crypto:decrypt"))]
+ReencryptScope = Annotated[Principal, Depends(require("crypto:decrypt", "crypto:encrypt"))]
 
 
 class _Metadata(Metadata):
@@ -68,6 +75,26 @@ class EncryptMetadata(_Metadata, NamesKey):
 class DecryptMetadata(_Metadata):
     kid: Kid | None = None  # if given, the message must be sealed for this key
     source: ObjectRef | None = None
+
+
+class ReencryptMetadata(_Metadata, NamesKey):
+    source_kid: Kid | None = None  # if given, the message must be sealed for this key
+    source: ObjectRef | None = None
+    destination: ObjectDestination | None = None
+
+    @model_validator(mode="after")
+    def storage_to_storage(self) -> Self:
+        if self.destination is not None and self.source is None:
+            raise PydanticCustomError(
+                "invalid-destination", "'destination' takes a stored 'source' to re-encrypt"
+            )
+        if self.source is not None and self.encryption_context:
+            raise PydanticCustomError(
+                "invalid-source",
+                "'encryptionContext' applies to an uploaded message; a stored object's "
+                "record binds its own",
+            )
+        return self
 
 
 class StoredObject(ObjectSummary):
@@ -91,6 +118,20 @@ SEALED = {
         with_headers=headers(*KEY_HEADERS),
     ),
 }
+REENCRYPTED = {
+    200: answer(
+        "The new message, streamed back as the old one arrives (aborted on a failure, its "
+        "final frame only once the old message's final frame has authenticated).",
+        media_type=OCTET_STREAM,
+        schema=BINARY,
+        with_headers=headers(*SOURCE_KEY_HEADERS, *KEY_HEADERS),
+    ),
+    201: answer(
+        "The object `metadata.source` was re-encrypted, in place or into `metadata.destination`.",
+        ObjectSummary,
+        with_headers=headers(*SOURCE_KEY_HEADERS, *KEY_HEADERS),
+    ),
+}
 OPENED = {
     200: answer(
         "The plaintext, streamed (aborted on a failure).",
@@ -109,12 +150,19 @@ OPENED = {
 }
 
 
-def key_headers(requested: str, record: KeyRecord, keyring: Keyring) -> dict[str, str]:
-    """The headers naming the key asked for, the key used (`kid#version`), and its algorithm."""
+def key_headers(
+    requested: str, record: KeyRecord, keyring: Keyring, prefix: str = "X-"
+) -> dict[str, str]:
+    """The headers naming the key asked for, the key used (`kid#version`), and its
+    algorithm; `X-Source-` ones for the key a message is re-encrypted from."""
+    return named_key_headers(requested, keyring.key_name, record.alg, prefix)
+
+
+def named_key_headers(requested: str, used: str, alg: str, prefix: str = "X-") -> dict[str, str]:
     return {
-        "X-Key-Requested": requested,
-        "X-Key-Used": keyring.key_name,
-        "X-Algorithm-Used": record.alg,
+        f"{prefix}Key-Requested": requested,
+        f"{prefix}Key-Used": used,
+        f"{prefix}Algorithm-Used": alg,
     }
 
 
@@ -210,6 +258,74 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
     )
     headers = key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring)
     return streamed(opened.plaintext, svc, headers)
+
+
+@router.post(
+    "/reencrypt",
+    response_model=None,
+    responses=answers(REENCRYPTED, AUTHENTICATED, FORM, (404, 409, 412)),
+    openapi_extra=form_request(
+        ReencryptMetadata,
+        file_required=False,
+        file="The message, streamed; left out with `metadata.source`.",
+    ),
+)
+async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
+    """Re-encrypt the message in the `file` part (or the object `metadata.source`) for
+    the key `metadata.kid`, under a fresh data key, in one pass."""
+    svc = services(request)
+    form = UploadForm(request, svc.settings)
+    metadata = parse(ReencryptMetadata, await form.metadata())
+    if metadata.source is not None:
+        await form.expect_end()
+        return await _reencrypt_stored(svc, principal.tenant, metadata, metadata.source)
+    await form.start_file()
+    reencrypting = await reencrypt_upload(
+        svc.keys,
+        principal.tenant,
+        form.file_chunks(),
+        source_kid=metadata.source_kid,
+        kid=metadata.kid,
+        context=metadata.encryption_context,
+    )
+    opened, sealing = reencrypting.opened, reencrypting.sealing
+    headers = {
+        **key_headers(
+            metadata.source_kid or opened.key.kid, opened.key, opened.keyring, "X-Source-"
+        ),
+        **key_headers(metadata.kid, sealing.key, sealing.keyring),
+    }
+    return streamed(reencrypting.message, svc, headers)
+
+
+async def _reencrypt_stored(
+    svc: Services, tenant: str, metadata: ReencryptMetadata, source: ObjectRef
+) -> Response:
+    """The object `source` re-encrypted in place, or into `metadata.destination` (201)."""
+    destination = metadata.destination
+    target = None if destination is None else svc.spaces.place(tenant, destination)
+    old, new = await to_thread.run_sync(
+        partial(
+            reencrypt_stored,
+            svc.keys,
+            svc.records,
+            svc.spaces.place(tenant, source),
+            source_kid=metadata.source_kid,
+            kid=metadata.kid,
+            destination=target,
+            overwrite=destination is not None and destination.overwrite,
+        ),
+        limiter=svc.transfers,
+    )
+    headers = {
+        **named_key_headers(
+            metadata.source_kid or old.kid, key_name(old.kid, old.key_version), old.alg, "X-Source-"
+        ),
+        **named_key_headers(metadata.kid, key_name(new.kid, new.key_version), new.alg),
+    }
+    written = source if destination is None else destination
+    body = ObjectSummary.of(new, written.key)
+    return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 
 async def _decrypt_stored(
