@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/archives.py
 	$(BIN)/python bench/reencrypt.py
+	$(BIN)/python bench/signing.py
 	$(BIN)/python bench/slowclients.py
 
 # Disables each guard that trust rests on, one at a time; every one must make tests fail.
