@@ -71,8 +71,17 @@ def policy_options(command: Any) -> Any:
 
 @keys.command()
 @click.argument("kid")
-@click.option("--kty", default="oct", show_default=True, help="key type: oct, RSA or ML-KEM")
-@click.option("--alg", help="algorithm (AES-256, RSA-OAEP-256, ML-KEM-768, ML-KEM-1024)")
+@click.option(
+    "--kty",
+    default="oct",
+    show_default=True,
+    help="key type: oct, RSA, ML-KEM, EC, ML-DSA (AKP names either of those) or OKP",
+)
+@click.option(
+    "--alg",
+    help="algorithm: AES-256, RSA-OAEP-256, ML-KEM-768 or -1024 encrypt; ES256, ES384, "
+    "PS256, PS384, ML-DSA-44, -65 or -87 sign (supported-algorithms lists them)",
+)
 @click.option("--key-size", type=int, help="RSA: 2048, 3072 or 4096")
 @policy_options
 @client_command
