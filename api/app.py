@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api import docs, openapi, problems
 from api.admission import StreamLimit
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import admin, crypto, health, jobs, keys, signatures
+from api.routes import admin, crypto, health, jobs, keys, objects, signatures
 from api.services import Services
 
 
@@ -42,7 +42,7 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     problems.install(app)
     openapi.install(app)
-    for module in (health, keys, crypto, signatures, jobs, admin):
+    for module in (health, keys, crypto, signatures, objects, jobs, admin):
         app.include_router(module.router)
     docs.install(app, services.settings.api_docs)
     return app

@@ -48,6 +48,8 @@ SCOPES = frozenset(
         "crypto:verify",
         "jobs:read",
         "jobs:write",
+        "objects:read",
+        "objects:write",
         ADMIN_SCOPE,
         OPERATOR_SCOPE,
     }

@@ -43,6 +43,7 @@ from anyio import to_thread
 from envelope import Decryptor
 from envelope.encrypt import Piece
 from keystore import KeyMismatch, KeyStore
+from services.inventory import Inventory, Marker, record_at
 from services.keys import (
     KeyWatch,
     Sealing,
@@ -177,11 +178,19 @@ def reencrypt_object(
     once a second each way: a key disabled meanwhile stops the job.
     """
     tenant = recorded.tenant
+    inventory = Inventory(records)
     keys_for = partial(opening_keys, keys, tenant, expected_kid=recorded.kid)
     target_store, bucket, target_key = (
         (store, recorded.bucket, original.key)
         if destination is None
         else (destination.store, destination.bucket, destination.storage_key)
+    )
+    replaced = (
+        recorded
+        if destination is None
+        else record_at(records, destination.bucket, destination.storage_key)
+        if overwrite
+        else None
     )
     digest = hashlib.sha256()
     with open_stored(store, original.key, original.size, keys_for, tenant, on_chunk) as old:
@@ -212,10 +221,25 @@ def reencrypt_object(
                 check_against_record(old.decryptor, digest.hexdigest(), recorded)
             except RecordMismatch as mismatch:
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
-            stored = new.complete()
+            key = sealing.key
+            marker = Marker.new(tenant, key.kid, key.primary_version, bucket, target_key)
+            stored = _swap(inventory, new, marker)
     record = sealed_record(sealing, bucket, target_key, digest.hexdigest(), stored)
     save_record(records, record)
+    inventory.moved(replaced, record)
     return record
+
+
+def _swap(inventory: Inventory, new: "_Resealing", marker: Marker) -> ObjectInfo:
+    """Put the new message in place, marked under its version first: the index never
+    misses it. A swap that fails takes back the marker, if it was this call's."""
+    ours = inventory.add(marker)
+    try:
+        return new.complete()
+    except BaseException:
+        if ours:
+            inventory.discard(marker)
+        raise
 
 
 class _Resealing:

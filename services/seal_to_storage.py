@@ -1,7 +1,8 @@
 """Seal a stream into a placement: the message written through a multipart upload, its
-plaintext's SHA-256 taken on the way, and the object's record saved once storage has
-made it visible. Any failure on the way aborts the upload, so nothing becomes visible and
-no upload is left pending.
+plaintext's SHA-256 taken on the way, its marker in the index of key versions
+(`services.inventory`) written before storage makes it visible, and the object's record
+saved once it has. Any failure on the way aborts the upload, so nothing becomes visible
+and no upload is left pending.
 
 From a request, batches are sealed, hashed and handed to the multipart writer in one
 worker-thread call. Backpressure holds end to end: the next chunk is read only once the
@@ -20,6 +21,7 @@ import anyio
 from anyio import CapacityLimiter, to_thread
 
 from keystore import KeyStore
+from services.inventory import Inventory, Marker, record_at
 from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
 from services.objects import object_metadata, sealed_record
 from services.placement import Placement
@@ -57,6 +59,8 @@ class ObjectSealer:
         self._placement = placement
         self._records = records
         self._digest = hashlib.sha256()
+        self._inventory = Inventory(records)
+        self._overwrite = overwrite
         self._writer = placement.store.multipart(
             placement.storage_key, metadata=object_metadata(sealing), if_absent=not overwrite
         )
@@ -70,18 +74,47 @@ class ObjectSealer:
                 encryptor.recycle(piece)
 
     def complete(self) -> ObjectRecord:
-        """Seal the final frame, make the object visible, and record it."""
+        """Seal the final frame, mark the object in the index, make it visible, record it,
+        and drop the marker of the object it replaced, if that was of another version."""
         encryptor = self._sealing.encryptor
         for piece in encryptor.finish():
             self._writer.write(piece)
-        info = self._writer.complete()
+        placement, sealing = self._placement, self._sealing
+        replaced = self._replaced()
+        version = sealing.key.primary_version
+        marker = Marker.new(
+            sealing.tenant, sealing.key.kid, version, placement.bucket, placement.storage_key
+        )
+        # Before the object can be seen: the index never misses an object it holds.
+        ours = self._inventory.add(marker)
         try:
-            return self._record(info)
+            info = self._writer.complete()
+        except BaseException:
+            self._take_back(marker if ours else None, delete_object=False)
+            raise
+        try:
+            record = self._record(info)
         except BaseException:
             # An object without its record could never be verified: take it back.
-            with suppress(StorageError):
-                self._placement.store.delete(self._placement.storage_key)
+            self._take_back(marker if ours else None, delete_object=True)
             raise
+        self._inventory.moved(replaced, record)
+        return record
+
+    def _replaced(self) -> ObjectRecord | None:
+        """The record of the object this one will replace, if any can be read."""
+        if not self._overwrite:
+            return None  # the upload completes only where there is no object
+        return record_at(self._records, self._placement.bucket, self._placement.storage_key)
+
+    def _take_back(self, marker: Marker | None, *, delete_object: bool) -> None:
+        """Undo what `complete` did before it failed: the object (only once it is gone may
+        its marker go), and the marker, if this writer wrote it."""
+        with suppress(StorageError):
+            if delete_object:
+                self._placement.store.delete(self._placement.storage_key)
+            if marker is not None:
+                self._inventory.remove(marker)
 
     def _record(self, info: ObjectInfo) -> ObjectRecord:
         placement = self._placement

@@ -211,8 +211,9 @@ class ObjectStore(ABC):
         """The object's size, etag, metadata and modification time."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects whose keys start with `prefix`, in lexicographic key order.
+    def list(self, prefix: str = "", *, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose keys start with `prefix`, in lexicographic key order, from the
+        first key after `start_after` on (a page's cursor).
 
         Listings carry no user metadata (`metadata` is empty): S3 would need one request
         per object to return it. Use `head` for that.

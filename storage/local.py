@@ -22,6 +22,7 @@ is closed to them when the store is opened.
 import builtins  # `list` names a store method inside the store classes
 import fcntl
 import json
+import logging
 import os
 import uuid
 from collections.abc import Generator, Iterator
@@ -53,6 +54,8 @@ from storage.local_files import (
     temp_beside,
     write_atomically,
 )
+
+logger = logging.getLogger(__name__)
 
 META_DIR = ".meta"
 # A temporary name adds TEMP_NAME_OVERHEAD bytes (and a sidecar ".json") to a segment;
@@ -97,15 +100,19 @@ class LocalStore(ObjectStore):
             last_modified=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, start_after: str = "") -> Iterator[ObjectInfo]:
         for parent, name in self._files(prefix):
             key = parent + name
-            if _is_reserved(parent, name) or not key.startswith(prefix):
+            if _is_reserved(parent, name) or not key.startswith(prefix) or key <= start_after:
                 continue
             try:
                 yield replace(self.head(key), metadata={})
             except ObjectNotFound:
                 continue  # deleted since the directory was scanned
+            except _SidecarMissing:
+                # A file put there by hand: no object of the store's, and one such file
+                # must not hide every other object of the listing.
+                logger.warning("listing skips %r: it has no metadata, so is no object", key)
 
     def delete(self, key: str) -> None:
         path = self._object_path(key)
@@ -186,9 +193,10 @@ class LocalStore(ObjectStore):
     def _read_sidecar(self, key: str) -> dict[str, Any]:
         try:
             sidecar: dict[str, Any] = json.loads(self._sidecar_path(key).read_bytes())
-        except (FileNotFoundError, ValueError) as error:
-            # Not the OS error's text: it holds the sidecar's path on this server.
-            raise StorageError("the object's metadata is missing or unreadable", key) from error
+        except (FileNotFoundError, ValueError):
+            # Not the OS error, not even as the cause: it holds the sidecar's path on this
+            # server, which would reach a log's traceback.
+            raise _SidecarMissing("the object's metadata is missing or unreadable", key) from None
         return sidecar
 
     def _files(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -259,6 +267,10 @@ class LocalStore(ObjectStore):
         except OSError as error:
             reason = f"the store directory failed: {error.strerror}"
             raise StorageUnavailable(reason, key) from error
+
+
+class _SidecarMissing(StorageError):
+    """A file in the store without its metadata: one copied in by hand, not written here."""
 
 
 class _LocalWriter(MultipartWriter):

@@ -102,9 +102,12 @@ class S3Store(ObjectStore):
             last_modified=response["LastModified"].astimezone(UTC),
         )
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", *, start_after: str = "") -> Iterator[ObjectInfo]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self._page_size}
+            Bucket=self.bucket,
+            Prefix=prefix,
+            StartAfter=start_after,
+            PaginationConfig={"PageSize": self._page_size},
         )
         with s3_errors(prefix):
             for page in pages:

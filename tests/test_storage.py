@@ -87,6 +87,10 @@ def test_list_returns_keys_under_prefix_in_order_across_pages(store: ObjectStore
     assert [info.key for info in store.list("p/a")] == tricky
     assert [info.key for info in store.list("p/n/1")] == [f"p/n/1{digit}" for digit in range(10)]
     assert [info.key for info in store.list("nothing/")] == []
+    # A cursor: what follows it, on whichever page that starts.
+    after = [info.key for info in store.list("p/", start_after="p/a0")]
+    assert after == sorted(tricky + numbered)[5:]
+    assert next(info.key for info in store.list("p/", start_after="p/n/20")) == "p/n/21"
 
 
 def test_list_carries_size_and_etag_but_not_metadata(store: ObjectStore) -> None:

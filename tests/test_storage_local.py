@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import BucketNotFound, InvalidObjectKey, LocalStore
+from storage import BucketNotFound, InvalidObjectKey, LocalStore, StorageError
 from storage.local_files import UncachedFile
 
 
@@ -219,3 +219,20 @@ def test_an_object_larger_than_the_stage_is_stored_whole(local: LocalStore) -> N
             writer.write(data[start : start + 1_000_003])
         writer.complete()
     assert local.get("big") == data
+
+
+def test_a_file_copied_in_by_hand_is_left_out_of_listings_without_a_path(
+    local: LocalStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file put into the directory by hand has no sidecar: it is no object of the
+    store's, and neither fails the listing nor has its path told to anyone."""
+    local.put("docs/a", b"a")
+    (local.root / "docs" / "b").write_bytes(b"copied in by hand")
+    local.put("docs/c", b"c")
+    with caplog.at_level("WARNING"):
+        assert [info.key for info in local.list("docs/")] == ["docs/a", "docs/c"]
+    assert "docs/b" in caplog.text
+    with pytest.raises(StorageError) as refused:
+        local.head("docs/b")
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    assert str(local.root) not in caplog.text + str(refused.value)

@@ -1,6 +1,7 @@
 """The periodic sweeps: rotate keys that are due, destroy keys past their deletion date,
-fail jobs whose worker was lost, and clear what header-only rewrap jobs left staged
-before re-encryption replaced them. Each is idempotent: running it twice does no harm."""
+fail jobs whose worker was lost, clear what header-only rewrap jobs left staged before
+re-encryption replaced them, and finish object deletions a crash cut short. Each is
+idempotent: running it twice does no harm."""
 
 import logging
 from datetime import timedelta
@@ -8,6 +9,7 @@ from typing import Any
 
 from sealstream.wiring import Parts
 from services.jobs import sweep_stale
+from services.stored_objects import finish_deletions
 from workers.reencrypt import clear_rewrap_staging
 
 logger = logging.getLogger(__name__)
@@ -19,18 +21,22 @@ def run_sweeps(services: Parts) -> dict[str, Any]:
     stale_after = timedelta(seconds=services.settings.job_stale_after)
     stale = sweep_stale(services.jobs, stale_after)
     staging = clear_rewrap_staging(services)
-    if rotated or destroyed or stale or staging:
+    deletions = finish_deletions(services.records, services.spaces)
+    if rotated or destroyed or stale or staging or deletions:
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys, failed %d stale jobs, "
-            "cleared %d objects and uploads that rewrap jobs staged",
+            "cleared %d objects and uploads that rewrap jobs staged, "
+            "finished %d deletions cut short",
             len(rotated),
             len(destroyed),
             len(stale),
             staging,
+            deletions,
         )
     return {
         "rotated": [f"{tenant}/{kid}" for tenant, kid in rotated],
         "destroyed": [f"{tenant}/{kid}" for tenant, kid in destroyed],
         "staleJobs": stale,
         "clearedStaging": staging,
+        "finishedDeletions": deletions,
     }

@@ -1,0 +1,187 @@
+"""A tenant's stored objects as the objects API shows them: listed with what their records
+say of each, and deleted together with their record and index marker.
+
+A deletion is three removals that no store makes atomic: the object, its record and its
+markers, in that order, since a marker may go only once its object is gone. A sealed
+note, written first, says what is being deleted:
+
+    sealstream/deleting/<bucket>/<storage key>.json
+
+and `finish_deletions`, which the lifecycle sweep runs, completes what a crash cut short.
+The note names the object's version (its etag), so that an object written at the same
+key since is left alone.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Self
+
+from keystore.records import KID_PATTERN
+from services.inventory import Inventory, Marker
+from services.placement import Spaces, tenant_prefix
+from storage import ObjectInfo, ObjectNotFound, ObjectStore
+from storage.documents import CamelModel, FrozenCamelModel
+from storage.integrity import Records, RecordTampered
+from storage.records import ObjectRecord, load_record, record_key
+
+DELETING_PREFIX = "sealstream/deleting/"
+NOTE_KIND = "deletion"
+
+
+class ObjectState(StrEnum):
+    """What an object's record says of it: a check of a listing, not a read of the object
+    (the verify job reads it whole)."""
+
+    SEALED = "sealed"  # its record is authentic and names this very object: size and etag
+    CHANGED = "changed"  # its record names another object there: replaced behind our back
+    UNRECORDED = "unrecorded"  # no record: not stored by the service (a manifest, say)
+    RECORD_REFUSED = "record-refused"  # a record that failed authentication
+
+
+class ObjectEntry(CamelModel):
+    """One object of a listing."""
+
+    key: str
+    bucket: str
+    size: int  # stored bytes: the ciphertext
+    created_at: datetime
+    kid: str | None = None
+    key_version: int | None = None
+    plaintext_size: int | None = None
+    state: ObjectState
+
+    @classmethod
+    def of(cls, records: Records, bucket: str, info: ObjectInfo, key: str) -> Self:
+        """The entry of the listed object `info`, named `key` by its tenant."""
+        base = cls(
+            key=key,
+            bucket=bucket,
+            size=info.size,
+            created_at=info.last_modified,
+            state=ObjectState.SEALED,
+        )
+        try:
+            record = load_record(records, bucket, info.key)
+        except ObjectNotFound:
+            return base.model_copy(update={"state": ObjectState.UNRECORDED})
+        except RecordTampered:
+            return base.model_copy(update={"state": ObjectState.RECORD_REFUSED})
+        matches = (record.etag, record.ciphertext_size) == (info.etag, info.size)
+        return base.model_copy(
+            update={
+                "created_at": record.created_at,
+                "kid": record.kid,
+                "key_version": record.key_version,
+                "plaintext_size": record.plaintext_size,
+                "state": ObjectState.SEALED if matches else ObjectState.CHANGED,
+            }
+        )
+
+
+def list_objects(
+    records: Records, store: ObjectStore, tenant: str, prefix: str, *, after: str, limit: int
+) -> tuple[list[ObjectEntry], str | None]:
+    """Up to `limit` of the tenant's objects whose keys start with `prefix`, after the key
+    `after`, in key order; and the cursor of the next page (None on the last)."""
+    base = tenant_prefix(tenant)
+    entries: list[ObjectEntry] = []
+    for info in store.list(base + prefix, start_after=base + after if after else ""):
+        if len(entries) == limit:
+            return entries, entries[-1].key
+        entries.append(ObjectEntry.of(records, store.bucket, info, info.key.removeprefix(base)))
+    return entries, None
+
+
+class DeletionNote(FrozenCamelModel):
+    """An object being deleted: the version of it (etag), and its markers' key versions."""
+
+    tenant: str
+    bucket: str
+    storage_key: str
+    etag: str
+    versions: tuple[tuple[str, int], ...]  # (kid, version) of each marker it may have
+    created_at: datetime
+
+    @property
+    def name(self) -> str:
+        return f"{DELETING_PREFIX}{self.bucket}/{self.storage_key}.json"
+
+    def markers(self) -> Iterator[Marker]:
+        for kid, version in self.versions:
+            yield Marker.new(self.tenant, kid, version, self.bucket, self.storage_key)
+
+
+def delete_object(records: Records, store: ObjectStore, tenant: str, storage_key: str) -> None:
+    """Delete a stored object, its record and its markers; `ObjectNotFound` if there is
+    no such object."""
+    info = store.head(storage_key)
+    note = DeletionNote(
+        tenant=tenant,
+        bucket=store.bucket,
+        storage_key=storage_key,
+        etag=info.etag,
+        versions=tuple(sorted(_marked_versions(records, store.bucket, info))),
+        created_at=datetime.now(UTC),
+    )
+    records.put(NOTE_KIND, note.name, note)
+    finish_deletion(records, store, note)
+
+
+def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) -> None:
+    """Complete the deletion `note` describes; idempotent."""
+    try:
+        current = store.head(note.storage_key)
+    except ObjectNotFound:
+        current = None
+    if current is not None and current.etag != note.etag:
+        records.store.delete(note.name)  # written again since: that object is not ours
+        return
+    store.delete(note.storage_key)
+    newer = _record_unless(records, note)
+    if newer is None:
+        records.store.delete(record_key(note.bucket, note.storage_key))
+    inventory = Inventory(records)
+    for marker in note.markers():
+        if newer is None or (newer.kid, newer.key_version) != (marker.kid, marker.key_version):
+            inventory.remove(marker)
+    records.store.delete(note.name)
+
+
+def finish_deletions(records: Records, spaces: Spaces) -> int:
+    """Complete every deletion a crash cut short (the lifecycle sweep); how many."""
+    finished = 0
+    for name, note in records.all(NOTE_KIND, DELETING_PREFIX, DeletionNote):
+        if name != note.name:
+            continue  # sealed under its name, so only a defect could get here
+        finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
+        finished += 1
+    return finished
+
+
+def _record_unless(records: Records, note: DeletionNote) -> ObjectRecord | None:
+    """The record at the note's object if it describes another object than the one
+    deleted (one written since), else None: that record is the deleted object's, or
+    there is none, or it fails authentication (and describes nothing to keep)."""
+    try:
+        record = load_record(records, note.bucket, note.storage_key)
+    except (ObjectNotFound, RecordTampered):
+        return None
+    return None if record.etag == note.etag else record
+
+
+def _marked_versions(records: Records, bucket: str, info: ObjectInfo) -> set[tuple[str, int]]:
+    """The key versions an object may have a marker under: its record's, and those its
+    storage metadata names. Neither need be believed: once the object is gone, no marker
+    of it stands for anything, so removing one too many is harmless."""
+    versions: set[tuple[str, int]] = set()
+    try:
+        record = load_record(records, bucket, info.key)
+        versions.add((record.kid, record.key_version))
+    except (ObjectNotFound, RecordTampered):
+        pass
+    kid = info.metadata.get("sealstream-kid", "")
+    version = info.metadata.get("sealstream-key-version", "")
+    if KID_PATTERN.fullmatch(kid) and version.isdigit() and len(version) < 10:
+        versions.add((kid, int(version)))
+    return versions
