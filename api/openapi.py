@@ -63,6 +63,7 @@ _DESCRIPTIONS: dict[int, str] = {
     415: "The body is not of the media type the route reads.",
     416: "The range lies outside the plaintext.",
     422: "A field is invalid; `errors` lists each one.",
+    428: "The request must confirm what it does (`confirm`); the problem says what that is.",
     502: "Object storage failed, or a stored record or object is damaged.",
     503: "Object storage, Redis or the KEK is unavailable, or the server is at its limit.",
 }

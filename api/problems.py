@@ -44,16 +44,20 @@ class Problem(Exception):
         *,
         errors: Sequence[Mapping[str, Any]] = (),
         headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> None:
+        """`extensions` are members of the problem beyond RFC 9457's own, for machines."""
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.errors = list(errors)
         self.headers = dict(headers or {})
+        self.extensions = dict(extensions or {})
 
     def document(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
+            **self.extensions,
             "type": f"urn:sealstream:problem:{self.code}",
             "title": HTTPStatus(self.status).phrase,
             "status": self.status,

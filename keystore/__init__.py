@@ -20,7 +20,9 @@ from keystore.errors import (
     KeyNotExportable,
     KeyNotFound,
     KeystoreError,
+    KeyVersionRetired,
     OperationNotPermitted,
+    PrimaryVersion,
 )
 from keystore.kek import Kek, KmsKek, LocalKek
 from keystore.persistence import record_key
@@ -45,11 +47,13 @@ __all__ = [
     "KeyRecord",
     "KeySpec",
     "KeyStore",
+    "KeyVersionRetired",
     "KeyView",
     "KeystoreError",
     "KmsKek",
     "LocalKek",
     "OperationNotPermitted",
+    "PrimaryVersion",
     "StoreNeedsUpgrade",
     "costly_material",
     "record_key",

@@ -120,6 +120,19 @@ class KeyExpired(InvalidKeyState):
     code = "key-expired"
 
 
+class KeyVersionRetired(InvalidKeyState):
+    """A retired version: it seals and opens nothing, and its material is (or is to be)
+    destroyed."""
+
+    code = "key-version-retired"
+
+
+class PrimaryVersion(InvalidKeyState):
+    """The primary version cannot be retired: rotate first."""
+
+    code = "version-is-primary"
+
+
 class OperationNotPermitted(KeystoreError):
     """The key's keyOps do not include the operation."""
 

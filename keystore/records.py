@@ -32,8 +32,10 @@ from keystore.errors import (
     KeyExpired,
     KeyNotFound,
     KeyPendingDeletion,
+    KeyVersionRetired,
     MixedKeyOps,
     OperationNotPermitted,
+    PrimaryVersion,
 )
 from storage.documents import FrozenCamelModel
 
@@ -133,12 +135,26 @@ class ImportSpec(KeyPolicy):
 
 
 class VersionInfo(FrozenCamelModel):
+    """A version as its key's readers see it: when it was made, how much it has been used,
+    and whether it is retired (then, when its material is, or was, destroyed)."""
+
     version: int = Field(ge=1)
     created_at: AwareDatetime
+    usage_count: int = Field(0, ge=0)
+    last_used_at: AwareDatetime | None = None
+    retired_at: AwareDatetime | None = None
+    destruction_date: AwareDatetime | None = None
+    destroyed_at: AwareDatetime | None = None
+
+    def check_in_use(self, kid: str) -> None:
+        """Refuse a retired version: it may neither seal nor open a message."""
+        if self.retired_at is not None:
+            raise KeyVersionRetired(f"key version {kid}#{self.version} is retired")
 
 
 class KeyVersion(VersionInfo):
-    """One version: its material wrapped under the KEK, and its public JWK if asymmetric."""
+    """One version: its material wrapped under the KEK (empty once destroyed), and its
+    public JWK if asymmetric."""
 
     wrapped_material: Base64Bytes = Field(repr=False)
     public_jwk: Jwk | None = None
@@ -201,7 +217,8 @@ class KeyRecord(KeyMetadata):
             **metadata,
             public_jwk=self.primary.public_jwk,
             versions=tuple(
-                VersionInfo(version=v.version, created_at=v.created_at) for v in self.versions
+                VersionInfo(**{name: getattr(v, name) for name in VersionInfo.model_fields})
+                for v in self.versions
             ),
         )
 
@@ -232,6 +249,16 @@ class KeyRecord(KeyMetadata):
             and self.rotation_period is not None
             and self.primary.created_at + self.rotation_period <= now
         )
+
+    def versions_to_destroy(self, now: datetime) -> list[int]:
+        """The retired versions whose material is past its destruction date."""
+        return [
+            version.version
+            for version in self.versions
+            if version.destroyed_at is None
+            and version.destruction_date is not None
+            and version.destruction_date <= now
+        ]
 
     def destruction_due(self, now: datetime) -> bool:
         return (
@@ -267,6 +294,40 @@ class KeyRecord(KeyMetadata):
             raise KeyPendingDeletion(f"key {self.kid!r} is past its deletion date")
         # As AWS KMS does: a key brought back from deletion must be enabled on purpose.
         return self._changed(now, status=KeyStatus.DISABLED, deletion_date=None)
+
+    def with_retired(self, number: int, destruction_date: datetime, now: datetime) -> Self:
+        """The record with version `number` retired, its material to be destroyed at
+        `destruction_date`; `self` if it is retired already (the first date stands)."""
+        version = self.version(number)
+        if version.retired_at is not None:
+            return self
+        self.check_retirable(number)
+        retired = version.model_copy(
+            update={"retired_at": now, "destruction_date": destruction_date}
+        )
+        return self._with_version_replaced(retired, now)
+
+    def check_retirable(self, number: int) -> None:
+        """Refuse to retire the primary version, or a version of a key pending deletion."""
+        self.check_not_pending_deletion()
+        if number == self.primary_version:
+            raise PrimaryVersion(
+                f"version {number} is the primary version of key {self.kid!r}: rotate first"
+            )
+
+    def with_destroyed(self, number: int, now: datetime) -> Self:
+        """The record with the material of the retired version `number` gone, if its
+        destruction date has passed; `self` otherwise."""
+        if number not in self.versions_to_destroy(now):
+            return self
+        destroyed = self.version(number).model_copy(
+            update={"wrapped_material": b"", "public_jwk": None, "destroyed_at": now}
+        )
+        return self._with_version_replaced(destroyed, now)
+
+    def _with_version_replaced(self, version: KeyVersion, now: datetime) -> Self:
+        versions = tuple(version if v.version == version.version else v for v in self.versions)
+        return self._changed(now, versions=versions)
 
     def with_exportable(self, exportable: bool, now: datetime) -> Self:
         if exportable == self.exportable:

@@ -52,6 +52,15 @@ def _key_ops(policy: KeyPolicy, params: KeyParams) -> tuple[KeyOp, ...]:
     return policy.checked_key_ops(params, key_type(params.kty).operations(params.alg))
 
 
+def check_pending_window(days: int) -> None:
+    """Refuse a pending window before destruction outside 1 to 30 days."""
+    if days not in PENDING_WINDOW_DAYS:
+        raise InvalidPendingWindow(
+            f"the pending window is {PENDING_WINDOW_DAYS.start} to "
+            f"{PENDING_WINDOW_DAYS.stop - 1} days"
+        )
+
+
 class KeyStore:
     """Key records of every tenant; thread-safe, sync (callers run it in threads)."""
 
@@ -116,6 +125,7 @@ class KeyStore:
             raise KeyNotExportable(f"key {kid!r} is not exportable")
         record.check_enabled()  # a disabled key's material stays in, as its use does
         chosen = record.primary if version is None else record.version(version)
+        chosen.check_in_use(kid)
         return self._material.export_jwk(record, chosen)
 
     # Using keys
@@ -149,9 +159,13 @@ class KeyStore:
         if needs_version is not None and not entry.record.has_version(needs_version):
             self._cache.invalidate(tenant, kid)
             entry = self._cached(tenant, kid)
-        entry.record.check_usable("decrypt", self._clock())
+        record = entry.record
+        record.check_usable("decrypt", self._clock())
+        if needs_version is not None and record.has_version(needs_version):
+            record.version(needs_version).check_in_use(kid)
         unwrap = self._material.keyring
-        return entry.record, [entry.keyring(version, unwrap) for version in entry.record.versions]
+        live = [version for version in record.versions if version.retired_at is None]
+        return record, [entry.keyring(version, unwrap) for version in live]
 
     def signing_key(self, tenant: str, kid: str) -> tuple[KeyRecord, SigningKey]:
         """The primary version's signing key, if the key may sign now."""
@@ -223,11 +237,7 @@ class KeyStore:
     def schedule_deletion(self, tenant: str, kid: str, pending_days: int = 7) -> KeyRecord:
         """Mark the key for destruction after `pending_days` (1 to 30); until then it is
         unusable, and `cancel_deletion` brings it back disabled."""
-        if pending_days not in PENDING_WINDOW_DAYS:
-            raise InvalidPendingWindow(
-                f"the pending window is {PENDING_WINDOW_DAYS.start} to "
-                f"{PENDING_WINDOW_DAYS.stop - 1} days"
-            )
+        check_pending_window(pending_days)
         return self._saved.update(
             tenant,
             kid,
@@ -238,6 +248,21 @@ class KeyStore:
 
     def cancel_deletion(self, tenant: str, kid: str) -> KeyRecord:
         return self._saved.update(tenant, kid, lambda record, now: record.deletion_cancelled(now))
+
+    def retire_version(
+        self, tenant: str, kid: str, version: int, pending_days: int = 7
+    ) -> KeyRecord:
+        """Retire a version that is not the primary: from now on it seals and opens
+        nothing, and its material is destroyed after `pending_days` (1 to 30). Whether
+        stored objects still need it is the caller's to check first."""
+        check_pending_window(pending_days)
+        return self._saved.update(
+            tenant,
+            kid,
+            lambda record, now: record.with_retired(
+                version, now + timedelta(days=pending_days), now
+            ),
+        )
 
     def set_exportable(self, tenant: str, kid: str, exportable: bool) -> KeyRecord:
         """Make a key non-exportable; the other way raises `ExportabilityIsOneWay`."""
@@ -270,6 +295,22 @@ class KeyStore:
             self._saved.delete(record.tenant, record.kid)
             destroyed.append((record.tenant, record.kid))
         return destroyed
+
+    def versions_to_destroy(self) -> builtins.list[tuple[str, str, int]]:
+        """(tenant, kid, version) of every retired version past its destruction date."""
+        now = self._clock()
+        return [
+            (record.tenant, record.kid, number)
+            for record in self._saved.records_where(lambda r: bool(r.versions_to_destroy(now)))
+            for number in record.versions_to_destroy(now)
+        ]
+
+    def destroy_version(self, tenant: str, kid: str, version: int) -> KeyRecord:
+        """Destroy the material of a retired version past its destruction date (a no-op
+        for any other version)."""
+        return self._saved.update(
+            tenant, kid, lambda record, now: record.with_destroyed(version, now)
+        )
 
     # Helpers
 

@@ -104,6 +104,11 @@ class Spaces:
             raise BucketNotAllowed(f"this tenant may not use bucket {bucket!r}")
         return self._open(bucket)
 
+    def tenant_stores(self, tenant: str) -> list[ObjectStore]:
+        """The default store and that of every other bucket the tenant may use."""
+        others = [b for b in self._tenant_buckets.get(tenant, []) if b != self._default.bucket]
+        return [self._default, *(self._open(bucket) for bucket in others)]
+
     def every_store(self) -> list[ObjectStore]:
         """The default store and that of every bucket some tenant may use (for sweeps)."""
         buckets = {b for allowed in self._tenant_buckets.values() for b in allowed}

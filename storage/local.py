@@ -272,6 +272,8 @@ class LocalStore(ObjectStore):
 class _SidecarMissing(StorageError):
     """A file in the store without its metadata: one copied in by hand, not written here."""
 
+    code = "storage-error"  # to a client, as any other failure of the store
+
 
 class _LocalWriter(MultipartWriter):
     """Appends to a temporary file beside the final name; `complete` renames it in place.

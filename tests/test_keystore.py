@@ -24,10 +24,13 @@ from keystore import (
     KeySpec,
     KeyStore,
     KeystoreError,
+    KeyVersionRetired,
     LocalKek,
+    PrimaryVersion,
     record_key,
 )
 from keystore.algorithms import b64url, jwk_bytes, key_type, resolve
+from keystore.errors import InvalidPendingWindow
 from sealstream.wiring import open_records
 from storage import ObjectStore
 from storage.integrity import Records, RecordTampered
@@ -165,7 +168,17 @@ def test_the_stored_record_has_the_documented_json_fields(
     assert (stored["deletionDate"], stored["expiresAt"], stored["lastUsedAt"]) == (None,) * 3
     assert stored["createdAt"] == "2030-01-01T00:00:00Z"
     [version] = stored["versions"]
-    assert set(version) == {"version", "createdAt", "wrappedMaterial", "publicJwk"}
+    assert set(version) == {
+        "version",
+        "createdAt",
+        "usageCount",
+        "lastUsedAt",
+        "retiredAt",
+        "destructionDate",
+        "destroyedAt",
+        "wrappedMaterial",
+        "publicJwk",
+    }
     assert version["publicJwk"]["kid"] == "r#1"
     base64.b64decode(version["wrappedMaterial"], validate=True)
 
@@ -178,14 +191,50 @@ def test_the_public_view_shows_the_primary_public_key_and_no_wrapped_material(
     dumped = view.model_dump(mode="json")
     assert "wrappedMaterial" not in json.dumps(dumped)
     assert dumped["publicJwk"]["kid"] == "m#2"
+    unused = {"usageCount": 0, "lastUsedAt": None}
+    live = {"retiredAt": None, "destructionDate": None, "destroyedAt": None}
     assert dumped["versions"] == [
-        {"version": 1, "createdAt": "2030-01-01T00:00:00Z"},
-        {"version": 2, "createdAt": "2030-01-01T00:00:00Z"},
+        {"version": 1, "createdAt": "2030-01-01T00:00:00Z", **unused, **live},
+        {"version": 2, "createdAt": "2030-01-01T00:00:00Z", **unused, **live},
     ]
     assert (dumped["kid"], dumped["status"], dumped["primaryVersion"]) == ("m", "enabled", 2)
 
 
 # Versions and rotation
+
+
+def test_a_retired_version_opens_nothing_and_its_material_goes_after_its_window(
+    keys: KeyStore, clock: Clock
+) -> None:
+    keys.create(TENANT, spec("k", exportable=True))
+    _, first = keys.encryption_keyring(TENANT, "k")
+    old_message = encrypt_all([first], PLAINTEXT)
+    keys.rotate(TENANT, "k")
+    with pytest.raises(PrimaryVersion):
+        keys.retire_version(TENANT, "k", 2)
+    with pytest.raises(InvalidPendingWindow):
+        keys.retire_version(TENANT, "k", 1, pending_days=0)
+
+    retired = keys.retire_version(TENANT, "k", 1, pending_days=2)
+    assert keys.retire_version(TENANT, "k", 1, pending_days=9) == retired  # the first stands
+
+    with pytest.raises(KeyVersionRetired):
+        keys.opening_keyrings(TENANT, ["k#1"])
+    _, live = keys.decryption_keyrings(TENANT, "k")
+    assert [keyring.key_name for keyring in live] == ["k#2"]
+    with pytest.raises(KeyVersionRetired):
+        keys.export_jwk(TENANT, "k", 1)
+    assert keys.versions_to_destroy() == []
+    assert keys.destroy_version(TENANT, "k", 1) == retired  # not yet: a no-op
+
+    clock.advance(days=2)
+    assert keys.versions_to_destroy() == [(TENANT, "k", 1)]
+    destroyed = keys.destroy_version(TENANT, "k", 1).version(1)
+    assert destroyed.wrapped_material == b"" and destroyed.destroyed_at == clock()
+    assert keys.versions_to_destroy() == []
+    with pytest.raises(DataKeyUnavailable):  # no keyring of a retired version is handed out
+        decrypt_with(keys, "k", old_message)
+    assert round_trip(keys, "k") == PLAINTEXT  # the primary serves on
 
 
 @pytest.mark.parametrize("kty", ["oct", "ML-KEM"])

@@ -36,6 +36,7 @@ class Mutant:
 
 ENVELOPE_TESTS = ("tests/test_envelope_tamper.py", "tests/test_envelope_roundtrip.py")
 SIGNING_TESTS = ("tests/test_keystore_signing.py",)
+RETIREMENT_TESTS = ("tests/test_key_retirement.py",)
 
 MUTANTS = (
     Mutant(
@@ -247,6 +248,62 @@ MUTANTS = (
         "    decryptor.finish()\n",
         "",
         ("tests/test_api_reencrypt.py",),
+    ),
+    Mutant(
+        "index: a marker before the object",
+        "services/seal_to_storage.py",
+        "        ours = self._inventory.add(marker)",
+        "        ours = False",
+        ("tests/test_api_objects.py",),
+    ),
+    Mutant(
+        "retire: the index says in use",
+        "services/retirement.py",
+        "        if counts.get(version):",
+        "        if False:",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retire: the census",
+        "services/retirement.py",
+        "        self.require_unused(tenant, kid, version)\n",
+        "",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retire: objects without a record",
+        "services/retirement.py",
+        "    return name in key_names(header)",
+        "    return False",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retire: a refused record is unknown",
+        "services/retirement.py",
+        "    except RecordTampered:\n        return None",
+        "    except RecordTampered:\n        return False",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retire: destruction waits for the census",
+        "services/retirement.py",
+        "            if indexed or census.objects or census.refused:",
+        "            if False:",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retired version opens nothing",
+        "keystore/store.py",
+        "            record.version(needs_version).check_in_use(kid)",
+        "            pass",
+        RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retired version's keyring withheld",
+        "keystore/store.py",
+        "        live = [version for version in record.versions if version.retired_at is None]",
+        "        live = list(record.versions)",
+        ("tests/test_keystore.py",),
     ),
 )
 

@@ -1,5 +1,8 @@
 """The reencrypt job: move stored objects to their key's primary version by re-encrypting
-them (`services.reencrypt`), one object or every recorded object under a prefix.
+them (`services.reencrypt`): one object, every recorded object under a prefix, or every
+object the index of key versions lists under one version of the key (`version`), in
+whichever bucket. The last empties that version's index: each object moves to the
+primary version, and a marker whose object is gone or has moved on already is dropped.
 
 An object is due when its record names an older version of the key. With `rewrapped`,
 objects that a header-only rewrap moved to a version are due too. Those are objects whose
@@ -26,7 +29,8 @@ from typing import Any
 from keystore import KeyRecord
 from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
-from services.jobs import JobKind, ObjectTarget, ReencryptParams
+from services.inventory import Inventory
+from services.jobs import JobKind, ObjectTarget, ReencryptParams, VersionTarget
 from services.placement import tenant_prefix
 from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
@@ -40,10 +44,12 @@ REWRAP_STAGING_PREFIX = "sealstream/staging/"
 # clock skew between the service and the storage included. An object stored later than
 # that after its record was written has been rewritten since.
 RECORD_SKEW = timedelta(minutes=1)
+_NO_RECORD = "no upload record for this object: it was not written by encrypt-to-storage"
 
 
 @dataclass(frozen=True)
 class _Target:
+    store: ObjectStore
     info: ObjectInfo
     record: ObjectRecord
 
@@ -52,6 +58,7 @@ class _Target:
 class _Report:
     reencrypted: int = 0
     skipped: int = 0
+    dropped: int = 0  # markers of the version selected that stood for nothing
     failures: list[dict[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, Any]:
@@ -66,10 +73,10 @@ class _Report:
 
 
 def reencrypt(context: JobContext, services: Parts) -> dict[str, Any]:
-    tenant, params = context.record.tenant, context.params(ReencryptParams)
-    job = _ReencryptJob(context, services, params, services.spaces.store(tenant, params.bucket))
+    job = _ReencryptJob(context, services, context.params(ReencryptParams))
     job.abort_left_pending()
-    targets = job.targets()
+    report = _Report()
+    targets = job.targets(report)
     context.progress(
         items_total=len(targets),
         bytes_total=sum(target.info.size for target in targets),
@@ -77,13 +84,12 @@ def reencrypt(context: JobContext, services: Parts) -> dict[str, Any]:
         bytes_done=0,
         force=True,
     )
-    report = _Report()
     bytes_done = 0
     for index, target in enumerate(targets):
         job.run(target, report)
         bytes_done += target.info.size
         context.progress(items_done=index + 1, bytes_done=bytes_done)
-    if isinstance(params.target, ObjectTarget) and report.failures:
+    if isinstance(job.params.target, ObjectTarget) and report.failures:
         (failure,) = report.failures
         raise JobFailed(failure["code"], failure["detail"])
     return job.result(report)
@@ -102,18 +108,12 @@ def clear_rewrap_staging(services: Parts) -> int:
 
 
 class _ReencryptJob:
-    def __init__(
-        self,
-        context: JobContext,
-        services: Parts,
-        params: ReencryptParams,
-        store: ObjectStore,
-    ) -> None:
+    def __init__(self, context: JobContext, services: Parts, params: ReencryptParams) -> None:
         self.context = context
         self.services = services
         self.params = params
-        self.store = store
         self.tenant = context.record.tenant
+        self.inventory = Inventory(services.records)
         # Refuses a key that may not encrypt now. Objects are moved to the version that is
         # primary when each is sealed: this one, unless the key rotates meanwhile. It is
         # at least the one the API saw, though this process may have cached an older one.
@@ -126,36 +126,66 @@ class _ReencryptJob:
         partial = self.context.record.result or {}
         writing = partial.get("writing")
         if writing is not None:
-            self.store.abort_pending(writing, exact=True)
+            bucket = partial.get("writingBucket", self.params.bucket)
+            self._store(bucket).abort_pending(writing, exact=True)
 
-    def targets(self) -> list[_Target]:
-        """The one object named, or every recorded object under the prefix sealed under
-        the key."""
+    def targets(self, report: _Report) -> list[_Target]:
+        """The one object named, every recorded object under the prefix sealed under the
+        key, or every object the index lists under the version selected."""
         target = self.params.target
+        if isinstance(target, VersionTarget):
+            return self._indexed_targets(target.version, report)
+        store = self._store(self.params.bucket)
         if isinstance(target, ObjectTarget):
-            return [self._named_target(target.storage_key)]
+            return [self._named_target(store, target.storage_key)]
         found = []
-        for info in self.store.list(target.storage_prefix):
-            record = self._record(info.key)
+        for info in store.list(target.storage_prefix):
+            record = self._record(store, info.key)
             if record is not None and record.kid == self.key.kid:
-                found.append(_Target(info, record))
+                found.append(_Target(store, info, record))
+        return found
+
+    def _indexed_targets(self, version: int, report: _Report) -> list[_Target]:
+        """The objects the index lists under `version`; markers whose object is gone, or
+        whose record names another version (moved on, but its marker left behind) stand
+        for nothing and are dropped."""
+        found = []
+        for marker in self.inventory.markers(self.tenant, self.key.kid, version):
+            store = self._store(marker.bucket)
+            try:
+                info = store.head(marker.storage_key)
+            except ObjectNotFound:
+                info = None
+            record = None if info is None else self._record(store, marker.storage_key)
+            if info is None or (
+                record is not None and (record.kid, record.key_version) != (marker.kid, version)
+            ):
+                self.inventory.remove(marker)
+                report.dropped += 1
+            elif record is None:
+                report.failures.append(
+                    self._failure(marker.storage_key, "object-record-missing", _NO_RECORD)
+                )
+            else:
+                found.append(_Target(store, info, record))
         return found
 
     def run(self, target: _Target, report: _Report) -> None:
         """Re-encrypt one object if it is due, counting the outcome; its failure is
         reported, not raised."""
-        key = target.info.key
+        key, store = target.info.key, target.store
         try:
             if not self._due(target):
                 report.skipped += 1
                 return
             # Noted before its upload can begin, for a rerun to abort if this attempt dies.
-            self.context.save_partial({**report.counts(), "writing": key})
-            original = self.store.head(key)
+            writing = {"writing": key, "writingBucket": store.bucket}
+            self.context.save_partial({**report.counts(), **writing})
+            original = store.head(key)
             reencrypt_object(
                 self.services.keys,
                 self.services.records,
-                self.store,
+                store,
                 target.record,
                 original,
                 self.context.add_bytes,
@@ -163,23 +193,23 @@ class _ReencryptJob:
         except (JobCancelled, LeaseLost, StorageUnavailable):
             raise  # not about this object: the job stops
         except Exception as error:
-            report.failures.append(
-                {
-                    "key": key.removeprefix(tenant_prefix(self.tenant)),
-                    "storageKey": key,
-                    "code": error_code(error),
-                    "detail": public_detail(error),
-                }
-            )
+            report.failures.append(self._failure(key, error_code(error), public_detail(error)))
             return
         report.reencrypted += 1
 
+    def _failure(self, storage_key: str, code: str, detail: str) -> dict[str, str]:
+        key = storage_key.removeprefix(tenant_prefix(self.tenant))
+        return {"key": key, "storageKey": storage_key, "code": code, "detail": detail}
+
     def result(self, report: _Report) -> dict[str, Any]:
-        key = {
-            "bucket": self.store.bucket,
-            "kid": self.key.kid,
-            "keyVersion": self.key.primary_version,
-        }
+        key: dict[str, Any] = {"kid": self.key.kid, "keyVersion": self.key.primary_version}
+        selected = self.params.target
+        if isinstance(selected, VersionTarget):
+            # What the index still lists under the version: 0 unless an object failed.
+            left = self.inventory.counts(self.tenant, self.key.kid).get(selected.version, 0)
+            key |= {"version": selected.version, "dropped": report.dropped, "remaining": left}
+        else:
+            key["bucket"] = self.params.bucket
         counts = report.counts()
         if self.context.record.kind is JobKind.REWRAP:
             counts["rewrapped"] = report.reencrypted  # as the deprecated job reported it
@@ -191,23 +221,23 @@ class _ReencryptJob:
             return True
         return self.params.rewrapped and _rewrapped(record, self.key, target.info.last_modified)
 
-    def _named_target(self, storage_key: str) -> _Target:
-        record = self._record(storage_key)
+    def _named_target(self, store: ObjectStore, storage_key: str) -> _Target:
+        record = self._record(store, storage_key)
         if record is None:
-            raise JobFailed(
-                "object-record-missing",
-                "no upload record for this object: it was not written by encrypt-to-storage",
-            )
+            raise JobFailed("object-record-missing", _NO_RECORD)
         if record.kid != self.key.kid:
             raise JobFailed(
                 "object-not-sealed-under-key",
                 f"the object is sealed under key {record.kid!r}, not {self.key.kid!r}",
             )
-        return _Target(self.store.head(storage_key), record)
+        return _Target(store, store.head(storage_key), record)
 
-    def _record(self, storage_key: str) -> ObjectRecord | None:
+    def _store(self, bucket: str | None) -> ObjectStore:
+        return self.services.spaces.store(self.tenant, bucket)
+
+    def _record(self, store: ObjectStore, storage_key: str) -> ObjectRecord | None:
         try:
-            return load_record(self.services.records, self.store.bucket, storage_key)
+            return load_record(self.services.records, store.bucket, storage_key)
         except ObjectNotFound:
             return None
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
@@ -19,6 +19,7 @@ from api.problems import Problem
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
+from keystore import KeyRecord
 from services.jobs import (
     BatchEncryptParams,
     JobKind,
@@ -27,6 +28,8 @@ from services.jobs import (
     ObjectTarget,
     PrefixTarget,
     ReencryptParams,
+    Target,
+    VersionTarget,
     fail_if_stale,
 )
 from services.keys import start_sealing
@@ -128,16 +131,26 @@ class BatchEncryptRequest(_Request):
 
 
 class ReencryptRequest(_Request):
+    """One object (`key`), every object under a `prefix`, or every object the index of
+    key versions lists under one `version` of the key (in every bucket)."""
+
     kid: Kid
     key: str | None = None
     prefix: str | None = None
+    version: int | None = Field(None, ge=1)
     bucket: str | None = None
     rewrapped: bool = False
 
     @model_validator(mode="after")
-    def one_of_key_or_prefix(self) -> "ReencryptRequest":
-        if (self.key is None) == (self.prefix is None):
-            raise PydanticCustomError("invalid-source", "give exactly one of 'key' and 'prefix'")
+    def one_selector(self) -> "ReencryptRequest":
+        if sum(given is not None for given in (self.key, self.prefix, self.version)) != 1:
+            raise PydanticCustomError(
+                "invalid-source", "give exactly one of 'key', 'prefix' and 'version'"
+            )
+        if self.version is not None and self.bucket is not None:
+            raise PydanticCustomError(
+                "invalid-source", "a version selects its objects in every bucket: no 'bucket'"
+            )
         return self
 
 
@@ -188,16 +201,19 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> Batch
 
 
 def reencrypt_params(
-    svc: Services, tenant: str, spec: ReencryptRequest, primary: int
+    svc: Services, tenant: str, spec: ReencryptRequest, key: KeyRecord
 ) -> ReencryptParams:
-    """The job's parameters; `primary` is the key's primary version as this process sees
-    it, which the job moves objects to at least."""
-    target = (
-        _place_key(svc, tenant, spec.key, spec.bucket)
-        if spec.key is not None
-        else _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
-    )
-    return ReencryptParams.of(spec.kid, primary, spec.rewrapped, target)
+    """The job's parameters; `key` is the key as this process sees it, whose primary
+    version the job moves objects to at least."""
+    target: Target | VersionTarget
+    if spec.version is not None:
+        key.version(spec.version)  # 404 unless the key has it
+        target = VersionTarget(version=spec.version)
+    elif spec.key is not None:
+        target = _place_key(svc, tenant, spec.key, spec.bucket)
+    else:
+        target = _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
+    return ReencryptParams.of(spec.kid, key.primary_version, spec.rewrapped, target)
 
 
 @router.post("/batch-encrypt", **_starts_a_job(BatchEncryptRequest))
@@ -245,7 +261,7 @@ async def _start_reencrypt(request: Request, principal: Principal, kind: JobKind
     svc = services(request)
     spec = parse(ReencryptRequest, await read_json_object(request, svc.settings))
     key, _ = await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
-    params = reencrypt_params(svc, principal.tenant, spec, key.primary_version)
+    params = reencrypt_params(svc, principal.tenant, spec, key)
     return await run_in_threadpool(svc.start_job, kind, principal.tenant, params)
 
 

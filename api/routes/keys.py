@@ -8,16 +8,21 @@ and only for keys created exportable.
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
 from api.body import parse, read_json_object
 from api.openapi import AUTHENTICATED, JSON_BODY, NAMED_KEY, QUERY, answer, answers, json_request
+from api.problems import Problem
 from api.services import services
 from api.tokens import Principal
 from keystore import ImportSpec, KeyRecord, KeySpec, KeyView, supported_algorithms
+from keystore.records import VersionInfo
+from services.inventory import IndexedObject, Inventory, Marker
+from services.retirement import RetirementRefused, Retirements
+from storage.documents import CamelModel
 
 router = APIRouter(prefix="/api/key-management", tags=["keys"])
 Reader = Annotated[Principal, Depends(require("keys:read"))]
@@ -38,6 +43,42 @@ class KeyChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     exportable: bool
+
+
+class VersionDetail(VersionInfo):
+    """A version, and how many stored objects the index lists under it."""
+
+    object_count: int
+
+
+class KeyDetail(KeyView):
+    """A key as its readers see it, with each version's count of stored objects."""
+
+    versions: tuple[VersionDetail, ...]
+
+
+class IndexedObjects(BaseModel):
+    """A page of a key version's objects, in index order; `next` is the `after` of the
+    next page, null on the last."""
+
+    objects: list[IndexedObject]
+    next: str | None
+
+
+class Retirement(CamelModel):
+    """What retiring a version takes: its name, `kid#version`, as the confirmation that
+    what it sealed outside storage may become unreadable; and the days until its material
+    is destroyed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    confirm: str | None = None
+    pending_window_days: int = 7
+
+
+DETAIL = {200: answer("The key, with each version's count of stored objects.", KeyDetail)}
+RETIRED = {200: answer("The key, the version retired.", KeyDetail)}
+INDEXED = {200: answer("A page of the version's stored objects.", IndexedObjects)}
 
 
 KEY = {200: answer("The key as its readers see it.", KeyView)}
@@ -106,9 +147,10 @@ async def list_keys(
     return {"keys": [view(record) for record in records], "next": cursor}
 
 
-@router.get("/keys/{kid}", response_model=None, responses=answers(KEY, AUTHENTICATED, NAMED_KEY))
+@router.get("/keys/{kid}", response_model=None, responses=answers(DETAIL, AUTHENTICATED, NAMED_KEY))
 async def get_key(request: Request, kid: str, principal: Reader) -> dict[str, Any]:
-    return view(await run_in_threadpool(services(request).keys.get, principal.tenant, kid))
+    """The key, each version with the count of stored objects the index lists under it."""
+    return await run_in_threadpool(_detailed, request, principal.tenant, kid)
 
 
 @router.patch(
@@ -187,3 +229,80 @@ async def export_key(
     """The material of one version (the primary by default) as a private JWK."""
     jwk = await run_in_threadpool(services(request).keys.export_jwk, principal.tenant, kid, version)
     return dict(jwk)
+
+
+# The index of key versions, and retiring a version
+
+ObjectReader = Annotated[Principal, Depends(require("objects:read"))]
+
+
+def detail(record: KeyRecord, counts: dict[int, int]) -> dict[str, Any]:
+    """The key's view, each version with its count of stored objects (`counts`)."""
+    shown = view(record)
+    for version in shown["versions"]:
+        version["objectCount"] = counts.get(version["version"], 0)
+    return shown
+
+
+def _detailed(request: Request, tenant: str, kid: str) -> dict[str, Any]:
+    svc = services(request)
+    record = svc.keys.get(tenant, kid)
+    return detail(record, Inventory(svc.records).counts(tenant, kid))
+
+
+@router.get(
+    "/keys/{kid}/objects",
+    response_model=None,
+    responses=answers(INDEXED, AUTHENTICATED, NAMED_KEY, QUERY),
+)
+async def list_key_version_objects(
+    request: Request,
+    kid: str,
+    principal: Reader,
+    _: ObjectReader,
+    version: Annotated[int, Query(ge=1)],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str, Query(pattern="^([0-9a-f]{64})?$")] = "",
+) -> dict[str, Any]:
+    """The stored objects the index lists under one version of the key."""
+    svc = services(request)
+
+    def page() -> tuple[list[Marker], str | None]:
+        svc.keys.get(principal.tenant, kid).version(version)  # 404 for either
+        inventory = Inventory(svc.records)
+        return inventory.page(principal.tenant, kid, version, limit=limit, after=after)
+
+    markers, cursor = await run_in_threadpool(page)
+    objects = [IndexedObject.of(marker).model_dump(mode="json") for marker in markers]
+    return {"objects": objects, "next": cursor}
+
+
+@router.post(
+    "/keys/{kid}/versions/{version}/retire",
+    response_model=None,
+    responses=answers(RETIRED, AUTHENTICATED, NAMED_KEY, JSON_BODY, (428,)),
+    openapi_extra=json_request(Retirement),
+)
+async def retire_key_version(
+    request: Request, kid: str, version: Annotated[int, Path(ge=1)], principal: Writer
+) -> dict[str, Any]:
+    """Retire a version that no stored object uses: it seals and opens nothing from now
+    on, and its material is destroyed after `pendingWindowDays` (1 to 30, default 7)."""
+    svc = services(request)
+    spec = parse(Retirement, await json_body(request))
+    retirements = Retirements(svc.keys, svc.records, svc.spaces)
+    retire = partial(
+        retirements.retire,
+        principal.tenant,
+        kid,
+        version,
+        confirm=spec.confirm,
+        pending_days=spec.pending_window_days,
+    )
+    try:
+        await run_in_threadpool(retire)
+    except RetirementRefused as refusal:
+        raise Problem(
+            refusal.status, refusal.code, str(refusal), extensions=refusal.extensions()
+        ) from None
+    return await run_in_threadpool(_detailed, request, principal.tenant, kid)

@@ -13,6 +13,7 @@ from services.jobs.params import (
     ReencryptParams,
     Target,
     VerifyParams,
+    VersionTarget,
 )
 from services.jobs.records import (
     REPORT_KIND,
@@ -48,6 +49,7 @@ __all__ = [
     "ReencryptParams",
     "Target",
     "VerifyParams",
+    "VersionTarget",
     "fail_if_stale",
     "sweep_stale",
 ]

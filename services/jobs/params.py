@@ -48,6 +48,13 @@ class PrefixTarget(JobParams):
 Target = ObjectTarget | PrefixTarget
 
 
+class VersionTarget(JobParams):
+    """Every object the index of key versions lists under one version of the job's key,
+    in whichever bucket."""
+
+    version: int
+
+
 class VerifyParams(ObjectTarget):
     """The verify job's: the stored object to read back and check."""
 
@@ -78,20 +85,24 @@ class BatchEncryptParams(JobParams):
 
 class ReencryptParams(JobParams):
     """The reencrypt job's (and its deprecated alias rewrap's): the key, the version the
-    API saw as its primary, and one object or a prefix, its fields alongside the others.
-    Records written by rewrap jobs lack `keyVersion` and `rewrapped`."""
+    API saw as its primary, and one object, a prefix (in a bucket) or a version of the key
+    (in every bucket), its fields alongside the others. Records written by rewrap jobs
+    lack `keyVersion` and `rewrapped`."""
 
     kid: str
     key_version: int | None = _absent_if_none()
     rewrapped: bool = False
-    bucket: str
+    bucket: str | None = _absent_if_none()
     key: str | None = _absent_if_none()
     storage_key: str | None = _absent_if_none()
     prefix: str | None = _absent_if_none()
     storage_prefix: str | None = _absent_if_none()
+    version: int | None = _absent_if_none()
 
     @classmethod
-    def of(cls, kid: str, key_version: int, rewrapped: bool, target: Target) -> Self:
+    def of(
+        cls, kid: str, key_version: int, rewrapped: bool, target: "Target | VersionTarget"
+    ) -> Self:
         return cls.model_validate(
             {"kid": kid, "key_version": key_version, "rewrapped": rewrapped, **dict(target)}
         )
@@ -101,13 +112,19 @@ class ReencryptParams(JobParams):
         fields = (self.key, self.storage_key, self.prefix, self.storage_prefix)
         named_object = self.key is not None and self.storage_key is not None
         named_prefix = self.prefix is not None and self.storage_prefix is not None
-        if named_object == named_prefix or sum(f is not None for f in fields) != 2:
+        in_bucket = sum(f is not None for f in fields) == 2 and self.bucket is not None
+        if self.version is not None:
+            if any(f is not None for f in (*fields, self.bucket)):
+                raise PydanticCustomError("invalid-target", "a version is in every bucket")
+        elif named_object == named_prefix or not in_bucket:
             raise PydanticCustomError("invalid-target", "name one object or one prefix")
         return self
 
     @property
-    def target(self) -> Target:
-        """The object or prefix the job re-encrypts."""
+    def target(self) -> "Target | VersionTarget":
+        """The object, prefix or key version the job re-encrypts."""
+        if self.version is not None:
+            return VersionTarget(version=self.version)
         if self.storage_key is not None:
             return ObjectTarget.model_validate(self.model_dump(include=_OBJECT_FIELDS))
         return PrefixTarget.model_validate(self.model_dump(include=_PREFIX_FIELDS))

@@ -1,0 +1,227 @@
+"""Retiring a key version: refused while stored objects use it, confirmed by naming it,
+and its material destroyed once the pending window ends, after the same check again.
+
+Whether stored objects still use a version is asked in two ways, and a retirement needs
+both to answer none:
+- the index of key versions (`services.inventory`): one listing, but whoever can write
+  the bucket can delete its markers;
+- a census of the tenant's object records, each read and authenticated, and of every
+  object in the tenant's space that has no record, whose header names the key versions
+  it was sealed for. It finds what the index misses: a marker deleted, an object stored
+  before the index existed, a marker lost in a race of two writes to one key.
+
+Ciphertext streamed back to clients is in neither: the service does not know where it
+went. So a retirement also takes the version's name as a confirmation (`kid#version`),
+and until it has one answers with each version's use: how many messages it sealed or
+opened, and when last.
+"""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from envelope import EnvelopeError, key_names
+from keystore import KeyRecord, KeyStore
+from keystore.material import key_name
+from keystore.store import check_pending_window
+from services.inventory import Inventory
+from services.objects import read_stored_header
+from services.placement import Spaces, tenant_prefix
+from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore
+from storage.integrity import Records, RecordTampered
+from storage.records import load_record
+
+# Records read at once by a census: each read is a request or two, mostly waiting.
+CENSUS_THREADS = 8
+
+logger = logging.getLogger(__name__)
+
+
+class RetirementRefused(Exception):
+    """A version that may not be retired now; `extensions` are the problem's members."""
+
+    status: ClassVar[int] = 409
+    code: ClassVar[str] = "retirement-refused"
+
+    def extensions(self) -> dict[str, Any]:
+        return {}
+
+
+class VersionInUse(RetirementRefused):
+    """Stored objects still use the version."""
+
+    code = "version-in-use"
+
+    def __init__(self, name: str, objects: int) -> None:
+        super().__init__(
+            f"{objects} stored objects still use {name}: re-encrypt them (a reencrypt job "
+            "with kid and version) or delete them first"
+        )
+        self.objects = objects
+
+    def extensions(self) -> dict[str, Any]:
+        return {"objectCount": self.objects}
+
+
+class VersionUsageUnknown(RetirementRefused):
+    """Object records that failed authentication: which version they need is unknown."""
+
+    code = "version-usage-unknown"
+
+    def __init__(self, refused: int) -> None:
+        super().__init__(
+            f"{refused} of the tenant's object records failed authentication, so which key "
+            "versions their objects need is unknown; restore or delete them (the service's "
+            "log names them)"
+        )
+
+
+class ConfirmationRequired(RetirementRefused):
+    """The request did not name the version it retires."""
+
+    status = 428
+    code = "confirmation-required"
+
+    def __init__(self, record: KeyRecord, number: int, object_counts: dict[int, int]) -> None:
+        name = key_name(record.kid, number)
+        version = record.version(number)
+        used = version.last_used_at.isoformat() if version.last_used_at else "never"
+        super().__init__(
+            f"{name} sealed or opened {version.usage_count} messages (last: {used}); "
+            "ciphertext it sealed that was streamed back to clients is not tracked and "
+            f'will not decrypt once it is retired: confirm with {{"confirm": "{name}"}}'
+        )
+        self.versions = [
+            {
+                "version": v.version,
+                "usageCount": v.usage_count,
+                "lastUsedAt": v.last_used_at.isoformat() if v.last_used_at else None,
+                "objectCount": object_counts.get(v.version, 0),
+                "retiredAt": v.retired_at.isoformat() if v.retired_at else None,
+            }
+            for v in record.versions
+        ]
+
+    def extensions(self) -> dict[str, Any]:
+        return {"versions": self.versions}
+
+
+@dataclass(frozen=True)
+class Census:
+    """What a census found of the objects of one key version."""
+
+    objects: int  # objects sealed under the version, recorded or not
+    refused: int  # records that failed authentication, whose version is unknown
+
+
+@dataclass(frozen=True)
+class Retirements:
+    """What retiring versions takes: keys, the records (the index among them), and the
+    tenant's stores."""
+
+    keys: KeyStore
+    records: Records
+    spaces: Spaces
+
+    def retire(
+        self, tenant: str, kid: str, version: int, *, confirm: str | None, pending_days: int
+    ) -> KeyRecord:
+        """Retire `kid`'s `version` if nothing stored uses it and `confirm` names it; a
+        retired version is answered as it is. Raises a `RetirementRefused` or the key
+        store's errors (no such key or version, the primary version)."""
+        check_pending_window(pending_days)
+        record = self.keys.get(tenant, kid)
+        if record.version(version).retired_at is not None:
+            return record
+        record.check_retirable(version)
+        name = key_name(kid, version)
+        counts = Inventory(self.records).counts(tenant, kid)
+        if counts.get(version):
+            raise VersionInUse(name, counts[version])
+        if confirm != name:
+            raise ConfirmationRequired(record, version, counts)
+        self.require_unused(tenant, kid, version)
+        return self.keys.retire_version(tenant, kid, version, pending_days)
+
+    def require_unused(self, tenant: str, kid: str, version: int) -> None:
+        """Refuse unless a census finds no stored object of the version, and every record
+        of the tenant authentic."""
+        census = self.census(tenant, kid, version)
+        if census.objects:
+            logger.warning(
+                "%d objects of tenant %s use %s but the index lists none: markers were "
+                "deleted, or the objects were stored before the index was kept",
+                census.objects,
+                tenant,
+                key_name(kid, version),
+            )
+            raise VersionInUse(key_name(kid, version), census.objects)
+        if census.refused:
+            raise VersionUsageUnknown(census.refused)
+
+    def census(self, tenant: str, kid: str, version: int) -> Census:
+        """Count the tenant's objects sealed under `kid#version`, in every bucket it may
+        use, from the object records and, for objects without one, their headers."""
+        name = key_name(kid, version)
+        objects = refused = 0
+        for store in self.spaces.tenant_stores(tenant):
+            found, unknown = _count_in(self.records, store, tenant, name)
+            objects += found
+            refused += unknown
+        return Census(objects, refused)
+
+    def destroy_due(self) -> list[str]:
+        """Destroy the material of retired versions past their destruction date, each
+        once a census again finds nothing stored that uses it; `tenant/kid#version` of
+        each destroyed. One still in use is held back, and logged as an error."""
+        destroyed = []
+        for tenant, kid, version in self.keys.versions_to_destroy():
+            name = key_name(kid, version)
+            indexed = Inventory(self.records).counts(tenant, kid).get(version, 0)
+            census = self.census(tenant, kid, version)
+            if indexed or census.objects or census.refused:
+                logger.error(
+                    "not destroying %s of tenant %s: %d objects use it (%d in the index), "
+                    "%d object records failed authentication",
+                    name,
+                    tenant,
+                    census.objects,
+                    indexed,
+                    census.refused,
+                )
+                continue
+            self.keys.destroy_version(tenant, kid, version)
+            destroyed.append(f"{tenant}/{name}")
+        return destroyed
+
+
+def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> tuple[int, int]:
+    """(objects sealed for the key name `name`, records refused) in one store."""
+    objects = list(store.list(tenant_prefix(tenant)))
+    with ThreadPoolExecutor(CENSUS_THREADS, thread_name_prefix="census") as pool:
+        verdicts = list(pool.map(lambda info: _sealed_for(records, store, info, name), objects))
+    return sum(v is True for v in verdicts), sum(v is None for v in verdicts)
+
+
+def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: str) -> bool | None:
+    """Whether the object `info` is sealed for the key name `name`, by its record, or
+    without one by its header; None if its record fails authentication."""
+    try:
+        record = load_record(records, store.bucket, info.key)
+    except RecordTampered:
+        return None
+    except ObjectNotFound:
+        return _header_names(store, info, name)
+    return key_name(record.kid, record.key_version) == name
+
+
+def _header_names(store: ObjectStore, info: ObjectInfo, name: str) -> bool:
+    """Whether an object without a record names `name` among its header's keys. One that
+    is no message (a manifest, a file put there by other means) names none; one whose
+    header is damaged would not decrypt under any version."""
+    try:
+        header = read_stored_header(store, info.key, info.size)
+    except (EnvelopeError, InvalidRange, ObjectNotFound):  # none, or gone since listed
+        return False
+    return name in key_names(header)

@@ -1,0 +1,222 @@
+"""Which objects still use a key version, and retiring one, over real HTTP: on both
+backends with the in-process job runner, and on moto with the reencrypt job on a Celery
+worker.
+
+The whole flow: objects sealed under version 1, a rotation, version 1's objects listed,
+its retirement refused while they use it, a reencrypt job selecting that version, the
+retirement confirmed, and then a copy streamed back under version 1 earlier refused
+with a clean 4xx; its material destroyed by the sweep after the pending window. And what
+a bucket writer can do to the index (delete markers, delete object records, tamper with
+them) does not let a version in use be retired.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from keystore import KeyStore
+from keystore.persistence import RECORD_KIND as KEY_KIND
+from keystore.persistence import record_key as key_record_name
+from keystore.records import KeyRecord
+from sealstream.wiring import build_parts
+from services.inventory import Inventory
+from services.retirement import Retirements
+from storage.records import record_key
+from tests.conftest import Api
+from tests.support.data import random_bytes
+from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
+from tests.support.jobs import JobStack, finished_job
+
+KID = "mySymKey"
+TENANT = "default"
+V1 = f"{KID}#1"
+RETIRE_V1 = f"{KEYS}/{KID}/versions/1/retire"
+
+
+def store(client: httpx.Client, key: str, data: bytes) -> None:
+    response = encrypt(client, data, destination={"key": key})
+    assert response.status_code == 201, response.text
+
+
+def version_objects(client: httpx.Client, version: int, **query: Any) -> dict[str, Any]:
+    response = client.get(f"{KEYS}/{KID}/objects", params={"version": version, **query})
+    assert response.status_code == 200, response.text
+    page: dict[str, Any] = response.json()
+    return page
+
+
+def object_counts(client: httpx.Client) -> list[int]:
+    view = client.get(f"{KEYS}/{KID}").json()
+    return [version["objectCount"] for version in view["versions"]]
+
+
+def walk_the_whole_flow(client: httpx.Client) -> bytes:
+    """Encrypt under v1, rotate, list v1's objects, be refused, re-encrypt, retire, and
+    find an old copy refused; the old copy (streamed back under v1)."""
+    data = {name: random_bytes(5000 + index, seed=index) for index, name in enumerate("abc")}
+    store(client, "docs/a", data["a"])
+    store(client, "docs/b", data["b"])
+    old_copy = encrypt(client, b"streamed back, tracked nowhere")
+    assert old_copy.status_code == 200 and old_copy.headers["X-Key-Used"] == V1
+    assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+    store(client, "docs/c", data["c"])
+    assert object_counts(client) == [2, 1]
+
+    first = version_objects(client, 1, limit=1)
+    second = version_objects(client, 1, limit=1, after=first["next"])
+    assert second["next"] is None
+    listed = first["objects"] + second["objects"]
+    assert sorted(entry["key"] for entry in listed) == ["docs/a", "docs/b"]
+    assert {(entry["kid"], entry["keyVersion"]) for entry in listed} == {(KID, 1)}
+
+    # In use: refused before any confirmation is asked for.
+    problem(client.post(RETIRE_V1, json={}), 409, "version-in-use")
+    in_use = problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-in-use")
+    assert in_use["objectCount"] == 2 and "2 stored objects" in in_use["detail"]
+    primary = client.post(f"{KEYS}/{KID}/versions/2/retire", json={"confirm": f"{KID}#2"})
+    problem(primary, 409, "version-is-primary")
+
+    job = client.post("/api/jobs/reencrypt", json={"kid": KID, "version": 1})
+    assert job.status_code == 202, job.text
+    result = finished_job(client, job.json()["id"], timeout=120)
+    assert result["status"] == "succeeded", result
+    assert (result["result"]["reencrypted"], result["result"]["remaining"]) == (2, 0)
+    assert version_objects(client, 1)["objects"] == []
+    assert object_counts(client) == [0, 3]
+
+    unconfirmed = problem(client.post(RETIRE_V1, json={}), 428, "confirmation-required")
+    assert [v["version"] for v in unconfirmed["versions"]] == [1, 2]
+    assert {"usageCount", "lastUsedAt", "objectCount"} <= set(unconfirmed["versions"][0])
+    assert V1 in unconfirmed["detail"]
+    wrong = client.post(RETIRE_V1, json={"confirm": f"{KID}#2"})
+    problem(wrong, 428, "confirmation-required")
+
+    retired = client.post(RETIRE_V1, json={"confirm": V1, "pendingWindowDays": 1})
+    assert retired.status_code == 200, retired.text
+    version_1 = retired.json()["versions"][0]
+    assert version_1["retiredAt"] is not None and version_1["destructionDate"] is not None
+    again = client.post(RETIRE_V1, json={"confirm": V1})
+    assert again.json()["versions"][0]["retiredAt"] == version_1["retiredAt"]
+
+    refused = problem(decrypt(client, old_copy.content), 409, "key-version-retired")
+    assert V1 in refused["detail"]
+    for name, plaintext in data.items():
+        assert read_object(client, f"docs/{name}").content == plaintext
+    return old_copy.content
+
+
+def destroy_after_the_window(api: Api, client: httpx.Client, old_copy: bytes) -> None:
+    """The sweep, run two days on, destroys version 1's material."""
+    parts = build_parts(api.settings)
+    later = datetime.now(UTC) + timedelta(days=2)
+    keys = KeyStore(parts.records, parts.kek, clock=lambda: later)
+    assert Retirements(keys, parts.records, parts.spaces).destroy_due() == [f"{TENANT}/{V1}"]
+    record = api.records.get(KEY_KIND, key_record_name(TENANT, KID), KeyRecord)
+    version_1 = record.version(1)
+    assert version_1.destroyed_at is not None and version_1.wrapped_material == b""
+    problem(decrypt(client, old_copy), 409, "key-version-retired")
+    assert Retirements(keys, parts.records, parts.spaces).destroy_due() == []
+
+
+def test_the_whole_flow_on_each_backend(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+        old_copy = walk_the_whole_flow(client)
+        destroy_after_the_window(api, client, old_copy)
+
+
+def test_the_whole_flow_with_a_celery_worker(job_stack: JobStack) -> None:
+    with job_stack.client() as client:
+        walk_the_whole_flow(client)
+
+
+@pytest.fixture
+def rotated(api: Api) -> Api:
+    """mySymKey with version 1 sealing docs/a, and version 2 primary."""
+    with api.client() as client:
+        create_key(client)
+        store(client, "docs/a", b"a")
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+    return api
+
+
+def test_a_deleted_marker_does_not_let_a_version_in_use_be_retired(rotated: Api) -> None:
+    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    rotated.objects.delete(marker.name)
+    with rotated.client() as client:
+        refused = problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-in-use")
+    assert refused["objectCount"] == 1
+
+
+def test_nor_does_a_deleted_marker_and_object_record(rotated: Api) -> None:
+    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    rotated.objects.delete(marker.name)
+    rotated.objects.delete(record_key(rotated.objects.bucket, "tenants/default/docs/a"))
+    with rotated.client() as client:
+        problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-in-use")
+
+
+def test_nor_does_a_tampered_object_record(rotated: Api) -> None:
+    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    rotated.objects.delete(marker.name)
+    name = record_key(rotated.objects.bucket, "tenants/default/docs/a")
+    rotated.objects.put(
+        name, rotated.objects.get(name).replace(b'"keyVersion": 1', b'"keyVersion": 2')
+    )
+    with rotated.client() as client:
+        problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-usage-unknown")
+
+
+def test_retiring_answers_clean_problems(rotated: Api) -> None:
+    with rotated.client() as client:
+        problem(client.post(f"{KEYS}/nokey/versions/1/retire", json={}), 404, "key-not-found")
+        problem(client.post(f"{KEYS}/{KID}/versions/9/retire", json={}), 404, "key-not-found")
+        window = {"confirm": V1, "pendingWindowDays": 31}
+        problem(client.post(RETIRE_V1, json=window), 422, "invalid-pending-window")
+        problem(client.get(f"{KEYS}/{KID}/objects", params={"version": 9}), 404, "key-not-found")
+        bad_cursor: dict[str, Any] = {"version": 1, "after": "../x"}
+        problem(client.get(f"{KEYS}/{KID}/objects", params=bad_cursor), 422, "invalid-request")
+        selector = {"kid": KID, "version": 1, "prefix": ""}
+        problem(client.post("/api/jobs/reencrypt", json=selector), 422, "invalid-source")
+        missing = {"kid": KID, "version": 9}
+        problem(client.post("/api/jobs/reencrypt", json=missing), 404, "key-not-found")
+        issued = client.post(
+            "/api/admin/tokens", json={"tenant": "acme", "scopes": ["keys:read", "keys:write"]}
+        )
+        with httpx.Client(
+            base_url=rotated.url, headers={"Authorization": f"Bearer {issued.json()['token']}"}
+        ) as acme:
+            problem(acme.post(RETIRE_V1, json={"confirm": V1}), 404, "key-not-found")
+            problem(
+                acme.get(f"{KEYS}/{KID}/objects", params={"version": 1}), 403, "insufficient-scope"
+            )
+
+
+def test_destruction_waits_while_a_rolled_back_object_uses_the_version(api: Api) -> None:
+    """Whoever can write the bucket puts back an object (and its record) from before its
+    re-encryption: the sweep holds version 1's material until that object is gone."""
+    storage_key = "tenants/default/docs/a"
+    record_name = record_key(api.objects.bucket, storage_key)
+    with api.client() as client:
+        create_key(client)
+        store(client, "docs/a", b"a")
+        old_object, old_record = api.objects.get(storage_key), api.objects.get(record_name)
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        job = client.post("/api/jobs/reencrypt", json={"kid": KID, "version": 1})
+        assert finished_job(client, job.json()["id"], timeout=120)["status"] == "succeeded"
+        retired = client.post(RETIRE_V1, json={"confirm": V1, "pendingWindowDays": 1})
+        assert retired.status_code == 200, retired.text
+
+        api.objects.put(storage_key, old_object)
+        api.objects.put(record_name, old_record)
+        parts = build_parts(api.settings)
+        later = datetime.now(UTC) + timedelta(days=2)
+        retirements = Retirements(
+            KeyStore(parts.records, parts.kek, clock=lambda: later), parts.records, parts.spaces
+        )
+        assert retirements.destroy_due() == []
+
+        assert client.delete("/api/objects/docs/a").status_code == 204
+        assert retirements.destroy_due() == [f"{TENANT}/{V1}"]
