@@ -84,7 +84,7 @@ class IndexedObject(CamelModel):
     def of(cls, marker: Marker) -> Self:
         return cls(
             bucket=marker.bucket,
-            key=client_key(marker.storage_key) or marker.storage_key,
+            key=client_key(marker.storage_key) or "",  # markers are of tenants' objects
             kid=marker.kid,
             key_version=marker.key_version,
             marked_at=marker.created_at,

@@ -12,6 +12,7 @@ The note names the object's version (its etag), so that an object written at the
 key since is left alone.
 """
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,11 +20,13 @@ from typing import Self
 
 from keystore.records import KID_PATTERN
 from services.inventory import Inventory, Marker
-from services.placement import Spaces, tenant_prefix
-from storage import ObjectInfo, ObjectNotFound, ObjectStore
+from services.placement import BucketNotAllowed, Spaces, tenant_prefix
+from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
 from storage.records import ObjectRecord, load_record, record_key
+
+logger = logging.getLogger(__name__)
 
 DELETING_PREFIX = "sealstream/deleting/"
 NOTE_KIND = "deletion"
@@ -154,7 +157,14 @@ def finish_deletions(records: Records, spaces: Spaces) -> int:
     for name, note in records.all(NOTE_KIND, DELETING_PREFIX, DeletionNote):
         if name != note.name:
             continue  # sealed under its name, so only a defect could get here
-        finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
+        try:
+            finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
+        except StorageUnavailable:
+            raise  # the next sweep tries again
+        except (BucketNotAllowed, StorageError) as error:
+            # One that cannot be finished must not hold up the others; it stays noted.
+            logger.warning("cannot finish the deletion noted at %s: %s", name, error)
+            continue
         finished += 1
     return finished
 
