@@ -12,6 +12,7 @@ import pytest
 
 from envelope import TruncatedMessage, key_names, parse_header
 from envelope.frames import REGULAR_OVERHEAD
+from services.inventory import Inventory
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import KiB, MiB, flip_bit, pieces, random_bytes, random_chunks
 from tests.support.envelope import frame_count, frame_offset
@@ -201,6 +202,10 @@ def test_storage_to_storage_into_another_object_and_in_place(api: Api, tmp_path:
         in_place = post_form(client, REENCRYPT, {**metadata, "sourceKid": "mySymKey"}, None)
         assert in_place.status_code == 201 and in_place.json()["key"] == "q3/old.bin"
         assert read_object(client, "q3/old.bin", kid="pqKey").content == DATA
+        # The index of key versions follows: the copy is marked under its key, and the
+        # object re-encrypted in place leaves its old version's index.
+        assert _marked(api, "mySymKey") == []
+        assert _marked(api, "pqKey") == ["tenants/default/q3/new.bin", "tenants/default/q3/old.bin"]
         stale = post_form(client, REENCRYPT, {**metadata, "sourceKid": "mySymKey"}, None)
         problem(stale, 422, "key-mismatch")
         problem(
@@ -208,3 +213,8 @@ def test_storage_to_storage_into_another_object_and_in_place(api: Api, tmp_path:
             404,
             "object-not-found",
         )
+
+
+def _marked(api: Api, kid: str) -> list[str]:
+    """The storage keys the index lists under `kid#1`, sorted."""
+    return sorted(m.storage_key for m in Inventory(api.records).markers("default", kid, 1))
