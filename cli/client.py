@@ -31,13 +31,21 @@ __all__ = [
     "ApiError",
     "ByteRange",
     "ClientError",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
     "Readable",
     "SealstreamClient",
+    "ServerError",
     "Source",
     "SourceChanged",
     "Transfer",
     "TransferAborted",
+    "Unauthenticated",
     "Writable",
+    "api_error_class",
 ]
 
 DEFAULT_TIMEOUT = 60.0  # seconds a connect, a send or a read may wait
@@ -52,12 +60,70 @@ class ClientError(Exception):
 class ApiError(ClientError):
     """The server refused the request: its problem document (RFC 9457)."""
 
-    def __init__(self, status: int, code: str, detail: str, problem: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        problem: Mapping[str, Any],
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.problem = dict(problem)
+        self.retry_after = retry_after  # seconds, when the answer said (Retry-After)
+
+
+class InvalidRequest(ApiError):
+    """400, 416 or 422: the request, its body or its message is not acceptable."""
+
+
+class Unauthenticated(ApiError):
+    """401: the token is missing, invalid, revoked or expired."""
+
+
+class PermissionDenied(ApiError):
+    """403: the token may not do this (scope, key operations, bucket)."""
+
+
+class NotFound(ApiError):
+    """404: the key, job, token or object does not exist (or is another tenant's)."""
+
+
+class Conflict(ApiError):
+    """409: the state forbids it (exists already, disabled, pending deletion, finished)."""
+
+
+class RateLimited(ApiError):
+    """429, or 503 with Retry-After: try again later (after `retry_after` seconds)."""
+
+
+class ServerError(ApiError):
+    """5xx: the service failed, or storage or a key service behind it did."""
+
+
+# The exception each status raises; another 4xx raises ApiError itself.
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: InvalidRequest,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    416: InvalidRequest,
+    422: InvalidRequest,
+    429: RateLimited,
+}
+
+
+def api_error_class(status: int, retry: bool = False) -> type[ApiError]:
+    """The class of the refusal with HTTP `status` (`retry`: it said when to retry)."""
+    if status == 503 and retry:
+        return RateLimited
+    if status >= 500:
+        return ServerError
+    return _BY_STATUS.get(status, ApiError)
 
 
 class TransferAborted(ClientError):
@@ -470,14 +536,24 @@ def _api_error(response: http.client.HTTPResponse) -> ApiError:
         problem = {}
     code = problem.get("code")
     detail = problem.get("detail")
-    return ApiError(
+    retry_after = _seconds(response.getheader("Retry-After"))
+    return api_error_class(response.status, retry_after is not None)(
         response.status,
         code if isinstance(code, str) else f"http-{response.status}",
         detail
         if isinstance(detail, str)
         else raw.decode("utf-8", "replace")[:500] or response.reason,
         problem,
+        retry_after,
     )
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After as seconds (its HTTP-date form is left unread)."""
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
 
 
 def _document(response: http.client.HTTPResponse) -> dict[str, Any]:

@@ -17,11 +17,19 @@ import pytest
 from cli.client import (
     ApiError,
     ClientError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
     SealstreamClient,
+    ServerError,
     Source,
     SourceChanged,
     Transfer,
     TransferAborted,
+    Unauthenticated,
+    api_error_class,
 )
 from cli.multipart import MultipartBody
 from sealstream.server import create_app
@@ -222,24 +230,46 @@ def test_a_tampered_frame_aborts_the_transfer(
 
 def test_api_errors_carry_the_problem(api: Api, client: SealstreamClient) -> None:
     # Refused after the metadata, while the client still has 64 MiB to send.
-    with pytest.raises(ApiError) as unknown:
+    with pytest.raises(NotFound) as unknown:
         client.encrypt("no-such-key", GeneratedPlaintext(64 * MIB), HashingSink())
     assert (unknown.value.status, unknown.value.code) == (404, "key-not-found")
     assert unknown.value.problem["code"] == "key-not-found"
     assert "no-such-key" in unknown.value.detail
 
-    with pytest.raises(ApiError) as missing_key:
+    with pytest.raises(NotFound) as missing_key:
         client.get_key("no-such-key")
     assert missing_key.value.code == "key-not-found"
     with pytest.raises(ApiError) as missing_object:
         client.decrypt_object("nothing/here", io.BytesIO())
     assert (missing_object.value.status, missing_object.value.code) == (404, "object-not-found")
-    with pytest.raises(ApiError) as wrong_token:
+    with pytest.raises(Unauthenticated) as wrong_token:
         SealstreamClient(api.url, "not-a-token").get_key(KID)
     assert wrong_token.value.status == 401
-    with pytest.raises(ApiError) as not_a_message:
+    with pytest.raises(InvalidRequest) as not_a_message:
         client.decrypt(b"this is not a message", io.BytesIO())
     assert not_a_message.value.status == 400
+    with pytest.raises(Conflict):
+        client.create_key(**DOCUMENTED_KEY)
+    with pytest.raises(PermissionDenied):
+        client.export_key(KID)
+
+
+@pytest.mark.parametrize(
+    ("status", "retry", "expected"),
+    [
+        (400, False, InvalidRequest),
+        (404, False, NotFound),
+        (408, False, ApiError),
+        (429, True, RateLimited),
+        (503, True, RateLimited),
+        (503, False, ServerError),
+        (502, False, ServerError),
+    ],
+)
+def test_each_status_family_has_its_exception(
+    status: int, retry: bool, expected: type[ApiError]
+) -> None:
+    assert api_error_class(status, retry) is expected
 
 
 def test_a_failing_source_raises_its_error_and_never_ends_the_upload(
