@@ -330,6 +330,39 @@ class SealstreamClient:
     def supported_algorithms(self) -> dict[str, Any]:
         return self._json("GET", "/api/key-management/supported-algorithms")
 
+    def list_key_version_objects(
+        self, kid: str, version: int, *, limit: int | None = None, after: str | None = None
+    ) -> dict[str, Any]:
+        """A page of the stored objects sealed under one version of the key."""
+        query = {"version": version, "limit": limit, "after": after}
+        return self._json("GET", _key_path(kid, "objects"), query=query)
+
+    def retire_key_version(
+        self, kid: str, version: int, *, confirm: str, pending_window_days: int | None = None
+    ) -> dict[str, Any]:
+        """Retire a version no stored object uses; `confirm` is its name, `kid#version`."""
+        body = _metadata(confirm=confirm, pendingWindowDays=pending_window_days)
+        return self._json("POST", _key_path(kid, f"versions/{version}/retire"), body)
+
+    # Stored objects
+
+    def list_objects(
+        self,
+        *,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+        bucket: str | None = None,
+    ) -> dict[str, Any]:
+        """A page of the tenant's stored objects, in key order: `objects`, and `next`."""
+        query = {"prefix": prefix, "after": after, "limit": limit, "bucket": bucket}
+        return self._json("GET", "/api/objects", query=query)
+
+    def delete_object(self, key: str, *, bucket: str | None = None) -> None:
+        """Delete a stored object, with its record."""
+        path = f"/api/objects/{quote(key, safe='/')}"
+        self._json("DELETE", path, query={"bucket": bucket})
+
     # Tokens
 
     def create_token(self, **fields: Any) -> dict[str, Any]:
@@ -427,6 +460,7 @@ class SealstreamClient:
         *,
         query: Mapping[str, str | int | None] | None = None,
     ) -> dict[str, Any]:
+        """A JSON request's answer (`{}` for a 204, which has no body)."""
         given = _metadata(**(query or {}))
         if given:
             path = f"{path}?{urlencode(given)}"
@@ -435,7 +469,10 @@ class SealstreamClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         with Exchange(self._connect(), self._head(method, path, headers) + content) as exchange:
-            return _document(_response(exchange))
+            response = _response(exchange)
+            if response.status == 204:
+                return {}
+            return _document(response)
 
     def _head(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
         fixed = {

@@ -71,6 +71,23 @@ class Session:
         else:
             summary()
 
+    def show_page(
+        self,
+        page: Mapping[str, Any],
+        items: str,
+        columns: Sequence[str],
+        rows: Sequence[Row] | None = None,
+    ) -> None:
+        """A page of a listing: `--json` as it came, else its `items` (or the `rows` made
+        of them) as a table, and where the next page starts."""
+
+        def table() -> None:
+            print_table(page[items] if rows is None else rows, columns, f"no {items}")
+            if page.get("next"):
+                self.note(f"more: --after {page['next']}")
+
+        self.show(page, table)
+
     def note(self, message: str) -> None:
         """A line for the person at the terminal (stderr), unless `--quiet`."""
         if not self.quiet:

@@ -315,3 +315,29 @@ def test_completion_scripts(shell: str) -> None:
                  "COMP_CWORD": "1"},
         )  # fmt: skip
         assert "keys" in words.stdout
+
+
+@local
+def test_stored_objects_and_key_versions(api: Api) -> None:
+    run_json(api, "keys", "create", KID)
+    for name in ("a", "b"):
+        stored = run(api, "encrypt", "--kid", KID, "--to-storage", f"o/{name}", stdin=b"x" * 100)
+        assert stored.returncode == 0, stored.stderr
+    listed = run_json(api, "objects", "list", "--prefix", "o/")
+    assert [(entry["key"], entry["keyVersion"]) for entry in listed["objects"]] == [
+        ("o/a", 1),
+        ("o/b", 1),
+    ]
+    assert len(run_json(api, "keys", "objects", KID, "--version", "1")["objects"]) == 2
+    in_use = run(api, "keys", "retire", KID, "1", "--confirm", f"{KID}#1")
+    assert in_use.returncode == 6, in_use.stderr  # conflict: objects still use it
+
+    run_json(api, "keys", "rotate", KID)
+    run_json(api, "jobs", "reencrypt", "--kid", KID, "--prefix", "o/", "--wait")
+    assert run_json(api, "keys", "objects", KID, "--version", "1")["objects"] == []
+    retired = run(api, "keys", "retire", KID, "1", "--confirm", f"{KID}#1")
+    assert retired.returncode == 0, retired.stderr
+
+    assert run(api, "objects", "delete", "o/a").returncode == 0
+    assert [entry["key"] for entry in run_json(api, "objects", "list")["objects"]] == ["o/b"]
+    assert run(api, "objects", "delete", "o/a").returncode == 5

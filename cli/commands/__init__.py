@@ -7,6 +7,7 @@ import click
 from cli.commands.crypto import decrypt, encrypt
 from cli.commands.jobs import jobs
 from cli.commands.keys import keys
+from cli.commands.objects import objects
 from cli.commands.tokens import tokens
 
-COMMANDS: tuple[click.Command, ...] = (encrypt, decrypt, keys, tokens, jobs)
+COMMANDS: tuple[click.Command, ...] = (encrypt, decrypt, keys, objects, tokens, jobs)

@@ -13,7 +13,7 @@ import click
 from cli.commands.crypto import context_option
 from cli.exits import EXIT_FAILED, CommandFailed
 from cli.progress import job_bars, wanted
-from cli.session import Session, client_command, print_fields, print_table
+from cli.session import Session, client_command, print_fields
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 KINDS = ("verify", "batch-encrypt", "reencrypt", "rewrap")
@@ -61,13 +61,7 @@ def list_(
 ) -> None:
     """List the tenant's jobs, newest first."""
     page = session.client.list_jobs(status=status, kind=kind, limit=limit, after=after)
-
-    def table() -> None:
-        print_table([_readable(job) for job in page["jobs"]], JOB_COLUMNS, "no jobs")
-        if page.get("next"):
-            session.note(f"more: --after {page['next']}")
-
-    session.show(page, table)
+    session.show_page(page, "jobs", JOB_COLUMNS, [_readable(job) for job in page["jobs"]])
 
 
 @jobs.command()

@@ -116,13 +116,7 @@ def import_(session: Session, kid: str, jwk_file: Any, **policy: Any) -> None:
 def list_(session: Session, limit: int | None, after: str | None) -> None:
     """List the tenant's keys, one page at a time."""
     page = session.client.list_keys(limit=limit, after=after)
-
-    def table() -> None:
-        print_table(page["keys"], KEY_COLUMNS, "no keys")
-        if page.get("next"):
-            session.note(f"more: --after {page['next']}")
-
-    session.show(page, table)
+    session.show_page(page, "keys", KEY_COLUMNS)
 
 
 # The routes that take a kid alone and answer the key: command, client method, help.
@@ -194,6 +188,44 @@ def export(session: Session, kid: str, version: int | None, output: str) -> None
     with os.fdopen(descriptor, "w") as file:
         json.dump(jwk, file, indent=2)
     session.note(f"key material of {jwk.get('kid', kid)} written to {Path(output)}")
+
+
+@keys.command()
+@click.argument("kid")
+@click.option("--version", type=click.IntRange(min=1), required=True, help="the key version")
+@click.option("--after", help="the page after this (the `next` of the previous page)")
+@click.option("--limit", type=click.IntRange(1, 1000), help="objects per page  [default: 100]")
+@client_command
+def objects(session: Session, kid: str, version: int, after: str | None, limit: int | None) -> None:
+    """List the stored objects sealed under one version of the key."""
+    page = session.client.list_key_version_objects(kid, version, after=after, limit=limit)
+    session.show_page(page, "objects", ("key", "bucket", "createdAt"))
+
+
+@keys.command()
+@click.argument("kid")
+@click.argument("version", type=click.IntRange(min=1))
+@click.option(
+    "--confirm",
+    metavar="KID#VERSION",
+    required=True,
+    help="the version's name, to confirm that what it sealed outside storage may become unreadable",
+)
+@click.option(
+    "--pending-window-days",
+    type=click.IntRange(1, 30),
+    help="days before its material is destroyed  [default: 7]",
+)
+@client_command
+def retire(
+    session: Session, kid: str, version: int, confirm: str, pending_window_days: int | None
+) -> None:
+    """Retire VERSION of the key, once no stored object uses it: it seals and opens
+    nothing from then on, and its material is destroyed after the window."""
+    retired = session.client.retire_key_version(
+        kid, version, confirm=confirm, pending_window_days=pending_window_days
+    )
+    _show_key(session, retired)
 
 
 @keys.command()
