@@ -22,6 +22,7 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         services.runner.close()
+        services.keys.close()  # adds the uses it counted to the shared count
 
     # The documentation routes are api.docs's: served from the package, and as the
     # settings allow.

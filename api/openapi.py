@@ -54,7 +54,8 @@ QUERY = (422,)
 _DESCRIPTIONS: dict[int, str] = {
     400: "The request is malformed (body, form, message or object name).",
     401: "No token, or one that is unknown, revoked or expired.",
-    403: "The token lacks the scope, or the key or bucket does not allow this.",
+    403: "The token lacks the scope, the key or bucket does not allow this, or the key has "
+    "reached its `maxUsageLimit` (`key-usage-exhausted`: it still decrypts).",
     404: "No such key, object, bucket or job in the token's tenant.",
     408: "The body stopped arriving, or arrived too slowly.",
     409: "The key or object is in a state that does not allow this, or already exists.",
@@ -106,6 +107,18 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string"},
         "required": True,
     },
+    "X-Key-Usage-Limit-Warning": {
+        "description": "The key has reached its `softUsageLimit`: `usageCount=N; "
+        "softUsageLimit=S`, then `; maxUsageLimit=M` if one is set, and for a key that "
+        "rotates on its soft limit `; versionUsageCount=V` (the count the soft limit is "
+        "measured against).",
+        "schema": {"type": "string"},
+    },
+    "X-Key-Expiration-Warning": {
+        "description": "The key expires within `SEALSTREAM_KEY_EXPIRATION_WARNING` "
+        "seconds, or has expired (it then only decrypts): `expiresAt=<RFC 3339 time>`.",
+        "schema": {"type": "string"},
+    },
     "Accept-Ranges": {
         "description": "`bytes` when reading a stored object: `Range` may ask for part of it.",
         "schema": {"type": "string", "enum": ["bytes"]},
@@ -116,7 +129,13 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 
-KEY_HEADERS = ("X-Key-Requested", "X-Key-Used", "X-Algorithm-Used")
+KEY_HEADERS = (
+    "X-Key-Requested",
+    "X-Key-Used",
+    "X-Algorithm-Used",
+    "X-Key-Usage-Limit-Warning",
+    "X-Key-Expiration-Warning",
+)
 SOURCE_KEY_HEADERS = ("X-Source-Key-Requested", "X-Source-Key-Used", "X-Source-Algorithm-Used")
 _PROBLEM_HEADERS: dict[int, tuple[str, ...]] = {
     401: ("WWW-Authenticate",),

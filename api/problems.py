@@ -104,6 +104,8 @@ _STATUS: dict[type[Exception], int] = {
     keystore.ConcurrentUpdate: 409,
     keystore.OperationNotPermitted: 403,
     keystore.KeyNotExportable: 403,
+    keystore.KeyUsageExhausted: 403,
+    keystore.UsageUnavailable: 503,
     keystore.KekError: 503,
     keystore.StoreNeedsUpgrade: 503,
     keystore.KeystoreError: 500,

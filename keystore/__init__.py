@@ -9,6 +9,7 @@ Exported here is what other packages use; the rest is imported from its own modu
 """
 
 from keystore.algorithms import KeyParams, costly_material, supported_algorithms
+from keystore.counts import Uses
 from keystore.errors import (
     ConcurrentUpdate,
     ExportabilityIsOneWay,
@@ -21,14 +22,16 @@ from keystore.errors import (
     KeyNotFound,
     KeystoreError,
     KeyVersionRetired,
+    KeyUsageExhausted,
     OperationNotPermitted,
     PrimaryVersion,
 )
 from keystore.kek import Kek, KmsKek, LocalKek
 from keystore.persistence import record_key
 from keystore.recordkey import KekMismatch, StoreNeedsUpgrade
-from keystore.records import ImportSpec, KeyRecord, KeySpec, KeyView
+from keystore.records import ImportSpec, KeyChange, KeyRecord, KeySpec, KeyView
 from keystore.store import KeyStore
+from keystore.usage import UsageUnavailable
 
 __all__ = [
     "ConcurrentUpdate",
@@ -39,6 +42,7 @@ __all__ = [
     "Kek",
     "KekError",
     "KekMismatch",
+    "KeyChange",
     "KeyExists",
     "KeyMismatch",
     "KeyNotExportable",
@@ -48,6 +52,7 @@ __all__ = [
     "KeySpec",
     "KeyStore",
     "KeyVersionRetired",
+    "KeyUsageExhausted",
     "KeyView",
     "KeystoreError",
     "KmsKek",
@@ -55,6 +60,8 @@ __all__ = [
     "OperationNotPermitted",
     "PrimaryVersion",
     "StoreNeedsUpgrade",
+    "UsageUnavailable",
+    "Uses",
     "costly_material",
     "record_key",
     "supported_algorithms",

@@ -84,6 +84,12 @@ class InvalidExpiry(InvalidKeySpec):
     code = "invalid-expiry"
 
 
+class InvalidUsageLimit(InvalidKeySpec):
+    """Usage limits that cannot go together (a soft limit above the maximum, say)."""
+
+    code = "invalid-usage-limit"
+
+
 class KeyNotFound(KeystoreError):
     """No such key (or key version) for this tenant."""
 
@@ -131,6 +137,20 @@ class PrimaryVersion(InvalidKeyState):
     """The primary version cannot be retired: rotate first."""
 
     code = "version-is-primary"
+
+
+class KeyVersionWornOut(InvalidKeyState):
+    """The key's primary version has wrapped as many data keys as random IVs safely
+    allow under one AES key: the key must rotate before it encrypts again."""
+
+    code = "key-version-worn-out"
+
+
+class KeyUsageExhausted(KeystoreError):
+    """The key has been used `maxUsageLimit` times: it no longer encrypts (it still
+    decrypts)."""
+
+    code = "key-usage-exhausted"
 
 
 class OperationNotPermitted(KeystoreError):

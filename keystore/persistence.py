@@ -88,8 +88,10 @@ class KeyRecordStore:
             return
         raise KeyExists(f"key {kid!r} already exists")
 
-    def update(self, tenant: str, kid: str, change: Change) -> KeyRecord:
-        """Apply `change` to the stored record, re-reading and retrying on lost races."""
+    def update(self, tenant: str, kid: str, change: Change, *, notify: bool = True) -> KeyRecord:
+        """Apply `change` to the stored record, re-reading and retrying on lost races.
+        With `notify` false, `on_write` is not told: for changes to usage counts alone,
+        which no cached copy needs."""
         for attempt in range(UPDATE_ATTEMPTS):
             record, etag = self._read_for_update(tenant, kid)
             changed = change(record, self._clock())
@@ -101,7 +103,8 @@ class KeyRecordStore:
                 _back_off(attempt)
                 continue
             finally:
-                self._on_write(tenant, kid)
+                if notify:
+                    self._on_write(tenant, kid)
             return changed
         raise ConcurrentUpdate(f"key {kid!r} kept changing; gave up after {UPDATE_ATTEMPTS} tries")
 

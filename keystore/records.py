@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from keystore.algorithms import ENCRYPTION_OPS, KEY_OPS, SIGNATURE_OPS, Jwk, KeyOp, KeyParams
+from keystore.counts import Uses, VersionUses
 from keystore.errors import (
     ExportabilityIsOneWay,
     InvalidExpiry,
@@ -28,6 +29,7 @@ from keystore.errors import (
     InvalidKeyState,
     InvalidKid,
     InvalidRotationPeriod,
+    InvalidUsageLimit,
     KeyDisabled,
     KeyExpired,
     KeyNotFound,
@@ -71,7 +73,25 @@ Base64Bytes = Annotated[
 ]
 
 
-class KeyPolicy(FrozenCamelModel):
+class UsageLimits(FrozenCamelModel):
+    """How much a key may be used: past `softUsageLimit` its answers warn (and, with
+    `rotateOnUsageLimit`, it rotates, the count towards the soft limit then starting again
+    with the new version); at `maxUsageLimit` it stops encrypting."""
+
+    soft_usage_limit: int | None = Field(None, ge=1)
+    max_usage_limit: int | None = Field(None, ge=1)
+    rotate_on_usage_limit: bool = False
+
+    def check_limits(self) -> None:
+        """Refuse limits no key may have together."""
+        soft, most = self.soft_usage_limit, self.max_usage_limit
+        if soft is not None and most is not None and soft > most:
+            raise InvalidUsageLimit("softUsageLimit must not exceed maxUsageLimit")
+        if self.rotate_on_usage_limit and soft is None:
+            raise InvalidUsageLimit("rotateOnUsageLimit needs a softUsageLimit to rotate at")
+
+
+class KeyPolicy(UsageLimits):
     """What every new key states, whether generated or imported."""
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +125,7 @@ class KeyPolicy(FrozenCamelModel):
             raise InvalidExpiry("expiresAt must lie in the future")
         if self.rotation_period is not None and self.rotation_period < MIN_ROTATION_PERIOD:
             raise InvalidRotationPeriod(f"rotationPeriod must be at least {MIN_ROTATION_PERIOD}")
+        self.check_limits()
 
     def _checked_ops(self) -> tuple[KeyOp, ...] | None:
         ops = self.key_ops
@@ -134,13 +155,29 @@ class ImportSpec(KeyPolicy):
     jwk: dict[str, Any] = Field(repr=False)
 
 
+class KeyChange(UsageLimits):
+    """What PATCH may change. A field left out stays as it is; `null` clears a limit or
+    the expiry. `exportable` may only go from true to false."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exportable: bool | None = None
+    expires_at: AwareDatetime | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The fields the request named, by their attribute names."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
 class VersionInfo(FrozenCamelModel):
-    """A version as its key's readers see it: when it was made, how much it has been used,
-    and whether it is retired (then, when its material is, or was, destroyed)."""
+    """A version as its key's readers see it: when it was made, how much it has been used
+    (`encryptCount` of its `usageCount` sealed messages, the rest opened ones), and
+    whether it is retired (then, when its material is, or was, destroyed)."""
 
     version: int = Field(ge=1)
     created_at: AwareDatetime
     usage_count: int = Field(0, ge=0)
+    encrypt_count: int = Field(0, ge=0)
     last_used_at: AwareDatetime | None = None
     retired_at: AwareDatetime | None = None
     destruction_date: AwareDatetime | None = None
@@ -160,7 +197,7 @@ class KeyVersion(VersionInfo):
     public_jwk: Jwk | None = None
 
 
-class KeyMetadata(FrozenCamelModel):
+class KeyMetadata(UsageLimits):
     """Everything about a key but its versions."""
 
     kid: str
@@ -244,10 +281,18 @@ class KeyRecord(KeyMetadata):
             raise KeyPendingDeletion(f"key {self.kid!r} is pending deletion")
 
     def rotation_due(self, now: datetime) -> bool:
-        return (
-            self.status is KeyStatus.ENABLED
-            and self.rotation_period is not None
+        """Whether the key is to rotate now: its rotation period has passed since its
+        primary version was made, or that version has reached the soft usage limit of a
+        key that rotates on it."""
+        if self.status is not KeyStatus.ENABLED:
+            return False
+        if (
+            self.rotation_period is not None
             and self.primary.created_at + self.rotation_period <= now
+        ):
+            return True
+        return self.rotate_on_usage_limit and self.soft_limit_reached(
+            self.uses, self.primary_version
         )
 
     def versions_to_destroy(self, now: datetime) -> list[int]:
@@ -259,6 +304,59 @@ class KeyRecord(KeyMetadata):
             and version.destruction_date is not None
             and version.destruction_date <= now
         ]
+
+    # Usage: what the record counts, and what a count means for the key
+
+    @property
+    def uses(self) -> Uses:
+        """The uses this record counts, by version."""
+        return Uses(
+            {
+                version.version: VersionUses(
+                    version.usage_count, version.encrypt_count, version.last_used_at
+                )
+                for version in self.versions
+            }
+        )
+
+    def counting(self, floor: Uses, added: Uses) -> Self:
+        """The record counting `added` uses more than the larger of its own counts and
+        `floor`'s (another view of them): not a change to the key, so `updatedAt` stays."""
+        counted = self.uses.at_least(floor).plus(added)
+        versions = tuple(
+            version.model_copy(
+                update={
+                    "usage_count": counted.of(version.version).uses,
+                    "encrypt_count": counted.of(version.version).encrypts,
+                    "last_used_at": counted.of(version.version).last_used_at,
+                }
+            )
+            for version in self.versions
+        )
+        kept = Uses({version.version: counted.of(version.version) for version in self.versions})
+        return self.model_copy(
+            update={
+                "versions": versions,
+                # Never lower than before, should a version ever leave the record.
+                "usage_count": max(self.usage_count, kept.total),
+                "last_used_at": kept.last_used_at or self.last_used_at,
+            }
+        )
+
+    def usage_exhausted(self, uses: Uses) -> bool:
+        """Whether `uses` have reached the key's maxUsageLimit."""
+        return self.max_usage_limit is not None and uses.total >= self.max_usage_limit
+
+    def soft_limit_reached(self, uses: Uses, version: int) -> bool:
+        """Whether `uses` have reached the soft limit: the key's count, or for a key that
+        rotates on it, the count of `version` (the one in use)."""
+        if self.soft_usage_limit is None:
+            return False
+        counted = uses.of(version).uses if self.rotate_on_usage_limit else uses.total
+        return counted >= self.soft_usage_limit
+
+    def expiry_near(self, now: datetime, window: timedelta) -> bool:
+        return self.expires_at is not None and self.expires_at - window <= now
 
     def destruction_due(self, now: datetime) -> bool:
         return (
@@ -328,6 +426,20 @@ class KeyRecord(KeyMetadata):
     def _with_version_replaced(self, version: KeyVersion, now: datetime) -> Self:
         versions = tuple(version if v.version == version.version else v for v in self.versions)
         return self._changed(now, versions=versions)
+
+    def with_changes(self, change: KeyChange, now: datetime) -> Self:
+        """The record with what a PATCH names changed; `self` if nothing is."""
+        given = change.given()
+        exportable = given.pop("exportable", None)
+        changed = self if exportable is None else self.with_exportable(exportable, now)
+        expires_at = given.get("expires_at")
+        if expires_at is not None and expires_at <= now:
+            raise InvalidExpiry("expiresAt must lie in the future")
+        limits = {name: getattr(self, name) for name in UsageLimits.model_fields}
+        UsageLimits(**{**limits, **given}).check_limits()
+        if any(getattr(self, name) != value for name, value in given.items()):
+            changed = changed._changed(now, **given)  # noqa: SLF001 - a record of this class
+        return changed
 
     def with_exportable(self, exportable: bool, now: datetime) -> Self:
         if exportable == self.exportable:

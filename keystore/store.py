@@ -6,16 +6,26 @@ keyrings (`keystore.cache`). Another process's changes (a disabled key, say) are
 here within `cache_ttl` seconds; this instance's own changes at once. The scheduled
 sweeps (`rotate_due`, `destroy_due`) are idempotent: running one twice, or on two
 workers, does its work once.
+
+Every message sealed or opened under a key counts as one use of its version
+(`sealing_keyring`, `count_opened`), shared with every process through a usage ledger
+(`keystore.usage`): the key records themselves, or Redis when given one. A key that
+rotates on its soft usage limit rotates once the shared count tells a process it has
+reached it.
 """
 
 import builtins  # `list` names a method inside `KeyStore`
+import logging
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
+import redis
+
 from envelope import Keyring, SigningKey, VerifyingKey
 from keystore.algorithms import Jwk, KeyOp, KeyParams, import_jwk, key_type, resolve
 from keystore.cache import DEFAULT_CACHE_TTL, CachedKey, KeyCache
+from keystore.counts import Uses
 from keystore.errors import (
     InvalidArgument,
     InvalidPendingWindow,
@@ -30,6 +40,7 @@ from keystore.material import KEY_NAME_PATTERN, Material
 from keystore.persistence import KeyRecordStore, check_tenant
 from keystore.records import (
     ImportSpec,
+    KeyChange,
     KeyOrigin,
     KeyPolicy,
     KeyRecord,
@@ -37,10 +48,21 @@ from keystore.records import (
     KeyStatus,
     check_kid,
 )
+from keystore.usage import (
+    DEFAULT_BATCH,
+    DEFAULT_FLUSH_INTERVAL,
+    RecordLedger,
+    UsageLedger,
+    UsageMeter,
+)
+from keystore.usage_redis import DEFAULT_CHECKPOINT_INTERVAL, RedisLedger
+from storage import StorageError
 from storage.integrity import Records
 
 MAX_LIST_LIMIT = 1000
 PENDING_WINDOW_DAYS = range(1, 31)
+
+logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -71,11 +93,30 @@ class KeyStore:
         *,
         cache_ttl: float = DEFAULT_CACHE_TTL,
         clock: Callable[[], datetime] = utcnow,
+        usage_redis: redis.Redis | None = None,
+        usage_batch: int = DEFAULT_BATCH,
+        usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        usage_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
     ) -> None:
         self._clock = clock
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         self._material = Material(kek)
+        ledger: UsageLedger = (
+            RecordLedger(self._saved)
+            if usage_redis is None
+            else RedisLedger(
+                usage_redis, self._saved, checkpoint_interval=usage_checkpoint_interval
+            )
+        )
+        self._usage = UsageMeter(
+            ledger,
+            self._saved.read,
+            self._rotate_if_used_up,
+            clock,
+            batch=usage_batch,
+            flush_interval=usage_flush_interval,
+        )
 
     # Creating keys
 
@@ -98,8 +139,9 @@ class KeyStore:
     # Reading keys
 
     def get(self, tenant: str, kid: str) -> KeyRecord:
-        """The record as stored now; `KeyNotFound` if the tenant has no such key."""
-        return self._saved.read(tenant, kid)
+        """The record as stored now, counting the uses every process has added and this
+        one's not added yet; `KeyNotFound` if the tenant has no such key."""
+        return self._with_usage(self._saved.read(tenant, kid))
 
     def list(
         self, tenant: str, *, limit: int = 100, after: str | None = None
@@ -115,7 +157,7 @@ class KeyStore:
         records = []
         for kid in kids[:limit]:
             with suppress(KeyNotFound):  # deleted since it was listed
-                records.append(self._saved.read(tenant, kid))
+                records.append(self._with_usage(self._saved.read(tenant, kid)))
         return records, kids[limit - 1] if len(kids) > limit else None
 
     def export_jwk(self, tenant: str, kid: str, version: int | None = None) -> Jwk:
@@ -145,6 +187,34 @@ class KeyStore:
             entry = self._cached(tenant, kid)
         entry.record.check_usable("encrypt", self._clock())
         return entry.record, entry.keyring(entry.record.primary, self._material.keyring)
+
+    def check_encrypt(self, tenant: str, kid: str) -> KeyRecord:
+        """The key's record, if it may seal a message now: for a job to check before it
+        starts (nothing is counted)."""
+        record, _ = self.encryption_keyring(tenant, kid)
+        self._usage.check_encrypt(record)
+        return record
+
+    def sealing_keyring(self, tenant: str, kid: str) -> tuple[KeyRecord, Keyring, Uses]:
+        """The primary version's keyring to seal one message with, counted as a use of
+        it; and the key's uses with it. Refused once the key is past its
+        maxUsageLimit (`KeyUsageExhausted`) or the version has wrapped as many data keys
+        as its random IVs allow (`KeyVersionWornOut`)."""
+        record, keyring = self.encryption_keyring(tenant, kid)
+        uses = self._usage.use(record, record.primary_version, "encrypt")
+        return record, keyring, uses
+
+    def count_opened(self, record: KeyRecord, version: int) -> Uses:
+        """Count a message opened under `version` of the key; the key's uses with it."""
+        return self._usage.use(record, version, "decrypt")
+
+    def flush_usage(self) -> None:
+        """Add this process's uncounted uses to the shared count now."""
+        self._usage.flush()
+
+    def close(self) -> None:
+        """Stop counting in the background, adding what is left."""
+        self._usage.close()
 
     def decryption_keyrings(
         self, tenant: str, kid: str, *, needs_version: int | None = None
@@ -264,17 +334,19 @@ class KeyStore:
             ),
         )
 
-    def set_exportable(self, tenant: str, kid: str, exportable: bool) -> KeyRecord:
-        """Make a key non-exportable; the other way raises `ExportabilityIsOneWay`."""
-        return self._saved.update(
-            tenant, kid, lambda record, now: record.with_exportable(exportable, now)
+    def change(self, tenant: str, kid: str, change: KeyChange) -> KeyRecord:
+        """Change what a PATCH may: exportable (to false only), expiresAt, the usage
+        limits and rotateOnUsageLimit."""
+        return self._with_usage(
+            self._saved.update(tenant, kid, lambda record, now: record.with_changes(change, now))
         )
 
     # Scheduled work (idempotent: running it twice, or on two workers, does it once)
 
     def rotate_due(self) -> builtins.list[tuple[str, str]]:
         """Rotate the enabled keys whose rotation period has passed since their primary
-        version was made; the (tenant, kid) of each key rotated."""
+        version was made, or whose primary version has reached the soft usage limit of a
+        key that rotates on it; the (tenant, kid) of each key rotated."""
         now = self._clock()
         rotated = []
         for record in self._saved.records_where(lambda record: record.rotation_due(now)):
@@ -340,10 +412,33 @@ class KeyStore:
             updated_at=now,
             expires_at=policy.expires_at,
             rotation_period=policy.rotation_period,
+            soft_usage_limit=policy.soft_usage_limit,
+            max_usage_limit=policy.max_usage_limit,
+            rotate_on_usage_limit=policy.rotate_on_usage_limit,
             origin=origin,
         )
         self._saved.insert(record)
         return record
+
+    def _with_usage(self, record: KeyRecord) -> KeyRecord:
+        return record.counting(self._usage.view(record), Uses())
+
+    def _rotate_if_used_up(self, record: KeyRecord, uses: Uses) -> None:
+        """Rotate a key that rotates on its soft limit, once `uses` (the shared count)
+        says its primary version has reached it."""
+        if not (
+            record.rotate_on_usage_limit and record.soft_limit_reached(uses, record.primary_version)
+        ):
+            return
+        try:
+            self._saved.update(
+                record.tenant,
+                record.kid,
+                lambda stored, now: self._rotated_if_due(stored.counting(uses, Uses()), now),
+            )
+        except (KeystoreError, StorageError) as error:
+            # The lifecycle sweep rotates it from the record's counts.
+            logger.warning("key %r not rotated on its usage limit yet: %s", record.kid, error)
 
     def _cached(self, tenant: str, kid: str) -> CachedKey:
         return self._cache.get(tenant, kid, lambda: self._saved.read(tenant, kid))

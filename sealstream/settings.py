@@ -214,6 +214,35 @@ class Settings(BaseSettings):
         description="seconds a worker's hold on a running job lasts unless renewed; after a "
         "worker dies, its job can be taken over this long after the task comes back",
     )
+    usage_batch: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="uses of one key (messages sealed or opened) a process counts before it "
+        "adds them to the count every process shares; with P processes at most P × this "
+        "many encryptions pass a key's maxUsageLimit, and a process that dies loses at most "
+        "this many uses of each key",
+    )
+    usage_flush_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="seconds (at most 60) a process keeps uses it counted before adding them "
+        "to the shared count, however few",
+    )
+    usage_checkpoint_interval: float = Field(
+        60.0,
+        gt=0,
+        description="with Redis: seconds between the copies of a key's usage count each "
+        "process writes into the key's sealed record (also written whenever the count "
+        "reaches one of the key's limits); what Redis losing its data can lose",
+    )
+    key_expiration_warning: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="seconds before a key's expiresAt from which the answers that use it carry "
+        "X-Key-Expiration-Warning",
+    )
     lifecycle_interval: float = Field(
         60.0, gt=0, description="seconds between key-rotation, key-destruction and stale-job sweeps"
     )

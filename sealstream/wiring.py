@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
 import boto3
+import redis
 from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
@@ -137,7 +138,26 @@ def open_service_records(
 
 
 def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
-    return KeyStore(records, kek, cache_ttl=settings.key_cache_ttl)
+    """The key store; its usage counts shared through Redis if there is one, else kept
+    in the key records."""
+    usage_redis = None
+    if settings.redis_url:
+        with configured("SEALSTREAM_REDIS_URL"):
+            usage_redis = redis.Redis.from_url(
+                settings.redis_url,
+                decode_responses=True,
+                socket_timeout=5,
+                socket_connect_timeout=5,
+            )
+    return KeyStore(
+        records,
+        kek,
+        cache_ttl=settings.key_cache_ttl,
+        usage_redis=usage_redis,
+        usage_batch=settings.usage_batch,
+        usage_flush_interval=settings.usage_flush_interval,
+        usage_checkpoint_interval=settings.usage_checkpoint_interval,
+    )
 
 
 def _endpoint(setting: str, url: str | None) -> str | None:

@@ -1,6 +1,6 @@
-"""The key a message is sealed or opened under, looked up once per message and checked
-again while a stream runs; and the encryption-context pairs the service binds into every
-message it seals.
+"""The key a message is sealed or opened under, looked up once per message (and counted
+as one use of its version) and checked again while a stream runs; and the
+encryption-context pairs the service binds into every message it seals.
 
 The service adds `sealstream:` pairs naming the tenant and the key, so a message names its
 owner in authenticated data and can be refused to anyone else; and, for a message bound
@@ -16,7 +16,8 @@ from functools import partial
 from anyio import to_thread
 
 from envelope import Encryptor, Header, Keyring, key_names
-from keystore import KeyRecord, KeyStore
+from keystore import KeyRecord, KeyStore, Uses
+from keystore.material import KEY_NAME_PATTERN
 
 RESERVED_CONTEXT_PREFIX = "sealstream:"
 TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
@@ -32,6 +33,7 @@ class Sealing:
     key: KeyRecord
     keyring: Keyring
     encryptor: Encryptor
+    uses: Uses  # the key's, this message counted
 
 
 def start_sealing(
@@ -44,9 +46,9 @@ def start_sealing(
     object_key: str | None = None,
 ) -> Sealing:
     """Check the key may encrypt now, and start a message under its primary version,
-    with the service's pairs added to `context`; for a message bound for storage, naming
-    the storage key it is written at (`object_key`)."""
-    record, keyring = keys.encryption_keyring(tenant, kid)
+    counted as a use of it, with the service's pairs added to `context`; for a message
+    bound for storage, naming the storage key it is written at (`object_key`)."""
+    record, keyring, uses = keys.sealing_keyring(tenant, kid)
     sealed_context = {
         **context,
         TENANT_CONTEXT_KEY: tenant,
@@ -56,7 +58,7 @@ def start_sealing(
     if object_key is not None:
         sealed_context[OBJECT_CONTEXT_KEY] = object_key
     encryptor = Encryptor([keyring], context=sealed_context, frame_length=frame_length)
-    return Sealing(tenant, record, keyring, encryptor)
+    return Sealing(tenant, record, keyring, encryptor, uses)
 
 
 def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
@@ -98,19 +100,42 @@ class KeyWatch:
 
 @dataclass
 class OpeningKeys:
-    """The keyrings that may open a message, the key they are versions of, and its watch."""
+    """The keyrings that may open a message, the key they are versions of, and its watch;
+    `opened` counts the message once one of them has opened it."""
 
     key: KeyRecord
     keyrings: list[Keyring]
     watch: KeyWatch
+    count: Callable[[KeyRecord, int], Uses]
+
+    def opened(self, keyring: Keyring) -> Uses:
+        """Count the message `keyring` (one of these) opened; the key's uses with it."""
+        return self.count(self.key, version_of(keyring))
+
+
+def version_of(keyring: Keyring) -> int:
+    """The version of its key a keyring the key store made is (named `kid#version`)."""
+    match = KEY_NAME_PATTERN.fullmatch(keyring.key_name)
+    assert match is not None, "the key store names its keyrings kid#version"
+    return int(match["version"])
 
 
 def opening_keys(
-    keys: KeyStore, tenant: str, header: Header, expected_kid: str | None = None
+    keys: KeyStore,
+    tenant: str,
+    header: Header,
+    expected_kid: str | None = None,
+    *,
+    counted: bool = True,
 ) -> OpeningKeys:
     """The tenant's keyrings for the keys a message's header names (`kid#version`); the
-    first usable one, which must be `expected_kid` if given."""
+    first usable one, which must be `expected_kid` if given. Unless `counted` is false
+    (the verify job reading back what the service just wrote, which is no use of the
+    key by anyone), opening the message counts as a use of its version."""
     record, keyrings = keys.opening_keyrings(tenant, key_names(header), expected_kid=expected_kid)
-    return OpeningKeys(
-        record, keyrings, KeyWatch(partial(keys.decryption_keyrings, tenant, record.kid))
-    )
+    watch = KeyWatch(partial(keys.decryption_keyrings, tenant, record.kid))
+    return OpeningKeys(record, keyrings, watch, keys.count_opened if counted else _uncounted)
+
+
+def _uncounted(record: KeyRecord, _version: int) -> Uses:
+    return record.uses

@@ -39,7 +39,7 @@ from envelope import (
     open_message,
     start_decryption,
 )
-from keystore import KeyRecord, KeyStore
+from keystore import KeyRecord, KeyStore, Uses
 from services.keys import KeyWatch, OpeningKeys, opening_keys, required_context
 from services.objects import (
     check_against_record,
@@ -88,6 +88,7 @@ class CheckedObject:
     opened: OpenedMessage
     layout: MessageLayout
     watch: KeyWatch
+    uses: Uses  # the key's, this read counted
 
 
 async def check_stored(
@@ -126,7 +127,8 @@ async def check_stored(
         layout = await to_thread.run_sync(
             read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
         )
-    return CheckedObject(placement, opening.key, opened, layout, opening.watch)
+    uses = await to_thread.run_sync(opening.opened, opened.keyring)
+    return CheckedObject(placement, opening.key, opened, layout, opening.watch, uses)
 
 
 def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:
@@ -260,7 +262,7 @@ def verify_stored(
     that read it, which names the keyring that opened it."""
     tenant = recorded.tenant
     digest = hashlib.sha256()
-    keys_for = partial(opening_keys, keys, tenant)
+    keys_for = partial(opening_keys, keys, tenant, counted=False)
     with open_stored(store, storage_key, size, keys_for, tenant, on_chunk) as stored:
         for piece in stored.plaintext:
             digest.update(piece)
@@ -315,6 +317,8 @@ def _opened(
                 opening.keyrings,
                 required_context=required_context({}, tenant),
             )
+            assert decryptor.keyring is not None
+            opening.opened(decryptor.keyring)
             return decryptor, first, opening.watch
     raise TruncatedMessage("the object ends inside its header")
 

@@ -14,7 +14,7 @@ from functools import partial
 from anyio import to_thread
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage, start_decryption
-from keystore import KeyRecord, KeyStore
+from keystore import KeyRecord, KeyStore, Uses
 from services.keys import KeyWatch, opening_keys, required_context
 from services.streams import frame_batches, off_loop_if_large
 
@@ -27,6 +27,7 @@ class OpenedUpload:
     key: KeyRecord
     keyring: Keyring  # the version of `key` whose keyring opened it
     header: Header
+    uses: Uses  # the key's, this message counted
     plaintext: AsyncIterator[bytes]
 
 
@@ -51,8 +52,9 @@ async def open_upload(
     )
     decryptor, first = await to_thread.run_sync(start)
     assert decryptor.keyring is not None
+    uses = await to_thread.run_sync(opening.opened, decryptor.keyring)
     plaintext = _plaintext(first, decryptor, chunks, header.frame_length, opening.watch)
-    return OpenedUpload(opening.key, decryptor.keyring, header, plaintext)
+    return OpenedUpload(opening.key, decryptor.keyring, header, uses, plaintext)
 
 
 async def _read_header(chunks: AsyncIterator[memoryview]) -> tuple[Header, bytes]:

@@ -7,6 +7,7 @@ Also: objects that the former header-only rewrap moved are found and re-encrypte
 no (key, IV) is sealed twice anywhere in the service while all this happens."""
 
 import base64
+import dataclasses
 import hashlib
 import os
 import signal
@@ -453,7 +454,7 @@ def test_a_new_message_that_does_not_read_back_is_not_swapped_in(
         encryptor = CorruptingEncryptor(
             [sealing.keyring], context=header.context, frame_length=header.frame_length
         )
-        return Sealing(sealing.tenant, sealing.key, sealing.keyring, encryptor)
+        return dataclasses.replace(sealing, encryptor=encryptor)
 
     monkeypatch.setattr(services.reencrypt, "start_sealing", corrupting)
     result = succeeded(reencrypt_job(client, prefix="docs/"))

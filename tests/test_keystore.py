@@ -19,6 +19,7 @@ from keystore import (
     ImportSpec,
     KekError,
     KekMismatch,
+    KeyChange,
     KeyExists,
     KeyRecord,
     KeySpec,
@@ -162,6 +163,9 @@ def test_the_stored_record_has_the_documented_json_fields(
         "rotationPeriod",
         "usageCount",
         "lastUsedAt",
+        "softUsageLimit",
+        "maxUsageLimit",
+        "rotateOnUsageLimit",
         "origin",
     }
     assert (stored["keySize"], stored["rotationPeriod"], stored["usageCount"]) == (2048, "P30D", 0)
@@ -172,6 +176,7 @@ def test_the_stored_record_has_the_documented_json_fields(
         "version",
         "createdAt",
         "usageCount",
+        "encryptCount",
         "lastUsedAt",
         "retiredAt",
         "destructionDate",
@@ -191,7 +196,7 @@ def test_the_public_view_shows_the_primary_public_key_and_no_wrapped_material(
     dumped = view.model_dump(mode="json")
     assert "wrappedMaterial" not in json.dumps(dumped)
     assert dumped["publicJwk"]["kid"] == "m#2"
-    unused = {"usageCount": 0, "lastUsedAt": None}
+    unused = {"usageCount": 0, "encryptCount": 0, "lastUsedAt": None}
     live = {"retiredAt": None, "destructionDate": None, "destroyedAt": None}
     assert dumped["versions"] == [
         {"version": 1, "createdAt": "2030-01-01T00:00:00Z", **unused, **live},
@@ -414,15 +419,15 @@ def test_import_refuses_bad_jwks_and_stores_nothing(keys: KeyStore, store: Objec
 def test_export_needs_an_exportable_key_and_exportability_is_one_way(keys: KeyStore) -> None:
     keys.create(TENANT, spec("locked"))
     assert code_of(lambda: keys.export_jwk(TENANT, "locked")) == "key-not-exportable"
-    assert code_of(lambda: keys.set_exportable(TENANT, "locked", True)) == (
+    assert code_of(lambda: keys.change(TENANT, "locked", KeyChange(exportable=True))) == (
         "exportability-is-one-way"
     )
     keys.create(TENANT, spec("open", exportable=True))
     assert set(keys.export_jwk(TENANT, "open")) == {"kty", "kid", "alg", "k"}
-    assert keys.set_exportable(TENANT, "open", True).exportable
-    assert not keys.set_exportable(TENANT, "open", False).exportable
+    assert keys.change(TENANT, "open", KeyChange(exportable=True)).exportable
+    assert not keys.change(TENANT, "open", KeyChange(exportable=False)).exportable
     assert code_of(lambda: keys.export_jwk(TENANT, "open")) == "key-not-exportable"
-    assert code_of(lambda: keys.set_exportable(TENANT, "open", True)) == (
+    assert code_of(lambda: keys.change(TENANT, "open", KeyChange(exportable=True))) == (
         "exportability-is-one-way"
     )
 

@@ -201,6 +201,27 @@ MUTANTS = (
         ("tests/test_trust_records.py",),
     ),
     Mutant(
+        "key usage: maxUsageLimit",
+        "keystore/usage.py",
+        "    if record.usage_exhausted(uses):",
+        "    if False:",
+        ("tests/test_key_usage.py",),
+    ),
+    Mutant(
+        "key usage: the random-IV wrap limit",
+        "keystore/usage.py",
+        "    if worn_out(record, uses, version):",
+        "    if False:",
+        ("tests/test_key_usage.py",),
+    ),
+    Mutant(
+        "key usage: counts never go back",
+        "keystore/records.py",
+        "        counted = self.uses.at_least(floor).plus(added)",
+        "        counted = self.uses.plus(added)",
+        ("tests/test_key_usage.py",),
+    ),
+    Mutant(
         "stored object: a record required",
         "services/open_stored.py",
         "        if serve_unrecorded:\n            return None",

@@ -17,7 +17,7 @@ from functools import cache
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from celery.worker import WorkController
 
 from sealstream.memory import keep_freed_buffers
@@ -79,6 +79,12 @@ def _start_pool_process(**_: object) -> None:
     keep_freed_buffers()
     if _pool_memory_limit is not None:
         limit_address_space(_pool_memory_limit)
+
+
+@worker_process_shutdown.connect
+def _stop_pool_process(**_: object) -> None:
+    if worker_services.cache_info().currsize:
+        worker_services().keys.close()  # adds the key uses it counted to the shared count
 
 
 @cache

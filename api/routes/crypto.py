@@ -13,6 +13,7 @@ object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
 """
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Self
 
@@ -42,9 +43,9 @@ from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid, M
 from api.services import Services, services
 from api.tokens import Principal
 from envelope import Keyring
-from keystore import KeyRecord
+from keystore import KeyRecord, Uses
 from keystore.material import key_name
-from services.keys import start_sealing
+from services.keys import start_sealing, version_of
 from services.objects import ObjectSummary
 from services.open_stored import check_stored, stored_plaintext, stored_range
 from services.open_upload import open_upload
@@ -166,6 +167,37 @@ def named_key_headers(requested: str, used: str, alg: str, prefix: str = "X-") -
     }
 
 
+def warning_headers(
+    svc: Services, record: KeyRecord, keyring: Keyring, uses: Uses
+) -> dict[str, str]:
+    """The warnings that the key has reached its soft usage limit (`uses` being its counts
+    with this message) or expires soon, when they apply."""
+    headers = {}
+    version = version_of(keyring)
+    if record.soft_limit_reached(uses, version):
+        headers["X-Key-Usage-Limit-Warning"] = usage_warning(record, uses, version)
+    window = timedelta(seconds=svc.settings.key_expiration_warning)
+    if record.expires_at is not None and record.expiry_near(datetime.now(UTC), window):
+        headers["X-Key-Expiration-Warning"] = f"expiresAt={rfc3339(record.expires_at)}"
+    return headers
+
+
+def usage_warning(record: KeyRecord, uses: Uses, version: int) -> str:
+    """`usageCount=N; softUsageLimit=S` and, if set, `; maxUsageLimit=M`; for a key that
+    rotates on its soft limit, also the count of the version used, which is what the soft
+    limit is measured against."""
+    fields = [f"usageCount={uses.total}", f"softUsageLimit={record.soft_usage_limit}"]
+    if record.max_usage_limit is not None:
+        fields.append(f"maxUsageLimit={record.max_usage_limit}")
+    if record.rotate_on_usage_limit:
+        fields.append(f"versionUsageCount={uses.of(version).uses}")
+    return "; ".join(fields)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def streamed(
     body: AsyncIterator[bytes | bytearray | memoryview],
     svc: Services,
@@ -207,7 +239,10 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
             object_key=None if placement is None else placement.storage_key,
         )
     )
-    headers = key_headers(metadata.kid, sealing.key, sealing.keyring)
+    headers = {
+        **key_headers(metadata.kid, sealing.key, sealing.keyring),
+        **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
+    }
     await form.start_file()
     if placement is None or destination is None:
         chunks = form.file_chunks()
@@ -256,7 +291,10 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         expected_kid=metadata.kid,
         context=metadata.encryption_context,
     )
-    headers = key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring)
+    headers = {
+        **key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring),
+        **warning_headers(svc, opened.key, opened.keyring, opened.uses),
+    }
     return streamed(opened.plaintext, svc, headers)
 
 
@@ -294,6 +332,7 @@ async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
             metadata.source_kid or opened.key.kid, opened.key, opened.keyring, "X-Source-"
         ),
         **key_headers(metadata.kid, sealing.key, sealing.keyring),
+        **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
     return streamed(reencrypting.message, svc, headers)
 
@@ -348,6 +387,7 @@ async def _decrypt_stored(
     headers = {
         "Accept-Ranges": "bytes",
         **key_headers(metadata.kid or checked.key.kid, checked.key, checked.opened.keyring),
+        **warning_headers(svc, checked.key, checked.opened.keyring, checked.uses),
     }
     if wanted is None:
         body = stored_plaintext(checked, svc.transfers)

@@ -32,7 +32,6 @@ from services.jobs import (
     VersionTarget,
     fail_if_stale,
 )
-from services.keys import start_sealing
 from services.placement import ObjectRef, check_object_key, tenant_prefix
 from storage.documents import CamelModel
 
@@ -232,8 +231,9 @@ async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, 
 
 
 def start_sealing_check(svc: Services, tenant: str, spec: BatchEncryptRequest) -> None:
-    """Refuse at once what the job would fail on: an unusable key or frame length."""
-    start_sealing(svc.keys, tenant, spec.kid, spec.encryption_context, spec.frame_length)
+    """Refuse at once what the job would fail on: a key that may not encrypt now (the
+    frame length is checked with the request). Nothing is sealed, so nothing counted."""
+    svc.keys.check_encrypt(tenant, spec.kid)
 
 
 @router.post("/reencrypt", **_starts_a_job(ReencryptRequest))
@@ -260,7 +260,7 @@ async def start_rewrap(request: Request, response: Response, principal: Writer) 
 async def _start_reencrypt(request: Request, principal: Principal, kind: JobKind) -> JobRecord:
     svc = services(request)
     spec = parse(ReencryptRequest, await read_json_object(request, svc.settings))
-    key, _ = await run_in_threadpool(svc.keys.encryption_keyring, principal.tenant, spec.kid)
+    key = await run_in_threadpool(svc.keys.check_encrypt, principal.tenant, spec.kid)
     params = reencrypt_params(svc, principal.tenant, spec, key)
     return await run_in_threadpool(svc.start_job, kind, principal.tenant, params)
 

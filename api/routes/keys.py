@@ -18,7 +18,7 @@ from api.openapi import AUTHENTICATED, JSON_BODY, NAMED_KEY, QUERY, answer, answ
 from api.problems import Problem
 from api.services import services
 from api.tokens import Principal
-from keystore import ImportSpec, KeyRecord, KeySpec, KeyView, supported_algorithms
+from keystore import ImportSpec, KeyChange, KeyRecord, KeySpec, KeyView, supported_algorithms
 from keystore.records import VersionInfo
 from services.inventory import IndexedObject, Inventory, Marker
 from services.retirement import RetirementRefused, Retirements
@@ -35,14 +35,6 @@ class KeyList(BaseModel):
 
     keys: list[KeyView]
     next: str | None
-
-
-class KeyChange(BaseModel):
-    """What PATCH may change: only exportable, and only from true to false."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    exportable: bool
 
 
 class VersionDetail(VersionInfo):
@@ -160,10 +152,11 @@ async def get_key(request: Request, kid: str, principal: Reader) -> dict[str, An
     openapi_extra=json_request(KeyChange),
 )
 async def change_key(request: Request, kid: str, principal: Writer) -> dict[str, Any]:
+    """Change what a key allows: `exportable` (to false only), `expiresAt`, the usage
+    limits and `rotateOnUsageLimit`; a field left out stays, `null` clears it."""
     change = parse(KeyChange, await json_body(request))
-    keys = services(request).keys
     return view(
-        await run_in_threadpool(keys.set_exportable, principal.tenant, kid, change.exportable)
+        await run_in_threadpool(services(request).keys.change, principal.tenant, kid, change)
     )
 
 

@@ -32,7 +32,8 @@ class AesKeyring(Keyring):
     def wrap(self, data_key: bytes, context_bytes: bytes) -> EncryptedDataKey:
         # A random 96-bit IV under a long-lived key: unique with overwhelming probability
         # only while the key wraps at most 2^32 data keys (NIST SP 800-38D, 8.3), one per
-        # message sealed for it. Nothing counts them yet: docs/FORMAT.md §14.
+        # message sealed for it. The key store counts a version's wraps and refuses to
+        # seal past half that: docs/FORMAT.md §14.
         iv = os.urandom(IV_LENGTH)
         wrapped = self._aead.encrypt(iv, data_key, context_bytes)
         return EncryptedDataKey(PROVIDER_ID, self._info_prefix + iv, wrapped)
