@@ -145,7 +145,7 @@ class LocalKek(Kek):
     def wrap(self, material: bytes, aad: bytes) -> bytes:
         # A random 96-bit nonce under the one KEK: unique with overwhelming probability
         # only while the KEK wraps at most 2^32 times (NIST SP 800-38D, 8.3), once per key
-        # version created or imported. Nothing counts them yet: docs/FORMAT.md §14.
+        # version created, imported or rotated. Not counted: docs/audit.md says why.
         nonce = os.urandom(_NONCE_LENGTH)
         return _LOCAL_BLOB_VERSION + nonce + self._aead.encrypt(nonce, material, aad)
 
