@@ -184,8 +184,13 @@ class UsageMeter:
 
     def view(self, record: KeyRecord) -> Uses:
         """The key's counts as known here: the shared count and this process's unadded
-        uses. `record` must have just been read."""
-        shared = self._ledger.read(record)
+        uses. `record` must have just been read; should the shared count be out of reach,
+        the record's own counts stand in for it."""
+        try:
+            shared = self._ledger.read(record)
+        except UsageUnavailable as error:
+            logger.warning("showing key %r with the counts of its record: %s", record.kid, error)
+            shared = record.uses
         with self._lock:
             count = self._keys.get((record.tenant, record.kid))
             if count is None or count.record.created_at != record.created_at:
