@@ -14,6 +14,11 @@ from typing import Literal
 
 Operation = Literal["encrypt", "decrypt"]
 
+# Data keys or key material one AES key may wrap, each under a random 96-bit IV: half the
+# 2^32 NIST SP 800-38D allows. The other half absorbs, many times over, the wraps that
+# batched counting lets pass and the counts a crash or a lost Redis can drop.
+WRAP_LIMIT = 2**31
+
 
 def _later(first: datetime | None, second: datetime | None) -> datetime | None:
     if first is None or second is None:

@@ -17,7 +17,7 @@ import uuid
 from abc import ABC, abstractmethod
 from base64 import b64decode
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
@@ -44,6 +44,10 @@ RECORD_KEY_LABEL = b"sealstream/record-key/v1"
 class Kek(ABC):
     """Wraps and unwraps key material, each blob bound to an AAD."""
 
+    # Whether each wrap draws a random IV under the one KEK, so that its wraps must be
+    # counted (`keystore.kek_wraps`).
+    draws_random_ivs: ClassVar[bool]
+
     @abstractmethod
     def wrap(self, material: bytes, aad: bytes) -> bytes:
         """An opaque blob that only `unwrap` with the same `aad` opens."""
@@ -67,6 +71,8 @@ class Kek(ABC):
 
 class LocalKek(Kek):
     """AES-256-GCM under a configured key; blob = version byte, 12-byte nonce, ciphertext+tag."""
+
+    draws_random_ivs = True
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEK_LENGTH:
@@ -145,7 +151,8 @@ class LocalKek(Kek):
     def wrap(self, material: bytes, aad: bytes) -> bytes:
         # A random 96-bit nonce under the one KEK: unique with overwhelming probability
         # only while the KEK wraps at most 2^32 times (NIST SP 800-38D, 8.3), once per key
-        # version created, imported or rotated. Not counted: docs/audit.md says why.
+        # version created, imported or rotated. The key store counts them and stops at
+        # half that (`keystore.kek_wraps`).
         nonce = os.urandom(_NONCE_LENGTH)
         return _LOCAL_BLOB_VERSION + nonce + self._aead.encrypt(nonce, material, aad)
 
@@ -174,8 +181,10 @@ class KmsKek(Kek):
     """AWS KMS Encrypt / Decrypt under `key_id`, the AAD carried as the encryption context.
 
     Material is at most ≈ 2.4 KB (RSA-4096 PKCS#8), within Encrypt's 4 KiB plaintext limit,
-    so no data key is needed.
+    so no data key is needed. KMS draws its own IVs.
     """
+
+    draws_random_ivs = False
 
     def __init__(self, key_id: str, client: "KMSClient") -> None:
         self.key_id = key_id

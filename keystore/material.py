@@ -7,6 +7,7 @@ moved to another version, key or tenant does not unwrap. A version's keyring is 
 """
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 
 from envelope import Keyring, SigningKey
@@ -28,15 +29,20 @@ def key_name(kid: str, version: int) -> str:
 
 
 class Material:
-    """The material of key versions, wrapped and unwrapped under one KEK."""
+    """The material of key versions, wrapped and unwrapped under one KEK. `count_wrap`
+    counts each wrap a KEK that draws random IVs is about to make, and refuses one too
+    many."""
 
-    def __init__(self, kek: Kek) -> None:
+    def __init__(self, kek: Kek, count_wrap: Callable[[], None]) -> None:
         self._kek = kek
+        self._count_wrap = count_wrap
 
     def new_version(
         self, tenant: str, kid: str, params: KeyParams, number: int, material: bytes, now: datetime
     ) -> KeyVersion:
         """Version `number` of a key, holding `material` wrapped."""
+        if self._kek.draws_random_ivs:
+            self._count_wrap()
         return KeyVersion(
             version=number,
             created_at=now,

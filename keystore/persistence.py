@@ -100,7 +100,7 @@ class KeyRecordStore:
             try:
                 self._records.put(RECORD_KIND, record_key(tenant, kid), changed, if_match=etag)
             except (PreconditionFailed, ObjectNotFound):
-                _back_off(attempt)
+                back_off(attempt)
                 continue
             finally:
                 if notify:
@@ -173,6 +173,6 @@ class KeyRecordStore:
                 yield tenant, kid
 
 
-def _back_off(attempt: int) -> None:
+def back_off(attempt: int) -> None:
     """A short random wait, so racing writers do not collide again in lockstep."""
     time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 - jitter, not secrecy

@@ -36,6 +36,7 @@ from keystore.errors import (
     OperationNotPermitted,
 )
 from keystore.kek import Kek
+from keystore.kek_wraps import WrapCounter
 from keystore.material import KEY_NAME_PATTERN, Material
 from keystore.persistence import KeyRecordStore, check_tenant
 from keystore.records import (
@@ -101,7 +102,8 @@ class KeyStore:
         self._clock = clock
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
-        self._material = Material(kek)
+        wraps = WrapCounter(records, self._stored_versions)
+        self._material = Material(kek, wraps.count_one)
         ledger: UsageLedger = (
             RecordLedger(self._saved)
             if usage_redis is None
@@ -419,6 +421,9 @@ class KeyStore:
         )
         self._saved.insert(record)
         return record
+
+    def _stored_versions(self) -> int:
+        return sum(len(record.versions) for record in self._saved.records_where(lambda _: True))
 
     def _with_usage(self, record: KeyRecord) -> KeyRecord:
         return record.counting(self._usage.view(record), Uses())

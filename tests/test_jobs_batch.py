@@ -285,7 +285,7 @@ def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_:
     assert progress["bytesDone"] == progress["bytesTotal"] == len(archive)
     # Nothing landed outside the destination prefix, and nothing is left half-written.
     assert stored_keys(api) == {"in/archive", "out/manifest.json"} | {f"out/{p}" for p in EXPECTED}
-    assert api.objects.pending_uploads() == []
+    assert api.objects.pending_uploads("tenants/") == []
 
 
 def test_every_object_under_a_prefix(api: Api) -> None:
@@ -350,7 +350,7 @@ def test_a_damaged_archive_fails_the_job_and_a_missing_one_is_refused(api: Api) 
     assert manifest["error"]["code"] == "invalid-archive"
     assert damaged["result"]["counts"]["sealed"] == len(manifest["members"])
     assert not any(key.startswith("junk/") for key in stored_keys(api))
-    assert api.objects.pending_uploads() == []
+    assert api.objects.pending_uploads("tenants/") == []
 
 
 # Whole mode
@@ -422,7 +422,7 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     final = services.jobs.load(record.id)
     assert final is not None and final.status is JobStatus.SUCCEEDED, final
     assert final.attempts == 2
-    assert api.objects.pending_uploads() == []
+    assert api.objects.pending_uploads("tenants/") == []
     with api.client() as client:
         check_members(client, manifest_of(api), files)
     assert stored_keys(api) == {"in/archive.tar", "out/manifest.json"} | {
@@ -471,7 +471,7 @@ def test_cancel_stops_the_job_between_or_inside_members(api: Api) -> None:
         job = wait_for(client, job_id)
 
     assert job["status"] == "cancelled", job
-    assert api.objects.pending_uploads() == []
+    assert api.objects.pending_uploads("tenants/") == []
     sealed = list(api.objects.list(TENANT + "out/"))
     assert 0 < len(sealed) < len(files)
     for info in sealed:  # each one complete and recorded, none half-written
@@ -526,7 +526,7 @@ def test_an_archive_that_unpacks_too_far_fails_before_the_bomb_is_read(tmp_path:
         tar_manifest = manifest_of(api, "t/")
         hidden_manifest = manifest_of(api, "h/")
         keys = stored_keys(api)
-        pending = api.objects.pending_uploads()
+        pending = api.objects.pending_uploads("tenants/")
 
     for job in (tar_job, hidden, zip_job):
         assert (job["status"], job["error"]["code"]) == ("failed", "archive-expands-too-far")

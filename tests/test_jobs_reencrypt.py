@@ -127,7 +127,8 @@ def record_of(api: Api, storage_key: str) -> ObjectRecord:
 
 
 def nothing_pending(objects: ObjectStore) -> bool:
-    return not objects.pending_uploads()
+    # Tenants' objects only: the service's records are written at any time (usage counts).
+    return not objects.pending_uploads("tenants/")
 
 
 # A client, the plaintext of each object and its encrypt-to-storage answer.
@@ -557,7 +558,7 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
     killed_upload.write(random_bytes(MIN_PART_SIZE + 1))
     neighbour = api.objects.multipart(f"{storage_key}-draft")
     neighbour.write(random_bytes(MIN_PART_SIZE + 1))
-    assert api.objects.pending_uploads() == [storage_key, f"{storage_key}-draft"]
+    assert api.objects.pending_uploads("tenants/") == [storage_key, f"{storage_key}-draft"]
     left = {"reencrypted": 0, "writing": storage_key}
     killed = record.model_copy(update={"status": JobStatus.RUNNING, "attempts": 1, "result": left})
     worker.jobs.save(killed)
@@ -566,7 +567,7 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
 
     assert final.status is JobStatus.SUCCEEDED and final.result is not None, final
     assert (final.attempts, final.result["reencrypted"]) == (2, 1)
-    assert api.objects.pending_uploads() == [f"{storage_key}-draft"]
+    assert api.objects.pending_uploads("tenants/") == [f"{storage_key}-draft"]
     neighbour.abort()
     killed_upload.abort()
     assert nothing_pending(api.objects)
@@ -581,7 +582,7 @@ class _CancelOncePending:
         self._original = worker.jobs.cancel_requested
 
     def __call__(self, job_id: str) -> bool:
-        return self._original(job_id) or bool(self._objects.pending_uploads())
+        return self._original(job_id) or bool(self._objects.pending_uploads("tenants/"))
 
 
 def test_a_cancelled_job_leaves_no_upload_pending(
@@ -619,7 +620,7 @@ class _DisableMidRead:
     def __call__(self, context: execution.JobContext, count: int) -> None:
         self._original(context, count)
         self.chunks += 1
-        pending = bool(self._worker.objects.pending_uploads())
+        pending = bool(self._worker.objects.pending_uploads("tenants/"))
         if self.disabled_at is None and self.chunks >= 2 and (pending or not self._writes):
             self._worker.keys.disable(self._tenant, KID)
             self.disabled_at = self.chunks

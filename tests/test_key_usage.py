@@ -5,6 +5,7 @@ encrypt at maxUsageLimit or once a version has wrapped its share of random IVs, 
 rotation on the soft limit."""
 
 import json
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -14,12 +15,16 @@ from typing import Any
 
 import pytest
 
-from keystore import KeyRecord, Uses
-from keystore.counts import VersionUses
+from keystore import KeyRecord, KeySpec, KeyStore, LocalKek, Uses
+from keystore.counts import WRAP_LIMIT, VersionUses
+from keystore.kek_wraps import RECORD_KIND as WRAPS_KIND
+from keystore.kek_wraps import RECORD_NAME as WRAPS_NAME
+from keystore.kek_wraps import KekWornOut, KekWrapCount
 from keystore.persistence import RECORD_KIND, KeyRecordStore, record_key
-from keystore.usage import WRAP_LIMIT
 from sealstream.settings import Settings
-from sealstream.wiring import build_parts
+from sealstream.wiring import build_parts, open_records
+from storage.integrity import RecordTampered
+from storage.local import LocalStore
 from tests.conftest import Api, live_api, local_settings
 from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
 from tests.support.waiting import wait_until
@@ -329,3 +334,40 @@ def test_two_processes_lose_no_count_and_stop_within_the_bound(
     keys = build_parts(first.settings).keys
     assert keys.get(TENANT, "mySymKey").usage_count == 60
     assert keys.get(TENANT, "limited").usage_count == passed
+
+
+# The local KEK's own random IVs
+
+
+def test_the_local_kek_counts_its_wraps_and_wraps_no_more_at_the_limit(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "bucket")
+    kek = LocalKek(os.urandom(32))
+    records = open_records(store, kek)
+    keys = KeyStore(records, kek)
+
+    def wraps() -> int:
+        return records.get(WRAPS_KIND, WRAPS_NAME, KekWrapCount).wraps
+
+    keys.create(TENANT, KeySpec(kid="a", kty="oct"))
+    keys.rotate(TENANT, "a")
+    keys.create(TENANT, KeySpec(kid="b", kty="oct"))
+    assert wraps() == 3
+    # Deleted, the count starts again from the versions the key records hold.
+    store.delete(WRAPS_NAME)
+    keys.create(TENANT, KeySpec(kid="c", kty="oct"))
+    assert wraps() == 4
+    # Edited, it is refused.
+    document = json.loads(store.get(WRAPS_NAME))
+    document["record"]["wraps"] = 0
+    store.put(WRAPS_NAME, json.dumps(document).encode())
+    with pytest.raises(RecordTampered):
+        keys.create(TENANT, KeySpec(kid="d", kty="oct"))
+
+    records.put(WRAPS_KIND, WRAPS_NAME, KekWrapCount(wraps=WRAP_LIMIT))
+    with pytest.raises(KekWornOut):
+        keys.create(TENANT, KeySpec(kid="d", kty="oct"))
+    with pytest.raises(KekWornOut):
+        keys.rotate(TENANT, "a")
+    # Keys already made go on working.
+    assert keys.sealing_keyring(TENANT, "a")[0].primary_version == 2
+    keys.close()

@@ -222,6 +222,13 @@ MUTANTS = (
         ("tests/test_key_usage.py",),
     ),
     Mutant(
+        "key usage: the local KEK's wrap limit",
+        "keystore/kek_wraps.py",
+        "            if wraps >= WRAP_LIMIT:",
+        "            if False:",
+        ("tests/test_key_usage.py",),
+    ),
+    Mutant(
         "stored object: a record required",
         "services/open_stored.py",
         "        if serve_unrecorded:\n            return None",
