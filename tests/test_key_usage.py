@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from keystore import KeyRecord, KeySpec, KeyStore, LocalKek, Uses
@@ -25,8 +26,9 @@ from sealstream.settings import Settings
 from sealstream.wiring import build_parts, open_records
 from storage.integrity import RecordTampered
 from storage.local import LocalStore
-from tests.conftest import Api, live_api, local_settings
+from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
 from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
+from tests.support.services import sealstream_serve
 from tests.support.waiting import wait_until
 from workers.lifecycle import run_sweeps
 
@@ -371,3 +373,26 @@ def test_the_local_kek_counts_its_wraps_and_wraps_no_more_at_the_limit(tmp_path:
     # Keys already made go on working.
     assert keys.sealing_keyring(TENANT, "a")[0].primary_version == 2
     keys.close()
+
+
+def test_a_killed_process_loses_at_most_the_batch_it_had_not_added(tmp_path: Path) -> None:
+    store = tmp_path / "storage"
+    env = {
+        "SEALSTREAM_STORAGE_URL": f"file://{store}",
+        "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SEALSTREAM_USAGE_BATCH": "4",
+        "SEALSTREAM_USAGE_FLUSH_INTERVAL": "60",  # no addition but the batch's own
+    }
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with (
+        sealstream_serve(tmp_path, env) as served,
+        httpx.Client(base_url=served.url, headers=headers, timeout=60) as client,
+    ):
+        create_key(client)
+        for _ in range(10):
+            encrypt(client, b"x").raise_for_status()
+        served.process.kill()
+        served.process.wait()
+    keys = build_parts(local_settings(tmp_path)).keys
+    # Added at the 4th and the 8th use; the last 2 died with the process.
+    assert keys.get(TENANT, "mySymKey").usage_count == 8
