@@ -13,6 +13,7 @@ with the record ledger; Redis losing its data loses the uses since the last chec
 """
 
 import logging
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -38,7 +39,8 @@ HASH_TTL = 90 * 24 * 3600
 _ADD = """
 for i = 2, #ARGV, 3 do
     local floor = tonumber(ARGV[i + 1])
-    local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+    -- A field that is not a number (someone wrote Redis) counts as 0: the floor restores it.
+    local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') or 0
     if current < floor then
         redis.call('HSET', KEYS[1], ARGV[i], floor)
     end
@@ -49,6 +51,8 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """
+
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +132,32 @@ def _micros(moment: datetime) -> int:
 
 def _uses(fields: dict[str, str]) -> Uses:
     """The counts a hash holds: `<version>:uses`, `<version>:encrypts`, `<version>:last`."""
-    numbers = {int(name.partition(":")[0]) for name in fields if name.partition(":")[0].isdigit()}
+    numbers = {
+        int(number)
+        for number, _, _ in (name.partition(":") for name in fields)
+        if _VERSION.fullmatch(number)
+    }
     versions = {}
     for number in numbers:
-        last = fields.get(f"{number}:last")
         versions[number] = VersionUses(
-            int(fields.get(f"{number}:uses", 0)),
-            int(fields.get(f"{number}:encrypts", 0)),
-            None if last is None else datetime.fromtimestamp(int(last) / 1_000_000, UTC),
+            _count(fields.get(f"{number}:uses")),
+            _count(fields.get(f"{number}:encrypts")),
+            _moment(_count(fields.get(f"{number}:last"))),
         )
     return Uses(versions)
+
+
+def _moment(micros: int) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(micros / 1_000_000, UTC) if micros else None
+    except (OverflowError, ValueError, OSError):
+        return None  # not a time (someone wrote Redis): the record's stands
+
+
+def _count(value: str | None) -> int:
+    """A field's count; one that is missing, or not a count (someone wrote Redis), is 0,
+    which the key record's counts then stand in for."""
+    try:
+        return max(int(value or 0), 0)
+    except ValueError:
+        return 0

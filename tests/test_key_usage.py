@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import redis
 
 from keystore import KeyRecord, KeySpec, KeyStore, LocalKek, Uses
 from keystore.counts import WRAP_LIMIT, VersionUses
@@ -31,6 +32,9 @@ from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read
 from tests.support.services import sealstream_serve
 from tests.support.waiting import wait_until
 from workers.lifecycle import run_sweeps
+
+if TYPE_CHECKING:
+    from tests.support.services import RedisServer
 
 TENANT = "default"  # the admin token's
 SOFT = "X-Key-Usage-Limit-Warning"
@@ -396,3 +400,24 @@ def test_a_killed_process_loses_at_most_the_batch_it_had_not_added(tmp_path: Pat
     keys = build_parts(local_settings(tmp_path)).keys
     # Added at the 4th and the 8th use; the last 2 died with the process.
     assert keys.get(TENANT, "mySymKey").usage_count == 8
+
+
+def test_what_someone_writes_into_redis_cannot_lower_a_count_or_break_it(
+    tmp_path: Path, redis_server: "RedisServer"
+) -> None:
+    with (
+        usage_api(tmp_path, usage_batch=1, redis_url=redis_server.url) as api,
+        api.client() as client,
+    ):
+        create_key(client, maxUsageLimit=5)
+        for _ in range(3):
+            encrypt(client, b"x").raise_for_status()
+        database = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        [name] = database.keys("sealstream:usage:*")
+        database.hset(name, mapping={"1:uses": "junk", "1:encrypts": "-7", "1:last": "9" * 30})
+        assert client.get(KEY).json()["usageCount"] == 3
+        encrypt(client, b"x").raise_for_status()
+        assert database.hget(name, "1:uses") == "4"
+        database.delete(name)  # the record's checkpoint and this process's count stand
+        encrypt(client, b"x").raise_for_status()
+        problem(encrypt(client, b"x"), 403, "key-usage-exhausted")
