@@ -280,6 +280,41 @@ class SealstreamClient:
         path = "/api/crypto/stream/decrypt"
         return self._stream(path, metadata, None, sink, headers, on_length=on_length)
 
+    # Signatures
+
+    def sign(self, kid: str, source: Source) -> str:
+        """A detached JWS (compact form) of `source`, by the primary version of `kid`."""
+        with self._upload(
+            "/api/crypto/stream/sign", MultipartBody({"kid": kid}, source)
+        ) as exchange:
+            response = _response(exchange)
+            if response.status >= 400:
+                raise _api_error(response)
+            signature = response.read(MAX_DOCUMENT).decode("ascii", "replace").strip()
+            _finish(exchange)
+            return signature
+
+    def verify(
+        self,
+        source: Source,
+        signature: str,
+        *,
+        kid: str | None = None,
+        public_key: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Check the detached JWS `signature` over `source`: the verdict, or `InvalidRequest`
+        (`signature-invalid`) if it does not verify."""
+        metadata = _metadata(
+            signature=signature,
+            kid=kid,
+            publicKey=None if public_key is None else dict(public_key),
+        )
+        body = MultipartBody(metadata, source)
+        with self._upload("/api/crypto/stream/verify", body) as exchange:
+            document = _document(_response(exchange))
+            _finish(exchange)
+            return document
+
     # Keys
 
     def create_key(self, **fields: Any) -> dict[str, Any]:

@@ -341,3 +341,19 @@ def test_stored_objects_and_key_versions(api: Api) -> None:
     assert run(api, "objects", "delete", "o/a").returncode == 0
     assert [entry["key"] for entry in run_json(api, "objects", "list")["objects"]] == ["o/b"]
     assert run(api, "objects", "delete", "o/a").returncode == 5
+
+
+@local
+def test_sign_and_verify(api: Api, tmp_path: Path) -> None:
+    signer = run_json(api, "keys", "create", "signer", "--kty", "EC")
+    assert signer["alg"] == "ES256"
+    document = tmp_path / "contract.txt"
+    document.write_text("we agree\n")
+    signature = tmp_path / "contract.jws"
+    signed = run(api, "sign", "--kid", "signer", str(document), "-o", str(signature))
+    assert signed.returncode == 0, signed.stderr
+    verdict = run_json(api, "verify", str(document), "--signature", str(signature))
+    assert verdict["valid"] is True
+    document.write_text("we do not agree\n")
+    refused = run(api, "verify", str(document), "--signature", str(signature))
+    assert refused.returncode == 1 and "signature-invalid" in refused.stderr

@@ -8,6 +8,16 @@ from cli.commands.crypto import decrypt, encrypt
 from cli.commands.jobs import jobs
 from cli.commands.keys import keys
 from cli.commands.objects import objects
+from cli.commands.signatures import sign, verify
 from cli.commands.tokens import tokens
 
-COMMANDS: tuple[click.Command, ...] = (encrypt, decrypt, keys, objects, tokens, jobs)
+COMMANDS: tuple[click.Command, ...] = (
+    encrypt,
+    decrypt,
+    sign,
+    verify,
+    keys,
+    objects,
+    tokens,
+    jobs,
+)

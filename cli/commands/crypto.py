@@ -78,7 +78,7 @@ def encrypt(
         if bucket is not None or overwrite:
             raise CommandFailed("--bucket and --overwrite go with --to-storage", EXIT_USAGE)
         with (
-            _source(session, input, output, "encrypt") as source,
+            input_file(session, input, "encrypt", output) as source,
             _Output(output) as sink,
             _Stopwatch() as watch,
         ):
@@ -89,7 +89,7 @@ def encrypt(
         return
     if output != "-":
         raise CommandFailed("--to-storage prints what was stored: drop --output", EXIT_USAGE)
-    with _source(session, input, output, "encrypt") as source:
+    with input_file(session, input, "encrypt", output) as source:
         stored = session.client.encrypt_to_storage(
             key,
             source,
@@ -139,7 +139,7 @@ def decrypt(
         if bucket is not None or byte_range is not None:
             raise CommandFailed("--bucket and --range go with --from-storage", EXIT_USAGE)
         with (
-            _source(session, input, output, "decrypt") as source,
+            input_file(session, input, "decrypt", output) as source,
             _Output(output) as sink,
             _Stopwatch() as watch,
         ):
@@ -246,7 +246,7 @@ class _Counting:
 
 
 @contextmanager
-def _source(session: Session, path: str, output: str, verb: str) -> Iterator[Any]:
+def input_file(session: Session, path: str, verb: str, output: str = "-") -> Iterator[Any]:
     """INPUT opened for reading, counted by a progress bar when one is drawn."""
     if path == "-":
         # Unbuffered: the upload thread may still be blocked reading it when an interrupted
