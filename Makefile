@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint system bench mutants clean
+.PHONY: dev test lint system cluster-test bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,8 @@ lint: $(STAMP)
 # Debian packages the tests run for real: redis-server (started by the tests on free
 # ports), docker-compose (validates docker-compose.yml; no Docker engine is needed) and
 # promtool, from prometheus (checks the alert rules and the dashboard's queries) and
-# haproxy (the load balancer of docker-compose.yml, run in front of two API servers).
+# haproxy (the load balancer of docker-compose.yml, run in front of two API servers) and
+# nftables (packet loss in the cluster test).
 system:
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
 	@command -v docker-compose >/dev/null || apt-get install -y --no-install-recommends docker-compose \
@@ -37,9 +38,18 @@ system:
 	@command -v haproxy >/dev/null || apt-get install -y --no-install-recommends haproxy \
 		|| { apt-get update && apt-get install -y --no-install-recommends haproxy; } \
 		|| { echo "haproxy is missing: apt-get install haproxy"; exit 1; }
+	@command -v nft >/dev/null || apt-get install -y --no-install-recommends nftables \
+		|| { apt-get update && apt-get install -y --no-install-recommends nftables; } \
+		|| { echo "nft is missing: apt-get install nftables"; exit 1; }
 
 test: lint system
 	$(BIN)/pytest -n 2
+
+# The production topology in network namespaces, and a chaos run across it (needs root;
+# about five minutes): tests/test_cluster.py. CLUSTER_SEED and CLUSTER_SECONDS change the
+# chaos run's seed and length.
+cluster-test: $(STAMP) system
+	nice -n 10 $(BIN)/pytest -m cluster -p no:randomly -s tests/test_cluster.py
 
 # age (Debian) is what bench/stream.py compares one stream with: a user encrypting on
 # their own machine instead.

@@ -4,9 +4,6 @@ whole in both directions, its health check on /readyz works over TLS, and a serv
 stops answering is taken out while the other carries on."""
 
 import hashlib
-import re
-import shutil
-import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -14,56 +11,21 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
 from sealstream.server import create_app
 from tests.conftest import ADMIN_TOKEN, local_settings
 from tests.support.data import MiB, random_bytes
 from tests.support.http import KEYS
+from tests.support.load_balancer import CONFIG, RUNNING, haproxy, server_states, write_config
 from tests.support.ports import LOCALHOST, free_port
-from tests.support.project import REPO
 from tests.support.services import api_server, self_signed_certificate, terminate
 from tests.support.waiting import wait_until
-
-CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
-RUNNING = "2"  # srv_op_state in `show servers state`
-
-
-def haproxy() -> str:
-    path = shutil.which("haproxy")
-    if path is None:
-        pytest.fail("haproxy is missing: apt-get install haproxy (or run `make system`)")
-    return path
-
-
-def local_config(port: int, servers: list[str], stats: Path) -> str:
-    """The compose file's configuration with Docker's DNS discovery replaced by the given
-    servers, a local port to listen on, and a stats socket to read server states from."""
-    text = CONFIG.read_text()
-    text = re.sub(r"\nresolvers docker\n(?:    .*\n)+", "\n", text)
-    text = text.replace(" resolvers docker init-addr none", "")
-    text = text.replace("bind :8443", f"bind {LOCALHOST}:{port}")
-    text = text.replace("global\n", f"global\n    stats socket {stats} mode 600 level admin\n", 1)
-    lines = "".join(f"    server api{n} {address}\n" for n, address in enumerate(servers, 1))
-    return re.sub(r"    server-template .*\n", lines, text)
-
-
-def server_states(stats: Path) -> dict[str, str]:
-    with socket.socket(socket.AF_UNIX) as connection:
-        connection.connect(str(stats))
-        connection.sendall(b"show servers state api\n")
-        answer = b"".join(iter(lambda: connection.recv(65536), b"")).decode()
-    rows = [line.split() for line in answer.splitlines()[2:] if line.strip()]
-    return {row[3]: row[5] for row in rows}  # srv_name: srv_op_state
 
 
 @contextmanager
 def load_balancer(servers: list[str], directory: Path) -> Iterator[tuple[str, Path]]:
-    port, stats = free_port(), directory / "haproxy.sock"
-    config = directory / "haproxy.cfg"
-    config.write_text(local_config(port, servers, stats))
-    check = subprocess.run([haproxy(), "-c", "-f", str(config)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+    port = free_port()
+    config, stats = write_config(directory, f"{LOCALHOST}:{port}", servers)
     process = subprocess.Popen([haproxy(), "-db", "-f", str(config)], stdout=subprocess.DEVNULL)
     try:
         wait_until(stats.exists, "haproxy's stats socket")

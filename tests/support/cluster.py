@@ -1,0 +1,307 @@
+"""The production topology on one machine, for the cluster test: each part in a network
+namespace of its own (`tests/support/netns.py`), with its own address, as on hosts.
+
+    client ─▶ lb (HAProxy, deploy/haproxy/haproxy.cfg) ─TLS passed through─▶ api1, api2
+    api1, api2, worker1, worker2, beat ─▶ redis (AOF on), s3 (the moto server)
+
+Every process is started with `ip netns exec`, as the leader of its own process group,
+so that killing a host (`Service.kill`) kills everything it ran, as a lost machine would.
+"""
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import boto3
+import httpx
+import redis
+
+from cli.client import SealstreamClient
+from keystore import LocalKek
+from storage import MIN_PART_SIZE
+from tests.conftest import ADMIN_TOKEN
+from tests.support.load_balancer import RUNNING, haproxy, server_states, write_config
+from tests.support.netns import Network, call_in, sweep_leftovers
+from tests.support.project import REPO
+from tests.support.services import AWS_TEST_ENVIRONMENT, self_signed_certificate
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+BUCKET = "sealstream"
+API_PORT = 8443
+S3_PORT = 9000
+REDIS_PORT = 6379
+ROLES = ("lb", "api1", "api2", "worker1", "worker2", "beat", "redis", "s3")
+APIS = ("api1", "api2")
+WORKERS = ("worker1", "worker2")
+
+# Jobs as in production, but on a test's clock: the broker's visibility timeout is longer
+# than any task, so a killed worker's job is finished by the stale-job sweep, which beat
+# runs every few seconds, within a bounded time.
+JOB_SETTINGS = {
+    "SEALSTREAM_JOB_VISIBILITY_TIMEOUT": "3600",
+    "SEALSTREAM_JOB_STALE_AFTER": "40",
+    "SEALSTREAM_JOB_LEASE_TTL": "5",
+    "SEALSTREAM_LIFECYCLE_INTERVAL": "5",
+}
+START_TIMEOUT = 90  # seconds: a loaded two-core machine starts Python slowly
+
+
+class ClusterError(RuntimeError):
+    """A part of the cluster did not start."""
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with suppress(Exception):
+            if condition():
+                return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@dataclass
+class Service:
+    """A process of one host, started and restarted with the same command, its output
+    appended to `log`."""
+
+    name: str
+    namespace: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    ready: Callable[["Service"], bool]
+    process: "subprocess.Popen[bytes] | None" = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.log.open("ab") as sink:
+            sink.write(f"--- start {self.starts}\n".encode())
+            sink.flush()
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.namespace, *self.command],
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(lambda: self.alive() and self.ready(self), f"{self.name} to be ready")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL to the host's whole process group: nothing gets to clean up."""
+        if self.process is None:
+            return
+        self.signal(9)
+        self.process.wait()
+        self.process = None
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        if self.alive() and self.process is not None:
+            self.signal(15)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace)
+        self.kill()
+
+
+@dataclass
+class Cluster:
+    """The hosts, their services, and what a client needs to reach the load balancer."""
+
+    network: Network
+    directory: Path
+    certificate: Path
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.network.front_address}:{API_PORT}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.network.hosts['s3'].address}:{S3_PORT}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.network.hosts['redis'].address}:{REDIS_PORT}/0"
+
+    @property
+    def stats(self) -> Path:
+        return self.directory / "haproxy.sock"
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.certificate)
+
+    def client(self, timeout: float = 30) -> SealstreamClient:
+        """The project's full-duplex client of the load balancer; use it from a thread in
+        the client namespace (`netns.threads_in`)."""
+        return SealstreamClient(self.url, ADMIN_TOKEN, timeout=timeout, ssl_context=self.tls())
+
+    def http(self, timeout: float = 30) -> httpx.Client:
+        """An httpx client of the load balancer, for small requests; use it from threads
+        in the client namespace."""
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        return httpx.Client(base_url=self.url, verify=self.tls(), headers=headers, timeout=timeout)
+
+    def s3(self) -> "S3Client":
+        """A boto3 S3 client of the moto server, for the checks; use it from threads in
+        the s3 namespace."""
+        return boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        ).client("s3", endpoint_url=self.s3_endpoint)
+
+    def all_servers_up(self) -> bool:
+        return set(server_states(self.stats).values()) == {RUNNING}
+
+    def stop(self) -> None:
+        for service in reversed(list(self.services.values())):
+            service.kill()
+
+
+def _environment(extra: dict[str, str]) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+    return {**inherited, **AWS_TEST_ENVIRONMENT, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _printed(text: str) -> Callable[[Service], bool]:
+    return lambda service: text in service.output().rsplit("--- start", 1)[-1]
+
+
+@contextmanager
+def cluster(directory: Path) -> Iterator[Cluster]:
+    """The whole cluster, up and healthy; every process and namespace is gone on the way
+    out, whatever happened."""
+    sweep_leftovers()
+    with ExitStack() as exits:
+        network = Network(ROLES, front="lb")
+        exits.callback(network.delete)
+        certificate, key = self_signed_certificate(directory, network.front_address)
+        the = Cluster(network, directory, certificate)
+        exits.callback(the.stop)
+        _start(the, key)
+        yield the
+
+
+def _start(the: Cluster, tls_key: Path) -> None:
+    hosts, directory = the.network.hosts, the.directory
+    (directory / "logs").mkdir(exist_ok=True)
+    kek_file = directory / "kek"
+    LocalKek.load_or_create(kek_file)
+
+    def add(
+        name: str, command: list[str], env: dict[str, str], ready: Callable[[Service], bool]
+    ) -> None:
+        service = Service(
+            name, hosts[name].namespace, command, _environment(env),
+            directory / "logs" / f"{name}.log", ready,
+        )  # fmt: skip
+        the.services[name] = service
+        service.start()
+
+    python = sys.executable
+    s3_address = hosts["s3"].address
+    add("s3", [str(Path(python).with_name("moto_server")), "-H", s3_address, "-p", str(S3_PORT)],
+        {}, lambda _: _create_bucket(the))  # fmt: skip
+    (directory / "redis").mkdir(exist_ok=True)
+    add(
+        "redis",
+        ["redis-server", "--bind", hosts["redis"].address, "--port", str(REDIS_PORT),
+         "--protected-mode", "no", "--appendonly", "yes", "--save", "",
+         "--dir", str(directory / "redis")],
+        {},
+        lambda _: _redis_answers(the),
+    )  # fmt: skip
+    common = {
+        "SEALSTREAM_STORAGE_URL": f"s3://{BUCKET}",
+        "SEALSTREAM_S3_ENDPOINT_URL": the.s3_endpoint,
+        "SEALSTREAM_KEK_FILE": str(kek_file),
+        "SEALSTREAM_REDIS_URL": the.redis_url,
+        "SEALSTREAM_S3_PART_SIZE": str(MIN_PART_SIZE),
+        **JOB_SETTINGS,
+    }
+    for name in APIS:
+        address = hosts[name].address
+        add(
+            name,
+            [str(Path(python).with_name("sealstream")), "serve", "--host", address,
+             "--port", str(API_PORT), "--tls-cert", str(the.certificate),
+             "--tls-key", str(tls_key)],
+            {**common, "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN},
+            _ready(the, hosts[name].namespace, address),
+        )  # fmt: skip
+    for name in WORKERS:
+        add(
+            name,
+            [python, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "prefork",
+             "-c", "1", "-n", f"{name}@%h", "-l", "INFO", "--without-heartbeat",
+             "--without-gossip", "--without-mingle"],
+            common,
+            _printed(" ready."),
+        )  # fmt: skip
+    add(
+        "beat",
+        [python, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", "INFO",
+         "--schedule", str(directory / "beat-schedule")],
+        common,
+        _printed("beat: Starting"),
+    )  # fmt: skip
+    config, _ = write_config(
+        directory, f"{the.network.front_address}:{API_PORT}",
+        [f"{hosts[name].address}:{API_PORT}" for name in APIS],
+    )  # fmt: skip
+    add("lb", [haproxy(), "-db", "-f", str(config)], {}, lambda _: the.all_servers_up())
+
+
+def _create_bucket(the: Cluster) -> bool:
+    def create() -> bool:
+        the.s3().create_bucket(Bucket=BUCKET)
+        return True
+
+    return call_in(the.network.hosts["s3"].namespace, create)
+
+
+def _redis_answers(the: Cluster) -> bool:
+    def ping() -> bool:
+        client = redis.Redis.from_url(the.redis_url, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    return call_in(the.network.hosts["redis"].namespace, ping)
+
+
+def _ready(the: Cluster, namespace: str, address: str) -> Callable[[Service], bool]:
+    """Whether the API at `address` answers /readyz with 200, asked from its own host."""
+
+    def readyz() -> bool:
+        context = ssl.create_default_context(cafile=the.certificate)
+        context.check_hostname = False  # the certificate names the load balancer
+        url = f"https://{address}:{API_PORT}/readyz"
+        return httpx.get(url, verify=context, timeout=2).status_code == 200
+
+    return lambda _: call_in(namespace, readyz)
