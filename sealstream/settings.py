@@ -31,7 +31,10 @@ _SECRET_PARAMETER = re.compile(r"pass|secret|token|signature|credential", re.IGN
 
 def without_credentials(url: str) -> str:
     """`url` fit to print or log: its user name and password, and the values of query
-    parameters that hold secrets, replaced by `***`."""
+    parameters that hold secrets, replaced by `***`. A list of URLs separated by `;` (the
+    sentinels of a `sentinel://` Redis URL) is shown part by part."""
+    if ";" in url:
+        return ";".join(without_credentials(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -85,7 +88,15 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         None,
-        description="Redis for the job queue and job records; unset: jobs run in the API process",
+        description="Redis for the job queue and job records: redis://host:port/db, or "
+        "sentinel://host:port;sentinel://host:port/db for a primary that Redis Sentinel "
+        "watches; unset: jobs run in the API process",
+    )
+    redis_sentinel_master: str = Field(
+        "mymaster",
+        min_length=1,
+        description="with a sentinel:// Redis URL, the name the sentinels monitor the "
+        "primary under",
     )
     kek_file: Path | None = Field(
         None,

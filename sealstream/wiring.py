@@ -180,7 +180,9 @@ def open_job_store(settings: Settings, records: Records) -> JobStore:
     ttl = timedelta(seconds=settings.job_ttl)
     if settings.redis_url:
         with configured("SEALSTREAM_REDIS_URL"):
-            return RedisJobStore.from_url(settings.redis_url, records, ttl)
+            return RedisJobStore.from_url(
+                settings.redis_url, records, ttl, settings.redis_sentinel_master
+            )
     return MemoryJobStore(records, ttl)
 
 

@@ -26,7 +26,7 @@ def jobs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
         yield MemoryJobStore(reports, TTL)
         return
     redis: RedisServer = request.getfixturevalue("redis_server")
-    yield RedisJobStore.from_url(redis.url, reports, TTL)
+    yield RedisJobStore.from_url(redis.url, reports, TTL, "mymaster")
 
 
 def finished(record: JobRecord, status: JobStatus) -> JobRecord:
@@ -73,6 +73,8 @@ def test_every_process_sees_the_same_counts_in_redis(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
-    worker, api = (RedisJobStore.from_url(redis_server.url, reports, TTL) for _ in range(2))
+    worker, api = (
+        RedisJobStore.from_url(redis_server.url, reports, TTL, "mymaster") for _ in range(2)
+    )
     worker.save(finished(placeholder_job(JobKind.REWRAP, "default"), JobStatus.CANCELLED))
     assert api.finished_counts() == {("rewrap", "cancelled"): 1}

@@ -44,6 +44,8 @@ def make_celery(settings: Settings) -> Celery:
             # 100 s (kombu's default throttles the scan to every tenth 10-s tick).
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # Used by the sentinel:// transport only: the primary the sentinels name.
+            "master_name": settings.redis_sentinel_master,
         },
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,

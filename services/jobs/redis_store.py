@@ -1,12 +1,16 @@
-"""The job store on Redis: what Celery workers and the API share."""
+"""The job store on Redis: what Celery workers and the API share. Redis is one server
+(`redis://`, `rediss://`) or a primary that Redis Sentinel watches and replaces
+(`sentinel://host:port;sentinel://host:port/db`, as Celery's broker takes it)."""
 
 from contextlib import suppress
 from datetime import timedelta
 from typing import cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
+from redis.sentinel import Sentinel
 
 from services.jobs.records import JobRecord, JobStatus
 from services.jobs.store import JobLease, JobStore
@@ -20,6 +24,8 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
 end
 """
 _RUNNING = "sealstream:jobs:running"
+TIMEOUT = 5  # seconds, to connect and for each answer
+SENTINEL_PORT = 26379
 _FINISHED_COUNTS = "sealstream:jobs:finished"  # fields "<kind>/<status>"
 
 
@@ -38,11 +44,12 @@ class RedisJobStore(JobStore):
         self._count_finished = client.register_script(_COUNT_FINISHED)
 
     @classmethod
-    def from_url(cls, url: str, records: Records, ttl: timedelta) -> "RedisJobStore":
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5
-        )
-        return cls(client, records, ttl)
+    def from_url(
+        cls, url: str, records: Records, ttl: timedelta, sentinel_master: str
+    ) -> "RedisJobStore":
+        """A store on the Redis at `url`; with a `sentinel://` URL, on the primary named
+        `sentinel_master` that the sentinels listed in it answer for."""
+        return cls(redis_client(url, sentinel_master), records, ttl)
 
     def save(self, record: JobRecord) -> None:
         seconds = int(self.ttl.total_seconds())
@@ -125,3 +132,32 @@ class _RedisLease(JobLease):
     def release(self) -> None:
         with suppress(LockError, RedisError):
             self._lock.release()
+
+
+def redis_client(url: str, sentinel_master: str) -> redis.Redis:
+    """A client of the Redis at `url`. A `sentinel://` URL lists the sentinels, separated
+    by `;`, with the primary's password and database number: the client asks them which
+    server is the primary named `sentinel_master` whenever it connects, so that it
+    follows a failover."""
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        )
+    parts = [urlsplit(part) for part in url.split(";") if part]
+    if any(part.scheme != "sentinel" or not part.hostname for part in parts):
+        raise ValueError("a sentinel URL lists sentinel://host:port parts, separated by ';'")
+    passwords = {unquote(part.password) for part in parts if part.password}
+    databases = {part.path.strip("/") for part in parts if part.path.strip("/")}
+    if len(passwords) > 1 or len(databases) > 1 or not databases <= {str(n) for n in range(16)}:
+        raise ValueError("the parts of a sentinel URL must agree on one password and one db")
+    sentinels = [(str(part.hostname), part.port or SENTINEL_PORT) for part in parts]
+    sentinel = Sentinel(sentinels, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT)
+    client = sentinel.master_for(
+        sentinel_master,
+        decode_responses=True,
+        password=next(iter(passwords), None),
+        db=int(next(iter(databases), "0")),
+        socket_timeout=TIMEOUT,
+        socket_connect_timeout=TIMEOUT,
+    )
+    return cast(redis.Redis, client)
