@@ -25,8 +25,8 @@ lint: $(STAMP)
 # Debian packages the tests run for real: redis-server (started by the tests on free
 # ports), docker-compose (validates docker-compose.yml; no Docker engine is needed) and
 # promtool, from prometheus (checks the alert rules and the dashboard's queries) and
-# haproxy (the load balancer of docker-compose.yml, run in front of two API servers) and
-# nftables (packet loss in the cluster test).
+# haproxy (the load balancer of docker-compose.yml, run in front of two API servers),
+# redis-sentinel (the jobs' Redis failover) and nftables (packet loss in the cluster test).
 system:
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server"; exit 1; }
 	@command -v docker-compose >/dev/null || apt-get install -y --no-install-recommends docker-compose \
@@ -38,6 +38,9 @@ system:
 	@command -v haproxy >/dev/null || apt-get install -y --no-install-recommends haproxy \
 		|| { apt-get update && apt-get install -y --no-install-recommends haproxy; } \
 		|| { echo "haproxy is missing: apt-get install haproxy"; exit 1; }
+	@command -v redis-sentinel >/dev/null || apt-get install -y --no-install-recommends redis-sentinel \
+		|| { apt-get update && apt-get install -y --no-install-recommends redis-sentinel; } \
+		|| { echo "redis-sentinel is missing: apt-get install redis-sentinel"; exit 1; }
 	@command -v nft >/dev/null || apt-get install -y --no-install-recommends nftables \
 		|| { apt-get update && apt-get install -y --no-install-recommends nftables; } \
 		|| { echo "nft is missing: apt-get install nftables"; exit 1; }

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from cli.client import ClientError
-from tests.support.cluster import APIS, BUCKET, WORKERS, Cluster
+from tests.support.cluster import APIS, BUCKET, REDIS_HOSTS, WORKERS, Cluster
 from tests.support.data import MiB
 from tests.support.load_balancer import server_sessions
 from tests.support.netns import call_in, enter, threads_in
@@ -380,6 +380,7 @@ class Faults:
             self.kill_api,
             self.kill_worker,
             self.restart_redis,
+            self.fail_over_redis,
             self.s3_unavailable,
             self.partition_api,
             self.slow_link,
@@ -425,9 +426,29 @@ class Faults:
         self.the.services[target].start()
 
     def restart_redis(self) -> None:
-        self.inject("restart", "redis", "SIGTERM, then start on its AOF")
-        self.the.services["redis"].stop()
-        self.the.services["redis"].start()
+        """The replica restarted in place (SIGTERM, then a start on its AOF)."""
+        target = next(name for name in REDIS_HOSTS if name != self._primary())
+        self.inject("restart", target, "the replica: SIGTERM, then a start on its AOF")
+        self.the.services[target].stop()
+        self.the.services[target].start()
+
+    def fail_over_redis(self) -> None:
+        """kill -9 of the Redis primary: the sentinels promote the replica; the old
+        primary restarts on its AOF and they make it the new one's replica."""
+        target = self._primary()
+        self.the.services[target].kill()
+        self.inject("kill -9", target, "the primary: a failover")
+        promoted = self._wait(lambda: self._primary() != target, timeout=30)
+        self.the.services[target].start()
+        following = self._wait(lambda: self.the.redis_role(target) == "slave:up", timeout=60)
+        self.inject(
+            "failover",
+            "redis",
+            f"replica promoted: {promoted}, old primary following it: {following}",
+        )
+
+    def _primary(self) -> str:
+        return call_in(self.the.network.hosts["sentinel"].namespace, self.the.redis_primary)
 
     def s3_unavailable(self) -> None:
         self.inject("link down", "s3", "5 s")
@@ -466,6 +487,7 @@ class Report:
     seconds: float
     ledger: Ledger
     proofs: Counter[str]
+    revived: dict[str, int]  # processes that exited on their own, restarted by the supervisor
 
     def lost(self) -> list[Operation]:
         return [operation for operation in self.ledger.operations if operation.lost]
@@ -491,6 +513,8 @@ class Report:
             f"{'all':<22}{total['tried']:>7}{total['failed visibly']:>16}{total['data lost']:>11}"
         )
         lines.append(f"{'fault':<22}{'at':>7}  detail")
+        for name, count in sorted(self.revived.items()):
+            lines.append(f"{'exited, restarted':<22}{'':>7}  {name}: {count} times")
         for fault in self.ledger.faults:
             lines.append(f"{fault.kind + ' ' + fault.target:<22}{fault.at:>6.0f}s  {fault.detail}")
         lines.append("proofs:")
@@ -537,7 +561,8 @@ def run(the: Cluster, seed: int, seconds: float) -> Report:
             future.result(timeout=DRAIN_TIMEOUT)
         chaos_seconds = driver.elapsed()
         proofs = pool.submit(prove, driver).result()
-    return Report(seed, chaos_seconds, driver.ledger, proofs)
+    revived = {name: service.revived for name, service in the.services.items() if service.revived}
+    return Report(seed, chaos_seconds, driver.ledger, proofs, revived)
 
 
 def _put_archive(the: Cluster, seed: int) -> None:

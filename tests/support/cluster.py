@@ -2,7 +2,8 @@
 namespace of its own (`tests/support/netns.py`), with its own address, as on hosts.
 
     client ─▶ lb (HAProxy, deploy/haproxy/haproxy.cfg) ─TLS passed through─▶ api1, api2
-    api1, api2, worker1, worker2, beat ─▶ redis (AOF on), s3 (the moto server)
+    api1, api2, worker1, worker2, beat ─▶ redis1 + redis2 (a primary and its replica,
+        AOF on, watched by three sentinels on redis1, redis2 and sentinel), s3 (moto)
 
 Every process is started with `ip netns exec`, as the leader of its own process group,
 so that killing a host (`Service.kill`) kills everything it ran, as a lost machine would.
@@ -12,6 +13,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -39,7 +41,11 @@ BUCKET = "sealstream"
 API_PORT = 8443
 S3_PORT = 9000
 REDIS_PORT = 6379
-ROLES = ("lb", "api1", "api2", "worker1", "worker2", "beat", "redis", "s3")
+ROLES = ("lb", "api1", "api2", "worker1", "worker2", "beat", "redis1", "redis2", "sentinel", "s3")
+REDIS_HOSTS = ("redis1", "redis2")
+SENTINEL_HOSTS = ("redis1", "redis2", "sentinel")
+SENTINEL_PORT = 26379
+SENTINEL_MASTER = "jobs"
 APIS = ("api1", "api2")
 WORKERS = ("worker1", "worker2")
 
@@ -83,22 +89,40 @@ class Service:
     ready: Callable[["Service"], bool]
     process: "subprocess.Popen[bytes] | None" = None
     starts: int = 0
+    revived: int = 0  # times it exited on its own and was started again
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def start(self) -> None:
-        self.starts += 1
-        with self.log.open("ab") as sink:
-            sink.write(f"--- start {self.starts}\n".encode())
-            sink.flush()
-            self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.namespace, *self.command],
-                cwd=REPO,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        """Start the process and wait until it is ready."""
+        self.spawn()
         wait_for(lambda: self.alive() and self.ready(self), f"{self.name} to be ready")
+
+    def spawn(self) -> None:
+        with self.lock:
+            self.starts += 1
+            with self.log.open("ab") as sink:
+                sink.write(f"--- start {self.starts}\n".encode())
+                sink.flush()
+                self.process = subprocess.Popen(
+                    ["ip", "netns", "exec", self.namespace, *self.command],
+                    cwd=REPO,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+    def revive(self) -> bool:
+        """Start the process again if it exited on its own (not killed by `kill` or
+        `stop`), as a supervisor would; whether it did."""
+        with self.lock:
+            exited = self.process is not None and self.process.poll() is not None
+            if exited:
+                self.revived += 1
+        if exited:
+            self.spawn()
+        return exited
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -113,19 +137,21 @@ class Service:
 
     def kill(self) -> None:
         """SIGKILL to the host's whole process group: nothing gets to clean up."""
-        if self.process is None:
-            return
-        self.signal(9)
-        self.process.wait()
-        self.process = None
+        with self.lock:
+            if self.process is None:
+                return
+            self.signal(9)
+            self.process.wait()
+            self.process = None
 
     def stop(self, grace: float = 10) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds."""
-        if self.alive() and self.process is not None:
-            self.signal(15)
-            with suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=grace)
-        self.kill()
+        with self.lock:
+            if self.alive() and self.process is not None:
+                self.signal(15)
+                with suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=grace)
+            self.kill()
 
 
 @dataclass
@@ -147,7 +173,25 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.network.hosts['redis'].address}:{REDIS_PORT}/0"
+        """The sentinels, as the service takes them: it asks them for the primary."""
+        hosts = self.network.hosts
+        return (
+            ";".join(f"sentinel://{hosts[name].address}:{SENTINEL_PORT}" for name in SENTINEL_HOSTS)
+            + "/0"
+        )
+
+    def redis_primary(self) -> str:
+        """The Redis host the sentinels name as the primary (ask from a thread in the
+        sentinel host's namespace)."""
+        address = self.network.hosts["sentinel"].address
+        client = redis.Redis(host=address, port=SENTINEL_PORT, socket_timeout=2)
+        try:
+            found = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
+        finally:
+            client.close()
+        assert isinstance(found, tuple)
+        primary = found[0].decode() if isinstance(found[0], bytes) else found[0]
+        return next(name for name in REDIS_HOSTS if self.network.hosts[name].address == primary)
 
     @property
     def stats(self) -> Path:
@@ -173,6 +217,23 @@ class Cluster:
         return boto3.session.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
         ).client("s3", endpoint_url=self.s3_endpoint)
+
+    def redis_role(self, host: str) -> str:
+        """`master`, or `slave:up` / `slave:down` (its link to the primary), of a Redis
+        host."""
+        address = self.network.hosts[host].address
+
+        def role() -> str:
+            client = redis.Redis(host=address, port=REDIS_PORT, socket_timeout=2)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            if info["role"] == "master":
+                return "master"
+            return f"slave:{info['master_link_status']}"
+
+        return call_in(self.network.hosts[host].namespace, role)
 
     def all_servers_up(self) -> bool:
         return set(server_states(self.stats).values()) == {RUNNING}
@@ -203,7 +264,20 @@ def cluster(directory: Path) -> Iterator[Cluster]:
         the = Cluster(network, directory, certificate)
         exits.callback(the.stop)
         _start(the, key)
+        stop = threading.Event()
+        supervisor = threading.Thread(target=_supervise, args=(the, stop), daemon=True)
+        supervisor.start()
+        exits.callback(supervisor.join)
+        exits.callback(stop.set)
         yield the
+
+
+def _supervise(the: Cluster, stop: threading.Event) -> None:
+    """Start again any process that exits on its own, as `restart: unless-stopped` does
+    in docker-compose.yml (a Celery worker exits when Redis refuses its writes)."""
+    while not stop.wait(1):
+        for service in list(the.services.values()):
+            service.revive()
 
 
 def _start(the: Cluster, tls_key: Path) -> None:
@@ -213,10 +287,14 @@ def _start(the: Cluster, tls_key: Path) -> None:
     LocalKek.load_or_create(kek_file)
 
     def add(
-        name: str, command: list[str], env: dict[str, str], ready: Callable[[Service], bool]
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        ready: Callable[[Service], bool],
+        host: str | None = None,
     ) -> None:
         service = Service(
-            name, hosts[name].namespace, command, _environment(env),
+            name, hosts[host or name].namespace, command, _environment(env),
             directory / "logs" / f"{name}.log", ready,
         )  # fmt: skip
         the.services[name] = service
@@ -226,20 +304,13 @@ def _start(the: Cluster, tls_key: Path) -> None:
     s3_address = hosts["s3"].address
     add("s3", [str(Path(python).with_name("moto_server")), "-H", s3_address, "-p", str(S3_PORT)],
         {}, lambda _: _create_bucket(the))  # fmt: skip
-    (directory / "redis").mkdir(exist_ok=True)
-    add(
-        "redis",
-        ["redis-server", "--bind", hosts["redis"].address, "--port", str(REDIS_PORT),
-         "--protected-mode", "no", "--appendonly", "yes", "--save", "",
-         "--dir", str(directory / "redis")],
-        {},
-        lambda _: _redis_answers(the),
-    )  # fmt: skip
+    _start_redis(the, add)
     common = {
         "SEALSTREAM_STORAGE_URL": f"s3://{BUCKET}",
         "SEALSTREAM_S3_ENDPOINT_URL": the.s3_endpoint,
         "SEALSTREAM_KEK_FILE": str(kek_file),
         "SEALSTREAM_REDIS_URL": the.redis_url,
+        "SEALSTREAM_REDIS_SENTINEL_MASTER": SENTINEL_MASTER,
         "SEALSTREAM_S3_PART_SIZE": str(MIN_PART_SIZE),
         **JOB_SETTINGS,
     }
@@ -284,15 +355,57 @@ def _create_bucket(the: Cluster) -> bool:
     return call_in(the.network.hosts["s3"].namespace, create)
 
 
-def _redis_answers(the: Cluster) -> bool:
+Adder = Callable[..., None]
+
+
+def _start_redis(the: Cluster, add: Adder) -> None:
+    """A primary (redis1) and its replica (redis2), both with AOF, and three sentinels.
+    Either server refuses writes while no replica copies it (`min-replicas-to-write`), so
+    that a primary cut off from the others stops taking writes it would lose."""
+    hosts = the.network.hosts
+    primary = hosts["redis1"].address
+    for name in REDIS_HOSTS:
+        directory = the.directory / name
+        directory.mkdir(exist_ok=True)
+        replica = ["--replicaof", primary, str(REDIS_PORT)] if name != "redis1" else []
+        add(
+            name,
+            ["redis-server", "--bind", hosts[name].address, "--port", str(REDIS_PORT),
+             "--protected-mode", "no", "--appendonly", "yes", "--save", "",
+             "--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
+             "--dir", str(directory), *replica],
+            {},
+            _redis_answers(the, name, REDIS_PORT),
+        )  # fmt: skip
+    for index, name in enumerate(SENTINEL_HOSTS, 1):
+        config = the.directory / f"sentinel{index}.conf"
+        config.write_text(
+            f"port {SENTINEL_PORT}\nbind {hosts[name].address}\nprotected-mode no\n"
+            f"sentinel monitor {SENTINEL_MASTER} {primary} {REDIS_PORT} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n"
+            f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
+        )
+        add(
+            f"sentinel{index}",
+            ["redis-sentinel", str(config)],
+            {},
+            _redis_answers(the, name, SENTINEL_PORT),
+            host=name,
+        )
+    wait_for(lambda: the.redis_role("redis2") == "slave:up", "the replica to catch up")
+
+
+def _redis_answers(the: Cluster, host: str, port: int) -> Callable[[Service], bool]:
+    address = the.network.hosts[host].address
+
     def ping() -> bool:
-        client = redis.Redis.from_url(the.redis_url, socket_connect_timeout=1)
+        client = redis.Redis(host=address, port=port, socket_connect_timeout=1)
         try:
             return bool(client.ping())
         finally:
             client.close()
 
-    return call_in(the.network.hosts["redis"].namespace, ping)
+    return lambda _: call_in(the.network.hosts[host].namespace, ping)
 
 
 def _ready(the: Cluster, namespace: str, address: str) -> Callable[[Service], bool]:
