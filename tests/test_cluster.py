@@ -1,14 +1,16 @@
 """The production topology as a cluster on this machine, in network namespaces
 (`tests/support/cluster.py`): HAProxy in front of two API hosts, two Celery worker hosts
-and beat, Redis with AOF, and the moto S3 server, reached by a client namespace that
-sees only the load balancer. Run by `make cluster-test`, not by `make test`.
+and beat, Redis under Sentinel (a primary, a replica, three sentinels), and the moto S3
+server, reached by a client namespace that sees only the load balancer. Run by
+`make cluster-test`, not by `make test`.
 
 The chaos run drives a seeded mix of streams, key operations and jobs while it kills an
-API host mid-stream and a worker host mid-job, restarts Redis, takes S3 off the network,
-partitions an API host, and slows and drops the traffic between an API host and S3; then
-proves that nothing the clients were told succeeded was lost or changed, that nothing is
-half-stored, that every job ended once, and that every key still works. `CLUSTER_SEED`
-and `CLUSTER_SECONDS` change its seed and length.
+API host mid-stream and a worker host mid-job, fails the Redis primary over, restarts the
+replica, takes S3 off the network, partitions an API host, and slows and drops the
+traffic between an API host and S3; then proves that nothing the clients were told
+succeeded was lost or changed, that nothing is half-stored, that every job ended once,
+and that every key still works. `CLUSTER_SEED` and `CLUSTER_SECONDS` change its seed
+and length.
 """
 
 import os
