@@ -2,6 +2,7 @@
 namespace of its own (`tests/support/netns.py`), with its own address, as on hosts.
 
     client ─▶ lb (HAProxy, deploy/haproxy/haproxy.cfg) ─TLS passed through─▶ api1, api2
+                                                          (sealstream serve --workers 2)
     api1, api2, worker1, worker2, beat ─▶ redis1 + redis2 (a primary and its replica,
         AOF on, watched by three sentinels on redis1, redis2 and sentinel), s3 (moto)
 
@@ -48,6 +49,7 @@ SENTINEL_PORT = 26379
 SENTINEL_MASTER = "jobs"
 APIS = ("api1", "api2")
 WORKERS = ("worker1", "worker2")
+API_PROCESSES = 2  # server processes per API host, as one per core of a two-core host
 
 # Jobs as in production, but on a test's clock: the broker's visibility timeout is longer
 # than any task, so a killed worker's job is finished by the stale-job sweep, which beat
@@ -320,7 +322,7 @@ def _start(the: Cluster, tls_key: Path) -> None:
             name,
             [str(Path(python).with_name("sealstream")), "serve", "--host", address,
              "--port", str(API_PORT), "--tls-cert", str(the.certificate),
-             "--tls-key", str(tls_key)],
+             "--tls-key", str(tls_key), "--workers", str(API_PROCESSES)],
             {**common, "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN},
             _ready(the, hosts[name].namespace, address),
         )  # fmt: skip
