@@ -17,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
 import boto3
-import redis
 from botocore.exceptions import BotoCoreError
 
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
@@ -27,6 +26,7 @@ from keystore.recordkey import (
 )
 from sealstream.settings import Settings
 from services.jobs import JobStore, MemoryJobStore, RedisJobStore
+from services.jobs.redis_store import redis_client
 from services.placement import Spaces
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
@@ -143,12 +143,7 @@ def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
     usage_redis = None
     if settings.redis_url:
         with configured("SEALSTREAM_REDIS_URL"):
-            usage_redis = redis.Redis.from_url(
-                settings.redis_url,
-                decode_responses=True,
-                socket_timeout=5,
-                socket_connect_timeout=5,
-            )
+            usage_redis = redis_client(settings.redis_url, settings.redis_sentinel_master)
     return KeyStore(
         records,
         kek,
