@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY api ./api
+COPY audit ./audit
 COPY cli ./cli
 COPY envelope ./envelope
 COPY keystore ./keystore

@@ -9,20 +9,23 @@ from fastapi import FastAPI
 
 from api import docs, openapi, problems
 from api.admission import StreamLimit
+from api.audit import AuditMiddleware
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import admin, crypto, health, jobs, keys, objects, signatures
+from api.routes import admin, audit, crypto, health, jobs, keys, objects, signatures
 from api.services import Services
 
 
 def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
-    """The API over `services`; their job runner stops when the app does. `metrics_dir`:
-    where the server's processes share their metrics, when there are several."""
+    """The API over `services`; their job runner stops when the app does, and then their
+    audit chain is closed. `metrics_dir`: where the server's processes share their
+    metrics, when there are several."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         services.runner.close()
         services.keys.close()  # adds the uses it counted to the shared count
+        services.audit.close()
 
     # The documentation routes are api.docs's: served from the package, and as the
     # settings allow.
@@ -41,9 +44,10 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     # (as route "unmatched": routing never ran for them).
     app.add_middleware(StreamLimit, limit=services.settings.max_streams)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(AuditMiddleware, trail=services.audit)
     problems.install(app)
     openapi.install(app)
-    for module in (health, keys, crypto, signatures, objects, jobs, admin):
+    for module in (health, keys, crypto, signatures, objects, jobs, admin, audit):
         app.include_router(module.router)
     docs.install(app, services.settings.api_docs)
     return app

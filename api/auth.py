@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import noted
 from api.problems import Problem
 from api.services import services
 from api.tokens import SCOPES, Principal, TokenError
@@ -31,7 +32,7 @@ async def authenticated(request: Request, credentials: Credentials) -> Principal
     """The principal a valid bearer token stands for; 401 without one."""
     token = _bearer_token(credentials)
     try:
-        return await run_in_threadpool(services(request).tokens.authenticate, token)
+        principal = await run_in_threadpool(services(request).tokens.authenticate, token)
     except TokenError as exc:
         raise Problem(
             401,
@@ -39,15 +40,22 @@ async def authenticated(request: Request, credentials: Credentials) -> Principal
             str(exc),
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         ) from None
+    noted(request).principal = principal
+    return principal
 
 
-def require(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
-    """A dependency that authenticates the request and demands every one of `scopes`."""
+def require(*scopes: str) -> Callable[[Request, Principal], Awaitable[Principal]]:
+    """A dependency that authenticates the request and demands every one of `scopes`. A
+    request that can change or use keys or data (any scope but a `:read` one) is refused
+    with 503 while the audit trail cannot record it."""
     unknown = sorted(set(scopes) - SCOPES)
     if not scopes or unknown:
         raise ValueError(f"unknown scopes {unknown!r}")
+    needs_audit = not all(scope.endswith(":read") for scope in scopes)
 
-    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(
+        request: Request, principal: Annotated[Principal, Depends(authenticated)]
+    ) -> Principal:
         for scope in scopes:
             if scope not in principal.scopes:
                 challenge = f'Bearer error="insufficient_scope", scope="{" ".join(scopes)}"'
@@ -57,6 +65,13 @@ def require(*scopes: str) -> Callable[[Principal], Awaitable[Principal]]:
                     f"the token lacks the {scope!r} scope",
                     headers={"WWW-Authenticate": challenge},
                 )
+        if needs_audit and services(request).audit.refuses_requests():
+            raise Problem(
+                503,
+                "audit-unavailable",
+                "the audit trail cannot be written, so the request is refused: try again later",
+                headers={"Retry-After": "5"},
+            )
         return principal
 
     return dependency

@@ -50,6 +50,7 @@ SCOPES = frozenset(
         "jobs:write",
         "objects:read",
         "objects:write",
+        "audit:read",
         ADMIN_SCOPE,
         OPERATOR_SCOPE,
     }

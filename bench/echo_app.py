@@ -88,7 +88,7 @@ def create_bench_app(settings: Settings) -> FastAPI:
 
     async def form_up_to_file(request: Request) -> UploadForm:
         """The request authorized, and its form read up to the file part's data."""
-        await authorize(await authenticated(request, await BEARER(request)))
+        await authorize(request, await authenticated(request, await BEARER(request)))
         form = UploadForm(request, services(request).settings)
         await form.metadata()
         await form.start_file()

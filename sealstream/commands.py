@@ -1,6 +1,7 @@
 """The server-side `sealstream` commands: `serve` runs the API, `upgrade-records` seals the
-records of a store set up before records were sealed. Their options are the settings
-(cli.options makes one option of each).
+records of a store set up before records were sealed, `audit verify` checks the audit
+trail and `audit public-key` prints the key that checks it. Their options are the
+settings (cli.options makes one option of each).
 
 The `sealstream` command (cli.main) finds them through the entry-point group
 `sealstream.commands`, so the client never imports the server. They are loaded to build
@@ -11,6 +12,7 @@ Celery, uvicorn...) are imported only when one of them runs.
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -128,6 +130,76 @@ def _keep_dev_token(settings: Settings, token: SecretStr) -> None:
     os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(token.get_secret_value() + "\n")
+
+
+def _audit_verify(public_key: Path | None, checkpoints: Path | None, **values: Any) -> None:
+    from sealstream.auditing import verify_audit
+    from sealstream.wiring import ConfigurationError
+
+    settings = build_model(Settings, values)
+    try:
+        report = verify_audit(settings, public_key_file=public_key, checkpoints_file=checkpoints)
+    except ConfigurationError as exc:
+        fail(f"cannot verify: {exc}", EXIT_USAGE)
+    for line in report.lines():
+        print(line)
+    if not report.ok:
+        raise SystemExit(EXIT_FAILED)
+
+
+def _audit_public_key(**values: Any) -> None:
+    from sealstream.auditing import audit_public_key
+    from sealstream.wiring import ConfigurationError
+
+    try:
+        pem = audit_public_key(build_model(Settings, values))
+    except ConfigurationError as exc:
+        fail(f"cannot read the audit key: {exc}", EXIT_USAGE)
+    sys.stdout.write(pem.decode("ascii"))
+
+
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+audit = click.Group(
+    "audit",
+    short_help="Check the audit trail, or print the key that checks it.",
+    help="The audit trail (docs/audit.md): `verify` it, or print its `public-key`.",
+    commands=[
+        click.Command(
+            "verify",
+            callback=_audit_verify,
+            params=[
+                click.Option(
+                    ["--public-key"],
+                    type=_FILE,
+                    help="PEM file of the audit public key (`sealstream audit public-key`): "
+                    "check signatures and chains with it alone, without the KEK (event MACs "
+                    "are not checked)",
+                ),
+                click.Option(
+                    ["--checkpoints"],
+                    type=_FILE,
+                    help="log lines the 'stdout' checkpoint sink wrote (other lines are "
+                    "skipped); unset: read the configured sink (Redis, or the checkpoint "
+                    "bucket)",
+                ),
+                *model_options(Settings, ENV_PREFIX),
+            ],
+            short_help="Check the audit trail in the store.",
+            help="Check the audit trail in the store: every chain's events, segments and "
+            "signed checkpoints, and each chain's end against the checkpoints the sink "
+            "holds. Exit 1 if anything was altered, removed, reordered, truncated or deleted.",
+        ),
+        click.Command(
+            "public-key",
+            callback=_audit_public_key,
+            params=model_options(Settings, ENV_PREFIX),
+            short_help="Print the audit signing key's public half (PEM).",
+            help="Print the audit signing key's public half (PEM), for auditors to check the "
+            "trail with `sealstream audit verify --public-key`; needs the KEK.",
+        ),
+    ],
+)
 
 
 def is_loopback(host: str) -> bool:

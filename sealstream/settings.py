@@ -21,6 +21,7 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 TIB = 1024 * GIB
 ApiDocs = Literal["public", "token", "off"]
+AuditCheckpoints = Literal["stdout", "redis", "bucket", "none"]
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_PARTS_IN_FLIGHT = 4
 HIDDEN = "***"
@@ -324,6 +325,55 @@ class Settings(BaseSettings):
         "one); past its share, a process answers 503 too-many-streams. By default as many "
         "uploads into S3, each (parts in flight + 1) × the part size, as fit in half the "
         "memory available: the cgroup limit if any, else the physical memory",
+    )
+
+    audit: bool = Field(
+        True,
+        description="keep the audit trail (docs/audit.md); off only to measure what it costs",
+    )
+    audit_flush_ms: int = Field(
+        1000,
+        ge=10,
+        le=60_000,
+        description="milliseconds between flushes of the audit buffer into storage, at most: "
+        "what a crash can lose",
+    )
+    audit_flush_events: int = Field(
+        1000, ge=1, description="audit events that make the buffer flush at once"
+    )
+    audit_fail_after: float = Field(
+        30.0,
+        gt=0,
+        description="seconds the audit trail may fail to be written before crypto and key "
+        "requests are refused with 503 audit-unavailable",
+    )
+    audit_fail_open: bool = Field(
+        False,
+        description="serve crypto and key requests even while the audit trail cannot be "
+        "written (events wait in memory, up to the buffer limit, then are counted as lost)",
+    )
+    audit_buffer_limit: int = Field(
+        100_000, ge=100, description="audit events a process holds while storage is failing"
+    )
+    audit_stdout: bool = Field(
+        False, description="also write each audit event as a JSON line to standard output"
+    )
+    audit_checkpoints: AuditCheckpoints = Field(
+        "stdout",
+        description="where each flush's signed checkpoint goes besides the bucket: 'stdout' "
+        "(JSON lines for a log shipper), 'redis' (SEALSTREAM_REDIS_URL), 'bucket' "
+        "(SEALSTREAM_AUDIT_CHECKPOINT_BUCKET) or 'none'",
+    )
+    audit_checkpoint_bucket: str | None = Field(
+        None,
+        description="the second bucket checkpoints go to with 'bucket' (on the same S3 "
+        "endpoint; give it Object Lock), written by no one else",
+    )
+    audit_refusal_window: float = Field(
+        60.0,
+        gt=0,
+        description="seconds over which requests refused for want of a valid token are "
+        "counted into one audit event per source address",
     )
 
     @field_validator("keygen_rate")

@@ -1,5 +1,5 @@
 """Building the service's parts from `Settings`: object store, KEK, sealed records, key
-store, tenant spaces and job store (`build_parts`).
+store, tenant spaces, job store and audit trail (`build_parts`).
 
 The API and the workers both start here, so they always agree on where keys live, how
 their material is wrapped, and which key the records they trust are sealed under. A
@@ -19,6 +19,16 @@ from urllib.parse import urlparse, urlsplit
 import boto3
 from botocore.exceptions import BotoCoreError
 
+from audit import (
+    AUDIT_KEY_PURPOSE,
+    AuditOptions,
+    AuditSigner,
+    AuditTrail,
+    BucketSink,
+    CheckpointSink,
+    RedisSink,
+    StdoutSink,
+)
 from keystore import Kek, KekError, KeyStore, KmsKek, LocalKek
 from keystore.recordkey import (
     StoreNeedsUpgrade,
@@ -47,6 +57,7 @@ class Parts:
     keys: KeyStore
     spaces: Spaces
     jobs: JobStore
+    audit: AuditTrail  # this process's chain: record lifecycle actions with `audit.lifecycle`
 
 
 class ConfigurationError(Exception):
@@ -181,7 +192,53 @@ def open_job_store(settings: Settings, records: Records) -> JobStore:
     return MemoryJobStore(records, ttl)
 
 
-def build_parts(settings: Settings) -> Parts:
+def open_checkpoint_sink(settings: Settings) -> CheckpointSink | None:
+    """Where audit checkpoints go besides the bucket, as `SEALSTREAM_AUDIT_CHECKPOINTS` says."""
+    match settings.audit_checkpoints:
+        case "stdout":
+            return StdoutSink()
+        case "redis":
+            if not settings.redis_url:
+                raise ConfigurationError("SEALSTREAM_AUDIT_CHECKPOINTS: 'redis' needs a Redis URL")
+            with configured("SEALSTREAM_REDIS_URL"):
+                return RedisSink.from_url(settings.redis_url)
+        case "bucket":
+            bucket = settings.audit_checkpoint_bucket
+            if not bucket or bucket == open_object_store(settings).bucket:
+                raise ConfigurationError(
+                    "SEALSTREAM_AUDIT_CHECKPOINT_BUCKET: 'bucket' needs a second bucket"
+                )
+            return BucketSink(open_object_store(settings, bucket))
+    return None
+
+
+def audit_options(settings: Settings) -> AuditOptions:
+    return AuditOptions(
+        enabled=settings.audit,
+        flush_interval=settings.audit_flush_ms / 1000,
+        flush_events=settings.audit_flush_events,
+        fail_after=settings.audit_fail_after,
+        fail_open=settings.audit_fail_open,
+        buffer_limit=settings.audit_buffer_limit,
+        refusal_window=settings.audit_refusal_window,
+        stdout=settings.audit_stdout,
+    )
+
+
+def open_audit(settings: Settings, records: Records, kek: Kek, role: str) -> AuditTrail:
+    """This process's audit trail, in the service's own store, keyed and signed from the KEK."""
+    return AuditTrail(
+        records.store,
+        lambda: records.key.derive(AUDIT_KEY_PURPOSE),
+        AuditSigner(records, kek),
+        open_checkpoint_sink(settings),
+        audit_options(settings),
+        role=role,
+    )
+
+
+def build_parts(settings: Settings, role: str = "api") -> Parts:
+    """The parts of a process; `role` ("api", "worker") names its audit chain."""
     objects = open_object_store(settings)
     kek = open_kek(settings)
     records = open_service_records(settings, objects, kek)
@@ -193,4 +250,5 @@ def build_parts(settings: Settings) -> Parts:
         keys=open_keystore(settings, records, kek),
         spaces=Spaces(objects, settings.tenant_buckets, partial(open_object_store, settings)),
         jobs=open_job_store(settings, records),
+        audit=open_audit(settings, records, kek, role),
     )

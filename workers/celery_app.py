@@ -85,14 +85,17 @@ def _start_pool_process(**_: object) -> None:
 
 @worker_process_shutdown.connect
 def _stop_pool_process(**_: object) -> None:
+    """Add the key uses the process counted to the shared count, and close its audit
+    chain, if it opened one (a clean end, not a crash)."""
     if worker_services.cache_info().currsize:
         worker_services().keys.close()  # adds the key uses it counted to the shared count
+        worker_services().audit.close()
 
 
 @cache
 def worker_services() -> Parts:
     """Built once per worker process, on its first task (after the pool has forked)."""
-    return build_parts(Settings())
+    return build_parts(Settings(), role="worker")
 
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)

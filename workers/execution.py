@@ -163,14 +163,14 @@ def _run(
     keeper: LeaseKeeper,
 ) -> None:
     if store.cancel_requested(record.id):
-        _finish(store, record, JobStatus.CANCELLED)
+        _finish(services, record, JobStatus.CANCELLED)
         return
     if _died_in_every_run(record):
         detail = (
             f"the process running the job died during each of its {record.attempts} runs "
             "(killed, or crashed); it is not run again"
         )
-        _finish(store, record, JobStatus.FAILED, error=_error("job-killed-repeatedly", detail))
+        _finish(services, record, JobStatus.FAILED, error=_error("job-killed-repeatedly", detail))
         return
     now = datetime.now(UTC)
     record = record.model_copy(
@@ -184,24 +184,30 @@ def _run(
         }
     )
     context = JobContext(store, record, keeper)
+    services.audit.job("job-started", tenant=record.tenant, job=record.id, kind=record.kind.value)
     try:
         context.checkpoint()
         result = bodies[record.kind](context, services)
     except LeaseLost:
         logger.warning("job %s: another worker took it over; leaving it to that one", record.id)
+        services.audit.job("job-left", tenant=record.tenant, job=record.id, kind=record.kind.value)
     except JobCancelled:
-        _finish(store, context.record, JobStatus.CANCELLED)
+        _finish(services, context.record, JobStatus.CANCELLED)
     except JobFailed as failure:
-        _finish(store, context.record, JobStatus.FAILED, error=_problem(failure.code, failure))
+        _finish(services, context.record, JobStatus.FAILED, error=_problem(failure.code, failure))
     except MemoryError:
         logger.error("job %s ran out of memory", record.id)
         detail = "the job needed more memory than its process may use"
-        _finish(store, context.record, JobStatus.FAILED, error=_error("job-out-of-memory", detail))
+        _finish(
+            services, context.record, JobStatus.FAILED, error=_error("job-out-of-memory", detail)
+        )
     except Exception as error:
         logger.exception("job %s failed", record.id)
-        _finish(store, context.record, JobStatus.FAILED, error=_problem(error_code(error), error))
+        _finish(
+            services, context.record, JobStatus.FAILED, error=_problem(error_code(error), error)
+        )
     else:
-        _finish(store, context.record, JobStatus.SUCCEEDED, result=result)
+        _finish(services, context.record, JobStatus.SUCCEEDED, result=result)
 
 
 def _died_in_every_run(record: JobRecord) -> bool:
@@ -219,7 +225,7 @@ def _error(code: str, detail: str) -> dict[str, str]:
 
 
 def _finish(
-    store: JobStore,
+    services: Parts,
     record: JobRecord,
     status: JobStatus,
     *,
@@ -236,7 +242,15 @@ def _finish(
             "updated_at": now,
         }
     )
-    _write_final(store, final)
+    _write_final(services.jobs, final)
+    services.audit.job(
+        "job-ended",
+        tenant=record.tenant,
+        job=record.id,
+        kind=record.kind.value,
+        outcome=status.value,
+        code=None if error is None else error["code"],
+    )
 
 
 @retry(stop=stop_after_delay(60), wait=wait_exponential(max=5), reraise=True)

@@ -19,8 +19,15 @@ logger = logging.getLogger(__name__)
 
 def run_sweeps(services: Parts) -> dict[str, Any]:
     rotated = services.keys.rotate_due()
+    for tenant, kid in rotated:
+        services.audit.lifecycle("scheduled-rotation", tenant=tenant, key=kid)
     destroyed = services.keys.destroy_due()
+    for tenant, kid in destroyed:
+        services.audit.lifecycle("destruction", tenant=tenant, key=kid)
     retired = Retirements(services.keys, services.records, services.spaces).destroy_due()
+    for retired_version in retired:  # tenant/kid#version
+        tenant, _, key = retired_version.partition("/")
+        services.audit.lifecycle("version-destruction", tenant=tenant, key=key)
     stale_after = timedelta(seconds=services.settings.job_stale_after)
     stale = sweep_stale(services.jobs, stale_after)
     staging = clear_rewrap_staging(services)

@@ -24,6 +24,7 @@ from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import noted
 from api.auth import require
 from api.body import parse
 from api.duplex import DuplexStreamingResponse
@@ -47,7 +48,7 @@ from keystore import KeyRecord, Uses
 from keystore.material import key_name
 from services.keys import start_sealing, version_of
 from services.objects import ObjectSummary
-from services.open_stored import check_stored, stored_plaintext, stored_range
+from services.open_stored import CheckedObject, check_stored, stored_plaintext, stored_range
 from services.open_upload import open_upload
 from services.placement import ObjectRef
 from services.reencrypt import reencrypt_stored, reencrypt_upload
@@ -243,6 +244,10 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         **key_headers(metadata.kid, sealing.key, sealing.keyring),
         **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
+    note = noted(request)
+    note.key = sealing.keyring.key_name
+    note.object = None if destination is None else destination.key
+    note.context(metadata.encryption_context)
     await form.start_file()
     if placement is None or destination is None:
         chunks = form.file_chunks()
@@ -278,11 +283,16 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
     svc = services(request)
     form = UploadForm(request, svc.settings)
     metadata = parse(DecryptMetadata, await form.metadata())
+    note = noted(request)
+    note.context(metadata.encryption_context)
     if metadata.source is not None:
+        note.object = metadata.source.key
         await form.expect_end()
         # Several Range lines are one list of ranges (RFC 9110 §5.3), as if one line.
         ranges = ", ".join(request.headers.getlist("range")) or None
-        return await _decrypt_stored(svc, principal.tenant, metadata, metadata.source, ranges)
+        checked = await _check_stored(svc, principal.tenant, metadata, metadata.source)
+        note.key = checked.opened.keyring.key_name
+        return _stored_answer(svc, metadata, checked, ranges)
     await form.start_file()
     opened = await open_upload(
         svc.keys,
@@ -291,6 +301,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         expected_kid=metadata.kid,
         context=metadata.encryption_context,
     )
+    note.key = opened.keyring.key_name
     headers = {
         **key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring),
         **warning_headers(svc, opened.key, opened.keyring, opened.uses),
@@ -314,7 +325,10 @@ async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
     svc = services(request)
     form = UploadForm(request, svc.settings)
     metadata = parse(ReencryptMetadata, await form.metadata())
+    note = noted(request)
+    note.context(metadata.encryption_context)
     if metadata.source is not None:
+        note.object = metadata.source.key
         await form.expect_end()
         return await _reencrypt_stored(svc, principal.tenant, metadata, metadata.source)
     await form.start_file()
@@ -327,6 +341,7 @@ async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
         context=metadata.encryption_context,
     )
     opened, sealing = reencrypting.opened, reencrypting.sealing
+    note.key = sealing.keyring.key_name
     headers = {
         **key_headers(
             metadata.source_kid or opened.key.kid, opened.key, opened.keyring, "X-Source-"
@@ -367,12 +382,10 @@ async def _reencrypt_stored(
     return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 
-async def _decrypt_stored(
-    svc: Services, tenant: str, metadata: DecryptMetadata, source: ObjectRef, ranges: str | None
-) -> Response:
-    """The object `source`, or just the frames a `Range` needs (206): every length and
-    range in the answer comes from its authenticated layout."""
-    checked = await check_stored(
+async def _check_stored(
+    svc: Services, tenant: str, metadata: DecryptMetadata, source: ObjectRef
+) -> CheckedObject:
+    return await check_stored(
         svc.keys,
         tenant,
         svc.spaces.place(tenant, source),
@@ -382,6 +395,13 @@ async def _decrypt_stored(
         context=metadata.encryption_context,
         transfers=svc.transfers,
     )
+
+
+def _stored_answer(
+    svc: Services, metadata: DecryptMetadata, checked: CheckedObject, ranges: str | None
+) -> Response:
+    """The object checked, or just the frames a `Range` needs (206): every length and
+    range in the answer comes from its authenticated layout."""
     total = checked.layout.plaintext_length
     wanted = parse_range(ranges, total)
     headers = {

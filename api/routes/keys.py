@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import noted
 from api.auth import require
 from api.body import parse, read_json_object
 from api.openapi import AUTHENTICATED, JSON_BODY, NAMED_KEY, QUERY, answer, answers, json_request
@@ -104,6 +105,7 @@ async def list_supported_algorithms(_: Reader) -> dict[str, Any]:
 )
 async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(KeySpec, await json_body(request))
+    noted(request).key = spec.kid
     create = partial(services(request).keys.create, principal.tenant, spec)
     return view(await services(request).key_work.run(principal.tenant, spec.kty, create))
 
@@ -117,6 +119,7 @@ async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
 )
 async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(ImportSpec, await json_body(request))
+    noted(request).key = spec.kid
     kty = str(spec.jwk.get("kty", ""))
     import_ = partial(services(request).keys.import_jwk, principal.tenant, spec)
     return view(await services(request).key_work.run(principal.tenant, kty, import_))
@@ -220,6 +223,7 @@ async def export_key(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> dict[str, Any]:
     """The material of one version (the primary by default) as a private JWK."""
+    noted(request).key = kid if version is None else f"{kid}#{version}"
     jwk = await run_in_threadpool(services(request).keys.export_jwk, principal.tenant, kid, version)
     return dict(jwk)
 

@@ -1,0 +1,81 @@
+"""The audit trail, read back: `GET /api/audit` (scope `audit:read`), filtered and paged.
+
+A tenant sees its own tenant's events; the operator sees every tenant's, and the counts
+of refused requests that carried no valid token (which belong to no tenant). Every event
+served has passed its MAC check.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AwareDatetime, BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import require
+from api.openapi import AUTHENTICATED, QUERY, answer, answers
+from api.problems import Problem
+from api.services import services
+from api.tokens import Principal
+from audit import AUDIT_KEY_PURPOSE
+from audit.reading import AuditQuery, query_events
+
+router = APIRouter(prefix="/api/audit", tags=["audit"])
+Reader = Annotated[Principal, Depends(require("audit:read"))]
+
+
+class AuditEvent(BaseModel):
+    """One audit event as stored (fields absent when they do not apply)."""
+
+    type: str = Field(
+        description="request, refusals (401s counted per source), job, lifecycle, "
+        "chain-opened, chain-closed or events-lost"
+    )
+    time: str
+    chain: str
+    seq: int
+    model_config = {"extra": "allow"}
+
+
+class AuditPage(BaseModel):
+    """A page of events, oldest first; `next` is the `after` of the next page."""
+
+    events: list[AuditEvent]
+    next: str | None
+
+
+@router.get(
+    "",
+    response_model=None,
+    responses=answers({200: answer("A page of audit events.", AuditPage)}, AUTHENTICATED, QUERY),
+)
+async def list_audit_events(
+    request: Request,
+    principal: Reader,
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
+    kid: str | None = None,
+    token_id: Annotated[str | None, Query(alias="tokenId")] = None,
+    outcome: Annotated[str | None, Query(description="success, failure, or a problem code")] = None,
+    operation: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: str | None = None,
+) -> dict[str, Any]:
+    """Events from `since` (inclusive) to `until` (exclusive), oldest first."""
+    svc = services(request)
+    query = AuditQuery(
+        tenant=None if principal.operator else principal.tenant,
+        since=since,
+        until=until,
+        kid=kid,
+        token_id=token_id,
+        outcome=outcome,
+        operation=operation,
+        limit=limit,
+        after=after,
+    )
+    key = svc.records.key.derive(AUDIT_KEY_PURPOSE)
+    try:
+        events, cursor = await run_in_threadpool(query_events, svc.objects, key, query)
+    except ValueError as error:
+        raise Problem(422, "invalid-cursor", str(error)) from None
+    return {"events": events, "next": cursor}

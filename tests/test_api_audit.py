@@ -1,0 +1,228 @@
+"""The audit of a live API (uvicorn over HTTP, on each storage backend): an event for
+every authenticated or refused request, on every route; no secret anywhere in the trail;
+`GET /api/audit` for tenants and the operator; and fail-closed (or open) when the audit
+store cannot be written."""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from audit import AUDIT_KEY_PURPOSE, EVENTS_PREFIX, Event, verify_trail
+from audit.reading import authentic_events
+from audit.signing import AuditSigner
+from sealstream.server import create_app
+from sealstream.settings import Settings
+from storage import ObjectStore
+from tests.conftest import ADMIN_TOKEN, api_settings, local_settings
+from tests.support.http import create_key, decrypt, encrypt, problem
+from tests.support.s3_proxy import S3FaultProxy
+from tests.support.services import api_server
+from tests.support.waiting import wait_until
+
+PLAINTEXT = b"PLANTED-PLAINTEXT-" + os.urandom(8).hex().encode() + b"-" * 3000
+CONTEXT_VALUE = "PLANTED-CONTEXT-VALUE-" + os.urandom(8).hex()
+# Flushed often, so that a test sees its events within a fraction of a second.
+QUICK = {"audit_flush_ms": 50}
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    app = create_app(settings)
+    with api_server(app, settings=settings) as url:
+        yield url, app
+
+
+def client(url: str, token: str | None = ADMIN_TOKEN) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def events_of(app: FastAPI) -> list[Event]:
+    services = app.state.services
+    key = services.records.key.derive(AUDIT_KEY_PURPOSE)
+    return list(authentic_events(services.objects, key))
+
+
+def issue(http: httpx.Client, tenant: str, *scopes: str) -> dict[str, Any]:
+    response = http.post("/api/admin/tokens", json={"tenant": tenant, "scopes": list(scopes)})
+    assert response.status_code == 201, response.text
+    issued: dict[str, Any] = response.json()
+    return issued
+
+
+def whole_trail(store: ObjectStore) -> bytes:
+    return b"\n".join(store.get(info.key) for info in store.list("sealstream/audit/"))
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_requests_are_audited_and_no_secret_reaches_the_trail(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    settings = api_settings(backend, tmp_path, request).model_copy(update=QUICK)
+    with served(settings) as (url, app), client(url) as admin:
+        create_key(admin, kid="exportable", exportable=True)
+        create_key(admin)
+        token = issue(admin, "tenant-a", "crypto:encrypt", "crypto:decrypt")
+        exported = admin.get("/api/key-management/keys/exportable/export").json()
+        with client(url, token["token"]) as tenant:
+            sealed = encrypt(tenant, PLAINTEXT, encryptionContext={"purpose": CONTEXT_VALUE})
+            assert sealed.status_code == 404  # tenant-a has no mySymKey
+            problem(tenant.get("/api/key-management/keys"), 403, "insufficient-scope")
+        sealed = encrypt(admin, PLAINTEXT, encryptionContext={"purpose": CONTEXT_VALUE})
+        assert sealed.status_code == 200
+        request_id = sealed.headers["X-Request-Id"]
+        opened = decrypt(admin, sealed.content, encryptionContext={"purpose": CONTEXT_VALUE})
+        assert opened.content == PLAINTEXT
+        for n in range(5):
+            with client(url, f"sst_{'x' * 16}_{'y' * 43}{n}") as stranger:
+                problem(stranger.get("/api/key-management/keys"), 401, "invalid-token")
+        services = app.state.services
+    # The app has stopped: its chain is closed and flushed.
+    trail = whole_trail(services.objects)
+    for secret in (
+        ADMIN_TOKEN,
+        token["token"],
+        CONTEXT_VALUE,
+        PLAINTEXT[:40].decode(),
+        exported["k"],
+    ):
+        assert secret.encode() not in trail
+    events = events_of(app)
+    by_request = {e.get("requestId"): e for e in events}
+    stream = by_request[request_id]
+    assert stream["key"] == "mySymKey#1"
+    assert stream["contextKeys"] == ["purpose"]
+    assert stream["bytesIn"] > len(PLAINTEXT) and stream["bytesOut"] > len(PLAINTEXT)
+    assert stream["operation"] == "encrypt" and stream["route"] == "/api/crypto/stream/encrypt"
+    assert stream["status"] == 200 and stream["tokenId"] == "admin"
+    assert stream["client"] == "127.0.0.1"
+    refused_scope = [e for e in events if e.get("code") == "insufficient-scope"]
+    assert refused_scope[0]["tenant"] == "tenant-a"
+    assert refused_scope[0]["tokenId"] == token["id"]
+    [refusals] = [e for e in events if e["type"] == "refusals"]
+    assert refusals["count"] == 5 and refusals["code"] == "invalid-token"
+    exported_event = next(e for e in events if e.get("operation") == "export_key")
+    assert exported_event["key"] == "exportable"
+    signer = AuditSigner(services.records, services.kek)
+    report = verify_trail(
+        services.objects,
+        audit_key=services.records.key.derive(AUDIT_KEY_PURPOSE),
+        public_key=signer.stored_public_key(),
+        checkpoints=None,
+    )
+    assert report.ok and not any("no close" in note for note in report.notes), report.lines()
+
+
+def _path(template: str) -> str:
+    """A concrete path for a route template: each parameter a plausible value."""
+    path = template
+    for name, value in {"{kid}": "mySymKey", "{job_id}": "0" * 32, "{token_id}": "a" * 16}.items():
+        path = path.replace(name, value)
+    return path.replace("{", "").replace("}", "")
+
+
+def test_every_route_that_takes_a_token_leaves_its_event(tmp_path: Path) -> None:
+    """Every route of the app that takes a token (its OpenAPI document declares the
+    bearer scheme on each): a route added later is covered without touching this test."""
+    settings = local_settings(tmp_path).model_copy(update=QUICK)
+    with served(settings) as (url, app), client(url) as admin:
+        routes = [
+            (method.upper(), template)
+            for template, operations in app.openapi()["paths"].items()
+            for method, operation in operations.items()
+            if operation.get("security")
+        ]
+        assert len(routes) > 20
+        create_key(admin)
+        for method, template in routes:
+            admin.request(method, _path(template))
+    audited = {(e.get("method"), e.get("route")) for e in events_of(app)}
+    assert [route for route in routes if route not in audited] == []
+
+
+def test_tenants_read_their_own_events_and_the_operator_reads_all(tmp_path: Path) -> None:
+    settings = local_settings(tmp_path).model_copy(update={**QUICK, "audit_refusal_window": 0.01})
+    with served(settings) as (url, app), client(url) as admin:
+        create_key(admin)
+        a = issue(admin, "tenant-a", "keys:read", "audit:read")
+        b = issue(admin, "tenant-b", "keys:read", "audit:read")
+        with client(url, a["token"]) as reader_a, client(url, b["token"]) as reader_b:
+            for _ in range(3):
+                reader_a.get("/api/key-management/keys/nokey")
+            reader_b.get("/api/key-management/keys")
+            with client(url, "not-a-token") as stranger:
+                stranger.get("/api/audit")
+            app.state.services.audit.flush()
+            page = reader_a.get("/api/audit", params={"limit": 2}).json()
+            seen = page["events"]
+            while page["next"]:
+                page = reader_a.get("/api/audit", params={"limit": 2, "after": page["next"]}).json()
+                seen += page["events"]
+            assert {e["tenant"] for e in seen} == {"tenant-a"}
+            assert {e["tokenId"] for e in seen} == {a["id"]}
+            assert sum(e.get("code") == "key-not-found" for e in seen) == 3
+            times = [e["time"] for e in seen]
+            assert times == sorted(times)
+            failures = reader_a.get("/api/audit", params={"outcome": "failure"}).json()["events"]
+            assert {e["status"] for e in failures} == {404}
+            by_kid = reader_a.get("/api/audit", params={"kid": "nokey"}).json()["events"]
+            assert len(by_kid) == 3
+            b_view = reader_b.get("/api/audit", params={"operation": "list_keys"}).json()
+            assert [e["tenant"] for e in b_view["events"]] == ["tenant-b"]
+            problem(reader_a.get("/api/audit", params={"after": "bm9wZQ"}), 422, "invalid-cursor")
+        app.state.services.audit.flush()
+        everyone = admin.get("/api/audit", params={"limit": 1000}).json()["events"]
+        assert {"tenant-a", "tenant-b", "default"} <= {e.get("tenant") for e in everyone}
+        assert any(e["type"] == "refusals" for e in everyone)
+        later = admin.get("/api/audit", params={"since": "2999-01-01T00:00:00Z"}).json()
+        assert later == {"events": [], "next": None}
+
+
+class AuditWrites:
+    """Fails the audit's segment writes while `failing`: an S3 that has stopped taking them."""
+
+    failing = False
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        return self.failing and EVENTS_PREFIX.encode() in head.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_crypto_requests_are_refused_while_the_audit_cannot_be_written(
+    fail_open: bool, tmp_path: Path, request: pytest.FixtureRequest, moto_endpoint: str
+) -> None:
+    writes = AuditWrites()
+    with S3FaultProxy(moto_endpoint, writes) as proxy:
+        settings = api_settings("s3", tmp_path, request).model_copy(
+            update={
+                **QUICK,
+                "s3_endpoint_url": proxy.url,
+                "audit_fail_after": 0.2,
+                "audit_fail_open": fail_open,
+            }
+        )
+        with served(settings) as (url, app), client(url) as admin:
+            create_key(admin)
+            assert encrypt(admin, b"before").status_code == 200
+            writes.failing = True
+            trail = app.state.services.audit
+            wait_until(lambda: not trail.available(), "the audit to fail", timeout=60)
+            answer = encrypt(admin, b"during")
+            if fail_open:
+                assert answer.status_code == 200
+            else:
+                problem(answer, 503, "audit-unavailable")
+            # Reading stays open, and is still audited.
+            assert admin.get("/api/key-management/keys").status_code == 200
+            writes.failing = False
+            wait_until(trail.available, "the audit to recover", timeout=60)
+            assert encrypt(admin, b"after").status_code == 200
+        events = events_of(app)
+    statuses = [e.get("status") for e in events if e.get("operation") == "encrypt"]
+    assert statuses == [200, 200 if fail_open else 503, 200]

@@ -1,0 +1,293 @@
+"""The audit trail's chains on each storage backend: written as sealed, signed segments,
+verified intact, and every tampering found, with the KEK or with the public key alone;
+checkpoints kept in Redis and in a second (Object Lock) bucket."""
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from audit import (
+    AUDIT_KEY_PURPOSE,
+    EVENTS_PREFIX,
+    AuditOptions,
+    AuditSigner,
+    AuditTrail,
+    BucketSink,
+    CheckpointSink,
+    RedisSink,
+    Report,
+    checkpoint_lines,
+    load_public_key,
+    public_pem,
+    verify_trail,
+)
+from audit.chain import segment_name
+from audit.reading import authentic_events
+from keystore import LocalKek
+from storage import ObjectStore, S3Store
+from storage.integrity import RecordKey, Records
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from tests.support.services import RedisServer
+
+# Flushed by hand in these tests: the flusher's own timer never fires first.
+MANUAL = AuditOptions(flush_interval=3600, flush_events=10**6)
+
+
+class ListSink(CheckpointSink):
+    """Checkpoints kept in a list, as a log shipper would keep the stdout sink's lines."""
+
+    def __init__(self) -> None:
+        self.kept: list[dict[str, Any]] = []
+
+    def publish(self, checkpoint: dict[str, Any]) -> None:
+        self.kept.append(checkpoint)
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self.kept)
+
+
+@dataclass
+class Trail:
+    store: ObjectStore
+    records: Records
+    kek: LocalKek
+    sink: CheckpointSink
+
+    def open(self, role: str = "api", options: AuditOptions = MANUAL) -> AuditTrail:
+        return AuditTrail(
+            self.store,
+            lambda: self.records.key.derive(AUDIT_KEY_PURPOSE),
+            AuditSigner(self.records, self.kek),
+            self.sink,
+            options,
+            role=role,
+        )
+
+    def verify(self, *, with_kek: bool = True, anchored: bool = True) -> Report:
+        signer = AuditSigner(self.records, self.kek)
+        return verify_trail(
+            self.store,
+            audit_key=self.records.key.derive(AUDIT_KEY_PURPOSE) if with_kek else None,
+            public_key=signer.stored_public_key(),
+            checkpoints=self.sink.checkpoints() if anchored else None,
+        )
+
+    def segments(self, chain: str) -> list[str]:
+        return sorted(
+            info.key for info in self.store.list(EVENTS_PREFIX) if f"/{chain}." in info.key
+        )
+
+    def rewrite(self, key: str, change: Callable[[dict[str, Any]], None]) -> None:
+        document = json.loads(self.store.get(key))
+        change(document)
+        self.store.put(key, json.dumps(document).encode())
+
+
+@pytest.fixture
+def trail(store: ObjectStore) -> Trail:
+    return Trail(
+        store, Records(store, RecordKey(os.urandom(32))), LocalKek(os.urandom(32)), ListSink()
+    )
+
+
+def written_chain(trail: Trail, *, close: bool = True) -> AuditTrail:
+    """A chain of three segments: its opening, then two of three requests each."""
+    log = trail.open()
+    for segment in range(2):
+        for n in range(3):
+            log.record({"type": "request", "tenant": "t1", "route": f"/r/{segment}/{n}"})
+        assert log.flush()
+    if close:
+        log.close()
+    return log
+
+
+def test_an_untouched_trail_verifies_with_the_kek_and_with_the_public_key_alone(
+    trail: Trail,
+) -> None:
+    api, worker = written_chain(trail), trail.open("worker")
+    worker.job("job-started", tenant="t1", job="j1", kind="verify")
+    worker.close()
+    for with_kek in (True, False):
+        report = trail.verify(with_kek=with_kek)
+        assert report.ok, report.lines()
+        assert report.chains == 2
+        assert report.events == 1 + 6 + 1 + 3  # api: open, 6, close; worker: open, job, close
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    assert [e["seq"] for e in events if e["chain"] == api.chain] == list(range(8))
+    assert {e["type"] for e in events} >= {"chain-opened", "chain-closed", "request", "job"}
+
+
+def test_a_chain_still_open_is_noted_not_failed(trail: Trail) -> None:
+    log = written_chain(trail, close=False)
+    report = trail.verify()
+    assert report.ok
+    assert any(log.chain in note and "no close" in note for note in report.notes)
+
+
+def _alter(document: dict[str, Any]) -> None:
+    document["events"][1]["tenant"] = "someone-else"
+
+
+def _remove(document: dict[str, Any]) -> None:
+    del document["events"][1]
+
+
+def _reorder(document: dict[str, Any]) -> None:
+    events = document["events"]
+    events[0], events[1] = events[1], events[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [(_alter, "altered"), (_remove, "removed"), (_reorder, "reordered")],
+)
+@pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
+def test_an_event_altered_removed_or_reordered_is_found(
+    trail: Trail, change: Callable[[dict[str, Any]], None], problem: str, with_kek: bool
+) -> None:
+    log = written_chain(trail)
+    trail.rewrite(trail.segments(log.chain)[1], change)
+    report = trail.verify(with_kek=with_kek)
+    assert problem in report.problems(), report.lines()
+
+
+def test_an_event_altered_with_its_hash_chain_redone_fails_its_mac(trail: Trail) -> None:
+    """Without the KEK a forger can recompute digests, but not MACs nor the signature."""
+    log = written_chain(trail)
+    trail.rewrite(trail.segments(log.chain)[1], _alter)
+    assert "altered" in trail.verify(with_kek=True, anchored=False).problems()
+
+
+@pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
+def test_a_missing_segment_is_found(trail: Trail, with_kek: bool) -> None:
+    log = written_chain(trail)
+    trail.store.delete(trail.segments(log.chain)[1])
+    assert "missing-segment" in trail.verify(with_kek=with_kek).problems()
+
+
+@pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
+def test_a_tail_deleted_beyond_the_last_flush_is_found_by_the_checkpoints(
+    trail: Trail, with_kek: bool
+) -> None:
+    log = written_chain(trail)
+    for key in trail.segments(log.chain)[-2:]:
+        trail.store.delete(key)
+    assert "truncated" in trail.verify(with_kek=with_kek).problems()
+    # Without the anchor, it reads as a chain whose process crashed.
+    unanchored = trail.verify(with_kek=with_kek, anchored=False)
+    assert unanchored.ok and any("no close" in note for note in unanchored.notes)
+
+
+@pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
+def test_a_deleted_chain_is_found_by_the_checkpoints(trail: Trail, with_kek: bool) -> None:
+    log = written_chain(trail)
+    trail.open("worker").close()
+    for key in trail.segments(log.chain):
+        trail.store.delete(key)
+    report = trail.verify(with_kek=with_kek)
+    assert [f.chain for f in report.findings if f.problem == "deleted-chain"] == [log.chain]
+
+
+def test_a_forged_checkpoint_or_segment_signature_is_found(trail: Trail) -> None:
+    log = written_chain(trail)
+    forged = {**trail.sink.checkpoints()[-1], "seq": 99}
+    assert isinstance(trail.sink, ListSink)
+    trail.sink.kept.append(forged)
+    trail.rewrite(trail.segments(log.chain)[0], lambda d: d["checkpoint"].update(time="x"))
+    report = trail.verify()
+    assert {"forged-checkpoint", "altered"} <= report.problems()
+
+
+def test_segments_are_never_overwritten(trail: Trail) -> None:
+    """Each flush writes a segment of its own, conditionally: a name already taken (by
+    anyone) is not overwritten, and that flush counts as failed."""
+    log = trail.open()
+    log.record({"type": "request"})
+    assert log.flush()
+    last = json.loads(trail.store.get(trail.segments(log.chain)[-1]))["checkpoint"]["seq"]
+    log.record({"type": "request"})
+    planted = segment_name(log.chain, last + 1, datetime.now(UTC))
+    trail.store.put(planted, b"planted")
+    assert not log.flush()
+    assert trail.store.get(planted) == b"planted"
+
+
+def test_the_public_key_exported_checks_the_trail(trail: Trail, tmp_path: Path) -> None:
+    written_chain(trail)
+    pem = public_pem(AuditSigner(trail.records, trail.kek).public_key)
+    key = load_public_key(pem)
+    report = verify_trail(trail.store, audit_key=None, public_key=key, checkpoints=None)
+    assert report.ok
+
+
+# Sinks outside the bucket
+
+
+def test_checkpoints_in_redis_anchor_the_tail(trail: Trail, redis_server: "RedisServer") -> None:
+    trail.sink = RedisSink.from_url(redis_server.url)
+    log = written_chain(trail)
+    assert trail.verify().ok
+    trail.store.delete(trail.segments(log.chain)[-1])
+    assert "truncated" in trail.verify().problems()
+
+
+@pytest.fixture
+def locked_bucket(moto_s3: "S3Client", s3_bucket: str) -> str:
+    """A second bucket with Object Lock: each object kept for a day, in compliance mode."""
+    name = f"{s3_bucket}-checkpoints"
+    moto_s3.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    moto_s3.put_object_lock_configuration(
+        Bucket=name,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}},
+        },
+    )
+    return name
+
+
+def test_checkpoints_in_an_object_lock_bucket_cannot_be_removed_and_anchor_the_chains(
+    trail: Trail, locked_bucket: str, moto_endpoint: str, moto_s3: "S3Client"
+) -> None:
+    trail.sink = BucketSink(S3Store(locked_bucket, endpoint_url=moto_endpoint))
+    log = written_chain(trail)
+    assert trail.verify().ok
+    stored = moto_s3.list_object_versions(Bucket=locked_bucket)["Versions"]
+    assert len(stored) >= 3
+    version = stored[0]
+    with pytest.raises(moto_s3.exceptions.ClientError, match="AccessDenied"):
+        moto_s3.delete_object(
+            Bucket=locked_bucket, Key=version["Key"], VersionId=version["VersionId"]
+        )
+    for key in trail.segments(log.chain):
+        trail.store.delete(key)
+    assert "deleted-chain" in trail.verify().problems()
+
+
+def test_the_stdout_sink_writes_lines_verify_reads_back(
+    trail: Trail, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from audit import StdoutSink
+
+    trail.sink = StdoutSink()
+    log = written_chain(trail)
+    lines = capsys.readouterr().out.splitlines()
+    checkpoints = checkpoint_lines(["some other log line", *lines])
+    seqs = [c["seq"] for c in checkpoints]
+    assert seqs == sorted(seqs) and seqs[-2:] == [6, 7]
+    signer = AuditSigner(trail.records, trail.kek)
+    trail.store.delete(trail.segments(log.chain)[-1])
+    report = verify_trail(
+        trail.store, audit_key=None, public_key=signer.stored_public_key(), checkpoints=checkpoints
+    )
+    assert "truncated" in report.problems()
