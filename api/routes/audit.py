@@ -5,10 +5,12 @@ of refused requests that carried no valid token (which belong to no tenant). Eve
 served has passed its MAC check.
 """
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import require
@@ -21,6 +23,18 @@ from audit.reading import AuditQuery, query_events
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 Reader = Annotated[Principal, Depends(require("audit:read"))]
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]")
+
+
+def _iso_text(value: object) -> object:
+    """A time as the document declares it (RFC 3339 text), not a number pydantic would
+    read as seconds since the epoch."""
+    if not isinstance(value, str) or not _ISO_DATE.match(value):
+        raise PydanticCustomError("invalid-time", "give a time as 2026-01-31T12:00:00Z")
+    return value
+
+
+Moment = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
 
 
 class AuditEvent(BaseModel):
@@ -51,8 +65,8 @@ class AuditPage(BaseModel):
 async def list_audit_events(
     request: Request,
     principal: Reader,
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: Moment | None = None,
+    until: Moment | None = None,
     kid: str | None = None,
     token_id: Annotated[str | None, Query(alias="tokenId")] = None,
     outcome: Annotated[str | None, Query(description="success, failure, or a problem code")] = None,
