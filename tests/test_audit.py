@@ -208,6 +208,14 @@ def test_a_forged_checkpoint_or_segment_signature_is_found(trail: Trail) -> None
     assert {"forged-checkpoint", "altered"} <= report.problems()
 
 
+def test_an_event_read_back_is_served_only_if_its_mac_holds(trail: Trail) -> None:
+    log = written_chain(trail)
+    trail.rewrite(trail.segments(log.chain)[1], _alter)
+    audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
+    tenants = [event.get("tenant") for event in authentic_events(trail.store, audit_key)]
+    assert tenants.count("t1") == 5 and "someone-else" not in tenants
+
+
 def test_segments_are_never_overwritten(trail: Trail) -> None:
     """Each flush writes a segment of its own, conditionally: a name already taken (by
     anyone) is not overwritten, and that flush counts as failed."""

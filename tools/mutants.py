@@ -333,6 +333,41 @@ MUTANTS = (
         "        live = list(record.versions)",
         ("tests/test_keystore.py",),
     ),
+    Mutant(
+        "audit: segment signatures",
+        "audit/verify.py",
+        'signed = checkpoint.get("chain") == chain_name and signed_by(public_key, checkpoint)',
+        "signed = True",
+        ("tests/test_audit.py",),
+    ),
+    Mutant(
+        "audit: the hash chain against the signed digest",
+        "audit/verify.py",
+        'if chain.digest is not None and b64(chain.digest) != checkpoint.get("digest"):',
+        "if False:",
+        ("tests/test_audit.py",),
+    ),
+    Mutant(
+        "audit: a chain short of its checkpoint",
+        "audit/verify.py",
+        "        elif seq >= chain.next_seq:",
+        "        elif False:",
+        ("tests/test_audit.py",),
+    ),
+    Mutant(
+        "audit: events read back are authenticated",
+        "audit/reading.py",
+        'if hmac.compare_digest(unb64(event.get("mac")), event_mac(audit_key, event)):',
+        "if True:",
+        ("tests/test_audit.py",),
+    ),
+    Mutant(
+        "audit: fail closed",
+        "api/auth.py",
+        "        if needs_audit and services(request).audit.refuses_requests():",
+        "        if False:",
+        ("tests/test_api_audit.py",),
+    ),
 )
 
 
