@@ -13,14 +13,16 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from audit import AUDIT_KEY_PURPOSE, EVENTS_PREFIX, Event, verify_trail
+from audit import AUDIT_KEY_PURPOSE, EVENTS_PREFIX, Event, checkpoint_lines, verify_trail
 from audit.reading import authentic_events
 from audit.signing import AuditSigner
 from sealstream.server import create_app
 from sealstream.settings import Settings
+from sealstream.wiring import Parts
 from storage import ObjectStore
 from tests.conftest import ADMIN_TOKEN, api_settings, local_settings
 from tests.support.http import create_key, decrypt, encrypt, problem
+from tests.support.jobs import JobStack, finished_job, store_object
 from tests.support.s3_proxy import S3FaultProxy
 from tests.support.services import api_server
 from tests.support.waiting import wait_until
@@ -44,7 +46,10 @@ def client(url: str, token: str | None = ADMIN_TOKEN) -> httpx.Client:
 
 
 def events_of(app: FastAPI) -> list[Event]:
-    services = app.state.services
+    return events_of_store(app.state.services)
+
+
+def events_of_store(services: Parts) -> list[Event]:
     key = services.records.key.derive(AUDIT_KEY_PURPOSE)
     return list(authentic_events(services.objects, key))
 
@@ -226,3 +231,32 @@ def test_crypto_requests_are_refused_while_the_audit_cannot_be_written(
         events = events_of(app)
     statuses = [e.get("status") for e in events if e.get("operation") == "encrypt"]
     assert statuses == [200, 200 if fail_open else 503, 200]
+
+
+def test_a_celery_worker_keeps_a_chain_of_its_own_with_each_job(job_stack: JobStack) -> None:
+    """The job's start and end in the worker's chain; the worker's warm shutdown closes
+    it; the whole trail, API's and worker's, verifies against the worker's shipped
+    checkpoint lines."""
+    with job_stack.client() as admin:
+        stored = store_object(admin, "audited/one", b"x" * 1000)
+        job = finished_job(admin, stored["verifyJob"])
+        assert job["status"] == "succeeded"
+    [worker] = job_stack.workers
+    worker.stop(grace=30)
+    services = job_stack.services
+    events = events_of_store(services)
+    job_events = [e for e in events if e.get("job") == stored["verifyJob"]]
+    assert [e["action"] for e in job_events] == ["job-started", "job-ended"]
+    assert job_events[1]["outcome"] == "succeeded" and job_events[0]["tenant"] == "default"
+    chain = job_events[0]["chain"]
+    assert chain.startswith("worker-")
+    assert [e["type"] for e in events if e["chain"] == chain][-1] == "chain-closed"
+    checkpoints = checkpoint_lines(worker.output().splitlines())
+    assert {c["chain"] for c in checkpoints} == {chain}
+    report = verify_trail(
+        services.objects,
+        audit_key=services.records.key.derive(AUDIT_KEY_PURPOSE),
+        public_key=AuditSigner(services.records, services.kek).stored_public_key(),
+        checkpoints=checkpoints,
+    )
+    assert report.ok, report.lines()
