@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/reencrypt.py
 	$(BIN)/python bench/signing.py
 	$(BIN)/python bench/slowclients.py
+	$(BIN)/python bench/audit_cost.py
 
 # Disables each guard that trust rests on, one at a time; every one must make tests fail.
 mutants: $(STAMP)
