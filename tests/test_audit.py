@@ -5,7 +5,7 @@ checkpoints kept in Redis and in a second (Object Lock) bucket."""
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,9 +29,12 @@ from audit import (
 )
 from audit.chain import segment_name
 from audit.reading import authentic_events
-from keystore import LocalKek
+from keystore import KeyStore, LocalKek
+from sealstream.wiring import build_parts
 from storage import ObjectStore, S3Store
 from storage.integrity import RecordKey, Records
+from tests.conftest import local_settings
+from workers.lifecycle import run_sweeps
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -299,3 +302,25 @@ def test_the_stdout_sink_writes_lines_verify_reads_back(
         trail.store, audit_key=None, public_key=signer.stored_public_key(), checkpoints=checkpoints
     )
     assert "truncated" in report.problems()
+
+
+def test_the_lifecycle_sweeps_record_rotations_and_destructions(tmp_path: Path) -> None:
+    """What the sweeps do on their own is in the trail of the process that ran them."""
+    from tests.test_keystore import Clock, spec
+
+    parts = build_parts(local_settings(tmp_path), role="worker")
+    clock = Clock()
+    keys = KeyStore(parts.records, parts.kek, clock=clock)
+    keys.create("t1", spec("hourly", rotationPeriod=3600))
+    keys.create("t1", spec("doomed"))
+    keys.schedule_deletion("t1", "doomed", pending_days=7)
+    clock.advance(days=8)
+    run_sweeps(replace(parts, keys=keys))
+    parts.audit.close()
+    audit_key = parts.records.key.derive(AUDIT_KEY_PURPOSE)
+    actions = {
+        (e["action"], e["tenant"], e["key"])
+        for e in authentic_events(parts.objects, audit_key)
+        if e["type"] == "lifecycle"
+    }
+    assert actions == {("scheduled-rotation", "t1", "hourly"), ("destruction", "t1", "doomed")}
