@@ -16,8 +16,8 @@ signing key's public half alone can therefore check that the events up to a chec
 are the ones that were signed; whoever holds the KEK can also check every event's MAC.
 
 A segment is what one flush writes, once, with a conditional write that never replaces
-anything: `sealstream/audit/events/<YYYY-MM-DD>/<chain>.<first seq>.json`, holding its
-events and the checkpoint of its last one.
+anything: `sealstream/audit/events/<YYYY-MM-DD>/<chain>.<first seq>.json` (the day of
+its first event), holding its events and the checkpoint of its last one.
 """
 
 import base64
@@ -36,6 +36,7 @@ FORMAT = "sealstream-audit/1"
 CHECKPOINT_FORMAT = "sealstream-audit-checkpoint/1"
 EVENTS_PREFIX = "sealstream/audit/events/"
 GENESIS = bytes(32)
+CLOSED = "chain-closed"  # the type of a chain's last event, on a clean shutdown
 SEQ_DIGITS = 12
 CHAIN_PATTERN = r"[a-z0-9-]{1,64}"
 _SEGMENT_NAME = re.compile(

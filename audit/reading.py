@@ -2,8 +2,9 @@
 time range, each one's MAC checked (one that fails is refused and counted, never
 served), filtered, ordered by time and paged with an opaque cursor.
 
-A query lists the segments of the days its range covers (segments are filed by day), so
-a narrow range reads little; an open range reads the whole trail.
+A query lists the segments of the days its range covers (segments are filed under the
+day of their first event), so a narrow range reads little; an open range, or one of more
+than a month, reads the whole trail.
 """
 
 import base64
@@ -92,7 +93,9 @@ def _prefixes(query: AuditQuery) -> list[str] | None:
     """The day prefixes a bounded range covers, if few enough to list one by one."""
     if query.since is None or query.until is None or query.until <= query.since:
         return None
-    first, last = query.since.astimezone(UTC).date(), query.until.astimezone(UTC).date()
+    # A segment is filed under its first event's day, and may run past midnight.
+    first = query.since.astimezone(UTC).date() - timedelta(days=1)
+    last = query.until.astimezone(UTC).date()
     if (last - first).days >= MAX_DAYS_LISTED_ONE_BY_ONE:
         return None
     return [_day_prefix(first + timedelta(days=n)) for n in range((last - first).days + 1)]

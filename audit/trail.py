@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from audit.chain import ChainState, Event, segment_bytes, segment_name
+from audit.chain import CLOSED, ChainState, Event, segment_bytes, segment_name
 from audit.signing import AuditSigner
 from audit.sinks import CheckpointSink
 from storage import ObjectExists, ObjectStore
@@ -195,7 +195,8 @@ class AuditTrail:
         if self._closed:
             return
         if self._thread is not None:
-            self.record({"type": "chain-closed", "role": self._role})
+            with self._lock:  # past the buffer's limit too: a chain's end is never lost
+                self._buffer.append({"type": CLOSED, "time": now_iso(), "role": self._role})
             self._stopping.set()
             self._wake.set()
             self._thread.join()
@@ -235,18 +236,20 @@ class AuditTrail:
         key = self._audit_key()
         self._signer.load()
         with self._lock:
-            # Counts of refusals first: a closing chain's last event is its close.
-            events = self._take_refusals(everything=self._stopping.is_set()) + self._buffer
-            self._buffer = []
-            lost, self._lost = self._lost, 0
-        if lost:
-            events.append({"type": "events-lost", "time": now_iso(), "count": lost})
+            events, counts = self._buffer, self._take_refusals(self._stopping.is_set())
+            if self._lost:
+                counts.append({"type": "events-lost", "time": now_iso(), "count": self._lost})
+            self._buffer, self._lost = [], 0
+        # The counts go after the chain's opening and before its close, if these wait too.
+        closing = bool(events) and events[-1]["type"] == CLOSED
+        events[len(events) - closing : len(events) - closing] = counts
         if not events:
             return None
         first = self._state.seq + 1
         sealed = [self._state.seal(key, _without_nones(event)) for event in events]
         checkpoint = self._signer.sign(self._state.checkpoint(datetime.now(UTC)))
-        name = segment_name(self.chain, first, datetime.now(UTC))
+        # Filed under its first event's day: a query lists from the day before its start.
+        name = segment_name(self.chain, first, datetime.fromisoformat(sealed[0]["time"]))
         return _Segment(name, segment_bytes(self.chain, sealed, checkpoint), checkpoint, sealed)
 
     def _write_pending(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from audit.chain import (
+    CLOSED,
     EVENTS_PREFIX,
     GENESIS,
     SegmentName,
@@ -38,8 +39,6 @@ from audit.chain import (
 )
 from audit.signing import signed_by
 from storage import ObjectNotFound, ObjectStore
-
-CLOSED = "chain-closed"
 
 
 @dataclass(frozen=True)

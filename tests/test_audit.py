@@ -31,7 +31,7 @@ from audit.chain import segment_name
 from audit.reading import authentic_events
 from keystore import KeyStore, LocalKek
 from sealstream.wiring import build_parts
-from storage import ObjectStore, S3Store
+from storage import ObjectStore, S3Store, StorageUnavailable
 from storage.integrity import RecordKey, Records
 from tests.conftest import local_settings
 from workers.lifecycle import run_sweeps
@@ -217,6 +217,34 @@ def test_an_event_read_back_is_served_only_if_its_mac_holds(trail: Trail) -> Non
     audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
     tenants = [event.get("tenant") for event in authentic_events(trail.store, audit_key)]
     assert tenants.count("t1") == 5 and "someone-else" not in tenants
+
+
+def test_events_past_the_buffer_limit_are_counted_as_lost_then_recorded(trail: Trail) -> None:
+    """While nothing can be written (here the record key cannot be had, as when the store
+    is down at start), events wait up to the limit; those past it are counted, and the
+    count is recorded once writing works."""
+    down = True
+
+    def audit_key() -> bytes:
+        if down:
+            raise StorageUnavailable("the store is down")
+        return trail.records.key.derive(AUDIT_KEY_PURPOSE)
+
+    options = replace(MANUAL, buffer_limit=4, fail_after=3600)
+    log = AuditTrail(
+        trail.store, audit_key, AuditSigner(trail.records, trail.kek), None, options, role="api"
+    )
+    for n in range(6):
+        log.record({"type": "request", "route": f"/r/{n}"})
+    assert not log.flush()
+    assert log.available()  # failing, but not for longer than allowed
+    down = False
+    log.close()
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    assert [e["type"] for e in events] == [
+        "chain-opened", "request", "request", "request", "events-lost", "chain-closed"
+    ]  # fmt: skip
+    assert events[4]["count"] == 3
 
 
 def test_segments_are_never_overwritten(trail: Trail) -> None:
