@@ -67,7 +67,8 @@ class Report:
 
     def lines(self) -> list[str]:
         verdict = "intact" if self.ok else f"{len(self.findings)} problems found"
-        summary = f"audit trail: {self.chains} chains, {self.events} events: {verdict}"
+        chains = f"{self.chains} chain{'' if self.chains == 1 else 's'}"
+        summary = f"audit trail: {chains}, {self.events} events: {verdict}"
         return [*(f.line() for f in self.findings), *self.notes, summary]
 
 

@@ -4,6 +4,8 @@ checkpoints kept in Redis and in a second (Object Lock) bucket."""
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -352,3 +354,42 @@ def test_the_lifecycle_sweeps_record_rotations_and_destructions(tmp_path: Path) 
         if e["type"] == "lifecycle"
     }
     assert actions == {("scheduled-rotation", "t1", "hourly"), ("destruction", "t1", "doomed")}
+
+
+def sealstream(*args: str, env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
+    command = [str(Path(sys.executable).with_name("sealstream")), *args]
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+    return subprocess.run(
+        command, env={**inherited, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_audit_commands_verify_with_the_kek_or_the_exported_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sealstream audit public-key` and `sealstream audit verify`, run as an operator
+    would, against the store; exit 0 on an intact trail, 1 once a segment is gone."""
+    settings = local_settings(tmp_path).model_copy(update={"audit_stdout": True})
+    parts = build_parts(settings)
+    parts.audit.record({"type": "request", "tenant": "t1"})
+    assert parts.audit.flush()
+    parts.audit.record({"type": "request", "tenant": "t1"})
+    parts.audit.close()
+    shipped = tmp_path / "shipped.log"
+    lines = capsys.readouterr().out
+    shipped.write_text(lines)
+    assert '"sealstreamAudit"' in lines  # the events themselves, as JSON lines
+    env = {"SEALSTREAM_STORAGE_URL": settings.storage_url}
+    public = sealstream("audit", "public-key", env=env)
+    assert public.returncode == 0 and public.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "audit.pub").write_text(public.stdout)
+    auditor = ["--public-key", str(tmp_path / "audit.pub"), "--checkpoints", str(shipped)]
+    for args in ([], ["--checkpoints", str(shipped)], auditor):
+        run = sealstream("audit", "verify", *args, env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "1 chain, 4 events: intact" in run.stdout
+    last = sorted(info.key for info in parts.objects.list(EVENTS_PREFIX))[-1]
+    parts.objects.delete(last)
+    run = sealstream("audit", "verify", *auditor, env=env)
+    assert run.returncode == 1
+    assert run.stdout.startswith("truncated: chain ")
