@@ -17,7 +17,12 @@ from functools import cache
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from celery.worker import WorkController
 
 from sealstream.memory import keep_freed_buffers
@@ -84,9 +89,11 @@ def _start_pool_process(**_: object) -> None:
 
 
 @worker_process_shutdown.connect
+@worker_shutdown.connect
 def _stop_pool_process(**_: object) -> None:
     """Add the key uses the process counted to the shared count, and close its audit
-    chain, if it opened one (a clean end, not a crash)."""
+    chain, if it opened one (a clean end, not a crash): a prefork pool process's as it
+    exits, or a solo or threaded worker's."""
     if worker_services.cache_info().currsize:
         worker_services().keys.close()  # adds the key uses it counted to the shared count
         worker_services().audit.close()
