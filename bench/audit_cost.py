@@ -9,6 +9,8 @@ length encrypted and streamed back, then the same upload encrypted into storage 
 verification job waited for, untimed, and the object deleted). Each ratio is judged
 round by round, as `bench/stream.py` judges its own (the median of the rounds' ratios,
 the best rounds' ratio beside it). Goal: audit-on at least 0.98 of audit-off, both ways.
+Beside each, the ratio of the least server CPU per GiB any round took, off to on: what
+the audit costs the server itself, which a busy machine blurs less than MB/s.
 At the end the audit-on server's trail must hold an event for every request it was
 sent; the audit-off server's must be empty.
 """
@@ -124,7 +126,10 @@ def main() -> None:
     ):
         print(f"  {what}  audit on  {kind_on.figures(total)}")
         print(f"  {' ' * len(what)}  audit off {kind_off.figures(total)}")
-        print(f"  {' ' * len(what)}  ratio {ratio(kind_off, kind_on)}  (goal >= 0.98)")
+        print(
+            f"  {' ' * len(what)}  ratio {ratio(kind_off, kind_on)}  (goal >= 0.98)   "
+            f"server CPU ratio {kind_off.server_cpu / kind_on.server_cpu:.3f}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine)")
 
 
