@@ -529,6 +529,9 @@ def unseal_store(objects: ObjectStore, tokens: dict[str, str]) -> None:
     `tokens` maps token ids to their tokens (records then held their plain SHA-256)."""
     objects.delete(DOCUMENT_KEY)
     for info in list(objects.list("sealstream/")):
+        if info.key.startswith("sealstream/audit/"):
+            objects.delete(info.key)  # no store from then had an audit trail
+            continue
         record = json.loads(objects.get(info.key))["record"]
         if info.key.startswith("sealstream/tokens/"):
             record["hash"] = sha256(tokens[record["id"]])
