@@ -88,7 +88,8 @@ class AuditMiddleware:
         self, scope: Scope, note: AuditNote, request_id: str, exchange: "_Exchange"
     ) -> None:
         route = scope.get("route")
-        template = str(getattr(route, "path", "unmatched"))
+        # The template as documented: `{key}`, not Starlette's `{key:path}`.
+        template = str(getattr(route, "path_format", "unmatched"))
         client = scope.get("client")
         address = str(client[0]) if client else "unknown"
         principal = note.principal
