@@ -10,7 +10,11 @@ that ends each segment. Either way each problem found is reported as one `Findin
 - `reordered`: events or segments out of their order;
 - `missing-segment`: a gap between segments;
 - `truncated`: a chain ends before the last checkpoint the sink holds for it;
-- `deleted-chain`: a chain the sink knows of has no segment left;
+- `deleted-chain`: a chain the sink knows of has no segment left, or the store has no
+  chain at all although it has an audit signing key (whose public half checks it);
+- `unanchored`: checkpoints from a sink were given, but none of them is this chain's
+  (every chain publishes one at its first flush): the sink lost its data, or the chain
+  was not written by this service;
 - `forged-checkpoint`: a checkpoint whose signature does not verify.
 
 A chain that ends without a "chain-closed" event is noted, not failed: its process is
@@ -105,6 +109,15 @@ def verify_trail(
     for chain, names in sorted(segments.items()):
         walked[chain] = _walk(store, chain, names, audit_key, public_key, report)
     report.chains = len(segments)
+    if not segments and not checkpoints:  # with checkpoints, each chain is found deleted
+        report.findings.append(
+            Finding(
+                "-",
+                "deleted-chain",
+                "no chain left in a store that has an audit signing "
+                "key: the trail was deleted, or no server has run on it yet",
+            )
+        )
     if checkpoints is None:
         report.notes.append(
             "note: no checkpoints from a sink: a deleted tail or a deleted chain cannot be "
@@ -174,6 +187,12 @@ def _check_events(
     audit_key: bytes | None,
     found: Any,
 ) -> None:
+    span = last - first + 1
+    if span != len(events):  # checked first: `last` is untrusted, a range over it unbounded
+        problem = "removed" if span > len(events) else "altered"
+        found(problem, f"events {first} to {last}: {len(events)} where there should be {span}")
+        chain.mac = chain.digest = None
+        return
     seqs = [event.get("seq") for event in events]
     expected = list(range(first, last + 1))
     if seqs != expected:
@@ -190,13 +209,17 @@ def _check_events(
     for event in events:
         if chain.mac is not None and event.get("prev") != b64(chain.mac):
             found("altered", f"event {event['seq']} does not follow the event before it")
-        if audit_key is not None and not hmac.compare_digest(
-            unb64(event.get("mac")), event_mac(audit_key, event)
-        ):
-            found("altered", f"event {event['seq']} failed authentication")
+        try:
+            if audit_key is not None and not hmac.compare_digest(
+                unb64(event.get("mac")), event_mac(audit_key, event)
+            ):
+                found("altered", f"event {event['seq']} failed authentication")
+            if chain.digest is not None:
+                chain.digest = next_digest(chain.digest, event)
+        except ValueError:  # no canonical form (a NaN, say): the service never wrote it
+            found("altered", f"event {event['seq']} is not a document the service writes")
+            chain.digest = None
         chain.mac = unb64(event.get("mac"))
-        if chain.digest is not None:
-            chain.digest = next_digest(chain.digest, event)
         chain.last_type = str(event.get("type"))
 
 
@@ -208,6 +231,7 @@ def _check_ends(
 ) -> None:
     """Each chain's end against the latest authentic checkpoint the sink holds for it."""
     latest: dict[str, dict[str, Any]] = {}
+    checkpoints = list(checkpoints)
     for checkpoint in checkpoints:
         name = str(checkpoint.get("chain"))
         if not isinstance(checkpoint.get("seq"), int) or not signed_by(public_key, checkpoint):
@@ -217,6 +241,10 @@ def _check_ends(
             continue
         if name not in latest or checkpoint["seq"] > latest[name]["seq"]:
             latest[name] = checkpoint
+    for chain_name in sorted(set(walked) - set(latest)):
+        report.findings.append(
+            Finding(chain_name, "unanchored", "the sink holds no checkpoint of this chain")
+        )
     for chain_name, checkpoint in sorted(latest.items()):
         seq = checkpoint["seq"]
         chain = walked.get(chain_name)

@@ -393,3 +393,39 @@ def test_the_audit_commands_verify_with_the_kek_or_the_exported_public_key(
     run = sealstream("audit", "verify", *auditor, env=env)
     assert run.returncode == 1
     assert run.stdout.startswith("truncated: chain ")
+
+
+def test_a_store_with_a_signing_key_and_no_chain_left_is_a_deleted_trail(trail: Trail) -> None:
+    written_chain(trail)
+    for info in list(trail.store.list(EVENTS_PREFIX)):
+        trail.store.delete(info.key)
+    for anchored in (True, False):
+        assert "deleted-chain" in trail.verify(anchored=anchored).problems()
+
+
+def test_a_chain_the_sink_holds_no_checkpoint_of_is_unanchored(trail: Trail) -> None:
+    log = written_chain(trail)
+    assert isinstance(trail.sink, ListSink)
+    trail.sink.kept.clear()  # the sink lost its data: nothing anchors the chain's end
+    report = trail.verify()
+    assert [f.chain for f in report.findings if f.problem == "unanchored"] == [log.chain]
+
+
+def test_a_planted_segment_with_huge_bounds_or_a_nan_is_reported_not_a_crash(
+    trail: Trail,
+) -> None:
+    log = written_chain(trail)
+    first, second = trail.segments(log.chain)[1:3]
+
+    def huge_bounds(document: dict[str, Any]) -> None:
+        document["checkpoint"]["seq"] = 10**11
+
+    def not_a_number(document: dict[str, Any]) -> None:
+        document["events"][0]["route"] = float("nan")
+
+    trail.rewrite(first, huge_bounds)
+    trail.rewrite(second, not_a_number)
+    for with_kek in (True, False):
+        report = trail.verify(with_kek=with_kek)
+        assert not report.ok
+        assert report.problems() >= {"removed", "altered"}, report.lines()

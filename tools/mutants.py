@@ -348,6 +348,13 @@ MUTANTS = (
         ("tests/test_audit.py",),
     ),
     Mutant(
+        "audit: a chain the sink has no checkpoint of",
+        "audit/verify.py",
+        "    for chain_name in sorted(set(walked) - set(latest)):",
+        "    for chain_name in []:",
+        ("tests/test_audit.py",),
+    ),
+    Mutant(
         "audit: a chain short of its checkpoint",
         "audit/verify.py",
         "        elif seq >= chain.next_seq:",
