@@ -73,7 +73,9 @@ def query_events(
 def authentic_events(
     store: ObjectStore, audit_key: bytes, prefixes: list[str] | None = None
 ) -> Iterator[Event]:
-    """Every event stored under `prefixes` (the whole trail if None) whose MAC checks."""
+    """Every event stored under `prefixes` (the whole trail if None) whose MAC checks, once
+    each: a segment copied under another name is not served twice."""
+    seen: set[tuple[str, int]] = set()
     for prefix in prefixes or [EVENTS_PREFIX]:
         for info in store.list(prefix):
             if SegmentName.parse(info.key) is None:
@@ -83,10 +85,21 @@ def authentic_events(
             except ObjectNotFound:
                 continue
             for event in [] if document is None else document["events"]:
-                if hmac.compare_digest(unb64(event.get("mac")), event_mac(audit_key, event)):
-                    yield event
-                else:
+                if not _authentic(event, audit_key):
                     note_refusal("audit-event", RecordTampered("an audit event", info.key))
+                    continue
+                seq = event.get("seq")
+                place = (str(event.get("chain")), seq if isinstance(seq, int) else -1)
+                if place not in seen:
+                    seen.add(place)
+                    yield event
+
+
+def _authentic(event: Event, audit_key: bytes) -> bool:
+    try:
+        return hmac.compare_digest(unb64(event.get("mac")), event_mac(audit_key, event))
+    except ValueError:  # no canonical form (a NaN, say): the service never wrote it
+        return False
 
 
 def _prefixes(query: AuditQuery) -> list[str] | None:
@@ -132,6 +145,10 @@ def _encode_cursor(order: tuple[str, str, int]) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode("ascii")
 
 
+class InvalidCursor(ValueError):
+    """A page cursor this API did not give."""
+
+
 def _decode_cursor(cursor: str | None) -> tuple[str, str, int] | None:
     if cursor is None:
         return None
@@ -139,4 +156,4 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str, int] | None:
         moment, chain, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         return moment, chain, int(seq)
     except ValueError:
-        raise ValueError("not a cursor this API gave") from None
+        raise InvalidCursor("not a cursor this API gave") from None

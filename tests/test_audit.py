@@ -429,3 +429,22 @@ def test_a_planted_segment_with_huge_bounds_or_a_nan_is_reported_not_a_crash(
         report = trail.verify(with_kek=with_kek)
         assert not report.ok
         assert report.problems() >= {"removed", "altered"}, report.lines()
+
+
+def test_the_reader_serves_each_event_once_and_refuses_one_with_no_canonical_form(
+    trail: Trail,
+) -> None:
+    log = written_chain(trail)
+    first, second = trail.segments(log.chain)[1:3]
+    day = first.removeprefix(EVENTS_PREFIX).split("/")[0]
+    another_day = first.replace(f"/{day}/", "/1999-01-01/")
+    trail.store.put(another_day, trail.store.get(first))
+
+    def not_a_number(document: dict[str, Any]) -> None:
+        document["events"][0]["route"] = float("nan")
+
+    trail.rewrite(second, not_a_number)
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    places = [(event["chain"], event["seq"]) for event in events]
+    assert len(places) == len(set(places))
+    assert len(places) == 8 - 1  # open, six requests, close; less the spoiled one

@@ -19,7 +19,7 @@ from api.problems import Problem
 from api.services import services
 from api.tokens import Principal
 from audit import AUDIT_KEY_PURPOSE
-from audit.reading import AuditQuery, query_events
+from audit.reading import AuditQuery, InvalidCursor, query_events
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 Reader = Annotated[Principal, Depends(require("audit:read"))]
@@ -90,6 +90,6 @@ async def list_audit_events(
     key = svc.records.key.derive(AUDIT_KEY_PURPOSE)
     try:
         events, cursor = await run_in_threadpool(query_events, svc.objects, key, query)
-    except ValueError as error:
+    except InvalidCursor as error:
         raise Problem(422, "invalid-cursor", str(error)) from None
     return {"events": events, "next": cursor}
