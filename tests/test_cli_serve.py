@@ -18,6 +18,7 @@ from sealstream.settings import Settings
 from sealstream.wiring import open_records
 from storage import LocalStore
 from tests.support.http import DOCUMENTED_KEY, assert_round_trip, encrypt, problem, read_object
+from tests.support.jobs import finished_job, store_object
 from tests.support.ports import LOCALHOST, free_port
 from tests.support.services import sealstream_serve, self_signed_certificate
 
@@ -31,6 +32,8 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
             assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
             assert client.get("/api/key-management/keys/mySymKey").status_code == 200
             assert client.get("/readyz").json()["status"] == "ready"
+            verify_job = store_object(client, "kept.bin", b"kept")["verifyJob"]
+            assert finished_job(client, verify_job)["status"] == "succeeded"
     kek = tmp_path / ".sealstream" / ".kek"
     assert len(kek.read_bytes()) == 32
     store = [tmp_path / ".sealstream", *(tmp_path / ".sealstream").rglob("*")]
@@ -48,6 +51,9 @@ def test_serve_starts_on_the_embedded_default(tmp_path: Path) -> None:
         headers = {"Authorization": f"Bearer {again.admin_token}"}
         with httpx.Client(base_url=again.url, headers=headers) as client:
             assert client.get("/api/key-management/keys/mySymKey").json()["status"] == "enabled"
+            # Jobs run in the server's process: finished ones are listed from their reports.
+            listed = client.get("/api/jobs").json()
+            assert [job["id"] for job in listed["jobs"]] == [verify_job]
         assert again.admin_token == served.admin_token
 
     # The server derives the token from the KEK and never trusts the file: one put there

@@ -1,8 +1,10 @@
 """The job stores on their own, Redis (a real `redis-server`) and memory alike: records
-expire and leave their final report readable, and finished jobs are counted once each."""
+expire and leave their final report readable and listed, and finished jobs are counted
+once each."""
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 from keystore import LocalKek
 from sealstream.wiring import open_records
 from services.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
+from services.jobs.records import report_key
+from services.jobs.store import SCAN_PER_PAGE
 from storage.local import LocalStore
 from tests.support.jobs import placeholder_job
 from tests.support.services import RedisServer
@@ -50,7 +54,64 @@ def test_a_record_expires_and_its_final_report_stays_readable(jobs: JobStore) ->
     assert not jobs.cancel_requested(running.id)
     assert jobs.find("default", done.id) == done  # from its report
     assert jobs.find("default", running.id) is None
-    assert jobs.list("default") == ([], None)
+    assert jobs.list("default") == ([done], None)  # listed from its report too
+
+
+def test_jobs_are_listed_newest_first_from_live_records_and_reports_alike(
+    jobs: JobStore, tmp_path: Path
+) -> None:
+    """A restart (a new store on the same reports) lists what had finished, page by page,
+    each job once, and skips a report altered in storage; live records come first where
+    both exist."""
+    made = []
+    for n in range(7):
+        record = placeholder_job(JobKind.VERIFY if n % 2 else JobKind.REWRAP, "default")
+        made.append(finished(record, JobStatus.SUCCEEDED))
+        time.sleep(0.002)  # ids count down by the millisecond
+    made.reverse()  # newest first
+    for record in made:
+        jobs.save(record)
+        jobs.write_report(record)
+    queued = placeholder_job(JobKind.VERIFY, "default")
+    jobs.save(queued)  # no report yet
+    jobs.write_report(finished(placeholder_job(JobKind.VERIFY, "other"), JobStatus.FAILED))
+    assert [r.id for r in jobs.list("default", limit=50)[0]] == [queued.id, *(r.id for r in made)]
+
+    restarted = MemoryJobStore(jobs._reports, TTL)
+    altered = made[3]
+    path = tmp_path / "reports" / report_key("default", altered.id)
+    path.write_bytes(path.read_bytes().replace(b"succeeded", b"cancelled"))
+    pages, cursor = [], None
+    while True:
+        page, cursor = restarted.list("default", limit=2, after=cursor)
+        pages.append([r.id for r in page])
+        if cursor is None:
+            break
+    expected = [r.id for r in made if r is not altered]
+    assert pages == [expected[0:2], expected[2:4], expected[4:6]]
+    only_verify, _ = restarted.list("default", kind=JobKind.VERIFY)
+    assert [r.id for r in only_verify] == [
+        r.id for r in made if r.kind is JobKind.VERIFY and r is not altered
+    ]
+
+
+def test_a_filter_that_matches_little_reads_a_bounded_page(tmp_path: Path) -> None:
+    reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
+    jobs = MemoryJobStore(reports, TTL)
+    rare = finished(placeholder_job(JobKind.VERIFY, "default"), JobStatus.FAILED)
+    jobs.write_report(rare)
+    for _ in range(SCAN_PER_PAGE + 5):
+        jobs.write_report(finished(placeholder_job(JobKind.VERIFY, "default"), JobStatus.SUCCEEDED))
+    seen: Counter[str] = Counter()
+    cursor: str | None = None
+    pages = 0
+    while pages == 0 or cursor is not None:
+        page, cursor = jobs.list("default", status=JobStatus.FAILED, after=cursor)
+        seen.update(r.id for r in page)
+        pages += 1
+        assert pages <= 3
+    assert seen == {rare.id: 1}
+    assert pages == 2  # the first page stopped after SCAN_PER_PAGE reads, with a cursor
 
 
 def test_finished_jobs_are_counted_once_each_by_kind_and_outcome(jobs: JobStore) -> None:

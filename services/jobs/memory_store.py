@@ -44,7 +44,7 @@ class MemoryJobStore(JobStore):
         with self._lock:
             ids = list(self._records)
         for job_id in ids:
-            record = self._listable(job_id)
+            record = self._live(job_id)
             if record is not None and keep(record):
                 yield record
 

@@ -24,6 +24,7 @@ from storage.documents import CamelModel
 
 REPORTS_PREFIX = "sealstream/jobs/"
 REPORT_KIND = "job-report"
+REPORT_SUFFIX = ".json"
 
 P = TypeVar("P", bound=JobParams)
 
@@ -92,7 +93,7 @@ class JobRecord(CamelModel):
     def new(cls, kind: JobKind, tenant: str, params: AnyParams) -> Self:
         now = datetime.now(UTC)
         return cls(
-            id=f"job_{secrets.token_hex(12)}",
+            id=new_job_id(now),
             kind=kind,
             tenant=tenant,
             params=params,
@@ -110,5 +111,17 @@ class JobRecord(CamelModel):
         return self.model_dump(mode="json")
 
 
+# Ids count down from here in milliseconds, so that a later job's id sorts first: a listing
+# of reports in key order is then newest first, and a cursor is just the last id served.
+_ID_CLOCK_END = 0xFFFF_FFFF_FFFF
+
+
+def new_job_id(now: datetime) -> str:
+    """`job_` and 24 hex digits: 12 that fall as time passes (milliseconds), then 12 random
+    ones, so ids created in the same millisecond still differ."""
+    countdown = _ID_CLOCK_END - int(now.timestamp() * 1000)
+    return f"job_{countdown:012x}{secrets.token_hex(6)}"
+
+
 def report_key(tenant: str, job_id: str) -> str:
-    return f"{REPORTS_PREFIX}{tenant}/{job_id}.json"
+    return f"{REPORTS_PREFIX}{tenant}/{job_id}{REPORT_SUFFIX}"

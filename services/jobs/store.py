@@ -15,14 +15,26 @@ a job as another tenant nor make a failed job read as succeeded; deleting record
 setting cancel flags remains possible, and is a denial of service only.
 """
 
+import heapq
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from datetime import timedelta
 
-from services.jobs.records import REPORT_KIND, JobKind, JobRecord, JobStatus, report_key
+from services.jobs.records import (
+    REPORT_KIND,
+    REPORT_SUFFIX,
+    JobKind,
+    JobRecord,
+    JobStatus,
+    report_key,
+)
 from storage import InvalidObjectKey, ObjectNotFound
 from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
 
 RECORD_KIND = "job"
+
+# The most jobs one page of a listing reads, matching its filter or not.
+SCAN_PER_PAGE = 1000
 
 
 class JobLease(ABC):
@@ -102,14 +114,21 @@ class JobStore(ABC):
         limit: int = 50,
         after: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
-        """A page of the tenant's jobs, newest first, and the cursor of the next page."""
-        ids = self._tenant_ids(tenant)
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        """A page of the tenant's jobs, newest first, and the cursor of the next page.
+
+        Jobs come from the live records and from the final reports in storage, so a
+        finished job stays listed after its record expired or the server restarted. A
+        page reads at most `SCAN_PER_PAGE` jobs: one whose filter matches few jobs may
+        hold fewer than `limit`, or none, and still have a next cursor.
+        """
         page: list[JobRecord] = []
-        for job_id in ids:
-            record = self._listable(job_id)
-            if record is None or record.tenant != tenant or (status and record.status != status):
+        last: str | None = None
+        for scanned, job_id in enumerate(self._ids_after(tenant, after)):
+            if scanned == SCAN_PER_PAGE:
+                return page, last
+            last = job_id
+            record = self._listable(tenant, job_id)
+            if record is None or (status and record.status != status):
                 continue
             if kind and record.kind != kind:
                 continue
@@ -117,6 +136,24 @@ class JobStore(ABC):
                 return page, page[-1].id
             page.append(record)
         return page, None
+
+    def _ids_after(self, tenant: str, after: str | None) -> Iterator[str]:
+        """The tenant's job ids after the cursor, in id order (newest first for every id
+        made by `new_job_id`), each once: live records and final reports merged."""
+        live = sorted(i for i in self._tenant_ids(tenant) if after is None or i > after)
+        previous = None
+        for job_id in heapq.merge(live, self._reported_ids(tenant, after)):
+            if job_id != previous:
+                yield job_id
+            previous = job_id
+
+    def _reported_ids(self, tenant: str, after: str | None) -> Iterator[str]:
+        prefix = report_key(tenant, "")[: -len(REPORT_SUFFIX)]
+        start = report_key(tenant, after) if after is not None else ""
+        for info in self._reports.store.list(prefix, start_after=start):
+            name = info.key[len(prefix) :]
+            if name.endswith(REPORT_SUFFIX) and "/" not in name:
+                yield name[: -len(REPORT_SUFFIX)]
 
     def write_report(self, record: JobRecord) -> None:
         self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)
@@ -127,9 +164,17 @@ class JobStore(ABC):
         except (ObjectNotFound, InvalidObjectKey):
             return None
 
-    def _listable(self, job_id: str) -> JobRecord | None:
-        """The record, or None if it is gone or refused: one bad record must not hide a
-        tenant's other jobs."""
+    def _listable(self, tenant: str, job_id: str) -> JobRecord | None:
+        """The tenant's job, live or reported, or None if it is gone or refused."""
+        try:
+            record = self._live(job_id) or self._report(tenant, job_id)
+        except RecordTampered:
+            return None
+        return record if record is not None and record.tenant == tenant else None
+
+    def _live(self, job_id: str) -> JobRecord | None:
+        """The live record, or None if it is gone or refused: one bad record must not hide
+        a tenant's other jobs."""
         try:
             return self.load(job_id)
         except RecordTampered:
