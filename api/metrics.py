@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keystore.usage_redis import IMPLAUSIBLE_COUNTS
 from services.jobs import JobStore
 from storage.integrity import REFUSED_RECORDS
 
@@ -70,6 +71,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             self.registry.register(REFUSED_RECORDS)
+            self.registry.register(IMPLAUSIBLE_COUNTS)
             self._scraped = self.registry
         else:
             self._scraped = CollectorRegistry()

@@ -56,7 +56,7 @@ from keystore.usage import (
     UsageLedger,
     UsageMeter,
 )
-from keystore.usage_redis import DEFAULT_CHECKPOINT_INTERVAL, RedisLedger
+from keystore.usage_redis import DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_MAX_RATE, RedisLedger
 from storage import StorageError
 from storage.integrity import Records
 
@@ -98,6 +98,7 @@ class KeyStore:
         usage_batch: int = DEFAULT_BATCH,
         usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         usage_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        usage_max_rate: float = DEFAULT_MAX_RATE,
     ) -> None:
         self._clock = clock
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
@@ -108,7 +109,11 @@ class KeyStore:
             RecordLedger(self._saved)
             if usage_redis is None
             else RedisLedger(
-                usage_redis, self._saved, checkpoint_interval=usage_checkpoint_interval
+                usage_redis,
+                self._saved,
+                checkpoint_interval=usage_checkpoint_interval,
+                flush_interval=usage_flush_interval,
+                max_rate=usage_max_rate,
             )
         )
         self._usage = UsageMeter(

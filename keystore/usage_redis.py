@@ -10,26 +10,45 @@ hash to the record's counts, so a Redis that lost its data, or whose hash someon
 lowered, starts again from the checkpoint; and a key record put back from an older copy
 is raised again from the hash. A process that dies loses only its unadded batch, as
 with the record ledger; Redis losing its data loses the uses since the last checkpoint.
+
+Nor is a hash believed further ahead of the record than the processes could have
+counted. Every use counted since the last checkpoint was added within a checkpoint
+interval (and its batch within a flush interval) of it, so at `max_rate` uses a second of
+one key, the whole deployment's most, a hash is never more than `max_rate` × (the two
+intervals, and however long checkpoints have been failing) ahead of the record. A count
+further ahead is someone writing Redis: it is logged and counted
+(`sealstream_usage_counts_refused`), never checkpointed, put back to the record's count
+where the hash still holds it, and the record's count is the one enforced. Between
+checkpoints, each addition's answer is held to the same rate against the last count this
+process believed; one beyond it is checked against the record at once.
 """
 
 import logging
 import re
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import cast
 
 import redis
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from keystore.counts import Uses, VersionUses
 from keystore.errors import ConcurrentUpdate, KeystoreError
 from keystore.persistence import KeyRecordStore
 from keystore.records import KeyRecord
-from keystore.usage import UsageLedger, UsageUnavailable, limits_reached
+from keystore.usage import (
+    DEFAULT_FLUSH_INTERVAL,
+    UsageLedger,
+    UsageUnavailable,
+    limits_reached,
+)
 from storage import StorageError
 
 DEFAULT_CHECKPOINT_INTERVAL = 60.0
+DEFAULT_MAX_RATE = 10_000.0  # uses a second of one key, by all processes together
 # A hash outlives its last use by this long; should it expire, the checkpoint remains.
 HASH_TTL = 90 * 24 * 3600
 
@@ -39,8 +58,11 @@ HASH_TTL = 90 * 24 * 3600
 _ADD = """
 for i = 2, #ARGV, 3 do
     local floor = tonumber(ARGV[i + 1])
-    -- A field that is not a number (someone wrote Redis) counts as 0: the floor restores it.
+    -- A field that is not a count (someone wrote Redis) counts as 0: the floor restores it.
     local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') or 0
+    if current ~= math.floor(current) or current > 2^53 then
+        current = -1
+    end
     if current < floor then
         redis.call('HSET', KEYS[1], ARGV[i], floor)
     end
@@ -52,13 +74,38 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """
 
+# Triples (field, value refused, value to restore): a field that still holds the refused
+# value is set back (deleted, if the value to restore is empty); one changed since keeps
+# the newer addition.
+_RESET = """
+for i = 1, #ARGV, 3 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+        if ARGV[i + 2] == '' then
+            redis.call('HDEL', KEYS[1], ARGV[i])
+        else
+            redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+        end
+    end
+end
+return 0
+"""
+
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
+
+# In no registry of its own: the API's metrics show it, as they show refused records.
+IMPLAUSIBLE_COUNTS = Counter(
+    "sealstream_usage_counts_refused",
+    "Usage counts read from Redis further ahead of the key's sealed record than the "
+    "processes could have counted, and so not believed: someone wrote Redis. Alert on any",
+    registry=None,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class RedisLedger(UsageLedger):
-    """Counts in a Redis hash per key, checkpointed into the key's sealed record."""
+    """Counts in a Redis hash per key, checkpointed into the key's sealed record, and
+    believed only as far as the processes could have counted (see the module docstring)."""
 
     def __init__(
         self,
@@ -66,24 +113,49 @@ class RedisLedger(UsageLedger):
         saved: KeyRecordStore,
         *,
         checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_rate: float = DEFAULT_MAX_RATE,
     ) -> None:
         self._redis = client
         self._saved = saved
         self._interval = checkpoint_interval
+        self._flush_interval = flush_interval
+        self._max_rate = max_rate
         self._add = client.register_script(_ADD)
+        self._reset = client.register_script(_RESET)
         self._lock = threading.Lock()
-        # Per key: when this process last checkpointed it, and the limits it had reached.
-        self._checkpoints: dict[tuple[str, str], tuple[float, tuple[bool, bool, bool]]] = {}
+        self._keys: dict[tuple[str, str], _KeyState] = {}
 
     def read(self, record: KeyRecord) -> Uses:
         try:
             fields = cast(dict[str, str], self._redis.hgetall(_hash_name(record)))
         except RedisError as error:
             raise UsageUnavailable(f"Redis: {type(error).__name__}") from None
-        return _uses(fields).at_least(record.uses)
+        shared = _uses(fields)
+        jump = _jump(record.uses, shared)
+        if jump > self._allowance(self._failing_for(record)):
+            _note_implausible(record, jump)
+            return record.uses
+        return shared.at_least(record.uses)
 
     def add(self, record: KeyRecord, floor: Uses, added: Uses) -> Uses:
         floor = floor.at_least(record.uses)
+        fields = self._added(record, floor, added)
+        shared = _uses(fields)
+        now = time.monotonic()
+        with self._lock:
+            state = self._keys.get(_key(record))
+            if state is not None and not state.due(
+                limits_reached(record, shared), now, self._interval
+            ):
+                unchecked = now - state.vouched_at + self._flush_interval
+                if _jump(state.vouched, shared) <= self._max_rate * unchecked + added.total:
+                    state.vouched, state.vouched_at = shared, now
+                    return shared
+        return self._checkpoint(record, floor, added, fields)
+
+    def _added(self, record: KeyRecord, floor: Uses, added: Uses) -> dict[str, str]:
+        """Raise the hash to `floor` and add `added`; the hash's fields after."""
         arguments: list[str | int] = [HASH_TTL]
         for number in floor.versions.keys() | added.versions.keys():
             base, more = floor.of(number), added.of(number)
@@ -93,32 +165,161 @@ class RedisLedger(UsageLedger):
             if last is not None:
                 arguments += [f"{number}:last", _micros(last), 0]
         try:
-            fields = self._add(keys=[_hash_name(record)], args=arguments)
+            answer = self._add(keys=[_hash_name(record)], args=arguments)
         except RedisError as error:
             raise UsageUnavailable(f"Redis: {type(error).__name__}") from None
-        shared = _uses(dict(zip(fields[::2], fields[1::2], strict=True)))
-        self._checkpoint_if_due(record, shared)
-        return shared
+        return dict(zip(answer[::2], answer[1::2], strict=True))
 
-    def _checkpoint_if_due(self, record: KeyRecord, shared: Uses) -> None:
-        key = (record.tenant, record.kid)
-        reached = limits_reached(record, shared)
-        with self._lock:
-            last, was = self._checkpoints.get(key, (0.0, limits_reached(record, record.uses)))
-        if reached == was and time.monotonic() - last < self._interval:
-            return
+    def _checkpoint(
+        self, record: KeyRecord, floor: Uses, added: Uses, fields: dict[str, str]
+    ) -> Uses:
+        """Write the hash's count into the key's sealed record if it is no more ahead of
+        the record than the processes could have counted since; the count to go by."""
+        shared = _uses(fields)
+        allowance = self._allowance(self._failing_for(record)) + added.total
+        sealed: list[Uses] = []
+
+        def checkpointed(stored: KeyRecord, _now: datetime) -> KeyRecord:
+            sealed.append(stored.uses)
+            if _jump(stored.uses, shared) > allowance:
+                raise _Implausible
+            return stored.counting(shared, Uses())
+
         try:
-            self._saved.update(
-                record.tenant,
-                record.kid,
-                lambda stored, _now: stored.counting(shared, Uses()),
-                notify=False,
-            )
+            self._saved.update(record.tenant, record.kid, checkpointed, notify=False)
+        except _Implausible:
+            _note_implausible(record, _jump(sealed[-1], shared))
+            vouched = sealed[-1].at_least(floor).plus(added)
+            self._restore(record, fields, vouched)
+            self._vouch(record, vouched, checkpointed=False)
+            return vouched
         except (KeystoreError, StorageError, ConcurrentUpdate) as error:
             logger.warning("usage checkpoint of key %r not written yet: %s", record.kid, error)
-            return
+            return self._unchecked(record, shared, added)
+        if shared.below(sealed[-1]):
+            logger.warning(
+                "the Redis count of key %r of tenant %r was below its sealed checkpoint: "
+                "raised back to it",
+                record.kid,
+                record.tenant,
+            )
+            shared = _uses(self._added(record, sealed[-1], Uses()))
+        self._vouch(record, shared, checkpointed=True)
+        return shared
+
+    def _unchecked(self, record: KeyRecord, shared: Uses, added: Uses) -> Uses:
+        """`shared`, when the sealed record cannot be reached to check it against: taken
+        if no more ahead of what this process last believed than the processes could have
+        counted since, else the count is unavailable."""
+        now = time.monotonic()
         with self._lock:
-            self._checkpoints[key] = (time.monotonic(), reached)
+            state = self._keys.setdefault(_key(record), _KeyState(vouched=shared))
+            state.failing_since = state.failing_since or now
+            unchecked = now - state.vouched_at + self._flush_interval
+            if _jump(state.vouched, shared) > self._max_rate * unchecked + added.total:
+                raise UsageUnavailable(
+                    f"the usage count of key {record.kid!r} in Redis cannot be checked "
+                    "against its sealed record now"
+                )
+            state.vouched, state.vouched_at = shared, now
+        return shared
+
+    def _vouch(self, record: KeyRecord, vouched: Uses, *, checkpointed: bool) -> None:
+        now = time.monotonic()
+        with self._lock:
+            state = self._keys.setdefault(_key(record), _KeyState(vouched=vouched))
+            state.vouched, state.vouched_at, state.failing_since = vouched, now, None
+            if checkpointed:
+                state.checkpointed_at = now
+                state.reached = limits_reached(record, vouched)
+
+    def _restore(self, record: KeyRecord, fields: dict[str, str], vouched: Uses) -> None:
+        """Put the hash back to `vouched` where it still holds what was refused."""
+        arguments: list[str] = []
+        for name, value in fields.items():
+            number, _, kind = name.partition(":")
+            if not _VERSION.fullmatch(number):
+                continue
+            arguments += [name, value, _field(vouched.versions.get(int(number)), kind)]
+        try:
+            self._reset(keys=[_hash_name(record)], args=arguments)
+        except RedisError as error:
+            logger.warning("the Redis count of key %r not restored yet: %s", record.kid, error)
+
+    def _allowance(self, failing_for: float) -> float:
+        """The most uses the processes could have added to a hash past the sealed
+        checkpoint: every use counted since the last checkpoint was, or its batch
+        waiting, within a checkpoint interval and a flush interval of it, or within the
+        time checkpoints have been failing."""
+        window = self._interval + self._flush_interval + failing_for
+        return self._max_rate * window
+
+    def _failing_for(self, record: KeyRecord) -> float:
+        with self._lock:
+            state = self._keys.get(_key(record))
+            since = None if state is None else state.failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+
+@dataclass
+class _KeyState:
+    """What this process knows of a key's count: the last count it believed (and when),
+    and when it last checkpointed it, with the limits reached then."""
+
+    vouched: Uses
+    vouched_at: float = field(default_factory=time.monotonic)
+    checkpointed_at: float | None = None
+    reached: tuple[bool, bool, bool] = (False, False, False)
+    failing_since: float | None = None
+
+    def due(self, reached: tuple[bool, bool, bool], now: float, interval: float) -> bool:
+        """Whether a checkpoint is due: a limit reached, or the interval past."""
+        return (
+            self.checkpointed_at is None
+            or reached != self.reached
+            or now - self.checkpointed_at >= interval
+        )
+
+
+class _Implausible(Exception):
+    """A count further ahead of the sealed record than the processes could have counted."""
+
+
+def _note_implausible(record: KeyRecord, jump: int) -> None:
+    logger.error(
+        "the Redis count of key %r of tenant %r is %d uses ahead of its sealed record, "
+        "more than the processes could have counted (SEALSTREAM_USAGE_MAX_RATE): someone "
+        "wrote Redis? Counting from the sealed record; the count is not checkpointed",
+        record.kid,
+        record.tenant,
+        jump,
+    )
+    IMPLAUSIBLE_COUNTS.inc()
+
+
+def _jump(sealed: Uses, shared: Uses) -> int:
+    """How far `shared` is ahead of `sealed`: the uses it counts beyond it over all
+    versions, or the encryptions beyond it of one version, whichever is more."""
+    ahead = 0
+    encrypts = 0
+    for number, uses in shared.versions.items():
+        before = sealed.of(number)
+        ahead += max(uses.uses - before.uses, 0)
+        encrypts = max(encrypts, uses.encrypts - before.encrypts)
+    return max(ahead, encrypts)
+
+
+def _key(record: KeyRecord) -> tuple[str, str]:
+    return (record.tenant, record.kid)
+
+
+def _field(uses: VersionUses | None, kind: str) -> str:
+    """A hash field's value for `uses`; empty (the field is deleted) for no such version."""
+    if uses is None:
+        return ""
+    if kind == "last":
+        return str(_micros(uses.last_used_at)) if uses.last_used_at else ""
+    return str(uses.encrypts if kind == "encrypts" else uses.uses)
 
 
 def _hash_name(record: KeyRecord) -> str:

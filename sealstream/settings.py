@@ -249,6 +249,13 @@ class Settings(BaseSettings):
         "process writes into the key's sealed record (also written whenever the count "
         "reaches one of the key's limits); what Redis losing its data can lose",
     )
+    usage_max_rate: float = Field(
+        10_000.0,
+        gt=0,
+        description="with Redis: the most uses a second of one key all processes together "
+        "can make; a count in Redis further ahead of the key's sealed record than this rate "
+        "allows since its last checkpoint is not believed (someone wrote Redis)",
+    )
     key_expiration_warning: float = Field(
         7 * 24 * 3600.0,
         ge=0,

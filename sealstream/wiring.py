@@ -163,6 +163,7 @@ def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
         usage_batch=settings.usage_batch,
         usage_flush_interval=settings.usage_flush_interval,
         usage_checkpoint_interval=settings.usage_checkpoint_interval,
+        usage_max_rate=settings.usage_max_rate,
     )
 
 

@@ -6,7 +6,7 @@ rotation on the soft limit."""
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -19,13 +19,16 @@ import redis
 
 from keystore import KeyRecord, KeySpec, KeyStore, LocalKek, Uses
 from keystore.counts import WRAP_LIMIT, VersionUses
+from keystore.errors import KeyUsageExhausted
 from keystore.kek_wraps import RECORD_KIND as WRAPS_KIND
 from keystore.kek_wraps import RECORD_NAME as WRAPS_NAME
 from keystore.kek_wraps import KekWornOut, KekWrapCount
 from keystore.persistence import RECORD_KIND, KeyRecordStore, record_key
+from keystore.records import KeyChange
+from keystore.usage_redis import IMPLAUSIBLE_COUNTS
 from sealstream.settings import Settings
 from sealstream.wiring import build_parts, open_records
-from storage.integrity import RecordTampered
+from storage.integrity import Records, RecordTampered
 from storage.local import LocalStore
 from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
 from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
@@ -421,3 +424,76 @@ def test_what_someone_writes_into_redis_cannot_lower_a_count_or_break_it(
         database.delete(name)  # the record's checkpoint and this process's count stand
         encrypt(client, b"x").raise_for_status()
         problem(encrypt(client, b"x"), 403, "key-usage-exhausted")
+
+
+def _redis_processes(tmp_path: Path, url: str) -> tuple[Records, Callable[[], KeyStore]]:
+    """The records of a store, and key stores on it as separate processes would have
+    them, sharing one Redis; they believe at most 1 use a second of a key."""
+    kek = LocalKek(os.urandom(32))
+    records = open_records(LocalStore(tmp_path / "bucket"), kek)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    return records, lambda: KeyStore(
+        records, kek, usage_redis=client, usage_batch=1, usage_max_rate=1.0
+    )
+
+
+def _refused_counts() -> float:
+    [family] = IMPLAUSIBLE_COUNTS.collect()
+    return next(sample.value for sample in family.samples if sample.name.endswith("_total"))
+
+
+def test_a_count_written_into_redis_past_what_the_processes_could_count_is_not_believed(
+    tmp_path: Path, redis_server: "RedisServer"
+) -> None:
+    records, process = _redis_processes(tmp_path, redis_server.url)
+    first = process()
+    first.create(TENANT, KeySpec(kid="k", kty="oct"))
+    for _ in range(3):
+        first.sealing_keyring(TENANT, "k")
+    database = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    [name] = database.keys("sealstream:usage:*")
+
+    def write_bogus() -> None:
+        database.hset(name, mapping={"1:uses": 10**6, "1:encrypts": 10**6, "7:uses": 10**6})
+
+    refused = _refused_counts()
+
+    # The process counting the key notices at its next addition, short of any limit.
+    write_bogus()
+    first.sealing_keyring(TENANT, "k")
+    assert _refused_counts() == refused + 1
+    assert first.get(TENANT, "k").usage_count == 4
+    assert database.hgetall(name).keys() == {"1:uses", "1:encrypts", "1:last"}
+    assert database.hget(name, "1:uses") == "4"
+
+    # A process reading the key afresh goes by the sealed record, and never seals the
+    # bogus count into it, even once it reaches a limit.
+    write_bogus()
+    second = process()
+    assert second.get(TENANT, "k").usage_count <= 5
+    first.change(TENANT, "k", KeyChange(max_usage_limit=100))
+    second.sealing_keyring(TENANT, "k")
+    assert _refused_counts() >= refused + 3
+    assert second.get(TENANT, "k").usage_count <= 6
+    for keys in (first, second):
+        keys.close()
+    # The uses the bogus count overwrote before a checkpoint are lost, as if Redis had
+    # lost its data; none is made up.
+    assert 1 <= process().get(TENANT, "k").usage_count <= 5
+    assert records.get(RECORD_KIND, record_key(TENANT, "k"), KeyRecord).usage_count <= 5
+
+
+def test_a_count_lowered_in_redis_gains_no_encryption_past_the_sealed_record(
+    tmp_path: Path, redis_server: "RedisServer"
+) -> None:
+    _, process = _redis_processes(tmp_path, redis_server.url)
+    first = process()
+    first.create(TENANT, KeySpec(kid="k", kty="oct", max_usage_limit=3))
+    for _ in range(3):
+        first.sealing_keyring(TENANT, "k")
+    database = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    [name] = database.keys("sealstream:usage:*")
+    database.hset(name, mapping={"1:uses": "0", "1:encrypts": "0"})
+    for keys in (first, process()):
+        with pytest.raises(KeyUsageExhausted):
+            keys.sealing_keyring(TENANT, "k")

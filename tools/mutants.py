@@ -37,6 +37,9 @@ class Mutant:
 ENVELOPE_TESTS = ("tests/test_envelope_tamper.py", "tests/test_envelope_roundtrip.py")
 SIGNING_TESTS = ("tests/test_keystore_signing.py",)
 RETIREMENT_TESTS = ("tests/test_key_retirement.py",)
+REDIS_USAGE_TESTS = (
+    "tests/test_key_usage.py::test_a_count_written_into_redis_past_what_the_processes_could_count_is_not_believed",
+)
 
 MUTANTS = (
     Mutant(
@@ -220,6 +223,28 @@ MUTANTS = (
         "        counted = self.uses.at_least(floor).plus(added)",
         "        counted = self.uses.plus(added)",
         ("tests/test_key_usage.py",),
+    ),
+    Mutant(
+        "key usage: a Redis count read afresh is held to the sealed record",
+        "keystore/usage_redis.py",
+        "        if jump > self._allowance(self._failing_for(record)):",
+        "        if False:",
+        REDIS_USAGE_TESTS,
+    ),
+    Mutant(
+        "key usage: a Redis count is held to the rate since the last one believed",
+        "keystore/usage_redis.py",
+        "                if _jump(state.vouched, shared) <= self._max_rate * unchecked"
+        " + added.total:",
+        "                if True:",
+        REDIS_USAGE_TESTS,
+    ),
+    Mutant(
+        "key usage: a checkpoint refuses an implausible Redis count",
+        "keystore/usage_redis.py",
+        "            if _jump(stored.uses, shared) > allowance:",
+        "            if False:",
+        REDIS_USAGE_TESTS,
     ),
     Mutant(
         "key usage: the local KEK's wrap limit",
