@@ -119,6 +119,16 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "seconds, or has expired (it then only decrypts): `expiresAt=<RFC 3339 time>`.",
         "schema": {"type": "string"},
     },
+    "X-Source-Key-Usage-Limit-Warning": {
+        "description": "As `X-Key-Usage-Limit-Warning`, for the key of the old message or "
+        "signature.",
+        "schema": {"type": "string"},
+    },
+    "X-Source-Key-Expiration-Warning": {
+        "description": "As `X-Key-Expiration-Warning`, for the key of the old message or "
+        "signature.",
+        "schema": {"type": "string"},
+    },
     "Accept-Ranges": {
         "description": "`bytes` when reading a stored object: `Range` may ask for part of it.",
         "schema": {"type": "string", "enum": ["bytes"]},
@@ -129,14 +139,15 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 
-KEY_HEADERS = (
-    "X-Key-Requested",
-    "X-Key-Used",
-    "X-Algorithm-Used",
-    "X-Key-Usage-Limit-Warning",
-    "X-Key-Expiration-Warning",
+WARNING_HEADERS = ("X-Key-Usage-Limit-Warning", "X-Key-Expiration-Warning")
+SOURCE_WARNING_HEADERS = ("X-Source-Key-Usage-Limit-Warning", "X-Source-Key-Expiration-Warning")
+KEY_HEADERS = ("X-Key-Requested", "X-Key-Used", "X-Algorithm-Used", *WARNING_HEADERS)
+SOURCE_KEY_HEADERS = (
+    "X-Source-Key-Requested",
+    "X-Source-Key-Used",
+    "X-Source-Algorithm-Used",
+    *SOURCE_WARNING_HEADERS,
 )
-SOURCE_KEY_HEADERS = ("X-Source-Key-Requested", "X-Source-Key-Used", "X-Source-Algorithm-Used")
 _PROBLEM_HEADERS: dict[int, tuple[str, ...]] = {
     401: ("WWW-Authenticate",),
     403: ("WWW-Authenticate",),

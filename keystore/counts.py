@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-Operation = Literal["encrypt", "decrypt"]
+Operation = Literal["encrypt", "decrypt", "sign", "verify"]
+# The uses a key's maxUsageLimit refuses: those that make something with it. Opening a
+# message or checking a signature goes on, so that what the key made stays usable.
+MAKING: frozenset[Operation] = frozenset({"encrypt", "sign"})
 
 # Data keys or key material one AES key may wrap, each under a random 96-bit IV: half the
 # 2^32 NIST SP 800-38D allows. The other half absorbs, many times over, the wraps that

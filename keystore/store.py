@@ -215,6 +215,15 @@ class KeyStore:
         """Count a message opened under `version` of the key; the key's uses with it."""
         return self._usage.use(record, version, "decrypt")
 
+    def count_signed(self, record: KeyRecord) -> Uses:
+        """Count a signature to be made by the key's primary version; the key's uses with
+        it. Refused once the key is past its maxUsageLimit (`KeyUsageExhausted`)."""
+        return self._usage.use(record, record.primary_version, "sign")
+
+    def count_verified(self, record: KeyRecord, version: int) -> Uses:
+        """Count a signature checked with `version` of the key; the key's uses with it."""
+        return self._usage.use(record, version, "verify")
+
     def flush_usage(self) -> None:
         """Add this process's uncounted uses to the shared count now."""
         self._usage.flush()

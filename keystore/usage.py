@@ -1,6 +1,7 @@
 """Counting key uses across processes, and the limits the counts enforce.
 
-Each process counts the messages it seals and opens per key version (`UsageMeter.use`)
+Each process counts the messages it seals and opens, and the signatures it makes and
+checks, per key version (`UsageMeter.use`)
 and adds them, in batches, to a count every process shares (a `UsageLedger`): the key's
 sealed record in the object store, updated by compare-and-swap (`RecordLedger`), or a
 Redis hash updated by a script (`keystore.usage_redis.RedisLedger`). A batch is added
@@ -14,9 +15,9 @@ the process checks its next uses against. Hence the bounds `docs/audit.md` state
   addition that takes the shared count to the limit, each process seals at most what
   fits in its own batch before its next addition tells it so.
 
-An encryption whose batch is full waits for the addition; if the shared count cannot be
-reached it is refused (`UsageUnavailable`), so that no process runs ahead of the bound.
-A decryption is counted regardless.
+An encryption (or a signature) whose batch is full waits for the addition; if the
+shared count cannot be reached it is refused (`UsageUnavailable`), so that no process
+runs ahead of the bound. A decryption (or a check of a signature) is counted regardless.
 
 `WRAP_LIMIT` caps the data keys one AES key version may wrap: the AES keyring draws a
 random 96-bit IV for each, and NIST SP 800-38D allows 2^32 such IVs under one key.
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from keystore.counts import WRAP_LIMIT, Operation, Uses
+from keystore.counts import MAKING, WRAP_LIMIT, Operation, Uses
 from keystore.errors import (
     ConcurrentUpdate,
     KeyNotFound,
@@ -156,17 +157,18 @@ class UsageMeter:
         _check_encrypt(record, estimate, record.primary_version)
 
     def use(self, record: KeyRecord, version: int, operation: Operation) -> Uses:
-        """Count one message sealed or opened under `version` of the key `record`; the
-        key's counts with it, as this process knows them. An encryption is first checked
-        against the limits (`KeyUsageExhausted`, `KeyVersionWornOut`)."""
+        """Count one message sealed or opened, or one signature made or checked, under
+        `version` of the key `record`; the key's counts with it, as this process knows
+        them. An encryption or a signature is first checked against the limits
+        (`KeyUsageExhausted`, `KeyVersionWornOut`)."""
         count = self._count(record)
         while True:
             with self._lock:
                 count.record = record
                 count.last_use = time.monotonic()
-                if operation == "decrypt" or count.unadded < self._batch:
+                if operation not in MAKING or count.unadded < self._batch:
                     estimate = count.estimate.at_least(record.uses)
-                    if operation == "encrypt":
+                    if operation in MAKING:
                         _check_encrypt(record, estimate, version)
                     one = Uses.one(version, operation, self._clock())
                     count.pending = count.pending.plus(one)
@@ -300,7 +302,7 @@ def _check_encrypt(record: KeyRecord, uses: Uses, version: int) -> None:
     if record.usage_exhausted(uses):
         raise KeyUsageExhausted(
             f"key {record.kid!r} has reached its maxUsageLimit ({record.max_usage_limit} "
-            "uses): it no longer encrypts, and still decrypts"
+            "uses): it no longer encrypts or signs, and still decrypts and verifies"
         )
     if worn_out(record, uses, version):
         raise KeyVersionWornOut(

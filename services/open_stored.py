@@ -242,10 +242,13 @@ async def _then(body: AsyncIterator[bytes], finish: Callable[[], None]) -> Async
 @dataclass
 class StoredMessage:
     """A stored object being read: its authenticated header, the decryptor reading it,
-    and its plaintext, in pieces that have each passed their frame's tag."""
+    the key that opened it and that key's uses with this read, and its plaintext, in
+    pieces that have each passed their frame's tag."""
 
     header: Header
     decryptor: Decryptor
+    key: KeyRecord
+    uses: Uses
     plaintext: Iterator[bytes]
 
 
@@ -290,11 +293,12 @@ def open_stored(
     works. A third thread for AES-GCM would cost more in hand-offs than it would take over.
     """
     with closing(store.read(storage_key, 0, size)) as chunks:
-        decryptor, first, watch = _opened(chunks, keys_for, tenant, on_chunk)
+        decryptor, first, opening, uses = _opened(chunks, keys_for, tenant, on_chunk)
         assert decryptor.header is not None
         check_placement(decryptor.header, storage_key)
-        with ReadAhead(_plaintext(first, decryptor, chunks, on_chunk, watch)) as plaintext:
-            yield StoredMessage(decryptor.header, decryptor, iter(plaintext))
+        pieces = _plaintext(first, decryptor, chunks, on_chunk, opening.watch)
+        with ReadAhead(pieces) as plaintext:
+            yield StoredMessage(decryptor.header, decryptor, opening.key, uses, iter(plaintext))
 
 
 def _opened(
@@ -302,9 +306,10 @@ def _opened(
     keys_for: Callable[[Header], OpeningKeys],
     tenant: str,
     on_chunk: OnChunk,
-) -> tuple[Decryptor, list[bytes], KeyWatch]:
+) -> tuple[Decryptor, list[bytes], OpeningKeys, Uses]:
     """A decryptor past the header, which is read from the front of `stream`, the
-    plaintext of the frames that came with it, and the watch on the key that opened it."""
+    plaintext of the frames that came with it, the keys that opened it, and the key's uses
+    with this message."""
     reader = HeaderReader()
     for chunk in stream:
         on_chunk(len(chunk))
@@ -318,8 +323,7 @@ def _opened(
                 required_context=required_context({}, tenant),
             )
             assert decryptor.keyring is not None
-            opening.opened(decryptor.keyring)
-            return decryptor, first, opening.watch
+            return decryptor, first, opening, opening.opened(decryptor.keyring)
     raise TruncatedMessage("the object ends inside its header")
 
 

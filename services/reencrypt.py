@@ -42,7 +42,7 @@ from anyio import to_thread
 
 from envelope import Decryptor
 from envelope.encrypt import Piece
-from keystore import KeyMismatch, KeyStore
+from keystore import KeyMismatch, KeyRecord, KeyStore, Uses
 from services.inventory import Inventory, Marker, record_at
 from services.keys import (
     KeyWatch,
@@ -89,6 +89,17 @@ class Reencrypting:
     message: AsyncIterator[bytearray | memoryview]
 
 
+@dataclass(frozen=True)
+class Reencrypted:
+    """An object re-encrypted: its new record, the key that opened the old message (and
+    that key's uses with it), and the new message's sealing."""
+
+    record: ObjectRecord
+    opened_by: KeyRecord
+    opened_uses: Uses
+    sealing: Sealing
+
+
 async def reencrypt_upload(
     keys: KeyStore,
     tenant: str,
@@ -122,10 +133,10 @@ def reencrypt_stored(
     kid: str,
     destination: Placement | None,
     overwrite: bool = False,
-) -> tuple[ObjectRecord, ObjectRecord]:
+) -> tuple[ObjectRecord, Reencrypted]:
     """Re-encrypt the recorded object `source` (sealed for `source_kid`, if given) for
     `kid`'s primary version, in place or into `destination`: `reencrypt_object` on a
-    client's request. Its old record and the new one."""
+    client's request. Its old record, and what was done."""
     original = source.store.head(source.storage_key)
     recorded = recorded_object(records, source, original.size, serve_unrecorded=False)
     assert recorded is not None  # an unrecorded object was refused
@@ -167,11 +178,11 @@ def reencrypt_object(
     kid: str | None = None,
     destination: Placement | None = None,
     overwrite: bool = False,
-) -> ObjectRecord:
+) -> Reencrypted:
     """Re-encrypt the object `original` (its current version, as `head` gave it), whose
     upload record is `recorded`, for the primary version of `kid` (by default its own
     key), in place or into `destination` (replacing an object there only if
-    `overwrite`); the new object's record.
+    `overwrite`); the new object's record, with the keys used.
 
     `on_chunk(bytes read)` runs for each chunk of the object read (progress, heartbeat,
     a cancel point). The keys are checked again as the object is read and sealed, at most
@@ -227,7 +238,7 @@ def reencrypt_object(
     record = sealed_record(sealing, bucket, target_key, digest.hexdigest(), stored)
     save_record(records, record)
     inventory.moved(replaced, record)
-    return record
+    return Reencrypted(record, old.key, old.uses, sealing)
 
 
 def _swap(inventory: Inventory, new: "_Resealing", marker: Marker) -> ObjectInfo:

@@ -7,9 +7,14 @@ it gives), never with the one the JWS header names. A stored key is looked up by
 `kid#version` the header names, or by the caller's `kid` (its primary version if the
 header names none of its versions). A long stream checks again, at most once a second,
 that its keys may still be used (`KeyWatch`): a key disabled meanwhile stops it.
+
+Each signature counts as a use of the key version that makes it, counted (and refused
+past the key's maxUsageLimit) before the payload is read, as an encryption is; each
+check of one with a stored key counts once the payload has been checked against it, as
+a decryption does.
 """
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,7 +22,7 @@ from typing import Any
 from anyio import to_thread
 
 from envelope import DetachedJws, DetachedSigner, DetachedVerifier, parse_detached
-from keystore import KeyMismatch, KeyNotFound, KeyStore
+from keystore import KeyMismatch, KeyNotFound, KeyRecord, KeyStore, Uses
 from keystore.algorithms import verifying_key_from_jwk
 from keystore.material import KEY_NAME_PATTERN, key_name
 from services.keys import KeyWatch
@@ -25,31 +30,46 @@ from services.keys import KeyWatch
 
 @dataclass
 class Signing:
-    """A signature being made with a key's primary version (`key_name`, `kid#version`)."""
+    """A signature being made with a key's primary version (`key_name`, `kid#version`),
+    counted: `uses` are the key's with it."""
 
+    key: KeyRecord
     key_name: str
     alg: str
     signer: DetachedSigner
     watch: KeyWatch
+    uses: Uses
+
+
+@dataclass
+class StoredVerifier:
+    """The stored key version a signature is checked with, and how to count the check."""
+
+    key: KeyRecord
+    version: int
+    watch: KeyWatch
+    count: Callable[[KeyRecord, int], Uses]
+    uses: Uses | None = None  # the key's, once the check is counted
 
 
 @dataclass
 class Verifying:
     """A signature being checked: the key that checks it (`key_name`, None for a public
-    JWK that names none) and its algorithm."""
+    JWK that names none), its algorithm, and the stored key version if it is one."""
 
     key_name: str | None
     alg: str
     verifier: DetachedVerifier
-    watch: KeyWatch | None  # None for a public JWK: there is no key of ours to watch
+    stored: StoredVerifier | None  # None for a public JWK: no key of ours to watch or count
 
 
 def start_signing(keys: KeyStore, tenant: str, kid: str) -> Signing:
     """Check the key may sign now, and start a signature by its primary version."""
     record, signing_key = keys.signing_key(tenant, kid)
+    uses = keys.count_signed(record)
     name = key_name(record.kid, record.primary_version)
     watch = KeyWatch(partial(keys.signing_key, tenant, kid))
-    return Signing(name, record.alg, DetachedSigner(signing_key, name), watch)
+    return Signing(record, name, record.alg, DetachedSigner(signing_key, name), watch, uses)
 
 
 def start_verifying(
@@ -75,7 +95,8 @@ def start_verifying(
     record, number, verifying_key = keys.verifying_key(tenant, wanted, version)
     watch = KeyWatch(partial(keys.verifying_key, tenant, wanted, number))
     verifier = DetachedVerifier(jws, verifying_key)
-    return Verifying(key_name(record.kid, number), record.alg, verifier, watch)
+    stored = StoredVerifier(record, number, watch, keys.count_verified)
+    return Verifying(key_name(record.kid, number), record.alg, verifier, stored)
 
 
 async def sign_stream(signing: Signing, chunks: AsyncIterator[memoryview]) -> str:
@@ -103,10 +124,15 @@ async def resign_stream(
 async def _checked(
     verifying: Verifying, signing: Signing | None, chunks: AsyncIterator[memoryview]
 ) -> None:
-    """Feed `chunks` to the verifier (and the signer, if any), then verify."""
+    """Feed `chunks` to the verifier (and the signer, if any), then verify: a check with
+    a stored key counts, whatever its verdict."""
+    stored = verifying.stored
     watches: Sequence[KeyWatch] = [
         watch
-        for watch in (verifying.watch, None if signing is None else signing.watch)
+        for watch in (
+            None if stored is None else stored.watch,
+            None if signing is None else signing.watch,
+        )
         if watch is not None
     ]
     async for chunk in chunks:
@@ -115,7 +141,11 @@ async def _checked(
             signing.signer.update(chunk)
         for watch in watches:
             await watch()
-    await to_thread.run_sync(verifying.verifier.verify)
+    try:
+        await to_thread.run_sync(verifying.verifier.verify)
+    finally:
+        if stored is not None:
+            stored.uses = await to_thread.run_sync(stored.count, stored.key, stored.version)
 
 
 def _named_key(jws: DetachedJws, kid: str | None) -> tuple[str, int | None]:

@@ -218,3 +218,28 @@ def test_storage_to_storage_into_another_object_and_in_place(api: Api, tmp_path:
 def _marked(api: Api, kid: str) -> list[str]:
     """The storage keys the index lists under `kid#1`, sorted."""
     return sorted(m.storage_key for m in Inventory(api.records).markers("default", kid, 1))
+
+
+def test_both_keys_usage_warnings_come_with_each_reencrypt_answer(
+    local_api: Api, client: httpx.Client
+) -> None:
+    create_key(client, kid="warnFrom", softUsageLimit=1)
+    create_key(client, kid="warnTo", softUsageLimit=1, maxUsageLimit=9)
+    stored = encrypt(client, DATA, kid="warnFrom", destination={"key": "warn/old.bin"})
+    assert stored.status_code == 201, stored.text
+    # Storage to storage: the old message's opening and the new one's sealing count.
+    source = {"kid": "warnTo", "source": {"key": "warn/old.bin"}}
+    moved = post_form(client, REENCRYPT, {**source, "destination": {"key": "warn/new.bin"}}, None)
+    assert moved.status_code == 201, moved.text
+    assert moved.headers["X-Source-Key-Usage-Limit-Warning"] == "usageCount=2; softUsageLimit=1"
+    assert moved.headers["X-Key-Usage-Limit-Warning"] == (
+        "usageCount=1; softUsageLimit=1; maxUsageLimit=9"
+    )
+    # Streamed, the same headers.
+    old = message_of(client, kid="warnFrom")
+    answer = reencrypted(local_api, old, kid="warnTo")
+    assert answer.status == 200 and answer.complete
+    assert answer.headers["X-Source-Key-Usage-Limit-Warning"] == "usageCount=4; softUsageLimit=1"
+    assert answer.headers["X-Key-Usage-Limit-Warning"] == (
+        "usageCount=2; softUsageLimit=1; maxUsageLimit=9"
+    )

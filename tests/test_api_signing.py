@@ -327,3 +327,34 @@ def test_the_signing_keys_public_jwks_are_readable(client: httpx.Client, tmp_pat
         assert set(key["publicJwk"]) == members, kid
         assert key["keyOps"] == ["sign", "verify"]
     assert client.get(f"{KEYS}/mldsa44").json()["kty"] == "ML-DSA"
+
+
+def test_signatures_count_as_uses_and_stop_at_the_max_usage_limit(client: httpx.Client) -> None:
+    create_key(
+        client,
+        kid="counted",
+        kty="EC",
+        alg="ES256",
+        keyOps=["sign", "verify"],
+        softUsageLimit=2,
+        maxUsageLimit=3,
+    )
+    warning = "X-Key-Usage-Limit-Warning"
+    first = signed(client, "counted")
+    assert first.status_code == 200 and warning not in first.headers
+    second = signed(client, "counted")
+    assert second.headers[warning] == "usageCount=2; softUsageLimit=2; maxUsageLimit=3"
+    checked = verify(client, signature=first.text)
+    assert checked.status_code == 200
+    assert checked.headers[warning] == "usageCount=3; softUsageLimit=2; maxUsageLimit=3"
+    # At the limit it signs no more, as a key encrypts no more; it still verifies.
+    problem(signed(client, "counted"), 403, "key-usage-exhausted")
+    resigning = {"signature": first.text, "kid": "counted"}
+    problem(post_form(client, RESIGN, resigning, PAYLOAD), 403, "key-usage-exhausted")
+    problem(verify(client, b"other bytes", signature=second.text), 422, "signature-invalid")
+    resigned = post_form(client, RESIGN, {"signature": second.text, "kid": "es256"}, PAYLOAD)
+    assert resigned.status_code == 200, resigned.text
+    assert resigned.headers["X-Source-Key-Usage-Limit-Warning"].startswith("usageCount=5;")
+    # Each signature made, and each one checked (valid or not), counted once.
+    version = client.get(f"{KEYS}/counted").json()["versions"][0]
+    assert (version["usageCount"], version["encryptCount"]) == (5, 0)

@@ -211,6 +211,15 @@ MUTANTS = (
         ("tests/test_key_usage.py",),
     ),
     Mutant(
+        "key usage: maxUsageLimit stops signatures too",
+        "keystore/usage.py",
+        "                    if operation in MAKING:",
+        '                    if operation == "encrypt":',
+        (
+            "tests/test_api_signing.py::test_signatures_count_as_uses_and_stop_at_the_max_usage_limit",
+        ),
+    ),
+    Mutant(
         "key usage: the random-IV wrap limit",
         "keystore/usage.py",
         "    if worn_out(record, uses, version):",

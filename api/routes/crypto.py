@@ -169,17 +169,24 @@ def named_key_headers(requested: str, used: str, alg: str, prefix: str = "X-") -
 
 
 def warning_headers(
-    svc: Services, record: KeyRecord, keyring: Keyring, uses: Uses
+    svc: Services, record: KeyRecord, keyring: Keyring, uses: Uses, prefix: str = "X-"
 ) -> dict[str, str]:
     """The warnings that the key has reached its soft usage limit (`uses` being its counts
-    with this message) or expires soon, when they apply."""
+    with this message) or expires soon, when they apply; `X-Source-` ones for the key a
+    message is re-encrypted from."""
+    return warnings(svc, record, version_of(keyring), uses, prefix)
+
+
+def warnings(
+    svc: Services, record: KeyRecord, version: int, uses: Uses, prefix: str = "X-"
+) -> dict[str, str]:
+    """`warning_headers` for a use of the key's `version`."""
     headers = {}
-    version = version_of(keyring)
     if record.soft_limit_reached(uses, version):
-        headers["X-Key-Usage-Limit-Warning"] = usage_warning(record, uses, version)
+        headers[f"{prefix}Key-Usage-Limit-Warning"] = usage_warning(record, uses, version)
     window = timedelta(seconds=svc.settings.key_expiration_warning)
     if record.expires_at is not None and record.expiry_near(datetime.now(UTC), window):
-        headers["X-Key-Expiration-Warning"] = f"expiresAt={rfc3339(record.expires_at)}"
+        headers[f"{prefix}Key-Expiration-Warning"] = f"expiresAt={rfc3339(record.expires_at)}"
     return headers
 
 
@@ -346,6 +353,7 @@ async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
         **key_headers(
             metadata.source_kid or opened.key.kid, opened.key, opened.keyring, "X-Source-"
         ),
+        **warning_headers(svc, opened.key, opened.keyring, opened.uses, "X-Source-"),
         **key_headers(metadata.kid, sealing.key, sealing.keyring),
         **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
@@ -358,7 +366,7 @@ async def _reencrypt_stored(
     """The object `source` re-encrypted in place, or into `metadata.destination` (201)."""
     destination = metadata.destination
     target = None if destination is None else svc.spaces.place(tenant, destination)
-    old, new = await to_thread.run_sync(
+    old, done = await to_thread.run_sync(
         partial(
             reencrypt_stored,
             svc.keys,
@@ -371,11 +379,15 @@ async def _reencrypt_stored(
         ),
         limiter=svc.transfers,
     )
+    new, sealing = done.record, done.sealing
+    old_version = old.key_version
     headers = {
         **named_key_headers(
-            metadata.source_kid or old.kid, key_name(old.kid, old.key_version), old.alg, "X-Source-"
+            metadata.source_kid or old.kid, key_name(old.kid, old_version), old.alg, "X-Source-"
         ),
+        **warnings(svc, done.opened_by, old_version, done.opened_uses, "X-Source-"),
         **named_key_headers(metadata.kid, key_name(new.kid, new.key_version), new.alg),
+        **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
     written = source if destination is None else destination
     body = ObjectSummary.of(new, written.key)

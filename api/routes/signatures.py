@@ -30,11 +30,14 @@ from api.openapi import (
     AUTHENTICATED,
     FORM,
     KEY_HEADERS,
+    SOURCE_WARNING_HEADERS,
+    WARNING_HEADERS,
     answer,
     answers,
     form_request,
     headers,
 )
+from api.routes.crypto import named_key_headers, warnings
 from api.schemas import Kid, Metadata, NamesKey
 from api.services import Services, services
 from api.tokens import Principal
@@ -120,6 +123,7 @@ RESIGNED = {
             *KEY_HEADERS,
             "X-Source-Key-Used",
             "X-Source-Algorithm-Used",
+            *SOURCE_WARNING_HEADERS,
             optional=["X-Source-Key-Used"],
         ),
     )
@@ -128,23 +132,27 @@ VERIFIED = {
     200: answer(
         "The signature verified.",
         Verdict,
-        with_headers=headers("X-Key-Used", "X-Algorithm-Used", optional=["X-Key-Used"]),
+        with_headers=headers(
+            "X-Key-Used", "X-Algorithm-Used", *WARNING_HEADERS, optional=["X-Key-Used"]
+        ),
     )
 }
 
 
-def signing_headers(requested: str, signing: Signing) -> dict[str, str]:
+def signing_headers(svc: Services, requested: str, signing: Signing) -> dict[str, str]:
     return {
-        "X-Key-Requested": requested,
-        "X-Key-Used": signing.key_name,
-        "X-Algorithm-Used": signing.alg,
+        **named_key_headers(requested, signing.key_name, signing.alg),
+        **warnings(svc, signing.key, signing.key.primary_version, signing.uses),
     }
 
 
-def verifying_headers(verifying: Verifying, prefix: str = "X-") -> dict[str, str]:
+def verifying_headers(svc: Services, verifying: Verifying, prefix: str = "X-") -> dict[str, str]:
     found = {f"{prefix}Algorithm-Used": verifying.alg}
     if verifying.key_name is not None:
         found[f"{prefix}Key-Used"] = verifying.key_name
+    stored = verifying.stored
+    if stored is not None and stored.uses is not None:
+        found.update(warnings(svc, stored.key, stored.version, stored.uses, prefix))
     return found
 
 
@@ -162,7 +170,7 @@ async def sign(request: Request, principal: SignScope) -> Response:
     signing = await run_in_threadpool(start_signing, svc.keys, principal.tenant, metadata.kid)
     await form.start_file()
     signature = await sign_stream(signing, form.file_chunks())
-    return Response(signature, media_type=JOSE, headers=signing_headers(metadata.kid, signing))
+    return Response(signature, media_type=JOSE, headers=signing_headers(svc, metadata.kid, signing))
 
 
 @router.post(
@@ -180,7 +188,7 @@ async def verify(request: Request, principal: VerifyScope) -> Response:
     await form.start_file()
     await verify_stream(verifying, form.file_chunks())
     verdict = Verdict(valid=True, kid=verifying.key_name, alg=verifying.alg)
-    return JSONResponse(verdict.model_dump(), headers=verifying_headers(verifying))
+    return JSONResponse(verdict.model_dump(), headers=verifying_headers(svc, verifying))
 
 
 @router.post(
@@ -200,8 +208,8 @@ async def resign(request: Request, principal: ResignScope) -> Response:
     await form.start_file()
     signature = await resign_stream(verifying, signing, form.file_chunks())
     response_headers = {
-        **signing_headers(metadata.kid, signing),
-        **verifying_headers(verifying, "X-Source-"),
+        **signing_headers(svc, metadata.kid, signing),
+        **verifying_headers(svc, verifying, "X-Source-"),
     }
     return Response(signature, media_type=JOSE, headers=response_headers)
 
