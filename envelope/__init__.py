@@ -1,12 +1,13 @@
 """envelope: the sealstream message format, an AWS Encryption SDK message (version 2,
-algorithm suite 0x0478, framed), written and read incrementally; and detached JWS
-signatures over a streamed payload (`envelope.jws`, with the keys of `envelope.signing_keys`).
+algorithm suite 0x0478, or 0x0578 when signed; framed), written and read incrementally;
+and detached JWS signatures over a streamed payload (`envelope.jws`, with the keys of
+`envelope.signing_keys`).
 
 Pure: bytes in, bytes out; no I/O and no framework. See docs/FORMAT.md for the bytes.
 Exported here is what other packages use; the rest is imported from its own module.
 """
 
-from envelope.decrypt import Decryptor, FrameReader, start_decryption
+from envelope.decrypt import BodyReader, Decryptor, FrameReader, start_decryption
 from envelope.encrypt import Encryptor
 from envelope.errors import (
     AuthenticationError,
@@ -14,6 +15,8 @@ from envelope.errors import (
     DataKeyUnavailable,
     EncryptionContextMismatch,
     EnvelopeError,
+    FooterAuthenticationError,
+    FooterMalformed,
     FrameAuthenticationError,
     FrameSequenceError,
     HeaderAuthenticationError,
@@ -68,6 +71,7 @@ __all__ = [
     "PROVIDER_ID",
     "AesKeyring",
     "AuthenticationError",
+    "BodyReader",
     "CommitmentMismatch",
     "DataKeyUnavailable",
     "Decryptor",
@@ -78,6 +82,8 @@ __all__ = [
     "Encryptor",
     "EnvelopeError",
     "FinalFrameCheck",
+    "FooterAuthenticationError",
+    "FooterMalformed",
     "FrameAuthenticationError",
     "FrameReader",
     "FrameSequenceError",

@@ -3,9 +3,13 @@
 Nothing is returned before the tag that covers it has verified: the header must
 authenticate (and the key commitment match) before any frame is read, and each frame's
 plaintext is released only after its own tag verifies. A message is complete only when
-its final frame has been read; `finish` raises `TruncatedMessage` otherwise.
+its final frame has been read, and, if it is signed, its footer has verified over every
+byte before it; `finish` raises otherwise. So the plaintext of a signed message is
+handed out before its signature is checked, frame by frame as each tag verifies: a
+stream is the message's only once it has ended cleanly.
 
 `FrameReader` is the frame half on its own, so a ranged read can start at any frame.
+`BodyReader` is the frames and the footer, for a message whose header was opened apart.
 `start_decryption` takes over a message whose header was read apart, to find its keys.
 """
 
@@ -19,6 +23,7 @@ from envelope.errors import (
     TrailingData,
     TruncatedMessage,
 )
+from envelope.footer import FooterVerifier, public_key_from_context
 from envelope.frames import (
     END_MARKER,
     FINAL_OVERHEAD,
@@ -29,9 +34,9 @@ from envelope.frames import (
     FrameOpener,
     OpeningFrame,
 )
-from envelope.header import DEFAULT_LIMITS, Header, HeaderReader, Limits
+from envelope.header import DEFAULT_LIMITS, PUBLIC_KEY_CONTEXT_KEY, Header, HeaderReader, Limits
 from envelope.keyrings.base import Keyring
-from envelope.message import open_message
+from envelope.message import OpenedMessage, open_message
 
 _U32 = struct.Struct(">I")
 
@@ -53,7 +58,18 @@ class FrameReader:
         self.final_frame_read = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Plaintexts of the frames `data` completes; raises on any bad frame."""
+        """Plaintexts of the frames `data` completes; raises on any bad frame, and on
+        bytes after the final frame."""
+        out, rest = self.feed_until_final(data)
+        if rest:
+            raise TrailingData("bytes follow the final frame")
+        return out
+
+    def feed_until_final(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[bytes], memoryview]:
+        """Plaintexts of the frames `data` completes, and what of `data` follows the
+        final frame (a signed message's footer); raises on any bad frame."""
         view = memoryview(data).cast("B")
         out: list[bytes] = []
         while view and not self.final_frame_read:
@@ -68,9 +84,7 @@ class FrameReader:
                 view = view[needed:]
             else:
                 view = self._read_prefix(view)
-        if view:
-            raise TrailingData("bytes follow the final frame")
-        return out
+        return out, view
 
     def _read_prefix(self, view: memoryview) -> memoryview:
         """Move bytes of the next frame's prefix from `view`; once it is whole, begin
@@ -143,6 +157,44 @@ def _is_final(head: bytes | bytearray | memoryview) -> bool:
     return bool(_U32.unpack_from(head, 0)[0] == END_MARKER)
 
 
+class BodyReader:
+    """The body of a message whose header has authenticated (`opened`): its frames, and,
+    for a signed message, its footer, whose signature is checked over the header and
+    every frame. Each plaintext handed out has passed its frame's tag; `finish` passes
+    only once the final frame has been read and, if signed, the footer has verified."""
+
+    def __init__(self, opened: OpenedMessage) -> None:
+        header = opened.header
+        self.frames = FrameReader(opened.cipher, header.frame_length)
+        self._footer: FooterVerifier | None = None
+        if header.signed:
+            public_key = public_key_from_context(header.context[PUBLIC_KEY_CONTEXT_KEY])
+            self._footer = FooterVerifier(public_key)
+            self._footer.update(header.to_bytes())
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Plaintexts of the frames `data` completes; raises on any bad frame or footer."""
+        footer = self._footer
+        if footer is None:
+            return self.frames.feed(data)
+        view = memoryview(data).cast("B")
+        out: list[bytes] = []
+        if not self.frames.final_frame_read:
+            out, rest = self.frames.feed_until_final(view)
+            footer.update(view[: len(view) - len(rest)])
+            view = rest
+        if self.frames.final_frame_read:
+            footer.feed_footer(view)
+        return out
+
+    def finish(self) -> None:
+        """Raise unless the whole body, and its footer if signed, has been read."""
+        if not self.frames.final_frame_read:
+            raise TruncatedMessage("the message ended before its final frame")
+        if self._footer is not None and not self._footer.verified:
+            raise TruncatedMessage("the signed message ended before its footer was whole")
+
+
 class Decryptor:
     """Decrypts one message with whichever of `keyrings` unwraps one of its data keys.
 
@@ -160,7 +212,7 @@ class Decryptor:
         self._keyrings = tuple(keyrings)
         self._required_context = dict(required_context or {})
         self._header_reader = HeaderReader(limits)
-        self._frames: FrameReader | None = None
+        self._body: BodyReader | None = None
         self._failed = False
         self._finished = False
         self.plaintext_length = 0
@@ -169,7 +221,7 @@ class Decryptor:
     @property
     def header(self) -> Header | None:
         """The authenticated header, once it has been read."""
-        return self._header_reader.header if self._frames is not None else None
+        return self._header_reader.header if self._body is not None else None
 
     def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take more ciphertext; return the plaintext of every frame it completes."""
@@ -188,19 +240,20 @@ class Decryptor:
         if self._failed or self._finished:
             raise StateError("the decryptor has finished or failed")
         self._finished = True
-        if self._frames is None or not self._frames.final_frame_read:
+        if self._body is None:
             raise TruncatedMessage("the message ended before its final frame")
+        self._body.finish()
 
     def _update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        if self._frames is None:
+        if self._body is None:
             header = self._header_reader.feed(data)
             if header is None:
                 return []
             opened = open_message(header, self._keyrings, self._required_context)
             self.keyring = opened.keyring
-            self._frames = FrameReader(opened.cipher, header.frame_length)
+            self._body = BodyReader(opened)
             data = self._header_reader.remainder
-        return self._frames.feed(data)
+        return self._body.feed(data)
 
 
 def start_decryption(

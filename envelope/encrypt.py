@@ -11,6 +11,9 @@ A frame is held until full because only then is it known not to be the final one
 prefix differs. A caller that knows more may say so: after `expect_length(n)`, the frames
 that end within `n` bytes go out as they are sealed, each chunk's ciphertext with the
 prefixes and tags around it, and only the frames after them are held.
+
+A signed message (`signed=True`, suite 0x0578) is hashed as it is handed out, every
+byte of it, and `finish` ends it with the footer that signs them (`envelope.footer`).
 """
 
 from collections import deque
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 
 from envelope.context import EncryptionContext
 from envelope.errors import InvalidParameter, PlaintextTooShort, StateError
+from envelope.footer import FooterSigner
 from envelope.frames import (
     MAX_SEQUENCE_NUMBER,
     REGULAR_OVERHEAD,
@@ -27,7 +31,7 @@ from envelope.frames import (
 )
 from envelope.header import Header
 from envelope.keyrings.base import Keyring
-from envelope.message import DEFAULT_FRAME_LENGTH, new_message
+from envelope.message import DEFAULT_FRAME_LENGTH, Endorse, new_message
 from envelope.suite import TAG_LENGTH
 
 Piece = bytearray | memoryview  # of the message, handed out by an `Encryptor`
@@ -57,6 +61,7 @@ class Encryptor:
         "_lent",
         "_ready",
         "_sequence_number",
+        "_signer",
         "_spare",
         "_spare_stream",
         "_streamed",
@@ -72,9 +77,15 @@ class Encryptor:
         *,
         context: EncryptionContext | None = None,
         frame_length: int = DEFAULT_FRAME_LENGTH,
+        signed: bool = False,
+        endorse: Endorse | None = None,
     ) -> None:
+        """`signed`: a signed message (suite 0x0578). `endorse`: see `new_message`."""
+        self._signer = FooterSigner() if signed else None
         self.header: Header
-        self.header, self._cipher = new_message(keyrings, context or {}, frame_length)
+        self.header, self._cipher = new_message(
+            keyrings, context or {}, frame_length, signer=self._signer, endorse=endorse
+        )
         self.frame_length = frame_length
         self.plaintext_length = 0
         self._frame: PendingFrame | None = None  # started when its first byte comes
@@ -99,8 +110,17 @@ class Encryptor:
             out = self._stream_buffer(len(view))
             frame.write_into(view, out)
             self.plaintext_length += len(view)
+            if self._signer is not None:
+                self._signer.update(out)
             return [out]
-        return self._update(view)
+        return self._signed(self._update(view))
+
+    def _signed(self, pieces: list[Piece]) -> list[Piece]:
+        """`pieces`, hashed into the footer's digest if the message is signed."""
+        if self._signer is not None:
+            for piece in pieces:
+                self._signer.update(piece)
+        return pieces
 
     def _update(self, view: memoryview) -> list[Piece]:
         if self._finished:
@@ -152,6 +172,9 @@ class Encryptor:
             out.append(self._cipher.seal(self._sequence_number, memoryview(b""), final=True))
         self._frame = None
         self._finished = True
+        self._signed(out)
+        if self._signer is not None:
+            out.append(bytearray(self._signer.footer()))
         return out
 
     def expect_length(self, at_least: int) -> None:

@@ -35,7 +35,11 @@ class TruncatedMessage(MessageFormatError):
 
 
 class TrailingData(MessageFormatError):
-    """Bytes follow the final frame."""
+    """Bytes follow the final frame (or, in a signed message, the footer)."""
+
+
+class FooterMalformed(MessageFormatError):
+    """A signed message's footer claims a signature no P-384 key makes."""
 
 
 class AuthenticationError(EnvelopeError):
@@ -52,6 +56,10 @@ class FrameAuthenticationError(AuthenticationError):
     def __init__(self, sequence_number: int) -> None:
         super().__init__(f"frame {sequence_number} failed authentication")
         self.sequence_number = sequence_number
+
+
+class FooterAuthenticationError(AuthenticationError):
+    """A signed message's footer signature does not verify over the message."""
 
 
 class CommitmentMismatch(AuthenticationError):

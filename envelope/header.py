@@ -2,11 +2,14 @@
 
 Layout (all integers big-endian), every byte up to the tag authenticated by it:
 
-    version(1)=0x02  suite(2)=0x0478  message_id(32)
+    version(1)=0x02  suite(2)=0x0478 or 0x0578  message_id(32)
     context_length(2)  context(context_length)
     edk_count(2)  edk_count × [id_len(2) id  info_len(2) info  ct_len(2) ct]
     content_type(1)=0x02  frame_length(4)  commitment(32)
     tag(16)
+
+A signed message (suite 0x0578) carries the public key its footer is checked with in its
+context (`aws-crypto-public-key`); an unsigned one may not carry that pair.
 
 The parser checks every length the header claims against `Limits` as soon as the length
 field is read, before waiting for the bytes it announces, so hostile input cannot make a
@@ -25,14 +28,18 @@ from envelope.errors import (
     UnsupportedMessage,
 )
 from envelope.suite import (
-    ALGORITHM_SUITE_ID,
     COMMITMENT_LENGTH,
     FRAMED_CONTENT,
     MESSAGE_FORMAT_VERSION,
     MESSAGE_ID_LENGTH,
     NON_FRAMED_CONTENT,
     TAG_LENGTH,
+    UNSIGNED_SUITE_ID,
+    check_suite,
+    is_signed,
 )
+
+PUBLIC_KEY_CONTEXT_KEY = "aws-crypto-public-key"  # a signed message's footer key
 
 MIN_FRAME_LENGTH = 4096
 MAX_FRAME_LENGTH = 16 * 1024 * 1024
@@ -80,6 +87,12 @@ class Header:
     commitment: bytes
     body: bytes = field(repr=False)
     tag: bytes = field(repr=False)
+    suite_id: int = UNSIGNED_SUITE_ID
+
+    @property
+    def signed(self) -> bool:
+        """Whether a footer signature over the whole message follows its final frame."""
+        return is_signed(self.suite_id)
 
     @property
     def length(self) -> int:
@@ -102,6 +115,7 @@ def serialize_header_body(
     encrypted_data_keys: tuple[EncryptedDataKey, ...],
     frame_length: int,
     commitment: bytes,
+    suite_id: int = UNSIGNED_SUITE_ID,
 ) -> bytes:
     """The header bytes that precede (and are authenticated by) the header tag."""
     return b"".join(
@@ -109,7 +123,7 @@ def serialize_header_body(
             struct.pack(
                 ">BH32sH",
                 MESSAGE_FORMAT_VERSION,
-                ALGORITHM_SUITE_ID,
+                suite_id,
                 message_id,
                 len(context_bytes),
             ),
@@ -155,9 +169,8 @@ class _Cursor:
 def _parse(data: bytes | bytearray, limits: Limits) -> Header:
     cursor = _Cursor(data)
     _check_version(cursor.u8())
-    suite = cursor.u16()
-    if suite != ALGORITHM_SUITE_ID:
-        raise UnsupportedMessage(f"algorithm suite 0x{suite:04X} is not supported (only 0x0478)")
+    suite_id = cursor.u16()
+    check_suite(suite_id)
     message_id = cursor.take(MESSAGE_ID_LENGTH)
     context_length = cursor.u16()
     if context_length > limits.max_context_length:
@@ -166,6 +179,12 @@ def _parse(data: bytes | bytearray, limits: Limits) -> Header:
         )
     context_bytes = cursor.take(context_length)
     context = parse_context(context_bytes)
+    if is_signed(suite_id) != (PUBLIC_KEY_CONTEXT_KEY in context):
+        raise MessageFormatError(
+            f"a message of suite 0x{suite_id:04X} "
+            + ("lacks" if is_signed(suite_id) else "may not carry")
+            + f" the {PUBLIC_KEY_CONTEXT_KEY!r} pair"
+        )
     edks = _parse_edks(cursor, limits)
     _check_content_type(cursor.u8())
     frame_length = cursor.u32()
@@ -186,6 +205,7 @@ def _parse(data: bytes | bytearray, limits: Limits) -> Header:
         commitment=commitment,
         body=body,
         tag=tag,
+        suite_id=suite_id,
     )
 
 

@@ -10,11 +10,20 @@ itself: a header is tagged once, under a key no other message has (docs/FORMAT.m
 A message for other keys is a new message, never the old one's data key under a new
 header: the header tag's IV is always zero, so two headers tagged under one message's key
 would give away GCM's hash key, and with it a forgery of every frame.
+
+A writer may vouch for its messages (`Endorse`): given the new message's `header_binding`
+(its suite, message ID, frame length, key commitment and context), it returns pairs to add
+to the context, say a MAC only it can make. A reader recomputes the binding from the
+header (`header_binding_of`) to check them. The encrypted data keys are not in the
+binding: the AES and ML-KEM wraps take the whole context, those pairs included, as their
+AAD, so they are made after it. The key commitment stands for them: every data key that
+opens the message is the one it commits to.
 """
 
 import hmac
 import os
-from collections.abc import Mapping, Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from envelope.context import (
@@ -29,10 +38,26 @@ from envelope.errors import (
     EncryptionContextMismatch,
     InvalidParameter,
 )
+from envelope.footer import FooterSigner
 from envelope.frames import FrameOpener, FrameSealer
-from envelope.header import DEFAULT_LIMITS, Header, serialize_header_body
+from envelope.header import (
+    DEFAULT_LIMITS,
+    PUBLIC_KEY_CONTEXT_KEY,
+    Header,
+    serialize_header_body,
+)
 from envelope.keyrings.base import Keyring
-from envelope.suite import DATA_KEY_LENGTH, MESSAGE_ID_LENGTH, derive_keys
+from envelope.suite import (
+    DATA_KEY_LENGTH,
+    MESSAGE_ID_LENGTH,
+    SIGNED_SUITE_ID,
+    UNSIGNED_SUITE_ID,
+    derive_keys,
+)
+
+# A new message's `header_binding` in; the pairs that vouch for it out.
+Endorse = Callable[[bytes], Mapping[str, str]]
+_BINDING = b"sealstream/header-binding/v1\x00"
 
 DEFAULT_FRAME_LENGTH = 1024 * 1024
 FRAME_LENGTH_MULTIPLE = 128  # the reference SDK refuses other frame lengths when it encrypts
@@ -57,7 +82,6 @@ def check_keyrings(keyrings: Sequence[Keyring]) -> None:
 
 def writable_context(context: EncryptionContext) -> bytes:
     """The serialized context, refusing what this service will not write."""
-    reject_reserved_keys(context)
     context_bytes = serialize_context(context)
     if len(context_bytes) > DEFAULT_LIMITS.max_context_length:
         raise InvalidParameter(
@@ -66,18 +90,59 @@ def writable_context(context: EncryptionContext) -> bytes:
     return context_bytes
 
 
+def header_binding(
+    suite_id: int,
+    message_id: bytes,
+    frame_length: int,
+    commitment: bytes,
+    context: EncryptionContext,
+) -> bytes:
+    """The bytes an endorsement of a message covers: all of its header but the encrypted
+    data keys (which the commitment stands for) and the endorsing pairs themselves."""
+    return b"".join(
+        [
+            _BINDING,
+            struct.pack(">H32sI", suite_id, message_id, frame_length),
+            commitment,
+            serialize_context(context),
+        ]
+    )
+
+
+def header_binding_of(header: Header, endorsing_keys: Sequence[str]) -> bytes:
+    """The binding a header's endorsement, held in the pairs `endorsing_keys`, covers."""
+    context = {k: v for k, v in header.context.items() if k not in endorsing_keys}
+    return header_binding(
+        header.suite_id, header.message_id, header.frame_length, header.commitment, context
+    )
+
+
 def new_message(
     keyrings: Sequence[Keyring],
     context: EncryptionContext,
     frame_length: int,
+    *,
+    signer: FooterSigner | None = None,
+    endorse: Endorse | None = None,
 ) -> tuple[Header, FrameSealer]:
-    """A sealed header for a new message and the sealer for its frames."""
+    """A sealed header for a new message and the sealer for its frames. With `signer`, the
+    message is signed (suite 0x0578): the signer's public key goes into the context (its
+    writer hashes every byte of the message, the header first). With `endorse`, its
+    pairs for the message join the context."""
     check_keyrings(keyrings)
     check_frame_length(frame_length)
-    context_bytes = writable_context(context)
+    reject_reserved_keys(context)
+    suite_id = UNSIGNED_SUITE_ID if signer is None else SIGNED_SUITE_ID
     data_key = os.urandom(DATA_KEY_LENGTH)
     message_id = os.urandom(MESSAGE_ID_LENGTH)
-    keys = derive_keys(data_key, message_id)
+    keys = derive_keys(data_key, message_id, suite_id)
+    full_context = dict(context)
+    if signer is not None:
+        full_context[PUBLIC_KEY_CONTEXT_KEY] = signer.public_key
+    if endorse is not None:
+        binding = header_binding(suite_id, message_id, frame_length, keys.commitment, full_context)
+        full_context = _with_endorsement(full_context, endorse(binding))
+    context_bytes = writable_context(full_context)
     cipher = FrameSealer(keys.encryption_key, message_id)
     edks = tuple(keyring.wrap(data_key, context_bytes) for keyring in keyrings)
     body = serialize_header_body(
@@ -86,10 +151,11 @@ def new_message(
         encrypted_data_keys=edks,
         frame_length=frame_length,
         commitment=keys.commitment,
+        suite_id=suite_id,
     )
     header = Header(
         message_id=message_id,
-        context=dict(context),
+        context=full_context,
         context_bytes=context_bytes,
         encrypted_data_keys=edks,
         frame_length=frame_length,
@@ -97,8 +163,15 @@ def new_message(
         body=body,
         # The one sealing under this key with the all-zero IV, which no frame uses.
         tag=cipher.header_tag(body),
+        suite_id=suite_id,
     )
     return header, cipher
+
+
+def _with_endorsement(context: dict[str, str], pairs: Mapping[str, str]) -> dict[str, str]:
+    if any(key in context for key in pairs):
+        raise InvalidParameter("an endorsing pair would replace a pair of the context")
+    return {**context, **pairs}
 
 
 @dataclass(frozen=True)
@@ -117,7 +190,7 @@ def open_message(
 ) -> OpenedMessage:
     """Unwrap the data key and authenticate the header; raises if any check fails."""
     data_key, keyring = _unwrap_data_key(header, keyrings)
-    keys = derive_keys(data_key, header.message_id)
+    keys = derive_keys(data_key, header.message_id, header.suite_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
         raise CommitmentMismatch("the data key does not match the header's key commitment")
     cipher = FrameOpener(keys.encryption_key, header.message_id)

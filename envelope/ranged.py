@@ -2,21 +2,34 @@
 
 Every regular frame has the same length, so a message of known total length has a layout
 that is pure arithmetic: `n` regular frames of `frame_length + 32` bytes after the header,
-then one final frame of `length + 40` bytes. A plaintext range maps to a run of whole
-frames; `RangeDecryptor` authenticates each of them and returns just the bytes asked for.
+then one final frame of `length + 40` bytes, then, in a signed message, a footer of the
+length this package writes (`envelope.footer.FOOTER_LENGTH`). A plaintext range maps to
+a run of whole frames; `RangeDecryptor` authenticates each of them and returns just the
+bytes asked for.
 
 A stored message's length is whatever its store says, which anyone who can write the store
 controls: a message cut at a frame boundary has a perfectly regular layout of its own. So
 a length only says where the final frame should be. `FinalFrameCheck` reads the frame
 found there, and only an authentic final frame, with the sequence number and length the
 layout expects, makes the layout (its plaintext length, every frame's place) trustworthy.
+
+A range of a signed message is authenticated frame by frame, as any range is, but its
+footer's signature is not checked: that takes every byte of the message. The footer's
+form is checked, and only a whole read checks its signature.
 """
 
 import struct
 from dataclasses import dataclass
 
 from envelope.decrypt import FrameReader
-from envelope.errors import InvalidParameter, MessageFormatError, TruncatedMessage
+from envelope.errors import (
+    FooterMalformed,
+    InvalidParameter,
+    MessageFormatError,
+    TrailingData,
+    TruncatedMessage,
+)
+from envelope.footer import FOOTER_LENGTH, footer_signature_length
 from envelope.frames import END_MARKER, FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameOpener
 from envelope.header import Header
 
@@ -43,19 +56,23 @@ class MessageLayout:
     frame_length: int
     regular_frames: int
     final_frame_length: int
+    footer_length: int = 0
 
     @classmethod
     def of(cls, header: Header, message_length: int) -> "MessageLayout":
         """The layout a message of `message_length` bytes that starts with `header` has,
         if that is its true length: only its final frame can say (`FinalFrameCheck`)."""
-        body = message_length - header.length - FINAL_OVERHEAD
+        footer_length = FOOTER_LENGTH if header.signed else 0
+        body = message_length - header.length - FINAL_OVERHEAD - footer_length
         if body < 0:
             raise TruncatedMessage("the message is too short to hold a final frame")
         stride = header.frame_length + REGULAR_OVERHEAD
         regular_frames, final_frame_length = divmod(body, stride)
         if final_frame_length > header.frame_length:
             raise MessageFormatError(f"no message with this header is {message_length} bytes long")
-        return cls(header.length, header.frame_length, regular_frames, final_frame_length)
+        return cls(
+            header.length, header.frame_length, regular_frames, final_frame_length, footer_length
+        )
 
     @property
     def plaintext_length(self) -> int:
@@ -63,13 +80,18 @@ class MessageLayout:
 
     @property
     def message_length(self) -> int:
-        return self._frame_start(self.regular_frames) + self._frame_size(self.regular_frames)
+        return self.final_frame[1] + self.footer_length
 
     @property
     def final_frame(self) -> tuple[int, int]:
         """The ciphertext bytes [start, end) of the final frame."""
         start = self._frame_start(self.regular_frames)
         return start, start + self._frame_size(self.regular_frames)
+
+    @property
+    def tail(self) -> tuple[int, int]:
+        """The ciphertext bytes [start, end) of the final frame and the footer after it."""
+        return self.final_frame[0], self.message_length
 
     def span(self, first: int, last: int) -> FrameSpan:
         """The frames that hold plaintext bytes `first` to `last`, both included."""
@@ -99,7 +121,9 @@ class MessageLayout:
 
 class FinalFrameCheck:
     """Authenticates the final frame of a message from the bytes where `claimed`, the
-    layout its length gives, puts it (`claimed.final_frame`), fed in chunks of any size.
+    layout its length gives, puts it and its footer if any (`claimed.tail`), fed in chunks
+    of any size. A footer must have the form and length of the ones this package writes;
+    its signature is not checked (that takes the whole message).
 
     The frame's authenticated sequence number and length, with the authenticated header's
     frame length, fix the plaintext length and the message length; `layout()` gives that
@@ -114,6 +138,7 @@ class FinalFrameCheck:
         self._start = bytearray()  # the frame's first bytes, until they hold its number
         self._frames: FrameReader | None = None
         self._plaintext_length = 0
+        self._footer = bytearray()
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         frames = self._frames
@@ -123,17 +148,31 @@ class FinalFrameCheck:
             if len(self._start) < _FINAL_START.size:
                 return
             frames = self._frames = self._reader(self._start)
-            self._plaintext_length += sum(map(len, frames.feed(self._start)))
+            self._feed(frames, self._start)
             data = data[take:]
-        self._plaintext_length += sum(map(len, frames.feed(data)))
+        self._feed(frames, data)
+
+    def _feed(self, frames: FrameReader, data: bytes | bytearray | memoryview) -> None:
+        plaintexts, rest = frames.feed_until_final(data)
+        self._plaintext_length += sum(map(len, plaintexts))
+        if rest and not self._claimed.footer_length:
+            raise TrailingData("bytes follow the final frame")
+        self._footer += rest
+        if len(self._footer) > self._claimed.footer_length:
+            raise TrailingData("bytes follow the footer")
 
     def layout(self) -> MessageLayout:
         if self._frames is None or not self._frames.final_frame_read:
             raise TruncatedMessage("the message ends inside its final frame")
         claimed = self._claimed
+        self._check_footer()
         regular_frames = self._frames.next_sequence_number - 2  # the final frame's, less one
         vouched = MessageLayout(
-            claimed.header_length, claimed.frame_length, regular_frames, self._plaintext_length
+            claimed.header_length,
+            claimed.frame_length,
+            regular_frames,
+            self._plaintext_length,
+            claimed.footer_length,
         )
         if vouched.message_length != claimed.message_length:
             raise MessageFormatError(
@@ -141,6 +180,14 @@ class FinalFrameCheck:
                 f"not at byte {claimed.message_length}"
             )
         return vouched
+
+    def _check_footer(self) -> None:
+        """A footer, if the message is signed, of the length the layout gave it."""
+        footer = self._footer
+        if len(footer) != self._claimed.footer_length:
+            raise TruncatedMessage("the message ends inside its footer")
+        if footer and 2 + footer_signature_length(footer) != len(footer):
+            raise FooterMalformed("the footer is not as long as its signature length says")
 
     def _reader(self, start: bytes | bytearray) -> FrameReader:
         """A reader of the frame that `start` begins, if a final frame, by its own number:

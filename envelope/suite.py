@@ -1,8 +1,16 @@
-"""Algorithm suite 0x0478 of the AWS Encryption SDK, message format version 2.
+"""The two algorithm suites of the AWS Encryption SDK (message format version 2) that
+sealstream writes and reads.
 
-AES-256-GCM with a 12-byte IV and 16-byte tag; the frame key is derived from the data key
-with HKDF-SHA512 (salt: the message ID); a second HKDF output, the commitment key, is
-stored in the header so that a message can open under exactly one data key. No signature.
+Both: AES-256-GCM with a 12-byte IV and 16-byte tag; the frame key is derived from the
+data key with HKDF-SHA512 (salt: the message ID, info: the suite ID and a label); a second
+HKDF output, the commitment key, is stored in the header so that a message can open under
+exactly one data key.
+
+- 0x0478 is unsigned.
+- 0x0578 adds an ECDSA P-384 signature, over the whole message, in a footer
+  (`envelope.footer`). Its signing key is made for the message and thrown away; the
+  public half travels in the encryption context, so no recipient, though it can unwrap
+  the data key, can write a message that the footer check accepts.
 """
 
 import struct
@@ -11,8 +19,11 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from envelope.errors import UnsupportedMessage
+
 MESSAGE_FORMAT_VERSION = 0x02
-ALGORITHM_SUITE_ID = 0x0478
+UNSIGNED_SUITE_ID = 0x0478
+SIGNED_SUITE_ID = 0x0578
 FRAMED_CONTENT = 0x02
 NON_FRAMED_CONTENT = 0x01
 
@@ -22,7 +33,6 @@ COMMITMENT_LENGTH = 32
 IV_LENGTH = 12
 TAG_LENGTH = 16
 
-_DERIVE_INFO = struct.pack(">H", ALGORITHM_SUITE_ID) + b"DERIVEKEY"
 _COMMIT_INFO = b"COMMITKEY"
 
 
@@ -34,10 +44,26 @@ class DerivedKeys:
     commitment: bytes
 
 
-def derive_keys(data_key: bytes, message_id: bytes) -> DerivedKeys:
+def check_suite(suite_id: int) -> None:
+    """Refuse a suite this module does not implement."""
+    if suite_id not in (UNSIGNED_SUITE_ID, SIGNED_SUITE_ID):
+        raise UnsupportedMessage(
+            f"algorithm suite 0x{suite_id:04X} is not supported (only 0x0478 and 0x0578)"
+        )
+
+
+def is_signed(suite_id: int) -> bool:
+    return suite_id == SIGNED_SUITE_ID
+
+
+def derive_keys(
+    data_key: bytes, message_id: bytes, suite_id: int = UNSIGNED_SUITE_ID
+) -> DerivedKeys:
     """HKDF-SHA512 of the data key into the frame key and the commitment value."""
+    check_suite(suite_id)
+    derive_info = struct.pack(">H", suite_id) + b"DERIVEKEY"
     return DerivedKeys(
-        encryption_key=_hkdf_sha512(data_key, message_id, _DERIVE_INFO),
+        encryption_key=_hkdf_sha512(data_key, message_id, derive_info),
         commitment=_hkdf_sha512(data_key, message_id, _COMMIT_INFO),
     )
 

@@ -204,10 +204,12 @@ def read_stored_layout(
 
     The size alone is no evidence: a message cut at a frame boundary has a regular layout
     of its own, shorter than the message's. Its final frame is what says where it ends.
+    A signed message's footer is read with it, for its form; only a whole read checks
+    its signature.
     """
     claimed = MessageLayout.of(header, size)
     check = FinalFrameCheck(cipher, claimed)
-    start, end = claimed.final_frame
+    start, end = claimed.tail
     for chunk in store.read(storage_key, start, end):
         check.update(chunk)
     return check.layout()

@@ -27,8 +27,8 @@ from anyio import CapacityLimiter, to_thread
 
 from envelope import (
     AuthenticationError,
+    BodyReader,
     Decryptor,
-    FrameReader,
     Header,
     HeaderReader,
     MessageFormatError,
@@ -133,16 +133,11 @@ async def check_stored(
 
 def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:
     """The whole plaintext of a checked object; it fails unless it ends with the final
-    frame, or once its key may no longer decrypt."""
+    frame (and, if signed, a footer that verifies), or once its key may no longer decrypt."""
     layout = checked.layout
-    frames = FrameReader(checked.opened.cipher, layout.frame_length)
+    body = BodyReader(checked.opened)
     read = _reading(checked.placement, layout.header_length, layout.message_length)
-
-    def finish() -> None:
-        if not frames.final_frame_read:
-            raise TruncatedMessage("the stored message ends before its final frame")
-
-    return _then(_pump(read, frames.feed, checked.watch, transfers), finish)
+    return _then(_pump(read, body.feed, checked.watch, transfers), body.finish)
 
 
 def stored_range(

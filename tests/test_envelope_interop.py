@@ -1,4 +1,5 @@
-"""Interoperability with the `aws-encryption-sdk` package, both ways, through its raw keyrings.
+"""Interoperability with the `aws-encryption-sdk` package, both ways, through its raw keyrings,
+unsigned (suite 0x0478) and signed (0x0578, the SDK's default).
 
 sealstream's AES and RSA keyrings must be byte-compatible with the SDK's raw AES and raw RSA
 (OAEP-SHA256) keyrings given the same key material, namespace `sealstream` and key name.
@@ -27,8 +28,13 @@ from envelope import (
     AesKeyring,
     Decryptor,
     Encryptor,
+    FooterAuthenticationError,
+    FooterMalformed,
     Keyring,
+    MessageFormatError,
     RsaKeyring,
+    TrailingData,
+    TruncatedMessage,
     UnsupportedMessage,
 )
 
@@ -75,8 +81,12 @@ def our_keyring(kind: str) -> Keyring:
     return RsaKeyring("rsa-key#3", RSA_KEY)
 
 
-def our_encrypt(kind: str, data: bytes, frame_length: int, context: dict[str, str]) -> bytes:
-    encryptor = Encryptor([our_keyring(kind)], frame_length=frame_length, context=context)
+def our_encrypt(
+    kind: str, data: bytes, frame_length: int, context: dict[str, str], *, signed: bool = False
+) -> bytes:
+    encryptor = Encryptor(
+        [our_keyring(kind)], frame_length=frame_length, context=context, signed=signed
+    )
     out = bytearray()
     for offset in range(0, len(data), 100_000):
         for chunk in encryptor.update(data[offset : offset + 100_000]):
@@ -162,7 +172,76 @@ def test_sdk_streaming_output_decrypts() -> None:
     assert our_decrypt("aes", message, {}) == data
 
 
-def test_the_sdk_default_signed_suite_is_refused_clearly() -> None:
-    message, _ = SDK.encrypt(source=b"signed", keyring=sdk_keyring("aes"))
-    with pytest.raises(UnsupportedMessage, match="0x0578"):
-        our_decrypt("aes", message, {})
+SIGNED_CASES = [
+    pytest.param(kind, size, id=f"{kind}-{size}")
+    for kind in ("aes", "rsa")
+    for size in (0, 4096, 3 * 4096 + 17)
+]
+
+
+@pytest.mark.parametrize(("kind", "size"), SIGNED_CASES)
+def test_the_sdk_decrypts_signed_messages_sealstream_writes(kind: str, size: int) -> None:
+    data = os.urandom(size)
+    message = our_encrypt(kind, data, 4096, {"purpose": "signed"}, signed=True)
+    assert message[1:3] == b"\x05\x78"
+    plaintext, header = SDK.decrypt(source=message, keyring=sdk_keyring(kind))
+    assert plaintext == data
+    assert header.algorithm == Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384
+    assert dict(header.encryption_context)["purpose"] == "signed"
+
+
+@pytest.mark.parametrize(("kind", "size"), SIGNED_CASES)
+def test_sealstream_decrypts_signed_messages_the_sdk_writes(kind: str, size: int) -> None:
+    data = os.urandom(size)
+    message, _ = SDK.encrypt(
+        source=data,
+        keyring=sdk_keyring(kind),
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY_ECDSA_P384,
+        frame_length=4096,
+        encryption_context={"purpose": "signed"},
+    )
+    assert our_decrypt(kind, message, required={"purpose": "signed"}) == data
+
+
+def sdk_signed_message(data: bytes) -> bytes:
+    message, _ = SDK.encrypt(source=data, keyring=sdk_keyring("aes"), frame_length=4096)
+    assert message[1:3] == b"\x05\x78"  # the SDK's default suite
+    return bytes(message)
+
+
+def test_a_signed_message_with_another_signature_is_refused() -> None:
+    message = sdk_signed_message(os.urandom(5000))
+    spoiled = message[:-1] + bytes([message[-1] ^ 1])
+    with pytest.raises(FooterAuthenticationError):
+        our_decrypt("aes", spoiled, {})
+
+
+def test_a_signed_message_cut_inside_its_footer_is_truncated() -> None:
+    message = sdk_signed_message(os.urandom(5000))
+    for cut in (1, 2, 50, 105):
+        with pytest.raises(TruncatedMessage):
+            our_decrypt("aes", message[:-cut], {})
+    with pytest.raises(TrailingData):
+        our_decrypt("aes", message + b"\x00", {})
+
+
+def test_a_footer_claiming_an_impossible_signature_length_is_refused_at_once() -> None:
+    message = sdk_signed_message(b"short")
+    footer_at = len(message) - 2 - int.from_bytes(message[-105:-103], "big")
+    for claimed in (0, 105, 0xFFFF):
+        spoiled = message[:footer_at] + claimed.to_bytes(2, "big")  # no signature bytes yet
+        decryptor = Decryptor([our_keyring("aes")])
+        with pytest.raises(FooterMalformed):
+            decryptor.update(spoiled)
+
+
+def test_a_signed_message_relabelled_unsigned_is_refused() -> None:
+    message = sdk_signed_message(b"relabelled")
+    with pytest.raises(MessageFormatError, match="aws-crypto-public-key"):
+        our_decrypt("aes", message[:1] + b"\x04\x78" + message[3:], {})
+
+
+def test_an_unknown_suite_is_refused_clearly() -> None:
+    message = sdk_signed_message(b"unknown")
+    with pytest.raises(UnsupportedMessage, match="0x0378"):
+        our_decrypt("aes", message[:1] + b"\x03\x78" + message[3:], {})

@@ -124,6 +124,21 @@ def test_a_message_cut_short_inside_a_streamed_frame_tags_nothing_twice(
     assert tagged_ivs(recorder, key) == list(range(size // F + 1))  # header, full frames
 
 
+@pytest.mark.parametrize("size", [0, F, 3 * F + 100])
+def test_a_signed_message_tags_each_iv_once(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signing adds a footer and no sealing: the same IVs, each tagged once."""
+    recorder = SealRecorder()
+    recorder.install(monkeypatch)
+    encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=F, signed=True)
+    pieces = [bytes(p) for c in chunked(random_bytes(size), 1000) for p in encryptor.update(c)]
+    message = b"".join(pieces + [bytes(p) for p in encryptor.finish()])
+
+    ((_, _, key),) = recorder.derivations
+    assert recorder.repeated() == []
+    assert tagged_ivs(recorder, key) == list(range(size // F + 2))  # header, frames, final
+    assert decrypt_all([AesKeyring(KEY_NAME, KEY)], message) == random_bytes(size)
+
+
 def test_messages_never_share_a_key() -> None:
     """Each message draws its own data key and message ID: no header is tagged under a
     key another message used."""

@@ -28,9 +28,9 @@ FRAME = 4096
 KEYRING = AesKeyring("ranged#1", os.urandom(32))
 
 
-def make_message(size: int) -> tuple[bytes, bytes]:
+def make_message(size: int, *, signed: bool = False) -> tuple[bytes, bytes]:
     data = os.urandom(size)
-    encryptor = Encryptor([KEYRING], frame_length=FRAME)
+    encryptor = Encryptor([KEYRING], frame_length=FRAME, signed=signed)
     return data, b"".join(encryptor.update(data) + encryptor.finish())
 
 
@@ -50,12 +50,15 @@ def read_range(message: bytes, first: int, last: int, chunk: int = 1000) -> byte
     return out
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize("size", [1, FRAME - 1, FRAME, FRAME + 1, 5 * FRAME, 5 * FRAME + 77])
-def test_layout_matches_the_message(size: int) -> None:
-    _, message = make_message(size)
+def test_layout_matches_the_message(size: int, signed: bool) -> None:
+    data, message = make_message(size, signed=signed)
     layout = MessageLayout.of(parse_header(message), len(message))
     assert layout.plaintext_length == size
     assert layout.message_length == len(message)
+    assert read_range(message, 0, size - 1) == data
+    assert read_range(message, size // 2, size - 1) == data[size // 2 :]
 
 
 EDGES = [
@@ -146,16 +149,17 @@ def checked_layout(message: bytes, chunk: int = 1000) -> MessageLayout:
     header = parse_header(message)
     claimed = MessageLayout.of(header, len(message))
     check = FinalFrameCheck(open_message(header, [KEYRING]).cipher, claimed)
-    start, end = claimed.final_frame
+    start, end = claimed.tail
     for offset in range(start, end, chunk):
         check.update(message[offset : min(end, offset + chunk)])
     return check.layout()
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize("size", [0, 1, FRAME - 8, FRAME, 5 * FRAME, 5 * FRAME + 77])
 @pytest.mark.parametrize("chunk", [1, 3, 1000, 2 * FRAME])
-def test_the_final_frame_vouches_for_a_whole_message(size: int, chunk: int) -> None:
-    _, message = make_message(size)
+def test_the_final_frame_vouches_for_a_whole_message(size: int, chunk: int, signed: bool) -> None:
+    _, message = make_message(size, signed=signed)
     layout = checked_layout(message, chunk)
     assert layout == MessageLayout.of(parse_header(message), len(message))
     assert (layout.plaintext_length, layout.message_length) == (size, len(message))
@@ -189,6 +193,27 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
 def test_a_length_that_is_not_the_messages_is_refused(damage: Callable[[bytes], bytes]) -> None:
     """Each of these has a layout of its own, or none: never one its final frame vouches for."""
     _, message = make_message(5 * FRAME + 77)
+    with pytest.raises((MessageFormatError, AuthenticationError)):
+        checked_layout(damage(message))
+
+
+SIGNED_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "footer-cut": lambda m: m[:-1],
+    "footer-dropped": lambda m: m[:-105],
+    "a-byte-appended": lambda m: m + b"\0",
+    # As long as before, but the footer says its signature is one byte shorter.
+    "footer-length-off-by-one": lambda m: m[:-105] + (102).to_bytes(2, "big") + m[-103:],
+    "footer-length-impossible": lambda m: m[:-105] + (0xFFFF).to_bytes(2, "big") + m[-103:],
+}
+
+
+@pytest.mark.parametrize("damage", SIGNED_DAMAGE.values(), ids=SIGNED_DAMAGE.keys())
+def test_a_signed_message_without_a_whole_footer_has_no_layout(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """A range cannot check the footer's signature, but a footer of another form than the
+    ones written, or none, is refused."""
+    _, message = make_message(2 * FRAME + 77, signed=True)
     with pytest.raises((MessageFormatError, AuthenticationError)):
         checked_layout(damage(message))
 

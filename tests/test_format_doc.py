@@ -1,11 +1,12 @@
 """docs/FORMAT.md is enough to read a message: an independent decoder, checked against envelope.
 
 The decoder (everything down to the tests) was written from FORMAT.md alone and uses only
-`cryptography`, `struct` and `hmac`; `envelope` is imported solely to produce the messages the
+`cryptography`, `struct`, `base64` and `hmac`; `envelope` is imported solely to produce the messages the
 tests feed it. The worked example's hex dump is parsed out of FORMAT.md itself, so the document
 and this test cannot drift apart.
 """
 
+import base64
 import hmac
 import re
 import struct
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import mlkem
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -25,7 +26,7 @@ from tests.support.data import flip_bit
 
 # ---- the independent decoder (FORMAT.md §4–§8) ----
 
-SUITE = 0x0478
+SUITES = (0x0478, 0x0578)  # unsigned, signed
 PROVIDER = b"sealstream"
 END = 0xFFFFFFFF
 MlKemKey = mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey
@@ -109,11 +110,13 @@ def unwrap_mlkem(edks: list[Edk], name: bytes, key: MlKemKey, aad: bytes) -> byt
 
 def decode(message: bytes, key_name: str, key: bytes | MlKemKey) -> Decoded:
     r = Reader(message)
-    if r.uint(1) != 2 or r.uint(2) != SUITE:
-        raise FormatError("not a version 2, suite 0x0478 message")
+    if r.uint(1) != 2 or (suite := r.uint(2)) not in SUITES:
+        raise FormatError("not a version 2, suite 0x0478 or 0x0578 message")
     message_id = r.take(32)
     context_bytes = r.take(r.uint(2))
     context = parse_context(context_bytes)
+    if (suite == 0x0578) != ("aws-crypto-public-key" in context):
+        raise FormatError("the public key pair is missing or out of place")
     count = r.uint(2)
     if count == 0:
         raise FormatError("no encrypted data key")
@@ -129,7 +132,7 @@ def decode(message: bytes, key_name: str, key: bytes | MlKemKey) -> Decoded:
         data_key = unwrap_mlkem(edks, name, key, context_bytes)
     if data_key is None or len(data_key) != 32:
         raise FormatError("no EDK unwraps with this key")
-    derive_info = struct.pack(">H", SUITE) + b"DERIVEKEY"
+    derive_info = struct.pack(">H", suite) + b"DERIVEKEY"
     encryption_key = HKDF(hashes.SHA512(), 32, message_id, derive_info).derive(data_key)
     commit = HKDF(hashes.SHA512(), 32, message_id, b"COMMITKEY").derive(data_key)
     if not hmac.compare_digest(commit, commitment):
@@ -153,8 +156,14 @@ def decode(message: bytes, key_name: str, key: bytes | MlKemKey) -> Decoded:
         if final:
             break
         sequence += 1
+    if suite == 0x0578:  # §6.6
+        signed = message[: r.pos]
+        signature = r.take(r.uint(2))
+        point = base64.b64decode(context["aws-crypto-public-key"], validate=True)
+        public_key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), point)
+        public_key.verify(signature, signed, ec.ECDSA(hashes.SHA384()))  # raises
     if r.pos != len(message):
-        raise FormatError("bytes after the final frame")
+        raise FormatError("bytes after the end of the message")
     return Decoded(
         message_id, context, frame_length, header_length, data_key, sequence, bytes(plaintext)
     )
@@ -170,9 +179,13 @@ AES_KEY = bytes(range(100, 132))
 
 
 def encrypt(
-    keyrings: list[AesKeyring | MlKemKeyring], data: bytes, context: dict[str, str] | None = None
+    keyrings: list[AesKeyring | MlKemKeyring],
+    data: bytes,
+    context: dict[str, str] | None = None,
+    *,
+    signed: bool = False,
 ) -> bytes:
-    encryptor = Encryptor(keyrings, context=context, frame_length=F)
+    encryptor = Encryptor(keyrings, context=context, frame_length=F, signed=signed)
     chunks = [data[i : i + 1000] for i in range(0, len(data), 1000)]  # uneven feeding
     return b"".join([b for chunk in chunks for b in encryptor.update(chunk)] + encryptor.finish())
 
@@ -197,6 +210,21 @@ def test_encryptor_output_decodes(kind: str, context: dict[str, str] | None, siz
     assert decoded.frames == size // F + 1  # an exact multiple ends with an empty final frame
     regular, final = divmod(len(message) - decoded.header_length - 40, F + 32)  # FORMAT §10
     assert (regular, final) == (size // F, size % F)
+
+
+@pytest.mark.parametrize("size", [0, F, 3 * F + 5])
+def test_signed_output_decodes(size: int) -> None:
+    keyring, key = keypair("aes")
+    data = bytes(i * 7 % 251 for i in range(size))
+    message = encrypt([keyring], data, context={"k": "v"}, signed=True)
+    decoded = decode(message, keyring.key_name, key)
+    assert decoded.plaintext == data
+    # FORMAT §6.6 and §10: a 105-byte footer, always
+    regular, final = divmod(len(message) - decoded.header_length - 40 - 105, F + 32)
+    assert (regular, final) == (size // F, size % F)
+    for spoiled in (flip_bit(message, len(message) - 1), message[:-1], message + b"\x00"):
+        with pytest.raises((FormatError, InvalidSignature)):
+            decode(spoiled, keyring.key_name, key)
 
 
 def test_two_edks_each_key_decodes() -> None:

@@ -41,7 +41,44 @@ REDIS_USAGE_TESTS = (
     "tests/test_key_usage.py::test_a_count_written_into_redis_past_what_the_processes_could_count_is_not_believed",
 )
 
+FOOTER_TESTS = ("tests/test_envelope_interop.py", "tests/test_envelope_ranged.py")
+
 MUTANTS = (
+    Mutant(
+        "footer signature",
+        "envelope/footer.py",
+        "            raise FooterAuthenticationError(",
+        "            return  # (",
+        FOOTER_TESTS,
+    ),
+    Mutant(
+        "footer required",
+        "envelope/decrypt.py",
+        "        if self._footer is not None and not self._footer.verified:",
+        "        if False:",
+        FOOTER_TESTS,
+    ),
+    Mutant(
+        "footer length bound",
+        "envelope/footer.py",
+        "    if not 0 < length <= MAX_SIGNATURE_LENGTH:",
+        "    if False:",
+        FOOTER_TESTS,
+    ),
+    Mutant(
+        "ranged footer form",
+        "envelope/ranged.py",
+        "        if footer and 2 + footer_signature_length(footer) != len(footer):",
+        "        if False:",
+        FOOTER_TESTS,
+    ),
+    Mutant(
+        "public key pair only in signed suites",
+        "envelope/header.py",
+        "    if is_signed(suite_id) != (PUBLIC_KEY_CONTEXT_KEY in context):",
+        "    if False:",
+        FOOTER_TESTS,
+    ),
     Mutant(
         "commitment check",
         "envelope/message.py",

@@ -58,8 +58,8 @@ class SealRecorder:
                 monkeypatch.setattr(module, "Cipher", self._cipher_for(module.__name__))
         original = envelope.suite.derive_keys
 
-        def derive_keys(data_key: bytes, message_id: bytes) -> Any:
-            keys = original(data_key, message_id)
+        def derive_keys(data_key: bytes, message_id: bytes, suite_id: int) -> Any:
+            keys = original(data_key, message_id, suite_id)
             if self.recording:
                 self.derivations.append((data_key, message_id, keys.encryption_key))
             return keys
