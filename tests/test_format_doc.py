@@ -1,9 +1,9 @@
 """docs/FORMAT.md is enough to read a message: an independent decoder, checked against envelope.
 
 The decoder (everything down to the tests) was written from FORMAT.md alone and uses only
-`cryptography`, `struct`, `base64` and `hmac`; `envelope` is imported solely to produce the messages the
-tests feed it. The worked example's hex dump is parsed out of FORMAT.md itself, so the document
-and this test cannot drift apart.
+`cryptography`, `struct`, `base64` and `hmac`; `envelope` is imported solely to produce the
+messages the tests feed it. The worked example's hex dump is parsed out of FORMAT.md itself,
+so the document and this test cannot drift apart.
 """
 
 import base64
