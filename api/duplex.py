@@ -19,8 +19,10 @@ other for ever.
 """
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -80,3 +82,44 @@ class DuplexStreamingResponse(Response):
             )
             return False
         return True
+
+
+class ProducedStreamingResponse(DuplexStreamingResponse):
+    """A duplex response whose body `produce` writes into a bounded stream while the
+    response runs, in a task of its own: a producer that gets ahead of the client waits.
+
+    Once the response has ended, sent or aborted, the stream is closed, so the producer's
+    next send fails (`anyio.BrokenResourceError`); the response waits for the producer
+    to finish, so that nothing it started outlives the request.
+    """
+
+    def __init__(
+        self,
+        produce: Callable[[MemoryObjectSendStream[bytes]], Awaitable[None]],
+        *,
+        buffered: int,
+        idle_timeout: float,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        self._produce = produce
+        self._sender, receiver = anyio.create_memory_object_stream[bytes](buffered)
+        self._receiver = receiver
+        super().__init__(
+            receiver,
+            idle_timeout=idle_timeout,
+            status_code=status_code,
+            headers=headers,
+            media_type=media_type,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._run_producer)
+            with self._receiver:
+                await super().__call__(scope, receive, send)
+
+    async def _run_producer(self) -> None:
+        with self._sender:
+            await self._produce(self._sender)

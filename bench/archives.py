@@ -2,7 +2,7 @@
 
 Prints, for each archive (generated here, a few hundred bytes to 19 MiB), the peak RSS
 rise (Linux VmHWM, reset before each read) of
-- sealstream's reader (`workers.archives.open_archive`, the default limits unless the
+- sealstream's reader (`services.archives.open_archive`, the default limits unless the
   row says otherwise), reading members until the archive ends or is refused;
 - its ceiling, the reader batch-encrypt used before, on the same bytes: `tarfile`'s
   streaming mode (each header dropped once read), or `zipfile` opening the archive.
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from sealstream.settings import Settings
+from sealstream.wiring import archive_limits
+from services.archives import InvalidArchive, MemberKind, open_archive
 from storage import LocalStore
-from workers.archives import InvalidArchive, MemberKind, open_archive
-from workers.batch import archive_limits
 from workers.manifest import json_object
 
 MIB = 1024 * 1024

@@ -35,6 +35,7 @@ from keystore.recordkey import (
     open_record_key,
 )
 from sealstream.settings import Settings
+from services.archives import ArchiveLimits
 from services.jobs import JobStore, MemoryJobStore, RedisJobStore
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
@@ -235,6 +236,17 @@ def open_audit(settings: Settings, records: Records, kek: Kek, role: str) -> Aud
         open_checkpoint_sink(settings),
         audit_options(settings),
         role=role,
+    )
+
+
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    """How far one job may go into an archive, as the settings say."""
+    return ArchiveLimits(
+        max_expansion=settings.batch_max_expansion,
+        max_unpacked=settings.batch_max_unpacked,
+        max_member_size=settings.batch_max_member_size,
+        max_header_size=settings.batch_max_header_size,
+        max_members=settings.batch_max_members,
     )
 
 

@@ -27,6 +27,7 @@ import pytest
 
 from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.wiring import build_parts
+from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage import MIN_PART_SIZE
 from storage.records import load_record
@@ -34,7 +35,6 @@ from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, read_object
 from tests.support.memory import MiB, PeakRss
-from workers.archives import MemberKind, UnsafeMember, member_path
 from workers.batch import batch_encrypt
 from workers.execution import run_job
 from workers.registry import JOB_BODIES

@@ -36,6 +36,7 @@ from envelope.header import serialize_header_body
 from envelope.suite import derive_keys
 from sealstream.wiring import Parts, build_parts
 from services.jobs import JobKind, JobRecord, JobStatus, ReencryptParams, VerifyParams
+from services.jobs import context as job_context
 from services.keys import Sealing
 from storage import MIN_PART_SIZE, MultipartWriter, ObjectStore
 from storage.records import ObjectRecord, load_record, save_record
@@ -47,7 +48,7 @@ from tests.support.jobs import JobStack, finished_job
 from tests.support.jobs import store_object as store_streamed
 from tests.support.seals import SealRecorder
 from tests.support.waiting import wait_until
-from workers import execution, reencrypt
+from workers import reencrypt
 from workers.execution import run_job
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
@@ -595,7 +596,7 @@ def test_a_cancelled_job_leaves_no_upload_pending(
     before = {key: stored_bytes(api.objects, s["storageKey"]) for key, s in stored.items()}
     before["docs/bigger"] = stored_bytes(api.objects, big["storageKey"])
     records = {key: record_of(api, s["storageKey"]) for key, s in stored.items()}
-    monkeypatch.setattr(execution, "REPORT_INTERVAL", 0)  # check for a cancel at every step
+    monkeypatch.setattr(job_context, "REPORT_INTERVAL", 0)  # check for a cancel at every step
     monkeypatch.setattr(worker.jobs, "cancel_requested", _CancelOncePending(worker))
 
     final = run(worker, job_record(worker, big["storageKey"], key="docs/bigger"))
@@ -613,11 +614,11 @@ class _DisableMidRead:
 
     def __init__(self, worker: Parts, tenant: str, *, writes: bool) -> None:
         self._worker, self._tenant, self._writes = worker, tenant, writes
-        self._original = execution.JobContext.add_bytes
+        self._original = job_context.JobContext.add_bytes
         self.chunks = 0
         self.disabled_at: int | None = None
 
-    def __call__(self, context: execution.JobContext, count: int) -> None:
+    def __call__(self, context: job_context.JobContext, count: int) -> None:
         self._original(context, count)
         self.chunks += 1
         pending = bool(self._worker.objects.pending_uploads("tenants/"))
@@ -642,10 +643,10 @@ def test_a_key_disabled_while_a_job_reads_stops_the_job(
     monkeypatch.setattr(services.keys, "KEY_CHECK_INTERVAL", 0)
     hook = _DisableMidRead(worker, tenant, writes=kind is JobKind.REENCRYPT)
 
-    def add_bytes(context: execution.JobContext, count: int) -> None:
+    def add_bytes(context: job_context.JobContext, count: int) -> None:
         hook(context, count)
 
-    monkeypatch.setattr(execution.JobContext, "add_bytes", add_bytes)
+    monkeypatch.setattr(job_context.JobContext, "add_bytes", add_bytes)
     if kind is JobKind.VERIFY:
         target = {"bucket": worker.objects.bucket, "key": "docs/long"}
         params = VerifyParams.model_validate({**target, "storageKey": big["storageKey"]})

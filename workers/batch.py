@@ -2,7 +2,7 @@
 as an object of its own under a destination prefix, with a manifest; or seal the whole
 archive as one object.
 
-Members are read as streams (`workers.archives`) and each is written like an upload to
+Members are read as streams (`services.archives`) and each is written like an upload to
 storage: its own message, multipart upload and object record, so `verify` works on it.
 An unsafe member is refused and a member that cannot be written (an existing object, a
 storage error) fails; either way only that member, and the manifest lists them.
@@ -27,18 +27,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import IO, Any
 
-from sealstream.settings import Settings
-from sealstream.wiring import Parts
-from services.errors import error_code, public_detail
-from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
-from services.keys import start_sealing
-from services.objects import MEMBER_FIELDS, ObjectSummary
-from services.placement import Placement
-from services.seal_to_storage import seal_stream
-from storage import ObjectExists, ObjectNotFound, ObjectStore
-from storage.records import ObjectRecord
-from workers.archives import (
-    ArchiveLimits,
+from sealstream.wiring import Parts, archive_limits
+from services.archives import (
     InvalidArchive,
     Member,
     MemberSource,
@@ -48,7 +38,14 @@ from workers.archives import (
     member_path,
     open_archive,
 )
-from workers.execution import JobCancelled, JobContext, JobFailed
+from services.archives.sealing import MemberSealing
+from services.errors import error_code, public_detail
+from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
+from services.jobs.context import JobCancelled, JobContext, JobFailed
+from services.objects import MEMBER_FIELDS, ObjectSummary
+from services.placement import Placement
+from storage import ObjectExists, ObjectNotFound, ObjectStore
+from storage.records import ObjectRecord
 from workers.journal import Journal, Resumed
 from workers.manifest import json_object, write_manifest
 
@@ -149,16 +146,6 @@ def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
     return nullcontext(source)
 
 
-def archive_limits(settings: Settings) -> ArchiveLimits:
-    return ArchiveLimits(
-        max_expansion=settings.batch_max_expansion,
-        max_unpacked=settings.batch_max_unpacked,
-        max_member_size=settings.batch_max_member_size,
-        max_header_size=settings.batch_max_header_size,
-        max_members=settings.batch_max_members,
-    )
-
-
 def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
     """Seal every member; the damage if the archive breaks off part-way."""
     try:
@@ -254,20 +241,18 @@ def _seal(
 ) -> ObjectRecord:
     """Write `stream` sealed at `placement`; on any failure or cancel, nothing is left."""
     params = context.params(BatchEncryptParams)
-    sealing = start_sealing(
+    sealing = MemberSealing(
         services.keys,
+        services.records,
         context.record.tenant,
         params.kid,
         params.encryption_context,
         params.frame_length,
-        object_key=placement.storage_key,
     )
-    return seal_stream(
-        sealing,
+    return sealing.seal(
         placement,
         _chunks(stream),
         overwrite=overwrite,
-        records=services.records,
         # Where a cancel request is noticed.
         after_chunk=lambda: context.progress(bytes_done=bytes_read()),
     )

@@ -31,11 +31,11 @@ from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
 from services.inventory import Inventory
 from services.jobs import JobKind, ObjectTarget, ReencryptParams, VersionTarget
+from services.jobs.context import JobCancelled, JobContext, JobFailed, LeaseLost
 from services.placement import tenant_prefix
 from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
 from storage.records import ObjectRecord, load_record
-from workers.execution import JobCancelled, JobContext, JobFailed, LeaseLost
 
 # What header-only rewrap jobs staged. Each staged object held another header of a stored
 # message, which with the stored one gives away the message's GCM hash key.

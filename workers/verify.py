@@ -10,11 +10,11 @@ from typing import Any
 
 from sealstream.wiring import Parts
 from services.jobs import VerifyParams
+from services.jobs.context import JobContext, JobFailed
 from services.objects import VERIFIED_FIELDS, ObjectSummary, RecordMismatch
 from services.open_stored import verify_stored
 from storage import ObjectNotFound
 from storage.records import load_record
-from workers.execution import JobContext, JobFailed
 
 
 def verify(context: JobContext, services: Parts) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class ReencryptRequest(_Request):
         return self
 
 
-def _place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) -> PrefixTarget:
+def place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) -> PrefixTarget:
     """A prefix in the tenant's space: '' is the whole space, else it must end in '/'."""
     if prefix and not prefix.endswith("/"):
         raise Problem(400, "invalid-prefix", "a prefix is empty or ends with '/'")
@@ -178,10 +178,10 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> Batch
     placed_source = (
         _place_key(svc, tenant, source.key, source.bucket)
         if source.key is not None
-        else _place_prefix(svc, tenant, source.prefix or "", source.bucket)
+        else place_prefix(svc, tenant, source.prefix or "", source.bucket)
     )
     placed_destination = (
-        _place_prefix(svc, tenant, destination.prefix, destination.bucket)
+        place_prefix(svc, tenant, destination.prefix, destination.bucket)
         if destination.prefix is not None
         else _place_key(svc, tenant, destination.key or "", destination.bucket)
     )
@@ -211,7 +211,7 @@ def reencrypt_params(
     elif spec.key is not None:
         target = _place_key(svc, tenant, spec.key, spec.bucket)
     else:
-        target = _place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
+        target = place_prefix(svc, tenant, spec.prefix or "", spec.bucket)
     return ReencryptParams.of(spec.kid, key.primary_version, spec.rewrapped, target)
 
 

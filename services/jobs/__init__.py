@@ -6,6 +6,7 @@ the API hands jobs to."""
 from services.jobs.memory_store import MemoryJobStore
 from services.jobs.params import (
     AnyParams,
+    ArchiveUploadParams,
     BatchEncryptParams,
     JobParams,
     ObjectTarget,
@@ -32,6 +33,7 @@ __all__ = [
     "REPORTS_PREFIX",
     "REPORT_KIND",
     "AnyParams",
+    "ArchiveUploadParams",
     "BatchEncryptParams",
     "JobKind",
     "JobLease",

@@ -15,6 +15,8 @@ from storage.documents import FrozenCamelModel
 
 BatchMode = Literal["members", "whole"]
 ArchiveFormat = Literal["auto", "tar", "tar.gz", "tar.bz2", "zip"]
+UploadFormat = Literal["auto", "tar", "tar.gz", "tar.bz2", "tar.xz", "zip"]
+Names = Literal["plain", "encrypted"]
 
 
 class JobParams(FrozenCamelModel):
@@ -83,6 +85,20 @@ class BatchEncryptParams(JobParams):
         return self
 
 
+class ArchiveUploadParams(JobParams):
+    """The encrypt-archive job's, which the request uploading the archive runs: how to
+    read the archive, where its members go, how their names become object keys and how
+    they are sealed."""
+
+    kid: str
+    format: UploadFormat
+    encryption_context: dict[str, str]
+    frame_length: int
+    overwrite: bool
+    names: Names
+    destination: PrefixTarget
+
+
 class ReencryptParams(JobParams):
     """The reencrypt job's (and its deprecated alias rewrap's): the key, the version the
     API saw as its primary, and one object, a prefix (in a bucket) or a version of the key
@@ -134,4 +150,4 @@ _OBJECT_FIELDS = set(ObjectTarget.model_fields)
 _PREFIX_FIELDS = set(PrefixTarget.model_fields)
 
 
-AnyParams = VerifyParams | BatchEncryptParams | ReencryptParams
+AnyParams = VerifyParams | BatchEncryptParams | ReencryptParams | ArchiveUploadParams

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from services.jobs.params import (
     AnyParams,
+    ArchiveUploadParams,
     BatchEncryptParams,
     JobParams,
     ReencryptParams,
@@ -46,6 +47,7 @@ class JobKind(StrEnum):
     BATCH_ENCRYPT = "batch-encrypt"
     REENCRYPT = "reencrypt"
     REWRAP = "rewrap"  # deprecated: the reencrypt job under its former name, for one release
+    ENCRYPT_ARCHIVE = "encrypt-archive"  # run by the request that uploads the archive
 
 
 PARAMS: dict[JobKind, type[JobParams]] = {
@@ -53,6 +55,7 @@ PARAMS: dict[JobKind, type[JobParams]] = {
     JobKind.BATCH_ENCRYPT: BatchEncryptParams,
     JobKind.REENCRYPT: ReencryptParams,
     JobKind.REWRAP: ReencryptParams,
+    JobKind.ENCRYPT_ARCHIVE: ArchiveUploadParams,
 }
 
 

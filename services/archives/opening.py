@@ -4,11 +4,11 @@ job names it, and the reader for that format."""
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from services.archives.limits import ArchiveLimits
+from services.archives.members import MemberSource
+from services.archives.tar_reading import TarSource
+from services.archives.zip_reading import ZipSource
 from storage import ObjectStore
-from workers.archives.limits import ArchiveLimits
-from workers.archives.members import MemberSource
-from workers.archives.tar_reading import TarSource
-from workers.archives.zip_reading import ZipSource
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a first entry, or an empty archive
 COMPRESSION_MAGICS = {b"\x1f\x8b": "tar.gz", b"BZh": "tar.bz2", b"\xfd7zXZ\x00": "tar.xz"}
@@ -23,19 +23,20 @@ def open_archive(
     (auto also reads tar.xz)."""
     size = store.head(key).size
     if format_ == "auto":
-        format_ = _detect(_first_bytes(store, key, size))
+        format_ = detect_format(_first_bytes(store, key, size))
     source: TarSource | ZipSource
     if format_ == "zip":
         source = ZipSource(store, key, size, limits)
     else:
-        source = TarSource(store, key, size, format_, limits)
+        source = TarSource.of_object(store, key, size, format_, limits)
     try:
         yield source
     finally:
         source.close()
 
 
-def _detect(magic: bytes) -> str:
+def detect_format(magic: bytes) -> str:
+    """An archive's format told by its first bytes: zip, a compressed tar, or else tar."""
     if magic.startswith(ZIP_MAGICS):
         return "zip"
     for start, format_ in COMPRESSION_MAGICS.items():

@@ -1,4 +1,4 @@
-"""workers.archives: archives in object storage read as streams of members, never
+"""services.archives: archives in object storage read as streams of members, never
 downloaded whole, for batch-encrypt. Nothing is written to disk.
 
 - `opening`: an archive object opened as members, its format told by its first bytes;
@@ -14,17 +14,17 @@ downloaded whole, for batch-encrypt. Nothing is written to disk.
 Exported here is what other modules use; the rest is imported from its own module.
 """
 
-from workers.archives.limits import ArchiveLimits, InvalidArchive
-from workers.archives.members import (
+from services.archives.limits import ArchiveLimits, InvalidArchive
+from services.archives.members import (
     Member,
     MemberKind,
     MemberSource,
     UnsafeMember,
     member_path,
 )
-from workers.archives.object_readers import ObjectReader
-from workers.archives.opening import open_archive
-from workers.archives.prefixes import PrefixSource
+from services.archives.object_readers import ObjectReader
+from services.archives.opening import open_archive
+from services.archives.prefixes import PrefixSource
 
 __all__ = [
     "ArchiveLimits",

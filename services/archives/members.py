@@ -90,7 +90,7 @@ class MemberSource(ABC):
     """Members to seal, and how far through its bytes the reading is."""
 
     format: str
-    bytes_total: int
+    bytes_total: int | None  # None while unknown (an upload, until its end)
     items_total: int | None  # None while unknown (a tar stream, until its end)
 
     @property
@@ -100,3 +100,7 @@ class MemberSource(ABC):
     @abstractmethod
     def members(self) -> Iterator[Member]:
         """The members in order; raises `InvalidArchive` if the archive breaks off."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of what the reading holds open."""

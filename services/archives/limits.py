@@ -6,6 +6,9 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 
+# What an archive of unknown size may unpack to before enough of it has arrived to allow
+# more: a tar's end and padding (tens of KiB of zeros) compress to a few dozen bytes.
+ALLOWANCE_FLOOR = 1 << 20
 # What `tarfile` and `zipfile` raise on a file that is not an archive of their format.
 ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError)
 
@@ -22,6 +25,11 @@ class ArchiveLimits:
 
     def unpacked_limit(self, archive_size: int) -> int:
         return min(int(self.max_expansion * archive_size), self.max_unpacked)
+
+    def allowance(self, arrived: int) -> int:
+        """How far an archive of unknown size may have unpacked once `arrived` of its
+        bytes have: never less than `ALLOWANCE_FLOOR`."""
+        return min(max(int(self.max_expansion * arrived), ALLOWANCE_FLOOR), self.max_unpacked)
 
 
 class InvalidArchive(Exception):

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from functools import partial
 from typing import IO
 
+from services.archives.limits import TooManyMembers
+from services.archives.members import Member, MemberKind, MemberSource
+from services.archives.object_readers import READ_AHEAD, ObjectReader
 from storage import ObjectStore
-from workers.archives.limits import TooManyMembers
-from workers.archives.members import Member, MemberKind, MemberSource
-from workers.archives.object_readers import READ_AHEAD, ObjectReader
 
 
 class PrefixSource(MemberSource):
@@ -49,3 +49,7 @@ class PrefixSource(MemberSource):
     def _open(self, key: str, size: int) -> IO[bytes]:
         self._current = ObjectReader(self._store, key, size)
         return io.BufferedReader(self._current, READ_AHEAD)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()

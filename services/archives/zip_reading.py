@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import IO
 
-from storage import ObjectStore
-from workers.archives.limits import (
+from services.archives.limits import (
     ARCHIVE_ERRORS,
     ArchiveLimits,
     HeaderTooLarge,
@@ -24,8 +23,9 @@ from workers.archives.limits import (
     check_members,
     check_unpacked,
 )
-from workers.archives.members import Member, MemberKind, MemberSource
-from workers.archives.object_readers import READ_AHEAD, RangedObject
+from services.archives.members import Member, MemberKind, MemberSource
+from services.archives.object_readers import READ_AHEAD, RangedObject
+from storage import ObjectStore
 
 
 class _IndexReader(io.BufferedReader):

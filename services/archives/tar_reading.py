@@ -1,5 +1,6 @@
-"""A tar (plain, gzip, bzip2, xz) read from object storage front to back, in constant
-memory, with `tarfile`'s streaming mode over ranged reads of a few MiB each.
+"""A tar (plain, gzip, bzip2, xz) read front to back, in constant memory, with
+`tarfile`'s streaming mode: from object storage over ranged reads of a few MiB each, or
+from an upload as it arrives.
 
 Each member's declared size is checked as its header streams past, before its data is
 read or skipped, and no member is read past its declared size. What the declared sizes
@@ -8,6 +9,11 @@ here, a bounded read at a time, and `tarfile` reads the result through `_Bounded
 stops it at the end of the member it is on plus one member's worth of headers. So a pax
 or GNU long-name header of any declared size costs at most `max_header_size` before the
 job fails.
+
+An archive of known size may unpack to `max_expansion` times that size. An upload's size
+is not known until it ends, so what it has unpacked so far is held to `max_expansion`
+times what has arrived so far (`ArchiveLimits.allowance`): a bomb is refused after the
+few bytes it takes to send, not after a declared length that nothing backs yet.
 """
 
 import bz2
@@ -19,13 +25,12 @@ import zlib
 
 # `lzma.LZMAFile` takes no memory limit; the reader it is built on does.
 from _compression import DecompressReader
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Self
 
-from storage import ObjectStore
-from workers.archives.limits import (
+from services.archives.limits import (
     ARCHIVE_ERRORS,
     ArchiveLimitExceeded,
     ArchiveLimits,
@@ -36,8 +41,9 @@ from workers.archives.limits import (
     check_unpacked,
     expands_too_far,
 )
-from workers.archives.members import Member, MemberKind, MemberSource
-from workers.archives.object_readers import READ_AHEAD, ObjectReader
+from services.archives.members import Member, MemberKind, MemberSource
+from services.archives.object_readers import READ_AHEAD, ObjectReader
+from storage import ObjectStore
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -57,9 +63,14 @@ class _Bounded(io.RawIOBase):
     limit's error instead, so nothing past a limit is ever decompressed."""
 
     def __init__(
-        self, unpacked: io.BufferedIOBase, limit: int, exceeded: ArchiveLimitExceeded
+        self,
+        unpacked: io.BufferedIOBase,
+        limit: int,
+        exceeded: ArchiveLimitExceeded,
+        allowance: Callable[[], int] | None,
     ) -> None:
         self._unpacked = unpacked
+        self._allowance = allowance  # how far it may have unpacked by now, if that moves
         self.position = 0
         self.limit_to(limit, exceeded)
 
@@ -78,6 +89,8 @@ class _Bounded(io.RawIOBase):
             return 0
         count = self._read(view[:room])
         self.position += count
+        if self._allowance is not None:
+            check_unpacked(self.position, self._allowance())
         return count
 
     def _read(self, view: memoryview) -> int:
@@ -91,7 +104,7 @@ class _Bounded(io.RawIOBase):
         super().close()
 
 
-def _unpacked(compressed: "io.BufferedReader[ObjectReader]", format_: str) -> io.BufferedIOBase:
+def _unpacked(compressed: io.BufferedIOBase, format_: str) -> io.BufferedIOBase:
     """The decompressed bytes of a tar; each read decompresses no more than it returns,
     where `tarfile`'s own streaming mode inflates a whole input record at once."""
     if format_ == "tar.gz":
@@ -111,33 +124,58 @@ def _unpacked(compressed: "io.BufferedReader[ObjectReader]", format_: str) -> io
 
 class TarSource(MemberSource):
     """A tar's members in the order they stream past, each checked against the limits
-    as its header is read."""
+    as its header is read.
+
+    `compressed` is the archive's bytes as stored or sent, and `raw_read` says how many
+    of them have been taken from their source so far; `size` is the archive's, or None
+    while it is not known (an upload).
+    """
 
     def __init__(
-        self, store: ObjectStore, key: str, size: int, format_: str, limits: ArchiveLimits
+        self,
+        compressed: io.BufferedIOBase,
+        raw_read: Callable[[], int],
+        format_: str,
+        limits: ArchiveLimits,
+        size: int | None,
     ) -> None:
         self.format = format_
         self.bytes_total = size
         self.items_total = None
         self._limits = limits
-        self._max_unpacked = limits.unpacked_limit(size)
+        self._raw_read = raw_read
+        self._compressed = compressed
+        self._max_unpacked = limits.max_unpacked if size is None else limits.unpacked_limit(size)
+        # Known, the size bounds the whole archive at once; unknown, what has arrived so far.
+        allowance = None if size is not None else partial(_arrived_allowance, limits, raw_read)
         self._declared = 0  # the members' declared sizes, summed
-        self._reader = ObjectReader(store, key, size)
-        compressed = io.BufferedReader(self._reader, READ_AHEAD)
         # `tarfile.open` reads the first member's headers.
-        self._stream = _Bounded(_unpacked(compressed, format_), *self._bound(end_of_member=0))
+        self._stream = _Bounded(
+            _unpacked(compressed, format_), *self._bound(end_of_member=0), allowance
+        )
         try:
             with _tar_errors("not a readable tar archive"):
                 # Kept open across `members()`; `close()` closes it.
-                self._tar = tarfile.open(fileobj=self._stream, mode="r|")  # noqa: SIM115
+                self._tar = tarfile.open(  # noqa: SIM115
+                    fileobj=self._stream, mode="r|", tarinfo=_EndChecked
+                )
         except BaseException:
             self._stream.close()
-            self._reader.close()
+            compressed.close()
             raise
+
+    @classmethod
+    def of_object(
+        cls, store: ObjectStore, key: str, size: int, format_: str, limits: ArchiveLimits
+    ) -> "TarSource":
+        """The tar stored at `key`, of `size` bytes, read through ranged reads."""
+        reader = ObjectReader(store, key, size)
+        compressed = io.BufferedReader(reader, READ_AHEAD)
+        return cls(compressed, lambda: reader.position, format_, limits, size)
 
     @property
     def bytes_read(self) -> int:
-        return self._reader.position
+        return self._raw_read()
 
     def members(self) -> Iterator[Member]:
         count = 0
@@ -182,7 +220,33 @@ class TarSource(MemberSource):
     def close(self) -> None:
         self._tar.close()
         self._stream.close()
-        self._reader.close()
+        self._compressed.close()
+
+
+class _EndChecked(tarfile.TarInfo):
+    """A member's header, read by `tarfile`, which takes any header it cannot read after
+    the first (a damaged one, one cut off, none at all) for the archive's end: only the
+    end-of-archive block counts as one here, so that an archive cut short, even at a
+    member's boundary, never passes for a whole one."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as error:
+            if isinstance(error, _END_BLOCK):
+                raise
+            if isinstance(error, _NO_HEADER):
+                raise InvalidArchive(
+                    "the tar archive ends without its end-of-archive block"
+                ) from None
+            raise InvalidArchive(f"the tar archive is damaged: {error}") from None
+
+
+# `tarfile`'s own kinds of HeaderError, which typeshed leaves out: the zero block that
+# ends an archive, and no header at all where one should be.
+_END_BLOCK: type[tarfile.HeaderError] = tarfile.EOFHeaderError  # type: ignore[attr-defined]
+_NO_HEADER: type[tarfile.HeaderError] = tarfile.EmptyHeaderError  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -196,6 +260,10 @@ def _tar_errors(what: str) -> Iterator[None]:
         # tarfile reads a run of extended headers recursively: within the headers'
         # limit, a run of tiny ones could still be deeper than Python allows.
         raise HeaderTooLarge("a member has too many extended headers") from None
+
+
+def _arrived_allowance(limits: ArchiveLimits, raw_read: Callable[[], int]) -> int:
+    return limits.allowance(raw_read())
 
 
 def _data_end(info: tarfile.TarInfo) -> int:

@@ -1,0 +1,328 @@
+"""An archive sealed member by member as it is uploaded: the body of the encrypt-archive
+job, which the request that sends the archive runs on a thread of its own.
+
+The archive is read front to back from the upload (`UploadReader`) as it arrives; each
+member is sealed into an object of its own under the destination prefix before the next
+is read, so nothing of the archive is ever at rest in plaintext, on disk or in memory
+beyond the frames in flight. Member rules and limits are those of the batch job
+(`services.archives`): a member that breaks a rule is refused and listed, a member that
+cannot be written fails alone, and an archive that breaks off or crosses a limit fails
+the job, keeping the members sealed before.
+
+Every member's outcome goes to `emit` (the uploader's progress stream) and into the
+manifest, a message sealed under the same key as the members at `<prefix>manifest.json`,
+written as the members go and completed at the end, marked complete or not.
+"""
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any
+
+from services.archives.limits import ArchiveLimits, InvalidArchive
+from services.archives.members import Member, MemberSource, UnsafeMember, member_path
+from services.archives.opening import detect_format
+from services.archives.sealing import MemberSealing
+from services.archives.tar_reading import TarSource
+from services.errors import error_code, public_detail
+from services.jobs import ArchiveUploadParams
+from services.jobs.context import JobCancelled, JobContext, JobFailed
+from services.objects import MEMBER_FIELDS, ObjectSummary
+from services.placement import Placement
+from services.seal_to_storage import ObjectSealer
+from storage import ObjectStore
+from storage.records import ObjectRecord
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "sealstream-archive-manifest/1"
+READ_SIZE = 1 << 20  # bytes of a member handed to its sealer at a time
+READ_AHEAD = 64 << 10  # of the upload, before it is decompressed
+RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
+
+COUNTS = ("items", "sealed", "skipped", "refused", "failed")
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class UploadBroken(Exception):
+    """The upload stopped being read or sent as a form should: the client went away,
+    stalled, stopped reading its progress, or cut the form short."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+# What ends a run before the archive's end, the members sealed before kept.
+STOPPING = (InvalidArchive, JobCancelled, UploadBroken)
+
+
+class UploadReader(io.RawIOBase):
+    """The archive's bytes as they arrive: `next_chunk()` blocks for the next piece of
+    the upload and returns None at its end; `position` counts what has been taken."""
+
+    def __init__(self, next_chunk: Callable[[], bytes | None]) -> None:
+        self._next_chunk = next_chunk
+        self._chunk = memoryview(b"")
+        self._ended = False
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: "WriteableBuffer") -> int:
+        while not self._chunk and not self._ended:
+            chunk = self._next_chunk()
+            self._ended = chunk is None
+            self._chunk = memoryview(chunk or b"")
+        view = memoryview(buffer).cast("B")
+        count = min(len(view), len(self._chunk))
+        view[:count] = self._chunk[:count]
+        self._chunk = self._chunk[count:]
+        self.position += count
+        return count
+
+    def drain(self) -> None:
+        """Read to the end of the upload, which checks that the form around it ends as it
+        should: bytes after an archive's end are not members."""
+        while self.read(READ_SIZE):
+            pass
+
+
+def open_upload(reader: UploadReader, format_: str, limits: ArchiveLimits) -> MemberSource:
+    """The uploaded archive as members; `format_` "auto" is told by its first bytes."""
+    buffered = io.BufferedReader(reader, READ_AHEAD)
+    if format_ == "auto":
+        format_ = detect_format(buffered.peek(READ_AHEAD))
+    if format_ == "zip":
+        raise InvalidArchive("zip archives cannot be streamed in yet: use tar")
+    return TarSource(buffered, lambda: reader.position, format_, limits, None)
+
+
+@dataclass(frozen=True)
+class MemberPlaces:
+    """Where members' objects go: under a prefix, named by their paths."""
+
+    store: ObjectStore
+    prefix: str  # as the client names it ('' or ending in '/')
+    storage_prefix: str
+
+    def place(self, path: str) -> Placement:
+        return Placement(
+            self.store, self.store.bucket, self.prefix + path, self.storage_prefix + path
+        )
+
+
+class Manifest:
+    """The manifest, sealed as it is written: a JSON object whose `members` list grows an
+    entry at a time, closed by the fields known only at the end."""
+
+    def __init__(self, sealer: ObjectSealer, head: dict[str, Any]) -> None:
+        self._sealer = sealer
+        self._separator = "\n"
+        fields = ",\n".join(f"{_json(name)}: {_json(value)}" for name, value in head.items())
+        self._write("{\n" + fields + ',\n"members": [')
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self._write(self._separator + _json(entry))
+        self._separator = ",\n"
+
+    def complete(self, tail: dict[str, Any]) -> ObjectRecord:
+        fields = "".join(f",\n{_json(name)}: {_json(value)}" for name, value in tail.items())
+        self._write("\n]" + fields + "\n}\n")
+        return self._sealer.complete()
+
+    def abort(self) -> None:
+        self._sealer.abort()
+
+    def _write(self, text: str) -> None:
+        self._sealer.write((text.encode(),))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value)
+
+
+@dataclass
+class UploadRun:
+    """One encrypt-archive job: where it writes, and what became of each member so far."""
+
+    context: JobContext
+    sealing: MemberSealing
+    places: MemberPlaces
+    limits: ArchiveLimits
+    emit: Emit
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("items", "sealed", "skipped", "refused", "failed"), 0
+        )
+    )
+    refused: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+    @property
+    def params(self) -> ArchiveUploadParams:
+        return self.context.params(ArchiveUploadParams)
+
+
+def manifest_place(places: MemberPlaces) -> Placement:
+    return places.place(MANIFEST_NAME)
+
+
+def open_manifest(run: UploadRun) -> Manifest:
+    """Start the manifest's message; nothing of it is visible until it is completed."""
+    params = run.params
+    sealer = run.sealing.open(manifest_place(run.places), overwrite=params.overwrite)
+    head = {
+        "format": MANIFEST_FORMAT,
+        "jobId": run.context.record.id,
+        "kid": params.kid,
+        "destination": params.destination.model_dump(mode="json", include={"bucket", "prefix"}),
+        "names": params.names,
+        "createdAt": datetime.now(UTC).isoformat(),
+    }
+    return Manifest(sealer, head)
+
+
+def seal_upload(run: UploadRun, reader: UploadReader) -> dict[str, Any]:
+    """The job's body: seal every member of the upload, then complete the manifest. An
+    archive that breaks off, or a cancel, still completes the manifest, marked
+    incomplete, before the job fails (`JobFailed`) or is cancelled."""
+    manifest = open_manifest(run)
+    try:
+        format_, stopped = _seal_all(run, reader, manifest)
+        if stopped is None:
+            stopped = _drained(reader)
+    except BaseException:
+        manifest.abort()
+        raise
+    record = manifest.complete(_summary(run, format_, stopped))
+    result = _result(run, format_, record)
+    if isinstance(stopped, JobCancelled):
+        run.context.save_partial(result)
+        raise stopped
+    if stopped is not None:
+        run.context.save_partial(result)
+        raise JobFailed(error_code(stopped), public_detail(stopped))
+    return result
+
+
+def _seal_all(
+    run: UploadRun, reader: UploadReader, manifest: Manifest
+) -> tuple[str, Exception | None]:
+    """Seal the members as they come; the archive's format, and what stopped the run
+    before the archive's end, if anything did."""
+    format_ = run.params.format
+    try:
+        source = open_upload(reader, format_, run.limits)
+    except STOPPING as stopped:
+        return format_, stopped
+    try:
+        for member in source.members():
+            run.counts["items"] += 1
+            entry = _take(run, member, reader)
+            manifest.add(entry)
+            run.emit({"event": "member", **entry})
+            run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
+    except STOPPING as stopped:
+        return source.format, stopped
+    finally:
+        source.close()
+    return source.format, None
+
+
+def _drained(reader: UploadReader) -> UploadBroken | None:
+    try:
+        reader.drain()
+    except UploadBroken as broken:
+        return broken
+    return None
+
+
+def _take(run: UploadRun, member: Member, reader: UploadReader) -> dict[str, Any]:
+    """Seal one member, or say why not: its entry in the manifest."""
+    try:
+        path = member_path(member.name, member.kind)
+        if path is None:
+            run.counts["skipped"] += 1
+            return {"path": member.name, "status": "skipped"}
+        _check_clash(run, path)
+    except UnsafeMember as refusal:
+        run.counts["refused"] += 1
+        entry = {"path": member.name, "reason": str(refusal)}
+        _note(run.refused, entry)
+        return {**entry, "status": "refused"}
+    try:
+        record = _seal_member(run, member, path, reader)
+    except (*STOPPING, MemoryError):
+        raise
+    except Exception as error:
+        run.counts["failed"] += 1
+        entry = {"path": path, "code": error_code(error), "detail": public_detail(error)}
+        _note(run.failed, entry)
+        return {**entry, "status": "failed"}
+    run.counts["sealed"] += 1
+    summary = ObjectSummary.of(record, run.places.place(path).key)
+    return {"path": path, "status": "sealed", **summary.fields(*MEMBER_FIELDS)}
+
+
+def _check_clash(run: UploadRun, path: str) -> None:
+    if path in run.seen:
+        raise UnsafeMember("a second member of the same name")
+    run.seen.add(path)
+    if path == MANIFEST_NAME:
+        raise UnsafeMember("the manifest's name")
+
+
+def _seal_member(run: UploadRun, member: Member, path: str, reader: UploadReader) -> ObjectRecord:
+    with member.open() as stream:
+        return run.sealing.seal(
+            run.places.place(path),
+            _chunks(stream),
+            overwrite=run.params.overwrite,
+            # Where a cancel request is noticed.
+            after_chunk=lambda: run.context.progress(bytes_done=reader.position),
+        )
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while chunk := stream.read(READ_SIZE):
+        yield chunk
+
+
+def _note(listed: list[dict[str, str]], entry: dict[str, str]) -> None:
+    if len(listed) < RESULT_LIST_LIMIT:
+        listed.append(entry)
+
+
+def _summary(run: UploadRun, format_: str, stopped: Exception | None) -> dict[str, Any]:
+    """The manifest's closing fields."""
+    error = None
+    if stopped is not None:
+        code = "job-cancelled" if isinstance(stopped, JobCancelled) else error_code(stopped)
+        error = {"code": code, "detail": public_detail(stopped)}
+    return {
+        "archiveFormat": format_,
+        "counts": run.counts,
+        "complete": stopped is None,
+        "error": error,
+    }
+
+
+def _result(run: UploadRun, format_: str, manifest: ObjectRecord) -> dict[str, Any]:
+    places = run.places
+    return {
+        "bucket": places.store.bucket,
+        "manifestKey": places.prefix + MANIFEST_NAME,
+        "manifestStorageKey": manifest.key,
+        "format": format_,
+        "counts": dict(run.counts),
+        "refused": run.refused,
+        "failed": run.failed,
+    }
