@@ -1,5 +1,5 @@
 """The `sealstream` command. Its client commands (cli.commands) call a running API through
-cli.client; the server's commands (`sealstream serve`...) are found through the
+sealstream_client; the server's commands (`sealstream serve`...) are found through the
 entry-point group `sealstream.commands` and loaded only when asked for, so the client
 never imports the server and starts fast.
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import click
 
-from cli.client import ApiError, ClientError, SealstreamClient, TransferAborted
 from cli.config import Connection, Profile, resolve
 from cli.exits import (
     EXIT_ABORTED,
@@ -21,7 +20,13 @@ from cli.exits import (
     CommandFailed,
     exit_code_of_status,
 )
-from cli.multipart import SourceChanged
+from sealstream_client import (
+    ApiError,
+    ClientError,
+    SealstreamClient,
+    SourceChanged,
+    TransferAborted,
+)
 
 Command = Callable[..., None]
 Row = Mapping[str, Any]

@@ -1,10 +1,11 @@
-"""The client SDK (cli.client) and the `sealstream encrypt` / `decrypt` commands, against a
+"""The client SDK (sealstream_client) and the `sealstream encrypt` / `decrypt` commands, against a
 live API server over HTTP (and one over HTTPS) on each storage backend."""
 
 import hashlib
 import io
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -14,27 +15,36 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import (
+from sealstream.server import create_app
+from sealstream_client import (
+    AlreadyExists,
     ApiError,
     ClientError,
     Conflict,
     InvalidRequest,
+    KeyStateConflict,
+    MessageRejected,
     NotFound,
     PermissionDenied,
+    RangeNotSatisfiable,
     RateLimited,
+    RequestTooSlow,
     SealstreamClient,
     ServerError,
+    SignatureRejected,
     Source,
     SourceChanged,
+    StoredDataDamaged,
     Transfer,
     TransferAborted,
     Unauthenticated,
+    Unavailable,
     api_error_class,
 )
-from cli.multipart import MultipartBody
-from sealstream.server import create_app
+from sealstream_client.multipart import MultipartBody
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.support.http import DOCUMENTED_KEY
+from tests.support.project import REPO
 from tests.support.services import api_server, self_signed_certificate
 
 MIB = 1024 * 1024
@@ -46,7 +56,7 @@ SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
 def client(api: Api) -> SealstreamClient:
     """A client of the live server, with the documented key created through it."""
     client = SealstreamClient(api.url, ADMIN_TOKEN, timeout=30)
-    assert client.create_key(**DOCUMENTED_KEY)["kid"] == KID
+    assert client.create_key(**DOCUMENTED_KEY).kid == KID
     return client
 
 
@@ -157,10 +167,11 @@ def test_storage_destination_and_ranged_reads(api: Api, client: SealstreamClient
         frame_length=64 * 1024,
         encryption_context=context,
     )
-    assert stored["key"] == "reports/q1.bin"
-    assert stored["plaintextSize"] == len(data)
-    assert stored["plaintextSha256"] == hashlib.sha256(data).hexdigest()
-    assert stored["frameLength"] == 64 * 1024
+    assert stored.key == "reports/q1.bin"
+    assert stored.plaintext_size == len(data)
+    assert stored.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.frame_length == 64 * 1024
+    assert stored.document["plaintextSize"] == len(data)  # the answer as it came
 
     whole = io.BytesIO()
     transfer = client.decrypt_object("reports/q1.bin", whole, encryption_context=context)
@@ -255,21 +266,53 @@ def test_api_errors_carry_the_problem(api: Api, client: SealstreamClient) -> Non
 
 
 @pytest.mark.parametrize(
-    ("status", "retry", "expected"),
+    ("status", "code", "retry", "expected"),
     [
-        (400, False, InvalidRequest),
-        (404, False, NotFound),
-        (408, False, ApiError),
-        (429, True, RateLimited),
-        (503, True, RateLimited),
-        (503, False, ServerError),
-        (502, False, ServerError),
+        (400, "invalid-json", False, InvalidRequest),
+        (400, "frame-authentication-failed", False, MessageRejected),
+        (422, "encryption-context-mismatch", False, MessageRejected),
+        (422, "signature-invalid", False, SignatureRejected),
+        (409, "key-disabled", False, KeyStateConflict),
+        (409, "key-exists", False, AlreadyExists),
+        (409, "job-finished", False, Conflict),
+        (404, "a-code-of-a-newer-server", False, NotFound),
+        (408, "body-timeout", False, RequestTooSlow),
+        (416, "range-not-satisfiable", False, RangeNotSatisfiable),
+        (429, "rate-limited", True, RateLimited),
+        (503, "too-many-streams", True, RateLimited),
+        (503, "storage-unavailable", False, Unavailable),
+        (502, "record-tampered", False, StoredDataDamaged),
+        (500, "internal-error", False, ServerError),
     ],
 )
-def test_each_status_family_has_its_exception(
-    status: int, retry: bool, expected: type[ApiError]
+def test_each_code_family_has_its_exception(
+    status: int, code: str, retry: bool, expected: type[ApiError]
 ) -> None:
-    assert api_error_class(status, retry) is expected
+    assert api_error_class(status, code, retry=retry) is expected
+
+
+def test_every_documented_code_raises_a_class_of_its_status() -> None:
+    """Each code of docs/api.md's table falls in a family of its own status: a family
+    is never caught by a handler meant for another status."""
+    of_status = {
+        401: Unauthenticated,
+        403: PermissionDenied,
+        404: NotFound,
+        409: Conflict,
+        412: Conflict,
+        429: RateLimited,
+    }
+    table = (REPO / "docs" / "api.md").read_text().split("The codes, by status:")[1]
+    rows = re.findall(r"^\| (\d{3}) \| (.*) \|$", table, re.MULTILINE)
+    assert len(rows) > 15
+    for status, codes in rows:
+        for code in re.findall(r"`([a-z0-9-]+)`", codes):
+            family = api_error_class(int(status), code)
+            assert issubclass(family, ServerError if int(status) >= 500 else ApiError), code
+            if int(status) < 500:
+                assert not issubclass(family, ServerError), code
+            expected = of_status.get(int(status), InvalidRequest if int(status) < 500 else ApiError)
+            assert issubclass(family, expected), (status, code, family)
 
 
 def test_a_failing_source_raises_its_error_and_never_ends_the_upload(

@@ -1,26 +1,46 @@
-"""The client imports none of the server: `cli.client`, `cli.transport` and `cli.main`
-load in a fresh interpreter without the web framework, the job queue, the AWS SDK or any
-of the service's own packages (the client may use `envelope`, and nothing else of ours)."""
+"""The client imports none of the server: `sealstream_client` (sync and asyncio) loads in a
+fresh interpreter without the web framework, the job queue, the AWS SDK, the command
+line's libraries or any of the service's own packages (it may use `envelope`, and nothing
+else of ours); `cli.main`, the command line, loads none of the server either."""
 
 import json
 import subprocess
 import sys
 
-CLIENT_MODULES = ("cli.client", "cli.transport", "cli.main")
+import pytest
+
 SERVER_STACK = ("fastapi", "starlette", "celery", "boto3", "botocore", "uvicorn")
-SERVICE_PACKAGES = ("api", "workers", "services", "sealstream", "keystore", "storage")
+SERVICE_PACKAGES = ("api", "workers", "services", "sealstream", "keystore", "storage", "audit")
+COMMAND_LINE = ("cli", "click", "rich")
 
 
-def test_importing_the_client_loads_nothing_of_the_server() -> None:
-    unwanted = SERVER_STACK + SERVICE_PACKAGES
+def loaded(modules: tuple[str, ...], unwanted: tuple[str, ...]) -> list[str]:
+    """Which of `unwanted` importing `modules` in a fresh interpreter loads."""
     probe = "\n".join(
         [
             "import importlib, json, sys",
-            *(f"importlib.import_module({module!r})" for module in CLIENT_MODULES),
+            *(f"importlib.import_module({module!r})" for module in modules),
             f"print(json.dumps([name for name in {unwanted!r} if name in sys.modules]))",
         ]
     )
     run = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
-    assert json.loads(run.stdout) == []
+    result: list[str] = json.loads(run.stdout)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("modules", "unwanted"),
+    [
+        (
+            ("sealstream_client", "sealstream_client.aio"),
+            SERVER_STACK + SERVICE_PACKAGES + COMMAND_LINE,
+        ),
+        (("cli.main",), SERVER_STACK + SERVICE_PACKAGES),
+    ],
+)
+def test_importing_the_client_loads_nothing_of_the_server(
+    modules: tuple[str, ...], unwanted: tuple[str, ...]
+) -> None:
+    assert loaded(modules, unwanted) == []

@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.client import SealstreamClient
 from keystore import LocalKek
 from sealstream.commands import warn_if_exposed
 from sealstream.settings import Settings
 from sealstream.wiring import open_records
+from sealstream_client import SealstreamClient
 from storage import LocalStore
 from tests.support.http import DOCUMENTED_KEY, assert_round_trip, encrypt, problem, read_object
 from tests.support.jobs import finished_job, store_object

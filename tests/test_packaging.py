@@ -1,16 +1,36 @@
-"""What is shipped: every package of the repository is one the wheel ships, as declared in
-pyproject.toml (which the tests that search the shipped code read their list from), and
-the image copies each of them."""
+"""What is shipped: every package of the repository is one that exactly one of the two
+wheels ships (the service's, and the client's built from client/), as the pyproject.toml
+files declare (the tests that search the shipped code read their list from them); the
+service depends on the client distribution of its own version; and the image copies and
+installs both."""
 
-from tests.support.project import REPO, wheel_packages
+import tomllib
+
+from tests.support.project import (
+    CLIENT_PROJECT,
+    REPO,
+    SERVICE_PROJECT,
+    distribution_packages,
+    wheel_packages,
+)
 
 NOT_SHIPPED = {"tests"}  # tools/ and bench/ are scripts, not packages
 
 
-def test_every_package_of_the_repository_is_shipped() -> None:
+def test_every_package_of_the_repository_is_shipped_once() -> None:
     packages = {path.parent.name for path in REPO.glob("*/__init__.py")}
-    assert "services" in packages  # else the glob found nothing of ours
+    assert {"services", "sealstream_client", "envelope"} <= packages  # the glob found ours
     assert sorted(packages - NOT_SHIPPED) == sorted(wheel_packages())
+    assert len(wheel_packages()) == len(set(wheel_packages()))
+
+
+def test_the_service_depends_on_the_client_of_its_own_version() -> None:
+    with SERVICE_PROJECT.open("rb") as file:
+        service = tomllib.load(file)["project"]
+    with CLIENT_PROJECT.open("rb") as file:
+        client = tomllib.load(file)["project"]
+    assert f"{client['name']}=={client['version']}" in service["dependencies"]
+    assert service["version"] == client["version"]
 
 
 def copied_into_image() -> set[str]:
@@ -23,9 +43,11 @@ def copied_into_image() -> set[str]:
     return sources
 
 
-def test_the_image_copies_every_package_the_wheel_ships() -> None:
-    """`pip install .` in the image builds the wheel from what was copied in: a package
-    left out would be missing from the image, and the service would not start."""
+def test_the_image_copies_every_package_the_wheels_ship() -> None:
+    """`pip install ./client .` in the image builds the wheels from what was copied in: a
+    package left out would be missing from the image, and the service would not start."""
     copied = copied_into_image()
-    assert "pyproject.toml" in copied  # else this read no COPY line
+    assert {"pyproject.toml", "client"} <= copied  # else this read no COPY line
     assert [package for package in wheel_packages() if package not in copied] == []
+    assert "pip install ./client ." in (REPO / "Dockerfile").read_text()
+    assert distribution_packages(CLIENT_PROJECT)  # the client's are among those checked

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from cli.client import SealstreamClient
 from sealstream.processes import share_of
 from sealstream.settings import Settings
+from sealstream_client import SealstreamClient
 from tests.support.http import DOCUMENTED_KEY, assert_round_trip
 from tests.support.metrics import scrape, value
 from tests.support.services import (

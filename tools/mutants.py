@@ -446,6 +446,13 @@ MUTANTS = (
         "        if False:",
         ("tests/test_api_audit.py",),
     ),
+    Mutant(
+        "client: cancelling an async call aborts its transfer",
+        "sealstream_client/aio.py",
+        "            cancellation.cancel()\n",
+        "",
+        ("tests/test_client_async.py",),
+    ),
 )
 
 

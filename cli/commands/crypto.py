@@ -17,10 +17,10 @@ from typing import Any, BinaryIO, TypeVar
 
 import click
 
-from cli.client import ByteRange, Transfer, TransferAborted
 from cli.exits import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed
 from cli.progress import Meter, transfer_bar, wanted
 from cli.session import Session, client_command, print_fields, print_json
+from sealstream_client import ByteRange, Transfer, TransferAborted
 
 PARTIAL = ".partial"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -98,7 +98,7 @@ def encrypt(
             overwrite=overwrite,
             encryption_context=context,
             frame_length=frame_length,
-        )
+        ).document
     session.show(stored, lambda: print_fields(stored, STORED_FIELDS))
 
 

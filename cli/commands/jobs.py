@@ -60,7 +60,7 @@ def list_(
     session: Session, status: str | None, kind: str | None, limit: int | None, after: str | None
 ) -> None:
     """List the tenant's jobs, newest first."""
-    page = session.client.list_jobs(status=status, kind=kind, limit=limit, after=after)
+    page = session.client.list_jobs(status=status, kind=kind, limit=limit, after=after).document
     session.show_page(page, "jobs", JOB_COLUMNS, [_readable(job) for job in page["jobs"]])
 
 
@@ -69,7 +69,7 @@ def list_(
 @client_command
 def get(session: Session, job_id: str) -> None:
     """Show a job: its state, progress and result."""
-    _show_job(session, session.client.get_job(job_id))
+    _show_job(session, session.client.get_job(job_id).document)
 
 
 @jobs.command()
@@ -92,14 +92,14 @@ def watch(session: Session, job_id: str, timeout: float) -> None:
 @client_command
 def cancel(session: Session, job_id: str) -> None:
     """Cancel a job: a queued one at once, a running one at its next frame or member."""
-    _show_job(session, session.client.cancel_job(job_id))
+    _show_job(session, session.client.cancel_job(job_id).document)
 
 
 def _watch(session: Session, job_id: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with job_bars(show=wanted(session.quiet)) as bars:
         while True:
-            job = session.client.get_job(job_id)
+            job = session.client.get_job(job_id).document
             bars.update(job)
             if job.get("status") in FINISHED:
                 break
@@ -131,7 +131,7 @@ wait_option = click.option("--wait", is_flag=True, help="watch the job to its en
 @client_command
 def verify(session: Session, key: str, bucket: str | None, wait: bool) -> None:
     """Verify a stored object against what its upload recorded."""
-    _started(session, session.client.start_job("verify", key=key, bucket=bucket), wait)
+    _started(session, session.client.start_job("verify", key=key, bucket=bucket).document, wait)
 
 
 @jobs.command("batch-encrypt")
@@ -182,7 +182,7 @@ def batch_encrypt(
         encryptionContext=context or None,
         frameLength=frame_length,
         overwrite=overwrite or None,
-    )
+    ).document
     _started(session, job, wait)
 
 
@@ -211,7 +211,7 @@ def reencrypt(
         prefix=prefix,
         bucket=bucket,
         rewrapped=rewrapped or None,
-    )
+    ).document
     _started(session, job, wait)
 
 

@@ -89,7 +89,9 @@ def create(
     session: Session, kid: str, kty: str, alg: str | None, key_size: int | None, **policy: Any
 ) -> None:
     """Generate a key named KID."""
-    key = session.client.create_key(**_policy(kid, **policy), kty=kty, alg=alg, keySize=key_size)
+    key = session.client.create_key(
+        **_policy(kid, **policy), kty=kty, alg=alg, keySize=key_size
+    ).document
     _show_key(session, key)
 
 
@@ -106,7 +108,7 @@ def import_(session: Session, kid: str, jwk_file: Any, **policy: Any) -> None:
         raise CommandFailed("JWK is not JSON", EXIT_USAGE) from None
     if not isinstance(jwk, dict):
         raise CommandFailed("JWK is not a JSON object", EXIT_USAGE)
-    _show_key(session, session.client.import_key(**_policy(kid, **policy), jwk=jwk))
+    _show_key(session, session.client.import_key(**_policy(kid, **policy), jwk=jwk).document)
 
 
 @keys.command("list")
@@ -115,7 +117,7 @@ def import_(session: Session, kid: str, jwk_file: Any, **policy: Any) -> None:
 @client_command
 def list_(session: Session, limit: int | None, after: str | None) -> None:
     """List the tenant's keys, one page at a time."""
-    page = session.client.list_keys(limit=limit, after=after)
+    page = session.client.list_keys(limit=limit, after=after).document
     session.show_page(page, "keys", KEY_COLUMNS)
 
 
@@ -131,7 +133,7 @@ _ACTIONS = (
 
 def _action(name: str, method: str, help_text: str) -> click.Command:
     def run(session: Session, kid: str) -> None:
-        _show_key(session, getattr(session.client, method)(kid))
+        _show_key(session, getattr(session.client, method)(kid).document)
 
     return click.command(name, help=help_text)(click.argument("kid")(client_command(run)))
 
@@ -150,7 +152,9 @@ for _name, _method, _help in _ACTIONS:
 @client_command
 def delete(session: Session, kid: str, pending_window_days: int | None) -> None:
     """Schedule the key's destruction: unusable at once, destroyed after the window."""
-    _show_key(session, session.client.delete_key(kid, pending_window_days=pending_window_days))
+    _show_key(
+        session, session.client.delete_key(kid, pending_window_days=pending_window_days).document
+    )
 
 
 @keys.command()
@@ -164,7 +168,7 @@ def delete(session: Session, kid: str, pending_window_days: int | None) -> None:
 @client_command
 def patch(session: Session, kid: str, exportable: bool) -> None:
     """Change a key's policy: `--exportable false` (one-way)."""
-    _show_key(session, session.client.update_key(kid, exportable=exportable))
+    _show_key(session, session.client.update_key(kid, exportable=exportable).document)
 
 
 @keys.command()
@@ -177,7 +181,7 @@ def patch(session: Session, kid: str, exportable: bool) -> None:
 def export(session: Session, kid: str, version: int | None, output: str) -> None:
     """Print one version of an exportable key as a private JWK (its kid is `KID#version`,
     the key name the AWS Encryption SDK's raw keyring takes)."""
-    jwk = session.client.export_key(kid, version=version)
+    jwk = session.client.export_key(kid, version=version).document
     if output == "-":
         print_json(jwk)
         return
@@ -198,7 +202,7 @@ def export(session: Session, kid: str, version: int | None, output: str) -> None
 @client_command
 def objects(session: Session, kid: str, version: int, after: str | None, limit: int | None) -> None:
     """List the stored objects sealed under one version of the key."""
-    page = session.client.list_key_version_objects(kid, version, after=after, limit=limit)
+    page = session.client.list_key_version_objects(kid, version, after=after, limit=limit).document
     session.show_page(page, "objects", ("key", "bucket", "createdAt"))
 
 
@@ -224,7 +228,7 @@ def retire(
     nothing from then on, and its material is destroyed after the window."""
     retired = session.client.retire_key_version(
         kid, version, confirm=confirm, pending_window_days=pending_window_days
-    )
+    ).document
     _show_key(session, retired)
 
 
@@ -232,7 +236,7 @@ def retire(
 @client_command
 def algorithms(session: Session) -> None:
     """List the key types and algorithms a key may have."""
-    document = session.client.supported_algorithms()
+    document = session.client.supported_algorithms().document
     rows = document.get("algorithms", [])
     columns = tuple(rows[0]) if rows else ()
     session.show(document, lambda: print_table(rows, columns, "none"))

@@ -22,7 +22,9 @@ def list_(
     session: Session, prefix: str | None, after: str | None, limit: int | None, bucket: str | None
 ) -> None:
     """List stored objects in key order, with the key version each is sealed under."""
-    page = session.client.list_objects(prefix=prefix, after=after, limit=limit, bucket=bucket)
+    page = session.client.list_objects(
+        prefix=prefix, after=after, limit=limit, bucket=bucket
+    ).document
     session.show_page(page, "objects", OBJECT_COLUMNS)
 
 

@@ -47,5 +47,5 @@ def verify(session: Session, input: str, signature_file: str, kid: str | None) -
     except OSError as exc:
         raise CommandFailed(f"cannot read {signature_file}: {exc.strerror}", EXIT_USAGE) from None
     with input_file(session, input, "verify") as source:
-        verdict = session.client.verify(source, signature, kid=kid)
+        verdict = session.client.verify(source, signature, kid=kid).document
     session.show(verdict, lambda: print_fields(verdict, ("valid", "kid", "alg")))

@@ -41,7 +41,7 @@ def create(
     """Issue a token. Its string is shown this once: keep it now."""
     token = session.client.create_token(
         tenant=tenant, scopes=list(scopes), name=name, expiresAt=expires_at
-    )
+    ).document
     _show_token(session, token)
 
 
@@ -50,7 +50,7 @@ def create(
 @client_command
 def list_(session: Session, tenant: str | None) -> None:
     """List tokens (never their strings)."""
-    page = session.client.list_tokens(tenant=tenant)
+    page = session.client.list_tokens(tenant=tenant).document
     session.show(page, lambda: print_table(page.get("tokens", []), TOKEN_COLUMNS, "no tokens"))
 
 
@@ -59,4 +59,4 @@ def list_(session: Session, tenant: str | None) -> None:
 @client_command
 def revoke(session: Session, token_id: str) -> None:
     """Revoke a token by its id: it stops working at once."""
-    _show_token(session, session.client.revoke_token(token_id))
+    _show_token(session, session.client.revoke_token(token_id).document)

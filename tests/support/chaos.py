@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from cli.client import ClientError
+from sealstream_client import ClientError
 from tests.support.cluster import APIS, BUCKET, REDIS_HOSTS, WORKERS, Cluster
 from tests.support.data import MiB
 from tests.support.load_balancer import server_sessions
@@ -245,7 +245,7 @@ class Driver:
         try:
             answer = self.the.client().encrypt_to_storage(kid, source, key=key)
             acknowledged = True
-            self.watch_job(answer["verifyJob"], "verify (automatic)", key)
+            self.watch_job(answer.verify_job or "", "verify (automatic)", key)
         except (ClientError, OSError) as exc:
             operation.error = describe(exc)
         with self.ledger.lock:

@@ -26,8 +26,8 @@ import boto3
 import httpx
 import redis
 
-from cli.client import SealstreamClient
 from keystore import LocalKek
+from sealstream_client import SealstreamClient
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN
 from tests.support.load_balancer import RUNNING, haproxy, server_states, write_config

@@ -3,7 +3,7 @@ bodies built from generators (well formed or not), small requests through httpx,
 checks of a problem document and of ranged reads, and requests through the client's
 full-duplex transport or a raw socket.
 
-The duplex transport (cli.transport) is used because httpx and requests send the whole
+The duplex transport (sealstream_client.transport) is used because httpx and requests send the whole
 body before they read the response: against a bounded server they deadlock on a large
 stream-back encrypt. `exchange` sends from one thread while another reads, as curl does.
 """
@@ -25,8 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from cli import transport
-from cli.client import SealstreamClient
+from sealstream_client import SealstreamClient, transport
 from tests.conftest import ADMIN_TOKEN
 from tests.support.data import KiB, Tally
 

@@ -15,7 +15,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, cast
 
-__all__ = ["MultipartBody", "Readable", "Source", "SourceChanged"]
+from sealstream_client.errors import SourceChanged
+
+__all__ = ["MultipartBody", "Readable", "Source", "source_size"]
 
 UPLOAD_CHUNK = 1024 * 1024  # bytes read from a source at a time
 
@@ -27,10 +29,6 @@ class Readable(Protocol):
 
 
 Source = Readable | Iterable[bytes] | bytes
-
-
-class SourceChanged(Exception):
-    """A source of known size delivered fewer or more bytes than that size."""
 
 
 class MultipartBody:

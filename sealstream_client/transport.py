@@ -18,6 +18,10 @@ per call behind a blocking API. httpx and requests are half duplex. So the trans
 this small module, over the parts of the standard library that do the hard work (HTTP
 response parsing, TLS). It connects directly: proxy variables are not used.
 
+An exchange started while a `Cancellation` is current (a context variable) is aborted,
+its connection shut, when that is cancelled from any thread: the asyncio client cancels a
+call running in a worker thread so.
+
 Errors come as the standard library raises them (`OSError`, `ssl.SSLError`,
 `http.client.HTTPException`); the caller says what they mean. A failure to produce the
 body is kept apart, for `raise_source_error`: that, not what it did to the exchange, is
@@ -31,13 +35,22 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-__all__ = ["DOWNLOAD_CHUNK", "Channel", "Exchange", "TlsChannel", "request_head"]
+__all__ = [
+    "CURRENT_CANCELLATION",
+    "DOWNLOAD_CHUNK",
+    "Cancellation",
+    "Channel",
+    "Exchange",
+    "TlsChannel",
+    "request_head",
+]
 
 DOWNLOAD_CHUNK = 256 * 1024  # bytes read from a connection at a time
 WRITER_GRACE = 5.0  # seconds to wait for the writer thread after a failed call
@@ -50,6 +63,39 @@ def request_head(method: str, target: str, headers: Mapping[str, str]) -> bytes:
         *(f"{name}: {value}" for name, value in headers.items()),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class Cancellation:
+    """Aborts, from any thread, the exchanges started while it is current, and any started
+    after it is cancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._exchanges: set[Exchange] = set()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            exchanges = list(self._exchanges)
+        for exchange in exchanges:
+            exchange.abort()
+
+    def track(self, exchange: "Exchange") -> None:
+        with self._lock:
+            self._exchanges.add(exchange)
+            cancelled = self.cancelled
+        if cancelled:
+            exchange.abort()
+
+    def forget(self, exchange: "Exchange") -> None:
+        with self._lock:
+            self._exchanges.discard(exchange)
+
+
+CURRENT_CANCELLATION: ContextVar[Cancellation | None] = ContextVar(
+    "sealstream_cancellation", default=None
+)
 
 
 class Channel:
@@ -160,6 +206,7 @@ class Exchange:
         self._writer: threading.Thread | None = None
         self._source_error: BaseException | None = None
         self.sent_all = False  # the whole body went out (a request without one: never)
+        self._cancellation = CURRENT_CANCELLATION.get()
 
     def __enter__(self) -> "Exchange":
         return self
@@ -175,9 +222,18 @@ class Exchange:
             self._shutdown()  # wakes a writer blocked on a server that stopped reading
             self._writer.join(WRITER_GRACE)
         self._channel.sock.close()
+        if self._cancellation is not None:
+            self._cancellation.forget(self)
+
+    def abort(self) -> None:
+        """Break the exchange off, from any thread: its reads and writes fail."""
+        self._stop.set()
+        self._shutdown()
 
     def response(self) -> http.client.HTTPResponse:
         """Send the request and read the response's status and headers."""
+        if self._cancellation is not None:
+            self._cancellation.track(self)
         if self._body is None:
             self._channel.sendall(self._head)
         else:

@@ -1,0 +1,761 @@
+"""The Python client of the sealstream API: a call for every route (streaming encrypt,
+decrypt, re-encrypt, sign and verify; keys, stored objects, tokens, jobs, the audit
+trail), each answer a typed model (sealstream_client.models) and each refusal an
+exception of its problem's family (sealstream_client.errors).
+
+    client = SealstreamClient("http://127.0.0.1:8080", token)
+    with open("big.bin", "rb") as source, open("big.enc", "wb") as sink:
+        client.encrypt("mySymKey", source, sink)
+
+A stream goes in as bytes, a binary file or an iterable of bytes, and comes out into a
+file (`encrypt`, `decrypt`...) or as an iterator of pieces (`open_encrypt`...). Stream-back
+calls are full duplex: the upload and the download run at the same time, so a file of
+any size goes through in constant memory. Each call runs on its own connection
+(sealstream_client.transport), its body a multipart form read from the source piece by
+piece (sealstream_client.multipart).
+
+A streamed response that ends without its terminating chunk (or short of its
+Content-Length) is the server aborting a transfer that failed midway, such as a tampered
+frame: it raises `TransferAborted` and is never reported as complete.
+"""
+
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
+
+from sealstream_client.errors import ApiError, ClientError, TransferAborted, api_error_class
+from sealstream_client.models import (
+    Algorithms,
+    ApiModel,
+    AuditPage,
+    IndexedObjectPage,
+    IssuedToken,
+    Job,
+    JobPage,
+    Jwk,
+    Key,
+    KeyPage,
+    ObjectPage,
+    StoredObject,
+    Token,
+    TokenList,
+    Transfer,
+    Verdict,
+)
+from sealstream_client.multipart import MultipartBody, Source
+from sealstream_client.transport import (
+    DOWNLOAD_CHUNK,
+    Channel,
+    Exchange,
+    TlsChannel,
+    request_head,
+)
+
+__all__ = ["ByteRange", "Download", "SealstreamClient", "Writable"]
+
+DEFAULT_TIMEOUT = 60.0  # seconds a connect, a send or a read may wait
+MAX_DOCUMENT = 1024 * 1024  # largest JSON response read
+USER_AGENT = "sealstream-client/0.1"
+ENCRYPT = "/api/crypto/stream/encrypt"
+DECRYPT = "/api/crypto/stream/decrypt"
+REENCRYPT = "/api/crypto/stream/reencrypt"
+
+M = TypeVar("M", bound=ApiModel)
+
+
+class Writable(Protocol):
+    """A binary file opened for writing, or anything with its `write`."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+# (first, last): plaintext bytes first to last inclusive; (first, None) from first to the
+# end; (None, n) the last n bytes.
+ByteRange = tuple[int | None, int | None]
+
+
+class Download:
+    """A streamed response, open: iterate over it for the pieces of its body (a
+    `TransferAborted` if it breaks off), then `transfer` says what went through. Leaving
+    it (or `close`) ends the exchange, whole or not."""
+
+    def __init__(
+        self, exchange: Exchange, response: http.client.HTTPResponse, body: MultipartBody
+    ) -> None:
+        self._exchange = exchange
+        self._response = response
+        self._body = body
+        self._received = 0
+        self._whole = False
+        self.status = response.status
+        self.length = response.length  # the body's bytes, when announced (Content-Length)
+        self.key_requested = response.getheader("X-Key-Requested")
+        self.key_used = response.getheader("X-Key-Used")
+        self.algorithm = response.getheader("X-Algorithm-Used")
+        self.content_range = response.getheader("Content-Range")
+
+    def __enter__(self) -> "Download":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._exchange.__exit__(None, None, None)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while data := self._read():
+            self._received += len(data)
+            yield data
+        if self._response.length:  # Content-Length bytes still missing
+            self._exchange.raise_source_error()
+            raise TransferAborted(
+                f"{self._response.length} bytes short of its length", self._received
+            )
+        _finish(self._exchange)
+        self._whole = True
+
+    def copy_to(self, sink: Writable) -> Transfer:
+        """Write the whole body to `sink`; what went through."""
+        for data in self:
+            sink.write(data)
+        return self.transfer
+
+    @property
+    def transfer(self) -> Transfer:
+        """What went through; only once the whole body has been read."""
+        if not self._whole:
+            raise ClientError("the transfer is not complete")
+        return Transfer(
+            key_requested=self.key_requested,
+            key_used=self.key_used,
+            algorithm=self.algorithm,
+            bytes_sent=self._body.bytes_sent,
+            bytes_received=self._received,
+            status=self.status,
+            content_range=self.content_range,
+        )
+
+    def _read(self) -> bytes:
+        try:
+            return self._response.read1(DOWNLOAD_CHUNK)
+        except (http.client.HTTPException, OSError) as exc:
+            self._exchange.raise_source_error()
+            raise TransferAborted(_describe(exc), self._received) from exc
+
+
+class SealstreamClient:
+    """A client of one sealstream API at `url` (http or https), acting with `token`.
+
+    Every call opens its own connection, so one client may serve many threads at once.
+    `timeout` bounds each connect, send and read (an idle timeout, not a limit on a whole
+    transfer). `ssl_context` overrides the default certificate checks for https.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        if not token or any(c.isspace() or not c.isprintable() for c in token):
+            raise ValueError("the token must be a non-empty string without whitespace")
+        self._tls = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        default_port = self._port == (443 if self._tls else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = host if default_port else f"{host}:{self._port}"
+        self._base_path = parts.path.rstrip("/")
+        self._token = token
+        self.timeout = timeout
+        self._ssl_context = ssl_context
+
+    # Streaming
+
+    def encrypt(
+        self,
+        kid: str,
+        source: Source,
+        sink: Writable,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        frame_length: int | None = None,
+    ) -> Transfer:
+        """Encrypt `source` under the key `kid`, writing the ciphertext to `sink` as it
+        streams back. Raises `TransferAborted` (and `sink` holds only the part that
+        arrived) if the server aborts midway."""
+        opened = self.open_encrypt(
+            kid, source, encryption_context=encryption_context, frame_length=frame_length
+        )
+        with opened as download:
+            return download.copy_to(sink)
+
+    def open_encrypt(
+        self,
+        kid: str,
+        source: Source,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        frame_length: int | None = None,
+    ) -> Download:
+        """`encrypt`, its ciphertext as the pieces of a `Download` (use it with `with`)."""
+        metadata = _metadata(
+            kid=kid, encryptionContext=_context(encryption_context), frameLength=frame_length
+        )
+        return self._open_stream(ENCRYPT, metadata, source)
+
+    def encrypt_to_storage(
+        self,
+        kid: str,
+        source: Source,
+        *,
+        key: str,
+        bucket: str | None = None,
+        overwrite: bool = False,
+        encryption_context: Mapping[str, str] | None = None,
+        frame_length: int | None = None,
+    ) -> StoredObject:
+        """Encrypt `source` into the object `key` of the tenant's storage; what was stored."""
+        metadata = _metadata(
+            kid=kid,
+            encryptionContext=_context(encryption_context),
+            frameLength=frame_length,
+            destination=_destination(key, bucket, overwrite),
+        )
+        return self._posted(ENCRYPT, metadata, source, StoredObject)
+
+    def decrypt(
+        self,
+        source: Source,
+        sink: Writable,
+        *,
+        kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> Transfer:
+        """Decrypt the message `source`, writing the plaintext to `sink` as it streams
+        back. With `kid`, the message must be sealed for that key; with
+        `encryption_context`, it must carry those pairs. A frame that fails
+        authentication aborts the transfer: `TransferAborted`, and `sink` holds only
+        the plaintext of the frames before it."""
+        opened = self.open_decrypt(source, kid=kid, encryption_context=encryption_context)
+        with opened as download:
+            return download.copy_to(sink)
+
+    def open_decrypt(
+        self,
+        source: Source,
+        *,
+        kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> Download:
+        """`decrypt`, its plaintext as the pieces of a `Download` (use it with `with`)."""
+        metadata = _metadata(kid=kid, encryptionContext=_context(encryption_context))
+        return self._open_stream(DECRYPT, metadata, source)
+
+    def decrypt_object(
+        self,
+        key: str,
+        sink: Writable,
+        *,
+        bucket: str | None = None,
+        byte_range: ByteRange | None = None,
+        kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+        on_length: Callable[[int | None], object] | None = None,
+    ) -> Transfer:
+        """Decrypt the stored object `key` to `sink`; `byte_range` (first, last) reads
+        plaintext bytes first to last inclusive, (first, None) from first to the end,
+        (None, n) the last n bytes. `on_length` is told the plaintext's length (None if
+        not announced) once the response begins, before any byte reaches `sink`.
+        Raises `TransferAborted` (`sink` then holds only what arrived) if the server
+        aborts midway."""
+        opened = self.open_object(
+            key,
+            bucket=bucket,
+            byte_range=byte_range,
+            kid=kid,
+            encryption_context=encryption_context,
+        )
+        with opened as download:
+            if on_length is not None:
+                on_length(download.length)
+            return download.copy_to(sink)
+
+    def open_object(
+        self,
+        key: str,
+        *,
+        bucket: str | None = None,
+        byte_range: ByteRange | None = None,
+        kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> Download:
+        """`decrypt_object`, its plaintext as the pieces of a `Download` (with `with`)."""
+        source = {"key": key, **_metadata(bucket=bucket)}
+        metadata = _metadata(kid=kid, encryptionContext=_context(encryption_context), source=source)
+        headers = {} if byte_range is None else {"Range": _range_header(byte_range)}
+        return self._open_stream(DECRYPT, metadata, None, headers)
+
+    def reencrypt(
+        self,
+        kid: str,
+        source: Source,
+        sink: Writable,
+        *,
+        source_kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> Transfer:
+        """Re-encrypt the message `source` for the key `kid` under a fresh data key,
+        writing the new message to `sink` as it streams back (`source_kid`: the message
+        must be sealed for that key)."""
+        opened = self.open_reencrypt(
+            kid, source, source_kid=source_kid, encryption_context=encryption_context
+        )
+        with opened as download:
+            return download.copy_to(sink)
+
+    def open_reencrypt(
+        self,
+        kid: str,
+        source: Source,
+        *,
+        source_kid: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> Download:
+        """`reencrypt`, the new message as the pieces of a `Download` (with `with`)."""
+        metadata = _metadata(
+            kid=kid, sourceKid=source_kid, encryptionContext=_context(encryption_context)
+        )
+        return self._open_stream(REENCRYPT, metadata, source)
+
+    def reencrypt_object(
+        self,
+        kid: str,
+        key: str,
+        *,
+        bucket: str | None = None,
+        source_kid: str | None = None,
+        destination: str | None = None,
+        destination_bucket: str | None = None,
+        overwrite: bool = False,
+    ) -> StoredObject:
+        """Re-encrypt the stored object `key` for `kid`, in place or into the object
+        `destination`; what was stored."""
+        metadata = _metadata(
+            kid=kid,
+            sourceKid=source_kid,
+            source={"key": key, **_metadata(bucket=bucket)},
+            destination=None
+            if destination is None
+            else _destination(destination, destination_bucket, overwrite),
+        )
+        return self._posted(REENCRYPT, metadata, None, StoredObject)
+
+    # Signatures
+
+    def sign(self, kid: str, source: Source) -> str:
+        """A detached JWS (compact form) of `source`, by the primary version of `kid`."""
+        return self._signature("/api/crypto/stream/sign", {"kid": kid}, source)
+
+    def verify(
+        self,
+        source: Source,
+        signature: str,
+        *,
+        kid: str | None = None,
+        public_key: Mapping[str, Any] | None = None,
+    ) -> Verdict:
+        """Check the detached JWS `signature` over `source`: the verdict, or
+        `SignatureRejected` (`signature-invalid`) if it does not verify."""
+        metadata = _metadata(
+            signature=signature,
+            kid=kid,
+            publicKey=None if public_key is None else dict(public_key),
+        )
+        return self._posted("/api/crypto/stream/verify", metadata, source, Verdict)
+
+    def resign(
+        self,
+        kid: str,
+        source: Source,
+        signature: str,
+        *,
+        source_kid: str | None = None,
+        source_public_key: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Check `signature` over `source` with the old key, and sign it anew with `kid`."""
+        metadata = _metadata(
+            kid=kid,
+            signature=signature,
+            sourceKid=source_kid,
+            sourcePublicKey=None if source_public_key is None else dict(source_public_key),
+        )
+        return self._signature("/api/crypto/stream/resign", metadata, source)
+
+    # Keys
+
+    def create_key(self, /, **fields: Any) -> Key:
+        """Generate a key: the fields as the API names them (`kid`, `kty`, `alg`,
+        `keyOps`, `exportable`...; those None are left out); the new key."""
+        return self._json(Key, "POST", "/api/key-management/keys", _metadata(**fields))
+
+    def import_key(self, /, **fields: Any) -> Key:
+        """Import a key (BYOK): `kid`, `jwk` (a private JWK) and the policy fields of
+        `create_key`; the new key."""
+        return self._json(Key, "POST", "/api/key-management/keys/import", _metadata(**fields))
+
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> KeyPage:
+        """A page of keys: `keys`, and `next`, the `after` of the next page (or None)."""
+        query = {"limit": limit, "after": after}
+        return self._json(KeyPage, "GET", "/api/key-management/keys", query=query)
+
+    def get_key(self, kid: str) -> Key:
+        """A key's metadata (and public JWK for asymmetric keys)."""
+        return self._json(Key, "GET", _key_path(kid))
+
+    def rotate_key(self, kid: str) -> Key:
+        """Add a version to the key and make it primary; the key."""
+        return self._json(Key, "POST", _key_path(kid, "rotate"))
+
+    def disable_key(self, kid: str) -> Key:
+        return self._json(Key, "POST", _key_path(kid, "disable"))
+
+    def enable_key(self, kid: str) -> Key:
+        return self._json(Key, "POST", _key_path(kid, "enable"))
+
+    def delete_key(self, kid: str, *, pending_window_days: int | None = None) -> Key:
+        """Schedule the key's destruction after a pending window; the key."""
+        query = {"pendingWindowDays": pending_window_days}
+        return self._json(Key, "DELETE", _key_path(kid), query=query)
+
+    def cancel_key_deletion(self, kid: str) -> Key:
+        """Keep a key pending deletion; it comes back disabled."""
+        return self._json(Key, "POST", _key_path(kid, "cancel-deletion"))
+
+    def update_key(self, kid: str, /, **fields: Any) -> Key:
+        """Change the key's policy (`exportable=False`, one-way); the key."""
+        return self._json(Key, "PATCH", _key_path(kid), fields)
+
+    def export_key(self, kid: str, *, version: int | None = None) -> Jwk:
+        """One version of the key (the primary by default) as a private JWK."""
+        return self._json(Jwk, "GET", _key_path(kid, "export"), query={"version": version})
+
+    def supported_algorithms(self) -> Algorithms:
+        return self._json(Algorithms, "GET", "/api/key-management/supported-algorithms")
+
+    def list_key_version_objects(
+        self, kid: str, version: int, *, limit: int | None = None, after: str | None = None
+    ) -> IndexedObjectPage:
+        """A page of the stored objects sealed under one version of the key."""
+        query = {"version": version, "limit": limit, "after": after}
+        return self._json(IndexedObjectPage, "GET", _key_path(kid, "objects"), query=query)
+
+    def retire_key_version(
+        self, kid: str, version: int, *, confirm: str, pending_window_days: int | None = None
+    ) -> Key:
+        """Retire a version no stored object uses; `confirm` is its name, `kid#version`."""
+        body = _metadata(confirm=confirm, pendingWindowDays=pending_window_days)
+        return self._json(Key, "POST", _key_path(kid, f"versions/{version}/retire"), body)
+
+    # Stored objects
+
+    def list_objects(
+        self,
+        *,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+        bucket: str | None = None,
+    ) -> ObjectPage:
+        """A page of the tenant's stored objects, in key order: `objects`, and `next`."""
+        query = {"prefix": prefix, "after": after, "limit": limit, "bucket": bucket}
+        return self._json(ObjectPage, "GET", "/api/objects", query=query)
+
+    def delete_object(self, key: str, *, bucket: str | None = None) -> None:
+        """Delete a stored object, with its record."""
+        path = f"/api/objects/{quote(key, safe='/')}"
+        self._call("DELETE", path, query={"bucket": bucket})
+
+    # Tokens
+
+    def create_token(self, /, **fields: Any) -> IssuedToken:
+        """Issue a token (`tenant`, `scopes`, `name`, `expiresAt`); the only answer that
+        shows the token string."""
+        return self._json(IssuedToken, "POST", "/api/admin/tokens", _metadata(**fields))
+
+    def list_tokens(self, *, tenant: str | None = None) -> TokenList:
+        return self._json(TokenList, "GET", "/api/admin/tokens", query={"tenant": tenant})
+
+    def revoke_token(self, token_id: str) -> Token:
+        return self._json(Token, "DELETE", f"/api/admin/tokens/{quote(token_id, safe='')}")
+
+    # Jobs
+
+    def start_job(self, kind: str, /, **fields: Any) -> Job:
+        """Start a job of `kind` (`verify`, `batch-encrypt`, `reencrypt`) with the fields
+        of its request; the queued job."""
+        path = f"/api/jobs/{quote(kind, safe='')}"
+        return self._json(Job, "POST", path, _metadata(**fields))
+
+    def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> JobPage:
+        """A page of jobs, newest first: `jobs`, and `next`, the `after` of the next page."""
+        query = {"status": status, "kind": kind, "limit": limit, "after": after}
+        return self._json(JobPage, "GET", "/api/jobs", query=query)
+
+    def get_job(self, job_id: str) -> Job:
+        return self._json(Job, "GET", f"/api/jobs/{quote(job_id, safe='')}")
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._json(Job, "POST", f"/api/jobs/{quote(job_id, safe='')}/cancel")
+
+    # The audit trail, and the service's health
+
+    def list_audit_events(self, /, **query: str | int | None) -> AuditPage:
+        """A page of audit events, oldest first: the query as the API names it (`since`,
+        `until` as RFC 3339 text, `kid`, `tokenId`, `outcome`, `operation`, `limit`,
+        `after`)."""
+        return self._json(AuditPage, "GET", "/api/audit", query=query)
+
+    def health(self) -> dict[str, Any]:
+        """`/healthz`: the process is up."""
+        return self._call("GET", "/healthz")
+
+    def readiness(self) -> dict[str, Any]:
+        """`/readyz`: storage (and Redis, with jobs on it) answers; else `Unavailable`."""
+        return self._call("GET", "/readyz")
+
+    # Requests
+
+    def _open_stream(
+        self,
+        path: str,
+        metadata: dict[str, Any],
+        source: Source | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Download:
+        body = MultipartBody(metadata, source)
+        exchange = self._upload(path, body, headers)
+        try:
+            response = _response(exchange)
+            if response.status >= 400:
+                raise _api_error(response)
+            if response.status not in (200, 206):
+                raise ClientError(f"unexpected response {response.status} {response.reason}")
+            if not response.chunked and response.length is None:
+                raise ClientError("the response has no length framing: cannot tell if it is whole")
+            return Download(exchange, response, body)
+        except BaseException:
+            exchange.__exit__(None, None, None)
+            raise
+
+    def _posted(
+        self, path: str, metadata: dict[str, Any], source: Source | None, model: type[M]
+    ) -> M:
+        """A multipart POST whose answer is a JSON document."""
+        with self._upload(path, MultipartBody(metadata, source)) as exchange:
+            document = _document(_response(exchange))
+            _finish(exchange)
+            return model.of(document)
+
+    def _signature(self, path: str, metadata: dict[str, Any], source: Source) -> str:
+        with self._upload(path, MultipartBody(metadata, source)) as exchange:
+            response = _response(exchange)
+            if response.status >= 400:
+                raise _api_error(response)
+            signature = response.read(MAX_DOCUMENT).decode("ascii", "replace").strip()
+            _finish(exchange)
+            return signature
+
+    def _upload(
+        self, path: str, body: MultipartBody, headers: Mapping[str, str] | None = None
+    ) -> Exchange:
+        """A POST of the multipart `body`, sent while the response is read: with its
+        Content-Length when its length is known, else chunked."""
+        length = body.length
+        framing = {"Content-Type": body.content_type} | (
+            {"Transfer-Encoding": "chunked"} if length is None else {"Content-Length": str(length)}
+        )
+        return Exchange(
+            self._connect(),
+            self._head("POST", path, framing | dict(headers or {})),
+            body,
+            chunked=length is None,
+        )
+
+    def _json(
+        self,
+        model: type[M],
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str | int | None] | None = None,
+    ) -> M:
+        return model.of(self._call(method, path, body, query=query))
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, str | int | None] | None = None,
+    ) -> dict[str, Any]:
+        """A JSON request's answer (`{}` for a 204, which has no body)."""
+        given = _metadata(**(query or {}))
+        if given:
+            path = f"{path}?{urlencode(given)}"
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {"Content-Length": str(len(content))}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        with Exchange(self._connect(), self._head(method, path, headers) + content) as exchange:
+            response = _response(exchange)
+            if response.status == 204:
+                return {}
+            return _document(response)
+
+    def _head(self, method: str, path: str, headers: Mapping[str, str]) -> bytes:
+        fixed = {
+            "Host": self._host_header,
+            "Authorization": f"Bearer {self._token}",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json, application/octet-stream, application/problem+json",
+        }
+        return request_head(method, f"{self._base_path}{path}", fixed | dict(headers))
+
+    def _connect(self) -> Channel:
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=self.timeout)
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {self._host_header}: {_describe(exc)}") from exc
+        if not self._tls:
+            return Channel(sock)
+        try:
+            context = self._ssl_context or ssl.create_default_context()
+            return TlsChannel(sock, context, self._host)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise ClientError(f"TLS with {self._host_header} failed: {_describe(exc)}") from exc
+
+
+def _response(exchange: Exchange) -> http.client.HTTPResponse:
+    """Send the request and read the response's status and headers."""
+    try:
+        return exchange.response()
+    except (http.client.HTTPException, OSError) as exc:
+        exchange.raise_source_error()
+        raise ClientError(f"no response from the server: {_describe(exc)}") from exc
+
+
+def _finish(exchange: Exchange) -> None:
+    """After a whole response: the upload must have ended too, or the server answered
+    without reading all of it (and what it answered may not cover all of it)."""
+    exchange.finish()
+    if not exchange.sent_all:
+        raise ClientError("the server answered before it had read the whole upload")
+
+
+def _metadata(**fields: Any) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if context is None else dict(context)
+
+
+def _destination(key: str, bucket: str | None, overwrite: bool) -> dict[str, Any]:
+    return {"key": key, "overwrite": overwrite, **_metadata(bucket=bucket)}
+
+
+def _key_path(kid: str, action: str | None = None) -> str:
+    path = f"/api/key-management/keys/{quote(kid, safe='')}"
+    return path if action is None else f"{path}/{action}"
+
+
+def _range_header(byte_range: ByteRange) -> str:
+    first, last = byte_range
+    if first is None:
+        if last is None or last < 1:
+            raise ValueError(f"not a byte range: {byte_range!r}")
+        return f"bytes=-{last}"
+    if first < 0 or (last is not None and last < first):
+        raise ValueError(f"not a byte range: {byte_range!r}")
+    return f"bytes={first}-{'' if last is None else last}"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _api_error(response: http.client.HTTPResponse) -> ApiError:
+    try:
+        raw = response.read(MAX_DOCUMENT)
+        problem = json.loads(raw)
+    except (http.client.HTTPException, OSError, ValueError):
+        raw, problem = b"", None
+    if not isinstance(problem, dict):
+        problem = {}
+    code = problem.get("code")
+    detail = problem.get("detail")
+    retry_after = _seconds(response.getheader("Retry-After"))
+    code = code if isinstance(code, str) else f"http-{response.status}"
+    return api_error_class(response.status, code, retry=retry_after is not None)(
+        response.status,
+        code,
+        detail
+        if isinstance(detail, str)
+        else raw.decode("utf-8", "replace")[:500] or response.reason,
+        problem,
+        retry_after,
+    )
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After as seconds (its HTTP-date form is left unread)."""
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
+
+
+def _document(response: http.client.HTTPResponse) -> dict[str, Any]:
+    """A whole JSON object response; the problem of a refusal as `ApiError`."""
+    if response.status >= 400:
+        raise _api_error(response)
+    try:
+        raw = response.read(MAX_DOCUMENT + 1)
+    except (http.client.HTTPException, OSError) as exc:
+        raise ClientError(f"the response broke off: {_describe(exc)}") from exc
+    if len(raw) > MAX_DOCUMENT or response.length:
+        raise ClientError("the JSON response is too large or incomplete")
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:
+        raise ClientError(f"the response is not JSON ({response.status})") from exc
+    if not isinstance(document, dict):
+        raise ClientError("the response is not a JSON object")
+    return document
