@@ -165,16 +165,17 @@ class JobStore(ABC):
             return None
 
     def _listable(self, tenant: str, job_id: str) -> JobRecord | None:
-        """The tenant's job, live or reported, or None if it is gone or refused."""
+        """The tenant's job, live or else reported, or None if it is gone or refused: one
+        bad record must not hide a tenant's other jobs, and a refused live record is not
+        papered over by its report (reading the job answers `record-tampered`)."""
         try:
-            record = self._live(job_id) or self._report(tenant, job_id)
+            record = self.load(job_id) or self._report(tenant, job_id)
         except RecordTampered:
             return None
         return record if record is not None and record.tenant == tenant else None
 
     def _live(self, job_id: str) -> JobRecord | None:
-        """The live record, or None if it is gone or refused: one bad record must not hide
-        a tenant's other jobs."""
+        """The live record, or None if it is gone or refused."""
         try:
             return self.load(job_id)
         except RecordTampered:
