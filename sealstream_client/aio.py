@@ -21,10 +21,28 @@ import asyncio
 import contextvars
 import functools
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+)
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
+from typing import (
+    Any,
+    Concatenate,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    cast,
+    runtime_checkable,
+)
 
 from sealstream_client.client import (
     ByteRange,
@@ -67,6 +85,55 @@ class AsyncWritable(Protocol):
 
 AsyncSource = Source | AsyncIterable[bytes] | AsyncReadable
 AsyncSink = Writable | AsyncWritable
+
+
+class SealOptions(TypedDict, total=False):
+    """The keyword arguments of `SealstreamClient.encrypt` (and `open_encrypt`)."""
+
+    encryption_context: Mapping[str, str] | None
+    frame_length: int | None
+
+
+class StorageOptions(SealOptions, total=False):
+    """Those of `SealstreamClient.encrypt_to_storage`, besides `key`."""
+
+    bucket: str | None
+    overwrite: bool
+
+
+class OpenOptions(TypedDict, total=False):
+    """Those of `SealstreamClient.decrypt` (and `open_decrypt`)."""
+
+    kid: str | None
+    encryption_context: Mapping[str, str] | None
+
+
+class ObjectOptions(OpenOptions, total=False):
+    """Those of `SealstreamClient.open_object`, besides `key`."""
+
+    bucket: str | None
+    byte_range: ByteRange | None
+
+
+class ReencryptOptions(TypedDict, total=False):
+    """Those of `SealstreamClient.reencrypt` (and `open_reencrypt`)."""
+
+    source_kid: str | None
+    encryption_context: Mapping[str, str] | None
+
+
+class VerifyOptions(TypedDict, total=False):
+    """Those of `SealstreamClient.verify`."""
+
+    kid: str | None
+    public_key: Mapping[str, Any] | None
+
+
+class ResignOptions(TypedDict, total=False):
+    """Those of `SealstreamClient.resign`."""
+
+    source_kid: str | None
+    source_public_key: Mapping[str, Any] | None
 
 
 def _in_thread(
@@ -158,21 +225,24 @@ class AsyncSealstreamClient:
     async def aclose(self) -> None:
         await asyncio.to_thread(self._executor.shutdown)
 
-    # Streaming
+    # Streaming: the keyword arguments are the synchronous client's (the TypedDicts above)
 
     async def encrypt(
-        self, kid: str, source: AsyncSource, sink: AsyncSink, **options: Any
+        self, kid: str, source: AsyncSource, sink: AsyncSink, **options: Unpack[SealOptions]
     ) -> Transfer:
         """`SealstreamClient.encrypt`, from an async or sync source to either kind of sink."""
         async with await self.open_encrypt(kid, source, **options) as download:
             return await download.copy_to(sink)
 
-    async def open_encrypt(self, kid: str, source: AsyncSource, **options: Any) -> AsyncDownload:
+    async def open_encrypt(
+        self, kid: str, source: AsyncSource, **options: Unpack[SealOptions]
+    ) -> AsyncDownload:
         """`SealstreamClient.open_encrypt`: `async with await client.open_encrypt(...)`."""
-        return await self._open(self.sync.open_encrypt, kid, self._source(source), **options)
+        opened = functools.partial(self.sync.open_encrypt, kid, self._source(source), **options)
+        return AsyncDownload(self, await self.in_thread(opened))
 
     async def encrypt_to_storage(
-        self, kid: str, source: AsyncSource, *, key: str, **options: Any
+        self, kid: str, source: AsyncSource, *, key: str, **options: Unpack[StorageOptions]
     ) -> StoredObject:
         """`SealstreamClient.encrypt_to_storage`, from an async or sync source."""
         encrypt = self.sync.encrypt_to_storage
@@ -180,32 +250,43 @@ class AsyncSealstreamClient:
             functools.partial(encrypt, kid, self._source(source), key=key, **options)
         )
 
-    async def decrypt(self, source: AsyncSource, sink: AsyncSink, **options: Any) -> Transfer:
+    async def decrypt(
+        self, source: AsyncSource, sink: AsyncSink, **options: Unpack[OpenOptions]
+    ) -> Transfer:
         """`SealstreamClient.decrypt`, from an async or sync source to either kind of sink."""
         async with await self.open_decrypt(source, **options) as download:
             return await download.copy_to(sink)
 
-    async def open_decrypt(self, source: AsyncSource, **options: Any) -> AsyncDownload:
-        return await self._open(self.sync.open_decrypt, self._source(source), **options)
+    async def open_decrypt(
+        self, source: AsyncSource, **options: Unpack[OpenOptions]
+    ) -> AsyncDownload:
+        opened = functools.partial(self.sync.open_decrypt, self._source(source), **options)
+        return AsyncDownload(self, await self.in_thread(opened))
 
     async def decrypt_object(
-        self, key: str, sink: AsyncSink, *, byte_range: ByteRange | None = None, **options: Any
+        self, key: str, sink: AsyncSink, **options: Unpack[ObjectOptions]
     ) -> Transfer:
-        """`SealstreamClient.decrypt_object`, to either kind of sink."""
-        async with await self.open_object(key, byte_range=byte_range, **options) as download:
+        """`SealstreamClient.decrypt_object`, to either kind of sink (the plaintext's
+        length is the download's `length`, with `open_object`)."""
+        async with await self.open_object(key, **options) as download:
             return await download.copy_to(sink)
 
-    async def open_object(self, key: str, **options: Any) -> AsyncDownload:
-        return await self._open(self.sync.open_object, key, **options)
+    async def open_object(self, key: str, **options: Unpack[ObjectOptions]) -> AsyncDownload:
+        opened = functools.partial(self.sync.open_object, key, **options)
+        return AsyncDownload(self, await self.in_thread(opened))
 
     async def reencrypt(
-        self, kid: str, source: AsyncSource, sink: AsyncSink, **options: Any
+        self, kid: str, source: AsyncSource, sink: AsyncSink, **options: Unpack[ReencryptOptions]
     ) -> Transfer:
         async with await self.open_reencrypt(kid, source, **options) as download:
             return await download.copy_to(sink)
 
-    async def open_reencrypt(self, kid: str, source: AsyncSource, **options: Any) -> AsyncDownload:
-        return await self._open(self.sync.open_reencrypt, kid, self._source(source), **options)
+    async def open_reencrypt(
+        self, kid: str, source: AsyncSource, **options: Unpack[ReencryptOptions]
+    ) -> AsyncDownload:
+        reencrypt = self.sync.open_reencrypt
+        opened = functools.partial(reencrypt, kid, self._source(source), **options)
+        return AsyncDownload(self, await self.in_thread(opened))
 
     reencrypt_object = _in_thread(SealstreamClient.reencrypt_object)
 
@@ -214,13 +295,17 @@ class AsyncSealstreamClient:
     async def sign(self, kid: str, source: AsyncSource) -> str:
         return await self.in_thread(functools.partial(self.sync.sign, kid, self._source(source)))
 
-    async def verify(self, source: AsyncSource, signature: str, **options: Any) -> Verdict:
+    async def verify(
+        self, source: AsyncSource, signature: str, **options: Unpack[VerifyOptions]
+    ) -> Verdict:
         verify = self.sync.verify
         return await self.in_thread(
             functools.partial(verify, self._source(source), signature, **options)
         )
 
-    async def resign(self, kid: str, source: AsyncSource, signature: str, **options: Any) -> str:
+    async def resign(
+        self, kid: str, source: AsyncSource, signature: str, **options: Unpack[ResignOptions]
+    ) -> str:
         resign = self.sync.resign
         return await self.in_thread(
             functools.partial(resign, kid, self._source(source), signature, **options)
@@ -256,12 +341,6 @@ class AsyncSealstreamClient:
     readiness = _in_thread(SealstreamClient.readiness)
 
     # Running calls
-
-    async def _open(
-        self, opener: Callable[..., Download], *args: Any, **options: Any
-    ) -> AsyncDownload:
-        download = await self.in_thread(functools.partial(opener, *args, **options))
-        return AsyncDownload(self, download)
 
     async def in_thread(self, function: Callable[[], R]) -> R:
         """`function()` in a worker thread; cancelling the caller aborts its exchanges."""
