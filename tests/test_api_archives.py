@@ -7,7 +7,10 @@ plaintext at rest."""
 import io
 import json
 import os
+import stat
+import struct
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +102,14 @@ def test_each_member_is_sealed_as_the_archive_arrives(api: Api, mode: str) -> No
             by_status.setdefault(line["status"], set()).add(line["path"])
         assert by_status == {"sealed": set(EXPECTED), "refused": REFUSED, "skipped": {"docs"}}
         counts = finished["result"]["counts"]
-        assert counts == {"items": 11, "sealed": 4, "skipped": 1, "refused": 6, "failed": 0}
+        assert counts == {
+            "items": 11,
+            "sealed": 4,
+            "skipped": 1,
+            "refused": 6,
+            "failed": 0,
+            "withdrawn": 0,
+        }
         for path, data in EXPECTED.items():
             opened = read_object(client, "out/" + path)
             assert opened.status_code == 200 and opened.content == data, path
@@ -160,3 +170,110 @@ def test_what_would_fail_the_job_is_refused_before_it_starts(api: Api) -> None:
         problem(upload(client, b"", prefix="no-slash")[0], 400, "invalid-prefix")
         again = upload(client, tar_archive("w"), destination={"prefix": "out/", "overwrite": True})
         assert again[1][-1]["status"] == "succeeded"
+
+
+# Zip, streamed from its local headers
+
+
+class _Unseekable(io.RawIOBase):
+    """A file that cannot seek, so `zipfile` writes each member's sizes after its data."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        return self.buffer.write(data)
+
+
+def zip_archive(*, streamed: bool = False, zip64: bool = False, link: bool = True) -> bytes:
+    """A zip of FILES and the refused files, deflated; `streamed`: written as a stream,
+    each member's sizes in a data descriptor after its data; `zip64`: zip64 records."""
+    target = _Unseekable() if streamed else io.BytesIO()
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        # Deflated, each of them: a stored member with a data descriptor cannot be streamed.
+        archive.writestr("docs/", b"", compress_type=zipfile.ZIP_DEFLATED)
+        for name, data in {**FILES, **REFUSED_FILES}.items():
+            with archive.open(name, "w", force_zip64=zip64) as member:
+                member.write(data)
+        if link:
+            info = zipfile.ZipInfo("link")
+            info.create_system = 3  # Unix: the mode in the high bits says symlink
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd", compress_type=zipfile.ZIP_DEFLATED)
+    return target.buffer.getvalue() if isinstance(target, _Unseekable) else target.getvalue()
+
+
+ZIP_REFUSED = {"../evil", "/etc/passwd", "manifest.json"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"streamed": True}, {"zip64": True}],
+    ids=["sizes-in-headers", "data-descriptors", "zip64"],
+)
+def test_a_zip_is_sealed_as_it_arrives_and_checked_against_its_index(
+    api: Api, options: dict[str, bool]
+) -> None:
+    archive = zip_archive(**options)
+    if options.get("streamed"):
+        assert struct.unpack_from("<H", archive, 6)[0] & 0x08, "no data descriptors"
+    with api.client() as client:
+        create_key(client)
+        _, lines = upload(client, archive)
+        finished = lines[-1]
+        assert finished["status"] == "succeeded", finished
+        statuses = {(line["event"], line["path"], line.get("status")) for line in lines[1:-1]}
+        assert statuses == {
+            *(("member", path, "sealed") for path in EXPECTED),
+            *(("member", path, "refused") for path in ZIP_REFUSED),
+            ("member", "docs/", "skipped"),
+            ("member", "link", "sealed"),  # a file, as far as its local header tells
+            ("withdrawn", "link", None),  # a symlink, says the central directory
+        }
+        assert finished["result"]["counts"]["withdrawn"] == 1
+        for path, data in EXPECTED.items():
+            assert read_object(client, "out/" + path).content == data, path
+        assert read_object(client, "out/link").status_code == 404
+        document = manifest(client)
+    assert document["complete"] is True and document["archiveFormat"] == "zip"
+    assert [entry["path"] for entry in document["withdrawn"]] == ["link"]
+    assert not any(MARKER in data for data in stored_bytes(api.objects)), "plaintext at rest"
+
+
+def test_a_zip_whose_index_disagrees_loses_every_member_sealed(api: Api) -> None:
+    """The central directory names another member than the local header: to `zipfile`
+    the archive holds other files than it streamed. Nothing sealed from it stays."""
+    archive = zip_archive(link=False)
+    at = archive.rindex(b"top.txt")  # in the central directory, which comes last
+    forged = archive[:at] + b"tip.txt" + archive[at + len(b"top.txt") :]
+    with api.client() as client:
+        create_key(client)
+        _, lines = upload(client, forged)
+        finished = lines[-1]
+        assert finished["status"] == "failed", finished
+        assert finished["error"]["code"] == "zip-index-mismatch"
+        assert finished["result"]["counts"]["sealed"] == 0
+        assert finished["result"]["counts"]["withdrawn"] == len(EXPECTED)
+        for path in EXPECTED:
+            assert read_object(client, "out/" + path).status_code == 404, path
+        document = manifest(client)
+    assert document["complete"] is False
+    assert document["error"]["code"] == "zip-index-mismatch"
+    assert {entry["path"] for entry in document["withdrawn"]} == set(EXPECTED)
+    members = [info.key for info in api.objects.list("tenants/default/out/")]
+    assert members == ["tenants/default/out/manifest.json"]
+
+
+def test_a_zip_that_cannot_be_streamed_is_refused_with_its_own_code(api: Api) -> None:
+    """A stored (uncompressed) member whose sizes come only after its data."""
+    target = _Unseekable()
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("a.txt", b"hello")
+    with api.client() as client:
+        create_key(client)
+        finished = upload(client, target.buffer.getvalue(), format="zip")[1][-1]
+    assert finished["status"] == "failed"
+    assert finished["error"]["code"] == "zip-not-streamable"

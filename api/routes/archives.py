@@ -92,7 +92,7 @@ PROGRESS = {
     openapi_extra=form_request(
         EncryptArchiveMetadata,
         file_required=True,
-        file="The archive (tar, tar.gz, tar.bz2, tar.xz), streamed.",
+        file="The archive (tar, tar.gz, tar.bz2, tar.xz, zip), streamed.",
     ),
 )
 async def encrypt_archive(request: Request, principal: EncryptScope) -> Response:

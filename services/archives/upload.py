@@ -22,16 +22,24 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from services.archives.limits import ArchiveLimits, InvalidArchive
-from services.archives.members import Member, MemberSource, UnsafeMember, member_path
+from services.archives.members import (
+    Member,
+    MemberKind,
+    MemberSource,
+    UnsafeMember,
+    member_path,
+)
 from services.archives.opening import detect_format
 from services.archives.sealing import MemberSealing
 from services.archives.tar_reading import TarSource
+from services.archives.zip_streaming import ZipStream
 from services.errors import error_code, public_detail
 from services.jobs import ArchiveUploadParams
 from services.jobs.context import JobCancelled, JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer
+from services.stored_objects import delete_object
 from storage import ObjectStore
 from storage.records import ObjectRecord
 
@@ -44,7 +52,9 @@ READ_SIZE = 1 << 20  # bytes of a member handed to its sealer at a time
 READ_AHEAD = 64 << 10  # of the upload, before it is decompressed
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
 
-COUNTS = ("items", "sealed", "skipped", "refused", "failed")
+COUNTS = ("items", "sealed", "skipped", "refused", "failed", "withdrawn")
+# The kinds of member the zip's central directory may say a sealed member is, and keep it.
+KEPT_KINDS = (MemberKind.FILE,)
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -100,7 +110,7 @@ def open_upload(reader: UploadReader, format_: str, limits: ArchiveLimits) -> Me
     if format_ == "auto":
         format_ = detect_format(buffered.peek(READ_AHEAD))
     if format_ == "zip":
-        raise InvalidArchive("zip archives cannot be streamed in yet: use tar")
+        return ZipStream(buffered, lambda: reader.position, limits)
     return TarSource(buffered, lambda: reader.position, format_, limits, None)
 
 
@@ -157,14 +167,13 @@ class UploadRun:
     places: MemberPlaces
     limits: ArchiveLimits
     emit: Emit
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("items", "sealed", "skipped", "refused", "failed"), 0
-        )
-    )
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     refused: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    # Each member sealed: its place among the members, its path and its storage key.
+    sealed: list[tuple[int, str, str]] = field(default_factory=list)
+    withdrawn: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def params(self) -> ArchiveUploadParams:
@@ -230,6 +239,8 @@ def _seal_all(
             manifest.add(entry)
             run.emit({"event": "member", **entry})
             run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
+        if isinstance(source, ZipStream):
+            _check_index(run, source)
     except STOPPING as stopped:
         return source.format, stopped
     finally:
@@ -268,8 +279,34 @@ def _take(run: UploadRun, member: Member, reader: UploadReader) -> dict[str, Any
         _note(run.failed, entry)
         return {**entry, "status": "failed"}
     run.counts["sealed"] += 1
+    run.sealed.append((run.counts["items"] - 1, path, record.key))
     summary = ObjectSummary.of(record, run.places.place(path).key)
     return {"path": path, "status": "sealed", **summary.fields(*MEMBER_FIELDS)}
+
+
+def _check_index(run: UploadRun, source: ZipStream) -> None:
+    """Once a zip's members are read: withdraw those its central directory says are not
+    regular files, or all of them if it cannot be read or disagrees with what was read."""
+    try:
+        kinds = source.check_index()
+    except InvalidArchive as mismatch:
+        for _, path, storage_key in run.sealed:
+            _withdraw(run, path, storage_key, f"the archive failed: {mismatch}")
+        raise
+    for index, path, storage_key in run.sealed:
+        if kinds[index] not in KEPT_KINDS:
+            reason = f"the zip's central directory says it is a {kinds[index]}: not followed"
+            _withdraw(run, path, storage_key, reason)
+
+
+def _withdraw(run: UploadRun, path: str, storage_key: str, reason: str) -> None:
+    """Delete a member's object (and its record), sealed before it was found out."""
+    delete_object(run.sealing.records, run.places.store, run.sealing.tenant, storage_key)
+    run.counts["sealed"] -= 1
+    run.counts["withdrawn"] += 1
+    entry = {"path": path, "reason": reason}
+    _note(run.withdrawn, entry)
+    run.emit({"event": "withdrawn", **entry})
 
 
 def _check_clash(run: UploadRun, path: str) -> None:
@@ -308,6 +345,7 @@ def _summary(run: UploadRun, format_: str, stopped: Exception | None) -> dict[st
         code = "job-cancelled" if isinstance(stopped, JobCancelled) else error_code(stopped)
         error = {"code": code, "detail": public_detail(stopped)}
     return {
+        "withdrawn": run.withdrawn,
         "archiveFormat": format_,
         "counts": run.counts,
         "complete": stopped is None,
@@ -325,4 +363,5 @@ def _result(run: UploadRun, format_: str, manifest: ObjectRecord) -> dict[str, A
         "counts": dict(run.counts),
         "refused": run.refused,
         "failed": run.failed,
+        "withdrawn": run.withdrawn,
     }

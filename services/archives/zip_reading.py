@@ -76,7 +76,7 @@ class ZipSource(MemberSource):
 
     def members(self) -> Iterator[Member]:
         for info in self._infos:
-            yield Member(info.filename, _zip_kind(info), info.file_size, partial(self._open, info))
+            yield Member(info.filename, zip_kind(info), info.file_size, partial(self._open, info))
 
     def _open(self, info: zipfile.ZipInfo) -> IO[bytes]:
         return self._zip.open(info)
@@ -103,7 +103,7 @@ _ZIP_MODE_KINDS = {
 }
 
 
-def _zip_kind(info: zipfile.ZipInfo) -> MemberKind:
+def zip_kind(info: zipfile.ZipInfo) -> MemberKind:
     if info.is_dir():
         return MemberKind.DIRECTORY
     # Unix archivers keep the file's mode in the high 16 bits: a symlink's target is
