@@ -74,13 +74,14 @@ def measure(workdir: Path, total: int, streams: int, stream_total: int, rounds: 
         ]
         data = PlaintextFile(Plaintext(total))
         stack.callback(data.close)
+        stream_data = PlaintextFile(Plaintext(stream_total))
+        stack.callback(stream_data.close)
         for number in range(rounds):
             for server, figures in in_turn(servers, number):
                 figures.one.add(checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "one"))
-                seconds, cpu, failed = streams_at_once(server, streams, stream_total)
-                figures.many.time(seconds)
-                figures.many.cpu.append(cpu)
-                figures.failures += failed
+                done = streams_at_once(server, streams, stream_data)
+                figures.many.add(done)
+                figures.failures += done.failures
     report([figures for _, figures in servers], total, streams, stream_total, rounds)
 
 

@@ -1,8 +1,9 @@
-"""The bench's server: the service's own app plus three bench-only routes.
+"""The bench's server: the service's own app plus four bench-only routes.
 
-All three take the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON part,
-then `file`), with the same token check, the same multipart reader
-(`api.multipart.UploadForm`) and the same response (`api.duplex.DuplexStreamingResponse`):
+All four take the same form as `POST /api/crypto/stream/encrypt` (a `metadata` JSON part,
+then `file`), with the same token check and the same multipart reader
+(`api.multipart.UploadForm`); the first three answer with the same response
+(`api.duplex.DuplexStreamingResponse`):
 
 - `POST /bench/echo` streams the file part back unchanged: the transport ceiling the
   encrypt route is measured against, so only the crypto differs.
@@ -17,13 +18,15 @@ then `file`), with the same token check, the same multipart reader
   output is no message anyone could open. It shows what the work every encrypting
   stream-back must do costs the echo when nothing is held (the file's length known):
   AES-GCM over every byte, into a buffer of its own.
+- `POST /bench/drain` reads the file part to its end and answers how many bytes it had:
+  the HTTP intake alone, the most any upload into storage can go through this server.
 
 Run as `python -m bench.echo_app`: configuration comes from the `SEALSTREAM_*` environment,
-and uvicorn runs one worker with httptools and uvloop, with the allocator tuned, as
-`sealstream serve` runs. `python -m bench.echo_app granian` (or `hypercorn`) serves the
-same app with that ASGI server instead, one worker on uvloop, for bench/asgi_servers.py;
-neither is a dependency of the service, and neither has the connection guards of
-`api.serving`.
+and uvicorn runs one worker on uvloop with the service's HTTP protocol (`api.serving`),
+with the allocator tuned, as `sealstream serve` runs. `python -m bench.echo_app granian`
+(or `hypercorn`) serves the same app with that ASGI server instead, one worker on uvloop,
+for bench/asgi_servers.py; neither is a dependency of the service, and neither has the
+connection guards of `api.serving`.
 The routes live here, never in the service.
 """
 
@@ -34,12 +37,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from api.auth import BEARER, authenticated, require
 from api.duplex import DuplexStreamingResponse
 from api.multipart import UploadForm
 from api.services import services
+from api.serving import server_options
 from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.memory import keep_freed_buffers
 from sealstream.server import create_app
@@ -48,6 +52,7 @@ from sealstream.settings import Settings
 ECHO_PATH = "/bench/echo"
 HOLD_ECHO_PATH = "/bench/hold-echo"
 AES_ECHO_PATH = "/bench/aes-echo"
+DRAIN_PATH = "/bench/drain"
 
 
 async def held_in_frames(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
@@ -82,7 +87,8 @@ async def aes_gcm_alone(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memo
 
 
 def create_bench_app(settings: Settings) -> FastAPI:
-    """`create_app(settings)` plus `POST /bench/echo`, `/bench/hold-echo` and `/bench/aes-echo`."""
+    """`create_app(settings)` plus the bench's routes: `POST /bench/echo`,
+    `/bench/hold-echo`, `/bench/aes-echo` and `/bench/drain`."""
     app = create_app(settings)
     authorize = require("crypto:encrypt")
 
@@ -115,6 +121,14 @@ def create_bench_app(settings: Settings) -> FastAPI:
     async def aes_echo(request: Request) -> Response:
         form = await form_up_to_file(request)
         return response(request, aes_gcm_alone(form.file_chunks()))
+
+    @app.post(DRAIN_PATH, response_model=None, include_in_schema=False)
+    async def drain(request: Request) -> Response:
+        form = await form_up_to_file(request)
+        size = 0
+        async for chunk in form.file_chunks():
+            size += len(chunk)
+        return JSONResponse({"size": size})
 
     return app
 
@@ -159,12 +173,9 @@ def main() -> None:
 
         uvicorn.run(
             create_bench_app(settings),
-            host=settings.host,
-            port=settings.port,
-            http="httptools",
             loop="uvloop",
-            workers=1,
             log_level="warning",
+            **server_options(settings),
         )
 
 

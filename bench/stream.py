@@ -29,7 +29,10 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
 3. to storage: encrypt-to-storage MB/s and server CPU per GiB on the local-directory
    backend, next to the disk (as many ciphertext-like bytes written and fsync'd, the
    faster of through the page cache and around it) and to the stream-back figure (our
-   own overhead of storing; boto3 has no local-directory ceiling); then against an S3
+   own overhead of storing; boto3 has no local-directory ceiling), with what bounds it
+   short of the disk: the HTTP intake alone (`POST /bench/drain`, the file part read and
+   dropped, in the same rounds) and SHA-256 on one core (the plaintext's digest, one
+   pass no second core can share); then against an S3
    server (moto, its own process), encrypt-to-storage MB/s next to boto3's own
    `upload_fileobj` of the same bytes with the same part size and parts in flight,
    alternated in the same way (goal ratio >= 0.9). boto3's defaults hash each request
@@ -42,21 +45,29 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
 4. next to age: one stream encrypted through the service (streamed back, its length
    declared) and `age` (the Debian package) encrypting the same file to an X25519
    recipient into /dev/null, in alternated rounds; curl and age pinned to the same core.
-   Goal: the service at least as fast (ratio >= 1.0).
+   Goal: the service at least as fast (ratio >= 1.0). What bounds it, in the same
+   rounds: the same stream echoed with no crypto, and what the server's CPU per GiB
+   encrypting allows on its one core.
 5. the `sealstream` command: `encrypt` of a file, and `decrypt` of its ciphertext, each
    streamed back to /dev/null, next to curl doing the same with the same file and server,
    alternated (goal ratio >= 0.9); the command's start-up is in its time.
 6. across processes: 8 concurrent streams of 256 MiB (8 stream-back encrypts at once,
-   each through its own curl, whose output is piped into a second curl that decrypts it
-   through the API) against `sealstream serve --workers 1` and `--workers` = the usable
-   cores, each with Redis for jobs and a local directory of its own, alternated round by
-   round: each one's aggregate MB/s, whether every plaintext's SHA-256 matches what was
-   sent, and the server's CPU seconds per GiB encrypted or decrypted (all its processes),
-   which shows its efficiency apart from the clients sharing the cores; then the scaling
-   ratio, aggregate(cores) / aggregate(1) (goal >= 1.25 on 2 cores), the CPU per GiB of
-   N processes over one's (goal <= 1.10), and the aggregate that CPU per GiB allows when
-   the server has every core to itself. The curl clients are pinned (`taskset`) to one
-   core, so that they take the same share of the machine in every round.
+   each through its own curl reading a file, whose output is piped into a second curl
+   that decrypts it through the API, whose output is piped into `cmp` against the file)
+   against `sealstream serve --workers 1` and `--workers` = the usable cores, each with
+   Redis for jobs and a local directory of its own, alternated round by round: each
+   one's aggregate MB/s, whether every plaintext came back byte for byte, and the CPU
+   seconds per GiB encrypted or decrypted of the server (all its processes), which shows
+   its efficiency apart from the clients sharing the cores, and of the clients; then the
+   scaling ratio, aggregate(cores) / aggregate(1) (goal >= 1.25 on 2 cores), and the CPU
+   per GiB of N processes over one's (goal <= 1.10). Every client (curl, cmp) is pinned
+   (`taskset`) to one core, so that they take the same share of the machine in every
+   round, and the bench's own process does nothing while they run. The clients take
+   about as much CPU per GiB as the server, so on a machine this small their core bounds
+   the aggregate: the bench prints the bounds the CPU figures set, with the clients'
+   core shared and on a host with cores to spare for them. With `--chart PATH` it then
+   measures the aggregate at 1 to 16 streams against both servers, and draws a PNG of
+   the aggregate against server processes and against concurrent streams.
 
 Each kind's best round is printed, and each ratio is judged round by round: the median,
 over the rounds, of the two kinds' ratio within a round (the best rounds' ratio beside
@@ -122,6 +133,7 @@ ECHO_APP = "bench.echo_app"
 ECHO_PATH = "/bench/echo"  # bench.echo_app.ECHO_PATH
 HOLD_ECHO_PATH = "/bench/hold-echo"  # bench.echo_app.HOLD_ECHO_PATH
 AES_ECHO_PATH = "/bench/aes-echo"  # bench.echo_app.AES_ECHO_PATH
+DRAIN_PATH = "/bench/drain"  # bench.echo_app.DRAIN_PATH
 ENCRYPT_PATH = "/api/crypto/stream/encrypt"
 DECRYPT_PATH = "/api/crypto/stream/decrypt"
 KID = "bench-stream"
@@ -479,7 +491,7 @@ def upload(
     """POST `data` as the form's file part, chunked from a pipe (a `Plaintext`) or with its
     length declared (a `PlaintextFile`); the response body is discarded (or kept if small)."""
     errors: list[str] = []
-    keep = "destination" in metadata
+    keep = "destination" in metadata or path == DRAIN_PATH
     output = "-" if keep else os.devnull
     if isinstance(data, PlaintextFile):
         source, stdin, inherited = data.path, subprocess.DEVNULL, [data.fd]
@@ -509,16 +521,16 @@ def upload(
     return Transfer(seconds, status, uploaded, downloaded, body, errors=errors, server_cpu=cpu)
 
 
-def round_trip(server: Server, data: Plaintext) -> Transfer:
-    """Encrypt `data` streamed back, piped into a second curl that decrypts it; both SHA-256."""
-    errors: list[str] = []
-    sent, received, counted = hashlib.sha256(), hashlib.sha256(), [0]
-    start = time.perf_counter()
+def round_trip(server: Server, data: PlaintextFile) -> "RoundTrip":
+    """Start encrypting `data` streamed back (its length declared, as a user's file),
+    piped into a second curl that decrypts it, piped into `cmp` against `data`: the
+    clients pinned as `server` says, and nothing of the bench's own in the way."""
+    prefix = server.client_prefix
     encrypt = subprocess.Popen(
-        curl_command(server, ENCRYPT_PATH, {"kid": KID}, "-"),
-        stdin=subprocess.PIPE,
+        curl_command(server, ENCRYPT_PATH, {"kid": KID}, "-", data.path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        pass_fds=[data.fd],
     )
     decrypt = subprocess.Popen(
         curl_command(server, DECRYPT_PATH, {"kid": KID}, "-"),
@@ -526,30 +538,33 @@ def round_trip(server: Server, data: Plaintext) -> Transfer:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert encrypt.stdin is not None and encrypt.stdout is not None
-    assert decrypt.stdout is not None
-    encrypt.stdout.close()  # the decrypting curl holds it now
-    _widen(encrypt.stdin)
-    feeder = threading.Thread(target=_feed, args=(data, encrypt.stdin, sent, errors))
-    drainer = threading.Thread(target=_drain, args=(decrypt.stdout, received, counted))
-    feeder.start()
-    drainer.start()
-    status, uploaded, _ = _write_out(encrypt, errors)
-    decrypt_status, _, _ = _write_out(decrypt, errors)
-    feeder.join()
-    drainer.join()
-    seconds = time.perf_counter() - start
-    if decrypt_status != 200:
-        errors.append(f"decrypt answered {decrypt_status}")
-    return Transfer(
-        seconds,
-        status,
-        uploaded,
-        counted[0],
-        sent_sha256=sent.hexdigest(),
-        received_sha256=received.hexdigest(),
-        errors=errors,
+    compare = subprocess.Popen(
+        [*prefix, "cmp", "--silent", "-", data.path], stdin=decrypt.stdout, pass_fds=[data.fd]
     )
+    assert encrypt.stdout is not None and decrypt.stdout is not None
+    encrypt.stdout.close()  # the decrypting curl holds it now
+    decrypt.stdout.close()  # and cmp this one
+    return RoundTrip(encrypt, decrypt, compare)
+
+
+@dataclass
+class RoundTrip:
+    """An encrypt, its decrypt and the comparison of what came out with what went in."""
+
+    encrypt: "subprocess.Popen[bytes]"
+    decrypt: "subprocess.Popen[bytes]"
+    compare: "subprocess.Popen[bytes]"
+
+    def failures(self) -> list[str]:
+        """What went wrong, once all three have ended; nothing if the plaintext came back."""
+        errors: list[str] = []
+        status, _, _ = _write_out(self.encrypt, errors)
+        decrypt_status, _, _ = _write_out(self.decrypt, errors)
+        if status != 200 or decrypt_status != 200:
+            errors.append(f"encrypt answered {status}, decrypt {decrypt_status}")
+        if self.compare.wait(timeout=CURL_MAX_SECONDS) != 0:
+            errors.append("the decrypted plaintext differs from what was sent")
+        return errors
 
 
 def checked(transfer: Transfer, what: str, expected_status: int = 200) -> Transfer:
@@ -655,6 +670,7 @@ class StreamBack:
     held: Kind = field(default_factory=Kind)
     chunked_encrypt: Kind = field(default_factory=Kind)
     local: Kind = field(default_factory=Kind)
+    drain: Kind = field(default_factory=Kind)
     disk: Timed = field(default_factory=Timed)
 
 
@@ -745,6 +761,10 @@ def store_once(
     stored = settled(server, transfer, data.total)
     store.delete(stored["storageKey"])
     timings.local.add(transfer)
+    drained = checked(upload(server, DRAIN_PATH, {"kid": KID}, data), "drain")
+    if json.loads(drained.body)["size"] != data.total:
+        raise BenchError(f"the drain read {drained.body!r} of {data.total} B")
+    timings.drain.add(drained)
     assert server.storage_dir is not None
     timings.disk.time(disk_write_seconds(server.storage_dir, stored["ciphertextSize"]))
 
@@ -761,6 +781,21 @@ def aes_gcm_seconds_per_gib() -> float:
         start = time.process_time()
         for number in range(rounds):
             aead.encrypt_into(number.to_bytes(12, "big"), blocks[number % 4], None, out)
+        best = min(best, time.process_time() - start)
+    return best * GIB / (rounds * MIB)
+
+
+def sha256_seconds_per_gib() -> float:
+    """Seconds per GiB of SHA-256 on one core (best of 3): the plaintext's digest, which
+    an object's record keeps, is one pass that no second core can share."""
+    blocks = [memoryview(os.urandom(MIB)) for _ in range(4)]
+    rounds = 256  # 256 MiB
+    best = float("inf")
+    for _ in range(3):
+        digest = hashlib.sha256()
+        start = time.process_time()
+        for number in range(rounds):
+            digest.update(blocks[number % 4])
         best = min(best, time.process_time() - start)
     return best * GIB / (rounds * MIB)
 
@@ -803,6 +838,15 @@ def local_storage_figures(timings: StreamBack) -> None:
         f"{mb_per_s(total, disk.fastest):6.0f} MB/s   ratio {ratio(disk, timings.local)} "
         "(goal >= 0.80)"
     )
+    disk_speed = mb_per_s(total, disk.fastest)
+    intake = mb_per_s(total, timings.drain.fastest)
+    sha256 = GIB / sha256_seconds_per_gib() / 1e6
+    print(
+        f"  what bounds it short of the disk: the HTTP intake alone (the file part read and "
+        f"dropped) {timings.drain.figures(total)}, {intake / disk_speed:.2f} of the disk; "
+        f"SHA-256 of the plaintext on one core {sha256:6.0f} MB/s, {sha256 / disk_speed:.2f} "
+        "of the disk"
+    )
     print(
         f"  next to stream-back encrypt {mb_per_s(total, timings.encrypt.fastest):6.0f} MB/s: "
         f"ratio {ratio(timings.encrypt, timings.local)} (our own overhead of storing); "
@@ -811,39 +855,26 @@ def local_storage_figures(timings: StreamBack) -> None:
     )
 
 
-def streams_at_once(server: Server, streams: int, total: int) -> tuple[float, float, list[str]]:
-    """`streams` round trips of `total` bytes at once: the seconds they took together, the
-    server's CPU seconds meanwhile, and what failed."""
-    datas = [Plaintext(total) for _ in range(streams)]
-    results: list[Transfer | BaseException] = []
-    lock = threading.Lock()
+@dataclass
+class Round:
+    """Streams run at once: their seconds together, the CPU seconds the server and the
+    clients took meanwhile, and what failed."""
 
-    def run(data: Plaintext) -> None:
-        try:
-            outcome: Transfer | BaseException = round_trip(server, data)
-        except Exception as exc:
-            outcome = exc
-        with lock:
-            results.append(outcome)
+    seconds: float
+    server_cpu: float
+    client_cpu: float
+    failures: list[str]
 
-    cpu_before = server.cpu_seconds()
+
+def streams_at_once(server: Server, streams: int, data: PlaintextFile) -> Round:
+    """`streams` round trips of `data` at once (see `round_trip`)."""
+    server_before, client_before = server.cpu_seconds(), client_cpu_seconds()
     start = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(data,)) for data in datas]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    trips = [round_trip(server, data) for _ in range(streams)]
+    failures = [failure for trip in trips for failure in trip.failures()]
     seconds = time.perf_counter() - start
-    cpu = server.cpu_seconds() - cpu_before
-    failures = []
-    for outcome in results:
-        if isinstance(outcome, BaseException):
-            failures.append(f"{type(outcome).__name__}: {outcome}")
-        elif outcome.errors or outcome.status != 200:
-            failures.append("; ".join(outcome.errors) or f"status {outcome.status}")
-        elif outcome.sent_sha256 != outcome.received_sha256 or outcome.downloaded != total:
-            failures.append(f"plaintext differs ({outcome.downloaded} B back of {total} B)")
-    return seconds, cpu, failures
+    server_cpu = server.cpu_seconds() - server_before
+    return Round(seconds, server_cpu, client_cpu_seconds() - client_before, failures)
 
 
 @contextlib.contextmanager
@@ -862,45 +893,128 @@ def sealstream_serve(workdir: Path, name: str, workers: int, redis_url: str) -> 
 
 @dataclass
 class Aggregate(Timed):
-    """Rounds of streams at once: their seconds, and the server's CPU seconds in each."""
+    """Rounds of streams at once: their seconds, and the server's and the clients' CPU
+    seconds in each."""
 
     cpu: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+
+    def add(self, done: Round) -> None:
+        self.time(done.seconds)
+        self.cpu.append(done.server_cpu)
+        self.client_cpu.append(done.client_cpu)
 
     def cpu_per_gib(self, moved: int) -> float:
         return min(self.cpu) / (moved / GIB)
 
+    def client_cpu_per_gib(self, moved: int) -> float:
+        return min(self.client_cpu) / (moved / GIB)
 
-def scaling_figures(workdir: Path, streams: int, total: int, rounds: int, single: float) -> bool:
+
+def aggregate_bound(processes: int, server: float, clients: float | None) -> float:
+    """The most MB/s encrypted (and as much decrypted) that CPU seconds per GiB moved of
+    `server` and `clients` allow: the server on at most `processes` of the machine's
+    cores; the clients, if given, on one core of their own, and all of it within the
+    machine's cores. Without clients: a host whose cores are the server's alone."""
+    moved_per_second = min(processes, CORES) / server
+    if clients is not None:
+        moved_per_second = min(moved_per_second, 1 / clients, CORES / (server + clients))
+    return moved_per_second * GIB / 2 / 1e6
+
+
+@dataclass
+class Scaling:
+    """What the scaling part measured, for its report and its chart."""
+
+    streams: int
+    total: int
+    alone: Aggregate
+    together: Aggregate
+    # (server processes, concurrent streams) -> aggregate MB/s encrypted
+    curve: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    @property
+    def moved(self) -> int:
+        return 2 * self.streams * self.total  # each stream's bytes, encrypted then decrypted
+
+
+def scaling_figures(
+    workdir: Path, streams: int, total: int, rounds: int, single: float, chart: Path | None
+) -> bool:
     """`streams` round trips at once against one server process and against one per core,
-    alternated round by round."""
-    moved = 2 * streams * total  # each stream's bytes are encrypted, then decrypted
+    alternated round by round; then, for `chart`, the aggregate against the number of
+    streams at each."""
     failures: list[str] = []
-    with (
-        redis_server(workdir / "redis") as redis,
-        sealstream_serve(workdir, "one", 1, redis.url) as one,
-        sealstream_serve(workdir, "every", CORES, redis.url) as every,
-    ):
-        servers = [(one, Aggregate()), (every, Aggregate())]
-        for server, _ in servers:  # every process up and warm before the rounds
-            failures += streams_at_once(server, streams, 16 * MIB)[2]
-        for number in range(rounds):
-            for server, kept in in_turn(servers, number):
-                seconds, cpu, failed = streams_at_once(server, streams, total)
-                kept.time(seconds)
-                kept.cpu.append(cpu)
-                failures += failed
-    (_, alone), (_, together) = servers
+    data = PlaintextFile(Plaintext(total))
+    warm = PlaintextFile(Plaintext(16 * MIB))
+    try:
+        with (
+            redis_server(workdir / "redis") as redis,
+            sealstream_serve(workdir, "one", 1, redis.url) as one,
+            sealstream_serve(workdir, "every", CORES, redis.url) as every,
+        ):
+            servers = [(one, Aggregate()), (every, Aggregate())]
+            for server, _ in servers:  # every process up and warm before the rounds
+                failures += streams_at_once(server, streams, warm).failures
+            for number in range(rounds):
+                for server, kept in in_turn(servers, number):
+                    done = streams_at_once(server, streams, data)
+                    kept.add(done)
+                    failures += done.failures
+            scaling = Scaling(streams, total, servers[0][1], servers[1][1])
+            if chart is not None:
+                failures += curve_points(scaling, [(1, one), (CORES, every)])
+    finally:
+        data.close()
+        warm.close()
+    report_scaling(scaling, rounds, single)
+    if chart is not None:
+        draw_scaling(scaling, chart)
+        print(f"  chart: {chart}")
+    correct = "all correct" if not failures else f"{len(failures)} failed"
+    print(f"  {correct} (each decrypted stream compared byte for byte with what was sent)")
+    for failure in failures:
+        print(f"    failed: {failure}")
+    return not failures
+
+
+CURVE_STREAMS = (1, 2, 4, 8, 16)
+CURVE_BYTES = 512 * MIB  # moved encrypted at each point, shared among its streams
+
+
+def curve_points(scaling: Scaling, servers: list[tuple[int, Server]]) -> list[str]:
+    """The aggregate at each number of streams in `CURVE_STREAMS`, against each server
+    (its number of processes with it), alternated; one round each."""
+    failures: list[str] = []
+    for streams in CURVE_STREAMS:
+        data = PlaintextFile(Plaintext(CURVE_BYTES // streams))
+        try:
+            for processes, server in servers:
+                done = streams_at_once(server, streams, data)
+                failures += done.failures
+                moved = streams * data.total
+                scaling.curve[processes, streams] = mb_per_s(moved, done.seconds)
+        finally:
+            data.close()
+    return failures
+
+
+def report_scaling(scaling: Scaling, rounds: int, single: float) -> None:
+    alone, together, moved = scaling.alone, scaling.together, scaling.moved
     print(
-        f"6. {streams} concurrent {total / MIB:.0f} MiB streams, each encrypted (streamed back) "
-        f"and piped into a decrypt; `sealstream serve --workers 1` and `--workers {CORES}` "
-        f"(Redis for jobs), alternated, {rounds} rounds; the curl clients pinned to core "
-        f"{CLIENT_CORE}; server CPU per GiB encrypted or decrypted, all its processes"
+        f"6. {scaling.streams} concurrent {scaling.total / MIB:.0f} MiB streams, each "
+        "encrypted (streamed back, its length declared) and piped into a decrypt, piped "
+        f"into cmp; `sealstream serve --workers 1` and `--workers {CORES}` (Redis for "
+        f"jobs), alternated, {rounds} rounds; every client (curl, cmp) pinned to core "
+        f"{CLIENT_CORE}; CPU per GiB encrypted or decrypted, the server's (all its "
+        "processes) and the clients'"
     )
     for workers, kept in ((1, alone), (CORES, together)):
-        aggregate = mb_per_s(streams * total, kept.fastest)
+        aggregate = mb_per_s(scaling.streams * scaling.total, kept.fastest)
         print(
             f"  --workers {workers:<3} aggregate {aggregate:6.0f} MB/s encrypted + as much "
-            f"decrypted; server CPU {kept.cpu_per_gib(moved):.2f} s/GiB"
+            f"decrypted; server CPU {kept.cpu_per_gib(moved):.2f} s/GiB, clients "
+            f"{kept.client_cpu_per_gib(moved):.2f} s/GiB"
         )
     cpu_ratio = together.cpu_per_gib(moved) / alone.cpu_per_gib(moved)
     print(
@@ -908,17 +1022,77 @@ def scaling_figures(workdir: Path, streams: int, total: int, rounds: int, single
         f"(goal >= 1.25 here); server CPU per GiB, {CORES} processes / 1: {cpu_ratio:.2f} "
         "(goal <= 1.10)"
     )
-    spare = CORES / together.cpu_per_gib(moved) * GIB / 1e6 / 2
+    clients = alone.client_cpu_per_gib(moved)
+    here_one = aggregate_bound(1, alone.cpu_per_gib(moved), clients)
+    here_every = aggregate_bound(CORES, together.cpu_per_gib(moved), clients)
     print(
-        f"  one stream alone {single:6.0f} MB/s; with {CORES} cores for the server alone "
-        f"(clients elsewhere), its CPU per GiB bounds the aggregate at {spare:6.0f} MB/s "
-        "encrypted + as much decrypted"
+        f"  the bound these CPU figures set on this machine, the clients' core shared: "
+        f"{here_one:6.0f} MB/s at --workers 1, {here_every:6.0f} at --workers {CORES}: a "
+        f"scaling ratio of at most {here_every / here_one:.2f}"
     )
-    correct = "all correct" if not failures else f"{len(failures)} failed"
-    print(f"  {correct} (SHA-256 of each decrypted stream = SHA-256 of what was sent)")
-    for failure in failures:
-        print(f"    failed: {failure}")
-    return not failures
+    spare_one = aggregate_bound(1, alone.cpu_per_gib(moved), None)
+    spare_every = aggregate_bound(CORES, together.cpu_per_gib(moved), None)
+    print(
+        f"  on a host with cores to spare for the clients, the server's CPU per GiB bounds "
+        f"the aggregate at {spare_one:6.0f} MB/s at --workers 1, {spare_every:6.0f} at "
+        f"--workers {CORES}: a scaling ratio of {spare_every / spare_one:.2f}; one stream "
+        f"alone {single:6.0f} MB/s"
+    )
+
+
+def draw_scaling(scaling: Scaling, chart: Path) -> None:
+    """The aggregate against server processes and against concurrent streams, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file
+    from matplotlib import pyplot
+
+    moved = scaling.moved
+    figure, (by_processes, by_streams) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=100)
+    processes = [1, CORES]
+    measured = [
+        mb_per_s(scaling.streams * scaling.total, kept.fastest)
+        for kept in (scaling.alone, scaling.together)
+    ]
+    clients = scaling.alone.client_cpu_per_gib(moved)
+    per_gib = [kept.cpu_per_gib(moved) for kept in (scaling.alone, scaling.together)]
+    by_processes.plot(processes, measured, "o-", label="measured (clients on a shared core)")
+    by_processes.plot(
+        processes,
+        [aggregate_bound(n, cpu, clients) for n, cpu in zip(processes, per_gib, strict=True)],
+        "s:",
+        label="bound: CPU per GiB, clients' core shared",
+    )
+    by_processes.plot(
+        processes,
+        [aggregate_bound(n, cpu, None) for n, cpu in zip(processes, per_gib, strict=True)],
+        "^--",
+        label="bound: CPU per GiB, cores to spare",
+    )
+    by_processes.set_xticks(processes)
+    by_processes.set_xlabel("server processes (--workers)")
+    by_processes.set_ylabel("aggregate MB/s encrypted (as much decrypted)")
+    by_processes.set_title(f"{scaling.streams} streams of {scaling.total / MIB:.0f} MiB")
+    by_processes.set_ylim(bottom=0)
+    by_processes.legend(fontsize="small")
+    for workers in processes:
+        points = sorted((s, v) for (n, s), v in scaling.curve.items() if n == workers)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            by_streams.plot(xs, ys, "o-", label=f"--workers {workers}")
+    by_streams.set_xscale("log", base=2)
+    by_streams.set_xticks(list(CURVE_STREAMS), [str(n) for n in CURVE_STREAMS])
+    by_streams.set_xlabel("concurrent streams, each into a decrypt")
+    by_streams.set_ylabel("aggregate MB/s encrypted")
+    by_streams.set_title(f"{CURVE_BYTES / MIB:.0f} MiB in all, shared among the streams")
+    by_streams.set_ylim(bottom=0)
+    by_streams.legend(fontsize="small")
+    figure.suptitle(
+        f"bench/stream.py on {CORES} cores, load average {os.getloadavg()[0]:.1f}", fontsize="small"
+    )
+    figure.tight_layout()
+    figure.savefig(chart)
+    pyplot.close(figure)
 
 
 # The sealstream command next to curl
@@ -1030,26 +1204,27 @@ def cli_figures(server: Server, workdir: Path, total: int, rounds: int) -> None:
 
 def age_figures(server: Server, total: int, rounds: int) -> float:
     """One stream encrypted through the service next to `age` encrypting the same file
-    to /dev/null, alternated round by round, both clients on the same pinned core; the
-    service's MB/s."""
+    to /dev/null, and next to the same stream echoed with no crypto (the most any
+    stream-back through this server can go), alternated round by round, all clients on
+    the same pinned core; the service's MB/s."""
     keys = subprocess.run(["age-keygen"], capture_output=True, text=True, check=True).stdout
     recipient = next(
         line.split(": ", 1)[1] for line in keys.splitlines() if line.startswith("# public key")
     )
     pinned = dataclasses.replace(server, client_prefix=PINNED_CLIENTS)
     data = PlaintextFile(Plaintext(total))
-    ours, theirs = Timed(), Timed()
+    ours, echo, theirs = Kind(), Kind(), Timed()
     try:
         for number in range(rounds):
-            for kind in in_turn(["sealstream", "age"], number):
-                if kind == "sealstream":
-                    upload_ = upload(pinned, ENCRYPT_PATH, {"kid": KID}, data)
-                    ours.time(checked(upload_, "encrypt next to age").seconds)
+            for kind in in_turn(["sealstream", "echo", "age"], number):
+                if kind == "age":
+                    command = ["age", "--recipient", recipient, "--output", os.devnull, data.path]
+                    start = time.perf_counter()
+                    subprocess.run([*PINNED_CLIENTS, *command], pass_fds=[data.fd], check=True)
+                    theirs.time(time.perf_counter() - start)
                     continue
-                command = ["age", "--recipient", recipient, "--output", os.devnull, data.path]
-                start = time.perf_counter()
-                subprocess.run([*PINNED_CLIENTS, *command], pass_fds=[data.fd], check=True)
-                theirs.time(time.perf_counter() - start)
+                path, kept = (ENCRYPT_PATH, ours) if kind == "sealstream" else (ECHO_PATH, echo)
+                kept.add(checked(upload(pinned, path, {"kid": KID}, data), f"{kind} next to age"))
     finally:
         data.close()
     version = subprocess.run(["age", "--version"], capture_output=True, text=True).stdout.strip()
@@ -1058,9 +1233,16 @@ def age_figures(server: Server, total: int, rounds: int) -> float:
         f"(X25519 recipient) to /dev/null; {rounds} rounds alternated; curl and age on core "
         f"{CLIENT_CORE}"
     )
-    print(f"  sealstream encrypt -> client   {mb_per_s(total, ours.fastest):6.0f} MB/s")
+    print(f"  sealstream encrypt -> client   {ours.figures(total)}")
     print(f"  age -> /dev/null               {mb_per_s(total, theirs.fastest):6.0f} MB/s")
     print(f"  ratio {ratio(theirs, ours)}  (goal >= 1.0)")
+    one_core = GIB / (ours.server_cpu / (total / GIB)) / 1e6
+    print(
+        f"  what bounds it: the echo, no crypto, through the same server {echo.figures(total)}, "
+        f"{ratio(theirs, echo)} of age; the server's CPU per GiB encrypting allows "
+        f"{one_core:6.0f} MB/s on its one core, {one_core / mb_per_s(total, theirs.fastest):.2f}"
+        " of age"
+    )
     return mb_per_s(total, ours.fastest)
 
 
@@ -1261,6 +1443,11 @@ def main() -> None:
         action="store_true",
         help="only the figures next to age and across processes",
     )
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        help="draw the scaling figures into this PNG (docs/scaling.png in docs/benchmarks.md)",
+    )
     args = parser.parse_args()
 
     curl = subprocess.run(["curl", "--version"], capture_output=True, text=True, check=True)
@@ -1287,7 +1474,9 @@ def main() -> None:
                 single = age_figures(server, total, args.rounds)
                 if not args.only_scaling:
                     cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
-            ok = scaling_figures(workdir, args.streams, args.stream_mib * MIB, args.rounds, single)
+            ok = scaling_figures(
+                workdir, args.streams, args.stream_mib * MIB, args.rounds, single, args.chart
+            )
     print(f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine)")
     if not ok:
         raise SystemExit(1)

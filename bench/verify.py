@@ -78,7 +78,8 @@ def store_object(services: Parts, key: str, total: int) -> dict[str, str]:
         services.keys, TENANT, KID, {}, 1024 * 1024, object_key=placement.storage_key
     )
     sealer = ObjectSealer(sealing, placement, overwrite=True, records=services.records)
-    sealer.write(generated(total))
+    for chunk in generated(total):
+        sealer.write((chunk,))
     sealer.complete()
     return {"bucket": placement.bucket, "key": key, "storageKey": placement.storage_key}
 
