@@ -17,6 +17,8 @@ awaiting task aborts the call's connection; `max_concurrency` bounds the calls i
 (each stream uses a second thread, its upload's writer).
 """
 
+from __future__ import annotations  # the models in annotations load only when called
+
 import asyncio
 import contextvars
 import functools
@@ -33,6 +35,7 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import (
+    TYPE_CHECKING,
     Any,
     Concatenate,
     ParamSpec,
@@ -48,12 +51,15 @@ from sealstream_client.client import (
     ByteRange,
     Download,
     SealstreamClient,
+    Transfer,
     Writable,
 )
 from sealstream_client.errors import ClientError
-from sealstream_client.models import StoredObject, Transfer, Verdict
 from sealstream_client.multipart import UPLOAD_CHUNK, Source
 from sealstream_client.transport import CURRENT_CANCELLATION, Cancellation
+
+if TYPE_CHECKING:
+    from sealstream_client.models import StoredObject, Verdict
 
 __all__ = [
     "AsyncDownload",
@@ -138,10 +144,10 @@ class ResignOptions(TypedDict, total=False):
 
 def _in_thread(
     method: Callable[Concatenate[SealstreamClient, P], R],
-) -> Callable[Concatenate["AsyncSealstreamClient", P], Coroutine[Any, Any, R]]:
+) -> Callable[Concatenate[AsyncSealstreamClient, P], Coroutine[Any, Any, R]]:
     """The synchronous client's `method`, awaited: it runs in a worker thread."""
 
-    async def call(self: "AsyncSealstreamClient", /, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def call(self: AsyncSealstreamClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.in_thread(functools.partial(method, self.sync, *args, **kwargs))
 
     functools.update_wrapper(call, method)
@@ -152,7 +158,7 @@ class AsyncDownload:
     """A streamed response, open: `async for` over it for the pieces of its body; then
     `transfer` says what went through. Leave it with `async with`."""
 
-    def __init__(self, client: "AsyncSealstreamClient", download: Download) -> None:
+    def __init__(self, client: AsyncSealstreamClient, download: Download) -> None:
         self._client = client
         self._download = download
         self._pieces: Iterator[bytes] = iter(download)
@@ -163,7 +169,7 @@ class AsyncDownload:
         self.algorithm = download.algorithm
         self.content_range = download.content_range
 
-    async def __aenter__(self) -> "AsyncDownload":
+    async def __aenter__(self) -> AsyncDownload:
         return self
 
     async def __aexit__(
@@ -211,7 +217,7 @@ class AsyncSealstreamClient:
         self.sync = SealstreamClient(url, token, **options)
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="sealstream")
 
-    async def __aenter__(self) -> "AsyncSealstreamClient":
+    async def __aenter__(self) -> AsyncSealstreamClient:
         return self
 
     async def __aexit__(

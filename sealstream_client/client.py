@@ -19,34 +19,20 @@ Content-Length) is the server aborting a transfer that failed midway, such as a 
 frame: it raises `TransferAborted` and is never reported as complete.
 """
 
+from __future__ import annotations  # the models in annotations load only when called
+
 import http.client
+import importlib
 import json
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping
-from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from sealstream_client.errors import ApiError, ClientError, TransferAborted, api_error_class
-from sealstream_client.models import (
-    Algorithms,
-    ApiModel,
-    AuditPage,
-    IndexedObjectPage,
-    IssuedToken,
-    Job,
-    JobPage,
-    Jwk,
-    Key,
-    KeyPage,
-    ObjectPage,
-    StoredObject,
-    Token,
-    TokenList,
-    Transfer,
-    Verdict,
-)
 from sealstream_client.multipart import MultipartBody, Source
 from sealstream_client.transport import (
     DOWNLOAD_CHUNK,
@@ -56,7 +42,25 @@ from sealstream_client.transport import (
     request_head,
 )
 
-__all__ = ["ByteRange", "Download", "SealstreamClient", "Writable"]
+if TYPE_CHECKING:
+    from sealstream_client import models
+    from sealstream_client.models import ApiModel
+else:
+
+    class _OnFirstUse:
+        """A module imported when one of its names is first read: the answers' models,
+        which take pydantic along, are loaded by the first call that answers JSON."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attribute: str) -> object:
+            module: ModuleType = importlib.import_module(self._name)
+            return getattr(module, attribute)
+
+    models = _OnFirstUse("sealstream_client.models")
+
+__all__ = ["ByteRange", "Download", "SealstreamClient", "Transfer", "Writable"]
 
 DEFAULT_TIMEOUT = 60.0  # seconds a connect, a send or a read may wait
 MAX_DOCUMENT = 1024 * 1024  # largest JSON response read
@@ -65,7 +69,20 @@ ENCRYPT = "/api/crypto/stream/encrypt"
 DECRYPT = "/api/crypto/stream/decrypt"
 REENCRYPT = "/api/crypto/stream/reencrypt"
 
-M = TypeVar("M", bound=ApiModel)
+M = TypeVar("M", bound="ApiModel")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What a completed streaming call did, as its response headers and byte counts tell."""
+
+    key_requested: str | None  # X-Key-Requested: the kid asked for (or found)
+    key_used: str | None  # X-Key-Used: `kid#version`
+    algorithm: str | None  # X-Algorithm-Used
+    bytes_sent: int  # bytes read from `source` and uploaded (0 when reading storage)
+    bytes_received: int  # bytes of the response body
+    status: int = 200  # 206 for a ranged read
+    content_range: str | None = None  # Content-Range of a ranged read
 
 
 class Writable(Protocol):
@@ -99,7 +116,7 @@ class Download:
         self.algorithm = response.getheader("X-Algorithm-Used")
         self.content_range = response.getheader("Content-Range")
 
-    def __enter__(self) -> "Download":
+    def __enter__(self) -> Download:
         return self
 
     def __exit__(
@@ -230,7 +247,7 @@ class SealstreamClient:
         overwrite: bool = False,
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
-    ) -> StoredObject:
+    ) -> models.StoredObject:
         """Encrypt `source` into the object `key` of the tenant's storage; what was stored."""
         metadata = _metadata(
             kid=kid,
@@ -238,7 +255,7 @@ class SealstreamClient:
             frameLength=frame_length,
             destination=_destination(key, bucket, overwrite),
         )
-        return self._posted(ENCRYPT, metadata, source, StoredObject)
+        return self._posted(ENCRYPT, metadata, source, models.StoredObject)
 
     def decrypt(
         self,
@@ -354,7 +371,7 @@ class SealstreamClient:
         destination: str | None = None,
         destination_bucket: str | None = None,
         overwrite: bool = False,
-    ) -> StoredObject:
+    ) -> models.StoredObject:
         """Re-encrypt the stored object `key` for `kid`, in place or into the object
         `destination`; what was stored."""
         metadata = _metadata(
@@ -365,7 +382,7 @@ class SealstreamClient:
             if destination is None
             else _destination(destination, destination_bucket, overwrite),
         )
-        return self._posted(REENCRYPT, metadata, None, StoredObject)
+        return self._posted(REENCRYPT, metadata, None, models.StoredObject)
 
     # Signatures
 
@@ -380,7 +397,7 @@ class SealstreamClient:
         *,
         kid: str | None = None,
         public_key: Mapping[str, Any] | None = None,
-    ) -> Verdict:
+    ) -> models.Verdict:
         """Check the detached JWS `signature` over `source`: the verdict, or
         `SignatureRejected` (`signature-invalid`) if it does not verify."""
         metadata = _metadata(
@@ -388,7 +405,7 @@ class SealstreamClient:
             kid=kid,
             publicKey=None if public_key is None else dict(public_key),
         )
-        return self._posted("/api/crypto/stream/verify", metadata, source, Verdict)
+        return self._posted("/api/crypto/stream/verify", metadata, source, models.Verdict)
 
     def resign(
         self,
@@ -410,68 +427,70 @@ class SealstreamClient:
 
     # Keys
 
-    def create_key(self, /, **fields: Any) -> Key:
+    def create_key(self, /, **fields: Any) -> models.Key:
         """Generate a key: the fields as the API names them (`kid`, `kty`, `alg`,
         `keyOps`, `exportable`...; those None are left out); the new key."""
-        return self._json(Key, "POST", "/api/key-management/keys", _metadata(**fields))
+        return self._json(models.Key, "POST", "/api/key-management/keys", _metadata(**fields))
 
-    def import_key(self, /, **fields: Any) -> Key:
+    def import_key(self, /, **fields: Any) -> models.Key:
         """Import a key (BYOK): `kid`, `jwk` (a private JWK) and the policy fields of
         `create_key`; the new key."""
-        return self._json(Key, "POST", "/api/key-management/keys/import", _metadata(**fields))
+        return self._json(
+            models.Key, "POST", "/api/key-management/keys/import", _metadata(**fields)
+        )
 
-    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> KeyPage:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> models.KeyPage:
         """A page of keys: `keys`, and `next`, the `after` of the next page (or None)."""
         query = {"limit": limit, "after": after}
-        return self._json(KeyPage, "GET", "/api/key-management/keys", query=query)
+        return self._json(models.KeyPage, "GET", "/api/key-management/keys", query=query)
 
-    def get_key(self, kid: str) -> Key:
+    def get_key(self, kid: str) -> models.Key:
         """A key's metadata (and public JWK for asymmetric keys)."""
-        return self._json(Key, "GET", _key_path(kid))
+        return self._json(models.Key, "GET", _key_path(kid))
 
-    def rotate_key(self, kid: str) -> Key:
+    def rotate_key(self, kid: str) -> models.Key:
         """Add a version to the key and make it primary; the key."""
-        return self._json(Key, "POST", _key_path(kid, "rotate"))
+        return self._json(models.Key, "POST", _key_path(kid, "rotate"))
 
-    def disable_key(self, kid: str) -> Key:
-        return self._json(Key, "POST", _key_path(kid, "disable"))
+    def disable_key(self, kid: str) -> models.Key:
+        return self._json(models.Key, "POST", _key_path(kid, "disable"))
 
-    def enable_key(self, kid: str) -> Key:
-        return self._json(Key, "POST", _key_path(kid, "enable"))
+    def enable_key(self, kid: str) -> models.Key:
+        return self._json(models.Key, "POST", _key_path(kid, "enable"))
 
-    def delete_key(self, kid: str, *, pending_window_days: int | None = None) -> Key:
+    def delete_key(self, kid: str, *, pending_window_days: int | None = None) -> models.Key:
         """Schedule the key's destruction after a pending window; the key."""
         query = {"pendingWindowDays": pending_window_days}
-        return self._json(Key, "DELETE", _key_path(kid), query=query)
+        return self._json(models.Key, "DELETE", _key_path(kid), query=query)
 
-    def cancel_key_deletion(self, kid: str) -> Key:
+    def cancel_key_deletion(self, kid: str) -> models.Key:
         """Keep a key pending deletion; it comes back disabled."""
-        return self._json(Key, "POST", _key_path(kid, "cancel-deletion"))
+        return self._json(models.Key, "POST", _key_path(kid, "cancel-deletion"))
 
-    def update_key(self, kid: str, /, **fields: Any) -> Key:
+    def update_key(self, kid: str, /, **fields: Any) -> models.Key:
         """Change the key's policy (`exportable=False`, one-way); the key."""
-        return self._json(Key, "PATCH", _key_path(kid), fields)
+        return self._json(models.Key, "PATCH", _key_path(kid), fields)
 
-    def export_key(self, kid: str, *, version: int | None = None) -> Jwk:
+    def export_key(self, kid: str, *, version: int | None = None) -> models.Jwk:
         """One version of the key (the primary by default) as a private JWK."""
-        return self._json(Jwk, "GET", _key_path(kid, "export"), query={"version": version})
+        return self._json(models.Jwk, "GET", _key_path(kid, "export"), query={"version": version})
 
-    def supported_algorithms(self) -> Algorithms:
-        return self._json(Algorithms, "GET", "/api/key-management/supported-algorithms")
+    def supported_algorithms(self) -> models.Algorithms:
+        return self._json(models.Algorithms, "GET", "/api/key-management/supported-algorithms")
 
     def list_key_version_objects(
         self, kid: str, version: int, *, limit: int | None = None, after: str | None = None
-    ) -> IndexedObjectPage:
+    ) -> models.IndexedObjectPage:
         """A page of the stored objects sealed under one version of the key."""
         query = {"version": version, "limit": limit, "after": after}
-        return self._json(IndexedObjectPage, "GET", _key_path(kid, "objects"), query=query)
+        return self._json(models.IndexedObjectPage, "GET", _key_path(kid, "objects"), query=query)
 
     def retire_key_version(
         self, kid: str, version: int, *, confirm: str, pending_window_days: int | None = None
-    ) -> Key:
+    ) -> models.Key:
         """Retire a version no stored object uses; `confirm` is its name, `kid#version`."""
         body = _metadata(confirm=confirm, pendingWindowDays=pending_window_days)
-        return self._json(Key, "POST", _key_path(kid, f"versions/{version}/retire"), body)
+        return self._json(models.Key, "POST", _key_path(kid, f"versions/{version}/retire"), body)
 
     # Stored objects
 
@@ -482,10 +501,10 @@ class SealstreamClient:
         after: str | None = None,
         limit: int | None = None,
         bucket: str | None = None,
-    ) -> ObjectPage:
+    ) -> models.ObjectPage:
         """A page of the tenant's stored objects, in key order: `objects`, and `next`."""
         query = {"prefix": prefix, "after": after, "limit": limit, "bucket": bucket}
-        return self._json(ObjectPage, "GET", "/api/objects", query=query)
+        return self._json(models.ObjectPage, "GET", "/api/objects", query=query)
 
     def delete_object(self, key: str, *, bucket: str | None = None) -> None:
         """Delete a stored object, with its record."""
@@ -494,24 +513,24 @@ class SealstreamClient:
 
     # Tokens
 
-    def create_token(self, /, **fields: Any) -> IssuedToken:
+    def create_token(self, /, **fields: Any) -> models.IssuedToken:
         """Issue a token (`tenant`, `scopes`, `name`, `expiresAt`); the only answer that
         shows the token string."""
-        return self._json(IssuedToken, "POST", "/api/admin/tokens", _metadata(**fields))
+        return self._json(models.IssuedToken, "POST", "/api/admin/tokens", _metadata(**fields))
 
-    def list_tokens(self, *, tenant: str | None = None) -> TokenList:
-        return self._json(TokenList, "GET", "/api/admin/tokens", query={"tenant": tenant})
+    def list_tokens(self, *, tenant: str | None = None) -> models.TokenList:
+        return self._json(models.TokenList, "GET", "/api/admin/tokens", query={"tenant": tenant})
 
-    def revoke_token(self, token_id: str) -> Token:
-        return self._json(Token, "DELETE", f"/api/admin/tokens/{quote(token_id, safe='')}")
+    def revoke_token(self, token_id: str) -> models.Token:
+        return self._json(models.Token, "DELETE", f"/api/admin/tokens/{quote(token_id, safe='')}")
 
     # Jobs
 
-    def start_job(self, kind: str, /, **fields: Any) -> Job:
+    def start_job(self, kind: str, /, **fields: Any) -> models.Job:
         """Start a job of `kind` (`verify`, `batch-encrypt`, `reencrypt`) with the fields
         of its request; the queued job."""
         path = f"/api/jobs/{quote(kind, safe='')}"
-        return self._json(Job, "POST", path, _metadata(**fields))
+        return self._json(models.Job, "POST", path, _metadata(**fields))
 
     def list_jobs(
         self,
@@ -520,24 +539,24 @@ class SealstreamClient:
         kind: str | None = None,
         limit: int | None = None,
         after: str | None = None,
-    ) -> JobPage:
+    ) -> models.JobPage:
         """A page of jobs, newest first: `jobs`, and `next`, the `after` of the next page."""
         query = {"status": status, "kind": kind, "limit": limit, "after": after}
-        return self._json(JobPage, "GET", "/api/jobs", query=query)
+        return self._json(models.JobPage, "GET", "/api/jobs", query=query)
 
-    def get_job(self, job_id: str) -> Job:
-        return self._json(Job, "GET", f"/api/jobs/{quote(job_id, safe='')}")
+    def get_job(self, job_id: str) -> models.Job:
+        return self._json(models.Job, "GET", f"/api/jobs/{quote(job_id, safe='')}")
 
-    def cancel_job(self, job_id: str) -> Job:
-        return self._json(Job, "POST", f"/api/jobs/{quote(job_id, safe='')}/cancel")
+    def cancel_job(self, job_id: str) -> models.Job:
+        return self._json(models.Job, "POST", f"/api/jobs/{quote(job_id, safe='')}/cancel")
 
     # The audit trail, and the service's health
 
-    def list_audit_events(self, /, **query: str | int | None) -> AuditPage:
+    def list_audit_events(self, /, **query: str | int | None) -> models.AuditPage:
         """A page of audit events, oldest first: the query as the API names it (`since`,
         `until` as RFC 3339 text, `kid`, `tokenId`, `outcome`, `operation`, `limit`,
         `after`)."""
-        return self._json(AuditPage, "GET", "/api/audit", query=query)
+        return self._json(models.AuditPage, "GET", "/api/audit", query=query)
 
     def health(self) -> dict[str, Any]:
         """`/healthz`: the process is up."""

@@ -3,7 +3,8 @@ fields named as in Python (`key.primary_version`) and read from the API's camelC
 
 A model keeps the fields this version of the client does not know (a newer server's), and
 `document` is the answer exactly as the server sent it, for callers that pass it on (the
-`sealstream` command's `--json` prints it).
+`sealstream` command's `--json` prints it). The client imports this module (and pydantic)
+only once a call answers with JSON, so a command that only streams starts without it.
 """
 
 from datetime import datetime
@@ -32,7 +33,6 @@ __all__ = [
     "StoredObject",
     "Token",
     "TokenList",
-    "Transfer",
     "Verdict",
 ]
 
@@ -40,8 +40,13 @@ __all__ = [
 class ApiModel(BaseModel):
     """A JSON answer: its known fields typed, the others kept as they came."""
 
+    # Built on first use, not at import: the command line starts faster.
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="allow", frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="allow",
+        frozen=True,
+        defer_build=True,
     )
     _document: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -221,17 +226,3 @@ class AuditEvent(ApiModel):
 class AuditPage(ApiModel):
     events: list[AuditEvent]
     next: str | None = None
-
-
-class Transfer(BaseModel):
-    """What a completed streaming call did, as its response headers and byte counts tell."""
-
-    model_config = ConfigDict(frozen=True)
-
-    key_requested: str | None  # X-Key-Requested: the kid asked for (or found)
-    key_used: str | None  # X-Key-Used: `kid#version`
-    algorithm: str | None  # X-Algorithm-Used
-    bytes_sent: int  # bytes read from `source` and uploaded (0 when reading storage)
-    bytes_received: int  # bytes of the response body
-    status: int = 200  # 206 for a ranged read
-    content_range: str | None = None  # Content-Range of a ranged read
