@@ -68,6 +68,7 @@ USER_AGENT = "sealstream-client/0.1"
 ENCRYPT = "/api/crypto/stream/encrypt"
 DECRYPT = "/api/crypto/stream/decrypt"
 REENCRYPT = "/api/crypto/stream/reencrypt"
+ENCRYPT_ARCHIVE = "/api/crypto/stream/encrypt-archive"
 
 M = TypeVar("M", bound="ApiModel")
 
@@ -256,6 +257,34 @@ class SealstreamClient:
             destination=_destination(key, bucket, overwrite),
         )
         return self._posted(ENCRYPT, metadata, source, models.StoredObject)
+
+    def encrypt_archive(
+        self,
+        kid: str,
+        source: Source,
+        *,
+        prefix: str,
+        bucket: str | None = None,
+        overwrite: bool = False,
+        archive_format: str = "auto",
+        encryption_context: Mapping[str, str] | None = None,
+        frame_length: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the archive `source` in, each member sealed into an object under
+        `prefix` as it arrives: the job's progress lines as they come, the first
+        `{"event": "started", "jobId"}`, the last `{"event": "finished", ...}`."""
+        metadata = _metadata(
+            kid=kid,
+            encryptionContext=_context(encryption_context),
+            frameLength=frame_length,
+            format=archive_format,
+            destination={"prefix": prefix, "overwrite": overwrite, **_metadata(bucket=bucket)},
+        )
+        with self._open_stream(ENCRYPT_ARCHIVE, metadata, source) as download:
+            pending = b""
+            for piece in download:
+                *lines, pending = (pending + piece).split(b"\n")
+                yield from (json.loads(line) for line in lines if line)
 
     def decrypt(
         self,

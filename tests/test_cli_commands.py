@@ -1,12 +1,14 @@
 """The `sealstream` commands for the whole API (keys, tokens, jobs), their output, exit
 statuses, profiles, completion and interruption, against a live API server."""
 
+import io
 import json
 import os
 import pty
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,3 +359,25 @@ def test_sign_and_verify(api: Api, tmp_path: Path) -> None:
     document.write_text("we do not agree\n")
     refused = run(api, "verify", str(document), "--signature", str(signature))
     assert refused.returncode == 1 and "signature-invalid" in refused.stderr
+
+
+@local
+def test_an_archive_streamed_in_and_its_manifest_read_back(api: Api, tmp_path: Path) -> None:
+    archive = tmp_path / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in {"a.txt": b"alpha", "../evil": b"escape"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    run(api, "keys", "create", KID)
+    sealed = run(api, "encrypt-archive", str(archive), "--kid", KID, "--to-storage", "out/")
+    assert sealed.returncode == 0, sealed.stderr
+    assert "refused: ../evil" in sealed.stderr
+    document = run_json(api, "manifest", "out/")
+    assert document["complete"] is True
+    assert [(m["path"], m["status"]) for m in document["members"]] == [
+        ("a.txt", "sealed"),
+        ("../evil", "refused"),
+    ]
+    again = run(api, "encrypt-archive", str(archive), "--kid", KID, "--to-storage", "out/")
+    assert again.returncode == 6, again.stderr  # the manifest exists: 409

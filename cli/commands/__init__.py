@@ -4,6 +4,7 @@ module here (a click group named after it, one command per route, each decorated
 
 import click
 
+from cli.commands.archives import encrypt_archive, manifest
 from cli.commands.crypto import decrypt, encrypt
 from cli.commands.jobs import jobs
 from cli.commands.keys import keys
@@ -14,6 +15,8 @@ from cli.commands.tokens import tokens
 COMMANDS: tuple[click.Command, ...] = (
     encrypt,
     decrypt,
+    encrypt_archive,
+    manifest,
     sign,
     verify,
     keys,
