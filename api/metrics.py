@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from audit.alarms import AUDIT_ALARMS
 from keystore.usage_redis import IMPLAUSIBLE_COUNTS
 from services.jobs import JobStore
 from storage.integrity import REFUSED_RECORDS
@@ -72,6 +73,7 @@ class Metrics:
             PlatformCollector(registry=self.registry)
             self.registry.register(REFUSED_RECORDS)
             self.registry.register(IMPLAUSIBLE_COUNTS)
+            self.registry.register(AUDIT_ALARMS)
             self._scraped = self.registry
         else:
             self._scraped = CollectorRegistry()

@@ -16,8 +16,10 @@ signing key's public half alone can therefore check that the events up to a chec
 are the ones that were signed; whoever holds the KEK can also check every event's MAC.
 
 A segment is what one flush writes, once, with a conditional write that never replaces
-anything: `sealstream/audit/events/<YYYY-MM-DD>/<chain>.<first seq>.json` (the day of
-its first event), holding its events and the checkpoint of its last one.
+anything: `sealstream/audit/events/<YYYY-MM-DDTHH>/<chain>.<first seq>.<nonce>.json`,
+holding its events, all of that hour (UTC), and the checkpoint of its last one. The
+nonce is random for each segment, so that no one can put an object where a chain's next
+segment will go.
 """
 
 import base64
@@ -25,9 +27,10 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from storage.integrity import canonical_json
@@ -37,10 +40,14 @@ CHECKPOINT_FORMAT = "sealstream-audit-checkpoint/1"
 EVENTS_PREFIX = "sealstream/audit/events/"
 GENESIS = bytes(32)
 CLOSED = "chain-closed"  # the type of a chain's last event, on a clean shutdown
+ALARM = "alarm"  # the type of an event that says someone else writes the trail's bucket
+NAME_TAKEN = "segment-name-taken"  # the alarm of a segment's name taken by someone else
 SEQ_DIGITS = 12
+NONCE_BYTES = 8
 CHAIN_PATTERN = r"[a-z0-9-]{1,64}"
 _SEGMENT_NAME = re.compile(
-    rf"^{re.escape(EVENTS_PREFIX)}(\d{{4}}-\d{{2}}-\d{{2}})/({CHAIN_PATTERN})\.(\d{{{SEQ_DIGITS}}})\.json$"
+    rf"^{re.escape(EVENTS_PREFIX)}(\d{{4}}-\d{{2}}-\d{{2}}T\d{{2}})/({CHAIN_PATTERN})"
+    rf"\.(\d{{{SEQ_DIGITS}}})\.[0-9a-f]{{{2 * NONCE_BYTES}}}\.json$"
 )
 
 Event = dict[str, Any]
@@ -105,16 +112,23 @@ class ChainState:
         }
 
 
-def segment_name(chain: str, first: int, time: datetime) -> str:
-    return f"{EVENTS_PREFIX}{time:%Y-%m-%d}/{chain}.{first:0{SEQ_DIGITS}d}.json"
+def hour_of(time: datetime) -> str:
+    """The hour a segment of events of `time` is filed under (UTC)."""
+    return f"{time.astimezone(UTC):%Y-%m-%dT%H}"
+
+
+def segment_name(chain: str, first: int, hour: str) -> str:
+    """A fresh name for the segment of `chain` from event `first` on, of events of `hour`."""
+    nonce = secrets.token_hex(NONCE_BYTES)
+    return f"{EVENTS_PREFIX}{hour}/{chain}.{first:0{SEQ_DIGITS}d}.{nonce}.json"
 
 
 @dataclass(frozen=True)
 class SegmentName:
-    """What a segment's storage key says: its day, chain and first sequence number."""
+    """What a segment's storage key says: its hour, chain and first sequence number."""
 
     key: str
-    day: str
+    hour: str
     chain: str
     first: int
 

@@ -2,22 +2,21 @@
 time range, each one's MAC checked (one that fails is refused and counted, never
 served), filtered, ordered by time and paged with an opaque cursor.
 
-A query lists the segments of the days its range covers (segments are filed under the
-day of their first event), so a narrow range reads little; an open range, or one of more
-than a month, reads the whole trail.
+Segments are filed under the hour of their events, and listed in the order of their
+names, hour by hour: a query lists from the hour its range (or its cursor) starts in,
+and stops once it holds a page of events that no later hour can come before, or at the
+end of its range. A page thus reads the hours it shows, not the whole trail.
 """
 
 import base64
 import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 
-from audit.chain import EVENTS_PREFIX, Event, SegmentName, event_mac, parse_segment, unb64
+from audit.chain import EVENTS_PREFIX, Event, SegmentName, event_mac, hour_of, parse_segment, unb64
 from storage import ObjectNotFound, ObjectStore
 from storage.integrity import RecordTampered, note_refusal
-
-MAX_DAYS_LISTED_ONE_BY_ONE = 31
 
 
 @dataclass(frozen=True)
@@ -55,74 +54,110 @@ def query_events(
     """A page of the events `query` selects, in time order, and the cursor of the next
     page (None on the last)."""
     after = _decode_cursor(query.after)
-    found = sorted(
-        (
-            event
-            for event in authentic_events(store, audit_key, _prefixes(query))
-            if query.matches(event)
-        ),
-        key=_order,
-    )
-    if after is not None:
-        found = [event for event in found if _order(event) > after]
-    page = found[: query.limit]
-    more = len(found) > query.limit
-    return page, _encode_cursor(_order(page[-1])) if more and page else None
-
-
-def authentic_events(
-    store: ObjectStore, audit_key: bytes, prefixes: list[str] | None = None
-) -> Iterator[Event]:
-    """Every event stored under `prefixes` (the whole trail if None) whose MAC checks, once
-    each: a segment copied under another name is not served twice."""
+    page = _Page(query.limit, after)
+    last_hour = None if query.until is None else hour_of(query.until)
     seen: set[tuple[str, int]] = set()
-    for prefix in prefixes or [EVENTS_PREFIX]:
-        for info in store.list(prefix):
-            if SegmentName.parse(info.key) is None:
-                continue
-            try:
-                document = parse_segment(store.get(info.key))
-            except ObjectNotFound:
-                continue
-            for event in [] if document is None else document["events"]:
-                if not _authentic(event, audit_key):
-                    note_refusal("audit-event", RecordTampered("an audit event", info.key))
-                    continue
-                seq = event.get("seq")
-                place = (str(event.get("chain")), seq if isinstance(seq, int) else -1)
-                if place not in seen:
-                    seen.add(place)
-                    yield event
+    for name in _listed(store, _first_hour(query, after)):
+        if page.full_before(name.hour) or (last_hour is not None and last_hour < name.hour):
+            break
+        page.add(e for e in _authentic(store, audit_key, name, seen) if query.matches(e))
+    events = page.events()
+    more = len(events) > query.limit
+    return events[: query.limit], _encode_cursor(_order(events[query.limit - 1])) if more else None
 
 
-def _authentic(event: Event, audit_key: bytes) -> bool:
+class _Page:
+    """The first `limit` + 1 events after the cursor, as far as read: one more than a
+    page, to tell whether another follows."""
+
+    def __init__(self, limit: int, after: tuple[str, str, int] | None) -> None:
+        self._keep = limit + 1
+        self._after = after
+        self._found: list[Event] = []
+
+    def add(self, events: Iterator[Event]) -> None:
+        self._found += (e for e in events if self._after is None or _order(e) > self._after)
+        if len(self._found) > 2 * self._keep:
+            self._found = self.events()
+
+    def events(self) -> list[Event]:
+        return sorted(self._found, key=_order)[: self._keep]
+
+    def full_before(self, hour: str) -> bool:
+        """Whether the page is full of events earlier than `hour`, which no segment of
+        that hour or later can precede."""
+        found = self.events()
+        return len(found) == self._keep and _hour(found[-1]) < hour
+
+
+def _first_hour(query: AuditQuery, after: tuple[str, str, int] | None) -> str:
+    """The hour to list from: that of the range's start, or of the cursor's event."""
+    starts = [query.since] if query.since is not None else []
+    if after is not None:
+        moment = _parse_time(after[0])
+        starts += [] if moment is None else [moment]
+    return hour_of(max(starts)) if starts else ""
+
+
+def authentic_events(store: ObjectStore, audit_key: bytes) -> Iterator[Event]:
+    """Every event of the trail whose MAC checks, once each."""
+    seen: set[tuple[str, int]] = set()
+    for name in _listed(store, ""):
+        yield from _authentic(store, audit_key, name, seen)
+
+
+def _listed(store: ObjectStore, first_hour: str) -> Iterator[SegmentName]:
+    """The segments' names in order, from those of `first_hour` on (all if "")."""
+    start = f"{EVENTS_PREFIX}{first_hour}" if first_hour else ""
+    for info in store.list(EVENTS_PREFIX, start_after=start):
+        name = SegmentName.parse(info.key)
+        if name is not None:
+            yield name
+
+
+def _authentic(
+    store: ObjectStore, audit_key: bytes, name: SegmentName, seen: set[tuple[str, int]]
+) -> list[Event]:
+    """The segment's events whose MAC checks and that are not in `seen` (a segment copied
+    under another name is not served twice); each added to `seen`."""
+    try:
+        document = parse_segment(store.get(name.key))
+    except ObjectNotFound:
+        return []
+    fresh = []
+    for event in [] if document is None else document["events"]:
+        if not _mac_checks(event, audit_key):
+            note_refusal("audit-event", RecordTampered("an audit event", name.key))
+            continue
+        seq = event.get("seq")
+        place = (str(event.get("chain")), seq if isinstance(seq, int) else -1)
+        if place not in seen:
+            seen.add(place)
+            fresh.append(event)
+    return fresh
+
+
+def _mac_checks(event: Event, audit_key: bytes) -> bool:
     try:
         return hmac.compare_digest(unb64(event.get("mac")), event_mac(audit_key, event))
     except ValueError:  # no canonical form (a NaN, say): the service never wrote it
         return False
 
 
-def _prefixes(query: AuditQuery) -> list[str] | None:
-    """The day prefixes a bounded range covers, if few enough to list one by one."""
-    if query.since is None or query.until is None or query.until <= query.since:
-        return None
-    # A segment is filed under its first event's day, and may run past midnight.
-    first = query.since.astimezone(UTC).date() - timedelta(days=1)
-    last = query.until.astimezone(UTC).date()
-    if (last - first).days >= MAX_DAYS_LISTED_ONE_BY_ONE:
-        return None
-    return [_day_prefix(first + timedelta(days=n)) for n in range((last - first).days + 1)]
-
-
-def _day_prefix(day: date) -> str:
-    return f"{EVENTS_PREFIX}{day:%Y-%m-%d}/"
-
-
 def _time(event: Event) -> datetime | None:
+    return _parse_time(str(event.get("time")))
+
+
+def _parse_time(text: str) -> datetime | None:
     try:
-        return datetime.fromisoformat(str(event.get("time")))
+        return datetime.fromisoformat(text)
     except ValueError:
         return None
+
+
+def _hour(event: Event) -> str:
+    moment = _time(event)
+    return "" if moment is None else hour_of(moment)
 
 
 def _order(event: Event) -> tuple[str, str, int]:

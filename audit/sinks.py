@@ -50,18 +50,16 @@ class StdoutSink(CheckpointSink):
 
 
 class RedisSink(CheckpointSink):
+    """On a client of one Redis, or of the primary its sentinels name."""
+
     def __init__(self, client: "redis.Redis") -> None:
         self._redis = client
-
-    @classmethod
-    def from_url(cls, url: str) -> "RedisSink":
-        return cls(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5))
 
     def publish(self, checkpoint: Checkpoint) -> None:
         self._redis.hset(REDIS_HASH, str(checkpoint["chain"]), json.dumps(checkpoint))
 
     def checkpoints(self) -> list[Checkpoint]:
-        stored: dict[bytes, bytes] = self._redis.hgetall(REDIS_HASH)  # type: ignore[assignment]
+        stored: dict[str, str] = self._redis.hgetall(REDIS_HASH)  # type: ignore[assignment]
         return list(_documents(stored.values()))
 
 
@@ -97,7 +95,7 @@ def checkpoint_lines(lines: Iterable[str]) -> list[Checkpoint]:
     return found
 
 
-def _documents(blobs: Iterable[bytes]) -> Iterable[Checkpoint]:
+def _documents(blobs: Iterable[bytes | str]) -> Iterable[Checkpoint]:
     for blob in blobs:
         try:
             document = json.loads(blob)

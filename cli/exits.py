@@ -16,6 +16,7 @@ EXIT_AUTH = 4  # the token is missing, invalid, revoked or expired, or lacks the
 EXIT_NOT_FOUND = 5  # what the command names does not exist (404)
 EXIT_CONFLICT = 6  # the state forbids it: exists already, disabled, finished (409)
 EXIT_SERVER = 7  # the server failed or is unavailable (5xx)
+EXIT_UNANCHORED = 8  # `audit verify`: intact, but no checkpoint from a sink anchored the check
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (128 + SIGINT, as shells report it)
 
 

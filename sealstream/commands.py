@@ -1,7 +1,8 @@
 """The server-side `sealstream` commands: `serve` runs the API, `upgrade-records` seals the
 records of a store set up before records were sealed, `audit verify` checks the audit
-trail and `audit public-key` prints the key that checks it. Their options are the
-settings (cli.options makes one option of each).
+trail, `audit public-key` prints the key that checks it and `audit new-signing-key`
+replaces that key once its record is lost. Their options are the settings (cli.options
+makes one option of each).
 
 The `sealstream` command (cli.main) finds them through the entry-point group
 `sealstream.commands`, so the client never imports the server. They are loaded to build
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 import click
 from pydantic import SecretStr
 
-from cli.exits import EXIT_FAILED, EXIT_USAGE, fail
+from cli.exits import EXIT_FAILED, EXIT_UNANCHORED, EXIT_USAGE, fail
 from cli.options import build_model, model_options
 from sealstream.settings import Settings, without_credentials
 
@@ -132,19 +133,21 @@ def _keep_dev_token(settings: Settings, token: SecretStr) -> None:
         file.write(token.get_secret_value() + "\n")
 
 
-def _audit_verify(public_key: Path | None, checkpoints: Path | None, **values: Any) -> None:
+def _audit_verify(public_key: tuple[Path, ...], checkpoints: Path | None, **values: Any) -> None:
     from sealstream.auditing import verify_audit
     from sealstream.wiring import ConfigurationError
 
     settings = build_model(Settings, values)
     try:
-        report = verify_audit(settings, public_key_file=public_key, checkpoints_file=checkpoints)
+        report = verify_audit(settings, public_key_files=public_key, checkpoints_file=checkpoints)
     except ConfigurationError as exc:
         fail(f"cannot verify: {exc}", EXIT_USAGE)
     for line in report.lines():
         print(line)
     if not report.ok:
         raise SystemExit(EXIT_FAILED)
+    if not report.anchored:
+        raise SystemExit(EXIT_UNANCHORED)
 
 
 def _audit_public_key(**values: Any) -> None:
@@ -158,12 +161,27 @@ def _audit_public_key(**values: Any) -> None:
     sys.stdout.write(pem.decode("ascii"))
 
 
+def _audit_new_signing_key(previous_public_key: tuple[Path, ...], **values: Any) -> None:
+    from sealstream.auditing import new_signing_key
+    from sealstream.wiring import ConfigurationError
+
+    try:
+        started = new_signing_key(build_model(Settings, values), previous_public_key)
+    except ConfigurationError as exc:
+        fail(f"cannot start a new signing key: {exc}", EXIT_FAILED)
+    print(
+        f"a new audit signing key is started ({started}): give auditors its public half, "
+        "`sealstream audit public-key`"
+    )
+
+
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 audit = click.Group(
     "audit",
     short_help="Check the audit trail, or print the key that checks it.",
-    help="The audit trail (docs/audit.md): `verify` it, or print its `public-key`.",
+    help="The audit trail (docs/audit.md): `verify` it, print its `public-key`, or start a "
+    "`new-signing-key` once the stored one is lost.",
     commands=[
         click.Command(
             "verify",
@@ -172,9 +190,10 @@ audit = click.Group(
                 click.Option(
                     ["--public-key"],
                     type=_FILE,
+                    multiple=True,
                     help="PEM file of the audit public key (`sealstream audit public-key`): "
                     "check signatures and chains with it alone, without the KEK (event MACs "
-                    "are not checked)",
+                    "are not checked); repeat it for the keys a replaced key signed with",
                 ),
                 click.Option(
                     ["--checkpoints"],
@@ -188,7 +207,9 @@ audit = click.Group(
             short_help="Check the audit trail in the store.",
             help="Check the audit trail in the store: every chain's events, segments and "
             "signed checkpoints, and each chain's end against the checkpoints the sink "
-            "holds. Exit 1 if anything was altered, removed, reordered, truncated or deleted.",
+            "holds. Exit 1 if anything was altered, removed, reordered, truncated, deleted "
+            "or planted; 8 if it is intact but no checkpoints from a sink were checked "
+            "(unanchored: a deleted tail or chain would not show); 0 only for a full pass.",
         ),
         click.Command(
             "public-key",
@@ -197,6 +218,25 @@ audit = click.Group(
             short_help="Print the audit signing key's public half (PEM).",
             help="Print the audit signing key's public half (PEM), for auditors to check the "
             "trail with `sealstream audit verify --public-key`; needs the KEK.",
+        ),
+        click.Command(
+            "new-signing-key",
+            callback=_audit_new_signing_key,
+            params=[
+                click.Option(
+                    ["--previous-public-key"],
+                    type=_FILE,
+                    multiple=True,
+                    help="PEM file of the lost key's public half, as exported before: "
+                    "verify checks the older segments with it (repeatable)",
+                ),
+                *model_options(Settings, ENV_PREFIX),
+            ],
+            short_help="Start a new audit signing key where the stored one was lost.",
+            help="Start a new audit signing key where the stored one's record is gone (the "
+            "service refuses to make one on its own while the trail has segments: that is "
+            "tampering). Recorded as an event of a chain of its own. Refused while the "
+            "store has a signing key; needs the KEK.",
         ),
     ],
 )

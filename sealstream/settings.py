@@ -362,6 +362,17 @@ class Settings(BaseSettings):
     audit_buffer_limit: int = Field(
         100_000, ge=100, description="audit events a process holds while storage is failing"
     )
+    audit_buffer_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=64 * 1024,
+        description="bytes of audit events (as JSON) a process holds while storage is failing",
+    )
+    audit_segment_bytes: int = Field(
+        1024 * 1024,
+        ge=16 * 1024,
+        description="bytes of audit events (as JSON) in one segment, at most: as many waiting "
+        "make the buffer flush at once",
+    )
     audit_stdout: bool = Field(
         False, description="also write each audit event as a JSON line to standard output"
     )

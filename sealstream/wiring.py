@@ -203,7 +203,7 @@ def open_checkpoint_sink(settings: Settings) -> CheckpointSink | None:
             if not settings.redis_url:
                 raise ConfigurationError("SEALSTREAM_AUDIT_CHECKPOINTS: 'redis' needs a Redis URL")
             with configured("SEALSTREAM_REDIS_URL"):
-                return RedisSink.from_url(settings.redis_url)
+                return RedisSink(redis_client(settings.redis_url, settings.redis_sentinel_master))
         case "bucket":
             bucket = settings.audit_checkpoint_bucket
             if not bucket or bucket == open_object_store(settings).bucket:
@@ -222,6 +222,8 @@ def audit_options(settings: Settings) -> AuditOptions:
         fail_after=settings.audit_fail_after,
         fail_open=settings.audit_fail_open,
         buffer_limit=settings.audit_buffer_limit,
+        buffer_bytes=settings.audit_buffer_bytes,
+        segment_bytes=settings.audit_segment_bytes,
         refusal_window=settings.audit_refusal_window,
         stdout=settings.audit_stdout,
     )

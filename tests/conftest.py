@@ -149,6 +149,16 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Api]:
 
 
 @pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
+    """A Redis primary, its replica and a sentinel watching them as `MASTER`
+    (tests/support/sentinel.py): the sentinel URL, and the ports of the three."""
+    from tests.support.sentinel import sentinel_group
+
+    with sentinel_group(tmp_path) as group:
+        yield group
+
+
+@pytest.fixture
 def redis_server(tmp_path: Path) -> "Iterator[RedisServer]":
     """A `redis-server` of the test's own on a free port (fails if it is not installed)."""
     from tests.support.services import redis_server as start_redis

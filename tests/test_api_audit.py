@@ -114,12 +114,12 @@ def test_requests_are_audited_and_no_secret_reaches_the_trail(
     [refusals] = [e for e in events if e["type"] == "refusals"]
     assert refusals["count"] == 5 and refusals["code"] == "invalid-token"
     exported_event = next(e for e in events if e.get("operation") == "export_key")
-    assert exported_event["key"] == "exportable"
+    assert exported_event["key"] == "exportable#1"
     signer = AuditSigner(services.records, services.kek)
     report = verify_trail(
         services.objects,
         audit_key=services.records.key.derive(AUDIT_KEY_PURPOSE),
-        public_key=signer.stored_public_key(),
+        public_keys=[signer.stored_public_key()],
         checkpoints=None,
     )
     assert report.ok and not any("no close" in note for note in report.notes), report.lines()
@@ -182,12 +182,46 @@ def test_tenants_read_their_own_events_and_the_operator_reads_all(tmp_path: Path
             b_view = reader_b.get("/api/audit", params={"operation": "list_keys"}).json()
             assert [e["tenant"] for e in b_view["events"]] == ["tenant-b"]
             problem(reader_a.get("/api/audit", params={"after": "bm9wZQ"}), 422, "invalid-cursor")
+            # A tenant reads at most 7 days at once; by default the last 24 hours.
+            a_month = {"since": "2026-01-01T00:00:00Z", "until": "2026-02-01T00:00:00Z"}
+            problem(reader_a.get("/api/audit", params=a_month), 422, "audit-range-too-wide")
+            since_only = {"since": "2026-01-01T00:00:00Z"}
+            assert reader_a.get("/api/audit", params=since_only).json()["events"] == []
+            last_day = reader_a.get("/api/audit", params={"limit": 1000}).json()["events"]
+            assert {e["seq"] for e in seen} <= {e["seq"] for e in last_day}
         app.state.services.audit.flush()
         everyone = admin.get("/api/audit", params={"limit": 1000}).json()["events"]
         assert {"tenant-a", "tenant-b", "default"} <= {e.get("tenant") for e in everyone}
         assert any(e["type"] == "refusals" for e in everyone)
         later = admin.get("/api/audit", params={"since": "2999-01-01T00:00:00Z"}).json()
         assert later == {"events": [], "next": None}
+        assert admin.get("/api/audit", params=a_month).status_code == 200  # the operator's
+
+
+def test_key_management_events_name_the_version_they_touch(tmp_path: Path) -> None:
+    """Creating, importing and rotating a key name the version made; exporting, the
+    version exported (the primary unless one is asked for); changes to the whole key
+    name the kid alone."""
+    settings = local_settings(tmp_path).model_copy(update=QUICK)
+    with served(settings) as (url, app), client(url) as admin:
+        create_key(admin, kid="k", exportable=True)
+        admin.post("/api/key-management/keys/k/rotate").raise_for_status()
+        jwk = admin.get("/api/key-management/keys/k/export").json()
+        admin.get("/api/key-management/keys/k/export", params={"version": 1}).raise_for_status()
+        imported = admin.post("/api/key-management/keys/import", json={"kid": "imp", "jwk": jwk})
+        assert imported.status_code == 201, imported.text
+        admin.post("/api/key-management/keys/k/disable").raise_for_status()
+        app.state.services.audit.flush()
+        events = events_of(app)
+    named = [(e["operation"], e.get("key")) for e in events if e.get("status") in (200, 201)]
+    assert named == [
+        ("create_key", "k#1"),
+        ("rotate_key", "k#2"),
+        ("export_key", "k#2"),
+        ("export_key", "k#1"),
+        ("import_key", "imp#1"),
+        ("disable_key", "k"),
+    ]
 
 
 class AuditWrites:
@@ -260,7 +294,7 @@ def test_a_celery_worker_keeps_a_chain_of_its_own_with_each_job(job_stack: JobSt
     report = verify_trail(
         services.objects,
         audit_key=services.records.key.derive(AUDIT_KEY_PURPOSE),
-        public_key=AuditSigner(services.records, services.kek).stored_public_key(),
+        public_keys=[AuditSigner(services.records, services.kek).stored_public_key()],
         checkpoints=checkpoints,
     )
     # Only the worker's log lines were given: the API's chain is checked, but unanchored.

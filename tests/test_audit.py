@@ -8,12 +8,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
 
+import audit.trail
 from audit import (
     AUDIT_KEY_PURPOSE,
     EVENTS_PREFIX,
@@ -29,13 +31,20 @@ from audit import (
     public_pem,
     verify_trail,
 )
-from audit.chain import segment_name
-from audit.reading import authentic_events
+from audit.alarms import AUDIT_ALARMS
+from audit.chain import NAME_TAKEN, segment_name
+from audit.reading import AuditQuery, authentic_events, query_events
+from audit.signing import KEY_MISSING, SIGNING_KEY_NAME, SigningKeyPresent, fingerprint
+from audit.sinks import REDIS_HASH
+from cli.exits import EXIT_UNANCHORED
 from keystore import KeyStore, LocalKek
-from sealstream.wiring import build_parts
-from storage import ObjectStore, S3Store, StorageUnavailable
+from sealstream.wiring import build_parts, open_checkpoint_sink
+from storage import ObjectNotFound, ObjectStore, S3Store, StorageUnavailable
 from storage.integrity import RecordKey, Records
 from tests.conftest import local_settings
+from tests.support.ports import LOCALHOST
+from tests.support.sentinel import MASTER as SENTINEL_MASTER
+from tests.support.waiting import wait_until
 from workers.lifecycle import run_sweeps
 
 if TYPE_CHECKING:
@@ -82,7 +91,7 @@ class Trail:
         return verify_trail(
             self.store,
             audit_key=self.records.key.derive(AUDIT_KEY_PURPOSE) if with_kek else None,
-            public_key=signer.stored_public_key(),
+            public_keys=signer.stored_public_keys(),
             checkpoints=self.sink.checkpoints() if anchored else None,
         )
 
@@ -191,6 +200,7 @@ def test_a_tail_deleted_beyond_the_last_flush_is_found_by_the_checkpoints(
     # Without the anchor, it reads as a chain whose process crashed.
     unanchored = trail.verify(with_kek=with_kek, anchored=False)
     assert unanchored.ok and any("no close" in note for note in unanchored.notes)
+    assert not unanchored.anchored and "UNANCHORED" in unanchored.lines()[-1]
 
 
 @pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
@@ -249,34 +259,86 @@ def test_events_past_the_buffer_limit_are_counted_as_lost_then_recorded(trail: T
     assert events[4]["count"] == 3
 
 
-def test_segments_are_never_overwritten(trail: Trail) -> None:
-    """Each flush writes a segment of its own, conditionally: a name already taken (by
-    anyone) is not overwritten, and that flush counts as failed."""
+@pytest.mark.parametrize("with_kek", [True, False], ids=["kek", "public-key"])
+def test_a_segment_name_taken_by_someone_else_is_an_alarm_and_the_chain_goes_on(
+    trail: Trail, with_kek: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Names are random, but should a bucket writer get one first, the object there is
+    never overwritten, the alarm is raised, the segment goes under a fresh name, and verify
+    finds the chain whole, the planted object, and the alarm (even once that object is
+    gone)."""
     log = trail.open()
-    log.record({"type": "request"})
+    log.record({"type": "request", "route": "/before"})
     assert log.flush()
-    last = json.loads(trail.store.get(trail.segments(log.chain)[-1]))["checkpoint"]["seq"]
-    log.record({"type": "request"})
-    planted = segment_name(log.chain, last + 1, datetime.now(UTC))
-    trail.store.put(planted, b"planted")
-    assert not log.flush()
-    assert trail.store.get(planted) == b"planted"
+    planted: list[str] = []
+
+    def guessed(chain: str, first: int, hour: str) -> str:
+        name = segment_name(chain, first, hour)
+        if not planted:  # a bucket writer who got to this name first
+            trail.store.put(name, b"planted")
+            planted.append(name)
+        return name
+
+    monkeypatch.setattr(audit.trail, "segment_name", guessed)
+    alarms = AUDIT_ALARMS.labels(NAME_TAKEN)
+    before = alarms._value.get()
+    log.record({"type": "request", "route": "/after"})
+    assert log.flush()
+    log.close()
+    assert trail.store.get(planted[0]) == b"planted"
+    assert alarms._value.get() == before + 1
+    assert "taken by an object this process did not write" in caplog.text
+    report = trail.verify(with_kek=with_kek)
+    assert [f.problem for f in report.findings] == ["planted", "planted"], report.lines()
+    assert report.events == 5  # opened, /before, /after, the alarm, closed
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    assert [e["type"] for e in events][-2:] == ["alarm", "chain-closed"]
+    trail.store.delete(planted[0])
+    assert [f.problem for f in trail.verify(with_kek=with_kek).findings] == ["planted"]
 
 
 def test_the_public_key_exported_checks_the_trail(trail: Trail, tmp_path: Path) -> None:
     written_chain(trail)
     pem = public_pem(AuditSigner(trail.records, trail.kek).public_key)
     key = load_public_key(pem)
-    report = verify_trail(trail.store, audit_key=None, public_key=key, checkpoints=None)
+    report = verify_trail(trail.store, audit_key=None, public_keys=[key], checkpoints=None)
     assert report.ok
 
 
 # Sinks outside the bucket
 
 
-def test_checkpoints_in_redis_anchor_the_tail(trail: Trail, redis_server: "RedisServer") -> None:
-    trail.sink = RedisSink.from_url(redis_server.url)
+def redis_sink(tmp_path: Path, url: str, master: str = "mymaster") -> CheckpointSink:
+    """The sink the settings make of a Redis URL."""
+    settings = local_settings(tmp_path).model_copy(
+        update={"redis_url": url, "redis_sentinel_master": master, "audit_checkpoints": "redis"}
+    )
+    sink = open_checkpoint_sink(settings)
+    assert isinstance(sink, RedisSink)
+    return sink
+
+
+def test_checkpoints_in_redis_anchor_the_tail(
+    trail: Trail, redis_server: "RedisServer", tmp_path: Path
+) -> None:
+    trail.sink = redis_sink(tmp_path, redis_server.url)
     log = written_chain(trail)
+    assert trail.verify().ok
+    trail.store.delete(trail.segments(log.chain)[-1])
+    assert "truncated" in trail.verify().problems()
+
+
+def test_checkpoints_go_to_the_primary_redis_sentinels_name(
+    trail: Trail, sentinel: tuple[str, list[int]], tmp_path: Path
+) -> None:
+    """A `sentinel://` URL (real redis-server and redis-sentinel processes): checkpoints
+    reach the primary, are read back through the sentinels, and anchor the tail."""
+    url, (primary, _, _) = sentinel
+    trail.sink = redis_sink(tmp_path, url, SENTINEL_MASTER)
+    log = written_chain(trail)
+    direct = redis.Redis(host=LOCALHOST, port=primary, decode_responses=True)
+    assert direct.hkeys(REDIS_HASH) == [log.chain]
+    direct.close()
     assert trail.verify().ok
     trail.store.delete(trail.segments(log.chain)[-1])
     assert "truncated" in trail.verify().problems()
@@ -329,7 +391,10 @@ def test_the_stdout_sink_writes_lines_verify_reads_back(
     signer = AuditSigner(trail.records, trail.kek)
     trail.store.delete(trail.segments(log.chain)[-1])
     report = verify_trail(
-        trail.store, audit_key=None, public_key=signer.stored_public_key(), checkpoints=checkpoints
+        trail.store,
+        audit_key=None,
+        public_keys=[signer.stored_public_key()],
+        checkpoints=checkpoints,
     )
     assert "truncated" in report.problems()
 
@@ -384,10 +449,14 @@ def test_the_audit_commands_verify_with_the_kek_or_the_exported_public_key(
     assert public.returncode == 0 and public.stdout.startswith("-----BEGIN PUBLIC KEY-----")
     (tmp_path / "audit.pub").write_text(public.stdout)
     auditor = ["--public-key", str(tmp_path / "audit.pub"), "--checkpoints", str(shipped)]
-    for args in ([], ["--checkpoints", str(shipped)], auditor):
+    for args in (["--checkpoints", str(shipped)], auditor):
         run = sealstream("audit", "verify", *args, env=env)
         assert run.returncode == 0, run.stdout + run.stderr
-        assert "1 chain, 4 events: intact" in run.stdout
+        assert run.stdout.endswith("1 chain, 4 events: intact\n")
+    # With the stdout sink and no shipped lines, nothing anchors the tails: not a pass.
+    run = sealstream("audit", "verify", env=env)
+    assert run.returncode == EXIT_UNANCHORED == 8, run.stdout + run.stderr
+    assert "1 chain, 4 events: intact but UNANCHORED" in run.stdout
     last = sorted(info.key for info in parts.objects.list(EVENTS_PREFIX))[-1]
     parts.objects.delete(last)
     run = sealstream("audit", "verify", *auditor, env=env)
@@ -437,7 +506,7 @@ def test_the_reader_serves_each_event_once_and_refuses_one_with_no_canonical_for
     log = written_chain(trail)
     first, second = trail.segments(log.chain)[1:3]
     day = first.removeprefix(EVENTS_PREFIX).split("/")[0]
-    another_day = first.replace(f"/{day}/", "/1999-01-01/")
+    another_day = first.replace(f"/{day}/", "/1999-01-01T00/")
     trail.store.put(another_day, trail.store.get(first))
 
     def not_a_number(document: dict[str, Any]) -> None:
@@ -448,3 +517,172 @@ def test_the_reader_serves_each_event_once_and_refuses_one_with_no_canonical_for
     places = [(event["chain"], event["seq"]) for event in events]
     assert len(places) == len(set(places))
     assert len(places) == 8 - 1  # open, six requests, close; less the spoiled one
+
+
+def test_an_event_is_small_whatever_context_keys_a_client_sends(trail: Trail) -> None:
+    """At most 32 context keys are kept (the others counted), and one longer than 64
+    bytes is kept as a MAC of it: the same key gives the same MAC, and no reader can test
+    guesses against it without the KEK."""
+    log = trail.open()
+    names = sorted(["K" * 65536, "L" * 65536, *(f"key-{n:03d}" for n in range(100))])
+    for _ in range(2):
+        log.record({"type": "request", "tenant": "t1", "contextKeys": names})
+    log.close()
+    trail_bytes = b"".join(trail.store.get(key) for key in trail.segments(log.chain))
+    assert b"KKKKKKKK" not in trail_bytes and len(trail_bytes) < 16 * 1024
+    audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
+    first, second = [e for e in authentic_events(trail.store, audit_key) if e["type"] == "request"]
+    assert len(first["contextKeys"]) == 32 and first["contextKeysOmitted"] == 102 - 32
+    digests = first["contextKeys"][:2]
+    assert all(name.startswith("hmac-sha256:") for name in digests)
+    assert digests[0] != digests[1] and first["contextKeys"] == second["contextKeys"]
+    assert first["contextKeys"][2:] == names[2:32]
+    assert trail.verify().ok
+
+
+def _down_until_closed(trail: Trail, options: AuditOptions) -> tuple[AuditTrail, list[bool]]:
+    """A trail that cannot write (its key cannot be had) while the flag it returns is set."""
+    down = [True]
+
+    def audit_key() -> bytes:
+        if down[0]:
+            raise StorageUnavailable("the store is down")
+        return trail.records.key.derive(AUDIT_KEY_PURPOSE)
+
+    signer = AuditSigner(trail.records, trail.kek)
+    return AuditTrail(trail.store, audit_key, signer, trail.sink, options, role="api"), down
+
+
+def test_the_buffer_and_each_segment_are_bounded_in_bytes(trail: Trail) -> None:
+    """While the store fails, events wait up to the buffer's bytes (those past it are
+    counted as lost); once it works, they are written in segments of at most the segment
+    bound."""
+    options = replace(MANUAL, buffer_bytes=64 * 1024, segment_bytes=16 * 1024, fail_after=3600)
+    log, down = _down_until_closed(trail, options)
+    for n in range(100):  # about 1.3 KB each, 130 KB in all
+        log.record({"type": "request", "route": f"/r/{n}", "object": "o" * 1000})
+    assert not log.flush()
+    down[0] = False
+    log.close()
+    segments = [trail.store.get(key) for key in trail.segments(log.chain)]
+    assert len(segments) >= 4
+    assert max(len(segment) for segment in segments) <= 16 * 1024 + 1024  # and its checkpoint
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    kept = sum(e["type"] == "request" for e in events)
+    [lost] = [e for e in events if e["type"] == "events-lost"]
+    assert 40 <= kept <= 50 and lost["count"] == 100 - kept
+    assert trail.verify().ok
+
+
+def test_a_segments_worth_of_bytes_waiting_flushes_at_once(trail: Trail) -> None:
+    log = trail.open(options=replace(MANUAL, segment_bytes=16 * 1024))
+    for n in range(20):  # over 16 KB, in far fewer events than flush_events
+        log.record({"type": "request", "route": f"/r/{n}", "object": "o" * 1000})
+    wait_until(lambda: len(trail.segments(log.chain)) >= 2, "a flush of its own", timeout=30)
+    log.close()
+
+
+def test_a_page_reads_the_hours_it_shows_not_the_whole_trail(
+    trail: Trail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments are filed by the hour of their events and listed in order: a page stops
+    listing once it is full of events no later hour can precede, and a range reads its
+    own hours only."""
+    log = trail.open()
+    for hour in range(6):
+        moment = f"2026-01-01T{hour:02d}:30:00.000000+00:00"
+        monkeypatch.setattr(audit.trail, "now_iso", lambda moment=moment: moment)
+        for n in range(3):
+            log.record({"type": "request", "tenant": "t1", "route": f"/{hour}/{n}"})
+        assert log.flush()
+    log.close()
+    read: list[str] = []
+    get = trail.store.get
+
+    def counted_get(key: str) -> bytes:
+        read.append(key)
+        return get(key)
+
+    monkeypatch.setattr(trail.store, "get", counted_get)
+    audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
+
+    def hours_read() -> set[str]:
+        hours = {key.removeprefix(EVENTS_PREFIX).split("/")[0] for key in read}
+        read.clear()
+        return hours
+
+    page, cursor = query_events(trail.store, audit_key, AuditQuery(tenant=None, limit=2))
+    assert [e["type"] for e in page] == ["chain-opened", "request"]
+    assert hours_read() == {"2026-01-01T00"}
+    seen = page
+    while cursor is not None:
+        page, cursor = query_events(
+            trail.store, audit_key, AuditQuery(tenant=None, limit=2, after=cursor)
+        )
+        seen += page
+    assert [e["seq"] for e in seen] == list(range(1 + 18 + 1))
+    ranged = AuditQuery(
+        tenant="t1",
+        since=datetime.fromisoformat("2026-01-01T03:00:00+00:00"),
+        until=datetime.fromisoformat("2026-01-01T03:59:00+00:00"),
+    )
+    read.clear()
+    page, cursor = query_events(trail.store, audit_key, ranged)
+    assert [e["route"] for e in page] == ["/3/0", "/3/1", "/3/2"] and cursor is None
+    assert hours_read() == {"2026-01-01T03"}
+
+
+def test_a_deleted_signing_key_is_tampering_not_a_reason_to_make_one(trail: Trail) -> None:
+    """Once the trail has segments, a process that finds no signing key raises the alarm
+    and writes nothing (so the service fails closed); the operator starts a new key, which
+    keeps the lost one's public half, and verify checks old and new chains with both."""
+    written_chain(trail)
+    old = AuditSigner(trail.records, trail.kek).stored_public_key()
+    trail.store.delete(SIGNING_KEY_NAME)
+    alarms = AUDIT_ALARMS.labels(KEY_MISSING)
+    before = alarms._value.get()
+    log = trail.open(options=replace(MANUAL, fail_after=0.01))
+    log.record({"type": "request", "route": "/during"})
+    assert not log.flush()
+    wait_until(log.refuses_requests, "the trail to fail closed", timeout=10)
+    assert alarms._value.get() > before
+    with pytest.raises(ObjectNotFound):
+        trail.store.head(SIGNING_KEY_NAME)
+    new = AuditSigner(trail.records, trail.kek).new_key([old])
+    with pytest.raises(SigningKeyPresent):
+        AuditSigner(trail.records, trail.kek).new_key([])
+    assert log.flush() and not log.refuses_requests()
+    log.close()
+    report = trail.verify()
+    assert report.ok and report.chains == 2, report.lines()
+    only_new = verify_trail(trail.store, audit_key=None, public_keys=[new], checkpoints=None)
+    assert "altered" in only_new.problems()
+
+
+def test_the_operator_starts_a_new_signing_key_by_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = local_settings(tmp_path)
+    env = {"SEALSTREAM_STORAGE_URL": settings.storage_url}
+    parts = build_parts(settings)
+    parts.audit.record({"type": "request", "tenant": "t1"})
+    parts.audit.close()
+    (tmp_path / "old.pub").write_text(sealstream("audit", "public-key", env=env).stdout)
+    parts.objects.delete(SIGNING_KEY_NAME)
+    for command in (["public-key"], ["verify"]):
+        refused = sealstream("audit", *command, env=env)
+        assert refused.returncode == 2 and "new-signing-key" in refused.stderr, refused.stderr
+    previous = ["--previous-public-key", str(tmp_path / "old.pub")]
+    started = sealstream("audit", "new-signing-key", *previous, env=env)
+    assert started.returncode == 0, started.stderr
+    assert "a new audit signing key is started" in started.stdout
+    again = sealstream("audit", "new-signing-key", env=env)
+    assert again.returncode == 1 and "has an audit signing key" in again.stderr
+    run = sealstream("audit", "verify", env=env)
+    assert run.returncode == EXIT_UNANCHORED and "2 chains" in run.stdout, run.stdout
+    audit_key = parts.records.key.derive(AUDIT_KEY_PURPOSE)
+    [event] = [e for e in authentic_events(parts.objects, audit_key) if e["type"] == "signing-key"]
+    old = load_public_key((tmp_path / "old.pub").read_bytes())
+    new = load_public_key(sealstream("audit", "public-key", env=env).stdout.encode())
+    assert event["publicKey"] == fingerprint(new)
+    assert event["previousPublicKeys"] == [fingerprint(old)]

@@ -4,12 +4,7 @@ sentinels name, and it follows them through a failover (real `redis-server` and
 credentials in any part of such a URL are never shown."""
 
 import os
-import shutil
-import subprocess
-from collections.abc import Iterator
-from contextlib import ExitStack
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,69 +18,12 @@ from services.jobs import JobKind, RedisJobStore
 from services.jobs.redis_store import redis_client
 from storage.local import LocalStore
 from tests.support.jobs import placeholder_job
-from tests.support.ports import LOCALHOST, free_port
-from tests.support.services import terminate
+from tests.support.ports import LOCALHOST
+from tests.support.sentinel import MASTER, primary_port, role
 from tests.support.waiting import wait_until
 from workers.celery_app import make_celery
 
-MASTER = "jobs"
 TTL_SECONDS = 600
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is missing: apt-get install {name} (or run `make system`)")
-    return path
-
-
-def answers(port: int) -> bool:
-    client = redis.Redis(host=LOCALHOST, port=port, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def sentinel(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
-    """A primary, its replica and one sentinel watching them as `MASTER`; yields the
-    sentinel URL and the ports of the primary, the replica and the sentinel."""
-    ports = [free_port(), free_port()]
-    sentinel_port = free_port()
-    with ExitStack() as stack:
-        for index, port in enumerate(ports):
-            replica = ["--replicaof", LOCALHOST, str(ports[0])] if index else []
-            command = [binary("redis-server"), "--port", str(port), "--bind", LOCALHOST,
-                       "--save", "", "--dir", str(tmp_path), *replica]  # fmt: skip
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-            stack.callback(terminate, process)
-            wait_until(partial(answers, port), f"redis-server on {port}")
-        config = tmp_path / "sentinel.conf"
-        config.write_text(
-            f"port {sentinel_port}\nbind {LOCALHOST}\n"
-            f"sentinel monitor {MASTER} {LOCALHOST} {ports[0]} 1\n"
-            f"sentinel down-after-milliseconds {MASTER} 1000\n"
-            f"sentinel failover-timeout {MASTER} 5000\n"
-        )
-        process = subprocess.Popen(
-            [binary("redis-sentinel"), str(config)], stdout=subprocess.DEVNULL
-        )
-        stack.callback(terminate, process)
-        wait_until(lambda: answers(sentinel_port), "redis-sentinel")
-        yield f"sentinel://{LOCALHOST}:{sentinel_port}/0", [*ports, sentinel_port]
-
-
-def primary_port(sentinel_port: int) -> int:
-    client = redis.Redis(host=LOCALHOST, port=sentinel_port, decode_responses=True)
-    try:
-        address = client.sentinel_get_master_addr_by_name(MASTER)
-        assert isinstance(address, tuple)
-        return int(address[1])
-    finally:
-        client.close()
 
 
 def test_the_job_store_follows_the_primary_through_a_failover(
@@ -115,14 +53,6 @@ def test_the_job_store_follows_the_primary_through_a_failover(
     promoted = redis.Redis(host=LOCALHOST, port=second)
     assert promoted.exists(f"sealstream:job:{after.id}") == 1
     promoted.close()
-
-
-def role(port: int) -> str:
-    client = redis.Redis(host=LOCALHOST, port=port, decode_responses=True)
-    try:
-        return str(client.info("replication")["role"])
-    finally:
-        client.close()
 
 
 def _saves(jobs: RedisJobStore, record: object) -> bool:

@@ -42,6 +42,14 @@ REDIS_USAGE_TESTS = (
 )
 
 FOOTER_TESTS = ("tests/test_envelope_interop.py", "tests/test_envelope_ranged.py")
+AUDIT_TESTS = "tests/test_audit.py"
+NAME_TAKEN_TEST = (
+    f"{AUDIT_TESTS}::test_a_segment_name_taken_by_someone_else_is_an_alarm_and_the_chain_goes_on"
+)
+CONTEXT_KEYS_TEST = f"{AUDIT_TESTS}::test_an_event_is_small_whatever_context_keys_a_client_sends"
+BYTE_BOUNDS_TEST = f"{AUDIT_TESTS}::test_the_buffer_and_each_segment_are_bounded_in_bytes"
+PAGE_TEST = f"{AUDIT_TESTS}::test_a_page_reads_the_hours_it_shows_not_the_whole_trail"
+KEY_EVENTS_TEST = "tests/test_api_audit.py::test_key_management_events_name_the_version_they_touch"
 
 MUTANTS = (
     Mutant(
@@ -452,6 +460,104 @@ MUTANTS = (
         "            cancellation.cancel()\n",
         "",
         ("tests/test_client_async.py",),
+    ),
+    Mutant(
+        "audit: verify tells an unanchored pass apart",
+        "sealstream/commands.py",
+        "    if not report.anchored:",
+        "    if False:",
+        (f"{AUDIT_TESTS}::test_the_audit_commands_verify_with_the_kek_or_the_exported_public_key",),
+    ),
+    Mutant(
+        "audit: a segment name taken is written around",
+        "audit/trail.py",
+        "                if self._holds(segment):",
+        "                if True:",
+        (NAME_TAKEN_TEST,),
+    ),
+    Mutant(
+        "audit: an alarm in the chain is a finding",
+        "audit/verify.py",
+        '        if event.get("type") == ALARM:',
+        "        if False:",
+        (NAME_TAKEN_TEST,),
+    ),
+    Mutant(
+        "audit: over-long text kept as its MAC",
+        "audit/trail.py",
+        "if isinstance(value, str) and len(value) * 12 > limit",
+        "if False",
+        (CONTEXT_KEYS_TEST,),
+    ),
+    Mutant(
+        "audit: context keys capped",
+        "audit/trail.py",
+        "for name in names[:MAX_CONTEXT_KEYS]]",
+        "for name in names]",
+        (CONTEXT_KEYS_TEST,),
+    ),
+    Mutant(
+        "audit: segments bounded in bytes",
+        "audit/trail.py",
+        "(size + item.size > limit or ",
+        "(",
+        (BYTE_BOUNDS_TEST,),
+    ),
+    Mutant(
+        "audit: buffer bounded in bytes",
+        "audit/trail.py",
+        "                or self._buffered + waiting.size > self.options.buffer_bytes",
+        "                or False",
+        (BYTE_BOUNDS_TEST,),
+    ),
+    Mutant(
+        "audit: a segment's worth of bytes flushes at once",
+        "audit/trail.py",
+        "                or self._buffered >= self.options.segment_bytes",
+        "                or False",
+        (f"{AUDIT_TESTS}::test_a_segments_worth_of_bytes_waiting_flushes_at_once",),
+    ),
+    Mutant(
+        "audit: a page stops once full",
+        "audit/reading.py",
+        "if page.full_before(name.hour) or (last_hour",
+        "if (last_hour",
+        (PAGE_TEST,),
+    ),
+    Mutant(
+        "audit: a page lists from its range's start",
+        "audit/reading.py",
+        "_listed(store, _first_hour(query, after))",
+        '_listed(store, "")',
+        (PAGE_TEST,),
+    ),
+    Mutant(
+        "audit: a tenant's range is bounded",
+        "api/routes/audit.py",
+        "    if not principal.operator:",
+        "    if False:",
+        ("tests/test_api_audit.py::test_tenants_read_their_own_events_and_the_operator_reads_all",),
+    ),
+    Mutant(
+        "audit: a lost signing key is not remade",
+        "audit/signing.py",
+        "            self._check_no_trail()",
+        "            pass",
+        (f"{AUDIT_TESTS}::test_a_deleted_signing_key_is_tampering_not_a_reason_to_make_one",),
+    ),
+    Mutant(
+        "audit: key events name the version made",
+        "api/routes/keys.py",
+        '    noted(request).key = f"{record.kid}#{record.primary_version}"',
+        "    pass",
+        (KEY_EVENTS_TEST,),
+    ),
+    Mutant(
+        "audit: an export names the version exported",
+        "api/routes/keys.py",
+        '    noted(request).key = str(jwk["kid"])  # kid#version: the version exported',
+        "    pass",
+        (KEY_EVENTS_TEST,),
     ),
 )
 

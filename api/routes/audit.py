@@ -1,11 +1,14 @@
 """The audit trail, read back: `GET /api/audit` (scope `audit:read`), filtered and paged.
 
-A tenant sees its own tenant's events; the operator sees every tenant's, and the counts
-of refused requests that carried no valid token (which belong to no tenant). Every event
-served has passed its MAC check.
+A tenant sees its own tenant's events, of at most `TENANT_MAX_RANGE` at once (the last
+`TENANT_DEFAULT_RANGE` unless it says otherwise); the operator sees every tenant's, over
+any range, and the counts of refused requests that carried no valid token (which belong
+to no tenant). Either way a page reads no more of the trail than the hours it shows.
+Every event served has passed its MAC check.
 """
 
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,6 +27,8 @@ from audit.reading import AuditQuery, InvalidCursor, query_events
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 Reader = Annotated[Principal, Depends(require("audit:read"))]
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[T ]")
+TENANT_DEFAULT_RANGE = timedelta(hours=24)
+TENANT_MAX_RANGE = timedelta(days=7)
 
 
 def _iso_text(value: object) -> object:
@@ -74,8 +79,12 @@ async def list_audit_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: str | None = None,
 ) -> dict[str, Any]:
-    """Events from `since` (inclusive) to `until` (exclusive), oldest first."""
+    """Events from `since` (inclusive) to `until` (exclusive), oldest first. A tenant's
+    range is at most 7 days (by default the last 24 hours, or the 24 hours on either side
+    of the one bound given)."""
     svc = services(request)
+    if not principal.operator:
+        since, until = _tenant_range(since, until)
     query = AuditQuery(
         tenant=None if principal.operator else principal.tenant,
         since=since,
@@ -93,3 +102,20 @@ async def list_audit_events(
     except InvalidCursor as error:
         raise Problem(422, "invalid-cursor", str(error)) from None
     return {"events": events, "next": cursor}
+
+
+def _tenant_range(since: datetime | None, until: datetime | None) -> tuple[datetime, datetime]:
+    """A tenant's bounded range: the one asked for, or 24 hours from (or to) a bound."""
+    if since is None:
+        until = until or datetime.now(UTC)
+        since = until - TENANT_DEFAULT_RANGE
+    elif until is None:
+        until = since + TENANT_DEFAULT_RANGE
+    if until - since > TENANT_MAX_RANGE:
+        raise Problem(
+            422,
+            "audit-range-too-wide",
+            f"a tenant reads at most {TENANT_MAX_RANGE.days} days of the audit trail at once: "
+            "give since and until closer together",
+        )
+    return since, until

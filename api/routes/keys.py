@@ -84,6 +84,13 @@ def view(record: KeyRecord) -> dict[str, Any]:
     return record.public_view().model_dump(mode="json")
 
 
+def versioned(request: Request, record: KeyRecord) -> dict[str, Any]:
+    """The view of a key whose primary version the request made: its audit event names
+    that version."""
+    noted(request).key = f"{record.kid}#{record.primary_version}"
+    return view(record)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     return await read_json_object(request, services(request).settings)
 
@@ -107,7 +114,9 @@ async def create_key(request: Request, principal: Writer) -> dict[str, Any]:
     spec = parse(KeySpec, await json_body(request))
     noted(request).key = spec.kid
     create = partial(services(request).keys.create, principal.tenant, spec)
-    return view(await services(request).key_work.run(principal.tenant, spec.kty, create))
+    return versioned(
+        request, await services(request).key_work.run(principal.tenant, spec.kty, create)
+    )
 
 
 @router.post(
@@ -122,7 +131,7 @@ async def import_key(request: Request, principal: Writer) -> dict[str, Any]:
     noted(request).key = spec.kid
     kty = str(spec.jwk.get("kty", ""))
     import_ = partial(services(request).keys.import_jwk, principal.tenant, spec)
-    return view(await services(request).key_work.run(principal.tenant, kty, import_))
+    return versioned(request, await services(request).key_work.run(principal.tenant, kty, import_))
 
 
 @router.get(
@@ -170,7 +179,9 @@ async def rotate_key(request: Request, kid: str, principal: Writer) -> dict[str,
     keys = services(request).keys
     record = await run_in_threadpool(keys.get, principal.tenant, kid)
     rotate = partial(keys.rotate, principal.tenant, kid)
-    return view(await services(request).key_work.run(principal.tenant, record.kty, rotate))
+    return versioned(
+        request, await services(request).key_work.run(principal.tenant, record.kty, rotate)
+    )
 
 
 @router.post(
@@ -225,6 +236,7 @@ async def export_key(
     """The material of one version (the primary by default) as a private JWK."""
     noted(request).key = kid if version is None else f"{kid}#{version}"
     jwk = await run_in_threadpool(services(request).keys.export_jwk, principal.tenant, kid, version)
+    noted(request).key = str(jwk["kid"])  # kid#version: the version exported
     return dict(jwk)
 
 
