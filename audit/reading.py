@@ -57,9 +57,12 @@ def query_events(
     page = _Page(query.limit, after)
     last_hour = None if query.until is None else hour_of(query.until)
     seen: set[tuple[str, int]] = set()
+    hour = None
     for name in _listed(store, _first_hour(query, after)):
-        if page.full_before(name.hour) or (last_hour is not None and last_hour < name.hour):
-            break
+        if name.hour != hour:  # the hours before are read whole
+            if page.full_before(name.hour) or (last_hour is not None and last_hour < name.hour):
+                break
+            hour = name.hour
         page.add(e for e in _authentic(store, audit_key, name, seen) if query.matches(e))
     events = page.events()
     more = len(events) > query.limit
