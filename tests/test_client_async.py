@@ -1,9 +1,11 @@
 """The asyncio client (sealstream_client.aio) against a live server: async sources and
 sinks in both directions, full duplex, concurrent calls, typed answers, refusals as the
-synchronous client raises them, and cancellation that aborts the transfer."""
+synchronous client raises them, cancellation that aborts the transfer; and every call of
+the synchronous client, under the same name."""
 
 import asyncio
 import hashlib
+import inspect
 import io
 import os
 import time
@@ -16,6 +18,8 @@ from sealstream_client import (
     KeyStateConflict,
     MessageRejected,
     NotFound,
+    SealstreamClient,
+    SignatureRejected,
 )
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.http import DOCUMENTED_KEY
@@ -154,5 +158,60 @@ def test_cancelling_an_async_transfer_aborts_it(api: Api) -> None:
             assert sent[0] - stopped_at <= 2 * MIB  # the source is no longer read
             with pytest.raises(NotFound):
                 await client.open_object("never.bin")
+
+    asyncio.run(run())
+
+
+def test_the_async_client_has_every_call_of_the_sync_one() -> None:
+    """One surface: each public call of `SealstreamClient` is awaitable on the asyncio
+    client, under the same name and with the same parameters (streams may be async)."""
+    calls = [name for name in vars(SealstreamClient) if not name.startswith("_")]
+    assert len(calls) > 35  # else this read no calls
+    for name in calls:
+        if name == "timeout":
+            continue
+        call = getattr(AsyncSealstreamClient, name)
+        assert inspect.iscoroutinefunction(call), name
+        sync = inspect.signature(getattr(SealstreamClient, name))
+        mine = inspect.signature(call)
+        if any(p.kind is p.VAR_KEYWORD for p in mine.parameters.values()):
+            continue  # streaming calls: their keywords are a TypedDict checked by mypy
+        assert list(mine.parameters) == list(sync.parameters), name
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+def test_the_other_streams_and_routes_async(api: Api) -> None:
+    """Re-encryption (streamed and stored), signatures, the audit trail and health, each
+    through the asyncio client."""
+    data = os.urandom(MIB + 5)
+
+    async def run() -> None:
+        async with AsyncSealstreamClient(api.url, ADMIN_TOKEN, timeout=30) as client:
+            await client.create_key(**DOCUMENTED_KEY)
+            await client.create_key(kid="second", kty="oct", alg="AES-256")
+            await client.create_key(kid="signer", kty="EC", alg="ES256")
+            sealed = io.BytesIO()
+            await client.encrypt(KID, data, sealed)
+            moved = io.BytesIO()
+            reencrypted = await client.reencrypt("second", sealed.getvalue(), moved)
+            assert reencrypted.key_used == "second#1"
+            opened = io.BytesIO()
+            assert (await client.decrypt(moved.getvalue(), opened)).key_used == "second#1"
+            assert opened.getvalue() == data
+
+            await client.encrypt_to_storage(KID, data, key="r.bin")
+            stored = await client.reencrypt_object("second", "r.bin")
+            assert (stored.kid, stored.key, stored.plaintext_size) == ("second", "r.bin", len(data))
+
+            signature = await client.sign("signer", data)
+            verdict = await client.verify(data, signature, kid="signer")
+            assert (verdict.valid, verdict.kid, verdict.alg) == (True, "signer#1", "ES256")
+            with pytest.raises(SignatureRejected):
+                await client.verify(data + b"!", signature, kid="signer")
+
+            assert (await client.health()) == {"status": "ok"}
+            assert (await client.readiness())["status"] == "ready"
+            events = await client.list_audit_events(limit=1000)
+            assert any(event.type == "request" for event in events.events)
 
     asyncio.run(run())
