@@ -129,6 +129,23 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "signature.",
         "schema": {"type": "string"},
     },
+    "X-Message-Proven": {
+        "description": "`true` if the message carries this service's proof that it wrote "
+        "it (or, stored, the service's record of it); `false` if it carries none: written "
+        "before proofs were, or by anyone else holding the key's public half.",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+        "required": True,
+    },
+    "X-Source-Message-Proven": {
+        "description": "As `X-Message-Proven`, for the message re-encrypted.",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+        "required": True,
+    },
+    "X-Signature-Checked": {
+        "description": "`false` on a range of a signed message: its frames authenticated, "
+        "but its footer signature, over the whole message, was not checked.",
+        "schema": {"type": "string", "enum": ["false"]},
+    },
     "Accept-Ranges": {
         "description": "`bytes` when reading a stored object: `Range` may ask for part of it.",
         "schema": {"type": "string", "enum": ["bytes"]},

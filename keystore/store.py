@@ -66,6 +66,9 @@ PENDING_WINDOW_DAYS = range(1, 31)
 logger = logging.getLogger(__name__)
 
 
+MESSAGE_PROOF_PURPOSE = "message-proof"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -101,6 +104,7 @@ class KeyStore:
         usage_max_rate: float = DEFAULT_MAX_RATE,
     ) -> None:
         self._clock = clock
+        self._records = records
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         wraps = WrapCounter(records, self._stored_versions)
@@ -201,6 +205,11 @@ class KeyStore:
         record, _ = self.encryption_keyring(tenant, kid)
         self._usage.check_encrypt(record)
         return record
+
+    def message_proof_key(self) -> bytes:
+        """The key the service proves the messages it writes with (`services.provenance`),
+        derived from the store's record key for that purpose alone."""
+        return self._records.key.derive(MESSAGE_PROOF_PURPOSE)
 
     def sealing_keyring(self, tenant: str, kid: str) -> tuple[KeyRecord, Keyring, Uses]:
         """The primary version's keyring to seal one message with, counted as a use of

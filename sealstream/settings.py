@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         "bucket by another ESDK client, say), on their own authentication; anyone who can "
         "write the bucket and holds an asymmetric key's public half can make such an object",
     )
+    refuse_unproven_messages: bool = Field(
+        False,
+        description="refuse to decrypt or re-encrypt a message that carries no proof that "
+        "this service wrote it (one written before proofs were, or by anyone holding an "
+        "asymmetric key's public half); turn on once old messages have been re-encrypted",
+    )
     store_id: str | None = Field(
         None,
         description="the name the store's records are bound to; unset: its bucket's name (a "

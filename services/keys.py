@@ -16,8 +16,10 @@ from functools import partial
 from anyio import to_thread
 
 from envelope import Encryptor, Header, Keyring, key_names
+from envelope.context import RESERVED_PREFIX as ESDK_RESERVED_PREFIX
 from keystore import KeyRecord, KeyStore, Uses
 from keystore.material import KEY_NAME_PATTERN
+from services.provenance import Provenance
 
 RESERVED_CONTEXT_PREFIX = "sealstream:"
 TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
@@ -44,10 +46,12 @@ def start_sealing(
     frame_length: int,
     *,
     object_key: str | None = None,
+    signed: bool = False,
 ) -> Sealing:
     """Check the key may encrypt now, and start a message under its primary version,
-    counted as a use of it, with the service's pairs added to `context`; for a message
-    bound for storage, naming the storage key it is written at (`object_key`)."""
+    counted as a use of it, with the service's pairs added to `context`, its proof of
+    provenance among them; for a message bound for storage, naming the storage key it is
+    written at (`object_key`). `signed`: a signed message (suite 0x0578)."""
     record, keyring, uses = keys.sealing_keyring(tenant, kid)
     sealed_context = {
         **context,
@@ -57,7 +61,13 @@ def start_sealing(
     }
     if object_key is not None:
         sealed_context[OBJECT_CONTEXT_KEY] = object_key
-    encryptor = Encryptor([keyring], context=sealed_context, frame_length=frame_length)
+    encryptor = Encryptor(
+        [keyring],
+        context=sealed_context,
+        frame_length=frame_length,
+        signed=signed,
+        endorse=provenance(keys).endorse,
+    )
     return Sealing(tenant, record, keyring, encryptor, uses)
 
 
@@ -67,8 +77,15 @@ def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
 
 
 def client_context(context: Mapping[str, str]) -> dict[str, str]:
-    """A message's context without the pairs the service added: what its client gave."""
-    return {k: v for k, v in context.items() if not k.startswith(RESERVED_CONTEXT_PREFIX)}
+    """A message's context without the pairs the service or the format added (a signed
+    message's public key): what its client gave."""
+    reserved = (RESERVED_CONTEXT_PREFIX, ESDK_RESERVED_PREFIX)
+    return {k: v for k, v in context.items() if not k.startswith(reserved)}
+
+
+def provenance(keys: KeyStore) -> Provenance:
+    """The proofs that a message is this service's, under the store's key for them."""
+    return Provenance(keys.message_proof_key())
 
 
 @dataclass

@@ -40,7 +40,7 @@ from envelope import (
     start_decryption,
 )
 from keystore import KeyRecord, KeyStore, Uses
-from services.keys import KeyWatch, OpeningKeys, opening_keys, required_context
+from services.keys import KeyWatch, OpeningKeys, opening_keys, provenance, required_context
 from services.objects import (
     check_against_record,
     check_placement,
@@ -89,6 +89,7 @@ class CheckedObject:
     layout: MessageLayout
     watch: KeyWatch
     uses: Uses  # the key's, this read counted
+    proven: bool  # written by this service: its record or its proof says so
 
 
 async def check_stored(
@@ -100,6 +101,7 @@ async def check_stored(
     serve_unrecorded: bool,
     expected_kid: str | None,
     context: Mapping[str, str],
+    refuse_unproven: bool,
     transfers: CapacityLimiter,
 ) -> CheckedObject:
     """Authenticate a stored object's header and final frame, with the tenant's key its
@@ -108,7 +110,9 @@ async def check_stored(
     An object with a record must be the message its record names, of the size its upload
     recorded; one without a record (written by another ESDK client, say) is served on its
     own authentication only if `serve_unrecorded`, else refused (`ObjectUnrecorded`).
-    An object that fails is damage in storage: `ObjectDamaged`.
+    An object that fails is damage in storage: `ObjectDamaged`. A recorded object is
+    proven by its record; one without is proven by its proof of provenance, and refused
+    without one if `refuse_unproven`. A proof that fails fails any object.
     """
     store, storage_key = placement.store, placement.storage_key
     size = (await to_thread.run_sync(store.head, storage_key)).size
@@ -124,11 +128,14 @@ async def check_stored(
         check_placement(header, storage_key)  # authenticated now, with the header
         if recorded is not None:
             check_recorded_message(header, recorded)
+        unrecorded_refused = refuse_unproven and recorded is None
+        proven = provenance(keys).proven(header, refuse_unproven=unrecorded_refused)
         layout = await to_thread.run_sync(
             read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
         )
     uses = await to_thread.run_sync(opening.opened, opened.keyring)
-    return CheckedObject(placement, opening.key, opened, layout, opening.watch, uses)
+    proven = proven or recorded is not None
+    return CheckedObject(placement, opening.key, opened, layout, opening.watch, uses, proven)
 
 
 def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:

@@ -15,7 +15,7 @@ from anyio import to_thread
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage, start_decryption
 from keystore import KeyRecord, KeyStore, Uses
-from services.keys import KeyWatch, opening_keys, required_context
+from services.keys import KeyWatch, opening_keys, provenance, required_context
 from services.streams import frame_batches, off_loop_if_large
 
 
@@ -28,6 +28,7 @@ class OpenedUpload:
     keyring: Keyring  # the version of `key` whose keyring opened it
     header: Header
     uses: Uses  # the key's, this message counted
+    proven: bool  # whether it carries this service's proof of provenance
     plaintext: AsyncIterator[bytes]
 
 
@@ -38,9 +39,11 @@ async def open_upload(
     *,
     expected_kid: str | None,
     context: Mapping[str, str],
+    refuse_unproven: bool,
 ) -> OpenedUpload:
     """Read the message's header from `chunks` and authenticate it with the tenant's key
-    it names (which must be `expected_kid`, if given), demanding `context`'s pairs."""
+    it names (which must be `expected_kid`, if given), demanding `context`'s pairs; and
+    check its proof of provenance, refusing a message without one if `refuse_unproven`."""
     header, remainder = await _read_header(chunks)
     opening = await to_thread.run_sync(opening_keys, keys, tenant, header, expected_kid)
     start = partial(
@@ -52,9 +55,10 @@ async def open_upload(
     )
     decryptor, first = await to_thread.run_sync(start)
     assert decryptor.keyring is not None
+    proven = provenance(keys).proven(header, refuse_unproven=refuse_unproven)
     uses = await to_thread.run_sync(opening.opened, decryptor.keyring)
     plaintext = _plaintext(first, decryptor, chunks, header.frame_length, opening.watch)
-    return OpenedUpload(opening.key, decryptor.keyring, header, uses, plaintext)
+    return OpenedUpload(opening.key, decryptor.keyring, header, uses, proven, plaintext)
 
 
 async def _read_header(chunks: AsyncIterator[memoryview]) -> tuple[Header, bytes]:

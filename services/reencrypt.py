@@ -108,15 +108,31 @@ async def reencrypt_upload(
     source_kid: str | None,
     kid: str,
     context: Mapping[str, str],
+    refuse_unproven: bool,
 ) -> Reencrypting:
     """Read the message's header from `chunks` and authenticate it as decrypting does
-    (with `source_kid`, if given, and demanding `context`'s pairs), then start the new
-    message for `kid`'s primary version, carrying the old one's client pairs and frame
-    length."""
-    opened = await open_upload(keys, tenant, chunks, expected_kid=source_kid, context=context)
+    (with `source_kid`, if given, demanding `context`'s pairs, and refusing it unproven
+    if `refuse_unproven`), then start the new message for `kid`'s primary version,
+    carrying the old one's client pairs and frame length, signed if it was."""
+    opened = await open_upload(
+        keys,
+        tenant,
+        chunks,
+        expected_kid=source_kid,
+        context=context,
+        refuse_unproven=refuse_unproven,
+    )
     header = opened.header
     sealing = await to_thread.run_sync(
-        start_sealing, keys, tenant, kid, client_context(header.context), header.frame_length
+        partial(
+            start_sealing,
+            keys,
+            tenant,
+            kid,
+            client_context(header.context),
+            header.frame_length,
+            signed=header.signed,
+        )
     )
     # The plaintext iterator ends only once the old message's final frame has been
     # authenticated, and only then does `seal_to_client` seal the new final frame.
@@ -213,6 +229,7 @@ def reencrypt_object(
             client_context(header.context),
             header.frame_length,
             object_key=target_key,
+            signed=header.signed,
         )
         # In place, only the version that was read is replaced; elsewhere, nothing unless
         # asked to.

@@ -51,7 +51,30 @@ BYTE_BOUNDS_TEST = f"{AUDIT_TESTS}::test_the_buffer_and_each_segment_are_bounded
 PAGE_TEST = f"{AUDIT_TESTS}::test_a_page_reads_the_hours_it_shows_not_the_whole_trail"
 KEY_EVENTS_TEST = "tests/test_api_audit.py::test_key_management_events_name_the_version_they_touch"
 
+PROVENANCE_TESTS = ("tests/test_api_signed_messages.py",)
+
 MUTANTS = (
+    Mutant(
+        "proof checked",
+        "services/provenance.py",
+        "        if not hmac.compare_digest(_decoded(proof), expected):",
+        "        if False:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "unproven refused",
+        "services/provenance.py",
+        "            if refuse_unproven:",
+        "            if False:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "ranged reads say the footer went unchecked",
+        "api/routes/crypto.py",
+        "    if checked.opened.header.signed:",
+        "    if False:",
+        PROVENANCE_TESTS,
+    ),
     Mutant(
         "footer signature",
         "envelope/footer.py",

@@ -20,7 +20,7 @@ from typing import Annotated, Self
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import model_validator
+from pydantic import StrictBool, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
@@ -71,6 +71,7 @@ class ObjectDestination(ObjectRef):
 
 class EncryptMetadata(_Metadata, NamesKey):
     frame_length: FrameLength = DEFAULT_FRAME_LENGTH
+    signed: StrictBool = False  # a signed message (suite 0x0578)
     destination: ObjectDestination | None = None
 
 
@@ -126,7 +127,7 @@ REENCRYPTED = {
         "final frame only once the old message's final frame has authenticated).",
         media_type=OCTET_STREAM,
         schema=BINARY,
-        with_headers=headers(*SOURCE_KEY_HEADERS, *KEY_HEADERS),
+        with_headers=headers("X-Source-Message-Proven", *SOURCE_KEY_HEADERS, *KEY_HEADERS),
     ),
     201: answer(
         "The object `metadata.source` was re-encrypted, in place or into `metadata.destination`.",
@@ -139,14 +140,19 @@ OPENED = {
         "The plaintext, streamed (aborted on a failure).",
         media_type=OCTET_STREAM,
         schema=BINARY,
-        with_headers=headers(*KEY_HEADERS, "Accept-Ranges"),
+        with_headers=headers("X-Message-Proven", *KEY_HEADERS, "Accept-Ranges"),
     ),
     206: answer(
         "The plaintext bytes the `Range` header asked for, of the object `metadata.source`.",
         media_type=OCTET_STREAM,
         schema=BINARY,
         with_headers=headers(
-            *KEY_HEADERS, "Accept-Ranges", "Content-Range", required=("Content-Range",)
+            "X-Message-Proven",
+            *KEY_HEADERS,
+            "Accept-Ranges",
+            "Content-Range",
+            "X-Signature-Checked",
+            required=("Content-Range",),
         ),
     ),
 }
@@ -202,6 +208,11 @@ def usage_warning(record: KeyRecord, uses: Uses, version: int) -> str:
     return "; ".join(fields)
 
 
+def proven_header(proven: bool, prefix: str = "X-") -> dict[str, str]:
+    """Whether the message read was written by this service (`services.provenance`)."""
+    return {f"{prefix}Message-Proven": "true" if proven else "false"}
+
+
 def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
@@ -245,6 +256,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
             metadata.encryption_context,
             metadata.frame_length,
             object_key=None if placement is None else placement.storage_key,
+            signed=metadata.signed,
         )
     )
     headers = {
@@ -307,9 +319,11 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         form.file_chunks(),
         expected_kid=metadata.kid,
         context=metadata.encryption_context,
+        refuse_unproven=svc.settings.refuse_unproven_messages,
     )
     note.key = opened.keyring.key_name
     headers = {
+        **proven_header(opened.proven),
         **key_headers(metadata.kid or opened.key.kid, opened.key, opened.keyring),
         **warning_headers(svc, opened.key, opened.keyring, opened.uses),
     }
@@ -346,10 +360,12 @@ async def reencrypt(request: Request, principal: ReencryptScope) -> Response:
         source_kid=metadata.source_kid,
         kid=metadata.kid,
         context=metadata.encryption_context,
+        refuse_unproven=svc.settings.refuse_unproven_messages,
     )
     opened, sealing = reencrypting.opened, reencrypting.sealing
     note.key = sealing.keyring.key_name
     headers = {
+        **proven_header(opened.proven, "X-Source-"),
         **key_headers(
             metadata.source_kid or opened.key.kid, opened.key, opened.keyring, "X-Source-"
         ),
@@ -405,6 +421,7 @@ async def _check_stored(
         serve_unrecorded=svc.settings.serve_unrecorded_objects,
         expected_kid=metadata.kid,
         context=metadata.encryption_context,
+        refuse_unproven=svc.settings.refuse_unproven_messages,
         transfers=svc.transfers,
     )
 
@@ -418,6 +435,7 @@ def _stored_answer(
     wanted = parse_range(ranges, total)
     headers = {
         "Accept-Ranges": "bytes",
+        **proven_header(checked.proven),
         **key_headers(metadata.kid or checked.key.kid, checked.key, checked.opened.keyring),
         **warning_headers(svc, checked.key, checked.opened.keyring, checked.uses),
     }
@@ -425,6 +443,9 @@ def _stored_answer(
         body = stored_plaintext(checked, svc.transfers)
         return streamed(body, svc, {**headers, "Content-Length": str(total)})
     first, last = wanted
+    if checked.opened.header.signed:
+        # A range authenticates its frames; the footer's signature takes the whole message.
+        headers["X-Signature-Checked"] = "false"
     headers["Content-Length"] = str(last - first + 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{total}"
     return streamed(stored_range(checked, first, last, svc.transfers), svc, headers, 206)
