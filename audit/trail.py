@@ -20,6 +20,10 @@ process did not write, someone writes the audit's bucket: that is an alarm (logg
 counted in `audit.alarms.AUDIT_ALARMS`, and recorded in the chain as an `alarm` event that `verify`
 reports), and the segment goes under another fresh name.
 
+What runs outside a request asks more: `writable` writes what waits first, and
+`announce` writes the event of a lifecycle action before the action is taken; jobs and
+the lifecycle sweeps wait while the store does not take them.
+
 Each process keeps a chain of its own, opened (and so registered, in the bucket and at
 the sink) with a "chain-opened" event flushed at once, and ended by `close` with a
 "chain-closed" event. A crash loses at most the events not yet flushed.
@@ -228,6 +232,23 @@ class AuditTrail:
     def refuses_requests(self) -> bool:
         """Whether requests that must be audited should be refused now."""
         return not self.options.fail_open and not self.available()
+
+    def writable(self) -> bool:
+        """Whether the store takes the trail now: everything waiting is written before
+        this answers. True without writing with the audit off or failing open."""
+        if not self.options.enabled or self.options.fail_open:
+            return True
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._open()
+        return self.flush()
+
+    def announce(self, action: str, *, tenant: str, key: str | None = None, **detail: Any) -> bool:
+        """Record a lifecycle action about to be taken and write it now; whether it may
+        be taken: only once it is in the store, unless the audit is off or fails open.
+        An announcement not followed by its outcome is an action that was not taken."""
+        self.lifecycle(action, tenant=tenant, key=key, **detail)
+        return self.writable()
 
     def flush(self) -> bool:
         """Write what waits now; whether everything recorded so far is in the store."""

@@ -78,6 +78,15 @@ def _key_ops(policy: KeyPolicy, params: KeyParams) -> tuple[KeyOp, ...]:
     return policy.checked_key_ops(params, key_type(params.kty).operations(params.alg))
 
 
+# Asked before a sweep destroys something (tenant, and what): whether it may now.
+Proceed = Callable[[str, str], bool]
+
+
+def always(_tenant: str, _name: str) -> bool:
+    """The `Proceed` of a caller that asks nothing first."""
+    return True
+
+
 def check_pending_window(days: int) -> None:
     """Refuse a pending window before destruction outside 1 to 30 days."""
     if days not in PENDING_WINDOW_DAYS:
@@ -102,9 +111,11 @@ class KeyStore:
         usage_flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         usage_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         usage_max_rate: float = DEFAULT_MAX_RATE,
+        on_usage_rotation: Callable[[str, str, int], None] = lambda _t, _k, _v: None,
     ) -> None:
         self._clock = clock
         self._records = records
+        self._on_usage_rotation = on_usage_rotation
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         wraps = WrapCounter(records, self._stored_versions)
@@ -383,11 +394,15 @@ class KeyStore:
                 rotated.append((record.tenant, record.kid))
         return rotated
 
-    def destroy_due(self) -> builtins.list[tuple[str, str]]:
-        """Delete the records (and so the material) of keys past their deletion date."""
+    def destroy_due(self, proceed: Proceed = always) -> builtins.list[tuple[str, str]]:
+        """Delete the records (and so the material) of keys past their deletion date,
+        each once `proceed(tenant, kid)` allows it (a key it does not is left for the
+        next sweep)."""
         now = self._clock()
         destroyed = []
         for record in self._saved.records_where(lambda record: record.destruction_due(now)):
+            if not proceed(record.tenant, record.kid):
+                continue
             # Safe without a conditional delete: past its date a key admits no change.
             self._saved.delete(record.tenant, record.kid)
             destroyed.append((record.tenant, record.kid))
@@ -453,20 +468,27 @@ class KeyStore:
 
     def _rotate_if_used_up(self, record: KeyRecord, uses: Uses) -> None:
         """Rotate a key that rotates on its soft limit, once `uses` (the shared count)
-        says its primary version has reached it."""
+        says its primary version has reached it; `on_usage_rotation(tenant, kid, new
+        primary version)` is told if this call rotated it."""
         if not (
             record.rotate_on_usage_limit and record.soft_limit_reached(uses, record.primary_version)
         ):
             return
+        rotating: list[bool] = []  # the last try's: whether it rotated
+
+        def rotated(stored: KeyRecord, now: datetime) -> KeyRecord:
+            counted = stored.counting(uses, Uses())
+            rotating.append(counted.rotation_due(now))
+            return self._rotated_if_due(counted, now)
+
         try:
-            self._saved.update(
-                record.tenant,
-                record.kid,
-                lambda stored, now: self._rotated_if_due(stored.counting(uses, Uses()), now),
-            )
+            after = self._saved.update(record.tenant, record.kid, rotated)
         except (KeystoreError, StorageError) as error:
             # The lifecycle sweep rotates it from the record's counts.
             logger.warning("key %r not rotated on its usage limit yet: %s", record.kid, error)
+            return
+        if rotating[-1]:
+            self._on_usage_rotation(record.tenant, record.kid, after.primary_version)
 
     def _cached(self, tenant: str, kid: str) -> CachedKey:
         return self._cache.get(tenant, kid, lambda: self._saved.read(tenant, kid))

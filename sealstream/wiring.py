@@ -149,9 +149,9 @@ def open_service_records(
         raise ConfigurationError(f"SEALSTREAM_STORAGE_URL: {error}") from error
 
 
-def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
+def open_keystore(settings: Settings, records: Records, kek: Kek, audit: AuditTrail) -> KeyStore:
     """The key store; its usage counts shared through Redis if there is one, else kept
-    in the key records."""
+    in the key records; its rotations on a usage limit recorded in `audit`."""
     usage_redis = None
     if settings.redis_url:
         with configured("SEALSTREAM_REDIS_URL"):
@@ -165,7 +165,12 @@ def open_keystore(settings: Settings, records: Records, kek: Kek) -> KeyStore:
         usage_flush_interval=settings.usage_flush_interval,
         usage_checkpoint_interval=settings.usage_checkpoint_interval,
         usage_max_rate=settings.usage_max_rate,
+        on_usage_rotation=partial(_usage_rotation, audit),
     )
+
+
+def _usage_rotation(audit: AuditTrail, tenant: str, kid: str, version: int) -> None:
+    audit.lifecycle("usage-rotation", tenant=tenant, key=kid, primaryVersion=version)
 
 
 def _endpoint(setting: str, url: str | None) -> str | None:
@@ -257,13 +262,14 @@ def build_parts(settings: Settings, role: str = "api") -> Parts:
     objects = open_object_store(settings)
     kek = open_kek(settings)
     records = open_service_records(settings, objects, kek)
+    audit = open_audit(settings, records, kek, role)
     return Parts(
         settings=settings,
         objects=objects,
         records=records,
         kek=kek,
-        keys=open_keystore(settings, records, kek),
+        keys=open_keystore(settings, records, kek, audit),
         spaces=Spaces(objects, settings.tenant_buckets, partial(open_object_store, settings)),
         jobs=open_job_store(settings, records),
-        audit=open_audit(settings, records, kek, role),
+        audit=audit,
     )

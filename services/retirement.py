@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from envelope import EnvelopeError, key_names
 from keystore import KeyRecord, KeyStore
 from keystore.material import key_name
-from keystore.store import check_pending_window
+from keystore.store import Proceed, always, check_pending_window
 from services.inventory import Inventory
 from services.objects import read_stored_header
 from services.placement import Spaces, tenant_prefix
@@ -171,10 +171,12 @@ class Retirements:
             refused += unknown
         return Census(objects, refused)
 
-    def destroy_due(self) -> list[str]:
+    def destroy_due(self, proceed: Proceed = always) -> list[str]:
         """Destroy the material of retired versions past their destruction date, each
-        once a census again finds nothing stored that uses it; `tenant/kid#version` of
-        each destroyed. One still in use is held back, and logged as an error."""
+        once a census again finds nothing stored that uses it and `proceed(tenant,
+        kid#version)` allows it; `tenant/kid#version` of each destroyed. One still in use
+        is held back, and logged as an error; one `proceed` refuses waits for the next
+        sweep."""
         destroyed = []
         for tenant, kid, version in self.keys.versions_to_destroy():
             name = key_name(kid, version)
@@ -190,6 +192,8 @@ class Retirements:
                     indexed,
                     census.refused,
                 )
+                continue
+            if not proceed(tenant, name):
                 continue
             self.keys.destroy_version(tenant, kid, version)
             destroyed.append(f"{tenant}/{name}")

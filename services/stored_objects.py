@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Self
 
 from keystore.records import KID_PATTERN
+from keystore.store import Proceed, always
 from services.inventory import Inventory, Marker
 from services.placement import BucketNotAllowed, Spaces, tenant_prefix
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
@@ -151,12 +152,18 @@ def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) ->
     records.store.delete(note.name)
 
 
-def finish_deletions(records: Records, spaces: Spaces) -> int:
-    """Complete every deletion a crash cut short (the lifecycle sweep); how many."""
-    finished = 0
+def finish_deletions(
+    records: Records, spaces: Spaces, proceed: Proceed = always
+) -> list[DeletionNote]:
+    """Complete every deletion a crash cut short (the lifecycle sweep), each once
+    `proceed(tenant, storage key)` allows it (one it does not waits for the next sweep);
+    the notes of those finished."""
+    finished = []
     for name, note in records.all(NOTE_KIND, DELETING_PREFIX, DeletionNote):
         if name != note.name:
             continue  # sealed under its name, so only a defect could get here
+        if not proceed(note.tenant, note.storage_key):
+            continue
         try:
             finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
         except StorageUnavailable:
@@ -165,7 +172,7 @@ def finish_deletions(records: Records, spaces: Spaces) -> int:
             # One that cannot be finished must not hold up the others; it stays noted.
             logger.warning("cannot finish the deletion noted at %s: %s", name, error)
             continue
-        finished += 1
+        finished.append(note)
     return finished
 
 

@@ -5,8 +5,10 @@ store cannot be written."""
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +19,18 @@ from fastapi import FastAPI
 from audit import AUDIT_KEY_PURPOSE, EVENTS_PREFIX, Event, checkpoint_lines, verify_trail
 from audit.reading import authentic_events
 from audit.signing import AuditSigner
+from keystore import KeyStore
 from sealstream.server import create_app
 from sealstream.settings import Settings
-from sealstream.wiring import Parts
+from sealstream.wiring import Parts, build_parts
 from storage import ObjectStore
 from tests.conftest import ADMIN_TOKEN, api_settings, local_settings
 from tests.support.http import create_key, decrypt, encrypt, problem
-from tests.support.jobs import JobStack, finished_job, store_object
+from tests.support.jobs import JOBS, JobStack, finished_job, start_verify, store_object
 from tests.support.s3_proxy import S3FaultProxy
 from tests.support.services import api_server
 from tests.support.waiting import wait_until
+from workers.lifecycle import run_sweeps
 
 PLAINTEXT = b"PLANTED-PLAINTEXT-" + os.urandom(8).hex().encode() + b"-" * 3000
 CONTEXT_VALUE = "PLANTED-CONTEXT-VALUE-" + os.urandom(8).hex()
@@ -266,6 +270,83 @@ def test_crypto_requests_are_refused_while_the_audit_cannot_be_written(
         events = events_of(app)
     statuses = [e.get("status") for e in events if e.get("operation") == "encrypt"]
     assert statuses == [200, 200 if fail_open else 503, 200]
+
+
+@pytest.mark.parametrize(
+    ("opened", "fail_open"),
+    [(False, False), (True, False), (False, True)],
+    ids=["sweep-held", "announcement-unwritten", "fail-open"],
+)
+def test_the_sweeps_destroy_nothing_the_audit_cannot_record_first(
+    opened: bool,
+    fail_open: bool,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    moto_endpoint: str,
+) -> None:
+    from tests.test_keystore import Clock, spec
+
+    writes = AuditWrites()
+    with S3FaultProxy(moto_endpoint, writes) as proxy:
+        settings = api_settings("s3", tmp_path, request).model_copy(
+            update={**QUICK, "s3_endpoint_url": proxy.url, "audit_fail_open": fail_open}
+        )
+        parts = build_parts(settings, role="worker")
+        clock = Clock()
+        keys = KeyStore(parts.records, parts.kek, clock=clock)
+        keys.create("t1", spec("doomed"))
+        keys.schedule_deletion("t1", "doomed", pending_days=7)
+        clock.advance(days=8)
+        swept = replace(parts, keys=keys)
+        # With the chain opened and written, the sweep finds the trail writable, and the
+        # announcement of the destruction is what cannot be written.
+        if opened:
+            assert parts.audit.writable()
+        writes.failing = True
+        during = run_sweeps(swept)
+        if fail_open:
+            assert during["destroyed"] == ["t1/doomed"]
+        else:
+            assert during.get("destroyed", []) == []
+            assert keys.get("t1", "doomed").kid == "doomed"
+            writes.failing = False
+            assert run_sweeps(swept)["destroyed"] == ["t1/doomed"]
+        writes.failing = False
+        parts.audit.close()
+        actions = [e["action"] for e in events_of_store(parts) if e["type"] == "lifecycle"]
+    # Announced, and the announcement written, before the key was destroyed; one not
+    # written held the destruction back, to be announced again.
+    assert actions[-2:] == ["destroying", "destruction"]
+    assert actions.count("destroying") == (2 if opened else 1)
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_a_job_waits_while_the_audit_cannot_be_written(
+    fail_open: bool, tmp_path: Path, request: pytest.FixtureRequest, moto_endpoint: str
+) -> None:
+    writes = AuditWrites()
+    with S3FaultProxy(moto_endpoint, writes) as proxy:
+        settings = api_settings("s3", tmp_path, request).model_copy(
+            update={
+                **QUICK,
+                "s3_endpoint_url": proxy.url,
+                "audit_fail_after": 3600,  # the API takes the job; its runner holds it
+                "audit_fail_open": fail_open,
+            }
+        )
+        with served(settings) as (url, _), client(url) as admin:
+            create_key(admin)
+            stored = store_object(admin, "held.bin", b"held back")
+            assert finished_job(admin, stored["verifyJob"])["status"] == "succeeded"
+            writes.failing = True
+            job = start_verify(admin, "held.bin")["id"]
+            if fail_open:
+                assert finished_job(admin, job)["status"] == "succeeded"
+                return
+            time.sleep(1.0)
+            assert admin.get(f"{JOBS}/{job}").json()["status"] == "queued"
+            writes.failing = False
+            assert finished_job(admin, job)["status"] == "succeeded"
 
 
 def test_a_celery_worker_keeps_a_chain_of_its_own_with_each_job(job_stack: JobStack) -> None:

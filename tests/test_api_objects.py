@@ -146,7 +146,7 @@ def test_a_deletion_cut_short_is_finished_by_the_sweep(api: Api) -> None:
     api.records.put("deletion", stale.name, stale)
 
     spaces = Spaces(api.objects, {}, lambda bucket: api.objects)
-    assert finish_deletions(api.records, spaces) == 2
+    assert len(finish_deletions(api.records, spaces)) == 2
 
     with pytest.raises(ObjectNotFound):
         api.objects.head(storage_key)
@@ -155,7 +155,7 @@ def test_a_deletion_cut_short_is_finished_by_the_sweep(api: Api) -> None:
     assert marked(api, 1) == ["tenants/default/docs/b"]
     assert api.objects.head("tenants/default/docs/b").size > 0
     assert list(api.objects.list("sealstream/deleting/")) == []
-    assert finish_deletions(api.records, spaces) == 0
+    assert finish_deletions(api.records, spaces) == []
 
 
 def test_another_tenants_objects_are_not_found_and_scopes_are_required(api: Api) -> None:

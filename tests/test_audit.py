@@ -418,7 +418,11 @@ def test_the_lifecycle_sweeps_record_rotations_and_destructions(tmp_path: Path) 
         for e in authentic_events(parts.objects, audit_key)
         if e["type"] == "lifecycle"
     }
-    assert actions == {("scheduled-rotation", "t1", "hourly"), ("destruction", "t1", "doomed")}
+    assert actions == {
+        ("scheduled-rotation", "t1", "hourly"),
+        ("destroying", "t1", "doomed"),
+        ("destruction", "t1", "doomed"),
+    }
 
 
 def sealstream(*args: str, env: dict[str, str]) -> "subprocess.CompletedProcess[str]":
@@ -686,3 +690,24 @@ def test_the_operator_starts_a_new_signing_key_by_command(
     new = load_public_key(sealstream("audit", "public-key", env=env).stdout.encode())
     assert event["publicKey"] == fingerprint(new)
     assert event["previousPublicKeys"] == [fingerprint(old)]
+
+
+def test_a_rotation_on_the_usage_limit_is_recorded_by_the_process_that_made_it(
+    tmp_path: Path,
+) -> None:
+    from tests.test_keystore import spec
+
+    parts = build_parts(local_settings(tmp_path))
+    parts.keys.create("t1", spec("busy", softUsageLimit=2, rotateOnUsageLimit=True))
+    for _ in range(2):
+        parts.keys.sealing_keyring("t1", "busy")
+    parts.keys.flush_usage()
+    assert parts.keys.get("t1", "busy").primary_version == 2
+    parts.audit.close()
+    audit_key = parts.records.key.derive(AUDIT_KEY_PURPOSE)
+    rotations = [
+        (e["action"], e["tenant"], e["key"], e["primaryVersion"])
+        for e in authentic_events(parts.objects, audit_key)
+        if e["type"] == "lifecycle"
+    ]
+    assert rotations == [("usage-rotation", "t1", "busy", 2)]

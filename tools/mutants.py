@@ -37,6 +37,7 @@ class Mutant:
 ENVELOPE_TESTS = ("tests/test_envelope_tamper.py", "tests/test_envelope_roundtrip.py")
 SIGNING_TESTS = ("tests/test_keystore_signing.py",)
 RETIREMENT_TESTS = ("tests/test_key_retirement.py",)
+API_AUDIT_TESTS = "tests/test_api_audit.py"
 REDIS_USAGE_TESTS = (
     "tests/test_key_usage.py::test_a_count_written_into_redis_past_what_the_processes_could_count_is_not_believed",
 )
@@ -270,6 +271,27 @@ MUTANTS = (
         "    if recorded.header_sha256 != header_digest(header):",
         "    if False:",
         ("tests/test_trust_records.py",),
+    ),
+    Mutant(
+        "audit: the sweeps wait for the trail",
+        "workers/lifecycle.py",
+        "    if not audit.writable():",
+        "    if False:",
+        (f"{API_AUDIT_TESTS}::test_the_sweeps_destroy_nothing_the_audit_cannot_record_first",),
+    ),
+    Mutant(
+        "audit: a key is destroyed only once announced",
+        "keystore/store.py",
+        "            if not proceed(record.tenant, record.kid):",
+        "            if False:",
+        (f"{API_AUDIT_TESTS}::test_the_sweeps_destroy_nothing_the_audit_cannot_record_first",),
+    ),
+    Mutant(
+        "audit: a job starts only once the trail is written",
+        "workers/execution.py",
+        "    if not services.audit.writable():",
+        "    if False:",
+        (f"{API_AUDIT_TESTS}::test_a_job_waits_while_the_audit_cannot_be_written",),
     ),
     Mutant(
         "key usage: maxUsageLimit",

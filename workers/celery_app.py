@@ -28,7 +28,7 @@ from celery.worker import WorkController
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 from sealstream.wiring import Parts, build_parts
-from workers.execution import JobOutcome, run_job
+from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
 from workers.registry import JOB_BODIES
@@ -108,9 +108,12 @@ def worker_services() -> Parts:
 @app.task(name=RUN_JOB, bind=True, max_retries=None)
 def run_job_task(self: Task[[str], None], job_id: str) -> None:
     services = worker_services()
-    if run_job(job_id, services, JOB_BODIES) is JobOutcome.BUSY:
+    outcome = run_job(job_id, services, JOB_BODIES)
+    if outcome is JobOutcome.BUSY:
         # Another worker is running it: come back once its lease could have lapsed.
         raise self.retry(countdown=services.settings.job_lease_ttl)
+    if outcome is JobOutcome.UNAUDITED:
+        raise self.retry(countdown=AUDIT_RETRY_AFTER)
 
 
 @app.task(name=SWEEPS)

@@ -8,6 +8,10 @@ process died during each run (killed by the kernel's OOM killer, say, or crashed
 otherwise be handed out again for ever, taking down a process each time, so the next
 delivery fails it (`job-killed-repeatedly`). A job that runs out of memory fails at
 once (`job-out-of-memory`): the process that raised the MemoryError lives on.
+
+A job starts only once the process's audit trail has been written (`AuditTrail.writable`),
+as the API refuses requests it cannot audit: while it cannot be, the job stays queued
+and is tried again `AUDIT_RETRY_AFTER` seconds later (unless the audit fails open).
 """
 
 import logging
@@ -25,6 +29,7 @@ from storage.integrity import RecordTampered
 logger = logging.getLogger(__name__)
 
 MAX_RUNS = 2  # runs of a job whose process dies each time
+AUDIT_RETRY_AFTER = 5.0  # seconds before a job held back by the audit is tried again
 
 
 JobBody = Callable[[JobContext, Parts], dict[str, Any]]
@@ -33,6 +38,7 @@ JobBody = Callable[[JobContext, Parts], dict[str, Any]]
 class JobOutcome(Enum):
     DONE = "done"  # ran to a final status, or had one already
     BUSY = "busy"  # another worker holds the job's lease: try again later
+    UNAUDITED = "unaudited"  # the audit trail cannot be written: try again later
 
 
 class LeaseKeeper(threading.Thread):
@@ -80,10 +86,9 @@ def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> Job
     keeper = LeaseKeeper(lease, ttl)
     keeper.start()
     try:
-        _run(store, record, services, bodies, keeper)
+        return _run(store, record, services, bodies, keeper)
     finally:
         keeper.stop()
-    return JobOutcome.DONE
 
 
 def _run(
@@ -92,10 +97,10 @@ def _run(
     services: Parts,
     bodies: dict[JobKind, JobBody],
     keeper: LeaseKeeper,
-) -> None:
+) -> JobOutcome:
     if store.cancel_requested(record.id):
         finish_job(store, services.audit, record, JobStatus.CANCELLED)
-        return
+        return JobOutcome.DONE
     if _died_in_every_run(record):
         detail = (
             f"the process running the job died during each of its {record.attempts} runs "
@@ -103,7 +108,21 @@ def _run(
         )
         error = error_entry("job-killed-repeatedly", detail)
         finish_job(store, services.audit, record, JobStatus.FAILED, error=error)
-        return
+        return JobOutcome.DONE
+    if not services.audit.writable():
+        logger.warning("job %s: the audit trail cannot be written; not starting it yet", record.id)
+        return JobOutcome.UNAUDITED
+    _start(store, record, services, bodies, keeper)
+    return JobOutcome.DONE
+
+
+def _start(
+    store: JobStore,
+    record: JobRecord,
+    services: Parts,
+    bodies: dict[JobKind, JobBody],
+    keeper: LeaseKeeper,
+) -> None:
     now = datetime.now(UTC)
     record = record.model_copy(
         update={

@@ -2,14 +2,24 @@
 and the material of retired key versions past theirs once nothing stored uses them; fail
 jobs whose worker was lost; clear what header-only rewrap jobs left staged before
 re-encryption replaced them; and finish object deletions a crash cut short. Each is
-idempotent: running it twice does no harm."""
+idempotent: running it twice does no harm.
+
+The sweeps fail closed on the audit, as the API does: they run only once the process's
+audit trail has been written, and each destruction (of a key, of a retired version's
+material, of an object whose deletion was cut short) is announced in the trail, and the
+announcement written, before it is done. While the trail cannot be written (unless
+`SEALSTREAM_AUDIT_FAIL_OPEN`), nothing is done, and the next sweep tries again.
+"""
 
 import logging
 from datetime import timedelta
 from typing import Any
 
+from audit import AuditTrail
+from keystore.store import Proceed
 from sealstream.wiring import Parts
 from services.jobs import sweep_stale
+from services.placement import client_key
 from services.retirement import Retirements
 from services.stored_objects import finish_deletions
 from workers.reencrypt import clear_rewrap_staging
@@ -18,20 +28,31 @@ logger = logging.getLogger(__name__)
 
 
 def run_sweeps(services: Parts) -> dict[str, Any]:
+    audit = services.audit
+    if not audit.writable():
+        logger.warning("sweeps held back: the audit trail cannot be written; trying again later")
+        return {"auditUnavailable": True}
     rotated = services.keys.rotate_due()
     for tenant, kid in rotated:
-        services.audit.lifecycle("scheduled-rotation", tenant=tenant, key=kid)
-    destroyed = services.keys.destroy_due()
+        audit.lifecycle("scheduled-rotation", tenant=tenant, key=kid)
+    destroyed = services.keys.destroy_due(_announced(audit, "destroying"))
     for tenant, kid in destroyed:
-        services.audit.lifecycle("destruction", tenant=tenant, key=kid)
-    retired = Retirements(services.keys, services.records, services.spaces).destroy_due()
+        audit.lifecycle("destruction", tenant=tenant, key=kid)
+    retirements = Retirements(services.keys, services.records, services.spaces)
+    retired = retirements.destroy_due(_announced(audit, "destroying-version"))
     for retired_version in retired:  # tenant/kid#version
         tenant, _, key = retired_version.partition("/")
-        services.audit.lifecycle("version-destruction", tenant=tenant, key=key)
+        audit.lifecycle("version-destruction", tenant=tenant, key=key)
     stale_after = timedelta(seconds=services.settings.job_stale_after)
     stale = sweep_stale(services.jobs, stale_after)
     staging = clear_rewrap_staging(services)
-    deletions = finish_deletions(services.records, services.spaces)
+    deletions = finish_deletions(
+        services.records, services.spaces, _announced(audit, "finishing-deletion", object_key=True)
+    )
+    for note in deletions:
+        audit.lifecycle(
+            "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
+        )
     if rotated or destroyed or retired or stale or staging or deletions:
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys and %d retired key versions, "
@@ -43,7 +64,7 @@ def run_sweeps(services: Parts) -> dict[str, Any]:
             len(retired),
             len(stale),
             staging,
-            deletions,
+            len(deletions),
         )
     return {
         "rotated": [f"{tenant}/{kid}" for tenant, kid in rotated],
@@ -51,5 +72,23 @@ def run_sweeps(services: Parts) -> dict[str, Any]:
         "destroyedVersions": retired,
         "staleJobs": stale,
         "clearedStaging": staging,
-        "finishedDeletions": deletions,
+        "finishedDeletions": len(deletions),
     }
+
+
+def _announced(audit: AuditTrail, action: str, *, object_key: bool = False) -> Proceed:
+    """Whether a destruction may go ahead: once `action` on it is written in the trail.
+    It names a key (`kid`, `kid#version`), or with `object_key` a stored object."""
+
+    def proceed(tenant: str, name: str) -> bool:
+        if object_key:
+            written = audit.announce(action, tenant=tenant, object=client_key(name))
+        else:
+            written = audit.announce(action, tenant=tenant, key=name)
+        if not written:
+            logger.warning(
+                "%s %s of tenant %s held back: the audit cannot be written", action, name, tenant
+            )
+        return written
+
+    return proceed

@@ -11,7 +11,7 @@ from sealstream.settings import Settings
 from sealstream.wiring import Parts
 from services.jobs import JobRecord, JobRunner, QueueUnavailable
 from workers.celery_app import RUN_JOB, make_celery
-from workers.execution import run_job
+from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
 
@@ -45,11 +45,17 @@ class InProcessRunner(JobRunner):
         self._sweeper.start()
 
     def submit(self, record: JobRecord) -> None:
-        self._pool.submit(run_job, record.id, self._services, JOB_BODIES)
+        self._pool.submit(self._run, record.id)
 
     def close(self) -> None:
         self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, job_id: str) -> None:
+        """Run the job, once the audit trail can be written."""
+        while run_job(job_id, self._services, JOB_BODIES) is JobOutcome.UNAUDITED:
+            if self._stopping.wait(AUDIT_RETRY_AFTER):
+                return
 
     def _sweep(self) -> None:
         while not self._stopping.wait(self._services.settings.lifecycle_interval):
