@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: dev test lint system cluster-test bench mutants clean
 
-$(STAMP): pyproject.toml client/pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml client/hatch_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ./client -e '.[dev]'

@@ -107,6 +107,12 @@ class StorageOptions(SealOptions, total=False):
     overwrite: bool
 
 
+class ArchiveOptions(StorageOptions, total=False):
+    """Those of `SealstreamClient.encrypt_archive`, besides `prefix`."""
+
+    archive_format: str
+
+
 class OpenOptions(TypedDict, total=False):
     """Those of `SealstreamClient.decrypt` (and `open_decrypt`)."""
 
@@ -255,6 +261,18 @@ class AsyncSealstreamClient:
         return await self.in_thread(
             functools.partial(encrypt, kid, self._source(source), key=key, **options)
         )
+
+    async def encrypt_archive(
+        self, kid: str, source: AsyncSource, *, prefix: str, **options: Unpack[ArchiveOptions]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`SealstreamClient.encrypt_archive`: the job's progress lines, `async for`."""
+        encrypt = self.sync.encrypt_archive
+        lines = encrypt(kid, self._source(source), prefix=prefix, **options)
+        try:
+            while (line := await self.in_thread(functools.partial(next, lines, None))) is not None:
+                yield line
+        finally:
+            await self.in_thread(lines.close)  # ends the exchange, whole or not
 
     async def decrypt(
         self, source: AsyncSource, sink: AsyncSink, **options: Unpack[OpenOptions]

@@ -26,7 +26,7 @@ import importlib
 import json
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -269,7 +269,7 @@ class SealstreamClient:
         archive_format: str = "auto",
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """Stream the archive `source` in, each member sealed into an object under
         `prefix` as it arrives: the job's progress lines as they come, the first
         `{"event": "started", "jobId"}`, the last `{"event": "finished", ...}`."""

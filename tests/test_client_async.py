@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import io
 import os
+import tarfile
 import time
 from collections.abc import AsyncIterator
 
@@ -171,7 +172,7 @@ def test_the_async_client_has_every_call_of_the_sync_one() -> None:
         if name == "timeout":
             continue
         call = getattr(AsyncSealstreamClient, name)
-        assert inspect.iscoroutinefunction(call), name
+        assert inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call), name
         sync = inspect.signature(getattr(SealstreamClient, name))
         mine = inspect.signature(call)
         if any(p.kind is p.VAR_KEYWORD for p in mine.parameters.values()):
@@ -208,6 +209,20 @@ def test_the_other_streams_and_routes_async(api: Api) -> None:
             assert (verdict.valid, verdict.kid, verdict.alg) == (True, "signer#1", "ES256")
             with pytest.raises(SignatureRejected):
                 await client.verify(data + b"!", signature, kid="signer")
+
+            archive = io.BytesIO()
+            with tarfile.open(fileobj=archive, mode="w") as tar:
+                for name in ("a.txt", "b.txt"):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            lines = [
+                line
+                async for line in client.encrypt_archive(KID, archive.getvalue(), prefix="arc/")
+            ]
+            assert (lines[0]["event"], lines[-1]["event"]) == ("started", "finished")
+            listed = await client.list_objects(prefix="arc/")
+            assert {"arc/a.txt", "arc/b.txt"} <= {entry.key for entry in listed.objects}
 
             assert (await client.health()) == {"status": "ok"}
             assert (await client.readiness())["status"] == "ready"

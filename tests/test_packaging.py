@@ -4,7 +4,12 @@ files declare (the tests that search the shipped code read their list from them)
 service depends on the client distribution of its own version; and the image copies and
 installs both."""
 
+import json
+import os
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 from tests.support.project import (
     CLIENT_PROJECT,
@@ -31,6 +36,30 @@ def test_the_service_depends_on_the_client_of_its_own_version() -> None:
         client = tomllib.load(file)["project"]
     assert f"{client['name']}=={client['version']}" in service["dependencies"]
     assert service["version"] == client["version"]
+
+
+def test_the_packages_are_imported_from_the_repository(tmp_path: Path) -> None:
+    """In the editable install the tests and the servers they start run in, every package
+    is the repository's own, also for a process started elsewhere (as the `sealstream`
+    command is): a copy in site-packages (as a build hook that forced them into an
+    editable wheel left) would shadow the code being edited and tested."""
+    probe = "import importlib, json, sys; print(json.dumps("
+    probe += "[importlib.import_module(name).__file__ for name in sys.argv[1:]]))"
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-c", probe, *wheel_packages()],
+        cwd=tmp_path,
+        env=clean,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    places = {
+        name: Path(file).resolve().parent
+        for name, file in zip(wheel_packages(), json.loads(run.stdout), strict=True)
+    }
+    assert {name: place for name, place in places.items() if place != REPO / name} == {}
 
 
 def copied_into_image() -> set[str]:
