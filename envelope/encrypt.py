@@ -195,8 +195,8 @@ class Encryptor:
 
     def recycle(self, frame: bytearray | memoryview) -> None:
         """Give back a regular frame that `update` returned, once nothing will read it
-        again (it has been copied or written out): the next frame sealed piece by piece
-        (from plaintext that comes in pieces smaller than a frame) is sealed into it.
+        again (it has been copied or written out): the next regular frame is sealed into
+        it, whether piece by piece or whole from the caller's buffer.
         Likewise a streamed piece (see `expect_length`): the next one is written into it.
 
         That saves allocating and zeroing a frame's worth of memory per frame, and the
@@ -266,7 +266,8 @@ class Encryptor:
 
     def _seal_whole(self, plaintext: memoryview) -> bytearray:
         sequence_number = self._next_regular_sequence_number()
-        return self._cipher.seal(sequence_number, plaintext, final=False)
+        spare, self._spare = self._spare, None
+        return self._cipher.seal(sequence_number, plaintext, final=False, into=spare)
 
     def _seal_regular(self, frame: PendingFrame) -> bytearray:
         self._next_regular_sequence_number()

@@ -104,8 +104,16 @@ class FrameSealer(_FrameKey):
         self._header_tagged = True
         return self._aead.encrypt(_HEADER_IV, b"", header_body)
 
-    def seal(self, sequence_number: int, plaintext: memoryview, *, final: bool) -> bytearray:
-        """The serialized frame; a fresh buffer the caller owns."""
+    def seal(
+        self,
+        sequence_number: int,
+        plaintext: memoryview,
+        *,
+        final: bool,
+        into: bytearray | None = None,
+    ) -> bytearray:
+        """The serialized frame; a buffer the caller owns: `into`, a spent frame, if it is
+        of the frame's length (every byte of it is written again), else a fresh one."""
         # The IV is the sequence number, which the encryptor hands out once per message:
         # each regular frame takes the next, and the final frame the one after the last.
         iv = frame_iv(sequence_number)
@@ -114,7 +122,8 @@ class FrameSealer(_FrameKey):
             prefix = FINAL_PREFIX.pack(END_MARKER, sequence_number, iv, length)
         else:
             prefix = REGULAR_PREFIX.pack(sequence_number, iv)
-        frame = bytearray(len(prefix) + length + TAG_LENGTH)
+        size = len(prefix) + length + TAG_LENGTH
+        frame = into if into is not None and len(into) == size else bytearray(size)
         frame[: len(prefix)] = prefix
         aad = self._aad(sequence_number, length, final=final)
         self._aead.encrypt_into(iv, plaintext, aad, memoryview(frame)[len(prefix) :])

@@ -88,10 +88,15 @@ class ObjectSealer:
 
     def _seal(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         encryptor = self._sealing.encryptor
+        step = encryptor.frame_length
         for chunk in chunks:
-            for piece in encryptor.update(chunk):
-                self._writer.write(piece)  # writers keep nothing of it past the call
-                encryptor.recycle(piece)
+            view = memoryview(chunk)
+            # A frame's worth at a time, so that each frame's buffer is given back before
+            # the next is sealed, and sealed into again rather than made and zeroed anew.
+            for start in range(0, len(view), step):
+                for piece in encryptor.update(view[start : start + step]):
+                    self._writer.write(piece)  # writers keep nothing of it past the call
+                    encryptor.recycle(piece)
 
     def complete(self) -> ObjectRecord:
         """Seal the final frame, mark the object in the index, make it visible, record it,
