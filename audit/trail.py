@@ -417,7 +417,10 @@ class AuditTrail:
 
 def _bounded(event: Event) -> Event:
     """`event` with over-long text held as digests, and its context keys capped."""
-    bounded = {name: _text(value, MAX_TEXT_BYTES) for name, value in event.items()}
+    bounded = dict(event)
+    for name, value in event.items():
+        if isinstance(value, str) and len(value) * 12 > MAX_TEXT_BYTES:  # else short enough
+            bounded[name] = _text(value, MAX_TEXT_BYTES)
     names = event.get("contextKeys")
     if isinstance(names, list):
         bounded["contextKeys"] = [_text(name, MAX_NAME_BYTES) for name in names[:MAX_CONTEXT_KEYS]]
@@ -427,20 +430,31 @@ def _bounded(event: Event) -> Event:
 
 
 def _text(value: Any, limit: int) -> Any:
-    if isinstance(value, str) and len(value) * 12 > limit and len(json.dumps(value)) - 2 > limit:
+    if isinstance(value, str) and len(value) * 12 > limit and _json_length(value) > limit:
         return _Digested(hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest())
     return value
 
 
-def _waiting(event: Event) -> _Waiting:
-    size = len(json.dumps(event, separators=(",", ":"), default=_digest_placeholder))
-    return _Waiting(event, size + SEALING_BYTES)
+def _json_length(text: str) -> int:
+    """The length of `text` as a JSON string, quotes left out (without encoding it, in
+    the common case)."""
+    if text.isascii() and text.isprintable():
+        return len(text) + text.count('"') + text.count("\\")
+    return len(json.dumps(text)) - 2
 
 
 def _digest_placeholder(value: object) -> str:
     if not isinstance(value, _Digested):
         raise TypeError(f"an audit event cannot hold {type(value).__name__}")
     return "x" * _DIGEST_CHARS
+
+
+# One encoder for every measure: making one per event costs more than the encoding.
+_MEASURE = json.JSONEncoder(separators=(",", ":"), default=_digest_placeholder)
+
+
+def _waiting(event: Event) -> _Waiting:
+    return _Waiting(event, len(_MEASURE.encode(event)) + SEALING_BYTES)
 
 
 def _sealable(key: bytes, event: Event) -> Event:

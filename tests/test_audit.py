@@ -580,6 +580,9 @@ def test_the_buffer_and_each_segment_are_bounded_in_bytes(trail: Trail) -> None:
 
 def test_a_segments_worth_of_bytes_waiting_flushes_at_once(trail: Trail) -> None:
     log = trail.open(options=replace(MANUAL, segment_bytes=16 * 1024))
+    log.record({"type": "request", "route": "/first"})
+    # The flusher's first flush, at the chain's opening, has written; it now waits an hour.
+    wait_until(lambda: len(trail.segments(log.chain)) == 1, "the opening flush", timeout=30)
     for n in range(20):  # over 16 KB, in far fewer events than flush_events
         log.record({"type": "request", "route": f"/r/{n}", "object": "o" * 1000})
     wait_until(lambda: len(trail.segments(log.chain)) >= 2, "a flush of its own", timeout=30)
