@@ -133,6 +133,12 @@ class KeyVersionRetired(InvalidKeyState):
     code = "key-version-retired"
 
 
+class VersionNotRetired(InvalidKeyState):
+    """A retirement cancelled of a version that is not retired."""
+
+    code = "version-not-retired"
+
+
 class PrimaryVersion(InvalidKeyState):
     """The primary version cannot be retired: rotate first."""
 

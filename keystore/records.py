@@ -38,6 +38,7 @@ from keystore.errors import (
     MixedKeyOps,
     OperationNotPermitted,
     PrimaryVersion,
+    VersionNotRetired,
 )
 from storage.documents import FrozenCamelModel
 
@@ -404,6 +405,20 @@ class KeyRecord(KeyMetadata):
             update={"retired_at": now, "destruction_date": destruction_date}
         )
         return self._with_version_replaced(retired, now)
+
+    def with_retirement_cancelled(self, number: int, now: datetime) -> Self:
+        """The record with version `number` in use again, if it is retired and its
+        destruction date has not come."""
+        version = self.version(number)
+        if version.retired_at is None:
+            raise VersionNotRetired(f"key version {self.kid}#{number} is not retired")
+        if version.destruction_date is None or version.destruction_date <= now:
+            raise KeyVersionRetired(
+                f"key version {self.kid}#{number} is past its destruction date: its material "
+                "is, or is about to be, destroyed"
+            )
+        restored = version.model_copy(update={"retired_at": None, "destruction_date": None})
+        return self._with_version_replaced(restored, now)
 
     def check_retirable(self, number: int) -> None:
         """Refuse to retire the primary version, or a version of a key pending deletion."""

@@ -370,6 +370,12 @@ class KeyStore:
             ),
         )
 
+    def cancel_retirement(self, tenant: str, kid: str, version: int) -> KeyRecord:
+        """Put a retired version back in use, within its pending window."""
+        return self._saved.update(
+            tenant, kid, lambda record, now: record.with_retirement_cancelled(version, now)
+        )
+
     def change(self, tenant: str, kid: str, change: KeyChange) -> KeyRecord:
         """Change what a PATCH may: exportable (to false only), expiresAt, the usage
         limits and rotateOnUsageLimit."""

@@ -195,7 +195,7 @@ class RedisLedger(UsageLedger):
             return vouched
         except (KeystoreError, StorageError, ConcurrentUpdate) as error:
             logger.warning("usage checkpoint of key %r not written yet: %s", record.kid, error)
-            return self._unchecked(record, shared, added)
+            return self._unchecked(record, floor, shared, added)
         if shared.below(sealed[-1]):
             logger.warning(
                 "the Redis count of key %r of tenant %r was below its sealed checkpoint: "
@@ -207,13 +207,13 @@ class RedisLedger(UsageLedger):
         self._vouch(record, shared, checkpointed=True)
         return shared
 
-    def _unchecked(self, record: KeyRecord, shared: Uses, added: Uses) -> Uses:
+    def _unchecked(self, record: KeyRecord, floor: Uses, shared: Uses, added: Uses) -> Uses:
         """`shared`, when the sealed record cannot be reached to check it against: taken
-        if no more ahead of what this process last believed than the processes could have
-        counted since, else the count is unavailable."""
+        if no more ahead of what this process last believed (at first, `floor`) than the
+        processes could have counted since, else the count is unavailable."""
         now = time.monotonic()
         with self._lock:
-            state = self._keys.setdefault(_key(record), _KeyState(vouched=shared))
+            state = self._keys.setdefault(_key(record), _KeyState(vouched=floor))
             state.failing_since = state.failing_since or now
             unchecked = now - state.vouched_at + self._flush_interval
             if _jump(state.vouched, shared) > self._max_rate * unchecked + added.total:

@@ -351,6 +351,7 @@ class AsyncSealstreamClient:
     supported_algorithms = _in_thread(SealstreamClient.supported_algorithms)
     list_key_version_objects = _in_thread(SealstreamClient.list_key_version_objects)
     retire_key_version = _in_thread(SealstreamClient.retire_key_version)
+    cancel_key_version_retirement = _in_thread(SealstreamClient.cancel_key_version_retirement)
     list_objects = _in_thread(SealstreamClient.list_objects)
     delete_object = _in_thread(SealstreamClient.delete_object)
     create_token = _in_thread(SealstreamClient.create_token)

@@ -521,6 +521,11 @@ class SealstreamClient:
         body = _metadata(confirm=confirm, pendingWindowDays=pending_window_days)
         return self._json(models.Key, "POST", _key_path(kid, f"versions/{version}/retire"), body)
 
+    def cancel_key_version_retirement(self, kid: str, version: int) -> models.Key:
+        """Put a retired version back in use, within its pending window."""
+        path = _key_path(kid, f"versions/{version}/cancel-retirement")
+        return self._json(models.Key, "POST", path)
+
     # Stored objects
 
     def list_objects(

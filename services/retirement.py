@@ -19,9 +19,11 @@ opened, and when last.
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 from envelope import EnvelopeError, key_names
+from envelope.suite import MESSAGE_FORMAT_VERSION
 from keystore import KeyRecord, KeyStore
 from keystore.material import key_name
 from keystore.store import Proceed, always, check_pending_window
@@ -65,16 +67,27 @@ class VersionInUse(RetirementRefused):
 
 
 class VersionUsageUnknown(RetirementRefused):
-    """Object records that failed authentication: which version they need is unknown."""
+    """Objects of the tenant of which the census cannot tell which key version they need."""
 
     code = "version-usage-unknown"
 
-    def __init__(self, refused: int) -> None:
+    def __init__(self, census: "Census") -> None:
         super().__init__(
-            f"{refused} of the tenant's object records failed authentication, so which key "
-            "versions their objects need is unknown; restore or delete them (the service's "
-            "log names them)"
+            f"for {census.unknown} of the tenant's stored objects, which key versions they "
+            f"need is unknown: {census.refused} object records failed authentication, "
+            f"{census.unlisted} files have no metadata, {census.unreadable} message headers "
+            "cannot be read; restore or delete them (the service's log names them)"
         )
+        self.census = census
+
+    def extensions(self) -> dict[str, Any]:
+        census = self.census
+        return {
+            "unknownCount": census.unknown,
+            "refusedRecords": census.refused,
+            "unlistedFiles": census.unlisted,
+            "unreadableHeaders": census.unreadable,
+        }
 
 
 class ConfirmationRequired(RetirementRefused):
@@ -109,10 +122,25 @@ class ConfirmationRequired(RetirementRefused):
 
 @dataclass(frozen=True)
 class Census:
-    """What a census found of the objects of one key version."""
+    """What a census found of the objects of one key version, and of those whose version
+    it cannot know."""
 
-    objects: int  # objects sealed under the version, recorded or not
-    refused: int  # records that failed authentication, whose version is unknown
+    objects: int = 0  # objects sealed under the version, recorded or not
+    refused: int = 0  # records that failed authentication
+    unlisted: int = 0  # files a listing skips (no metadata: a deleted sidecar)
+    unreadable: int = 0  # objects without a record, that begin as a message but do not read
+
+    @property
+    def unknown(self) -> int:
+        return self.refused + self.unlisted + self.unreadable
+
+    def plus(self, other: "Census") -> "Census":
+        return Census(
+            self.objects + other.objects,
+            self.refused + other.refused,
+            self.unlisted + other.unlisted,
+            self.unreadable + other.unreadable,
+        )
 
 
 @dataclass(frozen=True)
@@ -157,19 +185,17 @@ class Retirements:
                 key_name(kid, version),
             )
             raise VersionInUse(key_name(kid, version), census.objects)
-        if census.refused:
-            raise VersionUsageUnknown(census.refused)
+        if census.unknown:
+            raise VersionUsageUnknown(census)
 
     def census(self, tenant: str, kid: str, version: int) -> Census:
         """Count the tenant's objects sealed under `kid#version`, in every bucket it may
         use, from the object records and, for objects without one, their headers."""
         name = key_name(kid, version)
-        objects = refused = 0
+        census = Census()
         for store in self.spaces.tenant_stores(tenant):
-            found, unknown = _count_in(self.records, store, tenant, name)
-            objects += found
-            refused += unknown
-        return Census(objects, refused)
+            census = census.plus(_count_in(self.records, store, tenant, name))
+        return census
 
     def destroy_due(self, proceed: Proceed = always) -> list[str]:
         """Destroy the material of retired versions past their destruction date, each
@@ -182,15 +208,15 @@ class Retirements:
             name = key_name(kid, version)
             indexed = Inventory(self.records).counts(tenant, kid).get(version, 0)
             census = self.census(tenant, kid, version)
-            if indexed or census.objects or census.refused:
+            if indexed or census.objects or census.unknown:
                 logger.error(
                     "not destroying %s of tenant %s: %d objects use it (%d in the index), "
-                    "%d object records failed authentication",
+                    "and of %d the key version is unknown",
                     name,
                     tenant,
                     census.objects,
                     indexed,
-                    census.refused,
+                    census.unknown,
                 )
                 continue
             if not proceed(tenant, name):
@@ -200,32 +226,59 @@ class Retirements:
         return destroyed
 
 
-def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> tuple[int, int]:
-    """(objects sealed for the key name `name`, records refused) in one store."""
-    objects = list(store.list(tenant_prefix(tenant)))
+class _Verdict(Enum):
+    SEALED_FOR = "sealed for the version"
+    NOT = "not sealed for it"
+    REFUSED = "its record failed authentication"
+    UNREADABLE = "no record, and a message header that does not read"
+
+
+def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> Census:
+    """The census of the key name `name` in one store."""
+    prefix = tenant_prefix(tenant)
+    objects = list(store.list(prefix))
     with ThreadPoolExecutor(CENSUS_THREADS, thread_name_prefix="census") as pool:
         verdicts = list(pool.map(lambda info: _sealed_for(records, store, info, name), objects))
-    return sum(v is True for v in verdicts), sum(v is None for v in verdicts)
+    return Census(
+        objects=verdicts.count(_Verdict.SEALED_FOR),
+        refused=verdicts.count(_Verdict.REFUSED),
+        unlisted=store.unlisted(prefix),
+        unreadable=verdicts.count(_Verdict.UNREADABLE),
+    )
 
 
-def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: str) -> bool | None:
+def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: str) -> _Verdict:
     """Whether the object `info` is sealed for the key name `name`, by its record, or
-    without one by its header; None if its record fails authentication."""
+    without one by its header."""
     try:
         record = load_record(records, store.bucket, info.key)
     except RecordTampered:
-        return None
+        return _Verdict.REFUSED
     except ObjectNotFound:
         return _header_names(store, info, name)
-    return key_name(record.kid, record.key_version) == name
+    return _Verdict.SEALED_FOR if key_name(record.kid, record.key_version) == name else _Verdict.NOT
 
 
-def _header_names(store: ObjectStore, info: ObjectInfo, name: str) -> bool:
+def _header_names(store: ObjectStore, info: ObjectInfo, name: str) -> _Verdict:
     """Whether an object without a record names `name` among its header's keys. One that
-    is no message (a manifest, a file put there by other means) names none; one whose
-    header is damaged would not decrypt under any version."""
+    is no message of ours (a manifest, a file put there by other means: its first byte is
+    not our format's version) names none; one that begins as a message but whose header
+    does not read (damaged, cut short, or changed since listed) might, and is unknown."""
     try:
         header = read_stored_header(store, info.key, info.size)
-    except (EnvelopeError, InvalidRange, ObjectNotFound):  # none, or gone since listed
+    except ObjectNotFound:  # gone since listed
+        return _Verdict.NOT
+    except (EnvelopeError, InvalidRange):
+        if not _begins_as_message(store, info):
+            return _Verdict.NOT
+        logger.warning("the header of %s does not read: which key it needs is unknown", info.key)
+        return _Verdict.UNREADABLE
+    return _Verdict.SEALED_FOR if name in key_names(header) else _Verdict.NOT
+
+
+def _begins_as_message(store: ObjectStore, info: ObjectInfo) -> bool:
+    try:
+        first = b"".join(store.read(info.key, 0, 1))
+    except (InvalidRange, ObjectNotFound):
         return False
-    return name in key_names(header)
+    return first == bytes([MESSAGE_FORMAT_VERSION])

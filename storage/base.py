@@ -219,6 +219,11 @@ class ObjectStore(ABC):
         per object to return it. Use `head` for that.
         """
 
+    def unlisted(self, prefix: str) -> int:
+        """How many things under `prefix` a listing leaves out because they are no whole
+        object of the store's: none on S3, where every object is listed."""
+        return 0
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove the object; removing a missing object is not an error."""

@@ -101,18 +101,32 @@ class LocalStore(ObjectStore):
         )
 
     def list(self, prefix: str = "", *, start_after: str = "") -> Iterator[ObjectInfo]:
+        for key, info in self._scan(prefix, start_after):
+            if info is not None:
+                yield info
+            else:
+                # A file put there by hand: no object of the store's, and one such file
+                # must not hide every other object of the listing.
+                logger.warning("listing skips %r: it has no metadata, so is no object", key)
+
+    def unlisted(self, prefix: str) -> int:
+        """Files under `prefix` without their metadata, which listings skip: put there by
+        hand, or an object whose sidecar was deleted."""
+        return sum(info is None for _, info in self._scan(prefix, ""))
+
+    def _scan(self, prefix: str, start_after: str) -> Iterator[tuple[str, ObjectInfo | None]]:
+        """(key, its listing entry, or None for a file without metadata) of the files
+        under `prefix` after `start_after`, in key order."""
         for parent, name in self._files(prefix):
             key = parent + name
             if _is_reserved(parent, name) or not key.startswith(prefix) or key <= start_after:
                 continue
             try:
-                yield replace(self.head(key), metadata={})
+                yield key, replace(self.head(key), metadata={})
             except ObjectNotFound:
                 continue  # deleted since the directory was scanned
             except _SidecarMissing:
-                # A file put there by hand: no object of the store's, and one such file
-                # must not hide every other object of the listing.
-                logger.warning("listing skips %r: it has no metadata, so is no object", key)
+                yield key, None
 
     def delete(self, key: str) -> None:
         path = self._object_path(key)

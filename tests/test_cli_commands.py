@@ -339,6 +339,9 @@ def test_stored_objects_and_key_versions(api: Api) -> None:
     assert run_json(api, "keys", "objects", KID, "--version", "1")["objects"] == []
     retired = run(api, "keys", "retire", KID, "1", "--confirm", f"{KID}#1")
     assert retired.returncode == 0, retired.stderr
+    kept = run_json(api, "keys", "cancel-retirement", KID, "1")
+    assert kept["versions"][0]["retiredAt"] is None
+    assert run(api, "keys", "cancel-retirement", KID, "1").returncode == 6  # not retired
 
     assert run(api, "objects", "delete", "o/a").returncode == 0
     assert [entry["key"] for entry in run_json(api, "objects", "list")["objects"]] == ["o/b"]

@@ -16,18 +16,23 @@ from typing import Any
 import httpx
 import pytest
 
+from audit import AUDIT_KEY_PURPOSE
+from audit.reading import authentic_events
 from keystore import KeyStore
+from keystore.errors import KeyVersionRetired
 from keystore.persistence import RECORD_KIND as KEY_KIND
 from keystore.persistence import record_key as key_record_name
 from keystore.records import KeyRecord
 from sealstream.wiring import build_parts
 from services.inventory import Inventory
 from services.retirement import Retirements
+from storage.local import LocalStore
 from storage.records import record_key
 from tests.conftest import Api
 from tests.support.data import random_bytes
 from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
 from tests.support.jobs import JobStack, finished_job
+from tests.support.waiting import wait_until
 
 KID = "mySymKey"
 TENANT = "default"
@@ -220,3 +225,68 @@ def test_destruction_waits_while_a_rolled_back_object_uses_the_version(api: Api)
 
         assert client.delete("/api/objects/docs/a").status_code == 204
         assert retirements.destroy_due() == [f"{TENANT}/{V1}"]
+
+
+def test_nor_does_an_object_stripped_of_record_marker_and_metadata(rotated: Api) -> None:
+    """On the local store, a file without its metadata sidecar is left out of listings;
+    an object without a record whose header does not read is not known to be no message.
+    Either makes the version's use unknown."""
+    store_ = rotated.objects
+    if not isinstance(store_, LocalStore):
+        pytest.skip("the local directory backend only")
+    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    store_.delete(marker.name)
+    storage_key = "tenants/default/docs/a"
+    store_.delete(record_key(store_.bucket, storage_key))
+    (store_.root / ".meta" / f"{storage_key}.json").unlink()
+    # Another object, its record deleted and its header cut short.
+    with rotated.client() as client:
+        store(client, "docs/b", b"b")
+    damaged = "tenants/default/docs/b"
+    store_.delete(record_key(store_.bucket, damaged))
+    store_.put(damaged, store_.get(damaged)[:40])
+    with rotated.client() as client:
+        refused = problem(
+            client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-usage-unknown"
+        )
+    assert (refused["unknownCount"], refused["unlistedFiles"], refused["unreadableHeaders"]) == (
+        2,
+        1,
+        1,
+    )
+    assert "for 2 of the tenant's stored objects" in refused["detail"]
+
+
+def test_a_retirement_is_cancelled_within_its_pending_window(rotated: Api) -> None:
+    cancel_v2 = f"{KEYS}/{KID}/versions/2/cancel-retirement"
+    retire_v2 = {"confirm": f"{KID}#2"}
+    with rotated.client() as client:
+        sealed_by_2 = encrypt(client, b"x")
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        problem(client.post(cancel_v2), 409, "version-not-retired")
+        retired = client.post(f"{KEYS}/{KID}/versions/2/retire", json=retire_v2)
+        assert retired.status_code == 200, retired.text
+        problem(decrypt(client, sealed_by_2.content), 409, "key-version-retired")
+        kept = client.post(cancel_v2)
+        assert kept.status_code == 200, kept.text
+        version_2 = kept.json()["versions"][1]
+        assert (version_2["retiredAt"], version_2["destructionDate"]) == (None, None)
+        assert decrypt(client, sealed_by_2.content).status_code == 200
+        again = client.post(f"{KEYS}/{KID}/versions/2/retire", json=retire_v2)
+        assert again.status_code == 200, again.text
+    # Past its destruction date it stays retired.
+    parts = build_parts(rotated.settings)
+    later = datetime.now(UTC) + timedelta(days=8)
+    keys = KeyStore(parts.records, parts.kek, clock=lambda: later)
+    with pytest.raises(KeyVersionRetired):
+        keys.cancel_retirement(TENANT, KID, 2)
+    audit_key = parts.records.key.derive(AUDIT_KEY_PURPOSE)
+    cancelled = (f"{KEYS}/{{kid}}/versions/{{version}}/cancel-retirement", f"{KID}#2", 200)
+
+    def audited() -> bool:
+        return cancelled in [
+            (e.get("route"), e.get("key"), e.get("status"))
+            for e in authentic_events(parts.objects, audit_key)
+        ]
+
+    wait_until(audited, "the cancelled retirement in the audit trail", timeout=30)

@@ -71,6 +71,7 @@ class Retirement(CamelModel):
 
 DETAIL = {200: answer("The key, with each version's count of stored objects.", KeyDetail)}
 RETIRED = {200: answer("The key, the version retired.", KeyDetail)}
+RETIREMENT_CANCELLED = {200: answer("The key, the version in use again.", KeyDetail)}
 INDEXED = {200: answer("A page of the version's stored objects.", IndexedObjects)}
 
 
@@ -314,4 +315,20 @@ async def retire_key_version(
         raise Problem(
             refusal.status, refusal.code, str(refusal), extensions=refusal.extensions()
         ) from None
+    return await run_in_threadpool(_detailed, request, principal.tenant, kid)
+
+
+@router.post(
+    "/keys/{kid}/versions/{version}/cancel-retirement",
+    response_model=None,
+    responses=answers(RETIREMENT_CANCELLED, AUTHENTICATED, NAMED_KEY),
+)
+async def cancel_key_version_retirement(
+    request: Request, kid: str, version: Annotated[int, Path(ge=1)], principal: Writer
+) -> dict[str, Any]:
+    """Put a retired version back in use before its material is destroyed (within its
+    pending window), as cancel-deletion keeps a key."""
+    noted(request).key = f"{kid}#{version}"
+    keys = services(request).keys
+    await run_in_threadpool(keys.cancel_retirement, principal.tenant, kid, version)
     return await run_in_threadpool(_detailed, request, principal.tenant, kid)

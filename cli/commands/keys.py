@@ -232,6 +232,15 @@ def retire(
     _show_key(session, retired)
 
 
+@keys.command("cancel-retirement")
+@click.argument("kid")
+@click.argument("version", type=click.IntRange(min=1))
+@client_command
+def cancel_retirement(session: Session, kid: str, version: int) -> None:
+    """Put retired VERSION of the key back in use, before its material is destroyed."""
+    _show_key(session, session.client.cancel_key_version_retirement(kid, version).document)
+
+
 @keys.command()
 @client_command
 def algorithms(session: Session) -> None:
