@@ -15,6 +15,7 @@ slow store leave the default pool to the short calls every request makes.
 """
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -37,9 +38,25 @@ from storage.records import ObjectRecord, save_record
 # make fewer hops.
 STORAGE_BATCH_BYTES = 4 * 1024 * 1024
 
-# Where plaintext is hashed beside its sealing. Hashing never waits on anything, so a
-# pool as large as the default (the CPUs, and a few) is never short for long.
-_HASHING = ThreadPoolExecutor(thread_name_prefix="sealstream-sha256")
+
+class HashingPool:
+    """Where plaintext is hashed beside its sealing. Hashing never waits on anything, so
+    a pool as large as the default (the CPUs, and a few) is never short for long.
+
+    A forked child gets a pool of its own: the parent's threads do not exist there, and a
+    copied pool would count them as idle and never run what it is given."""
+
+    executor: ThreadPoolExecutor
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self.executor = ThreadPoolExecutor(thread_name_prefix="sealstream-sha256")
+
+
+HASHING = HashingPool()
 
 
 class ObjectSealer:
@@ -76,7 +93,7 @@ class ObjectSealer:
         """Seal `chunks`, the next of the plaintext, into the upload, and take them into
         its SHA-256 on another thread meanwhile; return once both are done, so that the
         digest takes the plaintext in order."""
-        hashed = _HASHING.submit(self._hash, chunks)
+        hashed = HASHING.executor.submit(self._hash, chunks)
         try:
             self._seal(chunks)
         finally:

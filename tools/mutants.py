@@ -618,6 +618,13 @@ MUTANTS = (
         "    pass",
         (KEY_EVENTS_TEST,),
     ),
+    Mutant(
+        "hashing pool renewed in a forked child",
+        "services/seal_to_storage.py",
+        "        os.register_at_fork(after_in_child=self._renew)",
+        "        pass",
+        ("tests/test_seal_hashing.py",),
+    ),
 )
 
 
