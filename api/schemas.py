@@ -1,6 +1,6 @@
 """Request fields several routes share, validated the same way everywhere."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -63,10 +63,8 @@ class Metadata(CamelModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class NamesKey(Metadata):
-    """Metadata that must name the key to seal or sign with: `kid`."""
-
-    kid: Kid
+class _RequiresKid(Metadata):
+    """Metadata that must name a key: `kid`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -74,3 +72,30 @@ class NamesKey(Metadata):
         if isinstance(data, dict) and "kid" not in data:
             raise PydanticCustomError("missing-kid", "the metadata must name a key: 'kid'")
         return data
+
+
+class NamesKey(_RequiresKid):
+    """Metadata that must name the key to seal or sign with: `kid`."""
+
+    kid: Kid
+
+
+class NamesKeys(_RequiresKid):
+    """Metadata that names the key, or the keys, to seal with: `kid`, one or a list."""
+
+    kid: (
+        Kid
+        | Annotated[
+            list[Kid], Field(min_length=1, max_length=DEFAULT_LIMITS.max_encrypted_data_keys)
+        ]
+    )
+
+    @property
+    def kids(self) -> list[str]:
+        return [self.kid] if isinstance(self.kid, str) else list(self.kid)
+
+    @model_validator(mode="after")
+    def distinct_keys(self) -> Self:
+        if len(set(self.kids)) != len(self.kids):
+            raise PydanticCustomError("duplicate-recipient", "'kid' names a key twice")
+        return self

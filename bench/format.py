@@ -8,13 +8,17 @@ Prints, for one run over the same generated plaintext (1 GiB by default):
 - the aws-encryption-sdk package's streaming encrypt and decrypt MB/s on the same data
   (same suite, same frame length), run in a child process so its imports do not count
   against our memory figure;
-- the peak RSS of the process while sealstream streams (Linux VmHWM, reset per phase).
+- the peak RSS of the process while sealstream streams (Linux VmHWM, reset per phase);
+- signed messages (suite 0x0578) encrypted and decrypted, next to the unsigned ones and to
+  a bare SHA-384 pass over the same bytes, the hash the footer's signature needs (shown,
+  with no goal: a signed message costs that hash on top of AES-GCM).
 
 Each timed phase runs `--rounds` times, interleaved with its ceiling; the best round of
 each is compared, since the machines are shared and only ratios mean anything.
 """
 
 import argparse
+import hashlib
 import io
 import multiprocessing
 import os
@@ -54,8 +58,8 @@ def rechunk(pieces: Iterator[bytes | bytearray | memoryview], size: int) -> Iter
         yield bytes(pending)
 
 
-def ciphertext(total: int, frame: int) -> Iterator[bytearray | memoryview]:
-    encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame)
+def ciphertext(total: int, frame: int, *, signed: bool = False) -> Iterator[bytearray | memoryview]:
+    encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame, signed=signed)
     for chunk in plaintext(total, frame):
         yield from encryptor.update(chunk)
     yield from encryptor.finish()
@@ -77,12 +81,12 @@ class PeakRss:
         raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def time_encrypt(total: int, frame: int) -> float:
+def time_encrypt(total: int, frame: int, *, signed: bool = False) -> float:
     """Each frame is let go before the next is made, as the bare loop lets go of its output
     and as the service does (it recycles each frame once sent or stored). A loop variable
     holding the last frame across the next call would keep two frames' memory in use, more
     than a core's cache holds, and slow the loop down for that alone."""
-    encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame)
+    encryptor = Encryptor([AesKeyring(KEY_NAME, KEY)], frame_length=frame, signed=signed)
     written = 0
     start = time.perf_counter()
     for chunk in plaintext(total, frame):
@@ -100,10 +104,10 @@ def time_bare_encrypt(total: int, frame: int) -> float:
     return time.perf_counter() - start
 
 
-def time_decrypt(total: int, frame: int, chunk: int | None) -> float:
+def time_decrypt(total: int, frame: int, chunk: int | None, *, signed: bool = False) -> float:
     """Seconds spent inside the decryptor only; the ciphertext is made on the fly, untimed."""
     decryptor = Decryptor([AesKeyring(KEY_NAME, KEY)])
-    source: Iterator[bytes | bytearray | memoryview] = ciphertext(total, frame)
+    source: Iterator[bytes | bytearray | memoryview] = ciphertext(total, frame, signed=signed)
     if chunk is not None:
         source = rechunk(source, chunk)
     spent = 0.0
@@ -126,6 +130,32 @@ def time_bare_decrypt(total: int, frame: int) -> float:
         aead.decrypt(iv, sealed, aad)
         spent += time.perf_counter() - start
     return spent
+
+
+def time_bare_sha384(total: int, frame: int) -> float:
+    digest = hashlib.sha384()
+    start = time.perf_counter()
+    for chunk in plaintext(total, frame):
+        digest.update(chunk)
+    digest.digest()
+    return time.perf_counter() - start
+
+
+def signed_figures(total: int, frame: int, rounds: int, unsigned: tuple[float, float]) -> None:
+    """Signed encrypt and decrypt next to the unsigned figures and a bare SHA-384 pass."""
+    sha384 = best_of(rounds, lambda: time_bare_sha384(total, frame))
+    signed_encrypt = best_of(rounds, lambda: time_encrypt(total, frame, signed=True))
+    signed_decrypt = best_of(rounds, lambda: time_decrypt(total, frame, None, signed=True))
+    print(f"  bare SHA-384 over the same bytes {mb_per_s(total, sha384):8.0f} MB/s")
+    for name, seconds, plain in [
+        ("encrypt", signed_encrypt, unsigned[0]),
+        ("decrypt", signed_decrypt, unsigned[1]),
+    ]:
+        print(
+            f"  sealstream signed {name:<21} {mb_per_s(total, seconds):8.0f} MB/s   "
+            f"unsigned {mb_per_s(total, plain):8.0f} MB/s   signed / unsigned "
+            f"{plain / seconds:.3f}  (shown)"
+        )
 
 
 def best_of(rounds: int, measure: Callable[[], float]) -> float:
@@ -246,6 +276,7 @@ def main() -> None:
             f"ratio {ceiling / seconds:.3f}  ({goal})"
         )
     print(f"  peak RSS while streaming {peak:.1f} MiB  (goal < 100 MiB)")
+    signed_figures(total, frame, rounds, (encrypt, decrypt))
 
     if args.skip_sdk:
         return

@@ -13,6 +13,8 @@ private key for `OKP`. JWK members are base64url without padding. Errors about i
 JWKs name members, never their values.
 """
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -132,6 +134,15 @@ class KeyType(ABC):
         """The key that signs streams with one key version."""
         raise OperationNotPermitted(f"{params.alg} keys do not sign")
 
+    def recipient_keyring(self, key_name: str, public_jwk: Mapping[str, Any], alg: str) -> Keyring:
+        """A keyring that wraps to a public JWK of this type, for a recipient the service
+        does not hold; it cannot unwrap."""
+        raise OperationNotPermitted(f"{alg} keys cannot take messages for a recipient")
+
+    def thumbprint_members(self) -> tuple[str, ...]:
+        """The members an RFC 7638 thumbprint of a public JWK of this type covers."""
+        raise OperationNotPermitted(f"{self.kty} keys cannot take messages for a recipient")
+
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
         """The key that checks `alg` signatures of a public JWK of this type."""
         raise OperationNotPermitted(f"{alg} keys do not verify")
@@ -210,6 +221,19 @@ class RsaKeyType(KeyType):
         if self.operations(params.alg) != SIGNATURE_OPS:
             return super().signing_key(params, material)
         return PssSigningKey(params.alg, _load_rsa(material))
+
+    def recipient_keyring(self, key_name: str, public_jwk: Mapping[str, Any], alg: str) -> Keyring:
+        if self.operations(alg) != ENCRYPTION_OPS:
+            return super().recipient_keyring(key_name, public_jwk, alg)
+        modulus = self._checked_modulus(public_jwk)
+        public = rsa.RSAPublicNumbers(_jwk_uint(public_jwk, "e"), int.from_bytes(modulus))
+        try:
+            return RsaKeyring(key_name, public.public_key())
+        except ValueError:
+            raise InvalidJwk("the RSA members do not make a public key") from None
+
+    def thumbprint_members(self) -> tuple[str, ...]:
+        return ("e", "kty", "n")
 
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
         if self.operations(alg) != SIGNATURE_OPS:
@@ -319,6 +343,16 @@ class MlKemKeyType(AkpKeyType):
 
     def public_bytes(self, alg: str, seed: bytes) -> bytes:
         return self._classes[alg].from_seed_bytes(seed).public_key().public_bytes_raw()
+
+    def recipient_keyring(self, key_name: str, public_jwk: Mapping[str, Any], alg: str) -> Keyring:
+        public = mlkem.MLKEM768PublicKey if alg == "ML-KEM-768" else mlkem.MLKEM1024PublicKey
+        try:
+            return MlKemKeyring(key_name, public.from_public_bytes(jwk_bytes(public_jwk, "pub")))
+        except ValueError:
+            raise InvalidJwk(f"member 'pub' is not an {alg} public key") from None
+
+    def thumbprint_members(self) -> tuple[str, ...]:
+        return ("alg", "kty", "pub")  # the JOSE draft's, for AKP keys
 
 
 class EcKeyType(KeyType):
@@ -558,6 +592,25 @@ def verifying_key_from_jwk(jwk: Mapping[str, Any]) -> VerifyingKey:
         raise InvalidJwk("send the public key only: the JWK holds private members")
     chosen = key_type(kty, alg)
     return chosen.verifying_key(jwk, _checked_algorithm(chosen, kty, chosen.our_alg(alg)))
+
+
+def recipient_keyring(public_jwk: Mapping[str, Any]) -> tuple[Keyring, str]:
+    """A keyring that wraps to a public JWK (RSA or ML-KEM) a client gives for a recipient
+    the service does not hold, named by the JWK's RFC 7638 thumbprint (SHA-256, base64url)
+    as `jwk#<thumbprint>`, in the message and in the audit trail; and its algorithm."""
+    kty, alg = _kty_and_alg(public_jwk)
+    if _PRIVATE_MEMBERS & set(public_jwk):
+        raise InvalidJwk("send the public key only: the JWK holds private members")
+    chosen = key_type(kty, alg)
+    ours = _checked_algorithm(chosen, kty, None if alg is None else chosen.our_alg(alg))
+    if chosen.operations(ours) != ENCRYPTION_OPS:
+        raise OperationNotPermitted(f"{ours} keys do not encrypt")
+    members = chosen.thumbprint_members()
+    if any(not isinstance(public_jwk.get(name), str) for name in members):
+        raise InvalidJwk("the public JWK lacks " + ", ".join(repr(m) for m in members))
+    canonical = json.dumps({name: public_jwk[name] for name in members}, separators=(",", ":"))
+    thumbprint = b64url(hashlib.sha256(canonical.encode()).digest())
+    return chosen.recipient_keyring(f"jwk#{thumbprint}", public_jwk, ours), ours
 
 
 def supported_algorithms() -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from typing import (
 from sealstream_client.client import (
     ByteRange,
     Download,
+    Kids,
     SealstreamClient,
     Transfer,
     Writable,
@@ -98,6 +99,8 @@ class SealOptions(TypedDict, total=False):
 
     encryption_context: Mapping[str, str] | None
     frame_length: int | None
+    recipient_public_key: Mapping[str, Any] | None
+    signed: bool | None
 
 
 class StorageOptions(SealOptions, total=False):
@@ -240,21 +243,21 @@ class AsyncSealstreamClient:
     # Streaming: the keyword arguments are the synchronous client's (the TypedDicts above)
 
     async def encrypt(
-        self, kid: str, source: AsyncSource, sink: AsyncSink, **options: Unpack[SealOptions]
+        self, kid: Kids, source: AsyncSource, sink: AsyncSink, **options: Unpack[SealOptions]
     ) -> Transfer:
         """`SealstreamClient.encrypt`, from an async or sync source to either kind of sink."""
         async with await self.open_encrypt(kid, source, **options) as download:
             return await download.copy_to(sink)
 
     async def open_encrypt(
-        self, kid: str, source: AsyncSource, **options: Unpack[SealOptions]
+        self, kid: Kids, source: AsyncSource, **options: Unpack[SealOptions]
     ) -> AsyncDownload:
         """`SealstreamClient.open_encrypt`: `async with await client.open_encrypt(...)`."""
         opened = functools.partial(self.sync.open_encrypt, kid, self._source(source), **options)
         return AsyncDownload(self, await self.in_thread(opened))
 
     async def encrypt_to_storage(
-        self, kid: str, source: AsyncSource, *, key: str, **options: Unpack[StorageOptions]
+        self, kid: Kids, source: AsyncSource, *, key: str, **options: Unpack[StorageOptions]
     ) -> StoredObject:
         """`SealstreamClient.encrypt_to_storage`, from an async or sync source."""
         encrypt = self.sync.encrypt_to_storage

@@ -26,7 +26,7 @@ import importlib
 import json
 import socket
 import ssl
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -71,6 +71,9 @@ REENCRYPT = "/api/crypto/stream/reencrypt"
 ENCRYPT_ARCHIVE = "/api/crypto/stream/encrypt-archive"
 
 M = TypeVar("M", bound="ApiModel")
+
+
+Kids = str | Sequence[str]  # one key, or several: any one of them opens the message
 
 
 @dataclass(frozen=True)
@@ -208,39 +211,54 @@ class SealstreamClient:
 
     def encrypt(
         self,
-        kid: str,
+        kid: Kids,
         source: Source,
         sink: Writable,
         *,
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
+        recipient_public_key: Mapping[str, Any] | None = None,
+        signed: bool | None = None,
     ) -> Transfer:
-        """Encrypt `source` under the key `kid`, writing the ciphertext to `sink` as it
-        streams back. Raises `TransferAborted` (and `sink` holds only the part that
-        arrived) if the server aborts midway."""
+        """Encrypt `source` under the key `kid` (or for each of several keys, and the
+        public JWK `recipient_public_key` of a key the service does not hold; `signed`,
+        by default for several recipients: a signed message), writing the ciphertext to
+        `sink` as it streams back. Raises `TransferAborted` (and `sink` holds only the
+        part that arrived) if the server aborts midway."""
         opened = self.open_encrypt(
-            kid, source, encryption_context=encryption_context, frame_length=frame_length
+            kid,
+            source,
+            encryption_context=encryption_context,
+            frame_length=frame_length,
+            recipient_public_key=recipient_public_key,
+            signed=signed,
         )
         with opened as download:
             return download.copy_to(sink)
 
     def open_encrypt(
         self,
-        kid: str,
+        kid: Kids,
         source: Source,
         *,
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
+        recipient_public_key: Mapping[str, Any] | None = None,
+        signed: bool | None = None,
     ) -> Download:
         """`encrypt`, its ciphertext as the pieces of a `Download` (use it with `with`)."""
         metadata = _metadata(
-            kid=kid, encryptionContext=_context(encryption_context), frameLength=frame_length
+            kid=_kids(kid),
+            encryptionContext=_context(encryption_context),
+            frameLength=frame_length,
+            recipientPublicKey=_jwk(recipient_public_key),
+            signed=signed,
         )
         return self._open_stream(ENCRYPT, metadata, source)
 
     def encrypt_to_storage(
         self,
-        kid: str,
+        kid: Kids,
         source: Source,
         *,
         key: str,
@@ -248,12 +266,17 @@ class SealstreamClient:
         overwrite: bool = False,
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
+        recipient_public_key: Mapping[str, Any] | None = None,
+        signed: bool | None = None,
     ) -> models.StoredObject:
-        """Encrypt `source` into the object `key` of the tenant's storage; what was stored."""
+        """Encrypt `source` into the object `key` of the tenant's storage (for the keys and
+        recipient `encrypt` takes); what was stored."""
         metadata = _metadata(
-            kid=kid,
+            kid=_kids(kid),
             encryptionContext=_context(encryption_context),
             frameLength=frame_length,
+            recipientPublicKey=_jwk(recipient_public_key),
+            signed=signed,
             destination=_destination(key, bucket, overwrite),
         )
         return self._posted(ENCRYPT, metadata, source, models.StoredObject)
@@ -400,12 +423,15 @@ class SealstreamClient:
         destination: str | None = None,
         destination_bucket: str | None = None,
         overwrite: bool = False,
+        encryption_context: Mapping[str, str] | None = None,
     ) -> models.StoredObject:
-        """Re-encrypt the stored object `key` for `kid`, in place or into the object
-        `destination`; what was stored."""
+        """Re-encrypt the stored object `key` (which must carry `encryption_context`'s
+        pairs) for `kid`, in place or into the object `destination`; what was stored,
+        with the job that verifies it."""
         metadata = _metadata(
             kid=kid,
             sourceKid=source_kid,
+            encryptionContext=_context(encryption_context),
             source={"key": key, **_metadata(bucket=bucket)},
             destination=None
             if destination is None
@@ -734,6 +760,14 @@ def _finish(exchange: Exchange) -> None:
 
 def _metadata(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def _kids(kid: Kids) -> str | list[str]:
+    return kid if isinstance(kid, str) else list(kid)
+
+
+def _jwk(jwk: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if jwk is None else dict(jwk)
 
 
 def _context(context: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -9,7 +9,7 @@ refused (`services.objects.check_placement`). A client's own pairs may not use t
 """
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,15 +27,33 @@ OBJECT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}object"
 KEY_CHECK_INTERVAL = 1.0  # seconds between checks that a streaming key is still usable
 
 
+@dataclass(frozen=True)
+class Recipient:
+    """A further key a message is sealed for, beside its first: the primary version of a
+    key of the tenant's, counted as a use of it; or a public key the service does not hold
+    (`record` and `uses` None), named by its JWK thumbprint."""
+
+    keyring: Keyring
+    alg: str
+    record: KeyRecord | None = None
+    uses: Uses | None = None
+
+
 @dataclass
 class Sealing:
-    """A message being written under a key's primary version."""
+    """A message being written under a key's primary version (and perhaps for others)."""
 
     tenant: str
     key: KeyRecord
     keyring: Keyring
     encryptor: Encryptor
     uses: Uses  # the key's, this message counted
+    others: tuple[Recipient, ...] = ()
+
+    @property
+    def key_names(self) -> list[str]:
+        """The name of every key the message is sealed for, the first key's first."""
+        return [self.keyring.key_name, *(other.keyring.key_name for other in self.others)]
 
 
 def start_sealing(
@@ -47,12 +65,23 @@ def start_sealing(
     *,
     object_key: str | None = None,
     signed: bool = False,
+    more_kids: Sequence[str] = (),
+    partners: Sequence[tuple[Keyring, str]] = (),
 ) -> Sealing:
     """Check the key may encrypt now, and start a message under its primary version,
     counted as a use of it, with the service's pairs added to `context`, its proof of
     provenance among them; for a message bound for storage, naming the storage key it is
-    written at (`object_key`). `signed`: a signed message (suite 0x0578)."""
+    written at (`object_key`). `signed`: a signed message (suite 0x0578).
+
+    The message is sealed for the primary versions of `more_kids` too (each counted as a
+    use of its key) and for `partners`, keyrings (and their algorithms) of public keys
+    the service does not hold: any one of them opens it."""
     record, keyring, uses = keys.sealing_keyring(tenant, kid)
+    others = [
+        Recipient(k, r.alg, r, u)
+        for r, k, u in (keys.sealing_keyring(tenant, m) for m in more_kids)
+    ]
+    others += [Recipient(partner, alg) for partner, alg in partners]
     sealed_context = {
         **context,
         TENANT_CONTEXT_KEY: tenant,
@@ -62,13 +91,13 @@ def start_sealing(
     if object_key is not None:
         sealed_context[OBJECT_CONTEXT_KEY] = object_key
     encryptor = Encryptor(
-        [keyring],
+        [keyring, *(other.keyring for other in others)],
         context=sealed_context,
         frame_length=frame_length,
         signed=signed,
         endorse=provenance(keys).endorse,
     )
-    return Sealing(tenant, record, keyring, encryptor, uses)
+    return Sealing(tenant, record, keyring, encryptor, uses, tuple(others))
 
 
 def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:

@@ -283,9 +283,12 @@ def open_stored(
     keys_for: Callable[[Header], OpeningKeys],
     tenant: str,
     on_chunk: OnChunk,
+    *,
+    context: Mapping[str, str] | None = None,
 ) -> Iterator[StoredMessage]:
     """The object's message opened with the keyrings of `keys_for(its header)`, which must
-    name `tenant` as its owner, and no other place than `storage_key` (`check_placement`);
+    name `tenant` as its owner, carry `context`'s pairs, and name no other place than
+    `storage_key` (`check_placement`);
     `on_chunk(bytes read)` runs per chunk (a cancel point). Their key is checked again as
     the object is read, at most once a second: a key disabled meanwhile stops the read.
 
@@ -295,7 +298,8 @@ def open_stored(
     works. A third thread for AES-GCM would cost more in hand-offs than it would take over.
     """
     with closing(store.read(storage_key, 0, size)) as chunks:
-        decryptor, first, opening, uses = _opened(chunks, keys_for, tenant, on_chunk)
+        required = required_context(context or {}, tenant)
+        decryptor, first, opening, uses = _opened(chunks, keys_for, required, on_chunk)
         assert decryptor.header is not None
         check_placement(decryptor.header, storage_key)
         pieces = _plaintext(first, decryptor, chunks, on_chunk, opening.watch)
@@ -306,7 +310,7 @@ def open_stored(
 def _opened(
     stream: Iterator[bytes],
     keys_for: Callable[[Header], OpeningKeys],
-    tenant: str,
+    required: Mapping[str, str],
     on_chunk: OnChunk,
 ) -> tuple[Decryptor, list[bytes], OpeningKeys, Uses]:
     """A decryptor past the header, which is read from the front of `stream`, the
@@ -322,7 +326,7 @@ def _opened(
                 header,
                 reader.remainder,
                 opening.keyrings,
-                required_context=required_context({}, tenant),
+                required_context=required,
             )
             assert decryptor.keyring is not None
             return decryptor, first, opening, opening.opened(decryptor.keyring)

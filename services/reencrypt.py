@@ -149,10 +149,12 @@ def reencrypt_stored(
     kid: str,
     destination: Placement | None,
     overwrite: bool = False,
+    context: Mapping[str, str] | None = None,
 ) -> tuple[ObjectRecord, Reencrypted]:
-    """Re-encrypt the recorded object `source` (sealed for `source_kid`, if given) for
-    `kid`'s primary version, in place or into `destination`: `reencrypt_object` on a
-    client's request. Its old record, and what was done."""
+    """Re-encrypt the recorded object `source` (sealed for `source_kid`, if given, and
+    carrying `context`'s pairs) for `kid`'s primary version, in place or into
+    `destination`: `reencrypt_object` on a client's request. Its old record, and what was
+    done."""
     original = source.store.head(source.storage_key)
     recorded = recorded_object(records, source, original.size, serve_unrecorded=False)
     assert recorded is not None  # an unrecorded object was refused
@@ -171,6 +173,7 @@ def reencrypt_stored(
             kid=kid,
             destination=destination,
             overwrite=overwrite,
+            context=context,
         )
     return recorded, new
 
@@ -194,11 +197,13 @@ def reencrypt_object(
     kid: str | None = None,
     destination: Placement | None = None,
     overwrite: bool = False,
+    context: Mapping[str, str] | None = None,
 ) -> Reencrypted:
     """Re-encrypt the object `original` (its current version, as `head` gave it), whose
     upload record is `recorded`, for the primary version of `kid` (by default its own
     key), in place or into `destination` (replacing an object there only if
-    `overwrite`); the new object's record, with the keys used.
+    `overwrite`); the new object's record, with the keys used. The object must carry
+    `context`'s pairs, as a decrypt demands them.
 
     `on_chunk(bytes read)` runs for each chunk of the object read (progress, heartbeat,
     a cancel point). The keys are checked again as the object is read and sealed, at most
@@ -220,7 +225,9 @@ def reencrypt_object(
         else None
     )
     digest = hashlib.sha256()
-    with open_stored(store, original.key, original.size, keys_for, tenant, on_chunk) as old:
+    with open_stored(
+        store, original.key, original.size, keys_for, tenant, on_chunk, context=context
+    ) as old:
         header = old.header
         sealing = start_sealing(
             keys,

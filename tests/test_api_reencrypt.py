@@ -28,6 +28,7 @@ from tests.support.http import (
     problem,
     read_object,
 )
+from tests.support.jobs import finished_job
 from tests.support.memory import PeakRss
 
 REENCRYPT = "/api/crypto/stream/reencrypt"
@@ -213,6 +214,29 @@ def test_storage_to_storage_into_another_object_and_in_place(api: Api, tmp_path:
             404,
             "object-not-found",
         )
+
+
+def test_storage_to_storage_demands_the_context_given_and_starts_a_verify_job(
+    local_api: Api, client: httpx.Client
+) -> None:
+    context = {"dept": "finance"}
+    stored = encrypt(client, DATA, destination={"key": "ctx/old.bin"}, encryptionContext=context)
+    assert stored.status_code == 201, stored.text
+    metadata = {"kid": "rsaKey", "source": {"key": "ctx/old.bin"}}
+    wrong = {**metadata, "encryptionContext": {"dept": "sales"}}
+    problem(post_form(client, REENCRYPT, wrong, None), 422, "encryption-context-mismatch")
+    moved = post_form(
+        client,
+        REENCRYPT,
+        {**metadata, "encryptionContext": context, "destination": {"key": "ctx/new.bin"}},
+        None,
+    )
+    assert moved.status_code == 201, moved.text
+    job = finished_job(client, moved.json()["verifyJob"])
+    assert job["status"] == "succeeded", job
+    assert job["params"]["key"] == "ctx/new.bin"
+    opened = read_object(client, "ctx/new.bin", encryptionContext=context)
+    assert opened.status_code == 200 and opened.content == DATA
 
 
 def _marked(api: Api, kid: str) -> list[str]:

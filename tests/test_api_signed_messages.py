@@ -1,19 +1,22 @@
 """Signed messages and provenance over real HTTP: a signed message (suite 0x0578) written
 on request, read back whole with its footer checked before the stream ends, and in ranges
 that say their footer was not checked; and the service's proof that it wrote a message,
-checked on every read: valid, absent (reported, or refused when set to), or forged."""
+checked on every read: valid, absent (reported, or refused when set to), or forged; and
+messages for several keys, the service's and public keys it does not hold."""
 
 import base64
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import mlkem, rsa
 
-from envelope import Encryptor, RsaKeyring, parse_header
+from envelope import Encryptor, Keyring, MlKemKeyring, RsaKeyring, key_names, parse_header
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import KiB, flip_bit, pieces, random_bytes
+from tests.support.envelope import decrypt_all
 from tests.support.http import (
     DECRYPT,
     ENCRYPT,
@@ -38,6 +41,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         with api.client() as client:
             create_key(client)
             create_key(client, kid="rsaKey", kty="RSA", alg="RSA-OAEP-256", keySize=2048)
+            create_key(client, kid="pqKey", kty="ML-KEM", alg="ML-KEM-768")
         yield api
 
 
@@ -152,3 +156,88 @@ def test_a_forged_or_borrowed_proof_is_refused(client: httpx.Client) -> None:
     for proof in (genuine, base64.b64encode(bytes(32)).decode(), "not base64!"):
         message = outside_message(client, **{"sealstream:proof": proof})
         problem(decrypt(client, message), 400, "message-proof-invalid")
+
+
+# Several recipients, and recipients the service does not hold
+
+
+def usage(client: httpx.Client, kid: str) -> int:
+    count: int = client.get(f"/api/key-management/keys/{kid}").json()["usageCount"]
+    return count
+
+
+def test_a_message_for_several_keys_opens_with_any_and_is_signed(client: httpx.Client) -> None:
+    kids = ["mySymKey", "rsaKey", "pqKey"]
+    before = {kid: usage(client, kid) for kid in kids}
+    response = encrypt(client, DATA, kid=kids, frameLength=FRAME)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Key-Used"] == "mySymKey#1, rsaKey#1, pqKey#1"
+    assert response.headers["X-Algorithm-Used"] == "AES-256, RSA-OAEP-256, ML-KEM-768"
+    header = parse_header(response.content)
+    assert header.suite_id == 0x0578  # several recipients: signed unless told otherwise
+    assert key_names(header) == ["mySymKey#1", "rsaKey#1", "pqKey#1"]
+    for kid in kids:
+        opened = decrypt(client, response.content, kid=kid)
+        assert opened.status_code == 200 and opened.content == DATA, kid
+        assert opened.headers["X-Key-Used"] == f"{kid}#1"
+    assert {kid: usage(client, kid) - before[kid] for kid in kids} == {k: 2 for k in kids}
+    unsigned = encrypt(client, b"x", kid=kids[:2], signed=False)
+    assert parse_header(unsigned.content).suite_id == 0x0478
+
+
+def partner_jwks() -> dict[str, tuple[dict[str, str], Keyring]]:
+    """Public JWKs of keys the service does not hold, and the keyrings that open what is
+    sealed for them (named as the service names them: `jwk#` and the RFC 7638 thumbprint)."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = rsa_key.public_key().public_numbers()
+    rsa_jwk = {"kty": "RSA", "alg": "RSA-OAEP-256", "n": b64(numbers.n), "e": b64(numbers.e)}
+    kem_key = mlkem.MLKEM1024PrivateKey.generate()
+    kem_jwk = {
+        "kty": "AKP",
+        "alg": "ML-KEM-1024",
+        "pub": b64(kem_key.public_key().public_bytes_raw()),
+    }
+    return {
+        "rsa": (rsa_jwk, RsaKeyring(f"jwk#{thumbprint(rsa_jwk, 'e', 'kty', 'n')}", rsa_key)),
+        "mlkem": (
+            kem_jwk,
+            MlKemKeyring(f"jwk#{thumbprint(kem_jwk, 'alg', 'kty', 'pub')}", kem_key),
+        ),
+    }
+
+
+def b64(value: int | bytes) -> str:
+    raw = value if isinstance(value, bytes) else value.to_bytes((value.bit_length() + 7) // 8)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def thumbprint(jwk: dict[str, str], *members: str) -> str:
+    """RFC 7638, computed apart: the required members, sorted, no whitespace, SHA-256."""
+    canonical = "{" + ",".join(f'"{m}":"{jwk[m]}"' for m in sorted(members)) + "}"
+    return b64(hashlib.sha256(canonical.encode()).digest())
+
+
+@pytest.mark.parametrize("kind", ["rsa", "mlkem"])
+def test_a_message_for_a_partner_key_opens_with_the_partners_private_key(
+    client: httpx.Client, kind: str
+) -> None:
+    jwk, partner = partner_jwks()[kind]
+    response = encrypt(client, DATA, recipientPublicKey=jwk, frameLength=FRAME)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Key-Used"] == f"mySymKey#1, {partner.key_name}"
+    assert parse_header(response.content).suite_id == 0x0578
+    assert decrypt_all([partner], response.content) == DATA  # offline, the partner's key
+    assert decrypt(client, response.content).content == DATA  # and the service's own
+
+
+def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
+    jwk, _ = partner_jwks()["rsa"]
+    private = {**jwk, "d": b64(12345)}
+    problem(encrypt(client, b"x", recipientPublicKey=private), 422, "invalid-jwk")
+    problem(encrypt(client, b"x", recipientPublicKey={"kty": "oct", "k": "AA"}), 422, "invalid-jwk")
+    signing = {"kty": "EC", "alg": "ES256", "crv": "P-256", "x": "AA", "y": "AA"}
+    problem(encrypt(client, b"x", recipientPublicKey=signing), 403, "operation-not-permitted")
+    problem(encrypt(client, b"x", recipientPublicKey={**jwk, "n": "AA"}), 422, "invalid-jwk")
+    problem(encrypt(client, b"x", kid=["mySymKey", "mySymKey"]), 422, "duplicate-recipient")
+    problem(encrypt(client, b"x", kid=[]), 422, "invalid-request")
+    problem(encrypt(client, b"x", kid=["mySymKey", "nope"]), 404, "key-not-found")

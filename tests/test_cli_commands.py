@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from cli.config import Profile, resolve
 from cli.main import command_line
+from envelope import key_names, parse_header
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.http import DOCUMENTED_KEY
 
@@ -384,3 +385,39 @@ def test_an_archive_streamed_in_and_its_manifest_read_back(api: Api, tmp_path: P
     ]
     again = run(api, "encrypt-archive", str(archive), "--kid", KID, "--to-storage", "out/")
     assert again.returncode == 6, again.stderr  # the manifest exists: 409
+
+
+@local
+def test_reencrypt_resign_and_several_recipients(api: Api, tmp_path: Path) -> None:
+    for kid, kty in (("cliAes", "oct"), ("cliPq", "ML-KEM"), ("cliSign", "EC"), ("cliSign2", "EC")):
+        assert run(api, "keys", "create", kid, "--kty", kty).returncode == 0
+    plain, sealed, moved = tmp_path / "plain.bin", tmp_path / "sealed.enc", tmp_path / "moved.enc"
+    plain.write_bytes(os.urandom(70_000))
+    both = run(api, "encrypt", str(plain), "--kid", "cliAes", "--kid", "cliPq", "-o", str(sealed))
+    assert both.returncode == 0, both.stderr
+    assert key_names(parse_header(sealed.read_bytes())) == ["cliAes#1", "cliPq#1"]
+    assert parse_header(sealed.read_bytes()).signed  # several recipients: signed
+    again = run(api, "reencrypt", str(sealed), "--kid", "cliAes", "-o", str(moved))
+    assert again.returncode == 0, again.stderr
+    assert key_names(parse_header(moved.read_bytes())) == ["cliAes#1"]
+    opened = run(api, "decrypt", str(moved), "--kid", "cliAes")
+    assert opened.returncode == 0 and opened.stdout.encode("latin-1") == plain.read_bytes()
+
+    stored = run_json(api, "encrypt", str(plain), "--kid", "cliAes", "--to-storage", "cli/a")
+    assert stored["kid"] == "cliAes"
+    copied = run_json(
+        api, "reencrypt", "--from-storage", "cli/a", "--to-storage", "cli/b", "--kid", "cliPq"
+    )
+    assert (copied["key"], copied["kid"]) == ("cli/b", "cliPq") and copied["verifyJob"]
+
+    old, new = tmp_path / "old.jws", tmp_path / "new.jws"
+    assert run(api, "sign", "--kid", "cliSign", str(plain), "-o", str(old)).returncode == 0
+    resigned = run(
+        api, "resign", str(plain), "--signature", str(old), "--kid", "cliSign2", "-o", str(new)
+    )
+    assert resigned.returncode == 0, resigned.stderr
+    verdict = run_json(api, "verify", str(plain), "--signature", str(new))
+    assert verdict["kid"] == "cliSign2#1"
+    plain.write_bytes(b"changed")
+    refused = run(api, "resign", str(plain), "--signature", str(old), "--kid", "cliSign2")
+    assert refused.returncode == 1 and "signature-invalid" in refused.stderr

@@ -1,5 +1,7 @@
 """Interoperability with the `aws-encryption-sdk` package, both ways, through its raw keyrings,
-unsigned (suite 0x0478) and signed (0x0578, the SDK's default).
+unsigned (suite 0x0478) and signed (0x0578, the SDK's default); and ML-KEM messages through
+the SDK keyring the client distribution ships (`sealstream_client.esdk`), given the JWK
+the key store exports.
 
 sealstream's AES and RSA keyrings must be byte-compatible with the SDK's raw AES and raw RSA
 (OAEP-SHA256) keyrings given the same key material, namespace `sealstream` and key name.
@@ -7,7 +9,7 @@ sealstream's AES and RSA keyrings must be byte-compatible with the SDK's raw AES
 
 import io
 import os
-from typing import Any
+from typing import Any, cast
 
 import aws_encryption_sdk
 import pytest
@@ -15,6 +17,7 @@ from aws_cryptographic_material_providers.mpl import AwsCryptographicMaterialPro
 from aws_cryptographic_material_providers.mpl.config import MaterialProvidersConfig
 from aws_cryptographic_material_providers.mpl.models import (
     AesWrappingAlg,
+    CreateMultiKeyringInput,
     CreateRawAesKeyringInput,
     CreateRawRsaKeyringInput,
     PaddingScheme,
@@ -32,11 +35,15 @@ from envelope import (
     FooterMalformed,
     Keyring,
     MessageFormatError,
+    MlKemKeyring,
     RsaKeyring,
     TrailingData,
     TruncatedMessage,
     UnsupportedMessage,
 )
+from keystore.algorithms import KeyParams
+from keystore.algorithms import key_type as keystore_key_type
+from sealstream_client.esdk import MlKemSdkKeyring
 
 MIB = 1024 * 1024
 AES_KEY = os.urandom(32)
@@ -245,3 +252,57 @@ def test_an_unknown_suite_is_refused_clearly() -> None:
     message = sdk_signed_message(b"unknown")
     with pytest.raises(UnsupportedMessage, match="0x0378"):
         our_decrypt("aes", message[:1] + b"\x03\x78" + message[3:], {})
+
+
+def exported_mlkem_jwk(alg: str) -> tuple[dict[str, Any], MlKemKeyring]:
+    """An ML-KEM key version's JWK as the key store exports it, and sealstream's keyring."""
+    key_type = keystore_key_type("ML-KEM")
+    params = KeyParams("ML-KEM", alg)
+    seed = key_type.generate(params)
+    return dict(key_type.export_jwk("pq-key#2", params, seed)), cast(
+        MlKemKeyring, key_type.keyring("pq-key#2", params, seed)
+    )
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("alg", ["ML-KEM-768", "ML-KEM-1024"])
+def test_the_sdk_decrypts_mlkem_messages_with_the_exported_jwk(alg: str, signed: bool) -> None:
+    jwk, ours = exported_mlkem_jwk(alg)
+    data = os.urandom(3 * 4096 + 5)
+    encryptor = Encryptor([ours], context={"purpose": "offline"}, frame_length=4096, signed=signed)
+    message = b"".join(bytes(p) for p in encryptor.update(data) + encryptor.finish())
+    plaintext, header = SDK.decrypt(source=message, keyring=MlKemSdkKeyring.from_jwk(jwk))
+    assert plaintext == data and dict(header.encryption_context)["purpose"] == "offline"
+    other, _ = exported_mlkem_jwk(alg)
+    with pytest.raises(Exception, match="no encrypted data key opens"):
+        SDK.decrypt(source=message, keyring=MlKemSdkKeyring.from_jwk(other))
+
+
+def test_sealstream_decrypts_what_the_sdk_writes_with_the_mlkem_keyring() -> None:
+    jwk, ours = exported_mlkem_jwk("ML-KEM-768")
+    public = {name: jwk[name] for name in ("kty", "alg", "kid", "pub")}
+    aes = MPL.create_raw_aes_keyring(  # the generator: the ML-KEM keyring only wraps
+        input=CreateRawAesKeyringInput(
+            key_namespace="elsewhere",
+            key_name="gen",
+            wrapping_key=os.urandom(32),
+            wrapping_alg=AesWrappingAlg.ALG_AES256_GCM_IV12_TAG16,
+        )
+    )
+    multi = MPL.create_multi_keyring(
+        input=CreateMultiKeyringInput(
+            generator=aes, child_keyrings=[MlKemSdkKeyring.from_jwk(public)]
+        )
+    )
+    data = os.urandom(10_000)
+    message, _ = SDK.encrypt(
+        source=data, keyring=multi, frame_length=4096, encryption_context={"a": "b"}
+    )
+    assert our_decrypt_with([ours], message) == data
+
+
+def our_decrypt_with(keyrings: list[Keyring], message: bytes) -> bytes:
+    decryptor = Decryptor(keyrings)
+    out = b"".join(decryptor.update(message))
+    decryptor.finish()
+    return out

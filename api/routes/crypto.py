@@ -15,7 +15,7 @@ object. AES-GCM and SHA-256 run in worker threads, a frame's worth at a time.
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
@@ -40,13 +40,22 @@ from api.openapi import (
     headers,
 )
 from api.ranges import parse_range
-from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid, Metadata, NamesKey
+from api.schemas import (
+    DEFAULT_FRAME_LENGTH,
+    ClientContext,
+    FrameLength,
+    Kid,
+    Metadata,
+    NamesKey,
+    NamesKeys,
+)
 from api.services import Services, services
 from api.tokens import Principal
 from envelope import Keyring
 from keystore import KeyRecord, Uses
+from keystore.algorithms import recipient_keyring
 from keystore.material import key_name
-from services.keys import start_sealing, version_of
+from services.keys import Sealing, start_sealing, version_of
 from services.objects import ObjectSummary
 from services.open_stored import CheckedObject, check_stored, stored_plaintext, stored_range
 from services.open_upload import open_upload
@@ -69,9 +78,12 @@ class ObjectDestination(ObjectRef):
     overwrite: bool = False
 
 
-class EncryptMetadata(_Metadata, NamesKey):
+class EncryptMetadata(_Metadata, NamesKeys):
+    # A public JWK (RSA or ML-KEM) of a recipient the service does not hold.
+    recipient_public_key: dict[str, Any] | None = None
     frame_length: FrameLength = DEFAULT_FRAME_LENGTH
-    signed: StrictBool = False  # a signed message (suite 0x0578)
+    # A signed message (suite 0x0578); by default, one with several recipients is.
+    signed: StrictBool | None = None
     destination: ObjectDestination | None = None
 
 
@@ -90,12 +102,6 @@ class ReencryptMetadata(_Metadata, NamesKey):
         if self.destination is not None and self.source is None:
             raise PydanticCustomError(
                 "invalid-destination", "'destination' takes a stored 'source' to re-encrypt"
-            )
-        if self.source is not None and self.encryption_context:
-            raise PydanticCustomError(
-                "invalid-source",
-                "'encryptionContext' applies to an uploaded message; a stored object's "
-                "record binds its own",
             )
         return self
 
@@ -130,8 +136,9 @@ REENCRYPTED = {
         with_headers=headers("X-Source-Message-Proven", *SOURCE_KEY_HEADERS, *KEY_HEADERS),
     ),
     201: answer(
-        "The object `metadata.source` was re-encrypted, in place or into `metadata.destination`.",
-        ObjectSummary,
+        "The object `metadata.source` was re-encrypted, in place or into "
+        "`metadata.destination`, and the job that verifies it started.",
+        StoredObject,
         with_headers=headers(*SOURCE_KEY_HEADERS, *KEY_HEADERS),
     ),
 }
@@ -164,6 +171,14 @@ def key_headers(
     """The headers naming the key asked for, the key used (`kid#version`), and its
     algorithm; `X-Source-` ones for the key a message is re-encrypted from."""
     return named_key_headers(requested, keyring.key_name, record.alg, prefix)
+
+
+def recipient_headers(kids: list[str], sealing: Sealing) -> dict[str, str]:
+    """The key headers of a message sealed for one key or several: each header lists its
+    values in the order of the keys, the public key of a recipient the service does not
+    hold last (`jwk#<thumbprint>`)."""
+    algorithms = [sealing.key.alg, *(other.alg for other in sealing.others)]
+    return named_key_headers(", ".join(kids), ", ".join(sealing.key_names), ", ".join(algorithms))
 
 
 def named_key_headers(requested: str, used: str, alg: str, prefix: str = "X-") -> dict[str, str]:
@@ -247,24 +262,30 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
     metadata = parse(EncryptMetadata, await form.metadata())
     destination = metadata.destination
     placement = None if destination is None else svc.spaces.place(principal.tenant, destination)
+    kids = metadata.kids
+    partner = metadata.recipient_public_key
+    partners = [] if partner is None else [recipient_keyring(partner)]
+    several = len(kids) + len(partners) > 1
     sealing = await run_in_threadpool(
         partial(
             start_sealing,
             svc.keys,
             principal.tenant,
-            metadata.kid,
+            kids[0],
             metadata.encryption_context,
             metadata.frame_length,
             object_key=None if placement is None else placement.storage_key,
-            signed=metadata.signed,
+            signed=several if metadata.signed is None else metadata.signed,
+            more_kids=kids[1:],
+            partners=partners,
         )
     )
     headers = {
-        **key_headers(metadata.kid, sealing.key, sealing.keyring),
+        **recipient_headers(kids, sealing),
         **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
     note = noted(request)
-    note.key = sealing.keyring.key_name
+    note.key = ", ".join(sealing.key_names)
     note.object = None if destination is None else destination.key
     note.context(metadata.encryption_context)
     await form.start_file()
@@ -381,17 +402,19 @@ async def _reencrypt_stored(
 ) -> Response:
     """The object `source` re-encrypted in place, or into `metadata.destination` (201)."""
     destination = metadata.destination
+    placement = svc.spaces.place(tenant, source)
     target = None if destination is None else svc.spaces.place(tenant, destination)
     old, done = await to_thread.run_sync(
         partial(
             reencrypt_stored,
             svc.keys,
             svc.records,
-            svc.spaces.place(tenant, source),
+            placement,
             source_kid=metadata.source_kid,
             kid=metadata.kid,
             destination=target,
             overwrite=destination is not None and destination.overwrite,
+            context=metadata.encryption_context,
         ),
         limiter=svc.transfers,
     )
@@ -406,7 +429,8 @@ async def _reencrypt_stored(
         **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
     written = source if destination is None else destination
-    body = ObjectSummary.of(new, written.key)
+    verification = await run_in_threadpool(svc.start_verify, tenant, target or placement)
+    body = StoredObject.of(new, written.key, verify_job=verification.id)
     return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 

@@ -5,20 +5,22 @@ module here (a click group named after it, one command per route, each decorated
 import click
 
 from cli.commands.archives import encrypt_archive, manifest
-from cli.commands.crypto import decrypt, encrypt
+from cli.commands.crypto import decrypt, encrypt, reencrypt
 from cli.commands.jobs import jobs
 from cli.commands.keys import keys
 from cli.commands.objects import objects
-from cli.commands.signatures import sign, verify
+from cli.commands.signatures import resign, sign, verify
 from cli.commands.tokens import tokens
 
 COMMANDS: tuple[click.Command, ...] = (
     encrypt,
     decrypt,
+    reencrypt,
     encrypt_archive,
     manifest,
     sign,
     verify,
+    resign,
     keys,
     objects,
     tokens,

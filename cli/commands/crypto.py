@@ -1,5 +1,6 @@
-"""`sealstream encrypt` and `sealstream decrypt`: local file or stdin to local file or
-stdout, or to and from the tenant's storage (a range of a stored object, if asked).
+"""`sealstream encrypt`, `sealstream decrypt` and `sealstream reencrypt`: local file or
+stdin to local file or stdout, or to and from the tenant's storage (a range of a stored
+object, if asked; a stored object re-encrypted in place or into another).
 
 An OUTPUT file is written as `OUTPUT.partial` and renamed to OUTPUT only once the
 transfer is whole: a transfer that fails, breaks off or is interrupted deletes the
@@ -7,6 +8,7 @@ partial file, and never leaves an OUTPUT that looks complete (nor touches an OUT
 was there before).
 """
 
+import json
 import re
 import sys
 import time
@@ -51,7 +53,22 @@ def context_option(help_text: str) -> Callable[[F], F]:
 
 @click.command(short_help="Encrypt a file or stdin, to a file, stdout or storage.")
 @click.argument("input", default="-", metavar="[INPUT]")
-@click.option("--kid", help="the key to encrypt under (else the profile's kid)")
+@click.option(
+    "--kid",
+    "kids",
+    multiple=True,
+    help="a key to encrypt for (else the profile's kid); repeat it for several recipients",
+)
+@click.option(
+    "--recipient-key",
+    metavar="FILE",
+    help="also encrypt for this public JWK (RSA or ML-KEM), a key the service does not hold",
+)
+@click.option(
+    "--signed/--unsigned",
+    default=None,
+    help="sign the message (ESDK suite 0x0578)  [default: signed for several recipients]",
+)
 @context_option("an encryption context pair bound to the message (repeatable)")
 @click.option("--frame-length", type=int, help="frame length in bytes  [default: 1 MiB]")
 @click.option("--output", "-o", default="-", help="where the ciphertext goes; - for stdout")
@@ -62,7 +79,9 @@ def context_option(help_text: str) -> Callable[[F], F]:
 def encrypt(
     session: Session,
     input: str,
-    kid: str | None,
+    kids: tuple[str, ...],
+    recipient_key: str | None,
+    signed: bool | None,
     context: dict[str, str],
     frame_length: int | None,
     output: str,
@@ -70,10 +89,11 @@ def encrypt(
     bucket: str | None,
     overwrite: bool,
 ) -> None:
-    """Encrypt INPUT (a file, or - for stdin) under a key. The ciphertext streams back to
-    --output, or with --to-storage goes into object storage (what was stored is
-    printed)."""
-    key = session.kid(kid)
+    """Encrypt INPUT (a file, or - for stdin) under a key, or for several (any one of them
+    decrypts it). The ciphertext streams back to --output, or with --to-storage goes into
+    object storage (what was stored is printed)."""
+    key: str | list[str] = list(kids) if len(kids) > 1 else session.kid(next(iter(kids), None))
+    partner = None if recipient_key is None else _jwk_file(recipient_key)
     if to_storage is None:
         if bucket is not None or overwrite:
             raise CommandFailed("--bucket and --overwrite go with --to-storage", EXIT_USAGE)
@@ -83,7 +103,13 @@ def encrypt(
             _Stopwatch() as watch,
         ):
             transfer = session.client.encrypt(
-                key, source, sink, encryption_context=context, frame_length=frame_length
+                key,
+                source,
+                sink,
+                encryption_context=context,
+                frame_length=frame_length,
+                recipient_public_key=partner,
+                signed=signed,
             )
         _summarise(session, transfer, output, watch.seconds)
         return
@@ -98,7 +124,80 @@ def encrypt(
             overwrite=overwrite,
             encryption_context=context,
             frame_length=frame_length,
+            recipient_public_key=partner,
+            signed=signed,
         ).document
+    session.show(stored, lambda: print_fields(stored, STORED_FIELDS))
+
+
+def _jwk_file(path: str) -> dict[str, Any]:
+    """The JSON object in `path`: a public JWK."""
+    try:
+        jwk = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CommandFailed(f"cannot read a JWK from {path}: {exc}", EXIT_USAGE) from None
+    if not isinstance(jwk, dict):
+        raise CommandFailed(f"{path} holds no JWK (a JSON object)", EXIT_USAGE)
+    return jwk
+
+
+@click.command(short_help="Re-encrypt a message, or a stored object, for another key.")
+@click.argument("input", default="-", metavar="[INPUT]")
+@click.option("--kid", help="the key to re-encrypt for (else the profile's kid)")
+@click.option("--source-kid", help="require the message to be sealed for this key")
+@context_option("require this encryption context pair of the message (repeatable)")
+@click.option("--output", "-o", default="-", help="where the new message goes; - for stdout")
+@click.option("--from-storage", metavar="KEY", help="re-encrypt this stored object, not INPUT")
+@click.option(
+    "--to-storage", metavar="KEY", help="with --from-storage: into this object, not in place"
+)
+@click.option("--bucket", help="with --from-storage: the bucket (of both objects)")
+@click.option("--overwrite", is_flag=True, help="with --to-storage: replace an existing object")
+@client_command
+def reencrypt(
+    session: Session,
+    input: str,
+    kid: str | None,
+    source_kid: str | None,
+    context: dict[str, str],
+    output: str,
+    from_storage: str | None,
+    to_storage: str | None,
+    bucket: str | None,
+    overwrite: bool,
+) -> None:
+    """Re-encrypt the message INPUT (a file, or - for stdin) for another key under a fresh
+    data key, in one pass: the new message streams back to --output. With --from-storage,
+    a stored object is re-encrypted in place (or into --to-storage), and what was stored,
+    with the job that verifies it, is printed."""
+    key = session.kid(kid)
+    if from_storage is None:
+        if to_storage is not None or bucket is not None or overwrite:
+            raise CommandFailed(
+                "--to-storage, --bucket and --overwrite go with --from-storage", EXIT_USAGE
+            )
+        with (
+            input_file(session, input, "reencrypt", output) as source,
+            _Output(output) as sink,
+            _Stopwatch() as watch,
+        ):
+            transfer = session.client.reencrypt(
+                key, source, sink, source_kid=source_kid, encryption_context=context
+            )
+        _summarise(session, transfer, output, watch.seconds)
+        return
+    if input != "-" or output != "-":
+        raise CommandFailed("--from-storage takes neither INPUT nor --output", EXIT_USAGE)
+    stored = session.client.reencrypt_object(
+        key,
+        from_storage,
+        bucket=bucket,
+        source_kid=source_kid,
+        destination=to_storage,
+        destination_bucket=bucket,
+        overwrite=overwrite,
+        encryption_context=context,
+    ).document
     session.show(stored, lambda: print_fields(stored, STORED_FIELDS))
 
 
