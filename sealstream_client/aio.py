@@ -94,23 +94,32 @@ AsyncSource = Source | AsyncIterable[bytes] | AsyncReadable
 AsyncSink = Writable | AsyncWritable
 
 
-class SealOptions(TypedDict, total=False):
-    """The keyword arguments of `SealstreamClient.encrypt` (and `open_encrypt`)."""
+class _Sealing(TypedDict, total=False):
+    """What every call that seals takes."""
 
     encryption_context: Mapping[str, str] | None
     frame_length: int | None
-    recipient_public_key: Mapping[str, Any] | None
-    signed: bool | None
 
 
-class StorageOptions(SealOptions, total=False):
-    """Those of `SealstreamClient.encrypt_to_storage`, besides `key`."""
+class _Placing(TypedDict, total=False):
+    """What every call that seals into storage takes."""
 
     bucket: str | None
     overwrite: bool
 
 
-class ArchiveOptions(StorageOptions, total=False):
+class SealOptions(_Sealing, total=False):
+    """The keyword arguments of `SealstreamClient.encrypt` (and `open_encrypt`)."""
+
+    recipient_public_key: Mapping[str, Any] | None
+    signed: bool | None
+
+
+class StorageOptions(SealOptions, _Placing, total=False):
+    """Those of `SealstreamClient.encrypt_to_storage`, besides `key`."""
+
+
+class ArchiveOptions(_Sealing, _Placing, total=False):
     """Those of `SealstreamClient.encrypt_archive`, besides `prefix`."""
 
     archive_format: str
