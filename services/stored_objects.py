@@ -132,15 +132,16 @@ def delete_object(records: Records, store: ObjectStore, tenant: str, storage_key
     finish_deletion(records, store, note)
 
 
-def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) -> None:
-    """Complete the deletion `note` describes; idempotent."""
+def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) -> bool:
+    """Complete the deletion `note` describes; idempotent. Whether it was completed:
+    false if another object has been written at the key since (that one stays)."""
     try:
         current = store.head(note.storage_key)
     except ObjectNotFound:
         current = None
     if current is not None and current.etag != note.etag:
         records.store.delete(note.name)  # written again since: that object is not ours
-        return
+        return False
     store.delete(note.storage_key)
     newer = _record_unless(records, note)
     if newer is None:
@@ -150,6 +151,7 @@ def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) ->
         if newer is None or (newer.kid, newer.key_version) != (marker.kid, marker.key_version):
             inventory.remove(marker)
     records.store.delete(note.name)
+    return True
 
 
 def finish_deletions(
@@ -157,7 +159,7 @@ def finish_deletions(
 ) -> list[DeletionNote]:
     """Complete every deletion a crash cut short (the lifecycle sweep), each once
     `proceed(tenant, storage key)` allows it (one it does not waits for the next sweep);
-    the notes of those finished."""
+    the notes of those completed (not those overtaken by a newer object at the key)."""
     finished = []
     for name, note in records.all(NOTE_KIND, DELETING_PREFIX, DeletionNote):
         if name != note.name:
@@ -165,14 +167,15 @@ def finish_deletions(
         if not proceed(note.tenant, note.storage_key):
             continue
         try:
-            finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
+            completed = finish_deletion(records, spaces.store(note.tenant, note.bucket), note)
         except StorageUnavailable:
             raise  # the next sweep tries again
         except (BucketNotAllowed, StorageError) as error:
             # One that cannot be finished must not hold up the others; it stays noted.
             logger.warning("cannot finish the deletion noted at %s: %s", name, error)
             continue
-        finished.append(note)
+        if completed:
+            finished.append(note)
     return finished
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from audit.sinks import REDIS_HASH
 from cli.exits import EXIT_UNANCHORED
 from keystore import KeyStore, LocalKek
 from sealstream.wiring import build_parts, open_checkpoint_sink
+from services.stored_objects import NOTE_KIND, DeletionNote
 from storage import ObjectNotFound, ObjectStore, S3Store, StorageUnavailable
 from storage.integrity import RecordKey, Records
 from tests.conftest import local_settings
@@ -410,11 +411,22 @@ def test_the_lifecycle_sweeps_record_rotations_and_destructions(tmp_path: Path) 
     keys.create("t1", spec("doomed"))
     keys.schedule_deletion("t1", "doomed", pending_days=7)
     clock.advance(days=8)
+    # A deletion of an object that a crash cut short.
+    stored = parts.objects.put("tenants/t1/docs/gone", b"an object")
+    note = DeletionNote(
+        tenant="t1",
+        bucket=parts.objects.bucket,
+        storage_key=stored.key,
+        etag=stored.etag,
+        versions=(),
+        created_at=datetime.now(UTC),
+    )
+    parts.records.put(NOTE_KIND, note.name, note)
     run_sweeps(replace(parts, keys=keys))
     parts.audit.close()
     audit_key = parts.records.key.derive(AUDIT_KEY_PURPOSE)
     actions = {
-        (e["action"], e["tenant"], e["key"])
+        (e["action"], e["tenant"], e.get("key") or e.get("object"))
         for e in authentic_events(parts.objects, audit_key)
         if e["type"] == "lifecycle"
     }
@@ -422,6 +434,8 @@ def test_the_lifecycle_sweeps_record_rotations_and_destructions(tmp_path: Path) 
         ("scheduled-rotation", "t1", "hourly"),
         ("destroying", "t1", "doomed"),
         ("destruction", "t1", "doomed"),
+        ("finishing-deletion", "t1", "docs/gone"),
+        ("deletion-finished", "t1", "docs/gone"),
     }
 
 
