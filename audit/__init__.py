@@ -4,7 +4,8 @@ Each process records events into a trail of its own (`trail.AuditTrail`), whose 
 seals them into a chain of MACed events and writes them as append-only segments to the
 object store (`chain`), each ending in a checkpoint signed with the audit signing key
 (`signing`) and also handed to a sink outside the bucket (`sinks`). `verify` checks a
-stored trail; `reading` answers queries over it.
+stored trail; `reading` answers queries over it; `alarms` counts the signs that someone
+else writes the trail's bucket.
 """
 
 from audit.chain import EVENTS_PREFIX, Event
