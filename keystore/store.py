@@ -38,6 +38,7 @@ from keystore.errors import (
 from keystore.kek import Kek
 from keystore.kek_wraps import WrapCounter
 from keystore.material import KEY_NAME_PATTERN, Material
+from keystore.name_keys import NameKeys
 from keystore.persistence import KeyRecordStore, check_tenant
 from keystore.records import (
     ImportSpec,
@@ -120,6 +121,7 @@ class KeyStore:
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         wraps = WrapCounter(records, self._stored_versions)
         self._material = Material(kek, wraps.count_one)
+        self.name_keys = NameKeys(records, kek, wraps.count_one)
         ledger: UsageLedger = (
             RecordLedger(self._saved)
             if usage_redis is None

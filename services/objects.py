@@ -8,6 +8,7 @@ same way whoever handles it.
 """
 
 import hashlib
+import hmac
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -21,6 +22,7 @@ from envelope import (
     TruncatedMessage,
 )
 from envelope.frames import FrameOpener
+from keystore.name_keys import NameKey, NameKeys, NameUnreadable
 from services.keys import OBJECT_CONTEXT_KEY, Sealing
 from storage import ObjectInfo, ObjectStore
 from storage.documents import CamelModel
@@ -91,20 +93,26 @@ class RecordMismatch(Exception):
         self.code = code
 
 
-def check_against_record(decryptor: Decryptor, sha256: str, recorded: ObjectRecord) -> None:
+def check_against_record(
+    decryptor: Decryptor, sha256: str, recorded: ObjectRecord, name_keys: NameKeys
+) -> None:
     """Once the whole object has been read (`sha256`: its plaintext's, in hex): require
     its final frame, the message its record names, and the plaintext's size and SHA-256
-    recorded at upload."""
+    recorded at upload (in the clear, or as their HMAC under the tenant's name key)."""
     decryptor.finish()
     assert decryptor.header is not None
     try:
         check_recorded_message(decryptor.header, recorded)
     except ReplacedObject as replaced:
         raise RecordMismatch(replaced.code, str(replaced)) from None
-    if decryptor.plaintext_length != recorded.plaintext_size:
+    size = decryptor.plaintext_length
+    if recorded.plaintext_mac is not None:
+        _check_plaintext_mac(size, sha256, recorded, name_keys)
+        return
+    if size != recorded.plaintext_size:
         raise RecordMismatch(
             "plaintext-size-mismatch",
-            f"the object decrypts to {decryptor.plaintext_length} bytes; "
+            f"the object decrypts to {size} bytes; "
             f"{recorded.plaintext_size} were recorded at upload",
         )
     if sha256 != recorded.plaintext_sha256:
@@ -112,6 +120,39 @@ def check_against_record(decryptor: Decryptor, sha256: str, recorded: ObjectReco
             "plaintext-digest-mismatch",
             "the plaintext's SHA-256 differs from the one recorded at upload",
         )
+
+
+def _check_plaintext_mac(size: int, sha256: str, recorded: ObjectRecord, names: NameKeys) -> None:
+    mismatch = RecordMismatch(
+        "plaintext-mac-mismatch",
+        "the plaintext's size or SHA-256 differs from what was recorded at upload",
+    )
+    if recorded.name_key_version is None or recorded.plaintext_mac is None:
+        raise mismatch
+    try:
+        name_key = names.version(recorded.tenant, recorded.name_key_version)
+    except NameUnreadable:
+        raise mismatch from None
+    expected = name_key.plaintext_mac(recorded.bucket, recorded.key, size, sha256)
+    if not hmac.compare_digest(expected, recorded.plaintext_mac):
+        raise mismatch
+
+
+def hidden_plaintext(record: ObjectRecord, name_key: NameKey) -> ObjectRecord:
+    """`record` with its plaintext's size and SHA-256 replaced by their HMAC under
+    `name_key`, so that the record confirms no known file to whoever reads it."""
+    assert record.plaintext_size is not None and record.plaintext_sha256 is not None
+    mac = name_key.plaintext_mac(
+        record.bucket, record.key, record.plaintext_size, record.plaintext_sha256
+    )
+    return record.model_copy(
+        update={
+            "plaintext_size": None,
+            "plaintext_sha256": None,
+            "plaintext_mac": mac,
+            "name_key_version": name_key.version,
+        }
+    )
 
 
 def object_metadata(sealing: Sealing) -> dict[str, str]:
@@ -153,8 +194,8 @@ class ObjectSummary(CamelModel):
     key: str
     storage_key: str
     ciphertext_size: int
-    plaintext_size: int
-    plaintext_sha256: str
+    plaintext_size: int | None  # None where the member's name is hidden
+    plaintext_sha256: str | None
     etag: str
     kid: str
     key_version: int

@@ -271,7 +271,7 @@ def verify_stored(
     with open_stored(store, storage_key, size, keys_for, tenant, on_chunk) as stored:
         for piece in stored.plaintext:
             digest.update(piece)
-    check_against_record(stored.decryptor, digest.hexdigest(), recorded)
+    check_against_record(stored.decryptor, digest.hexdigest(), recorded, keys.name_keys)
     return stored.decryptor
 
 

@@ -55,6 +55,7 @@ from services.keys import (
 from services.objects import (
     RecordMismatch,
     check_against_record,
+    hidden_plaintext,
     object_metadata,
     sealed_record,
 )
@@ -253,13 +254,15 @@ def reencrypt_object(
                 new.write(piece)
                 watch.check_if_due()
             try:
-                check_against_record(old.decryptor, digest.hexdigest(), recorded)
+                check_against_record(old.decryptor, digest.hexdigest(), recorded, keys.name_keys)
             except RecordMismatch as mismatch:
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
             key = sealing.key
             marker = Marker.new(tenant, key.kid, key.primary_version, bucket, target_key)
             stored = _swap(inventory, new, marker)
     record = sealed_record(sealing, bucket, target_key, digest.hexdigest(), stored)
+    if recorded.name_key_version is not None:  # a hidden name's digest stays hidden
+        record = hidden_plaintext(record, keys.name_keys.version(tenant, recorded.name_key_version))
     save_record(records, record)
     inventory.moved(replaced, record)
     return Reencrypted(record, old.key, old.uses, sealing)

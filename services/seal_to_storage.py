@@ -25,9 +25,10 @@ import anyio
 from anyio import CapacityLimiter, to_thread
 
 from keystore import KeyStore
+from keystore.name_keys import NameKey
 from services.inventory import Inventory, Marker, record_at
 from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
-from services.objects import object_metadata, sealed_record
+from services.objects import hidden_plaintext, object_metadata, sealed_record
 from services.placement import Placement
 from services.streams import frame_batches
 from storage import ObjectInfo, StorageError
@@ -73,15 +74,19 @@ class ObjectSealer:
         *,
         overwrite: bool,
         records: Records,
+        name_key: NameKey | None = None,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
-        `object_key`): a message that names no place could be copied anywhere."""
+        `object_key`): a message that names no place could be copied anywhere. With
+        `name_key`, the record holds the plaintext's size and SHA-256 only as their HMAC
+        under it."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
         self._sealing = sealing
         self._placement = placement
         self._records = records
+        self._name_key = name_key
         self._digest = hashlib.sha256()
         self._inventory = Inventory(records)
         self._overwrite = overwrite
@@ -163,6 +168,8 @@ class ObjectSealer:
         record = sealed_record(
             self._sealing, placement.bucket, placement.storage_key, self._digest.hexdigest(), info
         )
+        if self._name_key is not None:
+            record = hidden_plaintext(record, self._name_key)
         save_record(self._records, record)
         return record
 
@@ -208,10 +215,14 @@ def seal_stream(
     overwrite: bool,
     records: Records,
     after_chunk: Callable[[], None],
+    name_key: NameKey | None = None,
 ) -> ObjectRecord:
-    """Seal `chunks`, read from a blocking stream, into `placement`, and record it;
-    `after_chunk()` runs once each chunk is written (progress, a cancel point)."""
-    sealer = ObjectSealer(sealing, placement, overwrite=overwrite, records=records)
+    """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
+    plaintext hidden under `name_key`, if given); `after_chunk()` runs once each chunk is
+    written (progress, a cancel point)."""
+    sealer = ObjectSealer(
+        sealing, placement, overwrite=overwrite, records=records, name_key=name_key
+    )
     try:
         for chunk in chunks:
             sealer.write((chunk,))

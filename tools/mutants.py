@@ -53,6 +53,7 @@ PAGE_TEST = f"{AUDIT_TESTS}::test_a_page_reads_the_hours_it_shows_not_the_whole_
 KEY_EVENTS_TEST = "tests/test_api_audit.py::test_key_management_events_name_the_version_they_touch"
 
 PROVENANCE_TESTS = ("tests/test_api_signed_messages.py",)
+NAMES_TEST = "tests/test_archive_names.py"
 
 MUTANTS = (
     Mutant(
@@ -624,6 +625,20 @@ MUTANTS = (
         "        os.register_at_fork(after_in_child=self._renew)",
         "        pass",
         ("tests/test_seal_hashing.py",),
+    ),
+    Mutant(
+        "hidden plaintext MAC",
+        "services/objects.py",
+        "    if not hmac.compare_digest(expected, recorded.plaintext_mac):",
+        "    if False:",
+        (f"{NAMES_TEST}::test_a_bucket_writer_cannot_swap_or_alter_hidden_objects",),
+    ),
+    Mutant(
+        "hidden name's place",
+        "keystore/name_keys.py",
+        "        return [self.tenant.encode(), bucket.encode(), prefix.encode()]",
+        "        return [self.tenant.encode()]",
+        (f"{NAMES_TEST}::test_names_are_hidden_found_again_and_mapped_back",),
     ),
 )
 

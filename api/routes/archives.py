@@ -126,7 +126,7 @@ def _start(
     """Refuse what the job would fail on at once (a key that may not encrypt now, an
     existing manifest), then save the job's record, running."""
     svc.keys.check_encrypt(tenant, metadata.kid)
-    places = _places(svc, tenant, target)
+    places = _places(svc, tenant, target, metadata.names)
     if not metadata.destination.overwrite:
         _require_absent(places)
     params = ArchiveUploadParams(
@@ -146,10 +146,12 @@ def _start(
     return record
 
 
-def _places(svc: Services, tenant: str, target: PrefixTarget) -> MemberPlaces:
-    return MemberPlaces(
-        svc.spaces.store(tenant, target.bucket), target.prefix, target.storage_prefix
-    )
+def _places(svc: Services, tenant: str, target: PrefixTarget, names: Names) -> MemberPlaces:
+    """Where the members go; with names hidden, under the tenant's name key (made the
+    first time one is needed)."""
+    name_key = svc.keys.name_keys.current(tenant) if names == "encrypted" else None
+    store = svc.spaces.store(tenant, target.bucket)
+    return MemberPlaces(store, target.prefix, target.storage_prefix, name_key)
 
 
 def _require_absent(places: MemberPlaces) -> None:
@@ -207,6 +209,7 @@ async def _next_chunk(chunks: AsyncIterator[memoryview]) -> bytes | None:
 def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> JobRecord:
     context = JobContext(svc.jobs, record, threading.Event())  # no other worker takes it
     params = record.params_as(ArchiveUploadParams)
+    places = _places(svc, record.tenant, params.destination, params.names)
     run = UploadRun(
         context=context,
         sealing=MemberSealing(
@@ -216,8 +219,9 @@ def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> J
             params.kid,
             params.encryption_context,
             params.frame_length,
+            places.name_key,
         ),
-        places=_places(svc, record.tenant, params.destination),
+        places=places,
         limits=archive_limits(svc.settings),
         emit=emit,
     )

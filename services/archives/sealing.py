@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from keystore import KeyStore
+from keystore.name_keys import NameKey
 from services.keys import Sealing, start_sealing
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer, seal_stream
@@ -28,12 +29,18 @@ class MemberSealing:
     kid: str
     context: Mapping[str, str]
     frame_length: int
+    # Where names are hidden: the records keep the plaintext's digest only as an HMAC.
+    name_key: NameKey | None = None
 
     def open(self, placement: Placement, *, overwrite: bool) -> ObjectSealer:
         """A message at `placement`, to be written a piece at a time and completed (or
         aborted) by the caller."""
         return ObjectSealer(
-            self._start(placement), placement, overwrite=overwrite, records=self.records
+            self._start(placement),
+            placement,
+            overwrite=overwrite,
+            records=self.records,
+            name_key=self.name_key,
         )
 
     def seal(
@@ -54,6 +61,7 @@ class MemberSealing:
             overwrite=overwrite,
             records=self.records,
             after_chunk=after_chunk,
+            name_key=self.name_key,
         )
 
     def _start(self, placement: Placement) -> Sealing:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
 
+from keystore.name_keys import NameKey, NameTooLong
 from services.archives.limits import ArchiveLimits, InvalidArchive
 from services.archives.members import (
     Member,
@@ -116,16 +117,28 @@ def open_upload(reader: UploadReader, format_: str, limits: ArchiveLimits) -> Me
 
 @dataclass(frozen=True)
 class MemberPlaces:
-    """Where members' objects go: under a prefix, named by their paths."""
+    """Where members' objects go: under a prefix, named by their paths, or with
+    `name_key`, by their paths encrypted under it (`keystore.name_keys`)."""
 
     store: ObjectStore
     prefix: str  # as the client names it ('' or ending in '/')
     storage_prefix: str
+    name_key: NameKey | None = None
 
-    def place(self, path: str) -> Placement:
+    def place(self, name: str) -> Placement:
+        """The object named `name` under the prefix, as it is."""
         return Placement(
-            self.store, self.store.bucket, self.prefix + path, self.storage_prefix + path
+            self.store, self.store.bucket, self.prefix + name, self.storage_prefix + name
         )
+
+    def member(self, path: str) -> Placement:
+        """The member `path`'s object; `UnsafeMember` if its hidden name is too long."""
+        if self.name_key is None:
+            return self.place(path)
+        try:
+            return self.place(self.name_key.encrypt_name(path, self.store.bucket, self.prefix))
+        except NameTooLong as refusal:
+            raise UnsafeMember(str(refusal)) from None
 
 
 class Manifest:
@@ -194,6 +207,7 @@ def open_manifest(run: UploadRun) -> Manifest:
         "kid": params.kid,
         "destination": params.destination.model_dump(mode="json", include={"bucket", "prefix"}),
         "names": params.names,
+        "nameKeyVersion": None if run.places.name_key is None else run.places.name_key.version,
         "createdAt": datetime.now(UTC).isoformat(),
     }
     return Manifest(sealer, head)
@@ -264,23 +278,24 @@ def _take(run: UploadRun, member: Member, reader: UploadReader) -> dict[str, Any
             run.counts["skipped"] += 1
             return {"path": member.name, "status": "skipped"}
         _check_clash(run, path)
+        placement = run.places.member(path)
     except UnsafeMember as refusal:
         run.counts["refused"] += 1
         entry = {"path": member.name, "reason": str(refusal)}
-        _note(run.refused, entry)
+        _note(run, run.refused, entry)
         return {**entry, "status": "refused"}
     try:
-        record = _seal_member(run, member, path, reader)
+        record = _seal_member(run, member, placement, reader)
     except (*STOPPING, MemoryError):
         raise
     except Exception as error:
         run.counts["failed"] += 1
         entry = {"path": path, "code": error_code(error), "detail": public_detail(error)}
-        _note(run.failed, entry)
+        _note(run, run.failed, entry)
         return {**entry, "status": "failed"}
     run.counts["sealed"] += 1
     run.sealed.append((run.counts["items"] - 1, path, record.key))
-    summary = ObjectSummary.of(record, run.places.place(path).key)
+    summary = ObjectSummary.of(record, placement.key)
     return {"path": path, "status": "sealed", **summary.fields(*MEMBER_FIELDS)}
 
 
@@ -305,7 +320,7 @@ def _withdraw(run: UploadRun, path: str, storage_key: str, reason: str) -> None:
     run.counts["sealed"] -= 1
     run.counts["withdrawn"] += 1
     entry = {"path": path, "reason": reason}
-    _note(run.withdrawn, entry)
+    _note(run, run.withdrawn, entry)
     run.emit({"event": "withdrawn", **entry})
 
 
@@ -317,10 +332,12 @@ def _check_clash(run: UploadRun, path: str) -> None:
         raise UnsafeMember("the manifest's name")
 
 
-def _seal_member(run: UploadRun, member: Member, path: str, reader: UploadReader) -> ObjectRecord:
+def _seal_member(
+    run: UploadRun, member: Member, placement: Placement, reader: UploadReader
+) -> ObjectRecord:
     with member.open() as stream:
         return run.sealing.seal(
-            run.places.place(path),
+            placement,
             _chunks(stream),
             overwrite=run.params.overwrite,
             # Where a cancel request is noticed.
@@ -333,9 +350,12 @@ def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _note(listed: list[dict[str, str]], entry: dict[str, str]) -> None:
+def _note(run: UploadRun, listed: list[dict[str, str]], entry: dict[str, str]) -> None:
+    """Keep `entry` for the job's result, which is stored beside the objects: without
+    the member's path where names are hidden (the sealed manifest has it)."""
     if len(listed) < RESULT_LIST_LIMIT:
-        listed.append(entry)
+        hidden = run.places.name_key is not None
+        listed.append({k: v for k, v in entry.items() if not (hidden and k == "path")})
 
 
 def _summary(run: UploadRun, format_: str, stopped: Exception | None) -> dict[str, Any]:
