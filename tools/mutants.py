@@ -475,7 +475,7 @@ MUTANTS = (
     Mutant(
         "audit: segment signatures",
         "audit/verify.py",
-        'signed = checkpoint.get("chain") == chain_name and signed_by(public_key, checkpoint)',
+        "signed = _signed(chain_name, checkpoint, public_keys)",
         "signed = True",
         ("tests/test_audit.py",),
     ),
