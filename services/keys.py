@@ -127,7 +127,9 @@ class KeyWatch:
 
     @classmethod
     def for_sealing(cls, keys: KeyStore, sealing: Sealing) -> "KeyWatch":
-        return cls(partial(keys.encryption_keyring, sealing.tenant, sealing.key.kid))
+        """The watch on every key of the service's a message is being sealed for."""
+        kids = [sealing.key.kid, *(o.record.kid for o in sealing.others if o.record)]
+        return cls(partial(_check_encryption_keys, keys, sealing.tenant, kids))
 
     def due(self) -> bool:
         return time.monotonic() - self.last >= KEY_CHECK_INTERVAL
@@ -142,6 +144,11 @@ class KeyWatch:
     async def __call__(self) -> None:
         if self.due():
             await to_thread.run_sync(self.check_if_due)
+
+
+def _check_encryption_keys(keys: KeyStore, tenant: str, kids: list[str]) -> None:
+    for kid in kids:
+        keys.encryption_keyring(tenant, kid)
 
 
 @dataclass

@@ -568,15 +568,22 @@ class SlowBody:
             yield b"z" * 8192
 
 
-@pytest.mark.parametrize("destination", [True, False], ids=["to-storage", "stream-back"])
+@pytest.mark.parametrize(
+    ("destination", "kid"),
+    [(True, "mySymKey"), (False, "mySymKey"), (False, ["firstKey", "mySymKey"])],
+    ids=["to-storage", "stream-back", "stream-back-second-of-two-keys"],
+)
 def test_a_key_disabled_during_a_long_upload_stops_it(
-    api: Api, destination: bool, caplog: pytest.LogCaptureFixture
+    api: Api, destination: bool, kid: str | list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The server re-checks the key about every second (cache TTL 0.5 s here)."""
+    """The server re-checks the keys (every key of a message for several) about every
+    second (cache TTL 0.5 s here)."""
     body = SlowBody(random_bytes(6 * MiB, seed=9))
-    metadata = {**DESTINATION, "frameLength": FRAME} if destination else {"kid": "mySymKey"}
+    metadata = {**DESTINATION, "frameLength": FRAME} if destination else {"kid": kid}
     with api.client() as client, ThreadPoolExecutor(1) as pool:
         create_key(client)
+        if isinstance(kid, list):
+            create_key(client, kid="firstKey")
         running = pool.submit(exchange, api.url, ENCRYPT, form(metadata, body), keep_body=True)
         wait_until(body.slowing.is_set, "the slow part of the upload")
         if destination:  # the upload is under way (on S3: its first part has gone)

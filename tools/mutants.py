@@ -57,6 +57,28 @@ NAMES_TEST = "tests/test_archive_names.py"
 
 MUTANTS = (
     Mutant(
+        "every recipient key watched",
+        "services/keys.py",
+        "        kids = [sealing.key.kid, *(o.record.kid for o in sealing.others if o.record)]",
+        "        kids = [sealing.key.kid]",
+        ("tests/test_api_stream_faults.py",),
+    ),
+    Mutant(
+        "a partner's key is public",
+        "keystore/algorithms.py",
+        "    if _PRIVATE_MEMBERS & set(public_jwk):\n"
+        '        raise InvalidJwk("send the public key only: the JWK holds private members")\n',
+        "",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "a recipient named once",
+        "api/schemas.py",
+        "        if len(set(self.kids)) != len(self.kids):",
+        "        if False:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
         "proof checked",
         "services/provenance.py",
         "        if not hmac.compare_digest(_decoded(proof), expected):",
