@@ -90,6 +90,14 @@ def test_a_footer_claiming_an_impossible_length_is_refused(client: httpx.Client)
     problem(decrypt(client, spoiled), 400, "malformed-footer")
 
 
+def test_a_suite_not_read_here_or_a_relabelled_one_is_refused(client: httpx.Client) -> None:
+    message = sealed(client, b"tiny", signed=True)
+    unknown = message[:1] + b"\x03\x78" + message[3:]
+    problem(decrypt(client, unknown), 400, "unsupported-message")
+    relabelled = message[:1] + b"\x04\x78" + message[3:]  # unsigned, with a public key
+    problem(decrypt(client, relabelled), 400, "malformed-message")
+
+
 def test_a_stored_signed_object_reads_whole_and_in_ranges(client: httpx.Client) -> None:
     stored = post_form(
         client,
@@ -241,3 +249,5 @@ def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
     problem(encrypt(client, b"x", kid=["mySymKey", "mySymKey"]), 422, "duplicate-recipient")
     problem(encrypt(client, b"x", kid=[]), 422, "invalid-request")
     problem(encrypt(client, b"x", kid=["mySymKey", "nope"]), 404, "key-not-found")
+    create_key(client, kid="signer", kty="EC", alg="ES256", keyOps=["sign", "verify"])
+    problem(encrypt(client, b"x", kid=["mySymKey", "signer"]), 403, "operation-not-permitted")
