@@ -29,6 +29,7 @@ from tests.support.http import (
     problem,
     read_object,
 )
+from tests.support.waiting import wait_until
 
 FRAME = 4096
 DATA = random_bytes(200 * KiB + 9, seed=23)
@@ -236,6 +237,13 @@ def test_a_message_for_a_partner_key_opens_with_the_partners_private_key(
     assert parse_header(response.content).suite_id == 0x0578
     assert decrypt_all([partner], response.content) == DATA  # offline, the partner's key
     assert decrypt(client, response.content).content == DATA  # and the service's own
+    wait_until(lambda: audited(client, partner.key_name), "the audit event naming the key")
+
+
+def audited(client: httpx.Client, key_name: str) -> bool:
+    """Whether an audit event, once written, names `key_name` among its keys."""
+    events = client.get("/api/audit", params={"limit": 1000}).json()["events"]
+    return any(key_name in (event.get("key") or "").split(", ") for event in events)
 
 
 def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
