@@ -15,6 +15,7 @@ from api.tokens import TokenStore
 from sealstream.wiring import Parts
 from services.jobs import AnyParams, JobKind, JobRecord, JobRunner, QueueUnavailable, VerifyParams
 from services.placement import Placement
+from storage import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,31 @@ class Services(Parts):
 
     def start_verify(self, tenant: str, placement: Placement) -> JobRecord:
         """Start verifying the object stored at `placement`."""
-        params = VerifyParams(
-            bucket=placement.bucket, key=placement.key, storage_key=placement.storage_key
-        )
-        return self.start_job(JobKind.VERIFY, tenant, params)
+        return self.start_job(JobKind.VERIFY, tenant, _verify_params(placement))
+
+    def verify_stored(self, tenant: str, placement: Placement) -> tuple[JobRecord, bool]:
+        """Start verifying an object just stored, and whether its job was queued. The
+        object is stored whatever the queue does: a job that cannot be queued is parked
+        in storage, and the sweep queues it once the queue is back."""
+        record = JobRecord.new(JobKind.VERIFY, tenant, _verify_params(placement))
+        try:
+            self.jobs.save(record)
+            self.runner.submit(record)
+        except (RedisError, QueueUnavailable) as error:
+            logger.warning("parking verify job %s: the queue refused it: %s", record.id, error)
+        else:
+            return record, True
+        try:
+            self.jobs.park(record)
+        except StorageError:
+            logger.exception("verify job %s could be neither queued nor parked", record.id)
+        return record, False
+
+
+def _verify_params(placement: Placement) -> VerifyParams:
+    return VerifyParams(
+        bucket=placement.bucket, key=placement.key, storage_key=placement.storage_key
+    )
 
 
 def services(request: Request) -> Services:

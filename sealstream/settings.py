@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         ge=1,
         description="seconds without progress after which a running job is marked failed",
     )
+    job_requeue_after: int = Field(
+        300,
+        ge=1,
+        description="seconds a job may stay queued before the sweep queues it again (a "
+        "Redis failover can lose a queued task); a job is run once however often it is queued",
+    )
     job_lease_ttl: float = Field(
         30.0,
         gt=0,
@@ -267,6 +273,12 @@ class Settings(BaseSettings):
         ge=0,
         description="seconds before a key's expiresAt from which the answers that use it carry "
         "X-Key-Expiration-Warning",
+    )
+    beat_lock_ttl: float = Field(
+        30.0,
+        gt=0,
+        description="seconds the lock of the beat that schedules the sweeps lasts unless "
+        "renewed; a standby beat takes over this long after the active one is lost",
     )
     lifecycle_interval: float = Field(
         60.0, gt=0, description="seconds between key-rotation, key-destruction and stale-job sweeps"

@@ -164,10 +164,11 @@ def object_metadata(sealing: Sealing) -> dict[str, str]:
     }
 
 
-def sealed_record(
-    sealing: Sealing, bucket: str, storage_key: str, plaintext_sha256: str, stored: ObjectInfo
+def intended_record(
+    sealing: Sealing, bucket: str, storage_key: str, plaintext_sha256: str, size: int
 ) -> ObjectRecord:
-    """The record of an object `sealing` has just finished and storage made visible."""
+    """The record of the `size`-byte object `sealing` has just finished, before storage
+    makes it visible: its intent, with no etag yet (`storage.records`)."""
     return ObjectRecord(
         bucket=bucket,
         key=storage_key,
@@ -178,10 +179,21 @@ def sealed_record(
         frame_length=sealing.encryptor.frame_length,
         plaintext_size=sealing.encryptor.plaintext_length,
         plaintext_sha256=plaintext_sha256,
-        ciphertext_size=stored.size,
-        etag=stored.etag,
+        ciphertext_size=size,
+        etag="",
         created_at=datetime.now(UTC),
         header_sha256=header_digest(sealing.encryptor.header),
+    )
+
+
+def stored_record(intent: ObjectRecord, stored: ObjectInfo) -> ObjectRecord:
+    """The record of the object `intent` named, once storage has made it visible."""
+    return intent.model_copy(
+        update={
+            "ciphertext_size": stored.size,
+            "etag": stored.etag,
+            "created_at": datetime.now(UTC),
+        }
     )
 
 

@@ -45,14 +45,15 @@ from services.objects import (
     check_against_record,
     check_placement,
     check_recorded_message,
+    header_digest,
     read_stored_header,
     read_stored_layout,
 )
 from services.placement import Placement
 from storage import InvalidRange, ObjectNotFound, ObjectStore
-from storage.integrity import Records
+from storage.integrity import Records, RecordTampered
 from storage.readahead import ReadAhead
-from storage.records import ObjectRecord, load_record
+from storage.records import ObjectRecord, load_intent, load_record
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +114,63 @@ async def check_stored(
     An object that fails is damage in storage: `ObjectDamaged`. A recorded object is
     proven by its record; one without is proven by its proof of provenance, and refused
     without one if `refuse_unproven`. A proof that fails fails any object.
+
+    An object replaced while it is checked (re-encrypted in place, say) is checked again,
+    once, as it is now; one whose record is not saved yet (or was never, its writer lost)
+    is checked against its record's intent (`storage.records`). A read thus sees the old
+    message or the new one, whole.
     """
     store, storage_key = placement.store, placement.storage_key
-    size = (await to_thread.run_sync(store.head, storage_key)).size
-    recorded = await to_thread.run_sync(
-        partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, size
+    check = partial(
+        _check_version,
+        keys,
+        tenant,
+        placement,
+        records=records,
+        serve_unrecorded=serve_unrecorded,
+        expected_kid=expected_kid,
+        context=context,
+        refuse_unproven=refuse_unproven,
+        transfers=transfers,
     )
+    found = await to_thread.run_sync(store.head, storage_key)
+    try:
+        return await check(found.size, None)
+    except StoredObjectRefused as refused:
+        refusal = refused
+    latest = await to_thread.run_sync(store.head, storage_key)
+    if latest.etag != found.etag:
+        try:
+            return await check(latest.size, None)
+        except StoredObjectRefused as refused:
+            refusal = refused
+    intent = await to_thread.run_sync(intent_of, records, placement, latest.size)
+    if intent is None:
+        raise refusal
+    return await check(latest.size, intent)
+
+
+async def _check_version(
+    keys: KeyStore,
+    tenant: str,
+    placement: Placement,
+    size: int,
+    recorded: ObjectRecord | None,
+    *,
+    records: Records,
+    serve_unrecorded: bool,
+    expected_kid: str | None,
+    context: Mapping[str, str],
+    refuse_unproven: bool,
+    transfers: CapacityLimiter,
+) -> CheckedObject:
+    """`check_stored` of the object as it is `size` bytes long, against `recorded`, or
+    by default against its record."""
+    store, storage_key = placement.store, placement.storage_key
+    if recorded is None:
+        recorded = await to_thread.run_sync(
+            partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, size
+        )
     with damage_reported(placement):
         header = await to_thread.run_sync(read_stored_header, store, storage_key, size)
         opening = await to_thread.run_sync(opening_keys, keys, tenant, header, expected_kid)
@@ -136,6 +188,20 @@ async def check_stored(
     uses = await to_thread.run_sync(opening.opened, opened.keyring)
     proven = proven or recorded is not None
     return CheckedObject(placement, opening.key, opened, layout, opening.watch, uses, proven)
+
+
+def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord | None:
+    """The intent noted for the `size`-byte message now stored at `placement`, if there
+    is one: the record its writer was about to save. Its header is read here unchecked;
+    the intent names its digest, and the message is authenticated against it after."""
+    try:
+        header = read_stored_header(placement.store, placement.storage_key, size)
+        intent = load_intent(
+            records, placement.bucket, placement.storage_key, header_digest(header)
+        )
+    except (MessageFormatError, InvalidRange, ObjectNotFound, RecordTampered):
+        return None
+    return intent if intent.ciphertext_size == size else None
 
 
 def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:

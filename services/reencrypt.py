@@ -28,13 +28,17 @@ upload of the object's own key. The upload completes only once
 - the new message has been read back whole;
 - the object is still the version that was read. Completion is conditional on its etag,
   so an object replaced or deleted meanwhile is left to whoever did that.
-Until then nothing is visible, and any failure aborts the upload. Then the object's
-record follows, with a fresh `createdAt`.
+Until then nothing is visible, and any failure aborts the upload. The new record's
+intent is noted before the swap (`storage.records`), so that a read meanwhile takes the
+new message for what it is, and a crash before the record follows leaves the sweep what
+it needs to save it (`services.unfinished`). Then the object's record follows, with a
+fresh `createdAt`.
 """
 
 import hashlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 
@@ -56,16 +60,17 @@ from services.objects import (
     RecordMismatch,
     check_against_record,
     hidden_plaintext,
+    intended_record,
     object_metadata,
-    sealed_record,
+    stored_record,
 )
 from services.open_stored import OnChunk, damage_reported, open_stored, recorded_object
 from services.open_upload import OpenedUpload, open_upload
 from services.placement import Placement
 from services.seal_to_client import seal_to_client
-from storage import MultipartWriter, ObjectInfo, ObjectStore
+from storage import MultipartWriter, ObjectInfo, ObjectStore, StorageError
 from storage.integrity import Records
-from storage.records import ObjectRecord, save_record
+from storage.records import ObjectRecord, drop_intent, save_intent, save_record
 
 
 class ObjectTampered(Exception):
@@ -259,20 +264,33 @@ def reencrypt_object(
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
             key = sealing.key
             marker = Marker.new(tenant, key.kid, key.primary_version, bucket, target_key)
-            stored = _swap(inventory, new, marker)
-    record = sealed_record(sealing, bucket, target_key, digest.hexdigest(), stored)
-    if recorded.name_key_version is not None:  # a hidden name's digest stays hidden
-        record = hidden_plaintext(record, keys.name_keys.version(tenant, recorded.name_key_version))
+            intent = new.intent(bucket, target_key, digest.hexdigest())
+            if recorded.name_key_version is not None:  # a hidden name's digest stays hidden
+                name_key = keys.name_keys.version(tenant, recorded.name_key_version)
+                intent = hidden_plaintext(intent, name_key)
+            stored = _swap(records, inventory, new, marker, intent)
+    record = stored_record(intent, stored)
     save_record(records, record)
+    with suppress(StorageError):  # one left over is dropped by the sweep
+        drop_intent(records, intent)
     inventory.moved(replaced, record)
     return Reencrypted(record, old.key, old.uses, sealing)
 
 
-def _swap(inventory: Inventory, new: "_Resealing", marker: Marker) -> ObjectInfo:
-    """Put the new message in place, marked under its version first: the index never
-    misses it. A swap that fails takes back the marker, if it was this call's."""
+def _swap(
+    records: Records,
+    inventory: Inventory,
+    new: "_Resealing",
+    marker: Marker,
+    intent: ObjectRecord,
+) -> ObjectInfo:
+    """Put the new message in place, marked under its version and its record's intent
+    noted first: the index never misses it, and it can be recorded whatever happens
+    next. A swap that fails takes back the marker, if it was this call's; the intent
+    stays for the sweep, in case the swap happened after all."""
     ours = inventory.add(marker)
     try:
+        save_intent(records, intent)
         return new.complete()
     except BaseException:
         if ours:
@@ -285,6 +303,8 @@ class _Resealing:
     with the new keyring alone, whose plaintext must be what was sealed."""
 
     def __init__(self, sealing: Sealing, writer: MultipartWriter) -> None:
+        self._sealing = sealing
+        self._written = 0  # bytes of the new message
         self._encryptor = sealing.encryptor
         self._writer = writer
         self._reader = Decryptor(
@@ -298,18 +318,23 @@ class _Resealing:
             self._unread.append(plaintext)
         self._send(self._encryptor.update(plaintext))
 
-    def complete(self) -> ObjectInfo:
-        """Seal the final frame, read it back, and make the object visible."""
+    def intent(self, bucket: str, storage_key: str, plaintext_sha256: str) -> ObjectRecord:
+        """Seal the final frame and read it back; the new object's record-to-be."""
         self._send(self._encryptor.finish())
         self._reader.finish()
         if self._unread:
             raise ReadBackMismatch("the new message reads back shorter than what was sealed")
+        return intended_record(self._sealing, bucket, storage_key, plaintext_sha256, self._written)
+
+    def complete(self) -> ObjectInfo:
+        """Make the object visible, once its record's intent is noted."""
         return self._writer.complete()
 
     def _send(self, pieces: Iterable[Piece]) -> None:
         for piece in pieces:
             for opened in self._reader.update(piece):
                 self._match(opened)
+            self._written += len(piece)
             self._writer.write(piece)  # writers keep nothing of it past the call
             self._encryptor.recycle(piece)
 

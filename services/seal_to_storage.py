@@ -1,8 +1,10 @@
 """Seal a stream into a placement: the message written through a multipart upload, its
 plaintext's SHA-256 taken on the way, its marker in the index of key versions
-(`services.inventory`) written before storage makes it visible, and the object's record
-saved once it has. Any failure on the way aborts the upload, so nothing becomes visible
-and no upload is left pending.
+(`services.inventory`) and its record's intent (`storage.records`) written before storage
+makes it visible, and the object's record saved once it has. Any failure on the way
+aborts the upload, so nothing becomes visible and no upload is left pending; a crash
+between completing the upload and saving the record leaves the intent, from which the
+sweep saves the record (`services.unfinished`).
 
 From a request, batches are sealed, hashed and handed to the multipart writer in one
 worker-thread call, which hashes on a second thread while it seals: SHA-256 costs about
@@ -24,16 +26,17 @@ from functools import partial
 import anyio
 from anyio import CapacityLimiter, to_thread
 
+from envelope.encrypt import Piece
 from keystore import KeyStore
 from keystore.name_keys import NameKey
 from services.inventory import Inventory, Marker, record_at
 from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
-from services.objects import hidden_plaintext, object_metadata, sealed_record
+from services.objects import hidden_plaintext, intended_record, object_metadata, stored_record
 from services.placement import Placement
 from services.streams import frame_batches
-from storage import ObjectInfo, StorageError
+from storage import StorageError
 from storage.integrity import Records
-from storage.records import ObjectRecord, save_record
+from storage.records import ObjectRecord, drop_intent, save_intent, save_record
 
 # The writer may block on parts in flight, so batches always go to a thread; bigger ones
 # make fewer hops.
@@ -88,6 +91,7 @@ class ObjectSealer:
         self._records = records
         self._name_key = name_key
         self._digest = hashlib.sha256()
+        self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
         self._overwrite = overwrite
         self._writer = placement.store.multipart(
@@ -116,35 +120,54 @@ class ObjectSealer:
             # A frame's worth at a time, so that each frame's buffer is given back before
             # the next is sealed, and sealed into again rather than made and zeroed anew.
             for start in range(0, len(view), step):
-                for piece in encryptor.update(view[start : start + step]):
-                    self._writer.write(piece)  # writers keep nothing of it past the call
-                    encryptor.recycle(piece)
+                self._send(encryptor.update(view[start : start + step]))
+
+    def _send(self, pieces: Iterable[Piece]) -> None:
+        for piece in pieces:
+            self._written += len(piece)
+            self._writer.write(piece)  # writers keep nothing of it past the call
+            self._sealing.encryptor.recycle(piece)
 
     def complete(self) -> ObjectRecord:
-        """Seal the final frame, mark the object in the index, make it visible, record it,
-        and drop the marker of the object it replaced, if that was of another version."""
-        encryptor = self._sealing.encryptor
-        for piece in encryptor.finish():
-            self._writer.write(piece)
+        """Seal the final frame, mark the object in the index and note its record's
+        intent, make it visible, record it, and drop the marker of the object it
+        replaced, if that was of another version."""
+        self._send(self._sealing.encryptor.finish())
         placement, sealing = self._placement, self._sealing
         replaced = self._replaced()
         version = sealing.key.primary_version
         marker = Marker.new(
             sealing.tenant, sealing.key.kid, version, placement.bucket, placement.storage_key
         )
-        # Before the object can be seen: the index never misses an object it holds.
+        intent = intended_record(
+            sealing,
+            placement.bucket,
+            placement.storage_key,
+            self._digest.hexdigest(),
+            self._written,
+        )
+        if self._name_key is not None:  # the intent tells no more than the record
+            intent = hidden_plaintext(intent, self._name_key)
+        # Before the object can be seen: the index never misses an object it holds, and
+        # the intent is there to record it whatever happens next.
         ours = self._inventory.add(marker)
         try:
+            save_intent(self._records, intent)
             info = self._writer.complete()
         except BaseException:
-            self._take_back(marker if ours else None, delete_object=False)
+            # The intent stays: a completion that failed on the way back may have made
+            # the object visible all the same, and the sweep then records it.
+            self._take_back(marker if ours else None, None)
             raise
+        record = stored_record(intent, info)
         try:
-            record = self._record(info)
+            save_record(self._records, record)
         except BaseException:
             # An object without its record could never be verified: take it back.
-            self._take_back(marker if ours else None, delete_object=True)
+            self._take_back(marker if ours else None, intent)
             raise
+        with suppress(StorageError):  # one left over is dropped by the sweep
+            drop_intent(self._records, intent)
         self._inventory.moved(replaced, record)
         return record
 
@@ -154,24 +177,16 @@ class ObjectSealer:
             return None  # the upload completes only where there is no object
         return record_at(self._records, self._placement.bucket, self._placement.storage_key)
 
-    def _take_back(self, marker: Marker | None, *, delete_object: bool) -> None:
-        """Undo what `complete` did before it failed: the object (only once it is gone may
-        its marker go), and the marker, if this writer wrote it."""
+    def _take_back(self, marker: Marker | None, visible: ObjectRecord | None) -> None:
+        """Undo what `complete` did before it failed: the object it made `visible`, if it
+        did, and its intent (only once the object is gone may they go), and the marker,
+        if this writer wrote it. What cannot be undone is left to the sweep."""
         with suppress(StorageError):
-            if delete_object:
+            if visible is not None:
                 self._placement.store.delete(self._placement.storage_key)
+                drop_intent(self._records, visible)
             if marker is not None:
                 self._inventory.remove(marker)
-
-    def _record(self, info: ObjectInfo) -> ObjectRecord:
-        placement = self._placement
-        record = sealed_record(
-            self._sealing, placement.bucket, placement.storage_key, self._digest.hexdigest(), info
-        )
-        if self._name_key is not None:
-            record = hidden_plaintext(record, self._name_key)
-        save_record(self._records, record)
-        return record
 
     def abort(self) -> None:
         self._writer.abort()

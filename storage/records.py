@@ -6,8 +6,20 @@ plaintext's size and SHA-256 as measured on the way in (or, for an archive membe
 name is hidden, an HMAC of them under the tenant's name key). Writing the record last means a
 record always describes a complete object. Records are sealed (`storage.integrity`), so
 one changed or planted in the bucket is refused rather than believed.
+
+Completing the upload and saving the record are two steps, so the record is written
+first as an *intent*, before the upload completes: the same record with no etag yet,
+named by the object's place and its header's digest,
+
+    sealstream/intents/<SHA-256 of bucket "/" storage key>/<header SHA-256>.json
+
+and dropped once the record is saved. Between the two, a reader takes the intent that
+names the very message it finds there for its record; after a crash in between, the
+lifecycle sweep saves the record from it (`services.unfinished`).
 """
 
+import hashlib
+from collections.abc import Iterator
 from datetime import datetime
 
 from pydantic import Field
@@ -17,6 +29,8 @@ from storage.integrity import Records, RecordTampered
 
 RECORDS_PREFIX = "sealstream/objects/"
 RECORD_KIND = "object"
+INTENTS_PREFIX = "sealstream/intents/"
+INTENT_KIND = "object-intent"
 
 
 class ObjectRecord(FrozenCamelModel):
@@ -57,3 +71,36 @@ def load_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord
     if (record.bucket, record.key) != (bucket, storage_key):
         raise RecordTampered("it describes another object", record_key(bucket, storage_key))
     return record
+
+
+def intent_key(bucket: str, storage_key: str, header_sha256: str) -> str:
+    place = hashlib.sha256(f"{bucket}/{storage_key}".encode()).hexdigest()
+    return f"{INTENTS_PREFIX}{place}/{header_sha256}.json"
+
+
+def save_intent(records: Records, intent: ObjectRecord) -> None:
+    """Note the record of an object about to be made visible, before it is."""
+    records.put(INTENT_KIND, intent_key(intent.bucket, intent.key, intent.header_sha256), intent)
+
+
+def load_intent(
+    records: Records, bucket: str, storage_key: str, header_sha256: str
+) -> ObjectRecord:
+    """The intent noted for the message with this header at this place: `ObjectNotFound`
+    if there is none, `RecordTampered` if it is not authentic or names another."""
+    name = intent_key(bucket, storage_key, header_sha256)
+    intent = records.get(INTENT_KIND, name, ObjectRecord)
+    if (intent.bucket, intent.key, intent.header_sha256) != (bucket, storage_key, header_sha256):
+        raise RecordTampered("it describes another object", name)
+    return intent
+
+
+def drop_intent(records: Records, intent: ObjectRecord) -> None:
+    records.store.delete(intent_key(intent.bucket, intent.key, intent.header_sha256))
+
+
+def intents(records: Records) -> Iterator[ObjectRecord]:
+    """Every authentic intent left (a bad one is logged, counted and passed over)."""
+    for name, intent in records.all(INTENT_KIND, INTENTS_PREFIX, ObjectRecord):
+        if name == intent_key(intent.bucket, intent.key, intent.header_sha256):
+            yield intent

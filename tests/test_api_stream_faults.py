@@ -28,7 +28,9 @@ from api.services import Services
 from keystore import LocalKek
 from sealstream.server import create_app
 from sealstream.settings import Settings
+from services.unfinished import finish_recording
 from storage import MIN_PART_SIZE
+from storage.records import INTENTS_PREFIX
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.audited import audited_serve
 from tests.support.data import KiB, MiB, Tally, flip_bit, marked_chunks, pieces, random_bytes
@@ -49,12 +51,13 @@ from tests.support.http import (
     form,
     form_bytes,
     part_head,
+    post_form,
     problem,
     raw_upload,
     read_object,
     request_head,
 )
-from tests.support.jobs import finished_job
+from tests.support.jobs import finished_job, start_verify
 from tests.support.metrics import scrape, value
 from tests.support.s3_proxy import HeldParts, PartsAfter, Rule, S3FaultProxy, requests_matching
 from tests.support.services import api_server
@@ -424,6 +427,77 @@ def test_s3_failing_to_store_the_record_leaves_no_object(
         assert proxy.failed >= 1
         problem(response, 503, "storage-unavailable")
         assert nothing_in_bucket(moto_s3, s3_bucket)
+
+
+@dataclass
+class Armed:
+    """Fails the requests whose request line matches `pattern`, while `armed`."""
+
+    pattern: bytes
+    armed: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        return self.armed.is_set() and re.match(self.pattern, head) is not None
+
+
+def reencrypt_in_place(client: httpx.Client, key: str) -> httpx.Response:
+    metadata = {"kid": "mySymKey", "source": {"key": key}}
+    return post_form(client, "/api/crypto/stream/reencrypt", metadata, None)
+
+
+def test_an_object_whose_writer_was_lost_before_its_record_is_served_and_then_recorded(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    """Storage cut off right after the upload completed, as if the API host died: the
+    record is not saved and the object is not taken back. Its record's intent, noted
+    before the upload completed, serves reads of it meanwhile, and the sweep records it."""
+    lost = Armed(rb"^(PUT /[^/ ]+/sealstream/objects/|DELETE )")
+    plaintext = random_bytes(100_000, seed=13)
+    with (
+        behind_proxy(tmp_path, moto_endpoint, s3_bucket, lost) as (url, proxy, services),
+        httpx.Client(base_url=url, headers=auth(ADMIN_TOKEN), timeout=60) as client,
+    ):
+        lost.armed.set()
+        problem(
+            encrypt(client, plaintext, destination={"key": "orphan"}), 503, "storage-unavailable"
+        )
+        lost.armed.clear()
+        assert proxy.failed >= 2
+        assert moto_s3.head_object(Bucket=s3_bucket, Key="tenants/default/orphan")
+
+        served = read_object(client, "orphan")
+        assert (served.status_code, served.content) == (200, plaintext)
+        assert finish_recording(services.records, services.spaces) == 1
+        assert finish_recording(services.records, services.spaces) == 0
+        assert list(services.records.store.list(INTENTS_PREFIX)) == []
+        verified = finished_job(client, start_verify(client, "orphan")["id"])
+        assert verified["status"] == "succeeded", verified
+
+
+def test_a_read_while_a_reencrypt_swaps_the_object_gets_the_new_message_whole(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    """Between the swap and the new record, the object is the new message and its record
+    still names the old one: frozen there by failing the record's write, a read gets the
+    new message, whole, from the record's intent; the sweep then saves the new record."""
+    records = Armed(rb"^PUT /[^/ ]+/sealstream/objects/")
+    plaintext = random_bytes(70_000, seed=14)
+    with (
+        behind_proxy(tmp_path, moto_endpoint, s3_bucket, records) as (url, _, services),
+        httpx.Client(base_url=url, headers=auth(ADMIN_TOKEN), timeout=60) as client,
+    ):
+        assert encrypt(client, plaintext, destination={"key": "swapped"}).status_code == 201
+        old_etag = services.records.store.head("tenants/default/swapped").etag
+        records.armed.set()
+        problem(reencrypt_in_place(client, "swapped"), 503, "storage-unavailable")
+        records.armed.clear()
+        assert services.records.store.head("tenants/default/swapped").etag != old_etag
+
+        served = read_object(client, "swapped")
+        assert (served.status_code, served.content) == (200, plaintext)
+        assert finish_recording(services.records, services.spaces) == 1
+        served = read_object(client, "swapped")
+        assert (served.status_code, served.content) == (200, plaintext)
 
 
 # Tampered messages

@@ -108,7 +108,9 @@ def test_no_credential_is_printed_logged_or_answered(tmp_path: Path) -> None:
         seen.append(problem(client.get("/readyz"), 503, "not-ready")["detail"])
         assert client.post("/api/key-management/keys", json=DOCUMENTED_KEY).status_code == 201
         stored = encrypt(client, b"x", destination={"key": "k"})
-        seen.append(problem(stored, 503, "job-queue-unavailable")["detail"])
+        assert stored.status_code == 201 and stored.json()["verifyQueued"] is False
+        verify = client.post("/api/jobs/verify", json={"key": "k"})
+        seen.append(problem(verify, 503, "job-queue-unavailable")["detail"])
     # Nor does an answer name where Redis is: that is for the log.
     redis_address = redis_url.split("@")[1].split("/")[0]
     assert [detail for detail in seen if redis_address in detail] == []

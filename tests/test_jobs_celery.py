@@ -566,9 +566,10 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
             stack.proxy.release()
 
             services = build_parts(stack.api.settings)
+            submit = CeleryRunner(stack.api.settings).submit
 
             def swept() -> bool:  # the periodic sweeps task's body, as beat runs it
-                return job_id in run_sweeps(services)["staleJobs"]
+                return job_id in run_sweeps(services, submit)["staleJobs"]
 
             wait_until(swept, "the sweep to fail the stale job")
             record = get_job(client, job_id)

@@ -1,7 +1,8 @@
 """The Celery application: a Redis broker, and tasks that survive a worker killed mid-task.
 
 Run a worker with `celery -A workers.celery_app worker` and the periodic sweeps with
-`celery -A workers.celery_app beat`; both read the same `SEALSTREAM_*` settings as the API.
+`celery -A workers.celery_app beat` (on two hosts if you like: one schedules, the other
+stands by, `workers.beat`); both read the same `SEALSTREAM_*` settings as the API.
 
 Delivery: a task is acknowledged only when it ends (`task_acks_late`), and put back when
 its worker process dies (`task_reject_on_worker_lost`); a worker takes one task at a
@@ -13,7 +14,7 @@ a memory limit (`workers.memory_limit`), so a job that would need more fails alo
 """
 
 import os
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from celery import Celery, Task
@@ -24,10 +25,13 @@ from celery.signals import (
     worker_shutdown,
 )
 from celery.worker import WorkController
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 from sealstream.wiring import Parts, build_parts
+from services.jobs import JobRecord, QueueUnavailable
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
@@ -53,15 +57,33 @@ def make_celery(settings: Settings) -> Celery:
             "master_name": settings.redis_sentinel_master,
         },
         broker_connection_retry_on_startup=True,
+        # A Redis that refuses writes (NOREPLICAS: its replica is away or still syncing,
+        # under min-replicas-to-write) answers with an error, not a lost connection:
+        # retried too, with the same backoff, and for as long as it lasts.
+        broker_channel_error_retry=True,
+        broker_connection_max_retries=None,
+        worker_consumer="workers.consumer:PatientConsumer",
+        # A job running when the broker goes away runs on: its lease and record, not its
+        # task, say who runs it, and a redelivered task finds it finished.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        beat_scheduler="workers.beat:LockedScheduler",
         beat_schedule={
             "sweeps": {"task": SWEEPS, "schedule": settings.lifecycle_interval},
         },
     )
     return app
+
+
+def queue_job(app: Celery, record: JobRecord) -> None:
+    """Send a saved job's task; `QueueUnavailable` if the broker cannot take it."""
+    try:
+        app.send_task(RUN_JOB, args=[record.id])
+    except (OperationalError, RedisError) as error:  # its words name the broker's host
+        raise QueueUnavailable(str(error)) from error
 
 
 app = make_celery(Settings())
@@ -118,4 +140,4 @@ def run_job_task(self: Task[[str], None], job_id: str) -> None:
 
 @app.task(name=SWEEPS)
 def sweeps_task() -> dict[str, Any]:
-    return run_sweeps(worker_services())
+    return run_sweeps(worker_services(), partial(queue_job, app))

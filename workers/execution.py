@@ -66,18 +66,10 @@ class LeaseKeeper(threading.Thread):
 
 def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> JobOutcome:
     """Run the job `job_id` to a final status, unless it already has one or another
-    worker is running it (a task Redis handed out again after a broker hiccup)."""
+    worker is running it (a task Redis handed out again after a broker hiccup, or a job
+    queued again by the sweep)."""
     store = services.jobs
-    try:
-        record = store.load(job_id)
-    except RecordTampered:
-        # Whoever wrote it could name any tenant, kind or parameters: never run it.
-        logger.error("job %s: its record failed authentication; not running it", job_id)
-        return JobOutcome.DONE
-    if record is None:
-        logger.warning("job %s: no record (expired or unknown); nothing to do", job_id)
-        return JobOutcome.DONE
-    if record.status.finished:
+    if _unfinished(store, job_id) is None:
         return JobOutcome.DONE
     ttl = services.settings.job_lease_ttl
     lease = store.lease(job_id, ttl)
@@ -86,9 +78,28 @@ def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> Job
     keeper = LeaseKeeper(lease, ttl)
     keeper.start()
     try:
+        # Read again under the lease: another task of the job may have run it to its end
+        # between the first read and the lease.
+        record = _unfinished(store, job_id)
+        if record is None:
+            return JobOutcome.DONE
         return _run(store, record, services, bodies, keeper)
     finally:
         keeper.stop()
+
+
+def _unfinished(store: JobStore, job_id: str) -> JobRecord | None:
+    """The job's record, unless it is finished, gone or not authentic."""
+    try:
+        record = store.load(job_id)
+    except RecordTampered:
+        # Whoever wrote it could name any tenant, kind or parameters: never run it.
+        logger.error("job %s: its record failed authentication; not running it", job_id)
+        return None
+    if record is None:
+        logger.warning("job %s: no record (expired or unknown); nothing to do", job_id)
+        return None
+    return None if record.status.finished else record
 
 
 def _run(

@@ -1,6 +1,8 @@
 """The periodic sweeps: rotate keys that are due; destroy keys past their deletion date,
 and the material of retired key versions past theirs once nothing stored uses them; fail
-jobs whose worker was lost; clear what header-only rewrap jobs left staged before
+jobs whose worker was lost; queue again jobs whose task was lost, and queue the jobs
+parked while the queue was unreachable; record the objects whose writer was lost before
+it could; clear what header-only rewrap jobs left staged before
 re-encryption replaced them; and finish object deletions a crash cut short. Each is
 idempotent: running it twice does no harm.
 
@@ -18,16 +20,18 @@ from typing import Any
 from audit import AuditTrail
 from keystore.store import Proceed
 from sealstream.wiring import Parts
-from services.jobs import sweep_stale
+from services.jobs import Submit, queue_parked, requeue_waiting, sweep_stale
 from services.placement import client_key
 from services.retirement import Retirements
 from services.stored_objects import finish_deletions
+from services.unfinished import finish_recording
 from workers.reencrypt import clear_rewrap_staging
 
 logger = logging.getLogger(__name__)
 
 
-def run_sweeps(services: Parts) -> dict[str, Any]:
+def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
+    """Every sweep once; `submit` queues a job. What each did."""
     audit = services.audit
     if not audit.writable():
         logger.warning("sweeps held back: the audit trail cannot be written; trying again later")
@@ -45,6 +49,9 @@ def run_sweeps(services: Parts) -> dict[str, Any]:
         audit.lifecycle("version-destruction", tenant=tenant, key=key)
     stale_after = timedelta(seconds=services.settings.job_stale_after)
     stale = sweep_stale(services.jobs, stale_after)
+    requeue_after = timedelta(seconds=services.settings.job_requeue_after)
+    requeued = requeue_waiting(services.jobs, requeue_after, submit)
+    unparked = queue_parked(services.jobs, submit)
     staging = clear_rewrap_staging(services)
     deletions = finish_deletions(
         services.records, services.spaces, _announced(audit, "finishing-deletion", object_key=True)
@@ -53,26 +60,33 @@ def run_sweeps(services: Parts) -> dict[str, Any]:
         audit.lifecycle(
             "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
         )
-    if rotated or destroyed or retired or stale or staging or deletions:
+    recorded = finish_recording(services.records, services.spaces)
+    if any((rotated, destroyed, retired, stale, requeued, unparked, staging, deletions, recorded)):
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys and %d retired key versions, "
-            "failed %d stale jobs, "
+            "failed %d stale jobs, queued again %d jobs and %d parked ones, "
             "cleared %d objects and uploads that rewrap jobs staged, "
-            "finished %d deletions cut short",
+            "finished %d deletions cut short, recorded %d objects their writer left",
             len(rotated),
             len(destroyed),
             len(retired),
             len(stale),
+            len(requeued),
+            len(unparked),
             staging,
             len(deletions),
+            recorded,
         )
     return {
         "rotated": [f"{tenant}/{kid}" for tenant, kid in rotated],
         "destroyed": [f"{tenant}/{kid}" for tenant, kid in destroyed],
         "destroyedVersions": retired,
         "staleJobs": stale,
+        "requeuedJobs": requeued,
+        "parkedJobsQueued": unparked,
         "clearedStaging": staging,
         "finishedDeletions": len(deletions),
+        "recordedObjects": recorded,
     }
 
 

@@ -5,12 +5,10 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from kombu.exceptions import OperationalError
-
 from sealstream.settings import Settings
 from sealstream.wiring import Parts
-from services.jobs import JobRecord, JobRunner, QueueUnavailable
-from workers.celery_app import RUN_JOB, make_celery
+from services.jobs import JobRecord, JobRunner
+from workers.celery_app import make_celery, queue_job
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.registry import JOB_BODIES
@@ -25,10 +23,7 @@ class CeleryRunner(JobRunner):
         self._app = make_celery(settings)
 
     def submit(self, record: JobRecord) -> None:
-        try:
-            self._app.send_task(RUN_JOB, args=[record.id])
-        except OperationalError as error:  # its words name the broker's host
-            raise QueueUnavailable(str(error)) from error
+        queue_job(self._app, record)
 
     def close(self) -> None:
         self._app.close()
@@ -60,6 +55,6 @@ class InProcessRunner(JobRunner):
     def _sweep(self) -> None:
         while not self._stopping.wait(self._services.settings.lifecycle_interval):
             try:
-                run_sweeps(self._services)
+                run_sweeps(self._services, self.submit)
             except Exception:
                 logger.exception("periodic sweeps failed; trying again next interval")

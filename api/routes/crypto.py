@@ -107,9 +107,11 @@ class ReencryptMetadata(_Metadata, NamesKey):
 
 
 class StoredObject(ObjectSummary):
-    """What an encryption into storage wrote, and the job that verifies it."""
+    """What an encryption into storage wrote, and the job that verifies it: queued, or,
+    while the queue cannot be reached, parked until the sweep queues it."""
 
     verify_job: str
+    verify_queued: bool
 
 
 BINARY = {"type": "string", "format": "binary"}
@@ -303,8 +305,8 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
         records=svc.records,
         transfers=svc.transfers,
     )
-    verification = await run_in_threadpool(svc.start_verify, principal.tenant, placement)
-    body = StoredObject.of(stored, placement.key, verify_job=verification.id)
+    verification, queued = await run_in_threadpool(svc.verify_stored, principal.tenant, placement)
+    body = StoredObject.of(stored, placement.key, verify_job=verification.id, verify_queued=queued)
     return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 

@@ -203,7 +203,7 @@ def reencrypt(
 
 STORED_FIELDS = (
     "key", "bucket", "kid", "keyVersion", "plaintextSize", "ciphertextSize", "plaintextSha256",
-    "verifyJob",
+    "verifyJob", "verifyQueued",
 )  # fmt: skip
 
 

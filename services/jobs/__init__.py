@@ -1,6 +1,7 @@
 """The job contract that the API and the workers share: kinds, statuses and records of
 jobs, one parameter model per kind, the stores records live in (Redis, or memory for the
-embedded default), the failing of jobs whose worker was lost, and the runner interface
+embedded default), the failing of jobs whose worker was lost, the queuing again of jobs
+whose task was lost, and the runner interface
 the API hands jobs to."""
 
 from services.jobs.memory_store import MemoryJobStore
@@ -25,6 +26,7 @@ from services.jobs.records import (
     Progress,
 )
 from services.jobs.redis_store import RedisJobStore
+from services.jobs.requeue import Submit, queue_parked, requeue_waiting
 from services.jobs.runner import JobRunner, QueueUnavailable
 from services.jobs.stale import fail_if_stale, sweep_stale
 from services.jobs.store import JobLease, JobStore
@@ -49,9 +51,12 @@ __all__ = [
     "QueueUnavailable",
     "RedisJobStore",
     "ReencryptParams",
+    "Submit",
     "Target",
     "VerifyParams",
     "VersionTarget",
     "fail_if_stale",
+    "queue_parked",
+    "requeue_waiting",
     "sweep_stale",
 ]

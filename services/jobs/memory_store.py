@@ -5,7 +5,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from cachetools import TTLCache
 
@@ -27,11 +27,14 @@ class MemoryJobStore(JobStore):
         self._counted: TTLCache[str, bool] = TTLCache(math.inf, seconds, time.monotonic)
         self._finished: Counter[tuple[str, str]] = Counter()
         self._leased: set[str] = set()
+        self._queued_again: dict[str, datetime] = {}
         self._lock = threading.Lock()
 
     def save(self, record: JobRecord) -> None:
         with self._lock:
             self._records[record.id] = self._sealed(record)
+            if record.status is not JobStatus.QUEUED:
+                self._queued_again.pop(record.id, None)
             if record.status.finished and record.id not in self._counted:
                 self._counted[record.id] = True
                 self._finished[(record.kind, record.status)] += 1
@@ -66,6 +69,17 @@ class MemoryJobStore(JobStore):
 
     def running_ids(self) -> list[str]:
         return [r.id for r in self._records_where(lambda r: r.status is JobStatus.RUNNING)]
+
+    def queued_before(self, moment: datetime) -> list[str]:
+        def waiting(record: JobRecord) -> bool:
+            queued = self._queued_again.get(record.id, record.created_at)
+            return record.status is JobStatus.QUEUED and queued < moment
+
+        return [r.id for r in self._records_where(waiting)]
+
+    def queued_again(self, job_id: str, moment: datetime) -> None:
+        with self._lock:
+            self._queued_again[job_id] = moment
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:

@@ -3,7 +3,7 @@
 (`sentinel://host:port;sentinel://host:port/db`, as Celery's broker takes it)."""
 
 from contextlib import suppress
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -24,6 +24,7 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
 end
 """
 _RUNNING = "sealstream:jobs:running"
+_QUEUED = "sealstream:jobs:queued"  # scored by when each was (last) queued
 TIMEOUT = 5  # seconds, to connect and for each answer
 SENTINEL_PORT = 26379
 _FINISHED_COUNTS = "sealstream:jobs:finished"  # fields "<kind>/<status>"
@@ -63,6 +64,10 @@ class RedisJobStore(JobStore):
                 pipe.sadd(_RUNNING, record.id)
             else:
                 pipe.srem(_RUNNING, record.id)
+            if record.status is JobStatus.QUEUED:
+                pipe.zadd(_QUEUED, {record.id: record.created_at.timestamp()}, nx=True)
+            else:
+                pipe.zrem(_QUEUED, record.id)
             if record.status.finished:
                 self._count_finished(
                     keys=[f"sealstream:job:{record.id}:counted", _FINISHED_COUNTS],
@@ -98,6 +103,22 @@ class RedisJobStore(JobStore):
         if len(running) < len(ids):
             self._redis.srem(_RUNNING, *(set(ids) - set(running)))
         return running
+
+    def queued_before(self, moment: datetime) -> list[str]:
+        ids = self._redis.zrangebyscore(_QUEUED, "-inf", moment.timestamp())
+        queued = [str(job_id) for job_id in cast(list[str], ids)]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in queued:
+                pipe.exists(f"sealstream:job:{job_id}")
+            live = pipe.execute()
+        expired = [job_id for job_id, exists in zip(queued, live, strict=True) if not exists]
+        if expired:  # a record that expired while queued: no job left to run
+            self._redis.zrem(_QUEUED, *expired)
+        return [job_id for job_id in queued if job_id not in expired]
+
+    def queued_again(self, job_id: str, moment: datetime) -> None:
+        # XX: a job that started meanwhile has left the set, and stays out of it.
+        self._redis.zadd(_QUEUED, {job_id: moment.timestamp()}, xx=True)
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
         counts = cast(dict[str, str], self._redis.hgetall(_FINISHED_COUNTS))

@@ -18,7 +18,7 @@ setting cancel flags remains possible, and is a denial of service only.
 import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from services.jobs.records import (
     REPORT_KIND,
@@ -32,6 +32,8 @@ from storage import InvalidObjectKey, ObjectNotFound
 from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
 
 RECORD_KIND = "job"
+PARKED_KIND = "parked-job"
+PARKED_PREFIX = "sealstream/parked-jobs/"
 
 # The most jobs one page of a listing reads, matching its filter or not.
 SCAN_PER_PAGE = 1000
@@ -81,6 +83,15 @@ class JobStore(ABC):
 
     @abstractmethod
     def running_ids(self) -> list[str]: ...
+
+    @abstractmethod
+    def queued_before(self, moment: datetime) -> list[str]:
+        """The jobs still queued that were queued (or queued again) before `moment`."""
+
+    @abstractmethod
+    def queued_again(self, job_id: str, moment: datetime) -> None:
+        """Note that a queued job was queued again at `moment`; nothing if it has started
+        meanwhile."""
 
     @abstractmethod
     def finished_counts(self) -> dict[tuple[str, str], int]:
@@ -154,6 +165,23 @@ class JobStore(ABC):
             name = info.key[len(prefix) :]
             if name.endswith(REPORT_SUFFIX) and "/" not in name:
                 yield name[: -len(REPORT_SUFFIX)]
+
+    def park(self, record: JobRecord) -> None:
+        """Keep a new job that could not be queued in storage, for the sweep to queue once
+        the queue is back (`parked`); its client can poll it meanwhile, as queued."""
+        self.write_report(record)
+        self._reports.put(PARKED_KIND, f"{PARKED_PREFIX}{record.id}.json", record)
+
+    def parked(self) -> Iterator[JobRecord]:
+        """The parked jobs; one that fails authentication is passed over (and counted)."""
+        for info in self._reports.store.list(PARKED_PREFIX):
+            try:
+                yield self._reports.get(PARKED_KIND, info.key, JobRecord)
+            except (ObjectNotFound, RecordTampered):
+                continue
+
+    def unpark(self, job_id: str) -> None:
+        self._reports.store.delete(f"{PARKED_PREFIX}{job_id}.json")
 
     def write_report(self, record: JobRecord) -> None:
         self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)

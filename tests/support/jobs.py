@@ -85,6 +85,7 @@ def worker_environment(settings: Settings, s3_endpoint: str) -> dict[str, str]:
         "SEALSTREAM_JOB_VISIBILITY_TIMEOUT": str(settings.job_visibility_timeout),
         "SEALSTREAM_JOB_STALE_AFTER": str(settings.job_stale_after),
         "SEALSTREAM_JOB_LEASE_TTL": str(settings.job_lease_ttl),
+        "SEALSTREAM_JOB_REQUEUE_AFTER": str(settings.job_requeue_after),
         "SEALSTREAM_S3_PART_SIZE": str(settings.s3_part_size),
         "SEALSTREAM_KEY_CACHE_TTL": str(settings.key_cache_ttl),
     }
@@ -100,6 +101,7 @@ def job_stack(
     stale_after: int = STALE_AFTER,
     workers: int = 1,
     worker_loglevel: str = "INFO",
+    requeue_after: int = 300,
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
     through an `S3FaultProxy`, unpaced to begin with (the API does not)."""
@@ -118,6 +120,7 @@ def job_stack(
             job_visibility_timeout=VISIBILITY_TIMEOUT,
             job_lease_ttl=LEASE_TTL,
             job_stale_after=stale_after,
+            job_requeue_after=requeue_after,
         )
         app = create_app(settings)
         url = exits.enter_context(api_server(app))
@@ -163,6 +166,11 @@ def _placeholder_params(kind: JobKind) -> AnyParams:
             }
         )
     return ReencryptParams.model_validate({"kid": "k", **target})
+
+
+def no_job_queued(record: JobRecord) -> None:
+    """The job queue of sweeps that must find no job to queue."""
+    raise AssertionError(f"the sweep queued job {record.id} ({record.kind})")
 
 
 def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
