@@ -142,3 +142,42 @@ def test_another_tenants_name_key_names_differently(api: Api) -> None:
     assert [w["tenant"] for w in wrapped] == ["default", "acme"]
     materials = {w["versions"][0]["wrappedMaterial"] for w in wrapped}
     assert len(materials) == 2
+
+
+def test_the_batch_job_hides_names_and_a_rerun_lands_on_them(api: Api) -> None:
+    """The batch job over an archive in storage: hidden names, the same as the stream
+    route's, a sealed manifest mapping them back, and a rerun over the same objects."""
+    api.objects.put("tenants/default/in/archive.tar", small_tar(FILES))
+    body = {
+        "kid": "mySymKey",
+        "source": {"key": "in/archive.tar"},
+        "destination": {"prefix": "out/"},
+        "names": "encrypted",
+    }
+    with api.client() as client:
+        create_key(client)
+        streamed = hidden_upload(client, small_tar(FILES), prefix="streamed/")
+        for overwrite in (False, True):
+            started = client.post("/api/jobs/batch-encrypt", json={**body, "overwrite": overwrite})
+            assert started.status_code == 202, started.text
+            job = finished_job(client, started.json()["id"])
+            assert job["status"] == "succeeded", job
+            document = manifest(client)
+            keys = {m["path"]: m["key"] for m in document["members"]}
+            if not overwrite:
+                first = keys
+        assert keys == first, "a rerun lands on the objects it wrote"
+        assert set(keys) == set(FILES)
+        for path, key in keys.items():
+            assert BASE32_SEGMENTS.fullmatch(key.removeprefix("out/")), key
+            assert read_object(client, key).content == FILES[path]
+            assert "plaintextSha256" not in stored_record(api, "tenants/default/" + key)
+        assert {k.removeprefix("out/") for k in keys.values()}.isdisjoint(
+            k.removeprefix("streamed/") for k in streamed.values()
+        )
+        refused = client.post("/api/jobs/batch-encrypt", json={**body, "mode": "whole"})
+        assert refused.status_code == 422, refused.text
+    journal_and_reports = b"".join(
+        api.objects.get(info.key) for info in api.objects.list("sealstream/")
+    )
+    assert b"jane-doe" not in journal_and_reports

@@ -17,6 +17,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import cache, partial
 from itertools import chain
 from pathlib import Path
@@ -208,7 +209,9 @@ def decrypted(client: httpx.Client, key: str) -> bytes:
 
 
 def manifest_of(api: Api, prefix: str = "out/") -> dict[str, Any]:
-    manifest: dict[str, Any] = json.loads(api.objects.get(TENANT + prefix + "manifest.json"))
+    """The manifest, read back through decrypt: it is a sealed message."""
+    with api.client() as client:
+        manifest: dict[str, Any] = json.loads(decrypted(client, prefix + "manifest.json"))
     return manifest
 
 
@@ -257,8 +260,9 @@ def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_:
         assert job["status"] == "succeeded", job
         manifest = manifest_of(api)
         check_members(client, manifest, EXPECTED)
-        verify = client.post("/api/jobs/verify", json={"key": "out/nested/deep/data.bin"})
-        assert wait_for(client, verify.json()["id"])["status"] == "succeeded"
+        for key in ("out/nested/deep/data.bin", "out/manifest.json"):
+            verify = client.post("/api/jobs/verify", json={"key": key})
+            assert wait_for(client, verify.json()["id"])["status"] == "succeeded"
 
     refused = REFUSED["zip" if kind == "zip" else "tar"]
     reasons = {entry["path"]: entry["reason"] for entry in manifest["refused"]}
@@ -268,10 +272,9 @@ def test_archive_members_become_verifiable_objects(api: Api, kind: str, format_:
     assert (manifest["format"], manifest["failed"]) == (kind, [])
     result = job["result"]
     assert (result["manifestKey"], result["refused"]) == ("out/manifest.json", manifest["refused"])
-    # What a client checks the manifest against: the job's result names its digest.
+    # Sealed like the members, recorded and verifiable; nothing of it readable at rest.
     stored_manifest = api.objects.get(TENANT + "out/manifest.json")
-    assert result["manifestSha256"] == sha256(stored_manifest)
-    assert result["manifestSize"] == len(stored_manifest)
+    assert b"nested/deep" not in stored_manifest and b"members" not in stored_manifest
     entries = 1 + len(FILES) + len(refused)  # the directory is an item too, skipped
     assert result["counts"] == {
         "items": entries,
@@ -591,11 +594,21 @@ def symlink(name: str) -> TarMember:
     return [info.tobuf(tarfile.GNU_FORMAT)]
 
 
+@dataclass(frozen=True)
+class HostileRun:
+    """The server a hostile archive ran on (stopped), and the members its manifest lists
+    as sealed (read while it ran: the manifest is sealed), None if it wrote none."""
+
+    api: Api
+    sealed: list[str] | None
+
+
 def run_hostile(
     tmp_path: Path, archive: bytes, limits: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], int, Api]:
+) -> tuple[dict[str, Any], int, HostileRun]:
     """Run a batch of `archive` on a server of its own with `limits` set: the job's final
-    record, and how far this process's peak memory (the server's and its jobs') rose."""
+    record, how far this process's peak memory (the server's and its jobs') rose, and
+    what the run left."""
     settings = local_settings(tmp_path).model_copy(update=limits or {})
     peak = PeakRss()
     with live_api(settings) as api, api.client() as client:
@@ -603,11 +616,12 @@ def run_hostile(
         put(api, "in/archive", archive)
         peak.reset()
         job = run_batch(client, source={"key": "in/archive"}, destination={"prefix": "out/"})
-        return job, peak.growth(), api
-
-
-def sealed_paths(api: Api) -> list[str]:
-    return [entry["path"] for entry in manifest_of(api)["members"]]
+        growth = peak.growth()
+        manifest = read_object(client, "out/manifest.json")
+        sealed = None
+        if manifest.status_code == 200:
+            sealed = [entry["path"] for entry in manifest.json()["members"]]
+        return job, growth, HostileRun(api, sealed)
 
 
 def assert_failed(job: dict[str, Any], code: str) -> None:
@@ -630,11 +644,11 @@ def test_a_header_bomb_fails_the_job_at_the_header_limit(tmp_path: Path, type_: 
     parsing it), and the member sealed before it stays listed."""
     archive = header_bomb(type_)
     assert len(archive) < 1024
-    job, growth, api = run_hostile(tmp_path, archive, NO_RATIO)
+    job, growth, hostile = run_hostile(tmp_path, archive, NO_RATIO)
 
     assert_failed(job, "archive-header-too-large")
     assert "16777216 bytes" in job["error"]["detail"]
-    assert sealed_paths(api) == ["small.txt"]
+    assert hostile.sealed == ["small.txt"]
     assert job["result"]["counts"]["sealed"] == 1
     assert growth < HEADER_LIMIT_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
 
@@ -642,10 +656,10 @@ def test_a_header_bomb_fails_the_job_at_the_header_limit(tmp_path: Path, type_: 
 def test_a_header_bomb_in_a_small_archive_stops_at_its_expansion_limit(tmp_path: Path) -> None:
     """The same pax bomb with the default limits: its few hundred bytes may unpack to a
     thousand times that, and the job stops reading there."""
-    job, growth, api = run_hostile(tmp_path, header_bomb(tarfile.XHDTYPE))
+    job, growth, hostile = run_hostile(tmp_path, header_bomb(tarfile.XHDTYPE))
 
     assert_failed(job, "archive-expands-too-far")
-    assert sealed_paths(api) == ["small.txt"]
+    assert hostile.sealed == ["small.txt"]
     assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
 
 
@@ -654,10 +668,10 @@ def test_a_run_of_small_extended_headers_is_refused_too(tmp_path: Path) -> None:
     limit, but deeper than `tarfile`, which reads them recursively, can go."""
     run = (extended_header(tarfile.XHDTYPE, 100) for _ in range(2000))
     archive = tar_stream([regular("small.txt", SMALL), *run, regular("after", b"")])
-    job, _, api = run_hostile(tmp_path, archive, NO_RATIO)
+    job, _, hostile = run_hostile(tmp_path, archive, NO_RATIO)
 
     assert_failed(job, "archive-header-too-large")
-    assert sealed_paths(api) == ["small.txt"]
+    assert hostile.sealed == ["small.txt"]
 
 
 def test_an_xz_stream_that_asks_for_a_huge_dictionary_is_refused(tmp_path: Path) -> None:
@@ -667,11 +681,11 @@ def test_an_xz_stream_that_asks_for_a_huge_dictionary_is_refused(tmp_path: Path)
     block = 12  # the block header follows the stream header: size, flags, filter, props
     archive[block + 4] = 40  # LZMA2's dictionary size code for 4 GiB - 1
     archive[block + 8 : block + 12] = struct.pack("<I", zlib.crc32(archive[block : block + 8]))
-    job, _, api = run_hostile(tmp_path, bytes(archive))
+    job, _, hostile = run_hostile(tmp_path, bytes(archive))
 
     assert_failed(job, "invalid-archive")
     assert "memory usage limit" in job["error"]["detail"].lower()
-    assert not any(key.startswith("out/") for key in stored_keys(api))
+    assert not any(key.startswith("out/") for key in stored_keys(hostile.api))
 
 
 def test_sparse_members_count_at_their_unpacked_size(tmp_path: Path) -> None:
@@ -692,10 +706,10 @@ def test_sparse_members_count_at_their_unpacked_size(tmp_path: Path) -> None:
     archive = buffer.getvalue()
     # Room for one sparse member and a half.
     expansion = 1.5 * sparse_size / len(archive)
-    job, _, api = run_hostile(tmp_path, archive, {"batch_max_expansion": expansion})
+    job, _, hostile = run_hostile(tmp_path, archive, {"batch_max_expansion": expansion})
 
     assert_failed(job, "archive-expands-too-far")
-    assert sealed_paths(api) == ["small.txt", "sparse-0"]
+    assert hostile.sealed == ["small.txt", "sparse-0"]
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
@@ -713,13 +727,13 @@ def test_a_tar_of_too_many_members_fails_at_the_member_limit(tmp_path: Path) -> 
     listed are those up to the limit."""
     links = b"".join(chain.from_iterable(symlink(f"link-{n:03d}") for n in range(1000)))
     archive = tar_stream([regular("small.txt", SMALL), [links] * 100], compression="gz")
-    job, growth, api = run_hostile(tmp_path, archive, {"batch_max_members": MEMBER_LIMIT})
+    job, growth, hostile = run_hostile(tmp_path, archive, {"batch_max_members": MEMBER_LIMIT})
 
     assert_failed(job, "archive-too-many-members")
     counts = job["result"]["counts"]
     assert (counts["items"], counts["sealed"]) == (MEMBER_LIMIT, 1)
     assert counts["refused"] == MEMBER_LIMIT - 1
-    assert sealed_paths(api) == ["small.txt"]
+    assert hostile.sealed == ["small.txt"]
     assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
 
 
@@ -744,28 +758,28 @@ def test_a_zip_index_larger_than_the_header_limit_is_refused_before_it_is_read(
     times the index's size): refused by its size, before `zipfile` reads it."""
     archive = zip_index(350_000)
     assert len(archive) > 16 * MiB
-    job, growth, api = run_hostile(tmp_path, archive)
+    job, growth, hostile = run_hostile(tmp_path, archive)
 
     assert_failed(job, "archive-header-too-large")
-    assert not any(key.startswith("out/") for key in stored_keys(api))
+    assert not any(key.startswith("out/") for key in stored_keys(hostile.api))
     assert growth < SMALL_COST, f"the job's memory rose by {growth / MiB:.0f} MiB"
 
 
 def test_a_zip_of_too_many_members_is_refused_from_its_index(tmp_path: Path) -> None:
-    job, _, api = run_hostile(
+    job, _, hostile = run_hostile(
         tmp_path, zip_index(MEMBER_LIMIT + 1), {"batch_max_members": MEMBER_LIMIT}
     )
 
     assert_failed(job, "archive-too-many-members")
-    assert not any(key.startswith("out/") for key in stored_keys(api))
+    assert not any(key.startswith("out/") for key in stored_keys(hostile.api))
 
 
 def test_a_member_larger_than_a_member_may_be_fails_the_job(tmp_path: Path) -> None:
     archive = tar_stream([regular("small.txt", SMALL), regular("big.bin", bytes(2 * MiB))])
-    job, _, api = run_hostile(tmp_path, archive, {"batch_max_member_size": MiB, **NO_RATIO})
+    job, _, hostile = run_hostile(tmp_path, archive, {"batch_max_member_size": MiB, **NO_RATIO})
 
     assert_failed(job, "archive-member-too-large")
-    assert sealed_paths(api) == ["small.txt"]
+    assert hostile.sealed == ["small.txt"]
 
 
 def test_a_prefix_of_too_many_objects_is_refused_before_any_is_sealed(tmp_path: Path) -> None:

@@ -658,9 +658,7 @@ def test_a_batch_whose_worker_was_killed_seals_each_member_once(
         progress = record["progress"]
         assert progress["itemsDone"] == progress["itemsTotal"] == len(members), show(record)
 
-        manifest = json.loads(
-            moto_s3.get_object(Bucket=bucket, Key=result["manifestStorageKey"])["Body"].read()
-        )
+        manifest = read_object(client, result["manifestKey"]).json()  # a sealed message
         entries = manifest["members"]
         assert sorted(entry["path"] for entry in entries) == sorted(members)  # each once
         listed = moto_s3.list_objects_v2(Bucket=bucket, Prefix="tenants/default/out/")

@@ -15,8 +15,13 @@ object, and rewrites that object even with `overwrite: false`: it is the job's o
 
 The journal is also where the manifest's member list comes from: the manifest is written
 at the end as a stream (`workers.manifest`), an entry at a time, so a job of a million
-members never holds their list. Its SHA-256 and size go into the job's result, which is
-what a client checks the manifest against.
+members never holds their list. It is a message sealed under the job's key and recorded
+like the members, so it is read back through decrypt and a changed one is refused.
+
+With `names: "encrypted"`, each member's object is named by its path sealed under the
+tenant's name key (`keystore.name_keys`): the journal, kept beside the objects, holds
+only those names, the manifest the paths (the names opened again), and the job's result
+lists refusals and failures without their paths.
 """
 
 import io
@@ -27,6 +32,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import IO, Any
 
+from keystore.name_keys import NameKey, NameTooLong
 from sealstream.wiring import Parts, archive_limits
 from services.archives import (
     InvalidArchive,
@@ -47,7 +53,7 @@ from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore
 from storage.records import ObjectRecord
 from workers.journal import Journal, Resumed
-from workers.manifest import json_object, write_manifest
+from workers.manifest import json_object
 
 MANIFEST_NAME = "manifest.json"
 READ_SIZE = 1 << 20
@@ -102,6 +108,8 @@ class _Batch:
         self.store = self.services.spaces.store(self.tenant, self.destination.bucket)
         self.prefix = self.destination.prefix
         self.storage_prefix = self.destination.storage_prefix
+        hidden = self.params.names == "encrypted"
+        self.name_key = self.services.keys.name_keys.current(self.tenant) if hidden else None
 
     @property
     def tenant(self) -> str:
@@ -109,6 +117,22 @@ class _Batch:
 
     def same_bucket(self) -> bool:
         return self.source.bucket == self.destination.bucket
+
+    def object_name(self, path: str) -> str:
+        """The member `path`'s object name under the prefix; `UnsafeMember` if its hidden
+        name is too long."""
+        if self.name_key is None:
+            return path
+        try:
+            return self.name_key.encrypt_name(path, self.store.bucket, self.prefix)
+        except NameTooLong as refusal:
+            raise UnsafeMember(str(refusal)) from None
+
+    def member_path(self, name: str) -> str:
+        """The path of the member whose object is `name`."""
+        if self.name_key is None:
+            return name
+        return self.name_key.decrypt_name(name, self.store.bucket, self.prefix)
 
 
 def _seal_members(batch: _Batch) -> dict[str, Any]:
@@ -126,8 +150,8 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
             items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
         )
     batch.journal.claim(None)  # the members settled since the last claim, for the manifest
-    manifest = write_manifest(batch.store, manifest_key, _manifest(batch, source.format, damage))
-    result = _result(batch, source.format, manifest_key, manifest)
+    _write_manifest(batch, manifest_key, _manifest(batch, source.format, damage))
+    result = _result(batch, source.format, manifest_key)
     if damage is not None:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
         raise JobFailed(damage.code, str(damage))
@@ -165,24 +189,27 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
         if path is None:
             batch.skipped += 1
             return
-        _check_destination(batch, path)
+        name = batch.object_name(path)
+        _check_destination(batch, path, name)
     except UnsafeMember as refusal:
         batch.refused.append({"path": member.name, "reason": str(refusal)})
         return
-    if path in batch.resumed.done:
+    if name in batch.resumed.done:
         batch.sealed += 1  # by an earlier attempt
     else:
-        _seal_or_fail(batch, source, member, path)
+        _seal_or_fail(batch, source, member, path, name)
 
 
-def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
+def _seal_or_fail(
+    batch: _Batch, source: MemberSource, member: Member, path: str, name: str
+) -> None:
     """Seal one member, or note why it failed; an archive that breaks off while the
     member is read fails the job (`_seal_each`), not just the member, and so does
     running out of memory."""
     if batch.before_member is not None:
         batch.before_member(path)
     try:
-        _seal_member(batch, source, member, path)
+        _seal_member(batch, source, member, name)
         batch.sealed += 1
     except (JobCancelled, InvalidArchive, MemoryError):
         raise
@@ -192,70 +219,86 @@ def _seal_or_fail(batch: _Batch, source: MemberSource, member: Member, path: str
         )
 
 
-def _check_destination(batch: _Batch, path: str) -> None:
-    """Refuse members whose object would clash with another member, the manifest or the
-    archive being read."""
+def _check_destination(batch: _Batch, path: str, name: str) -> None:
+    """Refuse members whose object (`name`) would clash with another member, the
+    manifest or the archive being read."""
     if path in batch.seen:
         raise UnsafeMember("a second member of the same name")
     batch.seen.add(path)
     if path == MANIFEST_NAME:
         raise UnsafeMember("the manifest's name")
     archive = batch.source.storage_key if isinstance(batch.source, ObjectTarget) else None
-    if batch.same_bucket() and batch.storage_prefix + path == archive:
+    if batch.same_bucket() and batch.storage_prefix + name == archive:
         raise UnsafeMember("the name of the archive being read")
 
 
-def _seal_member(batch: _Batch, source: MemberSource, member: Member, path: str) -> None:
-    storage_key = batch.storage_prefix + path
+def _seal_member(batch: _Batch, source: MemberSource, member: Member, name: str) -> None:
+    storage_key = batch.storage_prefix + name
     ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
     overwrite = batch.params.overwrite or ours
     if not overwrite:
-        _require_absent(batch.store, storage_key, batch.prefix + path, job=False)
+        _require_absent(batch.store, storage_key, batch.prefix + name, job=False)
     batch.journal.claim(storage_key)
-    placement = Placement(batch.store, batch.store.bucket, batch.prefix + path, storage_key)
+    placement = Placement(batch.store, batch.store.bucket, batch.prefix + name, storage_key)
     try:
         with member.open() as stream:
-            record = _seal(
-                batch.context,
-                batch.services,
+            record = _sealing(batch.context, batch.services, batch.name_key).seal(
                 placement,
-                overwrite,
-                stream,
-                lambda: source.bytes_read,
+                _chunks(stream),
+                overwrite=overwrite,
+                after_chunk=_progress(batch.context, lambda: source.bytes_read),
             )
     except JobCancelled:
         raise
     except Exception:
         batch.journal.claim(None)  # an object there now is someone else's
         raise
-    batch.journal.settle({"path": path, **_object_entry(placement, record)})
+    batch.journal.settle({"path": name, **_object_entry(placement, record)})
 
 
-def _seal(
-    context: JobContext,
-    services: Parts,
-    placement: Placement,
-    overwrite: bool,
-    stream: IO[bytes],
-    bytes_read: Callable[[], int],
-) -> ObjectRecord:
-    """Write `stream` sealed at `placement`; on any failure or cancel, nothing is left."""
+def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> MemberSealing:
+    """How the job seals each object it writes (each one: on any failure or cancel,
+    nothing is left)."""
     params = context.params(BatchEncryptParams)
-    sealing = MemberSealing(
+    return MemberSealing(
         services.keys,
         services.records,
         context.record.tenant,
         params.kid,
         params.encryption_context,
         params.frame_length,
+        name_key,
     )
-    return sealing.seal(
+
+
+def _progress(context: JobContext, bytes_read: Callable[[], int]) -> Callable[[], None]:
+    """Progress after each chunk sealed: where a cancel request is noticed."""
+    return lambda: context.progress(bytes_done=bytes_read())
+
+
+def _write_manifest(batch: _Batch, manifest_key: str, pieces: Iterator[bytes]) -> None:
+    """Seal the manifest at `manifest_key`, all of it or nothing; a rerun replaces the
+    one its killed predecessor may have completed (the job checked for one at its start)."""
+    key = batch.prefix + MANIFEST_NAME
+    placement = Placement(batch.store, batch.store.bucket, key, manifest_key)
+    _sealing(batch.context, batch.services, batch.name_key).seal(
         placement,
-        _chunks(stream),
-        overwrite=overwrite,
-        # Where a cancel request is noticed.
-        after_chunk=lambda: context.progress(bytes_done=bytes_read()),
+        _gathered(pieces),
+        overwrite=True,
+        after_chunk=_progress(batch.context, lambda: batch.context.record.progress.bytes_done),
     )
+
+
+def _gathered(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """`pieces` joined into chunks of about `READ_SIZE`: a manifest's entries are small."""
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        if len(buffer) >= READ_SIZE:
+            yield bytes(buffer)
+            buffer.clear()
+    if buffer:
+        yield bytes(buffer)
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
@@ -299,19 +342,18 @@ def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Ite
     }
     if damage is not None:
         fields["error"] = {"code": damage.code, "detail": str(damage)}
-    lists = {"members": batch.journal.sealed(), "refused": batch.refused, "failed": batch.failed}
+    members = (
+        {**entry, "path": batch.member_path(entry["path"])} for entry in batch.journal.sealed()
+    )
+    lists = {"members": members, "refused": batch.refused, "failed": batch.failed}
     return json_object(fields, lists)
 
 
-def _result(
-    batch: _Batch, format_: str, manifest_key: str, manifest: dict[str, Any]
-) -> dict[str, Any]:
+def _result(batch: _Batch, format_: str, manifest_key: str) -> dict[str, Any]:
     return {
         "bucket": batch.store.bucket,
         "manifestKey": batch.prefix + MANIFEST_NAME,
         "manifestStorageKey": manifest_key,
-        "manifestSha256": manifest["sha256"],
-        "manifestSize": manifest["size"],
         "format": format_,
         "counts": {
             "items": batch.items,
@@ -320,9 +362,19 @@ def _result(
             "refused": len(batch.refused),
             "failed": len(batch.failed),
         },
-        "refused": batch.refused[:RESULT_LIST_LIMIT],
-        "failed": batch.failed[:RESULT_LIST_LIMIT],
+        "refused": _listed(batch, batch.refused),
+        "failed": _listed(batch, batch.failed),
     }
+
+
+def _listed(batch: _Batch, entries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """What the job's result, kept beside the objects, lists of `entries`: no paths where
+    names are hidden (the sealed manifest has them)."""
+    hidden = batch.name_key is not None
+    return [
+        {k: v for k, v in entry.items() if not (hidden and k == "path")}
+        for entry in entries[:RESULT_LIST_LIMIT]
+    ]
 
 
 def _seal_whole(
@@ -346,6 +398,11 @@ def _seal_whole(
     journal.claim(placement.storage_key)
     reader = ObjectReader(source_store, source.storage_key, size)
     with io.BufferedReader(reader, READ_SIZE) as stream:
-        record = _seal(context, services, placement, overwrite, stream, lambda: reader.position)
+        record = _sealing(context, services, None).seal(
+            placement,
+            _chunks(stream),
+            overwrite=overwrite,
+            after_chunk=_progress(context, lambda: reader.position),
+        )
     context.progress(items_done=1, bytes_done=size)
     return _object_entry(placement, record, "bucket", "kid")

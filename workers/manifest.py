@@ -1,12 +1,9 @@
 """A batch-encrypt job's manifest, written as a stream: a JSON object whose lists are
 encoded an item at a time, so a job of a million members never holds their list."""
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any
-
-from storage import ObjectStore
 
 
 def json_object(fields: dict[str, Any], lists: dict[str, Iterable[Any]]) -> Iterator[bytes]:
@@ -25,14 +22,3 @@ def json_object(fields: dict[str, Any], lists: dict[str, Iterable[Any]]) -> Iter
 
 def _member(name: str, value: str) -> str:
     return f"{json.dumps(name)}: {value}"
-
-
-def write_manifest(store: ObjectStore, key: str, pieces: Iterator[bytes]) -> dict[str, Any]:
-    """Write the manifest at `key` (all of it, or nothing); its SHA-256 and size."""
-    digest = hashlib.sha256()
-    with store.multipart(key) as writer:
-        for piece in pieces:
-            digest.update(piece)
-            writer.write(piece)
-        writer.complete()
-    return {"sha256": digest.hexdigest(), "size": writer.bytes_written}

@@ -32,6 +32,7 @@ from services.jobs import (
     VersionTarget,
     fail_if_stale,
 )
+from services.jobs.params import Names
 from services.placement import ObjectRef, check_object_key, tenant_prefix
 from storage.documents import CamelModel
 
@@ -112,6 +113,7 @@ class BatchEncryptRequest(_Request):
     encryption_context: ClientContext
     frame_length: FrameLength = DEFAULT_FRAME_LENGTH
     overwrite: bool = False
+    names: Names = "plain"
 
     @model_validator(mode="after")
     def destination_fits_mode(self) -> "BatchEncryptRequest":
@@ -126,6 +128,8 @@ class BatchEncryptRequest(_Request):
             )
         if self.mode == "whole" and self.source.key is None:
             raise PydanticCustomError("invalid-source", "mode whole encrypts one archive: a key")
+        if self.mode == "whole" and self.names == "encrypted":
+            raise PydanticCustomError("invalid-names", "mode whole names its one object itself")
         return self
 
 

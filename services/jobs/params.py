@@ -73,6 +73,8 @@ class BatchEncryptParams(JobParams):
     overwrite: bool
     source: Target
     destination: Target
+    # Records written before names could be hidden lack it: they are plain.
+    names: Names = Field("plain", exclude_if=lambda value: value == "plain")
 
     @model_validator(mode="after")
     def targets_fit_mode(self) -> Self:
