@@ -211,6 +211,8 @@ class LocalStore(ObjectStore):
             # Not the OS error, not even as the cause: it holds the sidecar's path on this
             # server, which would reach a log's traceback.
             raise _SidecarMissing("the object's metadata is missing or unreadable", key) from None
+        if not _sidecar_shaped(sidecar):  # not one this store wrote: none at all, then
+            raise _SidecarMissing("the object's metadata is missing or unreadable", key)
         return sidecar
 
     def _files(self, prefix: str) -> Iterator[tuple[str, str]]:
@@ -281,6 +283,16 @@ class LocalStore(ObjectStore):
         except OSError as error:
             reason = f"the store directory failed: {error.strerror}"
             raise StorageUnavailable(reason, key) from error
+
+
+def _sidecar_shaped(sidecar: object) -> bool:
+    """Whether `sidecar` is as this store writes them: a string etag, string metadata."""
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("etag"), str):
+        return False
+    metadata = sidecar.get("metadata")
+    return isinstance(metadata, dict) and all(
+        isinstance(name, str) and isinstance(value, str) for name, value in metadata.items()
+    )
 
 
 class _SidecarMissing(StorageError):

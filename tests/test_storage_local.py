@@ -236,3 +236,19 @@ def test_a_file_copied_in_by_hand_is_left_out_of_listings_without_a_path(
         local.head("docs/b")
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
     assert str(local.root) not in caplog.text + str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [b'{"metadata": {}}', b"[]", b'{"etag": 7, "metadata": {}}', b'{"etag": "e", "metadata": []}'],
+)
+def test_a_sidecar_not_as_the_store_writes_them_counts_as_missing(
+    local: LocalStore, sidecar: bytes
+) -> None:
+    local.put("docs/a", b"a")
+    local.put("docs/b", b"b")
+    (local.root / ".meta" / "docs" / "b.json").write_bytes(sidecar)
+    assert [info.key for info in local.list("docs/")] == ["docs/a"]
+    assert local.unlisted("docs/") == 1
+    with pytest.raises(StorageError):
+        local.head("docs/b")
