@@ -36,6 +36,7 @@ class AuditNote:
     key: str | None = None  # kid, or kid#version
     context_keys: list[str] | None = None
     object: str | None = None
+    bucket: str | None = None  # the object's
 
     def context(self, context: Iterable[str]) -> None:
         """Note an encryption context's keys: its values are never recorded."""
@@ -109,6 +110,7 @@ class AuditMiddleware:
                 "key": note.key or _path_key(scope.get("path_params", {})),
                 "contextKeys": note.context_keys,
                 "object": note.object,
+                "bucket": note.bucket,
                 "bytesIn": exchange.bytes_in,
                 "bytesOut": exchange.bytes_out,
                 "status": exchange.status,

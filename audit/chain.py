@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from storage import ObjectStore
 from storage.integrity import canonical_json
 
 FORMAT = "sealstream-audit/1"
@@ -45,6 +46,12 @@ NAME_TAKEN = "segment-name-taken"  # the alarm of a segment's name taken by some
 SEQ_DIGITS = 12
 NONCE_BYTES = 8
 CHAIN_PATTERN = r"[a-z0-9-]{1,64}"
+MAX_SEGMENT_BYTES = 4 * 1024 * 1024  # the most SEALSTREAM_AUDIT_SEGMENT_BYTES may be
+MAX_EVENT_BYTES = 256 * 1024  # far above any event: each text field is bounded on record
+MAX_CHECKPOINT_BYTES = 4 * 1024
+# A segment holds at most MAX_SEGMENT_BYTES of events, or one event alone that is more.
+LARGEST_SEGMENT = MAX_SEGMENT_BYTES + MAX_EVENT_BYTES + MAX_CHECKPOINT_BYTES
+PLANTED = "planted-object"  # the alarm of an object too large to be a segment
 _SEGMENT_NAME = re.compile(
     rf"^{re.escape(EVENTS_PREFIX)}(\d{{4}}-\d{{2}}-\d{{2}}T\d{{2}})/({CHAIN_PATTERN})"
     rf"\.(\d{{{SEQ_DIGITS}}})\.[0-9a-f]{{{2 * NONCE_BYTES}}}\.json$"
@@ -149,6 +156,19 @@ def segment_bytes(chain: str, events: Sequence[Event], checkpoint: dict[str, Any
         "checkpoint": checkpoint,
     }
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+class OversizedSegment(Exception):
+    """An object under a segment's name larger than any segment the service writes."""
+
+
+def read_segment(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    """The segment under `key` (as `parse_segment`); one larger than `LARGEST_SEGMENT`
+    raises `OversizedSegment` unread, so a planted object costs a HEAD, not its bytes."""
+    size = store.head(key).size
+    if size > LARGEST_SEGMENT:
+        raise OversizedSegment(f"{key} holds {size} bytes, more than any segment")
+    return parse_segment(store.get(key))
 
 
 def parse_segment(data: bytes) -> dict[str, Any] | None:

@@ -5,7 +5,9 @@ served), filtered, ordered by time and paged with an opaque cursor.
 Segments are filed under the hour of their events, and listed in the order of their
 names, hour by hour: a query lists from the hour its range (or its cursor) starts in,
 and stops once it holds a page of events that no later hour can come before, or at the
-end of its range. A page thus reads the hours it shows, not the whole trail.
+end of its range. A page thus reads the hours it shows, not the whole trail; and once it has read
+`PAGE_SEGMENTS` segments, it ends at the next hour, with the events found so far (maybe
+none) and a cursor that goes on from that hour.
 """
 
 import base64
@@ -14,9 +16,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from audit.chain import EVENTS_PREFIX, Event, SegmentName, event_mac, hour_of, parse_segment, unb64
+from audit.alarms import raise_alarm
+from audit.chain import (
+    EVENTS_PREFIX,
+    PLANTED,
+    Event,
+    OversizedSegment,
+    SegmentName,
+    event_mac,
+    hour_of,
+    read_segment,
+    unb64,
+)
 from storage import ObjectNotFound, ObjectStore
 from storage.integrity import RecordTampered, note_refusal
+
+EARLIEST_YEAR, LATEST_YEAR = 1970, 9998  # beyond them, a range's hours cannot be reckoned
+PAGE_SEGMENTS = 200
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,7 @@ class AuditQuery:
     operation: str | None = None
     limit: int = 100
     after: str | None = None  # the cursor a page ended with
+    segments: int = PAGE_SEGMENTS  # read by one page, at most (but its first hour whole)
 
     def matches(self, event: Event) -> bool:
         moment = _time(event)
@@ -58,10 +75,13 @@ def query_events(
     last_hour = None if query.until is None else hour_of(query.until)
     seen: set[tuple[str, int]] = set()
     hour = None
-    for name in _listed(store, _first_hour(query, after)):
+    for read, name in enumerate(_listed(store, _first_hour(query, after))):
         if name.hour != hour:  # the hours before are read whole
             if page.full_before(name.hour) or (last_hour is not None and last_hour < name.hour):
                 break
+            if read >= query.segments:  # a partial page: the next goes on from this hour
+                events = page.events()[: query.limit]
+                return events, _encode_cursor((f"{name.hour}:00:00+00:00", "", -1))
             hour = name.hour
         page.add(e for e in _authentic(store, audit_key, name, seen) if query.matches(e))
     events = page.events()
@@ -122,16 +142,21 @@ def _authentic(
     store: ObjectStore, audit_key: bytes, name: SegmentName, seen: set[tuple[str, int]]
 ) -> list[Event]:
     """The segment's events whose MAC checks and that are not in `seen` (a segment copied
-    under another name is not served twice); each added to `seen`."""
+    under another name is not served twice); each added to `seen`. The service writes no
+    segment with an event whose MAC fails: from the first such event on, the segment is
+    refused (noted once), and one too large to be a segment is not read at all."""
     try:
-        document = parse_segment(store.get(name.key))
+        document = read_segment(store, name.key)
     except ObjectNotFound:
+        return []
+    except OversizedSegment as error:
+        raise_alarm(PLANTED, "an object the service did not write is among the audit's: %s", error)
         return []
     fresh = []
     for event in [] if document is None else document["events"]:
         if not _mac_checks(event, audit_key):
-            note_refusal("audit-event", RecordTampered("an audit event", name.key))
-            continue
+            note_refusal("audit-event", RecordTampered("an audit segment", name.key))
+            break
         seq = event.get("seq")
         place = (str(event.get("chain")), seq if isinstance(seq, int) else -1)
         if place not in seen:
@@ -187,11 +212,18 @@ class InvalidCursor(ValueError):
     """A page cursor this API did not give."""
 
 
+def within_years(moment: datetime) -> bool:
+    """Whether `moment` names an offset and falls in the years a query may name."""
+    return moment.tzinfo is not None and EARLIEST_YEAR <= moment.year <= LATEST_YEAR
+
+
 def _decode_cursor(cursor: str | None) -> tuple[str, str, int] | None:
     if cursor is None:
         return None
     try:
         moment, chain, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        if not within_years(datetime.fromisoformat(moment)):
+            raise ValueError(moment)
         return moment, chain, int(seq)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidCursor("not a cursor this API gave") from None

@@ -19,8 +19,9 @@ reported as one `Finding`:
   was not written by this service;
 - `forged-checkpoint`: a checkpoint whose signature does not verify;
 - `planted`: an object among the segments that the service did not write (a name no
-  segment has, or a second object for one chain's segment whose signature does not
-  verify), or an `alarm` event: a process found the name of its next segment taken.
+  segment has, one larger than any segment (not read), or a second object for one
+  chain's segment whose signature does not verify), or an `alarm` event: a process
+  found the name of its next segment taken.
 
 A chain that ends without a "chain-closed" event is noted, not failed: its process is
 running, or crashed (then its unflushed events are lost). Without checkpoints from a sink,
@@ -42,11 +43,12 @@ from audit.chain import (
     EVENTS_PREFIX,
     GENESIS,
     NAME_TAKEN,
+    OversizedSegment,
     SegmentName,
     b64,
     event_mac,
     next_digest,
-    parse_segment,
+    read_segment,
     unb64,
 )
 from audit.signing import signed_by
@@ -215,9 +217,11 @@ def _segments(
         read = []
         for name in sorted(candidates, key=lambda n: n.key):
             try:
-                read.append((name, parse_segment(store.get(name.key))))
+                read.append((name, read_segment(store, name.key)))
             except ObjectNotFound:
                 continue  # deleted while listed: the gap shows at the next segment
+            except OversizedSegment as error:
+                found("planted", f"{error}: not a segment the service wrote")
         if len(read) > 1:
             read.sort(key=lambda pair: not _genuine(chain_name, pair[1], first, public_keys))
             for name, _ in read[1:]:

@@ -14,6 +14,7 @@ from limits import parse
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from audit.chain import MAX_SEGMENT_BYTES
 from sealstream.capacity import connection_cap, keygen_threads, stream_cap
 
 KIB = 1024
@@ -388,8 +389,9 @@ class Settings(BaseSettings):
     audit_segment_bytes: int = Field(
         1024 * 1024,
         ge=16 * 1024,
+        le=MAX_SEGMENT_BYTES,
         description="bytes of audit events (as JSON) in one segment, at most: as many waiting "
-        "make the buffer flush at once",
+        "make the buffer flush at once (readers take a larger object for a planted one)",
     )
     audit_stdout: bool = Field(
         False, description="also write each audit event as a JSON line to standard output"

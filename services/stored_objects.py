@@ -116,20 +116,31 @@ class DeletionNote(FrozenCamelModel):
             yield Marker.new(self.tenant, kid, version, self.bucket, self.storage_key)
 
 
-def delete_object(records: Records, store: ObjectStore, tenant: str, storage_key: str) -> None:
+def delete_object(
+    records: Records, store: ObjectStore, tenant: str, storage_key: str
+) -> ObjectRecord | None:
     """Delete a stored object, its record and its markers; `ObjectNotFound` if there is
-    no such object."""
+    no such object. The deleted object's record, if it had one that authenticates."""
     info = store.head(storage_key)
+    record = _authentic_record(records, store.bucket, storage_key)
     note = DeletionNote(
         tenant=tenant,
         bucket=store.bucket,
         storage_key=storage_key,
         etag=info.etag,
-        versions=tuple(sorted(_marked_versions(records, store.bucket, info))),
+        versions=tuple(sorted(_marked_versions(record, info))),
         created_at=datetime.now(UTC),
     )
     records.put(NOTE_KIND, note.name, note)
     finish_deletion(records, store, note)
+    return record if record is not None and record.etag == info.etag else None
+
+
+def _authentic_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord | None:
+    try:
+        return load_record(records, bucket, storage_key)
+    except (ObjectNotFound, RecordTampered):
+        return None
 
 
 def finish_deletion(records: Records, store: ObjectStore, note: DeletionNote) -> bool:
@@ -190,16 +201,13 @@ def _record_unless(records: Records, note: DeletionNote) -> ObjectRecord | None:
     return None if record.etag == note.etag else record
 
 
-def _marked_versions(records: Records, bucket: str, info: ObjectInfo) -> set[tuple[str, int]]:
+def _marked_versions(record: ObjectRecord | None, info: ObjectInfo) -> set[tuple[str, int]]:
     """The key versions an object may have a marker under: its record's, and those its
     storage metadata names. Neither need be believed: once the object is gone, no marker
     of it stands for anything, so removing one too many is harmless."""
     versions: set[tuple[str, int]] = set()
-    try:
-        record = load_record(records, bucket, info.key)
+    if record is not None:
         versions.add((record.kid, record.key_version))
-    except (ObjectNotFound, RecordTampered):
-        pass
     kid = info.metadata.get("sealstream-kid", "")
     version = info.metadata.get("sealstream-key-version", "")
     if KID_PATTERN.fullmatch(kid) and version.isdigit() and len(version) < 10:

@@ -196,6 +196,12 @@ def test_tenants_read_their_own_events_and_the_operator_reads_all(tmp_path: Path
             # A tenant reads at most 7 days at once; by default the last 24 hours.
             a_month = {"since": "2026-01-01T00:00:00Z", "until": "2026-02-01T00:00:00Z"}
             problem(reader_a.get("/api/audit", params=a_month), 422, "audit-range-too-wide")
+            for hostile in (
+                {"since": "9999-12-31T23:00:00Z"},
+                {"until": "0001-01-01T01:00:00Z"},
+                {"since": "1969-12-31T23:00:00Z", "until": "1970-01-02T00:00:00Z"},
+            ):
+                problem(reader_a.get("/api/audit", params=hostile), 422, "audit-time-out-of-range")
             since_only = {"since": "2026-01-01T00:00:00Z"}
             assert reader_a.get("/api/audit", params=since_only).json()["events"] == []
             last_day = reader_a.get("/api/audit", params={"limit": 1000}).json()["events"]
@@ -207,6 +213,8 @@ def test_tenants_read_their_own_events_and_the_operator_reads_all(tmp_path: Path
         later = admin.get("/api/audit", params={"since": "2999-01-01T00:00:00Z"}).json()
         assert later == {"events": [], "next": None}
         assert admin.get("/api/audit", params=a_month).status_code == 200  # the operator's
+        year_one = {"since": "0001-01-01T00:00:00+05:00"}
+        problem(admin.get("/api/audit", params=year_one), 422, "audit-time-out-of-range")
 
 
 def test_key_management_events_name_the_version_they_touch(tmp_path: Path) -> None:
@@ -233,6 +241,26 @@ def test_key_management_events_name_the_version_they_touch(tmp_path: Path) -> No
         ("import_key", "imp#1"),
         ("disable_key", "k"),
     ]
+
+
+def test_deleting_an_object_names_it_and_the_key_version_it_was_sealed_under(
+    tmp_path: Path,
+) -> None:
+    settings = local_settings(tmp_path).model_copy(update=QUICK)
+    with served(settings) as (url, app), client(url) as admin:
+        create_key(admin)
+        destination = {"destination": {"key": "plans/merger.bin"}}
+        assert encrypt(admin, PLAINTEXT, **destination).status_code in (200, 201)
+        assert admin.delete("/api/objects/plans/merger.bin").status_code == 204
+        assert admin.delete("/api/objects/plans/merger.bin").status_code == 404
+        app.state.services.audit.flush()
+        events = events_of(app)
+    deletions = [e for e in events if e.get("operation") == "delete_stored_object"]
+    assert [(e["status"], e.get("object"), e.get("key")) for e in deletions] == [
+        (204, "plans/merger.bin", "mySymKey#1"),
+        (404, "plans/merger.bin", None),
+    ]
+    assert all(e.get("bucket") for e in deletions)
 
 
 class AuditWrites:

@@ -2,6 +2,7 @@
 verified intact, and every tampering found, with the KEK or with the public key alone;
 checkpoints kept in Redis and in a second (Object Lock) bucket."""
 
+import base64
 import json
 import os
 import subprocess
@@ -32,15 +33,15 @@ from audit import (
     verify_trail,
 )
 from audit.alarms import AUDIT_ALARMS
-from audit.chain import NAME_TAKEN, segment_name
-from audit.reading import AuditQuery, authentic_events, query_events
+from audit.chain import LARGEST_SEGMENT, NAME_TAKEN, PLANTED, segment_name
+from audit.reading import AuditQuery, InvalidCursor, authentic_events, query_events
 from audit.signing import KEY_MISSING, SIGNING_KEY_NAME, SigningKeyPresent, fingerprint
 from audit.sinks import REDIS_HASH
 from cli.exits import EXIT_UNANCHORED
 from keystore import KeyStore, LocalKek
 from sealstream.wiring import build_parts, open_checkpoint_sink
 from services.stored_objects import NOTE_KIND, DeletionNote
-from storage import ObjectNotFound, ObjectStore, S3Store, StorageUnavailable
+from storage import LocalStore, ObjectNotFound, ObjectStore, S3Store, StorageUnavailable
 from storage.integrity import RecordKey, Records
 from tests.conftest import local_settings
 from tests.support.jobs import no_job_queued
@@ -230,7 +231,7 @@ def test_an_event_read_back_is_served_only_if_its_mac_holds(trail: Trail) -> Non
     trail.rewrite(trail.segments(log.chain)[1], _alter)
     audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
     tenants = [event.get("tenant") for event in authentic_events(trail.store, audit_key)]
-    assert tenants.count("t1") == 5 and "someone-else" not in tenants
+    assert tenants.count("t1") == 4 and "someone-else" not in tenants  # nor the one after
 
 
 def test_events_past_the_buffer_limit_are_counted_as_lost_then_recorded(trail: Trail) -> None:
@@ -519,6 +520,72 @@ def test_a_planted_segment_with_huge_bounds_or_a_nan_is_reported_not_a_crash(
         assert report.problems() >= {"removed", "altered"}, report.lines()
 
 
+class CountingStore(LocalStore):
+    """A local store that counts the objects read whole."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.fetched: list[str] = []
+
+    def get(self, key: str) -> bytes:
+        self.fetched.append(key)
+        return super().get(key)
+
+
+def test_an_object_too_large_for_a_segment_is_one_alarm_and_is_never_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CountingStore(tmp_path / "bucket")
+    trail = Trail(
+        store, Records(store, RecordKey(os.urandom(32))), LocalKek(os.urandom(32)), ListSink()
+    )
+    log = written_chain(trail)
+    hour = trail.segments(log.chain)[0].removeprefix(EVENTS_PREFIX).split("/")[0]
+    planted = segment_name(log.chain, 1, hour)
+    store.put(planted, b'{"events":[' + b"{}," * (LARGEST_SEGMENT // 3) + b"{}]}")
+    alarms = AUDIT_ALARMS.labels(PLANTED)
+    before = alarms._value.get()
+    events = list(authentic_events(store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    assert len(events) == 8 and alarms._value.get() == before + 1
+    assert planted not in store.fetched and planted in caplog.text
+    report = trail.verify()
+    assert [f.problem for f in report.findings] == ["planted"], report.lines()
+    assert planted not in store.fetched
+
+
+def test_a_segment_of_forged_events_is_refused_once_not_per_event(
+    trail: Trail, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = written_chain(trail)
+    hour = trail.segments(log.chain)[0].removeprefix(EVENTS_PREFIX).split("/")[0]
+    forged = {"format": "sealstream-audit/1", "events": [{}] * 1000, "checkpoint": {}}
+    trail.store.put(segment_name(log.chain, 1, hour), json.dumps(forged).encode())
+    events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
+    assert len(events) == 8
+    assert caplog.text.count("refused a audit-event record") == 1, caplog.text
+
+
+def test_a_checkpoint_with_no_canonical_form_is_forged_not_a_crash(
+    trail: Trail, redis_server: "RedisServer", tmp_path: Path
+) -> None:
+    """A NaN in a checkpoint, in the sink or in a planted segment, is a finding."""
+    trail.sink = redis_sink(tmp_path, redis_server.url)
+    log = written_chain(trail)
+    client = redis.Redis.from_url(redis_server.url)
+    nan = json.dumps({"chain": "api-nan", "seq": 1, "signature": "AA==", "x": float("nan")})
+    client.hset(REDIS_HASH, "api-nan", nan)
+    assert trail.verify().problems() == {"forged-checkpoint"}
+    client.hdel(REDIS_HASH, "api-nan")
+    first = trail.segments(log.chain)[0]
+    document = json.loads(trail.store.get(first))
+    document["checkpoint"]["x"] = float("nan")
+    hour = first.removeprefix(EVENTS_PREFIX).split("/")[0]
+    trail.store.put(segment_name(log.chain, 0, hour), json.dumps(document).encode())
+    for with_kek in (True, False):
+        report = trail.verify(with_kek=with_kek)
+        assert report.problems() == {"planted"}, report.lines()
+
+
 def test_the_reader_serves_each_event_once_and_refuses_one_with_no_canonical_form(
     trail: Trail,
 ) -> None:
@@ -652,6 +719,39 @@ def test_a_page_reads_the_hours_it_shows_not_the_whole_trail(
     page, cursor = query_events(trail.store, audit_key, ranged)
     assert [e["route"] for e in page] == ["/3/0", "/3/1", "/3/2"] and cursor is None
     assert hours_read() == {"2026-01-01T03"}
+
+
+def test_a_page_reads_a_bounded_number_of_segments_and_goes_on_with_a_cursor(
+    trail: Trail, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter that matches nothing reads `segments` segments (rounded up to whole
+    hours) per page, not the whole range: an empty page with a cursor goes on."""
+    log = trail.open()
+    for hour in range(6):
+        moment = f"2026-01-01T{hour:02d}:30:00.000000+00:00"
+        monkeypatch.setattr(audit.trail, "now_iso", lambda moment=moment: moment)
+        log.record({"type": "request", "tenant": "t1", "route": f"/{hour}"})
+        assert log.flush()
+    log.close()
+    audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
+    for tenant, routes in (("t2", []), ("t1", [f"/{hour}" for hour in range(6)])):
+        cursor, pages, seen = None, 0, []
+        while pages == 0 or cursor is not None:
+            query = AuditQuery(tenant=tenant, segments=2, after=cursor)
+            page, cursor = query_events(trail.store, audit_key, query)
+            pages += 1
+            seen += page
+        assert [e["route"] for e in seen if e["type"] == "request"] == routes
+        assert pages == 3
+
+
+def test_a_cursor_with_a_time_out_of_range_or_without_offset_is_invalid(trail: Trail) -> None:
+    audit_key = trail.records.key.derive(AUDIT_KEY_PURPOSE)
+    for moment in ("2026-12-07T16:00:00", "0001-01-01T00:00:00+05:00", "9999-12-31T23:00:00Z"):
+        cursor = base64.urlsafe_b64encode(f"{moment}|api-x|1".encode()).decode()
+        query = AuditQuery(tenant="t", since=datetime.now(UTC), after=cursor)
+        with pytest.raises(InvalidCursor):
+            query_events(trail.store, audit_key, query)
 
 
 def test_a_deleted_signing_key_is_tampering_not_a_reason_to_make_one(trail: Trail) -> None:

@@ -22,7 +22,14 @@ from api.problems import Problem
 from api.services import services
 from api.tokens import Principal
 from audit import AUDIT_KEY_PURPOSE
-from audit.reading import AuditQuery, InvalidCursor, query_events
+from audit.reading import (
+    EARLIEST_YEAR,
+    LATEST_YEAR,
+    AuditQuery,
+    InvalidCursor,
+    query_events,
+    within_years,
+)
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 Reader = Annotated[Principal, Depends(require("audit:read"))]
@@ -83,6 +90,12 @@ async def list_audit_events(
     range is at most 7 days (by default the last 24 hours, or the 24 hours on either side
     of the one bound given)."""
     svc = services(request)
+    if any(moment is not None and not within_years(moment) for moment in (since, until)):
+        raise Problem(
+            422,
+            "audit-time-out-of-range",
+            f"give times from the year {EARLIEST_YEAR} to the year {LATEST_YEAR}",
+        )
     if not principal.operator:
         since, until = _tenant_range(since, until)
     query = AuditQuery(

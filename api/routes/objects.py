@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from api.audit import noted
 from api.auth import require
 from api.openapi import AUTHENTICATED, QUERY, answer, answers
 from api.services import services
@@ -74,8 +75,13 @@ async def delete_stored_object(
 ) -> Response:
     """Delete an object, its record and its marker in the index of key versions."""
     svc = services(request)
+    note = noted(request)
+    note.object = key
     placement = svc.spaces.place(principal.tenant, ObjectRef(key=key, bucket=bucket))
-    await run_in_threadpool(
+    note.bucket = placement.bucket
+    deleted = await run_in_threadpool(
         delete_object, svc.records, placement.store, principal.tenant, placement.storage_key
     )
+    if deleted is not None:
+        note.key = f"{deleted.kid}#{deleted.key_version}"
     return Response(status_code=204)
