@@ -3,8 +3,11 @@ namespace of its own (`tests/support/netns.py`), with its own address, as on hos
 
     client ─▶ lb (HAProxy, deploy/haproxy/haproxy.cfg) ─TLS passed through─▶ api1, api2
                                                           (sealstream serve --workers 2)
-    api1, api2, worker1, worker2, beat ─▶ redis1 + redis2 (a primary and its replica,
+    api1, api2, worker1, worker2, beat1, beat2 ─▶ redis1 + redis2 (a primary and its replica,
         AOF on, watched by three sentinels on redis1, redis2 and sentinel), s3 (moto)
+
+Each API host reaches S3 through the project's fault proxy (`tests/support/s3_proxy.py`),
+run on the host itself, so that requests to S3 can be delayed.
 
 Every process is started with `ip netns exec`, as the leader of its own process group,
 so that killing a host (`Service.kill`) kills everything it ran, as a lost machine would.
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +30,7 @@ import boto3
 import httpx
 import redis
 
+from audit.sinks import CHECKPOINT_LINE_KEY
 from keystore import LocalKek
 from sealstream_client import SealstreamClient
 from storage import MIN_PART_SIZE
@@ -33,6 +38,7 @@ from tests.conftest import ADMIN_TOKEN
 from tests.support.load_balancer import RUNNING, haproxy, server_states, write_config
 from tests.support.netns import Network, call_in, sweep_leftovers
 from tests.support.project import REPO
+from tests.support.s3_proxy import S3FaultProxy
 from tests.support.services import AWS_TEST_ENVIRONMENT, self_signed_certificate
 
 if TYPE_CHECKING:
@@ -42,13 +48,17 @@ BUCKET = "sealstream"
 API_PORT = 8443
 S3_PORT = 9000
 REDIS_PORT = 6379
-ROLES = ("lb", "api1", "api2", "worker1", "worker2", "beat", "redis1", "redis2", "sentinel", "s3")
+ROLES = (
+    "lb", "api1", "api2", "worker1", "worker2", "beat1", "beat2", "redis1", "redis2", "sentinel",
+    "s3",
+)  # fmt: skip
 REDIS_HOSTS = ("redis1", "redis2")
 SENTINEL_HOSTS = ("redis1", "redis2", "sentinel")
 SENTINEL_PORT = 26379
 SENTINEL_MASTER = "jobs"
 APIS = ("api1", "api2")
 WORKERS = ("worker1", "worker2")
+BEATS = ("beat1", "beat2")  # one schedules, the other stands by
 API_PROCESSES = 2  # server processes per API host, as one per core of a two-core host
 
 # Jobs as in production, but on a test's clock: the broker's visibility timeout is longer
@@ -59,7 +69,10 @@ JOB_SETTINGS = {
     "SEALSTREAM_JOB_STALE_AFTER": "40",
     "SEALSTREAM_JOB_LEASE_TTL": "5",
     "SEALSTREAM_LIFECYCLE_INTERVAL": "5",
+    "SEALSTREAM_JOB_REQUEUE_AFTER": "20",
+    "SEALSTREAM_BEAT_LOCK_TTL": "10",
 }
+BEAT_TOOK_LOCK, BEAT_LOST_LOCK = "beat: took the lock", "beat: lost the lock"  # workers.beat
 START_TIMEOUT = 90  # seconds: a loaded two-core machine starts Python slowly
 
 
@@ -164,6 +177,8 @@ class Cluster:
     directory: Path
     certificate: Path
     services: dict[str, Service] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the settings every host shares
+    proxies: dict[str, S3FaultProxy] = field(default_factory=dict)  # an API host's way to S3
 
     @property
     def url(self) -> str:
@@ -237,12 +252,48 @@ class Cluster:
 
         return call_in(self.network.hosts[host].namespace, role)
 
+    def audit_verify(self) -> "subprocess.CompletedProcess[str]":
+        """`sealstream audit verify` over the trail in the bucket, run on the s3 host,
+        checked against the checkpoints every process printed to its log (as a log
+        shipper would have collected them)."""
+        shipped = self.directory / "checkpoints.log"
+        with shipped.open("w") as sink:
+            for log in sorted((self.directory / "logs").glob("*.log")):
+                sink.writelines(
+                    line for line in log.open(errors="replace") if CHECKPOINT_LINE_KEY in line
+                )
+        command = [str(Path(sys.executable).with_name("sealstream")), "audit", "verify",
+                   "--checkpoints", str(shipped)]  # fmt: skip
+        return subprocess.run(
+            ["ip", "netns", "exec", self.network.hosts["s3"].namespace, *command],
+            cwd=REPO,
+            env=_environment(self.env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    def active_beat(self) -> str:
+        """The beat host holding the lock, by its log since it last started: the one whose
+        last word on the lock was that it took it (the later, by the log's timestamps,
+        should both say so)."""
+        holding = {}
+        for name in BEATS:
+            lines = self.services[name].output().rsplit("--- start", 1)[-1].splitlines()
+            said = [line for line in lines if BEAT_TOOK_LOCK in line or BEAT_LOST_LOCK in line]
+            if said and BEAT_TOOK_LOCK in said[-1]:
+                holding[name] = said[-1]  # starts with Celery's "[YYYY-MM-DD HH:MM:SS,mmm"
+        return max(holding, key=lambda name: holding[name]) if holding else ""
+
     def all_servers_up(self) -> bool:
         return set(server_states(self.stats).values()) == {RUNNING}
 
     def stop(self) -> None:
         for service in reversed(list(self.services.values())):
             service.kill()
+        for proxy in self.proxies.values():
+            proxy.close()
 
 
 def _environment(extra: dict[str, str]) -> dict[str, str]:
@@ -316,14 +367,18 @@ def _start(the: Cluster, tls_key: Path) -> None:
         "SEALSTREAM_S3_PART_SIZE": str(MIN_PART_SIZE),
         **JOB_SETTINGS,
     }
+    the.env = common
     for name in APIS:
         address = hosts[name].address
+        proxy = call_in(hosts[name].namespace, partial(_started_proxy, the.s3_endpoint))
+        the.proxies[name] = proxy
         add(
             name,
             [str(Path(python).with_name("sealstream")), "serve", "--host", address,
              "--port", str(API_PORT), "--tls-cert", str(the.certificate),
              "--tls-key", str(tls_key), "--workers", str(API_PROCESSES)],
-            {**common, "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN},
+            {**common, "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN,
+             "SEALSTREAM_S3_ENDPOINT_URL": proxy.url},
             _ready(the, hosts[name].namespace, address),
         )  # fmt: skip
     for name in WORKERS:
@@ -335,18 +390,25 @@ def _start(the: Cluster, tls_key: Path) -> None:
             common,
             _printed(" ready."),
         )  # fmt: skip
-    add(
-        "beat",
-        [python, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", "INFO",
-         "--schedule", str(directory / "beat-schedule")],
-        common,
-        _printed("beat: Starting"),
-    )  # fmt: skip
+    for name in BEATS:
+        add(
+            name,
+            [python, "-m", "celery", "-A", "workers.celery_app", "beat", "-l", "INFO",
+             "--schedule", str(directory / f"{name}-schedule")],
+            common,
+            _printed("beat: Starting"),
+        )  # fmt: skip
     config, _ = write_config(
         directory, f"{the.network.front_address}:{API_PORT}",
         [f"{hosts[name].address}:{API_PORT}" for name in APIS],
     )  # fmt: skip
     add("lb", [haproxy(), "-db", "-f", str(config)], {}, lambda _: the.all_servers_up())
+
+
+def _started_proxy(upstream: str) -> S3FaultProxy:
+    """A fault proxy to `upstream`, started from a thread in the host's namespace: its
+    socket and the threads it starts (namespaces are per thread) belong there."""
+    return S3FaultProxy(upstream).__enter__()
 
 
 def _create_bucket(the: Cluster) -> bool:

@@ -1,5 +1,5 @@
-"""An S3 proxy that injects faults: it fails the requests a rule picks, and paces or holds
-the responses it passes back.
+"""An S3 proxy that injects faults: it fails the requests a rule picks, delays the others,
+and paces or holds the responses it passes back.
 
 Failing requests (`500 InternalError`, which botocore retries and then gives up on) makes
 an S3 server that breaks down under load; other requests (aborts, listings) still pass,
@@ -85,9 +85,10 @@ def requests_matching(pattern: bytes) -> Rule:
 class S3FaultProxy:
     """A proxy in front of the S3 server at `upstream`, serving from `url` once entered.
     Requests that `rule` picks are answered `500 InternalError` (`failed` counts them);
-    the others are forwarded. Response bytes are paced at `rate` bytes a second (None: as
-    fast as they come) and stop altogether while the proxy is held; `held_streams`
-    counts the responses waiting at the hold."""
+    the others are forwarded, each `delay` seconds late (a distant or congested store).
+    Response bytes are paced at `rate` bytes a second (None: as fast as they come) and
+    stop altogether while the proxy is held; `held_streams` counts the responses waiting
+    at the hold."""
 
     def __init__(self, upstream: str, rule: Rule = no_request, rate: float | None = None) -> None:
         parts = urlsplit(upstream)
@@ -95,6 +96,7 @@ class S3FaultProxy:
         self._upstream = (parts.hostname, parts.port)
         self._rule = rule
         self.rate = rate
+        self.delay = 0.0
         self.failed = 0
         self.held_streams = 0
         self._gate = threading.Condition()
@@ -116,6 +118,11 @@ class S3FaultProxy:
     def pace(self, rate: float | None) -> None:
         with self._gate:
             self.rate = rate
+
+    def slow_down(self, delay: float) -> None:
+        """Forward each request from now on `delay` seconds late (0: at once)."""
+        with self._gate:
+            self.delay = delay
 
     def hold(self) -> None:
         with self._gate:
@@ -183,6 +190,9 @@ class S3FaultProxy:
                         reader.read(length)
                     client.sendall(_error_response())
                     return
+                with self._gate:
+                    delay = self.delay
+                time.sleep(delay)  # latency injected on purpose, not a wait for a condition
                 upstream.sendall(head)
                 if not _copy(reader, upstream, length):
                     return
