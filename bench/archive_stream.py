@@ -1,0 +1,193 @@
+"""Archives streamed into `POST /api/crypto/stream/encrypt-archive`, next to their ceilings.
+
+Prints, in one run, against a live server (its own process) on a moto S3 server (its own
+process) and on a local directory:
+- small members: a tar of `--members` members of 512 B to 8 KiB streamed in, in members
+  per second, next to the ceiling: the same members put by 8 threads into the same
+  storage (boto3 `put_object` into moto; files written into a directory beside the
+  server's) (goal: ratio >= 0.8, floor 0.5);
+- large members: an uncompressed tar of 4 members of `--large-mib` MiB streamed in, in
+  MB/s, next to encrypt-to-storage of one file of their total size into the same
+  storage (goal: ratio >= 0.8).
+Each figure is the best of `--rounds`, ours and the ceiling alternated.
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from stream import (
+    AWS_ENVIRONMENT,
+    KID,
+    MIB,
+    BenchError,
+    Server,
+    api_server,
+    boto3_client,
+    moto_server,
+)
+
+from keystore import LocalKek
+
+ARCHIVE_PATH = "/api/crypto/stream/encrypt-archive"
+ENCRYPT_PATH = "/api/crypto/stream/encrypt"
+THREADS = 8
+
+
+def small_members(count: int) -> list[tuple[str, bytes]]:
+    rng = random.Random(7)
+    return [(f"member-{n:04d}.bin", rng.randbytes(rng.randint(512, 8192))) for n in range(count)]
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def form(metadata: dict[str, object], data: bytes) -> dict[str, tuple[str | None, bytes, str]]:
+    return {
+        "metadata": (None, json.dumps(metadata).encode(), "application/json"),
+        "file": ("data", data, "application/octet-stream"),
+    }
+
+
+def timed_post(server: Server, path: str, metadata: dict[str, object], data: bytes) -> float:
+    """Seconds to send `data` and read the whole answer; `BenchError` unless it worked."""
+    headers = {"Authorization": f"Bearer {server.token}"}
+    started = time.perf_counter()
+    response = httpx.post(
+        server.url + path, files=form(metadata, data), headers=headers, timeout=600
+    )
+    seconds = time.perf_counter() - started
+    if response.status_code not in (200, 201):
+        raise BenchError(f"{path}: {response.status_code} {response.text[:300]}")
+    if path == ARCHIVE_PATH:
+        finished = json.loads(response.text.splitlines()[-1])
+        if finished.get("status") != "succeeded":
+            raise BenchError(f"the archive job ended {finished}")
+    return seconds
+
+
+def streamed_archive(server: Server, archive: bytes, prefix: str) -> float:
+    metadata: dict[str, object] = {"kid": KID, "destination": {"prefix": prefix, "overwrite": True}}
+    return timed_post(server, ARCHIVE_PATH, metadata, archive)
+
+
+def in_threads(put: Callable[[str, bytes], object], members: list[tuple[str, bytes]]) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(lambda member: put(*member), members))
+    return time.perf_counter() - started
+
+
+def best_of(
+    rounds: int, ours: Callable[[int], float], ceiling: Callable[[int], float]
+) -> tuple[float, float]:
+    mine, theirs = [], []
+    for number in range(rounds):
+        mine.append(ours(number))
+        theirs.append(ceiling(number))
+    return min(mine), min(theirs)
+
+
+def report(label: str, unit: str, amount: float, ours: float, ceiling: float) -> None:
+    print(
+        f"  {label:<34} ours {amount / ours:8.1f} {unit}   ceiling {amount / ceiling:8.1f} "
+        f"{unit}   ratio {ceiling / ours:.3f}"
+    )
+
+
+def small_figures(
+    server: Server,
+    put: Callable[[str, bytes], object],
+    members: list[tuple[str, bytes]],
+    rounds: int,
+    label: str,
+) -> None:
+    archive = tar_of(members)
+    ours, ceiling = best_of(
+        rounds,
+        lambda n: streamed_archive(server, archive, f"small-{n}/"),
+        lambda n: in_threads(lambda name, data: put(f"ceiling-{n}/{name}", data), members),
+    )
+    report(label, "members/s", len(members), ours, ceiling)
+
+
+def large_figures(server: Server, mib: int, rounds: int, label: str) -> None:
+    block = os.urandom(mib * MIB)
+    archive = tar_of([(f"large-{n}.bin", block) for n in range(4)])
+    whole = block * 4
+    ours, ceiling = best_of(
+        rounds,
+        lambda n: streamed_archive(server, archive, f"large-{n}/"),
+        lambda n: timed_post(
+            server, ENCRYPT_PATH, {"kid": KID, "destination": {"key": f"whole-{n}"}}, whole
+        ),
+    )
+    report(label, "MB/s", len(whole) / 1e6, ours, ceiling)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=1000)
+    parser.add_argument("--large-mib", type=int, default=256, help="size of each large member")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    members = small_members(args.members)
+    with tempfile.TemporaryDirectory(prefix="bench-archive-") as scratch:
+        workdir = Path(scratch)
+        kek = workdir / "kek"
+        LocalKek.load_or_create(kek)
+        print(
+            f"1. {args.members} small members (512 B to 8 KiB), {THREADS} threads for the ceiling"
+        )
+        local = workdir / "local"
+        env = {"SEALSTREAM_STORAGE_URL": f"file://{local}", "SEALSTREAM_KEK_FILE": str(kek)}
+        ceiling_dir = workdir / "ceiling"
+
+        def write_file(name: str, data: bytes) -> None:
+            path = ceiling_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+        with api_server(workdir, "api-local", env) as server:
+            small_figures(server, write_file, members, args.rounds, "local directory (files)")
+            large_figures(server, args.large_mib, args.rounds, f"local, 4 x {args.large_mib} MiB")
+        with moto_server(workdir) as (endpoint, _):
+            s3 = boto3_client(endpoint)
+            s3.create_bucket(Bucket="bench")
+            env = {
+                **AWS_ENVIRONMENT,
+                "SEALSTREAM_STORAGE_URL": "s3://bench",
+                "SEALSTREAM_S3_ENDPOINT_URL": endpoint,
+                "SEALSTREAM_KEK_FILE": str(kek),
+            }
+            with api_server(workdir, "api-s3", env) as server:
+                small_figures(
+                    server,
+                    lambda name, data: s3.put_object(Bucket="bench", Key=name, Body=data),
+                    members,
+                    args.rounds,
+                    "moto (boto3 put_object)",
+                )
+                large_figures(
+                    server, args.large_mib, args.rounds, f"moto, 4 x {args.large_mib} MiB"
+                )
+
+
+if __name__ == "__main__":
+    main()
