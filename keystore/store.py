@@ -425,12 +425,20 @@ class KeyStore:
             for number in record.versions_to_destroy(now)
         ]
 
-    def destroy_version(self, tenant: str, kid: str, version: int) -> KeyRecord:
-        """Destroy the material of a retired version past its destruction date (a no-op
-        for any other version)."""
-        return self._saved.update(
-            tenant, kid, lambda record, now: record.with_destroyed(version, now)
-        )
+    def destroy_version(self, tenant: str, kid: str, version: int) -> bool:
+        """Destroy the material of a retired version past its destruction date; whether
+        this call did (not for any other version, nor one destroyed or put back in use
+        meanwhile)."""
+        destroyed = False
+
+        def destroy(record: KeyRecord, now: datetime) -> KeyRecord:
+            nonlocal destroyed
+            changed = record.with_destroyed(version, now)
+            destroyed = changed is not record
+            return changed
+
+        self._saved.update(tenant, kid, destroy)
+        return destroyed
 
     # Helpers
 

@@ -23,7 +23,6 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from envelope import EnvelopeError, key_names
-from envelope.suite import MESSAGE_FORMAT_VERSION
 from keystore import KeyRecord, KeyStore
 from keystore.material import key_name
 from keystore.store import Proceed, always, check_pending_window
@@ -75,8 +74,9 @@ class VersionUsageUnknown(RetirementRefused):
         super().__init__(
             f"for {census.unknown} of the tenant's stored objects, which key versions they "
             f"need is unknown: {census.refused} object records failed authentication, "
-            f"{census.unlisted} files have no metadata, {census.unreadable} message headers "
-            "cannot be read; restore or delete them (the service's log names them)"
+            f"{census.unlisted} files have no metadata, {census.unreadable} objects have no "
+            "record and no message header that reads; restore or delete them (the service's "
+            "log names them)"
         )
         self.census = census
 
@@ -128,7 +128,7 @@ class Census:
     objects: int = 0  # objects sealed under the version, recorded or not
     refused: int = 0  # records that failed authentication
     unlisted: int = 0  # files a listing skips (no metadata: a deleted sidecar)
-    unreadable: int = 0  # objects without a record, that begin as a message but do not read
+    unreadable: int = 0  # objects without a record whose header does not read
 
     @property
     def unknown(self) -> int:
@@ -200,8 +200,9 @@ class Retirements:
     def destroy_due(self, proceed: Proceed = always) -> list[str]:
         """Destroy the material of retired versions past their destruction date, each
         once a census again finds nothing stored that uses it and `proceed(tenant,
-        kid#version)` allows it; `tenant/kid#version` of each destroyed. One still in use
-        is held back, and logged as an error; one `proceed` refuses waits for the next
+        kid#version)` allows it; `tenant/kid#version` of each this call destroyed (not one
+        another sweep destroyed, or a cancellation kept, meanwhile). One still in use is
+        held back, and logged as an error; one `proceed` refuses waits for the next
         sweep."""
         destroyed = []
         for tenant, kid, version in self.keys.versions_to_destroy():
@@ -219,10 +220,8 @@ class Retirements:
                     census.unknown,
                 )
                 continue
-            if not proceed(tenant, name):
-                continue
-            self.keys.destroy_version(tenant, kid, version)
-            destroyed.append(f"{tenant}/{name}")
+            if proceed(tenant, name) and self.keys.destroy_version(tenant, kid, version):
+                destroyed.append(f"{tenant}/{name}")
         return destroyed
 
 
@@ -230,7 +229,7 @@ class _Verdict(Enum):
     SEALED_FOR = "sealed for the version"
     NOT = "not sealed for it"
     REFUSED = "its record failed authentication"
-    UNREADABLE = "no record, and a message header that does not read"
+    UNREADABLE = "no record, and no message header that reads"
 
 
 def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> Census:
@@ -260,25 +259,19 @@ def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: st
 
 
 def _header_names(store: ObjectStore, info: ObjectInfo, name: str) -> _Verdict:
-    """Whether an object without a record names `name` among its header's keys. One that
-    is no message of ours (a manifest, a file put there by other means: its first byte is
-    not our format's version) names none; one that begins as a message but whose header
-    does not read (damaged, cut short, or changed since listed) might, and is unknown."""
+    """Whether an object without a record names `name` among its header's keys. One whose
+    header does not read is unknown, whatever its first bytes: whoever can write the
+    bucket can change them, and put them back once the version is retired. Everything the
+    service writes in a tenant's space is a message with a record, so this takes nothing
+    of its own for unknown."""
     try:
         header = read_stored_header(store, info.key, info.size)
     except ObjectNotFound:  # gone since listed
         return _Verdict.NOT
     except (EnvelopeError, InvalidRange):
-        if not _begins_as_message(store, info):
-            return _Verdict.NOT
-        logger.warning("the header of %s does not read: which key it needs is unknown", info.key)
+        logger.warning(
+            "%s has no record and no message header that reads: which key it needs is unknown",
+            info.key,
+        )
         return _Verdict.UNREADABLE
     return _Verdict.SEALED_FOR if name in key_names(header) else _Verdict.NOT
-
-
-def _begins_as_message(store: ObjectStore, info: ObjectInfo) -> bool:
-    try:
-        first = b"".join(store.read(info.key, 0, 1))
-    except (InvalidRange, ObjectNotFound):
-        return False
-    return first == bytes([MESSAGE_FORMAT_VERSION])

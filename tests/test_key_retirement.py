@@ -257,6 +257,23 @@ def test_nor_does_an_object_stripped_of_record_marker_and_metadata(rotated: Api)
     assert "for 2 of the tenant's stored objects" in refused["detail"]
 
 
+def test_nor_does_an_object_stripped_of_record_and_marker_and_its_first_byte_changed(
+    rotated: Api,
+) -> None:
+    """Whoever can write the bucket makes an object of version 1 look like no message (to
+    put it back once the version is retired): it is not known to be none."""
+    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    rotated.objects.delete(marker.name)
+    storage_key = "tenants/default/docs/a"
+    rotated.objects.delete(record_key(rotated.objects.bucket, storage_key))
+    rotated.objects.put(storage_key, b"\x00" + rotated.objects.get(storage_key)[1:])
+    with rotated.client() as client:
+        refused = problem(
+            client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-usage-unknown"
+        )
+    assert (refused["unknownCount"], refused["unreadableHeaders"]) == (1, 1)
+
+
 def test_a_retirement_is_cancelled_within_its_pending_window(rotated: Api) -> None:
     cancel_v2 = f"{KEYS}/{KID}/versions/2/cancel-retirement"
     retire_v2 = {"confirm": f"{KID}#2"}
@@ -290,3 +307,25 @@ def test_a_retirement_is_cancelled_within_its_pending_window(rotated: Api) -> No
         ]
 
     wait_until(audited, "the cancelled retirement in the audit trail", timeout=30)
+
+
+def test_a_destruction_another_sweep_did_meanwhile_is_not_reported_again(rotated: Api) -> None:
+    """What the sweep reports, the lifecycle audits as version-destruction: only a
+    destruction it did itself."""
+    with rotated.client() as client:
+        store(client, "docs/b", b"b")  # under version 2
+        assert client.delete("/api/objects/docs/a").status_code == 204
+        retired = client.post(RETIRE_V1, json={"confirm": V1, "pendingWindowDays": 1})
+        assert retired.status_code == 200, retired.text
+    parts = build_parts(rotated.settings)
+    later = datetime.now(UTC) + timedelta(days=2)
+    keys = KeyStore(parts.records, parts.kek, clock=lambda: later)
+
+    def another_sweep_first(tenant: str, name: str) -> bool:
+        assert KeyStore(parts.records, parts.kek, clock=lambda: later).destroy_version(
+            tenant, KID, 1
+        )
+        return True
+
+    assert Retirements(keys, parts.records, parts.spaces).destroy_due(another_sweep_first) == []
+    assert keys.get(TENANT, KID).version(1).destroyed_at is not None
