@@ -172,8 +172,8 @@ MUTANTS = (
     Mutant(
         "final frame",
         "envelope/decrypt.py",
-        "        if self._frames is None or not self._frames.final_frame_read:",
-        "        if self._frames is None:",
+        "        if not self.frames.final_frame_read:\n            raise",
+        "        if False:\n            raise",
         ENVELOPE_TESTS,
     ),
     Mutant(
