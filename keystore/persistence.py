@@ -71,6 +71,10 @@ class KeyRecordStore:
         self._clock = clock
         self._on_write = on_write
 
+    def now(self) -> datetime:
+        """The time by the clock record changes are dated with."""
+        return self._clock()
+
     def insert(self, record: KeyRecord) -> None:
         """Store a new record; `KeyExists` if its tenant already has the kid."""
         name = record_key(record.tenant, record.kid)

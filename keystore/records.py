@@ -231,6 +231,9 @@ class KeyRecord(KeyMetadata):
     """The stored record."""
 
     versions: tuple[KeyVersion, ...]
+    # When a shared (Redis) count was last checkpointed into the usage counts: how far a
+    # count may have gone past them since is bounded by the time since.
+    usage_counted_at: datetime | None = Field(None, exclude_if=lambda value: value is None)
 
     @property
     def params(self) -> KeyParams:
@@ -343,6 +346,16 @@ class KeyRecord(KeyMetadata):
                 "last_used_at": kept.last_used_at or self.last_used_at,
             }
         )
+
+    def checkpointing(self, uses: Uses, now: datetime) -> Self:
+        """The record counting `uses` (a shared count), checkpointed at `now`."""
+        return self.counting(uses, Uses()).model_copy(update={"usage_counted_at": now})
+
+    def counts_since(self, now: datetime) -> float:
+        """Seconds since the usage counts were last checkpointed from a shared count (or,
+        never, since the key was made): the time uses may have gone uncheckpointed."""
+        since = self.usage_counted_at or self.created_at
+        return max((now - since).total_seconds(), 0.0)
 
     def usage_exhausted(self, uses: Uses) -> bool:
         """Whether `uses` have reached the key's maxUsageLimit."""

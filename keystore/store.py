@@ -117,6 +117,12 @@ class KeyStore:
         self._clock = clock
         self._records = records
         self._on_usage_rotation = on_usage_rotation
+        # A shared count is checked against the sealed record only at checkpoints: a
+        # version rotates on its soft limit no sooner than a checkpoint interval after it
+        # was made, so forged counts cannot make versions without end.
+        self._usage_rotation_age = timedelta(
+            seconds=0 if usage_redis is None else usage_checkpoint_interval
+        )
         self._cache = KeyCache(cache_ttl, timer=lambda: clock().timestamp())
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         wraps = WrapCounter(records, self._stored_versions)
@@ -493,6 +499,9 @@ class KeyStore:
         rotating: list[bool] = []  # the last try's: whether it rotated
 
         def rotated(stored: KeyRecord, now: datetime) -> KeyRecord:
+            if now - stored.primary.created_at < self._usage_rotation_age:
+                rotating.append(False)
+                return stored  # a later use, or the lifecycle sweep, rotates it
             counted = stored.counting(uses, Uses())
             rotating.append(counted.rotation_due(now))
             return self._rotated_if_due(counted, now)

@@ -12,13 +12,15 @@ is raised again from the hash. A process that dies loses only its unadded batch,
 with the record ledger; Redis losing its data loses the uses since the last checkpoint.
 
 Nor is a hash believed further ahead of the record than the processes could have
-counted. Every use counted since the last checkpoint was added within a checkpoint
-interval (and its batch within a flush interval) of it, so at `max_rate` uses a second of
-one key, the whole deployment's most, a hash is never more than `max_rate` × (the two
-intervals, and however long checkpoints have been failing) ahead of the record. A count
-further ahead is someone writing Redis: it is logged and counted
-(`sealstream_usage_counts_refused`), never checkpointed, put back to the record's count
-where the hash still holds it, and the record's count is the one enforced. Between
+counted. The record seals when its counts were last checkpointed (`usageCountedAt`; the
+key's creation, before the first), and every use counted since was counted after it, or
+in a batch at most a flush interval older: at `max_rate` uses a second of one key, the
+whole deployment's most, a hash is never more than `max_rate` × (the time since, and a
+flush interval) ahead of the record. The bound is one for all processes, since they
+checkpoint into one record: however many there are, a count is believed to grow no
+faster than `max_rate`. A count further ahead is someone writing Redis: it is logged and
+counted (`sealstream_usage_counts_refused`), never checkpointed, put back to the record's
+count where the hash still holds it, and the record's count is the one enforced. Between
 checkpoints, each addition's answer is held to the same rate against the last count this
 process believed; one beyond it is checked against the record at once.
 """
@@ -133,7 +135,7 @@ class RedisLedger(UsageLedger):
             raise UsageUnavailable(f"Redis: {type(error).__name__}") from None
         shared = _uses(fields)
         jump = _jump(record.uses, shared)
-        if jump > self._allowance(self._failing_for(record)):
+        if jump > self._allowance(record, self._saved.now()):
             _note_implausible(record, jump)
             return record.uses
         return shared.at_least(record.uses)
@@ -176,14 +178,13 @@ class RedisLedger(UsageLedger):
         """Write the hash's count into the key's sealed record if it is no more ahead of
         the record than the processes could have counted since; the count to go by."""
         shared = _uses(fields)
-        allowance = self._allowance(self._failing_for(record)) + added.total
         sealed: list[Uses] = []
 
-        def checkpointed(stored: KeyRecord, _now: datetime) -> KeyRecord:
+        def checkpointed(stored: KeyRecord, now: datetime) -> KeyRecord:
             sealed.append(stored.uses)
-            if _jump(stored.uses, shared) > allowance:
+            if _jump(stored.uses, shared) > self._allowance(stored, now) + added.total:
                 raise _Implausible
-            return stored.counting(shared, Uses())
+            return stored.checkpointing(shared, now)
 
         try:
             self._saved.update(record.tenant, record.kid, checkpointed, notify=False)
@@ -214,7 +215,6 @@ class RedisLedger(UsageLedger):
         now = time.monotonic()
         with self._lock:
             state = self._keys.setdefault(_key(record), _KeyState(vouched=floor))
-            state.failing_since = state.failing_since or now
             unchecked = now - state.vouched_at + self._flush_interval
             if _jump(state.vouched, shared) > self._max_rate * unchecked + added.total:
                 raise UsageUnavailable(
@@ -228,7 +228,7 @@ class RedisLedger(UsageLedger):
         now = time.monotonic()
         with self._lock:
             state = self._keys.setdefault(_key(record), _KeyState(vouched=vouched))
-            state.vouched, state.vouched_at, state.failing_since = vouched, now, None
+            state.vouched, state.vouched_at = vouched, now
             if checkpointed:
                 state.checkpointed_at = now
                 state.reached = limits_reached(record, vouched)
@@ -246,19 +246,11 @@ class RedisLedger(UsageLedger):
         except RedisError as error:
             logger.warning("the Redis count of key %r not restored yet: %s", record.kid, error)
 
-    def _allowance(self, failing_for: float) -> float:
-        """The most uses the processes could have added to a hash past the sealed
-        checkpoint: every use counted since the last checkpoint was, or its batch
-        waiting, within a checkpoint interval and a flush interval of it, or within the
-        time checkpoints have been failing."""
-        window = self._interval + self._flush_interval + failing_for
-        return self._max_rate * window
-
-    def _failing_for(self, record: KeyRecord) -> float:
-        with self._lock:
-            state = self._keys.get(_key(record))
-            since = None if state is None else state.failing_since
-        return 0.0 if since is None else time.monotonic() - since
+    def _allowance(self, record: KeyRecord, now: datetime) -> float:
+        """The most uses the processes could have added to a hash past `record`'s counts
+        by `now`: each use counted since its last checkpoint was, or its batch waiting,
+        within a flush interval of it."""
+        return self._max_rate * (record.counts_since(now) + self._flush_interval)
 
 
 @dataclass
@@ -270,7 +262,6 @@ class _KeyState:
     vouched_at: float = field(default_factory=time.monotonic)
     checkpointed_at: float | None = None
     reached: tuple[bool, bool, bool] = (False, False, False)
-    failing_since: float | None = None
 
     def due(self, reached: tuple[bool, bool, bool], now: float, interval: float) -> bool:
         """Whether a checkpoint is due: a limit reached, or the interval past."""

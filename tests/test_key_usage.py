@@ -429,15 +429,82 @@ def test_what_someone_writes_into_redis_cannot_lower_a_count_or_break_it(
         problem(encrypt(client, b"x"), 403, "key-usage-exhausted")
 
 
-def _redis_processes(tmp_path: Path, url: str) -> tuple[Records, Callable[[], KeyStore]]:
+def _redis_processes(
+    tmp_path: Path, url: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> tuple[Records, Callable[[], KeyStore]]:
     """The records of a store, and key stores on it as separate processes would have
     them, sharing one Redis; they believe at most 1 use a second of a key."""
     kek = LocalKek(os.urandom(32))
     records = open_records(LocalStore(tmp_path / "bucket"), kek)
     client = redis.Redis.from_url(url, decode_responses=True)
     return records, lambda: KeyStore(
-        records, kek, usage_redis=client, usage_batch=1, usage_max_rate=1.0
+        records, kek, clock=clock, usage_redis=client, usage_batch=1, usage_max_rate=1.0
     )
+
+
+class _Clock:
+    """A wall clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_a_count_written_into_redis_is_believed_at_most_at_the_rate_whatever_the_processes(
+    tmp_path: Path, redis_server: "RedisServer"
+) -> None:
+    """The bound is on the time since the sealed checkpoint, one for all processes: each
+    process checkpointing in turn believes no more of a forged count than one would."""
+    clock = _Clock()
+    records, process = _redis_processes(tmp_path, redis_server.url, clock)
+    first = process()
+    first.create(TENANT, KeySpec(kid="k", kty="oct", max_usage_limit=50))
+    first.sealing_keyring(TENANT, "k")
+    database = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    [name] = database.keys("sealstream:usage:*")
+
+    def sealed() -> int:
+        return records.get(RECORD_KIND, record_key(TENANT, "k"), KeyRecord).usage_count
+
+    for _ in range(4):  # processes that each checkpoint once, a second apart
+        clock.now += timedelta(seconds=1)
+        database.hincrby(name, "1:uses", 30)
+        database.hincrby(name, "1:encrypts", 30)
+        keys = process()
+        keys.sealing_keyring(TENANT, "k")  # its first use: a checkpoint
+        keys.close()
+    # 4 uses of their own, and at 1 use a second at most 4 + 1 more from Redis.
+    assert sealed() <= 1 + 4 + 5
+    # Given the time, the same count is the processes' own: it is believed.
+    clock.now += timedelta(seconds=200)
+    database.hincrby(name, "1:uses", 30)
+    database.hincrby(name, "1:encrypts", 30)
+    last = process()
+    last.sealing_keyring(TENANT, "k")
+    assert sealed() >= 30
+    for keys in (first, last):
+        keys.close()
+
+
+def test_a_version_rotates_on_its_usage_limit_at_most_once_a_checkpoint_interval(
+    tmp_path: Path, redis_server: "RedisServer"
+) -> None:
+    """With a shared count, what makes a version worn out is checked at checkpoints:
+    counts written into Redis cannot rotate a key faster than those."""
+    clock = _Clock()
+    _, process = _redis_processes(tmp_path, redis_server.url, clock)
+    keys = process()
+    keys.create(TENANT, KeySpec(kid="k", kty="oct", soft_usage_limit=1, rotate_on_usage_limit=True))
+    for _ in range(3):
+        keys.sealing_keyring(TENANT, "k")
+    assert keys.get(TENANT, "k").primary_version == 1
+    clock.now += timedelta(seconds=61)
+    for _ in range(3):
+        keys.sealing_keyring(TENANT, "k")
+    assert keys.get(TENANT, "k").primary_version == 2
+    keys.close()
 
 
 def _refused_counts() -> float:
