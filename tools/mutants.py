@@ -41,6 +41,14 @@ API_AUDIT_TESTS = "tests/test_api_audit.py"
 REDIS_USAGE_TESTS = (
     "tests/test_key_usage.py::test_a_count_written_into_redis_past_what_the_processes_could_count_is_not_believed",
 )
+REDIS_RATE_TEST = (
+    "tests/test_key_usage.py"
+    "::test_a_count_written_into_redis_is_believed_at_most_at_the_rate_whatever_the_processes"
+)
+REDIS_ROTATION_TEST = (
+    "tests/test_key_usage.py"
+    "::test_a_version_rotates_on_its_usage_limit_at_most_once_a_checkpoint_interval"
+)
 
 FOOTER_TESTS = ("tests/test_envelope_interop.py", "tests/test_envelope_ranged.py")
 AUDIT_TESTS = "tests/test_audit.py"
@@ -471,7 +479,11 @@ MUTANTS = (
         "services/retirement.py",
         "        return _Verdict.UNREADABLE",
         "        return _Verdict.NOT",
-        (f"{RETIREMENT_TESTS[0]}::test_nor_does_an_object_stripped_of_record_marker_and_metadata",),
+        (
+            f"{RETIREMENT_TESTS[0]}::test_nor_does_an_object_stripped_of_record_marker_and_metadata",
+            f"{RETIREMENT_TESTS[0]}"
+            "::test_nor_does_an_object_stripped_of_record_and_marker_and_its_first_byte_changed",
+        ),
     ),
     Mutant(
         "retire: destruction waits for the census",
@@ -479,6 +491,37 @@ MUTANTS = (
         "            if indexed or census.objects or census.unknown:",
         "            if False:",
         RETIREMENT_TESTS,
+    ),
+    Mutant(
+        "retire: only a destruction done is reported (and audited)",
+        "services/retirement.py",
+        "and self.keys.destroy_version(tenant, kid, version):",
+        "and [self.keys.destroy_version(tenant, kid, version)]:",
+        (
+            f"{RETIREMENT_TESTS[0]}"
+            "::test_a_destruction_another_sweep_did_meanwhile_is_not_reported_again",
+        ),
+    ),
+    Mutant(
+        "redis usage: the bound runs from the sealed checkpoint's time",
+        "keystore/usage_redis.py",
+        "        return self._max_rate * (record.counts_since(now) + self._flush_interval)",
+        "        return self._max_rate * (self._interval + self._flush_interval)",
+        (REDIS_RATE_TEST,),
+    ),
+    Mutant(
+        "redis usage: a checkpoint seals its time",
+        "keystore/usage_redis.py",
+        "            return stored.checkpointing(shared, now)",
+        "            return stored.counting(shared, Uses())",
+        (REDIS_RATE_TEST,),
+    ),
+    Mutant(
+        "redis usage: a young version does not rotate on its usage limit",
+        "keystore/store.py",
+        "            if now - stored.primary.created_at < self._usage_rotation_age:",
+        "            if False:",
+        (REDIS_ROTATION_TEST,),
     ),
     Mutant(
         "retired version opens nothing",
