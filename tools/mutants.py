@@ -657,6 +657,61 @@ MUTANTS = (
         (PAGE_TEST,),
     ),
     Mutant(
+        "audit: an object too large for a segment is not read",
+        "audit/chain.py",
+        "if size > LARGEST_SEGMENT:",
+        "if False:",
+        (f"{AUDIT_TESTS}::test_an_object_too_large_for_a_segment_is_one_alarm_and_is_never_read",),
+    ),
+    Mutant(
+        "audit: a segment is refused from its first forged event",
+        "audit/reading.py",
+        """RecordTampered("an audit segment", name.key))
+            break""",
+        """RecordTampered("an audit segment", name.key))
+            continue""",
+        (f"{AUDIT_TESTS}::test_a_segment_of_forged_events_is_refused_once_not_per_event",),
+    ),
+    Mutant(
+        "audit: a checkpoint with no canonical form is unsigned",
+        "audit/signing.py",
+        "except (InvalidSignature, ValueError, TypeError):",
+        "except InvalidSignature:",
+        (f"{AUDIT_TESTS}::test_a_checkpoint_with_no_canonical_form_is_forged_not_a_crash",),
+    ),
+    Mutant(
+        "audit: a page reads a bounded number of segments",
+        "audit/reading.py",
+        "if read >= query.segments:",
+        "if False:",
+        (
+            f"{AUDIT_TESTS}::test_a_page_reads_a_bounded_number_of_segments_and_goes_on_with_a_cursor",
+        ),
+    ),
+    Mutant(
+        "audit: a cursor's time is checked",
+        "audit/reading.py",
+        "if not within_years(datetime.fromisoformat(moment)):",
+        "if False:",
+        (f"{AUDIT_TESTS}::test_a_cursor_with_a_time_out_of_range_or_without_offset_is_invalid",),
+    ),
+    Mutant(
+        "audit: a deletion names its object",
+        "api/routes/objects.py",
+        "    note.object = key",
+        "    note.object = None",
+        (
+            f"{API_AUDIT_TESTS}::test_deleting_an_object_names_it_and_the_key_version_it_was_sealed_under",
+        ),
+    ),
+    Mutant(
+        "local store: a sidecar not as written is missing",
+        "storage/local.py",
+        "        if not _sidecar_shaped(sidecar):",
+        "        if False:",
+        ("tests/test_storage_local.py",),
+    ),
+    Mutant(
         "audit: a tenant's range is bounded",
         "api/routes/audit.py",
         "    if not principal.operator:",
