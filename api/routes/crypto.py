@@ -431,8 +431,8 @@ async def _reencrypt_stored(
         **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
     }
     written = source if destination is None else destination
-    verification = await run_in_threadpool(svc.start_verify, tenant, target or placement)
-    body = StoredObject.of(new, written.key, verify_job=verification.id)
+    verification, queued = await run_in_threadpool(svc.verify_stored, tenant, target or placement)
+    body = StoredObject.of(new, written.key, verify_job=verification.id, verify_queued=queued)
     return JSONResponse(body.model_dump(), status_code=201, headers=headers)
 
 
