@@ -225,12 +225,7 @@ class RsaKeyType(KeyType):
     def recipient_keyring(self, key_name: str, public_jwk: Mapping[str, Any], alg: str) -> Keyring:
         if self.operations(alg) != ENCRYPTION_OPS:
             return super().recipient_keyring(key_name, public_jwk, alg)
-        modulus = self._checked_modulus(public_jwk)
-        public = rsa.RSAPublicNumbers(_jwk_uint(public_jwk, "e"), int.from_bytes(modulus))
-        try:
-            return RsaKeyring(key_name, public.public_key())
-        except ValueError:
-            raise InvalidJwk("the RSA members do not make a public key") from None
+        return RsaKeyring(key_name, self._public_key(public_jwk))
 
     def thumbprint_members(self) -> tuple[str, ...]:
         return ("e", "kty", "n")
@@ -238,12 +233,7 @@ class RsaKeyType(KeyType):
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
         if self.operations(alg) != SIGNATURE_OPS:
             return super().verifying_key(public_jwk, alg)
-        modulus = self._checked_modulus(public_jwk)
-        public = rsa.RSAPublicNumbers(_jwk_uint(public_jwk, "e"), int.from_bytes(modulus))
-        try:
-            return PssVerifyingKey(alg, public.public_key())
-        except ValueError:
-            raise InvalidJwk("the RSA members do not make a public key") from None
+        return PssVerifyingKey(alg, self._public_key(public_jwk))
 
     def public_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
         numbers = _load_rsa(material).public_key().public_numbers()
@@ -278,6 +268,19 @@ class RsaKeyType(KeyType):
         except ValueError:
             raise InvalidJwk("the RSA members do not make a consistent private key") from None
         return KeyParams(self.kty, alg, key_size), _pkcs8(key)
+
+    def _public_key(self, public_jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
+        """A partner's public key, refused unless it can do its work: OpenSSL loads an
+        even modulus or an exponent that is even or wider than 32 bits, and fails only
+        once it encrypts, mid-request."""
+        modulus = int.from_bytes(self._checked_modulus(public_jwk))
+        exponent = _jwk_uint(public_jwk, "e")
+        if modulus % 2 == 0 or exponent % 2 == 0 or not 3 <= exponent < 2**32:
+            raise InvalidJwk("the RSA members do not make a usable public key")
+        try:
+            return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+        except ValueError:
+            raise InvalidJwk("the RSA members do not make a public key") from None
 
     def _checked_modulus(self, jwk: Mapping[str, Any]) -> bytes:
         modulus = jwk_bytes(jwk, "n")

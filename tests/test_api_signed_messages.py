@@ -254,6 +254,10 @@ def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
     signing = {"kty": "EC", "alg": "ES256", "crv": "P-256", "x": "AA", "y": "AA"}
     problem(encrypt(client, b"x", recipientPublicKey=signing), 403, "operation-not-permitted")
     problem(encrypt(client, b"x", recipientPublicKey={**jwk, "n": "AA"}), 422, "invalid-jwk")
+    # Members OpenSSL loads and only fails on when it encrypts.
+    modulus = int.from_bytes(base64.urlsafe_b64decode(jwk["n"] + "=="))
+    for members in ({"e": b64(2**64 + 1)}, {"e": b64(65538)}, {"n": b64(modulus ^ 1)}):
+        problem(encrypt(client, b"x", recipientPublicKey={**jwk, **members}), 422, "invalid-jwk")
     problem(encrypt(client, b"x", kid=["mySymKey", "mySymKey"]), 422, "duplicate-recipient")
     problem(encrypt(client, b"x", kid=[]), 422, "invalid-request")
     problem(encrypt(client, b"x", kid=["mySymKey", "nope"]), 404, "key-not-found")
