@@ -40,6 +40,7 @@ MAX_SIGNATURE_LENGTH = 104  # the longest DER ECDSA P-384 signature
 FOOTER_LENGTH = 2 + SIGNATURE_LENGTH  # of every footer this package writes
 
 _CURVE = ec.SECP384R1()
+_COMPRESSED_POINT_LENGTH = 1 + 48  # the sign of y, then x
 _ORDER = int(  # the order of P-384's base point
     "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
     16,
@@ -88,6 +89,10 @@ def public_key_from_context(value: str) -> ec.EllipticCurvePublicKey:
     """The P-384 public key an `aws-crypto-public-key` value encodes."""
     try:
         point = base64.b64decode(value.encode("ascii"), validate=True)
+        # Compressed only, as the format writes it: one encoding per key, so the context
+        # (and the header hashed under the signature) has one form for one signer.
+        if len(point) != _COMPRESSED_POINT_LENGTH or point[0] not in (2, 3):
+            raise ValueError("not a compressed point")
         return ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, point)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise MessageFormatError(

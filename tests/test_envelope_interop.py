@@ -7,6 +7,7 @@ sealstream's AES and RSA keyrings must be byte-compatible with the SDK's raw AES
 (OAEP-SHA256) keyrings given the same key material, namespace `sealstream` and key name.
 """
 
+import base64
 import io
 import os
 from typing import Any, cast
@@ -24,7 +25,8 @@ from aws_cryptographic_material_providers.mpl.models import (
 )
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from envelope import (
     PROVIDER_ID,
@@ -41,6 +43,7 @@ from envelope import (
     TruncatedMessage,
     UnsupportedMessage,
 )
+from envelope.footer import public_key_from_context
 from keystore.algorithms import KeyParams
 from keystore.algorithms import key_type as keystore_key_type
 from sealstream_client.esdk import MlKemSdkKeyring
@@ -246,6 +249,15 @@ def test_a_signed_message_relabelled_unsigned_is_refused() -> None:
     message = sdk_signed_message(b"relabelled")
     with pytest.raises(MessageFormatError, match="aws-crypto-public-key"):
         our_decrypt("aes", message[:1] + b"\x04\x78" + message[3:], {})
+
+
+def test_the_signers_public_key_is_read_compressed_only() -> None:
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    compressed = public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    uncompressed = public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    assert public_key_from_context(base64.b64encode(compressed).decode()) == public
+    with pytest.raises(MessageFormatError, match="aws-crypto-public-key"):
+        public_key_from_context(base64.b64encode(uncompressed).decode())
 
 
 def test_an_unknown_suite_is_refused_clearly() -> None:
