@@ -261,5 +261,11 @@ def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
     problem(encrypt(client, b"x", kid=["mySymKey", "mySymKey"]), 422, "duplicate-recipient")
     problem(encrypt(client, b"x", kid=[]), 422, "invalid-request")
     problem(encrypt(client, b"x", kid=["mySymKey", "nope"]), 404, "key-not-found")
+    many = [f"many-{n}" for n in range(16)]
+    for kid in many:
+        create_key(client, kid=kid)
+    refused = encrypt(client, b"x", kid=many, recipientPublicKey=jwk)
+    problem(refused, 422, "too-many-recipients")
+    assert {usage(client, kid) for kid in many} == {0}  # refused before any use counted
     create_key(client, kid="signer", kty="EC", alg="ES256", keyOps=["sign", "verify"])
     problem(encrypt(client, b"x", kid=["mySymKey", "signer"]), 403, "operation-not-permitted")

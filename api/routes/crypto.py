@@ -51,7 +51,7 @@ from api.schemas import (
 )
 from api.services import Services, services
 from api.tokens import Principal
-from envelope import Keyring
+from envelope import DEFAULT_LIMITS, Keyring
 from keystore import KeyRecord, Uses
 from keystore.algorithms import recipient_keyring
 from keystore.material import key_name
@@ -85,6 +85,17 @@ class EncryptMetadata(_Metadata, NamesKeys):
     # A signed message (suite 0x0578); by default, one with several recipients is.
     signed: StrictBool | None = None
     destination: ObjectDestination | None = None
+
+    @model_validator(mode="after")
+    def room_for_every_recipient(self) -> Self:
+        """Refused here, before any key's use is counted, rather than by the header."""
+        recipients = len(self.kids) + (self.recipient_public_key is not None)
+        if recipients > DEFAULT_LIMITS.max_encrypted_data_keys:
+            raise PydanticCustomError(
+                "too-many-recipients",
+                f"a message takes at most {DEFAULT_LIMITS.max_encrypted_data_keys} recipients",
+            )
+        return self
 
 
 class DecryptMetadata(_Metadata):
