@@ -8,7 +8,7 @@ behind `ObjectStore`; errors come from one hierarchy rooted at `StorageError`.
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from storage.base import MultipartWriter, ObjectInfo, ObjectStore
+from storage.base import MultipartWriter, ObjectInfo, ObjectStore, Part, PartUpload
 from storage.errors import (
     BucketNotFound,
     InvalidMetadata,
@@ -47,6 +47,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",
+    "Part",
+    "PartUpload",
     "PreconditionFailed",
     "S3Store",
     "StorageError",

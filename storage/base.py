@@ -1,5 +1,5 @@
 """The object-store interface every backend implements: `ObjectStore`, `MultipartWriter`,
-`ObjectInfo`.
+`ObjectInfo`, and uploads written part by part across processes (`PartUpload`, `Part`).
 
 What must behave the same on every backend lives here once: range checks, metadata
 checks, `put` as a one-part upload, and the writer's life cycle (open → completed or
@@ -9,7 +9,7 @@ aborted, and abort on any failure). Backends fill in the underscored hooks.
 import builtins  # `list` names a store method inside the store classes
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -39,6 +39,29 @@ class ObjectInfo:
     etag: str
     metadata: dict[str, str]
     last_modified: datetime
+
+
+@dataclass(frozen=True)
+class PartUpload:
+    """An upload written part by part, which outlives the process that started it: what
+    its caller keeps (in a sealed record) to put more parts, complete it or abort it.
+    `upload_id` is the store's own; nothing of it is secret."""
+
+    key: str
+    upload_id: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part stored: its number (from 1), where it starts in the object and its size,
+    and what the store needs to join it (`etag`, `checksum`)."""
+
+    number: int
+    offset: int
+    size: int
+    etag: str
+    checksum: str = ""
 
 
 class Scoped(ABC):
@@ -241,6 +264,44 @@ class ObjectStore(ABC):
         writer whose upload is aborted fails on its next `write` or on `complete`.
         """
 
+    def start_parts(self, key: str, *, metadata: Mapping[str, str] | None = None) -> PartUpload:
+        """Start an upload its caller writes part by part, perhaps from several processes
+        in turn (`put_part`), and completes (`complete_parts`) or aborts (`abort_parts`).
+        Until then it is a pending upload (`pending_uploads`, `abort_pending`)."""
+        encoded_key(key)
+        return self._start_parts(key, checked_metadata(metadata))
+
+    def put_part(
+        self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
+    ) -> Part:
+        """Store part `number` (1 to 10,000), which starts at `offset` of the object;
+        every part but the last is at least 5 MiB (S3's floor). Putting a part again
+        replaces it."""
+        if not 1 <= number <= 10_000 or offset < 0:
+            raise ValueError("part numbers run from 1 to 10,000, at offsets from 0")
+        return self._put_part(upload, number, offset, data)
+
+    @abstractmethod
+    def complete_parts(
+        self, upload: PartUpload, parts: Sequence[Part], *, if_absent: bool
+    ) -> ObjectInfo:
+        """Make the object of `parts` (in order, each following the one before) visible;
+        with `if_absent`, only if the key is free (`ObjectExists`)."""
+
+    @abstractmethod
+    def abort_parts(self, upload: PartUpload) -> None:
+        """Discard the upload and its parts; an upload already gone is not an error."""
+
+    @abstractmethod
+    def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
+        """Start a part upload of `key`; `metadata` is already checked."""
+
+    @abstractmethod
+    def _put_part(
+        self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
+    ) -> Part:
+        """Store one part, durably before it returns."""
+
     @abstractmethod
     def check(self) -> None:
         """Readiness probe: `StorageUnavailable` or `BucketNotFound` when not usable."""
@@ -280,6 +341,17 @@ def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
                 f"metadata value of {name!r} is not printable ASCII without outer spaces"
             )
     return checked
+
+
+def contiguous(parts: Sequence[Part]) -> int:
+    """The size of the object `parts` make, refusing parts that do not follow one
+    another from offset 0 and part number 1."""
+    end = 0
+    for number, part in enumerate(parts, start=1):
+        if (part.number, part.offset) != (number, end):
+            raise StorageError(f"part {part.number} does not follow the parts before it")
+        end += part.size
+    return end
 
 
 def _nothing() -> Generator[bytes, None, None]:

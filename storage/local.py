@@ -6,7 +6,9 @@ Layout under the root directory:
     .meta/<key>.json               its sidecar: {"etag": a random version token, "metadata"}
     .meta/.lock                    flock'd: exclusive while names change, shared while an
                                    object and its sidecar are read together
-    <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload")
+    <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload"); a part
+                                   upload's uuid is its upload id, and each part is
+                                   written at its offset in that one file
 
 Names starting with "." at the first level belong to the store and its neighbours (the
 keystore keeps its `.kek` there), so keys may not start with ".". Every write goes to a
@@ -24,8 +26,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -33,7 +36,15 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
+from storage.base import (
+    MultipartWriter,
+    ObjectInfo,
+    ObjectStore,
+    Part,
+    PartUpload,
+    contiguous,
+    encoded_key,
+)
 from storage.errors import (
     BucketNotFound,
     InvalidObjectKey,
@@ -49,6 +60,7 @@ from storage.local_files import (
     UncachedFile,
     fsync_directory,
     make_private,
+    new_private_file,
     private_directories,
     prune_empty,
     temp_beside,
@@ -61,6 +73,7 @@ META_DIR = ".meta"
 # A temporary name adds TEMP_NAME_OVERHEAD bytes (and a sidecar ".json") to a segment;
 # this keeps every such name under the 255-byte limit of common filesystems.
 MAX_SEGMENT_BYTES = 200
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # the uuid of a temporary name
 
 
 class LocalStore(ObjectStore):
@@ -160,6 +173,68 @@ class LocalStore(ObjectStore):
                 (self.root / temporary).unlink(missing_ok=True)
         return len(temporaries)
 
+    def complete_parts(
+        self, upload: PartUpload, parts: Sequence[Part], *, if_absent: bool
+    ) -> ObjectInfo:
+        size = contiguous(parts)
+        temp = self._part_file(upload)
+        with self._os_errors(upload.key):
+            descriptor = os.open(temp, os.O_WRONLY)
+            try:
+                os.ftruncate(descriptor, size)  # a part put again shorter leaves no tail
+                os.fsync(descriptor)
+                modified = os.fstat(descriptor).st_mtime
+            finally:
+                os.close(descriptor)
+        etag = uuid.uuid4().hex
+        sidecar = json.dumps({"etag": etag, "metadata": upload.metadata}).encode()
+        self._commit(upload.key, temp, sidecar, if_absent=if_absent, if_match=None)
+        return ObjectInfo(
+            key=upload.key,
+            size=size,
+            etag=etag,
+            metadata=upload.metadata,
+            last_modified=datetime.fromtimestamp(modified, UTC),
+        )
+
+    def abort_parts(self, upload: PartUpload) -> None:
+        temp = self._part_file(upload)
+        with self._os_errors(upload.key), self._locked(fcntl.LOCK_EX):
+            temp.unlink(missing_ok=True)
+
+    def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
+        upload = PartUpload(key=key, upload_id=uuid.uuid4().hex, metadata=metadata)
+        path = self._object_path(key)
+        with self._os_errors(key), self._locked(fcntl.LOCK_EX):
+            try:
+                private_directories(path.parent, self.root)
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidObjectKey("a prefix of the key is another object", key) from None
+            new_private_file(self._part_file(upload)).close()
+        return upload
+
+    def _put_part(
+        self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
+    ) -> Part:
+        # The file is opened without O_CREAT: an upload aborted meanwhile stays gone.
+        with self._os_errors(upload.key):
+            descriptor = os.open(self._part_file(upload), os.O_WRONLY)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(descriptor, view, offset + len(data) - len(view)) :]
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        return Part(number=number, offset=offset, size=len(data), etag=uuid.uuid4().hex)
+
+    def _part_file(self, upload: PartUpload) -> Path:
+        """The one file a part upload's parts are written into, at their offsets."""
+        if not _UPLOAD_ID.fullmatch(upload.upload_id):
+            raise StorageError("not an upload id of this store", upload.key)
+        path = self._object_path(upload.key)
+        return path.with_name(f"{TEMP_PREFIX}{upload.upload_id}-{path.name}")
+
     def check(self) -> None:
         self._require_bucket()
         if not os.access(self.root, os.W_OK | os.X_OK):
@@ -228,25 +303,27 @@ class LocalStore(ObjectStore):
             return  # no valid key lies under such a prefix
         yield from _walk(directory, f"{directory_key}/", name_start)
 
-    def _commit(self, writer: "_LocalWriter", sidecar: bytes) -> None:
-        """Rename the writer's finished file into place, its sidecar first."""
-        path = writer.path
-        with self._os_errors(writer.key), self._locked(fcntl.LOCK_EX):
-            if writer.if_absent and path.exists():
-                raise ObjectExists("the object already exists", writer.key)
-            if writer.if_match is not None:
-                self._require_etag(writer.key, path, writer.if_match)
-            write_atomically(self._sidecar_path(writer.key), sidecar, self.root)
+    def _commit(
+        self, key: str, temp: Path, sidecar: bytes, *, if_absent: bool, if_match: str | None
+    ) -> None:
+        """Rename a finished file (`temp`) into place as `key`, its sidecar first."""
+        path = self._object_path(key)
+        with self._os_errors(key), self._locked(fcntl.LOCK_EX):
+            if if_absent and path.exists():
+                raise ObjectExists("the object already exists", key)
+            if if_match is not None:
+                self._require_etag(key, path, if_match)
+            write_atomically(self._sidecar_path(key), sidecar, self.root)
             try:
-                if writer.if_absent:
-                    path.hardlink_to(writer.temp)  # fails atomically if the name is taken
-                    writer.temp.unlink()
+                if if_absent:
+                    path.hardlink_to(temp)  # fails atomically if the name is taken
+                    temp.unlink()
                 else:
-                    writer.temp.replace(path)
+                    temp.replace(path)
             except FileExistsError:
-                raise ObjectExists("the object already exists", writer.key) from None
+                raise ObjectExists("the object already exists", key) from None
             except IsADirectoryError:
-                raise InvalidObjectKey("the key is a prefix of other keys", writer.key) from None
+                raise InvalidObjectKey("the key is a prefix of other keys", key) from None
             fsync_directory(path.parent)
 
     def _require_etag(self, key: str, path: Path, etag: str) -> None:
@@ -343,7 +420,9 @@ class _LocalWriter(MultipartWriter):
             modified = self._file.sync().st_mtime
             self._file.close()
         sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
-        self._store._commit(self, sidecar)  # noqa: SLF001
+        self._store._commit(  # noqa: SLF001
+            self.key, self.temp, sidecar, if_absent=self.if_absent, if_match=self.if_match
+        )
         return ObjectInfo(
             key=self.key,
             size=self.bytes_written,

@@ -5,7 +5,7 @@ standard mode; whatever still fails is translated by `storage.s3_errors`.
 """
 
 import builtins  # `list` names a store method inside the store classes
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import suppress
 from datetime import UTC
 from typing import TYPE_CHECKING
@@ -13,18 +13,29 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 
-from storage.base import MultipartWriter, ObjectInfo, ObjectStore, encoded_key
+from storage.base import (
+    MultipartWriter,
+    ObjectInfo,
+    ObjectStore,
+    Part,
+    PartUpload,
+    contiguous,
+    encoded_key,
+)
 from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound
 from storage.s3_errors import s3_errors
 from storage.s3_multipart import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_PART_SIZE,
     MIN_PART_SIZE,
+    PART_CHECKSUM,
     S3MultipartWriter,
+    as_body,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompleteMultipartUploadRequestTypeDef
 
 DEFAULT_MAX_ATTEMPTS = 5
 MAX_KEY_BYTES = 1024
@@ -151,6 +162,62 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )
         return len(uploads)
+
+    def complete_parts(
+        self, upload: PartUpload, parts: Sequence[Part], *, if_absent: bool
+    ) -> ObjectInfo:
+        contiguous(parts)
+        request: CompleteMultipartUploadRequestTypeDef = {
+            "Bucket": self.bucket,
+            "Key": upload.key,
+            "UploadId": upload.upload_id,
+            "MultipartUpload": {
+                "Parts": [
+                    {"PartNumber": p.number, "ETag": p.etag, "ChecksumCRC32C": p.checksum}
+                    for p in parts
+                ]
+            },
+        }
+        if if_absent:
+            request["IfNoneMatch"] = "*"
+        with s3_errors(upload.key):
+            self.client.complete_multipart_upload(**request)
+        return self.head(upload.key)
+
+    def abort_parts(self, upload: PartUpload) -> None:
+        # NoSuchUpload: finished or aborted meanwhile, which is what was wanted.
+        with suppress(ObjectNotFound), s3_errors(upload.key):
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+            )
+
+    def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
+        _check_key(key)
+        with s3_errors(key):
+            response = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, Metadata=metadata, ChecksumAlgorithm=PART_CHECKSUM
+            )
+        return PartUpload(key=key, upload_id=response["UploadId"], metadata=metadata)
+
+    def _put_part(
+        self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
+    ) -> Part:
+        with s3_errors(upload.key):
+            response = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=upload.key,
+                UploadId=upload.upload_id,
+                PartNumber=number,
+                Body=as_body(data),
+                ChecksumAlgorithm=PART_CHECKSUM,
+            )
+        return Part(
+            number=number,
+            offset=offset,
+            size=len(data),
+            etag=response["ETag"],
+            checksum=response["ChecksumCRC32C"],
+        )
 
     def check(self) -> None:
         with s3_errors(None, missing=BucketNotFound):

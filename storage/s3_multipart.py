@@ -176,7 +176,7 @@ class S3MultipartWriter(MultipartWriter):
                 Key=self.key,
                 UploadId=self._upload_id,
                 PartNumber=part_number,
-                Body=_as_body(body),
+                Body=as_body(body),
                 ChecksumAlgorithm=PART_CHECKSUM,
             )
         return {
@@ -226,7 +226,7 @@ class S3MultipartWriter(MultipartWriter):
         request: PutObjectRequestTypeDef = {
             "Bucket": self._bucket,
             "Key": self.key,
-            "Body": _as_body(self._buffer[: self._filled]),
+            "Body": as_body(self._buffer[: self._filled]),
             "Metadata": self._metadata,
         }
         self._add_condition(request)
@@ -253,7 +253,7 @@ def entity_tag(etag: str) -> str:
     return f'"{etag}"'
 
 
-def _as_body(buffer: bytearray) -> bytes:
+def as_body(buffer: bytes | bytearray) -> bytes:
     """The buffer as a request body, uncopied: botocore sends any bytes-like body (it
     validates bytes, bytearray and files) while the type stubs only name bytes."""
     return cast("bytes", buffer)
