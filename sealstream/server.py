@@ -39,5 +39,5 @@ def create_app(settings: Settings, metrics_dir: Path | None = None) -> FastAPI:
 
 def _job_runner(parts: Parts) -> JobRunner:
     if parts.settings.redis_url:
-        return CeleryRunner(parts.settings)
+        return CeleryRunner(parts.settings, parts.jobs)
     return InProcessRunner(parts)

@@ -566,7 +566,7 @@ def test_a_lost_workers_job_is_failed_by_the_stale_sweep(
             stack.proxy.release()
 
             services = build_parts(stack.api.settings)
-            submit = CeleryRunner(stack.api.settings).submit
+            submit = CeleryRunner(stack.api.settings, stack.services.jobs).submit
 
             def swept() -> bool:  # the periodic sweeps task's body, as beat runs it
                 return job_id in run_sweeps(services, submit)["staleJobs"]

@@ -41,7 +41,8 @@ def refusing_writes(stack: JobStack) -> Iterator[None]:
 def sweeper(stack: JobStack) -> Callable[[], dict[str, Any]]:
     """The periodic sweeps task's body, as beat runs it, its parts built once."""
     settings = stack.api.settings
-    return partial(run_sweeps, build_parts(settings), CeleryRunner(settings).submit)
+    parts = build_parts(settings)
+    return partial(run_sweeps, parts, CeleryRunner(settings, parts.jobs).submit)
 
 
 def test_an_object_stored_while_redis_refuses_writes_is_answered_stored_and_verified_later(
@@ -94,7 +95,7 @@ def test_a_job_whose_task_was_lost_is_queued_again_by_the_sweep_and_runs_once(
         # Its first task turns up after all, twice: the job has ended, and stays as it was.
         worker = stack.workers[0]
         ran = worker.output().count("succeeded in")
-        runner = CeleryRunner(stack.api.settings)
+        runner = CeleryRunner(stack.api.settings, stack.services.jobs)
         runner.submit(lost)
         runner.submit(lost)
         wait_until(

@@ -1,7 +1,8 @@
 """Redis Sentinel for jobs: a `sentinel://` Redis URL gives the job store the primary the
 sentinels name, and it follows them through a failover (real `redis-server` and
-`redis-sentinel` processes); Celery's broker gets the same URL and the primary's name;
-credentials in any part of such a URL are never shown."""
+`redis-sentinel` processes); a job whose record a failover lost is put back from its task
+and runs; Celery's broker gets the same URL and the primary's name; credentials in any
+part of such a URL are never shown."""
 
 import os
 from datetime import timedelta
@@ -14,14 +15,17 @@ import redis
 from keystore import LocalKek
 from sealstream.settings import Settings, without_credentials
 from sealstream.wiring import open_records
-from services.jobs import JobKind, RedisJobStore
+from services.jobs import JobKind, JobRecord, RedisJobStore, VerifyParams
 from services.jobs.redis_store import redis_client
 from storage.local import LocalStore
-from tests.support.jobs import placeholder_job
+from tests.support.data import MiB, random_chunks
+from tests.support.http import create_key
+from tests.support.jobs import finished_job, job_stack, placeholder_job, show, store_object
 from tests.support.ports import LOCALHOST
 from tests.support.sentinel import MASTER, primary_port, role
 from tests.support.waiting import wait_until
 from workers.celery_app import make_celery
+from workers.runner import CeleryRunner
 
 TTL_SECONDS = 600
 
@@ -61,6 +65,46 @@ def _saves(jobs: RedisJobStore, record: object) -> bool:
     except redis.RedisError:
         return False
     return True
+
+
+def test_a_job_whose_record_a_failover_lost_is_put_back_from_its_task_and_runs(
+    sentinel: tuple[str, list[int]], tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    url, (first, second, sentinel_port) = sentinel
+    with (
+        job_stack(tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER)) as stack,
+        stack.client() as client,
+    ):
+        create_key(client)
+        stored = store_object(client, "kept.bin", random_chunks(MiB, seed=8))
+        assert finished_job(client, stored["verifyJob"])["status"] == "succeeded"
+        params = VerifyParams(
+            bucket=stored["bucket"], key="kept.bin", storage_key=stored["storageKey"]
+        )
+        lost = JobRecord.new(JobKind.VERIFY, "default", params)
+        replica = redis.Redis(host=LOCALHOST, port=second)
+        wait_until(lambda: replica.exists("sealstream:jobs:default") == 1, "the replica to copy")
+        # The replica cut off from its primary (as a partition leaves it), which then
+        # takes the record; the failover promotes the replica, and the old primary's
+        # resync drops the record. Its task reaches the new primary.
+        replica.replicaof("NO", "ONE")
+        stack.services.jobs.save(lost)
+        control = redis.Redis(host=LOCALHOST, port=sentinel_port)
+        control.sentinel_failover(MASTER)
+        control.close()
+        wait_until(lambda: primary_port(sentinel_port) == second, "the sentinel to promote it")
+        assert replica.exists(f"sealstream:job:{lost.id}") == 0
+        replica.close()
+        wait_until(lambda: role(first) == "slave", "the old primary to follow the new one")
+        gone = lambda: client.get(f"/api/jobs/{lost.id}").status_code == 404  # noqa: E731
+        wait_until(gone, "the old primary's resync to drop the record")
+        CeleryRunner(stack.api.settings, stack.services.jobs).submit(lost)
+
+        worker = stack.workers[0]
+        wait_until(lambda: "put back from its task" in worker.output(), "the worker", timeout=60)
+        record = finished_job(client, lost.id, timeout=60)
+        assert record["status"] == "succeeded" and record["attempts"] == 1, show(record)
+        assert record["result"]["plaintextSha256"] == stored["plaintextSha256"]
 
 
 def test_a_sentinel_url_lists_sentinels_that_agree() -> None:

@@ -139,3 +139,29 @@ def test_every_process_sees_the_same_counts_in_redis(
     )
     worker.save(finished(placeholder_job(JobKind.REWRAP, "default"), JobStatus.CANCELLED))
     assert api.finished_counts() == {("rewrap", "cancelled"): 1}
+
+
+def test_a_record_is_put_back_only_from_an_authentic_queued_copy_of_a_job_not_ended(
+    jobs: JobStore, tmp_path: Path
+) -> None:
+    queued = placeholder_job(JobKind.VERIFY, "default")
+    carried = jobs.sealed(queued)
+    other = placeholder_job(JobKind.VERIFY, "default")
+    forged = open_records(LocalStore(tmp_path / "elsewhere"), LocalKek(os.urandom(32)))
+    refused = [
+        (other.id, carried),  # a copy of another job
+        (queued.id, carried.replace('"default"', '"other"')),  # edited
+        (queued.id, MemoryJobStore(forged, TTL).sealed(queued)),  # sealed without our KEK
+        (queued.id, jobs.sealed(finished(queued, JobStatus.RUNNING))),
+    ]
+    for job_id, copy in refused:
+        assert jobs.restore(job_id, copy) is None
+        assert jobs.load(job_id) is None
+
+    assert jobs.restore(queued.id, carried) == queued
+    assert jobs.load(queued.id) == queued
+
+    ended = placeholder_job(JobKind.VERIFY, "default")
+    jobs.write_report(finished(ended, JobStatus.SUCCEEDED))  # its record expired since
+    assert jobs.restore(ended.id, jobs.sealed(ended)) is None
+    assert jobs.load(ended.id) is None

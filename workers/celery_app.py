@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 from sealstream.wiring import Parts, build_parts
-from services.jobs import JobRecord, QueueUnavailable
+from services.jobs import JobRecord, JobStore, QueueUnavailable
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
@@ -78,10 +78,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def queue_job(app: Celery, record: JobRecord) -> None:
-    """Send a saved job's task; `QueueUnavailable` if the broker cannot take it."""
+def queue_job(app: Celery, store: JobStore, record: JobRecord) -> None:
+    """Send a saved job's task, carrying the record as `store` seals it;
+    `QueueUnavailable` if the broker cannot take it."""
     try:
-        app.send_task(RUN_JOB, args=[record.id])
+        app.send_task(RUN_JOB, args=[record.id], kwargs={"record": store.sealed(record)})
     except (OperationalError, RedisError) as error:  # its words name the broker's host
         raise QueueUnavailable(str(error)) from error
 
@@ -128,9 +129,13 @@ def worker_services() -> Parts:
 
 
 @app.task(name=RUN_JOB, bind=True, max_retries=None)
-def run_job_task(self: Task[[str], None], job_id: str) -> None:
+def run_job_task(
+    self: Task[[str, str | None], None], job_id: str, record: str | None = None
+) -> None:
+    """Run the job; `record`, its record as the API sealed it, is put back if Redis lost
+    the live one (tasks queued before records were carried have none)."""
     services = worker_services()
-    outcome = run_job(job_id, services, JOB_BODIES)
+    outcome = run_job(job_id, services, JOB_BODIES, record)
     if outcome is JobOutcome.BUSY:
         # Another worker is running it: come back once its lease could have lapsed.
         raise self.retry(countdown=services.settings.job_lease_ttl)
@@ -140,4 +145,5 @@ def run_job_task(self: Task[[str], None], job_id: str) -> None:
 
 @app.task(name=SWEEPS)
 def sweeps_task() -> dict[str, Any]:
-    return run_sweeps(worker_services(), partial(queue_job, app))
+    services = worker_services()
+    return run_sweeps(services, partial(queue_job, app, services.jobs))

@@ -64,12 +64,15 @@ class LeaseKeeper(threading.Thread):
         self._lease.release()
 
 
-def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> JobOutcome:
+def run_job(
+    job_id: str, services: Parts, bodies: dict[JobKind, JobBody], carried: str | None = None
+) -> JobOutcome:
     """Run the job `job_id` to a final status, unless it already has one or another
     worker is running it (a task Redis handed out again after a broker hiccup, or a job
-    queued again by the sweep)."""
+    queued again by the sweep). `carried` is the sealed record its task carried, which
+    stands in for a live record that Redis lost."""
     store = services.jobs
-    if _unfinished(store, job_id) is None:
+    if _unfinished(store, job_id, carried) is None:
         return JobOutcome.DONE
     ttl = services.settings.job_lease_ttl
     lease = store.lease(job_id, ttl)
@@ -88,14 +91,19 @@ def run_job(job_id: str, services: Parts, bodies: dict[JobKind, JobBody]) -> Job
         keeper.stop()
 
 
-def _unfinished(store: JobStore, job_id: str) -> JobRecord | None:
-    """The job's record, unless it is finished, gone or not authentic."""
+def _unfinished(store: JobStore, job_id: str, carried: str | None = None) -> JobRecord | None:
+    """The job's record, unless it is finished, gone or not authentic; a record gone is
+    put back from the sealed copy its task `carried`, if it has one."""
     try:
         record = store.load(job_id)
     except RecordTampered:
         # Whoever wrote it could name any tenant, kind or parameters: never run it.
         logger.error("job %s: its record failed authentication; not running it", job_id)
         return None
+    if record is None and carried is not None:
+        record = store.restore(job_id, carried)
+        if record is not None:
+            logger.warning("job %s: its record was lost; put back from its task", job_id)
     if record is None:
         logger.warning("job %s: no record (expired or unknown); nothing to do", job_id)
         return None

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sealstream.settings import Settings
 from sealstream.wiring import Parts
-from services.jobs import JobRecord, JobRunner
+from services.jobs import JobRecord, JobRunner, JobStore
 from workers.celery_app import make_celery, queue_job
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
@@ -17,13 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 class CeleryRunner(JobRunner):
-    """Sends each job to the Celery workers, by task name."""
+    """Sends each job to the Celery workers, by task name, with its record as `store`
+    seals it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
         self._app = make_celery(settings)
+        self._store = store
 
     def submit(self, record: JobRecord) -> None:
-        queue_job(self._app, record)
+        queue_job(self._app, self._store, record)
 
     def close(self) -> None:
         self._app.close()

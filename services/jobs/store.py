@@ -183,6 +183,28 @@ class JobStore(ABC):
     def unpark(self, job_id: str) -> None:
         self._reports.store.delete(f"{PARKED_PREFIX}{job_id}.json")
 
+    def sealed(self, record: JobRecord) -> str:
+        """The record sealed as the store keeps it, for a job's task to carry: a worker
+        puts it back (`restore`) if Redis has lost the record meanwhile."""
+        return self._sealed(record)
+
+    def restore(self, job_id: str, sealed: str) -> JobRecord | None:
+        """Save again the queued record a job's task carried (`sealed`), now that the live
+        one is gone: written to a Redis primary that a failover replaced before its
+        replica had it. Nothing is saved, and None returned, if the copy is not authentic
+        for `job_id` or not queued, or the job has a final report (ended, and expired
+        since): a task carries only what the API or the sweep sealed, and a job runs once.
+        """
+        try:
+            record = self._unsealed(job_id, sealed)
+            report = self._report(record.tenant, job_id)
+        except RecordTampered:
+            return None
+        if record.status is not JobStatus.QUEUED or (report and report.status.finished):
+            return None
+        self.save(record)
+        return record
+
     def write_report(self, record: JobRecord) -> None:
         self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)
 

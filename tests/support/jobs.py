@@ -52,7 +52,7 @@ class JobStack:
     """A redis-server, an API server (jobs go to Celery) and Celery worker processes,
     all on the same bucket, KEK and Redis."""
 
-    redis: RedisServer
+    redis_server: RedisServer | None  # None on a Redis Sentinel group of the test's
     api: Api
     services: Services  # the API's
     worker_env: dict[str, str]
@@ -60,6 +60,11 @@ class JobStack:
     proxy: S3FaultProxy | None
     exits: ExitStack
     workers: list[CeleryWorker] = field(default_factory=list)
+
+    @property
+    def redis(self) -> RedisServer:
+        assert self.redis_server is not None, "this stack runs on a Redis Sentinel group"
+        return self.redis_server
 
     def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         return self.api.client(token)
@@ -82,6 +87,7 @@ def worker_environment(settings: Settings, s3_endpoint: str) -> dict[str, str]:
         "SEALSTREAM_S3_ENDPOINT_URL": s3_endpoint,
         "SEALSTREAM_KEK_FILE": str(settings.kek_file),
         "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_REDIS_SENTINEL_MASTER": settings.redis_sentinel_master,
         "SEALSTREAM_JOB_VISIBILITY_TIMEOUT": str(settings.job_visibility_timeout),
         "SEALSTREAM_JOB_STALE_AFTER": str(settings.job_stale_after),
         "SEALSTREAM_JOB_LEASE_TTL": str(settings.job_lease_ttl),
@@ -102,11 +108,18 @@ def job_stack(
     workers: int = 1,
     worker_loglevel: str = "INFO",
     requeue_after: int = 300,
+    sentinel: tuple[str, str] | None = None,
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
-    through an `S3FaultProxy`, unpaced to begin with (the API does not)."""
+    through an `S3FaultProxy`, unpaced to begin with (the API does not); with `sentinel`
+    (a `sentinel://` URL and the primary's name), on that Redis Sentinel group rather
+    than a redis-server of its own."""
     with ExitStack() as exits:
-        redis = exits.enter_context(start_redis(directory / "redis"))
+        redis = None
+        if sentinel is None:
+            redis = exits.enter_context(start_redis(directory / "redis"))
+            sentinel = (redis.url, "mymaster")
+        redis_url, master = sentinel
         kek_file = directory / "kek"
         LocalKek.load_or_create(kek_file)  # mode 0600
         settings = Settings(
@@ -116,7 +129,8 @@ def job_stack(
             s3_part_size=MIN_PART_SIZE,
             admin_token=ADMIN_TOKEN,
             key_cache_ttl=0.5,
-            redis_url=redis.url,
+            redis_url=redis_url,
+            redis_sentinel_master=master,
             job_visibility_timeout=VISIBILITY_TIMEOUT,
             job_lease_ttl=LEASE_TTL,
             job_stale_after=stale_after,
@@ -126,7 +140,7 @@ def job_stack(
         url = exits.enter_context(api_server(app))
         proxy = exits.enter_context(S3FaultProxy(moto_endpoint)) if proxied else None
         stack = JobStack(
-            redis=redis,
+            redis_server=redis,
             api=Api.of(url, settings, app),
             services=app.state.services,
             worker_env=worker_environment(settings, proxy.url if proxy else moto_endpoint),
