@@ -319,6 +319,13 @@ class Settings(BaseSettings):
         description="most members (files, directories, links...) of one batch-encrypt archive, "
         "or objects under its source prefix",
     )
+    batch_concurrency: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="members of one archive sealed and uploaded at once, by encrypt-archive and "
+        "batch-encrypt, while the archive is read in order; each holds a few MiB at most",
+    )
     worker_memory_limit: int | None = Field(
         None,
         ge=256 * MIB,

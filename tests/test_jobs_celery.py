@@ -37,7 +37,7 @@ from sealstream.capacity import available_memory
 from sealstream.settings import Settings
 from sealstream.wiring import build_parts
 from services.jobs import JobKind
-from tests.support.data import MiB, flip_bit, random_chunks, tar_archive
+from tests.support.data import MiB, flip_bit, random_bytes, random_chunks, tar_archive
 from tests.support.envelope import frame_count, frame_offset
 from tests.support.http import create_key, problem, read_object
 from tests.support.jobs import (
@@ -621,14 +621,18 @@ def test_cancel_a_running_job(job_stack: JobStack, moto_s3: "S3Client") -> None:
 def test_a_batch_whose_worker_was_killed_seals_each_member_once(
     job_stack: JobStack, moto_s3: "S3Client"
 ) -> None:
-    """SIGKILL to the worker with some members of a 60-member archive sealed; a new worker
-    resumes the job: each member is listed once in the manifest, stored once, and decrypts
-    to the member; no upload is left pending."""
+    """SIGKILL to the worker with some members of a 60-member archive sealed and several
+    in flight (small ones sealed in waves, larger ones streamed); a new worker resumes the
+    job: each member is listed once in the manifest, stored once with its record, and
+    decrypts to the member; no upload is left pending."""
     bucket = job_stack.api.objects.bucket
-    members = {
-        f"docs/{n:02d}.bin": b"".join(random_chunks(MiB + (n * 149 * KiB) % (3 * MiB), seed=n))
-        for n in range(60)
-    }
+    members: dict[str, bytes] = {}
+    for n in range(60):  # twenty small members, ten larger, and again
+        if n % 30 < 20:
+            members[f"small/{n:02d}.bin"] = random_bytes(512 + n * 997, seed=n)
+        else:
+            size = MiB + (n * 149 * KiB) % (3 * MiB)
+            members[f"docs/{n:02d}.bin"] = b"".join(random_chunks(size, seed=n))
     archive = tar_archive(members)
     moto_s3.put_object(Bucket=bucket, Key="tenants/default/in/archive.tar", Body=archive)
     first = job_stack.workers[0]
@@ -667,6 +671,9 @@ def test_a_batch_whose_worker_was_killed_seals_each_member_once(
             [entry["storageKey"] for entry in entries] + [result["manifestStorageKey"]]
         )
         assert stored == expected  # one object per member, and nothing else
+        records = job_stack.api.objects.list(f"sealstream/objects/{bucket}/tenants/default/out/")
+        recorded = sorted(info.key.split("/", 3)[3].removesuffix(".json") for info in records)
+        assert recorded == expected  # and each with its record
         for entry in entries:
             data = members[entry["path"]]
             assert entry["plaintextSha256"] == sha256(data)

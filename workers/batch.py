@@ -7,11 +7,17 @@ storage: its own message, multipart upload and object record, so `verify` works 
 An unsafe member is refused and a member that cannot be written (an existing object, a
 storage error) fails; either way only that member, and the manifest lists them.
 
-A redelivered job resumes rather than starts over. Before writing a member the job adds
-an entry to its journal (`workers.journal`) in the service's store: the object it is
-about to write, and the members finished since the entry before. A rerun skips the
-finished members, aborts the upload its killed predecessor left pending on the claimed
-object, and rewrites that object even with `overwrite: false`: it is the job's own.
+Members are sealed up to `SEALSTREAM_BATCH_CONCURRENCY` at once (`ParallelSealing`)
+while the archive is read in order. Small members (up to `SMALL_MEMBER` bytes) are read
+whole and handed on a wave at a time, one wave per free slot, larger ones streamed a few
+chunks ahead of their sealing.
+
+A redelivered job resumes rather than starts over. Before writing members the job adds
+an entry to its journal (`workers.journal`) in the service's store: the objects it is
+about to write (a whole wave in one entry), and the members finished since the entry
+before. A rerun skips the finished members, aborts the uploads its killed predecessor
+left pending on the claimed objects, and rewrites those objects even with `overwrite:
+false`: they are the job's own.
 
 The journal is also where the manifest's member list comes from: the manifest is written
 at the end as a stream (`workers.manifest`), an entry at a time, so a job of a million
@@ -44,10 +50,10 @@ from services.archives import (
     member_path,
     open_archive,
 )
-from services.archives.sealing import MemberSealing
+from services.archives.sealing import MemberSealing, Outcome, ParallelSealing, ReadingStopped
 from services.errors import error_code, public_detail
 from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
-from services.jobs.context import JobCancelled, JobContext, JobFailed
+from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound, ObjectStore
@@ -57,6 +63,7 @@ from workers.manifest import json_object
 
 MANIFEST_NAME = "manifest.json"
 READ_SIZE = 1 << 20
+SMALL_MEMBER = READ_SIZE  # read whole and sealed in waves; larger members are streamed
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
 
 MemberHook = Callable[[str], None]
@@ -99,6 +106,7 @@ class _Batch:
     skipped: int = 0
     items: int = 0
     seen: set[str] = field(default_factory=set)
+    wave: list["_Waiting"] = field(default_factory=list)  # small members read, not started
 
     def __post_init__(self) -> None:
         self.params = self.context.params(BatchEncryptParams)
@@ -139,8 +147,8 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
     manifest_key = batch.storage_prefix + MANIFEST_NAME
     if not batch.resumed.started and not batch.params.overwrite:
         _require_absent(batch.store, manifest_key, batch.prefix + MANIFEST_NAME)
-    if batch.resumed.claim is not None:
-        batch.store.abort_pending(batch.resumed.claim)
+    for claim in sorted(batch.resumed.claims):
+        batch.store.abort_pending(claim, exact=True)
     with _open_source(batch) as source:
         batch.context.progress(
             items_total=source.items_total, bytes_total=source.bytes_total, force=True
@@ -149,7 +157,7 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
         batch.context.progress(
             items_done=batch.items, items_total=batch.items, bytes_done=source.bytes_total
         )
-    batch.journal.claim(None)  # the members settled since the last claim, for the manifest
+    batch.journal.claim([])  # the members settled since the last claim, for the manifest
     _write_manifest(batch, manifest_key, _manifest(batch, source.format, damage))
     result = _result(batch, source.format, manifest_key)
     if damage is not None:
@@ -170,20 +178,56 @@ def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
     return nullcontext(source)
 
 
+@dataclass(frozen=True)
+class _Started:
+    """A member on its way: its path, and where its object goes."""
+
+    path: str
+    name: str
+    placement: Placement
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A small member read whole, waiting for its wave to start."""
+
+    started: _Started
+    data: bytes
+    overwrite: bool
+
+
 def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
-    """Seal every member; the damage if the archive breaks off part-way."""
-    try:
-        for member in source.members():
-            _take(batch, source, member)
-            batch.items += 1
-            batch.context.progress(items_done=batch.items, bytes_done=source.bytes_read)
-    except InvalidArchive as damage:
-        return damage
+    """Seal every member; the damage if the archive breaks off part-way (the members read
+    before it broke are sealed all the same)."""
+    concurrency = batch.services.settings.batch_concurrency
+    sealing = _sealing(batch.context, batch.services, batch.name_key)
+    with ParallelSealing[_Started](sealing, concurrency) as parallel:
+        try:
+            _read_all(batch, source, parallel)
+        except InvalidArchive as damage:
+            _start_wave(batch, parallel)
+            return damage
+        finally:
+            batch.wave.clear()  # read, never started: left to a rerun
+            for outcome in parallel.drain():
+                _settle(batch, outcome)
     return None
 
 
-def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
-    """Seal one member, or note why not."""
+def _read_all(batch: _Batch, source: MemberSource, sealing: ParallelSealing[_Started]) -> None:
+    for member in source.members():
+        _take(batch, source, member, sealing)
+        batch.items += 1
+        for outcome in sealing.finished():
+            _settle(batch, outcome)
+        batch.context.progress(items_done=batch.items, bytes_done=source.bytes_read)
+    _start_wave(batch, sealing)
+
+
+def _take(
+    batch: _Batch, source: MemberSource, member: Member, sealing: ParallelSealing[_Started]
+) -> None:
+    """Start sealing one member (or add it to the wave), or note why not."""
     try:
         path = member_path(member.name, member.kind)
         if path is None:
@@ -196,27 +240,94 @@ def _take(batch: _Batch, source: MemberSource, member: Member) -> None:
         return
     if name in batch.resumed.done:
         batch.sealed += 1  # by an earlier attempt
-    else:
-        _seal_or_fail(batch, source, member, path, name)
-
-
-def _seal_or_fail(
-    batch: _Batch, source: MemberSource, member: Member, path: str, name: str
-) -> None:
-    """Seal one member, or note why it failed; an archive that breaks off while the
-    member is read fails the job (`_seal_each`), not just the member, and so does
-    running out of memory."""
-    if batch.before_member is not None:
-        batch.before_member(path)
+        return
     try:
-        _seal_member(batch, source, member, name)
-        batch.sealed += 1
-    except (JobCancelled, InvalidArchive, MemoryError):
+        started, overwrite = _placed(batch, path, name)
+    except ObjectExists as error:
+        _note_failure(batch, path, error)
+        return
+    if member.size is not None and member.size <= SMALL_MEMBER:
+        with member.open() as stream:
+            batch.wave.append(_Waiting(started, stream.read(), overwrite))
+        if len(batch.wave) >= batch.services.settings.batch_concurrency:
+            _start_wave(batch, sealing)
+        return
+    _start_wave(batch, sealing)
+    _stream(batch, source, member, sealing, _Waiting(started, b"", overwrite))
+
+
+def _placed(batch: _Batch, path: str, name: str) -> tuple[_Started, bool]:
+    """Where the member goes, and whether it may replace an object there (`ObjectExists`
+    if one is there that it may not replace)."""
+    storage_key = batch.storage_prefix + name
+    ours = storage_key in batch.resumed.claims  # written by the attempt that was stopped
+    overwrite = batch.params.overwrite or ours
+    if not overwrite:
+        _require_absent(batch.store, storage_key, batch.prefix + name, job=False)
+    placement = Placement(batch.store, batch.store.bucket, batch.prefix + name, storage_key)
+    return _Started(path, name, placement), overwrite
+
+
+def _start_wave(batch: _Batch, sealing: ParallelSealing[_Started]) -> None:
+    """Claim the small members read so far in one journal entry, and start them."""
+    if not batch.wave:
+        return
+    wave, batch.wave = batch.wave, []
+    batch.journal.claim([waiting.started.placement.storage_key for waiting in wave])
+    for waiting in wave:
+        if batch.before_member is not None:
+            batch.before_member(waiting.started.path)
+        with sealing.start(
+            waiting.started, waiting.started.placement, overwrite=waiting.overwrite
+        ) as feed:
+            feed.put(waiting.data)
+
+
+def _stream(
+    batch: _Batch,
+    source: MemberSource,
+    member: Member,
+    sealing: ParallelSealing[_Started],
+    waiting: _Waiting,
+) -> None:
+    """Claim a larger member alone and hand its bytes to its sealer as they are read; an
+    archive that breaks off while it is read fails the job (`_seal_each`), not just the
+    member."""
+    started = waiting.started
+    batch.journal.claim([started.placement.storage_key])
+    if batch.before_member is not None:
+        batch.before_member(started.path)
+    with (
+        member.open() as stream,
+        sealing.start(started, started.placement, overwrite=waiting.overwrite) as feed,
+    ):
+        for chunk in _chunks(stream):
+            feed.put(chunk)
+            # Where a cancel request is noticed.
+            batch.context.progress(bytes_done=source.bytes_read)
+
+
+def _settle(batch: _Batch, outcome: Outcome[_Started]) -> None:
+    """Note what became of a member its sealer is done with; running out of memory fails
+    the job, not just the member."""
+    started = outcome.tag
+    try:
+        record = outcome.result()
+    except MemoryError:
         raise
+    except ReadingStopped:
+        batch.journal.release(started.placement.storage_key)  # not the job's any more
+        return
     except Exception as error:
-        batch.failed.append(
-            {"path": path, "code": error_code(error), "detail": public_detail(error)}
-        )
+        batch.journal.release(started.placement.storage_key)  # one there is someone else's
+        _note_failure(batch, started.path, error)
+        return
+    batch.sealed += 1
+    batch.journal.settle({"path": started.name, **_object_entry(started.placement, record)})
+
+
+def _note_failure(batch: _Batch, path: str, error: Exception) -> None:
+    batch.failed.append({"path": path, "code": error_code(error), "detail": public_detail(error)})
 
 
 def _check_destination(batch: _Batch, path: str, name: str) -> None:
@@ -230,30 +341,6 @@ def _check_destination(batch: _Batch, path: str, name: str) -> None:
     archive = batch.source.storage_key if isinstance(batch.source, ObjectTarget) else None
     if batch.same_bucket() and batch.storage_prefix + name == archive:
         raise UnsafeMember("the name of the archive being read")
-
-
-def _seal_member(batch: _Batch, source: MemberSource, member: Member, name: str) -> None:
-    storage_key = batch.storage_prefix + name
-    ours = storage_key == batch.resumed.claim  # written by the attempt that was stopped
-    overwrite = batch.params.overwrite or ours
-    if not overwrite:
-        _require_absent(batch.store, storage_key, batch.prefix + name, job=False)
-    batch.journal.claim(storage_key)
-    placement = Placement(batch.store, batch.store.bucket, batch.prefix + name, storage_key)
-    try:
-        with member.open() as stream:
-            record = _sealing(batch.context, batch.services, batch.name_key).seal(
-                placement,
-                _chunks(stream),
-                overwrite=overwrite,
-                after_chunk=_progress(batch.context, lambda: source.bytes_read),
-            )
-    except JobCancelled:
-        raise
-    except Exception:
-        batch.journal.claim(None)  # an object there now is someone else's
-        raise
-    batch.journal.settle({"path": name, **_object_entry(placement, record)})
 
 
 def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> MemberSealing:
@@ -387,7 +474,7 @@ def _seal_whole(
     source_store = services.spaces.store(tenant, source.bucket)
     store = services.spaces.store(tenant, destination.bucket)
     placement = Placement(store, store.bucket, destination.key, destination.storage_key)
-    ours = placement.storage_key == resumed.claim
+    ours = placement.storage_key in resumed.claims
     if ours:
         store.abort_pending(placement.storage_key)
     overwrite = params.overwrite or ours
@@ -395,7 +482,7 @@ def _seal_whole(
         _require_absent(store, placement.storage_key, placement.key)
     size = _source_size(source_store, source)
     context.progress(items_total=1, bytes_total=size, force=True)
-    journal.claim(placement.storage_key)
+    journal.claim([placement.storage_key])
     reader = ObjectReader(source_store, source.storage_key, size)
     with io.BufferedReader(reader, READ_SIZE) as stream:
         record = _sealing(context, services, None).seal(

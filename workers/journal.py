@@ -1,9 +1,10 @@
 """A batch-encrypt job's journal: its progress in the service's store, so that a rerun
 resumes where a killed attempt stopped rather than starting over.
 
-Before writing a member the job adds an entry under `sealstream/jobs/<tenant>/<job
-id>.partial/`: the object it is about to write, and the members finished since the entry
-before. Each entry is small, so a large archive never rewrites a growing file; the
+Before writing members the job adds an entry under `sealstream/jobs/<tenant>/<job
+id>.partial/`: the objects it is about to write (up to one per member in flight, claimed
+in one entry), the members finished since the entry before, and the objects it claimed
+and then did not write. Each entry is small, so a large archive never rewrites a growing file; the
 entries, read back in order, are also the manifest's member list. When the job ends, only
 its result is kept, or nothing if it has none.
 """
@@ -27,18 +28,19 @@ JOURNAL_KIND = "batch-journal"
 
 @dataclass
 class Resumed:
-    """What earlier attempts left: the paths of the members sealed, the object being
-    written when the last one stopped, and the result if the job had finished."""
+    """What earlier attempts left: the paths of the members sealed, the objects that may
+    have been written when the last one stopped, and the result if the job had finished."""
 
     started: bool = False
     done: set[str] = field(default_factory=set)
-    claim: str | None = None
+    claims: set[str] = field(default_factory=set)
     result: dict[str, Any] | None = None
 
 
 class JournalEntry(BaseModel):
-    claim: str | None
+    claims: list[str]
     done: list[dict[str, Any]]
+    released: list[str]
 
 
 class JournalResult(BaseModel):
@@ -58,10 +60,12 @@ class Journal:
         self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
         self._entries = 0
         self._settled: list[dict[str, Any]] = []
+        self._released: list[str] = []
 
     def resume(self) -> Resumed:
         resumed = Resumed()
         self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
+        claimed: set[str] = set()
         for key, entry in self._read_all():
             resumed.started = True
             if key.endswith(FINAL_ENTRY):
@@ -69,7 +73,10 @@ class Journal:
                 continue
             self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
             resumed.done.update(done["path"] for done in entry["done"])
-            resumed.claim = entry["claim"]
+            claimed.update(entry["claims"])
+            claimed.difference_update(entry["released"])
+            claimed.difference_update(done["storageKey"] for done in entry["done"])
+        resumed.claims = claimed
         return resumed
 
     def sealed(self) -> Iterator[dict[str, Any]]:
@@ -84,16 +91,22 @@ class Journal:
             model = JournalResult if info.key.endswith(FINAL_ENTRY) else JournalEntry
             yield info.key, self._records.get(JOURNAL_KIND, info.key, model).model_dump()
 
-    def claim(self, storage_key: str | None) -> None:
-        """Record the members settled since the last entry, and the object about to be
-        written (None: no object is the job's until the next claim)."""
+    def claim(self, storage_keys: list[str]) -> None:
+        """Record the members settled and the objects released since the last entry, and
+        the objects about to be written: each is the job's until it is settled or
+        released, and a rerun may overwrite it."""
         self._entries += 1
-        entry = JournalEntry(claim=storage_key, done=self._settled)
+        entry = JournalEntry(claims=storage_keys, done=self._settled, released=self._released)
         self._records.put(JOURNAL_KIND, f"{self._prefix}{self._entries:010d}.json", entry)
-        self._settled = []
+        self._settled, self._released = [], []
 
     def settle(self, entry: dict[str, Any]) -> None:
+        """A member sealed (its manifest entry, with its `storageKey`)."""
         self._settled.append(entry)
+
+    def release(self, storage_key: str) -> None:
+        """A claimed object not written: one there now is someone else's."""
+        self._released.append(storage_key)
 
     def finish(self, result: dict[str, Any]) -> None:
         """Keep only the result, which a rerun after a crash right now returns as it is."""

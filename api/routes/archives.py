@@ -224,6 +224,7 @@ def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> J
         places=places,
         limits=archive_limits(svc.settings),
         emit=emit,
+        concurrency=svc.settings.batch_concurrency,
     )
     final = run_body(svc.jobs, svc.audit, context, lambda: seal_upload(run, reader))
     assert final is not None  # only a lost lease leaves a job unfinished

@@ -2,15 +2,16 @@
 job, which the request that sends the archive runs on a thread of its own.
 
 The archive is read front to back from the upload (`UploadReader`) as it arrives; each
-member is sealed into an object of its own under the destination prefix before the next
-is read, so nothing of the archive is ever at rest in plaintext, on disk or in memory
-beyond the frames in flight. Member rules and limits are those of the batch job
+member is sealed into an object of its own under the destination prefix, up to
+`SEALSTREAM_BATCH_CONCURRENCY` of them at once (`ParallelSealing`), so nothing of the
+archive is ever at rest in plaintext, on disk or in memory beyond a few chunks per
+member in flight. Member rules and limits are those of the batch job
 (`services.archives`): a member that breaks a rule is refused and listed, a member that
 cannot be written fails alone, and an archive that breaks off or crosses a limit fails
 the job, keeping the members sealed before.
 
-Every member's outcome goes to `emit` (the uploader's progress stream) and into the
-manifest, a message sealed under the same key as the members at `<prefix>manifest.json`,
+Every member's outcome goes to `emit` (the uploader's progress stream), as it ends, and
+into the manifest, a message sealed under the same key as the members at `<prefix>manifest.json`,
 written as the members go and completed at the end, marked complete or not.
 """
 
@@ -31,7 +32,7 @@ from services.archives.members import (
     member_path,
 )
 from services.archives.opening import detect_format
-from services.archives.sealing import MemberSealing
+from services.archives.sealing import MemberSealing, Outcome, ParallelSealing, ReadingStopped
 from services.archives.tar_reading import TarSource
 from services.archives.zip_streaming import ZipStream
 from services.errors import error_code, public_detail
@@ -180,6 +181,7 @@ class UploadRun:
     places: MemberPlaces
     limits: ArchiveLimits
     emit: Emit
+    concurrency: int  # members sealed at once
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
     refused: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
@@ -247,12 +249,12 @@ def _seal_all(
     except STOPPING as stopped:
         return format_, stopped
     try:
-        for member in source.members():
-            run.counts["items"] += 1
-            entry = _take(run, member, reader)
-            manifest.add(entry)
-            run.emit({"event": "member", **entry})
-            run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
+        with ParallelSealing[_Started](run.sealing, run.concurrency) as sealing:
+            try:
+                _read_all(run, source, reader, manifest, sealing)
+            finally:  # the members in flight end sealed or not, and are reported
+                for outcome in sealing.drain():
+                    _report(run, manifest, _sealed_entry(run, outcome))
         if isinstance(source, ZipStream):
             _check_index(run, source)
     except STOPPING as stopped:
@@ -260,6 +262,37 @@ def _seal_all(
     finally:
         source.close()
     return source.format, None
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A member handed to its sealer: its place among the members, path and object."""
+
+    index: int
+    path: str
+    placement: Placement
+
+
+def _read_all(
+    run: UploadRun,
+    source: MemberSource,
+    reader: UploadReader,
+    manifest: "Manifest",
+    sealing: ParallelSealing[_Started],
+) -> None:
+    for member in source.members():
+        run.counts["items"] += 1
+        _report(run, manifest, _take(run, member, reader, sealing))
+        for outcome in sealing.finished():
+            _report(run, manifest, _sealed_entry(run, outcome))
+        run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
+
+
+def _report(run: UploadRun, manifest: "Manifest", entry: dict[str, Any] | None) -> None:
+    if entry is None:
+        return
+    manifest.add(entry)
+    run.emit({"event": "member", **entry})
 
 
 def _drained(reader: UploadReader) -> UploadBroken | None:
@@ -270,8 +303,11 @@ def _drained(reader: UploadReader) -> UploadBroken | None:
     return None
 
 
-def _take(run: UploadRun, member: Member, reader: UploadReader) -> dict[str, Any]:
-    """Seal one member, or say why not: its entry in the manifest."""
+def _take(
+    run: UploadRun, member: Member, reader: UploadReader, sealing: ParallelSealing[_Started]
+) -> dict[str, Any] | None:
+    """Hand one member to its sealer, or say why not: its entry in the manifest, or None
+    once it is on its way (its outcome comes later)."""
     try:
         path = member_path(member.name, member.kind)
         if path is None:
@@ -284,19 +320,36 @@ def _take(run: UploadRun, member: Member, reader: UploadReader) -> dict[str, Any
         entry = {"path": member.name, "reason": str(refusal)}
         _note(run, run.refused, entry)
         return {**entry, "status": "refused"}
+    started = _Started(run.counts["items"] - 1, path, placement)
+    with (
+        member.open() as stream,
+        sealing.start(started, placement, overwrite=run.params.overwrite) as feed,
+    ):
+        for chunk in _chunks(stream):
+            feed.put(chunk)
+            run.context.progress(bytes_done=reader.position)  # where a cancel is noticed
+    return None
+
+
+def _sealed_entry(run: UploadRun, outcome: Outcome[_Started]) -> dict[str, Any] | None:
+    """The manifest's entry for a member its sealer is done with; None if the run
+    stopped while the member was read (it is not counted)."""
+    started = outcome.tag
     try:
-        record = _seal_member(run, member, placement, reader)
-    except (*STOPPING, MemoryError):
+        record = outcome.result()
+    except MemoryError:
         raise
+    except ReadingStopped:
+        return None
     except Exception as error:
         run.counts["failed"] += 1
-        entry = {"path": path, "code": error_code(error), "detail": public_detail(error)}
+        entry = {"path": started.path, "code": error_code(error), "detail": public_detail(error)}
         _note(run, run.failed, entry)
         return {**entry, "status": "failed"}
     run.counts["sealed"] += 1
-    run.sealed.append((run.counts["items"] - 1, path, record.key))
-    summary = ObjectSummary.of(record, placement.key)
-    return {"path": path, "status": "sealed", **summary.fields(*MEMBER_FIELDS)}
+    run.sealed.append((started.index, started.path, record.key))
+    summary = ObjectSummary.of(record, started.placement.key)
+    return {"path": started.path, "status": "sealed", **summary.fields(*MEMBER_FIELDS)}
 
 
 def _check_index(run: UploadRun, source: ZipStream) -> None:
@@ -330,19 +383,6 @@ def _check_clash(run: UploadRun, path: str) -> None:
     run.seen.add(path)
     if path == MANIFEST_NAME:
         raise UnsafeMember("the manifest's name")
-
-
-def _seal_member(
-    run: UploadRun, member: Member, placement: Placement, reader: UploadReader
-) -> ObjectRecord:
-    with member.open() as stream:
-        return run.sealing.seal(
-            placement,
-            _chunks(stream),
-            overwrite=run.params.overwrite,
-            # Where a cancel request is noticed.
-            after_chunk=lambda: run.context.progress(bytes_done=reader.position),
-        )
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
