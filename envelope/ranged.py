@@ -2,10 +2,13 @@
 
 Every regular frame has the same length, so a message of known total length has a layout
 that is pure arithmetic: `n` regular frames of `frame_length + 32` bytes after the header,
-then one final frame of `length + 40` bytes, then, in a signed message, a footer of the
-length this package writes (`envelope.footer.FOOTER_LENGTH`). A plaintext range maps to
-a run of whole frames; `RangeDecryptor` authenticates each of them and returns just the
-bytes asked for.
+then one final frame of `length + 40` bytes, then, in a signed message, a footer: two
+bytes of length and a DER signature. The signature's length varies (this package and the
+reference Python SDK pad theirs to 103 bytes; other writers do not), so a signed
+message's length leaves its layout open by up to two candidates (`MessageLayout.claims`):
+where the final frame starts, which then says by its own length where the footer starts.
+A plaintext range maps to a run of whole frames; `RangeDecryptor` authenticates each of
+them and returns just the bytes asked for.
 
 A stored message's length is whatever its store says, which anyone who can write the store
 controls: a message cut at a frame boundary has a perfectly regular layout of its own. So
@@ -29,11 +32,12 @@ from envelope.errors import (
     TrailingData,
     TruncatedMessage,
 )
-from envelope.footer import FOOTER_LENGTH, footer_signature_length
+from envelope.footer import FOOTER_LENGTH, MAX_SIGNATURE_LENGTH, footer_signature_length
 from envelope.frames import END_MARKER, FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameOpener
 from envelope.header import Header
 
 _FINAL_START = struct.Struct(">II")  # a final frame's end marker and sequence number
+_FOOTER_LENGTHS = range(2 + 1, 2 + MAX_SIGNATURE_LENGTH + 1)  # of any valid footer
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,13 @@ class MessageLayout:
     footer_length: int = 0
 
     @classmethod
-    def of(cls, header: Header, message_length: int) -> "MessageLayout":
+    def of(
+        cls, header: Header, message_length: int, footer_length: int = FOOTER_LENGTH
+    ) -> "MessageLayout":
         """The layout a message of `message_length` bytes that starts with `header` has,
-        if that is its true length: only its final frame can say (`FinalFrameCheck`)."""
-        footer_length = FOOTER_LENGTH if header.signed else 0
+        if that is its true length and, if signed, its footer is `footer_length` bytes
+        long: only its final frame can say (`FinalFrameCheck`)."""
+        footer_length = footer_length if header.signed else 0
         body = message_length - header.length - FINAL_OVERHEAD - footer_length
         if body < 0:
             raise TruncatedMessage("the message is too short to hold a final frame")
@@ -73,6 +80,30 @@ class MessageLayout:
         return cls(
             header.length, header.frame_length, regular_frames, final_frame_length, footer_length
         )
+
+    @classmethod
+    def claims(cls, header: Header, message_length: int) -> list["MessageLayout"]:
+        """The layouts a message of `message_length` bytes may have, one per place its
+        final frame may start, the one with the footer this package writes first. For a
+        signed message each footer length a P-384 signature allows gives one; they differ
+        only in where the final frame starts (two places at most, frames being longer than
+        any footer), and the final frame's own length says where the footer starts
+        (`FinalFrameCheck`). Raises as `of` does with this package's footer if none fits."""
+        footer_lengths = [FOOTER_LENGTH, *_FOOTER_LENGTHS] if header.signed else [0]
+        claimed: list[MessageLayout] = []
+        refusal: MessageFormatError | None = None
+        for footer_length in footer_lengths:
+            try:
+                layout = cls.of(header, message_length, footer_length)
+            except MessageFormatError as refused:
+                refusal = refusal or refused
+                continue
+            if all(layout.final_frame[0] != other.final_frame[0] for other in claimed):
+                claimed.append(layout)
+        if not claimed:
+            assert refusal is not None
+            raise refusal
+        return claimed
 
     @property
     def plaintext_length(self) -> int:
@@ -122,8 +153,8 @@ class MessageLayout:
 class FinalFrameCheck:
     """Authenticates the final frame of a message from the bytes where `claimed`, the
     layout its length gives, puts it and its footer if any (`claimed.tail`), fed in chunks
-    of any size. A footer must have the form and length of the ones this package writes;
-    its signature is not checked (that takes the whole message).
+    of any size. A footer, whatever its length, must be as long as its signature length
+    says; its signature is not checked (that takes the whole message).
 
     The frame's authenticated sequence number and length, with the authenticated header's
     frame length, fix the plaintext length and the message length; `layout()` gives that
@@ -158,7 +189,7 @@ class FinalFrameCheck:
         if rest and not self._claimed.footer_length:
             raise TrailingData("bytes follow the final frame")
         self._footer += rest
-        if len(self._footer) > self._claimed.footer_length:
+        if len(self._footer) > _FOOTER_LENGTHS[-1]:
             raise TrailingData("bytes follow the footer")
 
     def layout(self) -> MessageLayout:
@@ -172,7 +203,7 @@ class FinalFrameCheck:
             claimed.frame_length,
             regular_frames,
             self._plaintext_length,
-            claimed.footer_length,
+            len(self._footer),
         )
         if vouched.message_length != claimed.message_length:
             raise MessageFormatError(
@@ -182,11 +213,13 @@ class FinalFrameCheck:
         return vouched
 
     def _check_footer(self) -> None:
-        """A footer, if the message is signed, of the length the layout gave it."""
+        """A footer, if the message is signed, as long as its signature length says."""
         footer = self._footer
-        if len(footer) != self._claimed.footer_length:
+        if not self._claimed.footer_length:
+            return
+        if len(footer) < _FOOTER_LENGTHS[0]:
             raise TruncatedMessage("the message ends inside its footer")
-        if footer and 2 + footer_signature_length(footer) != len(footer):
+        if 2 + footer_signature_length(footer) != len(footer):
             raise FooterMalformed("the footer is not as long as its signature length says")
 
     def _reader(self, start: bytes | bytearray) -> FrameReader:

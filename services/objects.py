@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from envelope import (
+    AuthenticationError,
     Decryptor,
     FinalFrameCheck,
     Header,
@@ -258,11 +259,19 @@ def read_stored_layout(
     The size alone is no evidence: a message cut at a frame boundary has a regular layout
     of its own, shorter than the message's. Its final frame is what says where it ends.
     A signed message's footer is read with it, for its form; only a whole read checks
-    its signature.
+    its signature. A footer's length varies with its signature's, so a signed message's
+    final frame may start in either of two places: the one this package's footer gives
+    is read first, the other only if that fails (`MessageLayout.claims`).
     """
-    claimed = MessageLayout.of(header, size)
-    check = FinalFrameCheck(cipher, claimed)
-    start, end = claimed.tail
-    for chunk in store.read(storage_key, start, end):
-        check.update(chunk)
-    return check.layout()
+    refusal: MessageFormatError | AuthenticationError | None = None
+    for claimed in MessageLayout.claims(header, size):
+        check = FinalFrameCheck(cipher, claimed)
+        start, end = claimed.tail
+        try:
+            for chunk in store.read(storage_key, start, end):
+                check.update(chunk)
+            return check.layout()
+        except (MessageFormatError, AuthenticationError) as refused:
+            refusal = refusal or refused
+    assert refusal is not None
+    raise refusal

@@ -43,6 +43,7 @@ from tests.support.http import (
     read_back,
     read_object,
 )
+from tests.test_envelope_ranged import signature_of_length
 
 FRAME = 4096
 SIZE = 300_000  # 73 regular frames and a final frame of 992 bytes
@@ -262,3 +263,25 @@ def test_hostile_range_headers_never_get_a_5xx(api: Api) -> None:
     # Two Range lines make one list of two ranges, which is ignored like any other.
     twice = read_with(api, {"Range": "bytes=0-9", "range": "bytes=20-29"})
     assert twice.complete and twice.status == 200 and twice.body == DATA
+
+
+# Signed objects whose footer is not as long as this package writes it
+
+
+@pytest.mark.parametrize("length", [101, 102, 104])
+@pytest.mark.parametrize("final", [0, 5, FRAME])
+def test_a_signed_object_of_any_signature_length_reads_whole_and_by_range(
+    api: Api, monkeypatch: pytest.MonkeyPatch, length: int, final: int
+) -> None:
+    """Other writers do not pad their footer's signature to a fixed length (nor does
+    the server here, told not to): its final frame, not an assumed footer, says where the
+    body ends."""
+    monkeypatch.setattr("envelope.footer._static_length_signature", signature_of_length(length))
+    data = DATA[: 20 * FRAME + final]
+    with api.client() as client:
+        create_key(client)
+        place = {"key": "signed"}
+        assert encrypt(client, data, frameLength=FRAME, signed=True, destination=place).is_success
+        message = api.objects.get("tenants/default/signed")
+        assert int.from_bytes(message[-length - 2 : -length]) == length
+        read_back(client, "signed", data, FRAME)

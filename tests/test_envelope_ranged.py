@@ -2,8 +2,12 @@
 
 import os
 from collections.abc import Callable
+from contextlib import suppress
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,10 +38,12 @@ def make_message(size: int, *, signed: bool = False) -> tuple[bytes, bytes]:
     return data, b"".join(encryptor.update(data) + encryptor.finish())
 
 
-def read_range(message: bytes, first: int, last: int, chunk: int = 1000) -> bytes:
+def read_range(
+    message: bytes, first: int, last: int, chunk: int = 1000, layout: MessageLayout | None = None
+) -> bytes:
     """What a ranged read does: header, layout from the total length, then only the span."""
     header = parse_header(message[:8192])
-    layout = MessageLayout.of(header, len(message))
+    layout = layout or MessageLayout.of(header, len(message))
     span = layout.span(first, last)
     decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
     ciphertext = message[span.start : span.end]
@@ -144,10 +150,13 @@ def test_a_short_span_is_truncated() -> None:
 STRIDE = FRAME + REGULAR_OVERHEAD
 
 
-def checked_layout(message: bytes, chunk: int = 1000) -> MessageLayout:
-    """The layout `message`'s length claims, once the final frame there has vouched for it."""
+def checked_layout(
+    message: bytes, chunk: int = 1000, claimed: MessageLayout | None = None
+) -> MessageLayout:
+    """The layout `message`'s length claims (or `claimed`), once the final frame there has
+    vouched for it."""
     header = parse_header(message)
-    claimed = MessageLayout.of(header, len(message))
+    claimed = claimed or MessageLayout.of(header, len(message))
     check = FinalFrameCheck(open_message(header, [KEYRING]).cipher, claimed)
     start, end = claimed.tail
     for offset in range(start, end, chunk):
@@ -261,3 +270,36 @@ def test_a_full_final_frame_vouches_for_its_layout_and_reads_by_range(
     decryptor = RangeDecryptor(open_message(header, [KEYRING]).cipher, layout, span)
     assert b"".join(decryptor.update(message[span.start : span.end])) == data[first : last + 1]
     decryptor.finish()
+
+
+def signature_of_length(length: int) -> Callable[[ec.EllipticCurvePrivateKey, bytes], bytes]:
+    """A footer signer that signs as other SDKs do, unpadded: a valid DER signature of
+    `length` bytes, drawn until one comes out that long."""
+
+    def sign(key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+        while len(signature := key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA384())))) != length:
+            pass
+        return signature
+
+    return sign
+
+
+@pytest.mark.parametrize("length", [101, 102, 104])
+@pytest.mark.parametrize("final", [0, 1, 77, FRAME - 1, FRAME])
+def test_a_signed_message_of_any_footer_length_has_its_own_layout(
+    monkeypatch: pytest.MonkeyPatch, length: int, final: int
+) -> None:
+    """Footers other than this package's (a signature of another length) move where the
+    final frame ends, or starts; the final frame found says which, and ranges read true."""
+    monkeypatch.setattr("envelope.footer._static_length_signature", signature_of_length(length))
+    data, message = make_message(3 * FRAME + final, signed=True)
+    assert int.from_bytes(message[-length - 2 : -length]) == length
+    header = parse_header(message)
+    layouts = []
+    for claimed in MessageLayout.claims(header, len(message)):
+        with suppress(MessageFormatError, AuthenticationError):
+            layouts.append(checked_layout(message, claimed=claimed))
+    assert [(x.plaintext_length, x.footer_length) for x in layouts] == [(len(data), length + 2)]
+    for first, last in [(0, len(data) - 1), (len(data) - 1, len(data) - 1), (FRAME - 3, 2 * FRAME)]:
+        if last < len(data):
+            assert read_range(message, first, last, layout=layouts[0]) == data[first : last + 1]
