@@ -61,7 +61,6 @@ def test_the_compose_file_is_valid() -> None:
 def test_the_stack_has_its_services(stack: dict[str, Any]) -> None:
     assert sorted(stack["services"]) == [
         "api",
-        "beat",
         "create-bucket",
         "lb",
         "minio",
@@ -86,7 +85,7 @@ def test_the_stack_refuses_to_start_without_a_store_id(stack: dict[str, Any]) ->
     result = compose("config", "-q", store_id=None)
     assert result.returncode != 0
     assert "SEALSTREAM_STORE_ID" in result.stderr
-    for name in ("api", "worker", "beat"):
+    for name in ("api", "worker"):
         assert stack["services"][name]["environment"]["SEALSTREAM_STORE_ID"] == "test-stack"
 
 
@@ -96,9 +95,17 @@ def test_every_minio_password_is_the_one_given(stack: dict[str, Any]) -> None:
         services["minio"]["environment"]["MINIO_ROOT_PASSWORD"],
         services["create-bucket"]["environment"]["MINIO_ROOT_PASSWORD"],
         *(services[name]["environment"]["AWS_SECRET_ACCESS_KEY"] for name in ("api", "worker")),
-        services["beat"]["environment"]["AWS_SECRET_ACCESS_KEY"],
     ]
     assert given == [PASSWORD] * len(given)
+
+
+def test_every_worker_runs_beat_with_a_schedule_file_it_can_write(stack: dict[str, Any]) -> None:
+    """So `--scale worker=N` runs N beats, of which the one holding the lock schedules
+    (tests/test_beat.py runs two such workers)."""
+    command = stack["services"]["worker"]["command"]
+    assert command[:4] == ["celery", "-A", "workers.celery_app", "worker"]
+    assert "-B" in command
+    assert command[command.index("--schedule") + 1].startswith("/tmp/")
 
 
 def test_only_the_load_balancer_publishes_a_port(stack: dict[str, Any]) -> None:
