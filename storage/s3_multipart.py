@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import TYPE_CHECKING, Final, cast
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
         CompletedPartTypeDef,
         CompleteMultipartUploadRequestTypeDef,
         PutObjectRequestTypeDef,
+        ResponseMetadataTypeDef,
     )
 
 MIB = 1 << 20
@@ -113,9 +116,8 @@ class S3MultipartWriter(MultipartWriter):
 
     def _complete(self) -> ObjectInfo:
         if self._upload_id is None:
-            self._put_whole()
-        else:
-            self._complete_upload()
+            return self._put_whole()
+        self._complete_upload()
         return self._describe(self.key)
 
     def _abort(self) -> None:
@@ -221,8 +223,10 @@ class S3MultipartWriter(MultipartWriter):
                 f"the object is no longer the version {self._if_match}", self.key
             )
 
-    def _put_whole(self) -> None:
-        """Store an object smaller than one part (or empty) with a single PUT."""
+    def _put_whole(self) -> ObjectInfo:
+        """Store an object smaller than one part (or empty) with a single PUT, described
+        by its answer: a HEAD after it would double the round trips of every small
+        object (records, markers, archive members)."""
         request: PutObjectRequestTypeDef = {
             "Bucket": self._bucket,
             "Key": self.key,
@@ -231,7 +235,14 @@ class S3MultipartWriter(MultipartWriter):
         }
         self._add_condition(request)
         with self._condition_errors():
-            self._client.put_object(**request)
+            response = self._client.put_object(**request)
+        return ObjectInfo(
+            key=self.key,
+            size=self._filled,
+            etag=response["ETag"].strip('"'),
+            metadata=dict(self._metadata),
+            last_modified=_answered_at(response["ResponseMetadata"]),
+        )
 
     def _add_condition(
         self, request: "PutObjectRequestTypeDef | CompleteMultipartUploadRequestTypeDef"
@@ -246,6 +257,12 @@ class S3MultipartWriter(MultipartWriter):
         """Errors of the request that makes the object visible: a 412 is the lost condition."""
         conflict = ObjectExists if self._if_absent else PreconditionFailed
         return s3_errors(self.key, conflict=conflict)
+
+
+def _answered_at(answer: "ResponseMetadataTypeDef") -> datetime:
+    """When S3 answered, by its Date header (to the second, as Last-Modified is)."""
+    date = answer.get("HTTPHeaders", {}).get("date")
+    return parsedate_to_datetime(date).astimezone(UTC) if date else datetime.now(UTC)
 
 
 def entity_tag(etag: str) -> str:
