@@ -37,6 +37,9 @@ class AuditNote:
     context_keys: list[str] | None = None
     object: str | None = None
     bucket: str | None = None  # the object's
+    # The code of a refusal met once the answer had started, which aborted it (a stored
+    # object found tampered at its end): no problem document carries it.
+    refusal: str | None = None
 
     def context(self, context: Iterable[str]) -> None:
         """Note an encryption context's keys: its values are never recorded."""
@@ -114,7 +117,7 @@ class AuditMiddleware:
                 "bytesIn": exchange.bytes_in,
                 "bytesOut": exchange.bytes_out,
                 "status": exchange.status,
-                "code": exchange.code(),
+                "code": exchange.code() or note.refusal,
                 "aborted": exchange.aborted or None,
                 "client": address,
             }

@@ -106,7 +106,16 @@ def check_against_record(
         check_recorded_message(decryptor.header, recorded)
     except ReplacedObject as replaced:
         raise RecordMismatch(replaced.code, str(replaced)) from None
-    size = decryptor.plaintext_length
+    check_recorded_plaintext(decryptor.plaintext_length, sha256, recorded, name_keys)
+
+
+def check_recorded_plaintext(
+    size: int, sha256: str, recorded: ObjectRecord, name_keys: NameKeys
+) -> None:
+    """Require a whole read's plaintext (`size` bytes, `sha256` in hex) to be the one
+    recorded at upload. The record's header digest ties a message to its header only:
+    whoever holds its data key (any recipient of a message sealed for several) can write
+    other frames under the same header."""
     if recorded.plaintext_mac is not None:
         _check_plaintext_mac(size, sha256, recorded, name_keys)
         return

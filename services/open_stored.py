@@ -9,7 +9,12 @@ layout. A range is read and opened alone, frame by frame (`RangeDecryptor`).
 Read whole, the object is read in one pass, whose header, met first, says which keyrings
 open it; every frame is authenticated before its plaintext is handed on, and the
 plaintext's size and SHA-256 are compared with the record once the final frame has been
-read.
+read. Streamed to a client, a recorded object's plaintext is compared so too, and the
+answer's last piece is held back until that and the final frame (and a signed message's
+footer) have passed: an answer of known length that has all its bytes has ended cleanly,
+whatever fails after. A range cannot be compared with the record, which holds the whole
+plaintext's digest only: its frames authenticate, and whoever holds the message's data key
+(any of its recipients) could have written them.
 
 A thread that reads out of storage waits as long as the store makes it wait; those come
 from a pool of their own (`transfers`), so that streams held up by a slow store leave the
@@ -40,11 +45,14 @@ from envelope import (
     start_decryption,
 )
 from keystore import KeyRecord, KeyStore, Uses
+from keystore.name_keys import NameKeys
 from services.keys import KeyWatch, OpeningKeys, opening_keys, provenance, required_context
 from services.objects import (
+    RecordMismatch,
     check_against_record,
     check_placement,
     check_recorded_message,
+    check_recorded_plaintext,
     header_digest,
     read_stored_header,
     read_stored_layout,
@@ -91,6 +99,7 @@ class CheckedObject:
     watch: KeyWatch
     uses: Uses  # the key's, this read counted
     proven: bool  # written by this service: its record or its proof says so
+    recorded: ObjectRecord | None  # what its upload recorded (or its intent), if anything
 
 
 async def check_stored(
@@ -187,7 +196,9 @@ async def _check_version(
         )
     uses = await to_thread.run_sync(opening.opened, opened.keyring)
     proven = proven or recorded is not None
-    return CheckedObject(placement, opening.key, opened, layout, opening.watch, uses, proven)
+    return CheckedObject(
+        placement, opening.key, opened, layout, opening.watch, uses, proven, recorded
+    )
 
 
 def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord | None:
@@ -204,13 +215,36 @@ def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord
     return intent if intent.ciphertext_size == size else None
 
 
-def stored_plaintext(checked: CheckedObject, transfers: CapacityLimiter) -> AsyncIterator[bytes]:
+def stored_plaintext(
+    checked: CheckedObject, transfers: CapacityLimiter, name_keys: NameKeys
+) -> AsyncIterator[bytes]:
     """The whole plaintext of a checked object; it fails unless it ends with the final
-    frame (and, if signed, a footer that verifies), or once its key may no longer decrypt."""
-    layout = checked.layout
+    frame (and, if signed, a footer that verifies) and, if the object is recorded, its
+    plaintext's size and SHA-256 are the recorded ones (`ObjectDamaged`); or once its key
+    may no longer decrypt."""
+    layout, recorded = checked.layout, checked.recorded
     body = BodyReader(checked.opened)
+    digest, size = hashlib.sha256(), 0
+
+    def opened(chunk: bytes) -> list[bytes]:
+        nonlocal size
+        pieces = body.feed(chunk)
+        for piece in pieces:
+            digest.update(piece)
+            size += len(piece)
+        return pieces
+
+    def finish() -> None:
+        body.finish()
+        if recorded is None:
+            return
+        try:
+            check_recorded_plaintext(size, digest.hexdigest(), recorded, name_keys)
+        except RecordMismatch as mismatch:
+            raise _damaged(checked.placement, str(mismatch)) from None
+
     read = _reading(checked.placement, layout.header_length, layout.message_length)
-    return _then(_pump(read, body.feed, checked.watch, transfers), body.finish)
+    return _then(_pump(read, opened, checked.watch, transfers), finish, transfers)
 
 
 def stored_range(
@@ -221,7 +255,7 @@ def stored_range(
     span = checked.layout.span(first, last)
     ranged = RangeDecryptor(checked.opened.cipher, checked.layout, span)
     read = _reading(checked.placement, span.start, span.end)
-    return _then(_pump(read, ranged.update, checked.watch, transfers), ranged.finish)
+    return _then(_pump(read, ranged.update, checked.watch, transfers), ranged.finish, transfers)
 
 
 def recorded_object(
@@ -300,11 +334,20 @@ async def _pump(
             await watch()
 
 
-async def _then(body: AsyncIterator[bytes], finish: Callable[[], None]) -> AsyncIterator[bytes]:
-    """`body`, then `finish()`, which raises if what was read is not all there is."""
+async def _then(
+    body: AsyncIterator[bytes], finish: Callable[[], None], transfers: CapacityLimiter
+) -> AsyncIterator[bytes]:
+    """`body`, and `finish()`, which raises if what was read is not all there is, before
+    the last piece: once an answer of known length has all its bytes, its client takes it
+    as whole, and an abort after that goes unseen."""
+    held: bytes | None = None
     async for piece in body:
-        yield piece
-    finish()
+        if held:
+            yield held
+        held = piece
+    await to_thread.run_sync(finish, limiter=transfers)
+    if held:
+        yield held
 
 
 @dataclass

@@ -24,13 +24,13 @@ from aws_cryptographic_material_providers.mpl.models import (
 )
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 
-from envelope import PROVIDER_ID
+from envelope import PROVIDER_ID, parse_header
 from keystore.algorithms import b64url
 from services.keys import TENANT_CONTEXT_KEY
 from storage.records import record_key
 from tests.conftest import Api, api_settings, live_api
 from tests.support.data import flip_bit, random_bytes
-from tests.support.envelope import frame_count, frame_offset
+from tests.support.envelope import frame_count, frame_offset, seal_frames, sealer_for
 from tests.support.http import (
     DECRYPT,
     KEYS,
@@ -43,6 +43,8 @@ from tests.support.http import (
     read_back,
     read_object,
 )
+from tests.support.waiting import wait_until
+from tests.test_api_signed_messages import partner_jwks
 from tests.test_envelope_ranged import signature_of_length
 
 FRAME = 4096
@@ -263,6 +265,59 @@ def test_hostile_range_headers_never_get_a_5xx(api: Api) -> None:
     # Two Range lines make one list of two ranges, which is ignored like any other.
     twice = read_with(api, {"Range": "bytes=0-9", "range": "bytes=20-29"})
     assert twice.complete and twice.status == 200 and twice.body == DATA
+
+
+# An object's plaintext against its record
+
+
+def test_an_older_message_put_back_under_its_key_is_refused(api: Api) -> None:
+    """A rollback: the first version of an object, authentic, proven and sealed for the
+    same place, put back over the second by whoever can write the bucket."""
+    first, second = DATA, random_bytes(SIZE, seed=19)
+    with api.client() as client:
+        create_key(client)
+        stored = encrypt(client, first, frameLength=FRAME, destination={"key": "doc"}).json()
+        older = api.objects.get(stored["storageKey"])
+        place = {"key": "doc", "overwrite": True}
+        assert encrypt(client, second, frameLength=FRAME, destination=place).status_code == 201
+        api.objects.put(stored["storageKey"], older)
+        for range_header in RANGE_FORMS:
+            answer = read_object(client, "doc", range_header)
+            body = problem(answer, 502, "object-damaged")
+            assert "not the one stored there" in body["detail"]
+
+
+def test_other_frames_under_the_stored_header_abort_a_whole_read(api: Api) -> None:
+    """A recipient of a message sealed for several (unsigned), holding its data key, writes
+    other frames under the very header stored: the header matches the record, every frame
+    authenticates, and only the plaintext's digest tells. The answer stops short of its
+    length, its last bytes never sent; ranges, which the digest cannot cover, are served."""
+    jwk, partner = partner_jwks()["rsa"]
+    forged_data = random_bytes(SIZE, seed=20)
+    with api.client() as client:
+        create_key(client)
+        metadata = {"recipientPublicKey": jwk, "signed": False, "destination": {"key": "shared"}}
+        stored = encrypt(client, DATA, frameLength=FRAME, **metadata).json()
+        message = api.objects.get(stored["storageKey"])
+        header = parse_header(message)
+        forged = message[: header.length] + seal_frames(
+            sealer_for(header, partner), forged_data, FRAME
+        )
+        assert len(forged) == len(message)
+        api.objects.put(stored["storageKey"], forged)
+        assert read_object(client, "shared", "bytes=0-99").content == forged_data[:100]
+    whole = exchange(api.url, DECRYPT, form({"source": {"key": "shared"}}, None))
+    assert whole.status == 200 and not whole.complete
+    assert whole.size < SIZE and forged_data.startswith(whole.body)
+    with api.client() as client:
+        wait_until(lambda: aborted_as_damaged(client), "the aborted read's audit event")
+
+
+def aborted_as_damaged(client: httpx.Client) -> bool:
+    events = client.get("/api/audit", params={"limit": 1000}).json()["events"]
+    return any(
+        (event.get("aborted"), event.get("code")) == (True, "object-damaged") for event in events
+    )
 
 
 # Signed objects whose footer is not as long as this package writes it

@@ -24,7 +24,7 @@ from pydantic import StrictBool, model_validator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from api.audit import noted
+from api.audit import AuditNote, noted
 from api.auth import require
 from api.body import parse
 from api.duplex import DuplexStreamingResponse
@@ -57,7 +57,13 @@ from keystore.algorithms import recipient_keyring
 from keystore.material import key_name
 from services.keys import Sealing, start_sealing, version_of
 from services.objects import ObjectSummary
-from services.open_stored import CheckedObject, check_stored, stored_plaintext, stored_range
+from services.open_stored import (
+    CheckedObject,
+    ObjectDamaged,
+    check_stored,
+    stored_plaintext,
+    stored_range,
+)
 from services.open_upload import open_upload
 from services.placement import ObjectRef
 from services.reencrypt import reencrypt_stored, reencrypt_upload
@@ -345,7 +351,7 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         ranges = ", ".join(request.headers.getlist("range")) or None
         checked = await _check_stored(svc, principal.tenant, metadata, metadata.source)
         note.key = checked.opened.keyring.key_name
-        return _stored_answer(svc, metadata, checked, ranges)
+        return _stored_answer(svc, metadata, checked, ranges, note)
     await form.start_file()
     opened = await open_upload(
         svc.keys,
@@ -464,7 +470,11 @@ async def _check_stored(
 
 
 def _stored_answer(
-    svc: Services, metadata: DecryptMetadata, checked: CheckedObject, ranges: str | None
+    svc: Services,
+    metadata: DecryptMetadata,
+    checked: CheckedObject,
+    ranges: str | None,
+    note: AuditNote,
 ) -> Response:
     """The object checked, or just the frames a `Range` needs (206): every length and
     range in the answer comes from its authenticated layout."""
@@ -477,7 +487,7 @@ def _stored_answer(
         **warning_headers(svc, checked.key, checked.opened.keyring, checked.uses),
     }
     if wanted is None:
-        body = stored_plaintext(checked, svc.transfers)
+        body = _refusal_noted(stored_plaintext(checked, svc.transfers, svc.keys.name_keys), note)
         return streamed(body, svc, {**headers, "Content-Length": str(total)})
     first, last = wanted
     if checked.opened.header.signed:
@@ -486,3 +496,14 @@ def _stored_answer(
     headers["Content-Length"] = str(last - first + 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{total}"
     return streamed(stored_range(checked, first, last, svc.transfers), svc, headers, 206)
+
+
+async def _refusal_noted(body: AsyncIterator[bytes], note: AuditNote) -> AsyncIterator[bytes]:
+    """`body`; a stored object found damaged once its answer has started aborts it, and
+    its audit event says why."""
+    try:
+        async for piece in body:
+            yield piece
+    except ObjectDamaged:
+        note.refusal = ObjectDamaged.code
+        raise

@@ -294,7 +294,8 @@ def byte_offsets(message: bytes) -> Offsets:
 def sealer_for(header: Header, keyring: Keyring) -> FrameSealer:
     """A sealer under the key of the message `header` starts, from the data key `keyring`
     unwraps, as anyone holding that key could make one: a reader's own cipher cannot seal."""
-    data_key = keyring.unwrap(header.encrypted_data_keys[0], header.context_bytes)
+    opened = (keyring.unwrap(edk, header.context_bytes) for edk in header.encrypted_data_keys)
+    data_key = next(filter(None, opened), None)
     assert data_key is not None
     return FrameSealer(derive_keys(data_key, header.message_id).encryption_key, header.message_id)
 
