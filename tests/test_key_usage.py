@@ -35,6 +35,7 @@ from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read
 from tests.support.jobs import no_job_queued
 from tests.support.services import sealstream_serve
 from tests.support.waiting import wait_until
+from tests.test_api_signed_messages import partner_jwks
 from workers.lifecycle import run_sweeps
 
 if TYPE_CHECKING:
@@ -144,6 +145,30 @@ def test_the_expiration_warning_comes_within_its_window(tmp_path: Path) -> None:
         assert client.patch(KEY, json={"expiresAt": later.isoformat()}).status_code == 200
         assert EXPIRY not in encrypt(client, b"c").headers
         assert client.patch(KEY, json={"expiresAt": None}).json()["expiresAt"] is None
+
+
+def test_a_message_for_several_keys_warns_of_each_in_their_order(tmp_path: Path) -> None:
+    """One value per key, in the order of X-Key-Used, `none` where the warning does not
+    apply: a partner's key, which the service neither counts nor expires, always."""
+    jwk, partner = partner_jwks()["rsa"]
+    soon = datetime.now(UTC) + timedelta(minutes=30)
+    with usage_api(tmp_path, key_expiration_warning=3600) as api, api.client() as client:
+        create_key(client, kid="quiet")
+        create_key(client, kid="worn", softUsageLimit=1)
+        create_key(client, kid="expiring", expiresAt=soon.isoformat())
+        kids = ["quiet", "worn", "expiring"]
+        expires = soon.isoformat().replace("+00:00", "Z")
+        for count, place in [(1, None), (2, {"key": "a"})]:
+            sealed = encrypt(client, b"a", kid=kids, recipientPublicKey=jwk, destination=place)
+            assert sealed.is_success, sealed.text
+            used = sealed.headers["X-Key-Used"]
+            assert used == f"quiet#1, worn#1, expiring#1, {partner.key_name}"
+            assert sealed.headers[SOFT] == f"none, usageCount={count}; softUsageLimit=1, none, none"
+            assert sealed.headers[EXPIRY] == f"none, none, expiresAt={expires}, none"
+        alone = encrypt(client, b"b", kid=["quiet", "worn"])
+        assert alone.headers[SOFT] == "none, usageCount=3; softUsageLimit=1"
+        assert EXPIRY not in alone.headers
+        assert SOFT not in encrypt(client, b"c", kid=["quiet", "expiring"]).headers
 
 
 def test_an_expired_key_stops_encrypting_and_still_decrypts(tmp_path: Path) -> None:

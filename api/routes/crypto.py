@@ -200,6 +200,22 @@ def recipient_headers(kids: list[str], sealing: Sealing) -> dict[str, str]:
     return named_key_headers(", ".join(kids), ", ".join(sealing.key_names), ", ".join(algorithms))
 
 
+def recipient_warning_headers(svc: Services, sealing: Sealing) -> dict[str, str]:
+    """The warnings of every key a message is sealed for, as `recipient_headers` names
+    them: each warning header, if any key has it, lists one value per key in their order,
+    `none` for a key it does not apply to (a recipient the service does not hold, whose
+    uses it does not count, always)."""
+    each = [warning_headers(svc, sealing.key, sealing.keyring, sealing.uses)]
+    each += [
+        {}
+        if other.record is None or other.uses is None
+        else warning_headers(svc, other.record, other.keyring, other.uses)
+        for other in sealing.others
+    ]
+    names = sorted({name for headers in each for name in headers})
+    return {name: ", ".join(headers.get(name, "none") for headers in each) for name in names}
+
+
 def named_key_headers(requested: str, used: str, alg: str, prefix: str = "X-") -> dict[str, str]:
     return {
         f"{prefix}Key-Requested": requested,
@@ -301,7 +317,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
     )
     headers = {
         **recipient_headers(kids, sealing),
-        **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
+        **recipient_warning_headers(svc, sealing),
     }
     note = noted(request)
     note.key = ", ".join(sealing.key_names)
