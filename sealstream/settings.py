@@ -326,6 +326,12 @@ class Settings(BaseSettings):
         description="members of one archive sealed and uploaded at once, by encrypt-archive and "
         "batch-encrypt, while the archive is read in order; each holds a few MiB at most",
     )
+    batch_chunk_members: int = Field(
+        500,
+        ge=1,
+        description="members per chunk of a batch-encrypt job over a prefix or a zip in storage: "
+        "one with more is split into chunks that every worker takes a share of",
+    )
     worker_memory_limit: int | None = Field(
         None,
         ge=256 * MIB,

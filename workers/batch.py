@@ -417,7 +417,9 @@ def _object_entry(placement: Placement, record: ObjectRecord, *more: str) -> dic
     return summary.fields(*MEMBER_FIELDS, *more)
 
 
-def _manifest(batch: _Batch, format_: str, damage: InvalidArchive | None) -> Iterator[bytes]:
+def _manifest(
+    batch: _Batch, format_: str, damage: InvalidArchive | JobFailed | None
+) -> Iterator[bytes]:
     """The manifest as a JSON document, in pieces: the members come from the journal."""
     fields: dict[str, Any] = {
         "jobId": batch.context.record.id,
@@ -442,15 +444,19 @@ def _result(batch: _Batch, format_: str, manifest_key: str) -> dict[str, Any]:
         "manifestKey": batch.prefix + MANIFEST_NAME,
         "manifestStorageKey": manifest_key,
         "format": format_,
-        "counts": {
-            "items": batch.items,
-            "sealed": batch.sealed,
-            "skipped": batch.skipped,
-            "refused": len(batch.refused),
-            "failed": len(batch.failed),
-        },
+        "counts": _counts(batch),
         "refused": _listed(batch, batch.refused),
         "failed": _listed(batch, batch.failed),
+    }
+
+
+def _counts(batch: _Batch) -> dict[str, int]:
+    return {
+        "items": batch.items,
+        "sealed": batch.sealed,
+        "skipped": batch.skipped,
+        "refused": len(batch.refused),
+        "failed": len(batch.failed),
     }
 
 

@@ -135,7 +135,8 @@ def run_job_task(
     """Run the job; `record`, its record as the API sealed it, is put back if Redis lost
     the live one (tasks queued before records were carried have none)."""
     services = worker_services()
-    outcome = run_job(job_id, services, JOB_BODIES, record)
+    submit = partial(queue_job, app, services.jobs)
+    outcome = run_job(job_id, services, JOB_BODIES, record, submit)
     if outcome is JobOutcome.BUSY:
         # Another worker is running it: come back once its lease could have lapsed.
         raise self.retry(countdown=services.settings.job_lease_ttl)

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any
 
 from sealstream.wiring import Parts
-from services.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress
+from services.jobs import JobKind, JobLease, JobRecord, JobStatus, JobStore, Progress, Submit
 from services.jobs.context import JobContext, error_entry, finish_job, run_body
 from storage.integrity import RecordTampered
 
@@ -65,12 +65,17 @@ class LeaseKeeper(threading.Thread):
 
 
 def run_job(
-    job_id: str, services: Parts, bodies: dict[JobKind, JobBody], carried: str | None = None
+    job_id: str,
+    services: Parts,
+    bodies: dict[JobKind, JobBody],
+    carried: str | None = None,
+    submit: Submit | None = None,
 ) -> JobOutcome:
     """Run the job `job_id` to a final status, unless it already has one or another
     worker is running it (a task Redis handed out again after a broker hiccup, or a job
     queued again by the sweep). `carried` is the sealed record its task carried, which
-    stands in for a live record that Redis lost."""
+    stands in for a live record that Redis lost. The jobs it starts are queued with
+    `submit`, if given."""
     store = services.jobs
     if _unfinished(store, job_id, carried) is None:
         return JobOutcome.DONE
@@ -86,7 +91,7 @@ def run_job(
         record = _unfinished(store, job_id)
         if record is None:
             return JobOutcome.DONE
-        return _run(store, record, services, bodies, keeper)
+        return _run(store, record, services, bodies, keeper, submit)
     finally:
         keeper.stop()
 
@@ -116,8 +121,9 @@ def _run(
     services: Parts,
     bodies: dict[JobKind, JobBody],
     keeper: LeaseKeeper,
+    submit: Submit | None,
 ) -> JobOutcome:
-    if store.cancel_requested(record.id):
+    if store.stop_requested(record):
         finish_job(store, services.audit, record, JobStatus.CANCELLED)
         return JobOutcome.DONE
     if _died_in_every_run(record):
@@ -131,7 +137,7 @@ def _run(
     if not services.audit.writable():
         logger.warning("job %s: the audit trail cannot be written; not starting it yet", record.id)
         return JobOutcome.UNAUDITED
-    _start(store, record, services, bodies, keeper)
+    _start(store, record, services, bodies, keeper, submit)
     return JobOutcome.DONE
 
 
@@ -141,6 +147,7 @@ def _start(
     services: Parts,
     bodies: dict[JobKind, JobBody],
     keeper: LeaseKeeper,
+    submit: Submit | None,
 ) -> None:
     now = datetime.now(UTC)
     record = record.model_copy(
@@ -153,7 +160,7 @@ def _start(
             "progress": record.progress if record.attempts else Progress(),
         }
     )
-    context = JobContext(store, record, keeper.lost)
+    context = JobContext(store, record, keeper.lost, submit)
     run_body(store, services.audit, context, lambda: bodies[record.kind](context, services))
 
 

@@ -7,23 +7,30 @@ in one entry), the members finished since the entry before, and the objects it c
 and then did not write. Each entry is small, so a large archive never rewrites a growing file; the
 entries, read back in order, are also the manifest's member list. When the job ends, only
 its result is kept, or nothing if it has none.
+
+A job fanned out into chunks (`workers.fanout`) keeps its plan here too, and each chunk
+has a journal of its own, kept whole after the chunk ends: the job writes the manifest
+from them, then deletes them.
 """
 
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from services.jobs import REPORTS_PREFIX
-from storage import StorageError
+from storage import ObjectNotFound, StorageError
 from storage.integrity import Records
 
 logger = logging.getLogger(__name__)
 
 FINAL_ENTRY = "final.json"
+PLAN_ENTRY = "plan.json"
 JOURNAL_KIND = "batch-journal"
+PLAN_KIND = "batch-plan"
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -88,6 +95,8 @@ class Journal:
 
     def _read_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for info in self._objects.list(self._prefix):
+            if info.key.endswith(PLAN_ENTRY):
+                continue
             model = JournalResult if info.key.endswith(FINAL_ENTRY) else JournalEntry
             yield info.key, self._records.get(JOURNAL_KIND, info.key, model).model_dump()
 
@@ -108,10 +117,23 @@ class Journal:
         """A claimed object not written: one there now is someone else's."""
         self._released.append(storage_key)
 
-    def finish(self, result: dict[str, Any]) -> None:
-        """Keep only the result, which a rerun after a crash right now returns as it is."""
+    def save_plan(self, plan: BaseModel) -> None:
+        """Keep how the job was split into chunks, before any chunk exists."""
+        self._records.put(PLAN_KIND, self._prefix + PLAN_ENTRY, plan)
+
+    def plan(self, model: type[M]) -> M | None:
+        """The plan an earlier attempt saved, if any; `RecordTampered` if not authentic."""
+        try:
+            return self._records.get(PLAN_KIND, self._prefix + PLAN_ENTRY, model)
+        except ObjectNotFound:
+            return None
+
+    def finish(self, result: dict[str, Any], *, keep_entries: bool = False) -> None:
+        """Keep the result, which a rerun after a crash right now returns as it is, and
+        only that unless `keep_entries` (a chunk's, which its job reads)."""
         self._records.put(JOURNAL_KIND, self._prefix + FINAL_ENTRY, JournalResult(result=result))
-        self._delete(keep=self._prefix + FINAL_ENTRY)
+        if not keep_entries:
+            self._delete(keep=self._prefix + FINAL_ENTRY)
 
     def discard(self) -> None:
         """The job ended without a result: nothing will resume from the journal."""

@@ -50,8 +50,9 @@ class InProcessRunner(JobRunner):
 
     def _run(self, job_id: str) -> None:
         """Run the job, once the audit trail can be written."""
-        while run_job(job_id, self._services, JOB_BODIES) is JobOutcome.UNAUDITED:
-            if self._stopping.wait(AUDIT_RETRY_AFTER):
+        while True:
+            outcome = run_job(job_id, self._services, JOB_BODIES, submit=self.submit)
+            if outcome is not JobOutcome.UNAUDITED or self._stopping.wait(AUDIT_RETRY_AFTER):
                 return
 
     def _sweep(self) -> None:

@@ -14,17 +14,28 @@ from storage import ObjectStore
 
 class PrefixSource(MemberSource):
     """Every object under `storage_prefix` (but those under `skip`), listed once at the
-    start, so that objects written meanwhile are never read back; at most `max_members`."""
+    start, so that objects written meanwhile are never read back; at most `max_members`.
+    With `after` and `last`, only those whose keys sort after `after` and up to `last`
+    (a chunk's share)."""
 
     format = "prefix"
 
     def __init__(
-        self, store: ObjectStore, storage_prefix: str, skip: str | None, max_members: int
+        self,
+        store: ObjectStore,
+        storage_prefix: str,
+        skip: str | None,
+        max_members: int,
+        *,
+        after: str | None = None,
+        last: str | None = None,
     ) -> None:
         self._store = store
         self._prefix = storage_prefix
         self._objects: list[tuple[str, int]] = []
-        for info in store.list(storage_prefix):
+        for info in store.list(storage_prefix, start_after=after or ""):
+            if last is not None and info.key > last:
+                break
             if skip is not None and info.key.startswith(skip):
                 continue
             if len(self._objects) == max_members:
@@ -34,6 +45,11 @@ class PrefixSource(MemberSource):
         self.bytes_total = sum(size for _, size in self._objects)
         self._passed = 0  # bytes of the objects before the current one
         self._current: ObjectReader | None = None
+
+    @property
+    def listed(self) -> list[tuple[str, int]]:
+        """The objects' storage keys and sizes, in key order."""
+        return list(self._objects)
 
     @property
     def bytes_read(self) -> int:

@@ -7,7 +7,10 @@ and count are then checked all at once, from the index, before any member is rea
 no member is read past its declared size.
 """
 
+import hashlib
 import io
+import itertools
+import json
 import stat
 import zipfile
 from collections.abc import Iterator
@@ -69,10 +72,36 @@ class ZipSource(MemberSource):
         _check_zip(self._infos, limits, limits.unpacked_limit(size))
         self.items_total = len(self._infos)
         self._raw.furthest = 0  # the index at the end is not progress
+        self._start = 0  # where the members offered start
 
     @property
     def bytes_read(self) -> int:
-        return self._raw.furthest
+        return self._raw.furthest - self._start
+
+    @property
+    def spans(self) -> list[int]:
+        """Each member's bytes in the archive, its local header included, in the order
+        they are stored."""
+        offsets = [info.header_offset for info in self._infos] + [self._zip.start_dir]
+        return [end - start for start, end in itertools.pairwise(offsets)]
+
+    def index_digest(self) -> str:
+        """A digest of what the index says of every member: the same for the same index."""
+        fields = [
+            (i.filename, i.header_offset, i.compress_size, i.file_size, i.CRC, i.external_attr)
+            for i in self._infos
+        ]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+    def only(self, start: int, count: int) -> list[tuple[str, MemberKind]]:
+        """Offer only the `count` members from the `start`-th on; the names and kinds of
+        those before them."""
+        earlier = [(info.filename, zip_kind(info)) for info in self._infos[:start]]
+        self._infos = self._infos[start : start + count]
+        self.items_total = len(self._infos)
+        self._start = self._infos[0].header_offset if self._infos else 0
+        self._raw.furthest = self._start
+        return earlier
 
     def members(self) -> Iterator[Member]:
         for info in self._infos:

@@ -8,6 +8,7 @@ from services.jobs.memory_store import MemoryJobStore
 from services.jobs.params import (
     AnyParams,
     ArchiveUploadParams,
+    BatchChunkParams,
     BatchEncryptParams,
     JobParams,
     ObjectTarget,
@@ -24,6 +25,7 @@ from services.jobs.records import (
     JobRecord,
     JobStatus,
     Progress,
+    chunk_id,
 )
 from services.jobs.redis_store import RedisJobStore
 from services.jobs.requeue import Submit, queue_parked, requeue_waiting
@@ -36,6 +38,7 @@ __all__ = [
     "REPORT_KIND",
     "AnyParams",
     "ArchiveUploadParams",
+    "BatchChunkParams",
     "BatchEncryptParams",
     "JobKind",
     "JobLease",
@@ -55,6 +58,7 @@ __all__ = [
     "Target",
     "VerifyParams",
     "VersionTarget",
+    "chunk_id",
     "fail_if_stale",
     "queue_parked",
     "requeue_waiting",

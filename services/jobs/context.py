@@ -17,6 +17,7 @@ from audit import AuditTrail
 from services.errors import error_code, public_detail
 from services.jobs.params import JobParams
 from services.jobs.records import JobRecord, JobStatus
+from services.jobs.requeue import Submit
 from services.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,20 @@ class JobFailed(Exception):
 
 class JobContext:
     """What a running job body reports through; it also stops the body on cancel, and
-    once `lost` is set (another worker holds the job now)."""
+    once `lost` is set (another worker holds the job now). `submit` queues the jobs it
+    starts, for every worker to take (None: the body runs them itself)."""
 
-    def __init__(self, store: JobStore, record: JobRecord, lost: threading.Event) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        record: JobRecord,
+        lost: threading.Event,
+        submit: Submit | None = None,
+    ) -> None:
         self._store = store
         self.record = record
         self._lost = lost
+        self.submit = submit
         self._last_report = 0.0
 
     def params(self, model: type[P]) -> P:
@@ -80,7 +89,7 @@ class JobContext:
         self._last_report = time.monotonic()
         try:
             self._store.save(self.record)
-            cancelled = self._store.cancel_requested(self.record.id)
+            cancelled = self._store.stop_requested(self.record)
         except RedisError as error:
             # Redis away (restarting): keep working; the next write puts the record back.
             logger.warning("job %s: cannot reach the job store: %s", self.record.id, error)

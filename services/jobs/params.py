@@ -87,6 +87,15 @@ class BatchEncryptParams(JobParams):
         return self
 
 
+class BatchChunkParams(BatchEncryptParams):
+    """A chunk's: its batch-encrypt job's parameters, the job it is a chunk of, and which
+    of that job's chunks it is (what it seals is in the job's plan, kept in storage while
+    the job runs: no member's name is in the chunk's record)."""
+
+    parent: str
+    index: int
+
+
 class ArchiveUploadParams(JobParams):
     """The encrypt-archive job's, which the request uploading the archive runs: how to
     read the archive, where its members go, how their names become object keys and how
@@ -152,4 +161,6 @@ _OBJECT_FIELDS = set(ObjectTarget.model_fields)
 _PREFIX_FIELDS = set(PrefixTarget.model_fields)
 
 
-AnyParams = VerifyParams | BatchEncryptParams | ReencryptParams | ArchiveUploadParams
+AnyParams = (
+    VerifyParams | BatchChunkParams | BatchEncryptParams | ReencryptParams | ArchiveUploadParams
+)

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from services.jobs.params import (
     AnyParams,
     ArchiveUploadParams,
+    BatchChunkParams,
     BatchEncryptParams,
     JobParams,
     ReencryptParams,
@@ -48,6 +49,7 @@ class JobKind(StrEnum):
     REENCRYPT = "reencrypt"
     REWRAP = "rewrap"  # deprecated: the reencrypt job under its former name, for one release
     ENCRYPT_ARCHIVE = "encrypt-archive"  # run by the request that uploads the archive
+    BATCH_CHUNK = "batch-encrypt-chunk"  # a share of a batch-encrypt job's members
 
 
 PARAMS: dict[JobKind, type[JobParams]] = {
@@ -56,6 +58,7 @@ PARAMS: dict[JobKind, type[JobParams]] = {
     JobKind.REENCRYPT: ReencryptParams,
     JobKind.REWRAP: ReencryptParams,
     JobKind.ENCRYPT_ARCHIVE: ArchiveUploadParams,
+    JobKind.BATCH_CHUNK: BatchChunkParams,
 }
 
 
@@ -110,6 +113,13 @@ class JobRecord(CamelModel):
             raise TypeError(f"a {self.kind} job has no {model.__name__}")
         return self.params
 
+    @property
+    def stopped_by(self) -> list[str]:
+        """The jobs whose cancel stops this one: itself, and a chunk's batch job."""
+        if isinstance(self.params, BatchChunkParams):
+            return [self.id, self.params.parent]
+        return [self.id]
+
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -124,6 +134,11 @@ def new_job_id(now: datetime) -> str:
     ones, so ids created in the same millisecond still differ."""
     countdown = _ID_CLOCK_END - int(now.timestamp() * 1000)
     return f"job_{countdown:012x}{secrets.token_hex(6)}"
+
+
+def chunk_id(parent: str, index: int) -> str:
+    """The id of a batch job's `index`-th chunk: found again from the job, never made twice."""
+    return f"{parent}-{index:04d}"
 
 
 def report_key(tenant: str, job_id: str) -> str:

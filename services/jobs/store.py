@@ -81,6 +81,10 @@ class JobStore(ABC):
     @abstractmethod
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    def stop_requested(self, record: JobRecord) -> bool:
+        """Whether the job was asked to stop: itself, or the batch job it is a chunk of."""
+        return any(self.cancel_requested(job_id) for job_id in record.stopped_by)
+
     @abstractmethod
     def running_ids(self) -> list[str]: ...
 
@@ -143,6 +147,8 @@ class JobStore(ABC):
                 continue
             if kind and record.kind != kind:
                 continue
+            if record.kind is JobKind.BATCH_CHUNK and kind is not JobKind.BATCH_CHUNK:
+                continue  # a share of a job listed itself; asked for by kind only
             if len(page) == limit:
                 return page, page[-1].id
             page.append(record)
