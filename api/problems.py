@@ -25,7 +25,7 @@ import storage
 from services.errors import error_code, public_detail
 from services.open_stored import StoredObjectRefused
 from services.placement import BucketNotAllowed
-from services.reencrypt import ObjectTampered
+from services.reencrypt import ObjectTampered, RecipientNotHeld
 from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ _STATUS: dict[type[Exception], int] = {
     BucketNotAllowed: 403,
     StoredObjectRefused: 502,
     ObjectTampered: 502,
+    RecipientNotHeld: 409,
 }
 
 
@@ -227,5 +228,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(BucketNotAllowed, domain)
     app.add_exception_handler(StoredObjectRefused, domain)
     app.add_exception_handler(ObjectTampered, domain)
+    app.add_exception_handler(RecipientNotHeld, domain)
     app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

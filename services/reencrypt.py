@@ -7,7 +7,12 @@ final frame is sealed only once the old one has ended with its final frame: a ta
 truncated message aborts the stream before it could end as a valid message.
 
 A stored object is re-encrypted in place, for its key's primary version (the reencrypt
-job), or into another object, for any key (`reencrypt_object`), as follows.
+job), or into another object, for any key (`reencrypt_object`), as follows. A message
+sealed for several keys stays sealed for all of them: the key it moves from (its record's)
+is replaced by the one it moves to, and every other key of the tenant's keeps its access,
+sealed for its primary version (counted as a use of it). A message sealed for a key the
+service does not hold (a partner's public key, or another provider's) cannot be sealed for
+it again, and is refused (`RecipientNotHeld`) rather than moved without it.
 
 A message cannot move to another key through a new header alone. Its frames' key is
 derived from its data key and message ID, and a new header that kept both would be
@@ -44,9 +49,10 @@ from functools import partial
 
 from anyio import to_thread
 
-from envelope import Decryptor
+from envelope import PROVIDER_ID, Decryptor, Header, key_names
 from envelope.encrypt import Piece
 from keystore import KeyMismatch, KeyRecord, KeyStore, Uses
+from keystore.material import KEY_NAME_PATTERN
 from services.inventory import Inventory, Marker, record_at
 from services.keys import (
     KeyWatch,
@@ -77,6 +83,13 @@ class ObjectTampered(Exception):
     """The object decrypts, but not to what was uploaded: it is left as it is."""
 
     code = "tampered"
+
+
+class RecipientNotHeld(Exception):
+    """The object is sealed for a key the service does not hold, which a re-encryption
+    would have to drop: it is left as it is."""
+
+    code = "recipient-not-held"
 
 
 class ReadBackMismatch(Exception):
@@ -243,6 +256,7 @@ def reencrypt_object(
             header.frame_length,
             object_key=target_key,
             signed=header.signed,
+            more_kids=other_recipients(header, recorded.kid, kid or recorded.kid),
         )
         # In place, only the version that was read is replaced; elsewhere, nothing unless
         # asked to.
@@ -275,6 +289,28 @@ def reencrypt_object(
         drop_intent(records, intent)
     inventory.moved(replaced, record)
     return Reencrypted(record, old.key, old.uses, sealing)
+
+
+def other_recipients(header: Header, source: str, kid: str) -> list[str]:
+    """The tenant's keys, besides `source` (which `kid` replaces) and `kid`, that the
+    message `header` starts is sealed for, in its order: a re-encryption keeps them."""
+    kept: list[str] = []
+    for edk in header.encrypted_data_keys:
+        if edk.provider_id != PROVIDER_ID:
+            raise RecipientNotHeld(
+                "the object is also sealed for a key of another provider, which a "
+                "re-encryption would drop: it was not re-encrypted"
+            )
+    for name in key_names(header):
+        held = KEY_NAME_PATTERN.fullmatch(name)
+        if held is None:
+            raise RecipientNotHeld(
+                f"the object is also sealed for {name!r}, a public key the service does not "
+                "hold, which a re-encryption would drop: it was not re-encrypted"
+            )
+        if held["kid"] not in (source, kid, *kept):
+            kept.append(held["kid"])
+    return kept
 
 
 def _swap(

@@ -30,6 +30,7 @@ from tests.support.http import (
 )
 from tests.support.jobs import finished_job
 from tests.support.memory import PeakRss
+from tests.test_api_signed_messages import partner_jwks
 
 REENCRYPT = "/api/crypto/stream/reencrypt"
 FINAL_FRAME_MARKER = b"\xff\xff\xff\xff"
@@ -241,6 +242,38 @@ def test_storage_to_storage_demands_the_context_given_and_starts_a_verify_job(
     assert job["params"]["key"] == "ctx/new.bin"
     opened = read_object(client, "ctx/new.bin", encryptionContext=context)
     assert opened.status_code == 200 and opened.content == DATA
+
+
+def test_an_object_for_several_keys_keeps_every_other_key_when_reencrypted(
+    local_api: Api, client: httpx.Client
+) -> None:
+    """The key it moves from is replaced by the one it moves to; the others still open
+    it. One sealed for a partner's key too is refused, and left as it was."""
+    several = {"kid": ["mySymKey", "rsaKey"], "destination": {"key": "multi/old.bin"}}
+    assert encrypt(client, DATA, frameLength=FRAME, **several).status_code == 201
+    metadata = {"kid": "pqKey", "sourceKid": "mySymKey", "source": {"key": "multi/old.bin"}}
+    for key in ("multi/new.bin", "multi/old.bin"):  # into another object, then in place
+        place = {} if key == "multi/old.bin" else {"destination": {"key": key}}
+        moved = post_form(client, REENCRYPT, {**metadata, **place}, None)
+        assert moved.status_code == 201, moved.text
+        assert moved.headers["X-Key-Used"] == "pqKey#1, rsaKey#1"
+        assert moved.headers["X-Algorithm-Used"] == "ML-KEM-768, RSA-OAEP-256"
+        header = parse_header(local_api.objects.get(f"tenants/default/{key}"))
+        assert key_names(header) == ["pqKey#1", "rsaKey#1"] and header.signed
+        for kid in ("pqKey", "rsaKey"):
+            assert read_object(client, key, kid=kid).content == DATA
+        problem(read_object(client, key, kid="mySymKey"), 422, "key-mismatch")
+
+    jwk, _ = partner_jwks()["rsa"]
+    shared = {"recipientPublicKey": jwk, "destination": {"key": "multi/shared.bin"}}
+    assert encrypt(client, DATA, frameLength=FRAME, **shared).status_code == 201
+    before = local_api.objects.get("tenants/default/multi/shared.bin")
+    source = {"kid": "pqKey", "source": {"key": "multi/shared.bin"}}
+    for request in (source, {**source, "destination": {"key": "multi/shared-new.bin"}}):
+        refused = problem(post_form(client, REENCRYPT, request, None), 409, "recipient-not-held")
+        assert "jwk#" in refused["detail"]
+    assert local_api.objects.get("tenants/default/multi/shared.bin") == before
+    assert not list(local_api.objects.list("tenants/default/multi/shared-new.bin"))
 
 
 def _marked(api: Api, kid: str) -> list[str]:

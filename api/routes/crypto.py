@@ -460,8 +460,9 @@ async def _reencrypt_stored(
             metadata.source_kid or old.kid, key_name(old.kid, old_version), old.alg, "X-Source-"
         ),
         **warnings(svc, done.opened_by, old_version, done.opened_uses, "X-Source-"),
-        **named_key_headers(metadata.kid, key_name(new.kid, new.key_version), new.alg),
-        **warning_headers(svc, sealing.key, sealing.keyring, sealing.uses),
+        # The object's other keys, which it stays sealed for, are listed after the new one.
+        **recipient_headers([metadata.kid], sealing),
+        **recipient_warning_headers(svc, sealing),
     }
     written = source if destination is None else destination
     verification, queued = await run_in_threadpool(svc.verify_stored, tenant, target or placement)
