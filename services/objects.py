@@ -246,13 +246,17 @@ class ObjectSummary(CamelModel):
         return self.model_dump(include=set(names))
 
 
-def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Header:
-    """The header of a stored message, read in small ranged requests (one, nearly always:
-    headers are a few hundred bytes) rather than by opening the whole object."""
+def read_stored_header(
+    store: ObjectStore, storage_key: str, size: int, *, if_match: str | None = None
+) -> Header:
+    """The header of a stored message (of the version `if_match`, if given), read in small
+    ranged requests (one, nearly always: headers are a few hundred bytes) rather than by
+    opening the whole object."""
     reader = HeaderReader()
     for start in range(0, size, HEADER_READ_SIZE):
         end = min(size, start + HEADER_READ_SIZE)
-        for chunk in store.read(storage_key, start, end, chunk_size=HEADER_READ_SIZE):
+        chunks = store.read(storage_key, start, end, chunk_size=HEADER_READ_SIZE, if_match=if_match)
+        for chunk in chunks:
             header = reader.feed(chunk)
             if header is not None:
                 return header
@@ -260,7 +264,13 @@ def read_stored_header(store: ObjectStore, storage_key: str, size: int) -> Heade
 
 
 def read_stored_layout(
-    store: ObjectStore, storage_key: str, header: Header, cipher: FrameOpener, size: int
+    store: ObjectStore,
+    storage_key: str,
+    header: Header,
+    cipher: FrameOpener,
+    size: int,
+    *,
+    if_match: str | None = None,
 ) -> MessageLayout:
     """The layout of a stored message of `size` bytes whose header is authenticated (by
     `open_message`, which gave `cipher`), vouched for by its final frame: one ranged read.
@@ -277,7 +287,7 @@ def read_stored_layout(
         check = FinalFrameCheck(cipher, claimed)
         start, end = claimed.tail
         try:
-            for chunk in store.read(storage_key, start, end):
+            for chunk in store.read(storage_key, start, end, if_match=if_match):
                 check.update(chunk)
             return check.layout()
         except (MessageFormatError, AuthenticationError) as refused:

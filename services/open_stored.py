@@ -22,6 +22,7 @@ default pool to the short calls every request makes.
 """
 
 import hashlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -58,7 +59,7 @@ from services.objects import (
     read_stored_layout,
 )
 from services.placement import Placement
-from storage import InvalidRange, ObjectNotFound, ObjectStore
+from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 from storage.integrity import Records, RecordTampered
 from storage.readahead import ReadAhead
 from storage.records import ObjectRecord, load_intent, load_record
@@ -100,6 +101,7 @@ class CheckedObject:
     uses: Uses  # the key's, this read counted
     proven: bool  # written by this service: its record or its proof says so
     recorded: ObjectRecord | None  # what its upload recorded (or its intent), if anything
+    version: str  # the etag of the object checked, which its reads must be of
 
 
 async def check_stored(
@@ -127,7 +129,8 @@ async def check_stored(
     An object replaced while it is checked (re-encrypted in place, say) is checked again,
     once, as it is now; one whose record is not saved yet (or was never, its writer lost)
     is checked against its record's intent (`storage.records`). A read thus sees the old
-    message or the new one, whole.
+    message or the new one, whole. The check reads the version it found, and so must
+    the reads of its plaintext (`stored_plaintext`, `stored_range`).
     """
     store, storage_key = placement.store, placement.storage_key
     check = partial(
@@ -143,27 +146,28 @@ async def check_stored(
         transfers=transfers,
     )
     found = await to_thread.run_sync(store.head, storage_key)
+    refusal: StoredObjectRefused | PreconditionFailed
     try:
-        return await check(found.size, None)
-    except StoredObjectRefused as refused:
+        return await check(found, None)
+    except (StoredObjectRefused, PreconditionFailed) as refused:
         refusal = refused
     latest = await to_thread.run_sync(store.head, storage_key)
     if latest.etag != found.etag:
         try:
-            return await check(latest.size, None)
-        except StoredObjectRefused as refused:
+            return await check(latest, None)
+        except (StoredObjectRefused, PreconditionFailed) as refused:
             refusal = refused
     intent = await to_thread.run_sync(intent_of, records, placement, latest.size)
     if intent is None:
         raise refusal
-    return await check(latest.size, intent)
+    return await check(latest, intent)
 
 
 async def _check_version(
     keys: KeyStore,
     tenant: str,
     placement: Placement,
-    size: int,
+    found: ObjectInfo,
     recorded: ObjectRecord | None,
     *,
     records: Records,
@@ -173,15 +177,18 @@ async def _check_version(
     refuse_unproven: bool,
     transfers: CapacityLimiter,
 ) -> CheckedObject:
-    """`check_stored` of the object as it is `size` bytes long, against `recorded`, or
-    by default against its record."""
+    """`check_stored` of the version `found` of the object, against `recorded`, or by
+    default against its record; `PreconditionFailed` if it is replaced meanwhile."""
     store, storage_key = placement.store, placement.storage_key
+    size, version = found.size, found.etag
     if recorded is None:
         recorded = await to_thread.run_sync(
             partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, size
         )
     with damage_reported(placement):
-        header = await to_thread.run_sync(read_stored_header, store, storage_key, size)
+        header = await to_thread.run_sync(
+            partial(read_stored_header, if_match=version), store, storage_key, size
+        )
         opening = await to_thread.run_sync(opening_keys, keys, tenant, header, expected_kid)
         opened = await to_thread.run_sync(
             open_message, header, opening.keyrings, required_context(context, tenant)
@@ -192,13 +199,18 @@ async def _check_version(
         unrecorded_refused = refuse_unproven and recorded is None
         proven = provenance(keys).proven(header, refuse_unproven=unrecorded_refused)
         layout = await to_thread.run_sync(
-            read_stored_layout, store, storage_key, header, opened.cipher, size, limiter=transfers
+            partial(read_stored_layout, if_match=version),
+            store,
+            storage_key,
+            header,
+            opened.cipher,
+            size,
+            limiter=transfers,
         )
     uses = await to_thread.run_sync(opening.opened, opened.keyring)
     proven = proven or recorded is not None
-    return CheckedObject(
-        placement, opening.key, opened, layout, opening.watch, uses, proven, recorded
-    )
+    key, watch = opening.key, opening.watch
+    return CheckedObject(placement, key, opened, layout, watch, uses, proven, recorded, version)
 
 
 def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord | None:
@@ -215,13 +227,17 @@ def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord
     return intent if intent.ciphertext_size == size else None
 
 
-def stored_plaintext(
+async def stored_plaintext(
     checked: CheckedObject, transfers: CapacityLimiter, name_keys: NameKeys
 ) -> AsyncIterator[bytes]:
     """The whole plaintext of a checked object; it fails unless it ends with the final
     frame (and, if signed, a footer that verifies) and, if the object is recorded, its
     plaintext's size and SHA-256 are the recorded ones (`ObjectDamaged`); or once its key
-    may no longer decrypt."""
+    may no longer decrypt.
+
+    The read of the version checked is opened here, before anything is answered: it
+    raises `PreconditionFailed` if another version has replaced it since (check it
+    again), and once open it reads the version checked to its end."""
     layout, recorded = checked.layout, checked.recorded
     body = BodyReader(checked.opened)
     digest, size = hashlib.sha256(), 0
@@ -243,19 +259,20 @@ def stored_plaintext(
         except RecordMismatch as mismatch:
             raise _damaged(checked.placement, str(mismatch)) from None
 
-    read = _reading(checked.placement, layout.header_length, layout.message_length)
-    return _then(_pump(read, opened, checked.watch, transfers), finish, transfers)
+    chunks = await _opened_read(checked, layout.header_length, layout.message_length, transfers)
+    return _then(_pump(chunks, opened, checked.watch, transfers), finish, transfers)
 
 
-def stored_range(
+async def stored_range(
     checked: CheckedObject, first: int, last: int, transfers: CapacityLimiter
 ) -> AsyncIterator[bytes]:
     """Plaintext bytes `first` to `last` (inclusive) of a checked object, from just the
-    frames they lie in; it fails once the object's key may no longer decrypt."""
+    frames they lie in; it fails once the object's key may no longer decrypt. Opened
+    as `stored_plaintext` is."""
     span = checked.layout.span(first, last)
     ranged = RangeDecryptor(checked.opened.cipher, checked.layout, span)
-    read = _reading(checked.placement, span.start, span.end)
-    return _then(_pump(read, ranged.update, checked.watch, transfers), ranged.finish, transfers)
+    chunks = await _opened_read(checked, span.start, span.end, transfers)
+    return _then(_pump(chunks, ranged.update, checked.watch, transfers), ranged.finish, transfers)
 
 
 def recorded_object(
@@ -304,25 +321,34 @@ def _damaged(placement: Placement, reason: str) -> ObjectDamaged:
     )
 
 
-def _reading(placement: Placement, start: int, end: int) -> Callable[[], Iterator[bytes]]:
-    return partial(placement.store.read, placement.storage_key, start, end)
+async def _opened_read(
+    checked: CheckedObject, start: int, end: int, transfers: CapacityLimiter
+) -> Iterator[bytes]:
+    """Bytes `start` to `end` of the version checked, the store's read opened (its first
+    chunk read) in a transfer thread: opening asks the store for the object's size."""
+    placement = checked.placement
+    read = partial(
+        placement.store.read, placement.storage_key, start, end, if_match=checked.version
+    )
+    return await to_thread.run_sync(_started, read, limiter=transfers)
+
+
+def _started(read: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+    chunks = read()
+    first = next(chunks, None)
+    return iter(()) if first is None else itertools.chain((first,), chunks)
 
 
 async def _pump(
-    read: Callable[[], Iterator[bytes]],
+    chunks: Iterator[bytes],
     open_chunk: Callable[[bytes], list[bytes]],
     watch: KeyWatch,
     transfers: CapacityLimiter,
 ) -> AsyncIterator[bytes]:
-    """Read stored chunks and open them, each step in a transfer thread; the read starts
-    in one too, since starting it asks the store for the object's size. The key is
-    checked again as the read runs (`watch`): a key disabled meanwhile stops it too."""
-    chunks: Iterator[bytes] | None = None
+    """Open stored chunks, each step in a transfer thread. The key is checked again as
+    the read runs (`watch`): a key disabled meanwhile stops it too."""
 
     def step() -> list[bytes] | None:
-        nonlocal chunks
-        if chunks is None:
-            chunks = read()
         chunk = next(chunks, None)
         return None if chunk is None else open_chunk(chunk)
 

@@ -16,7 +16,13 @@ from enum import Enum
 from types import TracebackType
 from typing import Self
 
-from storage.errors import InvalidMetadata, InvalidObjectKey, InvalidRange, StorageError
+from storage.errors import (
+    InvalidMetadata,
+    InvalidObjectKey,
+    InvalidRange,
+    PreconditionFailed,
+    StorageError,
+)
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 
@@ -206,16 +212,24 @@ class ObjectStore(ABC):
         end: int | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        if_match: str | None = None,
     ) -> Generator[bytes, None, None]:
         """Stream bytes [start, end) of the object (end None: to its end) in chunks.
 
         The object's size is looked up now, so a missing object or a range outside it
         raises here rather than on the first chunk; an object that shrinks while it is
         read raises `StorageError` instead of reading as a shorter one.
+
+        With `if_match` (an etag from `head`), the read is of that version: the first
+        chunk raises `PreconditionFailed` if another has replaced it, and once the first
+        chunk is read every later one is of that version, whatever replaces it meanwhile.
         """
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
-        size = self.head(key).size
+        info = self.head(key)
+        if if_match is not None and info.etag != if_match:
+            raise PreconditionFailed(f"the object is no longer the version {if_match}", key)
+        size = info.size
         stop = size if end is None else end
         if not 0 <= start <= stop <= size:
             raise InvalidRange(f"range [{start}, {stop}) is not within its {size} bytes", key)
@@ -223,7 +237,8 @@ class ObjectStore(ABC):
             return _nothing()
         # To the end: S3 then needs no Range header, so a whole read is one plain GET.
         until = None if stop == size else stop
-        return _exactly(key, stop - start, self._read_range(key, start, until, chunk_size))
+        chunks = self._read_range(key, start, until, chunk_size, if_match)
+        return _exactly(key, stop - start, chunks)
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -314,10 +329,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _read_range(
-        self, key: str, start: int, stop: int | None, chunk_size: int
+        self, key: str, start: int, stop: int | None, chunk_size: int, if_match: str | None
     ) -> Generator[bytes, None, None]:
         """Bytes [start, stop) of the object (stop None: to its end), a non-empty range
-        already checked."""
+        already checked; of the version `if_match` if given (`read`), opened as the first
+        chunk is asked for."""
 
 
 def encoded_key(key: str) -> bytes:

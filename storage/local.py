@@ -34,7 +34,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import Any, BinaryIO
 
 from storage.base import (
     MultipartWriter,
@@ -246,9 +246,9 @@ class LocalStore(ObjectStore):
         return _LocalWriter(self, key, metadata, if_absent, if_match)
 
     def _read_range(
-        self, key: str, start: int, stop: int | None, chunk_size: int
+        self, key: str, start: int, stop: int | None, chunk_size: int, if_match: str | None
     ) -> Generator[bytes, None, None]:
-        with self._os_errors(key), self._object_path(key).open("rb") as file:
+        with self._os_errors(key), self._opened(key, if_match) as file:
             file.seek(start)
             remaining = (os.fstat(file.fileno()).st_size if stop is None else stop) - start
             while remaining:
@@ -257,6 +257,20 @@ class LocalStore(ObjectStore):
                     return  # the caller reports the short read
                 remaining -= len(chunk)
                 yield chunk
+
+    def _opened(self, key: str, if_match: str | None) -> BinaryIO:
+        """The object's file, open; with `if_match`, only if it is that version. An open
+        file is read to its end as it was, whatever is renamed over it meanwhile."""
+        if if_match is None:
+            return self._object_path(key).open("rb")
+        with self._locked(fcntl.LOCK_SH):  # the sidecar and the file, of one version
+            file = self._object_path(key).open("rb")
+            try:
+                self._require_etag(key, self._object_path(key), if_match)
+            except BaseException:
+                file.close()
+                raise
+        return file
 
     def _object_path(self, key: str) -> Path:
         """Where `key` lives, after refusing keys that are not safe as a relative path."""

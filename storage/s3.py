@@ -8,7 +8,7 @@ import builtins  # `list` names a store method inside the store classes
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import suppress
 from datetime import UTC
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -22,7 +22,7 @@ from storage.base import (
     contiguous,
     encoded_key,
 )
-from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound
+from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound, PreconditionFailed
 from storage.s3_errors import s3_errors
 from storage.s3_multipart import (
     DEFAULT_MAX_IN_FLIGHT,
@@ -240,16 +240,16 @@ class S3Store(ObjectStore):
         )
 
     def _read_range(
-        self, key: str, start: int, stop: int | None, chunk_size: int
+        self, key: str, start: int, stop: int | None, chunk_size: int, if_match: str | None
     ) -> Generator[bytes, None, None]:
-        with s3_errors(key):
-            if start == 0 and stop is None:
-                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            else:
-                last = "" if stop is None else str(stop - 1)
-                body = self.client.get_object(
-                    Bucket=self.bucket, Key=key, Range=f"bytes={start}-{last}"
-                )["Body"]
+        # One GET: S3 streams the version it opened to the end, whatever replaces it.
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start or stop is not None:
+            request["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+        if if_match is not None:
+            request["IfMatch"] = f'"{if_match}"'
+        with s3_errors(key, conflict=PreconditionFailed):
+            body = self.client.get_object(**request)["Body"]
             try:
                 yield from body.iter_chunks(chunk_size)
             finally:

@@ -19,17 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 import pytest
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.services import Services
 from keystore import LocalKek
 from sealstream.server import create_app
 from sealstream.settings import Settings
+from services.open_stored import CheckedObject, check_stored, stored_plaintext
+from services.placement import ObjectRef
 from services.unfinished import finish_recording
-from storage import MIN_PART_SIZE
+from storage import MIN_PART_SIZE, PreconditionFailed
 from storage.records import INTENTS_PREFIX
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.audited import audited_serve
@@ -778,3 +781,107 @@ def test_an_epilogue_after_a_declared_length_body(
             assert declared.complete and decrypt(client, declared.body).content == data
         else:
             aborted(declared)
+
+
+# Reads racing a re-encryption in place
+
+
+@dataclass
+class HeldBodyRead:
+    """Holds the first ranged GET of `key` that starts within its first 64 KiB but not
+    at 0 (a stored read's body, from the end of its header) until `released`: a read
+    stalled between its check and its body."""
+
+    key: bytes
+    reached: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        body = re.search(rb"(?im)^range: bytes=(\d+)-", head)
+        line = head.split(b"\r\n", 1)[0]
+        held = line.startswith(b"GET /") and b"/" + self.key + b" " in line
+        if held and body and 0 < int(body.group(1)) < 64 * KiB and not self.reached.is_set():
+            self.reached.set()
+            self.released.wait(timeout=60)
+        return False
+
+
+def test_a_read_whose_object_is_swapped_between_its_check_and_its_body_serves_the_new_one(
+    tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    """The body is read from the version checked (S3: If-Match with its etag): swapped
+    in between, the read is refused before anything is answered, and served whole from
+    the new message, checked again."""
+    held = HeldBodyRead(b"tenants/default/raced")
+    plaintext = random_bytes(3 * MiB, seed=15)
+    with (
+        behind_proxy(tmp_path, moto_endpoint, s3_bucket, held) as (url, _, _),
+        httpx.Client(base_url=url, headers=auth(ADMIN_TOKEN), timeout=60) as client,
+    ):
+        assert encrypt(client, plaintext, destination={"key": "raced"}).status_code == 201
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_object, client, "raced")
+            assert held.reached.wait(timeout=30)
+            assert reencrypt_in_place(client, "raced").status_code == 201
+            held.released.set()
+            served = reading.result(timeout=60)
+        assert (served.status_code, served.content) == (200, plaintext)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_check_then_a_swap_makes_the_read_of_the_plaintext_refuse_before_any_byte(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """On both backends: a read opened after its object was replaced is refused as
+    `PreconditionFailed` (the route checks the object again), not read as the new
+    message under the old one's header."""
+    plaintext = random_bytes(2 * MiB, seed=16)
+    settings = api_settings(backend, tmp_path, request)
+    app = create_app(settings)
+    with (
+        api_server(app, settings=settings) as url,
+        Api.of(url, settings, app).client() as client,
+    ):
+        create_key(client)
+        assert encrypt(client, plaintext, destination={"key": "checked"}).status_code == 201
+        services: Services = app.state.services
+        placement = services.spaces.place("default", ObjectRef(key="checked"))
+
+        async def check() -> CheckedObject:
+            return await check_stored(
+                services.keys, "default", placement, records=services.records,
+                serve_unrecorded=False, expected_kid=None, context={},
+                refuse_unproven=False, transfers=CapacityLimiter(1),
+            )  # fmt: skip
+
+        async def read(checked: CheckedObject) -> bytes:
+            body = await stored_plaintext(checked, CapacityLimiter(1), services.keys.name_keys)
+            return b"".join([piece async for piece in body])
+
+        checked = anyio.run(check)
+        assert reencrypt_in_place(client, "checked").status_code == 201
+        with pytest.raises(PreconditionFailed):
+            anyio.run(read, checked)
+        assert anyio.run(read, anyio.run(check)) == plaintext
+
+
+def test_a_read_already_streaming_finishes_the_version_it_started_while_it_is_swapped(
+    api: Api,
+) -> None:
+    """A local file stays open across the rename; S3 streams the GET it opened."""
+    plaintext = random_bytes(24 * MiB, seed=17)
+    with api.client() as client, api.client() as other:
+        create_key(client)
+        assert encrypt(client, plaintext, destination={"key": "streamed"}).status_code == 201
+        assert client.post(f"{KEYS}/mySymKey/rotate").status_code in (200, 201)
+        body = form_bytes({"source": {"key": "streamed"}}, None)
+        headers = {"Content-Type": FORM_TYPE}
+        with client.stream("POST", DECRYPT, content=body, headers=headers) as reading:
+            assert reading.status_code == 200
+            assert reading.headers["X-Key-Used"] == "mySymKey#1"
+            pieces = reading.iter_bytes(MiB)
+            received = [next(pieces)]
+            moved = reencrypt_in_place(other, "streamed")
+            assert moved.status_code == 201 and moved.headers["X-Key-Used"] == "mySymKey#2"
+            received.extend(pieces)
+        assert b"".join(received) == plaintext

@@ -69,6 +69,7 @@ from services.placement import ObjectRef
 from services.reencrypt import reencrypt_stored, reencrypt_upload
 from services.seal_to_client import seal_to_client
 from services.seal_to_storage import seal_upload
+from storage import PreconditionFailed
 
 router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
@@ -346,7 +347,7 @@ async def encrypt(request: Request, principal: EncryptScope) -> Response:
 @router.post(
     "/decrypt",
     response_model=None,
-    responses=answers(OPENED, AUTHENTICATED, FORM, (404, 409, 416)),
+    responses=answers(OPENED, AUTHENTICATED, FORM, (404, 409, 412, 416)),
     openapi_extra=form_request(
         DecryptMetadata,
         file_required=False,
@@ -366,8 +367,15 @@ async def decrypt(request: Request, principal: DecryptScope) -> Response:
         # Several Range lines are one list of ranges (RFC 9110 §5.3), as if one line.
         ranges = ", ".join(request.headers.getlist("range")) or None
         checked = await _check_stored(svc, principal.tenant, metadata, metadata.source)
+        try:
+            answer = await _stored_answer(svc, metadata, checked, ranges, note)
+        except PreconditionFailed:
+            # Replaced (re-encrypted in place, say) between its check and its read: the
+            # object as it is now, checked again. A read once open keeps its version.
+            checked = await _check_stored(svc, principal.tenant, metadata, metadata.source)
+            answer = await _stored_answer(svc, metadata, checked, ranges, note)
         note.key = checked.opened.keyring.key_name
-        return _stored_answer(svc, metadata, checked, ranges, note)
+        return answer
     await form.start_file()
     opened = await open_upload(
         svc.keys,
@@ -486,7 +494,7 @@ async def _check_stored(
     )
 
 
-def _stored_answer(
+async def _stored_answer(
     svc: Services,
     metadata: DecryptMetadata,
     checked: CheckedObject,
@@ -504,7 +512,8 @@ def _stored_answer(
         **warning_headers(svc, checked.key, checked.opened.keyring, checked.uses),
     }
     if wanted is None:
-        body = _refusal_noted(stored_plaintext(checked, svc.transfers, svc.keys.name_keys), note)
+        plaintext = await stored_plaintext(checked, svc.transfers, svc.keys.name_keys)
+        body = _refusal_noted(plaintext, note)
         return streamed(body, svc, {**headers, "Content-Length": str(total)})
     first, last = wanted
     if checked.opened.header.signed:
@@ -512,7 +521,8 @@ def _stored_answer(
         headers["X-Signature-Checked"] = "false"
     headers["Content-Length"] = str(last - first + 1)
     headers["Content-Range"] = f"bytes {first}-{last}/{total}"
-    return streamed(stored_range(checked, first, last, svc.transfers), svc, headers, 206)
+    ranged = await stored_range(checked, first, last, svc.transfers)
+    return streamed(ranged, svc, headers, 206)
 
 
 async def _refusal_noted(body: AsyncIterator[bytes], note: AuditNote) -> AsyncIterator[bytes]:
