@@ -391,6 +391,36 @@ MUTANTS = (
         ("tests/test_api_object_reads.py",),
     ),
     Mutant(
+        "stored object: whole plaintext against its record",
+        "services/open_stored.py",
+        "            check_recorded_plaintext(size, digest.hexdigest(), recorded, name_keys)",
+        "            pass",
+        (
+            "tests/test_api_object_reads.py"
+            "::test_other_frames_under_the_stored_header_abort_a_whole_read",
+        ),
+    ),
+    Mutant(
+        "stored object: last piece held back",
+        "services/open_stored.py",
+        "        if held:\n            yield held\n        held = piece",
+        "        yield piece",
+        (
+            "tests/test_api_object_reads.py"
+            "::test_other_frames_under_the_stored_header_abort_a_whole_read",
+        ),
+    ),
+    Mutant(
+        "reencrypt: other recipients kept",
+        "services/reencrypt.py",
+        "            more_kids=other_recipients(header, recorded.kid, kid or recorded.kid),",
+        "            more_kids=(),",
+        (
+            "tests/test_api_reencrypt.py"
+            "::test_an_object_for_several_keys_keeps_every_other_key_when_reencrypted",
+        ),
+    ),
+    Mutant(
         "signature alg from the key",
         "envelope/jws.py",
         "        if jws.alg != key.alg:",
