@@ -131,8 +131,10 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
     "X-Message-Proven": {
         "description": "`true` if the message carries this service's proof that it wrote "
-        "it (or, stored, the service's record of it); `false` if it carries none: written "
-        "before proofs were, or by anyone else holding the key's public half.",
+        "it and is signed or sealed only for keys only the service ever held (or, stored, "
+        "the service's record of it); `false` otherwise: no proof (written before proofs "
+        "were, or by anyone else holding the key's public half), another deployment's, or "
+        "a data key that may be known outside the service.",
         "schema": {"type": "string", "enum": ["true", "false"]},
         "required": True,
     },

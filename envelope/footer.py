@@ -8,7 +8,8 @@ signature is over their SHA-384 digest. The writer makes a fresh P-384 key per m
 puts its public point in the encryption context (`aws-crypto-public-key`: the compressed
 point, SEC 1 §2.3.3, in standard base64) and throws the private key away once the footer
 is written. Like the reference SDK, the writer makes its signatures 103 bytes long (a DER
-signature with both integers 49 bytes long, negating s where that gives the length), so a
+signature with one integer 49 bytes long and the other 48, negating s where that gives
+the length: s is then the high one of s and n - s about half the time), so a
 signed message's length follows from its plaintext's; a reader accepts any DER signature
 up to the 104 bytes a P-384 signature can take.
 """

@@ -12,12 +12,17 @@ header: the header tag's IV is always zero, so two headers tagged under one mess
 would give away GCM's hash key, and with it a forgery of every frame.
 
 A writer may vouch for its messages (`Endorse`): given the new message's `header_binding`
-(its suite, message ID, frame length, key commitment and context), it returns pairs to add
-to the context, say a MAC only it can make. A reader recomputes the binding from the
-header (`header_binding_of`) to check them. The encrypted data keys are not in the
-binding: the AES and ML-KEM wraps take the whole context, those pairs included, as their
-AAD, so they are made after it. The key commitment stands for them: every data key that
-opens the message is the one it commits to.
+(its suite, message ID, frame length, key commitment, context and the ordered list of its
+recipients, each keyring's provider ID and key name), it returns pairs to add to the
+context, say a MAC only it can make. A reader recomputes the binding from the header
+(`header_binding_of`, one recipient per EDK) to check them, so an EDK dropped, added or
+moved breaks them. The EDKs' bytes are not in the binding: the AES and ML-KEM wraps take
+the whole context, those pairs included, as their AAD, so they are made after it. The key
+commitment stands for them: every data key that opens the message is the one it commits
+to. The binding says nothing about the body: whoever knows the data key can write other
+frames under the same header, which only a signed message's footer rules out.
+`first_header_binding_of` is the binding before recipients were in it, which proofs of
+that time cover.
 """
 
 import hmac
@@ -47,6 +52,7 @@ from envelope.header import (
     serialize_header_body,
 )
 from envelope.keyrings.base import Keyring
+from envelope.keyrings.names import recipients_of
 from envelope.suite import (
     DATA_KEY_LENGTH,
     MESSAGE_ID_LENGTH,
@@ -57,7 +63,8 @@ from envelope.suite import (
 
 # A new message's `header_binding` in; the pairs that vouch for it out.
 Endorse = Callable[[bytes], Mapping[str, str]]
-_BINDING = b"sealstream/header-binding/v1\x00"
+_BINDING = b"sealstream/header-binding/v2\x00"
+_FIRST_BINDING = b"sealstream/header-binding/v1\x00"
 
 DEFAULT_FRAME_LENGTH = 1024 * 1024
 FRAME_LENGTH_MULTIPLE = 128  # the reference SDK refuses other frame lengths when it encrypts
@@ -96,25 +103,61 @@ def header_binding(
     frame_length: int,
     commitment: bytes,
     context: EncryptionContext,
+    recipients: Sequence[tuple[str, bytes]],
 ) -> bytes:
-    """The bytes an endorsement of a message covers: all of its header but the encrypted
-    data keys (which the commitment stands for) and the endorsing pairs themselves."""
+    """The bytes an endorsement of a message covers: all of its header but the EDKs' bytes
+    (which the commitment stands for; their provider IDs and key names are in, in order)
+    and the endorsing pairs themselves."""
     return b"".join(
         [
             _BINDING,
-            struct.pack(">H32sI", suite_id, message_id, frame_length),
-            commitment,
-            serialize_context(context),
+            _fields(suite_id, message_id, frame_length, commitment, context),
+            struct.pack(">H", len(recipients)),
+            *(_counted(provider.encode("utf-8")) + _counted(name) for provider, name in recipients),
         ]
     )
 
 
 def header_binding_of(header: Header, endorsing_keys: Sequence[str]) -> bytes:
     """The binding a header's endorsement, held in the pairs `endorsing_keys`, covers."""
-    context = {k: v for k, v in header.context.items() if k not in endorsing_keys}
     return header_binding(
+        header.suite_id,
+        header.message_id,
+        header.frame_length,
+        header.commitment,
+        _unendorsed(header, endorsing_keys),
+        recipients_of(header),
+    )
+
+
+def first_header_binding_of(header: Header, endorsing_keys: Sequence[str]) -> bytes:
+    """The binding of the format's first version, without the recipients."""
+    context = _unendorsed(header, endorsing_keys)
+    return _FIRST_BINDING + _fields(
         header.suite_id, header.message_id, header.frame_length, header.commitment, context
     )
+
+
+def _fields(
+    suite_id: int,
+    message_id: bytes,
+    frame_length: int,
+    commitment: bytes,
+    context: EncryptionContext,
+) -> bytes:
+    return (
+        struct.pack(">H32sI", suite_id, message_id, frame_length)
+        + commitment
+        + serialize_context(context)
+    )
+
+
+def _counted(field: bytes) -> bytes:
+    return struct.pack(">H", len(field)) + field
+
+
+def _unendorsed(header: Header, endorsing_keys: Sequence[str]) -> dict[str, str]:
+    return {k: v for k, v in header.context.items() if k not in endorsing_keys}
 
 
 def new_message(
@@ -140,7 +183,14 @@ def new_message(
     if signer is not None:
         full_context[PUBLIC_KEY_CONTEXT_KEY] = signer.public_key
     if endorse is not None:
-        binding = header_binding(suite_id, message_id, frame_length, keys.commitment, full_context)
+        binding = header_binding(
+            suite_id,
+            message_id,
+            frame_length,
+            keys.commitment,
+            full_context,
+            [keyring.recipient for keyring in keyrings],
+        )
         full_context = _with_endorsement(full_context, endorse(binding))
     context_bytes = writable_context(full_context)
     cipher = FrameSealer(keys.encryption_key, message_id)

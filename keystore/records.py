@@ -231,6 +231,10 @@ class KeyRecord(KeyMetadata):
     """The stored record."""
 
     versions: tuple[KeyVersion, ...]
+    # Whether the key was ever exportable: set when it is made, kept when `exportable`
+    # turns false, so a key's material known outside the service stays known to be. A
+    # record from before it was kept may have been: true.
+    ever_exportable: bool = True
     # When a shared (Redis) count was last checkpointed into the usage counts: how far a
     # count may have gone past them since is bounded by the time since.
     usage_counted_at: datetime | None = Field(None, exclude_if=lambda value: value is None)
@@ -251,6 +255,12 @@ class KeyRecord(KeyMetadata):
             if version.version == number:
                 return version
         raise KeyNotFound(f"key {self.kid!r} has no version {number}")
+
+    @property
+    def may_be_known_outside(self) -> bool:
+        """Whether anyone outside the service may hold the material: imported, or ever
+        exportable."""
+        return self.origin is KeyOrigin.IMPORTED or self.ever_exportable
 
     def public_view(self) -> KeyView:
         metadata = {name: getattr(self, name) for name in KeyMetadata.model_fields}

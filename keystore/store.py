@@ -467,6 +467,7 @@ class KeyStore:
             key_size=params.key_size,
             key_ops=key_ops,
             exportable=policy.exportable,
+            ever_exportable=policy.exportable,
             status=KeyStatus.ENABLED,
             primary_version=1,
             versions=(first,),

@@ -15,9 +15,9 @@ from functools import partial
 
 from anyio import to_thread
 
-from envelope import Encryptor, Header, Keyring, key_names
+from envelope import PROVIDER_ID, Encryptor, Header, Keyring, key_names
 from envelope.context import RESERVED_PREFIX as ESDK_RESERVED_PREFIX
-from keystore import KeyRecord, KeyStore, Uses
+from keystore import KeyNotFound, KeyRecord, KeyStore, Uses
 from keystore.material import KEY_NAME_PATTERN
 from services.provenance import Provenance
 
@@ -75,7 +75,12 @@ def start_sealing(
 
     The message is sealed for the primary versions of `more_kids` too (each counted as a
     use of its key) and for `partners`, keyrings (and their algorithms) of public keys
-    the service does not hold: any one of them opens it."""
+    the service does not hold: any one of them opens it.
+
+    A message is signed, whatever `signed` says, when a recipient's key may be known
+    outside the service (a partner's, an imported key, one ever exportable): its holder
+    learns the data key, and only the discarded signing key keeps them from writing
+    other frames under the service's proof."""
     record, keyring, uses = keys.sealing_keyring(tenant, kid)
     others = [
         Recipient(k, r.alg, r, u)
@@ -94,10 +99,18 @@ def start_sealing(
         [keyring, *(other.keyring for other in others)],
         context=sealed_context,
         frame_length=frame_length,
-        signed=signed,
+        signed=signed or known_outside(record, others),
         endorse=provenance(keys).endorse,
     )
     return Sealing(tenant, record, keyring, encryptor, uses, tuple(others))
+
+
+def known_outside(record: KeyRecord, others: Sequence[Recipient]) -> bool:
+    """Whether the key of any recipient of a message may be known outside the service: a
+    partner's, or one of the tenant's imported or ever exportable."""
+    return record.may_be_known_outside or any(
+        other.record is None or other.record.may_be_known_outside for other in others
+    )
 
 
 def required_context(context: Mapping[str, str], tenant: str) -> dict[str, str]:
@@ -115,6 +128,34 @@ def client_context(context: Mapping[str, str]) -> dict[str, str]:
 def provenance(keys: KeyStore) -> Provenance:
     """The proofs that a message is this service's, under the store's key for them."""
     return Provenance(keys.message_proof_key())
+
+
+def proven_by_proof(
+    keys: KeyStore, tenant: str, header: Header, opener: KeyRecord, *, refuse_unproven: bool
+) -> bool:
+    """Whether an authenticated header, opened under `opener`'s key, proves the message
+    this service's (`services.provenance`); refuses an invalid proof, and, if
+    `refuse_unproven`, an unproven message."""
+    held = partial(_held_only_here, keys, tenant, opener)
+    return provenance(keys).proven(header, held, refuse_unproven=refuse_unproven)
+
+
+def _held_only_here(
+    keys: KeyStore, tenant: str, opener: KeyRecord, recipients: Sequence[tuple[str, bytes]]
+) -> bool:
+    """Whether every recipient is a key of the tenant's whose material only the service
+    ever held; `opener`'s record is at hand, the others are read."""
+    for provider, name in recipients:
+        match = KEY_NAME_PATTERN.fullmatch(name.decode("utf-8", "replace"))
+        if provider != PROVIDER_ID or match is None:
+            return False
+        try:
+            record = opener if match["kid"] == opener.kid else keys.get(tenant, match["kid"])
+        except KeyNotFound:
+            return False
+        if record.may_be_known_outside:
+            return False
+    return True
 
 
 @dataclass

@@ -47,7 +47,7 @@ from envelope import (
 )
 from keystore import KeyRecord, KeyStore, Uses
 from keystore.name_keys import NameKeys
-from services.keys import KeyWatch, OpeningKeys, opening_keys, provenance, required_context
+from services.keys import KeyWatch, OpeningKeys, opening_keys, proven_by_proof, required_context
 from services.objects import (
     RecordMismatch,
     check_against_record,
@@ -197,7 +197,8 @@ async def _check_version(
         if recorded is not None:
             check_recorded_message(header, recorded)
         unrecorded_refused = refuse_unproven and recorded is None
-        proven = provenance(keys).proven(header, refuse_unproven=unrecorded_refused)
+        check = partial(proven_by_proof, keys, tenant, header, opening.key)
+        proven = await to_thread.run_sync(partial(check, refuse_unproven=unrecorded_refused))
         layout = await to_thread.run_sync(
             partial(read_stored_layout, if_match=version),
             store,

@@ -15,7 +15,7 @@ from anyio import to_thread
 
 from envelope import Decryptor, Header, HeaderReader, Keyring, TruncatedMessage, start_decryption
 from keystore import KeyRecord, KeyStore, Uses
-from services.keys import KeyWatch, opening_keys, provenance, required_context
+from services.keys import KeyWatch, opening_keys, proven_by_proof, required_context
 from services.streams import frame_batches, off_loop_if_large
 
 
@@ -55,7 +55,8 @@ async def open_upload(
     )
     decryptor, first = await to_thread.run_sync(start)
     assert decryptor.keyring is not None
-    proven = provenance(keys).proven(header, refuse_unproven=refuse_unproven)
+    check = partial(proven_by_proof, keys, tenant, header, opening.key)
+    proven = await to_thread.run_sync(partial(check, refuse_unproven=refuse_unproven))
     uses = await to_thread.run_sync(opening.opened, decryptor.keyring)
     plaintext = _plaintext(first, decryptor, chunks, header.frame_length, opening.watch)
     return OpenedUpload(opening.key, decryptor.keyring, header, uses, proven, plaintext)

@@ -1,34 +1,51 @@
-"""Provenance: whether a message was written by this service.
+"""Provenance: whether a message was written by this service, and whether only this service
+could have written its content.
 
 Anyone who holds an RSA or ML-KEM public key can write a message that decrypts here, with
 any encryption context, the service's own `sealstream:` pairs included; the footer of a
 signed message proves only that its writer made its signing key. So the service vouches
-for each message it writes: the pair `sealstream:proof` holds an HMAC-SHA256, under a key
-derived from the store's record key (purpose `message-proof`), over the message's header
-binding (`envelope.message.header_binding`: suite, message ID, frame length, key
-commitment and every other context pair, the signing key's included).
+for each message it writes: the pair `sealstream:proof` holds `v2:`, the proof key's id,
+`:` and an HMAC-SHA256, under a key derived from the store's record key (purpose
+`message-proof`), over the message's header binding (`envelope.message.header_binding`:
+suite, message ID, frame length, key commitment, every other context pair, the signing
+key's included, and the ordered recipients, one per encrypted data key).
+
+The proof covers the header, not the body: whoever knows a message's data key can write
+other frames under the same header and keep its proof. A message is therefore *proven*
+only if its proof is valid and either it is signed (its signing key was discarded, so no
+one can sign other frames) or every recipient it names is a key of the tenant's that only
+the service ever held: generated here, never exportable (`KeyRecord.may_be_known_outside`).
+The service signs every message it writes for any other recipient (`services.keys`).
 
 On reading:
-- a proof that does not verify is refused (`ProofInvalid`): a header with `sealstream:`
-  pairs and a forged or copied proof;
-- no proof: the message is *unproven* (written before proofs were, or by someone else);
-  it decrypts, reported as such, unless the service refuses unproven messages
-  (`SEALSTREAM_REFUSE_UNPROVEN_MESSAGES`, `MessageUnproven`).
-
-The proof cannot cover the encrypted data keys: the AES and ML-KEM wraps take the whole
-context, the proof included, as their AAD. The key commitment stands for them: the only
-data key that opens the message is the one it commits to, and without it no one can add a
-key that opens it.
+- a proof under this service's key that does not verify is refused (`ProofInvalid`): a
+  header with `sealstream:` pairs and a forged or copied proof, or an EDK dropped;
+- no proof, a proof under another key id (another deployment's), or a valid proof of a
+  message whose data key may be known outside: the message is *unproven*. It decrypts,
+  reported as such, unless the service refuses unproven messages
+  (`SEALSTREAM_REFUSE_UNPROVEN_MESSAGES`, `MessageUnproven`);
+- a proof in the first, untagged form (plain base64 of the MAC over the binding without
+  recipients, written only before recipients were bound) is checked as it was then: one
+  that does not verify is refused, and a valid one proves a signed message only.
 """
 
 import base64
 import binascii
 import hmac
+from collections.abc import Callable, Sequence
 
 from envelope import AuthenticationError, EnvelopeError, Header
-from envelope.message import header_binding_of
+from envelope.keyrings.names import recipients_of
+from envelope.message import first_header_binding_of, header_binding_of
 
 PROOF_CONTEXT_KEY = "sealstream:proof"  # one of the service's own pairs (`services.keys`)
+PROOF_FORMAT = "v2"
+_KEY_ID_LABEL = b"sealstream/message-proof/key-id"
+_KEY_ID_LENGTH = 6  # bytes: tells deployments apart, and says nothing of the key
+
+# Whether every recipient of a message (provider ID, key name) is a key only the service
+# ever held.
+HeldOnlyHere = Callable[[Sequence[tuple[str, bytes]]], bool]
 
 
 class ProofInvalid(AuthenticationError):
@@ -38,7 +55,7 @@ class ProofInvalid(AuthenticationError):
 
 
 class MessageUnproven(EnvelopeError):
-    """A message without a proof, which the service is set to refuse."""
+    """A message not proven to be this service's, which the service is set to refuse."""
 
     code = "message-unproven"
 
@@ -48,26 +65,45 @@ class Provenance:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        digest = hmac.digest(key, _KEY_ID_LABEL, "sha256")[:_KEY_ID_LENGTH]
+        self.key_id = base64.urlsafe_b64encode(digest).decode("ascii")
 
     def endorse(self, binding: bytes) -> dict[str, str]:
         """The pair that proves a new message with this header binding is the service's."""
-        return {PROOF_CONTEXT_KEY: base64.b64encode(self._mac(binding)).decode("ascii")}
+        mac = base64.b64encode(self._mac(binding)).decode("ascii")
+        return {PROOF_CONTEXT_KEY: f"{PROOF_FORMAT}:{self.key_id}:{mac}"}
 
-    def proven(self, header: Header, *, refuse_unproven: bool) -> bool:
-        """Whether an authenticated header carries a valid proof; refuses an invalid one,
-        and, if `refuse_unproven`, one without a proof."""
+    def proven(
+        self, header: Header, held_only_here: HeldOnlyHere, *, refuse_unproven: bool
+    ) -> bool:
+        """Whether an authenticated header proves the message, body included, this
+        service's; refuses an invalid proof, and, if `refuse_unproven`, an unproven one."""
+        if self._vouches_for(header, held_only_here):
+            return True
+        if refuse_unproven:
+            raise MessageUnproven(
+                "the message is not proven to be this service's, and the service refuses "
+                "such messages"
+            )
+        return False
+
+    def _vouches_for(self, header: Header, held_only_here: HeldOnlyHere) -> bool:
         proof = header.context.get(PROOF_CONTEXT_KEY)
         if proof is None:
-            if refuse_unproven:
-                raise MessageUnproven(
-                    "the message carries no proof that this service wrote it, and the "
-                    "service refuses such messages"
-                )
             return False
-        expected = self._mac(header_binding_of(header, (PROOF_CONTEXT_KEY,)))
-        if not hmac.compare_digest(_decoded(proof), expected):
+        if ":" not in proof:  # the first form
+            self._check(proof, first_header_binding_of(header, (PROOF_CONTEXT_KEY,)))
+            return header.signed
+        proof_format, _, rest = proof.partition(":")
+        key_id, _, mac = rest.partition(":")
+        if proof_format != PROOF_FORMAT or key_id != self.key_id:
+            return False  # another deployment's proof, or a form this one cannot read
+        self._check(mac, header_binding_of(header, (PROOF_CONTEXT_KEY,)))
+        return header.signed or held_only_here(recipients_of(header))
+
+    def _check(self, mac: str, binding: bytes) -> None:
+        if not hmac.compare_digest(_decoded(mac), self._mac(binding)):
             raise ProofInvalid("the message's proof of provenance is not this service's")
-        return True
 
     def _mac(self, binding: bytes) -> bytes:
         return hmac.digest(self._key, binding, "sha256")

@@ -6,20 +6,35 @@ messages for several keys, the service's and public keys it does not hold."""
 
 import base64
 import hashlib
-from collections.abc import Iterator
+import hmac
+import os
+import struct
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import mlkem, rsa
 
-from envelope import Encryptor, Keyring, MlKemKeyring, RsaKeyring, key_names, parse_header
+from envelope import (
+    AesKeyring,
+    Encryptor,
+    Keyring,
+    MlKemKeyring,
+    RsaKeyring,
+    key_names,
+    parse_header,
+)
+from envelope.message import Endorse
+from keystore.store import MESSAGE_PROOF_PURPOSE
+from services.provenance import Provenance
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import KiB, flip_bit, pieces, random_bytes
 from tests.support.envelope import decrypt_all
 from tests.support.http import (
     DECRYPT,
     ENCRYPT,
+    KEYS,
     create_key,
     decrypt,
     encrypt,
@@ -132,15 +147,15 @@ def public_rsa_key(client: httpx.Client) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
+def service_pairs(kid: str = "rsaKey") -> dict[str, str]:
+    """The pairs the service writes into a message for version 1 of `kid`."""
+    return {"sealstream:tenant": "default", "sealstream:kid": kid, "sealstream:key-version": "1"}
+
+
 def outside_message(client: httpx.Client, **extra: str) -> bytes:
     """A message written outside the service with the RSA key's public half, with the
     pairs the service writes (and `extra`): anyone holding that public key can."""
-    context = {
-        "sealstream:tenant": "default",
-        "sealstream:kid": "rsaKey",
-        "sealstream:key-version": "1",
-        **extra,
-    }
+    context = {**service_pairs(), **extra}
     encryptor = Encryptor([RsaKeyring("rsaKey#1", public_rsa_key(client))], context=context)
     return b"".join(bytes(p) for p in encryptor.update(DATA) + encryptor.finish())
 
@@ -269,3 +284,162 @@ def test_hostile_recipients_are_refused_clearly(client: httpx.Client) -> None:
     assert {usage(client, kid) for kid in many} == {0}  # refused before any use counted
     create_key(client, kid="signer", kty="EC", alg="ES256", keyOps=["sign", "verify"])
     problem(encrypt(client, b"x", kid=["mySymKey", "signer"]), 403, "operation-not-permitted")
+
+
+# What a proof proves: the header the service wrote, and content only it could write
+
+
+def written(
+    keyrings: Sequence[Keyring],
+    context: dict[str, str],
+    data: bytes = DATA,
+    *,
+    endorse: Endorse | None = None,
+    signed: bool = False,
+    drawn: tuple[bytes, bytes] | None = None,
+) -> bytes:
+    """A message written with the envelope module, as an older build of the service (with
+    `endorse`, its proof) or someone else would; `drawn`: the data key and message ID to
+    take (anyone who knows a message's data key can write another under its header)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if drawn is not None:
+            draws, urandom = list(drawn), os.urandom
+            patch.setattr(os, "urandom", lambda n: draws.pop(0) if draws else urandom(n))
+        encryptor = Encryptor(
+            keyrings, context=context, frame_length=FRAME, signed=signed, endorse=endorse
+        )
+    return b"".join(bytes(p) for p in encryptor.update(data) + encryptor.finish())
+
+
+def service_proof(api: Api) -> Provenance:
+    """The proofs the service under test makes (its store's key for them)."""
+    return Provenance(api.records.key.derive(MESSAGE_PROOF_PURPOSE))
+
+
+def test_a_message_for_a_key_that_may_be_known_outside_is_signed_unasked(
+    api: Api, client: httpx.Client
+) -> None:
+    create_key(client, kid="exported", exportable=True)
+    aes_jwk = client.get(f"{KEYS}/exported/export").json()
+    imported = {**aes_jwk, "kid": "imported"}
+    assert client.post(f"{KEYS}/import", json={"kid": "imported", "jwk": imported}).is_success
+    partner, _ = partner_jwks()["rsa"]
+    for metadata in (
+        {"kid": "exported"},
+        {"kid": "imported", "signed": False},
+        {"kid": "mySymKey", "recipientPublicKey": partner, "signed": False},
+        {"kid": ["mySymKey", "exported"], "signed": False},
+    ):
+        message = sealed(client, **metadata)
+        assert parse_header(message).suite_id == 0x0578, metadata
+        assert decrypt(client, message).headers["X-Message-Proven"] == "true"
+    assert parse_header(sealed(client, signed=False)).suite_id == 0x0478  # held only here
+    reencrypted = exchange(api.url, REENCRYPT, form({"kid": "exported"}, [sealed(client)]))
+    assert reencrypted.status == 200 and parse_header(reencrypted.body).suite_id == 0x0578
+    stored = encrypt(client, DATA, kid="exported", destination={"key": "exported-object"})
+    assert stored.status_code == 201, stored.text
+    assert parse_header(api.objects.get(stored.json()["storageKey"])).suite_id == 0x0578
+
+
+def test_content_written_by_whoever_knows_the_data_key_is_not_proven(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unsigned message an older build wrote for a key created exportable: its
+    holder unwraps the data key and writes other frames under the same header, proof
+    and all. Neither message is proven; the same message for a key only the service
+    ever held is."""
+    create_key(client, kid="leaked", exportable=True)
+    key = base64.urlsafe_b64decode(client.get(f"{KEYS}/leaked/export").json()["k"] + "==")
+    assert client.patch(f"{KEYS}/leaked", json={"exportable": False}).is_success
+    keyring = AesKeyring("leaked#1", key)
+    proof = service_proof(api).endorse
+    genuine = written([keyring], service_pairs("leaked"), endorse=proof)
+    header = parse_header(genuine)
+    data_key = keyring.unwrap(header.encrypted_data_keys[0], header.context_bytes)
+    assert data_key is not None
+    forged_data = b"forged " * 1000
+    forged = written([keyring], header.context, forged_data, drawn=(data_key, header.message_id))
+    assert parse_header(forged).context["sealstream:proof"] == header.context["sealstream:proof"]
+    for message, data in ((genuine, DATA), (forged, forged_data)):
+        opened = decrypt(client, message)
+        assert opened.status_code == 200 and opened.content == data
+        assert opened.headers["X-Message-Proven"] == "false"
+    held_here = written(
+        [RsaKeyring("rsaKey#1", public_rsa_key(client))], service_pairs(), endorse=proof
+    )
+    assert decrypt(client, held_here).headers["X-Message-Proven"] == "true"
+
+    monkeypatch.setattr(api.settings, "refuse_unproven_messages", True)
+    problem(decrypt(client, forged), 422, "message-unproven")
+    problem(
+        exchange(api.url, REENCRYPT, form({"kid": "rsaKey"}, [forged])), 422, "message-unproven"
+    )
+
+
+def test_a_recipient_dropped_from_a_message_breaks_its_proof(
+    api: Api, client: httpx.Client
+) -> None:
+    """A partner of an unsigned message an older build wrote knows its data key: it
+    drops its own EDK, so that the message looks sealed for the service's key alone."""
+    _, partner = partner_jwks()["rsa"]
+    ours = RsaKeyring("rsaKey#1", public_rsa_key(client))
+    drawn = (os.urandom(32), os.urandom(32))
+    proof = service_proof(api).endorse
+    genuine = written([ours, partner], service_pairs(), endorse=proof, drawn=drawn)
+    assert decrypt(client, genuine).headers["X-Message-Proven"] == "false"  # a partner's
+    dropped = written([ours], parse_header(genuine).context, drawn=drawn)
+    assert key_names(parse_header(dropped)) == ["rsaKey#1"]
+    problem(decrypt(client, dropped), 400, "message-proof-invalid")
+    moved = written([partner, ours], parse_header(genuine).context, drawn=drawn)
+    problem(decrypt(client, moved), 400, "message-proof-invalid")
+
+
+def test_a_proof_made_by_another_deployment_is_unproven_not_invalid(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours = [RsaKeyring("rsaKey#1", public_rsa_key(client))]
+    elsewhere = written(ours, service_pairs(), endorse=Provenance(os.urandom(32)).endorse)
+    opened = decrypt(client, elsewhere)
+    assert opened.status_code == 200 and opened.headers["X-Message-Proven"] == "false"
+    proof = parse_header(written(ours, service_pairs(), endorse=service_proof(api).endorse))
+    form_, key_id, _ = proof.context["sealstream:proof"].split(":")
+    assert (form_, key_id) == ("v2", service_proof(api).key_id) and len(key_id) == 8
+    spoilt = f"v2:{key_id}:{base64.b64encode(bytes(32)).decode()}"
+    problem(
+        decrypt(client, outside_message(client, **{"sealstream:proof": spoilt})),
+        400,
+        "message-proof-invalid",
+    )
+    monkeypatch.setattr(api.settings, "refuse_unproven_messages", True)
+    problem(decrypt(client, elsewhere), 422, "message-unproven")
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_a_proof_in_the_first_form_proves_a_signed_message_only(
+    api: Api, client: httpx.Client, signed: bool
+) -> None:
+    """Builds before recipients were bound wrote the MAC alone, over the binding
+    without them: it still proves a signed message, whose footer binds every EDK."""
+    ours = RsaKeyring("rsaKey#1", public_rsa_key(client))
+    key = api.records.key.derive(MESSAGE_PROOF_PURPOSE)
+
+    def first_form(binding: bytes) -> dict[str, str]:
+        fields = binding[len(b"sealstream/header-binding/v2\x00") : -len(recipients_field(ours))]
+        mac = hmac.digest(key, b"sealstream/header-binding/v1\x00" + fields, "sha256")
+        return {"sealstream:proof": base64.b64encode(mac).decode()}
+
+    message = written([ours], service_pairs(), endorse=first_form, signed=signed)
+    opened = decrypt(client, message)
+    assert opened.status_code == 200 and opened.content == DATA
+    assert opened.headers["X-Message-Proven"] == ("true" if signed else "false")
+
+
+def recipients_field(keyring: Keyring) -> bytes:
+    """The recipients' part of a v2 header binding for one keyring (docs/FORMAT.md)."""
+    provider, name = keyring.recipient
+    return (
+        struct.pack(">HH", 1, len(provider))
+        + provider.encode()
+        + struct.pack(">H", len(name))
+        + name
+    )

@@ -153,6 +153,7 @@ def test_the_stored_record_has_the_documented_json_fields(
         "keySize",
         "keyOps",
         "exportable",
+        "everExportable",
         "status",
         "primaryVersion",
         "versions",
@@ -169,6 +170,7 @@ def test_the_stored_record_has_the_documented_json_fields(
         "origin",
     }
     assert (stored["keySize"], stored["rotationPeriod"], stored["usageCount"]) == (2048, "P30D", 0)
+    assert (stored["exportable"], stored["everExportable"]) == (False, False)
     assert (stored["deletionDate"], stored["expiresAt"], stored["lastUsedAt"]) == (None,) * 3
     assert stored["createdAt"] == "2030-01-01T00:00:00Z"
     [version] = stored["versions"]

@@ -89,15 +89,52 @@ MUTANTS = (
     Mutant(
         "proof checked",
         "services/provenance.py",
-        "        if not hmac.compare_digest(_decoded(proof), expected):",
+        "        if not hmac.compare_digest(_decoded(mac), self._mac(binding)):",
         "        if False:",
         PROVENANCE_TESTS,
     ),
     Mutant(
         "unproven refused",
         "services/provenance.py",
-        "            if refuse_unproven:",
-        "            if False:",
+        "        if refuse_unproven:",
+        "        if False:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "another deployment's proof unproven",
+        "services/provenance.py",
+        "        if proof_format != PROOF_FORMAT or key_id != self.key_id:",
+        "        if proof_format != PROOF_FORMAT:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "a proof of the first form proves signed messages only",
+        "services/provenance.py",
+        "            return header.signed\n",
+        "            return True\n",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "unsigned content proven only for keys held here alone",
+        "services/keys.py",
+        "        if record.may_be_known_outside:",
+        "        if False:",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "signed when a recipient's key may be known outside",
+        "services/keys.py",
+        "        signed=signed or known_outside(record, others),",
+        "        signed=signed,",
+        PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "recipients bound by the proof",
+        "envelope/message.py",
+        '            struct.pack(">H", len(recipients)),\n'
+        '            *(_counted(provider.encode("utf-8")) + _counted(name)'
+        " for provider, name in recipients),\n",
+        "",
         PROVENANCE_TESTS,
     ),
     Mutant(

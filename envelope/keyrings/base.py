@@ -24,6 +24,11 @@ class Keyring(ABC):
         self.key_name = key_name
         self._key_name_bytes = encoded
 
+    @property
+    def recipient(self) -> tuple[str, bytes]:
+        """The provider ID and key name its EDKs carry, known before it wraps anything."""
+        return PROVIDER_ID, self._key_name_bytes
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.key_name!r})"
 

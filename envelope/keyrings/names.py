@@ -20,11 +20,24 @@ def key_names(header: Header) -> list[str]:
     for edk in header.encrypted_data_keys:
         if edk.provider_id != PROVIDER_ID:
             continue
-        info = edk.provider_info
-        raw = info
-        if len(info) > _AES_TRAILER_LENGTH and info[-_AES_TRAILER_LENGTH:-IV_LENGTH] == _AES_SUFFIX:
-            raw = info[:-_AES_TRAILER_LENGTH]
-        name = raw.decode("utf-8", "replace")
+        name = _raw_name(edk.provider_info).decode("utf-8", "replace")
         if name not in names:
             names.append(name)
     return names
+
+
+def recipients_of(header: Header) -> list[tuple[str, bytes]]:
+    """Each EDK's provider ID and key name (its provider info, for another provider's),
+    in order, repeats kept: what a writer names its keyrings by (`Keyring.recipient`)."""
+    return [
+        (edk.provider_id, _raw_name(edk.provider_info))
+        if edk.provider_id == PROVIDER_ID
+        else (edk.provider_id, edk.provider_info)
+        for edk in header.encrypted_data_keys
+    ]
+
+
+def _raw_name(info: bytes) -> bytes:
+    if len(info) > _AES_TRAILER_LENGTH and info[-_AES_TRAILER_LENGTH:-IV_LENGTH] == _AES_SUFFIX:
+        return info[:-_AES_TRAILER_LENGTH]
+    return info
