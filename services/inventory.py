@@ -28,7 +28,7 @@ from services.placement import client_key
 from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
-from storage.records import ObjectRecord, load_record
+from storage.records import ObjectRecord, object_record
 
 INDEX_PREFIX = "sealstream/index/"
 MARKER_KIND = "object-marker"
@@ -174,12 +174,12 @@ class Inventory:
         return counted
 
 
-def record_at(records: Records, bucket: str, storage_key: str) -> ObjectRecord | None:
+def record_at(records: Records, store: ObjectStore, storage_key: str) -> ObjectRecord | None:
     """The record of the object at a place, if there is one to believe: that of the object
     a write there replaces, whose marker then goes. One that cannot be believed leaves its
     marker, if any, in place: one too many."""
     try:
-        return load_record(records, bucket, storage_key)
+        return object_record(records, store, storage_key, store.head(storage_key))
     except (ObjectNotFound, RecordTampered):
         return None
 

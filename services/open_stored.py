@@ -62,7 +62,7 @@ from services.placement import Placement
 from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 from storage.integrity import Records, RecordTampered
 from storage.readahead import ReadAhead
-from storage.records import ObjectRecord, load_intent, load_record
+from storage.records import ObjectRecord, load_intent, object_record
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ async def _check_version(
     size, version = found.size, found.etag
     if recorded is None:
         recorded = await to_thread.run_sync(
-            partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, size
+            partial(recorded_object, serve_unrecorded=serve_unrecorded), records, placement, found
         )
     with damage_reported(placement):
         header = await to_thread.run_sync(
@@ -277,14 +277,14 @@ async def stored_range(
 
 
 def recorded_object(
-    records: Records, placement: Placement, size: int, *, serve_unrecorded: bool
+    records: Records, placement: Placement, stored: ObjectInfo, *, serve_unrecorded: bool
 ) -> ObjectRecord | None:
     """The object's record, refusing an object of another size than its upload recorded
     (cut short or replaced behind the service's back). An object without a record is
     refused unless `serve_unrecorded`: the service cannot tell it was the one to store it,
     and whoever holds an asymmetric key's public half can make one."""
     try:
-        recorded = load_record(records, placement.bucket, placement.storage_key)
+        recorded = object_record(records, placement.store, placement.storage_key, stored)
     except ObjectNotFound:
         if serve_unrecorded:
             return None
@@ -292,9 +292,10 @@ def recorded_object(
         raise ObjectUnrecorded(
             f"the service has no record of storing {placement.key!r}, so it does not serve it"
         ) from None
-    if recorded.ciphertext_size != size:
+    if recorded.ciphertext_size != stored.size:
         raise _damaged(
-            placement, f"it is {size} bytes; its upload recorded {recorded.ciphertext_size}"
+            placement,
+            f"it is {stored.size} bytes; its upload recorded {recorded.ciphertext_size}",
         )
     return recorded
 

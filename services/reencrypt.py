@@ -175,7 +175,7 @@ def reencrypt_stored(
     `destination`: `reencrypt_object` on a client's request. Its old record, and what was
     done."""
     original = source.store.head(source.storage_key)
-    recorded = recorded_object(records, source, original.size, serve_unrecorded=False)
+    recorded = recorded_object(records, source, original, serve_unrecorded=False)
     assert recorded is not None  # an unrecorded object was refused
     if source_kid is not None and recorded.kid != source_kid:
         raise KeyMismatch(f"the object is not sealed for key {source_kid!r}")
@@ -239,7 +239,7 @@ def reencrypt_object(
     replaced = (
         recorded
         if destination is None
-        else record_at(records, destination.bucket, destination.storage_key)
+        else record_at(records, destination.store, destination.storage_key)
         if overwrite
         else None
     )

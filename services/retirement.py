@@ -31,7 +31,7 @@ from services.objects import read_stored_header
 from services.placement import Spaces, tenant_prefix
 from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.integrity import Records, RecordTampered
-from storage.records import load_record
+from storage.records import object_record
 
 # Records read at once by a census: each read is a request or two, mostly waiting.
 CENSUS_THREADS = 8
@@ -250,7 +250,7 @@ def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: st
     """Whether the object `info` is sealed for the key name `name`, by its record, or
     without one by its header."""
     try:
-        record = load_record(records, store.bucket, info.key)
+        record = object_record(records, store, info.key, info)
     except RecordTampered:
         return _Verdict.REFUSED
     except ObjectNotFound:

@@ -4,7 +4,10 @@ plaintext's SHA-256 taken on the way, its marker in the index of key versions
 makes it visible, and the object's record saved once it has. Any failure on the way
 aborts the upload, so nothing becomes visible and no upload is left pending; a crash
 between completing the upload and saving the record leaves the intent, from which the
-sweep saves the record (`services.unfinished`).
+sweep saves the record (`services.unfinished`). With `record_in_metadata` (archive
+members), an object small enough for one request carries its record in its metadata
+instead (`storage.records`): its marker, then the object with its record, two writes in
+all, and nothing for the sweep to finish.
 
 From a request, batches are sealed, hashed and handed to the multipart writer in one
 worker-thread call, which hashes on a second thread while it seals: SHA-256 costs about
@@ -34,9 +37,16 @@ from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
 from services.objects import hidden_plaintext, intended_record, object_metadata, stored_record
 from services.placement import Placement
 from services.streams import frame_batches
-from storage import StorageError
+from storage import ObjectExists, PreconditionFailed, StorageError
 from storage.integrity import Records
-from storage.records import ObjectRecord, drop_intent, save_intent, save_record
+from storage.records import (
+    ObjectRecord,
+    drop_intent,
+    record_key,
+    record_metadata,
+    save_intent,
+    save_record,
+)
 
 # The writer may block on parts in flight, so batches always go to a thread; bigger ones
 # make fewer hops.
@@ -78,11 +88,12 @@ class ObjectSealer:
         overwrite: bool,
         records: Records,
         name_key: NameKey | None = None,
+        record_in_metadata: bool = False,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
         `object_key`): a message that names no place could be copied anywhere. With
         `name_key`, the record holds the plaintext's size and SHA-256 only as their HMAC
-        under it."""
+        under it; with `record_in_metadata`, a small object carries its record."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
@@ -94,8 +105,10 @@ class ObjectSealer:
         self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
         self._overwrite = overwrite
+        self._record_in_metadata = record_in_metadata
+        self._metadata = object_metadata(sealing)
         self._writer = placement.store.multipart(
-            placement.storage_key, metadata=object_metadata(sealing), if_absent=not overwrite
+            placement.storage_key, metadata=self._metadata, if_absent=not overwrite
         )
 
     def write(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -148,6 +161,8 @@ class ObjectSealer:
         )
         if self._name_key is not None:  # the intent tells no more than the record
             intent = hidden_plaintext(intent, self._name_key)
+        if self._sends_record(intent):
+            return self._complete_recorded(marker, intent, replaced)
         # Before the object can be seen: the index never misses an object it holds, and
         # the intent is there to record it whatever happens next.
         ours = self._inventory.add(marker)
@@ -171,11 +186,37 @@ class ObjectSealer:
         self._inventory.moved(replaced, record)
         return record
 
+    def _sends_record(self, intent: ObjectRecord) -> bool:
+        """Whether the object is to carry its record, and will (small enough)."""
+        if not self._record_in_metadata:
+            return False
+        metadata = record_metadata(self._records, intent, self._metadata)
+        return metadata is not None and self._writer.send_whole(metadata)
+
+    def _complete_recorded(
+        self, marker: Marker, record: ObjectRecord, replaced: ObjectRecord | None
+    ) -> ObjectRecord:
+        """Complete an object that carries its record: the marker first, as ever."""
+        marked = self._inventory.add(marker)
+        try:
+            info = self._writer.complete()
+        except (ObjectExists, PreconditionFailed):
+            self._take_back(marker if marked else None, None)  # nothing was made visible
+            raise
+        # Otherwise the marker stays: a completion that failed on the way back may have
+        # made the object visible all the same, and one marker too many is harmless.
+        if replaced is not None:  # a record file of the object replaced would be stale
+            with suppress(StorageError):
+                self._records.store.delete(record_key(replaced.bucket, replaced.key))
+        record = record.model_copy(update={"etag": info.etag})
+        self._inventory.moved(replaced, record)
+        return record
+
     def _replaced(self) -> ObjectRecord | None:
         """The record of the object this one will replace, if any can be read."""
         if not self._overwrite:
             return None  # the upload completes only where there is no object
-        return record_at(self._records, self._placement.bucket, self._placement.storage_key)
+        return record_at(self._records, self._placement.store, self._placement.storage_key)
 
     def _take_back(self, marker: Marker | None, visible: ObjectRecord | None) -> None:
         """Undo what `complete` did before it failed: the object it made `visible`, if it
@@ -231,12 +272,19 @@ def seal_stream(
     records: Records,
     after_chunk: Callable[[], None],
     name_key: NameKey | None = None,
+    record_in_metadata: bool = False,
 ) -> ObjectRecord:
     """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
-    plaintext hidden under `name_key`, if given); `after_chunk()` runs once each chunk is
-    written (progress, a cancel point)."""
+    plaintext hidden under `name_key`, if given; in its metadata if small enough and
+    `record_in_metadata`); `after_chunk()` runs once each chunk is written (progress, a
+    cancel point)."""
     sealer = ObjectSealer(
-        sealing, placement, overwrite=overwrite, records=records, name_key=name_key
+        sealing,
+        placement,
+        overwrite=overwrite,
+        records=records,
+        name_key=name_key,
+        record_in_metadata=record_in_metadata,
     )
     try:
         for chunk in chunks:

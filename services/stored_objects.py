@@ -25,7 +25,7 @@ from services.placement import BucketNotAllowed, Spaces, tenant_prefix
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageError, StorageUnavailable
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
-from storage.records import ObjectRecord, load_record, record_key
+from storage.records import ObjectRecord, load_record, object_record, record_key
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +56,17 @@ class ObjectEntry(CamelModel):
     state: ObjectState
 
     @classmethod
-    def of(cls, records: Records, bucket: str, info: ObjectInfo, key: str) -> Self:
+    def of(cls, records: Records, store: ObjectStore, info: ObjectInfo, key: str) -> Self:
         """The entry of the listed object `info`, named `key` by its tenant."""
         base = cls(
             key=key,
-            bucket=bucket,
+            bucket=store.bucket,
             size=info.size,
             created_at=info.last_modified,
             state=ObjectState.SEALED,
         )
         try:
-            record = load_record(records, bucket, info.key)
+            record = object_record(records, store, info.key, info)
         except ObjectNotFound:
             return base.model_copy(update={"state": ObjectState.UNRECORDED})
         except RecordTampered:
@@ -93,7 +93,7 @@ def list_objects(
     for info in store.list(base + prefix, start_after=base + after if after else ""):
         if len(entries) == limit:
             return entries, entries[-1].key
-        entries.append(ObjectEntry.of(records, store.bucket, info, info.key.removeprefix(base)))
+        entries.append(ObjectEntry.of(records, store, info, info.key.removeprefix(base)))
     return entries, None
 
 
@@ -122,7 +122,7 @@ def delete_object(
     """Delete a stored object, its record and its markers; `ObjectNotFound` if there is
     no such object. The deleted object's record, if it had one that authenticates."""
     info = store.head(storage_key)
-    record = _authentic_record(records, store.bucket, storage_key)
+    record = _authentic_record(records, store, info)
     note = DeletionNote(
         tenant=tenant,
         bucket=store.bucket,
@@ -136,9 +136,11 @@ def delete_object(
     return record if record is not None and record.etag == info.etag else None
 
 
-def _authentic_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord | None:
+def _authentic_record(
+    records: Records, store: ObjectStore, info: ObjectInfo
+) -> ObjectRecord | None:
     try:
-        return load_record(records, bucket, storage_key)
+        return object_record(records, store, info.key, info)
     except (ObjectNotFound, RecordTampered):
         return None
 

@@ -121,6 +121,13 @@ class MultipartWriter(Scoped):
             raise
         self.bytes_written += count
 
+    def send_whole(self, metadata: dict[str, str]) -> bool:
+        """Make the object visible with `metadata` (instead of what the writer was opened
+        with) if it is still to be written in one request, as a small object is; whether
+        it will be. Nothing is sent until `complete()`."""
+        self._require_open()
+        return self._send_whole(metadata)
+
     def complete(self) -> ObjectInfo:
         """Make the object visible, if the writer's condition still holds."""
         self._require_open()
@@ -149,6 +156,9 @@ class MultipartWriter(Scoped):
     @abstractmethod
     def _write(self, view: memoryview) -> None:
         """Take a non-empty run of bytes; `view` is only valid during the call."""
+
+    @abstractmethod
+    def _send_whole(self, metadata: dict[str, str]) -> bool: ...
 
     @abstractmethod
     def _complete(self) -> ObjectInfo:

@@ -93,6 +93,20 @@ def seal(key: RecordKey, kind: str, name: str, record: BaseModel) -> bytes:
     return json.dumps(document, indent=1, sort_keys=True).encode()
 
 
+def compact_seal(key: RecordKey, kind: str, name: str, record: BaseModel) -> str:
+    """`record` sealed as `seal` does, with no whitespace and without the kind and name
+    (the reader knows them): for a record kept in an object's metadata."""
+    body = record.model_dump(mode="json")
+    mac = key.mac(kind, name, canonical_json(body))
+    document = {
+        "format": FORMAT,
+        "macKey": key.key_id,
+        "mac": base64.b64encode(mac).decode("ascii"),
+        "record": body,
+    }
+    return canonical_json(document).decode("ascii")
+
+
 def unseal(key: RecordKey, kind: str, name: str, data: bytes, model: type[Model]) -> Model:
     """The record stored as `data` under `name`; `RecordTampered` unless it is one this
     key sealed there, as a `kind`, and is a valid `model`."""

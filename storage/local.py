@@ -426,6 +426,10 @@ class _LocalWriter(MultipartWriter):
         with self._store._os_errors(self.key):  # noqa: SLF001
             self._file.write(view)
 
+    def _send_whole(self, metadata: dict[str, str]) -> bool:
+        self._metadata = metadata  # the sidecar is written once the file is complete
+        return True
+
     def _complete(self) -> ObjectInfo:
         # A version token, not a digest: an etag only has to change when the object does,
         # and a digest would take another pass over every byte stored.

@@ -7,6 +7,14 @@ name is hidden, an HMAC of them under the tenant's name key). Writing the record
 record always describes a complete object. Records are sealed (`storage.integrity`), so
 one changed or planted in the bucket is refused rather than believed.
 
+A small object written in one request may carry its record in its own metadata instead
+(archive members do: `SEALSTREAM_BATCH_CONCURRENCY` of them in flight would otherwise
+spend most of their time on bookkeeping), under `sealstream-record`: the record less its
+bucket, storage key and etag (storage says those), sealed as a record file would be and
+bound to the same name, so it cannot be forged, altered, or copied to another object.
+Object and record then appear together, in one write, with no intent and no record file;
+`object_record` finds either kind.
+
 Completing the upload and saving the record are two steps, so the record is written
 first as an *intent*, before the upload completes: the same record with no etag yet,
 named by the object's place and its header's digest,
@@ -24,18 +32,25 @@ from datetime import datetime
 
 from pydantic import Field
 
+from storage.base import ObjectInfo, ObjectStore
 from storage.documents import FrozenCamelModel
-from storage.integrity import Records, RecordTampered
+from storage.errors import ObjectNotFound
+from storage.integrity import Records, RecordTampered, canonical_json, compact_seal
 
 RECORDS_PREFIX = "sealstream/objects/"
 RECORD_KIND = "object"
 INTENTS_PREFIX = "sealstream/intents/"
 INTENT_KIND = "object-intent"
+METADATA_KIND = "object-metadata"
+RECORD_METADATA = "sealstream-record"
+# What an object's metadata may hold in all: S3 takes 2 KB of user metadata.
+METADATA_BUDGET = 1800
+PLACE_FIELDS = {"bucket", "key", "etag"}  # left out of a record in its object's metadata
 
 
-class ObjectRecord(FrozenCamelModel):
-    bucket: str
-    key: str  # the storage key
+class MessageRecord(FrozenCamelModel):
+    """What a record says of the message stored: all of it but where it is stored."""
+
     tenant: str
     kid: str
     key_version: int
@@ -45,7 +60,6 @@ class ObjectRecord(FrozenCamelModel):
     plaintext_size: int | None = Field(None, exclude_if=lambda value: value is None)
     plaintext_sha256: str | None = Field(None, exclude_if=lambda value: value is None)
     ciphertext_size: int
-    etag: str
     created_at: datetime
     # SHA-256 (hex) of the stored message's header: what ties the record to the one message
     # the service stored there (its ID, key commitment, data keys and context).
@@ -54,6 +68,12 @@ class ObjectRecord(FrozenCamelModel):
     # version), bound to the object's place (`keystore.name_keys`).
     plaintext_mac: str | None = Field(None, exclude_if=lambda value: value is None)
     name_key_version: int | None = Field(None, exclude_if=lambda value: value is None)
+
+
+class ObjectRecord(MessageRecord):
+    bucket: str
+    key: str  # the storage key
+    etag: str
 
 
 def record_key(bucket: str, storage_key: str) -> str:
@@ -71,6 +91,53 @@ def load_record(records: Records, bucket: str, storage_key: str) -> ObjectRecord
     if (record.bucket, record.key) != (bucket, storage_key):
         raise RecordTampered("it describes another object", record_key(bucket, storage_key))
     return record
+
+
+def record_metadata(
+    records: Records, intent: ObjectRecord, metadata: dict[str, str]
+) -> dict[str, str] | None:
+    """`metadata` with the record `intent` names added, for an object written in one
+    request; None if it would not fit in what storage allows."""
+    body = MessageRecord.model_validate(intent.model_dump(exclude=PLACE_FIELDS))
+    value = compact_seal(records.key, METADATA_KIND, record_key(intent.bucket, intent.key), body)
+    if len(value) + len(canonical_json(metadata)) > METADATA_BUDGET:
+        return None
+    return {**metadata, RECORD_METADATA: value}
+
+
+def metadata_record(records: Records, bucket: str, stored: ObjectInfo) -> ObjectRecord | None:
+    """The record the object `stored` carries in its metadata, if any: `RecordTampered`
+    if it is not one the service sealed for this very object."""
+    value = stored.metadata.get(RECORD_METADATA)
+    if value is None:
+        return None
+    name = record_key(bucket, stored.key)
+    message = records.open(METADATA_KIND, name, value.encode(), MessageRecord)
+    return ObjectRecord(**message.model_dump(), bucket=bucket, key=stored.key, etag=stored.etag)
+
+
+def object_record(
+    records: Records, store: ObjectStore, storage_key: str, stored: ObjectInfo | None = None
+) -> ObjectRecord:
+    """The record of the object at `storage_key`: the one in its metadata, written with
+    it, else its record file (which a crash may have left behind a member written over
+    its object). `stored` describes the object if that is at hand (else it is asked); a
+    listing's entry, which has no metadata, is asked only if there is no record file.
+    `ObjectNotFound` if it has neither (or there is no object), `RecordTampered` if the
+    one found is not authentic."""
+    if stored is None:
+        stored = store.head(storage_key)
+    if (found := metadata_record(records, store.bucket, stored)) is not None:
+        return found
+    try:
+        return load_record(records, store.bucket, storage_key)
+    except ObjectNotFound:
+        if stored.metadata:
+            raise
+        found = metadata_record(records, store.bucket, store.head(storage_key))
+        if found is None:
+            raise
+        return found
 
 
 def intent_key(bucket: str, storage_key: str, header_sha256: str) -> str:

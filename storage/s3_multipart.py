@@ -114,6 +114,12 @@ class S3MultipartWriter(MultipartWriter):
         if self._part_number > MAX_PARTS:
             raise StorageError(f"the object outgrew the {MAX_PARTS} parts S3 allows", self.key)
 
+    def _send_whole(self, metadata: dict[str, str]) -> bool:
+        if self._upload_id is not None:
+            return False  # its metadata went with the upload's start
+        self._metadata = metadata
+        return True
+
     def _complete(self) -> ObjectInfo:
         if self._upload_id is None:
             return self._put_whole()

@@ -31,7 +31,7 @@ from sealstream.wiring import build_parts
 from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage import MIN_PART_SIZE
-from storage.records import load_record
+from storage.records import object_record
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, read_object
@@ -478,7 +478,7 @@ def test_cancel_stops_the_job_between_or_inside_members(api: Api) -> None:
     sealed = list(api.objects.list(TENANT + "out/"))
     assert 0 < len(sealed) < len(files)
     for info in sealed:  # each one complete and recorded, none half-written
-        record = load_record(api.records, api.objects.bucket, info.key)
+        record = object_record(api.records, api.objects, info.key)
         assert record.ciphertext_size == info.size
     assert "out/manifest.json" not in stored_keys(api)
     assert list(api.objects.list(f"sealstream/jobs/default/{job_id}.partial/")) == []

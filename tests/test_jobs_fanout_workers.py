@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from storage.records import object_record, record_key
 from tests.support.data import random_bytes
 from tests.support.http import create_key, read_object
 from tests.support.jobs import (
@@ -129,12 +130,21 @@ def test_a_killed_workers_share_is_redone_each_member_once(
     # One object and one record per member, and the manifest's: no more, no fewer.
     objects = stored(moto_s3, bucket, f"{TENANT}out/")
     assert objects == sorted([f"{TENANT}out/{p}" for p in files] + [f"{TENANT}out/manifest.json"])
-    records = stored(moto_s3, bucket, f"sealstream/objects/{bucket}/{TENANT}out/")
-    assert records == [f"sealstream/objects/{bucket}/{key}.json" for key in objects]
+    assert_recorded(stack, moto_s3, objects)
     assert not moto_s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
     assert stored(moto_s3, bucket, f"sealstream/jobs/default/{job_id}-") == [
         f"sealstream/jobs/default/{job_id}-{n:04d}.json" for n in range(MEMBERS // CHUNK)
     ]  # the chunks' reports; their journals are gone
+
+
+def assert_recorded(stack: JobStack, moto_s3: "S3Client", objects: list[str]) -> None:
+    """Each of `objects` has its record (a small one's in its metadata), and no record
+    file is left of anything else under out/."""
+    api, bucket = stack.api, stack.api.objects.bucket
+    for key in objects:
+        assert object_record(api.records, api.objects, key).key == key
+    files = stored(moto_s3, bucket, f"sealstream/objects/{bucket}/{TENANT}out/")
+    assert set(files) <= {record_key(bucket, key) for key in objects}
 
 
 def test_cancelling_the_job_stops_its_chunks(stack: JobStack, moto_s3: "S3Client") -> None:
@@ -161,8 +171,7 @@ def test_cancelling_the_job_stops_its_chunks(stack: JobStack, moto_s3: "S3Client
     objects = stored(moto_s3, bucket, f"{TENANT}out/")
     assert 0 < len(objects) < MEMBERS
     assert f"{TENANT}out/manifest.json" not in objects
-    records = stored(moto_s3, bucket, f"sealstream/objects/{bucket}/{TENANT}out/")
-    assert records == [f"sealstream/objects/{bucket}/{key}.json" for key in objects]
+    assert_recorded(stack, moto_s3, objects)
     assert stored(moto_s3, bucket, f"sealstream/jobs/default/{job_id}.partial/") == []
     with stack.client() as client:
         for key in objects:  # each one whole: it opens

@@ -35,7 +35,7 @@ from services.jobs.context import JobCancelled, JobContext, JobFailed, LeaseLost
 from services.placement import tenant_prefix
 from services.reencrypt import ObjectTampered, reencrypt_object
 from storage import ObjectInfo, ObjectNotFound, ObjectStore, StorageUnavailable
-from storage.records import ObjectRecord, load_record
+from storage.records import ObjectRecord, object_record
 
 # What header-only rewrap jobs staged. Each staged object held another header of a stored
 # message, which with the stored one gives away the message's GCM hash key.
@@ -237,7 +237,7 @@ class _ReencryptJob:
 
     def _record(self, store: ObjectStore, storage_key: str) -> ObjectRecord | None:
         try:
-            return load_record(self.services.records, store.bucket, storage_key)
+            return object_record(self.services.records, store, storage_key)
         except ObjectNotFound:
             return None
 

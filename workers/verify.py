@@ -14,7 +14,7 @@ from services.jobs.context import JobContext, JobFailed
 from services.objects import VERIFIED_FIELDS, ObjectSummary, RecordMismatch
 from services.open_stored import verify_stored
 from storage import ObjectNotFound
-from storage.records import load_record
+from storage.records import object_record
 
 
 def verify(context: JobContext, services: Parts) -> dict[str, Any]:
@@ -22,13 +22,14 @@ def verify(context: JobContext, services: Parts) -> dict[str, Any]:
     storage_key = params.storage_key
     store = services.spaces.store(tenant, params.bucket)
     try:
-        recorded = load_record(services.records, store.bucket, storage_key)
+        stored = store.head(storage_key)
+        recorded = object_record(services.records, store, storage_key, stored)
     except ObjectNotFound:
         raise JobFailed(
             "object-record-missing",
             "no upload record for this object: it was not written by encrypt-to-storage",
         ) from None
-    size = store.head(storage_key).size
+    size = stored.size
     # From zero: a rerun reads the whole object again.
     context.progress(bytes_total=size, bytes_done=0, items_total=1, items_done=0, force=True)
     try:

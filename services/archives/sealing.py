@@ -79,6 +79,7 @@ class MemberSealing:
             records=self.records,
             after_chunk=after_chunk,
             name_key=self.name_key,
+            record_in_metadata=True,  # a small member is one write, with its record
         )
 
     def _start(self, placement: Placement) -> Sealing:
