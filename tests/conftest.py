@@ -31,6 +31,39 @@ TEST_PAGE_SIZE = 7
 S3StoreFactory = Callable[..., S3Store]
 
 
+# The modules holding the suite's longest tests (worker processes killed and waited out,
+# servers started as processes, a distribution built and installed), longest first. They
+# are started first, so that the xdist workers end together: started last, one of them
+# kept a worker busy for its whole length after the other had run out of tests.
+LONGEST_FIRST = (
+    "test_jobs_celery.py",
+    "test_client_distribution.py",
+    "test_audit.py",
+    "test_cli_serve.py",
+    "test_serve_processes.py",
+    "test_cli_commands.py",
+    "test_jobs_fanout_workers.py",
+    "test_jobs_store.py",
+    "test_api_openapi.py",
+    "test_api_object_reads.py",
+    "test_api_transport.py",
+    "test_jobs_queue_loss.py",
+    "test_jobs_sentinel.py",
+    "test_beat.py",
+    "test_envelope_interop.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole modules of LONGEST_FIRST first, in its order; every module keeps its own order."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def aws_environment() -> Iterator[None]:
     """Dummy AWS credentials and region for this process, so no real account is ever used."""
