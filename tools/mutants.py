@@ -394,7 +394,7 @@ MUTANTS = (
     Mutant(
         "key usage: a Redis count read afresh is held to the sealed record",
         "keystore/usage_redis.py",
-        "        if jump > self._allowance(self._failing_for(record)):",
+        "        if jump > self._allowance(record, self._saved.now()):",
         "        if False:",
         REDIS_USAGE_TESTS,
     ),
@@ -409,7 +409,7 @@ MUTANTS = (
     Mutant(
         "key usage: a checkpoint refuses an implausible Redis count",
         "keystore/usage_redis.py",
-        "            if _jump(stored.uses, shared) > allowance:",
+        "            if _jump(stored.uses, shared) > self._allowance(stored, now) + added.total:",
         "            if False:",
         REDIS_USAGE_TESTS,
     ),
