@@ -11,7 +11,18 @@ from api import docs, openapi, problems
 from api.admission import StreamLimit
 from api.audit import AuditMiddleware
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import admin, archives, audit, crypto, health, jobs, keys, objects, signatures
+from api.routes import (
+    admin,
+    archives,
+    audit,
+    crypto,
+    health,
+    jobs,
+    keys,
+    objects,
+    signatures,
+    uploads,
+)
 from api.services import Services
 
 
@@ -47,7 +58,18 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     app.add_middleware(AuditMiddleware, trail=services.audit)
     problems.install(app)
     openapi.install(app)
-    for module in (health, keys, crypto, archives, signatures, objects, jobs, admin, audit):
+    for module in (
+        health,
+        keys,
+        crypto,
+        uploads,
+        archives,
+        signatures,
+        objects,
+        jobs,
+        admin,
+        audit,
+    ):
         app.include_router(module.router)
     docs.install(app, services.settings.api_docs)
     return app

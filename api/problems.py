@@ -22,6 +22,7 @@ from starlette.routing import Match
 import envelope
 import keystore
 import storage
+from services import resumable
 from services.errors import error_code, public_detail
 from services.open_stored import StoredObjectRefused
 from services.placement import BucketNotAllowed
@@ -120,6 +121,14 @@ _STATUS: dict[type[Exception], int] = {
     RecordTampered: 502,
     storage.StorageError: 502,
     BucketNotAllowed: 403,
+    resumable.UploadNotFound: 404,
+    resumable.UploadBusy: 423,
+    resumable.OffsetMismatch: 409,
+    resumable.ResentBytesDiffer: 409,
+    resumable.PatchTooShort: 400,
+    resumable.UploadTooLong: 400,
+    resumable.UploadTampered: 502,
+    resumable.UploadUnsupported: 422,
     StoredObjectRefused: 502,
     ObjectTampered: 502,
     RecipientNotHeld: 409,
@@ -229,5 +238,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StoredObjectRefused, domain)
     app.add_exception_handler(ObjectTampered, domain)
     app.add_exception_handler(RecipientNotHeld, domain)
+    app.add_exception_handler(resumable.UploadRefused, domain)
     app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

@@ -89,9 +89,12 @@ class FrameSealer(_FrameKey):
     fresh key); its reader holds a `FrameOpener`, which can neither seal nor tag.
     """
 
-    def __init__(self, encryption_key: bytes, message_id: bytes) -> None:
+    def __init__(
+        self, encryption_key: bytes, message_id: bytes, *, header_tagged: bool = False
+    ) -> None:
+        """`header_tagged`: the message's header was tagged before (`resume_message`)."""
         super().__init__(encryption_key, message_id)
-        self._header_tagged = False
+        self._header_tagged = header_tagged
 
     def header_tag(self, header_body: bytes) -> bytes:
         """The tag of the message's header, under the IV 0, which no frame takes.

@@ -253,6 +253,24 @@ def open_message(
     return OpenedMessage(header, cipher, keyring)
 
 
+def resume_message(header: Header, keyrings: Sequence[Keyring]) -> FrameSealer:
+    """The sealer of a message whose writing stopped and goes on elsewhere: its data key
+    unwrapped from `header` by one of `keyrings`, the key commitment and the header tag
+    checked as `open_message` checks them. It tags no header (that was done once).
+
+    Its caller takes the nonce's uniqueness on itself: each sequence number must be
+    sealed with one plaintext, as regular or final frame, whatever process seals it. The
+    service's resumable uploads record each frame's plaintext (as an HMAC) before they
+    seal it, and seal a frame again only for the very same bytes, which gives the very
+    same frame (`services.resumable`)."""
+    data_key, _ = _unwrap_data_key(header, keyrings)
+    keys = derive_keys(data_key, header.message_id, header.suite_id)
+    if not hmac.compare_digest(keys.commitment, header.commitment):
+        raise CommitmentMismatch("the data key does not match the header's key commitment")
+    FrameOpener(keys.encryption_key, header.message_id).verify_header_tag(header.body, header.tag)
+    return FrameSealer(keys.encryption_key, header.message_id, header_tagged=True)
+
+
 def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> tuple[bytes, Keyring]:
     for edk in header.encrypted_data_keys:
         for keyring in keyrings:

@@ -239,6 +239,20 @@ class KeyStore:
         uses = self._usage.use(record, record.primary_version, "encrypt")
         return record, keyring, uses
 
+    def resuming_keyring(self, tenant: str, kid: str, version: int) -> tuple[KeyRecord, Keyring]:
+        """The keyring of `version` of the key, to go on sealing a message started under
+        it (a resumable upload), if the key may encrypt now. Nothing is counted: the
+        message was counted once, when it started."""
+        entry = self._cached(tenant, kid)
+        if not entry.record.has_version(version):
+            self._cache.invalidate(tenant, kid)
+            entry = self._cached(tenant, kid)
+        record = entry.record
+        record.check_usable("encrypt", self._clock())
+        chosen = record.version(version)
+        chosen.check_in_use(kid)
+        return record, entry.keyring(chosen, self._material.keyring)
+
     def count_opened(self, record: KeyRecord, version: int) -> Uses:
         """Count a message opened under `version` of the key; the key's uses with it."""
         return self._usage.use(record, version, "decrypt")

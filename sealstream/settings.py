@@ -156,6 +156,18 @@ class Settings(BaseSettings):
         description="largest JSON request body, and largest metadata part, in bytes (413 "
         "beyond; at least 1024)",
     )
+    upload_expiry: int = Field(
+        24 * 3600,
+        ge=60,
+        description="seconds a resumable upload (/api/uploads) may stay unfinished before the "
+        "lifecycle sweep aborts it and erases its state",
+    )
+    upload_lock_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a resumable upload's PATCH holds its lock past its last stored "
+        "write: a PATCH whose server died holds up the next one at most this long",
+    )
     idle_timeout: float = Field(
         60.0,
         gt=0,

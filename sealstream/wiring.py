@@ -39,6 +39,7 @@ from services.archives import ArchiveLimits
 from services.jobs import JobStore, MemoryJobStore, RedisJobStore
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
+from services.resumable import Uploads
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
 
@@ -59,6 +60,16 @@ class Parts:
     spaces: Spaces
     jobs: JobStore
     audit: AuditTrail  # this process's chain: record lifecycle actions with `audit.lifecycle`
+
+    def uploads(self) -> Uploads:
+        """The resumable uploads, as the settings time them."""
+        return Uploads(
+            self.records,
+            self.keys,
+            self.spaces,
+            expiry=timedelta(seconds=self.settings.upload_expiry),
+            lock_for=timedelta(seconds=self.settings.upload_lock_seconds),
+        )
 
 
 class ConfigurationError(Exception):

@@ -10,7 +10,7 @@ same way whoever handles it.
 import hashlib
 import hmac
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from envelope import (
     AuthenticationError,
@@ -24,6 +24,7 @@ from envelope import (
 )
 from envelope.frames import FrameOpener
 from keystore.name_keys import NameKey, NameKeys, NameUnreadable
+from services.frame_chain import FrameChain
 from services.keys import OBJECT_CONTEXT_KEY, Sealing
 from storage import ObjectInfo, ObjectStore
 from storage.documents import CamelModel
@@ -125,11 +126,35 @@ def check_recorded_plaintext(
             f"the object decrypts to {size} bytes; "
             f"{recorded.plaintext_size} were recorded at upload",
         )
-    if sha256 != recorded.plaintext_sha256:
+    if sha256 != recorded_digest(recorded):
         raise RecordMismatch(
             "plaintext-digest-mismatch",
-            "the plaintext's SHA-256 differs from the one recorded at upload",
+            "the plaintext's digest differs from the one recorded at upload",
         )
+
+
+class PlaintextDigest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def plaintext_digest(
+    recorded: ObjectRecord, sha256: PlaintextDigest | None = None
+) -> PlaintextDigest:
+    """What to take over an object's plaintext to check it against its record: the
+    SHA-256 (`sha256`, if one is taken anyway), or the chain over its frames of an
+    object a resumable upload sealed."""
+    if recorded.plaintext_frame_chain is not None:
+        return FrameChain(recorded.frame_length)
+    return hashlib.sha256() if sha256 is None else sha256
+
+
+def recorded_digest(recorded: ObjectRecord) -> str | None:
+    """The digest of its plaintext the record holds (`plaintext_digest` takes it)."""
+    if recorded.plaintext_frame_chain is not None:
+        return recorded.plaintext_frame_chain
+    return recorded.plaintext_sha256
 
 
 def _check_plaintext_mac(size: int, sha256: str, recorded: ObjectRecord, names: NameKeys) -> None:

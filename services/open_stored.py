@@ -55,6 +55,7 @@ from services.objects import (
     check_recorded_message,
     check_recorded_plaintext,
     header_digest,
+    plaintext_digest,
     read_stored_header,
     read_stored_layout,
 )
@@ -241,7 +242,8 @@ async def stored_plaintext(
     again), and once open it reads the version checked to its end."""
     layout, recorded = checked.layout, checked.recorded
     body = BodyReader(checked.opened)
-    digest, size = hashlib.sha256(), 0
+    digest = hashlib.sha256() if recorded is None else plaintext_digest(recorded)
+    size = 0
 
     def opened(chunk: bytes) -> list[bytes]:
         nonlocal size
@@ -403,7 +405,7 @@ def verify_stored(
     against its upload record `recorded` (`RecordMismatch` if it differs); the decryptor
     that read it, which names the keyring that opened it."""
     tenant = recorded.tenant
-    digest = hashlib.sha256()
+    digest = plaintext_digest(recorded)
     keys_for = partial(opening_keys, keys, tenant, counted=False)
     with open_stored(store, storage_key, size, keys_for, tenant, on_chunk) as stored:
         for piece in stored.plaintext:

@@ -68,6 +68,7 @@ from services.objects import (
     hidden_plaintext,
     intended_record,
     object_metadata,
+    plaintext_digest,
     stored_record,
 )
 from services.open_stored import OnChunk, damage_reported, open_stored, recorded_object
@@ -243,7 +244,8 @@ def reencrypt_object(
         if overwrite
         else None
     )
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # the new record's, whatever the old one holds
+    check = plaintext_digest(recorded, digest)
     with open_stored(
         store, original.key, original.size, keys_for, tenant, on_chunk, context=context
     ) as old:
@@ -270,10 +272,12 @@ def reencrypt_object(
             watch = KeyWatch.for_sealing(keys, sealing)
             for piece in old.plaintext:
                 digest.update(piece)
+                if check is not digest:
+                    check.update(piece)
                 new.write(piece)
                 watch.check_if_due()
             try:
-                check_against_record(old.decryptor, digest.hexdigest(), recorded, keys.name_keys)
+                check_against_record(old.decryptor, check.hexdigest(), recorded, keys.name_keys)
             except RecordMismatch as mismatch:
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
             key = sealing.key

@@ -67,6 +67,9 @@ class MessageRecord(FrozenCamelModel):
     # HMAC-SHA256 of the plaintext's size and SHA-256 under the tenant's name key (that
     # version), bound to the object's place (`keystore.name_keys`).
     plaintext_mac: str | None = Field(None, exclude_if=lambda value: value is None)
+    # Where `plaintext_sha256` could not be taken (a resumable upload, sealed over many
+    # requests): the chain of SHA-256s over its frames (`services.frame_chain`).
+    plaintext_frame_chain: str | None = Field(None, exclude_if=lambda value: value is None)
     name_key_version: int | None = Field(None, exclude_if=lambda value: value is None)
 
 

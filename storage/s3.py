@@ -31,7 +31,7 @@ from storage.s3_multipart import (
     MIN_PART_SIZE,
     PART_CHECKSUM,
     S3MultipartWriter,
-    as_body,
+    upload_part,
 )
 
 if TYPE_CHECKING:
@@ -206,22 +206,10 @@ class S3Store(ObjectStore):
     def _put_part(
         self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
     ) -> Part:
-        with s3_errors(upload.key):
-            response = self.client.upload_part(
-                Bucket=self.bucket,
-                Key=upload.key,
-                UploadId=upload.upload_id,
-                PartNumber=number,
-                Body=as_body(data),
-                ChecksumAlgorithm=PART_CHECKSUM,
-            )
-        return Part(
-            number=number,
-            offset=offset,
-            size=len(data),
-            etag=response["ETag"],
-            checksum=response["ChecksumCRC32C"],
+        etag, checksum = upload_part(
+            self.client, self.bucket, upload.key, upload.upload_id, number, data
         )
+        return Part(number, offset, len(data), etag, checksum)
 
     def check(self) -> None:
         with s3_errors(None, missing=BucketNotFound):

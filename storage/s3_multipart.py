@@ -178,20 +178,10 @@ class S3MultipartWriter(MultipartWriter):
     def _upload_part(self, part_number: int, body: bytearray) -> "CompletedPartTypeDef":
         """Runs on an upload thread."""
         assert self._upload_id is not None
-        with s3_errors(self.key):
-            response = self._client.upload_part(
-                Bucket=self._bucket,
-                Key=self.key,
-                UploadId=self._upload_id,
-                PartNumber=part_number,
-                Body=as_body(body),
-                ChecksumAlgorithm=PART_CHECKSUM,
-            )
-        return {
-            "PartNumber": part_number,
-            "ETag": response["ETag"],
-            "ChecksumCRC32C": response["ChecksumCRC32C"],
-        }
+        etag, checksum = upload_part(
+            self._client, self._bucket, self.key, self._upload_id, part_number, body
+        )
+        return {"PartNumber": part_number, "ETag": etag, "ChecksumCRC32C": checksum}
 
     def _complete_upload(self) -> None:
         assert self._upload_id is not None and self._executor is not None
@@ -269,6 +259,22 @@ def _answered_at(answer: "ResponseMetadataTypeDef") -> datetime:
     """When S3 answered, by its Date header (to the second, as Last-Modified is)."""
     date = answer.get("HTTPHeaders", {}).get("date")
     return parsedate_to_datetime(date).astimezone(UTC) if date else datetime.now(UTC)
+
+
+def upload_part(
+    client: "S3Client", bucket: str, key: str, upload_id: str, number: int, body: bytes | bytearray
+) -> tuple[str, str]:
+    """Upload one part with its CRC32C; its etag and checksum."""
+    with s3_errors(key):
+        response = client.upload_part(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=as_body(body),
+            ChecksumAlgorithm=PART_CHECKSUM,
+        )
+    return response["ETag"], response["ChecksumCRC32C"]
 
 
 def entity_tag(etag: str) -> str:

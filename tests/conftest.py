@@ -17,6 +17,7 @@ import pytest
 from keystore import LocalKek
 from sealstream.server import create_app
 from sealstream.settings import Settings
+from sealstream.wiring import Parts
 from storage import MIN_PART_SIZE, LocalStore, ObjectStore, S3Store
 from storage.integrity import Records
 from tests.support.services import AWS_TEST_ENVIRONMENT, api_server, moto_server
@@ -137,12 +138,13 @@ class Api:
     settings: Settings
     objects: ObjectStore
     records: Records  # the sealed records in `objects`
+    parts: Parts  # the server's own
 
     @classmethod
     def of(cls, url: str, settings: Settings, app: "FastAPI") -> "Api":
         """The live server at `url` serving `app`, built from `settings`."""
         services = app.state.services
-        return cls(url, settings, services.objects, services.records)
+        return cls(url, settings, services.objects, services.records, services)
 
     def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -3,7 +3,8 @@ and the material of retired key versions past theirs once nothing stored uses th
 jobs whose worker was lost; queue again jobs whose task was lost, and queue the jobs
 parked while the queue was unreachable; record the objects whose writer was lost before
 it could; clear what header-only rewrap jobs left staged before
-re-encryption replaced them; and finish object deletions a crash cut short. Each is
+re-encryption replaced them; finish object deletions a crash cut short; and abort the
+resumable uploads past their expiry, erasing their state. Each is
 idempotent: running it twice does no harm.
 
 The sweeps fail closed on the audit, as the API does: they run only once the process's
@@ -61,12 +62,17 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
             "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
         )
     recorded = finish_recording(services.records, services.spaces)
-    if any((rotated, destroyed, retired, stale, requeued, unparked, staging, deletions, recorded)):
+    expired = services.uploads().expire()
+    for upload in expired:
+        audit.lifecycle("upload-expired", tenant=upload.tenant, object=upload.key)
+    done = (rotated, destroyed, retired, stale, requeued, unparked, staging, deletions, recorded)
+    if any((*done, expired)):
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys and %d retired key versions, "
             "failed %d stale jobs, queued again %d jobs and %d parked ones, "
             "cleared %d objects and uploads that rewrap jobs staged, "
-            "finished %d deletions cut short, recorded %d objects their writer left",
+            "finished %d deletions cut short, recorded %d objects their writer left, "
+            "aborted %d expired resumable uploads",
             len(rotated),
             len(destroyed),
             len(retired),
@@ -76,6 +82,7 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
             staging,
             len(deletions),
             recorded,
+            len(expired),
         )
     return {
         "rotated": [f"{tenant}/{kid}" for tenant, kid in rotated],
@@ -87,6 +94,7 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
         "clearedStaging": staging,
         "finishedDeletions": len(deletions),
         "recordedObjects": recorded,
+        "expiredUploads": len(expired),
     }
 
 

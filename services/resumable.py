@@ -1,0 +1,642 @@
+"""Resumable encrypt-to-storage: one message sealed into storage over many requests, from
+any API process in turn (the tus protocol's uploads, `api.routes.uploads`), with no
+plaintext at rest and no nonce used twice.
+
+An upload is created with its plaintext's length: its message's header is made then (the
+data key exists only wrapped in it), its part upload started, and its state sealed
+(`storage.integrity`) under
+
+    sealstream/uploads/<id>.json      the state: part upload, header, offset, parts, ...
+    sealstream/uploads/<id>.staged    ciphertext of the current part so far (header first)
+
+The message is laid out from the length: frame i (from 1) is regular but for the last,
+number length // frame length + 1, which holds the rest (perhaps nothing); a part holds a
+whole number of frames (the first, the header too), at least S3's 5 MiB, and at most
+10,000 parts make the message. Whatever request seals frame i, it seals the same frame.
+
+A PATCH takes plaintext from the acknowledged offset on, always a frame boundary. Whole
+frames are sealed a batch at a time (up to the end of the current part), in three steps:
+
+1. the HMAC of each frame's plaintext, under a key derived for this alone and bound to
+   the upload and the frame's number, goes into the state, written before anything is
+   sealed; a frame whose HMAC is there already must have the very same plaintext, or the
+   request is refused (409) with nothing sealed;
+2. the frames are sealed (by `envelope.message.resume_message`'s sealer, under the
+   frame's number as IV) and stored: a part once full, else the staging object;
+3. the state acknowledges the new offset.
+
+A frame sealed twice is thus sealed from the same bytes into the same bytes: a (key, IV)
+never seals two plaintexts, even when a crash came between steps 2 and 3 and the client
+sends other bytes. A partial frame's plaintext is only ever in memory, and is sent again.
+
+Every write of the state is conditional on the state read (its etag): a PATCH holds the
+upload's lock (`locked_until`), and one that finds it held is refused (423). The chain
+value of the plaintext's digest (`services.frame_chain`) is kept masked under a key of
+its own, so the state confirms no guess of the plaintext to whoever reads the bucket.
+"""
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import struct
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+
+from pydantic import Field
+
+from envelope import parse_header
+from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameSealer
+from envelope.message import resume_message
+from keystore import KeyStore
+from services.frame_chain import CHAIN_START, chain_step
+from services.inventory import Inventory, Marker
+from services.keys import start_sealing
+from services.objects import header_digest, object_metadata
+from services.placement import Placement, Spaces
+from storage import (
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    ObjectExists,
+    ObjectNotFound,
+    ObjectStore,
+    Part,
+    PartUpload,
+    PreconditionFailed,
+    StorageError,
+)
+from storage.documents import FrozenCamelModel
+from storage.integrity import Records, RecordTampered
+from storage.records import ObjectRecord, drop_intent, save_intent, save_record
+
+logger = logging.getLogger(__name__)
+
+UPLOADS_PREFIX = "sealstream/uploads/"
+STATE_KIND = "upload"
+MAC_PURPOSE = "resumable-frame-mac"
+MASK_PURPOSE = "resumable-chain-mask"
+_FRAME_MAC = struct.Struct(">QB")  # sequence number, final
+# A PATCH holds up to a part of plaintext and one of ciphertext in memory; parts grow
+# past the 5 MiB floor once 10,000 would not hold the upload: at 1 TiB, to ~105 MiB.
+MAX_LENGTH = 1 << 40
+
+
+class UploadRefused(Exception):
+    """A request on an upload that cannot be served as sent; `code` names why."""
+
+    code = "upload-refused"
+
+
+class UploadNotFound(UploadRefused):
+    code = "upload-not-found"
+
+
+class UploadBusy(UploadRefused):
+    """Another request holds the upload, or changed it meanwhile."""
+
+    code = "upload-locked"
+
+
+class OffsetMismatch(UploadRefused):
+    code = "upload-offset-mismatch"
+
+
+class ResentBytesDiffer(UploadRefused):
+    """Bytes sent again for frames already recorded are not the bytes recorded."""
+
+    code = "resent-bytes-differ"
+
+
+class PatchTooShort(UploadRefused):
+    """A PATCH that could not move the offset: less than one frame, and not the end."""
+
+    code = "patch-too-short"
+
+
+class UploadTooLong(UploadRefused):
+    code = "upload-length-exceeded"
+
+
+class UploadUnsupported(UploadRefused):
+    """An upload this service cannot resume: one whose message must be signed."""
+
+    code = "resumable-upload-unsupported"
+
+
+class UploadTampered(UploadRefused):
+    """The staged ciphertext is not what the state recorded: changed in the bucket."""
+
+    code = "upload-tampered"
+
+
+class StoredPart(FrozenCamelModel):
+    number: int
+    offset: int
+    size: int
+    etag: str
+    checksum: str = ""
+
+    def part(self) -> Part:
+        return Part(self.number, self.offset, self.size, self.etag, self.checksum)
+
+
+class UploadState(FrozenCamelModel):
+    """What any process needs to go on with an upload; sealed, never trusted unsealed."""
+
+    id: str
+    tenant: str
+    bucket: str
+    key: str  # as the client named it
+    storage_key: str
+    overwrite: bool
+    kid: str
+    key_version: int
+    alg: str
+    length: int  # of the plaintext
+    frame_length: int
+    frames_per_part: int
+    header: str  # base64 of the message's header: its data key wrapped only
+    upload_id: str
+    storage_metadata: dict[str, str]
+    offset: int = 0  # acknowledged: sealed and stored
+    frames: int = (
+        0  # acknowledged (the empty final frame ends at the same offset as the one before)
+    )
+    parts: tuple[StoredPart, ...] = ()
+    staged: int = 0  # bytes of the staging object that belong to the current part
+    staged_sha256: str = ""
+    chain: str  # the frame chain up to `offset`, masked (hex)
+    # HMACs of frames recorded past `offset`, by sequence number: sealed perhaps, not yet
+    # acknowledged. Frames before `offset` are never sealed again (a PATCH starts there).
+    macs: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    expires_at: datetime
+    locked_until: datetime | None = None
+    lock: str = ""
+
+    @property
+    def name(self) -> str:
+        return state_name(self.id)
+
+    @property
+    def header_bytes(self) -> bytes:
+        return base64.b64decode(self.header)
+
+    @property
+    def total_frames(self) -> int:
+        return self.length // self.frame_length + 1
+
+    @property
+    def next_frame(self) -> int:
+        return self.frames + 1
+
+    @property
+    def finished(self) -> bool:
+        return self.frames == self.total_frames
+
+    @property
+    def last_full(self) -> int:
+        """The last frame that holds bytes (1 for an empty plaintext): an empty final
+        frame rides in its part, so that the offset reaches the length only once every
+        frame is stored."""
+        if self.length % self.frame_length:
+            return self.total_frames
+        return max(1, self.total_frames - 1)
+
+    def part_of(self, frame: int) -> int:
+        return (min(frame, self.last_full) - 1) // self.frames_per_part + 1
+
+    def last_of_part(self, frame: int) -> int:
+        """The last frame of the part `frame` is in."""
+        last = self.part_of(frame) * self.frames_per_part
+        return self.total_frames if last >= self.last_full else last
+
+    def part_offset(self, part: int) -> int:
+        if part == 1:
+            return 0
+        regular = REGULAR_OVERHEAD + self.frame_length
+        return len(self.header_bytes) + (part - 1) * self.frames_per_part * regular
+
+    def ends_part(self, frame: int) -> bool:
+        return frame == self.last_of_part(frame)
+
+    def end_of(self, frame: int) -> int:
+        """The plaintext offset where `frame` ends."""
+        return min(self.length, frame * self.frame_length)
+
+    def part_upload(self) -> PartUpload:
+        return PartUpload(self.storage_key, self.upload_id, self.storage_metadata)
+
+    def ciphertext_size(self) -> int:
+        regular = REGULAR_OVERHEAD + self.frame_length
+        final = FINAL_OVERHEAD + self.length % self.frame_length
+        return len(self.header_bytes) + (self.total_frames - 1) * regular + final
+
+
+def state_name(upload: str) -> str:
+    return f"{UPLOADS_PREFIX}{upload}.json"
+
+
+def staging_name(upload: str) -> str:
+    return f"{UPLOADS_PREFIX}{upload}.staged"
+
+
+def frames_per_part(length: int, frame_length: int) -> int:
+    """Whole frames per part: at least S3's 5 MiB a part, at most 10,000 parts."""
+    frames = length // frame_length + 1
+    regular = REGULAR_OVERHEAD + frame_length
+    return max(-(-MIN_PART_SIZE // regular), -(-frames // MAX_PARTS))
+
+
+@dataclass(frozen=True)
+class NewUpload:
+    """What a client asks for when it creates an upload."""
+
+    kid: str
+    length: int
+    frame_length: int
+    context: dict[str, str]
+    overwrite: bool
+
+
+class Uploads:
+    """The resumable uploads of every tenant, kept in the service's store."""
+
+    def __init__(
+        self,
+        records: Records,
+        keys: KeyStore,
+        spaces: Spaces,
+        *,
+        expiry: timedelta,
+        lock_for: timedelta,
+    ) -> None:
+        self.records = records
+        self.keys = keys
+        self.spaces = spaces
+        self.expiry = expiry
+        self.lock_for = lock_for
+
+    def create(self, tenant: str, placement: Placement, new: NewUpload) -> UploadState:
+        """Start the message (its key's use counted now) and its part upload, and save
+        its state; nothing is sealed yet. An object already at the destination is
+        refused now (`ObjectExists`) unless it is to be replaced; one stored meanwhile
+        is refused at completion."""
+        if not new.overwrite and _exists(placement.store, placement.storage_key):
+            raise ObjectExists("the object already exists", placement.storage_key)
+        record, _ = self.keys.encryption_keyring(tenant, new.kid)
+        if record.may_be_known_outside:
+            # Such a key's messages are signed (`services.keys.start_sealing`), and a
+            # signature's hash over the whole message cannot be carried between requests.
+            raise UploadUnsupported(
+                f"key {new.kid!r} is imported or was exportable: its messages are signed, "
+                "which a resumable upload cannot write; use the streaming route"
+            )
+        sealing = start_sealing(
+            self.keys,
+            tenant,
+            new.kid,
+            new.context,
+            new.frame_length,
+            object_key=placement.storage_key,
+        )
+        header = sealing.encryptor.header.to_bytes()
+        store = placement.store
+        upload = store.start_parts(placement.storage_key, metadata=object_metadata(sealing))
+        now = datetime.now(UTC)
+        state = UploadState(
+            id=secrets.token_hex(16),
+            tenant=tenant,
+            bucket=placement.bucket,
+            key=placement.key,
+            storage_key=placement.storage_key,
+            overwrite=new.overwrite,
+            kid=sealing.key.kid,
+            key_version=sealing.key.primary_version,
+            alg=sealing.key.alg,
+            length=new.length,
+            frame_length=new.frame_length,
+            frames_per_part=frames_per_part(new.length, new.frame_length),
+            header=base64.b64encode(header).decode("ascii"),
+            upload_id=upload.upload_id,
+            storage_metadata=upload.metadata,
+            staged=len(header),
+            staged_sha256=hashlib.sha256(header).hexdigest(),
+            chain="",
+            created_at=now,
+            expires_at=now + self.expiry,
+        )
+        state = state.model_copy(update={"chain": self._masked(state, CHAIN_START, 0)})
+        try:
+            self.records.store.put(staging_name(state.id), header)
+            self.records.put(STATE_KIND, state.name, state, if_absent=True)
+        except BaseException:
+            with suppress(StorageError):
+                store.abort_parts(upload)
+            raise
+        return state
+
+    def get(self, tenant: str, upload: str) -> UploadState:
+        """The tenant's upload `upload`: `UploadNotFound` if there is none (or another
+        tenant's: one is never told from the other)."""
+        return self._read(tenant, upload)[0]
+
+    def begin(self, tenant: str, upload: str, offset: int, sent: int | None) -> "Appending":
+        """Take the upload's lock for a PATCH of `sent` bytes (None: unknown) from
+        `offset`, refusing one that could never move the offset."""
+        state, etag = self._read(tenant, upload)
+        if offset != state.offset:
+            raise OffsetMismatch(f"the upload is at offset {state.offset}, not {offset}")
+        left = state.length - state.offset
+        if sent is not None and sent > left:
+            raise UploadTooLong(f"{sent} bytes sent where {left} are left of the upload")
+        if sent is not None and sent < min(left, state.frame_length):
+            raise PatchTooShort(
+                f"a PATCH carries at least one frame ({state.frame_length} bytes) or the "
+                "rest of the upload: less cannot move the offset"
+            )
+        now = datetime.now(UTC)
+        if state.locked_until is not None and state.locked_until > now:
+            raise UploadBusy("another request is writing this upload")
+        locked = state.model_copy(
+            update={"lock": secrets.token_hex(16), "locked_until": now + self.lock_for}
+        )
+        etag = self._save(locked, etag)
+        try:
+            return Appending(self, locked, etag)
+        except BaseException:
+            self._release(locked, etag)
+            raise
+
+    def terminate(self, tenant: str, upload: str) -> None:
+        """Abort the upload and erase its state (unless a PATCH holds it: `UploadBusy`)."""
+        state, _ = self._read(tenant, upload)
+        if state.locked_until is not None and state.locked_until > datetime.now(UTC):
+            raise UploadBusy("a request is writing this upload")
+        self._erase(state, abort=True)
+
+    def expire(self, now: datetime | None = None) -> list[UploadState]:
+        """Abort every upload past its expiry and erase its state (the lifecycle sweep)."""
+        moment = now or datetime.now(UTC)
+        expired = []
+        for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState):
+            if name != state.name or state.expires_at > moment:
+                continue
+            try:
+                self._erase(state, abort=True)
+            except StorageError as error:
+                logger.warning("cannot expire upload %s yet: %s", state.id, error)
+                continue
+            expired.append(state)
+        return expired
+
+    def finish(self, state: UploadState, etag: str) -> ObjectRecord:
+        """Make the object of an upload whose every frame is stored visible, record it,
+        and erase the upload's state."""
+        store = self.spaces.store(state.tenant, state.bucket)
+        version = state.key_version
+        marker = Marker.new(state.tenant, state.kid, version, state.bucket, state.storage_key)
+        intent = ObjectRecord(
+            bucket=state.bucket,
+            key=state.storage_key,
+            tenant=state.tenant,
+            kid=state.kid,
+            key_version=version,
+            alg=state.alg,
+            frame_length=state.frame_length,
+            plaintext_size=state.length,
+            plaintext_frame_chain=self._unmasked(state).hex(),
+            ciphertext_size=state.ciphertext_size(),
+            etag="",
+            created_at=datetime.now(UTC),
+            header_sha256=header_digest(parse_header(state.header_bytes)),
+        )
+        inventory = Inventory(self.records)
+        ours = inventory.add(marker)
+        parts = [part.part() for part in state.parts]
+        try:
+            save_intent(self.records, intent)
+            info = store.complete_parts(state.part_upload(), parts, if_absent=not state.overwrite)
+        except BaseException:
+            if ours:  # the intent stays: the sweep records an object made visible after all
+                with suppress(StorageError):
+                    inventory.remove(marker)
+            raise
+        record = intent.model_copy(
+            update={
+                "ciphertext_size": info.size,
+                "etag": info.etag,
+                "created_at": info.last_modified,
+            }
+        )
+        save_record(self.records, record)
+        with suppress(StorageError):  # one left over is dropped by the sweep
+            drop_intent(self.records, intent)
+        self._erase(state, abort=False)
+        return record
+
+    def frame_mac(self, state: UploadState, frame: int, plaintext: memoryview) -> str:
+        """The HMAC recorded for a frame's plaintext: bound to the upload and the frame,
+        under a key for this alone, so that it confirms no guess to a reader of the state
+        (a bare hash of a guessed frame would)."""
+        mac = hmac.new(self.records.key.derive(MAC_PURPOSE), digestmod="sha256")
+        mac.update(state.id.encode("ascii"))
+        mac.update(_FRAME_MAC.pack(frame, frame == state.total_frames))
+        mac.update(plaintext)
+        return mac.hexdigest()
+
+    def _masked(self, state: UploadState, chain: bytes, offset: int) -> str:
+        return bytes(a ^ b for a, b in zip(chain, self._mask(state, offset), strict=True)).hex()
+
+    def _unmasked(self, state: UploadState) -> bytes:
+        masked = bytes.fromhex(state.chain)
+        return bytes(a ^ b for a, b in zip(masked, self._mask(state, state.offset), strict=True))
+
+    def _mask(self, state: UploadState, offset: int) -> bytes:
+        """A pad for the chain value at `offset`: the chain there is one value (the
+        frames before it are fixed once sealed), so a pad per offset is used for one."""
+        message = state.id.encode("ascii") + offset.to_bytes(8, "big")
+        return hmac.digest(self.records.key.derive(MASK_PURPOSE), message, "sha256")
+
+    def _read(self, tenant: str, upload: str) -> tuple[UploadState, str]:
+        """The state and its etag (taken first: a state changed in between then fails
+        the conditional write that follows)."""
+        if not _is_upload_id(upload):
+            raise UploadNotFound("no such upload")
+        name = state_name(upload)
+        try:
+            etag = self.records.store.head(name).etag
+            state = self.records.get(STATE_KIND, name, UploadState)
+        except ObjectNotFound:
+            raise UploadNotFound("no such upload") from None
+        if state.id != upload:
+            raise RecordTampered("it describes another upload", name)
+        if state.tenant != tenant:
+            raise UploadNotFound("no such upload")
+        return state, etag
+
+    def _save(self, state: UploadState, etag: str) -> str:
+        try:
+            return self.records.put(STATE_KIND, state.name, state, if_match=etag).etag
+        except (PreconditionFailed, ObjectNotFound):
+            raise UploadBusy("the upload was changed by another request meanwhile") from None
+
+    def _release(self, state: UploadState, etag: str) -> None:
+        with suppress(UploadBusy, StorageError):
+            self._save(state.model_copy(update={"lock": "", "locked_until": None}), etag)
+
+    def _erase(self, state: UploadState, *, abort: bool) -> None:
+        if abort:
+            self.spaces.store(state.tenant, state.bucket).abort_parts(state.part_upload())
+        self.records.store.delete(staging_name(state.id))
+        self.records.store.delete(state.name)
+
+
+def _exists(store: ObjectStore, key: str) -> bool:
+    try:
+        store.head(key)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def _is_upload_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+class Appending:
+    """One PATCH: plaintext in (`write`), whole frames sealed and stored a batch at a time,
+    the offset acknowledged after each batch; `end` seals what whole frames are left,
+    releases the lock and, once every frame is stored, completes the object."""
+
+    def __init__(self, uploads: Uploads, state: UploadState, etag: str) -> None:
+        self._uploads = uploads
+        self.state = state
+        self._etag = etag
+        self._store = uploads.spaces.store(state.tenant, state.bucket)
+        _, keyring = uploads.keys.resuming_keyring(state.tenant, state.kid, state.key_version)
+        self._sealer: FrameSealer = resume_message(parse_header(state.header_bytes), [keyring])
+        self._part = self._staged()  # ciphertext of the current part so far
+        self._pending = bytearray()  # plaintext not sealed yet: never more than a part's
+        self.record: ObjectRecord | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Take the next plaintext; seal and store each part's worth once it is here."""
+        if len(self._pending) + len(data) > self.state.length - self.state.offset:
+            raise UploadTooLong("more bytes were sent than are left of the upload")
+        self._pending += data
+        while self._batch_ready():
+            self._seal_batch()
+
+    def end(self) -> UploadState:
+        """Seal and store the whole frames received, acknowledge them, let go of the
+        upload; complete it if it is whole. What is left of a frame is dropped."""
+        try:
+            if self._frames_here():
+                self._seal_batch()
+            if self.state.finished:
+                self.record = self._uploads.finish(self.state, self._etag)
+                return self.state
+        except BaseException:
+            self._uploads._release(self.state, self._etag)  # noqa: SLF001
+            raise
+        self._uploads._release(self.state, self._etag)  # noqa: SLF001
+        return self.state
+
+    def abandon(self) -> None:
+        """Let go of the upload without sealing more (the request failed)."""
+        self._uploads._release(self.state, self._etag)  # noqa: SLF001
+
+    def _staged(self) -> bytearray:
+        state = self.state
+        if not state.staged:
+            return bytearray()
+        try:
+            staged = self._uploads.records.store.get(staging_name(state.id))[: state.staged]
+        except ObjectNotFound:
+            staged = b""
+        if hashlib.sha256(staged).hexdigest() != state.staged_sha256:
+            raise UploadTampered("the upload's staged ciphertext is not what was stored")
+        return bytearray(staged)
+
+    def _frames_here(self) -> int:
+        """Whole frames received, up to the end of the current part."""
+        state = self.state
+        first = state.next_frame
+        if first > state.total_frames:
+            return 0
+        whole = len(self._pending) // state.frame_length
+        if state.offset + len(self._pending) == state.length:
+            whole += 1  # the final frame, whole however short
+        return min(whole, state.last_of_part(first) - first + 1)
+
+    def _batch_ready(self) -> bool:
+        count = self._frames_here()
+        return bool(count) and self.state.ends_part(self.state.next_frame + count - 1)
+
+    def _seal_batch(self) -> None:
+        state = self.state
+        chain, last = self._record_and_seal(state.next_frame, self._frames_here())
+        uploads, state = self._uploads, self.state
+        parts, staged, staged_sha256 = state.parts, state.staged, state.staged_sha256
+        if state.ends_part(last):
+            number = state.part_of(last)
+            part = self._store.put_part(
+                state.part_upload(), number, state.part_offset(number), self._part
+            )
+            parts = (*parts, StoredPart(**asdict(part)))
+            self._part, staged, staged_sha256 = bytearray(), 0, ""
+        else:
+            uploads.records.store.put(staging_name(state.id), bytes(self._part))
+            staged, staged_sha256 = len(self._part), hashlib.sha256(self._part).hexdigest()
+        offset = state.end_of(last)
+        self.state = self._save(
+            state.model_copy(
+                update={
+                    "offset": offset,
+                    "frames": last,
+                    "parts": parts,
+                    "staged": staged,
+                    "staged_sha256": staged_sha256,
+                    "chain": uploads._masked(state, chain, offset),  # noqa: SLF001
+                    "macs": {n: m for n, m in state.macs.items() if int(n) > last},
+                }
+            )
+        )
+        del self._pending[: offset - state.offset]
+
+    def _record_and_seal(self, first: int, count: int) -> tuple[bytes, int]:
+        """Record the HMACs of frames `first` to `first + count - 1` (refusing any that
+        differ from those recorded before), then seal them into the current part; the
+        chain value after them, and the last frame's number. The views of the pending
+        plaintext it takes end with the call, so that the plaintext can be cut after."""
+        uploads, state = self._uploads, self.state
+        view = memoryview(self._pending)
+        length = state.frame_length
+        frames = [(first + i, view[i * length : (i + 1) * length]) for i in range(count)]
+        macs = {str(number): uploads.frame_mac(state, number, plain) for number, plain in frames}
+        for name, mac in macs.items():
+            recorded = state.macs.get(name)
+            if recorded is not None and not hmac.compare_digest(recorded, mac):
+                raise ResentBytesDiffer(
+                    f"the bytes sent for frame {name} differ from those sent before for it"
+                )
+        # Recorded before any of them is sealed: whatever seals frame n later, from any
+        # process, seals these bytes or nothing.
+        self.state = state = self._save(state.model_copy(update={"macs": {**state.macs, **macs}}))
+        chain = uploads._unmasked(state)  # noqa: SLF001
+        for number, plain in frames:
+            # IV = the frame's number; its plaintext is the one just recorded (above).
+            self._part += self._sealer.seal(number, plain, final=number == state.total_frames)
+            chain = chain_step(chain, plain)
+        return chain, first + count - 1
+
+    def _save(self, state: UploadState) -> UploadState:
+        """Write `state`, conditional on the last write, renewing the lock."""
+        renewed = state.model_copy(
+            update={"locked_until": datetime.now(UTC) + self._uploads.lock_for}
+        )
+        self._etag = self._uploads._save(renewed, self._etag)  # noqa: SLF001
+        return renewed

@@ -1,0 +1,205 @@
+"""Resumable encrypt-to-storage over the tus 1.0 protocol, through a live server on each
+backend: tuspy (the reference tus client) uploads, the object decrypts and its verify job
+checks the recorded frame chain; bytes sent again must be those sent before; another
+tenant finds no upload; terminated and expired uploads leave nothing pending."""
+
+import base64
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from tusclient import client as tus
+
+from services.frame_chain import FrameChain
+from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
+from storage.records import load_record, save_record
+from tests.conftest import ADMIN_TOKEN, Api
+from tests.support.data import KiB, MiB, random_bytes
+from tests.support.http import create_key, problem, read_object
+from tests.support.jobs import finished_job, start_verify
+from tests.test_api_objects import tenant_client
+
+UPLOADS = "/api/uploads"
+FRAME = 256 * KiB
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_metadata(**fields: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in fields.items())
+
+
+def create(client: httpx.Client, length: int, key: str = "up/obj", **more: str) -> str:
+    fields = {"kid": "mySymKey", "destination": key, "frameLength": str(FRAME), **more}
+    response = client.post(
+        UPLOADS,
+        headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": tus_metadata(**fields)},
+    )
+    assert response.status_code == 201, response.text
+    location: str = response.headers["location"]
+    return location
+
+
+def patch(client: httpx.Client, url: str, offset: int, body: bytes) -> httpx.Response:
+    headers = {
+        **TUS,
+        "Upload-Offset": str(offset),
+        "Content-Type": "application/offset+octet-stream",
+    }
+    return client.patch(url, headers=headers, content=body)
+
+
+def offset_of(client: httpx.Client, url: str) -> int:
+    response = client.head(url, headers=TUS)
+    assert response.status_code == 200
+    return int(response.headers["upload-offset"])
+
+
+def tus_uploader(api: Api, data: bytes, key: str, **options: Any) -> Any:
+    client = tus.TusClient(api.url + UPLOADS, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    metadata = {"kid": "mySymKey", "destination": key, "frameLength": str(FRAME)}
+    return client.uploader(file_stream=io.BytesIO(data), metadata=metadata, **options)
+
+
+def chain_of(data: bytes) -> str:
+    chain = FrameChain(FRAME)
+    chain.update(data)
+    return chain.hexdigest()
+
+
+def pending(api: Api) -> list[str]:
+    return api.objects.pending_uploads()
+
+
+@pytest.fixture
+def client(api: Api) -> Iterator[httpx.Client]:
+    with api.client() as client:
+        create_key(client)
+        yield client
+
+
+def test_tuspy_uploads_a_sealed_object_that_decrypts_and_verifies(
+    api: Api, client: httpx.Client
+) -> None:
+    data = random_bytes(11 * MiB + 12_345, seed=1)  # three parts, the last short
+    uploader = tus_uploader(api, data, "up/tuspy", chunk_size=3 * MiB + 1000)
+
+    uploader.upload()
+
+    assert read_object(client, "up/tuspy").content == data
+    record = load_record(api.records, api.objects.bucket, "tenants/default/up/tuspy")
+    assert (record.plaintext_size, record.plaintext_frame_chain) == (len(data), chain_of(data))
+    job = finished_job(client, start_verify(client, "up/tuspy")["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    assert pending(api) == []
+    assert list(api.objects.list(UPLOADS_PREFIX)) == []
+    # The verify job checks the chain: a record that names another fails it.
+    wrong = record.model_copy(update={"plaintext_frame_chain": chain_of(data[:-1])})
+    save_record(api.records, wrong)
+    job = finished_job(client, start_verify(client, "up/tuspy")["id"], timeout=120)
+    assert (job["status"], job["error"]["code"]) == ("failed", "plaintext-digest-mismatch"), job
+
+
+def test_the_offset_moves_by_whole_frames_and_a_cut_frame_is_sent_again(
+    api: Api, client: httpx.Client
+) -> None:
+    data = random_bytes(3 * FRAME + 100, seed=2)
+    url = create(client, len(data))
+
+    answered = patch(client, url, 0, data[: FRAME + 5000])
+
+    assert answered.status_code == 204, answered.text
+    assert answered.headers["upload-offset"] == str(FRAME) == str(offset_of(client, url))
+    assert patch(client, url, FRAME, data[FRAME:]).status_code == 204
+    assert read_object(client, "up/obj").content == data
+
+
+def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
+    api: Api, client: httpx.Client
+) -> None:
+    data = random_bytes(4 * FRAME, seed=5)
+    url = create(client, len(data))
+    name = f"{UPLOADS_PREFIX}{url.rsplit('/', 1)[1]}.json"
+    before = api.records.get(STATE_KIND, name, UploadState)
+    assert patch(client, url, 0, data[: 2 * FRAME]).status_code == 204
+    recorded = api.records.get(STATE_KIND, name, UploadState)
+    # Put the state back as a server that sealed frames 1-2 and died before it
+    # acknowledged them left it: their HMACs recorded, the offset still 0.
+    uploads = api.parts.uploads()
+    lost = before.model_copy(
+        update={
+            "macs": {
+                str(n): uploads.frame_mac(before, n, memoryview(data[(n - 1) * FRAME : n * FRAME]))
+                for n in (1, 2)
+            }
+        }
+    )
+    api.records.put(STATE_KIND, name, lost)
+    assert recorded.offset == 2 * FRAME and offset_of(client, url) == 0
+
+    refused = patch(client, url, 0, random_bytes(2 * FRAME, seed=6))
+
+    problem(refused, 409, "resent-bytes-differ")
+    assert offset_of(client, url) == 0
+    assert patch(client, url, 0, data).status_code == 204
+    assert read_object(client, "up/obj").content == data
+
+
+def test_another_tenant_finds_no_upload(api: Api, client: httpx.Client) -> None:
+    url = create(client, 10)
+    with tenant_client(api, client, "other", "crypto:encrypt") as other:
+        assert other.head(url, headers=TUS).status_code == 404
+        problem(patch(other, url, 0, b"x" * 10), 404, "upload-not-found")
+        problem(other.delete(url, headers=TUS), 404, "upload-not-found")
+    assert offset_of(client, url) == 0
+
+
+def test_a_patch_that_could_not_move_the_offset_is_refused(api: Api, client: httpx.Client) -> None:
+    url = create(client, 2 * FRAME)
+
+    problem(patch(client, url, 0, b"x" * 1000), 400, "patch-too-short")
+    assert client.post("/api/uploads", headers=TUS).status_code == 400  # no Upload-Length
+    assert patch(client, url, 0, b"x" * FRAME).status_code == 204
+    assert patch(client, url, FRAME, b"x" * FRAME).status_code == 204
+    refused = client.post(
+        UPLOADS,
+        headers={
+            **TUS,
+            "Upload-Length": "1",
+            "Upload-Metadata": tus_metadata(kid="mySymKey", destination="up/obj"),
+        },
+    )
+    problem(refused, 409, "object-exists")
+    create_key(client, kid="exportable", exportable=True)
+    unsigned_only = client.post(
+        UPLOADS,
+        headers={
+            **TUS,
+            "Upload-Length": "1",
+            "Upload-Metadata": tus_metadata(kid="exportable", destination="up/x"),
+        },
+    )
+    problem(unsigned_only, 422, "resumable-upload-unsupported")
+    url = create(client, 2 * FRAME, key="up/other")
+    problem(patch(client, url, 5, b"x" * FRAME), 409, "upload-offset-mismatch")
+    problem(patch(client, url, 0, b"x" * (2 * FRAME + 1)), 400, "upload-length-exceeded")
+    assert offset_of(client, url) == 0
+
+
+def test_termination_and_expiry_leave_nothing_pending(api: Api, client: httpx.Client) -> None:
+    data = random_bytes(2 * FRAME, seed=7)
+    ended = create(client, 3 * FRAME, key="up/ended")
+    assert patch(client, ended, 0, data).status_code == 204
+    expiring = create(client, 3 * FRAME, key="up/expiring")
+    assert patch(client, expiring, 0, data).status_code == 204
+    assert pending(api) == ["tenants/default/up/ended", "tenants/default/up/expiring"]
+
+    assert client.delete(ended, headers=TUS).status_code == 204
+    swept = api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2))
+
+    assert [state.key for state in swept] == ["up/expiring"]
+    assert pending(api) == []
+    assert list(api.objects.list(UPLOADS_PREFIX)) == []
+    assert client.head(expiring, headers=TUS).status_code == 404

@@ -1,0 +1,108 @@
+"""Resumable uploads against faults: tuspy through a proxy that cuts its connections at
+random offsets, many times in one upload; a server process killed mid-upload and the
+upload finished through another. Each time the object decrypts to the file, its verify
+job passes, and nothing is left pending."""
+
+import io
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tusclient import client as tus
+
+from keystore import LocalKek
+from tests.conftest import ADMIN_TOKEN, Api, local_settings
+from tests.support.cut_proxy import CuttingProxy
+from tests.support.data import KiB, MiB, random_bytes
+from tests.support.http import create_key, read_object
+from tests.support.jobs import finished_job, start_verify
+from tests.support.services import sealstream_serve
+from tests.test_api_uploads import TUS, UPLOADS, create, offset_of, patch
+
+FRAME = 64 * KiB
+CUTS = 12
+
+
+def uploader(url: str, data: bytes, key: str, **options: Any) -> Any:
+    client = tus.TusClient(url + UPLOADS, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    metadata = {"kid": "mySymKey", "destination": key, "frameLength": str(FRAME)}
+    return client.uploader(
+        file_stream=io.BytesIO(data), metadata=metadata, retry_delay=0.2, **options
+    )
+
+
+def stored_whole(client: httpx.Client, key: str, data: bytes) -> None:
+    assert read_object(client, key).content == data
+    job = finished_job(client, start_verify(client, key)["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+
+
+def test_tuspy_goes_on_through_connections_cut_at_random_offsets(api: Api) -> None:
+    data = random_bytes(7 * MiB + 4321, seed=11)
+    rng = random.Random(24)
+    # tuspy's connections: POST, PATCH, then HEAD and PATCH after each failure. Each of
+    # the first CUTS PATCHes is cut somewhere (perhaps in its headers); the rest run whole.
+    whole = 1 << 40
+    cuts = [whole]
+    for _ in range(CUTS):
+        cuts += [rng.randrange(100, 600 * KiB), whole]
+    with api.client() as client, CuttingProxy(api.url, cuts) as proxy:
+        create_key(client)
+        upload = uploader(proxy.url, data, "up/cut", retries=3 * CUTS)
+
+        upload.upload()
+
+        assert proxy.cut == CUTS
+        stored_whole(client, "up/cut", data)
+    assert api.objects.pending_uploads() == []
+
+
+def send_part_of_patch(url: str, path: str, offset: int, body: bytes, total: int) -> socket.socket:
+    """A PATCH that announces `total` bytes and sends only `body`: left hanging."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (
+        f"PATCH {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+        f"Tus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nContent-Length: {total}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_a_server_killed_mid_upload_is_taken_over_by_another(tmp_path: Path) -> None:
+    data = random_bytes(6 * MiB + 999, seed=12)
+    settings = local_settings(tmp_path)
+    LocalKek.load_or_create(tmp_path / "kek")
+    env = {
+        "SEALSTREAM_STORAGE_URL": settings.storage_url,
+        "SEALSTREAM_KEK_FILE": str(tmp_path / "kek"),
+        "SEALSTREAM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SEALSTREAM_UPLOAD_LOCK_SECONDS": "1",
+    }
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with sealstream_serve(tmp_path, env) as first:
+        with httpx.Client(base_url=first.url, headers=headers, timeout=60) as client:
+            create_key(client)
+            path = create(client, len(data), key="up/moved", frameLength=str(FRAME))
+            assert patch(client, path, 0, data[: 2 * MiB]).status_code == 204
+            hanging = send_part_of_patch(first.url, path, 2 * MiB, data[2 * MiB : 3 * MiB], 4 * MiB)
+        first.process.kill()  # mid-PATCH: its bytes are lost, and it may hold the lock
+        first.process.wait()
+        hanging.close()
+    with (
+        sealstream_serve(tmp_path, env) as second,
+        httpx.Client(base_url=second.url, headers=headers, timeout=60) as client,
+    ):
+        start = offset_of(client, path)
+        assert 2 * MiB <= start < len(data)
+        upload = uploader(second.url, data, "up/moved", retries=20)
+        upload.set_url(second.url + path)
+        upload.offset = start
+
+        upload.upload()
+
+        stored_whole(client, "up/moved", data)
+        assert client.head(path, headers=TUS).status_code == 404
