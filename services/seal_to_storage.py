@@ -20,9 +20,7 @@ slow store leave the default pool to the short calls every request makes.
 """
 
 import hashlib
-import os
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
 
@@ -39,6 +37,7 @@ from services.placement import Placement
 from services.streams import frame_batches
 from storage import ObjectExists, PreconditionFailed, StorageError
 from storage.integrity import Records
+from storage.pools import ForkSafePool
 from storage.records import (
     ObjectRecord,
     drop_intent,
@@ -53,24 +52,9 @@ from storage.records import (
 STORAGE_BATCH_BYTES = 4 * 1024 * 1024
 
 
-class HashingPool:
-    """Where plaintext is hashed beside its sealing. Hashing never waits on anything, so
-    a pool as large as the default (the CPUs, and a few) is never short for long.
-
-    A forked child gets a pool of its own: the parent's threads do not exist there, and a
-    copied pool would count them as idle and never run what it is given."""
-
-    executor: ThreadPoolExecutor
-
-    def __init__(self) -> None:
-        self._renew()
-        os.register_at_fork(after_in_child=self._renew)
-
-    def _renew(self) -> None:
-        self.executor = ThreadPoolExecutor(thread_name_prefix="sealstream-sha256")
-
-
-HASHING = HashingPool()
+# Where plaintext is hashed beside its sealing. Hashing never waits on anything, so a
+# pool as large as the default is never short for long.
+HASHING = ForkSafePool("sealstream-sha256")
 
 
 class ObjectSealer:

@@ -8,7 +8,9 @@ place, and its directory fsync'd, so that the new name survives a crash.
 An object's bytes, streamed in by the GiB, go around the page cache where the filesystem
 allows it (`UncachedFile`): through the cache, the writing process spent more CPU in the
 kernel, copying each byte in and allocating and writing back its pages, than on the rest
-of a stream, its encryption included (docs/benchmarks.md).
+of a stream, its encryption included (docs/benchmarks.md). Such a write waits for the
+disk, so it runs on a thread of its own while the next buffer fills: the disk and the
+CPU work of a stream overlap instead of taking turns.
 """
 
 import fcntl
@@ -16,9 +18,13 @@ import logging
 import mmap
 import os
 import uuid
+from concurrent.futures import Future
+from contextlib import suppress
 from pathlib import Path
 from stat import S_IMODE
 from typing import BinaryIO
+
+from storage.pools import ForkSafePool
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,11 @@ def make_private(directory: Path) -> None:
         logger.warning("the store directory is open to others and not ours to close: %s", directory)
 
 
+# Shared by every file being written: each has at most one write in flight, so a thread
+# is never held for long.
+_DISK_WRITERS = ForkSafePool("sealstream-disk")
+
+
 def new_private_file(path: Path) -> BinaryIO:
     """A new file to write, 0600; the name must be free."""
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
@@ -73,58 +84,93 @@ def new_private_file(path: Path) -> BinaryIO:
 
 class UncachedFile:
     """A new file, 0600 (its name must be free), written with O_DIRECT where its filesystem
-    allows it: from a page-aligned buffer of `stage_bytes`, a whole buffer at a time, and
+    allows it: from page-aligned buffers of `stage_bytes`, a whole buffer at a time, and
     the tail, of any length, through the cache once the file is synced. Where O_DIRECT is
     refused (tmpfs, some network filesystems) it is written through the cache throughout.
+
+    Two buffers take turns: one is written out on a disk thread while the other fills,
+    so at most one write is in flight and the file is written in order. A write that
+    failed there is raised by the next `write` or by `sync`.
     """
 
     def __init__(self, path: Path, stage_bytes: int = 4 * 1024 * 1024) -> None:
         self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-        self._stage: mmap.mmap | None = None
+        self._stages: list[mmap.mmap] = []
         self._staged = 0
+        self._in_flight: Future[None] | None = None
         try:
             self._set_direct(True)
         except OSError:
             return  # the filesystem writes through its cache only
         # Anonymous memory is page-aligned, as O_DIRECT wants its buffers and lengths.
-        self._stage = mmap.mmap(-1, stage_bytes)
+        self._stages = [mmap.mmap(-1, stage_bytes), mmap.mmap(-1, stage_bytes)]
 
     def write(self, data: memoryview) -> None:
-        if self._stage is None:
+        if not self._stages:
             _write_all(self._descriptor, data)
             return
-        stage = self._stage
         while data:
+            stage = self._stages[0]
             taken = min(len(data), len(stage) - self._staged)
             stage[self._staged : self._staged + taken] = data[:taken]
             self._staged += taken
             data = data[taken:]
             if self._staged == len(stage):
-                _write_all(self._descriptor, memoryview(stage))
+                self._write_out(stage)
+                self._stages.reverse()  # fill the other while this one is written
                 self._staged = 0
 
     def sync(self) -> os.stat_result:
         """Write out what is staged, make the file durable, and give its status."""
-        if self._stage is not None and self._staged:
+        self._wait()
+        if self._stages and self._staged:
             self._set_direct(False)  # the tail is not a whole number of blocks
-            _write_all(self._descriptor, memoryview(self._stage)[: self._staged])
+            _write_staged(self._descriptor, self._stages[0], self._staged)
             self._staged = 0
         os.fsync(self._descriptor)
         return os.fstat(self._descriptor)
 
     def close(self) -> None:
-        """Close the file; again, nothing."""
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        """Close the file, once a write in flight has ended; again, nothing."""
+        with suppress(OSError):  # closing: what was written no longer matters
+            self._wait()
+        for stage in self._stages:
+            stage.close()
+        self._stages = []
         if self._descriptor >= 0:
             os.close(self._descriptor)
             self._descriptor = -1
+
+    def _write_out(self, stage: mmap.mmap) -> None:
+        """Write `stage` out on a disk thread, once the write before it has ended."""
+        self._wait()
+        self._in_flight = _DISK_WRITERS.executor.submit(
+            _write_staged, self._descriptor, stage, len(stage)
+        )
+
+    def _wait(self) -> None:
+        """Wait for the write in flight, if any; raise its error."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
 
     def _set_direct(self, direct: bool) -> None:
         flags = fcntl.fcntl(self._descriptor, fcntl.F_GETFL)
         flags = flags | os.O_DIRECT if direct else flags & ~os.O_DIRECT
         fcntl.fcntl(self._descriptor, fcntl.F_SETFL, flags)
+
+
+def _write_staged(descriptor: int, stage: mmap.mmap, length: int) -> None:
+    """Write the first `length` bytes of `stage`. A failure is raised as a new OSError,
+    with no traceback into the write: its frames would hold views of the buffer, which
+    could then not be closed."""
+    failure: tuple[int | None, str | None] | None = None
+    try:
+        _write_all(descriptor, memoryview(stage)[:length])
+    except OSError as error:
+        failure = (error.errno, error.strerror)
+    if failure is not None:
+        raise OSError(*failure)
 
 
 def _write_all(descriptor: int, data: memoryview) -> None:

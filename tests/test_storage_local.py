@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import BucketNotFound, InvalidObjectKey, LocalStore, StorageError
+from storage import BucketNotFound, InvalidObjectKey, LocalStore, StorageError, local_files
 from storage.local_files import UncachedFile
 
 
@@ -210,6 +210,34 @@ def test_an_uncached_file_holds_every_byte_written_whatever_the_sizes(
         file.close()
     assert (tmp_path / "object").read_bytes() == data
     assert stat.S_IMODE((tmp_path / "object").stat().st_mode) == 0o600
+
+
+def test_a_staged_buffer_goes_to_disk_while_the_next_fills_and_its_failure_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full buffer is written out on a disk thread: `write` returns while the disk
+    still has it, the next buffer fills meanwhile, and a write that failed there is
+    raised by the next `write` that needs its buffer (or by `sync`)."""
+    entered, released = threading.Event(), threading.Event()
+
+    def held_then_full(descriptor: int, data: memoryview) -> None:
+        entered.set()
+        assert released.wait(timeout=60)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_files, "_write_all", held_then_full)
+    file = UncachedFile(tmp_path / "object", stage_bytes=STAGE)
+    try:
+        file.write(memoryview(os.urandom(STAGE)))  # returns with its buffer in flight
+        assert entered.wait(timeout=60)
+        file.write(memoryview(os.urandom(STAGE - 1)))  # fills the other buffer meanwhile
+        released.set()
+        with pytest.raises(OSError) as failed:
+            file.write(memoryview(os.urandom(1)))  # needs the buffer that failed
+        assert failed.value.errno == errno.ENOSPC
+    finally:
+        released.set()
+        file.close()
 
 
 def test_an_object_larger_than_the_stage_is_stored_whole(local: LocalStore) -> None:
