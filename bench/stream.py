@@ -829,6 +829,23 @@ def disk_write_seconds(directory: Path, size: int) -> float:
     return fastest
 
 
+def local_only_figures(server: Server, total: int, rounds: int) -> None:
+    """`--only-local`: encrypt streamed back and encrypt into the local directory (with
+    the disk and the intake beside it), alternated, then part 3's local figures."""
+    data = PlaintextFile(Plaintext(total))
+    timings = StreamBack(total)
+    assert server.storage_dir is not None
+    store = LocalStore(server.storage_dir)
+    try:
+        for number in range(rounds):
+            encrypted = checked(upload(server, ENCRYPT_PATH, {"kid": KID}, data), "encrypt")
+            timings.encrypt.add(encrypted)
+            store_once(server, store, timings, number, data)
+    finally:
+        data.close()
+    local_storage_figures(timings)
+
+
 def local_storage_figures(timings: StreamBack) -> None:
     total, disk = timings.total, timings.disk
     print(f"3. to storage; local directory, {total / MIB:.0f} MiB, in the rounds of 2.")
@@ -1446,6 +1463,11 @@ def main() -> None:
     parser.add_argument("--cli-mib", type=int, default=200, help="size for the command's figures")
     parser.add_argument("--only-cli", action="store_true", help="only the command's figures")
     parser.add_argument(
+        "--only-local",
+        action="store_true",
+        help="only encrypting into the local directory, next to stream-back and the disk",
+    )
+    parser.add_argument(
         "--only-scaling",
         action="store_true",
         help="only the figures next to age and across processes",
@@ -1470,6 +1492,9 @@ def main() -> None:
                 )
                 if args.only_cli:
                     cli_figures(server, workdir, args.cli_mib * MIB, args.rounds)
+                    return
+                if args.only_local:
+                    local_only_figures(server, int(args.gib * GIB), args.rounds)
                     return
                 total = int(args.gib * GIB)
                 if not args.only_scaling:
