@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/signing.py
 	$(BIN)/python bench/slowclients.py
 	$(BIN)/python bench/audit_cost.py
+	$(BIN)/python bench/fanout.py
 
 # Disables each guard that trust rests on, one at a time; every one must make tests fail.
 mutants: $(STAMP)

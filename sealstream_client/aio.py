@@ -123,6 +123,7 @@ class ArchiveOptions(_Sealing, _Placing, total=False):
     """Those of `SealstreamClient.encrypt_archive`, besides `prefix`."""
 
     archive_format: str
+    names: str
 
 
 class OpenOptions(TypedDict, total=False):

@@ -292,15 +292,18 @@ class SealstreamClient:
         archive_format: str = "auto",
         encryption_context: Mapping[str, str] | None = None,
         frame_length: int | None = None,
+        names: str = "plain",
     ) -> Generator[dict[str, Any], None, None]:
         """Stream the archive `source` in, each member sealed into an object under
         `prefix` as it arrives: the job's progress lines as they come, the first
-        `{"event": "started", "jobId"}`, the last `{"event": "finished", ...}`."""
+        `{"event": "started", "jobId"}`, the last `{"event": "finished", ...}`. With
+        `names="encrypted"` the members' paths are hidden in their object keys."""
         metadata = _metadata(
             kid=kid,
             encryptionContext=_context(encryption_context),
             frameLength=frame_length,
             format=archive_format,
+            names=None if names == "plain" else names,
             destination={"prefix": prefix, "overwrite": overwrite, **_metadata(bucket=bucket)},
         )
         with self._open_stream(ENCRYPT_ARCHIVE, metadata, source) as download:

@@ -15,6 +15,14 @@ from cli.session import Session, client_command, print_fields, print_json
 MANIFEST_NAME = "manifest.json"
 RESULT_FIELDS = ("status", "jobId", "manifestKey", "format", "counts")
 
+names_option = click.option(
+    "--names",
+    type=click.Choice(["plain", "encrypted"]),
+    default="plain",
+    show_default=True,
+    help="'encrypted' hides each member's path in its object key (the manifest maps them)",
+)
+
 
 @click.command("encrypt-archive", short_help="Stream an archive into storage, member by member.")
 @click.argument("input", default="-", metavar="[INPUT]")
@@ -29,6 +37,7 @@ RESULT_FIELDS = ("status", "jobId", "manifestKey", "format", "counts")
     default="auto",
     show_default=True,
 )
+@names_option
 @context_option("an encryption context pair bound to each member (repeatable)")
 @client_command
 def encrypt_archive(
@@ -39,6 +48,7 @@ def encrypt_archive(
     bucket: str | None,
     overwrite: bool,
     archive_format: str,
+    names: str,
     context: dict[str, str],
 ) -> None:
     """Seal each member of the archive INPUT (a file, or - for stdin) into an object of
@@ -56,6 +66,7 @@ def encrypt_archive(
             overwrite=overwrite,
             archive_format=archive_format,
             encryption_context=context,
+            names=names,
         ):
             if line["event"] == "started":
                 job_id = line["jobId"]

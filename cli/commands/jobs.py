@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from cli.commands.archives import names_option
 from cli.commands.crypto import context_option
 from cli.exits import EXIT_FAILED, CommandFailed
 from cli.progress import job_bars, wanted
@@ -152,6 +153,7 @@ def verify(session: Session, key: str, bucket: str | None, wait: bool) -> None:
 @context_option("an encryption context pair for every object (repeatable)")
 @click.option("--frame-length", type=int, help="frame length in bytes  [default: 1 MiB]")
 @click.option("--overwrite", is_flag=True, help="replace existing objects")
+@names_option
 @wait_option
 @client_command
 def batch_encrypt(
@@ -168,6 +170,7 @@ def batch_encrypt(
     context: dict[str, str],
     frame_length: int | None,
     overwrite: bool,
+    names: str,
     wait: bool,
 ) -> None:
     """Encrypt an archive's members (or every object under a prefix) one object each,
@@ -182,6 +185,7 @@ def batch_encrypt(
         encryptionContext=context or None,
         frameLength=frame_length,
         overwrite=overwrite or None,
+        names=None if names == "plain" else names,
     ).document
     _started(session, job, wait)
 
