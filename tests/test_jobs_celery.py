@@ -285,7 +285,9 @@ def test_a_tampered_object_fails_verification(
 # Redis is not a root of trust either
 
 
-def test_job_records_altered_or_planted_in_redis_are_refused(shared_stack: JobStack) -> None:
+def test_job_records_altered_or_planted_in_redis_or_tasks_are_refused(
+    shared_stack: JobStack,
+) -> None:
     redis = Redis.from_url(shared_stack.redis.url, decode_responses=True)
     with shared_stack.client() as client:
         stored = store_object(client, "redis/doc.bin", b"a document")
@@ -311,6 +313,19 @@ def test_job_records_altered_or_planted_in_redis_are_refused(shared_stack: JobSt
             "the worker to refuse the planted job",
         )
         assert json.loads(str(redis.get(f"sealstream:job:{planted_id}"))) == planted  # untouched
+
+        # A task carrying a record of its own for a job Redis has none of (as a worker
+        # puts back a record a failover lost): the copy fails authentication, so it is
+        # neither saved nor run.
+        carried_id = f"job_{uuid.uuid4().hex[:24]}"
+        carried = json.dumps(dict(sealed, record=dict(planted, id=carried_id)))
+        app = make_celery(shared_stack.api.settings)
+        app.send_task(RUN_JOB, args=[carried_id], kwargs={"record": carried})
+        wait_until(
+            lambda: f"job {carried_id}: no record" in worker.output(),
+            "the worker to refuse the carried record",
+        )
+        assert redis.get(f"sealstream:job:{carried_id}") is None
         listed = client.get(JOBS, params={"limit": 500}).json()["jobs"]
         assert planted_id not in {job["id"] for job in listed}
         assert done["id"] not in {job["id"] for job in listed}  # refused, so not listed
