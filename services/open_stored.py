@@ -372,6 +372,8 @@ async def _then(
     as whole, and an abort after that goes unseen."""
     held: bytes | None = None
     async for piece in body:
+        if not piece:  # an empty final frame's: holding it back would release the last bytes
+            continue
         if held:
             yield held
         held = piece
