@@ -24,7 +24,8 @@ from tests.support.data import random_bytes
 from tests.support.http import create_key, read_object
 from tests.test_jobs_batch import TENANT, check_members, put, run_batch, stored_keys
 from workers.execution import run_job
-from workers.fanout import batch_job
+from workers.fanout import ChunkSlice, Plan, _chunk_record, batch_chunk, batch_job
+from workers.journal import Journal
 
 CHUNK = 4  # members per chunk
 
@@ -291,3 +292,39 @@ def zip_archive_of(files: dict[str, bytes]) -> bytes:
         for path, data in files.items():
             archive.writestr(path, data)
     return buffer.getvalue()
+
+
+def test_a_chunk_whose_job_has_ended_seals_nothing(api: Api) -> None:
+    """A job failed without its body running (killed in every run, or stale) leaves its
+    plan and its queued chunks: a chunk taken then fails `job-ended`, sealing nothing."""
+    files = sources(2 * CHUNK)
+    for path, data in files.items():
+        put(api, f"src/{path}", data)
+    with api.client() as client:
+        create_key(client)
+    services = build_parts(api.settings)
+    bucket = api.objects.bucket
+    params = BatchEncryptParams.model_validate(
+        {
+            "kid": "mySymKey",
+            "mode": "members",
+            "format": "auto",
+            "encryptionContext": {},
+            "frameLength": 4096,
+            "overwrite": False,
+            "source": {"bucket": bucket, "prefix": "src/", "storagePrefix": TENANT + "src/"},
+            "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
+        }
+    )
+    job = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", params)
+    plan = Plan(format="prefix", chunks=[ChunkSlice(start=0, count=len(files), bytes=1)])
+    Journal(services.records, "default", job.id).save_plan(plan)
+    chunk = _chunk_record(services.jobs, job, plan, 0)
+    services.jobs.save(job.model_copy(update={"status": JobStatus.FAILED}))
+
+    run_job(chunk.id, services, {JobKind.BATCH_CHUNK: batch_chunk})
+
+    final = services.jobs.load(chunk.id)
+    assert final is not None and final.status is JobStatus.FAILED, final
+    assert final.error is not None and final.error["code"] == "job-ended"
+    assert not any(key.startswith("out/") for key in stored_keys(api))

@@ -395,8 +395,11 @@ def batch_chunk(context: JobContext, services: Parts) -> dict[str, Any]:
     if resumed.result is not None:
         return resumed.result
     plan = Journal(services.records, context.record.tenant, params.parent).plan(Plan)
-    if plan is None:
-        raise JobFailed("job-ended", f"job {params.parent} has ended: its plan is gone")
+    job = services.jobs.find(context.record.tenant, params.parent)
+    if plan is None or job is None or job.status.finished:
+        # Failed without its body (run too often, or stale), cancelled, or gone: no
+        # manifest will list what this chunk would seal.
+        raise JobFailed("job-ended", f"job {params.parent} has ended")
     batch = _Batch(context, services, journal, resumed, None)
     share = plan.chunks[params.index]
     try:
