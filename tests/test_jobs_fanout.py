@@ -22,7 +22,14 @@ from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus, Pre
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, read_object
-from tests.test_jobs_batch import TENANT, check_members, put, run_batch, stored_keys
+from tests.test_jobs_batch import (
+    TENANT,
+    batch_params,
+    check_members,
+    put,
+    run_batch,
+    stored_keys,
+)
 from workers.execution import run_job
 from workers.fanout import ChunkSlice, Plan, _chunk_record, batch_chunk, batch_job
 from workers.journal import Journal
@@ -160,28 +167,11 @@ def test_a_job_rerun_after_its_process_died_finds_its_chunks_again(api: Api, nam
     """The job dies once two of its chunks have ended; run again (as a redelivered task
     is), it keeps the same chunks, runs the rest, and each member is sealed once, its
     name hidden or not."""
-    files = sources(4 * CHUNK)
-    for path, data in files.items():
-        put(api, f"src/{path}", data)
-    with api.client() as client:
-        create_key(client)
+    files = seeded(api, 4 * CHUNK)
     # Run here, on services of the test's own over the server's storage, so that the
     # job's process can "die" and the job be run again, as a redelivered task is.
     services = build_parts(api.settings)
-    bucket = api.objects.bucket
-    params = {
-        "kid": "mySymKey",
-        "mode": "members",
-        "format": "auto",
-        "encryptionContext": {},
-        "frameLength": 4096,
-        "overwrite": False,
-        "source": {"bucket": bucket, "prefix": "src/", "storagePrefix": TENANT + "src/"},
-        "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
-        "names": names,
-    }
-    batch = BatchEncryptParams.model_validate(params)
-    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch)
+    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", prefix_params(api, names))
     services.jobs.save(record)
     ended: list[str] = []
 
@@ -209,6 +199,22 @@ def test_a_job_rerun_after_its_process_died_finds_its_chunks_again(api: Api, nam
     with api.client() as client:
         read_back(client, manifest(client, "out/manifest.json"), files)
     assert len([k for k in stored_keys(api) if k.startswith("out/")]) == len(files) + 1
+
+
+def prefix_params(api: Api, names: str) -> BatchEncryptParams:
+    """What `POST /api/jobs/batch-encrypt` makes of src/ → out/."""
+    source = PrefixTarget(bucket=api.objects.bucket, prefix="src/", storage_prefix=TENANT + "src/")
+    return batch_params(api).model_copy(update={"source": source, "names": names})
+
+
+def seeded(api: Api, count: int) -> dict[str, bytes]:
+    """`sources(count)` put under src/, and the key to seal them with; the sources."""
+    files = sources(count)
+    for path, data in files.items():
+        put(api, f"src/{path}", data)
+    with api.client() as client:
+        create_key(client)
+    return files
 
 
 def read_back(client: httpx.Client, document: dict[str, Any], files: dict[str, bytes]) -> None:
@@ -297,26 +303,9 @@ def zip_archive_of(files: dict[str, bytes]) -> bytes:
 def test_a_chunk_whose_job_has_ended_seals_nothing(api: Api) -> None:
     """A job failed without its body running (killed in every run, or stale) leaves its
     plan and its queued chunks: a chunk taken then fails `job-ended`, sealing nothing."""
-    files = sources(2 * CHUNK)
-    for path, data in files.items():
-        put(api, f"src/{path}", data)
-    with api.client() as client:
-        create_key(client)
+    files = seeded(api, 2 * CHUNK)
     services = build_parts(api.settings)
-    bucket = api.objects.bucket
-    params = BatchEncryptParams.model_validate(
-        {
-            "kid": "mySymKey",
-            "mode": "members",
-            "format": "auto",
-            "encryptionContext": {},
-            "frameLength": 4096,
-            "overwrite": False,
-            "source": {"bucket": bucket, "prefix": "src/", "storagePrefix": TENANT + "src/"},
-            "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
-        }
-    )
-    job = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", params)
+    job = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", prefix_params(api, "plain"))
     plan = Plan(format="prefix", chunks=[ChunkSlice(start=0, count=len(files), bytes=1)])
     Journal(services.records, "default", job.id).save_plan(plan)
     chunk = _chunk_record(services.jobs, job, plan, 0)
