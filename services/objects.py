@@ -28,7 +28,7 @@ from services.frame_chain import FrameChain
 from services.keys import OBJECT_CONTEXT_KEY, Sealing
 from storage import ObjectInfo, ObjectStore
 from storage.documents import CamelModel
-from storage.records import ObjectRecord
+from storage.records import ObjectRecord, next_generation
 
 HEADER_READ_SIZE = 64 * 1024
 # What a batch manifest says of each object sealed, and a verify job of the object read.
@@ -200,10 +200,16 @@ def object_metadata(sealing: Sealing) -> dict[str, str]:
 
 
 def intended_record(
-    sealing: Sealing, bucket: str, storage_key: str, plaintext_sha256: str, size: int
+    sealing: Sealing,
+    bucket: str,
+    storage_key: str,
+    plaintext_sha256: str,
+    size: int,
+    replaced: ObjectRecord | None,
 ) -> ObjectRecord:
     """The record of the `size`-byte object `sealing` has just finished, before storage
-    makes it visible: its intent, with no etag yet (`storage.records`)."""
+    makes it visible over the object `replaced` records (if any): its intent, with no etag
+    yet and the write's generation (`storage.records`)."""
     return ObjectRecord(
         bucket=bucket,
         key=storage_key,
@@ -218,6 +224,7 @@ def intended_record(
         etag="",
         created_at=datetime.now(UTC),
         header_sha256=header_digest(sealing.encryptor.header),
+        generation=next_generation(replaced),
     )
 
 

@@ -63,7 +63,7 @@ from services.placement import Placement
 from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 from storage.integrity import Records, RecordTampered
 from storage.readahead import ReadAhead
-from storage.records import ObjectRecord, load_intent, object_record
+from storage.records import ObjectRecord, load_intent, load_record, object_record, outdated
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +217,24 @@ async def _check_version(
 
 def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord | None:
     """The intent noted for the `size`-byte message now stored at `placement`, if there
-    is one: the record its writer was about to save. Its header is read here unchecked;
-    the intent names its digest, and the message is authenticated against it after."""
+    is one and it is newer than the object's record, if any: the record its writer was
+    about to save. Its header is read here unchecked; the intent names its digest, and the
+    message is authenticated against it after."""
+    bucket, storage_key = placement.bucket, placement.storage_key
     try:
-        header = read_stored_header(placement.store, placement.storage_key, size)
-        intent = load_intent(
-            records, placement.bucket, placement.storage_key, header_digest(header)
-        )
+        header = read_stored_header(placement.store, storage_key, size)
+        intent = load_intent(records, bucket, storage_key, header_digest(header))
     except (MessageFormatError, InvalidRange, ObjectNotFound, RecordTampered):
         return None
-    return intent if intent.ciphertext_size == size else None
+    if intent.ciphertext_size != size:
+        return None
+    try:
+        recorded = load_record(records, bucket, storage_key)
+    except ObjectNotFound:
+        return intent  # its write's first object there, or one deleted since
+    except RecordTampered:
+        return None  # no generation to stand over: the record's refusal stands
+    return None if outdated(intent, recorded) else intent
 
 
 async def stored_plaintext(

@@ -282,7 +282,7 @@ def reencrypt_object(
                 raise ObjectTampered(f"{mismatch}: the object was not re-encrypted") from None
             key = sealing.key
             marker = Marker.new(tenant, key.kid, key.primary_version, bucket, target_key)
-            intent = new.intent(bucket, target_key, digest.hexdigest())
+            intent = new.intent(bucket, target_key, digest.hexdigest(), replaced)
             if recorded.name_key_version is not None:  # a hidden name's digest stays hidden
                 name_key = keys.name_keys.version(tenant, recorded.name_key_version)
                 intent = hidden_plaintext(intent, name_key)
@@ -358,13 +358,22 @@ class _Resealing:
             self._unread.append(plaintext)
         self._send(self._encryptor.update(plaintext))
 
-    def intent(self, bucket: str, storage_key: str, plaintext_sha256: str) -> ObjectRecord:
-        """Seal the final frame and read it back; the new object's record-to-be."""
+    def intent(
+        self,
+        bucket: str,
+        storage_key: str,
+        plaintext_sha256: str,
+        replaced: ObjectRecord | None,
+    ) -> ObjectRecord:
+        """Seal the final frame and read it back; the new object's record-to-be, over the
+        object `replaced` records."""
         self._send(self._encryptor.finish())
         self._reader.finish()
         if self._unread:
             raise ReadBackMismatch("the new message reads back shorter than what was sealed")
-        return intended_record(self._sealing, bucket, storage_key, plaintext_sha256, self._written)
+        return intended_record(
+            self._sealing, bucket, storage_key, plaintext_sha256, self._written, replaced
+        )
 
     def complete(self) -> ObjectInfo:
         """Make the object visible, once its record's intent is noted."""

@@ -52,7 +52,7 @@ from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameSealer
 from envelope.message import resume_message
 from keystore import KeyStore
 from services.frame_chain import CHAIN_START, chain_step
-from services.inventory import Inventory, Marker
+from services.inventory import Inventory, Marker, record_at
 from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
 from services.placement import Placement, Spaces
@@ -69,7 +69,13 @@ from storage import (
 )
 from storage.documents import FrozenCamelModel
 from storage.integrity import Records, RecordTampered
-from storage.records import ObjectRecord, drop_intent, save_intent, save_record
+from storage.records import (
+    ObjectRecord,
+    drop_intent,
+    next_generation,
+    save_intent,
+    save_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +404,7 @@ class Uploads:
         store = self.spaces.store(state.tenant, state.bucket)
         version = state.key_version
         marker = Marker.new(state.tenant, state.kid, version, state.bucket, state.storage_key)
+        replaced = record_at(self.records, store, state.storage_key) if state.overwrite else None
         intent = ObjectRecord(
             bucket=state.bucket,
             key=state.storage_key,
@@ -412,6 +419,7 @@ class Uploads:
             etag="",
             created_at=datetime.now(UTC),
             header_sha256=header_digest(parse_header(state.header_bytes)),
+            generation=next_generation(replaced),
         )
         inventory = Inventory(self.records)
         ours = inventory.add(marker)

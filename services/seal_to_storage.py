@@ -142,6 +142,7 @@ class ObjectSealer:
             placement.storage_key,
             self._digest.hexdigest(),
             self._written,
+            replaced,
         )
         if self._name_key is not None:  # the intent tells no more than the record
             intent = hidden_plaintext(intent, self._name_key)

@@ -5,8 +5,9 @@ lifecycle sweep saves the record from it, as the writer would have: the object i
 (an upload becomes visible whole or not at all) and was sealed by the service.
 
 The sweep reads each intent's object header. An intent naming the message stored there
-is recorded (unless a record of that message is there already) and dropped. One whose
-message is not there (the upload never completed, or another object replaced it) is
+is recorded (unless a record of that message, or of a later write, is there already: an
+older intent put back with its object must not roll its record back) and dropped. One
+whose message is not there (the upload never completed, or another object replaced it) is
 dropped once it is older than `ABANDONED_AFTER`: until then its upload may still be
 completing. Records are written conditionally, so that one saved meanwhile by a writer
 at the same place is never overwritten with an older one.
@@ -35,6 +36,7 @@ from storage.records import (
     drop_intent,
     intents,
     load_record,
+    outdated,
     record_key,
 )
 
@@ -94,8 +96,8 @@ def _save_unless_recorded(records: Records, intent: ObjectRecord, stored: Object
     except RecordTampered:
         pass  # a record there that names nothing: replaced, if it is still that one
     else:
-        if recorded.header_sha256 == intent.header_sha256:
-            return False
+        if recorded.header_sha256 == intent.header_sha256 or outdated(intent, recorded):
+            return False  # recorded already, or a write older than the record's
     record = stored_record(intent, stored)
     try:
         records.put(

@@ -24,9 +24,17 @@ named by the object's place and its header's digest,
 and dropped once the record is saved. Between the two, a reader takes the intent that
 names the very message it finds there for its record; after a crash in between, the
 lifecycle sweep saves the record from it (`services.unfinished`).
+
+An intent stands for its object only over an older record. Each write takes a
+*generation*, sealed in its intent and so in its record: one more than the record it
+replaces, and no less than the writer's clock in microseconds, so that a write after a
+deletion (which leaves no record to count from) still outnumbers the writes before it.
+An intent put back with its object after its write was recorded is thus no newer than
+the record there: a rollback, refused and counted as a refused record (`outdated`).
 """
 
 import hashlib
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -35,7 +43,7 @@ from pydantic import Field
 from storage.base import ObjectInfo, ObjectStore
 from storage.documents import FrozenCamelModel
 from storage.errors import ObjectNotFound
-from storage.integrity import Records, RecordTampered, canonical_json, compact_seal
+from storage.integrity import Records, RecordTampered, canonical_json, compact_seal, note_refusal
 
 RECORDS_PREFIX = "sealstream/objects/"
 RECORD_KIND = "object"
@@ -71,6 +79,8 @@ class MessageRecord(FrozenCamelModel):
     # requests): the chain of SHA-256s over its frames (`services.frame_chain`).
     plaintext_frame_chain: str | None = Field(None, exclude_if=lambda value: value is None)
     name_key_version: int | None = Field(None, exclude_if=lambda value: value is None)
+    # Orders the writes at this place (`next_generation`); 0 in records from before it.
+    generation: int = 0
 
 
 class ObjectRecord(MessageRecord):
@@ -163,6 +173,31 @@ def load_intent(
     if (intent.bucket, intent.key, intent.header_sha256) != (bucket, storage_key, header_sha256):
         raise RecordTampered("it describes another object", name)
     return intent
+
+
+def next_generation(replaced: ObjectRecord | None) -> int:
+    """The generation of a write over the object `replaced` records (None: no record
+    to believe). Clocks between hosts may differ: only after a deletion does ordering
+    rest on them."""
+    after = 0 if replaced is None else replaced.generation
+    return max(after + 1, time.time_ns() // 1000)
+
+
+def outdated(intent: ObjectRecord, recorded: ObjectRecord) -> bool:
+    """Whether `intent` is too old to stand for its object over `recorded`, the record at
+    its place: a write begun before that record's was. One of another message than the
+    record's is a rollback (its object and intent put back), refused and counted; one of
+    the record's own message is its writer's, left over after the record was saved."""
+    if intent.generation > recorded.generation:
+        return False
+    if intent.header_sha256 != recorded.header_sha256:
+        name = intent_key(intent.bucket, intent.key, intent.header_sha256)
+        reason = (
+            f"an intent of generation {intent.generation}, not after its object's record "
+            f"({recorded.generation}): put back with its object"
+        )
+        note_refusal(INTENT_KIND, RecordTampered(reason, name))
+    return True
 
 
 def drop_intent(records: Records, intent: ObjectRecord) -> None:

@@ -428,6 +428,26 @@ MUTANTS = (
         ("tests/test_api_object_reads.py",),
     ),
     Mutant(
+        "intent: only over an older record",
+        "storage/records.py",
+        "    if intent.generation > recorded.generation:",
+        "    if True:",
+        (
+            "tests/test_trust_intents.py"
+            "::test_an_older_write_put_back_with_its_intent_is_refused_and_not_recorded",
+        ),
+    ),
+    Mutant(
+        "intent: a write after a deletion outnumbers those before",
+        "storage/records.py",
+        "    return max(after + 1, time.time_ns() // 1000)",
+        "    return after + 1",
+        (
+            "tests/test_trust_intents.py"
+            "::test_an_older_write_put_back_with_its_intent_is_refused_and_not_recorded",
+        ),
+    ),
+    Mutant(
         "stored object: whole plaintext against its record",
         "services/open_stored.py",
         "            check_recorded_plaintext(size, digest.hexdigest(), recorded, name_keys)",
