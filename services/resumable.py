@@ -56,6 +56,7 @@ from services.inventory import Inventory, Marker, record_at
 from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
 from services.placement import Placement, Spaces
+from services.seal_to_storage import HASHING
 from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -87,6 +88,10 @@ _FRAME_MAC = struct.Struct(">QB")  # sequence number, final
 # A PATCH holds up to a part of plaintext and one of ciphertext in memory; parts grow
 # past the 5 MiB floor once 10,000 would not hold the upload: at 1 TiB, to ~105 MiB.
 MAX_LENGTH = 1 << 40
+# Each part stored costs two writes of the state and durable writes of the part (a few
+# fsyncs on a local directory), so parts are larger than S3's floor: fewer of them. A
+# PATCH then holds about twice this in memory.
+PART_TARGET = max(MIN_PART_SIZE, 16 << 20)
 
 
 class UploadRefused(Exception):
@@ -250,10 +255,11 @@ def staging_name(upload: str) -> str:
 
 
 def frames_per_part(length: int, frame_length: int) -> int:
-    """Whole frames per part: at least S3's 5 MiB a part, at most 10,000 parts."""
+    """Whole frames per part: about `PART_TARGET` a part (never under S3's 5 MiB), at
+    most 10,000 parts."""
     frames = length // frame_length + 1
     regular = REGULAR_OVERHEAD + frame_length
-    return max(-(-MIN_PART_SIZE // regular), -(-frames // MAX_PARTS))
+    return max(-(-PART_TARGET // regular), -(-frames // MAX_PARTS))
 
 
 @dataclass(frozen=True)
@@ -502,6 +508,12 @@ class Uploads:
         self.records.store.delete(state.name)
 
 
+def _chained(chain: bytes, plaintexts: list[memoryview]) -> bytes:
+    for plain in plaintexts:
+        chain = chain_step(chain, plain)
+    return chain
+
+
 def _exists(store: ObjectStore, key: str) -> bool:
     try:
         store.head(key)
@@ -634,11 +646,16 @@ class Appending:
         # Recorded before any of them is sealed: whatever seals frame n later, from any
         # process, seals these bytes or nothing.
         self.state = state = self._save(state.model_copy(update={"macs": {**state.macs, **macs}}))
-        chain = uploads._unmasked(state)  # noqa: SLF001
-        for number, plain in frames:
-            # IV = the frame's number; its plaintext is the one just recorded (above).
-            self._part += self._sealer.seal(number, plain, final=number == state.total_frames)
-            chain = chain_step(chain, plain)
+        # The digest's chain is taken on another thread while the frames are sealed.
+        plaintexts = [plain for _, plain in frames]
+        chained = HASHING.executor.submit(_chained, uploads._unmasked(state), plaintexts)  # noqa: SLF001
+        try:
+            for number, plain in frames:
+                # IV = the frame's number; its plaintext is the one just recorded (above).
+                final = number == state.total_frames
+                self._part += self._sealer.seal(number, plain, final=final)
+        finally:
+            chain = chained.result()
         return chain, first + count - 1
 
     def _save(self, state: UploadState) -> UploadState:

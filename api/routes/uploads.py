@@ -16,11 +16,14 @@ the service, sealed on the way, and go on after a dropped connection or a server
 An upload is its tenant's: another tenant's token finds none.
 """
 
+import asyncio
 import base64
 import binascii
+from contextlib import suppress
 from email.utils import format_datetime
 from typing import Annotated, Any
 
+import anyio
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.requests import ClientDisconnect
@@ -35,7 +38,7 @@ from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, NamesK
 from api.services import Services, services
 from api.tokens import Principal
 from services.placement import ObjectRef
-from services.resumable import MAX_LENGTH, Appending, NewUpload, UploadState
+from services.resumable import MAX_LENGTH, PART_TARGET, Appending, NewUpload, UploadState
 
 router = APIRouter(prefix="/api/uploads", tags=["uploads"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
@@ -222,38 +225,65 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
         raise
     if isinstance(cut, Problem):
         raise cut  # what was whole of it is stored: the client asks HEAD and goes on
+    headers = state_headers(state)
     if appending.record is not None:
         placement = svc.spaces.place(
             principal.tenant, ObjectRef(key=state.key, bucket=state.bucket)
         )
-        await to_thread.run_sync(svc.verify_stored, principal.tenant, placement)
-    return Response(status_code=204, headers=state_headers(state))
+        job, _ = await to_thread.run_sync(svc.verify_stored, principal.tenant, placement)
+        headers["X-Verify-Job"] = job.id
+    return Response(status_code=204, headers=headers)
 
 
 async def _feed(
     svc: Services, request: Request, appending: Appending
 ) -> ClientDisconnect | Problem | None:
-    """Hand the body to `appending` as it arrives; the body's own failure (the client
-    gone, or too slow), if it had one, returned rather than raised: the frames that did
-    arrive whole are still sealed and acknowledged."""
+    """Hand the body to `appending` as it arrives, reading on while a thread seals and
+    stores what came before (up to about a part ahead of it); the body's own failure
+    (the client gone, or too slow), if it had one, returned rather than raised: the
+    frames that did arrive whole are still sealed and acknowledged."""
     handoff = bytearray()
+    writing: asyncio.Task[None] | None = None
     try:
         async for chunk in body_chunks(request, svc.settings):
             handoff += chunk
-            if len(handoff) >= HANDOFF_BYTES:
-                await to_thread.run_sync(appending.write, handoff, limiter=svc.transfers)
-                handoff.clear()
+            busy = writing is not None and not writing.done()
+            if len(handoff) < HANDOFF_BYTES or (busy and len(handoff) < PART_TARGET):
+                continue
+            if writing is not None:
+                await writing  # in order, one at a time; raises what it failed with
+            writing = asyncio.create_task(_write(svc, appending, handoff))
+            handoff = bytearray()
     except ClientDisconnect as gone:
         cut: ClientDisconnect | Problem | None = gone
     except Problem as problem:
         if problem.status != 408:
+            await _settled(writing)
             raise
         cut = problem
+    except BaseException:
+        await _settled(writing)
+        raise
     else:
         cut = None
+    if writing is not None:
+        await writing
     if handoff:
-        await to_thread.run_sync(appending.write, handoff, limiter=svc.transfers)
+        await _write(svc, appending, handoff)
     return cut
+
+
+async def _write(svc: Services, appending: Appending, data: bytearray) -> None:
+    await to_thread.run_sync(appending.write, data, limiter=svc.transfers)
+
+
+async def _settled(writing: "asyncio.Task[None] | None") -> None:
+    """Wait for a write in flight to end, whatever it ends with, before the upload is let
+    go of: two threads must never write one upload's state."""
+    if writing is None:
+        return
+    with anyio.CancelScope(shield=True), suppress(Exception):
+        await writing
 
 
 @router.delete(
