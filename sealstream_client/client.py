@@ -21,15 +21,17 @@ frame: it raises `TransferAborted` and is never reported as complete.
 
 from __future__ import annotations  # the models in annotations load only when called
 
+import base64
 import http.client
 import importlib
 import json
 import socket
 import ssl
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from sealstream_client.errors import ApiError, ClientError, TransferAborted, api_error_class
@@ -66,6 +68,11 @@ DEFAULT_TIMEOUT = 60.0  # seconds a connect, a send or a read may wait
 MAX_DOCUMENT = 1024 * 1024  # largest JSON response read
 USER_AGENT = "sealstream-client/0.1"
 ENCRYPT = "/api/crypto/stream/encrypt"
+UPLOADS = "/api/uploads"
+TUS = {"Tus-Resumable": "1.0.0"}
+# Refusals of a PATCH that a HEAD and another PATCH get past: another request was
+# writing the upload (one of this client's, cut off, still ending on the server).
+RESUMABLE_REFUSALS = ("upload-offset-mismatch", "upload-locked")
 DECRYPT = "/api/crypto/stream/decrypt"
 REENCRYPT = "/api/crypto/stream/reencrypt"
 ENCRYPT_ARCHIVE = "/api/crypto/stream/encrypt-archive"
@@ -87,6 +94,16 @@ class Transfer:
     bytes_received: int  # bytes of the response body
     status: int = 200  # 206 for a ranged read
     content_range: str | None = None  # Content-Range of a ranged read
+
+
+@dataclass(frozen=True)
+class ResumableResult:
+    """A resumable upload that ended: its path, the bytes acknowledged (all of them),
+    and the verify job the server started for the object."""
+
+    upload: str
+    offset: int
+    verify_job: str | None
 
 
 class Writable(Protocol):
@@ -280,6 +297,107 @@ class SealstreamClient:
             destination=_destination(key, bucket, overwrite),
         )
         return self._posted(ENCRYPT, metadata, source, models.StoredObject)
+
+    def upload_resumable(
+        self,
+        kid: str,
+        file: BinaryIO,
+        length: int,
+        *,
+        key: str,
+        bucket: str | None = None,
+        overwrite: bool = False,
+        encryption_context: Mapping[str, str] | None = None,
+        frame_length: int | None = None,
+        upload: str | None = None,
+        created: Callable[[str], object] = lambda _: None,
+        attempts: int = 5,
+    ) -> ResumableResult:
+        """Encrypt the `length` bytes of `file` (seekable) into the object `key` through a
+        resumable upload (tus, `/api/uploads`): the one at path `upload` if given (and
+        still there), else a new one, whose path is handed to `created` first (keep it to
+        go on after this process ends). A broken connection is followed by a HEAD and a
+        PATCH from the offset the server acknowledged, up to `attempts` times in a row."""
+        if upload is None or self._upload_offset(upload) is None:
+            upload = self._create_upload(
+                kid, length, key, bucket, overwrite, encryption_context, frame_length
+            )
+            created(upload)
+        failures = 0
+        while True:
+            offset = self._upload_offset(upload)
+            if offset is None:
+                raise ClientError("the upload is gone: expired or terminated")
+            try:
+                return self._patch_rest(upload, file, offset, length)
+            except (ClientError, OSError) as exc:
+                if isinstance(exc, ApiError) and exc.code not in RESUMABLE_REFUSALS:
+                    raise
+                failures += 1
+                if failures >= attempts:
+                    raise
+                time.sleep(min(2.0, 0.2 * failures))
+
+    def _create_upload(
+        self,
+        kid: str,
+        length: int,
+        key: str,
+        bucket: str | None,
+        overwrite: bool,
+        context: Mapping[str, str] | None,
+        frame_length: int | None,
+    ) -> str:
+        fields = _metadata(
+            kid=kid,
+            destination=key,
+            bucket=bucket,
+            overwrite="true" if overwrite else None,
+            context=None if not context else json.dumps(dict(context)),
+            frameLength=None if frame_length is None else str(frame_length),
+        )
+        metadata = ",".join(
+            f"{name} {base64.b64encode(str(value).encode()).decode()}"
+            for name, value in fields.items()
+        )
+        headers = TUS | {"Upload-Length": str(length), "Upload-Metadata": metadata}
+        with Exchange(self._connect(), self._head("POST", UPLOADS, headers)) as exchange:
+            response = _response(exchange)
+            if response.status != 201:
+                raise _api_error(response)
+            location = response.getheader("Location") or ""
+        return location.removeprefix(self._base_path)
+
+    def _upload_offset(self, upload: str) -> int | None:
+        """The upload's acknowledged offset; None if there is no such upload (any more)."""
+        with Exchange(self._connect(), self._head("HEAD", upload, TUS)) as exchange:
+            response = _response(exchange)
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise _api_error(response)
+            return int(response.getheader("Upload-Offset") or "0")
+
+    def _patch_rest(self, upload: str, file: BinaryIO, offset: int, length: int) -> ResumableResult:
+        """One PATCH of the bytes of `file` from `offset` to its end."""
+        file.seek(offset)
+        headers = TUS | {
+            "Upload-Offset": str(offset),
+            "Content-Type": "application/offset+octet-stream",
+            "Content-Length": str(length - offset),
+        }
+        body = iter(lambda: file.read(DOWNLOAD_CHUNK), b"")
+        with Exchange(
+            self._connect(), self._head("PATCH", upload, headers), body, chunked=False
+        ) as exchange:
+            response = _response(exchange)
+            if response.status != 204:
+                raise _api_error(response)
+            reached = int(response.getheader("Upload-Offset") or "0")
+            job = response.getheader("X-Verify-Job")
+        if reached < length:
+            raise ClientError(f"the upload stopped at {reached} of {length} bytes")
+        return ResumableResult(upload, reached, job)
 
     def encrypt_archive(
         self,

@@ -8,12 +8,15 @@ partial file, and never leaves an OUTPUT that looks complete (nor touches an OUT
 was there before).
 """
 
+import hashlib
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -75,6 +78,12 @@ def context_option(help_text: str) -> Callable[[F], F]:
 @click.option("--to-storage", metavar="KEY", help="store the ciphertext as this object key")
 @click.option("--bucket", help="with --to-storage: the bucket")
 @click.option("--overwrite", is_flag=True, help="with --to-storage: replace an existing object")
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="with --to-storage and a file: a resumable upload, which a rerun goes on with "
+    "where a failed or interrupted one stopped  [default: for files of 64 MiB or more]",
+)
 @client_command
 def encrypt(
     session: Session,
@@ -88,6 +97,7 @@ def encrypt(
     to_storage: str | None,
     bucket: str | None,
     overwrite: bool,
+    resume: bool | None,
 ) -> None:
     """Encrypt INPUT (a file, or - for stdin) under a key, or for several (any one of them
     decrypts it). The ciphertext streams back to --output, or with --to-storage goes into
@@ -115,6 +125,12 @@ def encrypt(
         return
     if output != "-":
         raise CommandFailed("--to-storage prints what was stored: drop --output", EXIT_USAGE)
+    if _resumable(resume, input, key, partner is not None or bool(signed)):
+        assert isinstance(key, str)
+        target = Destination(to_storage, bucket, overwrite, context, frame_length)
+        resumed = _encrypt_resumable(session, Path(input), key, target)
+        session.show(resumed, lambda: print_fields(resumed, RESUMED_FIELDS))
+        return
     with input_file(session, input, "encrypt", output) as source:
         stored = session.client.encrypt_to_storage(
             key,
@@ -128,6 +144,94 @@ def encrypt(
             signed=signed,
         ).document
     session.show(stored, lambda: print_fields(stored, STORED_FIELDS))
+
+
+RESUMABLE_FROM = 64 * 1024 * 1024  # bytes of a file that make --resume the default
+RESUMED_FIELDS = ("key", "bucket", "kid", "plaintextSize", "upload", "verifyJob")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a resumable upload goes, and how it is sealed."""
+
+    key: str
+    bucket: str | None
+    overwrite: bool
+    context: dict[str, str]
+    frame_length: int | None
+
+
+def _resumable(resume: bool | None, input: str, key: str | list[str], signed: bool) -> bool:
+    """Whether to upload through a resumable upload: asked for, or by default for a large
+    file; it takes a file (it is read again from where the server stopped) and one key."""
+    is_file = input != "-" and Path(input).is_file()
+    if resume and (not is_file or not isinstance(key, str) or signed):
+        raise CommandFailed(
+            "--resume takes a file (not stdin), one --kid and no --recipient-key or --signed",
+            EXIT_USAGE,
+        )
+    if resume is None:
+        large = is_file and Path(input).stat().st_size >= RESUMABLE_FROM
+        return large and isinstance(key, str) and not signed
+    return resume
+
+
+def _encrypt_resumable(
+    session: Session, path: Path, kid: str, target: Destination
+) -> dict[str, Any]:
+    """Upload `path` through a resumable upload, going on with the one a run before this
+    one left for the same file and destination (its path is kept in a small file under
+    the state directory: nothing of the file's content and no key)."""
+    size = path.stat().st_size
+    kept = _upload_note(session, path, kid, target)
+    earlier = kept.read_text().strip() if kept.is_file() else None
+
+    def keep(upload: str) -> None:
+        kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kept.write_text(upload)
+        kept.chmod(0o600)
+
+    with path.open("rb") as file:
+        result = session.client.upload_resumable(
+            kid,
+            file,
+            size,
+            key=target.key,
+            bucket=target.bucket,
+            overwrite=target.overwrite,
+            encryption_context=target.context,
+            frame_length=target.frame_length,
+            upload=earlier,
+            created=keep,
+        )
+    kept.unlink(missing_ok=True)
+    return {
+        "key": target.key,
+        "bucket": target.bucket,
+        "kid": kid,
+        "plaintextSize": size,
+        "upload": result.upload,
+        "verifyJob": result.verify_job,
+    }
+
+
+def _upload_note(session: Session, path: Path, kid: str, target: Destination) -> Path:
+    """Where the path of this file's upload to this destination is kept between runs:
+    named by a digest of the server, the file (its path, size and modification time),
+    the key and the destination, so that a changed file starts a new upload."""
+    stat = path.stat()
+    identity = [
+        session.connection.url,
+        str(path.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        kid,
+        target.key,
+        target.bucket,
+    ]
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "sealstream" / "uploads" / digest
 
 
 def _jwk_file(path: str) -> dict[str, Any]:

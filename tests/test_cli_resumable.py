@@ -1,0 +1,48 @@
+"""`sealstream encrypt FILE --to-storage KEY --resume` against a live server: a resumable
+upload that goes on through its own retries and, once those are spent, through a rerun of
+the command, which finds the upload the first run kept (its path only) and finishes it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Api
+from tests.support.cut_proxy import CuttingProxy
+from tests.support.data import KiB, MiB, random_bytes
+from tests.support.http import create_key, read_object
+from tests.test_cli_commands import KID, run
+
+FRAME = 64 * KiB
+WHOLE = 1 << 40
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+def test_a_rerun_finishes_the_upload_a_cut_off_run_left(api: Api, tmp_path: Path) -> None:
+    data = random_bytes(3 * MiB + 777, seed=31)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(data)
+    state = tmp_path / "state"
+    args = ("encrypt", str(plain), "--kid", KID, "--to-storage", "r/big", "--resume", "--json")
+    frames = ("--frame-length", str(FRAME))
+    with api.client() as client:
+        create_key(client)
+    # POST and HEAD whole, then each PATCH cut (its HEAD whole): five in a row, which
+    # spends the client's attempts; connections after the list run whole.
+    cuts = [WHOLE, WHOLE] + [200 * KiB, WHOLE] * 5
+    with CuttingProxy(api.url, cuts) as proxy:
+        env = {"SEALSTREAM_URL": proxy.url, "XDG_STATE_HOME": str(state)}
+        failed = run(api, *args, *frames, env=env)
+        (note,) = (state / "sealstream" / "uploads").iterdir()
+        upload = note.read_text()
+
+        finished = run(api, *args, *frames, env=env)
+
+    assert failed.returncode != 0 and proxy.cut == 5
+    assert upload.startswith("/api/uploads/")  # its path, nothing of the file
+    assert finished.returncode == 0, finished.stderr
+    stored = json.loads(finished.stdout)
+    assert stored["upload"] == upload and stored["verifyJob"]
+    assert not note.exists()
+    with api.client() as client:
+        assert read_object(client, "r/big").content == data
