@@ -15,10 +15,11 @@ from tusclient import client as tus
 
 from services.frame_chain import FrameChain
 from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
-from storage.records import load_record, save_record
+from storage import StorageUnavailable
+from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.data import KiB, MiB, random_bytes
-from tests.support.http import create_key, problem, read_object
+from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import finished_job, start_verify
 from tests.test_api_objects import tenant_client
 
@@ -203,3 +204,25 @@ def test_termination_and_expiry_leave_nothing_pending(api: Api, client: httpx.Cl
     assert pending(api) == []
     assert list(api.objects.list(UPLOADS_PREFIX)) == []
     assert client.head(expiring, headers=TUS).status_code == 404
+
+
+def test_an_upload_over_an_object_whose_record_was_not_saved_is_read_through_its_intent(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its intent outnumbers the record of the object it replaced, so a read between the
+    upload's completion and its record (here, a record that failed to save) gets it."""
+    old, new = random_bytes(5000, seed=7), random_bytes(FRAME + 100, seed=8)
+    assert encrypt(client, old, destination={"key": "up/obj"}).status_code == 201
+    url = create(client, len(new), overwrite="true")
+    put = api.records.store.put
+
+    def records_unsaved(key: str, data: bytes, **conditions: Any) -> Any:
+        if key.startswith(RECORDS_PREFIX):
+            raise StorageUnavailable("cut off", key)
+        return put(key, data, **conditions)
+
+    with monkeypatch.context() as cut_off:
+        cut_off.setattr(api.records.store, "put", records_unsaved)
+        assert patch(client, url, 0, new).status_code == 503
+
+    assert read_object(client, "up/obj").content == new
