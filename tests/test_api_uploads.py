@@ -226,3 +226,28 @@ def test_an_upload_over_an_object_whose_record_was_not_saved_is_read_through_its
         assert patch(client, url, 0, new).status_code == 503
 
     assert read_object(client, "up/obj").content == new
+
+
+def test_a_bucket_writer_cannot_swap_staged_bytes_or_state_undetected(
+    api: Api, client: httpx.Client
+) -> None:
+    data = random_bytes(4 * FRAME, seed=8)
+    url = create(client, len(data))
+    assert patch(client, url, 0, data[:FRAME]).status_code == 204  # staged: short of a part
+    upload = url.rsplit("/", 1)[1]
+    staged = f"{UPLOADS_PREFIX}{upload}.staged"
+    genuine = api.records.store.get(staged)
+    api.records.store.put(staged, genuine[:-1] + bytes([genuine[-1] ^ 1]))
+
+    problem(patch(client, url, FRAME, data[FRAME:]), 502, "upload-tampered")
+
+    api.records.store.put(staged, genuine)
+    name = f"{UPLOADS_PREFIX}{upload}.json"
+    sealed = api.records.store.get(name)
+    rolled = sealed.replace(f'"offset": {FRAME}'.encode(), b'"offset": 0')
+    assert rolled != sealed
+    api.records.store.put(name, rolled)
+    assert client.head(url, headers=TUS).status_code == 502  # refused, never believed
+    api.records.store.put(name, sealed)
+    assert patch(client, url, FRAME, data[FRAME:]).status_code == 204
+    assert read_object(client, "up/obj").content == data
