@@ -557,13 +557,23 @@ class Appending:
             if self._frames_here():
                 self._seal_batch()
             if self.state.finished:
-                self.record = self._uploads.finish(self.state, self._etag)
+                self.record = self._finish()
                 return self.state
         except BaseException:
             self._uploads._release(self.state, self._etag)  # noqa: SLF001
             raise
         self._uploads._release(self.state, self._etag)  # noqa: SLF001
         return self.state
+
+    def _finish(self) -> ObjectRecord:
+        try:
+            return self._uploads.finish(self.state, self._etag)
+        except ObjectExists:
+            # An object stored at the key meanwhile, which this one may not replace: the
+            # upload can never complete, and goes as a DELETE would take it, so that its
+            # client is not told by HEAD that it is whole.
+            self._uploads._erase(self.state, abort=True)  # noqa: SLF001
+            raise
 
     def abandon(self) -> None:
         """Let go of the upload without sealing more (the request failed)."""

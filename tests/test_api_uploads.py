@@ -251,3 +251,17 @@ def test_a_bucket_writer_cannot_swap_staged_bytes_or_state_undetected(
     api.records.store.put(name, sealed)
     assert patch(client, url, FRAME, data[FRAME:]).status_code == 204
     assert read_object(client, "up/obj").content == data
+
+
+def test_an_object_stored_meanwhile_ends_the_upload_that_may_not_replace_it(
+    api: Api, client: httpx.Client
+) -> None:
+    data = random_bytes(2 * FRAME, seed=9)
+    url = create(client, len(data), key="up/raced")
+    assert encrypt(client, b"first", destination={"key": "up/raced"}).status_code == 201
+
+    problem(patch(client, url, 0, data), 409, "object-exists")
+
+    assert client.head(url, headers=TUS).status_code == 404
+    assert pending(api) == []
+    assert read_object(client, "up/raced").content == b"first"
