@@ -45,8 +45,9 @@ system:
 		|| { apt-get update && apt-get install -y --no-install-recommends nftables; } \
 		|| { echo "nft is missing: apt-get install nftables"; exit 1; }
 
+# worksteal: a worker that runs out of tests takes half of what the other has still to run.
 test: lint system
-	$(BIN)/pytest -n 2
+	$(BIN)/pytest -n 2 --dist worksteal
 
 # The production topology in network namespaces, and a chaos run across it (needs root;
 # about five minutes): tests/test_cluster.py. CLUSTER_SEED and CLUSTER_SECONDS change the

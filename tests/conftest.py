@@ -1,6 +1,7 @@
 """Shared fixtures: the moto S3 server, a fresh store of each backend per test, and a live
 API server on each backend."""
 
+import os
 import ssl
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,6 +54,19 @@ LONGEST_FIRST = (
     "test_beat.py",
     "test_envelope_interop.py",
 )
+
+
+# A memory file system, where the machine has one: the local store syncs each object, its
+# metadata and their directory to disk, milliseconds each on a disk, which thousands of
+# tests' writes added up to minutes of waiting. What the tests check does not depend on it.
+MEMORY_FILE_SYSTEM = Path("/dev/shm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary directories (tmp_path) in MEMORY_FILE_SYSTEM, unless told where."""
+    told = config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT")
+    if not told and MEMORY_FILE_SYSTEM.is_dir() and os.access(MEMORY_FILE_SYSTEM, os.W_OK):
+        os.environ["PYTEST_DEBUG_TEMPROOT"] = str(MEMORY_FILE_SYSTEM)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
