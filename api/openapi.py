@@ -134,7 +134,9 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "it and is signed or sealed only for keys only the service ever held (or, stored, "
         "the service's record of it); `false` otherwise: no proof (written before proofs "
         "were, or by anyone else holding the key's public half), another deployment's, or "
-        "a data key that may be known outside the service.",
+        "a data key that may be known outside the service. A range is `true` only for "
+        "a proof of a message sealed only for keys only the service ever held: neither "
+        "signature nor record covers a range.",
         "schema": {"type": "string", "enum": ["true", "false"]},
         "required": True,
     },

@@ -19,7 +19,7 @@ from envelope import PROVIDER_ID, Encryptor, Header, Keyring, key_names
 from envelope.context import RESERVED_PREFIX as ESDK_RESERVED_PREFIX
 from keystore import KeyNotFound, KeyRecord, KeyStore, Uses
 from keystore.material import KEY_NAME_PATTERN
-from services.provenance import Provenance
+from services.provenance import Provenance, Verdict
 
 RESERVED_CONTEXT_PREFIX = "sealstream:"
 TENANT_CONTEXT_KEY = f"{RESERVED_CONTEXT_PREFIX}tenant"
@@ -132,10 +132,10 @@ def provenance(keys: KeyStore) -> Provenance:
 
 def proven_by_proof(
     keys: KeyStore, tenant: str, header: Header, opener: KeyRecord, *, refuse_unproven: bool
-) -> bool:
-    """Whether an authenticated header, opened under `opener`'s key, proves the message
-    this service's (`services.provenance`); refuses an invalid proof, and, if
-    `refuse_unproven`, an unproven message."""
+) -> Verdict:
+    """What an authenticated header, opened under `opener`'s key, proves this service's
+    (`services.provenance`): the message read whole, and any part of it; refuses an
+    invalid proof, and, if `refuse_unproven`, an unproven message."""
     held = partial(_held_only_here, keys, tenant, opener)
     return provenance(keys).proven(header, held, refuse_unproven=refuse_unproven)
 

@@ -100,7 +100,8 @@ class CheckedObject:
     layout: MessageLayout
     watch: KeyWatch
     uses: Uses  # the key's, this read counted
-    proven: bool  # written by this service: its record or its proof says so
+    proven: bool  # its content, read whole, this service's: its record or its proof says so
+    range_proven: bool  # any range of it this service's: its proof alone can say so
     recorded: ObjectRecord | None  # what its upload recorded (or its intent), if anything
     version: str  # the etag of the object checked, which its reads must be of
 
@@ -125,7 +126,9 @@ async def check_stored(
     own authentication only if `serve_unrecorded`, else refused (`ObjectUnrecorded`).
     An object that fails is damage in storage: `ObjectDamaged`. A recorded object is
     proven by its record; one without is proven by its proof of provenance, and refused
-    without one if `refuse_unproven`. A proof that fails fails any object.
+    without one if `refuse_unproven`. A proof that fails fails any object. A range checks
+    neither footer nor recorded digest, so it is proven only by a proof of a message whose
+    every recipient only the service ever held (`services.provenance`).
 
     An object replaced while it is checked (re-encrypted in place, say) is checked again,
     once, as it is now; one whose record is not saved yet (or was never, its writer lost)
@@ -199,7 +202,7 @@ async def _check_version(
             check_recorded_message(header, recorded)
         unrecorded_refused = refuse_unproven and recorded is None
         check = partial(proven_by_proof, keys, tenant, header, opening.key)
-        proven = await to_thread.run_sync(partial(check, refuse_unproven=unrecorded_refused))
+        verdict = await to_thread.run_sync(partial(check, refuse_unproven=unrecorded_refused))
         layout = await to_thread.run_sync(
             partial(read_stored_layout, if_match=version),
             store,
@@ -210,9 +213,11 @@ async def _check_version(
             limiter=transfers,
         )
     uses = await to_thread.run_sync(opening.opened, opened.keyring)
-    proven = proven or recorded is not None
+    proven = verdict.whole or recorded is not None
     key, watch = opening.key, opening.watch
-    return CheckedObject(placement, key, opened, layout, watch, uses, proven, recorded, version)
+    return CheckedObject(
+        placement, key, opened, layout, watch, uses, proven, verdict.any_part, recorded, version
+    )
 
 
 def intent_of(records: Records, placement: Placement, size: int) -> ObjectRecord | None:

@@ -56,9 +56,10 @@ async def open_upload(
     decryptor, first = await to_thread.run_sync(start)
     assert decryptor.keyring is not None
     check = partial(proven_by_proof, keys, tenant, header, opening.key)
-    proven = await to_thread.run_sync(partial(check, refuse_unproven=refuse_unproven))
+    verdict = await to_thread.run_sync(partial(check, refuse_unproven=refuse_unproven))
     uses = await to_thread.run_sync(opening.opened, decryptor.keyring)
     plaintext = _plaintext(first, decryptor, chunks, header.frame_length, opening.watch)
+    proven = verdict.whole  # an upload is read whole
     return OpenedUpload(opening.key, decryptor.keyring, header, uses, proven, plaintext)
 
 

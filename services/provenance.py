@@ -17,6 +17,10 @@ one can sign other frames) or every recipient it names is a key of the tenant's 
 the service ever held: generated here, never exportable (`KeyRecord.may_be_known_outside`).
 The service signs every message it writes for any other recipient (`services.keys`).
 
+A range reads some frames only: it checks neither a signed message's footer nor a
+recorded object's plaintext digest. So a range is proven only by a valid proof of a message
+every recipient of which only the service ever held (`Verdict.any_part`), signed or not.
+
 On reading:
 - a proof under this service's key that does not verify is refused (`ProofInvalid`): a
   header with `sealstream:` pairs and a forged or copied proof, or an EDK dropped;
@@ -33,6 +37,7 @@ import base64
 import binascii
 import hmac
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from envelope import AuthenticationError, EnvelopeError, Header
 from envelope.keyrings.names import recipients_of
@@ -46,6 +51,18 @@ _KEY_ID_LENGTH = 6  # bytes: tells deployments apart, and says nothing of the ke
 # Whether every recipient of a message (provider ID, key name) is a key only the service
 # ever held.
 HeldOnlyHere = Callable[[Sequence[tuple[str, bytes]]], bool]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a message's proof vouches for: its content read whole, to its end (`whole`),
+    and any part of it read alone, a range (`any_part`, which implies `whole`)."""
+
+    whole: bool
+    any_part: bool
+
+
+UNPROVEN = Verdict(whole=False, any_part=False)
 
 
 class ProofInvalid(AuthenticationError):
@@ -75,31 +92,35 @@ class Provenance:
 
     def proven(
         self, header: Header, held_only_here: HeldOnlyHere, *, refuse_unproven: bool
-    ) -> bool:
-        """Whether an authenticated header proves the message, body included, this
-        service's; refuses an invalid proof, and, if `refuse_unproven`, an unproven one."""
-        if self._vouches_for(header, held_only_here):
-            return True
+    ) -> Verdict:
+        """What an authenticated header proves this service's: the message's content read
+        whole, and any part of it; refuses an invalid proof, and, if `refuse_unproven`, a
+        message whose whole content is unproven."""
+        verdict = self._vouches_for(header, held_only_here)
+        if verdict.whole:
+            return verdict
         if refuse_unproven:
             raise MessageUnproven(
                 "the message is not proven to be this service's, and the service refuses "
                 "such messages"
             )
-        return False
+        return UNPROVEN
 
-    def _vouches_for(self, header: Header, held_only_here: HeldOnlyHere) -> bool:
+    def _vouches_for(self, header: Header, held_only_here: HeldOnlyHere) -> Verdict:
         proof = header.context.get(PROOF_CONTEXT_KEY)
         if proof is None:
-            return False
-        if ":" not in proof:  # the first form
+            return UNPROVEN
+        if ":" not in proof:  # the first form, which binds no recipients
             self._check(proof, first_header_binding_of(header, (PROOF_CONTEXT_KEY,)))
-            return header.signed
+            return Verdict(whole=header.signed, any_part=False)
         proof_format, _, rest = proof.partition(":")
         key_id, _, mac = rest.partition(":")
         if proof_format != PROOF_FORMAT or key_id != self.key_id:
-            return False  # another deployment's proof, or a form this one cannot read
+            return UNPROVEN  # another deployment's proof, or a form this one cannot read
         self._check(mac, header_binding_of(header, (PROOF_CONTEXT_KEY,)))
-        return header.signed or held_only_here(recipients_of(header))
+        # The signature proves the frames only once the footer is checked, after them all.
+        only_here = held_only_here(recipients_of(header))
+        return Verdict(whole=header.signed or only_here, any_part=only_here)
 
     def _check(self, mac: str, binding: bytes) -> None:
         if not hmac.compare_digest(_decoded(mac), self._mac(binding)):

@@ -346,3 +346,37 @@ def test_a_signed_object_of_any_signature_length_reads_whole_and_by_range(
         message = api.objects.get("tenants/default/signed")
         assert int.from_bytes(message[-length - 2 : -length]) == length
         read_back(client, "signed", data, FRAME)
+
+
+# What a range of a stored object says of its provenance
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_a_range_of_a_message_a_partner_can_rewrite_is_never_proven(api: Api, signed: bool) -> None:
+    """A partner recipient who can write the bucket rewrites the frames of a recorded
+    message under its header (a signed message keeping its footer): a range checks
+    neither footer nor recorded digest, so it serves the partner's frames, and must not
+    call them the service's, signed or recorded as the message is. A range of a message
+    only the service's own key opens stays proven."""
+    jwk, partner = partner_jwks()["rsa"]
+    forged_data = random_bytes(SIZE, seed=21)
+    with api.client() as client, pytest.MonkeyPatch.context() as patch:
+        create_key(client)
+        assert encrypt(client, DATA, frameLength=FRAME, destination={"key": "ours"}).is_success
+        metadata = {"recipientPublicKey": jwk, "destination": {"key": "shared"}}
+        if not signed:  # as builds before every message for a partner was signed wrote it
+            patch.setattr(services.keys, "known_outside", lambda *_: False)
+        stored = encrypt(client, DATA, frameLength=FRAME, signed=False, **metadata).json()
+        patch.undo()
+        message = api.objects.get(stored["storageKey"])
+        header = parse_header(message)
+        assert header.signed == signed
+        frames = seal_frames(sealer_for(header, partner), forged_data, FRAME)
+        footer = message[header.length + len(frames) :]
+        api.objects.put(stored["storageKey"], message[: header.length] + frames + footer)
+        ranged = read_object(client, "shared", "bytes=0-99")
+        assert ranged.status_code == 206 and ranged.content == forged_data[:100]
+        assert ranged.headers["X-Message-Proven"] == "false"
+        ours = read_object(client, "ours", "bytes=0-99")
+        assert ours.status_code == 206 and ours.content == DATA[:100]
+        assert ours.headers["X-Message-Proven"] == "true"

@@ -110,9 +110,23 @@ MUTANTS = (
     Mutant(
         "a proof of the first form proves signed messages only",
         "services/provenance.py",
-        "            return header.signed\n",
-        "            return True\n",
+        "            return Verdict(whole=header.signed, any_part=False)",
+        "            return Verdict(whole=True, any_part=False)",
         PROVENANCE_TESTS,
+    ),
+    Mutant(
+        "a range proven only for keys held here alone, never for a signature",
+        "services/provenance.py",
+        "        return Verdict(whole=header.signed or only_here, any_part=only_here)",
+        "        return Verdict(whole=header.signed or only_here, any_part=True)",
+        ("tests/test_api_object_reads.py",),
+    ),
+    Mutant(
+        "a range not proven by its record",
+        "api/routes/crypto.py",
+        "        **proven_header(checked.proven if wanted is None else checked.range_proven),",
+        "        **proven_header(checked.proven),",
+        ("tests/test_api_object_reads.py",),
     ),
     Mutant(
         "unsigned content proven only for keys held here alone",

@@ -507,7 +507,7 @@ async def _stored_answer(
     wanted = parse_range(ranges, total)
     headers = {
         "Accept-Ranges": "bytes",
-        **proven_header(checked.proven),
+        **proven_header(checked.proven if wanted is None else checked.range_proven),
         **key_headers(metadata.kid or checked.key.kid, checked.key, checked.opened.keyring),
         **warning_headers(svc, checked.key, checked.opened.keyring, checked.uses),
     }

@@ -297,7 +297,8 @@ def sealer_for(header: Header, keyring: Keyring) -> FrameSealer:
     opened = (keyring.unwrap(edk, header.context_bytes) for edk in header.encrypted_data_keys)
     data_key = next(filter(None, opened), None)
     assert data_key is not None
-    return FrameSealer(derive_keys(data_key, header.message_id).encryption_key, header.message_id)
+    keys = derive_keys(data_key, header.message_id, header.suite_id)
+    return FrameSealer(keys.encryption_key, header.message_id)
 
 
 def seal_frames(cipher: FrameSealer, plaintext: bytes, frame_length: int) -> bytes:
