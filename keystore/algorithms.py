@@ -139,8 +139,10 @@ class KeyType(ABC):
         does not hold; it cannot unwrap."""
         raise OperationNotPermitted(f"{alg} keys cannot take messages for a recipient")
 
-    def thumbprint_members(self) -> tuple[str, ...]:
-        """The members an RFC 7638 thumbprint of a public JWK of this type covers."""
+    def thumbprint_members(self, public_jwk: Mapping[str, Any], alg: str) -> dict[str, str]:
+        """The members an RFC 7638 thumbprint of a public JWK of this type covers, each
+        written afresh from the key they make, so that one key has one thumbprint however
+        its JWK spells it (an exponent's leading zeros, a `kty` alias)."""
         raise OperationNotPermitted(f"{self.kty} keys cannot take messages for a recipient")
 
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
@@ -227,8 +229,9 @@ class RsaKeyType(KeyType):
             return super().recipient_keyring(key_name, public_jwk, alg)
         return RsaKeyring(key_name, self._public_key(public_jwk))
 
-    def thumbprint_members(self) -> tuple[str, ...]:
-        return ("e", "kty", "n")
+    def thumbprint_members(self, public_jwk: Mapping[str, Any], alg: str) -> dict[str, str]:
+        numbers = self._public_key(public_jwk).public_numbers()
+        return {"e": _b64url_uint(numbers.e), "kty": self.kty, "n": _b64url_uint(numbers.n)}
 
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
         if self.operations(alg) != SIGNATURE_OPS:
@@ -315,6 +318,13 @@ class AkpKeyType(KeyType):
     def export_jwk(self, key_name: str, params: KeyParams, material: bytes) -> Jwk:
         return self.public_jwk(key_name, params, material) | {"priv": b64url(material)}
 
+    def thumbprint_members(self, public_jwk: Mapping[str, Any], alg: str) -> dict[str, str]:
+        # The JOSE draft's members for AKP keys, `kty` always `AKP`, whatever alias came.
+        if "alg" not in public_jwk:
+            raise InvalidJwk("an AKP public JWK must name its parameter set in 'alg'")
+        pub = b64url(jwk_bytes(public_jwk, "pub"))
+        return {"alg": self.jwk_alg(alg), "kty": self.jwk_kty, "pub": pub}
+
     def import_jwk(self, jwk: Mapping[str, Any], alg: str) -> tuple[KeyParams, bytes]:
         if "alg" not in jwk:
             raise InvalidJwk("an AKP JWK must name its parameter set in 'alg'")
@@ -353,9 +363,6 @@ class MlKemKeyType(AkpKeyType):
             return MlKemKeyring(key_name, public.from_public_bytes(jwk_bytes(public_jwk, "pub")))
         except ValueError:
             raise InvalidJwk(f"member 'pub' is not an {alg} public key") from None
-
-    def thumbprint_members(self) -> tuple[str, ...]:
-        return ("alg", "kty", "pub")  # the JOSE draft's, for AKP keys
 
 
 class EcKeyType(KeyType):
@@ -599,8 +606,10 @@ def verifying_key_from_jwk(jwk: Mapping[str, Any]) -> VerifyingKey:
 
 def recipient_keyring(public_jwk: Mapping[str, Any]) -> tuple[Keyring, str]:
     """A keyring that wraps to a public JWK (RSA or ML-KEM) a client gives for a recipient
-    the service does not hold, named by the JWK's RFC 7638 thumbprint (SHA-256, base64url)
-    as `jwk#<thumbprint>`, in the message and in the audit trail; and its algorithm."""
+    the service does not hold, named by the key's RFC 7638 thumbprint (SHA-256, base64url)
+    as `jwk#<thumbprint>`, in the message and in the audit trail; and its algorithm. The
+    name is what the writer binds into a message's proof and a reader takes from its
+    header, so it is computed once, here, from the key's members written canonically."""
     kty, alg = _kty_and_alg(public_jwk)
     if _PRIVATE_MEMBERS & set(public_jwk):
         raise InvalidJwk("send the public key only: the JWK holds private members")
@@ -608,12 +617,14 @@ def recipient_keyring(public_jwk: Mapping[str, Any]) -> tuple[Keyring, str]:
     ours = _checked_algorithm(chosen, kty, None if alg is None else chosen.our_alg(alg))
     if chosen.operations(ours) != ENCRYPTION_OPS:
         raise OperationNotPermitted(f"{ours} keys do not encrypt")
-    members = chosen.thumbprint_members()
-    if any(not isinstance(public_jwk.get(name), str) for name in members):
-        raise InvalidJwk("the public JWK lacks " + ", ".join(repr(m) for m in members))
-    canonical = json.dumps({name: public_jwk[name] for name in members}, separators=(",", ":"))
-    thumbprint = b64url(hashlib.sha256(canonical.encode()).digest())
-    return chosen.recipient_keyring(f"jwk#{thumbprint}", public_jwk, ours), ours
+    name = _thumbprint_name(chosen.thumbprint_members(public_jwk, ours))
+    return chosen.recipient_keyring(name, public_jwk, ours), ours
+
+
+def _thumbprint_name(members: Mapping[str, str]) -> str:
+    """`jwk#` and the RFC 7638 thumbprint (SHA-256, base64url) of a key's members."""
+    canonical = json.dumps(dict(sorted(members.items())), separators=(",", ":"))
+    return "jwk#" + b64url(hashlib.sha256(canonical.encode()).digest())
 
 
 def supported_algorithms() -> list[dict[str, Any]]:

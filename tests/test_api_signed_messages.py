@@ -141,8 +141,9 @@ def test_a_signed_message_stays_signed_when_reencrypted(api: Api, client: httpx.
     assert decrypt(client, answer.body).content == DATA
 
 
-def public_rsa_key(client: httpx.Client) -> rsa.RSAPublicKey:
-    jwk = client.get("/api/key-management/keys/rsaKey").json()["publicJwk"]
+def public_rsa_key(client: httpx.Client, jwk: dict[str, str] | None = None) -> rsa.RSAPublicKey:
+    """The public half of the RSA key `rsaKey`, or of the public JWK `jwk`."""
+    jwk = jwk or client.get("/api/key-management/keys/rsaKey").json()["publicJwk"]
     n, e = (int.from_bytes(base64.urlsafe_b64decode(jwk[f] + "=="), "big") for f in "ne")
     return rsa.RSAPublicNumbers(e, n).public_key()
 
@@ -253,6 +254,45 @@ def test_a_message_for_a_partner_key_opens_with_the_partners_private_key(
     assert decrypt_all([partner], response.content) == DATA  # offline, the partner's key
     assert decrypt(client, response.content).content == DATA  # and the service's own
     wait_until(lambda: audited(client, partner.key_name), "the audit event naming the key")
+
+
+@pytest.mark.parametrize(
+    ("kind", "spelling"),
+    [("rsa", {"e": b64(b"\x00\x01\x00\x01")}), ("mlkem", {"kty": "ML-KEM"})],
+    ids=["rsa-exponent-with-a-leading-zero", "mlkem-kty-alias"],
+)
+def test_a_partner_key_has_one_name_however_its_jwk_spells_it(
+    api: Api, client: httpx.Client, kind: str, spelling: dict[str, str]
+) -> None:
+    """The same key, its JWK spelt otherwise, is named by the same RFC 7638 thumbprint,
+    computed from the key (minimal exponent, `kty` `AKP`), as the partner computes it: the
+    audit trail cannot be split between names for one key. A message an older build
+    wrote naming the key by the other spelling's thumbprint still opens and proves as
+    before: the proof binds the names in the header, whatever they are."""
+    jwk, partner = partner_jwks()[kind]
+    for sent in (jwk, {**jwk, **spelling}):
+        response = encrypt(client, DATA, recipientPublicKey=sent, frameLength=FRAME)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Key-Used"] == f"mySymKey#1, {partner.key_name}"
+        assert decrypt_all([partner], response.content) == DATA
+        assert decrypt(client, response.content).headers["X-Message-Proven"] == "true"
+    members = ("e", "kty", "n") if kind == "rsa" else ("alg", "kty", "pub")
+    older_name = f"jwk#{thumbprint({**jwk, **spelling}, *members)}"
+    older: Keyring
+    if kind == "rsa":
+        older = RsaKeyring(older_name, public_rsa_key(client, jwk))
+    else:
+        older = MlKemKeyring(
+            older_name,
+            mlkem.MLKEM1024PublicKey.from_public_bytes(base64.urlsafe_b64decode(jwk["pub"] + "==")),
+        )
+    ours = RsaKeyring("rsaKey#1", public_rsa_key(client))
+    proof = service_proof(api).endorse
+    message = written([ours, older], service_pairs(), endorse=proof, signed=True)
+    assert key_names(parse_header(message)) == ["rsaKey#1", older_name]
+    opened = decrypt(client, message)
+    assert opened.status_code == 200 and opened.content == DATA
+    assert opened.headers["X-Message-Proven"] == "true"
 
 
 def audited(client: httpx.Client, key_name: str) -> bool:
