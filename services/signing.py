@@ -10,8 +10,9 @@ that its keys may still be used (`KeyWatch`): a key disabled meanwhile stops it.
 
 Each signature counts as a use of the key version that makes it, counted (and refused
 past the key's maxUsageLimit) before the payload is read, as an encryption is; each
-check of one with a stored key counts once the payload has been checked against it, as
-a decryption does.
+signature that verifies with a stored key counts once the payload has been checked
+against it, as a message that opens does. A check that fails counts for nothing: whoever
+may verify would otherwise use a key up with bad signatures, so that it signs no more.
 """
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -125,7 +126,7 @@ async def _checked(
     verifying: Verifying, signing: Signing | None, chunks: AsyncIterator[memoryview]
 ) -> None:
     """Feed `chunks` to the verifier (and the signer, if any), then verify: a check with
-    a stored key counts, whatever its verdict."""
+    a stored key counts if the signature verifies."""
     stored = verifying.stored
     watches: Sequence[KeyWatch] = [
         watch
@@ -141,11 +142,9 @@ async def _checked(
             signing.signer.update(chunk)
         for watch in watches:
             await watch()
-    try:
-        await to_thread.run_sync(verifying.verifier.verify)
-    finally:
-        if stored is not None:
-            stored.uses = await to_thread.run_sync(stored.count, stored.key, stored.version)
+    await to_thread.run_sync(verifying.verifier.verify)
+    if stored is not None:
+        stored.uses = await to_thread.run_sync(stored.count, stored.key, stored.version)
 
 
 def _named_key(jws: DetachedJws, kid: str | None) -> tuple[str, int | None]:

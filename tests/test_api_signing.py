@@ -20,6 +20,7 @@ from tests.conftest import Api, live_api, local_settings
 from tests.support.data import MiB, random_chunks
 from tests.support.http import KEYS, create_key, exchange, form, post_form, problem
 from tests.support.memory import PeakRss
+from tests.support.waiting import wait_until
 
 SIGN = "/api/crypto/stream/sign"
 VERIFY = "/api/crypto/stream/verify"
@@ -351,10 +352,34 @@ def test_signatures_count_as_uses_and_stop_at_the_max_usage_limit(client: httpx.
     problem(signed(client, "counted"), 403, "key-usage-exhausted")
     resigning = {"signature": first.text, "kid": "counted"}
     problem(post_form(client, RESIGN, resigning, PAYLOAD), 403, "key-usage-exhausted")
-    problem(verify(client, b"other bytes", signature=second.text), 422, "signature-invalid")
+    failed = verify(client, b"other bytes", signature=second.text)
+    problem(failed, 422, "signature-invalid")
+    assert warning not in failed.headers  # a check that failed counts for nothing
     resigned = post_form(client, RESIGN, {"signature": second.text, "kid": "es256"}, PAYLOAD)
     assert resigned.status_code == 200, resigned.text
-    assert resigned.headers["X-Source-Key-Usage-Limit-Warning"].startswith("usageCount=5;")
-    # Each signature made, and each one checked (valid or not), counted once.
+    assert resigned.headers["X-Source-Key-Usage-Limit-Warning"].startswith("usageCount=4;")
+    # Each signature made, and each one that verified, counted once.
     version = client.get(f"{KEYS}/counted").json()["versions"][0]
-    assert (version["usageCount"], version["encryptCount"]) == (5, 0)
+    assert (version["usageCount"], version["encryptCount"]) == (4, 0)
+
+
+def test_bad_signatures_never_use_a_key_up(client: httpx.Client) -> None:
+    """Whoever may verify sends signatures that fail, as many as the key's
+    maxUsageLimit: none counts, so the key still signs, and each is audited as refused."""
+    create_key(
+        client, kid="guarded", kty="EC", alg="ES256", keyOps=["sign", "verify"], maxUsageLimit=3
+    )
+    genuine = sign(client, "guarded")
+    for _ in range(3):
+        refused = verify(client, b"not what was signed", signature=genuine, kid="guarded")
+        problem(refused, 422, "signature-invalid")
+    assert signed(client, "guarded").status_code == 200
+    version = client.get(f"{KEYS}/guarded").json()["versions"][0]
+    assert version["usageCount"] == 2  # the two signatures made
+    wait_until(lambda: refusals(client, "signature-invalid") >= 3, "the refused checks' events")
+
+
+def refusals(client: httpx.Client, code: str) -> int:
+    """How many audit events, once written, record a request refused with `code`."""
+    events = client.get("/api/audit", params={"limit": 1000}).json()["events"]
+    return sum(event.get("code") == code for event in events)
