@@ -75,8 +75,8 @@ class VersionUsageUnknown(RetirementRefused):
             f"for {census.unknown} of the tenant's stored objects, which key versions they "
             f"need is unknown: {census.refused} object records failed authentication, "
             f"{census.unlisted} files have no metadata, {census.unreadable} objects have no "
-            "record and no message header that reads; restore or delete them (the service's "
-            "log names them)"
+            "message header that reads (nor a record that names the version); restore or "
+            "delete them (the service's log names them)"
         )
         self.census = census
 
@@ -128,7 +128,7 @@ class Census:
     objects: int = 0  # objects sealed under the version, recorded or not
     refused: int = 0  # records that failed authentication
     unlisted: int = 0  # files a listing skips (no metadata: a deleted sidecar)
-    unreadable: int = 0  # objects without a record whose header does not read
+    unreadable: int = 0  # objects whose header does not read, nor record names the version
 
     @property
     def unknown(self) -> int:
@@ -229,7 +229,7 @@ class _Verdict(Enum):
     SEALED_FOR = "sealed for the version"
     NOT = "not sealed for it"
     REFUSED = "its record failed authentication"
-    UNREADABLE = "no record, and no message header that reads"
+    UNREADABLE = "no message header that reads, nor a record naming the version"
 
 
 def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> Census:
@@ -247,30 +247,34 @@ def _count_in(records: Records, store: ObjectStore, tenant: str, name: str) -> C
 
 
 def _sealed_for(records: Records, store: ObjectStore, info: ObjectInfo, name: str) -> _Verdict:
-    """Whether the object `info` is sealed for the key name `name`, by its record, or
-    without one by its header."""
+    """Whether the object `info` is sealed for the key name `name`, by its record or by
+    its header. A record naming another version is not taken at its word: a bucket
+    writer can put back an older record, or an older object beside a newer record, and
+    a census that undercounts lets a version in use be destroyed. So the header is read
+    too (only for those: a census is rare), and counts if it names `name`."""
     try:
         record = object_record(records, store, info.key, info)
     except RecordTampered:
         return _Verdict.REFUSED
     except ObjectNotFound:
         return _header_names(store, info, name)
-    return _Verdict.SEALED_FOR if key_name(record.kid, record.key_version) == name else _Verdict.NOT
+    if key_name(record.kid, record.key_version) == name:
+        return _Verdict.SEALED_FOR
+    return _header_names(store, info, name)
 
 
 def _header_names(store: ObjectStore, info: ObjectInfo, name: str) -> _Verdict:
-    """Whether an object without a record names `name` among its header's keys. One whose
-    header does not read is unknown, whatever its first bytes: whoever can write the
-    bucket can change them, and put them back once the version is retired. Everything the
-    service writes in a tenant's space is a message with a record, so this takes nothing
-    of its own for unknown."""
+    """Whether an object names `name` among its header's keys. One whose header does not
+    read is unknown, whatever its first bytes: whoever can write the bucket can change
+    them, and put them back once the version is retired. Everything the service writes
+    in a tenant's space is a message, so this takes nothing of its own for unknown."""
     try:
         header = read_stored_header(store, info.key, info.size)
     except ObjectNotFound:  # gone since listed
         return _Verdict.NOT
     except (EnvelopeError, InvalidRange):
         logger.warning(
-            "%s has no record and no message header that reads: which key it needs is unknown",
+            "%s has no message header that reads: which key it needs is unknown",
             info.key,
         )
         return _Verdict.UNREADABLE

@@ -135,15 +135,15 @@ def object_record(
     """The record of the object at `storage_key`: the one in its metadata, written with
     it, else its record file (which a crash may have left behind a member written over
     its object). `stored` describes the object if that is at hand (else it is asked); a
-    listing's entry, which has no metadata, is asked only if there is no record file.
-    `ObjectNotFound` if it has neither (or there is no object), `RecordTampered` if the
-    one found is not authentic."""
+    listing's entry, which has no metadata, is asked only if there is no record file or
+    the record file describes another version of the object. `ObjectNotFound` if it has
+    neither (or there is no object), `RecordTampered` if the one found is not authentic."""
     if stored is None:
         stored = store.head(storage_key)
     if (found := metadata_record(records, store.bucket, stored)) is not None:
         return found
     try:
-        return load_record(records, store.bucket, storage_key)
+        filed = load_record(records, store.bucket, storage_key)
     except ObjectNotFound:
         if stored.metadata:
             raise
@@ -151,6 +151,14 @@ def object_record(
         if found is None:
             raise
         return found
+    if not stored.metadata and (filed.etag, filed.ciphertext_size) != (stored.etag, stored.size):
+        # A listing's entry, and a record file of another version of the object (left
+        # behind, or put back by a bucket writer): reads believe the record the object
+        # carries, so listings and the census must too.
+        carried = metadata_record(records, store.bucket, store.head(storage_key))
+        if carried is not None:
+            return carried
+    return filed
 
 
 def intent_key(bucket: str, storage_key: str, header_sha256: str) -> str:

@@ -2,22 +2,38 @@
 on a local directory and on moto: one write each besides the marker, no record file and
 no intent, yet read, listed, verified and deleted like any recorded object; and a
 bucket writer without the KEK can neither alter such a record, nor move one (with its
-object or alone) onto another object, nor make an object without one pass for recorded."""
+object or alone) onto another object, nor make an object without one pass for recorded;
+nor, by putting back an older record file or an older member, get the key version a
+member needs retired and destroyed."""
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 
+from keystore import KeyStore
+from sealstream.wiring import build_parts
+from services.inventory import Inventory
+from services.retirement import Retirements
 from storage import ObjectNotFound, ObjectStore
 from storage.records import INTENTS_PREFIX, RECORD_METADATA, record_key
 from tests.conftest import Api
 from tests.support.data import random_bytes, tar_archive
-from tests.support.http import FORM_TYPE, create_key, encrypt, form_bytes, problem, read_object
+from tests.support.http import (
+    FORM_TYPE,
+    KEYS,
+    create_key,
+    encrypt,
+    form_bytes,
+    problem,
+    read_object,
+)
 from tests.support.jobs import finished_job, start_verify
 
 ARCHIVE = "/api/crypto/stream/encrypt-archive"
+KID = "mySymKey"
 TENANT = "tenants/default/"
 SMALL = {f"small-{n}.bin": random_bytes(600 + 3_000 * n, seed=n) for n in range(3)}
 LARGE = {"large.bin": random_bytes(5 * 1024 * 1024 + 1, seed=9)}  # past one S3 part
@@ -31,8 +47,10 @@ def exists(store: ObjectStore, key: str) -> bool:
     return True
 
 
-def stream_in(client: httpx.Client, members: dict[str, bytes]) -> list[dict[str, Any]]:
-    fields = {"kid": "mySymKey", "destination": {"prefix": "out/"}}
+def stream_in(
+    client: httpx.Client, members: dict[str, bytes], *, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    fields = {"kid": "mySymKey", "destination": {"prefix": "out/", "overwrite": overwrite}}
     body = form_bytes(fields, tar_archive(members))
     response = client.post(ARCHIVE, content=body, headers={"Content-Type": FORM_TYPE})
     assert response.status_code == 200, response.text
@@ -105,9 +123,72 @@ def test_members_replaced_by_members_leave_no_stale_record(api: Api) -> None:
         response = encrypt(client, os.urandom(100), destination={"key": f"out/{name}"})
         assert response.status_code == 201, response.text
         assert exists(api.objects, record_key(api.objects.bucket, f"{TENANT}out/{name}"))
-        fields = {"kid": "mySymKey", "destination": {"prefix": "out/", "overwrite": True}}
-        body = form_bytes(fields, tar_archive({name: SMALL[name]}))
-        replaced = client.post(ARCHIVE, content=body, headers={"Content-Type": FORM_TYPE})
-        assert json.loads(replaced.text.splitlines()[-1])["status"] == "succeeded"
+        stream_in(client, {name: SMALL[name]}, overwrite=True)
         assert read_object(client, f"out/{name}").content == SMALL[name]
     assert not exists(api.objects, record_key(api.objects.bucket, f"{TENANT}out/{name}"))
+
+
+def retire(client: httpx.Client, version: int) -> httpx.Response:
+    confirm = {"confirm": f"{KID}#{version}", "pendingWindowDays": 1}
+    return client.post(f"{KEYS}/{KID}/versions/{version}/retire", json=confirm)
+
+
+def reencrypt(client: httpx.Client, version: int) -> None:
+    job = client.post("/api/jobs/reencrypt", json={"kid": KID, "version": version})
+    assert finished_job(client, job.json()["id"], timeout=120)["status"] == "succeeded"
+
+
+def sweep_after_the_window(api: Api) -> Retirements:
+    """The destruction sweep, as it will run once a one-day pending window has passed."""
+    parts = build_parts(api.settings)
+    later = datetime.now(UTC) + timedelta(days=2)
+    keys = KeyStore(parts.records, parts.kek, clock=lambda: later)
+    return Retirements(keys, parts.records, parts.spaces)
+
+
+def test_an_old_record_file_put_back_beside_a_member_does_not_hide_its_version(
+    api: Api,
+) -> None:
+    """A bucket writer keeps the record file of an object a member replaced, puts it back
+    and deletes the member's index marker: reads believe the record in the member's
+    metadata, and so do listings and the census that stands in for the index, so the
+    version the member needs is not retired."""
+    storage_key = f"{TENANT}out/x"
+    data = random_bytes(3_000, seed=21)
+    with api.client() as client:
+        create_key(client)
+        assert encrypt(client, b"old", destination={"key": "out/x"}).status_code == 201
+        old_record = api.objects.get(record_key(api.objects.bucket, storage_key))
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        stream_in(client, {"x": data}, overwrite=True)  # sealed under version 2
+        api.objects.put(record_key(api.objects.bucket, storage_key), old_record)
+        for marker in Inventory(api.records).markers("default", KID, 2):
+            if marker.storage_key == storage_key:
+                api.objects.delete(marker.name)
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        reencrypt(client, 2)  # what it finds of version 2: the archive's manifest
+        listed = client.get("/api/objects", params={"prefix": "out/x"}).json()["objects"]
+        assert [(entry["keyVersion"], entry["state"]) for entry in listed] == [(2, "sealed")]
+        problem(retire(client, 2), 409, "version-in-use")
+        assert read_object(client, "out/x").content == data
+
+
+def test_destruction_waits_while_a_rolled_back_member_uses_the_version(api: Api) -> None:
+    """A member re-encrypted in place has a record file; a bucket writer puts back the
+    member from before, with its metadata: the sweep holds version 1's material until
+    that member is gone."""
+    storage_key = f"{TENANT}out/x"
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, {"x": random_bytes(3_000, seed=22)})
+        old_object, old_metadata = api.objects.get(storage_key), api.objects.head(storage_key)
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        reencrypt(client, 1)
+        assert retire(client, 1).status_code == 200
+
+        api.objects.put(storage_key, old_object, metadata=old_metadata.metadata)
+        retirements = sweep_after_the_window(api)
+        assert retirements.destroy_due() == []
+
+        assert client.delete("/api/objects/out/x").status_code == 204
+        assert retirements.destroy_due() == [f"default/{KID}#1"]
