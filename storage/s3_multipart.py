@@ -256,9 +256,13 @@ class S3MultipartWriter(MultipartWriter):
 
 
 def _answered_at(answer: "ResponseMetadataTypeDef") -> datetime:
-    """When S3 answered, by its Date header (to the second, as Last-Modified is)."""
+    """When S3 answered, by its Date header (to the second, as Last-Modified is); by the
+    host's clock if it has none that parses: the object is stored either way."""
     date = answer.get("HTTPHeaders", {}).get("date")
-    return parsedate_to_datetime(date).astimezone(UTC) if date else datetime.now(UTC)
+    if date:
+        with suppress(ValueError):
+            return parsedate_to_datetime(date).astimezone(UTC)
+    return datetime.now(UTC)
 
 
 def upload_part(

@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -266,3 +267,27 @@ def test_an_unreachable_endpoint_is_named_without_its_credentials_or_the_key() -
 def test_keys_longer_than_s3_allows_are_refused(make_s3_store: S3StoreFactory) -> None:
     with pytest.raises(InvalidObjectKey):
         make_s3_store().put("k" * 1025, b"x")
+
+
+def answer_dated(store: S3Store, date: str) -> None:
+    """Make every PutObject answer carry `date` as its Date header: a hostile endpoint,
+    or someone on the path to a plain-HTTP one."""
+
+    def rewrite(response_dict: dict[str, Any], **_: object) -> None:
+        response_dict["headers"]["Date"] = date
+
+    store.client.meta.events.register("before-parse.s3.PutObject", rewrite)
+
+
+def test_a_put_answered_with_a_date_that_does_not_parse_is_stored_all_the_same(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    store = make_s3_store()
+    answer_dated(store, "garbage")
+    before = datetime.now(UTC).replace(microsecond=0)
+
+    stored = store.put("small", b"a record")
+
+    assert stored.size == 8
+    assert before <= stored.last_modified <= datetime.now(UTC)
+    assert store.get("small") == b"a record"
