@@ -84,7 +84,9 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "required": True,
     },
     "X-Key-Used": {
-        "description": "The key version that sealed, opened or signed: `kid#version`.",
+        "description": "The key version that sealed, opened, signed or verified: "
+        "`kid#version`; a public JWK given to verify with, `jwk#` and its RFC 7638 "
+        "thumbprint.",
         "schema": {"type": "string"},
         "required": True,
     },
@@ -99,7 +101,8 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "required": True,
     },
     "X-Source-Key-Used": {
-        "description": "The key version that opened the message or checked the old signature.",
+        "description": "The key version that opened the message or checked the old "
+        "signature; a public JWK given for it, `jwk#` and its RFC 7638 thumbprint.",
         "schema": {"type": "string"},
     },
     "X-Source-Algorithm-Used": {

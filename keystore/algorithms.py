@@ -143,7 +143,7 @@ class KeyType(ABC):
         """The members an RFC 7638 thumbprint of a public JWK of this type covers, each
         written afresh from the key they make, so that one key has one thumbprint however
         its JWK spells it (an exponent's leading zeros, a `kty` alias)."""
-        raise OperationNotPermitted(f"{self.kty} keys cannot take messages for a recipient")
+        raise OperationNotPermitted(f"{self.kty} keys have no public key to name")
 
     def verifying_key(self, public_jwk: Mapping[str, Any], alg: str) -> VerifyingKey:
         """The key that checks `alg` signatures of a public JWK of this type."""
@@ -434,6 +434,12 @@ class EcKeyType(KeyType):
             raise InvalidJwk("members 'x' and 'y' are not a point of the curve") from None
         return numbers
 
+    def thumbprint_members(self, public_jwk: Mapping[str, Any], alg: str) -> dict[str, str]:
+        numbers = self._public_numbers(public_jwk, alg)
+        size = self._coordinate_length(alg)
+        x, y = (b64url(value.to_bytes(size)) for value in (numbers.x, numbers.y))
+        return {"crv": self._curves[alg][0], "kty": self.kty, "x": x, "y": y}
+
     def _check_curve(self, jwk: Mapping[str, Any], alg: str) -> None:
         if jwk.get("crv") != self._curves[alg][0]:
             raise InvalidJwk(f"member 'crv' of an {alg} key must be {self._curves[alg][0]!r}")
@@ -592,16 +598,20 @@ def import_jwk(jwk: Mapping[str, Any]) -> tuple[KeyParams, bytes]:
     return chosen.import_jwk(jwk, _checked_algorithm(chosen, kty, named))
 
 
-def verifying_key_from_jwk(jwk: Mapping[str, Any]) -> VerifyingKey:
+def verifying_key_from_jwk(jwk: Mapping[str, Any]) -> tuple[VerifyingKey, str]:
     """The key that checks signatures of a public JWK given by a client, for a key the
-    service does not hold. The JWK must name its `alg`: the key decides the algorithm."""
+    service does not hold, and its name: `jwk#` and its RFC 7638 thumbprint, never a name
+    the JWK or a signature claims (their sender chooses those). The JWK must name its
+    `alg`: the key decides the algorithm."""
     kty, alg = _kty_and_alg(jwk)
     if alg is None:
         raise InvalidJwk("a public JWK to verify with must name its 'alg'")
     if _PRIVATE_MEMBERS & set(jwk):
         raise InvalidJwk("send the public key only: the JWK holds private members")
     chosen = key_type(kty, alg)
-    return chosen.verifying_key(jwk, _checked_algorithm(chosen, kty, chosen.our_alg(alg)))
+    ours = _checked_algorithm(chosen, kty, chosen.our_alg(alg))
+    verifying_key = chosen.verifying_key(jwk, ours)
+    return verifying_key, _thumbprint_name(chosen.thumbprint_members(jwk, ours))
 
 
 def recipient_keyring(public_jwk: Mapping[str, Any]) -> tuple[Keyring, str]:

@@ -55,10 +55,11 @@ class StoredVerifier:
 
 @dataclass
 class Verifying:
-    """A signature being checked: the key that checks it (`key_name`, None for a public
-    JWK that names none), its algorithm, and the stored key version if it is one."""
+    """A signature being checked: the key that checks it (`key_name`: `kid#version`, or
+    for a public JWK `jwk#<thumbprint>`), its algorithm, and the stored key version if it
+    is one."""
 
-    key_name: str | None
+    key_name: str
     alg: str
     verifier: DetachedVerifier
     stored: StoredVerifier | None  # None for a public JWK: no key of ours to watch or count
@@ -86,12 +87,11 @@ def start_verifying(
     a header `alg` that is not the key's, is refused here, before the payload is read."""
     jws = parse_detached(signature)
     if public_jwk is not None:
-        verifying_key = verifying_key_from_jwk(public_jwk)
-        named = jws.kid or public_jwk.get("kid")
+        # Named by its thumbprint: the header's kid is the signer's to choose, and may
+        # name a key of this tenant's.
+        verifying_key, name = verifying_key_from_jwk(public_jwk)
         verifier = DetachedVerifier(jws, verifying_key)
-        return Verifying(
-            named if isinstance(named, str) else None, verifying_key.alg, verifier, None
-        )
+        return Verifying(name, verifying_key.alg, verifier, None)
     wanted, version = _named_key(jws, kid)
     record, number, verifying_key = keys.verifying_key(tenant, wanted, version)
     watch = KeyWatch(partial(keys.verifying_key, tenant, wanted, number))

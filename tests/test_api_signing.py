@@ -160,7 +160,9 @@ def test_verify_with_a_public_jwk_for_a_key_the_service_does_not_hold(
     theirs = jws.serialize_compact(header, "partner text", import_key(private_jwk), ["ES256"])
     verdict = verify(client, b"partner text", signature=theirs, publicKey=public)
     assert verdict.status_code == 200, verdict.text
-    assert verdict.json() == {"valid": True, "kid": "partner-1", "alg": "ES256"}
+    name = f"jwk#{thumbprint(public)}"
+    assert verdict.json() == {"valid": True, "kid": name, "alg": "ES256"}
+    assert verdict.headers["X-Key-Used"] == name
     problem(
         verify(client, b"other text", signature=theirs, publicKey=public), 422, "signature-invalid"
     )
@@ -170,6 +172,36 @@ def test_verify_with_a_public_jwk_for_a_key_the_service_does_not_hold(
     problem(with_private, 422, "invalid-jwk")
     both = verify(client, signature=theirs, publicKey=public, kid="es256")
     problem(both, 422, "conflicting-keys")
+
+
+def thumbprint(public: dict[str, Any]) -> str:
+    """An EC public JWK's RFC 7638 thumbprint, computed apart (by joserfc)."""
+    return str(import_key({k: public[k] for k in ("kty", "crv", "x", "y")}).thumbprint())
+
+
+@pytest.mark.parametrize("route", ["verify", "resign"])
+def test_a_public_jwk_is_named_by_its_thumbprint_never_the_name_a_signer_claims(
+    client: httpx.Client, route: str
+) -> None:
+    """A signer signs with a key of its own under a header naming this tenant's key, and
+    gives its public JWK (naming that key too) to a relying party that verifies: the
+    answer names the JWK by its thumbprint, never by the tenant's key."""
+    kid = f"claimed-by-{route}"
+    create_key(client, kid=kid, kty="EC", alg="ES256", keyOps=["sign", "verify"])
+    private_jwk, public = partner_jwk(ec.SECP256R1(), "ES256")
+    header = {"alg": "ES256", "b64": False, "crit": ["b64"], "kid": f"{kid}#1"}
+    theirs = jws.serialize_compact(header, "their text", import_key(private_jwk), ["ES256"])
+    claimed = public | {"kid": f"{kid}#1"}
+    if route == "verify":
+        answer = verify(client, b"their text", signature=theirs, publicKey=claimed)
+        assert answer.status_code == 200, answer.text
+        used, named = answer.headers["X-Key-Used"], answer.json()["kid"]
+    else:
+        metadata = {"signature": theirs, "sourcePublicKey": claimed, "kid": "es256"}
+        answer = post_form(client, RESIGN, metadata, b"their text")
+        assert answer.status_code == 200, answer.text
+        used = named = answer.headers["X-Source-Key-Used"]
+    assert used == named == f"jwk#{thumbprint(public)}"
 
 
 def test_every_version_verifies_after_rotation_and_the_kid_decides(client: httpx.Client) -> None:
@@ -299,7 +331,7 @@ def test_resign_from_a_partners_public_jwk(client: httpx.Client) -> None:
     metadata = {"signature": theirs, "sourcePublicKey": public, "kid": "es256"}
     response = post_form(client, RESIGN, metadata, b"their text")
     assert response.status_code == 200, response.text
-    assert "X-Source-Key-Used" not in response.headers
+    assert response.headers["X-Source-Key-Used"] == f"jwk#{thumbprint(public)}"
     assert response.headers["X-Source-Algorithm-Used"] == "ES384"
     assert verify(client, b"their text", signature=response.text).status_code == 200
 

@@ -99,10 +99,11 @@ class ResignMetadata(_ChecksSignature, NamesKey):
 
 class Verdict(BaseModel):
     """A signature that verified: by which key version (`kid#version`; for a public JWK,
-    the `kid` the JWS or the JWK names, if any), with which algorithm."""
+    `jwk#` and its RFC 7638 thumbprint, never a name the JWS claims), with which
+    algorithm."""
 
     valid: bool
-    kid: str | None
+    kid: str
     alg: str
 
 
@@ -147,9 +148,7 @@ def signing_headers(svc: Services, requested: str, signing: Signing) -> dict[str
 
 
 def verifying_headers(svc: Services, verifying: Verifying, prefix: str = "X-") -> dict[str, str]:
-    found = {f"{prefix}Algorithm-Used": verifying.alg}
-    if verifying.key_name is not None:
-        found[f"{prefix}Key-Used"] = verifying.key_name
+    found = {f"{prefix}Algorithm-Used": verifying.alg, f"{prefix}Key-Used": verifying.key_name}
     stored = verifying.stored
     if stored is not None and stored.uses is not None:
         found.update(warnings(svc, stored.key, stored.version, stored.uses, prefix))
