@@ -129,6 +129,7 @@ _STATUS: dict[type[Exception], int] = {
     resumable.UploadTooLong: 400,
     resumable.UploadTampered: 502,
     resumable.UploadUnsupported: 422,
+    resumable.UploadsNeedRedis: 501,
     StoredObjectRefused: 502,
     ObjectTampered: 502,
     RecipientNotHeld: 409,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit
 
@@ -40,7 +40,8 @@ from services.jobs import JobStore, MemoryJobStore, RedisJobStore
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
 from services.resumable import Uploads
-from storage import ObjectStore, StorageError, StorageUnavailable, open_store
+from services.upload_anchor import UploadAnchor
+from storage import LocalStore, ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
 
 EMBEDDED_KEK_NAME = ".kek"
@@ -62,14 +63,27 @@ class Parts:
     audit: AuditTrail  # this process's chain: record lifecycle actions with `audit.lifecycle`
 
     def uploads(self) -> Uploads:
-        """The resumable uploads, as the settings time them."""
+        """The resumable uploads, as the settings time them: anchored in Redis if there
+        is one; on S3 without it, refused (all but the sweep), as a bucket writer could
+        put back an older state and have a frame's IV seal other bytes."""
         return Uploads(
             self.records,
             self.keys,
             self.spaces,
             expiry=timedelta(seconds=self.settings.upload_expiry),
             lock_for=timedelta(seconds=self.settings.upload_lock_seconds),
+            anchor=self.upload_anchor,
+            need_anchor=not isinstance(self.objects, LocalStore),
         )
+
+    @cached_property
+    def upload_anchor(self) -> UploadAnchor | None:
+        if not self.settings.redis_url:
+            return None
+        with configured("SEALSTREAM_REDIS_URL"):
+            return UploadAnchor(
+                redis_client(self.settings.redis_url, self.settings.redis_sentinel_master)
+            )
 
 
 class ConfigurationError(Exception):

@@ -57,6 +57,7 @@ from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
 from services.placement import Placement, Spaces
 from services.seal_to_storage import HASHING
+from services.upload_anchor import GONE, UploadAnchor
 from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -69,7 +70,7 @@ from storage import (
     StorageError,
 )
 from storage.documents import FrozenCamelModel
-from storage.integrity import Records, RecordTampered
+from storage.integrity import Records, RecordTampered, note_refusal
 from storage.records import (
     ObjectRecord,
     drop_intent,
@@ -142,6 +143,12 @@ class UploadTampered(UploadRefused):
     code = "upload-tampered"
 
 
+class UploadsNeedRedis(UploadRefused):
+    """Resumable uploads on a bucket with no Redis to anchor their states' generations."""
+
+    code = "resumable-uploads-need-redis"
+
+
 class StoredPart(FrozenCamelModel):
     number: int
     offset: int
@@ -186,6 +193,8 @@ class UploadState(FrozenCamelModel):
     expires_at: datetime
     locked_until: datetime | None = None
     lock: str = ""
+    # Writes of this state so far; Redis holds the count (`services.upload_anchor`).
+    generation: int = 0
 
     @property
     def name(self) -> str:
@@ -284,8 +293,12 @@ class Uploads:
         *,
         expiry: timedelta,
         lock_for: timedelta,
+        anchor: UploadAnchor | None,
+        need_anchor: bool,
     ) -> None:
         self.records = records
+        self.anchor = anchor
+        self.need_anchor = need_anchor
         self.keys = keys
         self.spaces = spaces
         self.expiry = expiry
@@ -296,6 +309,7 @@ class Uploads:
         its state; nothing is sealed yet. An object already at the destination is
         refused now (`ObjectExists`) unless it is to be replaced; one stored meanwhile
         is refused at completion."""
+        self._refuse_unanchored()
         if not new.overwrite and _exists(placement.store, placement.storage_key):
             raise ObjectExists("the object already exists", placement.storage_key)
         record, _ = self.keys.encryption_keyring(tenant, new.kid)
@@ -339,9 +353,14 @@ class Uploads:
             chain="",
             created_at=now,
             expires_at=now + self.expiry,
+            generation=1,
         )
         state = state.model_copy(update={"chain": self._masked(state, CHAIN_START, 0)})
         try:
+            if self.anchor is not None and not self.anchor.start(
+                state.id, state.generation, state.expires_at
+            ):
+                raise UploadBusy("an upload of this id exists already")
             self.records.store.put(staging_name(state.id), header)
             self.records.put(STATE_KIND, state.name, state, if_absent=True)
         except BaseException:
@@ -375,7 +394,7 @@ class Uploads:
         locked = state.model_copy(
             update={"lock": secrets.token_hex(16), "locked_until": now + self.lock_for}
         )
-        etag = self._save(locked, etag)
+        locked, etag = self._save(locked, etag)
         try:
             return Appending(self, locked, etag)
         except BaseException:
@@ -477,6 +496,7 @@ class Uploads:
     def _read(self, tenant: str, upload: str) -> tuple[UploadState, str]:
         """The state and its etag (taken first: a state changed in between then fails
         the conditional write that follows)."""
+        self._refuse_unanchored()
         if not _is_upload_id(upload):
             raise UploadNotFound("no such upload")
         name = state_name(upload)
@@ -489,19 +509,53 @@ class Uploads:
             raise RecordTampered("it describes another upload", name)
         if state.tenant != tenant:
             raise UploadNotFound("no such upload")
+        if state.expires_at <= datetime.now(UTC):
+            raise UploadNotFound("no such upload")  # the sweep erases it
+        self._check_generation(state)
         return state, etag
 
-    def _save(self, state: UploadState, etag: str) -> str:
+    def _refuse_unanchored(self) -> None:
+        if self.need_anchor and self.anchor is None:
+            raise UploadsNeedRedis(
+                "resumable uploads on S3 need SEALSTREAM_REDIS_URL: use the streaming route"
+            )
+
+    def _check_generation(self, state: UploadState) -> None:
+        """Refuse a state that is not the last one written: put back from an older copy,
+        or brought back after the upload ended."""
+        if self.anchor is None:
+            return
+        anchored = self.anchor.current(state.id)
+        if anchored == GONE:
+            raise UploadNotFound("no such upload")
+        if anchored != str(state.generation):
+            refusal = RecordTampered(
+                f"generation {state.generation} where Redis holds {anchored}", state.name
+            )
+            note_refusal(STATE_KIND, refusal)
+            raise UploadTampered("the upload's state is not the last one written")
+
+    def _save(self, state: UploadState, etag: str) -> tuple[UploadState, str]:
+        """Write `state` as the next generation, conditional on `etag`; Redis is moved
+        first, so that a failure between the two refuses the upload, never rolls it back."""
+        written = state.model_copy(update={"generation": state.generation + 1})
+        if self.anchor is not None and not self.anchor.advance(
+            state.id, state.generation, written.generation
+        ):
+            raise UploadBusy("the upload was changed by another request meanwhile")
         try:
-            return self.records.put(STATE_KIND, state.name, state, if_match=etag).etag
+            etag = self.records.put(STATE_KIND, state.name, written, if_match=etag).etag
         except (PreconditionFailed, ObjectNotFound):
             raise UploadBusy("the upload was changed by another request meanwhile") from None
+        return written, etag
 
     def _release(self, state: UploadState, etag: str) -> None:
         with suppress(UploadBusy, StorageError):
             self._save(state.model_copy(update={"lock": "", "locked_until": None}), etag)
 
     def _erase(self, state: UploadState, *, abort: bool) -> None:
+        if self.anchor is not None:
+            self.anchor.end(state.id, state.expires_at)
         if abort:
             self.spaces.store(state.tenant, state.bucket).abort_parts(state.part_upload())
         self.records.store.delete(staging_name(state.id))
@@ -673,5 +727,5 @@ class Appending:
         renewed = state.model_copy(
             update={"locked_until": datetime.now(UTC) + self._uploads.lock_for}
         )
-        self._etag = self._uploads._save(renewed, self._etag)  # noqa: SLF001
-        return renewed
+        saved, self._etag = self._uploads._save(renewed, self._etag)  # noqa: SLF001
+        return saved

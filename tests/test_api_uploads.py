@@ -1,27 +1,36 @@
 """Resumable encrypt-to-storage over the tus 1.0 protocol, through a live server on each
 backend: tuspy (the reference tus client) uploads, the object decrypts and its verify job
 checks the recorded frame chain; bytes sent again must be those sent before; another
-tenant finds no upload; terminated and expired uploads leave nothing pending."""
+tenant finds no upload; terminated and expired uploads leave nothing pending; a state put
+back from an older copy, or an upload brought back after it ended, is refused with nothing
+sealed (its generation is anchored in Redis)."""
 
 import base64
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from tusclient import client as tus
 
+from sealstream.settings import Settings
 from services.frame_chain import FrameChain
+from services.jobs.redis_store import redis_client
 from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
+from services.upload_anchor import UploadAnchor
 from storage import StorageUnavailable
 from storage.records import RECORDS_PREFIX, load_record, save_record
-from tests.conftest import ADMIN_TOKEN, Api
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import finished_job, start_verify
 from tests.test_api_objects import tenant_client
+
+if TYPE_CHECKING:
+    from tests.support.services import RedisServer
 
 UPLOADS = "/api/uploads"
 FRAME = 256 * KiB
@@ -32,12 +41,18 @@ def tus_metadata(**fields: str) -> str:
     return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in fields.items())
 
 
-def create(client: httpx.Client, length: int, key: str = "up/obj", **more: str) -> str:
+def post_upload(
+    client: httpx.Client, length: int, key: str = "up/obj", **more: str
+) -> httpx.Response:
     fields = {"kid": "mySymKey", "destination": key, "frameLength": str(FRAME), **more}
-    response = client.post(
+    return client.post(
         UPLOADS,
         headers={**TUS, "Upload-Length": str(length), "Upload-Metadata": tus_metadata(**fields)},
     )
+
+
+def create(client: httpx.Client, length: int, key: str = "up/obj", **more: str) -> str:
+    response = post_upload(client, length, key, **more)
     assert response.status_code == 201, response.text
     location: str = response.headers["location"]
     return location
@@ -72,6 +87,28 @@ def chain_of(data: bytes) -> str:
 
 def pending(api: Api) -> list[str]:
     return api.objects.pending_uploads("tenants/")  # the service writes its records meanwhile
+
+
+@pytest.fixture(params=["local", "s3"])
+def api(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: "RedisServer"
+) -> Iterator[Api]:
+    """A live API server on each backend, its uploads anchored in a redis-server of the
+    test's own; its jobs run in the process (SEALSTREAM_REDIS_URL would send them to
+    Celery), so the anchor is given to the server's parts directly."""
+    with live_api(api_settings(request.param, tmp_path, request)) as api:
+        api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(redis_server.url, ""))
+        yield api
+
+
+@pytest.fixture(params=["local", "s3"])
+def redis_api(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: "RedisServer"
+) -> Iterator[Api]:
+    """A live API server on each backend with SEALSTREAM_REDIS_URL set."""
+    settings = api_settings(request.param, tmp_path, request)
+    with live_api(settings.model_copy(update={"redis_url": redis_server.url})) as api:
+        yield api
 
 
 @pytest.fixture
@@ -131,10 +168,11 @@ def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
     uploads = api.parts.uploads()
     lost = before.model_copy(
         update={
+            "generation": recorded.generation,
             "macs": {
                 str(n): uploads.frame_mac(before, n, memoryview(data[(n - 1) * FRAME : n * FRAME]))
                 for n in (1, 2)
-            }
+            },
         }
     )
     api.records.put(STATE_KIND, name, lost)
@@ -265,3 +303,60 @@ def test_an_object_stored_meanwhile_ends_the_upload_that_may_not_replace_it(
     assert client.head(url, headers=TUS).status_code == 404
     assert pending(api) == []
     assert read_object(client, "up/raced").content == b"first"
+
+
+def test_a_state_put_back_from_an_older_copy_is_refused_with_nothing_sealed(
+    redis_api: Api,
+) -> None:
+    """A bucket writer copies the state and staging object after creation, and puts them
+    back once frames 1-2 are sealed: other bytes for those frames would be sealed under
+    the same data key and IVs. The state's generation is not Redis's: refused."""
+    with redis_api.client() as client:
+        create_key(client)
+        url = create(client, 4 * FRAME)
+        upload = url.rsplit("/", 1)[1]
+        names = (f"{UPLOADS_PREFIX}{upload}.json", f"{UPLOADS_PREFIX}{upload}.staged")
+        store = redis_api.records.store
+        copies = {name: store.get(name) for name in names}
+        assert patch(client, url, 0, random_bytes(2 * FRAME, seed=11)).status_code == 204
+        sealed = store.get(names[1])
+        for name, copy in copies.items():
+            store.put(name, copy)
+
+        assert client.head(url, headers=TUS).status_code == 502
+        problem(patch(client, url, 0, random_bytes(2 * FRAME, seed=12)), 502, "upload-tampered")
+
+        assert store.get(names[1]) == copies[names[1]]  # nothing sealed from other bytes
+        assert len(sealed) > len(copies[names[1]])
+
+
+def test_a_finished_upload_cannot_be_brought_back_from_its_first_copies(
+    redis_api: Api,
+) -> None:
+    data = random_bytes(2 * FRAME + 5, seed=13)
+    with redis_api.client() as client:
+        create_key(client)
+        url = create(client, len(data))
+        upload = url.rsplit("/", 1)[1]
+        names = (f"{UPLOADS_PREFIX}{upload}.json", f"{UPLOADS_PREFIX}{upload}.staged")
+        store = redis_api.records.store
+        copies = {name: store.get(name) for name in names}
+        assert patch(client, url, 0, data).status_code == 204
+        for name, copy in copies.items():
+            store.put(name, copy)
+
+        assert client.head(url, headers=TUS).status_code == 404
+        problem(patch(client, url, 0, random_bytes(2 * FRAME, seed=14)), 404, "upload-not-found")
+
+        assert store.get(names[1]) == copies[names[1]]
+        assert read_object(client, "up/obj").content == data
+
+
+def test_resumable_uploads_on_s3_without_redis_are_refused(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    settings: Settings = api_settings("s3", tmp_path, request)
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        problem(post_upload(client, 10), 501, "resumable-uploads-need-redis")
+        assert pending(api) == []
