@@ -53,7 +53,11 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     app.state.metrics.watch_jobs(services.jobs)
     # Added first, so it runs inside the metrics: refused streams are counted too
     # (as route "unmatched": routing never ran for them).
-    app.add_middleware(StreamLimit, limit=services.settings.max_streams)
+    app.add_middleware(
+        StreamLimit,
+        limit=services.settings.max_streams,
+        archive_weight=services.settings.batch_concurrency,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(AuditMiddleware, trail=services.audit)
     problems.install(app)

@@ -336,7 +336,8 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="members of one archive sealed and uploaded at once, by encrypt-archive and "
-        "batch-encrypt, while the archive is read in order; each holds a few MiB at most",
+        "batch-encrypt, while the archive is read in order; each has an upload of its own, "
+        "so a streamed archive counts as this many streams against max_streams",
     )
     batch_chunk_members: int = Field(
         500,

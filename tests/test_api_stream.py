@@ -19,7 +19,7 @@ from envelope import key_names, parse_header
 from sealstream.server import create_app
 from storage.records import load_record
 from tests.conftest import Api, api_settings, live_api, local_settings
-from tests.support.data import MiB, pieces, random_bytes
+from tests.support.data import MiB, pieces, random_bytes, tar_archive
 from tests.support.http import (
     BOUNDARY,
     CLOSE,
@@ -337,6 +337,7 @@ def test_a_stream_back_read_slowly_comes_back_whole(served: Api) -> None:
 
 
 IN_PROGRESS = "sealstream_http_requests_in_progress"
+ARCHIVE = "/api/crypto/stream/encrypt-archive"
 
 
 def test_streams_past_the_cap_are_refused_until_one_ends(tmp_path: Path) -> None:
@@ -367,6 +368,37 @@ def test_streams_past_the_cap_are_refused_until_one_ends(tmp_path: Path) -> None
             finally:
                 let_go.set()
             assert first.result().status == 200 and first.result().complete
+        assert encrypt(client, b"once it ended").status_code == 200
+
+
+def test_an_archive_stream_counts_as_the_members_it_uploads_at_once(tmp_path: Path) -> None:
+    """An archive streamed in uploads up to `batch_concurrency` members at once, each
+    with an upload of its own: it takes that many of the cap's streams."""
+    settings = local_settings(tmp_path).model_copy(
+        update={"max_streams": 2, "batch_concurrency": 2}
+    )
+    archive = tar_archive({"a.bin": random_bytes(600_000, seed=23)})
+    fields = {"kid": "mySymKey", "destination": {"prefix": "out/"}}
+    let_go = threading.Event()
+
+    def held_back() -> Iterator[bytes]:
+        yield archive[:300_000]
+        let_go.wait(timeout=30)
+        yield archive[300_000:]
+
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        with ThreadPoolExecutor(1) as pool:
+            archived = pool.submit(exchange, api.url, ARCHIVE, form(fields, held_back()))
+            try:
+                wait_until(
+                    lambda: value(scrape(api.url)[1], IN_PROGRESS, method="POST") == 1,
+                    "the archive to be under way",
+                )
+                problem(encrypt(client, b"more"), 503, "too-many-streams")
+            finally:
+                let_go.set()
+            assert archived.result().status == 200 and archived.result().complete
         assert encrypt(client, b"once it ended").status_code == 200
 
 
