@@ -58,6 +58,7 @@ from envelope.suite import (
     MESSAGE_ID_LENGTH,
     SIGNED_SUITE_ID,
     UNSIGNED_SUITE_ID,
+    DerivedKeys,
     derive_keys,
 )
 
@@ -239,12 +240,8 @@ def open_message(
     required_context: Mapping[str, str] | None = None,
 ) -> OpenedMessage:
     """Unwrap the data key and authenticate the header; raises if any check fails."""
-    data_key, keyring = _unwrap_data_key(header, keyrings)
-    keys = derive_keys(data_key, header.message_id, header.suite_id)
-    if not hmac.compare_digest(keys.commitment, header.commitment):
-        raise CommitmentMismatch("the data key does not match the header's key commitment")
+    keys, keyring = _authenticated(header, keyrings)
     cipher = FrameOpener(keys.encryption_key, header.message_id)
-    cipher.verify_header_tag(header.body, header.tag)
     missing = missing_pairs(header.context, required_context or {})
     if missing:
         raise EncryptionContextMismatch(
@@ -263,12 +260,19 @@ def resume_message(header: Header, keyrings: Sequence[Keyring]) -> FrameSealer:
     service's resumable uploads record each frame's plaintext (as an HMAC) before they
     seal it, and seal a frame again only for the very same bytes, which gives the very
     same frame (`services.resumable`)."""
-    data_key, _ = _unwrap_data_key(header, keyrings)
+    keys, _ = _authenticated(header, keyrings)
+    return FrameSealer(keys.encryption_key, header.message_id, header_tagged=True)
+
+
+def _authenticated(header: Header, keyrings: Sequence[Keyring]) -> tuple[DerivedKeys, Keyring]:
+    """The message's keys, from a data key one of `keyrings` unwraps, once the key
+    commitment and the header tag have been checked."""
+    data_key, keyring = _unwrap_data_key(header, keyrings)
     keys = derive_keys(data_key, header.message_id, header.suite_id)
     if not hmac.compare_digest(keys.commitment, header.commitment):
         raise CommitmentMismatch("the data key does not match the header's key commitment")
     FrameOpener(keys.encryption_key, header.message_id).verify_header_tag(header.body, header.tag)
-    return FrameSealer(keys.encryption_key, header.message_id, header_tagged=True)
+    return keys, keyring
 
 
 def _unwrap_data_key(header: Header, keyrings: Sequence[Keyring]) -> tuple[bytes, Keyring]:

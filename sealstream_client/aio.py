@@ -374,6 +374,7 @@ class AsyncSealstreamClient:
     list_jobs = _in_thread(SealstreamClient.list_jobs)
     get_job = _in_thread(SealstreamClient.get_job)
     cancel_job = _in_thread(SealstreamClient.cancel_job)
+    upload_resumable = _in_thread(SealstreamClient.upload_resumable)  # its file read there
     list_audit_events = _in_thread(SealstreamClient.list_audit_events)
     health = _in_thread(SealstreamClient.health)
     readiness = _in_thread(SealstreamClient.readiness)

@@ -203,7 +203,8 @@ MUTANTS = (
     Mutant(
         "header tag",
         "envelope/message.py",
-        "    cipher.verify_header_tag(header.body, header.tag)\n",
+        "    FrameOpener(keys.encryption_key, header.message_id)"
+        ".verify_header_tag(header.body, header.tag)\n",
         "",
         ENVELOPE_TESTS,
     ),
@@ -870,7 +871,7 @@ MUTANTS = (
     ),
     Mutant(
         "hashing pool renewed in a forked child",
-        "services/seal_to_storage.py",
+        "storage/pools.py",
         "        os.register_at_fork(after_in_child=self._renew)",
         "        pass",
         ("tests/test_seal_hashing.py",),
