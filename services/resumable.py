@@ -362,17 +362,24 @@ class Uploads:
             ):
                 raise UploadBusy("an upload of this id exists already")
             self.records.store.put(staging_name(state.id), header)
-            self.records.put(STATE_KIND, state.name, state, if_absent=True)
+            etag = self.records.put(STATE_KIND, state.name, state, if_absent=True).etag
         except BaseException:
             with suppress(StorageError):
                 store.abort_parts(upload)
             raise
+        if state.length == 0:  # a tus client sends no PATCH for it: complete it now
+            return self._take(state, etag).end()
         return state
 
     def get(self, tenant: str, upload: str) -> UploadState:
         """The tenant's upload `upload`: `UploadNotFound` if there is none (or another
-        tenant's: one is never told from the other)."""
-        return self._read(tenant, upload)[0]
+        tenant's: one is never told from the other). One whose every frame is stored but
+        whose completion failed is completed first: a tus client takes the full offset
+        for an object made, and sends nothing more."""
+        state, etag = self._read(tenant, upload)
+        if state.finished:
+            return self._take(state, etag).end()
+        return state
 
     def begin(self, tenant: str, upload: str, offset: int, sent: int | None) -> "Appending":
         """Take the upload's lock for a PATCH of `sent` bytes (None: unknown) from
@@ -388,6 +395,10 @@ class Uploads:
                 f"a PATCH carries at least one frame ({state.frame_length} bytes) or the "
                 "rest of the upload: less cannot move the offset"
             )
+        return self._take(state, etag)
+
+    def _take(self, state: UploadState, etag: str) -> "Appending":
+        """Take the upload's lock (`UploadBusy` if a request holds it)."""
         now = datetime.now(UTC)
         if state.locked_until is not None and state.locked_until > now:
             raise UploadBusy("another request is writing this upload")
@@ -409,15 +420,19 @@ class Uploads:
         self._erase(state, abort=True)
 
     def expire(self, now: datetime | None = None) -> list[UploadState]:
-        """Abort every upload past its expiry and erase its state (the lifecycle sweep)."""
+        """Abort every upload past its expiry and erase its state (the lifecycle sweep);
+        one whose every frame is stored is completed instead."""
         moment = now or datetime.now(UTC)
         expired = []
         for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState):
             if name != state.name or state.expires_at > moment:
                 continue
             try:
+                if state.finished:  # whole, its completion failed: made, not thrown away
+                    self._take(state, self.records.store.head(name).etag).end()
+                    continue
                 self._erase(state, abort=True)
-            except StorageError as error:
+            except (StorageError, UploadRefused) as error:
                 logger.warning("cannot expire upload %s yet: %s", state.id, error)
                 continue
             expired.append(state)

@@ -58,7 +58,9 @@ def create(client: httpx.Client, length: int, key: str = "up/obj", **more: str) 
     return location
 
 
-def patch(client: httpx.Client, url: str, offset: int, body: bytes) -> httpx.Response:
+def patch(
+    client: httpx.Client, url: str, offset: int, body: bytes | Iterator[bytes]
+) -> httpx.Response:
     headers = {
         **TUS,
         "Upload-Offset": str(offset),
@@ -199,6 +201,7 @@ def test_a_patch_that_could_not_move_the_offset_is_refused(api: Api, client: htt
     url = create(client, 2 * FRAME)
 
     problem(patch(client, url, 0, b"x" * 1000), 400, "patch-too-short")
+    problem(patch(client, url, 0, iter([b"x" * 1000])), 400, "patch-too-short")  # chunked
     assert client.post("/api/uploads", headers=TUS).status_code == 400  # no Upload-Length
     assert patch(client, url, 0, b"x" * FRAME).status_code == 204
     assert patch(client, url, FRAME, b"x" * FRAME).status_code == 204
@@ -360,3 +363,55 @@ def test_resumable_uploads_on_s3_without_redis_are_refused(
         create_key(client)
         problem(post_upload(client, 10), 501, "resumable-uploads-need-redis")
         assert pending(api) == []
+
+
+def complete_parts_failing_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_class = type(api.parts.spaces.store("default", api.objects.bucket))
+    real = store_class.complete_parts
+    calls = []
+
+    def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise StorageUnavailable("cut off", "complete")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_class, "complete_parts", flaky)
+
+
+@pytest.mark.parametrize("completes", ["head", "sweep"])
+def test_an_upload_whose_completion_failed_is_completed_not_lost(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, completes: str
+) -> None:
+    """A tus client that finds the full offset sends nothing more: the object must exist."""
+    data = random_bytes(2 * FRAME + 3, seed=15)
+    url = create(client, len(data))
+    complete_parts_failing_once(api, monkeypatch)
+    assert patch(client, url, 0, data).status_code == 503
+
+    if completes == "head":
+        assert offset_of(client, url) == len(data)
+    else:
+        assert api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2)) == []
+
+    assert read_object(client, "up/obj").content == data
+    assert client.head(url, headers=TUS).status_code == 404
+    assert pending(api) == []
+
+
+def test_an_empty_upload_is_complete_once_created(client: httpx.Client) -> None:
+    response = post_upload(client, 0)
+
+    assert response.status_code == 201 and response.headers["upload-offset"] == "0"
+    assert read_object(client, "up/obj").content == b""
+
+
+def test_an_upload_past_its_expiry_is_gone_before_the_sweep(api: Api, client: httpx.Client) -> None:
+    url = create(client, 2 * FRAME)
+    name = f"{UPLOADS_PREFIX}{url.rsplit('/', 1)[1]}.json"
+    state = api.records.get(STATE_KIND, name, UploadState)
+    past = datetime.now(UTC) - timedelta(hours=1)
+    api.records.put(STATE_KIND, name, state.model_copy(update={"expires_at": past}))
+
+    assert client.head(url, headers=TUS).status_code == 404
+    problem(patch(client, url, 0, random_bytes(2 * FRAME, seed=16)), 404, "upload-not-found")

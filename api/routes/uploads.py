@@ -38,7 +38,14 @@ from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, NamesK
 from api.services import Services, services
 from api.tokens import Principal
 from services.placement import ObjectRef
-from services.resumable import MAX_LENGTH, PART_TARGET, Appending, NewUpload, UploadState
+from services.resumable import (
+    MAX_LENGTH,
+    PART_TARGET,
+    Appending,
+    NewUpload,
+    PatchTooShort,
+    UploadState,
+)
 
 router = APIRouter(prefix="/api/uploads", tags=["uploads"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
@@ -225,6 +232,12 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
         raise
     if isinstance(cut, Problem):
         raise cut  # what was whole of it is stored: the client asks HEAD and goes on
+    if cut is None and state.offset == start and appending.record is None:
+        # A chunked body ended short of a frame: the same offset again would loop a client.
+        raise PatchTooShort(
+            f"a PATCH carries at least one frame ({state.frame_length} bytes) or the rest "
+            "of the upload: less cannot move the offset"
+        )
     headers = state_headers(state)
     if appending.record is not None:
         placement = svc.spaces.place(
