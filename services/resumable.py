@@ -424,7 +424,8 @@ class Uploads:
         one whose every frame is stored is completed instead."""
         moment = now or datetime.now(UTC)
         expired = []
-        for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState):
+        # Only the states: a staging object read as a record would be counted as tampered.
+        for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState, ".json"):
             if name != state.name or state.expires_at > moment:
                 continue
             try:

@@ -246,11 +246,16 @@ class Records:
             note_refusal(kind, refusal)
             raise
 
-    def all(self, kind: str, prefix: str, model: type[Model]) -> Iterator[tuple[str, Model]]:
-        """Every authentic record under `prefix`, skipping (and logging) those that are
-        not or cannot be read: for listings, where one bad record must not hide the rest.
-        Storage that cannot be reached at all still fails the listing."""
+    def all(
+        self, kind: str, prefix: str, model: type[Model], suffix: str = ""
+    ) -> Iterator[tuple[str, Model]]:
+        """Every authentic record under `prefix` whose name ends with `suffix`, skipping
+        (and logging) those that are not or cannot be read: for listings, where one bad
+        record must not hide the rest. Storage that cannot be reached at all still fails
+        the listing."""
         for info in self.store.list(prefix):
+            if not info.key.endswith(suffix):
+                continue
             try:
                 yield info.key, self.get(kind, info.key, model)
             except (ObjectNotFound, RecordTampered):

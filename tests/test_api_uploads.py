@@ -21,7 +21,7 @@ from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
 from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
 from services.upload_anchor import UploadAnchor
-from storage import StorageUnavailable
+from storage import StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api
 from tests.support.data import KiB, MiB, random_bytes
@@ -230,13 +230,20 @@ def test_a_patch_that_could_not_move_the_offset_is_refused(api: Api, client: htt
     assert offset_of(client, url) == 0
 
 
-def test_termination_and_expiry_leave_nothing_pending(api: Api, client: httpx.Client) -> None:
+def test_termination_and_expiry_leave_nothing_pending(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = random_bytes(2 * FRAME, seed=7)
     ended = create(client, 3 * FRAME, key="up/ended")
     assert patch(client, ended, 0, data).status_code == 204
     expiring = create(client, 3 * FRAME, key="up/expiring")
     assert patch(client, expiring, 0, data).status_code == 204
     assert pending(api) == ["tenants/default/up/ended", "tenants/default/up/expiring"]
+
+    refused: list[Any] = []
+    monkeypatch.setattr(integrity, "note_refusal", lambda *refusal: refused.append(refusal))
+    assert api.parts.uploads().expire() == []
+    assert refused == []  # their staging objects are not taken for tampered records
 
     assert client.delete(ended, headers=TUS).status_code == 204
     swept = api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2))
