@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         None,
-        description="Redis for the job queue and job records: redis://host:port/db, or "
+        description="Redis for the job queue, job records and resumable uploads' state "
+        "generations: redis://host:port/db, or "
         "sentinel://host:port;sentinel://host:port/db for a primary that Redis Sentinel "
         "watches; unset: jobs run in the API process",
     )
