@@ -41,7 +41,7 @@ from services.jobs.redis_store import redis_client
 from services.placement import Spaces
 from services.resumable import Uploads
 from services.upload_anchor import UploadAnchor
-from storage import LocalStore, ObjectStore, StorageError, StorageUnavailable, open_store
+from storage import ObjectStore, StorageError, StorageUnavailable, open_store
 from storage.integrity import Records
 
 EMBEDDED_KEK_NAME = ".kek"
@@ -64,8 +64,9 @@ class Parts:
 
     def uploads(self) -> Uploads:
         """The resumable uploads, as the settings time them: anchored in Redis if there
-        is one; on S3 without it, refused (all but the sweep), as a bucket writer could
-        put back an older state and have a frame's IV seal other bytes."""
+        is one; without it, refused (all but the sweep), as a bucket writer could put back
+        an older state and have a frame's IV seal other bytes; unless the store is a local
+        directory that holds the KEK itself, whose writers hold the KEK already."""
         return Uploads(
             self.records,
             self.keys,
@@ -73,7 +74,7 @@ class Parts:
             expiry=timedelta(seconds=self.settings.upload_expiry),
             lock_for=timedelta(seconds=self.settings.upload_lock_seconds),
             anchor=self.upload_anchor,
-            need_anchor=not isinstance(self.objects, LocalStore),
+            need_anchor=not kek_beside_data(self.settings),
         )
 
     @cached_property
@@ -119,6 +120,17 @@ def local_storage_dir(settings: Settings) -> Path | None:
     if url.scheme != "file":
         return None
     return Path(url.netloc + url.path).resolve()
+
+
+def kek_beside_data(settings: Settings) -> bool:
+    """Whether the KEK is a file inside the local storage directory (the embedded
+    default's): then whoever can write the store can read the KEK too."""
+    storage_dir = local_storage_dir(settings)
+    if storage_dir is None or settings.kms_key_id:
+        return False
+    if settings.kek_file is None:
+        return True
+    return settings.kek_file.resolve().is_relative_to(storage_dir)
 
 
 def open_kek(settings: Settings) -> Kek:

@@ -533,7 +533,8 @@ class Uploads:
     def _refuse_unanchored(self) -> None:
         if self.need_anchor and self.anchor is None:
             raise UploadsNeedRedis(
-                "resumable uploads on S3 need SEALSTREAM_REDIS_URL: use the streaming route"
+                "resumable uploads need SEALSTREAM_REDIS_URL where the store does not hold "
+                "the KEK itself: use the streaming route"
             )
 
     def _check_generation(self, state: UploadState) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from tusclient import client as tus
 
+from keystore import LocalKek
 from sealstream.settings import Settings
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
@@ -23,7 +24,7 @@ from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
 from services.upload_anchor import UploadAnchor
 from storage import StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
-from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import finished_job, start_verify
@@ -362,10 +363,18 @@ def test_a_finished_upload_cannot_be_brought_back_from_its_first_copies(
         assert read_object(client, "up/obj").content == data
 
 
-def test_resumable_uploads_on_s3_without_redis_are_refused(
-    tmp_path: Path, request: pytest.FixtureRequest
+def kek_elsewhere(tmp_path: Path) -> Settings:
+    """A local directory whose KEK is not in it: its writers do not hold the KEK."""
+    kek_file = tmp_path / "kek"
+    LocalKek.load_or_create(kek_file)
+    return local_settings(tmp_path).model_copy(update={"kek_file": kek_file})
+
+
+@pytest.mark.parametrize("where", ["s3", "local-kek-elsewhere"])
+def test_resumable_uploads_without_redis_are_refused_where_writers_lack_the_kek(
+    tmp_path: Path, request: pytest.FixtureRequest, where: str
 ) -> None:
-    settings: Settings = api_settings("s3", tmp_path, request)
+    settings = api_settings("s3", tmp_path, request) if where == "s3" else kek_elsewhere(tmp_path)
     with live_api(settings) as api, api.client() as client:
         create_key(client)
         problem(post_upload(client, 10), 501, "resumable-uploads-need-redis")
