@@ -598,11 +598,14 @@ def test_the_reader_serves_each_event_once_and_refuses_one_with_no_canonical_for
     def not_a_number(document: dict[str, Any]) -> None:
         document["events"][0]["route"] = float("nan")
 
+    # How the chain falls into segments depends on when its flusher ran, the opening
+    # alone or with the first requests: what is lost is the spoiled segment, whatever it held.
+    spoiled = len(json.loads(trail.store.get(second))["events"])
     trail.rewrite(second, not_a_number)
     events = list(authentic_events(trail.store, trail.records.key.derive(AUDIT_KEY_PURPOSE)))
     places = [(event["chain"], event["seq"]) for event in events]
     assert len(places) == len(set(places))
-    assert len(places) == 8 - 1  # open, six requests, close; less the spoiled one
+    assert len(places) == 8 - spoiled  # open, six requests, close; less the spoiled segment
 
 
 def test_an_event_is_small_whatever_context_keys_a_client_sends(trail: Trail) -> None:
