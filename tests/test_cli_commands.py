@@ -199,7 +199,13 @@ def test_an_interrupted_transfer_leaves_no_output_that_looks_whole(
     output = tmp_path / "out.enc"
     output.write_bytes(b"the previous contents")
     partial = tmp_path / "out.enc.partial"
-    env = {**os.environ, "SEALSTREAM_URL": api.url, "SEALSTREAM_TOKEN": ADMIN_TOKEN}
+    # PYTHONFAULTHANDLER: a command that does not stop dumps its threads on SIGABRT.
+    env = {
+        **os.environ,
+        "SEALSTREAM_URL": api.url,
+        "SEALSTREAM_TOKEN": ADMIN_TOKEN,
+        "PYTHONFAULTHANDLER": "1",
+    }
     process = subprocess.Popen(
         [SEALSTREAM, "encrypt", "--kid", KID, "--frame-length", "4096", "-o", str(output)],
         stdin=subprocess.PIPE,
@@ -215,13 +221,24 @@ def test_an_interrupted_transfer_leaves_no_output_that_looks_whole(
             time.sleep(0.05)
         assert partial.exists()
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130
+        assert _exit_status(process, timeout=30) == 130
         assert "interrupted" in process.stderr.read().decode()
     finally:
         process.kill()
         process.wait()
     assert not partial.exists()
     assert output.read_bytes() == b"the previous contents"
+
+
+def _exit_status(process: "subprocess.Popen[bytes]", timeout: float) -> int:
+    """The process's exit status; if it has not ended by then, a failure that shows
+    where each of its threads stood."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=10)
+        pytest.fail(f"still running {timeout} s after SIGINT:\n{stderr.decode()}")
 
 
 @local
