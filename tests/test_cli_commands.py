@@ -191,6 +191,14 @@ def test_the_dev_token_serves_the_local_default(
     assert given.token == "mine"
 
 
+# Ctrl-C as a shell delivers it to a command in the foreground: a child inherits an ignored
+# SIGINT (the test runner's workers may ignore it), and Python then leaves it ignored.
+DEFAULT_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 @local
 def test_an_interrupted_transfer_leaves_no_output_that_looks_whole(
     api: Api, tmp_path: Path
@@ -206,8 +214,9 @@ def test_an_interrupted_transfer_leaves_no_output_that_looks_whole(
         "SEALSTREAM_TOKEN": ADMIN_TOKEN,
         "PYTHONFAULTHANDLER": "1",
     }
+    command = [SEALSTREAM, "encrypt", "--kid", KID, "--frame-length", "4096", "-o", str(output)]
     process = subprocess.Popen(
-        [SEALSTREAM, "encrypt", "--kid", KID, "--frame-length", "4096", "-o", str(output)],
+        [sys.executable, "-c", DEFAULT_SIGINT_THEN_EXEC, *command],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
