@@ -5,13 +5,15 @@ same server and storage, in one run (goal: ratio >= 0.9).
 Both are sent by curl from a file in memory (memfd: no plaintext on disk), the plain one
 as `-F file=@...`, the resumable one as one creating POST and one PATCH of the whole file
 (`-T`), so the figures compare the server's two paths, not two clients. Rounds alternate
-the two; the best of each is kept, each waiting for the verify job its upload started.
+the two, each waiting for the verify job its upload started; each round's ratio is
+printed, then the best of each, with the load average (the machine may be shared).
 The server runs in a process of its own on the local-directory backend.
 """
 
 import argparse
 import base64
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -118,6 +120,12 @@ def main() -> None:
                 data.close()
     best_plain, best_resumable = min(plain), min(resumable)
     print(f"file: {args.mib} MiB, local-directory backend, best of {args.rounds} rounds")
+    print(f"load average (1, 5, 15 min): {', '.join(f'{load:.2f}' for load in os.getloadavg())}")
+    for round_, (one, other) in enumerate(zip(plain, resumable, strict=True), start=1):
+        print(
+            f"round {round_}: plain {total / one / 1e6:6.1f} MB/s, resumable "
+            f"{total / other / 1e6:6.1f} MB/s, ratio {one / other:5.2f}"
+        )
     print(f"plain encrypt to storage: {total / best_plain / 1e6:8.1f} MB/s")
     print(f"resumable (tus) upload:   {total / best_resumable / 1e6:8.1f} MB/s")
     print(f"ratio resumable / plain:  {best_plain / best_resumable:8.2f}  (goal >= 0.9)")

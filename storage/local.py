@@ -218,14 +218,12 @@ class LocalStore(ObjectStore):
     ) -> Part:
         # The file is opened without O_CREAT: an upload aborted meanwhile stays gone.
         with self._os_errors(upload.key):
-            descriptor = os.open(self._part_file(upload), os.O_WRONLY)
+            file = UncachedFile(self._part_file(upload), at=offset)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(descriptor, view, offset + len(data) - len(view)) :]
-                os.fsync(descriptor)
+                file.write(memoryview(data))
+                file.sync()
             finally:
-                os.close(descriptor)
+                file.close()
         return Part(number=number, offset=offset, size=len(data), etag=uuid.uuid4().hex)
 
     def _part_file(self, upload: PartUpload) -> Path:

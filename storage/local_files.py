@@ -83,18 +83,26 @@ def new_private_file(path: Path) -> BinaryIO:
 
 
 class UncachedFile:
-    """A new file, 0600 (its name must be free), written with O_DIRECT where its filesystem
-    allows it: from page-aligned buffers of `stage_bytes`, a whole buffer at a time, and
-    the tail, of any length, through the cache once the file is synced. Where O_DIRECT is
-    refused (tmpfs, some network filesystems) it is written through the cache throughout.
+    """A file written with O_DIRECT where its filesystem allows it: a new one, 0600 (its
+    name must be free), or with `at` an existing one from that offset on (a part of an
+    upload into the upload's one file). Page-aligned buffers of `stage_bytes` are written
+    around the cache, a whole buffer at a time; what comes before the first block boundary
+    (a part that starts inside a block) and the tail, of any length, go through the cache,
+    as O_DIRECT writes whole blocks only. Where O_DIRECT is refused (tmpfs, some network
+    filesystems) the file is written through the cache throughout.
 
     Two buffers take turns: one is written out on a disk thread while the other fills,
     so at most one write is in flight and the file is written in order. A write that
     failed there is raised by the next `write` or by `sync`.
     """
 
-    def __init__(self, path: Path, stage_bytes: int = 4 * 1024 * 1024) -> None:
-        self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    def __init__(
+        self, path: Path, stage_bytes: int = 4 * 1024 * 1024, *, at: int | None = None
+    ) -> None:
+        flags = os.O_WRONLY if at is not None else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self._descriptor = os.open(path, flags, PRIVATE_FILE)
+        self._position = at or 0  # where the next byte written out goes
+        self._head = -self._position % mmap.PAGESIZE  # bytes up to a block boundary
         self._stages: list[mmap.mmap] = []
         self._staged = 0
         self._in_flight: Future[None] | None = None
@@ -102,12 +110,20 @@ class UncachedFile:
             self._set_direct(True)
         except OSError:
             return  # the filesystem writes through its cache only
+        if self._head:
+            self._set_direct(False)  # until the boundary
         # Anonymous memory is page-aligned, as O_DIRECT wants its buffers and lengths.
         self._stages = [mmap.mmap(-1, stage_bytes), mmap.mmap(-1, stage_bytes)]
 
     def write(self, data: memoryview) -> None:
+        if self._head and self._stages:
+            head, data = data[: self._head], data[self._head :]
+            self._write_cached(head)
+            self._head -= len(head)
+            if not self._head:
+                self._set_direct(True)
         if not self._stages:
-            _write_all(self._descriptor, data)
+            self._write_cached(data)
             return
         while data:
             stage = self._stages[0]
@@ -125,7 +141,8 @@ class UncachedFile:
         self._wait()
         if self._stages and self._staged:
             self._set_direct(False)  # the tail is not a whole number of blocks
-            _write_staged(self._descriptor, self._stages[0], self._staged)
+            _write_staged(self._descriptor, self._stages[0], self._staged, self._position)
+            self._position += self._staged
             self._staged = 0
         os.fsync(self._descriptor)
         return os.fstat(self._descriptor)
@@ -141,12 +158,17 @@ class UncachedFile:
             os.close(self._descriptor)
             self._descriptor = -1
 
+    def _write_cached(self, data: memoryview) -> None:
+        _write_all(self._descriptor, data, self._position)
+        self._position += len(data)
+
     def _write_out(self, stage: mmap.mmap) -> None:
         """Write `stage` out on a disk thread, once the write before it has ended."""
         self._wait()
         self._in_flight = _DISK_WRITERS.executor.submit(
-            _write_staged, self._descriptor, stage, len(stage)
+            _write_staged, self._descriptor, stage, len(stage), self._position
         )
+        self._position += len(stage)
 
     def _wait(self) -> None:
         """Wait for the write in flight, if any; raise its error."""
@@ -160,22 +182,23 @@ class UncachedFile:
         fcntl.fcntl(self._descriptor, fcntl.F_SETFL, flags)
 
 
-def _write_staged(descriptor: int, stage: mmap.mmap, length: int) -> None:
-    """Write the first `length` bytes of `stage`. A failure is raised as a new OSError,
-    with no traceback into the write: its frames would hold views of the buffer, which
-    could then not be closed."""
+def _write_staged(descriptor: int, stage: mmap.mmap, length: int, position: int) -> None:
+    """Write the first `length` bytes of `stage` at `position`. A failure is raised as a
+    new OSError, with no traceback into the write: its frames would hold views of the
+    buffer, which could then not be closed."""
     failure: tuple[int | None, str | None] | None = None
     try:
-        _write_all(descriptor, memoryview(stage)[:length])
+        _write_all(descriptor, memoryview(stage)[:length], position)
     except OSError as error:
         failure = (error.errno, error.strerror)
     if failure is not None:
         raise OSError(*failure)
 
 
-def _write_all(descriptor: int, data: memoryview) -> None:
+def _write_all(descriptor: int, data: memoryview, position: int) -> None:
     while data:
-        data = data[os.write(descriptor, data) :]
+        written = os.pwrite(descriptor, data, position)
+        data, position = data[written:], position + written
 
 
 def temp_beside(path: Path) -> Path:

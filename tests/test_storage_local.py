@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import itertools
 import os
 import re
 import shutil
@@ -184,6 +185,18 @@ def _modes(root: Path) -> dict[Path, int]:
 STAGE = 8192
 
 
+def _refuse_o_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make O_DIRECT refused, as tmpfs before Linux 6.6 and some network filesystems do."""
+    real_fcntl = fcntl.fcntl
+
+    def refusing_o_direct(descriptor: int, command: int, argument: int = 0) -> int:
+        if command == fcntl.F_SETFL and argument & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT is not supported")
+        return int(real_fcntl(descriptor, command, argument))
+
+    monkeypatch.setattr(fcntl, "fcntl", refusing_o_direct)
+
+
 @pytest.mark.parametrize("size", [0, 1, 4095, STAGE, STAGE + 1, 3 * STAGE + 4097])
 @pytest.mark.parametrize("direct", [True, False], ids=["uncached", "no-o-direct"])
 def test_an_uncached_file_holds_every_byte_written_whatever_the_sizes(
@@ -192,14 +205,7 @@ def test_an_uncached_file_holds_every_byte_written_whatever_the_sizes(
     """Written around the page cache (O_DIRECT) a staged buffer at a time, with a tail of
     any length; or, on a filesystem that refuses O_DIRECT, through the cache."""
     if not direct:
-        real_fcntl = fcntl.fcntl
-
-        def refusing_o_direct(descriptor: int, command: int, argument: int = 0) -> int:
-            if command == fcntl.F_SETFL and argument & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "O_DIRECT is not supported")
-            return int(real_fcntl(descriptor, command, argument))
-
-        monkeypatch.setattr(fcntl, "fcntl", refusing_o_direct)
+        _refuse_o_direct(monkeypatch)
     data = os.urandom(size)
     file = UncachedFile(tmp_path / "object", stage_bytes=STAGE)
     try:
@@ -212,6 +218,30 @@ def test_an_uncached_file_holds_every_byte_written_whatever_the_sizes(
     assert stat.S_IMODE((tmp_path / "object").stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["uncached", "no-o-direct"])
+def test_an_uncached_file_written_from_offsets_holds_each_piece_beside_its_neighbours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Pieces of an existing file written from offsets inside blocks (as parts of an
+    upload follow a header), out of order: each piece's edges go through the cache, and
+    no piece spoils the bytes of the blocks it shares with its neighbours."""
+    if not direct:
+        _refuse_o_direct(monkeypatch)
+    data = os.urandom(5 * STAGE + 3 * 4096 + 1234)
+    cuts = [0, 100, 4096, 4097, STAGE + 5000, 3 * STAGE + 1, len(data)]
+    path = tmp_path / "object"
+    path.touch(mode=0o600)
+    for start, end in reversed(list(itertools.pairwise(cuts))):
+        file = UncachedFile(path, stage_bytes=STAGE, at=start)
+        try:
+            for piece in range(start, end, 3001):
+                file.write(memoryview(data)[piece : min(end, piece + 3001)])
+            file.sync()
+        finally:
+            file.close()
+    assert path.read_bytes() == data
+
+
 def test_a_staged_buffer_goes_to_disk_while_the_next_fills_and_its_failure_is_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,7 +250,7 @@ def test_a_staged_buffer_goes_to_disk_while_the_next_fills_and_its_failure_is_ra
     raised by the next `write` that needs its buffer (or by `sync`)."""
     entered, released = threading.Event(), threading.Event()
 
-    def held_then_full(descriptor: int, data: memoryview) -> None:
+    def held_then_full(descriptor: int, data: memoryview, position: int) -> None:
         entered.set()
         assert released.wait(timeout=60)
         raise OSError(errno.ENOSPC, "No space left on device")
