@@ -104,6 +104,11 @@ class Spaces:
             raise BucketNotAllowed(f"this tenant may not use bucket {bucket!r}")
         return self._open(bucket)
 
+    def own_store(self, bucket: str) -> ObjectStore:
+        """The store of `bucket`, whichever tenant may use it now: for the service's own
+        cleanup of what it put there (a bucket its sealed records name, never a request)."""
+        return self._default if bucket == self._default.bucket else self._open(bucket)
+
     def tenant_stores(self, tenant: str) -> list[ObjectStore]:
         """The default store and that of every other bucket the tenant may use."""
         others = [b for b in self._tenant_buckets.get(tenant, []) if b != self._default.bucket]

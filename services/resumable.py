@@ -55,7 +55,7 @@ from services.frame_chain import CHAIN_START, chain_step
 from services.inventory import Inventory, Marker, record_at
 from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
-from services.placement import Placement, Spaces
+from services.placement import BucketNotAllowed, Placement, Spaces
 from services.seal_to_storage import HASHING
 from services.upload_anchor import GONE, UploadAnchor
 from storage import (
@@ -199,6 +199,11 @@ class UploadState(FrozenCamelModel):
     @property
     def name(self) -> str:
         return state_name(self.id)
+
+    @property
+    def held(self) -> bool:
+        """Whether a request holds the upload's lock now."""
+        return self.locked_until is not None and self.locked_until > datetime.now(UTC)
 
     @property
     def header_bytes(self) -> bytes:
@@ -399,9 +404,9 @@ class Uploads:
 
     def _take(self, state: UploadState, etag: str) -> "Appending":
         """Take the upload's lock (`UploadBusy` if a request holds it)."""
-        now = datetime.now(UTC)
-        if state.locked_until is not None and state.locked_until > now:
+        if state.held:
             raise UploadBusy("another request is writing this upload")
+        now = datetime.now(UTC)
         locked = state.model_copy(
             update={"lock": secrets.token_hex(16), "locked_until": now + self.lock_for}
         )
@@ -415,13 +420,15 @@ class Uploads:
     def terminate(self, tenant: str, upload: str) -> None:
         """Abort the upload and erase its state (unless a PATCH holds it: `UploadBusy`)."""
         state, _ = self._read(tenant, upload)
-        if state.locked_until is not None and state.locked_until > datetime.now(UTC):
+        if state.held:
             raise UploadBusy("a request is writing this upload")
         self._erase(state, abort=True)
 
     def expire(self, now: datetime | None = None) -> list[UploadState]:
         """Abort every upload past its expiry and erase its state (the lifecycle sweep);
-        one whose every frame is stored is completed instead."""
+        one whose every frame is stored is completed instead, and one a PATCH holds is
+        left to a later sweep. One that cannot be expired yet is logged and left: the
+        others go on."""
         moment = now or datetime.now(UTC)
         expired = []
         # Only the states: a staging object read as a record would be counted as tampered.
@@ -429,15 +436,36 @@ class Uploads:
             if name != state.name or state.expires_at > moment:
                 continue
             try:
-                if state.finished:  # whole, its completion failed: made, not thrown away
-                    self._take(state, self.records.store.head(name).etag).end()
-                    continue
-                self._erase(state, abort=True)
+                if self._expire(state):
+                    expired.append(state)
             except (StorageError, UploadRefused) as error:
                 logger.warning("cannot expire upload %s yet: %s", state.id, error)
-                continue
-            expired.append(state)
         return expired
+
+    def _expire(self, state: UploadState) -> bool:
+        """Complete an expired upload whose every frame is stored, else abort it and
+        erase its state; whether it was erased. One a PATCH holds is left until its lock
+        lapses: erased under it, the PATCH would write its staging object back."""
+        if state.held:
+            return False
+        if state.finished:  # whole, its completion failed: made, not thrown away
+            try:
+                self._take(state, self.records.store.head(state.name).etag).end()
+            except (BucketNotAllowed, UploadTampered) as refused:
+                # It can never complete (the tenant lost the bucket, or a part or the
+                # staging object was changed): aborted as an unfinished one is.
+                logger.warning("aborting expired upload %s: %s", state.id, refused)
+            else:
+                return False
+        self._erase(state, abort=True)
+        return True
+
+    def erased(self, upload: str) -> bool:
+        """Whether the upload was erased (finished, terminated or expired): its tombstone
+        is in Redis or, unanchored, its state is gone."""
+        if self.anchor is not None:
+            return self.anchor.current(upload) == GONE
+        return not _exists(self.records.store, state_name(upload))
 
     def finish(self, state: UploadState, etag: str) -> ObjectRecord:
         """Make the object of an upload whose every frame is stored visible, record it,
@@ -574,7 +602,8 @@ class Uploads:
         if self.anchor is not None:
             self.anchor.end(state.id, state.expires_at)
         if abort:
-            self.spaces.store(state.tenant, state.bucket).abort_parts(state.part_upload())
+            # The service's own cleanup: whether the tenant may still use the bucket or not.
+            self.spaces.own_store(state.bucket).abort_parts(state.part_upload())
         self.records.store.delete(staging_name(state.id))
         self.records.store.delete(state.name)
 
@@ -649,6 +678,14 @@ class Appending:
     def abandon(self) -> None:
         """Let go of the upload without sealing more (the request failed)."""
         self._uploads._release(self.state, self._etag)  # noqa: SLF001
+
+    def swept(self) -> bool:
+        """Whether the upload was erased under this request (expired, and swept once its
+        lock had lapsed); if so, the staging object it may have written since goes too."""
+        if not self._uploads.erased(self.state.id):
+            return False
+        self._uploads.records.store.delete(staging_name(self.state.id))
+        return True
 
     def _staged(self) -> bytearray:
         state = self.state

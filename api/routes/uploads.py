@@ -44,8 +44,11 @@ from services.resumable import (
     Appending,
     NewUpload,
     PatchTooShort,
+    UploadBusy,
+    UploadNotFound,
     UploadState,
 )
+from storage import ObjectNotFound
 
 router = APIRouter(prefix="/api/uploads", tags=["uploads"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt"))]
@@ -227,8 +230,13 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
     try:
         cut = await _feed(svc, request, appending)
         state = await to_thread.run_sync(appending.end, limiter=svc.transfers)
-    except BaseException:
+    except BaseException as error:
         await to_thread.run_sync(appending.abandon, limiter=svc.transfers)
+        # Its state or parts gone under it: taken by another request, or swept.
+        if isinstance(error, UploadBusy | ObjectNotFound) and await to_thread.run_sync(
+            appending.swept, limiter=svc.transfers
+        ):
+            raise UploadNotFound("the upload expired and was erased meanwhile") from None
         raise
     if isinstance(cut, Problem):
         raise cut  # what was whole of it is stored: the client asks HEAD and goes on
