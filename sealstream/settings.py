@@ -246,6 +246,14 @@ class Settings(BaseSettings):
         description="seconds a job may stay queued before the sweep queues it again (a "
         "Redis failover can lose a queued task); a job is run once however often it is queued",
     )
+    job_task_copy_ttl: int = Field(
+        24 * 3600,
+        ge=1,
+        description="seconds after its job is queued (or queued again) that a task may put "
+        "back the job's record if Redis lost it; longer than a task may wait in the queue. "
+        "An older task finds no record and does nothing: an old task sent again cannot run "
+        "an ended job whose report was deleted",
+    )
     job_lease_ttl: float = Field(
         30.0,
         gt=0,

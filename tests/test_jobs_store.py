@@ -2,12 +2,14 @@
 expire and leave their final report readable and listed, and finished jobs are counted
 once each."""
 
+import json
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,11 +18,13 @@ from sealstream.wiring import open_records
 from services.jobs import JobKind, JobRecord, JobStatus, JobStore, MemoryJobStore, RedisJobStore
 from services.jobs.records import report_key
 from services.jobs.store import SCAN_PER_PAGE
+from storage.integrity import seal
 from storage.local import LocalStore
 from tests.support.jobs import placeholder_job
 from tests.support.services import RedisServer
 
 TTL = timedelta(seconds=1)  # Redis expires keys in whole seconds
+COPY_LIFETIME = timedelta(minutes=5)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -145,14 +149,20 @@ def test_a_record_is_put_back_only_from_an_authentic_queued_copy_of_a_job_not_en
     jobs: JobStore, tmp_path: Path
 ) -> None:
     queued = placeholder_job(JobKind.VERIFY, "default")
-    carried = jobs.sealed(queued)
+    carried = jobs.sealed(queued, COPY_LIFETIME)
     other = placeholder_job(JobKind.VERIFY, "default")
     forged = open_records(LocalStore(tmp_path / "elsewhere"), LocalKek(os.urandom(32)))
+    live_form = json.loads(jobs.sealed(queued, COPY_LIFETIME))
     refused = [
         (other.id, carried),  # a copy of another job
         (queued.id, carried.replace('"default"', '"other"')),  # edited
-        (queued.id, MemoryJobStore(forged, TTL).sealed(queued)),  # sealed without our KEK
-        (queued.id, jobs.sealed(finished(queued, JobStatus.RUNNING))),
+        (queued.id, MemoryJobStore(forged, TTL).sealed(queued, COPY_LIFETIME)),  # not our KEK
+        (queued.id, jobs.sealed(finished(queued, JobStatus.RUNNING), COPY_LIFETIME)),
+        (queued.id, jobs.sealed(queued, timedelta(0))),  # expired as it was sealed
+        # Its expiry moved on, under the copy's MAC: the MAC covers it.
+        (queued.id, json.dumps(_with_expiry(live_form, "2999-01-01T00:00:00Z"))),
+        # The record alone, as Redis keeps it: no expiry, so never a task's copy.
+        (queued.id, seal(jobs._reports.key, "job", queued.id, queued).decode()),
     ]
     for job_id, copy in refused:
         assert jobs.restore(job_id, copy) is None
@@ -163,5 +173,9 @@ def test_a_record_is_put_back_only_from_an_authentic_queued_copy_of_a_job_not_en
 
     ended = placeholder_job(JobKind.VERIFY, "default")
     jobs.write_report(finished(ended, JobStatus.SUCCEEDED))  # its record expired since
-    assert jobs.restore(ended.id, jobs.sealed(ended)) is None
+    assert jobs.restore(ended.id, jobs.sealed(ended, COPY_LIFETIME)) is None
     assert jobs.load(ended.id) is None
+
+
+def _with_expiry(document: dict[str, Any], moment: str) -> dict[str, Any]:
+    return {**document, "record": {**document["record"], "expiresAt": moment}}

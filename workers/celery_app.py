@@ -14,6 +14,7 @@ a memory limit (`workers.memory_limit`), so a job that would need more fails alo
 """
 
 import os
+from datetime import timedelta
 from functools import cache, partial
 from typing import Any
 
@@ -31,7 +32,7 @@ from redis.exceptions import RedisError
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
 from sealstream.wiring import Parts, build_parts
-from services.jobs import JobRecord, JobStore, QueueUnavailable
+from services.jobs import JobRecord, JobStore, QueueUnavailable, Submit
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
@@ -78,11 +79,12 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def queue_job(app: Celery, store: JobStore, record: JobRecord) -> None:
-    """Send a saved job's task, carrying the record as `store` seals it;
-    `QueueUnavailable` if the broker cannot take it."""
+def queue_job(app: Celery, store: JobStore, lifetime: timedelta, record: JobRecord) -> None:
+    """Send a saved job's task, carrying the record as `store` seals it for a task, valid
+    for `lifetime`; `QueueUnavailable` if the broker cannot take it."""
+    carried = store.sealed(record, lifetime)
     try:
-        app.send_task(RUN_JOB, args=[record.id], kwargs={"record": store.sealed(record)})
+        app.send_task(RUN_JOB, args=[record.id], kwargs={"record": carried})
     except (OperationalError, RedisError) as error:  # its words name the broker's host
         raise QueueUnavailable(str(error)) from error
 
@@ -135,7 +137,7 @@ def run_job_task(
     """Run the job; `record`, its record as the API sealed it, is put back if Redis lost
     the live one (tasks queued before records were carried have none)."""
     services = worker_services()
-    submit = partial(queue_job, app, services.jobs)
+    submit = _submit(services)
     outcome = run_job(job_id, services, JOB_BODIES, record, submit)
     if outcome is JobOutcome.BUSY:
         # Another worker is running it: come back once its lease could have lapsed.
@@ -147,4 +149,9 @@ def run_job_task(
 @app.task(name=SWEEPS)
 def sweeps_task() -> dict[str, Any]:
     services = worker_services()
-    return run_sweeps(services, partial(queue_job, app, services.jobs))
+    return run_sweeps(services, _submit(services))
+
+
+def _submit(services: Parts) -> Submit:
+    lifetime = timedelta(seconds=services.settings.job_task_copy_ttl)
+    return partial(queue_job, app, services.jobs, lifetime)

@@ -4,6 +4,7 @@ default with no Redis, a small thread pool in the API process running the same c
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 from sealstream.settings import Settings
 from sealstream.wiring import Parts
@@ -23,9 +24,10 @@ class CeleryRunner(JobRunner):
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self._app = make_celery(settings)
         self._store = store
+        self._lifetime = timedelta(seconds=settings.job_task_copy_ttl)
 
     def submit(self, record: JobRecord) -> None:
-        queue_job(self._app, self._store, record)
+        queue_job(self._app, self._store, self._lifetime, record)
 
     def close(self) -> None:
         self._app.close()

@@ -16,9 +16,10 @@ setting cancel flags remains possible, and is a denial of service only.
 """
 
 import heapq
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from services.jobs.records import (
     REPORT_KIND,
@@ -29,14 +30,27 @@ from services.jobs.records import (
     report_key,
 )
 from storage import InvalidObjectKey, ObjectNotFound
+from storage.documents import FrozenCamelModel
 from storage.integrity import Records, RecordTampered, note_refusal, seal, unseal
 
+logger = logging.getLogger(__name__)
+
 RECORD_KIND = "job"
+TASK_COPY_KIND = "job-task-copy"  # apart from live records: neither passes for the other
 PARKED_KIND = "parked-job"
 PARKED_PREFIX = "sealstream/parked-jobs/"
 
 # The most jobs one page of a listing reads, matching its filter or not.
 SCAN_PER_PAGE = 1000
+
+
+class TaskCopy(FrozenCamelModel):
+    """A job's record as its task carries it, and until when it may stand in for the
+    live record: a copy lives a bounded time after it was issued."""
+
+    record: JobRecord
+    issued_at: datetime
+    expires_at: datetime
 
 
 class JobLease(ABC):
@@ -189,20 +203,36 @@ class JobStore(ABC):
     def unpark(self, job_id: str) -> None:
         self._reports.store.delete(f"{PARKED_PREFIX}{job_id}.json")
 
-    def sealed(self, record: JobRecord) -> str:
-        """The record sealed as the store keeps it, for a job's task to carry: a worker
-        puts it back (`restore`) if Redis has lost the record meanwhile."""
-        return self._sealed(record)
+    def sealed(self, record: JobRecord, lifetime: timedelta) -> str:
+        """The record sealed for a job's task to carry, valid for `lifetime` from now: a
+        worker puts it back (`restore`) if Redis has lost the record meanwhile."""
+        now = datetime.now(UTC)
+        copy = TaskCopy(record=record, issued_at=now, expires_at=now + lifetime)
+        return seal(self._reports.key, TASK_COPY_KIND, record.id, copy).decode()
 
     def restore(self, job_id: str, sealed: str) -> JobRecord | None:
         """Save again the queued record a job's task carried (`sealed`), now that the live
         one is gone: written to a Redis primary that a failover replaced before its
         replica had it. Nothing is saved, and None returned, if the copy is not authentic
-        for `job_id` or not queued, or the job has a final report (ended, and expired
-        since): a task carries only what the API or the sweep sealed, and a job runs once.
+        for `job_id`, has expired, or is not queued, or the job has a final report (ended,
+        and expired since): a task carries only what the API or the sweep sealed, and a
+        job runs once. The expiry is what stops an old task sent again, once its job's
+        report is deleted from the bucket, from running an ended job a second time.
         """
         try:
-            record = self._unsealed(job_id, sealed)
+            copy = unseal(self._reports.key, TASK_COPY_KIND, job_id, sealed.encode(), TaskCopy)
+        except RecordTampered as refusal:
+            note_refusal(TASK_COPY_KIND, refusal)
+            return None
+        record = copy.record
+        if datetime.now(UTC) >= copy.expires_at:
+            logger.warning(
+                "job %s: its task's copy of the record expired at %s; not put back",
+                job_id,
+                copy.expires_at.isoformat(),
+            )
+            return None
+        try:
             report = self._report(record.tenant, job_id)
         except RecordTampered:
             return None

@@ -92,6 +92,7 @@ def worker_environment(settings: Settings, s3_endpoint: str) -> dict[str, str]:
         "SEALSTREAM_JOB_STALE_AFTER": str(settings.job_stale_after),
         "SEALSTREAM_JOB_LEASE_TTL": str(settings.job_lease_ttl),
         "SEALSTREAM_JOB_REQUEUE_AFTER": str(settings.job_requeue_after),
+        "SEALSTREAM_JOB_TASK_COPY_TTL": str(settings.job_task_copy_ttl),
         "SEALSTREAM_S3_PART_SIZE": str(settings.s3_part_size),
         "SEALSTREAM_KEY_CACHE_TTL": str(settings.key_cache_ttl),
     }
@@ -108,6 +109,7 @@ def job_stack(
     workers: int = 1,
     worker_loglevel: str = "INFO",
     requeue_after: int = 300,
+    task_copy_ttl: int = 3600,
     sentinel: tuple[str, str] | None = None,
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
@@ -135,6 +137,7 @@ def job_stack(
             job_lease_ttl=LEASE_TTL,
             job_stale_after=stale_after,
             job_requeue_after=requeue_after,
+            job_task_copy_ttl=task_copy_ttl,
         )
         app = create_app(settings)
         url = exits.enter_context(api_server(app))
