@@ -8,7 +8,8 @@ import os
 import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import click
 
@@ -101,6 +102,23 @@ class Session:
 
 def print_json(document: object) -> None:
     click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+
+
+@contextmanager
+def secret_file(path: str) -> Iterator[TextIO]:
+    """A new file at `path` that only its owner can read, for a secret that should not
+    go through a terminal: never an existing file (nor a link), and removed again if the
+    command fails before the secret is written whole."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise CommandFailed(f"cannot create {path}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            yield file
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 def print_fields(document: Mapping[str, Any], names: Sequence[str]) -> None:

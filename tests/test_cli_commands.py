@@ -122,6 +122,27 @@ def test_tokens_and_what_they_allow(api: Api) -> None:
 
 
 @local
+def test_a_token_written_to_a_file_is_never_shown(api: Api, tmp_path: Path) -> None:
+    kept = tmp_path / "acme.token"
+    scope = ("--tenant", "acme", "--scope", "keys:read")
+    issued = run(api, "tokens", "create", *scope, "-o", str(kept), "--json")
+    assert issued.returncode == 0, issued.stderr
+    token = kept.read_text().strip()
+    assert kept.stat().st_mode & 0o077 == 0
+    assert token not in issued.stdout + issued.stderr and "token" not in json.loads(issued.stdout)
+    assert run(api, "keys", "list", "--token-file", str(kept), token=None).returncode == 0
+
+    # A file already there is left alone, and no token is issued for it.
+    refused = run(api, "tokens", "create", *scope, "-o", str(kept))
+    assert refused.returncode == 2 and kept.read_text().strip() == token
+    listed = run_json(api, "tokens", "list", "--tenant", "acme")["tokens"]
+    assert [entry["id"] for entry in listed] == [json.loads(issued.stdout)["id"]]
+    # A refused request leaves no file.
+    unheld = run(api, "tokens", "create", *scope, "-o", str(tmp_path / "no.token"), token=token)
+    assert unheld.returncode == 4 and not (tmp_path / "no.token").exists()
+
+
+@local
 def test_jobs_start_watch_and_end(api: Api, tmp_path: Path) -> None:
     run_json(api, "keys", "create", KID)
     for name in ("a", "b"):

@@ -1,4 +1,4 @@
-"""The docker-compose stack file: valid, and shaped as the README says: no default
+"""The docker-compose stack file: valid, and shaped as docs/production.md says: no default
 password, MinIO reachable only inside the stack, and the API on TLS with a health check
 that works over it."""
 

@@ -1,14 +1,20 @@
 """`sealstream keys ...`: the key management API, one command per route."""
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import click
 
 from cli.exits import EXIT_USAGE, CommandFailed
-from cli.session import Session, client_command, print_fields, print_json, print_table
+from cli.session import (
+    Session,
+    client_command,
+    print_fields,
+    print_json,
+    print_table,
+    secret_file,
+)
 
 KEY_FIELDS = (
     "kid", "kty", "alg", "keySize", "status", "primaryVersion", "keyOps", "exportable",
@@ -181,15 +187,11 @@ def patch(session: Session, kid: str, exportable: bool) -> None:
 def export(session: Session, kid: str, version: int | None, output: str) -> None:
     """Print one version of an exportable key as a private JWK (its kid is `KID#version`,
     the key name the AWS Encryption SDK's raw keyring takes)."""
-    jwk = session.client.export_key(kid, version=version).document
     if output == "-":
-        print_json(jwk)
+        print_json(session.client.export_key(kid, version=version).document)
         return
-    try:
-        descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise CommandFailed(f"cannot create {output}: {exc.strerror}", EXIT_USAGE) from None
-    with os.fdopen(descriptor, "w") as file:
+    with secret_file(output) as file:
+        jwk = session.client.export_key(kid, version=version).document
         json.dump(jwk, file, indent=2)
     session.note(f"key material of {jwk.get('kid', kid)} written to {Path(output)}")
 

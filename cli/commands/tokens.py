@@ -4,7 +4,7 @@ from typing import Any
 
 import click
 
-from cli.session import Session, client_command, print_fields, print_table
+from cli.session import Session, client_command, print_fields, print_table, secret_file
 
 TOKEN_FIELDS = ("token", "id", "tenant", "name", "scopes", "createdAt", "expiresAt", "revokedAt")
 TOKEN_COLUMNS = ("id", "tenant", "name", "scopes", "createdAt", "expiresAt", "revokedAt")
@@ -30,6 +30,12 @@ def _show_token(session: Session, token: dict[str, Any]) -> None:
 )
 @click.option("--name", help="a name to tell it by")
 @click.option("--expires-at", metavar="TIME", help="when it stops working (ISO 8601, with offset)")
+@click.option(
+    "--output",
+    "-o",
+    metavar="FILE",
+    help="write the token to this new file (owner-only, for --token-file) instead of showing it",
+)
 @client_command
 def create(
     session: Session,
@@ -37,11 +43,22 @@ def create(
     scopes: tuple[str, ...],
     name: str | None,
     expires_at: str | None,
+    output: str | None,
 ) -> None:
-    """Issue a token. Its string is shown this once: keep it now."""
-    token = session.client.create_token(
-        tenant=tenant, scopes=list(scopes), name=name, expiresAt=expires_at
-    ).document
+    """Issue a token. Its string is shown this once (or written to --output): keep it now."""
+
+    def issue() -> dict[str, Any]:
+        return session.client.create_token(
+            tenant=tenant, scopes=list(scopes), name=name, expiresAt=expires_at
+        ).document
+
+    if output is None:
+        _show_token(session, issue())
+        return
+    with secret_file(output) as file:
+        token = issue()
+        file.write(f"{token.pop('token')}\n")
+    session.note(f"the token {token['id']} written to {output}")
     _show_token(session, token)
 
 
