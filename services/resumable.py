@@ -471,6 +471,7 @@ class Uploads:
         """Make the object of an upload whose every frame is stored visible, record it,
         and erase the upload's state."""
         store = self.spaces.store(state.tenant, state.bucket)
+        self._check_parts(store, state)
         version = state.key_version
         marker = Marker.new(state.tenant, state.kid, version, state.bucket, state.storage_key)
         replaced = record_at(self.records, store, state.storage_key) if state.overwrite else None
@@ -513,6 +514,29 @@ class Uploads:
             drop_intent(self.records, intent)
         self._erase(state, abort=False)
         return record
+
+    def _check_parts(self, store: ObjectStore, state: UploadState) -> None:
+        """Refuse to complete an upload whose parts in the store are not those its state
+        recorded (numbers, sizes, etags, checksums where listed): a part added, replaced
+        or taken away by whoever can write the bucket. A local directory lists none: its
+        parts are one file, whose frames the object's verify job checks."""
+        try:
+            listed = store.listed_parts(state.part_upload())
+        except ObjectNotFound:
+            listed = []  # the part upload itself is gone
+        if listed is None:
+            return
+        recorded = [part.part() for part in state.parts]
+        if len(listed) == len(recorded) and all(map(_same_part, recorded, listed)):
+            return
+        refusal = RecordTampered(
+            f"the store lists parts {[part.number for part in listed]} of sizes "
+            f"{[part.size for part in listed]} where {len(recorded)} were stored, or other "
+            "etags or checksums",
+            state.name,
+        )
+        note_refusal(STATE_KIND, refusal)
+        raise UploadTampered("the upload's parts in the bucket are not those it stored")
 
     def frame_mac(self, state: UploadState, frame: int, plaintext: memoryview) -> str:
         """The HMAC recorded for a frame's plaintext: bound to the upload and the frame,
@@ -612,6 +636,17 @@ def _chained(chain: bytes, plaintexts: list[memoryview]) -> bytes:
     for plain in plaintexts:
         chain = chain_step(chain, plain)
     return chain
+
+
+def _same_part(recorded: Part, listed: Part) -> bool:
+    """Whether a part listed is the one recorded; a store that lists no checksum has its
+    etag compared alone."""
+    same = (recorded.number, recorded.size, recorded.etag) == (
+        listed.number,
+        listed.size,
+        listed.etag,
+    )
+    return same and listed.checksum in ("", recorded.checksum)
 
 
 def _exists(store: ObjectStore, key: str) -> bool:

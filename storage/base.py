@@ -317,6 +317,13 @@ class ObjectStore(ABC):
     def abort_parts(self, upload: PartUpload) -> None:
         """Discard the upload and its parts; an upload already gone is not an error."""
 
+    def listed_parts(self, upload: PartUpload) -> builtins.list[Part] | None:
+        """The parts the store holds for `upload`, by number, as it lists them (each
+        offset where it would start were they joined; a checksum only if the store lists
+        it); `ObjectNotFound` if the upload is gone. None where the store keeps no list of
+        its own: a local directory writes every part into one file."""
+        return None
+
     @abstractmethod
     def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
         """Start a part upload of `key`; `metadata` is already checked."""

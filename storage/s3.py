@@ -195,6 +195,19 @@ class S3Store(ObjectStore):
                 Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
             )
 
+    def listed_parts(self, upload: PartUpload) -> builtins.list[Part]:
+        pages = self.client.get_paginator("list_parts").paginate(
+            Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+        )
+        with s3_errors(upload.key):
+            listed = [part for page in pages for part in page.get("Parts", [])]
+        parts, offset = [], 0
+        for part in listed:
+            checksum = part.get("ChecksumCRC32C", "")
+            parts.append(Part(part["PartNumber"], offset, part["Size"], part["ETag"], checksum))
+            offset += part["Size"]
+        return parts
+
     def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
         _check_key(key)
         with s3_errors(key):
