@@ -73,11 +73,13 @@ class ObjectSealer:
         records: Records,
         name_key: NameKey | None = None,
         record_in_metadata: bool = False,
+        job_id: str | None = None,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
         `object_key`): a message that names no place could be copied anywhere. With
         `name_key`, the record holds the plaintext's size and SHA-256 only as their HMAC
-        under it; with `record_in_metadata`, a small object carries its record."""
+        under it; with `record_in_metadata`, a small object carries its record; `job_id`
+        names the job writing it in its record."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
@@ -85,6 +87,7 @@ class ObjectSealer:
         self._placement = placement
         self._records = records
         self._name_key = name_key
+        self._job_id = job_id
         self._digest = hashlib.sha256()
         self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
@@ -146,6 +149,8 @@ class ObjectSealer:
         )
         if self._name_key is not None:  # the intent tells no more than the record
             intent = hidden_plaintext(intent, self._name_key)
+        if self._job_id is not None:
+            intent = intent.model_copy(update={"job_id": self._job_id})
         if self._sends_record(intent):
             return self._complete_recorded(marker, intent, replaced)
         # Before the object can be seen: the index never misses an object it holds, and
@@ -258,11 +263,12 @@ def seal_stream(
     after_chunk: Callable[[], None],
     name_key: NameKey | None = None,
     record_in_metadata: bool = False,
+    job_id: str | None = None,
 ) -> ObjectRecord:
     """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
     plaintext hidden under `name_key`, if given; in its metadata if small enough and
-    `record_in_metadata`); `after_chunk()` runs once each chunk is written (progress, a
-    cancel point)."""
+    `record_in_metadata`; naming `job_id` as its writer, if given); `after_chunk()` runs
+    once each chunk is written (progress, a cancel point)."""
     sealer = ObjectSealer(
         sealing,
         placement,
@@ -270,6 +276,7 @@ def seal_stream(
         records=records,
         name_key=name_key,
         record_in_metadata=record_in_metadata,
+        job_id=job_id,
     )
     try:
         for chunk in chunks:

@@ -79,6 +79,9 @@ class MessageRecord(FrozenCamelModel):
     # requests): the chain of SHA-256s over its frames (`services.frame_chain`).
     plaintext_frame_chain: str | None = Field(None, exclude_if=lambda value: value is None)
     name_key_version: int | None = Field(None, exclude_if=lambda value: value is None)
+    # The job that wrote it (archive members): what lets a rerun of that job tell its own
+    # object from one another writer put at a place it had claimed.
+    job_id: str | None = Field(None, exclude_if=lambda value: value is None)
     # Orders the writes at this place (`next_generation`); 0 in records from before it.
     generation: int = 0
 

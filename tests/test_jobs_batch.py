@@ -34,7 +34,7 @@ from storage import MIN_PART_SIZE
 from storage.records import object_record
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
-from tests.support.http import create_key, read_object
+from tests.support.http import create_key, encrypt, read_object
 from tests.support.memory import MiB, PeakRss
 from workers.batch import batch_encrypt
 from workers.execution import run_job
@@ -433,6 +433,58 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     }
     journal = f"sealstream/jobs/default/{record.id}.partial/"
     assert [info.key for info in api.objects.list(journal)] == [journal + "final.json"]
+
+
+def test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed(api: Api) -> None:
+    """Without `overwrite`, a rerun rewrites a claimed object only if its record names the
+    job: one another writer put there between the crash and the rerun (over the member
+    the crashed run wrote, or where it had claimed and not yet written) is a conflict of
+    that member's, and stays."""
+    files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
+    put(api, "in/archive.tar", tar_archive("w", files))
+    with api.client() as client:
+        create_key(client)
+    services = build_parts(api.settings)
+    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
+    services.jobs.save(record)
+    started: list[str] = []
+
+    def crash_at_the_third(path: str) -> None:
+        started.append(path)
+        if len(started) == 3:
+            raise Crash
+
+    crashing = partial(batch_encrypt, before_member=crash_at_the_third)
+    with pytest.raises(Crash):
+        run_job(record.id, services, {JobKind.BATCH_ENCRYPT: crashing})
+    written, unwritten = started[1], started[2]  # both claimed, only the first written
+    assert object_record(services.records, api.objects, TENANT + "out/" + written).job_id == (
+        record.id
+    )
+    theirs = {path: f"another writer's {path}".encode() for path in (written, unwritten)}
+    with api.client() as client:
+        for path, data in theirs.items():
+            stored = encrypt_to(client, f"out/{path}", data)
+            assert stored.status_code == 201, stored.text
+
+    run_job(record.id, services, JOB_BODIES)
+
+    final = services.jobs.load(record.id)
+    assert final is not None and final.status is JobStatus.SUCCEEDED, final
+    manifest = manifest_of(api)
+    conflicts = sorted((f["path"], f["code"]) for f in manifest["failed"])
+    assert conflicts == [(written, "object-conflict"), (unwritten, "object-conflict")]
+    assert final.result is not None and final.result["counts"]["failed"] == 2
+    with api.client() as client:
+        ours = {path: data for path, data in files.items() if path not in theirs}
+        check_members(client, manifest, ours)
+        for path, data in theirs.items():
+            assert decrypted(client, f"out/{path}") == data
+
+
+def encrypt_to(client: httpx.Client, key: str, data: bytes) -> httpx.Response:
+    """Seal `data` into the object `key` as a client's upload does, replacing one there."""
+    return encrypt(client, data, kid="mySymKey", destination={"key": key, "overwrite": True})
 
 
 def batch_params(api: Api) -> BatchEncryptParams:

@@ -551,9 +551,26 @@ MUTANTS = (
     Mutant(
         "members: a rerun rewrites what it claimed",
         "workers/batch.py",
-        "    ours = storage_key in batch.resumed.claims",
-        "    ours = False",
+        "    if placement.storage_key not in resumed.claims:",
+        "    if True:",
         ("tests/test_jobs_batch.py::test_a_rerun_after_a_crash_seals_each_member_once",),
+    ),
+    Mutant(
+        "members: a rerun leaves another writer's object where it claimed",
+        "workers/batch.py",
+        "    if _writer(services, placement, stored) != context.record.id:",
+        "    if False:",
+        (
+            "tests/test_jobs_batch.py"
+            "::test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed",
+        ),
+    ),
+    Mutant(
+        "jobs: a task's copy of a record expires",
+        "services/jobs/store.py",
+        "        if datetime.now(UTC) >= copy.expires_at:",
+        "        if False:",
+        ("tests/test_jobs_store.py", "tests/test_jobs_task_copies.py"),
     ),
     Mutant(
         "members: a stale record file goes",

@@ -55,9 +55,11 @@ from services.errors import error_code, public_detail
 from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
+from services.open_stored import intent_of
 from services.placement import Placement
-from storage import ObjectExists, ObjectNotFound, ObjectStore
-from storage.records import ObjectRecord
+from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore
+from storage.integrity import RecordTampered
+from storage.records import ObjectRecord, object_record
 from workers.journal import Journal, Resumed
 from workers.manifest import json_object
 
@@ -67,6 +69,13 @@ SMALL_MEMBER = READ_SIZE  # read whole and sealed in waves; larger members are s
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
 
 MemberHook = Callable[[str], None]
+
+
+class ClaimTaken(Exception):
+    """A rerun found at a place its job had claimed an object the job did not write (its
+    record names another writer, or none): without `overwrite`, a conflict, left as is."""
+
+    code = "object-conflict"
 
 
 def batch_encrypt(
@@ -243,7 +252,7 @@ def _take(
         return
     try:
         started, overwrite = _placed(batch, path, name)
-    except ObjectExists as error:
+    except (ObjectExists, ClaimTaken) as error:
         _note_failure(batch, path, error)
         return
     if member.size is not None and member.size <= SMALL_MEMBER:
@@ -260,12 +269,44 @@ def _placed(batch: _Batch, path: str, name: str) -> tuple[_Started, bool]:
     """Where the member goes, and whether it may replace an object there (`ObjectExists`
     if one is there that it may not replace)."""
     storage_key = batch.storage_prefix + name
-    ours = storage_key in batch.resumed.claims  # written by the attempt that was stopped
-    overwrite = batch.params.overwrite or ours
-    if not overwrite:
-        _require_absent(batch.store, storage_key, batch.prefix + name, job=False)
     placement = Placement(batch.store, batch.store.bucket, batch.prefix + name, storage_key)
+    overwrite = _may_overwrite(batch.context, batch.services, batch.resumed, placement)
     return _Started(path, name, placement), overwrite
+
+
+def _may_overwrite(
+    context: JobContext, services: Parts, resumed: Resumed, placement: Placement
+) -> bool:
+    """Whether the job may write over an object at `placement`: with `overwrite`, or if
+    an attempt of this job that was stopped claimed it and the object there is the one
+    that attempt wrote (its record names this job). `ObjectExists` if there is one it may
+    not replace without `overwrite`; `ClaimTaken` if another writer put one at a place
+    the job had claimed."""
+    if context.params(BatchEncryptParams).overwrite:
+        return True
+    try:
+        stored = placement.store.head(placement.storage_key)
+    except ObjectNotFound:
+        return False  # written only if still free
+    if placement.storage_key not in resumed.claims:
+        raise ObjectExists("the object exists and overwrite is false", placement.storage_key)
+    if _writer(services, placement, stored) != context.record.id:
+        raise ClaimTaken("another writer put an object here after this job claimed it")
+    return True
+
+
+def _writer(services: Parts, placement: Placement, stored: ObjectInfo) -> str | None:
+    """The job whose write the object `stored` is, as its record (or, for a write cut off
+    before its record, its intent) proves; None if it proves none."""
+    try:
+        record = object_record(services.records, placement.store, placement.storage_key, stored)
+    except ObjectNotFound:
+        record = None
+    except RecordTampered:
+        return None  # refused and counted: it proves nothing
+    if record is None or (record.etag, record.ciphertext_size) != (stored.etag, stored.size):
+        record = intent_of(services.records, placement, stored.size)
+    return None if record is None else record.job_id
 
 
 def _start_wave(batch: _Batch, sealing: ParallelSealing[_Started]) -> None:
@@ -345,7 +386,7 @@ def _check_destination(batch: _Batch, path: str, name: str) -> None:
 
 def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> MemberSealing:
     """How the job seals each object it writes (each one: on any failure or cancel,
-    nothing is left)."""
+    nothing is left), each record naming the job."""
     params = context.params(BatchEncryptParams)
     return MemberSealing(
         services.keys,
@@ -355,6 +396,7 @@ def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> 
         params.encryption_context,
         params.frame_length,
         name_key,
+        context.record.id,
     )
 
 
@@ -400,14 +442,12 @@ def _source_size(store: ObjectStore, source: ObjectTarget) -> int:
         raise JobFailed("object-not-found", f"no object {source.key!r}") from None
 
 
-def _require_absent(store: ObjectStore, storage_key: str, key: str, *, job: bool = True) -> None:
-    """Raise `object-exists` (failing the job, or with `job=False` the member)."""
+def _require_absent(store: ObjectStore, storage_key: str, key: str) -> None:
+    """Fail the job with `object-exists` if there is an object at `storage_key`."""
     try:
         store.head(storage_key)
     except ObjectNotFound:
         return
-    if not job:
-        raise ObjectExists("the object exists and overwrite is false", storage_key)
     raise JobFailed("object-exists", f"{key!r} already exists and overwrite is false")
 
 
@@ -480,12 +520,15 @@ def _seal_whole(
     source_store = services.spaces.store(tenant, source.bucket)
     store = services.spaces.store(tenant, destination.bucket)
     placement = Placement(store, store.bucket, destination.key, destination.storage_key)
-    ours = placement.storage_key in resumed.claims
-    if ours:
+    if placement.storage_key in resumed.claims:
         store.abort_pending(placement.storage_key)
-    overwrite = params.overwrite or ours
-    if not overwrite:
-        _require_absent(store, placement.storage_key, placement.key)
+    try:
+        overwrite = _may_overwrite(context, services, resumed, placement)
+    except ObjectExists:
+        detail = f"{placement.key!r} already exists and overwrite is false"
+        raise JobFailed("object-exists", detail) from None
+    except ClaimTaken as conflict:
+        raise JobFailed(conflict.code, f"{placement.key!r}: {conflict}") from None
     size = _source_size(source_store, source)
     context.progress(items_total=1, bytes_total=size, force=True)
     journal.claim([placement.storage_key])

@@ -220,6 +220,7 @@ def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> J
             params.encryption_context,
             params.frame_length,
             places.name_key,
+            record.id,
         ),
         places=places,
         limits=archive_limits(svc.settings),

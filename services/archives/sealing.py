@@ -48,6 +48,8 @@ class MemberSealing:
     frame_length: int
     # Where names are hidden: the records keep the plaintext's digest only as an HMAC.
     name_key: NameKey | None = None
+    # The job writing them, named in each record (`storage.records.MessageRecord.job_id`).
+    job_id: str | None = None
 
     def open(self, placement: Placement, *, overwrite: bool) -> ObjectSealer:
         """A message at `placement`, to be written a piece at a time and completed (or
@@ -58,6 +60,7 @@ class MemberSealing:
             overwrite=overwrite,
             records=self.records,
             name_key=self.name_key,
+            job_id=self.job_id,
         )
 
     def seal(
@@ -80,6 +83,7 @@ class MemberSealing:
             after_chunk=after_chunk,
             name_key=self.name_key,
             record_in_metadata=True,  # a small member is one write, with its record
+            job_id=self.job_id,
         )
 
     def _start(self, placement: Placement) -> Sealing:
