@@ -55,7 +55,7 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
     # (as route "unmatched": routing never ran for them).
     app.add_middleware(
         StreamLimit,
-        limit=services.settings.max_streams,
+        streams=services.streams,
         archive_weight=services.settings.batch_concurrency,
     )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

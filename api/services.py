@@ -9,6 +9,7 @@ from anyio import CapacityLimiter
 from fastapi import Request
 from redis.exceptions import RedisError
 
+from api.admission import Streams
 from api.keygen import KeyWork
 from api.problems import Problem
 from api.tokens import TokenStore
@@ -27,6 +28,8 @@ class Services(Parts):
     # The worker threads of streams into and out of storage, apart from the default pool:
     # a stream can hold its thread for as long as the store makes it wait.
     transfers: CapacityLimiter
+    # The streams served at once, by the memory each holds (`SEALSTREAM_MAX_STREAMS`).
+    streams: Streams
     # RSA generation and import, apart from the default pool, rate-limited per tenant.
     key_work: KeyWork
 

@@ -41,11 +41,16 @@ def available_memory(
     return min(limits)
 
 
+def stream_memory(part_size: int, parts_in_flight: int) -> int:
+    """The most one stream holds: an upload into S3, (parts in flight + 1) parts."""
+    return (parts_in_flight + 1) * part_size
+
+
 def stream_cap(part_size: int, parts_in_flight: int, memory: int | None = None) -> int:
     """Streams that fit in `STREAM_MEMORY_SHARE` of the memory, each counted at the most
-    one holds: an upload into S3, (parts in flight + 1) parts of `part_size`."""
+    one holds (`stream_memory`)."""
     budget = (available_memory() if memory is None else memory) * STREAM_MEMORY_SHARE
-    return max(1, int(budget // ((parts_in_flight + 1) * part_size)))
+    return max(1, int(budget // stream_memory(part_size, parts_in_flight)))
 
 
 def connection_cap(open_files: int | None = None) -> int:

@@ -8,10 +8,12 @@ from pathlib import Path
 from anyio import CapacityLimiter
 from fastapi import FastAPI
 
+from api.admission import Streams
 from api.app import make_app
 from api.keygen import KeyWork
 from api.services import Services
 from api.tokens import TokenStore
+from sealstream.capacity import stream_memory
 from sealstream.settings import Settings
 from sealstream.wiring import ConfigurationError, Parts, build_parts
 from services.jobs import JobRunner
@@ -32,6 +34,9 @@ def create_app(settings: Settings, metrics_dir: Path | None = None) -> FastAPI:
         ),
         runner=_job_runner(parts),
         transfers=CapacityLimiter(settings.transfer_threads),
+        streams=Streams(
+            settings.max_streams, stream_memory(settings.s3_part_size, settings.s3_parts_in_flight)
+        ),
         key_work=KeyWork(settings.keygen_threads, settings.keygen_rate),
     )
     return make_app(services, metrics_dir)

@@ -169,6 +169,13 @@ class Settings(BaseSettings):
         description="seconds a resumable upload's PATCH holds its lock past its last stored "
         "write: a PATCH whose server died holds up the next one at most this long",
     )
+    max_open_uploads: int = Field(
+        200,
+        ge=1,
+        description="unfinished resumable uploads (/api/uploads) one tenant may have at once; "
+        "past it, creating one is 429 too-many-open-uploads until one is finished, "
+        "terminated or expired",
+    )
     idle_timeout: float = Field(
         60.0,
         gt=0,

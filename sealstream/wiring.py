@@ -75,6 +75,7 @@ class Parts:
             lock_for=timedelta(seconds=self.settings.upload_lock_seconds),
             anchor=self.upload_anchor,
             need_anchor=not kek_beside_data(self.settings),
+            max_open=self.settings.max_open_uploads,
         )
 
     @cached_property

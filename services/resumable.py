@@ -41,6 +41,7 @@ import hmac
 import logging
 import secrets
 import struct
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -141,6 +142,12 @@ class UploadTampered(UploadRefused):
     """The staged ciphertext is not what the state recorded: changed in the bucket."""
 
     code = "upload-tampered"
+
+
+class TooManyUploads(UploadRefused):
+    """The tenant has as many unfinished uploads as it may."""
+
+    code = "too-many-open-uploads"
 
 
 class UploadsNeedRedis(UploadRefused):
@@ -251,6 +258,11 @@ class UploadState(FrozenCamelModel):
         """The plaintext offset where `frame` ends."""
         return min(self.length, frame * self.frame_length)
 
+    @property
+    def part_size(self) -> int:
+        """Bytes of ciphertext in a whole part, the first's header aside."""
+        return self.frames_per_part * (REGULAR_OVERHEAD + self.frame_length)
+
     def part_upload(self) -> PartUpload:
         return PartUpload(self.storage_key, self.upload_id, self.storage_metadata)
 
@@ -300,8 +312,10 @@ class Uploads:
         lock_for: timedelta,
         anchor: UploadAnchor | None,
         need_anchor: bool,
+        max_open: int,
     ) -> None:
         self.records = records
+        self.max_open = max_open
         self.anchor = anchor
         self.need_anchor = need_anchor
         self.keys = keys
@@ -325,6 +339,23 @@ class Uploads:
                 f"key {new.kid!r} is imported or was exportable: its messages are signed, "
                 "which a resumable upload cannot write; use the streaming route"
             )
+        upload_id, now = secrets.token_hex(16), datetime.now(UTC)
+        self._admit(tenant, upload_id, now + self.expiry)
+        try:
+            state, etag = self._start(tenant, placement, new, upload_id, now)
+        except BaseException:
+            if self.anchor is not None:
+                self.anchor.free(tenant, upload_id)
+            raise
+        if state.length == 0:  # a tus client sends no PATCH for it: complete it now
+            return self._take(state, etag).end()
+        return state
+
+    def _start(
+        self, tenant: str, placement: Placement, new: NewUpload, upload_id: str, now: datetime
+    ) -> tuple[UploadState, str]:
+        """Start the message and its part upload, and save the state of upload
+        `upload_id`, created `now`; the state and its etag."""
         sealing = start_sealing(
             self.keys,
             tenant,
@@ -336,9 +367,8 @@ class Uploads:
         header = sealing.encryptor.header.to_bytes()
         store = placement.store
         upload = store.start_parts(placement.storage_key, metadata=object_metadata(sealing))
-        now = datetime.now(UTC)
         state = UploadState(
-            id=secrets.token_hex(16),
+            id=upload_id,
             tenant=tenant,
             bucket=placement.bucket,
             key=placement.key,
@@ -372,9 +402,27 @@ class Uploads:
             with suppress(StorageError):
                 store.abort_parts(upload)
             raise
-        if state.length == 0:  # a tus client sends no PATCH for it: complete it now
-            return self._take(state, etag).end()
-        return state
+        return state, etag
+
+    def _admit(self, tenant: str, upload: str, expires_at: datetime) -> None:
+        """Count a new upload among the tenant's open ones, or refuse it past the cap:
+        in Redis where uploads are anchored (one count for every API process; an upload
+        leaves it when it ends, or at its expiry should its end be lost with a crash),
+        else by the states in the store, read at each creation (unanchored uploads are
+        served on the embedded default alone: one directory; creations at one moment may
+        pass the cap by a few)."""
+        if self.anchor is not None:
+            admitted = self.anchor.admit(tenant, upload, expires_at, self.max_open)
+        else:
+            now = datetime.now(UTC)
+            states = self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState, ".json")
+            live = [state for _, state in states if state.expires_at > now]
+            admitted = sum(state.tenant == tenant for state in live) < self.max_open
+        if not admitted:
+            raise TooManyUploads(
+                f"this tenant has {self.max_open} unfinished uploads, as many as it may: "
+                "finish or terminate one, or wait for one to expire"
+            )
 
     def get(self, tenant: str, upload: str) -> UploadState:
         """The tenant's upload `upload`: `UploadNotFound` if there is none (or another
@@ -386,9 +434,18 @@ class Uploads:
             return self._take(state, etag).end()
         return state
 
-    def begin(self, tenant: str, upload: str, offset: int, sent: int | None) -> "Appending":
+    def begin(
+        self,
+        tenant: str,
+        upload: str,
+        offset: int,
+        sent: int | None,
+        admit: Callable[[UploadState], None],
+    ) -> "Appending":
         """Take the upload's lock for a PATCH of `sent` bytes (None: unknown) from
-        `offset`, refusing one that could never move the offset."""
+        `offset`, refusing one that could never move the offset; `admit(state)`, called
+        once the upload is read and before its lock is taken, may refuse it too (the
+        server's cap on what requests hold)."""
         state, etag = self._read(tenant, upload)
         if offset != state.offset:
             raise OffsetMismatch(f"the upload is at offset {state.offset}, not {offset}")
@@ -400,6 +457,7 @@ class Uploads:
                 f"a PATCH carries at least one frame ({state.frame_length} bytes) or the "
                 "rest of the upload: less cannot move the offset"
             )
+        admit(state)
         return self._take(state, etag)
 
     def _take(self, state: UploadState, etag: str) -> "Appending":
@@ -624,12 +682,16 @@ class Uploads:
 
     def _erase(self, state: UploadState, *, abort: bool) -> None:
         if self.anchor is not None:
-            self.anchor.end(state.id, state.expires_at)
+            self.anchor.end(state.id, state.tenant, state.expires_at)
         if abort:
             # The service's own cleanup: whether the tenant may still use the bucket or not.
             self.spaces.own_store(state.bucket).abort_parts(state.part_upload())
-        self.records.store.delete(staging_name(state.id))
+        self.drop_staging(state.id)
         self.records.store.delete(state.name)
+
+    def drop_staging(self, upload: str) -> None:
+        """Erase the upload's staging object (whoever erases an upload, or finds it erased)."""
+        self.records.store.delete(staging_name(upload))
 
 
 def _chained(chain: bytes, plaintexts: list[memoryview]) -> bytes:
@@ -719,7 +781,7 @@ class Appending:
         lock had lapsed); if so, the staging object it may have written since goes too."""
         if not self._uploads.erased(self.state.id):
             return False
-        self._uploads.records.store.delete(staging_name(self.state.id))
+        self._uploads.drop_staging(self.state.id)
         return True
 
     def _staged(self) -> bytearray:

@@ -8,6 +8,10 @@ the count: a state whose count is not Redis's is refused. Each write moves Redis
 (compare and set), so a crash between the two leaves Redis ahead: the upload is refused,
 never rolled back. An upload finished or terminated leaves a tombstone, so that copies of
 its state cannot bring it back.
+
+Redis also counts each tenant's open uploads (`admit`), for every API process: an upload
+is counted from its creation until it ends, or until its expiry should its end be lost
+(a crash), when the next count drops it.
 """
 
 from datetime import UTC, datetime, timedelta
@@ -15,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 KEY_PREFIX = "sealstream:upload:"
+OPEN_PREFIX = "sealstream:uploads-open:"
 GONE = "gone"
 # Kept past the upload's expiry: by then its state is refused as expired anyway.
 MARGIN = timedelta(days=1)
@@ -25,13 +30,37 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """
 
+# KEYS[1]: the tenant's open uploads, scored by expiry (ms). ARGV: now (ms), the cap, the
+# upload, its expiry (ms), the set's time to live (ms).
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return 1
+"""
+
 
 class UploadAnchor:
-    """Each upload's generation in Redis: `start`, `advance`, `current`, `end`."""
+    """Each upload's generation in Redis: `start`, `advance`, `current`, `end`; and each
+    tenant's open uploads: `admit`, `free`."""
 
     def __init__(self, client: "redis.Redis") -> None:
         self._client = client
         self._advance = client.register_script(_ADVANCE)
+        self._admit = client.register_script(_ADMIT)
+
+    def admit(self, tenant: str, upload: str, expires_at: datetime, cap: int) -> bool:
+        """Count `upload` among the tenant's open uploads unless it has `cap` of them."""
+        now = datetime.now(UTC)
+        args: list[int | str] = [_ms(now), cap, upload, _ms(expires_at), _ttl(expires_at)]
+        return bool(self._admit(keys=[_open_key(tenant)], args=args))
+
+    def free(self, tenant: str, upload: str) -> None:
+        """No longer count `upload` (never made, or ended)."""
+        self._client.zrem(_open_key(tenant), upload)
 
     def start(self, upload: str, generation: int, expires_at: datetime) -> bool:
         """Anchor a new upload at `generation`; False if its id is taken (or was)."""
@@ -48,13 +77,25 @@ class UploadAnchor:
         value = self._client.get(_key(upload))
         return None if value is None else str(value)
 
-    def end(self, upload: str, expires_at: datetime) -> None:
-        """Leave a tombstone: the upload is finished or terminated, for good."""
-        self._client.set(_key(upload), GONE, px=_ttl(expires_at))
+    def end(self, upload: str, tenant: str, expires_at: datetime) -> None:
+        """Leave a tombstone: the upload is finished or terminated, for good; its tenant
+        no longer counts it."""
+        with self._client.pipeline() as both:
+            both.set(_key(upload), GONE, px=_ttl(expires_at))
+            both.zrem(_open_key(tenant), upload)
+            both.execute()
 
 
 def _key(upload: str) -> str:
     return f"{KEY_PREFIX}{upload}"
+
+
+def _open_key(tenant: str) -> str:
+    return f"{OPEN_PREFIX}{tenant}"
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _ttl(expires_at: datetime) -> int:

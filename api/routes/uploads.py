@@ -164,7 +164,7 @@ async def capabilities(principal: EncryptScope) -> Response:
     "",
     status_code=201,
     response_model=None,
-    responses=answers(CREATED, AUTHENTICATED, (400, 404, 409, 412, 413, 422)),
+    responses=answers(CREATED, AUTHENTICATED, (400, 404, 409, 412, 413, 422, 429)),
 )
 async def create(request: Request, principal: EncryptScope) -> Response:
     """Create an upload of `Upload-Length` bytes, sealed under `kid` into `destination`."""
@@ -209,7 +209,7 @@ async def offset(request: Request, upload: str, principal: EncryptScope) -> Resp
     "/{upload}",
     status_code=204,
     response_model=None,
-    responses=answers(PATCHED, AUTHENTICATED, (400, 404, 408, 409, 412, 415, 423)),
+    responses=answers(PATCHED, AUTHENTICATED, (400, 404, 408, 409, 412, 415, 423, 503)),
 )
 async def append(request: Request, upload: str, principal: EncryptScope) -> Response:
     """Seal and store the bytes from `Upload-Offset` on."""
@@ -221,9 +221,30 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
     assert start is not None
     sent = header_int(request, "content-length", required=False)
     svc = services(request)
-    appending = await to_thread.run_sync(
-        svc.uploads().begin, principal.tenant, upload, start, sent, limiter=svc.transfers
-    )
+    with svc.streams.holding() as held:
+        appending = await to_thread.run_sync(
+            svc.uploads().begin,
+            principal.tenant,
+            upload,
+            start,
+            sent,
+            lambda state: held.take(patch_memory(state)),
+            limiter=svc.transfers,
+        )
+        return await _appended(request, svc, principal.tenant, appending, start)
+
+
+def patch_memory(state: UploadState) -> int:
+    """The most a PATCH on the upload holds: the plaintext read ahead of the sealing (up
+    to `PART_TARGET` waiting while as much is handed over, and copied into the part's
+    plaintext waiting to be sealed) and the part's ciphertext."""
+    return 3 * PART_TARGET + 2 * state.part_size
+
+
+async def _appended(
+    request: Request, svc: Services, tenant: str, appending: Appending, start: int
+) -> Response:
+    """Feed the body to `appending` and answer the PATCH."""
     note = noted(request)
     note.object = appending.state.key
     note.key = f"{appending.state.kid}#{appending.state.key_version}"
@@ -248,10 +269,8 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
         )
     headers = state_headers(state)
     if appending.record is not None:
-        placement = svc.spaces.place(
-            principal.tenant, ObjectRef(key=state.key, bucket=state.bucket)
-        )
-        job, _ = await to_thread.run_sync(svc.verify_stored, principal.tenant, placement)
+        placement = svc.spaces.place(tenant, ObjectRef(key=state.key, bucket=state.bucket))
+        job, _ = await to_thread.run_sync(svc.verify_stored, tenant, placement)
         headers["X-Verify-Job"] = job.id
     return Response(status_code=204, headers=headers)
 

@@ -1,0 +1,97 @@
+"""What a tenant's resumable uploads may take of a server: a PATCH counts against the
+stream cap as the memory it can hold (its upload's parts), so a flood of PATCHes gets
+503 too-many-streams as ordinary streams do; and a tenant's unfinished uploads are
+capped (429 too-many-open-uploads), each freeing its place once finished, terminated or
+swept, counted in Redis where uploads are anchored and from the stored states where not."""
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from api.routes.uploads import patch_memory
+from sealstream.capacity import stream_memory
+from services.jobs.redis_store import redis_client
+from services.upload_anchor import UploadAnchor
+from tests.conftest import Api, api_settings, live_api, local_settings
+from tests.support.data import random_bytes
+from tests.support.http import create_key, encrypt, problem, read_object
+from tests.support.waiting import wait_until
+from tests.test_api_objects import tenant_client
+from tests.test_api_uploads import FRAME, TUS, create, patch, post_upload
+from tests.test_api_uploads_sweep import paused, state_of
+
+if TYPE_CHECKING:
+    from tests.support.services import RedisServer
+
+
+def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
+    """A PATCH of an upload with 16 MiB parts holds about 80 MiB: 3 streams of the
+    default 40 MiB. With a cap of 3, one held PATCH leaves no room for another stream or
+    PATCH, and an ordinary stream under way leaves none for a PATCH."""
+    settings = local_settings(tmp_path).model_copy(update={"max_streams": 3})
+    data = random_bytes(3 * FRAME, seed=51)
+    let_go = threading.Event()
+    with live_api(settings) as api, api.client() as client, ThreadPoolExecutor(1) as pool:
+        create_key(client)
+        held, other = create(client, len(data), key="up/held"), create(client, FRAME, "up/other")
+        unit = stream_memory(settings.s3_part_size, settings.s3_parts_in_flight)
+        assert -(-patch_memory(state_of(api, held)) // unit) == 3
+        body = paused(data[:FRAME], data[FRAME:], let_go)
+        patching = pool.submit(patch, api.client(), held, 0, body)
+        try:
+            wait_until(lambda: state_of(api, held).held, "the PATCH to hold its upload")
+
+            problem(encrypt(client, b"more"), 503, "too-many-streams")
+            refused = patch(client, other, 0, b"x" * FRAME)
+            problem(refused, 503, "too-many-streams")
+            assert refused.headers["Retry-After"] == "1"
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
+        assert patch(client, other, 0, b"x" * FRAME).status_code == 204
+        assert read_object(client, "up/held").content == data
+
+
+@pytest.fixture(params=["local-unanchored", "s3-anchored"])
+def capped_api(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: "RedisServer"
+) -> Iterator[Api]:
+    """A live server whose tenants may have two unfinished uploads each: on the embedded
+    default with no Redis (counted from the states), and on S3 anchored in Redis."""
+    backend, mode = request.param.split("-")
+    settings = api_settings(backend, tmp_path, request)
+    with live_api(settings.model_copy(update={"max_open_uploads": 2})) as api:
+        if mode == "anchored":
+            anchor = UploadAnchor(redis_client(redis_server.url, ""))
+            api.parts.__dict__["upload_anchor"] = anchor
+        yield api
+
+
+def test_a_tenant_has_so_many_open_uploads_at_once(capped_api: Api) -> None:
+    api = capped_api
+    with api.client() as client:
+        create_key(client)
+        ended = create(client, FRAME, key="up/a")
+        finished = create(client, FRAME, key="up/b")
+
+        problem(post_upload(client, FRAME, "up/c"), 429, "too-many-open-uploads")
+
+        with tenant_client(api, client, "other", "crypto:encrypt", "keys:write") as other:
+            create_key(other)
+            assert post_upload(other, FRAME, "up/a").status_code == 201  # its own count
+        assert client.delete(ended, headers=TUS).status_code == 204
+        create(client, FRAME, key="up/c")
+        problem(post_upload(client, FRAME, "up/d"), 429, "too-many-open-uploads")
+        assert patch(client, finished, 0, b"b" * FRAME).status_code == 204
+        create(client, FRAME, key="up/d")
+        problem(post_upload(client, FRAME, "up/e"), 429, "too-many-open-uploads")
+        swept = api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2))
+        assert sorted(state.key for state in swept) == ["up/a", "up/c", "up/d"]
+        create(client, FRAME, key="up/e")
+        create(client, FRAME, key="up/f")
+        problem(post_upload(client, FRAME, "up/g"), 429, "too-many-open-uploads")
