@@ -50,7 +50,9 @@ sent back through AES-256-GCM alone, with no format. Then prints, in one run:
    encrypting allows on its one core.
 5. the `sealstream` command: `encrypt` of a file, and `decrypt` of its ciphertext, each
    streamed back to /dev/null, next to curl doing the same with the same file and server,
-   alternated (goal ratio >= 0.9); the command's start-up is in its time.
+   alternated (goal ratio >= 0.9, of the transfers as each client times them); the
+   whole runs, start-up included, and each client's CPU per GiB beside them. The command
+   runs with its bytecode cached, as an installed one does.
 6. across processes: 8 concurrent streams of 256 MiB (8 stream-back encrypts at once,
    each through its own curl reading a file, whose output is piped into a second curl
    that decrypts it through the API, whose output is piped into `cmp` against the file)
@@ -1119,13 +1121,18 @@ SEALSTREAM = str(Path(sys.executable).with_name("sealstream"))
 
 @dataclass
 class Clocked:
-    """A client's rounds: whole runs (the process's start included), and the transfers
-    alone as the client times them (curl's time_total, the command's `seconds`)."""
+    """A client's rounds: whole runs (the process's start included), the transfers
+    alone as the client times them (curl's time_total, the command's `seconds`), and the
+    least CPU a run of the client took (its start included)."""
 
     wall: Timed = field(default_factory=Timed)
     transfer: Timed = field(default_factory=Timed)
+    cpu: float = float("inf")
 
-    def add(self, wall: float, transfer: float) -> None:
+    def add(self, run: Callable[[], tuple[float, float]]) -> None:
+        before = client_cpu_seconds()
+        wall, transfer = run()
+        self.cpu = min(self.cpu, client_cpu_seconds() - before)
         self.wall.time(wall)
         self.transfer.time(transfer)
 
@@ -1150,10 +1157,24 @@ def curl_seconds(
     return seconds, float(lines[-1].split()[4])
 
 
-def cli_seconds(server: Server, args: list[str], fds: tuple[int, ...] = ()) -> tuple[float, float]:
+def command_environment(server: Server, bytecode: Path) -> dict[str, str]:
+    """The command's environment: `server`, and its modules' bytecode cached in
+    `bytecode`, as an installed command has it (pip compiles a package's modules when it
+    installs it), even where PYTHONDONTWRITEBYTECODE is set, which would have every run
+    compile the command's own modules anew."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    return env | {
+        "SEALSTREAM_URL": server.url,
+        "SEALSTREAM_TOKEN": server.token,
+        "PYTHONPYCACHEPREFIX": str(bytecode),
+    }
+
+
+def cli_seconds(
+    env: dict[str, str], args: list[str], fds: tuple[int, ...] = ()
+) -> tuple[float, float]:
     """One `sealstream ARGS --json -o /dev/null` (with the descriptors `fds` open): the
     run's seconds, and the transfer's as the command reports them."""
-    env = {**os.environ, "SEALSTREAM_URL": server.url, "SEALSTREAM_TOKEN": server.token}
     start = time.perf_counter()
     done = subprocess.run(
         [SEALSTREAM, *args, "--json", "-o", os.devnull],
@@ -1176,6 +1197,8 @@ def cli_figures(server: Server, workdir: Path, total: int, rounds: int) -> None:
     plaintext = PlaintextFile(Plaintext(total))
     ciphertext = workdir / "cli-bench.enc"
     curl, ours, curl_open, ours_open = Clocked(), Clocked(), Clocked(), Clocked()
+    env = command_environment(server, workdir / "bytecode")
+    subprocess.run([SEALSTREAM, "encrypt", "--help"], env=env, capture_output=True, check=True)
     try:
         sealed = subprocess.run(
             curl_command(server, ENCRYPT_PATH, {"kid": KID}, str(ciphertext), plaintext.path),
@@ -1190,28 +1213,31 @@ def cli_figures(server: Server, workdir: Path, total: int, rounds: int) -> None:
         encrypt = ["encrypt", "--kid", KID, plaintext.path]
         kinds: list[tuple[Clocked, Callable[[], tuple[float, float]]]] = [
             (curl, lambda: curl_seconds(server, ENCRYPT_PATH, {"kid": KID}, plaintext.path, fds)),
-            (ours, lambda: cli_seconds(server, encrypt, fds)),
+            (ours, lambda: cli_seconds(env, encrypt, fds)),
             (curl_open, lambda: curl_seconds(server, DECRYPT_PATH, {}, str(ciphertext))),
-            (ours_open, lambda: cli_seconds(server, ["decrypt", str(ciphertext)])),
+            (ours_open, lambda: cli_seconds(env, ["decrypt", str(ciphertext)])),
         ]
         for number in range(rounds):
             for kept, run in in_turn(kinds, number):
-                kept.add(*run())
+                kept.add(run)
     finally:
         plaintext.close()
         ciphertext.unlink(missing_ok=True)
     print(
         f"5. the sealstream command next to curl, {total / MIB:.0f} MiB, {rounds} rounds "
-        "(the transfer as each client times it; the whole run, start-up included, beside it)"
+        "(the transfer as each client times it; the whole run, start-up included, and the "
+        "client's CPU per GiB, start-up included, beside it)"
     )
     for verb, theirs, mine in (("encrypt", curl, ours), ("decrypt", curl_open, ours_open)):
         print(
             f"  sealstream {verb}  {mb_per_s(total, mine.transfer.fastest):6.0f} MB/s   "
-            f"whole run {mb_per_s(total, mine.wall.fastest):6.0f} MB/s"
+            f"whole run {mb_per_s(total, mine.wall.fastest):6.0f} MB/s   "
+            f"CPU {mine.cpu / (total / GIB):4.2f} s/GiB"
         )
         print(
             f"  ceiling: curl       {mb_per_s(total, theirs.transfer.fastest):6.0f} MB/s   "
-            f"whole run {mb_per_s(total, theirs.wall.fastest):6.0f} MB/s"
+            f"whole run {mb_per_s(total, theirs.wall.fastest):6.0f} MB/s   "
+            f"CPU {theirs.cpu / (total / GIB):4.2f} s/GiB"
         )
         print(
             f"  ratio {ratio(theirs.transfer, mine.transfer)}  (goal >= 0.90)   "

@@ -16,7 +16,6 @@ shell). With none anywhere, and the local default URL, the token `sealstream ser
 in `.sealstream/dev-token` for the embedded default is used.
 """
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -90,11 +89,12 @@ def load_profile(name: str | None, environ: Mapping[str, str]) -> Profile:
     chosen = name or environ.get("SEALSTREAM_PROFILE") or DEFAULT_PROFILE
     path = config_file(environ)
     try:
-        document = tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
-        document = {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
         raise CommandFailed(f"cannot read {path}: {exc}", EXIT_USAGE) from None
+    document = _parsed(path, text) if text else {}
     table = document.get(chosen)
     if table is None:
         if chosen != DEFAULT_PROFILE:
@@ -110,6 +110,15 @@ def load_profile(name: str | None, environ: Mapping[str, str]) -> Profile:
     if not all(isinstance(value, str) for value in table.values()):
         raise CommandFailed(f"profile {chosen!r} in {path}: every value is a string", EXIT_USAGE)
     return Profile(**table)
+
+
+def _parsed(path: Path, text: str) -> dict[str, object]:
+    import tomllib  # here: a run with no configuration file need not load the parser
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CommandFailed(f"cannot read {path}: {exc}", EXIT_USAGE) from None
 
 
 def resolve(given: Profile, profile: str | None, environ: Mapping[str, str]) -> Connection:

@@ -8,6 +8,7 @@ docs/client.md).
 """
 
 import sys
+from importlib import import_module
 from typing import TYPE_CHECKING
 
 import click
@@ -25,8 +26,8 @@ COMPLETE_VARIABLE = "_SEALSTREAM_COMPLETE"
 
 
 class Sealstream(click.Group):
-    """The root command: the client's commands, then those of the entry-point group,
-    each loaded only when it runs or its help is shown."""
+    """The root command: the client's commands (cli.commands), then those of the
+    entry-point group, each loaded only when it runs or its help is shown."""
 
     def _installed(self) -> "dict[str, EntryPoint]":
         # Imported here: reading the installed distributions' metadata takes longer than
@@ -36,19 +37,23 @@ class Sealstream(click.Group):
         return {point.name: point for point in entry_points(group=SERVER_COMMANDS)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._installed()})
+        return sorted({*super().list_commands(ctx), *COMMANDS, *self._installed()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             return command
+        if cmd_name in COMMANDS:
+            module, _, name = COMMANDS[cmd_name].partition(":")
+            return _command(cmd_name, getattr(import_module(module), name))
         point = self._installed().get(cmd_name)
-        if point is None:
-            return None
-        loaded = point.load()
-        if not isinstance(loaded, click.Command):
-            raise CommandFailed(f"the command {cmd_name!r} ({point.value}) is not a command")
-        return loaded
+        return None if point is None else _command(cmd_name, point.load())
+
+
+def _command(name: str, loaded: object) -> click.Command:
+    if not isinstance(loaded, click.Command):
+        raise CommandFailed(f"the command {name!r} is not a command")
+    return loaded
 
 
 @click.command()
@@ -75,8 +80,7 @@ def command_line() -> click.Group:
         "docs/client.md for profiles, --json output and exit statuses.",
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
-    for command in (*COMMANDS, completion):
-        root.add_command(command)
+    root.add_command(completion)
     return root
 
 

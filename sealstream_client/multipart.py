@@ -6,8 +6,13 @@ as its Content-Length: the server then knows where the file ends and streams eac
 frame's ciphertext back as soon as it is sealed, where a chunked upload makes it hold
 each frame until the next one starts. The source must then deliver exactly that many
 bytes: a file that shrinks or grows while it is read fails the upload.
+
+A regular file opened as Python opens one (`open(path, "rb")`) is handed to the
+transport as a `FileSpan`, which it sends without reading it through the process; any
+other source is read one piece at a time.
 """
 
+import io
 import json
 import os
 import stat
@@ -16,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, cast
 
 from sealstream_client.errors import SourceChanged
+from sealstream_client.transport import FileSpan
 
 __all__ = ["MultipartBody", "Readable", "Source", "source_size"]
 
@@ -71,18 +77,28 @@ class MultipartBody:
         file_part = len(self._file_head) + self._source_size + len(b"\r\n")
         return len(self._opening) + file_part + len(self._closing)
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | FileSpan]:
         yield self._opening
         if self._source is not None:
             yield self._file_head
-            pieces = _pieces(self._source)
-            if self._source_size is not None:
-                pieces = _exactly(pieces, self._source_size)
-            for piece in pieces:
-                self.bytes_sent += len(piece)
-                yield piece
+            yield from self._file_part(self._source)
             yield b"\r\n"
         yield self._closing
+
+    def _file_part(self, source: Source) -> Iterator[bytes | FileSpan]:
+        if self._source_size is not None and isinstance(source, _PLAIN_FILES):
+            span = FileSpan(source, source.tell(), self._source_size)
+            yield span
+            self.bytes_sent += span.sent
+            source.seek(span.offset + span.sent)
+            _check_span(span)
+            return
+        pieces = _pieces(source)
+        if self._source_size is not None:
+            pieces = _exactly(pieces, self._source_size)
+        for piece in pieces:
+            self.bytes_sent += len(piece)
+            yield piece
 
 
 def source_size(source: Source) -> int | None:
@@ -104,6 +120,21 @@ def source_size(source: Source) -> int | None:
         # A buffered file has read ahead of where its reader is.
         position = cast(Any, source).tell()
     return max(status.st_size - position, 0)
+
+
+# Files as `open` makes them, whose bytes are those of the descriptor from their position:
+# not a wrapper with a `read` of its own (which may transform or count what it reads).
+_PLAIN_FILES = (io.BufferedReader, io.BufferedRandom, io.FileIO)
+
+
+def _check_span(span: FileSpan) -> None:
+    """The file held exactly the span's bytes: it neither ended early nor grew since."""
+    if span.sent < span.count:
+        raise SourceChanged(
+            f"the input shrank while it was read ({span.sent} of {span.count} bytes)"
+        )
+    if os.fstat(span.file.fileno()).st_size > span.offset + span.count:
+        raise SourceChanged(f"the input grew while it was read (past {span.count} bytes)")
 
 
 def _exactly(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:

@@ -1,6 +1,7 @@
 """The client SDK (sealstream_client) and the `sealstream encrypt` / `decrypt` commands, against a
 live API server over HTTP (and one over HTTPS) on each storage backend."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -42,6 +43,7 @@ from sealstream_client import (
     api_error_class,
 )
 from sealstream_client.multipart import MultipartBody
+from sealstream_client.transport import FileSpan
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.support.http import DOCUMENTED_KEY
 from tests.support.project import REPO
@@ -337,18 +339,31 @@ def test_a_failing_source_raises_its_error_and_never_ends_the_upload(
 local_only = pytest.mark.parametrize("api", ["local"], indirect=True)
 
 
+def body_bytes(body: MultipartBody) -> bytes:
+    """The bytes a transport sends for `body`, a `FileSpan` read from its file."""
+    sent = bytearray()
+    for piece in body:
+        if isinstance(piece, FileSpan):
+            data = os.pread(piece.file.fileno(), piece.count, piece.offset)
+            piece.sent = len(data)
+            piece = data
+        sent += piece
+    return bytes(sent)
+
+
 def test_a_body_of_known_size_declares_its_length(tmp_path: Path) -> None:
     """A regular file (from where its reader is) or bytes give the body a Content-Length;
     a pipe or an iterable leave it chunked."""
     path = tmp_path / "sized"
-    path.write_bytes(b"x" * 5000)
+    path.write_bytes(b"x" * 1000 + b"y" * 4000)
     with path.open("rb") as file:
         file.read(1000)
         body = MultipartBody({"kid": KID}, file)
-        assert body.length == len(b"".join(body))
+        sent = body_bytes(body)
+        assert body.length == len(sent) and b"x" not in sent.split(b"\r\n\r\n", 2)[2]
         assert body.bytes_sent == 4000
     in_memory = MultipartBody({}, b"abc")
-    assert in_memory.length == len(b"".join(in_memory))
+    assert in_memory.length == len(body_bytes(in_memory))
     assert MultipartBody({}, iter([b"abc"])).length is None
     read_end, write_end = os.pipe()
     os.close(write_end)
@@ -370,6 +385,9 @@ class ChangingFile:
     def tell(self) -> int:
         return self._file.tell()
 
+    def close(self) -> None:
+        self._file.close()
+
     def read(self, size: int = -1) -> bytes:
         data = self._file.read(size)
         if data and self._extra > 0:
@@ -379,16 +397,56 @@ class ChangingFile:
         return data
 
 
+class ChangedAsSent(io.FileIO):
+    """A plain file (sent straight from the file, by sendfile) that another writer grows
+    or truncates by `extra` bytes once its size has been taken, just as it is sent: the
+    second time its position is asked."""
+
+    def __init__(self, path: Path, extra: int) -> None:
+        super().__init__(path, "rb")
+        self._path = path
+        self._extra = extra
+        self._asked = 0
+
+    def tell(self) -> int:
+        self._asked += 1
+        if self._asked == 2:
+            os.truncate(self._path, self._path.stat().st_size + self._extra)
+        return super().tell()
+
+
 @local_only
 @pytest.mark.parametrize("extra", [1, -1], ids=["grew", "shrank"])
+@pytest.mark.parametrize("kind", [ChangingFile, ChangedAsSent], ids=["read", "sendfile"])
 def test_a_file_that_changes_while_sent_fails_and_stores_nothing(
-    api: Api, client: SealstreamClient, tmp_path: Path, extra: int
+    api: Api,
+    client: SealstreamClient,
+    tmp_path: Path,
+    extra: int,
+    kind: type[ChangingFile | ChangedAsSent],
 ) -> None:
     path = tmp_path / "changing"
-    path.write_bytes(b"z" * 100_000)
-    with pytest.raises(SourceChanged):
-        client.encrypt_to_storage(KID, ChangingFile(path, extra), key="changed.bin")
+    path.write_bytes(b"z" * 3_000_000)
+    with pytest.raises(SourceChanged), contextlib.closing(kind(path, extra)) as changing:
+        client.encrypt_to_storage(KID, changing, key="changed.bin")
     assert not [info for info in api.objects.list("tenants/default/") if "changed" in info.key]
+
+
+@local_only
+def test_a_file_goes_from_where_it_is_read(client: SealstreamClient, tmp_path: Path) -> None:
+    """A file part from a plain file starts at the file's position, and leaves it at the
+    end, as reading it would."""
+    path = tmp_path / "offset.bin"
+    data = os.urandom(2 * MIB + 5)
+    path.write_bytes(data)
+    sealed, opened = io.BytesIO(), io.BytesIO()
+    with path.open("rb") as file:
+        assert file.read(1000) == data[:1000]  # and the rest is buffered ahead
+        sent = client.encrypt(KID, file, sealed)
+        assert file.tell() == len(data) and file.read() == b""
+    assert sent.bytes_sent == len(data) - 1000
+    client.decrypt(sealed.getvalue(), opened)
+    assert opened.getvalue() == data[1000:]
 
 
 def sealstream(
@@ -521,6 +579,13 @@ def test_https(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         recovered = HashingSink()
         client.decrypt(ciphertext.getvalue(), recovered)
         assert recovered.digest.hexdigest() == plaintext.digest.hexdigest()
+        # A plain file, which over TLS is read through the process to be encrypted.
+        (tmp_path / "plain.bin").write_bytes(data := os.urandom(3 * MIB + 1))
+        sealed, opened = io.BytesIO(), io.BytesIO()
+        with (tmp_path / "plain.bin").open("rb") as file:
+            client.encrypt(KID, file, sealed)
+        client.decrypt(sealed.getvalue(), opened)
+        assert opened.getvalue() == data
 
         with pytest.raises(ApiError) as unknown:
             client.get_key("no-such-key")

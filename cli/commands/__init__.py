@@ -1,28 +1,21 @@
 """The client's commands, one module per part of the API. A new part of the API gets a
 module here (a click group named after it, one command per route, each decorated with
-`cli.session.client_command`) and one line in `COMMANDS`."""
+`cli.session.client_command`) and a line in `COMMANDS` for each top-level command: its
+name and where it is defined, `module:attribute`. A command's module is imported only when
+that command runs or a listing of the commands is shown, so that a command starts
+without loading the others."""
 
-import click
-
-from cli.commands.archives import encrypt_archive, manifest
-from cli.commands.crypto import decrypt, encrypt, reencrypt
-from cli.commands.jobs import jobs
-from cli.commands.keys import keys
-from cli.commands.objects import objects
-from cli.commands.signatures import resign, sign, verify
-from cli.commands.tokens import tokens
-
-COMMANDS: tuple[click.Command, ...] = (
-    encrypt,
-    decrypt,
-    reencrypt,
-    encrypt_archive,
-    manifest,
-    sign,
-    verify,
-    resign,
-    keys,
-    objects,
-    tokens,
-    jobs,
-)
+COMMANDS: dict[str, str] = {
+    "encrypt": "cli.commands.crypto:encrypt",
+    "decrypt": "cli.commands.crypto:decrypt",
+    "reencrypt": "cli.commands.crypto:reencrypt",
+    "encrypt-archive": "cli.commands.archives:encrypt_archive",
+    "manifest": "cli.commands.archives:manifest",
+    "sign": "cli.commands.signatures:sign",
+    "verify": "cli.commands.signatures:verify",
+    "resign": "cli.commands.signatures:resign",
+    "keys": "cli.commands.keys:keys",
+    "objects": "cli.commands.objects:objects",
+    "tokens": "cli.commands.tokens:tokens",
+    "jobs": "cli.commands.jobs:jobs",
+}

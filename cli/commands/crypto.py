@@ -450,15 +450,18 @@ class _Counting:
 
 @contextmanager
 def input_file(session: Session, path: str, verb: str, output: str = "-") -> Iterator[Any]:
-    """INPUT opened for reading, counted by a progress bar when one is drawn."""
+    """INPUT opened for reading, counted by a progress bar when one is drawn. Without a
+    bar it is handed over as the file itself, which the client sends straight from the
+    file when it is a regular one (sendfile)."""
+    show = wanted(session.quiet)
     if path == "-":
         # Unbuffered: the upload thread may still be blocked reading it when an interrupted
         # command exits, and a buffered reader's lock held then aborts the interpreter.
         with (
             open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin,
-            transfer_bar(verb, None, show=wanted(session.quiet)) as meter,
+            transfer_bar(verb, None, show=show) as meter,
         ):
-            yield _Counting(stdin, meter)
+            yield _Counting(stdin, meter) if show else stdin
         return
     if output != "-" and _same_file(Path(path), Path(output)):
         raise CommandFailed("--output is INPUT: write to another file", EXIT_USAGE)
@@ -466,8 +469,8 @@ def input_file(session: Session, path: str, verb: str, output: str = "-") -> Ite
         source = Path(path).open("rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise CommandFailed(f"cannot read {path}: {exc.strerror or exc}") from None
-    with source, transfer_bar(verb, _size(source), show=wanted(session.quiet)) as meter:
-        yield _Counting(source, meter)
+    with source, transfer_bar(verb, _size(source), show=show) as meter:
+        yield _Counting(source, meter) if show else source
 
 
 def _size(source: BinaryIO) -> int | None:
