@@ -508,10 +508,12 @@ class Uploads:
             return False
         if state.finished:  # whole, its completion failed: made, not thrown away
             try:
+                self._check_generation(state)
                 self._take(state, self.records.store.head(state.name).etag).end()
-            except (BucketNotAllowed, UploadTampered) as refused:
-                # It can never complete (the tenant lost the bucket, or a part or the
-                # staging object was changed): aborted as an unfinished one is.
+            except (BucketNotAllowed, UploadNotFound, UploadTampered) as refused:
+                # It can never complete (the tenant lost the bucket; Redis refuses its
+                # state; a part or the staging object was changed): aborted as an
+                # unfinished one is.
                 logger.warning("aborting expired upload %s: %s", state.id, refused)
             else:
                 return False

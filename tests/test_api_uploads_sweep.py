@@ -1,7 +1,8 @@
 """The lifecycle sweep of resumable uploads against the requests under way: an upload a
 PATCH holds is left until its lock lapses, a PATCH whose upload was swept under it (its
 lock lapsed) answers 404 and leaves nothing behind, and an upload into a bucket its
-tenant may no longer use is still aborted, without holding up the others."""
+tenant may no longer use, or a whole one whose state Redis no longer vouches for, is
+still aborted, without holding up the others."""
 
 import dataclasses
 import threading
@@ -19,13 +20,20 @@ from sealstream.wiring import open_object_store
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
 from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
-from services.upload_anchor import UploadAnchor
+from services.upload_anchor import KEY_PREFIX, UploadAnchor
 from tests import test_api_uploads
 from tests.conftest import Api, api_settings, live_api
 from tests.support.data import random_bytes
 from tests.support.http import create_key, problem, read_object
 from tests.support.waiting import wait_until
-from tests.test_api_uploads import FRAME, TUS, create, patch, pending
+from tests.test_api_uploads import (
+    FRAME,
+    TUS,
+    complete_parts_failing_once,
+    create,
+    patch,
+    pending,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -140,3 +148,25 @@ def test_the_sweep_aborts_uploads_into_a_bucket_the_tenant_may_no_longer_use(
         assert moto_s3.list_multipart_uploads(Bucket=other).get("Uploads", []) == []
         problem(patch(client, elsewhere, FRAME, b"x" * FRAME), 404, "upload-not-found")
         nothing_left(api)
+
+
+def test_a_whole_upload_whose_state_redis_refuses_is_aborted_at_its_expiry(
+    api: Api,
+    client: httpx.Client,
+    redis_server: "RedisServer",
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its completion failed, then Redis lost its generation: no request can complete it
+    (each is refused), so the sweep aborts it rather than trying again for ever."""
+    data = random_bytes(2 * FRAME + 3, seed=34)
+    url = create(client, len(data))
+    complete_parts_failing_once(api, monkeypatch)
+    assert patch(client, url, 0, data).status_code == 503
+    upload = url.rsplit("/", 1)[1]
+    redis_client(redis_server.url, "").delete(f"{KEY_PREFIX}{upload}")
+
+    swept = api.parts.uploads().expire(datetime.now(UTC) + LATER)
+
+    assert [state.id for state in swept] == [upload]
+    problem(read_object(client, "up/obj"), 404, "object-not-found")
+    nothing_left(api)
