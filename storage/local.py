@@ -6,15 +6,19 @@ Layout under the root directory:
     .meta/<key>.json               its sidecar: {"etag": a random version token, "metadata"}
     .meta/.lock                    flock'd: exclusive while names change, shared while an
                                    object and its sidecar are read together
+    .meta/.tmp-<uuid>.json         a sidecar written, not yet renamed into place
     <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload"); a part
                                    upload's uuid is its upload id, and each part is
                                    written at its offset in that one file
 
 Names starting with "." at the first level belong to the store and its neighbours (the
 keystore keeps its `.kek` there), so keys may not start with ".". Every write goes to a
-temporary file that is fsync'd and renamed into place, sidecar first, so a visible object
-is always complete and always has its metadata. The lock is an flock, so it also holds
-between processes sharing the directory on one machine.
+temporary file that is fsync'd and renamed into place, sidecar first (and its directory
+fsync'd before the object's rename), so a visible object is always complete and always
+has its metadata. The lock is an flock, so it also holds between processes sharing the
+directory on one machine; the files are written and synced before it is taken, and
+commits made at once by several threads share it and their directories' fsyncs
+(`storage.commit_group`).
 
 The store is its owner's alone: the root and every directory in it are created 0700 and
 every file 0600 (the umask can only take more away), and a root that others can enter
@@ -28,13 +32,13 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from storage.base import (
     MultipartWriter,
@@ -45,6 +49,7 @@ from storage.base import (
     contiguous,
     encoded_key,
 )
+from storage.commit_group import CommitGroup, Ticket
 from storage.errors import (
     BucketNotFound,
     InvalidObjectKey,
@@ -64,7 +69,7 @@ from storage.local_files import (
     private_directories,
     prune_empty,
     temp_beside,
-    write_atomically,
+    write_synced,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,9 @@ META_DIR = ".meta"
 # this keeps every such name under the 255-byte limit of common filesystems.
 MAX_SEGMENT_BYTES = 200
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # the uuid of a temporary name
+# Tries at creating a file whose new directory deletes of its neighbours keep pruning.
+CREATE_ATTEMPTS = 8
+Created = TypeVar("Created")
 
 
 class LocalStore(ObjectStore):
@@ -92,6 +100,7 @@ class LocalStore(ObjectStore):
             reason = f"the store directory cannot be created: {error.strerror}"
             raise StorageUnavailable(reason) from error
         make_private(self.root)
+        self._commits = CommitGroup(self._commit_batch, key=lambda commit: commit.key)
 
     def get(self, key: str) -> bytes:
         path = self._object_path(key)
@@ -204,13 +213,7 @@ class LocalStore(ObjectStore):
 
     def _start_parts(self, key: str, metadata: dict[str, str]) -> PartUpload:
         upload = PartUpload(key=key, upload_id=uuid.uuid4().hex, metadata=metadata)
-        path = self._object_path(key)
-        with self._os_errors(key), self._locked(fcntl.LOCK_EX):
-            try:
-                private_directories(path.parent, self.root)
-            except (FileExistsError, NotADirectoryError):
-                raise InvalidObjectKey("a prefix of the key is another object", key) from None
-            new_private_file(self._part_file(upload)).close()
+        self._created(key, self._part_file(upload), lambda temp: new_private_file(temp).close())
         return upload
 
     def _put_part(
@@ -225,6 +228,23 @@ class LocalStore(ObjectStore):
             finally:
                 file.close()
         return Part(number=number, offset=offset, size=len(data), etag=uuid.uuid4().hex)
+
+    def _created(self, key: str, temp: Path, create: Callable[[Path], Created]) -> Created:
+        """`create(temp)`: a new file of `key`'s, its directories made where missing. No
+        lock is taken: a delete prunes a directory only while it is empty, so one pruned
+        between its making and the file's is made again."""
+        with self._os_errors(key):
+            for _ in range(CREATE_ATTEMPTS - 1):
+                with suppress(FileNotFoundError):
+                    return self._create_in_place(key, temp, create)
+            return self._create_in_place(key, temp, create)
+
+    def _create_in_place(self, key: str, temp: Path, create: Callable[[Path], Created]) -> Created:
+        try:
+            private_directories(temp.parent, self.root)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidObjectKey("a prefix of the key is another object", key) from None
+        return create(temp)
 
     def _part_file(self, upload: PartUpload) -> Path:
         """The one file a part upload's parts are written into, at their offsets."""
@@ -318,25 +338,95 @@ class LocalStore(ObjectStore):
     def _commit(
         self, key: str, temp: Path, sidecar: bytes, *, if_absent: bool, if_match: str | None
     ) -> None:
-        """Rename a finished file (`temp`) into place as `key`, its sidecar first."""
+        """Rename a finished file (`temp`) into place as `key`, its sidecar first; return
+        once both names are durable. The sidecar is written and synced before the lock,
+        and the renames share it, and the fsyncs of their directories, with the commits
+        of other threads made at the same time (`_commit_batch`)."""
         path = self._object_path(key)
-        with self._os_errors(key), self._locked(fcntl.LOCK_EX):
-            if if_absent and path.exists():
-                raise ObjectExists("the object already exists", key)
-            if if_match is not None:
-                self._require_etag(key, path, if_match)
-            write_atomically(self._sidecar_path(key), sidecar, self.root)
+        staged = self.root / META_DIR / f"{TEMP_PREFIX}{uuid.uuid4().hex}.json"
+        try:
+            with self._os_errors(key):
+                write_synced(staged, sidecar)
+            self._commits.commit(
+                _Commit(key, path, temp, self._sidecar_path(key), staged, if_absent, if_match)
+            )
+        finally:
+            with suppress(OSError):  # renamed into place, or a leftover of no one's
+                staged.unlink(missing_ok=True)
+
+    def _commit_batch(self, batch: builtins.list[Ticket["_Commit"]]) -> None:
+        """Under the lock: each commit's checks and its sidecar's rename, one fsync of each
+        sidecar directory, each object's rename, one fsync of each object directory. A
+        directory's fsync makes every rename done in it before durable, so one serves
+        the whole batch; nothing returns to a committer before it. A reader that takes
+        no lock (`get`) may see an object between its rename and that fsync, which a
+        crash then loses: one its writer was never told is stored."""
+        with self._locked(fcntl.LOCK_EX):
+            placed = self._each(batch, self._place_sidecar)
+            placed = self._sync_directories(placed, lambda commit: commit.sidecar.parent)
+            linked = self._each(placed, self._link)
+            self._sync_directories(linked, lambda commit: commit.path.parent)
+
+    def _each(
+        self,
+        tickets: builtins.list[Ticket["_Commit"]],
+        step: Callable[["_Commit"], None],
+    ) -> builtins.list[Ticket["_Commit"]]:
+        """Take `step` for each commit; those it failed carry their error, the rest go on."""
+        passed = []
+        for ticket in tickets:
             try:
-                if if_absent:
-                    path.hardlink_to(temp)  # fails atomically if the name is taken
-                    temp.unlink()
-                else:
-                    temp.replace(path)
-            except FileExistsError:
-                raise ObjectExists("the object already exists", key) from None
-            except IsADirectoryError:
-                raise InvalidObjectKey("the key is a prefix of other keys", key) from None
-            fsync_directory(path.parent)
+                with self._os_errors(ticket.item.key):
+                    step(ticket.item)
+            except Exception as error:  # the commit's own failure, raised to its thread
+                ticket.error = error
+            else:
+                passed.append(ticket)
+        return passed
+
+    @staticmethod
+    def _sync_directories(
+        tickets: builtins.list[Ticket["_Commit"]], directory: Callable[["_Commit"], Path]
+    ) -> builtins.list[Ticket["_Commit"]]:
+        """One fsync of each directory the commits renamed into; the commits in one whose
+        fsync failed fail, the rest go on."""
+        failed: dict[Path, bool] = {}
+        for ticket in tickets:
+            path = directory(ticket.item)
+            if path not in failed:
+                try:
+                    fsync_directory(path)
+                    failed[path] = False
+                except OSError:
+                    failed[path] = True
+            if failed[path]:
+                ticket.error = StorageUnavailable(
+                    "the store directory failed: its rename may not be durable", ticket.item.key
+                )
+        return [ticket for ticket in tickets if ticket.error is None]
+
+    def _place_sidecar(self, commit: "_Commit") -> None:
+        """Check that the object may be written, and put its new sidecar in place."""
+        if commit.if_absent and commit.path.exists():
+            raise ObjectExists("the object already exists", commit.key)
+        if commit.path.is_dir():
+            raise InvalidObjectKey("the key is a prefix of other keys", commit.key)
+        if commit.if_match is not None:
+            self._require_etag(commit.key, commit.path, commit.if_match)
+        private_directories(commit.sidecar.parent, self.root)
+        commit.staged.replace(commit.sidecar)
+
+    @staticmethod
+    def _link(commit: "_Commit") -> None:
+        """Put the object's file in place under its name."""
+        try:
+            if commit.if_absent:
+                commit.path.hardlink_to(commit.temp)  # fails atomically if the name is taken
+                commit.temp.unlink()
+            else:
+                commit.temp.replace(commit.path)
+        except FileExistsError:
+            raise ObjectExists("the object already exists", commit.key) from None
 
     def _require_etag(self, key: str, path: Path, etag: str) -> None:
         """Refuse to replace anything but the version of `key` whose etag is `etag`."""
@@ -384,6 +474,19 @@ def _sidecar_shaped(sidecar: object) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """A finished object file, and its synced sidecar, to be renamed into place."""
+
+    key: str
+    path: Path  # where the object goes
+    temp: Path  # the object's file, synced
+    sidecar: Path  # where its sidecar goes
+    staged: Path  # the sidecar's file, synced
+    if_absent: bool
+    if_match: str | None
+
+
 class _SidecarMissing(StorageError):
     """A file in the store without its metadata: one copied in by hand, not written here."""
 
@@ -413,12 +516,7 @@ class _LocalWriter(MultipartWriter):
         self._metadata = metadata
         self.path = path = store._object_path(key)  # noqa: SLF001
         self.temp = temp_beside(path)
-        with store._os_errors(key), store._locked(fcntl.LOCK_EX):  # noqa: SLF001
-            try:
-                private_directories(path.parent, store.root)
-            except (FileExistsError, NotADirectoryError):
-                raise InvalidObjectKey("a prefix of the key is another object", key) from None
-            self._file = UncachedFile(self.temp)
+        self._file = store._created(key, self.temp, UncachedFile)  # noqa: SLF001
 
     def _write(self, view: memoryview) -> None:
         with self._store._os_errors(self.key):  # noqa: SLF001

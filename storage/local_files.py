@@ -2,8 +2,8 @@
 filesystem steps the local store is made of.
 
 Directories are created 0700 and files 0600 (the umask can only take more away). A file
-is written under a fresh temporary name beside its final one, fsync'd, renamed into
-place, and its directory fsync'd, so that the new name survives a crash.
+is written under a fresh temporary name, fsync'd, renamed into place, and its directory
+fsync'd, so that the new name survives a crash.
 
 An object's bytes, streamed in by the GiB, go around the page cache where the filesystem
 allows it (`UncachedFile`): through the cache, the writing process spent more CPU in the
@@ -35,15 +35,12 @@ TEMP_PREFIX = ".tmp-"
 TEMP_NAME_OVERHEAD = len(TEMP_PREFIX) + 32 + 1
 
 
-def write_atomically(path: Path, data: bytes, root: Path) -> None:
-    private_directories(path.parent, root)
-    temp = temp_beside(path)
-    with new_private_file(temp) as file:
+def write_synced(path: Path, data: bytes) -> None:
+    """A new file (the name must be free) of `data`, on disk before this returns."""
+    with new_private_file(path) as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-    temp.replace(path)
-    fsync_directory(path.parent)
 
 
 def private_directories(directory: Path, root: Path) -> None:

@@ -7,13 +7,25 @@ import os
 import re
 import shutil
 import stat
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
-from storage import BucketNotFound, InvalidObjectKey, LocalStore, StorageError, local_files
+import storage.local
+from storage import (
+    BucketNotFound,
+    InvalidObjectKey,
+    LocalStore,
+    ObjectExists,
+    StorageError,
+    local_files,
+)
+from storage.commit_group import CommitGroup
 from storage.local_files import UncachedFile
 
 
@@ -310,3 +322,64 @@ def test_a_sidecar_not_as_the_store_writes_them_counts_as_missing(
     assert local.unlisted("docs/") == 1
     with pytest.raises(StorageError):
         local.head("docs/b")
+
+
+def _threads_in(code: object) -> int:
+    """How many threads are running `code` somewhere on their stack."""
+    count = 0
+    frame: FrameType | None
+    for frame in sys._current_frames().values():
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        count += frame is not None
+    return count
+
+
+def test_commits_made_at_once_share_the_lock_and_their_directories_fsyncs(
+    local: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local.put("d/taken", b"first", metadata={"v": "1"})
+    writers = 8
+    synced: list[Path] = []
+    others_waiting = threading.Event()
+
+    def fsync_held(directory: Path) -> None:
+        # The first batch holds on until every other commit waits for the next.
+        if not synced:
+            others_waiting.wait(timeout=60)
+        synced.append(directory)
+        local_files.fsync_directory(directory)
+
+    monkeypatch.setattr(storage.local, "fsync_directory", fsync_held)
+    failures: dict[str, BaseException] = {}
+
+    def put(index: int) -> None:
+        key = "d/taken" if index == writers - 1 else f"d/k{index}"
+        try:
+            local.put(key, f"v{index}".encode(), metadata={"v": str(index)}, if_absent=True)
+        except StorageError as error:
+            failures[key] = error
+
+    first = threading.Thread(target=put, args=(0,))
+    first.start()
+    while _threads_in(fsync_held.__code__) == 0:  # the first batch is under way
+        time.sleep(0.001)
+    rest = [threading.Thread(target=put, args=(index,)) for index in range(1, writers)]
+    for thread in rest:
+        thread.start()
+    while _threads_in(CommitGroup.commit.__code__) < writers:
+        time.sleep(0.001)
+    others_waiting.set()
+    for thread in [first, *rest]:
+        thread.join()
+
+    # Two batches (the first commit alone, then the other seven), each one fsync of the
+    # sidecars' directory and one of the objects': 16 when each commit syncs its own.
+    assert synced == [local.root / ".meta" / "d", local.root / "d"] * 2
+    assert list(failures) == ["d/taken"] and isinstance(failures["d/taken"], ObjectExists)
+    assert (local.get("d/taken"), local.head("d/taken").metadata) == (b"first", {"v": "1"})
+    for index in range(writers - 1):
+        assert local.get(f"d/k{index}") == f"v{index}".encode()
+        assert local.head(f"d/k{index}").metadata == {"v": str(index)}
+    # No sidecar staged for the refused commit is left behind.
+    assert sorted(path.name for path in (local.root / ".meta").iterdir()) == [".lock", "d"]
