@@ -19,6 +19,7 @@ from api.routes import (
     health,
     jobs,
     keys,
+    name_keys,
     objects,
     signatures,
     uploads,
@@ -72,6 +73,7 @@ def make_app(services: Services, metrics_dir: Path | None = None) -> FastAPI:
         objects,
         jobs,
         admin,
+        name_keys,
         audit,
     ):
         app.include_router(module.router)

@@ -22,6 +22,7 @@ from starlette.routing import Match
 import envelope
 import keystore
 import storage
+from keystore.name_keys import NameUnreadable
 from services import resumable
 from services.errors import error_code, public_detail
 from services.open_stored import StoredObjectRefused
@@ -108,6 +109,9 @@ _STATUS: dict[type[Exception], int] = {
     keystore.KeyUsageExhausted: 403,
     keystore.UsageUnavailable: 503,
     keystore.KekError: 503,
+    # A record names a name key version the tenant's name key record lacks: that record
+    # was put back from before the version was added.
+    NameUnreadable: 502,
     keystore.StoreNeedsUpgrade: 503,
     keystore.KeystoreError: 500,
     storage.ObjectNotFound: 404,

@@ -1,7 +1,9 @@
 """Name keys: what hides the names of a tenant's archive members, and their digests.
 
-Each tenant has one name key, made the first time it is needed and versioned so that a
-later version can be added without moving what an earlier one named. It is independent
+Each tenant has one name key, made the first time it is needed and versioned: rotating
+it (`NameKeys.rotate`) adds a version, current from then on, without moving what an
+earlier one named; no version is ever removed, since the names, records and reruns made
+under it need it for as long as they exist. It is independent
 of every data key: rotating, re-encrypting or retiring a data key never changes where an
 object lives, and keys with no symmetric material (RSA, ML-KEM, partner, multi-recipient)
 need none. Its 32 bytes of material are wrapped under the KEK, bound to the tenant and
@@ -32,7 +34,7 @@ from keystore.errors import ConcurrentUpdate, KeystoreError
 from keystore.kek import Kek
 from keystore.persistence import UPDATE_ATTEMPTS, back_off, check_tenant
 from keystore.records import Base64Bytes
-from storage import ObjectExists, ObjectNotFound
+from storage import ObjectExists, ObjectNotFound, PreconditionFailed
 from storage.documents import FrozenCamelModel
 from storage.integrity import Records
 
@@ -164,6 +166,41 @@ class NameKeys:
                 return self._key(record, entry)
         raise NameUnreadable(f"the tenant has no name key version {version}")
 
+    def record(self, tenant: str) -> NameKeyRecord | None:
+        """The tenant's name key record (versions and dates, the material wrapped), if it
+        has one."""
+        check_tenant(tenant)
+        try:
+            return self._checked(
+                tenant, self._records.get(RECORD_KIND, record_name(tenant), NameKeyRecord)
+            )
+        except ObjectNotFound:
+            return None
+
+    def rotate(self, tenant: str) -> NameKeyRecord:
+        """Add a version after the tenant's newest, which names what runs name from now on
+        (version 1 if it has none); every earlier version is kept, for the names and
+        records made under it."""
+        check_tenant(tenant)
+        name = record_name(tenant)
+        for attempt in range(UPDATE_ATTEMPTS):
+            try:
+                etag = self._records.store.head(name).etag  # before the read: a change wins
+            except ObjectNotFound:
+                etag = None
+            record = self.record(tenant) if etag is not None else None
+            rotated = self._with_version(tenant, record)
+            try:
+                if etag is None:
+                    self._records.put(RECORD_KIND, name, rotated, if_absent=True)
+                else:
+                    self._records.put(RECORD_KIND, name, rotated, if_match=etag)
+            except (PreconditionFailed, ObjectNotFound):  # ObjectExists is one
+                back_off(attempt)
+                continue
+            return rotated
+        raise ConcurrentUpdate("the name key record kept changing")
+
     def _read_or_create(self, tenant: str) -> NameKeyRecord:
         check_tenant(tenant)
         name = record_name(tenant)
@@ -172,7 +209,7 @@ class NameKeys:
                 return self._checked(tenant, self._records.get(RECORD_KIND, name, NameKeyRecord))
             except ObjectNotFound:
                 pass
-            record = self._new_record(tenant)
+            record = self._with_version(tenant, None)
             try:
                 self._records.put(RECORD_KIND, name, record, if_absent=True)
             except ObjectExists:  # another process made it first: read theirs
@@ -188,12 +225,17 @@ class NameKeys:
             raise NameUnreadable("the name key record is another tenant's")
         return record
 
-    def _new_record(self, tenant: str) -> NameKeyRecord:
+    def _with_version(self, tenant: str, record: NameKeyRecord | None) -> NameKeyRecord:
+        """`record` with a new version after its newest (a record of version 1 if None)."""
+        versions = [] if record is None else record.versions
+        version = versions[-1].version + 1 if versions else 1
         if self._kek.draws_random_ivs:
             self._count_wrap()
-        wrapped = self._kek.wrap(os.urandom(MATERIAL_LENGTH), material_aad(tenant, 1))
-        first = NameKeyVersion(version=1, created_at=datetime.now(UTC), wrapped_material=wrapped)
-        return NameKeyRecord(tenant=tenant, versions=[first])
+        wrapped = self._kek.wrap(os.urandom(MATERIAL_LENGTH), material_aad(tenant, version))
+        added = NameKeyVersion(
+            version=version, created_at=datetime.now(UTC), wrapped_material=wrapped
+        )
+        return NameKeyRecord(tenant=tenant, versions=[*versions, added])
 
     def _key(self, record: NameKeyRecord, entry: NameKeyVersion) -> NameKey:
         cached = self._unwrapped.get((record.tenant, entry.version))

@@ -370,6 +370,8 @@ class AsyncSealstreamClient:
     create_token = _in_thread(SealstreamClient.create_token)
     list_tokens = _in_thread(SealstreamClient.list_tokens)
     revoke_token = _in_thread(SealstreamClient.revoke_token)
+    name_key = _in_thread(SealstreamClient.name_key)
+    rotate_name_key = _in_thread(SealstreamClient.rotate_name_key)
     start_job = _in_thread(SealstreamClient.start_job)
     list_jobs = _in_thread(SealstreamClient.list_jobs)
     get_job = _in_thread(SealstreamClient.get_job)

@@ -705,6 +705,16 @@ class SealstreamClient:
     def revoke_token(self, token_id: str) -> models.Token:
         return self._json(models.Token, "DELETE", f"/api/admin/tokens/{quote(token_id, safe='')}")
 
+    # The name key
+
+    def name_key(self) -> models.NameKey:
+        """The versions of the tenant's name key, the newest current."""
+        return self._json(models.NameKey, "GET", "/api/admin/name-key")
+
+    def rotate_name_key(self) -> models.NameKey:
+        """Add a version of the tenant's name key, which new runs hide names under."""
+        return self._json(models.NameKey, "POST", "/api/admin/name-key/rotate")
+
     # Jobs
 
     def start_job(self, kind: str, /, **fields: Any) -> models.Job:

@@ -184,6 +184,19 @@ class TokenList(ApiModel):
     tokens: list[Token]
 
 
+class NameKeyVersion(ApiModel):
+    version: int
+    created_at: datetime
+
+
+class NameKey(ApiModel):
+    """The versions of a tenant's name key (which hides archive members' names)."""
+
+    tenant: str
+    current: int | None = None  # None until the tenant first hides names
+    versions: list[NameKeyVersion]
+
+
 class JobProgress(ApiModel):
     bytes_done: int = 0
     bytes_total: int | None = None

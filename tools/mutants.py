@@ -907,6 +907,20 @@ MUTANTS = (
         "        return [self.tenant.encode()]",
         (f"{NAMES_TEST}::test_names_are_hidden_found_again_and_mapped_back",),
     ),
+    Mutant(
+        "hidden names: a rerun names under its manifest's version",
+        "services/archives/naming.py",
+        "    if manifest.name_key_version is None:  # a run with plain names wrote it",
+        "    if True:",
+        ("tests/test_archive_name_rotation.py",),
+    ),
+    Mutant(
+        "hidden names: a job keeps the version it was created with",
+        "workers/batch.py",
+        "    if params.name_key_version is None:",
+        "    if True:",
+        ("tests/test_archive_name_rotation.py",),
+    ),
 )
 
 

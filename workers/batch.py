@@ -125,8 +125,7 @@ class _Batch:
         self.store = self.services.spaces.store(self.tenant, self.destination.bucket)
         self.prefix = self.destination.prefix
         self.storage_prefix = self.destination.storage_prefix
-        hidden = self.params.names == "encrypted"
-        self.name_key = self.services.keys.name_keys.current(self.tenant) if hidden else None
+        self.name_key = _name_key(self.services, self.tenant, self.params)
 
     @property
     def tenant(self) -> str:
@@ -150,6 +149,16 @@ class _Batch:
         if self.name_key is None:
             return name
         return self.name_key.decrypt_name(name, self.store.bucket, self.prefix)
+
+
+def _name_key(services: Parts, tenant: str, params: BatchEncryptParams) -> NameKey | None:
+    """With hidden names, the version of the name key the API chose for the job (its
+    newest for a job queued before versions were chosen); every attempt names alike."""
+    if params.names != "encrypted":
+        return None
+    if params.name_key_version is None:
+        return services.keys.name_keys.current(tenant)
+    return services.keys.name_keys.version(tenant, params.name_key_version)
 
 
 def _seal_members(batch: _Batch) -> dict[str, Any]:
@@ -467,6 +476,8 @@ def _manifest(
         "format": format_,
         "kid": batch.params.kid,
         "destination": batch.destination.model_dump(mode="json"),
+        "names": batch.params.names,
+        "nameKeyVersion": None if batch.name_key is None else batch.name_key.version,
         "createdAt": datetime.now(UTC).isoformat(),
     }
     if damage is not None:

@@ -30,7 +30,7 @@ from api.duplex import ProducedStreamingResponse
 from api.multipart import UploadForm
 from api.openapi import AUTHENTICATED, FORM, answer, answers, form_request
 from api.problems import Problem
-from api.routes.jobs import place_prefix
+from api.routes.jobs import name_key_version, place_prefix
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, NamesKey
 from api.services import Services, services
 from api.tokens import Principal
@@ -126,7 +126,10 @@ def _start(
     """Refuse what the job would fail on at once (a key that may not encrypt now, an
     existing manifest), then save the job's record, running."""
     svc.keys.check_encrypt(tenant, metadata.kid)
-    places = _places(svc, tenant, target, metadata.names)
+    version = None
+    if metadata.names == "encrypted":
+        version = name_key_version(svc, tenant, target)
+    places = _places(svc, tenant, target, version)
     if not metadata.destination.overwrite:
         _require_absent(places)
     params = ArchiveUploadParams(
@@ -137,6 +140,7 @@ def _start(
         overwrite=metadata.destination.overwrite,
         names=metadata.names,
         destination=target,
+        name_key_version=version,
     )
     now = datetime.now(UTC)
     record = JobRecord.new(JobKind.ENCRYPT_ARCHIVE, tenant, params).model_copy(
@@ -146,10 +150,9 @@ def _start(
     return record
 
 
-def _places(svc: Services, tenant: str, target: PrefixTarget, names: Names) -> MemberPlaces:
-    """Where the members go; with names hidden, under the tenant's name key (made the
-    first time one is needed)."""
-    name_key = svc.keys.name_keys.current(tenant) if names == "encrypted" else None
+def _places(svc: Services, tenant: str, target: PrefixTarget, version: int | None) -> MemberPlaces:
+    """Where the members go; with a name key `version`, under their hidden names."""
+    name_key = None if version is None else svc.keys.name_keys.version(tenant, version)
     store = svc.spaces.store(tenant, target.bucket)
     return MemberPlaces(store, target.prefix, target.storage_prefix, name_key)
 
@@ -209,7 +212,7 @@ async def _next_chunk(chunks: AsyncIterator[memoryview]) -> bytes | None:
 def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> JobRecord:
     context = JobContext(svc.jobs, record, threading.Event())  # no other worker takes it
     params = record.params_as(ArchiveUploadParams)
-    places = _places(svc, record.tenant, params.destination, params.names)
+    places = _places(svc, record.tenant, params.destination, params.name_key_version)
     run = UploadRun(
         context=context,
         sealing=MemberSealing(

@@ -20,6 +20,8 @@ from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
 from keystore import KeyRecord
+from services.archives.naming import prefix_name_key
+from services.archives.upload import MANIFEST_NAME
 from services.jobs import (
     BatchEncryptParams,
     JobKind,
@@ -169,6 +171,14 @@ def place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) ->
     )
 
 
+def name_key_version(svc: Services, tenant: str, target: PrefixTarget) -> int:
+    """The version of the tenant's name key (made the first time one is needed) that a
+    run into `target` hides names with (`services.archives.naming`)."""
+    store = svc.spaces.store(tenant, target.bucket)
+    manifest_key = target.storage_prefix + MANIFEST_NAME
+    return prefix_name_key(svc.keys, svc.records, store, tenant, manifest_key).version
+
+
 def _place_key(svc: Services, tenant: str, key: str, bucket: str | None) -> ObjectTarget:
     placement = svc.spaces.place(tenant, ObjectRef(key=key, bucket=bucket))
     return ObjectTarget(
@@ -198,6 +208,8 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> Batch
         # The job skips its own output, so a source inside the destination holds nothing.
         raise Problem(400, "overlapping-prefixes", "the source prefix lies inside the destination")
     asked = spec.model_dump(exclude={"source", "destination"})
+    if spec.names == "encrypted" and isinstance(placed_destination, PrefixTarget):
+        asked["name_key_version"] = name_key_version(svc, tenant, placed_destination)
     return BatchEncryptParams.model_validate(
         {**asked, "source": placed_source, "destination": placed_destination}
     )
@@ -226,7 +238,7 @@ async def start_batch_encrypt(request: Request, principal: Writer) -> dict[str, 
     svc = services(request)
     spec = parse(BatchEncryptRequest, await read_json_object(request, svc.settings))
     await run_in_threadpool(start_sealing_check, svc, principal.tenant, spec)
-    params = batch_params(svc, principal.tenant, spec)
+    params = await run_in_threadpool(batch_params, svc, principal.tenant, spec)
     if isinstance(params.source, ObjectTarget):
         store = svc.spaces.store(principal.tenant, params.source.bucket)
         await run_in_threadpool(store.head, params.source.storage_key)  # 404 if absent

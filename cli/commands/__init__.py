@@ -17,5 +17,6 @@ COMMANDS: dict[str, str] = {
     "keys": "cli.commands.keys:keys",
     "objects": "cli.commands.objects:objects",
     "tokens": "cli.commands.tokens:tokens",
+    "name-key": "cli.commands.name_keys:name_key",
     "jobs": "cli.commands.jobs:jobs",
 }

@@ -75,6 +75,9 @@ class BatchEncryptParams(JobParams):
     destination: Target
     # Records written before names could be hidden lack it: they are plain.
     names: Names = Field("plain", exclude_if=lambda value: value == "plain")
+    # With hidden names, the name key version the API chose (`services.archives.naming`),
+    # which every attempt and chunk of the job names with; records from before lack it.
+    name_key_version: int | None = _absent_if_none()
 
     @model_validator(mode="after")
     def targets_fit_mode(self) -> Self:
@@ -108,6 +111,7 @@ class ArchiveUploadParams(JobParams):
     overwrite: bool
     names: Names
     destination: PrefixTarget
+    name_key_version: int | None = _absent_if_none()  # with hidden names, as batch-encrypt's
 
 
 class ReencryptParams(JobParams):
