@@ -704,13 +704,11 @@ def _chained(chain: bytes, plaintexts: list[memoryview]) -> bytes:
 
 def _same_part(recorded: Part, listed: Part) -> bool:
     """Whether a part listed is the one recorded; a store that lists no checksum has its
-    etag compared alone."""
-    same = (recorded.number, recorded.size, recorded.etag) == (
-        listed.number,
-        listed.size,
-        listed.etag,
-    )
-    return same and listed.checksum in ("", recorded.checksum)
+    etag compared alone. Etags are compared unquoted: S3-compatible stores differ in
+    whether a listing quotes them as the answer to the part's upload did."""
+    same = (recorded.number, recorded.size) == (listed.number, listed.size)
+    etags = recorded.etag.strip('"') == listed.etag.strip('"')
+    return same and etags and listed.checksum in ("", recorded.checksum)
 
 
 def _exists(store: ObjectStore, key: str) -> bool:

@@ -1,12 +1,14 @@
 """A resumable upload's parts in S3 against a bucket writer (moto over HTTP, written with
 boto3 directly): a part added to its multipart upload, or one put again with other bytes,
 and the upload is refused at completion (502 upload-tampered, counted as a refused upload
-record) with nothing made, and aborted at its expiry."""
+record) with nothing made, and aborted at its expiry. A store that lists the parts'
+etags unquoted is no tamperer."""
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -79,3 +81,25 @@ def test_a_part_changed_in_the_bucket_refuses_the_completion(
         assert pending(api) == []
         assert list(api.objects.list(UPLOADS_PREFIX)) == []
         problem(read_object(client, "up/obj"), 404, "object-not-found")
+
+
+def test_parts_listed_with_their_etags_unquoted_are_those_stored(s3_api: Api) -> None:
+    """As some S3-compatible stores list them, where the answer to the upload quoted them."""
+
+    def unquoted(response_dict: dict[str, Any], **_: object) -> None:
+        response_dict["body"] = re.sub(
+            rb"<ETag>(?:\"|&quot;|&#34;)([^<&\"]*)(?:\"|&quot;|&#34;)</ETag>",
+            rb"<ETag>\1</ETag>",
+            response_dict["body"],
+        )
+
+    store = s3_api.parts.spaces.store("default", None)
+    store.client.meta.events.register("before-parse.s3.ListParts", unquoted)  # type: ignore[attr-defined]
+    data = random_bytes(frames_per_part(1, FRAME) * FRAME + 1000, seed=43)
+    with s3_api.client() as client:
+        create_key(client)
+        url = create(client, len(data))
+
+        assert patch(client, url, 0, data).status_code == 204
+
+        assert read_object(client, "up/obj").content == data
