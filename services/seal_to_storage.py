@@ -55,6 +55,9 @@ STORAGE_BATCH_BYTES = 4 * 1024 * 1024
 # Where plaintext is hashed beside its sealing. Hashing never waits on anything, so a
 # pool as large as the default is never short for long.
 HASHING = ForkSafePool("sealstream-sha256")
+# Below this many bytes a write hashes them itself: handing them to another thread
+# costs more than hashing them (an archive's small members are one write each).
+HASH_BESIDE_BYTES = 64 * 1024
 
 
 class ObjectSealer:
@@ -100,8 +103,12 @@ class ObjectSealer:
 
     def write(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Seal `chunks`, the next of the plaintext, into the upload, and take them into
-        its SHA-256 on another thread meanwhile; return once both are done, so that the
-        digest takes the plaintext in order."""
+        its SHA-256 on another thread meanwhile (unless they are few bytes); return once
+        both are done, so that the digest takes the plaintext in order."""
+        if sum(len(chunk) for chunk in chunks) < HASH_BESIDE_BYTES:
+            self._hash(chunks)
+            self._seal(chunks)
+            return
         hashed = HASHING.executor.submit(self._hash, chunks)
         try:
             self._seal(chunks)

@@ -54,7 +54,9 @@ router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt", "jobs:write"))]
 
 NDJSON = "application/x-ndjson"
-PROGRESS_LINES_BUFFERED = 64  # lines the uploader may fall behind before sealing waits
+# Pieces of progress (each the lines of one step of the run) the uploader may fall
+# behind by before sealing waits.
+PROGRESS_PIECES_BUFFERED = 64
 
 
 class ArchiveDestination(CamelModel):
@@ -113,7 +115,7 @@ async def encrypt_archive(request: Request, principal: EncryptScope) -> Response
     produce = partial(_produce, svc, record, form)
     return ProducedStreamingResponse(
         produce,
-        buffered=PROGRESS_LINES_BUFFERED,
+        buffered=PROGRESS_PIECES_BUFFERED,
         idle_timeout=svc.settings.idle_timeout,
         media_type=NDJSON,
         headers={"Location": f"/api/jobs/{record.id}"},
@@ -175,9 +177,9 @@ async def _produce(
     """Run the job on a thread, its progress sent as lines; the last line its outcome."""
     chunks = form.file_chunks()
 
-    def emit(event: dict[str, Any]) -> None:
+    def emit(events: list[dict[str, Any]]) -> None:
         try:
-            from_thread.run(lines.send, _line(event))
+            from_thread.run(lines.send, b"".join(map(_line, events)))
         except (BrokenResourceError, ClosedResourceError):
             raise UploadBroken(
                 "client-disconnected", "the uploader stopped reading its progress"

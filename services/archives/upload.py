@@ -58,7 +58,9 @@ COUNTS = ("items", "sealed", "skipped", "refused", "failed", "withdrawn")
 # The kinds of member the zip's central directory may say a sealed member is, and keep it.
 KEPT_KINDS = (MemberKind.FILE,)
 
-Emit = Callable[[dict[str, Any]], None]
+# The events of one step of the run (a member taken, the members ended meanwhile), sent
+# together: one hop to the response and one piece of it, where a member each cost both.
+Emit = Callable[[list[dict[str, Any]]], None]
 
 
 class UploadBroken(Exception):
@@ -152,9 +154,13 @@ class Manifest:
         fields = ",\n".join(f"{_json(name)}: {_json(value)}" for name, value in head.items())
         self._write("{\n" + fields + ',\n"members": [')
 
-    def add(self, entry: dict[str, Any]) -> None:
-        self._write(self._separator + _json(entry))
-        self._separator = ",\n"
+    def add(self, entries: list[dict[str, Any]]) -> None:
+        """Add the entries in one write: each write is a call into the sealer."""
+        text = []
+        for entry in entries:
+            text.append(self._separator + _json(entry))
+            self._separator = ",\n"
+        self._write("".join(text))
 
     def complete(self, tail: dict[str, Any]) -> ObjectRecord:
         fields = "".join(f",\n{_json(name)}: {_json(value)}" for name, value in tail.items())
@@ -253,8 +259,7 @@ def _seal_all(
             try:
                 _read_all(run, source, reader, manifest, sealing)
             finally:  # the members in flight end sealed or not, and are reported
-                for outcome in sealing.drain():
-                    _report(run, manifest, _sealed_entry(run, outcome))
+                _report(run, manifest, [_sealed_entry(run, ended) for ended in sealing.drain()])
         if isinstance(source, ZipStream):
             _check_index(run, source)
     except STOPPING as stopped:
@@ -282,17 +287,18 @@ def _read_all(
 ) -> None:
     for member in source.members():
         run.counts["items"] += 1
-        _report(run, manifest, _take(run, member, reader, sealing))
-        for outcome in sealing.finished():
-            _report(run, manifest, _sealed_entry(run, outcome))
+        taken = _take(run, member, reader, sealing)
+        ended = [_sealed_entry(run, outcome) for outcome in sealing.finished()]
+        _report(run, manifest, [taken, *ended])
         run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
 
 
-def _report(run: UploadRun, manifest: "Manifest", entry: dict[str, Any] | None) -> None:
-    if entry is None:
-        return
-    manifest.add(entry)
-    run.emit({"event": "member", **entry})
+def _report(run: UploadRun, manifest: "Manifest", entries: list[dict[str, Any] | None]) -> None:
+    """The members' entries (None: nothing to say) into the manifest and the progress."""
+    said = [entry for entry in entries if entry is not None]
+    if said:
+        manifest.add(said)
+        run.emit([{"event": "member", **entry} for entry in said])
 
 
 def _drained(reader: UploadReader) -> UploadBroken | None:
@@ -374,7 +380,7 @@ def _withdraw(run: UploadRun, path: str, storage_key: str, reason: str) -> None:
     run.counts["withdrawn"] += 1
     entry = {"path": path, "reason": reason}
     _note(run, run.withdrawn, entry)
-    run.emit({"event": "withdrawn", **entry})
+    run.emit([{"event": "withdrawn", **entry}])
 
 
 def _check_clash(run: UploadRun, path: str) -> None:
