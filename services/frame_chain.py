@@ -16,9 +16,10 @@ import hashlib
 CHAIN_START = bytes(32)
 
 
-def chain_step(value: bytes, frame: bytes | bytearray | memoryview) -> bytes:
-    """The chain value once the frame whose plaintext is `frame` follows `value`."""
-    return hashlib.sha256(value + hashlib.sha256(frame).digest()).digest()
+def chain_step(value: bytes, frame_digest: bytes) -> bytes:
+    """The chain value once the frame whose plaintext's SHA-256 is `frame_digest` follows
+    `value`."""
+    return hashlib.sha256(value + frame_digest).digest()
 
 
 class FrameChain:
@@ -43,10 +44,9 @@ class FrameChain:
     def hexdigest(self) -> str:
         """The digest of the plaintext so far, taken as whole: what is fed since the last
         full frame (perhaps nothing) is its final frame."""
-        last = hashlib.sha256(self._value + self._frame.digest()).digest()
-        return last.hex()
+        return chain_step(self._value, self._frame.digest()).hex()
 
     def _fold(self) -> None:
-        self._value = hashlib.sha256(self._value + self._frame.digest()).digest()
+        self._value = chain_step(self._value, self._frame.digest())
         self._frame = hashlib.sha256()
         self._in_frame = 0

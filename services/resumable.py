@@ -42,6 +42,7 @@ import logging
 import secrets
 import struct
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -72,6 +73,7 @@ from storage import (
 )
 from storage.documents import FrozenCamelModel
 from storage.integrity import Records, RecordTampered, note_refusal
+from storage.pools import ForkSafePool
 from storage.records import (
     ObjectRecord,
     drop_intent,
@@ -87,13 +89,17 @@ STATE_KIND = "upload"
 MAC_PURPOSE = "resumable-frame-mac"
 MASK_PURPOSE = "resumable-chain-mask"
 _FRAME_MAC = struct.Struct(">QB")  # sequence number, final
-# A PATCH holds up to a part of plaintext and one of ciphertext in memory; parts grow
-# past the 5 MiB floor once 10,000 would not hold the upload: at 1 TiB, to ~105 MiB.
+# A PATCH holds up to a part of plaintext and two of ciphertext (one being sealed, one
+# being stored) in memory; parts grow past the 5 MiB floor once 10,000 would not hold
+# the upload: at 1 TiB, to ~105 MiB.
 MAX_LENGTH = 1 << 40
-# Each part stored costs two writes of the state and durable writes of the part (a few
-# fsyncs on a local directory), so parts are larger than S3's floor: fewer of them. A
-# PATCH then holds about twice this in memory.
+# Each part stored costs a write of the state and durable writes of the part (a few
+# fsyncs on a local directory), so parts are larger than S3's floor: fewer of them.
 PART_TARGET = max(MIN_PART_SIZE, 16 << 20)
+# Plaintext hashed in one go: frames of 1 MiB (the default) each on their own.
+HASH_GROUP = 1 << 20
+# Where each PATCH's parts are stored, one at a time, while the PATCH seals the next.
+STORING = ForkSafePool("sealstream-upload-store")
 
 
 class UploadRefused(Exception):
@@ -190,6 +196,7 @@ class UploadState(FrozenCamelModel):
         0  # acknowledged (the empty final frame ends at the same offset as the one before)
     )
     parts: tuple[StoredPart, ...] = ()
+    staging: int = 0  # the staging object's name: the generation its writer held
     staged: int = 0  # bytes of the staging object that belong to the current part
     staged_sha256: str = ""
     chain: str  # the frame chain up to `offset`, masked (hex)
@@ -276,8 +283,11 @@ def state_name(upload: str) -> str:
     return f"{UPLOADS_PREFIX}{upload}.json"
 
 
-def staging_name(upload: str) -> str:
-    return f"{UPLOADS_PREFIX}{upload}.staged"
+def staging_name(upload: str, generation: int) -> str:
+    """The staging object written by the request that wrote the state's `generation`."""
+    if not generation:  # one an older version wrote, under the upload's one name
+        return f"{UPLOADS_PREFIX}{upload}.staged"
+    return f"{UPLOADS_PREFIX}{upload}.{generation}.staged"
 
 
 def frames_per_part(length: int, frame_length: int) -> int:
@@ -383,6 +393,7 @@ class Uploads:
             header=base64.b64encode(header).decode("ascii"),
             upload_id=upload.upload_id,
             storage_metadata=upload.metadata,
+            staging=1,
             staged=len(header),
             staged_sha256=hashlib.sha256(header).hexdigest(),
             chain="",
@@ -396,7 +407,7 @@ class Uploads:
                 state.id, state.generation, state.expires_at
             ):
                 raise UploadBusy("an upload of this id exists already")
-            self.records.store.put(staging_name(state.id), header)
+            self.records.store.put(staging_name(state.id, state.staging), header)
             etag = self.records.put(STATE_KIND, state.name, state, if_absent=True).etag
         except BaseException:
             with suppress(StorageError):
@@ -598,14 +609,15 @@ class Uploads:
         note_refusal(STATE_KIND, refusal)
         raise UploadTampered("the upload's parts in the bucket are not those it stored")
 
-    def frame_mac(self, state: UploadState, frame: int, plaintext: memoryview) -> str:
-        """The HMAC recorded for a frame's plaintext: bound to the upload and the frame,
-        under a key for this alone, so that it confirms no guess to a reader of the state
-        (a bare hash of a guessed frame would)."""
+    def frame_mac(self, state: UploadState, frame: int, digest: bytes) -> str:
+        """The HMAC recorded for a frame's plaintext, taken over its SHA-256 `digest` (the
+        one its link of the frame chain takes, so the plaintext is hashed once): bound to
+        the upload and the frame, under a key for this alone, so that it confirms no
+        guess to a reader of the state (a bare hash of a guessed frame would)."""
         mac = hmac.new(self.records.key.derive(MAC_PURPOSE), digestmod="sha256")
         mac.update(state.id.encode("ascii"))
         mac.update(_FRAME_MAC.pack(frame, frame == state.total_frames))
-        mac.update(plaintext)
+        mac.update(digest)
         return mac.hexdigest()
 
     def _masked(self, state: UploadState, chain: bytes, offset: int) -> str:
@@ -692,13 +704,17 @@ class Uploads:
         self.records.store.delete(state.name)
 
     def drop_staging(self, upload: str) -> None:
-        """Erase the upload's staging object (whoever erases an upload, or finds it erased)."""
-        self.records.store.delete(staging_name(upload))
+        """Erase the upload's staging objects (whoever erases an upload, or finds it
+        erased): every one, as one a request wrote after its lock had lapsed is named by
+        none of the states."""
+        for staged in self.records.store.list(f"{UPLOADS_PREFIX}{upload}."):
+            if staged.key.endswith(".staged"):
+                self.records.store.delete(staged.key)
 
 
-def _chained(chain: bytes, plaintexts: list[memoryview]) -> bytes:
-    for plain in plaintexts:
-        chain = chain_step(chain, plain)
+def _chained(chain: bytes, digests: list[bytes]) -> bytes:
+    for digest in digests:
+        chain = chain_step(chain, digest)
     return chain
 
 
@@ -723,27 +739,77 @@ def _is_upload_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """Frames sealed up to `last`, from the one after the last sealed before: the chain
+    value after them, and the ciphertext to store (a whole part, or the current part so
+    far, staged)."""
+
+    last: int
+    chain: bytes
+    ciphertext: bytes | bytearray
+    generation: int  # of the state that recorded their HMACs
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A batch durably stored, which the next write of the state acknowledges; `staging`
+    names the staging object it wrote (`staged` bytes), if it wrote one."""
+
+    batch: _Batch
+    part: StoredPart | None  # None: staged
+    staging: int
+    staged: int
+    staged_sha256: str
+
+
+def _digests(frames: list[bytearray]) -> list[bytes]:
+    return [hashlib.sha256(frame).digest() for frame in frames]
+
+
 class Appending:
-    """One PATCH: plaintext in (`write`), whole frames sealed and stored a batch at a time,
-    the offset acknowledged after each batch; `end` seals what whole frames are left,
+    """One PATCH: plaintext in (`write`), kept a frame at a time and hashed as it comes;
+    whole frames sealed a part at a time, each part stored on a thread of its own while
+    the next is sealed; `end` seals what whole frames are left, acknowledges them,
     releases the lock and, once every frame is stored, completes the object."""
 
     def __init__(self, uploads: Uploads, state: UploadState, etag: str) -> None:
         self._uploads = uploads
+        # As last written; the storing thread's while a batch is stored (`_settle` first).
         self.state = state
         self._etag = etag
+        self._held = True
+        self._layout = state  # the message's layout, which no write changes
         self._store = uploads.spaces.store(state.tenant, state.bucket)
         _, keyring = uploads.keys.resuming_keyring(state.tenant, state.kid, state.key_version)
         self._sealer: FrameSealer = resume_message(parse_header(state.header_bytes), [keyring])
+        self._recorded = state.macs  # of frames perhaps sealed before: sent again, must match
         self._part = self._staged()  # ciphertext of the current part so far
-        self._pending = bytearray()  # plaintext not sealed yet: never more than a part's
+        # Whole frames of plaintext not sealed yet, each with its SHA-256 to come (the
+        # future of its write's frames, and its place among them); then the frame begun.
+        self._frames: list[tuple[bytearray, Future[list[bytes]], int]] = []
+        self._partial = bytearray()
+        self._left = state.length - state.offset  # plaintext not received yet
+        self._sealed = state.frames  # frames sealed, by this PATCH or acknowledged before
+        self._chain = uploads._unmasked(state)  # noqa: SLF001 (the chain value after them)
+        self._storing: Future[_Stored] | None = None  # one at a time: memory is bounded
+        self._stored: list[_Stored] = []  # durably stored, not acknowledged yet
         self.record: ObjectRecord | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next plaintext; seal and store each part's worth once it is here."""
-        if len(self._pending) + len(data) > self.state.length - self.state.offset:
+        view = memoryview(data).cast("B")
+        if len(view) > self._left:
             raise UploadTooLong("more bytes were sent than are left of the upload")
-        self._pending += data
+        self._left -= len(view)
+        whole = self._whole_frames(view)
+        # Hashed in groups of about HASH_GROUP bytes, on as many threads, while the
+        # frames before them are sealed.
+        group = -(-HASH_GROUP // self._layout.frame_length)
+        for start in range(0, len(whole), group):
+            frames = whole[start : start + group]
+            digests = HASHING.executor.submit(_digests, frames)
+            self._frames += [(frame, digests, place) for place, frame in enumerate(frames)]
         while self._batch_ready():
             self._seal_batch()
 
@@ -751,15 +817,22 @@ class Appending:
         """Seal and store the whole frames received, acknowledge them, let go of the
         upload; complete it if it is whole. What is left of a frame is dropped."""
         try:
+            self.write(b"")  # an empty plaintext's one frame is whole with no byte sent
             if self._frames_here():
                 self._seal_batch()
-            if self.state.finished:
-                self.record = self._finish()
+            self._settle()
+            acknowledged = self._acknowledging(self.state)
+            if not acknowledged.finished:
+                # Refused (423) if another request took the upload over meanwhile.
+                self._write(acknowledged, hold=False)
+                self._held = False
                 return self.state
+            if self._stored:  # still locked: it is completed next
+                self._write(acknowledged)
+            self.record = self._finish()
         except BaseException:
-            self._uploads._release(self.state, self._etag)  # noqa: SLF001
+            self.abandon()
             raise
-        self._uploads._release(self.state, self._etag)  # noqa: SLF001
         return self.state
 
     def _finish(self) -> ObjectRecord:
@@ -773,8 +846,19 @@ class Appending:
             raise
 
     def abandon(self) -> None:
-        """Let go of the upload without sealing more (the request failed)."""
-        self._uploads._release(self.state, self._etag)  # noqa: SLF001
+        """Let go of the upload without sealing more (the request failed), once the batch
+        being stored is: two threads never write one upload's state."""
+        with suppress(Exception):
+            self._settle()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Acknowledge what is stored, if anything, and release the lock: one write, if
+        the upload is still this request's."""
+        if self._held:
+            with suppress(UploadBusy, StorageError):
+                self._write(self._acknowledging(self.state), hold=False)
+            self._held = False
 
     def swept(self) -> bool:
         """Whether the upload was erased under this request (expired, and swept once its
@@ -789,94 +873,142 @@ class Appending:
         if not state.staged:
             return bytearray()
         try:
-            staged = self._uploads.records.store.get(staging_name(state.id))[: state.staged]
+            staged = self._uploads.records.store.get(staging_name(state.id, state.staging))
         except ObjectNotFound:
             staged = b""
+        staged = staged[: state.staged]
         if hashlib.sha256(staged).hexdigest() != state.staged_sha256:
             raise UploadTampered("the upload's staged ciphertext is not what was stored")
         return bytearray(staged)
 
+    def _whole_frames(self, view: memoryview) -> list[bytearray]:
+        """The frames `view` completes (the final one, however short, once the last byte
+        is here), each a buffer of its own: kept whole, never one buffer grown and cut."""
+        length = self._layout.frame_length
+        whole = []
+        while view:
+            taken = view[: length - len(self._partial)]
+            self._partial += taken
+            view = view[len(taken) :]
+            if len(self._partial) == length:
+                whole.append(self._partial)
+                self._partial = bytearray()
+        received = self._sealed + len(self._frames) + len(whole)
+        if not self._left and received < self._layout.total_frames:
+            whole.append(self._partial)
+            self._partial = bytearray()
+        return whole
+
     def _frames_here(self) -> int:
         """Whole frames received, up to the end of the current part."""
-        state = self.state
-        first = state.next_frame
-        if first > state.total_frames:
+        first = self._sealed + 1
+        if first > self._layout.total_frames:
             return 0
-        whole = len(self._pending) // state.frame_length
-        if state.offset + len(self._pending) == state.length:
-            whole += 1  # the final frame, whole however short
-        return min(whole, state.last_of_part(first) - first + 1)
+        return min(len(self._frames), self._layout.last_of_part(first) - first + 1)
 
     def _batch_ready(self) -> bool:
         count = self._frames_here()
-        return bool(count) and self.state.ends_part(self.state.next_frame + count - 1)
+        return bool(count) and self._layout.ends_part(self._sealed + count)
 
     def _seal_batch(self) -> None:
-        state = self.state
-        chain, last = self._record_and_seal(state.next_frame, self._frames_here())
-        uploads, state = self._uploads, self.state
-        parts, staged, staged_sha256 = state.parts, state.staged, state.staged_sha256
-        if state.ends_part(last):
-            number = state.part_of(last)
-            part = self._store.put_part(
-                state.part_upload(), number, state.part_offset(number), self._part
-            )
-            parts = (*parts, StoredPart(**asdict(part)))
-            self._part, staged, staged_sha256 = bytearray(), 0, ""
-        else:
-            uploads.records.store.put(staging_name(state.id), bytes(self._part))
-            staged, staged_sha256 = len(self._part), hashlib.sha256(self._part).hexdigest()
-        offset = state.end_of(last)
-        self.state = self._save(
-            state.model_copy(
-                update={
-                    "offset": offset,
-                    "frames": last,
-                    "parts": parts,
-                    "staged": staged,
-                    "staged_sha256": staged_sha256,
-                    "chain": uploads._masked(state, chain, offset),  # noqa: SLF001
-                    "macs": {n: m for n, m in state.macs.items() if int(n) > last},
-                }
-            )
-        )
-        del self._pending[: offset - state.offset]
-
-    def _record_and_seal(self, first: int, count: int) -> tuple[bytes, int]:
-        """Record the HMACs of frames `first` to `first + count - 1` (refusing any that
-        differ from those recorded before), then seal them into the current part; the
-        chain value after them, and the last frame's number. The views of the pending
-        plaintext it takes end with the call, so that the plaintext can be cut after."""
-        uploads, state = self._uploads, self.state
-        view = memoryview(self._pending)
-        length = state.frame_length
-        frames = [(first + i, view[i * length : (i + 1) * length]) for i in range(count)]
-        macs = {str(number): uploads.frame_mac(state, number, plain) for number, plain in frames}
-        for name, mac in macs.items():
-            recorded = state.macs.get(name)
+        """Seal the whole frames received up to the end of the current part (refusing a
+        frame sent before with other bytes before it is sealed), record their HMACs, and
+        hand them to a storing thread once the batch before them is stored."""
+        layout, first, count = self._layout, self._sealed + 1, self._frames_here()
+        taken, self._frames = self._frames[:count], self._frames[count:]
+        digests, macs = [], {}
+        for number, (plain, frame_digests, place) in enumerate(taken, start=first):
+            digest = frame_digests.result()[place]  # hashed meanwhile, on other threads
+            mac = self._uploads.frame_mac(layout, number, digest)
+            recorded = self._recorded.get(str(number))
             if recorded is not None and not hmac.compare_digest(recorded, mac):
                 raise ResentBytesDiffer(
-                    f"the bytes sent for frame {name} differ from those sent before for it"
+                    f"the bytes sent for frame {number} differ from those sent before for it"
                 )
-        # Recorded before any of them is sealed: whatever seals frame n later, from any
-        # process, seals these bytes or nothing.
-        self.state = state = self._save(state.model_copy(update={"macs": {**state.macs, **macs}}))
-        # The digest's chain is taken on another thread while the frames are sealed.
-        plaintexts = [plain for _, plain in frames]
-        chained = HASHING.executor.submit(_chained, uploads._unmasked(state), plaintexts)  # noqa: SLF001
-        try:
-            for number, plain in frames:
-                # IV = the frame's number; its plaintext is the one just recorded (above).
-                final = number == state.total_frames
-                self._part += self._sealer.seal(number, plain, final=final)
-        finally:
-            chain = chained.result()
-        return chain, first + count - 1
+            # IV = the frame's number. A frame sent before is sealed only from the very
+            # bytes sent then (same ciphertext); its HMAC is recorded before it is stored.
+            final = number == layout.total_frames
+            self._part += self._sealer.seal(number, memoryview(plain), final=final)
+            digests.append(digest)
+            macs[str(number)] = mac
+        self._settle(wait=False)  # if stored already, acknowledged with the HMACs
+        # One write both records these frames' HMACs (moved in Redis first, where
+        # anchored) before any of their ciphertext can reach storage, and acknowledges
+        # the batches whose store has returned (durable), not one still in flight. So
+        # whatever seals frame n later, from any process, seals the bytes recorded here
+        # or nothing, and the offset moves only over frames sealed and durably stored.
+        # It runs while the part before is being stored.
+        recording = self._acknowledging(self.state)
+        self._write(recording.model_copy(update={"macs": {**recording.macs, **macs}}))
+        last = first + count - 1
+        ciphertext: bytes | bytearray
+        if layout.ends_part(last):
+            ciphertext, self._part = self._part, bytearray()
+        else:  # the PATCH's last batch, short of a part
+            ciphertext = bytes(self._part)
+        batch = _Batch(last, _chained(self._chain, digests), ciphertext, self.state.generation)
+        self._settle()
+        self._storing = STORING.executor.submit(self._store_batch, batch)
+        self._sealed, self._chain = last, batch.chain
 
-    def _save(self, state: UploadState) -> UploadState:
-        """Write `state`, conditional on the last write, renewing the lock."""
-        renewed = state.model_copy(
-            update={"locked_until": datetime.now(UTC) + self._uploads.lock_for}
+    def _store_batch(self, batch: _Batch) -> _Stored:
+        """Store a batch's ciphertext durably (on a storing thread): a whole part, or the
+        part so far as the staging object."""
+        layout = self._layout
+        if layout.ends_part(batch.last):
+            number = layout.part_of(batch.last)
+            offset = layout.part_offset(number)
+            part = self._store.put_part(layout.part_upload(), number, offset, batch.ciphertext)
+            return _Stored(batch, StoredPart(**asdict(part)), 0, 0, "")
+        # Named by the generation that recorded its frames, which no other request
+        # writes: a PATCH whose lock lapsed while it stalled writes a name of its own
+        # when it wakes, never the staging object of the request that took over.
+        name = staging_name(layout.id, batch.generation)
+        self._uploads.records.store.put(name, bytes(batch.ciphertext))
+        digest = hashlib.sha256(batch.ciphertext).hexdigest()
+        return _Stored(batch, None, batch.generation, len(batch.ciphertext), digest)
+
+    def _settle(self, *, wait: bool = True) -> None:
+        """Take the batch being stored once it is (`wait`: else only if it is already),
+        to be acknowledged by the next write of the state; raise its failure."""
+        storing = self._storing
+        if storing is None or not (wait or storing.done()):
+            return
+        self._storing = None
+        self._stored.append(storing.result())
+
+    def _acknowledging(self, state: UploadState) -> UploadState:
+        """`state` with the batches stored since the last write acknowledged."""
+        if not self._stored:
+            return state
+        stored = self._stored[-1]
+        last = stored.batch.last
+        offset = state.end_of(last)
+        return state.model_copy(
+            update={
+                "offset": offset,
+                "frames": last,
+                "parts": (*state.parts, *(s.part for s in self._stored if s.part is not None)),
+                "staging": stored.staging,
+                "staged": stored.staged,
+                "staged_sha256": stored.staged_sha256,
+                "chain": self._uploads._masked(state, stored.batch.chain, offset),  # noqa: SLF001
+                "macs": {n: m for n, m in state.macs.items() if int(n) > last},
+            }
         )
-        saved, self._etag = self._uploads._save(renewed, self._etag)  # noqa: SLF001
-        return saved
+
+    def _write(self, state: UploadState, *, hold: bool = True) -> None:
+        """Write `state` (which acknowledges what is stored), conditional on the last
+        write, renewing the lock or releasing it; then drop the staging object it no
+        longer names (one a failure leaves goes when the upload ends)."""
+        lock: dict[str, object] = {"lock": "", "locked_until": None}
+        if hold:
+            lock = {"locked_until": datetime.now(UTC) + self._uploads.lock_for}
+        before = self.state
+        self.state, self._etag = self._uploads._save(  # noqa: SLF001
+            state.model_copy(update=lock), self._etag
+        )
+        self._stored = []
+        if before.staged and before.staging != self.state.staging:
+            with suppress(StorageError):
+                self._uploads.records.store.delete(staging_name(before.id, before.staging))

@@ -6,6 +6,7 @@ back from an older copy, or an upload brought back after it ended, is refused wi
 sealed (its generation is anchored in Redis)."""
 
 import base64
+import hashlib
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
-from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
+from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState, staging_name
 from services.upload_anchor import UploadAnchor
 from storage import StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
@@ -86,6 +87,12 @@ def chain_of(data: bytes) -> str:
     chain = FrameChain(FRAME)
     chain.update(data)
     return chain.hexdigest()
+
+
+def staging_of(api: Api, upload: str) -> str:
+    """The name of the staging object the upload's state names."""
+    state = api.records.get(STATE_KIND, f"{UPLOADS_PREFIX}{upload}.json", UploadState)
+    return staging_name(upload, state.staging)
 
 
 def pending(api: Api) -> list[str]:
@@ -164,16 +171,21 @@ def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
     url = create(client, len(data))
     name = f"{UPLOADS_PREFIX}{url.rsplit('/', 1)[1]}.json"
     before = api.records.get(STATE_KIND, name, UploadState)
+    staged = api.records.store.get(staging_name(before.id, before.staging))
     assert patch(client, url, 0, data[: 2 * FRAME]).status_code == 204
     recorded = api.records.get(STATE_KIND, name, UploadState)
     # Put the state back as a server that sealed frames 1-2 and died before it
-    # acknowledged them left it: their HMACs recorded, the offset still 0.
+    # acknowledged them left it: their HMACs recorded, the offset still 0, the staging
+    # object it named still there.
+    api.records.store.put(staging_name(before.id, before.staging), staged)
     uploads = api.parts.uploads()
     lost = before.model_copy(
         update={
             "generation": recorded.generation,
             "macs": {
-                str(n): uploads.frame_mac(before, n, memoryview(data[(n - 1) * FRAME : n * FRAME]))
+                str(n): uploads.frame_mac(
+                    before, n, hashlib.sha256(data[(n - 1) * FRAME : n * FRAME]).digest()
+                )
                 for n in (1, 2)
             },
         }
@@ -268,7 +280,7 @@ def test_a_bucket_writer_cannot_swap_staged_bytes_or_state_undetected(
     url = create(client, len(data))
     assert patch(client, url, 0, data[:FRAME]).status_code == 204  # staged: short of a part
     upload = url.rsplit("/", 1)[1]
-    staged = f"{UPLOADS_PREFIX}{upload}.staged"
+    staged = staging_of(api, upload)
     genuine = api.records.store.get(staged)
     api.records.store.put(staged, genuine[:-1] + bytes([genuine[-1] ^ 1]))
 
@@ -310,11 +322,11 @@ def test_a_state_put_back_from_an_older_copy_is_refused_with_nothing_sealed(
         create_key(client)
         url = create(client, 4 * FRAME)
         upload = url.rsplit("/", 1)[1]
-        names = (f"{UPLOADS_PREFIX}{upload}.json", f"{UPLOADS_PREFIX}{upload}.staged")
+        names = (f"{UPLOADS_PREFIX}{upload}.json", staging_of(redis_api, upload))
         store = redis_api.records.store
         copies = {name: store.get(name) for name in names}
         assert patch(client, url, 0, random_bytes(2 * FRAME, seed=11)).status_code == 204
-        sealed = store.get(names[1])
+        sealed = store.get(staging_of(redis_api, upload))
         for name, copy in copies.items():
             store.put(name, copy)
 
@@ -333,7 +345,7 @@ def test_a_finished_upload_cannot_be_brought_back_from_its_first_copies(
         create_key(client)
         url = create(client, len(data))
         upload = url.rsplit("/", 1)[1]
-        names = (f"{UPLOADS_PREFIX}{upload}.json", f"{UPLOADS_PREFIX}{upload}.staged")
+        names = (f"{UPLOADS_PREFIX}{upload}.json", staging_of(redis_api, upload))
         store = redis_api.records.store
         copies = {name: store.get(name) for name in names}
         assert patch(client, url, 0, data).status_code == 204

@@ -6,20 +6,30 @@ job passes, and nothing is left pending."""
 import io
 import random
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 from tusclient import client as tus
 
+from services.jobs.redis_store import redis_client
+from services.resumable import UPLOADS_PREFIX
+from services.upload_anchor import UploadAnchor
 from tests import test_api_uploads
-from tests.conftest import ADMIN_TOKEN, Api, local_settings
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.cut_proxy import CuttingProxy
 from tests.support.data import KiB, MiB, random_bytes
-from tests.support.http import create_key, read_object
+from tests.support.http import create_key, problem, read_object
 from tests.support.jobs import finished_job, start_verify
+from tests.support.s3_proxy import HeldFirst, S3FaultProxy
 from tests.support.services import sealstream_serve
 from tests.test_api_uploads import TUS, UPLOADS, create, offset_of, patch
+
+if TYPE_CHECKING:
+    from tests.support.services import RedisServer
 
 FRAME = 64 * KiB
 CUTS = 12
@@ -110,3 +120,38 @@ def test_a_server_killed_mid_upload_is_taken_over_by_another(tmp_path: Path) -> 
 
         stored_whole(client, "up/moved", data)
         assert client.head(path, headers=TUS).status_code == 404
+
+
+def test_a_patch_whose_lock_lapsed_spoils_nothing_of_the_one_that_took_over(
+    tmp_path: Path, request: pytest.FixtureRequest, redis_server: "RedisServer", moto_endpoint: str
+) -> None:
+    """A PATCH stalls (its staging write held on the way to S3) past its lock; another
+    takes the upload over and stages more frames; the first wakes and writes its staging
+    object: under a name of its own, so the upload still completes and verifies (over one
+    name, it replaced the staged bytes the state names, and the upload was refused for
+    good), and it is refused, its frames not acknowledged."""
+    frame = test_api_uploads.FRAME
+    data = random_bytes(4 * frame, seed=31)
+    stall = HeldFirst(rb"^PUT \S*\.staged")
+    with S3FaultProxy(moto_endpoint, stall) as proxy:
+        settings = api_settings("s3", tmp_path, request).model_copy(
+            update={"s3_endpoint_url": proxy.url, "upload_lock_seconds": 1.0}
+        )
+        with live_api(settings) as api, api.client() as client, api.client() as stalled:
+            api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(redis_server.url, ""))
+            create_key(client)
+            url = create(client, len(data))
+            stall.arm()
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(patch, stalled, url, 0, data[: 2 * frame])
+                assert stall.held.wait(timeout=60)  # frames 1-2 recorded, their staging held
+                while (took_over := patch(client, url, 0, data[: 3 * frame])).status_code == 423:
+                    time.sleep(0.2)  # until the first one's lock lapses
+                assert took_over.status_code == 204, took_over.text
+                stall.release()
+                problem(first.result(), 423, "upload-locked")
+
+            assert offset_of(client, url) == 3 * frame
+            assert patch(client, url, 3 * frame, data[3 * frame :]).status_code == 204
+            stored_whole(client, "up/obj", data)
+            assert list(api.records.store.list(UPLOADS_PREFIX)) == []  # the stale one too

@@ -76,6 +76,35 @@ class HeldParts:
         self._released.set()
 
 
+@dataclass
+class HeldFirst:
+    """Once `arm()`ed, holds the first request whose request line matches `pattern`
+    until `release()`, then lets it through (`held` is set meanwhile); the others pass:
+    one write of a server that stalls, while the rest of the service goes on."""
+
+    pattern: bytes
+    held: threading.Event = field(default_factory=threading.Event)
+    _armed: bool = False
+    _released: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        with self._lock:
+            hold = self._armed and re.match(self.pattern, head) is not None
+            self._armed = self._armed and not hold
+        if hold:
+            self.held.set()
+            self._released.wait(timeout=120)
+        return False
+
+    def arm(self) -> None:
+        with self._lock:
+            self._armed = True
+
+    def release(self) -> None:
+        self._released.set()
+
+
 def requests_matching(pattern: bytes) -> Rule:
     """Fails every request whose request line matches `pattern`."""
     compiled = re.compile(pattern)
