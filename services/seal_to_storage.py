@@ -77,12 +77,15 @@ class ObjectSealer:
         name_key: NameKey | None = None,
         record_in_metadata: bool = False,
         job_id: str | None = None,
+        replacing: str | None = None,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
         `object_key`): a message that names no place could be copied anywhere. With
         `name_key`, the record holds the plaintext's size and SHA-256 only as their HMAC
         under it; with `record_in_metadata`, a small object carries its record; `job_id`
-        names the job writing it in its record."""
+        names the job writing it in its record; with `replacing` (an etag, and
+        `overwrite`), it completes only over that version of the object
+        (`PreconditionFailed` otherwise)."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
@@ -98,7 +101,10 @@ class ObjectSealer:
         self._record_in_metadata = record_in_metadata
         self._metadata = object_metadata(sealing)
         self._writer = placement.store.multipart(
-            placement.storage_key, metadata=self._metadata, if_absent=not overwrite
+            placement.storage_key,
+            metadata=self._metadata,
+            if_absent=not overwrite,
+            if_match=replacing,
         )
 
     def write(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -271,11 +277,13 @@ def seal_stream(
     name_key: NameKey | None = None,
     record_in_metadata: bool = False,
     job_id: str | None = None,
+    replacing: str | None = None,
 ) -> ObjectRecord:
     """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
     plaintext hidden under `name_key`, if given; in its metadata if small enough and
-    `record_in_metadata`; naming `job_id` as its writer, if given); `after_chunk()` runs
-    once each chunk is written (progress, a cancel point)."""
+    `record_in_metadata`; naming `job_id` as its writer, if given; only over the version
+    `replacing`, if given); `after_chunk()` runs once each chunk is written (progress, a
+    cancel point)."""
     sealer = ObjectSealer(
         sealing,
         placement,
@@ -284,6 +292,7 @@ def seal_stream(
         name_key=name_key,
         record_in_metadata=record_in_metadata,
         job_id=job_id,
+        replacing=replacing,
     )
     try:
         for chunk in chunks:

@@ -482,6 +482,52 @@ def test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed(api: Api) -
             assert decrypted(client, f"out/{path}") == data
 
 
+def test_a_rerun_rewrites_its_own_object_only_as_it_found_it(api: Api) -> None:
+    """A claimed object the rerun found to be its own is rewritten only over that very
+    version: another writer who comes between the check and the write keeps its object,
+    and the member fails."""
+    files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
+    put(api, "in/archive.tar", tar_archive("w", files))
+    with api.client() as client:
+        create_key(client)
+    services = build_parts(api.settings)
+    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
+    services.jobs.save(record)
+    started: list[str] = []
+
+    def crash_at_the_third(path: str) -> None:
+        started.append(path)
+        if len(started) == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_job(
+            record.id,
+            services,
+            {JobKind.BATCH_ENCRYPT: partial(batch_encrypt, before_member=crash_at_the_third)},
+        )
+    written = started[1]
+    theirs = b"written between the rerun's check and its write"
+
+    def another_writer_first(path: str) -> None:
+        if path == written:
+            with api.client() as client:
+                assert encrypt_to(client, f"out/{path}", theirs).status_code == 201
+
+    rerun = partial(batch_encrypt, before_member=another_writer_first)
+    run_job(record.id, services, {JobKind.BATCH_ENCRYPT: rerun})
+
+    final = services.jobs.load(record.id)
+    assert final is not None and final.status is JobStatus.SUCCEEDED, final
+    manifest = manifest_of(api)
+    assert [(f["path"], f["code"]) for f in manifest["failed"]] == [
+        (written, "precondition-failed")
+    ]
+    with api.client() as client:
+        assert decrypted(client, f"out/{written}") == theirs
+        check_members(client, manifest, {p: d for p, d in files.items() if p != written})
+
+
 def encrypt_to(client: httpx.Client, key: str, data: bytes) -> httpx.Response:
     """Seal `data` into the object `key` as a client's upload does, replacing one there."""
     return encrypt(client, data, kid="mySymKey", destination={"key": key, "overwrite": True})

@@ -566,6 +566,13 @@ MUTANTS = (
         ),
     ),
     Mutant(
+        "members: a rerun rewrites its own object only as it found it",
+        "workers/batch.py",
+        "    return _Write(overwrite=True, replacing=stored.etag)",
+        "    return _Write(overwrite=True)",
+        ("tests/test_jobs_batch.py::test_a_rerun_rewrites_its_own_object_only_as_it_found_it",),
+    ),
+    Mutant(
         "jobs: a task's copy of a record expires",
         "services/jobs/store.py",
         "        if datetime.now(UTC) >= copy.expires_at:",

@@ -50,7 +50,13 @@ from services.archives import (
     member_path,
     open_archive,
 )
-from services.archives.sealing import MemberSealing, Outcome, ParallelSealing, ReadingStopped
+from services.archives.sealing import (
+    MemberFeed,
+    MemberSealing,
+    Outcome,
+    ParallelSealing,
+    ReadingStopped,
+)
 from services.errors import error_code, public_detail
 from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.jobs.context import JobContext, JobFailed
@@ -206,12 +212,21 @@ class _Started:
 
 
 @dataclass(frozen=True)
+class _Write:
+    """How a member's object may be written: over an object there (`overwrite`), and
+    then, with `replacing` (an etag), only over that version of it."""
+
+    overwrite: bool
+    replacing: str | None = None
+
+
+@dataclass(frozen=True)
 class _Waiting:
     """A small member read whole, waiting for its wave to start."""
 
     started: _Started
     data: bytes
-    overwrite: bool
+    write: _Write
 
 
 def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
@@ -260,48 +275,50 @@ def _take(
         batch.sealed += 1  # by an earlier attempt
         return
     try:
-        started, overwrite = _placed(batch, path, name)
+        started, write = _placed(batch, path, name)
     except (ObjectExists, ClaimTaken) as error:
         _note_failure(batch, path, error)
         return
     if member.size is not None and member.size <= SMALL_MEMBER:
         with member.open() as stream:
-            batch.wave.append(_Waiting(started, stream.read(), overwrite))
+            batch.wave.append(_Waiting(started, stream.read(), write))
         if len(batch.wave) >= batch.services.settings.batch_concurrency:
             _start_wave(batch, sealing)
         return
     _start_wave(batch, sealing)
-    _stream(batch, source, member, sealing, _Waiting(started, b"", overwrite))
+    _stream(batch, source, member, sealing, _Waiting(started, b"", write))
 
 
-def _placed(batch: _Batch, path: str, name: str) -> tuple[_Started, bool]:
+def _placed(batch: _Batch, path: str, name: str) -> tuple[_Started, _Write]:
     """Where the member goes, and whether it may replace an object there (`ObjectExists`
     if one is there that it may not replace)."""
     storage_key = batch.storage_prefix + name
     placement = Placement(batch.store, batch.store.bucket, batch.prefix + name, storage_key)
-    overwrite = _may_overwrite(batch.context, batch.services, batch.resumed, placement)
-    return _Started(path, name, placement), overwrite
+    write = _may_overwrite(batch.context, batch.services, batch.resumed, placement)
+    return _Started(path, name, placement), write
 
 
 def _may_overwrite(
     context: JobContext, services: Parts, resumed: Resumed, placement: Placement
-) -> bool:
+) -> _Write:
     """Whether the job may write over an object at `placement`: with `overwrite`, or if
     an attempt of this job that was stopped claimed it and the object there is the one
-    that attempt wrote (its record names this job). `ObjectExists` if there is one it may
+    that attempt wrote (its record names this job), then only over that very version, so
+    that another writer's coming between the check and the write fails the member rather
+    than losing its object. `ObjectExists` if there is one it may
     not replace without `overwrite`; `ClaimTaken` if another writer put one at a place
     the job had claimed."""
     if context.params(BatchEncryptParams).overwrite:
-        return True
+        return _Write(overwrite=True)
     try:
         stored = placement.store.head(placement.storage_key)
     except ObjectNotFound:
-        return False  # written only if still free
+        return _Write(overwrite=False)  # written only if still free
     if placement.storage_key not in resumed.claims:
         raise ObjectExists("the object exists and overwrite is false", placement.storage_key)
     if _writer(services, placement, stored) != context.record.id:
         raise ClaimTaken("another writer put an object here after this job claimed it")
-    return True
+    return _Write(overwrite=True, replacing=stored.etag)
 
 
 def _writer(services: Parts, placement: Placement, stored: ObjectInfo) -> str | None:
@@ -327,9 +344,7 @@ def _start_wave(batch: _Batch, sealing: ParallelSealing[_Started]) -> None:
     for waiting in wave:
         if batch.before_member is not None:
             batch.before_member(waiting.started.path)
-        with sealing.start(
-            waiting.started, waiting.started.placement, overwrite=waiting.overwrite
-        ) as feed:
+        with _start(sealing, waiting) as feed:
             feed.put(waiting.data)
 
 
@@ -349,12 +364,19 @@ def _stream(
         batch.before_member(started.path)
     with (
         member.open() as stream,
-        sealing.start(started, started.placement, overwrite=waiting.overwrite) as feed,
+        _start(sealing, waiting) as feed,
     ):
         for chunk in _chunks(stream):
             feed.put(chunk)
             # Where a cancel request is noticed.
             batch.context.progress(bytes_done=source.bytes_read)
+
+
+def _start(sealing: ParallelSealing[_Started], waiting: _Waiting) -> MemberFeed:
+    started, write = waiting.started, waiting.write
+    return sealing.start(
+        started, started.placement, overwrite=write.overwrite, replacing=write.replacing
+    )
 
 
 def _settle(batch: _Batch, outcome: Outcome[_Started]) -> None:
@@ -534,7 +556,7 @@ def _seal_whole(
     if placement.storage_key in resumed.claims:
         store.abort_pending(placement.storage_key)
     try:
-        overwrite = _may_overwrite(context, services, resumed, placement)
+        write = _may_overwrite(context, services, resumed, placement)
     except ObjectExists:
         detail = f"{placement.key!r} already exists and overwrite is false"
         raise JobFailed("object-exists", detail) from None
@@ -548,7 +570,8 @@ def _seal_whole(
         record = _sealing(context, services, None).seal(
             placement,
             _chunks(stream),
-            overwrite=overwrite,
+            overwrite=write.overwrite,
+            replacing=write.replacing,
             after_chunk=_progress(context, lambda: reader.position),
         )
     context.progress(items_done=1, bytes_done=size)

@@ -70,10 +70,12 @@ class MemberSealing:
         *,
         overwrite: bool,
         after_chunk: Callable[[], None],
+        replacing: str | None = None,
     ) -> ObjectRecord:
         """Seal `chunks` at `placement` as a message of its own, counted as one use of
-        the key, and record it; on any failure (or an exception from `after_chunk`, a
-        cancel), nothing is left: no object, no pending upload."""
+        the key, and record it (with `replacing`, an etag, only over that version of the
+        object there); on any failure (or an exception from `after_chunk`, a cancel),
+        nothing is left: no object, no pending upload."""
         return seal_stream(
             self._start(placement),
             placement,
@@ -84,6 +86,7 @@ class MemberSealing:
             name_key=self.name_key,
             record_in_metadata=True,  # a small member is one write, with its record
             job_id=self.job_id,
+            replacing=replacing,
         )
 
     def _start(self, placement: Placement) -> Sealing:
@@ -173,13 +176,16 @@ class ParallelSealing(Generic[Tag]):
         self._outcomes: queue.SimpleQueue[Outcome[Tag]] = queue.SimpleQueue()
         self._in_flight = 0  # only the caller's thread counts
 
-    def start(self, tag: Tag, placement: Placement, *, overwrite: bool) -> MemberFeed:
-        """Begin sealing a member at `placement` once fewer than `limit` are in flight;
-        its bytes go to the feed returned (to be used as a context manager)."""
+    def start(
+        self, tag: Tag, placement: Placement, *, overwrite: bool, replacing: str | None = None
+    ) -> MemberFeed:
+        """Begin sealing a member at `placement` (only over the version `replacing`, if
+        given) once fewer than `limit` are in flight; its bytes go to the feed returned
+        (to be used as a context manager)."""
         self._slots.acquire()
         feed = MemberFeed()
         self._in_flight += 1
-        self._executor.submit(self._seal, tag, placement, overwrite, feed)
+        self._executor.submit(self._seal, tag, placement, overwrite, replacing, feed)
         return feed
 
     def finished(self) -> Iterator[Outcome[Tag]]:
@@ -206,10 +212,21 @@ class ParallelSealing(Generic[Tag]):
         # Members whose bytes were all handed on are sealed before the run ends.
         self._executor.shutdown(wait=True)
 
-    def _seal(self, tag: Tag, placement: Placement, overwrite: bool, feed: MemberFeed) -> None:
+    def _seal(
+        self,
+        tag: Tag,
+        placement: Placement,
+        overwrite: bool,
+        replacing: str | None,
+        feed: MemberFeed,
+    ) -> None:
         try:
             record = self._sealing.seal(
-                placement, feed.chunks(), overwrite=overwrite, after_chunk=_nothing
+                placement,
+                feed.chunks(),
+                overwrite=overwrite,
+                after_chunk=_nothing,
+                replacing=replacing,
             )
             outcome = Outcome(tag, record, None)
         except BaseException as error:  # reported to the reading thread with the member
