@@ -66,7 +66,8 @@ _DESCRIPTIONS: dict[int, str] = {
     422: "A field is invalid; `errors` lists each one.",
     428: "The request must confirm what it does (`confirm`); the problem says what that is.",
     502: "Object storage failed, or a stored record or object is damaged.",
-    503: "Object storage, Redis or the KEK is unavailable, or the server is at its limit.",
+    503: "Object storage, Redis or the KEK is unavailable, a Redis replica did not confirm a "
+    "write in time, or the server is at its limit.",
 }
 
 _HEADERS: dict[str, dict[str, Any]] = {

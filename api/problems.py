@@ -28,6 +28,7 @@ from services.errors import error_code, public_detail
 from services.open_stored import StoredObjectRefused
 from services.placement import BucketNotAllowed
 from services.reencrypt import ObjectTampered, RecipientNotHeld
+from services.replicas import NotReplicated
 from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,12 @@ _STATUS: dict[type[Exception], int] = {
 }
 
 
+def not_replicated(outcome: str) -> Problem:
+    """503 for a Redis write no replica confirmed in time (`NotReplicated`): a failover
+    could lose it, so it is not acknowledged; `outcome` says what became of it."""
+    return Problem(503, "redis-not-replicated", f"no Redis replica confirmed it in time: {outcome}")
+
+
 def from_domain_error(exc: Exception) -> Problem:
     """The problem for a key-store or object-store error, in words a client may read
     (`public_detail`); a server-side failure is logged in full."""
@@ -221,6 +228,11 @@ def install(app: FastAPI) -> None:
         problem = Problem(503, "job-store-unavailable", "the job store is not reachable")
         return problem.response(request.url.path)
 
+    async def unreplicated(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("answering 503 redis-not-replicated: %s", exc)
+        problem = not_replicated("not acknowledged; try again")
+        return problem.response(request.url.path)
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
             "unhandled %s on %s %s",
@@ -245,5 +257,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ObjectTampered, domain)
     app.add_exception_handler(RecipientNotHeld, domain)
     app.add_exception_handler(resumable.UploadRefused, domain)
+    app.add_exception_handler(NotReplicated, unreplicated)
     app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

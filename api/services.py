@@ -4,6 +4,7 @@ starting a job through them."""
 
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from anyio import CapacityLimiter
 from fastapi import Request
@@ -11,11 +12,21 @@ from redis.exceptions import RedisError
 
 from api.admission import Streams
 from api.keygen import KeyWork
-from api.problems import Problem
+from api.problems import Problem, not_replicated
 from api.tokens import TokenStore
 from sealstream.wiring import Parts
-from services.jobs import AnyParams, JobKind, JobRecord, JobRunner, QueueUnavailable, VerifyParams
+from services.jobs import (
+    AnyParams,
+    JobKind,
+    JobRecord,
+    JobRunner,
+    JobStatus,
+    QueueUnavailable,
+    TaskNotReplicated,
+    VerifyParams,
+)
 from services.placement import Placement
+from services.replicas import NotReplicated
 from storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -34,16 +45,41 @@ class Services(Parts):
     key_work: KeyWork
 
     def start_job(self, kind: JobKind, tenant: str, params: AnyParams) -> JobRecord:
-        """Save a new job record and hand the job to the runner; 503 if either cannot be
-        reached."""
+        """Save a new job record and hand the job to the runner, each confirmed by the
+        Redis replicas the settings ask for; 503 if either cannot be reached or is not
+        confirmed in time, and then the job never runs."""
         record = JobRecord.new(kind, tenant, params)
         try:
-            self.jobs.save(record)
+            self.jobs.create(record)
             self.runner.submit(record)
+        except (NotReplicated, TaskNotReplicated) as error:
+            logger.warning("answering 503 redis-not-replicated: %s", error)
+            self._withdraw(record)
+            raise not_replicated("the job was not started; start it again") from None
         except (RedisError, QueueUnavailable) as error:
             logger.warning("answering 503 job-queue-unavailable: %s", error)  # names its host
+            self._withdraw(record)
             raise Problem(503, "job-queue-unavailable", "the job queue is not reachable") from None
         return record
+
+    def _withdraw(self, record: JobRecord) -> None:
+        """Fail a job its client is told was not started (as far as Redis takes the
+        write), so that it never runs: a task of it already sent finds it finished, and
+        the sweep does not queue it again."""
+        now = datetime.now(UTC)
+        detail = "the job could not be queued, and its client was told it was not started"
+        failed = record.model_copy(
+            update={
+                "status": JobStatus.FAILED,
+                "finished_at": now,
+                "updated_at": now,
+                "error": {"code": "job-not-started", "detail": detail},
+            }
+        )
+        try:
+            self.jobs.save(failed)
+        except RedisError as error:
+            logger.warning("job %s: could not record it as not started: %s", record.id, error)
 
     def start_verify(self, tenant: str, placement: Placement) -> JobRecord:
         """Start verifying the object stored at `placement`."""
@@ -55,7 +91,7 @@ class Services(Parts):
         in storage, and the sweep queues it once the queue is back."""
         record = JobRecord.new(JobKind.VERIFY, tenant, _verify_params(placement))
         try:
-            self.jobs.save(record)
+            self.jobs.create(record)
             self.runner.submit(record)
         except (RedisError, QueueUnavailable) as error:
             logger.warning("parking verify job %s: the queue refused it: %s", record.id, error)

@@ -101,6 +101,23 @@ class Settings(BaseSettings):
         description="with a sentinel:// Redis URL, the name the sentinels monitor the "
         "primary under",
     )
+    redis_min_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Redis replicas that must confirm a job accepted, its task, a cancel "
+        "request and each resumable upload's generation (Redis WAIT) before the service "
+        "answers for it, so that a failover after the answer does not lose it; not "
+        "confirmed within SEALSTREAM_REDIS_REPLICA_TIMEOUT, 503 redis-not-replicated. "
+        "0: no waiting (as a single Redis needs)",
+    )
+    redis_replica_timeout: float = Field(
+        1.0,
+        gt=0,
+        le=4.0,
+        description="seconds (at most 4, under the 5 s the service gives Redis to answer) "
+        "to wait for SEALSTREAM_REDIS_MIN_REPLICAS replicas to confirm a write",
+    )
     kek_file: Path | None = Field(
         None,
         description="file holding the 32-byte key-encryption key (raw, 64 hex digits or "

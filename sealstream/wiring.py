@@ -39,6 +39,7 @@ from services.archives import ArchiveLimits
 from services.jobs import JobStore, MemoryJobStore, RedisJobStore
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
+from services.replicas import Replicas
 from services.resumable import Uploads
 from services.upload_anchor import UploadAnchor
 from storage import ObjectStore, StorageError, StorageUnavailable, open_store
@@ -84,7 +85,8 @@ class Parts:
             return None
         with configured("SEALSTREAM_REDIS_URL"):
             return UploadAnchor(
-                redis_client(self.settings.redis_url, self.settings.redis_sentinel_master)
+                redis_client(self.settings.redis_url, self.settings.redis_sentinel_master),
+                redis_replicas(self.settings),
             )
 
 
@@ -226,13 +228,23 @@ def _endpoint(setting: str, url: str | None) -> str | None:
     return url
 
 
+def redis_replicas(settings: Settings) -> Replicas:
+    """The Redis replicas that must confirm what the service answers for, and how long
+    it waits for them."""
+    return Replicas(settings.redis_min_replicas, settings.redis_replica_timeout)
+
+
 def open_job_store(settings: Settings, records: Records) -> JobStore:
     """Job records in Redis, or for the embedded default (no Redis) in this process."""
     ttl = timedelta(seconds=settings.job_ttl)
     if settings.redis_url:
         with configured("SEALSTREAM_REDIS_URL"):
             return RedisJobStore.from_url(
-                settings.redis_url, records, ttl, settings.redis_sentinel_master
+                settings.redis_url,
+                records,
+                ttl,
+                settings.redis_sentinel_master,
+                redis_replicas(settings),
             )
     return MemoryJobStore(records, ttl)
 

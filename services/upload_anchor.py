@@ -12,11 +12,22 @@ its state cannot bring it back.
 Redis also counts each tenant's open uploads (`admit`), for every API process: an upload
 is counted from its creation until it ends, or until its expiry should its end be lost
 (a crash), when the next count drops it.
+
+Each move is confirmed by the Redis replicas the settings ask for (`services.replicas`)
+before the state it anchors is written: a failover that lost a move would put Redis back
+at the generation of an older state, which a copy of that state would then match. A move
+that its replicas do not confirm is undone where it was made, and `NotReplicated` raised.
 """
 
+from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 
 import redis
+from redis.client import Pipeline
+from redis.exceptions import RedisError
+
+from services.replicas import UNCONFIRMED, NotReplicated, Replicas
 
 KEY_PREFIX = "sealstream:upload:"
 OPEN_PREFIX = "sealstream:uploads-open:"
@@ -47,8 +58,9 @@ class UploadAnchor:
     """Each upload's generation in Redis: `start`, `advance`, `current`, `end`; and each
     tenant's open uploads: `admit`, `free`."""
 
-    def __init__(self, client: "redis.Redis") -> None:
+    def __init__(self, client: "redis.Redis", replicas: Replicas = UNCONFIRMED) -> None:
         self._client = client
+        self._replicas = replicas
         self._advance = client.register_script(_ADVANCE)
         self._admit = client.register_script(_ADMIT)
 
@@ -63,14 +75,35 @@ class UploadAnchor:
         self._client.zrem(_open_key(tenant), upload)
 
     def start(self, upload: str, generation: int, expires_at: datetime) -> bool:
-        """Anchor a new upload at `generation`; False if its id is taken (or was)."""
-        set_ = self._client.set(_key(upload), str(generation), nx=True, px=_ttl(expires_at))
-        return bool(set_)
+        """Anchor a new upload at `generation`; False if its id is taken (or was). An
+        anchor not confirmed is left: its id is never used again."""
+        key, ttl = _key(upload), _ttl(expires_at)
+        (set_,) = self._replicas.write(
+            self._client, lambda pipe: pipe.set(key, str(generation), nx=True, px=ttl)
+        )
+        return set_ is not None
 
     def advance(self, upload: str, read: int, written: int) -> bool:
         """Move the upload from generation `read` to `written`; False if it was not at
         `read` (another request moved it, or the state was put back)."""
-        return bool(self._advance(keys=[_key(upload)], args=[str(read), str(written)]))
+        try:
+            (moved,) = self._replicas.write(self._client, self._move(upload, read, written))
+        except NotReplicated:
+            self._undo(upload, read, written)
+            raise
+        return bool(moved)
+
+    def _move(self, upload: str, read: int, written: int) -> Callable[[Pipeline], object]:
+        return lambda pipe: self._advance(
+            keys=[_key(upload)], args=[str(read), str(written)], client=pipe
+        )
+
+    def _undo(self, upload: str, read: int, written: int) -> None:
+        """Move an upload back from `written` to `read`, where no replica confirmed the
+        move and no state of `written` was written: the upload goes on from `read`."""
+        # Failing, Redis stays ahead of the state: the upload is refused, never rolled back.
+        with suppress(RedisError):
+            UNCONFIRMED.write(self._client, self._move(upload, written, read))
 
     def current(self, upload: str) -> str | None:
         """The generation anchored (as text), `GONE`, or None for none."""
@@ -80,10 +113,13 @@ class UploadAnchor:
     def end(self, upload: str, tenant: str, expires_at: datetime) -> None:
         """Leave a tombstone: the upload is finished or terminated, for good; its tenant
         no longer counts it."""
-        with self._client.pipeline() as both:
-            both.set(_key(upload), GONE, px=_ttl(expires_at))
-            both.zrem(_open_key(tenant), upload)
-            both.execute()
+        key, ttl, open_key = _key(upload), _ttl(expires_at), _open_key(tenant)
+
+        def both(pipe: Pipeline) -> None:
+            pipe.set(key, GONE, px=ttl)
+            pipe.zrem(open_key, upload)
+
+        self._replicas.write(self._client, both)
 
 
 def _key(upload: str) -> str:

@@ -3,11 +3,14 @@ backend: tuspy (the reference tus client) uploads, the object decrypts and its v
 checks the recorded frame chain; bytes sent again must be those sent before; another
 tenant finds no upload; terminated and expired uploads leave nothing pending; a state put
 back from an older copy, or an upload brought back after it ended, is refused with nothing
-sealed (its generation is anchored in Redis)."""
+sealed (its generation is anchored in Redis); a move of the generation a Redis replica
+does not confirm is refused and undone."""
 
 import base64
 import hashlib
 import io
+import os
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +24,7 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
+from services.replicas import Replicas
 from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState, staging_name
 from services.upload_anchor import UploadAnchor
 from storage import StorageUnavailable, integrity
@@ -29,6 +33,7 @@ from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_setti
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import finished_job, start_verify
+from tests.support.sentinel import MASTER, process_id
 from tests.test_api_objects import tenant_client
 
 if TYPE_CHECKING:
@@ -356,6 +361,32 @@ def test_a_finished_upload_cannot_be_brought_back_from_its_first_copies(
         problem(patch(client, url, 0, random_bytes(2 * FRAME, seed=14)), 404, "upload-not-found")
 
         assert store.get(names[1]) == copies[names[1]]
+        assert read_object(client, "up/obj").content == data
+
+
+def test_a_move_no_replica_confirms_is_refused_and_undone(
+    tmp_path: Path, sentinel: tuple[str, list[int]]
+) -> None:
+    """Each move of an upload's generation waits for a replica: one the replica does not
+    confirm (held back) is answered 503 and undone, so that the upload goes on from where
+    it was, rather than being refused as put back."""
+    url, (_, second, _) = sentinel
+    anchor = UploadAnchor(redis_client(url, MASTER), Replicas(1, 0.5))
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        api.parts.__dict__["upload_anchor"] = anchor
+        create_key(client)
+        location = create(client, 2 * FRAME)
+        replica = process_id(second)
+        os.kill(replica, signal.SIGSTOP)
+        try:
+            refused = patch(client, location, 0, random_bytes(FRAME, seed=21))
+        finally:
+            os.kill(replica, signal.SIGCONT)
+        problem(refused, 503, "redis-not-replicated")
+
+        assert offset_of(client, location) == 0
+        data = random_bytes(2 * FRAME, seed=22)
+        assert patch(client, location, 0, data).status_code == 204
         assert read_object(client, "up/obj").content == data
 
 

@@ -5,9 +5,11 @@ and runs; Celery's broker gets the same URL and the primary's name; credentials 
 part of such a URL are never shown."""
 
 import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -20,9 +22,22 @@ from services.jobs.redis_store import redis_client
 from storage.local import LocalStore
 from tests.support.data import MiB, random_chunks
 from tests.support.http import create_key
-from tests.support.jobs import finished_job, job_stack, placeholder_job, show, store_object
+from tests.support.jobs import (
+    JOBS,
+    finished_job,
+    job_stack,
+    placeholder_job,
+    show,
+    store_object,
+)
 from tests.support.ports import LOCALHOST
-from tests.support.sentinel import MASTER, primary_port, role
+from tests.support.sentinel import (
+    MASTER,
+    primary_port,
+    process_id,
+    role,
+    waiting_for_replicas,
+)
 from tests.support.waiting import wait_until
 from workers.celery_app import make_celery
 from workers.runner import CeleryRunner
@@ -105,6 +120,106 @@ def test_a_job_whose_record_a_failover_lost_is_put_back_from_its_task_and_runs(
         record = finished_job(client, lost.id, timeout=60)
         assert record["status"] == "succeeded" and record["attempts"] == 1, show(record)
         assert record["result"]["plaintextSha256"] == stored["plaintextSha256"]
+
+
+def test_a_job_answered_202_survives_a_failover_right_after_the_answer(
+    sentinel: tuple[str, list[int]], tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    url, (first, second, sentinel_port) = sentinel
+    # No worker until after the failover: the job can run only from a task the promoted
+    # replica has (no sweep runs here), not one a worker took from the old primary.
+    with (
+        job_stack(
+            tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER), workers=0, min_replicas=1
+        ) as stack,
+        stack.client() as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        create_key(client)
+        stored = store_object(client, "kept.bin", random_chunks(MiB, seed=9))
+        # The replica held back (stopped, its link up) while the job is asked for, then let
+        # go once the API waits for it: what it has not received when the answer comes, a
+        # failover loses.
+        replica = process_id(second)
+        os.kill(replica, signal.SIGSTOP)
+        try:
+            answer = pool.submit(client.post, f"{JOBS}/verify", json={"key": "kept.bin"})
+            wait_until(lambda: waiting_for_replicas(first), "the API to wait for the replica")
+        finally:
+            os.kill(replica, signal.SIGCONT)
+        response = answer.result()
+        assert response.status_code == 202, response.text
+        os.kill(process_id(first), signal.SIGKILL)
+        wait_until(lambda: primary_port(sentinel_port) == second, "the sentinel to promote it")
+
+        job = f"{JOBS}/{response.json()['id']}"
+        wait_until(lambda: client.get(job).status_code != 503, "the API to reach the new primary")
+        found = client.get(job)
+        assert found.status_code == 200, found.text
+        stack.start_worker()
+        record = finished_job(client, found.json()["id"], timeout=60)
+        assert record["status"] == "succeeded", show(record)
+        assert record["result"]["plaintextSha256"] == stored["plaintextSha256"]
+
+
+def test_a_job_task_is_sent_once_the_replica_has_it(
+    sentinel: tuple[str, list[int]], tmp_path: Path
+) -> None:
+    url, (first, second, sentinel_port) = sentinel
+    settings = Settings(
+        redis_url=url, redis_sentinel_master=MASTER, redis_min_replicas=1, redis_replica_timeout=4
+    )
+    reports = open_records(LocalStore(tmp_path / "reports"), LocalKek(os.urandom(32)))
+    jobs = RedisJobStore.from_url(url, reports, timedelta(seconds=TTL_SECONDS), MASTER)
+    runner = CeleryRunner(settings, jobs)
+    record = placeholder_job(JobKind.VERIFY, "default")
+    replica = process_id(second)
+    os.kill(replica, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(runner.submit, record)
+            wait_until(lambda: waiting_for_replicas(first), "the runner to wait for the replica")
+            os.kill(replica, signal.SIGCONT)
+            sent.result()
+    finally:
+        os.kill(replica, signal.SIGCONT)
+    os.kill(process_id(first), signal.SIGKILL)
+    wait_until(lambda: primary_port(sentinel_port) == second, "the sentinel to promote it")
+    promoted = redis.Redis(host=LOCALHOST, port=second, decode_responses=True)
+    tasks = cast(list[str], promoted.lrange("celery", 0, -1))
+    promoted.close()
+    runner.close()
+    assert [record.id in task for task in tasks] == [True]
+
+
+def test_a_job_no_replica_confirms_is_refused_503_and_never_runs(
+    sentinel: tuple[str, list[int]], tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    url, (first, second, _) = sentinel
+    with (
+        job_stack(
+            tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER), min_replicas=1
+        ) as stack,
+        stack.client() as client,
+    ):
+        create_key(client)
+        stored = store_object(client, "kept.bin", random_chunks(MiB, seed=10))
+        assert finished_job(client, stored["verifyJob"])["status"] == "succeeded"
+        os.kill(process_id(second), signal.SIGKILL)
+
+        response = client.post(f"{JOBS}/verify", json={"key": "kept.bin"})
+        assert response.status_code == 503, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == "redis-not-replicated"
+        primary = redis.Redis(host=LOCALHOST, port=first)
+        assert primary.llen("celery") == 0  # no task sent
+        primary.close()
+        listed = client.get(JOBS).json()["jobs"]
+        assert [job["id"] for job in listed if job["status"] in ("queued", "running")] == []
+        unstarted = [job for job in listed if job["id"] != stored["verifyJob"]]
+        assert [(job["status"], job["error"]["code"]) for job in unstarted] == [
+            ("failed", "job-not-started")
+        ], unstarted
 
 
 def test_a_sentinel_url_lists_sentinels_that_agree() -> None:

@@ -31,8 +31,9 @@ from redis.exceptions import RedisError
 
 from sealstream.memory import keep_freed_buffers
 from sealstream.settings import Settings
-from sealstream.wiring import Parts, build_parts
-from services.jobs import JobRecord, JobStore, QueueUnavailable, Submit
+from sealstream.wiring import Parts, build_parts, redis_replicas
+from services.jobs import JobRecord, JobStore, QueueUnavailable, Submit, TaskNotReplicated
+from services.replicas import NotReplicated, Replicas
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
 from workers.lifecycle import run_sweeps
 from workers.memory_limit import limit_address_space, memory_limit
@@ -79,12 +80,23 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def queue_job(app: Celery, store: JobStore, lifetime: timedelta, record: JobRecord) -> None:
+def queue_job(
+    app: Celery, store: JobStore, lifetime: timedelta, replicas: Replicas, record: JobRecord
+) -> None:
     """Send a saved job's task, carrying the record as `store` seals it for a task, valid
-    for `lifetime`; `QueueUnavailable` if the broker cannot take it."""
+    for `lifetime`, confirmed by `replicas`; `QueueUnavailable` if the broker cannot take
+    it, `TaskNotReplicated` if its replicas do not confirm it in time."""
     carried = store.sealed(record, lifetime)
     try:
-        app.send_task(RUN_JOB, args=[record.id], kwargs={"record": carried})
+        with app.producer_or_acquire() as producer:
+            kwargs = {"record": carried}
+            app.send_task(RUN_JOB, args=[record.id], kwargs=kwargs, producer=producer)
+            # Through the producer's channel, which it holds alone meanwhile: its pool's
+            # connections reach the primary that took the task.
+            with producer.channel.conn_or_acquire() as client:
+                replicas.confirm(client)
+    except NotReplicated as error:
+        raise TaskNotReplicated(str(error)) from error
     except (OperationalError, RedisError) as error:  # its words name the broker's host
         raise QueueUnavailable(str(error)) from error
 
@@ -153,5 +165,6 @@ def sweeps_task() -> dict[str, Any]:
 
 
 def _submit(services: Parts) -> Submit:
+    """How this worker queues jobs: as the API does."""
     lifetime = timedelta(seconds=services.settings.job_task_copy_ttl)
-    return partial(queue_job, app, services.jobs, lifetime)
+    return partial(queue_job, app, services.jobs, lifetime, redis_replicas(services.settings))

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from sealstream.settings import Settings
-from sealstream.wiring import Parts
+from sealstream.wiring import Parts, redis_replicas
 from services.jobs import JobRecord, JobRunner, JobStore
 from workers.celery_app import make_celery, queue_job
 from workers.execution import AUDIT_RETRY_AFTER, JobOutcome, run_job
@@ -19,15 +19,16 @@ logger = logging.getLogger(__name__)
 
 class CeleryRunner(JobRunner):
     """Sends each job to the Celery workers, by task name, with its record as `store`
-    seals it."""
+    seals it, confirmed by the Redis replicas the settings ask for."""
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self._app = make_celery(settings)
         self._store = store
         self._lifetime = timedelta(seconds=settings.job_task_copy_ttl)
+        self._replicas = redis_replicas(settings)
 
     def submit(self, record: JobRecord) -> None:
-        queue_job(self._app, self._store, self._lifetime, record)
+        queue_job(self._app, self._store, self._lifetime, self._replicas, record)
 
     def close(self) -> None:
         self._app.close()

@@ -29,7 +29,7 @@ from services.jobs.records import (
 )
 from services.jobs.redis_store import RedisJobStore
 from services.jobs.requeue import Submit, queue_parked, requeue_waiting
-from services.jobs.runner import JobRunner, QueueUnavailable
+from services.jobs.runner import JobRunner, QueueUnavailable, TaskNotReplicated
 from services.jobs.stale import fail_if_stale, sweep_stale
 from services.jobs.store import JobLease, JobStore
 
@@ -56,6 +56,7 @@ __all__ = [
     "ReencryptParams",
     "Submit",
     "Target",
+    "TaskNotReplicated",
     "VerifyParams",
     "VersionTarget",
     "chunk_id",

@@ -4,16 +4,19 @@
 
 from contextlib import suppress
 from datetime import datetime, timedelta
+from functools import partial
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.client import Pipeline
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
 from redis.sentinel import Sentinel
 
 from services.jobs.records import JobRecord, JobStatus
 from services.jobs.store import JobLease, JobStore
+from services.replicas import UNCONFIRMED, Replicas
 from storage.integrity import Records
 
 # Counts a finished job once: a flag per job (kept as long as its record) guards the
@@ -37,44 +40,59 @@ def _kind_and_status(field: str) -> tuple[str, str]:
 
 class RedisJobStore(JobStore):
     """Records as JSON strings with an expiry; a sorted set per tenant for listing; a hash
-    of finished-job counts, by kind and status."""
+    of finished-job counts, by kind and status. What the API answers for (a job created,
+    a cancel request) is confirmed by `replicas`."""
 
-    def __init__(self, client: redis.Redis, records: Records, ttl: timedelta) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        records: Records,
+        ttl: timedelta,
+        replicas: Replicas = UNCONFIRMED,
+    ) -> None:
         super().__init__(records, ttl)
         self._redis = client
+        self._replicas = replicas
         self._count_finished = client.register_script(_COUNT_FINISHED)
 
     @classmethod
     def from_url(
-        cls, url: str, records: Records, ttl: timedelta, sentinel_master: str
+        cls,
+        url: str,
+        records: Records,
+        ttl: timedelta,
+        sentinel_master: str,
+        replicas: Replicas = UNCONFIRMED,
     ) -> "RedisJobStore":
         """A store on the Redis at `url`; with a `sentinel://` URL, on the primary named
         `sentinel_master` that the sentinels listed in it answer for."""
-        return cls(redis_client(url, sentinel_master), records, ttl)
+        return cls(redis_client(url, sentinel_master), records, ttl, replicas)
 
     def save(self, record: JobRecord) -> None:
+        UNCONFIRMED.write(self._redis, partial(self._queue_save, record))
+
+    def create(self, record: JobRecord) -> None:
+        self._replicas.write(self._redis, partial(self._queue_save, record))
+
+    def _queue_save(self, record: JobRecord, pipe: Pipeline) -> None:
         seconds = int(self.ttl.total_seconds())
-        with self._redis.pipeline() as pipe:
-            pipe.set(f"sealstream:job:{record.id}", self._sealed(record), ex=seconds)
-            pipe.zadd(
-                f"sealstream:jobs:{record.tenant}", {record.id: record.created_at.timestamp()}
+        pipe.set(f"sealstream:job:{record.id}", self._sealed(record), ex=seconds)
+        pipe.zadd(f"sealstream:jobs:{record.tenant}", {record.id: record.created_at.timestamp()})
+        pipe.expire(f"sealstream:jobs:{record.tenant}", seconds)
+        if record.status is JobStatus.RUNNING:
+            pipe.sadd(_RUNNING, record.id)
+        else:
+            pipe.srem(_RUNNING, record.id)
+        if record.status is JobStatus.QUEUED:
+            pipe.zadd(_QUEUED, {record.id: record.created_at.timestamp()}, nx=True)
+        else:
+            pipe.zrem(_QUEUED, record.id)
+        if record.status.finished:
+            self._count_finished(
+                keys=[f"sealstream:job:{record.id}:counted", _FINISHED_COUNTS],
+                args=[seconds, f"{record.kind}/{record.status}"],
+                client=pipe,
             )
-            pipe.expire(f"sealstream:jobs:{record.tenant}", seconds)
-            if record.status is JobStatus.RUNNING:
-                pipe.sadd(_RUNNING, record.id)
-            else:
-                pipe.srem(_RUNNING, record.id)
-            if record.status is JobStatus.QUEUED:
-                pipe.zadd(_QUEUED, {record.id: record.created_at.timestamp()}, nx=True)
-            else:
-                pipe.zrem(_QUEUED, record.id)
-            if record.status.finished:
-                self._count_finished(
-                    keys=[f"sealstream:job:{record.id}:counted", _FINISHED_COUNTS],
-                    args=[seconds, f"{record.kind}/{record.status}"],
-                    client=pipe,
-                )
-            pipe.execute()
 
     def _load(self, job_id: str) -> str | None:
         raw = self._redis.get(f"sealstream:job:{job_id}")
@@ -85,7 +103,10 @@ class RedisJobStore(JobStore):
         return [str(job_id) for job_id in cast(list[str], ids)]
 
     def request_cancel(self, job_id: str) -> None:
-        self._redis.set(f"sealstream:job:{job_id}:cancel", "1", ex=int(self.ttl.total_seconds()))
+        seconds = int(self.ttl.total_seconds())
+        self._replicas.write(
+            self._redis, lambda pipe: pipe.set(f"sealstream:job:{job_id}:cancel", "1", ex=seconds)
+        )
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self._redis.exists(f"sealstream:job:{job_id}:cancel"))

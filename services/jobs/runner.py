@@ -12,6 +12,11 @@ class QueueUnavailable(Exception):
     """The job could not be queued: the broker cannot be reached."""
 
 
+class TaskNotReplicated(QueueUnavailable):
+    """The job's task was sent, but fewer Redis replicas than asked for confirmed it in
+    time: a failover could lose it."""
+
+
 class JobRunner(ABC):
     @abstractmethod
     def submit(self, record: JobRecord) -> None:

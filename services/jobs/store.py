@@ -75,6 +75,12 @@ class JobStore(ABC):
     def save(self, record: JobRecord) -> None:
         """Store the whole record (create or replace) with a fresh expiry."""
 
+    def create(self, record: JobRecord) -> None:
+        """Save a new job's record before its client is told of it: confirmed by the
+        Redis replicas the store waits for, if it has any (`NotReplicated` if they do not
+        confirm)."""
+        self.save(record)
+
     def load(self, job_id: str) -> JobRecord | None:
         """The live record, if it has not expired or been lost; `RecordTampered` if the
         one stored is not authentic."""

@@ -365,6 +365,8 @@ def _start(the: Cluster, tls_key: Path) -> None:
         "SEALSTREAM_REDIS_URL": the.redis_url,
         "SEALSTREAM_REDIS_SENTINEL_MASTER": SENTINEL_MASTER,
         "SEALSTREAM_S3_PART_SIZE": str(MIN_PART_SIZE),
+        # What the service answers for waits for the replica, which a failover promotes.
+        "SEALSTREAM_REDIS_MIN_REPLICAS": "1",
         **JOB_SETTINGS,
     }
     the.env = common

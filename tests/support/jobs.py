@@ -42,6 +42,9 @@ FINAL = frozenset({"succeeded", "failed", "cancelled"})
 VISIBILITY_TIMEOUT = 4
 LEASE_TTL = 3.0
 STALE_AFTER = 20
+# The longest the settings allow, so that a replica a test holds back for a moment and
+# then lets go confirms in time.
+REPLICA_TIMEOUT = 4.0
 
 
 # A job stack
@@ -88,6 +91,8 @@ def worker_environment(settings: Settings, s3_endpoint: str) -> dict[str, str]:
         "SEALSTREAM_KEK_FILE": str(settings.kek_file),
         "SEALSTREAM_REDIS_URL": settings.redis_url,
         "SEALSTREAM_REDIS_SENTINEL_MASTER": settings.redis_sentinel_master,
+        "SEALSTREAM_REDIS_MIN_REPLICAS": str(settings.redis_min_replicas),
+        "SEALSTREAM_REDIS_REPLICA_TIMEOUT": str(settings.redis_replica_timeout),
         "SEALSTREAM_JOB_VISIBILITY_TIMEOUT": str(settings.job_visibility_timeout),
         "SEALSTREAM_JOB_STALE_AFTER": str(settings.job_stale_after),
         "SEALSTREAM_JOB_LEASE_TTL": str(settings.job_lease_ttl),
@@ -111,11 +116,13 @@ def job_stack(
     requeue_after: int = 300,
     task_copy_ttl: int = 3600,
     sentinel: tuple[str, str] | None = None,
+    min_replicas: int = 0,
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
     through an `S3FaultProxy`, unpaced to begin with (the API does not); with `sentinel`
     (a `sentinel://` URL and the primary's name), on that Redis Sentinel group rather
-    than a redis-server of its own."""
+    than a redis-server of its own, whose `min_replicas` replicas must confirm what the
+    service answers for."""
     with ExitStack() as exits:
         redis = None
         if sentinel is None:
@@ -138,6 +145,8 @@ def job_stack(
             job_stale_after=stale_after,
             job_requeue_after=requeue_after,
             job_task_copy_ttl=task_copy_ttl,
+            redis_min_replicas=min_replicas,
+            redis_replica_timeout=REPLICA_TIMEOUT,
         )
         app = create_app(settings)
         url = exits.enter_context(api_server(app))

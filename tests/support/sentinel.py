@@ -50,6 +50,7 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
             stack.callback(terminate, process)
             wait_until(partial(answers, port), f"redis-server on {port}")
+        wait_until(lambda: _linked(ports[1]), "the replica to copy the primary")
         config = tmp_path / "sentinel.conf"
         config.write_text(
             f"port {sentinel_port}\nbind {LOCALHOST}\n"
@@ -62,7 +63,29 @@ def sentinel_group(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
         )
         stack.callback(terminate, process)
         wait_until(lambda: answers(sentinel_port), "redis-sentinel")
+        wait_until(lambda: _promotable(sentinel_port), "the sentinel to find the replica")
         yield f"sentinel://{LOCALHOST}:{sentinel_port}/0", [*ports, sentinel_port]
+
+
+def _linked(replica_port: int) -> bool:
+    client = redis.Redis(host=LOCALHOST, port=replica_port, decode_responses=True)
+    try:
+        return client.info("replication").get("master_link_status") == "up"
+    finally:
+        client.close()
+
+
+def _promotable(sentinel_port: int) -> bool:
+    """Whether the sentinel knows a replica it could promote."""
+    client = redis.Redis(host=LOCALHOST, port=sentinel_port, decode_responses=True)
+    try:
+        replicas = client.sentinel_slaves(MASTER)
+    finally:
+        client.close()
+    return any(
+        not replica["is_sdown"] and replica.get("master-link-status") == "ok"
+        for replica in replicas
+    )
 
 
 def primary_port(sentinel_port: int) -> int:
@@ -81,3 +104,22 @@ def role(port: int) -> str:
         return str(client.info("replication")["role"])
     finally:
         client.close()
+
+
+def process_id(port: int) -> int:
+    """The process of the redis-server on `port`, for a test to stop or kill."""
+    client = redis.Redis(host=LOCALHOST, port=port, decode_responses=True)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+def waiting_for_replicas(port: int) -> bool:
+    """Whether a client of the server on `port` is blocked in WAIT for its replicas."""
+    client = redis.Redis(host=LOCALHOST, port=port, decode_responses=True)
+    try:
+        clients = client.client_list()
+    finally:
+        client.close()
+    return any(entry["cmd"] == "wait" and "b" in entry["flags"] for entry in clients)
