@@ -7,7 +7,9 @@ data key exists only wrapped in it), its part upload started, and its state seal
 (`storage.integrity`) under
 
     sealstream/uploads/<id>.json      the state: part upload, header, offset, parts, ...
-    sealstream/uploads/<id>.staged    ciphertext of the current part so far (header first)
+    sealstream/uploads/<id>.<g>.staged  ciphertext of the current part so far (header
+                                      first), written by the request that held
+                                      generation g of the state
 
 The message is laid out from the length: frame i (from 1) is regular but for the last,
 number length // frame length + 1, which holds the rest (perhaps nothing); a part holds a
@@ -15,19 +17,23 @@ whole number of frames (the first, the header too), at least S3's 5 MiB, and at 
 10,000 parts make the message. Whatever request seals frame i, it seals the same frame.
 
 A PATCH takes plaintext from the acknowledged offset on, always a frame boundary. Whole
-frames are sealed a batch at a time (up to the end of the current part), in three steps:
+frames are sealed a batch at a time (up to the end of the current part), in four steps:
 
-1. the HMAC of each frame's plaintext, under a key derived for this alone and bound to
-   the upload and the frame's number, goes into the state, written before anything is
-   sealed; a frame whose HMAC is there already must have the very same plaintext, or the
-   request is refused (409) with nothing sealed;
+1. each frame's plaintext is hashed (SHA-256) as it arrives, and its HMAC, under a key
+   derived for this alone and bound to the upload and the frame's number, taken over
+   that digest; a frame whose HMAC is in the state already must have the very same
+   plaintext, or the request is refused (409) before that frame is sealed;
 2. the frames are sealed (by `envelope.message.resume_message`'s sealer, under the
-   frame's number as IV) and stored: a part once full, else the staging object;
-3. the state acknowledges the new offset.
+   frame's number as IV);
+3. their HMACs go into the state, written before any of their ciphertext is stored;
+4. they are stored, a part once full, else the staging object, while the next batch is
+   sealed; the next write of the state (3, or the PATCH's last) acknowledges them once
+   their store has returned.
 
 A frame sealed twice is thus sealed from the same bytes into the same bytes: a (key, IV)
-never seals two plaintexts, even when a crash came between steps 2 and 3 and the client
-sends other bytes. A partial frame's plaintext is only ever in memory, and is sent again.
+never seals two plaintexts, even when a crash came between steps 4 and its
+acknowledgement and the client sends other bytes. A partial frame's plaintext is only
+ever in memory, and is sent again.
 
 Every write of the state is conditional on the state read (its etag): a PATCH holds the
 upload's lock (`locked_until`), and one that finds it held is refused (423). The chain
