@@ -21,7 +21,7 @@ from services.jobs import JobKind, JobRecord, RedisJobStore, VerifyParams
 from services.jobs.redis_store import redis_client
 from storage.local import LocalStore
 from tests.support.data import MiB, random_chunks
-from tests.support.http import create_key
+from tests.support.http import create_key, problem
 from tests.support.jobs import (
     JOBS,
     finished_job,
@@ -192,34 +192,34 @@ def test_a_job_task_is_sent_once_the_replica_has_it(
     assert [record.id in task for task in tasks] == [True]
 
 
-def test_a_job_no_replica_confirms_is_refused_503_and_never_runs(
+def test_what_no_replica_confirms_is_refused_503_and_no_job_is_left_to_run(
     sentinel: tuple[str, list[int]], tmp_path: Path, moto_endpoint: str, s3_bucket: str
 ) -> None:
     url, (first, second, _) = sentinel
+    # No worker: the stored object's verify job stays queued, to be asked to cancel.
     with (
         job_stack(
-            tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER), min_replicas=1
+            tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER), workers=0, min_replicas=1
         ) as stack,
         stack.client() as client,
     ):
         create_key(client)
         stored = store_object(client, "kept.bin", random_chunks(MiB, seed=10))
-        assert finished_job(client, stored["verifyJob"])["status"] == "succeeded"
         os.kill(process_id(second), signal.SIGKILL)
 
-        response = client.post(f"{JOBS}/verify", json={"key": "kept.bin"})
-        assert response.status_code == 503, response.text
-        assert response.headers["content-type"] == "application/problem+json"
-        assert response.json()["code"] == "redis-not-replicated"
+        problem(
+            client.post(f"{JOBS}/verify", json={"key": "kept.bin"}), 503, "redis-not-replicated"
+        )
+        cancel = client.post(f"{JOBS}/{stored['verifyJob']}/cancel")
+        problem(cancel, 503, "redis-not-replicated")
         primary = redis.Redis(host=LOCALHOST, port=first)
-        assert primary.llen("celery") == 0  # no task sent
+        assert primary.llen("celery") == 1  # the stored object's verify task alone
         primary.close()
         listed = client.get(JOBS).json()["jobs"]
-        assert [job["id"] for job in listed if job["status"] in ("queued", "running")] == []
-        unstarted = [job for job in listed if job["id"] != stored["verifyJob"]]
-        assert [(job["status"], job["error"]["code"]) for job in unstarted] == [
+        others = [job for job in listed if job["id"] != stored["verifyJob"]]
+        assert [(job["status"], job["error"]["code"]) for job in others] == [
             ("failed", "job-not-started")
-        ], unstarted
+        ], others
 
 
 def test_a_sentinel_url_lists_sentinels_that_agree() -> None:
