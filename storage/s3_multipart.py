@@ -36,6 +36,7 @@ MAX_PARTS = 10_000
 PARTS_PER_SIZE_STEP = 1_000
 DEFAULT_PART_SIZE = 8 * MIB
 DEFAULT_MAX_IN_FLIGHT = 4
+FIRST_BUFFER_BYTES = 64 * 1024  # the first part's buffer at first, grown as it fills
 # Each part carries its CRC32C, which the server checks on arrival, and the upload declares
 # it, so completing joins the parts' checksums (S3's composite checksum) instead of
 # reading the whole object again for a full-object one (what S3 and moto compute for an
@@ -97,15 +98,29 @@ class S3MultipartWriter(MultipartWriter):
         offset = 0
         while offset < view.nbytes:
             self._check_part_count()
-            if not self._filled:
-                self._buffer = bytearray(self._part_size())
+            self._make_room(view.nbytes - offset)
             room = len(self._buffer) - self._filled
             taken = view[offset : offset + room]
             self._buffer[self._filled : self._filled + taken.nbytes] = taken
             self._filled += taken.nbytes
             offset += taken.nbytes
-            if taken.nbytes == room:
+            if self._filled == self._part_size():
                 self._ship_buffer()
+
+    def _make_room(self, wanted: int) -> None:
+        """Room in the part being filled for up to `wanted` more bytes. A part's buffer
+        is allocated at its full size, but the first part's only as it fills, doubling:
+        most objects are far smaller than a part (records, markers, small members), and
+        a whole part zeroed for each cost more CPU than sealing it. The doublings copy
+        less than one part's worth, once an object."""
+        if self._filled < len(self._buffer):
+            return
+        size = self._part_size()
+        if self._part_number == 1:
+            size = min(size, max(FIRST_BUFFER_BYTES, 2 * self._filled, self._filled + wanted))
+        grown = bytearray(size)
+        grown[: self._filled] = self._buffer  # full: all of it is filled
+        self._buffer = grown
 
     def _part_size(self) -> int:
         return part_size_for(self._part_number, self._first_part_size)

@@ -5,6 +5,7 @@ and the network."""
 import hashlib
 import os
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from storage import (
     StorageError,
     StorageUnavailable,
     part_size_for,
+    s3_multipart,
 )
 from tests.support.ports import free_port
 
@@ -291,3 +293,30 @@ def test_a_put_answered_with_a_date_that_does_not_parse_is_stored_all_the_same(
     assert stored.size == 8
     assert before <= stored.last_modified <= datetime.now(UTC)
     assert store.get("small") == b"a record"
+
+
+def test_a_first_part_is_buffered_as_it_fills_and_pieces_across_it_arrive_whole(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    store = make_s3_store()
+    tracemalloc.start()
+    try:
+        with store.multipart("small") as writer:
+            writer.write(b"s" * 4096)
+            held = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(inclusive=True, filename_pattern=s3_multipart.__file__)]
+            )
+            writer.complete()
+    finally:
+        tracemalloc.stop()
+    # Not a whole part's buffer (5 MiB here) for an object of 4 KiB.
+    assert sum(stat.size for stat in held.statistics("filename")) < MIN_PART_SIZE // 4
+    assert store.get("small") == b"s" * 4096
+
+    data = os.urandom(MIN_PART_SIZE + 3 * 4099)
+    with store.multipart("pieces") as writer:
+        for start in range(0, len(data), 4099):
+            writer.write(data[start : start + 4099])
+        writer.complete()
+    assert store.get("pieces") == data
+    assert store.head("pieces").etag.endswith("-2")  # one full part, then the rest
