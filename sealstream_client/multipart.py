@@ -86,7 +86,9 @@ class MultipartBody:
         yield self._closing
 
     def _file_part(self, source: Source) -> Iterator[bytes | FileSpan]:
-        if self._source_size is not None and isinstance(source, _PLAIN_FILES):
+        # Only a span of some bytes: sendfile refuses a count of 0 (an empty file, or
+        # one read to its end), which then goes the way of any other source.
+        if self._source_size and isinstance(source, _PLAIN_FILES):
             span = FileSpan(source, source.tell(), self._source_size)
             yield span
             self.bytes_sent += span.sent

@@ -449,6 +449,23 @@ def test_a_file_goes_from_where_it_is_read(client: SealstreamClient, tmp_path: P
     assert opened.getvalue() == data[1000:]
 
 
+@local_only
+@pytest.mark.parametrize("read_first", [0, 10], ids=["empty", "read-to-its-end"])
+def test_a_plain_file_with_nothing_left_round_trips(
+    client: SealstreamClient, tmp_path: Path, read_first: int
+) -> None:
+    """A regular file with no bytes left to send is sent as an empty body, not handed to
+    sendfile (which refuses to send 0 bytes, and the upload hung until the server gave up)."""
+    path = tmp_path / "nothing-left"
+    path.write_bytes(b"x" * read_first)
+    sealed, opened = io.BytesIO(), io.BytesIO()
+    with path.open("rb") as file:
+        file.read(read_first)
+        assert client.encrypt(KID, file, sealed).bytes_sent == 0
+    client.decrypt(sealed.getvalue(), opened)
+    assert opened.getvalue() == b""
+
+
 def sealstream(
     api: Api, *args: str, stdin: bytes | None = None, token: str | None = ADMIN_TOKEN
 ) -> "subprocess.CompletedProcess[str]":
