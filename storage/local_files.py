@@ -17,6 +17,7 @@ import fcntl
 import logging
 import mmap
 import os
+import threading
 import uuid
 from concurrent.futures import Future
 from contextlib import suppress
@@ -109,8 +110,7 @@ class UncachedFile:
             return  # the filesystem writes through its cache only
         if self._head:
             self._set_direct(False)  # until the boundary
-        # Anonymous memory is page-aligned, as O_DIRECT wants its buffers and lengths.
-        self._stages = [mmap.mmap(-1, stage_bytes), mmap.mmap(-1, stage_bytes)]
+        self._stages = [_SPARE_STAGES.take(stage_bytes), _SPARE_STAGES.take(stage_bytes)]
 
     def write(self, data: memoryview) -> None:
         if self._head and self._stages:
@@ -149,7 +149,7 @@ class UncachedFile:
         with suppress(OSError):  # closing: what was written no longer matters
             self._wait()
         for stage in self._stages:
-            stage.close()
+            _SPARE_STAGES.give_back(stage)
         self._stages = []
         if self._descriptor >= 0:
             os.close(self._descriptor)
@@ -177,6 +177,42 @@ class UncachedFile:
         flags = fcntl.fcntl(self._descriptor, fcntl.F_GETFL)
         flags = flags | os.O_DIRECT if direct else flags & ~os.O_DIRECT
         fcntl.fcntl(self._descriptor, fcntl.F_SETFL, flags)
+
+
+class _SpareStages:
+    """Stages closed files gave back, for the next: a fresh one costs the faults and
+    zeroing of its pages as it fills, about as much as writing them out again for a file
+    of a few stages (a resumable upload's part). Each holds only what a file of the
+    store held. A forked child starts with none: anonymous mappings are shared with the
+    parent, whose files may be filling them."""
+
+    KEPT = 4
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._stages: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap:
+        """A stage of `size` bytes: anonymous memory, page-aligned as O_DIRECT wants."""
+        with self._lock:
+            for index, stage in enumerate(self._stages):
+                if len(stage) == size:
+                    return self._stages.pop(index)
+        return mmap.mmap(-1, size)
+
+    def give_back(self, stage: mmap.mmap) -> None:
+        with self._lock:
+            if len(self._stages) < self.KEPT:
+                self._stages.append(stage)
+                return
+        stage.close()
+
+
+_SPARE_STAGES = _SpareStages()
 
 
 def _write_staged(descriptor: int, stage: mmap.mmap, length: int, position: int) -> None:

@@ -254,6 +254,19 @@ def test_an_uncached_file_written_from_offsets_holds_each_piece_beside_its_neigh
     assert path.read_bytes() == data
 
 
+def test_a_file_written_after_another_holds_only_its_own_bytes(tmp_path: Path) -> None:
+    """Stages go from a closed file to the next (their pages already faulted in): what
+    one held never reaches the next, whose stages and tail are written to its length."""
+    for name, size, byte in (("long", 3 * STAGE + 5000, b"\xaa"), ("short", STAGE + 100, b"\x55")):
+        file = UncachedFile(tmp_path / name, stage_bytes=STAGE)
+        try:
+            file.write(memoryview(byte * size))
+            file.sync()
+        finally:
+            file.close()
+    assert (tmp_path / "short").read_bytes() == b"\x55" * (STAGE + 100)
+
+
 def test_a_staged_buffer_goes_to_disk_while_the_next_fills_and_its_failure_is_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
