@@ -345,11 +345,13 @@ class LocalStore(ObjectStore):
         path = self._object_path(key)
         staged = self.root / META_DIR / f"{TEMP_PREFIX}{uuid.uuid4().hex}.json"
         try:
+            # The batch's lock is taken by whichever committer leads: its failure too is
+            # raised to each as a storage error, never an OSError quoting the store's path.
             with self._os_errors(key):
                 write_synced(staged, sidecar)
-            self._commits.commit(
-                _Commit(key, path, temp, self._sidecar_path(key), staged, if_absent, if_match)
-            )
+                self._commits.commit(
+                    _Commit(key, path, temp, self._sidecar_path(key), staged, if_absent, if_match)
+                )
         finally:
             with suppress(OSError):  # renamed into place, or a leftover of no one's
                 staged.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from storage import (
     LocalStore,
     ObjectExists,
     StorageError,
+    StorageUnavailable,
     local_files,
 )
 from storage.commit_group import CommitGroup
@@ -148,6 +149,21 @@ def test_a_removed_directory_is_a_missing_bucket(local: LocalStore) -> None:
         local.head("k")
     with pytest.raises(BucketNotFound):
         local.put("k", b"x")
+
+
+def test_a_lock_that_cannot_be_taken_fails_a_write_as_a_storage_error(
+    local: LocalStore,
+) -> None:
+    """A commit whose batch cannot take the lock fails with a storage error (answered as
+    one), not an OSError that names the store's own path."""
+    local.put("k", b"x")
+    lock = local.root / ".meta" / ".lock"
+    lock.unlink()
+    lock.symlink_to(lock.name)  # opening it loops: ELOOP
+
+    with pytest.raises(StorageUnavailable) as refused:
+        local.put("k2", b"y")
+    assert str(local.root) not in str(refused.value)
 
 
 # Only its owner can read the store
