@@ -98,6 +98,7 @@ class ObjectSealer:
         self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
         self._overwrite = overwrite
+        self._replacing = replacing
         self._record_in_metadata = record_in_metadata
         self._metadata = object_metadata(sealing)
         self._writer = placement.store.multipart(
@@ -146,24 +147,12 @@ class ObjectSealer:
         intent, make it visible, record it, and drop the marker of the object it
         replaced, if that was of another version."""
         self._send(self._sealing.encryptor.finish())
-        placement, sealing = self._placement, self._sealing
+        if self._overwrite and self._replacing is None and self._record_in_metadata:
+            written = self._complete_where_free()
+            if written is not None:
+                return written
         replaced = self._replaced()
-        version = sealing.key.primary_version
-        marker = Marker.new(
-            sealing.tenant, sealing.key.kid, version, placement.bucket, placement.storage_key
-        )
-        intent = intended_record(
-            sealing,
-            placement.bucket,
-            placement.storage_key,
-            self._digest.hexdigest(),
-            self._written,
-            replaced,
-        )
-        if self._name_key is not None:  # the intent tells no more than the record
-            intent = hidden_plaintext(intent, self._name_key)
-        if self._job_id is not None:
-            intent = intent.model_copy(update={"job_id": self._job_id})
+        marker, intent = self._intended(replaced)
         if self._sends_record(intent):
             return self._complete_recorded(marker, intent, replaced)
         # Before the object can be seen: the index never misses an object it holds, and
@@ -188,6 +177,43 @@ class ObjectSealer:
             drop_intent(self._records, intent)
         self._inventory.moved(replaced, record)
         return record
+
+    def _intended(self, replaced: ObjectRecord | None) -> tuple[Marker, ObjectRecord]:
+        """The object's marker, and its record's intent over the object `replaced`."""
+        placement, sealing = self._placement, self._sealing
+        marker = Marker.new(
+            sealing.tenant,
+            sealing.key.kid,
+            sealing.key.primary_version,
+            placement.bucket,
+            placement.storage_key,
+        )
+        intent = intended_record(
+            sealing,
+            placement.bucket,
+            placement.storage_key,
+            self._digest.hexdigest(),
+            self._written,
+            replaced,
+        )
+        if self._name_key is not None:  # the intent tells no more than the record
+            intent = hidden_plaintext(intent, self._name_key)
+        if self._job_id is not None:
+            intent = intent.model_copy(update={"job_id": self._job_id})
+        return marker, intent
+
+    def _complete_where_free(self) -> ObjectRecord | None:
+        """Complete an object that carries its record as over nothing, if its key is
+        free: most keys an overwrite names are, and only a taken one needs the record of
+        what it replaces read first. None if the key is taken (its marker then written,
+        as the completion over what is there will want it) or the object is too large to
+        carry its record."""
+        marker, intent = self._intended(None)
+        if not self._sends_record(intent):
+            return None
+        self._inventory.add(marker)  # one left by a failure is one too many: harmless
+        info = self._writer.complete_if_absent()
+        return None if info is None else intent.model_copy(update={"etag": info.etag})
 
     def _sends_record(self, intent: ObjectRecord) -> bool:
         """Whether the object is to carry its record, and will (small enough)."""

@@ -139,6 +139,21 @@ class MultipartWriter(Scoped):
         self._state = _WriterState.COMPLETED
         return info
 
+    def complete_if_absent(self) -> ObjectInfo | None:
+        """`complete()` on the condition that the key is free, whatever the writer was
+        opened with, for an object sent whole (`send_whole`) by a writer opened without
+        `if_match`: None if the key is taken, the writer left open with its bytes, to be
+        completed as opened (or aborted)."""
+        self._require_open()
+        try:
+            info = self._complete_if_absent()
+        except BaseException:
+            self.abort()
+            raise
+        if info is not None:
+            self._state = _WriterState.COMPLETED
+        return info
+
     def abort(self) -> None:
         """Discard everything written; idempotent, and a no-op after `complete()`."""
         if self._state is not _WriterState.OPEN:
@@ -163,6 +178,10 @@ class MultipartWriter(Scoped):
     @abstractmethod
     def _complete(self) -> ObjectInfo:
         """Make the object visible and describe it."""
+
+    @abstractmethod
+    def _complete_if_absent(self) -> ObjectInfo | None:
+        """Make the object visible if its key is free; None, and nothing changed, if not."""
 
     @abstractmethod
     def _abort(self) -> None:

@@ -519,6 +519,7 @@ class _LocalWriter(MultipartWriter):
         self.path = path = store._object_path(key)  # noqa: SLF001
         self.temp = temp_beside(path)
         self._file = store._created(key, self.temp, UncachedFile)  # noqa: SLF001
+        self._modified: float | None = None  # once the file is synced
 
     def _write(self, view: memoryview) -> None:
         with self._store._os_errors(self.key):  # noqa: SLF001
@@ -529,15 +530,28 @@ class _LocalWriter(MultipartWriter):
         return True
 
     def _complete(self) -> ObjectInfo:
+        return self._complete_as(if_absent=self.if_absent, if_match=self.if_match)
+
+    def _complete_if_absent(self) -> ObjectInfo | None:
+        if self.if_match is not None:
+            raise StorageError("only an object written unconditionally can be", self.key)
+        try:
+            return self._complete_as(if_absent=True, if_match=None)
+        except ObjectExists:
+            return None  # the file stays, synced, for a completion as opened
+
+    def _complete_as(self, *, if_absent: bool, if_match: str | None) -> ObjectInfo:
         # A version token, not a digest: an etag only has to change when the object does,
         # and a digest would take another pass over every byte stored.
         etag = uuid.uuid4().hex
-        with self._store._os_errors(self.key):  # noqa: SLF001
-            modified = self._file.sync().st_mtime
-            self._file.close()
+        if self._modified is None:  # synced once, whichever completion comes first
+            with self._store._os_errors(self.key):  # noqa: SLF001
+                self._modified = self._file.sync().st_mtime
+                self._file.close()
+        modified = self._modified
         sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
         self._store._commit(  # noqa: SLF001
-            self.key, self.temp, sidecar, if_absent=self.if_absent, if_match=self.if_match
+            self.key, self.temp, sidecar, if_absent=if_absent, if_match=if_match
         )
         return ObjectInfo(
             key=self.key,

@@ -137,7 +137,7 @@ class S3MultipartWriter(MultipartWriter):
 
     def _complete(self) -> ObjectInfo:
         if self._upload_id is None:
-            return self._put_whole()
+            return self._put_whole(if_absent=self._if_absent)
         self._complete_upload()
         return self._describe(self.key)
 
@@ -213,9 +213,9 @@ class S3MultipartWriter(MultipartWriter):
             "UploadId": self._upload_id,
             "MultipartUpload": {"Parts": parts},
         }
-        self._add_condition(request)
+        self._add_condition(request, if_absent=self._if_absent)
         self._check_condition()
-        with self._condition_errors():
+        with self._condition_errors(if_absent=self._if_absent):
             self._client.complete_multipart_upload(**request)
 
     def _check_condition(self) -> None:
@@ -234,7 +234,15 @@ class S3MultipartWriter(MultipartWriter):
                 f"the object is no longer the version {self._if_match}", self.key
             )
 
-    def _put_whole(self) -> ObjectInfo:
+    def _complete_if_absent(self) -> ObjectInfo | None:
+        if self._upload_id is not None or self._if_match is not None:
+            raise StorageError("only an object sent whole, unconditionally, can be", self.key)
+        try:
+            return self._put_whole(if_absent=True)
+        except ObjectExists:
+            return None
+
+    def _put_whole(self, *, if_absent: bool) -> ObjectInfo:
         """Store an object smaller than one part (or empty) with a single PUT, described
         by its answer: a HEAD after it would double the round trips of every small
         object (records, markers, archive members)."""
@@ -244,8 +252,8 @@ class S3MultipartWriter(MultipartWriter):
             "Body": as_body(self._buffer[: self._filled]),
             "Metadata": self._metadata,
         }
-        self._add_condition(request)
-        with self._condition_errors():
+        self._add_condition(request, if_absent=if_absent)
+        with self._condition_errors(if_absent=if_absent):
             response = self._client.put_object(**request)
         return ObjectInfo(
             key=self.key,
@@ -256,17 +264,20 @@ class S3MultipartWriter(MultipartWriter):
         )
 
     def _add_condition(
-        self, request: "PutObjectRequestTypeDef | CompleteMultipartUploadRequestTypeDef"
+        self,
+        request: "PutObjectRequestTypeDef | CompleteMultipartUploadRequestTypeDef",
+        *,
+        if_absent: bool,
     ) -> None:
-        """Make the request that makes the object visible carry the writer's condition."""
-        if self._if_absent:
+        """Make the request that makes the object visible carry its condition."""
+        if if_absent:
             request["IfNoneMatch"] = "*"
         if self._if_match is not None:
             request["IfMatch"] = entity_tag(self._if_match)
 
-    def _condition_errors(self) -> AbstractContextManager[None]:
+    def _condition_errors(self, *, if_absent: bool) -> AbstractContextManager[None]:
         """Errors of the request that makes the object visible: a 412 is the lost condition."""
-        conflict = ObjectExists if self._if_absent else PreconditionFailed
+        conflict = ObjectExists if if_absent else PreconditionFailed
         return s3_errors(self.key, conflict=conflict)
 
 

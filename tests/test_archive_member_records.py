@@ -18,9 +18,9 @@ from keystore import KeyStore
 from sealstream.wiring import build_parts
 from services.inventory import Inventory
 from services.retirement import Retirements
-from storage import ObjectNotFound, ObjectStore
+from storage import ObjectInfo, ObjectNotFound, ObjectStore
 from storage.local import LocalStore
-from storage.records import INTENTS_PREFIX, RECORD_METADATA, record_key
+from storage.records import INTENTS_PREFIX, RECORD_METADATA, object_record, record_key
 from tests.conftest import Api
 from tests.support.data import random_bytes, tar_archive
 from tests.support.http import (
@@ -222,3 +222,39 @@ def test_destruction_waits_while_a_rolled_back_member_uses_the_version(api: Api)
 
         assert client.delete("/api/objects/out/x").status_code == 204
         assert retirements.destroy_due() == [f"default/{KID}#1"]
+
+
+def test_members_over_free_keys_read_nothing_first_and_over_taken_ones_replace_them(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overwrite, a member whose key is free is written on the condition that it
+    still is, without first reading what it would replace; one whose key is taken is
+    written over it, its record's generation past the replaced one's."""
+    headed: list[str] = []
+    store_class = type(api.objects)
+    head = store_class.head
+
+    def noted_head(store: ObjectStore, key: str) -> ObjectInfo:
+        headed.append(key)
+        return head(store, key)
+
+    monkeypatch.setattr(store_class, "head", noted_head)
+    members = {f"{TENANT}out/{name}" for name in SMALL}
+
+    def generations() -> dict[str, int]:
+        return {
+            key: object_record(api.records, api.objects, key, head(api.objects, key)).generation
+            for key in members
+        }
+
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, SMALL, overwrite=True)
+        assert not members & set(headed)
+        first = generations()
+        again = {name: data[::-1] for name, data in SMALL.items()}
+        stream_in(client, again, overwrite=True)
+        assert members <= set(headed)
+        for name, data in again.items():
+            assert read_object(client, f"out/{name}").content == data
+    assert all(generation > first[key] for key, generation in generations().items())

@@ -111,6 +111,26 @@ def test_put_if_absent_refuses_an_existing_key(store: ObjectStore) -> None:
     assert store.head("k").metadata == {"owner": "first"}
 
 
+def test_a_whole_object_completed_if_absent_waits_over_a_taken_key(store: ObjectStore) -> None:
+    with store.multipart("free") as writer:
+        writer.write(b"new")
+        assert writer.send_whole({"v": "1"})
+        written = writer.complete_if_absent()
+    assert written is not None and store.head("free").etag == written.etag
+    assert store.get("free") == b"new"
+
+    store.put("taken", b"old", metadata={"v": "old"})
+    with store.multipart("taken") as writer:
+        writer.write(b"new")
+        assert writer.send_whole({"v": "1"})
+        assert writer.complete_if_absent() is None
+        assert (store.get("taken"), store.head("taken").metadata) == (b"old", {"v": "old"})
+        assert writer.send_whole({"v": "2"})
+        writer.complete()  # as opened: over what is there
+    assert (store.get("taken"), store.head("taken").metadata) == (b"new", {"v": "2"})
+    assert store.pending_uploads() == []
+
+
 def test_put_if_match_replaces_only_the_version_it_names(store: ObjectStore) -> None:
     first = store.put("k", b"one", metadata={"version": "1"})
     second = store.put("k", b"two", metadata={"version": "2"}, if_match=first.etag)
