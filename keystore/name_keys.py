@@ -13,7 +13,11 @@ From the material come two keys (HMAC-SHA256 as the KDF, one label each):
 - a 64-byte AES-SIV key, which turns a member's path into its object key: deterministic,
   so a rerun finds the objects it wrote, with [tenant, bucket, prefix] as associated data;
 - an HMAC-SHA256 key, which stands in an object's record for its plaintext's size and
-  SHA-256, so the record no longer lets anyone confirm a known file.
+  SHA-256, so the record no longer lets anyone confirm a known file;
+and a fingerprint, which commits to the material without revealing it: the records of
+what a version named hold it beside the version number, since a bucket writer who
+deletes the name key record makes the next run issue that number again, of other
+material, and a rerun must not name under it (`NameKeyMismatch`).
 
 docs/FORMAT.md describes the construction and what it still reveals.
 """
@@ -59,6 +63,13 @@ class NameUnreadable(KeystoreError):
     code = "name-unreadable"
 
 
+class NameKeyMismatch(NameUnreadable):
+    """A version of the tenant's name key other than the one a record says named it: the
+    same number, issued again of other material after its record was deleted."""
+
+    code = "name-key-mismatch"
+
+
 class NameKeyVersion(FrozenCamelModel):
     version: int = Field(ge=1)
     created_at: datetime
@@ -89,9 +100,11 @@ def _lp(data: bytes) -> bytes:
 class NameKey:
     """One version of a tenant's name key, unwrapped."""
 
-    def __init__(self, tenant: str, version: int, material: bytes) -> None:
+    def __init__(self, tenant: str, version: int, material: bytes, created_at: datetime) -> None:
         self.tenant = tenant
         self.version = version
+        self.created_at = created_at
+        self.fingerprint = _derive(material, "fingerprint")[:16].hex()
         self._siv = AESSIV(_derive(material, "siv-1") + _derive(material, "siv-2"))
         self._mac_key = _derive(material, "plaintext-mac")
 
@@ -151,11 +164,18 @@ class NameKeys:
         record = self._read_or_create(tenant)
         return self._key(record, record.versions[-1])
 
-    def version(self, tenant: str, version: int) -> NameKey:
-        """Version `version` of the tenant's name key; `NameUnreadable` if it has none."""
-        cached = self._unwrapped.get((tenant, version))
-        if cached is not None:
-            return cached
+    def version(self, tenant: str, version: int, fingerprint: str | None = None) -> NameKey:
+        """Version `version` of the tenant's name key; `NameUnreadable` if it has none,
+        `NameKeyMismatch` if its fingerprint is not `fingerprint` (where one was recorded)."""
+        key = self._unwrapped.get((tenant, version)) or self._stored_version(tenant, version)
+        if fingerprint is not None and not hmac.compare_digest(key.fingerprint, fingerprint):
+            raise NameKeyMismatch(
+                f"the tenant's name key version {version} is not the one recorded: "
+                "its record was deleted and the version issued again"
+            )
+        return key
+
+    def _stored_version(self, tenant: str, version: int) -> NameKey:
         try:
             record = self._records.get(RECORD_KIND, record_name(tenant), NameKeyRecord)
         except ObjectNotFound:
@@ -244,6 +264,6 @@ class NameKeys:
         material = self._kek.unwrap(
             entry.wrapped_material, material_aad(record.tenant, entry.version)
         )
-        key = NameKey(record.tenant, entry.version, material)
+        key = NameKey(record.tenant, entry.version, material, entry.created_at)
         with self._lock:
             return self._unwrapped.setdefault((record.tenant, entry.version), key)

@@ -165,8 +165,10 @@ def _check_plaintext_mac(size: int, sha256: str, recorded: ObjectRecord, names: 
     if recorded.name_key_version is None or recorded.plaintext_mac is None:
         raise mismatch
     try:
-        name_key = names.version(recorded.tenant, recorded.name_key_version)
-    except NameUnreadable:
+        name_key = names.version(
+            recorded.tenant, recorded.name_key_version, recorded.name_key_fingerprint
+        )
+    except NameUnreadable:  # a NameKeyMismatch too: the MAC was made under other material
         raise mismatch from None
     expected = name_key.plaintext_mac(recorded.bucket, recorded.key, size, sha256)
     if not hmac.compare_digest(expected, recorded.plaintext_mac):
@@ -186,6 +188,7 @@ def hidden_plaintext(record: ObjectRecord, name_key: NameKey) -> ObjectRecord:
             "plaintext_sha256": None,
             "plaintext_mac": mac,
             "name_key_version": name_key.version,
+            "name_key_fingerprint": name_key.fingerprint,
         }
     )
 

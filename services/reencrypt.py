@@ -284,7 +284,9 @@ def reencrypt_object(
             marker = Marker.new(tenant, key.kid, key.primary_version, bucket, target_key)
             intent = new.intent(bucket, target_key, digest.hexdigest(), replaced)
             if recorded.name_key_version is not None:  # a hidden name's digest stays hidden
-                name_key = keys.name_keys.version(tenant, recorded.name_key_version)
+                name_key = keys.name_keys.version(
+                    tenant, recorded.name_key_version, recorded.name_key_fingerprint
+                )
                 intent = hidden_plaintext(intent, name_key)
             stored = _swap(records, inventory, new, marker, intent)
     record = stored_record(intent, stored)

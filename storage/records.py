@@ -79,6 +79,8 @@ class MessageRecord(FrozenCamelModel):
     # requests): the chain of SHA-256s over its frames (`services.frame_chain`).
     plaintext_frame_chain: str | None = Field(None, exclude_if=lambda value: value is None)
     name_key_version: int | None = Field(None, exclude_if=lambda value: value is None)
+    # Which material that version was (`keystore.name_keys`); absent from records from before.
+    name_key_fingerprint: str | None = Field(None, exclude_if=lambda value: value is None)
     # The job that wrote it (archive members): what lets a rerun of that job tell its own
     # object from one another writer put at a place it had claimed.
     job_id: str | None = Field(None, exclude_if=lambda value: value is None)

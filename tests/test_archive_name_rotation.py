@@ -47,6 +47,10 @@ def batch(client: httpx.Client, prefix: str, **more: Any) -> dict[str, str]:
     return {m["path"]: m["key"] for m in manifest(client, prefix)["members"]}
 
 
+def stored(api: Api, prefix: str) -> set[tuple[str, str]]:
+    return {(info.key, info.etag) for info in api.objects.list(prefix)}
+
+
 def versions_of(api: Api, keys: dict[str, str]) -> set[int]:
     return {stored_record(api, TENANT + key)["nameKeyVersion"] for key in keys.values()}
 
@@ -163,3 +167,32 @@ def test_a_rerun_under_a_version_a_rolled_back_record_lacks_is_refused(api: Api)
         problem(response, 502, "name-unreadable")
     with api.client() as client:  # which still holds version 2: nothing was renamed
         assert manifest(client, "new/")["nameKeyVersion"] == 2
+
+
+def test_a_rerun_under_a_version_number_reissued_with_other_material_is_refused(
+    api: Api,
+) -> None:
+    """A bucket writer who deletes the name key record lets the next run make a new
+    version 1 of other material: a rerun into a prefix its manifest says was named under
+    the old version 1 is refused (502 name-key-mismatch), its manifest and objects kept,
+    rather than named under the new material beside them."""
+    api.objects.put(TENANT + "in/archive.tar", small_tar(FILES))
+    with api.client() as client:
+        create_key(client)
+        hidden_upload(client, small_tar(FILES), prefix="old/")
+        old = manifest(client, "old/")
+    api.objects.delete("sealstream/name-keys/default.json")
+    with live_api(api.settings) as restarted, restarted.client() as client:
+        hidden_upload(client, small_tar(FILES), prefix="elsewhere/")  # a new version 1
+        before = stored(api, TENANT + "old/")
+        overwrite = {"prefix": "old/", "overwrite": True}
+        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        problem(response, 502, "name-key-mismatch")
+        body = {"kid": "mySymKey", "source": {"key": "in/archive.tar"}, "names": "encrypted"}
+        started = client.post(
+            "/api/jobs/batch-encrypt", json={**body, "destination": {"prefix": "old/"}}
+        )
+        problem(started, 502, "name-key-mismatch")
+        assert stored(api, TENANT + "old/") == before
+    with api.client() as client:  # still the old version 1: the manifest was kept
+        assert manifest(client, "old/") == old

@@ -922,6 +922,14 @@ MUTANTS = (
         ("tests/test_archive_name_rotation.py",),
     ),
     Mutant(
+        "hidden names: a version of other material than recorded is refused",
+        "keystore/name_keys.py",
+        "        if fingerprint is not None and not hmac.compare_digest("
+        "key.fingerprint, fingerprint):",
+        "        if False:",
+        ("tests/test_archive_name_rotation.py",),
+    ),
+    Mutant(
         "hidden names: a job keeps the version it was created with",
         "workers/batch.py",
         "    if params.name_key_version is None:",

@@ -164,7 +164,9 @@ def _name_key(services: Parts, tenant: str, params: BatchEncryptParams) -> NameK
         return None
     if params.name_key_version is None:
         return services.keys.name_keys.current(tenant)
-    return services.keys.name_keys.version(tenant, params.name_key_version)
+    return services.keys.name_keys.version(
+        tenant, params.name_key_version, params.name_key_fingerprint
+    )
 
 
 def _seal_members(batch: _Batch) -> dict[str, Any]:

@@ -30,10 +30,11 @@ from api.duplex import ProducedStreamingResponse
 from api.multipart import UploadForm
 from api.openapi import AUTHENTICATED, FORM, answer, answers, form_request
 from api.problems import Problem
-from api.routes.jobs import name_key_version, place_prefix
+from api.routes.jobs import place_prefix, target_name_key
 from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, NamesKey
 from api.services import Services, services
 from api.tokens import Principal
+from keystore.name_keys import NameKey
 from sealstream.wiring import archive_limits
 from services.archives.sealing import MemberSealing
 from services.archives.upload import (
@@ -128,10 +129,10 @@ def _start(
     """Refuse what the job would fail on at once (a key that may not encrypt now, an
     existing manifest), then save the job's record, running."""
     svc.keys.check_encrypt(tenant, metadata.kid)
-    version = None
+    name_key = None
     if metadata.names == "encrypted":
-        version = name_key_version(svc, tenant, target)
-    places = _places(svc, tenant, target, version)
+        name_key = target_name_key(svc, tenant, target)
+    places = _places(svc, tenant, target, name_key)
     if not metadata.destination.overwrite:
         _require_absent(places)
     params = ArchiveUploadParams(
@@ -142,7 +143,8 @@ def _start(
         overwrite=metadata.destination.overwrite,
         names=metadata.names,
         destination=target,
-        name_key_version=version,
+        name_key_version=None if name_key is None else name_key.version,
+        name_key_fingerprint=None if name_key is None else name_key.fingerprint,
     )
     now = datetime.now(UTC)
     record = JobRecord.new(JobKind.ENCRYPT_ARCHIVE, tenant, params).model_copy(
@@ -152,9 +154,10 @@ def _start(
     return record
 
 
-def _places(svc: Services, tenant: str, target: PrefixTarget, version: int | None) -> MemberPlaces:
-    """Where the members go; with a name key `version`, under their hidden names."""
-    name_key = None if version is None else svc.keys.name_keys.version(tenant, version)
+def _places(
+    svc: Services, tenant: str, target: PrefixTarget, name_key: NameKey | None
+) -> MemberPlaces:
+    """Where the members go; with a `name_key`, under their hidden names."""
     store = svc.spaces.store(tenant, target.bucket)
     return MemberPlaces(store, target.prefix, target.storage_prefix, name_key)
 
@@ -214,7 +217,12 @@ async def _next_chunk(chunks: AsyncIterator[memoryview]) -> bytes | None:
 def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> JobRecord:
     context = JobContext(svc.jobs, record, threading.Event())  # no other worker takes it
     params = record.params_as(ArchiveUploadParams)
-    places = _places(svc, record.tenant, params.destination, params.name_key_version)
+    name_key = None
+    if params.name_key_version is not None:
+        name_key = svc.keys.name_keys.version(
+            record.tenant, params.name_key_version, params.name_key_fingerprint
+        )
+    places = _places(svc, record.tenant, params.destination, name_key)
     run = UploadRun(
         context=context,
         sealing=MemberSealing(

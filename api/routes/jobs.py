@@ -20,6 +20,7 @@ from api.schemas import DEFAULT_FRAME_LENGTH, ClientContext, FrameLength, Kid
 from api.services import Services, services
 from api.tokens import Principal
 from keystore import KeyRecord
+from keystore.name_keys import NameKey
 from services.archives.naming import prefix_name_key
 from services.archives.upload import MANIFEST_NAME
 from services.jobs import (
@@ -171,12 +172,12 @@ def place_prefix(svc: Services, tenant: str, prefix: str, bucket: str | None) ->
     )
 
 
-def name_key_version(svc: Services, tenant: str, target: PrefixTarget) -> int:
+def target_name_key(svc: Services, tenant: str, target: PrefixTarget) -> NameKey:
     """The version of the tenant's name key (made the first time one is needed) that a
     run into `target` hides names with (`services.archives.naming`)."""
     store = svc.spaces.store(tenant, target.bucket)
     manifest_key = target.storage_prefix + MANIFEST_NAME
-    return prefix_name_key(svc.keys, svc.records, store, tenant, manifest_key).version
+    return prefix_name_key(svc.keys, svc.records, store, tenant, manifest_key)
 
 
 def _place_key(svc: Services, tenant: str, key: str, bucket: str | None) -> ObjectTarget:
@@ -209,7 +210,9 @@ def batch_params(svc: Services, tenant: str, spec: BatchEncryptRequest) -> Batch
         raise Problem(400, "overlapping-prefixes", "the source prefix lies inside the destination")
     asked = spec.model_dump(exclude={"source", "destination"})
     if spec.names == "encrypted" and isinstance(placed_destination, PrefixTarget):
-        asked["name_key_version"] = name_key_version(svc, tenant, placed_destination)
+        name_key = target_name_key(svc, tenant, placed_destination)
+        asked["name_key_version"] = name_key.version
+        asked["name_key_fingerprint"] = name_key.fingerprint
     return BatchEncryptParams.model_validate(
         {**asked, "source": placed_source, "destination": placed_destination}
     )

@@ -7,10 +7,15 @@ The version is read from the manifest's record, which is sealed, not from the ma
 itself: finding it needs no data key. A bucket writer can delete the manifest (the rerun
 then names under the newest version, beside the old objects) or put back an older one of
 its own place (its version is still one of the tenant's), not name a version of its own.
+Nor can it make a rerun name under other material by deleting the name key record, so
+that the next run issues the manifest's version number again: the record holds the
+version's fingerprint too, and a version with another is refused (`NameKeyMismatch`). A
+manifest from before fingerprints were recorded is refused if the version now on record
+was made after it: then it cannot be the one that named it.
 """
 
 from keystore import KeyStore
-from keystore.name_keys import NameKey
+from keystore.name_keys import NameKey, NameKeyMismatch
 from storage import ObjectNotFound, ObjectStore
 from storage.integrity import Records
 from storage.records import object_record
@@ -28,4 +33,10 @@ def prefix_name_key(
         return keys.name_keys.current(tenant)
     if manifest.name_key_version is None:  # a run with plain names wrote it
         return keys.name_keys.current(tenant)
-    return keys.name_keys.version(tenant, manifest.name_key_version)
+    key = keys.name_keys.version(tenant, manifest.name_key_version, manifest.name_key_fingerprint)
+    if manifest.name_key_fingerprint is None and key.created_at > manifest.created_at:
+        raise NameKeyMismatch(
+            f"the tenant's name key version {key.version} was made after the manifest "
+            "that names it: its record was deleted and the version issued again"
+        )
+    return key

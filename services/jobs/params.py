@@ -78,6 +78,7 @@ class BatchEncryptParams(JobParams):
     # With hidden names, the name key version the API chose (`services.archives.naming`),
     # which every attempt and chunk of the job names with; records from before lack it.
     name_key_version: int | None = _absent_if_none()
+    name_key_fingerprint: str | None = _absent_if_none()  # that version's, to refuse another
 
     @model_validator(mode="after")
     def targets_fit_mode(self) -> Self:
@@ -112,6 +113,7 @@ class ArchiveUploadParams(JobParams):
     names: Names
     destination: PrefixTarget
     name_key_version: int | None = _absent_if_none()  # with hidden names, as batch-encrypt's
+    name_key_fingerprint: str | None = _absent_if_none()
 
 
 class ReencryptParams(JobParams):
