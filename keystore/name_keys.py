@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from pydantic import Field
 
-from keystore.errors import ConcurrentUpdate, KeystoreError
+from keystore.errors import ConcurrentUpdate, InvalidKeyState, KeystoreError
 from keystore.kek import Kek
 from keystore.persistence import UPDATE_ATTEMPTS, back_off, check_tenant
 from keystore.records import Base64Bytes
@@ -49,6 +49,8 @@ MATERIAL_AAD_PREFIX = "sealstream/name-key/v1"
 NAME_PAD = 16  # a name's plaintext is padded to a multiple of this many bytes
 SEGMENT_CHARS = 192  # between slashes: a local store takes 200 bytes, a record adds ".json"
 MAX_NAME_BYTES = 1024
+# Every version is kept and the record read on every hidden-name run: a cap keeps it small.
+DEFAULT_MAX_VERSIONS = 100
 
 
 class NameTooLong(KeystoreError):
@@ -68,6 +70,12 @@ class NameKeyMismatch(NameUnreadable):
     same number, issued again of other material after its record was deleted."""
 
     code = "name-key-mismatch"
+
+
+class NameKeyVersionsExhausted(InvalidKeyState):
+    """A rotation past the most versions a tenant's name key may have."""
+
+    code = "name-key-versions-exhausted"
 
 
 class NameKeyVersion(FrozenCamelModel):
@@ -149,13 +157,21 @@ class NameKey:
 
 
 class NameKeys:
-    """Every tenant's name keys; thread-safe. `count_wrap` counts a wrap a KEK drawing
-    random IVs is about to make, as for key material."""
+    """Every tenant's name keys, each of at most `max_versions` versions; thread-safe.
+    `count_wrap` counts a wrap a KEK drawing random IVs is about to make, as for key
+    material."""
 
-    def __init__(self, records: Records, kek: Kek, count_wrap: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        records: Records,
+        kek: Kek,
+        count_wrap: Callable[[], None],
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+    ) -> None:
         self._records = records
         self._kek = kek
         self._count_wrap = count_wrap
+        self._max_versions = max_versions
         self._lock = threading.Lock()
         self._unwrapped: dict[tuple[str, int], NameKey] = {}
 
@@ -209,6 +225,10 @@ class NameKeys:
             except ObjectNotFound:
                 etag = None
             record = self.record(tenant) if etag is not None else None
+            if record is not None and len(record.versions) >= self._max_versions:
+                raise NameKeyVersionsExhausted(
+                    f"the name key has {len(record.versions)} versions, the most it may have"
+                )
             rotated = self._with_version(tenant, record)
             try:
                 if etag is None:

@@ -38,7 +38,7 @@ from keystore.errors import (
 from keystore.kek import Kek
 from keystore.kek_wraps import WrapCounter
 from keystore.material import KEY_NAME_PATTERN, Material
-from keystore.name_keys import NameKeys
+from keystore.name_keys import DEFAULT_MAX_VERSIONS, NameKeys
 from keystore.persistence import KeyRecordStore, check_tenant
 from keystore.records import (
     ImportSpec,
@@ -113,6 +113,7 @@ class KeyStore:
         usage_checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
         usage_max_rate: float = DEFAULT_MAX_RATE,
         on_usage_rotation: Callable[[str, str, int], None] = lambda _t, _k, _v: None,
+        name_key_max_versions: int = DEFAULT_MAX_VERSIONS,
     ) -> None:
         self._clock = clock
         self._records = records
@@ -127,7 +128,7 @@ class KeyStore:
         self._saved = KeyRecordStore(records, clock, on_write=self._cache.invalidate)
         wraps = WrapCounter(records, self._stored_versions)
         self._material = Material(kek, wraps.count_one)
-        self.name_keys = NameKeys(records, kek, wraps.count_one)
+        self.name_keys = NameKeys(records, kek, wraps.count_one, name_key_max_versions)
         ledger: UsageLedger = (
             RecordLedger(self._saved)
             if usage_redis is None

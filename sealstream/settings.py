@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from audit.chain import MAX_SEGMENT_BYTES
+from keystore.name_keys import DEFAULT_MAX_VERSIONS as DEFAULT_NAME_KEY_VERSIONS
 from sealstream.capacity import connection_cap, keygen_threads, stream_cap
 
 KIB = 1024
@@ -363,6 +364,14 @@ class Settings(BaseSettings):
         ge=1,
         description="most members (files, directories, links...) of one batch-encrypt archive, "
         "or objects under its source prefix",
+    )
+    name_key_max_versions: int = Field(
+        DEFAULT_NAME_KEY_VERSIONS,
+        ge=1,
+        le=10_000,
+        description="most versions a tenant's name key may have: a rotation past it is "
+        "refused (409 name-key-versions-exhausted); every version is kept, in a record read "
+        "on every run that hides names",
     )
     batch_concurrency: int = Field(
         8,

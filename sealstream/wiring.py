@@ -206,6 +206,7 @@ def open_keystore(settings: Settings, records: Records, kek: Kek, audit: AuditTr
         usage_checkpoint_interval=settings.usage_checkpoint_interval,
         usage_max_rate=settings.usage_max_rate,
         on_usage_rotation=partial(_usage_rotation, audit),
+        name_key_max_versions=settings.name_key_max_versions,
     )
 
 

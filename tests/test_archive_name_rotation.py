@@ -196,3 +196,15 @@ def test_a_rerun_under_a_version_number_reissued_with_other_material_is_refused(
         assert stored(api, TENANT + "old/") == before
     with api.client() as client:  # still the old version 1: the manifest was kept
         assert manifest(client, "old/") == old
+
+
+def test_rotation_stops_at_the_most_versions_allowed(api: Api) -> None:
+    """SEALSTREAM_NAME_KEY_MAX_VERSIONS caps the versions a tenant admin can make: the
+    rotation past it is refused (409), the record left as it was."""
+    capped = api.settings.model_copy(update={"name_key_max_versions": 3})
+    with live_api(capped) as limited, limited.client() as client:
+        for version in (1, 2, 3):
+            assert name_key(client, "POST", "/rotate")["current"] == version
+        problem(client.post(NAME_KEY + "/rotate"), 409, "name-key-versions-exhausted")
+        view = name_key(client)
+    assert view["current"] == 3 and len(view["versions"]) == 3

@@ -930,6 +930,13 @@ MUTANTS = (
         ("tests/test_archive_name_rotation.py",),
     ),
     Mutant(
+        "hidden names: a rotation past the most versions is refused",
+        "keystore/name_keys.py",
+        "            if record is not None and len(record.versions) >= self._max_versions:",
+        "            if False:",
+        ("tests/test_archive_name_rotation.py",),
+    ),
+    Mutant(
         "hidden names: a job keeps the version it was created with",
         "workers/batch.py",
         "    if params.name_key_version is None:",

@@ -60,10 +60,11 @@ async def read_name_key(request: Request, principal: Admin) -> dict[str, Any]:
 @router.post(
     "/rotate",
     response_model=None,
-    responses=answers(VIEW, AUTHENTICATED),
+    responses=answers(VIEW, AUTHENTICATED, (409,)),
 )
 async def rotate_name_key(request: Request, principal: Admin) -> dict[str, Any]:
     """Add a version of the tenant's name key and make it current: runs into a new prefix
-    hide names under it; objects, manifests and reruns of earlier versions are unchanged."""
+    hide names under it; objects, manifests and reruns of earlier versions are unchanged.
+    409 `name-key-versions-exhausted` once it has `SEALSTREAM_NAME_KEY_MAX_VERSIONS`."""
     record = await run_in_threadpool(services(request).keys.name_keys.rotate, principal.tenant)
     return _view(principal.tenant, record)
