@@ -293,30 +293,41 @@ class Exchange:
             raise self._source_error
 
     def _send(self) -> None:
-        assert self._body is not None
-        pieces = iter(self._body)
         try:
-            self._channel.sendall(self._head)
-            while not self._stop.is_set():
-                try:
-                    piece = next(pieces, None)
-                except BaseException as exc:
-                    # Never end the body cleanly after a failed read: break the connection.
-                    self._source_error = exc
-                    self._stop.set()
-                    self._shutdown()
-                    return
-                if piece is None:
-                    if self._chunked:
-                        self._channel.sendall(b"0\r\n\r\n")
-                    self.sent_all = True
-                    return
-                if isinstance(piece, FileSpan):
-                    piece.sent = self._channel.sendfile(piece)
-                elif piece:
-                    self._channel.sendall(self._framed(piece))
+            self._send_body()
         except OSError:
             pass  # the server closed or stopped reading: the response says why
+        except BaseException as exc:
+            # Anything else is ours, not the server's: fail the exchange now, rather than
+            # leave it waiting for the server's idle timeout on a body that stopped.
+            self._abandon(exc)
+
+    def _send_body(self) -> None:
+        assert self._body is not None
+        pieces = iter(self._body)
+        self._channel.sendall(self._head)
+        while not self._stop.is_set():
+            try:
+                piece = next(pieces, None)
+            except BaseException as exc:
+                self._abandon(exc)
+                return
+            if piece is None:
+                if self._chunked:
+                    self._channel.sendall(b"0\r\n\r\n")
+                self.sent_all = True
+                return
+            if isinstance(piece, FileSpan):
+                piece.sent = self._channel.sendfile(piece)
+            elif piece:
+                self._channel.sendall(self._framed(piece))
+
+    def _abandon(self, exc: BaseException) -> None:
+        # Never end the body cleanly after a failure: break the connection, and let the
+        # failure, not what it did to the exchange, be the caller's error.
+        self._source_error = exc
+        self._stop.set()
+        self._shutdown()
 
     def _framed(self, piece: bytes) -> bytes:
         return b"%x\r\n%b\r\n" % (len(piece), piece) if self._chunked else piece

@@ -432,6 +432,35 @@ def test_a_file_that_changes_while_sent_fails_and_stores_nothing(
     assert not [info for info in api.objects.list("tenants/default/") if "changed" in info.key]
 
 
+class ClosedAsSent(io.FileIO):
+    """A plain file that another thread of the caller closes as it is sent: the second
+    time its position is asked, once the body is built around its size."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self._asked = 0
+
+    def tell(self) -> int:
+        self._asked += 1
+        position = super().tell()
+        if self._asked == 2:
+            self.close()
+        return position
+
+
+@local_only
+def test_a_file_closed_as_it_is_sent_fails_at_once(
+    api: Api, client: SealstreamClient, tmp_path: Path
+) -> None:
+    """sendfile then raises ValueError, not OSError: that fails the call with it, rather
+    than leaving the server to wait out its idle timeout on a body that stopped."""
+    path = tmp_path / "closed"
+    path.write_bytes(b"c" * 3_000_000)
+    with pytest.raises(ValueError, match="closed file"):
+        client.encrypt_to_storage(KID, ClosedAsSent(path), key="closed.bin")
+    assert not [info for info in api.objects.list("tenants/default/") if "closed" in info.key]
+
+
 @local_only
 def test_a_file_goes_from_where_it_is_read(client: SealstreamClient, tmp_path: Path) -> None:
     """A file part from a plain file starts at the file's position, and leaves it at the
