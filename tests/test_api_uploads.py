@@ -32,7 +32,7 @@ from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
-from tests.support.jobs import finished_job, start_verify
+from tests.support.jobs import REPLICA_TIMEOUT, finished_job, start_verify
 from tests.support.sentinel import MASTER, process_id
 from tests.test_api_objects import tenant_client
 
@@ -371,7 +371,7 @@ def test_a_move_no_replica_confirms_is_refused_and_undone(
     confirm (held back) is answered 503 and undone, so that the upload goes on from where
     it was, rather than being refused as put back."""
     url, (_, second, _) = sentinel
-    anchor = UploadAnchor(redis_client(url, MASTER), Replicas(1, 0.5))
+    anchor = UploadAnchor(redis_client(url, MASTER), Replicas(1, REPLICA_TIMEOUT))
     with live_api(local_settings(tmp_path)) as api, api.client() as client:
         api.parts.__dict__["upload_anchor"] = anchor
         create_key(client)
