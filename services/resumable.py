@@ -65,7 +65,7 @@ from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
 from services.placement import BucketNotAllowed, Placement, Spaces
 from services.seal_to_storage import HASHING
-from services.upload_anchor import GONE, UploadAnchor
+from services.upload_anchor import GONE, Anchored, UploadAnchor
 from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -78,7 +78,7 @@ from storage import (
     StorageError,
 )
 from storage.documents import FrozenCamelModel
-from storage.integrity import Records, RecordTampered, note_refusal
+from storage.integrity import Records, RecordTampered, canonical_json, note_refusal
 from storage.pools import ForkSafePool
 from storage.records import (
     ObjectRecord,
@@ -285,6 +285,11 @@ class UploadState(FrozenCamelModel):
         return len(self.header_bytes) + (self.total_frames - 1) * regular + final
 
 
+def state_digest(state: UploadState) -> str:
+    """What Redis anchors a state by: the SHA-256 of the record its seal authenticates."""
+    return hashlib.sha256(canonical_json(state.model_dump(mode="json"))).hexdigest()
+
+
 def state_name(upload: str) -> str:
     return f"{UPLOADS_PREFIX}{upload}.json"
 
@@ -410,7 +415,7 @@ class Uploads:
         state = state.model_copy(update={"chain": self._masked(state, CHAIN_START, 0)})
         try:
             if self.anchor is not None and not self.anchor.start(
-                state.id, state.generation, state.expires_at
+                state.id, state.generation, state_digest(state), state.expires_at
             ):
                 raise UploadBusy("an upload of this id exists already")
             self.records.store.put(staging_name(state.id, state.staging), header)
@@ -485,7 +490,7 @@ class Uploads:
         locked = state.model_copy(
             update={"lock": secrets.token_hex(16), "locked_until": now + self.lock_for}
         )
-        locked, etag = self._save(locked, etag)
+        locked, etag = self._save(locked, etag, state)
         try:
             return Appending(self, locked, etag)
         except BaseException:
@@ -668,37 +673,55 @@ class Uploads:
             )
 
     def _check_generation(self, state: UploadState) -> None:
-        """Refuse a state that is not the last one written: put back from an older copy,
-        or brought back after the upload ended."""
+        """Refuse a state that is not the upload's: put back from an older copy, or
+        brought back after the upload ended. The one a write in flight replaces is still
+        the upload's (`services.upload_anchor`): its offset covers only frames sealed and
+        stored, its HMACs every frame whose ciphertext may be stored."""
         if self.anchor is None:
             return
         anchored = self.anchor.current(state.id)
         if anchored == GONE:
             raise UploadNotFound("no such upload")
-        if anchored != str(state.generation):
-            refusal = RecordTampered(
-                f"generation {state.generation} where Redis holds {anchored}", state.name
-            )
-            note_refusal(STATE_KIND, refusal)
-            raise UploadTampered("the upload's state is not the last one written")
-
-    def _save(self, state: UploadState, etag: str) -> tuple[UploadState, str]:
-        """Write `state` as the next generation, conditional on `etag`; Redis is moved
-        first, so that a failure between the two refuses the upload, never rolls it back."""
-        written = state.model_copy(update={"generation": state.generation + 1})
-        if self.anchor is not None and not self.anchor.advance(
-            state.id, state.generation, written.generation
+        if isinstance(anchored, Anchored) and anchored.accepts(
+            state.generation, state_digest(state)
         ):
+            return
+        refusal = RecordTampered(
+            f"generation {state.generation} is not the one Redis anchors ({anchored})",
+            state.name,
+        )
+        note_refusal(STATE_KIND, refusal)
+        raise UploadTampered("the upload's state is not the last one written")
+
+    def _save(self, state: UploadState, etag: str, last: UploadState) -> tuple[UploadState, str]:
+        """Write `state` as the next generation after `last` (the state as read or
+        written, at `etag`), conditional on `etag`. Redis anchors it in flight first, and
+        marks it written once it is; its caller stores the frames it records only after
+        that. So while it is in flight, `last` may still be taken up (its writer died
+        before the bucket write): `last` holds the HMAC of every frame whose ciphertext
+        may be stored (those it or an earlier state recorded and did not acknowledge,
+        including the ones this write acknowledges), and the frames only this state
+        records were stored nowhere, so whatever seals them later seals them once."""
+        written = state.model_copy(update={"generation": last.generation + 1})
+        read = (last.generation, state_digest(last))
+        moved = (written.generation, state_digest(written))
+        if self.anchor is not None and not self.anchor.advance(state.id, read, moved):
             raise UploadBusy("the upload was changed by another request meanwhile")
         try:
             etag = self.records.put(STATE_KIND, state.name, written, if_match=etag).etag
         except (PreconditionFailed, ObjectNotFound):
+            # Another state than `read` is in the bucket (one written by a request that
+            # stalled past its lock): Redis anchors `read` again, which refuses it.
+            if self.anchor is not None:
+                self.anchor.undo(state.id, read, moved)
             raise UploadBusy("the upload was changed by another request meanwhile") from None
+        if self.anchor is not None and not self.anchor.commit(state.id, read, moved):
+            raise UploadBusy("the upload was taken over by another request meanwhile")
         return written, etag
 
     def _release(self, state: UploadState, etag: str) -> None:
         with suppress(UploadBusy, StorageError):
-            self._save(state.model_copy(update={"lock": "", "locked_until": None}), etag)
+            self._save(state.model_copy(update={"lock": "", "locked_until": None}), etag, state)
 
     def _erase(self, state: UploadState, *, abort: bool) -> None:
         if self.anchor is not None:
@@ -1012,7 +1035,7 @@ class Appending:
             lock = {"locked_until": datetime.now(UTC) + self._uploads.lock_for}
         before = self.state
         self.state, self._etag = self._uploads._save(  # noqa: SLF001
-            state.model_copy(update=lock), self._etag
+            state.model_copy(update=lock), self._etag, before
         )
         self._stored = []
         if before.staged and before.staging != self.state.staging:

@@ -4,23 +4,33 @@ A state in the bucket is authentic (`storage.integrity`) but may be an older aut
 copy put back by whoever can write the bucket; the HMACs that stop a frame from being
 sealed from other bytes live in that state. An older copy would let a frame's (data key,
 IV) seal a second plaintext, so the state counts its writes (`generation`) and Redis holds
-the count: a state whose count is not Redis's is refused. Each write moves Redis first
-(compare and set), so a crash between the two leaves Redis ahead: the upload is refused,
-never rolled back. An upload finished or terminated leaves a tombstone, so that copies of
-its state cannot bring it back.
+the count with the digest of the state of that generation (`Anchored`): a state that is
+not the one anchored is refused. An upload finished or terminated leaves a tombstone, so
+that copies of its state cannot bring it back.
+
+Each write is a step in two moves around the bucket's write: `advance` (compare and set)
+anchors the state about to be written as *in flight*, keeping the digest of the state it
+replaces; `commit` then marks it written, and only after that is any ciphertext whose
+HMACs it records stored. While a step is in flight, the state it replaces is still the
+upload's (`Anchored.accepts`): a reader that finds it has raced the write, or the writer
+died before its state reached the bucket (a crash is not tampering), and either way no
+frame recorded only by the step in flight was stored. A committed step keeps no previous
+digest: an older state put back after it is refused.
 
 Redis also counts each tenant's open uploads (`admit`), for every API process: an upload
 is counted from its creation until it ends, or until its expiry should its end be lost
 (a crash), when the next count drops it.
 
 Each move is confirmed by the Redis replicas the settings ask for (`services.replicas`)
-before the state it anchors is written: a failover that lost a move would put Redis back
-at the generation of an older state, which a copy of that state would then match. A move
-that its replicas do not confirm is undone where it was made, and `NotReplicated` raised.
+before the bucket is written or ciphertext stored: a failover that lost an advance would
+put Redis back at the generation of an older state, which a copy of that state would then
+match; one that lost a commit would leave the step in flight, whose previous state a
+bucket writer could put back once frames it did not record were stored. An advance that
+its replicas do not confirm is undone where it was made, and `NotReplicated` raised.
 """
 
-from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
@@ -35,7 +45,26 @@ GONE = "gone"
 # Kept past the upload's expiry: by then its state is refused as expired anyway.
 MARGIN = timedelta(days=1)
 
+# An anchor is "<generation>:<digest>" once written, "<generation>:<digest>:<previous
+# state's digest>" while in flight. ARGV: the generation and digest of the state read, the
+# anchor to set. Moves from the state read, whether it is anchored itself or is the one
+# a step still in flight would replace (its writer died or stalled past its lock: that
+# step never reaches the bucket, as its writer's conditional write or commit now fails).
+# A bare "<generation>", as versions before digests wrote, is taken at its generation.
 _ADVANCE = """
+local now = redis.call('GET', KEYS[1])
+if not now then return 0 end
+local gen, digest, previous = string.match(now, '^(%d+):(%x+):?(%x*)$')
+if not gen then gen, digest, previous = string.match(now, '^(%d+)$'), ARGV[2], '' end
+local current = gen == ARGV[1] and digest == ARGV[2]
+local replaced = previous ~= '' and tonumber(gen) == tonumber(ARGV[1]) + 1
+if not (current or (replaced and previous == ARGV[2])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
+return 1
+"""
+
+# ARGV: the anchor expected, the anchor to set.
+_SWAP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
@@ -54,14 +83,43 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class Anchored:
+    """An upload's anchor: the generation and digest of its last state, and while that
+    state's write is in flight (`previous` set), the digest of the state it replaces."""
+
+    generation: int
+    digest: str  # "" for an anchor written before digests: its generation alone
+    previous: str = ""
+
+    @classmethod
+    def parse(cls, value: str) -> "Anchored | None":
+        generation, _, rest = value.partition(":")
+        digest, _, previous = rest.partition(":")
+        if not generation.isdigit() or (rest and not digest):
+            return None
+        return cls(int(generation), digest, previous)
+
+    def accepts(self, generation: int, digest: str) -> bool:
+        """Whether the state of `generation` and `digest` is the upload's: the one
+        anchored, or the one an in-flight step replaces (the last the bucket holds)."""
+        if generation == self.generation and self.digest in (digest, ""):
+            return True
+        return bool(self.previous) and (generation + 1, digest) == (
+            self.generation,
+            self.previous,
+        )
+
+
 class UploadAnchor:
-    """Each upload's generation in Redis: `start`, `advance`, `current`, `end`; and each
-    tenant's open uploads: `admit`, `free`."""
+    """Each upload's generation in Redis: `start`, `advance`, `commit`, `current`, `end`;
+    and each tenant's open uploads: `admit`, `free`."""
 
     def __init__(self, client: "redis.Redis", replicas: Replicas = UNCONFIRMED) -> None:
         self._client = client
         self._replicas = replicas
         self._advance = client.register_script(_ADVANCE)
+        self._swap = client.register_script(_SWAP)
         self._admit = client.register_script(_ADMIT)
 
     def admit(self, tenant: str, upload: str, expires_at: datetime, cap: int) -> bool:
@@ -74,41 +132,62 @@ class UploadAnchor:
         """No longer count `upload` (never made, or ended)."""
         self._client.zrem(_open_key(tenant), upload)
 
-    def start(self, upload: str, generation: int, expires_at: datetime) -> bool:
-        """Anchor a new upload at `generation`; False if its id is taken (or was). An
-        anchor not confirmed is left: its id is never used again."""
-        key, ttl = _key(upload), _ttl(expires_at)
+    def start(self, upload: str, generation: int, digest: str, expires_at: datetime) -> bool:
+        """Anchor a new upload's state (`generation`, `digest`) as written before it is;
+        False if its id is taken (or was). An anchor not confirmed is left: its id is
+        never used again."""
+        key, ttl, value = _key(upload), _ttl(expires_at), f"{generation}:{digest}"
         (set_,) = self._replicas.write(
-            self._client, lambda pipe: pipe.set(key, str(generation), nx=True, px=ttl)
+            self._client, lambda pipe: pipe.set(key, value, nx=True, px=ttl)
         )
         return set_ is not None
 
-    def advance(self, upload: str, read: int, written: int) -> bool:
-        """Move the upload from generation `read` to `written`; False if it was not at
-        `read` (another request moved it, or the state was put back)."""
+    def advance(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> bool:
+        """Anchor the state `written` (generation, digest) in flight in place of `read`;
+        False if `read` is not the upload's (another request moved it, or the state was
+        put back)."""
+        anchor = f"{written[0]}:{written[1]}:{read[1]}"
         try:
-            (moved,) = self._replicas.write(self._client, self._move(upload, read, written))
+            (moved,) = self._replicas.write(
+                self._client,
+                lambda pipe: self._advance(
+                    keys=[_key(upload)], args=[str(read[0]), read[1], anchor], client=pipe
+                ),
+            )
         except NotReplicated:
-            self._undo(upload, read, written)
+            self.undo(upload, read, written)
             raise
         return bool(moved)
 
-    def _move(self, upload: str, read: int, written: int) -> Callable[[Pipeline], object]:
-        return lambda pipe: self._advance(
-            keys=[_key(upload)], args=[str(read), str(written)], client=pipe
-        )
+    def commit(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> bool:
+        """Mark the state `written`, advanced from `read`, as in the bucket; False if
+        another request took the upload over meanwhile (its writer stalled past its
+        lock): what that state records must then not be stored."""
+        anchor = f"{written[0]}:{written[1]}"
+        return self._swapped(upload, f"{anchor}:{read[1]}", anchor, self._replicas)
 
-    def _undo(self, upload: str, read: int, written: int) -> None:
-        """Move an upload back from `written` to `read`, where no replica confirmed the
-        move and no state of `written` was written: the upload goes on from `read`."""
-        # Failing, Redis stays ahead of the state: the upload is refused, never rolled back.
+    def undo(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> None:
+        """Anchor `read` again in place of the advance to `written`, whose state was not
+        written (a replica did not confirm the move, or the bucket held another state
+        than `read` by then): the upload goes on from `read`, or is refused."""
+        moved = f"{written[0]}:{written[1]}:{read[1]}"
+        # Failing, the step stays in flight: the states it accepts are still accepted.
         with suppress(RedisError):
-            UNCONFIRMED.write(self._client, self._move(upload, written, read))
+            self._swapped(upload, moved, f"{read[0]}:{read[1]}", UNCONFIRMED)
 
-    def current(self, upload: str) -> str | None:
-        """The generation anchored (as text), `GONE`, or None for none."""
+    def _swapped(self, upload: str, expected: str, anchor: str, replicas: Replicas) -> bool:
+        (swapped,) = replicas.write(
+            self._client,
+            lambda pipe: self._swap(keys=[_key(upload)], args=[expected, anchor], client=pipe),
+        )
+        return bool(swapped)
+
+    def current(self, upload: str) -> "Anchored | str | None":
+        """The upload's anchor, `GONE`, or None for none (or one of another form)."""
         value = self._client.get(_key(upload))
-        return None if value is None else str(value)
+        if value is None or str(value) == GONE:
+            return None if value is None else GONE
+        return Anchored.parse(str(value))
 
     def end(self, upload: str, tenant: str, expires_at: datetime) -> None:
         """Leave a tombstone: the upload is finished or terminated, for good; its tenant

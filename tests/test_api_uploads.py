@@ -25,8 +25,14 @@ from sealstream.settings import Settings
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
 from services.replicas import Replicas
-from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState, staging_name
-from services.upload_anchor import UploadAnchor
+from services.resumable import (
+    STATE_KIND,
+    UPLOADS_PREFIX,
+    UploadState,
+    staging_name,
+    state_digest,
+)
+from services.upload_anchor import KEY_PREFIX, UploadAnchor
 from storage import StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
@@ -170,7 +176,7 @@ def test_the_offset_moves_by_whole_frames_and_a_cut_frame_is_sent_again(
 
 
 def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
-    api: Api, client: httpx.Client
+    api: Api, client: httpx.Client, redis_server: "RedisServer"
 ) -> None:
     data = random_bytes(4 * FRAME, seed=5)
     url = create(client, len(data))
@@ -196,6 +202,8 @@ def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
         }
     )
     api.records.put(STATE_KIND, name, lost)
+    anchored = f"{lost.generation}:{state_digest(lost)}"
+    redis_client(redis_server.url, "").set(f"{KEY_PREFIX}{lost.id}", anchored, keepttl=True)
     assert recorded.offset == 2 * FRAME and offset_of(client, url) == 0
 
     refused = patch(client, url, 0, random_bytes(2 * FRAME, seed=6))

@@ -78,30 +78,39 @@ class HeldParts:
 
 @dataclass
 class HeldFirst:
-    """Once `arm()`ed, holds the first request whose request line matches `pattern`
-    until `release()`, then lets it through (`held` is set meanwhile); the others pass:
-    one write of a server that stalls, while the rest of the service goes on."""
+    """Once `arm()`ed, lets `skip` requests whose request line matches `pattern` pass,
+    then holds the next until `release()`, then lets it through, or fails it (`fail`: the
+    write never reaches the store, as for a server killed before it sent it); `held` is
+    set meanwhile. The others pass: one write of a server that stalls, while the rest of
+    the service goes on."""
 
     pattern: bytes
+    skip: int = 0
     held: threading.Event = field(default_factory=threading.Event)
     _armed: bool = False
+    _fail: bool = False
     _released: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, head: bytes, length: int) -> bool:
         with self._lock:
             hold = self._armed and re.match(self.pattern, head) is not None
+            if hold and self.skip:
+                self.skip -= 1
+                return False
             self._armed = self._armed and not hold
-        if hold:
-            self.held.set()
-            self._released.wait(timeout=120)
-        return False
+        if not hold:
+            return False
+        self.held.set()
+        self._released.wait(timeout=120)
+        return self._fail
 
     def arm(self) -> None:
         with self._lock:
             self._armed = True
 
-    def release(self) -> None:
+    def release(self, *, fail: bool = False) -> None:
+        self._fail = fail
         self._released.set()
 
 
