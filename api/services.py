@@ -63,9 +63,11 @@ class Services(Parts):
         return record
 
     def _withdraw(self, record: JobRecord) -> None:
-        """Fail a job its client is told was not started (as far as Redis takes the
-        write), so that it never runs: a task of it already sent finds it finished, and
-        the sweep does not queue it again."""
+        """Fail a job its client is told was not started, so that it never runs: first
+        in its final report in the bucket, which a failover cannot take back (a replica
+        that had the queued record may be promoted, and a worker reads the report before
+        running a job), then in Redis as far as it takes the write, so that a task of it
+        already sent finds it finished and the sweep does not queue it again."""
         now = datetime.now(UTC)
         detail = "the job could not be queued, and its client was told it was not started"
         failed = record.model_copy(
@@ -76,6 +78,10 @@ class Services(Parts):
                 "error": {"code": "job-not-started", "detail": detail},
             }
         )
+        try:
+            self.jobs.write_report(failed)
+        except StorageError as error:
+            logger.warning("job %s: could not report it as not started: %s", record.id, error)
         try:
             self.jobs.save(failed)
         except RedisError as error:

@@ -17,7 +17,7 @@ import redis
 from keystore import LocalKek
 from sealstream.settings import Settings, without_credentials
 from sealstream.wiring import open_records
-from services.jobs import JobKind, JobRecord, RedisJobStore, VerifyParams
+from services.jobs import JobKind, JobRecord, JobStatus, RedisJobStore, VerifyParams
 from services.jobs.redis_store import redis_client
 from storage.local import LocalStore
 from tests.support.data import MiB, random_chunks
@@ -248,3 +248,52 @@ def test_credentials_in_any_sentinel_are_hidden() -> None:
     shown = without_credentials("sentinel://:s3cret@h1:26379;sentinel://u:s3cret@h2:26379/0")
     assert "s3cret" not in shown
     assert shown == "sentinel://***@h1:26379;sentinel://***@h2:26379/0"
+
+
+def test_a_job_refused_503_is_reported_ended_and_never_runs_after_a_failover(
+    sentinel: tuple[str, list[int]], tmp_path: Path, moto_endpoint: str, s3_bucket: str
+) -> None:
+    """A job its client was told did not start is marked failed in Redis only as far as
+    the primary takes it: a failover to a replica that had its queued record brings it
+    back queued. Its final report in the bucket, written before the 503, says it ended,
+    and the worker that finds its task does not run it."""
+    url, (_, second, _) = sentinel
+    with (
+        job_stack(
+            tmp_path, moto_endpoint, s3_bucket, sentinel=(url, MASTER), workers=0, min_replicas=1
+        ) as stack,
+        stack.client() as client,
+    ):
+        create_key(client)
+        store_object(client, "kept.bin", random_chunks(MiB, seed=11))
+        os.kill(process_id(second), signal.SIGKILL)
+        refused = client.post(f"{JOBS}/verify", json={"key": "kept.bin"})
+        problem(refused, 503, "redis-not-replicated")
+        [withdrawn] = [
+            job
+            for job in client.get(JOBS).json()["jobs"]
+            if job["kind"] == "verify"
+            and job["error"]
+            and job["error"]["code"] == "job-not-started"
+        ]
+        # What the promoted replica would hold: the record as it was queued, and its task.
+        unconfirmed = Settings.model_validate(
+            {**stack.api.settings.model_dump(), "redis_min_replicas": 0}
+        )
+        jobs = RedisJobStore.from_url(
+            url, stack.services.records, timedelta(seconds=TTL_SECONDS), MASTER
+        )
+        failed = jobs.load(withdrawn["id"])
+        assert failed is not None and failed.status is JobStatus.FAILED
+        queued = failed.model_copy(
+            update={"status": JobStatus.QUEUED, "finished_at": None, "error": None}
+        )
+        jobs.save(queued)
+        runner = CeleryRunner(unconfirmed, jobs)
+        runner.submit(queued)
+        runner.close()
+
+        worker = stack.start_worker()
+        wait_until(lambda: "its final report says it ended" in worker.output(), "the worker")
+        again = jobs.load(queued.id)
+        assert again is not None and (again.status, again.attempts) == (JobStatus.QUEUED, 0)

@@ -77,7 +77,11 @@ def run_job(
     stands in for a live record that Redis lost. The jobs it starts are queued with
     `submit`, if given."""
     store = services.jobs
-    if _unfinished(store, job_id, carried) is None:
+    found = _unfinished(store, job_id, carried)
+    if found is None:
+        return JobOutcome.DONE
+    if store.reported_ended(found):  # withdrawn, its queued record brought back by a failover
+        logger.warning("job %s: its final report says it ended; not running it", job_id)
         return JobOutcome.DONE
     ttl = services.settings.job_lease_ttl
     lease = store.lease(job_id, ttl)

@@ -247,6 +247,17 @@ class JobStore(ABC):
         self.save(record)
         return record
 
+    def reported_ended(self, record: JobRecord) -> bool:
+        """Whether the job has a final report of its end: a job withdrawn (its client told
+        it was not started) has one though a failover may have brought back its record
+        as queued. A report that is not authentic counts as an end: never run on it."""
+        try:
+            report = self._report(record.tenant, record.id)
+        except RecordTampered as refusal:
+            note_refusal(REPORT_KIND, refusal)
+            return True
+        return report is not None and report.status.finished
+
     def write_report(self, record: JobRecord) -> None:
         self._reports.put(REPORT_KIND, report_key(record.tenant, record.id), record)
 
