@@ -3,7 +3,8 @@ filesystem steps the local store is made of.
 
 Directories are created 0700 and files 0600 (the umask can only take more away). A file
 is written under a fresh temporary name, fsync'd, renamed into place, and its directory
-fsync'd, so that the new name survives a crash.
+fsync'd, so that the new name survives a crash; a directory created is fsync'd into its
+parent as it is made.
 
 An object's bytes, streamed in by the GiB, go around the page cache where the filesystem
 allows it (`UncachedFile`): through the cache, the writing process spent more CPU in the
@@ -46,8 +47,11 @@ def write_synced(path: Path, data: bytes) -> None:
 
 def private_directories(directory: Path, root: Path) -> None:
     """Create `directory` and whatever is missing of it below `root`, each 0700 (`mkdir
-    -p` would give the parents it creates the umask's mode). A file in the way raises
-    `FileExistsError` or `NotADirectoryError`."""
+    -p` would give the parents it creates the umask's mode), each in its parent on disk
+    before this returns: the fsyncs of a commit make its renames durable, not the new
+    directories they went into, which a crash could otherwise take with every object
+    acknowledged in them. A file in the way raises `FileExistsError` or
+    `NotADirectoryError`."""
     path = root
     for part in directory.relative_to(root).parts:
         path /= part
@@ -56,6 +60,8 @@ def private_directories(directory: Path, root: Path) -> None:
         except FileExistsError:
             if not path.is_dir():
                 raise
+        else:
+            fsync_directory(path.parent)
 
 
 def make_private(directory: Path) -> None:

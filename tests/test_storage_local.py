@@ -412,3 +412,28 @@ def test_commits_made_at_once_share_the_lock_and_their_directories_fsyncs(
         assert local.head(f"d/k{index}").metadata == {"v": str(index)}
     # No sidecar staged for the refused commit is left behind.
     assert sorted(path.name for path in (local.root / ".meta").iterdir()) == [".lock", "d"]
+
+
+def test_each_directory_a_write_creates_is_synced_into_its_parent(
+    local: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit's fsyncs make its renames durable in their directories, not those
+    directories' own entries: each one the store creates must be synced into its parent
+    once it exists (what a crash does cannot be staged here: this observes the syncs)."""
+    synced: list[tuple[Path, set[str]]] = []  # each directory synced, with what it held
+    fsync_directory = local_files.fsync_directory
+
+    def observed(directory: Path) -> None:
+        synced.append((directory, {entry.name for entry in directory.iterdir()}))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(local_files, "fsync_directory", observed)
+    local.put("a/b/c/key", b"data")
+    created = [Path("a"), Path("a/b"), Path("a/b/c")]
+    for base in (local.root, local.root / ".meta"):
+        for directory in created:
+            parent = base / directory.parent
+            assert any(at == parent and directory.name in held for at, held in synced), synced
+    synced.clear()
+    local.put("a/b/c/other", b"data")  # into directories that exist: none synced again
+    assert [directory for directory, _ in synced] == []
