@@ -70,6 +70,7 @@ from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
     ObjectExists,
+    ObjectInfo,
     ObjectNotFound,
     ObjectStore,
     Part,
@@ -83,6 +84,8 @@ from storage.pools import ForkSafePool
 from storage.records import (
     ObjectRecord,
     drop_intent,
+    load_intent,
+    load_record,
     next_generation,
     save_intent,
     save_record,
@@ -446,15 +449,21 @@ class Uploads:
                 "finish or terminate one, or wait for one to expire"
             )
 
-    def get(self, tenant: str, upload: str) -> UploadState:
+    def get(self, tenant: str, upload: str) -> tuple[UploadState, ObjectRecord | None]:
         """The tenant's upload `upload`: `UploadNotFound` if there is none (or another
         tenant's: one is never told from the other). One whose every frame is stored but
-        whose completion failed is completed first: a tus client takes the full offset
-        for an object made, and sends nothing more."""
+        whose completion failed is completed first, its record returned with it: a tus
+        client takes the full offset for an object made, and sends nothing more. One a
+        request is completing meanwhile is answered as it stands, never waited for: its
+        offset, the length, is acknowledged (every frame stored)."""
         state, etag = self._read(tenant, upload)
-        if state.finished:
-            return self._take(state, etag).end()
-        return state
+        if not state.finished or state.held:
+            return state, None
+        try:
+            appending = self._take(state, etag)
+        except UploadBusy:  # another request took it meanwhile, to complete it
+            return state, None
+        return appending.end(), appending.record
 
     def begin(
         self,
@@ -551,18 +560,28 @@ class Uploads:
 
     def finish(self, state: UploadState, etag: str) -> ObjectRecord:
         """Make the object of an upload whose every frame is stored visible, record it,
-        and erase the upload's state."""
+        and erase the upload's state. One made already, by a completion whose end was
+        cut off (a crash, or the store's answer lost), is recorded as it would have been."""
         store = self.spaces.store(state.tenant, state.bucket)
-        self._check_parts(store, state)
-        version = state.key_version
-        marker = Marker.new(state.tenant, state.kid, version, state.bucket, state.storage_key)
+        made = _made(store, state)
+        intent = self._intent(store, state)
+        if made is None:
+            record = self._complete(store, state, intent)
+        else:
+            record = self._record_made(state, intent, made)
+        self._erase(state, abort=False)
+        return record
+
+    def _intent(self, store: ObjectStore, state: UploadState) -> ObjectRecord:
+        """The record the upload's object will have once it is visible, but for what
+        only its completion tells (size, etag, time)."""
         replaced = record_at(self.records, store, state.storage_key) if state.overwrite else None
-        intent = ObjectRecord(
+        return ObjectRecord(
             bucket=state.bucket,
             key=state.storage_key,
             tenant=state.tenant,
             kid=state.kid,
-            key_version=version,
+            key_version=state.key_version,
             alg=state.alg,
             frame_length=state.frame_length,
             plaintext_size=state.length,
@@ -573,17 +592,52 @@ class Uploads:
             header_sha256=header_digest(parse_header(state.header_bytes)),
             generation=next_generation(replaced),
         )
+
+    def _complete(
+        self, store: ObjectStore, state: UploadState, intent: ObjectRecord
+    ) -> ObjectRecord:
+        """Complete the part upload, its intent noted first, and record the object."""
+        self._check_parts(store, state)
+        marker = Marker.new(
+            state.tenant, state.kid, state.key_version, state.bucket, state.storage_key
+        )
         inventory = Inventory(self.records)
         ours = inventory.add(marker)
         parts = [part.part() for part in state.parts]
         try:
             save_intent(self.records, intent)
             info = store.complete_parts(state.part_upload(), parts, if_absent=not state.overwrite)
+        except ObjectNotFound:
+            # A local directory's parts gone, and no object of this upload's at its key.
+            raise _parts_gone(state) from None
         except BaseException:
             if ours:  # the intent stays: the sweep records an object made visible after all
                 with suppress(StorageError):
                     inventory.remove(marker)
             raise
+        return self._recorded(intent, info)
+
+    def _record_made(
+        self, state: UploadState, intent: ObjectRecord, made: ObjectInfo
+    ) -> ObjectRecord:
+        """The record of the upload's object, made by a completion cut off after it: the
+        one saved then if it was, else the intent that completion noted (its generation),
+        else `intent`."""
+        with suppress(ObjectNotFound, RecordTampered):
+            recorded = load_record(self.records, state.bucket, state.storage_key)
+            if recorded.header_sha256 == intent.header_sha256:
+                return recorded
+        with suppress(ObjectNotFound, RecordTampered):
+            intent = load_intent(
+                self.records, state.bucket, state.storage_key, intent.header_sha256
+            )
+        Inventory(self.records).add(
+            Marker.new(state.tenant, state.kid, state.key_version, state.bucket, state.storage_key)
+        )
+        return self._recorded(intent, made)
+
+    def _recorded(self, intent: ObjectRecord, info: ObjectInfo) -> ObjectRecord:
+        """Save the record of the object `info` describes, whose intent was `intent`."""
         record = intent.model_copy(
             update={
                 "ciphertext_size": info.size,
@@ -594,7 +648,6 @@ class Uploads:
         save_record(self.records, record)
         with suppress(StorageError):  # one left over is dropped by the sweep
             drop_intent(self.records, intent)
-        self._erase(state, abort=False)
         return record
 
     def _check_parts(self, store: ObjectStore, state: UploadState) -> None:
@@ -605,7 +658,8 @@ class Uploads:
         try:
             listed = store.listed_parts(state.part_upload())
         except ObjectNotFound:
-            listed = []  # the part upload itself is gone
+            # Finished or aborted, and the object at its key is not this upload's.
+            raise _parts_gone(state) from None
         if listed is None:
             return
         recorded = [part.part() for part in state.parts]
@@ -754,6 +808,33 @@ def _same_part(recorded: Part, listed: Part) -> bool:
     same = (recorded.number, recorded.size) == (listed.number, listed.size)
     etags = recorded.etag.strip('"') == listed.etag.strip('"')
     return same and etags and listed.checksum in ("", recorded.checksum)
+
+
+def _made(store: ObjectStore, state: UploadState) -> ObjectInfo | None:
+    """The object at the upload's key if it is the upload's own, made by a completion
+    whose end was cut off: its size the message's, and its header the upload's (a
+    message id and a data key wrapped for it alone, which no other message has). Its
+    frames are the verify job's to check."""
+    try:
+        info = store.head(state.storage_key)
+        if info.size != state.ciphertext_size():
+            return None
+        header = state.header_bytes
+        start = b"".join(store.read(state.storage_key, 0, len(header), if_match=info.etag))
+    except (ObjectNotFound, PreconditionFailed):
+        return None
+    return info if hmac.compare_digest(start, header) else None
+
+
+def _parts_gone(state: UploadState) -> UploadTampered:
+    """The refusal of an upload whose part upload is gone from the bucket while the
+    object at its key is not its own: completed and replaced, or aborted, by whoever
+    can write the bucket."""
+    note_refusal(STATE_KIND, RecordTampered("its part upload is gone from the store", state.name))
+    return UploadTampered(
+        "the upload's parts are gone from the bucket, and the object at its key is not "
+        "this upload's"
+    )
 
 
 def _exists(store: ObjectStore, key: str) -> bool:

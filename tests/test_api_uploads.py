@@ -33,7 +33,7 @@ from services.resumable import (
     state_digest,
 )
 from services.upload_anchor import KEY_PREFIX, UploadAnchor
-from storage import StorageUnavailable, integrity
+from storage import ObjectNotFound, StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.data import KiB, MiB, random_bytes
@@ -416,7 +416,11 @@ def test_resumable_uploads_without_redis_are_refused_where_writers_lack_the_kek(
         assert pending(api) == []
 
 
-def complete_parts_failing_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+def complete_parts_failing_once(
+    api: Api, monkeypatch: pytest.MonkeyPatch, *, made: bool = False
+) -> None:
+    """The store's first completion fails: before it (the store unreachable) or, `made`,
+    after the object is made (its answer lost, as a crash there would leave it)."""
     store_class = type(api.parts.spaces.store("default", api.objects.bucket))
     real = store_class.complete_parts
     calls = []
@@ -424,30 +428,60 @@ def complete_parts_failing_once(api: Api, monkeypatch: pytest.MonkeyPatch) -> No
     def flaky(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(args)
         if len(calls) == 1:
+            if made:
+                real(self, *args, **kwargs)
             raise StorageUnavailable("cut off", "complete")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(store_class, "complete_parts", flaky)
 
 
+@pytest.mark.parametrize("made", [False, True], ids=["not-made", "made"])
 @pytest.mark.parametrize("completes", ["head", "sweep"])
 def test_an_upload_whose_completion_failed_is_completed_not_lost(
-    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, completes: str
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, completes: str, made: bool
 ) -> None:
-    """A tus client that finds the full offset sends nothing more: the object must exist."""
+    """A tus client that finds the full offset sends nothing more: the object must exist,
+    recorded, whether the failed completion had made it or not."""
     data = random_bytes(2 * FRAME + 3, seed=15)
     url = create(client, len(data))
-    complete_parts_failing_once(api, monkeypatch)
+    complete_parts_failing_once(api, monkeypatch, made=made)
     assert patch(client, url, 0, data).status_code == 503
 
     if completes == "head":
-        assert offset_of(client, url) == len(data)
+        head = client.head(url, headers=TUS)
+        assert (head.status_code, head.headers["upload-offset"]) == (200, str(len(data)))
+        job = finished_job(client, head.headers["x-verify-job"], timeout=120)
+        assert job["status"] == "succeeded", job
     else:
         assert api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2)) == []
 
     assert read_object(client, "up/obj").content == data
+    record = load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
+    assert (record.plaintext_size, record.plaintext_frame_chain) == (len(data), chain_of(data))
     assert client.head(url, headers=TUS).status_code == 404
     assert pending(api) == []
+    assert list(api.objects.list(UPLOADS_PREFIX)) == []
+
+
+def test_an_object_planted_where_a_completion_was_cut_off_is_refused_not_recorded(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket writer who puts an object of the message's size at the key of an upload
+    whose completion was cut off does not get it recorded as the upload's."""
+    data = random_bytes(2 * FRAME + 3, seed=16)
+    url = create(client, len(data))
+    complete_parts_failing_once(api, monkeypatch, made=True)
+    assert patch(client, url, 0, data).status_code == 503
+    state = api.records.get(
+        STATE_KIND, f"{UPLOADS_PREFIX}{url.rpartition('/')[2]}.json", UploadState
+    )
+    made = api.objects.get(state.storage_key)
+    api.objects.put(state.storage_key, random_bytes(len(made), seed=17))
+
+    assert client.head(url, headers=TUS).status_code == 502  # upload-tampered: no body
+    with pytest.raises(ObjectNotFound):
+        load_record(api.records, api.objects.bucket, state.storage_key)
 
 
 def test_an_empty_upload_is_complete_once_created(client: httpx.Client) -> None:

@@ -201,8 +201,11 @@ async def offset(request: Request, upload: str, principal: EncryptScope) -> Resp
     stored."""
     require_tus(request)
     svc = services(request)
-    state = await to_thread.run_sync(svc.uploads().get, principal.tenant, upload)
-    return Response(status_code=200, headers=state_headers(state))
+    state, record = await to_thread.run_sync(svc.uploads().get, principal.tenant, upload)
+    headers = state_headers(state)
+    if record is not None:  # completed now
+        headers["X-Verify-Job"] = await _verify(svc, tenant=principal.tenant, state=state)
+    return Response(status_code=200, headers=headers)
 
 
 @router.patch(
@@ -269,10 +272,15 @@ async def _appended(
         )
     headers = state_headers(state)
     if appending.record is not None:
-        placement = svc.spaces.place(tenant, ObjectRef(key=state.key, bucket=state.bucket))
-        job, _ = await to_thread.run_sync(svc.verify_stored, tenant, placement)
-        headers["X-Verify-Job"] = job.id
+        headers["X-Verify-Job"] = await _verify(svc, tenant=tenant, state=state)
     return Response(status_code=204, headers=headers)
+
+
+async def _verify(svc: Services, *, tenant: str, state: UploadState) -> str:
+    """Start the verify job of the object an upload completed; its id."""
+    placement = svc.spaces.place(tenant, ObjectRef(key=state.key, bucket=state.bucket))
+    job, _ = await to_thread.run_sync(svc.verify_stored, tenant, placement)
+    return job.id
 
 
 async def _feed(
