@@ -34,6 +34,8 @@ from storage.integrity import RecordTampered
 logger = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
+# Requests on resumable uploads, whose Redis errors are the anchor's, not the job store's.
+UPLOADS_PATH = "/api/uploads"
 
 
 class Problem(Exception):
@@ -223,9 +225,13 @@ def install(app: FastAPI) -> None:
         return from_domain_error(exc).response(request.url.path)
 
     async def job_store_down(request: Request, exc: Exception) -> JSONResponse:
+        # An upload's request reaches Redis for its state's generation, not for a job.
+        code, detail = "job-store-unavailable", "the job store is not reachable"
+        if request.url.path.startswith(UPLOADS_PATH):
+            code, detail = "upload-anchor-unavailable", "the uploads' Redis is not reachable"
         # redis-py's words name Redis's host and port: for the log only.
-        logger.warning("answering 503 job-store-unavailable: %s", exc)
-        problem = Problem(503, "job-store-unavailable", "the job store is not reachable")
+        logger.warning("answering 503 %s: %s", code, exc)
+        problem = Problem(503, code, detail)
         return problem.response(request.url.path)
 
     async def unreplicated(request: Request, exc: Exception) -> JSONResponse:

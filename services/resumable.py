@@ -64,6 +64,7 @@ from services.inventory import Inventory, Marker, record_at
 from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
 from services.placement import BucketNotAllowed, Placement, Spaces
+from services.replicas import NotReplicated
 from services.seal_to_storage import HASHING
 from services.upload_anchor import GONE, Anchored, UploadAnchor
 from storage import (
@@ -569,7 +570,14 @@ class Uploads:
             record = self._complete(store, state, intent)
         else:
             record = self._record_made(state, intent, made)
-        self._erase(state, abort=False)
+        try:
+            self._erase(state, abort=False)
+        except NotReplicated as unconfirmed:
+            # The object is made and recorded, and the tombstone is on Redis's master:
+            # the upload is over. A failover that lost the tombstone would let a copy of
+            # this state back in, which would find its object made and record it again.
+            logger.warning("upload %s completed, its end unconfirmed: %s", state.id, unconfirmed)
+            self._forget(state, abort=False)
         return record
 
     def _intent(self, store: ObjectStore, state: UploadState) -> ObjectRecord:
@@ -780,6 +788,10 @@ class Uploads:
     def _erase(self, state: UploadState, *, abort: bool) -> None:
         if self.anchor is not None:
             self.anchor.end(state.id, state.tenant, state.expires_at)
+        self._forget(state, abort=abort)
+
+    def _forget(self, state: UploadState, *, abort: bool) -> None:
+        """Erase what the store holds of the upload, its tombstone left already."""
         if abort:
             # The service's own cleanup: whether the tenant may still use the bucket or not.
             self.spaces.own_store(state.bucket).abort_parts(state.part_upload())
@@ -970,13 +982,16 @@ class Appending:
                 self._write(self._acknowledging(self.state), hold=False)
             self._held = False
 
-    def swept(self) -> bool:
-        """Whether the upload was erased under this request (expired, and swept once its
-        lock had lapsed); if so, the staging object it may have written since goes too."""
+    def gone(self) -> str | None:
+        """Why the upload is gone from under this request, if it is (its lock lapsed,
+        and another request completed it or terminated it, or the sweep took it); the
+        staging object this request may have written since goes too."""
         if not self._uploads.erased(self.state.id):
-            return False
+            return None
         self._uploads.drop_staging(self.state.id)
-        return True
+        if _made(self._store, self.state) is not None:
+            return "another request completed the upload meanwhile: its object is stored"
+        return "the upload was terminated, or expired and was erased, meanwhile"
 
     def _staged(self) -> bytearray:
         state = self.state

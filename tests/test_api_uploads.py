@@ -11,7 +11,9 @@ import hashlib
 import io
 import os
 import signal
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,7 @@ from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_setti
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
 from tests.support.jobs import REPLICA_TIMEOUT, finished_job, start_verify
+from tests.support.ports import free_port
 from tests.support.sentinel import MASTER, process_id
 from tests.test_api_objects import tenant_client
 
@@ -398,6 +401,39 @@ def test_a_move_no_replica_confirms_is_refused_and_undone(
         assert read_object(client, "up/obj").content == data
 
 
+def test_a_completion_whose_end_no_replica_confirms_is_answered_as_completed(
+    tmp_path: Path, sentinel: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object is made and recorded before the upload's tombstone is left: a replica
+    that does not confirm the tombstone does not turn the completion into a 503."""
+    url, (_, second, _) = sentinel
+    anchor = UploadAnchor(redis_client(url, MASTER), Replicas(1, REPLICA_TIMEOUT))
+    replica = process_id(second)
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        api.parts.__dict__["upload_anchor"] = anchor
+        create_key(client)
+        location = create(client, 2 * FRAME)
+        store_class = type(api.parts.spaces.store("default", api.objects.bucket))
+        real = store_class.complete_parts
+
+        def replica_held(self: Any, *args: Any, **kwargs: Any) -> Any:
+            os.kill(replica, signal.SIGSTOP)  # every move before this one was confirmed
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(store_class, "complete_parts", replica_held)
+        data = random_bytes(2 * FRAME, seed=23)
+        try:
+            answer = patch(client, location, 0, data)
+        finally:
+            os.kill(replica, signal.SIGCONT)
+
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-offset"] == str(len(data))
+        assert read_object(client, "up/obj").content == data
+        assert client.head(location, headers=TUS).status_code == 404
+        assert list(api.objects.list(UPLOADS_PREFIX)) == []
+
+
 def kek_elsewhere(tmp_path: Path) -> Settings:
     """A local directory whose KEK is not in it: its writers do not hold the KEK."""
     kek_file = tmp_path / "kek"
@@ -482,6 +518,47 @@ def test_an_object_planted_where_a_completion_was_cut_off_is_refused_not_recorde
     assert client.head(url, headers=TUS).status_code == 502  # upload-tampered: no body
     with pytest.raises(ObjectNotFound):
         load_record(api.records, api.objects.bucket, state.storage_key)
+
+
+def test_a_head_while_the_last_patch_completes_answers_the_full_offset(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HEAD is never refused as locked: while the PATCH that stored every frame is
+    completing the object, it answers the offset acknowledged, the length."""
+    data = random_bytes(2 * FRAME + 5, seed=18)
+    url = create(client, len(data))
+    store_class = type(api.parts.spaces.store("default", api.objects.bucket))
+    real, completing, let_go = store_class.complete_parts, threading.Event(), threading.Event()
+
+    def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+        completing.set()
+        let_go.wait(timeout=60)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_class, "complete_parts", held)
+    with api.client() as other, ThreadPoolExecutor(1) as pool:
+        patching = pool.submit(patch, other, url, 0, data)
+        try:
+            assert completing.wait(timeout=60)
+            head = client.head(url, headers=TUS)
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
+
+    assert (head.status_code, head.headers["upload-offset"]) == (200, str(len(data)))
+    assert "x-verify-job" not in head.headers
+    assert read_object(client, "up/obj").content == data
+
+
+def test_upload_requests_with_their_redis_down_name_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Their 503 names what an upload's request needed of Redis, not the job store."""
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    with live_api(api_settings("s3", tmp_path, request)) as api, api.client() as client:
+        api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(nowhere, ""))
+        create_key(client)
+        problem(post_upload(client, 10), 503, "upload-anchor-unavailable")
 
 
 def test_an_empty_upload_is_complete_once_created(client: httpx.Client) -> None:

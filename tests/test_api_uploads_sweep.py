@@ -110,9 +110,35 @@ def test_a_patch_whose_upload_was_swept_under_it_is_404_and_leaves_nothing(
         finally:
             let_go.set()
 
-        problem(patching.result(), 404, "upload-not-found")
+        refused = problem(patching.result(), 404, "upload-not-found")
+        assert "expired" in refused["detail"] and "completed" not in refused["detail"]
         assert [state.key for state in swept] == ["up/obj"]
         assert client.head(url, headers=TUS).status_code == 404
+    nothing_left(api)
+
+
+def test_a_patch_whose_upload_another_completed_under_it_is_told_so(
+    short_lock_api: Api,
+) -> None:
+    """A PATCH that stalls past its lock, while another sends the whole upload and
+    completes it, is answered 404 as an upload completed, not as one expired."""
+    api = short_lock_api
+    data = random_bytes(3 * FRAME, seed=33)
+    let_go = threading.Event()
+    with api.client() as client, api.client() as other, ThreadPoolExecutor(1) as pool:
+        create_key(client)
+        url = create(client, len(data))
+        patching = pool.submit(patch, other, url, 0, paused(data[:FRAME], data[FRAME:], let_go))
+        try:
+            wait_until(lambda: state_of(api, url).locked_until is not None, "the PATCH's lock")
+            wait_until(lambda: not state_of(api, url).held, "the PATCH's lock to lapse")
+            assert patch(client, url, 0, data).status_code == 204
+        finally:
+            let_go.set()
+
+        refused = problem(patching.result(), 404, "upload-not-found")
+        assert "completed" in refused["detail"], refused
+        assert read_object(client, "up/obj").content == data
     nothing_left(api)
 
 

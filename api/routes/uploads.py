@@ -195,7 +195,9 @@ async def create(request: Request, principal: EncryptScope) -> Response:
     return Response(status_code=201, headers=headers)
 
 
-@router.head("/{upload}", response_model=None, responses=answers(OFFSET, AUTHENTICATED, (404, 412)))
+@router.head(
+    "/{upload}", response_model=None, responses=answers(OFFSET, AUTHENTICATED, (404, 412, 502, 503))
+)
 async def offset(request: Request, upload: str, principal: EncryptScope) -> Response:
     """Where the upload goes on from: every byte before `Upload-Offset` is sealed and
     stored."""
@@ -257,10 +259,10 @@ async def _appended(
     except BaseException as error:
         await to_thread.run_sync(appending.abandon, limiter=svc.transfers)
         # Its state or parts gone under it: taken by another request, or swept.
-        if isinstance(error, UploadBusy | ObjectNotFound) and await to_thread.run_sync(
-            appending.swept, limiter=svc.transfers
+        if isinstance(error, UploadBusy | ObjectNotFound) and (
+            gone := await to_thread.run_sync(appending.gone, limiter=svc.transfers)
         ):
-            raise UploadNotFound("the upload expired and was erased meanwhile") from None
+            raise UploadNotFound(gone) from None
         raise
     if isinstance(cut, Problem):
         raise cut  # what was whole of it is stored: the client asks HEAD and goes on
