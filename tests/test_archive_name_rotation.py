@@ -13,6 +13,7 @@ import pytest
 from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.wiring import build_parts
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
+from storage.records import RECORD_METADATA, object_record, record_metadata, save_record
 from tests.conftest import Api, live_api
 from tests.support.http import create_key, problem, read_object
 from tests.support.jobs import finished_job
@@ -196,6 +197,43 @@ def test_a_rerun_under_a_version_number_reissued_with_other_material_is_refused(
         assert stored(api, TENANT + "old/") == before
     with api.client() as client:  # still the old version 1: the manifest was kept
         assert manifest(client, "old/") == old
+
+
+def test_a_manifest_without_a_fingerprint_is_refused_under_a_version_made_after_it(
+    api: Api,
+) -> None:
+    """A manifest written before fingerprints were recorded names its version by number
+    alone: a rerun into its prefix still names under that version, unless the version on
+    record was made after the manifest (the record deleted, the number issued again)."""
+    with api.client() as client:
+        create_key(client)
+        hidden_upload(client, small_tar(FILES), prefix="old/")
+        without_fingerprint(api, TENANT + "old/manifest.json")
+        overwrite = {"prefix": "old/", "overwrite": True}
+        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        assert response.status_code == 200, response.text  # named under version 1, as before
+        without_fingerprint(api, TENANT + "old/manifest.json")
+        old = manifest(client, "old/")
+    api.objects.delete("sealstream/name-keys/default.json")
+    with live_api(api.settings) as restarted, restarted.client() as client:
+        hidden_upload(client, small_tar(FILES), prefix="elsewhere/")  # a new version 1
+        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        problem(response, 502, "name-key-mismatch")
+    with api.client() as client:
+        assert manifest(client, "old/") == old
+
+
+def without_fingerprint(api: Api, storage_key: str) -> None:
+    """Make the object's record as one from before fingerprints: sealed again without it."""
+    record = object_record(api.records, api.objects, storage_key)
+    assert record.name_key_fingerprint is not None
+    legacy = record.model_copy(update={"name_key_fingerprint": None})
+    stored = api.objects.head(storage_key)
+    kept = {name: value for name, value in stored.metadata.items() if name != RECORD_METADATA}
+    metadata = record_metadata(api.records, legacy, kept)
+    assert metadata is not None
+    put = api.objects.put(storage_key, api.objects.get(storage_key), metadata=metadata)
+    save_record(api.records, legacy.model_copy(update={"etag": put.etag}))
 
 
 def test_rotation_stops_at_the_most_versions_allowed(api: Api) -> None:

@@ -937,6 +937,13 @@ MUTANTS = (
         ("tests/test_archive_name_rotation.py",),
     ),
     Mutant(
+        "hidden names: a manifest without a fingerprint refuses a version made after it",
+        "services/archives/naming.py",
+        "    if manifest.name_key_fingerprint is None and key.created_at > manifest.created_at:",
+        "    if False:",
+        ("tests/test_archive_name_rotation.py",),
+    ),
+    Mutant(
         "hidden names: a job keeps the version it was created with",
         "workers/batch.py",
         "    if params.name_key_version is None:",
