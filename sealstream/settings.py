@@ -181,6 +181,14 @@ class Settings(BaseSettings):
         description="seconds a resumable upload (/api/uploads) may stay unfinished before the "
         "lifecycle sweep aborts it and erases its state",
     )
+    local_temp_expiry: int = Field(
+        7 * 24 * 3600,
+        ge=3600,
+        description="seconds after its last write that the lifecycle sweep removes a local "
+        "directory's temporary file no live writer holds (what a server killed mid-upload "
+        "left); longer than SEALSTREAM_UPLOAD_EXPIRY, as a resumable upload's file waits "
+        "between its PATCHes",
+    )
     upload_lock_seconds: float = Field(
         30.0,
         gt=0,
@@ -490,6 +498,14 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError("give a rate as N/second, N/minute or N/hour") from None
         return rate
+
+    @field_validator("local_temp_expiry")
+    @classmethod
+    def _past_upload_expiry(cls, expiry: int, info: ValidationInfo) -> int:
+        # A resumable upload's file is held by no writer between its PATCHes.
+        if expiry <= info.data.get("upload_expiry", 0):
+            raise ValueError("give more seconds than SEALSTREAM_UPLOAD_EXPIRY")
+        return expiry
 
     @field_validator("tls_key")
     @classmethod

@@ -308,6 +308,12 @@ class ObjectStore(ABC):
         writer whose upload is aborted fails on its next `write` or on `complete`.
         """
 
+    def clear_abandoned(self, written_before: datetime) -> int:
+        """Remove what uploads whose writer was lost left, untouched since `written_before`
+        and held by no live writer (the lifecycle sweep); how many. Nothing on S3, where
+        the bucket's `AbortIncompleteMultipartUpload` rule aborts them."""
+        return 0
+
     def start_parts(self, key: str, *, metadata: Mapping[str, str] | None = None) -> PartUpload:
         """Start an upload its caller writes part by part, perhaps from several processes
         in turn (`put_part`), and completes (`complete_parts`) or aborts (`abort_parts`).

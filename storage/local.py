@@ -68,6 +68,7 @@ from storage.local_files import (
     new_private_file,
     private_directories,
     prune_empty,
+    remove_abandoned,
     temp_beside,
     write_synced,
 )
@@ -181,6 +182,23 @@ class LocalStore(ObjectStore):
             for temporary in temporaries:
                 (self.root / temporary).unlink(missing_ok=True)
         return len(temporaries)
+
+    def clear_abandoned(self, written_before: datetime) -> int:
+        """Temporary files of objects and of staged sidecars: a writer holds its file
+        (`local_files.hold`) while it writes, so a slow one keeps it however old."""
+        cutoff = written_before.timestamp()
+        with self._os_errors(""):
+            staged = [
+                path
+                for path in (self.root / META_DIR).iterdir()
+                if path.name.startswith(TEMP_PREFIX)
+            ]
+        uploads = [
+            self.root / parent / name
+            for parent, name in self._files("")
+            if name.startswith(TEMP_PREFIX)
+        ]
+        return sum(remove_abandoned(path, cutoff) for path in [*staged, *uploads])
 
     def complete_parts(
         self, upload: PartUpload, parts: Sequence[Part], *, if_absent: bool

@@ -105,6 +105,7 @@ class UncachedFile:
     ) -> None:
         flags = os.O_WRONLY if at is not None else os.O_WRONLY | os.O_CREAT | os.O_EXCL
         self._descriptor = os.open(path, flags, PRIVATE_FILE)
+        hold(self._descriptor)
         self._position = at or 0  # where the next byte written out goes
         self._head = -self._position % mmap.PAGESIZE  # bytes up to a block boundary
         self._stages: list[mmap.mmap] = []
@@ -238,6 +239,35 @@ def _write_all(descriptor: int, data: memoryview, position: int) -> None:
     while data:
         written = os.pwrite(descriptor, data, position)
         data, position = data[written:], position + written
+
+
+def hold(descriptor: int) -> None:
+    """Mark a temporary file as being written for as long as `descriptor` is open: the
+    kernel drops the lock when its process dies, however long its writer stalls first."""
+    fcntl.flock(descriptor, fcntl.LOCK_SH)
+
+
+def remove_abandoned(path: Path, written_before: float) -> bool:
+    """Remove the temporary file `path` if no writer holds it (`hold`) and it was last
+    written before `written_before` (a time); whether it was removed. A file not held may
+    still be live between two writes (a resumable upload's, between its PATCHes): the age
+    is what vouches that it is not."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone meanwhile, or no file of ours (a symlink put there)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = os.fstat(descriptor)
+        # Still the file opened (not one renamed in since), and old enough.
+        if held.st_mtime >= written_before or os.lstat(path).st_ino != held.st_ino:
+            return False
+        path.unlink()
+    except OSError:
+        return False  # a writer holds it, or it went meanwhile
+    finally:
+        os.close(descriptor)
+    return True
 
 
 def temp_beside(path: Path) -> Path:

@@ -29,6 +29,7 @@ from tests.support.http import (
     KEYS,
     as_json,
     create_key,
+    dechunked,
     decrypt,
     encrypt,
     exchange,
@@ -279,17 +280,6 @@ def test_stream_back_round_trip_with_default_frames(api: Api, declared: bool) ->
     assert trickled.complete and trickled.body == data[:20_000]
 
 
-def _dechunked(response: bytes) -> bytes:
-    """The body of a raw HTTP/1.1 response sent with chunked transfer coding."""
-    rest = response[response.index(b"\r\n\r\n") + 4 :]
-    body = bytearray()
-    while (size := int(rest[: rest.index(b"\r\n")], 16)) > 0:
-        start = rest.index(b"\r\n") + 2
-        body += rest[start : start + size]
-        rest = rest[start + size + 2 :]
-    return bytes(body)
-
-
 def test_with_a_declared_length_ciphertext_comes_back_before_its_frame_is_full(
     served: Api,
 ) -> None:
@@ -310,7 +300,7 @@ def test_with_a_declared_length_ciphertext_comes_back_before_its_frame_is_full(
             response += sock.recv(MiB) or pytest.fail("the server closed the connection")
     assert response.startswith(b"HTTP/1.1 200 ")
     with served.client() as client:
-        assert decrypt(client, _dechunked(bytes(response))).content == data
+        assert decrypt(client, dechunked(bytes(response))).content == data
 
 
 @pytest.mark.parametrize("size", [3 * FRAME - 2, 3 * FRAME - 1, 3 * FRAME, 3 * FRAME + 1])

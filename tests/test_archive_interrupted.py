@@ -5,11 +5,14 @@ connection), so what it promises is tested: the uploader's connection dropped en
 run cleanly (the members sealed before stay, listed in a manifest marked incomplete; no
 object or pending upload of the member being read), a server killed mid-archive leaves
 only whole members, and the archive sent again with `overwrite` lands on the same
-objects, every member once, with a complete manifest mapping the names back.
+objects, every member once, with a complete manifest mapping the names back. What the
+killed server left in flight on its local directory (its temporary files) the lifecycle
+sweep removes once old enough, never the file of a live writer however long it stalls.
 """
 
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -19,10 +22,20 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
+from sealstream.settings import Settings
 from tests.conftest import Api
 from tests.support.data import random_bytes
-from tests.support.http import FORM_TYPE, create_key, form_bytes, raw_upload, read_object
+from tests.support.http import (
+    FORM_TYPE,
+    create_key,
+    dechunked,
+    form_bytes,
+    raw_upload,
+    read_object,
+    read_response,
+)
 from tests.support.jobs import finished_job
 from tests.support.services import sealstream_serve
 from tests.support.waiting import wait_until
@@ -44,8 +57,8 @@ def tar_of(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def metadata(overwrite: bool = False) -> dict[str, Any]:
-    destination = {"prefix": "out/", "overwrite": overwrite}
+def metadata(overwrite: bool = False, prefix: str = "out/") -> dict[str, Any]:
+    destination = {"prefix": prefix, "overwrite": overwrite}
     return {"kid": "mySymKey", "destination": destination, "names": "encrypted"}
 
 
@@ -127,22 +140,29 @@ def test_an_uploader_dropped_mid_archive_leaves_whole_members_and_a_resend_compl
         check_once_each(client, sealed)
 
 
+def killed_mid_archive(cwd: Path, body: bytes) -> list[str]:
+    """Send `sealstream serve`, started in `cwd`, most of `body` and kill it with SIGKILL
+    once some members are stored; their keys."""
+    with sealstream_serve(cwd) as served:
+        headers = {"Authorization": f"Bearer {served.admin_token}"}
+        with (
+            httpx.Client(base_url=served.url, headers=headers, timeout=60) as client,
+            raw_upload(served.url, ARCHIVE, len(body), served.admin_token) as sock,
+        ):
+            create_key(client)
+            send_part(sock, body)
+            seen = some_sealed(client)
+            served.process.kill()
+            served.process.wait()
+    return seen
+
+
 @pytest.mark.timeout(300)
 def test_a_server_killed_mid_archive_leaves_whole_members_and_a_resend_completes(
     tmp_path: Path,
 ) -> None:
     first, again = form_bytes(metadata(), tar_of(FILES)), form_bytes(metadata(True), tar_of(FILES))
-    with sealstream_serve(tmp_path) as served:
-        headers = {"Authorization": f"Bearer {served.admin_token}"}
-        with (
-            httpx.Client(base_url=served.url, headers=headers, timeout=60) as client,
-            raw_upload(served.url, ARCHIVE, len(first), served.admin_token) as sock,
-        ):
-            create_key(client)
-            send_part(sock, first)
-            seen = some_sealed(client)
-            served.process.kill()
-            served.process.wait()
+    seen = killed_mid_archive(tmp_path, first)
     with sealstream_serve(tmp_path) as restarted:
         headers = {"Authorization": f"Bearer {restarted.admin_token}"}
         with httpx.Client(base_url=restarted.url, headers=headers, timeout=60) as client:
@@ -155,3 +175,69 @@ def test_a_server_killed_mid_archive_leaves_whole_members_and_a_resend_completes
             check_once_each(client, {})
             paths = {m["path"]: m["key"] for m in manifest(client)["members"]}
             assert set(left) <= set(paths.values()), "the resend found what the killed run wrote"
+
+
+def temporaries(directory: Path) -> set[Path]:
+    """The temporary files of writes in flight (or left) in the served local directory."""
+    return set(directory.glob("**/.tmp-*"))
+
+
+def stored(directory: Path) -> list[Path]:
+    """The objects' files in a directory of the served local directory."""
+    return [path for path in directory.glob("*") if not path.name.startswith(".tmp-")]
+
+
+def backdate(paths: set[Path], seconds: float) -> None:
+    """Make files look last written `seconds` ago, as a writer stalled that long leaves
+    its file (the sweep's bound is hours: the test cannot wait it out)."""
+    then = next(iter(paths)).stat().st_mtime - seconds
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+@pytest.mark.timeout(300)
+def test_the_sweep_removes_what_a_killed_server_left_in_flight_but_no_live_write(
+    tmp_path: Path,
+) -> None:
+    """Files a killed server left are removed once past SEALSTREAM_LOCAL_TEMP_EXPIRY; a
+    live writer's, stalled as long, stays, and its archive completes."""
+    live = form_bytes(metadata(prefix="live/"), tar_of(FILES))
+    killed_mid_archive(tmp_path, form_bytes(metadata(), tar_of(FILES)))
+    left = temporaries(tmp_path)
+    assert left, "the killed server left its writes in flight"
+    sweeping = {"SEALSTREAM_LIFECYCLE_INTERVAL": "0.2"}
+    with sealstream_serve(tmp_path, sweeping) as restarted:
+        with raw_upload(restarted.url, ARCHIVE, len(live), restarted.admin_token) as sock:
+            sock.sendall(live[: len(live) * 3 // 4])
+            # The eight members read whole are stored: the ninth, cut off, and the manifest
+            # are the writes left in flight.
+            members = tmp_path / ".sealstream" / "tenants" / "default" / "live"
+            wait_until(lambda: len(stored(members)) == 8, "the whole members stored")
+            writing = temporaries(tmp_path) - left
+            assert len(writing) == 2, writing
+            expiry = 7 * 24 * 3600  # the setting's default
+            backdate(writing, expiry + 3600)
+            backdate(left, expiry + 3600)
+            wait_until(lambda: not temporaries(tmp_path) & left, "the sweep")
+            # One more sweep, begun once both were old: it too leaves the live file.
+            sentinel = next(iter(writing)).with_name(".tmp-" + "0" * 32 + "-left")
+            sentinel.write_bytes(b"")
+            backdate({sentinel}, expiry + 3600)
+            wait_until(lambda: not sentinel.exists(), "another sweep")
+            assert writing <= temporaries(tmp_path), "a live write's file was removed"
+            sock.sendall(live[len(live) * 3 // 4 :])
+            sock.settimeout(60)
+            lines = dechunked(read_response(sock)).splitlines()
+        assert json.loads(lines[-1])["status"] == "succeeded", lines[-1]
+        with httpx.Client(base_url=restarted.url, timeout=60) as client:
+            client.headers["Authorization"] = f"Bearer {restarted.admin_token}"
+            sealed = manifest(client, "live/")["members"]
+            assert all(member["status"] == "sealed" for member in sealed)
+            assert len(sealed) == len(FILES)
+
+
+def test_temporaries_outlive_a_resumable_upload_left_between_its_patches() -> None:
+    """No live resumable upload's file (held by no writer between PATCHes) is old enough."""
+    with pytest.raises(ValidationError, match="SEALSTREAM_UPLOAD_EXPIRY"):
+        Settings(upload_expiry=7200, local_temp_expiry=7200)
+    assert Settings(upload_expiry=7200, local_temp_expiry=7201).local_temp_expiry == 7201

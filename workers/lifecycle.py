@@ -3,7 +3,8 @@ and the material of retired key versions past theirs once nothing stored uses th
 jobs whose worker was lost; queue again jobs whose task was lost, and queue the jobs
 parked while the queue was unreachable; record the objects whose writer was lost before
 it could; clear what header-only rewrap jobs left staged before
-re-encryption replaced them; finish object deletions a crash cut short; and abort the
+re-encryption replaced them; remove the temporary files that writes into a local
+directory left when their process died; finish object deletions a crash cut short; and abort the
 resumable uploads past their expiry, erasing their state. Each is
 idempotent: running it twice does no harm.
 
@@ -15,7 +16,7 @@ announcement written, before it is done. While the trail cannot be written (unle
 """
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from audit import AuditTrail
@@ -54,6 +55,7 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
     requeued = requeue_waiting(services.jobs, requeue_after, submit)
     unparked = queue_parked(services.jobs, submit)
     staging = clear_rewrap_staging(services)
+    abandoned = _clear_abandoned(services)
     deletions = finish_deletions(
         services.records, services.spaces, _announced(audit, "finishing-deletion", object_key=True)
     )
@@ -65,12 +67,16 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
     expired = services.uploads().expire()
     for upload in expired:
         audit.lifecycle("upload-expired", tenant=upload.tenant, object=upload.key)
-    done = (rotated, destroyed, retired, stale, requeued, unparked, staging, deletions, recorded)
+    done = (
+        *(rotated, destroyed, retired, stale, requeued, unparked, staging, abandoned),
+        *(deletions, recorded),
+    )
     if any((*done, expired)):
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys and %d retired key versions, "
             "failed %d stale jobs, queued again %d jobs and %d parked ones, "
             "cleared %d objects and uploads that rewrap jobs staged, "
+            "removed %d temporary files of writers lost, "
             "finished %d deletions cut short, recorded %d objects their writer left, "
             "aborted %d expired resumable uploads",
             len(rotated),
@@ -80,6 +86,7 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
             len(requeued),
             len(unparked),
             staging,
+            abandoned,
             len(deletions),
             recorded,
             len(expired),
@@ -92,10 +99,19 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
         "requeuedJobs": requeued,
         "parkedJobsQueued": unparked,
         "clearedStaging": staging,
+        "abandonedTemporaries": abandoned,
         "finishedDeletions": len(deletions),
         "recordedObjects": recorded,
         "expiredUploads": len(expired),
     }
+
+
+def _clear_abandoned(services: Parts) -> int:
+    """Remove what writes into the stores left when their process died, once older than
+    any live upload's pause can be."""
+    expiry = timedelta(seconds=services.settings.local_temp_expiry)
+    written_before = datetime.now(UTC) - expiry
+    return sum(store.clear_abandoned(written_before) for store in services.spaces.every_store())
 
 
 def _announced(audit: AuditTrail, action: str, *, object_key: bool = False) -> Proceed:

@@ -309,6 +309,27 @@ def raw_upload(
         sock.close()
 
 
+def dechunked(response: bytes) -> bytes:
+    """The body of a raw HTTP/1.1 response sent with chunked transfer coding."""
+    rest = response[response.index(b"\r\n\r\n") + 4 :]
+    body = bytearray()
+    while (size := int(rest[: rest.index(b"\r\n")], 16)) > 0:
+        start = rest.index(b"\r\n") + 2
+        body += rest[start : start + size]
+        rest = rest[start + size + 2 :]
+    return bytes(body)
+
+
+def read_response(sock: socket.socket, received: bytes = b"") -> bytes:
+    """The rest of a chunked response on `sock`, after what was `received` of it."""
+    response = bytearray(received)
+    while not response.endswith(b"\r\n0\r\n\r\n"):
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the server closed the connection mid-response"
+        response += chunk
+    return bytes(response)
+
+
 def assert_round_trip(client: SealstreamClient, kid: str, size: int) -> None:
     """`size` random bytes encrypted under `kid` and decrypted again by `client`'s streams
     come back whole."""
