@@ -317,7 +317,10 @@ class SealstreamClient:
         resumable upload (tus, `/api/uploads`): the one at path `upload` if given (and
         still there), else a new one, whose path is handed to `created` first (keep it to
         go on after this process ends). A broken connection is followed by a HEAD and a
-        PATCH from the offset the server acknowledged, up to `attempts` times in a row."""
+        PATCH from the offset the server acknowledged, up to `attempts` failures in a row
+        (the HEAD's own included). A HEAD that finds every byte acknowledged ends it: the
+        server completed the object then (the result names its verify job), or a request
+        cut off before its answer is completing it (no verify job named)."""
         if upload is None or self._upload_offset(upload) is None:
             upload = self._create_upload(
                 kid, length, key, bucket, overwrite, encryption_context, frame_length
@@ -325,10 +328,13 @@ class SealstreamClient:
             created(upload)
         failures = 0
         while True:
-            offset = self._upload_offset(upload)
-            if offset is None:
-                raise ClientError("the upload is gone: expired or terminated")
             try:
+                acknowledged = self._upload_offset(upload)
+                if acknowledged is None:
+                    break
+                offset, job = acknowledged
+                if offset >= length:
+                    return ResumableResult(upload, offset, job)
                 return self._patch_rest(upload, file, offset, length)
             except (ClientError, OSError) as exc:
                 if isinstance(exc, ApiError) and exc.code not in RESUMABLE_REFUSALS:
@@ -337,6 +343,10 @@ class SealstreamClient:
                 if failures >= attempts:
                     raise
                 time.sleep(min(2.0, 0.2 * failures))
+        raise ClientError(
+            f"the upload is gone: expired, terminated, or completed by a request whose "
+            f"answer was lost (see whether {key!r} is stored)"
+        )
 
     def _create_upload(
         self,
@@ -368,15 +378,17 @@ class SealstreamClient:
             location = response.getheader("Location") or ""
         return location.removeprefix(self._base_path)
 
-    def _upload_offset(self, upload: str) -> int | None:
-        """The upload's acknowledged offset; None if there is no such upload (any more)."""
+    def _upload_offset(self, upload: str) -> tuple[int, str | None] | None:
+        """The upload's acknowledged offset, and the verify job of the object if this
+        HEAD completed it; None if there is no such upload (any more)."""
         with Exchange(self._connect(), self._head("HEAD", upload, TUS)) as exchange:
             response = _response(exchange)
             if response.status == 404:
                 return None
             if response.status != 200:
                 raise _api_error(response)
-            return int(response.getheader("Upload-Offset") or "0")
+            offset = int(response.getheader("Upload-Offset") or "0")
+            return offset, response.getheader("X-Verify-Job")
 
     def _patch_rest(self, upload: str, file: BinaryIO, offset: int, length: int) -> ResumableResult:
         """One PATCH of the bytes of `file` from `offset` to its end."""

@@ -46,3 +46,25 @@ def test_a_rerun_finishes_the_upload_a_cut_off_run_left(api: Api, tmp_path: Path
     assert not note.exists()
     with api.client() as client:
         assert read_object(client, "r/big").content == data
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+def test_a_head_cut_off_is_tried_again_like_a_patch(api: Api, tmp_path: Path) -> None:
+    """The HEAD after a cut PATCH is cut too: the run goes on rather than failing."""
+    data = random_bytes(MiB + 5, seed=32)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(data)
+    args = ("encrypt", str(plain), "--kid", KID, "--to-storage", "r/head", "--resume", "--json")
+    with api.client() as client:
+        create_key(client)
+    # POST and HEAD whole, the PATCH cut, the HEAD after it cut within its request line.
+    cuts = [WHOLE, WHOLE, 200 * KiB, 10]
+    with CuttingProxy(api.url, cuts) as proxy:
+        env = {"SEALSTREAM_URL": proxy.url, "XDG_STATE_HOME": str(tmp_path / "state")}
+        finished = run(api, *args, "--frame-length", str(FRAME), env=env)
+
+    assert proxy.cut == 2
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["verifyJob"]
+    with api.client() as client:
+        assert read_object(client, "r/head").content == data
