@@ -304,8 +304,10 @@ class ObjectStore(ABC):
         """Abort every unfinished upload under `prefix` (with `exact`, of the key `prefix`
         itself and no other); how many were aborted.
 
-        For uploads no writer will finish: those of a process killed mid-upload. A live
-        writer whose upload is aborted fails on its next `write` or on `complete`.
+        For uploads no writer will finish: those of a process killed mid-upload. On S3,
+        which cannot tell a live upload from a dead one, a live writer whose upload is
+        aborted fails on its next `write` or on `complete`; a local directory keeps the
+        files live writers hold (`local_files.hold`).
         """
 
     def clear_abandoned(self, written_before: datetime) -> int:

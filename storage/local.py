@@ -29,6 +29,7 @@ import builtins  # `list` names a store method inside the store classes
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import uuid
@@ -179,9 +180,12 @@ class LocalStore(ObjectStore):
             and _under(parent + name[TEMP_NAME_OVERHEAD:], prefix, exact)
         ]
         with self._os_errors(prefix), self._locked(fcntl.LOCK_EX):
-            for temporary in temporaries:
-                (self.root / temporary).unlink(missing_ok=True)
-        return len(temporaries)
+            # Only files no live writer holds: one held may be another writer's upload of
+            # the same key (a user's encrypt begun since the killed process died), and a
+            # process dies holding nothing.
+            return sum(
+                remove_abandoned(self.root / temporary, math.inf) for temporary in temporaries
+            )
 
     def clear_abandoned(self, written_before: datetime) -> int:
         """Temporary files of objects and of staged sidecars: a writer holds its file

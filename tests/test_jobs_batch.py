@@ -30,12 +30,12 @@ from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.wiring import build_parts
 from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
-from storage import MIN_PART_SIZE
 from storage.records import object_record
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, encrypt, read_object
 from tests.support.memory import MiB, PeakRss
+from tests.support.storage import leave_pending
 from workers.batch import batch_encrypt
 from workers.execution import run_job
 from workers.registry import JOB_BODIES
@@ -416,8 +416,7 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     assert stored_keys(api) >= {f"out/{path}" for path in started[:2]}
     # The second member is complete but the journal does not say so yet; and a killed
     # worker leaves its upload pending, which the rerun must abort.
-    leftover = api.objects.multipart(TENANT + "out/" + started[1])
-    leftover.write(bytes(MIN_PART_SIZE + 1))
+    leave_pending(api.objects, TENANT + "out/" + started[1])
     assert api.objects.pending_uploads("tenants/") == [TENANT + "out/" + started[1]]
 
     run_job(record.id, services, JOB_BODIES)

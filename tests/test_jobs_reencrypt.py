@@ -48,6 +48,7 @@ from tests.support.http import KEYS, create_key, encrypt, read_object
 from tests.support.jobs import JobStack, finished_job, no_job_queued
 from tests.support.jobs import store_object as store_streamed
 from tests.support.seals import SealRecorder
+from tests.support.storage import leave_pending
 from tests.support.waiting import wait_until
 from workers import reencrypt
 from workers.execution import run_job
@@ -566,8 +567,7 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
     record = job_record(worker, storage_key, key="docs/big")
     # The killed attempt noted the object it was writing, began its upload and died; an
     # upload of another object whose key starts with the same name is someone else's.
-    killed_upload = api.objects.multipart(storage_key, if_match=api.objects.head(storage_key).etag)
-    killed_upload.write(random_bytes(MIN_PART_SIZE + 1))
+    leave_pending(api.objects, storage_key, if_match=api.objects.head(storage_key).etag)
     neighbour = api.objects.multipart(f"{storage_key}-draft")
     neighbour.write(random_bytes(MIN_PART_SIZE + 1))
     assert api.objects.pending_uploads("tenants/") == [storage_key, f"{storage_key}-draft"]
@@ -581,7 +581,6 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
     assert (final.attempts, final.result["reencrypted"]) == (2, 1)
     assert api.objects.pending_uploads("tenants/") == [f"{storage_key}-draft"]
     neighbour.abort()
-    killed_upload.abort()
     assert nothing_pending(api.objects)
     assert_reencrypted(api, client, "docs/big", data["docs/big"], storage_key, before)
 
@@ -683,8 +682,7 @@ def test_the_sweep_clears_what_rewrap_jobs_staged(api: Api, worker: Parts) -> No
     staging = reencrypt.REWRAP_STAGING_PREFIX
     store.put(f"{staging}job_a/0", b"a staged header and body")
     store.put(f"{staging}job_b/3", b"another")
-    left_pending = store.multipart(f"{staging}job_a/1")
-    left_pending.write(bytes(MIN_PART_SIZE + 1))  # a part shipped, never completed
+    leave_pending(store, f"{staging}job_a/1")
     elsewhere = store.put("sealstream/other/0", b"not staged")
 
     assert run_sweeps(worker, no_job_queued)["clearedStaging"] == 3
@@ -692,7 +690,6 @@ def test_the_sweep_clears_what_rewrap_jobs_staged(api: Api, worker: Parts) -> No
     assert list(store.list(staging)) == [] and store.pending_uploads() == []
     assert store.head(elsewhere.key) == elsewhere
     assert run_sweeps(worker, no_job_queued)["clearedStaging"] == 0
-    left_pending.abort()
 
 
 # No key and IV seal twice, anywhere in the service

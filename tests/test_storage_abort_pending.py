@@ -1,19 +1,18 @@
 """`ObjectStore.abort_pending`: clearing the uploads a killed process left behind, on every
-backend, without touching finished objects or uploads elsewhere."""
+backend, without touching finished objects or uploads elsewhere, nor, in a local
+directory, a live writer's."""
+
+from pathlib import Path
 
 import pytest
 
-from storage import MIN_PART_SIZE, ObjectNotFound, ObjectStore, StorageError
+from storage import MIN_PART_SIZE, LocalStore, ObjectNotFound, ObjectStore, StorageError
+from tests.conftest import S3StoreFactory
+from tests.support.storage import leave_pending
 
 # Over one part, so that S3 has really started a multipart upload (smaller objects are
 # buffered until `complete` and sent as one PUT).
 PART_AND_A_BIT = MIN_PART_SIZE + 1
-
-
-def leave_pending(store: ObjectStore, key: str) -> None:
-    """An upload of `key` that nobody will finish, as a killed worker leaves it."""
-    writer = store.multipart(key)
-    writer.write(b"x" * PART_AND_A_BIT)
 
 
 def test_aborts_only_the_uploads_under_the_prefix(store: ObjectStore) -> None:
@@ -31,7 +30,11 @@ def test_aborts_only_the_uploads_under_the_prefix(store: ObjectStore) -> None:
     assert store.abort_pending("out/") == 0
 
 
-def test_a_live_writer_whose_upload_was_aborted_cannot_complete(store: ObjectStore) -> None:
+def test_a_live_writer_whose_upload_was_aborted_cannot_complete(
+    make_s3_store: S3StoreFactory,
+) -> None:
+    """S3 cannot tell a live upload from one a killed process left."""
+    store = make_s3_store()
     writer = store.multipart("out/live")
     writer.write(b"x" * PART_AND_A_BIT)
 
@@ -56,3 +59,20 @@ def test_exact_aborts_the_uploads_of_one_key_only(store: ObjectStore) -> None:
     assert store.pending_uploads() == ["out/ab"]
     assert store.get("out/a") == b"finished"
     assert store.abort_pending("out/a", exact=True) == 0
+
+
+def test_a_live_local_writer_keeps_its_upload(tmp_path: Path) -> None:
+    """Another writer of the same key (a user's encrypt begun after the worker that left
+    an upload there was killed) holds its file: the rerun's abort removes only the dead
+    one's, and the live writer completes."""
+    store = LocalStore(tmp_path / "bucket")
+    leave_pending(store, "out/a")
+    writer = store.multipart("out/a")
+    writer.write(b"live")
+
+    assert store.abort_pending("out/a", exact=True) == 1
+
+    assert store.pending_uploads() == ["out/a"]
+    writer.complete()
+    assert store.get("out/a") == b"live"
+    assert store.pending_uploads() == []
