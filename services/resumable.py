@@ -759,27 +759,45 @@ class Uploads:
         """Write `state` as the next generation after `last` (the state as read or
         written, at `etag`), conditional on `etag`. Redis anchors it in flight first, and
         marks it written once it is; its caller stores the frames it records only after
-        that. So while it is in flight, `last` may still be taken up (its writer died
-        before the bucket write): `last` holds the HMAC of every frame whose ciphertext
+        that. So while it is in flight, `last` may still be taken up once the step's hold
+        is over (its writer died or stalled before the bucket write; before then, another
+        request that read `last` is refused): `last` holds the HMAC of every frame whose ciphertext
         may be stored (those it or an earlier state recorded and did not acknowledge,
         including the ones this write acknowledges), and the frames only this state
         records were stored nowhere, so whatever seals them later seals them once."""
         written = state.model_copy(update={"generation": last.generation + 1})
         read = (last.generation, state_digest(last))
         moved = (written.generation, state_digest(written))
-        if self.anchor is not None and not self.anchor.advance(state.id, read, moved):
-            raise UploadBusy("the upload was changed by another request meanwhile")
+        anchor, step = self.anchor, None
+        if anchor is not None:
+            step = anchor.advance(state.id, read, moved, _hold(written, last))
+            if step is None:
+                raise UploadBusy("the upload was changed by another request meanwhile")
         try:
             etag = self.records.put(STATE_KIND, state.name, written, if_match=etag).etag
         except (PreconditionFailed, ObjectNotFound):
-            # Another state than `read` is in the bucket (one written by a request that
-            # stalled past its lock): Redis anchors `read` again, which refuses it.
-            if self.anchor is not None:
-                self.anchor.undo(state.id, read, moved)
-            raise UploadBusy("the upload was changed by another request meanwhile") from None
-        if self.anchor is not None and not self.anchor.commit(state.id, read, moved):
+            # Another state than `read` is in the bucket: this very one, if the write
+            # landed and its answer was lost (a retry then finds the etag moved on), else
+            # one written by a request that stalled past its hold, which Redis then
+            # refuses once the anchor is put back as it was.
+            landed = self._landed(written)
+            if landed is None:
+                if anchor is not None and step is not None:
+                    anchor.undo(state.id, step)
+                raise UploadBusy("the upload was changed by another request meanwhile") from None
+            etag = landed
+        if anchor is not None and step is not None and not anchor.commit(state.id, step):
             raise UploadBusy("the upload was taken over by another request meanwhile")
         return written, etag
+
+    def _landed(self, written: UploadState) -> str | None:
+        """The etag of the state in the bucket if it is `written` itself, else None."""
+        try:
+            etag = self.records.store.head(written.name).etag
+            held = self.records.get(STATE_KIND, written.name, UploadState)
+        except (ObjectNotFound, RecordTampered):
+            return None
+        return etag if state_digest(held) == state_digest(written) else None
 
     def _release(self, state: UploadState, etag: str) -> None:
         with suppress(UploadBusy, StorageError):
@@ -805,6 +823,13 @@ class Uploads:
         for staged in self.records.store.list(f"{UPLOADS_PREFIX}{upload}."):
             if staged.key.endswith(".staged"):
                 self.records.store.delete(staged.key)
+
+
+def _hold(written: UploadState, last: UploadState) -> timedelta:
+    """What is left of the lock the writer of `written` holds: the one it takes, or for a
+    write that releases it, the one it held."""
+    until = written.locked_until or last.locked_until
+    return max(timedelta(0), until - datetime.now(UTC)) if until else timedelta(0)
 
 
 def _chained(chain: bytes, digests: list[bytes]) -> bytes:

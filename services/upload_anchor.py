@@ -14,8 +14,12 @@ replaces; `commit` then marks it written, and only after that is any ciphertext 
 HMACs it records stored. While a step is in flight, the state it replaces is still the
 upload's (`Anchored.accepts`): a reader that finds it has raced the write, or the writer
 died before its state reached the bucket (a crash is not tampering), and either way no
-frame recorded only by the step in flight was stored. A committed step keeps no previous
-digest: an older state put back after it is refused.
+frame recorded only by the step in flight was stored. Another request may go on from that
+state only once the step's hold is over on Redis's clock: two requests that read one state
+never both advance while both are live. A conditional write that fails puts back what its
+advance replaced, unless the bucket holds the very state written (its answer was lost),
+which is then committed. A committed step keeps no previous digest: an older state put
+back after it is refused.
 
 Redis also counts each tenant's open uploads (`admit`), for every API process: an upload
 is counted from its creation until it ends, or until its expiry should its end be lost
@@ -46,26 +50,38 @@ GONE = "gone"
 MARGIN = timedelta(days=1)
 
 # An anchor is "<generation>:<digest>" once written, "<generation>:<digest>:<previous
-# state's digest>" while in flight. ARGV: the generation and digest of the state read, the
-# anchor to set. Moves from the state read, whether it is anchored itself or is the one
-# a step still in flight would replace (its writer died or stalled past its lock: that
-# step never reaches the bucket, as its writer's conditional write or commit now fails).
-# A bare "<generation>", as versions before digests wrote, is taken at its generation.
+# state's digest>:<deadline>" while in flight, the deadline (ms, Redis's own clock, so no
+# API process's clock counts) when the writer's hold on the state it writes lapses. ARGV:
+# the generation and digest of the state read, the step to set (its deadline added here),
+# the hold (ms). Moves from the state read, whether it is anchored itself or is the one a
+# step still in flight would replace once that step's deadline is past (its writer died or
+# stalled past its hold: that step never reaches the bucket, as its writer's conditional
+# write or commit now fails). Before it, a step in flight is a live writer's, which two
+# requests that read one unlocked state would otherwise both think theirs. A bare
+# "<generation>", as versions before digests wrote, is taken at its generation; a step
+# with no deadline, as versions before deadlines wrote, as past it. Answers the anchor it
+# replaced (an undo puts it back), nil if it moved nothing.
 _ADVANCE = """
 local now = redis.call('GET', KEYS[1])
-if not now then return 0 end
-local gen, digest, previous = string.match(now, '^(%d+):(%x+):?(%x*)$')
-if not gen then gen, digest, previous = string.match(now, '^(%d+)$'), ARGV[2], '' end
+if not now then return false end
+local gen, digest, previous, deadline = string.match(now, '^(%d+):(%x+):?(%x*):?(%d*)$')
+if not gen then
+  gen, digest, previous, deadline = string.match(now, '^(%d+)$'), ARGV[2], '', ''
+end
+local time = redis.call('TIME')
+local ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local current = gen == ARGV[1] and digest == ARGV[2]
-local replaced = previous ~= '' and tonumber(gen) == tonumber(ARGV[1]) + 1
-if not (current or (replaced and previous == ARGV[2])) then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
-return 1
+local lapsed = deadline == '' or tonumber(deadline) <= ms
+local replaced = previous ~= '' and lapsed and tonumber(gen) == tonumber(ARGV[1]) + 1
+if not (current or (replaced and previous == ARGV[2])) then return false end
+redis.call('SET', KEYS[1], ARGV[3] .. ':' .. (ms + tonumber(ARGV[4])), 'KEEPTTL')
+return now
 """
 
-# ARGV: the anchor expected, the anchor to set.
+# ARGV: the step in flight expected (its deadline aside), the anchor to set.
 _SWAP = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('GET', KEYS[1])
+if not now or string.sub(now, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """
@@ -95,8 +111,9 @@ class Anchored:
     @classmethod
     def parse(cls, value: str) -> "Anchored | None":
         generation, _, rest = value.partition(":")
-        digest, _, previous = rest.partition(":")
-        if not generation.isdigit() or (rest and not digest):
+        digest, _, rest = rest.partition(":")
+        previous, _, deadline = rest.partition(":")
+        if not generation.isdigit() or (rest and not digest) or not (deadline or "0").isdigit():
             return None
         return cls(int(generation), digest, previous)
 
@@ -109,6 +126,30 @@ class Anchored:
             self.generation,
             self.previous,
         )
+
+
+@dataclass(frozen=True)
+class Step:
+    """A write of an upload's state from `read` to `written` (generation, digest), and
+    the anchor it replaced in Redis (`read` anchored, unless given: a lapsed step in
+    flight it took over, which its writer's bucket write may still land)."""
+
+    read: tuple[int, str]
+    written: tuple[int, str]
+    replaced_anchor: str = ""
+
+    @property
+    def anchor(self) -> str:
+        """The step in flight, its deadline aside."""
+        return f"{self.written[0]}:{self.written[1]}:{self.read[1]}"
+
+    @property
+    def written_anchor(self) -> str:
+        return f"{self.written[0]}:{self.written[1]}"
+
+    @property
+    def replaced(self) -> str:
+        return self.replaced_anchor or f"{self.read[0]}:{self.read[1]}"
 
 
 class UploadAnchor:
@@ -142,38 +183,42 @@ class UploadAnchor:
         )
         return set_ is not None
 
-    def advance(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> bool:
-        """Anchor the state `written` (generation, digest) in flight in place of `read`;
-        False if `read` is not the upload's (another request moved it, or the state was
-        put back)."""
-        anchor = f"{written[0]}:{written[1]}:{read[1]}"
+    def advance(
+        self, upload: str, read: tuple[int, str], written: tuple[int, str], hold: timedelta
+    ) -> "Step | None":
+        """Anchor the state `written` (generation, digest) in flight in place of `read`,
+        for `hold` at most: until then no other request may take the upload over from
+        `read`. None if `read` is not the upload's (another request moved it, its step
+        still in hold, or the state was put back)."""
+        step = Step(read, written)
+        hold_ms = max(0, int(hold.total_seconds() * 1000))
+        args = [str(read[0]), read[1], step.anchor, str(hold_ms)]
         try:
-            (moved,) = self._replicas.write(
+            (replaced,) = self._replicas.write(
                 self._client,
-                lambda pipe: self._advance(
-                    keys=[_key(upload)], args=[str(read[0]), read[1], anchor], client=pipe
-                ),
+                lambda pipe: self._advance(keys=[_key(upload)], args=args, client=pipe),
             )
         except NotReplicated:
-            self.undo(upload, read, written)
+            self.undo(upload, step)
             raise
-        return bool(moved)
+        if replaced is None:
+            return None
+        return Step(read, written, str(replaced))
 
-    def commit(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> bool:
-        """Mark the state `written`, advanced from `read`, as in the bucket; False if
-        another request took the upload over meanwhile (its writer stalled past its
-        lock): what that state records must then not be stored."""
-        anchor = f"{written[0]}:{written[1]}"
-        return self._swapped(upload, f"{anchor}:{read[1]}", anchor, self._replicas)
+    def commit(self, upload: str, step: "Step") -> bool:
+        """Mark the state of `step` as in the bucket; False if another request took the
+        upload over meanwhile (its writer stalled past its hold): what that state records
+        must then not be stored."""
+        return self._swapped(upload, step.anchor, step.written_anchor, self._replicas)
 
-    def undo(self, upload: str, read: tuple[int, str], written: tuple[int, str]) -> None:
-        """Anchor `read` again in place of the advance to `written`, whose state was not
-        written (a replica did not confirm the move, or the bucket held another state
-        than `read` by then): the upload goes on from `read`, or is refused."""
-        moved = f"{written[0]}:{written[1]}:{read[1]}"
+    def undo(self, upload: str, step: "Step") -> None:
+        """Put back the anchor `step` replaced (`read` anchored, or the step in flight it
+        took over), as its state was not written (a replica did not confirm the move, or
+        the bucket held another state than `read` by then): the upload goes on from
+        there, or is refused. Nothing if the step is no longer the one in flight."""
         # Failing, the step stays in flight: the states it accepts are still accepted.
         with suppress(RedisError):
-            self._swapped(upload, moved, f"{read[0]}:{read[1]}", UNCONFIRMED)
+            self._swapped(upload, step.anchor, step.replaced, UNCONFIRMED)
 
     def _swapped(self, upload: str, expected: str, anchor: str, replicas: Replicas) -> bool:
         (swapped,) = replicas.write(

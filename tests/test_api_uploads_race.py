@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +23,7 @@ from services.upload_anchor import KEY_PREFIX, Anchored, UploadAnchor
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api
 from tests.support.data import random_bytes
 from tests.support.http import create_key, problem, read_object
-from tests.support.s3_proxy import HeldFirst, S3FaultProxy
+from tests.support.s3_proxy import HeldEach, HeldFirst, S3FaultProxy
 from tests.support.services import sealstream_serve
 from tests.test_api_uploads import FRAME, TUS, create, offset_of, patch
 from tests.test_api_uploads_faults import send_part_of_patch
@@ -41,6 +43,19 @@ def held() -> HeldFirst:
     return HeldFirst(STATE_PUT, skip=LAST_OF_PATCH)
 
 
+@contextmanager
+def api_through(
+    proxy: S3FaultProxy, request: pytest.FixtureRequest, tmp_path: Path, redis: "RedisServer"
+) -> Iterator[Api]:
+    """A live API server on S3 through `proxy`, its uploads anchored in `redis`."""
+    settings = api_settings("s3", tmp_path, request).model_copy(
+        update={"s3_endpoint_url": proxy.url}
+    )
+    with live_api(settings) as api:
+        api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(redis.url, ""))
+        yield api
+
+
 @pytest.fixture
 def s3_api(
     request: pytest.FixtureRequest,
@@ -49,13 +64,11 @@ def s3_api(
     moto_endpoint: str,
     held: HeldFirst,
 ) -> Iterator[Api]:
-    with S3FaultProxy(moto_endpoint, held) as proxy:
-        settings = api_settings("s3", tmp_path, request).model_copy(
-            update={"s3_endpoint_url": proxy.url}
-        )
-        with live_api(settings) as api:
-            api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(redis_server.url, ""))
-            yield api
+    with (
+        S3FaultProxy(moto_endpoint, held) as proxy,
+        api_through(proxy, request, tmp_path, redis_server) as api,
+    ):
+        yield api
 
 
 def test_a_head_while_the_state_is_written_is_no_tampering_but_a_put_back_state_is(
@@ -91,6 +104,79 @@ def test_a_head_while_the_state_is_written_is_no_tampering_but_a_put_back_state_
         other = random_bytes(2 * FRAME, seed=42)
         problem(patch(client, url, 2 * FRAME, other), 502, "upload-tampered")
         assert refused_uploads(s3_api) == before + 2
+
+
+def test_two_requests_that_read_one_unlocked_state_never_both_advance(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_server: "RedisServer",
+    moto_endpoint: str,
+) -> None:
+    """Two PATCHes at once from one offset: while the first's lock is on its way to the
+    bucket (moved in Redis, held), the second reads the state still unlocked; it is
+    refused (423) rather than taking the first's step in flight over, so that the first
+    lands and goes on, and the upload is never left with one state in the bucket and
+    another anchored (502 for ever)."""
+    data = random_bytes(4 * FRAME, seed=45)
+    held = HeldEach(STATE_PUT, count=2)
+    with (
+        S3FaultProxy(moto_endpoint, held) as proxy,
+        api_through(proxy, request, tmp_path, redis_server) as api,
+        api.client() as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        create_key(client)
+        url = create(client, len(data))
+        assert patch(client, url, 0, data[:FRAME]).status_code == 204
+        before = refused_uploads(api)
+        held.arm()
+        first = pool.submit(patch, client, url, FRAME, data[FRAME:])
+        assert held.held[0].wait(timeout=60)  # its lock moved in Redis, not yet written
+        second = pool.submit(patch, client, url, FRAME, data[FRAME:])
+        try:
+            while not (second.done() or held.held[1].is_set()):
+                time.sleep(0.05)  # until it is answered, or its own lock is on its way
+        finally:
+            held.disarm()
+            held.release(0)  # the first's write lands first
+            held.release(1)  # then the second's, if it got that far
+
+        problem(second.result(), 423, "upload-locked")
+        assert first.result().status_code == 204
+        assert client.head(url, headers=TUS).status_code == 404  # completed
+        assert read_object(client, "up/obj").content == data
+        assert refused_uploads(api) == before
+
+
+def test_a_state_write_whose_answer_was_lost_is_taken_as_written(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_server: "RedisServer",
+    moto_endpoint: str,
+) -> None:
+    """The store's answer to a PATCH's state write lost after the write landed: the
+    client's retry finds the version moved on (412), by that very write. The state read
+    back is the one written, so the step is committed and the PATCH goes on, rather than
+    Redis being put back at the state before while the bucket holds the new one (every
+    request after it 502)."""
+    data = random_bytes(3 * FRAME, seed=46)
+    with (
+        S3FaultProxy(moto_endpoint) as proxy,
+        api_through(proxy, request, tmp_path, redis_server) as api,
+        api.client() as client,
+    ):
+        create_key(client)
+        url = create(client, len(data))
+        assert patch(client, url, 0, data[:FRAME]).status_code == 204
+        before = refused_uploads(api)
+        proxy.drop_answer(STATE_PUT)  # the next PATCH's lock
+
+        assert patch(client, url, FRAME, data[FRAME : 2 * FRAME]).status_code == 204
+
+        assert offset_of(client, url) == 2 * FRAME
+        assert patch(client, url, 2 * FRAME, data[2 * FRAME :]).status_code == 204
+        assert read_object(client, "up/obj").content == data
+        assert refused_uploads(api) == before
 
 
 def test_a_server_killed_between_redis_and_the_bucket_leaves_an_upload_that_goes_on(
@@ -147,24 +233,41 @@ def test_a_step_in_flight_is_taken_over_only_from_the_state_it_replaces(
     redis_server: "RedisServer",
 ) -> None:
     """The anchor's moves on their own: a request goes on from the state a step in
-    flight replaces (superseding it, whose commit then fails) but not from an older one,
-    nor once the step is marked written; an anchor of the form before digests is taken at
-    its generation."""
+    flight replaces once that step's hold is over (superseding it, whose commit then
+    fails), never before it, nor from an older state, nor once the step is marked
+    written; an undo puts back what its advance replaced, a lapsed step in flight
+    included, which its writer may then still commit; an anchor of the form before
+    digests is taken at its generation."""
     client = redis_client(redis_server.url, "")
     anchor = UploadAnchor(client)
     g1, g2, g3, other = (1, "a1"), (2, "b2"), (3, "c3"), (2, "d4")
+    held, lapsed = timedelta(minutes=5), timedelta(0)
     client.set(f"{KEY_PREFIX}up", "1")
-    assert anchor.advance("up", g1, g2)  # from the bare generation
-    assert not anchor.advance("up", (0, "a1"), other)
+    live = anchor.advance("up", g1, g2, held)  # from the bare generation
+    assert live is not None
+    assert anchor.advance("up", g1, other, held) is None  # its writer is live
+    assert anchor.advance("up", (0, "a1"), other, held) is None
+    anchor.undo("up", live)
+    assert anchor.current("up") == Anchored(1, "")
 
-    assert anchor.advance("up", g1, other)  # g2's writer died in flight
-    assert not anchor.commit("up", g1, g2)
-    assert anchor.commit("up", g1, other)
+    dead = anchor.advance("up", g1, g2, lapsed)
+    assert dead is not None
+    taking = anchor.advance("up", g1, other, held)  # g2's writer died in flight
+    assert taking is not None
+    assert not anchor.commit("up", dead)
+    anchor.undo("up", taking)  # its write failed: g2's landed after all
+    assert anchor.commit("up", dead)
+    assert anchor.current("up") == Anchored(*g2)
+    assert anchor.advance("up", g1, other, lapsed) is None  # written: g1 is refused
 
+    step = anchor.advance("up", g2, g3, lapsed)
+    assert step is not None
+    taking = anchor.advance("up", g2, other, held)
+    assert taking is not None
+    assert anchor.commit("up", taking)
     current = anchor.current("up")
     assert isinstance(current, Anchored)
-    assert current.accepts(*other) and not current.accepts(*g1)
-    assert not anchor.advance("up", g1, g2)  # written: the state before is refused
-    assert anchor.advance("up", other, g3)
-    anchor.undo("up", other, g3)  # g3 never written: `other` is the upload's again
+    assert current.accepts(*other) and not current.accepts(*g2)
+    assert not anchor.commit("up", step)
+    anchor.undo("up", step)  # no longer in flight: nothing put back
     assert anchor.current("up") == Anchored(*other)

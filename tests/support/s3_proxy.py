@@ -114,6 +114,46 @@ class HeldFirst:
         self._released.set()
 
 
+@dataclass
+class HeldEach:
+    """Once `arm()`ed, holds each request whose request line matches `pattern`, up to
+    `count` of them, until `release(i)` lets the i-th (from 0) through; `held[i]` is set
+    once it is held. The others pass: the writes of requests that race, landed in the
+    order a test picks."""
+
+    pattern: bytes
+    count: int
+    held: list[threading.Event] = field(default_factory=list)
+    _released: list[threading.Event] = field(default_factory=list)
+    _armed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.held = [threading.Event() for _ in range(self.count)]
+        self._released = [threading.Event() for _ in range(self.count)]
+
+    def __call__(self, head: bytes, length: int) -> bool:
+        with self._lock:
+            if not self._armed or re.match(self.pattern, head) is None:
+                return False
+            turn = sum(event.is_set() for event in self.held)
+            self._armed = turn + 1 < self.count
+            self.held[turn].set()
+        self._released[turn].wait(timeout=120)
+        return False
+
+    def arm(self) -> None:
+        with self._lock:
+            self._armed = True
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+
+    def release(self, turn: int) -> None:
+        self._released[turn].set()
+
+
 def requests_matching(pattern: bytes) -> Rule:
     """Fails every request whose request line matches `pattern`."""
     compiled = re.compile(pattern)
@@ -126,7 +166,8 @@ class S3FaultProxy:
     the others are forwarded, each `delay` seconds late (a distant or congested store).
     Response bytes are paced at `rate` bytes a second (None: as fast as they come) and
     stop altogether while the proxy is held; `held_streams` counts the responses waiting
-    at the hold."""
+    at the hold. `drop_answer` has the store's answer to one request lost on its way
+    back (the write made, its client told nothing)."""
 
     def __init__(self, upstream: str, rule: Rule = no_request, rate: float | None = None) -> None:
         parts = urlsplit(upstream)
@@ -142,6 +183,7 @@ class S3FaultProxy:
         self._closed = False
         self._next_slot = 0.0
         self._sockets: list[socket.socket] = []
+        self._unanswered: re.Pattern[bytes] | None = None
         self._listener = socket.create_server((LOCALHOST, 0))
         self.url = f"http://{LOCALHOST}:{self._listener.getsockname()[1]}"
         self._acceptor = threading.Thread(target=self._accept, name="s3-proxy", daemon=True)
@@ -172,6 +214,20 @@ class S3FaultProxy:
             self._held = False
             self.rate = rate
             self._gate.notify_all()
+
+    def drop_answer(self, pattern: bytes) -> None:
+        """Forward the next request whose request line matches `pattern`, then cut its
+        connection once the store answers, the answer unsent."""
+        with self._gate:
+            self._unanswered = re.compile(pattern)
+
+    def _unanswer(self, head: bytes) -> bool:
+        """Whether the answer to the request `head` is to be lost (at most once)."""
+        with self._gate:
+            matched = self._unanswered is not None and self._unanswered.match(head) is not None
+            if matched:
+                self._unanswered = None
+            return matched
 
     def holding(self) -> bool:
         """Held, with a response waiting at the hold."""
@@ -211,14 +267,17 @@ class S3FaultProxy:
                     upstream.close()
                     return
                 self._sockets += [client, upstream]
+            lost = threading.Event()  # the answer now on its way is not to be sent
             threading.Thread(
-                target=self._forward_requests, args=(client, upstream), daemon=True
+                target=self._forward_requests, args=(client, upstream, lost), daemon=True
             ).start()
             threading.Thread(
-                target=self._pass_responses, args=(upstream, client), daemon=True
+                target=self._pass_responses, args=(upstream, client, lost), daemon=True
             ).start()
 
-    def _forward_requests(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _forward_requests(
+        self, client: socket.socket, upstream: socket.socket, lost: threading.Event
+    ) -> None:
         reader = client.makefile("rb")
         try:
             while head := _read_head(reader):
@@ -231,6 +290,8 @@ class S3FaultProxy:
                 with self._gate:
                     delay = self.delay
                 time.sleep(delay)  # latency injected on purpose, not a wait for a condition
+                if self._unanswer(head):  # a client sends the next request once answered
+                    lost.set()
                 upstream.sendall(head)
                 if not _copy(reader, upstream, length):
                     return
@@ -246,9 +307,11 @@ class S3FaultProxy:
             self.failed += 1
         return True
 
-    def _pass_responses(self, upstream: socket.socket, client: socket.socket) -> None:
+    def _pass_responses(
+        self, upstream: socket.socket, client: socket.socket, lost: threading.Event
+    ) -> None:
         try:
-            while data := upstream.recv(64 * KiB):
+            while (data := upstream.recv(64 * KiB)) and not lost.is_set():
                 for offset in range(0, len(data), SLICE):
                     piece = data[offset : offset + SLICE]
                     if not self._admit(len(piece)):
