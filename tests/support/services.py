@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import redis
 import uvicorn
@@ -142,7 +143,8 @@ def terminate(process: "subprocess.Popen[str] | subprocess.Popen[bytes]") -> Non
 @dataclass
 class ServeProcess:
     """A `sealstream serve` process, what it printed on the way up (`banner`), and all it
-    printed (`output`: the banner, then the rest once the process has stopped)."""
+    printed (`output`: the banner, then each line as it comes, read from the pipe all
+    along: a pipe left unread fills, and the server then blocks on its next log line)."""
 
     url: str
     admin_token: str
@@ -171,6 +173,7 @@ def sealstream_serve(
     assert process.stdout is not None
     banner: list[str] = []
     output: list[str] = []
+    reading = threading.Thread(target=_read_lines, args=(process.stdout, output), daemon=True)
     try:
         for line in process.stdout:
             banner.append(line.rstrip("\n"))
@@ -179,14 +182,21 @@ def sealstream_serve(
         else:
             raise RuntimeError("sealstream serve exited:\n" + "\n".join(banner))
         output.extend(banner)
+        reading.start()
         token = (env or {}).get("SEALSTREAM_ADMIN_TOKEN") or next(
             line.split(":", 1)[1].strip() for line in banner if "admin token:" in line
         )
         yield ServeProcess(f"{scheme}://{LOCALHOST}:{port}", token, process, banner, output)
     finally:
         terminate(process)
-        output.extend(process.stdout.read().splitlines())
+        if reading.ident is not None:
+            reading.join()  # the pipe ends with the process
         process.stdout.close()
+
+
+def _read_lines(stream: IO[str], into: list[str]) -> None:
+    for line in stream:
+        into.append(line.rstrip("\n"))
 
 
 # Redis and Celery worker processes, for the job tests
