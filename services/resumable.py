@@ -564,11 +564,16 @@ class Uploads:
         and erase the upload's state. One made already, by a completion whose end was
         cut off (a crash, or the store's answer lost), is recorded as it would have been."""
         store = self.spaces.store(state.tenant, state.bucket)
-        made = _made(store, state)
         intent = self._intent(store, state)
-        if made is None:
+        try:
             record = self._complete(store, state, intent)
-        else:
+        except ObjectNotFound:
+            # The part upload is gone: the object at the key is this upload's only if
+            # its parts made it (a completion cut off after it), never merely because it
+            # looks so (its header and size are no secret).
+            made = _made(store, state)
+            if made is None:
+                raise _parts_gone(state) from None
             record = self._record_made(state, intent, made)
         try:
             self._erase(state, abort=False)
@@ -579,6 +584,14 @@ class Uploads:
             logger.warning("upload %s completed, its end unconfirmed: %s", state.id, unconfirmed)
             self._forget(state, abort=False)
         return record
+
+    def recorded_as_made(self, state: UploadState) -> bool:
+        """Whether the record at the upload's key is of the upload's message (its
+        completion recorded it): records are the service's own, sealed."""
+        with suppress(ObjectNotFound, RecordTampered):
+            recorded = load_record(self.records, state.bucket, state.storage_key)
+            return recorded.header_sha256 == header_digest(parse_header(state.header_bytes))
+        return False
 
     def _intent(self, store: ObjectStore, state: UploadState) -> ObjectRecord:
         """The record the upload's object will have once it is visible, but for what
@@ -604,7 +617,8 @@ class Uploads:
     def _complete(
         self, store: ObjectStore, state: UploadState, intent: ObjectRecord
     ) -> ObjectRecord:
-        """Complete the part upload, its intent noted first, and record the object."""
+        """Complete the part upload, its intent noted first, and record the object;
+        `ObjectNotFound` if the part upload is gone."""
         self._check_parts(store, state)
         marker = Marker.new(
             state.tenant, state.kid, state.key_version, state.bucket, state.storage_key
@@ -615,9 +629,6 @@ class Uploads:
         try:
             save_intent(self.records, intent)
             info = store.complete_parts(state.part_upload(), parts, if_absent=not state.overwrite)
-        except ObjectNotFound:
-            # A local directory's parts gone, and no object of this upload's at its key.
-            raise _parts_gone(state) from None
         except BaseException:
             if ours:  # the intent stays: the sweep records an object made visible after all
                 with suppress(StorageError):
@@ -663,11 +674,7 @@ class Uploads:
         recorded (numbers, sizes, etags, checksums where listed): a part added, replaced
         or taken away by whoever can write the bucket. A local directory lists none: its
         parts are one file, whose frames the object's verify job checks."""
-        try:
-            listed = store.listed_parts(state.part_upload())
-        except ObjectNotFound:
-            # Finished or aborted, and the object at its key is not this upload's.
-            raise _parts_gone(state) from None
+        listed = store.listed_parts(state.part_upload())  # ObjectNotFound: the upload is gone
         if listed is None:
             return
         recorded = [part.part() for part in state.parts]
@@ -848,19 +855,32 @@ def _same_part(recorded: Part, listed: Part) -> bool:
 
 
 def _made(store: ObjectStore, state: UploadState) -> ObjectInfo | None:
-    """The object at the upload's key if it is the upload's own, made by a completion
-    whose end was cut off: its size the message's, and its header the upload's (a
-    message id and a data key wrapped for it alone, which no other message has). Its
-    frames are the verify job's to check."""
+    """The object at the upload's key if the upload's own parts made it, by a completion
+    whose end was cut off (a crash, or the store's answer lost): its size the message's
+    and its etag the one S3 gives an object completed from the parts the state recorded
+    (the MD5 of their MD5s, then their count), which no other bytes have. Where part
+    etags are not MD5s (a local directory's are version tokens, and a writer of the
+    directory may set any object's; S3's under SSE-KMS are not digests), nothing cheap
+    proves the object the upload's, and it is not taken for it."""
+    expected = _completed_etag(state.parts)
+    if expected is None or not store.derives_etags:
+        return None
     try:
         info = store.head(state.storage_key)
-        if info.size != state.ciphertext_size():
-            return None
-        header = state.header_bytes
-        start = b"".join(store.read(state.storage_key, 0, len(header), if_match=info.etag))
-    except (ObjectNotFound, PreconditionFailed):
+    except ObjectNotFound:
         return None
-    return info if hmac.compare_digest(start, header) else None
+    if info.size != state.ciphertext_size() or info.etag.strip('"') != expected:
+        return None
+    return info
+
+
+def _completed_etag(parts: tuple[StoredPart, ...]) -> str | None:
+    """The etag S3 gives an object completed from `parts`, if their etags are MD5s."""
+    digests = [part.etag.strip('"') for part in parts]
+    if not digests or not all(len(d) == 32 and _is_hex(d) for d in digests):
+        return None
+    joined = b"".join(bytes.fromhex(digest) for digest in digests)
+    return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 def _parts_gone(state: UploadState) -> UploadTampered:
@@ -883,7 +903,11 @@ def _exists(store: ObjectStore, key: str) -> bool:
 
 
 def _is_upload_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+    return len(text) == 32 and _is_hex(text)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)
@@ -1014,7 +1038,7 @@ class Appending:
         if not self._uploads.erased(self.state.id):
             return None
         self._uploads.drop_staging(self.state.id)
-        if _made(self._store, self.state) is not None:
+        if self._uploads.recorded_as_made(self.state):
             return "another request completed the upload meanwhile: its object is stored"
         return "the upload was terminated, or expired and was erased, meanwhile"
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 from storage.errors import (
     InvalidMetadata,
@@ -198,6 +198,10 @@ class ObjectStore(ABC):
     """A key → bytes store bound to one bucket; thread-safe."""
 
     bucket: str
+    # Whether the store itself derives each object's etag (S3: from its bytes, or from
+    # its parts' etags once completed), so that whoever writes the bucket cannot set it;
+    # a local directory's is a token in a sidecar that any writer of the directory can.
+    derives_etags: ClassVar[bool] = False
 
     def put(
         self,

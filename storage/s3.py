@@ -68,6 +68,8 @@ class S3Store(ObjectStore):
     (`s3:x-amz-content-sha256`).
     """
 
+    derives_etags = True
+
     def __init__(
         self,
         bucket: str,

@@ -478,11 +478,19 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
     api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, completes: str, made: bool
 ) -> None:
     """A tus client that finds the full offset sends nothing more: the object must exist,
-    recorded, whether the failed completion had made it or not."""
+    recorded, whether the failed completion had made it or not (on S3, whose etag of
+    the object proves it made from the upload's parts)."""
     data = random_bytes(2 * FRAME + 3, seed=15)
     url = create(client, len(data))
     complete_parts_failing_once(api, monkeypatch, made=made)
     assert patch(client, url, 0, data).status_code == 503
+    if made and not api.objects.derives_etags:
+        # A local directory: nothing cheap proves the object the upload's (any writer of
+        # the directory may set its etag), so it is refused rather than adopted.
+        assert client.head(url, headers=TUS).status_code == 502
+        with pytest.raises(ObjectNotFound):
+            load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
+        return
 
     if completes == "head":
         head = client.head(url, headers=TUS)
@@ -518,6 +526,31 @@ def test_an_object_planted_where_a_completion_was_cut_off_is_refused_not_recorde
     assert client.head(url, headers=TUS).status_code == 502  # upload-tampered: no body
     with pytest.raises(ObjectNotFound):
         load_record(api.records, api.objects.bucket, state.storage_key)
+
+
+def test_an_object_planted_with_the_upload_header_is_never_taken_for_its_own(
+    api: Api, client: httpx.Client
+) -> None:
+    """A bucket writer who copies the header (no secret: the staging object starts with
+    it) onto bytes of the message's size at the upload's key before its last PATCH does
+    not get them recorded as the upload's object, nor its client told it is stored."""
+    data = random_bytes(2 * FRAME + 3, seed=21)
+    url = create(client, len(data))
+    assert patch(client, url, 0, data[:FRAME]).status_code == 204
+    state = api.records.get(
+        STATE_KIND, f"{UPLOADS_PREFIX}{url.rpartition('/')[2]}.json", UploadState
+    )
+    header = api.objects.get(staging_of(api, state.id))[: len(state.header_bytes)]
+    forged = header + random_bytes(state.ciphertext_size() - len(header), seed=22)
+    api.objects.put(state.storage_key, forged)
+
+    last = patch(client, url, FRAME, data[FRAME:])
+
+    assert last.status_code >= 400, last.headers
+    with pytest.raises(ObjectNotFound):
+        load_record(api.records, api.objects.bucket, state.storage_key)
+    assert api.objects.get(state.storage_key) == forged
+    assert pending(api) == []
 
 
 def test_a_head_while_the_last_patch_completes_answers_the_full_offset(
