@@ -10,13 +10,11 @@ killed server left in flight on its local directory (its temporary files) the li
 sweep removes once old enough, never the file of a live writer however long it stalls.
 """
 
-import io
 import json
 import os
 import re
 import socket
 import struct
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from pydantic import ValidationError
 
 from sealstream.settings import Settings
 from tests.conftest import Api
-from tests.support.data import random_bytes
+from tests.support.data import random_bytes, tar_archive
 from tests.support.http import (
     FORM_TYPE,
     create_key,
@@ -45,16 +43,6 @@ ARCHIVE = "/api/crypto/stream/encrypt-archive"
 FILES = {f"hr/{n:02d}/person-{n}.pdf": random_bytes(150_000 + n, seed=n) for n in range(12)}
 SEALED_BEFORE_THE_CUT = 3  # members stored before the connection is dropped
 _JOB_ID = re.compile(rb'"jobId": "(job_[0-9a-f]+)"')
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def metadata(overwrite: bool = False, prefix: str = "out/") -> dict[str, Any]:
@@ -118,7 +106,10 @@ def check_once_each(client: httpx.Client, earlier: dict[str, str]) -> None:
 def test_an_uploader_dropped_mid_archive_leaves_whole_members_and_a_resend_completes(
     api: Api,
 ) -> None:
-    first, again = form_bytes(metadata(), tar_of(FILES)), form_bytes(metadata(True), tar_of(FILES))
+    first, again = (
+        form_bytes(metadata(), tar_archive(FILES)),
+        form_bytes(metadata(True), tar_archive(FILES)),
+    )
     with api.client() as client:
         create_key(client)
         with raw_upload(api.url, ARCHIVE, len(first)) as sock:
@@ -161,7 +152,10 @@ def killed_mid_archive(cwd: Path, body: bytes) -> list[str]:
 def test_a_server_killed_mid_archive_leaves_whole_members_and_a_resend_completes(
     tmp_path: Path,
 ) -> None:
-    first, again = form_bytes(metadata(), tar_of(FILES)), form_bytes(metadata(True), tar_of(FILES))
+    first, again = (
+        form_bytes(metadata(), tar_archive(FILES)),
+        form_bytes(metadata(True), tar_archive(FILES)),
+    )
     seen = killed_mid_archive(tmp_path, first)
     with sealstream_serve(tmp_path) as restarted:
         headers = {"Authorization": f"Bearer {restarted.admin_token}"}
@@ -201,8 +195,8 @@ def test_the_sweep_removes_what_a_killed_server_left_in_flight_but_no_live_write
 ) -> None:
     """Files a killed server left are removed once past SEALSTREAM_LOCAL_TEMP_EXPIRY; a
     live writer's, stalled as long, stays, and its archive completes."""
-    live = form_bytes(metadata(prefix="live/"), tar_of(FILES))
-    killed_mid_archive(tmp_path, form_bytes(metadata(), tar_of(FILES)))
+    live = form_bytes(metadata(prefix="live/"), tar_archive(FILES))
+    killed_mid_archive(tmp_path, form_bytes(metadata(), tar_archive(FILES)))
     left = temporaries(tmp_path)
     assert left, "the killed server left its writes in flight"
     sweeping = {"SEALSTREAM_LIFECYCLE_INTERVAL": "0.2"}

@@ -15,10 +15,11 @@ from sealstream.wiring import build_parts
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage.records import RECORD_METADATA, object_record, record_metadata, save_record
 from tests.conftest import Api, live_api
+from tests.support.data import tar_archive
 from tests.support.http import create_key, problem, read_object
 from tests.support.jobs import finished_job
 from tests.test_api_archives import manifest, upload
-from tests.test_archive_names import FILES, hidden_upload, small_tar, stored_record, verify
+from tests.test_archive_names import FILES, hidden_upload, stored_record, verify
 from tests.test_cli_commands import run_json
 from workers.execution import run_job
 from workers.registry import JOB_BODIES
@@ -57,8 +58,8 @@ def versions_of(api: Api, keys: dict[str, str]) -> set[int]:
 
 
 def test_rotation_names_new_runs_anew_and_keeps_old_ones_readable_and_found(api: Api) -> None:
-    api.objects.put(TENANT + "in/archive.tar", small_tar(FILES))
-    archive = small_tar(FILES)
+    api.objects.put(TENANT + "in/archive.tar", tar_archive(FILES))
+    archive = tar_archive(FILES)
     with api.client() as client:
         create_key(client)
         assert name_key(client) == {"tenant": "default", "current": None, "versions": []}
@@ -99,7 +100,7 @@ def test_rotation_names_new_runs_anew_and_keeps_old_ones_readable_and_found(api:
 def test_a_job_keeps_the_name_key_version_it_was_created_with(api: Api) -> None:
     """A job created before a rotation and run (or rerun) after it names under the
     version the API chose: its attempts never scatter members under two versions."""
-    api.objects.put(TENANT + "in/archive.tar", small_tar(FILES))
+    api.objects.put(TENANT + "in/archive.tar", tar_archive(FILES))
     with api.client() as client:
         create_key(client)
         name_key(client, "POST", "/rotate")  # version 1, made by rotating
@@ -142,7 +143,7 @@ def test_a_job_keeps_the_name_key_version_it_was_created_with(api: Api) -> None:
 def test_the_command_rotates_and_reads_old_manifests(api: Api) -> None:
     with api.client() as client:
         create_key(client)
-        keys = hidden_upload(client, small_tar(FILES), prefix="old/")
+        keys = hidden_upload(client, tar_archive(FILES), prefix="old/")
     assert run_json(api, "name-key", "show")["current"] == 1
     rotated = run_json(api, "name-key", "rotate")
     assert rotated["current"] == 2 and len(rotated["versions"]) == 2
@@ -157,14 +158,14 @@ def test_a_rerun_under_a_version_a_rolled_back_record_lacks_is_refused(api: Api)
     named under it is refused (502), never a 500, and never named under another version."""
     with api.client() as client:
         create_key(client)
-        hidden_upload(client, small_tar(FILES), prefix="old/")
+        hidden_upload(client, tar_archive(FILES), prefix="old/")
         before = api.objects.get("sealstream/name-keys/default.json")  # version 1 only
         name_key(client, "POST", "/rotate")
-        hidden_upload(client, small_tar(FILES), prefix="new/")
+        hidden_upload(client, tar_archive(FILES), prefix="new/")
     api.objects.put("sealstream/name-keys/default.json", before)
     with live_api(api.settings) as restarted, restarted.client() as client:
         overwrite = {"prefix": "new/", "overwrite": True}
-        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        response, _ = upload(client, tar_archive(FILES), names="encrypted", destination=overwrite)
         problem(response, 502, "name-unreadable")
     with api.client() as client:  # which still holds version 2: nothing was renamed
         assert manifest(client, "new/")["nameKeyVersion"] == 2
@@ -177,17 +178,17 @@ def test_a_rerun_under_a_version_number_reissued_with_other_material_is_refused(
     version 1 of other material: a rerun into a prefix its manifest says was named under
     the old version 1 is refused (502 name-key-mismatch), its manifest and objects kept,
     rather than named under the new material beside them."""
-    api.objects.put(TENANT + "in/archive.tar", small_tar(FILES))
+    api.objects.put(TENANT + "in/archive.tar", tar_archive(FILES))
     with api.client() as client:
         create_key(client)
-        hidden_upload(client, small_tar(FILES), prefix="old/")
+        hidden_upload(client, tar_archive(FILES), prefix="old/")
         old = manifest(client, "old/")
     api.objects.delete("sealstream/name-keys/default.json")
     with live_api(api.settings) as restarted, restarted.client() as client:
-        hidden_upload(client, small_tar(FILES), prefix="elsewhere/")  # a new version 1
+        hidden_upload(client, tar_archive(FILES), prefix="elsewhere/")  # a new version 1
         before = stored(api, TENANT + "old/")
         overwrite = {"prefix": "old/", "overwrite": True}
-        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        response, _ = upload(client, tar_archive(FILES), names="encrypted", destination=overwrite)
         problem(response, 502, "name-key-mismatch")
         body = {"kid": "mySymKey", "source": {"key": "in/archive.tar"}, "names": "encrypted"}
         started = client.post(
@@ -207,17 +208,17 @@ def test_a_manifest_without_a_fingerprint_is_refused_under_a_version_made_after_
     record was made after the manifest (the record deleted, the number issued again)."""
     with api.client() as client:
         create_key(client)
-        hidden_upload(client, small_tar(FILES), prefix="old/")
+        hidden_upload(client, tar_archive(FILES), prefix="old/")
         without_fingerprint(api, TENANT + "old/manifest.json")
         overwrite = {"prefix": "old/", "overwrite": True}
-        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        response, _ = upload(client, tar_archive(FILES), names="encrypted", destination=overwrite)
         assert response.status_code == 200, response.text  # named under version 1, as before
         without_fingerprint(api, TENANT + "old/manifest.json")
         old = manifest(client, "old/")
     api.objects.delete("sealstream/name-keys/default.json")
     with live_api(api.settings) as restarted, restarted.client() as client:
-        hidden_upload(client, small_tar(FILES), prefix="elsewhere/")  # a new version 1
-        response, _ = upload(client, small_tar(FILES), names="encrypted", destination=overwrite)
+        hidden_upload(client, tar_archive(FILES), prefix="elsewhere/")  # a new version 1
+        response, _ = upload(client, tar_archive(FILES), names="encrypted", destination=overwrite)
         problem(response, 502, "name-key-mismatch")
     with api.client() as client:
         assert manifest(client, "old/") == old

@@ -5,10 +5,8 @@ verify checking the HMAC that stands for it; what a bucket writer without the KE
 still do to such objects is refused."""
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 from typing import Any
 
 import httpx
@@ -23,7 +21,7 @@ from storage.records import (
     save_record,
 )
 from tests.conftest import Api
-from tests.support.data import random_bytes
+from tests.support.data import random_bytes, tar_archive
 from tests.support.http import create_key, read_object
 from tests.support.jobs import finished_job
 from tests.test_api_archives import manifest, upload
@@ -37,16 +35,6 @@ FILES = {
 TOO_LONG = "t" * 1000  # its encrypted name would pass 1,024 bytes
 BASE32_SEGMENTS = re.compile(r"[a-z2-7]{1,192}(/[a-z2-7]{1,192})*")
 SCOPES = ["crypto:encrypt", "crypto:decrypt", "jobs:write", "jobs:read", "keys:write"]
-
-
-def small_tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def hidden_upload(client: httpx.Client, archive: bytes, **more: Any) -> dict[str, str]:
@@ -76,7 +64,7 @@ def verify(client: httpx.Client, key: str) -> dict[str, Any]:
 
 
 def test_names_are_hidden_found_again_and_mapped_back(api: Api) -> None:
-    archive = small_tar({**FILES, TOO_LONG: b"refused"})
+    archive = tar_archive({**FILES, TOO_LONG: b"refused"})
     with api.client() as client:
         create_key(client)
         keys = hidden_upload(client, archive)
@@ -118,7 +106,7 @@ def test_names_are_hidden_found_again_and_mapped_back(api: Api) -> None:
 def test_a_bucket_writer_cannot_swap_or_alter_hidden_objects(api: Api) -> None:
     with api.client() as client:
         create_key(client)
-        keys = hidden_upload(client, small_tar(FILES))
+        keys = hidden_upload(client, tar_archive(FILES))
         first, second = (f"tenants/default/{keys[path]}" for path in ("hr/notes.txt", "a"))
         store = api.objects
         store.put(second, store.get(first), metadata=store.head(first).metadata)
@@ -146,7 +134,7 @@ def test_a_bucket_writer_cannot_swap_or_alter_hidden_objects(api: Api) -> None:
 
 @pytest.mark.parametrize("api", ["local"], indirect=True)
 def test_another_tenants_name_key_names_differently(api: Api) -> None:
-    archive = small_tar(FILES)
+    archive = tar_archive(FILES)
     with api.client() as admin:
         create_key(admin)
         ours = hidden_upload(admin, archive)
@@ -168,7 +156,7 @@ def test_another_tenants_name_key_names_differently(api: Api) -> None:
 def test_the_batch_job_hides_names_and_a_rerun_lands_on_them(api: Api) -> None:
     """The batch job over an archive in storage: hidden names, the same as the stream
     route's, a sealed manifest mapping them back, and a rerun over the same objects."""
-    api.objects.put("tenants/default/in/archive.tar", small_tar(FILES))
+    api.objects.put("tenants/default/in/archive.tar", tar_archive(FILES))
     body = {
         "kid": "mySymKey",
         "source": {"key": "in/archive.tar"},
@@ -177,7 +165,7 @@ def test_the_batch_job_hides_names_and_a_rerun_lands_on_them(api: Api) -> None:
     }
     with api.client() as client:
         create_key(client)
-        streamed = hidden_upload(client, small_tar(FILES), prefix="streamed/")
+        streamed = hidden_upload(client, tar_archive(FILES), prefix="streamed/")
         for overwrite in (False, True):
             started = client.post("/api/jobs/batch-encrypt", json={**body, "overwrite": overwrite})
             assert started.status_code == 202, started.text

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from envelope import DEFAULT_FRAME_LENGTH
-from sealstream.wiring import build_parts
+from sealstream.wiring import Parts, build_parts
 from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage.records import object_record
@@ -393,7 +393,10 @@ class Crash(BaseException):
     """A worker killed mid-job: not an `Exception`, so nothing after it runs."""
 
 
-def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
+def crashed_at_the_third(api: Api) -> tuple[dict[str, bytes], Parts, JobRecord, list[str]]:
+    """A batch job over six members of in/archive.tar whose worker was killed as it took
+    the third: the members it started on, in order (the first two claimed and written, the
+    third claimed only), with the job's files, services and record."""
     files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
     put(api, "in/archive.tar", tar_archive("w", files))
     with api.client() as client:
@@ -413,6 +416,11 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     crashing = partial(batch_encrypt, before_member=crash_at_the_third)
     with pytest.raises(Crash):
         run_job(record.id, services, {JobKind.BATCH_ENCRYPT: crashing})
+    return files, services, record, started
+
+
+def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
+    files, services, record, started = crashed_at_the_third(api)
     assert stored_keys(api) >= {f"out/{path}" for path in started[:2]}
     # The second member is complete but the journal does not say so yet; and a killed
     # worker leaves its upload pending, which the rerun must abort.
@@ -439,23 +447,7 @@ def test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed(api: Api) -
     job: one another writer put there between the crash and the rerun (over the member
     the crashed run wrote, or where it had claimed and not yet written) is a conflict of
     that member's, and stays."""
-    files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
-    put(api, "in/archive.tar", tar_archive("w", files))
-    with api.client() as client:
-        create_key(client)
-    services = build_parts(api.settings)
-    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
-    services.jobs.save(record)
-    started: list[str] = []
-
-    def crash_at_the_third(path: str) -> None:
-        started.append(path)
-        if len(started) == 3:
-            raise Crash
-
-    crashing = partial(batch_encrypt, before_member=crash_at_the_third)
-    with pytest.raises(Crash):
-        run_job(record.id, services, {JobKind.BATCH_ENCRYPT: crashing})
+    files, services, record, started = crashed_at_the_third(api)
     written, unwritten = started[1], started[2]  # both claimed, only the first written
     assert object_record(services.records, api.objects, TENANT + "out/" + written).job_id == (
         record.id
@@ -485,26 +477,7 @@ def test_a_rerun_rewrites_its_own_object_only_as_it_found_it(api: Api) -> None:
     """A claimed object the rerun found to be its own is rewritten only over that very
     version: another writer who comes between the check and the write keeps its object,
     and the member fails."""
-    files = {f"part-{n}.bin": random_bytes(10_000 + n, seed=n) for n in range(6)}
-    put(api, "in/archive.tar", tar_archive("w", files))
-    with api.client() as client:
-        create_key(client)
-    services = build_parts(api.settings)
-    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
-    services.jobs.save(record)
-    started: list[str] = []
-
-    def crash_at_the_third(path: str) -> None:
-        started.append(path)
-        if len(started) == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        run_job(
-            record.id,
-            services,
-            {JobKind.BATCH_ENCRYPT: partial(batch_encrypt, before_member=crash_at_the_third)},
-        )
+    files, services, record, started = crashed_at_the_third(api)
     written = started[1]
     theirs = b"written between the rerun's check and its write"
 
