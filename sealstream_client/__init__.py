@@ -27,6 +27,7 @@ from sealstream_client.errors import (
     TransferAborted,
     Unauthenticated,
     Unavailable,
+    UploadNotConfirmed,
     api_error_class,
 )
 from sealstream_client.multipart import Readable, Source
@@ -75,6 +76,7 @@ __all__ = [
     "TransferAborted",
     "Unauthenticated",
     "Unavailable",
+    "UploadNotConfirmed",
     "Writable",
     "api_error_class",
 ]

@@ -34,7 +34,13 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
-from sealstream_client.errors import ApiError, ClientError, TransferAborted, api_error_class
+from sealstream_client.errors import (
+    ApiError,
+    ClientError,
+    TransferAborted,
+    UploadNotConfirmed,
+    api_error_class,
+)
 from sealstream_client.multipart import MultipartBody, Source
 from sealstream_client.transport import (
     DOWNLOAD_CHUNK,
@@ -318,9 +324,11 @@ class SealstreamClient:
         still there), else a new one, whose path is handed to `created` first (keep it to
         go on after this process ends). A broken connection is followed by a HEAD and a
         PATCH from the offset the server acknowledged, up to `attempts` failures in a row
-        (the HEAD's own included). A HEAD that finds every byte acknowledged ends it: the
-        server completed the object then (the result names its verify job), or a request
-        cut off before its answer is completing it (no verify job named)."""
+        (the HEAD's own included). A HEAD that finds every byte acknowledged ends it once
+        the object is made: the HEAD completed it (the result names its verify job), or a
+        request cut off before its answer is completing it, which is waited for (HEAD
+        again, `attempts` times at most) until the upload is gone and the object listed
+        at `key` (no verify job named); `UploadNotConfirmed` if that is not seen."""
         if upload is None or self._upload_offset(upload) is None:
             upload = self._create_upload(
                 kid, length, key, bucket, overwrite, encryption_context, frame_length
@@ -334,6 +342,8 @@ class SealstreamClient:
                     break
                 offset, job = acknowledged
                 if offset >= length:
+                    if job is None:
+                        return self._completed_elsewhere(upload, offset, key, bucket, attempts)
                     return ResumableResult(upload, offset, job)
                 return self._patch_rest(upload, file, offset, length)
             except (ClientError, OSError) as exc:
@@ -346,6 +356,27 @@ class SealstreamClient:
         raise ClientError(
             f"the upload is gone: expired, terminated, or completed by a request whose "
             f"answer was lost (see whether {key!r} is stored)"
+        )
+
+    def _completed_elsewhere(
+        self, upload: str, offset: int, key: str, bucket: str | None, attempts: int
+    ) -> ResumableResult:
+        """The upload whose every byte is acknowledged, once the request completing it
+        is seen to have made it: gone, its object listed at `key` (or once a HEAD of
+        ours completes it, as it does one whose completion failed)."""
+        for tries in range(1, attempts + 1):
+            time.sleep(min(2.0, 0.2 * tries))
+            acknowledged = self._upload_offset(upload)
+            if acknowledged is None:
+                listed = self.list_objects(prefix=key, bucket=bucket, limit=1).objects
+                if listed and listed[0].key == key:
+                    return ResumableResult(upload, offset, None)
+                break
+            if acknowledged[1] is not None:
+                return ResumableResult(upload, *acknowledged)
+        raise UploadNotConfirmed(
+            f"every byte was acknowledged, but the request completing the upload was not "
+            f"seen to finish: see whether {key!r} is stored"
         )
 
     def _create_upload(

@@ -29,6 +29,7 @@ __all__ = [
     "TransferAborted",
     "Unauthenticated",
     "Unavailable",
+    "UploadNotConfirmed",
     "api_error_class",
 ]
 
@@ -53,6 +54,13 @@ class TransferAborted(ClientError):
         super().__init__(f"transfer aborted after {received} bytes: {reason}")
         self.reason = reason
         self.received = received
+
+
+class UploadNotConfirmed(ClientError):
+    """Every byte of a resumable upload was acknowledged, but another request was
+    completing it and whether that completion made and recorded the object could not be
+    confirmed: look at the destination (a run again goes on with the upload if it is
+    still there)."""
 
 
 class ApiError(ClientError):

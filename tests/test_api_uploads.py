@@ -24,6 +24,8 @@ from tusclient import client as tus
 
 from keystore import LocalKek
 from sealstream.settings import Settings
+from sealstream_client import SealstreamClient, UploadNotConfirmed
+from sealstream_client.client import ResumableResult
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
 from services.replicas import Replicas
@@ -560,15 +562,7 @@ def test_a_head_while_the_last_patch_completes_answers_the_full_offset(
     completing the object, it answers the offset acknowledged, the length."""
     data = random_bytes(2 * FRAME + 5, seed=18)
     url = create(client, len(data))
-    store_class = type(api.parts.spaces.store("default", api.objects.bucket))
-    real, completing, let_go = store_class.complete_parts, threading.Event(), threading.Event()
-
-    def held(self: Any, *args: Any, **kwargs: Any) -> Any:
-        completing.set()
-        let_go.wait(timeout=60)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(store_class, "complete_parts", held)
+    completing, let_go = hold_completion(api, monkeypatch)
     with api.client() as other, ThreadPoolExecutor(1) as pool:
         patching = pool.submit(patch, other, url, 0, data)
         try:
@@ -580,6 +574,83 @@ def test_a_head_while_the_last_patch_completes_answers_the_full_offset(
 
     assert (head.status_code, head.headers["upload-offset"]) == (200, str(len(data)))
     assert "x-verify-job" not in head.headers
+    assert read_object(client, "up/obj").content == data
+
+
+def hold_completion(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """The store's completions wait for the second event once they set the first."""
+    store_class = type(api.parts.spaces.store("default", api.objects.bucket))
+    real, completing, let_go = store_class.complete_parts, threading.Event(), threading.Event()
+
+    def held(self: Any, *args: Any, **kwargs: Any) -> Any:
+        completing.set()
+        let_go.wait(timeout=60)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(store_class, "complete_parts", held)
+    return completing, let_go
+
+
+def resume_with_client(api: Api, url: str, data: bytes, attempts: int) -> ResumableResult:
+    sdk = SealstreamClient(api.url, ADMIN_TOKEN, timeout=30)
+    path = url.removeprefix(api.url)
+    with io.BytesIO(data) as file:
+        return sdk.upload_resumable(
+            "mySymKey", file, len(data), key="up/obj", upload=path, attempts=attempts
+        )
+
+
+def test_the_client_never_takes_a_completion_under_way_for_one_done(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client finds every byte acknowledged while another request completes the
+    upload (no verify job named): it is not told the object is stored while that
+    completion has not ended, which may still fail."""
+    data = random_bytes(2 * FRAME + 5, seed=19)
+    url = create(client, len(data))
+    completing, let_go = hold_completion(api, monkeypatch)
+    with api.client() as other, ThreadPoolExecutor(1) as pool:
+        patching = pool.submit(patch, other, url, 0, data)
+        try:
+            assert completing.wait(timeout=60)
+            with pytest.raises(UploadNotConfirmed):
+                resume_with_client(api, url, data, attempts=2)
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
+
+
+def test_the_client_waits_for_a_completion_under_way_to_end(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the completion it found under way ends, the upload gone and the object
+    listed at its key, the client reports the upload done."""
+    data = random_bytes(2 * FRAME + 5, seed=20)
+    url = create(client, len(data))
+    completing, let_go = hold_completion(api, monkeypatch)
+    uploads_class = type(api.parts.uploads())
+    real_get, heads = uploads_class.get, []
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = real_get(self, *args, **kwargs)
+        heads.append(args)
+        if len(heads) == 2:  # both of the client's first HEADs found the full offset
+            let_go.set()
+        return answer
+
+    with api.client() as other, ThreadPoolExecutor(1) as pool:
+        patching = pool.submit(patch, other, url, 0, data)
+        try:
+            assert completing.wait(timeout=60)
+            monkeypatch.setattr(uploads_class, "get", counted)
+            result = resume_with_client(api, url, data, attempts=8)
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
+
+    assert (result.offset, result.verify_job) == (len(data), None)
     assert read_object(client, "up/obj").content == data
 
 
