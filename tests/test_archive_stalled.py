@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.data import tar_archive
 from tests.support.http import create_key, form_bytes, problem, raw_upload
 from tests.support.services import ServeProcess, sealstream_serve
-from tests.test_archive_interrupted import ARCHIVE, FILES, metadata, send_part, tar_of
+from tests.test_archive_interrupted import ARCHIVE, FILES, metadata, send_part
 
 BATCH_CONCURRENCY = 4
 SETTINGS = {
@@ -34,7 +35,7 @@ ANSWER_WITHIN = 20
 def stalled_archives(served: ServeProcess, prefixes: list[str]) -> Iterator[list[str]]:
     """Archive uploads under `prefixes`, each stopped by its client in a member's middle;
     their jobs' ids."""
-    bodies = [form_bytes(metadata(prefix=prefix), tar_of(FILES)) for prefix in prefixes]
+    bodies = [form_bytes(metadata(prefix=prefix), tar_archive(FILES)) for prefix in prefixes]
     with ExitStack() as uploads:
         sockets: list[socket.socket] = [
             uploads.enter_context(raw_upload(served.url, ARCHIVE, len(body), served.admin_token))
