@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -562,25 +563,21 @@ def test_a_head_while_the_last_patch_completes_answers_the_full_offset(
     completing the object, it answers the offset acknowledged, the length."""
     data = random_bytes(2 * FRAME + 5, seed=18)
     url = create(client, len(data))
-    completing, let_go = hold_completion(api, monkeypatch)
-    with api.client() as other, ThreadPoolExecutor(1) as pool:
-        patching = pool.submit(patch, other, url, 0, data)
-        try:
-            assert completing.wait(timeout=60)
-            head = client.head(url, headers=TUS)
-        finally:
-            let_go.set()
-        assert patching.result().status_code == 204
+    with completing_last_patch(api, monkeypatch, url, data):
+        head = client.head(url, headers=TUS)
 
     assert (head.status_code, head.headers["upload-offset"]) == (200, str(len(data)))
     assert "x-verify-job" not in head.headers
     assert read_object(client, "up/obj").content == data
 
 
-def hold_completion(
-    api: Api, monkeypatch: pytest.MonkeyPatch
-) -> tuple[threading.Event, threading.Event]:
-    """The store's completions wait for the second event once they set the first."""
+@contextmanager
+def completing_last_patch(
+    api: Api, monkeypatch: pytest.MonkeyPatch, url: str, data: bytes
+) -> Iterator[threading.Event]:
+    """The PATCH of all of `data` to `url`, on a connection of its own, held inside the
+    store's completion until the event yielded is set (at the latest as the block ends);
+    it must then answer 204."""
     store_class = type(api.parts.spaces.store("default", api.objects.bucket))
     real, completing, let_go = store_class.complete_parts, threading.Event(), threading.Event()
 
@@ -590,7 +587,14 @@ def hold_completion(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(store_class, "complete_parts", held)
-    return completing, let_go
+    with api.client() as other, ThreadPoolExecutor(1) as pool:
+        patching = pool.submit(patch, other, url, 0, data)
+        try:
+            assert completing.wait(timeout=60)
+            yield let_go
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
 
 
 def resume_with_client(api: Api, url: str, data: bytes, attempts: int) -> ResumableResult:
@@ -610,16 +614,11 @@ def test_the_client_never_takes_a_completion_under_way_for_one_done(
     completion has not ended, which may still fail."""
     data = random_bytes(2 * FRAME + 5, seed=19)
     url = create(client, len(data))
-    completing, let_go = hold_completion(api, monkeypatch)
-    with api.client() as other, ThreadPoolExecutor(1) as pool:
-        patching = pool.submit(patch, other, url, 0, data)
-        try:
-            assert completing.wait(timeout=60)
-            with pytest.raises(UploadNotConfirmed):
-                resume_with_client(api, url, data, attempts=2)
-        finally:
-            let_go.set()
-        assert patching.result().status_code == 204
+    with (
+        completing_last_patch(api, monkeypatch, url, data),
+        pytest.raises(UploadNotConfirmed),
+    ):
+        resume_with_client(api, url, data, attempts=2)
 
 
 def test_the_client_waits_for_a_completion_under_way_to_end(
@@ -629,26 +628,19 @@ def test_the_client_waits_for_a_completion_under_way_to_end(
     listed at its key, the client reports the upload done."""
     data = random_bytes(2 * FRAME + 5, seed=20)
     url = create(client, len(data))
-    completing, let_go = hold_completion(api, monkeypatch)
     uploads_class = type(api.parts.uploads())
     real_get, heads = uploads_class.get, []
+    with completing_last_patch(api, monkeypatch, url, data) as let_go:
 
-    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        answer = real_get(self, *args, **kwargs)
-        heads.append(args)
-        if len(heads) == 2:  # both of the client's first HEADs found the full offset
-            let_go.set()
-        return answer
+        def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            answer = real_get(self, *args, **kwargs)
+            heads.append(args)
+            if len(heads) == 2:  # both of the client's first HEADs found the full offset
+                let_go.set()
+            return answer
 
-    with api.client() as other, ThreadPoolExecutor(1) as pool:
-        patching = pool.submit(patch, other, url, 0, data)
-        try:
-            assert completing.wait(timeout=60)
-            monkeypatch.setattr(uploads_class, "get", counted)
-            result = resume_with_client(api, url, data, attempts=8)
-        finally:
-            let_go.set()
-        assert patching.result().status_code == 204
+        monkeypatch.setattr(uploads_class, "get", counted)
+        result = resume_with_client(api, url, data, attempts=8)
 
     assert (result.offset, result.verify_job) == (len(data), None)
     assert read_object(client, "up/obj").content == data
