@@ -7,12 +7,9 @@ import os
 import re
 import shutil
 import stat
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
 
@@ -353,33 +350,32 @@ def test_a_sidecar_not_as_the_store_writes_them_counts_as_missing(
         local.head("docs/b")
 
 
-def _threads_in(code: object) -> int:
-    """How many threads are running `code` somewhere on their stack."""
-    count = 0
-    frame: FrameType | None
-    for frame in sys._current_frames().values():
-        while frame is not None and frame.f_code is not code:
-            frame = frame.f_back
-        count += frame is not None
-    return count
-
-
 def test_commits_made_at_once_share_the_lock_and_their_directories_fsyncs(
     local: LocalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local.put("d/taken", b"first", metadata={"v": "1"})
     writers = 8
     synced: list[Path] = []
-    others_waiting = threading.Event()
+    first_batch, others_waiting = threading.Event(), threading.Event()
+    # Told by the commits themselves rather than read off other threads' stacks, which
+    # CPython does not make safe to walk while they run (a full run crashed doing so).
+    entered = threading.Semaphore(0)
+    commit = CommitGroup.commit
 
     def fsync_held(directory: Path) -> None:
         # The first batch holds on until every other commit waits for the next.
         if not synced:
+            first_batch.set()
             others_waiting.wait(timeout=60)
         synced.append(directory)
         local_files.fsync_directory(directory)
 
+    def counted(self: CommitGroup[object], item: object) -> None:
+        entered.release()
+        commit(self, item)
+
     monkeypatch.setattr(storage.local, "fsync_directory", fsync_held)
+    monkeypatch.setattr(CommitGroup, "commit", counted)
     failures: dict[str, BaseException] = {}
 
     def put(index: int) -> None:
@@ -391,13 +387,12 @@ def test_commits_made_at_once_share_the_lock_and_their_directories_fsyncs(
 
     first = threading.Thread(target=put, args=(0,))
     first.start()
-    while _threads_in(fsync_held.__code__) == 0:  # the first batch is under way
-        time.sleep(0.001)
+    assert first_batch.wait(timeout=60)  # the first batch is under way
     rest = [threading.Thread(target=put, args=(index,)) for index in range(1, writers)]
     for thread in rest:
         thread.start()
-    while _threads_in(CommitGroup.commit.__code__) < writers:
-        time.sleep(0.001)
+    for _ in range(writers):
+        assert entered.acquire(timeout=60)
     others_waiting.set()
     for thread in [first, *rest]:
         thread.join()
