@@ -10,9 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.wiring import build_parts
-from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
+from services.jobs import JobKind, JobRecord, JobStatus
 from storage.records import RECORD_METADATA, object_record, record_metadata, save_record
 from tests.conftest import Api, live_api
 from tests.support.data import tar_archive
@@ -21,6 +20,7 @@ from tests.support.jobs import finished_job
 from tests.test_api_archives import manifest, upload
 from tests.test_archive_names import FILES, hidden_upload, stored_record, verify
 from tests.test_cli_commands import run_json
+from tests.test_jobs_batch import batch_params
 from workers.execution import run_job
 from workers.registry import JOB_BODIES
 
@@ -107,24 +107,7 @@ def test_a_job_keeps_the_name_key_version_it_was_created_with(api: Api) -> None:
         name_key(client, "POST", "/rotate")
     services = build_parts(api.settings)
     bucket = api.objects.bucket
-    params = BatchEncryptParams.model_validate(
-        {
-            "kid": "mySymKey",
-            "mode": "members",
-            "format": "auto",
-            "encryptionContext": {},
-            "frameLength": DEFAULT_FRAME_LENGTH,
-            "overwrite": False,
-            "names": "encrypted",
-            "nameKeyVersion": 1,
-            "source": {
-                "bucket": bucket,
-                "key": "in/archive.tar",
-                "storageKey": TENANT + "in/archive.tar",
-            },
-            "destination": {"bucket": bucket, "prefix": "out/", "storagePrefix": TENANT + "out/"},
-        }
-    )
+    params = batch_params(api).model_copy(update={"names": "encrypted", "name_key_version": 1})
     record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", params)
     services.jobs.save(record)
     run_job(record.id, services, JOB_BODIES)
