@@ -24,6 +24,7 @@ from services.jobs import (
     QueueUnavailable,
     TaskNotReplicated,
     VerifyParams,
+    queue_or_park,
 )
 from services.placement import Placement
 from services.replicas import NotReplicated
@@ -89,31 +90,14 @@ class Services(Parts):
 
     def start_verify(self, tenant: str, placement: Placement) -> JobRecord:
         """Start verifying the object stored at `placement`."""
-        return self.start_job(JobKind.VERIFY, tenant, _verify_params(placement))
+        return self.start_job(JobKind.VERIFY, tenant, VerifyParams.of(placement))
 
     def verify_stored(self, tenant: str, placement: Placement) -> tuple[JobRecord, bool]:
         """Start verifying an object just stored, and whether its job was queued. The
         object is stored whatever the queue does: a job that cannot be queued is parked
         in storage, and the sweep queues it once the queue is back."""
-        record = JobRecord.new(JobKind.VERIFY, tenant, _verify_params(placement))
-        try:
-            self.jobs.create(record)
-            self.runner.submit(record)
-        except (RedisError, QueueUnavailable) as error:
-            logger.warning("parking verify job %s: the queue refused it: %s", record.id, error)
-        else:
-            return record, True
-        try:
-            self.jobs.park(record)
-        except StorageError:
-            logger.exception("verify job %s could be neither queued nor parked", record.id)
-        return record, False
-
-
-def _verify_params(placement: Placement) -> VerifyParams:
-    return VerifyParams(
-        bucket=placement.bucket, key=placement.key, storage_key=placement.storage_key
-    )
+        record = JobRecord.new(JobKind.VERIFY, tenant, VerifyParams.of(placement))
+        return record, queue_or_park(self.jobs, self.runner.submit, record)
 
 
 def services(request: Request) -> Services:

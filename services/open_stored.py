@@ -35,6 +35,7 @@ from envelope import (
     AuthenticationError,
     BodyReader,
     Decryptor,
+    EncryptionContextMismatch,
     Header,
     HeaderReader,
     MessageFormatError,
@@ -427,6 +428,40 @@ def verify_stored(
             digest.update(piece)
     check_against_record(stored.decryptor, digest.hexdigest(), recorded, keys.name_keys)
     return stored.decryptor
+
+
+def holds_recorded_message(
+    keys: KeyStore, store: ObjectStore, recorded: ObjectRecord
+) -> ObjectInfo | None:
+    """The object at `recorded`'s key if it is exactly the message `recorded` (a record
+    or its intent) names, else None: read back whole, its header the recorded one, every
+    frame authenticated under its data key, and its plaintext's size and digest (SHA-256,
+    or a resumable upload's frame chain) the recorded ones. It is the proof that holds on
+    any store, where an etag proves nothing (a local directory's, SSE-KMS's, or an object
+    put whole): its header is no secret, but without the KEK no one can seal frames under
+    the data key it wraps. The object must be the same (etag and size) after the read as
+    before, so that the object proven is the one described. A key that cannot open it
+    now (`KeystoreError`, `DataKeyUnavailable`) tells nothing, and is raised."""
+    try:
+        before = store.head(recorded.key)
+        verify_stored(keys, store, recorded.key, before.size, recorded, _unwatched)
+        after = store.head(recorded.key)
+    except ObjectNotFound:
+        return None
+    except (
+        RecordMismatch,
+        MessageFormatError,
+        AuthenticationError,
+        EncryptionContextMismatch,
+        InvalidRange,
+    ) as refused:
+        logger.warning("the object at %s is not the message recorded: %s", recorded.key, refused)
+        return None
+    return before if (before.etag, before.size) == (after.etag, after.size) else None
+
+
+def _unwatched(_size: int) -> None:
+    """No progress to report, and nothing to cancel: a sweep or a request reading back."""
 
 
 @contextmanager

@@ -50,19 +50,20 @@ import struct
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from pydantic import Field
 
-from envelope import parse_header
+from envelope import DataKeyUnavailable, parse_header
 from envelope.frames import FINAL_OVERHEAD, REGULAR_OVERHEAD, FrameSealer
 from envelope.message import resume_message
-from keystore import KeyStore
+from keystore import KeyStore, KeystoreError
 from services.frame_chain import CHAIN_START, chain_step
 from services.inventory import Inventory, Marker, record_at
 from services.keys import start_sealing
 from services.objects import header_digest, object_metadata
+from services.open_stored import holds_recorded_message
 from services.placement import BucketNotAllowed, Placement, Spaces
 from services.replicas import NotReplicated
 from services.seal_to_storage import HASHING
@@ -324,6 +325,15 @@ class NewUpload:
     overwrite: bool
 
 
+@dataclass
+class Swept:
+    """What a sweep of the uploads past their expiry did: the uploads it aborted, and
+    those it completed (or recorded, made by a completion cut off)."""
+
+    expired: list[UploadState] = field(default_factory=list)
+    completed: list[UploadState] = field(default_factory=list)
+
+
 class Uploads:
     """The resumable uploads of every tenant, kept in the service's store."""
 
@@ -514,30 +524,32 @@ class Uploads:
             raise UploadBusy("a request is writing this upload")
         self._erase(state, abort=True)
 
-    def expire(self, now: datetime | None = None) -> list[UploadState]:
+    def expire(self, now: datetime | None = None) -> "Swept":
         """Abort every upload past its expiry and erase its state (the lifecycle sweep);
-        one whose every frame is stored is completed instead, and one a PATCH holds is
-        left to a later sweep. One that cannot be expired yet is logged and left: the
-        others go on."""
+        one whose every frame is stored is completed instead (or, made by a completion
+        cut off, recorded), and one a PATCH holds is left to a later sweep. One that
+        cannot be expired yet is logged and left: the others go on. The uploads aborted,
+        and those completed, whose objects their sweep is to have verified as a request
+        completing them would."""
         moment = now or datetime.now(UTC)
-        expired = []
+        swept = Swept()
         # Only the states: a staging object read as a record would be counted as tampered.
         for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState, ".json"):
             if name != state.name or state.expires_at > moment:
                 continue
             try:
-                if self._expire(state):
-                    expired.append(state)
-            except (StorageError, UploadRefused) as error:
+                self._expire(state, swept)
+            except (StorageError, UploadRefused, KeystoreError, DataKeyUnavailable) as error:
+                # A key that cannot read its object back now tells nothing either way.
                 logger.warning("cannot expire upload %s yet: %s", state.id, error)
-        return expired
+        return swept
 
-    def _expire(self, state: UploadState) -> bool:
+    def _expire(self, state: UploadState, swept: "Swept") -> None:
         """Complete an expired upload whose every frame is stored, else abort it and
-        erase its state; whether it was erased. One a PATCH holds is left until its lock
-        lapses: erased under it, the PATCH would write its staging object back."""
+        erase its state, noting which in `swept`. One a PATCH holds is left until its
+        lock lapses: erased under it, the PATCH would write its staging object back."""
         if state.held:
-            return False
+            return
         if state.finished:  # whole, its completion failed: made, not thrown away
             try:
                 self._check_generation(state)
@@ -548,9 +560,10 @@ class Uploads:
                 # unfinished one is.
                 logger.warning("aborting expired upload %s: %s", state.id, refused)
             else:
-                return False
+                swept.completed.append(state)
+                return
         self._erase(state, abort=True)
-        return True
+        swept.expired.append(state)
 
     def erased(self, upload: str) -> bool:
         """Whether the upload was erased (finished, terminated or expired): its tombstone
@@ -571,7 +584,7 @@ class Uploads:
             # The part upload is gone: the object at the key is this upload's only if
             # its parts made it (a completion cut off after it), never merely because it
             # looks so (its header and size are no secret).
-            made = _made(store, state)
+            made = self._made(store, state, intent)
             if made is None:
                 raise _parts_gone(state) from None
             record = self._record_made(state, intent, made)
@@ -584,6 +597,21 @@ class Uploads:
             logger.warning("upload %s completed, its end unconfirmed: %s", state.id, unconfirmed)
             self._forget(state, abort=False)
         return record
+
+    def _made(
+        self, store: ObjectStore, state: UploadState, intent: ObjectRecord
+    ) -> ObjectInfo | None:
+        """The object at the upload's key if the upload's completion made it, its end cut
+        off (a crash, or the store's answer lost). Where part etags are MD5s, its etag
+        proves it (a cheap HEAD). Where they are not (a local directory's are version
+        tokens a writer of the directory may set; S3's under SSE-KMS are no digests), it
+        is read back whole and must be the message `intent` names, frame by frame
+        (`holds_recorded_message`). Its header and size alone prove nothing: they are no
+        secret."""
+        expected = _completed_etag(state.parts)
+        if expected is not None and store.derives_etags:
+            return _made_from_parts(store, state, expected)
+        return holds_recorded_message(self.keys, store, intent)
 
     def recorded_as_made(self, state: UploadState) -> bool:
         """Whether the record at the upload's key is of the upload's message (its
@@ -854,17 +882,10 @@ def _same_part(recorded: Part, listed: Part) -> bool:
     return same and etags and listed.checksum in ("", recorded.checksum)
 
 
-def _made(store: ObjectStore, state: UploadState) -> ObjectInfo | None:
-    """The object at the upload's key if the upload's own parts made it, by a completion
-    whose end was cut off (a crash, or the store's answer lost): its size the message's
-    and its etag the one S3 gives an object completed from the parts the state recorded
-    (the MD5 of their MD5s, then their count), which no other bytes have. Where part
-    etags are not MD5s (a local directory's are version tokens, and a writer of the
-    directory may set any object's; S3's under SSE-KMS are not digests), nothing cheap
-    proves the object the upload's, and it is not taken for it."""
-    expected = _completed_etag(state.parts)
-    if expected is None or not store.derives_etags:
-        return None
+def _made_from_parts(store: ObjectStore, state: UploadState, expected: str) -> ObjectInfo | None:
+    """The object at the upload's key if its size is the message's and its etag
+    `expected`, the one S3 gives an object completed from the parts the state recorded
+    (the MD5 of their MD5s, then their count), which no other bytes have."""
     try:
         info = store.head(state.storage_key)
     except ObjectNotFound:
@@ -890,7 +911,8 @@ def _parts_gone(state: UploadState) -> UploadTampered:
     note_refusal(STATE_KIND, RecordTampered("its part upload is gone from the store", state.name))
     return UploadTampered(
         "the upload's parts are gone from the bucket, and the object at its key is not "
-        "this upload's"
+        "this upload's: nothing was recorded, and the upload is aborted at its expiry "
+        "(Upload-Expires); upload the file again"
     )
 
 

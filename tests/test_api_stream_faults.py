@@ -470,8 +470,8 @@ def test_an_object_whose_writer_was_lost_before_its_record_is_served_and_then_re
 
         served = read_object(client, "orphan")
         assert (served.status_code, served.content) == (200, plaintext)
-        assert finish_recording(services.records, services.spaces) == 1
-        assert finish_recording(services.records, services.spaces) == 0
+        assert finish_recording(services.records, services.keys, services.spaces) == 1
+        assert finish_recording(services.records, services.keys, services.spaces) == 0
         assert list(services.records.store.list(INTENTS_PREFIX)) == []
         verified = finished_job(client, start_verify(client, "orphan")["id"])
         assert verified["status"] == "succeeded", verified
@@ -498,7 +498,7 @@ def test_a_read_while_a_reencrypt_swaps_the_object_gets_the_new_message_whole(
 
         served = read_object(client, "swapped")
         assert (served.status_code, served.content) == (200, plaintext)
-        assert finish_recording(services.records, services.spaces) == 1
+        assert finish_recording(services.records, services.keys, services.spaces) == 1
         served = read_object(client, "swapped")
         assert (served.status_code, served.content) == (200, plaintext)
 

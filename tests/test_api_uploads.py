@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import pytest
@@ -33,10 +33,13 @@ from services.replicas import Replicas
 from services.resumable import (
     STATE_KIND,
     UPLOADS_PREFIX,
+    Swept,
+    Uploads,
     UploadState,
     staging_name,
     state_digest,
 )
+from services.unfinished import finish_recording
 from services.upload_anchor import KEY_PREFIX, UploadAnchor
 from storage import ObjectNotFound, StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
@@ -47,8 +50,10 @@ from tests.support.jobs import REPLICA_TIMEOUT, finished_job, start_verify
 from tests.support.ports import free_port
 from tests.support.sentinel import MASTER, process_id
 from tests.test_api_objects import tenant_client
+from workers.lifecycle import run_sweeps
 
 if TYPE_CHECKING:
+    from api.services import Services
     from tests.support.services import RedisServer
 
 UPLOADS = "/api/uploads"
@@ -258,13 +263,13 @@ def test_termination_and_expiry_leave_nothing_pending(
 
     refused: list[Any] = []
     monkeypatch.setattr(integrity, "note_refusal", lambda *refusal: refused.append(refusal))
-    assert api.parts.uploads().expire() == []
+    assert api.parts.uploads().expire() == Swept()
     assert refused == []  # their staging objects are not taken for tampered records
 
     assert client.delete(ended, headers=TUS).status_code == 204
     swept = api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2))
 
-    assert [state.key for state in swept] == ["up/expiring"]
+    assert [state.key for state in swept.expired] == ["up/expiring"]
     assert pending(api) == []
     assert list(api.objects.list(UPLOADS_PREFIX)) == []
     assert client.head(expiring, headers=TUS).status_code == 404
@@ -481,28 +486,30 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
     api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, completes: str, made: bool
 ) -> None:
     """A tus client that finds the full offset sends nothing more: the object must exist,
-    recorded, whether the failed completion had made it or not (on S3, whose etag of
-    the object proves it made from the upload's parts)."""
+    recorded and its verify job started, whether the failed completion had made it or
+    not (on S3 the object's etag proves it made from the upload's parts; on a local
+    directory it is read back and must be the message the state records), whether a
+    HEAD or the sweep completes it."""
     data = random_bytes(2 * FRAME + 3, seed=15)
     url = create(client, len(data))
     complete_parts_failing_once(api, monkeypatch, made=made)
     assert patch(client, url, 0, data).status_code == 503
-    if made and not api.objects.derives_etags:
-        # A local directory: nothing cheap proves the object the upload's (any writer of
-        # the directory may set its etag), so it is refused rather than adopted.
-        assert client.head(url, headers=TUS).status_code == 502
-        with pytest.raises(ObjectNotFound):
-            load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
-        return
 
     if completes == "head":
         head = client.head(url, headers=TUS)
         assert (head.status_code, head.headers["upload-offset"]) == (200, str(len(data)))
-        job = finished_job(client, head.headers["x-verify-job"], timeout=120)
-        assert job["status"] == "succeeded", job
+        job_id = head.headers["x-verify-job"]
     else:
-        assert api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2)) == []
+        expire = Uploads.expire
+        later = datetime.now(UTC) + timedelta(days=2)
+        monkeypatch.setattr(Uploads, "expire", lambda uploads, now=None: expire(uploads, later))
+        runner = cast("Services", api.parts).runner
+        swept = run_sweeps(api.parts, runner.submit)
+        assert swept["expiredUploads"] == 0
+        (job_id,) = swept["completedUploads"]
 
+    job = finished_job(client, job_id, timeout=120)
+    assert job["status"] == "succeeded", job
     assert read_object(client, "up/obj").content == data
     record = load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
     assert (record.plaintext_size, record.plaintext_frame_chain) == (len(data), chain_of(data))
@@ -511,11 +518,14 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
     assert list(api.objects.list(UPLOADS_PREFIX)) == []
 
 
+@pytest.mark.parametrize("planted", ["random", "with-its-header"])
 def test_an_object_planted_where_a_completion_was_cut_off_is_refused_not_recorded(
-    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, planted: str
 ) -> None:
     """A bucket writer who puts an object of the message's size at the key of an upload
-    whose completion was cut off does not get it recorded as the upload's."""
+    whose completion was cut off does not get it recorded as the upload's, even with the
+    upload's header in front (no secret): neither its etag (S3) nor its frames read back
+    (a local directory) make it the upload's. The HEAD says what comes next."""
     data = random_bytes(2 * FRAME + 3, seed=16)
     url = create(client, len(data))
     complete_parts_failing_once(api, monkeypatch, made=True)
@@ -524,9 +534,13 @@ def test_an_object_planted_where_a_completion_was_cut_off_is_refused_not_recorde
         STATE_KIND, f"{UPLOADS_PREFIX}{url.rpartition('/')[2]}.json", UploadState
     )
     made = api.objects.get(state.storage_key)
-    api.objects.put(state.storage_key, random_bytes(len(made), seed=17))
+    header = made[: len(state.header_bytes)] if planted == "with-its-header" else b""
+    api.objects.put(state.storage_key, header + random_bytes(len(made) - len(header), seed=17))
 
     assert client.head(url, headers=TUS).status_code == 502  # upload-tampered: no body
+    refused = problem(patch(client, url, len(data), b""), 502, "upload-tampered")
+    assert "aborted at its expiry" in refused["detail"]
+    assert finish_recording(api.records, api.parts.keys, api.parts.spaces) == 0
     with pytest.raises(ObjectNotFound):
         load_record(api.records, api.objects.bucket, state.storage_key)
 

@@ -77,7 +77,7 @@ def test_a_part_changed_in_the_bucket_refuses_the_completion(
         problem(read_object(client, "up/obj"), 404, "object-not-found")
         assert client.head(url, headers=TUS).status_code == 502  # not completed by HEAD
         swept = api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=2))
-        assert [upload.id for upload in swept] == [state.id]
+        assert [upload.id for upload in swept.expired] == [state.id]
         assert pending(api) == []
         assert list(api.objects.list(UPLOADS_PREFIX)) == []
         problem(read_object(client, "up/obj"), 404, "object-not-found")

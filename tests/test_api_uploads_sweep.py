@@ -19,7 +19,7 @@ import pytest
 from sealstream.wiring import open_object_store
 from services.jobs.redis_store import redis_client
 from services.placement import Spaces
-from services.resumable import STATE_KIND, UPLOADS_PREFIX, UploadState
+from services.resumable import STATE_KIND, UPLOADS_PREFIX, Swept, UploadState
 from services.upload_anchor import KEY_PREFIX, UploadAnchor
 from tests import test_api_uploads
 from tests.conftest import Api, api_settings, live_api
@@ -73,7 +73,7 @@ def test_the_sweep_leaves_an_upload_a_patch_holds(api: Api, client: httpx.Client
         try:
             wait_until(lambda: state_of(api, url).held, "the PATCH to hold the upload")
 
-            assert api.parts.uploads().expire(datetime.now(UTC) + LATER) == []
+            assert api.parts.uploads().expire(datetime.now(UTC) + LATER) == Swept()
         finally:
             let_go.set()
         assert patching.result().status_code == 204
@@ -112,7 +112,7 @@ def test_a_patch_whose_upload_was_swept_under_it_is_404_and_leaves_nothing(
 
         refused = problem(patching.result(), 404, "upload-not-found")
         assert "expired" in refused["detail"] and "completed" not in refused["detail"]
-        assert [state.key for state in swept] == ["up/obj"]
+        assert [state.key for state in swept.expired] == ["up/obj"]
         assert client.head(url, headers=TUS).status_code == 404
     nothing_left(api)
 
@@ -170,7 +170,7 @@ def test_the_sweep_aborts_uploads_into_a_bucket_the_tenant_may_no_longer_use(
 
         swept = revoked.uploads().expire(datetime.now(UTC) + LATER)
 
-        assert sorted(state.key for state in swept) == ["up/elsewhere", "up/here"]
+        assert sorted(state.key for state in swept.expired) == ["up/elsewhere", "up/here"]
         assert moto_s3.list_multipart_uploads(Bucket=other).get("Uploads", []) == []
         problem(patch(client, elsewhere, FRAME, b"x" * FRAME), 404, "upload-not-found")
         nothing_left(api)
@@ -193,6 +193,6 @@ def test_a_whole_upload_whose_state_redis_refuses_is_aborted_at_its_expiry(
 
     swept = api.parts.uploads().expire(datetime.now(UTC) + LATER)
 
-    assert [state.id for state in swept] == [upload]
+    assert [state.id for state in swept.expired] == [upload]
     problem(read_object(client, "up/obj"), 404, "object-not-found")
     nothing_left(api)

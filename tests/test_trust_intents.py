@@ -12,9 +12,10 @@ import pytest
 
 from api.services import Services
 from sealstream.server import create_app
+from services.objects import read_stored_header
 from services.unfinished import finish_recording
-from storage import ObjectInfo, ObjectStore
-from storage.records import INTENTS_PREFIX, load_record
+from storage import ObjectInfo, ObjectNotFound, ObjectStore
+from storage.records import INTENTS_PREFIX, load_record, record_key, save_intent
 from tests.conftest import ADMIN_TOKEN, Api, api_settings
 from tests.support.data import random_bytes
 from tests.support.http import ENCRYPT, create_key, post_form, problem, read_object
@@ -87,7 +88,47 @@ def test_an_older_write_put_back_with_its_intent_is_refused_and_not_recorded(
         for range_ in (None, "bytes=0-99"):
             problem(read_object(client, "doc", range_), 502, "object-damaged")
         assert refused_intents(api) > refused_before
-        assert finish_recording(services.records, services.spaces) == 0
+        assert finish_recording(services.records, services.keys, services.spaces) == 0
         assert load_record(api.records, api.objects.bucket, STORAGE_KEY) == latest
         assert list(api.records.store.list(INTENTS_PREFIX)) == []
         problem(read_object(client, "doc"), 502, "object-damaged")
+
+
+@pytest.mark.parametrize("found", ["its-message", "its-header-on-other-bytes"])
+def test_the_sweep_records_an_intents_object_only_once_read_back_as_its_message(
+    stack: tuple[Api, Services], found: str
+) -> None:
+    """A writer lost between making its object visible and recording it leaves the
+    intent: the sweep records the object it names once read back whole as that message.
+    A bucket writer who puts the message's header (no secret) on other bytes of its size
+    there gets nothing recorded, and the refusal is counted."""
+    api, services = stack
+    data = random_bytes(300_000, seed=90)
+    with api.client(ADMIN_TOKEN) as client:
+        create_key(client)
+        store(client, data)
+        record = load_record(api.records, api.objects.bucket, STORAGE_KEY)
+        save_intent(api.records, record.model_copy(update={"etag": ""}))
+        api.records.store.delete(record_key(api.objects.bucket, STORAGE_KEY))
+        if found == "its-header-on-other-bytes":
+            message = api.objects.get(STORAGE_KEY)
+            header = len(read_stored_header(api.objects, STORAGE_KEY, len(message)).to_bytes())
+            forged = message[:header] + random_bytes(len(message) - header, seed=91)
+            api.objects.put(STORAGE_KEY, forged)
+        refused_before = refused_intents(api)
+
+        recorded = finish_recording(services.records, services.keys, services.spaces)
+
+        if found == "its-message":
+            assert recorded == 1
+            saved = load_record(api.records, api.objects.bucket, STORAGE_KEY)
+            assert (saved.header_sha256, saved.plaintext_sha256) == (
+                record.header_sha256,
+                record.plaintext_sha256,
+            )
+            assert read_object(client, "doc").content == data
+        else:
+            assert recorded == 0
+            assert refused_intents(api) > refused_before
+            with pytest.raises(ObjectNotFound):
+                load_record(api.records, api.objects.bucket, STORAGE_KEY)

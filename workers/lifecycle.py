@@ -5,7 +5,9 @@ parked while the queue was unreachable; record the objects whose writer was lost
 it could; clear what header-only rewrap jobs left staged before
 re-encryption replaced them; remove the temporary files that writes into a local
 directory left when their process died; finish object deletions a crash cut short; and abort the
-resumable uploads past their expiry, erasing their state. Each is
+resumable uploads past their expiry, erasing their state (one whose every frame is
+stored is completed instead, or recorded if a completion cut off made its object, and its
+verify job started, as a request completing it would). Each is
 idempotent: running it twice does no harm.
 
 The sweeps fail closed on the audit, as the API does: they run only once the process's
@@ -22,8 +24,18 @@ from typing import Any
 from audit import AuditTrail
 from keystore.store import Proceed
 from sealstream.wiring import Parts
-from services.jobs import Submit, queue_parked, requeue_waiting, sweep_stale
+from services.jobs import (
+    JobKind,
+    JobRecord,
+    Submit,
+    VerifyParams,
+    queue_or_park,
+    queue_parked,
+    requeue_waiting,
+    sweep_stale,
+)
 from services.placement import client_key
+from services.resumable import UploadState
 from services.retirement import Retirements
 from services.stored_objects import finish_deletions
 from services.unfinished import finish_recording
@@ -63,22 +75,24 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
         audit.lifecycle(
             "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
         )
-    recorded = finish_recording(services.records, services.spaces)
-    expired = services.uploads().expire()
+    recorded = finish_recording(services.records, services.keys, services.spaces)
+    swept = services.uploads().expire()
+    expired = swept.expired
     for upload in expired:
         audit.lifecycle("upload-expired", tenant=upload.tenant, object=upload.key)
+    verifying = [_verify(services, submit, upload) for upload in swept.completed]
     done = (
         *(rotated, destroyed, retired, stale, requeued, unparked, staging, abandoned),
         *(deletions, recorded),
     )
-    if any((*done, expired)):
+    if any((*done, expired, verifying)):
         logger.info(
             "sweeps: rotated %d keys, destroyed %d keys and %d retired key versions, "
             "failed %d stale jobs, queued again %d jobs and %d parked ones, "
             "cleared %d objects and uploads that rewrap jobs staged, "
             "removed %d temporary files of writers lost, "
             "finished %d deletions cut short, recorded %d objects their writer left, "
-            "aborted %d expired resumable uploads",
+            "aborted %d expired resumable uploads and completed %d",
             len(rotated),
             len(destroyed),
             len(retired),
@@ -90,6 +104,7 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
             len(deletions),
             recorded,
             len(expired),
+            len(verifying),
         )
     return {
         "rotated": [f"{tenant}/{kid}" for tenant, kid in rotated],
@@ -103,7 +118,16 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
         "finishedDeletions": len(deletions),
         "recordedObjects": recorded,
         "expiredUploads": len(expired),
+        "completedUploads": verifying,
     }
+
+
+def _verify(services: Parts, submit: Submit, upload: UploadState) -> str:
+    """Start the verify job of an upload's object the sweep completed (parked if the
+    queue refuses it, for a later sweep to queue); its id."""
+    record = JobRecord.new(JobKind.VERIFY, upload.tenant, VerifyParams.of(upload))
+    queue_or_park(services.jobs, submit, record)
+    return record.id
 
 
 def _clear_abandoned(services: Parts) -> int:

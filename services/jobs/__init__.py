@@ -28,7 +28,7 @@ from services.jobs.records import (
     chunk_id,
 )
 from services.jobs.redis_store import RedisJobStore
-from services.jobs.requeue import Submit, queue_parked, requeue_waiting
+from services.jobs.requeue import Submit, queue_or_park, queue_parked, requeue_waiting
 from services.jobs.runner import JobRunner, QueueUnavailable, TaskNotReplicated
 from services.jobs.stale import fail_if_stale, sweep_stale
 from services.jobs.store import JobLease, JobStore
@@ -61,6 +61,7 @@ __all__ = [
     "VersionTarget",
     "chunk_id",
     "fail_if_stale",
+    "queue_or_park",
     "queue_parked",
     "requeue_waiting",
     "sweep_stale",

@@ -6,7 +6,7 @@ checked. They serialize as they always have, in camelCase (`storageKey`), and a 
 record written by an earlier release lacks is left out again rather than written as null.
 """
 
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -57,8 +57,27 @@ class VersionTarget(JobParams):
     version: int
 
 
+class StoredPlace(Protocol):
+    """Where an object is stored, as a placement or an upload's state says."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def storage_key(self) -> str: ...
+
+
 class VerifyParams(ObjectTarget):
     """The verify job's: the stored object to read back and check."""
+
+    @classmethod
+    def of(cls, place: StoredPlace) -> Self:
+        """The verify job's parameters for the object stored at `place`: one object
+        made by a request (the API) or by the sweep (an upload it completed) alike."""
+        return cls(bucket=place.bucket, key=place.key, storage_key=place.storage_key)
 
 
 class BatchEncryptParams(JobParams):

@@ -11,14 +11,35 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from redis.exceptions import RedisError
+
 from services.jobs.records import JobRecord, JobStatus
 from services.jobs.runner import QueueUnavailable
 from services.jobs.store import JobStore
+from storage import StorageError
 from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)
 
 Submit = Callable[[JobRecord], None]  # queues a saved job; QueueUnavailable if it cannot
+
+
+def queue_or_park(store: JobStore, submit: Submit, record: JobRecord) -> bool:
+    """Save and queue a new job whose object is made whatever the queue does (a verify
+    job of an object just stored), or park it in storage if the queue or its Redis
+    refuses it, for `queue_parked` to queue once they are back; whether it was queued."""
+    try:
+        store.create(record)
+        submit(record)
+    except (RedisError, QueueUnavailable) as error:
+        logger.warning("parking job %s: the queue refused it: %s", record.id, error)
+    else:
+        return True
+    try:
+        store.park(record)
+    except StorageError:
+        logger.exception("job %s could be neither queued nor parked", record.id)
+    return False
 
 
 def requeue_waiting(store: JobStore, requeue_after: timedelta, submit: Submit) -> list[str]:
