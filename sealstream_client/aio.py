@@ -377,6 +377,7 @@ class AsyncSealstreamClient:
     get_job = _in_thread(SealstreamClient.get_job)
     cancel_job = _in_thread(SealstreamClient.cancel_job)
     upload_resumable = _in_thread(SealstreamClient.upload_resumable)  # its file read there
+    terminate_upload = _in_thread(SealstreamClient.terminate_upload)
     list_audit_events = _in_thread(SealstreamClient.list_audit_events)
     health = _in_thread(SealstreamClient.health)
     readiness = _in_thread(SealstreamClient.readiness)

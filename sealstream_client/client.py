@@ -358,6 +358,15 @@ class SealstreamClient:
             f"answer was lost (see whether {key!r} is stored)"
         )
 
+    def terminate_upload(self, upload: str) -> None:
+        """Abort the resumable upload at path `upload` (tus termination): nothing of it
+        stays in storage. One the server no longer has is gone already."""
+        headers = TUS | {"Content-Length": "0"}
+        with Exchange(self._connect(), self._head("DELETE", upload, headers)) as exchange:
+            response = _response(exchange)
+            if response.status not in (204, 404):
+                raise _api_error(response)
+
     def _completed_elsewhere(
         self, upload: str, offset: int, key: str, bucket: str | None, attempts: int
     ) -> ResumableResult:

@@ -3,6 +3,7 @@ upload that goes on through its own retries and, once those are spent, through a
 the command, which finds the upload the first run kept (its path only) and finishes it."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tests.conftest import Api
 from tests.support.cut_proxy import CuttingProxy
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, read_object
+from tests.test_api_uploads import TUS
 from tests.test_cli_commands import KID, run
 
 FRAME = 64 * KiB
@@ -34,7 +36,7 @@ def test_a_rerun_finishes_the_upload_a_cut_off_run_left(api: Api, tmp_path: Path
         env = {"SEALSTREAM_URL": proxy.url, "XDG_STATE_HOME": str(state)}
         failed = run(api, *args, *frames, env=env)
         (note,) = (state / "sealstream" / "uploads").iterdir()
-        upload = note.read_text()
+        upload = json.loads(note.read_text())["upload"]
 
         finished = run(api, *args, *frames, env=env)
 
@@ -68,3 +70,48 @@ def test_a_head_cut_off_is_tried_again_like_a_patch(api: Api, tmp_path: Path) ->
     assert json.loads(finished.stdout)["verifyJob"]
     with api.client() as client:
         assert read_object(client, "r/head").content == data
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+def test_a_file_changed_in_place_with_its_mtime_put_back_is_not_resumed(
+    api: Api, tmp_path: Path
+) -> None:
+    """A rerun after the file was rewritten (same size, modification time set back as a
+    tool restoring it would) starts a new upload, and terminates the one the first run
+    left: going on with it would store an object of old and new bytes."""
+    old, new = random_bytes(3 * MiB + 777, seed=33), random_bytes(3 * MiB + 777, seed=34)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(old)
+    state = tmp_path / "state"
+    args = ("encrypt", str(plain), "--kid", KID, "--to-storage", "r/changed", "--resume")
+    more = ("--json", "--frame-length", str(FRAME))
+    with api.client() as client:
+        create_key(client)
+    cuts = [WHOLE, WHOLE] + [200 * KiB, WHOLE] * 5  # five PATCHes cut past their first frames
+    with CuttingProxy(api.url, cuts) as proxy:
+        env = {"SEALSTREAM_URL": proxy.url, "XDG_STATE_HOME": str(state)}
+        failed = run(api, *args, *more, env=env)
+        (note,) = (state / "sealstream" / "uploads").iterdir()
+        left = json.loads(note.read_text())["upload"]
+        with api.client() as client:
+            assert int(client.head(left, headers=TUS).headers["upload-offset"]) > 0
+        before = plain.stat()
+        with plain.open("r+b") as file:  # in place: the same inode
+            file.write(new)
+        os.utime(plain, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = plain.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+
+        finished = run(api, *args, *more, env=env)  # the proxy's connections now whole
+
+    assert failed.returncode != 0
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["upload"] != left
+    assert not note.exists()
+    with api.client() as client:
+        assert read_object(client, "r/changed").content == new
+        assert client.head(left, headers=TUS).status_code == 404  # terminated

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -25,7 +25,7 @@ import click
 from cli.exits import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed
 from cli.progress import Meter, transfer_bar, wanted
 from cli.session import Session, client_command, print_fields, print_json
-from sealstream_client import ByteRange, Transfer, TransferAborted
+from sealstream_client import ByteRange, ClientError, Transfer, TransferAborted
 
 PARTIAL = ".partial"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -181,21 +181,25 @@ def _encrypt_resumable(
 ) -> dict[str, Any]:
     """Upload `path` through a resumable upload, going on with the one a run before this
     one left for the same file and destination (its path is kept in a small file under
-    the state directory: nothing of the file's content and no key)."""
-    size = path.stat().st_size
+    the state directory, with the file's identity: nothing of the file's content and no
+    key). A file that is not the one that run read (changed, or replaced) starts a new
+    upload, and the earlier one is terminated: going on would make an object of its old
+    bytes and its new ones."""
     kept = _upload_note(session, path, kid, target)
-    earlier = kept.read_text().strip() if kept.is_file() else None
-
-    def keep(upload: str) -> None:
-        kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        kept.write_text(upload)
-        kept.chmod(0o600)
-
     with path.open("rb") as file:
+        opened = os.fstat(file.fileno())  # the file read, whatever the path names later
+        identity = _file_identity(opened)
+        earlier = _earlier_upload(session, kept, identity)
+
+        def keep(upload: str) -> None:
+            kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            kept.write_text(json.dumps({"upload": upload, "file": identity}))
+            kept.chmod(0o600)
+
         result = session.client.upload_resumable(
             kid,
             file,
-            size,
+            opened.st_size,
             key=target.key,
             bucket=target.bucket,
             overwrite=target.overwrite,
@@ -209,26 +213,49 @@ def _encrypt_resumable(
         "key": target.key,
         "bucket": target.bucket,
         "kid": kid,
-        "plaintextSize": size,
+        "plaintextSize": opened.st_size,
         "upload": result.upload,
         "verifyJob": result.verify_job,
     }
 
 
-def _upload_note(session: Session, path: Path, kid: str, target: Destination) -> Path:
-    """Where the path of this file's upload to this destination is kept between runs:
-    named by a digest of the server, the file (its path, size and modification time),
-    the key and the destination, so that a changed file starts a new upload."""
-    stat = path.stat()
-    identity = [
-        session.connection.url,
-        str(path.resolve()),
+def _file_identity(stat: os.stat_result) -> list[int]:
+    """What tells a file from the same file changed, as git's index and rsync do: its
+    device and inode (another file put at the path), size, and modification and change
+    times in nanoseconds. The change time is set by the kernel at every write or
+    metadata change and no user tool can set it back, so a file rewritten in place with
+    its size and modification time restored still differs."""
+    return [
+        stat.st_dev,
+        stat.st_ino,
         stat.st_size,
         stat.st_mtime_ns,
-        kid,
-        target.key,
-        target.bucket,
+        stat.st_ctime_ns,
     ]
+
+
+def _earlier_upload(session: Session, kept: Path, identity: list[int]) -> str | None:
+    """The upload a run before this one left for this file, if the file is the one that
+    run read; one left for a file since changed is terminated (or, should that fail, left
+    to expire) and None returned."""
+    try:
+        note = json.loads(kept.read_text())
+        upload, read = str(note["upload"]), note["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none, or not one this command wrote
+    if read == identity:
+        return upload
+    with suppress(ClientError):
+        session.client.terminate_upload(upload)
+    kept.unlink(missing_ok=True)
+    return None
+
+
+def _upload_note(session: Session, path: Path, kid: str, target: Destination) -> Path:
+    """Where the path of this file's upload to this destination is kept between runs,
+    with the identity of the file it reads (`_file_identity`): named by a digest of the
+    server, the file's path, the key and the destination."""
+    identity = [session.connection.url, str(path.resolve()), kid, target.key, target.bucket]
     digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "sealstream" / "uploads" / digest
