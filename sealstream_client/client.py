@@ -105,11 +105,32 @@ class Transfer:
 @dataclass(frozen=True)
 class ResumableResult:
     """A resumable upload that ended: its path, the bytes acknowledged (all of them),
-    and the verify job the server started for the object."""
+    and the verify job the server started for the object (None where this client was
+    not told it: the upload was completed by a request whose answer was lost)."""
 
     upload: str
     offset: int
     verify_job: str | None
+
+
+@dataclass(frozen=True)
+class _Acknowledged:
+    """What a HEAD says of an upload: its acknowledged offset, the verify job if this
+    HEAD completed it, and whether it was completed already (the server's tombstone)."""
+
+    offset: int
+    verify_job: str | None
+    completed: bool
+
+    def result(self, upload: str, length: int) -> ResumableResult | None:
+        """The upload's end if this HEAD says the object is made, else None."""
+        if not self.completed and self.verify_job is None:
+            return None
+        if self.offset != length:
+            raise ClientError(
+                f"the upload was completed with {self.offset} bytes, not this file's {length}"
+            )
+        return ResumableResult(upload, self.offset, self.verify_job)
 
 
 class Writable(Protocol):
@@ -328,7 +349,9 @@ class SealstreamClient:
         the object is made: the HEAD completed it (the result names its verify job), or a
         request cut off before its answer is completing it, which is waited for (HEAD
         again, `attempts` times at most) until the upload is gone and the object listed
-        at `key` (no verify job named); `UploadNotConfirmed` if that is not seen."""
+        at `key` (no verify job named); `UploadNotConfirmed` if that is not seen. An
+        upload completed already (by a request whose answer was lost, or another run)
+        ends at once while the server's tombstone says so (no verify job named)."""
         if upload is None or self._upload_offset(upload) is None:
             upload = self._create_upload(
                 kid, length, key, bucket, overwrite, encryption_context, frame_length
@@ -340,11 +363,12 @@ class SealstreamClient:
                 acknowledged = self._upload_offset(upload)
                 if acknowledged is None:
                     break
-                offset, job = acknowledged
+                offset = acknowledged.offset
                 if offset >= length:
-                    if job is None:
-                        return self._completed_elsewhere(upload, offset, key, bucket, attempts)
-                    return ResumableResult(upload, offset, job)
+                    ended = acknowledged.result(upload, length)
+                    if ended is None:
+                        return self._completed_elsewhere(upload, length, key, bucket, attempts)
+                    return ended
                 return self._patch_rest(upload, file, offset, length)
             except (ClientError, OSError) as exc:
                 if isinstance(exc, ApiError) and exc.code not in RESUMABLE_REFUSALS:
@@ -368,7 +392,7 @@ class SealstreamClient:
                 raise _api_error(response)
 
     def _completed_elsewhere(
-        self, upload: str, offset: int, key: str, bucket: str | None, attempts: int
+        self, upload: str, length: int, key: str, bucket: str | None, attempts: int
     ) -> ResumableResult:
         """The upload whose every byte is acknowledged, once the request completing it
         is seen to have made it: gone, its object listed at `key` (or once a HEAD of
@@ -379,10 +403,11 @@ class SealstreamClient:
             if acknowledged is None:
                 listed = self.list_objects(prefix=key, bucket=bucket, limit=1).objects
                 if listed and listed[0].key == key:
-                    return ResumableResult(upload, offset, None)
+                    return ResumableResult(upload, length, None)
                 break
-            if acknowledged[1] is not None:
-                return ResumableResult(upload, *acknowledged)
+            ended = acknowledged.result(upload, length)
+            if ended is not None:
+                return ended
         raise UploadNotConfirmed(
             f"every byte was acknowledged, but the request completing the upload was not "
             f"seen to finish: see whether {key!r} is stored"
@@ -418,9 +443,8 @@ class SealstreamClient:
             location = response.getheader("Location") or ""
         return location.removeprefix(self._base_path)
 
-    def _upload_offset(self, upload: str) -> tuple[int, str | None] | None:
-        """The upload's acknowledged offset, and the verify job of the object if this
-        HEAD completed it; None if there is no such upload (any more)."""
+    def _upload_offset(self, upload: str) -> _Acknowledged | None:
+        """What a HEAD says of the upload; None if there is no such upload (any more)."""
         with Exchange(self._connect(), self._head("HEAD", upload, TUS)) as exchange:
             response = _response(exchange)
             if response.status == 404:
@@ -428,7 +452,8 @@ class SealstreamClient:
             if response.status != 200:
                 raise _api_error(response)
             offset = int(response.getheader("Upload-Offset") or "0")
-            return offset, response.getheader("X-Verify-Job")
+            completed = response.getheader("X-Upload-Completed") == "1"
+            return _Acknowledged(offset, response.getheader("X-Verify-Job"), completed)
 
     def _patch_rest(self, upload: str, file: BinaryIO, offset: int, length: int) -> ResumableResult:
         """One PATCH of the bytes of `file` from `offset` to its end."""

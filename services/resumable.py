@@ -325,6 +325,13 @@ class NewUpload:
     overwrite: bool
 
 
+@dataclass(frozen=True)
+class CompletedUpload:
+    """An upload completed already: its object made and recorded, its state erased."""
+
+    length: int
+
+
 @dataclass
 class Swept:
     """What a sweep of the uploads past their expiry did: the uploads it aborted, and
@@ -460,14 +467,25 @@ class Uploads:
                 "finish or terminate one, or wait for one to expire"
             )
 
-    def get(self, tenant: str, upload: str) -> tuple[UploadState, ObjectRecord | None]:
+    def get(
+        self, tenant: str, upload: str
+    ) -> "tuple[UploadState, ObjectRecord | None] | CompletedUpload":
         """The tenant's upload `upload`: `UploadNotFound` if there is none (or another
         tenant's: one is never told from the other). One whose every frame is stored but
         whose completion failed is completed first, its record returned with it: a tus
         client takes the full offset for an object made, and sends nothing more. One a
         request is completing meanwhile is answered as it stands, never waited for: its
-        offset, the length, is acknowledged (every frame stored)."""
-        state, etag = self._read(tenant, upload)
+        offset, the length, is acknowledged (every frame stored). One completed already
+        is `CompletedUpload` while its tombstone says so (where Redis anchors uploads)."""
+        try:
+            state, etag = self._read(tenant, upload)
+        except UploadNotFound:
+            if self.anchor is None or not _is_upload_id(upload):
+                raise
+            length = self.anchor.completed(upload, tenant)
+            if length is None:
+                raise
+            return CompletedUpload(length)
         if not state.finished or state.held:
             return state, None
         try:
@@ -589,7 +607,7 @@ class Uploads:
                 raise _parts_gone(state) from None
             record = self._record_made(state, intent, made)
         try:
-            self._erase(state, abort=False)
+            self._erase(state, abort=False, completed=True)
         except NotReplicated as unconfirmed:
             # The object is made and recorded, and the tombstone is on Redis's master:
             # the upload is over. A failover that lost the tombstone would let a copy of
@@ -838,9 +856,10 @@ class Uploads:
         with suppress(UploadBusy, StorageError):
             self._save(state.model_copy(update={"lock": "", "locked_until": None}), etag, state)
 
-    def _erase(self, state: UploadState, *, abort: bool) -> None:
+    def _erase(self, state: UploadState, *, abort: bool, completed: bool = False) -> None:
         if self.anchor is not None:
-            self.anchor.end(state.id, state.tenant, state.expires_at)
+            length = state.length if completed else None
+            self.anchor.end(state.id, state.tenant, state.expires_at, completed=length)
         self._forget(state, abort=abort)
 
     def _forget(self, state: UploadState, *, abort: bool) -> None:

@@ -6,7 +6,10 @@ sealed from other bytes live in that state. An older copy would let a frame's (d
 IV) seal a second plaintext, so the state counts its writes (`generation`) and Redis holds
 the count with the digest of the state of that generation (`Anchored`): a state that is
 not the one anchored is refused. An upload finished or terminated leaves a tombstone, so
-that copies of its state cannot bring it back.
+that copies of its state cannot bring it back; a completed upload's tombstone says so,
+with its length and tenant (`Completed`), so that a client that lost the answer of the
+request completing it is told it is complete (tus's `Upload-Offset` of `Upload-Length`)
+rather than that it is gone.
 
 Each write is a step in two moves around the bucket's write: `advance` (compare and set)
 anchors the state about to be written as *in flight*, keeping the digest of the state it
@@ -46,6 +49,7 @@ from services.replicas import UNCONFIRMED, NotReplicated, Replicas
 KEY_PREFIX = "sealstream:upload:"
 OPEN_PREFIX = "sealstream:uploads-open:"
 GONE = "gone"
+COMPLETED = "completed:"  # then "<length>:<tenant>"
 # Kept past the upload's expiry: by then its state is refused as expired anyway.
 MARGIN = timedelta(days=1)
 
@@ -228,19 +232,34 @@ class UploadAnchor:
         return bool(swapped)
 
     def current(self, upload: str) -> "Anchored | str | None":
-        """The upload's anchor, `GONE`, or None for none (or one of another form)."""
+        """The upload's anchor, `GONE` (whatever its tombstone says), or None for none
+        (or one of another form)."""
         value = self._client.get(_key(upload))
-        if value is None or str(value) == GONE:
-            return None if value is None else GONE
+        if value is None:
+            return None
+        if str(value) == GONE or str(value).startswith(COMPLETED):
+            return GONE
         return Anchored.parse(str(value))
 
-    def end(self, upload: str, tenant: str, expires_at: datetime) -> None:
-        """Leave a tombstone: the upload is finished or terminated, for good; its tenant
-        no longer counts it."""
+    def completed(self, upload: str, tenant: str) -> int | None:
+        """The length of the upload if its tombstone says it was completed, and it was
+        `tenant`'s (another tenant is told nothing of it); else None."""
+        value = self._client.get(_key(upload))
+        if value is None or not str(value).startswith(COMPLETED):
+            return None
+        length, _, owner = str(value).removeprefix(COMPLETED).partition(":")
+        return int(length) if owner == tenant and length.isdigit() else None
+
+    def end(
+        self, upload: str, tenant: str, expires_at: datetime, *, completed: int | None = None
+    ) -> None:
+        """Leave a tombstone: the upload is finished (`completed`: of that length) or
+        terminated, for good; its tenant no longer counts it."""
         key, ttl, open_key = _key(upload), _ttl(expires_at), _open_key(tenant)
+        tombstone = GONE if completed is None else f"{COMPLETED}{completed}:{tenant}"
 
         def both(pipe: Pipeline) -> None:
-            pipe.set(key, GONE, px=ttl)
+            pipe.set(key, tombstone, px=ttl)
             pipe.zrem(open_key, upload)
 
         self._replicas.write(self._client, both)

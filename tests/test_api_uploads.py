@@ -99,6 +99,19 @@ def offset_of(client: httpx.Client, url: str) -> int:
     return int(response.headers["upload-offset"])
 
 
+def completed_head(client: httpx.Client, url: str, length: int) -> None:
+    """A HEAD of an upload completed already, while its tombstone lives: its full
+    offset, as tusd answers a finished upload, said completed."""
+    head = client.head(url, headers=TUS)
+    answered = (
+        head.status_code,
+        head.headers.get("upload-offset"),
+        head.headers.get("upload-length"),
+    )
+    assert answered == (200, str(length), str(length))
+    assert head.headers.get("x-upload-completed") == "1"
+
+
 def tus_uploader(api: Api, data: bytes, key: str, **options: Any) -> Any:
     client = tus.TusClient(api.url + UPLOADS, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     metadata = {"kid": "mySymKey", "destination": key, "frameLength": str(FRAME)}
@@ -376,7 +389,7 @@ def test_a_finished_upload_cannot_be_brought_back_from_its_first_copies(
         for name, copy in copies.items():
             store.put(name, copy)
 
-        assert client.head(url, headers=TUS).status_code == 404
+        completed_head(client, url, len(data))  # completed, whatever state is there
         problem(patch(client, url, 0, random_bytes(2 * FRAME, seed=14)), 404, "upload-not-found")
 
         assert store.get(names[1]) == copies[names[1]]
@@ -438,7 +451,7 @@ def test_a_completion_whose_end_no_replica_confirms_is_answered_as_completed(
         assert answer.status_code == 204, answer.text
         assert answer.headers["upload-offset"] == str(len(data))
         assert read_object(client, "up/obj").content == data
-        assert client.head(location, headers=TUS).status_code == 404
+        completed_head(client, location, len(data))
         assert list(api.objects.list(UPLOADS_PREFIX)) == []
 
 
@@ -513,7 +526,7 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
     assert read_object(client, "up/obj").content == data
     record = load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
     assert (record.plaintext_size, record.plaintext_frame_chain) == (len(data), chain_of(data))
-    assert client.head(url, headers=TUS).status_code == 404
+    completed_head(client, url, len(data))
     assert pending(api) == []
     assert list(api.objects.list(UPLOADS_PREFIX)) == []
 
@@ -669,6 +682,31 @@ def test_upload_requests_with_their_redis_down_name_it(
         api.parts.__dict__["upload_anchor"] = UploadAnchor(redis_client(nowhere, ""))
         create_key(client)
         problem(post_upload(client, 10), 503, "upload-anchor-unavailable")
+
+
+def test_a_completed_upload_answers_its_length_to_its_tenant_and_clients_take_it_as_done(
+    api: Api, client: httpx.Client
+) -> None:
+    """A client whose last PATCH's answer was lost, and that resumes after the upload was
+    completed, is told it is complete (tus: Upload-Offset of Upload-Length, as tusd
+    answers), not that it is gone: tuspy sends nothing more, the client reports it done
+    (no verify job it was told of), and creating it again is never tried. Another tenant
+    is told nothing of it; nothing more can be written to it or terminated."""
+    data = random_bytes(2 * FRAME + 5, seed=24)
+    url = create(client, len(data))
+    assert patch(client, url, 0, data).status_code == 204
+
+    completed_head(client, url, len(data))
+    resumed = tus_uploader(api, data, "up/obj", url=api.url + url)
+    resumed.upload()
+    assert resumed.offset == len(data)
+    result = resume_with_client(api, url, data, attempts=2)
+    assert result == ResumableResult(url, len(data), None)
+    with tenant_client(api, client, "other", "crypto:encrypt") as other:
+        assert other.head(url, headers=TUS).status_code == 404
+    problem(patch(client, url, len(data), b""), 404, "upload-not-found")
+    problem(client.delete(url, headers=TUS), 404, "upload-not-found")
+    assert read_object(client, "up/obj").content == data
 
 
 def test_an_empty_upload_is_complete_once_created(client: httpx.Client) -> None:

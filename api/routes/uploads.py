@@ -42,6 +42,7 @@ from services.resumable import (
     MAX_LENGTH,
     PART_TARGET,
     Appending,
+    CompletedUpload,
     NewUpload,
     PatchTooShort,
     UploadBusy,
@@ -70,7 +71,13 @@ class UploadMetadata(NamesKey):
 
 
 CREATED = {201: answer("The upload was created at `Location`.")}
-OFFSET = {200: answer("The upload's offset: `Upload-Offset` of `Upload-Length` bytes.")}
+OFFSET = {
+    200: answer(
+        "The upload's offset: `Upload-Offset` of `Upload-Length` bytes; for an upload "
+        "completed already (while its tombstone lives), both the length and "
+        "`X-Upload-Completed: 1`."
+    )
+}
 PATCHED = {204: answer("The bytes were sealed and stored up to the new `Upload-Offset`.")}
 TERMINATED = {204: answer("The upload is aborted; nothing of it stays in storage.")}
 OPTIONS = {204: answer("The tus versions and extensions the server speaks.")}
@@ -203,7 +210,12 @@ async def offset(request: Request, upload: str, principal: EncryptScope) -> Resp
     stored."""
     require_tus(request)
     svc = services(request)
-    state, record = await to_thread.run_sync(svc.uploads().get, principal.tenant, upload)
+    found = await to_thread.run_sync(svc.uploads().get, principal.tenant, upload)
+    if isinstance(found, CompletedUpload):  # as tusd answers a finished upload
+        length = str(found.length)
+        completed = {"Upload-Offset": length, "Upload-Length": length, "X-Upload-Completed": "1"}
+        return Response(status_code=200, headers=tus(**completed))
+    state, record = found
     headers = state_headers(state)
     if record is not None:  # completed now
         headers["X-Verify-Job"] = await _verify(svc, tenant=principal.tenant, state=state)
