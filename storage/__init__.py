@@ -8,7 +8,7 @@ behind `ObjectStore`; errors come from one hierarchy rooted at `StorageError`.
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from storage.base import MultipartWriter, ObjectInfo, ObjectStore, Part, PartUpload
+from storage.base import MultipartWriter, ObjectInfo, ObjectStore, Part, PartUpload, UploadStarted
 from storage.errors import (
     BucketNotFound,
     InvalidMetadata,
@@ -53,6 +53,7 @@ __all__ = [
     "S3Store",
     "StorageError",
     "StorageUnavailable",
+    "UploadStarted",
     "open_store",
     "part_size_for",
 ]

@@ -9,7 +9,7 @@ aborted, and abort on any failure). Backends fill in the underscored hooks.
 import builtins  # `list` names a store method inside the store classes
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -25,6 +25,9 @@ from storage.errors import (
 )
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+# Told (key, upload id) when a writer starts an upload that a killed process would leave
+# pending (`ObjectStore.multipart`).
+UploadStarted = Callable[[str, str], None]
 
 # S3 sends user metadata as `x-amz-meta-<name>` headers and lowercases the names; anything
 # outside these patterns would be refused or altered there, so every backend refuses it.
@@ -226,6 +229,7 @@ class ObjectStore(ABC):
         metadata: Mapping[str, str] | None = None,
         if_absent: bool = False,
         if_match: str | None = None,
+        on_upload: UploadStarted | None = None,
     ) -> MultipartWriter:
         """A writer for an object too large or too incremental for one `put`.
 
@@ -233,10 +237,17 @@ class ObjectStore(ABC):
         key is taken; with `if_match` (an etag from `head`) it replaces only that version
         of the object, raising `PreconditionFailed` if another has replaced it and
         `ObjectNotFound` if it was deleted.
+
+        `on_upload(key, upload id)` is called once the writer starts an upload that a
+        killed process would leave pending, before any of its bytes are sent: on S3 when
+        the object outgrows one part (a smaller one is sent whole by `complete`, and never
+        calls it), on a local directory as the writer opens its file. Whoever keeps the
+        id can later abort exactly that upload (`abort_pending`'s `upload_ids`). If it
+        raises, the upload is aborted and the error propagates.
         """
         if if_absent and if_match is not None:
             raise ValueError("if_absent and if_match exclude each other")
-        return self._open_writer(key, checked_metadata(metadata), if_absent, if_match)
+        return self._open_writer(key, checked_metadata(metadata), if_absent, if_match, on_upload)
 
     def read(
         self,
@@ -304,14 +315,20 @@ class ObjectStore(ABC):
         """Sorted keys under `prefix` that have unfinished uploads."""
 
     @abstractmethod
-    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
+    def abort_pending(
+        self, prefix: str, *, exact: bool = False, upload_ids: Collection[str] | None = None
+    ) -> int:
         """Abort every unfinished upload under `prefix` (with `exact`, of the key `prefix`
-        itself and no other); how many were aborted.
+        itself and no other), or with `upload_ids` only those of them whose id is listed;
+        how many were aborted. A listed id that is no longer pending (completed or aborted
+        meanwhile) is passed over.
 
-        For uploads no writer will finish: those of a process killed mid-upload. On S3,
-        which cannot tell a live upload from a dead one, a live writer whose upload is
-        aborted fails on its next `write` or on `complete`; a local directory keeps the
-        files live writers hold (`local_files.hold`).
+        For uploads no writer will finish: those of a process killed mid-upload. Nothing
+        tells whose an upload is but its id: without `upload_ids`, every writer's upload
+        of a key goes, a resumable upload's or another job's included. On S3, which cannot
+        tell a live upload from a dead one, a live writer whose upload is aborted fails on
+        its next `write` or on `complete`; a local directory keeps the files live writers
+        hold (`local_files.hold`).
         """
 
     def clear_abandoned(self, written_before: datetime) -> int:
@@ -371,7 +388,12 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def _open_writer(
-        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+        self,
+        key: str,
+        metadata: dict[str, str],
+        if_absent: bool,
+        if_match: str | None,
+        on_upload: UploadStarted | None,
     ) -> MultipartWriter:
         """A writer for `key`; `metadata` and the condition are already checked."""
 

@@ -7,9 +7,9 @@ Layout under the root directory:
     .meta/.lock                    flock'd: exclusive while names change, shared while an
                                    object and its sidecar are read together
     .meta/.tmp-<uuid>.json         a sidecar written, not yet renamed into place
-    <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload"); a part
-                                   upload's uuid is its upload id, and each part is
-                                   written at its offset in that one file
+    <dir>/.tmp-<uuid>-<basename>   an upload in progress (a "pending upload"), whose
+                                   uuid is its upload id; a part upload writes each
+                                   part at its offset in that one file
 
 Names starting with "." at the first level belong to the store and its neighbours (the
 keystore keeps its `.kek` there), so keys may not start with ".". Every write goes to a
@@ -33,7 +33,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ from storage.base import (
     ObjectStore,
     Part,
     PartUpload,
+    UploadStarted,
     contiguous,
     encoded_key,
 )
@@ -70,7 +71,6 @@ from storage.local_files import (
     private_directories,
     prune_empty,
     remove_abandoned,
-    temp_beside,
     write_synced,
 )
 
@@ -172,12 +172,15 @@ class LocalStore(ObjectStore):
         }
         return sorted(key for key in keys if key.startswith(prefix))
 
-    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
+    def abort_pending(
+        self, prefix: str, *, exact: bool = False, upload_ids: Collection[str] | None = None
+    ) -> int:
         temporaries = [
             parent + name
             for parent, name in self._files(prefix)
             if name.startswith(TEMP_PREFIX)
             and _under(parent + name[TEMP_NAME_OVERHEAD:], prefix, exact)
+            and (upload_ids is None or _upload_id(name) in upload_ids)
         ]
         with self._os_errors(prefix), self._locked(fcntl.LOCK_EX):
             # Only files no live writer holds: one held may be another writer's upload of
@@ -272,8 +275,13 @@ class LocalStore(ObjectStore):
         """The one file a part upload's parts are written into, at their offsets."""
         if not _UPLOAD_ID.fullmatch(upload.upload_id):
             raise StorageError("not an upload id of this store", upload.key)
-        path = self._object_path(upload.key)
-        return path.with_name(f"{TEMP_PREFIX}{upload.upload_id}-{path.name}")
+        return self._upload_file(upload.key, upload.upload_id)
+
+    def _upload_file(self, key: str, upload_id: str) -> Path:
+        """The temporary file of the upload `upload_id` of `key`, beside its final name
+        so that a rename can put it in place."""
+        path = self._object_path(key)
+        return path.with_name(f"{TEMP_PREFIX}{upload_id}-{path.name}")
 
     def check(self) -> None:
         self._require_bucket()
@@ -281,9 +289,14 @@ class LocalStore(ObjectStore):
             raise StorageUnavailable("the store directory is not writable")
 
     def _open_writer(
-        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+        self,
+        key: str,
+        metadata: dict[str, str],
+        if_absent: bool,
+        if_match: str | None,
+        on_upload: UploadStarted | None,
     ) -> MultipartWriter:
-        return _LocalWriter(self, key, metadata, if_absent, if_match)
+        return _LocalWriter(self, key, metadata, if_absent, if_match, on_upload)
 
     def _read_range(
         self, key: str, start: int, stop: int | None, chunk_size: int, if_match: str | None
@@ -532,14 +545,19 @@ class _LocalWriter(MultipartWriter):
         metadata: dict[str, str],
         if_absent: bool,
         if_match: str | None,
+        on_upload: UploadStarted | None,
     ) -> None:
         super().__init__(key)
         self.if_absent = if_absent
         self.if_match = if_match
         self._store = store
         self._metadata = metadata
-        self.path = path = store._object_path(key)  # noqa: SLF001
-        self.temp = temp_beside(path)
+        self.path = store._object_path(key)  # noqa: SLF001
+        upload_id = uuid.uuid4().hex
+        self.temp = store._upload_file(key, upload_id)  # noqa: SLF001
+        if on_upload is not None:
+            # Before the file exists: an id its keeper never heard of is of no file.
+            on_upload(key, upload_id)
         self._file = store._created(key, self.temp, UncachedFile)  # noqa: SLF001
         self._modified: float | None = None  # once the file is synced
 
@@ -622,6 +640,11 @@ def _is_directory(entry: os.DirEntry[str]) -> bool:
 def _is_reserved(parent: str, name: str) -> bool:
     """Whether a name under the `parent` key prefix belongs to the store, not to a key."""
     return name.startswith(".") if not parent else name.startswith(TEMP_PREFIX)
+
+
+def _upload_id(name: str) -> str:
+    """The upload id a temporary file's name holds: its uuid."""
+    return name[len(TEMP_PREFIX) : TEMP_NAME_OVERHEAD - 1]
 
 
 def _under(key: str, prefix: str, exact: bool) -> bool:

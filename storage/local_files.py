@@ -19,7 +19,6 @@ import logging
 import mmap
 import os
 import threading
-import uuid
 from concurrent.futures import Future
 from contextlib import suppress
 from pathlib import Path
@@ -268,11 +267,6 @@ def remove_abandoned(path: Path, written_before: float) -> bool:
     finally:
         os.close(descriptor)
     return True
-
-
-def temp_beside(path: Path) -> Path:
-    """A fresh temporary name in the same directory, so a rename can put it in place."""
-    return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
 
 
 def fsync_directory(directory: Path) -> None:

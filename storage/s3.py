@@ -5,7 +5,7 @@ standard mode; whatever still fails is translated by `storage.s3_errors`.
 """
 
 import builtins  # `list` names a store method inside the store classes
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from contextlib import suppress
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, cast
@@ -20,6 +20,7 @@ from storage.base import (
     ObjectStore,
     Part,
     PartUpload,
+    UploadStarted,
     contiguous,
     encoded_key,
 )
@@ -150,7 +151,9 @@ class S3Store(ObjectStore):
             keys = {upload["Key"] for page in pages for upload in page.get("Uploads", [])}
         return sorted(keys)
 
-    def abort_pending(self, prefix: str, *, exact: bool = False) -> int:
+    def abort_pending(
+        self, prefix: str, *, exact: bool = False, upload_ids: Collection[str] | None = None
+    ) -> int:
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
             Bucket=self.bucket, Prefix=prefix
         )
@@ -159,7 +162,8 @@ class S3Store(ObjectStore):
                 upload
                 for page in pages
                 for upload in page.get("Uploads", [])
-                if not exact or upload["Key"] == prefix
+                if (not exact or upload["Key"] == prefix)
+                and (upload_ids is None or upload["UploadId"] in upload_ids)
             ]
         for upload in uploads:
             # NoSuchUpload: finished or aborted meanwhile, which is what was wanted.
@@ -231,7 +235,12 @@ class S3Store(ObjectStore):
             self.client.head_bucket(Bucket=self.bucket)
 
     def _open_writer(
-        self, key: str, metadata: dict[str, str], if_absent: bool, if_match: str | None
+        self,
+        key: str,
+        metadata: dict[str, str],
+        if_absent: bool,
+        if_match: str | None,
+        on_upload: UploadStarted | None,
     ) -> MultipartWriter:
         _check_key(key)
         return S3MultipartWriter(
@@ -244,6 +253,7 @@ class S3Store(ObjectStore):
             first_part_size=self._part_size,
             max_in_flight=self._max_in_flight,
             describe=self.head,
+            on_upload=on_upload,
         )
 
     def _read_range(

@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import TYPE_CHECKING, Final, cast
 
-from storage.base import MultipartWriter, ObjectInfo
+from storage.base import MultipartWriter, ObjectInfo, UploadStarted
 from storage.errors import ObjectExists, ObjectNotFound, PreconditionFailed, StorageError
 from storage.s3_errors import s3_errors
 
@@ -72,6 +72,7 @@ class S3MultipartWriter(MultipartWriter):
         first_part_size: int,
         max_in_flight: int,
         describe: Callable[[str], ObjectInfo],
+        on_upload: UploadStarted | None = None,
     ) -> None:
         super().__init__(key)
         self._client = client
@@ -82,6 +83,7 @@ class S3MultipartWriter(MultipartWriter):
         self._first_part_size = first_part_size
         self._max_in_flight = max_in_flight
         self._describe = describe
+        self._on_upload = on_upload
         # The part being filled: allocated once at its full size and filled in place, since
         # growing it by appends would copy each part several times over.
         self._buffer = bytearray()
@@ -189,6 +191,10 @@ class S3MultipartWriter(MultipartWriter):
         self._executor = ThreadPoolExecutor(
             max_workers=self._max_in_flight, thread_name_prefix="s3-part"
         )
+        if self._on_upload is not None:
+            # Before the first part: an id its keeper never heard of is an upload of
+            # nothing but its start. Raising here aborts the upload (`_append`, `complete`).
+            self._on_upload(self.key, self._upload_id)
 
     def _upload_part(self, part_number: int, body: bytearray) -> "CompletedPartTypeDef":
         """Runs on an upload thread."""

@@ -1,12 +1,20 @@
 """`ObjectStore.abort_pending`: clearing the uploads a killed process left behind, on every
 backend, without touching finished objects or uploads elsewhere, nor, in a local
-directory, a live writer's."""
+directory, a live writer's; with `upload_ids`, only the uploads named, which a writer's
+`on_upload` told before sending anything."""
 
 from pathlib import Path
 
 import pytest
 
-from storage import MIN_PART_SIZE, LocalStore, ObjectNotFound, ObjectStore, StorageError
+from storage import (
+    MIN_PART_SIZE,
+    LocalStore,
+    ObjectNotFound,
+    ObjectStore,
+    PartUpload,
+    StorageError,
+)
 from tests.conftest import S3StoreFactory
 from tests.support.storage import leave_pending
 
@@ -76,3 +84,64 @@ def test_a_live_local_writer_keeps_its_upload(tmp_path: Path) -> None:
     writer.complete()
     assert store.get("out/a") == b"live"
     assert store.pending_uploads() == []
+
+
+def test_upload_ids_abort_only_the_uploads_named(store: ObjectStore) -> None:
+    """A rerun aborts what its own killed attempt left, as its journal names it: another
+    dead writer's upload of the same key and a resumable upload between two of its parts
+    (no writer holds its file then) stay, and the resumable one still completes."""
+    own = leave_pending(store, "out/a")
+    other = leave_pending(store, "out/a")
+    resumable = store.start_parts("out/a")
+    part = store.put_part(resumable, 1, 0, b"a resumable upload's first part")
+
+    assert store.abort_pending("out/", upload_ids={own, "no-such-upload"}) == 1
+    assert store.abort_pending("out/", upload_ids={own}) == 0  # gone: passed over
+
+    assert store.pending_uploads() == ["out/a"]
+    assert store.complete_parts(resumable, [part], if_absent=True).size == part.size
+    assert store.abort_pending("out/a", exact=True, upload_ids={other}) == 1
+    assert store.pending_uploads() == []
+
+
+def test_a_writer_tells_of_its_upload_before_sending_any_of_it(store: ObjectStore) -> None:
+    """On S3 once the object outgrows a part (a smaller one, sent whole, tells nothing);
+    in a local directory as it opens, before its file exists."""
+    told: list[tuple[str, str, bool]] = []
+
+    def on_upload(key: str, upload_id: str) -> None:
+        if isinstance(store, LocalStore):
+            sent = bool(store.pending_uploads("out/"))
+        else:
+            sent = bool(store.listed_parts(PartUpload(key, upload_id, {})))
+        told.append((key, upload_id, sent))
+
+    with store.multipart("out/small", on_upload=on_upload) as small:
+        small.write(b"sent whole")
+        small.complete()
+    with store.multipart("out/large", on_upload=on_upload) as large:
+        large.write(bytes(PART_AND_A_BIT))
+        large.complete()
+
+    local = isinstance(store, LocalStore)
+    assert [(key, sent) for key, _, sent in told] == [
+        *([("out/small", False)] if local else []),
+        ("out/large", False),
+    ]
+    assert len({upload_id for _, upload_id, _ in told}) == len(told)
+    assert store.pending_uploads() == []
+
+
+def test_an_upload_its_keeper_could_not_note_is_aborted(store: ObjectStore) -> None:
+    def unkept(key: str, upload_id: str) -> None:
+        raise StorageError("the journal is unavailable", key)
+
+    with (
+        pytest.raises(StorageError, match="journal"),
+        store.multipart("out/large", on_upload=unkept) as writer,
+    ):
+        writer.write(bytes(PART_AND_A_BIT))
+        writer.complete()
+
+    assert store.pending_uploads() == []
+    assert list(store.list("out/")) == []
