@@ -35,7 +35,7 @@ from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
 from services.objects import hidden_plaintext, intended_record, object_metadata, stored_record
 from services.placement import Placement
 from services.streams import frame_batches
-from storage import ObjectExists, PreconditionFailed, StorageError
+from storage import ObjectExists, PreconditionFailed, StorageError, UploadStarted
 from storage.integrity import Records
 from storage.pools import ForkSafePool
 from storage.records import (
@@ -78,6 +78,7 @@ class ObjectSealer:
         record_in_metadata: bool = False,
         job_id: str | None = None,
         replacing: str | None = None,
+        on_upload: UploadStarted | None = None,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
         `object_key`): a message that names no place could be copied anywhere. With
@@ -85,7 +86,8 @@ class ObjectSealer:
         under it; with `record_in_metadata`, a small object carries its record; `job_id`
         names the job writing it in its record; with `replacing` (an etag, and
         `overwrite`), it completes only over that version of the object
-        (`PreconditionFailed` otherwise)."""
+        (`PreconditionFailed` otherwise); `on_upload` is told of an upload started that a
+        killed process would leave pending (`ObjectStore.multipart`)."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
@@ -106,6 +108,7 @@ class ObjectSealer:
             metadata=self._metadata,
             if_absent=not overwrite,
             if_match=replacing,
+            on_upload=on_upload,
         )
 
     def write(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -304,12 +307,13 @@ def seal_stream(
     record_in_metadata: bool = False,
     job_id: str | None = None,
     replacing: str | None = None,
+    on_upload: UploadStarted | None = None,
 ) -> ObjectRecord:
     """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
     plaintext hidden under `name_key`, if given; in its metadata if small enough and
     `record_in_metadata`; naming `job_id` as its writer, if given; only over the version
-    `replacing`, if given); `after_chunk()` runs once each chunk is written (progress, a
-    cancel point)."""
+    `replacing`, if given; telling `on_upload` of a pending upload started, if given);
+    `after_chunk()` runs once each chunk is written (progress, a cancel point)."""
     sealer = ObjectSealer(
         sealing,
         placement,
@@ -319,6 +323,7 @@ def seal_stream(
         record_in_metadata=record_in_metadata,
         job_id=job_id,
         replacing=replacing,
+        on_upload=on_upload,
     )
     try:
         for chunk in chunks:

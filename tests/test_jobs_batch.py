@@ -30,6 +30,7 @@ from envelope import DEFAULT_FRAME_LENGTH
 from sealstream.wiring import Parts, build_parts
 from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
+from storage import LocalStore
 from storage.records import object_record
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
@@ -38,6 +39,7 @@ from tests.support.memory import MiB, PeakRss
 from tests.support.storage import leave_pending
 from workers.batch import batch_encrypt
 from workers.execution import run_job
+from workers.journal import JOURNAL_KIND, JournalEntry
 from workers.registry import JOB_BODIES
 
 TENANT = "tenants/default/"
@@ -422,17 +424,20 @@ def crashed_at_the_third(api: Api) -> tuple[dict[str, bytes], Parts, JobRecord, 
 def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     files, services, record, started = crashed_at_the_third(api)
     assert stored_keys(api) >= {f"out/{path}" for path in started[:2]}
-    # The second member is complete but the journal does not say so yet; and a killed
-    # worker leaves its upload pending, which the rerun must abort.
-    leave_pending(api.objects, TENANT + "out/" + started[1])
-    assert api.objects.pending_uploads("tenants/") == [TENANT + "out/" + started[1]]
+    # The second member is complete but the journal does not say so yet. Uploads of the
+    # claimed keys that are not the job's stay: another writer's resumable upload between
+    # two parts (which no one holds then), and one a killed writer of another left.
+    claimed = TENANT + "out/" + started[1]
+    resumable = api.objects.start_parts(claimed)
+    part = api.objects.put_part(resumable, 1, 0, b"another writer's first part")
+    dead = leave_pending(api.objects, claimed)
 
     run_job(record.id, services, JOB_BODIES)
 
     final = services.jobs.load(record.id)
     assert final is not None and final.status is JobStatus.SUCCEEDED, final
     assert final.attempts == 2
-    assert api.objects.pending_uploads("tenants/") == []
+    assert api.objects.pending_uploads("tenants/") == [claimed]
     with api.client() as client:
         check_members(client, manifest_of(api), files)
     assert stored_keys(api) == {"in/archive.tar", "out/manifest.json"} | {
@@ -440,6 +445,46 @@ def test_a_rerun_after_a_crash_seals_each_member_once(api: Api) -> None:
     }
     journal = f"sealstream/jobs/default/{record.id}.partial/"
     assert [info.key for info in api.objects.list(journal)] == [journal + "final.json"]
+    assert api.objects.abort_pending(claimed, exact=True, upload_ids={dead}) == 1
+    assert api.objects.complete_parts(resumable, [part], if_absent=False).size == part.size
+
+
+def test_only_an_upload_a_killed_worker_could_leave_is_journaled(api: Api) -> None:
+    """Members read whole (small) add no journal entry on either backend. A streamed one
+    does on a local directory, where its writer opens a file before anything is written,
+    and not on S3 while it is smaller than a part: it is then sent whole."""
+    files = {
+        "small-0": random_bytes(10_000, seed=0),
+        "streamed": random_bytes(2 * MiB, seed=1),
+        "small-1": random_bytes(10_001, seed=2),
+        "small-2": random_bytes(10_002, seed=3),
+    }
+    put(api, "in/archive.tar", tar_archive("w", files))
+    with api.client() as client:
+        create_key(client)
+    services = build_parts(api.settings)
+    record = JobRecord.new(JobKind.BATCH_ENCRYPT, "default", batch_params(api))
+    services.jobs.save(record)
+
+    def crash_at_the_last_wave(path: str) -> None:
+        if path == "small-1":
+            raise Crash
+
+    crashing = partial(batch_encrypt, before_member=crash_at_the_last_wave)
+    with pytest.raises(Crash):
+        run_job(record.id, services, {JobKind.BATCH_ENCRYPT: crashing})
+
+    journal = f"sealstream/jobs/default/{record.id}.partial/"
+    entries = [
+        api.records.get(JOURNAL_KIND, info.key, JournalEntry) for info in api.objects.list(journal)
+    ]
+    assert [entry.claims for entry in entries if entry.claims] == [
+        [TENANT + "out/small-0"],
+        [TENANT + "out/streamed"],
+        [TENANT + "out/small-1", TENANT + "out/small-2"],
+    ]
+    journaled = [upload.key for entry in entries for upload in entry.uploads]
+    assert journaled == ([TENANT + "out/streamed"] if isinstance(api.objects, LocalStore) else [])
 
 
 def test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed(api: Api) -> None:

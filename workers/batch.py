@@ -16,8 +16,9 @@ A redelivered job resumes rather than starts over. Before writing members the jo
 an entry to its journal (`workers.journal`) in the service's store: the objects it is
 about to write (a whole wave in one entry), and the members finished since the entry
 before. A rerun skips the finished members, aborts the uploads its killed predecessor
-left pending on the claimed objects, and rewrites those objects even with `overwrite:
-false`: they are the job's own.
+left pending (those the journal names: a member streamed, or the manifest, larger than
+one part on S3; never another writer's upload of the same key), and rewrites the claimed
+objects even with `overwrite: false`: they are the job's own.
 
 The journal is also where the manifest's member list comes from: the manifest is written
 at the end as a stream (`workers.manifest`), an entry at a time, so a job of a million
@@ -63,7 +64,7 @@ from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.open_stored import intent_of
 from services.placement import Placement
-from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore
+from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore, UploadStarted
 from storage.integrity import RecordTampered
 from storage.records import ObjectRecord, object_record
 from workers.journal import Journal, Resumed
@@ -173,8 +174,7 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
     manifest_key = batch.storage_prefix + MANIFEST_NAME
     if not batch.resumed.started and not batch.params.overwrite:
         _require_absent(batch.store, manifest_key, batch.prefix + MANIFEST_NAME)
-    for claim in sorted(batch.resumed.claims):
-        batch.store.abort_pending(claim, exact=True)
+    abort_left_pending(batch.store, batch.storage_prefix, batch.resumed)
     with _open_source(batch) as source:
         batch.context.progress(
             items_total=source.items_total, bytes_total=source.bytes_total, force=True
@@ -190,6 +190,15 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
         raise JobFailed(damage.code, str(damage))
     return result
+
+
+def abort_left_pending(
+    store: ObjectStore, prefix: str, resumed: Resumed, *, exact: bool = False
+) -> None:
+    """Abort the uploads under `prefix` (with `exact`, of that key) that the job's killed
+    attempts started and left pending: those its journal names, and no other writer's."""
+    if resumed.uploads:
+        store.abort_pending(prefix, exact=exact, upload_ids=resumed.uploads)
 
 
 def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
@@ -346,7 +355,11 @@ def _start_wave(batch: _Batch, sealing: ParallelSealing[_Started]) -> None:
     for waiting in wave:
         if batch.before_member is not None:
             batch.before_member(waiting.started.path)
-        with _start(sealing, waiting) as feed:
+        # Its upload is not journaled: on S3 a small member is sent whole and leaves
+        # nothing pending, and on a local directory, where every writer opens a file, an
+        # entry would add a third write to its two; a killed writer's file there is left
+        # to the lifecycle sweep.
+        with _start(sealing, waiting, None) as feed:
             feed.put(waiting.data)
 
 
@@ -366,7 +379,7 @@ def _stream(
         batch.before_member(started.path)
     with (
         member.open() as stream,
-        _start(sealing, waiting) as feed,
+        _start(sealing, waiting, batch.journal.upload_started) as feed,
     ):
         for chunk in _chunks(stream):
             feed.put(chunk)
@@ -374,10 +387,16 @@ def _stream(
             batch.context.progress(bytes_done=source.bytes_read)
 
 
-def _start(sealing: ParallelSealing[_Started], waiting: _Waiting) -> MemberFeed:
+def _start(
+    sealing: ParallelSealing[_Started], waiting: _Waiting, on_upload: UploadStarted | None
+) -> MemberFeed:
     started, write = waiting.started, waiting.write
     return sealing.start(
-        started, started.placement, overwrite=write.overwrite, replacing=write.replacing
+        started,
+        started.placement,
+        overwrite=write.overwrite,
+        replacing=write.replacing,
+        on_upload=on_upload,
     )
 
 
@@ -448,6 +467,7 @@ def _write_manifest(batch: _Batch, manifest_key: str, pieces: Iterator[bytes]) -
         _gathered(pieces),
         overwrite=True,
         after_chunk=_progress(batch.context, lambda: batch.context.record.progress.bytes_done),
+        on_upload=batch.journal.upload_started,
     )
 
 
@@ -555,8 +575,7 @@ def _seal_whole(
     source_store = services.spaces.store(tenant, source.bucket)
     store = services.spaces.store(tenant, destination.bucket)
     placement = Placement(store, store.bucket, destination.key, destination.storage_key)
-    if placement.storage_key in resumed.claims:
-        store.abort_pending(placement.storage_key)
+    abort_left_pending(store, placement.storage_key, resumed, exact=True)
     try:
         write = _may_overwrite(context, services, resumed, placement)
     except ObjectExists:
@@ -575,6 +594,7 @@ def _seal_whole(
             overwrite=write.overwrite,
             replacing=write.replacing,
             after_chunk=_progress(context, lambda: reader.position),
+            on_upload=journal.upload_started,
         )
     context.progress(items_done=1, bytes_done=size)
     return _object_entry(placement, record, "bucket", "kid")

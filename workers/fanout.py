@@ -78,6 +78,7 @@ from workers.batch import (
     _seal_each,
     _source_size,
     _write_manifest,
+    abort_left_pending,
     batch_encrypt,
 )
 from workers.execution import run_job
@@ -137,6 +138,7 @@ def batch_job(context: JobContext, services: Parts) -> dict[str, Any]:
     journals = _Chunks(services.records, tenant, job_id, chunks)
     batch = _Batch(context, services, journals, resumed, None)
     try:
+        abort_left_pending(batch.store, batch.storage_prefix, resumed)  # its manifest's
         return _fanned_out(batch, plan, chunks)
     except LeaseLost:
         raise  # another worker runs the job now, from the same journals
@@ -403,8 +405,7 @@ def batch_chunk(context: JobContext, services: Parts) -> dict[str, Any]:
     batch = _Batch(context, services, journal, resumed, None)
     share = plan.chunks[params.index]
     try:
-        for claim in sorted(resumed.claims):
-            batch.store.abort_pending(claim, exact=True)
+        abort_left_pending(batch.store, batch.storage_prefix, resumed)
         context.progress(items_total=share.count, bytes_total=share.bytes, force=True)
         with _open_share(batch, share, plan.directory) as source:
             damage = _seal_each(batch, source)

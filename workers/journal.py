@@ -8,12 +8,20 @@ and then did not write. Each entry is small, so a large archive never rewrites a
 entries, read back in order, are also the manifest's member list. When the job ends, only
 its result is kept, or nothing if it has none.
 
+An upload the job starts that a killed worker would leave pending (on S3 an object larger
+than one part, on a local directory a streamed object's file) gets an entry of its own
+before any of its bytes are sent, naming its upload id: the store cannot tell whose a
+pending upload is, and a rerun aborts those it finds here and no other (a resumable
+upload or another job may be writing the same key). Objects sent whole, as most members
+are on S3, start no such upload and add nothing.
+
 A job fanned out into chunks (`workers.fanout`) keeps its plan here too, and each chunk
 has a journal of its own, kept whole after the chunk ends: the job writes the manifest
 from them, then deletes them.
 """
 
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -42,12 +50,19 @@ class Resumed:
     done: set[str] = field(default_factory=set)
     claims: set[str] = field(default_factory=set)
     result: dict[str, Any] | None = None
+    uploads: set[str] = field(default_factory=set)  # the ids of those its attempts started
+
+
+class StartedUpload(BaseModel):
+    key: str
+    upload_id: str
 
 
 class JournalEntry(BaseModel):
     claims: list[str]
     done: list[dict[str, Any]]
     released: list[str]
+    uploads: list[StartedUpload] = []  # entries from before uploads were journaled have none
 
 
 class JournalResult(BaseModel):
@@ -66,6 +81,7 @@ class Journal:
         self._objects = records.store
         self._prefix = f"{REPORTS_PREFIX}{tenant}/{job_id}.partial/"
         self._entries = 0
+        self._numbering = threading.Lock()  # uploads are journaled from the sealing threads
         self._settled: list[dict[str, Any]] = []
         self._released: list[str] = []
 
@@ -79,6 +95,7 @@ class Journal:
                 resumed.result = entry["result"]
                 continue
             self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
+            resumed.uploads.update(upload["upload_id"] for upload in entry["uploads"])
             resumed.done.update(done["path"] for done in entry["done"])
             claimed.update(entry["claims"])
             claimed.difference_update(entry["released"])
@@ -104,10 +121,28 @@ class Journal:
         """Record the members settled and the objects released since the last entry, and
         the objects about to be written: each is the job's until it is settled or
         released, and a rerun may overwrite it."""
-        self._entries += 1
         entry = JournalEntry(claims=storage_keys, done=self._settled, released=self._released)
-        self._records.put(JOURNAL_KIND, f"{self._prefix}{self._entries:010d}.json", entry)
+        self._records.put(JOURNAL_KIND, self._next_entry(), entry)
         self._settled, self._released = [], []
+
+    def upload_started(self, storage_key: str, upload_id: str) -> None:
+        """An upload of the job's that a killed worker would leave pending
+        (`ObjectStore.multipart`'s `on_upload`), kept before any of its bytes are sent,
+        for a rerun to abort; may be called from any thread."""
+        entry = JournalEntry(
+            claims=[],
+            done=[],
+            released=[],
+            uploads=[StartedUpload(key=storage_key, upload_id=upload_id)],
+        )
+        self._records.put(JOURNAL_KIND, self._next_entry(), entry)
+
+    def _next_entry(self) -> str:
+        """The key of the next entry. Entries numbered at once may be written in another
+        order; a rerun reads whichever were written, and numbers on from the last."""
+        with self._numbering:
+            self._entries += 1
+            return f"{self._prefix}{self._entries:010d}.json"
 
     def settle(self, entry: dict[str, Any]) -> None:
         """A member sealed (its manifest entry, with its `storageKey`)."""

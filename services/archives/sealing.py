@@ -27,6 +27,7 @@ from keystore.name_keys import NameKey
 from services.keys import Sealing, start_sealing
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer, seal_stream
+from storage import UploadStarted
 from storage.integrity import Records
 from storage.records import ObjectRecord
 
@@ -71,11 +72,13 @@ class MemberSealing:
         overwrite: bool,
         after_chunk: Callable[[], None],
         replacing: str | None = None,
+        on_upload: UploadStarted | None = None,
     ) -> ObjectRecord:
         """Seal `chunks` at `placement` as a message of its own, counted as one use of
         the key, and record it (with `replacing`, an etag, only over that version of the
-        object there); on any failure (or an exception from `after_chunk`, a cancel),
-        nothing is left: no object, no pending upload."""
+        object there; telling `on_upload` of an upload started that a killed process
+        would leave pending); on any failure (or an exception from `after_chunk`, a
+        cancel), nothing is left: no object, no pending upload."""
         return seal_stream(
             self._start(placement),
             placement,
@@ -87,6 +90,7 @@ class MemberSealing:
             record_in_metadata=True,  # a small member is one write, with its record
             job_id=self.job_id,
             replacing=replacing,
+            on_upload=on_upload,
         )
 
     def _start(self, placement: Placement) -> Sealing:
@@ -177,15 +181,22 @@ class ParallelSealing(Generic[Tag]):
         self._in_flight = 0  # only the caller's thread counts
 
     def start(
-        self, tag: Tag, placement: Placement, *, overwrite: bool, replacing: str | None = None
+        self,
+        tag: Tag,
+        placement: Placement,
+        *,
+        overwrite: bool,
+        replacing: str | None = None,
+        on_upload: UploadStarted | None = None,
     ) -> MemberFeed:
         """Begin sealing a member at `placement` (only over the version `replacing`, if
-        given) once fewer than `limit` are in flight; its bytes go to the feed returned
-        (to be used as a context manager)."""
+        given; telling `on_upload`, on the sealing thread, of a pending upload started)
+        once fewer than `limit` are in flight; its bytes go to the feed returned (to be
+        used as a context manager)."""
         self._slots.acquire()
         feed = MemberFeed()
         self._in_flight += 1
-        self._executor.submit(self._seal, tag, placement, overwrite, replacing, feed)
+        self._executor.submit(self._seal, tag, placement, overwrite, replacing, on_upload, feed)
         return feed
 
     def finished(self) -> Iterator[Outcome[Tag]]:
@@ -218,6 +229,7 @@ class ParallelSealing(Generic[Tag]):
         placement: Placement,
         overwrite: bool,
         replacing: str | None,
+        on_upload: UploadStarted | None,
         feed: MemberFeed,
     ) -> None:
         try:
@@ -227,6 +239,7 @@ class ParallelSealing(Generic[Tag]):
                 overwrite=overwrite,
                 after_chunk=_nothing,
                 replacing=replacing,
+                on_upload=on_upload,
             )
             outcome = Outcome(tag, record, None)
         except BaseException as error:  # reported to the reading thread with the member

@@ -29,7 +29,7 @@ from services.jobs import (
 from storage import MIN_PART_SIZE
 from tests.conftest import ADMIN_TOKEN, Api
 from tests.support.http import ENCRYPT, FORM_TYPE, form
-from tests.support.s3_proxy import S3FaultProxy
+from tests.support.s3_proxy import Rule, S3FaultProxy, no_request
 from tests.support.services import CeleryWorker, RedisServer, api_server, celery_worker
 from tests.support.services import redis_server as start_redis
 
@@ -110,6 +110,7 @@ def job_stack(
     bucket: str,
     *,
     proxied: bool = False,
+    rule: Rule = no_request,
     stale_after: int = STALE_AFTER,
     workers: int = 1,
     worker_loglevel: str = "INFO",
@@ -119,7 +120,8 @@ def job_stack(
     min_replicas: int = 0,
 ) -> Iterator[JobStack]:
     """A job stack with `workers` workers started; with `proxied`, the workers reach S3
-    through an `S3FaultProxy`, unpaced to begin with (the API does not); with `sentinel`
+    through an `S3FaultProxy`, unpaced to begin with, failing or holding what `rule`
+    picks (the API does not); with `sentinel`
     (a `sentinel://` URL and the primary's name), on that Redis Sentinel group rather
     than a redis-server of its own, whose `min_replicas` replicas must confirm what the
     service answers for."""
@@ -150,7 +152,7 @@ def job_stack(
         )
         app = create_app(settings)
         url = exits.enter_context(api_server(app))
-        proxy = exits.enter_context(S3FaultProxy(moto_endpoint)) if proxied else None
+        proxy = exits.enter_context(S3FaultProxy(moto_endpoint, rule)) if proxied else None
         stack = JobStack(
             redis_server=redis,
             api=Api.of(url, settings, app),
