@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated, Any
 
-from anyio import BrokenResourceError, ClosedResourceError, from_thread, to_thread
+from anyio import BrokenResourceError, ClosedResourceError, from_thread, lowlevel, to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -55,7 +55,7 @@ router = APIRouter(prefix="/api/crypto/stream", tags=["crypto"])
 EncryptScope = Annotated[Principal, Depends(require("crypto:encrypt", "jobs:write"))]
 
 NDJSON = "application/x-ndjson"
-# Pieces of progress (each the lines of one step of the run) the uploader may fall
+# Pieces of progress (each the lines of the members reported together) the uploader may fall
 # behind by before sealing waits.
 PROGRESS_PIECES_BUFFERED = 64
 
@@ -177,12 +177,14 @@ def _require_absent(places: MemberPlaces) -> None:
 async def _produce(
     svc: Services, record: JobRecord, form: UploadForm, lines: MemoryObjectSendStream[bytes]
 ) -> None:
-    """Run the job on a thread, its progress sent as lines; the last line its outcome."""
+    """Run the job on a thread, its progress sent as lines (from the thread that reports
+    it, which is not anyio's); the last line its outcome."""
     chunks = form.file_chunks()
+    loop = lowlevel.current_token()
 
     def emit(events: list[dict[str, Any]]) -> None:
         try:
-            from_thread.run(lines.send, b"".join(map(_line, events)))
+            from_thread.run(lines.send, b"".join(map(_line, events)), token=loop)
         except (BrokenResourceError, ClosedResourceError):
             raise UploadBroken(
                 "client-disconnected", "the uploader stopped reading its progress"

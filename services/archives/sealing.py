@@ -11,7 +11,9 @@ of its own while the caller reads the archive in order on its thread: the caller
 a member (`start`, which waits for a free slot) and hands its bytes to the `MemberFeed`
 it gets back, where at most `FEED_DEPTH` chunks wait, so memory stays at a few chunks per
 member in flight whatever the members' sizes. What became of each member comes back to
-the caller's thread (`finished`, `drain`), the only one that reports progress.
+the caller's thread (`finished`, `drain`), or, given `ended`, is handed to it on the
+sealer's thread as the member ends, before the member's slot is freed: a slow `ended`
+holds the next members back, so nothing it is handed piles up.
 """
 
 import queue
@@ -171,13 +173,21 @@ class Outcome(Generic[Tag]):
 
 
 class ParallelSealing(Generic[Tag]):
-    """Up to `limit` members sealed at once, each told apart by the caller's `Tag`."""
+    """Up to `limit` members sealed at once, each told apart by the caller's `Tag`; each
+    member's outcome goes to `ended` on its sealer's thread, or, without it, waits for
+    `finished` or `drain`."""
 
-    def __init__(self, sealing: MemberSealing, limit: int) -> None:
+    def __init__(
+        self,
+        sealing: MemberSealing,
+        limit: int,
+        ended: Callable[[Outcome[Tag]], None] | None = None,
+    ) -> None:
         self._sealing = sealing
         self._executor = ThreadPoolExecutor(limit, thread_name_prefix="sealstream-member")
         self._slots = threading.Semaphore(limit)
         self._outcomes: queue.SimpleQueue[Outcome[Tag]] = queue.SimpleQueue()
+        self._ended = self._outcomes.put if ended is None else ended
         self._in_flight = 0  # only the caller's thread counts
 
     def start(
@@ -246,8 +256,10 @@ class ParallelSealing(Generic[Tag]):
             outcome = Outcome(tag, None, error)
         finally:
             feed.close()
-        self._outcomes.put(outcome)
-        self._slots.release()
+        try:
+            self._ended(outcome)
+        finally:
+            self._slots.release()
 
 
 def _nothing() -> None:

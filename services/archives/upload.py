@@ -10,13 +10,17 @@ member in flight. Member rules and limits are those of the batch job
 cannot be written fails alone, and an archive that breaks off or crosses a limit fails
 the job, keeping the members sealed before.
 
-Every member's outcome goes to `emit` (the uploader's progress stream), as it ends, and
-into the manifest, a message sealed under the same key as the members at `<prefix>manifest.json`,
-written as the members go and completed at the end, marked complete or not.
+Every member's outcome goes to `emit` (the uploader's progress stream) and into the
+manifest, a message sealed under the same key as the members at `<prefix>manifest.json`,
+written as the members go and completed at the end, marked complete or not. Both are
+written by a thread of their own (`services.archives.reporting`), as each member ends,
+with the job's record: the thread reading the archive waits on the upload, which a slow
+client holds back, and members sealed meanwhile are said to be at once all the same.
 """
 
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,12 +36,13 @@ from services.archives.members import (
     member_path,
 )
 from services.archives.opening import detect_format
+from services.archives.reporting import Reporter
 from services.archives.sealing import MemberSealing, Outcome, ParallelSealing, ReadingStopped
 from services.archives.tar_reading import TarSource
 from services.archives.zip_streaming import ZipStream
 from services.errors import error_code, public_detail
 from services.jobs import ArchiveUploadParams
-from services.jobs.context import JobCancelled, JobContext, JobFailed
+from services.jobs.context import REPORT_INTERVAL, JobCancelled, JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer
@@ -58,8 +63,9 @@ COUNTS = ("items", "sealed", "skipped", "refused", "failed", "withdrawn")
 # The kinds of member the zip's central directory may say a sealed member is, and keep it.
 KEPT_KINDS = (MemberKind.FILE,)
 
-# The events of one step of the run (a member taken, the members ended meanwhile), sent
-# together: one hop to the response and one piece of it, where a member each cost both.
+# The events of the members that ended while the last were reported, sent together: one
+# hop to the response and one piece of it, where a member each cost both. Called from
+# any thread.
 Emit = Callable[[list[dict[str, Any]]], None]
 
 
@@ -180,7 +186,10 @@ def _json(value: Any) -> str:
 
 @dataclass
 class UploadRun:
-    """One encrypt-archive job: where it writes, and what became of each member so far."""
+    """One encrypt-archive job: where it writes, and what became of each member so far.
+    The reading thread counts the members taken, skipped and refused; the reporting
+    thread those sealed and failed, and keeps `failed` and `sealed`: each count has
+    one writer."""
 
     context: JobContext
     sealing: MemberSealing
@@ -255,11 +264,13 @@ def _seal_all(
     except STOPPING as stopped:
         return format_, stopped
     try:
-        with ParallelSealing[_Started](run.sealing, run.concurrency) as sealing:
-            try:
-                _read_all(run, source, reader, manifest, sealing)
-            finally:  # the members in flight end sealed or not, and are reported
-                _report(run, manifest, [_sealed_entry(run, ended) for ended in sealing.drain()])
+        # Leaving the block waits for the members in flight, reported as they end, and
+        # then for the reporting of them all.
+        with (
+            _reporting(run, manifest, reader) as reporter,
+            ParallelSealing[_Started](run.sealing, run.concurrency, reporter.put) as sealing,
+        ):
+            _read_all(run, source, reporter, sealing)
         if isinstance(source, ZipStream):
             _check_index(run, source)
     except STOPPING as stopped:
@@ -278,19 +289,30 @@ class _Started:
     placement: Placement
 
 
-def _read_all(
-    run: UploadRun,
-    source: MemberSource,
-    reader: UploadReader,
-    manifest: "Manifest",
-    sealing: ParallelSealing[_Started],
-) -> None:
-    for member in source.members():
-        run.counts["items"] += 1
-        taken = _take(run, member, reader, sealing)
-        ended = [_sealed_entry(run, outcome) for outcome in sealing.finished()]
-        _report(run, manifest, [taken, *ended])
-        run.context.progress(items_done=run.counts["items"], bytes_done=reader.position)
+# What the reporting thread is handed: a member's outcome, or the entry of one that
+# was never sealed (skipped, refused).
+_Ended = Outcome[_Started] | dict[str, Any]
+
+
+def _reporting(run: UploadRun, manifest: "Manifest", reader: UploadReader) -> Reporter[_Ended]:
+    """The run's reporting thread: each member's entry into the manifest and the
+    progress as it ends, and the job's record written as the run goes (entries of at
+    most as many members as are sealed at once wait for it)."""
+
+    def report(ended: list[_Ended]) -> None:
+        _report(run, manifest, [_entry(run, item) for item in ended])
+
+    record = _RecordWriter(run.context)
+    return Reporter(
+        report,
+        lambda: record.update(items_done=run.counts["items"], bytes_done=reader.position),
+        depth=run.concurrency,
+        interval=REPORT_INTERVAL,
+    )
+
+
+def _entry(run: UploadRun, ended: _Ended) -> dict[str, Any] | None:
+    return _sealed_entry(run, ended) if isinstance(ended, Outcome) else ended
 
 
 def _report(run: UploadRun, manifest: "Manifest", entries: list[dict[str, Any] | None]) -> None:
@@ -299,6 +321,41 @@ def _report(run: UploadRun, manifest: "Manifest", entries: list[dict[str, Any] |
     if said:
         manifest.add(said)
         run.emit([{"event": "member", **entry} for entry in said])
+
+
+class _RecordWriter:
+    """The job's progress, kept as it changes and written once `REPORT_INTERVAL` has
+    passed since the last write (which also notices a cancel), however long the next
+    change takes: what a run stalled by its uploader had done is in its record, and the
+    stall costs no write."""
+
+    def __init__(self, context: JobContext) -> None:
+        self._context = context
+        self._written = (-1, -1)
+        self._at = float("-inf")
+
+    def update(self, *, items_done: int, bytes_done: int) -> None:
+        if (items_done, bytes_done) == self._written:
+            return
+        now = time.monotonic()
+        due = now - self._at >= REPORT_INTERVAL
+        if due:
+            self._written, self._at = (items_done, bytes_done), now
+        self._context.progress(force=due, items_done=items_done, bytes_done=bytes_done)
+
+
+def _read_all(
+    run: UploadRun,
+    source: MemberSource,
+    reporter: Reporter[_Ended],
+    sealing: ParallelSealing[_Started],
+) -> None:
+    for member in source.members():
+        reporter.check()
+        run.counts["items"] += 1
+        taken = _take(run, member, reporter, sealing)
+        if taken is not None:
+            reporter.put(taken)
 
 
 def _drained(reader: UploadReader) -> UploadBroken | None:
@@ -310,7 +367,7 @@ def _drained(reader: UploadReader) -> UploadBroken | None:
 
 
 def _take(
-    run: UploadRun, member: Member, reader: UploadReader, sealing: ParallelSealing[_Started]
+    run: UploadRun, member: Member, reporter: Reporter[_Ended], sealing: ParallelSealing[_Started]
 ) -> dict[str, Any] | None:
     """Hand one member to its sealer, or say why not: its entry in the manifest, or None
     once it is on its way (its outcome comes later)."""
@@ -333,7 +390,7 @@ def _take(
     ):
         for chunk in _chunks(stream):
             feed.put(chunk)
-            run.context.progress(bytes_done=reader.position)  # where a cancel is noticed
+            reporter.check()  # where a cancel, or an uploader gone, stops the reading
     return None
 
 

@@ -1,0 +1,98 @@
+"""An archive upload (`POST /api/crypto/stream/encrypt-archive`) whose client pauses in a
+member's middle, over real HTTP: the progress lines of the members sealed meanwhile reach
+it, and the job's record shows what was taken, while nothing more arrives; the run then
+completes once the client sends the rest.
+"""
+
+import io
+import json
+import socket
+import tarfile
+from typing import Any
+
+import httpx
+
+from tests.conftest import Api
+from tests.support.data import tar_archive
+from tests.support.http import CLOSE, create_key, dechunked, form_bytes, raw_upload, read_response
+from tests.support.waiting import wait_until
+from tests.test_archive_interrupted import ARCHIVE, FILES
+
+METADATA = {"kid": "mySymKey", "destination": {"prefix": "out/"}}
+PAUSED_IN = 9  # the member (from 0) the client stops sending in the middle of
+# How long the test waits for what a paused upload should still get: a bound that an
+# answer not held back by the pause never comes near, however loaded the machine.
+WITHIN = 30
+
+
+def paused_body() -> tuple[bytes, int, int]:
+    """The form; where the client pauses in it (half-way through member `PAUSED_IN`'s
+    data); and where in the archive that member's data starts."""
+    archive = tar_archive(FILES)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as members:
+        paused = members.getmembers()[PAUSED_IN]
+    file_start = len(form_bytes(METADATA, b"")) - len(CLOSE)
+    body = form_bytes(METADATA, archive)
+    return body, file_start + paused.offset_data + paused.size // 2, paused.offset_data
+
+
+def chunks_received(response: bytes) -> bytes:
+    """The body so far of a chunked response still coming: its whole chunks."""
+    body = bytearray()
+    if b"\r\n\r\n" not in response:
+        return b""
+    rest = response[response.index(b"\r\n\r\n") + 4 :]
+    while b"\r\n" in rest:
+        size = int(rest[: rest.index(b"\r\n")], 16)
+        start = rest.index(b"\r\n") + 2
+        if size == 0 or len(rest) < start + size + 2:
+            break
+        body += rest[start : start + size]
+        rest = rest[start + size + 2 :]
+    return bytes(body)
+
+
+def progress_until_sealed(sock: socket.socket, count: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """Read the response until `count` members are said to be sealed (each read waits
+    at most `WITHIN` seconds); what was received, and the events so far."""
+    received = b""
+    while True:
+        events = [json.loads(line) for line in chunks_received(received).splitlines()]
+        if sum(event.get("status") == "sealed" for event in events) >= count:
+            return received, events
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            sealed = [event["path"] for event in events if event.get("status") == "sealed"]
+            raise AssertionError(f"only {sealed} said to be sealed while paused") from None
+        assert chunk, "the server closed the connection"
+        received += chunk
+
+
+def taken(client: httpx.Client, job_id: str, items: int, offset: int) -> bool:
+    progress = client.get(f"/api/jobs/{job_id}").json()["progress"]
+    return bool(progress["itemsDone"] == items and progress["bytesDone"] > offset)
+
+
+def test_a_paused_uploader_hears_of_the_members_sealed_then_completes(api: Api) -> None:
+    body, pause_at, paused_data = paused_body()
+    with api.client() as client, raw_upload(api.url, ARCHIVE, len(body)) as sock:
+        create_key(client)
+        sock.settimeout(WITHIN)
+        sock.sendall(body[:pause_at])
+        received, events = progress_until_sealed(sock, PAUSED_IN)
+        assert events[0]["event"] == "started"
+        said = {event["path"] for event in events if event.get("event") == "member"}
+        assert said == set(list(FILES)[:PAUSED_IN]), "the members read whole, sealed"
+        # The paused member is taken, and its data read as far as it came.
+        job_id = events[0]["jobId"]
+        assert client.get(f"/api/jobs/{job_id}").json()["status"] == "running"
+        wait_until(lambda: taken(client, job_id, PAUSED_IN + 1, paused_data), "the job's record")
+
+        sock.sendall(body[pause_at:])
+        lines = dechunked(read_response(sock, received)).splitlines()
+    finished = json.loads(lines[-1])
+    assert finished["status"] == "succeeded", finished
+    assert finished["result"]["counts"]["sealed"] == len(FILES)
+    members = [json.loads(line) for line in lines[1:-1]]
+    assert sorted(member["path"] for member in members) == sorted(FILES)
