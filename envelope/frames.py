@@ -117,6 +117,16 @@ class FrameSealer(_FrameKey):
     ) -> bytearray:
         """The serialized frame; a buffer the caller owns: `into`, a spent frame, if it is
         of the frame's length (every byte of it is written again), else a fresh one."""
+        size = len(plaintext) + (FINAL_OVERHEAD if final else REGULAR_OVERHEAD)
+        frame = into if into is not None and len(into) == size else bytearray(size)
+        self.seal_into(sequence_number, plaintext, final=final, into=memoryview(frame))
+        return frame
+
+    def seal_into(
+        self, sequence_number: int, plaintext: memoryview, *, final: bool, into: memoryview
+    ) -> None:
+        """Serialize the frame into `into`, exactly its length: a frame's place in a
+        larger buffer, which then needs no copy."""
         # The IV is the sequence number, which the encryptor hands out once per message:
         # each regular frame takes the next, and the final frame the one after the last.
         iv = frame_iv(sequence_number)
@@ -125,12 +135,11 @@ class FrameSealer(_FrameKey):
             prefix = FINAL_PREFIX.pack(END_MARKER, sequence_number, iv, length)
         else:
             prefix = REGULAR_PREFIX.pack(sequence_number, iv)
-        size = len(prefix) + length + TAG_LENGTH
-        frame = into if into is not None and len(into) == size else bytearray(size)
-        frame[: len(prefix)] = prefix
+        if len(into) != len(prefix) + length + TAG_LENGTH:
+            raise ValueError("a frame is sealed into a buffer of exactly its length")
+        into[: len(prefix)] = prefix
         aad = self._aad(sequence_number, length, final=final)
-        self._aead.encrypt_into(iv, plaintext, aad, memoryview(frame)[len(prefix) :])
-        return frame
+        self._aead.encrypt_into(iv, plaintext, aad, into[len(prefix) :])
 
     def begin_regular(self, sequence_number: int, length: int) -> AEADEncryptionContext:
         """An incremental sealing of a regular frame of `length` bytes: its ciphertext is

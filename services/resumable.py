@@ -27,8 +27,9 @@ frames are sealed a batch at a time (up to the end of the current part), in four
    frame's number as IV);
 3. their HMACs go into the state, written before any of their ciphertext is stored;
 4. they are stored, a part once full, else the staging object, while the next batch is
-   sealed; the next write of the state (3, or the PATCH's last) acknowledges them once
-   their store has returned.
+   sealed; the parts are synced every `SYNC_EVERY` parts and at the PATCH's end (a
+   local directory syncs its one part file then, not each part as it is put), and the
+   next write of the state (3, or the PATCH's last) acknowledges what was synced.
 
 A frame sealed twice is thus sealed from the same bytes into the same bytes: a (key, IV)
 never seals two plaintexts, even when a crash came between steps 4 and its
@@ -48,7 +49,7 @@ import logging
 import secrets
 import struct
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -107,9 +108,14 @@ MAX_LENGTH = 1 << 40
 # Each part stored costs a write of the state and durable writes of the part (a few
 # fsyncs on a local directory), so parts are larger than S3's floor: fewer of them.
 PART_TARGET = max(MIN_PART_SIZE, 16 << 20)
+# Parts a PATCH stores before it syncs them (one fsync of a local directory's part
+# file) and its next write of the state acknowledges them; the rest at its end. Until
+# then their HMACs stay in the state: at most this many parts' and two more.
+SYNC_EVERY = 8
 # Plaintext hashed in one go: frames of 1 MiB (the default) each on their own.
 HASH_GROUP = 1 << 20
-# Where each PATCH's parts are stored, one at a time, while the PATCH seals the next.
+# Where each PATCH's parts are stored, one at a time, and its state written, while the
+# PATCH seals the next part.
 STORING = ForkSafePool("sealstream-upload-store")
 
 
@@ -740,11 +746,18 @@ class Uploads:
         one its link of the frame chain takes, so the plaintext is hashed once): bound to
         the upload and the frame, under a key for this alone, so that it confirms no
         guess to a reader of the state (a bare hash of a guessed frame would)."""
-        mac = hmac.new(self.records.key.derive(MAC_PURPOSE), digestmod="sha256")
-        mac.update(state.id.encode("ascii"))
-        mac.update(_FRAME_MAC.pack(frame, frame == state.total_frames))
-        mac.update(digest)
-        return mac.hexdigest()
+        return self.frame_macs(state, frame, [digest])[0]
+
+    def frame_macs(self, state: UploadState, first: int, digests: list[bytes]) -> list[str]:
+        """`frame_mac` of frames `first`, `first` + 1, ... whose SHA-256s are `digests`,
+        under one derivation of the key (a PATCH takes a part's worth at a time)."""
+        key, upload = self.records.key.derive(MAC_PURPOSE), state.id.encode("ascii")
+        return [
+            hmac.digest(
+                key, upload + _FRAME_MAC.pack(frame, frame == state.total_frames) + digest, "sha256"
+            ).hex()
+            for frame, digest in enumerate(digests, start=first)
+        ]
 
     def _masked(self, state: UploadState, chain: bytes, offset: int) -> str:
         return bytes(a ^ b for a, b in zip(chain, self._mask(state, offset), strict=True)).hex()
@@ -965,14 +978,16 @@ class _Batch:
 
 @dataclass(frozen=True)
 class _Stored:
-    """A batch durably stored, which the next write of the state acknowledges; `staging`
-    names the staging object it wrote (`staged` bytes), if it wrote one."""
+    """A batch stored, which the next write of the state acknowledges once it is durable
+    (`synced`: its store synced the parts, it and every one before it); `staging` names
+    the staging object it wrote (`staged` bytes), if it wrote one."""
 
     batch: _Batch
     part: StoredPart | None  # None: staged
     staging: int
     staged: int
     staged_sha256: str
+    synced: bool = False
 
 
 def _digests(frames: list[bytearray]) -> list[bytes]:
@@ -1006,6 +1021,7 @@ class Appending:
         self._chain = uploads._unmasked(state)  # noqa: SLF001 (the chain value after them)
         self._storing: Future[_Stored] | None = None  # one at a time: memory is bounded
         self._stored: list[_Stored] = []  # durably stored, not acknowledged yet
+        self._unsynced: list[_Stored] = []  # stored after the last sync of the parts
         self.record: ObjectRecord | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -1033,6 +1049,7 @@ class Appending:
             if self._frames_here():
                 self._seal_batch()
             self._settle()
+            self._sync()
             acknowledged = self._acknowledging(self.state)
             if not acknowledged.finished:
                 # Refused (423) if another request took the upload over meanwhile.
@@ -1062,6 +1079,7 @@ class Appending:
         being stored is: two threads never write one upload's state."""
         with suppress(Exception):
             self._settle()
+            self._sync()
         self._let_go()
 
     def _let_go(self) -> None:
@@ -1131,50 +1149,81 @@ class Appending:
         hand them to a storing thread once the batch before them is stored."""
         layout, first, count = self._layout, self._sealed + 1, self._frames_here()
         taken, self._frames = self._frames[:count], self._frames[count:]
-        digests, macs = [], {}
-        for number, (plain, frame_digests, place) in enumerate(taken, start=first):
-            digest = frame_digests.result()[place]  # hashed meanwhile, on other threads
-            mac = self._uploads.frame_mac(layout, number, digest)
-            recorded = self._recorded.get(str(number))
+        # Hashed meanwhile, on other threads.
+        digests = [frame_digests.result()[place] for _, frame_digests, place in taken]
+        macs = dict(
+            zip(
+                map(str, range(first, first + count)),
+                self._uploads.frame_macs(layout, first, digests),
+                strict=True,
+            )
+        )
+        for number, mac in macs.items():
+            recorded = self._recorded.get(number)
             if recorded is not None and not hmac.compare_digest(recorded, mac):
                 raise ResentBytesDiffer(
                     f"the bytes sent for frame {number} differ from those sent before for it"
                 )
-            # IV = the frame's number. A frame sent before is sealed only from the very
-            # bytes sent then (same ciphertext); its HMAC is recorded before it is stored.
-            final = number == layout.total_frames
-            self._part += self._sealer.seal(number, memoryview(plain), final=final)
-            digests.append(digest)
-            macs[str(number)] = mac
         self._settle(wait=False)  # if stored already, acknowledged with the HMACs
         # One write both records these frames' HMACs (moved in Redis first, where
         # anchored) before any of their ciphertext can reach storage, and acknowledges
-        # the batches whose store has returned (durable), not one still in flight. So
+        # the batches stored and synced, not one still in flight or unsynced. So
         # whatever seals frame n later, from any process, seals the bytes recorded here
         # or nothing, and the offset moves only over frames sealed and durably stored.
-        # It runs while the part before is being stored.
+        # It runs on a thread of its own while the frames are sealed here (into memory
+        # only) and the part before is being stored; the state is its alone meanwhile.
         recording = self._acknowledging(self.state)
-        self._write(recording.model_copy(update={"macs": {**recording.macs, **macs}}))
+        writing = STORING.executor.submit(
+            self._write, recording.model_copy(update={"macs": {**recording.macs, **macs}})
+        )
+        try:
+            # IV = the frame's number. A frame sent before is sealed only from the very
+            # bytes sent then (same ciphertext); its HMAC is recorded before it is stored.
+            sealed = self._sealed_after(self._part, first, [plain for plain, _, _ in taken])
+        finally:
+            wait([writing])  # two threads never write one upload's state
+        writing.result()
+        self._part = sealed
         last = first + count - 1
-        ciphertext: bytes | bytearray
+        ciphertext = self._part  # the next batch seals into a buffer of its own
         if layout.ends_part(last):
-            ciphertext, self._part = self._part, bytearray()
-        else:  # the PATCH's last batch, short of a part
-            ciphertext = bytes(self._part)
+            self._part = bytearray()
         batch = _Batch(last, _chained(self._chain, digests), ciphertext, self.state.generation)
         self._settle()
         self._storing = STORING.executor.submit(self._store_batch, batch)
         self._sealed, self._chain = last, batch.chain
 
+    def _sealed_after(self, before: bytearray, first: int, frames: list[bytearray]) -> bytearray:
+        """`before` followed by `frames` sealed (numbered from `first`), in one buffer
+        made to size, each frame sealed in its place: a part grown frame by frame would
+        be copied again at each growth."""
+        total = self._layout.total_frames
+        sizes = [
+            len(plain) + (FINAL_OVERHEAD if number == total else REGULAR_OVERHEAD)
+            for number, plain in enumerate(frames, start=first)
+        ]
+        sealed = bytearray(len(before) + sum(sizes))
+        view, at = memoryview(sealed), len(before)
+        view[:at] = before
+        for number, (plain, size) in enumerate(zip(frames, sizes, strict=True), start=first):
+            into = view[at : at + size]
+            self._sealer.seal_into(number, memoryview(plain), final=number == total, into=into)
+            at += size
+        return sealed
+
     def _store_batch(self, batch: _Batch) -> _Stored:
-        """Store a batch's ciphertext durably (on a storing thread): a whole part, or the
-        part so far as the staging object."""
+        """Store a batch's ciphertext (on a storing thread): a whole part, synced with
+        those before it every `SYNC_EVERY` parts, or the part so far as the staging
+        object (durable, but the parts before it may not be)."""
         layout = self._layout
         if layout.ends_part(batch.last):
             number = layout.part_of(batch.last)
             offset = layout.part_offset(number)
             part = self._store.put_part(layout.part_upload(), number, offset, batch.ciphertext)
-            return _Stored(batch, StoredPart(**asdict(part)), 0, 0, "")
+            synced = number % SYNC_EVERY == 0
+            if synced:
+                self._store.sync_parts(layout.part_upload())
+            return _Stored(batch, StoredPart(**asdict(part)), 0, 0, "", synced)
         # Named by the generation that recorded its frames, which no other request
         # writes: a PATCH whose lock lapsed while it stalled writes a name of its own
         # when it wakes, never the staging object of the request that took over.
@@ -1185,12 +1234,23 @@ class Appending:
 
     def _settle(self, *, wait: bool = True) -> None:
         """Take the batch being stored once it is (`wait`: else only if it is already),
-        to be acknowledged by the next write of the state; raise its failure."""
+        to be acknowledged by the next write of the state once it is durable; raise its
+        failure."""
         storing = self._storing
         if storing is None or not (wait or storing.done()):
             return
         self._storing = None
-        self._stored.append(storing.result())
+        self._unsynced.append(storing.result())
+        if self._unsynced[-1].synced:
+            self._stored += self._unsynced
+            self._unsynced = []
+
+    def _sync(self) -> None:
+        """Make the batches stored since the last sync durable, to be acknowledged."""
+        if self._unsynced:
+            self._store.sync_parts(self._layout.part_upload())
+            self._stored += self._unsynced
+            self._unsynced = []
 
     def _acknowledging(self, state: UploadState) -> UploadState:
         """`state` with the batches stored since the last write acknowledged."""

@@ -349,10 +349,16 @@ class ObjectStore(ABC):
     ) -> Part:
         """Store part `number` (1 to 10,000), which starts at `offset` of the object;
         every part but the last is at least 5 MiB (S3's floor). Putting a part again
-        replaces it."""
+        replaces it. The part is durable once `sync_parts` has returned after it (on S3,
+        at once)."""
         if not 1 <= number <= 10_000 or offset < 0:
             raise ValueError("part numbers run from 1 to 10,000, at offsets from 0")
         return self._put_part(upload, number, offset, data)
+
+    @abstractmethod
+    def sync_parts(self, upload: PartUpload) -> None:
+        """Make every part put so far durable: one sync for as many parts as came
+        before it."""
 
     @abstractmethod
     def complete_parts(
@@ -380,7 +386,7 @@ class ObjectStore(ABC):
     def _put_part(
         self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
     ) -> Part:
-        """Store one part, durably before it returns."""
+        """Store one part (durable once `sync_parts` returns, where that syncs)."""
 
     @abstractmethod
     def check(self) -> None:

@@ -244,15 +244,24 @@ class LocalStore(ObjectStore):
     def _put_part(
         self, upload: PartUpload, number: int, offset: int, data: bytes | bytearray
     ) -> Part:
-        # The file is opened without O_CREAT: an upload aborted meanwhile stays gone.
+        # The file is opened without O_CREAT: an upload aborted meanwhile stays gone. It
+        # is synced by `sync_parts`, once for the parts put before.
         with self._os_errors(upload.key):
             file = UncachedFile(self._part_file(upload), at=offset)
             try:
                 file.write(memoryview(data))
-                file.sync()
+                file.flush()
             finally:
                 file.close()
         return Part(number=number, offset=offset, size=len(data), etag=uuid.uuid4().hex)
+
+    def sync_parts(self, upload: PartUpload) -> None:
+        with self._os_errors(upload.key):
+            descriptor = os.open(self._part_file(upload), os.O_WRONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
 
     def _created(self, key: str, temp: Path, create: Callable[[Path], Created]) -> Created:
         """`create(temp)`: a new file of `key`'s, its directories made where missing. No

@@ -139,14 +139,18 @@ class UncachedFile:
                 self._stages.reverse()  # fill the other while this one is written
                 self._staged = 0
 
-    def sync(self) -> os.stat_result:
-        """Write out what is staged, make the file durable, and give its status."""
+    def flush(self) -> None:
+        """Write out what is staged, not yet durably: the file is whole once synced."""
         self._wait()
         if self._stages and self._staged:
             self._set_direct(False)  # the tail is not a whole number of blocks
             _write_staged(self._descriptor, self._stages[0], self._staged, self._position)
             self._position += self._staged
             self._staged = 0
+
+    def sync(self) -> os.stat_result:
+        """Write out what is staged, make the file durable, and give its status."""
+        self.flush()
         os.fsync(self._descriptor)
         return os.fstat(self._descriptor)
 

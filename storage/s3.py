@@ -201,6 +201,9 @@ class S3Store(ObjectStore):
                 Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
             )
 
+    def sync_parts(self, upload: PartUpload) -> None:
+        """Nothing: S3 stores a part durably before it answers its put."""
+
     def listed_parts(self, upload: PartUpload) -> builtins.list[Part]:
         pages = self.client.get_paginator("list_parts").paginate(
             Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id

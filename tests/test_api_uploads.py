@@ -27,6 +27,7 @@ from keystore import LocalKek
 from sealstream.settings import Settings
 from sealstream_client import SealstreamClient, UploadNotConfirmed
 from sealstream_client.client import ResumableResult
+from services import resumable
 from services.frame_chain import FrameChain
 from services.jobs.redis_store import redis_client
 from services.replicas import Replicas
@@ -235,6 +236,33 @@ def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
     problem(refused, 409, "resent-bytes-differ")
     assert offset_of(client, url) == 0
     assert patch(client, url, 0, data).status_code == 204
+    assert read_object(client, "up/obj").content == data
+
+
+def test_parts_are_acknowledged_once_synced_their_hmacs_recorded_before_they_are_stored(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resumable, "SYNC_EVERY", 2)
+    data = random_bytes(50 * MiB, seed=7)
+    url = create(client, len(data))
+    upload = url.rsplit("/", 1)[1]
+    appending = api.parts.uploads().begin("default", upload, 0, None, lambda state: None)
+    per_part = appending.state.frames_per_part * FRAME
+    name = f"{UPLOADS_PREFIX}{upload}.json"
+
+    appending.write(data[: 3 * per_part + FRAME])  # three parts sealed, the third stored
+    mid_patch = api.records.get(STATE_KIND, name, UploadState)
+
+    # Never the first part alone: it is acknowledged with the second, whose store syncs
+    # both, if that store had returned before the third part's HMACs were written.
+    assert mid_patch.offset in (0, 2 * per_part)
+    # Every frame that may be in storage is acknowledged or has its HMAC recorded.
+    recorded = {int(n) for n in mid_patch.macs}
+    assert recorded == set(range(mid_patch.frames + 1, 3 * per_part // FRAME + 1))
+    # A PATCH cut there acknowledges every whole frame it received: synced at its end.
+    assert appending.end().offset == 3 * per_part + FRAME == offset_of(client, url)
+    assert api.records.get(STATE_KIND, name, UploadState).macs == {}
+    assert patch(client, url, 3 * per_part + FRAME, data[3 * per_part + FRAME :]).status_code == 204
     assert read_object(client, "up/obj").content == data
 
 

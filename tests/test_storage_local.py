@@ -19,6 +19,7 @@ from storage import (
     InvalidObjectKey,
     LocalStore,
     ObjectExists,
+    ObjectNotFound,
     StorageError,
     StorageUnavailable,
     local_files,
@@ -432,3 +433,14 @@ def test_each_directory_a_write_creates_is_synced_into_its_parent(
     synced.clear()
     local.put("a/b/c/other", b"data")  # into directories that exist: none synced again
     assert [directory for directory, _ in synced] == []
+
+
+def test_syncing_the_parts_of_an_aborted_upload_brings_none_back(local: LocalStore) -> None:
+    upload = local.start_parts("obj")
+    local.put_part(upload, 1, 0, b"x" * 10_000)
+    local.sync_parts(upload)
+    local.abort_parts(upload)
+
+    with pytest.raises(ObjectNotFound):
+        local.sync_parts(upload)
+    assert local.pending_uploads() == []
