@@ -68,7 +68,7 @@ from services.open_stored import holds_recorded_message
 from services.placement import BucketNotAllowed, Placement, Spaces
 from services.replicas import NotReplicated
 from services.seal_to_storage import HASHING
-from services.upload_anchor import GONE, Anchored, UploadAnchor
+from services.upload_anchor import GONE, MARGIN, Anchored, UploadAnchor
 from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -98,6 +98,7 @@ logger = logging.getLogger(__name__)
 
 UPLOADS_PREFIX = "sealstream/uploads/"
 STATE_KIND = "upload"
+COMPLETED_KIND = "upload-completed"
 MAC_PURPOSE = "resumable-frame-mac"
 MASK_PURPOSE = "resumable-chain-mask"
 _FRAME_MAC = struct.Struct(">QB")  # sequence number, final
@@ -305,6 +306,10 @@ def state_name(upload: str) -> str:
     return f"{UPLOADS_PREFIX}{upload}.json"
 
 
+def completion_name(upload: str) -> str:
+    return f"{UPLOADS_PREFIX}{upload}.completed"
+
+
 def staging_name(upload: str, generation: int) -> str:
     """The staging object written by the request that wrote the state's `generation`."""
     if not generation:  # one an older version wrote, under the upload's one name
@@ -336,6 +341,20 @@ class CompletedUpload:
     """An upload completed already: its object made and recorded, its state erased."""
 
     length: int
+
+
+class CompletionNote(FrozenCamelModel):
+    """Redis's tombstone of a completed upload, where uploads are not anchored: sealed
+    beside the states (`completion_name`), kept until a day past the upload's expiry."""
+
+    id: str
+    tenant: str
+    length: int
+    expires_at: datetime
+
+    @property
+    def kept_until(self) -> datetime:
+        return self.expires_at + MARGIN
 
 
 @dataclass
@@ -486,12 +505,10 @@ class Uploads:
         try:
             state, etag = self._read(tenant, upload)
         except UploadNotFound:
-            if self.anchor is None or not _is_upload_id(upload):
+            completed = self._completed(tenant, upload)
+            if completed is None:
                 raise
-            length = self.anchor.completed(upload, tenant)
-            if length is None:
-                raise
-            return CompletedUpload(length)
+            return completed
         if not state.finished or state.held:
             return state, None
         try:
@@ -499,6 +516,22 @@ class Uploads:
         except UploadBusy:  # another request took it meanwhile, to complete it
             return state, None
         return appending.end(), appending.record
+
+    def _completed(self, tenant: str, upload: str) -> CompletedUpload | None:
+        """The tenant's upload `upload` if it was completed, as its tombstone (Redis's,
+        or unanchored the sealed note beside the states) says, while that lives."""
+        if not _is_upload_id(upload):
+            return None
+        if self.anchor is not None:
+            length = self.anchor.completed(upload, tenant)
+            return None if length is None else CompletedUpload(length)
+        try:
+            note = self.records.get(COMPLETED_KIND, completion_name(upload), CompletionNote)
+        except ObjectNotFound:
+            return None
+        if (note.id, note.tenant) != (upload, tenant) or note.kept_until <= datetime.now(UTC):
+            return None
+        return CompletedUpload(note.length)
 
     def begin(
         self,
@@ -557,6 +590,10 @@ class Uploads:
         completing them would."""
         moment = now or datetime.now(UTC)
         swept = Swept()
+        notes = self.records.all(COMPLETED_KIND, UPLOADS_PREFIX, CompletionNote, ".completed")
+        for name, note in notes:
+            if name != completion_name(note.id) or note.kept_until <= moment:
+                self.records.store.delete(name)
         # Only the states: a staging object read as a record would be counted as tampered.
         for name, state in self.records.all(STATE_KIND, UPLOADS_PREFIX, UploadState, ".json"):
             if name != state.name or state.expires_at > moment:
@@ -873,6 +910,11 @@ class Uploads:
         if self.anchor is not None:
             length = state.length if completed else None
             self.anchor.end(state.id, state.tenant, state.expires_at, completed=length)
+        elif completed:  # Redis's tombstone, where there is none
+            note = CompletionNote(
+                id=state.id, tenant=state.tenant, length=state.length, expires_at=state.expires_at
+            )
+            self.records.put(COMPLETED_KIND, completion_name(state.id), note)
         self._forget(state, abort=abort)
 
     def _forget(self, state: UploadState, *, abort: bool) -> None:

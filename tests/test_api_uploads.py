@@ -37,6 +37,7 @@ from services.resumable import (
     Swept,
     Uploads,
     UploadState,
+    completion_name,
     staging_name,
     state_digest,
 )
@@ -735,6 +736,31 @@ def test_a_completed_upload_answers_its_length_to_its_tenant_and_clients_take_it
     problem(patch(client, url, len(data), b""), 404, "upload-not-found")
     problem(client.delete(url, headers=TUS), 404, "upload-not-found")
     assert read_object(client, "up/obj").content == data
+
+
+def test_an_unanchored_completion_is_answered_until_the_sweep_drops_its_note(
+    tmp_path: Path,
+) -> None:
+    """With no Redis (the embedded default), a completed upload's tombstone is a sealed
+    note beside the states: its HEAD answers the full offset until a day past its expiry,
+    when the sweep removes the note, and the HEAD is then 404."""
+    data = random_bytes(FRAME + 7, seed=25)
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        assert api.parts.upload_anchor is None
+        create_key(client)
+        url = create(client, len(data))
+        assert patch(client, url, 0, data).status_code == 204
+        note = completion_name(url.rpartition("/")[2])
+        assert [info.key for info in api.records.store.list(note)] == [note]
+
+        completed_head(client, url, len(data))
+        assert api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=1)) == Swept()
+        completed_head(client, url, len(data))
+        api.parts.uploads().expire(datetime.now(UTC) + timedelta(days=3))
+
+        assert list(api.objects.list(UPLOADS_PREFIX)) == []
+        assert list(api.records.store.list(note)) == []
+        assert client.head(url, headers=TUS).status_code == 404
 
 
 def test_an_empty_upload_is_complete_once_created(client: httpx.Client) -> None:

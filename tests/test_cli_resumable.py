@@ -4,6 +4,7 @@ the command, which finds the upload the first run kept (its path only) and finis
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from tests.conftest import Api
 from tests.support.cut_proxy import CuttingProxy
 from tests.support.data import KiB, MiB, random_bytes
 from tests.support.http import create_key, read_object
-from tests.test_api_uploads import TUS
+from tests.test_api_uploads import TUS, offset_of, patch
 from tests.test_cli_commands import KID, run
 
 FRAME = 64 * KiB
@@ -115,3 +116,44 @@ def test_a_file_changed_in_place_with_its_mtime_put_back_is_not_resumed(
     with api.client() as client:
         assert read_object(client, "r/changed").content == new
         assert client.head(left, headers=TUS).status_code == 404  # terminated
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+def test_a_rerun_after_another_request_completed_the_upload_reports_it_done(
+    api: Api, tmp_path: Path
+) -> None:
+    """The upload a cut-off run left is completed by another request (as the last PATCH
+    whose answer was lost would have): the rerun reports it stored, naming the upload and
+    no verify job, rather than failing on a 404 or a 409 object-exists."""
+    data = random_bytes(MiB + 9, seed=35)
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(data)
+    state = tmp_path / "state"
+    args = ("encrypt", str(plain), "--kid", KID, "--to-storage", "r/done", "--resume", "--json")
+    with api.client() as client:
+        create_key(client)
+    with CuttingProxy(api.url, [WHOLE, WHOLE] + [200 * KiB, WHOLE] * 5) as proxy:
+        env = {"SEALSTREAM_URL": proxy.url, "XDG_STATE_HOME": str(state)}
+        failed = run(api, *args, "--frame-length", str(FRAME), env=env)
+        (note,) = (state / "sealstream" / "uploads").iterdir()
+        upload = json.loads(note.read_text())["upload"]
+        with api.client() as client:
+            for _ in range(50):  # until the cut PATCHes' server side has let the upload go
+                offset = offset_of(client, upload)
+                if (answer := patch(client, upload, offset, data[offset:])).status_code not in (
+                    409,
+                    423,
+                ):
+                    break
+                time.sleep(0.1)
+            assert answer.status_code == 204, answer.text
+
+        finished = run(api, *args, "--frame-length", str(FRAME), env=env)
+
+    assert failed.returncode != 0
+    assert finished.returncode == 0, finished.stderr
+    stored = json.loads(finished.stdout)
+    assert (stored["key"], stored["upload"], stored["verifyJob"]) == ("r/done", upload, None)
+    assert not note.exists()
+    with api.client() as client:
+        assert read_object(client, "r/done").content == data
