@@ -75,7 +75,7 @@ from services.open_stored import OnChunk, damage_reported, open_stored, recorded
 from services.open_upload import OpenedUpload, open_upload
 from services.placement import Placement
 from services.seal_to_client import seal_to_client
-from storage import MultipartWriter, ObjectInfo, ObjectStore, StorageError
+from storage import MultipartWriter, ObjectInfo, ObjectStore, StorageError, UploadStarted
 from storage.integrity import Records
 from storage.records import ObjectRecord, drop_intent, save_intent, save_record
 
@@ -218,6 +218,7 @@ def reencrypt_object(
     destination: Placement | None = None,
     overwrite: bool = False,
     context: Mapping[str, str] | None = None,
+    on_upload: UploadStarted | None = None,
 ) -> Reencrypted:
     """Re-encrypt the object `original` (its current version, as `head` gave it), whose
     upload record is `recorded`, for the primary version of `kid` (by default its own
@@ -227,7 +228,9 @@ def reencrypt_object(
 
     `on_chunk(bytes read)` runs for each chunk of the object read (progress, heartbeat,
     a cancel point). The keys are checked again as the object is read and sealed, at most
-    once a second each way: a key disabled meanwhile stops the job.
+    once a second each way: a key disabled meanwhile stops the job. `on_upload` is told
+    of an upload started that a killed process would leave pending
+    (`ObjectStore.multipart`).
     """
     tenant = recorded.tenant
     inventory = Inventory(records)
@@ -267,6 +270,7 @@ def reencrypt_object(
             metadata=object_metadata(sealing),
             if_absent=destination is not None and not overwrite,
             if_match=original.etag if destination is None else None,
+            on_upload=on_upload,
         ) as writer:
             new = _Resealing(sealing, writer)
             watch = KeyWatch.for_sealing(keys, sealing)

@@ -45,7 +45,7 @@ from tests.conftest import Api, api_settings, live_api
 from tests.support.data import random_bytes, random_chunks
 from tests.support.envelope import decrypt_all, frame_count
 from tests.support.http import KEYS, create_key, encrypt, read_object
-from tests.support.jobs import JobStack, finished_job, no_job_queued
+from tests.support.jobs import JobStack, finished_job, get_job, no_job_queued
 from tests.support.jobs import store_object as store_streamed
 from tests.support.seals import SealRecorder
 from tests.support.storage import leave_pending
@@ -565,13 +565,16 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
     storage_key = stored["docs/big"]["storageKey"]
     before = stored_bytes(api.objects, storage_key)
     record = job_record(worker, storage_key, key="docs/big")
-    # The killed attempt noted the object it was writing, began its upload and died; an
-    # upload of another object whose key starts with the same name is someone else's.
-    leave_pending(api.objects, storage_key, if_match=api.objects.head(storage_key).etag)
+    # The killed attempt noted the object it was writing and its upload's id, and died;
+    # an upload of another object whose key starts with the same name is someone else's,
+    # and so is another writer's upload of the same object (a resumable upload between
+    # two parts, which no one holds then).
+    own = leave_pending(api.objects, storage_key, if_match=api.objects.head(storage_key).etag)
     neighbour = api.objects.multipart(f"{storage_key}-draft")
     neighbour.write(random_bytes(MIN_PART_SIZE + 1))
-    assert api.objects.pending_uploads("tenants/") == [storage_key, f"{storage_key}-draft"]
-    left = {"reencrypted": 0, "writing": storage_key}
+    resumable = api.objects.start_parts(storage_key)
+    part = api.objects.put_part(resumable, 1, 0, b"another writer's first part")
+    left = {"reencrypted": 0, "writing": storage_key, "writingUpload": own}
     killed = record.model_copy(update={"status": JobStatus.RUNNING, "attempts": 1, "result": left})
     worker.jobs.save(killed)
 
@@ -579,10 +582,12 @@ def test_a_rerun_aborts_the_upload_its_killed_attempt_left_on_that_object_only(
 
     assert final.status is JobStatus.SUCCEEDED and final.result is not None, final
     assert (final.attempts, final.result["reencrypted"]) == (2, 1)
-    assert api.objects.pending_uploads("tenants/") == [f"{storage_key}-draft"]
-    neighbour.abort()
-    assert nothing_pending(api.objects)
+    assert api.objects.pending_uploads("tenants/") == [storage_key, f"{storage_key}-draft"]
+    assert api.objects.abort_pending(storage_key, exact=True, upload_ids={own}) == 0
     assert_reencrypted(api, client, "docs/big", data["docs/big"], storage_key, before)
+    neighbour.abort()
+    assert api.objects.complete_parts(resumable, [part], if_absent=False).size == part.size
+    assert nothing_pending(api.objects)
 
 
 class _CancelOncePending:
@@ -765,7 +770,12 @@ def test_a_worker_killed_mid_object_leaves_no_upload_pending(job_stack: JobStack
         storage_key = stored["storageKey"]
         proxy.pace(PACE)
         job_id = start(client, key="big.bin").json()["id"]
-        wait_until(lambda: objects.pending_uploads() == [storage_key], "the upload to begin", 60)
+        wait_until(
+            lambda: "writingUpload" in (get_job(client, job_id)["result"] or {}),
+            "the upload to begin, its id noted",
+            60,
+        )
+        assert objects.pending_uploads() == [storage_key]
         proxy.hold()
         wait_until(proxy.holding, "the worker's download held at the proxy")
         (pool,) = worker.pool_pids()

@@ -12,8 +12,10 @@ after their record was written. Each is re-encrypted under a fresh data key, or 
 
 Reruns converge: an object whose record names the primary version (and which is not due
 as rewrapped) is skipped, and a re-encrypted object's record is new. Before it writes an
-object, the job notes that object's key in its record. A rerun after a worker was killed
-aborts the upload that worker left pending on exactly that key, and no other. A failure
+object, the job notes that object's key in its record, and the id of the upload it
+starts there before sending any of it (on S3, once the object outgrows a part). A rerun
+after a worker was killed aborts that upload, and no other: not another writer's upload
+of the same key (a resumable upload, say), which the store cannot tell apart. A failure
 on one object is reported in the result and leaves that object as it was; a job on one
 object fails with it.
 
@@ -124,10 +126,10 @@ class _ReencryptJob:
     def abort_left_pending(self) -> None:
         """Abort the upload a killed attempt of this job left on the object it wrote."""
         partial = self.context.record.result or {}
-        writing = partial.get("writing")
-        if writing is not None:
+        writing, upload_id = partial.get("writing"), partial.get("writingUpload")
+        if writing is not None and upload_id is not None:
             bucket = partial.get("writingBucket", self.params.bucket)
-            self._store(bucket).abort_pending(writing, exact=True)
+            self._store(bucket).abort_pending(writing, exact=True, upload_ids={upload_id})
 
     def targets(self, report: _Report) -> list[_Target]:
         """The one object named, every recorded object under the prefix sealed under the
@@ -178,7 +180,8 @@ class _ReencryptJob:
             if not self._due(target):
                 report.skipped += 1
                 return
-            # Noted before its upload can begin, for a rerun to abort if this attempt dies.
+            # Noted before its upload can begin, and its upload's id before any of it is
+            # sent, for a rerun to abort if this attempt dies.
             writing = {"writing": key, "writingBucket": store.bucket}
             self.context.save_partial({**report.counts(), **writing})
             original = store.head(key)
@@ -189,6 +192,9 @@ class _ReencryptJob:
                 target.record,
                 original,
                 self.context.add_bytes,
+                on_upload=lambda _, upload_id: self.context.save_partial(
+                    {**report.counts(), **writing, "writingUpload": upload_id}
+                ),
             )
         except (JobCancelled, LeaseLost, StorageUnavailable):
             raise  # not about this object: the job stops
