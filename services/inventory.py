@@ -10,29 +10,55 @@ and storage key:
 Named by a digest, a marker's name has the same length whatever the object's key, so
 every key an object record can name has a marker too; a listing comes in digest order.
 
+The members a job seals into a prefix (an archive's) are marked once for the run rather
+than one by one: before its first member of a key version becomes visible, a run marker
+names the job, the version, the bucket and the storage prefix,
+
+    sealstream/index/<tenant>/<kid>/<version>/run-<SHA-256 of bucket, prefix, job>.json
+
+and stands for every object under the prefix whose authentic record names that job and
+that version. Reading the index expands it (`VersionIndex`): the prefix listed, each
+object's record read. Run markers sort after the objects' markers, so a listing of a
+version yields the objects marked one by one, then each run's members in key order.
+
 Markers err on the side of too many, never too few. One is written before its object's
-upload completes, and removed only once its object is gone or has moved to another
-version; a crash in between leaves one too many, which the reencrypt job's version
-selector drops once it finds no such object. The index is a help, not the proof: whoever
-can write the bucket can delete markers, so retiring a version checks the object records
-too (`services.retirement`).
+upload completes (a run's before its first member's), and an object's marker removed
+only once its object is gone or has moved to another version; a crash in between leaves
+one too many, which the reencrypt job's version selector drops once it finds no such
+object. A run marker stays: expanded, it stands for nothing once no member of its run
+under its version is left. The index is a help, not the proof: whoever can write the
+bucket can delete markers, so retiring a version checks the object records too
+(`services.retirement`).
 """
 
 import hashlib
+import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Self
 
-from services.placement import client_key
-from storage import ObjectExists, ObjectNotFound, ObjectStore, StorageError
+from services.placement import Spaces, client_key
+from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
 from storage.records import ObjectRecord, object_record
 
 INDEX_PREFIX = "sealstream/index/"
 MARKER_KIND = "object-marker"
+RUN_MARKER_KIND = "run-marker"
 MARKER_SUFFIX = ".json"
+RUN_NAME_PREFIX = "run-"  # after every hex digest: a version's runs list after its objects
+# Records of a run's members read at once when it is expanded: each a request, mostly
+# waiting; and how many of its listing are handed to them at a time.
+EXPANSION_THREADS = 8
+EXPANSION_SLICE = 64
+# A page's cursor: the digest of an object's marker, or a run's and its member's storage
+# key (hex, at most 1,024 bytes).
+CURSOR_PATTERN = "^([0-9a-f]{64}|run-[0-9a-f]{64}\\.([0-9a-f]{2}){1,1024})?$"
 
 
 class Marker(FrozenCamelModel):
@@ -91,6 +117,35 @@ class IndexedObject(CamelModel):
         )
 
 
+class RunMarker(FrozenCamelModel):
+    """Every object a job writes under a storage prefix sealed under one key version."""
+
+    tenant: str
+    kid: str
+    key_version: int
+    bucket: str
+    storage_prefix: str
+    job_id: str
+    created_at: datetime
+
+    @property
+    def name(self) -> str:
+        place = json.dumps([self.bucket, self.storage_prefix, self.job_id])
+        digest = hashlib.sha256(place.encode()).hexdigest()
+        prefix = version_prefix(self.tenant, self.kid, self.key_version)
+        return f"{prefix}{RUN_NAME_PREFIX}{digest}{MARKER_SUFFIX}"
+
+    def covers(self, record: ObjectRecord) -> bool:
+        """Whether the object `record` describes is one this marker stands for."""
+        return (
+            record.job_id == self.job_id
+            and (record.tenant, record.kid, record.key_version)
+            == (self.tenant, self.kid, self.key_version)
+            and record.bucket == self.bucket
+            and record.key.startswith(self.storage_prefix)
+        )
+
+
 def key_prefix(tenant: str, kid: str) -> str:
     return f"{INDEX_PREFIX}{tenant}/{kid}/"
 
@@ -139,16 +194,63 @@ class Inventory:
         if (before.kid, before.key_version) != (after.kid, after.key_version):
             self.discard(Marker.of(before))
 
+
+class RunIndex:
+    """How a job's members under one storage prefix are marked: one run marker for each
+    key version they are sealed under, written before the first such member is made
+    visible; thread-safe, as members are sealed several at once."""
+
+    def __init__(
+        self, records: Records, tenant: str, bucket: str, storage_prefix: str, job_id: str
+    ) -> None:
+        self._records = records
+        self._tenant = tenant
+        self._bucket = bucket
+        self._storage_prefix = storage_prefix
+        self._job_id = job_id
+        self._marked: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+
+    def mark(self, marker: Marker) -> bool:
+        """Make sure the run marker that stands for `marker`'s object is written; False,
+        as it is never this caller's to take back (other members stand on it)."""
+        if (marker.tenant, marker.bucket) != (self._tenant, self._bucket) or not (
+            marker.storage_key.startswith(self._storage_prefix)
+        ):
+            raise ValueError("the object is not under the run's prefix")
+        version = (marker.kid, marker.key_version)
+        with self._lock:  # members wait for the run's marker, written once
+            if version not in self._marked:
+                run = RunMarker(
+                    tenant=self._tenant,
+                    kid=marker.kid,
+                    key_version=marker.key_version,
+                    bucket=self._bucket,
+                    storage_prefix=self._storage_prefix,
+                    job_id=self._job_id,
+                    created_at=datetime.now(UTC),
+                )
+                with suppress(ObjectExists):  # an earlier attempt of the job wrote it
+                    self._records.put(RUN_MARKER_KIND, run.name, run, if_absent=True)
+                self._marked.add(version)
+        return False
+
+
+class VersionIndex:
+    """The index read: the objects each version of a key seals, runs expanded into their
+    members (whose records are read in the tenant's stores)."""
+
+    def __init__(self, records: Records, spaces: Spaces) -> None:
+        self._records = records
+        self._store: ObjectStore = records.store
+        self._spaces = spaces
+
     def markers(self, tenant: str, kid: str, version: int, after: str = "") -> Iterator[Marker]:
-        """The authentic markers of one key version, in index order, from the cursor
-        `after` on; a marker that fails authentication is logged, counted and passed over."""
-        prefix = version_prefix(tenant, kid, version)
-        start = f"{prefix}{after}{MARKER_SUFFIX}" if after else ""
-        for info in self._store.list(prefix, start_after=start):
-            try:
-                yield self._records.get(MARKER_KIND, info.key, Marker)
-            except (ObjectNotFound, RecordTampered):
-                continue  # dropped since it was listed, or refused and counted
+        """The authentic markers of one key version, a run's expanded into one for each
+        member, in index order, from the cursor `after` on; a marker that fails
+        authentication is logged, counted and passed over."""
+        for _, marker in self._entries(tenant, kid, version, after):
+            yield marker
 
     def page(
         self, tenant: str, kid: str, version: int, *, limit: int, after: str = ""
@@ -156,22 +258,88 @@ class Inventory:
         """Up to `limit` markers of a key version after the cursor `after`, and the cursor
         of the next page (None on the last)."""
         found: list[Marker] = []
-        for marker in self.markers(tenant, kid, version, after):
+        last = ""
+        for place, marker in self._entries(tenant, kid, version, after):
             if len(found) == limit:
-                return found, cursor(found[-1])
+                return found, last
             found.append(marker)
+            last = place
         return found, None
 
     def counts(self, tenant: str, kid: str) -> dict[int, int]:
-        """How many markers each version of a key has, from one listing of the key's
-        index: names, not read one by one."""
+        """How many objects each version of a key has in the index: the objects' markers
+        counted from one listing of the key's index, by name; each run's members by
+        expanding it."""
         prefix = key_prefix(tenant, kid)
         counted: dict[int, int] = {}
         for info in self._store.list(prefix):
             version, _, name = info.key.removeprefix(prefix).partition("/")
-            if version.isdigit() and name.endswith(MARKER_SUFFIX):
-                counted[int(version)] = counted.get(int(version), 0) + 1
-        return counted
+            if not version.isdigit() or not name.endswith(MARKER_SUFFIX):
+                continue
+            found = 1
+            if name.startswith(RUN_NAME_PREFIX):
+                run = self._run(info.key)
+                found = 0 if run is None else sum(1 for _ in self._members(run, ""))
+            counted[int(version)] = counted.get(int(version), 0) + found
+        return {version: count for version, count in counted.items() if count}
+
+    def _entries(
+        self, tenant: str, kid: str, version: int, after: str
+    ) -> Iterator[tuple[str, Marker]]:
+        """(cursor after it, marker) of each object of the version after `after`."""
+        prefix = version_prefix(tenant, kid, version)
+        name_after, _, member_after = after.partition(".")
+        start = f"{prefix}{name_after}{MARKER_SUFFIX}" if name_after else ""
+        if member_after:  # within a run: from its member after the cursor's on
+            start = f"{prefix}{name_after}"
+        for info in self._store.list(prefix, start_after=start):
+            name = info.key.removeprefix(prefix).removesuffix(MARKER_SUFFIX)
+            if name.startswith(RUN_NAME_PREFIX):
+                run = self._run(info.key)
+                within = _storage_key(member_after) if name == name_after else ""
+                for marker in [] if run is None else self._members(run, within):
+                    yield f"{name}.{marker.storage_key.encode().hex()}", marker
+                continue
+            try:
+                yield name, self._records.get(MARKER_KIND, info.key, Marker)
+            except (ObjectNotFound, RecordTampered):
+                continue  # dropped since it was listed, or refused and counted
+
+    def _run(self, name: str) -> RunMarker | None:
+        try:
+            return self._records.get(RUN_MARKER_KIND, name, RunMarker)
+        except (ObjectNotFound, RecordTampered):
+            return None  # dropped since it was listed, or refused and counted
+
+    def _members(self, run: RunMarker, after: str) -> Iterator[Marker]:
+        """The markers of the objects `run` stands for, in key order, after the storage
+        key `after`: those under its prefix whose authentic record it covers."""
+        store = self._spaces.store(run.tenant, run.bucket)
+        listing = store.list(run.storage_prefix, start_after=after)
+        with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
+            while infos := list(islice(listing, EXPANSION_SLICE)):
+                covered = pool.map(lambda info: _covered(self._records, store, run, info), infos)
+                for info, is_member in zip(infos, covered, strict=True):
+                    if is_member:
+                        yield _member_marker(run, info.key)
+
+
+def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool:
+    try:
+        return run.covers(object_record(records, store, info.key, info))
+    except (ObjectNotFound, RecordTampered):
+        return False  # gone since listed, or not believed: the census counts it
+
+
+def _member_marker(run: RunMarker, storage_key: str) -> Marker:
+    return Marker(
+        tenant=run.tenant,
+        kid=run.kid,
+        key_version=run.key_version,
+        bucket=run.bucket,
+        storage_key=storage_key,
+        created_at=run.created_at,
+    )
 
 
 def record_at(records: Records, store: ObjectStore, storage_key: str) -> ObjectRecord | None:
@@ -184,6 +352,7 @@ def record_at(records: Records, store: ObjectStore, storage_key: str) -> ObjectR
         return None
 
 
-def cursor(marker: Marker) -> str:
-    """The opaque cursor after `marker`: its name's digest, which tells nothing of it."""
-    return marker.name.rpartition("/")[2].removesuffix(MARKER_SUFFIX)
+def _storage_key(hexed: str) -> str:
+    """The storage key a run member's cursor names (hex, checked by its caller); bytes
+    that are not UTF-8 still name a place in the listing's order."""
+    return bytes.fromhex(hexed).decode(errors="replace")

@@ -26,7 +26,7 @@ from envelope import EnvelopeError, key_names
 from keystore import KeyRecord, KeyStore
 from keystore.material import key_name
 from keystore.store import Proceed, always, check_pending_window
-from services.inventory import Inventory
+from services.inventory import VersionIndex
 from services.objects import read_stored_header
 from services.placement import Spaces, tenant_prefix
 from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore
@@ -164,7 +164,7 @@ class Retirements:
             return record
         record.check_retirable(version)
         name = key_name(kid, version)
-        counts = Inventory(self.records).counts(tenant, kid)
+        counts = VersionIndex(self.records, self.spaces).counts(tenant, kid)
         if counts.get(version):
             raise VersionInUse(name, counts[version])
         if confirm != name:
@@ -207,7 +207,7 @@ class Retirements:
         destroyed = []
         for tenant, kid, version in self.keys.versions_to_destroy():
             name = key_name(kid, version)
-            indexed = Inventory(self.records).counts(tenant, kid).get(version, 0)
+            indexed = VersionIndex(self.records, self.spaces).counts(tenant, kid).get(version, 0)
             census = self.census(tenant, kid, version)
             if indexed or census.objects or census.unknown:
                 logger.error(

@@ -7,7 +7,9 @@ between completing the upload and saving the record leaves the intent, from whic
 sweep saves the record (`services.unfinished`). With `record_in_metadata` (archive
 members), an object small enough for one request carries its record in its metadata
 instead (`storage.records`): its marker, then the object with its record, two writes in
-all, and nothing for the sweep to finish.
+all, and nothing for the sweep to finish. A job's members are marked by one marker for
+the run (`services.inventory.RunIndex`), written before its first member, so a small
+member is one write.
 
 From a request, batches are sealed, hashed and handed to the multipart writer in one
 worker-thread call, which hashes on a second thread while it seals: SHA-256 costs about
@@ -30,7 +32,7 @@ from anyio import CapacityLimiter, to_thread
 from envelope.encrypt import Piece
 from keystore import KeyStore
 from keystore.name_keys import NameKey
-from services.inventory import Inventory, Marker, record_at
+from services.inventory import Inventory, Marker, RunIndex, record_at
 from services.keys import OBJECT_CONTEXT_KEY, KeyWatch, Sealing
 from services.objects import hidden_plaintext, intended_record, object_metadata, stored_record
 from services.placement import Placement
@@ -79,6 +81,7 @@ class ObjectSealer:
         job_id: str | None = None,
         replacing: str | None = None,
         on_upload: UploadStarted | None = None,
+        run: RunIndex | None = None,
     ) -> None:
         """`sealing` must have been started for this placement (`start_sealing`'s
         `object_key`): a message that names no place could be copied anywhere. With
@@ -87,7 +90,8 @@ class ObjectSealer:
         names the job writing it in its record; with `replacing` (an etag, and
         `overwrite`), it completes only over that version of the object
         (`PreconditionFailed` otherwise); `on_upload` is told of an upload started that a
-        killed process would leave pending (`ObjectStore.multipart`)."""
+        killed process would leave pending (`ObjectStore.multipart`); with `run`, the
+        object is marked in the index by its run's marker rather than a marker of its own."""
         named = sealing.encryptor.header.context.get(OBJECT_CONTEXT_KEY)
         if named != placement.storage_key:
             raise ValueError("the sealing was not started for this object's storage key")
@@ -99,6 +103,7 @@ class ObjectSealer:
         self._digest = hashlib.sha256()
         self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
+        self._mark = self._inventory.add if run is None else run.mark
         self._overwrite = overwrite
         self._replacing = replacing
         self._record_in_metadata = record_in_metadata
@@ -160,7 +165,7 @@ class ObjectSealer:
             return self._complete_recorded(marker, intent, replaced)
         # Before the object can be seen: the index never misses an object it holds, and
         # the intent is there to record it whatever happens next.
-        ours = self._inventory.add(marker)
+        ours = self._mark(marker)
         try:
             save_intent(self._records, intent)
             info = self._writer.complete()
@@ -214,7 +219,7 @@ class ObjectSealer:
         marker, intent = self._intended(None)
         if not self._sends_record(intent):
             return None
-        self._inventory.add(marker)  # one left by a failure is one too many: harmless
+        self._mark(marker)  # one left by a failure is one too many: harmless
         info = self._writer.complete_if_absent()
         return None if info is None else intent.model_copy(update={"etag": info.etag})
 
@@ -229,7 +234,7 @@ class ObjectSealer:
         self, marker: Marker, record: ObjectRecord, replaced: ObjectRecord | None
     ) -> ObjectRecord:
         """Complete an object that carries its record: the marker first, as ever."""
-        marked = self._inventory.add(marker)
+        marked = self._mark(marker)
         try:
             info = self._writer.complete()
         except (ObjectExists, PreconditionFailed):
@@ -308,12 +313,14 @@ def seal_stream(
     job_id: str | None = None,
     replacing: str | None = None,
     on_upload: UploadStarted | None = None,
+    run: RunIndex | None = None,
 ) -> ObjectRecord:
     """Seal `chunks`, read from a blocking stream, into `placement`, and record it (its
     plaintext hidden under `name_key`, if given; in its metadata if small enough and
     `record_in_metadata`; naming `job_id` as its writer, if given; only over the version
-    `replacing`, if given; telling `on_upload` of a pending upload started, if given);
-    `after_chunk()` runs once each chunk is written (progress, a cancel point)."""
+    `replacing`, if given; telling `on_upload` of a pending upload started, if given;
+    marked by `run`'s marker, if given); `after_chunk()` runs once each chunk is written
+    (progress, a cancel point)."""
     sealer = ObjectSealer(
         sealing,
         placement,
@@ -324,6 +331,7 @@ def seal_stream(
         job_id=job_id,
         replacing=replacing,
         on_upload=on_upload,
+        run=run,
     )
     try:
         for chunk in chunks:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.inventory import Inventory, Marker
+from services.inventory import Marker, VersionIndex
 from services.placement import Spaces
 from services.stored_objects import DeletionNote, finish_deletions
 from storage import LocalStore, ObjectNotFound
@@ -35,7 +35,10 @@ def store(client: httpx.Client, key: str, data: bytes, **destination: Any) -> di
 
 def marked(api: Api, version: int, kid: str = KID) -> list[str]:
     """The storage keys the index lists under `kid#version`, sorted."""
-    return sorted(m.storage_key for m in Inventory(api.records).markers(TENANT, kid, version))
+    return sorted(
+        m.storage_key
+        for m in VersionIndex(api.records, api.parts.spaces).markers(TENANT, kid, version)
+    )
 
 
 def listing(client: httpx.Client, **query: Any) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def test_every_write_marks_its_object_under_its_key_version(api: Api) -> None:
 
     assert marked(api, 1) == ["tenants/default/docs/b"]
     assert marked(api, 2) == ["tenants/default/docs/a"]
-    assert Inventory(api.records).counts(TENANT, KID) == {1: 1, 2: 1}
+    assert VersionIndex(api.records, api.parts.spaces).counts(TENANT, KID) == {1: 1, 2: 1}
 
 
 def test_deleting_an_object_takes_its_record_and_marker_too(api: Api) -> None:
@@ -198,7 +201,7 @@ def test_a_marker_is_sealed_and_bound_to_its_name(api: Api) -> None:
     with api.client() as client:
         create_key(client)
         store(client, "docs/a", b"a")
-    inventory = Inventory(api.records)
+    inventory = VersionIndex(api.records, api.parts.spaces)
     (marker,) = inventory.markers(TENANT, KID, 1)
     moved = Marker.new(TENANT, KID, 7, marker.bucket, marker.storage_key)
     api.objects.put(moved.name, api.objects.get(marker.name))

@@ -12,7 +12,7 @@ import pytest
 
 from envelope import TruncatedMessage, key_names, parse_header
 from envelope.frames import REGULAR_OVERHEAD
-from services.inventory import Inventory
+from services.inventory import VersionIndex
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import KiB, MiB, flip_bit, pieces, random_bytes, random_chunks
 from tests.support.envelope import frame_count, frame_offset
@@ -278,7 +278,10 @@ def test_an_object_for_several_keys_keeps_every_other_key_when_reencrypted(
 
 def _marked(api: Api, kid: str) -> list[str]:
     """The storage keys the index lists under `kid#1`, sorted."""
-    return sorted(m.storage_key for m in Inventory(api.records).markers("default", kid, 1))
+    return sorted(
+        m.storage_key
+        for m in VersionIndex(api.records, api.parts.spaces).markers("default", kid, 1)
+    )
 
 
 def test_both_keys_usage_warnings_come_with_each_reencrypt_answer(

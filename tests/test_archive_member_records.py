@@ -1,6 +1,6 @@
 """Archive members small enough for one write carry their record in their own metadata,
-on a local directory and on moto: one write each besides the marker, no record file and
-no intent, yet read, listed, verified and deleted like any recorded object; and a
+on a local directory and on moto: one write each (their run marked once in the index), no
+record file and no intent, yet read, listed, verified and deleted like any recorded object; and a
 bucket writer without the KEK can neither alter such a record, nor move one (with its
 object or alone) onto another object, nor make an object without one pass for recorded;
 nor, by putting back an older record file or an older member, get the key version a
@@ -16,7 +16,7 @@ import pytest
 
 from keystore import KeyStore
 from sealstream.wiring import build_parts
-from services.inventory import Inventory
+from services.inventory import RUN_NAME_PREFIX, version_prefix
 from services.retirement import Retirements
 from storage import ObjectInfo, ObjectNotFound, ObjectStore
 from storage.local import LocalStore
@@ -150,9 +150,9 @@ def sweep_after_the_window(api: Api) -> Retirements:
 
 def member_beside_an_old_record_file(api: Api, client: httpx.Client, data: bytes) -> str:
     """A bucket writer keeps the record file of an object (version 1) that a member
-    (version 2) later replaced, puts it back and deletes the member's index marker; the
-    tenant then rotates and re-encrypts what the index lists of version 2. The old
-    record file's etag."""
+    (version 2) later replaced, puts it back and deletes the member's index marker (its
+    run's); the tenant then rotates and re-encrypts what the index lists of version 2.
+    The old record file's etag."""
     storage_key = f"{TENANT}out/x"
     create_key(client)
     old = encrypt(client, data, destination={"key": "out/x"})
@@ -161,9 +161,10 @@ def member_beside_an_old_record_file(api: Api, client: httpx.Client, data: bytes
     assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
     stream_in(client, {"x": data}, overwrite=True)
     api.objects.put(record_key(api.objects.bucket, storage_key), old_record)
-    for marker in Inventory(api.records).markers("default", KID, 2):
-        if marker.storage_key == storage_key:
-            api.objects.delete(marker.name)
+    index = version_prefix("default", KID, 2)
+    for info in api.objects.list(index):
+        if info.key.removeprefix(index).startswith(RUN_NAME_PREFIX):  # the member's run's
+            api.objects.delete(info.key)
     assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
     reencrypt(client, 2)  # what it finds of version 2: the archive's manifest
     etag: str = old.json()["etag"]

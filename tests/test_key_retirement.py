@@ -24,7 +24,7 @@ from keystore.persistence import RECORD_KIND as KEY_KIND
 from keystore.persistence import record_key as key_record_name
 from keystore.records import KeyRecord
 from sealstream.wiring import build_parts
-from services.inventory import Inventory
+from services.inventory import VersionIndex
 from services.retirement import Retirements
 from storage.local import LocalStore
 from storage.records import record_key
@@ -148,7 +148,7 @@ def rotated(api: Api) -> Api:
 
 
 def test_a_deleted_marker_does_not_let_a_version_in_use_be_retired(rotated: Api) -> None:
-    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    (marker,) = VersionIndex(rotated.records, rotated.parts.spaces).markers(TENANT, KID, 1)
     rotated.objects.delete(marker.name)
     with rotated.client() as client:
         refused = problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-in-use")
@@ -156,7 +156,7 @@ def test_a_deleted_marker_does_not_let_a_version_in_use_be_retired(rotated: Api)
 
 
 def test_nor_does_a_deleted_marker_and_object_record(rotated: Api) -> None:
-    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    (marker,) = VersionIndex(rotated.records, rotated.parts.spaces).markers(TENANT, KID, 1)
     rotated.objects.delete(marker.name)
     rotated.objects.delete(record_key(rotated.objects.bucket, "tenants/default/docs/a"))
     with rotated.client() as client:
@@ -164,7 +164,7 @@ def test_nor_does_a_deleted_marker_and_object_record(rotated: Api) -> None:
 
 
 def test_nor_does_a_tampered_object_record(rotated: Api) -> None:
-    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    (marker,) = VersionIndex(rotated.records, rotated.parts.spaces).markers(TENANT, KID, 1)
     rotated.objects.delete(marker.name)
     name = record_key(rotated.objects.bucket, "tenants/default/docs/a")
     rotated.objects.put(
@@ -234,7 +234,7 @@ def test_nor_does_an_object_stripped_of_record_marker_and_metadata(rotated: Api)
     store_ = rotated.objects
     if not isinstance(store_, LocalStore):
         pytest.skip("the local directory backend only")
-    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    (marker,) = VersionIndex(rotated.records, rotated.parts.spaces).markers(TENANT, KID, 1)
     store_.delete(marker.name)
     storage_key = "tenants/default/docs/a"
     store_.delete(record_key(store_.bucket, storage_key))
@@ -262,7 +262,7 @@ def test_nor_does_an_object_stripped_of_record_and_marker_and_its_first_byte_cha
 ) -> None:
     """Whoever can write the bucket makes an object of version 1 look like no message (to
     put it back once the version is retired): it is not known to be none."""
-    (marker,) = Inventory(rotated.records).markers(TENANT, KID, 1)
+    (marker,) = VersionIndex(rotated.records, rotated.parts.spaces).markers(TENANT, KID, 1)
     rotated.objects.delete(marker.name)
     storage_key = "tenants/default/docs/a"
     rotated.objects.delete(record_key(rotated.objects.bucket, storage_key))

@@ -589,9 +589,23 @@ MUTANTS = (
     Mutant(
         "index: a marker before the object",
         "services/seal_to_storage.py",
-        "        ours = self._inventory.add(marker)",
+        "        ours = self._mark(marker)",
         "        ours = False",
         ("tests/test_api_objects.py",),
+    ),
+    Mutant(
+        "index: a run's marker before its members",
+        "services/inventory.py",
+        "                    self._records.put(RUN_MARKER_KIND, run.name, run, if_absent=True)",
+        "                    pass",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
+        "index: a run stands for its own job's objects",
+        "services/inventory.py",
+        "            record.job_id == self.job_id",
+        "            True",
+        ("tests/test_inventory_runs.py",),
     ),
     Mutant(
         "retire: the index says in use",

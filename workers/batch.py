@@ -59,6 +59,7 @@ from services.archives.sealing import (
     ReadingStopped,
 )
 from services.errors import error_code, public_detail
+from services.inventory import RunIndex
 from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
@@ -244,7 +245,7 @@ def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
     """Seal every member; the damage if the archive breaks off part-way (the members read
     before it broke are sealed all the same)."""
     concurrency = batch.services.settings.batch_concurrency
-    sealing = _sealing(batch.context, batch.services, batch.name_key)
+    sealing = _sealing(batch.context, batch.services, batch.name_key, _run_index(batch))
     with ParallelSealing[_Started](sealing, concurrency) as parallel:
         try:
             _read_all(batch, source, parallel)
@@ -436,9 +437,23 @@ def _check_destination(batch: _Batch, path: str, name: str) -> None:
         raise UnsafeMember("the name of the archive being read")
 
 
-def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> MemberSealing:
+def _run_index(batch: _Batch) -> RunIndex:
+    """The marker in the index of every object the job writes under its prefix."""
+    return RunIndex(
+        batch.services.records,
+        batch.tenant,
+        batch.store.bucket,
+        batch.storage_prefix,
+        batch.context.record.id,
+    )
+
+
+def _sealing(
+    context: JobContext, services: Parts, name_key: NameKey | None, run: RunIndex | None = None
+) -> MemberSealing:
     """How the job seals each object it writes (each one: on any failure or cancel,
-    nothing is left), each record naming the job."""
+    nothing is left), each record naming the job; with `run`, marked in the index by
+    the run's marker."""
     params = context.params(BatchEncryptParams)
     return MemberSealing(
         services.keys,
@@ -449,6 +464,7 @@ def _sealing(context: JobContext, services: Parts, name_key: NameKey | None) -> 
         params.frame_length,
         name_key,
         context.record.id,
+        run,
     )
 
 
@@ -462,7 +478,7 @@ def _write_manifest(batch: _Batch, manifest_key: str, pieces: Iterator[bytes]) -
     one its killed predecessor may have completed (the job checked for one at its start)."""
     key = batch.prefix + MANIFEST_NAME
     placement = Placement(batch.store, batch.store.bucket, key, manifest_key)
-    _sealing(batch.context, batch.services, batch.name_key).seal(
+    _sealing(batch.context, batch.services, batch.name_key, _run_index(batch)).seal(
         placement,
         _gathered(pieces),
         overwrite=True,

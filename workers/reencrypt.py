@@ -31,7 +31,7 @@ from typing import Any
 from keystore import KeyRecord
 from sealstream.wiring import Parts
 from services.errors import error_code, public_detail
-from services.inventory import Inventory
+from services.inventory import Inventory, VersionIndex
 from services.jobs import JobKind, ObjectTarget, ReencryptParams, VersionTarget
 from services.jobs.context import JobCancelled, JobContext, JobFailed, LeaseLost
 from services.placement import tenant_prefix
@@ -116,6 +116,7 @@ class _ReencryptJob:
         self.params = params
         self.tenant = context.record.tenant
         self.inventory = Inventory(services.records)
+        self.index = VersionIndex(services.records, services.spaces)
         # Refuses a key that may not encrypt now. Objects are moved to the version that is
         # primary when each is sealed: this one, unless the key rotates meanwhile. It is
         # at least the one the API saw, though this process may have cached an older one.
@@ -152,7 +153,7 @@ class _ReencryptJob:
         whose record names another version (moved on, but its marker left behind) stand
         for nothing and are dropped."""
         found = []
-        for marker in self.inventory.markers(self.tenant, self.key.kid, version):
+        for marker in self.index.markers(self.tenant, self.key.kid, version):
             store = self._store(marker.bucket)
             try:
                 info = store.head(marker.storage_key)
@@ -212,7 +213,7 @@ class _ReencryptJob:
         selected = self.params.target
         if isinstance(selected, VersionTarget):
             # What the index still lists under the version: 0 unless an object failed.
-            left = self.inventory.counts(self.tenant, self.key.kid).get(selected.version, 0)
+            left = self.index.counts(self.tenant, self.key.kid).get(selected.version, 0)
             key |= {"version": selected.version, "dropped": report.dropped, "remaining": left}
         else:
             key["bucket"] = self.params.bucket

@@ -21,7 +21,7 @@ from api.services import services
 from api.tokens import Principal
 from keystore import ImportSpec, KeyChange, KeyRecord, KeySpec, KeyView, supported_algorithms
 from keystore.records import VersionInfo
-from services.inventory import IndexedObject, Inventory, Marker
+from services.inventory import CURSOR_PATTERN, IndexedObject, Marker, VersionIndex
 from services.retirement import RetirementRefused, Retirements
 from storage.documents import CamelModel
 
@@ -257,7 +257,7 @@ def detail(record: KeyRecord, counts: dict[int, int]) -> dict[str, Any]:
 def _detailed(request: Request, tenant: str, kid: str) -> dict[str, Any]:
     svc = services(request)
     record = svc.keys.get(tenant, kid)
-    return detail(record, Inventory(svc.records).counts(tenant, kid))
+    return detail(record, VersionIndex(svc.records, svc.spaces).counts(tenant, kid))
 
 
 @router.get(
@@ -272,15 +272,15 @@ async def list_key_version_objects(
     _: ObjectReader,
     version: Annotated[int, Query(ge=1)],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str, Query(pattern="^([0-9a-f]{64})?$")] = "",
+    after: Annotated[str, Query(pattern=CURSOR_PATTERN)] = "",
 ) -> dict[str, Any]:
     """The stored objects the index lists under one version of the key."""
     svc = services(request)
 
     def page() -> tuple[list[Marker], str | None]:
         svc.keys.get(principal.tenant, kid).version(version)  # 404 for either
-        inventory = Inventory(svc.records)
-        return inventory.page(principal.tenant, kid, version, limit=limit, after=after)
+        index = VersionIndex(svc.records, svc.spaces)
+        return index.page(principal.tenant, kid, version, limit=limit, after=after)
 
     markers, cursor = await run_in_threadpool(page)
     objects = [IndexedObject.of(marker).model_dump(mode="json") for marker in markers]

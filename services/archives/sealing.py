@@ -26,6 +26,7 @@ from typing import Generic, Self, TypeVar
 
 from keystore import KeyStore
 from keystore.name_keys import NameKey
+from services.inventory import RunIndex
 from services.keys import Sealing, start_sealing
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer, seal_stream
@@ -53,6 +54,8 @@ class MemberSealing:
     name_key: NameKey | None = None
     # The job writing them, named in each record (`storage.records.MessageRecord.job_id`).
     job_id: str | None = None
+    # The run's marker in the index, which stands for every object it writes.
+    run: RunIndex | None = None
 
     def open(self, placement: Placement, *, overwrite: bool) -> ObjectSealer:
         """A message at `placement`, to be written a piece at a time and completed (or
@@ -64,6 +67,7 @@ class MemberSealing:
             records=self.records,
             name_key=self.name_key,
             job_id=self.job_id,
+            run=self.run,
         )
 
     def seal(
@@ -93,6 +97,7 @@ class MemberSealing:
             job_id=self.job_id,
             replacing=replacing,
             on_upload=on_upload,
+            run=self.run,
         )
 
     def _start(self, placement: Placement) -> Sealing:

@@ -1,0 +1,142 @@
+"""The members an archive job seals are marked in the index of key versions by one marker
+for the run, over real HTTP on both backends: the index lists, pages and counts them
+member by member, follows them when they are re-encrypted, and a run cut short leaves a
+marker that stands for what it sealed and for nothing else. A bucket writer without the
+KEK can neither plant a run marker nor move one to another version."""
+
+from typing import Any
+
+import httpx
+import pytest
+
+from services.archives.sealing import MemberSealing
+from services.inventory import RUN_NAME_PREFIX, RunIndex
+from services.inventory import version_prefix as index_prefix
+from services.placement import Placement
+from storage import ObjectExists, ObjectNotFound
+from tests.conftest import Api
+from tests.support.data import random_bytes, tar_archive
+from tests.support.http import FORM_TYPE, KEYS, create_key, form_bytes, problem
+from tests.support.jobs import finished_job
+
+ARCHIVE = "/api/crypto/stream/encrypt-archive"
+KID = "mySymKey"
+TENANT = "default"
+STORAGE_PREFIX = "tenants/default/"
+MEMBERS = {f"m-{n}.bin": random_bytes(500 + 700 * n, seed=n) for n in range(5)}
+LARGE = {"large.bin": random_bytes(5 * 1024 * 1024 + 1, seed=9)}  # no record in metadata
+
+
+def stream_in(client: httpx.Client, members: dict[str, bytes], prefix: str = "out/") -> None:
+    fields = {"kid": KID, "destination": {"prefix": prefix, "overwrite": True}}
+    body = form_bytes(fields, tar_archive(members))
+    response = client.post(ARCHIVE, content=body, headers={"Content-Type": FORM_TYPE})
+    assert response.status_code == 200, response.text
+    assert response.text.splitlines()[-1].find('"succeeded"') > 0, response.text
+
+
+def index_names(api: Api, version: int) -> list[str]:
+    """The names of the index's records under `KID#version`, as stored."""
+    prefix = index_prefix(TENANT, KID, version)
+    return [info.key.removeprefix(prefix) for info in api.objects.list(prefix)]
+
+
+def listed(client: httpx.Client, version: int, limit: int) -> list[str]:
+    """Every key the index API lists under `KID#version`, page after page."""
+    keys: list[str] = []
+    query: dict[str, Any] = {"version": version, "limit": limit}
+    for _ in range(50):
+        response = client.get(f"{KEYS}/{KID}/objects", params=query)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        keys += [entry["key"] for entry in page["objects"]]
+        if page["next"] is None:
+            return keys
+        query["after"] = page["next"]
+    raise AssertionError("the pages never ended")
+
+
+def object_counts(client: httpx.Client) -> dict[int, int]:
+    view = client.get(f"{KEYS}/{KID}").json()
+    return {version["version"]: version["objectCount"] for version in view["versions"]}
+
+
+def test_a_run_is_marked_once_and_listed_member_by_member(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, MEMBERS | LARGE)
+        names = index_names(api, 1)
+        runs = [name for name in names if name.startswith(RUN_NAME_PREFIX)]
+        assert runs == names and len(runs) == 1  # the manifest is the run's too
+        expected = sorted([f"out/{name}" for name in MEMBERS | LARGE] + ["out/manifest.json"])
+        for limit in (1, 2, 100):
+            assert sorted(listed(client, 1, limit)) == expected
+        assert object_counts(client) == {1: len(expected)}
+        # A cursor within a run that names no key of it still pages on; one that is not
+        # a cursor is refused.
+        after: dict[str, Any] = {"version": 1, "after": f"{runs[0].removesuffix('.json')}.ff"}
+        assert client.get(f"{KEYS}/{KID}/objects", params=after).status_code == 200
+        after["after"] = f"{runs[0].removesuffix('.json')}.f"
+        problem(client.get(f"{KEYS}/{KID}/objects", params=after), 422, "invalid-request")
+
+
+def test_members_re_encrypted_leave_their_version_and_it_can_be_retired(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, MEMBERS)
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        retire = {"confirm": f"{KID}#1"}
+        refused = client.post(f"{KEYS}/{KID}/versions/1/retire", json=retire)
+        assert problem(refused, 409, "version-in-use")["objectCount"] == len(MEMBERS) + 1
+        job = client.post("/api/jobs/reencrypt", json={"kid": KID, "version": 1})
+        assert finished_job(client, job.json()["id"], timeout=120)["status"] == "succeeded"
+        assert listed(client, 1, 100) == []
+        assert len(listed(client, 2, 100)) == len(MEMBERS) + 1
+        assert object_counts(client) == {1: 0, 2: len(MEMBERS) + 1}
+        retired = client.post(f"{KEYS}/{KID}/versions/1/retire", json=retire)
+        assert retired.status_code == 200, retired.text
+
+
+def test_a_run_cut_short_stands_for_what_it_sealed_and_nothing_else(api: Api) -> None:
+    """Its marker is written before its first member is made visible; one whose writing
+    fails then is not listed, and the marker lists only the members sealed, only under
+    its own prefix, where another job's objects are listed by their own run's."""
+    with api.client() as client:
+        create_key(client)
+        store = api.parts.spaces.store(TENANT, None)
+        run = RunIndex(api.records, TENANT, store.bucket, f"{STORAGE_PREFIX}run/", "job-1")
+        sealing = MemberSealing(
+            api.parts.keys, api.records, TENANT, KID, {}, 4096, job_id="job-1", run=run
+        )
+
+        def place(key: str) -> Placement:
+            return Placement(store, store.bucket, key, STORAGE_PREFIX + key)
+
+        stream_in(client, {"a": b"a" * 100}, prefix="run/")  # another job's
+        theirs = ["run/a", "run/manifest.json"]
+        with pytest.raises(ObjectExists):  # once the run is marked
+            sealing.seal(place("run/a"), [b"a" * 100], overwrite=False, after_chunk=lambda: None)
+        assert len([n for n in index_names(api, 1) if n.startswith(RUN_NAME_PREFIX)]) == 2
+        assert sorted(listed(client, 1, 100)) == theirs and object_counts(client) == {1: 2}
+        sealing.seal(place("run/b"), [b"b" * 100], overwrite=False, after_chunk=lambda: None)
+        assert sorted(listed(client, 1, 100)) == sorted([*theirs, "run/b"])
+        assert object_counts(client) == {1: 3}
+        with pytest.raises(ValueError, match="prefix"):
+            sealing.seal(place("elsewhere"), [b"d"], overwrite=False, after_chunk=lambda: None)
+        with pytest.raises(ObjectNotFound):
+            store.head(STORAGE_PREFIX + "elsewhere")
+
+
+def test_a_run_marker_planted_or_moved_is_not_believed(api: Api) -> None:
+    with api.client() as client:
+        create_key(client)
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        stream_in(client, MEMBERS)
+        (run,) = [name for name in index_names(api, 2) if name.startswith(RUN_NAME_PREFIX)]
+        sealed = api.objects.get(index_prefix(TENANT, KID, 2) + run)
+        # Moved to version 1's name, it would stand for the members there: refused.
+        api.objects.put(index_prefix(TENANT, KID, 1) + run, sealed)
+        planted = f"{RUN_NAME_PREFIX}{'0' * 64}.json"
+        api.objects.put(index_prefix(TENANT, KID, 1) + planted, b'{"kind": "run-marker"}')
+        assert listed(client, 1, 100) == []
+        assert object_counts(client) == {1: 0, 2: len(MEMBERS) + 1}
