@@ -174,10 +174,12 @@ class UsageMeter:
                     count.pending = count.pending.plus(one)
                     full = count.pending.total >= self._batch
                     break
-            self._add(count)  # the batch is full: add it before sealing again
+            # The batch is full: add it, or wait for the addition under way, before
+            # sealing again.
+            self._add(count, at_least=self._batch)
         self._start_flusher()
         if full:
-            self._add_quietly(count)
+            self._add_quietly(count, at_least=self._batch)
         return estimate.plus(one)
 
     def view(self, record: KeyRecord) -> Uses:
@@ -231,11 +233,14 @@ class UsageMeter:
                 count = self._keys[key] = _KeyCount(fresh, known)
             return count
 
-    def _add(self, count: _KeyCount) -> None:
-        """Add the key's pending uses to the shared count, one addition at a time."""
+    def _add(self, count: _KeyCount, *, at_least: int = 1) -> None:
+        """Add the key's pending uses to the shared count, one addition at a time, if
+        they are `at_least` this many once the addition before has ended: uses that
+        waited for a full batch to be added go on once it is, rather than each adding
+        the few counted since, an addition of a few uses at a time."""
         with count.adding_lock:
             with self._lock:
-                if not count.pending.total:
+                if count.pending.total < at_least:
                     return
                 record, floor, added = count.record, count.known, count.pending
                 count.adding, count.pending = added, Uses()
@@ -254,9 +259,9 @@ class UsageMeter:
                 count.known, count.adding = count.known.at_least(shared), Uses()
         self._counted(record, shared)
 
-    def _add_quietly(self, count: _KeyCount) -> None:
+    def _add_quietly(self, count: _KeyCount, *, at_least: int = 1) -> None:
         try:
-            self._add(count)
+            self._add(count, at_least=at_least)
         except KeystoreError as error:
             logger.warning("key uses not yet counted; trying again: %s", error)
 

@@ -6,6 +6,7 @@ rotation on the soft limit."""
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -25,6 +26,7 @@ from keystore.kek_wraps import RECORD_NAME as WRAPS_NAME
 from keystore.kek_wraps import KekWornOut, KekWrapCount
 from keystore.persistence import RECORD_KIND, KeyRecordStore, record_key
 from keystore.records import KeyChange
+from keystore.usage import RecordLedger, UsageMeter
 from keystore.usage_redis import IMPLAUSIBLE_COUNTS
 from sealstream.settings import Settings
 from sealstream.wiring import build_parts, open_records
@@ -597,3 +599,47 @@ def test_a_count_lowered_in_redis_gains_no_encryption_past_the_sealed_record(
     for keys in (first, process()):
         with pytest.raises(KeyUsageExhausted):
             keys.sealing_keyring(TENANT, "k")
+
+
+class _CountedAdditions(RecordLedger):
+    """The sealed records' ledger, noting how many uses each addition brings, each as
+    slow as a few requests to a remote store: uses pile up behind it."""
+
+    def __init__(self, saved: KeyRecordStore) -> None:
+        super().__init__(saved)
+        self.additions: list[int] = []
+
+    def add(self, record: KeyRecord, floor: Uses, added: Uses) -> Uses:
+        self.additions.append(added.total)
+        time.sleep(0.02)
+        return super().add(record, floor, added)
+
+
+def test_uses_from_many_threads_are_added_a_full_batch_at_a_time(tmp_path: Path) -> None:
+    """Uses that wait for a full batch to be added go on once it is: they do not each
+    add the few uses counted meanwhile, a write of the key's record for a few uses."""
+    store = LocalStore(tmp_path / "bucket")
+    kek = LocalKek(os.urandom(32))
+    records = open_records(store, kek)
+    record = KeyStore(records, kek).create(TENANT, KeySpec(kid="a", kty="oct"))
+    saved = KeyRecordStore(records, lambda: datetime.now(UTC), lambda *_: None)
+    ledger = _CountedAdditions(saved)
+    batch, threads, each = 16, 8, 64
+    meter = UsageMeter(
+        ledger,
+        saved.read,
+        lambda *_: None,
+        lambda: datetime.now(UTC),
+        batch=batch,
+        flush_interval=3600,
+    )
+
+    def seal_many(_: int) -> None:
+        for _ in range(each):
+            meter.use(record, 1, "encrypt")
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(seal_many, range(threads)))
+    meter.close()
+    assert ledger.additions == [batch] * (threads * each // batch)
+    assert saved.read(TENANT, "a").usage_count == threads * each
