@@ -1,21 +1,39 @@
-"""An archive upload (`POST /api/crypto/stream/encrypt-archive`) whose client pauses in a
-member's middle, over real HTTP: the progress lines of the members sealed meanwhile reach
-it, and the job's record shows what was taken, while nothing more arrives; the run then
-completes once the client sends the rest.
+"""Archive uploads (`POST /api/crypto/stream/encrypt-archive`) over real HTTP whose
+clients hold back. One pauses in a member's middle: the progress lines of the members
+sealed meanwhile reach it, and the job's record shows what was taken, while nothing more
+arrives; the run then completes once the client sends the rest. Another never reads its
+progress: the lines waiting for it are bounded, so the sealing waits too, and the run
+ends once the client has read nothing for SEALSTREAM_IDLE_TIMEOUT.
 """
 
+import contextlib
 import io
 import json
 import socket
 import tarfile
+import threading
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
-from tests.conftest import Api
+from tests.conftest import ADMIN_TOKEN, Api, live_api, local_settings
 from tests.support.data import tar_archive
-from tests.support.http import CLOSE, create_key, dechunked, form_bytes, raw_upload, read_response
+from tests.support.http import (
+    CLOSE,
+    FORM_TYPE,
+    auth,
+    create_key,
+    dechunked,
+    form_bytes,
+    raw_upload,
+    read_response,
+    request_head,
+)
+from tests.support.jobs import finished_job
 from tests.support.waiting import wait_until
+from tests.test_api_archives import manifest
 from tests.test_archive_interrupted import ARCHIVE, FILES
 
 METADATA = {"kid": "mySymKey", "destination": {"prefix": "out/"}}
@@ -96,3 +114,64 @@ def test_a_paused_uploader_hears_of_the_members_sealed_then_completes(api: Api) 
     assert finished["result"]["counts"]["sealed"] == len(FILES)
     members = [json.loads(line) for line in lines[1:-1]]
     assert sorted(member["path"] for member in members) == sorted(FILES)
+
+
+UNREAD_MEMBERS = 4000  # about three times what the socket buffers and the server hold
+
+
+def unread_upload(url: str, body: bytes) -> socket.socket:
+    """A connection sending `body` (from a thread of its own) whose response is never
+    read, its receive buffer made small so that what the server sends soon fills it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    address = urlsplit(url)
+    assert address.hostname is not None and address.port is not None
+    sock.connect((address.hostname, address.port))
+    headers = {"Content-Type": FORM_TYPE, "Content-Length": str(len(body)), **auth(ADMIN_TOKEN)}
+    request = request_head(url, ARCHIVE, headers) + body
+    threading.Thread(target=send_until_dropped, args=(sock, request), daemon=True).start()
+    return sock
+
+
+def send_until_dropped(sock: socket.socket, data: bytes) -> None:
+    """Send `data`, or as much of it as goes before the server drops the connection."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def the_running_archive(client: httpx.Client) -> str:
+    """The id of the one encrypt-archive job running, once it is."""
+    found: list[str] = []
+
+    def running() -> bool:
+        listed = client.get("/api/jobs", params={"kind": "encrypt-archive"}).json()["jobs"]
+        found[:] = [job["id"] for job in listed if job["status"] == "running"]
+        return len(found) == 1
+
+    wait_until(running, "the archive's job")
+    return found[0]
+
+
+def test_an_uploader_that_reads_no_progress_holds_the_run_back_until_it_is_ended(
+    tmp_path: Path,
+) -> None:
+    """A client that sends its archive and never reads the response: its lines wait up to
+    the server's bound, the sealing then waits too, and once the client has read nothing
+    for SEALSTREAM_IDLE_TIMEOUT the run ends, the members sealed so far listed."""
+    # Long names make long lines (each names its member and its object twice over).
+    long_name = "/".join(["x" * 150] * 5)  # a file name has at most 255 bytes
+    files = {f"{n:04d}/{long_name}": b"%d" % n for n in range(UNREAD_MEMBERS)}
+    body = form_bytes(METADATA, tar_archive(files))
+    settings = local_settings(tmp_path).model_copy(update={"idle_timeout": 2.0})
+    with live_api(settings) as api, api.client() as client:
+        create_key(client)
+        sock = unread_upload(api.url, body)
+        try:
+            job = finished_job(client, the_running_archive(client), timeout=120)
+        finally:
+            sock.close()
+        assert job["status"] == "failed", job["result"]
+        assert job["error"]["code"] == "client-disconnected", job["error"]
+        document = manifest(client)
+    assert document["complete"] is False
+    assert 0 < document["counts"]["sealed"] < UNREAD_MEMBERS
