@@ -27,7 +27,7 @@ frames are sealed a batch at a time (up to the end of the current part), in four
    frame's number as IV);
 3. their HMACs go into the state, written before any of their ciphertext is stored;
 4. they are stored, a part once full, else the staging object, while the next batch is
-   sealed; the parts are synced every `SYNC_EVERY` parts and at the PATCH's end (a
+   sealed; the parts are synced every `SYNC_FRAMES` frames and at the PATCH's end (a
    local directory syncs its one part file then, not each part as it is put), and the
    next write of the state (3, or the PATCH's last) acknowledges what was synced.
 
@@ -109,10 +109,12 @@ MAX_LENGTH = 1 << 40
 # Each part stored costs a write of the state and durable writes of the part (a few
 # fsyncs on a local directory), so parts are larger than S3's floor: fewer of them.
 PART_TARGET = max(MIN_PART_SIZE, 16 << 20)
-# Parts a PATCH stores before it syncs them (one fsync of a local directory's part
-# file) and its next write of the state acknowledges them; the rest at its end. Until
-# then their HMACs stay in the state: at most this many parts' and two more.
-SYNC_EVERY = 8
+# Frames a PATCH stores, at most, before it syncs them (one fsync of a local directory's
+# part file, every so many whole parts, at least one) and its next write of the state
+# acknowledges them; the rest at its end. Until then their HMACs stay in the state, which
+# each write rewrites: 8 parts of 1 MiB frames, or each part where frames are so small
+# that a part holds more.
+SYNC_FRAMES = 128
 # Plaintext hashed in one go: frames of 1 MiB (the default) each on their own.
 HASH_GROUP = 1 << 20
 # Where each PATCH's parts are stored, one at a time, and its state written, while the
@@ -1255,14 +1257,14 @@ class Appending:
 
     def _store_batch(self, batch: _Batch) -> _Stored:
         """Store a batch's ciphertext (on a storing thread): a whole part, synced with
-        those before it every `SYNC_EVERY` parts, or the part so far as the staging
-        object (durable, but the parts before it may not be)."""
+        those before it every `SYNC_FRAMES` frames' worth of parts, or the part so far
+        as the staging object (durable, but the parts before it may not be)."""
         layout = self._layout
         if layout.ends_part(batch.last):
             number = layout.part_of(batch.last)
             offset = layout.part_offset(number)
             part = self._store.put_part(layout.part_upload(), number, offset, batch.ciphertext)
-            synced = number % SYNC_EVERY == 0
+            synced = number % max(1, SYNC_FRAMES // layout.frames_per_part) == 0
             if synced:
                 self._store.sync_parts(layout.part_upload())
             return _Stored(batch, StoredPart(**asdict(part)), 0, 0, "", synced)

@@ -243,7 +243,7 @@ def test_bytes_sent_again_after_a_lost_acknowledgement_must_match(
 def test_parts_are_acknowledged_once_synced_their_hmacs_recorded_before_they_are_stored(
     api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(resumable, "SYNC_EVERY", 2)
+    monkeypatch.setattr(resumable, "SYNC_FRAMES", 128)  # two parts of 64 frames
     data = random_bytes(50 * MiB, seed=7)
     url = create(client, len(data))
     upload = url.rsplit("/", 1)[1]
