@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import lzma
+import os
 import stat
 import struct
 import tarfile
@@ -27,7 +28,8 @@ import httpx
 import pytest
 
 from envelope import DEFAULT_FRAME_LENGTH
-from sealstream.wiring import Parts, build_parts
+from keystore import LocalKek
+from sealstream.wiring import Parts, build_parts, open_records
 from services.archives import MemberKind, UnsafeMember, member_path
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus
 from storage import LocalStore
@@ -39,7 +41,7 @@ from tests.support.memory import MiB, PeakRss
 from tests.support.storage import leave_pending
 from workers.batch import batch_encrypt
 from workers.execution import run_job
-from workers.journal import JOURNAL_KIND, JournalEntry
+from workers.journal import JOURNAL_KIND, Journal, JournalEntry
 from workers.registry import JOB_BODIES
 
 TENANT = "tenants/default/"
@@ -485,6 +487,25 @@ def test_only_an_upload_a_killed_worker_could_leave_is_journaled(api: Api) -> No
     ]
     journaled = [upload.key for entry in entries for upload in entry.uploads]
     assert journaled == ([TENANT + "out/streamed"] if isinstance(api.objects, LocalStore) else [])
+
+
+def test_a_rerun_finds_the_uploads_of_objects_not_sealed_since(tmp_path: Path) -> None:
+    """Those of members sealed completed, and a rerun does not look for them: only the
+    uploads of objects claimed and not sealed (and the manifest's) may be pending."""
+    records = open_records(LocalStore(tmp_path / "store"), LocalKek(os.urandom(32)))
+    journal = Journal(records, "default", "job")
+    journal.claim(["out/a", "out/b"])
+    journal.upload_started("out/a", "1" * 32)
+    journal.upload_started("out/b", "2" * 32)
+    journal.upload_started("out/b", "3" * 32)  # a second attempt's
+    journal.settle({"path": "a", "storageKey": "out/a"})
+    journal.claim([])
+    journal.upload_started("out/manifest.json", "4" * 32)
+
+    resumed = Journal(records, "default", "job").resume()
+
+    assert resumed.uploads == {"out/b": {"2" * 32, "3" * 32}, "out/manifest.json": {"4" * 32}}
+    assert resumed.claims == {"out/b"}
 
 
 def test_a_rerun_leaves_what_another_writer_put_where_it_had_claimed(api: Api) -> None:

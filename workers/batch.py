@@ -175,7 +175,7 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
     manifest_key = batch.storage_prefix + MANIFEST_NAME
     if not batch.resumed.started and not batch.params.overwrite:
         _require_absent(batch.store, manifest_key, batch.prefix + MANIFEST_NAME)
-    abort_left_pending(batch.store, batch.storage_prefix, batch.resumed)
+    abort_left_pending(batch.store, batch.resumed)
     with _open_source(batch) as source:
         batch.context.progress(
             items_total=source.items_total, bytes_total=source.bytes_total, force=True
@@ -193,13 +193,11 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
     return result
 
 
-def abort_left_pending(
-    store: ObjectStore, prefix: str, resumed: Resumed, *, exact: bool = False
-) -> None:
-    """Abort the uploads under `prefix` (with `exact`, of that key) that the job's killed
-    attempts started and left pending: those its journal names, and no other writer's."""
-    if resumed.uploads:
-        store.abort_pending(prefix, exact=exact, upload_ids=resumed.uploads)
+def abort_left_pending(store: ObjectStore, resumed: Resumed) -> None:
+    """Abort the uploads the job's killed attempts started and left pending: those its
+    journal names, of objects not sealed since, and no other writer's."""
+    for storage_key, upload_ids in sorted(resumed.uploads.items()):
+        store.abort_pending(storage_key, exact=True, upload_ids=upload_ids)
 
 
 def _open_source(batch: _Batch) -> AbstractContextManager[MemberSource]:
@@ -591,7 +589,7 @@ def _seal_whole(
     source_store = services.spaces.store(tenant, source.bucket)
     store = services.spaces.store(tenant, destination.bucket)
     placement = Placement(store, store.bucket, destination.key, destination.storage_key)
-    abort_left_pending(store, placement.storage_key, resumed, exact=True)
+    abort_left_pending(store, resumed)
     try:
         write = _may_overwrite(context, services, resumed, placement)
     except ObjectExists:

@@ -138,7 +138,7 @@ def batch_job(context: JobContext, services: Parts) -> dict[str, Any]:
     journals = _Chunks(services.records, tenant, job_id, chunks)
     batch = _Batch(context, services, journals, resumed, None)
     try:
-        abort_left_pending(batch.store, batch.storage_prefix, resumed)  # its manifest's
+        abort_left_pending(batch.store, resumed)  # its manifest's
         return _fanned_out(batch, plan, chunks)
     except LeaseLost:
         raise  # another worker runs the job now, from the same journals
@@ -405,7 +405,7 @@ def batch_chunk(context: JobContext, services: Parts) -> dict[str, Any]:
     batch = _Batch(context, services, journal, resumed, None)
     share = plan.chunks[params.index]
     try:
-        abort_left_pending(batch.store, batch.storage_prefix, resumed)
+        abort_left_pending(batch.store, resumed)
         context.progress(items_total=share.count, bytes_total=share.bytes, force=True)
         with _open_share(batch, share, plan.directory) as source:
             damage = _seal_each(batch, source)

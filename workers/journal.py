@@ -44,13 +44,14 @@ M = TypeVar("M", bound=BaseModel)
 @dataclass
 class Resumed:
     """What earlier attempts left: the paths of the members sealed, the objects that may
-    have been written when the last one stopped, and the result if the job had finished."""
+    have been written when the last one stopped, the result if the job had finished, and
+    the uploads they started that may still be pending (by key, their ids)."""
 
     started: bool = False
     done: set[str] = field(default_factory=set)
     claims: set[str] = field(default_factory=set)
     result: dict[str, Any] | None = None
-    uploads: set[str] = field(default_factory=set)  # the ids of those its attempts started
+    uploads: dict[str, set[str]] = field(default_factory=dict)
 
 
 class StartedUpload(BaseModel):
@@ -89,18 +90,23 @@ class Journal:
         resumed = Resumed()
         self._objects.abort_pending(self._prefix)  # an entry cut off mid-write
         claimed: set[str] = set()
+        settled: set[str] = set()
         for key, entry in self._read_all():
             resumed.started = True
             if key.endswith(FINAL_ENTRY):
                 resumed.result = entry["result"]
                 continue
             self._entries = int(key.removeprefix(self._prefix).removesuffix(".json"))
-            resumed.uploads.update(upload["upload_id"] for upload in entry["uploads"])
+            for upload in entry["uploads"]:
+                resumed.uploads.setdefault(upload["key"], set()).add(upload["upload_id"])
             resumed.done.update(done["path"] for done in entry["done"])
+            settled.update(done["storageKey"] for done in entry["done"])
             claimed.update(entry["claims"])
             claimed.difference_update(entry["released"])
             claimed.difference_update(done["storageKey"] for done in entry["done"])
         resumed.claims = claimed
+        for storage_key in settled:  # its one upload completed: nothing of it is pending
+            resumed.uploads.pop(storage_key, None)
         return resumed
 
     def sealed(self) -> Iterator[dict[str, Any]]:
