@@ -356,8 +356,8 @@ def _start_wave(batch: _Batch, sealing: ParallelSealing[_Started]) -> None:
             batch.before_member(waiting.started.path)
         # Its upload is not journaled: on S3 a small member is sent whole and leaves
         # nothing pending, and on a local directory, where every writer opens a file, an
-        # entry would add a third write to its two; a killed writer's file there is left
-        # to the lifecycle sweep.
+        # entry would add a write to each; a killed writer's file there is left to the
+        # lifecycle sweep.
         with _start(sealing, waiting, None) as feed:
             feed.put(waiting.data)
 
