@@ -1,7 +1,8 @@
 """Archive uploads (`POST /api/crypto/stream/encrypt-archive`) over real HTTP whose
 clients hold back. One pauses in a member's middle: the progress lines of the members
 sealed meanwhile reach it, and the job's record shows what was taken, while nothing more
-arrives; the run then completes once the client sends the rest. Another never reads its
+arrives; the run then completes once the client sends the rest, or, cancelled during
+the pause, stops once it sends more. Another never reads its
 progress: the lines waiting for it are bounded, so the sealing waits too, and the run
 ends once the client has read nothing for SEALSTREAM_IDLE_TIMEOUT.
 """
@@ -13,7 +14,7 @@ import socket
 import tarfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -43,15 +44,41 @@ PAUSED_IN = 9  # the member (from 0) the client stops sending in the middle of
 WITHIN = 30
 
 
-def paused_body() -> tuple[bytes, int, int]:
-    """The form; where the client pauses in it (half-way through member `PAUSED_IN`'s
-    data); and where in the archive that member's data starts."""
+class Paused(NamedTuple):
+    """A form whose client pauses half-way through member `PAUSED_IN`'s data."""
+
+    body: bytes
+    at: int  # where in the form the client pauses
+    archive_at: int  # where in the archive
+    data_start: int  # where in the archive the paused member's data starts
+    next_at: int  # where in the form the next member's data is half-way through
+
+
+def paused_body() -> Paused:
     archive = tar_archive(FILES)
     with tarfile.open(fileobj=io.BytesIO(archive)) as members:
-        paused = members.getmembers()[PAUSED_IN]
+        paused, following = members.getmembers()[PAUSED_IN : PAUSED_IN + 2]
     file_start = len(form_bytes(METADATA, b"")) - len(CLOSE)
-    body = form_bytes(METADATA, archive)
-    return body, file_start + paused.offset_data + paused.size // 2, paused.offset_data
+    archive_at = paused.offset_data + paused.size // 2
+    return Paused(
+        form_bytes(METADATA, archive),
+        file_start + archive_at,
+        archive_at,
+        paused.offset_data,
+        file_start + following.offset_data + following.size // 2,
+    )
+
+
+def sealed_while_paused(sock: socket.socket, paused: Paused) -> tuple[bytes, str]:
+    """Send the form up to its pause, and read the response until the members sent whole
+    are said to be sealed; what was received, and the job's id."""
+    sock.settimeout(WITHIN)
+    sock.sendall(paused.body[: paused.at])
+    received, events = progress_until_sealed(sock, PAUSED_IN)
+    assert events[0]["event"] == "started"
+    said = {event["path"] for event in events if event.get("event") == "member"}
+    assert said == set(list(FILES)[:PAUSED_IN]), "the members read whole, sealed"
+    return received, events[0]["jobId"]
 
 
 def chunks_received(response: bytes) -> bytes:
@@ -88,32 +115,52 @@ def progress_until_sealed(sock: socket.socket, count: int) -> tuple[bytes, list[
 
 
 def taken(client: httpx.Client, job_id: str, items: int, offset: int) -> bool:
+    """Whether the job's record shows `items` members and more than `offset` bytes."""
     progress = client.get(f"/api/jobs/{job_id}").json()["progress"]
     return bool(progress["itemsDone"] == items and progress["bytesDone"] > offset)
 
 
 def test_a_paused_uploader_hears_of_the_members_sealed_then_completes(api: Api) -> None:
-    body, pause_at, paused_data = paused_body()
-    with api.client() as client, raw_upload(api.url, ARCHIVE, len(body)) as sock:
+    paused = paused_body()
+    with api.client() as client, raw_upload(api.url, ARCHIVE, len(paused.body)) as sock:
         create_key(client)
-        sock.settimeout(WITHIN)
-        sock.sendall(body[:pause_at])
-        received, events = progress_until_sealed(sock, PAUSED_IN)
-        assert events[0]["event"] == "started"
-        said = {event["path"] for event in events if event.get("event") == "member"}
-        assert said == set(list(FILES)[:PAUSED_IN]), "the members read whole, sealed"
+        received, job_id = sealed_while_paused(sock, paused)
         # The paused member is taken, and its data read as far as it came.
-        job_id = events[0]["jobId"]
         assert client.get(f"/api/jobs/{job_id}").json()["status"] == "running"
-        wait_until(lambda: taken(client, job_id, PAUSED_IN + 1, paused_data), "the job's record")
+        progress = lambda: taken(client, job_id, PAUSED_IN + 1, paused.data_start)  # noqa: E731
+        wait_until(progress, "the job's record")
 
-        sock.sendall(body[pause_at:])
+        sock.sendall(paused.body[paused.at :])
         lines = dechunked(read_response(sock, received)).splitlines()
     finished = json.loads(lines[-1])
     assert finished["status"] == "succeeded", finished
     assert finished["result"]["counts"]["sealed"] == len(FILES)
     members = [json.loads(line) for line in lines[1:-1]]
     assert sorted(member["path"] for member in members) == sorted(FILES)
+
+
+def test_a_cancel_while_paused_stops_the_run_once_the_upload_goes_on(api: Api) -> None:
+    """A cancel is noticed as the record is next written (once more bytes came), and the
+    reading stops at its next chunk, the member it was reading abandoned: the members
+    sealed stay, in an incomplete manifest."""
+    paused = paused_body()
+    with api.client() as client, raw_upload(api.url, ARCHIVE, len(paused.body)) as sock:
+        create_key(client)
+        received, job_id = sealed_while_paused(sock, paused)
+        assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 202
+        more = paused.at + 16 * 1024
+        sock.sendall(paused.body[paused.at : more])
+        # Written after the cancel was asked for, so the write noticed it.
+        wait_until(lambda: taken(client, job_id, PAUSED_IN + 1, paused.archive_at), "a write")
+        # The rest of the member, and then some: a member is read 1 MiB or its end at a
+        # time, and the archive's reading reads ahead of it.
+        sock.sendall(paused.body[more : paused.next_at])
+        lines = dechunked(read_response(sock, received)).splitlines()
+        document = manifest(client)
+    finished = json.loads(lines[-1])
+    assert finished["status"] == "cancelled", finished
+    assert document["complete"] is False
+    assert sorted(member["path"] for member in document["members"]) == list(FILES)[:PAUSED_IN]
 
 
 UNREAD_MEMBERS = 4000  # about three times what the socket buffers and the server hold
