@@ -97,7 +97,7 @@ class KeyRecordStore:
         With `notify` false, `on_write` is not told: for changes to usage counts alone,
         which no cached copy needs."""
         for attempt in range(UPDATE_ATTEMPTS):
-            record, etag = self._read_for_update(tenant, kid)
+            record, etag = self._read_versioned(tenant, kid)
             changed = change(record, self._clock())
             if changed is record:
                 return record
@@ -118,16 +118,22 @@ class KeyRecordStore:
 
     def read(self, tenant: str, kid: str) -> KeyRecord:
         """The record as stored now; `KeyNotFound` if the tenant has no such key."""
+        return self._read_versioned(tenant, kid)[0]
+
+    def _read_versioned(self, tenant: str, kid: str) -> tuple[KeyRecord, str]:
+        """The record as stored now and the etag of the version read, in one read."""
         check_tenant(tenant)
         check_kid(kid)
         try:
-            record = self._records.get(RECORD_KIND, record_key(tenant, kid), KeyRecord)
+            record, etag = self._records.get_versioned(
+                RECORD_KIND, record_key(tenant, kid), KeyRecord
+            )
         except ObjectNotFound:
             raise KeyNotFound(f"no key {kid!r}") from None
         if (record.tenant, record.kid) != (tenant, kid):
             # The MAC binds the name, so only a service bug could get here: refuse anyway.
             raise CorruptRecord(f"the record stored as key {kid!r} names another key")
-        return record
+        return record, etag
 
     def kids_after(self, tenant: str, after: str | None, count: int) -> list[str]:
         """Up to `count` kids of the tenant, in listing order, after the kid `after`."""
@@ -151,17 +157,6 @@ class KeyRecordStore:
                 continue
             if due(record):
                 yield record
-
-    def _read_for_update(self, tenant: str, kid: str) -> tuple[KeyRecord, str]:
-        """The record and an etag no newer than it: the etag is read first, so a change
-        between the two reads makes the conditional write fail rather than win."""
-        check_tenant(tenant)
-        check_kid(kid)
-        try:
-            etag = self._objects.head(record_key(tenant, kid)).etag
-        except ObjectNotFound:
-            raise KeyNotFound(f"no key {kid!r}") from None
-        return self.read(tenant, kid), etag
 
     def _stored_keys(self, prefix: str, after: str = "") -> Iterator[tuple[str, str]]:
         """(tenant, kid) of every record under `prefix` whose object key sorts after `after`."""

@@ -8,7 +8,15 @@ behind `ObjectStore`; errors come from one hierarchy rooted at `StorageError`.
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from storage.base import MultipartWriter, ObjectInfo, ObjectStore, Part, PartUpload, UploadStarted
+from storage.base import (
+    MultipartWriter,
+    ObjectInfo,
+    ObjectStore,
+    Part,
+    PartUpload,
+    SmallObject,
+    UploadStarted,
+)
 from storage.errors import (
     BucketNotFound,
     InvalidMetadata,
@@ -16,6 +24,7 @@ from storage.errors import (
     InvalidRange,
     ObjectExists,
     ObjectNotFound,
+    ObjectTooLarge,
     PreconditionFailed,
     StorageError,
     StorageUnavailable,
@@ -47,10 +56,12 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",
+    "ObjectTooLarge",
     "Part",
     "PartUpload",
     "PreconditionFailed",
     "S3Store",
+    "SmallObject",
     "StorageError",
     "StorageUnavailable",
     "UploadStarted",

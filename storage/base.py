@@ -36,6 +36,14 @@ _METADATA_VALUE = re.compile(r"(?:[!-~](?:[ -~]*[!-~])?)?")
 
 
 @dataclass(frozen=True)
+class SmallObject:
+    """An object read whole, and the etag of the version read."""
+
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """What a store knows about one object.
 
@@ -287,6 +295,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object: for small ones (key records, manifests)."""
+
+    @abstractmethod
+    def get_small(self, key: str, limit: int) -> "SmallObject":
+        """The whole object and its etag, in one request, the etag that of the bytes
+        read; `ObjectTooLarge`, its bytes unread, if it has more than `limit`."""
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo:

@@ -49,3 +49,7 @@ class InvalidRange(StorageError, ValueError):
 
 class StorageUnavailable(StorageError):
     """The storage service could not be reached or kept failing after retries."""
+
+
+class ObjectTooLarge(StorageError):
+    """An object read whole (`ObjectStore.get_small`) is larger than the reader allows."""

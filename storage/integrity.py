@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
-from storage.base import ObjectInfo, ObjectStore
-from storage.errors import ObjectNotFound, StorageError, StorageUnavailable
+from storage.base import ObjectInfo, ObjectStore, SmallObject
+from storage.errors import ObjectNotFound, ObjectTooLarge, StorageError, StorageUnavailable
 
 FORMAT = "sealstream-record/1"
 KEY_LENGTH = 32
@@ -236,7 +236,13 @@ class Records:
     def get(self, kind: str, name: str, model: type[Model]) -> Model:
         """The record at `name`: `ObjectNotFound` if there is none, `RecordTampered` if
         it is not authentic."""
-        return self.open(kind, name, self._read(kind, name), model)
+        return self.get_versioned(kind, name, model)[0]
+
+    def get_versioned(self, kind: str, name: str, model: type[Model]) -> tuple[Model, str]:
+        """The record at `name`, as `get`, and the etag of the version read: what a
+        conditional write over it names."""
+        stored = self._read(kind, name)
+        return self.open(kind, name, stored.data, model), stored.etag
 
     def open(self, kind: str, name: str, data: bytes, model: type[Model]) -> Model:
         """`data`, read from `name` by other means, authenticated as `get` does."""
@@ -265,13 +271,12 @@ class Records:
             except StorageError as error:
                 logger.warning("skipping the %s record %s: %s", kind, info.key, error)
 
-    def _read(self, kind: str, name: str) -> bytes:
-        """The stored bytes of `name`, refused if larger than any record. The size is
-        asked first, then the bytes read whole: a record replaced between the two (by the
-        service's own conditional writes, which races are part of) is read as it is then."""
-        size = self.store.head(name).size
-        if size > MAX_RECORD_BYTES:
-            refusal = RecordTampered(f"{size} bytes, larger than any record", name)
+    def _read(self, kind: str, name: str) -> SmallObject:
+        """The stored bytes of `name` and their etag, in one request, refused unread if
+        larger than any record."""
+        try:
+            return self.store.get_small(name, MAX_RECORD_BYTES)
+        except ObjectTooLarge as error:
+            refusal = RecordTampered(f"{error}, larger than any record", name)
             note_refusal(kind, refusal)
-            raise refusal
-        return self.store.get(name)
+            raise refusal from None

@@ -6,7 +6,7 @@ standard mode; whatever still fails is translated by `storage.s3_errors`.
 
 import builtins  # `list` names a store method inside the store classes
 from collections.abc import Collection, Generator, Iterator, Sequence
-from contextlib import suppress
+from contextlib import closing, suppress
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,11 +20,18 @@ from storage.base import (
     ObjectStore,
     Part,
     PartUpload,
+    SmallObject,
     UploadStarted,
     contiguous,
     encoded_key,
 )
-from storage.errors import BucketNotFound, InvalidObjectKey, ObjectNotFound, PreconditionFailed
+from storage.errors import (
+    BucketNotFound,
+    InvalidObjectKey,
+    ObjectNotFound,
+    ObjectTooLarge,
+    PreconditionFailed,
+)
 from storage.s3_errors import s3_errors
 from storage.s3_multipart import (
     DEFAULT_MAX_IN_FLIGHT,
@@ -107,6 +114,17 @@ class S3Store(ObjectStore):
         _check_key(key)
         with s3_errors(key):
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def get_small(self, key: str, limit: int) -> SmallObject:
+        _check_key(key)
+        with s3_errors(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            with closing(response["Body"]) as body:
+                size = response["ContentLength"]
+                if size > limit:  # closed unread: its connection is dropped, not drained
+                    raise ObjectTooLarge(f"{size} bytes, more than {limit}", key)
+                data = body.read()
+        return SmallObject(data, response["ETag"].strip('"'))
 
     def head(self, key: str) -> ObjectInfo:
         _check_key(key)

@@ -16,8 +16,10 @@ from storage import (
     ObjectExists,
     ObjectNotFound,
     ObjectStore,
+    ObjectTooLarge,
     PreconditionFailed,
     S3Store,
+    SmallObject,
     StorageError,
     open_store,
 )
@@ -54,6 +56,20 @@ def test_put_replaces_content_and_metadata(store: ObjectStore) -> None:
     assert store.get("k") == b"two!"
     assert store.head("k") == second
     assert second.etag != first.etag
+
+
+def test_a_small_object_is_read_with_the_etag_of_its_version_and_a_large_one_refused(
+    store: ObjectStore,
+) -> None:
+    first = store.put("k", b"one")
+    small = store.get_small("k", 3)
+    assert (small.data, small.etag) == (b"one", first.etag)
+    second = store.put("k", b"two!")
+    assert store.get_small("k", 4) == SmallObject(b"two!", second.etag)
+    with pytest.raises(ObjectTooLarge):
+        store.get_small("k", 3)
+    with pytest.raises(ObjectNotFound):
+        store.get_small("missing", 3)
 
 
 def test_missing_objects_raise_object_not_found(store: ObjectStore) -> None:

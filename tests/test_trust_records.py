@@ -33,8 +33,8 @@ from keystore.recordkey import DOCUMENT_KEY
 from sealstream.server import create_app
 from sealstream.upgrade import AlreadySealed, upgrade_records
 from sealstream.wiring import ConfigurationError, open_records
-from storage import LocalStore, ObjectInfo, ObjectStore
-from storage.integrity import RecordTampered, seal
+from storage import LocalStore, ObjectInfo, ObjectStore, SmallObject
+from storage.integrity import MAX_RECORD_BYTES, RecordTampered, seal
 from storage.records import ObjectRecord
 from storage.records import record_key as object_record_key
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
@@ -487,6 +487,20 @@ class CountingStore(LocalStore):
     def head(self, key: str) -> ObjectInfo:
         CountingStore.requests += 1
         return super().head(key)
+
+    def get_small(self, key: str, limit: int) -> SmallObject:
+        CountingStore.requests += 1
+        return super().get_small(key, limit)
+
+
+def test_a_record_larger_than_any_is_refused_unread_in_one_request(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "bucket")
+    records = open_records(store, LocalKek(os.urandom(32)))
+    store.put("sealstream/keys/default/huge.json", bytes(MAX_RECORD_BYTES + 1))
+    CountingStore.requests = 0
+    with pytest.raises(RecordTampered, match="larger than any record"):
+        records.get("key", "sealstream/keys/default/huge.json", BaseModel)
+    assert CountingStore.requests == 1
 
 
 def test_refusing_an_unknown_token_costs_no_storage_request(tmp_path: Path) -> None:
