@@ -103,6 +103,7 @@ class ObjectSealer:
         self._digest = hashlib.sha256()
         self._written = 0  # bytes of the message
         self._inventory = Inventory(records)
+        self._run = run
         self._mark = self._inventory.add if run is None else run.mark
         self._overwrite = overwrite
         self._replacing = replacing
@@ -183,7 +184,7 @@ class ObjectSealer:
             raise
         with suppress(StorageError):  # one left over is dropped by the sweep
             drop_intent(self._records, intent)
-        self._inventory.moved(replaced, record)
+        self._unmark_replaced(replaced, record)
         return record
 
     def _intended(self, replaced: ObjectRecord | None) -> tuple[Marker, ObjectRecord]:
@@ -246,8 +247,17 @@ class ObjectSealer:
             with suppress(StorageError):
                 self._records.store.delete(record_key(replaced.bucket, replaced.key))
         record = record.model_copy(update={"etag": info.etag})
-        self._inventory.moved(replaced, record)
+        self._unmark_replaced(replaced, record)
         return record
+
+    def _unmark_replaced(self, replaced: ObjectRecord | None, record: ObjectRecord) -> None:
+        """Drop the marker of the object `record`'s replaced, if it had one: unless it is
+        of the same version, where it stands for this object too; a run's member is its
+        run's marker's, and a marker of its own would list it twice."""
+        if self._run is not None and replaced is not None:
+            self._inventory.discard(Marker.of(replaced))
+        else:
+            self._inventory.moved(replaced, record)
 
     def _replaced(self) -> ObjectRecord | None:
         """The record of the object this one will replace, if any can be read."""

@@ -16,7 +16,7 @@ from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound
 from tests.conftest import Api
 from tests.support.data import random_bytes, tar_archive
-from tests.support.http import FORM_TYPE, KEYS, create_key, form_bytes, problem
+from tests.support.http import FORM_TYPE, KEYS, create_key, encrypt, form_bytes, problem
 from tests.support.jobs import finished_job
 
 ARCHIVE = "/api/crypto/stream/encrypt-archive"
@@ -78,6 +78,22 @@ def test_a_run_is_marked_once_and_listed_member_by_member(api: Api) -> None:
         assert client.get(f"{KEYS}/{KID}/objects", params=after).status_code == 200
         after["after"] = f"{runs[0].removesuffix('.json')}.f"
         problem(client.get(f"{KEYS}/{KID}/objects", params=after), 422, "invalid-request")
+
+
+def test_a_member_over_an_object_marked_on_its_own_is_listed_once(api: Api) -> None:
+    """The object replaced had a marker of its own, of the same version: the run's
+    marker stands for the member, and the object's own is dropped."""
+    with api.client() as client:
+        create_key(client)
+        small, large = next(iter(MEMBERS)), next(iter(LARGE))
+        for name in (small, large):
+            response = encrypt(client, b"before", destination={"key": f"out/{name}"})
+            assert response.status_code == 201, response.text
+        stream_in(client, MEMBERS | LARGE)
+        assert [name[:4] for name in index_names(api, 1)] == [RUN_NAME_PREFIX]
+        expected = sorted([f"out/{name}" for name in MEMBERS | LARGE] + ["out/manifest.json"])
+        assert sorted(listed(client, 1, 100)) == expected
+        assert object_counts(client) == {1: len(expected)}
 
 
 def test_members_re_encrypted_leave_their_version_and_it_can_be_retired(api: Api) -> None:

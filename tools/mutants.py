@@ -601,6 +601,13 @@ MUTANTS = (
         ("tests/test_inventory_runs.py",),
     ),
     Mutant(
+        "index: a run's member drops the replaced object's own marker",
+        "services/seal_to_storage.py",
+        "        if self._run is not None and replaced is not None:",
+        "        if False:",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
         "index: a run stands for its own job's objects",
         "services/inventory.py",
         "            record.job_id == self.job_id",
