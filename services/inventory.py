@@ -25,10 +25,10 @@ Markers err on the side of too many, never too few. One is written before its ob
 upload completes (a run's before its first member's), and an object's marker removed
 only once its object is gone, has moved to another version, or was written over by a
 run, whose marker then stands for it; a crash in between leaves one too many, which the
-reencrypt job's version selector drops once it finds no such object. A run marker stays: expanded, it stands for nothing once no member of its run
-under its version is left. The index is a help, not the proof: whoever can write the
-bucket can delete markers, so retiring a version checks the object records too
-(`services.retirement`).
+reencrypt job's version selector drops once it finds no such object. A run marker
+stays: expanded, it stands for nothing once no member of its run under its version is
+left. The index is a help, not the proof: whoever can write the bucket can delete
+markers, so retiring a version checks the object records too (`services.retirement`).
 """
 
 import hashlib
