@@ -325,8 +325,12 @@ class VersionIndex:
 
 
 def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool:
+    """Whether the listed object is one of `run`'s. Its record is read as a read of the
+    object reads it, the object's metadata first: a run's small members carry their
+    record there, one request each, where a listing's entry (no metadata) would look
+    for a record file first."""
     try:
-        return run.covers(object_record(records, store, info.key, info))
+        return run.covers(object_record(records, store, info.key))
     except (ObjectNotFound, RecordTampered):
         return False  # gone since listed, or not believed: the census counts it
 
