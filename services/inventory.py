@@ -18,8 +18,11 @@ names the job, the version, the bucket and the storage prefix,
 
 and stands for every object under the prefix whose authentic record names that job and
 that version. Reading the index expands it (`VersionIndex`): the prefix listed, each
-object's record read. Run markers sort after the objects' markers, so a listing of a
-version yields the objects marked one by one, then each run's members in key order.
+object's record read. Once the run has ended its marker is settled: it notes how many
+objects it stands for and a digest of the prefix's listing, and counting believes the
+figure while a listing of the prefix gives the same digest. Run markers sort after the
+objects' markers, so a listing of a version yields the objects marked one by one, then
+each run's members in key order.
 
 Markers err on the side of too many, never too few. One is written before its object's
 upload completes (a run's before its first member's), and an object's marker removed
@@ -40,6 +43,8 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Self
+
+from pydantic import Field
 
 from services.placement import Spaces, client_key
 from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
@@ -127,6 +132,10 @@ class RunMarker(FrozenCamelModel):
     storage_prefix: str
     job_id: str
     created_at: datetime
+    # Once the run has ended: how many objects it stood for, and the digest of the
+    # prefix's listing then (`listing_digest`), for as long as the listing is the same.
+    members: int | None = Field(None, exclude_if=lambda value: value is None)
+    listing: str | None = Field(None, exclude_if=lambda value: value is None)
 
     @property
     def name(self) -> str:
@@ -208,7 +217,8 @@ class RunIndex:
         self._bucket = bucket
         self._storage_prefix = storage_prefix
         self._job_id = job_id
-        self._marked: set[tuple[str, int]] = set()
+        self._marked: dict[tuple[str, int], RunMarker] = {}
+        self._sealed: dict[str, str] = {}  # storage key: etag, of the objects written
         self._lock = threading.Lock()
 
     def mark(self, marker: Marker) -> bool:
@@ -232,8 +242,30 @@ class RunIndex:
                 )
                 with suppress(ObjectExists):  # an earlier attempt of the job wrote it
                     self._records.put(RUN_MARKER_KIND, run.name, run, if_absent=True)
-                self._marked.add(version)
+                self._marked[version] = run
         return False
+
+    def sealed(self, record: ObjectRecord) -> None:
+        """Note an object of the run's made visible, as `record` says."""
+        with self._lock:
+            self._sealed[record.key] = record.etag
+
+    def settle(self, store: ObjectStore) -> None:
+        """Once the run has ended: note in each of its markers how many objects it stands
+        for, and the digest of the prefix's listing, so that counting them takes one
+        listing for as long as nothing under the prefix changes. The objects this run
+        wrote are known; any other (an earlier attempt's, another writer's) has its
+        record read. A marker left unsettled is expanded, as before."""
+        listing = list(store.list(self._storage_prefix))
+        digest = listing_digest(listing)
+        for run in self._marked.values():
+            # The run's own objects are of its one version, if it sealed under one.
+            one_version = len(self._marked) == 1
+            known = [one_version and self._sealed.get(i.key) == i.etag for i in listing]
+            others = [info for info, mine in zip(listing, known, strict=True) if not mine]
+            members = sum(known) + _count_covered(self._records, store, run, others)
+            settled = run.model_copy(update={"members": members, "listing": digest})
+            self._records.put(RUN_MARKER_KIND, run.name, settled)
 
 
 class VersionIndex:
@@ -279,9 +311,18 @@ class VersionIndex:
             found = 1
             if name.startswith(RUN_NAME_PREFIX):
                 run = self._run(info.key)
-                found = 0 if run is None else sum(1 for _ in self._members(run, ""))
+                found = 0 if run is None else self._count(run)
             counted[int(version)] = counted.get(int(version), 0) + found
         return {version: count for version, count in counted.items() if count}
+
+    def _count(self, run: RunMarker) -> int:
+        """How many objects `run` stands for: as it was settled, if the prefix's listing
+        is still what it was then; else its members counted."""
+        store = self._spaces.store(run.tenant, run.bucket)
+        listing = list(store.list(run.storage_prefix))
+        if run.members is not None and run.listing == listing_digest(listing):
+            return run.members
+        return _count_covered(self._records, store, run, listing)
 
     def _entries(
         self, tenant: str, kid: str, version: int, after: str
@@ -322,6 +363,20 @@ class VersionIndex:
                 for info, is_member in zip(infos, covered, strict=True):
                     if is_member:
                         yield _member_marker(run, info.key)
+
+
+def listing_digest(listing: list[ObjectInfo]) -> str:
+    """SHA-256 of a listing's keys, etags, sizes and times: any object written, replaced
+    or deleted under the prefix changes it."""
+    entries = [[i.key, i.etag, i.size, i.last_modified.isoformat()] for i in listing]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _count_covered(
+    records: Records, store: ObjectStore, run: RunMarker, listing: list[ObjectInfo]
+) -> int:
+    with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
+        return sum(pool.map(lambda info: _covered(records, store, run, info), listing))
 
 
 def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool:

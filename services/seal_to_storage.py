@@ -154,7 +154,13 @@ class ObjectSealer:
     def complete(self) -> ObjectRecord:
         """Seal the final frame, mark the object in the index and note its record's
         intent, make it visible, record it, and drop the marker of the object it
-        replaced, if that was of another version."""
+        replaced, if that was of another version; a run's object is noted in its run."""
+        record = self._complete()
+        if self._run is not None:
+            self._run.sealed(record)
+        return record
+
+    def _complete(self) -> ObjectRecord:
         self._send(self._sealing.encryptor.finish())
         if self._overwrite and self._replacing is None and self._record_in_metadata:
             written = self._complete_where_free()

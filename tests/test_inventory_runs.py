@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from services.archives.sealing import MemberSealing
-from services.inventory import RUN_NAME_PREFIX, RunIndex
+from services.inventory import RUN_MARKER_KIND, RUN_NAME_PREFIX, RunIndex, RunMarker
 from services.inventory import version_prefix as index_prefix
 from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound
@@ -94,6 +94,27 @@ def test_a_member_over_an_object_marked_on_its_own_is_listed_once(api: Api) -> N
         expected = sorted([f"out/{name}" for name in MEMBERS | LARGE] + ["out/manifest.json"])
         assert sorted(listed(client, 1, 100)) == expected
         assert object_counts(client) == {1: len(expected)}
+
+
+def test_a_run_counts_its_members_once_ended_until_its_prefix_changes(api: Api) -> None:
+    """Its marker notes how many objects it stands for, and the prefix's listing then:
+    counting believes the figure while the listing is the same, and counts the members
+    once anything under the prefix changed."""
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, MEMBERS)
+        (run_name,) = index_names(api, 1)
+        name = index_prefix(TENANT, KID, 1) + run_name
+        run = api.records.get(RUN_MARKER_KIND, name, RunMarker)
+        assert run.members == len(MEMBERS) + 1 and run.listing is not None
+        assert object_counts(client) == {1: len(MEMBERS) + 1}
+        # The figure is what counts while the listing stands (here one put in by hand).
+        api.records.put(RUN_MARKER_KIND, name, run.model_copy(update={"members": 99}))
+        assert object_counts(client) == {1: 99}
+        deleted = client.delete(f"/api/objects/out/{next(iter(MEMBERS))}")
+        assert deleted.status_code == 204, deleted.text
+        assert object_counts(client) == {1: len(MEMBERS)}
+        assert len(listed(client, 1, 100)) == len(MEMBERS)
 
 
 def test_members_re_encrypted_leave_their_version_and_it_can_be_retired(api: Api) -> None:

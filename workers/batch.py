@@ -57,6 +57,7 @@ from services.archives.sealing import (
     Outcome,
     ParallelSealing,
     ReadingStopped,
+    settle,
 )
 from services.errors import error_code, public_detail
 from services.inventory import RunIndex
@@ -134,6 +135,14 @@ class _Batch:
         self.prefix = self.destination.prefix
         self.storage_prefix = self.destination.storage_prefix
         self.name_key = _name_key(self.services, self.tenant, self.params)
+        # The marker in the index of every object the job writes under its prefix.
+        self.run = RunIndex(
+            self.services.records,
+            self.tenant,
+            self.store.bucket,
+            self.storage_prefix,
+            self.context.record.id,
+        )
 
     @property
     def tenant(self) -> str:
@@ -186,6 +195,7 @@ def _seal_members(batch: _Batch) -> dict[str, Any]:
         )
     batch.journal.claim([])  # the members settled since the last claim, for the manifest
     _write_manifest(batch, manifest_key, _manifest(batch, source.format, damage))
+    settle(batch.run, batch.store)
     result = _result(batch, source.format, manifest_key)
     if damage is not None:
         batch.context.save_partial(result)  # the failed job still reports what it sealed
@@ -243,7 +253,7 @@ def _seal_each(batch: _Batch, source: MemberSource) -> InvalidArchive | None:
     """Seal every member; the damage if the archive breaks off part-way (the members read
     before it broke are sealed all the same)."""
     concurrency = batch.services.settings.batch_concurrency
-    sealing = _sealing(batch.context, batch.services, batch.name_key, _run_index(batch))
+    sealing = _sealing(batch.context, batch.services, batch.name_key, batch.run)
     with ParallelSealing[_Started](sealing, concurrency) as parallel:
         try:
             _read_all(batch, source, parallel)
@@ -435,17 +445,6 @@ def _check_destination(batch: _Batch, path: str, name: str) -> None:
         raise UnsafeMember("the name of the archive being read")
 
 
-def _run_index(batch: _Batch) -> RunIndex:
-    """The marker in the index of every object the job writes under its prefix."""
-    return RunIndex(
-        batch.services.records,
-        batch.tenant,
-        batch.store.bucket,
-        batch.storage_prefix,
-        batch.context.record.id,
-    )
-
-
 def _sealing(
     context: JobContext, services: Parts, name_key: NameKey | None, run: RunIndex | None = None
 ) -> MemberSealing:
@@ -476,7 +475,7 @@ def _write_manifest(batch: _Batch, manifest_key: str, pieces: Iterator[bytes]) -
     one its killed predecessor may have completed (the job checked for one at its start)."""
     key = batch.prefix + MANIFEST_NAME
     placement = Placement(batch.store, batch.store.bucket, key, manifest_key)
-    _sealing(batch.context, batch.services, batch.name_key, _run_index(batch)).seal(
+    _sealing(batch.context, batch.services, batch.name_key, batch.run).seal(
         placement,
         _gathered(pieces),
         overwrite=True,

@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, Self, TypeVar
@@ -30,7 +31,7 @@ from services.inventory import RunIndex
 from services.keys import Sealing, start_sealing
 from services.placement import Placement
 from services.seal_to_storage import ObjectSealer, seal_stream
-from storage import UploadStarted
+from storage import ObjectStore, StorageError, UploadStarted
 from storage.integrity import Records
 from storage.records import ObjectRecord
 
@@ -109,6 +110,14 @@ class MemberSealing:
             self.frame_length,
             object_key=placement.storage_key,
         )
+
+
+def settle(run: RunIndex | None, store: ObjectStore) -> None:
+    """Once a run has ended, settle its markers (`RunIndex.settle`); one that cannot be
+    settled now is expanded when the index is read, as while the run went on."""
+    if run is not None:
+        with suppress(StorageError):
+            run.settle(store)
 
 
 class ReadingStopped(Exception):

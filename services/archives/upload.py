@@ -37,7 +37,13 @@ from services.archives.members import (
 )
 from services.archives.opening import detect_format
 from services.archives.reporting import Reporter
-from services.archives.sealing import MemberSealing, Outcome, ParallelSealing, ReadingStopped
+from services.archives.sealing import (
+    MemberSealing,
+    Outcome,
+    ParallelSealing,
+    ReadingStopped,
+    settle,
+)
 from services.archives.tar_reading import TarSource
 from services.archives.zip_streaming import ZipStream
 from services.errors import error_code, public_detail
@@ -243,6 +249,7 @@ def seal_upload(run: UploadRun, reader: UploadReader) -> dict[str, Any]:
         manifest.abort()
         raise
     record = manifest.complete(_summary(run, format_, stopped))
+    settle(run.sealing.run, run.places.store)
     result = _result(run, format_, record)
     if isinstance(stopped, JobCancelled):
         run.context.save_partial(result)
