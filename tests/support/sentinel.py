@@ -4,7 +4,7 @@ installs)."""
 
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -17,6 +17,7 @@ from tests.support.services import terminate
 from tests.support.waiting import wait_until
 
 MASTER = "jobs"
+START_ATTEMPTS = 3
 
 
 def binary(name: str) -> str:
@@ -26,45 +27,65 @@ def binary(name: str) -> str:
     return path
 
 
-def answers(port: int) -> bool:
-    client = redis.Redis(host=LOCALHOST, port=port, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 @contextmanager
 def sentinel_group(tmp_path: Path) -> Iterator[tuple[str, list[int]]]:
     """A primary, its replica and one sentinel watching them as `MASTER`; yields the
     sentinel URL and the ports of the primary, the replica and the sentinel."""
-    ports = [free_port(), free_port()]
-    sentinel_port = free_port()
     with ExitStack() as stack:
-        for index, port in enumerate(ports):
-            replica = ["--replicaof", LOCALHOST, str(ports[0])] if index else []
-            command = [binary("redis-server"), "--port", str(port), "--bind", LOCALHOST,
-                       "--save", "", "--dir", str(tmp_path), *replica]  # fmt: skip
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-            stack.callback(terminate, process)
-            wait_until(partial(answers, port), f"redis-server on {port}")
+        primary = _started(stack, partial(_redis_server, tmp_path, None))
+        ports = [primary, _started(stack, partial(_redis_server, tmp_path, primary))]
         wait_until(lambda: _linked(ports[1]), "the replica to copy the primary")
-        config = tmp_path / "sentinel.conf"
-        config.write_text(
-            f"port {sentinel_port}\nbind {LOCALHOST}\n"
-            f"sentinel monitor {MASTER} {LOCALHOST} {ports[0]} 1\n"
-            f"sentinel down-after-milliseconds {MASTER} 1000\n"
-            f"sentinel failover-timeout {MASTER} 5000\n"
-        )
-        process = subprocess.Popen(
-            [binary("redis-sentinel"), str(config)], stdout=subprocess.DEVNULL
-        )
-        stack.callback(terminate, process)
-        wait_until(lambda: answers(sentinel_port), "redis-sentinel")
+        sentinel_port = _started(stack, partial(_sentinel, tmp_path, ports[0]))
         wait_until(lambda: _promotable(sentinel_port), "the sentinel to find the replica")
         yield f"sentinel://{LOCALHOST}:{sentinel_port}/0", [*ports, sentinel_port]
+
+
+def _redis_server(tmp_path: Path, primary: int | None, port: int) -> list[str]:
+    """A redis-server on `port`, the replica of the one on `primary` if given."""
+    follow = ["--replicaof", LOCALHOST, str(primary)] if primary else []
+    return [binary("redis-server"), "--port", str(port), "--bind", LOCALHOST,
+            "--save", "", "--dir", str(tmp_path), *follow]  # fmt: skip
+
+
+def _sentinel(tmp_path: Path, primary: int, port: int) -> list[str]:
+    config = tmp_path / f"sentinel-{port}.conf"
+    config.write_text(
+        f"port {port}\nbind {LOCALHOST}\n"
+        f"sentinel monitor {MASTER} {LOCALHOST} {primary} 1\n"
+        f"sentinel down-after-milliseconds {MASTER} 1000\n"
+        f"sentinel failover-timeout {MASTER} 5000\n"
+    )
+    return [binary("redis-sentinel"), str(config)]
+
+
+def _started(stack: ExitStack, command: Callable[[int], list[str]]) -> int:
+    """Start `command(port)` on a free port, stopped when `stack` closes; its port once the
+    process itself answers there. A free port can be taken by another test's server
+    before this one binds it (the process then exits), so a few ports are tried."""
+    for _ in range(START_ATTEMPTS):
+        port = free_port()
+        argv = command(port)
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        stack.callback(terminate, process)
+        wait_until(partial(_up_or_gone, process, port), f"{argv[0]} on {port}")
+        if process.poll() is None:
+            return port
+    raise AssertionError(f"no free port held for {argv[0]} in {START_ATTEMPTS} tries")
+
+
+def _up_or_gone(process: "subprocess.Popen[bytes]", port: int) -> bool:
+    return process.poll() is not None or _served_by(port, process.pid)
+
+
+def _served_by(port: int, pid: int) -> bool:
+    """Whether the server answering on `port` is the process `pid`, not another's."""
+    client = redis.Redis(host=LOCALHOST, port=port, socket_connect_timeout=1)
+    try:
+        return int(client.info("server")["process_id"]) == pid
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def _linked(replica_port: int) -> bool:
