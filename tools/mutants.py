@@ -608,6 +608,13 @@ MUTANTS = (
         ("tests/test_inventory_runs.py",),
     ),
     Mutant(
+        "index: a run's settled count only while its prefix is unchanged",
+        "services/inventory.py",
+        "        if run.members is not None and run.listing == listing_digest(listing):",
+        "        if run.members is not None:",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
         "index: a run stands for its own job's objects",
         "services/inventory.py",
         "            record.job_id == self.job_id",
