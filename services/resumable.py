@@ -1066,6 +1066,8 @@ class Appending:
         self._storing: Future[_Stored] | None = None  # one at a time: memory is bounded
         self._stored: list[_Stored] = []  # durably stored, not acknowledged yet
         self._unsynced: list[_Stored] = []  # stored after the last sync of the parts
+        # A sync failed: what was stored since the last one that did is never acknowledged.
+        self._sync_failed = False
         self.record: ObjectRecord | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -1266,7 +1268,7 @@ class Appending:
             part = self._store.put_part(layout.part_upload(), number, offset, batch.ciphertext)
             synced = number % max(1, SYNC_FRAMES // layout.frames_per_part) == 0
             if synced:
-                self._store.sync_parts(layout.part_upload())
+                self._sync_parts()
             return _Stored(batch, StoredPart(**asdict(part)), 0, 0, "", synced)
         # Named by the generation that recorded its frames, which no other request
         # writes: a PATCH whose lock lapsed while it stalled writes a name of its own
@@ -1284,17 +1286,36 @@ class Appending:
         if storing is None or not (wait or storing.done()):
             return
         self._storing = None
-        self._unsynced.append(storing.result())
-        if self._unsynced[-1].synced:
+        try:
+            self._unsynced.append(storing.result())
+        finally:
+            if self._sync_failed:
+                self._unsynced = []
+        if self._unsynced and self._unsynced[-1].synced:
             self._stored += self._unsynced
             self._unsynced = []
 
     def _sync(self) -> None:
         """Make the batches stored since the last sync durable, to be acknowledged."""
         if self._unsynced:
+            try:
+                self._sync_parts()
+            finally:
+                unsynced, self._unsynced = self._unsynced, []
+            self._stored += unsynced
+
+    def _sync_parts(self) -> None:
+        """Sync the parts put so far; once that fails, no later sync of this request is
+        believed (`_settle` and `_sync` drop what it would cover). Linux reports a failed
+        writeback once and marks its pages clean: a sync after it succeeds over bytes that
+        never reached the disk. The frames stored since the last sync that succeeded keep
+        their HMACs in the state, so the client sends them again and they are put again
+        (the same bytes: the same ciphertext)."""
+        try:
             self._store.sync_parts(self._layout.part_upload())
-            self._stored += self._unsynced
-            self._unsynced = []
+        except BaseException:
+            self._sync_failed = True
+            raise
 
     def _acknowledging(self, state: UploadState) -> UploadState:
         """`state` with the batches stored since the last write acknowledged."""

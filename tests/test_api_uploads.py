@@ -7,6 +7,7 @@ sealed (its generation is anchored in Redis); a move of the generation a Redis r
 does not confirm is refused and undone."""
 
 import base64
+import errno
 import hashlib
 import io
 import os
@@ -264,6 +265,49 @@ def test_parts_are_acknowledged_once_synced_their_hmacs_recorded_before_they_are
     assert appending.end().offset == 3 * per_part + FRAME == offset_of(client, url)
     assert api.records.get(STATE_KIND, name, UploadState).macs == {}
     assert patch(client, url, 3 * per_part + FRAME, data[3 * per_part + FRAME :]).status_code == 204
+    assert read_object(client, "up/obj").content == data
+
+
+class FailingOnce:
+    """`os.fsync` failing once with EIO for a file whose path holds `marker`, as Linux
+    reports a failed writeback: once, after which its pages are clean and a sync succeeds."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.failed = False
+        self._fsync = os.fsync
+
+    def __call__(self, descriptor: int) -> None:
+        if not self.failed and self.marker in str(Path(f"/proc/self/fd/{descriptor}").readlink()):
+            self.failed = True
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        self._fsync(descriptor)
+
+
+@pytest.mark.parametrize("api", ["local"], indirect=True)
+@pytest.mark.parametrize("failing", ["a part's sync", "the sync at the patch's end"])
+def test_parts_stored_since_a_sync_that_failed_are_never_acknowledged(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    data = random_bytes(40 * MiB, seed=8)
+    url = create(client, len(data))
+    upload = url.rsplit("/", 1)[1]
+    state = api.records.get(STATE_KIND, f"{UPLOADS_PREFIX}{upload}.json", UploadState)
+    per_part = state.frames_per_part * FRAME
+    # Synced every two parts; the PATCH ends either just after the second part (its
+    # sync fails) or a frame into it (the final sync fails).
+    monkeypatch.setattr(resumable, "SYNC_FRAMES", 2 * state.frames_per_part)
+    sent = 2 * per_part if failing == "a part's sync" else per_part + FRAME
+    fsync = FailingOnce(state.upload_id)  # the part file's name holds it
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    problem(patch(client, url, 0, data[:sent]), 503, "storage-unavailable")
+
+    assert fsync.failed
+    # The first part's bytes were in the writeback that failed: the sync retried when
+    # the PATCH let go of the upload succeeds, yet they may not be on disk.
+    assert offset_of(client, url) == 0
+    assert patch(client, url, 0, data).status_code == 204
     assert read_object(client, "up/obj").content == data
 
 
