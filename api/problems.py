@@ -137,6 +137,7 @@ _STATUS: dict[type[Exception], int] = {
     resumable.UploadTampered: 502,
     resumable.UploadUnsupported: 422,
     resumable.UploadsNeedRedis: 501,
+    resumable.UploadsNeedDurableRedis: 503,
     resumable.TooManyUploads: 429,
     StoredObjectRefused: 502,
     ObjectTampered: 502,

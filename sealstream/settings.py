@@ -119,6 +119,16 @@ class Settings(BaseSettings):
         description="seconds (at most 4, under the 5 s the service gives Redis to answer) "
         "to wait for SEALSTREAM_REDIS_MIN_REPLICAS replicas to confirm a write",
     )
+    redis_durable: bool = Field(
+        False,
+        description="true: the operator vouches that the uploads' Redis never loses a write "
+        "it answered, where the service cannot see it (CONFIG refused, as on managed Redis "
+        "services). Otherwise resumable uploads on S3 need a Redis that says so: appendonly "
+        "yes with appendfsync always, or Redis 7.2 or later with appendonly yes (each move "
+        "waited for with WAITAOF); else 503 resumable-uploads-need-durable-redis. Vouched "
+        "wrongly, a Redis that loses its last writes in a crash lets whoever can write the "
+        "bucket have a frame's IV seal two plaintexts",
+    )
     kek_file: Path | None = Field(
         None,
         description="file holding the 32-byte key-encryption key (raw, 64 hex digits or "

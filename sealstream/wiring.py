@@ -87,6 +87,7 @@ class Parts:
             return UploadAnchor(
                 redis_client(self.settings.redis_url, self.settings.redis_sentinel_master),
                 redis_replicas(self.settings),
+                vouched=self.settings.redis_durable,
             )
 
 

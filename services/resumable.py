@@ -68,7 +68,7 @@ from services.open_stored import holds_recorded_message
 from services.placement import BucketNotAllowed, Placement, Spaces
 from services.replicas import NotReplicated
 from services.seal_to_storage import HASHING
-from services.upload_anchor import GONE, MARGIN, Anchored, UploadAnchor
+from services.upload_anchor import GONE, MARGIN, Anchored, AnchorNotDurable, UploadAnchor
 from storage import (
     MAX_PARTS,
     MIN_PART_SIZE,
@@ -180,6 +180,12 @@ class UploadsNeedRedis(UploadRefused):
     """Resumable uploads on a bucket with no Redis to anchor their states' generations."""
 
     code = "resumable-uploads-need-redis"
+
+
+class UploadsNeedDurableRedis(UploadRefused):
+    """Resumable uploads anchored in a Redis that may lose the writes it answered last."""
+
+    code = "resumable-uploads-need-durable-redis"
 
 
 class StoredPart(FrozenCamelModel):
@@ -833,11 +839,17 @@ class Uploads:
         return state, etag
 
     def _refuse_unanchored(self) -> None:
-        if self.need_anchor and self.anchor is None:
+        if not self.need_anchor:
+            return
+        if self.anchor is None:
             raise UploadsNeedRedis(
                 "resumable uploads need SEALSTREAM_REDIS_URL where the store does not hold "
                 "the KEK itself: use the streaming route"
             )
+        try:
+            self.anchor.durability()
+        except AnchorNotDurable as refused:
+            raise UploadsNeedDurableRedis(str(refused)) from None
 
     def _check_generation(self, state: UploadState) -> None:
         """Refuse a state that is not the upload's: put back from an older copy, or

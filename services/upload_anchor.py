@@ -34,15 +34,31 @@ put Redis back at the generation of an older state, which a copy of that state w
 match; one that lost a commit would leave the step in flight, whose previous state a
 bucket writer could put back once frames it did not record were stored. An advance that
 its replicas do not confirm is undone where it was made, and `NotReplicated` raised.
+
+Nor may a crash of Redis lose a move once the service acted on it: a Redis back from an
+older snapshot, or from an append-only file missing its last second, anchors an older
+generation, and a bucket writer who kept that generation's state could put it back and
+have frames sealed again from other bytes. So uploads go on only over a Redis that keeps
+every write it answered (`durability`): one that can say it has written a write to its
+append-only file on disk (`appendonly yes`, `appendfsync always`), or one that can say
+when a write is there (Redis 7.2 on with `appendonly yes`: each move then waits for
+WAITAOF, under `appendfsync everysec` until the next sync), or one the operator vouches
+for (`SEALSTREAM_REDIS_DURABLE`). Anything else, or a Redis that will not
+say (CONFIG refused), is `AnchorNotDurable`. What Redis says is asked again every
+`RECHECK`, as its configuration may change while the service runs.
 """
 
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
 
 import redis
 from redis.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from services.replicas import UNCONFIRMED, NotReplicated, Replicas
 
@@ -52,6 +68,9 @@ GONE = "gone"
 COMPLETED = "completed:"  # then "<length>:<tenant>"
 # Kept past the upload's expiry: by then its state is refused as expired anyway.
 MARGIN = timedelta(days=1)
+# How long what Redis said of its persistence is believed before it is asked again.
+RECHECK = timedelta(seconds=60)
+WAITAOF_SINCE = (7, 2)
 
 # An anchor is "<generation>:<digest>" once written, "<generation>:<digest>:<previous
 # state's digest>:<deadline>" while in flight, the deadline (ms, Redis's own clock, so no
@@ -101,6 +120,19 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[5]) then
 end
 return 1
 """
+
+
+class Durability(Enum):
+    """Why a move Redis answered is not lost by a crash of Redis."""
+
+    FSYNC_ALWAYS = "Redis syncs its append-only file before it answers each write"
+    WAITAOF = "each move is waited for until it is in the append-only file on disk"
+    VOUCHED = "the operator vouches for it (SEALSTREAM_REDIS_DURABLE)"
+
+
+class AnchorNotDurable(Exception):
+    """The uploads' Redis may lose a write it answered, or will not say whether it
+    would: a move of a generation could be lost in a crash."""
 
 
 @dataclass(frozen=True)
@@ -160,12 +192,59 @@ class UploadAnchor:
     """Each upload's generation in Redis: `start`, `advance`, `commit`, `current`, `end`;
     and each tenant's open uploads: `admit`, `free`."""
 
-    def __init__(self, client: "redis.Redis", replicas: Replicas = UNCONFIRMED) -> None:
+    def __init__(
+        self,
+        client: "redis.Redis",
+        replicas: Replicas = UNCONFIRMED,
+        *,
+        vouched: bool = False,
+        recheck: timedelta = RECHECK,
+    ) -> None:
         self._client = client
         self._replicas = replicas
+        self._vouched = vouched
+        self._recheck = recheck.total_seconds()
+        self._durability: tuple[Durability | None, float] | None = None  # and when asked
         self._advance = client.register_script(_ADVANCE)
         self._swap = client.register_script(_SWAP)
         self._admit = client.register_script(_ADMIT)
+
+    def durability(self) -> Durability:
+        """Why a move answered survives a crash of Redis, as Redis said at most `recheck`
+        ago; `AnchorNotDurable` if it may not."""
+        known = self._durability
+        if known is None or time.monotonic() - known[1] >= self._recheck:
+            known = (self._asked_durability(), time.monotonic())
+            self._durability = known
+        if known[0] is None:
+            raise AnchorNotDurable(
+                "the uploads' Redis may lose the writes it answered last in a crash: give it "
+                "appendonly yes and appendfsync always (or Redis 7.2 or later with "
+                "appendonly yes), or set SEALSTREAM_REDIS_DURABLE if its writes are kept "
+                "otherwise"
+            )
+        return known[0]
+
+    def _asked_durability(self) -> Durability | None:
+        if self._vouched:
+            return Durability.VOUCHED
+        try:
+            config = self._client.config_get("append*")
+        except ResponseError:  # CONFIG renamed or refused, as managed Redis services do
+            config = {}
+        if (config.get("appendonly"), config.get("appendfsync")) == ("yes", "always"):
+            return Durability.FSYNC_ALWAYS
+        version = str(self._client.info("server").get("redis_version", "0"))
+        aof = bool(self._client.info("persistence").get("aof_enabled"))
+        if aof and _version(version) >= WAITAOF_SINCE:
+            return Durability.WAITAOF
+        return None
+
+    def _write(self, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """A move, confirmed by the replicas and, where Redis can say so, on disk."""
+        known = self._durability
+        fsynced = known is not None and known[0] is Durability.WAITAOF
+        return self._replicas.write(self._client, queue, fsynced=fsynced)
 
     def admit(self, tenant: str, upload: str, expires_at: datetime, cap: int) -> bool:
         """Count `upload` among the tenant's open uploads unless it has `cap` of them."""
@@ -182,9 +261,7 @@ class UploadAnchor:
         False if its id is taken (or was). An anchor not confirmed is left: its id is
         never used again."""
         key, ttl, value = _key(upload), _ttl(expires_at), f"{generation}:{digest}"
-        (set_,) = self._replicas.write(
-            self._client, lambda pipe: pipe.set(key, value, nx=True, px=ttl)
-        )
+        (set_,) = self._write(lambda pipe: pipe.set(key, value, nx=True, px=ttl))
         return set_ is not None
 
     def advance(
@@ -198,9 +275,8 @@ class UploadAnchor:
         hold_ms = max(0, int(hold.total_seconds() * 1000))
         args = [str(read[0]), read[1], step.anchor, str(hold_ms)]
         try:
-            (replaced,) = self._replicas.write(
-                self._client,
-                lambda pipe: self._advance(keys=[_key(upload)], args=args, client=pipe),
+            (replaced,) = self._write(
+                lambda pipe: self._advance(keys=[_key(upload)], args=args, client=pipe)
             )
         except NotReplicated:
             self.undo(upload, step)
@@ -213,7 +289,7 @@ class UploadAnchor:
         """Mark the state of `step` as in the bucket; False if another request took the
         upload over meanwhile (its writer stalled past its hold): what that state records
         must then not be stored."""
-        return self._swapped(upload, step.anchor, step.written_anchor, self._replicas)
+        return self._swapped(upload, step.anchor, step.written_anchor, confirmed=True)
 
     def undo(self, upload: str, step: "Step") -> None:
         """Put back the anchor `step` replaced (`read` anchored, or the step in flight it
@@ -222,13 +298,16 @@ class UploadAnchor:
         there, or is refused. Nothing if the step is no longer the one in flight."""
         # Failing, the step stays in flight: the states it accepts are still accepted.
         with suppress(RedisError):
-            self._swapped(upload, step.anchor, step.replaced, UNCONFIRMED)
+            self._swapped(upload, step.anchor, step.replaced, confirmed=False)
 
-    def _swapped(self, upload: str, expected: str, anchor: str, replicas: Replicas) -> bool:
-        (swapped,) = replicas.write(
-            self._client,
-            lambda pipe: self._swap(keys=[_key(upload)], args=[expected, anchor], client=pipe),
-        )
+    def _swapped(self, upload: str, expected: str, anchor: str, *, confirmed: bool) -> bool:
+        def swap(pipe: Pipeline) -> None:
+            self._swap(keys=[_key(upload)], args=[expected, anchor], client=pipe)
+
+        if confirmed:
+            (swapped,) = self._write(swap)
+        else:
+            (swapped,) = UNCONFIRMED.write(self._client, swap)
         return bool(swapped)
 
     def current(self, upload: str) -> "Anchored | str | None":
@@ -262,7 +341,7 @@ class UploadAnchor:
             pipe.set(key, tombstone, px=ttl)
             pipe.zrem(open_key, upload)
 
-        self._replicas.write(self._client, both)
+        self._write(both)
 
 
 def _key(upload: str) -> str:
@@ -271,6 +350,10 @@ def _key(upload: str) -> str:
 
 def _open_key(tenant: str) -> str:
     return f"{OPEN_PREFIX}{tenant}"
+
+
+def _version(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
 
 
 def _ms(moment: datetime) -> int:

@@ -311,6 +311,33 @@ def test_parts_stored_since_a_sync_that_failed_are_never_acknowledged(
     assert read_object(client, "up/obj").content == data
 
 
+@pytest.mark.parametrize("api", ["s3"], indirect=True)
+def test_uploads_are_refused_over_a_redis_that_may_lose_what_it_answered(
+    api: Api, client: httpx.Client, redis_server: "RedisServer"
+) -> None:
+    redis = redis_client(redis_server.url, "")
+    anchor = UploadAnchor(redis, recheck=timedelta(0))  # what Redis says is asked each time
+    api.parts.__dict__["upload_anchor"] = anchor
+    url = create(client, 2 * FRAME)
+    redis.config_set("appendfsync", "everysec")  # a crash loses up to a second
+
+    refused = problem(
+        post_upload(client, FRAME, "up/other"), 503, "resumable-uploads-need-durable-redis"
+    )
+    assert "appendfsync always" in refused["detail"]
+    problem(patch(client, url, 0, b"x" * FRAME), 503, "resumable-uploads-need-durable-redis")
+    redis.config_set("appendonly", "no")
+    assert client.head(url, headers=TUS).status_code == 503  # a HEAD's answer has no body
+
+    redis.config_set("appendonly", "yes")
+    redis.config_set("appendfsync", "always")
+    assert patch(client, url, 0, b"x" * 2 * FRAME).status_code == 204
+    vouched = UploadAnchor(redis, vouched=True)
+    redis.config_set("appendonly", "no")
+    api.parts.__dict__["upload_anchor"] = vouched
+    assert post_upload(client, FRAME, "up/vouched").status_code == 201
+
+
 def test_another_tenant_finds_no_upload(api: Api, client: httpx.Client) -> None:
     url = create(client, 10)
     with tenant_client(api, client, "other", "crypto:encrypt") as other:

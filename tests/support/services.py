@@ -202,11 +202,13 @@ def _read_lines(stream: IO[str], into: list[str]) -> None:
 # Redis and Celery worker processes, for the job tests
 
 REDIS_INSTALL_HINT = "redis-server is not installed (Debian: apt-get install redis-server)"
+AOF_DIRECTORY = "appendonly"
 
 
 class RedisServer:
-    """A throwaway `redis-server` on a local port with persistence off. It can be stopped
-    and started again on the same port, coming back empty as a restarted Redis does."""
+    """A throwaway `redis-server` on a local port that syncs its append-only file before
+    each answer, as resumable uploads need. It can be stopped and started again on the
+    same port, coming back empty as a Redis that lost its data does."""
 
     def __init__(self, directory: Path) -> None:
         binary = shutil.which("redis-server")
@@ -244,6 +246,7 @@ class RedisServer:
     def restart(self) -> None:
         """Stop, then start a new, empty server on the same port."""
         self.stop()
+        shutil.rmtree(self.directory / AOF_DIRECTORY, ignore_errors=True)
         self.start()
 
     def _launch(self, port: int) -> bool:
@@ -255,7 +258,9 @@ class RedisServer:
             "--port", str(port),
             "--bind", LOCALHOST,
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--appenddirname", AOF_DIRECTORY,
             "--dir", str(self.directory),
             "--logfile", str(log),
         ]  # fmt: skip
