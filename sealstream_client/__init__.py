@@ -27,6 +27,7 @@ from sealstream_client.errors import (
     TransferAborted,
     Unauthenticated,
     Unavailable,
+    UploadLengthMismatch,
     UploadNotConfirmed,
     api_error_class,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "TransferAborted",
     "Unauthenticated",
     "Unavailable",
+    "UploadLengthMismatch",
     "UploadNotConfirmed",
     "Writable",
     "api_error_class",

@@ -38,6 +38,7 @@ from sealstream_client.errors import (
     ApiError,
     ClientError,
     TransferAborted,
+    UploadLengthMismatch,
     UploadNotConfirmed,
     api_error_class,
 )
@@ -115,10 +116,12 @@ class ResumableResult:
 
 @dataclass(frozen=True)
 class _Acknowledged:
-    """What a HEAD says of an upload: its acknowledged offset, the verify job if this
-    HEAD completed it, and whether it was completed already (the server's tombstone)."""
+    """What a HEAD says of an upload: its acknowledged offset of its length, the verify
+    job if this HEAD completed it, and whether it was completed already (the server's
+    tombstone)."""
 
     offset: int
+    length: int
     verify_job: str | None
     completed: bool
 
@@ -352,7 +355,7 @@ class SealstreamClient:
         at `key` (no verify job named); `UploadNotConfirmed` if that is not seen. An
         upload completed already (by a request whose answer was lost, or another run)
         ends at once while the server's tombstone says so (no verify job named)."""
-        if upload is None or self._upload_offset(upload) is None:
+        if upload is None or self._length_of(upload, length) is None:
             upload = self._create_upload(
                 kid, length, key, bucket, overwrite, encryption_context, frame_length
             )
@@ -443,6 +446,17 @@ class SealstreamClient:
             location = response.getheader("Location") or ""
         return location.removeprefix(self._base_path)
 
+    def _length_of(self, upload: str, length: int) -> int | None:
+        """The length of the upload at `upload` (None if there is none any more), which
+        must be `length`: one of another length is never gone on with (its offset
+        reaching `length` would not make it done, nor would its object hold the file)."""
+        acknowledged = self._upload_offset(upload)
+        if acknowledged is None:
+            return None
+        if acknowledged.length != length:
+            raise UploadLengthMismatch(upload, acknowledged.length, length)
+        return length
+
     def _upload_offset(self, upload: str) -> _Acknowledged | None:
         """What a HEAD says of the upload; None if there is no such upload (any more)."""
         with Exchange(self._connect(), self._head("HEAD", upload, TUS)) as exchange:
@@ -452,8 +466,9 @@ class SealstreamClient:
             if response.status != 200:
                 raise _api_error(response)
             offset = int(response.getheader("Upload-Offset") or "0")
+            length = int(response.getheader("Upload-Length") or "-1")
             completed = response.getheader("X-Upload-Completed") == "1"
-            return _Acknowledged(offset, response.getheader("X-Verify-Job"), completed)
+            return _Acknowledged(offset, length, response.getheader("X-Verify-Job"), completed)
 
     def _patch_rest(self, upload: str, file: BinaryIO, offset: int, length: int) -> ResumableResult:
         """One PATCH of the bytes of `file` from `offset` to its end."""
@@ -472,8 +487,10 @@ class SealstreamClient:
                 raise _api_error(response)
             reached = int(response.getheader("Upload-Offset") or "0")
             job = response.getheader("X-Verify-Job")
-        if reached < length:
+        if reached != length:
             raise ClientError(f"the upload stopped at {reached} of {length} bytes")
+        if job is None:  # a HEAD tells whether it is completed
+            raise ClientError("every byte was acknowledged, but no completion was answered")
         return ResumableResult(upload, reached, job)
 
     def encrypt_archive(

@@ -29,6 +29,7 @@ __all__ = [
     "TransferAborted",
     "Unauthenticated",
     "Unavailable",
+    "UploadLengthMismatch",
     "UploadNotConfirmed",
     "api_error_class",
 ]
@@ -61,6 +62,18 @@ class UploadNotConfirmed(ClientError):
     completing it and whether that completion made and recorded the object could not be
     confirmed: look at the destination (a run again goes on with the upload if it is
     still there)."""
+
+
+class UploadLengthMismatch(ClientError):
+    """The resumable upload given to go on with is of another length than the bytes
+    given for it: going on would report an upload done that is not, or store an object
+    of other bytes. Start a new upload (or give the length the upload was created with)."""
+
+    def __init__(self, upload: str, upload_length: int, length: int) -> None:
+        super().__init__(f"the upload {upload} is of {upload_length} bytes, not the {length} given")
+        self.upload = upload
+        self.upload_length = upload_length
+        self.length = length
 
 
 class ApiError(ClientError):

@@ -26,7 +26,7 @@ from tusclient import client as tus
 
 from keystore import LocalKek
 from sealstream.settings import Settings
-from sealstream_client import SealstreamClient, UploadNotConfirmed
+from sealstream_client import SealstreamClient, UploadLengthMismatch, UploadNotConfirmed
 from sealstream_client.client import ResumableResult
 from services import resumable
 from services.frame_chain import FrameChain
@@ -771,6 +771,22 @@ def test_the_client_waits_for_a_completion_under_way_to_end(
 
     assert (result.offset, result.verify_job) == (len(data), None)
     assert read_object(client, "up/obj").content == data
+
+
+def test_the_client_refuses_to_go_on_with_an_upload_of_another_length(
+    api: Api, client: httpx.Client
+) -> None:
+    """Given an upload created for more bytes than the file it is handed, the client
+    refuses it before sending anything: sending the file would move the offset to the
+    file's length and leave the upload open, never an object."""
+    data = random_bytes(2 * FRAME, seed=26)
+    url = create(client, len(data) + FRAME + 5)
+
+    with pytest.raises(UploadLengthMismatch) as refused:
+        resume_with_client(api, url, data, attempts=2)
+
+    assert (refused.value.upload_length, refused.value.length) == (len(data) + FRAME + 5, len(data))
+    assert offset_of(client, url) == 0
 
 
 def test_upload_requests_with_their_redis_down_name_it(
