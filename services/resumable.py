@@ -672,14 +672,17 @@ class Uploads:
     ) -> ObjectInfo | None:
         """The object at the upload's key if the upload's completion made it, its end cut
         off (a crash, or the store's answer lost). Where part etags are MD5s, its etag
-        proves it (a cheap HEAD). Where they are not (a local directory's are version
-        tokens a writer of the directory may set; S3's under SSE-KMS are no digests), it
-        is read back whole and must be the message `intent` names, frame by frame
-        (`holds_recorded_message`). Its header and size alone prove nothing: they are no
+        proves it (a cheap HEAD). Where that does not prove it, it is read back whole and
+        must be the message `intent` names, frame by frame (`holds_recorded_message`): a
+        local directory's etags are version tokens a writer of the directory may set, and
+        S3's under SSE-KMS look like MD5s but are none, so a genuine object's etag is
+        not the MD5 of its parts'. Its header and size alone prove nothing: they are no
         secret."""
         expected = _completed_etag(state.parts)
         if expected is not None and store.derives_etags:
-            return _made_from_parts(store, state, expected)
+            made = _made_from_parts(store, state, expected)
+            if made is not None:
+                return made
         return holds_recorded_message(self.keys, store, intent)
 
     def recorded_as_made(self, state: UploadState) -> bool:

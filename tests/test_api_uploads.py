@@ -7,6 +7,7 @@ sealed (its generation is anchored in Redis); a move of the generation a Redis r
 does not confirm is refused and undone."""
 
 import base64
+import dataclasses
 import errno
 import hashlib
 import io
@@ -629,6 +630,45 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
     completed_head(client, url, len(data))
     assert pending(api) == []
     assert list(api.objects.list(UPLOADS_PREFIX)) == []
+
+
+def etags_not_derived_from_parts(api: Api, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """The object at `key` has an etag that is not the MD5 of its parts' etags (32 hex
+    digits each, as S3 answers under SSE-KMS): stable, but no digest of its parts."""
+    store_class = type(api.parts.spaces.store("default", api.objects.bucket))
+    real = store_class.head
+
+    def kms_head(self: Any, name: str) -> Any:
+        info = real(self, name)
+        if not name.endswith(key):
+            return info
+        disguised = hashlib.sha256(info.etag.encode()).hexdigest()[:32]
+        return dataclasses.replace(info, etag=f'"{disguised}-1"')
+
+    monkeypatch.setattr(store_class, "head", kms_head)
+
+
+@pytest.mark.parametrize("api", ["s3"], indirect=True)
+def test_a_completion_cut_off_is_completed_where_etags_are_no_digests_of_the_parts(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where an object's etag is not the MD5 of its parts' (S3 under SSE-KMS), the
+    object a completion made before its end was cut off is read back, proven the
+    upload's message and recorded, not refused as tampered for ever."""
+    data = random_bytes(2 * FRAME + 3, seed=27)
+    url = create(client, len(data))
+    etags_not_derived_from_parts(api, monkeypatch, "/up/obj")
+    complete_parts_failing_once(api, monkeypatch, made=True)
+    assert patch(client, url, 0, data).status_code == 503
+
+    head = client.head(url, headers=TUS)
+
+    assert (head.status_code, head.headers.get("upload-offset")) == (200, str(len(data)))
+    job = finished_job(client, head.headers["x-verify-job"], timeout=120)
+    assert job["status"] == "succeeded", job
+    record = load_record(api.records, api.objects.bucket, "tenants/default/up/obj")
+    assert (record.plaintext_size, record.plaintext_frame_chain) == (len(data), chain_of(data))
+    completed_head(client, url, len(data))
 
 
 @pytest.mark.parametrize("planted", ["random", "with-its-header"])
