@@ -339,6 +339,29 @@ def test_uploads_are_refused_over_a_redis_that_may_lose_what_it_answered(
     assert post_upload(client, FRAME, "up/vouched").status_code == 201
 
 
+@pytest.mark.parametrize("api", ["s3"], indirect=True)
+def test_a_redis_that_hides_its_configuration_is_taken_for_what_it_can_prove(
+    api: Api, client: httpx.Client, redis_server: "RedisServer"
+) -> None:
+    admin = redis_client(redis_server.url, "")
+    # As managed Redis services do: CONFIG refused (the server syncs each write all the same).
+    admin.acl_setuser(
+        "uploads", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"]
+    )
+    limited = redis_client(redis_server.url.replace("//", "//uploads:pw@", 1), "")
+    api.parts.__dict__["upload_anchor"] = UploadAnchor(limited)
+
+    answered = post_upload(client, 2 * FRAME)
+
+    version = str(admin.info("server")["redis_version"]).split(".")
+    if (int(version[0]), int(version[1])) < (7, 2):  # no WAITAOF: nothing shows a write kept
+        problem(answered, 503, "resumable-uploads-need-durable-redis")
+        return
+    # Each move waited for until the append-only file on disk has it.
+    assert answered.status_code == 201
+    assert patch(client, answered.headers["location"], 0, b"x" * 2 * FRAME).status_code == 204
+
+
 def test_another_tenant_finds_no_upload(api: Api, client: httpx.Client) -> None:
     url = create(client, 10)
     with tenant_client(api, client, "other", "crypto:encrypt") as other:
