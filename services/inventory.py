@@ -20,7 +20,9 @@ and stands for every object under the prefix whose authentic record names that j
 that version. Reading the index expands it (`VersionIndex`): the prefix listed, each
 object's record read. Once the run has ended its marker is settled: it notes how many
 objects it stands for and a digest of the prefix's listing, and counting believes the
-figure while a listing of the prefix gives the same digest. Run markers sort after the
+figure while a listing of the prefix gives the same digest; a count that had to expand
+a run notes what it found in the same way, so that a settlement broken by a later write
+costs one expansion rather than one a request. Run markers sort after the
 objects' markers, so a listing of a version yields the objects marked one by one, then
 each run's members in key order.
 
@@ -322,7 +324,21 @@ class VersionIndex:
         listing = list(store.list(run.storage_prefix))
         if run.members is not None and run.listing == listing_digest(listing):
             return run.members
-        return _count_covered(self._records, store, run, listing)
+        members, complete = _tally(self._records, store, run, listing)
+        if complete:
+            self._settle_again(run, members, listing)
+        return members
+
+    def _settle_again(self, run: RunMarker, members: int, listing: list[ObjectInfo]) -> None:
+        """Write back what an expansion found, so that the next count takes one listing
+        again: a settlement broken by a later write (or never made) costs one expansion,
+        not one per request. The figure is the one `listing` gives, so any change under
+        the prefix since breaks it as it breaks the run's own. Only after a `complete`
+        tally: an object listed without a record may be a write between its completion
+        and its record, which a figure fixed now would miss once the record is there."""
+        settled = run.model_copy(update={"members": members, "listing": listing_digest(listing)})
+        with suppress(StorageError):  # not written back: expanded again next time
+            self._records.put(RUN_MARKER_KIND, run.name, settled)
 
     def _entries(
         self, tenant: str, kid: str, version: int, after: str
@@ -375,19 +391,29 @@ def listing_digest(listing: list[ObjectInfo]) -> str:
 def _count_covered(
     records: Records, store: ObjectStore, run: RunMarker, listing: list[ObjectInfo]
 ) -> int:
+    return _tally(records, store, run, listing)[0]
+
+
+def _tally(
+    records: Records, store: ObjectStore, run: RunMarker, listing: list[ObjectInfo]
+) -> tuple[int, bool]:
+    """How many listed objects are `run`'s, and whether every one had a record to decide
+    it by."""
     with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
-        return sum(pool.map(lambda info: _covered(records, store, run, info), listing))
+        found = list(pool.map(lambda info: _covered(records, store, run, info), listing))
+    return sum(1 for covered in found if covered), None not in found
 
 
-def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool:
-    """Whether the listed object is one of `run`'s. Its record is read as a read of the
-    object reads it, the object's metadata first: a run's small members carry their
-    record there, one request each, where a listing's entry (no metadata) would look
-    for a record file first."""
+def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool | None:
+    """Whether the listed object is one of `run`'s; None if it has no record to believe
+    (gone since listed, written and not recorded yet, or refused). Its record is read as
+    a read of the object reads it, the object's metadata first: a run's small members
+    carry their record there, one request each, where a listing's entry (no metadata)
+    would look for a record file first."""
     try:
         return run.covers(object_record(records, store, info.key))
     except (ObjectNotFound, RecordTampered):
-        return False  # gone since listed, or not believed: the census counts it
+        return None  # not counted (the census counts it), and no figure fixed on it
 
 
 def _member_marker(run: RunMarker, storage_key: str) -> Marker:

@@ -117,6 +117,28 @@ def test_a_run_counts_its_members_once_ended_until_its_prefix_changes(api: Api) 
         assert len(listed(client, 1, 100)) == len(MEMBERS)
 
 
+def test_a_broken_settlement_is_written_back_by_the_count_that_expands_it(api: Api) -> None:
+    """A count that expands a run notes what it found, against the listing it found it
+    in: the next count takes one listing again, and a later change under the prefix still
+    breaks the figure."""
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, MEMBERS)
+        (run_name,) = index_names(api, 1)
+        name = index_prefix(TENANT, KID, 1) + run_name
+        settled = api.records.get(RUN_MARKER_KIND, name, RunMarker)
+        written = encrypt(client, b"not the run's", destination={"key": "out/other.bin"})
+        assert written.status_code == 201, written.text
+        assert object_counts(client) == {1: len(MEMBERS) + 2}  # the encrypt's own marker
+        rewritten = api.records.get(RUN_MARKER_KIND, name, RunMarker)
+        assert rewritten.members == len(MEMBERS) + 1
+        assert rewritten.listing not in (None, settled.listing)
+        deleted = client.delete(f"/api/objects/out/{next(iter(MEMBERS))}")
+        assert deleted.status_code == 204, deleted.text
+        assert object_counts(client) == {1: len(MEMBERS) + 1}
+        assert api.records.get(RUN_MARKER_KIND, name, RunMarker).members == len(MEMBERS)
+
+
 def test_members_re_encrypted_leave_their_version_and_it_can_be_retired(api: Api) -> None:
     with api.client() as client:
         create_key(client)

@@ -18,10 +18,12 @@ import pytest
 
 import workers.fanout
 from sealstream.wiring import build_parts
+from services.inventory import RUN_MARKER_KIND, RunMarker
+from services.inventory import version_prefix as index_prefix
 from services.jobs import BatchEncryptParams, JobKind, JobRecord, JobStatus, PrefixTarget
 from tests.conftest import Api, live_api, local_settings
 from tests.support.data import random_bytes
-from tests.support.http import create_key, read_object
+from tests.support.http import KEYS, create_key, read_object
 from tests.test_jobs_batch import (
     TENANT,
     batch_params,
@@ -105,6 +107,25 @@ def test_a_prefix_is_sealed_in_chunks_each_member_once(api: Api) -> None:
     reports = chunk_records(api, job["id"])
     assert {r.status for r in reports} == {JobStatus.SUCCEEDED}
     assert sum(r.progress.items_done for r in reports) == len(files)
+
+
+def test_a_fanned_out_job_is_one_run_in_the_index_settled_after_its_manifest(api: Api) -> None:
+    """Its chunks write the job's objects under one run marker, which the job settles
+    once its manifest is written: a count takes one listing, not one expansion a chunk."""
+    files = sources(3 * CHUNK)
+    for path, data in files.items():
+        put(api, f"src/{path}", data)
+    with api.client() as client:
+        create_key(client)
+        job = run_batch(client, source={"prefix": "src/"}, destination={"prefix": "out/"})
+        assert job["status"] == "succeeded" and job["result"]["chunks"] == 3, job
+        view = client.get(f"{KEYS}/mySymKey").json()
+    prefix = index_prefix("default", "mySymKey", 1)
+    (run_name,) = [info.key for info in api.objects.list(prefix)]
+    run = api.records.get(RUN_MARKER_KIND, run_name, RunMarker)
+    assert run.job_id == job["id"]
+    assert run.members == len(files) + 1 and run.listing is not None  # and the manifest
+    assert [v["objectCount"] for v in view["versions"]] == [len(files) + 1]
 
 
 def zip_with_a_twin() -> bytes:

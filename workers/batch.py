@@ -61,7 +61,7 @@ from services.archives.sealing import (
 )
 from services.errors import error_code, public_detail
 from services.inventory import RunIndex
-from services.jobs import BatchEncryptParams, ObjectTarget, PrefixTarget
+from services.jobs import BatchChunkParams, BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
 from services.open_stored import intent_of
@@ -141,7 +141,7 @@ class _Batch:
             self.tenant,
             self.store.bucket,
             self.storage_prefix,
-            self.context.record.id,
+            writer_id(self.context),
         )
 
     @property
@@ -336,7 +336,7 @@ def _may_overwrite(
         return _Write(overwrite=False)  # written only if still free
     if placement.storage_key not in resumed.claims:
         raise ObjectExists("the object exists and overwrite is false", placement.storage_key)
-    if _writer(services, placement, stored) != context.record.id:
+    if _writer(services, placement, stored) != writer_id(context):
         raise ClaimTaken("another writer put an object here after this job claimed it")
     return _Write(overwrite=True, replacing=stored.etag)
 
@@ -460,9 +460,19 @@ def _sealing(
         params.encryption_context,
         params.frame_length,
         name_key,
-        context.record.id,
+        writer_id(context),
         run,
     )
+
+
+def writer_id(context: JobContext) -> str:
+    """The job the objects `context`'s job writes are of, in their records and in the
+    index: a fanned-out job's chunks write its objects, under one run marker for all of
+    them that the job settles once, after its manifest (one marker a chunk, over the
+    same prefix, would each stand unsettled, every one expanded over all their
+    members)."""
+    params = context.record.params
+    return params.parent if isinstance(params, BatchChunkParams) else context.record.id
 
 
 def _progress(context: JobContext, bytes_read: Callable[[], int]) -> Callable[[], None]:

@@ -12,7 +12,9 @@ rerun of the job finds the same chunks again; a chunk's id is the job's and its 
 Each chunk seals its members as the batch job does, with a journal of its own, so that a
 chunk whose worker was killed is resumed by the next one to take it, each member sealed
 once. A chunk's journal is kept when it ends: the job writes the manifest from them, in
-the order of the plan, then deletes them.
+the order of the plan, then deletes them. The members are the job's: their records name
+it, and one run marker in the index stands for all of them (`services.inventory`),
+settled by the job after its manifest.
 
 While it waits the job runs chunks itself, from the last back (workers take them from
 the first), and reports its chunks' progress as its own. A chunk stops at its next
@@ -46,6 +48,7 @@ from services.archives import (
     member_path,
 )
 from services.archives.opening import open_archive
+from services.archives.sealing import settle
 from services.archives.zip_reading import ZipSource
 from services.jobs import (
     BatchChunkParams,
@@ -246,6 +249,7 @@ def _fanned_out(batch: _Batch, plan: Plan, chunks: list[str]) -> dict[str, Any]:
     damage = _gather(batch, finals)
     manifest_key = batch.storage_prefix + MANIFEST_NAME
     _write_manifest(batch, manifest_key, _manifest(batch, plan.format, damage))
+    settle(batch.run, batch.store)  # the chunks' run: theirs are the job's objects
     result = {**_result(batch, plan.format, manifest_key), "chunks": len(chunks)}
     total = context.record.progress.bytes_total
     context.progress(items_done=batch.items, items_total=batch.items, bytes_done=total)
