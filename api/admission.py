@@ -10,11 +10,18 @@ so keys, jobs and health still answer at the cap.
 An archive streamed in uploads up to `SEALSTREAM_BATCH_CONCURRENCY` members at once, each
 with an upload of its own, so it counts as that many streams. A resumable upload's PATCH
 holds what its upload's part size makes it hold, counted as the streams that memory
-makes (`api.routes.uploads`). A stream never counts as more than the cap, so that one can
-always run alone.
+makes (`api.routes.uploads`).
+
+Each tenant may hold only its share of the cap (`SEALSTREAM_MAX_STREAMS_PER_TENANT`), so
+that one tenant's slow streams, however many, leave the others streams to run: past it,
+its next stream is answered `429 too-many-tenant-streams`. A stream is counted server-wide
+as it arrives and against its tenant once its token is read (`Holding.claim`, from
+`api.auth`), still before its body is. A stream never counts as more than a tenant's share,
+so that one can always run alone.
 """
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,27 +32,31 @@ from api.problems import Problem
 STREAM_ROUTES = "/api/crypto/stream/"
 ARCHIVE_ROUTE = "/api/crypto/stream/encrypt-archive"
 RETRY_AFTER_SECONDS = 1
+HOLDING = "streams"  # the key of a stream's `Holding` in its request's state
 
 
 class Streams:
-    """The streams a process serves, each counted by its weight, at most `limit` in all;
-    a weight of 1 is `unit` bytes of memory. Taken and given back from the event loop and
-    from worker threads, under a lock."""
+    """The streams a process serves, each counted by its weight, at most `limit` in all
+    and `tenant_limit` for any one tenant; a weight of 1 is `unit` bytes of memory. Taken
+    and given back from the event loop and from worker threads, under a lock."""
 
-    def __init__(self, limit: int, unit: int) -> None:
+    def __init__(self, limit: int, unit: int, tenant_limit: int | None = None) -> None:
         self.limit = limit
+        self.tenant_limit = min(limit, tenant_limit or limit)
         self.unit = unit
         self.active = 0
+        self.by_tenant: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def weight(self, memory: int) -> int:
         """The streams a request holding up to `memory` bytes counts as."""
         return max(1, -(-memory // self.unit))
 
-    def take(self, weight: int) -> int:
-        """Count a stream of `weight` in (at most the limit); the weight to `give_back`.
-        A 503 too-many-streams problem past the limit."""
-        weight = min(weight, self.limit)
+    def take(self, weight: int, tenant: str | None = None) -> int:
+        """Count a stream of `weight` in (at most a tenant's share), against `tenant`'s
+        share too if it is known; the weight to `give_back`. A 503 too-many-streams
+        problem past the limit, else a 429 problem past the tenant's share."""
+        weight = min(weight, self.tenant_limit)
         with self._lock:
             if self.active + weight > self.limit:
                 raise Problem(
@@ -55,39 +66,77 @@ class Streams:
                     "try again shortly",
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
+            if tenant is not None:
+                self._within_share(tenant, weight)
             self.active += weight
+            if tenant is not None:
+                self.by_tenant[tenant] += weight
         return weight
 
-    def give_back(self, weight: int) -> None:
+    def charge(self, tenant: str, weight: int) -> None:
+        """Count `weight` taken already against `tenant`'s share (429 past it)."""
+        with self._lock:
+            self._within_share(tenant, weight)
+            self.by_tenant[tenant] += weight
+
+    def give_back(self, weight: int, tenant: str | None = None) -> None:
         with self._lock:
             self.active -= weight
+            if tenant is not None:
+                self.by_tenant[tenant] -= weight
+                if not self.by_tenant[tenant]:
+                    del self.by_tenant[tenant]
+
+    def _within_share(self, tenant: str, weight: int) -> None:
+        if self.by_tenant[tenant] + weight > self.tenant_limit:
+            raise Problem(
+                429,
+                "too-many-tenant-streams",
+                f"the tenant holds as many streams as one tenant may ({self.tenant_limit}); "
+                "try again once one of its streams has ended",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
 
     @contextmanager
-    def holding(self) -> Iterator["Holding"]:
-        """What a request takes while it runs (once it knows how much), given back when
-        it ends, however it ends."""
-        holding = Holding(self)
+    def holding(self, tenant: str | None = None) -> Iterator["Holding"]:
+        """What a request takes while it runs (once it knows how much), counted against
+        `tenant` (once known), given back when it ends, however it ends."""
+        holding = Holding(self, tenant)
         try:
             yield holding
         finally:
-            self.give_back(holding.weight)
+            self.give_back(holding.weight, holding.tenant)
 
 
 class Holding:
     """The streams one request counts as: none until it `take`s them."""
 
-    def __init__(self, streams: Streams) -> None:
+    def __init__(self, streams: Streams, tenant: str | None) -> None:
         self.streams = streams
+        self.tenant = tenant
         self.weight = 0
 
     def take(self, memory: int) -> None:
-        """Count the request as the streams that `memory` bytes make (503 past the cap)."""
-        self.weight += self.streams.take(self.streams.weight(memory))
+        """Count the request as the streams that `memory` bytes make (429 past its
+        tenant's share, 503 past the cap)."""
+        self.count(self.streams.weight(memory))
+
+    def count(self, weight: int) -> None:
+        """Count the request as `weight` streams more."""
+        self.weight += self.streams.take(weight, self.tenant)
+
+    def claim(self, tenant: str) -> None:
+        """Count what the request holds against `tenant`, whose token it carries (429
+        past its share); once only."""
+        if self.tenant is None:
+            self.streams.charge(tenant, self.weight)
+            self.tenant = tenant
 
 
 class StreamLimit:
-    """ASGI middleware: the requests under `STREAM_ROUTES` counted in `streams`; a request
-    leaves them when its response has ended or failed."""
+    """ASGI middleware: the requests under `STREAM_ROUTES` counted in `streams`, their
+    `Holding` left in the request's state for `claim`; a request leaves them when its
+    response has ended or failed."""
 
     def __init__(self, app: ASGIApp, streams: Streams, archive_weight: int = 1) -> None:
         self.app = app
@@ -99,12 +148,19 @@ class StreamLimit:
             await self.app(scope, receive, send)
             return
         weight = self.archive_weight if scope["path"].startswith(ARCHIVE_ROUTE) else 1
-        try:
-            weight = self.streams.take(weight)
-        except Problem as busy:
-            await busy.response(scope["path"])(scope, receive, send)
-            return
-        try:
+        with self.streams.holding() as held:
+            try:
+                held.count(weight)
+            except Problem as busy:
+                await busy.response(scope["path"])(scope, receive, send)
+                return
+            scope.setdefault("state", {})[HOLDING] = held
             await self.app(scope, receive, send)
-        finally:
-            self.streams.give_back(weight)
+
+
+def claim_streams(scope: Scope, tenant: str) -> None:
+    """Count the streams a request under `STREAM_ROUTES` holds against `tenant`, whose
+    token it carries (429 past its share); nothing for another route."""
+    held = scope.get("state", {}).get(HOLDING)
+    if held is not None:
+        held.claim(tenant)

@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from api.admission import claim_streams
 from api.audit import noted
 from api.problems import Problem
 from api.services import services
@@ -41,6 +42,7 @@ async def authenticated(request: Request, credentials: Credentials) -> Principal
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         ) from None
     noted(request).principal = principal
+    claim_streams(request.scope, principal.tenant)
     return principal
 
 

@@ -103,8 +103,9 @@ def share_of(settings: Settings, processes: int) -> Settings:
     """The settings each of `processes` processes serves with: the server's, with its
     share of the server-wide limits. A plain `Settings`, which pickles."""
     values = {name: getattr(settings, name) for name in Settings.model_fields}
-    for limit in ("max_streams", "keygen_threads"):
-        values[limit] = max(1, values[limit] // processes)
+    for limit in ("max_streams", "max_streams_per_tenant", "keygen_threads"):
+        if values[limit] is not None:
+            values[limit] = max(1, values[limit] // processes)
     return Settings.model_construct(**values)
 
 

@@ -35,7 +35,9 @@ def create_app(settings: Settings, metrics_dir: Path | None = None) -> FastAPI:
         runner=_job_runner(parts),
         transfers=CapacityLimiter(settings.transfer_threads),
         streams=Streams(
-            settings.max_streams, stream_memory(settings.s3_part_size, settings.s3_parts_in_flight)
+            settings.max_streams,
+            stream_memory(settings.s3_part_size, settings.s3_parts_in_flight),
+            settings.tenant_streams,
         ),
         key_work=KeyWork(settings.keygen_threads, settings.keygen_rate),
     )

@@ -438,6 +438,15 @@ class Settings(BaseSettings):
         "uploads into S3, each (parts in flight + 1) × the part size, as fit in half the "
         "memory available: the cgroup limit if any, else the physical memory",
     )
+    max_streams_per_tenant: int | None = Field(
+        None,
+        ge=1,
+        description="streams one tenant may hold at once, counted as max_streams counts them "
+        "and shared evenly among the server's processes likewise; past it, 429 "
+        "too-many-tenant-streams, so that one tenant's slow streams leave the others "
+        "streams to run. Unset: half of max_streams (rounded up). A server with a single "
+        "tenant sets it to max_streams",
+    )
 
     audit: bool = Field(
         True,
@@ -523,3 +532,9 @@ class Settings(BaseSettings):
         if (key is None) != (info.data.get("tls_cert") is None):
             raise ValueError("a TLS certificate and its key go together: give both or neither")
         return key
+
+    @property
+    def tenant_streams(self) -> int:
+        """The streams one tenant may hold at once in a process: `max_streams_per_tenant`,
+        else half of `max_streams`, rounded up (so a cap of 1 leaves the tenant that one)."""
+        return self.max_streams_per_tenant or -(-self.max_streams // 2)

@@ -363,9 +363,10 @@ def test_streams_past_the_cap_are_refused_until_one_ends(tmp_path: Path) -> None
 
 def test_an_archive_stream_counts_as_the_members_it_uploads_at_once(tmp_path: Path) -> None:
     """An archive streamed in uploads up to `batch_concurrency` members at once, each
-    with an upload of its own: it takes that many of the cap's streams."""
+    with an upload of its own: it takes that many of the cap's streams (a single tenant,
+    given every stream as its share)."""
     settings = local_settings(tmp_path).model_copy(
-        update={"max_streams": 2, "batch_concurrency": 2}
+        update={"max_streams": 2, "max_streams_per_tenant": 2, "batch_concurrency": 2}
     )
     archive = tar_archive({"a.bin": random_bytes(600_000, seed=23)})
     fields = {"kid": "mySymKey", "destination": {"prefix": "out/"}}

@@ -32,8 +32,11 @@ if TYPE_CHECKING:
 def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
     """A PATCH of an upload with 16 MiB parts holds about 80 MiB: 3 streams of the
     default 40 MiB. With a cap of 3, one held PATCH leaves no room for another stream or
-    PATCH, and an ordinary stream under way leaves none for a PATCH."""
-    settings = local_settings(tmp_path).model_copy(update={"max_streams": 3})
+    PATCH, and an ordinary stream under way leaves none for a PATCH (a single tenant,
+    given every stream as its share)."""
+    settings = local_settings(tmp_path).model_copy(
+        update={"max_streams": 3, "max_streams_per_tenant": 3}
+    )
     data = random_bytes(3 * FRAME, seed=51)
     let_go = threading.Event()
     with live_api(settings) as api, api.client() as client, ThreadPoolExecutor(1) as pool:
@@ -55,6 +58,37 @@ def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
         assert patching.result().status_code == 204
         assert patch(client, other, 0, b"x" * FRAME).status_code == 204
         assert read_object(client, "up/held").content == data
+
+
+def test_a_tenant_holding_its_share_of_streams_leaves_the_others_theirs(tmp_path: Path) -> None:
+    """With a cap of 6, a tenant may hold 3 streams (half): its PATCH held open, slow,
+    holds them all, and its next stream or PATCH gets 429 too-many-tenant-streams, while
+    another tenant's stream and PATCH run."""
+    settings = local_settings(tmp_path).model_copy(update={"max_streams": 6})
+    data = random_bytes(3 * FRAME, seed=52)
+    let_go = threading.Event()
+    with live_api(settings) as api, api.client() as client, ThreadPoolExecutor(1) as pool:
+        create_key(client)
+        held, more = create(client, len(data), key="up/held"), create(client, FRAME, "up/more")
+        body = paused(data[:FRAME], data[FRAME:], let_go)
+        patching = pool.submit(patch, api.client(), held, 0, body)
+        scopes = ("keys:write", "crypto:encrypt", "crypto:decrypt")
+        try:
+            wait_until(lambda: state_of(api, held).held, "the PATCH to hold its upload")
+
+            refused = problem(encrypt(client, b"more"), 429, "too-many-tenant-streams")
+            assert "(3)" in refused["detail"]
+            problem(patch(client, more, 0, b"x" * FRAME), 429, "too-many-tenant-streams")
+            with tenant_client(api, client, "other", *scopes) as other:
+                create_key(other)
+                assert encrypt(other, b"theirs").status_code == 200
+                theirs = create(other, FRAME, key="up/theirs")
+                assert patch(other, theirs, 0, b"y" * FRAME).status_code == 204
+        finally:
+            let_go.set()
+        assert patching.result().status_code == 204
+        assert patch(client, more, 0, b"x" * FRAME).status_code == 204
+        assert encrypt(client, b"more").status_code == 200
 
 
 @pytest.fixture(params=["local-unanchored", "s3-anchored"])

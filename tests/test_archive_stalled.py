@@ -75,7 +75,8 @@ def test_stalled_archive_uploads_up_to_the_stream_limit_starve_no_other_request(
     tmp_path: Path, archives: int
 ) -> None:
     prefixes = [f"live{n}/" for n in range(archives)]
-    streams = {"SEALSTREAM_MAX_STREAMS": str(archives * BATCH_CONCURRENCY)}
+    cap = str(archives * BATCH_CONCURRENCY)  # a single tenant, given every stream
+    streams = {"SEALSTREAM_MAX_STREAMS": cap, "SEALSTREAM_MAX_STREAMS_PER_TENANT": cap}
     with (
         sealstream_serve(tmp_path, {**SETTINGS, **streams}) as served,
         httpx.Client(

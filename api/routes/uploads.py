@@ -238,7 +238,7 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
     assert start is not None
     sent = header_int(request, "content-length", required=False)
     svc = services(request)
-    with svc.streams.holding() as held:
+    with svc.streams.holding(principal.tenant) as held:
         appending = await to_thread.run_sync(
             svc.uploads().begin,
             principal.tenant,
