@@ -10,9 +10,9 @@ and storage key:
 Named by a digest, a marker's name has the same length whatever the object's key, so
 every key an object record can name has a marker too; a listing comes in digest order.
 
-The members a job seals into a prefix (an archive's) are marked once for the run rather
-than one by one: before its first member of a key version becomes visible, a run marker
-names the job, the version, the bucket and the storage prefix,
+The members a job seals into a prefix other than '' (an archive's) are marked once for
+the run rather than one by one: before its first member of a key version becomes
+visible, a run marker names the job, the version, the bucket and the storage prefix,
 
     sealstream/index/<tenant>/<kid>/<version>/run-<SHA-256 of bucket, prefix, job>.json
 
@@ -268,6 +268,19 @@ class RunIndex:
             members = sum(known) + _count_covered(self._records, store, run, others)
             settled = run.model_copy(update={"members": members, "listing": digest})
             self._records.put(RUN_MARKER_KIND, run.name, settled)
+
+
+def run_index(
+    records: Records, tenant: str, bucket: str, prefix: str, storage_prefix: str, job_id: str
+) -> RunIndex | None:
+    """How a job writing under the tenant's `prefix` marks its objects: by one run marker,
+    or (None) one by one where the prefix is '', the tenant's whole space. A run there
+    would be settled against a listing of every object the tenant has, broken by any
+    write anywhere in it and then expanded over all of them: its cost would grow with the
+    space, not with the run."""
+    if not prefix:
+        return None
+    return RunIndex(records, tenant, bucket, storage_prefix, job_id)
 
 
 class VersionIndex:

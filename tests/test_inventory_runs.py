@@ -139,6 +139,23 @@ def test_a_broken_settlement_is_written_back_by_the_count_that_expands_it(api: A
         assert api.records.get(RUN_MARKER_KIND, name, RunMarker).members == len(MEMBERS)
 
 
+def test_members_sealed_into_the_whole_space_are_marked_one_by_one(api: Api) -> None:
+    """A run into '' would be settled against every object the tenant has, broken by any
+    write anywhere: its members get markers of their own instead, and a later write
+    costs no expansion."""
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, MEMBERS, prefix="")
+        names = index_names(api, 1)
+        assert len(names) == len(MEMBERS) + 1
+        assert not [name for name in names if name.startswith(RUN_NAME_PREFIX)]
+        written = encrypt(client, b"elsewhere", destination={"key": "other.bin"})
+        assert written.status_code == 201, written.text
+        assert object_counts(client) == {1: len(MEMBERS) + 2}
+        expected = sorted([*MEMBERS, "manifest.json", "other.bin"])
+        assert sorted(listed(client, 1, 2)) == expected
+
+
 def test_members_re_encrypted_leave_their_version_and_it_can_be_retired(api: Api) -> None:
     with api.client() as client:
         create_key(client)

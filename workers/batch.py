@@ -60,7 +60,7 @@ from services.archives.sealing import (
     settle,
 )
 from services.errors import error_code, public_detail
-from services.inventory import RunIndex
+from services.inventory import RunIndex, run_index
 from services.jobs import BatchChunkParams, BatchEncryptParams, ObjectTarget, PrefixTarget
 from services.jobs.context import JobContext, JobFailed
 from services.objects import MEMBER_FIELDS, ObjectSummary
@@ -136,10 +136,11 @@ class _Batch:
         self.storage_prefix = self.destination.storage_prefix
         self.name_key = _name_key(self.services, self.tenant, self.params)
         # The marker in the index of every object the job writes under its prefix.
-        self.run = RunIndex(
+        self.run = run_index(
             self.services.records,
             self.tenant,
             self.store.bucket,
+            self.prefix,
             self.storage_prefix,
             writer_id(self.context),
         )

@@ -45,7 +45,7 @@ from services.archives.upload import (
     UploadRun,
     seal_upload,
 )
-from services.inventory import RunIndex
+from services.inventory import run_index
 from services.jobs import ArchiveUploadParams, JobKind, JobRecord, JobStatus, PrefixTarget
 from services.jobs.context import JobContext, run_body
 from services.jobs.params import Names, UploadFormat
@@ -237,8 +237,13 @@ def _run(svc: Services, record: JobRecord, reader: UploadReader, emit: Any) -> J
             params.frame_length,
             places.name_key,
             record.id,
-            RunIndex(
-                svc.records, record.tenant, places.store.bucket, places.storage_prefix, record.id
+            run_index(
+                svc.records,
+                record.tenant,
+                places.store.bucket,
+                places.prefix,
+                places.storage_prefix,
+                record.id,
             ),
         ),
         places=places,
