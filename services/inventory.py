@@ -48,8 +48,15 @@ from typing import Self
 
 from pydantic import Field
 
-from services.placement import Spaces, client_key
-from storage import ObjectExists, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
+from services.placement import Spaces, check_object_key, client_key
+from storage import (
+    InvalidObjectKey,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+)
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
 from storage.records import ObjectRecord, object_record
@@ -63,8 +70,8 @@ RUN_NAME_PREFIX = "run-"  # after every hex digest: a version's runs list after 
 # waiting; and how many of its listing are handed to them at a time.
 EXPANSION_THREADS = 8
 EXPANSION_SLICE = 64
-# A page's cursor: the digest of an object's marker, or a run's and its member's storage
-# key (hex, at most 1,024 bytes).
+# A page's cursor: the digest of an object's marker, or a run's and its member's key under
+# the run's prefix (hex, UTF-8, at most an object key's 1,024 bytes; `member_cursor`).
 CURSOR_PATTERN = "^([0-9a-f]{64}|run-[0-9a-f]{64}\\.([0-9a-f]{2}){1,1024})?$"
 
 
@@ -359,16 +366,17 @@ class VersionIndex:
         """(cursor after it, marker) of each object of the version after `after`."""
         prefix = version_prefix(tenant, kid, version)
         name_after, _, member_after = after.partition(".")
+        within_after = member_key(member_after) if member_after else None
         start = f"{prefix}{name_after}{MARKER_SUFFIX}" if name_after else ""
         if member_after:  # within a run: from its member after the cursor's on
             start = f"{prefix}{name_after}"
         for info in self._store.list(prefix, start_after=start):
             name = info.key.removeprefix(prefix).removesuffix(MARKER_SUFFIX)
             if name.startswith(RUN_NAME_PREFIX):
-                run = self._run(info.key)
-                within = _storage_key(member_after) if name == name_after else ""
-                for marker in [] if run is None else self._members(run, within):
-                    yield f"{name}.{marker.storage_key.encode().hex()}", marker
+                within = within_after if name == name_after else None
+                if (run := self._run(info.key)) is not None:
+                    for marker in self._members(run, within):
+                        yield member_cursor(name, run, marker), marker
                 continue
             try:
                 yield name, self._records.get(MARKER_KIND, info.key, Marker)
@@ -381,11 +389,13 @@ class VersionIndex:
         except (ObjectNotFound, RecordTampered):
             return None  # dropped since it was listed, or refused and counted
 
-    def _members(self, run: RunMarker, after: str) -> Iterator[Marker]:
-        """The markers of the objects `run` stands for, in key order, after the storage
-        key `after`: those under its prefix whose authentic record it covers."""
+    def _members(self, run: RunMarker, after: str | None) -> Iterator[Marker]:
+        """The markers of the objects `run` stands for, in key order, after the key
+        `after` under its prefix (from the first, with None): those under its prefix
+        whose authentic record it covers."""
         store = self._spaces.store(run.tenant, run.bucket)
-        listing = store.list(run.storage_prefix, start_after=after)
+        start = "" if after is None else run.storage_prefix + after
+        listing = store.list(run.storage_prefix, start_after=start)
         with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
             while infos := list(islice(listing, EXPANSION_SLICE)):
                 covered = pool.map(lambda info: _covered(self._records, store, run, info), infos)
@@ -450,7 +460,24 @@ def record_at(records: Records, store: ObjectStore, storage_key: str) -> ObjectR
         return None
 
 
-def _storage_key(hexed: str) -> str:
-    """The storage key a run member's cursor names (hex, checked by its caller); bytes
-    that are not UTF-8 still name a place in the listing's order."""
-    return bytes.fromhex(hexed).decode(errors="replace")
+class InvalidCursor(ValueError):
+    """A page's cursor that names no place a member of a run could be."""
+
+
+def member_cursor(name: str, run: RunMarker, marker: Marker) -> str:
+    """The cursor after a run's member: the run's name, and the member's key under the
+    run's prefix, as an object key (at most `MAX_KEY_BYTES`), whatever the length of the
+    tenant's part of the storage key."""
+    return f"{name}.{marker.storage_key.removeprefix(run.storage_prefix).encode().hex()}"
+
+
+def member_key(hexed: str) -> str:
+    """The key under a run's prefix that a member's cursor names (hex, as the pattern
+    checked): `InvalidCursor` unless it could be an object's key, which a listing may be
+    asked to start after."""
+    try:
+        key = bytes.fromhex(hexed).decode()
+        check_object_key(key)
+    except (UnicodeDecodeError, InvalidObjectKey):
+        raise InvalidCursor("not a cursor this index gave") from None
+    return key

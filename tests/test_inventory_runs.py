@@ -14,6 +14,7 @@ from services.inventory import RUN_MARKER_KIND, RUN_NAME_PREFIX, RunIndex, RunMa
 from services.inventory import version_prefix as index_prefix
 from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound
+from storage.local import LocalStore
 from tests.conftest import Api
 from tests.support.data import random_bytes, tar_archive
 from tests.support.http import FORM_TYPE, KEYS, create_key, encrypt, form_bytes, problem
@@ -73,11 +74,29 @@ def test_a_run_is_marked_once_and_listed_member_by_member(api: Api) -> None:
             assert sorted(listed(client, 1, limit)) == expected
         assert object_counts(client) == {1: len(expected)}
         # A cursor within a run that names no key of it still pages on; one that is not
-        # a cursor is refused.
-        after: dict[str, Any] = {"version": 1, "after": f"{runs[0].removesuffix('.json')}.ff"}
-        assert client.get(f"{KEYS}/{KID}/objects", params=after).status_code == 200
-        after["after"] = f"{runs[0].removesuffix('.json')}.f"
-        problem(client.get(f"{KEYS}/{KID}/objects", params=after), 422, "invalid-request")
+        # a cursor, or names no place an object key could be, is refused.
+        run = runs[0].removesuffix(".json")
+        after: dict[str, Any] = {"version": 1, "after": f"{run}.{b'm-0.bim'.hex()}"}
+        page = client.get(f"{KEYS}/{KID}/objects", params=after)
+        assert page.status_code == 200, page.text
+        assert page.json()["objects"][0]["key"] == "out/m-0.bin"
+        for member in ("f", "00", "ff", "c3", "0a0d", "7f", b"/a".hex(), b"a//b".hex()):
+            after["after"] = f"{run}.{member}"
+            refused = client.get(f"{KEYS}/{KID}/objects", params=after)
+            problem(refused, 422, "invalid-request")
+
+
+def test_a_member_with_the_longest_key_is_paged_past(api: Api) -> None:
+    """A member's cursor names its key under the run's prefix: one whose key has the most
+    bytes an object key may have is paged past like any other."""
+    if not isinstance(api.objects, LocalStore):
+        pytest.skip("S3 holds keys of 1,024 bytes at most, the tenant's part with them")
+    longest = "/".join(["a" * 199] * 6)[: 1024 - len("out/")]
+    with api.client() as client:
+        create_key(client)
+        stream_in(client, {longest: b"long", "b": b"short"})
+        expected = sorted([f"out/{longest}", "out/b", "out/manifest.json"])
+        assert sorted(listed(client, 1, 1)) == expected
 
 
 def test_a_member_over_an_object_marked_on_its_own_is_listed_once(api: Api) -> None:

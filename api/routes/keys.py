@@ -21,7 +21,13 @@ from api.services import services
 from api.tokens import Principal
 from keystore import ImportSpec, KeyChange, KeyRecord, KeySpec, KeyView, supported_algorithms
 from keystore.records import VersionInfo
-from services.inventory import CURSOR_PATTERN, IndexedObject, Marker, VersionIndex
+from services.inventory import (
+    CURSOR_PATTERN,
+    IndexedObject,
+    InvalidCursor,
+    Marker,
+    VersionIndex,
+)
 from services.retirement import RetirementRefused, Retirements
 from storage.documents import CamelModel
 
@@ -282,7 +288,10 @@ async def list_key_version_objects(
         index = VersionIndex(svc.records, svc.spaces)
         return index.page(principal.tenant, kid, version, limit=limit, after=after)
 
-    markers, cursor = await run_in_threadpool(page)
+    try:
+        markers, cursor = await run_in_threadpool(page)
+    except InvalidCursor as refusal:
+        raise Problem(422, "invalid-request", f"invalid request: query.after: {refusal}") from None
     objects = [IndexedObject.of(marker).model_dump(mode="json") for marker in markers]
     return {"objects": objects, "next": cursor}
 
