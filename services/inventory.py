@@ -38,6 +38,7 @@ markers, so retiring a version checks the object records too (`services.retireme
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,8 @@ from storage import (
 from storage.documents import CamelModel, FrozenCamelModel
 from storage.integrity import Records, RecordTampered
 from storage.records import ObjectRecord, object_record
+
+logger = logging.getLogger(__name__)
 
 INDEX_PREFIX = "sealstream/index/"
 MARKER_KIND = "object-marker"
@@ -320,28 +323,41 @@ class VersionIndex:
             last = place
         return found, None
 
-    def counts(self, tenant: str, kid: str) -> dict[int, int]:
+    def counts(self, tenant: str, kid: str) -> dict[int, int | None]:
         """How many objects each version of a key has in the index: the objects' markers
         counted from one listing of the key's index, by name; each run's members by
-        expanding it."""
+        expanding it. None for a version one of whose runs is in a store that cannot be
+        read now: how many objects use it is unknown."""
         prefix = key_prefix(tenant, kid)
-        counted: dict[int, int] = {}
+        counted: dict[int, int | None] = {}
         for info in self._store.list(prefix):
             version, _, name = info.key.removeprefix(prefix).partition("/")
             if not version.isdigit() or not name.endswith(MARKER_SUFFIX):
                 continue
-            found = 1
+            found: int | None = 1
             if name.startswith(RUN_NAME_PREFIX):
                 run = self._run(info.key)
                 found = 0 if run is None else self._count(run)
-            counted[int(version)] = counted.get(int(version), 0) + found
-        return {version: count for version, count in counted.items() if count}
+            so_far = counted.get(int(version), 0)
+            counted[int(version)] = None if so_far is None or found is None else so_far + found
+        return {version: count for version, count in counted.items() if count != 0}
 
-    def _count(self, run: RunMarker) -> int:
+    def _count(self, run: RunMarker) -> int | None:
         """How many objects `run` stands for: as it was settled, if the prefix's listing
-        is still what it was then; else its members counted."""
-        store = self._spaces.store(run.tenant, run.bucket)
-        listing = list(store.list(run.storage_prefix))
+        is still what it was then; else its members counted. None if its store cannot be
+        listed (logged): one unreadable bucket leaves the other versions' counts."""
+        try:
+            store = self._spaces.own_store(run.bucket)
+            listing = list(store.list(run.storage_prefix))
+        except StorageError as error:
+            logger.warning(
+                "the run %s of %s#%d cannot be counted: %s",
+                run.name,
+                run.kid,
+                run.key_version,
+                error,
+            )
+            return None
         if run.members is not None and run.listing == listing_digest(listing):
             return run.members
         members, complete = _tally(self._records, store, run, listing)
@@ -392,8 +408,10 @@ class VersionIndex:
     def _members(self, run: RunMarker, after: str | None) -> Iterator[Marker]:
         """The markers of the objects `run` stands for, in key order, after the key
         `after` under its prefix (from the first, with None): those under its prefix
-        whose authentic record it covers."""
-        store = self._spaces.store(run.tenant, run.bucket)
+        whose authentic record it covers. The store is the one the authentic marker
+        names, whether or not the tenant may still use that bucket: the objects there
+        still need the version."""
+        store = self._spaces.own_store(run.bucket)
         start = "" if after is None else run.storage_prefix + after
         listing = store.list(run.storage_prefix, start_after=start)
         with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:

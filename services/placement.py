@@ -106,7 +106,8 @@ class Spaces:
 
     def own_store(self, bucket: str) -> ObjectStore:
         """The store of `bucket`, whichever tenant may use it now: for the service's own
-        cleanup of what it put there (a bucket its sealed records name, never a request)."""
+        reading and cleanup of what it put there (a bucket its sealed records name, never
+        a request)."""
         return self._default if bucket == self._default.bucket else self._open(bucket)
 
     def tenant_stores(self, tenant: str) -> list[ObjectStore]:

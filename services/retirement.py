@@ -23,13 +23,13 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from envelope import EnvelopeError, key_names
-from keystore import KeyRecord, KeyStore
+from keystore import KeyRecord, KeyStore, KeystoreError
 from keystore.material import key_name
 from keystore.store import Proceed, always, check_pending_window
 from services.inventory import VersionIndex
 from services.objects import read_stored_header
 from services.placement import Spaces, tenant_prefix
-from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore
+from storage import InvalidRange, ObjectInfo, ObjectNotFound, ObjectStore, StorageError
 from storage.integrity import Records, RecordTampered
 from storage.records import object_record
 
@@ -90,13 +90,28 @@ class VersionUsageUnknown(RetirementRefused):
         }
 
 
+class IndexUnreadable(RetirementRefused):
+    """A run of the version's in the index is in a store that cannot be read now."""
+
+    code = "version-usage-unknown"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"how many stored objects use {name} is unknown: a bucket an archive or batch "
+            "job wrote them into cannot be read now (the service's log names it); try "
+            "again once it can"
+        )
+
+
 class ConfirmationRequired(RetirementRefused):
     """The request did not name the version it retires."""
 
     status = 428
     code = "confirmation-required"
 
-    def __init__(self, record: KeyRecord, number: int, object_counts: dict[int, int]) -> None:
+    def __init__(
+        self, record: KeyRecord, number: int, object_counts: dict[int, int | None]
+    ) -> None:
         name = key_name(record.kid, number)
         version = record.version(number)
         used = version.last_used_at.isoformat() if version.last_used_at else "never"
@@ -165,8 +180,10 @@ class Retirements:
         record.check_retirable(version)
         name = key_name(kid, version)
         counts = VersionIndex(self.records, self.spaces).counts(tenant, kid)
+        if version in counts and counts[version] is None:
+            raise IndexUnreadable(name)
         if counts.get(version):
-            raise VersionInUse(name, counts[version])
+            raise VersionInUse(name, counts.get(version) or 0)
         if confirm != name:
             raise ConfirmationRequired(record, version, counts)
         self.require_unused(tenant, kid, version)
@@ -203,26 +220,34 @@ class Retirements:
         kid#version)` allows it; `tenant/kid#version` of each this call destroyed (not one
         another sweep destroyed, or a cancellation kept, meanwhile). One still in use is
         held back, and logged as an error; one `proceed` refuses waits for the next
-        sweep."""
+        sweep. One whose census or index cannot be read is logged and waits too, and the
+        others go on."""
         destroyed = []
         for tenant, kid, version in self.keys.versions_to_destroy():
             name = key_name(kid, version)
-            indexed = VersionIndex(self.records, self.spaces).counts(tenant, kid).get(version, 0)
-            census = self.census(tenant, kid, version)
-            if indexed or census.objects or census.unknown:
-                logger.error(
-                    "not destroying %s of tenant %s: %d objects use it (%d in the index), "
-                    "and of %d the key version is unknown",
-                    name,
-                    tenant,
-                    census.objects,
-                    indexed,
-                    census.unknown,
-                )
-                continue
-            if proceed(tenant, name) and self.keys.destroy_version(tenant, kid, version):
-                destroyed.append(f"{tenant}/{name}")
+            try:
+                if self._destroy_if_unused(tenant, kid, version, proceed):
+                    destroyed.append(f"{tenant}/{name}")
+            except (StorageError, KeystoreError) as error:
+                logger.error("not destroying %s of tenant %s now: %s", name, tenant, error)
         return destroyed
+
+    def _destroy_if_unused(self, tenant: str, kid: str, version: int, proceed: Proceed) -> bool:
+        name = key_name(kid, version)
+        indexed = VersionIndex(self.records, self.spaces).counts(tenant, kid).get(version, 0)
+        census = self.census(tenant, kid, version)
+        if indexed is None or indexed or census.objects or census.unknown:
+            logger.error(
+                "not destroying %s of tenant %s: %d objects use it (%s in the index), "
+                "and of %d the key version is unknown",
+                name,
+                tenant,
+                census.objects,
+                "unknown" if indexed is None else indexed,
+                census.unknown,
+            )
+            return False
+        return proceed(tenant, name) and self.keys.destroy_version(tenant, kid, version)
 
 
 class _Verdict(Enum):

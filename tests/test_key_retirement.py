@@ -11,7 +11,8 @@ them) does not let a version in use be retired.
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -24,20 +25,34 @@ from keystore.persistence import RECORD_KIND as KEY_KIND
 from keystore.persistence import record_key as key_record_name
 from keystore.records import KeyRecord
 from sealstream.wiring import build_parts
-from services.inventory import VersionIndex
+from services.inventory import RUN_MARKER_KIND, RunMarker, VersionIndex
 from services.retirement import Retirements
 from storage.local import LocalStore
 from storage.records import record_key
-from tests.conftest import Api
-from tests.support.data import random_bytes
-from tests.support.http import KEYS, create_key, decrypt, encrypt, problem, read_object
+from tests.conftest import Api, api_settings, live_api
+from tests.support.data import random_bytes, tar_archive
+from tests.support.http import (
+    FORM_TYPE,
+    KEYS,
+    create_key,
+    decrypt,
+    encrypt,
+    form_bytes,
+    problem,
+    read_object,
+)
 from tests.support.jobs import JobStack, finished_job
 from tests.support.waiting import wait_until
+from workers.lifecycle import run_sweeps
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 KID = "mySymKey"
 TENANT = "default"
 V1 = f"{KID}#1"
 RETIRE_V1 = f"{KEYS}/{KID}/versions/1/retire"
+ARCHIVE = "/api/crypto/stream/encrypt-archive"
 
 
 def store(client: httpx.Client, key: str, data: bytes) -> None:
@@ -329,3 +344,87 @@ def test_a_destruction_another_sweep_did_meanwhile_is_not_reported_again(rotated
 
     assert Retirements(keys, parts.records, parts.spaces).destroy_due(another_sweep_first) == []
     assert keys.get(TENANT, KID).version(1).destroyed_at is not None
+
+
+def test_a_run_in_a_bucket_the_tenant_may_no_longer_use_still_counts(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_bucket: str, moto_s3: "S3Client"
+) -> None:
+    """An archive sealed into another bucket, then the grant withdrawn (the service
+    restarted without it): reading the key and retiring its version answer as before,
+    for a bucket neither request names, and the objects there still hold the version."""
+    other = f"{s3_bucket}-b"
+    moto_s3.create_bucket(Bucket=other)
+    granted = api_settings("s3", tmp_path, request).model_copy(
+        update={"tenant_buckets": {TENANT: [other]}}
+    )
+    members = {f"m-{n}": random_bytes(300 + n, seed=n) for n in range(3)}
+    with live_api(granted) as api, api.client() as client:
+        create_key(client)
+        destination = {"prefix": "out/", "bucket": other}
+        body = form_bytes({"kid": KID, "destination": destination}, tar_archive(members))
+        sealed = client.post(ARCHIVE, content=body, headers={"Content-Type": FORM_TYPE})
+        assert sealed.status_code == 200 and '"succeeded"' in sealed.text, sealed.text
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+    withdrawn = granted.model_copy(update={"tenant_buckets": {}})
+    with live_api(withdrawn) as api, api.client() as client:
+        assert object_counts(client) == [len(members) + 1, 0]  # and the manifest
+        refused = problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-in-use")
+        assert refused["objectCount"] == len(members) + 1
+
+
+def plant_run(api: Api, bucket: str) -> None:
+    """An authentic run marker of version 1 (as the service writes) in `bucket`."""
+    run = RunMarker(
+        tenant=TENANT,
+        kid=KID,
+        key_version=1,
+        bucket=bucket,
+        storage_prefix="tenants/default/out/",
+        job_id="a-job",
+        created_at=datetime.now(UTC),
+    )
+    api.records.put(RUN_MARKER_KIND, run.name, run)
+
+
+def test_a_run_whose_bucket_cannot_be_read_leaves_the_version_unknown(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_bucket: str
+) -> None:
+    """Its bucket is gone: the key reads, with that version's count unknown; the version
+    is not retired, nor its material destroyed, and the sweep goes on to other keys."""
+    with live_api(api_settings("s3", tmp_path, request)) as api, api.client() as client:
+        create_key(client)
+        store(client, "docs/a", b"a")
+        assert client.post(f"{KEYS}/{KID}/rotate").status_code == 200
+        create_key(client, kid="other")
+        assert client.post(f"{KEYS}/other/rotate").status_code == 200
+        for kid in (KID, "other"):
+            if kid == KID:
+                assert client.delete("/api/objects/docs/a").status_code == 204
+            retire = f"{KEYS}/{kid}/versions/1/retire"
+            retired = client.post(retire, json={"confirm": f"{kid}#1", "pendingWindowDays": 1})
+            assert retired.status_code == 200, retired.text
+        plant_run(api, f"{s3_bucket}-gone")
+
+        assert object_counts(client) == [None, 0]
+        parts = build_parts(api.settings)
+        later = datetime.now(UTC) + timedelta(days=2)
+        keys = KeyStore(parts.records, parts.kek, clock=lambda: later)
+        destroyed = Retirements(keys, parts.records, parts.spaces).destroy_due()
+        assert destroyed == [f"{TENANT}/other#1"]
+        unretire = client.post(f"{KEYS}/{KID}/versions/1/cancel-retirement")
+        assert unretire.status_code == 200, unretire.text
+        problem(client.post(RETIRE_V1, json={"confirm": V1}), 409, "version-usage-unknown")
+
+
+def test_a_sweep_that_fails_leaves_the_others_to_run(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_bucket: str
+) -> None:
+    """A bucket granted to a tenant does not exist: the sweep that clears rewrap jobs'
+    staging in every tenant bucket fails there, is named, and the sweeps after it run."""
+    settings = api_settings("s3", tmp_path, request).model_copy(
+        update={"tenant_buckets": {TENANT: [f"{s3_bucket}-missing"]}}
+    )
+    with live_api(settings) as api:
+        swept = run_sweeps(build_parts(api.settings), lambda job: None)
+    assert swept["failedSweeps"] == ["rewrap staging"]
+    assert swept["finishedDeletions"] == 0 and swept["expiredUploads"] == 0

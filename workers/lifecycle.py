@@ -18,8 +18,9 @@ announcement written, before it is done. While the trail cannot be written (unle
 """
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from audit import AuditTrail
 from keystore.store import Proceed
@@ -37,7 +38,7 @@ from services.jobs import (
 from services.placement import client_key
 from services.resumable import UploadState
 from services.retirement import Retirements
-from services.stored_objects import finish_deletions
+from services.stored_objects import DeletionNote, finish_deletions
 from services.unfinished import finish_recording
 from workers.reencrypt import clear_rewrap_staging
 
@@ -50,37 +51,32 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
     if not audit.writable():
         logger.warning("sweeps held back: the audit trail cannot be written; trying again later")
         return {"auditUnavailable": True}
-    rotated = services.keys.rotate_due()
-    for tenant, kid in rotated:
-        audit.lifecycle("scheduled-rotation", tenant=tenant, key=kid)
-    destroyed = services.keys.destroy_due(_announced(audit, "destroying"))
-    for tenant, kid in destroyed:
-        audit.lifecycle("destruction", tenant=tenant, key=kid)
-    retirements = Retirements(services.keys, services.records, services.spaces)
-    retired = retirements.destroy_due(_announced(audit, "destroying-version"))
-    for retired_version in retired:  # tenant/kid#version
-        tenant, _, key = retired_version.partition("/")
-        audit.lifecycle("version-destruction", tenant=tenant, key=key)
+    guard = _Guard()
+    rotated = guard.run("rotation", lambda: _rotate(services)) or []
+    destroyed = guard.run("key destruction", lambda: _destroy_keys(services)) or []
+    retired = guard.run("version destruction", lambda: _destroy_versions(services)) or []
     stale_after = timedelta(seconds=services.settings.job_stale_after)
-    stale = sweep_stale(services.jobs, stale_after)
+    stale = guard.run("stale jobs", lambda: sweep_stale(services.jobs, stale_after)) or []
     requeue_after = timedelta(seconds=services.settings.job_requeue_after)
-    requeued = requeue_waiting(services.jobs, requeue_after, submit)
-    unparked = queue_parked(services.jobs, submit)
-    staging = clear_rewrap_staging(services)
-    abandoned = _clear_abandoned(services)
-    deletions = finish_deletions(
-        services.records, services.spaces, _announced(audit, "finishing-deletion", object_key=True)
+    requeued = (
+        guard.run("requeueing", lambda: requeue_waiting(services.jobs, requeue_after, submit)) or []
     )
-    for note in deletions:
-        audit.lifecycle(
-            "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
+    unparked = guard.run("parked jobs", lambda: queue_parked(services.jobs, submit)) or []
+    staging = guard.run("rewrap staging", lambda: clear_rewrap_staging(services)) or 0
+    abandoned = guard.run("abandoned temporaries", lambda: _clear_abandoned(services)) or 0
+    deletions = guard.run("deletions", lambda: _finish_deletions(services)) or []
+    recorded = (
+        guard.run(
+            "recording", lambda: finish_recording(services.records, services.keys, services.spaces)
         )
-    recorded = finish_recording(services.records, services.keys, services.spaces)
-    swept = services.uploads().expire()
-    expired = swept.expired
+        or 0
+    )
+    swept = guard.run("uploads", lambda: services.uploads().expire())
+    expired = [] if swept is None else swept.expired
     for upload in expired:
         audit.lifecycle("upload-expired", tenant=upload.tenant, object=upload.key)
-    verifying = [_verify(services, submit, upload) for upload in swept.completed]
+    completed = [] if swept is None else swept.completed
+    verifying = [_verify(services, submit, upload) for upload in completed]
     done = (
         *(rotated, destroyed, retired, stale, requeued, unparked, staging, abandoned),
         *(deletions, recorded),
@@ -119,7 +115,61 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
         "recordedObjects": recorded,
         "expiredUploads": len(expired),
         "completedUploads": verifying,
+        "failedSweeps": guard.failed,
     }
+
+
+T = TypeVar("T")
+
+
+class _Guard:
+    """Runs each sweep on its own: one that fails is logged and named, and the others
+    still run (a key whose index cannot be read must not stop every tenant's sweeps)."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def run(self, name: str, sweep: Callable[[], T]) -> T | None:
+        """What `sweep` returns; None if it failed."""
+        try:
+            return sweep()
+        except Exception:  # any failure: the next sweeps must still run
+            logger.exception("the %s sweep failed; the other sweeps go on", name)
+            self.failed.append(name)
+            return None
+
+
+def _rotate(services: Parts) -> list[tuple[str, str]]:
+    rotated = services.keys.rotate_due()
+    for tenant, kid in rotated:
+        services.audit.lifecycle("scheduled-rotation", tenant=tenant, key=kid)
+    return rotated
+
+
+def _destroy_keys(services: Parts) -> list[tuple[str, str]]:
+    destroyed = services.keys.destroy_due(_announced(services.audit, "destroying"))
+    for tenant, kid in destroyed:
+        services.audit.lifecycle("destruction", tenant=tenant, key=kid)
+    return destroyed
+
+
+def _destroy_versions(services: Parts) -> list[str]:
+    retirements = Retirements(services.keys, services.records, services.spaces)
+    retired = retirements.destroy_due(_announced(services.audit, "destroying-version"))
+    for retired_version in retired:  # tenant/kid#version
+        tenant, _, key = retired_version.partition("/")
+        services.audit.lifecycle("version-destruction", tenant=tenant, key=key)
+    return retired
+
+
+def _finish_deletions(services: Parts) -> list[DeletionNote]:
+    announced = _announced(services.audit, "finishing-deletion", object_key=True)
+    deletions = finish_deletions(services.records, services.spaces, announced)
+    for note in deletions:
+        services.audit.lifecycle(
+            "deletion-finished", tenant=note.tenant, object=client_key(note.storage_key)
+        )
+    return deletions
 
 
 def _verify(services: Parts, submit: Submit, upload: UploadState) -> str:

@@ -45,9 +45,10 @@ class KeyList(BaseModel):
 
 
 class VersionDetail(VersionInfo):
-    """A version, and how many stored objects the index lists under it."""
+    """A version, and how many stored objects the index lists under it (None: unknown,
+    a bucket one of its runs is in cannot be read)."""
 
-    object_count: int
+    object_count: int | None
 
 
 class KeyDetail(KeyView):
@@ -252,7 +253,7 @@ async def export_key(
 ObjectReader = Annotated[Principal, Depends(require("objects:read"))]
 
 
-def detail(record: KeyRecord, counts: dict[int, int]) -> dict[str, Any]:
+def detail(record: KeyRecord, counts: dict[int, int | None]) -> dict[str, Any]:
     """The key's view, each version with its count of stored objects (`counts`)."""
     shown = view(record)
     for version in shown["versions"]:
