@@ -615,6 +615,13 @@ MUTANTS = (
         ("tests/test_inventory_runs.py",),
     ),
     Mutant(
+        "index: a count notes its figure only where every object had a record",
+        "services/inventory.py",
+        "        if complete:",
+        "        if True:",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
         "index: a run stands for its own job's objects",
         "services/inventory.py",
         "            record.job_id == self.job_id",
