@@ -558,7 +558,7 @@ MUTANTS = (
     Mutant(
         "members: a rerun leaves another writer's object where it claimed",
         "workers/batch.py",
-        "    if _writer(services, placement, stored) != context.record.id:",
+        "    if _writer(services, placement, stored) != writer_id(context):",
         "    if False:",
         (
             "tests/test_jobs_batch.py"
