@@ -190,7 +190,7 @@ class ObjectSealer:
             raise
         with suppress(StorageError):  # one left over is dropped by the sweep
             drop_intent(self._records, intent)
-        self._unmark_replaced(replaced, record)
+        self._unmark_replaced(replaced, record, marker)
         return record
 
     def _intended(self, replaced: ObjectRecord | None) -> tuple[Marker, ObjectRecord]:
@@ -253,17 +253,36 @@ class ObjectSealer:
             with suppress(StorageError):
                 self._records.store.delete(record_key(replaced.bucket, replaced.key))
         record = record.model_copy(update={"etag": info.etag})
-        self._unmark_replaced(replaced, record)
+        self._unmark_replaced(replaced, record, marker)
         return record
 
-    def _unmark_replaced(self, replaced: ObjectRecord | None, record: ObjectRecord) -> None:
+    def _unmark_replaced(
+        self, replaced: ObjectRecord | None, record: ObjectRecord, marker: Marker
+    ) -> None:
         """Drop the marker of the object `record`'s replaced, if it had one: unless it is
         of the same version, where it stands for this object too; a run's member is its
-        run's marker's, and a marker of its own would list it twice."""
-        if self._run is not None and replaced is not None:
-            self._inventory.discard(Marker.of(replaced))
-        else:
+        run's marker's, and a marker of its own would list it twice.
+
+        A marker is named by place and version, so the one a run's member drops is also
+        that of any write of the same key and version under way or done meanwhile. So the
+        member marks the object it finds there afterwards, if not its own, and a write
+        that may have replaced one (overwrite) writes its marker again once it is
+        complete: whichever of the two comes last leaves the object there marked."""
+        if self._run is None:
             self._inventory.moved(replaced, record)
+            if self._overwrite:
+                with suppress(StorageError):  # the object stands; one write's race lost
+                    self._inventory.add(marker)
+        elif replaced is not None:
+            self._inventory.discard(Marker.of(replaced))
+            self._mark_successor(record)
+
+    def _mark_successor(self, record: ObjectRecord) -> None:
+        """Mark the object now at this one's place if another write has replaced it."""
+        now = self._replaced()
+        if now is not None and now.etag != record.etag:
+            with suppress(StorageError):
+                self._inventory.add(Marker.of(now))
 
     def _replaced(self) -> ObjectRecord | None:
         """The record of the object this one will replace, if any can be read."""

@@ -4,13 +4,21 @@ member by member, follows them when they are re-encrypted, and a run cut short l
 marker that stands for what it sealed and for nothing else. A bucket writer without the
 KEK can neither plant a run marker nor move one to another version."""
 
+import threading
 from typing import Any
 
 import httpx
 import pytest
 
 from services.archives.sealing import MemberSealing
-from services.inventory import RUN_MARKER_KIND, RUN_NAME_PREFIX, RunIndex, RunMarker
+from services.inventory import (
+    RUN_MARKER_KIND,
+    RUN_NAME_PREFIX,
+    Inventory,
+    Marker,
+    RunIndex,
+    RunMarker,
+)
 from services.inventory import version_prefix as index_prefix
 from services.placement import Placement
 from storage import ObjectExists, ObjectNotFound
@@ -241,3 +249,42 @@ def test_a_run_marker_planted_or_moved_is_not_believed(api: Api) -> None:
         api.objects.put(index_prefix(TENANT, KID, 1) + planted, b'{"kind": "run-marker"}')
         assert listed(client, 1, 100) == []
         assert object_counts(client) == {1: 0, 2: len(MEMBERS) + 1}
+
+
+def test_a_plain_write_racing_a_member_over_its_key_stays_in_the_index(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain encryption of out/k, of the same key version as the object there, holds
+    after its marker while an archive member is written over out/k and drops that
+    object's marker, which is the plain write's too (markers are named by place and
+    version); the plain write then completes: its object is listed and counted."""
+    with api.client() as client:
+        create_key(client)
+        overwrite = {"key": "out/k", "overwrite": True}
+        assert encrypt(client, b"X", destination=overwrite).status_code == 201
+        held, go = threading.Event(), threading.Event()
+        add = Inventory.add
+
+        def add_then_hold(inventory: Inventory, marker: Marker) -> bool:
+            wrote = add(inventory, marker)
+            if marker.storage_key.endswith("out/k") and not held.is_set():
+                held.set()
+                go.wait(30)
+            return wrote
+
+        monkeypatch.setattr(Inventory, "add", add_then_hold)
+        answers: list[httpx.Response] = []
+
+        def plain_write() -> None:
+            with api.client() as other:
+                answers.append(encrypt(other, b"Y" * 10, destination=overwrite))
+
+        writer = threading.Thread(target=plain_write)
+        writer.start()
+        assert held.wait(30)
+        stream_in(client, {"k": b"member"})
+        go.set()
+        writer.join(30)
+        assert answers[0].status_code == 201, answers[0].text
+        assert sorted(listed(client, 1, 100)) == ["out/k", "out/manifest.json"]
+        assert object_counts(client) == {1: 2}
