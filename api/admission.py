@@ -16,8 +16,20 @@ Each tenant may hold only its share of the cap (`SEALSTREAM_MAX_STREAMS_PER_TENA
 that one tenant's slow streams, however many, leave the others streams to run: past it,
 its next stream is answered `429 too-many-tenant-streams`. A stream is counted server-wide
 as it arrives and against its tenant once its token is read (`Holding.claim`, from
-`api.auth`), still before its body is. A stream never counts as more than a tenant's share,
-so that one can always run alone.
+`api.auth`), still before its body is.
+
+A stream heavier than the cap or the share would never be admitted if counted in full,
+so it counts as at most the whole cap against the cap and at most the whole share against
+its tenant's, each apart. One heavier than the cap runs only while the process serves
+nothing else (the memory held is then its own: the most one request can hold, a PATCH of
+the largest part size, say); one heavier than the share only while the cap has room for
+all of it, leaving the other tenants less than the rest of the cap meanwhile. Counting
+only the share's worth against the cap would let two tenants' heavy streams hold twice
+the memory the cap allows.
+
+A share of half the cap, rounded up (the default), is the whole cap where a process's cap
+is 1 (a share of none would admit nothing): there one tenant's stream keeps the others
+waiting, as any stream would; with a cap of 2, each tenant has one.
 """
 
 import threading
@@ -52,13 +64,15 @@ class Streams:
         """The streams a request holding up to `memory` bytes counts as."""
         return max(1, -(-memory // self.unit))
 
-    def take(self, weight: int, tenant: str | None = None) -> int:
-        """Count a stream of `weight` in (at most a tenant's share), against `tenant`'s
-        share too if it is known; the weight to `give_back`. A 503 too-many-streams
-        problem past the limit, else a 429 problem past the tenant's share."""
-        weight = min(weight, self.tenant_limit)
+    def take(self, weight: int, tenant: str | None = None, held: int = 0) -> None:
+        """Count `weight` more for a request that counts as `held` already, against the
+        cap and, if it is known, against `tenant`'s share: the request's whole weight
+        counts as at most all of each. A 503 too-many-streams problem past the cap, else
+        a 429 problem past the tenant's share."""
+        more = self._of_cap(held + weight) - self._of_cap(held)
+        share = self._of_share(held + weight) - self._of_share(held)
         with self._lock:
-            if self.active + weight > self.limit:
+            if self.active + more > self.limit:
                 raise Problem(
                     503,
                     "too-many-streams",
@@ -67,25 +81,32 @@ class Streams:
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
             if tenant is not None:
-                self._within_share(tenant, weight)
-            self.active += weight
-            if tenant is not None:
-                self.by_tenant[tenant] += weight
-        return weight
+                self._within_share(tenant, share)
+                self.by_tenant[tenant] += share
+            self.active += more
 
     def charge(self, tenant: str, weight: int) -> None:
-        """Count `weight` taken already against `tenant`'s share (429 past it)."""
+        """Count a request of `weight`, taken already, against `tenant`'s share (429 past
+        it)."""
         with self._lock:
-            self._within_share(tenant, weight)
-            self.by_tenant[tenant] += weight
+            self._within_share(tenant, self._of_share(weight))
+            self.by_tenant[tenant] += self._of_share(weight)
 
     def give_back(self, weight: int, tenant: str | None = None) -> None:
+        """Leave what a request of `weight` counted, against `tenant`'s share too if it
+        was charged to it."""
         with self._lock:
-            self.active -= weight
+            self.active -= self._of_cap(weight)
             if tenant is not None:
-                self.by_tenant[tenant] -= weight
+                self.by_tenant[tenant] -= self._of_share(weight)
                 if not self.by_tenant[tenant]:
                     del self.by_tenant[tenant]
+
+    def _of_cap(self, weight: int) -> int:
+        return min(weight, self.limit)
+
+    def _of_share(self, weight: int) -> int:
+        return min(weight, self.tenant_limit)
 
     def _within_share(self, tenant: str, weight: int) -> None:
         if self.by_tenant[tenant] + weight > self.tenant_limit:
@@ -123,7 +144,8 @@ class Holding:
 
     def count(self, weight: int) -> None:
         """Count the request as `weight` streams more."""
-        self.weight += self.streams.take(weight, self.tenant)
+        self.streams.take(weight, self.tenant, held=self.weight)
+        self.weight += weight
 
     def claim(self, tenant: str) -> None:
         """Count what the request holds against `tenant`, whose token it carries (429
