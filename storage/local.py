@@ -26,6 +26,7 @@ is closed to them when the store is opened.
 """
 
 import builtins  # `list` names a store method inside the store classes
+import errno
 import fcntl
 import json
 import logging
@@ -38,7 +39,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from stat import S_ISREG
+from stat import S_ISDIR, S_ISREG
 from typing import Any, BinaryIO, TypeVar
 
 from storage.base import (
@@ -240,7 +241,14 @@ class LocalStore(ObjectStore):
                 os.close(descriptor)
         etag = uuid.uuid4().hex
         sidecar = json.dumps({"etag": etag, "metadata": upload.metadata}).encode()
-        self._commit(upload.key, temp, sidecar, if_absent=if_absent, if_match=None)
+        self._commit(
+            upload.key,
+            self._object_path(upload.key),
+            temp,
+            sidecar,
+            if_absent=if_absent,
+            if_match=None,
+        )
         return ObjectInfo(
             key=upload.key,
             size=size,
@@ -282,9 +290,10 @@ class LocalStore(ObjectStore):
                 os.close(descriptor)
 
     def _created(self, key: str, temp: Path, create: Callable[[Path], Created]) -> Created:
-        """`create(temp)`: a new file of `key`'s, its directories made where missing. No
-        lock is taken: a delete prunes a directory only while it is empty, so one pruned
-        between its making and the file's is made again."""
+        """`create(temp)`: a new file of `key`'s, its directories made where missing (tried
+        first without: most files go where others went before). No lock is taken: a
+        delete prunes a directory only while it is empty, so one pruned between its
+        making and the file's is made again."""
         with self._os_errors(key):
             for _ in range(CREATE_ATTEMPTS - 1):
                 with suppress(FileNotFoundError):
@@ -292,6 +301,8 @@ class LocalStore(ObjectStore):
             return self._create_in_place(key, temp, create)
 
     def _create_in_place(self, key: str, temp: Path, create: Callable[[Path], Created]) -> Created:
+        with suppress(FileNotFoundError, NotADirectoryError):
+            return create(temp)
         try:
             private_directories(temp.parent, self.root)
         except (FileExistsError, NotADirectoryError):
@@ -307,8 +318,7 @@ class LocalStore(ObjectStore):
     def _upload_file(self, key: str, upload_id: str) -> Path:
         """The temporary file of the upload `upload_id` of `key`, beside its final name
         so that a rename can put it in place."""
-        path = self._object_path(key)
-        return path.with_name(f"{TEMP_PREFIX}{upload_id}-{path.name}")
+        return _upload_beside(self._object_path(key), upload_id)
 
     def check(self) -> None:
         self._require_bucket()
@@ -398,13 +408,20 @@ class LocalStore(ObjectStore):
         yield from _walk(directory, f"{directory_key}/", name_start)
 
     def _commit(
-        self, key: str, temp: Path, sidecar: bytes, *, if_absent: bool, if_match: str | None
+        self,
+        key: str,
+        path: Path,
+        temp: Path,
+        sidecar: bytes,
+        *,
+        if_absent: bool,
+        if_match: str | None,
     ) -> None:
-        """Rename a finished file (`temp`) into place as `key`, its sidecar first; return
-        once both names are durable. The sidecar is written and synced before the lock,
-        and the renames share it, and the fsyncs of their directories, with the commits
-        of other threads made at the same time (`_commit_batch`)."""
-        path = self._object_path(key)
+        """Rename a finished file (`temp`) into place as `key`, at `path` (as
+        `_object_path` gives it), its sidecar first; return once both names are durable.
+        The sidecar is written and synced before the lock, and the renames share it, and
+        the fsyncs of their directories, with the commits of other threads made at the
+        same time (`_commit_batch`)."""
         staged = self.root / META_DIR / f"{TEMP_PREFIX}{uuid.uuid4().hex}.json"
         try:
             # The batch's lock is taken by whichever committer leads: its failure too is
@@ -470,15 +487,20 @@ class LocalStore(ObjectStore):
         return [ticket for ticket in tickets if ticket.error is None]
 
     def _place_sidecar(self, commit: "_Commit") -> None:
-        """Check that the object may be written, and put its new sidecar in place."""
-        if commit.if_absent and commit.path.exists():
+        """Check that the object may be written, and put its new sidecar in place (its
+        directories made only where the rename finds them missing)."""
+        there = _mode(commit.path)
+        if commit.if_absent and there is not None:
             raise ObjectExists("the object already exists", commit.key)
-        if commit.path.is_dir():
+        if there is not None and S_ISDIR(there):
             raise InvalidObjectKey("the key is a prefix of other keys", commit.key)
         if commit.if_match is not None:
             self._require_etag(commit.key, commit.path, commit.if_match)
-        private_directories(commit.sidecar.parent, self.root)
-        commit.staged.replace(commit.sidecar)
+        try:
+            commit.staged.replace(commit.sidecar)
+        except (FileNotFoundError, NotADirectoryError):
+            private_directories(commit.sidecar.parent, self.root)
+            commit.staged.replace(commit.sidecar)
 
     @staticmethod
     def _link(commit: "_Commit") -> None:
@@ -526,6 +548,17 @@ class LocalStore(ObjectStore):
         except OSError as error:
             reason = f"the store directory failed: {error.strerror}"
             raise StorageUnavailable(reason, key) from error
+
+
+def _mode(path: Path) -> int | None:
+    """The mode of what `path` names (through symlinks, as `Path.exists` looks), or None
+    where nothing is."""
+    try:
+        return path.stat().st_mode
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def _sidecar_shaped(sidecar: object) -> bool:
@@ -581,7 +614,7 @@ class _LocalWriter(MultipartWriter):
         self._metadata = metadata
         self.path = store._object_path(key)  # noqa: SLF001
         upload_id = uuid.uuid4().hex
-        self.temp = store._upload_file(key, upload_id)  # noqa: SLF001
+        self.temp = _upload_beside(self.path, upload_id)
         if on_upload is not None:
             # Before the file exists: an id its keeper never heard of is of no file.
             on_upload(key, upload_id)
@@ -618,7 +651,7 @@ class _LocalWriter(MultipartWriter):
         modified = self._modified
         sidecar = json.dumps({"etag": etag, "metadata": self._metadata}).encode()
         self._store._commit(  # noqa: SLF001
-            self.key, self.temp, sidecar, if_absent=if_absent, if_match=if_match
+            self.key, self.path, self.temp, sidecar, if_absent=if_absent, if_match=if_match
         )
         return ObjectInfo(
             key=self.key,
@@ -634,6 +667,11 @@ class _LocalWriter(MultipartWriter):
                 self._file.close()
             finally:
                 self.temp.unlink(missing_ok=True)
+
+
+def _upload_beside(path: Path, upload_id: str) -> Path:
+    """The temporary file of the upload `upload_id` of the object at `path`."""
+    return path.with_name(f"{TEMP_PREFIX}{upload_id}-{path.name}")
 
 
 def _walk(directory: Path, parent: str, name_start: str) -> Iterator[tuple[str, str]]:

@@ -38,10 +38,12 @@ TEMP_NAME_OVERHEAD = len(TEMP_PREFIX) + 32 + 1
 
 def write_synced(path: Path, data: bytes) -> None:
     """A new file (the name must be free) of `data`, on disk before this returns."""
-    with new_private_file(path) as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    try:
+        _write_all(descriptor, memoryview(data), 0)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def private_directories(directory: Path, root: Path) -> None:
@@ -85,6 +87,13 @@ def new_private_file(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
 
 
+# A file that stays under this many bytes is written through the cache, in one write
+# when it is synced: O_DIRECT would write none of it (a file's tail goes through the
+# cache), and setting it up (two stages, a switch of the file's flags there and back)
+# costs more than such a file (an archive's small member).
+_SMALL_BYTES = 64 * 1024
+
+
 class UncachedFile:
     """A file written with O_DIRECT where its filesystem allows it: a new one, 0600 (its
     name must be free), or with `at` an existing one from that offset on (a part of an
@@ -92,7 +101,9 @@ class UncachedFile:
     around the cache, a whole buffer at a time; what comes before the first block boundary
     (a part that starts inside a block) and the tail, of any length, go through the cache,
     as O_DIRECT writes whole blocks only. Where O_DIRECT is refused (tmpfs, some network
-    filesystems) the file is written through the cache throughout.
+    filesystems) the file is written through the cache throughout. So is a file that
+    stays small (`_SMALL_BYTES`, or a stage): kept in memory until it is flushed, and
+    written then in one write.
 
     Two buffers take turns: one is written out on a disk thread while the other fills,
     so at most one write is in flight and the file is written in order. A write that
@@ -106,19 +117,23 @@ class UncachedFile:
         self._descriptor = os.open(path, flags, PRIVATE_FILE)
         hold(self._descriptor)
         self._position = at or 0  # where the next byte written out goes
-        self._head = -self._position % mmap.PAGESIZE  # bytes up to a block boundary
+        self._head = 0  # bytes up to a block boundary, once the file goes uncached
         self._stages: list[mmap.mmap] = []
         self._staged = 0
         self._in_flight: Future[None] | None = None
-        try:
-            self._set_direct(True)
-        except OSError:
-            return  # the filesystem writes through its cache only
-        if self._head:
-            self._set_direct(False)  # until the boundary
-        self._stages = [_SPARE_STAGES.take(stage_bytes), _SPARE_STAGES.take(stage_bytes)]
+        self._stage_bytes = stage_bytes
+        # What is kept until the file proves large (`_SMALL_BYTES`, or a stage): None once
+        # it has, and the file is written as it fills.
+        self._small: bytearray | None = bytearray()
 
     def write(self, data: memoryview) -> None:
+        if self._small is not None:
+            if len(self._small) + len(data) < min(_SMALL_BYTES, self._stage_bytes):
+                self._small += data
+                return
+            data = memoryview(bytes(self._small) + bytes(data)) if self._small else data
+            self._small = None
+            self._go_uncached()
         if self._head and self._stages:
             head, data = data[: self._head], data[self._head :]
             self._write_cached(head)
@@ -142,6 +157,9 @@ class UncachedFile:
     def flush(self) -> None:
         """Write out what is staged, not yet durably: the file is whole once synced."""
         self._wait()
+        if self._small:
+            self._write_cached(memoryview(self._small))
+            self._small.clear()
         if self._stages and self._staged:
             self._set_direct(False)  # the tail is not a whole number of blocks
             _write_staged(self._descriptor, self._stages[0], self._staged, self._position)
@@ -182,6 +200,20 @@ class UncachedFile:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.result()
+
+    def _go_uncached(self) -> None:
+        """Write around the cache from here on, if the filesystem allows it."""
+        self._head = -self._position % mmap.PAGESIZE
+        try:
+            self._set_direct(True)
+        except OSError:
+            return  # the filesystem writes through its cache only
+        if self._head:
+            self._set_direct(False)  # until the boundary
+        self._stages = [
+            _SPARE_STAGES.take(self._stage_bytes),
+            _SPARE_STAGES.take(self._stage_bytes),
+        ]
 
     def _set_direct(self, direct: bool) -> None:
         flags = fcntl.fcntl(self._descriptor, fcntl.F_GETFL)
