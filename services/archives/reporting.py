@@ -5,8 +5,11 @@ sealed meanwhile are done and should be said to be.
 
 `Reporter` takes what there is to say (`put`, from any thread: the sealers' outcomes,
 the reader's refusals) through a queue of at most `depth` items, and hands it on to
-`report` in batches, everything that waits at once, so that a busy run costs one report
-for many members and an idle one reports each member as it ends. A `put` waits while
+`report` in batches, everything that waits at once, and no sooner than `pace` seconds
+after the last report began, so that a busy run costs one report for many members (each
+report is a hop to the response's event loop, a piece of the response and a write into
+the manifest, which cost more than the small member they tell of) and an idle one reports
+each member as it ends. A `put` waits while
 `depth` items wait: a reporter held up (its client not reading) holds up the members,
 never piles their lines up. Between batches, and at least every `interval` seconds,
 it calls `progress`, which writes the job's record if it is due.
@@ -19,6 +22,7 @@ after it, so that every member that ends is listed; `progress` no longer is.
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, Self, TypeVar
@@ -38,10 +42,13 @@ class Reporter(Generic[Item]):
         *,
         depth: int,
         interval: float,
+        pace: float = 0.0,
     ) -> None:
         self._report = report
         self._progress = progress
         self._interval = interval
+        self._pace = pace
+        self._reported_at = float("-inf")  # when the last report began
         self._queue: queue.Queue[Item | _Closing] = queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="sealstream-progress")
         self.stopped: BaseException | None = None
@@ -79,19 +86,23 @@ class Reporter(Generic[Item]):
             closing = bool(batch) and isinstance(batch[-1], _Closing)
             items = [item for item in batch if not isinstance(item, _Closing)]
             if items:
+                self._reported_at = time.monotonic()
                 self._attempt(self._report, items)
             if self.stopped is None:
                 self._attempt(self._progress)
 
     def _next_batch(self) -> list[Item | _Closing]:
-        """What waits, once there is something or `interval` seconds have passed."""
+        """What waits, once there is something or `interval` seconds have passed, and
+        what comes until `pace` seconds have passed since the last report began (the
+        queue is emptied meanwhile: the members handing items on do not wait on it)."""
         try:
             batch = [self._queue.get(timeout=self._interval)]
         except queue.Empty:
             return []
+        due = self._reported_at + self._pace
         while not isinstance(batch[-1], _Closing):
             try:
-                batch.append(self._queue.get_nowait())
+                batch.append(self._queue.get(timeout=max(0.0, due - time.monotonic())))
             except queue.Empty:
                 break
         return batch

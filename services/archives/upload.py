@@ -64,6 +64,9 @@ MANIFEST_FORMAT = "sealstream-archive-manifest/1"
 READ_SIZE = 1 << 20  # bytes of a member handed to its sealer at a time
 READ_AHEAD = 64 << 10  # of the upload, before it is decompressed
 RESULT_LIST_LIMIT = 100  # refusals and failures in the job record; the manifest has all
+# Seconds between reports of members ended (progress lines, manifest entries): a busy
+# run's members are said a step at a time, an idle run's as each ends.
+REPORT_PACE = 0.05
 
 COUNTS = ("items", "sealed", "skipped", "refused", "failed", "withdrawn")
 # The kinds of member the zip's central directory may say a sealed member is, and keep it.
@@ -315,6 +318,7 @@ def _reporting(run: UploadRun, manifest: "Manifest", reader: UploadReader) -> Re
         lambda: record.update(items_done=run.counts["items"], bytes_done=reader.position),
         depth=run.concurrency,
         interval=REPORT_INTERVAL,
+        pace=REPORT_PACE,
     )
 
 
