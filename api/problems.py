@@ -29,6 +29,7 @@ from services.open_stored import StoredObjectRefused
 from services.placement import BucketNotAllowed
 from services.reencrypt import ObjectTampered, RecipientNotHeld
 from services.replicas import NotReplicated
+from services.upload_anchor import AnchorNotDurable
 from storage.integrity import RecordTampered
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,11 @@ def install(app: FastAPI) -> None:
         problem = not_replicated("not acknowledged; try again")
         return problem.response(request.url.path)
 
+    async def not_durable(request: Request, exc: Exception) -> JSONResponse:
+        # Found by a move, the request's own check passed: answered as that check is.
+        refused = resumable.UploadsNeedDurableRedis(str(exc))
+        return from_domain_error(refused).response(request.url.path)
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error(
             "unhandled %s on %s %s",
@@ -265,5 +271,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RecipientNotHeld, domain)
     app.add_exception_handler(resumable.UploadRefused, domain)
     app.add_exception_handler(NotReplicated, unreplicated)
+    app.add_exception_handler(AnchorNotDurable, not_durable)  # MoveNotDurable is also NotReplicated
     app.add_exception_handler(RedisError, job_store_down)
     app.add_exception_handler(Exception, unexpected)

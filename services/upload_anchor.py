@@ -46,10 +46,22 @@ WAITAOF, under `appendfsync everysec` until the next sync), or one the operator 
 for (`SEALSTREAM_REDIS_DURABLE`). Anything else, or a Redis that will not
 say (CONFIG refused), is `AnchorNotDurable`. What Redis says is asked again every
 `RECHECK`, as its configuration may change while the service runs.
+
+A change must not wait that long, though: a move Redis answered once it no longer syncs
+each write may be lost, and every move after it until the next ask too. So where the
+proof is `appendfsync always`, each move reads the setting in its own transaction
+(`CONFIG GET`, queued after the move: no round trip more, and the value is the one the
+move ran under); a move that finds it changed is `MoveNotDurable`, never acknowledged (an
+advance is undone, as one its replicas did not confirm), and what Redis says is asked
+again at the next move. Under WAITAOF each move proves itself, and one refused (AOF
+turned off) is not acknowledged either. What this cannot see is a change that Redis
+applies after a move but before it writes that move out, in the same turn of its event
+loop (another client's CONFIG SET at that very instant): that one move goes unseen.
 """
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,6 +147,18 @@ class AnchorNotDurable(Exception):
     would: a move of a generation could be lost in a crash."""
 
 
+class MoveNotDurable(AnchorNotDurable, NotReplicated):
+    """A move Redis made after it stopped syncing each write before answering: like one
+    its replicas did not confirm, a crash could lose it, so it is not acknowledged."""
+
+
+NOT_DURABLE = (
+    "the uploads' Redis may lose the writes it answered last in a crash: give it "
+    "appendonly yes and appendfsync always (or Redis 7.2 or later with appendonly yes), or "
+    "set SEALSTREAM_REDIS_DURABLE if its writes are kept otherwise"
+)
+
+
 @dataclass(frozen=True)
 class Anchored:
     """An upload's anchor: the generation and digest of its last state, and while that
@@ -217,12 +241,7 @@ class UploadAnchor:
             known = (self._asked_durability(), time.monotonic())
             self._durability = known
         if known[0] is None:
-            raise AnchorNotDurable(
-                "the uploads' Redis may lose the writes it answered last in a crash: give it "
-                "appendonly yes and appendfsync always (or Redis 7.2 or later with "
-                "appendonly yes), or set SEALSTREAM_REDIS_DURABLE if its writes are kept "
-                "otherwise"
-            )
+            raise AnchorNotDurable(NOT_DURABLE)
         return known[0]
 
     def _asked_durability(self) -> Durability | None:
@@ -232,7 +251,7 @@ class UploadAnchor:
             config = self._client.config_get("append*")
         except ResponseError:  # CONFIG renamed or refused, as managed Redis services do
             config = {}
-        if (config.get("appendonly"), config.get("appendfsync")) == ("yes", "always"):
+        if _fsyncs_always(config):
             return Durability.FSYNC_ALWAYS
         version = str(self._client.info("server").get("redis_version", "0"))
         aof = bool(self._client.info("persistence").get("aof_enabled"))
@@ -241,10 +260,25 @@ class UploadAnchor:
         return None
 
     def _write(self, queue: Callable[[Pipeline], object]) -> list[Any]:
-        """A move, confirmed by the replicas and, where Redis can say so, on disk."""
-        known = self._durability
-        fsynced = known is not None and known[0] is Durability.WAITAOF
-        return self._replicas.write(self._client, queue, fsynced=fsynced)
+        """A move, confirmed by the replicas and, where Redis can say so, on disk; where
+        `appendfsync always` is the proof, `MoveNotDurable` if Redis ran it without. A
+        process that never asked (a worker's sweep) moves as it did before it could ask."""
+        if self._durability is None:
+            return self._replicas.write(self._client, queue)
+        durability = self.durability()
+        if durability is not Durability.FSYNC_ALWAYS:
+            fsynced = durability is Durability.WAITAOF
+            return self._replicas.write(self._client, queue, fsynced=fsynced)
+
+        def checked(pipe: Pipeline) -> None:
+            queue(pipe)
+            pipe.config_get("append*")
+
+        *done, config = self._replicas.write(self._client, checked)
+        if not _fsyncs_always(_settings(config)):
+            self._durability = (None, -math.inf)  # asked again at the next move
+            raise MoveNotDurable(f"{NOT_DURABLE} (it stopped syncing each write meanwhile)")
+        return done
 
     def admit(self, tenant: str, upload: str, expires_at: datetime, cap: int) -> bool:
         """Count `upload` among the tenant's open uploads unless it has `cap` of them."""
@@ -350,6 +384,16 @@ def _key(upload: str) -> str:
 
 def _open_key(tenant: str) -> str:
     return f"{OPEN_PREFIX}{tenant}"
+
+
+def _fsyncs_always(config: Mapping[Any, Any]) -> bool:
+    """Whether Redis's `append*` settings have it sync each write before it answers."""
+    return (config.get("appendonly"), config.get("appendfsync")) == ("yes", "always")
+
+
+def _settings(reply: dict[str, str] | list[str]) -> dict[str, str]:
+    """CONFIG GET's reply as Redis gave it: a map (RESP3), or its pairs in a list (RESP2)."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 def _version(version: str) -> tuple[int, ...]:
