@@ -48,8 +48,8 @@ import hmac
 import logging
 import secrets
 import struct
-from collections.abc import Callable
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1024,14 +1024,23 @@ def _is_hex(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class _Sealed:
+    """Frames `first` to `last` sealed (`ciphertext`: the part so far), with the futures
+    of their plaintext's SHA-256s (each a list, and the frame's place in it)."""
+
+    first: int
+    last: int
+    ciphertext: bytearray
+    digests: list[tuple[Future[list[bytes]], int]]
+
+
+@dataclass(frozen=True)
 class _Batch:
-    """Frames sealed up to `last`, from the one after the last sealed before: the chain
-    value after them, and the ciphertext to store (a whole part, or the current part so
-    far, staged)."""
+    """Frames sealed up to `last`, from the one after the last sealed before, and the
+    chain value after them (their ciphertext is not kept once stored)."""
 
     last: int
     chain: bytes
-    ciphertext: bytes | bytearray
     generation: int  # of the state that recorded their HMACs
 
 
@@ -1074,11 +1083,17 @@ class Appending:
         # Whole frames of plaintext not sealed yet, each with its SHA-256 to come (the
         # future of its write's frames, and its place among them); then the frame begun.
         self._frames: list[tuple[bytearray, Future[list[bytes]], int]] = []
-        self._partial = bytearray()
+        # The frame begun, as pieces of the chunks it came in (`_filled` bytes in all),
+        # joined once whole: a frame is copied once, never zeroed, grown or cut.
+        self._pieces: list[memoryview] = []
+        self._filled = 0
         self._left = state.length - state.offset  # plaintext not received yet
         self._sealed = state.frames  # frames sealed, by this PATCH or acknowledged before
-        self._chain = uploads._unmasked(state)  # noqa: SLF001 (the chain value after them)
+        # The chain value after the frames recorded (the storing thread's, as `state`).
+        self._chain = uploads._unmasked(state)  # noqa: SLF001
         self._storing: Future[_Stored] | None = None  # one at a time: memory is bounded
+        self._in_store: bytearray | None = None  # the ciphertext being stored, if any
+        self._spare: bytearray | None = None  # the one stored before, free to seal into
         self._stored: list[_Stored] = []  # durably stored, not acknowledged yet
         self._unsynced: list[_Stored] = []  # stored after the last sync of the parts
         # A sync failed: what was stored since the last one that did is never acknowledged.
@@ -1087,11 +1102,20 @@ class Appending:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Take the next plaintext; seal and store each part's worth once it is here."""
-        view = memoryview(data).cast("B")
-        if len(view) > self._left:
+        self.write_chunks((data,))
+
+    def write_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Take the next plaintext, as the body's chunks came (never joined: each is
+        copied once, into its frame); seal and store each part's worth once it is here."""
+        views = [memoryview(chunk).cast("B") for chunk in chunks]
+        size = sum(len(view) for view in views)
+        if size > self._left:
             raise UploadTooLong("more bytes were sent than are left of the upload")
-        self._left -= len(view)
-        whole = self._whole_frames(view)
+        self._left -= size
+        whole = [frame for view in views for frame in self._whole_frames(view)]
+        whole += self._final_frame(received=self._sealed + len(self._frames) + len(whole))
+        if self._pieces:  # the caller may reuse its buffers once this returns
+            self._pieces = [memoryview(bytearray().join(self._pieces))]
         # Hashed in groups of about HASH_GROUP bytes, on as many threads, while the
         # frames before them are sealed.
         group = -(-HASH_GROUP // self._layout.frame_length)
@@ -1176,22 +1200,30 @@ class Appending:
         return bytearray(staged)
 
     def _whole_frames(self, view: memoryview) -> list[bytearray]:
-        """The frames `view` completes (the final one, however short, once the last byte
-        is here), each a buffer of its own: kept whole, never one buffer grown and cut."""
+        """The frames `view` completes, each a buffer of its own."""
         length = self._layout.frame_length
         whole = []
         while view:
-            taken = view[: length - len(self._partial)]
-            self._partial += taken
-            view = view[len(taken) :]
-            if len(self._partial) == length:
-                whole.append(self._partial)
-                self._partial = bytearray()
-        received = self._sealed + len(self._frames) + len(whole)
-        if not self._left and received < self._layout.total_frames:
-            whole.append(self._partial)
-            self._partial = bytearray()
+            taken = min(len(view), length - self._filled)
+            self._pieces.append(view[:taken])
+            self._filled += taken
+            view = view[taken:]
+            if self._filled == length:
+                whole.append(self._joined())
         return whole
+
+    def _final_frame(self, *, received: int) -> list[bytearray]:
+        """The final frame, however short, once the last byte is here and `received`
+        frames (whole ones) are not all of them."""
+        if self._left or received >= self._layout.total_frames:
+            return []
+        return [self._joined()]
+
+    def _joined(self) -> bytearray:
+        """The frame begun, in one buffer of its own; the next begins."""
+        frame = bytearray().join(self._pieces)
+        self._pieces, self._filled = [], 0
+        return frame
 
     def _frames_here(self) -> int:
         """Whole frames received, up to the end of the current part."""
@@ -1205,16 +1237,41 @@ class Appending:
         return bool(count) and self._layout.ends_part(self._sealed + count)
 
     def _seal_batch(self) -> None:
-        """Seal the whole frames received up to the end of the current part (refusing a
-        frame sent before with other bytes before it is sealed), record their HMACs, and
-        hand them to a storing thread once the batch before them is stored."""
+        """Seal the whole frames received up to the end of the current part, into memory
+        only, and hand them to the storing thread once the batch before them is stored
+        (`_record_and_store`): their HMACs are checked and recorded there, before any of
+        their ciphertext leaves this process."""
         layout, first, count = self._layout, self._sealed + 1, self._frames_here()
         taken, self._frames = self._frames[:count], self._frames[count:]
-        # Hashed meanwhile, on other threads.
-        digests = [frame_digests.result()[place] for _, frame_digests, place in taken]
+        # IV = the frame's number. Bytes sent again for a frame sealed before give the
+        # ciphertext stored then, or differ and are refused before they are stored: a
+        # ciphertext under a used IV that is never stored tells nobody anything.
+        sealed = self._sealed_after(self._part, first, [plain for plain, _, _ in taken])
+        last = first + count - 1
+        self._part = bytearray() if layout.ends_part(last) else sealed
+        batch = _Sealed(first, last, sealed, [(digests, place) for _, digests, place in taken])
+        self._settle()  # one batch stored at a time: memory is bounded
+        self._spare, self._in_store = self._in_store, sealed
+        self._storing = STORING.executor.submit(self._record_and_store, batch)
+        self._sealed = last
+
+    def _buffer(self, size: int) -> bytearray:
+        """A buffer of `size` bytes to seal into: the one the batch stored before last
+        was in, if it is that size (every whole part is), which the next store has
+        ended with; else a new one. Two buffers take turns: one being sealed into,
+        the other being stored."""
+        spare, self._spare = self._spare, None
+        return spare if spare is not None and len(spare) == size else bytearray(size)
+
+    def _record_and_store(self, sealed: "_Sealed") -> _Stored:
+        """On the storing thread: refuse frames sent before with other bytes, record the
+        batch's HMACs, then store its ciphertext."""
+        layout, first = self._layout, sealed.first
+        # Hashed on other threads as the frames came.
+        digests = [frame_digests.result()[place] for frame_digests, place in sealed.digests]
         macs = dict(
             zip(
-                map(str, range(first, first + count)),
+                map(str, range(first, sealed.last + 1)),
                 self._uploads.frame_macs(layout, first, digests),
                 strict=True,
             )
@@ -1225,45 +1282,27 @@ class Appending:
                 raise ResentBytesDiffer(
                     f"the bytes sent for frame {number} differ from those sent before for it"
                 )
-        self._settle(wait=False)  # if stored already, acknowledged with the HMACs
         # One write both records these frames' HMACs (moved in Redis first, where
         # anchored) before any of their ciphertext can reach storage, and acknowledges
         # the batches stored and synced, not one still in flight or unsynced. So
         # whatever seals frame n later, from any process, seals the bytes recorded here
         # or nothing, and the offset moves only over frames sealed and durably stored.
-        # It runs on a thread of its own while the frames are sealed here (into memory
-        # only) and the part before is being stored; the state is its alone meanwhile.
         recording = self._acknowledging(self.state)
-        writing = STORING.executor.submit(
-            self._write, recording.model_copy(update={"macs": {**recording.macs, **macs}})
-        )
-        try:
-            # IV = the frame's number. A frame sent before is sealed only from the very
-            # bytes sent then (same ciphertext); its HMAC is recorded before it is stored.
-            sealed = self._sealed_after(self._part, first, [plain for plain, _, _ in taken])
-        finally:
-            wait([writing])  # two threads never write one upload's state
-        writing.result()
-        self._part = sealed
-        last = first + count - 1
-        ciphertext = self._part  # the next batch seals into a buffer of its own
-        if layout.ends_part(last):
-            self._part = bytearray()
-        batch = _Batch(last, _chained(self._chain, digests), ciphertext, self.state.generation)
-        self._settle()
-        self._storing = STORING.executor.submit(self._store_batch, batch)
-        self._sealed, self._chain = last, batch.chain
+        self._write(recording.model_copy(update={"macs": {**recording.macs, **macs}}))
+        self._chain = _chained(self._chain, digests)
+        batch = _Batch(sealed.last, self._chain, self.state.generation)
+        return self._store_batch(batch, sealed.ciphertext)
 
     def _sealed_after(self, before: bytearray, first: int, frames: list[bytearray]) -> bytearray:
         """`before` followed by `frames` sealed (numbered from `first`), in one buffer
-        made to size, each frame sealed in its place: a part grown frame by frame would
+        of that size, each frame sealed in its place: a part grown frame by frame would
         be copied again at each growth."""
         total = self._layout.total_frames
         sizes = [
             len(plain) + (FINAL_OVERHEAD if number == total else REGULAR_OVERHEAD)
             for number, plain in enumerate(frames, start=first)
         ]
-        sealed = bytearray(len(before) + sum(sizes))
+        sealed = self._buffer(len(before) + sum(sizes))
         view, at = memoryview(sealed), len(before)
         view[:at] = before
         for number, (plain, size) in enumerate(zip(frames, sizes, strict=True), start=first):
@@ -1272,7 +1311,7 @@ class Appending:
             at += size
         return sealed
 
-    def _store_batch(self, batch: _Batch) -> _Stored:
+    def _store_batch(self, batch: _Batch, ciphertext: bytearray) -> _Stored:
         """Store a batch's ciphertext (on a storing thread): a whole part, synced with
         those before it every `SYNC_FRAMES` frames' worth of parts, or the part so far
         as the staging object (durable, but the parts before it may not be)."""
@@ -1280,7 +1319,7 @@ class Appending:
         if layout.ends_part(batch.last):
             number = layout.part_of(batch.last)
             offset = layout.part_offset(number)
-            part = self._store.put_part(layout.part_upload(), number, offset, batch.ciphertext)
+            part = self._store.put_part(layout.part_upload(), number, offset, ciphertext)
             synced = number % max(1, SYNC_FRAMES // layout.frames_per_part) == 0
             if synced:
                 self._sync_parts()
@@ -1289,16 +1328,15 @@ class Appending:
         # writes: a PATCH whose lock lapsed while it stalled writes a name of its own
         # when it wakes, never the staging object of the request that took over.
         name = staging_name(layout.id, batch.generation)
-        self._uploads.records.store.put(name, bytes(batch.ciphertext))
-        digest = hashlib.sha256(batch.ciphertext).hexdigest()
-        return _Stored(batch, None, batch.generation, len(batch.ciphertext), digest)
+        self._uploads.records.store.put(name, bytes(ciphertext))
+        digest = hashlib.sha256(ciphertext).hexdigest()
+        return _Stored(batch, None, batch.generation, len(ciphertext), digest)
 
-    def _settle(self, *, wait: bool = True) -> None:
-        """Take the batch being stored once it is (`wait`: else only if it is already),
-        to be acknowledged by the next write of the state once it is durable; raise its
-        failure."""
+    def _settle(self) -> None:
+        """Take the batch being stored once it is, to be acknowledged by the next write of
+        the state once it is durable; raise its failure."""
         storing = self._storing
-        if storing is None or not (wait or storing.done()):
+        if storing is None:
             return
         self._storing = None
         try:

@@ -45,7 +45,7 @@ from services.resumable import (
 )
 from services.unfinished import finish_recording
 from services.upload_anchor import KEY_PREFIX, UploadAnchor
-from storage import ObjectNotFound, StorageUnavailable, integrity
+from storage import ObjectNotFound, ObjectStore, PartUpload, StorageUnavailable, integrity
 from storage.records import RECORDS_PREFIX, load_record, save_record
 from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.data import KiB, MiB, random_bytes
@@ -253,20 +253,34 @@ def test_parts_are_acknowledged_once_synced_their_hmacs_recorded_before_they_are
     per_part = appending.state.frames_per_part * FRAME
     name = f"{UPLOADS_PREFIX}{upload}.json"
 
-    appending.write(data[: 3 * per_part + FRAME])  # three parts sealed, the third stored
+    stored: list[int] = []
+    put_part = ObjectStore.put_part
+
+    def checked_put_part(store: ObjectStore, upload: PartUpload, number: int, *args: Any) -> Any:
+        # Every frame of a part is acknowledged or has its HMAC recorded before it is stored.
+        state = api.records.get(STATE_KIND, name, UploadState)
+        last = min(number * per_part // FRAME, state.total_frames)
+        frames = range((number - 1) * per_part // FRAME + 1, last + 1)
+        assert all(n <= state.frames or str(n) in state.macs for n in frames)
+        stored.append(number)
+        return put_part(store, upload, number, *args)
+
+    monkeypatch.setattr(ObjectStore, "put_part", checked_put_part)
+    appending.write(data[: 3 * per_part + FRAME])  # three parts sealed, two stored at least
     mid_patch = api.records.get(STATE_KIND, name, UploadState)
 
     # Never the first part alone: it is acknowledged with the second, whose store syncs
-    # both, if that store had returned before the third part's HMACs were written.
-    assert mid_patch.offset in (0, 2 * per_part)
-    # Every frame that may be in storage is acknowledged or has its HMAC recorded.
+    # both, once the third part's HMACs are written.
+    assert (mid_patch.offset, mid_patch.frames) in ((0, 0), (2 * per_part, 2 * per_part // FRAME))
     recorded = {int(n) for n in mid_patch.macs}
-    assert recorded == set(range(mid_patch.frames + 1, 3 * per_part // FRAME + 1))
+    last_recorded = (2 if mid_patch.frames == 0 else 3) * per_part // FRAME
+    assert recorded == set(range(mid_patch.frames + 1, last_recorded + 1))
     # A PATCH cut there acknowledges every whole frame it received: synced at its end.
     assert appending.end().offset == 3 * per_part + FRAME == offset_of(client, url)
     assert api.records.get(STATE_KIND, name, UploadState).macs == {}
     assert patch(client, url, 3 * per_part + FRAME, data[3 * per_part + FRAME :]).status_code == 204
     assert read_object(client, "up/obj").content == data
+    assert stored == [1, 2, 3, 4]
 
 
 class FailingOnce:

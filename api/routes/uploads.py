@@ -304,18 +304,20 @@ async def _feed(
     stores what came before (up to about a part ahead of it); the body's own failure
     (the client gone, or too slow), if it had one, returned rather than raised: the
     frames that did arrive whole are still sealed and acknowledged."""
-    handoff = bytearray()
+    handoff: list[bytes] = []  # as the chunks came: joined, they would be copied twice
+    handed = 0
     writing: asyncio.Task[None] | None = None
     try:
         async for chunk in body_chunks(request, svc.settings):
-            handoff += chunk
+            handoff.append(chunk)
+            handed += len(chunk)
             busy = writing is not None and not writing.done()
-            if len(handoff) < HANDOFF_BYTES or (busy and len(handoff) < PART_TARGET):
+            if handed < HANDOFF_BYTES or (busy and handed < PART_TARGET):
                 continue
             if writing is not None:
                 await writing  # in order, one at a time; raises what it failed with
             writing = asyncio.create_task(_write(svc, appending, handoff))
-            handoff = bytearray()
+            handoff, handed = [], 0
     except ClientDisconnect as gone:
         cut: ClientDisconnect | Problem | None = gone
     except Problem as problem:
@@ -335,8 +337,8 @@ async def _feed(
     return cut
 
 
-async def _write(svc: Services, appending: Appending, data: bytearray) -> None:
-    await to_thread.run_sync(appending.write, data, limiter=svc.transfers)
+async def _write(svc: Services, appending: Appending, chunks: list[bytes]) -> None:
+    await to_thread.run_sync(appending.write_chunks, chunks, limiter=svc.transfers)
 
 
 async def _settled(writing: "asyncio.Task[None] | None") -> None:
