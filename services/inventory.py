@@ -22,7 +22,9 @@ object's record read. Once the run has ended its marker is settled: it notes how
 objects it stands for and a digest of the prefix's listing, and counting believes the
 figure while a listing of the prefix gives the same digest; a count that had to expand
 a run notes what it found in the same way, so that a settlement broken by a later write
-costs one expansion rather than one a request. Run markers sort after the
+costs one expansion rather than one a request. Runs into one prefix (nightly jobs into
+the same place) are counted together: one listing, and each object's record read once,
+serve them all. Run markers sort after the
 objects' markers, so a listing of a version yields the objects marked one by one, then
 each run's members in key order.
 
@@ -40,6 +42,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -267,16 +270,23 @@ class RunIndex:
         for, and the digest of the prefix's listing, so that counting them takes one
         listing for as long as nothing under the prefix changes. The objects this run
         wrote are known; any other (an earlier attempt's, another writer's) has its
-        record read. A marker left unsettled is expanded, as before."""
+        record read. A marker left unsettled is expanded, as before: so is every one if
+        an object listed has no record to believe (`_tally`)."""
         listing = list(store.list(self._storage_prefix))
+        runs = list(self._marked.values())
+        # The run's own objects are of its one version, if it sealed under one.
+        mine = (
+            {i.key for i in listing if self._sealed.get(i.key) == i.etag}
+            if len(runs) == 1
+            else set()
+        )
+        others = [info for info in listing if info.key not in mine]
+        tallies, complete = _tally(self._records, store, runs, others)
+        if not complete:
+            return
         digest = listing_digest(listing)
-        for run in self._marked.values():
-            # The run's own objects are of its one version, if it sealed under one.
-            one_version = len(self._marked) == 1
-            known = [one_version and self._sealed.get(i.key) == i.etag for i in listing]
-            others = [info for info, mine in zip(listing, known, strict=True) if not mine]
-            members = sum(known) + _count_covered(self._records, store, run, others)
-            settled = run.model_copy(update={"members": members, "listing": digest})
+        for run, tally in zip(runs, tallies, strict=True):
+            settled = run.model_copy(update={"members": len(mine) + tally, "listing": digest})
             self._records.put(RUN_MARKER_KIND, run.name, settled)
 
 
@@ -325,56 +335,78 @@ class VersionIndex:
 
     def counts(self, tenant: str, kid: str) -> dict[int, int | None]:
         """How many objects each version of a key has in the index: the objects' markers
-        counted from one listing of the key's index, by name; each run's members by
-        expanding it. None for a version one of whose runs is in a store that cannot be
-        read now: how many objects use it is unknown."""
+        counted from one listing of the key's index, by name; the runs' members from one
+        listing of each prefix runs were written into (`_count_place`). None for a
+        version one of whose runs is in a store that cannot be read now: how many
+        objects use it is unknown."""
         prefix = key_prefix(tenant, kid)
-        counted: dict[int, int | None] = {}
+        marked: Counter[int] = Counter()
+        places: dict[tuple[str, str], list[tuple[int, RunMarker, str]]] = {}
         for info in self._store.list(prefix):
             version, _, name = info.key.removeprefix(prefix).partition("/")
             if not version.isdigit() or not name.endswith(MARKER_SUFFIX):
                 continue
-            found: int | None = 1
-            if name.startswith(RUN_NAME_PREFIX):
-                run = self._run(info.key)
-                found = 0 if run is None else self._count(run)
-            so_far = counted.get(int(version), 0)
-            counted[int(version)] = None if so_far is None or found is None else so_far + found
-        return {version: count for version, count in counted.items() if count != 0}
+            if not name.startswith(RUN_NAME_PREFIX):
+                marked[int(version)] += 1
+            elif (read := self._run(info.key)) is not None:
+                run, etag = read
+                places.setdefault((run.bucket, run.storage_prefix), []).append(
+                    (int(version), run, etag)
+                )
+        counted: dict[int, int | None] = dict(marked)
+        for runs in places.values():
+            figures = self._count_place([(run, etag) for _, run, etag in runs])
+            for (number, _, _), found in zip(runs, figures, strict=True):
+                so_far = counted.get(number, 0)
+                counted[number] = None if so_far is None or found is None else so_far + found
+        return {number: count for number, count in counted.items() if count != 0}
 
-    def _count(self, run: RunMarker) -> int | None:
-        """How many objects `run` stands for: as it was settled, if the prefix's listing
-        is still what it was then; else its members counted. None if its store cannot be
-        listed (logged): one unreadable bucket leaves the other versions' counts."""
+    def _count_place(self, runs: list[tuple[RunMarker, str]]) -> list[int | None]:
+        """How many objects each of `runs` (marker, etag), all into one bucket and prefix,
+        stands for: one listing of the prefix serves them all, each believed as settled
+        if the listing is still what it was then; the others' members counted together,
+        each object's record read once whatever the number of runs, and their figures
+        noted (`_settle_again`). None for each if the store cannot be listed (logged):
+        one unreadable bucket leaves the other versions' counts."""
+        bucket, storage_prefix = runs[0][0].bucket, runs[0][0].storage_prefix
         try:
-            store = self._spaces.own_store(run.bucket)
-            listing = list(store.list(run.storage_prefix))
+            store = self._spaces.own_store(bucket)
+            listing = list(store.list(storage_prefix))
         except StorageError as error:
-            logger.warning(
-                "the run %s of %s#%d cannot be counted: %s",
-                run.name,
-                run.kid,
-                run.key_version,
-                error,
-            )
-            return None
-        if run.members is not None and run.listing == listing_digest(listing):
-            return run.members
-        members, complete = _tally(self._records, store, run, listing)
+            for run, _ in runs:
+                logger.warning(
+                    "the run %s of %s#%d cannot be counted: %s",
+                    run.name,
+                    run.kid,
+                    run.key_version,
+                    error,
+                )
+            return [None] * len(runs)
+        digest = listing_digest(listing)
+        figures: list[int | None] = [
+            run.members if run.members is not None and run.listing == digest else None
+            for run, _ in runs
+        ]
+        unsettled = [read for read, figure in zip(runs, figures, strict=True) if figure is None]
+        tallies, complete = _tally(self._records, store, [run for run, _ in unsettled], listing)
         if complete:
-            self._settle_again(run, members, listing)
-        return members
+            for (run, etag), members in zip(unsettled, tallies, strict=True):
+                self._settle_again(run, etag, members, digest)
+        found = iter(tallies)
+        return [next(found) if figure is None else figure for figure in figures]
 
-    def _settle_again(self, run: RunMarker, members: int, listing: list[ObjectInfo]) -> None:
+    def _settle_again(self, run: RunMarker, etag: str, members: int, digest: str) -> None:
         """Write back what an expansion found, so that the next count takes one listing
         again: a settlement broken by a later write (or never made) costs one expansion,
-        not one per request. The figure is the one `listing` gives, so any change under
-        the prefix since breaks it as it breaks the run's own. Only after a `complete`
-        tally: an object listed without a record may be a write between its completion
-        and its record, which a figure fixed now would miss once the record is there."""
-        settled = run.model_copy(update={"members": members, "listing": listing_digest(listing)})
+        not one per request. The figure is the one the listing of `digest` gives, so any
+        change under the prefix since breaks it as it breaks the run's own. Only after a
+        `complete` tally: an object listed without a record may be a write between its
+        completion and its record, which a figure fixed now would miss once the record is
+        there. Only over the marker as read (`etag`): a settlement written meanwhile, by
+        the run's end or another count, may be of a later listing, and is left."""
+        settled = run.model_copy(update={"members": members, "listing": digest})
         with suppress(StorageError):  # not written back: expanded again next time
-            self._records.put(RUN_MARKER_KIND, run.name, settled)
+            self._records.put(RUN_MARKER_KIND, run.name, settled, if_match=etag)
 
     def _entries(
         self, tenant: str, kid: str, version: int, after: str
@@ -390,7 +422,8 @@ class VersionIndex:
             name = info.key.removeprefix(prefix).removesuffix(MARKER_SUFFIX)
             if name.startswith(RUN_NAME_PREFIX):
                 within = within_after if name == name_after else None
-                if (run := self._run(info.key)) is not None:
+                if (read := self._run(info.key)) is not None:
+                    run = read[0]
                     for marker in self._members(run, within):
                         yield member_cursor(name, run, marker), marker
                 continue
@@ -399,9 +432,10 @@ class VersionIndex:
             except (ObjectNotFound, RecordTampered):
                 continue  # dropped since it was listed, or refused and counted
 
-    def _run(self, name: str) -> RunMarker | None:
+    def _run(self, name: str) -> tuple[RunMarker, str] | None:
+        """The run marker at `name`, and the etag of the version read."""
         try:
-            return self._records.get(RUN_MARKER_KIND, name, RunMarker)
+            return self._records.get_versioned(RUN_MARKER_KIND, name, RunMarker)
         except (ObjectNotFound, RecordTampered):
             return None  # dropped since it was listed, or refused and counted
 
@@ -416,9 +450,9 @@ class VersionIndex:
         listing = store.list(run.storage_prefix, start_after=start)
         with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
             while infos := list(islice(listing, EXPANSION_SLICE)):
-                covered = pool.map(lambda info: _covered(self._records, store, run, info), infos)
-                for info, is_member in zip(infos, covered, strict=True):
-                    if is_member:
+                found = pool.map(lambda info: _listed_record(self._records, store, info), infos)
+                for info, record in zip(infos, found, strict=True):
+                    if record is not None and run.covers(record):
                         yield _member_marker(run, info.key)
 
 
@@ -429,32 +463,40 @@ def listing_digest(listing: list[ObjectInfo]) -> str:
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
-def _count_covered(
-    records: Records, store: ObjectStore, run: RunMarker, listing: list[ObjectInfo]
-) -> int:
-    return _tally(records, store, run, listing)[0]
-
-
 def _tally(
-    records: Records, store: ObjectStore, run: RunMarker, listing: list[ObjectInfo]
-) -> tuple[int, bool]:
-    """How many listed objects are `run`'s, and whether every one had a record to decide
-    it by."""
+    records: Records, store: ObjectStore, runs: list[RunMarker], listing: list[ObjectInfo]
+) -> tuple[list[int], bool]:
+    """How many listed objects are each of `runs`' (all into the listing's prefix), each
+    object's record read once whatever the number of runs; and whether every one had a
+    record to decide it by."""
+    if not runs:
+        return [], True
+
+    def covering(info: ObjectInfo) -> list[bool] | None:
+        record = _listed_record(records, store, info)
+        return None if record is None else [run.covers(record) for run in runs]
+
     with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
-        found = list(pool.map(lambda info: _covered(records, store, run, info), listing))
-    return sum(1 for covered in found if covered), None not in found
+        found = [covers for covers in pool.map(covering, listing) if covers is not None]
+    tallies = [sum(covers[n] for covers in found) for n in range(len(runs))]
+    return tallies, len(found) == len(listing)
 
 
-def _covered(records: Records, store: ObjectStore, run: RunMarker, info: ObjectInfo) -> bool | None:
-    """Whether the listed object is one of `run`'s; None if it has no record to believe
-    (gone since listed, written and not recorded yet, or refused). Its record is read as
-    a read of the object reads it, the object's metadata first: a run's small members
-    carry their record there, one request each, where a listing's entry (no metadata)
-    would look for a record file first."""
+def _listed_record(records: Records, store: ObjectStore, info: ObjectInfo) -> ObjectRecord | None:
+    """The record of the listed object, if it has one to believe; None if not (gone since
+    listed, written and not recorded yet, or refused): not counted (the census counts
+    it), and no figure fixed on it. Read as a read of the object reads it, the object's
+    metadata first: a run's small members carry their record there, one request each,
+    where a listing's entry (no metadata) would look for a record file first. A record
+    file of another version of the object is none to believe either: one a write left
+    behind, its own record not saved yet (or never, by a crash the sweep finishes), names
+    what was there before, perhaps another job or version."""
     try:
-        return run.covers(object_record(records, store, info.key))
+        stored = store.head(info.key)
+        record = object_record(records, store, info.key, stored)
     except (ObjectNotFound, RecordTampered):
-        return None  # not counted (the census counts it), and no figure fixed on it
+        return None
+    return record if record.etag == stored.etag else None
 
 
 def _member_marker(run: RunMarker, storage_key: str) -> Marker:

@@ -610,8 +610,8 @@ MUTANTS = (
     Mutant(
         "index: a run's settled count only while its prefix is unchanged",
         "services/inventory.py",
-        "        if run.members is not None and run.listing == listing_digest(listing):",
-        "        if run.members is not None:",
+        "            run.members if run.members is not None and run.listing == digest else None",
+        "            run.members if run.members is not None else None",
         ("tests/test_inventory_runs.py",),
     ),
     Mutant(
@@ -619,6 +619,27 @@ MUTANTS = (
         "services/inventory.py",
         "        if complete:",
         "        if True:",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
+        "index: a record file of another version of the object is not believed",
+        "services/inventory.py",
+        "    return record if record.etag == stored.etag else None",
+        "    return record",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
+        "index: a count notes its figure only over the marker it read",
+        "services/inventory.py",
+        "            self._records.put(RUN_MARKER_KIND, run.name, settled, if_match=etag)",
+        "            self._records.put(RUN_MARKER_KIND, run.name, settled)",
+        ("tests/test_inventory_runs.py",),
+    ),
+    Mutant(
+        "index: a run settles only where every object had a record",
+        "services/inventory.py",
+        "        if not complete:",
+        "        if False:",
         ("tests/test_inventory_runs.py",),
     ),
     Mutant(
