@@ -118,6 +118,19 @@ def open_object_store(settings: Settings, bucket: str | None = None) -> ObjectSt
         )
 
 
+def open_bucket_store(settings: Settings, bucket: str) -> ObjectStore:
+    """The store of a bucket named at run time (a tenant's, or one a sealed record
+    names): a failure there is that bucket's, raised as storage raises it (one the local
+    store does not hold is `BucketNotFound`), not the settings', which opening the
+    service's own store has checked."""
+    try:
+        return open_object_store(settings, bucket)
+    except ConfigurationError as error:
+        if isinstance(error.__cause__, StorageError):
+            raise error.__cause__ from None
+        raise
+
+
 def local_storage_dir(settings: Settings) -> Path | None:
     """The directory of a `file://` storage URL, or None for S3."""
     url = urlparse(settings.storage_url)
@@ -321,7 +334,7 @@ def build_parts(settings: Settings, role: str = "api") -> Parts:
         records=records,
         kek=kek,
         keys=open_keystore(settings, records, kek, audit),
-        spaces=Spaces(objects, settings.tenant_buckets, partial(open_object_store, settings)),
+        spaces=Spaces(objects, settings.tenant_buckets, partial(open_bucket_store, settings)),
         jobs=open_job_store(settings, records),
         audit=audit,
     )

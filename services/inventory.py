@@ -46,12 +46,14 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Self
 
 from pydantic import Field
 
+from services.errors import error_code
 from services.placement import Spaces, check_object_key, client_key
 from storage import (
     InvalidObjectKey,
@@ -137,6 +139,27 @@ class IndexedObject(CamelModel):
         )
 
 
+class UnreadableRun(CamelModel):
+    """A run whose objects a page could not list: its bucket and prefix as the tenant
+    names them, and why (the code a problem would have: `bucket-not-found`,
+    `storage-unavailable`, ...)."""
+
+    bucket: str
+    prefix: str
+    error: str
+
+
+@dataclass(frozen=True)
+class IndexPage:
+    """Up to a page's markers of a key version, the cursor of the next page (None on the
+    last), and the runs passed over on the way because their objects could not be
+    listed: none of their objects is in this page or any other."""
+
+    markers: list[Marker]
+    next: str | None
+    unreadable: list[UnreadableRun]
+
+
 class RunMarker(FrozenCamelModel):
     """Every object a job writes under a storage prefix sealed under one key version."""
 
@@ -168,6 +191,14 @@ class RunMarker(FrozenCamelModel):
             and record.bucket == self.bucket
             and record.key.startswith(self.storage_prefix)
         )
+
+
+@dataclass(frozen=True)
+class _Unlisted:
+    """A run whose members could not all be listed, and why."""
+
+    run: RunMarker
+    error: StorageError
 
 
 def key_prefix(tenant: str, kid: str) -> str:
@@ -315,23 +346,44 @@ class VersionIndex:
     def markers(self, tenant: str, kid: str, version: int, after: str = "") -> Iterator[Marker]:
         """The authentic markers of one key version, a run's expanded into one for each
         member, in index order, from the cursor `after` on; a marker that fails
-        authentication is logged, counted and passed over."""
-        for _, marker in self._entries(tenant, kid, version, after):
-            yield marker
+        authentication is logged, counted and passed over. A run whose objects cannot be
+        listed raises its storage error: a caller acting on every object must not go on
+        as if there were none."""
+        for _, entry in self._entries(tenant, kid, version, after):
+            if isinstance(entry, _Unlisted):
+                raise entry.error
+            yield entry
 
     def page(
         self, tenant: str, kid: str, version: int, *, limit: int, after: str = ""
-    ) -> tuple[list[Marker], str | None]:
+    ) -> IndexPage:
         """Up to `limit` markers of a key version after the cursor `after`, and the cursor
-        of the next page (None on the last)."""
+        of the next page; a run whose objects cannot be listed now (its bucket gone,
+        unavailable, or no longer readable) is passed over, logged and named in the
+        page, so that one bucket does not keep a tenant from the rest."""
         found: list[Marker] = []
+        unreadable: list[UnreadableRun] = []
         last = ""
-        for place, marker in self._entries(tenant, kid, version, after):
+        for place, entry in self._entries(tenant, kid, version, after):
             if len(found) == limit:
-                return found, last
-            found.append(marker)
+                return IndexPage(found, last, unreadable)
+            if isinstance(entry, _Unlisted):
+                run = entry.run
+                logger.warning(
+                    "the run %s of %s#%d cannot be listed: %s",
+                    run.name,
+                    run.kid,
+                    run.key_version,
+                    entry.error,
+                )
+                prefix = client_key(run.storage_prefix) or ""  # runs are in tenants' spaces
+                unreadable.append(
+                    UnreadableRun(bucket=run.bucket, prefix=prefix, error=error_code(entry.error))
+                )
+                continue
+            found.append(entry)
             last = place
-        return found, None
+        return IndexPage(found, None, unreadable)
 
     def counts(self, tenant: str, kid: str) -> dict[int, int | None]:
         """How many objects each version of a key has in the index: the objects' markers
@@ -410,8 +462,9 @@ class VersionIndex:
 
     def _entries(
         self, tenant: str, kid: str, version: int, after: str
-    ) -> Iterator[tuple[str, Marker]]:
-        """(cursor after it, marker) of each object of the version after `after`."""
+    ) -> Iterator[tuple[str, Marker | _Unlisted]]:
+        """(cursor after it, marker) of each object of the version after `after`, and
+        (the run's name, what failed) where a run's objects cannot be listed."""
         prefix = version_prefix(tenant, kid, version)
         name_after, _, member_after = after.partition(".")
         within_after = member_key(member_after) if member_after else None
@@ -424,8 +477,11 @@ class VersionIndex:
                 within = within_after if name == name_after else None
                 if (read := self._run(info.key)) is not None:
                     run = read[0]
-                    for marker in self._members(run, within):
-                        yield member_cursor(name, run, marker), marker
+                    try:
+                        for marker in self._members(run, within):
+                            yield member_cursor(name, run, marker), marker
+                    except StorageError as error:
+                        yield name, _Unlisted(run, error)
                 continue
             try:
                 yield name, self._records.get(MARKER_KIND, info.key, Marker)

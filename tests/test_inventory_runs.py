@@ -6,6 +6,7 @@ KEK can neither plant a run marker nor move one to another version."""
 
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -55,15 +56,27 @@ def index_names(api: Api, version: int) -> list[str]:
 
 def listed(client: httpx.Client, version: int, limit: int) -> list[str]:
     """Every key the index API lists under `KID#version`, page after page."""
+    keys, unreadable = listed_and_unreadable(client, version, limit)
+    assert unreadable == []
+    return keys
+
+
+def listed_and_unreadable(
+    client: httpx.Client, version: int, limit: int
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every key the index API lists under `KID#version`, page after page, and every run
+    the pages name as passed over."""
     keys: list[str] = []
+    unreadable: list[dict[str, Any]] = []
     query: dict[str, Any] = {"version": version, "limit": limit}
     for _ in range(50):
         response = client.get(f"{KEYS}/{KID}/objects", params=query)
         assert response.status_code == 200, response.text
         page = response.json()
         keys += [entry["key"] for entry in page["objects"]]
+        unreadable += page["unreadable"]
         if page["next"] is None:
-            return keys
+            return keys, unreadable
         query["after"] = page["next"]
     raise AssertionError("the pages never ended")
 
@@ -407,3 +420,30 @@ def test_a_count_leaves_a_settlement_written_meanwhile(
         monkeypatch.setattr(inventory, "_tally", settled_meanwhile)
         assert object_counts(client) == {1: len(MEMBERS) + 2}
         assert api.records.get(RUN_MARKER_KIND, name, RunMarker) == meanwhile
+
+
+def test_a_page_passes_over_a_run_whose_bucket_cannot_be_read_and_says_so(api: Api) -> None:
+    """A run in a bucket that cannot be read (gone, or no longer the service's to read):
+    the pages list every other object of the version and name that run, once, and the
+    version's count is unknown."""
+    with api.client() as client:
+        create_key(client)
+        assert encrypt(client, b"plain", destination={"key": "docs/a"}).status_code == 201
+        stream_in(client, MEMBERS)
+        run = RunMarker(
+            tenant=TENANT,
+            kid=KID,
+            key_version=1,
+            bucket="a-bucket-gone",
+            storage_prefix=f"{STORAGE_PREFIX}elsewhere/",
+            job_id="a-job",
+            created_at=datetime.now(UTC),
+        )
+        api.records.put(RUN_MARKER_KIND, run.name, run)
+        expected = sorted(["docs/a", "out/manifest.json", *(f"out/{m}" for m in MEMBERS)])
+        gone = {"bucket": "a-bucket-gone", "prefix": "elsewhere/", "error": "bucket-not-found"}
+        for limit in (100, 3, 1):
+            keys, unreadable = listed_and_unreadable(client, 1, limit)
+            assert sorted(keys) == expected
+            assert unreadable == [gone]
+        assert object_counts(client) == {1: None}  # unknown, not an error

@@ -24,8 +24,9 @@ from keystore.records import VersionInfo
 from services.inventory import (
     CURSOR_PATTERN,
     IndexedObject,
+    IndexPage,
     InvalidCursor,
-    Marker,
+    UnreadableRun,
     VersionIndex,
 )
 from services.retirement import RetirementRefused, Retirements
@@ -59,10 +60,13 @@ class KeyDetail(KeyView):
 
 class IndexedObjects(BaseModel):
     """A page of a key version's objects, in index order; `next` is the `after` of the
-    next page, null on the last."""
+    next page, null on the last; `unreadable`, the runs (an archive's or batch job's
+    objects under one prefix) passed over because their bucket could not be read now:
+    their objects are in no page."""
 
     objects: list[IndexedObject]
     next: str | None
+    unreadable: list[UnreadableRun]
 
 
 class Retirement(CamelModel):
@@ -284,17 +288,20 @@ async def list_key_version_objects(
     """The stored objects the index lists under one version of the key."""
     svc = services(request)
 
-    def page() -> tuple[list[Marker], str | None]:
+    def page() -> IndexPage:
         svc.keys.get(principal.tenant, kid).version(version)  # 404 for either
         index = VersionIndex(svc.records, svc.spaces)
         return index.page(principal.tenant, kid, version, limit=limit, after=after)
 
     try:
-        markers, cursor = await run_in_threadpool(page)
+        found = await run_in_threadpool(page)
     except InvalidCursor as refusal:
         raise Problem(422, "invalid-request", f"invalid request: query.after: {refusal}") from None
-    objects = [IndexedObject.of(marker).model_dump(mode="json") for marker in markers]
-    return {"objects": objects, "next": cursor}
+    return {
+        "objects": [IndexedObject.of(marker).model_dump(mode="json") for marker in found.markers],
+        "next": found.next,
+        "unreadable": [run.model_dump(mode="json") for run in found.unreadable],
+    }
 
 
 @router.post(
