@@ -1024,14 +1024,13 @@ def _is_hex(text: str) -> bool:
 
 
 @dataclass(frozen=True)
-class _Sealed:
-    """Frames `first` to `last` sealed (`ciphertext`: the part so far), with the futures
-    of their plaintext's SHA-256s (each a list, and the frame's place in it)."""
+class _Recording:
+    """A batch whose HMACs are being recorded (`ciphertext`: the part so far, sealed),
+    by a write that acknowledges the first `acknowledging` batches stored."""
 
-    first: int
-    last: int
+    recorded: Future["_Batch"]
     ciphertext: bytearray
-    digests: list[tuple[Future[list[bytes]], int]]
+    acknowledging: int
 
 
 @dataclass(frozen=True)
@@ -1089,11 +1088,14 @@ class Appending:
         self._filled = 0
         self._left = state.length - state.offset  # plaintext not received yet
         self._sealed = state.frames  # frames sealed, by this PATCH or acknowledged before
-        # The chain value after the frames recorded (the storing thread's, as `state`).
+        # The chain value after the frames recorded (the recording thread's, as `state`).
         self._chain = uploads._unmasked(state)  # noqa: SLF001
-        self._storing: Future[_Stored] | None = None  # one at a time: memory is bounded
+        # A batch being recorded while the one before is stored, one of each at a time
+        # (memory is bounded): its HMACs are recorded before it is handed on to be stored.
+        self._recording: _Recording | None = None
+        self._storing: Future[_Stored] | None = None
         self._in_store: bytearray | None = None  # the ciphertext being stored, if any
-        self._spare: bytearray | None = None  # the one stored before, free to seal into
+        self._spares: list[bytearray] = []  # buffers stored from, free to seal into
         self._stored: list[_Stored] = []  # durably stored, not acknowledged yet
         self._unsynced: list[_Stored] = []  # stored after the last sync of the parts
         # A sync failed: what was stored since the last one that did is never acknowledged.
@@ -1133,16 +1135,16 @@ class Appending:
             self.write(b"")  # an empty plaintext's one frame is whole with no byte sent
             if self._frames_here():
                 self._seal_batch()
+            self._hand_on()
             self._settle()
             self._sync()
-            acknowledged = self._acknowledging(self.state)
-            if not acknowledged.finished:
+            if not self._acknowledging(self.state).finished:
                 # Refused (423) if another request took the upload over meanwhile.
-                self._write(acknowledged, hold=False)
+                self._acknowledge(hold=False)
                 self._held = False
                 return self.state
             if self._stored:  # still locked: it is completed next
-                self._write(acknowledged)
+                self._acknowledge(hold=True)
             self.record = self._finish()
         except BaseException:
             self.abandon()
@@ -1160,8 +1162,11 @@ class Appending:
             raise
 
     def abandon(self) -> None:
-        """Let go of the upload without sealing more (the request failed), once the batch
-        being stored is: two threads never write one upload's state."""
+        """Let go of the upload without sealing or storing more (the request failed),
+        once the batch being recorded and the one being stored are: two threads never
+        write one upload's state."""
+        with suppress(Exception):
+            self._take_recorded()  # its write may still be running
         with suppress(Exception):
             self._settle()
             self._sync()
@@ -1172,7 +1177,7 @@ class Appending:
         the upload is still this request's."""
         if self._held:
             with suppress(UploadBusy, StorageError):
-                self._write(self._acknowledging(self.state), hold=False)
+                self._acknowledge(hold=False)
             self._held = False
 
     def gone(self) -> str | None:
@@ -1238,9 +1243,8 @@ class Appending:
 
     def _seal_batch(self) -> None:
         """Seal the whole frames received up to the end of the current part, into memory
-        only, and hand them to the storing thread once the batch before them is stored
-        (`_record_and_store`): their HMACs are checked and recorded there, before any of
-        their ciphertext leaves this process."""
+        only, and have their HMACs checked and recorded (`_record`) while the batch
+        before them is stored: none of their ciphertext leaves this process before."""
         layout, first, count = self._layout, self._sealed + 1, self._frames_here()
         taken, self._frames = self._frames[:count], self._frames[count:]
         # IV = the frame's number. Bytes sent again for a frame sealed before give the
@@ -1249,30 +1253,55 @@ class Appending:
         sealed = self._sealed_after(self._part, first, [plain for plain, _, _ in taken])
         last = first + count - 1
         self._part = bytearray() if layout.ends_part(last) else sealed
-        batch = _Sealed(first, last, sealed, [(digests, place) for _, digests, place in taken])
-        self._settle()  # one batch stored at a time: memory is bounded
-        self._spare, self._in_store = self._in_store, sealed
-        self._storing = STORING.executor.submit(self._record_and_store, batch)
+        self._hand_on()
+        digests = [(digests, place) for _, digests, place in taken]
+        # One write both records these frames' HMACs (moved in Redis first, where
+        # anchored) before any of their ciphertext can reach storage, and acknowledges
+        # the batches stored and synced, not one still in flight or unsynced. So
+        # whatever seals frame n later, from any process, seals the bytes recorded here
+        # or nothing, and the offset moves only over frames sealed and durably stored.
+        acknowledging = self._acknowledging(self.state)
+        recorded = STORING.executor.submit(self._record, first, last, digests, acknowledging)
+        self._recording = _Recording(recorded, sealed, len(self._stored))
         self._sealed = last
 
-    def _buffer(self, size: int) -> bytearray:
-        """A buffer of `size` bytes to seal into: the one the batch stored before last
-        was in, if it is that size (every whole part is), which the next store has
-        ended with; else a new one. Two buffers take turns: one being sealed into,
-        the other being stored."""
-        spare, self._spare = self._spare, None
-        return spare if spare is not None and len(spare) == size else bytearray(size)
+    def _hand_on(self) -> None:
+        """Once the batch being recorded is, have it stored, once the one before it is."""
+        recorded = self._take_recorded()
+        if recorded is None:
+            return
+        batch, ciphertext = recorded
+        self._settle()
+        if self._in_store is not None:
+            self._spares.append(self._in_store)
+        self._in_store = ciphertext
+        self._storing = STORING.executor.submit(self._store_batch, batch, ciphertext)
 
-    def _record_and_store(self, sealed: "_Sealed") -> _Stored:
-        """On the storing thread: refuse frames sent before with other bytes, record the
-        batch's HMACs, then store its ciphertext."""
-        layout, first = self._layout, sealed.first
+    def _take_recorded(self) -> tuple[_Batch, bytearray] | None:
+        """The batch being recorded, if any, once it is (raising its failure), with its
+        ciphertext; the batches stored that its write acknowledged are let go of."""
+        recording, self._recording = self._recording, None
+        if recording is None:
+            return None
+        batch = recording.recorded.result()
+        del self._stored[: recording.acknowledging]
+        return batch, recording.ciphertext
+
+    def _record(
+        self,
+        first: int,
+        last: int,
+        digests: list[tuple[Future[list[bytes]], int]],
+        acknowledging: UploadState,
+    ) -> _Batch:
+        """On a storing thread: refuse frames `first` to `last` if sent before with other
+        bytes, and write `acknowledging` with their HMACs recorded."""
         # Hashed on other threads as the frames came.
-        digests = [frame_digests.result()[place] for frame_digests, place in sealed.digests]
+        hashes = [frame_digests.result()[place] for frame_digests, place in digests]
         macs = dict(
             zip(
-                map(str, range(first, sealed.last + 1)),
-                self._uploads.frame_macs(layout, first, digests),
+                map(str, range(first, last + 1)),
+                self._uploads.frame_macs(self._layout, first, hashes),
                 strict=True,
             )
         )
@@ -1282,16 +1311,20 @@ class Appending:
                 raise ResentBytesDiffer(
                     f"the bytes sent for frame {number} differ from those sent before for it"
                 )
-        # One write both records these frames' HMACs (moved in Redis first, where
-        # anchored) before any of their ciphertext can reach storage, and acknowledges
-        # the batches stored and synced, not one still in flight or unsynced. So
-        # whatever seals frame n later, from any process, seals the bytes recorded here
-        # or nothing, and the offset moves only over frames sealed and durably stored.
-        recording = self._acknowledging(self.state)
-        self._write(recording.model_copy(update={"macs": {**recording.macs, **macs}}))
-        self._chain = _chained(self._chain, digests)
-        batch = _Batch(sealed.last, self._chain, self.state.generation)
-        return self._store_batch(batch, sealed.ciphertext)
+        self._write(acknowledging.model_copy(update={"macs": {**acknowledging.macs, **macs}}))
+        self._chain = _chained(self._chain, hashes)
+        return _Batch(last, self._chain, self.state.generation)
+
+    def _buffer(self, size: int) -> bytearray:
+        """A buffer of `size` bytes to seal into: one a batch was stored from, if one is
+        that size (every whole part is), else a new one. Three take turns: one sealed
+        into, one recorded, one stored."""
+        for spare in self._spares:
+            if len(spare) == size:
+                self._spares.remove(spare)
+                return spare
+        self._spares.clear()
+        return bytearray(size)
 
     def _sealed_after(self, before: bytearray, first: int, frames: list[bytearray]) -> bytearray:
         """`before` followed by `frames` sealed (numbered from `first`), in one buffer
@@ -1390,6 +1423,12 @@ class Appending:
             }
         )
 
+    def _acknowledge(self, *, hold: bool) -> None:
+        """Write the state acknowledging what is stored, once nothing is being recorded
+        or stored."""
+        self._write(self._acknowledging(self.state), hold=hold)
+        self._stored = []
+
     def _write(self, state: UploadState, *, hold: bool = True) -> None:
         """Write `state` (which acknowledges what is stored), conditional on the last
         write, renewing the lock or releasing it; then drop the staging object it no
@@ -1401,7 +1440,6 @@ class Appending:
         self.state, self._etag = self._uploads._save(  # noqa: SLF001
             state.model_copy(update=lock), self._etag, before
         )
-        self._stored = []
         if before.staged and before.staging != self.state.staging:
             with suppress(StorageError):
                 self._uploads.records.store.delete(staging_name(before.id, before.staging))

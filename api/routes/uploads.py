@@ -254,8 +254,9 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
 def patch_memory(state: UploadState) -> int:
     """The most a PATCH on the upload holds: the plaintext read ahead of the sealing (up
     to `PART_TARGET` waiting while as much is handed over, and copied into the part's
-    plaintext waiting to be sealed) and the part's ciphertext."""
-    return 3 * PART_TARGET + 2 * state.part_size
+    plaintext waiting to be sealed) and three parts' ciphertext (one being sealed, one
+    recorded, one stored)."""
+    return 3 * PART_TARGET + 3 * state.part_size
 
 
 async def _appended(
