@@ -17,23 +17,26 @@ whole number of frames (the first, the header too), at least S3's 5 MiB, and at 
 10,000 parts make the message. Whatever request seals frame i, it seals the same frame.
 
 A PATCH takes plaintext from the acknowledged offset on, always a frame boundary. Whole
-frames are sealed a batch at a time (up to the end of the current part), in four steps:
+frames are sealed a batch at a time (up to the end of the current part), in four steps,
+each batch a step behind the one before it (three part buffers in turn):
 
-1. each frame's plaintext is hashed (SHA-256) as it arrives, and its HMAC, under a key
-   derived for this alone and bound to the upload and the frame's number, taken over
-   that digest; a frame whose HMAC is in the state already must have the very same
-   plaintext, or the request is refused (409) before that frame is sealed;
-2. the frames are sealed (by `envelope.message.resume_message`'s sealer, under the
-   frame's number as IV);
-3. their HMACs go into the state, written before any of their ciphertext is stored;
-4. they are stored, a part once full, else the staging object, while the next batch is
-   sealed; the parts are synced every `SYNC_FRAMES` frames and at the PATCH's end (a
-   local directory syncs its one part file then, not each part as it is put), and the
-   next write of the state (3, or the PATCH's last) acknowledges what was synced.
+1. each frame's plaintext is hashed (SHA-256) as it arrives, and the frames are sealed
+   (by `envelope.message.resume_message`'s sealer, under the frame's number as IV) into
+   memory only;
+2. each frame's HMAC, under a key derived for this alone and bound to the upload and the
+   frame's number, is taken over its digest; a frame whose HMAC is in the state already
+   must have had the very same plaintext, or the request is refused (409) and its
+   ciphertext dropped unstored;
+3. their HMACs go into the state, written before any of their ciphertext is stored,
+   while the batch before is stored;
+4. they are stored, a part once full, else the staging object; the parts are synced
+   every `SYNC_FRAMES` frames and at the PATCH's end (a local directory syncs its one
+   part file then, not each part as it is put), and the next write of the state (3, or
+   the PATCH's last) acknowledges what was synced before it began.
 
-A frame sealed twice is thus sealed from the same bytes into the same bytes: a (key, IV)
-never seals two plaintexts, even when a crash came between steps 4 and its
-acknowledgement and the client sends other bytes. A partial frame's plaintext is only
+A frame stored twice is thus sealed from the same bytes into the same bytes: no two
+plaintexts sealed under one (key, IV) are ever stored, even when a crash came between
+step 4 and its acknowledgement and the client sends other bytes. A partial frame's plaintext is only
 ever in memory, and is sent again.
 
 Every write of the state is conditional on the state read (its etag): a PATCH holds the
