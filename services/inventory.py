@@ -78,6 +78,9 @@ RUN_NAME_PREFIX = "run-"  # after every hex digest: a version's runs list after 
 # waiting; and how many of its listing are handed to them at a time.
 EXPANSION_THREADS = 8
 EXPANSION_SLICE = 64
+# Records of listed objects one reader of the index keeps (`VersionIndex._listed`): the
+# runs into one prefix expand the same objects, each read once for all of them.
+KEPT_RECORDS = 4096
 # A page's cursor: the digest of an object's marker, or a run's and its member's key under
 # the run's prefix (hex, UTF-8, at most an object key's 1,024 bytes; `member_cursor`).
 CURSOR_PATTERN = "^([0-9a-f]{64}|run-[0-9a-f]{64}\\.([0-9a-f]{2}){1,1024})?$"
@@ -342,6 +345,8 @@ class VersionIndex:
         self._records = records
         self._store: ObjectStore = records.store
         self._spaces = spaces
+        self._kept: dict[tuple[str, str, str], ObjectRecord | None] = {}
+        self._kept_lock = threading.Lock()
 
     def markers(self, tenant: str, kid: str, version: int, after: str = "") -> Iterator[Marker]:
         """The authentic markers of one key version, a run's expanded into one for each
@@ -506,10 +511,25 @@ class VersionIndex:
         listing = store.list(run.storage_prefix, start_after=start)
         with ThreadPoolExecutor(EXPANSION_THREADS, thread_name_prefix="index") as pool:
             while infos := list(islice(listing, EXPANSION_SLICE)):
-                found = pool.map(lambda info: _listed_record(self._records, store, info), infos)
+                found = pool.map(lambda info: self._listed(store, info), infos)
                 for info, record in zip(infos, found, strict=True):
                     if record is not None and run.covers(record):
                         yield _member_marker(run, info.key)
+
+    def _listed(self, store: ObjectStore, info: ObjectInfo) -> ObjectRecord | None:
+        """`_listed_record`, kept (the `KEPT_RECORDS` last) for the other runs into the
+        same prefix, which list the same object: by its etag as listed, so that an
+        object replaced since has its record read again."""
+        place = (store.bucket, info.key, info.etag)
+        with self._kept_lock:
+            if place in self._kept:
+                return self._kept[place]
+        record = _listed_record(self._records, store, info)
+        with self._kept_lock:
+            if len(self._kept) >= KEPT_RECORDS:
+                del self._kept[next(iter(self._kept))]
+            self._kept[place] = record
+        return record
 
 
 def listing_digest(listing: list[ObjectInfo]) -> str:

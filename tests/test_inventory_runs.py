@@ -337,7 +337,7 @@ def test_runs_into_one_prefix_share_its_listing_and_its_records(
 ) -> None:
     """Three archives into out/, then a write there: a count lists out/ once, and reads
     each object's record once, not once for each run; the count after takes that one
-    listing."""
+    listing. A listing of the version reads each record once too."""
     runs = [
         {f"r{run}-{n}": random_bytes(300 + n, seed=10 * run + n) for n in range(2)}
         for run in range(3)
@@ -354,6 +354,9 @@ def test_runs_into_one_prefix_share_its_listing_and_its_records(
         assert requests.taken() == (1, objects)
         assert object_counts(client) == {1: objects}
         assert requests.taken() == (1, 0)
+        # Listed, each run lists the prefix; each object's record is read once.
+        assert len(listed(client, 1, 100)) == objects
+        assert requests.taken() == (3, objects)
 
 
 def test_a_record_file_of_what_a_member_replaced_fixes_no_figure(api: Api) -> None:
