@@ -25,6 +25,8 @@ import httpx
 import pytest
 from tusclient import client as tus
 
+from audit import AUDIT_KEY_PURPOSE
+from audit.reading import authentic_events
 from keystore import LocalKek
 from sealstream.settings import Settings
 from sealstream_client import SealstreamClient, UploadLengthMismatch, UploadNotConfirmed
@@ -659,6 +661,13 @@ def test_an_upload_whose_completion_failed_is_completed_not_lost(
         swept = run_sweeps(api.parts, runner.submit)
         assert swept["expiredUploads"] == 0
         (job_id,) = swept["completedUploads"]
+        assert api.parts.audit.flush()
+        audit_key = api.records.key.derive(AUDIT_KEY_PURPOSE)
+        assert ("upload-completed", "default", "up/obj") in [
+            (event["action"], event["tenant"], event.get("object"))
+            for event in authentic_events(api.objects, audit_key)
+            if event["type"] == "lifecycle"
+        ]
 
     job = finished_job(client, job_id, timeout=120)
     assert job["status"] == "succeeded", job

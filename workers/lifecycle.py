@@ -76,6 +76,8 @@ def run_sweeps(services: Parts, submit: Submit) -> dict[str, Any]:
     for upload in expired:
         audit.lifecycle("upload-expired", tenant=upload.tenant, object=upload.key)
     completed = [] if swept is None else swept.completed
+    for upload in completed:
+        audit.lifecycle("upload-completed", tenant=upload.tenant, object=upload.key)
     verifying = [_verify(services, submit, upload) for upload in completed]
     done = (
         *(rotated, destroyed, retired, stale, requeued, unparked, staging, abandoned),
