@@ -427,6 +427,11 @@ class LocalStore(ObjectStore):
             # The batch's lock is taken by whichever committer leads: its failure too is
             # raised to each as a storage error, never an OSError quoting the store's path.
             with self._os_errors(key):
+                if if_absent and _mode(path) is not None:
+                    # Taken already (as an overwrite's first try may find it): refused
+                    # before a sidecar is synced for nothing and the commit waits on a
+                    # batch. The check under the lock is still the one that counts.
+                    raise ObjectExists("the object already exists", key)
                 write_synced(staged, sidecar)
                 self._commits.commit(
                     _Commit(key, path, temp, self._sidecar_path(key), staged, if_absent, if_match)

@@ -138,6 +138,27 @@ def test_concurrent_overwrites_keep_each_object_with_its_own_sidecar(local: Loca
     assert local.head("k").metadata == {"length": str(len(local.get("k")))}
 
 
+def test_a_key_taken_after_the_first_look_is_still_refused_under_the_lock(
+    local: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that may not replace (if_absent) looks at its key before it syncs a
+    sidecar; a key taken after that look is refused by the commit's own check."""
+    local.put("d/taken", b"first", metadata={"v": "1"})
+    mode = storage.local._mode
+    looks: list[Path] = []
+
+    def free_at_first(path: Path) -> int | None:
+        looks.append(path)
+        return None if len(looks) == 1 else mode(path)
+
+    monkeypatch.setattr(storage.local, "_mode", free_at_first)
+    with pytest.raises(ObjectExists):
+        local.put("d/taken", b"second", metadata={"v": "2"}, if_absent=True)
+    assert len(looks) == 2  # the first look, then the commit's under the lock
+    assert (local.get("d/taken"), local.head("d/taken").metadata) == (b"first", {"v": "1"})
+    assert sorted(path.name for path in (local.root / ".meta").iterdir()) == [".lock", "d"]
+
+
 def test_a_removed_directory_is_a_missing_bucket(local: LocalStore) -> None:
     shutil.rmtree(local.root)
 
@@ -392,14 +413,14 @@ def test_commits_made_at_once_share_the_lock_and_their_directories_fsyncs(
     rest = [threading.Thread(target=put, args=(index,)) for index in range(1, writers)]
     for thread in rest:
         thread.start()
-    for _ in range(writers):
+    for _ in range(writers - 1):  # the write of the taken key is refused before its commit
         assert entered.acquire(timeout=60)
     others_waiting.set()
     for thread in [first, *rest]:
         thread.join()
 
-    # Two batches (the first commit alone, then the other seven), each one fsync of the
-    # sidecars' directory and one of the objects': 16 when each commit syncs its own.
+    # Two batches (the first commit alone, then the other six), each one fsync of the
+    # sidecars' directory and one of the objects': 14 when each commit syncs its own.
     assert synced == [local.root / ".meta" / "d", local.root / "d"] * 2
     assert list(failures) == ["d/taken"] and isinstance(failures["d/taken"], ObjectExists)
     assert (local.get("d/taken"), local.head("d/taken").metadata) == (b"first", {"v": "1"})
