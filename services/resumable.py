@@ -9,7 +9,8 @@ data key exists only wrapped in it), its part upload started, and its state seal
     sealstream/uploads/<id>.json      the state: part upload, header, offset, parts, ...
     sealstream/uploads/<id>.<g>.staged  ciphertext of the current part so far (header
                                       first), written by the request that held
-                                      generation g of the state
+                                      generation g of the state (none while it is
+                                      the header alone, which the state holds)
 
 The message is laid out from the length: frame i (from 1) is regular but for the last,
 number length // frame length + 1, which holds the rest (perhaps nothing); a part holds a
@@ -475,7 +476,6 @@ class Uploads:
                 state.id, state.generation, state_digest(state), state.expires_at
             ):
                 raise UploadBusy("an upload of this id exists already")
-            self.records.store.put(staging_name(state.id, state.staging), header)
             etag = self.records.put(STATE_KIND, state.name, state, if_absent=True).etag
         except BaseException:
             with suppress(StorageError):
@@ -1198,10 +1198,13 @@ class Appending:
         state = self.state
         if not state.staged:
             return bytearray()
-        try:
-            staged = self._uploads.records.store.get(staging_name(state.id, state.staging))
-        except ObjectNotFound:
-            staged = b""
+        if state.staged == len(state.header_bytes) and not state.parts:
+            staged = state.header_bytes  # no frame sealed yet: the part so far is the header
+        else:
+            try:
+                staged = self._uploads.records.store.get(staging_name(state.id, state.staging))
+            except ObjectNotFound:
+                staged = b""
         staged = staged[: state.staged]
         if hashlib.sha256(staged).hexdigest() != state.staged_sha256:
             raise UploadTampered("the upload's staged ciphertext is not what was stored")
