@@ -1278,6 +1278,15 @@ class Appending:
             return
         batch, ciphertext = recorded
         self._settle()
+        # The write that recorded it renewed the lock, but the wait for the part before
+        # (a slow store) may have outlasted much of it. A request that took the upload
+        # over would store this part itself (the same bytes), and a late second put
+        # would change the part's etag under that request's record of it: the lock is
+        # renewed first (UploadBusy if it was taken over), so the store starts with at
+        # least half of it left.
+        locked_until = self.state.locked_until or datetime.now(UTC)
+        if locked_until - datetime.now(UTC) < self._uploads.lock_for / 2:
+            self._write(self.state)
         if self._in_store is not None:
             self._spares.append(self._in_store)
         self._in_store = ciphertext

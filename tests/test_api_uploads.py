@@ -14,6 +14,7 @@ import io
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from services.resumable import (
     STATE_KIND,
     UPLOADS_PREFIX,
     Swept,
+    UploadBusy,
     Uploads,
     UploadState,
     completion_name,
@@ -286,6 +288,46 @@ def test_parts_are_acknowledged_once_synced_their_hmacs_recorded_before_they_are
     assert patch(client, url, 3 * per_part + FRAME, data[3 * per_part + FRAME :]).status_code == 204
     assert read_object(client, "up/obj").content == data
     assert stored == [1, 2, 3, 4]
+
+
+def test_a_part_waiting_past_half_its_lock_is_not_stored_once_the_upload_is_taken_over(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH's part waits for the store of the part before, which stalls past the lock
+    its record renewed; another request takes the upload over and stores the same parts.
+    The stalled PATCH must not put its next part again (on S3 under SSE-KMS the new etag
+    would not match the one the other request recorded): its lock is renewed before the
+    store, and the renewal finds the upload taken (423)."""
+    monkeypatch.setattr(resumable, "PART_TARGET", 5 * MiB)  # S3's least: parts of 20 frames
+    data = random_bytes(4 * 5 * MiB + FRAME, seed=23)
+    url = create(client, len(data))
+    upload = url.rsplit("/", 1)[1]
+    short = api.parts.uploads()
+    short.lock_for = timedelta(seconds=1)
+    stalling = short.begin("default", upload, 0, None, lambda state: None)
+    per_part = stalling.state.frames_per_part * FRAME
+    put_part = ObjectStore.put_part
+    puts: list[int] = []
+
+    def stalled_put_part(store: ObjectStore, part: PartUpload, number: int, *args: Any) -> Any:
+        puts.append(number)
+        if puts.count(2) == 1 and number == 2:
+            time.sleep(2.5)  # the stalling PATCH's store of part 2, past its lock
+        return put_part(store, part, number, *args)
+
+    monkeypatch.setattr(ObjectStore, "put_part", stalled_put_part)
+    stalling.write(data[: 3 * per_part])  # part 1 stored, part 2 storing, part 3 recorded
+    time.sleep(1.3)
+    offset = offset_of(client, url)
+    assert patch(client, url, offset, data[offset : 4 * per_part]).status_code == 204
+
+    with pytest.raises(UploadBusy):
+        stalling.write(data[3 * per_part : 4 * per_part])
+    stalling.abandon()
+
+    assert puts.count(3) == 1  # the request that took the upload over put it, once
+    assert patch(client, url, 4 * per_part, data[4 * per_part :]).status_code == 204
+    assert read_object(client, "up/obj").content == data
 
 
 class FailingOnce:
