@@ -1112,6 +1112,13 @@ class Appending:
     def write_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Take the next plaintext, as the body's chunks came (never joined: each is
         copied once, into its frame); seal and store each part's worth once it is here."""
+        self._queue(chunks)
+        while self._batch_ready():
+            self._seal_batch()
+
+    def _queue(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Cut `chunks` into frames, each a copy, queued to be sealed and hashed meanwhile
+        on other threads; nothing of them is held here once queued."""
         views = [memoryview(chunk).cast("B") for chunk in chunks]
         size = sum(len(view) for view in views)
         if size > self._left:
@@ -1128,8 +1135,6 @@ class Appending:
             frames = whole[start : start + group]
             digests = HASHING.executor.submit(_digests, frames)
             self._frames += [(frame, digests, place) for place, frame in enumerate(frames)]
-        while self._batch_ready():
-            self._seal_batch()
 
     def end(self) -> UploadState:
         """Seal and store the whole frames received, acknowledge them, let go of the
@@ -1257,10 +1262,11 @@ class Appending:
         # ciphertext stored then, or differ and are refused before they are stored: a
         # ciphertext under a used IV that is never stored tells nobody anything.
         sealed = self._sealed_after(self._part, first, [plain for plain, _, _ in taken])
+        digests = [(hashed, place) for _, hashed, place in taken]
+        del taken  # the plaintext is not held while the batch before is stored
         last = first + count - 1
         self._part = bytearray() if layout.ends_part(last) else sealed
         self._hand_on()
-        digests = [(digests, place) for _, digests, place in taken]
         # One write both records these frames' HMACs (moved in Redis first, where
         # anchored) before any of their ciphertext can reach storage, and acknowledges
         # the batches stored and synced, not one still in flight or unsynced. So

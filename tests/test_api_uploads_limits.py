@@ -5,18 +5,22 @@ capped (429 too-many-open-uploads), each freeing its place once finished, termin
 swept, counted in Redis where uploads are anchored and from the stored states where not."""
 
 import threading
+import time
+import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from api.routes.uploads import patch_memory
 from sealstream.capacity import stream_memory
 from services.jobs.redis_store import redis_client
+from services.resumable import PART_TARGET
 from services.upload_anchor import UploadAnchor
+from storage import ObjectStore
 from tests.conftest import Api, api_settings, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, encrypt, problem, read_object
@@ -30,20 +34,20 @@ if TYPE_CHECKING:
 
 
 def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
-    """A PATCH of an upload with 16 MiB parts holds about 80 MiB: 3 streams of the
-    default 40 MiB. With a cap of 3, one held PATCH leaves no room for another stream or
+    """A PATCH of an upload with 16 MiB parts holds about 130 MiB: 4 streams of the
+    default 40 MiB. With a cap of 4, one held PATCH leaves no room for another stream or
     PATCH, and an ordinary stream under way leaves none for a PATCH (a single tenant,
     given every stream as its share)."""
     settings = local_settings(tmp_path).model_copy(
-        update={"max_streams": 3, "max_streams_per_tenant": 3}
+        update={"max_streams": 4, "max_streams_per_tenant": 4}
     )
-    data = random_bytes(3 * FRAME, seed=51)
+    data = random_bytes(PART_TARGET + FRAME, seed=51)
     let_go = threading.Event()
     with live_api(settings) as api, api.client() as client, ThreadPoolExecutor(1) as pool:
         create_key(client)
         held, other = create(client, len(data), key="up/held"), create(client, FRAME, "up/other")
         unit = stream_memory(settings.s3_part_size, settings.s3_parts_in_flight)
-        assert -(-patch_memory(state_of(api, held)) // unit) == 3
+        assert -(-patch_memory(state_of(api, held)) // unit) == 4
         body = paused(data[:FRAME], data[FRAME:], let_go)
         patching = pool.submit(patch, api.client(), held, 0, body)
         try:
@@ -60,12 +64,41 @@ def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
         assert read_object(client, "up/held").content == data
 
 
+def test_a_patch_holds_no_more_memory_than_it_is_counted_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every allocation of the process (the server's, and the client's) while a PATCH of
+    five parts goes through a store slower than its body: no more than `patch_memory`,
+    which admission counts it for."""
+    data = random_bytes(5 * PART_TARGET + FRAME, seed=53)
+    put_part = ObjectStore.put_part
+
+    def slow_put_part(store: ObjectStore, *args: Any) -> Any:
+        time.sleep(0.3)
+        return put_part(store, *args)
+
+    monkeypatch.setattr(ObjectStore, "put_part", slow_put_part)
+    with live_api(local_settings(tmp_path)) as api, api.client() as client:
+        create_key(client)
+        url = create(client, len(data))
+        counted = patch_memory(state_of(api, url))
+        tracemalloc.start()
+        try:
+            held = tracemalloc.get_traced_memory()[0]
+            chunks = (data[at : at + 64 * 1024] for at in range(0, len(data), 64 * 1024))
+            assert patch(client, url, 0, chunks).status_code == 204
+            peak = tracemalloc.get_traced_memory()[1] - held
+        finally:
+            tracemalloc.stop()
+    assert peak <= counted, f"{peak / 2**20:.1f} MiB held, counted for {counted / 2**20:.1f}"
+
+
 def test_a_tenant_holding_its_share_of_streams_leaves_the_others_theirs(tmp_path: Path) -> None:
-    """With a cap of 6, a tenant may hold 3 streams (half): its PATCH held open, slow,
+    """With a cap of 8, a tenant may hold 4 streams (half): its PATCH held open, slow,
     holds them all, and its next stream or PATCH gets 429 too-many-tenant-streams, while
     another tenant's stream and PATCH run."""
-    settings = local_settings(tmp_path).model_copy(update={"max_streams": 6})
-    data = random_bytes(3 * FRAME, seed=52)
+    settings = local_settings(tmp_path).model_copy(update={"max_streams": 8})
+    data = random_bytes(PART_TARGET + FRAME, seed=52)
     let_go = threading.Event()
     with live_api(settings) as api, api.client() as client, ThreadPoolExecutor(1) as pool:
         create_key(client)
@@ -77,7 +110,7 @@ def test_a_tenant_holding_its_share_of_streams_leaves_the_others_theirs(tmp_path
             wait_until(lambda: state_of(api, held).held, "the PATCH to hold its upload")
 
             refused = problem(encrypt(client, b"more"), 429, "too-many-tenant-streams")
-            assert "(3)" in refused["detail"]
+            assert "(4)" in refused["detail"]
             problem(patch(client, more, 0, b"x" * FRAME), 429, "too-many-tenant-streams")
             with tenant_client(api, client, "other", *scopes) as other:
                 create_key(other)

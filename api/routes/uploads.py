@@ -253,10 +253,12 @@ async def append(request: Request, upload: str, principal: EncryptScope) -> Resp
 
 def patch_memory(state: UploadState) -> int:
     """The most a PATCH on the upload holds: the plaintext read ahead of the sealing (up
-    to `PART_TARGET` waiting while as much is handed over, and copied into the part's
-    plaintext waiting to be sealed) and three parts' ciphertext (one being sealed, one
-    recorded, one stored)."""
-    return 3 * PART_TARGET + 3 * state.part_size
+    to `PART_TARGET` read, and the HTTP server's read-ahead past it, while as much is
+    handed over and copied into frames, behind what is left of a part's frames not
+    sealed yet) and three parts' ciphertext (one being sealed, one recorded, one
+    stored); a short upload's no more than its message."""
+    read = min(PART_TARGET, state.length)
+    return 4 * read + 4 * min(state.part_size, state.ciphertext_size())
 
 
 async def _appended(
