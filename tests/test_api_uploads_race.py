@@ -4,23 +4,29 @@ the state the bucket holds, as no tampering; a server killed there leaves an upl
 another server takes up from that state, where bytes sent again must still be those
 sent before; and that state put back once the write has landed is refused."""
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import pytest
+from anyio import CapacityLimiter
+from starlette.requests import Request
 
+from api.routes.uploads import HANDOFF_BYTES, _feed
 from keystore import LocalKek
 from services.jobs.redis_store import redis_client
-from services.resumable import UPLOADS_PREFIX
+from services.resumable import UPLOADS_PREFIX, Appending
 from services.upload_anchor import KEY_PREFIX, Anchored, UploadAnchor
-from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api
+from tests.conftest import ADMIN_TOKEN, Api, api_settings, live_api, local_settings
 from tests.support.data import random_bytes
 from tests.support.http import create_key, problem, read_object
 from tests.support.s3_proxy import HeldEach, HeldFirst, S3FaultProxy
@@ -30,6 +36,7 @@ from tests.test_api_uploads_faults import send_part_of_patch
 from tests.test_api_uploads_parts import refused_uploads
 
 if TYPE_CHECKING:
+    from api.services import Services
     from tests.support.services import RedisServer
 
 # A PATCH short of a part writes the state three times: its lock, the HMACs of its frames
@@ -271,3 +278,37 @@ def test_a_step_in_flight_is_taken_over_only_from_the_state_it_replaces(
     assert not anchor.commit("up", step)
     anchor.undo("up", step)  # no longer in flight: nothing put back
     assert anchor.current("up") == Anchored(*other)
+
+
+def test_a_patch_cancelled_while_a_write_is_sealing_waits_for_it(tmp_path: Path) -> None:
+    """The request task cancelled (a server's shutdown) while the body's last handoff is
+    being sealed on a thread: `_feed` ends only once that write has, so the PATCH's
+    abandon never runs beside it (two threads would use one upload's state)."""
+    sealing, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        def write_chunks(self, chunks: list[bytes]) -> None:
+            sealing.set()
+            release.wait(timeout=30)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"x" * HANDOFF_BYTES, "more_body": False}
+
+    async def main() -> tuple[bool, bool]:
+        request = Request({"type": "http", "method": "PATCH", "headers": []}, receive)
+        svc = SimpleNamespace(settings=local_settings(tmp_path), transfers=CapacityLimiter(2))
+        feeding = asyncio.create_task(
+            _feed(cast("Services", svc), request, cast("Appending", Blocking()))
+        )
+        await asyncio.to_thread(sealing.wait, 30)
+        feeding.cancel()
+        await asyncio.sleep(0.5)
+        ended_while_sealing = feeding.done()
+        release.set()
+        with suppress(asyncio.CancelledError):
+            await feeding
+        return ended_while_sealing, feeding.cancelled()
+
+    ended_while_sealing, cancelled = asyncio.run(main())
+    assert not ended_while_sealing
+    assert cancelled

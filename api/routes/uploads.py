@@ -19,9 +19,11 @@ An upload is its tenant's: another tenant's token finds none.
 import asyncio
 import base64
 import binascii
+from collections.abc import Callable
 from contextlib import suppress
 from email.utils import format_datetime
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from anyio import to_thread
@@ -59,6 +61,7 @@ TUS_EXTENSIONS = "creation,termination,expiration"
 OFFSET_STREAM = "application/offset+octet-stream"
 # Plaintext handed to the sealing thread at a time: fewer hops than uvicorn's chunks.
 HANDOFF_BYTES = 1 << 20
+T = TypeVar("T")
 METADATA_FIELDS = ("kid", "destination", "bucket", "overwrite", "context", "frameLength")
 
 
@@ -270,12 +273,12 @@ async def _appended(
     note.key = f"{appending.state.kid}#{appending.state.key_version}"
     try:
         cut = await _feed(svc, request, appending)
-        state = await to_thread.run_sync(appending.end, limiter=svc.transfers)
+        state = await _to_its_end(svc, appending.end)
     except BaseException as error:
-        await to_thread.run_sync(appending.abandon, limiter=svc.transfers)
+        await _to_its_end(svc, appending.abandon)
         # Its state or parts gone under it: taken by another request, or swept.
         if isinstance(error, UploadBusy | ObjectNotFound) and (
-            gone := await to_thread.run_sync(appending.gone, limiter=svc.transfers)
+            gone := await _to_its_end(svc, appending.gone)
         ):
             raise UploadNotFound(gone) from None
         raise
@@ -334,14 +337,32 @@ async def _feed(
     else:
         cut = None
     if writing is not None:
-        await writing
+        try:
+            await writing
+        except BaseException:
+            await _settled(writing)  # cancelled here, it may still be sealing
+            raise
     if handoff:
         await _write(svc, appending, handoff)
     return cut
 
 
 async def _write(svc: Services, appending: Appending, chunks: list[bytes]) -> None:
-    await to_thread.run_sync(appending.write_chunks, chunks, limiter=svc.transfers)
+    await _to_its_end(svc, partial(appending.write_chunks, chunks))
+
+
+async def _to_its_end(svc: Services, work: Callable[[], T]) -> T:
+    """`work()` on a worker thread, awaited until it has ended even if the request is
+    cancelled meanwhile (a server shutting down): `to_thread.run_sync` answers such a
+    cancellation at once, its thread still running, and a PATCH's next step (`abandon`)
+    must never run beside it."""
+    running = asyncio.ensure_future(to_thread.run_sync(work, limiter=svc.transfers))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with suppress(BaseException):
+            await running
+        raise
 
 
 async def _settled(writing: "asyncio.Task[None] | None") -> None:
