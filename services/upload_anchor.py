@@ -45,7 +45,8 @@ when a write is there (Redis 7.2 on with `appendonly yes`: each move then waits 
 WAITAOF, under `appendfsync everysec` until the next sync), or one the operator vouches
 for (`SEALSTREAM_REDIS_DURABLE`). Anything else, or a Redis that will not
 say (CONFIG refused), is `AnchorNotDurable`. What Redis says is asked again every
-`RECHECK`, as its configuration may change while the service runs.
+`RECHECK`, as its configuration may change while the service runs (every
+`RECHECK_REFUSED` while it says it may lose writes, so that a fix is seen at once).
 
 A change must not wait that long, though: a move Redis answered once it no longer syncs
 each write may be lost, and every move after it until the next ask too. So where the
@@ -82,6 +83,9 @@ COMPLETED = "completed:"  # then "<length>:<tenant>"
 MARGIN = timedelta(days=1)
 # How long what Redis said of its persistence is believed before it is asked again.
 RECHECK = timedelta(seconds=60)
+# Asked again this soon while Redis said it may lose writes: an operator's fix is seen
+# at once (one CONFIG GET a second, while uploads are refused anyway).
+RECHECK_REFUSED = timedelta(seconds=1)
 WAITAOF_SINCE = (7, 2)
 
 # An anchor is "<generation>:<digest>" once written, "<generation>:<digest>:<previous
@@ -237,7 +241,8 @@ class UploadAnchor:
         """Why a move answered survives a crash of Redis, as Redis said at most `recheck`
         ago; `AnchorNotDurable` if it may not."""
         known = self._durability
-        if known is None or time.monotonic() - known[1] >= self._recheck:
+        recheck = self._recheck if known is None or known[0] else RECHECK_REFUSED.total_seconds()
+        if known is None or time.monotonic() - known[1] >= recheck:
             known = (self._asked_durability(), time.monotonic())
             self._durability = known
         if known[0] is None:
