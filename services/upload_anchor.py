@@ -241,7 +241,9 @@ class UploadAnchor:
         """Why a move answered survives a crash of Redis, as Redis said at most `recheck`
         ago; `AnchorNotDurable` if it may not."""
         known = self._durability
-        recheck = self._recheck if known is None or known[0] else RECHECK_REFUSED.total_seconds()
+        recheck = self._recheck
+        if known is not None and known[0] is None:
+            recheck = min(recheck, RECHECK_REFUSED.total_seconds())
         if known is None or time.monotonic() - known[1] >= recheck:
             known = (self._asked_durability(), time.monotonic())
             self._durability = known
