@@ -52,6 +52,7 @@ import hmac
 import logging
 import secrets
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
@@ -1072,6 +1073,9 @@ class Appending:
 
     def __init__(self, uploads: Uploads, state: UploadState, etag: str) -> None:
         self._uploads = uploads
+        # Held by each step (`write_chunks`, `end`, `abandon`, `gone`): a request cancelled
+        # while one runs may start the next on another thread, which then waits.
+        self._steps = threading.RLock()
         # As last written; the storing thread's while a batch is stored (`_settle` first).
         self.state = state
         self._etag = etag
@@ -1112,9 +1116,10 @@ class Appending:
     def write_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Take the next plaintext, as the body's chunks came (never joined: each is
         copied once, into its frame); seal and store each part's worth once it is here."""
-        self._queue(chunks)
-        while self._batch_ready():
-            self._seal_batch()
+        with self._steps:
+            self._queue(chunks)
+            while self._batch_ready():
+                self._seal_batch()
 
     def _queue(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Cut `chunks` into frames, each a copy, queued to be sealed and hashed meanwhile
@@ -1139,6 +1144,10 @@ class Appending:
     def end(self) -> UploadState:
         """Seal and store the whole frames received, acknowledge them, let go of the
         upload; complete it if it is whole. What is left of a frame is dropped."""
+        with self._steps:
+            return self._end()
+
+    def _end(self) -> UploadState:
         try:
             self.write(b"")  # an empty plaintext's one frame is whole with no byte sent
             if self._frames_here():
@@ -1173,12 +1182,13 @@ class Appending:
         """Let go of the upload without sealing or storing more (the request failed),
         once the batch being recorded and the one being stored are: two threads never
         write one upload's state."""
-        with suppress(Exception):
-            self._take_recorded()  # its write may still be running
-        with suppress(Exception):
-            self._settle()
-            self._sync()
-        self._let_go()
+        with self._steps:
+            with suppress(Exception):
+                self._take_recorded()  # its write may still be running
+            with suppress(Exception):
+                self._settle()
+                self._sync()
+            self._let_go()
 
     def _let_go(self) -> None:
         """Acknowledge what is stored, if anything, and release the lock: one write, if
@@ -1192,12 +1202,13 @@ class Appending:
         """Why the upload is gone from under this request, if it is (its lock lapsed,
         and another request completed it or terminated it, or the sweep took it); the
         staging object this request may have written since goes too."""
-        if not self._uploads.erased(self.state.id):
-            return None
-        self._uploads.drop_staging(self.state.id)
-        if self._uploads.recorded_as_made(self.state):
-            return "another request completed the upload meanwhile: its object is stored"
-        return "the upload was terminated, or expired and was erased, meanwhile"
+        with self._steps:
+            if not self._uploads.erased(self.state.id):
+                return None
+            self._uploads.drop_staging(self.state.id)
+            if self._uploads.recorded_as_made(self.state):
+                return "another request completed the upload meanwhile: its object is stored"
+            return "the upload was terminated, or expired and was erased, meanwhile"
 
     def _staged(self) -> bytearray:
         state = self.state

@@ -39,6 +39,7 @@ from services.replicas import Replicas
 from services.resumable import (
     STATE_KIND,
     UPLOADS_PREFIX,
+    Appending,
     Swept,
     UploadBusy,
     Uploads,
@@ -327,6 +328,41 @@ def test_a_part_waiting_past_half_its_lock_is_not_stored_once_the_upload_is_take
 
     assert puts.count(3) == 1  # the request that took the upload over put it, once
     assert patch(client, url, 4 * per_part, data[4 * per_part :]).status_code == 204
+    assert read_object(client, "up/obj").content == data
+
+
+def test_an_abandon_begun_while_a_write_runs_waits_for_it(
+    api: Api, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled while its write runs on a thread (twice: a server forced to
+    quit) may begin its abandon on another: that waits for the write to end, so two
+    threads never use one upload's state."""
+    data = random_bytes(2 * FRAME, seed=24)
+    url = create(client, len(data))
+    appending = api.parts.uploads().begin("default", url.rsplit("/", 1)[1], 0, None, print)
+    sealed_after = Appending._sealed_after
+
+    def slow_sealed_after(self: Appending, *args: Any) -> Any:
+        time.sleep(1.0)
+        return sealed_after(self, *args)
+
+    monkeypatch.setattr(Appending, "_sealed_after", slow_sealed_after)
+    ended: dict[str, float] = {}
+
+    def write() -> None:
+        appending.write(data)
+        ended["write"] = time.monotonic()
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    time.sleep(0.3)
+    appending.abandon()
+    ended["abandon"] = time.monotonic()
+    writing.join(timeout=30)
+
+    assert ended["abandon"] >= ended["write"]
+    offset = offset_of(client, url)  # the lock let go of: the upload goes on
+    assert patch(client, url, offset, data[offset:]).status_code == 204
     assert read_object(client, "up/obj").content == data
 
 
