@@ -64,12 +64,14 @@ def test_a_patch_counts_as_the_streams_its_memory_makes(tmp_path: Path) -> None:
         assert read_object(client, "up/held").content == data
 
 
+@pytest.mark.parametrize("frame_length", [FRAME, 4096])
 def test_a_patch_holds_no_more_memory_than_it_is_counted_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frame_length: int
 ) -> None:
     """Every allocation of the process (the server's, and the client's) while a PATCH of
     five parts goes through a store slower than its body: no more than `patch_memory`,
-    which admission counts it for."""
+    which admission counts it for, with the frames the service writes and with the
+    smallest a client may ask for (many frames, each with its Python objects)."""
     data = random_bytes(5 * PART_TARGET + FRAME, seed=53)
     put_part = ObjectStore.put_part
 
@@ -80,7 +82,7 @@ def test_a_patch_holds_no_more_memory_than_it_is_counted_for(
     monkeypatch.setattr(ObjectStore, "put_part", slow_put_part)
     with live_api(local_settings(tmp_path)) as api, api.client() as client:
         create_key(client)
-        url = create(client, len(data))
+        url = create(client, len(data), frameLength=str(frame_length))
         counted = patch_memory(state_of(api, url))
         tracemalloc.start()
         try:

@@ -62,6 +62,9 @@ OFFSET_STREAM = "application/offset+octet-stream"
 # Plaintext handed to the sealing thread at a time: fewer hops than uvicorn's chunks.
 HANDOFF_BYTES = 1 << 20
 T = TypeVar("T")
+# What a frame in flight holds beside its bytes: its buffer's header, its place in the
+# queue, its piece of a hashing task's future, the views of the chunks it came in.
+FRAME_OBJECTS = 1024
 METADATA_FIELDS = ("kid", "destination", "bucket", "overwrite", "context", "frameLength")
 
 
@@ -259,9 +262,11 @@ def patch_memory(state: UploadState) -> int:
     to `PART_TARGET` read, and the HTTP server's read-ahead past it, while as much is
     handed over and copied into frames, behind what is left of a part's frames not
     sealed yet) and three parts' ciphertext (one being sealed, one recorded, one
-    stored); a short upload's no more than its message."""
+    stored); a short upload's no more than its message. Each frame in flight costs its
+    Python objects too, which small frames make many of."""
     read = min(PART_TARGET, state.length)
-    return 4 * read + 4 * min(state.part_size, state.ciphertext_size())
+    frames = -(-4 * read // state.frame_length) + state.frames_per_part
+    return 4 * read + 4 * min(state.part_size, state.ciphertext_size()) + frames * FRAME_OBJECTS
 
 
 async def _appended(
