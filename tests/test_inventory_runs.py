@@ -48,6 +48,14 @@ def stream_in(client: httpx.Client, members: dict[str, bytes], prefix: str = "ou
     assert response.text.splitlines()[-1].find('"succeeded"') > 0, response.text
 
 
+def streamed_run(api: Api, client: httpx.Client) -> str:
+    """Stream `MEMBERS` in under a new key: the name of the run marker it leaves."""
+    create_key(client)
+    stream_in(client, MEMBERS)
+    (run_name,) = index_names(api, 1)
+    return index_prefix(TENANT, KID, 1) + run_name
+
+
 def index_names(api: Api, version: int) -> list[str]:
     """The names of the index's records under `KID#version`, as stored."""
     prefix = index_prefix(TENANT, KID, version)
@@ -144,10 +152,7 @@ def test_a_run_counts_its_members_once_ended_until_its_prefix_changes(api: Api) 
     counting believes the figure while the listing is the same, and counts the members
     once anything under the prefix changed."""
     with api.client() as client:
-        create_key(client)
-        stream_in(client, MEMBERS)
-        (run_name,) = index_names(api, 1)
-        name = index_prefix(TENANT, KID, 1) + run_name
+        name = streamed_run(api, client)
         run = api.records.get(RUN_MARKER_KIND, name, RunMarker)
         assert run.members == len(MEMBERS) + 1 and run.listing is not None
         assert object_counts(client) == {1: len(MEMBERS) + 1}
@@ -165,10 +170,7 @@ def test_a_broken_settlement_is_written_back_by_the_count_that_expands_it(api: A
     in: the next count takes one listing again, and a later change under the prefix still
     breaks the figure."""
     with api.client() as client:
-        create_key(client)
-        stream_in(client, MEMBERS)
-        (run_name,) = index_names(api, 1)
-        name = index_prefix(TENANT, KID, 1) + run_name
+        name = streamed_run(api, client)
         settled = api.records.get(RUN_MARKER_KIND, name, RunMarker)
         written = encrypt(client, b"not the run's", destination={"key": "out/other.bin"})
         assert written.status_code == 201, written.text
@@ -390,10 +392,7 @@ def test_a_run_ending_beside_an_unrecorded_object_fixes_no_figure(api: Api) -> N
     count that expands it notes none either."""
     api.objects.put(f"{STORAGE_PREFIX}out/unrecorded.bin", b"no record")
     with api.client() as client:
-        create_key(client)
-        stream_in(client, MEMBERS)
-        (run_name,) = index_names(api, 1)
-        name = index_prefix(TENANT, KID, 1) + run_name
+        name = streamed_run(api, client)
         assert api.records.get(RUN_MARKER_KIND, name, RunMarker).members is None
         assert object_counts(client) == {1: len(MEMBERS) + 1}
         assert api.records.get(RUN_MARKER_KIND, name, RunMarker).members is None
@@ -405,10 +404,7 @@ def test_a_count_leaves_a_settlement_written_meanwhile(
     """While a count expands a run, another settles it: the count's figure is not
     written over that one."""
     with api.client() as client:
-        create_key(client)
-        stream_in(client, MEMBERS)
-        (run_name,) = index_names(api, 1)
-        name = index_prefix(TENANT, KID, 1) + run_name
+        name = streamed_run(api, client)
         written = encrypt(client, b"not the run's", destination={"key": "out/other.bin"})
         assert written.status_code == 201, written.text
         meanwhile = api.records.get(RUN_MARKER_KIND, name, RunMarker).model_copy(
